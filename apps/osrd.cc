@@ -1,0 +1,253 @@
+// osrd: the Open Site Recovery daemon. For now: `nbd-serve` (a disk server with an
+// optional capture log) and the `capture` tools (replay, dump, dirty).
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "capture/captured_disk.h"
+#include "capture/dirty_bitmap.h"
+#include "capture/log_reader.h"
+#include "capture/replay.h"
+#include "common/units.h"
+#include "nbd/file_disk.h"
+#include "nbd/server.h"
+
+namespace {
+
+using namespace osr;
+
+int Fail(const Status& st) {
+  std::fprintf(stderr, "osrd: error: %s\n", st.ToString().c_str());
+  return 1;
+}
+
+std::string UriFor(const ListenAddress& a, const std::string& export_name) {
+  if (a.kind == ListenAddress::Kind::kUnix) {
+    return fmt::format("nbd+unix:///{}?socket={}", export_name, a.path);
+  }
+  bool v6 = a.host.find(':') != std::string::npos;
+  return fmt::format("nbd://{}{}{}:{}/{}", v6 ? "[" : "", a.host, v6 ? "]" : "", a.port,
+                     export_name);
+}
+
+struct ServeArgs {
+  std::string image;
+  std::string size;
+  std::string listen;
+  std::string socket;
+  std::string export_name;
+  std::string capture;
+  std::string region_size = "64K";
+  uint64_t epoch = 1;
+  bool read_only = false;
+};
+
+int NbdServe(const ServeArgs& a) {
+  uint64_t create_size = 0;
+  if (!a.size.empty()) {
+    auto s = ParseSize(a.size);
+    if (!s.ok()) return Fail(s.status());
+    if (*s == 0) return Fail(InvalidArgument("--size must be greater than 0"));
+    create_size = *s;
+  }
+  auto region = ParseSize(a.region_size);
+  if (!region.ok()) return Fail(region.status());
+  if (!a.capture.empty() && a.read_only) {
+    return Fail(InvalidArgument("--capture and --read-only do not go together"));
+  }
+
+  // Signals are taken by sigwait() below; every thread inherits this mask.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto image = nbd::FileDisk::Open(a.image, a.read_only, create_size);
+  if (!image.ok()) return Fail(image.status());
+  std::unique_ptr<nbd::Disk> disk;
+  capture::CapturedDisk* captured = nullptr;
+  if (!a.capture.empty()) {
+    capture::CaptureOptions co;
+    co.dir = a.capture;
+    co.region_bytes = *region;
+    co.epoch = a.epoch;
+    auto cd = capture::CapturedDisk::Open(std::move(*image), co);
+    if (!cd.ok()) return Fail(cd.status());
+    captured = cd->get();
+    disk = std::move(*cd);
+  } else {
+    disk = std::move(*image);
+  }
+
+  nbd::ExportConfig exp;
+  exp.name = a.export_name;
+  exp.description = "osrd " + a.image;
+  exp.disk = disk.get();
+  nbd::Server server(exp, nbd::SessionLimits{});
+  std::vector<ListenAddress> addrs;
+  if (!a.listen.empty() || a.socket.empty()) {
+    auto hp = ParseHostPort(a.listen.empty() ? "127.0.0.1:10809" : a.listen, 10809);
+    if (!hp.ok()) return Fail(hp.status());
+    addrs.push_back(*hp);
+  }
+  if (!a.socket.empty()) {
+    ListenAddress u;
+    u.kind = ListenAddress::Kind::kUnix;
+    u.path = a.socket;
+    addrs.push_back(u);
+  }
+  std::vector<ListenAddress> bound;
+  for (auto& addr : addrs) {
+    auto b = server.AddListener(addr);
+    if (!b.ok()) return Fail(b.status());
+    bound.push_back(*b);
+  }
+  if (Status st = server.Start(); !st.ok()) return Fail(st);
+  for (auto& b : bound) std::printf("osrd: listening on %s\n", UriFor(b, a.export_name).c_str());
+  std::printf("osrd: ready\n");
+  std::fflush(stdout);
+  spdlog::info("serving {} ({} bytes){}{}", a.image, disk->size(),
+               a.read_only ? ", read-only" : "", captured ? ", capture to " + a.capture : "");
+
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  spdlog::info("signal {}: stopping", sig);
+  server.Stop();
+  int rc = 0;
+  if (captured != nullptr) {
+    if (Status st = captured->Close(); !st.ok()) rc = Fail(st);
+  } else if (Status st = disk->Flush(); !st.ok()) {
+    rc = Fail(st);
+  }
+  return rc;
+}
+
+int CaptureReplay(const std::string& log, const std::string& base, const std::string& out,
+                  uint64_t upto) {
+  auto r = capture::Replay(log, base, out, upto);
+  if (!r.ok()) return Fail(r.status());
+  std::printf("osrd: replayed %llu records (seq %llu..%llu) onto %s\n",
+              static_cast<unsigned long long>(r->records),
+              static_cast<unsigned long long>(r->first_seq),
+              static_cast<unsigned long long>(r->last_seq), out.c_str());
+  return 0;
+}
+
+int CaptureDump(const std::string& log, bool json) {
+  nlohmann::json records = nlohmann::json::array();
+  auto visit = [&](const capture::RecordHeader& h, std::span<const uint8_t>) {
+    if (json) {
+      records.push_back({{"seq", h.seq},
+                         {"epoch", h.epoch},
+                         {"kind", capture::KindName(h.kind)},
+                         {"offset", h.offset},
+                         {"length", h.length},
+                         {"time_ns", h.time_ns},
+                         {"disk", h.disk},
+                         {"fua", (h.flags & 1) != 0}});
+    } else {
+      std::printf("seq=%llu epoch=%llu kind=%s offset=%llu length=%llu time=%s crc=ok\n",
+                  static_cast<unsigned long long>(h.seq), static_cast<unsigned long long>(h.epoch),
+                  std::string(capture::KindName(h.kind)).c_str(),
+                  static_cast<unsigned long long>(h.offset),
+                  static_cast<unsigned long long>(h.length), FormatTimeNs(h.time_ns).c_str());
+    }
+    return true;
+  };
+  auto s = capture::LogReader::Scan(log, visit);
+  if (!s.ok()) return Fail(s.status());
+  if (json) {
+    nlohmann::json errors = nlohmann::json::array();
+    for (auto& e : s->errors) {
+      errors.push_back({{"segment", e.segment}, {"position", e.position}, {"message", e.message}});
+    }
+    std::cout << nlohmann::json{{"records", records}, {"errors", errors}}.dump(1) << "\n";
+  } else {
+    for (auto& e : s->errors) {
+      std::printf("error: %s at byte %llu: %s\n", e.segment.c_str(),
+                  static_cast<unsigned long long>(e.position), e.message.c_str());
+    }
+    std::printf("osrd: %llu records, seq %llu..%llu, %zu errors\n",
+                static_cast<unsigned long long>(s->records),
+                static_cast<unsigned long long>(s->first_seq),
+                static_cast<unsigned long long>(s->last_seq), s->errors.size());
+  }
+  return s->errors.empty() ? 0 : 1;
+}
+
+int CaptureDirty(const std::string& log, bool json) {
+  uint64_t region = 0;
+  auto r = capture::DirtyBitmap::ReadDirty(log + "/dirty.bitmap", &region);
+  if (!r.ok()) return Fail(r.status());
+  if (json) {
+    nlohmann::json regions = nlohmann::json::array();
+    for (auto& x : *r) regions.push_back({{"offset", x.offset}, {"length", x.length}});
+    std::cout << nlohmann::json{{"region_bytes", region}, {"regions", regions}}.dump() << "\n";
+  } else {
+    for (auto& x : *r) {
+      std::printf("%llu %llu\n", static_cast<unsigned long long>(x.offset),
+                  static_cast<unsigned long long>(x.length));
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto logger = spdlog::stderr_color_mt("osrd");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+  if (const char* lvl = std::getenv("OSR_LOG")) spdlog::set_level(spdlog::level::from_str(lvl));
+
+  CLI::App app{"osrd: the Open Site Recovery daemon"};
+  app.require_subcommand(1);
+
+  ServeArgs serve;
+  auto* ns = app.add_subcommand("nbd-serve", "serve a disk image over NBD, optionally capturing writes");
+  ns->add_option("--image", serve.image, "raw image file")->required();
+  ns->add_option("--size", serve.size, "create a sparse image of this size if it does not exist");
+  ns->add_option("--listen", serve.listen, "TCP address HOST:PORT (default 127.0.0.1:10809)");
+  ns->add_option("--socket", serve.socket, "unix socket path");
+  ns->add_option("--export", serve.export_name, "export name (default: empty)");
+  ns->add_option("--capture", serve.capture, "capture log directory");
+  ns->add_option("--region-size", serve.region_size, "dirty-bitmap region size (default 64K)");
+  ns->add_option("--epoch", serve.epoch, "epoch recorded with captured writes (default 1)");
+  ns->add_flag("--read-only", serve.read_only, "refuse writes");
+
+  auto* cap = app.add_subcommand("capture", "inspect and replay capture logs");
+  cap->require_subcommand(1);
+  std::string log, base, out;
+  uint64_t upto = UINT64_MAX;
+  std::string output = "text";
+  auto* rp = cap->add_subcommand("replay", "apply a capture log to a copy of the starting image");
+  rp->add_option("--log", log, "capture log directory")->required();
+  rp->add_option("--base", base, "the image as it was when capture began")->required();
+  rp->add_option("--out", out, "the image to write")->required();
+  rp->add_option("--upto", upto, "apply records up to this sequence number");
+  auto* dp = cap->add_subcommand("dump", "print every record and verify its checksum");
+  dp->add_option("--log", log, "capture log directory")->required();
+  dp->add_option("--output", output, "text or json")->check(CLI::IsMember({"text", "json"}));
+  auto* dr = cap->add_subcommand("dirty", "print the regions marked in the dirty-region bitmap");
+  dr->add_option("--log", log, "capture log directory")->required();
+  dr->add_option("--output", output, "text or json")->check(CLI::IsMember({"text", "json"}));
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (ns->parsed()) return NbdServe(serve);
+  if (rp->parsed()) return CaptureReplay(log, base, out, upto);
+  if (dp->parsed()) return CaptureDump(log, output == "json");
+  if (dr->parsed()) return CaptureDirty(log, output == "json");
+  return 2;
+}

@@ -1,0 +1,253 @@
+#include "capture/capture_log.h"
+
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "capture/log_reader.h"
+#include "common/crc32c.h"
+
+namespace osr::capture {
+
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// True when some record with a valid CRC starts after `pos` in `f`: then the damage at
+// `pos` is not a torn tail but corruption in the middle of acknowledged records.
+bool ValidRecordAfter(const File& f, uint64_t pos, uint64_t fsize) {
+  std::vector<uint8_t> buf;
+  uint8_t rb[RecordHeader::kSize];
+  for (uint64_t p = pos + 1; p + RecordHeader::kSize <= fsize; ++p) {
+    if (!f.PRead(p, rb).ok()) return false;
+    uint32_t magic;
+    std::memcpy(&magic, rb + 4, 4);
+    if (magic != kRecordMagic) continue;
+    auto h = RecordHeader::Decode(rb);
+    if (!h.ok() || fsize - p - RecordHeader::kSize < h->payload_bytes) continue;
+    buf.resize(h->payload_bytes);
+    if (!f.PRead(p + RecordHeader::kSize, buf).ok()) return false;
+    if (RecordHeader::Verify(rb, buf)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<CaptureLog>> CaptureLog::Open(const CaptureLogOptions& opts,
+                                                     RangeCallback on_written) {
+  std::error_code ec;
+  std::filesystem::create_directories(opts.dir, ec);
+  if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
+  std::unique_ptr<CaptureLog> log(new CaptureLog(opts, std::move(on_written)));
+  OSR_RETURN_IF_ERROR(log->Recover());
+  return log;
+}
+
+CaptureLog::~CaptureLog() {
+  Status st = Sync();
+  if (!st.ok()) spdlog::error("capture log {}: final sync failed: {}", opts_.dir, st.ToString());
+}
+
+Status CaptureLog::Recover() {
+  OSR_ASSIGN_OR_RETURN(auto summary, LogReader::Scan(opts_.dir, nullptr));
+  if (!summary.errors.empty()) {
+    const LogError& e = summary.errors.front();
+    bool torn_tail = summary.tail_damaged;
+    if (torn_tail) {
+      OSR_ASSIGN_OR_RETURN(File f, File::Open(e.segment, File::Mode::kReadWrite));
+      OSR_ASSIGN_OR_RETURN(uint64_t fsize, f.Size());
+      if (e.position < SegmentHeader::kSize || ValidRecordAfter(f, e.position, fsize)) {
+        torn_tail = false;
+      } else {
+        spdlog::warn("capture log: {} at byte {}: {}; truncating the unacknowledged tail "
+                     "({} bytes; its regions stay marked dirty)",
+                     e.segment, e.position, e.message, fsize - e.position);
+        OSR_RETURN_IF_ERROR(f.Truncate(e.position));
+        OSR_RETURN_IF_ERROR(f.Sync());
+      }
+    }
+    if (!torn_tail) {
+      return Corruption(fmt::format(
+          "capture log {} is damaged: {} at byte {}: {} (see 'osrd capture dump --log {}')",
+          opts_.dir, e.segment, e.position, e.message, opts_.dir));
+    }
+  }
+  OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+  if (!segments.empty()) {
+    // Check the disk size against the newest segment.
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(segments.back().path, File::Mode::kReadOnly));
+    uint8_t hb[SegmentHeader::kSize];
+    OSR_RETURN_IF_ERROR(f.PRead(0, hb));
+    OSR_ASSIGN_OR_RETURN(SegmentHeader sh, SegmentHeader::Decode(hb));
+    if (sh.disk_bytes != opts_.disk_bytes) {
+      return InvalidArgument(fmt::format(
+          "capture log {} belongs to a disk of {} bytes, this image has {}", opts_.dir,
+          sh.disk_bytes, opts_.disk_bytes));
+    }
+  }
+  uint64_t last = summary.records > 0 ? summary.last_seq
+                  : segments.empty()  ? 0
+                                      : segments.back().first_seq - 1;
+  next_seq_ = last + 1;
+  written_seq_ = synced_seq_ = last;
+  std::lock_guard wl(write_mu_);
+  if (!segments.empty()) {
+    OSR_ASSIGN_OR_RETURN(segment_, File::Open(segments.back().path, File::Mode::kReadWrite));
+    OSR_ASSIGN_OR_RETURN(segment_bytes_, segment_.Size());
+  } else {
+    OSR_RETURN_IF_ERROR(OpenSegment(next_seq_));
+  }
+  spdlog::info("capture log {}: {} segment(s), next seq {}", opts_.dir,
+               std::max<size_t>(segments.size(), 1), next_seq_);
+  return Status::Ok();
+}
+
+Status CaptureLog::OpenSegment(uint64_t first_seq) {
+  if (segment_.valid()) OSR_RETURN_IF_ERROR(segment_.DataSync());  // the old one is complete
+  std::string path = opts_.dir + "/" + SegmentFileName(first_seq);
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kCreateExclusive));
+  SegmentHeader h;
+  h.first_seq = first_seq;
+  h.disk_bytes = opts_.disk_bytes;
+  h.created_ns = NowNs();
+  uint8_t hb[SegmentHeader::kSize];
+  h.Encode(hb);
+  OSR_RETURN_IF_ERROR(f.PWrite(0, hb));
+  OSR_RETURN_IF_ERROR(f.DataSync());
+  OSR_RETURN_IF_ERROR(SyncDir(opts_.dir));
+  segment_ = std::move(f);
+  segment_bytes_ = SegmentHeader::kSize;
+  return Status::Ok();
+}
+
+std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uint64_t length,
+                                           std::span<const uint8_t> payload,
+                                           uint32_t payload_crc, uint16_t flags) {
+  OSR_CHECK(payload.size() <= kPayloadBytesMax);
+  OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
+  size_t need = RecordHeader::kSize + payload.size();
+  std::unique_lock lock(mu_);
+  while (!failed_ && !buffer_.empty() && buffer_.size() + need > opts_.buffer_bytes_max) {
+    // Bounded memory: write the buffer out ourselves rather than grow it.
+    uint64_t upto = next_seq_ - 1;
+    lock.unlock();
+    (void)WriteOut(upto);
+    lock.lock();
+  }
+  if (failed_) return std::nullopt;
+  RecordHeader h;
+  h.seq = next_seq_++;
+  h.epoch = opts_.epoch;
+  h.offset = offset;
+  h.length = length;
+  h.time_ns = NowNs();
+  h.payload_bytes = static_cast<uint32_t>(payload.size());
+  h.kind = kind;
+  h.flags = flags;
+  size_t at = buffer_.size();
+  buffer_.resize(at + need);
+  h.Encode(buffer_.data() + at, payload_crc);
+  if (!payload.empty()) std::memcpy(buffer_.data() + at + RecordHeader::kSize, payload.data(), payload.size());
+  return h.seq;
+}
+
+void CaptureLog::ForEachRange(const std::vector<uint8_t>& buf, bool ok) {
+  if (!on_written_) return;
+  for (size_t pos = 0; pos + RecordHeader::kSize <= buf.size();) {
+    uint64_t off, len;
+    uint32_t payload;
+    std::memcpy(&off, buf.data() + pos + 24, 8);
+    std::memcpy(&len, buf.data() + pos + 32, 8);
+    std::memcpy(&payload, buf.data() + pos + 48, 4);
+    on_written_(off, len, ok);
+    pos += RecordHeader::kSize + payload;
+  }
+}
+
+Status CaptureLog::WriteBuffer(std::vector<uint8_t>& buf) {
+  // Write record by record groups, rolling segments at record boundaries.
+  size_t pos = 0;
+  while (pos < buf.size()) {
+    if (segment_bytes_ >= opts_.segment_bytes_target) {
+      uint64_t seq;
+      std::memcpy(&seq, buf.data() + pos + 8, 8);
+      OSR_RETURN_IF_ERROR(OpenSegment(seq));
+    }
+    size_t end = pos;
+    while (end < buf.size() && segment_bytes_ + (end - pos) < opts_.segment_bytes_target) {
+      uint32_t payload;
+      std::memcpy(&payload, buf.data() + end + 48, 4);
+      end += RecordHeader::kSize + payload;
+    }
+    OSR_RETURN_IF_ERROR(segment_.PWrite(segment_bytes_, {buf.data() + pos, end - pos}));
+    segment_bytes_ += end - pos;
+    pos = end;
+  }
+  return Status::Ok();
+}
+
+Status CaptureLog::WriteOut(uint64_t seq) {
+  std::lock_guard wl(write_mu_);
+  if (written_seq_ >= seq) return Status::Ok();
+  uint64_t upto;
+  {
+    std::lock_guard lock(mu_);
+    buffer_.swap(spare_);
+    upto = next_seq_ - 1;
+  }
+  if (spare_.empty()) return Status::Ok();
+  Status st = WriteBuffer(spare_);
+  if (!st.ok()) {
+    spdlog::error("capture log {}: write failed, falling back to the dirty-region bitmap: {}",
+                  opts_.dir, st.ToString());
+    std::lock_guard lock(mu_);
+    failed_ = true;
+  }
+  written_seq_ = upto;
+  ForEachRange(spare_, st.ok());
+  spare_.clear();
+  if (spare_.capacity() > opts_.buffer_bytes_max) spare_.shrink_to_fit();
+  return st;
+}
+
+Status CaptureLog::Sync() {
+  uint64_t upto;
+  {
+    std::lock_guard lock(mu_);
+    upto = next_seq_ - 1;
+    if (failed_) return IoError("capture log " + opts_.dir + " has failed");
+  }
+  OSR_RETURN_IF_ERROR(WriteOut(upto));
+  std::lock_guard wl(write_mu_);
+  if (synced_seq_ >= upto) return Status::Ok();
+  OSR_RETURN_IF_ERROR(segment_.DataSync());
+  synced_seq_ = written_seq_;
+  return Status::Ok();
+}
+
+uint64_t CaptureLog::last_seq() const {
+  std::lock_guard lock(mu_);
+  return next_seq_ - 1;
+}
+
+uint64_t CaptureLog::written_seq() const {
+  std::lock_guard wl(write_mu_);
+  return written_seq_;
+}
+
+bool CaptureLog::failed() const {
+  std::lock_guard lock(mu_);
+  return failed_;
+}
+
+}  // namespace osr::capture

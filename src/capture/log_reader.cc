@@ -1,0 +1,114 @@
+#include "capture/log_reader.h"
+
+#include <algorithm>
+#include <charconv>
+#include <filesystem>
+
+#include <fmt/format.h>
+
+namespace osr::capture {
+
+Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir) {
+  std::vector<SegmentInfo> out;
+  std::error_code ec;
+  for (auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    std::string name = entry.path().filename().string();
+    if (name.size() != 24 || !name.ends_with(".log")) continue;
+    uint64_t seq = 0;
+    auto [p, e] = std::from_chars(name.data(), name.data() + 20, seq);
+    if (e != std::errc() || p != name.data() + 20) continue;
+    out.push_back({entry.path().string(), seq});
+  }
+  if (ec) return Status::FromErrno(ec.value(), "list " + dir);
+  std::sort(out.begin(), out.end(),
+            [](const SegmentInfo& a, const SegmentInfo& b) { return a.first_seq < b.first_seq; });
+  return out;
+}
+
+Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor& visit) {
+  OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(dir));
+  Summary s;
+  uint64_t expect = 0;  // next sequence number, once known
+  std::vector<uint8_t> payload;
+  for (size_t si = 0; si < segments.size(); ++si) {
+    const auto& seg = segments[si];
+    bool last_segment = si + 1 == segments.size();
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(seg.path, File::Mode::kReadOnly));
+    OSR_ASSIGN_OR_RETURN(uint64_t fsize, f.Size());
+    auto fail = [&](uint64_t pos, std::string msg) {
+      s.errors.push_back({seg.path, pos, std::move(msg)});
+      if (last_segment) {
+        s.last_segment_valid_bytes = pos;
+        s.tail_damaged = s.errors.size() == 1;
+      }
+    };
+    if (last_segment) {
+      s.last_segment = seg.path;
+      s.last_segment_valid_bytes = fsize;
+    }
+    uint8_t hb[SegmentHeader::kSize];
+    if (fsize < sizeof hb) {
+      fail(0, "segment shorter than its header");
+      continue;
+    }
+    OSR_RETURN_IF_ERROR(f.PRead(0, hb));
+    auto sh = SegmentHeader::Decode(hb);
+    if (!sh.ok()) {
+      fail(0, sh.status().message());
+      continue;
+    }
+    if (sh->first_seq != seg.first_seq) {
+      fail(0, fmt::format("header says first seq {}, file name says {}", sh->first_seq,
+                          seg.first_seq));
+      continue;
+    }
+    if (expect != 0 && seg.first_seq != expect) {
+      s.errors.push_back({seg.path, 0,
+                          fmt::format("gap in the sequence: expected {}, segment starts at {}",
+                                      expect, seg.first_seq)});
+    }
+    expect = seg.first_seq;
+    uint64_t pos = SegmentHeader::kSize;
+    bool stop = false;
+    while (pos < fsize) {
+      uint8_t rb[RecordHeader::kSize];
+      if (fsize - pos < sizeof rb) {
+        fail(pos, "truncated record header");
+        break;
+      }
+      OSR_RETURN_IF_ERROR(f.PRead(pos, rb));
+      auto rh = RecordHeader::Decode(rb);
+      if (!rh.ok()) {
+        fail(pos, rh.status().message());
+        break;
+      }
+      if (fsize - pos - sizeof rb < rh->payload_bytes) {
+        fail(pos, fmt::format("record seq {} truncated", rh->seq));
+        break;
+      }
+      payload.resize(rh->payload_bytes);
+      OSR_RETURN_IF_ERROR(f.PRead(pos + sizeof rb, payload));
+      if (!RecordHeader::Verify(rb, payload)) {
+        fail(pos, fmt::format("record seq {}: CRC mismatch", rh->seq));
+        break;
+      }
+      if (rh->seq != expect) {
+        fail(pos, fmt::format("record seq {} where {} was expected", rh->seq, expect));
+        break;
+      }
+      expect = rh->seq + 1;
+      if (s.records == 0) s.first_seq = rh->seq;
+      s.last_seq = rh->seq;
+      ++s.records;
+      pos += sizeof rb + rh->payload_bytes;
+      if (visit && !visit(*rh, payload)) {
+        stop = true;
+        break;
+      }
+    }
+    if (stop) break;
+  }
+  return s;
+}
+
+}  // namespace osr::capture

@@ -1,0 +1,53 @@
+// LogReader: reads a capture log directory record by record, verifying every CRC.
+//
+// Thread model: single-threaded; reads files that no writer is appending to (or the
+// closed part of a live log).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "capture/log_format.h"
+#include "common/file.h"
+
+namespace osr::capture {
+
+struct LogError {
+  std::string segment;  // file path
+  uint64_t position;    // byte offset in that file
+  std::string message;
+};
+
+struct SegmentInfo {
+  std::string path;
+  uint64_t first_seq;
+};
+
+// Segment files of `dir`, ordered by first sequence number.
+Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir);
+
+class LogReader {
+ public:
+  // Called for every valid record, in order; return false to stop early.
+  using Visitor = std::function<bool(const RecordHeader&, std::span<const uint8_t> payload)>;
+
+  struct Summary {
+    uint64_t records = 0;
+    uint64_t first_seq = 0;  // 0 when there are no records
+    uint64_t last_seq = 0;
+    std::vector<LogError> errors;
+    // Where the valid part of the last segment ends (for truncating a torn tail).
+    std::string last_segment;
+    uint64_t last_segment_valid_bytes = 0;
+    bool tail_damaged = false;  // the only error is at the end of the last segment
+  };
+
+  // Reads every segment of `dir`. A damaged record ends its segment's reading (its
+  // length cannot be trusted) and is reported; the next segment is still read. Sequence
+  // numbers must follow each other without a gap.
+  static Result<Summary> Scan(const std::string& dir, const Visitor& visit);
+};
+
+}  // namespace osr::capture

@@ -1,0 +1,189 @@
+#include "common/file.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <vector>
+
+#include <fmt/format.h>
+
+namespace osr {
+
+void Fd::Reset() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+Result<File> File::Open(const std::string& path, Mode mode) {
+  int flags = O_CLOEXEC;
+  switch (mode) {
+    case Mode::kReadOnly: flags |= O_RDONLY; break;
+    case Mode::kReadWrite: flags |= O_RDWR; break;
+    case Mode::kCreate: flags |= O_RDWR | O_CREAT; break;
+    case Mode::kCreateExclusive: flags |= O_RDWR | O_CREAT | O_EXCL; break;
+  }
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) return Status::FromErrno(errno, fmt::format("open {}", path));
+  return File(Fd(fd), path);
+}
+
+Result<uint64_t> File::Size() const {
+  struct stat st {};
+  if (::fstat(fd_.get(), &st) != 0) return Status::FromErrno(errno, "fstat " + path_);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Result<size_t> File::PReadSome(uint64_t offset, std::span<uint8_t> buf) const {
+  size_t done = 0;
+  while (done < buf.size()) {
+    ssize_t n = ::pread(fd_.get(), buf.data() + done, buf.size() - done,
+                        static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, fmt::format("read {} at {}", path_, offset + done));
+    }
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  return done;
+}
+
+Status File::PRead(uint64_t offset, std::span<uint8_t> buf) const {
+  OSR_ASSIGN_OR_RETURN(size_t n, PReadSome(offset, buf));
+  if (n != buf.size()) {
+    return OutOfRange(fmt::format("read {}: {} bytes at {} pass the end of the file", path_,
+                                  buf.size(), offset));
+  }
+  return Status::Ok();
+}
+
+Status File::PWrite(uint64_t offset, std::span<const uint8_t> data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::pwrite(fd_.get(), data.data() + done, data.size() - done,
+                         static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, fmt::format("write {} at {}", path_, offset + done));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status File::PWriteV(uint64_t offset, struct iovec* iov, int iovcnt) {
+  while (iovcnt > 0) {
+    ssize_t n = ::pwritev(fd_.get(), iov, std::min(iovcnt, IOV_MAX), static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, fmt::format("write {} at {}", path_, offset));
+    }
+    offset += static_cast<uint64_t>(n);
+    size_t left = static_cast<size_t>(n);
+    while (iovcnt > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --iovcnt;
+    }
+    if (iovcnt > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return Status::Ok();
+}
+
+Status File::Truncate(uint64_t size) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) {
+    return Status::FromErrno(errno, "truncate " + path_);
+  }
+  return Status::Ok();
+}
+
+Status File::DataSync() {
+  if (::fdatasync(fd_.get()) != 0) return Status::FromErrno(errno, "fdatasync " + path_);
+  return Status::Ok();
+}
+
+Status File::Sync() {
+  if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
+  return Status::Ok();
+}
+
+Status File::PunchHole(uint64_t offset, uint64_t length) {
+  if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+    return Status::FromErrno(errno, fmt::format("punch hole {} at {}+{}", path_, offset, length));
+  }
+  return Status::Ok();
+}
+
+Status File::ZeroRange(uint64_t offset, uint64_t length) {
+  if (::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                  static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+    return Status::FromErrno(errno, fmt::format("zero range {} at {}+{}", path_, offset, length));
+  }
+  return Status::Ok();
+}
+
+Status File::WriteZeroes(uint64_t offset, uint64_t length) {
+  static const std::vector<uint8_t> kZeros(1 << 20, 0);
+  while (length > 0) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(length, kZeros.size()));
+    OSR_RETURN_IF_ERROR(PWrite(offset, {kZeros.data(), n}));
+    offset += n;
+    length -= n;
+  }
+  return Status::Ok();
+}
+
+Result<uint64_t> File::SeekData(uint64_t offset, uint64_t size) const {
+  off_t r = ::lseek(fd_.get(), static_cast<off_t>(offset), SEEK_DATA);
+  if (r < 0) {
+    if (errno == ENXIO) return size;
+    return Status::FromErrno(errno, "seek data " + path_);
+  }
+  return std::min<uint64_t>(static_cast<uint64_t>(r), size);
+}
+
+Result<uint64_t> File::SeekHole(uint64_t offset, uint64_t size) const {
+  off_t r = ::lseek(fd_.get(), static_cast<off_t>(offset), SEEK_HOLE);
+  if (r < 0) {
+    if (errno == ENXIO) return size;
+    return Status::FromErrno(errno, "seek hole " + path_);
+  }
+  return std::min<uint64_t>(static_cast<uint64_t>(r), size);
+}
+
+void File::Advise(uint64_t offset, uint64_t length, int advice) const {
+  (void)::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length), advice);
+}
+
+Status SyncDir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(errno, "open dir " + dir);
+  Fd owner(fd);
+  if (::fsync(fd) != 0) return Status::FromErrno(errno, "fsync dir " + dir);
+  return Status::Ok();
+}
+
+Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data) {
+  std::string tmp = path + ".tmp";
+  {
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(tmp, File::Mode::kCreate));
+    OSR_RETURN_IF_ERROR(f.Truncate(0));
+    OSR_RETURN_IF_ERROR(f.PWrite(0, data));
+    OSR_RETURN_IF_ERROR(f.Sync());
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    return Status::FromErrno(errno, fmt::format("rename {} to {}", tmp, path));
+  }
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  return SyncDir(dir.empty() ? "." : dir);
+}
+
+}  // namespace osr

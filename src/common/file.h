@@ -1,0 +1,90 @@
+// Files: the seam through which osr touches the disk. Every call returns a Status
+// that names the file; short reads and writes are completed or reported, never
+// returned half-done.
+//
+// Thread model: a File may be used from many threads at once (positional I/O only).
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <utility>
+
+#include "common/status.h"
+
+namespace osr {
+
+// Owns a file descriptor.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { Reset(); }
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void Reset();
+
+ private:
+  int fd_ = -1;
+};
+
+class File {
+ public:
+  enum class Mode { kReadOnly, kReadWrite, kCreate, kCreateExclusive };
+
+  static Result<File> Open(const std::string& path, Mode mode);
+
+  File() = default;
+  File(File&&) = default;
+  File& operator=(File&&) = default;
+
+  const std::string& path() const { return path_; }
+  int fd() const { return fd_.get(); }
+  bool valid() const { return fd_.valid(); }
+
+  Result<uint64_t> Size() const;
+  // Reads exactly buf.size() bytes; reading past the end is kOutOfRange.
+  Status PRead(uint64_t offset, std::span<uint8_t> buf) const;
+  // Reads up to buf.size() bytes, fewer only at the end of the file.
+  Result<size_t> PReadSome(uint64_t offset, std::span<uint8_t> buf) const;
+  Status PWrite(uint64_t offset, std::span<const uint8_t> data);
+  // Writes all of the iovecs (which this call may modify) at `offset`.
+  Status PWriteV(uint64_t offset, struct iovec* iov, int iovcnt);
+  Status Truncate(uint64_t size);
+  Status DataSync();
+  Status Sync();
+  // Deallocates [offset, offset+length): reads return zeros afterwards.
+  Status PunchHole(uint64_t offset, uint64_t length);
+  // Zeroes [offset, offset+length) keeping it allocated (FALLOC_FL_ZERO_RANGE).
+  Status ZeroRange(uint64_t offset, uint64_t length);
+  // Writes zero bytes the slow way (for file systems without fallocate modes).
+  Status WriteZeroes(uint64_t offset, uint64_t length);
+  // lseek(SEEK_DATA / SEEK_HOLE). Returns `size` when there is no more data.
+  Result<uint64_t> SeekData(uint64_t offset, uint64_t size) const;
+  Result<uint64_t> SeekHole(uint64_t offset, uint64_t size) const;
+  void Advise(uint64_t offset, uint64_t length, int advice) const;
+
+ private:
+  File(Fd fd, std::string path) : fd_(std::move(fd)), path_(std::move(path)) {}
+  Fd fd_;
+  std::string path_;
+};
+
+// Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
+Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data);
+Status SyncDir(const std::string& dir);
+
+}  // namespace osr

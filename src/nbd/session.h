@@ -1,0 +1,127 @@
+// Session: one NBD client connection, from the fixed-newstyle handshake through the
+// transmission phase, over any Stream.
+//
+// Thread model: Run() executes on the connection's own thread. It reads requests and
+// serves READ, WRITE, TRIM, WRITE_ZEROES, BLOCK_STATUS and CACHE inline, in batches:
+// it serves every request already received, settles the batch's captured writes once,
+// then sends all the batch's replies in one system call. FLUSH and FUA requests go to
+// the session's sync thread, which runs Disk::Flush() (one flush covers every request
+// queued behind it) and replies; so replies may leave out of order, as NBD allows.
+// send_mu_ serialises the two threads' writes to the stream. Stop() may be called from
+// any thread.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/socket.h"
+#include "common/status.h"
+#include "nbd/disk.h"
+
+namespace osr::nbd {
+
+struct ExportConfig {
+  std::string name;         // matched exactly against the client's export name
+  std::string description;  // NBD_INFO_DESCRIPTION; empty = none
+  Disk* disk = nullptr;     // borrowed; outlives every session
+};
+
+struct SessionLimits {
+  uint32_t option_bytes_max = 64 * 1024;         // option data we parse
+  uint32_t option_discard_bytes_max = 16 << 20;  // larger options: disconnect
+  uint32_t options_max = 256;                    // options per handshake
+  uint32_t request_bytes_max = 32 << 20;         // NBD_INFO_BLOCK_SIZE maximum
+  uint32_t payload_discard_bytes_max = 64 << 20; // larger bad WRITEs: disconnect
+  size_t batch_reply_bytes_max = 4 << 20;        // replies held before a send
+  size_t sync_queue_max = 1024;                  // FLUSH/FUA requests waiting
+  size_t extents_max = 4096;                     // per BLOCK_STATUS reply
+  int handshake_timeout_ms = 30000;
+  uint32_t block_size_min = 1;
+  uint32_t block_size_preferred = 4096;
+};
+
+class Session {
+ public:
+  Session(std::unique_ptr<Stream> stream, const ExportConfig* exp, SessionLimits limits,
+          std::string peer);
+  ~Session();
+
+  // Serves the connection until the client leaves or Stop(). Returns why it ended:
+  // ok for a clean end (NBD_CMD_DISC, ABORT, or a close between requests).
+  Status Run();
+  // Ends the session from another thread: the stream is shut down, Run() returns.
+  void Stop();
+
+  const std::string& peer() const { return peer_; }
+
+ private:
+  enum class HandshakeResult { kTransmission, kEnd };
+  struct Deferred {  // a request answered by the sync thread
+    uint64_t cookie;
+    uint16_t type;
+  };
+
+  Result<HandshakeResult> Handshake();
+  Status SendOptionReply(uint32_t option, uint32_t type, std::span<const uint8_t> data = {});
+  Status SendOptionError(uint32_t option, uint32_t type, std::string_view message);
+  Status HandleInfoOrGo(uint32_t option, std::span<const uint8_t> data, bool* go);
+  Status HandleMetaContext(uint32_t option, std::span<const uint8_t> data);
+  Status SendExportNameReply();
+  uint16_t TransmissionFlags() const;
+
+  Status Transmission();
+  // Makes at least `n` unread bytes available in rbuf_; ok(false) if the client closed
+  // cleanly before sending any of them.
+  Result<bool> Fill(size_t n);
+  Status Serve(const struct Request& req, std::span<const uint8_t> payload);
+  void ReplySimple(uint64_t cookie, uint32_t error);
+  void ReplyError(const struct Request& req, uint32_t error, std::string_view message);
+  void ServeRead(const struct Request& req);
+  void ServeBlockStatus(const struct Request& req);
+  void Defer(uint64_t cookie, uint16_t type);
+  // Settles the batch's writes, sends its replies, hands deferred requests to the sync
+  // thread.
+  Status FinishBatch();
+  void SyncLoop();
+  Status Send(std::span<const struct iovec> iov);
+
+  std::unique_ptr<Stream> stream_;
+  const ExportConfig* exp_;
+  Disk* disk_;
+  SessionLimits limits_;
+  std::string peer_;
+
+  // Negotiated in the handshake.
+  bool no_zeroes_ = false;
+  bool structured_ = false;
+  bool base_allocation_ = false;  // meta context id kBaseAllocationId selected
+
+  // Reader state (connection thread only).
+  std::vector<uint8_t> rbuf_;
+  size_t rpos_ = 0;
+  size_t rend_ = 0;
+  std::vector<uint8_t> payload_;  // WRITE payloads that do not fit rbuf_
+  std::vector<uint8_t> out_;      // the batch's replies
+  uint64_t batch_ticket_ = 0;     // highest write ticket in the batch
+  bool batch_has_write_ = false;
+  std::vector<Deferred> batch_deferred_;
+
+  std::mutex send_mu_;  // serialises writes to stream_
+  Status send_status_;  // guarded by send_mu_; the first send error
+
+  std::mutex sync_mu_;
+  std::condition_variable sync_cv_;
+  std::deque<Deferred> sync_queue_;  // guarded by sync_mu_
+  bool sync_stop_ = false;           // guarded by sync_mu_
+  std::thread sync_thread_;
+  std::atomic<bool> stopped_{false};
+};
+
+}  // namespace osr::nbd
