@@ -50,10 +50,17 @@ Result<std::unique_ptr<CaptureLog>> CaptureLog::Open(const CaptureLogOptions& op
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
   std::unique_ptr<CaptureLog> log(new CaptureLog(opts, std::move(on_written)));
   OSR_RETURN_IF_ERROR(log->Recover());
+  log->writer_ = std::thread([p = log.get()] { p->WriterLoop(); });
   return log;
 }
 
 CaptureLog::~CaptureLog() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  writer_cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
   Status st = Sync();
   if (!st.ok()) spdlog::error("capture log {}: final sync failed: {}", opts_.dir, st.ToString());
 }
@@ -137,12 +144,12 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
   size_t need = RecordHeader::kSize + payload.size();
   std::unique_lock lock(mu_);
-  while (!failed_ && !buffer_.empty() && buffer_.size() + need > opts_.buffer_bytes_max) {
-    // Bounded memory: write the buffer out ourselves rather than grow it.
-    uint64_t upto = next_seq_ - 1;
-    lock.unlock();
-    (void)WriteOut(upto);
-    lock.lock();
+  if (!failed_ && !buffer_.empty() && buffer_.size() + need > opts_.buffer_bytes_max) {
+    // Bounded memory: wait for the writer rather than grow the buffer.
+    writer_cv_.notify_one();
+    space_cv_.wait(lock, [&] {
+      return failed_ || buffer_.empty() || buffer_.size() + need <= opts_.buffer_bytes_max;
+    });
   }
   if (failed_) return std::nullopt;
   RecordHeader h;
@@ -157,8 +164,28 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   size_t at = buffer_.size();
   buffer_.resize(at + need);
   h.Encode(buffer_.data() + at, payload_crc);
-  if (!payload.empty()) std::memcpy(buffer_.data() + at + RecordHeader::kSize, payload.data(), payload.size());
+  if (!payload.empty()) {
+    std::memcpy(buffer_.data() + at + RecordHeader::kSize, payload.data(), payload.size());
+  }
+  // The first record wakes the writer's timer; a full batch wakes it at once.
+  if (at == 0 || buffer_.size() >= opts_.writeout_bytes_min) writer_cv_.notify_one();
   return h.seq;
+}
+
+void CaptureLog::WriterLoop() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    writer_cv_.wait(lock, [&] { return stop_ || !buffer_.empty(); });
+    if (stop_) return;
+    // Give the batch a moment to grow, unless it is large enough already.
+    writer_cv_.wait_for(lock, std::chrono::milliseconds(opts_.writeout_delay_ms), [&] {
+      return stop_ || buffer_.size() >= opts_.writeout_bytes_min;
+    });
+    uint64_t upto = next_seq_ - 1;
+    lock.unlock();
+    (void)WriteOut(upto);  // a failure is logged and turns the log into bitmap mode
+    lock.lock();
+  }
 }
 
 void CaptureLog::ForEachRange(const std::vector<uint8_t>& buf, bool ok) {
@@ -205,6 +232,7 @@ Status CaptureLog::WriteOut(uint64_t seq) {
     buffer_.swap(spare_);
     upto = next_seq_ - 1;
   }
+  space_cv_.notify_all();
   if (spare_.empty()) return Status::Ok();
   Status st = WriteBuffer(spare_);
   if (!st.ok()) {
@@ -212,6 +240,7 @@ Status CaptureLog::WriteOut(uint64_t seq) {
                   opts_.dir, st.ToString());
     std::lock_guard lock(mu_);
     failed_ = true;
+    space_cv_.notify_all();
   }
   written_seq_ = upto;
   ForEachRange(spare_, st.ok());

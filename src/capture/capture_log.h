@@ -1,18 +1,20 @@
 // CaptureLog: the append-only, segmented log of a disk's writes, in sequence order.
 //
 // Appends go to an in-memory buffer under mu_ (sequence numbers are handed out there,
-// so the buffer is always in sequence order). WriteOut() moves the buffer to the
-// current segment file with one write() — group commit: a session's WriteOut also
-// writes every other session's records appended before it. Sync() adds fdatasync.
-// After a process crash, everything written out is in the file (the page cache keeps
-// it); records still in the buffer were not acknowledged, and their regions are
-// still marked in the dirty-region bitmap by the caller.
+// so the buffer is always in sequence order). The log's writer thread moves the buffer
+// to the current segment file in large writes: once writeout_bytes_min have gathered,
+// or writeout_delay_ms after the first record, whichever is first. Sync() writes out
+// and fdatasyncs (FLUSH). Records still in the buffer when the process dies are lost
+// from the log, but their regions stay marked in the caller's dirty-region bitmap until
+// the writer reports them written (RangeCallback), so nothing is silently lost.
+// Appenders wait when buffer_bytes_max are pending: memory stays bounded.
 //
-// Thread model: every method is thread-safe. mu_ guards the append buffer and
-// sequence counter; write_mu_ serialises writing out and segment files; it is taken
-// before mu_ when both are held.
+// Thread model: every method is thread-safe. mu_ guards the append buffer, sequence
+// counter and writer signalling; write_mu_ serialises writing out and the segment
+// files; write_mu_ is taken before mu_ when both are held.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -20,6 +22,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "capture/log_format.h"
@@ -32,7 +35,9 @@ struct CaptureLogOptions {
   uint64_t disk_bytes = 0;
   uint64_t epoch = 1;
   uint64_t segment_bytes_target = 64ull << 20;  // roll to a new segment past this
-  size_t buffer_bytes_max = 32ull << 20;        // appenders write out beyond this
+  size_t buffer_bytes_max = 64ull << 20;        // appenders wait beyond this
+  size_t writeout_bytes_min = 1ull << 20;       // the writer wakes at this much
+  int writeout_delay_ms = 5;                    // ... or this long after a record
 };
 
 class CaptureLog {
@@ -71,13 +76,19 @@ class CaptureLog {
   Status WriteBuffer(std::vector<uint8_t>& buf);  // holds write_mu_
   void ForEachRange(const std::vector<uint8_t>& buf, bool ok);
 
+  void WriterLoop();
+
   const CaptureLogOptions opts_;
   const RangeCallback on_written_;
 
   mutable std::mutex mu_;
+  std::condition_variable writer_cv_;  // wakes the writer
+  std::condition_variable space_cv_;   // wakes appenders waiting for room
   std::vector<uint8_t> buffer_;  // guarded by mu_
   uint64_t next_seq_ = 1;        // guarded by mu_
   bool failed_ = false;          // guarded by mu_
+  bool stop_ = false;            // guarded by mu_
+  std::thread writer_;
 
   mutable std::mutex write_mu_;
   std::vector<uint8_t> spare_;  // guarded by write_mu_

@@ -72,49 +72,43 @@ Status CapturedDisk::Read(uint64_t offset, std::span<uint8_t> buf) {
   return image_->Read(offset, buf);
 }
 
-Result<uint64_t> CapturedDisk::Record(RecordKind kind, uint64_t offset, uint64_t length,
-                                      std::span<const uint8_t> payload, uint32_t payload_crc) {
-  auto seq = log_->Append(kind, offset, length, payload, payload_crc);
-  if (!seq) {
+void CapturedDisk::Record(RecordKind kind, uint64_t offset, uint64_t length,
+                          std::span<const uint8_t> payload, uint32_t payload_crc) {
+  if (!log_->Append(kind, offset, length, payload, payload_crc)) {
     // The log has failed: the bitmap keeps the region until a resync.
     bitmap_->Release(offset, length, /*logged=*/false);
-    return uint64_t{0};
   }
-  return *seq;
 }
 
-Result<uint64_t> CapturedDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
+Status CapturedDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
   uint32_t crc = Crc32c(data);  // outside every lock
   LockRange(offset, data.size());
   bitmap_->Acquire(offset, data.size());
-  Status st = image_->Write(offset, data).status();
-  Result<uint64_t> r = st.ok() ? Record(RecordKind::kWrite, offset, data.size(), data, crc)
-                               : Result<uint64_t>(st);
-  if (!st.ok()) bitmap_->Release(offset, data.size(), /*logged=*/false);  // may be half-written
+  Status st = image_->Write(offset, data);
+  if (st.ok()) {
+    Record(RecordKind::kWrite, offset, data.size(), data, crc);
+  } else {
+    bitmap_->Release(offset, data.size(), /*logged=*/false);  // may be half-written
+  }
   UnlockRange(offset, data.size());
-  return r;
+  return st;
 }
 
-Result<uint64_t> CapturedDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
-                                    bool fast_only) {
+Status CapturedDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
+                          bool fast_only) {
   RecordKind kind = mode == nbd::ZeroMode::kTrim ? RecordKind::kTrim : RecordKind::kZero;
   LockRange(offset, length);
   bitmap_->Acquire(offset, length);
-  Status st = image_->Zero(offset, length, mode, fast_only).status();
-  Result<uint64_t> r = st.ok() ? Record(kind, offset, length, {}, Crc32c(nullptr, 0))
-                               : Result<uint64_t>(st);
-  if (!st.ok()) {
+  Status st = image_->Zero(offset, length, mode, fast_only);
+  if (st.ok()) {
+    Record(kind, offset, length, {}, Crc32c(nullptr, 0));
+  } else {
     // A FAST_ZERO refusal changed nothing; any other failure may have changed part.
     bool unchanged = fast_only && st.code() == Code::kNotSupported;
     bitmap_->Release(offset, length, /*logged=*/unchanged);
   }
   UnlockRange(offset, length);
-  return r;
-}
-
-void CapturedDisk::Settle(uint64_t ticket) {
-  // A failed write-out leaves the regions sticky in the bitmap: still safe to ack.
-  (void)log_->WriteOut(ticket);
+  return st;
 }
 
 Status CapturedDisk::Flush() {

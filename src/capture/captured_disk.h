@@ -4,8 +4,10 @@
 // Per write: lock the byte range against overlapping writes in flight; mark its regions
 // in the dirty bitmap; write the image; append the record (this hands out the sequence
 // number); unlock. Overlapping writes therefore reach the image in sequence order, and
-// a write that arrives after another's reply gets a higher number. Settle() writes the
-// records out before the session acknowledges them; then their bitmap marks clear.
+// a write that arrives after another's reply gets a higher number. The write may be
+// acknowledged as soon as this returns: its record is in the log's buffer and its
+// regions are marked in the bitmap (which survives a crash of the process) until the
+// log's writer has put the record in the segment file.
 //
 // Thread model: thread-safe. range_mu_ guards in_flight_; flush_mu_ orders flushes.
 #pragma once
@@ -37,10 +39,8 @@ class CapturedDisk final : public nbd::Disk {
   uint64_t size() const override { return image_->size(); }
   bool read_only() const override { return image_->read_only(); }
   Status Read(uint64_t offset, std::span<uint8_t> buf) override;
-  Result<uint64_t> Write(uint64_t offset, std::span<const uint8_t> data) override;
-  Result<uint64_t> Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
-                        bool fast_only) override;
-  void Settle(uint64_t ticket) override;
+  Status Write(uint64_t offset, std::span<const uint8_t> data) override;
+  Status Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode, bool fast_only) override;
   Status Flush() override;
   Status Cache(uint64_t offset, uint64_t length) override;
   Status BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,
@@ -56,9 +56,9 @@ class CapturedDisk final : public nbd::Disk {
   CapturedDisk() = default;
   void LockRange(uint64_t offset, uint64_t length);
   void UnlockRange(uint64_t offset, uint64_t length);
-  // Common tail of a change already applied to the image (or failed).
-  Result<uint64_t> Record(RecordKind kind, uint64_t offset, uint64_t length,
-                          std::span<const uint8_t> payload, uint32_t payload_crc);
+  // Logs a change already applied to the image.
+  void Record(RecordKind kind, uint64_t offset, uint64_t length,
+              std::span<const uint8_t> payload, uint32_t payload_crc);
 
   std::unique_ptr<nbd::FileDisk> image_;
   std::unique_ptr<DirtyBitmap> bitmap_;

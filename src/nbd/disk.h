@@ -33,16 +33,11 @@ class Disk {
   // Reads [offset, offset + buf.size()); the caller has checked the range.
   virtual Status Read(uint64_t offset, std::span<uint8_t> buf) = 0;
 
-  // Writes, trims and zeroes return a ticket. The change is in the image when the call
-  // returns, but it may be acknowledged to a client only after Settle(ticket): a
-  // capturing disk makes it safe there (invariant 2, durability-before-ack).
-  virtual Result<uint64_t> Write(uint64_t offset, std::span<const uint8_t> data) = 0;
+  // When a write, trim or zero returns ok, the change is in the image (and, for a
+  // capturing disk, captured), so the session may acknowledge it (invariant 2).
+  virtual Status Write(uint64_t offset, std::span<const uint8_t> data) = 0;
   // fast_only: fail with kNotSupported rather than write zeros byte by byte.
-  virtual Result<uint64_t> Zero(uint64_t offset, uint64_t length, ZeroMode mode,
-                                bool fast_only) = 0;
-  // Makes every change with a ticket <= `ticket` safe to acknowledge. Never fails: a
-  // capturing disk that cannot log falls back to its dirty-region bitmap.
-  virtual void Settle(uint64_t ticket) {}
+  virtual Status Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool fast_only) = 0;
 
   // Makes every change acknowledged before the call durable (FLUSH; FUA uses it too).
   virtual Status Flush() = 0;

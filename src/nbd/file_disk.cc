@@ -40,13 +40,11 @@ Status FileDisk::Read(uint64_t offset, std::span<uint8_t> buf) {
   return file_.PRead(offset, buf);
 }
 
-Result<uint64_t> FileDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
-  OSR_RETURN_IF_ERROR(file_.PWrite(offset, data));
-  return uint64_t{0};
+Status FileDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
+  return file_.PWrite(offset, data);
 }
 
-Result<uint64_t> FileDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode,
-                                bool fast_only) {
+Status FileDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool fast_only) {
   Status st;
   if (mode == ZeroMode::kZeroNoHole) {
     st = file_.ZeroRange(offset, length);
@@ -58,8 +56,7 @@ Result<uint64_t> FileDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode,
     if (fast_only) return st;
     st = file_.WriteZeroes(offset, length);
   }
-  OSR_RETURN_IF_ERROR(st);
-  return uint64_t{0};
+  return st;
 }
 
 Status FileDisk::Flush() { return file_.DataSync(); }

@@ -20,8 +20,8 @@ class FileDisk final : public Disk {
   uint64_t size() const override { return size_; }
   bool read_only() const override { return read_only_; }
   Status Read(uint64_t offset, std::span<uint8_t> buf) override;
-  Result<uint64_t> Write(uint64_t offset, std::span<const uint8_t> data) override;
-  Result<uint64_t> Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool fast_only) override;
+  Status Write(uint64_t offset, std::span<const uint8_t> data) override;
+  Status Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool fast_only) override;
   Status Flush() override;
   Status Cache(uint64_t offset, uint64_t length) override;
   Status BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,

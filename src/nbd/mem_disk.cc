@@ -17,15 +17,15 @@ Status MemDisk::Read(uint64_t offset, std::span<uint8_t> buf) {
   return Status::Ok();
 }
 
-Result<uint64_t> MemDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
+Status MemDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
   std::lock_guard lock(mu_);
   OSR_CHECK(offset + data.size() <= data_.size());
   std::memcpy(data_.data() + offset, data.data(), data.size());
   for (uint64_t p = offset / kPage; p * kPage < offset + data.size(); ++p) allocated_[p] = true;
-  return uint64_t{0};
+  return Status::Ok();
 }
 
-Result<uint64_t> MemDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool) {
+Status MemDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool) {
   std::lock_guard lock(mu_);
   OSR_CHECK(offset + length <= data_.size());
   std::memset(data_.data() + offset, 0, length);
@@ -35,7 +35,7 @@ Result<uint64_t> MemDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode, 
       allocated_[p] = false;
     }
   }
-  return uint64_t{0};
+  return Status::Ok();
 }
 
 Status MemDisk::Flush() {

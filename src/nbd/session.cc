@@ -66,6 +66,13 @@ Status Session::Send(std::span<const struct iovec> iov) {
 }
 
 Status Session::Run() {
+  Status st = RunInner();
+  // The client sees the end at once, not when the server reaps this session.
+  stream_->Shutdown();
+  return st;
+}
+
+Status Session::RunInner() {
   stream_->SetReadTimeoutMs(limits_.handshake_timeout_ms);
   auto hs = Handshake();
   if (!hs.ok()) return hs.status();
@@ -453,22 +460,20 @@ Status Session::Serve(const Request& req, std::span<const uint8_t> payload) {
     case kCmdWrite: {
       if (!flags_only(0)) break;
       if (!in_range) {
-        ReplyError(req, req.offset < size ? kENoSpc : kEInval, "write past the end of the export");
+        ReplyError(req, kENoSpc, "write past the end of the export");
         break;
       }
       if (req.length == 0) {
         ReplyError(req, kEInval, "zero-length write");
         break;
       }
-      auto t = disk_->Write(req.offset, payload);
-      if (!t.ok()) {
+      Status st = disk_->Write(req.offset, payload);
+      if (!st.ok()) {
         spdlog::warn("nbd {}: WRITE {}+{} failed: {}", peer_, req.offset, req.length,
-                     t.status().ToString());
-        ReplyError(req, ErrnoToNbd(t.status().ToErrno()), t.status().message());
+                     st.ToString());
+        ReplyError(req, ErrnoToNbd(st.ToErrno()), st.message());
         break;
       }
-      batch_ticket_ = std::max(batch_ticket_, *t);
-      batch_has_write_ = true;
       if (fua) {
         Defer(req.cookie, req.type);
       } else {
@@ -488,20 +493,18 @@ Status Session::Serve(const Request& req, std::span<const uint8_t> payload) {
       ZeroMode mode = !zeroes                        ? ZeroMode::kTrim
                       : (req.flags & kCmdFlagNoHole) ? ZeroMode::kZeroNoHole
                                                      : ZeroMode::kZeroMayTrim;
-      auto t = disk_->Zero(req.offset, req.length, mode, req.flags & kCmdFlagFastZero);
-      if (!t.ok()) {
-        uint32_t err = ErrnoToNbd(t.status().ToErrno());
-        if ((req.flags & kCmdFlagFastZero) && t.status().code() == Code::kNotSupported) {
+      Status st = disk_->Zero(req.offset, req.length, mode, req.flags & kCmdFlagFastZero);
+      if (!st.ok()) {
+        uint32_t err = ErrnoToNbd(st.ToErrno());
+        if ((req.flags & kCmdFlagFastZero) && st.code() == Code::kNotSupported) {
           err = kENotSup;
         } else {
           spdlog::warn("nbd {}: {} {}+{} failed: {}", peer_, CommandName(req.type), req.offset,
-                       req.length, t.status().ToString());
+                       req.length, st.ToString());
         }
-        ReplyError(req, err, t.status().message());
+        ReplyError(req, err, st.message());
         break;
       }
-      batch_ticket_ = std::max(batch_ticket_, *t);
-      batch_has_write_ = true;
       if (fua) {
         Defer(req.cookie, req.type);
       } else {
@@ -623,10 +626,6 @@ void Session::ServeBlockStatus(const Request& req) {
 }
 
 Status Session::FinishBatch() {
-  if (batch_has_write_) {
-    disk_->Settle(batch_ticket_);
-    batch_has_write_ = false;
-  }
   if (!out_.empty()) {
     struct iovec v {out_.data(), out_.size()};
     Status st = Send({&v, 1});

@@ -3,8 +3,8 @@
 //
 // Thread model: Run() executes on the connection's own thread. It reads requests and
 // serves READ, WRITE, TRIM, WRITE_ZEROES, BLOCK_STATUS and CACHE inline, in batches:
-// it serves every request already received, settles the batch's captured writes once,
-// then sends all the batch's replies in one system call. FLUSH and FUA requests go to
+// it serves every request already received, then sends all the batch's replies in one
+// system call. FLUSH and FUA requests go to
 // the session's sync thread, which runs Disk::Flush() (one flush covers every request
 // queued behind it) and replies; so replies may leave out of order, as NBD allows.
 // send_mu_ serialises the two threads' writes to the stream. Stop() may be called from
@@ -68,6 +68,7 @@ class Session {
     uint16_t type;
   };
 
+  Status RunInner();
   Result<HandshakeResult> Handshake();
   Status SendOptionReply(uint32_t option, uint32_t type, std::span<const uint8_t> data = {});
   Status SendOptionError(uint32_t option, uint32_t type, std::string_view message);
@@ -86,8 +87,7 @@ class Session {
   void ServeRead(const struct Request& req);
   void ServeBlockStatus(const struct Request& req);
   void Defer(uint64_t cookie, uint16_t type);
-  // Settles the batch's writes, sends its replies, hands deferred requests to the sync
-  // thread.
+  // Sends the batch's replies, hands its deferred requests to the sync thread.
   Status FinishBatch();
   void SyncLoop();
   Status Send(std::span<const struct iovec> iov);
@@ -109,8 +109,6 @@ class Session {
   size_t rend_ = 0;
   std::vector<uint8_t> payload_;  // WRITE payloads that do not fit rbuf_
   std::vector<uint8_t> out_;      // the batch's replies
-  uint64_t batch_ticket_ = 0;     // highest write ticket in the batch
-  bool batch_has_write_ = false;
   std::vector<Deferred> batch_deferred_;
 
   std::mutex send_mu_;  // serialises writes to stream_

@@ -15,7 +15,6 @@ Servers listen only on 127.0.0.1 (port 0) and on unix sockets in tmp_path.
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -358,10 +357,6 @@ def make_sparse_file(path, size, extents, seed=1):
             f.seek(off)
             f.write(rng.randbytes(length))
     return Path(path).read_bytes()
-
-
-def file_sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def data_extents(path):

@@ -11,6 +11,8 @@ import shutil
 import threading
 import time
 
+import pytest
+
 from conftest import (KIB, MIB, capture_dirty_json, capture_dump_json, capture_replay, close,
                       connect, first_difference, make_sparse_file, require_libnbd)
 
@@ -44,23 +46,20 @@ def differing_ranges(a, b, block=4096):
     return out
 
 
-def test_kill9_under_load_loses_nothing_silently(osrd_factory, tmp_path):
-    nbd = require_libnbd()
-    base = tmp_path / "base.img"
-    make_sparse_file(base, SIZE, [(0, 4 * MIB), (20 * MIB, 2 * MIB)], seed=9)
-    served = tmp_path / "served.img"
-    shutil.copyfile(base, served)
-    cap = tmp_path / "cap"
-    srv = osrd_factory(served, capture=cap, socket=True)
+def load_then_kill9(srv, issued, acked, seed, min_acked=600):
+    """Six clients write, trim and zero until min_acked acks, then kill -9 the server.
 
-    issued = set()
+    issued: set of (kind, offset, length) used so far (ops are unique across rounds);
+    acked: list that receives the ops the server acknowledged.
+    """
+    nbd = require_libnbd()
     lock = threading.Lock()
-    acked = []                        # (kind, offset, length) of acknowledged ops
     unexpected = []
     stop = threading.Event()
+    start_count = len(acked)
 
     def worker(tid):
-        rng = random.Random(77 + tid)
+        rng = random.Random(seed * 100 + tid)
         h = connect(srv.tcp_uri if tid % 2 else srv.unix_uri)
         try:
             while not stop.is_set():
@@ -94,7 +93,7 @@ def test_kill9_under_load_loses_nothing_silently(osrd_factory, tmp_path):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with lock:
-            if len(acked) >= 600:
+            if len(acked) - start_count >= min_acked:
                 break
         time.sleep(0.05)
     time.sleep(0.2)
@@ -104,7 +103,24 @@ def test_kill9_under_load_loses_nothing_silently(osrd_factory, tmp_path):
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads), "clients hung after kill -9"
     assert not unexpected, unexpected
-    assert len(acked) >= 50, f"only {len(acked)} writes acknowledged before the kill"
+    assert len(acked) - start_count >= 50, \
+        f"only {len(acked) - start_count} writes acknowledged before the kill"
+
+
+@pytest.mark.parametrize("crashes", [1, 2])
+def test_kill9_under_load_loses_nothing_silently(osrd_factory, tmp_path, crashes):
+    base = tmp_path / "base.img"
+    make_sparse_file(base, SIZE, [(0, 4 * MIB), (20 * MIB, 2 * MIB)], seed=9)
+    served = tmp_path / "served.img"
+    shutil.copyfile(base, served)
+    cap = tmp_path / "cap"
+    issued = set()
+    acked = []                        # (kind, offset, length) of acknowledged ops
+    for round_ in range(crashes):
+        # The second round crashes a daemon that itself recovered from a crash.
+        srv = osrd_factory(served, capture=cap, socket=True)
+        load_then_kill9(srv, issued, acked, seed=round_ + 1,
+                        min_acked=600 if round_ == 0 else 300)
 
     # The daemon comes back on the same image and log, and serves.
     srv2 = osrd_factory(served, capture=cap)
@@ -139,6 +155,7 @@ def test_kill9_under_load_loses_nothing_silently(osrd_factory, tmp_path):
     assert (recs[-1]["kind"], recs[-1]["offset"], recs[-1]["length"]) == after_restart, \
         "the write after the restart did not get the next number"
 
+    print(f"acked={len(acked)} logged={len(recs)} dirty_regions={regions}")
     out = tmp_path / "replay.img"
     n, first, last = capture_replay(cap, base, out)
     assert (n, first, last) == (len(recs), 1, len(recs))

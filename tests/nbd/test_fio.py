@@ -14,7 +14,7 @@ def fio_args(uri, *extra):
             "--bsrange=4k-64k", "--bs_unaligned=0", f"--numjobs={JOBS}", f"--size={JOB_BYTES}",
             f"--offset_increment={JOB_BYTES}", "--iodepth=8", "--verify=crc32c",
             "--verify_fatal=1", "--randrepeat=1", "--randseed=1234", "--group_reporting",
-            "--output-format=json", *extra]
+            "--output-format=json", "--verify_state_save=0", *extra]
 
 
 def fio_json(proc):
@@ -27,7 +27,7 @@ def fio_json(proc):
 def test_fio_randwrite_verify_then_verify_again_after_restart(osrd_factory, tmp_path):
     img = tmp_path / "fio.img"
     srv = osrd_factory(img, size="32M")
-    proc = run(fio_args(srv.tcp_uri, "--do_verify=1"), timeout=150)
+    proc = run(fio_args(srv.tcp_uri, "--do_verify=1"), timeout=150, cwd=tmp_path)
     doc = fio_json(proc)
     (job,) = doc["jobs"]
     assert job["error"] == 0
@@ -37,7 +37,7 @@ def test_fio_randwrite_verify_then_verify_again_after_restart(osrd_factory, tmp_
 
     # The data is in the image: a new server on the same file verifies it again.
     srv = osrd_factory(img)
-    proc = run(fio_args(srv.tcp_uri, "--verify_only"), timeout=150)
+    proc = run(fio_args(srv.tcp_uri, "--verify_only"), timeout=150, cwd=tmp_path)
     (job,) = fio_json(proc)["jobs"]
     assert job["error"] == 0
     assert job["read"]["io_bytes"] >= JOBS * JOB_BYTES
@@ -48,5 +48,5 @@ def test_fio_randwrite_verify_then_verify_again_after_restart(osrd_factory, tmp_
         h.trim(1 * MIB, 2 * JOB_BYTES + 512 * KIB)
     finally:
         close(h)
-    bad = run(fio_args(srv.tcp_uri, "--verify_only"), timeout=150, check=False)
+    bad = run(fio_args(srv.tcp_uri, "--verify_only"), timeout=150, check=False, cwd=tmp_path)
     assert bad.returncode != 0, "fio verify passed over a trimmed range"

@@ -269,21 +269,26 @@ def test_read_only_export_refuses_writes(osrd_factory, tmp_path):
 
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
 def test_out_of_range_requests(named, structured):
-    nbd = require_libnbd()
     h = connect(named.tcp_uri, strict=False, structured=structured)
     try:
         assert h.pread(1, SIZE - 1) == b"\0"
-        assert nbd_errno(h.pread, 4096, SIZE - 1024) == errno.EINVAL
-        assert nbd_errno(h.pread, 1, SIZE) == errno.EINVAL
-        assert nbd_errno(h.pread, 512, 2 ** 63) == errno.EINVAL
-        assert nbd_errno(h.pwrite, b"y" * 4096, SIZE - 1024) == errno.ENOSPC
-        assert nbd_errno(h.pwrite, b"y", SIZE) == errno.ENOSPC
-        assert nbd_errno(h.trim, 8192, SIZE - 4096) == errno.EINVAL
-        assert nbd_errno(h.zero, 8192, SIZE - 4096) == errno.EINVAL
-        assert nbd_errno(h.cache, 8192, SIZE - 4096) == errno.EINVAL
+        cases = [
+            ("read across the end", h.pread, (4096, SIZE - 1024), errno.EINVAL),
+            ("read at the end", h.pread, (1, SIZE), errno.EINVAL),
+            ("read at 2**63", h.pread, (512, 2 ** 63), errno.EINVAL),
+            ("write across the end", h.pwrite, (b"y" * 4096, SIZE - 1024), errno.ENOSPC),
+            ("write at the end", h.pwrite, (b"y", SIZE), errno.ENOSPC),
+            ("trim across the end", h.trim, (8192, SIZE - 4096), errno.EINVAL),
+            ("zero across the end", h.zero, (8192, SIZE - 4096), errno.EINVAL),
+            ("cache across the end", h.cache, (8192, SIZE - 4096), errno.EINVAL),
+        ]
         if structured:
-            assert nbd_errno(h.block_status, 8192, SIZE - 4096,
-                             lambda *a: 0) == errno.EINVAL
+            cases.append(("block status across the end", h.block_status,
+                          (8192, SIZE - 4096, lambda *a: 0), errno.EINVAL))
+        got = [(what, nbd_errno(fn, *args), want) for what, fn, args, want in cases]
+        wrong = [f"{what}: errno {g} ({errno.errorcode.get(g)}), want {errno.errorcode[w]}"
+                 for what, g, w in got if g != w]
+        assert not wrong, "\n".join(wrong)
         # Nothing was written, and the connection still works.
         assert h.pread(4096, SIZE - 4096) == bytes(4096)
         h.pwrite(b"ok", SIZE - 2)
