@@ -55,12 +55,14 @@ test-asan: asan
 	    ctest --test-dir $(BUILD_ASAN) --output-on-failure --timeout 1200
 
 fuzz: fuzz-build
-	@for t in fuzz_nbd_session fuzz_capture_log; do \
+	@passed=0; for t in fuzz_nbd_session fuzz_capture_log; do \
 	  mkdir -p $(BUILD_FUZZ)/corpus/$$t; \
 	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
 	  $(BUILD_FUZZ)/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=0 -rss_limit_mb=2048 \
-	      $(BUILD_FUZZ)/corpus/$$t tests/fuzz/seeds/$$t 2>&1 | tail -n 3 || exit 1; \
-	done
+	      $(BUILD_FUZZ)/corpus/$$t tests/fuzz/seeds/$$t > $(BUILD_FUZZ)/$$t.log 2>&1; rc=$$?; \
+	  if [ $$rc -ne 0 ]; then tail -n 60 $(BUILD_FUZZ)/$$t.log; echo "fuzz: $$passed passed, 1 failed"; exit 1; fi; \
+	  tail -n 1 $(BUILD_FUZZ)/$$t.log; passed=$$((passed + 1)); \
+	done; echo "fuzz: $$passed passed, 0 failed"
 
 bench: build
 	$(PYTHON) bench/nbd_bench.py --osrd $(BUILD)/osrd

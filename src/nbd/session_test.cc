@@ -44,7 +44,7 @@ class Client {
     Put64(b.data(), kIHaveOpt);
     Put32(b.data() + 8, opt);
     Put32(b.data() + 12, static_cast<uint32_t>(data.size()));
-    std::memcpy(b.data() + 16, data.data(), data.size());
+    if (!data.empty()) std::memcpy(b.data() + 16, data.data(), data.size());
     Send(b);
   }
   // Returns {reply type, data}.
