@@ -190,15 +190,17 @@ void CaptureLog::WriterLoop() {
 
 void CaptureLog::ForEachRange(const std::vector<uint8_t>& buf, bool ok) {
   if (!on_written_) return;
+  ranges_.clear();
   for (size_t pos = 0; pos + RecordHeader::kSize <= buf.size();) {
     uint64_t off, len;
     uint32_t payload;
     std::memcpy(&off, buf.data() + pos + 24, 8);
     std::memcpy(&len, buf.data() + pos + 32, 8);
     std::memcpy(&payload, buf.data() + pos + 48, 4);
-    on_written_(off, len, ok);
+    ranges_.push_back({off, len});
     pos += RecordHeader::kSize + payload;
   }
+  on_written_(ranges_, ok);
 }
 
 Status CaptureLog::WriteBuffer(std::vector<uint8_t>& buf) {

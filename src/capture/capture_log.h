@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "capture/log_format.h"
+#include "capture/range.h"
 #include "common/file.h"
 
 namespace osr::capture {
@@ -42,9 +43,9 @@ struct CaptureLogOptions {
 
 class CaptureLog {
  public:
-  // Called after records are written out (ok) or failed to be (not ok), with each
-  // record's range, outside mu_.
-  using RangeCallback = std::function<void(uint64_t offset, uint64_t length, bool ok)>;
+  // Called after records are written out (ok) or failed to be (not ok), with the
+  // records' ranges, outside mu_.
+  using RangeCallback = std::function<void(std::span<const Range> ranges, bool ok)>;
 
   // Opens (or creates) the log in opts.dir and recovers it: verifies every record,
   // truncates a torn tail left by a crash, refuses a log damaged anywhere else.
@@ -92,6 +93,7 @@ class CaptureLog {
 
   mutable std::mutex write_mu_;
   std::vector<uint8_t> spare_;  // guarded by write_mu_
+  std::vector<Range> ranges_;   // guarded by write_mu_; scratch for on_written_
   File segment_;                // guarded by write_mu_
   uint64_t segment_bytes_ = 0;  // guarded by write_mu_
   uint64_t written_seq_ = 0;    // guarded by write_mu_ (read under either)

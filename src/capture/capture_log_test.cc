@@ -34,9 +34,9 @@ class CaptureLogTest : public ::testing::Test {
     o.dir = dir_;
     o.disk_bytes = 1 << 20;
     o.segment_bytes_target = segment_bytes;
-    auto log = CaptureLog::Open(o, [this](uint64_t off, uint64_t len, bool ok) {
+    auto log = CaptureLog::Open(o, [this](std::span<const Range> ranges, bool ok) {
       std::lock_guard lock(mu_);
-      written_.push_back({off, len, ok});
+      for (auto& r : ranges) written_.push_back({r.offset, r.length, ok});
     });
     EXPECT_TRUE(log.ok()) << log.status().ToString();
     return log.ok() ? std::move(log).value() : nullptr;

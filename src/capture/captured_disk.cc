@@ -24,10 +24,9 @@ Result<std::unique_ptr<CapturedDisk>> CapturedDisk::Open(std::unique_ptr<nbd::Fi
   lo.epoch = opts.epoch;
   lo.segment_bytes_target = opts.segment_bytes_target;
   DirtyBitmap* bm = d->bitmap_.get();
-  OSR_ASSIGN_OR_RETURN(d->log_, CaptureLog::Open(lo, [bm](uint64_t off, uint64_t len, bool ok) {
-                         bm->Release(off, len, ok);
+  OSR_ASSIGN_OR_RETURN(d->log_, CaptureLog::Open(lo, [bm](std::span<const Range> ranges, bool ok) {
+                         bm->ReleaseAll(ranges, ok);
                        }));
-  d->image_sync_thread_ = std::thread([p = d.get()] { p->ImageSyncLoop(); });
   auto dirty = d->bitmap_->DirtyRanges();
   if (!dirty.empty()) {
     uint64_t bytes = 0;
@@ -42,29 +41,6 @@ CapturedDisk::~CapturedDisk() {
   if (!closed_) {
     Status st = Close();
     if (!st.ok()) spdlog::error("capture: close failed: {}", st.ToString());
-  }
-  {
-    std::lock_guard lock(image_sync_mu_);
-    image_sync_stop_ = true;
-  }
-  image_sync_cv_.notify_all();
-  if (image_sync_thread_.joinable()) image_sync_thread_.join();
-}
-
-void CapturedDisk::ImageSyncLoop() {
-  std::unique_lock lock(image_sync_mu_);
-  for (;;) {
-    image_sync_cv_.wait(lock, [&] {
-      return image_sync_stop_ || image_sync_requested_ > image_sync_done_;
-    });
-    if (image_sync_stop_) return;
-    uint64_t target = image_sync_requested_;
-    lock.unlock();
-    Status st = image_->Flush();
-    lock.lock();
-    image_sync_status_ = st;
-    image_sync_done_ = target;
-    image_sync_cv_.notify_all();
   }
 }
 
@@ -145,19 +121,8 @@ Status CapturedDisk::Flush() {
   if (flush_done_ >= mine) return Status::Ok();
   uint64_t covering = flush_requested_;
   lock.unlock();
-  uint64_t image_ticket;
-  {
-    std::lock_guard il(image_sync_mu_);
-    image_ticket = ++image_sync_requested_;
-  }
-  image_sync_cv_.notify_all();
   Status ls = log_->Sync();
-  Status is;
-  {
-    std::unique_lock il(image_sync_mu_);
-    image_sync_cv_.wait(il, [&] { return image_sync_done_ >= image_ticket; });
-    is = image_sync_status_;
-  }
+  Status is = image_->Flush();
   if (!ls.ok() && !log_->failed()) return ls;  // a failed log is covered by the bitmap
   OSR_RETURN_IF_ERROR(is);
   // The bitmap needs no msync here: it survives a process crash through the shared

@@ -157,13 +157,20 @@ void DirtyBitmap::Acquire(uint64_t offset, uint64_t length) {
 }
 
 void DirtyBitmap::Release(uint64_t offset, uint64_t length, bool logged) {
-  if (length == 0) return;
-  uint64_t first = offset / region_bytes_, last = (offset + length - 1) / region_bytes_;
+  Range r{offset, length};
+  ReleaseAll({&r, 1}, logged);
+}
+
+void DirtyBitmap::ReleaseAll(std::span<const Range> ranges, bool logged) {
   std::lock_guard lock(mu_);
-  for (uint64_t r = first; r <= last; ++r) {
-    OSR_CHECK(pending_[r] > 0);
-    if (!logged) sticky_[r] = true;
-    if (--pending_[r] == 0 && !sticky_[r]) SetBit(r, false);
+  for (const Range& x : ranges) {
+    if (x.length == 0) continue;
+    uint64_t first = x.offset / region_bytes_, last = (x.offset + x.length - 1) / region_bytes_;
+    for (uint64_t r = first; r <= last; ++r) {
+      OSR_CHECK(pending_[r] > 0);
+      if (!logged) sticky_[r] = true;
+      if (--pending_[r] == 0 && !sticky_[r]) SetBit(r, false);
+    }
   }
 }
 

@@ -14,19 +14,15 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "capture/range.h"
 #include "common/file.h"
 #include "common/status.h"
 
 namespace osr::capture {
-
-struct Range {
-  uint64_t offset;
-  uint64_t length;
-  bool operator==(const Range&) const = default;
-};
 
 class DirtyBitmap {
  public:
@@ -43,6 +39,8 @@ class DirtyBitmap {
   // the regions become sticky).
   void Acquire(uint64_t offset, uint64_t length);
   void Release(uint64_t offset, uint64_t length, bool logged);
+  // Release for many writes under one lock (the log writer's batches).
+  void ReleaseAll(std::span<const Range> ranges, bool logged);
   // Marks regions dirty until Clean().
   void MarkSticky(uint64_t offset, uint64_t length);
   // Clears sticky marks (regions with writes in progress stay set).
