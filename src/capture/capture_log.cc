@@ -62,10 +62,35 @@ CaptureLog::~CaptureLog() {
   writer_cv_.notify_all();
   if (writer_.joinable()) writer_.join();
   Status st = Sync();
-  if (!st.ok()) spdlog::error("capture log {}: final sync failed: {}", opts_.dir, st.ToString());
+  if (st.ok()) {
+    std::lock_guard wl(write_mu_);
+    st = segment_.Truncate(segment_bytes_);  // cut the zero padding of the last block
+    if (st.ok()) st = segment_.DataSync();
+  }
+  if (!st.ok() && !failed()) {
+    spdlog::error("capture log {}: final sync failed: {}", opts_.dir, st.ToString());
+  }
 }
 
 Status CaptureLog::Recover() {
+  {
+    // A crash while a segment was being created can leave its first block unwritten:
+    // such a file holds no record and is removed.
+    OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+    if (!segments.empty()) {
+      OSR_ASSIGN_OR_RETURN(File f, File::Open(segments.back().path, File::Mode::kReadOnly));
+      OSR_ASSIGN_OR_RETURN(uint64_t fsize, f.Size());
+      uint8_t hb[SegmentHeader::kSize] = {};
+      bool header_ok = fsize >= sizeof hb && f.PRead(0, hb).ok() && SegmentHeader::Decode(hb).ok();
+      if (!header_ok && fsize <= AlignedBuffer::kAlign) {
+        spdlog::warn("capture log: removing {}, a segment whose creation did not finish",
+                     segments.back().path);
+        std::error_code ec;
+        std::filesystem::remove(segments.back().path, ec);
+        if (ec) return Status::FromErrno(ec.value(), "remove " + segments.back().path);
+      }
+    }
+  }
   OSR_ASSIGN_OR_RETURN(auto summary, LogReader::Scan(opts_.dir, nullptr));
   if (!summary.errors.empty()) {
     const LogError& e = summary.errors.front();
@@ -109,31 +134,50 @@ Status CaptureLog::Recover() {
   written_seq_ = synced_seq_ = last;
   std::lock_guard wl(write_mu_);
   if (!segments.empty()) {
-    OSR_ASSIGN_OR_RETURN(segment_, File::Open(segments.back().path, File::Mode::kReadWrite));
-    OSR_ASSIGN_OR_RETURN(segment_bytes_, segment_.Size());
+    OSR_ASSIGN_OR_RETURN(segment_, File::Open(segments.back().path, File::Mode::kReadWrite,
+                                              /*direct=*/true));
+    segment_bytes_ = summary.last_segment_valid_bytes;
+    OSR_ASSIGN_OR_RETURN(uint64_t fsize, segment_.Size());
+    if (fsize != segment_bytes_) OSR_RETURN_IF_ERROR(segment_.Truncate(segment_bytes_));
+    // The buffer starts with the last partial block, which the next write rewrites.
+    uint64_t block = segment_bytes_ / AlignedBuffer::kAlign * AlignedBuffer::kAlign;
+    OSR_ASSIGN_OR_RETURN(File reader, File::Open(segments.back().path, File::Mode::kReadOnly));
+    std::lock_guard lock(mu_);
+    buffer_.resize(segment_bytes_ - block);
+    OSR_RETURN_IF_ERROR(reader.PRead(block, {buffer_.data(), buffer_.size()}));
+    prefix_bytes_ = buffer_.size();
   } else {
-    OSR_RETURN_IF_ERROR(OpenSegment(next_seq_));
+    SegmentHeader h;
+    h.first_seq = next_seq_;
+    h.disk_bytes = opts_.disk_bytes;
+    h.created_ns = NowNs();
+    uint8_t hb[SegmentHeader::kSize];
+    h.Encode(hb);
+    OSR_RETURN_IF_ERROR(OpenSegment(next_seq_, hb));
   }
   spdlog::info("capture log {}: {} segment(s), next seq {}", opts_.dir,
                std::max<size_t>(segments.size(), 1), next_seq_);
   return Status::Ok();
 }
 
-Status CaptureLog::OpenSegment(uint64_t first_seq) {
-  if (segment_.valid()) OSR_RETURN_IF_ERROR(segment_.DataSync());  // the old one is complete
+Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
   std::string path = opts_.dir + "/" + SegmentFileName(first_seq);
-  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kCreateExclusive));
-  SegmentHeader h;
-  h.first_seq = first_seq;
-  h.disk_bytes = opts_.disk_bytes;
-  h.created_ns = NowNs();
-  uint8_t hb[SegmentHeader::kSize];
-  h.Encode(hb);
-  OSR_RETURN_IF_ERROR(f.PWrite(0, hb));
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kCreateExclusive, /*direct=*/true));
+  AlignedBuffer block;
+  block.resize(AlignedBuffer::kAlign);
+  std::memset(block.data(), 0, block.size());
+  std::memcpy(block.data(), header, SegmentHeader::kSize);
+  OSR_RETURN_IF_ERROR(f.PWrite(0, {block.data(), block.size()}));
   OSR_RETURN_IF_ERROR(f.DataSync());
   OSR_RETURN_IF_ERROR(SyncDir(opts_.dir));
   segment_ = std::move(f);
   segment_bytes_ = SegmentHeader::kSize;
+  std::lock_guard lock(mu_);
+  if (buffer_.size() == prefix_bytes_) {  // at start-up; after a roll WriteOut set it already
+    buffer_.clear();
+    buffer_.append(header, SegmentHeader::kSize);
+    prefix_bytes_ = SegmentHeader::kSize;
+  }
   return Status::Ok();
 }
 
@@ -144,11 +188,11 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
   size_t need = RecordHeader::kSize + payload.size();
   std::unique_lock lock(mu_);
-  if (!failed_ && !buffer_.empty() && buffer_.size() + need > opts_.buffer_bytes_max) {
+  if (!failed_ && pending_bytes() > 0 && pending_bytes() + need > opts_.buffer_bytes_max) {
     // Bounded memory: wait for the writer rather than grow the buffer.
     writer_cv_.notify_one();
     space_cv_.wait(lock, [&] {
-      return failed_ || buffer_.empty() || buffer_.size() + need <= opts_.buffer_bytes_max;
+      return failed_ || pending_bytes() == 0 || pending_bytes() + need <= opts_.buffer_bytes_max;
     });
   }
   if (failed_) return std::nullopt;
@@ -162,24 +206,25 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   h.kind = kind;
   h.flags = flags;
   size_t at = buffer_.size();
+  bool was_empty = pending_bytes() == 0;
   buffer_.resize(at + need);
   h.Encode(buffer_.data() + at, payload_crc);
   if (!payload.empty()) {
     std::memcpy(buffer_.data() + at + RecordHeader::kSize, payload.data(), payload.size());
   }
   // The first record wakes the writer's timer; a full batch wakes it at once.
-  if (at == 0 || buffer_.size() >= opts_.writeout_bytes_min) writer_cv_.notify_one();
+  if (was_empty || pending_bytes() >= opts_.writeout_bytes_min) writer_cv_.notify_one();
   return h.seq;
 }
 
 void CaptureLog::WriterLoop() {
   std::unique_lock lock(mu_);
   for (;;) {
-    writer_cv_.wait(lock, [&] { return stop_ || !buffer_.empty(); });
+    writer_cv_.wait(lock, [&] { return stop_ || pending_bytes() > 0; });
     if (stop_) return;
     // Give the batch a moment to grow, unless it is large enough already.
     writer_cv_.wait_for(lock, std::chrono::milliseconds(opts_.writeout_delay_ms), [&] {
-      return stop_ || buffer_.size() >= opts_.writeout_bytes_min;
+      return stop_ || pending_bytes() >= opts_.writeout_bytes_min;
     });
     uint64_t upto = next_seq_ - 1;
     lock.unlock();
@@ -188,10 +233,10 @@ void CaptureLog::WriterLoop() {
   }
 }
 
-void CaptureLog::ForEachRange(const std::vector<uint8_t>& buf, bool ok) {
+void CaptureLog::ForEachRange(const AlignedBuffer& buf, size_t from, bool ok) {
   if (!on_written_) return;
   ranges_.clear();
-  for (size_t pos = 0; pos + RecordHeader::kSize <= buf.size();) {
+  for (size_t pos = from; pos + RecordHeader::kSize <= buf.size();) {
     uint64_t off, len;
     uint32_t payload;
     std::memcpy(&off, buf.data() + pos + 24, 8);
@@ -203,40 +248,55 @@ void CaptureLog::ForEachRange(const std::vector<uint8_t>& buf, bool ok) {
   on_written_(ranges_, ok);
 }
 
-Status CaptureLog::WriteBuffer(std::vector<uint8_t>& buf) {
-  // Write record by record groups, rolling segments at record boundaries.
-  size_t pos = 0;
-  while (pos < buf.size()) {
-    if (segment_bytes_ >= opts_.segment_bytes_target) {
-      uint64_t seq;
-      std::memcpy(&seq, buf.data() + pos + 8, 8);
-      OSR_RETURN_IF_ERROR(OpenSegment(seq));
-    }
-    size_t end = pos;
-    while (end < buf.size() && segment_bytes_ + (end - pos) < opts_.segment_bytes_target) {
-      uint32_t payload;
-      std::memcpy(&payload, buf.data() + end + 48, 4);
-      end += RecordHeader::kSize + payload;
-    }
-    OSR_RETURN_IF_ERROR(segment_.PWrite(segment_bytes_, {buf.data() + pos, end - pos}));
-    segment_bytes_ += end - pos;
-    pos = end;
-  }
-  return Status::Ok();
-}
-
 Status CaptureLog::WriteOut(uint64_t seq) {
+  constexpr uint64_t kBlock = AlignedBuffer::kAlign;
   std::lock_guard wl(write_mu_);
   if (written_seq_ >= seq) return Status::Ok();
   uint64_t upto;
+  size_t records_from;
+  uint64_t end_after;
+  bool roll;
+  uint8_t next_header[SegmentHeader::kSize];
   {
     std::lock_guard lock(mu_);
-    buffer_.swap(spare_);
+    if (pending_bytes() == 0) return Status::Ok();
+    buffer_.swap(spare_);  // spare_ = [last partial block][records]
+    records_from = prefix_bytes_;
     upto = next_seq_ - 1;
+    end_after = segment_bytes_ + (spare_.size() - records_from);
+    roll = end_after >= opts_.segment_bytes_target;
+    if (roll) {
+      // The next records open a new segment: its header is their prefix.
+      SegmentHeader h;
+      h.first_seq = next_seq_;
+      h.disk_bytes = opts_.disk_bytes;
+      h.created_ns = NowNs();
+      h.Encode(next_header);
+      buffer_.append(next_header, sizeof next_header);
+      prefix_bytes_ = sizeof next_header;
+    } else {
+      // spare_ covers [block start, end_after): its last end_after % kBlock bytes are the
+      // new last partial block.
+      size_t k = end_after % kBlock;
+      buffer_.append(spare_.data() + spare_.size() - k, k);
+      prefix_bytes_ = k;
+    }
   }
   space_cv_.notify_all();
-  if (spare_.empty()) return Status::Ok();
-  Status st = WriteBuffer(spare_);
+  size_t n = spare_.size();
+  size_t padded = (n + kBlock - 1) / kBlock * kBlock;
+  spare_.reserve(padded);
+  std::memset(spare_.data() + n, 0, padded - n);
+  uint64_t at = segment_bytes_ / kBlock * kBlock;
+  Status st = segment_.PWrite(at, {spare_.data(), padded});
+  if (st.ok()) {
+    segment_bytes_ = end_after;
+    if (roll) {
+      st = segment_.Truncate(end_after);
+      if (st.ok()) st = segment_.DataSync();  // the old segment is complete
+      if (st.ok()) st = OpenSegment(upto + 1, next_header);
+    }
+  }
   if (!st.ok()) {
     spdlog::error("capture log {}: write failed, falling back to the dirty-region bitmap: {}",
                   opts_.dir, st.ToString());
@@ -245,9 +305,9 @@ Status CaptureLog::WriteOut(uint64_t seq) {
     space_cv_.notify_all();
   }
   written_seq_ = upto;
-  ForEachRange(spare_, st.ok());
+  ForEachRange(spare_, records_from, st.ok());
   spare_.clear();
-  if (spare_.capacity() > opts_.buffer_bytes_max) spare_.shrink_to_fit();
+  spare_.trim(opts_.buffer_bytes_max);
   return st;
 }
 

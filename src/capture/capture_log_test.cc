@@ -94,12 +94,23 @@ TEST_F(CaptureLogTest, AppendSyncScanAndContinueAfterReopen) {
 TEST_F(CaptureLogTest, SegmentsRollAtRecordBoundaries) {
   {
     auto log = OpenLog(/*segment_bytes=*/16 * 1024);
-    for (int i = 0; i < 40; ++i) AppendWrite(*log, i * 1000, std::vector<uint8_t>(1000, i));
+    for (int i = 0; i < 40; ++i) {
+      AppendWrite(*log, i * 1000, std::vector<uint8_t>(1000, i));
+      if (i % 5 == 4) {
+        ASSERT_TRUE(log->Sync().ok());  // a write-out every 5 records
+      }
+    }
     ASSERT_TRUE(log->Sync().ok());
   }
   auto segs = ListSegments(dir_);
   ASSERT_TRUE(segs.ok());
   EXPECT_GE(segs->size(), 3u);
+  // A segment is closed once a write-out takes it past the target, and its zero
+  // padding is cut off.
+  for (size_t i = 0; i + 1 < segs->size(); ++i) {
+    EXPECT_GE(fs::file_size((*segs)[i].path), 16u * 1024) << (*segs)[i].path;
+    EXPECT_LT(fs::file_size((*segs)[i].path), 16u * 1024 + 5 * (64 + 1000)) << (*segs)[i].path;
+  }
   std::vector<uint64_t> want(40);
   std::iota(want.begin(), want.end(), 1);
   EXPECT_EQ(ScanSeqs(), want);

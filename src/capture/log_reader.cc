@@ -8,6 +8,25 @@
 
 namespace osr::capture {
 
+namespace {
+
+// True when every byte of f from pos to its end is zero: the padding after a segment's
+// last record (segments are written in whole blocks), i.e. its clean end.
+Result<bool> ZeroFrom(const File& f, uint64_t pos, uint64_t fsize) {
+  std::vector<uint8_t> buf(64 * 1024);
+  while (pos < fsize) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), fsize - pos));
+    OSR_RETURN_IF_ERROR(f.PRead(pos, {buf.data(), n}));
+    for (size_t i = 0; i < n; ++i) {
+      if (buf[i] != 0) return false;
+    }
+    pos += n;
+  }
+  return true;
+}
+
+}  // namespace
+
 Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir) {
   std::vector<SegmentInfo> out;
   std::error_code ec;
@@ -71,6 +90,14 @@ Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor
     uint64_t pos = SegmentHeader::kSize;
     bool stop = false;
     while (pos < fsize) {
+      OSR_ASSIGN_OR_RETURN(bool padding, ZeroFrom(f, pos, std::min(fsize, pos + RecordHeader::kSize)));
+      if (padding) {
+        OSR_ASSIGN_OR_RETURN(padding, ZeroFrom(f, pos, fsize));
+      }
+      if (padding) {  // the clean end of the segment
+        if (last_segment) s.last_segment_valid_bytes = pos;
+        break;
+      }
       uint8_t rb[RecordHeader::kSize];
       if (fsize - pos < sizeof rb) {
         fail(pos, "truncated record header");

@@ -38,7 +38,8 @@ class LogReader {
     uint64_t first_seq = 0;  // 0 when there are no records
     uint64_t last_seq = 0;
     std::vector<LogError> errors;
-    // Where the valid part of the last segment ends (for truncating a torn tail).
+    // Where the valid part of the last segment ends: before a torn tail or the zero
+    // padding of its last block.
     std::string last_segment;
     uint64_t last_segment_valid_bytes = 0;
     bool tail_damaged = false;  // the only error is at the end of the last segment
@@ -46,7 +47,8 @@ class LogReader {
 
   // Reads every segment of `dir`. A damaged record ends its segment's reading (its
   // length cannot be trusted) and is reported; the next segment is still read. Sequence
-  // numbers must follow each other without a gap.
+  // numbers must follow each other without a gap. Zero bytes from a record boundary to
+  // the end of a segment are padding, not damage.
   static Result<Summary> Scan(const std::string& dir, const Visitor& visit);
 };
 

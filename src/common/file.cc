@@ -18,7 +18,7 @@ void Fd::Reset() {
   fd_ = -1;
 }
 
-Result<File> File::Open(const std::string& path, Mode mode) {
+Result<File> File::Open(const std::string& path, Mode mode, bool direct) {
   int flags = O_CLOEXEC;
   switch (mode) {
     case Mode::kReadOnly: flags |= O_RDONLY; break;
@@ -26,9 +26,14 @@ Result<File> File::Open(const std::string& path, Mode mode) {
     case Mode::kCreate: flags |= O_RDWR | O_CREAT; break;
     case Mode::kCreateExclusive: flags |= O_RDWR | O_CREAT | O_EXCL; break;
   }
-  int fd = ::open(path.c_str(), flags, 0644);
+  int fd = direct ? ::open(path.c_str(), flags | O_DIRECT, 0644) : -1;
+  if (fd < 0 && direct && errno != EINVAL) {
+    return Status::FromErrno(errno, fmt::format("open {}", path));
+  }
+  bool is_direct = fd >= 0;
+  if (fd < 0) fd = ::open(path.c_str(), flags, 0644);  // tmpfs and the like: no O_DIRECT
   if (fd < 0) return Status::FromErrno(errno, fmt::format("open {}", path));
-  return File(Fd(fd), path);
+  return File(Fd(fd), path, is_direct);
 }
 
 Result<uint64_t> File::Size() const {

@@ -45,7 +45,10 @@ class File {
  public:
   enum class Mode { kReadOnly, kReadWrite, kCreate, kCreateExclusive };
 
-  static Result<File> Open(const std::string& path, Mode mode);
+  // direct: O_DIRECT (falls back to buffered I/O where the file system refuses it); the
+  // caller then writes 4 KiB-aligned buffers at 4 KiB-aligned offsets only.
+  static Result<File> Open(const std::string& path, Mode mode, bool direct = false);
+  bool direct() const { return direct_; }
 
   File() = default;
   File(File&&) = default;
@@ -78,9 +81,11 @@ class File {
   void Advise(uint64_t offset, uint64_t length, int advice) const;
 
  private:
-  File(Fd fd, std::string path) : fd_(std::move(fd)), path_(std::move(path)) {}
+  File(Fd fd, std::string path, bool direct)
+      : fd_(std::move(fd)), path_(std::move(path)), direct_(direct) {}
   Fd fd_;
   std::string path_;
+  bool direct_ = false;
 };
 
 // Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
