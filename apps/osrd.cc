@@ -1,17 +1,16 @@
 // osrd: the Open Site Recovery daemon. For now: `nbd-serve` (a disk server with an
 // optional capture log) and the `capture` tools (replay, dump, dirty).
 #include <signal.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
 #include <memory>
-#include <string>
-
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
+#include <string>
 
 #include "capture/captured_disk.h"
 #include "capture/dirty_bitmap.h"
@@ -117,8 +116,8 @@ int NbdServe(const ServeArgs& a) {
   for (auto& b : bound) std::printf("osrd: listening on %s\n", UriFor(b, a.export_name).c_str());
   std::printf("osrd: ready\n");
   std::fflush(stdout);
-  spdlog::info("serving {} ({} bytes){}{}", a.image, disk->size(),
-               a.read_only ? ", read-only" : "", captured ? ", capture to " + a.capture : "");
+  spdlog::info("serving {} ({} bytes){}{}", a.image, disk->size(), a.read_only ? ", read-only" : "",
+               captured ? ", capture to " + a.capture : "");
 
   int sig = 0;
   sigwait(&sigs, &sig);
@@ -165,7 +164,7 @@ int CaptureDump(const std::string& log, bool json) {
     }
     return true;
   };
-  auto s = capture::LogReader::Scan(log, visit);
+  auto s = capture::LogReader::Scan(log, visit, /*resync=*/true);
   if (!s.ok()) return Fail(s.status());
   if (json) {
     nlohmann::json errors = nlohmann::json::array();
@@ -215,7 +214,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   ServeArgs serve;
-  auto* ns = app.add_subcommand("nbd-serve", "serve a disk image over NBD, optionally capturing writes");
+  auto* ns =
+      app.add_subcommand("nbd-serve", "serve a disk image over NBD, optionally capturing writes");
   ns->add_option("--image", serve.image, "raw image file")->required();
   ns->add_option("--size", serve.size, "create a sparse image of this size if it does not exist");
   ns->add_option("--listen", serve.listen, "TCP address HOST:PORT (default 127.0.0.1:10809)");

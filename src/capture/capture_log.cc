@@ -1,13 +1,12 @@
 #include "capture/capture_log.h"
 
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include "capture/log_reader.h"
 #include "common/crc32c.h"
@@ -20,25 +19,6 @@ int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-// True when some record with a valid CRC starts after `pos` in `f`: then the damage at
-// `pos` is not a torn tail but corruption in the middle of acknowledged records.
-bool ValidRecordAfter(const File& f, uint64_t pos, uint64_t fsize) {
-  std::vector<uint8_t> buf;
-  uint8_t rb[RecordHeader::kSize];
-  for (uint64_t p = pos + 1; p + RecordHeader::kSize <= fsize; ++p) {
-    if (!f.PRead(p, rb).ok()) return false;
-    uint32_t magic;
-    std::memcpy(&magic, rb + 4, 4);
-    if (magic != kRecordMagic) continue;
-    auto h = RecordHeader::Decode(rb);
-    if (!h.ok() || fsize - p - RecordHeader::kSize < h->payload_bytes) continue;
-    buf.resize(h->payload_bytes);
-    if (!f.PRead(p + RecordHeader::kSize, buf).ok()) return false;
-    if (RecordHeader::Verify(rb, buf)) return true;
-  }
-  return false;
 }
 
 }  // namespace
@@ -98,12 +78,14 @@ Status CaptureLog::Recover() {
     if (torn_tail) {
       OSR_ASSIGN_OR_RETURN(File f, File::Open(e.segment, File::Mode::kReadWrite));
       OSR_ASSIGN_OR_RETURN(uint64_t fsize, f.Size());
-      if (e.position < SegmentHeader::kSize || ValidRecordAfter(f, e.position, fsize)) {
+      OSR_ASSIGN_OR_RETURN(uint64_t next_valid, FindNextRecord(f, e.position, fsize));
+      if (e.position < SegmentHeader::kSize || next_valid != 0) {
         torn_tail = false;
       } else {
-        spdlog::warn("capture log: {} at byte {}: {}; truncating the unacknowledged tail "
-                     "({} bytes; its regions stay marked dirty)",
-                     e.segment, e.position, e.message, fsize - e.position);
+        spdlog::warn(
+            "capture log: {} at byte {}: {}; truncating the unacknowledged tail "
+            "({} bytes; its regions stay marked dirty)",
+            e.segment, e.position, e.message, fsize - e.position);
         OSR_RETURN_IF_ERROR(f.Truncate(e.position));
         OSR_RETURN_IF_ERROR(f.Sync());
       }
@@ -122,9 +104,9 @@ Status CaptureLog::Recover() {
     OSR_RETURN_IF_ERROR(f.PRead(0, hb));
     OSR_ASSIGN_OR_RETURN(SegmentHeader sh, SegmentHeader::Decode(hb));
     if (sh.disk_bytes != opts_.disk_bytes) {
-      return InvalidArgument(fmt::format(
-          "capture log {} belongs to a disk of {} bytes, this image has {}", opts_.dir,
-          sh.disk_bytes, opts_.disk_bytes));
+      return InvalidArgument(
+          fmt::format("capture log {} belongs to a disk of {} bytes, this image has {}", opts_.dir,
+                      sh.disk_bytes, opts_.disk_bytes));
     }
   }
   uint64_t last = summary.records > 0 ? summary.last_seq
@@ -182,8 +164,8 @@ Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
 }
 
 std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uint64_t length,
-                                           std::span<const uint8_t> payload,
-                                           uint32_t payload_crc, uint16_t flags) {
+                                           std::span<const uint8_t> payload, uint32_t payload_crc,
+                                           uint16_t flags) {
   OSR_CHECK(payload.size() <= kPayloadBytesMax);
   OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
   size_t need = RecordHeader::kSize + payload.size();
@@ -223,9 +205,8 @@ void CaptureLog::WriterLoop() {
     writer_cv_.wait(lock, [&] { return stop_ || pending_bytes() > 0; });
     if (stop_) return;
     // Give the batch a moment to grow, unless it is large enough already.
-    writer_cv_.wait_for(lock, std::chrono::milliseconds(opts_.writeout_delay_ms), [&] {
-      return stop_ || pending_bytes() >= opts_.writeout_bytes_min;
-    });
+    writer_cv_.wait_for(lock, std::chrono::milliseconds(opts_.writeout_delay_ms),
+                        [&] { return stop_ || pending_bytes() >= opts_.writeout_bytes_min; });
     uint64_t upto = next_seq_ - 1;
     lock.unlock();
     (void)WriteOut(upto);  // a failure is logged and turns the log into bitmap mode

@@ -70,8 +70,8 @@ class CaptureLog {
   // WriteOut of everything appended, then fdatasync.
   Status Sync();
 
-  uint64_t last_seq() const;      // highest sequence number handed out (0: none)
-  uint64_t written_seq() const;   // highest written out
+  uint64_t last_seq() const;     // highest sequence number handed out (0: none)
+  uint64_t written_seq() const;  // highest written out
   bool failed() const;
   const std::string& dir() const { return opts_.dir; }
 
@@ -92,11 +92,11 @@ class CaptureLog {
   mutable std::mutex mu_;
   std::condition_variable writer_cv_;  // wakes the writer
   std::condition_variable space_cv_;   // wakes appenders waiting for room
-  AlignedBuffer buffer_;         // guarded by mu_: prefix, then records
-  size_t prefix_bytes_ = 0;      // guarded by mu_
-  uint64_t next_seq_ = 1;        // guarded by mu_
-  bool failed_ = false;          // guarded by mu_
-  bool stop_ = false;            // guarded by mu_
+  AlignedBuffer buffer_;               // guarded by mu_: prefix, then records
+  size_t prefix_bytes_ = 0;            // guarded by mu_
+  uint64_t next_seq_ = 1;              // guarded by mu_
+  bool failed_ = false;                // guarded by mu_
+  bool stop_ = false;                  // guarded by mu_
   std::thread writer_;
 
   mutable std::mutex write_mu_;

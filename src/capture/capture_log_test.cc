@@ -161,6 +161,20 @@ TEST_F(CaptureLogTest, CorruptionInTheMiddleIsRefusedNotTruncated) {
   ASSERT_EQ(s.errors.size(), 1u);
   EXPECT_NE(s.errors[0].message.find("CRC mismatch"), std::string::npos);
   EXPECT_EQ(s.errors[0].position, SegmentHeader::kSize + RecordHeader::kSize + 512);
+  // An inspection tool reads on past the damage, and says where it resumed.
+  std::vector<uint64_t> seen;
+  auto r = LogReader::Scan(
+      dir_,
+      [&](const RecordHeader& h, std::span<const uint8_t>) {
+        seen.push_back(h.seq);
+        return true;
+      },
+      /*resync=*/true);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(seen, (std::vector<uint64_t>{1, 3, 4, 5}));
+  ASSERT_GE(r->errors.size(), 2u);
+  EXPECT_EQ(r->errors[1].position, SegmentHeader::kSize + 2 * (RecordHeader::kSize + 512));
+
   CaptureLogOptions o;
   o.dir = dir_;
   o.disk_bytes = 1 << 20;

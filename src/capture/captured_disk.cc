@@ -1,8 +1,8 @@
 #include "capture/captured_disk.h"
 
-#include <filesystem>
-
 #include <spdlog/spdlog.h>
+
+#include <filesystem>
 
 #include "common/crc32c.h"
 
@@ -16,8 +16,8 @@ Result<std::unique_ptr<CapturedDisk>> CapturedDisk::Open(std::unique_ptr<nbd::Fi
   std::error_code ec;
   std::filesystem::create_directories(opts.dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
-  OSR_ASSIGN_OR_RETURN(d->bitmap_, DirtyBitmap::Open(opts.dir + "/dirty.bitmap",
-                                                     d->image_->size(), opts.region_bytes));
+  OSR_ASSIGN_OR_RETURN(d->bitmap_, DirtyBitmap::Open(opts.dir + "/dirty.bitmap", d->image_->size(),
+                                                     opts.region_bytes));
   CaptureLogOptions lo;
   lo.dir = opts.dir;
   lo.disk_bytes = d->image_->size();
@@ -94,8 +94,7 @@ Status CapturedDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
   return st;
 }
 
-Status CapturedDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
-                          bool fast_only) {
+Status CapturedDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode, bool fast_only) {
   RecordKind kind = mode == nbd::ZeroMode::kTrim ? RecordKind::kTrim : RecordKind::kZero;
   LockRange(offset, length);
   bitmap_->Acquire(offset, length);

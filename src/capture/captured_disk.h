@@ -61,8 +61,8 @@ class CapturedDisk final : public nbd::Disk {
   void LockRange(uint64_t offset, uint64_t length);
   void UnlockRange(uint64_t offset, uint64_t length);
   // Logs a change already applied to the image.
-  void Record(RecordKind kind, uint64_t offset, uint64_t length,
-              std::span<const uint8_t> payload, uint32_t payload_crc);
+  void Record(RecordKind kind, uint64_t offset, uint64_t length, std::span<const uint8_t> payload,
+              uint32_t payload_crc);
 
   std::unique_ptr<nbd::FileDisk> image_;
   std::unique_ptr<DirtyBitmap> bitmap_;
@@ -72,7 +72,7 @@ class CapturedDisk final : public nbd::Disk {
   std::condition_variable range_cv_;
   std::vector<Range> in_flight_;  // guarded by range_mu_
 
-  std::mutex sync_mu_;   // held while one flush runs; taken before flush_mu_
+  std::mutex sync_mu_;  // held while one flush runs; taken before flush_mu_
   std::mutex flush_mu_;
   uint64_t flush_requested_ = 0;  // guarded by flush_mu_
   uint64_t flush_done_ = 0;       // guarded by flush_mu_

@@ -1,15 +1,14 @@
 #include "capture/dirty_bitmap.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <fstream>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include "common/crc32c.h"
 
@@ -37,8 +36,16 @@ std::string BootId() {
   return id.substr(0, 39);
 }
 
-uint64_t Ld64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
-uint32_t Ld32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+uint64_t Ld64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+uint32_t Ld32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 struct Header {
   uint64_t region_bytes, disk_bytes, regions;
@@ -51,7 +58,8 @@ Result<Header> DecodeHeader(const uint8_t* p, const std::string& path) {
   if (Ld32(p + kCrcAt) != Crc32c(p, kCrcAt)) return Corruption(path + ": header CRC mismatch");
   if (Ld32(p + 8) != kVersion) return Corruption(fmt::format("{}: version {}", path, Ld32(p + 8)));
   Header h{Ld64(p + 16), Ld64(p + 24), Ld64(p + 32), Ld32(p + 40),
-           std::string(reinterpret_cast<const char*>(p + 48), strnlen(reinterpret_cast<const char*>(p + 48), 40))};
+           std::string(reinterpret_cast<const char*>(p + 48),
+                       strnlen(reinterpret_cast<const char*>(p + 48), 40))};
   if (h.region_bytes == 0 || h.regions != (h.disk_bytes + h.region_bytes - 1) / h.region_bytes) {
     return Corruption(path + ": inconsistent header");
   }
@@ -77,11 +85,11 @@ void DirtyBitmap::WriteHeader(uint32_t state) {
   std::memcpy(p + kCrcAt, &crc, 4);
 }
 
-Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path,
-                                                       uint64_t disk_bytes,
+Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path, uint64_t disk_bytes,
                                                        uint64_t region_bytes) {
   if (region_bytes < 4096 || (region_bytes & (region_bytes - 1)) != 0) {
-    return InvalidArgument(fmt::format("region size {} must be a power of two >= 4096", region_bytes));
+    return InvalidArgument(
+        fmt::format("region size {} must be a power of two >= 4096", region_bytes));
   }
   std::unique_ptr<DirtyBitmap> b(new DirtyBitmap());
   b->path_ = path;
@@ -100,8 +108,8 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path,
     }
     OSR_ASSIGN_OR_RETURN(old, DecodeHeader(hb, path));
     if (old.disk_bytes != disk_bytes) {
-      return InvalidArgument(fmt::format("{} tracks a disk of {} bytes, not {}", path,
-                                         old.disk_bytes, disk_bytes));
+      return InvalidArgument(
+          fmt::format("{} tracks a disk of {} bytes, not {}", path, old.disk_bytes, disk_bytes));
     }
     region_bytes = old.region_bytes;  // the file's granularity wins
   }
@@ -122,14 +130,17 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path,
   if (!fresh && old.state == kStateOpen && old.boot_id != BootId()) {
     // The host went down while we had the bitmap open: bits set only in the page cache
     // may be lost, so any region may differ. Everything is dirty.
-    spdlog::warn("dirty bitmap {}: the host crashed while the disk was open; marking the "
-                 "whole disk for resynchronization", path);
+    spdlog::warn(
+        "dirty bitmap {}: the host crashed while the disk was open; marking the "
+        "whole disk for resynchronization",
+        path);
     b->host_crash_ = true;
     for (uint64_t r = 0; r < b->regions_; ++r) b->SetBit(r, true);
   }
   for (uint64_t r = 0; r < b->regions_; ++r) b->sticky_[r] = b->GetBit(r);
   b->WriteHeader(kStateOpen);
-  if (::msync(b->map_, b->map_bytes_, MS_SYNC) != 0) return Status::FromErrno(errno, "msync " + path);
+  if (::msync(b->map_, b->map_bytes_, MS_SYNC) != 0)
+    return Status::FromErrno(errno, "msync " + path);
   return b;
 }
 
@@ -223,8 +234,7 @@ std::vector<Range> DirtyBitmap::DirtyRanges() const {
   return out;
 }
 
-Result<std::vector<Range>> DirtyBitmap::ReadDirty(const std::string& path,
-                                                  uint64_t* region_bytes) {
+Result<std::vector<Range>> DirtyBitmap::ReadDirty(const std::string& path, uint64_t* region_bytes) {
   OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
   OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
   if (size < kHeaderBytes) return Corruption(path + ": truncated");

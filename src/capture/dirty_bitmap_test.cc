@@ -41,7 +41,7 @@ TEST_F(DirtyBitmapTest, PendingWritesMarkRegionsUntilReleased) {
 TEST_F(DirtyBitmapTest, WhatAProcessCrashLeavesIsStickyAfterReopen) {
   {
     auto b = DirtyBitmap::Open(path_, kDisk, 65536).value();
-    b->Acquire(0, 1);        // in flight when the process "dies"
+    b->Acquire(0, 1);  // in flight when the process "dies"
     b->Acquire(5 * 65536, 1);
     b->Release(5 * 65536, 1, true);
     // No CloseClean: the destructor only unmaps, as a killed process would.

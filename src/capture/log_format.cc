@@ -1,34 +1,57 @@
 #include "capture/log_format.h"
 
+#include <fmt/format.h>
+
 #include <bit>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "common/crc32c.h"
 
 namespace osr::capture {
 
 namespace {
-void Le16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }  // x86-64 and arm64: little endian
-void Le32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
-void Le64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, 8); }
-uint16_t Ld16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-uint32_t Ld32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
-uint64_t Ld64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
+void Le16(uint8_t* p, uint16_t v) {
+  std::memcpy(p, &v, 2);
+}  // x86-64 and arm64: little endian
+void Le32(uint8_t* p, uint32_t v) {
+  std::memcpy(p, &v, 4);
+}
+void Le64(uint8_t* p, uint64_t v) {
+  std::memcpy(p, &v, 8);
+}
+uint16_t Ld16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+uint32_t Ld32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t Ld64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
 static_assert(std::endian::native == std::endian::little, "the log format is little endian");
 }  // namespace
 
 std::string_view KindName(RecordKind kind) {
   switch (kind) {
-    case RecordKind::kWrite: return "write";
-    case RecordKind::kTrim: return "trim";
-    case RecordKind::kZero: return "zero";
+    case RecordKind::kWrite:
+      return "write";
+    case RecordKind::kTrim:
+      return "trim";
+    case RecordKind::kZero:
+      return "zero";
   }
   return "unknown";
 }
 
-std::string SegmentFileName(uint64_t first_seq) { return fmt::format("{:020}.log", first_seq); }
+std::string SegmentFileName(uint64_t first_seq) {
+  return fmt::format("{:020}.log", first_seq);
+}
 
 void SegmentHeader::Encode(uint8_t* p) const {
   std::memset(p, 0, kSize);
@@ -47,8 +70,8 @@ Result<SegmentHeader> SegmentHeader::Decode(std::span<const uint8_t> p) {
   if (Ld32(p.data() + 60) != Crc32c(p.data(), 60)) return Corruption("segment header CRC mismatch");
   uint32_t version = Ld32(p.data() + 8);
   if (version != kFormatVersion) {
-    return Corruption(fmt::format("segment format version {} (this osrd reads {})", version,
-                                  kFormatVersion));
+    return Corruption(
+        fmt::format("segment format version {} (this osrd reads {})", version, kFormatVersion));
   }
   SegmentHeader h;
   h.first_seq = Ld64(p.data() + 16);

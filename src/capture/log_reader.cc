@@ -1,10 +1,11 @@
 #include "capture/log_reader.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 #include <filesystem>
-
-#include <fmt/format.h>
 
 namespace osr::capture {
 
@@ -27,6 +28,29 @@ Result<bool> ZeroFrom(const File& f, uint64_t pos, uint64_t fsize) {
 
 }  // namespace
 
+Result<uint64_t> FindNextRecord(const File& f, uint64_t pos, uint64_t fsize) {
+  constexpr size_t kWindow = 1 << 20;
+  std::vector<uint8_t> win;
+  std::vector<uint8_t> payload;
+  for (uint64_t base = pos + 1; base + RecordHeader::kSize <= fsize; base += kWindow) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(kWindow + RecordHeader::kSize, fsize - base));
+    win.resize(n);
+    OSR_RETURN_IF_ERROR(f.PRead(base, win));
+    for (size_t i = 0; i < kWindow && i + RecordHeader::kSize <= n; ++i) {
+      uint32_t magic;
+      std::memcpy(&magic, win.data() + i + 4, 4);
+      if (magic != kRecordMagic) continue;
+      auto h = RecordHeader::Decode({win.data() + i, RecordHeader::kSize});
+      uint64_t p = base + i;
+      if (!h.ok() || fsize - p - RecordHeader::kSize < h->payload_bytes) continue;
+      payload.resize(h->payload_bytes);
+      OSR_RETURN_IF_ERROR(f.PRead(p + RecordHeader::kSize, payload));
+      if (RecordHeader::Verify(win.data() + i, payload)) return p;
+    }
+  }
+  return uint64_t{0};
+}
+
 Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir) {
   std::vector<SegmentInfo> out;
   std::error_code ec;
@@ -44,7 +68,8 @@ Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir) {
   return out;
 }
 
-Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor& visit) {
+Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor& visit,
+                                           bool resync) {
   OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(dir));
   Summary s;
   uint64_t expect = 0;  // next sequence number, once known
@@ -89,8 +114,20 @@ Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor
     expect = seg.first_seq;
     uint64_t pos = SegmentHeader::kSize;
     bool stop = false;
+    // On damage: stop reading this segment, or (resync) go on at the next valid record.
+    auto damaged = [&](uint64_t at, std::string msg) -> Result<bool> {
+      fail(at, std::move(msg));
+      if (!resync) return false;
+      OSR_ASSIGN_OR_RETURN(uint64_t next, FindNextRecord(f, at, fsize));
+      if (next == 0) return false;
+      s.errors.push_back(
+          {seg.path, next, fmt::format("reading resumes here after {} damaged bytes", next - at)});
+      pos = next;
+      return true;
+    };
     while (pos < fsize) {
-      OSR_ASSIGN_OR_RETURN(bool padding, ZeroFrom(f, pos, std::min(fsize, pos + RecordHeader::kSize)));
+      OSR_ASSIGN_OR_RETURN(bool padding,
+                           ZeroFrom(f, pos, std::min(fsize, pos + RecordHeader::kSize)));
       if (padding) {
         OSR_ASSIGN_OR_RETURN(padding, ZeroFrom(f, pos, fsize));
       }
@@ -100,27 +137,35 @@ Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor
       }
       uint8_t rb[RecordHeader::kSize];
       if (fsize - pos < sizeof rb) {
-        fail(pos, "truncated record header");
+        OSR_ASSIGN_OR_RETURN(bool go_on, damaged(pos, "truncated record header"));
+        if (go_on) continue;
         break;
       }
       OSR_RETURN_IF_ERROR(f.PRead(pos, rb));
       auto rh = RecordHeader::Decode(rb);
+      std::string problem;
       if (!rh.ok()) {
-        fail(pos, rh.status().message());
-        break;
+        problem = rh.status().message();
+      } else if (fsize - pos - sizeof rb < rh->payload_bytes) {
+        problem = fmt::format("record seq {} truncated", rh->seq);
+      } else {
+        payload.resize(rh->payload_bytes);
+        OSR_RETURN_IF_ERROR(f.PRead(pos + sizeof rb, payload));
+        if (!RecordHeader::Verify(rb, payload)) {
+          problem = fmt::format("record seq {}: CRC mismatch", rh->seq);
+        } else if (rh->seq != expect) {
+          problem = fmt::format("record seq {} where {} was expected", rh->seq, expect);
+          if (resync && rh->seq > expect) {
+            // Records were lost before this one: report the gap and go on from here.
+            s.errors.push_back({seg.path, pos, problem});
+            expect = rh->seq;
+            problem.clear();
+          }
+        }
       }
-      if (fsize - pos - sizeof rb < rh->payload_bytes) {
-        fail(pos, fmt::format("record seq {} truncated", rh->seq));
-        break;
-      }
-      payload.resize(rh->payload_bytes);
-      OSR_RETURN_IF_ERROR(f.PRead(pos + sizeof rb, payload));
-      if (!RecordHeader::Verify(rb, payload)) {
-        fail(pos, fmt::format("record seq {}: CRC mismatch", rh->seq));
-        break;
-      }
-      if (rh->seq != expect) {
-        fail(pos, fmt::format("record seq {} where {} was expected", rh->seq, expect));
+      if (!problem.empty()) {
+        OSR_ASSIGN_OR_RETURN(bool go_on, damaged(pos, std::move(problem)));
+        if (go_on) continue;
         break;
       }
       expect = rh->seq + 1;

@@ -28,6 +28,11 @@ struct SegmentInfo {
 // Segment files of `dir`, ordered by first sequence number.
 Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir);
 
+// The position of the first record after `pos` in `f` whose CRC checks out, or 0 when
+// there is none: after damage at `pos`, a valid record further on means the damage is
+// corruption among written records, not a torn tail.
+Result<uint64_t> FindNextRecord(const File& f, uint64_t pos, uint64_t fsize);
+
 class LogReader {
  public:
   // Called for every valid record, in order; return false to stop early.
@@ -49,7 +54,9 @@ class LogReader {
   // length cannot be trusted) and is reported; the next segment is still read. Sequence
   // numbers must follow each other without a gap. Zero bytes from a record boundary to
   // the end of a segment are padding, not damage.
-  static Result<Summary> Scan(const std::string& dir, const Visitor& visit);
+  // With resync (for inspection tools), reading goes on after a damaged record from the
+  // next record whose CRC checks out; the skipped bytes are reported.
+  static Result<Summary> Scan(const std::string& dir, const Visitor& visit, bool resync = false);
 };
 
 }  // namespace osr::capture

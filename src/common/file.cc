@@ -1,6 +1,7 @@
 #include "common/file.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -8,8 +9,6 @@
 #include <algorithm>
 #include <filesystem>
 #include <vector>
-
-#include <fmt/format.h>
 
 namespace osr {
 
@@ -21,10 +20,18 @@ void Fd::Reset() {
 Result<File> File::Open(const std::string& path, Mode mode, bool direct) {
   int flags = O_CLOEXEC;
   switch (mode) {
-    case Mode::kReadOnly: flags |= O_RDONLY; break;
-    case Mode::kReadWrite: flags |= O_RDWR; break;
-    case Mode::kCreate: flags |= O_RDWR | O_CREAT; break;
-    case Mode::kCreateExclusive: flags |= O_RDWR | O_CREAT | O_EXCL; break;
+    case Mode::kReadOnly:
+      flags |= O_RDONLY;
+      break;
+    case Mode::kReadWrite:
+      flags |= O_RDWR;
+      break;
+    case Mode::kCreate:
+      flags |= O_RDWR | O_CREAT;
+      break;
+    case Mode::kCreateExclusive:
+      flags |= O_RDWR | O_CREAT | O_EXCL;
+      break;
   }
   int fd = direct ? ::open(path.c_str(), flags | O_DIRECT, 0644) : -1;
   if (fd < 0 && direct && errno != EINVAL) {
@@ -45,8 +52,8 @@ Result<uint64_t> File::Size() const {
 Result<size_t> File::PReadSome(uint64_t offset, std::span<uint8_t> buf) const {
   size_t done = 0;
   while (done < buf.size()) {
-    ssize_t n = ::pread(fd_.get(), buf.data() + done, buf.size() - done,
-                        static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pread(fd_.get(), buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status::FromErrno(errno, fmt::format("read {} at {}", path_, offset + done));
@@ -60,8 +67,8 @@ Result<size_t> File::PReadSome(uint64_t offset, std::span<uint8_t> buf) const {
 Status File::PRead(uint64_t offset, std::span<uint8_t> buf) const {
   OSR_ASSIGN_OR_RETURN(size_t n, PReadSome(offset, buf));
   if (n != buf.size()) {
-    return OutOfRange(fmt::format("read {}: {} bytes at {} pass the end of the file", path_,
-                                  buf.size(), offset));
+    return OutOfRange(
+        fmt::format("read {}: {} bytes at {} pass the end of the file", path_, buf.size(), offset));
   }
   return Status::Ok();
 }
@@ -120,16 +127,16 @@ Status File::Sync() {
 }
 
 Status File::PunchHole(uint64_t offset, uint64_t length) {
-  if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+  if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                  static_cast<off_t>(length)) != 0) {
     return Status::FromErrno(errno, fmt::format("punch hole {} at {}+{}", path_, offset, length));
   }
   return Status::Ok();
 }
 
 Status File::ZeroRange(uint64_t offset, uint64_t length) {
-  if (::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                  static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+  if (::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                  static_cast<off_t>(length)) != 0) {
     return Status::FromErrno(errno, fmt::format("zero range {} at {}+{}", path_, offset, length));
   }
   return Status::Ok();

@@ -1,6 +1,7 @@
 #include "common/socket.h"
 
 #include <arpa/inet.h>
+#include <fmt/format.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -11,8 +12,6 @@
 
 #include <charconv>
 #include <cstring>
-
-#include <fmt/format.h>
 
 namespace osr {
 
@@ -81,7 +80,9 @@ Status SocketStream::WriteAll(std::span<const struct iovec> iov_in) {
   return Status::Ok();
 }
 
-void SocketStream::Shutdown() { ::shutdown(fd_.get(), SHUT_RDWR); }
+void SocketStream::Shutdown() {
+  ::shutdown(fd_.get(), SHUT_RDWR);
+}
 
 void SocketStream::SetReadTimeoutMs(int ms) {
   struct timeval tv {};

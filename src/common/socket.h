@@ -34,7 +34,9 @@ class Stream {
   // Reads exactly buf.size() bytes; kUnavailable if the peer closes first.
   Status ReadFull(std::span<uint8_t> buf);
   Status WriteAll(std::span<const uint8_t> data) {
-    struct iovec v {const_cast<uint8_t*>(data.data()), data.size()};
+    struct iovec v {
+      const_cast<uint8_t*>(data.data()), data.size()
+    };
     return WriteAll(std::span<const struct iovec>(&v, 1));
   }
   // Makes blocked and future reads fail (used to stop a session from outside).
@@ -60,9 +62,9 @@ class SocketStream final : public Stream {
 
 struct ListenAddress {
   enum class Kind { kTcp, kUnix } kind = Kind::kTcp;
-  std::string host;  // kTcp
+  std::string host;   // kTcp
   uint16_t port = 0;  // kTcp; 0 = any free port
-  std::string path;  // kUnix
+  std::string path;   // kUnix
 };
 
 // "HOST:PORT", "[::1]:PORT" or ":PORT".

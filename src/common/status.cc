@@ -1,25 +1,37 @@
 #include "common/status.h"
 
-#include <cstring>
-
 #include <fmt/format.h>
+
+#include <cstring>
 
 namespace osr {
 
 std::string_view CodeName(Code code) {
   switch (code) {
-    case Code::kOk: return "ok";
-    case Code::kInvalidArgument: return "invalid argument";
-    case Code::kOutOfRange: return "out of range";
-    case Code::kNotFound: return "not found";
-    case Code::kAlreadyExists: return "already exists";
-    case Code::kPermissionDenied: return "permission denied";
-    case Code::kNoSpace: return "no space";
-    case Code::kNotSupported: return "not supported";
-    case Code::kUnavailable: return "unavailable";
-    case Code::kCorruption: return "corruption";
-    case Code::kIoError: return "I/O error";
-    case Code::kInternal: return "internal error";
+    case Code::kOk:
+      return "ok";
+    case Code::kInvalidArgument:
+      return "invalid argument";
+    case Code::kOutOfRange:
+      return "out of range";
+    case Code::kNotFound:
+      return "not found";
+    case Code::kAlreadyExists:
+      return "already exists";
+    case Code::kPermissionDenied:
+      return "permission denied";
+    case Code::kNoSpace:
+      return "no space";
+    case Code::kNotSupported:
+      return "not supported";
+    case Code::kUnavailable:
+      return "unavailable";
+    case Code::kCorruption:
+      return "corruption";
+    case Code::kIoError:
+      return "I/O error";
+    case Code::kInternal:
+      return "internal error";
   }
   return "unknown";
 }
@@ -27,21 +39,36 @@ std::string_view CodeName(Code code) {
 Status Status::FromErrno(int err, std::string_view what) {
   Code code = Code::kIoError;
   switch (err) {
-    case ENOENT: code = Code::kNotFound; break;
-    case EEXIST: code = Code::kAlreadyExists; break;
+    case ENOENT:
+      code = Code::kNotFound;
+      break;
+    case EEXIST:
+      code = Code::kAlreadyExists;
+      break;
     case EACCES:
     case EPERM:
-    case EROFS: code = Code::kPermissionDenied; break;
+    case EROFS:
+      code = Code::kPermissionDenied;
+      break;
     case ENOSPC:
-    case EDQUOT: code = Code::kNoSpace; break;
-    case EINVAL: code = Code::kInvalidArgument; break;
-    case EOPNOTSUPP: code = Code::kNotSupported; break;
+    case EDQUOT:
+      code = Code::kNoSpace;
+      break;
+    case EINVAL:
+      code = Code::kInvalidArgument;
+      break;
+    case EOPNOTSUPP:
+      code = Code::kNotSupported;
+      break;
     case EAGAIN:
     case ECONNREFUSED:
     case ECONNRESET:
     case EPIPE:
-    case ETIMEDOUT: code = Code::kUnavailable; break;
-    default: break;
+    case ETIMEDOUT:
+      code = Code::kUnavailable;
+      break;
+    default:
+      break;
   }
   return Status(code, fmt::format("{}: {}", what, std::strerror(err)));
 }
@@ -53,15 +80,22 @@ std::string Status::ToString() const {
 
 int Status::ToErrno() const {
   switch (code_) {
-    case Code::kOk: return 0;
+    case Code::kOk:
+      return 0;
     case Code::kInvalidArgument:
     case Code::kOutOfRange:
-    case Code::kNotFound: return EINVAL;
-    case Code::kPermissionDenied: return EPERM;
-    case Code::kNoSpace: return ENOSPC;
-    case Code::kNotSupported: return EOPNOTSUPP;
-    case Code::kUnavailable: return ESHUTDOWN;
-    default: return EIO;
+    case Code::kNotFound:
+      return EINVAL;
+    case Code::kPermissionDenied:
+      return EPERM;
+    case Code::kNoSpace:
+      return ENOSPC;
+    case Code::kNotSupported:
+      return EOPNOTSUPP;
+    case Code::kUnavailable:
+      return ESHUTDOWN;
+    default:
+      return EIO;
   }
 }
 

@@ -54,13 +54,27 @@ class [[nodiscard]] Status {
   std::string message_;
 };
 
-inline Status InvalidArgument(std::string m) { return {Code::kInvalidArgument, std::move(m)}; }
-inline Status Corruption(std::string m) { return {Code::kCorruption, std::move(m)}; }
-inline Status IoError(std::string m) { return {Code::kIoError, std::move(m)}; }
-inline Status NotFound(std::string m) { return {Code::kNotFound, std::move(m)}; }
-inline Status Unavailable(std::string m) { return {Code::kUnavailable, std::move(m)}; }
-inline Status NotSupported(std::string m) { return {Code::kNotSupported, std::move(m)}; }
-inline Status OutOfRange(std::string m) { return {Code::kOutOfRange, std::move(m)}; }
+inline Status InvalidArgument(std::string m) {
+  return {Code::kInvalidArgument, std::move(m)};
+}
+inline Status Corruption(std::string m) {
+  return {Code::kCorruption, std::move(m)};
+}
+inline Status IoError(std::string m) {
+  return {Code::kIoError, std::move(m)};
+}
+inline Status NotFound(std::string m) {
+  return {Code::kNotFound, std::move(m)};
+}
+inline Status Unavailable(std::string m) {
+  return {Code::kUnavailable, std::move(m)};
+}
+inline Status NotSupported(std::string m) {
+  return {Code::kNotSupported, std::move(m)};
+}
+inline Status OutOfRange(std::string m) {
+  return {Code::kOutOfRange, std::move(m)};
+}
 
 template <typename T>
 class [[nodiscard]] Result {
@@ -99,15 +113,17 @@ class [[nodiscard]] Result {
 #define OSR_CONCAT(a, b) OSR_CONCAT_INNER(a, b)
 
 // Returns the status from the enclosing function when it is not ok.
-#define OSR_RETURN_IF_ERROR(expr)          \
-  do {                                     \
-    ::osr::Status _st = (expr);            \
-    if (!_st.ok()) [[unlikely]] return _st; \
+#define OSR_RETURN_IF_ERROR(expr) \
+  do {                            \
+    ::osr::Status _st = (expr);   \
+    if (!_st.ok()) [[unlikely]]   \
+      return _st;                 \
   } while (0)
 
 #define OSR_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                              \
-  if (!tmp.ok()) [[unlikely]] return tmp.status(); \
+  if (!tmp.ok()) [[unlikely]]                     \
+    return tmp.status();                          \
   lhs = std::move(tmp).value()
 
 // OSR_ASSIGN_OR_RETURN(auto x, MakeX()); — unwraps a Result or returns its error.

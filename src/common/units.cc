@@ -1,9 +1,9 @@
 #include "common/units.h"
 
+#include <fmt/format.h>
+
 #include <charconv>
 #include <ctime>
-
-#include <fmt/format.h>
 
 namespace osr {
 
@@ -26,12 +26,28 @@ Result<uint64_t> ParseSize(std::string_view text) {
       return InvalidArgument(fmt::format("'{}': unknown unit '{}'", text, unit));
     }
     switch (c) {
-      case 'k': case 'K': shift = 10; break;
-      case 'm': case 'M': shift = 20; break;
-      case 'g': case 'G': shift = 30; break;
-      case 't': case 'T': shift = 40; break;
-      case 'p': case 'P': shift = 50; break;
-      default: return InvalidArgument(fmt::format("'{}': unknown unit '{}'", text, unit));
+      case 'k':
+      case 'K':
+        shift = 10;
+        break;
+      case 'm':
+      case 'M':
+        shift = 20;
+        break;
+      case 'g':
+      case 'G':
+        shift = 30;
+        break;
+      case 't':
+      case 'T':
+        shift = 40;
+        break;
+      case 'p':
+      case 'P':
+        shift = 50;
+        break;
+      default:
+        return InvalidArgument(fmt::format("'{}': unknown unit '{}'", text, unit));
     }
   }
   if (shift > 0 && value > (UINT64_MAX >> shift)) {

@@ -1,9 +1,8 @@
 #include "nbd/file_disk.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
-
 #include <fmt/format.h>
+#include <sys/stat.h>
 
 #include "common/units.h"
 #include "nbd/protocol.h"
@@ -59,7 +58,9 @@ Status FileDisk::Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool fast
   return st;
 }
 
-Status FileDisk::Flush() { return file_.DataSync(); }
+Status FileDisk::Flush() {
+  return file_.DataSync();
+}
 
 Status FileDisk::Cache(uint64_t offset, uint64_t length) {
   file_.Advise(offset, length, POSIX_FADV_WILLNEED);

@@ -27,10 +27,10 @@ class MemDisk final : public Disk {
  private:
   static constexpr uint64_t kPage = 4096;
   mutable std::mutex mu_;
-  std::vector<uint8_t> data_;         // guarded by mu_
-  std::vector<bool> allocated_;       // one per kPage; guarded by mu_
+  std::vector<uint8_t> data_;    // guarded by mu_
+  std::vector<bool> allocated_;  // one per kPage; guarded by mu_
   bool read_only_;
-  int flushes_ = 0;                   // guarded by mu_
+  int flushes_ = 0;  // guarded by mu_
 };
 
 }  // namespace osr::nbd

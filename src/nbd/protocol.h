@@ -10,16 +10,31 @@
 namespace osr::nbd {
 
 // ---- byte order helpers ---------------------------------------------------------
-inline void Put16(uint8_t* p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
-inline void Put32(uint8_t* p, uint32_t v) { Put16(p, v >> 16); Put16(p + 2, v & 0xffff); }
-inline void Put64(uint8_t* p, uint64_t v) { Put32(p, v >> 32); Put32(p + 4, v & 0xffffffffu); }
-inline uint16_t Get16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
-inline uint32_t Get32(const uint8_t* p) { return uint32_t{Get16(p)} << 16 | Get16(p + 2); }
-inline uint64_t Get64(const uint8_t* p) { return uint64_t{Get32(p)} << 32 | Get32(p + 4); }
+inline void Put16(uint8_t* p, uint16_t v) {
+  p[0] = v >> 8;
+  p[1] = v & 0xff;
+}
+inline void Put32(uint8_t* p, uint32_t v) {
+  Put16(p, v >> 16);
+  Put16(p + 2, v & 0xffff);
+}
+inline void Put64(uint8_t* p, uint64_t v) {
+  Put32(p, v >> 32);
+  Put32(p + 4, v & 0xffffffffu);
+}
+inline uint16_t Get16(const uint8_t* p) {
+  return static_cast<uint16_t>(p[0] << 8 | p[1]);
+}
+inline uint32_t Get32(const uint8_t* p) {
+  return uint32_t{Get16(p)} << 16 | Get16(p + 2);
+}
+inline uint64_t Get64(const uint8_t* p) {
+  return uint64_t{Get32(p)} << 32 | Get32(p + 4);
+}
 
 // ---- handshake ----------------------------------------------------------------------
-inline constexpr uint64_t kNbdMagic = 0x4e42444d41474943;   // "NBDMAGIC"
-inline constexpr uint64_t kIHaveOpt = 0x49484156454F5054;   // "IHAVEOPT"
+inline constexpr uint64_t kNbdMagic = 0x4e42444d41474943;  // "NBDMAGIC"
+inline constexpr uint64_t kIHaveOpt = 0x49484156454F5054;  // "IHAVEOPT"
 inline constexpr uint64_t kOptReplyMagic = 0x0003e889045565a9;
 
 // Handshake flags (server -> client, 16 bits).
@@ -186,8 +201,7 @@ struct SimpleReply {
 // Structured reply chunk header: magic(4) flags(2) type(2) cookie(8) length(4) = 20 bytes.
 struct ChunkHeader {
   static constexpr size_t kSize = 20;
-  static void Encode(uint8_t* p, uint16_t flags, uint16_t type, uint64_t cookie,
-                     uint32_t length) {
+  static void Encode(uint8_t* p, uint16_t flags, uint16_t type, uint64_t cookie, uint32_t length) {
     Put32(p, kStructuredReplyMagic);
     Put16(p + 4, flags);
     Put16(p + 6, type);

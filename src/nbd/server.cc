@@ -1,11 +1,10 @@
 #include "nbd/server.h"
 
+#include <fmt/format.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 namespace osr::nbd {
 
@@ -15,7 +14,9 @@ Server::Server(ExportConfig exp, SessionLimits limits, size_t connections_max)
   OSR_CHECK(stop_event_.valid());
 }
 
-Server::~Server() { Stop(); }
+Server::~Server() {
+  Stop();
+}
 
 Result<ListenAddress> Server::AddListener(const ListenAddress& addr) {
   OSR_ASSIGN_OR_RETURN(Listener l, Listener::Listen(addr));
@@ -77,8 +78,8 @@ void Server::AcceptLoop(Listener* listener) {
     static std::atomic<uint64_t> next_id{1};
     std::string peer = fmt::format("conn-{}", next_id++);
     auto conn = std::make_unique<Conn>();
-    conn->session = std::make_unique<Session>(
-        std::make_unique<SocketStream>(std::move(*fd)), &exp_, limits_, peer);
+    conn->session = std::make_unique<Session>(std::make_unique<SocketStream>(std::move(*fd)), &exp_,
+                                              limits_, peer);
     Conn* c = conn.get();
     conns_.push_back(std::move(conn));
     c->thread = std::thread([c] {

@@ -1,10 +1,10 @@
 #include "nbd/session.h"
 
-#include <algorithm>
-#include <cstring>
-
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
 
 #include "nbd/protocol.h"
 
@@ -148,8 +148,8 @@ Result<Session::HandshakeResult> Session::Handshake() {
     if (h.magic != kIHaveOpt) return InvalidArgument("bad option magic");
     if (h.length > limits_.option_bytes_max) {
       if (!fixed || h.length > limits_.option_discard_bytes_max) {
-        return InvalidArgument(fmt::format("option {} of {} bytes is too large",
-                                           OptionName(h.option), h.length));
+        return InvalidArgument(
+            fmt::format("option {} of {} bytes is too large", OptionName(h.option), h.length));
       }
       // Keep the stream in step: read and drop the data, then refuse.
       uint8_t sink[4096];
@@ -220,8 +220,8 @@ Result<Session::HandshakeResult> Session::Handshake() {
         OSR_RETURN_IF_ERROR(HandleMetaContext(h.option, data));
         break;
       default:
-        OSR_RETURN_IF_ERROR(SendOptionError(
-            h.option, kRepErrUnsup, fmt::format("option {} is not supported", h.option)));
+        OSR_RETURN_IF_ERROR(SendOptionError(h.option, kRepErrUnsup,
+                                            fmt::format("option {} is not supported", h.option)));
         break;
     }
   }
@@ -419,7 +419,9 @@ void Session::ReplyError(const Request& req, uint32_t error, std::string_view me
   }
 }
 
-void Session::Defer(uint64_t cookie, uint16_t type) { batch_deferred_.push_back({cookie, type}); }
+void Session::Defer(uint64_t cookie, uint16_t type) {
+  batch_deferred_.push_back({cookie, type});
+}
 
 Status Session::Serve(const Request& req, std::span<const uint8_t> payload) {
   if (req.flags & ~kKnownCmdFlags) {
@@ -431,8 +433,8 @@ Status Session::Serve(const Request& req, std::span<const uint8_t> payload) {
   bool in_range = req.offset <= size && req.length <= size - req.offset;
   auto flags_only = [&](uint16_t allowed) {
     if (req.flags & ~(allowed | kCmdFlagFua)) {
-      ReplyError(req, kEInval, fmt::format("flags {:#x} not valid for {}", req.flags,
-                                           CommandName(req.type)));
+      ReplyError(req, kEInval,
+                 fmt::format("flags {:#x} not valid for {}", req.flags, CommandName(req.type)));
       return false;
     }
     return true;
@@ -592,8 +594,7 @@ void Session::ServeRead(const Request& req) {
       Status st = disk_->Read(pos, {p + ChunkHeader::kSize + 8, len});
       if (!st.ok()) {
         out_.resize(at);
-        spdlog::warn("nbd {}: READ {}+{} failed: {}", peer_, req.offset, req.length,
-                     st.ToString());
+        spdlog::warn("nbd {}: READ {}+{} failed: {}", peer_, req.offset, req.length, st.ToString());
         ReplyError(req, ErrnoToNbd(st.ToErrno()), st.message());
         return;
       }
@@ -627,7 +628,9 @@ void Session::ServeBlockStatus(const Request& req) {
 
 Status Session::FinishBatch() {
   if (!out_.empty()) {
-    struct iovec v {out_.data(), out_.size()};
+    struct iovec v {
+      out_.data(), out_.size()
+    };
     Status st = Send({&v, 1});
     out_.clear();
     if (out_.capacity() > 2 * limits_.batch_reply_bytes_max) out_.shrink_to_fit();
@@ -661,7 +664,9 @@ void Session::SyncLoop() {
     for (size_t i = 0; i < work.size(); ++i) {
       SimpleReply::Encode(replies.data() + i * SimpleReply::kSize, err, work[i].cookie);
     }
-    struct iovec v {replies.data(), replies.size()};
+    struct iovec v {
+      replies.data(), replies.size()
+    };
     (void)Send({&v, 1});  // a failed send ends the session through its reader
     lock.lock();
   }

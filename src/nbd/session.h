@@ -34,14 +34,14 @@ struct ExportConfig {
 };
 
 struct SessionLimits {
-  uint32_t option_bytes_max = 64 * 1024;         // option data we parse
-  uint32_t option_discard_bytes_max = 16 << 20;  // larger options: disconnect
-  uint32_t options_max = 256;                    // options per handshake
-  uint32_t request_bytes_max = 32 << 20;         // NBD_INFO_BLOCK_SIZE maximum
-  uint32_t payload_discard_bytes_max = 64 << 20; // larger bad WRITEs: disconnect
-  size_t batch_reply_bytes_max = 4 << 20;        // replies held before a send
-  size_t sync_queue_max = 1024;                  // FLUSH/FUA requests waiting
-  size_t extents_max = 4096;                     // per BLOCK_STATUS reply
+  uint32_t option_bytes_max = 64 * 1024;          // option data we parse
+  uint32_t option_discard_bytes_max = 16 << 20;   // larger options: disconnect
+  uint32_t options_max = 256;                     // options per handshake
+  uint32_t request_bytes_max = 32 << 20;          // NBD_INFO_BLOCK_SIZE maximum
+  uint32_t payload_discard_bytes_max = 64 << 20;  // larger bad WRITEs: disconnect
+  size_t batch_reply_bytes_max = 4 << 20;         // replies held before a send
+  size_t sync_queue_max = 1024;                   // FLUSH/FUA requests waiting
+  size_t extents_max = 4096;                      // per BLOCK_STATUS reply
   int handshake_timeout_ms = 30000;
   uint32_t block_size_min = 1;
   uint32_t block_size_preferred = 4096;

@@ -21,7 +21,9 @@ namespace {
 class Client {
  public:
   explicit Client(int fd) : fd_(fd) {}
-  void Send(const std::vector<uint8_t>& b) { ASSERT_EQ(::write(fd_, b.data(), b.size()), (ssize_t)b.size()); }
+  void Send(const std::vector<uint8_t>& b) {
+    ASSERT_EQ(::write(fd_, b.data(), b.size()), (ssize_t)b.size());
+  }
   std::vector<uint8_t> Recv(size_t n) {
     std::vector<uint8_t> b(n);
     size_t got = 0;
@@ -389,7 +391,8 @@ TEST_F(SessionTest, OversizedWritePayloadIsSkippedThenRefused) {
   Start();
   Negotiate(false);
   std::vector<uint8_t> big((32 << 20) + 1, 0x33);
-  std::thread sender([&] { client_->Request(kCmdWrite, 0, 9, 0, static_cast<uint32_t>(big.size()), big); });
+  std::thread sender(
+      [&] { client_->Request(kCmdWrite, 0, 9, 0, static_cast<uint32_t>(big.size()), big); });
   EXPECT_EQ(client_->SimpleReply(), std::make_pair(kEInval, uint64_t{9}));
   sender.join();
   client_->Request(kCmdRead, 0, 10, 0, 1);

@@ -28,7 +28,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::ofstream f(dir + "/" + SegmentFileName(1), std::ios::binary);
     // The first input byte chooses whether the header is ours or the fuzzer's.
     if (size > 0 && data[0] & 1) f.write(reinterpret_cast<char*>(hb), sizeof hb);
-    if (size > 1) f.write(reinterpret_cast<const char*>(data + 1), static_cast<std::streamsize>(size - 1));
+    if (size > 1)
+      f.write(reinterpret_cast<const char*>(data + 1), static_cast<std::streamsize>(size - 1));
   }
   uint64_t next = 1;
   auto scan = LogReader::Scan(dir, [&](const RecordHeader& h, std::span<const uint8_t> p) {

@@ -1,9 +1,9 @@
 // libFuzzer target: the fuzz input is everything a client sends — handshake options and
 // then transmission requests — to a Session serving a small MemDisk. Whatever the bytes,
 // the session must end with a Status (never crash, hang or touch memory it should not).
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <memory>
 
@@ -47,7 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   exp.name = "";
   exp.disk = &disk;
   nbd::SessionLimits limits;
-  limits.request_bytes_max = 1 << 20;        // keep allocations small under the fuzzer
+  limits.request_bytes_max = 1 << 20;  // keep allocations small under the fuzzer
   limits.payload_discard_bytes_max = 2 << 20;
   limits.option_discard_bytes_max = 1 << 20;
   nbd::Session session(std::make_unique<FuzzStream>(data, size), &exp, limits, "fuzz");
