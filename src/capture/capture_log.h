@@ -42,7 +42,7 @@ struct CaptureLogOptions {
   uint64_t disk_bytes = 0;
   uint64_t epoch = 1;
   uint64_t segment_bytes_target = 64ull << 20;  // roll to a new segment past this
-  size_t buffer_bytes_max = 64ull << 20;        // appenders wait beyond this
+  size_t buffer_bytes_max = 16ull << 20;        // appenders wait beyond this
   size_t writeout_bytes_min = 1ull << 20;       // the writer wakes at this much
   int writeout_delay_ms = 5;                    // ... or this long after a record
 };

@@ -8,13 +8,15 @@ in a dirty region.
 
 import random
 import shutil
+import subprocess
 import threading
 import time
 
 import pytest
 
 from conftest import (KIB, MIB, capture_dirty_json, capture_dump_json, capture_replay, close,
-                      connect, first_difference, make_sparse_file, require_libnbd)
+                      connect, first_difference, make_sparse_file, require_libnbd, require_tool,
+                      run)
 
 SIZE = 32 * MIB
 KIND = {"write": "write", "trim": "trim", "zero": "zero"}
@@ -164,3 +166,140 @@ def test_kill9_under_load_loses_nothing_silently(osrd_factory, tmp_path, crashes
     outside = [(o, n) for o, n in differing_ranges(replayed, image) if not covered(regions, o, n)]
     assert not outside, (f"replay differs from the image outside dirty regions at {outside[:5]}"
                          f"; dirty: {regions[:10]}; {first_difference(replayed, image)}")
+
+
+def _log_bytes(cap):
+    """Total size of the capture log's segment files."""
+    total = 0
+    for p in cap.glob("*.log"):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:       # a segment can be renamed or removed meanwhile
+            pass
+    return total
+
+
+FIO_SIZE = 256 * MIB
+FIO_MIN_LOG_BYTES = 16 * MIB           # log growth required before the kill
+FIO_LOAD_S = 2.0                       # load time before the kill
+FIO_LOAD_DEADLINE_S = 10.0             # ... extended up to this while the log is too small
+FIO_EXIT_TIMEOUT_S = 15.0              # fio must give up this soon after the kill
+
+
+def test_kill9_under_fio_load_dirty_regions_cover_replay_difference(osrd_factory, tmp_path):
+    fio = require_tool("fio")
+    probe = run([fio, "--enghelp=nbd"], check=False, timeout=30)
+    assert probe.returncode == 0, \
+        f"this fio has no nbd engine (fio --enghelp=nbd: {probe.stdout}{probe.stderr})"
+
+    base = tmp_path / "base.img"
+    make_sparse_file(base, FIO_SIZE, [(0, 4 * MIB), (17 * MIB, 3 * MIB), (40 * MIB, 8 * MIB)],
+                     seed=21)
+    served = tmp_path / "served.img"
+    shutil.copyfile(base, served)
+    cap = tmp_path / "cap"
+
+    srv = osrd_factory(served, capture=cap)
+    uri = srv.tcp_uri
+    assert uri.startswith("nbd://127.0.0.1:"), f"fio must only talk to 127.0.0.1, got {uri}"
+    log_before = _log_bytes(cap)
+
+    # Global options first; each --name starts a job that inherits them.
+    cmd = [fio, "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--iodepth=16",
+           "--time_based", "--runtime=20", f"--size={FIO_SIZE}", "--group_reporting",
+           "--randrepeat=0",
+           "--name=small", "--bs=4k", "--numjobs=2",
+           "--name=large", "--bsrange=64k-1m", "--numjobs=1"]
+    fio_out = open(tmp_path / "fio.stdout", "wb")
+    fio_err = open(tmp_path / "fio.stderr", "wb")
+    fio_proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                stdout=fio_out, stderr=fio_err)
+
+    def fio_output():
+        fio_out.flush()
+        fio_err.flush()
+        return ((tmp_path / "fio.stdout").read_text(errors="replace")[-3000:] + "\n" +
+                (tmp_path / "fio.stderr").read_text(errors="replace")[-3000:])
+
+    try:
+        t0 = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - t0
+            grown = _log_bytes(cap) - log_before
+            if fio_proc.poll() is not None:
+                pytest.fail(f"fio exited with {fio_proc.returncode} before the kill:\n"
+                            f"{fio_output()}\nosrd stderr: {srv.stderr()}")
+            if elapsed >= FIO_LOAD_S and grown >= FIO_MIN_LOG_BYTES:
+                break
+            if elapsed >= FIO_LOAD_DEADLINE_S:
+                pytest.fail(f"capture log grew only {grown} bytes in {elapsed:.1f}s of fio "
+                            f"load (need {FIO_MIN_LOG_BYTES})\n{fio_output()}")
+            time.sleep(0.1)
+        assert srv.alive(), f"osrd died under fio load: {srv.stderr()}"
+        srv.kill9()
+        grown_at_kill = _log_bytes(cap) - log_before
+
+        # fio loses its connections and must give up (with an error) on its own.
+        try:
+            fio_rc = fio_proc.wait(timeout=FIO_EXIT_TIMEOUT_S)
+            fio_hung = False
+        except subprocess.TimeoutExpired:
+            fio_proc.kill()
+            fio_rc = fio_proc.wait(timeout=10)
+            fio_hung = True
+    finally:
+        if fio_proc.poll() is None:
+            fio_proc.kill()
+            fio_proc.wait(timeout=10)
+        fio_out.close()
+        fio_err.close()
+    t_fio = time.monotonic() - t0
+    print(f"fio exit={fio_rc} hung={fio_hung} after {t_fio:.1f}s; "
+          f"log grew {grown_at_kill / MIB:.1f} MiB before the kill")
+
+    # The daemon comes back on the same image and log, and serves.
+    srv2 = osrd_factory(served, capture=cap)
+    h = connect(srv2.tcp_uri)
+    try:
+        assert h.get_size() == FIO_SIZE
+        assert len(h.pread(1 * MIB, 0)) == 1 * MIB
+        assert len(h.pread(1 * MIB, FIO_SIZE - 1 * MIB)) == 1 * MIB
+    finally:
+        close(h)
+    srv2.stop_clean()
+
+    rc, doc = capture_dump_json(cap)
+    assert rc == 0 and doc["errors"] == [], doc["errors"][:10]
+    recs = sorted(doc["records"], key=lambda r: r["seq"])
+    seqs = [r["seq"] for r in recs]
+    assert seqs == list(range(1, len(recs) + 1)), \
+        f"sequence has a gap after the crash (first seqs {seqs[:5]}, {len(recs)} records)"
+    assert len(recs) >= 1000, f"only {len(recs)} records logged under 2 s of fio load"
+    for r in recs:
+        assert r["offset"] + r["length"] <= FIO_SIZE, r
+
+    dirty = capture_dirty_json(cap)
+    assert dirty["region_bytes"] == 64 * KIB
+    regions = [(r["offset"], r["length"]) for r in dirty["regions"]]
+    for off, length in regions:
+        assert off % (64 * KIB) == 0 and length % (64 * KIB) == 0 and length > 0, regions
+        assert off + length <= FIO_SIZE + 64 * KIB, regions
+    dirty_total = sum(length for _, length in regions)
+    print(f"records={len(recs)} dirty: {len(regions)} regions, {dirty_total} bytes "
+          f"({dirty_total / MIB:.2f} MiB of {FIO_SIZE // MIB} MiB)")
+    assert dirty_total < FIO_SIZE, \
+        f"the whole disk is dirty ({len(regions)} regions): the bitmap says nothing"
+
+    out = tmp_path / "replay.img"
+    n, first, last = capture_replay(cap, base, out)
+    assert (n, first, last) == (len(recs), 1, len(recs))
+    replayed = out.read_bytes()
+    image = served.read_bytes()
+    assert len(replayed) == len(image) == FIO_SIZE
+    diffs = differing_ranges(replayed, image)
+    outside = [(o, n) for o, n in diffs if not covered(regions, o, n)]
+    print(f"{len(diffs)} 4K blocks differ between replay and image, all in dirty regions"
+          if not outside else f"{len(outside)} differing blocks outside dirty regions")
+    assert not outside, (f"replay differs from the image outside dirty regions at {outside[:5]}"
+                         f"; dirty: {regions[:10]}; {first_difference(replayed, image)}")
+    shutil.rmtree(cap)                 # > 1 GiB of log; kept only when the test fails
