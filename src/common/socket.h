@@ -39,8 +39,11 @@ class Stream {
     };
     return WriteAll(std::span<const struct iovec>(&v, 1));
   }
-  // Makes blocked and future reads fail (used to stop a session from outside).
+  // Ends the stream both ways: the peer sees the end at once.
   virtual void Shutdown() {}
+  // Makes blocked and future reads see the end; writes still work (a stopping server
+  // answers what it has read).
+  virtual void ShutdownRead() {}
   // A read that waits longer than this fails with kUnavailable; 0 = wait forever.
   virtual void SetReadTimeoutMs(int ms) {}
 };
@@ -53,6 +56,7 @@ class SocketStream final : public Stream {
   Status WriteAll(std::span<const struct iovec> iov) override;
   using Stream::WriteAll;
   void Shutdown() override;
+  void ShutdownRead() override;
   void SetReadTimeoutMs(int ms) override;
   int fd() const { return fd_.get(); }
 

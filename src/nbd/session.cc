@@ -13,6 +13,7 @@ namespace osr::nbd {
 namespace {
 
 constexpr uint32_t kBaseAllocationId = 1;  // our only meta context's id
+constexpr size_t kStringBytesMax = 4096;   // the spec's limit for strings (names, messages)
 constexpr size_t kReadBufferBytes = 256 * 1024;
 constexpr uint16_t kKnownCmdFlags =
     kCmdFlagFua | kCmdFlagNoHole | kCmdFlagDf | kCmdFlagReqOne | kCmdFlagFastZero;
@@ -53,8 +54,10 @@ Session::~Session() {
 }
 
 void Session::Stop() {
+  // Stop reading; Run() still answers every request it has read (the spec asks a
+  // stopping server to finish what is in flight), then closes.
   stopped_ = true;
-  stream_->Shutdown();
+  stream_->ShutdownRead();
 }
 
 Status Session::Send(std::span<const struct iovec> iov) {
@@ -80,8 +83,11 @@ Status Session::RunInner() {
   stream_->SetReadTimeoutMs(0);
   sync_thread_ = std::thread([this] { SyncLoop(); });
   Status st = Transmission();
-  // Answer everything already accepted before the session ends.
-  if (st.ok()) st = FinishBatch();
+  // Answer everything already accepted before the session ends (also when stopping).
+  if (st.ok() || stopped_) {
+    Status fin = FinishBatch();
+    if (st.ok()) st = fin;
+  }
   {
     std::lock_guard lock(sync_mu_);
     sync_stop_ = true;
@@ -101,9 +107,15 @@ Status Session::SendOptionReply(uint32_t option, uint32_t type, std::span<const 
 }
 
 Status Session::SendOptionError(uint32_t option, uint32_t type, std::string_view message) {
+  message = message.substr(0, kStringBytesMax);
   spdlog::debug("nbd {}: option {} refused: {}", peer_, OptionName(option), message);
   return SendOptionReply(option, type,
                          {reinterpret_cast<const uint8_t*>(message.data()), message.size()});
+}
+
+bool Session::NameMatches(std::string_view name) const {
+  // The empty name is the default export (the spec's convention); we serve one export.
+  return name == exp_->name || name.empty();
 }
 
 uint16_t Session::TransmissionFlags() const {
@@ -147,7 +159,8 @@ Result<Session::HandshakeResult> Session::Handshake() {
     OptionHeader h = OptionHeader::Decode(hbuf);
     if (h.magic != kIHaveOpt) return InvalidArgument("bad option magic");
     if (h.length > limits_.option_bytes_max) {
-      if (!fixed || h.length > limits_.option_discard_bytes_max) {
+      if (!fixed || h.length > limits_.option_discard_bytes_max ||
+          h.option == kOptExportName) {  // EXPORT_NAME gets no option reply: disconnect
         return InvalidArgument(
             fmt::format("option {} of {} bytes is too large", OptionName(h.option), h.length));
       }
@@ -170,7 +183,7 @@ Result<Session::HandshakeResult> Session::Handshake() {
     switch (h.option) {
       case kOptExportName: {
         std::string_view name(reinterpret_cast<const char*>(data.data()), data.size());
-        if (name != exp_->name) {
+        if (!NameMatches(name)) {
           return NotFound(fmt::format("client asked for unknown export '{}'", name));
         }
         OSR_RETURN_IF_ERROR(SendExportNameReply());
@@ -238,7 +251,7 @@ Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool
   if (d.size() != 6 + name_len + 2 * size_t{nreq}) {
     return SendOptionError(option, kRepErrInvalid, "option length does not match its requests");
   }
-  if (name != exp_->name) {
+  if (!NameMatches(name)) {
     return SendOptionError(option, kRepErrUnknown, fmt::format("no export named '{}'", name));
   }
   bool want_name = false;
@@ -277,6 +290,8 @@ Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool
 }
 
 Status Session::HandleMetaContext(uint32_t option, std::span<const uint8_t> d) {
+  // A SET replaces earlier selections, also when it fails.
+  if (option == kOptSetMetaContext) base_allocation_ = false;
   if (!structured_) {
     return SendOptionError(option, kRepErrInvalid, "negotiate structured replies first");
   }
@@ -298,7 +313,7 @@ Status Session::HandleMetaContext(uint32_t option, std::span<const uint8_t> d) {
     pos += ql;
   }
   if (pos != d.size()) return SendOptionError(option, kRepErrInvalid, "trailing option data");
-  if (name != exp_->name) {
+  if (!NameMatches(name)) {
     return SendOptionError(option, kRepErrUnknown, fmt::format("no export named '{}'", name));
   }
   bool match = false;
@@ -374,7 +389,7 @@ Status Session::Transmission() {
           rpos_ += k;
           left -= k;
         }
-        ReplySimple(req.cookie, kEInval);
+        ReplyError(req, kEInval, "write larger than the maximum block size");
         continue;
       }
       if (rend_ - rpos_ >= req.length) {
@@ -404,10 +419,13 @@ void Session::ReplySimple(uint64_t cookie, uint32_t error) {
 }
 
 void Session::ReplyError(const Request& req, uint32_t error, std::string_view message) {
+  OSR_CHECK(error != 0);
   spdlog::debug("nbd {}: {} {}+{}: error {}: {}", peer_, CommandName(req.type), req.offset,
                 req.length, error, message);
-  if (structured_ && (req.type == kCmdRead || req.type == kCmdBlockStatus)) {
-    size_t n = std::min<size_t>(message.size(), 4096);
+  // With structured replies every error is an error chunk, so the message reaches the
+  // client; without, a simple reply.
+  if (structured_) {
+    size_t n = std::min<size_t>(message.size(), kStringBytesMax);
     uint8_t* p = Grow(&out_, ChunkHeader::kSize + 6 + n);
     ChunkHeader::Encode(p, kReplyFlagDone, kReplyTypeError, req.cookie,
                         static_cast<uint32_t>(6 + n));
@@ -489,7 +507,7 @@ Status Session::Serve(const Request& req, std::span<const uint8_t> payload) {
       bool zeroes = req.type == kCmdWriteZeroes;
       if (!flags_only(zeroes ? (kCmdFlagNoHole | kCmdFlagFastZero) : 0)) break;
       if (!in_range || req.length == 0) {
-        ReplyError(req, kEInval, "range outside the export");
+        ReplyError(req, zeroes && !in_range ? kENoSpc : kEInval, "range outside the export");
         break;
       }
       ZeroMode mode = !zeroes                        ? ZeroMode::kTrim
@@ -528,7 +546,11 @@ Status Session::Serve(const Request& req, std::span<const uint8_t> payload) {
       }
       {
         Status st = disk_->Cache(req.offset, req.length);
-        ReplyError(req, st.ok() ? 0 : ErrnoToNbd(st.ToErrno()), st.message());
+        if (st.ok()) {
+          ReplySimple(req.cookie, 0);
+        } else {
+          ReplyError(req, ErrnoToNbd(st.ToErrno()), st.message());
+        }
       }
       break;
 
@@ -660,9 +682,23 @@ void Session::SyncLoop() {
     Status st = disk_->Flush();
     if (!st.ok()) spdlog::error("nbd {}: flush failed: {}", peer_, st.ToString());
     uint32_t err = st.ok() ? 0 : ErrnoToNbd(st.ToErrno());
-    std::vector<uint8_t> replies(work.size() * SimpleReply::kSize);
-    for (size_t i = 0; i < work.size(); ++i) {
-      SimpleReply::Encode(replies.data() + i * SimpleReply::kSize, err, work[i].cookie);
+    std::vector<uint8_t> replies;
+    for (const Deferred& d : work) {
+      if (err != 0 && structured_) {
+        std::string_view msg = std::string_view(st.message()).substr(0, kStringBytesMax);
+        size_t at = replies.size();
+        replies.resize(at + ChunkHeader::kSize + 6 + msg.size());
+        uint8_t* p = replies.data() + at;
+        ChunkHeader::Encode(p, kReplyFlagDone, kReplyTypeError, d.cookie,
+                            static_cast<uint32_t>(6 + msg.size()));
+        Put32(p + ChunkHeader::kSize, err);
+        Put16(p + ChunkHeader::kSize + 4, static_cast<uint16_t>(msg.size()));
+        std::memcpy(p + ChunkHeader::kSize + 6, msg.data(), msg.size());
+      } else {
+        size_t at = replies.size();
+        replies.resize(at + SimpleReply::kSize);
+        SimpleReply::Encode(replies.data() + at, err, d.cookie);
+      }
     }
     struct iovec v {
       replies.data(), replies.size()

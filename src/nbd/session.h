@@ -76,6 +76,7 @@ class Session {
   Status HandleMetaContext(uint32_t option, std::span<const uint8_t> data);
   Status SendExportNameReply();
   uint16_t TransmissionFlags() const;
+  bool NameMatches(std::string_view name) const;
 
   Status Transmission();
   // Makes at least `n` unread bytes available in rbuf_; ok(false) if the client closed

@@ -352,6 +352,35 @@ TEST_F(SessionTest, StructuredReadHolesAndBlockStatus) {
   EXPECT_EQ(Get32(body.data()), kEInval);
 }
 
+TEST_F(SessionTest, StructuredErrorsCarryAMessageForEveryCommand) {
+  Start();
+  Negotiate(/*structured=*/true);
+  client_->Request(kCmdWrite, 0, 7, (1 << 20) - 1, 2, {1, 1});
+  auto h = client_->Recv(20);
+  ASSERT_EQ(h.size(), 20u);
+  EXPECT_EQ(Get32(h.data()), kStructuredReplyMagic);
+  EXPECT_EQ(Get16(h.data() + 4), kReplyFlagDone);
+  EXPECT_EQ(Get16(h.data() + 6), kReplyTypeError);
+  EXPECT_EQ(Get64(h.data() + 8), 7u);
+  auto body = client_->Recv(Get32(h.data() + 16));
+  EXPECT_EQ(Get32(body.data()), kENoSpc);
+  EXPECT_EQ(Get16(body.data() + 4), body.size() - 6);  // the message follows
+  EXPECT_GT(body.size(), 6u);
+  // Success stays a simple reply.
+  client_->Request(kCmdCache, 0, 8, 0, 4096);
+  EXPECT_EQ(client_->SimpleReply(), std::make_pair(0u, uint64_t{8}));
+}
+
+TEST_F(SessionTest, EmptyNameIsTheDefaultExport) {
+  Start();
+  SendClientFlags();
+  client_->Option(kOptGo, GoData(""));
+  uint32_t t = 0;
+  while ((t = client_->OptionReply().first) == kRepInfo) {
+  }
+  EXPECT_EQ(t, kRepAck);
+}
+
 TEST_F(SessionTest, ReadOnlyExportRefusesWrites) {
   Start(/*read_only=*/true);
   Negotiate(false);

@@ -279,7 +279,7 @@ def test_out_of_range_requests(named, structured):
             ("write across the end", h.pwrite, (b"y" * 4096, SIZE - 1024), errno.ENOSPC),
             ("write at the end", h.pwrite, (b"y", SIZE), errno.ENOSPC),
             ("trim across the end", h.trim, (8192, SIZE - 4096), errno.EINVAL),
-            ("zero across the end", h.zero, (8192, SIZE - 4096), errno.EINVAL),
+            ("zero across the end", h.zero, (8192, SIZE - 4096), errno.ENOSPC),
             ("cache across the end", h.cache, (8192, SIZE - 4096), errno.EINVAL),
         ]
         if structured:
