@@ -41,6 +41,7 @@ CaptureLog::~CaptureLog() {
   }
   writer_cv_.notify_all();
   if (writer_.joinable()) writer_.join();
+  if (!segment_.valid()) return;  // Open failed before the log was usable
   Status st = Sync();
   if (st.ok()) {
     std::lock_guard wl(write_mu_);
@@ -110,7 +111,7 @@ Status CaptureLog::Recover() {
     }
   }
   uint64_t last = summary.records > 0 ? summary.last_seq
-                  : segments.empty()  ? 0
+                  : segments.empty()  ? opts_.first_seq - 1
                                       : segments.back().first_seq - 1;
   next_seq_ = last + 1;
   written_seq_ = synced_seq_ = last;
@@ -119,6 +120,7 @@ Status CaptureLog::Recover() {
     OSR_ASSIGN_OR_RETURN(segment_, File::Open(segments.back().path, File::Mode::kReadWrite,
                                               /*direct=*/true));
     segment_bytes_ = summary.last_segment_valid_bytes;
+    segment_first_seq_ = segments.back().first_seq;
     OSR_ASSIGN_OR_RETURN(uint64_t fsize, segment_.Size());
     if (fsize != segment_bytes_) OSR_RETURN_IF_ERROR(segment_.Truncate(segment_bytes_));
     // The buffer starts with the last partial block, which the next write rewrites.
@@ -154,6 +156,7 @@ Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
   OSR_RETURN_IF_ERROR(SyncDir(opts_.dir));
   segment_ = std::move(f);
   segment_bytes_ = SegmentHeader::kSize;
+  segment_first_seq_ = first_seq;
   std::lock_guard lock(mu_);
   if (buffer_.size() == prefix_bytes_) {  // at start-up; after a roll WriteOut set it already
     buffer_.clear();
@@ -170,13 +173,7 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
   size_t need = RecordHeader::kSize + payload.size();
   std::unique_lock lock(mu_);
-  if (!failed_ && pending_bytes() > 0 && pending_bytes() + need > opts_.buffer_bytes_max) {
-    // Bounded memory: wait for the writer rather than grow the buffer.
-    writer_cv_.notify_one();
-    space_cv_.wait(lock, [&] {
-      return failed_ || pending_bytes() == 0 || pending_bytes() + need <= opts_.buffer_bytes_max;
-    });
-  }
+  WaitForRoom(lock, need);
   if (failed_) return std::nullopt;
   RecordHeader h;
   h.seq = next_seq_++;
@@ -199,6 +196,31 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   return h.seq;
 }
 
+void CaptureLog::WaitForRoom(std::unique_lock<std::mutex>& lock, size_t need) {
+  if (!failed_ && pending_bytes() > 0 && pending_bytes() + need > opts_.buffer_bytes_max) {
+    // Bounded memory: wait for the writer rather than grow the buffer.
+    writer_cv_.notify_one();
+    space_cv_.wait(lock, [&] {
+      return failed_ || pending_bytes() == 0 || pending_bytes() + need <= opts_.buffer_bytes_max;
+    });
+  }
+}
+
+bool CaptureLog::AppendEncoded(std::span<const uint8_t> record) {
+  OSR_CHECK(record.size() >= RecordHeader::kSize);
+  uint64_t seq;
+  std::memcpy(&seq, record.data() + 8, 8);
+  std::unique_lock lock(mu_);
+  WaitForRoom(lock, record.size());
+  if (failed_) return false;
+  OSR_CHECK(seq == next_seq_);  // the caller checked the order
+  ++next_seq_;
+  bool was_empty = pending_bytes() == 0;
+  buffer_.append(record.data(), record.size());
+  if (was_empty || pending_bytes() >= opts_.writeout_bytes_min) writer_cv_.notify_one();
+  return true;
+}
+
 void CaptureLog::WriterLoop() {
   std::unique_lock lock(mu_);
   for (;;) {
@@ -214,19 +236,28 @@ void CaptureLog::WriterLoop() {
   }
 }
 
-void CaptureLog::ForEachRange(const AlignedBuffer& buf, size_t from, bool ok) {
+void CaptureLog::ReportWritten(const AlignedBuffer& buf, size_t from, uint64_t file_pos,
+                               uint64_t segment_first_seq, bool ok) {
   if (!on_written_) return;
-  ranges_.clear();
+  written_.clear();
   for (size_t pos = from; pos + RecordHeader::kSize <= buf.size();) {
-    uint64_t off, len;
+    const uint8_t* p = buf.data() + pos;
+    Written w;
+    uint16_t kind;
     uint32_t payload;
-    std::memcpy(&off, buf.data() + pos + 24, 8);
-    std::memcpy(&len, buf.data() + pos + 32, 8);
-    std::memcpy(&payload, buf.data() + pos + 48, 4);
-    ranges_.push_back({off, len});
+    std::memcpy(&w.seq, p + 8, 8);
+    std::memcpy(&w.offset, p + 24, 8);
+    std::memcpy(&w.length, p + 32, 8);
+    std::memcpy(&payload, p + 48, 4);
+    std::memcpy(&w.disk, p + 52, 4);
+    std::memcpy(&kind, p + 56, 2);
+    w.kind = static_cast<RecordKind>(kind);
+    w.segment_first_seq = segment_first_seq;
+    w.payload_pos = file_pos + pos + RecordHeader::kSize;
+    written_.push_back(w);
     pos += RecordHeader::kSize + payload;
   }
-  on_written_(ranges_, ok);
+  on_written_(written_, ok);
 }
 
 Status CaptureLog::WriteOut(uint64_t seq) {
@@ -269,6 +300,7 @@ Status CaptureLog::WriteOut(uint64_t seq) {
   spare_.reserve(padded);
   std::memset(spare_.data() + n, 0, padded - n);
   uint64_t at = segment_bytes_ / kBlock * kBlock;
+  uint64_t written_segment = segment_first_seq_;
   Status st = segment_.PWrite(at, {spare_.data(), padded});
   if (st.ok()) {
     segment_bytes_ = end_after;
@@ -286,7 +318,7 @@ Status CaptureLog::WriteOut(uint64_t seq) {
     space_cv_.notify_all();
   }
   written_seq_ = upto;
-  ForEachRange(spare_, records_from, st.ok());
+  ReportWritten(spare_, records_from, at, written_segment, st.ok());
   spare_.clear();
   spare_.trim(opts_.buffer_bytes_max);
   return st;

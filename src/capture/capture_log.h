@@ -44,14 +44,25 @@ struct CaptureLogOptions {
   uint64_t segment_bytes_target = 64ull << 20;  // roll to a new segment past this
   size_t buffer_bytes_max = 16ull << 20;        // appenders wait beyond this
   size_t writeout_bytes_min = 1ull << 20;       // the writer wakes at this much
+  uint64_t first_seq = 1;                       // of a new, empty log
   int writeout_delay_ms = 5;                    // ... or this long after a record
 };
 
 class CaptureLog {
  public:
-  // Called after records are written out (ok) or failed to be (not ok), with the
-  // records' ranges, outside mu_.
-  using RangeCallback = std::function<void(std::span<const Range> ranges, bool ok)>;
+  // A record as written out: what it changed and where it now is.
+  struct Written {
+    uint64_t seq;
+    uint32_t disk;
+    RecordKind kind;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t segment_first_seq;  // the segment file holding it
+    uint64_t payload_pos;        // byte offset of its payload in that file
+  };
+  // Called after records are written out (ok) or failed to be (not ok), in seq order,
+  // outside mu_.
+  using RangeCallback = std::function<void(std::span<const Written> records, bool ok)>;
 
   // Opens (or creates) the log in opts.dir and recovers it: verifies every record,
   // truncates a torn tail left by a crash, refuses a log damaged anywhere else.
@@ -65,6 +76,9 @@ class CaptureLog {
   std::optional<uint64_t> Append(RecordKind kind, uint64_t offset, uint64_t length,
                                  std::span<const uint8_t> payload, uint32_t payload_crc,
                                  uint16_t flags = 0);
+  // Appends a record received from elsewhere (replication), already encoded with its own
+  // sequence number, which must be the next one. Returns false when the log has failed.
+  bool AppendEncoded(std::span<const uint8_t> record);
   // Writes every record with seq <= `seq` to the segment file.
   Status WriteOut(uint64_t seq);
   // WriteOut of everything appended, then fdatasync.
@@ -81,7 +95,9 @@ class CaptureLog {
   Status Recover();
   // Creates the next segment with `header` (64 bytes) as its first block; holds write_mu_.
   Status OpenSegment(uint64_t first_seq, const uint8_t* header);
-  void ForEachRange(const AlignedBuffer& buf, size_t from, bool ok);
+  void ReportWritten(const AlignedBuffer& buf, size_t from, uint64_t file_pos,
+                     uint64_t segment_first_seq, bool ok);
+  void WaitForRoom(std::unique_lock<std::mutex>& lock, size_t need);       // holds mu_
   size_t pending_bytes() const { return buffer_.size() - prefix_bytes_; }  // holds mu_
 
   void WriterLoop();
@@ -100,12 +116,13 @@ class CaptureLog {
   std::thread writer_;
 
   mutable std::mutex write_mu_;
-  AlignedBuffer spare_;         // guarded by write_mu_
-  std::vector<Range> ranges_;   // guarded by write_mu_; scratch for on_written_
-  File segment_;                // guarded by write_mu_
-  uint64_t segment_bytes_ = 0;  // guarded by write_mu_: the segment's logical end
-  uint64_t written_seq_ = 0;    // guarded by write_mu_ (read under either)
-  uint64_t synced_seq_ = 0;     // guarded by write_mu_
+  AlignedBuffer spare_;             // guarded by write_mu_
+  std::vector<Written> written_;    // guarded by write_mu_; scratch for on_written_
+  uint64_t segment_first_seq_ = 0;  // guarded by write_mu_
+  File segment_;                    // guarded by write_mu_
+  uint64_t segment_bytes_ = 0;      // guarded by write_mu_: the segment's logical end
+  uint64_t written_seq_ = 0;        // guarded by write_mu_ (read under either)
+  uint64_t synced_seq_ = 0;         // guarded by write_mu_
 };
 
 }  // namespace osr::capture

@@ -34,9 +34,9 @@ class CaptureLogTest : public ::testing::Test {
     o.dir = dir_;
     o.disk_bytes = 1 << 20;
     o.segment_bytes_target = segment_bytes;
-    auto log = CaptureLog::Open(o, [this](std::span<const Range> ranges, bool ok) {
+    auto log = CaptureLog::Open(o, [this](std::span<const CaptureLog::Written> records, bool ok) {
       std::lock_guard lock(mu_);
-      for (auto& r : ranges) written_.push_back({r.offset, r.length, ok});
+      for (auto& r : records) written_.push_back({r.offset, r.length, ok});
     });
     EXPECT_TRUE(log.ok()) << log.status().ToString();
     return log.ok() ? std::move(log).value() : nullptr;

@@ -24,9 +24,13 @@ Result<std::unique_ptr<CapturedDisk>> CapturedDisk::Open(std::unique_ptr<nbd::Fi
   lo.epoch = opts.epoch;
   lo.segment_bytes_target = opts.segment_bytes_target;
   DirtyBitmap* bm = d->bitmap_.get();
-  OSR_ASSIGN_OR_RETURN(d->log_, CaptureLog::Open(lo, [bm](std::span<const Range> ranges, bool ok) {
-                         bm->ReleaseAll(ranges, ok);
-                       }));
+  OSR_ASSIGN_OR_RETURN(
+      d->log_, CaptureLog::Open(lo, [bm](std::span<const CaptureLog::Written> records, bool ok) {
+        thread_local std::vector<Range> ranges;  // one lock per batch
+        ranges.clear();
+        for (const auto& w : records) ranges.push_back({w.offset, w.length});
+        bm->ReleaseAll(ranges, ok);
+      }));
   auto dirty = d->bitmap_->DirtyRanges();
   if (!dirty.empty()) {
     uint64_t bytes = 0;

@@ -70,6 +70,17 @@ Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir) {
 
 Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor& visit,
                                            bool resync) {
+  PosVisitor pv;
+  if (visit) {
+    pv = [&](const RecordHeader& h, std::span<const uint8_t> p, const SegmentInfo&, uint64_t) {
+      return visit(h, p);
+    };
+  }
+  return ScanWithPositions(dir, pv, resync);
+}
+
+Result<LogReader::Summary> LogReader::ScanWithPositions(const std::string& dir,
+                                                        const PosVisitor& visit, bool resync) {
   OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(dir));
   Summary s;
   uint64_t expect = 0;  // next sequence number, once known
@@ -173,7 +184,7 @@ Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor
       s.last_seq = rh->seq;
       ++s.records;
       pos += sizeof rb + rh->payload_bytes;
-      if (visit && !visit(*rh, payload)) {
+      if (visit && !visit(*rh, payload, seg, pos - rh->payload_bytes)) {
         stop = true;
         break;
       }

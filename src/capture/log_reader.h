@@ -37,6 +37,9 @@ class LogReader {
  public:
   // Called for every valid record, in order; return false to stop early.
   using Visitor = std::function<bool(const RecordHeader&, std::span<const uint8_t> payload)>;
+  // The same, also told where the record is: its segment and its payload's byte offset.
+  using PosVisitor = std::function<bool(const RecordHeader&, std::span<const uint8_t> payload,
+                                        const SegmentInfo& segment, uint64_t payload_pos)>;
 
   struct Summary {
     uint64_t records = 0;
@@ -57,6 +60,8 @@ class LogReader {
   // With resync (for inspection tools), reading goes on after a damaged record from the
   // next record whose CRC checks out; the skipped bytes are reported.
   static Result<Summary> Scan(const std::string& dir, const Visitor& visit, bool resync = false);
+  static Result<Summary> ScanWithPositions(const std::string& dir, const PosVisitor& visit,
+                                           bool resync = false);
 };
 
 }  // namespace osr::capture

@@ -80,7 +80,9 @@ Status SocketStream::WriteAll(std::span<const struct iovec> iov_in) {
   return Status::Ok();
 }
 
-void SocketStream::ShutdownRead() { ::shutdown(fd_.get(), SHUT_RD); }
+void SocketStream::ShutdownRead() {
+  ::shutdown(fd_.get(), SHUT_RD);
+}
 
 void SocketStream::Shutdown() {
   ::shutdown(fd_.get(), SHUT_RDWR);

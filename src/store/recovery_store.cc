@@ -1,0 +1,305 @@
+#include "store/recovery_store.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "capture/log_reader.h"
+
+namespace osr::store {
+
+namespace fs = std::filesystem;
+using capture::RecordHeader;
+using capture::RecordKind;
+
+namespace {
+
+constexpr int kMetaVersion = 1;
+
+std::string BasePath(const std::string& dir, size_t i) {
+  return fmt::format("{}/base/{}.img", dir, i);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& dir,
+                                                             const std::vector<StoreDisk>& disks,
+                                                             uint64_t base_seq) {
+  if (disks.empty()) return InvalidArgument("a recovery store needs at least one disk");
+  std::error_code ec;
+  if (fs::exists(dir + "/store.json", ec)) {
+    return Status(Code::kAlreadyExists, "a recovery store already exists in " + dir);
+  }
+  fs::create_directories(dir + "/base", ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + dir);
+  fs::create_directories(dir + "/journal", ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + dir + "/journal");
+  for (size_t i = 0; i < disks.size(); ++i) {
+    if (disks[i].size_bytes == 0) return InvalidArgument("disk " + disks[i].name + " has size 0");
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir, i), File::Mode::kCreate));
+    OSR_RETURN_IF_ERROR(f.Truncate(disks[i].size_bytes));
+    OSR_RETURN_IF_ERROR(f.Sync());
+  }
+  std::unique_ptr<RecoveryStore> s(new RecoveryStore());
+  s->dir_ = dir;
+  s->disks_ = disks;
+  s->base_seq_ = base_seq;
+  OSR_RETURN_IF_ERROR(s->WriteMeta());
+  OSR_RETURN_IF_ERROR(s->OpenParts());
+  return s;
+}
+
+Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& dir) {
+  std::ifstream in(dir + "/store.json");
+  if (!in) return NotFound("no recovery store in " + dir);
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || j.value("version", 0) != kMetaVersion ||
+      !j.contains("disks") || !j["disks"].is_array() || !j.contains("base_seq")) {
+    return Corruption(dir + "/store.json is not a version-1 store description");
+  }
+  std::unique_ptr<RecoveryStore> s(new RecoveryStore());
+  s->dir_ = dir;
+  for (auto& d : j["disks"]) {
+    if (!d.is_object() || !d.contains("name") || !d.contains("size_bytes")) {
+      return Corruption(dir + "/store.json: bad disk entry");
+    }
+    s->disks_.push_back({d["name"].get<std::string>(), d["size_bytes"].get<uint64_t>()});
+  }
+  s->base_seq_ = j["base_seq"].get<uint64_t>();
+  OSR_RETURN_IF_ERROR(s->OpenParts());
+  return s;
+}
+
+RecoveryStore::~RecoveryStore() = default;
+
+Status RecoveryStore::WriteMeta() {
+  nlohmann::json disks = nlohmann::json::array();
+  for (auto& d : disks_) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  uint64_t base;
+  {
+    std::lock_guard lock(mu_);
+    base = base_seq_;
+  }
+  std::string text =
+      nlohmann::json{{"version", kMetaVersion}, {"disks", disks}, {"base_seq", base}}.dump(1);
+  return WriteFileAtomic(dir_ + "/store.json",
+                         {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+}
+
+Status RecoveryStore::OpenParts() {
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir_, i), File::Mode::kReadWrite));
+    OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
+    if (size != disks_[i].size_bytes) {
+      return Corruption(fmt::format("{}: base of disk {} has {} bytes, not {}", dir_,
+                                    disks_[i].name, size, disks_[i].size_bytes));
+    }
+    base_.push_back(std::move(f));
+  }
+  index_.resize(disks_.size());
+  // Rebuild the index from the journal: records after base_seq, with their positions.
+  uint64_t last = base_seq_;
+  auto visit = [&](const RecordHeader& h, std::span<const uint8_t>, const capture::SegmentInfo& seg,
+                   uint64_t payload_pos) {
+    if (h.seq <= base_seq_) return true;
+    if (h.disk >= disks_.size()) return true;  // refused at Append; cannot be here
+    index_[h.disk].Add({h.seq, h.offset, h.length, h.kind, seg.first_seq, payload_pos});
+    last = h.seq;
+    return true;
+  };
+  OSR_ASSIGN_OR_RETURN(auto summary,
+                       capture::LogReader::ScanWithPositions(dir_ + "/journal", visit));
+  if (!summary.errors.empty() && !summary.tail_damaged) {
+    const auto& e = summary.errors.front();
+    return Corruption(fmt::format("journal of {} is damaged: {} at byte {}: {}", dir_, e.segment,
+                                  e.position, e.message));
+  }
+  capture::CaptureLogOptions lo;
+  lo.dir = dir_ + "/journal";
+  lo.disk_bytes = 0;  // a group journal: records name their disk
+  lo.first_seq = base_seq_ + 1;
+  OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
+                                     lo, [this](std::span<const capture::CaptureLog::Written> w,
+                                                bool ok) { OnWritten(w, ok); }));
+  // A torn tail was cut by the log's recovery; the index stops before it too.
+  durable_seq_ = std::max(journal_->last_seq(), base_seq_);
+  if (durable_seq_ < last) return Corruption(dir_ + ": journal shorter than its index");
+  return Status::Ok();
+}
+
+void RecoveryStore::OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok) {
+  if (!ok) return;  // Append reports the failure
+  std::lock_guard lock(mu_);
+  for (const auto& w : records) {
+    index_[w.disk].Add({w.seq, w.offset, w.length, w.kind, w.segment_first_seq, w.payload_pos});
+  }
+}
+
+Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
+  std::lock_guard append(append_mu_);
+  uint64_t expect = journal_->last_seq() + 1;
+  size_t pos = 0;
+  while (pos < records.size()) {
+    if (records.size() - pos < RecordHeader::kSize) return Corruption("truncated record header");
+    OSR_ASSIGN_OR_RETURN(RecordHeader h, RecordHeader::Decode(records.subspan(pos)));
+    if (records.size() - pos - RecordHeader::kSize < h.payload_bytes) {
+      return Corruption(fmt::format("record seq {} truncated", h.seq));
+    }
+    auto payload = records.subspan(pos + RecordHeader::kSize, h.payload_bytes);
+    if (!RecordHeader::Verify(records.data() + pos, payload)) {
+      return Corruption(fmt::format("record seq {}: CRC mismatch", h.seq));
+    }
+    if (h.seq != expect) {
+      return InvalidArgument(fmt::format("record seq {} where {} was expected", h.seq, expect));
+    }
+    if (h.disk >= disks_.size() || h.offset + h.length > disks_[h.disk].size_bytes) {
+      return InvalidArgument(fmt::format("record seq {} lies outside disk {}", h.seq, h.disk));
+    }
+    if (!journal_->AppendEncoded(records.subspan(pos, RecordHeader::kSize + h.payload_bytes))) {
+      return IoError("the journal of " + dir_ + " has failed");
+    }
+    ++expect;
+    pos += RecordHeader::kSize + h.payload_bytes;
+  }
+  OSR_RETURN_IF_ERROR(journal_->Sync());
+  std::lock_guard lock(mu_);
+  durable_seq_ = expect - 1;
+  return durable_seq_;
+}
+
+Status RecoveryStore::WriteBase(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
+  if (disk >= disks_.size() || offset + data.size() > disks_[disk].size_bytes) {
+    return InvalidArgument(fmt::format("base write outside disk {}", disk));
+  }
+  return base_[disk].PWrite(offset, data);
+}
+
+Status RecoveryStore::SyncBase() {
+  for (auto& f : base_) OSR_RETURN_IF_ERROR(f.DataSync());
+  return Status::Ok();
+}
+
+Status RecoveryStore::ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out) {
+  const File* seg = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    auto it = segments_.find(r.segment_first_seq);
+    if (it == segments_.end()) {
+      std::string path = dir_ + "/journal/" + capture::SegmentFileName(r.segment_first_seq);
+      OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
+      it = segments_.emplace(r.segment_first_seq, std::move(f)).first;
+    }
+    seg = &it->second;  // std::map nodes stay put; segments_ only grows until Fold
+  }
+  return seg->PRead(r.payload_pos + (offset - r.offset), out);
+}
+
+Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::span<uint8_t> buf) {
+  if (disk >= disks_.size() || offset + buf.size() > disks_[disk].size_bytes) {
+    return InvalidArgument(fmt::format("read outside disk {}", disk));
+  }
+  std::shared_lock fold(fold_mu_);
+  std::vector<std::tuple<RecordRef, uint64_t, uint64_t>> parts;
+  {
+    std::lock_guard lock(mu_);
+    if (seq < base_seq_ || seq > durable_seq_) {
+      return OutOfRange(
+          fmt::format("seq {} is outside the store's {}..{}", seq, base_seq_, durable_seq_));
+    }
+    index_[disk].ForEach(
+        offset, buf.size(), base_seq_, seq,
+        [&](const RecordRef& r, uint64_t o, uint64_t n) { parts.emplace_back(r, o, n); });
+  }
+  OSR_RETURN_IF_ERROR(base_[disk].PRead(offset, buf));
+  // ForEach goes chunk by chunk, each in seq order; chunks do not overlap, so applying
+  // the parts in this order gives every byte its newest version.
+  for (auto& [r, o, n] : parts) {
+    std::span<uint8_t> out = buf.subspan(o - offset, n);
+    if (r.kind == RecordKind::kWrite) {
+      OSR_RETURN_IF_ERROR(ReadPayload(r, o, out));
+    } else {
+      std::memset(out.data(), 0, out.size());
+    }
+  }
+  return Status::Ok();
+}
+
+Status RecoveryStore::Pin(uint64_t seq) {
+  std::lock_guard lock(mu_);
+  if (seq < base_seq_ || seq > durable_seq_) {
+    return OutOfRange(fmt::format("seq {} is no longer (or not yet) in the store", seq));
+  }
+  pins_.insert(seq);
+  return Status::Ok();
+}
+
+void RecoveryStore::Unpin(uint64_t seq) {
+  std::lock_guard lock(mu_);
+  auto it = pins_.find(seq);
+  OSR_CHECK(it != pins_.end());
+  pins_.erase(it);
+}
+
+uint64_t RecoveryStore::base_seq() const {
+  std::lock_guard lock(mu_);
+  return base_seq_;
+}
+
+uint64_t RecoveryStore::durable_seq() const {
+  std::lock_guard lock(mu_);
+  return durable_seq_;
+}
+
+Result<uint64_t> RecoveryStore::Fold(uint64_t seq) {
+  std::unique_lock fold(fold_mu_);
+  uint64_t from, target;
+  {
+    std::lock_guard lock(mu_);
+    from = base_seq_;
+    target = std::min(seq, durable_seq_);
+    if (!pins_.empty()) target = std::min(target, *pins_.begin());
+    if (target <= from) return from;
+  }
+  // Apply (from, target] to the base images, in order.
+  Status apply;
+  auto visit = [&](const RecordHeader& h, std::span<const uint8_t> payload) {
+    if (h.seq <= from) return true;
+    if (h.seq > target) return false;
+    File& f = base_[h.disk];
+    Status st = h.kind == RecordKind::kWrite ? f.PWrite(h.offset, payload)
+                                             : f.PunchHole(h.offset, h.length);
+    if (!st.ok() && st.code() == Code::kNotSupported) st = f.WriteZeroes(h.offset, h.length);
+    if (!st.ok()) {
+      apply = st;
+      return false;
+    }
+    return true;
+  };
+  OSR_ASSIGN_OR_RETURN(auto summary, capture::LogReader::Scan(dir_ + "/journal", visit));
+  OSR_RETURN_IF_ERROR(apply);
+  (void)summary;
+  OSR_RETURN_IF_ERROR(SyncBase());
+  {
+    std::lock_guard lock(mu_);
+    base_seq_ = target;
+    for (auto& ix : index_) ix.DropUpTo(target);
+  }
+  OSR_RETURN_IF_ERROR(WriteMeta());
+  // Segments wholly at or below the new base are no longer needed (never the newest).
+  OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
+  for (size_t i = 0; i + 1 < segments.size(); ++i) {
+    if (segments[i + 1].first_seq - 1 > target) break;
+    std::lock_guard lock(mu_);
+    segments_.erase(segments[i].first_seq);
+    std::error_code ec;
+    fs::remove(segments[i].path, ec);
+  }
+  return target;
+}
+
+}  // namespace osr::store

@@ -1,0 +1,97 @@
+// RecoveryStore: a consistency group's disks at the recovery site, readable as they were
+// at any sequence number the store still holds (continuous data protection).
+//
+//   dir/store.json        the group's disks (name, size) and base_seq
+//   dir/base/<i>.img      disk i as of base_seq (sparse)
+//   dir/journal/          received records with seq > base_seq, in the capture-log format
+//                         (one order for all the group's disks; records carry their disk)
+//
+// Reading disk d as of seq S (base_seq <= S <= durable_seq): the base image, then every
+// journal record of d with base_seq < seq <= S that overlaps the range, oldest first
+// (VersionIndex). Fold(S) applies the records up to S to the base images and forgets
+// them; views opened at an older seq hold Fold back (a view pins its seq).
+//
+// Thread model: thread-safe. mu_ guards the indexes, seqs and pins; Append runs on the
+// receiver's thread, reads on NBD sessions' threads, Fold on a maintenance thread.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "capture/capture_log.h"
+#include "common/file.h"
+#include "store/version_index.h"
+
+namespace osr::store {
+
+struct StoreDisk {
+  std::string name;
+  uint64_t size_bytes = 0;
+};
+
+class RecoveryStore {
+ public:
+  // Creates an empty store (zero-filled sparse base images at base_seq = first_seq - 1).
+  static Result<std::unique_ptr<RecoveryStore>> Create(const std::string& dir,
+                                                       const std::vector<StoreDisk>& disks,
+                                                       uint64_t base_seq);
+  // Opens an existing store and rebuilds its index from the journal.
+  static Result<std::unique_ptr<RecoveryStore>> Open(const std::string& dir);
+  ~RecoveryStore();
+
+  // Appends encoded records (header + payload each, as on the wire and on disk), which
+  // must continue the sequence; verifies each CRC and range. Durable when it returns.
+  // Returns the durable sequence number.
+  Result<uint64_t> Append(std::span<const uint8_t> records);
+
+  // Writes straight into a base image (initial replication and resync of whole regions).
+  Status WriteBase(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
+  Status SyncBase();
+
+  // Reads disk `disk` as it was at `seq` (base_seq <= seq <= durable_seq).
+  Status ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::span<uint8_t> buf);
+
+  // Applies records up to min(seq, oldest pin) to the base images and drops them from
+  // the journal's index; returns the new base_seq.
+  Result<uint64_t> Fold(uint64_t seq);
+
+  // A view at `seq` keeps Fold from passing it until Unpin.
+  Status Pin(uint64_t seq);
+  void Unpin(uint64_t seq);
+
+  uint64_t base_seq() const;
+  uint64_t durable_seq() const;
+  const std::vector<StoreDisk>& disks() const { return disks_; }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  RecoveryStore() = default;
+  Status OpenParts();
+  Status WriteMeta();
+  void OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok);
+  Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
+
+  std::string dir_;
+  std::vector<StoreDisk> disks_;
+  std::vector<File> base_;  // one per disk; positional I/O only
+  std::unique_ptr<capture::CaptureLog> journal_;
+
+  std::mutex append_mu_;  // one Append at a time
+
+  // Readers hold fold_mu_ shared; Fold holds it exclusively while it rewrites bases.
+  mutable std::shared_mutex fold_mu_;
+
+  mutable std::mutex mu_;
+  std::vector<VersionIndex> index_;    // per disk; guarded by mu_
+  uint64_t base_seq_ = 0;              // guarded by mu_
+  uint64_t durable_seq_ = 0;           // guarded by mu_
+  std::multiset<uint64_t> pins_;       // guarded by mu_
+  std::map<uint64_t, File> segments_;  // first_seq -> open journal segment; guarded by mu_
+};
+
+}  // namespace osr::store
