@@ -339,6 +339,27 @@ Status CaptureLog::Sync() {
   return Status::Ok();
 }
 
+Result<size_t> CaptureLog::TrimUpTo(uint64_t seq) {
+  std::lock_guard wl(write_mu_);
+  OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+  size_t n = 0;
+  for (size_t i = 0; i + 1 < segments.size(); ++i) {
+    if (segments[i].first_seq == segment_first_seq_) break;
+    if (segments[i + 1].first_seq - 1 > seq) break;
+    std::error_code ec;
+    std::filesystem::remove(segments[i].path, ec);
+    if (ec) return Status::FromErrno(ec.value(), "remove " + segments[i].path);
+    ++n;
+  }
+  return n;
+}
+
+Result<uint64_t> CaptureLog::first_seq_held() const {
+  OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+  if (segments.empty()) return last_seq() + 1;
+  return segments.front().first_seq;
+}
+
 uint64_t CaptureLog::last_seq() const {
   std::lock_guard lock(mu_);
   return next_seq_ - 1;

@@ -84,6 +84,12 @@ class CaptureLog {
   // WriteOut of everything appended, then fdatasync.
   Status Sync();
 
+  // Deletes the segment files whose records all have seq <= `seq` (the recovery site
+  // has them durably); never the segment being written. Returns how many it deleted.
+  Result<size_t> TrimUpTo(uint64_t seq);
+  // The lowest sequence number still held (last_seq + 1 when the log holds none).
+  Result<uint64_t> first_seq_held() const;
+
   uint64_t last_seq() const;     // highest sequence number handed out (0: none)
   uint64_t written_seq() const;  // highest written out
   bool failed() const;

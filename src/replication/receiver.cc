@@ -1,0 +1,149 @@
+#include "replication/receiver.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+
+#include <nlohmann/json.hpp>
+
+#include "replication/wire.h"
+
+namespace osr::replication {
+
+Receiver::~Receiver() {
+  Stop();
+}
+
+Result<ListenAddress> Receiver::Listen(const ListenAddress& addr) {
+  OSR_ASSIGN_OR_RETURN(Listener l, Listener::Listen(addr));
+  listener_ = std::make_unique<Listener>(std::move(l));
+  return listener_->address();
+}
+
+void Receiver::Start() {
+  OSR_CHECK(listener_ != nullptr);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+}
+
+void Receiver::Stop() {
+  if (stopping_.exchange(true)) return;
+  if (acceptor_.joinable()) acceptor_.join();
+  std::list<std::unique_ptr<Conn>> conns;
+  {
+    std::lock_guard lock(mu_);
+    conns.swap(conns_);
+  }
+  for (auto& c : conns) c->stream->Shutdown();
+  for (auto& c : conns) c->thread.join();
+}
+
+void Receiver::AcceptLoop() {
+  while (!stopping_) {
+    struct pollfd p = {listener_->fd(), POLLIN, 0};
+    int rc = ::poll(&p, 1, 200);
+    {
+      std::lock_guard lock(mu_);
+      for (auto it = conns_.begin(); it != conns_.end();) {
+        if ((*it)->done) {
+          (*it)->thread.join();
+          it = conns_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    if (rc <= 0 || stopping_) continue;
+    auto fd = listener_->Accept();
+    if (!fd.ok()) continue;
+    auto c = std::make_unique<Conn>();
+    c->stream = std::make_unique<SocketStream>(std::move(*fd));
+    Conn* cp = c.get();
+    std::lock_guard lock(mu_);
+    conns_.push_back(std::move(c));
+    cp->thread = std::thread([this, cp] { Serve(cp); });
+  }
+}
+
+void Receiver::Serve(Conn* c) {
+  Status st = ServeSession(*c->stream);
+  if (!st.ok()) {
+    spdlog::info("replication receiver: session ended: {}", st.ToString());
+    (void)WriteFrame(
+        *c->stream, FrameType::kError,
+        nlohmann::json{{"code", std::string(CodeName(st.code()))}, {"message", st.message()}}
+            .dump());
+  }
+  c->stream->Shutdown();
+  c->done = true;
+}
+
+Status Receiver::ServeSession(SocketStream& s) {
+  s.SetReadTimeoutMs(30000);  // the HELLO must come soon
+  OSR_ASSIGN_OR_RETURN(Frame hello, ReadFrame(s));
+  if (hello.type != FrameType::kHello) return InvalidArgument("expected HELLO");
+  auto j = nlohmann::json::parse(hello.payload, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || j.value("version", 0u) != kProtocolVersion ||
+      !j.contains("group") || !j["group"].is_string() || !j.contains("disks") ||
+      !j["disks"].is_array()) {
+    return InvalidArgument("malformed HELLO");
+  }
+  std::string group = j["group"].get<std::string>();
+  store::RecoveryStore* store = lookup_(group);
+  if (store == nullptr) return NotFound(fmt::format("no recovery store for group '{}'", group));
+  const auto& disks = store->disks();
+  if (j["disks"].size() != disks.size()) {
+    return InvalidArgument(fmt::format("group '{}' has {} disks here, the sender has {}", group,
+                                       disks.size(), j["disks"].size()));
+  }
+  for (size_t i = 0; i < disks.size(); ++i) {
+    const auto& d = j["disks"][i];
+    if (!d.is_object() || d.value("size_bytes", uint64_t{0}) != disks[i].size_bytes) {
+      return InvalidArgument(fmt::format("disk {} of group '{}' differs in size", i, group));
+    }
+  }
+  // One connection per group: end the older one and wait for it.
+  Group* g;
+  {
+    std::lock_guard lock(mu_);
+    auto& slot = groups_[group];
+    if (!slot) slot = std::make_unique<Group>();
+    g = slot.get();
+    if (g->current != nullptr) g->current->Shutdown();
+  }
+  std::unique_lock serving(g->serving);
+  {
+    std::lock_guard lock(mu_);
+    g->current = &s;
+  }
+  struct Release {
+    Receiver* r;
+    Group* g;
+    SocketStream* s;
+    ~Release() {
+      std::lock_guard lock(r->mu_);
+      if (g->current == s) g->current = nullptr;
+    }
+  } release{this, g, &s};
+
+  OSR_RETURN_IF_ERROR(WriteFrame(
+      s, FrameType::kHelloOk,
+      nlohmann::json{{"durable_seq", store->durable_seq()}, {"base_seq", store->base_seq()}}
+          .dump()));
+  s.SetReadTimeoutMs(0);
+  spdlog::info("replication receiver: group '{}' connected, durable seq {}", group,
+               store->durable_seq());
+  for (;;) {
+    auto f = ReadFrame(s);
+    if (!f.ok()) {
+      if (f.status().code() == Code::kUnavailable) return Status::Ok();  // sender left
+      return f.status();
+    }
+    if (f->type != FrameType::kRecords) {
+      return InvalidArgument(fmt::format("unexpected frame type {}", static_cast<int>(f->type)));
+    }
+    OSR_ASSIGN_OR_RETURN(uint64_t durable, store->Append(f->payload));
+    OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kAck, EncodeU64(durable)));
+  }
+}
+
+}  // namespace osr::replication

@@ -1,0 +1,206 @@
+#include "replication/sender.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+
+#include "capture/log_tailer.h"
+#include "replication/wire.h"
+
+namespace osr::replication {
+
+Sender::~Sender() {
+  Stop();
+}
+
+void Sender::Start() {
+  thread_ = std::thread([this] { Run(); });
+}
+
+void Sender::Stop() {
+  if (stop_.exchange(true)) return;
+  {
+    std::lock_guard lock(mu_);
+    if (stream_ != nullptr) stream_->Shutdown();
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+Sender::Stats Sender::stats() const {
+  std::lock_guard lock(mu_);
+  return stats_;
+}
+
+bool Sender::WaitAcked(uint64_t seq, int timeout_ms) {
+  std::unique_lock lock(mu_);
+  return cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms),
+                      [&] { return stats_.acked_seq >= seq; });
+}
+
+void Sender::Run() {
+  int delay = opts_.reconnect_delay_ms_min;
+  while (!stop_) {
+    Status st = Session();
+    if (stop_) break;
+    bool was_connected;
+    {
+      std::lock_guard lock(mu_);
+      was_connected = stats_.connected;
+      stats_.connected = false;
+      stats_.last_error = st.ToString();
+      ++stats_.reconnects;
+    }
+    spdlog::info("replication sender '{}': {}; reconnecting in {} ms", opts_.group, st.ToString(),
+                 delay);
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(delay), [&] { return stop_.load(); });
+    // Back off while the other side keeps failing; start over after a working session.
+    delay = was_connected ? opts_.reconnect_delay_ms_min
+                          : std::min(delay * 2, opts_.reconnect_delay_ms_max);
+  }
+}
+
+void Sender::AckLoop(Stream* s) {
+  for (;;) {
+    auto f = ReadFrame(*s);
+    Status st = f.status();
+    if (f.ok() && f->type == FrameType::kAck) {
+      auto d = DecodeU64(f->payload);
+      if (d.ok()) {
+        std::lock_guard lock(mu_);
+        stats_.acked_seq = std::max(stats_.acked_seq, *d);
+        while (!in_flight_.empty() && in_flight_.front().first <= *d) {
+          in_flight_bytes_ -= in_flight_.front().second;
+          in_flight_.pop_front();
+        }
+        cv_.notify_all();
+        continue;
+      }
+      st = d.status();
+    } else if (f.ok() && f->type == FrameType::kError) {
+      st = Unavailable("receiver refused: " + std::string(f->payload.begin(), f->payload.end()));
+    } else if (f.ok()) {
+      st = Corruption("unexpected frame from the receiver");
+    }
+    std::lock_guard lock(mu_);
+    session_broken_ = true;
+    stats_.last_error = st.ToString();
+    cv_.notify_all();
+    return;
+  }
+}
+
+Status Sender::Session() {
+  OSR_ASSIGN_OR_RETURN(Fd fd, Connect(opts_.target));
+  SocketStream s(std::move(fd));
+  {
+    std::lock_guard lock(mu_);
+    stream_ = &s;
+    session_broken_ = false;
+    in_flight_.clear();
+    in_flight_bytes_ = 0;
+  }
+  struct Detach {
+    Sender* self;
+    ~Detach() {
+      std::lock_guard lock(self->mu_);
+      self->stream_ = nullptr;
+    }
+  } detach{this};
+  if (stop_) return Status::Ok();
+
+  nlohmann::json disks = nlohmann::json::array();
+  for (auto& d : opts_.disks) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHello,
+                                 nlohmann::json{{"version", kProtocolVersion},
+                                                {"group", opts_.group},
+                                                {"epoch", opts_.epoch},
+                                                {"disks", disks}}
+                                     .dump()));
+  s.SetReadTimeoutMs(30000);
+  OSR_ASSIGN_OR_RETURN(Frame ok, ReadFrame(s));
+  if (ok.type == FrameType::kError) {
+    return Unavailable("receiver refused: " + std::string(ok.payload.begin(), ok.payload.end()));
+  }
+  if (ok.type != FrameType::kHelloOk) return Corruption("expected HELLO_OK");
+  auto j = nlohmann::json::parse(ok.payload, nullptr, false);
+  if (j.is_discarded() || !j.contains("durable_seq")) return Corruption("malformed HELLO_OK");
+  uint64_t durable = j["durable_seq"].get<uint64_t>();
+  s.SetReadTimeoutMs(0);
+  if (durable > log_->last_seq()) {
+    return Corruption(fmt::format(
+        "the recovery site has seq {} but this site's log ends at {}: refusing to go on", durable,
+        log_->last_seq()));
+  }
+  OSR_ASSIGN_OR_RETURN(uint64_t first_held, log_->first_seq_held());
+  if (durable + 1 < first_held) {
+    std::lock_guard lock(mu_);
+    stats_.resync_required = true;
+    return NotFound(fmt::format("the recovery site needs seq {}, the log starts at {}", durable + 1,
+                                first_held));
+  }
+  {
+    std::lock_guard lock(mu_);
+    stats_.connected = true;
+    stats_.acked_seq = durable;
+    stats_.sent_seq = durable;
+    stats_.resync_required = false;
+    cv_.notify_all();
+  }
+  spdlog::info("replication sender '{}': connected, resuming after seq {}", opts_.group, durable);
+
+  std::thread acks([&] { AckLoop(&s); });
+  struct JoinAcks {
+    SocketStream& s;
+    std::thread& t;
+    ~JoinAcks() {
+      s.Shutdown();
+      t.join();
+    }
+  } join_acks{s, acks};
+
+  capture::LogTailer tailer(log_, durable + 1);
+  std::vector<uint8_t> frame;
+  uint64_t trimmed_upto = durable;
+  auto last_trim = std::chrono::steady_clock::now();
+  while (!stop_) {
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] {
+        return stop_ || session_broken_ || in_flight_bytes_ < opts_.window_bytes_max;
+      });
+      if (session_broken_) return Unavailable(stats_.last_error);
+      if (stop_) break;
+      auto now = std::chrono::steady_clock::now();
+      if (stats_.acked_seq > trimmed_upto && now - last_trim >= std::chrono::milliseconds(100)) {
+        // Segments whose records are all durable at the recovery site go.
+        trimmed_upto = stats_.acked_seq;
+        last_trim = now;
+        lock.unlock();
+        auto t = log_->TrimUpTo(trimmed_upto);
+        if (!t.ok()) spdlog::warn("replication sender: trim: {}", t.status().ToString());
+      }
+    }
+    frame.clear();
+    OSR_ASSIGN_OR_RETURN(size_t n, tailer.Read(opts_.frame_bytes_max, &frame));
+    if (n == 0) {
+      std::unique_lock lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(opts_.idle_poll_ms),
+                   [&] { return stop_ || session_broken_; });
+      continue;
+    }
+    OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kRecords, frame));
+    std::lock_guard lock(mu_);
+    uint64_t last = tailer.next_seq() - 1;
+    in_flight_.emplace_back(last, frame.size());
+    in_flight_bytes_ += frame.size();
+    stats_.sent_seq = last;
+    stats_.bytes_sent += frame.size();
+  }
+  return Status::Ok();
+}
+
+}  // namespace osr::replication

@@ -1,0 +1,77 @@
+// Sender: the source site's end of a group's replication channel. Ships the capture
+// log's records in order to the recovery site's Receiver, keeps at most
+// window_bytes_max unacknowledged, trims log segments once their records are durable
+// there, and reconnects (with backoff) after any failure, resuming from the receiver's
+// durable sequence number: nothing acknowledged is resent, nothing is skipped.
+//
+// Thread model: Start() runs a connection thread; while connected an ACK-reader thread
+// too. mu_ guards the stats and the window.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "capture/capture_log.h"
+#include "common/socket.h"
+#include "store/recovery_store.h"
+
+namespace osr::replication {
+
+struct SenderOptions {
+  std::string group;
+  ListenAddress target;
+  uint64_t epoch = 1;
+  std::vector<store::StoreDisk> disks;
+  size_t frame_bytes_max = 4 << 20;    // records per RECORDS frame
+  size_t window_bytes_max = 32 << 20;  // sent but not acknowledged
+  int reconnect_delay_ms_min = 50;
+  int reconnect_delay_ms_max = 5000;
+  int idle_poll_ms = 2;  // how often to look for new records when idle
+};
+
+class Sender {
+ public:
+  struct Stats {
+    bool connected = false;
+    uint64_t acked_seq = 0;
+    uint64_t sent_seq = 0;
+    uint64_t bytes_sent = 0;
+    uint64_t reconnects = 0;
+    bool resync_required = false;  // the receiver needs records the log no longer has
+    std::string last_error;
+  };
+
+  // `log` is borrowed and must outlive the Sender.
+  Sender(SenderOptions opts, capture::CaptureLog* log) : opts_(std::move(opts)), log_(log) {}
+  ~Sender();
+  void Start();
+  void Stop();
+  Stats stats() const;
+  // Waits until every record up to `seq` is acknowledged, or the timeout passes.
+  bool WaitAcked(uint64_t seq, int timeout_ms);
+
+ private:
+  void Run();
+  Status Session();
+  void AckLoop(Stream* s);
+
+  const SenderOptions opts_;
+  capture::CaptureLog* log_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  Stats stats_;                                        // guarded by mu_
+  std::deque<std::pair<uint64_t, size_t>> in_flight_;  // (last seq, bytes); guarded by mu_
+  size_t in_flight_bytes_ = 0;                         // guarded by mu_
+  bool session_broken_ = false;                        // guarded by mu_
+  Stream* stream_ = nullptr;                           // guarded by mu_
+};
+
+}  // namespace osr::replication

@@ -1,0 +1,46 @@
+// The replication channel's framing (docs/formats.md, "Replication channel"). A frame
+// is a 16-byte little-endian header and a payload:
+//
+//   0 magic u32 "OSRR"   4 type u16   6 flags u16 (0)   8 length u32 (payload bytes)
+//  12 crc u32: CRC32C of header bytes 0..11 followed by the payload
+//
+// Records inside a RECORDS frame carry their own CRC too (the capture-log format), so a
+// record is checked end to end, from the source's log to the recovery store.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/socket.h"
+#include "common/status.h"
+
+namespace osr::replication {
+
+inline constexpr uint32_t kFrameMagic = 0x5252534f;  // "OSRR" as little-endian bytes
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kFramePayloadMax = 64u << 20;
+
+enum class FrameType : uint16_t {
+  kHello = 1,    // sender -> receiver: JSON {version, group, epoch, disks[{name,size_bytes}]}
+  kHelloOk = 2,  // receiver -> sender: JSON {durable_seq, base_seq}
+  kRecords = 3,  // sender -> receiver: encoded records, consecutive seqs
+  kAck = 4,      // receiver -> sender: u64 durable seq
+  kError = 5,    // either way: JSON {code, message}; the connection ends after it
+};
+
+struct Frame {
+  FrameType type;
+  std::vector<uint8_t> payload;
+};
+
+Status WriteFrame(Stream& s, FrameType type, std::span<const uint8_t> payload);
+Status WriteFrame(Stream& s, FrameType type, const std::string& payload);
+// Reads one frame; kCorruption on a bad magic or CRC, kUnavailable when the peer left.
+Result<Frame> ReadFrame(Stream& s);
+
+std::vector<uint8_t> EncodeU64(uint64_t v);
+Result<uint64_t> DecodeU64(std::span<const uint8_t> p);
+
+}  // namespace osr::replication
