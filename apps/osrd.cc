@@ -74,7 +74,7 @@ int NbdServe(const ServeArgs& a) {
 
   auto image = nbd::FileDisk::Open(a.image, a.read_only, create_size);
   if (!image.ok()) return Fail(image.status());
-  std::unique_ptr<nbd::Disk> disk;
+  std::shared_ptr<nbd::Disk> disk;
   capture::CapturedDisk* captured = nullptr;
   if (!a.capture.empty()) {
     capture::CaptureOptions co;
@@ -89,11 +89,9 @@ int NbdServe(const ServeArgs& a) {
     disk = std::move(*image);
   }
 
-  nbd::ExportConfig exp;
-  exp.name = a.export_name;
-  exp.description = "osrd " + a.image;
-  exp.disk = disk.get();
-  nbd::Server server(exp, nbd::SessionLimits{});
+  nbd::ExportTable exports;
+  if (Status st = exports.Add({a.export_name, "osrd " + a.image, disk}); !st.ok()) return Fail(st);
+  nbd::Server server(&exports, nbd::SessionLimits{});
   std::vector<ListenAddress> addrs;
   if (!a.listen.empty() || a.socket.empty()) {
     auto hp = ParseHostPort(a.listen.empty() ? "127.0.0.1:10809" : a.listen, 10809);

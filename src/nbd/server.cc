@@ -8,8 +8,8 @@
 
 namespace osr::nbd {
 
-Server::Server(ExportConfig exp, SessionLimits limits, size_t connections_max)
-    : exp_(std::move(exp)), limits_(limits), connections_max_(connections_max) {
+Server::Server(const ExportTable* exports, SessionLimits limits, size_t connections_max)
+    : exports_(exports), limits_(limits), connections_max_(connections_max) {
   stop_event_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   OSR_CHECK(stop_event_.valid());
 }
@@ -37,6 +37,13 @@ size_t Server::active_connections() const {
   size_t n = 0;
   for (auto& c : conns_) n += c->done ? 0 : 1;
   return n;
+}
+
+void Server::DisconnectExport(const std::string& name) {
+  std::lock_guard lock(mu_);
+  for (auto& c : conns_) {
+    if (!c->done && c->session->export_name() == name) c->session->Stop();
+  }
 }
 
 void Server::ReapFinished() {
@@ -78,7 +85,7 @@ void Server::AcceptLoop(Listener* listener) {
     static std::atomic<uint64_t> next_id{1};
     std::string peer = fmt::format("conn-{}", next_id++);
     auto conn = std::make_unique<Conn>();
-    conn->session = std::make_unique<Session>(std::make_unique<SocketStream>(std::move(*fd)), &exp_,
+    conn->session = std::make_unique<Session>(std::make_unique<SocketStream>(std::move(*fd)), exports_,
                                               limits_, peer);
     Conn* c = conn.get();
     conns_.push_back(std::move(conn));

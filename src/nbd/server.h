@@ -19,7 +19,8 @@ namespace osr::nbd {
 
 class Server {
  public:
-  Server(ExportConfig exp, SessionLimits limits, size_t connections_max = 128);
+  // `exports` is borrowed and outlives the server.
+  Server(const ExportTable* exports, SessionLimits limits, size_t connections_max = 128);
   ~Server();
 
   // Binds a listener; returns the bound address (with the real port for port 0).
@@ -29,6 +30,8 @@ class Server {
   void Stop();
 
   size_t active_connections() const;
+  // Ends the sessions connected to the export `name` (after it was removed).
+  void DisconnectExport(const std::string& name);
 
  private:
   struct Conn {
@@ -39,7 +42,7 @@ class Server {
   void AcceptLoop(Listener* listener);
   void ReapFinished();  // joins the threads of ended sessions; holds mu_
 
-  ExportConfig exp_;
+  const ExportTable* exports_;
   SessionLimits limits_;
   size_t connections_max_;
   std::vector<std::unique_ptr<Listener>> listeners_;

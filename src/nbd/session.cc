@@ -34,14 +34,19 @@ uint8_t* Grow(std::vector<uint8_t>* out, size_t n) {
 
 }  // namespace
 
-Session::Session(std::unique_ptr<Stream> stream, const ExportConfig* exp, SessionLimits limits,
-                 std::string peer)
-    : stream_(std::move(stream)),
-      exp_(exp),
-      disk_(exp->disk),
-      limits_(limits),
-      peer_(std::move(peer)) {
-  OSR_CHECK(disk_ != nullptr);
+Session::Session(std::unique_ptr<Stream> stream, const ExportTable* exports,
+                 SessionLimits limits, std::string peer)
+    : stream_(std::move(stream)), exports_(exports), limits_(limits), peer_(std::move(peer)) {}
+
+void Session::Choose(std::shared_ptr<const Export> e) {
+  disk_ = e->disk.get();
+  std::lock_guard lock(export_mu_);
+  export_ = std::move(e);
+}
+
+std::string Session::export_name() const {
+  std::lock_guard lock(export_mu_);
+  return export_ ? export_->name : std::string();
 }
 
 Session::~Session() {
@@ -113,14 +118,9 @@ Status Session::SendOptionError(uint32_t option, uint32_t type, std::string_view
                          {reinterpret_cast<const uint8_t*>(message.data()), message.size()});
 }
 
-bool Session::NameMatches(std::string_view name) const {
-  // The empty name is the default export (the spec's convention); we serve one export.
-  return name == exp_->name || name.empty();
-}
-
-uint16_t Session::TransmissionFlags() const {
+uint16_t Session::TransmissionFlags(const Disk& disk) const {
   uint16_t f = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxSendCache | kTxCanMultiConn;
-  if (disk_->read_only()) {
+  if (disk.read_only()) {
     f |= kTxReadOnly;
   } else {
     f |= kTxSendTrim | kTxSendWriteZeroes | kTxSendFastZero;
@@ -132,7 +132,7 @@ uint16_t Session::TransmissionFlags() const {
 Status Session::SendExportNameReply() {
   uint8_t buf[8 + 2 + 124] = {};
   Put64(buf, disk_->size());
-  Put16(buf + 8, TransmissionFlags());
+  Put16(buf + 8, TransmissionFlags(*disk_));
   return stream_->WriteAll(std::span<const uint8_t>(buf, no_zeroes_ ? 10 : sizeof buf));
 }
 
@@ -183,9 +183,9 @@ Result<Session::HandshakeResult> Session::Handshake() {
     switch (h.option) {
       case kOptExportName: {
         std::string_view name(reinterpret_cast<const char*>(data.data()), data.size());
-        if (!NameMatches(name)) {
-          return NotFound(fmt::format("client asked for unknown export '{}'", name));
-        }
+        auto e = exports_->Find(name);
+        if (!e) return NotFound(fmt::format("client asked for unknown export '{}'", name));
+        Choose(std::move(e));
         OSR_RETURN_IF_ERROR(SendExportNameReply());
         return HandshakeResult::kTransmission;
       }
@@ -198,10 +198,13 @@ Result<Session::HandshakeResult> Session::Handshake() {
           OSR_RETURN_IF_ERROR(SendOptionError(h.option, kRepErrInvalid, "LIST takes no data"));
           break;
         }
-        std::vector<uint8_t> r(4);
-        Put32(r.data(), static_cast<uint32_t>(exp_->name.size()));
-        AppendBytes(&r, exp_->name.data(), exp_->name.size());
-        OSR_RETURN_IF_ERROR(SendOptionReply(h.option, kRepServer, r));
+        for (const auto& e : exports_->List()) {
+          std::vector<uint8_t> r(4);
+          Put32(r.data(), static_cast<uint32_t>(e->name.size()));
+          AppendBytes(&r, e->name.data(), e->name.size());
+          AppendBytes(&r, e->description.data(), e->description.size());
+          OSR_RETURN_IF_ERROR(SendOptionReply(h.option, kRepServer, r));
+        }
         OSR_RETURN_IF_ERROR(SendOptionReply(h.option, kRepAck));
         break;
       }
@@ -251,9 +254,12 @@ Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool
   if (d.size() != 6 + name_len + 2 * size_t{nreq}) {
     return SendOptionError(option, kRepErrInvalid, "option length does not match its requests");
   }
-  if (!NameMatches(name)) {
-    return SendOptionError(option, kRepErrUnknown, fmt::format("no export named '{}'", name));
+  auto exp = exports_->Find(name);
+  if (!exp) {
+    return SendOptionError(option, kRepErrUnknown,
+                           fmt::format("no export named '{}'", name.substr(0, 256)));
   }
+  const Disk& disk = *exp->disk;
   bool want_name = false;
   bool want_description = false;
   for (uint16_t i = 0; i < nreq; ++i) {
@@ -263,8 +269,8 @@ Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool
   }
   uint8_t info[12];
   Put16(info, kInfoExport);
-  Put64(info + 2, disk_->size());
-  Put16(info + 10, TransmissionFlags());
+  Put64(info + 2, disk.size());
+  Put16(info + 10, TransmissionFlags(disk));
   OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepInfo, info));
   uint8_t bs[14];
   Put16(bs, kInfoBlockSize);
@@ -275,17 +281,18 @@ Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool
   if (want_name) {
     std::vector<uint8_t> r(2);
     Put16(r.data(), kInfoName);
-    AppendBytes(&r, exp_->name.data(), exp_->name.size());
+    AppendBytes(&r, exp->name.data(), exp->name.size());
     OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepInfo, r));
   }
-  if (want_description && !exp_->description.empty()) {
+  if (want_description && !exp->description.empty()) {
     std::vector<uint8_t> r(2);
     Put16(r.data(), kInfoDescription);
-    AppendBytes(&r, exp_->description.data(), exp_->description.size());
+    AppendBytes(&r, exp->description.data(), exp->description.size());
     OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepInfo, r));
   }
   OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepAck));
   *go = option == kOptGo;
+  if (*go) Choose(std::move(exp));
   return Status::Ok();
 }
 
@@ -313,8 +320,9 @@ Status Session::HandleMetaContext(uint32_t option, std::span<const uint8_t> d) {
     pos += ql;
   }
   if (pos != d.size()) return SendOptionError(option, kRepErrInvalid, "trailing option data");
-  if (!NameMatches(name)) {
-    return SendOptionError(option, kRepErrUnknown, fmt::format("no export named '{}'", name));
+  if (!exports_->Find(name)) {
+    return SendOptionError(option, kRepErrUnknown,
+                           fmt::format("no export named '{}'", name.substr(0, 256)));
   }
   bool match = false;
   if (option == kOptListMetaContext && queries.empty()) match = true;

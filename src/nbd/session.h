@@ -24,14 +24,9 @@
 #include "common/socket.h"
 #include "common/status.h"
 #include "nbd/disk.h"
+#include "nbd/export_table.h"
 
 namespace osr::nbd {
-
-struct ExportConfig {
-  std::string name;         // matched exactly against the client's export name
-  std::string description;  // NBD_INFO_DESCRIPTION; empty = none
-  Disk* disk = nullptr;     // borrowed; outlives every session
-};
 
 struct SessionLimits {
   uint32_t option_bytes_max = 64 * 1024;          // option data we parse
@@ -49,7 +44,8 @@ struct SessionLimits {
 
 class Session {
  public:
-  Session(std::unique_ptr<Stream> stream, const ExportConfig* exp, SessionLimits limits,
+  // `exports` is borrowed and outlives the session.
+  Session(std::unique_ptr<Stream> stream, const ExportTable* exports, SessionLimits limits,
           std::string peer);
   ~Session();
 
@@ -60,6 +56,8 @@ class Session {
   void Stop();
 
   const std::string& peer() const { return peer_; }
+  // The export the client chose (empty before the handshake ends).
+  std::string export_name() const;
 
  private:
   enum class HandshakeResult { kTransmission, kEnd };
@@ -75,8 +73,8 @@ class Session {
   Status HandleInfoOrGo(uint32_t option, std::span<const uint8_t> data, bool* go);
   Status HandleMetaContext(uint32_t option, std::span<const uint8_t> data);
   Status SendExportNameReply();
-  uint16_t TransmissionFlags() const;
-  bool NameMatches(std::string_view name) const;
+  uint16_t TransmissionFlags(const Disk& disk) const;
+  void Choose(std::shared_ptr<const Export> e);
 
   Status Transmission();
   // Makes at least `n` unread bytes available in rbuf_; ok(false) if the client closed
@@ -94,8 +92,10 @@ class Session {
   Status Send(std::span<const struct iovec> iov);
 
   std::unique_ptr<Stream> stream_;
-  const ExportConfig* exp_;
-  Disk* disk_;
+  const ExportTable* exports_;
+  mutable std::mutex export_mu_;
+  std::shared_ptr<const Export> export_;  // guarded by export_mu_; set once, at GO
+  Disk* disk_ = nullptr;                  // export_'s disk; connection thread only
   SessionLimits limits_;
   std::string peer_;
 

@@ -107,13 +107,13 @@ std::vector<uint8_t> MetaData(const std::string& name, std::vector<std::string> 
 class SessionTest : public ::testing::Test {
  protected:
   void Start(bool read_only = false) {
-    disk_ = std::make_unique<MemDisk>(1 << 20, read_only);
-    exp_.name = "disk0";
-    exp_.disk = disk_.get();
+    disk_ = std::make_shared<MemDisk>(1 << 20, read_only);
+    exports_ = std::make_unique<ExportTable>();
+    ASSERT_TRUE(exports_->Add({"disk0", "", disk_}).ok());
     int sv[2];
     ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
     client_fd_ = sv[0];
-    session_ = std::make_unique<Session>(std::make_unique<SocketStream>(Fd(sv[1])), &exp_,
+    session_ = std::make_unique<Session>(std::make_unique<SocketStream>(Fd(sv[1])), exports_.get(),
                                          SessionLimits{}, "test");
     thread_ = std::thread([this] { result_ = session_->Run(); });
     client_ = std::make_unique<Client>(client_fd_);
@@ -155,8 +155,8 @@ class SessionTest : public ::testing::Test {
     if (thread_.joinable()) Finish();
   }
 
-  std::unique_ptr<MemDisk> disk_;
-  ExportConfig exp_;
+  std::shared_ptr<MemDisk> disk_;
+  std::unique_ptr<ExportTable> exports_;
   int client_fd_ = -1;
   std::unique_ptr<Session> session_;
   std::unique_ptr<Client> client_;

@@ -42,15 +42,17 @@ class FuzzStream final : public Stream {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static nbd::MemDisk disk(1 << 20);
-  nbd::ExportConfig exp;
-  exp.name = "";
-  exp.disk = &disk;
+  static nbd::ExportTable* exports = [] {
+    auto* t = new nbd::ExportTable();  // lives for the whole fuzzing run
+    (void)t->Add({"", "fuzz", std::make_shared<nbd::MemDisk>(1 << 20)});
+    (void)t->Add({"ro", "read-only", std::make_shared<nbd::MemDisk>(1 << 16, true)});
+    return t;
+  }();
   nbd::SessionLimits limits;
   limits.request_bytes_max = 1 << 20;  // keep allocations small under the fuzzer
   limits.payload_discard_bytes_max = 2 << 20;
   limits.option_discard_bytes_max = 1 << 20;
-  nbd::Session session(std::make_unique<FuzzStream>(data, size), &exp, limits, "fuzz");
+  nbd::Session session(std::make_unique<FuzzStream>(data, size), exports, limits, "fuzz");
   (void)session.Run();
   return 0;
 }
