@@ -12,7 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "capture/captured_disk.h"
+#include "capture/capture_group.h"
 #include "capture/dirty_bitmap.h"
 #include "capture/log_reader.h"
 #include "capture/replay.h"
@@ -75,16 +75,18 @@ int NbdServe(const ServeArgs& a) {
   auto image = nbd::FileDisk::Open(a.image, a.read_only, create_size);
   if (!image.ok()) return Fail(image.status());
   std::shared_ptr<nbd::Disk> disk;
-  capture::CapturedDisk* captured = nullptr;
+  std::unique_ptr<capture::CaptureGroup> captured;
   if (!a.capture.empty()) {
     capture::CaptureOptions co;
     co.dir = a.capture;
     co.region_bytes = *region;
     co.epoch = a.epoch;
-    auto cd = capture::CapturedDisk::Open(std::move(*image), co);
-    if (!cd.ok()) return Fail(cd.status());
-    captured = cd->get();
-    disk = std::move(*cd);
+    std::vector<std::unique_ptr<nbd::FileDisk>> images;
+    images.push_back(std::move(*image));
+    auto group = capture::CaptureGroup::Open(std::move(images), co);
+    if (!group.ok()) return Fail(group.status());
+    captured = std::move(*group);
+    disk = captured->disk(0);
   } else {
     disk = std::move(*image);
   }
@@ -131,8 +133,8 @@ int NbdServe(const ServeArgs& a) {
 }
 
 int CaptureReplay(const std::string& log, const std::string& base, const std::string& out,
-                  uint64_t upto) {
-  auto r = capture::Replay(log, base, out, upto);
+                  uint64_t upto, uint32_t disk) {
+  auto r = capture::Replay(log, base, out, upto, disk);
   if (!r.ok()) return Fail(r.status());
   std::printf("osrd: replayed %llu records (seq %llu..%llu) onto %s\n",
               static_cast<unsigned long long>(r->records),
@@ -183,9 +185,9 @@ int CaptureDump(const std::string& log, bool json) {
   return s->errors.empty() ? 0 : 1;
 }
 
-int CaptureDirty(const std::string& log, bool json) {
+int CaptureDirty(const std::string& log, uint32_t disk, bool json) {
   uint64_t region = 0;
-  auto r = capture::DirtyBitmap::ReadDirty(log + "/dirty.bitmap", &region);
+  auto r = capture::DirtyBitmap::ReadDirty(capture::BitmapPath(log, disk), &region);
   if (!r.ok()) return Fail(r.status());
   if (json) {
     nlohmann::json regions = nlohmann::json::array();
@@ -228,24 +230,27 @@ int main(int argc, char** argv) {
   cap->require_subcommand(1);
   std::string log, base, out;
   uint64_t upto = UINT64_MAX;
+  uint32_t disk = 0;
   std::string output = "text";
   auto* rp = cap->add_subcommand("replay", "apply a capture log to a copy of the starting image");
   rp->add_option("--log", log, "capture log directory")->required();
   rp->add_option("--base", base, "the image as it was when capture began")->required();
   rp->add_option("--out", out, "the image to write")->required();
   rp->add_option("--upto", upto, "apply records up to this sequence number");
+  rp->add_option("--disk", disk, "the disk of the group to rebuild (default 0)");
   auto* dp = cap->add_subcommand("dump", "print every record and verify its checksum");
   dp->add_option("--log", log, "capture log directory")->required();
   dp->add_option("--output", output, "text or json")->check(CLI::IsMember({"text", "json"}));
   auto* dr = cap->add_subcommand("dirty", "print the regions marked in the dirty-region bitmap");
   dr->add_option("--log", log, "capture log directory")->required();
+  dr->add_option("--disk", disk, "the disk of the group (default 0)");
   dr->add_option("--output", output, "text or json")->check(CLI::IsMember({"text", "json"}));
 
   CLI11_PARSE(app, argc, argv);
 
   if (ns->parsed()) return NbdServe(serve);
-  if (rp->parsed()) return CaptureReplay(log, base, out, upto);
+  if (rp->parsed()) return CaptureReplay(log, base, out, upto, disk);
   if (dp->parsed()) return CaptureDump(log, output == "json");
-  if (dr->parsed()) return CaptureDirty(log, output == "json");
+  if (dr->parsed()) return CaptureDirty(log, disk, output == "json");
   return 2;
 }

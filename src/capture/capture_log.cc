@@ -168,7 +168,7 @@ Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
 
 std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uint64_t length,
                                            std::span<const uint8_t> payload, uint32_t payload_crc,
-                                           uint16_t flags) {
+                                           uint16_t flags, uint32_t disk) {
   OSR_CHECK(payload.size() <= kPayloadBytesMax);
   OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
   size_t need = RecordHeader::kSize + payload.size();
@@ -184,6 +184,7 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   h.payload_bytes = static_cast<uint32_t>(payload.size());
   h.kind = kind;
   h.flags = flags;
+  h.disk = disk;
   size_t at = buffer_.size();
   bool was_empty = pending_bytes() == 0;
   buffer_.resize(at + need);

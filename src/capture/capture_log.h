@@ -75,7 +75,7 @@ class CaptureLog {
   // payload_crc = Crc32c(payload), computed by the caller outside any lock.
   std::optional<uint64_t> Append(RecordKind kind, uint64_t offset, uint64_t length,
                                  std::span<const uint8_t> payload, uint32_t payload_crc,
-                                 uint16_t flags = 0);
+                                 uint16_t flags = 0, uint32_t disk = 0);
   // Appends a record received from elsewhere (replication), already encoded with its own
   // sequence number, which must be the next one. Returns false when the log has failed.
   bool AppendEncoded(std::span<const uint8_t> record);

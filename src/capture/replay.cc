@@ -32,16 +32,19 @@ Status SparseCopy(File& from, File& to, uint64_t size) {
 }  // namespace
 
 Result<ReplayResult> Replay(const std::string& log_dir, const std::string& base,
-                            const std::string& out, uint64_t upto) {
+                            const std::string& out, uint64_t upto, uint32_t disk) {
   OSR_ASSIGN_OR_RETURN(File from, File::Open(base, File::Mode::kReadOnly));
   OSR_ASSIGN_OR_RETURN(uint64_t size, from.Size());
   OSR_ASSIGN_OR_RETURN(File to, File::Open(out, File::Mode::kCreate));
   OSR_RETURN_IF_ERROR(SparseCopy(from, to, size));
 
   ReplayResult r;
+  uint64_t last_seen = 0;  // of any disk
   Status apply_status;
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t> payload) {
     if (h.seq > upto) return false;
+    last_seen = h.seq;
+    if (h.disk != disk) return true;
     if (h.offset + h.length > size) {
       apply_status = OutOfRange(fmt::format("record seq {} ({}+{}) lies outside the {}-byte base",
                                             h.seq, h.offset, h.length, size));
@@ -65,12 +68,12 @@ Result<ReplayResult> Replay(const std::string& log_dir, const std::string& base,
   };
   OSR_ASSIGN_OR_RETURN(auto summary, LogReader::Scan(log_dir, visit));
   OSR_RETURN_IF_ERROR(apply_status);
-  if (!summary.errors.empty() && (upto == UINT64_MAX || r.last_seq < upto)) {
+  if (!summary.errors.empty() && (upto == UINT64_MAX || last_seen < upto)) {
     const LogError& e = summary.errors.front();
     return Corruption(fmt::format("{} at byte {}: {}", e.segment, e.position, e.message));
   }
-  if (upto != UINT64_MAX && r.last_seq < upto) {
-    return OutOfRange(fmt::format("the log ends at seq {}, before --upto {}", r.last_seq, upto));
+  if (upto != UINT64_MAX && last_seen < upto) {
+    return OutOfRange(fmt::format("the log ends at seq {}, before --upto {}", last_seen, upto));
   }
   OSR_RETURN_IF_ERROR(to.Sync());
   return r;

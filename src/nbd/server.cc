@@ -85,8 +85,8 @@ void Server::AcceptLoop(Listener* listener) {
     static std::atomic<uint64_t> next_id{1};
     std::string peer = fmt::format("conn-{}", next_id++);
     auto conn = std::make_unique<Conn>();
-    conn->session = std::make_unique<Session>(std::make_unique<SocketStream>(std::move(*fd)), exports_,
-                                              limits_, peer);
+    conn->session = std::make_unique<Session>(std::make_unique<SocketStream>(std::move(*fd)),
+                                              exports_, limits_, peer);
     Conn* c = conn.get();
     conns_.push_back(std::move(conn));
     c->thread = std::thread([c] {

@@ -34,8 +34,8 @@ uint8_t* Grow(std::vector<uint8_t>* out, size_t n) {
 
 }  // namespace
 
-Session::Session(std::unique_ptr<Stream> stream, const ExportTable* exports,
-                 SessionLimits limits, std::string peer)
+Session::Session(std::unique_ptr<Stream> stream, const ExportTable* exports, SessionLimits limits,
+                 std::string peer)
     : stream_(std::move(stream)), exports_(exports), limits_(limits), peer_(std::move(peer)) {}
 
 void Session::Choose(std::shared_ptr<const Export> e) {

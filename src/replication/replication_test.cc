@@ -11,7 +11,7 @@
 #include <random>
 #include <thread>
 
-#include "capture/captured_disk.h"
+#include "capture/capture_group.h"
 #include "capture/log_reader.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
@@ -105,11 +105,13 @@ class ReplicationTest : public ::testing::Test {
             ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
-    auto img = nbd::FileDisk::Open(dir_ + "/src.img", false, kSize).value();
+    std::vector<std::unique_ptr<nbd::FileDisk>> images;
+    images.push_back(nbd::FileDisk::Open(dir_ + "/src.img", false, kSize).value());
     capture::CaptureOptions co;
     co.dir = dir_ + "/cap";
     co.segment_bytes_target = 1 << 20;  // several segments, so trimming happens
-    disk_ = capture::CapturedDisk::Open(std::move(img), co).value();
+    group_ = capture::CaptureGroup::Open(std::move(images), co).value();
+    disk_ = group_->disk(0);
     store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0).value();
     receiver_ = std::make_unique<Receiver>(
         [this](const std::string& g) { return g == "vm1" ? store_.get() : nullptr; });
@@ -123,6 +125,7 @@ class ReplicationTest : public ::testing::Test {
     receiver_.reset();
     store_.reset();
     disk_.reset();
+    group_.reset();
     fs::remove_all(dir_);
   }
   void StartSender(ListenAddress target) {
@@ -132,7 +135,7 @@ class ReplicationTest : public ::testing::Test {
     o.disks = {{"d0", kSize}};
     o.frame_bytes_max = 256 << 10;  // many frames
     o.reconnect_delay_ms_max = 200;
-    sender_ = std::make_unique<Sender>(o, &disk_->log());
+    sender_ = std::make_unique<Sender>(o, &group_->log());
     sender_->Start();
   }
   void Write(std::mt19937& rng, int n) {
@@ -145,7 +148,7 @@ class ReplicationTest : public ::testing::Test {
   }
   // The oracle: the store at its durable seq equals the source image.
   void ExpectReplicaEqualsSource() {
-    uint64_t last = disk_->log().last_seq();
+    uint64_t last = group_->log().last_seq();
     ASSERT_TRUE(disk_->Flush().ok());  // writes out the log for the tailer
     ASSERT_TRUE(sender_->WaitAcked(last, 20000)) << sender_->stats().last_error;
     std::vector<uint8_t> src(kSize), dst(kSize);
@@ -155,7 +158,8 @@ class ReplicationTest : public ::testing::Test {
   }
 
   std::string dir_;
-  std::unique_ptr<capture::CapturedDisk> disk_;
+  std::unique_ptr<capture::CaptureGroup> group_;
+  std::shared_ptr<nbd::Disk> disk_;
   std::unique_ptr<store::RecoveryStore> store_;
   std::unique_ptr<Receiver> receiver_;
   ListenAddress recv_addr_;
@@ -170,7 +174,7 @@ TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
   Write(rng, 300);
   ExpectReplicaEqualsSource();
   auto segs = capture::ListSegments(dir_ + "/cap").value();
-  auto first = disk_->log().first_seq_held().value();
+  auto first = group_->log().first_seq_held().value();
   EXPECT_GT(first, 1u) << "acknowledged segments were not trimmed (" << segs.size() << ")";
   EXPECT_EQ(sender_->stats().reconnects, 0u);
 }
@@ -199,7 +203,7 @@ TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {
   o.group = "nope";
   o.target = recv_addr_;
   o.disks = {{"d0", kSize}};
-  Sender s(o, &disk_->log());
+  Sender s(o, &group_->log());
   s.Start();
   for (int i = 0; i < 100 && s.stats().last_error.empty(); ++i) ::usleep(20000);
   EXPECT_NE(s.stats().last_error.find("no recovery store"), std::string::npos)
@@ -207,7 +211,7 @@ TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {
   s.Stop();
   o.group = "vm1";
   o.disks = {{"d0", kSize * 2}};
-  Sender s2(o, &disk_->log());
+  Sender s2(o, &group_->log());
   s2.Start();
   for (int i = 0; i < 100 && s2.stats().last_error.empty(); ++i) ::usleep(20000);
   EXPECT_NE(s2.stats().last_error.find("differs in size"), std::string::npos)

@@ -1,4 +1,4 @@
-#include "capture/captured_disk.h"
+#include "capture/capture_group.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -21,7 +21,7 @@ std::vector<uint8_t> ReadAll(const std::string& path) {
   return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
 }
 
-class CapturedDiskTest : public ::testing::Test {
+class CaptureGroupTest : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = fs::temp_directory_path() /
@@ -31,22 +31,28 @@ class CapturedDiskTest : public ::testing::Test {
     fs::create_directories(dir_);
   }
   void TearDown() override { fs::remove_all(dir_); }
-  std::unique_ptr<CapturedDisk> Open(uint64_t size) {
-    auto img = nbd::FileDisk::Open(dir_ + "/disk.img", false, size);
-    EXPECT_TRUE(img.ok()) << img.status().ToString();
+  std::unique_ptr<CaptureGroup> Open(uint64_t size, int disks = 1) {
+    std::vector<std::unique_ptr<nbd::FileDisk>> images;
+    for (int i = 0; i < disks; ++i) {
+      auto img = nbd::FileDisk::Open(
+          dir_ + (i == 0 ? std::string("/disk.img") : "/disk" + std::to_string(i) + ".img"), false,
+          size);
+      EXPECT_TRUE(img.ok()) << img.status().ToString();
+      images.push_back(std::move(img).value());
+    }
     CaptureOptions o;
     o.dir = dir_ + "/cap";
     o.segment_bytes_target = 1 << 20;  // several segments
-    auto d = CapturedDisk::Open(std::move(img).value(), o);
-    EXPECT_TRUE(d.ok()) << d.status().ToString();
-    return std::move(d).value();
+    auto g = CaptureGroup::Open(std::move(images), o);
+    EXPECT_TRUE(g.ok()) << g.status().ToString();
+    return std::move(g).value();
   }
   std::string dir_;
 };
 
 // Invariant 1: concurrent, overlapping writes, trims and zeroes from several threads;
 // replaying the log onto the starting image gives the served image byte for byte.
-TEST_F(CapturedDiskTest, ConcurrentOverlappingWritesReplayToTheImage) {
+TEST_F(CaptureGroupTest, ConcurrentOverlappingWritesReplayToTheImage) {
   constexpr uint64_t kSize = 4 << 20;
   {
     std::vector<uint8_t> base(kSize);
@@ -56,7 +62,8 @@ TEST_F(CapturedDiskTest, ConcurrentOverlappingWritesReplayToTheImage) {
         .write(reinterpret_cast<char*>(base.data()), kSize);
     fs::copy_file(dir_ + "/base.img", dir_ + "/disk.img");
   }
-  auto disk = Open(kSize);
+  auto group = Open(kSize);
+  auto disk = group->disk(0);
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
@@ -81,10 +88,11 @@ TEST_F(CapturedDiskTest, ConcurrentOverlappingWritesReplayToTheImage) {
     });
   }
   for (auto& th : threads) th.join();
-  EXPECT_EQ(disk->log().last_seq(), 1600u);
-  ASSERT_TRUE(disk->Close().ok());
-  EXPECT_TRUE(disk->bitmap().DirtyRanges().empty());
+  EXPECT_EQ(group->log().last_seq(), 1600u);
+  ASSERT_TRUE(group->Close().ok());
+  EXPECT_TRUE(group->bitmap(0).DirtyRanges().empty());
   disk.reset();
+  group.reset();
 
   auto r = Replay(dir_ + "/cap", dir_ + "/base.img", dir_ + "/replay.img", UINT64_MAX);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
@@ -93,9 +101,10 @@ TEST_F(CapturedDiskTest, ConcurrentOverlappingWritesReplayToTheImage) {
   EXPECT_TRUE(ReadAll(dir_ + "/replay.img") == ReadAll(dir_ + "/disk.img"));
 }
 
-TEST_F(CapturedDiskTest, ReplayUptoGivesEachPrefix) {
+TEST_F(CaptureGroupTest, ReplayUptoGivesEachPrefix) {
   constexpr uint64_t kSize = 1 << 20;
-  auto disk = Open(kSize);
+  auto group = Open(kSize);
+  auto disk = group->disk(0);
   std::ofstream(dir_ + "/base.img").close();
   fs::resize_file(dir_ + "/base.img", kSize);
   std::vector<std::vector<uint8_t>> states;
@@ -107,8 +116,9 @@ TEST_F(CapturedDiskTest, ReplayUptoGivesEachPrefix) {
     std::copy(d.begin(), d.end(), model.begin() + i * 1000);
     states.push_back(model);
   }
-  ASSERT_TRUE(disk->Close().ok());
+  ASSERT_TRUE(group->Close().ok());
   disk.reset();
+  group.reset();
   for (uint64_t upto = 0; upto <= 6; ++upto) {
     auto out = dir_ + "/r" + std::to_string(upto) + ".img";
     auto r = Replay(dir_ + "/cap", dir_ + "/base.img", out, upto);
@@ -119,15 +129,46 @@ TEST_F(CapturedDiskTest, ReplayUptoGivesEachPrefix) {
   EXPECT_EQ(r.status().code(), Code::kOutOfRange);  // the log ends at 6
 }
 
-TEST_F(CapturedDiskTest, ReopenContinuesTheSequence) {
+TEST_F(CaptureGroupTest, ReopenContinuesTheSequence) {
   {
-    auto disk = Open(1 << 20);
+    auto group = Open(1 << 20);
+    auto disk = group->disk(0);
     ASSERT_TRUE(disk->Write(0, std::vector<uint8_t>(10, 1)).ok());
   }  // destructor closes cleanly
-  auto disk = Open(1 << 20);
+  auto group = Open(1 << 20);
+  auto disk = group->disk(0);
   ASSERT_TRUE(disk->Write(0, std::vector<uint8_t>(10, 2)).ok());
   ASSERT_TRUE(disk->Flush().ok());
-  EXPECT_EQ(disk->log().last_seq(), 2u);
+  EXPECT_EQ(group->log().last_seq(), 2u);
+}
+
+// One order for all the disks of a group; each disk replays from its own records.
+TEST_F(CaptureGroupTest, DisksOfAGroupShareOneSequence) {
+  constexpr uint64_t kSize = 1 << 20;
+  auto group = Open(kSize, 2);
+  std::vector<std::thread> threads;
+  for (int d = 0; d < 2; ++d) {
+    threads.emplace_back([&, d] {
+      std::mt19937 rng(d);
+      for (int i = 0; i < 300; ++i) {
+        std::vector<uint8_t> data(1 + rng() % 5000, static_cast<uint8_t>(rng()));
+        ASSERT_TRUE(group->disk(d)->Write(rng() % (kSize - data.size()), data).ok());
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(group->log().last_seq(), 600u);
+  ASSERT_TRUE(group->Close().ok());
+  group.reset();
+  std::ofstream(dir_ + "/zero.img").close();
+  fs::resize_file(dir_ + "/zero.img", kSize);
+  for (int d = 0; d < 2; ++d) {
+    auto out = dir_ + "/r" + std::to_string(d) + ".img";
+    auto r = Replay(dir_ + "/cap", dir_ + "/zero.img", out, UINT64_MAX, d);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->records, 300u);
+    EXPECT_TRUE(ReadAll(out) == ReadAll(dir_ + (d == 0 ? std::string("/disk.img") : "/disk1.img")));
+  }
 }
 
 }  // namespace

@@ -1,0 +1,205 @@
+#include "capture/capture_group.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "common/crc32c.h"
+
+namespace osr::capture {
+
+std::string BitmapPath(const std::string& capture_dir, size_t disk) {
+  return fmt::format("{}/dirty-{}.bitmap", capture_dir, disk);
+}
+
+// Disk i of the group: an NBD disk whose changes are sequenced and logged.
+class CaptureGroup::GroupDisk final : public nbd::Disk {
+ public:
+  GroupDisk(CaptureGroup* group, uint32_t index, std::unique_ptr<nbd::FileDisk> image,
+            DirtyBitmap* bitmap)
+      : group_(group), index_(index), image_(std::move(image)), bitmap_(bitmap) {}
+
+  uint64_t size() const override { return image_->size(); }
+  bool read_only() const override { return image_->read_only(); }
+  Status Read(uint64_t offset, std::span<uint8_t> buf) override {
+    return image_->Read(offset, buf);
+  }
+  Status Write(uint64_t offset, std::span<const uint8_t> data) override;
+  Status Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode, bool fast_only) override;
+  Status Flush() override { return group_->Flush(); }
+  Status Cache(uint64_t offset, uint64_t length) override { return image_->Cache(offset, length); }
+  Status BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,
+                     std::vector<nbd::Extent>* out) override {
+    return image_->BlockStatus(offset, length, extents_max, out);
+  }
+
+  nbd::FileDisk& image() { return *image_; }
+
+ private:
+  void LockRange(uint64_t offset, uint64_t length);
+  void UnlockRange(uint64_t offset, uint64_t length);
+  // Logs a change already applied to the image.
+  void Record(RecordKind kind, uint64_t offset, uint64_t length, std::span<const uint8_t> payload,
+              uint32_t payload_crc);
+
+  CaptureGroup* group_;
+  const uint32_t index_;
+  std::unique_ptr<nbd::FileDisk> image_;
+  DirtyBitmap* bitmap_;
+  std::mutex range_mu_;
+  std::condition_variable range_cv_;
+  std::vector<Range> in_flight_;  // guarded by range_mu_
+};
+
+Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
+    std::vector<std::unique_ptr<nbd::FileDisk>> images, const CaptureOptions& opts) {
+  if (images.empty()) return InvalidArgument("a capture group needs at least one disk");
+  std::unique_ptr<CaptureGroup> g(new CaptureGroup());
+  std::error_code ec;
+  std::filesystem::create_directories(opts.dir, ec);
+  if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
+  for (size_t i = 0; i < images.size(); ++i) {
+    if (images[i]->read_only()) return InvalidArgument("a read-only disk has nothing to capture");
+    OSR_ASSIGN_OR_RETURN(
+        auto bm, DirtyBitmap::Open(BitmapPath(opts.dir, i), images[i]->size(), opts.region_bytes));
+    g->bitmaps_.push_back(std::move(bm));
+  }
+  CaptureLogOptions lo;
+  lo.dir = opts.dir;
+  // A one-disk log names its disk's size (and is refused for another); a group's says 0.
+  lo.disk_bytes = images.size() == 1 ? images[0]->size() : 0;
+  lo.epoch = opts.epoch;
+  lo.segment_bytes_target = opts.segment_bytes_target;
+  CaptureGroup* gp = g.get();
+  OSR_ASSIGN_OR_RETURN(
+      g->log_, CaptureLog::Open(lo, [gp](std::span<const CaptureLog::Written> records, bool ok) {
+        // One bitmap lock per disk per batch.
+        thread_local std::vector<std::vector<Range>> ranges;
+        ranges.resize(gp->bitmaps_.size());
+        for (auto& r : ranges) r.clear();
+        for (const auto& w : records) ranges[w.disk].push_back({w.offset, w.length});
+        for (size_t i = 0; i < ranges.size(); ++i) {
+          if (!ranges[i].empty()) gp->bitmaps_[i]->ReleaseAll(ranges[i], ok);
+        }
+      }));
+  for (size_t i = 0; i < images.size(); ++i) {
+    g->disks_.push_back(std::make_shared<GroupDisk>(gp, static_cast<uint32_t>(i),
+                                                    std::move(images[i]), g->bitmaps_[i].get()));
+    auto dirty = g->bitmaps_[i]->DirtyRanges();
+    if (!dirty.empty()) {
+      uint64_t bytes = 0;
+      for (auto& r : dirty) bytes += r.length;
+      spdlog::warn(
+          "capture {}: disk {}: {} bytes in {} range(s) are marked dirty (to be "
+          "resent whole)",
+          opts.dir, i, bytes, dirty.size());
+    }
+  }
+  return g;
+}
+
+CaptureGroup::~CaptureGroup() {
+  if (!closed_) {
+    Status st = Close();
+    if (!st.ok()) spdlog::error("capture: close failed: {}", st.ToString());
+  }
+}
+
+std::shared_ptr<nbd::Disk> CaptureGroup::disk(size_t i) const {
+  return disks_.at(i);
+}
+
+void CaptureGroup::GroupDisk::LockRange(uint64_t offset, uint64_t length) {
+  std::unique_lock lock(range_mu_);
+  range_cv_.wait(lock, [&] {
+    for (auto& r : in_flight_) {
+      if (offset < r.offset + r.length && r.offset < offset + length) return false;
+    }
+    return true;
+  });
+  in_flight_.push_back({offset, length});
+}
+
+void CaptureGroup::GroupDisk::UnlockRange(uint64_t offset, uint64_t length) {
+  {
+    std::lock_guard lock(range_mu_);
+    for (auto it = in_flight_.begin(); it != in_flight_.end(); ++it) {
+      if (it->offset == offset && it->length == length) {
+        in_flight_.erase(it);
+        break;
+      }
+    }
+  }
+  range_cv_.notify_all();
+}
+
+void CaptureGroup::GroupDisk::Record(RecordKind kind, uint64_t offset, uint64_t length,
+                                     std::span<const uint8_t> payload, uint32_t payload_crc) {
+  if (!group_->log_->Append(kind, offset, length, payload, payload_crc, 0, index_)) {
+    // The log has failed: the bitmap keeps the region until a resync.
+    bitmap_->Release(offset, length, /*logged=*/false);
+  }
+}
+
+Status CaptureGroup::GroupDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
+  uint32_t crc = Crc32c(data);  // outside every lock
+  LockRange(offset, data.size());
+  bitmap_->Acquire(offset, data.size());
+  Status st = image_->Write(offset, data);
+  if (st.ok()) {
+    Record(RecordKind::kWrite, offset, data.size(), data, crc);
+  } else {
+    bitmap_->Release(offset, data.size(), /*logged=*/false);  // may be half-written
+  }
+  UnlockRange(offset, data.size());
+  return st;
+}
+
+Status CaptureGroup::GroupDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
+                                     bool fast_only) {
+  RecordKind kind = mode == nbd::ZeroMode::kTrim ? RecordKind::kTrim : RecordKind::kZero;
+  LockRange(offset, length);
+  bitmap_->Acquire(offset, length);
+  Status st = image_->Zero(offset, length, mode, fast_only);
+  if (st.ok()) {
+    Record(kind, offset, length, {}, Crc32c(nullptr, 0));
+  } else {
+    // A FAST_ZERO refusal changed nothing; any other failure may have changed part.
+    bool unchanged = fast_only && st.code() == Code::kNotSupported;
+    bitmap_->Release(offset, length, /*logged=*/unchanged);
+  }
+  UnlockRange(offset, length);
+  return st;
+}
+
+Status CaptureGroup::Flush() {
+  std::unique_lock lock(flush_mu_);
+  uint64_t mine = ++flush_requested_;
+  lock.unlock();
+  // Group commit: whoever holds sync_mu_ covers every request made before it started.
+  std::lock_guard sync(sync_mu_);
+  lock.lock();
+  if (flush_done_ >= mine) return Status::Ok();
+  uint64_t covering = flush_requested_;
+  lock.unlock();
+  Status ls = log_->Sync();
+  if (!ls.ok() && !log_->failed()) return ls;  // a failed log is covered by the bitmaps
+  for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
+  // The bitmaps need no msync here: they survive a process crash through the shared
+  // mapping, and after a host crash every region counts as dirty (dirty_bitmap.h).
+  lock.lock();
+  flush_done_ = std::max(flush_done_, covering);
+  return Status::Ok();
+}
+
+Status CaptureGroup::Close() {
+  closed_ = true;
+  Status ls = log_->Sync();
+  if (!ls.ok() && !log_->failed()) return ls;
+  for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
+  for (auto& b : bitmaps_) OSR_RETURN_IF_ERROR(b->CloseClean());
+  return Status::Ok();
+}
+
+}  // namespace osr::capture

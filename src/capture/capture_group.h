@@ -1,0 +1,76 @@
+// CaptureGroup: the disks of one consistency group (a VM) whose every completed WRITE,
+// TRIM and WRITE_ZEROES gets the next number of ONE sequence shared by all of them, and is
+// recorded in one capture log (invariants 1-3). Each disk is served through disk(i).
+//
+// Per write: lock the byte range of that disk against overlapping writes in flight; mark
+// its regions in the disk's dirty bitmap; write the image; append the record (this hands
+// out the sequence number); unlock. Overlapping writes therefore reach the image in
+// sequence order, and a write that arrives after another's reply — on any disk of the
+// group — gets a higher number. The write may be acknowledged as soon as this returns:
+// its record is in the log's buffer and its regions are marked in the bitmap (which
+// survives a crash of the process) until the log's writer has put it in a segment file.
+//
+// Files in the capture directory: the log's segments, and dirty-<i>.bitmap per disk.
+//
+// Thread model: thread-safe. Each disk's range_mu_ guards its in-flight ranges; sync_mu_
+// and flush_mu_ make concurrent FLUSHes share one sync (group commit). Log and images are
+// synced one after the other: measured here, two fdatasyncs in parallel threads took no
+// less device time than in sequence, and cost a thread hand-off.
+#pragma once
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "capture/capture_log.h"
+#include "capture/dirty_bitmap.h"
+#include "nbd/file_disk.h"
+
+namespace osr::capture {
+
+struct CaptureOptions {
+  std::string dir;
+  uint64_t region_bytes = 64 * 1024;
+  uint64_t epoch = 1;
+  uint64_t segment_bytes_target = 64ull << 20;
+};
+
+class CaptureGroup {
+ public:
+  static Result<std::unique_ptr<CaptureGroup>> Open(
+      std::vector<std::unique_ptr<nbd::FileDisk>> images, const CaptureOptions& opts);
+  ~CaptureGroup();
+
+  size_t disk_count() const { return disks_.size(); }
+  // Disk i as an NBD disk; shared so that an export can hold it. Lives as long as the
+  // group and any holder (it keeps the group alive through no pointer: the group must
+  // outlive the server that serves it).
+  std::shared_ptr<nbd::Disk> disk(size_t i) const;
+
+  // Log write-out + fdatasync, then every image's fdatasync.
+  Status Flush();
+  // Flushes everything and records a clean shutdown. No write may be in progress.
+  Status Close();
+
+  CaptureLog& log() { return *log_; }
+  DirtyBitmap& bitmap(size_t i) { return *bitmaps_[i]; }
+
+ private:
+  class GroupDisk;
+  CaptureGroup() = default;
+
+  std::vector<std::shared_ptr<GroupDisk>> disks_;
+  std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
+  std::unique_ptr<CaptureLog> log_;
+
+  std::mutex sync_mu_;  // held while one flush runs; taken before flush_mu_
+  std::mutex flush_mu_;
+  uint64_t flush_requested_ = 0;  // guarded by flush_mu_
+  uint64_t flush_done_ = 0;       // guarded by flush_mu_
+  bool closed_ = false;
+};
+
+std::string BitmapPath(const std::string& capture_dir, size_t disk);
+
+}  // namespace osr::capture
