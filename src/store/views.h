@@ -1,0 +1,85 @@
+// Views of a recovery store's disk as it was at one sequence number, served over NBD.
+//
+// PointView is read-only and costs nothing to open: no data is copied (invariant 6), the
+// store's index answers each read. It pins its seq so that the store does not fold
+// past it. OverlayView adds a copy-on-write overlay (a sparse file plus a map of the
+// 4 KiB blocks it holds) for the writes of a drill or failed-over VM; the view's seq
+// itself never changes.
+//
+// Thread model: thread-safe. PointView has no state of its own besides its pin; each
+// OverlayView serialises its writes under mu_ (reads of blocks not in the overlay go
+// to the store without it).
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/file.h"
+#include "nbd/disk.h"
+#include "store/recovery_store.h"
+
+namespace osr::store {
+
+class PointView : public nbd::Disk {
+ public:
+  // `store` is borrowed and must outlive the view.
+  static Result<std::shared_ptr<PointView>> Open(RecoveryStore* store, uint32_t disk, uint64_t seq);
+  ~PointView() override;
+
+  uint64_t size() const override { return size_; }
+  bool read_only() const override { return true; }
+  Status Read(uint64_t offset, std::span<uint8_t> buf) override;
+  Status Write(uint64_t, std::span<const uint8_t>) override;
+  Status Zero(uint64_t, uint64_t, nbd::ZeroMode, bool) override;
+  Status Flush() override { return Status::Ok(); }
+  Status BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,
+                     std::vector<nbd::Extent>* out) override;
+
+  uint64_t seq() const { return seq_; }
+
+ protected:
+  PointView(RecoveryStore* store, uint32_t disk, uint64_t seq, uint64_t size)
+      : store_(store), disk_(disk), seq_(seq), size_(size) {}
+  RecoveryStore* store_;
+  const uint32_t disk_;
+  const uint64_t seq_;
+  const uint64_t size_;
+};
+
+class OverlayView final : public PointView {
+ public:
+  static constexpr uint64_t kBlock = 4096;
+  // The overlay lives in `overlay_path` (created; removed with the view).
+  static Result<std::shared_ptr<OverlayView>> Open(RecoveryStore* store, uint32_t disk,
+                                                   uint64_t seq, const std::string& overlay_path);
+  ~OverlayView() override;
+
+  bool read_only() const override { return false; }
+  Status Read(uint64_t offset, std::span<uint8_t> buf) override;
+  Status Write(uint64_t offset, std::span<const uint8_t> data) override;
+  Status Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode, bool fast_only) override;
+  Status Flush() override;
+
+  uint64_t overlay_bytes() const;
+
+ private:
+  OverlayView(RecoveryStore* store, uint32_t disk, uint64_t seq, uint64_t size, File overlay,
+              std::string path)
+      : PointView(store, disk, seq, size),
+        overlay_(std::move(overlay)),
+        path_(std::move(path)),
+        held_((size + kBlock - 1) / kBlock, false) {}
+  // Brings the blocks of [offset, offset+length) into the overlay (copying the view's
+  // bytes for blocks only partly covered); holds mu_.
+  Status Own(uint64_t offset, uint64_t length);
+
+  File overlay_;
+  std::string path_;
+  mutable std::mutex mu_;
+  std::vector<bool> held_;    // guarded by mu_
+  uint64_t held_blocks_ = 0;  // guarded by mu_
+};
+
+}  // namespace osr::store
