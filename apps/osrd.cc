@@ -19,6 +19,8 @@
 #include "common/units.h"
 #include "nbd/file_disk.h"
 #include "nbd/server.h"
+#include "site/site.h"
+#include "site/site_api.h"
 
 namespace {
 
@@ -37,6 +39,8 @@ std::string UriFor(const ListenAddress& a, const std::string& export_name) {
   return fmt::format("nbd://{}{}{}:{}/{}", v6 ? "[" : "", a.host, v6 ? "]" : "", a.port,
                      export_name);
 }
+
+sigset_t BlockStopSignals();
 
 struct ServeArgs {
   std::string image;
@@ -65,12 +69,7 @@ int NbdServe(const ServeArgs& a) {
   }
 
   // Signals are taken by sigwait() below; every thread inherits this mask.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
+  sigset_t sigs = BlockStopSignals();
 
   auto image = nbd::FileDisk::Open(a.image, a.read_only, create_size);
   if (!image.ok()) return Fail(image.status());
@@ -202,6 +201,42 @@ int CaptureDirty(const std::string& log, uint32_t disk, bool json) {
   return 0;
 }
 
+sigset_t BlockStopSignals() {
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  return sigs;
+}
+
+int SiteMain(const std::string& config_path) {
+  sigset_t sigs = BlockStopSignals();
+  auto cfg = site::SiteConfig::Load(config_path);
+  if (!cfg.ok()) return Fail(cfg.status());
+  auto s = site::Site::Start(*cfg);
+  if (!s.ok()) return Fail(s.status());
+  site::SiteApi api(s->get());
+  auto api_addr = api.Listen(cfg->api_listen);
+  if (!api_addr.ok()) return Fail(api_addr.status());
+  api.Start();
+  auto nbd = (*s)->nbd_address();
+  auto repl = (*s)->replication_address();
+  std::printf("osrd: site %s\n", cfg->name.c_str());
+  std::printf("osrd: api on http://%s:%u/api/v1\n", api_addr->host.c_str(), api_addr->port);
+  std::printf("osrd: nbd on %s:%u\n", nbd.host.c_str(), nbd.port);
+  std::printf("osrd: replication on %s:%u\n", repl.host.c_str(), repl.port);
+  std::printf("osrd: ready\n");
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  spdlog::info("signal {}: stopping site {}", sig, cfg->name);
+  api.Stop();
+  (*s)->Stop();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -226,6 +261,13 @@ int main(int argc, char** argv) {
   ns->add_option("--epoch", serve.epoch, "epoch recorded with captured writes (default 1)");
   ns->add_flag("--read-only", serve.read_only, "refuse writes");
 
+  std::string site_config;
+  auto* sp = app.add_subcommand("site",
+                                "run a site daemon (disks, capture, replication, recovery stores)");
+  sp->add_option("--config", site_config,
+                 "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen")
+      ->required();
+
   auto* cap = app.add_subcommand("capture", "inspect and replay capture logs");
   cap->require_subcommand(1);
   std::string log, base, out;
@@ -249,6 +291,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (ns->parsed()) return NbdServe(serve);
+  if (sp->parsed()) return SiteMain(site_config);
   if (rp->parsed()) return CaptureReplay(log, base, out, upto, disk);
   if (dp->parsed()) return CaptureDump(log, output == "json");
   if (dr->parsed()) return CaptureDirty(log, disk, output == "json");

@@ -40,10 +40,25 @@ size_t Server::active_connections() const {
 }
 
 void Server::DisconnectExport(const std::string& name) {
-  std::lock_guard lock(mu_);
-  for (auto& c : conns_) {
-    if (!c->done && c->session->export_name() == name) c->session->Stop();
+  std::vector<Conn*> ending;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& c : conns_) {
+      if (!c->done && c->session->export_name() == name) {
+        c->session->Stop();
+        ending.push_back(c.get());
+      }
+    }
   }
+  // Wait (bounded) until they are gone: the caller frees the export's disk next. Conns
+  // are only reaped by the acceptor after `done`, so the pointers stay valid here.
+  for (int i = 0; i < 1000; ++i) {
+    bool all = true;
+    for (Conn* c : ending) all = all && c->done;
+    if (all) return;
+    ::usleep(10 * 1000);
+  }
+  spdlog::error("nbd: sessions of export {} did not end within 10 s", name);
 }
 
 void Server::ReapFinished() {

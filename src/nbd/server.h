@@ -30,7 +30,8 @@ class Server {
   void Stop();
 
   size_t active_connections() const;
-  // Ends the sessions connected to the export `name` (after it was removed).
+  // Ends the sessions connected to the export `name` (after it was removed) and waits
+  // for them to finish.
   void DisconnectExport(const std::string& name);
 
  private:

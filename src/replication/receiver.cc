@@ -37,6 +37,18 @@ void Receiver::Stop() {
   for (auto& c : conns) c->thread.join();
 }
 
+void Receiver::EndGroup(const std::string& group) {
+  Group* g;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(group);
+    if (it == groups_.end()) return;
+    g = it->second.get();
+    if (g->current != nullptr) g->current->Shutdown();
+  }
+  std::lock_guard wait(g->serving);  // the session has ended once we hold it
+}
+
 void Receiver::AcceptLoop() {
   while (!stopping_) {
     struct pollfd p = {listener_->fd(), POLLIN, 0};
@@ -88,7 +100,7 @@ Status Receiver::ServeSession(SocketStream& s) {
     return InvalidArgument("malformed HELLO");
   }
   std::string group = j["group"].get<std::string>();
-  store::RecoveryStore* store = lookup_(group);
+  std::shared_ptr<store::RecoveryStore> store = lookup_(group);
   if (store == nullptr) return NotFound(fmt::format("no recovery store for group '{}'", group));
   const auto& disks = store->disks();
   if (j["disks"].size() != disks.size()) {

@@ -23,8 +23,10 @@ namespace osr::replication {
 
 class Receiver {
  public:
-  // Returns the group's store, or nullptr for an unknown group.
-  using StoreLookup = std::function<store::RecoveryStore*(const std::string& group)>;
+  // Returns the group's store, or nullptr for an unknown group. Shared: a session keeps
+  // the store alive until it ends, even if the site drops the store meanwhile.
+  using StoreLookup =
+      std::function<std::shared_ptr<store::RecoveryStore>(const std::string& group)>;
 
   explicit Receiver(StoreLookup lookup) : lookup_(std::move(lookup)) {}
   ~Receiver();
@@ -32,6 +34,8 @@ class Receiver {
   Result<ListenAddress> Listen(const ListenAddress& addr);
   void Start();
   void Stop();
+  // Ends the group's connection, if any, and waits for it (before its store goes).
+  void EndGroup(const std::string& group);
 
  private:
   struct Conn {

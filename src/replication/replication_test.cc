@@ -113,8 +113,9 @@ class ReplicationTest : public ::testing::Test {
     group_ = capture::CaptureGroup::Open(std::move(images), co).value();
     disk_ = group_->disk(0);
     store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0).value();
-    receiver_ = std::make_unique<Receiver>(
-        [this](const std::string& g) { return g == "vm1" ? store_.get() : nullptr; });
+    receiver_ = std::make_unique<Receiver>([this](const std::string& g) {
+      return g == "vm1" ? store_ : std::shared_ptr<store::RecoveryStore>();
+    });
     ListenAddress a;
     a.host = "127.0.0.1";
     recv_addr_ = receiver_->Listen(a).value();
@@ -160,7 +161,7 @@ class ReplicationTest : public ::testing::Test {
   std::string dir_;
   std::unique_ptr<capture::CaptureGroup> group_;
   std::shared_ptr<nbd::Disk> disk_;
-  std::unique_ptr<store::RecoveryStore> store_;
+  std::shared_ptr<store::RecoveryStore> store_;
   std::unique_ptr<Receiver> receiver_;
   ListenAddress recv_addr_;
   std::unique_ptr<Sender> sender_;

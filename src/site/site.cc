@@ -1,0 +1,459 @@
+#include "site/site.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <toml++/toml.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace osr::site {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr int kStateVersion = 1;
+
+json DisksJson(const std::vector<DiskSpec>& disks) {
+  json a = json::array();
+  for (auto& d : disks) a.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  return a;
+}
+
+Result<std::vector<DiskSpec>> DisksFromJson(const json& a) {
+  if (!a.is_array()) return InvalidArgument("disks must be a list");
+  std::vector<DiskSpec> out;
+  for (auto& d : a) {
+    if (!d.is_object() || !d.contains("name") || !d["name"].is_string() ||
+        !d.contains("size_bytes") || !d["size_bytes"].is_number_unsigned()) {
+      return InvalidArgument("each disk needs a name and a size_bytes");
+    }
+    out.push_back({d["name"].get<std::string>(), d["size_bytes"].get<uint64_t>()});
+  }
+  return out;
+}
+
+std::vector<store::StoreDisk> StoreDisks(const std::vector<DiskSpec>& disks) {
+  std::vector<store::StoreDisk> out;
+  for (auto& d : disks) out.push_back({d.name, d.size_bytes});
+  return out;
+}
+
+Result<ListenAddress> Address(const toml::table& t, const char* key, uint16_t default_port) {
+  auto v = t[key].value<std::string>();
+  if (!v) return InvalidArgument(fmt::format("config: '{}' (HOST:PORT) is missing", key));
+  return ParseHostPort(*v, default_port);
+}
+
+}  // namespace
+
+bool ValidName(const std::string& s) {
+  if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-') return false;
+  for (char c : s) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
+      return false;
+    }
+  }
+  return true;
+}
+
+Result<SiteConfig> SiteConfig::Load(const std::string& path) {
+  toml::table t;
+  try {  // toml++ reports parse errors as exceptions; they stop here
+    t = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    return InvalidArgument(
+        fmt::format("{}: {} (line {})", path, e.description(), e.source().begin.line));
+  }
+  SiteConfig c;
+  c.name = t["name"].value_or(std::string());
+  if (!ValidName(c.name)) return InvalidArgument(path + ": 'name' must be a site name");
+  c.data_dir = t["data_dir"].value_or(std::string());
+  if (c.data_dir.empty()) return InvalidArgument(path + ": 'data_dir' is missing");
+  OSR_ASSIGN_OR_RETURN(c.nbd_listen, Address(t, "nbd_listen", 10809));
+  OSR_ASSIGN_OR_RETURN(c.replication_listen, Address(t, "replication_listen", 7481));
+  OSR_ASSIGN_OR_RETURN(c.api_listen, Address(t, "api_listen", 7482));
+  return c;
+}
+
+Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
+  std::unique_ptr<Site> s(new Site(cfg));
+  std::error_code ec;
+  for (auto sub : {"groups", "stores", "views"}) {
+    fs::create_directories(fs::path(cfg.data_dir) / sub, ec);
+    if (ec) return Status::FromErrno(ec.value(), "create " + cfg.data_dir);
+  }
+  // Overlays of views from an earlier run are gone with those views.
+  for (auto& e : fs::directory_iterator(fs::path(cfg.data_dir) / "views", ec)) {
+    fs::remove(e.path(), ec);
+  }
+  s->nbd_ = std::make_unique<nbd::Server>(&s->exports_, nbd::SessionLimits{});
+  OSR_ASSIGN_OR_RETURN(s->nbd_bound_, s->nbd_->AddListener(cfg.nbd_listen));
+  Site* sp = s.get();
+  s->receiver_ = std::make_unique<replication::Receiver>(
+      [sp](const std::string& vm) -> std::shared_ptr<store::RecoveryStore> {
+        std::lock_guard lock(sp->mu_);
+        auto it = sp->stores_.find(vm);
+        return it == sp->stores_.end() ? nullptr : it->second;
+      });
+  OSR_ASSIGN_OR_RETURN(s->repl_bound_, s->receiver_->Listen(cfg.replication_listen));
+  OSR_RETURN_IF_ERROR(s->Load());
+  OSR_RETURN_IF_ERROR(s->nbd_->Start());
+  s->receiver_->Start();
+  return s;
+}
+
+Site::~Site() {
+  Stop();
+}
+
+void Site::Stop() {
+  if (!nbd_) return;
+  nbd_->Stop();
+  receiver_->Stop();
+  std::lock_guard lock(mu_);
+  // Views and disks leave the export table before what they read from goes.
+  for (auto& e : exports_.List()) exports_.Remove(e->name);
+  views_.clear();
+  for (auto& [vm, g] : groups_) g->sender.reset();
+  for (auto& [vm, g] : groups_) g->capture.reset();
+  groups_.clear();
+  stores_.clear();
+  nbd_.reset();
+}
+
+std::string Site::Uri(const std::string& export_name) const {
+  return fmt::format("nbd://{}:{}/{}", nbd_bound_.host, nbd_bound_.port, export_name);
+}
+
+Status Site::Load() {
+  std::string path = cfg_.data_dir + "/site.json";
+  std::ifstream in(path);
+  if (!in) return Status::Ok();  // a new site
+  json j = json::parse(in, nullptr, false);
+  if (j.is_discarded() || j.value("version", 0) != kStateVersion) {
+    return Corruption(path + " is not a version-1 site state");
+  }
+  std::lock_guard lock(mu_);
+  json groups = j.value("groups", json::object());
+  json stores = j.value("stores", json::object());
+  for (auto& [vm, gj] : groups.items()) {
+    auto g = std::make_unique<Group>();
+    OSR_ASSIGN_OR_RETURN(g->disks, DisksFromJson(gj["disks"]));
+    g->replicate_to = gj.value("replicate_to", std::string());
+    g->epoch = gj.value("epoch", uint64_t{1});
+    OSR_RETURN_IF_ERROR(OpenGroupLocked(vm, *g));
+    if (!g->replicate_to.empty()) OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
+    groups_[vm] = std::move(g);
+  }
+  for (auto& [vm, sj] : stores.items()) {
+    OSR_ASSIGN_OR_RETURN(auto st, store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm));
+    stores_[vm] = std::move(st);
+  }
+  spdlog::info("site {}: {} group(s), {} store(s)", cfg_.name, groups_.size(), stores_.size());
+  return Status::Ok();
+}
+
+Status Site::SaveLocked() {
+  json groups = json::object();
+  for (auto& [vm, g] : groups_) {
+    groups[vm] = {
+        {"disks", DisksJson(g->disks)}, {"replicate_to", g->replicate_to}, {"epoch", g->epoch}};
+  }
+  json stores = json::object();
+  for (auto& [vm, s] : stores_) stores[vm] = json::object();
+  std::string text = json{
+      {"version", kStateVersion},
+      {"name", cfg_.name},
+      {"groups", groups},
+      {"stores", stores}}.dump(1);
+  return WriteFileAtomic(cfg_.data_dir + "/site.json",
+                         {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+}
+
+Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
+  std::string dir = cfg_.data_dir + "/groups/" + vm;
+  std::vector<std::unique_ptr<nbd::FileDisk>> images;
+  for (auto& d : g.disks) {
+    OSR_ASSIGN_OR_RETURN(auto img,
+                         nbd::FileDisk::Open(dir + "/" + d.name + ".img", false, d.size_bytes));
+    images.push_back(std::move(img));
+  }
+  capture::CaptureOptions co;
+  co.dir = dir + "/capture";
+  co.region_bytes = cfg_.region_bytes;
+  co.epoch = g.epoch;
+  OSR_ASSIGN_OR_RETURN(g.capture, capture::CaptureGroup::Open(std::move(images), co));
+  for (size_t i = 0; i < g.disks.size(); ++i) {
+    OSR_RETURN_IF_ERROR(
+        exports_.Add({vm + "/" + g.disks[i].name,
+                      fmt::format("{} disk {} at site {}", vm, g.disks[i].name, cfg_.name),
+                      g.capture->disk(i)}));
+  }
+  return Status::Ok();
+}
+
+Status Site::StartSenderLocked(const std::string& vm, Group& g) {
+  OSR_ASSIGN_OR_RETURN(ListenAddress target, ParseHostPort(g.replicate_to, 7481));
+  replication::SenderOptions o;
+  o.group = vm;
+  o.target = target;
+  o.epoch = g.epoch;
+  o.disks = StoreDisks(g.disks);
+  g.sender = std::make_unique<replication::Sender>(o, &g.capture->log());
+  g.sender->Start();
+  return Status::Ok();
+}
+
+Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks) {
+  if (!ValidName(vm)) return InvalidArgument(fmt::format("'{}' is not a valid VM name", vm));
+  if (disks.empty()) return InvalidArgument("a VM needs at least one disk");
+  for (auto& d : disks) {
+    if (!ValidName(d.name))
+      return InvalidArgument(fmt::format("'{}' is not a valid disk name", d.name));
+    if (d.size_bytes == 0 || d.size_bytes > cfg_.disk_bytes_max) {
+      return InvalidArgument(
+          fmt::format("disk {}: size must be 1..{} bytes", d.name, cfg_.disk_bytes_max));
+    }
+  }
+  std::lock_guard lock(mu_);
+  if (groups_.count(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " exists at this site");
+  std::error_code ec;
+  fs::create_directories(cfg_.data_dir + "/groups/" + vm, ec);
+  if (ec) return Status::FromErrno(ec.value(), "create group dir");
+  auto g = std::make_unique<Group>();
+  g->disks = disks;
+  if (Status st = OpenGroupLocked(vm, *g); !st.ok()) {
+    for (auto& d : disks) exports_.Remove(vm + "/" + d.name);
+    g.reset();
+    fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);  // nothing half-done left behind
+    return st;
+  }
+  groups_[vm] = std::move(g);
+  OSR_RETURN_IF_ERROR(SaveLocked());
+  json out = json::array();
+  for (auto& d : disks)
+    out.push_back(
+        {{"name", d.name}, {"size_bytes", d.size_bytes}, {"uri", Uri(vm + "/" + d.name)}});
+  return json{{"name", vm}, {"disks", out}};
+}
+
+Status Site::DeleteGroup(const std::string& vm) {
+  std::unique_ptr<Group> g;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    g = std::move(it->second);
+    groups_.erase(it);
+    OSR_RETURN_IF_ERROR(SaveLocked());
+  }
+  g->sender.reset();
+  for (auto& d : g->disks) {
+    exports_.Remove(vm + "/" + d.name);
+    nbd_->DisconnectExport(vm + "/" + d.name);
+  }
+  g.reset();
+  std::error_code ec;
+  fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);
+  return Status::Ok();
+}
+
+Status Site::StartReplication(const std::string& vm, const std::string& target, uint64_t epoch) {
+  OSR_RETURN_IF_ERROR(ParseHostPort(target, 7481).status());
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  g.sender.reset();
+  g.replicate_to = target;
+  g.epoch = epoch;
+  OSR_RETURN_IF_ERROR(StartSenderLocked(vm, g));
+  return SaveLocked();
+}
+
+Status Site::StopReplication(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  it->second->sender.reset();
+  it->second->replicate_to.clear();
+  return SaveLocked();
+}
+
+Result<json> Site::GroupStatus(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  json disks = json::array();
+  for (size_t i = 0; i < g.disks.size(); ++i) {
+    uint64_t dirty = 0;
+    for (auto& r : g.capture->bitmap(i).DirtyRanges()) dirty += r.length;
+    disks.push_back({{"name", g.disks[i].name},
+                     {"size_bytes", g.disks[i].size_bytes},
+                     {"uri", Uri(vm + "/" + g.disks[i].name)},
+                     {"dirty_bytes", dirty}});
+  }
+  json out = {{"name", vm},
+              {"disks", disks},
+              {"last_seq", g.capture->log().last_seq()},
+              {"replicate_to", g.replicate_to},
+              {"epoch", g.epoch}};
+  if (g.sender) {
+    auto st = g.sender->stats();
+    out["replication"] = {{"connected", st.connected},   {"acked_seq", st.acked_seq},
+                          {"sent_seq", st.sent_seq},     {"bytes_sent", st.bytes_sent},
+                          {"reconnects", st.reconnects}, {"resync_required", st.resync_required},
+                          {"last_error", st.last_error}};
+  }
+  return out;
+}
+
+Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks) {
+  if (!ValidName(vm)) return InvalidArgument(fmt::format("'{}' is not a valid VM name", vm));
+  std::lock_guard lock(mu_);
+  if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
+  std::string dir = cfg_.data_dir + "/stores/" + vm;
+  auto st = store::RecoveryStore::Create(dir, StoreDisks(disks), 0);
+  if (!st.ok()) {
+    std::error_code ec;
+    if (st.status().code() != Code::kAlreadyExists) fs::remove_all(dir, ec);
+    return st.status();
+  }
+  stores_[vm] = std::move(*st);
+  return SaveLocked();
+}
+
+Status Site::DeleteStore(const std::string& vm) {
+  std::shared_ptr<store::RecoveryStore> s;
+  {
+    std::lock_guard lock(mu_);
+    auto it = stores_.find(vm);
+    if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+    for (auto& [id, v] : views_) {
+      if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
+    }
+    s = it->second;
+    stores_.erase(it);
+    OSR_RETURN_IF_ERROR(SaveLocked());
+  }
+  receiver_->EndGroup(vm);
+  std::string dir = s->dir();
+  s.reset();
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+  return Status::Ok();
+}
+
+Result<json> Site::StoreStatus(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto it = stores_.find(vm);
+  if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+  auto& s = *it->second;
+  json disks = json::array();
+  for (auto& d : s.disks()) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  return json{
+      {"name", vm}, {"disks", disks}, {"durable_seq", s.durable_seq()}, {"base_seq", s.base_seq()}};
+}
+
+Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) {
+  std::lock_guard lock(mu_);
+  auto it = stores_.find(vm);
+  if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+  if (views_.size() >= cfg_.views_max) {
+    return Unavailable(fmt::format("{} views are open; close one first", views_.size()));
+  }
+  store::RecoveryStore* s = it->second.get();
+  std::string id = fmt::format("view-{}", next_view_++);
+  View v{vm, seq, writable, {}};
+  json disks = json::array();
+  Status failed;
+  for (uint32_t i = 0; i < s->disks().size() && failed.ok(); ++i) {
+    std::shared_ptr<nbd::Disk> disk;
+    if (writable) {
+      auto ov = store::OverlayView::Open(
+          s, i, seq, fmt::format("{}/views/{}-{}.overlay", cfg_.data_dir, id, i));
+      if (!ov.ok())
+        failed = ov.status();
+      else
+        disk = *ov;
+    } else {
+      auto pv = store::PointView::Open(s, i, seq);
+      if (!pv.ok())
+        failed = pv.status();
+      else
+        disk = *pv;
+    }
+    if (!failed.ok()) break;
+    std::string name = id + "/" + s->disks()[i].name;
+    failed = exports_.Add({name, fmt::format("{} at seq {}", vm, seq), disk});
+    if (!failed.ok()) break;
+    v.exports.push_back(name);
+    disks.push_back({{"name", s->disks()[i].name}, {"uri", Uri(name)}});
+  }
+  if (!failed.ok()) {
+    for (auto& e : v.exports) exports_.Remove(e);  // nothing half-done left behind
+    return failed;
+  }
+  views_[id] = v;
+  return json{{"id", id}, {"vm", vm}, {"seq", seq}, {"writable", writable}, {"disks", disks}};
+}
+
+Status Site::CloseView(const std::string& id) {
+  View v;
+  {
+    std::lock_guard lock(mu_);
+    auto it = views_.find(id);
+    if (it == views_.end()) return NotFound("no view " + id);
+    v = it->second;
+    views_.erase(it);
+  }
+  for (auto& e : v.exports) {
+    exports_.Remove(e);
+    nbd_->DisconnectExport(e);  // the view (and its overlay) goes with its last holder
+  }
+  return Status::Ok();
+}
+
+json Site::Describe() {
+  std::lock_guard lock(mu_);
+  json groups = json::array(), stores = json::array(), views = json::array();
+  for (auto& [vm, g] : groups_) groups.push_back(vm);
+  for (auto& [vm, s] : stores_) stores.push_back(vm);
+  for (auto& [id, v] : views_)
+    views.push_back({{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}});
+  return json{{"name", cfg_.name},
+              {"nbd", fmt::format("{}:{}", nbd_bound_.host, nbd_bound_.port)},
+              {"replication", fmt::format("{}:{}", repl_bound_.host, repl_bound_.port)},
+              {"groups", groups},
+              {"stores", stores},
+              {"views", views}};
+}
+
+std::string Site::Metrics() {
+  std::lock_guard lock(mu_);
+  std::string out;
+  out += "# HELP osr_capture_last_seq Highest sequence number captured for the VM.\n";
+  out += "# TYPE osr_capture_last_seq gauge\n";
+  for (auto& [vm, g] : groups_) {
+    out += fmt::format("osr_capture_last_seq{{vm=\"{}\"}} {}\n", vm, g->capture->log().last_seq());
+  }
+  out += "# HELP osr_replication_acked_seq Highest sequence number durable at the recovery site.\n";
+  out += "# TYPE osr_replication_acked_seq gauge\n";
+  for (auto& [vm, g] : groups_) {
+    if (g->sender)
+      out += fmt::format("osr_replication_acked_seq{{vm=\"{}\"}} {}\n", vm,
+                         g->sender->stats().acked_seq);
+  }
+  out += "# HELP osr_store_durable_seq Highest sequence number durable in the recovery store.\n";
+  out += "# TYPE osr_store_durable_seq gauge\n";
+  for (auto& [vm, s] : stores_) {
+    out += fmt::format("osr_store_durable_seq{{vm=\"{}\"}} {}\n", vm, s->durable_seq());
+  }
+  return out;
+}
+
+}  // namespace osr::site

@@ -1,0 +1,186 @@
+#include "site/site_api.h"
+
+#include <fmt/format.h>
+#include <httplib.h>
+#include <spdlog/spdlog.h>
+
+namespace osr::site {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr size_t kBodyBytesMax = 1 << 20;
+
+void Reply(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(body.dump(), "application/json");
+}
+
+void Error(httplib::Response& res, const Status& st) {
+  Reply(res, HttpStatus(st),
+        json{{"error", {{"code", std::string(CodeName(st.code()))}, {"message", st.message()}}}});
+}
+
+template <typename T>
+void ReplyResult(httplib::Response& res, const Result<T>& r, int ok_status = 200) {
+  if (r.ok()) {
+    Reply(res, ok_status, r.value());
+  } else {
+    Error(res, r.status());
+  }
+}
+
+void ReplyStatus(httplib::Response& res, const Status& st, int ok_status = 204) {
+  if (st.ok()) {
+    res.status = ok_status;
+  } else {
+    Error(res, st);
+  }
+}
+
+Result<json> Body(const httplib::Request& req) {
+  json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return InvalidArgument("the body must be a JSON object");
+  return j;
+}
+
+Result<std::vector<DiskSpec>> Disks(const json& j) {
+  if (!j.contains("disks") || !j["disks"].is_array()) return InvalidArgument("'disks' is missing");
+  std::vector<DiskSpec> out;
+  for (auto& d : j["disks"]) {
+    if (!d.is_object() || !d.contains("name") || !d["name"].is_string() ||
+        !d.contains("size_bytes") || !d["size_bytes"].is_number_unsigned()) {
+      return InvalidArgument("each disk needs 'name' and 'size_bytes'");
+    }
+    out.push_back({d["name"].get<std::string>(), d["size_bytes"].get<uint64_t>()});
+  }
+  return out;
+}
+
+}  // namespace
+
+int HttpStatus(const Status& st) {
+  switch (st.code()) {
+    case Code::kOk:
+      return 200;
+    case Code::kInvalidArgument:
+    case Code::kOutOfRange:
+      return 400;
+    case Code::kNotFound:
+      return 404;
+    case Code::kAlreadyExists:
+      return 409;
+    case Code::kPermissionDenied:
+      return 403;
+    case Code::kUnavailable:
+      return 503;
+    case Code::kNotSupported:
+      return 501;
+    default:
+      return 500;
+  }
+}
+
+SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Server>()) {
+  auto& h = *http_;
+  h.set_payload_max_length(kBodyBytesMax);
+  h.Get("/api/v1/site", [this](const httplib::Request&, httplib::Response& res) {
+    Reply(res, 200, site_->Describe());
+  });
+  h.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(site_->Metrics(), "text/plain; version=0.0.4");
+  });
+  h.Put(R"(/api/v1/groups/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    auto body = Body(req);
+    if (!body.ok()) return Error(res, body.status());
+    auto disks = Disks(*body);
+    if (!disks.ok()) return Error(res, disks.status());
+    ReplyResult(res, site_->CreateGroup(req.matches[1], *disks), 201);
+  });
+  h.Get(R"(/api/v1/groups/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    ReplyResult(res, site_->GroupStatus(req.matches[1]));
+  });
+  h.Delete(R"(/api/v1/groups/([^/]+))",
+           [this](const httplib::Request& req, httplib::Response& res) {
+             ReplyStatus(res, site_->DeleteGroup(req.matches[1]));
+           });
+  h.Put(R"(/api/v1/groups/([^/]+)/replication)",
+        [this](const httplib::Request& req, httplib::Response& res) {
+          auto body = Body(req);
+          if (!body.ok()) return Error(res, body.status());
+          if (!body->contains("target") || !(*body)["target"].is_string()) {
+            return Error(res, InvalidArgument("'target' (HOST:PORT) is missing"));
+          }
+          ReplyStatus(res, site_->StartReplication(req.matches[1], (*body)["target"],
+                                                   body->value("epoch", uint64_t{1})));
+        });
+  h.Delete(R"(/api/v1/groups/([^/]+)/replication)",
+           [this](const httplib::Request& req, httplib::Response& res) {
+             ReplyStatus(res, site_->StopReplication(req.matches[1]));
+           });
+  h.Put(R"(/api/v1/stores/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    auto body = Body(req);
+    if (!body.ok()) return Error(res, body.status());
+    auto disks = Disks(*body);
+    if (!disks.ok()) return Error(res, disks.status());
+    ReplyStatus(res, site_->CreateStore(req.matches[1], *disks), 201);
+  });
+  h.Get(R"(/api/v1/stores/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    ReplyResult(res, site_->StoreStatus(req.matches[1]));
+  });
+  h.Delete(R"(/api/v1/stores/([^/]+))",
+           [this](const httplib::Request& req, httplib::Response& res) {
+             ReplyStatus(res, site_->DeleteStore(req.matches[1]));
+           });
+  h.Post(R"(/api/v1/stores/([^/]+)/views)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
+             return Error(res, InvalidArgument("'seq' is missing"));
+           }
+           ReplyResult(res,
+                       site_->OpenView(req.matches[1], (*body)["seq"].get<uint64_t>(),
+                                       body->value("writable", false)),
+                       201);
+         });
+  h.Delete(R"(/api/v1/views/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    ReplyStatus(res, site_->CloseView(req.matches[1]));
+  });
+  h.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+    if (res.body.empty()) {
+      Reply(res, res.status,
+            json{{"error", {{"code", "not found"}, {"message", "no such API path or method"}}}});
+    }
+  });
+}
+
+SiteApi::~SiteApi() {
+  Stop();
+}
+
+Result<ListenAddress> SiteApi::Listen(const ListenAddress& addr) {
+  bound_ = addr;
+  if (addr.port == 0) {
+    int port = http_->bind_to_any_port(addr.host);
+    if (port < 0) return Unavailable("cannot bind the API to " + addr.host);
+    bound_.port = static_cast<uint16_t>(port);
+  } else if (!http_->bind_to_port(addr.host, addr.port)) {
+    return Unavailable(fmt::format("cannot bind the API to {}:{}", addr.host, addr.port));
+  }
+  return bound_;
+}
+
+void SiteApi::Start() {
+  thread_ = std::thread([this] { http_->listen_after_bind(); });
+}
+
+void SiteApi::Stop() {
+  if (thread_.joinable()) {
+    http_->stop();
+    thread_.join();
+  }
+}
+
+}  // namespace osr::site
