@@ -110,6 +110,7 @@ Status RecoveryStore::OpenParts() {
     if (h.disk >= disks_.size()) return true;  // refused at Append; cannot be here
     index_[h.disk].Add({h.seq, h.offset, h.length, h.kind, seg.first_seq, payload_pos});
     last = h.seq;
+    durable_time_ns_ = h.time_ns;
     return true;
   };
   OSR_ASSIGN_OR_RETURN(auto summary,
@@ -143,6 +144,7 @@ void RecoveryStore::OnWritten(std::span<const capture::CaptureLog::Written> reco
 Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
   std::lock_guard append(append_mu_);
   uint64_t expect = journal_->last_seq() + 1;
+  int64_t last_time = 0;
   size_t pos = 0;
   while (pos < records.size()) {
     if (records.size() - pos < RecordHeader::kSize) return Corruption("truncated record header");
@@ -164,11 +166,13 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
       return IoError("the journal of " + dir_ + " has failed");
     }
     ++expect;
+    last_time = h.time_ns;
     pos += RecordHeader::kSize + h.payload_bytes;
   }
   OSR_RETURN_IF_ERROR(journal_->Sync());
   std::lock_guard lock(mu_);
   durable_seq_ = expect - 1;
+  if (last_time != 0) durable_time_ns_ = last_time;
   return durable_seq_;
 }
 
@@ -248,6 +252,11 @@ void RecoveryStore::Unpin(uint64_t seq) {
 uint64_t RecoveryStore::base_seq() const {
   std::lock_guard lock(mu_);
   return base_seq_;
+}
+
+int64_t RecoveryStore::durable_time_ns() const {
+  std::lock_guard lock(mu_);
+  return durable_time_ns_;
 }
 
 uint64_t RecoveryStore::durable_seq() const {

@@ -66,6 +66,9 @@ class RecoveryStore {
 
   uint64_t base_seq() const;
   uint64_t durable_seq() const;
+  // When the write at durable_seq was accepted at the source (ns since the epoch; 0 if
+  // unknown, e.g. right after opening a store whose journal is empty).
+  int64_t durable_time_ns() const;
   const std::vector<StoreDisk>& disks() const { return disks_; }
   const std::string& dir() const { return dir_; }
 
@@ -90,6 +93,7 @@ class RecoveryStore {
   std::vector<VersionIndex> index_;    // per disk; guarded by mu_
   uint64_t base_seq_ = 0;              // guarded by mu_
   uint64_t durable_seq_ = 0;           // guarded by mu_
+  int64_t durable_time_ns_ = 0;        // guarded by mu_
   std::multiset<uint64_t> pins_;       // guarded by mu_
   std::map<uint64_t, File> segments_;  // first_seq -> open journal segment; guarded by mu_
 };
