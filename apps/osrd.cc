@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -21,6 +22,7 @@
 #include "nbd/server.h"
 #include "site/site.h"
 #include "site/site_api.h"
+#include "vault/vault.h"
 
 namespace {
 
@@ -237,6 +239,79 @@ int SiteMain(const std::string& config_path) {
   return 0;
 }
 
+int VaultMain(const std::string& db, const std::string& listen) {
+  sigset_t sigs = BlockStopSignals();
+  auto addr = ParseHostPort(listen, 7480);
+  if (!addr.ok()) return Fail(addr.status());
+  auto v = vault::Vault::Start({db, *addr});
+  if (!v.ok()) return Fail(v.status());
+  std::printf("osrd: vault on http://%s:%u/api/v1\n", (*v)->address().host.c_str(),
+              (*v)->address().port);
+  std::printf("osrd: ready\n");
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  (*v)->Stop();
+  return 0;
+}
+
+// A vault and two sites, "primary" and "recovery", in one process on 127.0.0.1.
+int Quickstart(const std::string& dir, const std::string& vault_listen) {
+  sigset_t sigs = BlockStopSignals();
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return Fail(Status::FromErrno(ec.value(), "create " + dir));
+  std::string abs = std::filesystem::absolute(dir).string();
+  auto vaddr = ParseHostPort(vault_listen, 7480);
+  if (!vaddr.ok()) return Fail(vaddr.status());
+  auto v = vault::Vault::Start({abs + "/vault.db", *vaddr});
+  if (!v.ok()) return Fail(v.status());
+  std::vector<std::unique_ptr<site::Site>> sites;
+  std::vector<std::unique_ptr<site::SiteApi>> apis;
+  for (std::string name : {"primary", "recovery"}) {
+    site::SiteConfig cfg;
+    cfg.name = name;
+    cfg.data_dir = abs + "/" + name;
+    cfg.nbd_listen.host = cfg.replication_listen.host = cfg.api_listen.host = "127.0.0.1";
+    auto s = site::Site::Start(cfg);
+    if (!s.ok()) return Fail(s.status());
+    auto api = std::make_unique<site::SiteApi>(s->get());
+    auto a = api->Listen(cfg.api_listen);
+    if (!a.ok()) return Fail(a.status());
+    api->Start();
+    auto repl = (*s)->replication_address();
+    auto r = (*v)->RegisterSite(name, fmt::format("http://{}:{}/api/v1", a->host, a->port),
+                                fmt::format("{}:{}", repl.host, repl.port));
+    if (!r.ok()) return Fail(r.status());
+    sites.push_back(std::move(*s));
+    apis.push_back(std::move(api));
+  }
+  auto vurl = fmt::format("http://{}:{}", (*v)->address().host, (*v)->address().port);
+  std::printf(
+      "osrd quickstart: a vault and two sites (primary, recovery) on 127.0.0.1, "
+      "state in %s\n",
+      abs.c_str());
+  std::printf("  vault: %s/api/v1\n", vurl.c_str());
+  std::printf("Try (build/osr, or osr on your PATH):\n");
+  std::printf("  osr site list\n");
+  std::printf("  osr vm create vm1 --site primary --disk os:1G --disk data:256M\n");
+  std::printf("  osr vm show vm1                      # the disks' NBD URIs: write to them\n");
+  std::printf("  osr protect vm1 --target recovery --wait\n");
+  std::printf("  osr point list vm1\n");
+  std::printf("  osr test-failover vm1 --point latest --wait   # drill disks' URIs\n");
+  std::printf("  osr test-failover-cleanup vm1 --wait\n");
+  std::printf("Ctrl-C stops everything.\n");
+  std::printf("osrd: ready\n");
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  spdlog::info("signal {}: stopping the quickstart", sig);
+  (*v)->Stop();
+  for (auto& a : apis) a->Stop();
+  for (auto& s : sites) s->Stop();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -268,6 +343,14 @@ int main(int argc, char** argv) {
                  "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen")
       ->required();
 
+  std::string vault_db = "vault.db", vault_listen = "127.0.0.1:7480", qs_dir = "./osr-data";
+  auto* vp = app.add_subcommand("vault", "run the vault (catalog, REST API, jobs)");
+  vp->add_option("--db", vault_db, "SQLite catalog path (default vault.db)");
+  vp->add_option("--listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
+  auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
+  qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
+  qs->add_option("--vault-listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
+
   auto* cap = app.add_subcommand("capture", "inspect and replay capture logs");
   cap->require_subcommand(1);
   std::string log, base, out;
@@ -292,6 +375,8 @@ int main(int argc, char** argv) {
 
   if (ns->parsed()) return NbdServe(serve);
   if (sp->parsed()) return SiteMain(site_config);
+  if (vp->parsed()) return VaultMain(vault_db, vault_listen);
+  if (qs->parsed()) return Quickstart(qs_dir, vault_listen);
   if (rp->parsed()) return CaptureReplay(log, base, out, upto, disk);
   if (dp->parsed()) return CaptureDump(log, output == "json");
   if (dr->parsed()) return CaptureDirty(log, disk, output == "json");

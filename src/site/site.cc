@@ -355,9 +355,11 @@ Result<json> Site::StoreStatus(const std::string& vm) {
   auto& s = *it->second;
   json disks = json::array();
   for (auto& d : s.disks()) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  return json{
-      {"name", vm}, {"disks", disks}, {"durable_seq", s.durable_seq()}, {"durable_time_ns", s.durable_time_ns()},
-      {"base_seq", s.base_seq()}};
+  return json{{"name", vm},
+              {"disks", disks},
+              {"durable_seq", s.durable_seq()},
+              {"durable_time_ns", s.durable_time_ns()},
+              {"base_seq", s.base_seq()}};
 }
 
 Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) {

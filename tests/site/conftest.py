@@ -8,7 +8,8 @@ vault and the VMs would. Run with Debian's interpreter, which has python3-libnbd
     /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/site
 
 Environment:
-    OSRD   path of the osrd binary (default: <repo>/build/osrd)
+    OSRD           path of the osrd binary (default: <repo>/build/osrd)
+    OSR_TEST_SEED  the seed of the random data (default: random; failures name it)
 
 A missing binary or tool makes a test FAIL with a message, never skip. Every wait
 is bounded in time.
@@ -88,9 +89,14 @@ class SiteProcess:
         self._log = open(self.log_path, "ab")
         self._log.write(f"---- start {time.strftime('%H:%M:%S')}\n".encode())
         self._log.flush()
-        self.proc = subprocess.Popen([str(binary), "site", "--config", str(self.config_path)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self._log)
+        try:
+            self.proc = subprocess.Popen(
+                [str(binary), "site", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
+        except OSError as e:
+            self._log.close()
+            pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSRD)",
+                        pytrace=False)
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -491,6 +497,7 @@ def apply_op(h, kind, offset, length, data):
 
 
 def seed_for(request):
-    """A per-test seed: OSR_TEST_SEED, or random (printed on failure by the tests)."""
+    """A per-test seed: OSR_TEST_SEED, or random (failure messages name it, so that
+    OSR_TEST_SEED=N reproduces the run's data)."""
     env = os.environ.get("OSR_TEST_SEED")
     return int(env) if env else random.randrange(1 << 30)

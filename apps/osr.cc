@@ -1,0 +1,382 @@
+// osr: the command line of Open Site Recovery. It speaks only to the vault's REST API.
+// Every command has --output json; --wait follows a job with a progress bar and exits
+// non-zero if the job fails.
+#include <fmt/format.h>
+#include <httplib.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+
+#include "common/units.h"
+
+namespace {
+
+using nlohmann::json;
+
+struct Ctx {
+  std::string vault = "http://127.0.0.1:7480";
+  std::string output = "table";
+  bool json_out() const { return output == "json"; }
+};
+
+struct Answer {
+  int status = 0;  // 0: unreachable
+  json body;
+  std::string error;
+};
+
+Answer Call(const Ctx& c, const std::string& method, const std::string& path,
+            const json& body = nullptr) {
+  httplib::Client cli(c.vault);
+  cli.set_connection_timeout(3);
+  cli.set_read_timeout(60);
+  std::string url = "/api/v1" + path;
+  std::string b = body.is_null() ? "" : body.dump();
+  httplib::Result r = method == "GET"    ? cli.Get(url)
+                      : method == "POST" ? cli.Post(url, b, "application/json")
+                      : method == "PUT"  ? cli.Put(url, b, "application/json")
+                                         : cli.Delete(url);
+  Answer a;
+  if (!r) {
+    a.error = fmt::format("the vault at {} is unreachable ({}); is it running? (make run)", c.vault,
+                          httplib::to_string(r.error()));
+    return a;
+  }
+  a.status = r->status;
+  a.body = json::parse(r->body, nullptr, false);
+  if (r->status >= 300) {
+    a.error = a.body.is_object() && a.body.contains("error")
+                  ? a.body["error"].value("message", r->body)
+                  : r->body;
+  }
+  return a;
+}
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "osr: error: %s\n", message.c_str());
+  return 1;
+}
+
+std::string Str(const json& v) {
+  if (v.is_null()) return "-";
+  if (v.is_string()) return v.get<std::string>();
+  return v.dump();
+}
+
+void Table(const json& rows, const std::vector<std::pair<std::string, std::string>>& cols) {
+  std::vector<size_t> width;
+  for (auto& [key, title] : cols) width.push_back(title.size());
+  std::vector<std::vector<std::string>> cells;
+  for (auto& r : rows) {
+    std::vector<std::string> line;
+    for (size_t i = 0; i < cols.size(); ++i) {
+      json v = r;
+      for (size_t at = 0, next; at != std::string::npos; at = next) {  // "a.b" paths
+        next = cols[i].first.find('.', at);
+        std::string k = cols[i].first.substr(at, next == std::string::npos ? next : next - at);
+        v = v.is_object() && v.contains(k) ? v[k] : json();
+        if (next != std::string::npos) ++next;
+      }
+      line.push_back(Str(v));
+      width[i] = std::max(width[i], line.back().size());
+    }
+    cells.push_back(line);
+  }
+  for (size_t i = 0; i < cols.size(); ++i)
+    std::printf("%-*s  ", static_cast<int>(width[i]), cols[i].second.c_str());
+  std::printf("\n");
+  for (auto& line : cells) {
+    for (size_t i = 0; i < line.size(); ++i)
+      std::printf("%-*s  ", static_cast<int>(width[i]), line[i].c_str());
+    std::printf("\n");
+  }
+}
+
+void Show(const json& obj) {
+  for (auto& [k, v] : obj.items()) {
+    if (v.is_array() || v.is_object()) {
+      std::printf("%-14s %s\n", (k + ":").c_str(), v.dump().c_str());
+    } else {
+      std::printf("%-14s %s\n", (k + ":").c_str(), Str(v).c_str());
+    }
+  }
+}
+
+// Prints the answer (json or table); returns the exit status.
+int Print(const Ctx& c, const Answer& a, const std::function<void(const json&)>& table) {
+  if (!a.error.empty()) return Fail(a.error);
+  if (c.json_out()) {
+    std::cout << a.body.dump(2) << "\n";
+  } else {
+    table(a.body);
+  }
+  return 0;
+}
+
+// Follows a job until it ends; a progress bar on stderr when it is a terminal.
+int Wait(const Ctx& c, int64_t id, const std::function<void(const json&)>& done_table) {
+  bool tty = isatty(STDERR_FILENO);
+  for (int i = 0;; ++i) {
+    Answer a = Call(c, "GET", fmt::format("/jobs/{}", id));
+    if (!a.error.empty()) return Fail(a.error);
+    const json& j = a.body;
+    std::string state = j.value("state", "");
+    int progress = j.value("progress", 0);
+    std::string step = j["steps"].empty() ? "" : j["steps"].back().value("name", "");
+    if (tty) {
+      int filled = progress / 5;
+      std::fprintf(stderr, "\r[%s%s] %3d%% %-50.50s", std::string(filled, '#').c_str(),
+                   std::string(20 - filled, ' ').c_str(), progress, step.c_str());
+    } else if (i % 25 == 0) {
+      std::fprintf(stderr, "job %lld: %s %d%% %s\n", static_cast<long long>(id), state.c_str(),
+                   progress, step.c_str());
+    }
+    if (state == "Succeeded" || state == "Failed") {
+      if (tty) std::fprintf(stderr, "\n");
+      if (c.json_out()) {
+        std::cout << j.dump(2) << "\n";
+      } else {
+        done_table(j);
+      }
+      if (state == "Failed") return Fail(fmt::format("job {} failed: {}", id, Str(j["error"])));
+      return 0;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+osr::Result<int64_t> ParseDuration(const std::string& s) {
+  if (s.empty()) return osr::InvalidArgument("empty duration");
+  char unit = s.back();
+  int64_t mult = unit == 's' ? 1 : unit == 'm' ? 60 : unit == 'h' ? 3600 : unit == 'd' ? 86400 : 0;
+  std::string num = mult ? s.substr(0, s.size() - 1) : s;
+  if (!mult) mult = 1;
+  try {
+    size_t used = 0;
+    long long v = std::stoll(num, &used);
+    if (used != num.size() || v <= 0) throw std::invalid_argument(s);
+    return v * mult;
+  } catch (...) {
+    return osr::InvalidArgument("'" + s + "' is not a duration (examples: 5s, 30m, 24h, 7d)");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Ctx c;
+  if (const char* v = std::getenv("OSR_VAULT")) c.vault = v;
+  CLI::App app{"osr: Open Site Recovery"};
+  app.require_subcommand(1);
+  app.add_option("--vault", c.vault, "vault URL (default $OSR_VAULT or http://127.0.0.1:7480)");
+  app.add_option("--output", c.output, "table or json")->check(CLI::IsMember({"table", "json"}));
+
+  auto* site = app.add_subcommand("site", "sites");
+  site->require_subcommand(1);
+  auto* site_list = site->add_subcommand("list", "sites, and whether they answer");
+
+  auto* policy = app.add_subcommand("policy", "replication policies");
+  policy->require_subcommand(1);
+  std::string pname, retention = "24h", crash = "5s", appi = "1h";
+  auto* pcreate = policy->add_subcommand("create", "create a policy");
+  pcreate->add_option("name", pname)->required();
+  pcreate->add_option("--retention", retention, "how long points are kept (24h)");
+  pcreate->add_option("--crash-interval", crash, "crash-consistent point every (5s)");
+  pcreate->add_option("--app-interval", appi, "app-consistent point every (1h)");
+  auto* plist = policy->add_subcommand("list", "list policies");
+
+  auto* vm = app.add_subcommand("vm", "virtual machines");
+  vm->require_subcommand(1);
+  std::string vname, vsite;
+  std::vector<std::string> vdisks;
+  auto* vcreate = vm->add_subcommand("create", "create a VM's disks at a site");
+  vcreate->add_option("name", vname)->required();
+  vcreate->add_option("--site", vsite)->required();
+  vcreate->add_option("--disk", vdisks, "NAME:SIZE, e.g. os:10G (repeat for more)")->required();
+  auto* vlist = vm->add_subcommand("list", "list VMs");
+  auto* vshow = vm->add_subcommand("show", "a VM and its disks' NBD URIs");
+  vshow->add_option("name", vname)->required();
+
+  std::string target, ppolicy = "default", spec, notes;
+  bool wait = false, appflag = false;
+  auto* protect = app.add_subcommand("protect", "replicate a VM to a recovery site");
+  protect->add_option("name", vname)->required();
+  protect->add_option("--target", target)->required();
+  protect->add_option("--policy", ppolicy);
+  protect->add_flag("--wait", wait, "follow the job");
+  auto* unprotect = app.add_subcommand("unprotect", "stop protecting a VM (deletes its points)");
+  unprotect->add_option("name", vname)->required();
+
+  auto* item = app.add_subcommand("item", "replicated items");
+  item->require_subcommand(1);
+  auto* ilist = item->add_subcommand("list", "all replicated items");
+  auto* ishow = item->add_subcommand("show", "one item: state, health, RPO, latest point");
+  ishow->add_option("name", vname)->required();
+
+  auto* point = app.add_subcommand("point", "recovery points");
+  point->require_subcommand(1);
+  auto* ptlist = point->add_subcommand("list", "an item's recovery points");
+  ptlist->add_option("name", vname)->required();
+  auto* ptcreate = point->add_subcommand("create", "make a recovery point now");
+  ptcreate->add_option("name", vname)->required();
+  ptcreate->add_flag("--app", appflag, "app-consistent (runs the VM's freeze/thaw hooks when set)");
+
+  auto* tf = app.add_subcommand(
+      "test-failover", "a DR drill: the VM's disks at a point, writable, beside replication");
+  tf->add_option("name", vname)->required();
+  tf->add_option("--point", spec, "latest | latest-processed | latest-app | ID | RFC 3339 time")
+      ->required();
+  tf->add_flag("--wait", wait, "follow the job");
+  auto* tfc =
+      app.add_subcommand("test-failover-cleanup", "end a drill: its disks and writes are deleted");
+  tfc->add_option("name", vname)->required();
+  tfc->add_option("--notes", notes);
+  tfc->add_flag("--wait", wait, "follow the job");
+
+  auto* job = app.add_subcommand("job", "jobs");
+  job->require_subcommand(1);
+  std::string jvm, jstate;
+  int64_t jid = 0;
+  auto* jlist = job->add_subcommand("list", "jobs, newest last");
+  jlist->add_option("--vm", jvm);
+  jlist->add_option("--state", jstate);
+  auto* jshow = job->add_subcommand("show", "one job with its steps");
+  jshow->add_option("id", jid)->required();
+  auto* jwait = job->add_subcommand("wait", "follow a job until it ends");
+  jwait->add_option("id", jid)->required();
+
+  CLI11_PARSE(app, argc, argv);
+
+  auto job_table = [](const json& j) {
+    std::printf("job %s: %s %s (%s%%)\n", Str(j["id"]).c_str(), Str(j["type"]).c_str(),
+                Str(j["state"]).c_str(), Str(j["progress"]).c_str());
+    for (auto& s : j.value("steps", json::array())) {
+      std::printf("  [%s] %s%s\n", Str(s["state"]).c_str(), Str(s["name"]).c_str(),
+                  s.value("message", "").empty() ? "" : (" — " + s.value("message", "")).c_str());
+    }
+    if (!j["error"].is_null()) std::printf("  error: %s\n", Str(j["error"]).c_str());
+    if (j.contains("disks")) {
+      for (auto& d : j["disks"])
+        std::printf("  disk %s: %s\n", Str(d["name"]).c_str(), Str(d["uri"]).c_str());
+    }
+  };
+  auto submitted = [&](const Answer& a) {
+    if (!a.error.empty()) return Fail(a.error);
+    int64_t id = a.body.value("id", int64_t{0});
+    if (wait) return Wait(c, id, job_table);
+    return Print(c, a, [&](const json& j) {
+      std::printf("job %lld started (osr job wait %lld)\n", static_cast<long long>(id),
+                  static_cast<long long>(id));
+      (void)j;
+    });
+  };
+
+  if (site_list->parsed()) {
+    return Print(c, Call(c, "GET", "/sites"), [](const json& b) {
+      Table(b, {{"name", "NAME"},
+                {"reachable", "REACHABLE"},
+                {"nbd", "NBD"},
+                {"vms", "VMS"},
+                {"stores", "STORES"},
+                {"error", "ERROR"}});
+    });
+  }
+  if (pcreate->parsed()) {
+    auto r = ParseDuration(retention);
+    auto ci = ParseDuration(crash);
+    auto ai = ParseDuration(appi);
+    if (!r.ok()) return Fail(r.status().message());
+    if (!ci.ok()) return Fail(ci.status().message());
+    if (!ai.ok()) return Fail(ai.status().message());
+    return Print(c,
+                 Call(c, "POST", "/policies",
+                      json{{"name", pname},
+                           {"retention_seconds", *r},
+                           {"crash_interval_seconds", *ci},
+                           {"app_interval_seconds", *ai}}),
+                 Show);
+  }
+  if (plist->parsed()) {
+    return Print(c, Call(c, "GET", "/policies"), [](const json& b) {
+      Table(b, {{"name", "NAME"},
+                {"retention_seconds", "RETENTION_S"},
+                {"crash_interval_seconds", "CRASH_S"},
+                {"app_interval_seconds", "APP_S"}});
+    });
+  }
+  if (vcreate->parsed()) {
+    json disks = json::array();
+    for (auto& d : vdisks) {
+      auto colon = d.find(':');
+      if (colon == std::string::npos) return Fail("--disk takes NAME:SIZE, e.g. os:10G");
+      auto size = osr::ParseSize(d.substr(colon + 1));
+      if (!size.ok()) return Fail(size.status().message());
+      disks.push_back({{"name", d.substr(0, colon)}, {"size_bytes", *size}});
+    }
+    return Print(c,
+                 Call(c, "POST", "/vms", json{{"name", vname}, {"site", vsite}, {"disks", disks}}),
+                 [](const json& b) {
+                   Show(json{{"name", b["name"]}, {"site", b["site"]}});
+                   Table(b["disks"], {{"name", "DISK"}, {"size_bytes", "BYTES"}, {"uri", "URI"}});
+                 });
+  }
+  if (vlist->parsed()) {
+    return Print(c, Call(c, "GET", "/vms"), [](const json& b) {
+      Table(b, {{"name", "NAME"}, {"site", "SITE"}});
+    });
+  }
+  if (vshow->parsed()) {
+    return Print(c, Call(c, "GET", "/vms/" + vname), [](const json& b) {
+      Show(json{{"name", b["name"]}, {"site", b["site"]}});
+      Table(b["disks"], {{"name", "DISK"}, {"size_bytes", "BYTES"}, {"uri", "URI"}});
+    });
+  }
+  if (protect->parsed())
+    return submitted(Call(c, "POST", "/vms/" + vname + "/protect",
+                          json{{"target", target}, {"policy", ppolicy}}));
+  if (unprotect->parsed()) return Print(c, Call(c, "DELETE", "/items/" + vname), Show);
+  if (ilist->parsed()) {
+    return Print(c, Call(c, "GET", "/items"), [](const json& b) {
+      Table(b, {{"name", "NAME"},
+                {"state", "STATE"},
+                {"source", "SOURCE"},
+                {"target", "TARGET"},
+                {"health", "HEALTH"},
+                {"rpo_seconds", "RPO_S"},
+                {"latest_point.time", "LATEST POINT"}});
+    });
+  }
+  if (ishow->parsed()) return Print(c, Call(c, "GET", "/items/" + vname), Show);
+  if (ptlist->parsed()) {
+    return Print(c, Call(c, "GET", "/items/" + vname + "/points"), [](const json& b) {
+      Table(b, {{"id", "ID"}, {"time", "TIME"}, {"seq", "SEQ"}, {"type", "TYPE"}});
+    });
+  }
+  if (ptcreate->parsed())
+    return Print(c, Call(c, "POST", "/items/" + vname + "/points", json{{"app", appflag}}), Show);
+  if (tf->parsed())
+    return submitted(Call(c, "POST", "/items/" + vname + "/test-failover", json{{"point", spec}}));
+  if (tfc->parsed())
+    return submitted(
+        Call(c, "POST", "/items/" + vname + "/test-failover-cleanup", json{{"notes", notes}}));
+  if (jlist->parsed()) {
+    std::string q = "/jobs?vm=" + jvm + "&state=" + jstate;
+    return Print(c, Call(c, "GET", q), [](const json& b) {
+      Table(b, {{"id", "ID"},
+                {"type", "TYPE"},
+                {"vm", "VM"},
+                {"state", "STATE"},
+                {"progress", "%"},
+                {"error", "ERROR"}});
+    });
+  }
+  if (jshow->parsed()) return Print(c, Call(c, "GET", fmt::format("/jobs/{}", jid)), job_table);
+  if (jwait->parsed()) return Wait(c, jid, job_table);
+  return 2;
+}

@@ -1,0 +1,335 @@
+#include "vault/catalog.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+
+namespace osr::vault {
+
+using nlohmann::json;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+namespace {
+
+constexpr int kSchemaVersion = 1;
+
+const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sites(name TEXT PRIMARY KEY, api TEXT NOT NULL,
+  replication TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS policies(name TEXT PRIMARY KEY, retention_s INTEGER NOT NULL,
+  crash_interval_s INTEGER NOT NULL, app_interval_s INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS vms(name TEXT PRIMARY KEY, site TEXT NOT NULL, disks TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items(vm TEXT PRIMARY KEY, source TEXT NOT NULL,
+  target TEXT NOT NULL, policy TEXT NOT NULL, state TEXT NOT NULL, epoch INTEGER NOT NULL,
+  drill TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS points(id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL,
+  seq INTEGER NOT NULL, time_ns INTEGER NOT NULL, type TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS points_vm ON points(vm, seq);
+CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL,
+  vm TEXT NOT NULL, state TEXT NOT NULL, progress INTEGER NOT NULL, steps TEXT NOT NULL,
+  error TEXT NOT NULL, result TEXT NOT NULL, args TEXT NOT NULL, created_ns INTEGER NOT NULL,
+  updated_ns INTEGER NOT NULL);
+)sql";
+
+// A prepared statement with positional binds; finalised on scope exit.
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) : db_(db) {
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &s_, nullptr);
+  }
+  ~Stmt() { sqlite3_finalize(s_); }
+  Stmt& Bind(const std::string& v) {
+    sqlite3_bind_text(s_, ++n_, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Bind(int64_t v) {
+    sqlite3_bind_int64(s_, ++n_, v);
+    return *this;
+  }
+  // SQLITE_ROW, SQLITE_DONE or an error code.
+  int Step() { return rc_ == SQLITE_OK ? sqlite3_step(s_) : rc_; }
+  Status Run() {
+    int rc = Step();
+    if (rc == SQLITE_DONE || rc == SQLITE_ROW) return Status::Ok();
+    if (rc == SQLITE_CONSTRAINT) return Status(Code::kAlreadyExists, sqlite3_errmsg(db_));
+    return IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  }
+  std::string Text(int i) {
+    auto* p = sqlite3_column_text(s_, i);
+    return p ? reinterpret_cast<const char*>(p) : "";
+  }
+  int64_t Int(int i) { return sqlite3_column_int64(s_, i); }
+  json Json(int i) {
+    json j = json::parse(Text(i), nullptr, false);
+    return j.is_discarded() ? json() : j;
+  }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* s_ = nullptr;
+  int rc_;
+  int n_ = 0;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
+  std::unique_ptr<Catalog> c(new Catalog());
+  if (sqlite3_open(path.c_str(), &c->db_) != SQLITE_OK) {
+    return IoError(fmt::format("open catalog {}: {}", path, sqlite3_errmsg(c->db_)));
+  }
+  sqlite3_busy_timeout(c->db_, 5000);
+  OSR_RETURN_IF_ERROR(c->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
+  OSR_RETURN_IF_ERROR(c->Exec(kSchema));
+  {
+    Stmt s(c->db_, "SELECT value FROM meta WHERE key='schema_version'");
+    if (s.Step() == SQLITE_ROW && s.Text(0) != std::to_string(kSchemaVersion)) {
+      return Corruption(fmt::format("catalog {} has schema {}, this osrd knows {}", path, s.Text(0),
+                                    kSchemaVersion));
+    }
+  }
+  OSR_RETURN_IF_ERROR(c->Exec(fmt::format(
+      "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', '{}')", kSchemaVersion)));
+  return c;
+}
+
+Catalog::~Catalog() {
+  sqlite3_close(db_);
+}
+
+Status Catalog::Exec(const std::string& sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string m = err ? err : "unknown";
+    sqlite3_free(err);
+    return IoError("sqlite: " + m);
+  }
+  return Status::Ok();
+}
+
+Status Catalog::PutSite(const SiteRow& s) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "INSERT OR REPLACE INTO sites(name, api, replication) VALUES(?,?,?)")
+      .Bind(s.name)
+      .Bind(s.api)
+      .Bind(s.replication)
+      .Run();
+}
+
+std::vector<SiteRow> Catalog::Sites() {
+  std::lock_guard lock(mu_);
+  std::vector<SiteRow> out;
+  Stmt s(db_, "SELECT name, api, replication FROM sites ORDER BY name");
+  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Text(2)});
+  return out;
+}
+
+std::optional<SiteRow> Catalog::Site(const std::string& name) {
+  for (auto& s : Sites()) {
+    if (s.name == name) return s;
+  }
+  return std::nullopt;
+}
+
+Status Catalog::PutPolicy(const PolicyRow& p) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_,
+              "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s) "
+              "VALUES(?,?,?,?)")
+      .Bind(p.name)
+      .Bind(p.retention_s)
+      .Bind(p.crash_interval_s)
+      .Bind(p.app_interval_s)
+      .Run();
+}
+
+std::vector<PolicyRow> Catalog::Policies() {
+  std::lock_guard lock(mu_);
+  std::vector<PolicyRow> out;
+  Stmt s(db_,
+         "SELECT name, retention_s, crash_interval_s, app_interval_s FROM policies "
+         "ORDER BY name");
+  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Int(1), s.Int(2), s.Int(3)});
+  return out;
+}
+
+std::optional<PolicyRow> Catalog::Policy(const std::string& name) {
+  for (auto& p : Policies()) {
+    if (p.name == name) return p;
+  }
+  return std::nullopt;
+}
+
+Status Catalog::PutVm(const VmRow& v) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "INSERT INTO vms(name, site, disks) VALUES(?,?,?)")
+      .Bind(v.name)
+      .Bind(v.site)
+      .Bind(v.disks.dump())
+      .Run();
+}
+
+std::vector<VmRow> Catalog::Vms() {
+  std::lock_guard lock(mu_);
+  std::vector<VmRow> out;
+  Stmt s(db_, "SELECT name, site, disks FROM vms ORDER BY name");
+  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Json(2)});
+  return out;
+}
+
+std::optional<VmRow> Catalog::Vm(const std::string& name) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "SELECT name, site, disks FROM vms WHERE name=?");
+  s.Bind(name);
+  if (s.Step() != SQLITE_ROW) return std::nullopt;
+  return VmRow{s.Text(0), s.Text(1), s.Json(2)};
+}
+
+Status Catalog::DeleteVm(const std::string& name) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "DELETE FROM vms WHERE name=?").Bind(name).Run();
+}
+
+Status Catalog::PutItem(const ItemRow& i) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_,
+              "INSERT OR REPLACE INTO items(vm, source, target, policy, state, epoch, "
+              "drill) VALUES(?,?,?,?,?,?,?)")
+      .Bind(i.vm)
+      .Bind(i.source)
+      .Bind(i.target)
+      .Bind(i.policy)
+      .Bind(i.state)
+      .Bind(static_cast<int64_t>(i.epoch))
+      .Bind(i.drill.dump())
+      .Run();
+}
+
+std::vector<ItemRow> Catalog::Items() {
+  std::lock_guard lock(mu_);
+  std::vector<ItemRow> out;
+  Stmt s(db_, "SELECT vm, source, target, policy, state, epoch, drill FROM items ORDER BY vm");
+  while (s.Step() == SQLITE_ROW) {
+    out.push_back({s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4),
+                   static_cast<uint64_t>(s.Int(5)), s.Json(6)});
+  }
+  return out;
+}
+
+std::optional<ItemRow> Catalog::Item(const std::string& vm) {
+  for (auto& i : Items()) {
+    if (i.vm == vm) return i;
+  }
+  return std::nullopt;
+}
+
+Status Catalog::DeleteItem(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "DELETE FROM items WHERE vm=?").Bind(vm).Run();
+}
+
+Result<int64_t> Catalog::AddPoint(const PointRow& p) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO points(vm, seq, time_ns, type) VALUES(?,?,?,?)")
+                          .Bind(p.vm)
+                          .Bind(static_cast<int64_t>(p.seq))
+                          .Bind(p.time_ns)
+                          .Bind(p.type)
+                          .Run());
+  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+}
+
+std::vector<PointRow> Catalog::Points(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  std::vector<PointRow> out;
+  Stmt s(db_, "SELECT id, vm, seq, time_ns, type FROM points WHERE vm=? ORDER BY seq, id");
+  s.Bind(vm);
+  while (s.Step() == SQLITE_ROW) {
+    out.push_back({s.Int(0), s.Text(1), static_cast<uint64_t>(s.Int(2)), s.Int(3), s.Text(4)});
+  }
+  return out;
+}
+
+Status Catalog::DeletePoints(const std::string& vm, int64_t older_than_ns) {
+  std::lock_guard lock(mu_);
+  if (older_than_ns == 0) return Stmt(db_, "DELETE FROM points WHERE vm=?").Bind(vm).Run();
+  return Stmt(db_, "DELETE FROM points WHERE vm=? AND time_ns<?")
+      .Bind(vm)
+      .Bind(older_than_ns)
+      .Run();
+}
+
+Result<int64_t> Catalog::AddJob(const JobRow& j) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(
+      Stmt(db_,
+           "INSERT INTO jobs(type, vm, state, progress, steps, error, result, args, "
+           "created_ns, updated_ns) VALUES(?,?,?,?,?,?,?,?,?,?)")
+          .Bind(j.type)
+          .Bind(j.vm)
+          .Bind(j.state)
+          .Bind(int64_t{j.progress})
+          .Bind(j.steps.dump())
+          .Bind(j.error)
+          .Bind(j.result.dump())
+          .Bind(j.args.dump())
+          .Bind(j.created_ns)
+          .Bind(j.updated_ns)
+          .Run());
+  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+}
+
+Status Catalog::UpdateJob(const JobRow& j) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_,
+              "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, "
+              "updated_ns=? WHERE id=?")
+      .Bind(j.state)
+      .Bind(int64_t{j.progress})
+      .Bind(j.steps.dump())
+      .Bind(j.error)
+      .Bind(j.result.dump())
+      .Bind(j.updated_ns)
+      .Bind(j.id)
+      .Run();
+}
+
+std::vector<JobRow> Catalog::Jobs(const std::string& vm, const std::string& state) {
+  std::lock_guard lock(mu_);
+  std::vector<JobRow> out;
+  Stmt s(db_,
+         "SELECT id, type, vm, state, progress, steps, error, result, args, created_ns, "
+         "updated_ns FROM jobs WHERE (?='' OR vm=?) AND (?='' OR state=?) ORDER BY id");
+  s.Bind(vm).Bind(vm).Bind(state).Bind(state);
+  while (s.Step() == SQLITE_ROW) {
+    JobRow j;
+    j.id = s.Int(0);
+    j.type = s.Text(1);
+    j.vm = s.Text(2);
+    j.state = s.Text(3);
+    j.progress = static_cast<int>(s.Int(4));
+    j.steps = s.Json(5);
+    j.error = s.Text(6);
+    j.result = s.Json(7);
+    j.args = s.Json(8);
+    j.created_ns = s.Int(9);
+    j.updated_ns = s.Int(10);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+std::optional<JobRow> Catalog::Job(int64_t id) {
+  for (auto& j : Jobs()) {
+    if (j.id == id) return j;
+  }
+  return std::nullopt;
+}
+
+}  // namespace osr::vault

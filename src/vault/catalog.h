@@ -1,0 +1,114 @@
+// Catalog: the vault's persistent state in SQLite — sites, policies, VMs, replicated
+// items, recovery points and jobs (docs/formats.md, "Vault catalog").
+//
+// Thread model: thread-safe; one connection guarded by mu_ (the vault's write rate is
+// low: jobs and points, not data).
+#pragma once
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace osr::vault {
+
+struct SiteRow {
+  std::string name;
+  std::string api;          // http://HOST:PORT/api/v1
+  std::string replication;  // HOST:PORT
+};
+
+struct PolicyRow {
+  std::string name;
+  int64_t retention_s = 24 * 3600;
+  int64_t crash_interval_s = 5;
+  int64_t app_interval_s = 3600;
+};
+
+struct VmRow {
+  std::string name;
+  std::string site;
+  nlohmann::json disks;  // [{name, size_bytes}]
+};
+
+struct ItemRow {
+  std::string vm;
+  std::string source;
+  std::string target;
+  std::string policy;
+  std::string state;
+  uint64_t epoch = 1;
+  nlohmann::json drill;  // {view, seq, disks[{name, uri}]} while a drill runs, else null
+};
+
+struct PointRow {
+  int64_t id = 0;
+  std::string vm;
+  uint64_t seq = 0;
+  int64_t time_ns = 0;
+  std::string type;  // crash | app
+};
+
+struct JobRow {
+  int64_t id = 0;
+  std::string type;
+  std::string vm;
+  std::string state;                               // Queued | Running | Succeeded | Failed
+  int progress = 0;                                // percent
+  nlohmann::json steps = nlohmann::json::array();  // [{name, state, message}]
+  std::string error;
+  nlohmann::json result;
+  nlohmann::json args;
+  int64_t created_ns = 0;
+  int64_t updated_ns = 0;
+};
+
+class Catalog {
+ public:
+  static Result<std::unique_ptr<Catalog>> Open(const std::string& path);
+  ~Catalog();
+
+  Status PutSite(const SiteRow& s);
+  std::vector<SiteRow> Sites();
+  std::optional<SiteRow> Site(const std::string& name);
+
+  Status PutPolicy(const PolicyRow& p);  // kAlreadyExists if the name is taken
+  std::vector<PolicyRow> Policies();
+  std::optional<PolicyRow> Policy(const std::string& name);
+
+  Status PutVm(const VmRow& v);  // kAlreadyExists
+  std::vector<VmRow> Vms();
+  std::optional<VmRow> Vm(const std::string& name);
+  Status DeleteVm(const std::string& name);
+
+  Status PutItem(const ItemRow& i);  // insert or replace
+  std::vector<ItemRow> Items();
+  std::optional<ItemRow> Item(const std::string& vm);
+  Status DeleteItem(const std::string& vm);
+
+  Result<int64_t> AddPoint(const PointRow& p);
+  std::vector<PointRow> Points(const std::string& vm);
+  Status DeletePoints(const std::string& vm, int64_t older_than_ns);  // all when 0
+
+  Result<int64_t> AddJob(const JobRow& j);
+  Status UpdateJob(const JobRow& j);
+  std::vector<JobRow> Jobs(const std::string& vm = "", const std::string& state = "");
+  std::optional<JobRow> Job(int64_t id);
+
+ private:
+  Catalog() = default;
+  Status Exec(const std::string& sql);
+
+  std::mutex mu_;
+  sqlite3* db_ = nullptr;  // guarded by mu_
+};
+
+int64_t NowNs();
+
+}  // namespace osr::vault

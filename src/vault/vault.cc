@@ -1,0 +1,845 @@
+#include "vault/vault.h"
+
+#include <fmt/format.h>
+#include <httplib.h>
+#include <spdlog/spdlog.h>
+
+#include <charconv>
+#include <chrono>
+#include <ctime>
+
+#include "common/units.h"
+
+namespace osr::vault {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr size_t kBodyBytesMax = 1 << 20;
+
+bool ValidName(const std::string& s) {
+  if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-') return false;
+  for (char c : s) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
+      return false;
+    }
+  }
+  return true;
+}
+
+int HttpStatus(const Status& st) {
+  switch (st.code()) {
+    case Code::kOk:
+      return 200;
+    case Code::kInvalidArgument:
+    case Code::kOutOfRange:
+      return 400;
+    case Code::kNotFound:
+      return 404;
+    case Code::kAlreadyExists:
+      return 409;
+    case Code::kPermissionDenied:
+      return 403;
+    case Code::kUnavailable:
+      return 503;
+    default:
+      return 500;
+  }
+}
+
+Code CodeFromHttp(int status) {
+  switch (status) {
+    case 400:
+      return Code::kInvalidArgument;
+    case 403:
+      return Code::kPermissionDenied;
+    case 404:
+      return Code::kNotFound;
+    case 409:
+      return Code::kAlreadyExists;
+    case 503:
+      return Code::kUnavailable;
+    default:
+      return Code::kInternal;
+  }
+}
+
+json PointJson(const PointRow& p) {
+  return json{{"id", p.id}, {"time", FormatTimeNs(p.time_ns)}, {"seq", p.seq}, {"type", p.type}};
+}
+
+json JobJson(const JobRow& j) {
+  json out = {{"id", j.id},
+              {"type", j.type},
+              {"vm", j.vm},
+              {"state", j.state},
+              {"progress", j.progress},
+              {"steps", j.steps},
+              {"error", j.error.empty() ? json() : json(j.error)},
+              {"created", FormatTimeNs(j.created_ns)},
+              {"updated", FormatTimeNs(j.updated_ns)}};
+  if (!j.result.is_null()) {
+    for (auto& [k, v] : j.result.items()) out[k] = v;
+  }
+  return out;
+}
+
+// RFC 3339 ("2026-11-26T06:01:38Z", fractions and offsets allowed) to ns since the epoch.
+std::optional<int64_t> ParseTime(const std::string& s) {
+  struct tm tm {};
+  const char* p = strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+  if (p == nullptr) return std::nullopt;
+  int64_t ns = 0;
+  if (*p == '.') {
+    int64_t scale = 100000000;
+    for (++p; *p >= '0' && *p <= '9'; ++p, scale /= 10) ns += (*p - '0') * scale;
+  }
+  int64_t offset_s = 0;
+  if (*p == 'Z' || *p == 'z') {
+    ++p;
+  } else if (*p == '+' || *p == '-') {
+    int sign = *p == '-' ? -1 : 1;
+    int hh = 0, mm = 0;
+    if (std::sscanf(p + 1, "%2d:%2d", &hh, &mm) != 2) return std::nullopt;
+    offset_s = sign * (hh * 3600 + mm * 60);
+    p += 6;
+  } else {
+    return std::nullopt;
+  }
+  if (*p != 0) return std::nullopt;
+  return (static_cast<int64_t>(timegm(&tm)) - offset_s) * 1000000000 + ns;
+}
+
+}  // namespace
+
+// ---- SiteClient ---------------------------------------------------------------------
+
+Result<json> SiteClient::Call(const std::string& method, const std::string& path,
+                              const json& body) {
+  // api = http://HOST:PORT/api/v1
+  std::string base = site_.api;
+  std::string prefix;
+  auto slash = base.find('/', base.find("://") + 3);
+  if (slash != std::string::npos) {
+    prefix = base.substr(slash);
+    base = base.substr(0, slash);
+  }
+  httplib::Client cli(base);
+  cli.set_connection_timeout(2);
+  cli.set_read_timeout(30);
+  cli.set_write_timeout(10);
+  std::string url = prefix + path;
+  std::string b = body.is_null() ? "" : body.dump();
+  httplib::Result r = method == "GET"    ? cli.Get(url)
+                      : method == "PUT"  ? cli.Put(url, b, "application/json")
+                      : method == "POST" ? cli.Post(url, b, "application/json")
+                                         : cli.Delete(url);
+  if (!r) {
+    return Unavailable(fmt::format("site {} ({}) is unreachable: {}", site_.name, site_.api,
+                                   httplib::to_string(r.error())));
+  }
+  json j = r->body.empty() ? json::object() : json::parse(r->body, nullptr, false);
+  if (r->status >= 300) {
+    std::string msg =
+        j.is_object() && j.contains("error") ? j["error"].value("message", r->body) : r->body;
+    return Status(CodeFromHttp(r->status), fmt::format("site {}: {}", site_.name, msg));
+  }
+  if (j.is_discarded()) return Corruption(fmt::format("site {}: answer is not JSON", site_.name));
+  return j;
+}
+
+// ---- Vault --------------------------------------------------------------------------
+
+Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
+  std::unique_ptr<Vault> v(new Vault(cfg));
+  OSR_ASSIGN_OR_RETURN(v->catalog_, Catalog::Open(cfg.db_path));
+  if (!v->catalog_->Policy("default")) {
+    OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
+  }
+  // Jobs that were running when the vault stopped cannot be trusted to have finished.
+  for (auto& j : v->catalog_->Jobs("", "Running")) {
+    j.state = "Failed";
+    j.error =
+        "the vault stopped while this job ran; the item was left as the last finished "
+        "step left it — run the operation again";
+    j.updated_ns = NowNs();
+    (void)v->catalog_->UpdateJob(j);
+  }
+  v->http_ = std::make_unique<httplib::Server>();
+  v->SetupRoutes();
+  v->bound_ = cfg.api_listen;
+  if (cfg.api_listen.port == 0) {
+    int port = v->http_->bind_to_any_port(cfg.api_listen.host);
+    if (port < 0) return Unavailable("cannot bind the vault API");
+    v->bound_.port = static_cast<uint16_t>(port);
+  } else if (!v->http_->bind_to_port(cfg.api_listen.host, cfg.api_listen.port)) {
+    return Unavailable(fmt::format("cannot bind the vault API to {}:{}", cfg.api_listen.host,
+                                   cfg.api_listen.port));
+  }
+  for (auto& j : v->catalog_->Jobs("", "Queued")) v->queue_.push_back(j.id);
+  Vault* vp = v.get();
+  v->http_thread_ = std::thread([vp] { vp->http_->listen_after_bind(); });
+  v->job_thread_ = std::thread([vp] { vp->JobLoop(); });
+  v->point_thread_ = std::thread([vp] { vp->PointLoop(); });
+  return v;
+}
+
+Vault::Vault(VaultConfig cfg) : cfg_(std::move(cfg)) {}
+
+Vault::~Vault() {
+  Stop();
+}
+
+void Vault::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  http_->stop();
+  if (http_thread_.joinable()) http_thread_.join();
+  if (job_thread_.joinable()) job_thread_.join();
+  if (point_thread_.joinable()) point_thread_.join();
+}
+
+Result<json> Vault::RegisterSite(const std::string& name, const std::string& api,
+                                 const std::string& replication) {
+  if (!ValidName(name)) return InvalidArgument("'" + name + "' is not a valid site name");
+  OSR_RETURN_IF_ERROR(catalog_->PutSite({name, api, replication}));
+  return json{{"name", name}, {"api", api}, {"replication", replication}};
+}
+
+json Vault::ListSites() {
+  json out = json::array();
+  for (auto& s : catalog_->Sites()) {
+    auto d = SiteClient(s).Call("GET", "/site");
+    json row = {{"name", s.name}, {"api", s.api}, {"reachable", d.ok()}};
+    if (d.ok()) {
+      row["nbd"] = (*d)["nbd"];
+      row["vms"] = (*d)["groups"];
+      row["stores"] = (*d)["stores"];
+    } else {
+      row["error"] = d.status().message();
+    }
+    out.push_back(row);
+  }
+  return out;
+}
+
+Result<json> Vault::CreatePolicy(const PolicyRow& p) {
+  if (!ValidName(p.name)) return InvalidArgument("'" + p.name + "' is not a valid policy name");
+  if (p.retention_s <= 0 || p.crash_interval_s <= 0 || p.app_interval_s <= 0) {
+    return InvalidArgument("retention and intervals must be positive");
+  }
+  Status st = catalog_->PutPolicy(p);
+  if (st.code() == Code::kAlreadyExists) {
+    return Status(Code::kAlreadyExists, "policy " + p.name + " exists");
+  }
+  OSR_RETURN_IF_ERROR(st);
+  return json{{"name", p.name},
+              {"retention_seconds", p.retention_s},
+              {"crash_interval_seconds", p.crash_interval_s},
+              {"app_interval_seconds", p.app_interval_s}};
+}
+
+json Vault::ListPolicies() {
+  json out = json::array();
+  for (auto& p : catalog_->Policies()) {
+    out.push_back({{"name", p.name},
+                   {"retention_seconds", p.retention_s},
+                   {"crash_interval_seconds", p.crash_interval_s},
+                   {"app_interval_seconds", p.app_interval_s}});
+  }
+  return out;
+}
+
+Result<json> Vault::CreateVm(const std::string& name, const std::string& site, const json& disks) {
+  if (!ValidName(name)) return InvalidArgument("'" + name + "' is not a valid VM name");
+  if (catalog_->Vm(name)) return Status(Code::kAlreadyExists, "VM " + name + " exists");
+  auto s = catalog_->Site(site);
+  if (!s) return NotFound("no site named '" + site + "' (osr site list)");
+  OSR_ASSIGN_OR_RETURN(json created,
+                       SiteClient(*s).Call("PUT", "/groups/" + name, json{{"disks", disks}}));
+  json stored = json::array();
+  for (auto& d : created["disks"]) {
+    stored.push_back({{"name", d["name"]}, {"size_bytes", d["size_bytes"]}});
+  }
+  Status st = catalog_->PutVm({name, site, stored});
+  if (!st.ok()) {
+    (void)SiteClient(*s).Call("DELETE", "/groups/" + name);  // nothing half-done
+    return st;
+  }
+  return ShowVm(name);
+}
+
+json Vault::ListVms() {
+  json out = json::array();
+  for (auto& v : catalog_->Vms()) {
+    auto shown = ShowVm(v.name);
+    out.push_back(shown.ok() ? *shown : json{{"name", v.name}, {"site", v.site}});
+  }
+  return out;
+}
+
+Result<json> Vault::ShowVm(const std::string& name) {
+  auto v = catalog_->Vm(name);
+  if (!v) return NotFound("no VM named '" + name + "'");
+  json out = {{"name", v->name}, {"site", v->site}};
+  json disks = json::array();
+  auto s = catalog_->Site(v->site);
+  Result<json> g = s ? SiteClient(*s).Call("GET", "/groups/" + name)
+                     : Result<json>(NotFound("site " + v->site + " is not registered"));
+  for (size_t i = 0; i < v->disks.size(); ++i) {
+    json d = {{"name", v->disks[i]["name"]}, {"size_bytes", v->disks[i]["size_bytes"]}};
+    d["uri"] = g.ok() && i < (*g)["disks"].size() ? (*g)["disks"][i]["uri"] : json();
+    disks.push_back(d);
+  }
+  out["disks"] = disks;
+  if (!g.ok()) out["site_error"] = g.status().message();
+  return out;
+}
+
+json Vault::ItemJson(const ItemRow& item) {
+  json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
+              {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
+  auto points = catalog_->Points(item.vm);
+  out["latest_point"] = points.empty() ? json() : PointJson(points.back());
+  // Health and RPO from both sites.
+  std::string health = "Normal";
+  double rpo = 0;
+  auto src = catalog_->Site(item.source);
+  auto dst = catalog_->Site(item.target);
+  auto g = src ? SiteClient(*src).Call("GET", "/groups/" + item.vm) : Result<json>(NotFound("x"));
+  auto st = dst ? SiteClient(*dst).Call("GET", "/stores/" + item.vm) : Result<json>(NotFound("x"));
+  if (!g.ok() || !st.ok()) {
+    health = "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
+  } else {
+    uint64_t last = (*g).value("last_seq", uint64_t{0});
+    uint64_t durable = (*st).value("durable_seq", uint64_t{0});
+    int64_t durable_ns = (*st).value("durable_time_ns", int64_t{0});
+    if (last > durable) {
+      // The newest write at the recovery site is this old; newer ones are on their way.
+      rpo = durable_ns > 0 ? static_cast<double>(NowNs() - durable_ns) / 1e9 : 0;
+    }
+    auto repl = (*g).value("replication", json::object());
+    if (repl.value("resync_required", false)) {
+      health = "Critical: resynchronization required";
+    } else if (!repl.value("connected", false) && item.state != "EnablingProtection") {
+      health =
+          "Warning: replication is not connected (" + repl.value("last_error", std::string()) + ")";
+    }
+    out["last_seq"] = last;
+    out["durable_seq"] = durable;
+  }
+  out["health"] = health;
+  out["rpo_seconds"] = rpo;
+  if (!item.drill.is_null()) out["drill"] = item.drill;
+  return out;
+}
+
+json Vault::ListItems() {
+  json out = json::array();
+  for (auto& i : catalog_->Items()) out.push_back(ItemJson(i));
+  return out;
+}
+
+Result<json> Vault::ShowItem(const std::string& vm) {
+  auto i = catalog_->Item(vm);
+  if (!i) return NotFound("VM " + vm + " is not protected (osr protect " + vm + " --target SITE)");
+  return ItemJson(*i);
+}
+
+Result<json> Vault::ListPoints(const std::string& vm) {
+  if (!catalog_->Item(vm)) return NotFound("VM " + vm + " is not protected");
+  json out = json::array();
+  for (auto& p : catalog_->Points(vm)) out.push_back(PointJson(p));
+  return out;
+}
+
+Result<json> Vault::Protect(const std::string& vm, const std::string& target,
+                            const std::string& policy) {
+  auto v = catalog_->Vm(vm);
+  if (!v) return NotFound("no VM named '" + vm + "' (osr vm list)");
+  if (catalog_->Item(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " is protected already");
+  if (!catalog_->Site(target)) return NotFound("no site named '" + target + "' (osr site list)");
+  if (target == v->site) return InvalidArgument("the target site must differ from the VM's site");
+  if (!catalog_->Policy(policy)) return NotFound("no policy named '" + policy + "'");
+  OSR_RETURN_IF_ERROR(
+      catalog_->PutItem({vm, v->site, target, policy, "EnablingProtection", 1, nullptr}));
+  return Submit("enable-protection", vm, json::object());
+}
+
+Result<json> Vault::Unprotect(const std::string& vm) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  auto src = catalog_->Site(item->source);
+  auto dst = catalog_->Site(item->target);
+  if (src) {
+    auto r = SiteClient(*src).Call("DELETE", "/groups/" + vm + "/replication");
+    if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+  }
+  if (dst) {
+    if (!item->drill.is_null()) {
+      (void)SiteClient(*dst).Call("DELETE", "/views/" + item->drill.value("view", std::string()));
+    }
+    auto r = SiteClient(*dst).Call("DELETE", "/stores/" + vm);
+    if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+  }
+  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
+  OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
+  return json{{"name", vm}, {"state", "Unprotected"}};
+}
+
+Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  if (item->state == "EnablingProtection") {
+    return InvalidArgument("VM " + vm + " is still being protected; wait for its job");
+  }
+  // No freeze/thaw hooks are configured for VMs yet: an app point marks the position.
+  OSR_ASSIGN_OR_RETURN(PointRow p, PointAtLatest(*item, app ? "app" : "crash", nullptr));
+  return PointJson(p);
+}
+
+Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected: no drill is possible");
+  if (item->state != "Protected") {
+    return InvalidArgument(fmt::format("VM {} is {}: a drill needs Protected", vm, item->state));
+  }
+  if (spec != "latest") {  // check now, so that a bad SPEC fails before any job
+    OSR_RETURN_IF_ERROR(ResolvePoint(*item, spec, nullptr).status());
+  }
+  return Submit("test-failover", vm, json{{"point", spec}});
+}
+
+Result<json> Vault::TestFailoverCleanup(const std::string& vm, const std::string& notes) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  if (item->state != "TestFailoverCompleted") {
+    return InvalidArgument(
+        fmt::format("VM {} is {}: there is no drill to clean up", vm, item->state));
+  }
+  return Submit("test-failover-cleanup", vm, json{{"notes", notes}});
+}
+
+json Vault::ListJobs(const std::string& vm, const std::string& state) {
+  json out = json::array();
+  for (auto& j : catalog_->Jobs(vm, state)) out.push_back(JobJson(j));
+  return out;
+}
+
+Result<json> Vault::ShowJob(int64_t id) {
+  auto j = catalog_->Job(id);
+  if (!j) return NotFound(fmt::format("no job {}", id));
+  return JobJson(*j);
+}
+
+// ---- jobs ---------------------------------------------------------------------------
+
+Result<json> Vault::Submit(const std::string& type, const std::string& vm, const json& args) {
+  JobRow j;
+  j.type = type;
+  j.vm = vm;
+  j.state = "Queued";
+  j.args = args;
+  j.created_ns = j.updated_ns = NowNs();
+  OSR_ASSIGN_OR_RETURN(j.id, catalog_->AddJob(j));
+  {
+    std::lock_guard lock(mu_);
+    queue_.push_back(j.id);
+  }
+  cv_.notify_all();
+  return JobJson(j);
+}
+
+void Vault::JobLoop() {
+  for (;;) {
+    int64_t id;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      id = queue_.front();
+      queue_.pop_front();
+    }
+    auto j = catalog_->Job(id);
+    if (!j) continue;
+    j->state = "Running";
+    j->updated_ns = NowNs();
+    (void)catalog_->UpdateJob(*j);
+    RunJob(*j);
+    j->updated_ns = NowNs();
+    (void)catalog_->UpdateJob(*j);
+    spdlog::info("job {} ({} {}): {}{}", j->id, j->type, j->vm, j->state,
+                 j->error.empty() ? "" : ": " + j->error);
+  }
+}
+
+namespace {
+
+// Records a step's progress in the job and the catalog.
+class Steps {
+ public:
+  Steps(Catalog* c, JobRow* j) : c_(c), j_(j) {}
+  void Begin(const std::string& name) {
+    j_->steps.push_back({{"name", name}, {"state", "Running"}, {"message", ""}});
+    Save();
+  }
+  void Done(int progress) {
+    j_->steps.back()["state"] = "Succeeded";
+    j_->progress = progress;
+    Save();
+  }
+  void Progress(int progress, const std::string& message) {
+    j_->progress = progress;
+    j_->steps.back()["message"] = message;
+    Save();
+  }
+  void Fail(const Status& st) {
+    if (!j_->steps.empty()) {
+      j_->steps.back()["state"] = "Failed";
+      j_->steps.back()["message"] = st.message();
+    }
+    j_->state = "Failed";
+    j_->error = st.message();
+  }
+
+ private:
+  void Save() {
+    j_->updated_ns = NowNs();
+    (void)c_->UpdateJob(*j_);
+  }
+  Catalog* c_;
+  JobRow* j_;
+};
+
+}  // namespace
+
+Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, JobRow* job) {
+  auto src = catalog_->Site(item.source);
+  auto dst = catalog_->Site(item.target);
+  if (!src || !dst) return NotFound("a site of the item is not registered");
+  OSR_ASSIGN_OR_RETURN(json g, SiteClient(*src).Call("GET", "/groups/" + item.vm));
+  uint64_t want = g.value("last_seq", uint64_t{0});
+  // Process everything still pending: wait until the recovery site has it.
+  auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(cfg_.job_wait_ms_max);
+  for (;;) {
+    OSR_ASSIGN_OR_RETURN(json st, SiteClient(*dst).Call("GET", "/stores/" + item.vm));
+    uint64_t durable = st.value("durable_seq", uint64_t{0});
+    if (durable >= want) {
+      PointRow p{0, item.vm, want, durable == want ? st.value("durable_time_ns", NowNs()) : NowNs(),
+                 type};
+      if (p.time_ns == 0) p.time_ns = NowNs();
+      OSR_ASSIGN_OR_RETURN(p.id, catalog_->AddPoint(p));
+      return p;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Unavailable(
+          fmt::format("the recovery site has seq {} of {} after {} s; is "
+                      "replication running? (osr item show {})",
+                      durable, want, cfg_.job_wait_ms_max / 1000, item.vm));
+    }
+    (void)job;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job) {
+  auto points = catalog_->Points(item.vm);
+  if (spec == "latest") return PointAtLatest(item, "crash", job);
+  if (spec == "latest-processed") {
+    if (points.empty()) return NotFound("VM " + item.vm + " has no recovery point yet");
+    return points.back();
+  }
+  if (spec == "latest-app") {
+    for (auto it = points.rbegin(); it != points.rend(); ++it) {
+      if (it->type == "app") return *it;
+    }
+    return NotFound("VM " + item.vm + " has no app-consistent point (osr point create " + item.vm +
+                    " --app)");
+  }
+  int64_t id = 0;
+  auto [p, ec] = std::from_chars(spec.data(), spec.data() + spec.size(), id);
+  if (ec == std::errc() && p == spec.data() + spec.size()) {
+    for (auto& pt : points) {
+      if (pt.id == id) return pt;
+    }
+    return NotFound(
+        fmt::format("VM {} has no recovery point {} (osr point list {})", item.vm, id, item.vm));
+  }
+  if (auto t = ParseTime(spec)) {
+    const PointRow* best = nullptr;
+    for (auto& pt : points) {
+      if (pt.time_ns <= *t) best = &pt;
+    }
+    if (best == nullptr) {
+      return NotFound(fmt::format("VM {} has no recovery point at or before {}", item.vm, spec));
+    }
+    return *best;
+  }
+  return InvalidArgument("'" + spec +
+                         "' is not a point: latest, latest-processed, "
+                         "latest-app, a point id, or an RFC 3339 time");
+}
+
+void Vault::RunJob(JobRow& job) {
+  Steps steps(catalog_.get(), &job);
+  auto item = catalog_->Item(job.vm);
+  if (!item) {
+    steps.Fail(NotFound("VM " + job.vm + " is no longer protected"));
+    return;
+  }
+  auto src = catalog_->Site(item->source);
+  auto dst = catalog_->Site(item->target);
+  if (!src || !dst) {
+    steps.Fail(NotFound("a site of the item is not registered"));
+    return;
+  }
+  auto fail = [&](const Status& st) {
+    steps.Fail(st);
+    return;
+  };
+
+  if (job.type == "enable-protection") {
+    auto v = catalog_->Vm(job.vm);
+    steps.Begin(fmt::format("Create the recovery store at {}", item->target));
+    auto r = SiteClient(*dst).Call("PUT", "/stores/" + job.vm, json{{"disks", v->disks}});
+    if (!r.ok()) {
+      (void)catalog_->DeleteItem(job.vm);
+      return fail(r.status());
+    }
+    steps.Done(10);
+    steps.Begin(fmt::format("Start replication from {}", item->source));
+    r = SiteClient(*src).Call("PUT", "/groups/" + job.vm + "/replication",
+                              json{{"target", dst->replication}, {"epoch", item->epoch}});
+    if (!r.ok()) {
+      (void)SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);  // nothing half-done
+      (void)catalog_->DeleteItem(job.vm);
+      return fail(r.status());
+    }
+    steps.Done(20);
+    steps.Begin("Initial replication");
+    auto g = SiteClient(*src).Call("GET", "/groups/" + job.vm);
+    uint64_t want = g.ok() ? (*g).value("last_seq", uint64_t{0}) : 0;
+    auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(cfg_.job_wait_ms_max);
+    for (;;) {
+      auto st = SiteClient(*dst).Call("GET", "/stores/" + job.vm);
+      uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
+      if (durable >= want) break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        (void)SiteClient(*src).Call("DELETE", "/groups/" + job.vm + "/replication");
+        (void)SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);
+        (void)catalog_->DeleteItem(job.vm);
+        return fail(Unavailable(fmt::format("initial replication reached seq {} of {} in {} s",
+                                            durable, want, cfg_.job_wait_ms_max / 1000)));
+      }
+      steps.Progress(20 + static_cast<int>(75 * durable / std::max<uint64_t>(want, 1)),
+                     fmt::format("{} of {} writes replicated", durable, want));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    steps.Done(95);
+    item->state = "Protected";
+    (void)catalog_->PutItem(*item);
+    steps.Begin("First recovery point");
+    auto p = PointAtLatest(*item, "crash", &job);
+    if (!p.ok()) return fail(p.status());
+    steps.Done(100);
+    job.state = "Succeeded";
+    return;
+  }
+
+  if (job.type == "test-failover") {
+    steps.Begin("Resolve the recovery point");
+    auto p = ResolvePoint(*item, job.args.value("point", std::string("latest")), &job);
+    if (!p.ok()) return fail(p.status());
+    steps.Progress(30,
+                   fmt::format("point {} (seq {}, {})", p->id, p->seq, FormatTimeNs(p->time_ns)));
+    steps.Done(40);
+    steps.Begin(fmt::format("Open the drill disks at {}", item->target));
+    auto v = SiteClient(*dst).Call("POST", "/stores/" + job.vm + "/views",
+                                   json{{"seq", p->seq}, {"writable", true}});
+    if (!v.ok()) return fail(v.status());
+    steps.Done(100);
+    item->state = "TestFailoverCompleted";
+    item->drill = {{"view", (*v)["id"]}, {"point", PointJson(*p)}, {"disks", (*v)["disks"]}};
+    (void)catalog_->PutItem(*item);
+    job.result = {{"disks", (*v)["disks"]}, {"point", PointJson(*p)}};
+    job.state = "Succeeded";
+    return;
+  }
+
+  if (job.type == "test-failover-cleanup") {
+    steps.Begin("Remove the drill disks and their writes");
+    auto r = SiteClient(*dst).Call("DELETE", "/views/" + item->drill.value("view", std::string()));
+    if (!r.ok() && r.status().code() != Code::kNotFound) return fail(r.status());
+    steps.Done(100);
+    item->state = "Protected";
+    item->drill = nullptr;
+    (void)catalog_->PutItem(*item);
+    job.result = {{"notes", job.args.value("notes", std::string())}};
+    job.state = "Succeeded";
+    return;
+  }
+  fail(InvalidArgument("unknown job type " + job.type));
+}
+
+// ---- points -------------------------------------------------------------------------
+
+void Vault::PointLoop() {
+  for (;;) {
+    {
+      std::unique_lock lock(mu_);
+      if (cv_.wait_for(lock, std::chrono::milliseconds(cfg_.point_tick_ms),
+                       [&] { return stop_; })) {
+        return;
+      }
+    }
+    for (auto& item : catalog_->Items()) {
+      if (item.state != "Protected" && item.state != "TestFailoverCompleted") continue;
+      auto policy = catalog_->Policy(item.policy);
+      auto dst = catalog_->Site(item.target);
+      if (!policy || !dst) continue;
+      auto points = catalog_->Points(item.vm);
+      int64_t now = NowNs();
+      if (!points.empty() && now - points.back().time_ns < policy->crash_interval_s * 1000000000) {
+        continue;
+      }
+      auto st = SiteClient(*dst).Call("GET", "/stores/" + item.vm);
+      if (!st.ok()) continue;  // no new point while the recovery site is away
+      uint64_t durable = (*st).value("durable_seq", uint64_t{0});
+      int64_t t = (*st).value("durable_time_ns", int64_t{0});
+      if (!points.empty() && durable <= points.back().seq) continue;  // nothing new
+      (void)catalog_->AddPoint({0, item.vm, durable, t ? t : now, "crash"});
+      // Retention: drop what is older than the window — but only once a newer point
+      // exists, so points never all expire while no new points can be made.
+      (void)catalog_->DeletePoints(item.vm, now - policy->retention_s * 1000000000);
+    }
+  }
+}
+
+// ---- REST ---------------------------------------------------------------------------
+
+void Vault::SetupRoutes() {
+  auto& h = *http_;
+  h.set_payload_max_length(kBodyBytesMax);
+  auto reply = [](httplib::Response& res, int status, const json& body) {
+    res.status = status;
+    res.set_content(body.dump(), "application/json");
+  };
+  auto error = [reply](httplib::Response& res, const Status& st) {
+    reply(res, HttpStatus(st),
+          json{{"error", {{"code", std::string(CodeName(st.code()))}, {"message", st.message()}}}});
+  };
+  auto result = [reply, error](httplib::Response& res, const Result<json>& r, int ok = 200) {
+    if (r.ok()) {
+      reply(res, ok, r.value());
+    } else {
+      error(res, r.status());
+    }
+  };
+  auto body = [](const httplib::Request& req) -> Result<json> {
+    if (req.body.empty()) return json::object();
+    json j = json::parse(req.body, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      return InvalidArgument("the body must be a JSON object");
+    return j;
+  };
+  h.Get("/api/v1/sites", [this, reply](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, ListSites());
+  });
+  h.Get("/api/v1/policies", [this, reply](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, ListPolicies());
+  });
+  h.Post("/api/v1/policies",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           PolicyRow p;
+           p.name = b->value("name", std::string());
+           p.retention_s = b->value("retention_seconds", p.retention_s);
+           p.crash_interval_s = b->value("crash_interval_seconds", p.crash_interval_s);
+           p.app_interval_s = b->value("app_interval_seconds", p.app_interval_s);
+           result(res, CreatePolicy(p), 201);
+         });
+  h.Get("/api/v1/vms", [this, reply](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, ListVms());
+  });
+  h.Post("/api/v1/vms",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           if (!b->contains("disks") || !(*b)["disks"].is_array() || (*b)["disks"].empty()) {
+             return error(res, InvalidArgument("a VM needs at least one disk (--disk NAME:SIZE)"));
+           }
+           result(res,
+                  CreateVm(b->value("name", std::string()), b->value("site", std::string()),
+                           (*b)["disks"]),
+                  201);
+         });
+  h.Get(R"(/api/v1/vms/([^/]+))",
+        [this, result](const httplib::Request& req, httplib::Response& res) {
+          result(res, ShowVm(req.matches[1]));
+        });
+  h.Post(R"(/api/v1/vms/([^/]+)/protect)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res,
+                  Protect(req.matches[1], b->value("target", std::string()),
+                          b->value("policy", std::string("default"))),
+                  202);
+         });
+  h.Get("/api/v1/items", [this, reply](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, ListItems());
+  });
+  h.Get(R"(/api/v1/items/([^/]+))",
+        [this, result](const httplib::Request& req, httplib::Response& res) {
+          result(res, ShowItem(req.matches[1]));
+        });
+  h.Delete(R"(/api/v1/items/([^/]+))",
+           [this, result](const httplib::Request& req, httplib::Response& res) {
+             result(res, Unprotect(req.matches[1]));
+           });
+  h.Get(R"(/api/v1/items/([^/]+)/points)",
+        [this, result](const httplib::Request& req, httplib::Response& res) {
+          result(res, ListPoints(req.matches[1]));
+        });
+  h.Post(R"(/api/v1/items/([^/]+)/points)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res, CreatePoint(req.matches[1], b->value("app", false)), 201);
+         });
+  h.Post(R"(/api/v1/items/([^/]+)/test-failover)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res, TestFailover(req.matches[1], b->value("point", std::string("latest"))), 202);
+         });
+  h.Post(R"(/api/v1/items/([^/]+)/test-failover-cleanup)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res, TestFailoverCleanup(req.matches[1], b->value("notes", std::string())), 202);
+         });
+  h.Get("/api/v1/jobs", [this, reply](const httplib::Request& req, httplib::Response& res) {
+    reply(res, 200, ListJobs(req.get_param_value("vm"), req.get_param_value("state")));
+  });
+  h.Get(R"(/api/v1/jobs/(\d+))",
+        [this, result](const httplib::Request& req, httplib::Response& res) {
+          result(res, ShowJob(std::stoll(req.matches[1])));
+        });
+  h.set_error_handler([reply](const httplib::Request&, httplib::Response& res) {
+    if (res.body.empty()) {
+      reply(res, res.status,
+            json{{"error", {{"code", "not found"}, {"message", "no such API path or method"}}}});
+    }
+  });
+}
+
+}  // namespace osr::vault
