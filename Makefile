@@ -34,14 +34,11 @@ asan: bootstrap $(BUILD_ASAN)/build.ninja
 fuzz-build: bootstrap $(BUILD_FUZZ)/build.ninja
 	ninja -C $(BUILD_FUZZ) -j $(JOBS)
 
-# For now: a demo disk served over NBD with capture on (the quickstart comes later).
+# The quickstart: a vault on 127.0.0.1:7480 and two sites, primary and recovery, with
+# their state in $(RUN_DIR). It prints what to try; Ctrl-C stops it.
 run: build
-	@mkdir -p $(RUN_DIR)
-	@echo "Serving $(RUN_DIR)/demo.img (1 GiB, sparse) with its capture log in $(RUN_DIR)/capture."
-	@echo "Try:  nbdinfo nbd://127.0.0.1:10809/   or   qemu-io -f raw nbd://127.0.0.1:10809/ -c 'write -P 0xab 0 1M'"
-	@echo "Then: $(BUILD)/osrd capture dump --log $(RUN_DIR)/capture     (Ctrl-C stops the server)"
-	$(BUILD)/osrd nbd-serve --image $(RUN_DIR)/demo.img --size 1G --listen 127.0.0.1:10809 \
-	    --capture $(RUN_DIR)/capture
+	@echo "CLI: $(BUILD)/osr (export PATH=$$PWD/$(BUILD):$$PATH to type just osr)"
+	$(BUILD)/osrd quickstart --dir $(RUN_DIR)
 
 # Every test: unit tests and real-client tests on the release build, the same again on
 # the ASan/UBSan build, then each fuzz target for FUZZ_SECONDS.
