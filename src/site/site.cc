@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 namespace osr::site {
 
@@ -207,17 +208,30 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   return Status::Ok();
 }
 
-Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks) {
+Status Site::CheckDisks(const std::string& vm, const std::vector<DiskSpec>& disks) const {
   if (!ValidName(vm)) return InvalidArgument(fmt::format("'{}' is not a valid VM name", vm));
   if (disks.empty()) return InvalidArgument("a VM needs at least one disk");
+  if (disks.size() > cfg_.disks_per_vm_max) {
+    return InvalidArgument(fmt::format("a VM has at most {} disks", cfg_.disks_per_vm_max));
+  }
+  std::set<std::string> names;
   for (auto& d : disks) {
-    if (!ValidName(d.name))
+    if (!ValidName(d.name)) {
       return InvalidArgument(fmt::format("'{}' is not a valid disk name", d.name));
+    }
+    if (!names.insert(d.name).second) {
+      return InvalidArgument(fmt::format("two disks are named '{}'", d.name));
+    }
     if (d.size_bytes == 0 || d.size_bytes > cfg_.disk_bytes_max) {
       return InvalidArgument(
           fmt::format("disk {}: size must be 1..{} bytes", d.name, cfg_.disk_bytes_max));
     }
   }
+  return Status::Ok();
+}
+
+Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks) {
+  OSR_RETURN_IF_ERROR(CheckDisks(vm, disks));
   std::lock_guard lock(mu_);
   if (groups_.count(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " exists at this site");
   std::error_code ec;
@@ -313,7 +327,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
 }
 
 Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks) {
-  if (!ValidName(vm)) return InvalidArgument(fmt::format("'{}' is not a valid VM name", vm));
+  OSR_RETURN_IF_ERROR(CheckDisks(vm, disks));
   std::lock_guard lock(mu_);
   if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
   std::string dir = cfg_.data_dir + "/stores/" + vm;

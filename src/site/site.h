@@ -42,6 +42,7 @@ struct SiteConfig {
   uint64_t region_bytes = 64 * 1024;
   uint64_t disk_bytes_max = 16ull << 40;
   size_t views_max = 64;
+  size_t disks_per_vm_max = 64;
 
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen.
   static Result<SiteConfig> Load(const std::string& path);
@@ -96,6 +97,8 @@ class Site {
 
   explicit Site(SiteConfig cfg) : cfg_(std::move(cfg)) {}
   Status Load();
+  // Names valid and unique, sizes within limits.
+  Status CheckDisks(const std::string& vm, const std::vector<DiskSpec>& disks) const;
   Status SaveLocked();  // holds mu_
   Status OpenGroupLocked(const std::string& vm, Group& g);
   Status StartSenderLocked(const std::string& vm, Group& g);
