@@ -17,6 +17,7 @@
 #include "capture/dirty_bitmap.h"
 #include "capture/log_reader.h"
 #include "capture/replay.h"
+#include "common/tls.h"
 #include "common/units.h"
 #include "nbd/file_disk.h"
 #include "nbd/server.h"
@@ -273,6 +274,10 @@ int Quickstart(const std::string& dir, const std::string& vault_listen) {
     cfg.name = name;
     cfg.data_dir = abs + "/" + name;
     cfg.nbd_listen.host = cfg.replication_listen.host = cfg.api_listen.host = "127.0.0.1";
+    // A private CA on first start; each site authenticates to the other with its cert.
+    auto tls = EnsureQuickstartCertificates(abs + "/tls", name);
+    if (!tls.ok()) return Fail(tls.status());
+    cfg.tls = *tls;
     auto s = site::Site::Start(cfg);
     if (!s.ok()) return Fail(s.status());
     auto api = std::make_unique<site::SiteApi>(s->get());

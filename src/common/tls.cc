@@ -9,6 +9,7 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -31,6 +32,9 @@ std::string SslError(const std::string& what) {
 }  // namespace
 
 Result<std::shared_ptr<TlsContext>> TlsContext::Create(const TlsFiles& files, bool server) {
+  // OpenSSL writes to the socket with write(): a peer that went away would raise SIGPIPE
+  // and kill the process. osr handles that as an error instead.
+  ::signal(SIGPIPE, SIG_IGN);
   std::shared_ptr<TlsContext> c(new TlsContext());
   c->server_ = server;
   c->ctx_ = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
@@ -57,21 +61,27 @@ TlsContext::~TlsContext() {
   SSL_CTX_free(ctx_);
 }
 
-Result<std::unique_ptr<Stream>> TlsContext::Wrap(Fd fd, int handshake_timeout_ms) {
+Result<std::unique_ptr<TlsStream>> TlsContext::NewStream(Fd fd) {
   int flags = ::fcntl(fd.get(), F_GETFL);
   ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK);
   SSL* ssl = SSL_new(ctx_);
   if (ssl == nullptr) return Status(Code::kInternal, SslError("SSL_new"));
   SSL_set_fd(ssl, fd.get());
-  auto stream = std::make_unique<TlsStream>(std::move(fd), ssl);
-  auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::milliseconds(handshake_timeout_ms);
+  return std::make_unique<TlsStream>(std::move(fd), ssl, server_);
+}
+
+Status TlsStream::Handshake(int timeout_ms) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
-    int rc = server_ ? SSL_accept(ssl) : SSL_connect(ssl);
-    if (rc == 1) break;
-    int err = SSL_get_error(ssl, rc);
+    int rc, err;
+    {
+      std::lock_guard lock(ssl_mu_);
+      rc = server_ ? SSL_accept(ssl_) : SSL_connect(ssl_);
+      err = rc == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl_, rc);
+    }
+    if (rc == 1) return Status::Ok();
     if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
-      long verify = SSL_get_verify_result(ssl);
+      long verify = SSL_get_verify_result(ssl_);
       std::string why =
           verify != X509_V_OK ? X509_verify_cert_error_string(verify) : SslError("TLS handshake");
       return Status(Code::kPermissionDenied, "TLS handshake refused: " + why);
@@ -80,11 +90,12 @@ Result<std::unique_ptr<Stream>> TlsContext::Wrap(Fd fd, int handshake_timeout_ms
                                     deadline - std::chrono::steady_clock::now())
                                     .count());
     if (left <= 0) return Unavailable("TLS handshake timed out");
-    struct pollfd p = {SSL_get_fd(ssl),
-                       static_cast<short>(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT), 0};
-    ::poll(&p, 1, left);
+    struct pollfd p = {fd_.get(), static_cast<short>(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT),
+                       0};
+    if (::poll(&p, 1, left) < 0 && errno != EINTR) return Status::FromErrno(errno, "poll");
+    if (p.revents & (POLLHUP | POLLERR))
+      return Unavailable("connection closed during TLS handshake");
   }
-  return std::unique_ptr<Stream>(std::move(stream));
 }
 
 TlsStream::~TlsStream() {

@@ -30,8 +30,8 @@ class TlsContext {
   // Loads the files; both ends require a certificate from the peer signed by the CA.
   static Result<std::shared_ptr<TlsContext>> Create(const TlsFiles& files, bool server);
   ~TlsContext();
-  // Runs the handshake on a connected socket; the peer must present a valid certificate.
-  Result<std::unique_ptr<Stream>> Wrap(Fd fd, int handshake_timeout_ms);
+  // A TLS stream over a connected socket; call Handshake() before using it.
+  Result<std::unique_ptr<class TlsStream>> NewStream(Fd fd);
 
  private:
   TlsContext() = default;
@@ -41,8 +41,11 @@ class TlsContext {
 
 class TlsStream final : public Stream {
  public:
-  TlsStream(Fd fd, SSL* ssl) : fd_(std::move(fd)), ssl_(ssl) {}
+  TlsStream(Fd fd, SSL* ssl, bool server) : fd_(std::move(fd)), ssl_(ssl), server_(server) {}
   ~TlsStream() override;
+  // Runs the handshake; the peer must present a certificate signed by the CA.
+  // kPermissionDenied when it does not.
+  Status Handshake(int timeout_ms);
   Result<size_t> ReadSome(std::span<uint8_t> buf) override;
   Status WriteAll(std::span<const struct iovec> iov) override;
   using Stream::WriteAll;
@@ -54,6 +57,7 @@ class TlsStream final : public Stream {
   Status Wait(bool for_write, int timeout_ms);
   Fd fd_;
   SSL* ssl_;
+  bool server_;
   std::mutex ssl_mu_;  // one SSL call at a time
   int read_timeout_ms_ = 0;
 };

@@ -68,7 +68,17 @@ void Receiver::AcceptLoop() {
     auto fd = listener_->Accept();
     if (!fd.ok()) continue;
     auto c = std::make_unique<Conn>();
-    c->stream = std::make_unique<SocketStream>(std::move(*fd));
+    if (tls_) {
+      auto t = tls_->NewStream(std::move(*fd));
+      if (!t.ok()) {
+        spdlog::warn("replication receiver: {}", t.status().ToString());
+        continue;
+      }
+      c->tls = t->get();
+      c->stream = std::move(*t);
+    } else {
+      c->stream = std::make_unique<SocketStream>(std::move(*fd));
+    }
     Conn* cp = c.get();
     std::lock_guard lock(mu_);
     conns_.push_back(std::move(c));
@@ -77,7 +87,14 @@ void Receiver::AcceptLoop() {
 }
 
 void Receiver::Serve(Conn* c) {
-  Status st = ServeSession(*c->stream);
+  Status st = c->tls ? c->tls->Handshake(10000) : Status::Ok();
+  if (!st.ok()) {
+    spdlog::warn("replication receiver: {}", st.ToString());
+    c->stream->Shutdown();
+    c->done = true;
+    return;
+  }
+  st = ServeSession(*c->stream);
   if (!st.ok()) {
     spdlog::info("replication receiver: session ended: {}", st.ToString());
     (void)WriteFrame(
@@ -89,7 +106,7 @@ void Receiver::Serve(Conn* c) {
   c->done = true;
 }
 
-Status Receiver::ServeSession(SocketStream& s) {
+Status Receiver::ServeSession(Stream& s) {
   s.SetReadTimeoutMs(30000);  // the HELLO must come soon
   OSR_ASSIGN_OR_RETURN(Frame hello, ReadFrame(s));
   if (hello.type != FrameType::kHello) return InvalidArgument("expected HELLO");
@@ -130,7 +147,7 @@ Status Receiver::ServeSession(SocketStream& s) {
   struct Release {
     Receiver* r;
     Group* g;
-    SocketStream* s;
+    Stream* s;
     ~Release() {
       std::lock_guard lock(r->mu_);
       if (g->current == s) g->current = nullptr;

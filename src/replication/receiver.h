@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "common/socket.h"
+#include "common/tls.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -28,7 +29,9 @@ class Receiver {
   using StoreLookup =
       std::function<std::shared_ptr<store::RecoveryStore>(const std::string& group)>;
 
-  explicit Receiver(StoreLookup lookup) : lookup_(std::move(lookup)) {}
+  // With `tls`, every sender must authenticate with a certificate of the CA.
+  explicit Receiver(StoreLookup lookup, std::shared_ptr<TlsContext> tls = nullptr)
+      : lookup_(std::move(lookup)), tls_(std::move(tls)) {}
   ~Receiver();
 
   Result<ListenAddress> Listen(const ListenAddress& addr);
@@ -39,19 +42,21 @@ class Receiver {
 
  private:
   struct Conn {
-    std::unique_ptr<SocketStream> stream;
+    std::unique_ptr<Stream> stream;
+    TlsStream* tls = nullptr;  // stream, when TLS is on
     std::thread thread;
     std::atomic<bool> done{false};
   };
   struct Group {
-    std::mutex serving;               // held by the connection serving the group
-    SocketStream* current = nullptr;  // guarded by Receiver::mu_
+    std::mutex serving;         // held by the connection serving the group
+    Stream* current = nullptr;  // guarded by Receiver::mu_
   };
   void AcceptLoop();
   void Serve(Conn* c);
-  Status ServeSession(SocketStream& s);
+  Status ServeSession(Stream& s);
 
   StoreLookup lookup_;
+  std::shared_ptr<TlsContext> tls_;
   std::unique_ptr<Listener> listener_;
   std::thread acceptor_;
   std::atomic<bool> stopping_{false};

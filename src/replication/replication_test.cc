@@ -13,6 +13,7 @@
 
 #include "capture/capture_group.h"
 #include "capture/log_reader.h"
+#include "common/tls.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
 #include "store/recovery_store.h"
@@ -129,8 +130,27 @@ class ReplicationTest : public ::testing::Test {
     group_.reset();
     fs::remove_all(dir_);
   }
+  // Restarts the receiver with TLS (certificates of a private CA in dir_/tls).
+  void UseTls() {
+    receiver_.reset();
+    auto files = EnsureQuickstartCertificates(dir_ + "/tls", "recovery").value();
+    auto server = TlsContext::Create(files, true).value();
+    receiver_ = std::make_unique<Receiver>(
+        [this](const std::string& g) {
+          return g == "vm1" ? store_ : std::shared_ptr<store::RecoveryStore>();
+        },
+        server);
+    ListenAddress a;
+    a.host = "127.0.0.1";
+    recv_addr_ = receiver_->Listen(a).value();
+    receiver_->Start();
+    client_tls_ =
+        TlsContext::Create(EnsureQuickstartCertificates(dir_ + "/tls", "primary").value(), false)
+            .value();
+  }
   void StartSender(ListenAddress target) {
     SenderOptions o;
+    o.tls = client_tls_;
     o.group = "vm1";
     o.target = target;
     o.disks = {{"d0", kSize}};
@@ -165,6 +185,7 @@ class ReplicationTest : public ::testing::Test {
   std::unique_ptr<Receiver> receiver_;
   ListenAddress recv_addr_;
   std::unique_ptr<Sender> sender_;
+  std::shared_ptr<TlsContext> client_tls_;
 };
 
 TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
@@ -197,6 +218,39 @@ TEST_F(ReplicationTest, ResumesAfterCutsAndRefusesAFlippedBit) {
   ExpectReplicaEqualsSource();
   EXPECT_GE(proxy.connections(), before + 2);  // the dropped one, the flipped one
   EXPECT_GE(sender_->stats().reconnects, 3u);
+}
+
+TEST_F(ReplicationTest, MutualTlsCarriesTheStreamAndRefusesStrangers) {
+  UseTls();
+  StartSender(recv_addr_);
+  std::mt19937 rng(3);
+  Write(rng, 100);
+  ExpectReplicaEqualsSource();
+  // A sender whose certificate comes from another CA is refused.
+  SenderOptions o;
+  o.group = "vm1";
+  o.target = recv_addr_;
+  o.disks = {{"d0", kSize}};
+  o.tls = TlsContext::Create(EnsureQuickstartCertificates(dir_ + "/other-ca", "intruder").value(),
+                             false)
+              .value();
+  Sender intruder(o, &group_->log());
+  intruder.Start();
+  for (int i = 0; i < 100 && intruder.stats().last_error.empty(); ++i) ::usleep(20000);
+  EXPECT_NE(intruder.stats().last_error.find("TLS"), std::string::npos)
+      << intruder.stats().last_error;
+  EXPECT_FALSE(intruder.stats().connected);
+  intruder.Stop();
+  // A plain-TCP sender is refused too; the real one goes on.
+  SenderOptions plain = o;
+  plain.tls = nullptr;
+  Sender cleartext(plain, &group_->log());
+  cleartext.Start();
+  for (int i = 0; i < 100 && cleartext.stats().last_error.empty(); ++i) ::usleep(20000);
+  EXPECT_FALSE(cleartext.stats().connected);
+  cleartext.Stop();
+  Write(rng, 50);
+  ExpectReplicaEqualsSource();
 }
 
 TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {

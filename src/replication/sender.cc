@@ -95,7 +95,16 @@ void Sender::AckLoop(Stream* s) {
 
 Status Sender::Session() {
   OSR_ASSIGN_OR_RETURN(Fd fd, Connect(opts_.target));
-  SocketStream s(std::move(fd));
+  std::unique_ptr<Stream> owned;
+  TlsStream* tls = nullptr;
+  if (opts_.tls) {
+    OSR_ASSIGN_OR_RETURN(auto t, opts_.tls->NewStream(std::move(fd)));
+    tls = t.get();
+    owned = std::move(t);
+  } else {
+    owned = std::make_unique<SocketStream>(std::move(fd));
+  }
+  Stream& s = *owned;
   {
     std::lock_guard lock(mu_);
     stream_ = &s;
@@ -111,6 +120,7 @@ Status Sender::Session() {
     }
   } detach{this};
   if (stop_) return Status::Ok();
+  if (tls != nullptr) OSR_RETURN_IF_ERROR(tls->Handshake(10000));
 
   nlohmann::json disks = nlohmann::json::array();
   for (auto& d : opts_.disks) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
@@ -154,7 +164,7 @@ Status Sender::Session() {
 
   std::thread acks([&] { AckLoop(&s); });
   struct JoinAcks {
-    SocketStream& s;
+    Stream& s;
     std::thread& t;
     ~JoinAcks() {
       s.Shutdown();

@@ -18,6 +18,7 @@
 
 #include "capture/capture_log.h"
 #include "common/socket.h"
+#include "common/tls.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -31,7 +32,8 @@ struct SenderOptions {
   size_t window_bytes_max = 32 << 20;  // sent but not acknowledged
   int reconnect_delay_ms_min = 50;
   int reconnect_delay_ms_max = 5000;
-  int idle_poll_ms = 2;  // how often to look for new records when idle
+  int idle_poll_ms = 2;             // how often to look for new records when idle
+  std::shared_ptr<TlsContext> tls;  // client side; nullptr: plain TCP
 };
 
 class Sender {

@@ -76,6 +76,13 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   OSR_ASSIGN_OR_RETURN(c.nbd_listen, Address(t, "nbd_listen", 10809));
   OSR_ASSIGN_OR_RETURN(c.replication_listen, Address(t, "replication_listen", 7481));
   OSR_ASSIGN_OR_RETURN(c.api_listen, Address(t, "api_listen", 7482));
+  c.tls.ca = t["tls_ca"].value_or(std::string());
+  c.tls.cert = t["tls_cert"].value_or(std::string());
+  c.tls.key = t["tls_key"].value_or(std::string());
+  bool any = !c.tls.ca.empty() || !c.tls.cert.empty() || !c.tls.key.empty();
+  if (any && (c.tls.ca.empty() || c.tls.cert.empty() || c.tls.key.empty())) {
+    return InvalidArgument(path + ": give all of tls_ca, tls_cert and tls_key, or none");
+  }
   return c;
 }
 
@@ -93,12 +100,23 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   s->nbd_ = std::make_unique<nbd::Server>(&s->exports_, nbd::SessionLimits{});
   OSR_ASSIGN_OR_RETURN(s->nbd_bound_, s->nbd_->AddListener(cfg.nbd_listen));
   Site* sp = s.get();
+  std::shared_ptr<TlsContext> tls_server;
+  if (cfg.tls.enabled()) {
+    OSR_ASSIGN_OR_RETURN(tls_server, TlsContext::Create(cfg.tls, /*server=*/true));
+    OSR_ASSIGN_OR_RETURN(s->tls_client_, TlsContext::Create(cfg.tls, /*server=*/false));
+  } else {
+    spdlog::warn(
+        "site {}: no tls_ca/tls_cert/tls_key: replication runs unencrypted and "
+        "unauthenticated",
+        cfg.name);
+  }
   s->receiver_ = std::make_unique<replication::Receiver>(
       [sp](const std::string& vm) -> std::shared_ptr<store::RecoveryStore> {
         std::lock_guard lock(sp->mu_);
         auto it = sp->stores_.find(vm);
         return it == sp->stores_.end() ? nullptr : it->second;
-      });
+      },
+      tls_server);
   OSR_ASSIGN_OR_RETURN(s->repl_bound_, s->receiver_->Listen(cfg.replication_listen));
   OSR_RETURN_IF_ERROR(s->Load());
   OSR_RETURN_IF_ERROR(s->nbd_->Start());
@@ -203,6 +221,7 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   o.target = target;
   o.epoch = g.epoch;
   o.disks = StoreDisks(g.disks);
+  o.tls = tls_client_;
   g.sender = std::make_unique<replication::Sender>(o, &g.capture->log());
   g.sender->Start();
   return Status::Ok();

@@ -24,6 +24,7 @@
 
 #include "capture/capture_group.h"
 #include "common/socket.h"
+#include "common/tls.h"
 #include "nbd/export_table.h"
 #include "nbd/server.h"
 #include "replication/receiver.h"
@@ -43,8 +44,10 @@ struct SiteConfig {
   uint64_t disk_bytes_max = 16ull << 40;
   size_t views_max = 64;
   size_t disks_per_vm_max = 64;
+  TlsFiles tls;  // replication between sites: mutual TLS when set (tls_ca, tls_cert, tls_key)
 
-  // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen.
+  // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and
+  // optionally tls_ca, tls_cert, tls_key (PEM files).
   static Result<SiteConfig> Load(const std::string& path);
 };
 
@@ -108,6 +111,7 @@ class Site {
   nbd::ExportTable exports_;
   std::unique_ptr<nbd::Server> nbd_;
   std::unique_ptr<replication::Receiver> receiver_;
+  std::shared_ptr<TlsContext> tls_client_;  // for senders; nullptr: plain TCP
   ListenAddress nbd_bound_;
   ListenAddress repl_bound_;
 
