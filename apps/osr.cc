@@ -183,12 +183,17 @@ int main(int argc, char** argv) {
 
   auto* policy = app.add_subcommand("policy", "replication policies");
   policy->require_subcommand(1);
-  std::string pname, retention = "24h", crash = "5s", appi = "1h";
+  std::string pname, retention = "24h", crash = "5s", appi = "1h", compression = "lz4",
+                     bandwidth = "0";
   auto* pcreate = policy->add_subcommand("create", "create a policy");
   pcreate->add_option("name", pname)->required();
   pcreate->add_option("--retention", retention, "how long points are kept (24h)");
   pcreate->add_option("--crash-interval", crash, "crash-consistent point every (5s)");
   pcreate->add_option("--app-interval", appi, "app-consistent point every (1h)");
+  pcreate->add_option("--compression", compression, "lz4 or none (lz4)")
+      ->check(CLI::IsMember({"lz4", "none"}));
+  pcreate->add_option("--bandwidth", bandwidth,
+                      "bytes per second on the wire, e.g. 100M (0: no limit)");
   auto* plist = policy->add_subcommand("list", "list policies");
 
   auto* vm = app.add_subcommand("vm", "virtual machines");
@@ -294,12 +299,16 @@ int main(int argc, char** argv) {
     if (!r.ok()) return Fail(r.status().message());
     if (!ci.ok()) return Fail(ci.status().message());
     if (!ai.ok()) return Fail(ai.status().message());
+    auto bw = osr::ParseSize(bandwidth);
+    if (!bw.ok()) return Fail(bw.status().message());
     return Print(c,
                  Call(c, "POST", "/policies",
                       json{{"name", pname},
                            {"retention_seconds", *r},
                            {"crash_interval_seconds", *ci},
-                           {"app_interval_seconds", *ai}}),
+                           {"app_interval_seconds", *ai},
+                           {"compression", compression},
+                           {"bandwidth_bytes_per_second", *bw}}),
                  Show);
   }
   if (plist->parsed()) {
@@ -307,7 +316,9 @@ int main(int argc, char** argv) {
       Table(b, {{"name", "NAME"},
                 {"retention_seconds", "RETENTION_S"},
                 {"crash_interval_seconds", "CRASH_S"},
-                {"app_interval_seconds", "APP_S"}});
+                {"app_interval_seconds", "APP_S"},
+                {"compression", "COMPRESSION"},
+                {"bandwidth_bytes_per_second", "BANDWIDTH_B/S"}});
     });
   }
   if (vcreate->parsed()) {

@@ -154,10 +154,15 @@ Status Receiver::ServeSession(Stream& s) {
     }
   } release{this, g, &s};
 
-  OSR_RETURN_IF_ERROR(WriteFrame(
-      s, FrameType::kHelloOk,
-      nlohmann::json{{"durable_seq", store->durable_seq()}, {"base_seq", store->base_seq()}}
-          .dump()));
+  bool lz4 = false;
+  if (j.contains("compress") && j["compress"].is_array()) {
+    for (auto& c : j["compress"]) lz4 = lz4 || c == "lz4";
+  }
+  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHelloOk,
+                                 nlohmann::json{{"durable_seq", store->durable_seq()},
+                                                {"base_seq", store->base_seq()},
+                                                {"compress", lz4 ? "lz4" : "none"}}
+                                     .dump()));
   s.SetReadTimeoutMs(0);
   spdlog::info("replication receiver: group '{}' connected, durable seq {}", group,
                store->durable_seq());

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <random>
 #include <thread>
@@ -148,9 +149,10 @@ class ReplicationTest : public ::testing::Test {
         TlsContext::Create(EnsureQuickstartCertificates(dir_ + "/tls", "primary").value(), false)
             .value();
   }
-  void StartSender(ListenAddress target) {
+  void StartSender(ListenAddress target, uint64_t bandwidth = 0) {
     SenderOptions o;
     o.tls = client_tls_;
+    o.bandwidth_bytes_per_second = bandwidth;
     o.group = "vm1";
     o.target = target;
     o.disks = {{"d0", kSize}};
@@ -159,11 +161,15 @@ class ReplicationTest : public ::testing::Test {
     sender_ = std::make_unique<Sender>(o, &group_->log());
     sender_->Start();
   }
-  void Write(std::mt19937& rng, int n) {
+  // Random bytes (incompressible) unless `compressible`.
+  void Write(std::mt19937& rng, int n, bool compressible = false) {
     for (int i = 0; i < n; ++i) {
       uint64_t len = 1 + rng() % 100000;
       uint64_t off = rng() % (kSize - len);
       std::vector<uint8_t> d(len, static_cast<uint8_t>(rng()));
+      if (!compressible) {
+        for (auto& b : d) b = static_cast<uint8_t>(rng());
+      }
       ASSERT_TRUE(disk_->Write(off, d).ok());
     }
   }
@@ -251,6 +257,35 @@ TEST_F(ReplicationTest, MutualTlsCarriesTheStreamAndRefusesStrangers) {
   cleartext.Stop();
   Write(rng, 50);
   ExpectReplicaEqualsSource();
+}
+
+TEST_F(ReplicationTest, CompressesWhatCompresses) {
+  StartSender(recv_addr_);
+  std::mt19937 rng(4);
+  Write(rng, 100, /*compressible=*/true);
+  ExpectReplicaEqualsSource();
+  auto st = sender_->stats();
+  EXPECT_LT(st.wire_bytes_sent * 4, st.bytes_sent) << st.wire_bytes_sent << " of " << st.bytes_sent;
+  uint64_t wire = st.wire_bytes_sent, raw = st.bytes_sent;
+  Write(rng, 50);  // random: sent as it is
+  ExpectReplicaEqualsSource();
+  st = sender_->stats();
+  EXPECT_GE(st.wire_bytes_sent - wire, st.bytes_sent - raw);
+}
+
+TEST_F(ReplicationTest, KeepsToTheBandwidthLimit) {
+  constexpr uint64_t kRate = 4 << 20;  // bytes per second
+  StartSender(recv_addr_, kRate);
+  std::mt19937 rng(5);
+  Write(rng, 120);  // about 6 MB of random bytes
+  uint64_t bytes = 0;
+  auto t0 = std::chrono::steady_clock::now();
+  ExpectReplicaEqualsSource();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  bytes = sender_->stats().wire_bytes_sent;
+  // The first window of frames may go at once; the rest at the rate.
+  EXPECT_GE(secs, 0.8 * static_cast<double>(bytes) / kRate - 0.2) << bytes << " bytes in " << secs;
+  EXPECT_LE(static_cast<double>(bytes) / secs, 1.3 * kRate);
 }
 
 TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {

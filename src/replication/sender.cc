@@ -124,12 +124,15 @@ Status Sender::Session() {
 
   nlohmann::json disks = nlohmann::json::array();
   for (auto& d : opts_.disks) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHello,
-                                 nlohmann::json{{"version", kProtocolVersion},
-                                                {"group", opts_.group},
-                                                {"epoch", opts_.epoch},
-                                                {"disks", disks}}
-                                     .dump()));
+  OSR_RETURN_IF_ERROR(WriteFrame(
+      s, FrameType::kHello,
+      nlohmann::json{
+          {"version", kProtocolVersion},
+          {"group", opts_.group},
+          {"epoch", opts_.epoch},
+          {"compress", opts_.compress ? nlohmann::json::array({"lz4"}) : nlohmann::json::array()},
+          {"disks", disks}}
+          .dump()));
   s.SetReadTimeoutMs(30000);
   OSR_ASSIGN_OR_RETURN(Frame ok, ReadFrame(s));
   if (ok.type == FrameType::kError) {
@@ -139,6 +142,7 @@ Status Sender::Session() {
   auto j = nlohmann::json::parse(ok.payload, nullptr, false);
   if (j.is_discarded() || !j.contains("durable_seq")) return Corruption("malformed HELLO_OK");
   uint64_t durable = j["durable_seq"].get<uint64_t>();
+  bool compress = opts_.compress && j.value("compress", std::string()) == "lz4";
   s.SetReadTimeoutMs(0);
   if (durable > log_->last_seq()) {
     return Corruption(fmt::format(
@@ -176,6 +180,7 @@ Status Sender::Session() {
   std::vector<uint8_t> frame;
   uint64_t trimmed_upto = durable;
   auto last_trim = std::chrono::steady_clock::now();
+  auto pace_until = std::chrono::steady_clock::now();
   while (!stop_) {
     {
       std::unique_lock lock(mu_);
@@ -202,8 +207,18 @@ Status Sender::Session() {
                    [&] { return stop_ || session_broken_; });
       continue;
     }
-    OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kRecords, frame));
+    OSR_ASSIGN_OR_RETURN(size_t wire, WriteRecordsFrame(s, frame, compress));
+    if (opts_.bandwidth_bytes_per_second > 0) {
+      // Pace on the wire: each frame's bytes cost their time at the policy's rate.
+      pace_until +=
+          std::chrono::nanoseconds(wire * 1000000000ull / opts_.bandwidth_bytes_per_second);
+      auto now = std::chrono::steady_clock::now();
+      if (pace_until < now) pace_until = now;  // no credit saved up while idle
+      std::unique_lock lock(mu_);
+      cv_.wait_until(lock, pace_until, [&] { return stop_.load() || session_broken_; });
+    }
     std::lock_guard lock(mu_);
+    stats_.wire_bytes_sent += wire;
     uint64_t last = tailer.next_seq() - 1;
     in_flight_.emplace_back(last, frame.size());
     in_flight_bytes_ += frame.size();

@@ -32,8 +32,10 @@ struct SenderOptions {
   size_t window_bytes_max = 32 << 20;  // sent but not acknowledged
   int reconnect_delay_ms_min = 50;
   int reconnect_delay_ms_max = 5000;
-  int idle_poll_ms = 2;             // how often to look for new records when idle
-  std::shared_ptr<TlsContext> tls;  // client side; nullptr: plain TCP
+  int idle_poll_ms = 2;                     // how often to look for new records when idle
+  std::shared_ptr<TlsContext> tls;          // client side; nullptr: plain TCP
+  bool compress = true;                     // LZ4 when the receiver agrees and it pays
+  uint64_t bandwidth_bytes_per_second = 0;  // on the wire; 0: no limit
 };
 
 class Sender {
@@ -42,7 +44,8 @@ class Sender {
     bool connected = false;
     uint64_t acked_seq = 0;
     uint64_t sent_seq = 0;
-    uint64_t bytes_sent = 0;
+    uint64_t bytes_sent = 0;       // record bytes shipped
+    uint64_t wire_bytes_sent = 0;  // after compression, with frame headers
     uint64_t reconnects = 0;
     bool resync_required = false;  // the receiver needs records the log no longer has
     std::string last_error;

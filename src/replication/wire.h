@@ -1,7 +1,7 @@
 // The replication channel's framing (docs/formats.md, "Replication channel"). A frame
 // is a 16-byte little-endian header and a payload:
 //
-//   0 magic u32 "OSRR"   4 type u16   6 flags u16 (0)   8 length u32 (payload bytes)
+//   0 magic u32 "OSRR"   4 type u16   6 flags u16   8 length u32 (payload bytes)
 //  12 crc u32: CRC32C of header bytes 0..11 followed by the payload
 //
 // Records inside a RECORDS frame carry their own CRC too (the capture-log format), so a
@@ -21,6 +21,9 @@ namespace osr::replication {
 inline constexpr uint32_t kFrameMagic = 0x5252534f;  // "OSRR" as little-endian bytes
 inline constexpr uint32_t kProtocolVersion = 1;
 inline constexpr uint32_t kFramePayloadMax = 64u << 20;
+// Frame flag: the payload is u32 uncompressed length + an LZ4 block (RECORDS only, when
+// both ends said so in HELLO / HELLO_OK).
+inline constexpr uint16_t kFlagLz4 = 1;
 
 enum class FrameType : uint16_t {
   kHello = 1,    // sender -> receiver: JSON {version, group, epoch, disks[{name,size_bytes}]}
@@ -35,9 +38,13 @@ struct Frame {
   std::vector<uint8_t> payload;
 };
 
-Status WriteFrame(Stream& s, FrameType type, std::span<const uint8_t> payload);
+Status WriteFrame(Stream& s, FrameType type, std::span<const uint8_t> payload, uint16_t flags = 0);
+// Compresses `payload` with LZ4 into a frame when that saves at least 10%, else sends it
+// as it is. Returns the bytes that went on the wire.
+Result<size_t> WriteRecordsFrame(Stream& s, std::span<const uint8_t> payload, bool compress);
 Status WriteFrame(Stream& s, FrameType type, const std::string& payload);
-// Reads one frame; kCorruption on a bad magic or CRC, kUnavailable when the peer left.
+// Reads one frame (decompressing an LZ4 payload); kCorruption on a bad magic, CRC or
+// compressed block, kUnavailable when the peer left.
 Result<Frame> ReadFrame(Stream& s);
 
 std::vector<uint8_t> EncodeU64(uint64_t v);

@@ -163,6 +163,8 @@ Status Site::Load() {
     OSR_ASSIGN_OR_RETURN(g->disks, DisksFromJson(gj["disks"]));
     g->replicate_to = gj.value("replicate_to", std::string());
     g->epoch = gj.value("epoch", uint64_t{1});
+    g->compress = gj.value("compress", true);
+    g->bandwidth_bytes_per_second = gj.value("bandwidth_bytes_per_second", uint64_t{0});
     OSR_RETURN_IF_ERROR(OpenGroupLocked(vm, *g));
     if (!g->replicate_to.empty()) OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
     groups_[vm] = std::move(g);
@@ -178,8 +180,11 @@ Status Site::Load() {
 Status Site::SaveLocked() {
   json groups = json::object();
   for (auto& [vm, g] : groups_) {
-    groups[vm] = {
-        {"disks", DisksJson(g->disks)}, {"replicate_to", g->replicate_to}, {"epoch", g->epoch}};
+    groups[vm] = {{"disks", DisksJson(g->disks)},
+                  {"replicate_to", g->replicate_to},
+                  {"epoch", g->epoch},
+                  {"compress", g->compress},
+                  {"bandwidth_bytes_per_second", g->bandwidth_bytes_per_second}};
   }
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
@@ -222,6 +227,8 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   o.epoch = g.epoch;
   o.disks = StoreDisks(g.disks);
   o.tls = tls_client_;
+  o.compress = g.compress;
+  o.bandwidth_bytes_per_second = g.bandwidth_bytes_per_second;
   g.sender = std::make_unique<replication::Sender>(o, &g.capture->log());
   g.sender->Start();
   return Status::Ok();
@@ -294,7 +301,8 @@ Status Site::DeleteGroup(const std::string& vm) {
   return Status::Ok();
 }
 
-Status Site::StartReplication(const std::string& vm, const std::string& target, uint64_t epoch) {
+Status Site::StartReplication(const std::string& vm, const std::string& target, uint64_t epoch,
+                              bool compress, uint64_t bandwidth_bytes_per_second) {
   OSR_RETURN_IF_ERROR(ParseHostPort(target, 7481).status());
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
@@ -303,6 +311,8 @@ Status Site::StartReplication(const std::string& vm, const std::string& target, 
   g.sender.reset();
   g.replicate_to = target;
   g.epoch = epoch;
+  g.compress = compress;
+  g.bandwidth_bytes_per_second = bandwidth_bytes_per_second;
   OSR_RETURN_IF_ERROR(StartSenderLocked(vm, g));
   return SaveLocked();
 }
@@ -337,9 +347,13 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"epoch", g.epoch}};
   if (g.sender) {
     auto st = g.sender->stats();
-    out["replication"] = {{"connected", st.connected},   {"acked_seq", st.acked_seq},
-                          {"sent_seq", st.sent_seq},     {"bytes_sent", st.bytes_sent},
-                          {"reconnects", st.reconnects}, {"resync_required", st.resync_required},
+    out["replication"] = {{"connected", st.connected},
+                          {"acked_seq", st.acked_seq},
+                          {"sent_seq", st.sent_seq},
+                          {"bytes_sent", st.bytes_sent},
+                          {"wire_bytes_sent", st.wire_bytes_sent},
+                          {"reconnects", st.reconnects},
+                          {"resync_required", st.resync_required},
                           {"last_error", st.last_error}};
   }
   return out;
@@ -379,6 +393,18 @@ Status Site::DeleteStore(const std::string& vm) {
   std::error_code ec;
   fs::remove_all(dir, ec);
   return Status::Ok();
+}
+
+Result<json> Site::FoldStore(const std::string& vm, uint64_t seq) {
+  std::shared_ptr<store::RecoveryStore> s;
+  {
+    std::lock_guard lock(mu_);
+    auto it = stores_.find(vm);
+    if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+    s = it->second;
+  }
+  OSR_ASSIGN_OR_RETURN(uint64_t base, s->Fold(seq));
+  return json{{"name", vm}, {"base_seq", base}};
 }
 
 Result<json> Site::StoreStatus(const std::string& vm) {

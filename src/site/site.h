@@ -69,13 +69,16 @@ class Site {
   // Source role: a VM's disks, captured as one group.
   Result<nlohmann::json> CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks);
   Status DeleteGroup(const std::string& vm);
-  Status StartReplication(const std::string& vm, const std::string& target, uint64_t epoch);
+  Status StartReplication(const std::string& vm, const std::string& target, uint64_t epoch,
+                          bool compress = true, uint64_t bandwidth_bytes_per_second = 0);
   Status StopReplication(const std::string& vm);
   Result<nlohmann::json> GroupStatus(const std::string& vm);
 
   // Recovery role: a store for another site's group.
   Status CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks);
   Status DeleteStore(const std::string& vm);
+  // Folds the store's history up to `seq` (not past an open view); returns the new base.
+  Result<nlohmann::json> FoldStore(const std::string& vm, uint64_t seq);
   Result<nlohmann::json> StoreStatus(const std::string& vm);
   Result<nlohmann::json> OpenView(const std::string& vm, uint64_t seq, bool writable);
   Status CloseView(const std::string& id);
@@ -89,6 +92,8 @@ class Site {
     std::unique_ptr<capture::CaptureGroup> capture;
     std::string replicate_to;  // "" when not protected
     uint64_t epoch = 1;
+    bool compress = true;
+    uint64_t bandwidth_bytes_per_second = 0;  // 0: no limit
     std::unique_ptr<replication::Sender> sender;
   };
   struct View {

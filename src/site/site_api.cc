@@ -112,8 +112,10 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
           if (!body->contains("target") || !(*body)["target"].is_string()) {
             return Error(res, InvalidArgument("'target' (HOST:PORT) is missing"));
           }
-          ReplyStatus(res, site_->StartReplication(req.matches[1], (*body)["target"],
-                                                   body->value("epoch", uint64_t{1})));
+          ReplyStatus(res, site_->StartReplication(
+                               req.matches[1], (*body)["target"], body->value("epoch", uint64_t{1}),
+                               body->value("compression", std::string("lz4")) == "lz4",
+                               body->value("bandwidth_bytes_per_second", uint64_t{0})));
         });
   h.Delete(R"(/api/v1/groups/([^/]+)/replication)",
            [this](const httplib::Request& req, httplib::Response& res) {
@@ -133,6 +135,15 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
            [this](const httplib::Request& req, httplib::Response& res) {
              ReplyStatus(res, site_->DeleteStore(req.matches[1]));
            });
+  h.Post(R"(/api/v1/stores/([^/]+)/fold)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
+             return Error(res, InvalidArgument("'seq' is missing"));
+           }
+           ReplyResult(res, site_->FoldStore(req.matches[1], (*body)["seq"].get<uint64_t>()));
+         });
   h.Post(R"(/api/v1/stores/([^/]+)/views)",
          [this](const httplib::Request& req, httplib::Response& res) {
            auto body = Body(req);

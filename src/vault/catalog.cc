@@ -16,14 +16,15 @@ int64_t NowNs() {
 
 namespace {
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sites(name TEXT PRIMARY KEY, api TEXT NOT NULL,
   replication TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies(name TEXT PRIMARY KEY, retention_s INTEGER NOT NULL,
-  crash_interval_s INTEGER NOT NULL, app_interval_s INTEGER NOT NULL);
+  crash_interval_s INTEGER NOT NULL, app_interval_s INTEGER NOT NULL,
+  compression TEXT NOT NULL DEFAULT 'lz4', bandwidth_bytes_per_second INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS vms(name TEXT PRIMARY KEY, site TEXT NOT NULL, disks TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items(vm TEXT PRIMARY KEY, source TEXT NOT NULL,
   target TEXT NOT NULL, policy TEXT NOT NULL, state TEXT NOT NULL, epoch INTEGER NOT NULL,
@@ -87,12 +88,21 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
   sqlite3_busy_timeout(c->db_, 5000);
   OSR_RETURN_IF_ERROR(c->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
   OSR_RETURN_IF_ERROR(c->Exec(kSchema));
+  int64_t version = 0;  // 0: a new catalog
   {
-    Stmt s(c->db_, "SELECT value FROM meta WHERE key='schema_version'");
-    if (s.Step() == SQLITE_ROW && s.Text(0) != std::to_string(kSchemaVersion)) {
-      return Corruption(fmt::format("catalog {} has schema {}, this osrd knows {}", path, s.Text(0),
-                                    kSchemaVersion));
-    }
+    Stmt s(c->db_, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='schema_version'");
+    if (s.Step() == SQLITE_ROW) version = s.Int(0);
+  }
+  if (version == 1) {  // v2 added the policy's compression and bandwidth limit
+    OSR_RETURN_IF_ERROR(c->Exec(
+        "BEGIN; ALTER TABLE policies ADD COLUMN compression TEXT NOT NULL DEFAULT 'lz4'; "
+        "ALTER TABLE policies ADD COLUMN bandwidth_bytes_per_second INTEGER NOT NULL DEFAULT 0; "
+        "UPDATE meta SET value='2' WHERE key='schema_version'; COMMIT;"));
+    version = 2;
+  }
+  if (version != 0 && version != kSchemaVersion) {
+    return Corruption(
+        fmt::format("catalog {} has schema {}, this osrd knows {}", path, version, kSchemaVersion));
   }
   OSR_RETURN_IF_ERROR(c->Exec(fmt::format(
       "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', '{}')", kSchemaVersion)));
@@ -140,12 +150,14 @@ std::optional<SiteRow> Catalog::Site(const std::string& name) {
 Status Catalog::PutPolicy(const PolicyRow& p) {
   std::lock_guard lock(mu_);
   return Stmt(db_,
-              "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s) "
-              "VALUES(?,?,?,?)")
+              "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s, "
+              "compression, bandwidth_bytes_per_second) VALUES(?,?,?,?,?,?)")
       .Bind(p.name)
       .Bind(p.retention_s)
       .Bind(p.crash_interval_s)
       .Bind(p.app_interval_s)
+      .Bind(p.compression)
+      .Bind(p.bandwidth_bytes_per_second)
       .Run();
 }
 
@@ -153,9 +165,11 @@ std::vector<PolicyRow> Catalog::Policies() {
   std::lock_guard lock(mu_);
   std::vector<PolicyRow> out;
   Stmt s(db_,
-         "SELECT name, retention_s, crash_interval_s, app_interval_s FROM policies "
-         "ORDER BY name");
-  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Int(1), s.Int(2), s.Int(3)});
+         "SELECT name, retention_s, crash_interval_s, app_interval_s, compression, "
+         "bandwidth_bytes_per_second FROM policies ORDER BY name");
+  while (s.Step() == SQLITE_ROW) {
+    out.push_back({s.Text(0), s.Int(1), s.Int(2), s.Int(3), s.Text(4), s.Int(5)});
+  }
   return out;
 }
 

@@ -29,6 +29,8 @@ struct PolicyRow {
   int64_t retention_s = 24 * 3600;
   int64_t crash_interval_s = 5;
   int64_t app_interval_s = 3600;
+  std::string compression = "lz4";         // lz4 | none
+  int64_t bandwidth_bytes_per_second = 0;  // 0: no limit
 };
 
 struct VmRow {

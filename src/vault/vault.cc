@@ -65,6 +65,15 @@ Code CodeFromHttp(int status) {
   }
 }
 
+json PolicyJson(const PolicyRow& p) {
+  return json{{"name", p.name},
+              {"retention_seconds", p.retention_s},
+              {"crash_interval_seconds", p.crash_interval_s},
+              {"app_interval_seconds", p.app_interval_s},
+              {"compression", p.compression},
+              {"bandwidth_bytes_per_second", p.bandwidth_bytes_per_second}};
+}
+
 json PointJson(const PointRow& p) {
   return json{{"id", p.id}, {"time", FormatTimeNs(p.time_ns)}, {"seq", p.seq}, {"type", p.type}};
 }
@@ -233,25 +242,21 @@ Result<json> Vault::CreatePolicy(const PolicyRow& p) {
   if (p.retention_s <= 0 || p.crash_interval_s <= 0 || p.app_interval_s <= 0) {
     return InvalidArgument("retention and intervals must be positive");
   }
+  if (p.compression != "lz4" && p.compression != "none") {
+    return InvalidArgument("compression is lz4 or none");
+  }
+  if (p.bandwidth_bytes_per_second < 0) return InvalidArgument("the bandwidth limit must be >= 0");
   Status st = catalog_->PutPolicy(p);
   if (st.code() == Code::kAlreadyExists) {
     return Status(Code::kAlreadyExists, "policy " + p.name + " exists");
   }
   OSR_RETURN_IF_ERROR(st);
-  return json{{"name", p.name},
-              {"retention_seconds", p.retention_s},
-              {"crash_interval_seconds", p.crash_interval_s},
-              {"app_interval_seconds", p.app_interval_s}};
+  return PolicyJson(p);
 }
 
 json Vault::ListPolicies() {
   json out = json::array();
-  for (auto& p : catalog_->Policies()) {
-    out.push_back({{"name", p.name},
-                   {"retention_seconds", p.retention_s},
-                   {"crash_interval_seconds", p.crash_interval_s},
-                   {"app_interval_seconds", p.app_interval_s}});
-  }
+  for (auto& p : catalog_->Policies()) out.push_back(PolicyJson(p));
   return out;
 }
 
@@ -614,8 +619,13 @@ void Vault::RunJob(JobRow& job) {
     }
     steps.Done(10);
     steps.Begin(fmt::format("Start replication from {}", item->source));
-    r = SiteClient(*src).Call("PUT", "/groups/" + job.vm + "/replication",
-                              json{{"target", dst->replication}, {"epoch", item->epoch}});
+    auto policy = catalog_->Policy(item->policy).value_or(PolicyRow{"default"});
+    r = SiteClient(*src).Call(
+        "PUT", "/groups/" + job.vm + "/replication",
+        json{{"target", dst->replication},
+             {"epoch", item->epoch},
+             {"compression", policy.compression},
+             {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
     if (!r.ok()) {
       (void)SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);  // nothing half-done
       (void)catalog_->DeleteItem(job.vm);
@@ -716,8 +726,15 @@ void Vault::PointLoop() {
       if (!points.empty() && durable <= points.back().seq) continue;  // nothing new
       (void)catalog_->AddPoint({0, item.vm, durable, t ? t : now, "crash"});
       // Retention: drop what is older than the window — but only once a newer point
-      // exists, so points never all expire while no new points can be made.
+      // exists, so points never all expire while no new points can be made. Then the
+      // store may forget the history before the oldest point left.
       (void)catalog_->DeletePoints(item.vm, now - policy->retention_s * 1000000000);
+      auto left = catalog_->Points(item.vm);
+      if (!left.empty() && left.front().seq > (*st).value("base_seq", uint64_t{0})) {
+        auto f = SiteClient(*dst).Call("POST", "/stores/" + item.vm + "/fold",
+                                       json{{"seq", left.front().seq}});
+        if (!f.ok()) spdlog::warn("vault: fold {}: {}", item.vm, f.status().ToString());
+      }
     }
   }
 }
@@ -764,6 +781,9 @@ void Vault::SetupRoutes() {
            p.retention_s = b->value("retention_seconds", p.retention_s);
            p.crash_interval_s = b->value("crash_interval_seconds", p.crash_interval_s);
            p.app_interval_s = b->value("app_interval_seconds", p.app_interval_s);
+           p.compression = b->value("compression", p.compression);
+           p.bandwidth_bytes_per_second =
+               b->value("bandwidth_bytes_per_second", p.bandwidth_bytes_per_second);
            result(res, CreatePolicy(p), 201);
          });
   h.Get("/api/v1/vms", [this, reply](const httplib::Request&, httplib::Response& res) {
