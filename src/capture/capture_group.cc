@@ -71,6 +71,7 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   lo.disk_bytes = images.size() == 1 ? images[0]->size() : 0;
   lo.epoch = opts.epoch;
   lo.segment_bytes_target = opts.segment_bytes_target;
+  lo.log_bytes_max = opts.log_bytes_max;
   CaptureGroup* gp = g.get();
   OSR_ASSIGN_OR_RETURN(
       g->log_, CaptureLog::Open(lo, [gp](std::span<const CaptureLog::Written> records, bool ok) {
@@ -108,6 +109,30 @@ CaptureGroup::~CaptureGroup() {
 
 std::shared_ptr<nbd::Disk> CaptureGroup::disk(size_t i) const {
   return disks_.at(i);
+}
+
+std::vector<CaptureGroup::DiskRange> CaptureGroup::DirtyRegions() const {
+  std::vector<DiskRange> out;
+  for (size_t i = 0; i < bitmaps_.size(); ++i) {
+    for (const Range& r : bitmaps_[i]->DirtyRanges()) out.push_back({static_cast<uint32_t>(i), r});
+  }
+  return out;
+}
+
+bool CaptureGroup::HasStickyRegions() const {
+  for (auto& b : bitmaps_) {
+    if (b->has_sticky()) return true;
+  }
+  return false;
+}
+
+void CaptureGroup::CleanRegions(const std::vector<DiskRange>& regions) {
+  for (auto& r : regions) bitmaps_[r.disk]->Clean(r.range.offset, r.range.length);
+}
+
+Status CaptureGroup::ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf) {
+  if (disk >= disks_.size()) return InvalidArgument("no such disk");
+  return disks_[disk]->Read(offset, buf);
 }
 
 void CaptureGroup::GroupDisk::LockRange(uint64_t offset, uint64_t length) {

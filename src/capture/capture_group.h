@@ -34,6 +34,7 @@ struct CaptureOptions {
   uint64_t region_bytes = 64 * 1024;
   uint64_t epoch = 1;
   uint64_t segment_bytes_target = 64ull << 20;
+  uint64_t log_bytes_max = UINT64_MAX;  // the capture-log limit (then: bitmap, resync)
 };
 
 class CaptureGroup {
@@ -52,6 +53,17 @@ class CaptureGroup {
   Status Flush();
   // Flushes everything and records a clean shutdown. No write may be in progress.
   Status Close();
+
+  // For resynchronization: the regions marked in the disks' bitmaps (a snapshot), and
+  // clearing them once the recovery site has their content.
+  struct DiskRange {
+    uint32_t disk;
+    Range range;
+  };
+  std::vector<DiskRange> DirtyRegions() const;
+  bool HasStickyRegions() const;
+  void CleanRegions(const std::vector<DiskRange>& regions);
+  Status ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf);
 
   CaptureLog& log() { return *log_; }
   DirtyBitmap& bitmap(size_t i) { return *bitmaps_[i]; }

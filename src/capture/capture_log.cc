@@ -98,6 +98,10 @@ Status CaptureLog::Recover() {
     }
   }
   OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+  for (auto& seg : segments) {
+    std::error_code ec;
+    held_bytes_ += std::filesystem::file_size(seg.path, ec);
+  }
   if (!segments.empty()) {
     // Check the disk size against the newest segment.
     OSR_ASSIGN_OR_RETURN(File f, File::Open(segments.back().path, File::Mode::kReadOnly));
@@ -157,6 +161,7 @@ Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
   segment_ = std::move(f);
   segment_bytes_ = SegmentHeader::kSize;
   segment_first_seq_ = first_seq;
+  held_bytes_ += SegmentHeader::kSize;
   std::lock_guard lock(mu_);
   if (buffer_.size() == prefix_bytes_) {  // at start-up; after a roll WriteOut set it already
     buffer_.clear();
@@ -174,7 +179,16 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   size_t need = RecordHeader::kSize + payload.size();
   std::unique_lock lock(mu_);
   WaitForRoom(lock, need);
-  if (failed_) return std::nullopt;
+  if (failed_ || overflowed_) return std::nullopt;
+  if (held_bytes_ + pending_bytes() + need > opts_.log_bytes_max) {
+    overflowed_ = true;
+    ++overflow_generation_;
+    spdlog::warn(
+        "capture log {}: over its limit of {} bytes: tracking changes in the dirty "
+        "bitmap until a resynchronization",
+        opts_.dir, opts_.log_bytes_max);
+    return std::nullopt;
+  }
   RecordHeader h;
   h.seq = next_seq_++;
   h.epoch = opts_.epoch;
@@ -304,6 +318,7 @@ Status CaptureLog::WriteOut(uint64_t seq) {
   uint64_t written_segment = segment_first_seq_;
   Status st = segment_.PWrite(at, {spare_.data(), padded});
   if (st.ok()) {
+    held_bytes_ += end_after - segment_bytes_;
     segment_bytes_ = end_after;
     if (roll) {
       st = segment_.Truncate(end_after);
@@ -348,8 +363,10 @@ Result<size_t> CaptureLog::TrimUpTo(uint64_t seq) {
     if (segments[i].first_seq == segment_first_seq_) break;
     if (segments[i + 1].first_seq - 1 > seq) break;
     std::error_code ec;
+    uint64_t bytes = std::filesystem::file_size(segments[i].path, ec);
     std::filesystem::remove(segments[i].path, ec);
     if (ec) return Status::FromErrno(ec.value(), "remove " + segments[i].path);
+    held_bytes_ -= std::min<uint64_t>(bytes, held_bytes_);
     ++n;
   }
   return n;
@@ -369,6 +386,22 @@ uint64_t CaptureLog::last_seq() const {
 uint64_t CaptureLog::written_seq() const {
   std::lock_guard wl(write_mu_);
   return written_seq_;
+}
+
+bool CaptureLog::overflowed() const {
+  std::lock_guard lock(mu_);
+  return overflowed_;
+}
+
+uint64_t CaptureLog::overflow_generation() const {
+  std::lock_guard lock(mu_);
+  return overflow_generation_;
+}
+
+std::pair<uint64_t, uint64_t> CaptureLog::ResumeAfterOverflow() {
+  std::lock_guard lock(mu_);
+  overflowed_ = false;
+  return {next_seq_ - 1, overflow_generation_};
 }
 
 bool CaptureLog::failed() const {

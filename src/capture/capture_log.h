@@ -19,6 +19,7 @@
 // files; write_mu_ is taken before mu_ when both are held.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -45,7 +46,10 @@ struct CaptureLogOptions {
   size_t buffer_bytes_max = 16ull << 20;        // appenders wait beyond this
   size_t writeout_bytes_min = 1ull << 20;       // the writer wakes at this much
   uint64_t first_seq = 1;                       // of a new, empty log
-  int writeout_delay_ms = 5;                    // ... or this long after a record
+  // The capture-log limit: past it the log stops taking records ("overflow") and the
+  // caller's dirty-region bitmap keeps track instead, until ResumeAfterOverflow().
+  uint64_t log_bytes_max = UINT64_MAX;
+  int writeout_delay_ms = 5;  // ... or this long after a record
 };
 
 class CaptureLog {
@@ -93,6 +97,14 @@ class CaptureLog {
   uint64_t last_seq() const;     // highest sequence number handed out (0: none)
   uint64_t written_seq() const;  // highest written out
   bool failed() const;
+  // True while the log is over its limit and records are not being taken.
+  bool overflowed() const;
+  // Ends an overflow: records are taken again. Returns the last seq before the gap and
+  // a generation number that changes with every overflow.
+  std::pair<uint64_t, uint64_t> ResumeAfterOverflow();
+  uint64_t overflow_generation() const;
+  uint64_t held_bytes() const { return held_bytes_; }
+  uint64_t log_bytes_max() const { return opts_.log_bytes_max; }
   const std::string& dir() const { return opts_.dir; }
 
  private:
@@ -112,13 +124,16 @@ class CaptureLog {
   const RangeCallback on_written_;
 
   mutable std::mutex mu_;
-  std::condition_variable writer_cv_;  // wakes the writer
-  std::condition_variable space_cv_;   // wakes appenders waiting for room
-  AlignedBuffer buffer_;               // guarded by mu_: prefix, then records
-  size_t prefix_bytes_ = 0;            // guarded by mu_
-  uint64_t next_seq_ = 1;              // guarded by mu_
-  bool failed_ = false;                // guarded by mu_
-  bool stop_ = false;                  // guarded by mu_
+  std::condition_variable writer_cv_;    // wakes the writer
+  std::condition_variable space_cv_;     // wakes appenders waiting for room
+  AlignedBuffer buffer_;                 // guarded by mu_: prefix, then records
+  size_t prefix_bytes_ = 0;              // guarded by mu_
+  uint64_t next_seq_ = 1;                // guarded by mu_
+  bool failed_ = false;                  // guarded by mu_
+  bool overflowed_ = false;              // guarded by mu_
+  uint64_t overflow_generation_ = 0;     // guarded by mu_
+  std::atomic<uint64_t> held_bytes_{0};  // bytes in segment files
+  bool stop_ = false;                    // guarded by mu_
   std::thread writer_;
 
   mutable std::mutex write_mu_;

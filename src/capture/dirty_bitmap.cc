@@ -218,6 +218,14 @@ Status DirtyBitmap::CloseClean() {
   return Sync();
 }
 
+bool DirtyBitmap::has_sticky() const {
+  std::lock_guard lock(mu_);
+  for (bool s : sticky_) {
+    if (s) return true;
+  }
+  return false;
+}
+
 std::vector<Range> DirtyBitmap::DirtyRanges() const {
   std::lock_guard lock(mu_);
   std::vector<Range> out;

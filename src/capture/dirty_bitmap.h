@@ -51,6 +51,7 @@ class DirtyBitmap {
   Status CloseClean();
 
   std::vector<Range> DirtyRanges() const;
+  bool has_sticky() const;
   uint64_t region_bytes() const { return region_bytes_; }
   bool opened_after_host_crash() const { return host_crash_; }
 

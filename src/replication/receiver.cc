@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <spdlog/spdlog.h>
 
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "replication/wire.h"
@@ -172,11 +173,46 @@ Status Receiver::ServeSession(Stream& s) {
       if (f.status().code() == Code::kUnavailable) return Status::Ok();  // sender left
       return f.status();
     }
-    if (f->type != FrameType::kRecords) {
-      return InvalidArgument(fmt::format("unexpected frame type {}", static_cast<int>(f->type)));
+    switch (f->type) {
+      case FrameType::kRecords: {
+        OSR_ASSIGN_OR_RETURN(uint64_t durable, store->Append(f->payload));
+        OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kAck, EncodeU64(durable)));
+        break;
+      }
+      case FrameType::kResyncBegin: {
+        auto b = nlohmann::json::parse(f->payload, nullptr, false);
+        if (b.is_discarded() || !b.contains("from")) return InvalidArgument("bad RESYNC_BEGIN");
+        OSR_RETURN_IF_ERROR(store->BeginResync(b["from"].get<uint64_t>()));
+        spdlog::info("replication receiver: group '{}' resynchronizing after seq {}", group,
+                     b["from"].get<uint64_t>());
+        break;
+      }
+      case FrameType::kResyncData: {
+        if (f->payload.size() < 12) return InvalidArgument("bad RESYNC_DATA");
+        uint32_t disk;
+        uint64_t offset;
+        std::memcpy(&disk, f->payload.data(), 4);
+        std::memcpy(&offset, f->payload.data() + 4, 8);
+        OSR_RETURN_IF_ERROR(
+            store->ResyncWrite(disk, offset, std::span<const uint8_t>(f->payload).subspan(12)));
+        break;
+      }
+      case FrameType::kResyncEnd: {
+        auto b = nlohmann::json::parse(f->payload, nullptr, false);
+        if (b.is_discarded() || !b.contains("consistent_seq")) {
+          return InvalidArgument("bad RESYNC_END");
+        }
+        uint64_t consistent = b["consistent_seq"].get<uint64_t>();
+        OSR_RETURN_IF_ERROR(store->CommitResync(consistent));
+        spdlog::info("replication receiver: group '{}' resynchronized; consistent from seq {}",
+                     group, consistent);
+        OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncDone,
+                                       nlohmann::json{{"consistent_seq", consistent}}.dump()));
+        break;
+      }
+      default:
+        return InvalidArgument(fmt::format("unexpected frame type {}", static_cast<int>(f->type)));
     }
-    OSR_ASSIGN_OR_RETURN(uint64_t durable, store->Append(f->payload));
-    OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kAck, EncodeU64(durable)));
   }
 }
 

@@ -44,6 +44,8 @@ class Proxy {
   void FlipAt(uint64_t pos) { flip_at_ = pos; }
   // Ends the current connection now.
   void DropNow() { drop_now_ = true; }
+  // While set, connections are accepted and closed at once (the far site is down).
+  void Refuse(bool on) { refuse_ = on; }
   int connections() const { return connections_; }
 
  private:
@@ -53,6 +55,7 @@ class Proxy {
       if (::poll(&p, 1, 100) <= 0) continue;
       auto in = listener_->Accept();
       if (!in.ok()) continue;
+      if (refuse_) continue;  // closing `in` refuses it
       auto out = Connect(target_);
       if (!out.ok()) continue;
       ++connections_;
@@ -95,6 +98,7 @@ class Proxy {
   std::atomic<uint64_t> flip_at_{UINT64_MAX};
   std::atomic<int> connections_{0};
   std::atomic<bool> drop_now_{false};
+  std::atomic<bool> refuse_{false};
 };
 
 class ReplicationTest : public ::testing::Test {
@@ -112,6 +116,7 @@ class ReplicationTest : public ::testing::Test {
     capture::CaptureOptions co;
     co.dir = dir_ + "/cap";
     co.segment_bytes_target = 1 << 20;  // several segments, so trimming happens
+    co.log_bytes_max = log_bytes_max_;
     group_ = capture::CaptureGroup::Open(std::move(images), co).value();
     disk_ = group_->disk(0);
     store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0).value();
@@ -157,6 +162,7 @@ class ReplicationTest : public ::testing::Test {
     o.target = target;
     o.disks = {{"d0", kSize}};
     o.frame_bytes_max = 256 << 10;  // many frames
+    o.capture_group = group_.get();
     o.reconnect_delay_ms_max = 200;
     sender_ = std::make_unique<Sender>(o, &group_->log());
     sender_->Start();
@@ -175,8 +181,17 @@ class ReplicationTest : public ::testing::Test {
   }
   // The oracle: the store at its durable seq equals the source image.
   void ExpectReplicaEqualsSource() {
-    uint64_t last = group_->log().last_seq();
     ASSERT_TRUE(disk_->Flush().ok());  // writes out the log for the tailer
+    // Caught up: no overflow or marked region left to resync, every record acknowledged.
+    uint64_t last = 0;
+    for (int i = 0; i < 400; ++i) {
+      last = group_->log().last_seq();
+      if (!group_->log().overflowed() && !group_->HasStickyRegions() &&
+          sender_->stats().acked_seq >= last && !store_->resyncing()) {
+        break;
+      }
+      ::usleep(50000);
+    }
     ASSERT_TRUE(sender_->WaitAcked(last, 20000)) << sender_->stats().last_error;
     std::vector<uint8_t> src(kSize), dst(kSize);
     ASSERT_TRUE(disk_->Read(0, src).ok());
@@ -184,6 +199,7 @@ class ReplicationTest : public ::testing::Test {
     EXPECT_TRUE(src == dst);
   }
 
+  uint64_t log_bytes_max_ = UINT64_MAX;
   std::string dir_;
   std::unique_ptr<capture::CaptureGroup> group_;
   std::shared_ptr<nbd::Disk> disk_;
@@ -286,6 +302,52 @@ TEST_F(ReplicationTest, KeepsToTheBandwidthLimit) {
   // The first window of frames may go at once; the rest at the rate.
   EXPECT_GE(secs, 0.8 * static_cast<double>(bytes) / kRate - 0.2) << bytes << " bytes in " << secs;
   EXPECT_LE(static_cast<double>(bytes) / secs, 1.3 * kRate);
+}
+
+// Invariant 4: the recovery site is away long enough for the capture log to pass its
+// limit; tracking falls back to the bitmap, the last point stays readable, and when the
+// site returns a resync brings the replica back to the source exactly.
+class OverflowTest : public ReplicationTest {
+ protected:
+  void SetUp() override {
+    log_bytes_max_ = 3 << 20;
+    ReplicationTest::SetUp();
+  }
+};
+
+TEST_F(OverflowTest, ResyncsAfterTheCaptureLogOverflows) {
+  Proxy proxy(recv_addr_);
+  StartSender(proxy.address());
+  std::mt19937 rng(6);
+  Write(rng, 20);
+  ExpectReplicaEqualsSource();
+  uint64_t before = store_->durable_seq();
+  std::vector<uint8_t> at_before(kSize);
+  ASSERT_TRUE(store_->ReadAt(0, before, 0, at_before).ok());
+
+  proxy.Refuse(true);  // the recovery site goes away
+  proxy.DropNow();
+  Write(rng, 200);  // ~10 MB: well past the 3 MiB limit
+  EXPECT_TRUE(group_->log().overflowed());
+  EXPECT_TRUE(group_->HasStickyRegions());
+  // The last point before the overflow is still there and unchanged.
+  std::vector<uint8_t> again(kSize);
+  ASSERT_TRUE(store_->ReadAt(0, before, 0, again).ok());
+  EXPECT_TRUE(again == at_before);
+
+  proxy.Refuse(false);  // it returns: resync by itself
+  for (int i = 0; i < 400 && sender_->stats().resyncs_completed == 0; ++i) ::usleep(50000);
+  auto st = sender_->stats();
+  ASSERT_GE(st.resyncs_completed, 1u) << st.last_error;
+  EXPECT_GT(st.resync_bytes_total, 0u);
+  EXPECT_FALSE(group_->log().overflowed());
+  EXPECT_FALSE(group_->HasStickyRegions());
+  ExpectReplicaEqualsSource();
+  // Writes after the resync replicate as usual.
+  Write(rng, 20);
+  ExpectReplicaEqualsSource();
+  // Seqs inside the resync are not offered as points.
+  EXPECT_EQ(store_->ReadAt(0, before, 0, again).code(), Code::kOutOfRange);
 }
 
 TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {

@@ -80,6 +80,22 @@ void Sender::AckLoop(Stream* s) {
         continue;
       }
       st = d.status();
+    } else if (f.ok() && f->type == FrameType::kResyncDone) {
+      auto j = nlohmann::json::parse(f->payload, nullptr, false);
+      std::lock_guard lock(mu_);
+      if (pending_resync_ && !j.is_discarded() &&
+          j.value("consistent_seq", uint64_t{0}) == pending_resync_->consistent_seq) {
+        // The recovery site has the regions: unmark them, unless the log overflowed
+        // again meanwhile (then they may hold changes the copy missed).
+        if (log_->overflow_generation() == pending_resync_->generation) {
+          opts_.capture_group->CleanRegions(pending_resync_->regions);
+        }
+        pending_resync_.reset();
+        stats_.resyncing = false;
+        ++stats_.resyncs_completed;
+        spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
+      }
+      continue;
     } else if (f.ok() && f->type == FrameType::kError) {
       st = Unavailable("receiver refused: " + std::string(f->payload.begin(), f->payload.end()));
     } else if (f.ok()) {
@@ -109,6 +125,7 @@ Status Sender::Session() {
     std::lock_guard lock(mu_);
     stream_ = &s;
     session_broken_ = false;
+    pending_resync_.reset();  // an unfinished resync starts over in this session
     in_flight_.clear();
     in_flight_bytes_ = 0;
   }
@@ -181,16 +198,20 @@ Status Sender::Session() {
   uint64_t trimmed_upto = durable;
   auto last_trim = std::chrono::steady_clock::now();
   auto pace_until = std::chrono::steady_clock::now();
-  while (!stop_) {
+  // Sends one frame of records if any are written; returns how many records it sent.
+  auto ship_once = [&]() -> Result<size_t> {
     {
       std::unique_lock lock(mu_);
       cv_.wait(lock, [&] {
         return stop_ || session_broken_ || in_flight_bytes_ < opts_.window_bytes_max;
       });
       if (session_broken_) return Unavailable(stats_.last_error);
-      if (stop_) break;
+      if (stop_) return size_t{0};
       auto now = std::chrono::steady_clock::now();
-      if (stats_.acked_seq > trimmed_upto && now - last_trim >= std::chrono::milliseconds(100)) {
+      // Trim every 100 ms, or at once when the log nears its limit.
+      bool pressed = log_->held_bytes() > log_->log_bytes_max() / 2;
+      if (stats_.acked_seq > trimmed_upto &&
+          (pressed || now - last_trim >= std::chrono::milliseconds(100))) {
         // Segments whose records are all durable at the recovery site go.
         trimmed_upto = stats_.acked_seq;
         last_trim = now;
@@ -201,12 +222,7 @@ Status Sender::Session() {
     }
     frame.clear();
     OSR_ASSIGN_OR_RETURN(size_t n, tailer.Read(opts_.frame_bytes_max, &frame));
-    if (n == 0) {
-      std::unique_lock lock(mu_);
-      cv_.wait_for(lock, std::chrono::milliseconds(opts_.idle_poll_ms),
-                   [&] { return stop_ || session_broken_; });
-      continue;
-    }
+    if (n == 0) return size_t{0};
     OSR_ASSIGN_OR_RETURN(size_t wire, WriteRecordsFrame(s, frame, compress));
     if (opts_.bandwidth_bytes_per_second > 0) {
       // Pace on the wire: each frame's bytes cost their time at the policy's rate.
@@ -224,8 +240,88 @@ Status Sender::Session() {
     in_flight_bytes_ += frame.size();
     stats_.sent_seq = last;
     stats_.bytes_sent += frame.size();
+    return n;
+  };
+  auto idle = [&] {
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(opts_.idle_poll_ms),
+                 [&] { return stop_ || session_broken_; });
+  };
+  // Sends every record up to `seq` (bounded by the session: a broken one returns).
+  auto ship_upto = [&](uint64_t seq) -> Status {
+    while (!stop_ && tailer.next_seq() <= seq) {
+      (void)log_->WriteOut(seq);
+      OSR_ASSIGN_OR_RETURN(size_t n, ship_once());
+      if (n == 0) idle();
+    }
+    return Status::Ok();
+  };
+  while (!stop_) {
+    // Caught up with a log that overflowed, or with regions a crash left marked: copy
+    // those regions (one resync at a time; the bitmap keeps them until it is committed).
+    bool resync_pending;
+    {
+      std::lock_guard lock(mu_);
+      resync_pending = pending_resync_.has_value();
+    }
+    if (opts_.capture_group != nullptr && !resync_pending && tailer.next_seq() > log_->last_seq() &&
+        (log_->overflowed() || opts_.capture_group->HasStickyRegions())) {
+      OSR_RETURN_IF_ERROR(Resync(s, ship_upto));
+      continue;
+    }
+    OSR_ASSIGN_OR_RETURN(size_t n, ship_once());
+    if (n == 0) idle();
   }
   return Status::Ok();
+}
+
+Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto) {
+  auto [from, generation] = log_->ResumeAfterOverflow();
+  OSR_RETURN_IF_ERROR(ship_upto(from));  // every record before the resync is sent first
+  auto regions = opts_.capture_group->DirtyRegions();
+  uint64_t total = 0;
+  for (auto& r : regions) total += r.range.length;
+  spdlog::info("replication sender '{}': resynchronizing {} bytes in {} region(s) after seq {}",
+               opts_.group, total, regions.size(), from);
+  {
+    std::lock_guard lock(mu_);
+    stats_.resyncing = true;
+    stats_.resync_bytes_total = total;
+    stats_.resync_bytes_done = 0;
+  }
+  OSR_RETURN_IF_ERROR(
+      WriteFrame(s, FrameType::kResyncBegin, nlohmann::json{{"from", from}}.dump()));
+  std::vector<uint8_t> buf;
+  for (auto& r : regions) {
+    for (uint64_t off = r.range.offset; off < r.range.offset + r.range.length;) {
+      if (stop_) return Status::Ok();
+      size_t n = static_cast<size_t>(
+          std::min<uint64_t>(opts_.resync_chunk_bytes, r.range.offset + r.range.length - off));
+      buf.resize(12 + n);
+      std::memcpy(buf.data(), &r.disk, 4);
+      std::memcpy(buf.data() + 4, &off, 8);
+      OSR_RETURN_IF_ERROR(opts_.capture_group->ReadDisk(r.disk, off, {buf.data() + 12, n}));
+      OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncData, buf));
+      off += n;
+      {
+        std::lock_guard lock(mu_);
+        stats_.resync_bytes_done += n;
+        if (session_broken_) return Unavailable(stats_.last_error);
+      }
+      // New writes keep flowing while the regions are copied.
+      OSR_RETURN_IF_ERROR(ship_upto(log_->written_seq()));
+    }
+  }
+  // Every region now holds at least what it had when it was read; the records up to
+  // `consistent` bring each one to the same moment.
+  uint64_t consistent = log_->last_seq();
+  OSR_RETURN_IF_ERROR(ship_upto(consistent));
+  {
+    std::lock_guard lock(mu_);
+    pending_resync_ = PendingResync{std::move(regions), generation, consistent};
+  }
+  return WriteFrame(s, FrameType::kResyncEnd,
+                    nlohmann::json{{"consistent_seq", consistent}}.dump());
 }
 
 }  // namespace osr::replication

@@ -11,11 +11,14 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "capture/capture_group.h"
 #include "capture/capture_log.h"
 #include "common/socket.h"
 #include "common/tls.h"
@@ -32,9 +35,13 @@ struct SenderOptions {
   size_t window_bytes_max = 32 << 20;  // sent but not acknowledged
   int reconnect_delay_ms_min = 50;
   int reconnect_delay_ms_max = 5000;
-  int idle_poll_ms = 2;                     // how often to look for new records when idle
-  std::shared_ptr<TlsContext> tls;          // client side; nullptr: plain TCP
-  bool compress = true;                     // LZ4 when the receiver agrees and it pays
+  int idle_poll_ms = 2;             // how often to look for new records when idle
+  std::shared_ptr<TlsContext> tls;  // client side; nullptr: plain TCP
+  bool compress = true;             // LZ4 when the receiver agrees and it pays
+  // The group whose bitmaps and disks a resynchronization reads (borrowed; nullptr: no
+  // resync, the sender only reports that one is required).
+  capture::CaptureGroup* capture_group = nullptr;
+  size_t resync_chunk_bytes = 1 << 20;
   uint64_t bandwidth_bytes_per_second = 0;  // on the wire; 0: no limit
 };
 
@@ -48,6 +55,10 @@ class Sender {
     uint64_t wire_bytes_sent = 0;  // after compression, with frame headers
     uint64_t reconnects = 0;
     bool resync_required = false;  // the receiver needs records the log no longer has
+    bool resyncing = false;        // regions are being copied
+    uint64_t resync_bytes_total = 0;
+    uint64_t resync_bytes_done = 0;
+    uint64_t resyncs_completed = 0;
     std::string last_error;
   };
 
@@ -63,6 +74,15 @@ class Sender {
  private:
   void Run();
   Status Session();
+  // Copies the regions marked in the group's bitmaps to the recovery site while records
+  // keep flowing; `ship` sends the records up to a seq.
+  Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship);
+
+  struct PendingResync {
+    std::vector<capture::CaptureGroup::DiskRange> regions;
+    uint64_t generation = 0;
+    uint64_t consistent_seq = 0;
+  };
   void AckLoop(Stream* s);
 
   const SenderOptions opts_;
@@ -77,6 +97,7 @@ class Sender {
   size_t in_flight_bytes_ = 0;                         // guarded by mu_
   bool session_broken_ = false;                        // guarded by mu_
   Stream* stream_ = nullptr;                           // guarded by mu_
+  std::optional<PendingResync> pending_resync_;        // guarded by mu_
 };
 
 }  // namespace osr::replication

@@ -72,7 +72,7 @@ Result<Frame> ReadFrame(Stream& s) {
     return Corruption(fmt::format("frame (type {}, {} bytes) fails its CRC", type, length));
   }
   bool lz4 = flags == kFlagLz4 && f.type == FrameType::kRecords;
-  if (type < 1 || type > 5 || (flags != 0 && !lz4)) {
+  if (type < 1 || type > 9 || (flags != 0 && !lz4)) {
     return Corruption(fmt::format("unknown frame type {} / flags {:#x}", type, flags));
   }
   if (lz4) {

@@ -26,11 +26,15 @@ inline constexpr uint32_t kFramePayloadMax = 64u << 20;
 inline constexpr uint16_t kFlagLz4 = 1;
 
 enum class FrameType : uint16_t {
-  kHello = 1,    // sender -> receiver: JSON {version, group, epoch, disks[{name,size_bytes}]}
-  kHelloOk = 2,  // receiver -> sender: JSON {durable_seq, base_seq}
-  kRecords = 3,  // sender -> receiver: encoded records, consecutive seqs
-  kAck = 4,      // receiver -> sender: u64 durable seq
-  kError = 5,    // either way: JSON {code, message}; the connection ends after it
+  kHello = 1,        // sender -> receiver: JSON {version, group, epoch, disks[{name,size_bytes}]}
+  kHelloOk = 2,      // receiver -> sender: JSON {durable_seq, base_seq}
+  kRecords = 3,      // sender -> receiver: encoded records, consecutive seqs
+  kAck = 4,          // receiver -> sender: u64 durable seq
+  kError = 5,        // either way: JSON {code, message}; the connection ends after it
+  kResyncBegin = 6,  // sender -> receiver: JSON {from}: records up to `from` are all sent
+  kResyncData = 7,   // sender -> receiver: disk u32, offset u64, then the region's bytes
+  kResyncEnd = 8,    // sender -> receiver: JSON {consistent_seq}
+  kResyncDone = 9,   // receiver -> sender: JSON {consistent_seq}: the resync is committed
 };
 
 struct Frame {

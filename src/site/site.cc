@@ -8,6 +8,8 @@
 #include <fstream>
 #include <set>
 
+#include "common/units.h"
+
 namespace osr::site {
 
 namespace fs = std::filesystem;
@@ -76,6 +78,9 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   OSR_ASSIGN_OR_RETURN(c.nbd_listen, Address(t, "nbd_listen", 10809));
   OSR_ASSIGN_OR_RETURN(c.replication_listen, Address(t, "replication_listen", 7481));
   OSR_ASSIGN_OR_RETURN(c.api_listen, Address(t, "api_listen", 7482));
+  if (auto limit = t["capture_log_limit"].value<std::string>()) {
+    OSR_ASSIGN_OR_RETURN(c.capture_log_bytes_max, ParseSize(*limit));
+  }
   c.tls.ca = t["tls_ca"].value_or(std::string());
   c.tls.cert = t["tls_cert"].value_or(std::string());
   c.tls.key = t["tls_key"].value_or(std::string());
@@ -209,6 +214,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
   co.dir = dir + "/capture";
   co.region_bytes = cfg_.region_bytes;
   co.epoch = g.epoch;
+  co.log_bytes_max = cfg_.capture_log_bytes_max;
   OSR_ASSIGN_OR_RETURN(g.capture, capture::CaptureGroup::Open(std::move(images), co));
   for (size_t i = 0; i < g.disks.size(); ++i) {
     OSR_RETURN_IF_ERROR(
@@ -228,6 +234,7 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   o.disks = StoreDisks(g.disks);
   o.tls = tls_client_;
   o.compress = g.compress;
+  o.capture_group = g.capture.get();
   o.bandwidth_bytes_per_second = g.bandwidth_bytes_per_second;
   g.sender = std::make_unique<replication::Sender>(o, &g.capture->log());
   g.sender->Start();
@@ -343,6 +350,8 @@ Result<json> Site::GroupStatus(const std::string& vm) {
   json out = {{"name", vm},
               {"disks", disks},
               {"last_seq", g.capture->log().last_seq()},
+              {"capture_overflowed", g.capture->log().overflowed()},
+              {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
               {"epoch", g.epoch}};
   if (g.sender) {
@@ -354,6 +363,10 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"wire_bytes_sent", st.wire_bytes_sent},
                           {"reconnects", st.reconnects},
                           {"resync_required", st.resync_required},
+                          {"resyncing", st.resyncing},
+                          {"resync_bytes_total", st.resync_bytes_total},
+                          {"resync_bytes_done", st.resync_bytes_done},
+                          {"resyncs_completed", st.resyncs_completed},
                           {"last_error", st.last_error}};
   }
   return out;
@@ -418,6 +431,8 @@ Result<json> Site::StoreStatus(const std::string& vm) {
               {"disks", disks},
               {"durable_seq", s.durable_seq()},
               {"durable_time_ns", s.durable_time_ns()},
+              {"resyncing", s.resyncing()},
+              {"consistent_from", s.consistent_from()},
               {"base_seq", s.base_seq()}};
 }
 

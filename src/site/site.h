@@ -44,6 +44,7 @@ struct SiteConfig {
   uint64_t disk_bytes_max = 16ull << 40;
   size_t views_max = 64;
   size_t disks_per_vm_max = 64;
+  uint64_t capture_log_bytes_max = 8ull << 30;  // per VM; past it: bitmap, then resync
   TlsFiles tls;  // replication between sites: mutual TLS when set (tls_ca, tls_cert, tls_key)
 
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and

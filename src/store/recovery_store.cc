@@ -71,6 +71,13 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
     s->disks_.push_back({d["name"].get<std::string>(), d["size_bytes"].get<uint64_t>()});
   }
   s->base_seq_ = j["base_seq"].get<uint64_t>();
+  s->consistent_from_ = j.value("consistent_from", uint64_t{0});
+  // A resync that was under way when the store closed must start again (its staged
+  // regions are gone); until it ends, seqs after its start stay unusable.
+  if (j.contains("resync_from") && j["resync_from"].is_number_unsigned()) {
+    s->resyncing_ = true;
+    s->resync_from_ = j["resync_from"].get<uint64_t>();
+  }
   OSR_RETURN_IF_ERROR(s->OpenParts());
   return s;
 }
@@ -80,13 +87,21 @@ RecoveryStore::~RecoveryStore() = default;
 Status RecoveryStore::WriteMeta() {
   nlohmann::json disks = nlohmann::json::array();
   for (auto& d : disks_) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  uint64_t base;
+  uint64_t base, consistent;
+  nlohmann::json resync;
   {
     std::lock_guard lock(mu_);
     base = base_seq_;
+    consistent = consistent_from_;
+    if (resyncing_) resync = resync_from_;
   }
-  std::string text =
-      nlohmann::json{{"version", kMetaVersion}, {"disks", disks}, {"base_seq", base}}.dump(1);
+  std::string text = nlohmann::json{
+      {"version", kMetaVersion},
+      {"disks", disks},
+      {"base_seq", base},
+      {"consistent_from", consistent},
+      {"resync_from",
+       resync}}.dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
@@ -211,10 +226,7 @@ Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::
   std::vector<std::tuple<RecordRef, uint64_t, uint64_t>> parts;
   {
     std::lock_guard lock(mu_);
-    if (seq < base_seq_ || seq > durable_seq_) {
-      return OutOfRange(
-          fmt::format("seq {} is outside the store's {}..{}", seq, base_seq_, durable_seq_));
-    }
+    OSR_RETURN_IF_ERROR(UsableLocked(seq));
     index_[disk].ForEach(
         offset, buf.size(), base_seq_, seq,
         [&](const RecordRef& r, uint64_t o, uint64_t n) { parts.emplace_back(r, o, n); });
@@ -233,13 +245,128 @@ Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::
   return Status::Ok();
 }
 
+Status RecoveryStore::UsableLocked(uint64_t seq) const {
+  if (seq < base_seq_ || seq > durable_seq_) {
+    return OutOfRange(fmt::format("seq {} is no longer (or not yet) in the store ({}..{})", seq,
+                                  base_seq_, durable_seq_));
+  }
+  if (seq < consistent_from_) {  // the base took whole regions from a later state
+    return OutOfRange(
+        fmt::format("seq {} lies before the end of a resynchronization; use {} "
+                    "or later",
+                    seq, consistent_from_));
+  }
+  if (resyncing_ && seq > resync_from_) {
+    return OutOfRange(
+        fmt::format("a resynchronization is under way; seq {} and earlier stay "
+                    "usable until it ends",
+                    resync_from_));
+  }
+  return Status::Ok();
+}
+
 Status RecoveryStore::Pin(uint64_t seq) {
   std::lock_guard lock(mu_);
-  if (seq < base_seq_ || seq > durable_seq_) {
-    return OutOfRange(fmt::format("seq {} is no longer (or not yet) in the store", seq));
-  }
+  OSR_RETURN_IF_ERROR(UsableLocked(seq));
   pins_.insert(seq);
   return Status::Ok();
+}
+
+Status RecoveryStore::BeginResync(uint64_t from) {
+  OSR_RETURN_IF_ERROR(BeginResyncLocked(from));
+  return WriteMeta();  // a restart mid-resync keeps the later seqs unusable
+}
+
+Status RecoveryStore::BeginResyncLocked(uint64_t from) {
+  std::lock_guard lock(mu_);
+  if (from != durable_seq_) {
+    return InvalidArgument(fmt::format("a resync from seq {} needs the store at {}, it is at {}",
+                                       from, from, durable_seq_));
+  }
+  staging_.clear();
+  staged_.assign(disks_.size(), {});
+  std::error_code ec;
+  std::filesystem::remove_all(dir_ + "/staging", ec);
+  std::filesystem::create_directories(dir_ + "/staging", ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + dir_ + "/staging");
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    OSR_ASSIGN_OR_RETURN(
+        File f, File::Open(fmt::format("{}/staging/{}.img", dir_, i), File::Mode::kCreate));
+    OSR_RETURN_IF_ERROR(f.Truncate(disks_[i].size_bytes));
+    staging_.push_back(std::move(f));
+  }
+  resyncing_ = true;
+  resync_from_ = from;
+  return Status::Ok();
+}
+
+Status RecoveryStore::ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
+  std::lock_guard lock(mu_);
+  if (!resyncing_) return InvalidArgument("no resynchronization is under way");
+  if (disk >= disks_.size() || offset + data.size() > disks_[disk].size_bytes) {
+    return InvalidArgument(fmt::format("resync data outside disk {}", disk));
+  }
+  OSR_RETURN_IF_ERROR(staging_[disk].PWrite(offset, data));
+  staged_[disk].emplace_back(offset, data.size());
+  return Status::Ok();
+}
+
+Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
+  uint64_t from;
+  {
+    std::lock_guard lock(mu_);
+    if (!resyncing_) return InvalidArgument("no resynchronization is under way");
+    if (consistent_seq > durable_seq_) {
+      return InvalidArgument(
+          fmt::format("resync ends at seq {} but the store has {}", consistent_seq, durable_seq_));
+    }
+    if (!pins_.empty() && *pins_.begin() <= resync_from_) {
+      return Unavailable(
+          fmt::format("a view at seq {} is open; close it to let the "
+                      "resynchronization finish",
+                      *pins_.begin()));
+    }
+    from = resync_from_;
+  }
+  OSR_ASSIGN_OR_RETURN(uint64_t base, Fold(from));
+  if (base != from) return Unavailable("could not fold up to the resync point");
+  {
+    std::unique_lock fold(fold_mu_);
+    std::vector<uint8_t> buf(1 << 20);
+    std::lock_guard lock(mu_);
+    for (size_t d = 0; d < disks_.size(); ++d) {
+      for (auto [off, len] : staged_[d]) {
+        for (uint64_t p = off; p < off + len;) {
+          size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), off + len - p));
+          OSR_RETURN_IF_ERROR(staging_[d].PRead(p, {buf.data(), n}));
+          OSR_RETURN_IF_ERROR(base_[d].PWrite(p, {buf.data(), n}));
+          p += n;
+        }
+      }
+    }
+  }
+  OSR_RETURN_IF_ERROR(SyncBase());
+  {
+    std::lock_guard lock(mu_);
+    consistent_from_ = consistent_seq;
+    resyncing_ = false;
+    staging_.clear();
+    staged_.clear();
+  }
+  OSR_RETURN_IF_ERROR(WriteMeta());
+  std::error_code ec;
+  std::filesystem::remove_all(dir_ + "/staging", ec);
+  return Status::Ok();
+}
+
+bool RecoveryStore::resyncing() const {
+  std::lock_guard lock(mu_);
+  return resyncing_;
+}
+
+uint64_t RecoveryStore::consistent_from() const {
+  std::lock_guard lock(mu_);
+  return consistent_from_;
 }
 
 void RecoveryStore::Unpin(uint64_t seq) {

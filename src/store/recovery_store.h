@@ -60,6 +60,18 @@ class RecoveryStore {
   // the journal's index; returns the new base_seq.
   Result<uint64_t> Fold(uint64_t seq);
 
+  // Resynchronization (after the source's capture log overflowed): whole regions read
+  // from the source disks go to a staging area while records keep coming; views and
+  // points at seq <= `from` stay usable meanwhile. Commit folds up to `from`, copies the
+  // staged regions into the base, and makes seqs before `consistent_seq` unusable: only
+  // from there on does every region reflect the source.
+  Status BeginResync(uint64_t from);
+  Status ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
+  Status CommitResync(uint64_t consistent_seq);
+  bool resyncing() const;
+  // Seqs before consistent_from cannot be read (a resync replaced regions of the base).
+  uint64_t consistent_from() const;
+
   // A view at `seq` keeps Fold from passing it until Unpin.
   Status Pin(uint64_t seq);
   void Unpin(uint64_t seq);
@@ -78,6 +90,8 @@ class RecoveryStore {
   Status WriteMeta();
   void OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok);
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
+  Status UsableLocked(uint64_t seq) const;  // holds mu_
+  Status BeginResyncLocked(uint64_t from);  // takes mu_
 
   std::string dir_;
   std::vector<StoreDisk> disks_;
@@ -90,11 +104,16 @@ class RecoveryStore {
   mutable std::shared_mutex fold_mu_;
 
   mutable std::mutex mu_;
-  std::vector<VersionIndex> index_;    // per disk; guarded by mu_
-  uint64_t base_seq_ = 0;              // guarded by mu_
-  uint64_t durable_seq_ = 0;           // guarded by mu_
-  int64_t durable_time_ns_ = 0;        // guarded by mu_
-  std::multiset<uint64_t> pins_;       // guarded by mu_
+  std::vector<VersionIndex> index_;  // per disk; guarded by mu_
+  uint64_t base_seq_ = 0;            // guarded by mu_
+  uint64_t durable_seq_ = 0;         // guarded by mu_
+  int64_t durable_time_ns_ = 0;      // guarded by mu_
+  uint64_t consistent_from_ = 0;     // guarded by mu_; persisted in store.json
+  bool resyncing_ = false;           // guarded by mu_
+  uint64_t resync_from_ = 0;         // guarded by mu_
+  std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_
+  std::multiset<uint64_t> pins_;                                    // guarded by mu_
   std::map<uint64_t, File> segments_;  // first_seq -> open journal segment; guarded by mu_
 };
 

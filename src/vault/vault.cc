@@ -201,6 +201,7 @@ Vault::~Vault() {
 }
 
 void Vault::Stop() {
+  stopping_ = true;
   {
     std::lock_guard lock(mu_);
     if (stop_) return;
@@ -329,8 +330,14 @@ json Vault::ItemJson(const ItemRow& item) {
       rpo = durable_ns > 0 ? static_cast<double>(NowNs() - durable_ns) / 1e9 : 0;
     }
     auto repl = (*g).value("replication", json::object());
-    if (repl.value("resync_required", false)) {
-      health = "Critical: resynchronization required";
+    if (repl.value("resync_required", false) || (*g).value("capture_overflowed", false)) {
+      health =
+          "Critical: resynchronization required (the capture log passed its limit; it "
+          "starts by itself when the recovery site is reachable)";
+    } else if (repl.value("resyncing", false)) {
+      health = fmt::format("Warning: resynchronizing ({} of {} bytes)",
+                           repl.value("resync_bytes_done", uint64_t{0}),
+                           repl.value("resync_bytes_total", uint64_t{0}));
     } else if (!repl.value("connected", false) && item.state != "EnablingProtection") {
       health =
           "Warning: replication is not connected (" + repl.value("last_error", std::string()) + ")";
@@ -404,7 +411,8 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
     return InvalidArgument("VM " + vm + " is still being protected; wait for its job");
   }
   // No freeze/thaw hooks are configured for VMs yet: an app point marks the position.
-  OSR_ASSIGN_OR_RETURN(PointRow p, PointAtLatest(*item, app ? "app" : "crash", nullptr));
+  OSR_ASSIGN_OR_RETURN(PointRow p,
+                       PointAtLatest(*item, app ? "app" : "crash", cfg_.call_wait_ms_max));
   return PointJson(p);
 }
 
@@ -523,19 +531,21 @@ class Steps {
 
 }  // namespace
 
-Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, JobRow* job) {
+Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms) {
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   if (!src || !dst) return NotFound("a site of the item is not registered");
   OSR_ASSIGN_OR_RETURN(json g, SiteClient(*src).Call("GET", "/groups/" + item.vm));
   uint64_t want = g.value("last_seq", uint64_t{0});
   // Process everything still pending: wait until the recovery site has it.
-  auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::milliseconds(cfg_.job_wait_ms_max);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
   for (;;) {
+    if (stopping_) return Unavailable("the vault is stopping");
     OSR_ASSIGN_OR_RETURN(json st, SiteClient(*dst).Call("GET", "/stores/" + item.vm));
     uint64_t durable = st.value("durable_seq", uint64_t{0});
-    if (durable >= want) {
+    // A point needs a consistent state: not inside a resynchronization.
+    bool usable = !st.value("resyncing", false) && want >= st.value("consistent_from", uint64_t{0});
+    if (durable >= want && usable) {
       PointRow p{0, item.vm, want, durable == want ? st.value("durable_time_ns", NowNs()) : NowNs(),
                  type};
       if (p.time_ns == 0) p.time_ns = NowNs();
@@ -543,19 +553,18 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
       return p;
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      return Unavailable(
-          fmt::format("the recovery site has seq {} of {} after {} s; is "
-                      "replication running? (osr item show {})",
-                      durable, want, cfg_.job_wait_ms_max / 1000, item.vm));
+      return Unavailable(fmt::format(
+          "the recovery site has seq {} of {} after {} s{}; is "
+          "replication running? (osr item show {})",
+          durable, want, wait_ms / 1000, usable ? "" : " and is resynchronizing", item.vm));
     }
-    (void)job;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
 
 Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job) {
   auto points = catalog_->Points(item.vm);
-  if (spec == "latest") return PointAtLatest(item, "crash", job);
+  if (spec == "latest") return PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
   if (spec == "latest-processed") {
     if (points.empty()) return NotFound("VM " + item.vm + " has no recovery point yet");
     return points.back();
@@ -656,7 +665,7 @@ void Vault::RunJob(JobRow& job) {
     item->state = "Protected";
     (void)catalog_->PutItem(*item);
     steps.Begin("First recovery point");
-    auto p = PointAtLatest(*item, "crash", &job);
+    auto p = PointAtLatest(*item, "crash", cfg_.job_wait_ms_max);
     if (!p.ok()) return fail(p.status());
     steps.Done(100);
     job.state = "Succeeded";
@@ -700,6 +709,24 @@ void Vault::RunJob(JobRow& job) {
 
 // ---- points -------------------------------------------------------------------------
 
+void Vault::ReconcileReplication(const ItemRow& item) {
+  auto src = catalog_->Site(item.source);
+  auto dst = catalog_->Site(item.target);
+  if (!src || !dst) return;
+  auto g = SiteClient(*src).Call("GET", "/groups/" + item.vm);
+  if (!g.ok() || (*g).value("replicate_to", std::string()) == dst->replication) return;
+  auto policy = catalog_->Policy(item.policy).value_or(PolicyRow{"default"});
+  spdlog::info("vault: {}: pointing replication at {} ({})", item.vm, item.target,
+               dst->replication);
+  auto r = SiteClient(*src).Call(
+      "PUT", "/groups/" + item.vm + "/replication",
+      json{{"target", dst->replication},
+           {"epoch", item.epoch},
+           {"compression", policy.compression},
+           {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
+  if (!r.ok()) spdlog::warn("vault: {}: {}", item.vm, r.status().ToString());
+}
+
 void Vault::PointLoop() {
   for (;;) {
     {
@@ -711,6 +738,7 @@ void Vault::PointLoop() {
     }
     for (auto& item : catalog_->Items()) {
       if (item.state != "Protected" && item.state != "TestFailoverCompleted") continue;
+      ReconcileReplication(item);
       auto policy = catalog_->Policy(item.policy);
       auto dst = catalog_->Site(item.target);
       if (!policy || !dst) continue;
@@ -724,6 +752,11 @@ void Vault::PointLoop() {
       uint64_t durable = (*st).value("durable_seq", uint64_t{0});
       int64_t t = (*st).value("durable_time_ns", int64_t{0});
       if (!points.empty() && durable <= points.back().seq) continue;  // nothing new
+      // Points pause while a resynchronization runs: no state there is consistent.
+      if ((*st).value("resyncing", false) ||
+          durable < (*st).value("consistent_from", uint64_t{0})) {
+        continue;
+      }
       (void)catalog_->AddPoint({0, item.vm, durable, t ? t : now, "crash"});
       // Retention: drop what is older than the window — but only once a newer point
       // exists, so points never all expire while no new points can be made. Then the

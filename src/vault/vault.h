@@ -10,6 +10,7 @@
 // applies retention. mu_ guards the job queue; the catalog is thread-safe.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -31,6 +32,7 @@ struct VaultConfig {
   ListenAddress api_listen;
   int point_tick_ms = 1000;
   int job_wait_ms_max = 120000;  // a job step waiting for replication gives up after this
+  int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
 };
 
 class Vault {
@@ -72,7 +74,12 @@ class Vault {
   void RunJob(JobRow& job);
   void PointLoop();
   Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job);
-  Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, JobRow* job);
+  // Waits (at most wait_ms, less if the vault stops) until the recovery site has every
+  // write made so far, then records a point there.
+  Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms);
+  // Re-points a source site's replication at its target's current address (a site that
+  // restarted may listen elsewhere now).
+  void ReconcileReplication(const ItemRow& item);
   nlohmann::json ItemJson(const ItemRow& item);
 
   const VaultConfig cfg_;
@@ -87,6 +94,7 @@ class Vault {
   std::condition_variable cv_;
   std::deque<int64_t> queue_;  // guarded by mu_
   bool stop_ = false;          // guarded by mu_
+  std::atomic<bool> stopping_{false};
 };
 
 // A site's HTTP API. Every call has a timeout; an unreachable site is kUnavailable with

@@ -1,0 +1,649 @@
+"""Shared fixtures for the end-to-end tests of the `osr` CLI against a real quickstart.
+
+Each test starts its own `osrd quickstart --dir TMP --vault-listen 127.0.0.1:PORT` (a
+vault and the sites `primary` and `recovery` in one process, every address on
+127.0.0.1), drives it only through `osr --vault http://127.0.0.1:PORT --output json ...`
+and the NBD URIs the CLI prints (python3-libnbd), and keeps a model of every byte it
+wrote. Run with Debian's interpreter, which has python3-libnbd:
+
+    /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/e2e
+
+Environment:
+    OSRD           path of the osrd binary (default: <repo>/build/osrd)
+    OSR            path of the osr binary (default: <repo>/build/osr)
+    OSR_TEST_SEED  the seed of the random data (default: random; failures name it)
+
+A missing binary or tool makes a test FAIL with a message, never skip. Every wait is
+bounded: CLI calls have a timeout, and a watchdog SIGKILLs the quickstart of a test
+that runs past TEST_DEADLINE_S (which unblocks any NBD call) and fails it.
+"""
+
+import calendar
+import contextlib
+import json
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import nbd  # python3-libnbd
+except ImportError:  # pragma: no cover - reported by require_libnbd()
+    nbd = None
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KIB = 1024
+MIB = 1024 * 1024
+
+READY_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 10
+CLI_TIMEOUT_S = 60          # one osr call (a --wait job included)
+TEST_DEADLINE_S = 75        # a whole test, watchdog
+READ_CHUNK = 4 * MIB
+
+
+def osrd_path():
+    return Path(os.environ.get("OSRD", str(REPO_ROOT / "build" / "osrd")))
+
+
+def osr_path():
+    return Path(os.environ.get("OSR", str(REPO_ROOT / "build" / "osr")))
+
+
+def require_libnbd():
+    if nbd is None:
+        pytest.fail("python3-libnbd is missing: run the tests with Debian's /usr/bin/python3 "
+                    "(apt-get install python3-libnbd)", pytrace=False)
+    return nbd
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the quickstart process --------------------------------------------------------
+
+
+class Quickstart:
+    """One `osrd quickstart` process, started and watched by the test."""
+
+    def __init__(self, data_dir, port, log_path):
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.log_path = Path(log_path)
+        self.proc = None
+        self.stdout_lines = []
+        self.exit_code = None
+        self._drain = None
+        self._log = None
+
+    @property
+    def vault_url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        binary = osrd_path()
+        if not binary.exists():
+            pytest.fail(f"osrd binary not found at {binary} (build it, or set OSRD)",
+                        pytrace=False)
+        self.stdout_lines = []
+        self.exit_code = None
+        self._log = open(self.log_path, "ab")
+        self._log.write(f"---- start {time.strftime('%H:%M:%S')}\n".encode())
+        self._log.flush()
+        cmd = [str(binary), "quickstart", "--dir", str(self.data_dir),
+               "--vault-listen", f"127.0.0.1:{self.port}"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=self._log)
+        except OSError as e:
+            self._log.close()
+            pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSRD)",
+                        pytrace=False)
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        buf = b""
+        ready = False
+        try:
+            while not ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._abort()
+                    pytest.fail(f"quickstart printed no 'osrd: ready' within {READY_TIMEOUT_S}s"
+                                f"\nstdout so far: {self.stdout_lines}\nstderr: {self.stderr()}")
+                if not sel.select(timeout=left):
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    self.proc.wait(timeout=STOP_TIMEOUT_S)
+                    pytest.fail(f"quickstart exited with {self.proc.returncode} before ready: "
+                                f"{' '.join(cmd)}\nstdout: {self.stdout_lines}\n"
+                                f"stderr: {self.stderr()}")
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    text = line.decode(errors="replace").rstrip("\r")
+                    self.stdout_lines.append(text)
+                    if text == "osrd: ready":
+                        ready = True
+                        break
+        finally:
+            sel.close()
+        # Keep draining stdout so that the daemon never blocks on a full pipe.
+        self._drain = threading.Thread(target=self._drain_stdout, args=(buf,), daemon=True)
+        self._drain.start()
+        want = f"  vault: {self.vault_url}/api/v1"
+        if want not in self.stdout_lines:
+            self._abort()
+            pytest.fail(f"quickstart did not announce {want.strip()!r}: {self.stdout_lines}")
+        return self
+
+    def _drain_stdout(self, rest):
+        self.stdout_lines.extend(rest.decode(errors="replace").splitlines())
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    def _abort(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._close()
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM):
+        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+                self.exit_code = self.proc.returncode
+                self._close()
+                pytest.fail(f"quickstart did not stop within {STOP_TIMEOUT_S}s of {sig!r}; "
+                            f"killed with SIGKILL\nstderr: {self.stderr()}")
+        self.exit_code = self.proc.returncode
+        self._close()
+        return self.exit_code
+
+    def stop_clean(self):
+        code = self.stop()
+        assert code == 0, f"quickstart exited with {code} after SIGTERM\nstderr: {self.stderr()}"
+
+    def kill9(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self.exit_code = self.proc.returncode if self.proc else None
+        self._close()
+
+    def restart(self):
+        """The same --dir and --vault-listen again."""
+        assert not self.alive(), "the quickstart is still running"
+        return self.start()
+
+    def _close(self):
+        if self._drain is not None:
+            self._drain.join(timeout=5)
+            self._drain = None
+        with contextlib.suppress(Exception):
+            self.proc.stdout.close()
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+    def stderr(self):
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+# -- the CLI ----------------------------------------------------------------------------
+
+
+class Osr:
+    """Runs `osr --vault URL --output json ...` with a timeout."""
+
+    def __init__(self, qs):
+        self.qs = qs
+
+    def run(self, *args, timeout=CLI_TIMEOUT_S, vault=None):
+        binary = osr_path()
+        if not binary.exists():
+            pytest.fail(f"osr binary not found at {binary} (build it, or set OSR)",
+                        pytrace=False)
+        cmd = [str(binary), "--vault", vault or self.qs.vault_url, "--output", "json",
+               *[str(a) for a in args]]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstdout: {e.stdout}\n"
+                        f"stderr: {e.stderr}\nquickstart stderr: {self.qs.stderr()[-3000:]}")
+        except OSError as e:
+            pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSR)",
+                        pytrace=False)
+
+    def ok(self, *args, timeout=CLI_TIMEOUT_S):
+        """The command exits 0 and prints JSON on stdout; returns it."""
+        proc = self.run(*args, timeout=timeout)
+        shown = "osr " + " ".join(str(a) for a in args)
+        if proc.returncode != 0:
+            pytest.fail(f"{shown}: exit status {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
+                        f"\nstderr:\n{proc.stderr[-3000:]}\n"
+                        f"quickstart stderr:\n{self.qs.stderr()[-3000:]}")
+        try:
+            return json.loads(proc.stdout)
+        except json.JSONDecodeError as e:
+            pytest.fail(f"{shown} --output json printed no JSON ({e}): {proc.stdout[:2000]!r}")
+
+    def fails(self, *args, timeout=CLI_TIMEOUT_S, vault=None):
+        """The command exits non-zero with 'osr: error: ...' on stderr; returns the message."""
+        proc = self.run(*args, timeout=timeout, vault=vault)
+        shown = "osr " + " ".join(str(a) for a in args)
+        assert proc.returncode != 0, (f"{shown} succeeded but must fail\n"
+                                      f"stdout:\n{proc.stdout[-2000:]}")
+        assert proc.stderr.startswith("osr: error: "), \
+            f"{shown}: stderr does not start with 'osr: error: ': {proc.stderr[-2000:]!r}"
+        first = proc.stderr.splitlines()[0][len("osr: error: "):].strip()
+        assert first, f"{shown}: an empty error message"
+        return first
+
+    def job_ok(self, *args, job_type=None):
+        """A --wait job command: exit 0, the job JSON, state Succeeded, all steps Succeeded."""
+        job = self.ok(*args, "--wait")
+        shown = "osr " + " ".join(str(a) for a in args)
+        assert job.get("state") == "Succeeded", f"{shown}: job {job}"
+        assert job.get("error") is None, f"{shown}: job has an error: {job}"
+        assert job.get("progress") == 100, f"{shown}: job progress: {job}"
+        if job_type is not None:
+            assert job.get("type") == job_type, f"{shown}: job type: {job}"
+        assert isinstance(job.get("id"), int) and job["id"] > 0, job
+        steps = job.get("steps")
+        assert isinstance(steps, list) and steps, f"{shown}: a job without steps: {job}"
+        for s in steps:
+            assert isinstance(s.get("name"), str) and s["name"], f"{shown}: step {s}"
+            assert s.get("state") == "Succeeded", f"{shown}: step not Succeeded: {s}"
+        # The job as stored says the same.
+        stored = self.ok("job", "show", job["id"])
+        assert stored["state"] == "Succeeded" and stored["type"] == job["type"], stored
+        return job
+
+
+@pytest.fixture
+def seed():
+    """OSR_TEST_SEED, or random; printed (pytest shows it with a failure)."""
+    env = os.environ.get("OSR_TEST_SEED")
+    s = int(env) if env else random.randrange(1 << 30)
+    print(f"OSR_TEST_SEED={s}")
+    return s
+
+
+@pytest.fixture
+def rng(seed):
+    return random.Random(seed)
+
+
+class Env:
+    """What a test gets: the quickstart, the CLI, and the NBD handles to close."""
+
+    def __init__(self, qs, osr):
+        self.qs = qs
+        self.osr = osr
+        self.closers = []
+
+    def track(self, obj):
+        self.closers.append(obj)
+        return obj
+
+    def close_nbd(self):
+        while self.closers:
+            with contextlib.suppress(Exception):
+                self.closers.pop().close()
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A running quickstart (state in tmp_path/qs) and its CLI.
+
+    At teardown the NBD handles are closed and the quickstart must exit 0 on SIGTERM.
+    A test running past TEST_DEADLINE_S has its quickstart SIGKILLed and fails."""
+    require_libnbd()
+    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr")
+    qs.start()
+    e = Env(qs, Osr(qs))
+    expired = threading.Event()
+
+    def watchdog():
+        expired.set()
+        qs.kill9()
+
+    timer = threading.Timer(TEST_DEADLINE_S, watchdog)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield e
+    finally:
+        timer.cancel()
+        e.close_nbd()
+        if expired.is_set():
+            pytest.fail(f"the test ran past {TEST_DEADLINE_S}s: its quickstart was killed\n"
+                        f"stderr: {qs.stderr()}")
+        if qs.alive():
+            code = qs.stop()
+            if code != 0:
+                pytest.fail(f"quickstart exited with {code} on SIGTERM at teardown\n"
+                            f"{qs.stderr()}")
+
+
+# -- NBD and a model of the bytes ---------------------------------------------------------
+
+
+def connect(uri):
+    lib = require_libnbd()
+    h = lib.NBD()
+    h.set_handle_name("pytest-e2e")
+    h.connect_uri(uri)
+    return h
+
+
+def close_handle(h):
+    with contextlib.suppress(Exception):
+        h.shutdown()
+    with contextlib.suppress(Exception):
+        h.close()
+
+
+def read_handle(h, size, what):
+    total = h.get_size()
+    assert total == size, f"{what}: export size {total}, expected {size}"
+    out = bytearray()
+    for off in range(0, total, READ_CHUNK):
+        out += h.pread(min(READ_CHUNK, total - off), off)
+    return bytes(out)
+
+
+def read_uri(uri, size):
+    """The whole export at uri, over a fresh connection."""
+    h = connect(uri)
+    try:
+        return read_handle(h, size, uri)
+    finally:
+        close_handle(h)
+
+
+def first_difference(a, b):
+    if len(a) != len(b):
+        return f"sizes differ: {len(a)} != {len(b)}"
+    step = 64 * KIB
+    for off in range(0, len(a), step):
+        if a[off:off + step] != b[off:off + step]:
+            for i in range(off, min(off + step, len(a))):
+                if a[i] != b[i]:
+                    return f"first difference at byte {i}: {a[i]:#04x} != {b[i]:#04x}"
+    return None
+
+
+def assert_same_bytes(got, want, what):
+    if got == want:
+        return
+    assert False, f"{what}: {first_difference(got, want)}"
+
+
+def random_op(rng, size, max_len=256 * KIB, weights=(8, 1, 1)):
+    """(kind, offset, length, data): unaligned offsets and lengths mostly; kinds write,
+    zero (WRITE_ZEROES) and trim, the latter two read as zeros afterwards."""
+    kind = rng.choices(["write", "zero", "trim"], weights=weights)[0]
+    if rng.random() < 0.3:  # aligned, 4 KiB multiples
+        length = rng.randrange(1, max_len // 4096 + 1) * 4096
+        offset = rng.randrange(0, (size - length) // 4096 + 1) * 4096
+    else:
+        length = rng.randrange(1, max_len + 1)
+        offset = rng.randrange(0, size - length + 1)
+    data = rng.randbytes(length) if kind == "write" else None
+    return kind, offset, length, data
+
+
+def apply_op(h, kind, offset, length, data):
+    """Sends one request over libnbd handle h and waits for its reply."""
+    if kind == "write":
+        h.pwrite(data, offset)
+    elif kind == "zero":
+        h.zero(length, offset)
+    elif kind == "trim":
+        h.trim(length, offset)
+    else:
+        raise AssertionError(kind)
+
+
+def apply_model(disk_bytes, kind, offset, length, data):
+    if kind == "write":
+        disk_bytes[offset:offset + length] = data
+    else:
+        disk_bytes[offset:offset + length] = bytes(length)
+
+
+class VmDisks:
+    """The disks of a VM at its site, written through libnbd one request at a time.
+
+    Every completed WRITE, TRIM and WRITE_ZEROES of a VM's disks is one record of one
+    gap-free sequence starting at 1 (docs/formats.md), and this client waits for each
+    reply before sending the next request, so ops[i] is the write that got seq i+1 and
+    at(seq) is the VM's disks as of any recovery point."""
+
+    def __init__(self, vm_json, rng):
+        self.rng = rng
+        self.names = [d["name"] for d in vm_json["disks"]]
+        self.sizes = {d["name"]: d["size_bytes"] for d in vm_json["disks"]}
+        self.uris = {}
+        self.handles = {}
+        self.ops = []
+        self.set_uris(vm_json)
+
+    def set_uris(self, vm_json):
+        """New URIs (the NBD ports of a restarted quickstart are new)."""
+        self.close()
+        assert [d["name"] for d in vm_json["disks"]] == self.names, vm_json
+        for d in vm_json["disks"]:
+            assert isinstance(d.get("uri"), str), f"disk without a URI: {vm_json}"
+            self.uris[d["name"]] = d["uri"]
+
+    def handle(self, name):
+        if name not in self.handles:
+            self.handles[name] = connect(self.uris[name])
+        return self.handles[name]
+
+    @property
+    def seq(self):
+        return len(self.ops)
+
+    def write(self, n, max_len=256 * KIB, weights=(8, 1, 1)):
+        """n random requests on random disks, the last one a WRITE of data (so that the
+        bytes at any seq between batches differ from those one seq before); returns the
+        seq after them."""
+        for i in range(n):
+            name = self.rng.choice(self.names)
+            op = random_op(self.rng, self.sizes[name], max_len=max_len,
+                           weights=weights if i < n - 1 else (1, 0, 0))
+            apply_op(self.handle(name), *op)
+            self.ops.append((name, *op))
+        return self.seq
+
+    def flush(self):
+        for h in self.handles.values():
+            h.flush()
+
+    def at(self, seq=None):
+        """{disk name: bytes} as of seq (default: everything written)."""
+        seq = self.seq if seq is None else seq
+        assert 0 <= seq <= len(self.ops), f"seq {seq} is beyond the {len(self.ops)} writes made"
+        disks = {n: bytearray(self.sizes[n]) for n in self.names}
+        for name, kind, off, length, data in self.ops[:seq]:
+            apply_model(disks[name], kind, off, length, data)
+        return disks
+
+    def read_primary(self):
+        """{disk name: bytes} read back over fresh connections."""
+        return {n: read_uri(self.uris[n], self.sizes[n]) for n in self.names}
+
+    def close(self):
+        for h in self.handles.values():
+            close_handle(h)
+        self.handles = {}
+
+
+class Drill:
+    """The writable drill disks of a test failover, with their expected bytes."""
+
+    def __init__(self, job, vm, expected, rng):
+        disks = job.get("disks")
+        assert isinstance(disks, list), f"test-failover job has no disks: {job}"
+        assert [d.get("name") for d in disks] == vm.names, \
+            f"drill disks {disks} are not the VM's disks {vm.names}"
+        for d in disks:
+            assert isinstance(d.get("uri"), str) and d["uri"].startswith("nbd://127.0.0.1:"), d
+        self.uris = {d["name"]: d["uri"] for d in disks}
+        self.sizes = dict(vm.sizes)
+        self.names = list(vm.names)
+        self.model = {n: bytearray(expected[n]) for n in self.names}
+        self.rng = rng
+        self.handles = {}
+
+    def handle(self, name):
+        if name not in self.handles:
+            self.handles[name] = connect(self.uris[name])
+        return self.handles[name]
+
+    def write(self, n):
+        for _ in range(n):
+            name = self.rng.choice(self.names)
+            op = random_op(self.rng, self.sizes[name])
+            apply_op(self.handle(name), *op)
+            apply_model(self.model[name], *op)
+
+    def assert_matches(self, what, fresh=True):
+        """Every byte of every drill disk equals the model (fresh connections by default)."""
+        for n in self.names:
+            if fresh:
+                got = read_uri(self.uris[n], self.sizes[n])
+            else:
+                got = read_handle(self.handle(n), self.sizes[n], self.uris[n])
+            assert_same_bytes(got, bytes(self.model[n]), f"{what}: drill disk {n}")
+
+    def close(self):
+        for h in self.handles.values():
+            close_handle(h)
+        self.handles = {}
+
+
+def assert_disks(got, want, what):
+    assert set(got) == set(want), f"{what}: disks {sorted(got)} != {sorted(want)}"
+    for n in want:
+        assert_same_bytes(bytes(got[n]), bytes(want[n]), f"{what}: disk {n}")
+
+
+# -- times --------------------------------------------------------------------------------
+
+_TIME_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
+                      r"(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_time_ns(text):
+    """RFC 3339 to ns since the epoch; fails the test if text is not RFC 3339."""
+    m = _TIME_RE.match(text) if isinstance(text, str) else None
+    assert m, f"not an RFC 3339 time: {text!r}"
+    y, mo, d, hh, mm, ss = (int(g) for g in m.groups()[:6])
+    frac = (m.group(7) or "").ljust(9, "0")
+    ns = (calendar.timegm((y, mo, d, hh, mm, ss)) * 1_000_000_000) + int(frac or 0)
+    tz = m.group(8)
+    if tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        ns -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60) * 1_000_000_000
+    return ns
+
+
+def format_time_ns(ns, offset_minutes=0):
+    """ns since the epoch as RFC 3339 with nanoseconds, in UTC ('Z') or at an offset."""
+    local = ns + offset_minutes * 60 * 1_000_000_000
+    secs, frac = divmod(local, 1_000_000_000)
+    t = time.gmtime(secs)
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{frac:09d}"
+    if offset_minutes == 0:
+        return base + "Z"
+    sign = "+" if offset_minutes > 0 else "-"
+    off = abs(offset_minutes)
+    return base + f"{sign}{off // 60:02d}:{off % 60:02d}"
+
+
+def assert_point(p, what="point"):
+    """{id, time, seq, type} with the right types; returns p."""
+    assert isinstance(p, dict), f"{what}: not an object: {p!r}"
+    for k in ("id", "time", "seq", "type"):
+        assert k in p, f"{what}: no {k!r}: {p}"
+    assert isinstance(p["id"], int) and not isinstance(p["id"], bool) and p["id"] > 0, p
+    assert isinstance(p["seq"], int) and not isinstance(p["seq"], bool) and p["seq"] >= 0, p
+    assert p["type"] in ("crash", "app"), f"{what}: type {p['type']!r}"
+    parse_time_ns(p["time"])
+    return p
+
+
+def wait_for(pred, timeout, what, interval=0.1, detail=None):
+    """Polls pred() until it returns a truthy value; fails after timeout seconds
+    (with detail(), if given, in the message)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            extra = f"\nlast seen: {detail()}" if detail is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def create_vm(osr, name, disks, site="primary"):
+    """`osr vm create` with [(disk, size text, size_bytes)]; checks the answer and `vm show`.
+    Returns the `vm show` JSON."""
+    args = ["vm", "create", name, "--site", site]
+    for d, text, _ in disks:
+        args += ["--disk", f"{d}:{text}"]
+    created = osr.ok(*args)
+    shown = osr.ok("vm", "show", name)
+    for doc, cmd in ((created, "vm create"), (shown, "vm show")):
+        assert doc.get("name") == name, f"{cmd}: {doc}"
+        assert doc.get("site") == site, f"{cmd}: {doc}"
+        got = [(d.get("name"), d.get("size_bytes")) for d in doc.get("disks", [])]
+        assert got == [(d, b) for d, _, b in disks], f"{cmd}: disks {got}"
+        for d in doc["disks"]:
+            uri = d.get("uri")
+            assert isinstance(uri, str) and re.match(
+                rf"^nbd://127\.0\.0\.1:\d+/{re.escape(name)}/{re.escape(d['name'])}$", uri), \
+                f"{cmd}: disk URI {uri!r}"
+    assert created["disks"] == shown["disks"], f"vm create and vm show differ: {created} {shown}"
+    return shown
+
+
+def protect(osr, name, target="recovery", policy=None):
+    args = ["protect", name, "--target", target]
+    if policy is not None:
+        args += ["--policy", policy]
+    job = osr.job_ok(*args, job_type="enable-protection")
+    assert job.get("vm") == name, job
+    return job
