@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "common/crc32c.h"
+#include "nbd/protocol.h"
 
 namespace osr::capture {
 
@@ -115,6 +116,24 @@ std::vector<CaptureGroup::DiskRange> CaptureGroup::DirtyRegions() const {
   std::vector<DiskRange> out;
   for (size_t i = 0; i < bitmaps_.size(); ++i) {
     for (const Range& r : bitmaps_[i]->DirtyRanges()) out.push_back({static_cast<uint32_t>(i), r});
+  }
+  return out;
+}
+
+Result<std::vector<CaptureGroup::DiskRange>> CaptureGroup::AllocatedRegions() const {
+  std::vector<DiskRange> out;
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    uint64_t size = disks_[i]->size(), pos = 0;
+    while (pos < size) {
+      std::vector<nbd::Extent> ext;
+      OSR_RETURN_IF_ERROR(disks_[i]->image().BlockStatus(pos, size - pos, 1024, &ext));
+      if (ext.empty()) break;
+      for (auto& e : ext) {
+        if (!(e.flags & nbd::kStateHole))
+          out.push_back({static_cast<uint32_t>(i), {pos, e.length}});
+        pos += e.length;
+      }
+    }
   }
   return out;
 }

@@ -62,6 +62,8 @@ class CaptureGroup {
   };
   std::vector<DiskRange> DirtyRegions() const;
   bool HasStickyRegions() const;
+  // Every allocated (non-hole) region of every disk: what an initial sync copies.
+  Result<std::vector<DiskRange>> AllocatedRegions() const;
   void CleanRegions(const std::vector<DiskRange>& regions);
   Status ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf);
 

@@ -162,7 +162,8 @@ Status Receiver::ServeSession(Stream& s) {
   OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHelloOk,
                                  nlohmann::json{{"durable_seq", store->durable_seq()},
                                                 {"base_seq", store->base_seq()},
-                                                {"compress", lz4 ? "lz4" : "none"}}
+                                                {"compress", lz4 ? "lz4" : "none"},
+                                                {"initial_sync", store->initial_sync_pending()}}
                                      .dump()));
   s.SetReadTimeoutMs(0);
   spdlog::info("replication receiver: group '{}' connected, durable seq {}", group,
@@ -182,7 +183,11 @@ Status Receiver::ServeSession(Stream& s) {
       case FrameType::kResyncBegin: {
         auto b = nlohmann::json::parse(f->payload, nullptr, false);
         if (b.is_discarded() || !b.contains("from")) return InvalidArgument("bad RESYNC_BEGIN");
-        OSR_RETURN_IF_ERROR(store->BeginResync(b["from"].get<uint64_t>()));
+        if (b.value("initial", false)) {
+          OSR_RETURN_IF_ERROR(store->BeginInitialSync(b["from"].get<uint64_t>()));
+        } else {
+          OSR_RETURN_IF_ERROR(store->BeginResync(b["from"].get<uint64_t>()));
+        }
         spdlog::info("replication receiver: group '{}' resynchronizing after seq {}", group,
                      b["from"].get<uint64_t>());
         break;

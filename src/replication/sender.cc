@@ -161,13 +161,22 @@ Status Sender::Session() {
   uint64_t durable = j["durable_seq"].get<uint64_t>();
   bool compress = opts_.compress && j.value("compress", std::string()) == "lz4";
   s.SetReadTimeoutMs(0);
-  if (durable > log_->last_seq()) {
+  // An empty store (or one whose first copy was cut short) gets the disks' allocated
+  // regions, not the whole history of writes.
+  bool initial = opts_.capture_group != nullptr &&
+                 (j.value("initial_sync", false) ||
+                  (durable == 0 && j.value("base_seq", uint64_t{0}) == 0 && log_->last_seq() > 0));
+  std::optional<std::pair<uint64_t, uint64_t>> initial_from;
+  if (initial) {
+    initial_from = log_->ResumeAfterOverflow();
+    durable = initial_from->first;  // the copy stands for every record up to here
+  } else if (durable > log_->last_seq()) {
     return Corruption(fmt::format(
         "the recovery site has seq {} but this site's log ends at {}: refusing to go on", durable,
         log_->last_seq()));
   }
   OSR_ASSIGN_OR_RETURN(uint64_t first_held, log_->first_seq_held());
-  if (durable + 1 < first_held) {
+  if (!initial && durable + 1 < first_held) {
     std::lock_guard lock(mu_);
     stats_.resync_required = true;
     return NotFound(fmt::format("the recovery site needs seq {}, the log starts at {}", durable + 1,
@@ -177,6 +186,7 @@ Status Sender::Session() {
     std::lock_guard lock(mu_);
     stats_.connected = true;
     stats_.acked_seq = durable;
+    if (initial_from) stats_.resyncing = true;  // nothing is consistent there until DONE
     stats_.sent_seq = durable;
     stats_.resync_required = false;
     cv_.notify_all();
@@ -256,6 +266,7 @@ Status Sender::Session() {
     }
     return Status::Ok();
   };
+  if (initial_from) OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from));
   while (!stop_) {
     // Caught up with a log that overflowed, or with regions a crash left marked: copy
     // those regions (one resync at a time; the bitmap keeps them until it is committed).
@@ -266,7 +277,7 @@ Status Sender::Session() {
     }
     if (opts_.capture_group != nullptr && !resync_pending && tailer.next_seq() > log_->last_seq() &&
         (log_->overflowed() || opts_.capture_group->HasStickyRegions())) {
-      OSR_RETURN_IF_ERROR(Resync(s, ship_upto));
+      OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt));
       continue;
     }
     OSR_ASSIGN_OR_RETURN(size_t n, ship_once());
@@ -275,22 +286,29 @@ Status Sender::Session() {
   return Status::Ok();
 }
 
-Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto) {
-  auto [from, generation] = log_->ResumeAfterOverflow();
+Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
+                      std::optional<std::pair<uint64_t, uint64_t>> initial) {
+  bool is_initial = initial.has_value();
+  auto [from, generation] = is_initial ? *initial : log_->ResumeAfterOverflow();
   OSR_RETURN_IF_ERROR(ship_upto(from));  // every record before the resync is sent first
-  auto regions = opts_.capture_group->DirtyRegions();
+  std::vector<capture::CaptureGroup::DiskRange> regions;
+  if (is_initial) {
+    OSR_ASSIGN_OR_RETURN(regions, opts_.capture_group->AllocatedRegions());
+  } else {
+    regions = opts_.capture_group->DirtyRegions();
+  }
   uint64_t total = 0;
   for (auto& r : regions) total += r.range.length;
-  spdlog::info("replication sender '{}': resynchronizing {} bytes in {} region(s) after seq {}",
-               opts_.group, total, regions.size(), from);
+  spdlog::info("replication sender '{}': {} {} bytes in {} region(s) after seq {}", opts_.group,
+               is_initial ? "initial copy of" : "resynchronizing", total, regions.size(), from);
   {
     std::lock_guard lock(mu_);
     stats_.resyncing = true;
     stats_.resync_bytes_total = total;
     stats_.resync_bytes_done = 0;
   }
-  OSR_RETURN_IF_ERROR(
-      WriteFrame(s, FrameType::kResyncBegin, nlohmann::json{{"from", from}}.dump()));
+  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncBegin,
+                                 nlohmann::json{{"from", from}, {"initial", is_initial}}.dump()));
   std::vector<uint8_t> buf;
   for (auto& r : regions) {
     for (uint64_t off = r.range.offset; off < r.range.offset + r.range.length;) {
@@ -316,6 +334,11 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   // `consistent` bring each one to the same moment.
   uint64_t consistent = log_->last_seq();
   OSR_RETURN_IF_ERROR(ship_upto(consistent));
+  if (log_->overflow_generation() != generation) {
+    // The log passed its limit again while regions were copied: a copied region may hold
+    // writes that no record up to `consistent` accounts for. Start over.
+    return Unavailable("the capture log overflowed again during the resynchronization");
+  }
   {
     std::lock_guard lock(mu_);
     pending_resync_ = PendingResync{std::move(regions), generation, consistent};

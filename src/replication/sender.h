@@ -76,7 +76,10 @@ class Sender {
   Status Session();
   // Copies the regions marked in the group's bitmaps to the recovery site while records
   // keep flowing; `ship` sends the records up to a seq.
-  Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship);
+  // With `initial` (from, overflow generation): the first copy into an empty store, of
+  // the disks' allocated regions.
+  Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
+                std::optional<std::pair<uint64_t, uint64_t>> initial);
 
   struct PendingResync {
     std::vector<capture::CaptureGroup::DiskRange> regions;

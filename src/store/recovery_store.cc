@@ -77,6 +77,7 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   if (j.contains("resync_from") && j["resync_from"].is_number_unsigned()) {
     s->resyncing_ = true;
     s->resync_from_ = j["resync_from"].get<uint64_t>();
+    s->initial_sync_ = j.value("initial_sync", false);
   }
   OSR_RETURN_IF_ERROR(s->OpenParts());
   return s;
@@ -89,19 +90,18 @@ Status RecoveryStore::WriteMeta() {
   for (auto& d : disks_) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
   uint64_t base, consistent;
   nlohmann::json resync;
+  bool initial = false;
   {
     std::lock_guard lock(mu_);
     base = base_seq_;
     consistent = consistent_from_;
     if (resyncing_) resync = resync_from_;
+    initial = initial_sync_;
   }
-  std::string text = nlohmann::json{
-      {"version", kMetaVersion},
-      {"disks", disks},
-      {"base_seq", base},
-      {"consistent_from", consistent},
-      {"resync_from",
-       resync}}.dump(1);
+  std::string text = nlohmann::json{{"version", kMetaVersion}, {"disks", disks},
+                                    {"base_seq", base},        {"consistent_from", consistent},
+                                    {"resync_from", resync},   {"initial_sync", initial}}
+                         .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
@@ -256,6 +256,9 @@ Status RecoveryStore::UsableLocked(uint64_t seq) const {
                     "or later",
                     seq, consistent_from_));
   }
+  if (initial_sync_) {
+    return OutOfRange("the first copy of the disks is under way; no point is readable yet");
+  }
   if (resyncing_ && seq > resync_from_) {
     return OutOfRange(
         fmt::format("a resynchronization is under way; seq {} and earlier stay "
@@ -275,6 +278,46 @@ Status RecoveryStore::Pin(uint64_t seq) {
 Status RecoveryStore::BeginResync(uint64_t from) {
   OSR_RETURN_IF_ERROR(BeginResyncLocked(from));
   return WriteMeta();  // a restart mid-resync keeps the later seqs unusable
+}
+
+Status RecoveryStore::BeginInitialSync(uint64_t from) {
+  {
+    std::lock_guard append(append_mu_);
+    {
+      std::lock_guard lock(mu_);
+      if (!initial_sync_ && (durable_seq_ != base_seq_ || base_seq_ != 0)) {
+        return InvalidArgument(
+            fmt::format("an initial sync needs an empty store; this one "
+                        "holds seqs {}..{}",
+                        base_seq_, durable_seq_));
+      }
+    }
+    // Start the journal over at from + 1: no record up to `from` will come. (Not under
+    // mu_: closing the log may call OnWritten.)
+    journal_.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_ + "/journal", ec);
+    std::filesystem::create_directories(dir_ + "/journal", ec);
+    if (ec) return Status::FromErrno(ec.value(), "recreate " + dir_ + "/journal");
+    capture::CaptureLogOptions lo;
+    lo.dir = dir_ + "/journal";
+    lo.disk_bytes = 0;
+    lo.first_seq = from + 1;
+    OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
+                                       lo, [this](std::span<const capture::CaptureLog::Written> w,
+                                                  bool ok) { OnWritten(w, ok); }));
+    std::lock_guard lock(mu_);
+    base_seq_ = durable_seq_ = from;
+    initial_sync_ = true;
+    for (auto& ix : index_) ix = VersionIndex();
+  }
+  // An initial sync cut short starts over from scratch: the base is all zeros again.
+  for (size_t i = 0; i < base_.size(); ++i) {
+    OSR_RETURN_IF_ERROR(base_[i].Truncate(0));
+    OSR_RETURN_IF_ERROR(base_[i].Truncate(disks_[i].size_bytes));
+  }
+  OSR_RETURN_IF_ERROR(WriteMeta());
+  return BeginResync(from);
 }
 
 Status RecoveryStore::BeginResyncLocked(uint64_t from) {
@@ -350,6 +393,7 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
     std::lock_guard lock(mu_);
     consistent_from_ = consistent_seq;
     resyncing_ = false;
+    initial_sync_ = false;
     staging_.clear();
     staged_.clear();
   }
@@ -357,6 +401,11 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
   std::error_code ec;
   std::filesystem::remove_all(dir_ + "/staging", ec);
   return Status::Ok();
+}
+
+bool RecoveryStore::initial_sync_pending() const {
+  std::lock_guard lock(mu_);
+  return initial_sync_;
 }
 
 bool RecoveryStore::resyncing() const {

@@ -66,9 +66,14 @@ class RecoveryStore {
   // staged regions into the base, and makes seqs before `consistent_seq` unusable: only
   // from there on does every region reflect the source.
   Status BeginResync(uint64_t from);
+  // The first copy of a group into an empty store (protection of disks with a history):
+  // the store starts at `from` (its base all zeros so far) and stages the disks' allocated
+  // regions like a resync; records after `from` follow.
+  Status BeginInitialSync(uint64_t from);
   Status ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
   Status CommitResync(uint64_t consistent_seq);
   bool resyncing() const;
+  bool initial_sync_pending() const;
   // Seqs before consistent_from cannot be read (a resync replaced regions of the base).
   uint64_t consistent_from() const;
 
@@ -110,6 +115,7 @@ class RecoveryStore {
   int64_t durable_time_ns_ = 0;      // guarded by mu_
   uint64_t consistent_from_ = 0;     // guarded by mu_; persisted in store.json
   bool resyncing_ = false;           // guarded by mu_
+  bool initial_sync_ = false;        // guarded by mu_; an initial sync under way
   uint64_t resync_from_ = 0;         // guarded by mu_
   std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_

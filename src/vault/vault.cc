@@ -647,9 +647,12 @@ void Vault::RunJob(JobRow& job) {
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(cfg_.job_wait_ms_max);
     for (;;) {
+      if (stopping_) return fail(Unavailable("the vault stopped"));
       auto st = SiteClient(*dst).Call("GET", "/stores/" + job.vm);
       uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
-      if (durable >= want) break;
+      bool consistent = st.ok() && !(*st).value("resyncing", false) &&
+                        (*st).value("consistent_from", uint64_t{0}) <= durable;
+      if (durable >= want && consistent) break;
       if (std::chrono::steady_clock::now() > deadline) {
         (void)SiteClient(*src).Call("DELETE", "/groups/" + job.vm + "/replication");
         (void)SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);
@@ -657,8 +660,18 @@ void Vault::RunJob(JobRow& job) {
         return fail(Unavailable(fmt::format("initial replication reached seq {} of {} in {} s",
                                             durable, want, cfg_.job_wait_ms_max / 1000)));
       }
-      steps.Progress(20 + static_cast<int>(75 * durable / std::max<uint64_t>(want, 1)),
-                     fmt::format("{} of {} writes replicated", durable, want));
+      // Bytes copied of the disks' allocated regions, when the initial copy runs.
+      auto gs = SiteClient(*src).Call("GET", "/groups/" + job.vm);
+      json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
+      uint64_t total = repl.value("resync_bytes_total", uint64_t{0});
+      uint64_t done = repl.value("resync_bytes_done", uint64_t{0});
+      if (total > 0) {
+        steps.Progress(20 + static_cast<int>(75 * done / total),
+                       fmt::format("{} of {} bytes copied", done, total));
+      } else {
+        steps.Progress(20 + static_cast<int>(75 * durable / std::max<uint64_t>(want, 1)),
+                       fmt::format("{} of {} writes replicated", durable, want));
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     steps.Done(95);
