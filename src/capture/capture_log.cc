@@ -199,6 +199,7 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   h.kind = kind;
   h.flags = flags;
   h.disk = disk;
+  captured_bytes_ += length;
   size_t at = buffer_.size();
   bool was_empty = pending_bytes() == 0;
   buffer_.resize(at + need);

@@ -104,6 +104,7 @@ class CaptureLog {
   std::pair<uint64_t, uint64_t> ResumeAfterOverflow();
   uint64_t overflow_generation() const;
   uint64_t held_bytes() const { return held_bytes_; }
+  uint64_t captured_bytes_total() const { return captured_bytes_; }  // payload, since start
   uint64_t log_bytes_max() const { return opts_.log_bytes_max; }
   const std::string& dir() const { return opts_.dir; }
 
@@ -124,16 +125,17 @@ class CaptureLog {
   const RangeCallback on_written_;
 
   mutable std::mutex mu_;
-  std::condition_variable writer_cv_;    // wakes the writer
-  std::condition_variable space_cv_;     // wakes appenders waiting for room
-  AlignedBuffer buffer_;                 // guarded by mu_: prefix, then records
-  size_t prefix_bytes_ = 0;              // guarded by mu_
-  uint64_t next_seq_ = 1;                // guarded by mu_
-  bool failed_ = false;                  // guarded by mu_
-  bool overflowed_ = false;              // guarded by mu_
-  uint64_t overflow_generation_ = 0;     // guarded by mu_
-  std::atomic<uint64_t> held_bytes_{0};  // bytes in segment files
-  bool stop_ = false;                    // guarded by mu_
+  std::condition_variable writer_cv_;        // wakes the writer
+  std::condition_variable space_cv_;         // wakes appenders waiting for room
+  AlignedBuffer buffer_;                     // guarded by mu_: prefix, then records
+  size_t prefix_bytes_ = 0;                  // guarded by mu_
+  uint64_t next_seq_ = 1;                    // guarded by mu_
+  bool failed_ = false;                      // guarded by mu_
+  bool overflowed_ = false;                  // guarded by mu_
+  uint64_t overflow_generation_ = 0;         // guarded by mu_
+  std::atomic<uint64_t> held_bytes_{0};      // bytes in segment files
+  std::atomic<uint64_t> captured_bytes_{0};  // bytes the records changed (churn)
+  bool stop_ = false;                        // guarded by mu_
   std::thread writer_;
 
   mutable std::mutex write_mu_;

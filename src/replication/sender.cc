@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "capture/log_tailer.h"
@@ -31,7 +32,16 @@ void Sender::Stop() {
 
 Sender::Stats Sender::stats() const {
   std::lock_guard lock(mu_);
-  return stats_;
+  Stats s = stats_;
+  s.unacked_bytes = in_flight_bytes_;
+  if (!in_flight_.empty()) {
+    int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::system_clock::now().time_since_epoch())
+                      .count();
+    s.rpo_seconds =
+        std::max<double>(0, static_cast<double>(now - in_flight_.front().first_time_ns) / 1e9);
+  }
+  return s;
 }
 
 bool Sender::WaitAcked(uint64_t seq, int timeout_ms) {
@@ -72,8 +82,8 @@ void Sender::AckLoop(Stream* s) {
       if (d.ok()) {
         std::lock_guard lock(mu_);
         stats_.acked_seq = std::max(stats_.acked_seq, *d);
-        while (!in_flight_.empty() && in_flight_.front().first <= *d) {
-          in_flight_bytes_ -= in_flight_.front().second;
+        while (!in_flight_.empty() && in_flight_.front().last_seq <= *d) {
+          in_flight_bytes_ -= in_flight_.front().bytes;
           in_flight_.pop_front();
         }
         cv_.notify_all();
@@ -246,7 +256,9 @@ Status Sender::Session() {
     std::lock_guard lock(mu_);
     stats_.wire_bytes_sent += wire;
     uint64_t last = tailer.next_seq() - 1;
-    in_flight_.emplace_back(last, frame.size());
+    int64_t first_time;
+    std::memcpy(&first_time, frame.data() + 40, 8);  // the first record's time_ns
+    in_flight_.push_back({last, frame.size(), first_time});
     in_flight_bytes_ += frame.size();
     stats_.sent_seq = last;
     stats_.bytes_sent += frame.size();

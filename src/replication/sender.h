@@ -59,6 +59,8 @@ class Sender {
     uint64_t resync_bytes_total = 0;
     uint64_t resync_bytes_done = 0;
     uint64_t resyncs_completed = 0;
+    uint64_t unacked_bytes = 0;  // shipped, not yet durable there
+    double rpo_seconds = 0;      // age of the oldest write shipped but not yet durable there
     std::string last_error;
   };
 
@@ -95,12 +97,17 @@ class Sender {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  Stats stats_;                                        // guarded by mu_
-  std::deque<std::pair<uint64_t, size_t>> in_flight_;  // (last seq, bytes); guarded by mu_
-  size_t in_flight_bytes_ = 0;                         // guarded by mu_
-  bool session_broken_ = false;                        // guarded by mu_
-  Stream* stream_ = nullptr;                           // guarded by mu_
-  std::optional<PendingResync> pending_resync_;        // guarded by mu_
+  Stats stats_;  // guarded by mu_
+  struct InFlight {
+    uint64_t last_seq;
+    size_t bytes;
+    int64_t first_time_ns;  // when its first write was accepted
+  };
+  std::deque<InFlight> in_flight_;               // guarded by mu_
+  size_t in_flight_bytes_ = 0;                   // guarded by mu_
+  bool session_broken_ = false;                  // guarded by mu_
+  Stream* stream_ = nullptr;                     // guarded by mu_
+  std::optional<PendingResync> pending_resync_;  // guarded by mu_
 };
 
 }  // namespace osr::replication

@@ -513,20 +513,48 @@ json Site::Describe() {
 std::string Site::Metrics() {
   std::lock_guard lock(mu_);
   std::string out;
-  out += "# HELP osr_capture_last_seq Highest sequence number captured for the VM.\n";
-  out += "# TYPE osr_capture_last_seq gauge\n";
+  auto head = [&](const char* name, const char* type, const char* help) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+  };
+  head("osr_capture_last_seq", "gauge", "Highest sequence number captured for the VM.");
   for (auto& [vm, g] : groups_) {
     out += fmt::format("osr_capture_last_seq{{vm=\"{}\"}} {}\n", vm, g->capture->log().last_seq());
   }
-  out += "# HELP osr_replication_acked_seq Highest sequence number durable at the recovery site.\n";
-  out += "# TYPE osr_replication_acked_seq gauge\n";
+  head("osr_capture_bytes_total", "counter",
+       "Bytes changed by captured writes since the daemon started (churn: use rate()).");
   for (auto& [vm, g] : groups_) {
-    if (g->sender)
-      out += fmt::format("osr_replication_acked_seq{{vm=\"{}\"}} {}\n", vm,
-                         g->sender->stats().acked_seq);
+    out += fmt::format("osr_capture_bytes_total{{vm=\"{}\"}} {}\n", vm,
+                       g->capture->log().captured_bytes_total());
   }
-  out += "# HELP osr_store_durable_seq Highest sequence number durable in the recovery store.\n";
-  out += "# TYPE osr_store_durable_seq gauge\n";
+  head("osr_capture_log_bytes", "gauge", "Bytes held in the VM's capture log files.");
+  for (auto& [vm, g] : groups_) {
+    out +=
+        fmt::format("osr_capture_log_bytes{{vm=\"{}\"}} {}\n", vm, g->capture->log().held_bytes());
+  }
+  head("osr_replication_acked_seq", "gauge",
+       "Highest sequence number durable at the recovery site.");
+  head("osr_replication_lag_records", "gauge",
+       "Captured writes not yet durable at the recovery site.");
+  head("osr_replication_unacked_bytes", "gauge", "Bytes shipped but not yet durable there.");
+  head("osr_replication_rpo_seconds", "gauge",
+       "Age of the oldest write shipped but not yet durable at the recovery site.");
+  head("osr_replication_state", "gauge", "1 for the replication state the VM is in.");
+  for (auto& [vm, g] : groups_) {
+    if (!g->sender) continue;
+    auto st = g->sender->stats();
+    uint64_t last = g->capture->log().last_seq();
+    out += fmt::format("osr_replication_acked_seq{{vm=\"{}\"}} {}\n", vm, st.acked_seq);
+    out += fmt::format("osr_replication_lag_records{{vm=\"{}\"}} {}\n", vm,
+                       last > st.acked_seq ? last - st.acked_seq : 0);
+    out += fmt::format("osr_replication_unacked_bytes{{vm=\"{}\"}} {}\n", vm, st.unacked_bytes);
+    out += fmt::format("osr_replication_rpo_seconds{{vm=\"{}\"}} {:.3f}\n", vm, st.rpo_seconds);
+    std::string state = g->capture->log().overflowed() ? "resync_required"
+                        : st.resyncing                 ? "resyncing"
+                        : st.connected                 ? "replicating"
+                                                       : "disconnected";
+    out += fmt::format("osr_replication_state{{vm=\"{}\",state=\"{}\"}} 1\n", vm, state);
+  }
+  head("osr_store_durable_seq", "gauge", "Highest sequence number durable in the recovery store.");
   for (auto& [vm, s] : stores_) {
     out += fmt::format("osr_store_durable_seq{{vm=\"{}\"}} {}\n", vm, s->durable_seq());
   }

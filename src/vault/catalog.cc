@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <map>
 
 namespace osr::vault {
 
@@ -279,6 +280,11 @@ Status Catalog::DeletePoints(const std::string& vm, int64_t older_than_ns) {
       .Run();
 }
 
+Status Catalog::DeletePoint(int64_t id) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "DELETE FROM points WHERE id=?").Bind(id).Run();
+}
+
 Result<int64_t> Catalog::AddJob(const JobRow& j) {
   std::lock_guard lock(mu_);
   OSR_RETURN_IF_ERROR(
@@ -344,6 +350,26 @@ std::optional<JobRow> Catalog::Job(int64_t id) {
     if (j.id == id) return j;
   }
   return std::nullopt;
+}
+
+Status ThinPoints(Catalog* c, const std::string& vm, int64_t now_ns) {
+  constexpr int64_t kHourNs = 3600ll * 1000000000;
+  std::map<int64_t, int64_t> newest;  // hour -> id of the newest crash point in it
+  std::map<int64_t, int64_t> newest_time;
+  auto points = c->Points(vm);
+  for (auto& p : points) {
+    if (p.type != "crash" || p.time_ns >= now_ns - kHourNs) continue;
+    int64_t hour = p.time_ns / kHourNs;
+    if (!newest.count(hour) || p.time_ns > newest_time[hour]) {
+      newest[hour] = p.id;
+      newest_time[hour] = p.time_ns;
+    }
+  }
+  for (auto& p : points) {
+    if (p.type != "crash" || p.time_ns >= now_ns - kHourNs) continue;
+    if (newest[p.time_ns / kHourNs] != p.id) OSR_RETURN_IF_ERROR(c->DeletePoint(p.id));
+  }
+  return Status::Ok();
 }
 
 }  // namespace osr::vault

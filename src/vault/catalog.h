@@ -97,6 +97,7 @@ class Catalog {
   Result<int64_t> AddPoint(const PointRow& p);
   std::vector<PointRow> Points(const std::string& vm);
   Status DeletePoints(const std::string& vm, int64_t older_than_ns);  // all when 0
+  Status DeletePoint(int64_t id);
 
   Result<int64_t> AddJob(const JobRow& j);
   Status UpdateJob(const JobRow& j);
@@ -112,5 +113,9 @@ class Catalog {
 };
 
 int64_t NowNs();
+
+// Thins a VM's points: every point of the last hour stays; before that, per hour, the
+// newest crash-consistent point and every app-consistent one.
+Status ThinPoints(Catalog* c, const std::string& vm, int64_t now_ns);
 
 }  // namespace osr::vault

@@ -7,6 +7,7 @@
 #include <charconv>
 #include <chrono>
 #include <ctime>
+#include <map>
 
 #include "common/units.h"
 
@@ -775,6 +776,7 @@ void Vault::PointLoop() {
       // exists, so points never all expire while no new points can be made. Then the
       // store may forget the history before the oldest point left.
       (void)catalog_->DeletePoints(item.vm, now - policy->retention_s * 1000000000);
+      (void)ThinPoints(catalog_.get(), item.vm, now);
       auto left = catalog_->Points(item.vm);
       if (!left.empty() && left.front().seq > (*st).value("base_seq", uint64_t{0})) {
         auto f = SiteClient(*dst).Call("POST", "/stores/" + item.vm + "/fold",
