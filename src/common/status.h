@@ -54,6 +54,15 @@ class [[nodiscard]] Status {
   std::string message_;
 };
 
+// The HTTP status that tells a client what to do about `st` (REST APIs of the site and
+// the vault): 400 fix the request, 403 not allowed, 404 no such thing, 409 conflicts
+// with what exists, 503 try again later, 500 an operator must look.
+int HttpStatusFor(const Status& st);
+
+// Names of sites, VMs, disks, policies: 1-64 of [A-Za-z0-9._-], not starting with '.'
+// or '-' (they become file and export names).
+bool ValidName(std::string_view s);
+
 inline Status InvalidArgument(std::string m) {
   return {Code::kInvalidArgument, std::move(m)};
 }

@@ -41,5 +41,26 @@ TEST(Result, ValueAndPropagation) {
   EXPECT_EQ(Half(3).status().message(), "odd");
 }
 
+TEST(Names, ValidNames) {
+  EXPECT_TRUE(ValidName("vm1"));
+  EXPECT_TRUE(ValidName("a.b_c-d"));
+  EXPECT_TRUE(ValidName(std::string(64, 'x')));
+  EXPECT_FALSE(ValidName(std::string(65, 'x')));
+  EXPECT_FALSE(ValidName(""));
+  EXPECT_FALSE(ValidName(".hidden"));
+  EXPECT_FALSE(ValidName("-flag"));
+  EXPECT_FALSE(ValidName("a/b"));
+  EXPECT_FALSE(ValidName("a b"));
+  EXPECT_FALSE(ValidName("\xc3\xa9"));
+}
+
+TEST(Status, HttpStatusTellsTheCallerWhatToDo) {
+  EXPECT_EQ(HttpStatusFor(InvalidArgument("x")), 400);
+  EXPECT_EQ(HttpStatusFor(NotFound("x")), 404);
+  EXPECT_EQ(HttpStatusFor(Status(Code::kAlreadyExists, "x")), 409);
+  EXPECT_EQ(HttpStatusFor(Unavailable("x")), 503);
+  EXPECT_EQ(HttpStatusFor(Corruption("x")), 500);
+}
+
 }  // namespace
 }  // namespace osr

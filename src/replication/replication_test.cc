@@ -166,6 +166,9 @@ class ReplicationTest : public ::testing::Test {
     o.reconnect_delay_ms_max = 200;
     sender_ = std::make_unique<Sender>(o, &group_->log());
     sender_->Start();
+    // Connected before the test writes, so that writes go as records (an empty store
+    // would otherwise get an initial copy of the disk instead).
+    for (int i = 0; i < 250 && !sender_->stats().connected; ++i) ::usleep(20000);
   }
   // Random bytes (incompressible) unless `compressible`.
   void Write(std::mt19937& rng, int n, bool compressible = false) {

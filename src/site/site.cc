@@ -52,16 +52,6 @@ Result<ListenAddress> Address(const toml::table& t, const char* key, uint16_t de
 
 }  // namespace
 
-bool ValidName(const std::string& s) {
-  if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-') return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
-      return false;
-    }
-  }
-  return true;
-}
-
 Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   toml::table t;
   try {  // toml++ reports parse errors as exceptions; they stop here

@@ -128,7 +128,4 @@ class Site {
   uint64_t next_view_ = 1;                                               // guarded by mu_
 };
 
-// Names of VMs, disks: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'.
-bool ValidName(const std::string& s);
-
 }  // namespace osr::site

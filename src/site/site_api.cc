@@ -18,7 +18,7 @@ void Reply(httplib::Response& res, int status, const json& body) {
 }
 
 void Error(httplib::Response& res, const Status& st) {
-  Reply(res, HttpStatus(st),
+  Reply(res, HttpStatusFor(st),
         json{{"error", {{"code", std::string(CodeName(st.code()))}, {"message", st.message()}}}});
 }
 
@@ -59,28 +59,6 @@ Result<std::vector<DiskSpec>> Disks(const json& j) {
 }
 
 }  // namespace
-
-int HttpStatus(const Status& st) {
-  switch (st.code()) {
-    case Code::kOk:
-      return 200;
-    case Code::kInvalidArgument:
-    case Code::kOutOfRange:
-      return 400;
-    case Code::kNotFound:
-      return 404;
-    case Code::kAlreadyExists:
-      return 409;
-    case Code::kPermissionDenied:
-      return 403;
-    case Code::kUnavailable:
-      return 503;
-    case Code::kNotSupported:
-      return 501;
-    default:
-      return 500;
-  }
-}
 
 SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Server>()) {
   auto& h = *http_;

@@ -32,7 +32,4 @@ class SiteApi {
   ListenAddress bound_;
 };
 
-// The HTTP status for a Status code.
-int HttpStatus(const Status& st);
-
 }  // namespace osr::site

@@ -19,36 +19,6 @@ namespace {
 
 constexpr size_t kBodyBytesMax = 1 << 20;
 
-bool ValidName(const std::string& s) {
-  if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-') return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
-      return false;
-    }
-  }
-  return true;
-}
-
-int HttpStatus(const Status& st) {
-  switch (st.code()) {
-    case Code::kOk:
-      return 200;
-    case Code::kInvalidArgument:
-    case Code::kOutOfRange:
-      return 400;
-    case Code::kNotFound:
-      return 404;
-    case Code::kAlreadyExists:
-      return 409;
-    case Code::kPermissionDenied:
-      return 403;
-    case Code::kUnavailable:
-      return 503;
-    default:
-      return 500;
-  }
-}
-
 Code CodeFromHttp(int status) {
   switch (status) {
     case 400:
@@ -797,7 +767,7 @@ void Vault::SetupRoutes() {
     res.set_content(body.dump(), "application/json");
   };
   auto error = [reply](httplib::Response& res, const Status& st) {
-    reply(res, HttpStatus(st),
+    reply(res, HttpStatusFor(st),
           json{{"error", {{"code", std::string(CodeName(st.code()))}, {"message", st.message()}}}});
   };
   auto result = [reply, error](httplib::Response& res, const Result<json>& r, int ok = 200) {
