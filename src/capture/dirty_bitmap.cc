@@ -11,6 +11,7 @@
 #include <fstream>
 
 #include "common/crc32c.h"
+#include "common/le.h"
 
 namespace osr::capture {
 
@@ -34,17 +35,6 @@ std::string BootId() {
   std::string id;
   std::getline(f, id);
   return id.substr(0, 39);
-}
-
-uint64_t Ld64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
-uint32_t Ld32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
 }
 
 struct Header {

@@ -2,40 +2,12 @@
 
 #include <fmt/format.h>
 
-#include <bit>
 #include <cstring>
 
 #include "common/crc32c.h"
+#include "common/le.h"
 
 namespace osr::capture {
-
-namespace {
-void Le16(uint8_t* p, uint16_t v) {
-  std::memcpy(p, &v, 2);
-}  // x86-64 and arm64: little endian
-void Le32(uint8_t* p, uint32_t v) {
-  std::memcpy(p, &v, 4);
-}
-void Le64(uint8_t* p, uint64_t v) {
-  std::memcpy(p, &v, 8);
-}
-uint16_t Ld16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-uint32_t Ld32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-uint64_t Ld64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
-static_assert(std::endian::native == std::endian::little, "the log format is little endian");
-}  // namespace
 
 std::string_view KindName(RecordKind kind) {
   switch (kind) {
