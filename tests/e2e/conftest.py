@@ -16,203 +16,63 @@ Environment:
 A missing binary or tool makes a test FAIL with a message, never skip. Every wait is
 bounded: CLI calls have a timeout, and a watchdog SIGKILLs the quickstart of a test
 that runs past TEST_DEADLINE_S (which unblocks any NBD call) and fails it.
+
+The helpers shared with the other suites (binaries, the osrd process, libnbd,
+bytes) live in tests/lib/osrtest.py; this file re-exports what the tests use.
 """
 
 import calendar
 import contextlib
 import json
-import os
 import random
 import re
-import selectors
-import signal
-import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-try:
-    import nbd  # python3-libnbd
-except ImportError:  # pragma: no cover - reported by require_libnbd()
-    nbd = None
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+pytest.register_assert_rewrite("osrtest")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-KIB = 1024
-MIB = 1024 * 1024
+from osrtest import (KIB, MIB, OsrdProcess, apply_model, apply_op,  # noqa: E402,F401
+                     assert_same_bytes, close_handle, free_port, random_op,
+                     read_handle, require_libnbd, require_osr, seed_from_env, stop_all_clean)
+import osrtest  # noqa: E402
 
-READY_TIMEOUT_S = 15
-STOP_TIMEOUT_S = 10
 CLI_TIMEOUT_S = 60          # one osr call (a --wait job included)
 TEST_DEADLINE_S = 75        # a whole test, watchdog
-READ_CHUNK = 4 * MIB
-
-
-def osrd_path():
-    return Path(os.environ.get("OSRD", str(REPO_ROOT / "build" / "osrd")))
-
-
-def osr_path():
-    return Path(os.environ.get("OSR", str(REPO_ROOT / "build" / "osr")))
-
-
-def require_libnbd():
-    if nbd is None:
-        pytest.fail("python3-libnbd is missing: run the tests with Debian's /usr/bin/python3 "
-                    "(apt-get install python3-libnbd)", pytrace=False)
-    return nbd
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+NBD_HANDLE_NAME = "pytest-e2e"
 
 
 # -- the quickstart process --------------------------------------------------------
 
 
-class Quickstart:
-    """One `osrd quickstart` process, started and watched by the test."""
+class Quickstart(OsrdProcess):
+    """One `osrd quickstart` process, started and watched by the test (see OsrdProcess)."""
+
+    label = "quickstart"
+    ready_timeout = 15
 
     def __init__(self, data_dir, port, log_path):
+        super().__init__(log_path)
         self.data_dir = Path(data_dir)
         self.port = port
-        self.log_path = Path(log_path)
-        self.proc = None
-        self.stdout_lines = []
-        self.exit_code = None
-        self._drain = None
-        self._log = None
 
     @property
     def vault_url(self):
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self):
-        binary = osrd_path()
-        if not binary.exists():
-            pytest.fail(f"osrd binary not found at {binary} (build it, or set OSRD)",
-                        pytrace=False)
-        self.stdout_lines = []
-        self.exit_code = None
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"---- start {time.strftime('%H:%M:%S')}\n".encode())
-        self._log.flush()
-        cmd = [str(binary), "quickstart", "--dir", str(self.data_dir),
-               "--vault-listen", f"127.0.0.1:{self.port}"]
-        try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=self._log)
-        except OSError as e:
-            self._log.close()
-            pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSRD)",
-                        pytrace=False)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        buf = b""
-        ready = False
-        try:
-            while not ready:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._abort()
-                    pytest.fail(f"quickstart printed no 'osrd: ready' within {READY_TIMEOUT_S}s"
-                                f"\nstdout so far: {self.stdout_lines}\nstderr: {self.stderr()}")
-                if not sel.select(timeout=left):
-                    continue
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    self.proc.wait(timeout=STOP_TIMEOUT_S)
-                    pytest.fail(f"quickstart exited with {self.proc.returncode} before ready: "
-                                f"{' '.join(cmd)}\nstdout: {self.stdout_lines}\n"
-                                f"stderr: {self.stderr()}")
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    text = line.decode(errors="replace").rstrip("\r")
-                    self.stdout_lines.append(text)
-                    if text == "osrd: ready":
-                        ready = True
-                        break
-        finally:
-            sel.close()
-        # Keep draining stdout so that the daemon never blocks on a full pipe.
-        self._drain = threading.Thread(target=self._drain_stdout, args=(buf,), daemon=True)
-        self._drain.start()
+    def osrd_args(self):
+        return ["quickstart", "--dir", self.data_dir, "--vault-listen", f"127.0.0.1:{self.port}"]
+
+    def check_ready(self):
         want = f"  vault: {self.vault_url}/api/v1"
         if want not in self.stdout_lines:
-            self._abort()
-            pytest.fail(f"quickstart did not announce {want.strip()!r}: {self.stdout_lines}")
-        return self
-
-    def _drain_stdout(self, rest):
-        self.stdout_lines.extend(rest.decode(errors="replace").splitlines())
-        for line in self.proc.stdout:
-            self.stdout_lines.append(line.decode(errors="replace").rstrip("\n"))
-
-    def _abort(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self._close()
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig=signal.SIGTERM):
-        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-                self.exit_code = self.proc.returncode
-                self._close()
-                pytest.fail(f"quickstart did not stop within {STOP_TIMEOUT_S}s of {sig!r}; "
-                            f"killed with SIGKILL\nstderr: {self.stderr()}")
-        self.exit_code = self.proc.returncode
-        self._close()
-        return self.exit_code
-
-    def stop_clean(self):
-        code = self.stop()
-        assert code == 0, f"quickstart exited with {code} after SIGTERM\nstderr: {self.stderr()}"
-
-    def kill9(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self.exit_code = self.proc.returncode if self.proc else None
-        self._close()
-
-    def restart(self):
-        """The same --dir and --vault-listen again."""
-        assert not self.alive(), "the quickstart is still running"
-        return self.start()
-
-    def _close(self):
-        if self._drain is not None:
-            self._drain.join(timeout=5)
-            self._drain = None
-        with contextlib.suppress(Exception):
-            self.proc.stdout.close()
-        with contextlib.suppress(Exception):
-            self._log.close()
-
-    def stderr(self):
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
+            return f"quickstart did not announce {want.strip()!r}: {self.stdout_lines}"
+        return None
 
 
 # -- the CLI ----------------------------------------------------------------------------
@@ -225,10 +85,7 @@ class Osr:
         self.qs = qs
 
     def run(self, *args, timeout=CLI_TIMEOUT_S, vault=None):
-        binary = osr_path()
-        if not binary.exists():
-            pytest.fail(f"osr binary not found at {binary} (build it, or set OSR)",
-                        pytrace=False)
+        binary = require_osr()
         cmd = [str(binary), "--vault", vault or self.qs.vault_url, "--output", "json",
                *[str(a) for a in args]]
         try:
@@ -290,8 +147,7 @@ class Osr:
 @pytest.fixture
 def seed():
     """OSR_TEST_SEED, or random; printed (pytest shows it with a failure)."""
-    env = os.environ.get("OSR_TEST_SEED")
-    s = int(env) if env else random.randrange(1 << 30)
+    s = seed_from_env()
     print(f"OSR_TEST_SEED={s}")
     return s
 
@@ -346,98 +202,19 @@ def env(tmp_path):
         if expired.is_set():
             pytest.fail(f"the test ran past {TEST_DEADLINE_S}s: its quickstart was killed\n"
                         f"stderr: {qs.stderr()}")
-        if qs.alive():
-            code = qs.stop()
-            if code != 0:
-                pytest.fail(f"quickstart exited with {code} on SIGTERM at teardown\n"
-                            f"{qs.stderr()}")
+        stop_all_clean([qs])
 
 
 # -- NBD and a model of the bytes ---------------------------------------------------------
 
 
 def connect(uri):
-    lib = require_libnbd()
-    h = lib.NBD()
-    h.set_handle_name("pytest-e2e")
-    h.connect_uri(uri)
-    return h
-
-
-def close_handle(h):
-    with contextlib.suppress(Exception):
-        h.shutdown()
-    with contextlib.suppress(Exception):
-        h.close()
-
-
-def read_handle(h, size, what):
-    total = h.get_size()
-    assert total == size, f"{what}: export size {total}, expected {size}"
-    out = bytearray()
-    for off in range(0, total, READ_CHUNK):
-        out += h.pread(min(READ_CHUNK, total - off), off)
-    return bytes(out)
+    return osrtest.connect(uri, NBD_HANDLE_NAME)
 
 
 def read_uri(uri, size):
     """The whole export at uri, over a fresh connection."""
-    h = connect(uri)
-    try:
-        return read_handle(h, size, uri)
-    finally:
-        close_handle(h)
-
-
-def first_difference(a, b):
-    if len(a) != len(b):
-        return f"sizes differ: {len(a)} != {len(b)}"
-    step = 64 * KIB
-    for off in range(0, len(a), step):
-        if a[off:off + step] != b[off:off + step]:
-            for i in range(off, min(off + step, len(a))):
-                if a[i] != b[i]:
-                    return f"first difference at byte {i}: {a[i]:#04x} != {b[i]:#04x}"
-    return None
-
-
-def assert_same_bytes(got, want, what):
-    if got == want:
-        return
-    assert False, f"{what}: {first_difference(got, want)}"
-
-
-def random_op(rng, size, max_len=256 * KIB, weights=(8, 1, 1)):
-    """(kind, offset, length, data): unaligned offsets and lengths mostly; kinds write,
-    zero (WRITE_ZEROES) and trim, the latter two read as zeros afterwards."""
-    kind = rng.choices(["write", "zero", "trim"], weights=weights)[0]
-    if rng.random() < 0.3:  # aligned, 4 KiB multiples
-        length = rng.randrange(1, max_len // 4096 + 1) * 4096
-        offset = rng.randrange(0, (size - length) // 4096 + 1) * 4096
-    else:
-        length = rng.randrange(1, max_len + 1)
-        offset = rng.randrange(0, size - length + 1)
-    data = rng.randbytes(length) if kind == "write" else None
-    return kind, offset, length, data
-
-
-def apply_op(h, kind, offset, length, data):
-    """Sends one request over libnbd handle h and waits for its reply."""
-    if kind == "write":
-        h.pwrite(data, offset)
-    elif kind == "zero":
-        h.zero(length, offset)
-    elif kind == "trim":
-        h.trim(length, offset)
-    else:
-        raise AssertionError(kind)
-
-
-def apply_model(disk_bytes, kind, offset, length, data):
-    if kind == "write":
-        disk_bytes[offset:offset + length] = data
-    else:
-        disk_bytes[offset:offset + length] = bytes(length)
+    return osrtest.read_uri(uri, size, handle_name=NBD_HANDLE_NAME)
 
 
 class VmDisks:
@@ -607,15 +384,7 @@ def assert_point(p, what="point"):
 def wait_for(pred, timeout, what, interval=0.1, detail=None):
     """Polls pred() until it returns a truthy value; fails after timeout seconds
     (with detail(), if given, in the message)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = pred()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            extra = f"\nlast seen: {detail()}" if detail is not None else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
+    return osrtest.wait_for(pred, timeout, what, interval=interval, detail=detail)
 
 
 def create_vm(osr, name, disks, site="primary"):

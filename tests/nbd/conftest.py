@@ -11,61 +11,36 @@ Environment:
 
 A missing binary or tool makes a test FAIL with a message, never skip.
 Servers listen only on 127.0.0.1 (port 0) and on unix sockets in tmp_path.
+
+The helpers shared with the other suites (binaries, the osrd process, libnbd,
+bytes) live in tests/lib/osrtest.py; this file re-exports what the tests use.
 """
 
-import contextlib
 import errno
 import json
 import os
 import random
 import re
-import selectors
-import shutil
-import signal
 import subprocess
-import threading
-import time
+import sys
 from pathlib import Path
 
 import pytest
 
-try:
-    import nbd  # python3-libnbd
-except ImportError:  # pragma: no cover - reported by the fixture below
-    nbd = None
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+pytest.register_assert_rewrite("osrtest")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-KIB = 1024
-MIB = 1024 * 1024
+from osrtest import (KIB, MIB, OsrdProcess, assert_same_bytes,  # noqa: E402,F401
+                     close_handle, first_difference, osrd_path, require_libnbd, require_osrd,
+                     require_tool, stop_all_clean)
+import osrtest  # noqa: E402
 
-READY_TIMEOUT_S = 10
-STOP_TIMEOUT_S = 10
 CMD_TIMEOUT_S = 120
 
 # What the contract promises about limits.
 BLOCK_SIZE_MIN = 1
 BLOCK_SIZE_PREFERRED = 4096
 BLOCK_SIZE_MAX = 32 * MIB
-
-
-def osrd_path():
-    return Path(os.environ.get("OSRD", str(REPO_ROOT / "build" / "osrd")))
-
-
-def require_tool(name):
-    """Returns the path of a tool; a missing tool fails the test loudly."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"required tool '{name}' is not installed (scripts/bootstrap installs it)",
-                    pytrace=False)
-    return path
-
-
-def require_libnbd():
-    if nbd is None:
-        pytest.fail("python3-libnbd is missing: run the tests with Debian's /usr/bin/python3 "
-                    "(apt-get install python3-libnbd)", pytrace=False)
-    return nbd
 
 
 def run(cmd, timeout=CMD_TIMEOUT_S, check=True, **kwargs):
@@ -83,134 +58,35 @@ def run(cmd, timeout=CMD_TIMEOUT_S, check=True, **kwargs):
 
 
 def run_osrd(*args, timeout=CMD_TIMEOUT_S, check=True):
-    binary = osrd_path()
-    if not binary.exists():
-        pytest.fail(f"osrd binary not found at {binary} (build it, or set OSRD)", pytrace=False)
-    return run([binary, *args], timeout=timeout, check=check)
+    return run([require_osrd(), *args], timeout=timeout, check=check)
 
 
-class OsrdServer:
-    """One `osrd nbd-serve` process, started and watched by the test."""
+class OsrdServer(OsrdProcess):
+    """One `osrd nbd-serve` process, started and watched by the test (see OsrdProcess)."""
+
+    label = "osrd"
 
     def __init__(self, args, log_path):
+        super().__init__(log_path)
         self.args = [str(a) for a in args]
-        self.log_path = Path(log_path)
         self.uris = []
-        self.stdout_lines = []
-        self.proc = None
-        self._drain = None
-        self.exit_code = None
 
-    # -- lifecycle -----------------------------------------------------------
+    def osrd_args(self):
+        return ["nbd-serve", *self.args]
 
     def start(self):
-        binary = osrd_path()
-        if not binary.exists():
-            pytest.fail(f"osrd binary not found at {binary} (build it, or set OSRD)",
-                        pytrace=False)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(binary), "nbd-serve", *self.args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self._log)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        buf = b""
-        ready = False
-        while not ready:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._abort()
-                pytest.fail(f"osrd did not print 'osrd: ready' within {READY_TIMEOUT_S}s\n"
-                            f"stdout so far: {self.stdout_lines}\nstderr: {self.stderr()}")
-            if not sel.select(timeout=left):
-                continue
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-                pytest.fail(f"osrd exited with {self.proc.returncode} before ready\n"
-                            f"stdout: {self.stdout_lines}\nstderr: {self.stderr()}")
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                text = line.decode(errors="replace").rstrip("\r")
-                self.stdout_lines.append(text)
-                m = re.match(r"^osrd: listening on (\S+)$", text)
-                if m:
-                    self.uris.append(m.group(1))
-                if text == "osrd: ready":
-                    ready = True
-                    break
-        sel.close()
-        # Keep draining stdout so that a chatty server never blocks on a full pipe.
-        self._drain = threading.Thread(target=self._drain_stdout, args=(buf,), daemon=True)
-        self._drain.start()
+        self.uris = []
+        return super().start()
+
+    def on_stdout_line(self, text):
+        m = re.match(r"^osrd: listening on (\S+)$", text)
+        if m:
+            self.uris.append(m.group(1))
+
+    def check_ready(self):
         if not self.uris:
-            self._abort()
-            pytest.fail(f"osrd printed no 'osrd: listening on URI' line: {self.stdout_lines}")
-        return self
-
-    def _drain_stdout(self, rest):
-        lines = rest.decode(errors="replace").splitlines()
-        self.stdout_lines.extend(lines)
-        for line in self.proc.stdout:
-            self.stdout_lines.append(line.decode(errors="replace").rstrip("\n"))
-
-    def _abort(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig=signal.SIGTERM):
-        """Stops with SIGTERM (or sig); returns the exit code. kill -9 after 10 s."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-                self.exit_code = self.proc.returncode
-                self._close()
-                pytest.fail(f"osrd did not stop within {STOP_TIMEOUT_S}s of {sig!r}; "
-                            f"killed with SIGKILL\nstderr: {self.stderr()}")
-        self.exit_code = self.proc.returncode
-        self._close()
-        return self.exit_code
-
-    def stop_clean(self):
-        """SIGTERM and assert a clean exit (status 0)."""
-        code = self.stop()
-        assert code == 0, f"osrd exited with {code} after SIGTERM\nstderr: {self.stderr()}"
-
-    def kill9(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self.exit_code = self.proc.returncode
-        self._close()
-
-    def _close(self):
-        if self._drain is not None:
-            self._drain.join(timeout=5)
-        with contextlib.suppress(Exception):
-            self.proc.stdout.close()
-        with contextlib.suppress(Exception):
-            self._log.close()
-
-    def stderr(self):
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
+            return f"osrd printed no 'osrd: listening on URI' line: {self.stdout_lines}"
+        return None
 
     # -- addresses -----------------------------------------------------------
 
@@ -275,14 +151,7 @@ def osrd_factory(tmp_path):
 
     yield start
 
-    problems = []
-    for s in servers:
-        if s.alive():
-            code = s.stop()
-            if code != 0:
-                problems.append(f"osrd exited with {code} on SIGTERM at teardown\n{s.stderr()}")
-    if problems:
-        pytest.fail("\n".join(problems))
+    stop_all_clean(servers)
 
 
 @pytest.fixture
@@ -296,26 +165,11 @@ def server(osrd_factory, tmp_path):
 
 def connect(uri, structured=True, strict=True, meta=True, opt_mode=False):
     """A libnbd handle connected to uri (strict=False lets bad requests reach the server)."""
-    lib = require_libnbd()
-    h = lib.NBD()
-    h.set_handle_name("pytest")
-    if not structured:
-        h.set_request_structured_replies(False)
-    if meta:
-        h.add_meta_context(lib.CONTEXT_BASE_ALLOCATION)
-    if not strict:
-        h.set_strict_mode(0)
-    if opt_mode:
-        h.set_opt_mode(True)
-    h.connect_uri(uri)
-    return h
+    return osrtest.connect(uri, "pytest", structured=structured, strict=strict, meta=meta,
+                           opt_mode=opt_mode)
 
 
-def close(h):
-    with contextlib.suppress(Exception):
-        h.shutdown()
-    with contextlib.suppress(Exception):
-        h.close()
+close = close_handle
 
 
 def nbd_errno(fn, *args, **kwargs):
@@ -379,23 +233,6 @@ def data_extents(path):
     finally:
         os.close(fd)
     return out
-
-
-def first_difference(a, b):
-    if len(a) != len(b):
-        return f"sizes differ: {len(a)} != {len(b)}"
-    step = 64 * KIB
-    for off in range(0, len(a), step):
-        if a[off:off + step] != b[off:off + step]:
-            for i in range(off, min(off + step, len(a))):
-                if a[i] != b[i]:
-                    return f"first difference at byte {i}: {a[i]:#04x} != {b[i]:#04x}"
-    return None
-
-
-def assert_same_bytes(a, b, what):
-    diff = first_difference(a, b)
-    assert diff is None, f"{what}: {diff}"
 
 
 # -- capture CLI ----------------------------------------------------------------

@@ -13,17 +13,17 @@ Environment:
 
 A missing binary or tool makes a test FAIL with a message, never skip. Every wait
 is bounded in time.
+
+The helpers shared with the other suites (binaries, the osrd process, libnbd,
+bytes) live in tests/lib/osrtest.py; this file re-exports what the tests use.
 """
 
 import contextlib
 import json
 import os
-import random
 import re
-import selectors
 import signal
-import subprocess
-import threading
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,115 +31,47 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import nbd  # python3-libnbd
-except ImportError:  # pragma: no cover - reported by require_libnbd()
-    nbd = None
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+pytest.register_assert_rewrite("osrtest")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-KIB = 1024
-MIB = 1024 * 1024
+from osrtest import (KIB, MIB, OsrdProcess, apply_model,  # noqa: E402,F401
+                     apply_op, assert_same_bytes, close_handle, first_difference,
+                     require_libnbd, seed_from_env, stop_all_clean, wait_for)
+import osrtest  # noqa: E402
 
-READY_TIMEOUT_S = 10
-STOP_TIMEOUT_S = 10
 HTTP_TIMEOUT_S = 10
 CATCH_UP_TIMEOUT_S = 20
-READ_CHUNK = 4 * MIB
-
-
-def osrd_path():
-    return Path(os.environ.get("OSRD", str(REPO_ROOT / "build" / "osrd")))
-
-
-def require_libnbd():
-    if nbd is None:
-        pytest.fail("python3-libnbd is missing: run the tests with Debian's /usr/bin/python3 "
-                    "(apt-get install python3-libnbd)", pytrace=False)
-    return nbd
+NBD_HANDLE_NAME = "pytest-site"
 
 
 # -- one site process -------------------------------------------------------------
 
 
-class SiteProcess:
-    """One `osrd site --config FILE` process, started and watched by the test."""
+class SiteProcess(OsrdProcess):
+    """One `osrd site --config FILE` process, started and watched by the test (see
+    OsrdProcess)."""
 
     def __init__(self, name, config_path, data_dir, log_path):
+        super().__init__(log_path)
         self.name = name
         self.config_path = Path(config_path)
         self.data_dir = Path(data_dir)
-        self.log_path = Path(log_path)
-        self.proc = None
-        self.stdout_lines = []
         self.api_url = None       # http://127.0.0.1:PORT/api/v1
         self.nbd = None           # 127.0.0.1:PORT
         self.replication = None   # 127.0.0.1:PORT
-        self.exit_code = None
-        self._drain = None
-        self._log = None
+
+    @property
+    def label(self):
+        return f"site {self.name}: osrd"
+
+    def osrd_args(self):
+        return ["site", "--config", self.config_path]
 
     def start(self):
-        binary = osrd_path()
-        if not binary.exists():
-            pytest.fail(f"osrd binary not found at {binary} (build it, or set OSRD)",
-                        pytrace=False)
-        self.stdout_lines = []
         self.api_url = self.nbd = self.replication = None
-        self.exit_code = None
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"---- start {time.strftime('%H:%M:%S')}\n".encode())
-        self._log.flush()
-        try:
-            self.proc = subprocess.Popen(
-                [str(binary), "site", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
-        except OSError as e:
-            self._log.close()
-            pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSRD)",
-                        pytrace=False)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        buf = b""
-        ready = False
-        try:
-            while not ready:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._abort()
-                    pytest.fail(f"site {self.name}: no 'osrd: ready' within {READY_TIMEOUT_S}s\n"
-                                f"stdout so far: {self.stdout_lines}\nstderr: {self.stderr()}")
-                if not sel.select(timeout=left):
-                    continue
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    self.proc.wait(timeout=STOP_TIMEOUT_S)
-                    pytest.fail(f"site {self.name}: osrd exited with {self.proc.returncode} "
-                                f"before ready\nstdout: {self.stdout_lines}\n"
-                                f"stderr: {self.stderr()}")
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    text = line.decode(errors="replace").rstrip("\r")
-                    self.stdout_lines.append(text)
-                    self._parse(text)
-                    if text == "osrd: ready":
-                        ready = True
-                        break
-        finally:
-            sel.close()
-        # Keep draining stdout so that a chatty daemon never blocks on a full pipe.
-        self._drain = threading.Thread(target=self._drain_stdout, args=(buf,), daemon=True)
-        self._drain.start()
-        missing = [what for what, v in (("api", self.api_url), ("nbd", self.nbd),
-                                        ("replication", self.replication)) if v is None]
-        if missing or f"osrd: site {self.name}" not in self.stdout_lines:
-            self._abort()
-            pytest.fail(f"site {self.name}: the startup lines lack {missing or 'the site name'}: "
-                        f"{self.stdout_lines}")
-        return self
+        return super().start()
 
-    def _parse(self, text):
+    def on_stdout_line(self, text):
         m = re.match(r"^osrd: api on (http://127\.0\.0\.1:(\d+)/api/v1)$", text)
         if m:
             self.api_url = m.group(1)
@@ -150,71 +82,21 @@ class SiteProcess:
         if m:
             self.replication = m.group(1)
 
-    def _drain_stdout(self, rest):
-        self.stdout_lines.extend(rest.decode(errors="replace").splitlines())
-        for line in self.proc.stdout:
-            self.stdout_lines.append(line.decode(errors="replace").rstrip("\n"))
-
-    def _abort(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self._close()
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
+    def check_ready(self):
+        missing = [what for what, v in (("api", self.api_url), ("nbd", self.nbd),
+                                        ("replication", self.replication)) if v is None]
+        if missing or f"osrd: site {self.name}" not in self.stdout_lines:
+            return (f"site {self.name}: the startup lines lack {missing or 'the site name'}: "
+                    f"{self.stdout_lines}")
+        return None
 
     def stop(self, sig=signal.SIGTERM):
-        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
+        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure).
+        A site a test left stopped (SIGSTOP) gets SIGCONT first."""
+        if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-                self.exit_code = self.proc.returncode
-                self._close()
-                pytest.fail(f"site {self.name}: osrd did not stop within {STOP_TIMEOUT_S}s of "
-                            f"{sig!r}; killed with SIGKILL\nstderr: {self.stderr()}")
-        self.exit_code = self.proc.returncode
-        self._close()
-        return self.exit_code
-
-    def stop_clean(self):
-        code = self.stop()
-        assert code == 0, (f"site {self.name}: osrd exited with {code} after SIGTERM\n"
-                           f"stderr: {self.stderr()}")
-
-    def kill9(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self.exit_code = self.proc.returncode
-        self._close()
-
-    def restart(self):
-        """Starts the same config (same data_dir) again; the ports are new (port 0)."""
-        assert not self.alive(), f"site {self.name} is still running"
-        return self.start()
-
-    def _close(self):
-        if self._drain is not None:
-            self._drain.join(timeout=5)
-            self._drain = None
-        with contextlib.suppress(Exception):
-            self.proc.stdout.close()
-        with contextlib.suppress(Exception):
-            self._log.close()
-
-    def stderr(self):
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
+        return super().stop(sig)
 
 
 def write_config(tmp_path, name):
@@ -243,15 +125,7 @@ def site_factory(tmp_path):
 
     yield start
 
-    problems = []
-    for s in sites:
-        if s.alive():
-            code = s.stop()
-            if code != 0:
-                problems.append(f"site {s.name}: osrd exited with {code} on SIGTERM at "
-                                f"teardown\n{s.stderr()}")
-    if problems:
-        pytest.fail("\n".join(problems))
+    stop_all_clean(sites)
 
 
 @pytest.fixture
@@ -308,19 +182,6 @@ def assert_error(site, method, path, body, status, raw=None):
     assert isinstance(err.get("message"), str) and err["message"], \
         f"error without a message: {doc}"
     return err
-
-
-def wait_for(pred, timeout, what, interval=0.05):
-    """Polls pred() until it returns a truthy value; fails after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        last = pred()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def store_status(site, vm):
@@ -389,52 +250,15 @@ def close_view(recovery, view_id):
 
 
 def connect(uri):
-    lib = require_libnbd()
-    h = lib.NBD()
-    h.set_handle_name("pytest-site")
-    h.connect_uri(uri)
-    return h
+    return osrtest.connect(uri, NBD_HANDLE_NAME)
 
 
-def close(h):
-    with contextlib.suppress(Exception):
-        h.shutdown()
-    with contextlib.suppress(Exception):
-        h.close()
+close = close_handle
 
 
 def read_all(uri, size=None):
     """The whole export at uri, read in 4 MiB requests over one connection."""
-    h = connect(uri)
-    try:
-        total = h.get_size()
-        if size is not None:
-            assert total == size, f"{uri}: size {total}, expected {size}"
-        out = bytearray()
-        for off in range(0, total, READ_CHUNK):
-            out += h.pread(min(READ_CHUNK, total - off), off)
-        return bytes(out)
-    finally:
-        close(h)
-
-
-def first_difference(a, b):
-    if len(a) != len(b):
-        return f"sizes differ: {len(a)} != {len(b)}"
-    step = 64 * KIB
-    for off in range(0, len(a), step):
-        if a[off:off + step] != b[off:off + step]:
-            for i in range(off, min(off + step, len(a))):
-                if a[i] != b[i]:
-                    return f"first difference at byte {i}: {a[i]:#04x} != {b[i]:#04x}"
-    return None
-
-
-def assert_same_bytes(got, want, what):
-    if got == want:
-        return
-    diff = first_difference(got, want)
-    assert diff is None, f"{what}: {diff}"
+    return osrtest.read_uri(uri, size, handle_name=NBD_HANDLE_NAME)
 
 
 # -- a model of a group's disks ---------------------------------------------------------
@@ -463,41 +287,16 @@ class GroupModel:
         assert 0 <= seq <= len(self.ops)
         disks = [bytearray(s) for s in self.sizes]
         for disk, kind, off, length, data in self.ops[:seq]:
-            if kind == "write":
-                disks[disk][off:off + length] = data
-            else:
-                disks[disk][off:off + length] = bytes(length)
+            apply_model(disks[disk], kind, off, length, data)
         return [bytes(d) for d in disks]
 
 
 def random_op(rng, sizes, disk, max_len=256 * KIB, weights=(8, 1, 1)):
     """(kind, offset, length, data) within the disk: unaligned offsets and lengths."""
-    kind = rng.choices(["write", "zero", "trim"], weights=weights)[0]
-    size = sizes[disk]
-    if rng.random() < 0.3:  # aligned, 4 KiB multiples
-        length = rng.randrange(1, max_len // 4096 + 1) * 4096
-        offset = rng.randrange(0, (size - length) // 4096 + 1) * 4096
-    else:
-        length = rng.randrange(1, max_len + 1)
-        offset = rng.randrange(0, size - length + 1)
-    data = rng.randbytes(length) if kind == "write" else None
-    return kind, offset, length, data
-
-
-def apply_op(h, kind, offset, length, data):
-    """Sends one request over libnbd handle h and waits for its reply."""
-    if kind == "write":
-        h.pwrite(data, offset)
-    elif kind == "zero":
-        h.zero(length, offset)
-    elif kind == "trim":
-        h.trim(length, offset)
-    else:
-        raise AssertionError(kind)
+    return osrtest.random_op(rng, sizes[disk], max_len=max_len, weights=weights)
 
 
 def seed_for(request):
     """A per-test seed: OSR_TEST_SEED, or random (failure messages name it, so that
     OSR_TEST_SEED=N reproduces the run's data)."""
-    env = os.environ.get("OSR_TEST_SEED")
-    return int(env) if env else random.randrange(1 << 30)
+    return seed_from_env()

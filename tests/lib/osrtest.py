@@ -1,0 +1,418 @@
+"""Helpers shared by the Python test suites tests/nbd, tests/site and tests/e2e.
+
+Each suite's conftest.py puts tests/lib on sys.path and imports from here; the
+suites still run separately, one pytest command per directory, and their test
+files keep importing from `conftest` (which re-exports what they use).
+
+Binaries and tools (a missing one FAILS the test with a message, never skips):
+    osrd_path(), osr_path()       the binaries: env OSRD / OSR, else <repo>/build/...
+    require_binary(path, name, env), require_osrd(), require_osr()
+    require_tool(name)            a tool on PATH (qemu-img, nbdinfo, fio, ...)
+    require_libnbd()              the python3-libnbd module (Debian's /usr/bin/python3)
+
+Daemons:
+    OsrdProcess                   base class of one `osrd ...` process that prints
+                                  'osrd: ready' on stdout once it serves: start() waits
+                                  for that line (bounded by ready_timeout), hands every
+                                  stdout line to on_stdout_line() (to parse listen
+                                  addresses), then keeps draining stdout; stop() sends
+                                  SIGTERM and falls back to SIGKILL (a failure) after
+                                  STOP_TIMEOUT_S; stop_clean() requires exit status 0;
+                                  kill9(), restart(), alive(), stderr() (the log tail).
+    stop_all_clean(procs)         teardown: SIGTERM what still runs; each must exit 0.
+    free_port()                   a TCP port on 127.0.0.1 that was free a moment ago.
+
+Waiting and seeds:
+    wait_for(pred, timeout, what, interval, detail)   bounded polling
+    seed_from_env()               OSR_TEST_SEED, else a random seed
+
+NBD clients (python3-libnbd) and bytes:
+    connect(uri, handle_name, ...), close_handle(h), read_handle(h, size, what),
+    read_uri(uri, size, handle_name)
+    first_difference(a, b), assert_same_bytes(got, want, what)
+    random_op(rng, size, ...), apply_op(h, ...), apply_model(disk_bytes, ...)
+"""
+
+import contextlib
+import os
+import random
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import nbd  # python3-libnbd
+except ImportError:  # pragma: no cover - reported by require_libnbd()
+    nbd = None
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KIB = 1024
+MIB = 1024 * 1024
+
+READY_TIMEOUT_S = 10
+STOP_TIMEOUT_S = 10
+READ_CHUNK = 4 * MIB
+
+
+# -- binaries, tools and modules ------------------------------------------------------
+
+
+def osrd_path():
+    return Path(os.environ.get("OSRD", str(REPO_ROOT / "build" / "osrd")))
+
+
+def osr_path():
+    return Path(os.environ.get("OSR", str(REPO_ROOT / "build" / "osr")))
+
+
+def require_binary(path, name, env):
+    """Returns path if it exists; otherwise fails the test, naming the variable env."""
+    if not path.exists():
+        pytest.fail(f"{name} binary not found at {path} (build it, or set {env})", pytrace=False)
+    return path
+
+
+def require_osrd():
+    return require_binary(osrd_path(), "osrd", "OSRD")
+
+
+def require_osr():
+    return require_binary(osr_path(), "osr", "OSR")
+
+
+def require_tool(name):
+    """Returns the path of a tool; a missing tool fails the test loudly."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"required tool '{name}' is not installed (scripts/bootstrap installs it)",
+                    pytrace=False)
+    return path
+
+
+def require_libnbd():
+    if nbd is None:
+        pytest.fail("python3-libnbd is missing: run the tests with Debian's /usr/bin/python3 "
+                    "(apt-get install python3-libnbd)", pytrace=False)
+    return nbd
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- one osrd process ---------------------------------------------------------------------
+
+
+class OsrdProcess:
+    """One `osrd ...` process, started and watched by the test.
+
+    Subclasses give osrd_args() (the arguments after the binary) and label (how failure
+    messages name the process), and may override on_stdout_line(text) (called for each
+    stdout line before 'osrd: ready', e.g. to parse listen addresses) and check_ready()
+    (after 'osrd: ready': returns a failure message, or None if the startup lines are
+    complete). stderr goes to log_path, appended to across restarts.
+    """
+
+    label = "osrd"
+    ready_timeout = READY_TIMEOUT_S
+
+    def __init__(self, log_path):
+        self.log_path = Path(log_path)
+        self.proc = None
+        self.stdout_lines = []
+        self.exit_code = None
+        self._drain = None
+        self._log = None
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def osrd_args(self):
+        raise NotImplementedError
+
+    def on_stdout_line(self, text):
+        pass
+
+    def check_ready(self):
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self):
+        """Runs osrd and waits for 'osrd: ready' (at most ready_timeout seconds)."""
+        binary = require_osrd()
+        self.stdout_lines = []
+        self.exit_code = None
+        self._log = open(self.log_path, "ab")
+        self._log.write(f"---- start {time.strftime('%H:%M:%S')}\n".encode())
+        self._log.flush()
+        cmd = [str(binary), *[str(a) for a in self.osrd_args()]]
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=self._log)
+        except OSError as e:
+            self._log.close()
+            pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSRD)",
+                        pytrace=False)
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + self.ready_timeout
+        buf = b""
+        ready = False
+        try:
+            while not ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._abort()
+                    pytest.fail(f"{self.label} printed no 'osrd: ready' within "
+                                f"{self.ready_timeout}s\nstdout so far: {self.stdout_lines}\n"
+                                f"stderr: {self.stderr()}")
+                if not sel.select(timeout=left):
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    self.proc.wait(timeout=STOP_TIMEOUT_S)
+                    pytest.fail(f"{self.label} exited with {self.proc.returncode} before ready: "
+                                f"{' '.join(cmd)}\nstdout: {self.stdout_lines}\n"
+                                f"stderr: {self.stderr()}")
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    text = line.decode(errors="replace").rstrip("\r")
+                    self.stdout_lines.append(text)
+                    self.on_stdout_line(text)
+                    if text == "osrd: ready":
+                        ready = True
+                        break
+        finally:
+            sel.close()
+        # Keep draining stdout so that a chatty daemon never blocks on a full pipe.
+        self._drain = threading.Thread(target=self._drain_stdout, args=(buf,), daemon=True)
+        self._drain.start()
+        problem = self.check_ready()
+        if problem is not None:
+            self._abort()
+            pytest.fail(problem)
+        return self
+
+    def _drain_stdout(self, rest):
+        self.stdout_lines.extend(rest.decode(errors="replace").splitlines())
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    def _abort(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._close()
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM):
+        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+                self.exit_code = self.proc.returncode
+                self._close()
+                pytest.fail(f"{self.label} did not stop within {STOP_TIMEOUT_S}s of {sig!r}; "
+                            f"killed with SIGKILL\nstderr: {self.stderr()}")
+        self.exit_code = self.proc.returncode
+        self._close()
+        return self.exit_code
+
+    def stop_clean(self):
+        """SIGTERM and assert a clean exit (status 0)."""
+        code = self.stop()
+        assert code == 0, f"{self.label} exited with {code} after SIGTERM\nstderr: {self.stderr()}"
+
+    def kill9(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self.exit_code = self.proc.returncode if self.proc else None
+        self._close()
+
+    def restart(self):
+        """Starts the same process again (same arguments, same state)."""
+        assert not self.alive(), f"{self.label} is still running"
+        return self.start()
+
+    def _close(self):
+        if self._drain is not None:
+            self._drain.join(timeout=5)
+            self._drain = None
+        with contextlib.suppress(Exception):
+            self.proc.stdout.close()
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+    def stderr(self):
+        """The last 6000 characters of the process's stderr log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+def stop_all_clean(procs):
+    """Teardown: every process still running gets SIGTERM and must exit 0 (else the test
+    fails, naming each one that did not)."""
+    problems = []
+    for p in procs:
+        if p.alive():
+            code = p.stop()
+            if code != 0:
+                problems.append(f"{p.label} exited with {code} on SIGTERM at teardown\n"
+                                f"{p.stderr()}")
+    if problems:
+        pytest.fail("\n".join(problems))
+
+
+# -- waiting and seeds ----------------------------------------------------------------------
+
+
+def wait_for(pred, timeout, what, interval=0.05, detail=None):
+    """Polls pred() until it returns a truthy value; fails after timeout seconds
+    (with detail(), if given, in the message)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            extra = f"\nlast seen: {detail()}" if detail is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def seed_from_env():
+    """OSR_TEST_SEED, or a random seed (failure messages name it, so that
+    OSR_TEST_SEED=N reproduces the run's data)."""
+    env = os.environ.get("OSR_TEST_SEED")
+    return int(env) if env else random.randrange(1 << 30)
+
+
+# -- NBD clients --------------------------------------------------------------------------
+
+
+def connect(uri, handle_name, structured=True, strict=True, meta=False, opt_mode=False):
+    """A libnbd handle connected to uri (strict=False lets bad requests reach the server,
+    meta=True asks for base:allocation, opt_mode=True stops in option negotiation)."""
+    lib = require_libnbd()
+    h = lib.NBD()
+    h.set_handle_name(handle_name)
+    if not structured:
+        h.set_request_structured_replies(False)
+    if meta:
+        h.add_meta_context(lib.CONTEXT_BASE_ALLOCATION)
+    if not strict:
+        h.set_strict_mode(0)
+    if opt_mode:
+        h.set_opt_mode(True)
+    h.connect_uri(uri)
+    return h
+
+
+def close_handle(h):
+    with contextlib.suppress(Exception):
+        h.shutdown()
+    with contextlib.suppress(Exception):
+        h.close()
+
+
+def read_handle(h, size=None, what="export"):
+    """The whole export of handle h, in 4 MiB requests; checks its size unless None."""
+    total = h.get_size()
+    if size is not None:
+        assert total == size, f"{what}: export size {total}, expected {size}"
+    out = bytearray()
+    for off in range(0, total, READ_CHUNK):
+        out += h.pread(min(READ_CHUNK, total - off), off)
+    return bytes(out)
+
+
+def read_uri(uri, size=None, handle_name="pytest"):
+    """The whole export at uri, over a fresh connection."""
+    h = connect(uri, handle_name)
+    try:
+        return read_handle(h, size, uri)
+    finally:
+        close_handle(h)
+
+
+# -- bytes and random requests ------------------------------------------------------------
+
+
+def first_difference(a, b):
+    if len(a) != len(b):
+        return f"sizes differ: {len(a)} != {len(b)}"
+    step = 64 * KIB
+    for off in range(0, len(a), step):
+        if a[off:off + step] != b[off:off + step]:
+            for i in range(off, min(off + step, len(a))):
+                if a[i] != b[i]:
+                    return f"first difference at byte {i}: {a[i]:#04x} != {b[i]:#04x}"
+    return None
+
+
+def assert_same_bytes(got, want, what):
+    if got == want:
+        return
+    diff = first_difference(got, want)
+    assert diff is None, f"{what}: {diff}"
+
+
+def random_op(rng, size, max_len=256 * KIB, weights=(8, 1, 1)):
+    """(kind, offset, length, data) within a disk of size bytes: unaligned offsets and
+    lengths mostly; kinds write, zero (WRITE_ZEROES) and trim, the latter two read as
+    zeros afterwards."""
+    kind = rng.choices(["write", "zero", "trim"], weights=weights)[0]
+    if rng.random() < 0.3:  # aligned, 4 KiB multiples
+        length = rng.randrange(1, max_len // 4096 + 1) * 4096
+        offset = rng.randrange(0, (size - length) // 4096 + 1) * 4096
+    else:
+        length = rng.randrange(1, max_len + 1)
+        offset = rng.randrange(0, size - length + 1)
+    data = rng.randbytes(length) if kind == "write" else None
+    return kind, offset, length, data
+
+
+def apply_op(h, kind, offset, length, data):
+    """Sends one request over libnbd handle h and waits for its reply."""
+    if kind == "write":
+        h.pwrite(data, offset)
+    elif kind == "zero":
+        h.zero(length, offset)
+    elif kind == "trim":
+        h.trim(length, offset)
+    else:
+        raise AssertionError(kind)
+
+
+def apply_model(disk_bytes, kind, offset, length, data):
+    """Applies one request to a bytearray model of the disk."""
+    if kind == "write":
+        disk_bytes[offset:offset + length] = data
+    else:
+        disk_bytes[offset:offset + length] = bytes(length)
