@@ -186,7 +186,17 @@ void CaptureGroup::GroupDisk::Record(RecordKind kind, uint64_t offset, uint64_t 
   }
 }
 
+void CaptureGroup::Fence(uint64_t epoch) {
+  fenced_epoch_ = epoch;
+  spdlog::warn("capture: disks fenced at epoch {}: writes are refused", epoch);
+}
+
 Status CaptureGroup::GroupDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
+  if (uint64_t e = group_->fenced_epoch_; e != 0) {
+    return Status(
+        Code::kPermissionDenied,
+        fmt::format("this disk was failed over (epoch {}): writes go to the new primary", e));
+  }
   uint32_t crc = Crc32c(data);  // outside every lock
   LockRange(offset, data.size());
   bitmap_->Acquire(offset, data.size());
@@ -202,6 +212,11 @@ Status CaptureGroup::GroupDisk::Write(uint64_t offset, std::span<const uint8_t> 
 
 Status CaptureGroup::GroupDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
                                      bool fast_only) {
+  if (uint64_t e = group_->fenced_epoch_; e != 0) {
+    return Status(
+        Code::kPermissionDenied,
+        fmt::format("this disk was failed over (epoch {}): writes go to the new primary", e));
+  }
   RecordKind kind = mode == nbd::ZeroMode::kTrim ? RecordKind::kTrim : RecordKind::kZero;
   LockRange(offset, length);
   bitmap_->Acquire(offset, length);

@@ -18,6 +18,7 @@
 // less device time than in sequence, and cost a thread hand-off.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -51,6 +52,11 @@ class CaptureGroup {
 
   // Log write-out + fdatasync, then every image's fdatasync.
   Status Flush();
+  // Fencing (invariant 5): from now on writes and trims to the group's disks fail with
+  // kPermissionDenied (the VM runs elsewhere at a higher epoch); reads still work.
+  void Fence(uint64_t epoch);
+  uint64_t fenced_epoch() const { return fenced_epoch_; }  // 0: not fenced
+
   // Flushes everything and records a clean shutdown. No write may be in progress.
   Status Close();
 
@@ -83,6 +89,7 @@ class CaptureGroup {
   uint64_t flush_requested_ = 0;  // guarded by flush_mu_
   uint64_t flush_done_ = 0;       // guarded by flush_mu_
   bool closed_ = false;
+  std::atomic<uint64_t> fenced_epoch_{0};
 };
 
 std::string BitmapPath(const std::string& capture_dir, size_t disk);

@@ -142,6 +142,21 @@ TEST_F(CaptureGroupTest, ReopenContinuesTheSequence) {
   EXPECT_EQ(group->log().last_seq(), 2u);
 }
 
+// Invariant 5: a fenced group refuses writes (the VM runs elsewhere now) but reads.
+TEST_F(CaptureGroupTest, FencedDisksRefuseWritesButRead) {
+  auto group = Open(1 << 20);
+  auto disk = group->disk(0);
+  ASSERT_TRUE(disk->Write(0, std::vector<uint8_t>(10, 1)).ok());
+  group->Fence(2);
+  EXPECT_EQ(group->fenced_epoch(), 2u);
+  EXPECT_EQ(disk->Write(0, std::vector<uint8_t>(10, 2)).code(), Code::kPermissionDenied);
+  EXPECT_EQ(disk->Zero(0, 10, nbd::ZeroMode::kTrim, false).code(), Code::kPermissionDenied);
+  std::vector<uint8_t> got(10);
+  ASSERT_TRUE(disk->Read(0, got).ok());
+  EXPECT_EQ(got, std::vector<uint8_t>(10, 1));
+  EXPECT_EQ(group->log().last_seq(), 1u);  // the refused writes are not captured
+}
+
 // One order for all the disks of a group; each disk replays from its own records.
 TEST_F(CaptureGroupTest, DisksOfAGroupShareOneSequence) {
   constexpr uint64_t kSize = 1 << 20;

@@ -131,6 +131,7 @@ Status Receiver::ServeSession(Stream& s) {
       return InvalidArgument(fmt::format("disk {} of group '{}' differs in size", i, group));
     }
   }
+  OSR_RETURN_IF_ERROR(store->AcceptEpoch(j.value("epoch", uint64_t{1})));
   // One connection per group: end the older one and wait for it.
   Group* g;
   {

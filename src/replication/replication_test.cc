@@ -377,6 +377,36 @@ TEST_F(OverflowTest, ResyncsAfterTheCaptureLogOverflows) {
   EXPECT_EQ(store_->ReadAt(0, before, 0, again).code(), Code::kOutOfRange);
 }
 
+// Invariant 5: once the item moved to a higher epoch, a source at the old epoch is
+// refused, also after the recovery site restarts.
+TEST_F(ReplicationTest, AStaleEpochIsFenced) {
+  ASSERT_TRUE(store_->AcceptEpoch(2).ok());
+  SenderOptions o;
+  o.group = "vm1";
+  o.target = recv_addr_;
+  o.disks = {{"d0", kSize}};
+  o.epoch = 1;
+  Sender old_primary(o, &group_->log());
+  old_primary.Start();
+  std::mt19937 rng(8);
+  Write(rng, 5);
+  for (int i = 0; i < 100 && old_primary.stats().last_error.empty(); ++i) ::usleep(20000);
+  EXPECT_NE(old_primary.stats().last_error.find("stale epoch 1"), std::string::npos)
+      << old_primary.stats().last_error;
+  EXPECT_FALSE(old_primary.stats().connected);
+  old_primary.Stop();
+  EXPECT_EQ(store_->durable_seq(), 0u);  // nothing of the old primary got in
+  EXPECT_EQ(store_->AcceptEpoch(1).code(), Code::kPermissionDenied);
+  EXPECT_TRUE(store_->AcceptEpoch(3).ok());
+  EXPECT_EQ(store_->epoch(), 3u);
+  // The epoch is kept across a restart of the store.
+  auto dir = store_->dir();
+  receiver_.reset();
+  store_.reset();
+  store_ = store::RecoveryStore::Open(dir).value();
+  EXPECT_EQ(store_->epoch(), 3u);
+}
+
 TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {
   SenderOptions o;
   o.group = "nope";

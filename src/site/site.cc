@@ -160,8 +160,13 @@ Status Site::Load() {
     g->epoch = gj.value("epoch", uint64_t{1});
     g->compress = gj.value("compress", true);
     g->bandwidth_bytes_per_second = gj.value("bandwidth_bytes_per_second", uint64_t{0});
+    g->fenced_epoch = gj.value("fenced_epoch", uint64_t{0});
     OSR_RETURN_IF_ERROR(OpenGroupLocked(vm, *g));
-    if (!g->replicate_to.empty()) OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
+    if (g->fenced_epoch != 0) {
+      g->capture->Fence(g->fenced_epoch);
+    } else if (!g->replicate_to.empty()) {
+      OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
+    }
     groups_[vm] = std::move(g);
   }
   for (auto& [vm, sj] : stores.items()) {
@@ -179,7 +184,8 @@ Status Site::SaveLocked() {
                   {"replicate_to", g->replicate_to},
                   {"epoch", g->epoch},
                   {"compress", g->compress},
-                  {"bandwidth_bytes_per_second", g->bandwidth_bytes_per_second}};
+                  {"bandwidth_bytes_per_second", g->bandwidth_bytes_per_second},
+                  {"fenced_epoch", g->fenced_epoch}};
   }
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
@@ -314,6 +320,20 @@ Status Site::StartReplication(const std::string& vm, const std::string& target, 
   return SaveLocked();
 }
 
+Status Site::FenceGroup(const std::string& vm, uint64_t epoch) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  if (epoch <= g.epoch) {
+    return InvalidArgument(fmt::format("fencing needs an epoch above the VM's {}", g.epoch));
+  }
+  g.sender.reset();
+  g.capture->Fence(epoch);
+  g.fenced_epoch = epoch;
+  return SaveLocked();
+}
+
 Status Site::StopReplication(const std::string& vm) {
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
@@ -341,6 +361,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"disks", disks},
               {"last_seq", g.capture->log().last_seq()},
               {"capture_overflowed", g.capture->log().overflowed()},
+              {"fenced_epoch", g.fenced_epoch},
               {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
               {"epoch", g.epoch}};

@@ -73,6 +73,9 @@ class Site {
   Status StartReplication(const std::string& vm, const std::string& target, uint64_t epoch,
                           bool compress = true, uint64_t bandwidth_bytes_per_second = 0);
   Status StopReplication(const std::string& vm);
+  // Fencing: the VM now runs elsewhere at `epoch`; this site refuses writes to its disks
+  // and stops shipping them. Kept across restarts.
+  Status FenceGroup(const std::string& vm, uint64_t epoch);
   Result<nlohmann::json> GroupStatus(const std::string& vm);
 
   // Recovery role: a store for another site's group.
@@ -95,6 +98,7 @@ class Site {
     uint64_t epoch = 1;
     bool compress = true;
     uint64_t bandwidth_bytes_per_second = 0;  // 0: no limit
+    uint64_t fenced_epoch = 0;                // 0: not fenced
     std::unique_ptr<replication::Sender> sender;
   };
   struct View {

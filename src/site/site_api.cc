@@ -95,6 +95,15 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
                                body->value("compression", std::string("lz4")) == "lz4",
                                body->value("bandwidth_bytes_per_second", uint64_t{0})));
         });
+  h.Post(R"(/api/v1/groups/([^/]+)/fence)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           if (!body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
+             return Error(res, InvalidArgument("'epoch' is missing"));
+           }
+           ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>()));
+         });
   h.Delete(R"(/api/v1/groups/([^/]+)/replication)",
            [this](const httplib::Request& req, httplib::Response& res) {
              ReplyStatus(res, site_->StopReplication(req.matches[1]));

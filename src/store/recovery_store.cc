@@ -72,6 +72,7 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   }
   s->base_seq_ = j["base_seq"].get<uint64_t>();
   s->consistent_from_ = j.value("consistent_from", uint64_t{0});
+  s->epoch_ = j.value("epoch", uint64_t{0});
   // A resync that was under way when the store closed must start again (its staged
   // regions are gone); until it ends, seqs after its start stay unusable.
   if (j.contains("resync_from") && j["resync_from"].is_number_unsigned()) {
@@ -88,20 +89,22 @@ RecoveryStore::~RecoveryStore() = default;
 Status RecoveryStore::WriteMeta() {
   nlohmann::json disks = nlohmann::json::array();
   for (auto& d : disks_) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  uint64_t base, consistent;
+  uint64_t base, consistent, epoch;
   nlohmann::json resync;
   bool initial = false;
   {
     std::lock_guard lock(mu_);
+    epoch = epoch_;
     base = base_seq_;
     consistent = consistent_from_;
     if (resyncing_) resync = resync_from_;
     initial = initial_sync_;
   }
-  std::string text = nlohmann::json{{"version", kMetaVersion}, {"disks", disks},
-                                    {"base_seq", base},        {"consistent_from", consistent},
-                                    {"resync_from", resync},   {"initial_sync", initial}}
-                         .dump(1);
+  std::string text = nlohmann::json{
+      {"version", kMetaVersion}, {"disks", disks},
+      {"base_seq", base},        {"consistent_from", consistent},
+      {"resync_from", resync},   {"initial_sync", initial},
+      {"epoch", epoch}}.dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
@@ -401,6 +404,26 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
   std::error_code ec;
   std::filesystem::remove_all(dir_ + "/staging", ec);
   return Status::Ok();
+}
+
+Status RecoveryStore::AcceptEpoch(uint64_t epoch) {
+  {
+    std::lock_guard lock(mu_);
+    if (epoch < epoch_) {
+      return Status(Code::kPermissionDenied,
+                    fmt::format("stale epoch {}: the item is at epoch {} (failed over); this "
+                                "source is fenced",
+                                epoch, epoch_));
+    }
+    if (epoch == epoch_) return Status::Ok();
+    epoch_ = epoch;
+  }
+  return WriteMeta();
+}
+
+uint64_t RecoveryStore::epoch() const {
+  std::lock_guard lock(mu_);
+  return epoch_;
 }
 
 bool RecoveryStore::initial_sync_pending() const {

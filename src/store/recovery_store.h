@@ -81,6 +81,11 @@ class RecoveryStore {
   Status Pin(uint64_t seq);
   void Unpin(uint64_t seq);
 
+  // Fencing (invariant 5): a sender must hold the item's current epoch. A higher epoch
+  // is taken (and kept across restarts); a lower one is refused (kPermissionDenied).
+  Status AcceptEpoch(uint64_t epoch);
+  uint64_t epoch() const;
+
   uint64_t base_seq() const;
   uint64_t durable_seq() const;
   // When the write at durable_seq was accepted at the source (ns since the epoch; 0 if
@@ -114,6 +119,7 @@ class RecoveryStore {
   uint64_t durable_seq_ = 0;         // guarded by mu_
   int64_t durable_time_ns_ = 0;      // guarded by mu_
   uint64_t consistent_from_ = 0;     // guarded by mu_; persisted in store.json
+  uint64_t epoch_ = 0;               // guarded by mu_; persisted in store.json
   bool resyncing_ = false;           // guarded by mu_
   bool initial_sync_ = false;        // guarded by mu_; an initial sync under way
   uint64_t resync_from_ = 0;         // guarded by mu_
