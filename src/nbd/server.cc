@@ -6,6 +6,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "common/threads.h"
+
 namespace osr::nbd {
 
 Server::Server(const ExportTable* exports, SessionLimits limits, size_t connections_max)
@@ -62,14 +64,7 @@ void Server::DisconnectExport(const std::string& name) {
 }
 
 void Server::ReapFinished() {
-  for (auto it = conns_.begin(); it != conns_.end();) {
-    if ((*it)->done) {
-      (*it)->thread.join();
-      it = conns_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  JoinFinished(conns_);
 }
 
 void Server::AcceptLoop(Listener* listener) {

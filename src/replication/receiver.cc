@@ -7,6 +7,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "common/threads.h"
 #include "replication/wire.h"
 
 namespace osr::replication {
@@ -56,14 +57,7 @@ void Receiver::AcceptLoop() {
     int rc = ::poll(&p, 1, 200);
     {
       std::lock_guard lock(mu_);
-      for (auto it = conns_.begin(); it != conns_.end();) {
-        if ((*it)->done) {
-          (*it)->thread.join();
-          it = conns_.erase(it);
-        } else {
-          ++it;
-        }
-      }
+      JoinFinished(conns_);
     }
     if (rc <= 0 || stopping_) continue;
     auto fd = listener_->Accept();
