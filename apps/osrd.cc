@@ -83,7 +83,7 @@ int NbdServe(const ServeArgs& a) {
     co.dir = a.capture;
     co.region_bytes = *region;
     co.epoch = a.epoch;
-    std::vector<std::unique_ptr<nbd::FileDisk>> images;
+    std::vector<std::unique_ptr<nbd::Disk>> images;
     images.push_back(std::move(*image));
     auto group = capture::CaptureGroup::Open(std::move(images), co);
     if (!group.ok()) return Fail(group.status());

@@ -17,7 +17,7 @@ std::string BitmapPath(const std::string& capture_dir, size_t disk) {
 // Disk i of the group: an NBD disk whose changes are sequenced and logged.
 class CaptureGroup::GroupDisk final : public nbd::Disk {
  public:
-  GroupDisk(CaptureGroup* group, uint32_t index, std::unique_ptr<nbd::FileDisk> image,
+  GroupDisk(CaptureGroup* group, uint32_t index, std::unique_ptr<nbd::Disk> image,
             DirtyBitmap* bitmap)
       : group_(group), index_(index), image_(std::move(image)), bitmap_(bitmap) {}
 
@@ -35,7 +35,7 @@ class CaptureGroup::GroupDisk final : public nbd::Disk {
     return image_->BlockStatus(offset, length, extents_max, out);
   }
 
-  nbd::FileDisk& image() { return *image_; }
+  nbd::Disk& image() { return *image_; }
 
  private:
   void LockRange(uint64_t offset, uint64_t length);
@@ -46,7 +46,7 @@ class CaptureGroup::GroupDisk final : public nbd::Disk {
 
   CaptureGroup* group_;
   const uint32_t index_;
-  std::unique_ptr<nbd::FileDisk> image_;
+  std::unique_ptr<nbd::Disk> image_;
   DirtyBitmap* bitmap_;
   std::mutex range_mu_;
   std::condition_variable range_cv_;
@@ -54,7 +54,7 @@ class CaptureGroup::GroupDisk final : public nbd::Disk {
 };
 
 Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
-    std::vector<std::unique_ptr<nbd::FileDisk>> images, const CaptureOptions& opts) {
+    std::vector<std::unique_ptr<nbd::Disk>> images, const CaptureOptions& opts) {
   if (images.empty()) return InvalidArgument("a capture group needs at least one disk");
   std::unique_ptr<CaptureGroup> g(new CaptureGroup());
   std::error_code ec;
@@ -85,6 +85,7 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
           if (!ranges[i].empty()) gp->bitmaps_[i]->ReleaseAll(ranges[i], ok);
         }
       }));
+  if (opts.tracking_only) g->log_->EnterOverflow();
   for (size_t i = 0; i < images.size(); ++i) {
     g->disks_.push_back(std::make_shared<GroupDisk>(gp, static_cast<uint32_t>(i),
                                                     std::move(images[i]), g->bitmaps_[i].get()));
@@ -136,6 +137,20 @@ Result<std::vector<CaptureGroup::DiskRange>> CaptureGroup::AllocatedRegions() co
     }
   }
   return out;
+}
+
+Status CaptureGroup::MarkRegions(const std::vector<DiskRange>& regions) {
+  for (auto& r : regions) {
+    if (r.disk >= bitmaps_.size() || r.range.offset > disks_[r.disk]->size() ||
+        r.range.length > disks_[r.disk]->size() - r.range.offset) {
+      return InvalidArgument(
+          fmt::format("region {}+{} is outside disk {}", r.range.offset, r.range.length, r.disk));
+    }
+  }
+  for (auto& r : regions) {
+    if (r.range.length > 0) bitmaps_[r.disk]->MarkSticky(r.range.offset, r.range.length);
+  }
+  return Status::Ok();
 }
 
 bool CaptureGroup::HasStickyRegions() const {

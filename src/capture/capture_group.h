@@ -26,7 +26,7 @@
 
 #include "capture/capture_log.h"
 #include "capture/dirty_bitmap.h"
-#include "nbd/file_disk.h"
+#include "nbd/disk.h"
 
 namespace osr::capture {
 
@@ -36,12 +36,15 @@ struct CaptureOptions {
   uint64_t epoch = 1;
   uint64_t segment_bytes_target = 64ull << 20;
   uint64_t log_bytes_max = UINT64_MAX;  // the capture-log limit (then: bitmap, resync)
+  // Track changes in the bitmaps only, from the start (the log takes no record until
+  // ResumeAfterOverflow): a failed-over VM before reprotect.
+  bool tracking_only = false;
 };
 
 class CaptureGroup {
  public:
-  static Result<std::unique_ptr<CaptureGroup>> Open(
-      std::vector<std::unique_ptr<nbd::FileDisk>> images, const CaptureOptions& opts);
+  static Result<std::unique_ptr<CaptureGroup>> Open(std::vector<std::unique_ptr<nbd::Disk>> images,
+                                                    const CaptureOptions& opts);
   ~CaptureGroup();
 
   size_t disk_count() const { return disks_.size(); }
@@ -71,6 +74,9 @@ class CaptureGroup {
   // Every allocated (non-hole) region of every disk: what an initial sync copies.
   Result<std::vector<DiskRange>> AllocatedRegions() const;
   void CleanRegions(const std::vector<DiskRange>& regions);
+  // Marks regions to be resent whole by the next resync (reprotect: what differs from
+  // the other site), kept until a resync covering them is committed.
+  Status MarkRegions(const std::vector<DiskRange>& regions);
   Status ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf);
 
   CaptureLog& log() { return *log_; }

@@ -1,4 +1,5 @@
 #include "capture/capture_group.h"
+#include "nbd/file_disk.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -32,7 +33,7 @@ class CaptureGroupTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
   std::unique_ptr<CaptureGroup> Open(uint64_t size, int disks = 1) {
-    std::vector<std::unique_ptr<nbd::FileDisk>> images;
+    std::vector<std::unique_ptr<nbd::Disk>> images;
     for (int i = 0; i < disks; ++i) {
       auto img = nbd::FileDisk::Open(
           dir_ + (i == 0 ? std::string("/disk.img") : "/disk" + std::to_string(i) + ".img"), false,

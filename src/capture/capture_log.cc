@@ -394,6 +394,13 @@ bool CaptureLog::overflowed() const {
   return overflowed_;
 }
 
+void CaptureLog::EnterOverflow() {
+  std::lock_guard lock(mu_);
+  if (overflowed_) return;
+  overflowed_ = true;
+  ++overflow_generation_;
+}
+
 uint64_t CaptureLog::overflow_generation() const {
   std::lock_guard lock(mu_);
   return overflow_generation_;

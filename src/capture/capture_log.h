@@ -102,6 +102,9 @@ class CaptureLog {
   // Ends an overflow: records are taken again. Returns the last seq before the gap and
   // a generation number that changes with every overflow.
   std::pair<uint64_t, uint64_t> ResumeAfterOverflow();
+  // Starts an overflow now (tracking only: a failed-over VM's disks until reprotect, whose
+  // changes are shipped as whole regions from the bitmap, not as records).
+  void EnterOverflow();
   uint64_t overflow_generation() const;
   uint64_t held_bytes() const { return held_bytes_; }
   uint64_t captured_bytes_total() const { return captured_bytes_; }  // payload, since start

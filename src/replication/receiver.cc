@@ -158,7 +158,8 @@ Status Receiver::ServeSession(Stream& s) {
                                  nlohmann::json{{"durable_seq", store->durable_seq()},
                                                 {"base_seq", store->base_seq()},
                                                 {"compress", lz4 ? "lz4" : "none"},
-                                                {"initial_sync", store->initial_sync_pending()}}
+                                                {"initial_sync", store->initial_sync_pending()},
+                                                {"differential", store->differential()}}
                                      .dump()));
   s.SetReadTimeoutMs(0);
   spdlog::info("replication receiver: group '{}' connected, durable seq {}", group,

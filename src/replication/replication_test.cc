@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "capture/capture_group.h"
+#include "nbd/file_disk.h"
 #include "capture/log_reader.h"
 #include "common/tls.h"
 #include "replication/receiver.h"
@@ -111,7 +112,7 @@ class ReplicationTest : public ::testing::Test {
             ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
-    std::vector<std::unique_ptr<nbd::FileDisk>> images;
+    std::vector<std::unique_ptr<nbd::Disk>> images;
     images.push_back(nbd::FileDisk::Open(dir_ + "/src.img", false, kSize).value());
     capture::CaptureOptions co;
     co.dir = dir_ + "/cap";

@@ -173,9 +173,10 @@ Status Sender::Session() {
   s.SetReadTimeoutMs(0);
   // An empty store (or one whose first copy was cut short) gets the disks' allocated
   // regions, not the whole history of writes.
-  bool initial = opts_.capture_group != nullptr &&
-                 (j.value("initial_sync", false) ||
-                  (durable == 0 && j.value("base_seq", uint64_t{0}) == 0 && log_->last_seq() > 0));
+  bool initial =
+      opts_.capture_group != nullptr &&
+      (j.value("initial_sync", false) || (durable == 0 && j.value("base_seq", uint64_t{0}) == 0 &&
+                                          log_->last_seq() > 0 && !j.value("differential", false)));
   std::optional<std::pair<uint64_t, uint64_t>> initial_from;
   if (initial) {
     initial_from = log_->ResumeAfterOverflow();

@@ -200,7 +200,7 @@ Status Site::SaveLocked() {
 
 Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
   std::string dir = cfg_.data_dir + "/groups/" + vm;
-  std::vector<std::unique_ptr<nbd::FileDisk>> images;
+  std::vector<std::unique_ptr<nbd::Disk>> images;
   for (auto& d : g.disks) {
     OSR_ASSIGN_OR_RETURN(auto img,
                          nbd::FileDisk::Open(dir + "/" + d.name + ".img", false, d.size_bytes));

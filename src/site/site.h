@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "capture/capture_group.h"
+#include "nbd/file_disk.h"
 #include "common/socket.h"
 #include "common/tls.h"
 #include "nbd/export_table.h"

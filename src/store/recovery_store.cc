@@ -27,13 +27,23 @@ std::string BasePath(const std::string& dir, size_t i) {
 
 }  // namespace
 
-Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& dir,
-                                                             const std::vector<StoreDisk>& disks,
-                                                             uint64_t base_seq) {
+Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(
+    const std::string& dir, const std::vector<StoreDisk>& disks, uint64_t base_seq, Start start,
+    const std::vector<std::string>& images) {
   if (disks.empty()) return InvalidArgument("a recovery store needs at least one disk");
   std::error_code ec;
   if (fs::exists(dir + "/store.json", ec)) {
     return Status(Code::kAlreadyExists, "a recovery store already exists in " + dir);
+  }
+  if (start == Start::kDifferential) {
+    if (images.size() != disks.size()) return InvalidArgument("one image per disk is needed");
+    for (size_t i = 0; i < disks.size(); ++i) {
+      auto size = fs::file_size(images[i], ec);
+      if (ec || size != disks[i].size_bytes) {
+        return InvalidArgument(fmt::format("{} is not a {}-byte image of disk {}", images[i],
+                                           disks[i].size_bytes, disks[i].name));
+      }
+    }
   }
   fs::create_directories(dir + "/base", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir);
@@ -41,6 +51,12 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   if (ec) return Status::FromErrno(ec.value(), "create " + dir + "/journal");
   for (size_t i = 0; i < disks.size(); ++i) {
     if (disks[i].size_bytes == 0) return InvalidArgument("disk " + disks[i].name + " has size 0");
+    if (start == Start::kDifferential) {
+      // Same file system: a rename, O(1) in the disk's size.
+      fs::rename(images[i], BasePath(dir, i), ec);
+      if (ec) return Status::FromErrno(ec.value(), "move " + images[i] + " into the store");
+      continue;
+    }
     OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir, i), File::Mode::kCreate));
     OSR_RETURN_IF_ERROR(f.Truncate(disks[i].size_bytes));
     OSR_RETURN_IF_ERROR(f.Sync());
@@ -49,6 +65,11 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   s->dir_ = dir;
   s->disks_ = disks;
   s->base_seq_ = base_seq;
+  s->initial_sync_ = start == Start::kFullCopy;
+  if (start == Start::kDifferential) {
+    s->differential_ = true;
+    s->consistent_from_ = base_seq + 1;
+  }
   OSR_RETURN_IF_ERROR(s->WriteMeta());
   OSR_RETURN_IF_ERROR(s->OpenParts());
   return s;
@@ -73,12 +94,13 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   s->base_seq_ = j["base_seq"].get<uint64_t>();
   s->consistent_from_ = j.value("consistent_from", uint64_t{0});
   s->epoch_ = j.value("epoch", uint64_t{0});
+  s->initial_sync_ = j.value("initial_sync", false);
+  s->differential_ = j.value("differential", false);
   // A resync that was under way when the store closed must start again (its staged
   // regions are gone); until it ends, seqs after its start stay unusable.
   if (j.contains("resync_from") && j["resync_from"].is_number_unsigned()) {
     s->resyncing_ = true;
     s->resync_from_ = j["resync_from"].get<uint64_t>();
-    s->initial_sync_ = j.value("initial_sync", false);
   }
   OSR_RETURN_IF_ERROR(s->OpenParts());
   return s;
@@ -91,7 +113,7 @@ Status RecoveryStore::WriteMeta() {
   for (auto& d : disks_) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
   uint64_t base, consistent, epoch;
   nlohmann::json resync;
-  bool initial = false;
+  bool initial = false, differential = false;
   {
     std::lock_guard lock(mu_);
     epoch = epoch_;
@@ -99,12 +121,13 @@ Status RecoveryStore::WriteMeta() {
     consistent = consistent_from_;
     if (resyncing_) resync = resync_from_;
     initial = initial_sync_;
+    differential = differential_;
   }
-  std::string text = nlohmann::json{
-      {"version", kMetaVersion}, {"disks", disks},
-      {"base_seq", base},        {"consistent_from", consistent},
-      {"resync_from", resync},   {"initial_sync", initial},
-      {"epoch", epoch}}.dump(1);
+  std::string text = nlohmann::json{{"version", kMetaVersion}, {"disks", disks},
+                                    {"base_seq", base},        {"consistent_from", consistent},
+                                    {"resync_from", resync},   {"initial_sync", initial},
+                                    {"epoch", epoch},          {"differential", differential}}
+                         .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
@@ -397,6 +420,7 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
     consistent_from_ = consistent_seq;
     resyncing_ = false;
     initial_sync_ = false;
+    differential_ = false;
     staging_.clear();
     staged_.clear();
   }
@@ -429,6 +453,31 @@ uint64_t RecoveryStore::epoch() const {
 bool RecoveryStore::initial_sync_pending() const {
   std::lock_guard lock(mu_);
   return initial_sync_;
+}
+
+bool RecoveryStore::differential() const {
+  std::lock_guard lock(mu_);
+  return differential_;
+}
+
+std::vector<std::vector<std::pair<uint64_t, uint64_t>>> RecoveryStore::ChangedAfter(
+    uint64_t seq) const {
+  std::lock_guard lock(mu_);
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> out(disks_.size());
+  for (size_t d = 0; d < disks_.size(); ++d) {
+    std::vector<std::pair<uint64_t, uint64_t>> r;
+    index_[d].ChangedAfter(seq, &r);
+    std::sort(r.begin(), r.end());
+    for (auto [off, len] : r) {
+      if (!out[d].empty() && off <= out[d].back().first + out[d].back().second) {
+        auto& last = out[d].back();
+        last.second = std::max(last.first + last.second, off + len) - last.first;
+      } else {
+        out[d].emplace_back(off, len);
+      }
+    }
+  }
+  return out;
 }
 
 bool RecoveryStore::resyncing() const {

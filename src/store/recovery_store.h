@@ -36,10 +36,21 @@ struct StoreDisk {
 
 class RecoveryStore {
  public:
-  // Creates an empty store (zero-filled sparse base images at base_seq = first_seq - 1).
+  // How a new store begins.
+  enum class Start {
+    kEmpty,         // zero-filled sparse bases; a source with history sends an initial copy
+    kFullCopy,      // zero-filled; the source must copy its allocated regions first (reprotect
+                    // to a site that has no disk any more)
+    kDifferential,  // the bases are `images` (moved in: the old primary's disks at
+                    // reprotect); the source resyncs the regions that differ; nothing is
+                    // readable until that resync commits
+  };
+  // Creates a store at base_seq (= durable_seq; the next record is base_seq + 1).
   static Result<std::unique_ptr<RecoveryStore>> Create(const std::string& dir,
                                                        const std::vector<StoreDisk>& disks,
-                                                       uint64_t base_seq);
+                                                       uint64_t base_seq,
+                                                       Start start = Start::kEmpty,
+                                                       const std::vector<std::string>& images = {});
   // Opens an existing store and rebuilds its index from the journal.
   static Result<std::unique_ptr<RecoveryStore>> Open(const std::string& dir);
   ~RecoveryStore();
@@ -74,6 +85,11 @@ class RecoveryStore {
   Status CommitResync(uint64_t consistent_seq);
   bool resyncing() const;
   bool initial_sync_pending() const;
+  // A differential store waiting for its first resync (Start::kDifferential).
+  bool differential() const;
+  // Regions changed by records after `seq` (reprotect: what the failed-over disks lack
+  // of what this store received after the failover point), merged per disk.
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ChangedAfter(uint64_t seq) const;
   // Seqs before consistent_from cannot be read (a resync replaced regions of the base).
   uint64_t consistent_from() const;
 
@@ -122,6 +138,7 @@ class RecoveryStore {
   uint64_t epoch_ = 0;               // guarded by mu_; persisted in store.json
   bool resyncing_ = false;           // guarded by mu_
   bool initial_sync_ = false;        // guarded by mu_; an initial sync under way
+  bool differential_ = false;        // guarded by mu_; persisted
   uint64_t resync_from_ = 0;         // guarded by mu_
   std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_

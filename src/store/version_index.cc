@@ -43,6 +43,18 @@ bool VersionIndex::Touched(uint64_t offset, uint64_t length, uint64_t from, uint
   return touched;
 }
 
+void VersionIndex::ChangedAfter(uint64_t from,
+                                std::vector<std::pair<uint64_t, uint64_t>>* out) const {
+  for (const auto& [chunk, records] : chunks_) {
+    uint64_t lo = chunk * kChunkBytes, hi = lo + kChunkBytes;
+    for (const RecordRef& r : records) {
+      if (r.seq <= from) continue;
+      uint64_t b = std::max(lo, r.offset), e = std::min(hi, r.offset + r.length);
+      if (b < e) out->emplace_back(b, e - b);
+    }
+  }
+}
+
 void VersionIndex::DropUpTo(uint64_t seq) {
   for (auto it = chunks_.begin(); it != chunks_.end();) {
     auto& v = it->second;

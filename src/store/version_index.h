@@ -40,6 +40,9 @@ class VersionIndex {
   // time; within a chunk in seq order.
   void ForEach(uint64_t offset, uint64_t length, uint64_t from, uint64_t upto,
                const std::function<void(const RecordRef&, uint64_t, uint64_t)>& fn) const;
+  // Appends [offset, offset+length) of every record with seq > from, clipped to chunks
+  // (unsorted, may overlap): what changed after `from`.
+  void ChangedAfter(uint64_t from, std::vector<std::pair<uint64_t, uint64_t>>* out) const;
   // Forgets every record with seq <= seq (they were folded into the base).
   void DropUpTo(uint64_t seq);
   // True when some record with from < seq <= upto overlaps the range.
