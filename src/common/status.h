@@ -81,6 +81,9 @@ inline Status Unavailable(std::string m) {
 inline Status NotSupported(std::string m) {
   return {Code::kNotSupported, std::move(m)};
 }
+inline Status Internal(std::string m) {
+  return Status(Code::kInternal, std::move(m));
+}
 inline Status OutOfRange(std::string m) {
   return {Code::kOutOfRange, std::move(m)};
 }

@@ -71,11 +71,23 @@ Status ProcessDriver::Start(const VmSpec& spec) {
   if (log_fd >= 0) ::close(log_fd);
   ::setpgid(pid, pid);  // also here: no race with the child's own call
   pid_ = pid;
+  adopted_ = false;
   return Status::Ok();
+}
+
+void ProcessDriver::Adopt(pid_t pid) {
+  pid_ = pid;
+  adopted_ = true;
 }
 
 bool ProcessDriver::running() {
   if (pid_ <= 0) return false;
+  if (adopted_) {
+    if (::kill(pid_, 0) == 0) return true;
+    pid_ = -1;
+    adopted_ = false;
+    return false;
+  }
   int status = 0;
   pid_t r = ::waitpid(pid_, &status, WNOHANG);
   if (r == pid_ || (r < 0 && errno == ECHILD)) {

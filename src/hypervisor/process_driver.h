@@ -37,9 +37,13 @@ class ProcessDriver {
   Result<bool> Stop(int timeout_ms);
   bool running();
   pid_t pid() const { return pid_; }
+  // Takes charge of a VM this driver started before the daemon restarted (not our child
+  // any more: its end is seen with kill(pid, 0)).
+  void Adopt(pid_t pid);
 
  private:
   pid_t pid_ = -1;
+  bool adopted_ = false;
 };
 
 // The environment variable name for a disk: OSR_DISK_ + the name upper-cased, with

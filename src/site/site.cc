@@ -1,6 +1,7 @@
 #include "site/site.h"
 
 #include <fmt/format.h>
+#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <toml++/toml.h>
 
@@ -128,6 +129,12 @@ void Site::Stop() {
   nbd_->Stop();
   receiver_->Stop();
   std::lock_guard lock(mu_);
+  for (auto& [vm, g] : groups_) {
+    g->stop_materialise = true;
+    if (g->materialiser.joinable()) g->materialiser.join();
+    // The VM's disks go with the daemon: stop it rather than leave it without them.
+    if (g->process && g->process->running()) (void)g->process->Stop(5000);
+  }
   // Views and disks leave the export table before what they read from goes.
   for (auto& e : exports_.List()) exports_.Remove(e->name);
   views_.clear();
@@ -153,6 +160,10 @@ Status Site::Load() {
   std::lock_guard lock(mu_);
   json groups = j.value("groups", json::object());
   json stores = j.value("stores", json::object());
+  for (auto& [vm, sj] : stores.items()) {
+    OSR_ASSIGN_OR_RETURN(auto st, store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm));
+    stores_[vm] = std::move(st);
+  }
   for (auto& [vm, gj] : groups.items()) {
     auto g = std::make_unique<Group>();
     OSR_ASSIGN_OR_RETURN(g->disks, DisksFromJson(gj["disks"]));
@@ -161,20 +172,44 @@ Status Site::Load() {
     g->compress = gj.value("compress", true);
     g->bandwidth_bytes_per_second = gj.value("bandwidth_bytes_per_second", uint64_t{0});
     g->fenced_epoch = gj.value("fenced_epoch", uint64_t{0});
+    g->failover_seq = gj.value("failover_seq", uint64_t{0});
+    g->tracking = gj.value("tracking", false);
+    g->history_lost = gj.value("history_lost", false);
+    g->vm_spec = gj.value("vm", json());
+    std::string dir = cfg_.data_dir + "/groups/" + vm;
+    std::error_code ec;
+    if (g->failover_seq == 0 && !fs::exists(dir + "/" + g->disks[0].name + ".img", ec) &&
+        fs::exists(cfg_.data_dir + "/stores/" + vm + "/store.json", ec) && !stores_.count(vm)) {
+      // A reprotect moved the disks into a store and stopped before saying so here.
+      spdlog::warn("site {}: VM {}: its disks became a recovery store; finishing that", cfg_.name,
+                   vm);
+      OSR_ASSIGN_OR_RETURN(auto st, store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm));
+      stores_[vm] = std::move(st);
+      fs::remove_all(dir, ec);
+      continue;
+    }
+    if (!fs::exists(dir + "/capture", ec) && !g->history_lost) {
+      // Its changes since the last replication cannot be known any more: reprotect must
+      // compare the disks instead of trusting an empty log.
+      spdlog::warn("site {}: VM {}: the capture history is missing; it counts as lost", cfg_.name,
+                   vm);
+      g->history_lost = true;
+    }
     OSR_RETURN_IF_ERROR(OpenGroupLocked(vm, *g));
     if (g->fenced_epoch != 0) {
       g->capture->Fence(g->fenced_epoch);
     } else if (!g->replicate_to.empty()) {
       OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
     }
+    if (pid_t pid = gj.value("vm_pid", 0); pid > 0 && ::kill(pid, 0) == 0) {
+      g->process = std::make_unique<hypervisor::ProcessDriver>();
+      g->process->Adopt(pid);
+      spdlog::info("site {}: VM {} still runs (pid {})", cfg_.name, vm, pid);
+    }
     groups_[vm] = std::move(g);
   }
-  for (auto& [vm, sj] : stores.items()) {
-    OSR_ASSIGN_OR_RETURN(auto st, store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm));
-    stores_[vm] = std::move(st);
-  }
   spdlog::info("site {}: {} group(s), {} store(s)", cfg_.name, groups_.size(), stores_.size());
-  return Status::Ok();
+  return SaveLocked();
 }
 
 Status Site::SaveLocked() {
@@ -185,7 +220,12 @@ Status Site::SaveLocked() {
                   {"epoch", g->epoch},
                   {"compress", g->compress},
                   {"bandwidth_bytes_per_second", g->bandwidth_bytes_per_second},
-                  {"fenced_epoch", g->fenced_epoch}};
+                  {"fenced_epoch", g->fenced_epoch},
+                  {"failover_seq", g->failover_seq},
+                  {"tracking", g->tracking},
+                  {"history_lost", g->history_lost},
+                  {"vm", g->vm_spec},
+                  {"vm_pid", g->process && g->process->running() ? g->process->pid() : 0}};
   }
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
@@ -201,9 +241,26 @@ Status Site::SaveLocked() {
 Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
   std::string dir = cfg_.data_dir + "/groups/" + vm;
   std::vector<std::unique_ptr<nbd::Disk>> images;
-  for (auto& d : g.disks) {
-    OSR_ASSIGN_OR_RETURN(auto img,
-                         nbd::FileDisk::Open(dir + "/" + d.name + ".img", false, d.size_bytes));
+  g.failover_disks.clear();
+  store::RecoveryStore* st = nullptr;
+  if (g.failover_seq != 0) {
+    auto it = stores_.find(vm);
+    if (it == stores_.end()) {
+      return Corruption(
+          fmt::format("VM {} runs on failover disks over its recovery store, which is gone", vm));
+    }
+    st = it->second.get();
+  }
+  for (size_t i = 0; i < g.disks.size(); ++i) {
+    std::string path = dir + "/" + g.disks[i].name + ".img";
+    if (st != nullptr) {
+      OSR_ASSIGN_OR_RETURN(auto fd, store::FailoverDisk::Open(path, st, static_cast<uint32_t>(i),
+                                                              g.failover_seq, cfg_.region_bytes));
+      g.failover_disks.push_back(fd.get());
+      images.push_back(std::move(fd));
+      continue;
+    }
+    OSR_ASSIGN_OR_RETURN(auto img, nbd::FileDisk::Open(path, false, g.disks[i].size_bytes));
     images.push_back(std::move(img));
   }
   capture::CaptureOptions co;
@@ -211,6 +268,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
   co.region_bytes = cfg_.region_bytes;
   co.epoch = g.epoch;
   co.log_bytes_max = cfg_.capture_log_bytes_max;
+  co.tracking_only = g.tracking;
   OSR_ASSIGN_OR_RETURN(g.capture, capture::CaptureGroup::Open(std::move(images), co));
   for (size_t i = 0; i < g.disks.size(); ++i) {
     OSR_RETURN_IF_ERROR(
@@ -293,6 +351,9 @@ Status Site::DeleteGroup(const std::string& vm) {
     groups_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
   }
+  g->stop_materialise = true;
+  if (g->materialiser.joinable()) g->materialiser.join();
+  if (g->process && g->process->running()) (void)g->process->Stop(5000);
   g->sender.reset();
   for (auto& d : g->disks) {
     exports_.Remove(vm + "/" + d.name);
@@ -320,15 +381,20 @@ Status Site::StartReplication(const std::string& vm, const std::string& target, 
   return SaveLocked();
 }
 
-Status Site::FenceGroup(const std::string& vm, uint64_t epoch) {
+Status Site::FenceGroup(const std::string& vm, uint64_t epoch, bool keep_shipping) {
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   Group& g = *it->second;
-  if (epoch <= g.epoch) {
-    return InvalidArgument(fmt::format("fencing needs an epoch above the VM's {}", g.epoch));
+  if (epoch == g.fenced_epoch) {
+    if (!keep_shipping) g.sender.reset();
+    return Status::Ok();
   }
-  g.sender.reset();
+  if (epoch <= g.epoch || epoch < g.fenced_epoch) {
+    return InvalidArgument(
+        fmt::format("fencing needs an epoch above the VM's {}", std::max(g.epoch, g.fenced_epoch)));
+  }
+  if (!keep_shipping) g.sender.reset();
   g.capture->Fence(epoch);
   g.fenced_epoch = epoch;
   return SaveLocked();
@@ -364,7 +430,20 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"fenced_epoch", g.fenced_epoch},
               {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
-              {"epoch", g.epoch}};
+              {"epoch", g.epoch},
+              {"failover_seq", g.failover_seq},
+              {"tracking", g.tracking},
+              {"history_lost", g.history_lost}};
+  if (!g.materialise_state.empty()) {
+    out["materialise"] = {{"state", g.materialise_state},
+                          {"done_bytes", g.materialise_done},
+                          {"total_bytes", g.materialise_total},
+                          {"error", g.materialise_error}};
+  }
+  bool running = VmRunningLocked(g);
+  out["vm"] = {{"running", running},
+               {"driver", g.vm_spec.is_object() ? g.vm_spec.value("driver", "none") : "none"},
+               {"pid", running ? g.process->pid() : 0}};
   if (g.sender) {
     auto st = g.sender->stats();
     out["replication"] = {{"connected", st.connected},
@@ -383,12 +462,13 @@ Result<json> Site::GroupStatus(const std::string& vm) {
   return out;
 }
 
-Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks) {
+Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks,
+                         store::RecoveryStore::Start start) {
   OSR_RETURN_IF_ERROR(CheckDisks(vm, disks));
   std::lock_guard lock(mu_);
   if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
   std::string dir = cfg_.data_dir + "/stores/" + vm;
-  auto st = store::RecoveryStore::Create(dir, StoreDisks(disks), 0);
+  auto st = store::RecoveryStore::Create(dir, StoreDisks(disks), 0, start);
   if (!st.ok()) {
     std::error_code ec;
     if (st.status().code() != Code::kAlreadyExists) fs::remove_all(dir, ec);
@@ -406,6 +486,11 @@ Status Site::DeleteStore(const std::string& vm) {
     if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
     for (auto& [id, v] : views_) {
       if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
+    }
+    if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover_seq != 0) {
+      return Status(Code::kAlreadyExists, "VM " + vm +
+                                              " runs on failover disks over this store; "
+                                              "commit (materialise) them first");
     }
     s = it->second;
     stores_.erase(it);
@@ -444,6 +529,9 @@ Result<json> Site::StoreStatus(const std::string& vm) {
               {"durable_time_ns", s.durable_time_ns()},
               {"resyncing", s.resyncing()},
               {"consistent_from", s.consistent_from()},
+              {"initial_sync", s.initial_sync_pending()},
+              {"differential", s.differential()},
+              {"epoch", s.epoch()},
               {"base_seq", s.base_seq()}};
 }
 

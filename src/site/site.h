@@ -15,21 +15,25 @@
 // server, receiver, senders, capture log writers).
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "capture/capture_group.h"
-#include "nbd/file_disk.h"
 #include "common/socket.h"
 #include "common/tls.h"
+#include "hypervisor/process_driver.h"
 #include "nbd/export_table.h"
+#include "nbd/file_disk.h"
 #include "nbd/server.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
+#include "store/failover_disk.h"
 #include "store/recovery_store.h"
 #include "store/views.h"
 
@@ -75,12 +79,46 @@ class Site {
                           bool compress = true, uint64_t bandwidth_bytes_per_second = 0);
   Status StopReplication(const std::string& vm);
   // Fencing: the VM now runs elsewhere at `epoch`; this site refuses writes to its disks
-  // and stops shipping them. Kept across restarts.
-  Status FenceGroup(const std::string& vm, uint64_t epoch);
+  // and (unless keep_shipping: a planned failover drains first) stops shipping them. Kept
+  // across restarts. Fencing again at the same epoch changes nothing.
+  Status FenceGroup(const std::string& vm, uint64_t epoch, bool keep_shipping = false);
   Result<nlohmann::json> GroupStatus(const std::string& vm);
 
+  // Failover (this site holds the store): raises the store's epoch (the old primary's
+  // records are refused from now on), then makes a group of failover disks over the
+  // point at `seq` (no copy), tracking-only, with the regions the store changed after
+  // `seq` marked for reprotect. Doing it again with the same seq and epoch returns the
+  // same group.
+  Result<nlohmann::json> FailoverGroup(const std::string& vm, uint64_t seq, uint64_t epoch);
+  // Commit: copies what the failover disks do not hold yet from the point, in the
+  // background; GroupStatus shows the progress. The store may go once it is done.
+  Status MaterialiseGroup(const std::string& vm);
+  // Reprotect, at the old primary: the regions whose changes never reached the recovery
+  // site (the capture log's records and the dirty bitmaps), or history "lost" when this
+  // site cannot know them.
+  Result<nlohmann::json> UnreplicatedRegions(const std::string& vm);
+  // Reprotect, at the new primary: regions to send whole with the first resync.
+  Status MarkRegions(const std::vector<capture::CaptureGroup::DiskRange>& regions,
+                     const std::string& vm);
+  // One XXH3-64 per `region_bytes` of every disk of the group, disk after disk (little
+  // endian), for comparing two sites' disks when history is lost.
+  Result<std::string> GroupHashes(const std::string& vm, uint64_t region_bytes);
+  // Marks the regions whose hashes differ from `other` (GroupHashes of the other site);
+  // returns how many regions and bytes.
+  Result<nlohmann::json> CompareHashes(const std::string& vm, uint64_t region_bytes,
+                                       const std::string& other);
+  // Reprotect, at the old primary: its (fenced, stopped) group becomes a differential
+  // store at `base_seq` of the new primary's order; its images are its base (moved).
+  Result<nlohmann::json> GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch);
+
+  // The VM of a group: runs at this site on the group's disks.
+  Status StartVm(const std::string& vm, const nlohmann::json& spec);
+  // Returns whether it stopped by itself (true) or had to be killed.
+  Result<bool> StopVm(const std::string& vm, int timeout_ms);
+
   // Recovery role: a store for another site's group.
-  Status CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks);
+  Status CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks,
+                     store::RecoveryStore::Start start = store::RecoveryStore::Start::kEmpty);
   Status DeleteStore(const std::string& vm);
   // Folds the store's history up to `seq` (not past an open view); returns the new base.
   Result<nlohmann::json> FoldStore(const std::string& vm, uint64_t seq);
@@ -100,7 +138,21 @@ class Site {
     bool compress = true;
     uint64_t bandwidth_bytes_per_second = 0;  // 0: no limit
     uint64_t fenced_epoch = 0;                // 0: not fenced
+    uint64_t failover_seq = 0;                // != 0: failover disks over store `vm` at this seq
+    bool tracking = false;      // changes tracked in the bitmaps only (until reprotect)
+    bool history_lost = false;  // the capture history was missing when the site started
     std::unique_ptr<replication::Sender> sender;
+    std::vector<store::FailoverDisk*> failover_disks;  // owned by capture
+    // Materialising (commit), guarded by the site's mu_.
+    std::thread materialiser;
+    std::atomic<bool> stop_materialise{false};
+    std::string materialise_state;  // "", "running", "done", "failed"
+    std::string materialise_error;
+    uint64_t materialise_done = 0;
+    uint64_t materialise_total = 0;
+    // The VM (guarded by the site's mu_).
+    nlohmann::json vm_spec;
+    std::unique_ptr<hypervisor::ProcessDriver> process;
   };
   struct View {
     std::string vm;
@@ -116,6 +168,8 @@ class Site {
   Status SaveLocked();  // holds mu_
   Status OpenGroupLocked(const std::string& vm, Group& g);
   Status StartSenderLocked(const std::string& vm, Group& g);
+  void MaterialiseThread(const std::string& vm, Group* g);
+  bool VmRunningLocked(Group& g);
   std::string Uri(const std::string& export_name) const;
 
   const SiteConfig cfg_;

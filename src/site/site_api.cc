@@ -10,7 +10,8 @@ using nlohmann::json;
 
 namespace {
 
-constexpr size_t kBodyBytesMax = 1 << 20;
+// Region lists and disk hashes of reprotect can be large (8 bytes per 64 KiB region).
+constexpr size_t kBodyBytesMax = 64 << 20;
 
 void Reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
@@ -102,7 +103,91 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
            if (!body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
              return Error(res, InvalidArgument("'epoch' is missing"));
            }
-           ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>()));
+           ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>(),
+                                              body->value("keep_shipping", false)));
+         });
+  h.Post(R"(/api/v1/groups/([^/]+)/failover)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned() ||
+               !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
+             return Error(res, InvalidArgument("'seq' and 'epoch' are needed"));
+           }
+           ReplyResult(res,
+                       site_->FailoverGroup(req.matches[1], (*body)["seq"].get<uint64_t>(),
+                                            (*body)["epoch"].get<uint64_t>()),
+                       201);
+         });
+  h.Post(R"(/api/v1/groups/([^/]+)/materialise)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           ReplyStatus(res, site_->MaterialiseGroup(req.matches[1]), 202);
+         });
+  h.Get(R"(/api/v1/groups/([^/]+)/unreplicated)",
+        [this](const httplib::Request& req, httplib::Response& res) {
+          ReplyResult(res, site_->UnreplicatedRegions(req.matches[1]));
+        });
+  h.Post(R"(/api/v1/groups/([^/]+)/regions)", [this](const httplib::Request& req,
+                                                     httplib::Response& res) {
+    auto body = Body(req);
+    if (!body.ok()) return Error(res, body.status());
+    std::vector<capture::CaptureGroup::DiskRange> regions;
+    if (!body->contains("regions") || !(*body)["regions"].is_array()) {
+      return Error(res, InvalidArgument("'regions' ([[disk, offset, length], ...]) is missing"));
+    }
+    for (auto& r : (*body)["regions"]) {
+      if (!r.is_array() || r.size() != 3 || !r[0].is_number_unsigned() ||
+          !r[1].is_number_unsigned() || !r[2].is_number_unsigned()) {
+        return Error(res, InvalidArgument("each region is [disk, offset, length]"));
+      }
+      regions.push_back({r[0].get<uint32_t>(), {r[1].get<uint64_t>(), r[2].get<uint64_t>()}});
+    }
+    ReplyStatus(res, site_->MarkRegions(regions, req.matches[1]));
+  });
+  h.Get(R"(/api/v1/groups/([^/]+)/hashes)",
+        [this](const httplib::Request& req, httplib::Response& res) {
+          uint64_t region = 64 * 1024;
+          if (req.has_param("region_bytes")) {
+            region = std::strtoull(req.get_param_value("region_bytes").c_str(), nullptr, 10);
+          }
+          auto h = site_->GroupHashes(req.matches[1], region);
+          if (!h.ok()) return Error(res, h.status());
+          res.set_content(*h, "application/octet-stream");
+        });
+  h.Post(R"(/api/v1/groups/([^/]+)/compare)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           uint64_t region = 64 * 1024;
+           if (req.has_param("region_bytes")) {
+             region = std::strtoull(req.get_param_value("region_bytes").c_str(), nullptr, 10);
+           }
+           ReplyResult(res, site_->CompareHashes(req.matches[1], region, req.body));
+         });
+  h.Post(R"(/api/v1/groups/([^/]+)/to-store)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           if (!body->contains("base_seq") || !(*body)["base_seq"].is_number_unsigned() ||
+               !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
+             return Error(res, InvalidArgument("'base_seq' and 'epoch' are needed"));
+           }
+           ReplyResult(res,
+                       site_->GroupToStore(req.matches[1], (*body)["base_seq"].get<uint64_t>(),
+                                           (*body)["epoch"].get<uint64_t>()),
+                       201);
+         });
+  h.Post(R"(/api/v1/groups/([^/]+)/vm/start)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           ReplyStatus(res, site_->StartVm(req.matches[1], *body));
+         });
+  h.Post(R"(/api/v1/groups/([^/]+)/vm/stop)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           auto r = site_->StopVm(req.matches[1], body->value("timeout_ms", 30000));
+           if (!r.ok()) return Error(res, r.status());
+           Reply(res, 200, json{{"clean", *r}});
          });
   h.Delete(R"(/api/v1/groups/([^/]+)/replication)",
            [this](const httplib::Request& req, httplib::Response& res) {
@@ -113,7 +198,15 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
     if (!body.ok()) return Error(res, body.status());
     auto disks = Disks(*body);
     if (!disks.ok()) return Error(res, disks.status());
-    ReplyStatus(res, site_->CreateStore(req.matches[1], *disks), 201);
+    std::string start = body->value("start", std::string("empty"));
+    if (start != "empty" && start != "full") {
+      return Error(res, InvalidArgument("'start' is empty or full"));
+    }
+    ReplyStatus(res,
+                site_->CreateStore(req.matches[1], *disks,
+                                   start == "full" ? store::RecoveryStore::Start::kFullCopy
+                                                   : store::RecoveryStore::Start::kEmpty),
+                201);
   });
   h.Get(R"(/api/v1/stores/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
     ReplyResult(res, site_->StoreStatus(req.matches[1]));

@@ -17,7 +17,7 @@ int64_t NowNs() {
 
 namespace {
 
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 
 const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -26,10 +26,11 @@ CREATE TABLE IF NOT EXISTS sites(name TEXT PRIMARY KEY, api TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS policies(name TEXT PRIMARY KEY, retention_s INTEGER NOT NULL,
   crash_interval_s INTEGER NOT NULL, app_interval_s INTEGER NOT NULL,
   compression TEXT NOT NULL DEFAULT 'lz4', bandwidth_bytes_per_second INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS vms(name TEXT PRIMARY KEY, site TEXT NOT NULL, disks TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vms(name TEXT PRIMARY KEY, site TEXT NOT NULL, disks TEXT NOT NULL,
+  spec TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS items(vm TEXT PRIMARY KEY, source TEXT NOT NULL,
   target TEXT NOT NULL, policy TEXT NOT NULL, state TEXT NOT NULL, epoch INTEGER NOT NULL,
-  drill TEXT NOT NULL);
+  drill TEXT NOT NULL, failover TEXT NOT NULL DEFAULT 'null');
 CREATE TABLE IF NOT EXISTS points(id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL,
   seq INTEGER NOT NULL, time_ns INTEGER NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS points_vm ON points(vm, seq);
@@ -100,6 +101,23 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
         "ALTER TABLE policies ADD COLUMN bandwidth_bytes_per_second INTEGER NOT NULL DEFAULT 0; "
         "UPDATE meta SET value='2' WHERE key='schema_version'; COMMIT;"));
     version = 2;
+  }
+  if (version == 2) {  // v3 added the VM's driver spec and the item's failover record
+    // (Tables that did not exist yet were just made with them.)
+    auto has = [&](const char* table, const char* column) {
+      std::string q =
+          fmt::format("SELECT 1 FROM pragma_table_info('{}') WHERE name='{}'", table, column);
+      Stmt st(c->db_, q.c_str());
+      return st.Step() == SQLITE_ROW;
+    };
+    std::string sql = "BEGIN; ";
+    if (!has("vms", "spec")) sql += "ALTER TABLE vms ADD COLUMN spec TEXT NOT NULL DEFAULT '{}'; ";
+    if (!has("items", "failover")) {
+      sql += "ALTER TABLE items ADD COLUMN failover TEXT NOT NULL DEFAULT 'null'; ";
+    }
+    sql += "UPDATE meta SET value='3' WHERE key='schema_version'; COMMIT;";
+    OSR_RETURN_IF_ERROR(c->Exec(sql));
+    version = 3;
   }
   if (version != 0 && version != kSchemaVersion) {
     return Corruption(
@@ -183,27 +201,38 @@ std::optional<PolicyRow> Catalog::Policy(const std::string& name) {
 
 Status Catalog::PutVm(const VmRow& v) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "INSERT INTO vms(name, site, disks) VALUES(?,?,?)")
+  return Stmt(db_, "INSERT INTO vms(name, site, disks, spec) VALUES(?,?,?,?)")
       .Bind(v.name)
       .Bind(v.site)
       .Bind(v.disks.dump())
+      .Bind(v.spec.is_object() ? v.spec.dump() : std::string("{}"))
+      .Run();
+}
+
+Status Catalog::UpdateVm(const VmRow& v) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "UPDATE vms SET site=?, disks=?, spec=? WHERE name=?")
+      .Bind(v.site)
+      .Bind(v.disks.dump())
+      .Bind(v.spec.is_object() ? v.spec.dump() : std::string("{}"))
+      .Bind(v.name)
       .Run();
 }
 
 std::vector<VmRow> Catalog::Vms() {
   std::lock_guard lock(mu_);
   std::vector<VmRow> out;
-  Stmt s(db_, "SELECT name, site, disks FROM vms ORDER BY name");
-  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Json(2)});
+  Stmt s(db_, "SELECT name, site, disks, spec FROM vms ORDER BY name");
+  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Json(2), s.Json(3)});
   return out;
 }
 
 std::optional<VmRow> Catalog::Vm(const std::string& name) {
   std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT name, site, disks FROM vms WHERE name=?");
+  Stmt s(db_, "SELECT name, site, disks, spec FROM vms WHERE name=?");
   s.Bind(name);
   if (s.Step() != SQLITE_ROW) return std::nullopt;
-  return VmRow{s.Text(0), s.Text(1), s.Json(2)};
+  return VmRow{s.Text(0), s.Text(1), s.Json(2), s.Json(3)};
 }
 
 Status Catalog::DeleteVm(const std::string& name) {
@@ -215,7 +244,7 @@ Status Catalog::PutItem(const ItemRow& i) {
   std::lock_guard lock(mu_);
   return Stmt(db_,
               "INSERT OR REPLACE INTO items(vm, source, target, policy, state, epoch, "
-              "drill) VALUES(?,?,?,?,?,?,?)")
+              "drill, failover) VALUES(?,?,?,?,?,?,?,?)")
       .Bind(i.vm)
       .Bind(i.source)
       .Bind(i.target)
@@ -223,16 +252,19 @@ Status Catalog::PutItem(const ItemRow& i) {
       .Bind(i.state)
       .Bind(static_cast<int64_t>(i.epoch))
       .Bind(i.drill.dump())
+      .Bind(i.failover.dump())
       .Run();
 }
 
 std::vector<ItemRow> Catalog::Items() {
   std::lock_guard lock(mu_);
   std::vector<ItemRow> out;
-  Stmt s(db_, "SELECT vm, source, target, policy, state, epoch, drill FROM items ORDER BY vm");
+  Stmt s(db_,
+         "SELECT vm, source, target, policy, state, epoch, drill, failover FROM items ORDER BY "
+         "vm");
   while (s.Step() == SQLITE_ROW) {
     out.push_back({s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4),
-                   static_cast<uint64_t>(s.Int(5)), s.Json(6)});
+                   static_cast<uint64_t>(s.Int(5)), s.Json(6), s.Json(7)});
   }
   return out;
 }
@@ -308,13 +340,14 @@ Result<int64_t> Catalog::AddJob(const JobRow& j) {
 Status Catalog::UpdateJob(const JobRow& j) {
   std::lock_guard lock(mu_);
   return Stmt(db_,
-              "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, "
+              "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, args=?, "
               "updated_ns=? WHERE id=?")
       .Bind(j.state)
       .Bind(int64_t{j.progress})
       .Bind(j.steps.dump())
       .Bind(j.error)
       .Bind(j.result.dump())
+      .Bind(j.args.dump())
       .Bind(j.updated_ns)
       .Bind(j.id)
       .Run();

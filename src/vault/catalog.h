@@ -37,6 +37,9 @@ struct VmRow {
   std::string name;
   std::string site;
   nlohmann::json disks;  // [{name, size_bytes}]
+  // How it runs: {driver: none|process|qemu, command, qemu_args, memory_bytes, cpus,
+  // hooks: {freeze, thaw, pre_failover, post_failover}, hook_timeout_ms}
+  nlohmann::json spec = nlohmann::json::object();
 };
 
 struct ItemRow {
@@ -47,6 +50,8 @@ struct ItemRow {
   std::string state;
   uint64_t epoch = 1;
   nlohmann::json drill;  // {view, seq, disks[{name, uri}]} while a drill runs, else null
+  // From failover until reprotect: {point, epoch, from (the old primary), planned}.
+  nlohmann::json failover;
 };
 
 struct PointRow {
@@ -84,7 +89,8 @@ class Catalog {
   std::vector<PolicyRow> Policies();
   std::optional<PolicyRow> Policy(const std::string& name);
 
-  Status PutVm(const VmRow& v);  // kAlreadyExists
+  Status PutVm(const VmRow& v);
+  Status UpdateVm(const VmRow& v);  // kAlreadyExists
   std::vector<VmRow> Vms();
   std::optional<VmRow> Vm(const std::string& name);
   Status DeleteVm(const std::string& name);

@@ -8,8 +8,10 @@
 #include <chrono>
 #include <ctime>
 #include <map>
+#include <set>
 
 #include "common/units.h"
+#include "vault/job_steps.h"
 
 namespace osr::vault {
 
@@ -129,6 +131,35 @@ Result<json> SiteClient::Call(const std::string& method, const std::string& path
   return j;
 }
 
+Result<std::string> SiteClient::CallRaw(const std::string& method, const std::string& path,
+                                        const std::string& body) {
+  std::string base = site_.api;
+  std::string prefix;
+  auto slash = base.find('/', base.find("://") + 3);
+  if (slash != std::string::npos) {
+    prefix = base.substr(slash);
+    base = base.substr(0, slash);
+  }
+  httplib::Client cli(base);
+  cli.set_connection_timeout(2);
+  cli.set_read_timeout(600);  // hashing a big disk takes its time
+  cli.set_write_timeout(60);
+  std::string url = prefix + path;
+  httplib::Result r =
+      method == "GET" ? cli.Get(url) : cli.Post(url, body, "application/octet-stream");
+  if (!r) {
+    return Unavailable(fmt::format("site {} ({}) is unreachable: {}", site_.name, site_.api,
+                                   httplib::to_string(r.error())));
+  }
+  if (r->status >= 300) {
+    json j = json::parse(r->body, nullptr, false);
+    std::string msg =
+        j.is_object() && j.contains("error") ? j["error"].value("message", r->body) : r->body;
+    return Status(CodeFromHttp(r->status), fmt::format("site {}: {}", site_.name, msg));
+  }
+  return r->body;
+}
+
 // ---- Vault --------------------------------------------------------------------------
 
 Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
@@ -137,13 +168,24 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   if (!v->catalog_->Policy("default")) {
     OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
   }
-  // Jobs that were running when the vault stopped cannot be trusted to have finished.
+  // Jobs that were running when the vault stopped: the workflows resume (each step is
+  // safe to run again and what they decided is in their args); drills do not (their item
+  // is in a state the operator can act on: run the drill or its cleanup again).
   for (auto& j : v->catalog_->Jobs("", "Running")) {
-    j.state = "Failed";
-    j.error =
-        "the vault stopped while this job ran; the item was left as the last finished "
-        "step left it — run the operation again";
+    static const std::set<std::string> kResumable = {"enable-protection", "failover",
+                                                     "change-point", "commit", "reprotect"};
     j.updated_ns = NowNs();
+    if (kResumable.count(j.type)) {
+      j.state = "Queued";
+      j.steps.push_back(
+          {{"name", "The vault restarted: resuming"}, {"state", "Succeeded"}, {"message", ""}});
+      j.args["resumed"] = j.args.value("resumed", 0) + 1;
+    } else {
+      j.state = "Failed";
+      j.error =
+          "the vault stopped while this job ran; the item was left as the last finished "
+          "step left it — run the operation again";
+    }
     (void)v->catalog_->UpdateJob(j);
   }
   v->http_ = std::make_unique<httplib::Server>();
@@ -232,8 +274,48 @@ json Vault::ListPolicies() {
   return out;
 }
 
-Result<json> Vault::CreateVm(const std::string& name, const std::string& site, const json& disks) {
+namespace {
+
+// Checks a VM's driver spec and fills in defaults.
+Result<json> CheckVmSpec(json spec) {
+  if (!spec.is_object()) return InvalidArgument("the VM spec must be an object");
+  std::string driver = spec.value("driver", std::string("none"));
+  spec["driver"] = driver;
+  if (driver == "process") {
+    if (spec.value("command", std::string()).empty()) {
+      return InvalidArgument("a process VM needs --command");
+    }
+  } else if (driver == "qemu") {
+    uint64_t mem = spec.value("memory_bytes", uint64_t{512} << 20);
+    int cpus = spec.value("cpus", 1);
+    if (mem < (16u << 20) || mem > (1ull << 40)) return InvalidArgument("memory: 16M..1T");
+    if (cpus < 1 || cpus > 64) return InvalidArgument("cpus: 1..64");
+    spec["memory_bytes"] = mem;
+    spec["cpus"] = cpus;
+  } else if (driver != "none") {
+    return InvalidArgument("unknown driver '" + driver + "' (qemu, process or none)");
+  }
+  if (spec.contains("hooks") && !spec["hooks"].is_object()) {
+    return InvalidArgument("hooks must be an object of hook name -> command");
+  }
+  json hooks = spec.value("hooks", json::object());
+  for (auto& [k, v] : hooks.items()) {
+    static const std::set<std::string> kHooks = {"freeze", "thaw", "pre_failover", "post_failover"};
+    if (!kHooks.count(k) || !v.is_string()) {
+      return InvalidArgument("hook '" + k +
+                             "': the hooks are freeze, thaw, pre_failover and post_failover, "
+                             "each a command");
+    }
+  }
+  return spec;
+}
+
+}  // namespace
+
+Result<json> Vault::CreateVm(const std::string& name, const std::string& site, const json& disks,
+                             const json& spec_in) {
   if (!ValidName(name)) return InvalidArgument("'" + name + "' is not a valid VM name");
+  OSR_ASSIGN_OR_RETURN(json spec, CheckVmSpec(spec_in.is_null() ? json::object() : spec_in));
   if (catalog_->Vm(name)) return Status(Code::kAlreadyExists, "VM " + name + " exists");
   auto s = catalog_->Site(site);
   if (!s) return NotFound("no site named '" + site + "' (osr site list)");
@@ -243,7 +325,7 @@ Result<json> Vault::CreateVm(const std::string& name, const std::string& site, c
   for (auto& d : created["disks"]) {
     stored.push_back({{"name", d["name"]}, {"size_bytes", d["size_bytes"]}});
   }
-  Status st = catalog_->PutVm({name, site, stored});
+  Status st = catalog_->PutVm({name, site, stored, spec});
   if (!st.ok()) {
     (void)SiteClient(*s).Call("DELETE", "/groups/" + name);  // nothing half-done
     return st;
@@ -274,7 +356,39 @@ Result<json> Vault::ShowVm(const std::string& name) {
     disks.push_back(d);
   }
   out["disks"] = disks;
+  out["driver"] = v->spec.value("driver", std::string("none"));
+  out["spec"] = v->spec;
+  out["running"] = g.ok() ? (*g).value("vm", json::object()).value("running", false) : false;
+  out["running_site"] = v->site;
+  auto item = catalog_->Item(name);
+  out["epoch"] = item ? item->epoch : 1;
+  out["state"] = item ? item->state : "Unprotected";
   if (!g.ok()) out["site_error"] = g.status().message();
+  return out;
+}
+
+Result<json> Vault::StartVm(const std::string& name) {
+  auto v = catalog_->Vm(name);
+  if (!v) return NotFound("no VM named '" + name + "'");
+  if (v->spec.value("driver", std::string("none")) == "none") {
+    return InvalidArgument("VM " + name + " has no driver (osr vm create --driver)");
+  }
+  auto s = catalog_->Site(v->site);
+  if (!s) return NotFound("site " + v->site + " is not registered");
+  OSR_RETURN_IF_ERROR(
+      SiteClient(*s).Call("POST", "/groups/" + name + "/vm/start", v->spec).status());
+  return ShowVm(name);
+}
+
+Result<json> Vault::StopVm(const std::string& name, int timeout_ms) {
+  auto v = catalog_->Vm(name);
+  if (!v) return NotFound("no VM named '" + name + "'");
+  auto s = catalog_->Site(v->site);
+  if (!s) return NotFound("site " + v->site + " is not registered");
+  OSR_ASSIGN_OR_RETURN(json r, SiteClient(*s).Call("POST", "/groups/" + name + "/vm/stop",
+                                                   json{{"timeout_ms", timeout_ms}}));
+  OSR_ASSIGN_OR_RETURN(json out, ShowVm(name));
+  out["stopped_cleanly"] = r.value("clean", true);
   return out;
 }
 
@@ -283,6 +397,19 @@ json Vault::ItemJson(const ItemRow& item) {
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
   auto points = catalog_->Points(item.vm);
   out["latest_point"] = points.empty() ? json() : PointJson(points.back());
+  out["direction"] = item.source + " -> " + item.target;
+  if (auto v = catalog_->Vm(item.vm)) out["running_site"] = v->site;
+  if (!item.failover.is_null()) out["failover"] = item.failover;
+  static const std::set<std::string> kNotReplicating = {
+      "FailingOver", "FailoverFailed", "FailedOver", "Committing", "FailoverCommitted"};
+  if (kNotReplicating.count(item.state)) {
+    out["health"] =
+        item.state == "FailoverFailed"
+            ? "Critical: the failover stopped half-way; run it again (osr failover)"
+            : "Warning: not protected: the VM runs at " + item.target + " (commit, then reprotect)";
+    out["rpo_seconds"] = nullptr;
+    return out;
+  }
   // Health and RPO from both sites.
   std::string health = "Normal";
   double rpo = 0;
@@ -350,13 +477,25 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
   if (target == v->site) return InvalidArgument("the target site must differ from the VM's site");
   if (!catalog_->Policy(policy)) return NotFound("no policy named '" + policy + "'");
   OSR_RETURN_IF_ERROR(
-      catalog_->PutItem({vm, v->site, target, policy, "EnablingProtection", 1, nullptr}));
+      catalog_->PutItem({vm, v->site, target, policy, "EnablingProtection", 1, nullptr, nullptr}));
   return Submit("enable-protection", vm, json::object());
 }
 
 Result<json> Vault::Unprotect(const std::string& vm) {
   auto item = catalog_->Item(vm);
   if (!item) return NotFound("VM " + vm + " is not protected");
+  static const std::set<std::string> kBusy = {"FailingOver", "FailoverFailed", "FailedOver",
+                                              "Committing", "Reprotecting"};
+  if (kBusy.count(item->state)) {
+    return InvalidArgument(fmt::format(
+        "VM {} is {}: finish the failover first (commit; or failover again)", vm, item->state));
+  }
+  if (item->state == "FailoverCommitted") {
+    // Nothing replicates; the old primary keeps its fenced disks until deleted there.
+    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
+    OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
+    return json{{"name", vm}, {"state", "Unprotected"}};
+  }
   auto src = catalog_->Site(item->source);
   auto dst = catalog_->Site(item->target);
   if (src) {
@@ -381,9 +520,35 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
   if (item->state == "EnablingProtection") {
     return InvalidArgument("VM " + vm + " is still being protected; wait for its job");
   }
-  // No freeze/thaw hooks are configured for VMs yet: an app point marks the position.
+  if (item->state != "Protected" && item->state != "TestFailoverCompleted") {
+    return InvalidArgument(fmt::format(
+        "VM {} is {}: recovery points are made while it is protected", vm, item->state));
+  }
+  auto v = catalog_->Vm(vm);
+  bool frozen = false;
+  if (app && v) {
+    // App-consistent: the VM's freeze hook (e.g. fsfreeze through the guest agent) runs
+    // first, the point marks the position, the thaw hook runs whatever happened.
+    Status f = RunHook(*v, "freeze", json::object());
+    if (!f.ok()) {
+      (void)RunHook(*v, "thaw", json::object());
+      return Status(f.code(), "no app-consistent point: " + f.message());
+    }
+    frozen = true;
+  }
+  auto site = v ? catalog_->Site(v->site) : std::nullopt;
+  uint64_t want = 0;
+  if (site) {
+    auto g = SiteClient(*site).Call("GET", "/groups/" + vm);
+    if (g.ok()) want = (*g).value("last_seq", uint64_t{0});
+  }
+  if (frozen) {
+    // The position is taken while frozen; waiting for it to arrive needs no freeze.
+    Status t = RunHook(*v, "thaw", json::object());
+    if (!t.ok()) spdlog::warn("vault: {}: {}", vm, t.ToString());
+  }
   OSR_ASSIGN_OR_RETURN(PointRow p,
-                       PointAtLatest(*item, app ? "app" : "crash", cfg_.call_wait_ms_max));
+                       PointAtLatest(*item, app ? "app" : "crash", cfg_.call_wait_ms_max, want));
   return PointJson(p);
 }
 
@@ -407,6 +572,80 @@ Result<json> Vault::TestFailoverCleanup(const std::string& vm, const std::string
         fmt::format("VM {} is {}: there is no drill to clean up", vm, item->state));
   }
   return Submit("test-failover-cleanup", vm, json{{"notes", notes}});
+}
+
+Result<json> Vault::Failover(const std::string& vm, const std::string& spec, bool shutdown_source,
+                             bool planned, bool start) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected: there is nothing to fail over to");
+  if (item->state != "Protected" && item->state != "FailoverFailed") {
+    return InvalidArgument(
+        fmt::format("VM {} is {}: failover needs Protected{}", vm, item->state,
+                    item->state == "TestFailoverCompleted" ? " (clean up the drill first)" : ""));
+  }
+  if (planned && spec != "latest") {
+    return InvalidArgument("a planned failover goes to the last write (no --point)");
+  }
+  if (planned) {
+    auto src = catalog_->Site(item->source);
+    if (!src) return NotFound("site " + item->source + " is not registered");
+    auto g = SiteClient(*src).Call("GET", "/groups/" + vm);
+    if (!g.ok()) {
+      return Unavailable(fmt::format(
+          "a planned failover needs the source site ({}); nothing was changed — an unplanned "
+          "failover (without --planned) does not need it",
+          g.status().message()));
+    }
+  }
+  if (spec != "latest") OSR_RETURN_IF_ERROR(ResolvePoint(*item, spec, nullptr).status());
+  return Submit("failover", vm,
+                json{{"point", spec},
+                     {"shutdown_source", shutdown_source},
+                     {"planned", planned},
+                     {"start", start}});
+}
+
+Result<json> Vault::ChangePoint(const std::string& vm, const std::string& spec) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  if (item->state != "FailedOver") {
+    return InvalidArgument(fmt::format(
+        "VM {} is {}: the recovery point can change only after failover and before commit", vm,
+        item->state));
+  }
+  if (spec == "latest") {
+    return InvalidArgument(
+        "after failover 'latest' means nothing new: pick a point (latest-processed, latest-app, "
+        "an id or a time)");
+  }
+  OSR_RETURN_IF_ERROR(ResolvePoint(*item, spec, nullptr).status());
+  return Submit("change-point", vm, json{{"point", spec}});
+}
+
+Result<json> Vault::Commit(const std::string& vm) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  if (item->state != "FailedOver") {
+    return InvalidArgument(
+        fmt::format("VM {} is {}: commit needs FailedOver (osr failover first)", vm, item->state));
+  }
+  return Submit("commit", vm, json::object());
+}
+
+Result<json> Vault::Reprotect(const std::string& vm, bool compare) {
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  if (item->state != "FailoverCommitted") {
+    return InvalidArgument(fmt::format(
+        "VM {} is {}: reprotect needs FailoverCommitted (failover, then commit)", vm, item->state));
+  }
+  auto old = catalog_->Site(item->source);
+  if (!old) return NotFound("site " + item->source + " is not registered");
+  if (auto s = SiteClient(*old).Call("GET", "/site"); !s.ok()) {
+    return Unavailable(
+        fmt::format("reprotect needs site {}: {}", item->source, s.status().message()));
+  }
+  return Submit("reprotect", vm, json{{"compare", compare}});
 }
 
 json Vault::ListJobs(const std::string& vm, const std::string& state) {
@@ -462,52 +701,15 @@ void Vault::JobLoop() {
   }
 }
 
-namespace {
-
-// Records a step's progress in the job and the catalog.
-class Steps {
- public:
-  Steps(Catalog* c, JobRow* j) : c_(c), j_(j) {}
-  void Begin(const std::string& name) {
-    j_->steps.push_back({{"name", name}, {"state", "Running"}, {"message", ""}});
-    Save();
-  }
-  void Done(int progress) {
-    j_->steps.back()["state"] = "Succeeded";
-    j_->progress = progress;
-    Save();
-  }
-  void Progress(int progress, const std::string& message) {
-    j_->progress = progress;
-    j_->steps.back()["message"] = message;
-    Save();
-  }
-  void Fail(const Status& st) {
-    if (!j_->steps.empty()) {
-      j_->steps.back()["state"] = "Failed";
-      j_->steps.back()["message"] = st.message();
-    }
-    j_->state = "Failed";
-    j_->error = st.message();
-  }
-
- private:
-  void Save() {
-    j_->updated_ns = NowNs();
-    (void)c_->UpdateJob(*j_);
-  }
-  Catalog* c_;
-  JobRow* j_;
-};
-
-}  // namespace
-
-Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms) {
+Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
+                                      uint64_t want) {
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   if (!src || !dst) return NotFound("a site of the item is not registered");
-  OSR_ASSIGN_OR_RETURN(json g, SiteClient(*src).Call("GET", "/groups/" + item.vm));
-  uint64_t want = g.value("last_seq", uint64_t{0});
+  if (want == 0) {
+    OSR_ASSIGN_OR_RETURN(json g, SiteClient(*src).Call("GET", "/groups/" + item.vm));
+    want = g.value("last_seq", uint64_t{0});
+  }
   // Process everything still pending: wait until the recovery site has it.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
   for (;;) {
@@ -578,6 +780,10 @@ void Vault::RunJob(JobRow& job) {
     steps.Fail(NotFound("VM " + job.vm + " is no longer protected"));
     return;
   }
+  if (job.type == "failover") return RunFailover(job, *item);
+  if (job.type == "change-point") return RunChangePoint(job, *item);
+  if (job.type == "commit") return RunCommit(job, *item);
+  if (job.type == "reprotect") return RunReprotect(job, *item);
   auto src = catalog_->Site(item->source);
   auto dst = catalog_->Site(item->target);
   if (!src || !dst) {
@@ -593,6 +799,9 @@ void Vault::RunJob(JobRow& job) {
     auto v = catalog_->Vm(job.vm);
     steps.Begin(fmt::format("Create the recovery store at {}", item->target));
     auto r = SiteClient(*dst).Call("PUT", "/stores/" + job.vm, json{{"disks", v->disks}});
+    if (!r.ok() && r.status().code() == Code::kAlreadyExists && job.args.contains("resumed")) {
+      r = json::object();  // made before the vault restarted
+    }
     if (!r.ok()) {
       (void)catalog_->DeleteItem(job.vm);
       return fail(r.status());
@@ -721,6 +930,7 @@ void Vault::PointLoop() {
       }
     }
     for (auto& item : catalog_->Items()) {
+      if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item);
       if (item.state != "Protected" && item.state != "TestFailoverCompleted") continue;
       ReconcileReplication(item);
       auto policy = catalog_->Policy(item.policy);
@@ -816,7 +1026,7 @@ void Vault::SetupRoutes() {
            }
            result(res,
                   CreateVm(b->value("name", std::string()), b->value("site", std::string()),
-                           (*b)["disks"]),
+                           (*b)["disks"], b->value("spec", json::object())),
                   201);
          });
   h.Get(R"(/api/v1/vms/([^/]+))",
@@ -864,6 +1074,42 @@ void Vault::SetupRoutes() {
            auto b = body(req);
            if (!b.ok()) return error(res, b.status());
            result(res, TestFailoverCleanup(req.matches[1], b->value("notes", std::string())), 202);
+         });
+  h.Post(R"(/api/v1/items/([^/]+)/failover)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res,
+                  Failover(req.matches[1], b->value("point", std::string("latest")),
+                           b->value("shutdown_source", false), b->value("planned", false),
+                           b->value("start", true)),
+                  202);
+         });
+  h.Post(R"(/api/v1/items/([^/]+)/change-point)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res, ChangePoint(req.matches[1], b->value("point", std::string())), 202);
+         });
+  h.Post(R"(/api/v1/items/([^/]+)/commit)",
+         [this, result](const httplib::Request& req, httplib::Response& res) {
+           result(res, Commit(req.matches[1]), 202);
+         });
+  h.Post(R"(/api/v1/items/([^/]+)/reprotect)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res, Reprotect(req.matches[1], b->value("compare", false)), 202);
+         });
+  h.Post(R"(/api/v1/vms/([^/]+)/start)",
+         [this, result](const httplib::Request& req, httplib::Response& res) {
+           result(res, StartVm(req.matches[1]));
+         });
+  h.Post(R"(/api/v1/vms/([^/]+)/stop)",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           result(res, StopVm(req.matches[1], b->value("timeout_ms", 30000)));
          });
   h.Get("/api/v1/jobs", [this, reply](const httplib::Request& req, httplib::Response& res) {
     reply(res, 200, ListJobs(req.get_param_value("vm"), req.get_param_value("state")));

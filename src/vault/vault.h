@@ -3,7 +3,14 @@
 // site's HTTP API (docs/api.md, "Site API"); it holds no disk data.
 //
 // Item states (DESIGN.md): EnablingProtection -> Protected -test-failover->
-// TestFailoverCompleted -cleanup-> Protected.
+// TestFailoverCompleted -cleanup-> Protected; Protected -failover-> (FailingOver) ->
+// FailedOver -change-point-> FailedOver -commit-> (Committing) -> FailoverCommitted
+// -reprotect-> Reprotecting -> Protected, in the other direction. A failover that stops
+// after fencing leaves FailoverFailed, from which failover is retried.
+//
+// Jobs survive the vault: every step is safe to run again, and what a step decided
+// (epoch, point, reprotect mode) is kept in the job's args; a job that was running when
+// the vault stopped is resumed when it starts again.
 //
 // Thread model: HTTP handlers run on cpp-httplib's pool; jobs run one at a time on the
 // job thread, in submission order; the point thread makes crash-consistent points and
@@ -50,7 +57,10 @@ class Vault {
   Result<nlohmann::json> CreatePolicy(const PolicyRow& p);
   nlohmann::json ListPolicies();
   Result<nlohmann::json> CreateVm(const std::string& name, const std::string& site,
-                                  const nlohmann::json& disks);
+                                  const nlohmann::json& disks,
+                                  const nlohmann::json& spec = nlohmann::json::object());
+  Result<nlohmann::json> StartVm(const std::string& name);
+  Result<nlohmann::json> StopVm(const std::string& name, int timeout_ms);
   nlohmann::json ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);
   Result<nlohmann::json> Protect(const std::string& vm, const std::string& target,
@@ -62,6 +72,11 @@ class Vault {
   Result<nlohmann::json> CreatePoint(const std::string& vm, bool app);
   Result<nlohmann::json> TestFailover(const std::string& vm, const std::string& spec);
   Result<nlohmann::json> TestFailoverCleanup(const std::string& vm, const std::string& notes);
+  Result<nlohmann::json> Failover(const std::string& vm, const std::string& spec,
+                                  bool shutdown_source, bool planned, bool start);
+  Result<nlohmann::json> ChangePoint(const std::string& vm, const std::string& spec);
+  Result<nlohmann::json> Commit(const std::string& vm);
+  Result<nlohmann::json> Reprotect(const std::string& vm, bool compare);
   nlohmann::json ListJobs(const std::string& vm, const std::string& state);
   Result<nlohmann::json> ShowJob(int64_t id);
 
@@ -72,11 +87,29 @@ class Vault {
                                 const nlohmann::json& args);
   void JobLoop();
   void RunJob(JobRow& job);
+  // The failover workflows (workflows.cc); each ends the job Succeeded or Failed.
+  void RunFailover(JobRow& job, ItemRow item);
+  void RunChangePoint(JobRow& job, ItemRow item);
+  void RunCommit(JobRow& job, ItemRow item);
+  void RunReprotect(JobRow& job, ItemRow item);
+  // Waits until `dst` holds a consistent replica of everything `src` captured when the
+  // wait began; progress from p0 to p1 %.
+  Status WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst,
+                        class Steps& steps, int p0, int p1);
+  // A point at what the recovery store holds (failover while the source is away).
+  Result<PointRow> PointAtStore(const ItemRow& item);
+  // An old primary that comes back after an unplanned failover is fenced (and its VM
+  // stopped) as soon as it answers.
+  void ReconcileFencing(const ItemRow& item);
+  // Runs the VM's hook `name` (spec.hooks) on this host with a timeout; Ok when none.
+  Status RunHook(const VmRow& vm, const std::string& name, const nlohmann::json& env);
   void PointLoop();
   Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job);
   // Waits (at most wait_ms, less if the vault stops) until the recovery site has every
   // write made so far, then records a point there.
-  Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms);
+  // `want`: the source's position to wait for (0: its last seq now).
+  Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
+                                 uint64_t want = 0);
   // Re-points a source site's replication at its target's current address (a site that
   // restarted may listen elsewhere now).
   void ReconcileReplication(const ItemRow& item);
@@ -104,6 +137,9 @@ class SiteClient {
   explicit SiteClient(SiteRow site) : site_(std::move(site)) {}
   Result<nlohmann::json> Call(const std::string& method, const std::string& path,
                               const nlohmann::json& body = nullptr);
+  // The same with an octet-stream body and answer (disk hashes).
+  Result<std::string> CallRaw(const std::string& method, const std::string& path,
+                              const std::string& body = std::string());
 
  private:
   SiteRow site_;

@@ -1,0 +1,377 @@
+// The site's part of failover, commit and reprotect (the vault orders the steps; see
+// docs/architecture.md, "Failover and reprotect"), and the VMs that run on its disks.
+#include <fmt/format.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <xxhash.h>
+
+#include <filesystem>
+
+#include "capture/log_reader.h"
+#include "common/le.h"
+#include "site/site.h"
+
+namespace osr::site {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using DiskRange = capture::CaptureGroup::DiskRange;
+
+namespace {
+
+// Merges ranges of one disk (sorted by offset) that touch or overlap.
+void AddMerged(std::vector<std::pair<uint64_t, uint64_t>>* runs, uint64_t off, uint64_t len) {
+  if (!runs->empty() && off <= runs->back().first + runs->back().second) {
+    auto& last = runs->back();
+    last.second = std::max(last.first + last.second, off + len) - last.first;
+  } else {
+    runs->emplace_back(off, len);
+  }
+}
+
+}  // namespace
+
+Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t epoch) {
+  std::shared_ptr<store::RecoveryStore> st;
+  {
+    std::lock_guard lock(mu_);
+    auto it = stores_.find(vm);
+    if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+    st = it->second;
+    if (auto g = groups_.find(vm); g != groups_.end()) {
+      Group& gr = *g->second;
+      if (gr.failover_seq == seq && gr.epoch == epoch) {  // done already (a retried job)
+        json disks = json::array();
+        for (auto& d : gr.disks)
+          disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
+        return json{{"name", vm}, {"seq", seq}, {"epoch", epoch}, {"disks", disks}};
+      }
+      return Status(Code::kAlreadyExists,
+                    fmt::format("VM {} already has disks at this site (failover seq {}); "
+                                "change the point or commit instead",
+                                vm, gr.failover_seq));
+    }
+  }
+  // Fence the old primary at the store first: its records are refused from now on, and
+  // the session it may still have is cut.
+  OSR_RETURN_IF_ERROR(st->AcceptEpoch(epoch));
+  receiver_->EndGroup(vm);
+  if (st->resyncing() || st->initial_sync_pending()) {
+    return Unavailable("the recovery store of " + vm +
+                       " is being resynchronized; no point is consistent until it ends");
+  }
+  std::lock_guard lock(mu_);
+  if (groups_.count(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " was just created");
+  std::string dir = cfg_.data_dir + "/groups/" + vm;
+  std::error_code ec;
+  fs::remove_all(dir, ec);  // leftovers of a failover that did not finish
+  fs::create_directories(dir, ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + dir);
+  auto g = std::make_unique<Group>();
+  for (auto& d : st->disks()) g->disks.push_back({d.name, d.size_bytes});
+  g->epoch = epoch;
+  g->failover_seq = seq;
+  g->tracking = true;
+  Status opened = OpenGroupLocked(vm, *g);
+  if (opened.ok()) {
+    // What the store received after the point: the failed-over disks lack it, the old
+    // primary has it. Marked now, while the store still knows (invariant 7).
+    auto changed = st->ChangedAfter(seq);
+    std::vector<DiskRange> regions;
+    uint64_t bytes = 0;
+    for (uint32_t d = 0; d < changed.size(); ++d) {
+      for (auto [off, len] : changed[d]) {
+        regions.push_back({d, {off, len}});
+        bytes += len;
+      }
+    }
+    opened = g->capture->MarkRegions(regions);
+    spdlog::info(
+        "site {}: VM {} failed over to seq {} at epoch {}; {} bytes in {} range(s) "
+        "changed after it are marked for reprotect",
+        cfg_.name, vm, seq, epoch, bytes, regions.size());
+  }
+  if (!opened.ok()) {
+    for (auto& d : g->disks) exports_.Remove(vm + "/" + d.name);
+    g.reset();
+    fs::remove_all(dir, ec);  // nothing half-done left behind
+    return opened;
+  }
+  groups_[vm] = std::move(g);
+  OSR_RETURN_IF_ERROR(SaveLocked());
+  json disks = json::array();
+  for (auto& d : groups_[vm]->disks) {
+    disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
+  }
+  return json{{"name", vm}, {"seq", seq}, {"epoch", epoch}, {"disks", disks}};
+}
+
+Status Site::MaterialiseGroup(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  if (g.failover_seq == 0) {
+    g.materialise_state = "done";  // plain disks already
+    return Status::Ok();
+  }
+  if (g.materialise_state == "running") return Status::Ok();
+  if (g.materialiser.joinable()) g.materialiser.join();
+  g.materialise_state = "running";
+  g.materialise_error.clear();
+  g.materialise_done = 0;
+  g.materialise_total = 0;
+  for (auto& d : g.disks) g.materialise_total += d.size_bytes;
+  g.stop_materialise = false;
+  Group* gp = &g;
+  g.materialiser = std::thread([this, vm, gp] { MaterialiseThread(vm, gp); });
+  return Status::Ok();
+}
+
+void Site::MaterialiseThread(const std::string& vm, Group* g) {
+  // The group outlives this thread: DeleteGroup and Stop join it first.
+  uint64_t before = 0;
+  Status st;
+  for (auto* fd : g->failover_disks) {
+    st = fd->Materialise(
+        [&](uint64_t done, uint64_t) {
+          std::lock_guard lock(mu_);
+          g->materialise_done = before + done;
+        },
+        g->stop_materialise);
+    if (!st.ok()) break;
+    before += fd->size();
+  }
+  std::lock_guard lock(mu_);
+  if (!st.ok()) {
+    g->materialise_state = "failed";
+    g->materialise_error = st.message();
+    spdlog::warn("site {}: VM {}: materialising: {}", cfg_.name, vm, st.ToString());
+    return;
+  }
+  // The disks stand alone: next start opens them as plain images.
+  g->failover_seq = 0;
+  g->materialise_state = "done";
+  g->materialise_done = g->materialise_total;
+  Status saved = SaveLocked();
+  if (!saved.ok()) spdlog::error("site {}: {}", cfg_.name, saved.ToString());
+  spdlog::info("site {}: VM {}: failover disks materialised", cfg_.name, vm);
+}
+
+Result<json> Site::UnreplicatedRegions(const std::string& vm) {
+  std::string log_dir;
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ranges;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    Group& g = *it->second;
+    if (g.history_lost) return json{{"history", "lost"}, {"regions", json::array()}};
+    OSR_RETURN_IF_ERROR(g.capture->log().Sync());
+    log_dir = g.capture->log().dir();
+    ranges.resize(g.disks.size());
+    for (auto& r : g.capture->DirtyRegions()) {
+      ranges[r.disk].emplace_back(r.range.offset, r.range.length);
+    }
+  }
+  // Every record the log still holds: the recovery site may not have it (the log keeps
+  // what was not acknowledged durable there).
+  size_t records = 0;
+  OSR_RETURN_IF_ERROR(capture::LogReader::Scan(log_dir, [&](const capture::RecordHeader& h,
+                                                            std::span<const uint8_t>) {
+                        if (h.disk < ranges.size() && h.length > 0) {
+                          ranges[h.disk].emplace_back(h.offset, h.length);
+                          ++records;
+                        }
+                        return true;
+                      }).status());
+  json out = json::array();
+  uint64_t bytes = 0;
+  for (uint32_t d = 0; d < ranges.size(); ++d) {
+    std::sort(ranges[d].begin(), ranges[d].end());
+    std::vector<std::pair<uint64_t, uint64_t>> runs;
+    for (auto [off, len] : ranges[d]) AddMerged(&runs, off, len);
+    for (auto [off, len] : runs) {
+      out.push_back({d, off, len});
+      bytes += len;
+    }
+  }
+  return json{{"history", "exact"}, {"records", records}, {"bytes", bytes}, {"regions", out}};
+}
+
+Status Site::MarkRegions(const std::vector<DiskRange>& regions, const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  return it->second->capture->MarkRegions(regions);
+}
+
+Result<std::string> Site::GroupHashes(const std::string& vm, uint64_t region_bytes) {
+  if (region_bytes < 4096 || region_bytes > (64u << 20) || region_bytes % 4096 != 0) {
+    return InvalidArgument("region_bytes must be a multiple of 4096 up to 64 MiB");
+  }
+  std::vector<std::shared_ptr<nbd::Disk>> disks;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    for (size_t i = 0; i < it->second->disks.size(); ++i) {
+      disks.push_back(it->second->capture->disk(i));
+    }
+  }
+  std::string out;
+  std::vector<uint8_t> buf(region_bytes);
+  for (auto& d : disks) {
+    for (uint64_t off = 0; off < d->size(); off += region_bytes) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(region_bytes, d->size() - off));
+      OSR_RETURN_IF_ERROR(d->Read(off, {buf.data(), n}));
+      uint8_t h[8];
+      Le64(h, XXH3_64bits(buf.data(), n));
+      out.append(reinterpret_cast<const char*>(h), 8);
+    }
+  }
+  return out;
+}
+
+Result<json> Site::CompareHashes(const std::string& vm, uint64_t region_bytes,
+                                 const std::string& other) {
+  OSR_ASSIGN_OR_RETURN(std::string mine, GroupHashes(vm, region_bytes));
+  if (mine.size() != other.size()) {
+    return InvalidArgument(fmt::format("the other site sent {} hashes; this VM's disks have {}",
+                                       other.size() / 8, mine.size() / 8));
+  }
+  std::vector<DiskRange> regions;
+  uint64_t bytes = 0, count = 0;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    size_t h = 0;
+    for (uint32_t d = 0; d < it->second->disks.size(); ++d) {
+      uint64_t size = it->second->disks[d].size_bytes;
+      for (uint64_t off = 0; off < size; off += region_bytes, ++h) {
+        if (std::memcmp(mine.data() + 8 * h, other.data() + 8 * h, 8) == 0) continue;
+        uint64_t len = std::min(region_bytes, size - off);
+        if (!regions.empty() && regions.back().disk == d &&
+            regions.back().range.offset + regions.back().range.length == off) {
+          regions.back().range.length += len;
+        } else {
+          regions.push_back({d, {off, len}});
+        }
+        bytes += len;
+        ++count;
+      }
+    }
+    OSR_RETURN_IF_ERROR(it->second->capture->MarkRegions(regions));
+  }
+  return json{{"regions", count}, {"bytes", bytes}, {"compared", mine.size() / 8}};
+}
+
+Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch) {
+  std::unique_ptr<Group> g;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
+    Group& gr = *it->second;
+    if (gr.fenced_epoch == 0) {
+      return InvalidArgument("VM " + vm + " is not fenced here: it may still be the primary");
+    }
+    if (gr.failover_seq != 0) {
+      return InvalidArgument("VM " + vm + " runs on failover disks here; commit them first");
+    }
+    if (VmRunningLocked(gr)) return InvalidArgument("VM " + vm + " still runs here; stop it");
+    g = std::move(it->second);
+    groups_.erase(it);
+  }
+  g->stop_materialise = true;
+  if (g->materialiser.joinable()) g->materialiser.join();
+  g->sender.reset();
+  for (auto& d : g->disks) {
+    exports_.Remove(vm + "/" + d.name);
+    nbd_->DisconnectExport(vm + "/" + d.name);
+  }
+  std::vector<DiskSpec> disks = g->disks;
+  g.reset();  // flushes and closes the images
+  std::string gdir = cfg_.data_dir + "/groups/" + vm;
+  std::string sdir = cfg_.data_dir + "/stores/" + vm;
+  std::vector<std::string> images;
+  std::vector<store::StoreDisk> sd;
+  for (auto& d : disks) {
+    images.push_back(gdir + "/" + d.name + ".img");
+    sd.push_back({d.name, d.size_bytes});
+  }
+  auto st = store::RecoveryStore::Create(sdir, sd, base_seq,
+                                         store::RecoveryStore::Start::kDifferential, images);
+  std::lock_guard lock(mu_);
+  if (!st.ok()) {
+    // The images stay where they were: put the group back as it was.
+    spdlog::error("site {}: VM {}: cannot make a store of its disks: {}", cfg_.name, vm,
+                  st.status().ToString());
+    std::error_code ec;
+    if (!fs::exists(sdir + "/store.json", ec)) fs::remove_all(sdir, ec);
+    return st.status();
+  }
+  OSR_RETURN_IF_ERROR((*st)->AcceptEpoch(epoch));
+  stores_[vm] = std::move(*st);
+  OSR_RETURN_IF_ERROR(SaveLocked());
+  std::error_code ec;
+  fs::remove_all(gdir, ec);
+  spdlog::info("site {}: VM {}: its disks are now the base of a recovery store at seq {}",
+               cfg_.name, vm, base_seq);
+  return json{{"name", vm}, {"base_seq", base_seq}, {"differential", true}};
+}
+
+bool Site::VmRunningLocked(Group& g) {
+  return g.process && g.process->running();
+}
+
+Status Site::StartVm(const std::string& vm, const json& spec) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  if (g.fenced_epoch != 0) {
+    return Status(Code::kPermissionDenied,
+                  fmt::format("VM {} is fenced here (epoch {}): it runs at another site", vm,
+                              g.fenced_epoch));
+  }
+  if (VmRunningLocked(g)) return Status::Ok();
+  std::string driver = spec.value("driver", std::string("none"));
+  if (driver == "none") return InvalidArgument("VM " + vm + " has no driver to start it");
+  if (driver != "process") return InvalidArgument("unknown VM driver '" + driver + "'");
+  hypervisor::VmSpec vs;
+  vs.name = vm;
+  vs.command = spec.value("command", std::string());
+  for (auto& d : g.disks) vs.disks.emplace_back(d.name, Uri(vm + "/" + d.name));
+  std::string run = cfg_.data_dir + "/groups/" + vm + "/run";
+  std::error_code ec;
+  fs::create_directories(run, ec);
+  vs.log_path = run + "/vm.log";
+  auto p = std::make_unique<hypervisor::ProcessDriver>();
+  OSR_RETURN_IF_ERROR(p->Start(vs));
+  g.process = std::move(p);
+  g.vm_spec = spec;
+  spdlog::info("site {}: VM {} started (pid {})", cfg_.name, vm, g.process->pid());
+  return SaveLocked();
+}
+
+Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
+  std::unique_ptr<hypervisor::ProcessDriver> p;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    p = std::move(it->second->process);
+  }
+  bool clean = true;
+  if (p && p->running()) {
+    OSR_ASSIGN_OR_RETURN(clean, p->Stop(timeout_ms));
+    spdlog::info("site {}: VM {} stopped{}", cfg_.name, vm, clean ? "" : " (killed)");
+  }
+  std::lock_guard lock(mu_);
+  return SaveLocked().ok() ? Result<bool>(clean) : Result<bool>(clean);
+}
+
+}  // namespace osr::site

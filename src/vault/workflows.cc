@@ -1,0 +1,560 @@
+// Failover, change recovery point, commit and reprotect: the vault's side (the order of
+// the steps and what each site is asked). docs/architecture.md, "Failover and reprotect",
+// explains why the order is what it is.
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "common/units.h"
+#include "vault/job_steps.h"
+#include "vault/vault.h"
+
+namespace osr::vault {
+
+using nlohmann::json;
+
+namespace {
+
+json PointJsonOf(const PointRow& p) {
+  return json{{"id", p.id}, {"time", FormatTimeNs(p.time_ns)}, {"seq", p.seq}, {"type", p.type}};
+}
+
+std::string Driver(const VmRow& vm) {
+  return vm.spec.is_object() ? vm.spec.value("driver", std::string("none")) : "none";
+}
+
+int ShutdownTimeoutMs(const VmRow& vm) {
+  return vm.spec.is_object() ? vm.spec.value("shutdown_timeout_ms", 30000) : 30000;
+}
+
+}  // namespace
+
+Status Vault::RunHook(const VmRow& vm, const std::string& name, const json& env) {
+  if (!vm.spec.is_object() || !vm.spec.contains("hooks")) return Status::Ok();
+  std::string cmd = vm.spec["hooks"].value(name, std::string());
+  if (cmd.empty()) return Status::Ok();
+  int timeout_ms = vm.spec.value("hook_timeout_ms", 60000);
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
+  env_strings.push_back("OSR_VM=" + vm.name);
+  env_strings.push_back("OSR_HOOK=" + name);
+  for (auto& [k, v] : env.items()) {
+    env_strings.push_back(k + "=" + (v.is_string() ? v.get<std::string>() : v.dump()));
+  }
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) return Status::FromErrno(errno, "fork for hook " + name);
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    int null = ::open("/dev/null", O_RDONLY);
+    if (null >= 0) ::dup2(null, 0);
+    ::execle("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr), envp.data());
+    ::_exit(127);
+  }
+  ::setpgid(pid, pid);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  int status = 0;
+  for (;;) {
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(-pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      return Unavailable(fmt::format("hook {} of VM {} did not finish in {} ms (killed)", name,
+                                     vm.name, timeout_ms));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    return Internal(fmt::format("hook {} of VM {} failed (exit status {})", name, vm.name,
+                                WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+  }
+  return Status::Ok();
+}
+
+Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
+  auto dst = catalog_->Site(item.target);
+  if (!dst) return NotFound("site " + item.target + " is not registered");
+  OSR_ASSIGN_OR_RETURN(json st, SiteClient(*dst).Call("GET", "/stores/" + item.vm));
+  uint64_t durable = st.value("durable_seq", uint64_t{0});
+  if (st.value("resyncing", false) || st.value("initial_sync", false) ||
+      durable < st.value("consistent_from", uint64_t{0})) {
+    // The newest consistent state there is the last point.
+    auto points = catalog_->Points(item.vm);
+    if (points.empty()) return Unavailable("the recovery site holds no consistent state yet");
+    return points.back();
+  }
+  auto points = catalog_->Points(item.vm);
+  if (!points.empty() && points.back().seq == durable) return points.back();
+  int64_t t = st.value("durable_time_ns", int64_t{0});
+  PointRow p{0, item.vm, durable, t ? t : NowNs(), "crash"};
+  OSR_ASSIGN_OR_RETURN(p.id, catalog_->AddPoint(p));
+  return p;
+}
+
+Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst,
+                             Steps& steps, int p0, int p1) {
+  auto g = SiteClient(src).Call("GET", "/groups/" + vm);
+  if (!g.ok()) return g.status();
+  uint64_t want = (*g).value("last_seq", uint64_t{0});
+  // No deadline while it moves: a big copy takes its time. It fails when nothing moved
+  // for job_wait_ms_max.
+  auto stalled_since = std::chrono::steady_clock::now();
+  uint64_t last_progress = UINT64_MAX;
+  for (;;) {
+    if (stopping_) return Unavailable("the vault stopped");
+    auto st = SiteClient(dst).Call("GET", "/stores/" + vm);
+    uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
+    bool consistent = st.ok() && !(*st).value("resyncing", false) &&
+                      !(*st).value("initial_sync", false) &&
+                      (*st).value("consistent_from", uint64_t{0}) <= durable;
+    if (durable >= want && consistent) return Status::Ok();
+    auto gs = SiteClient(src).Call("GET", "/groups/" + vm);
+    json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
+    uint64_t total = repl.value("resync_bytes_total", uint64_t{0});
+    uint64_t done = repl.value("resync_bytes_done", uint64_t{0});
+    uint64_t progress = done + durable;
+    if (progress != last_progress) {
+      last_progress = progress;
+      stalled_since = std::chrono::steady_clock::now();
+    } else if (std::chrono::steady_clock::now() - stalled_since >
+               std::chrono::milliseconds(cfg_.job_wait_ms_max)) {
+      return Unavailable(
+          fmt::format("replication to {} made no progress for {} s (seq {} of {}; {})", dst.name,
+                      cfg_.job_wait_ms_max / 1000, durable, want,
+                      repl.value("last_error", std::string(st.ok() ? "" : st.status().message()))));
+    }
+    if (total > 0) {
+      steps.Progress(p0 + static_cast<int>((p1 - p0) * done / total),
+                     fmt::format("{} of {} bytes copied", done, total));
+    } else {
+      steps.Progress(p0 + static_cast<int>((p1 - p0) * durable / std::max<uint64_t>(want, 1)),
+                     fmt::format("{} of {} writes replicated", durable, want));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+// ---- failover -----------------------------------------------------------------------
+
+void Vault::RunFailover(JobRow& job, ItemRow item) {
+  Steps steps(catalog_.get(), &job);
+  auto src = catalog_->Site(item.source);
+  auto dst = catalog_->Site(item.target);
+  auto vm = catalog_->Vm(job.vm);
+  if (!src || !dst || !vm) return steps.Fail(NotFound("the VM or a site of it is not registered"));
+  bool planned = job.args.value("planned", false);
+  bool shutdown = planned || job.args.value("shutdown_source", false);
+  bool start = job.args.value("start", true);
+  // What the item goes back to when the job fails before the source was fenced.
+  std::string before = job.args.value("state_before", item.state);
+  job.args["state_before"] = before;
+  auto fail = [&](const Status& st, const std::string& item_state) {
+    steps.Fail(st);
+    if (auto cur = catalog_->Item(job.vm)) {
+      cur->state = item_state;
+      (void)catalog_->PutItem(*cur);
+    }
+  };
+
+  if (planned && !job.args.contains("epoch")) {
+    steps.Begin(fmt::format("Check that {} answers (a planned failover needs it)", item.source));
+    auto g = SiteClient(*src).Call("GET", "/groups/" + job.vm);
+    if (!g.ok()) {
+      return fail(Unavailable(fmt::format("a planned failover needs the source site: {}; nothing "
+                                          "was changed (an unplanned failover does not need it)",
+                                          g.status().message())),
+                  before);
+    }
+    steps.Done(5);
+  }
+  if (Status h = RunHook(*vm, "pre_failover", {{"OSR_SITE", item.target}}); !h.ok()) {
+    steps.Begin("Pre-failover hook");
+    return fail(h, before);
+  }
+  if (shutdown && !job.args.value("shutdown_done", false)) {
+    steps.Begin(fmt::format("Shut down the VM at {}", item.source));
+    if (Driver(*vm) == "none") {
+      steps.Progress(10, "the VM has no driver: nothing to shut down");
+      steps.Done(10);
+    } else {
+      auto r = SiteClient(*src).Call("POST", "/groups/" + job.vm + "/vm/stop",
+                                     json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+      if (!r.ok()) {
+        steps.Warn(10, "could not shut it down (" + r.status().message() +
+                           "); the failover goes on and fencing stops its writes");
+      } else {
+        steps.Progress(10, (*r).value("clean", true) ? "it shut down"
+                                                     : "it did not shut down in time: stopped");
+        steps.Done(10);
+      }
+    }
+    job.args["shutdown_done"] = true;
+    steps.Save();
+  }
+  // The new epoch: decided once, kept in the job (a resumed job uses the same).
+  if (!job.args.contains("epoch")) {
+    job.args["epoch"] = item.state == "FailoverFailed" ? item.epoch : item.epoch + 1;
+    steps.Save();
+  }
+  uint64_t epoch = job.args["epoch"].get<uint64_t>();
+  auto mark_failing = [&] {
+    item.state = "FailingOver";
+    item.epoch = epoch;
+    item.failover = {{"epoch", epoch}, {"from", item.source}, {"planned", planned}};
+    (void)catalog_->PutItem(item);
+  };
+
+  PointRow point;
+  if (job.args.contains("point_seq")) {
+    point.id = job.args["point"].value("id", int64_t{0});
+    point.seq = job.args["point_seq"].get<uint64_t>();
+    point.time_ns = job.args.value("point_time_ns", int64_t{0});
+    point.type = job.args["point"].value("type", std::string("crash"));
+  } else if (planned) {
+    steps.Begin(fmt::format("Fence {} and send it all to {}", item.source, item.target));
+    auto f = SiteClient(*src).Call("POST", "/groups/" + job.vm + "/fence",
+                                   json{{"epoch", epoch}, {"keep_shipping", true}});
+    if (!f.ok()) return fail(f.status(), before);
+    mark_failing();
+    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
+    if (!p.ok()) return fail(p.status(), "FailoverFailed");
+    point = *p;
+    steps.Progress(40, fmt::format("everything is at {}: point {} (seq {})", item.target, point.id,
+                                   point.seq));
+    steps.Done(40);
+  } else {
+    steps.Begin("Resolve the recovery point");
+    std::string spec = job.args.value("point", std::string("latest"));
+    Result<PointRow> p = Status::Ok();
+    if (spec == "latest") {
+      // Everything still pending is processed first, if the source still answers.
+      p = PointAtLatest(item, "crash", std::min(cfg_.job_wait_ms_max, 30000));
+      if (!p.ok()) {
+        steps.Progress(20, "the source cannot send what is pending (" + p.status().message() +
+                               "): the latest is what the recovery site holds");
+        p = PointAtStore(item);
+      }
+    } else {
+      p = ResolvePoint(item, spec, &job);
+    }
+    if (!p.ok()) return fail(p.status(), before);
+    point = *p;
+    steps.Progress(30, fmt::format("point {} (seq {}, {}, {})", point.id, point.seq, point.type,
+                                   FormatTimeNs(point.time_ns)));
+    steps.Done(30);
+    steps.Begin(fmt::format("Fence {} (epoch {})", item.source, epoch));
+    mark_failing();
+    auto f = SiteClient(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
+    if (!f.ok()) {
+      steps.Warn(40, f.status().message() +
+                         "; it will be fenced when it answers, and the recovery site refuses "
+                         "its records from now on");
+    } else {
+      steps.Done(40);
+    }
+  }
+  job.args["point_seq"] = point.seq;
+  job.args["point_time_ns"] = point.time_ns;
+  job.args["point"] = PointJsonOf(point);
+  steps.Save();
+
+  steps.Begin(fmt::format("Open the disks at {} on point {} (no copy)", item.target, point.id));
+  auto fo = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/failover",
+                                  json{{"seq", point.seq}, {"epoch", epoch}});
+  if (!fo.ok()) return fail(fo.status(), "FailoverFailed");
+  steps.Done(70);
+  if (planned) {
+    // Drained: the old primary stops shipping now (fencing again at the same epoch).
+    (void)SiteClient(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
+  }
+  vm->site = item.target;
+  (void)catalog_->UpdateVm(*vm);
+  item.state = "FailedOver";
+  item.epoch = epoch;
+  item.failover = {{"epoch", epoch},
+                   {"from", item.source},
+                   {"planned", planned},
+                   {"point", PointJsonOf(point)},
+                   {"time", FormatTimeNs(NowNs())}};
+  (void)catalog_->PutItem(item);
+  job.result = {{"point", PointJsonOf(point)}, {"epoch", epoch}, {"disks", (*fo)["disks"]}};
+  if (start && Driver(*vm) != "none") {
+    steps.Begin(fmt::format("Start the VM at {}", item.target));
+    auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
+    if (!r.ok()) {
+      return steps.Fail(Status(r.status().code(),
+                               "the VM failed over but did not start: " + r.status().message() +
+                                   " (osr vm start " + job.vm + ")"));
+    }
+    steps.Done(95);
+  }
+  if (Status h = RunHook(*vm, "post_failover", {{"OSR_SITE", item.target}}); !h.ok()) {
+    steps.Begin("Post-failover hook");
+    steps.Warn(100, h.message());
+  }
+  job.progress = 100;
+  job.state = "Succeeded";
+}
+
+// ---- change recovery point -----------------------------------------------------------
+
+void Vault::RunChangePoint(JobRow& job, ItemRow item) {
+  Steps steps(catalog_.get(), &job);
+  auto dst = catalog_->Site(item.target);
+  auto vm = catalog_->Vm(job.vm);
+  if (!dst || !vm) return steps.Fail(NotFound("the VM or its site is not registered"));
+  PointRow point;
+  if (job.args.contains("point_seq")) {
+    point.seq = job.args["point_seq"].get<uint64_t>();
+    point.id = job.args["resolved"].value("id", int64_t{0});
+  } else {
+    steps.Begin("Resolve the recovery point");
+    auto p = ResolvePoint(item, job.args.value("point", std::string()), &job);
+    if (!p.ok()) return steps.Fail(p.status());
+    point = *p;
+    job.args["point_seq"] = point.seq;
+    job.args["resolved"] = PointJsonOf(point);
+    steps.Done(10);
+  }
+  uint64_t epoch = item.epoch;
+  if (Driver(*vm) != "none") {
+    steps.Begin(fmt::format("Stop the VM at {}", item.target));
+    auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/stop",
+                                   json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+    if (!r.ok() && r.status().code() != Code::kNotFound) return steps.Fail(r.status());
+    steps.Done(20);
+  }
+  steps.Begin("Discard the writes made since failover");
+  auto d = SiteClient(*dst).Call("DELETE", "/groups/" + job.vm);
+  if (!d.ok() && d.status().code() != Code::kNotFound) return steps.Fail(d.status());
+  steps.Done(40);
+  steps.Begin(fmt::format("Open the disks on point {} (no copy)", point.id));
+  auto fo = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/failover",
+                                  json{{"seq", point.seq}, {"epoch", epoch}});
+  if (!fo.ok()) return steps.Fail(fo.status());
+  steps.Done(70);
+  item.failover["point"] = job.args["resolved"];
+  (void)catalog_->PutItem(item);
+  job.result = {{"point", job.args["resolved"]}, {"disks", (*fo)["disks"]}};
+  if (Driver(*vm) != "none" && job.args.value("start", true)) {
+    steps.Begin(fmt::format("Start the VM at {}", item.target));
+    auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
+    if (!r.ok()) return steps.Fail(r.status());
+    steps.Done(95);
+  }
+  job.progress = 100;
+  job.state = "Succeeded";
+}
+
+// ---- commit -------------------------------------------------------------------------
+
+void Vault::RunCommit(JobRow& job, ItemRow item) {
+  Steps steps(catalog_.get(), &job);
+  auto dst = catalog_->Site(item.target);
+  if (!dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
+  item.state = "Committing";
+  (void)catalog_->PutItem(item);
+  auto back = [&](const Status& st) {
+    steps.Fail(st);
+    item.state = "FailedOver";  // commit again to go on from where it stopped
+    (void)catalog_->PutItem(item);
+  };
+  steps.Begin(
+      fmt::format("Copy the rest of the point into the disks at {} (the VM runs on)", item.target));
+  auto m = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/materialise");
+  if (!m.ok()) return back(m.status());
+  auto stalled_since = std::chrono::steady_clock::now();
+  uint64_t last_done = UINT64_MAX;
+  for (;;) {
+    if (stopping_) return back(Unavailable("the vault stopped"));
+    auto g = SiteClient(*dst).Call("GET", "/groups/" + job.vm);
+    if (!g.ok()) return back(g.status());
+    json mj = (*g).value("materialise", json::object());
+    std::string state = mj.value("state", std::string());
+    uint64_t done = mj.value("done_bytes", uint64_t{0});
+    uint64_t total = mj.value("total_bytes", uint64_t{0});
+    if (state == "done") break;
+    if (state == "failed") {
+      return back(Internal("materialising failed: " + mj.value("error", std::string())));
+    }
+    if (state.empty()) {  // the site restarted: start it again (it resumes)
+      m = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/materialise");
+      if (!m.ok()) return back(m.status());
+    }
+    if (done != last_done) {
+      last_done = done;
+      stalled_since = std::chrono::steady_clock::now();
+    } else if (std::chrono::steady_clock::now() - stalled_since >
+               std::chrono::milliseconds(cfg_.job_wait_ms_max)) {
+      return back(Unavailable("materialising made no progress"));
+    }
+    if (total > 0) {
+      steps.Progress(static_cast<int>(80 * done / total),
+                     fmt::format("{} of {} bytes", done, total));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  steps.Done(80);
+  steps.Begin("Delete the recovery points and the recovery store");
+  auto d = SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);
+  if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
+  (void)catalog_->DeletePoints(job.vm, 0);
+  steps.Done(100);
+  item.state = "FailoverCommitted";
+  (void)catalog_->PutItem(item);
+  job.state = "Succeeded";
+}
+
+// ---- reprotect ----------------------------------------------------------------------
+
+void Vault::RunReprotect(JobRow& job, ItemRow item) {
+  Steps steps(catalog_.get(), &job);
+  // The VM runs at item.target now; the old primary (item.source) becomes its target.
+  auto cur = catalog_->Site(item.target);
+  auto old = catalog_->Site(item.source);
+  auto vm = catalog_->Vm(job.vm);
+  if (!cur || !old || !vm) return steps.Fail(NotFound("the VM or a site of it is not registered"));
+  auto back = [&](const Status& st) {
+    steps.Fail(st);
+    item.state = "FailoverCommitted";  // reprotect again: it goes on from where it stopped
+    (void)catalog_->PutItem(item);
+  };
+  steps.Begin(fmt::format("Check that {} answers", item.source));
+  if (auto s = SiteClient(*old).Call("GET", "/site"); !s.ok()) {
+    return back(
+        Unavailable(fmt::format("reprotect needs site {}: {}", item.source, s.status().message())));
+  }
+  steps.Done(5);
+  item.state = "Reprotecting";
+  (void)catalog_->PutItem(item);
+
+  steps.Begin(fmt::format("Find what differs between {} and {}", item.target, item.source));
+  std::string mode = job.args.value("mode", std::string());
+  json found = job.args.value("found", json::object());
+  auto have_store = SiteClient(*old).Call("GET", "/stores/" + job.vm);
+  if (have_store.ok()) {
+    // Done already (a resumed job): the old primary's disks are a store now.
+    if (mode.empty()) mode = "exact";
+  } else {
+    auto g = SiteClient(*old).Call("GET", "/groups/" + job.vm);
+    if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
+    if (!g.ok()) {
+      mode = "full";
+      auto r = SiteClient(*old).Call("PUT", "/stores/" + job.vm,
+                                     json{{"disks", vm->disks}, {"start", "full"}});
+      if (!r.ok() && r.status().code() != Code::kAlreadyExists) return back(r.status());
+      found = {{"why", "the old primary has no disk of this VM: a full (sparse) copy"}};
+    } else {
+      // Fenced, and its VM stopped, before its disks change role.
+      if ((*g).value("fenced_epoch", uint64_t{0}) < item.epoch) {
+        auto f = SiteClient(*old).Call("POST", "/groups/" + job.vm + "/fence",
+                                       json{{"epoch", item.epoch}});
+        if (!f.ok()) return back(f.status());
+      }
+      auto s = SiteClient(*old).Call("POST", "/groups/" + job.vm + "/vm/stop",
+                                     json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+      if (!s.ok()) return back(s.status());
+      bool compare = job.args.value("compare", false) || (*g).value("history_lost", false);
+      if (compare) {
+        mode = "hash";
+        auto h = SiteClient(*old).CallRaw("GET", "/groups/" + job.vm + "/hashes");
+        if (!h.ok()) return back(h.status());
+        auto c = SiteClient(*cur).CallRaw("POST", "/groups/" + job.vm + "/compare", *h);
+        if (!c.ok()) return back(c.status());
+        found = json::parse(*c, nullptr, false);
+        found["why"] = (*g).value("history_lost", false)
+                           ? "the old primary's capture history is lost: block hashes compared"
+                           : "block hashes compared (asked for)";
+      } else {
+        mode = "exact";
+        auto u = SiteClient(*old).Call("GET", "/groups/" + job.vm + "/unreplicated");
+        if (!u.ok()) return back(u.status());
+        auto r = SiteClient(*cur).Call("POST", "/groups/" + job.vm + "/regions",
+                                       json{{"regions", (*u)["regions"]}});
+        if (!r.ok()) return back(r.status());
+        found = {{"unreplicated_bytes", (*u).value("bytes", uint64_t{0})},
+                 {"unreplicated_records", (*u).value("records", uint64_t{0})},
+                 {"why",
+                  "exact: what the store held after the point, what the old primary never "
+                  "sent, and what was written here since failover"}};
+      }
+      auto cg = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
+      if (!cg.ok()) return back(cg.status());
+      auto t = SiteClient(*old).Call(
+          "POST", "/groups/" + job.vm + "/to-store",
+          json{{"base_seq", (*cg).value("last_seq", uint64_t{0})}, {"epoch", item.epoch}});
+      if (!t.ok()) return back(t.status());
+    }
+    job.args["mode"] = mode;
+    job.args["found"] = found;
+    steps.Save();
+  }
+  steps.Progress(20, fmt::format("{}: {}", mode, found.value("why", std::string())));
+  steps.Done(20);
+
+  steps.Begin(fmt::format("Replicate {} to {} (only what differs)", item.target, item.source));
+  auto policy = catalog_->Policy(item.policy).value_or(PolicyRow{"default"});
+  auto r = SiteClient(*cur).Call(
+      "PUT", "/groups/" + job.vm + "/replication",
+      json{{"target", old->replication},
+           {"epoch", item.epoch},
+           {"compression", policy.compression},
+           {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
+  if (!r.ok()) return back(r.status());
+  if (Status w = WaitForReplica(job.vm, *cur, *old, steps, 20, 95); !w.ok()) return back(w);
+  auto gs = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
+  json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
+  uint64_t shipped = repl.value("resync_bytes_total", uint64_t{0});
+  steps.Progress(95, fmt::format("{} bytes shipped", shipped));
+  steps.Done(95);
+  item.source = cur->name;
+  item.target = old->name;
+  item.state = "Protected";
+  item.failover = nullptr;
+  (void)catalog_->PutItem(item);
+  job.result = {{"mode", mode},
+                {"found", found},
+                {"bytes_shipped", shipped},
+                {"wire_bytes_sent", repl.value("wire_bytes_sent", uint64_t{0})},
+                {"source", item.source},
+                {"target", item.target}};
+  steps.Begin("First recovery point");
+  auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
+  if (!p.ok()) return steps.Fail(p.status());
+  steps.Done(100);
+  job.state = "Succeeded";
+}
+
+// ---- fencing a returning old primary --------------------------------------------------
+
+void Vault::ReconcileFencing(const ItemRow& item) {
+  if (item.failover.is_null() || !item.failover.contains("from")) return;
+  auto old = catalog_->Site(item.failover.value("from", std::string()));
+  if (!old) return;
+  auto g = SiteClient(*old).Call("GET", "/groups/" + item.vm);
+  if (!g.ok()) return;  // away, or its disks are a store already
+  uint64_t epoch = item.failover.value("epoch", item.epoch);
+  bool running = (*g).value("vm", json::object()).value("running", false);
+  if ((*g).value("fenced_epoch", uint64_t{0}) >= epoch && !running) return;
+  spdlog::warn("vault: {}: site {} answers again with the VM's old disks: fencing them (epoch {})",
+               item.vm, old->name, epoch);
+  auto f = SiteClient(*old).Call("POST", "/groups/" + item.vm + "/fence", json{{"epoch", epoch}});
+  if (!f.ok()) spdlog::warn("vault: fence {} at {}: {}", item.vm, old->name, f.status().ToString());
+  if (running) {
+    auto s = SiteClient(*old).Call("POST", "/groups/" + item.vm + "/vm/stop",
+                                   json{{"timeout_ms", 10000}});
+    if (!s.ok())
+      spdlog::warn("vault: stop {} at {}: {}", item.vm, old->name, s.status().ToString());
+  }
+}
+
+}  // namespace osr::vault
