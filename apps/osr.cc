@@ -180,6 +180,11 @@ int main(int argc, char** argv) {
   auto* site = app.add_subcommand("site", "sites");
   site->require_subcommand(1);
   auto* site_list = site->add_subcommand("list", "sites, and whether they answer");
+  std::string sname, sapi, srepl;
+  auto* site_add = site->add_subcommand("add", "register a site (osrd site) with the vault");
+  site_add->add_option("name", sname)->required();
+  site_add->add_option("--api", sapi, "its API, http://HOST:PORT/api/v1")->required();
+  site_add->add_option("--replication", srepl, "its replication listener, HOST:PORT")->required();
 
   auto* policy = app.add_subcommand("policy", "replication policies");
   policy->require_subcommand(1);
@@ -204,9 +209,29 @@ int main(int argc, char** argv) {
   vcreate->add_option("name", vname)->required();
   vcreate->add_option("--site", vsite)->required();
   vcreate->add_option("--disk", vdisks, "NAME:SIZE, e.g. os:10G (repeat for more)")->required();
+  std::string vdriver = "none", vcommand, vqemu_args, vmemory = "512M";
+  int vcpus = 1, vstop_timeout = 30;
+  std::vector<std::string> vhooks;
+  vcreate->add_option("--driver", vdriver, "how the VM runs: qemu, process or none")
+      ->check(CLI::IsMember({"qemu", "process", "none"}));
+  vcreate->add_option("--command", vcommand,
+                      "process driver: the command (its disks' NBD URIs are in $OSR_DISKS and "
+                      "$OSR_DISK_<NAME>)");
+  vcreate->add_option("--qemu-args", vqemu_args, "qemu driver: more qemu-system arguments");
+  vcreate->add_option("--memory", vmemory, "qemu driver: memory (default 512M)");
+  vcreate->add_option("--cpus", vcpus, "qemu driver: CPUs (default 1)");
+  vcreate->add_option("--shutdown-timeout", vstop_timeout,
+                      "seconds a shutdown may take before a hard stop (default 30)");
+  vcreate->add_option("--hook", vhooks,
+                      "NAME=COMMAND: freeze, thaw, pre_failover or post_failover (repeat)");
   auto* vlist = vm->add_subcommand("list", "list VMs");
-  auto* vshow = vm->add_subcommand("show", "a VM and its disks' NBD URIs");
+  auto* vshow = vm->add_subcommand("show", "a VM: disks, where it runs, running, epoch");
   vshow->add_option("name", vname)->required();
+  auto* vstart = vm->add_subcommand("start", "start the VM where it runs now");
+  vstart->add_option("name", vname)->required();
+  auto* vstop = vm->add_subcommand("stop", "shut the VM down (hard stop after the timeout)");
+  vstop->add_option("name", vname)->required();
+  vstop->add_option("--timeout", vstop_timeout, "seconds (default 30)");
 
   std::string target, ppolicy = "default", spec, notes;
   bool wait = false, appflag = false;
@@ -243,6 +268,35 @@ int main(int argc, char** argv) {
   tfc->add_option("name", vname)->required();
   tfc->add_option("--notes", notes);
   tfc->add_flag("--wait", wait, "follow the job");
+
+  bool shutdown_source = false, planned = false, no_start = false, compare = false;
+  auto* fo = app.add_subcommand("failover", "run the VM at its recovery site, on a point");
+  fo->add_option("name", vname)->required();
+  fo->add_option("--point", spec, "latest | latest-processed | latest-app | ID | RFC 3339 time")
+      ->default_val("latest");
+  fo->add_flag("--shutdown-source", shutdown_source,
+               "try to shut the source VM down first (the failover goes on if that fails)");
+  fo->add_flag("--planned", planned,
+               "shut down, send everything, fail over to the last write: no data loss (needs "
+               "the source site)");
+  fo->add_flag("--no-start", no_start, "open the disks but do not start the VM");
+  fo->add_flag("--wait", wait, "follow the job");
+  auto* cp = app.add_subcommand("change-point",
+                                "after failover, before commit: restart the VM on another point "
+                                "(its writes since failover are discarded)");
+  cp->add_option("name", vname)->required();
+  cp->add_option("--point", spec, "latest-processed | latest-app | ID | RFC 3339 time")->required();
+  cp->add_flag("--wait", wait, "follow the job");
+  auto* commit = app.add_subcommand(
+      "commit", "keep the failover: the disks become plain disks there; the points are deleted");
+  commit->add_option("name", vname)->required();
+  commit->add_flag("--wait", wait, "follow the job");
+  auto* reprotect = app.add_subcommand(
+      "reprotect", "after commit: replicate back to the old primary, only what differs");
+  reprotect->add_option("name", vname)->required();
+  reprotect->add_flag("--compare", compare,
+                      "compare block hashes instead of trusting the old primary's history");
+  reprotect->add_flag("--wait", wait, "follow the job");
 
   auto* job = app.add_subcommand("job", "jobs");
   job->require_subcommand(1);
@@ -292,6 +346,11 @@ int main(int argc, char** argv) {
                 {"error", "ERROR"}});
     });
   }
+  if (site_add->parsed()) {
+    return Print(
+        c, Call(c, "POST", "/sites", json{{"name", sname}, {"api", sapi}, {"replication", srepl}}),
+        Show);
+  }
   if (pcreate->parsed()) {
     auto r = ParseDuration(retention);
     auto ci = ParseDuration(crash);
@@ -330,8 +389,23 @@ int main(int argc, char** argv) {
       if (!size.ok()) return Fail(size.status().message());
       disks.push_back({{"name", d.substr(0, colon)}, {"size_bytes", *size}});
     }
+    json vspec = {{"driver", vdriver}, {"shutdown_timeout_ms", vstop_timeout * 1000}};
+    if (!vcommand.empty()) vspec["command"] = vcommand;
+    if (vdriver == "qemu") {
+      auto mem = osr::ParseSize(vmemory);
+      if (!mem.ok()) return Fail(mem.status().message());
+      vspec["memory_bytes"] = *mem;
+      vspec["cpus"] = vcpus;
+      vspec["qemu_args"] = vqemu_args;
+    }
+    for (auto& h : vhooks) {
+      auto eq = h.find('=');
+      if (eq == std::string::npos) return Fail("--hook takes NAME=COMMAND");
+      vspec["hooks"][h.substr(0, eq)] = h.substr(eq + 1);
+    }
     return Print(c,
-                 Call(c, "POST", "/vms", json{{"name", vname}, {"site", vsite}, {"disks", disks}}),
+                 Call(c, "POST", "/vms",
+                      json{{"name", vname}, {"site", vsite}, {"disks", disks}, {"spec", vspec}}),
                  [](const json& b) {
                    Show(json{{"name", b["name"]}, {"site", b["site"]}});
                    Table(b["disks"], {{"name", "DISK"}, {"size_bytes", "BYTES"}, {"uri", "URI"}});
@@ -339,15 +413,43 @@ int main(int argc, char** argv) {
   }
   if (vlist->parsed()) {
     return Print(c, Call(c, "GET", "/vms"), [](const json& b) {
-      Table(b, {{"name", "NAME"}, {"site", "SITE"}});
+      Table(b, {{"name", "NAME"},
+                {"site", "RUNS AT"},
+                {"driver", "DRIVER"},
+                {"running", "RUNNING"},
+                {"state", "STATE"},
+                {"epoch", "EPOCH"}});
     });
   }
-  if (vshow->parsed()) {
-    return Print(c, Call(c, "GET", "/vms/" + vname), [](const json& b) {
-      Show(json{{"name", b["name"]}, {"site", b["site"]}});
-      Table(b["disks"], {{"name", "DISK"}, {"size_bytes", "BYTES"}, {"uri", "URI"}});
-    });
+  auto vm_table = [](const json& b) {
+    Show(json{{"name", b["name"]},
+              {"runs at", b["site"]},
+              {"driver", b.value("driver", json())},
+              {"running", b.value("running", json())},
+              {"state", b.value("state", json())},
+              {"epoch", b.value("epoch", json())}});
+    if (b.contains("site_error")) Show(json{{"site error", b["site_error"]}});
+    Table(b["disks"], {{"name", "DISK"}, {"size_bytes", "BYTES"}, {"uri", "URI"}});
+  };
+  if (vshow->parsed()) return Print(c, Call(c, "GET", "/vms/" + vname), vm_table);
+  if (vstart->parsed()) return Print(c, Call(c, "POST", "/vms/" + vname + "/start"), vm_table);
+  if (vstop->parsed()) {
+    return Print(
+        c, Call(c, "POST", "/vms/" + vname + "/stop", json{{"timeout_ms", vstop_timeout * 1000}}),
+        vm_table);
   }
+  if (fo->parsed()) {
+    return submitted(Call(c, "POST", "/items/" + vname + "/failover",
+                          json{{"point", spec},
+                               {"shutdown_source", shutdown_source},
+                               {"planned", planned},
+                               {"start", !no_start}}));
+  }
+  if (cp->parsed())
+    return submitted(Call(c, "POST", "/items/" + vname + "/change-point", json{{"point", spec}}));
+  if (commit->parsed()) return submitted(Call(c, "POST", "/items/" + vname + "/commit"));
+  if (reprotect->parsed())
+    return submitted(Call(c, "POST", "/items/" + vname + "/reprotect", json{{"compare", compare}}));
   if (protect->parsed())
     return submitted(Call(c, "POST", "/vms/" + vname + "/protect",
                           json{{"target", target}, {"policy", ppolicy}}));

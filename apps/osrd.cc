@@ -265,7 +265,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen) {
   std::string abs = std::filesystem::absolute(dir).string();
   auto vaddr = ParseHostPort(vault_listen, 7480);
   if (!vaddr.ok()) return Fail(vaddr.status());
-  auto v = vault::Vault::Start({abs + "/vault.db", *vaddr});
+  vault::VaultConfig vcfg{abs + "/vault.db", *vaddr};
+  vcfg.jobs_paused = true;  // until the sites (new ports after a restart) are registered
+  auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::vector<std::unique_ptr<site::Site>> sites;
   std::vector<std::unique_ptr<site::SiteApi>> apis;
@@ -291,6 +293,7 @@ int Quickstart(const std::string& dir, const std::string& vault_listen) {
     sites.push_back(std::move(*s));
     apis.push_back(std::move(api));
   }
+  (*v)->StartJobs();
   auto vurl = fmt::format("http://{}:{}", (*v)->address().host, (*v)->address().port);
   std::printf(
       "osrd quickstart: a vault and two sites (primary, recovery) on 127.0.0.1, "

@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -32,6 +33,7 @@ using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
 constexpr int kPollStepMs = 20;  // process exits and socket appearance are polled
+constexpr int kCpuinfoLinesMax = 100000;
 
 Clock::time_point DeadlineIn(int ms) {
   return Clock::now() + std::chrono::milliseconds(std::max(ms, 0));
@@ -158,8 +160,8 @@ Result<std::string> FindExecutable(const std::string& name) {
     std::string p = (dir.empty() ? "." : dir) + "/" + name;
     if (usable(p)) return p;
   }
-  return NotFound(fmt::format("qemu binary '{}' is not in PATH ({}); install qemu-system-x86",
-                              name, path));
+  return NotFound(
+      fmt::format("qemu binary '{}' is not in PATH ({}); install qemu-system-x86", name, path));
 }
 
 // A value inside a qemu option list: commas are doubled.
@@ -181,7 +183,55 @@ std::string DescribeExit(int status) {
 
 }  // namespace
 
+Result<std::vector<std::string>> SplitArgs(std::string_view text) {
+  std::vector<std::string> words;
+  std::string word;
+  bool in_word = false;
+  char quote = 0;
+  for (char c : text) {
+    if (quote != 0) {
+      if (c == quote) {
+        quote = 0;
+      } else {
+        word += c;
+      }
+    } else if (c == '\'' || c == '"') {
+      quote = c;
+      in_word = true;
+    } else if (std::isspace(static_cast<unsigned char>(c))) {
+      if (in_word) words.push_back(std::move(word));
+      word.clear();
+      in_word = false;
+    } else {
+      word += c;
+      in_word = true;
+    }
+  }
+  if (quote != 0) return InvalidArgument(fmt::format("unterminated {} in: {}", quote, text));
+  if (in_word) words.push_back(std::move(word));
+  return words;
+}
+
+bool CpuHasHardwareVirtualization() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  for (int i = 0; i < kCpuinfoLinesMax && std::getline(cpuinfo, line); ++i) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') + 1));
+    std::string flag;
+    while (words >> flag) {
+      if (flag == "vmx" || flag == "svm") return true;
+    }
+    return false;
+  }
+  return false;
+}
+
 bool KvmUsable() {
+  // A /dev/kvm without VT-x/AMD-V under it (e.g. kvm_pvm, a software KVM for nested
+  // sandboxes) creates VMs and runs firmware, but emulates a stock kernel so slowly
+  // that TCG is far faster.
+  if (!CpuHasHardwareVirtualization()) return false;
   int kvm = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (kvm < 0) return false;
   bool ok = false;
@@ -229,12 +279,14 @@ Status QemuDriver::Start(const QemuSpec& spec) {
     return InvalidArgument("run_dir " + spec.run_dir + " has a comma (qemu option syntax)");
   }
   if (spec.memory_bytes == 0 || spec.memory_bytes % (1u << 20) != 0) {
-    return InvalidArgument(
-        fmt::format("VM {}: memory_bytes {} is not a whole number of MiB", spec.name,
-                    spec.memory_bytes));
+    return InvalidArgument(fmt::format("VM {}: memory_bytes {} is not a whole number of MiB",
+                                       spec.name, spec.memory_bytes));
   }
   if (spec.cpus < 1 || spec.cpus > 255) {
     return InvalidArgument(fmt::format("VM {}: {} cpus", spec.name, spec.cpus));
+  }
+  if (!spec.accel.empty() && spec.accel != "kvm" && spec.accel != "tcg") {
+    return InvalidArgument("VM " + spec.name + ": accel is '" + spec.accel + "', not kvm or tcg");
   }
   for (auto& [disk, uri] : spec.disks) {
     if (!ValidName(disk)) return InvalidArgument("VM " + spec.name + ": bad disk name " + disk);
@@ -245,6 +297,7 @@ Status QemuDriver::Start(const QemuSpec& spec) {
     return InvalidArgument(fmt::format("run_dir {} is too long for a unix socket path ({} bytes)",
                                        spec.run_dir, sizeof(sockaddr_un::sun_path) - 1));
   }
+  OSR_ASSIGN_OR_RETURN(std::vector<std::string> extra, SplitArgs(spec.extra_args));
   OSR_ASSIGN_OR_RETURN(std::string binary, FindExecutable(spec.qemu_binary));
   std::error_code ec;
   fs::create_directories(spec.run_dir, ec);
@@ -253,7 +306,8 @@ Status QemuDriver::Start(const QemuSpec& spec) {
   fs::remove(qga_path, ec);
 
   spec_ = spec;
-  accel_ = KvmUsable() ? "kvm" : "tcg";
+  accel_ = !spec.accel.empty() ? spec.accel : KvmUsable() ? "kvm" : "tcg";
+  // clang-format off
   std::vector<std::string> args = {
       binary,
       "-name", spec.name,
@@ -266,6 +320,7 @@ Status QemuDriver::Start(const QemuSpec& spec) {
       "-serial", "file:" + spec.run_dir + "/console.log",
       "-qmp", "unix:" + qmp_path + ",server=on,wait=off",
   };
+  // clang-format on
   for (size_t i = 0; i < spec.disks.size(); ++i) {
     auto& [disk, uri] = spec.disks[i];
     // The disk's name as its serial (virtio-blk keeps 20 bytes): the guest finds it as
@@ -279,15 +334,10 @@ Status QemuDriver::Start(const QemuSpec& spec) {
   if (spec.guest_agent) {
     args.insert(args.end(),
                 {"-chardev", "socket,id=osr-qga0,path=" + qga_path + ",server=on,wait=off",
-                 "-device", "virtio-serial-pci,id=osr-vser0",
-                 "-device",
+                 "-device", "virtio-serial-pci,id=osr-vser0", "-device",
                  "virtserialport,bus=osr-vser0.0,chardev=osr-qga0,name=org.qemu.guest_agent.0"});
   }
-  {
-    std::istringstream extra(spec.extra_args);
-    std::string word;
-    while (extra >> word) args.push_back(word);
-  }
+  args.insert(args.end(), extra.begin(), extra.end());
   spdlog::info("VM {}: starting ({}): {}", spec.name, accel_, fmt::join(args, " "));
 
   // Everything the child needs is prepared before fork (no allocation after it).
@@ -325,10 +375,9 @@ Status QemuDriver::Start(const QemuSpec& spec) {
   Status st = ConnectQmp(kQmpReadyTimeoutMs);
   if (!st.ok()) {
     Status killed = running() ? Kill() : Status::Ok();
-    return Status(st.code(), fmt::format("VM {}: {}{}; qemu.log ends with:\n{}", spec.name,
-                                         st.message(),
-                                         killed.ok() ? "" : " (and " + killed.message() + ")",
-                                         LogTail()));
+    return Status(st.code(),
+                  fmt::format("VM {}: {}{}; qemu.log ends with:\n{}", spec.name, st.message(),
+                              killed.ok() ? "" : " (and " + killed.message() + ")", LogTail()));
   }
   spdlog::info("VM {}: qemu pid {} answers QMP", spec.name, pid_);
   return Status::Ok();
@@ -395,8 +444,8 @@ Status QemuDriver::Kill() {
   if (pid_ <= 0) return Status::Ok();
   ::kill(-pid_, SIGKILL);
   if (WaitExit(kKillWaitMs)) return Status::Ok();
-  return IoError(fmt::format("qemu pid {} did not exit within {} ms of SIGKILL", pid_,
-                             kKillWaitMs));
+  return IoError(
+      fmt::format("qemu pid {} did not exit within {} ms of SIGKILL", pid_, kKillWaitMs));
 }
 
 Result<bool> QemuDriver::Stop(int timeout_ms) {
@@ -458,17 +507,16 @@ Result<json> QemuDriver::Guest(const std::string& command, int timeout_ms, bool*
     }
   }
   if (!st.ok()) {
-    return Unavailable(fmt::format(
-        "VM {}: the guest agent did not answer guest-sync on {} within {} ms ({}); is "
-        "qemu-guest-agent running in the guest?",
-        spec_.name, path, timeout_ms, st.message()));
+    return Unavailable(
+        fmt::format("VM {}: the guest agent did not answer guest-sync on {} within {} ms ({}); is "
+                    "qemu-guest-agent running in the guest?",
+                    spec_.name, path, timeout_ms, st.message()));
   }
   if (synced != nullptr) *synced = true;
   uint64_t id = next_id_++;
   std::string what = "guest agent " + command;
-  OSR_ASSIGN_OR_RETURN(json rsp,
-                       Exchange(fd.get(), buf, {{"execute", command}, {"id", id}}, id, deadline,
-                                what));
+  OSR_ASSIGN_OR_RETURN(
+      json rsp, Exchange(fd.get(), buf, {{"execute", command}, {"id", id}}, id, deadline, what));
   if (rsp.contains("error")) return ErrorFromResponse(rsp, what);
   return std::move(rsp["return"]);
 }
@@ -487,8 +535,8 @@ Status QemuDriver::Freeze(int timeout_ms) {
   // guest after we gave up. Thaw, so that no guest stays frozen by us.
   if (synced && st.code() == Code::kUnavailable) {
     Status thawed = Thaw(kThawTimeoutMs);
-    return Unavailable(fmt::format("VM {}: {}; thaw after it: {}", spec_.name, st.message(),
-                                   thawed.ToString()));
+    return Unavailable(
+        fmt::format("VM {}: {}; thaw after it: {}", spec_.name, st.message(), thawed.ToString()));
   }
   return st;
 }

@@ -6,8 +6,9 @@
 //   - the guest agent (run_dir/qga.sock): fsfreeze around an application-consistent
 //     recovery point. A guest without the agent makes Freeze fail with kUnavailable
 //     within its timeout; the caller then takes a crash-consistent point instead.
-// KVM is used when /dev/kvm can create a VM, else TCG (chosen before the start, not
-// left to qemu's fallback, so the log says which one runs).
+// KVM is used when the CPU has hardware virtualization and /dev/kvm can create a VM,
+// else TCG; QemuSpec::accel can force either. The choice is made before the start, not
+// left to qemu's fallback, so the log says which one runs.
 //
 // Files in run_dir: qmp.sock, qga.sock, console.log (the guest's serial port) and
 // qemu.log (qemu's stdout and stderr, truncated at each start; its tail goes into
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -36,19 +38,20 @@ struct QemuSpec {
   std::vector<std::pair<std::string, std::string>> disks;  // (disk name, nbd://HOST:PORT/EXPORT)
   uint64_t memory_bytes = 512ull << 20;                    // a whole number of MiB
   int cpus = 1;
-  std::string extra_args;  // split on whitespace (no quoting), appended to the command line
+  std::string extra_args;  // appended to the command line, split as SplitArgs() does
   std::string run_dir;     // created if missing
   bool guest_agent = true;
   std::string qemu_binary = "qemu-system-x86_64";  // a path, or a name looked up in PATH
+  std::string accel;  // "" = KVM when KvmUsable(), else TCG; or "kvm" / "tcg"
 };
 
 // Limits, in one place.
 inline constexpr int kQmpReadyTimeoutMs = 15000;  // from exec until QMP answers
 inline constexpr int kQmpCommandTimeoutMs = 5000;
-inline constexpr int kQuitTimeoutMs = 2000;      // Stop: QMP quit before SIGKILL
+inline constexpr int kQuitTimeoutMs = 2000;  // Stop: QMP quit before SIGKILL
 inline constexpr int kThawTimeoutMs = 10000;
 inline constexpr int kStopOnDestroyMs = 5000;
-inline constexpr int kKillWaitMs = 5000;  // SIGKILL until reaped
+inline constexpr int kKillWaitMs = 5000;                // SIGKILL until reaped
 inline constexpr size_t kJsonLineBytesMax = 16u << 20;  // query-qmp-schema is ~200 KiB
 inline constexpr size_t kLogTailBytesMax = 2048;
 
@@ -107,8 +110,13 @@ class QemuDriver {
   uint64_t next_id_ = 1;  // QMP and guest-sync ids: late answers are told apart
 };
 
-// Whether this process can run KVM guests: /dev/kvm opens read-write, speaks API 12
-// and creates a VM.
+// Splits qemu arguments on whitespace; '...' or "..." keep spaces inside a word
+// (-append "console=ttyS0 quiet"). No escapes. kInvalidArgument on an open quote.
+Result<std::vector<std::string>> SplitArgs(std::string_view text);
+
+// Whether KVM is worth using: the CPU has VT-x or AMD-V (/proc/cpuinfo flags vmx or
+// svm), and /dev/kvm opens read-write, speaks API 12 and creates a VM.
 bool KvmUsable();
+bool CpuHasHardwareVirtualization();
 
 }  // namespace osr::hypervisor

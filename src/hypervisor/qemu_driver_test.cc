@@ -50,8 +50,7 @@ TEST_F(QemuDriverTest, AMissingBinaryFailsClearly) {
   spec.qemu_binary = "osr-no-such-qemu-system-x86_64";
   Status st = vm.Start(spec);
   EXPECT_EQ(st.code(), Code::kNotFound);
-  EXPECT_NE(st.message().find("osr-no-such-qemu-system-x86_64"), std::string::npos)
-      << st.message();
+  EXPECT_NE(st.message().find("osr-no-such-qemu-system-x86_64"), std::string::npos) << st.message();
   EXPECT_FALSE(vm.running());
 
   spec.qemu_binary = "/nonexistent/qemu";
@@ -83,6 +82,22 @@ TEST_F(QemuDriverTest, RefusesABadSpec) {
   spec = Spec("bad");
   spec.disks = {{"os", ""}};
   EXPECT_EQ(vm.Start(spec).code(), Code::kInvalidArgument);
+  spec = Spec("bad");
+  spec.accel = "xen";
+  EXPECT_EQ(vm.Start(spec).code(), Code::kInvalidArgument);
+  spec = Spec("bad");
+  spec.extra_args = "-append 'console=ttyS0";
+  EXPECT_EQ(vm.Start(spec).code(), Code::kInvalidArgument);
+  EXPECT_FALSE(vm.running());
+}
+
+TEST(SplitArgs, SplitsOnWhitespaceAndKeepsQuotedSpaces) {
+  auto words = SplitArgs("  -kernel /g/vmlinuz\t-append 'console=ttyS0 quiet' -name \"a b\"c '' ");
+  ASSERT_TRUE(words.ok());
+  EXPECT_EQ(*words, (std::vector<std::string>{"-kernel", "/g/vmlinuz", "-append",
+                                              "console=ttyS0 quiet", "-name", "a bc", ""}));
+  EXPECT_TRUE(SplitArgs("")->empty());
+  EXPECT_EQ(SplitArgs("-append \"x").status().code(), Code::kInvalidArgument);
 }
 
 TEST_F(QemuDriverTest, QemuRefusingItsArgumentsShowsTheLogTail) {
@@ -148,7 +163,12 @@ TEST_F(QemuDriverTest, WithoutTheAgentChannelFreezeIsNotSupported) {
   QemuDriver vm;
   QemuSpec spec = Spec("noagent");
   spec.guest_agent = false;
+  spec.accel = "tcg";
   ASSERT_TRUE(vm.Start(spec).ok());
+  EXPECT_EQ(vm.accel(), "tcg");
+  auto kvm = vm.Qmp("query-kvm");
+  ASSERT_TRUE(kvm.ok()) << kvm.status().ToString();
+  EXPECT_EQ((*kvm)["enabled"], false) << kvm->dump();
   EXPECT_FALSE(fs::exists(run_dir_ + "/qga.sock"));
   EXPECT_EQ(vm.Freeze(500).code(), Code::kNotSupported);
   // A guest that is paused cannot answer ACPI either; quit ends it well before SIGKILL.

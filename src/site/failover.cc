@@ -44,7 +44,11 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
         json disks = json::array();
         for (auto& d : gr.disks)
           disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
-        return json{{"name", vm}, {"seq", seq}, {"epoch", epoch}, {"disks", disks}};
+        return json{{"name", vm},
+                    {"seq", seq},
+                    {"epoch", epoch},
+                    {"disks", disks},
+                    {"store_durable_seq", it->second->durable_seq()}};
       }
       return Status(Code::kAlreadyExists,
                     fmt::format("VM {} already has disks at this site (failover seq {}); "
@@ -103,7 +107,11 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   for (auto& d : groups_[vm]->disks) {
     disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
   }
-  return json{{"name", vm}, {"seq", seq}, {"epoch", epoch}, {"disks", disks}};
+  return json{{"name", vm},
+              {"seq", seq},
+              {"epoch", epoch},
+              {"disks", disks},
+              {"store_durable_seq", st->durable_seq()}};
 }
 
 Status Site::MaterialiseGroup(const std::string& vm) {
@@ -158,7 +166,7 @@ void Site::MaterialiseThread(const std::string& vm, Group* g) {
   spdlog::info("site {}: VM {}: failover disks materialised", cfg_.name, vm);
 }
 
-Result<json> Site::UnreplicatedRegions(const std::string& vm) {
+Result<json> Site::UnreplicatedRegions(const std::string& vm, uint64_t after) {
   std::string log_dir;
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ranges;
   {
@@ -174,12 +182,12 @@ Result<json> Site::UnreplicatedRegions(const std::string& vm) {
       ranges[r.disk].emplace_back(r.range.offset, r.range.length);
     }
   }
-  // Every record the log still holds: the recovery site may not have it (the log keeps
-  // what was not acknowledged durable there).
+  // Every record the log still holds after `after` (what the recovery store had when it
+  // was fenced): the recovery site never got those.
   size_t records = 0;
   OSR_RETURN_IF_ERROR(capture::LogReader::Scan(log_dir, [&](const capture::RecordHeader& h,
                                                             std::span<const uint8_t>) {
-                        if (h.disk < ranges.size() && h.length > 0) {
+                        if (h.seq > after && h.disk < ranges.size() && h.length > 0) {
                           ranges[h.disk].emplace_back(h.offset, h.length);
                           ++records;
                         }

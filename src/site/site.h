@@ -94,9 +94,10 @@ class Site {
   // background; GroupStatus shows the progress. The store may go once it is done.
   Status MaterialiseGroup(const std::string& vm);
   // Reprotect, at the old primary: the regions whose changes never reached the recovery
-  // site (the capture log's records and the dirty bitmaps), or history "lost" when this
-  // site cannot know them.
-  Result<nlohmann::json> UnreplicatedRegions(const std::string& vm);
+  // site (the capture log's records after `after` and the dirty bitmaps), or history
+  // "lost" when this site cannot know them.
+  // Records with seq <= `after` are known to be at the recovery site.
+  Result<nlohmann::json> UnreplicatedRegions(const std::string& vm, uint64_t after);
   // Reprotect, at the new primary: regions to send whole with the first resync.
   Status MarkRegions(const std::vector<capture::CaptureGroup::DiskRange>& regions,
                      const std::string& vm);

@@ -125,7 +125,11 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
          });
   h.Get(R"(/api/v1/groups/([^/]+)/unreplicated)",
         [this](const httplib::Request& req, httplib::Response& res) {
-          ReplyResult(res, site_->UnreplicatedRegions(req.matches[1]));
+          uint64_t after = 0;
+          if (req.has_param("after")) {
+            after = std::strtoull(req.get_param_value("after").c_str(), nullptr, 10);
+          }
+          ReplyResult(res, site_->UnreplicatedRegions(req.matches[1], after));
         });
   h.Post(R"(/api/v1/groups/([^/]+)/regions)", [this](const httplib::Request& req,
                                                      httplib::Response& res) {

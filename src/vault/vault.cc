@@ -207,7 +207,15 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   return v;
 }
 
-Vault::Vault(VaultConfig cfg) : cfg_(std::move(cfg)) {}
+Vault::Vault(VaultConfig cfg) : cfg_(std::move(cfg)), jobs_started_(!cfg_.jobs_paused) {}
+
+void Vault::StartJobs() {
+  {
+    std::lock_guard lock(mu_);
+    jobs_started_ = true;
+  }
+  cv_.notify_all();
+}
 
 Vault::~Vault() {
   Stop();
@@ -683,7 +691,7 @@ void Vault::JobLoop() {
     int64_t id;
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      cv_.wait(lock, [&] { return stop_ || (jobs_started_ && !queue_.empty()); });
       if (stop_) return;
       id = queue_.front();
       queue_.pop_front();
@@ -997,6 +1005,20 @@ void Vault::SetupRoutes() {
   h.Get("/api/v1/sites", [this, reply](const httplib::Request&, httplib::Response& res) {
     reply(res, 200, ListSites());
   });
+  h.Post("/api/v1/sites",
+         [this, result, error, body](const httplib::Request& req, httplib::Response& res) {
+           auto b = body(req);
+           if (!b.ok()) return error(res, b.status());
+           std::string api = b->value("api", std::string());
+           std::string repl = b->value("replication", std::string());
+           if (api.rfind("http://", 0) != 0) {
+             return error(res, InvalidArgument("'api' must be the site's http://HOST:PORT/api/v1"));
+           }
+           if (!ParseHostPort(repl, 7481).ok()) {
+             return error(res, InvalidArgument("'replication' must be the site's HOST:PORT"));
+           }
+           result(res, RegisterSite(b->value("name", std::string()), api, repl), 201);
+         });
   h.Get("/api/v1/policies", [this, reply](const httplib::Request&, httplib::Response& res) {
     reply(res, 200, ListPolicies());
   });

@@ -40,6 +40,7 @@ struct VaultConfig {
   int point_tick_ms = 1000;
   int job_wait_ms_max = 120000;  // a job step waiting for replication gives up after this
   int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
+  bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
 };
 
 class Vault {
@@ -48,6 +49,8 @@ class Vault {
   ~Vault();
   void Stop();
   const ListenAddress& address() const { return bound_; }
+  // Lets queued (and resumed) jobs run, when the config paused them.
+  void StartJobs();
   Catalog& catalog() { return *catalog_; }
 
   // The operations behind the REST API (also used by quickstart).
@@ -127,6 +130,7 @@ class Vault {
   std::condition_variable cv_;
   std::deque<int64_t> queue_;  // guarded by mu_
   bool stop_ = false;          // guarded by mu_
+  bool jobs_started_ = false;  // guarded by mu_
   std::atomic<bool> stopping_{false};
 };
 

@@ -234,17 +234,14 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
   } else {
     steps.Begin("Resolve the recovery point");
     std::string spec = job.args.value("point", std::string("latest"));
-    Result<PointRow> p = Status::Ok();
-    if (spec == "latest") {
-      // Everything still pending is processed first, if the source still answers.
-      p = PointAtLatest(item, "crash", std::min(cfg_.job_wait_ms_max, 30000));
-      if (!p.ok()) {
-        steps.Progress(20, "the source cannot send what is pending (" + p.status().message() +
-                               "): the latest is what the recovery site holds");
-        p = PointAtStore(item);
-      }
-    } else {
-      p = ResolvePoint(item, spec, &job);
+    // "latest": everything still pending is processed first, if the source answers.
+    Result<PointRow> p = spec == "latest"
+                             ? PointAtLatest(item, "crash", std::min(cfg_.job_wait_ms_max, 30000))
+                             : ResolvePoint(item, spec, &job);
+    if (!p.ok() && spec == "latest") {
+      steps.Progress(20, "the source cannot send what is pending (" + p.status().message() +
+                             "): the latest is what the recovery site holds");
+      p = PointAtStore(item);
     }
     if (!p.ok()) return fail(p.status(), before);
     point = *p;
@@ -284,6 +281,7 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
                    {"from", item.source},
                    {"planned", planned},
                    {"point", PointJsonOf(point)},
+                   {"store_seq", (*fo).value("store_durable_seq", uint64_t{0})},
                    {"time", FormatTimeNs(NowNs())}};
   (void)catalog_->PutItem(item);
   job.result = {{"point", PointJsonOf(point)}, {"epoch", epoch}, {"disks", (*fo)["disks"]}};
@@ -476,16 +474,21 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
                            : "block hashes compared (asked for)";
       } else {
         mode = "exact";
-        auto u = SiteClient(*old).Call("GET", "/groups/" + job.vm + "/unreplicated");
+        // Records up to what the store had when it was fenced are there already.
+        uint64_t after =
+            item.failover.is_object() ? item.failover.value("store_seq", uint64_t{0}) : 0;
+        auto u = SiteClient(*old).Call(
+            "GET", fmt::format("/groups/{}/unreplicated?after={}", job.vm, after));
         if (!u.ok()) return back(u.status());
         auto r = SiteClient(*cur).Call("POST", "/groups/" + job.vm + "/regions",
                                        json{{"regions", (*u)["regions"]}});
         if (!r.ok()) return back(r.status());
         found = {{"unreplicated_bytes", (*u).value("bytes", uint64_t{0})},
+                 {"known_at_recovery_site_upto", after},
                  {"unreplicated_records", (*u).value("records", uint64_t{0})},
                  {"why",
-                  "exact: what the store held after the point, what the old primary never "
-                  "sent, and what was written here since failover"}};
+                  "what the store held after the point, what the old primary never sent, and "
+                  "what was written here since failover"}};
       }
       auto cg = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
       if (!cg.ok()) return back(cg.status());

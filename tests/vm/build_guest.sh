@@ -39,7 +39,7 @@ fetch() {
   (cd "$dl" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) ||
     true
   local deb
-  deb=$(ls "$dl"/*.deb 2>/dev/null | head -n1)
+  deb=$(find "$dl" -maxdepth 1 -name '*.deb' | head -n1)
   [ -n "$deb" ] || die "apt-get download $pkg fetched nothing"
   mkdir -p "$dir"
   dpkg-deb -x "$deb" "$dir"
@@ -56,8 +56,8 @@ if [ "$(cat "$kdir/.done" 2>/dev/null)" != "$wanted" ]; then
   rm -rf "$kdir"
   tmp=$(mktemp -d "$cache/unpack.XXXXXX")
   fetch "$kernel_pkg" "$tmp"
-  kver=$(ls "$tmp/lib/modules" | head -n1)
-  [ -n "$kver" ] && [ -f "$tmp/boot/vmlinuz-$kver" ] || die "no kernel in $kernel_pkg"
+  kver=$(find "$tmp/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n1)
+  if [ -z "$kver" ] || [ ! -f "$tmp/boot/vmlinuz-$kver" ]; then die "no kernel in $kernel_pkg"; fi
   config=$tmp/boot/config-$kver
   # The package has no modules.dep (depmod runs at install time), so dependencies come
   # from each module's .modinfo "depends=" (NUL-separated strings).
@@ -192,4 +192,4 @@ install_if_changed "$out/vmlinuz" <"$kdir/vmlinuz"
 install_if_changed "$out/kernel-version" <"$kdir/version"
 chmod 644 "$out/vmlinuz" "$out/initramfs.cpio.gz" "$out/kernel-version"
 echo "build_guest: $out/vmlinuz ($kver), $out/initramfs.cpio.gz" \
-  "(modules: $(echo $(cat "$kdir/modules.order")))" >&2
+  "(modules: $(tr '\n' ' ' <"$kdir/modules.order"))" >&2
