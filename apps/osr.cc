@@ -133,7 +133,7 @@ int Wait(const Ctx& c, int64_t id, const std::function<void(const json&)>& done_
       int filled = progress / 5;
       std::fprintf(stderr, "\r[%s%s] %3d%% %-50.50s", std::string(filled, '#').c_str(),
                    std::string(20 - filled, ' ').c_str(), progress, step.c_str());
-    } else if (i % 25 == 0) {
+    } else if (i % 50 == 0) {
       std::fprintf(stderr, "job %lld: %s %d%% %s\n", static_cast<long long>(id), state.c_str(),
                    progress, step.c_str());
     }
@@ -147,7 +147,8 @@ int Wait(const Ctx& c, int64_t id, const std::function<void(const json&)>& done_
       if (state == "Failed") return Fail(fmt::format("job {} failed: {}", id, Str(j["error"])));
       return 0;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // Quick jobs (a failover is O(1)) end within the first polls.
+    std::this_thread::sleep_for(std::chrono::milliseconds(i < 40 ? 25 : 200));
   }
 }
 

@@ -40,7 +40,8 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
     st = it->second;
     if (auto g = groups_.find(vm); g != groups_.end()) {
       Group& gr = *g->second;
-      if (gr.failover_seq == seq && gr.epoch == epoch) {  // done already (a retried job)
+      if (gr.failover && gr.failover_seq == seq &&
+          gr.epoch == epoch) {  // done already (a retried job)
         json disks = json::array();
         for (auto& d : gr.disks)
           disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
@@ -74,6 +75,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   auto g = std::make_unique<Group>();
   for (auto& d : st->disks()) g->disks.push_back({d.name, d.size_bytes});
   g->epoch = epoch;
+  g->failover = true;
   g->failover_seq = seq;
   g->tracking = true;
   Status opened = OpenGroupLocked(vm, *g);
@@ -119,7 +121,7 @@ Status Site::MaterialiseGroup(const std::string& vm) {
   auto it = groups_.find(vm);
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   Group& g = *it->second;
-  if (g.failover_seq == 0) {
+  if (!g.failover) {
     g.materialise_state = "done";  // plain disks already
     return Status::Ok();
   }
@@ -158,7 +160,7 @@ void Site::MaterialiseThread(const std::string& vm, Group* g) {
     return;
   }
   // The disks stand alone: next start opens them as plain images.
-  g->failover_seq = 0;
+  g->failover = false;
   g->materialise_state = "done";
   g->materialise_done = g->materialise_total;
   Status saved = SaveLocked();
@@ -286,7 +288,7 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     if (gr.fenced_epoch == 0) {
       return InvalidArgument("VM " + vm + " is not fenced here: it may still be the primary");
     }
-    if (gr.failover_seq != 0) {
+    if (gr.failover) {
       return InvalidArgument("VM " + vm + " runs on failover disks here; commit them first");
     }
     if (VmRunningLocked(gr)) return InvalidArgument("VM " + vm + " still runs here; stop it");
@@ -332,54 +334,120 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
 }
 
 bool Site::VmRunningLocked(Group& g) {
-  return g.process && g.process->running();
+  return (g.process && g.process->running()) || (g.qemu && g.qemu->running());
 }
 
 Status Site::StartVm(const std::string& vm, const json& spec) {
-  std::lock_guard lock(mu_);
-  auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
-  Group& g = *it->second;
-  if (g.fenced_epoch != 0) {
-    return Status(Code::kPermissionDenied,
-                  fmt::format("VM {} is fenced here (epoch {}): it runs at another site", vm,
-                              g.fenced_epoch));
-  }
-  if (VmRunningLocked(g)) return Status::Ok();
   std::string driver = spec.value("driver", std::string("none"));
   if (driver == "none") return InvalidArgument("VM " + vm + " has no driver to start it");
-  if (driver != "process") return InvalidArgument("unknown VM driver '" + driver + "'");
-  hypervisor::VmSpec vs;
-  vs.name = vm;
-  vs.command = spec.value("command", std::string());
-  for (auto& d : g.disks) vs.disks.emplace_back(d.name, Uri(vm + "/" + d.name));
+  if (driver != "process" && driver != "qemu") {
+    return InvalidArgument("unknown VM driver '" + driver + "'");
+  }
+  std::vector<std::pair<std::string, std::string>> disks;
   std::string run = cfg_.data_dir + "/groups/" + vm + "/run";
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    Group& g = *it->second;
+    if (g.fenced_epoch != 0) {
+      return Status(Code::kPermissionDenied,
+                    fmt::format("VM {} is fenced here (epoch {}): it runs at another site", vm,
+                                g.fenced_epoch));
+    }
+    if (VmRunningLocked(g)) return Status::Ok();
+    if (g.vm_starting) return Unavailable("VM " + vm + " is starting");
+    g.vm_starting = true;
+    for (auto& d : g.disks) disks.emplace_back(d.name, Uri(vm + "/" + d.name));
+  }
   std::error_code ec;
   fs::create_directories(run, ec);
-  vs.log_path = run + "/vm.log";
-  auto p = std::make_unique<hypervisor::ProcessDriver>();
-  OSR_RETURN_IF_ERROR(p->Start(vs));
-  g.process = std::move(p);
+  // Started outside mu_: a QEMU takes a while to answer.
+  std::unique_ptr<hypervisor::ProcessDriver> process;
+  std::unique_ptr<hypervisor::QemuDriver> qemu;
+  Status started;
+  if (driver == "process") {
+    hypervisor::VmSpec vs;
+    vs.name = vm;
+    vs.command = spec.value("command", std::string());
+    vs.disks = disks;
+    vs.log_path = run + "/vm.log";
+    process = std::make_unique<hypervisor::ProcessDriver>();
+    started = process->Start(vs);
+  } else {
+    hypervisor::QemuSpec qs;
+    qs.name = vm;
+    qs.disks = disks;
+    qs.memory_bytes = spec.value("memory_bytes", uint64_t{512} << 20);
+    qs.cpus = spec.value("cpus", 1);
+    qs.extra_args = spec.value("qemu_args", std::string());
+    qs.run_dir = run;
+    qs.guest_agent = spec.value("guest_agent", true);
+    qs.accel = spec.value("accel", std::string());
+    qemu = std::make_unique<hypervisor::QemuDriver>();
+    started = qemu->Start(qs);
+  }
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) {
+    if (process) (void)process->Stop(5000);
+    if (qemu) (void)qemu->Stop(5000);
+    return NotFound("VM " + vm + " was deleted while it started");
+  }
+  Group& g = *it->second;
+  g.vm_starting = false;
+  if (!started.ok()) return started;
+  g.process = std::move(process);
+  g.qemu = std::move(qemu);
   g.vm_spec = spec;
-  spdlog::info("site {}: VM {} started (pid {})", cfg_.name, vm, g.process->pid());
+  spdlog::info("site {}: VM {} started ({}, pid {})", cfg_.name, vm, driver,
+               g.process ? g.process->pid() : g.qemu->pid());
   return SaveLocked();
 }
 
 Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
   std::unique_ptr<hypervisor::ProcessDriver> p;
+  std::unique_ptr<hypervisor::QemuDriver> q;
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
     if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
     p = std::move(it->second->process);
+    q = std::move(it->second->qemu);
   }
   bool clean = true;
   if (p && p->running()) {
     OSR_ASSIGN_OR_RETURN(clean, p->Stop(timeout_ms));
-    spdlog::info("site {}: VM {} stopped{}", cfg_.name, vm, clean ? "" : " (killed)");
+  } else if (q && q->running()) {
+    OSR_ASSIGN_OR_RETURN(clean, q->Stop(timeout_ms));
+  } else {
+    return true;
   }
+  spdlog::info("site {}: VM {} stopped{}", cfg_.name, vm, clean ? "" : " (hard stop)");
   std::lock_guard lock(mu_);
-  return SaveLocked().ok() ? Result<bool>(clean) : Result<bool>(clean);
+  Status saved = SaveLocked();
+  if (!saved.ok()) return saved;
+  return clean;
+}
+
+Status Site::FreezeVm(const std::string& vm, int timeout_ms) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  if (!g.qemu || !g.qemu->running()) {
+    return Status(Code::kNotSupported, "VM " + vm + " is not a running QEMU VM");
+  }
+  return g.qemu->Freeze(timeout_ms);
+}
+
+Status Site::ThawVm(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  if (!g.qemu || !g.qemu->running()) return Status::Ok();
+  return g.qemu->Thaw();
 }
 
 }  // namespace osr::site

@@ -134,6 +134,7 @@ void Site::Stop() {
     if (g->materialiser.joinable()) g->materialiser.join();
     // The VM's disks go with the daemon: stop it rather than leave it without them.
     if (g->process && g->process->running()) (void)g->process->Stop(5000);
+    if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
   }
   // Views and disks leave the export table before what they read from goes.
   for (auto& e : exports_.List()) exports_.Remove(e->name);
@@ -172,13 +173,14 @@ Status Site::Load() {
     g->compress = gj.value("compress", true);
     g->bandwidth_bytes_per_second = gj.value("bandwidth_bytes_per_second", uint64_t{0});
     g->fenced_epoch = gj.value("fenced_epoch", uint64_t{0});
+    g->failover = gj.value("failover", false);
     g->failover_seq = gj.value("failover_seq", uint64_t{0});
     g->tracking = gj.value("tracking", false);
     g->history_lost = gj.value("history_lost", false);
     g->vm_spec = gj.value("vm", json());
     std::string dir = cfg_.data_dir + "/groups/" + vm;
     std::error_code ec;
-    if (g->failover_seq == 0 && !fs::exists(dir + "/" + g->disks[0].name + ".img", ec) &&
+    if (!g->failover && !fs::exists(dir + "/" + g->disks[0].name + ".img", ec) &&
         fs::exists(cfg_.data_dir + "/stores/" + vm + "/store.json", ec) && !stores_.count(vm)) {
       // A reprotect moved the disks into a store and stopped before saying so here.
       spdlog::warn("site {}: VM {}: its disks became a recovery store; finishing that", cfg_.name,
@@ -221,6 +223,7 @@ Status Site::SaveLocked() {
                   {"compress", g->compress},
                   {"bandwidth_bytes_per_second", g->bandwidth_bytes_per_second},
                   {"fenced_epoch", g->fenced_epoch},
+                  {"failover", g->failover},
                   {"failover_seq", g->failover_seq},
                   {"tracking", g->tracking},
                   {"history_lost", g->history_lost},
@@ -243,7 +246,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
   std::vector<std::unique_ptr<nbd::Disk>> images;
   g.failover_disks.clear();
   store::RecoveryStore* st = nullptr;
-  if (g.failover_seq != 0) {
+  if (g.failover) {
     auto it = stores_.find(vm);
     if (it == stores_.end()) {
       return Corruption(
@@ -354,6 +357,7 @@ Status Site::DeleteGroup(const std::string& vm) {
   g->stop_materialise = true;
   if (g->materialiser.joinable()) g->materialiser.join();
   if (g->process && g->process->running()) (void)g->process->Stop(5000);
+  if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
   g->sender.reset();
   for (auto& d : g->disks) {
     exports_.Remove(vm + "/" + d.name);
@@ -431,6 +435,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
               {"epoch", g.epoch},
+              {"failover", g.failover},
               {"failover_seq", g.failover_seq},
               {"tracking", g.tracking},
               {"history_lost", g.history_lost}};
@@ -443,7 +448,9 @@ Result<json> Site::GroupStatus(const std::string& vm) {
   bool running = VmRunningLocked(g);
   out["vm"] = {{"running", running},
                {"driver", g.vm_spec.is_object() ? g.vm_spec.value("driver", "none") : "none"},
-               {"pid", running ? g.process->pid() : 0}};
+               {"pid", !running    ? 0
+                       : g.process ? g.process->pid()
+                                   : g.qemu->pid()}};
   if (g.sender) {
     auto st = g.sender->stats();
     out["replication"] = {{"connected", st.connected},
@@ -487,7 +494,7 @@ Status Site::DeleteStore(const std::string& vm) {
     for (auto& [id, v] : views_) {
       if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
     }
-    if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover_seq != 0) {
+    if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover) {
       return Status(Code::kAlreadyExists, "VM " + vm +
                                               " runs on failover disks over this store; "
                                               "commit (materialise) them first");

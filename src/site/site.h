@@ -28,6 +28,7 @@
 #include "common/socket.h"
 #include "common/tls.h"
 #include "hypervisor/process_driver.h"
+#include "hypervisor/qemu_driver.h"
 #include "nbd/export_table.h"
 #include "nbd/file_disk.h"
 #include "nbd/server.h"
@@ -116,6 +117,9 @@ class Site {
   Status StartVm(const std::string& vm, const nlohmann::json& spec);
   // Returns whether it stopped by itself (true) or had to be killed.
   Result<bool> StopVm(const std::string& vm, int timeout_ms);
+  // App-consistent points: the guest agent's fsfreeze/thaw (qemu driver).
+  Status FreezeVm(const std::string& vm, int timeout_ms);
+  Status ThawVm(const std::string& vm);
 
   // Recovery role: a store for another site's group.
   Status CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks,
@@ -139,7 +143,8 @@ class Site {
     bool compress = true;
     uint64_t bandwidth_bytes_per_second = 0;  // 0: no limit
     uint64_t fenced_epoch = 0;                // 0: not fenced
-    uint64_t failover_seq = 0;                // != 0: failover disks over store `vm` at this seq
+    bool failover = false;                    // the disks are failover disks over store `vm` ...
+    uint64_t failover_seq = 0;  // ... at this seq (0 is a seq too: a store's beginning)
     bool tracking = false;      // changes tracked in the bitmaps only (until reprotect)
     bool history_lost = false;  // the capture history was missing when the site started
     std::unique_ptr<replication::Sender> sender;
@@ -154,6 +159,8 @@ class Site {
     // The VM (guarded by the site's mu_).
     nlohmann::json vm_spec;
     std::unique_ptr<hypervisor::ProcessDriver> process;
+    std::unique_ptr<hypervisor::QemuDriver> qemu;
+    bool vm_starting = false;
   };
   struct View {
     std::string vm;

@@ -185,6 +185,16 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
            if (!body.ok()) return Error(res, body.status());
            ReplyStatus(res, site_->StartVm(req.matches[1], *body));
          });
+  h.Post(R"(/api/v1/groups/([^/]+)/vm/freeze)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           auto body = Body(req);
+           if (!body.ok()) return Error(res, body.status());
+           ReplyStatus(res, site_->FreezeVm(req.matches[1], body->value("timeout_ms", 10000)));
+         });
+  h.Post(R"(/api/v1/groups/([^/]+)/vm/thaw)",
+         [this](const httplib::Request& req, httplib::Response& res) {
+           ReplyStatus(res, site_->ThawVm(req.matches[1]));
+         });
   h.Post(R"(/api/v1/groups/([^/]+)/vm/stop)",
          [this](const httplib::Request& req, httplib::Response& res) {
            auto body = Body(req);

@@ -533,31 +533,47 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
         "VM {} is {}: recovery points are made while it is protected", vm, item->state));
   }
   auto v = catalog_->Vm(vm);
-  bool frozen = false;
-  if (app && v) {
-    // App-consistent: the VM's freeze hook (e.g. fsfreeze through the guest agent) runs
-    // first, the point marks the position, the thaw hook runs whatever happened.
+  auto site = v ? catalog_->Site(v->site) : std::nullopt;
+  // App-consistent: quiesce first — the guest agent's fsfreeze (qemu driver) when it
+  // answers, else the VM's freeze hook; the point marks the position taken while frozen,
+  // and the thaw runs whatever happened. Without either, the point only marks the
+  // position (quiesced_by: none).
+  std::string quiesced_by = "none";
+  if (app && v && site && v->spec.value("driver", std::string()) == "qemu") {
+    auto f =
+        SiteClient(*site).Call("POST", "/groups/" + vm + "/vm/freeze", json{{"timeout_ms", 10000}});
+    if (f.ok()) {
+      quiesced_by = "guest-agent";
+    } else {
+      spdlog::info("vault: {}: guest agent freeze: {}", vm, f.status().message());
+    }
+  }
+  if (app && v && quiesced_by == "none" && v->spec.contains("hooks") &&
+      v->spec["hooks"].contains("freeze")) {
     Status f = RunHook(*v, "freeze", json::object());
     if (!f.ok()) {
       (void)RunHook(*v, "thaw", json::object());
       return Status(f.code(), "no app-consistent point: " + f.message());
     }
-    frozen = true;
+    quiesced_by = "hooks";
   }
-  auto site = v ? catalog_->Site(v->site) : std::nullopt;
   uint64_t want = 0;
   if (site) {
     auto g = SiteClient(*site).Call("GET", "/groups/" + vm);
     if (g.ok()) want = (*g).value("last_seq", uint64_t{0});
   }
-  if (frozen) {
-    // The position is taken while frozen; waiting for it to arrive needs no freeze.
+  if (quiesced_by == "guest-agent") {
+    auto t = SiteClient(*site).Call("POST", "/groups/" + vm + "/vm/thaw");
+    if (!t.ok()) spdlog::warn("vault: {}: thaw: {}", vm, t.status().ToString());
+  } else if (quiesced_by == "hooks") {
     Status t = RunHook(*v, "thaw", json::object());
     if (!t.ok()) spdlog::warn("vault: {}: {}", vm, t.ToString());
   }
   OSR_ASSIGN_OR_RETURN(PointRow p,
                        PointAtLatest(*item, app ? "app" : "crash", cfg_.call_wait_ms_max, want));
-  return PointJson(p);
+  json out = PointJson(p);
+  if (app) out["quiesced_by"] = quiesced_by;
+  return out;
 }
 
 Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec) {

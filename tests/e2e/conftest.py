@@ -175,12 +175,21 @@ class Env:
                 self.closers.pop().close()
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "deadline(seconds): the watchdog deadline of one test (default "
+        f"TEST_DEADLINE_S = {TEST_DEADLINE_S})")
+
+
 @pytest.fixture
-def env(tmp_path):
+def env(tmp_path, request):
     """A running quickstart (state in tmp_path/qs) and its CLI.
 
     At teardown the NBD handles are closed and the quickstart must exit 0 on SIGTERM.
-    A test running past TEST_DEADLINE_S has its quickstart SIGKILLed and fails."""
+    A test running past TEST_DEADLINE_S (or its @pytest.mark.deadline(seconds)) has its
+    quickstart SIGKILLed and fails."""
+    marker = request.node.get_closest_marker("deadline")
+    deadline_s = marker.args[0] if marker is not None else TEST_DEADLINE_S
     require_libnbd()
     qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr")
     qs.start()
@@ -191,7 +200,7 @@ def env(tmp_path):
         expired.set()
         qs.kill9()
 
-    timer = threading.Timer(TEST_DEADLINE_S, watchdog)
+    timer = threading.Timer(deadline_s, watchdog)
     timer.daemon = True
     timer.start()
     try:
@@ -200,7 +209,7 @@ def env(tmp_path):
         timer.cancel()
         e.close_nbd()
         if expired.is_set():
-            pytest.fail(f"the test ran past {TEST_DEADLINE_S}s: its quickstart was killed\n"
+            pytest.fail(f"the test ran past {deadline_s}s: its quickstart was killed\n"
                         f"stderr: {qs.stderr()}")
         stop_all_clean([qs])
 

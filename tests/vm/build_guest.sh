@@ -144,7 +144,9 @@ while read -r m; do
   insmod "/lib/modules/$m.ko" || fail "insmod $m"
 done </etc/modules
 
-mode= text=
+mode=''
+text=''
+# shellcheck disable=SC2013 # words, not lines
 for word in $(cat /proc/cmdline); do
   case $word in
     osr.mode=*) mode=${word#osr.mode=} ;;

@@ -1,0 +1,485 @@
+"""Failover, change-point, commit, reprotect and failback through the `osr` CLI against a
+real quickstart, with every byte checked through libnbd against a model of every write and
+its capture sequence number (DESIGN.md invariants 5-7, "Item states").
+
+The model: the bytes of a VM's disks are a base (all zeros, or what they held when a new
+sequence began: after failover, or at reprotect, whose sequence starts again at 1 at the
+new primary) plus the requests made since, in order: ops[i] got seq i+1 of the current
+sequence, so at(point seq) is a point's bytes. The writes of the VM process itself (its
+marker block at the end of each disk) are in the model too, where they happened.
+"""
+
+import errno
+import json
+import os
+import re
+import shlex
+import time
+
+import pytest
+
+from conftest import (KIB, MIB, Drill, apply_model, apply_op, assert_point, assert_same_bytes,
+                      close_handle, connect, create_vm, protect, random_op, read_uri,
+                      require_libnbd, wait_for)
+
+MARK = 4 * KIB            # the VM process's marker block: the last 4 KiB of each disk
+MARK_AREA = 64 * KIB      # the tests' own writes stay below size - MARK_AREA
+CHUNK = 4 * MIB
+
+# The VM of test_full_cycle: a process (process driver) that, using libnbd, writes a marker
+# block ('round N', its VM, disk and URI; N = the round it finds on the disk + 1) at the end
+# of each disk it was given, flushes, logs a JSON line, and sleeps until SIGTERM.
+VM_SCRIPT = r'''
+import json, os, signal, sys, time
+import nbd
+
+LOG = sys.argv[1]
+MARK = 4096
+
+
+def note(**ev):
+    ev["pid"] = os.getpid()
+    with open(LOG, "a") as f:
+        f.write(json.dumps(ev, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def marker(rnd, vm, disk, uri):
+    text = f"osr-e2e-vm round={rnd} vm={vm} disk={disk} uri={uri}\n".encode()
+    return text + bytes(MARK - len(text))
+
+
+def on_term(signum, frame):
+    note(event="stop")
+    os._exit(0)
+
+
+signal.signal(signal.SIGTERM, on_term)
+vm = os.environ["OSR_VM"]
+uris = os.environ["OSR_DISKS"].split()
+disks = []
+for uri in uris:
+    name = uri.rsplit("/", 1)[1]
+    disks.append((name, uri, os.environ.get("OSR_DISK_" + name.upper())))
+note(event="start", vm=vm, disks=[[n, u] for n, u, _ in disks],
+     env_disks={n: e for n, _, e in disks})
+handles = []
+rounds = {}
+for name, uri, _ in disks:
+    h = nbd.NBD()
+    h.set_handle_name("osr-e2e-vm")
+    h.connect_uri(uri)
+    size = h.get_size()
+    old = bytes(h.pread(MARK, size - MARK))
+    m = old[:200].split(b"\n")[0].split()
+    rnd = 1
+    if len(m) > 1 and m[0] == b"osr-e2e-vm" and m[1].startswith(b"round="):
+        rnd = int(m[1][len(b"round="):]) + 1
+    h.pwrite(marker(rnd, vm, name, uri), size - MARK)
+    h.flush()
+    rounds[name] = rnd
+    handles.append(h)
+note(event="ready", vm=vm, disks=[[n, u] for n, u, _ in disks], rounds=rounds)
+ppid = os.getppid()
+deadline = time.monotonic() + 300
+while os.getppid() == ppid and time.monotonic() < deadline:
+    time.sleep(0.2)
+note(event="orphaned")
+'''
+
+
+def vm_marker(rnd, vm, disk, uri):
+    """The marker block VM_SCRIPT writes (same format)."""
+    text = f"osr-e2e-vm round={rnd} vm={vm} disk={disk} uri={uri}\n".encode()
+    return text + bytes(MARK - len(text))
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+class Model:
+    """{disk: bytes} as a base plus the requests made since (ops[i] is seq i+1)."""
+
+    def __init__(self, sizes, base=None):
+        self.sizes = dict(sizes)
+        self.names = list(sizes)
+        self.base = None if base is None else {n: bytes(base[n]) for n in self.names}
+        self.ops = []
+
+    @property
+    def seq(self):
+        return len(self.ops)
+
+    def add(self, name, kind, off, length, data):
+        self.ops.append((name, kind, off, length, data))
+
+    def at(self, seq=None):
+        seq = self.seq if seq is None else seq
+        assert 0 <= seq <= self.seq, f"seq {seq} is beyond the {self.seq} requests made"
+        disks = {n: bytearray(self.base[n]) if self.base else bytearray(self.sizes[n])
+                 for n in self.names}
+        for name, kind, off, length, data in self.ops[:seq]:
+            apply_model(disks[name], kind, off, length, data)
+        return disks
+
+
+class Vm:
+    """A VM's disks where it runs now (URIs from `osr vm show`), written one request at a
+    time through libnbd (each reply awaited before the next request), and its model."""
+
+    def __init__(self, osr, name, rng):
+        self.osr = osr
+        self.name = name
+        self.rng = rng
+        shown = osr.ok("vm", "show", name)
+        self.sizes = {d["name"]: d["size_bytes"] for d in shown["disks"]}
+        self.names = list(self.sizes)
+        self.model = Model(self.sizes)
+        self.uris = {}
+        self.handles = {}
+        self.refresh()
+
+    def refresh(self):
+        """The URIs of `osr vm show` (where the VM runs now); returns the JSON."""
+        shown = self.osr.ok("vm", "show", self.name)
+        assert [(d["name"], d["size_bytes"]) for d in shown["disks"]] == list(self.sizes.items()), \
+            f"vm show: the disks changed: {shown}"
+        self.close()
+        self.uris = {d["name"]: d["uri"] for d in shown["disks"]}
+        return shown
+
+    def handle(self, name):
+        if name not in self.handles:
+            self.handles[name] = connect(self.uris[name])
+        return self.handles[name]
+
+    def write(self, n, max_len=256 * KIB):
+        """n random requests (writes mostly, some zeroes and trims; the last a write) below
+        the marker area; returns the seq after them."""
+        for i in range(n):
+            name = self.rng.choice(self.names)
+            op = random_op(self.rng, self.sizes[name] - MARK_AREA, max_len=max_len,
+                           weights=(8, 1, 1) if i < n - 1 else (1, 0, 0))
+            apply_op(self.handle(name), *op)
+            self.model.add(name, *op)
+        return self.model.seq
+
+    def rebase(self, seq):
+        """A new sequence starts from the bytes at seq of the current one."""
+        self.model = Model(self.sizes, base=self.model.at(seq))
+
+    def read(self):
+        return {n: read_uri(self.uris[n], self.sizes[n]) for n in self.names}
+
+    def assert_disks(self, want, what):
+        got = self.read()
+        for n in self.names:
+            assert_same_bytes(got[n], bytes(want[n]), f"{what}: disk {n} ({self.uris[n]})")
+
+    def close(self):
+        for h in self.handles.values():
+            close_handle(h)
+        self.handles = {}
+
+
+# -- the VM process's log -------------------------------------------------------------------
+
+
+class VmLog:
+    def __init__(self, path):
+        self.path = path
+
+    def events(self):
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def wait(self, event, count, what, timeout=20):
+        """Waits until the log has count events of that kind; returns the last one."""
+        def got():
+            evs = [e for e in self.events() if e["event"] == event]
+            return evs[count - 1] if len(evs) >= count else None
+        return wait_for(got, timeout, f"{what}: VM event {event!r} #{count}",
+                        detail=lambda: self.events())
+
+    def count(self, event):
+        return sum(1 for e in self.events() if e["event"] == event)
+
+
+def account_marker(vm, ready, rnd, site_nbd):
+    """A 'ready' event of the VM: it ran on the disks of vm.uris (at the site whose NBD
+    address is site_nbd), found round rnd-1 and wrote round rnd; its writes go into the
+    model (they are part of the sequence where it ran)."""
+    assert ready["vm"] == vm.name, ready
+    assert [n for n, _ in ready["disks"]] == vm.names, f"VM disks {ready}"
+    for n, uri in ready["disks"]:
+        assert uri == vm.uris[n], f"the VM ran on {uri}, but vm show says {vm.uris[n]}: {ready}"
+        assert uri.startswith(f"nbd://{site_nbd}/"), f"the VM ran on {uri}, not at {site_nbd}"
+    assert ready["rounds"] == {n: rnd for n in vm.names}, \
+        f"the VM found the wrong round on its disks (expected to write {rnd}): {ready}"
+    for n, uri in ready["disks"]:
+        vm.model.add(n, "write", vm.sizes[n] - MARK, MARK, vm_marker(rnd, vm.name, n, uri))
+
+
+# -- catalog helpers ------------------------------------------------------------------------
+
+
+def item_show(osr, name, state, source, target, epoch, running_site=None):
+    item = osr.ok("item", "show", name)
+    assert item.get("name") == name, item
+    assert item.get("state") == state, f"item state: {item}"
+    assert item.get("source") == source and item.get("target") == target, f"direction: {item}"
+    assert item.get("direction") == f"{source} -> {target}", item
+    assert item.get("epoch") == epoch, f"epoch: {item}"
+    assert item.get("running_site") == (running_site or source), f"running_site: {item}"
+    return item
+
+
+def vm_show(osr, name, site, epoch, running=None):
+    shown = osr.ok("vm", "show", name)
+    assert shown.get("site") == site, f"vm show: site {shown}"
+    assert shown.get("running_site") == site, f"vm show: running_site {shown}"
+    assert shown.get("epoch") == epoch, f"vm show: epoch {shown}"
+    if running is not None:
+        assert shown.get("running") is running, f"vm show: running {shown}"
+    return shown
+
+
+def site_nbd(osr):
+    return {s["name"]: s["nbd"] for s in osr.ok("site", "list")}
+
+
+def check_disks_at(job, vm, nbd_addr, what):
+    """A failover job's disks are the VM's disks, at the site of nbd_addr, as vm show says."""
+    disks = job.get("disks")
+    assert isinstance(disks, list) and [d.get("name") for d in disks] == vm.names, \
+        f"{what}: job disks {job}"
+    for d in disks:
+        assert d["uri"] == vm.uris[d["name"]], f"{what}: job disk {d} vs vm show {vm.uris}"
+        assert d["uri"].startswith(f"nbd://{nbd_addr}/"), f"{what}: disk {d} not at {nbd_addr}"
+
+
+def check_failover(item, epoch, src, point, planned, store_seq):
+    fo = item.get("failover")
+    assert isinstance(fo, dict), f"no failover object: {item}"
+    assert fo.get("epoch") == epoch and fo.get("from") == src, f"failover: {fo}"
+    assert fo.get("planned") is planned, f"failover planned: {fo}"
+    assert fo.get("point") == point, f"failover point {fo.get('point')} != {point}"
+    if store_seq is not None:
+        assert fo.get("store_seq") == store_seq, f"failover store_seq: {fo} (want {store_seq})"
+    return fo
+
+
+def drill(env, vm, point, expected, nbd_addr, what):
+    """test-failover at point: the drill disks (at the site of nbd_addr) hold expected;
+    then cleanup, back to Protected."""
+    osr = env.osr
+    job = osr.job_ok("test-failover", vm.name, "--point", point["id"], job_type="test-failover")
+    assert job.get("point") == point, f"{what}: drill point {job}"
+    assert osr.ok("item", "show", vm.name).get("state") == "TestFailoverCompleted"
+    d = env.track(Drill(job, vm, expected, vm.rng))
+    for uri in d.uris.values():
+        assert uri.startswith(f"nbd://{nbd_addr}/"), f"{what}: drill disk {uri} not at {nbd_addr}"
+    d.assert_matches(what)
+    d.close()
+    osr.job_ok("test-failover-cleanup", vm.name, job_type="test-failover-cleanup")
+    assert osr.ok("item", "show", vm.name).get("state") == "Protected"
+
+
+def expect_eperm(fn, what):
+    nbd = require_libnbd()
+    with pytest.raises(nbd.Error) as err:
+        fn()
+    # python3-libnbd: .errno is the name ('EPERM'), args[1] the number.
+    code = err.value.args[1] if len(err.value.args) > 1 else None
+    assert err.value.errno == "EPERM" or code == errno.EPERM, \
+        f"{what}: failed with {err.value!r}, not EPERM"
+
+
+# -- 1. the whole cycle ------------------------------------------------------------------------
+
+
+@pytest.mark.deadline(90)
+def test_full_cycle(env, rng, tmp_path):
+    osr = env.osr
+    nbd_of = site_nbd(osr)
+    assert set(nbd_of) == {"primary", "recovery"} and nbd_of["primary"] != nbd_of["recovery"]
+    osr.ok("policy", "create", "manual", "--crash-interval", "24h")
+
+    script = tmp_path / "vm.py"
+    script.write_text(VM_SCRIPT)
+    log = VmLog(tmp_path / "vm.log")
+    command = f"exec /usr/bin/python3 {shlex.quote(str(script))} {shlex.quote(str(log.path))}"
+    created = osr.ok("vm", "create", "vmf", "--site", "primary", "--disk", "os:64M",
+                     "--disk", "data:16M", "--driver", "process", "--command", command)
+    assert created.get("driver") == "process", created
+    shown = vm_show(osr, "vmf", "primary", 1, running=False)
+    assert shown.get("driver") == "process", shown
+    vm = env.track(Vm(osr, "vmf", rng))
+    assert vm.names == ["os", "data"] and vm.sizes == {"os": 64 * MIB, "data": 16 * MIB}
+
+    # The VM runs at the primary: round 1 on its disks there.
+    started = osr.ok("vm", "start", "vmf")
+    assert started.get("running") is True and started.get("site") == "primary", started
+    ready = log.wait("ready", 1, "VM start at primary")
+    start = log.wait("start", 1, "VM start at primary")
+    assert start["env_disks"] == vm.uris, f"OSR_DISK_<NAME> {start} != {vm.uris}"
+    account_marker(vm, ready, 1, nbd_of["primary"])
+    pid1 = ready["pid"]
+    vm_show(osr, "vmf", "primary", 1, running=True)
+
+    vm.write(30)
+    protect(osr, "vmf", policy="manual")
+    item = item_show(osr, "vmf", "Protected", "primary", "recovery", 1)
+    assert item["latest_point"]["seq"] == vm.model.seq, (item, vm.model.seq)
+
+    points = []
+    for _ in range(3):
+        vm.write(25)
+        p = assert_point(osr.ok("point", "create", "vmf"))
+        assert p["seq"] == vm.model.seq, (p, vm.model.seq)
+        points.append(p)
+    pa, pb, pc = points
+    seq1 = vm.model.seq
+    model1 = vm.model                     # the primary's sequence, for change-point
+
+    # -- failover to an older point (pa, not the latest) ------------------------------------
+    job = osr.job_ok("failover", "vmf", "--point", pa["id"], "--shutdown-source",
+                     job_type="failover")
+    assert job.get("vm") == "vmf", job
+    assert job.get("point") == pa, f"failover point {job.get('point')} != {pa}"
+    assert job.get("epoch") == 2, job
+    item = item_show(osr, "vmf", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    check_failover(item, 2, "primary", pa, False, seq1)
+    assert osr.ok("point", "list", "vmf")[-3:] == points, "the points are kept until commit"
+    old_uris = dict(vm.uris)
+    vm_show(osr, "vmf", "recovery", 2, running=True)
+    vm.refresh()
+    for n in vm.names:
+        assert vm.uris[n] != old_uris[n], f"disk {n} did not move: {vm.uris}"
+    check_disks_at(job, vm, nbd_of["recovery"], "failover")
+    # --shutdown-source: the VM at the primary got SIGTERM; the one at recovery found round 1
+    # (the point) and wrote round 2 there.
+    stop = log.wait("stop", 1, "VM shut down at the primary")
+    assert stop["pid"] == pid1, (stop, pid1)
+    ready = log.wait("ready", 2, "VM start at recovery")
+    assert ready["pid"] != pid1, ready
+    vm.rebase(pa["seq"])
+    account_marker(vm, ready, 2, nbd_of["recovery"])
+    vm.assert_disks(vm.model.at(), f"recovery disks after failover to point {pa['id']}")
+    # The old primary keeps every write it made (fenced, but readable).
+    old_bytes = {n: read_uri(old_uris[n], vm.sizes[n]) for n in vm.names}
+    want_old = model1.at()
+    for n in vm.names:
+        assert_same_bytes(old_bytes[n], bytes(want_old[n]), f"old primary disk {n}")
+
+    # Writes at recovery (lost again by change-point).
+    vm.write(20)
+    vm.assert_disks(vm.model.at(), "recovery disks after writes there")
+    pid2 = ready["pid"]
+
+    # -- change-point to a newer point ------------------------------------------------------
+    job = osr.job_ok("change-point", "vmf", "--point", pb["id"])
+    print("CHANGEPOINT", json.dumps(job))
+    assert job.get("point") == pb, f"change-point point {job.get('point')} != {pb}"
+    item = item_show(osr, "vmf", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    check_failover(item, 2, "primary", pb, False, seq1)
+    stop = log.wait("stop", 2, "VM stopped by change-point")
+    assert stop["pid"] == pid2, (stop, pid2)
+    ready = log.wait("ready", 3, "VM restarted by change-point")
+    vm_show(osr, "vmf", "recovery", 2, running=True)
+    vm.refresh()
+    check_disks_at(job, vm, nbd_of["recovery"], "change-point") if "disks" in job else None
+    vm.model = model1
+    vm.rebase(pb["seq"])
+    account_marker(vm, ready, 2, nbd_of["recovery"])
+    vm.assert_disks(vm.model.at(), f"recovery disks after change-point to point {pb['id']}")
+    vm.write(20)
+
+    # -- commit ---------------------------------------------------------------------------------
+    osr.job_ok("commit", "vmf", job_type="commit")
+    item = item_show(osr, "vmf", "FailoverCommitted", "primary", "recovery", 2,
+                     running_site="recovery")
+    assert item.get("latest_point") is None, item
+    assert osr.ok("point", "list", "vmf") == [], "points left after commit"
+    vm_show(osr, "vmf", "recovery", 2, running=True)
+    vm.assert_disks(vm.model.at(), "recovery disks after commit")
+
+    # -- reprotect: recovery -> primary ----------------------------------------------------
+    vm.close()
+    job = osr.job_ok("reprotect", "vmf", job_type="reprotect")
+    assert job.get("mode") == "exact", f"reprotect mode: {job}"
+    print("REPROTECT", json.dumps(job))
+    assert job.get("source") == "recovery" and job.get("target") == "primary", job
+    assert isinstance(job.get("found"), dict), job
+    assert isinstance(job.get("bytes_shipped"), int) and job["bytes_shipped"] > 0, job
+    item = item_show(osr, "vmf", "Protected", "recovery", "primary", 2)
+    assert item.get("failover") is None, item
+    first = assert_point(item.get("latest_point"), "first point after reprotect")
+    assert first["seq"] == 0, f"the new sequence at recovery does not start at 0: {item}"
+    vm.rebase(vm.model.seq)
+    vm_show(osr, "vmf", "recovery", 2, running=True)
+
+    # The old primary now holds the replica: a drill there at a new point.
+    vm.write(25)
+    p = assert_point(osr.ok("point", "create", "vmf"))
+    assert p["seq"] == vm.model.seq, (p, vm.model.seq)
+    drill(env, vm, p, vm.model.at(p["seq"]), nbd_of["primary"], "drill at primary after reprotect")
+    vm.write(25)      # not in any point: the planned failback must not lose them
+    vm.close()
+
+    # -- failback, planned ------------------------------------------------------------------
+    stops = log.count("stop")
+    job = osr.job_ok("failover", "vmf", "--planned", job_type="failover")
+    assert assert_point(job.get("point"))["seq"] == vm.model.seq, \
+        f"planned failback is not at the last write (seq {vm.model.seq}): {job}"
+    assert job.get("epoch") == 3, job
+    item = item_show(osr, "vmf", "FailedOver", "recovery", "primary", 3, running_site="primary")
+    check_failover(item, 3, "recovery", job["point"], True, vm.model.seq)
+    stop = log.wait("stop", stops + 1, "VM shut down at recovery by the planned failback")
+    assert stop["pid"] == ready["pid"], (stop, ready)
+    ready = log.wait("ready", 4, "VM start at primary after failback")
+    rec_uris = dict(vm.uris)
+    vm_show(osr, "vmf", "primary", 3, running=True)
+    vm.refresh()
+    check_disks_at(job, vm, nbd_of["primary"], "failback")
+    vm.rebase(vm.model.seq)
+    account_marker(vm, ready, 3, nbd_of["primary"])
+    vm.assert_disks(vm.model.at(), "primary disks after the planned failback (nothing lost)")
+    # The recovery side is fenced now.
+    h = connect(rec_uris["os"])
+    try:
+        expect_eperm(lambda: h.pwrite(b"x" * 4096, 0), "a write at recovery after failback")
+    finally:
+        close_handle(h)
+
+    # -- commit, reprotect: primary -> recovery again ----------------------------------------
+    osr.job_ok("commit", "vmf", job_type="commit")
+    item_show(osr, "vmf", "FailoverCommitted", "recovery", "primary", 3, running_site="primary")
+    assert osr.ok("point", "list", "vmf") == []
+    vm.close()
+    job = osr.job_ok("reprotect", "vmf", job_type="reprotect")
+    assert job.get("mode") == "exact", f"reprotect mode: {job}"
+    print("REPROTECT", json.dumps(job))
+    assert job.get("source") == "primary" and job.get("target") == "recovery", job
+    item = item_show(osr, "vmf", "Protected", "primary", "recovery", 3)
+    assert item["latest_point"]["seq"] == 0, item
+    vm.rebase(vm.model.seq)
+
+    vm.write(30)
+    p = assert_point(osr.ok("point", "create", "vmf"))
+    assert p["seq"] == vm.model.seq, (p, vm.model.seq)
+    drill(env, vm, p, vm.model.at(), nbd_of["recovery"], "drill at recovery at the end")
+    vm.assert_disks(vm.model.at(), "primary disks at the end")
+    item_show(osr, "vmf", "Protected", "primary", "recovery", 3)
+
+    # The VM stops cleanly (it ran only where it should have: 4 starts in all).
+    vm.close()
+    stops = log.count("stop")
+    stopped = osr.ok("vm", "stop", "vmf")
+    assert stopped.get("running") is False, stopped
+    log.wait("stop", stops + 1, "vm stop")
+    assert log.count("ready") == 4 and log.count("orphaned") == 0, log.events()
