@@ -64,6 +64,7 @@ fuzz: fuzz-build
 bench: build
 	$(PYTHON) bench/nbd_bench.py --osrd $(BUILD)/osrd
 	$(PYTHON) bench/replication_bench.py --osrd $(BUILD)/osrd
+	$(PYTHON) bench/failover_bench.py --osrd $(BUILD)/osrd
 
 format:
 	clang-format -i $$(git ls-files '*.cc' '*.h')

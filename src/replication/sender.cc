@@ -163,7 +163,11 @@ Status Sender::Session() {
   s.SetReadTimeoutMs(30000);
   OSR_ASSIGN_OR_RETURN(Frame ok, ReadFrame(s));
   if (ok.type == FrameType::kError) {
-    return Unavailable("receiver refused: " + std::string(ok.payload.begin(), ok.payload.end()));
+    std::string why(ok.payload.begin(), ok.payload.end());
+    if (why.find("stale epoch") != std::string::npos && opts_.on_stale_epoch) {
+      opts_.on_stale_epoch();
+    }
+    return Unavailable("receiver refused: " + why);
   }
   if (ok.type != FrameType::kHelloOk) return Corruption("expected HELLO_OK");
   auto j = nlohmann::json::parse(ok.payload, nullptr, false);

@@ -41,6 +41,10 @@ struct SenderOptions {
   // The group whose bitmaps and disks a resynchronization reads (borrowed; nullptr: no
   // resync, the sender only reports that one is required).
   capture::CaptureGroup* capture_group = nullptr;
+  // Called (on the sender's thread) when the recovery site refuses this source's epoch:
+  // the item failed over elsewhere. The site fences the group's disks at once, even
+  // before the vault reaches it (invariant 5).
+  std::function<void()> on_stale_epoch;
   size_t resync_chunk_bytes = 1 << 20;
   uint64_t bandwidth_bytes_per_second = 0;  // on the wire; 0: no limit
 };

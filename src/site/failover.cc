@@ -5,7 +5,9 @@
 #include <spdlog/spdlog.h>
 #include <xxhash.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "capture/log_reader.h"
 #include "common/le.h"
@@ -142,11 +144,23 @@ void Site::MaterialiseThread(const std::string& vm, Group* g) {
   // The group outlives this thread: DeleteGroup and Stop join it first.
   uint64_t before = 0;
   Status st;
+  auto began = std::chrono::steady_clock::now();
+  const uint64_t rate = cfg_.materialise_bytes_per_second;
   for (auto* fd : g->failover_disks) {
     st = fd->Materialise(
         [&](uint64_t done, uint64_t) {
-          std::lock_guard lock(mu_);
-          g->materialise_done = before + done;
+          {
+            std::lock_guard lock(mu_);
+            g->materialise_done = before + done;
+          }
+          if (rate > 0) {
+            // The VM runs on these disks: the copy may take only its share of the I/O.
+            auto due = began + std::chrono::nanoseconds((before + done) * 1000000000 / rate);
+            while (std::chrono::steady_clock::now() < due && !g->stop_materialise) {
+              std::this_thread::sleep_for(std::min<std::chrono::nanoseconds>(
+                  due - std::chrono::steady_clock::now(), std::chrono::milliseconds(50)));
+            }
+          }
         },
         g->stop_materialise);
     if (!st.ok()) break;
@@ -285,7 +299,7 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
     if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
     Group& gr = *it->second;
-    if (gr.fenced_epoch == 0) {
+    if (gr.fenced_epoch == 0 && gr.capture->fenced_epoch() == 0) {
       return InvalidArgument("VM " + vm + " is not fenced here: it may still be the primary");
     }
     if (gr.failover) {
@@ -350,10 +364,9 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
     auto it = groups_.find(vm);
     if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
     Group& g = *it->second;
-    if (g.fenced_epoch != 0) {
+    if (uint64_t e = std::max(g.fenced_epoch, g.capture->fenced_epoch()); e != 0) {
       return Status(Code::kPermissionDenied,
-                    fmt::format("VM {} is fenced here (epoch {}): it runs at another site", vm,
-                                g.fenced_epoch));
+                    fmt::format("VM {} is fenced here (epoch {}): it runs at another site", vm, e));
     }
     if (VmRunningLocked(g)) return Status::Ok();
     if (g.vm_starting) return Unavailable("VM " + vm + " is starting");

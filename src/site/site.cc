@@ -72,6 +72,9 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   if (auto limit = t["capture_log_limit"].value<std::string>()) {
     OSR_ASSIGN_OR_RETURN(c.capture_log_bytes_max, ParseSize(*limit));
   }
+  if (auto rate = t["materialise_rate"].value<std::string>()) {
+    OSR_ASSIGN_OR_RETURN(c.materialise_bytes_per_second, ParseSize(*rate));
+  }
   c.tls.ca = t["tls_ca"].value_or(std::string());
   c.tls.cert = t["tls_cert"].value_or(std::string());
   c.tls.key = t["tls_key"].value_or(std::string());
@@ -293,6 +296,18 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   o.compress = g.compress;
   o.capture_group = g.capture.get();
   o.bandwidth_bytes_per_second = g.bandwidth_bytes_per_second;
+  capture::CaptureGroup* cg = g.capture.get();
+  uint64_t stale = g.epoch + 1;
+  std::string name = cfg_.name;
+  o.on_stale_epoch = [cg, stale, name, vm] {
+    // Only the capture group's atomic fence here (no site lock on the sender's thread);
+    // GroupStatus shows it, and the vault's fence makes it permanent.
+    if (cg->fenced_epoch() == 0) {
+      spdlog::warn("site {}: VM {}: the recovery site says it failed over: fencing its disks", name,
+                   vm);
+      cg->Fence(stale);
+    }
+  };
   g.sender = std::make_unique<replication::Sender>(o, &g.capture->log());
   g.sender->Start();
   return Status::Ok();
@@ -431,7 +446,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"disks", disks},
               {"last_seq", g.capture->log().last_seq()},
               {"capture_overflowed", g.capture->log().overflowed()},
-              {"fenced_epoch", g.fenced_epoch},
+              {"fenced_epoch", std::max(g.fenced_epoch, g.capture->fenced_epoch())},
               {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
               {"epoch", g.epoch},

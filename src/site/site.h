@@ -52,6 +52,9 @@ struct SiteConfig {
   size_t disks_per_vm_max = 64;
   uint64_t capture_log_bytes_max = 8ull << 30;  // per VM; past it: bitmap, then resync
   TlsFiles tls;  // replication between sites: mutual TLS when set (tls_ca, tls_cert, tls_key)
+  // Commit copies a failed-over VM's point into its disks while it runs: at most this
+  // many bytes a second (materialise_rate; 0: no limit).
+  uint64_t materialise_bytes_per_second = 0;
 
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and
   // optionally tls_ca, tls_cert, tls_key (PEM files).

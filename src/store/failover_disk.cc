@@ -258,7 +258,7 @@ Status FailoverDisk::Materialise(const std::function<void(uint64_t, uint64_t)>& 
         OSR_RETURN_IF_ERROR(OwnLocked(r));
       }
     }
-    if (progress && (r % 1024 == 1023 || r + 1 == regions_)) {
+    if (progress && (r % 16 == 15 || r + 1 == regions_)) {
       progress(std::min(size_, (r + 1) * region_bytes_), size_);
     }
   }

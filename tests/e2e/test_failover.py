@@ -289,6 +289,18 @@ def drill(env, vm, point, expected, nbd_addr, what):
     assert osr.ok("item", "show", vm.name).get("state") == "Protected"
 
 
+def check_found_exact(job, store_seq):
+    """An exact reprotect after a failover where the old primary had sent everything: it
+    names the seq the store had, and no record the old primary never sent."""
+    found = job.get("found")
+    assert isinstance(found, dict), f"reprotect: no found object: {job}"
+    assert found.get("known_at_recovery_site_upto") == store_seq, \
+        f"reprotect found {found}, but the store had every record up to {store_seq}"
+    assert found.get("unreplicated_records") == 0 and found.get("unreplicated_bytes") == 0, \
+        f"reprotect found records the old primary never sent, but it sent all: {found}"
+    assert isinstance(found.get("why"), str) and found["why"], found
+
+
 def expect_eperm(fn, what):
     nbd = require_libnbd()
     with pytest.raises(nbd.Error) as err:
@@ -382,8 +394,7 @@ def test_full_cycle(env, rng, tmp_path):
     pid2 = ready["pid"]
 
     # -- change-point to a newer point ------------------------------------------------------
-    job = osr.job_ok("change-point", "vmf", "--point", pb["id"])
-    print("CHANGEPOINT", json.dumps(job))
+    job = osr.job_ok("change-point", "vmf", "--point", pb["id"], job_type="change-point")
     assert job.get("point") == pb, f"change-point point {job.get('point')} != {pb}"
     item = item_show(osr, "vmf", "FailedOver", "primary", "recovery", 2, running_site="recovery")
     check_failover(item, 2, "primary", pb, False, seq1)
@@ -392,7 +403,7 @@ def test_full_cycle(env, rng, tmp_path):
     ready = log.wait("ready", 3, "VM restarted by change-point")
     vm_show(osr, "vmf", "recovery", 2, running=True)
     vm.refresh()
-    check_disks_at(job, vm, nbd_of["recovery"], "change-point") if "disks" in job else None
+    check_disks_at(job, vm, nbd_of["recovery"], "change-point")
     vm.model = model1
     vm.rebase(pb["seq"])
     account_marker(vm, ready, 2, nbd_of["recovery"])
@@ -412,9 +423,8 @@ def test_full_cycle(env, rng, tmp_path):
     vm.close()
     job = osr.job_ok("reprotect", "vmf", job_type="reprotect")
     assert job.get("mode") == "exact", f"reprotect mode: {job}"
-    print("REPROTECT", json.dumps(job))
     assert job.get("source") == "recovery" and job.get("target") == "primary", job
-    assert isinstance(job.get("found"), dict), job
+    check_found_exact(job, seq1)
     assert isinstance(job.get("bytes_shipped"), int) and job["bytes_shipped"] > 0, job
     item = item_show(osr, "vmf", "Protected", "recovery", "primary", 2)
     assert item.get("failover") is None, item
@@ -439,6 +449,7 @@ def test_full_cycle(env, rng, tmp_path):
     assert job.get("epoch") == 3, job
     item = item_show(osr, "vmf", "FailedOver", "recovery", "primary", 3, running_site="primary")
     check_failover(item, 3, "recovery", job["point"], True, vm.model.seq)
+    fb_seq = vm.model.seq
     stop = log.wait("stop", stops + 1, "VM shut down at recovery by the planned failback")
     assert stop["pid"] == ready["pid"], (stop, ready)
     ready = log.wait("ready", 4, "VM start at primary after failback")
@@ -463,8 +474,8 @@ def test_full_cycle(env, rng, tmp_path):
     vm.close()
     job = osr.job_ok("reprotect", "vmf", job_type="reprotect")
     assert job.get("mode") == "exact", f"reprotect mode: {job}"
-    print("REPROTECT", json.dumps(job))
     assert job.get("source") == "primary" and job.get("target") == "recovery", job
+    check_found_exact(job, fb_seq)
     item = item_show(osr, "vmf", "Protected", "primary", "recovery", 3)
     assert item["latest_point"]["seq"] == 0, item
     vm.rebase(vm.model.seq)
@@ -483,3 +494,332 @@ def test_full_cycle(env, rng, tmp_path):
     assert stopped.get("running") is False, stopped
     log.wait("stop", stops + 1, "vm stop")
     assert log.count("ready") == 4 and log.count("orphaned") == 0, log.events()
+
+
+# -- 2. reprotect ships only differences --------------------------------------------------------
+
+
+GIB = 1024 * MIB
+BLOCK = 64 * KIB
+
+
+def assert_uri_matches(uri, want, what):
+    """Every byte of the export at uri equals want (compared 4 MiB at a time)."""
+    h = connect(uri)
+    try:
+        size = h.get_size()
+        assert size == len(want), f"{what}: export size {size}, expected {len(want)}"
+        view = memoryview(want)
+        for off in range(0, size, CHUNK):
+            n = min(CHUNK, size - off)
+            got = h.pread(n, off)
+            if got != view[off:off + n]:
+                assert_same_bytes(bytes(got), bytes(view[off:off + n]),
+                                  f"{what} (bytes {off}..{off + n}, offsets relative)")
+    finally:
+        close_handle(h)
+
+
+def change_one_percent(h, model, rng, what):
+    """About 1% of the disk (~10 MiB) rewritten with random bytes: half 64 KiB-aligned
+    writes of 64-256 KiB, half unaligned writes of 128-384 KiB, each alone in its own
+    1 MiB slot and off its edges (so no two share a 64 KiB block, and each one's blocks are
+    at most twice its bytes). Returns the bytes changed."""
+    size = len(model)
+    slots = rng.sample(range(size // MIB), 48)
+    changed = 0
+    for i, slot in enumerate(slots):
+        base = slot * MIB
+        if i % 2 == 0:
+            length = rng.randrange(1, 5) * BLOCK
+            off = base + rng.randrange(1, (MIB - length) // BLOCK) * BLOCK
+        else:
+            length = rng.randrange(128 * KIB, 384 * KIB + 1)
+            off = base + BLOCK + rng.randrange(0, MIB - 2 * BLOCK - length)
+        data = rng.randbytes(length)
+        h.pwrite(data, off)
+        model[off:off + length] = data
+        changed += length
+    h.flush()
+    assert 7 * MIB <= changed <= 13 * MIB, f"{what}: changed {changed} bytes"
+    return changed
+
+
+def check_shipped(job, changed, mode, what):
+    assert job.get("mode") == mode, f"{what}: reprotect mode {job.get('mode')!r}, not {mode!r}: {job}"
+    shipped = job.get("bytes_shipped")
+    assert isinstance(shipped, int) and changed <= shipped <= 2 * changed + MIB, \
+        (f"{what}: {shipped} bytes shipped for {changed} bytes changed "
+         f"(expected {changed}..{2 * changed + MIB}): {job}")
+    wire = job.get("wire_bytes_sent")
+    # The changed bytes are random: they cannot shrink on the wire.
+    assert isinstance(wire, int) and changed <= wire <= shipped + shipped // 10 + MIB, \
+        (f"{what}: wire_bytes_sent {wire} for {shipped} bytes shipped "
+         f"({changed} random bytes changed): {job}")
+
+
+@pytest.mark.deadline(90)
+def test_reprotect_ships_differences(env, rng):
+    osr = env.osr
+    nbd_of = site_nbd(osr)
+    osr.ok("policy", "create", "manual", "--crash-interval", "24h")
+    shown = create_vm(osr, "big", [("os", "1G", GIB)])
+    uri_p = shown["disks"][0]["uri"]
+    model = bytearray(GIB)
+
+    # 256 MiB of random data, 1 MiB in each 4 MiB slot of the disk, before protection.
+    h = env.track(connect(uri_p))
+    nwrites = 0
+    for slot in range(GIB // (4 * MIB)):
+        off = slot * 4 * MIB + rng.randrange(0, 3 * MIB)
+        data = rng.randbytes(MIB)
+        h.pwrite(data, off)
+        model[off:off + MIB] = data
+        nwrites += 1
+    h.flush()
+    protect(osr, "big", policy="manual")
+    item = item_show(osr, "big", "Protected", "primary", "recovery", 1)
+    assert item["latest_point"]["seq"] == nwrites, item
+
+    # Failover at the latest point, commit, ~1% changed at recovery.
+    job = osr.job_ok("failover", "big", "--point", "latest", job_type="failover")
+    assert job["point"]["seq"] == nwrites and job.get("epoch") == 2, job
+    item = item_show(osr, "big", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    check_failover(item, 2, "primary", job["point"], False, nwrites)
+    osr.job_ok("commit", "big", job_type="commit")
+    item_show(osr, "big", "FailoverCommitted", "primary", "recovery", 2, running_site="recovery")
+    uri_r = vm_show(osr, "big", "recovery", 2)["disks"][0]["uri"]
+    assert uri_r.startswith(f"nbd://{nbd_of['recovery']}/"), uri_r
+    hr = env.track(connect(uri_r))
+    changed = change_one_percent(hr, model, rng, "at recovery")
+    close_handle(hr)
+
+    # Reprotect, exact: only the changes travel back.
+    job = osr.job_ok("reprotect", "big", job_type="reprotect")
+    check_shipped(job, changed, "exact", "reprotect to primary")
+    check_found_exact(job, nwrites)
+    item = item_show(osr, "big", "Protected", "recovery", "primary", 2)
+    point = assert_point(item.get("latest_point"))
+    assert point["seq"] == 0, item
+
+    # The old primary's store holds exactly the recovery disk: a drill there.
+    drill_job = osr.job_ok("test-failover", "big", "--point", point["id"],
+                           job_type="test-failover")
+    d = drill_job["disks"][0]["uri"]
+    assert d.startswith(f"nbd://{nbd_of['primary']}/"), drill_job
+    assert_uri_matches(d, model, "drill at primary after the exact reprotect")
+    osr.job_ok("test-failover-cleanup", "big", job_type="test-failover-cleanup")
+
+    # Failback (planned), commit, ~1% changed at the primary, reprotect --compare.
+    job = osr.job_ok("failover", "big", "--planned", job_type="failover")
+    assert job["point"]["seq"] == 0 and job.get("epoch") == 3, job
+    item = item_show(osr, "big", "FailedOver", "recovery", "primary", 3, running_site="primary")
+    check_failover(item, 3, "recovery", job["point"], True, 0)
+    osr.job_ok("commit", "big", job_type="commit")
+    item_show(osr, "big", "FailoverCommitted", "recovery", "primary", 3, running_site="primary")
+    uri_p2 = vm_show(osr, "big", "primary", 3)["disks"][0]["uri"]
+    assert uri_p2.startswith(f"nbd://{nbd_of['primary']}/"), uri_p2
+    hp = env.track(connect(uri_p2))
+    changed = change_one_percent(hp, model, rng, "at primary")
+    close_handle(hp)
+
+    job = osr.job_ok("reprotect", "big", "--compare", job_type="reprotect")
+    check_shipped(job, changed, "hash", "reprotect --compare to recovery")
+    assert job.get("source") == "primary" and job.get("target") == "recovery", job
+    found = job.get("found")
+    assert isinstance(found, dict) and found.get("why"), job
+    assert found.get("bytes") == job["bytes_shipped"], f"hash reprotect: found {found} vs {job}"
+    assert isinstance(found.get("compared"), int) and found["compared"] > 0, found
+    assert isinstance(found.get("regions"), int) and found["regions"] >= 1, found
+    item = item_show(osr, "big", "Protected", "primary", "recovery", 3)
+    point = assert_point(item.get("latest_point"))
+
+    # Both sides hold the model: the primary's disk, and a drill at recovery.
+    assert_uri_matches(uri_p2, model, "primary disk at the end")
+    drill_job = osr.job_ok("test-failover", "big", "--point", point["id"],
+                           job_type="test-failover")
+    d = drill_job["disks"][0]["uri"]
+    assert d.startswith(f"nbd://{nbd_of['recovery']}/"), drill_job
+    assert_uri_matches(d, model, "drill at recovery after the hash reprotect")
+    osr.job_ok("test-failover-cleanup", "big", job_type="test-failover-cleanup")
+    item_show(osr, "big", "Protected", "primary", "recovery", 3)
+
+
+# -- 3. refusals ------------------------------------------------------------------------------
+
+
+def catalog_state(osr, name):
+    """Everything a refused command must not change, as comparable JSON text."""
+    item = osr.ok("item", "show", name)
+    keep = ("name", "state", "source", "target", "direction", "policy", "epoch",
+            "running_site", "latest_point", "failover", "drill", "last_seq", "durable_seq")
+    shown = osr.ok("vm", "show", name)
+    return json.dumps({
+        "item": {k: item.get(k) for k in keep},
+        "vm": {k: shown.get(k) for k in ("site", "running_site", "running", "epoch", "state",
+                                          "disks")},
+        "points": osr.ok("point", "list", name),
+        "jobs": [(j["id"], j["type"], j["vm"], j["state"]) for j in osr.ok("job", "list")],
+    }, sort_keys=True, indent=1)
+
+
+def refused(osr, name, *args, says=()):
+    """The command exits non-zero with 'osr: error: ...', changes nothing, and its message
+    names each of says (case-insensitive)."""
+    before = catalog_state(osr, name)
+    msg = osr.fails(*args)
+    shown = "osr " + " ".join(str(a) for a in args)
+    for word in says:
+        assert str(word).lower() in msg.lower(), f"{shown}: {msg!r} does not name {word!r}"
+    after = catalog_state(osr, name)
+    assert after == before, f"{shown} failed but changed things:\nbefore: {before}\nafter: {after}"
+    return msg
+
+
+def test_refusals(env, rng):
+    osr = env.osr
+    osr.ok("policy", "create", "manual", "--crash-interval", "24h")
+    create_vm(osr, "ref", [("os", "16M", 16 * MIB)])
+    vm = env.track(Vm(osr, "ref", rng))
+    vm.write(10)
+    protect(osr, "ref", policy="manual")
+    vm.write(10)
+    p1 = assert_point(osr.ok("point", "create", "ref"))
+    vm.write(10)
+    p2 = assert_point(osr.ok("point", "create", "ref"))
+    assert p1["seq"] < p2["seq"] == vm.model.seq, (p1, p2)
+    item_show(osr, "ref", "Protected", "primary", "recovery", 1)
+
+    # Protected: no commit, reprotect or change-point; --planned only at 'latest'; no such point.
+    for w in ("--wait", None):
+        extra = [w] if w else []
+        refused(osr, "ref", "commit", "ref", *extra, says=["ref", "Protected"])
+        refused(osr, "ref", "reprotect", "ref", *extra, says=["ref", "Protected"])
+    refused(osr, "ref", "change-point", "ref", "--point", p1["id"], "--wait",
+            says=["ref", "Protected"])
+    refused(osr, "ref", "failover", "ref", "--planned", "--point", p1["id"], "--wait",
+            says=["planned", "--point"])
+    refused(osr, "ref", "failover", "ref", "--planned", "--point", "latest-processed", "--wait",
+            says=["planned", "--point"])
+    refused(osr, "ref", "failover", "ref", "--point", 999, "--wait", says=["ref", "999"])
+    refused(osr, "ref", "failover", "ref", "--point", "no-such-spec", "--wait",
+            says=["no-such-spec"])
+    refused(osr, "ref", "failover", "nosuchvm", "--wait", says=["nosuchvm"])
+    item_show(osr, "ref", "Protected", "primary", "recovery", 1)
+
+    # FailedOver.
+    job = osr.job_ok("failover", "ref", "--point", p1["id"], job_type="failover")
+    assert job["point"] == p1, job
+    item_show(osr, "ref", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    vm.refresh()
+    refused(osr, "ref", "failover", "ref", "--wait", says=["ref", "FailedOver"])
+    refused(osr, "ref", "failover", "ref", "--planned", "--wait", says=["ref", "FailedOver"])
+    refused(osr, "ref", "test-failover", "ref", "--point", "latest", "--wait",
+            says=["ref", "FailedOver"])
+    refused(osr, "ref", "change-point", "ref", "--point", "latest", "--wait", says=["latest"])
+    refused(osr, "ref", "change-point", "ref", "--point", 999, "--wait", says=["ref", "999"])
+    refused(osr, "ref", "reprotect", "ref", "--wait", says=["ref", "FailedOver", "commit"])
+    refused(osr, "ref", "unprotect", "ref", says=["ref", "FailedOver"])
+    item = item_show(osr, "ref", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    check_failover(item, 2, "primary", p1, False, p2["seq"])
+    vm.rebase(p1["seq"])
+    vm.assert_disks(vm.model.at(), "recovery disks after the refusals (FailedOver)")
+
+    # FailoverCommitted.
+    osr.job_ok("commit", "ref", job_type="commit")
+    item_show(osr, "ref", "FailoverCommitted", "primary", "recovery", 2, running_site="recovery")
+    refused(osr, "ref", "change-point", "ref", "--point", p2["id"], "--wait",
+            says=["ref", "FailoverCommitted"])
+    refused(osr, "ref", "change-point", "ref", "--point", "latest-processed", "--wait",
+            says=["ref", "FailoverCommitted"])
+    refused(osr, "ref", "commit", "ref", "--wait", says=["ref", "FailoverCommitted"])
+    refused(osr, "ref", "failover", "ref", "--wait", says=["ref", "FailoverCommitted"])
+    refused(osr, "ref", "test-failover", "ref", "--point", "latest", "--wait",
+            says=["ref", "FailoverCommitted"])
+    item_show(osr, "ref", "FailoverCommitted", "primary", "recovery", 2, running_site="recovery")
+    vm.assert_disks(vm.model.at(), "recovery disks after the refusals (FailoverCommitted)")
+
+    # Reprotect still works after all that.
+    job = osr.job_ok("reprotect", "ref", job_type="reprotect")
+    assert job.get("mode") == "exact", job
+    item_show(osr, "ref", "Protected", "recovery", "primary", 2)
+    refused(osr, "ref", "reprotect", "ref", "--wait", says=["ref", "Protected"])
+    refused(osr, "ref", "commit", "ref", "--wait", says=["ref", "Protected"])
+    vm.assert_disks(vm.model.at(), "disks at the end")
+
+
+# -- 4. fencing of the old primary -------------------------------------------------------------
+
+
+def test_fenced_old_primary(env, rng):
+    nbd = require_libnbd()
+    osr = env.osr
+    nbd_of = site_nbd(osr)
+    osr.ok("policy", "create", "manual", "--crash-interval", "24h")
+    create_vm(osr, "fen", [("os", "16M", 16 * MIB), ("data", "8M", 8 * MIB)])
+    vm = env.track(Vm(osr, "fen", rng))
+    vm.write(20)
+    protect(osr, "fen", policy="manual")
+    vm.write(20)
+    p = assert_point(osr.ok("point", "create", "fen"))
+    assert p["seq"] == vm.model.seq, p
+    vm.write(10)                      # in no point: failover 'latest' processes them
+    seq = vm.model.seq
+    old_uris = dict(vm.uris)
+    # Connections to the primary opened before the failover stay open across it.
+    before = {n: env.track(connect(old_uris[n])) for n in vm.names}
+
+    # Unplanned failover; the primary site still runs (its VM is not shut down).
+    job = osr.job_ok("failover", "fen", job_type="failover")
+    assert job["point"]["seq"] == seq and job.get("epoch") == 2, job
+    item = item_show(osr, "fen", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    check_failover(item, 2, "primary", job["point"], False, seq)
+    want = vm.model.at()
+    vm.close()
+
+    # The old primary refuses every change, on old and new connections; reads still work.
+    after = {n: env.track(connect(old_uris[n])) for n in vm.names}
+    for label, hs in (("a connection from before the failover", before),
+                      ("a new connection", after)):
+        for n, h in hs.items():
+            expect_eperm(lambda: h.pwrite(rng.randbytes(8192), 4096),
+                         f"write to the old primary's {n} ({label})")
+            expect_eperm(lambda: h.zero(65536, 0), f"write-zeroes at the old primary's {n} ({label})")
+            expect_eperm(lambda: h.trim(65536, 65536), f"trim at the old primary's {n} ({label})")
+            expect_eperm(lambda: h.pwrite(b"\xff" * 512, vm.sizes[n] - 512, nbd.CMD_FLAG_FUA),
+                         f"FUA write to the old primary's {n} ({label})")
+            got = bytes(h.pread(vm.sizes[n], 0))
+            assert_same_bytes(got, bytes(want[n]), f"reading the old primary's {n} ({label})")
+
+    # None of it reached the recovery site.
+    vm.refresh()
+    for n in vm.names:
+        assert vm.uris[n].startswith(f"nbd://{nbd_of['recovery']}/"), vm.uris
+    time.sleep(0.5)
+    vm.assert_disks(want, "recovery disks after the refused writes at the old primary")
+    item = item_show(osr, "fen", "FailedOver", "primary", "recovery", 2, running_site="recovery")
+    check_failover(item, 2, "primary", job["point"], False, seq)
+
+    # The VM writes at recovery; commit and reprotect find nothing the old primary kept back.
+    vm.rebase(seq)
+    vm.write(20)
+    osr.job_ok("commit", "fen", job_type="commit")
+    job = osr.job_ok("reprotect", "fen", job_type="reprotect")
+    assert job.get("mode") == "exact", job
+    check_found_exact(job, seq)
+    item_show(osr, "fen", "Protected", "recovery", "primary", 2)
+    vm.rebase(vm.model.seq)
+    vm.assert_disks(vm.model.at(), "recovery disks after reprotect")
+
+    # The old primary's disks hold the replica now: still no writes through the old URIs.
+    for n in vm.names:
+        h = None
+        with pytest.raises(nbd.Error):
+            h = connect(old_uris[n])
+            h.pwrite(b"z" * 4096, 0)
+        if h is not None:
+            close_handle(h)
+    vm.write(10)
+    p = assert_point(osr.ok("point", "create", "fen"))
+    assert p["seq"] == vm.model.seq, p
+    drill(env, vm, p, vm.model.at(), nbd_of["primary"], "drill at the old primary")

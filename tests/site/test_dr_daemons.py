@@ -1,0 +1,254 @@
+"""Failover with the parts as separate daemons: a vault (`osrd vault`) and two sites
+(`osrd site`), driven through the `osr` CLI, data checked through libnbd.
+
+- An unplanned failover while the primary site's daemon is dead (kill -9) with writes the
+  recovery site never got; the primary comes back: it is fenced (its disks refuse writes,
+  its records are refused), commit and reprotect put the new primary's data over the old
+  primary's unreplicated writes, exactly.
+- kill -9 of the vault in the middle of jobs (commit while it materialises, reprotect while
+  it replicates): the restarted vault resumes them and they succeed, data intact.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import (KIB, MIB, HTTP_TIMEOUT_S, OsrdProcess, api_ok, require_libnbd,
+                      seed_for, wait_for, write_config, SiteProcess)
+import osrtest
+
+DISK = 32 * MIB
+CLI_TIMEOUT_S = 90
+
+
+class VaultProcess(OsrdProcess):
+    label = "vault: osrd"
+
+    def __init__(self, db, port, log_path):
+        super().__init__(log_path)
+        self.db, self.port = db, port
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def osrd_args(self):
+        return ["vault", "--db", self.db, "--listen", f"127.0.0.1:{self.port}"]
+
+
+class Osr:
+    def __init__(self, vault):
+        self.vault = vault
+
+    def run(self, *args, timeout=CLI_TIMEOUT_S):
+        cmd = [str(osrtest.require_osr()), "--vault", self.vault.url, "--output", "json",
+               *[str(a) for a in args]]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"timed out: {' '.join(cmd)}: {e.stderr}\nvault: "
+                        f"{self.vault.stderr()[-3000:]}")
+
+    def ok(self, *args, timeout=CLI_TIMEOUT_S):
+        p = self.run(*args, timeout=timeout)
+        assert p.returncode == 0, (f"osr {' '.join(map(str, args))}: {p.returncode}\n"
+                                   f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}\nvault: "
+                                   f"{self.vault.stderr()[-3000:]}")
+        return json.loads(p.stdout) if p.stdout.strip() else None
+
+
+@pytest.fixture
+def dr(tmp_path):
+    """(vault, primary, recovery, osr) as separate processes; all stopped at the end."""
+    require_libnbd()
+    procs = []
+
+    def site(name, extra=""):
+        config, data_dir = write_config(tmp_path, name)
+        if extra:
+            config.write_text(config.read_text() + extra)
+        s = SiteProcess(name, config, data_dir, tmp_path / f"{name}.stderr")
+        procs.append(s)
+        return s.start()
+
+    primary = site("primary")
+    recovery = site("recovery", 'materialise_rate = "24M"\n')
+    vault = VaultProcess(tmp_path / "vault.db", osrtest.free_port(), tmp_path / "vault.stderr")
+    procs.append(vault)
+    vault.start()
+    osr = Osr(vault)
+    for s in (primary, recovery):
+        register(osr, s)
+    yield vault, primary, recovery, osr
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            try:
+                os.kill(p.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    osrtest.stop_all_clean(procs)
+
+
+def register(osr, s):
+    osr.ok("site", "add", s.name, "--api", s.api_url, "--replication", s.replication)
+
+
+def disk_uri(osr, vm):
+    return osr.ok("vm", "show", vm)["disks"][0]["uri"]
+
+
+def write_random(uri, model, rng, n, max_len=128 * KIB):
+    """n writes through libnbd, flushed; applied to the model (a bytearray)."""
+    h = osrtest.connect(uri, "pytest-dr")
+    try:
+        for _ in range(n):
+            length = rng.randrange(1, max_len)
+            off = rng.randrange(0, len(model) - length)
+            data = rng.randbytes(length)
+            h.pwrite(data, off)
+            model[off:off + length] = data
+        h.flush()
+    finally:
+        osrtest.close_handle(h)
+
+
+def read_all(uri, size):
+    h = osrtest.connect(uri, "pytest-dr")
+    try:
+        return osrtest.read_handle(h, size)
+    finally:
+        osrtest.close_handle(h)
+
+
+def wait_job(osr, job_id, timeout=CLI_TIMEOUT_S):
+    job = osr.ok("job", "wait", job_id, timeout=timeout)
+    assert job["state"] == "Succeeded", job
+    return job
+
+
+def test_unplanned_failover_with_the_primary_killed(dr, request):
+    vault, primary, recovery, osr = dr
+    rng = random.Random(seed_for(request))
+    osr.ok("vm", "create", "vm1", "--site", "primary", "--disk", f"os:{DISK}")
+    model = bytearray(DISK)
+    uri = disk_uri(osr, "vm1")
+    write_random(uri, model, rng, 30)
+    osr.ok("protect", "vm1", "--target", "recovery", "--wait")
+    write_random(uri, model, rng, 20)
+    osr.ok("point", "create", "vm1")
+    n_a = api_ok(primary, "GET", "/groups/vm1")["last_seq"]
+
+    # Writes the recovery site never gets: it is down, then the primary dies too, then
+    # the recovery site comes back (new ports) and is the one left.
+    recovery.kill9()
+    versions = [bytes(model)]  # the disk after each of the primary's later writes
+    h = osrtest.connect(uri, "pytest-dr")
+    for _ in range(25):
+        length = rng.randrange(1, 64 * KIB)
+        off = rng.randrange(0, DISK - length)
+        data = rng.randbytes(length)
+        h.pwrite(data, off)
+        model[off:off + length] = data
+        versions.append(bytes(model))
+    h.flush()
+    osrtest.close_handle(h)
+    old_primary = bytes(model)
+    primary.kill9()
+    recovery.start()
+    register(osr, recovery)
+
+    job = osr.ok("failover", "vm1", "--point", "latest", "--wait")
+    assert job["state"] == "Succeeded", job
+    fence = [s for s in job["steps"] if s["name"].startswith("Fence")]
+    assert fence and fence[0]["state"] == "Failed" and "unreachable" in fence[0]["message"], job
+    seq = job["point"]["seq"]
+    assert seq == n_a, job  # what the recovery site holds: nothing after the kill
+    item = osr.ok("item", "show", "vm1")
+    assert item["state"] == "FailedOver" and item["epoch"] == 2, item
+    # Exactly the prefix the recovery site had.
+    new_uri = disk_uri(osr, "vm1")
+    assert "127.0.0.1:" + recovery.nbd.split(":")[1] in new_uri, new_uri
+    expected = bytearray(versions[seq - n_a])
+    osrtest.assert_same_bytes(read_all(new_uri, DISK), bytes(expected), "failed-over disk")
+    write_random(new_uri, expected, rng, 20)
+
+    # The old primary comes back (new ports): fenced before anything of it is accepted.
+    primary.start()
+    register(osr, primary)
+    wait_for(lambda: api_ok(primary, "GET", "/groups/vm1")["fenced_epoch"] >= 2, 20,
+             "the returning primary to be fenced")
+    nbd = require_libnbd()
+    h = osrtest.connect(f"nbd://{primary.nbd}/vm1/os", "pytest-dr")
+    with pytest.raises(nbd.Error) as e:
+        h.pwrite(b"x" * 4096, 0)
+    assert e.value.errno in (1, "EPERM"), e.value
+    assert bytes(h.pread(4096, 0)) == old_primary[:4096], "reads of the old disk still work"
+    osrtest.close_handle(h)
+    osrtest.assert_same_bytes(read_all(new_uri, DISK), bytes(expected),
+                              "the new primary after the old one came back")
+
+    osr.ok("commit", "vm1", "--wait")
+    rep = osr.ok("reprotect", "vm1", "--wait")
+    assert rep["state"] == "Succeeded" and rep["mode"] == "exact", rep
+    # The old primary's writes the store never got are shipped over, whatever they were.
+    assert rep["found"]["unreplicated_records"] == n_a + 25 - seq, rep
+    item = osr.ok("item", "show", "vm1")
+    assert item["state"] == "Protected" and item["source"] == "recovery", item
+    assert item["target"] == "primary", item
+    drill = osr.ok("test-failover", "vm1", "--point", "latest", "--wait")
+    got = read_all(drill["disks"][0]["uri"], DISK)
+    osrtest.assert_same_bytes(got, bytes(expected), "the old primary after reprotect (drill)")
+    osr.ok("test-failover-cleanup", "vm1", "--wait")
+
+
+def test_jobs_resume_after_the_vault_is_killed(dr, request):
+    vault, primary, recovery, osr = dr
+    rng = random.Random(seed_for(request))
+    size = 256 * MIB
+    osr.ok("policy", "create", "slow", "--bandwidth", "24M")
+    osr.ok("vm", "create", "vm1", "--site", "primary", "--disk", f"os:{size}")
+    model = bytearray(size)
+    uri = disk_uri(osr, "vm1")
+    write_random(uri, model, rng, 40, max_len=512 * KIB)
+    osr.ok("protect", "vm1", "--target", "recovery", "--policy", "slow", "--wait")
+    osr.ok("failover", "vm1", "--point", "latest", "--wait")
+
+    def kill_mid(job, step_prefix):
+        """Kills the vault while `job` runs the step; restarts it; the job resumes."""
+        def in_step():
+            j = osr.ok("job", "show", job)
+            assert j["state"] in ("Queued", "Running"), f"the job ended before the kill: {j}"
+            s = j["steps"][-1] if j["steps"] else {}
+            return s.get("name", "").startswith(step_prefix) and j["progress"] > 0
+        wait_for(in_step, 30, f"job {job} to be in '{step_prefix}'", interval=0.05)
+        vault.kill9()
+        vault.start()
+        done = wait_job(osr, job)
+        names = [s["name"] for s in done["steps"]]
+        assert "The vault restarted: resuming" in names, done
+        return done
+
+    # Commit: materialising 256 MiB at 24 MB/s takes ~10 s.
+    commit = osr.ok("commit", "vm1")["id"]
+    kill_mid(commit, "Copy the rest of the point")
+    assert osr.ok("item", "show", "vm1")["state"] == "FailoverCommitted"
+    new_uri = disk_uri(osr, "vm1")
+    osrtest.assert_same_bytes(read_all(new_uri, size), bytes(model), "after the resumed commit")
+
+    # Reprotect: ~48 MiB differ, shipped at 24 MB/s.
+    write_random(new_uri, model, rng, 200, max_len=512 * KIB)
+    rep = osr.ok("reprotect", "vm1")["id"]
+    done = kill_mid(rep, "Replicate")
+    assert done["mode"] == "exact", done
+    item = osr.ok("item", "show", "vm1")
+    assert item["state"] == "Protected" and item["source"] == "recovery", item
+    drill = osr.ok("test-failover", "vm1", "--point", "latest", "--wait")
+    osrtest.assert_same_bytes(read_all(drill["disks"][0]["uri"], size), bytes(model),
+                              "the old primary after the resumed reprotect")
+    osr.ok("test-failover-cleanup", "vm1", "--wait")
