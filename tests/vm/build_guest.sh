@@ -121,9 +121,10 @@ cp "$kdir/modules.order" "$stage/etc/modules"
 
 cat >"$stage/init" <<'EOF'
 #!/bin/busybox sh
-# The osr test guest. Reads osr.mode (write|read) and osr.text from /proc/cmdline:
+# The osr test guest. Reads osr.mode (write|read|auto) and osr.text from /proc/cmdline:
 #   write: stores osr.text as hello.txt in a tar archive on /dev/vda, prints OSR-WROTE
 #   read:  unpacks that archive, prints OSR-READ:<content of hello.txt>
+#   auto:  read if the archive is there, else write
 # Failures print OSR-ERROR:<what>. Either way the guest powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -173,7 +174,18 @@ case $mode in
     [ -f /out/hello.txt ] || fail "no hello.txt on /dev/vda"
     echo "OSR-READ:$(cat /out/hello.txt)"
     ;;
-  *) fail "osr.mode is '$mode', not write or read" ;;
+  auto)
+    # First boot writes, later boots (e.g. after a failover) read what is there.
+    if tar xf /dev/vda -C /out 2>/dev/null && [ -f /out/hello.txt ]; then
+      echo "OSR-READ:$(cat /out/hello.txt)"
+    else
+      printf '%s' "$text" >/data/hello.txt
+      tar cf /dev/vda -C /data hello.txt || fail "tar cf /dev/vda"
+      sync
+      echo "OSR-WROTE"
+    fi
+    ;;
+  *) fail "osr.mode is '$mode', not write, read or auto" ;;
 esac
 finish
 EOF
