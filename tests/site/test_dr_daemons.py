@@ -12,6 +12,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -251,4 +252,50 @@ def test_jobs_resume_after_the_vault_is_killed(dr, request):
     drill = osr.ok("test-failover", "vm1", "--point", "latest", "--wait")
     osrtest.assert_same_bytes(read_all(drill["disks"][0]["uri"], size), bytes(model),
                               "the old primary after the resumed reprotect")
+    osr.ok("test-failover-cleanup", "vm1", "--wait")
+
+
+@pytest.mark.parametrize("loss", ["history", "disk"])
+def test_reprotect_when_the_old_primary_lost_its_history_or_its_disk(dr, request, loss):
+    """The old primary's capture history is gone (hash compare), or its whole state is
+    (a rebuilt site: full sparse copy); either way reprotect makes it exact."""
+    vault, primary, recovery, osr = dr
+    rng = random.Random(seed_for(request))
+    osr.ok("vm", "create", "vm1", "--site", "primary", "--disk", f"os:{DISK}")
+    model = bytearray(DISK)
+    uri = disk_uri(osr, "vm1")
+    write_random(uri, model, rng, 40)
+    osr.ok("protect", "vm1", "--target", "recovery", "--wait")
+    write_random(uri, model, rng, 10)
+    osr.ok("failover", "vm1", "--point", "latest", "--wait")
+    new_uri = disk_uri(osr, "vm1")
+    osrtest.assert_same_bytes(read_all(new_uri, DISK), bytes(model), "after failover")
+    write_random(new_uri, model, rng, 20)
+    osr.ok("commit", "vm1", "--wait")
+
+    primary.stop_clean()
+    data = primary.data_dir
+    if loss == "history":
+        shutil.rmtree(data / "groups" / "vm1" / "capture")
+    else:
+        shutil.rmtree(data)
+    primary.start()
+    register(osr, primary)
+    if loss == "history":
+        g = api_ok(primary, "GET", "/groups/vm1")
+        assert g["history_lost"] is True, g
+    rep = osr.ok("reprotect", "vm1", "--wait")
+    assert rep["state"] == "Succeeded", rep
+    if loss == "history":
+        assert rep["mode"] == "hash", rep
+        # Only what differs: the 20 writes at the new primary (<= 128 KiB each, in 64 KiB
+        # regions) and what the store held after the point (nothing: latest).
+        assert 0 < rep["bytes_shipped"] <= 20 * 3 * 64 * KIB, rep
+    else:
+        assert rep["mode"] == "full", rep
+        allocated = rep["bytes_shipped"]
+        assert allocated <= DISK, rep
+    drill = osr.ok("test-failover", "vm1", "--point", "latest", "--wait")
+    osrtest.assert_same_bytes(read_all(drill["disks"][0]["uri"], DISK), bytes(model),
+                              f"the old primary after reprotect ({loss} lost)")
     osr.ok("test-failover-cleanup", "vm1", "--wait")
