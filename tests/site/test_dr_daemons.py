@@ -15,11 +15,10 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import (KIB, MIB, HTTP_TIMEOUT_S, OsrdProcess, api_ok, require_libnbd,
+from conftest import (KIB, MIB, OsrdProcess, api_ok, require_libnbd,
                       seed_for, wait_for, write_config, SiteProcess)
 import osrtest
 
