@@ -240,11 +240,28 @@ int SiteMain(const std::string& config_path) {
   return 0;
 }
 
-int VaultMain(const std::string& db, const std::string& listen) {
+// The web UI's built assets: --web, else web/dist beside the build directory of this
+// binary (a source tree), else /usr/share/osr/web.
+std::string WebDir(const std::string& given) {
+  if (!given.empty()) return given;
+  std::error_code ec;
+  auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    auto dist = exe.parent_path().parent_path() / "web" / "dist";
+    if (std::filesystem::exists(dist / "index.html", ec)) return dist.string();
+  }
+  return "/usr/share/osr/web";
+}
+
+int VaultMain(const std::string& db, const std::string& listen, const std::string& web) {
   sigset_t sigs = BlockStopSignals();
   auto addr = ParseHostPort(listen, 7480);
   if (!addr.ok()) return Fail(addr.status());
-  auto v = vault::Vault::Start({db, *addr});
+  vault::VaultConfig vcfg;
+  vcfg.db_path = db;
+  vcfg.api_listen = *addr;
+  vcfg.web_dir = WebDir(web);
+  auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::printf("osrd: vault on http://%s:%u/api/v1\n", (*v)->address().host.c_str(),
               (*v)->address().port);
@@ -257,7 +274,7 @@ int VaultMain(const std::string& db, const std::string& listen) {
 }
 
 // A vault and two sites, "primary" and "recovery", in one process on 127.0.0.1.
-int Quickstart(const std::string& dir, const std::string& vault_listen) {
+int Quickstart(const std::string& dir, const std::string& vault_listen, const std::string& web) {
   sigset_t sigs = BlockStopSignals();
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -265,8 +282,11 @@ int Quickstart(const std::string& dir, const std::string& vault_listen) {
   std::string abs = std::filesystem::absolute(dir).string();
   auto vaddr = ParseHostPort(vault_listen, 7480);
   if (!vaddr.ok()) return Fail(vaddr.status());
-  vault::VaultConfig vcfg{abs + "/vault.db", *vaddr};
+  vault::VaultConfig vcfg;
+  vcfg.db_path = abs + "/vault.db";
+  vcfg.api_listen = *vaddr;
   vcfg.jobs_paused = true;  // until the sites (new ports after a restart) are registered
+  vcfg.web_dir = WebDir(web);
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::vector<std::unique_ptr<site::Site>> sites;
@@ -355,9 +375,14 @@ int main(int argc, char** argv) {
   auto* vp = app.add_subcommand("vault", "run the vault (catalog, REST API, jobs)");
   vp->add_option("--db", vault_db, "SQLite catalog path (default vault.db)");
   vp->add_option("--listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
+  std::string web_dir;
+  vp->add_option("--web", web_dir,
+                 "the web UI's built assets (default: web/dist of the source tree)");
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--vault-listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
+  qs->add_option("--web", web_dir,
+                 "the web UI's built assets (default: web/dist of the source tree)");
 
   auto* cap = app.add_subcommand("capture", "inspect and replay capture logs");
   cap->require_subcommand(1);
@@ -383,8 +408,8 @@ int main(int argc, char** argv) {
 
   if (ns->parsed()) return NbdServe(serve);
   if (sp->parsed()) return SiteMain(site_config);
-  if (vp->parsed()) return VaultMain(vault_db, vault_listen);
-  if (qs->parsed()) return Quickstart(qs_dir, vault_listen);
+  if (vp->parsed()) return VaultMain(vault_db, vault_listen, web_dir);
+  if (qs->parsed()) return Quickstart(qs_dir, vault_listen, web_dir);
   if (rp->parsed()) return CaptureReplay(log, base, out, upto, disk);
   if (dp->parsed()) return CaptureDump(log, output == "json");
   if (dr->parsed()) return CaptureDirty(log, disk, output == "json");

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <toml++/toml.h>
 
 #include <filesystem>
@@ -617,18 +619,56 @@ Status Site::CloseView(const std::string& id) {
 }
 
 json Site::Describe() {
-  std::lock_guard lock(mu_);
   json groups = json::array(), stores = json::array(), views = json::array();
-  for (auto& [vm, g] : groups_) groups.push_back(vm);
-  for (auto& [vm, s] : stores_) stores.push_back(vm);
-  for (auto& [id, v] : views_)
-    views.push_back({{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}});
+  std::vector<std::pair<std::string, std::string>> store_dirs;
+  size_t disks_served = 0;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, g] : groups_) {
+      groups.push_back(vm);
+      disks_served += g->disks.size();
+    }
+    for (auto& [vm, st] : stores_) {
+      stores.push_back(vm);
+      store_dirs.emplace_back(vm, st->dir());
+    }
+    for (auto& [id, v] : views_) {
+      views.push_back({{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}});
+    }
+  }
+  // Capacity: what the recovery stores take on disk (allocated blocks), and the file
+  // system they live on. Outside mu_: it walks directories.
+  json store_bytes = json::object();
+  uint64_t stores_total = 0;
+  for (auto& [vm, dir] : store_dirs) {
+    uint64_t used = 0;
+    std::error_code ec;
+    for (auto it = fs::recursive_directory_iterator(dir, ec);
+         !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+      struct stat st {};
+      if (it->is_regular_file(ec) && ::stat(it->path().c_str(), &st) == 0) {
+        used += static_cast<uint64_t>(st.st_blocks) * 512;
+      }
+    }
+    store_bytes[vm] = used;
+    stores_total += used;
+  }
+  struct statvfs vfs {};
+  json fs_json = nullptr;
+  if (::statvfs(cfg_.data_dir.c_str(), &vfs) == 0) {
+    fs_json = {{"total_bytes", static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize},
+               {"free_bytes", static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize}};
+  }
   return json{{"name", cfg_.name},
               {"nbd", fmt::format("{}:{}", nbd_bound_.host, nbd_bound_.port)},
               {"replication", fmt::format("{}:{}", repl_bound_.host, repl_bound_.port)},
               {"groups", groups},
               {"stores", stores},
-              {"views", views}};
+              {"views", views},
+              {"disks_served", disks_served + views.size()},
+              {"store_bytes", store_bytes},
+              {"store_bytes_total", stores_total},
+              {"filesystem", fs_json}};
 }
 
 std::string Site::Metrics() {

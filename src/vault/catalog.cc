@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS items(vm TEXT PRIMARY KEY, source TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS points(id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL,
   seq INTEGER NOT NULL, time_ns INTEGER NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS points_vm ON points(vm, seq);
+CREATE TABLE IF NOT EXISTS rpo_samples(vm TEXT NOT NULL, time_ns INTEGER NOT NULL,
+  rpo_s REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS rpo_samples_vm ON rpo_samples(vm, time_ns);
 CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL,
   vm TEXT NOT NULL, state TEXT NOT NULL, progress INTEGER NOT NULL, steps TEXT NOT NULL,
   error TEXT NOT NULL, result TEXT NOT NULL, args TEXT NOT NULL, created_ns INTEGER NOT NULL,
@@ -55,6 +58,10 @@ class Stmt {
     sqlite3_bind_int64(s_, ++n_, v);
     return *this;
   }
+  Stmt& Bind(double v) {
+    sqlite3_bind_double(s_, ++n_, v);
+    return *this;
+  }
   // SQLITE_ROW, SQLITE_DONE or an error code.
   int Step() { return rc_ == SQLITE_OK ? sqlite3_step(s_) : rc_; }
   Status Run() {
@@ -68,6 +75,7 @@ class Stmt {
     return p ? reinterpret_cast<const char*>(p) : "";
   }
   int64_t Int(int i) { return sqlite3_column_int64(s_, i); }
+  double Double(int i) { return sqlite3_column_double(s_, i); }
   json Json(int i) {
     json j = json::parse(Text(i), nullptr, false);
     return j.is_discarded() ? json() : j;
@@ -274,6 +282,30 @@ std::optional<ItemRow> Catalog::Item(const std::string& vm) {
     if (i.vm == vm) return i;
   }
   return std::nullopt;
+}
+
+Status Catalog::AddRpoSample(const std::string& vm, int64_t time_ns, double rpo_s,
+                             int64_t keep_after_ns) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO rpo_samples(vm, time_ns, rpo_s) VALUES(?,?,?)")
+                          .Bind(vm)
+                          .Bind(time_ns)
+                          .Bind(rpo_s)
+                          .Run());
+  return Stmt(db_, "DELETE FROM rpo_samples WHERE vm=? AND time_ns<?")
+      .Bind(vm)
+      .Bind(keep_after_ns)
+      .Run();
+}
+
+std::vector<std::pair<int64_t, double>> Catalog::RpoSamples(const std::string& vm,
+                                                            int64_t since_ns) {
+  std::lock_guard lock(mu_);
+  std::vector<std::pair<int64_t, double>> out;
+  Stmt s(db_, "SELECT time_ns, rpo_s FROM rpo_samples WHERE vm=? AND time_ns>=? ORDER BY time_ns");
+  s.Bind(vm).Bind(since_ns);
+  while (s.Step() == SQLITE_ROW) out.emplace_back(s.Int(0), s.Double(1));
+  return out;
 }
 
 Status Catalog::DeleteItem(const std::string& vm) {

@@ -99,6 +99,10 @@ class Catalog {
   std::vector<ItemRow> Items();
   std::optional<ItemRow> Item(const std::string& vm);
   Status DeleteItem(const std::string& vm);
+  // The RPO over time (the web UI's chart): a sample, dropping the item's samples older
+  // than keep_after_ns; and the samples since since_ns, oldest first.
+  Status AddRpoSample(const std::string& vm, int64_t time_ns, double rpo_s, int64_t keep_after_ns);
+  std::vector<std::pair<int64_t, double>> RpoSamples(const std::string& vm, int64_t since_ns);
 
   Result<int64_t> AddPoint(const PointRow& p);
   std::vector<PointRow> Points(const std::string& vm);

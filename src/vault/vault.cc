@@ -7,6 +7,7 @@
 #include <charconv>
 #include <chrono>
 #include <ctime>
+#include <filesystem>
 #include <map>
 #include <set>
 
@@ -190,6 +191,20 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   }
   v->http_ = std::make_unique<httplib::Server>();
   v->SetupRoutes();
+  // The web UI: static files from the same port as the API (no CDN, no other server).
+  std::error_code ec;
+  if (!cfg.web_dir.empty() && std::filesystem::exists(cfg.web_dir + "/index.html", ec) &&
+      v->http_->set_mount_point("/", cfg.web_dir)) {
+    spdlog::info("vault: web UI from {}", cfg.web_dir);
+  } else {
+    std::string dir = cfg.web_dir;
+    v->http_->Get("/", [dir](const httplib::Request&, httplib::Response& res) {
+      res.set_content(
+          "<!doctype html><title>osr</title><p>The osr web UI is not built here (looked in " + dir +
+              "). Run <code>make web</code> (or <code>make run</code>), then reload.",
+          "text/html; charset=utf-8");
+    });
+  }
   v->bound_ = cfg.api_listen;
   if (cfg.api_listen.port == 0) {
     int port = v->http_->bind_to_any_port(cfg.api_listen.host);
@@ -251,6 +266,10 @@ json Vault::ListSites() {
       row["nbd"] = (*d)["nbd"];
       row["vms"] = (*d)["groups"];
       row["stores"] = (*d)["stores"];
+      row["disks_served"] = d->value("disks_served", 0);
+      row["store_bytes"] = d->value("store_bytes", json::object());
+      row["store_bytes_total"] = d->value("store_bytes_total", uint64_t{0});
+      row["filesystem"] = d->value("filesystem", json());
     } else {
       row["error"] = d.status().message();
     }
@@ -945,6 +964,9 @@ void Vault::ReconcileReplication(const ItemRow& item) {
 }
 
 void Vault::PointLoop() {
+  constexpr int64_t kRpoSampleNs = 5'000'000'000;   // the chart's resolution
+  constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // and its span
+  int64_t last_rpo_sample_ns = 0;
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -953,8 +975,18 @@ void Vault::PointLoop() {
         return;
       }
     }
+    int64_t tick_ns = NowNs();
+    bool sample_rpo = tick_ns - last_rpo_sample_ns >= kRpoSampleNs;
+    if (sample_rpo) last_rpo_sample_ns = tick_ns;
     for (auto& item : catalog_->Items()) {
       if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item);
+      if (sample_rpo && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
+        json shown = ItemJson(item);
+        if (shown["rpo_seconds"].is_number()) {
+          (void)catalog_->AddRpoSample(item.vm, tick_ns, shown["rpo_seconds"].get<double>(),
+                                       tick_ns - kRpoKeepNs);
+        }
+      }
       if (item.state != "Protected" && item.state != "TestFailoverCompleted") continue;
       ReconcileReplication(item);
       auto policy = catalog_->Policy(item.policy);
@@ -1091,6 +1123,21 @@ void Vault::SetupRoutes() {
            [this, result](const httplib::Request& req, httplib::Response& res) {
              result(res, Unprotect(req.matches[1]));
            });
+  h.Get(R"(/api/v1/items/([^/]+)/rpo)",
+        [this, result](const httplib::Request& req, httplib::Response& res) {
+          int64_t seconds = 3600;
+          if (req.has_param("seconds")) {
+            seconds = std::clamp<int64_t>(
+                std::strtoll(req.get_param_value("seconds").c_str(), nullptr, 10), 1, 86400);
+          }
+          std::string vm = req.matches[1];
+          if (!catalog_->Item(vm)) return result(res, NotFound("VM " + vm + " is not protected"));
+          json out = json::array();
+          for (auto& [t, r] : catalog_->RpoSamples(vm, NowNs() - seconds * 1000000000)) {
+            out.push_back({{"time", FormatTimeNs(t)}, {"rpo_seconds", r}});
+          }
+          result(res, out);
+        });
   h.Get(R"(/api/v1/items/([^/]+)/points)",
         [this, result](const httplib::Request& req, httplib::Response& res) {
           result(res, ListPoints(req.matches[1]));

@@ -41,6 +41,7 @@ struct VaultConfig {
   int job_wait_ms_max = 120000;  // a job step waiting for replication gives up after this
   int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
   bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
+  std::string web_dir;           // the web UI's built assets, served at / ("" or missing: none)
 };
 
 class Vault {

@@ -299,6 +299,19 @@ def check_found_exact(job, store_seq):
     assert isinstance(found.get("why"), str) and found["why"], found
 
 
+def covered(ops):
+    """The bytes of the disks that ops touch, each byte counted once."""
+    total = 0
+    for disk in {op[0] for op in ops}:
+        ranges = sorted((off, off + length) for name, _k, off, length, _d in ops if name == disk)
+        end = 0
+        for a, b in ranges:
+            if b > end:
+                total += b - max(a, end)
+                end = b
+    return total
+
+
 def expect_eperm(fn, what):
     nbd = require_libnbd()
     with pytest.raises(nbd.Error) as err:
@@ -313,6 +326,10 @@ def expect_eperm(fn, what):
 
 
 def test_full_cycle(env, rng, tmp_path):
+    """A VM with two disks, run by the process driver, through the whole cycle: failover to
+    an older point (the VM starts at recovery on the point's bytes), change-point to a newer
+    one (the writes since failover are gone), commit, reprotect (exact), a planned failback
+    that loses nothing, commit, reprotect, and drills on both sides."""
     osr = env.osr
     nbd_of = site_nbd(osr)
     assert set(nbd_of) == {"primary", "recovery"} and nbd_of["primary"] != nbd_of["recovery"]
@@ -422,7 +439,11 @@ def test_full_cycle(env, rng, tmp_path):
     assert job.get("mode") == "exact", f"reprotect mode: {job}"
     assert job.get("source") == "recovery" and job.get("target") == "primary", job
     check_found_exact(job, seq1)
-    assert isinstance(job.get("bytes_shipped"), int) and job["bytes_shipped"] > 0, job
+    # At least: what the store held after pb (undone at the primary) and what was written at
+    # recovery since the change-point.
+    must = covered(model1.ops[pb["seq"]:] + vm.model.ops)
+    assert isinstance(job.get("bytes_shipped"), int) and job["bytes_shipped"] >= must, \
+        f"reprotect shipped {job.get('bytes_shipped')} bytes; {must} bytes differ: {job}"
     item = item_show(osr, "vmf", "Protected", "recovery", "primary", 2)
     assert item.get("failover") is None, item
     first = assert_point(item.get("latest_point"), "first point after reprotect")
@@ -473,6 +494,10 @@ def test_full_cycle(env, rng, tmp_path):
     assert job.get("mode") == "exact", f"reprotect mode: {job}"
     assert job.get("source") == "primary" and job.get("target") == "recovery", job
     check_found_exact(job, fb_seq)
+    must = covered(vm.model.ops)        # the VM's marker blocks, written since the failback
+    assert isinstance(job.get("bytes_shipped"), int) and \
+        must <= job["bytes_shipped"] <= 2 * must + MIB, \
+        f"reprotect shipped {job.get('bytes_shipped')} bytes; {must} bytes differ: {job}"
     item = item_show(osr, "vmf", "Protected", "primary", "recovery", 3)
     assert item["latest_point"]["seq"] == 0, item
     vm.rebase(vm.model.seq)
@@ -557,6 +582,9 @@ def check_shipped(job, changed, mode, what):
 
 @pytest.mark.deadline(90)
 def test_reprotect_ships_differences(env, rng):
+    """A 1 GiB disk with 256 MiB of random data: after failover and commit, ~1% changed at
+    the new primary; reprotect ships about that much (exact: from the history; then, after a
+    failback, --compare: from block hashes), and both sides end up byte for byte equal."""
     osr = env.osr
     nbd_of = site_nbd(osr)
     osr.ok("policy", "create", "manual", "--crash-interval", "24h")
@@ -674,6 +702,8 @@ def refused(osr, name, *args, says=()):
 
 
 def test_refusals(env, rng):
+    """Each command out of turn, and each bad point, is refused with a clear message and
+    changes nothing: not the item, the VM, the points, the jobs or the bytes."""
     osr = env.osr
     osr.ok("policy", "create", "manual", "--crash-interval", "24h")
     create_vm(osr, "ref", [("os", "16M", 16 * MIB)])
@@ -746,19 +776,6 @@ def test_refusals(env, rng):
 
 
 # -- 4. fencing of the old primary -------------------------------------------------------------
-
-
-def covered(ops):
-    """The bytes of the disks that ops touch, each byte counted once."""
-    total = 0
-    for disk in {op[0] for op in ops}:
-        ranges = sorted((off, off + length) for name, _k, off, length, _d in ops if name == disk)
-        end = 0
-        for a, b in ranges:
-            if b > end:
-                total += b - max(a, end)
-                end = b
-    return total
 
 
 def test_fenced_old_primary(env, rng):
