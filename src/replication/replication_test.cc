@@ -13,9 +13,9 @@
 #include <thread>
 
 #include "capture/capture_group.h"
-#include "nbd/file_disk.h"
 #include "capture/log_reader.h"
 #include "common/tls.h"
+#include "nbd/file_disk.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
 #include "store/recovery_store.h"

@@ -327,6 +327,8 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncBegin,
                                  nlohmann::json{{"from", from}, {"initial", is_initial}}.dump()));
   std::vector<uint8_t> buf;
+  // The policy's bandwidth limit holds for copies too (initial, resync, reprotect).
+  auto pace_until = std::chrono::steady_clock::now();
   for (auto& r : regions) {
     for (uint64_t off = r.range.offset; off < r.range.offset + r.range.length;) {
       if (stop_) return Status::Ok();
@@ -339,9 +341,18 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
       OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncData, buf));
       off += n;
       {
-        std::lock_guard lock(mu_);
+        std::unique_lock lock(mu_);
         stats_.resync_bytes_done += n;
+        stats_.wire_bytes_sent += buf.size() + kFrameHeaderBytes;
         if (session_broken_) return Unavailable(stats_.last_error);
+        if (opts_.bandwidth_bytes_per_second > 0) {
+          pace_until += std::chrono::nanoseconds((buf.size() + kFrameHeaderBytes) * 1000000000ull /
+                                                 opts_.bandwidth_bytes_per_second);
+          auto now = std::chrono::steady_clock::now();
+          if (pace_until < now) pace_until = now;
+          cv_.wait_until(lock, pace_until, [&] { return stop_.load() || session_broken_; });
+          if (session_broken_) return Unavailable(stats_.last_error);
+        }
       }
       // New writes keep flowing while the regions are copied.
       OSR_RETURN_IF_ERROR(ship_upto(log_->written_seq()));

@@ -21,6 +21,7 @@ namespace osr::replication {
 inline constexpr uint32_t kFrameMagic = 0x5252534f;  // "OSRR" as little-endian bytes
 inline constexpr uint32_t kProtocolVersion = 1;
 inline constexpr uint32_t kFramePayloadMax = 64u << 20;
+inline constexpr size_t kFrameHeaderBytes = 16;
 // Frame flag: the payload is u32 uncompressed length + an LZ4 block (RECORDS only, when
 // both ends said so in HELLO / HELLO_OK).
 inline constexpr uint16_t kFlagLz4 = 1;

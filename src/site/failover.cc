@@ -59,14 +59,15 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
                                 vm, gr.failover_seq));
     }
   }
+  if (st->initial_sync_pending() || st->differential()) {
+    return Unavailable("the recovery store of " + vm +
+                       " has not received its first full copy yet: no point to fail over to");
+  }
   // Fence the old primary at the store first: its records are refused from now on, and
-  // the session it may still have is cut.
+  // the session it may still have is cut. (A resync under way ends with it: points
+  // before it stay readable.)
   OSR_RETURN_IF_ERROR(st->AcceptEpoch(epoch));
   receiver_->EndGroup(vm);
-  if (st->resyncing() || st->initial_sync_pending()) {
-    return Unavailable("the recovery store of " + vm +
-                       " is being resynchronized; no point is consistent until it ends");
-  }
   std::lock_guard lock(mu_);
   if (groups_.count(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " was just created");
   std::string dir = cfg_.data_dir + "/groups/" + vm;
@@ -173,12 +174,23 @@ void Site::MaterialiseThread(const std::string& vm, Group* g) {
     spdlog::warn("site {}: VM {}: materialising: {}", cfg_.name, vm, st.ToString());
     return;
   }
-  // The disks stand alone: next start opens them as plain images.
+  // The disks stand alone: next start opens them as plain images. Their region maps
+  // (all held) go once that is recorded.
   g->failover = false;
   g->materialise_state = "done";
   g->materialise_done = g->materialise_total;
   Status saved = SaveLocked();
-  if (!saved.ok()) spdlog::error("site {}: {}", cfg_.name, saved.ToString());
+  if (!saved.ok()) {
+    g->failover = true;  // the maps stay: a restart materialises again (all held: quick)
+    g->materialise_state = "failed";
+    g->materialise_error = saved.message();
+    spdlog::error("site {}: {}", cfg_.name, saved.ToString());
+    return;
+  }
+  std::error_code ec;
+  for (auto& d : g->disks) {
+    fs::remove(cfg_.data_dir + "/groups/" + vm + "/" + d.name + ".img.cow", ec);
+  }
   spdlog::info("site {}: VM {}: failover disks materialised", cfg_.name, vm);
 }
 
@@ -293,6 +305,10 @@ Result<json> Site::CompareHashes(const std::string& vm, uint64_t region_bytes,
 
 Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch) {
   std::unique_ptr<Group> g;
+  struct {
+    uint64_t epoch = 1, fenced_epoch = 0, bandwidth_bytes_per_second = 0;
+    bool history_lost = false, compress = true;
+  } saved;
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
@@ -306,6 +322,11 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
       return InvalidArgument("VM " + vm + " runs on failover disks here; commit them first");
     }
     if (VmRunningLocked(gr)) return InvalidArgument("VM " + vm + " still runs here; stop it");
+    saved.epoch = gr.epoch;
+    saved.fenced_epoch = std::max(gr.fenced_epoch, gr.capture->fenced_epoch());
+    saved.history_lost = gr.history_lost;
+    saved.compress = gr.compress;
+    saved.bandwidth_bytes_per_second = gr.bandwidth_bytes_per_second;
     g = std::move(it->second);
     groups_.erase(it);
   }
@@ -330,11 +351,27 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
                                          store::RecoveryStore::Start::kDifferential, images);
   std::lock_guard lock(mu_);
   if (!st.ok()) {
-    // The images stay where they were: put the group back as it was.
+    // Create put the images back where they were: so does the group go back.
     spdlog::error("site {}: VM {}: cannot make a store of its disks: {}", cfg_.name, vm,
                   st.status().ToString());
     std::error_code ec;
-    if (!fs::exists(sdir + "/store.json", ec)) fs::remove_all(sdir, ec);
+    bool moved_back = true;
+    for (auto& img : images) moved_back = moved_back && fs::exists(img, ec);
+    if (moved_back && !fs::exists(sdir + "/store.json", ec)) fs::remove_all(sdir, ec);
+    auto back = std::make_unique<Group>();
+    back->disks = disks;
+    back->epoch = saved.epoch;
+    back->fenced_epoch = saved.fenced_epoch;
+    back->history_lost = saved.history_lost;
+    back->compress = saved.compress;
+    back->bandwidth_bytes_per_second = saved.bandwidth_bytes_per_second;
+    if (Status reopened = OpenGroupLocked(vm, *back); reopened.ok()) {
+      back->capture->Fence(std::max<uint64_t>(back->fenced_epoch, 1));
+      groups_[vm] = std::move(back);
+    } else {
+      spdlog::error("site {}: VM {}: cannot reopen its disks: {}", cfg_.name, vm,
+                    reopened.ToString());
+    }
     return st.status();
   }
   OSR_RETURN_IF_ERROR((*st)->AcceptEpoch(epoch));
@@ -377,7 +414,7 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
   fs::create_directories(run, ec);
   // Started outside mu_: a QEMU takes a while to answer.
   std::unique_ptr<hypervisor::ProcessDriver> process;
-  std::unique_ptr<hypervisor::QemuDriver> qemu;
+  std::shared_ptr<hypervisor::QemuDriver> qemu;
   Status started;
   if (driver == "process") {
     hypervisor::VmSpec vs;
@@ -397,7 +434,7 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
     qs.run_dir = run;
     qs.guest_agent = spec.value("guest_agent", true);
     qs.accel = spec.value("accel", std::string());
-    qemu = std::make_unique<hypervisor::QemuDriver>();
+    qemu = std::make_shared<hypervisor::QemuDriver>();
     started = qemu->Start(qs);
   }
   std::lock_guard lock(mu_);
@@ -420,7 +457,7 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
 
 Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
   std::unique_ptr<hypervisor::ProcessDriver> p;
-  std::unique_ptr<hypervisor::QemuDriver> q;
+  std::shared_ptr<hypervisor::QemuDriver> q;
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
@@ -444,23 +481,30 @@ Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
 }
 
 Status Site::FreezeVm(const std::string& vm, int timeout_ms) {
-  std::lock_guard lock(mu_);
-  auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
-  Group& g = *it->second;
-  if (!g.qemu || !g.qemu->running()) {
+  std::shared_ptr<hypervisor::QemuDriver> q;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    q = it->second->qemu;
+  }
+  // The guest agent may take its time: not under mu_.
+  if (!q || !q->running()) {
     return Status(Code::kNotSupported, "VM " + vm + " is not a running QEMU VM");
   }
-  return g.qemu->Freeze(timeout_ms);
+  return q->Freeze(timeout_ms);
 }
 
 Status Site::ThawVm(const std::string& vm) {
-  std::lock_guard lock(mu_);
-  auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
-  Group& g = *it->second;
-  if (!g.qemu || !g.qemu->running()) return Status::Ok();
-  return g.qemu->Thaw();
+  std::shared_ptr<hypervisor::QemuDriver> q;
+  {
+    std::lock_guard lock(mu_);
+    auto it = groups_.find(vm);
+    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    q = it->second->qemu;
+  }
+  if (!q || !q->running()) return Status::Ok();
+  return q->Thaw();
 }
 
 }  // namespace osr::site

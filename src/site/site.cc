@@ -53,6 +53,26 @@ Result<ListenAddress> Address(const toml::table& t, const char* key, uint16_t de
   return ParseHostPort(*v, default_port);
 }
 
+// A size key: "8G" or a number of bytes; anything else is an error, not ignored.
+Status SizeKey(const toml::table& t, const std::string& path, const char* key, uint64_t* out) {
+  auto node = t[key];
+  if (!node) return Status::Ok();
+  if (auto n = node.value<int64_t>(); n && node.is_integer()) {
+    if (*n < 0) return InvalidArgument(fmt::format("{}: '{}' must not be negative", path, key));
+    *out = static_cast<uint64_t>(*n);
+    return Status::Ok();
+  }
+  if (auto text = node.value<std::string>()) {
+    auto v = ParseSize(*text);
+    if (!v.ok())
+      return InvalidArgument(fmt::format("{}: '{}': {}", path, key, v.status().message()));
+    *out = *v;
+    return Status::Ok();
+  }
+  return InvalidArgument(
+      fmt::format("{}: '{}' must be a size such as \"8G\" or a number of bytes", path, key));
+}
+
 }  // namespace
 
 Result<SiteConfig> SiteConfig::Load(const std::string& path) {
@@ -71,12 +91,8 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   OSR_ASSIGN_OR_RETURN(c.nbd_listen, Address(t, "nbd_listen", 10809));
   OSR_ASSIGN_OR_RETURN(c.replication_listen, Address(t, "replication_listen", 7481));
   OSR_ASSIGN_OR_RETURN(c.api_listen, Address(t, "api_listen", 7482));
-  if (auto limit = t["capture_log_limit"].value<std::string>()) {
-    OSR_ASSIGN_OR_RETURN(c.capture_log_bytes_max, ParseSize(*limit));
-  }
-  if (auto rate = t["materialise_rate"].value<std::string>()) {
-    OSR_ASSIGN_OR_RETURN(c.materialise_bytes_per_second, ParseSize(*rate));
-  }
+  OSR_RETURN_IF_ERROR(SizeKey(t, path, "capture_log_limit", &c.capture_log_bytes_max));
+  OSR_RETURN_IF_ERROR(SizeKey(t, path, "materialise_rate", &c.materialise_bytes_per_second));
   c.tls.ca = t["tls_ca"].value_or(std::string());
   c.tls.cert = t["tls_cert"].value_or(std::string());
   c.tls.key = t["tls_key"].value_or(std::string());
@@ -185,8 +201,26 @@ Status Site::Load() {
     g->vm_spec = gj.value("vm", json());
     std::string dir = cfg_.data_dir + "/groups/" + vm;
     std::error_code ec;
+    std::string sdir = cfg_.data_dir + "/stores/" + vm;
+    if (!g->failover && !fs::exists(sdir + "/store.json", ec)) {
+      // A reprotect stopped while it moved the disks into a store: move them back.
+      for (size_t i = 0; i < g->disks.size(); ++i) {
+        std::string img = dir + "/" + g->disks[i].name + ".img";
+        std::string moved = fmt::format("{}/base/{}.img", sdir, i);
+        if (!fs::exists(img, ec) && fs::exists(moved, ec)) {
+          spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name,
+                       vm, g->disks[i].name);
+          fs::rename(moved, img, ec);
+          if (ec) return Status::FromErrno(ec.value(), "move " + moved + " back to " + img);
+        }
+      }
+    }
+    if (!g->failover) {
+      // Region maps of failover disks that were materialised before the last save.
+      for (auto& d : g->disks) fs::remove(dir + "/" + d.name + ".img.cow", ec);
+    }
     if (!g->failover && !fs::exists(dir + "/" + g->disks[0].name + ".img", ec) &&
-        fs::exists(cfg_.data_dir + "/stores/" + vm + "/store.json", ec) && !stores_.count(vm)) {
+        fs::exists(sdir + "/store.json", ec) && !stores_.count(vm)) {
       // A reprotect moved the disks into a store and stopped before saying so here.
       spdlog::warn("site {}: VM {}: its disks became a recovery store; finishing that", cfg_.name,
                    vm);
@@ -396,6 +430,9 @@ Status Site::StartReplication(const std::string& vm, const std::string& target, 
   g.sender.reset();
   g.replicate_to = target;
   g.epoch = epoch;
+  // A failed-over VM's tracking ends here: the sender resyncs what the bitmaps hold and
+  // then ships records (after a restart too: the marks are sticky).
+  g.tracking = false;
   g.compress = compress;
   g.bandwidth_bytes_per_second = bandwidth_bytes_per_second;
   OSR_RETURN_IF_ERROR(StartSenderLocked(vm, g));
@@ -448,7 +485,8 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"disks", disks},
               {"last_seq", g.capture->log().last_seq()},
               {"capture_overflowed", g.capture->log().overflowed()},
-              {"fenced_epoch", std::max(g.fenced_epoch, g.capture->fenced_epoch())},
+              {"fenced_epoch", g.fenced_epoch},  // recorded (kept across restarts)
+              {"capture_fenced_epoch", g.capture->fenced_epoch()},  // in force now
               {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
               {"epoch", g.epoch},

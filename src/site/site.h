@@ -162,7 +162,7 @@ class Site {
     // The VM (guarded by the site's mu_).
     nlohmann::json vm_spec;
     std::unique_ptr<hypervisor::ProcessDriver> process;
-    std::unique_ptr<hypervisor::QemuDriver> qemu;
+    std::shared_ptr<hypervisor::QemuDriver> qemu;  // shared: a freeze runs outside mu_
     bool vm_starting = false;
   };
   struct View {

@@ -55,9 +55,13 @@ Result<std::unique_ptr<FailoverDisk>> FailoverDisk::Open(const std::string& imag
   std::string map_path = image_path + ".cow";
   std::error_code ec;
   bool fresh = !std::filesystem::exists(map_path, ec);
-  if (fresh && std::filesystem::exists(image_path, ec)) {
+  bool image = std::filesystem::exists(image_path, ec);
+  if (fresh && image) {
     // An image without its map would be read as the point: refuse rather than guess.
     return Corruption(image_path + " exists but its region map " + map_path + " does not");
+  }
+  if (!fresh && !image) {
+    return Corruption(map_path + " names regions of " + image_path + ", which is missing");
   }
   OSR_ASSIGN_OR_RETURN(File f, File::Open(image_path, File::Mode::kCreate));
   OSR_RETURN_IF_ERROR(f.Truncate(size));
@@ -236,11 +240,38 @@ Status FailoverDisk::Flush() {
   return Status::Ok();
 }
 
-Status FailoverDisk::BlockStatus(uint64_t offset, uint64_t length, size_t,
+Status FailoverDisk::BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,
                                  std::vector<nbd::Extent>* out) {
-  // Allocation is not tracked through the point: everything reads as data.
-  (void)offset;
-  out->push_back({length, 0});
+  // Regions the image holds: its own allocation (holes read as zeros). Regions still on
+  // the point: data (allocation through the store is not tracked).
+  uint64_t pos = offset, end = offset + length;
+  while (pos < end && out->size() < extents_max) {
+    uint64_t r = pos / region_bytes_;
+    bool held = Held(r);
+    uint64_t run_end = std::min(end, (r + 1) * region_bytes_);
+    while (run_end < end && Held(run_end / region_bytes_) == held) {
+      run_end = std::min(end, run_end + region_bytes_);
+    }
+    if (!held) {
+      out->push_back({run_end - pos, 0});
+      pos = run_end;
+      continue;
+    }
+    while (pos < run_end && out->size() < extents_max) {
+      OSR_ASSIGN_OR_RETURN(uint64_t data, image_.SeekData(pos, size_));
+      if (data > pos) {
+        uint64_t stop = std::min(data, run_end);
+        out->push_back({stop - pos, nbd::kStateHole | nbd::kStateZero});
+        pos = stop;
+        continue;
+      }
+      OSR_ASSIGN_OR_RETURN(uint64_t hole, image_.SeekHole(pos, size_));
+      uint64_t stop = std::min(hole, run_end);
+      if (stop <= pos) stop = run_end;
+      out->push_back({stop - pos, 0});
+      pos = stop;
+    }
+  }
   return Status::Ok();
 }
 
@@ -285,11 +316,10 @@ Status FailoverDisk::Materialise(const std::function<void(uint64_t, uint64_t)>& 
     if (store_ != nullptr && pinned_) store_->Unpin(seq_);
     store_ = nullptr;
   }
+  // The map stays (every region held) until the site has recorded that the disks are
+  // plain images: a restart in between opens them as failover disks again, all held.
   materialised_ = true;
-  std::error_code ec;
-  std::filesystem::remove(map_path_, ec);
-  if (ec) return Status::FromErrno(ec.value(), "remove " + map_path_);
-  return SyncDir(std::filesystem::path(map_path_).parent_path().string());
+  return Status::Ok();
 }
 
 }  // namespace osr::store

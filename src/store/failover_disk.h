@@ -8,7 +8,8 @@
 //
 //   <image>          the disk (sparse; only regions marked in the map are meaningful)
 //   <image>.cow      the map: regions the image holds (format in docs/formats.md,
-//                    "Failover disk map"); gone once materialised
+//                    "Failover disk region map"); all held once materialised (the site
+//                    deletes it when it has recorded that the disk is a plain image)
 //
 // Crash safety: a region's bit is set only after its bytes are in the image, and the map
 // is written (atomically, after an fdatasync of the image) by Flush. After a crash, a
@@ -56,7 +57,7 @@ class FailoverDisk final : public nbd::Disk {
                      std::vector<nbd::Extent>* out) override;
 
   // Copies every region not held yet (skipping ones that read as zeros: the image stays
-  // sparse), then flushes, releases the point and deletes the map. `progress(done, total)`
+  // sparse), then flushes (the map: all held) and releases the point. `progress(done, total)`
   // in bytes; `stop` ends it early (kUnavailable; what was copied stays).
   Status Materialise(const std::function<void(uint64_t, uint64_t)>& progress,
                      const std::atomic<bool>& stop);

@@ -119,7 +119,12 @@ TEST_F(FailoverDiskTest, MaterialiseWhileWritingLosesNothing) {
   for (auto [off, len, v] : ops) std::fill(model_.begin() + off, model_.begin() + off + len, v);
   EXPECT_EQ(last_done, kSize);
   EXPECT_TRUE(d->materialised());
-  EXPECT_FALSE(fs::exists(img + ".cow"));
+  EXPECT_TRUE(fs::exists(img + ".cow"));  // all held; the site removes it when recorded
+  std::vector<nbd::Extent> ext;
+  ASSERT_TRUE(d->BlockStatus(0, kSize, 1000, &ext).ok());
+  uint64_t covered = 0;
+  for (auto& e : ext) covered += e.length;
+  EXPECT_EQ(covered, kSize);
   ExpectModel(*d);
   // The point is released: the store folds past it; the image alone holds the disk.
   EXPECT_EQ(store_->Fold(2).value(), 2u);

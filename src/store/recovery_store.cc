@@ -52,9 +52,18 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(
   for (size_t i = 0; i < disks.size(); ++i) {
     if (disks[i].size_bytes == 0) return InvalidArgument("disk " + disks[i].name + " has size 0");
     if (start == Start::kDifferential) {
-      // Same file system: a rename, O(1) in the disk's size.
+      // Same file system: a rename, O(1) in the disk's size. (Before store.json exists:
+      // a crash in between leaves images in base/ without a store, which the site moves
+      // back to its group when it starts.)
       fs::rename(images[i], BasePath(dir, i), ec);
-      if (ec) return Status::FromErrno(ec.value(), "move " + images[i] + " into the store");
+      if (ec) {
+        Status st = Status::FromErrno(ec.value(), "move " + images[i] + " into the store");
+        for (size_t k = 0; k < i; ++k) {  // put back what moved: nothing half-done
+          std::error_code back;
+          fs::rename(BasePath(dir, k), images[k], back);
+        }
+        return st;
+      }
       continue;
     }
     OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir, i), File::Mode::kCreate));

@@ -32,6 +32,8 @@ Code CodeFromHttp(int status) {
       return Code::kNotFound;
     case 409:
       return Code::kAlreadyExists;
+    case 501:
+      return Code::kNotSupported;
     case 503:
       return Code::kUnavailable;
     default:
@@ -427,13 +429,19 @@ json Vault::ItemJson(const ItemRow& item) {
   out["direction"] = item.source + " -> " + item.target;
   if (auto v = catalog_->Vm(item.vm)) out["running_site"] = v->site;
   if (!item.failover.is_null()) out["failover"] = item.failover;
-  static const std::set<std::string> kNotReplicating = {
-      "FailingOver", "FailoverFailed", "FailedOver", "Committing", "FailoverCommitted"};
+  static const std::set<std::string> kNotReplicating = {"FailingOver",       "FailoverFailed",
+                                                        "FailedOver",        "Committing",
+                                                        "FailoverCommitted", "Reprotecting"};
   if (kNotReplicating.count(item.state)) {
-    out["health"] =
-        item.state == "FailoverFailed"
-            ? "Critical: the failover stopped half-way; run it again (osr failover)"
-            : "Warning: not protected: the VM runs at " + item.target + " (commit, then reprotect)";
+    if (item.state == "FailoverFailed") {
+      out["health"] = "Critical: the failover stopped half-way; run it again (osr failover)";
+    } else if (item.state == "Reprotecting") {
+      out["health"] =
+          "Warning: reprotecting " + item.target + " -> " + item.source + " (see its job)";
+    } else {
+      out["health"] =
+          "Warning: not protected: the VM runs at " + item.target + " (commit, then reprotect)";
+    }
     out["rpo_seconds"] = nullptr;
     return out;
   }
@@ -514,8 +522,11 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   static const std::set<std::string> kBusy = {"FailingOver", "FailoverFailed", "FailedOver",
                                               "Committing", "Reprotecting"};
   if (kBusy.count(item->state)) {
-    return InvalidArgument(fmt::format(
-        "VM {} is {}: finish the failover first (commit; or failover again)", vm, item->state));
+    std::string what = item->state == "FailedOver" ? "commit the failover first, then unprotect"
+                       : item->state == "FailoverFailed"
+                           ? "run the failover again first (osr failover)"
+                           : "wait for its job to end";
+    return InvalidArgument(fmt::format("VM {} is {}: {}", vm, item->state, what));
   }
   if (item->state == "FailoverCommitted") {
     // Nothing replicates; the old primary keeps its fenced disks until deleted there.

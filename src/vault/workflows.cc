@@ -176,9 +176,13 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
     }
     steps.Done(5);
   }
-  if (Status h = RunHook(*vm, "pre_failover", {{"OSR_SITE", item.target}}); !h.ok()) {
-    steps.Begin("Pre-failover hook");
-    return fail(h, before);
+  if (!job.args.value("pre_hook_done", false)) {
+    if (Status h = RunHook(*vm, "pre_failover", {{"OSR_SITE", item.target}}); !h.ok()) {
+      steps.Begin("Pre-failover hook");
+      return fail(h, before);
+    }
+    job.args["pre_hook_done"] = true;
+    steps.Save();
   }
   if (shutdown && !job.args.value("shutdown_done", false)) {
     steps.Begin(fmt::format("Shut down the VM at {}", item.source));
@@ -447,6 +451,8 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
     if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
     if (!g.ok()) {
       mode = "full";
+      job.args["mode"] = mode;
+      steps.Save();
       auto r = SiteClient(*old).Call("PUT", "/stores/" + job.vm,
                                      json{{"disks", vm->disks}, {"start", "full"}});
       if (!r.ok() && r.status().code() != Code::kAlreadyExists) return back(r.status());
@@ -464,9 +470,17 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
       bool compare = job.args.value("compare", false) || (*g).value("history_lost", false);
       if (compare) {
         mode = "hash";
-        auto h = SiteClient(*old).CallRaw("GET", "/groups/" + job.vm + "/hashes");
+        // 64 KiB regions (the bitmaps'), larger for big disks: at most 4 Mi hashes
+        // (32 MiB) cross the vault.
+        uint64_t total = 0;
+        for (auto& d : vm->disks) total += d.value("size_bytes", uint64_t{0});
+        uint64_t region = 64 * 1024;
+        while (total / region > (4u << 20)) region *= 2;
+        auto h = SiteClient(*old).CallRaw(
+            "GET", fmt::format("/groups/{}/hashes?region_bytes={}", job.vm, region));
         if (!h.ok()) return back(h.status());
-        auto c = SiteClient(*cur).CallRaw("POST", "/groups/" + job.vm + "/compare", *h);
+        auto c = SiteClient(*cur).CallRaw(
+            "POST", fmt::format("/groups/{}/compare?region_bytes={}", job.vm, region), *h);
         if (!c.ok()) return back(c.status());
         found = json::parse(*c, nullptr, false);
         found["why"] = (*g).value("history_lost", false)
@@ -490,6 +504,9 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
                   "what the store held after the point, what the old primary never sent, and "
                   "what was written here since failover"}};
       }
+      job.args["mode"] = mode;  // kept before the old disks change role (a resumed job)
+      job.args["found"] = found;
+      steps.Save();
       auto cg = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
       if (!cg.ok()) return back(cg.status());
       auto t = SiteClient(*old).Call(
