@@ -223,6 +223,9 @@ int main(int argc, char** argv) {
   vcreate->add_option("--cpus", vcpus, "qemu driver: CPUs (default 1)");
   vcreate->add_option("--shutdown-timeout", vstop_timeout,
                       "seconds a shutdown may take before a hard stop (default 30)");
+  int vhook_timeout = 60;
+  vcreate->add_option("--hook-timeout", vhook_timeout,
+                      "seconds a hook may run before it is killed (default 60)");
   vcreate->add_option("--hook", vhooks,
                       "NAME=COMMAND: freeze, thaw, pre_failover or post_failover (repeat)");
   auto* vlist = vm->add_subcommand("list", "list VMs");
@@ -256,7 +259,9 @@ int main(int argc, char** argv) {
   ptlist->add_option("name", vname)->required();
   auto* ptcreate = point->add_subcommand("create", "make a recovery point now");
   ptcreate->add_option("name", vname)->required();
-  ptcreate->add_flag("--app", appflag, "app-consistent (runs the VM's freeze/thaw hooks when set)");
+  ptcreate->add_flag("--app", appflag,
+                     "app-consistent: quiesced by the guest agent (qemu) or the VM's freeze/thaw "
+                     "hooks");
 
   auto* tf = app.add_subcommand(
       "test-failover", "a DR drill: the VM's disks at a point, writable, beside replication");
@@ -390,7 +395,9 @@ int main(int argc, char** argv) {
       if (!size.ok()) return Fail(size.status().message());
       disks.push_back({{"name", d.substr(0, colon)}, {"size_bytes", *size}});
     }
-    json vspec = {{"driver", vdriver}, {"shutdown_timeout_ms", vstop_timeout * 1000}};
+    json vspec = {{"driver", vdriver},
+                  {"shutdown_timeout_ms", vstop_timeout * 1000},
+                  {"hook_timeout_ms", vhook_timeout * 1000}};
     if (!vcommand.empty()) vspec["command"] = vcommand;
     if (vdriver == "qemu") {
       auto mem = osr::ParseSize(vmemory);
