@@ -9,9 +9,9 @@ FUZZ_SECONDS ?= 20
 RUN_DIR    ?= osr-data
 PYTHON     := /usr/bin/python3
 
-.PHONY: all bootstrap build asan fuzz-build run test test-unit test-release test-asan fuzz bench format clean
+.PHONY: all bootstrap build web asan fuzz-build run test test-unit test-release test-asan fuzz bench format clean
 
-all: build
+all: build web
 
 bootstrap:
 	@scripts/bootstrap
@@ -28,6 +28,10 @@ $(BUILD_FUZZ)/build.ninja:
 build: bootstrap $(BUILD)/build.ninja
 	ninja -C $(BUILD) -j $(JOBS)
 
+# The web UI (web/, Vite): its bundle in web/dist, which the vault serves.
+web: bootstrap
+	npm run build --prefix web --silent -- --logLevel warn
+
 asan: bootstrap $(BUILD_ASAN)/build.ninja
 	ninja -C $(BUILD_ASAN) -j $(JOBS)
 
@@ -36,7 +40,7 @@ fuzz-build: bootstrap $(BUILD_FUZZ)/build.ninja
 
 # The quickstart: a vault on 127.0.0.1:7480 and two sites, primary and recovery, with
 # their state in $(RUN_DIR). It prints what to try; Ctrl-C stops it.
-run: build
+run: build web
 	@echo "CLI: $(BUILD)/osr (export PATH=$$PWD/$(BUILD):$$PATH to type just osr)"
 	$(BUILD)/osrd quickstart --dir $(RUN_DIR)
 
@@ -44,7 +48,7 @@ run: build
 # the ASan/UBSan build, then each fuzz target for FUZZ_SECONDS.
 test: test-release test-asan fuzz
 
-test-release: build
+test-release: build web
 	ctest --test-dir $(BUILD) --output-on-failure --timeout 900
 
 test-asan: asan

@@ -320,6 +320,7 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
       "state in %s\n",
       abs.c_str());
   std::printf("  vault: %s/api/v1\n", vurl.c_str());
+  std::printf("  web UI: %s/\n", vurl.c_str());
   std::printf("Try (build/osr, or osr on your PATH):\n");
   std::printf("  osr site list\n");
   std::printf("  osr vm create vm1 --site primary --disk os:1G --disk data:256M\n");
@@ -328,6 +329,7 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   std::printf("  osr point list vm1\n");
   std::printf("  osr test-failover vm1 --point latest --wait   # drill disks' URIs\n");
   std::printf("  osr test-failover-cleanup vm1 --wait\n");
+  std::printf("  osr failover vm1 --point latest --wait   # then: commit, reprotect\n");
   std::printf("Ctrl-C stops everything.\n");
   std::printf("osrd: ready\n");
   std::fflush(stdout);

@@ -773,6 +773,12 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
     // A point needs a consistent state: not inside a resynchronization.
     bool usable = !st.value("resyncing", false) && want >= st.value("consistent_from", uint64_t{0});
     if (durable >= want && usable) {
+      // Nothing new since the newest point: that point is the latest (no twin).
+      auto points = catalog_->Points(item.vm);
+      if (!points.empty() && points.back().seq == want &&
+          (type == "crash" || points.back().type == type)) {
+        return points.back();
+      }
       PointRow p{0, item.vm, want, durable == want ? st.value("durable_time_ns", NowNs()) : NowNs(),
                  type};
       if (p.time_ns == 0) p.time_ns = NowNs();
@@ -1208,17 +1214,37 @@ void Vault::SetupRoutes() {
            result(res, StopVm(req.matches[1], b->value("timeout_ms", 30000)));
          });
   h.Get("/api/v1/jobs", [this, reply](const httplib::Request& req, httplib::Response& res) {
-    reply(res, 200, ListJobs(req.get_param_value("vm"), req.get_param_value("state")));
+    json jobs = ListJobs(req.get_param_value("vm"), req.get_param_value("state"));
+    if (req.has_param("limit")) {  // the newest `limit`, still oldest first
+      size_t limit = std::strtoull(req.get_param_value("limit").c_str(), nullptr, 10);
+      if (jobs.size() > limit) jobs.erase(jobs.begin(), jobs.end() - limit);
+    }
+    reply(res, 200, jobs);
   });
   h.Get(R"(/api/v1/jobs/(\d+))",
         [this, result](const httplib::Request& req, httplib::Response& res) {
           result(res, ShowJob(std::stoll(req.matches[1])));
         });
-  h.set_error_handler([reply](const httplib::Request&, httplib::Response& res) {
-    if (res.body.empty()) {
-      reply(res, res.status,
-            json{{"error", {{"code", "not found"}, {"message", "no such API path or method"}}}});
+  h.set_error_handler([reply](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    // What the HTTP layer refused before any handler ran, in words.
+    std::string code = "invalid argument", message;
+    switch (res.status) {
+      case 404:
+        code = "not found";
+        message = "no such API path or method: " + req.method + " " + req.path;
+        break;
+      case 400:
+        message = "malformed HTTP request (a POST needs a body, e.g. {}, with its length)";
+        break;
+      case 413:
+        message = "the request body is too large";
+        break;
+      default:
+        code = "internal";
+        message = "HTTP " + std::to_string(res.status);
     }
+    reply(res, res.status, json{{"error", {{"code", code}, {"message", message}}}});
   });
 }
 

@@ -1,0 +1,581 @@
+// Browser test of the web UI against a real `osrd quickstart`, driven by clicking in
+// Debian's chromium (playwright-core; never a downloaded browser).
+//
+// It creates a VM with the osr CLI and writes to it with qemu-io, then, all in the page:
+// protects it, waits for recovery points in the timeline, runs a test failover and its
+// cleanup (with notes), meets the vault's refusal through a stale dialog, fails over to a
+// custom point picked in the timeline, changes the point, commits and reprotects. At each
+// state it checks the state shown, the actions offered (and that no other is), the RPO,
+// and the jobs' progress and steps. Last it stops the vault and checks that the page says
+// so. Screenshots of every page go to ARTIFACTS.
+//
+//   node tests/web/ui.test.mjs
+//
+// Env: OSRD, OSR (default <repo>/build/osrd, osr), WEB_DIST (default <repo>/web/dist),
+// ARTIFACTS (default <repo>/build/web-artifacts), CHROMIUM (default /usr/bin/chromium).
+// Exit status 0 when every check passed, 1 otherwise.
+
+import { execFile, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, createWriteStream } from 'node:fs';
+import { createRequire } from 'node:module';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+const OSRD = process.env.OSRD || join(REPO, 'build/osrd');
+const OSR = process.env.OSR || join(REPO, 'build/osr');
+const WEB_DIST = process.env.WEB_DIST || join(REPO, 'web/dist');
+const ARTIFACTS = process.env.ARTIFACTS || join(REPO, 'build/web-artifacts');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+const kTestTimeoutMs = 170_000; // the whole test, whatever hangs
+const kStepTimeoutMs = 20_000; // one UI wait
+const kJobTimeoutMs = 45_000; // one job to finish
+const kStartTimeoutMs = 20_000; // the quickstart to say "ready"
+const kStopGraceMs = 10_000; // SIGINT, then SIGKILL
+
+const execFileP = promisify(execFile);
+const t0 = Date.now();
+const secs = () => ((Date.now() - t0) / 1000).toFixed(1).padStart(5);
+const log = (...a) => console.log(`[${secs()}s]`, ...a);
+
+let failures = 0;
+function check(cond, what) {
+  if (cond) {
+    log('  ok:', what);
+  } else {
+    failures++;
+    log('  FAIL:', what);
+  }
+  return cond;
+}
+class Fatal extends Error {}
+function must(cond, what) {
+  if (!check(cond, what)) throw new Fatal(what);
+}
+
+// ---- preconditions: a clear failure, never a silent skip ----------------------------
+function preflight() {
+  const missing = [];
+  if (!existsSync(CHROMIUM)) {
+    missing.push(`${CHROMIUM} is missing: install Debian's chromium (apt-get install -y --no-install-recommends chromium)`);
+  }
+  if (!existsSync(OSRD)) missing.push(`osrd not found at ${OSRD} (build it, or set OSRD)`);
+  if (!existsSync(OSR)) missing.push(`osr not found at ${OSR} (build it, or set OSR)`);
+  if (!existsSync(join(WEB_DIST, 'index.html'))) {
+    missing.push(`${WEB_DIST}/index.html is missing: run npm ci --prefix web && npm run build --prefix web (or set WEB_DIST)`);
+  }
+  for (const dir of (process.env.PATH || '').split(':')) {
+    if (dir && existsSync(join(dir, 'qemu-io'))) return missing;
+  }
+  missing.push('qemu-io is missing: install qemu-utils');
+  return missing;
+}
+
+async function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.on('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+  });
+}
+
+// ---- the quickstart -----------------------------------------------------------------
+let vault = null; // {proc, exited: Promise}
+
+async function startQuickstart(dir, port) {
+  const out = createWriteStream(join(ARTIFACTS, 'quickstart.log'));
+  const proc = spawn(OSRD, ['quickstart', '--dir', join(dir, 'data'), '--vault-listen', `127.0.0.1:${port}`, '--web', WEB_DIST], {
+    cwd: dir,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const exited = new Promise((res) => proc.on('exit', (code, signal) => res({ code, signal })));
+  vault = { proc, exited, gone: false };
+  exited.then(() => (vault.gone = true));
+  let text = '';
+  const ready = new Promise((res, rej) => {
+    const timer = setTimeout(() => rej(new Fatal(`the quickstart did not say "osrd: ready" within ${kStartTimeoutMs / 1000} s:\n${text}`)), kStartTimeoutMs);
+    const on = (d) => {
+      text += d;
+      out.write(d);
+      if (text.includes('osrd: ready')) {
+        clearTimeout(timer);
+        res();
+      }
+    };
+    proc.stdout.on('data', on);
+    proc.stderr.on('data', on);
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      rej(new Fatal(`the quickstart exited (code ${code}, signal ${signal}) before it was ready:\n${text}`));
+    });
+  });
+  await ready;
+}
+
+async function stopQuickstart() {
+  if (!vault || vault.gone) return;
+  vault.proc.kill('SIGINT');
+  const killed = await Promise.race([vault.exited.then(() => false), sleep(kStopGraceMs).then(() => true)]);
+  if (killed && !vault.gone) {
+    log('the quickstart did not stop within 10 s of SIGINT: SIGKILL');
+    vault.proc.kill('SIGKILL');
+    await Promise.race([vault.exited, sleep(5000)]);
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function osr(base, ...args) {
+  const { stdout } = await execFileP(OSR, ['--vault', base, '--output', 'json', ...args], { timeout: 30_000 });
+  return stdout.trim() ? JSON.parse(stdout) : null;
+}
+
+async function qemuWrite(uri, pattern, offset) {
+  await execFileP('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${offset} 1M`, uri], { timeout: 30_000 });
+}
+
+async function apiCall(base, method, path, body) {
+  const res = await fetch(`${base}/api/v1${path}`, {
+    method,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    headers: body === undefined ? {} : { 'Content-Type': 'application/json' },
+  });
+  const data = await res.json();
+  if (!res.ok) throw new Error(`${method} ${path}: HTTP ${res.status} ${JSON.stringify(data)}`);
+  return data;
+}
+
+// ---- page helpers -------------------------------------------------------------------
+async function waitUntil(fn, what, timeout = kStepTimeoutMs) {
+  const end = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > end) throw new Fatal(`timed out after ${timeout / 1000} s waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
+    await sleep(200);
+  }
+}
+
+async function shot(page, name, fullPage = false) {
+  await page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage });
+  log(`  screenshot ${name}.png`);
+}
+
+// The action buttons an ActionBar offers (data-action of each), inside `scope`.
+async function actionsIn(scope) {
+  const bar = scope.locator('[data-testid=actions]').first();
+  await bar.waitFor({ state: 'attached', timeout: kStepTimeoutMs });
+  return bar.locator('button[data-action]').evaluateAll((els) => els.map((e) => e.dataset.action).sort());
+}
+
+function sameSet(a, b) {
+  return JSON.stringify([...a].sort()) === JSON.stringify([...b].sort());
+}
+
+async function goItem(page, base, name) {
+  await page.goto(`${base}/#/items/${name}`);
+  await page.locator(`[data-testid=item-page][data-name=${name}] .page-head`).waitFor({ timeout: kStepTimeoutMs });
+}
+
+const itemHead = (page) => page.locator('[data-testid=item-page] .page-head');
+
+async function waitItemState(page, state, timeout = kJobTimeoutMs) {
+  await waitUntil(
+    async () => (await page.locator('[data-testid=item-page]').getAttribute('data-state')) === state,
+    `the item page to show state ${state}`,
+    timeout,
+  );
+  check((await itemHead(page).locator('[data-testid=state]').innerText()).includes(state), `the state badge says ${state}`);
+}
+
+// Waits for the newest tracked job of `type` (the panel of jobs started in this page) to
+// end; checks its progress bar and its steps; returns the job card.
+async function waitTrackedJob(page, type) {
+  const card = page.locator(`[data-testid=tracker] [data-testid=job][data-job-type=${type}]`).first();
+  await card.waitFor({ timeout: kStepTimeoutMs });
+  const id = await card.getAttribute('data-job-id');
+  log(`  job ${id} (${type}) shown`);
+  await waitUntil(
+    async () => ['Succeeded', 'Failed'].includes(await card.getAttribute('data-job-state')),
+    `job ${id} (${type}) to end`,
+    kJobTimeoutMs,
+  );
+  const state = await card.getAttribute('data-job-state');
+  if (state === 'Failed') {
+    const err = await card.locator('[data-testid=job-error]').innerText().catch(() => '(no error shown)');
+    must(false, `job ${id} (${type}) succeeded — it failed: ${err}`);
+  }
+  check(state === 'Succeeded', `job ${id} (${type}) reached Succeeded`);
+  check((await card.locator('[data-testid=job-state]').innerText()).includes('Succeeded'), `job ${id}'s badge says Succeeded`);
+  check((await card.locator('[data-testid=progress]').getAttribute('aria-valuenow')) === '100', `job ${id}'s progress bar is at 100%`);
+  const steps = await card.locator('[data-testid=steps] li').evaluateAll((els) =>
+    els.map((e) => ({ state: e.dataset.state, name: e.querySelector('.step-name').textContent })),
+  );
+  check(steps.length > 0 && steps.every((s) => s.state === 'Succeeded'), `job ${id} shows its ${steps.length} steps, all Succeeded: ${steps.map((s) => s.name).join(' / ')}`);
+  return card;
+}
+
+async function openDialog(page, buttonSelector, dialogTestid) {
+  await page.locator(buttonSelector).first().click();
+  const dlg = page.locator(`[data-testid=${dialogTestid}]`);
+  await dlg.waitFor({ timeout: kStepTimeoutMs });
+  return dlg;
+}
+
+async function confirmDialog(dlg) {
+  const confirm = dlg.locator('[data-testid=confirm]');
+  await waitUntil(async () => await confirm.isEnabled(), 'the confirm button to be enabled');
+  await confirm.click();
+  await dlg.waitFor({ state: 'detached', timeout: kStepTimeoutMs });
+}
+
+const kRpoText = /^\d+(\.\d+)? s\b/;
+
+// Checks that `locator`'s text matches every regex within a few seconds (dialogs load
+// their data after they open); returns the text.
+async function textMatches(locator, regexes, what, timeout = 5000) {
+  let text = '';
+  const ok = await waitUntil(async () => {
+    text = await locator.innerText();
+    return regexes.every((re) => re.test(text));
+  }, what, timeout).then(() => true, () => false);
+  check(ok, `${what}: "${text.trim().replace(/\s+/g, ' ')}"`);
+  return text;
+}
+
+// ---- the test -----------------------------------------------------------------------
+async function run() {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const missing = preflight();
+  if (missing.length) {
+    for (const m of missing) log('FAIL:', m);
+    failures += missing.length;
+    return;
+  }
+  // playwright-core is a devDependency of web/ (npm ci --prefix web).
+  let chromium;
+  try {
+    ({ chromium } = createRequire(join(REPO, 'web/package.json'))('playwright-core'));
+  } catch (e) {
+    failures++;
+    log(`FAIL: playwright-core is not installed under web/ (run npm ci --prefix web): ${e.message}`);
+    return;
+  }
+
+  const dir = mkdtempSync(join(tmpdir(), 'osr-web-test-'));
+  const port = await freePort();
+  const base = `http://127.0.0.1:${port}`;
+  let browser = null;
+  const pageErrors = [];
+  try {
+    log(`quickstart on ${base}, state in ${dir}`);
+    await startQuickstart(dir, port);
+
+    log('VM vm1 with the CLI, written with qemu-io');
+    await osr(base, 'vm', 'create', 'vm1', '--site', 'primary', '--disk', 'os:64M', '--disk', 'data:16M');
+    const vm = await osr(base, 'vm', 'show', 'vm1');
+    const uri = vm.disks[0].uri;
+    await qemuWrite(uri, '0x11', '0');
+
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: process.getuid && process.getuid() === 0 ? ['--no-sandbox', '--disable-dev-shm-usage'] : ['--disable-dev-shm-usage'],
+      timeout: 30_000,
+    });
+    const page = await browser.newPage({ viewport: { width: 1366, height: 768 } });
+    page.setDefaultTimeout(kStepTimeoutMs);
+    page.on('pageerror', (e) => pageErrors.push(e.message));
+    page.on('console', (m) => {
+      if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) pageErrors.push('console: ' + m.text());
+    });
+
+    // -- VMs page: protect ------------------------------------------------------------
+    log('VMs page: protect vm1');
+    await page.goto(`${base}/#/vms`);
+    const vmRow = page.locator('[data-testid=vm-row][data-name=vm1]');
+    await vmRow.waitFor();
+    check((await vmRow.getAttribute('data-state')) === 'Unprotected', 'vm1 is listed Unprotected');
+    check((await vmRow.innerText()).includes('64.0 MiB'), 'its disk size is shown in human units');
+    check((await vmRow.locator('button').count()) === 1 && (await vmRow.locator('[data-testid=action-protect]').count()) === 1, 'only Protect is offered to an unprotected VM');
+    await shot(page, 'vms');
+    const protect = await openDialog(page, '[data-testid=vm-row][data-name=vm1] [data-testid=action-protect]', 'protect-dialog');
+    const target = await waitUntil(async () => await protect.locator('[data-testid=target]').inputValue(), 'the target sites to load').catch(() => '');
+    check(target === 'recovery', `the target offered is the other site (${target})`);
+    check((await protect.locator('[data-testid=policy]').inputValue()) === 'default', 'the default policy is chosen');
+    await confirmDialog(protect);
+    await waitTrackedJob(page, 'enable-protection');
+
+    // -- items page -----------------------------------------------------------------
+    log('Replicated items page');
+    await page.click('[data-testid=nav-items]');
+    const row = page.locator('[data-testid=item-row][data-name=vm1]');
+    await waitUntil(async () => (await row.getAttribute('data-state')) === 'Protected', 'vm1 Protected in the items list');
+    check(sameSet(await actionsIn(row), ['test-failover', 'failover', 'unprotect']), 'Protected offers Test failover, Failover, Unprotect and nothing else');
+    check((await row.locator('[data-testid=direction]').innerText()).trim() === 'primary → recovery', 'direction primary → recovery');
+    const health = await row.locator('[data-testid=health]').innerText();
+    check(/Normal/.test(health) && (await row.locator('[data-testid=health] .badge.tone-ok').count()) === 1, `health is a green badge with words (${health.trim()})`);
+    const rpoText = (await row.locator('[data-testid=rpo]').innerText()).trim();
+    check(kRpoText.test(rpoText), `the RPO is shown as a number of seconds (${rpoText})`);
+    check(/#\d+/.test(await row.locator('[data-testid=latest-point]').innerText()), 'the latest recovery point is shown');
+    await shot(page, 'items');
+
+    // -- points ------------------------------------------------------------------------
+    log('more writes, so that points appear in the timeline');
+    for (const [i, pattern] of ['0x22', '0x33', '0x44'].entries()) {
+      await sleep(i === 0 ? 500 : 5600);
+      await qemuWrite(uri, pattern, `${i + 1}M`);
+    }
+    await row.locator('[data-testid=item-link]').click();
+    await page.locator('[data-testid=item-page][data-name=vm1]').waitFor();
+    const markers = page.locator('[data-testid=points-panel] [data-testid=timeline] [data-testid=point]');
+    await waitUntil(async () => (await markers.count()) >= 4, 'at least 4 points in the timeline', 30_000);
+    check(true, `${await markers.count()} points in the timeline`);
+    const types = await markers.evaluateAll((els) => els.map((e) => e.dataset.pointType));
+    check(types.every((t) => t === 'crash' || t === 'app'), 'every marker is a crash or app point');
+    const itemRpo = (await itemHead(page).locator('[data-testid=rpo]').innerText()).trim();
+    check(kRpoText.test(itemRpo), `the item page shows the RPO as a number (${itemRpo})`);
+    check((await page.locator('[data-testid=disks] [data-testid=disk-row]').count()) === 2, 'the item page lists both disks');
+    check((await page.locator('[data-testid=disks]').innerText()).includes('nbd://'), 'with their NBD URIs');
+    check((await page.locator('[data-testid=epoch]').innerText()).trim() === '1', 'epoch 1');
+    check((await page.locator('[data-testid=running-site]').innerText()).startsWith('primary'), 'it runs at primary');
+    await page.locator('[data-testid=rpo-chart] svg').waitFor();
+    await waitUntil(async () => (await page.locator('[data-testid=rpo-line]').count()) === 1, 'the RPO chart to draw a line', 15_000);
+    check(true, 'the RPO chart draws its line');
+    await shot(page, 'item', true);
+
+    // -- test failover and its cleanup -------------------------------------------------
+    log('test failover (latest processed) from the item page');
+    const tf = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-test-failover]', 'test-failover-dialog');
+    check(await tf.locator('[data-testid=choice-latest-processed]').isChecked(), 'test failover defaults to Latest processed');
+    await textMatches(tf.locator('[data-testid=summary]'), [/open at recovery on point \d+/], 'its summary names the point it will use');
+    await confirmDialog(tf);
+    await waitTrackedJob(page, 'test-failover');
+    await waitItemState(page, 'TestFailoverCompleted');
+    check(sameSet(await actionsIn(itemHead(page)), ['cleanup']), 'TestFailoverCompleted offers only Cleanup test failover');
+    check(await page.locator('[data-testid=drill]').isVisible(), 'the drill and its disks are shown');
+
+    log('cleanup, with notes');
+    const cl = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-cleanup]', 'cleanup-dialog');
+    await textMatches(cl.locator('[data-testid=summary]'), [/drill disks of vm1 at recovery and every write made to them are deleted/], 'cleanup says the drill disks and their writes are deleted');
+    await cl.locator('[data-testid=notes]').fill('drill ok: the disks held the writes');
+    await confirmDialog(cl);
+    const clJob = await waitTrackedJob(page, 'test-failover-cleanup');
+    check((await clJob.innerText()).includes('drill ok: the disks held the writes'), 'the cleanup job shows the notes');
+    await waitItemState(page, 'Protected');
+
+    // -- a stale dialog: the vault's refusal is shown ---------------------------------
+    log('a stale failover dialog: another operator starts a drill meanwhile');
+    const stale = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-failover]', 'failover-dialog');
+    const behind = await apiCall(base, 'POST', '/items/vm1/test-failover', { point: 'latest-processed' });
+    await waitUntil(async () => (await apiCall(base, 'GET', `/jobs/${behind.id}`)).state === 'Succeeded', 'the drill started behind the page');
+    await stale.locator('[data-testid=confirm]').click();
+    const refusal = stale.locator('[data-testid=dialog-error]');
+    await refusal.waitFor();
+    const refusalText = await refusal.innerText();
+    check(/TestFailoverCompleted/.test(refusalText) && /failover needs Protected/.test(refusalText), `the vault's refusal is shown in words: "${refusalText.trim()}"`);
+    check(/HTTP 400/.test(refusalText), 'with its status');
+    await shot(page, 'dialog-refused');
+    await stale.locator('[data-testid=cancel]').click();
+    await waitItemState(page, 'TestFailoverCompleted');
+    check(sameSet(await actionsIn(itemHead(page)), ['cleanup']), 'the page caught up: only Cleanup is offered');
+    const cl2 = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-cleanup]', 'cleanup-dialog');
+    await confirmDialog(cl2);
+    await waitTrackedJob(page, 'test-failover-cleanup');
+    await waitItemState(page, 'Protected');
+
+    // -- failover to a custom point picked in the timeline ------------------------------
+    log('failover to a custom point picked in the timeline');
+    const ids = await markers.evaluateAll((els) => els.map((e) => Number(e.dataset.pointId)));
+    const pick = ids[1]; // an older point, not the newest
+    await page.locator(`[data-testid=points-panel] [data-testid=timeline] [data-testid=point][data-point-id="${pick}"]`).click();
+    await page.locator(`[data-testid=selected-point][data-point-id="${pick}"]`).waitFor();
+    check(true, `point ${pick} selected`);
+    const fo = await openDialog(page, '[data-testid=selected-point] [data-testid=point-failover]', 'failover-dialog');
+    check(await fo.locator('[data-testid=choice-custom]').isChecked(), 'the dialog opens on Custom');
+    check((await fo.locator(`[data-testid=timeline] [data-testid=point][data-point-id="${pick}"]`).getAttribute('aria-pressed')) === 'true', 'with the picked point selected in its timeline');
+    const shutdownLabel = await fo.locator('label', { has: page.locator('[data-testid=shutdown-source]') }).innerText();
+    check(/Shut down the source VM before failover/.test(shutdownLabel) && /failover goes on/.test(shutdownLabel), 'the shutdown option says that failover goes on if the shutdown fails');
+    await fo.locator('[data-testid=shutdown-source]').check();
+    await textMatches(fo.locator('[data-testid=summary]'), [new RegExp(`at recovery on point ${pick} \\(`), /primary will be fenced \(epoch 2\)/, /shut down first/], 'the summary says what will happen, before the click');
+    await fo.locator('[data-testid=planned]').check();
+    check(await fo.locator('[data-testid=choice-custom]').isDisabled(), 'planned failover disables the point choice');
+    await textMatches(fo.locator('[data-testid=summary]'), [/last write of primary/], 'and the summary says it fails over to the last write');
+    await fo.locator('[data-testid=planned]').uncheck();
+    check(await fo.locator('[data-testid=choice-custom]').isEnabled(), 'unticking it gives the point choice back');
+    await shot(page, 'dialog');
+    await confirmDialog(fo);
+    await waitTrackedJob(page, 'failover');
+    await waitItemState(page, 'FailedOver');
+    check(sameSet(await actionsIn(itemHead(page)), ['change-point', 'commit']), 'FailedOver offers only Change recovery point and Commit');
+    check((await page.locator('[data-testid=failover-point]').innerText()).includes(`point ${pick} `), `the failover record shows point ${pick}`);
+    await waitUntil(async () => (await page.locator('[data-testid=running-site]').innerText()).startsWith('recovery'), 'the item to run at recovery');
+    check(true, 'it runs at recovery now');
+    check((await page.locator('[data-testid=epoch]').innerText()).trim() === '2', 'at epoch 2');
+    check(/not replicating/.test(await itemHead(page).locator('[data-testid=rpo]').innerText()), 'no RPO while nothing replicates');
+
+    // -- change the recovery point -------------------------------------------------------
+    log('change the recovery point to the newest one');
+    const newest = ids[ids.length - 1];
+    await page.locator(`[data-testid=points-panel] [data-testid=timeline] [data-testid=point][data-point-id="${newest}"]`).click();
+    const cp = await openDialog(page, '[data-testid=selected-point] [data-testid=point-change]', 'change-point-dialog');
+    await textMatches(cp.locator('[data-testid=summary]'), [/every write made to its disks since the failover is discarded/, new RegExp(`reopen on point ${newest} `)], 'change point confirms that writes since failover are discarded');
+    await confirmDialog(cp);
+    await waitTrackedJob(page, 'change-point');
+    await waitUntil(async () => (await page.locator('[data-testid=failover-point]').innerText()).includes(`point ${newest} `), `the failover record to show point ${newest}`);
+    check(true, `the item is on point ${newest}`);
+
+    // -- commit ---------------------------------------------------------------------------
+    log('commit');
+    const cm = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-commit]', 'commit-dialog');
+    await textMatches(cm.locator('[data-testid=summary]'), [/all \d+ recovery points and the recovery store at recovery are deleted/, /not reversible/], 'commit says the points are deleted and it is not reversible');
+    await confirmDialog(cm);
+    await waitTrackedJob(page, 'commit');
+    await waitItemState(page, 'FailoverCommitted');
+    check(sameSet(await actionsIn(itemHead(page)), ['reprotect']), 'FailoverCommitted offers only Reprotect');
+    await waitUntil(async () => (await markers.count()) === 0, 'the timeline to be empty after commit');
+    check(true, 'no recovery points are left');
+
+    // -- reprotect --------------------------------------------------------------------------
+    log('reprotect');
+    const rp = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-reprotect]', 'reprotect-dialog');
+    await textMatches(rp.locator('[data-testid=summary]'), [/Replication reverses: from recovery to primary/, /Only the differences are shipped/], 'reprotect says replication reverses from recovery to primary, shipping only the differences');
+    await confirmDialog(rp);
+    const rpJob = await waitTrackedJob(page, 'reprotect');
+    check(/Reprotect mode/.test(await rpJob.innerText()), 'the reprotect job shows its mode');
+    await waitItemState(page, 'Protected');
+    check((await itemHead(page).locator('[data-testid=direction]').innerText()).trim() === 'recovery → primary', 'protected in the other direction: recovery → primary');
+    check(sameSet(await actionsIn(itemHead(page)), ['test-failover', 'failover', 'unprotect']), 'Protected (reversed) offers Test failover, Failover, Unprotect');
+    await waitUntil(async () => kRpoText.test((await itemHead(page).locator('[data-testid=rpo]').innerText()).trim()), 'a numeric RPO again');
+    check(true, 'the RPO is a number again');
+
+    // -- jobs page ----------------------------------------------------------------------------
+    log('Jobs page');
+    await page.click('[data-testid=nav-jobs]');
+    const jobsList = page.locator('[data-testid=jobs-page] [data-testid=job]');
+    await waitUntil(async () => (await jobsList.count()) >= 9, 'the jobs list');
+    const jobs = await jobsList.evaluateAll((els) => els.map((e) => ({ type: e.dataset.jobType, state: e.dataset.jobState })));
+    for (const type of ['enable-protection', 'test-failover', 'test-failover-cleanup', 'failover', 'change-point', 'commit', 'reprotect']) {
+      check(jobs.some((j) => j.type === type && j.state === 'Succeeded'), `the jobs page lists a Succeeded ${type} job`);
+    }
+    check((await page.locator('[data-testid=jobs-page] [data-testid=job] [data-testid=steps]').count()) >= 3, 'the newest jobs show their steps');
+    await shot(page, 'jobs', true);
+    await page.selectOption('[data-testid=filter-state]', 'Failed');
+    await page.locator('[data-testid=no-jobs]').waitFor();
+    check(page.url().includes('state=Failed'), 'the state filter shows no failed jobs and is kept in the address');
+    await page.selectOption('[data-testid=filter-state]', 'Succeeded');
+    await page.selectOption('[data-testid=filter-vm]', 'vm1');
+    await waitUntil(async () => (await jobsList.count()) >= 9, 'jobs of vm1 that succeeded');
+    check((await jobsList.evaluateAll((els) => els.every((e) => e.dataset.jobState === 'Succeeded'))), 'the filter by item and state shows only those');
+
+    // -- sites page ---------------------------------------------------------------------------
+    log('Sites page');
+    await page.click('[data-testid=nav-sites]');
+    const sites = page.locator('[data-testid=site]');
+    await waitUntil(async () => (await sites.count()) === 2, 'two sites');
+    for (const name of ['primary', 'recovery']) {
+      const s = page.locator(`[data-testid=site][data-name=${name}]`);
+      check((await s.getAttribute('data-reachable')) === 'true' && /Reachable/.test(await s.locator('[data-testid=reachable]').innerText()), `${name} is shown reachable`);
+      check(/^\d+$/.test((await s.locator('[data-testid=disks-served]').innerText()).trim()), `${name} shows the disks it serves`);
+      check(/free of .*(GiB|TiB|MiB)/.test(await s.locator('[data-testid=capacity]').innerText()), `${name} shows its file system in human units`);
+    }
+    check(/(KiB|MiB|GiB|B)$/.test((await page.locator('[data-testid=site][data-name=primary] [data-testid=store-bytes]').innerText()).trim()), 'the recovery store bytes are shown (primary holds vm1\'s store now)');
+    await shot(page, 'sites');
+
+    // -- states too short-lived to catch here: the vault's own answers, state replaced --------
+    log('busy states and FailoverFailed (the real answers with the state replaced in the browser)');
+    let fakeState = null;
+    const fakeJob = { id: 999, type: 'failover', vm: 'vm1', state: 'Running', progress: 40, steps: [{ name: 'Fence primary', state: 'Running', message: '' }], error: null, created: new Date().toISOString(), updated: new Date().toISOString() };
+    await page.route(/\/api\/v1\/items$/, async (route) => {
+      const res = await route.fetch();
+      const items = await res.json();
+      for (const it of items) if (it.name === 'vm1' && fakeState) it.state = fakeState;
+      await route.fulfill({ response: res, json: items });
+    });
+    await page.route(/\/api\/v1\/jobs\?state=Running$/, (route) => route.fulfill({ json: [fakeJob] }));
+    await page.click('[data-testid=nav-items]');
+    for (const [state, allowed] of [['EnablingProtection', []], ['FailingOver', []], ['Committing', []], ['Reprotecting', []], ['FailoverFailed', ['failover-retry']]]) {
+      fakeState = state;
+      await waitUntil(async () => (await row.getAttribute('data-state')) === state, `the row to show ${state}`);
+      check(sameSet(await actionsIn(row), allowed), `${state} offers ${allowed.length ? allowed.join(', ') + ' only' : 'no action'}`);
+      if (!allowed.length) {
+        check((await row.locator('[data-testid=actions] .spinner').count()) === 1, `${state} shows a spinner`);
+        check((await row.locator('[data-testid=job-link]').innerText()).includes('job 999 (40%)'), `${state} links to the running job`);
+      }
+    }
+    await page.unroute(/\/api\/v1\/items$/);
+    await page.unroute(/\/api\/v1\/jobs\?state=Running$/);
+    log('a 500 from the vault is shown in words');
+    await page.route(/\/api\/v1\/sites$/, (route) => route.fulfill({ status: 500, json: { error: { code: 'internal', message: 'catalog: database is locked' } } }));
+    await page.click('[data-testid=nav-sites]');
+    const siteErr = page.locator('[data-testid=sites-page] [data-testid=error]');
+    await siteErr.waitFor();
+    await textMatches(siteErr, [/database is locked/, /HTTP 500/], 'the sites page shows the vault\'s error');
+    await page.unroute(/\/api\/v1\/sites$/);
+    await page.locator('[data-testid=sites-page] [data-testid=error]').waitFor({ state: 'detached' });
+    check(true, 'and drops it at the next good answer');
+
+    // -- the vault stops: the page says so, and keeps what it knew --------------------------
+    log('the vault stops');
+    await page.click('[data-testid=nav-items]');
+    await row.waitFor();
+    await stopQuickstart();
+    const banner = page.locator('[data-testid=banner]');
+    await banner.waitFor({ timeout: 10_000 });
+    check(/The vault does not answer/.test(await banner.innerText()), `a banner says the vault does not answer: "${(await banner.innerText()).trim()}"`);
+    check(await row.isVisible(), 'the items list is still shown (not a blank page)');
+    await shot(page, 'vault-down');
+    check(pageErrors.length === 0, `no script errors in the page${pageErrors.length ? ': ' + pageErrors.join(' | ') : ''}`);
+  } catch (e) {
+    failures++;
+    log('FAIL:', e instanceof Fatal ? e.message : e.stack || e);
+    if (browser) {
+      const pages = browser.contexts().flatMap((c) => c.pages());
+      if (pages[0]) await pages[0].screenshot({ path: join(ARTIFACTS, 'failure.png') }).catch(() => {});
+    }
+  } finally {
+    if (browser) await browser.close().catch(() => {});
+    await stopQuickstart();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+// The quickstart must not outlive the test: not when the test is interrupted (Ctrl-C, a
+// CTest timeout's SIGTERM), nor when its output pipe closes.
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, async () => {
+    log(`FAIL: interrupted by ${sig}`);
+    await stopQuickstart();
+    process.exit(1);
+  });
+}
+process.stdout.on('error', () => {});
+process.on('exit', () => {
+  if (vault && !vault.gone) vault.proc.kill('SIGKILL');
+});
+
+const watchdog = setTimeout(async () => {
+  log(`FAIL: the test did not finish within ${kTestTimeoutMs / 1000} s`);
+  if (vault && !vault.gone) {
+    vault.proc.kill('SIGINT');
+    await sleep(kStopGraceMs);
+    if (!vault.gone) vault.proc.kill('SIGKILL');
+  }
+  process.exit(1);
+}, kTestTimeoutMs);
+
+await run();
+clearTimeout(watchdog);
+log(failures ? `${failures} check(s) FAILED; artifacts in ${ARTIFACTS}` : `all checks passed; screenshots in ${ARTIFACTS}`);
+process.exit(failures ? 1 : 0);

@@ -1,0 +1,133 @@
+// The vault's REST API (docs/api.md), on the origin that served this page.
+//
+// Every call resolves to the parsed JSON body or throws an ApiError whose `message` is
+// meant for a person: the vault's own {error: {code, message}} when it sent one, or
+// words for what went wrong on the way (no answer, not JSON, a timeout).
+
+export const API_BASE = './api/v1';
+const kTimeoutMs = 15000; // a call that takes longer is reported, not waited for
+
+export class ApiError extends Error {
+  constructor(message, { status = 0, code = '', path = '', unreachable = false } = {}) {
+    super(message);
+    this.name = 'ApiError';
+    this.status = status; // HTTP status, 0 when there was no answer
+    this.code = code; // the vault's error code ("invalid argument", "not found", ...)
+    this.path = path;
+    this.unreachable = unreachable; // true: the vault did not answer at all
+  }
+}
+
+// What the caller should do, by HTTP status (the vault picks the status that way).
+function statusWords(status) {
+  if (status === 400) return 'the vault refused the request';
+  if (status === 403) return 'not allowed';
+  if (status === 404) return 'not found';
+  if (status === 409) return 'conflicts with what exists';
+  if (status === 501) return 'not supported';
+  if (status === 503) return 'not possible right now, try again later';
+  if (status >= 500) return 'the vault failed; an operator must look';
+  return `HTTP ${status}`;
+}
+
+// Listeners told about every call's outcome: the app shows a banner while the vault
+// does not answer and removes it at the next answer.
+const listeners = new Set();
+export function onConnectivity(fn) {
+  listeners.add(fn);
+  return () => listeners.delete(fn);
+}
+function tell(ok, err) {
+  for (const fn of listeners) fn(ok, err);
+}
+
+export async function request(method, path, body) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), kTimeoutMs);
+  let res;
+  try {
+    res = await fetch(API_BASE + path, {
+      method,
+      // The vault wants a body (with its length) on every POST, even an empty object.
+      body: method === 'GET' ? undefined : JSON.stringify(body ?? {}),
+      headers: method === 'GET' ? {} : { 'Content-Type': 'application/json' },
+      cache: 'no-store',
+      signal: controller.signal,
+    });
+  } catch (e) {
+    const timedOut = e && e.name === 'AbortError';
+    const err = new ApiError(
+      timedOut
+        ? `The vault did not answer within ${kTimeoutMs / 1000} s (${method} ${path}).`
+        : `The vault does not answer (${method} ${path} got no answer): is osrd running and reachable from this browser?`,
+      { path, unreachable: true },
+    );
+    tell(false, err);
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
+  const text = await res.text();
+  let data = null;
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = undefined;
+    }
+  }
+  if (!res.ok) {
+    const e = data && data.error;
+    const message =
+      e && e.message
+        ? `${e.message} (${statusWords(res.status)}, HTTP ${res.status})`
+        : `${method} ${path}: ${statusWords(res.status)} (HTTP ${res.status})${
+            text && data === undefined ? ': ' + text.slice(0, 200) : ''
+          }`;
+    const err = new ApiError(message, { status: res.status, code: e ? e.code : '', path });
+    // An answer, even an error, means the vault is there.
+    tell(true, null);
+    throw err;
+  }
+  if (data === undefined) {
+    const err = new ApiError(`${method} ${path}: the answer is not JSON`, {
+      status: res.status,
+      path,
+    });
+    tell(true, null);
+    throw err;
+  }
+  tell(true, null);
+  return data;
+}
+
+const enc = encodeURIComponent;
+
+export const api = {
+  sites: () => request('GET', '/sites'),
+  policies: () => request('GET', '/policies'),
+  vms: () => request('GET', '/vms'),
+  vm: (name) => request('GET', `/vms/${enc(name)}`),
+  items: () => request('GET', '/items'),
+  item: (name) => request('GET', `/items/${enc(name)}`),
+  points: (name) => request('GET', `/items/${enc(name)}/points`),
+  rpo: (name) => request('GET', `/items/${enc(name)}/rpo`),
+  jobs: ({ vm = '', state = '' } = {}) => {
+    const q = new URLSearchParams();
+    if (vm) q.set('vm', vm);
+    if (state) q.set('state', state);
+    const s = q.toString();
+    return request('GET', '/jobs' + (s ? '?' + s : ''));
+  },
+  job: (id) => request('GET', `/jobs/${enc(id)}`),
+
+  protect: (name, body) => request('POST', `/vms/${enc(name)}/protect`, body),
+  unprotect: (name) => request('DELETE', `/items/${enc(name)}`),
+  testFailover: (name, body) => request('POST', `/items/${enc(name)}/test-failover`, body),
+  testFailoverCleanup: (name, body) =>
+    request('POST', `/items/${enc(name)}/test-failover-cleanup`, body),
+  failover: (name, body) => request('POST', `/items/${enc(name)}/failover`, body),
+  changePoint: (name, body) => request('POST', `/items/${enc(name)}/change-point`, body),
+  commit: (name) => request('POST', `/items/${enc(name)}/commit`, {}),
+  reprotect: (name, body) => request('POST', `/items/${enc(name)}/reprotect`, body),
+};

@@ -1,0 +1,136 @@
+// What the operator may do in each item state (DESIGN.md, "Item states"), and how the
+// numbers are written. The pages offer an action only when its state allows it: the
+// vault checks again, and its refusal is shown when a page was stale.
+
+export const BUSY_STATES = ['EnablingProtection', 'FailingOver', 'Committing', 'Reprotecting'];
+
+// action id -> label
+export const ACTION_LABELS = {
+  protect: 'Protect',
+  'test-failover': 'Test failover',
+  failover: 'Failover',
+  'failover-retry': 'Failover (retry)',
+  unprotect: 'Unprotect',
+  cleanup: 'Cleanup test failover',
+  'change-point': 'Change recovery point',
+  commit: 'Commit',
+  reprotect: 'Reprotect',
+};
+
+// The only actions offered per state; every other state (busy ones included) offers none.
+const kActions = {
+  Unprotected: ['protect'],
+  Protected: ['test-failover', 'failover', 'unprotect'],
+  TestFailoverCompleted: ['cleanup'],
+  FailedOver: ['change-point', 'commit'],
+  FailoverCommitted: ['reprotect'],
+  FailoverFailed: ['failover-retry'],
+};
+
+export function actionsFor(state) {
+  return kActions[state] || [];
+}
+
+export function isBusy(state) {
+  return BUSY_STATES.includes(state);
+}
+
+// A state's colour class: ok (green), warn (amber), bad (red), busy (blue), idle (grey).
+export function stateTone(state) {
+  if (state === 'Protected') return 'ok';
+  if (isBusy(state)) return 'busy';
+  if (state === 'FailoverFailed') return 'bad';
+  if (state === 'Unprotected') return 'idle';
+  return 'warn'; // TestFailoverCompleted, FailedOver, FailoverCommitted: a step is pending
+}
+
+// health: "Normal", "Warning: ...", "Critical: ..." -> {tone, label, detail}
+export function healthOf(health) {
+  const h = String(health ?? '');
+  if (!h) return { tone: 'idle', label: 'Unknown', detail: '' };
+  const m = /^(Normal|Warning|Critical)\s*:?\s*(.*)$/s.exec(h);
+  if (!m) return { tone: 'warn', label: 'Warning', detail: h };
+  const tone = m[1] === 'Normal' ? 'ok' : m[1] === 'Warning' ? 'warn' : 'bad';
+  return { tone, label: m[1], detail: m[2] };
+}
+
+export function jobTone(state) {
+  if (state === 'Succeeded') return 'ok';
+  if (state === 'Failed') return 'bad';
+  if (state === 'Running') return 'busy';
+  return 'idle'; // Queued
+}
+
+export function isJobActive(job) {
+  return job && (job.state === 'Queued' || job.state === 'Running');
+}
+
+const kUnits = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+export function fmtBytes(n) {
+  if (n === null || n === undefined || Number.isNaN(Number(n))) return '—';
+  let v = Number(n);
+  let i = 0;
+  while (Math.abs(v) >= 1024 && i < kUnits.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  const digits = i === 0 || v >= 100 ? 0 : v >= 10 ? 1 : 2;
+  return `${v.toFixed(digits)} ${kUnits[i]}`;
+}
+
+export function fmtRpo(seconds) {
+  if (seconds === null || seconds === undefined) return null;
+  const s = Number(seconds);
+  if (s < 10) return `${s.toFixed(1)} s`;
+  if (s < 600) return `${Math.round(s)} s`;
+  return `${Math.round(s)} s (${fmtDuration(s)})`;
+}
+
+export function fmtDuration(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+}
+
+const pad = (n) => String(n).padStart(2, '0');
+
+// "2026-11-26 09:27:02" in the browser's time zone (the full RFC 3339 time is in a title).
+export function fmtTime(iso) {
+  if (!iso) return '—';
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return String(iso);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(
+    d.getHours(),
+  )}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+export function fmtClock(iso) {
+  const d = iso instanceof Date ? iso : new Date(iso);
+  if (Number.isNaN(d.getTime())) return '—';
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+export function fmtAgo(iso, now = Date.now()) {
+  if (!iso) return '';
+  const t = new Date(iso).getTime();
+  if (Number.isNaN(t)) return '';
+  const s = (now - t) / 1000;
+  if (s < 1) return 'just now';
+  return `${fmtDuration(s)} ago`;
+}
+
+export function pointLabel(p) {
+  if (!p) return '—';
+  return `point ${p.id} (${fmtTime(p.time)}, ${p.type === 'app' ? 'app-consistent' : 'crash-consistent'})`;
+}
+
+// The newest point of a list (oldest first, as the API gives them), optionally of a type.
+export function newestPoint(points, type) {
+  if (!points) return null;
+  for (let i = points.length - 1; i >= 0; i--) {
+    if (!type || points[i].type === type) return points[i];
+  }
+  return null;
+}
