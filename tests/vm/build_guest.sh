@@ -27,8 +27,18 @@ for tool in apt-get apt-cache dpkg-deb cpio gzip; do
 done
 
 # The versioned kernel package, e.g. linux-image-6.1.0-56-amd64.
-kernel_pkg=${OSR_GUEST_KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null |
-  awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')}
+find_kernel_pkg() {
+  apt-cache depends linux-image-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
+}
+kernel_pkg=${OSR_GUEST_KERNEL_PKG:-$(find_kernel_pkg)}
+if [ -z "$kernel_pkg" ] && [ "$(id -u)" -eq 0 ]; then
+  # A machine whose package lists were never fetched (an image with everything
+  # installed): fetch them once.
+  echo "build_guest: apt does not know linux-image-amd64: apt-get update" >&2
+  apt-get update -qq >&2 || die "apt-get update failed"
+  kernel_pkg=$(find_kernel_pkg)
+fi
 [ -n "$kernel_pkg" ] || die "apt does not know linux-image-amd64; run apt-get update"
 
 # Downloads package $1 and unpacks it into directory $2.
