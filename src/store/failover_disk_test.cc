@@ -7,24 +7,15 @@
 #include <random>
 #include <thread>
 
-#include "common/crc32c.h"
+#include "store/test_records.h"
 
 namespace osr::store {
 namespace {
 
 namespace fs = std::filesystem;
-using capture::RecordHeader;
 
 std::vector<uint8_t> Record(uint64_t seq, uint64_t off, const std::vector<uint8_t>& data) {
-  RecordHeader h;
-  h.seq = seq;
-  h.offset = off;
-  h.length = data.size();
-  h.payload_bytes = static_cast<uint32_t>(data.size());
-  std::vector<uint8_t> out(RecordHeader::kSize + data.size());
-  h.Encode(out.data(), Crc32c(data));
-  std::copy(data.begin(), data.end(), out.begin() + RecordHeader::kSize);
-  return out;
+  return testing::WriteRecord(seq, off, data);
 }
 
 class FailoverDiskTest : public ::testing::Test {

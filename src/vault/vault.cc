@@ -100,8 +100,11 @@ std::optional<int64_t> ParseTime(const std::string& s) {
 
 // ---- SiteClient ---------------------------------------------------------------------
 
-Result<json> SiteClient::Call(const std::string& method, const std::string& path,
-                              const json& body) {
+Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,
+                                                         const std::string& path,
+                                                         const std::string& body,
+                                                         const char* content_type,
+                                                         int read_timeout_s) {
   // api = http://HOST:PORT/api/v1
   std::string base = site_.api;
   std::string prefix;
@@ -112,44 +115,13 @@ Result<json> SiteClient::Call(const std::string& method, const std::string& path
   }
   httplib::Client cli(base);
   cli.set_connection_timeout(2);
-  cli.set_read_timeout(30);
-  cli.set_write_timeout(10);
-  std::string url = prefix + path;
-  std::string b = body.is_null() ? "" : body.dump();
-  httplib::Result r = method == "GET"    ? cli.Get(url)
-                      : method == "PUT"  ? cli.Put(url, b, "application/json")
-                      : method == "POST" ? cli.Post(url, b, "application/json")
-                                         : cli.Delete(url);
-  if (!r) {
-    return Unavailable(fmt::format("site {} ({}) is unreachable: {}", site_.name, site_.api,
-                                   httplib::to_string(r.error())));
-  }
-  json j = r->body.empty() ? json::object() : json::parse(r->body, nullptr, false);
-  if (r->status >= 300) {
-    std::string msg =
-        j.is_object() && j.contains("error") ? j["error"].value("message", r->body) : r->body;
-    return Status(CodeFromHttp(r->status), fmt::format("site {}: {}", site_.name, msg));
-  }
-  if (j.is_discarded()) return Corruption(fmt::format("site {}: answer is not JSON", site_.name));
-  return j;
-}
-
-Result<std::string> SiteClient::CallRaw(const std::string& method, const std::string& path,
-                                        const std::string& body) {
-  std::string base = site_.api;
-  std::string prefix;
-  auto slash = base.find('/', base.find("://") + 3);
-  if (slash != std::string::npos) {
-    prefix = base.substr(slash);
-    base = base.substr(0, slash);
-  }
-  httplib::Client cli(base);
-  cli.set_connection_timeout(2);
-  cli.set_read_timeout(600);  // hashing a big disk takes its time
+  cli.set_read_timeout(read_timeout_s);
   cli.set_write_timeout(60);
   std::string url = prefix + path;
-  httplib::Result r =
-      method == "GET" ? cli.Get(url) : cli.Post(url, body, "application/octet-stream");
+  httplib::Result r = method == "GET"    ? cli.Get(url)
+                      : method == "PUT"  ? cli.Put(url, body, content_type)
+                      : method == "POST" ? cli.Post(url, body, content_type)
+                                         : cli.Delete(url);
   if (!r) {
     return Unavailable(fmt::format("site {} ({}) is unreachable: {}", site_.name, site_.api,
                                    httplib::to_string(r.error())));
@@ -160,7 +132,24 @@ Result<std::string> SiteClient::CallRaw(const std::string& method, const std::st
         j.is_object() && j.contains("error") ? j["error"].value("message", r->body) : r->body;
     return Status(CodeFromHttp(r->status), fmt::format("site {}: {}", site_.name, msg));
   }
-  return r->body;
+  return std::pair<int, std::string>{r->status, std::move(r->body)};
+}
+
+Result<json> SiteClient::Call(const std::string& method, const std::string& path,
+                              const json& body) {
+  OSR_ASSIGN_OR_RETURN(auto answer, Exchange(method, path, body.is_null() ? "" : body.dump(),
+                                             "application/json", 30));
+  if (answer.second.empty()) return json::object();
+  json j = json::parse(answer.second, nullptr, false);
+  if (j.is_discarded()) return Corruption(fmt::format("site {}: answer is not JSON", site_.name));
+  return j;
+}
+
+Result<std::string> SiteClient::CallRaw(const std::string& method, const std::string& path,
+                                        const std::string& body) {
+  // Hashing a big disk takes its time.
+  OSR_ASSIGN_OR_RETURN(auto answer, Exchange(method, path, body, "application/octet-stream", 600));
+  return std::move(answer.second);
 }
 
 // ---- Vault --------------------------------------------------------------------------
@@ -868,13 +857,7 @@ void Vault::RunJob(JobRow& job) {
     }
     steps.Done(10);
     steps.Begin(fmt::format("Start replication from {}", item->source));
-    auto policy = catalog_->Policy(item->policy).value_or(PolicyRow{"default"});
-    r = SiteClient(*src).Call(
-        "PUT", "/groups/" + job.vm + "/replication",
-        json{{"target", dst->replication},
-             {"epoch", item->epoch},
-             {"compression", policy.compression},
-             {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
+    r = StartReplication(*item, *src, *dst);
     if (!r.ok()) {
       (void)SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);  // nothing half-done
       (void)catalog_->DeleteItem(job.vm);
@@ -962,21 +945,25 @@ void Vault::RunJob(JobRow& job) {
 
 // ---- points -------------------------------------------------------------------------
 
+Result<json> Vault::StartReplication(const ItemRow& item, const SiteRow& from, const SiteRow& to) {
+  auto policy = catalog_->Policy(item.policy).value_or(PolicyRow{"default"});
+  return SiteClient(from).Call(
+      "PUT", "/groups/" + item.vm + "/replication",
+      json{{"target", to.replication},
+           {"epoch", item.epoch},
+           {"compression", policy.compression},
+           {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
+}
+
 void Vault::ReconcileReplication(const ItemRow& item) {
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   if (!src || !dst) return;
   auto g = SiteClient(*src).Call("GET", "/groups/" + item.vm);
   if (!g.ok() || (*g).value("replicate_to", std::string()) == dst->replication) return;
-  auto policy = catalog_->Policy(item.policy).value_or(PolicyRow{"default"});
   spdlog::info("vault: {}: pointing replication at {} ({})", item.vm, item.target,
                dst->replication);
-  auto r = SiteClient(*src).Call(
-      "PUT", "/groups/" + item.vm + "/replication",
-      json{{"target", dst->replication},
-           {"epoch", item.epoch},
-           {"compression", policy.compression},
-           {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
+  auto r = StartReplication(item, *src, *dst);
   if (!r.ok()) spdlog::warn("vault: {}: {}", item.vm, r.status().ToString());
 }
 

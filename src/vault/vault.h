@@ -117,6 +117,9 @@ class Vault {
   // Re-points a source site's replication at its target's current address (a site that
   // restarted may listen elsewhere now).
   void ReconcileReplication(const ItemRow& item);
+  // PUT .../replication at `from`: ship the item's group to `to` under the item's policy.
+  Result<nlohmann::json> StartReplication(const ItemRow& item, const SiteRow& from,
+                                          const SiteRow& to);
   nlohmann::json ItemJson(const ItemRow& item);
 
   const VaultConfig cfg_;
@@ -147,6 +150,10 @@ class SiteClient {
                               const std::string& body = std::string());
 
  private:
+  // One request; (status, body) for a 2xx answer, else the site's error as a Status.
+  Result<std::pair<int, std::string>> Exchange(const std::string& method, const std::string& path,
+                                               const std::string& body, const char* content_type,
+                                               int read_timeout_s);
   SiteRow site_;
 };
 

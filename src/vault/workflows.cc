@@ -522,13 +522,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   steps.Done(20);
 
   steps.Begin(fmt::format("Replicate {} to {} (only what differs)", item.target, item.source));
-  auto policy = catalog_->Policy(item.policy).value_or(PolicyRow{"default"});
-  auto r = SiteClient(*cur).Call(
-      "PUT", "/groups/" + job.vm + "/replication",
-      json{{"target", old->replication},
-           {"epoch", item.epoch},
-           {"compression", policy.compression},
-           {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
+  auto r = StartReplication(item, *cur, *old);
   if (!r.ok()) return back(r.status());
   if (Status w = WaitForReplica(job.vm, *cur, *old, steps, 20, 95); !w.ok()) return back(w);
   auto gs = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
