@@ -205,10 +205,12 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
     return Unavailable(fmt::format("cannot bind the vault API to {}:{}", cfg.api_listen.host,
                                    cfg.api_listen.port));
   }
-  for (auto& j : v->catalog_->Jobs("", "Queued")) v->queue_.push_back(j.id);
+  for (auto& j : v->catalog_->Jobs("", "Queued")) v->queue_.push_back({j.id, j.vm});
   Vault* vp = v.get();
   v->http_thread_ = std::thread([vp] { vp->http_->listen_after_bind(); });
-  v->job_thread_ = std::thread([vp] { vp->JobLoop(); });
+  for (int i = 0; i < std::max(1, cfg.job_workers); ++i) {
+    v->job_threads_.emplace_back([vp] { vp->JobLoop(); });
+  }
   v->point_thread_ = std::thread([vp] { vp->PointLoop(); });
   return v;
 }
@@ -237,7 +239,9 @@ void Vault::Stop() {
   cv_.notify_all();
   http_->stop();
   if (http_thread_.joinable()) http_thread_.join();
-  if (job_thread_.joinable()) job_thread_.join();
+  for (auto& t : job_threads_) {
+    if (t.joinable()) t.join();
+  }
   if (point_thread_.joinable()) point_thread_.join();
 }
 
@@ -715,7 +719,7 @@ Result<json> Vault::Submit(const std::string& type, const std::string& vm, const
   OSR_ASSIGN_OR_RETURN(j.id, catalog_->AddJob(j));
   {
     std::lock_guard lock(mu_);
-    queue_.push_back(j.id);
+    queue_.push_back({j.id, j.vm});
   }
   cv_.notify_all();
   return JobJson(j);
@@ -724,13 +728,34 @@ Result<json> Vault::Submit(const std::string& type, const std::string& vm, const
 void Vault::JobLoop() {
   for (;;) {
     int64_t id;
+    std::string vm;
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || (jobs_started_ && !queue_.empty()); });
+      // The oldest queued job whose VM has no job running: one VM's jobs run in order,
+      // different VMs' at the same time (a DR event fails many VMs over at once).
+      auto pick = [&] {
+        return std::find_if(queue_.begin(), queue_.end(),
+                            [&](const QueuedJob& q) { return !busy_vms_.count(q.vm); });
+      };
+      cv_.wait(lock, [&] { return stop_ || (jobs_started_ && pick() != queue_.end()); });
       if (stop_) return;
-      id = queue_.front();
-      queue_.pop_front();
+      auto it = pick();
+      id = it->id;
+      vm = it->vm;
+      queue_.erase(it);
+      busy_vms_.insert(vm);
     }
+    struct Release {
+      Vault* v;
+      std::string vm;
+      ~Release() {
+        {
+          std::lock_guard lock(v->mu_);
+          v->busy_vms_.erase(vm);
+        }
+        v->cv_.notify_all();
+      }
+    } release{this, vm};
     auto j = catalog_->Job(id);
     if (!j) continue;
     j->state = "Running";

@@ -12,9 +12,9 @@
 // (epoch, point, reprotect mode) is kept in the job's args; a job that was running when
 // the vault stopped is resumed when it starts again.
 //
-// Thread model: HTTP handlers run on cpp-httplib's pool; jobs run one at a time on the
-// job thread, in submission order; the point thread makes crash-consistent points and
-// applies retention. mu_ guards the job queue; the catalog is thread-safe.
+// Thread model: HTTP handlers run on cpp-httplib's pool; jobs run on job_workers threads,
+// one job per VM at a time, each VM's in submission order; the point thread makes crash-consistent
+// points and applies retention. mu_ guards the job queue; the catalog is thread-safe.
 #pragma once
 
 #include <atomic>
@@ -23,7 +23,9 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
+#include <vector>
 
 #include "common/socket.h"
 #include "vault/catalog.h"
@@ -41,6 +43,7 @@ struct VaultConfig {
   int job_wait_ms_max = 120000;  // a job step waiting for replication gives up after this
   int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
   bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
+  int job_workers = 4;           // jobs of different VMs run at the same time, this many
   std::string web_dir;           // the web UI's built assets, served at / ("" or missing: none)
 };
 
@@ -127,14 +130,19 @@ class Vault {
   std::unique_ptr<httplib::Server> http_;
   ListenAddress bound_;
   std::thread http_thread_;
-  std::thread job_thread_;
+  std::vector<std::thread> job_threads_;
   std::thread point_thread_;
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<int64_t> queue_;  // guarded by mu_
-  bool stop_ = false;          // guarded by mu_
-  bool jobs_started_ = false;  // guarded by mu_
+  struct QueuedJob {
+    int64_t id;
+    std::string vm;
+  };
+  std::deque<QueuedJob> queue_;     // guarded by mu_
+  std::set<std::string> busy_vms_;  // guarded by mu_: VMs with a job running
+  bool stop_ = false;               // guarded by mu_
+  bool jobs_started_ = false;       // guarded by mu_
   std::atomic<bool> stopping_{false};
 };
 

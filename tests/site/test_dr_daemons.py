@@ -298,3 +298,24 @@ def test_reprotect_when_the_old_primary_lost_its_history_or_its_disk(dr, request
     osrtest.assert_same_bytes(read_all(drill["disks"][0]["uri"], DISK), bytes(model),
                               f"the old primary after reprotect ({loss} lost)")
     osr.ok("test-failover-cleanup", "vm1", "--wait")
+
+
+def test_jobs_of_different_vms_run_at_the_same_time(dr, request):
+    """A long commit of one VM does not hold back the failover of another."""
+    vault, primary, recovery, osr = dr
+    rng = random.Random(seed_for(request))
+    size = 256 * MIB
+    osr.ok("vm", "create", "big", "--site", "primary", "--disk", f"os:{size}")
+    write_random(disk_uri(osr, "big"), bytearray(size), rng, 20, max_len=512 * KIB)
+    osr.ok("protect", "big", "--target", "recovery", "--wait")
+    osr.ok("vm", "create", "small", "--site", "primary", "--disk", f"os:{DISK}")
+    osr.ok("protect", "small", "--target", "recovery", "--wait")
+    osr.ok("failover", "big", "--point", "latest", "--wait")
+    commit = osr.ok("commit", "big")["id"]  # ~10 s at the recovery site's 24 MB/s
+    wait_for(lambda: osr.ok("job", "show", commit)["state"] == "Running", 10,
+             "the commit of big to run")
+    job = osr.ok("failover", "small", "--point", "latest", "--wait", timeout=30)
+    assert job["state"] == "Succeeded", job
+    assert osr.ok("job", "show", commit)["state"] == "Running", \
+        "the commit of big ended before the failover of small: nothing was shown"
+    wait_job(osr, commit)
