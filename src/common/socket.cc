@@ -251,4 +251,9 @@ Result<Fd> Connect(const ListenAddress& addr) {
   return last;
 }
 
+void ExclusiveListenerOptions(int fd) {
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+}
+
 }  // namespace osr

@@ -95,4 +95,9 @@ class Listener {
 // Connects to a TCP address or a unix socket (for tools and tests).
 Result<Fd> Connect(const ListenAddress& addr);
 
+// Socket options for an HTTP listener (cpp-httplib's set_socket_options): SO_REUSEADDR
+// only. cpp-httplib's default adds SO_REUSEPORT, with which a second daemon started on the
+// same port binds too and the kernel splits the requests between them.
+void ExclusiveListenerOptions(int fd);
+
 }  // namespace osr

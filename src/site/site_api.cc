@@ -63,6 +63,7 @@ Result<std::vector<DiskSpec>> Disks(const json& j) {
 
 SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Server>()) {
   auto& h = *http_;
+  h.set_socket_options(ExclusiveListenerOptions);
   h.set_payload_max_length(kBodyBytesMax);
   h.Get("/api/v1/site", [this](const httplib::Request&, httplib::Response& res) {
     Reply(res, 200, site_->Describe());

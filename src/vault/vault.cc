@@ -181,6 +181,7 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
     (void)v->catalog_->UpdateJob(j);
   }
   v->http_ = std::make_unique<httplib::Server>();
+  v->http_->set_socket_options(ExclusiveListenerOptions);
   v->SetupRoutes();
   // The web UI: static files from the same port as the API (no CDN, no other server).
   std::error_code ec;
