@@ -112,10 +112,11 @@ export const api = {
   item: (name) => request('GET', `/items/${enc(name)}`),
   points: (name) => request('GET', `/items/${enc(name)}/points`),
   rpo: (name) => request('GET', `/items/${enc(name)}/rpo`),
-  jobs: ({ vm = '', state = '' } = {}) => {
+  jobs: ({ vm = '', state = '', limit = 0 } = {}) => {
     const q = new URLSearchParams();
     if (vm) q.set('vm', vm);
     if (state) q.set('state', state);
+    if (limit) q.set('limit', String(limit));
     const s = q.toString();
     return request('GET', '/jobs' + (s ? '?' + s : ''));
   },

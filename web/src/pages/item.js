@@ -102,7 +102,7 @@ export function ItemPage({ name }) {
   const vm = usePoll(() => api.vm(name), 'vm-' + name);
   const points = usePoll(() => api.points(name), 'points-' + name);
   const rpo = usePoll(() => api.rpo(name), 'rpo-' + name, { interval: 5000 });
-  const jobs = usePoll(() => api.jobs({ vm: name }), 'jobs-' + name);
+  const jobs = usePoll(() => api.jobs({ vm: name, limit: 20 }), 'jobs-' + name);
   const policies = usePoll(() => api.policies(), 'policies', { interval: 30000 });
   const [selectedId, setSelectedId] = useState(null);
 
