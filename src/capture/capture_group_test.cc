@@ -1,5 +1,4 @@
 #include "capture/capture_group.h"
-#include "nbd/file_disk.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -11,6 +10,7 @@
 
 #include "capture/log_reader.h"
 #include "capture/replay.h"
+#include "nbd/file_disk.h"
 
 namespace osr::capture {
 namespace {
