@@ -50,6 +50,9 @@ import sys
 import tempfile
 import time
 
+from benchlib import (BenchError, free_bytes, log, parse_fio_json,  # noqa: E402
+                      raise_interrupt, read_file_text, tail)
+
 # ---------------------------------------------------------------------------
 # Limits (every wait in this script is bounded by one of these).
 
@@ -108,14 +111,6 @@ NOTES = [
     "--aio=threads, nbdkit file cache=default, osrd default). The image and "
     "capture log are synced between workloads, outside the measured time.",
 ]
-
-
-class BenchError(Exception):
-    """An operating error a person can act on (message says what to do)."""
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_size(text):
@@ -194,18 +189,6 @@ def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None):
                 err_f.read().decode(errors="replace"))
 
 
-def tail(text, lines=15):
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def read_file_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def process_cpu_s(pid):
     """User + system CPU seconds of pid (all threads), or None."""
     try:
@@ -276,11 +259,6 @@ def tool_versions(paths):
 
 # ---------------------------------------------------------------------------
 # Images.
-
-def free_bytes(path):
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
 
 def sync_paths(paths):
     """fdatasync each file, bounded in time (outside the measured window)."""
@@ -464,15 +442,6 @@ class Server:
 
 # ---------------------------------------------------------------------------
 # Workloads.
-
-def parse_fio_json(text):
-    # The nbd engine prints "fio: connected to NBD server" into the same
-    # output as the JSON, so skip to the first line that opens an object.
-    m = re.search(r"^\{", text, re.M)
-    if not m:
-        raise BenchError("fio printed no JSON")
-    return json.loads(text[m.start():])
-
 
 def run_fio(server, name, options, direction, args, workdir):
     out_path = os.path.join(workdir, f"fio-{server.name}-{name}.json")
@@ -702,10 +671,6 @@ def print_report(results, servers, args):
     for n in NOTES:
         print(f"note: {n}")
     return bars, errors
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main():

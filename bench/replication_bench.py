@@ -72,6 +72,9 @@ import tempfile
 import threading
 import time
 
+from benchlib import (BenchError, free_bytes, log, parse_fio_json,  # noqa: E402
+                      raise_interrupt, read_file_text, tail)
+
 try:
     import nbd  # python3-libnbd (Debian's /usr/bin/python3)
 except ImportError:
@@ -121,14 +124,6 @@ NOTES = [
 ]
 
 
-class BenchError(Exception):
-    """An operating error a person can act on (message says what to do)."""
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def parse_size(text):
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if not m:
@@ -173,23 +168,6 @@ def percentile(values, q):
     s = sorted(values)
     k = max(0, min(len(s) - 1, int(-(-q * len(s) // 100)) - 1))
     return s[k]
-
-
-def tail(text, lines=15):
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def read_file_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def free_bytes(path):
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def process_cpu_s(pid):
@@ -482,15 +460,6 @@ def unprotect(primary, recovery, vm):
 
 # ---------------------------------------------------------------------------
 # fio.
-
-def parse_fio_json(text):
-    # The nbd engine prints "fio: connected to NBD server" into the same
-    # output as the JSON, so skip to the first line that opens an object.
-    m = re.search(r"^\{", text, re.M)
-    if not m:
-        raise BenchError("fio printed no JSON")
-    return json.loads(text[m.start():])
-
 
 def fio_command(uri, rate_bytes, io_cap_bytes, args, out_path):
     cmd = ["fio", "--name=churn", "--ioengine=nbd", f"--uri={uri}",
@@ -1051,10 +1020,6 @@ def plan_bytes(args):
                              f"--max-written {human_bytes(args.max_written)}")
         plan["max_cap_bytes"] = cap
     return plan
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main():

@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: errors, logging, files, fio's JSON, signals."""
+
+import json
+import os
+import re
+import sys
+
+
+class BenchError(Exception):
+    """An operating error a person can act on (message says what to do)."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def tail(text, lines=15):
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def read_file_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_fio_json(text):
+    # The nbd engine prints "fio: connected to NBD server" into the same
+    # output as the JSON, so skip to the first line that opens an object.
+    m = re.search(r"^\{", text, re.M)
+    if not m:
+        raise BenchError("fio printed no JSON")
+    return json.loads(text[m.start():])
