@@ -246,6 +246,28 @@ bool KvmUsable() {
   return ok;
 }
 
+// The -drive options of an NBD disk: nbd://HOST:PORT/EXPORT as the nbd driver's own
+// options, so that qemu reconnects when the connection breaks (spec.nbd_reconnect_s);
+// any other URI as file=URI.
+static std::string NbdDriveOptions(const std::string& uri, const QemuSpec& spec) {
+  static const std::string kScheme = "nbd://";
+  if (uri.rfind(kScheme, 0) == 0) {
+    std::string rest = uri.substr(kScheme.size());
+    auto slash = rest.find('/');
+    std::string hostport = rest.substr(0, slash);
+    std::string exp = slash == std::string::npos ? "" : rest.substr(slash + 1);
+    auto colon = hostport.rfind(':');
+    if (colon != std::string::npos && hostport.find('[') == std::string::npos) {
+      return fmt::format(
+          "driver=nbd,server.type=inet,server.host={},server.port={},export={},"
+          "reconnect-delay={}",
+          OptEscape(hostport.substr(0, colon)), OptEscape(hostport.substr(colon + 1)),
+          OptEscape(exp), std::max(0, spec.nbd_reconnect_s));
+    }
+  }
+  return fmt::format("file={},format=raw", OptEscape(uri));
+}
+
 QemuDriver::~QemuDriver() {
   if (pid_ > 0) (void)Stop(kStopOnDestroyMs);
 }
@@ -326,8 +348,7 @@ Status QemuDriver::Start(const QemuSpec& spec) {
     // The disk's name as its serial (virtio-blk keeps 20 bytes): the guest finds it as
     // /dev/disk/by-id/virtio-<name>, whatever the PCI order.
     args.push_back("-drive");
-    args.push_back(
-        fmt::format("file={},format=raw,if=none,id=disk{},cache=none", OptEscape(uri), i));
+    args.push_back(fmt::format("{},if=none,id=disk{},cache=none", NbdDriveOptions(uri, spec), i));
     args.push_back("-device");
     args.push_back(fmt::format("virtio-blk-pci,drive=disk{},serial={}", i, disk.substr(0, 20)));
   }
@@ -416,8 +437,44 @@ Status QemuDriver::ConnectQmp(int timeout_ms) {
   }
 }
 
+Status QemuDriver::Adopt(pid_t pid, const QemuSpec& spec) {
+  if (running()) return Status(Code::kAlreadyExists, "VM " + spec.name + " is running");
+  // The pid may have been reused since: it must be the qemu of this run dir.
+  std::string cmdline;
+  {
+    int fd = ::open(fmt::format("/proc/{}/cmdline", pid).c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NotFound(fmt::format("no process {}", pid));
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) cmdline.append(buf, static_cast<size_t>(n));
+    ::close(fd);
+  }
+  if (cmdline.find(spec.run_dir + "/qmp.sock") == std::string::npos) {
+    return NotFound(fmt::format("process {} is not the qemu of {}", pid, spec.name));
+  }
+  spec_ = spec;
+  pid_ = pid;
+  adopted_ = true;
+  Status qmp = ConnectQmp(kQmpCommandTimeoutMs);
+  if (!qmp.ok()) {
+    // Still ours to stop: without QMP, Stop ends it with SIGKILL.
+    spdlog::warn("VM {}: adopted qemu pid {} without QMP: {}", spec.name, pid, qmp.ToString());
+  }
+  spdlog::info("VM {}: qemu pid {} adopted", spec.name, pid);
+  return Status::Ok();
+}
+
 bool QemuDriver::running() {
   if (pid_ <= 0) return false;
+  if (adopted_) {
+    if (::kill(pid_, 0) == 0) return true;
+    pid_ = -1;
+    adopted_ = false;
+    exit_status_ = -1;
+    qmp_.Reset();
+    qmp_buf_.clear();
+    return false;
+  }
   int status = 0;
   pid_t r = ::waitpid(pid_, &status, WNOHANG);
   if (r == pid_ || (r < 0 && errno == ECHILD)) {

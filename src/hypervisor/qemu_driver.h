@@ -43,6 +43,9 @@ struct QemuSpec {
   bool guest_agent = true;
   std::string qemu_binary = "qemu-system-x86_64";  // a path, or a name looked up in PATH
   std::string accel;  // "" = KVM when KvmUsable(), else TCG; or "kvm" / "tcg"
+  // When a disk's NBD connection breaks (its site daemon restarted), qemu reconnects for
+  // this long, holding the guest's I/O, before it fails it (0: fail at once).
+  int nbd_reconnect_s = 60;
 };
 
 // Limits, in one place.
@@ -73,6 +76,11 @@ class QemuDriver {
   Result<bool> Stop(int timeout_ms);
   bool running();
   pid_t pid() const { return pid_; }
+  // Takes charge again of a qemu a previous daemon started with `spec` (after the daemon
+  // was killed; qemu runs in its own process group and outlives it): checks that `pid`
+  // is that qemu (its command line names spec.run_dir's QMP socket) and connects QMP.
+  // Its end is then seen with kill(pid, 0) (it is not our child).
+  Status Adopt(pid_t pid, const QemuSpec& spec);
   // "kvm" or "tcg": what the last Start chose.
   const std::string& accel() const { return accel_; }
 
@@ -102,6 +110,7 @@ class QemuDriver {
   std::string LogTail() const;
 
   pid_t pid_ = -1;
+  bool adopted_ = false;  // pid_ is not our child (Adopt)
   int exit_status_ = -1;  // waitpid status of the last qemu that exited; -1 unknown
   QemuSpec spec_;
   std::string accel_;

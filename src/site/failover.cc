@@ -388,6 +388,21 @@ bool Site::VmRunningLocked(Group& g) {
   return (g.process && g.process->running()) || (g.qemu && g.qemu->running());
 }
 
+hypervisor::QemuSpec Site::QemuSpecFor(
+    const std::string& vm, const json& spec,
+    const std::vector<std::pair<std::string, std::string>>& disks) const {
+  hypervisor::QemuSpec qs;
+  qs.name = vm;
+  qs.disks = disks;
+  qs.memory_bytes = spec.value("memory_bytes", uint64_t{512} << 20);
+  qs.cpus = spec.value("cpus", 1);
+  qs.extra_args = spec.value("qemu_args", std::string());
+  qs.run_dir = cfg_.data_dir + "/groups/" + vm + "/run";
+  qs.guest_agent = spec.value("guest_agent", true);
+  qs.accel = spec.value("accel", std::string());
+  return qs;
+}
+
 Status Site::StartVm(const std::string& vm, const json& spec) {
   std::string driver = spec.value("driver", std::string("none"));
   if (driver == "none") return InvalidArgument("VM " + vm + " has no driver to start it");
@@ -425,17 +440,8 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
     process = std::make_unique<hypervisor::ProcessDriver>();
     started = process->Start(vs);
   } else {
-    hypervisor::QemuSpec qs;
-    qs.name = vm;
-    qs.disks = disks;
-    qs.memory_bytes = spec.value("memory_bytes", uint64_t{512} << 20);
-    qs.cpus = spec.value("cpus", 1);
-    qs.extra_args = spec.value("qemu_args", std::string());
-    qs.run_dir = run;
-    qs.guest_agent = spec.value("guest_agent", true);
-    qs.accel = spec.value("accel", std::string());
     qemu = std::make_shared<hypervisor::QemuDriver>();
-    started = qemu->Start(qs);
+    started = qemu->Start(QemuSpecFor(vm, spec, disks));
   }
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);

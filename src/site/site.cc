@@ -243,8 +243,20 @@ Status Site::Load() {
       OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
     }
     if (pid_t pid = gj.value("vm_pid", 0); pid > 0 && ::kill(pid, 0) == 0) {
-      g->process = std::make_unique<hypervisor::ProcessDriver>();
-      g->process->Adopt(pid);
+      // The VM outlived the daemon (kill -9): take charge of it again.
+      if (g->vm_spec.is_object() && g->vm_spec.value("driver", "") == "qemu") {
+        std::vector<std::pair<std::string, std::string>> uris;
+        for (auto& d : g->disks) uris.emplace_back(d.name, Uri(vm + "/" + d.name));
+        auto q = std::make_shared<hypervisor::QemuDriver>();
+        if (Status a = q->Adopt(pid, QemuSpecFor(vm, g->vm_spec, uris)); a.ok()) {
+          g->qemu = std::move(q);
+        } else {
+          spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, a.ToString());
+        }
+      } else {
+        g->process = std::make_unique<hypervisor::ProcessDriver>();
+        g->process->Adopt(pid);
+      }
       spdlog::info("site {}: VM {} still runs (pid {})", cfg_.name, vm, pid);
     }
     groups_[vm] = std::move(g);
@@ -267,7 +279,9 @@ Status Site::SaveLocked() {
                   {"tracking", g->tracking},
                   {"history_lost", g->history_lost},
                   {"vm", g->vm_spec},
-                  {"vm_pid", g->process && g->process->running() ? g->process->pid() : 0}};
+                  {"vm_pid", g->process && g->process->running() ? g->process->pid()
+                             : g->qemu && g->qemu->running()     ? g->qemu->pid()
+                                                                 : 0}};
   }
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();

@@ -181,6 +181,9 @@ class Site {
   Status StartSenderLocked(const std::string& vm, Group& g);
   void MaterialiseThread(const std::string& vm, Group* g);
   bool VmRunningLocked(Group& g);
+  hypervisor::QemuSpec QemuSpecFor(
+      const std::string& vm, const nlohmann::json& spec,
+      const std::vector<std::pair<std::string, std::string>>& disks) const;
   std::string Uri(const std::string& export_name) const;
 
   const SiteConfig cfg_;

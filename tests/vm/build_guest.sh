@@ -135,6 +135,7 @@ cat >"$stage/init" <<'EOF'
 #   write: stores osr.text as hello.txt in a tar archive on /dev/vda, prints OSR-WROTE
 #   read:  unpacks that archive, prints OSR-READ:<content of hello.txt>
 #   auto:  read if the archive is there, else write
+#   count: write a counter to the archive forever, printing OSR-COUNT:<n> (no power-off)
 # Failures print OSR-ERROR:<what>. Either way the guest powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -195,7 +196,23 @@ case $mode in
       echo "OSR-WROTE"
     fi
     ;;
-  *) fail "osr.mode is '$mode', not write, read or auto" ;;
+  count)
+    # Keeps writing: a counter in the archive, on the console each time it is on the
+    # disk (tests that the guest's I/O goes on across a restart of its site daemon).
+    # Never powers off by itself.
+    i=0
+    while :; do
+      i=$((i + 1))
+      printf '%s' "$i" >/data/hello.txt
+      if tar cf /dev/vda -C /data hello.txt && sync; then
+        echo "OSR-COUNT:$i"
+      else
+        echo "OSR-IOERROR:$i"
+      fi
+      sleep 0.3
+    done
+    ;;
+  *) fail "osr.mode is '$mode', not write, read, auto or count" ;;
 esac
 finish
 EOF
