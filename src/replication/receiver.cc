@@ -125,7 +125,8 @@ Status Receiver::ServeSession(Stream& s) {
       return InvalidArgument(fmt::format("disk {} of group '{}' differs in size", i, group));
     }
   }
-  OSR_RETURN_IF_ERROR(store->AcceptEpoch(j.value("epoch", uint64_t{1})));
+  const uint64_t epoch = j.value("epoch", uint64_t{1});
+  OSR_RETURN_IF_ERROR(store->AcceptEpoch(epoch));
   // One connection per group: end the older one and wait for it.
   Group* g;
   {
@@ -136,6 +137,19 @@ Status Receiver::ServeSession(Stream& s) {
     if (g->current != nullptr) g->current->Shutdown();
   }
   std::unique_lock serving(g->serving);
+  // Again, now that this session is the group's only one: a failover may have raised the
+  // epoch while it waited (and cut the sessions that were there then).
+  OSR_RETURN_IF_ERROR(store->AcceptEpoch(epoch));
+  // And before each change: a failover during the session ends it (invariant 5).
+  auto current = [&]() -> Status {
+    if (uint64_t e = store->epoch(); e > epoch) {
+      return Status(Code::kPermissionDenied,
+                    fmt::format("stale epoch {}: the item is at epoch {} (failed over); this "
+                                "source is fenced",
+                                epoch, e));
+    }
+    return Status::Ok();
+  };
   {
     std::lock_guard lock(mu_);
     g->current = &s;
@@ -172,6 +186,7 @@ Status Receiver::ServeSession(Stream& s) {
     }
     switch (f->type) {
       case FrameType::kRecords: {
+        OSR_RETURN_IF_ERROR(current());
         OSR_ASSIGN_OR_RETURN(uint64_t durable, store->Append(f->payload));
         OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kAck, EncodeU64(durable)));
         break;
@@ -179,6 +194,7 @@ Status Receiver::ServeSession(Stream& s) {
       case FrameType::kResyncBegin: {
         auto b = nlohmann::json::parse(f->payload, nullptr, false);
         if (b.is_discarded() || !b.contains("from")) return InvalidArgument("bad RESYNC_BEGIN");
+        OSR_RETURN_IF_ERROR(current());
         if (b.value("initial", false)) {
           OSR_RETURN_IF_ERROR(store->BeginInitialSync(b["from"].get<uint64_t>()));
         } else {
@@ -204,6 +220,7 @@ Status Receiver::ServeSession(Stream& s) {
           return InvalidArgument("bad RESYNC_END");
         }
         uint64_t consistent = b["consistent_seq"].get<uint64_t>();
+        OSR_RETURN_IF_ERROR(current());
         OSR_RETURN_IF_ERROR(store->CommitResync(consistent));
         spdlog::info("replication receiver: group '{}' resynchronized; consistent from seq {}",
                      group, consistent);

@@ -319,6 +319,12 @@ TEST_F(ReplicationTest, InitialCopyTakesAllocatedRegionsOnly) {
     ASSERT_TRUE(disk_->Write((rng() % 16) * 64 * 1024, d).ok());
   }
   ASSERT_TRUE(disk_->Flush().ok());
+  // A store made for a first copy (as the vault's enable-protection makes it).
+  store_.reset();
+  std::filesystem::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kFullCopy)
+               .value();
   StartSender(recv_addr_);
   Write(rng, 10);  // meanwhile
   ExpectReplicaEqualsSource();

@@ -175,12 +175,10 @@ Status Sender::Session() {
   uint64_t durable = j["durable_seq"].get<uint64_t>();
   bool compress = opts_.compress && j.value("compress", std::string()) == "lz4";
   s.SetReadTimeoutMs(0);
-  // An empty store (or one whose first copy was cut short) gets the disks' allocated
-  // regions, not the whole history of writes.
-  bool initial =
-      opts_.capture_group != nullptr &&
-      (j.value("initial_sync", false) || (durable == 0 && j.value("base_seq", uint64_t{0}) == 0 &&
-                                          log_->last_seq() > 0 && !j.value("differential", false)));
+  // A store made to receive a first copy (or one whose first copy was cut short) gets the
+  // disks' allocated regions, not the whole history of writes. Only when it says so: a
+  // store that holds a consistent copy, even at seq 0, is never copied over.
+  bool initial = opts_.capture_group != nullptr && j.value("initial_sync", false);
   std::optional<std::pair<uint64_t, uint64_t>> initial_from;
   if (initial) {
     initial_from = log_->ResumeAfterOverflow();

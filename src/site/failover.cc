@@ -156,7 +156,10 @@ void Site::MaterialiseThread(const std::string& vm, Group* g) {
           }
           if (rate > 0) {
             // The VM runs on these disks: the copy may take only its share of the I/O.
-            auto due = began + std::chrono::nanoseconds((before + done) * 1000000000 / rate);
+            auto due =
+                began +
+                std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::duration<double>(static_cast<double>(before + done) / rate));
             while (std::chrono::steady_clock::now() < due && !g->stop_materialise) {
               std::this_thread::sleep_for(std::min<std::chrono::nanoseconds>(
                   due - std::chrono::steady_clock::now(), std::chrono::milliseconds(50)));

@@ -149,10 +149,20 @@ void Site::Stop() {
   if (!nbd_) return;
   nbd_->Stop();
   receiver_->Stop();
+  // The materialisers take mu_: stop and join them before taking it here.
+  std::vector<Group*> all;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, g] : groups_) {
+      g->stop_materialise = true;
+      all.push_back(g.get());
+    }
+  }
+  for (Group* g : all) {
+    if (g->materialiser.joinable()) g->materialiser.join();
+  }
   std::lock_guard lock(mu_);
   for (auto& [vm, g] : groups_) {
-    g->stop_materialise = true;
-    if (g->materialiser.joinable()) g->materialiser.join();
     // The VM's disks go with the daemon: stop it rather than leave it without them.
     if (g->process && g->process->running()) (void)g->process->Stop(5000);
     if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
@@ -294,7 +304,7 @@ Status Site::SaveLocked() {
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
 
-Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
+Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create) {
   std::string dir = cfg_.data_dir + "/groups/" + vm;
   std::vector<std::unique_ptr<nbd::Disk>> images;
   g.failover_disks.clear();
@@ -316,7 +326,12 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g) {
       images.push_back(std::move(fd));
       continue;
     }
-    OSR_ASSIGN_OR_RETURN(auto img, nbd::FileDisk::Open(path, false, g.disks[i].size_bytes));
+    OSR_ASSIGN_OR_RETURN(auto img,
+                         nbd::FileDisk::Open(path, false, create ? g.disks[i].size_bytes : 0));
+    if (img->size() != g.disks[i].size_bytes) {
+      return Corruption(fmt::format("{} has {} bytes, not the disk's {}", path, img->size(),
+                                    g.disks[i].size_bytes));
+    }
     images.push_back(std::move(img));
   }
   capture::CaptureOptions co;
@@ -394,7 +409,7 @@ Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec
   if (ec) return Status::FromErrno(ec.value(), "create group dir");
   auto g = std::make_unique<Group>();
   g->disks = disks;
-  if (Status st = OpenGroupLocked(vm, *g); !st.ok()) {
+  if (Status st = OpenGroupLocked(vm, *g, /*create=*/true); !st.ok()) {
     for (auto& d : disks) exports_.Remove(vm + "/" + d.name);
     g.reset();
     fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);  // nothing half-done left behind

@@ -177,7 +177,9 @@ class Site {
   // Names valid and unique, sizes within limits.
   Status CheckDisks(const std::string& vm, const std::vector<DiskSpec>& disks) const;
   Status SaveLocked();  // holds mu_
-  Status OpenGroupLocked(const std::string& vm, Group& g);
+  // `create`: make missing images (a new VM); else a missing image is an error, never a
+  // blank disk in its place.
+  Status OpenGroupLocked(const std::string& vm, Group& g, bool create = false);
   Status StartSenderLocked(const std::string& vm, Group& g);
   void MaterialiseThread(const std::string& vm, Group* g);
   bool VmRunningLocked(Group& g);

@@ -125,7 +125,13 @@ Status FailoverDisk::OwnLocked(uint64_t region) {
   uint64_t len = std::min(region_bytes_, size_ - off);
   std::vector<uint8_t> buf(len);
   OSR_RETURN_IF_ERROR(ReadPoint(off, buf));
-  if (!AllZero(buf)) OSR_RETURN_IF_ERROR(image_.PWrite(off, buf));  // holes stay holes
+  // Zeros as a hole (sparse), never by skipping: the image may hold bytes of a write that
+  // a crash left without its bit, which must not show through.
+  if (AllZero(buf)) {
+    OSR_RETURN_IF_ERROR(image_.PunchHole(off, len));
+  } else {
+    OSR_RETURN_IF_ERROR(image_.PWrite(off, buf));
+  }
   SetHeld(region);
   return Status::Ok();
 }

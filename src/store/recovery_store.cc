@@ -79,8 +79,18 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(
     s->differential_ = true;
     s->consistent_from_ = base_seq + 1;
   }
-  OSR_RETURN_IF_ERROR(s->WriteMeta());
-  OSR_RETURN_IF_ERROR(s->OpenParts());
+  Status st = s->WriteMeta();
+  if (st.ok()) st = s->OpenParts();
+  if (!st.ok() && start == Start::kDifferential) {
+    // Nothing half-done: the images go back where they were, and no store is left.
+    s.reset();
+    fs::remove(dir + "/store.json", ec);
+    for (size_t k = 0; k < images.size(); ++k) {
+      std::error_code back;
+      fs::rename(BasePath(dir, k), images[k], back);
+    }
+  }
+  OSR_RETURN_IF_ERROR(st);
   return s;
 }
 
@@ -294,6 +304,11 @@ Status RecoveryStore::UsableLocked(uint64_t seq) const {
   if (initial_sync_) {
     return OutOfRange("the first copy of the disks is under way; no point is readable yet");
   }
+  if (differential_) {
+    return OutOfRange(
+        "the store is waiting for the resync of what differs from the old primary; no point "
+        "is readable yet");
+  }
   if (resyncing_ && seq > resync_from_) {
     return OutOfRange(
         fmt::format("a resynchronization is under way; seq {} and earlier stay "
@@ -320,9 +335,11 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
     std::lock_guard append(append_mu_);
     {
       std::lock_guard lock(mu_);
-      if (!initial_sync_ && (durable_seq_ != base_seq_ || base_seq_ != 0)) {
+      // Only a store made for it (Start::kFullCopy): one that holds a consistent copy is
+      // never wiped for another.
+      if (!initial_sync_) {
         return InvalidArgument(
-            fmt::format("an initial sync needs an empty store; this one "
+            fmt::format("an initial sync needs a store waiting for its first copy; this one "
                         "holds seqs {}..{}",
                         base_seq_, durable_seq_));
       }

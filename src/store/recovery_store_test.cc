@@ -179,5 +179,58 @@ TEST_F(RecoveryStoreTest, BaseWritesShowUnderLaterRecords) {
   EXPECT_EQ(got[4096], 0x55);
 }
 
+TEST_F(RecoveryStoreTest, AConsistentStoreIsNeverWipedForAFirstCopy) {
+  // In sync at seq 0 (nothing written yet): a sender must not take it for an empty store.
+  auto store = RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0).value();
+  ASSERT_TRUE(store->WriteBase(0, 0, std::vector<uint8_t>(4096, 0x77)).ok());
+  EXPECT_FALSE(store->initial_sync_pending());
+  EXPECT_EQ(store->BeginInitialSync(5).code(), Code::kInvalidArgument);
+  std::vector<uint8_t> got(4096);
+  ASSERT_TRUE(store->ReadAt(0, 0, 0, got).ok());
+  EXPECT_EQ(got[0], 0x77);
+}
+
+TEST_F(RecoveryStoreTest, ADifferentialStoreIsUnreadableUntilItsResyncCommits) {
+  std::string img = dir_ + "-old.img";
+  {
+    auto f = File::Open(img, File::Mode::kCreate).value();
+    ASSERT_TRUE(f.Truncate(kDisk1).ok());
+    ASSERT_TRUE(f.PWrite(0, std::vector<uint8_t>(4096, 0x11)).ok());
+  }
+  auto store =
+      RecoveryStore::Create(dir_, {{"a", kDisk1}}, 7, RecoveryStore::Start::kDifferential, {img})
+          .value();
+  EXPECT_FALSE(std::filesystem::exists(img));  // moved in, not copied
+  EXPECT_TRUE(store->differential());
+  std::vector<uint8_t> got(4096);
+  EXPECT_FALSE(store->ReadAt(0, 7, 0, got).ok());
+  // Records after the base arrive before the resync: still nothing readable.
+  std::vector<uint8_t> wire;
+  RecordMaker(8).Write(&wire, 0, 8192, {1, 2, 3});
+  ASSERT_TRUE(store->Append(wire).ok());
+  EXPECT_FALSE(store->ReadAt(0, 8, 0, got).ok());
+  ASSERT_TRUE(store->BeginResync(8).ok());
+  ASSERT_TRUE(store->ResyncWrite(0, 4096, std::vector<uint8_t>(4096, 0x22)).ok());
+  ASSERT_TRUE(store->CommitResync(8).ok());
+  EXPECT_FALSE(store->differential());
+  ASSERT_TRUE(store->ReadAt(0, 8, 0, got).ok());
+  EXPECT_EQ(got[0], 0x11);  // the old primary's bytes where nothing differed
+  ASSERT_TRUE(store->ReadAt(0, 8, 4096, got).ok());
+  EXPECT_EQ(got[0], 0x22);  // the resynced region
+}
+
+TEST_F(RecoveryStoreTest, ADifferentialStoreThatCannotBeMadeGivesItsImagesBack) {
+  std::string img = dir_ + "-old.img";
+  {
+    auto f = File::Open(img, File::Mode::kCreate).value();
+    ASSERT_TRUE(f.Truncate(kDisk1 / 2).ok());  // the wrong size: refused before any move
+  }
+  EXPECT_FALSE(
+      RecoveryStore::Create(dir_, {{"a", kDisk1}}, 7, RecoveryStore::Start::kDifferential, {img})
+          .ok());
+  EXPECT_TRUE(std::filesystem::exists(img));
+  std::filesystem::remove(img);
+}
+
 }  // namespace
 }  // namespace osr::store

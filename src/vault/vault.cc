@@ -98,6 +98,12 @@ std::optional<int64_t> ParseTime(const std::string& s) {
 
 }  // namespace
 
+bool StoreConsistentAt(const json& st, uint64_t seq) {
+  return !st.value("resyncing", false) && !st.value("initial_sync", false) &&
+         !st.value("differential", false) && seq >= st.value("consistent_from", uint64_t{0}) &&
+         seq <= st.value("durable_seq", uint64_t{0});
+}
+
 // ---- SiteClient ---------------------------------------------------------------------
 
 Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,
@@ -711,6 +717,16 @@ Result<json> Vault::ShowJob(int64_t id) {
 // ---- jobs ---------------------------------------------------------------------------
 
 Result<json> Vault::Submit(const std::string& type, const std::string& vm, const json& args) {
+  // One operation on a VM at a time: a second one would be checked against a state the
+  // first is about to change.
+  std::lock_guard submitting(submit_mu_);
+  for (const char* state : {"Queued", "Running"}) {
+    for (auto& other : catalog_->Jobs(vm, state)) {
+      return Status(Code::kAlreadyExists,
+                    fmt::format("VM {} has job {} ({}) {}; wait for it (osr job wait {})", vm,
+                                other.id, other.type, other.state, other.id));
+    }
+  }
   JobRow j;
   j.type = type;
   j.vm = vm;
@@ -786,8 +802,7 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
     OSR_ASSIGN_OR_RETURN(json st, SiteClient(*dst).Call("GET", "/stores/" + item.vm));
     uint64_t durable = st.value("durable_seq", uint64_t{0});
     // A point needs a consistent state: not inside a resynchronization.
-    bool usable = !st.value("resyncing", false) && want >= st.value("consistent_from", uint64_t{0});
-    if (durable >= want && usable) {
+    if (durable >= want && StoreConsistentAt(st, want)) {
       // Nothing new since the newest point: that point is the latest (no twin).
       auto points = catalog_->Points(item.vm);
       if (!points.empty() && points.back().seq == want &&
@@ -801,10 +816,11 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
       return p;
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      return Unavailable(fmt::format(
-          "the recovery site has seq {} of {} after {} s{}; is "
-          "replication running? (osr item show {})",
-          durable, want, wait_ms / 1000, usable ? "" : " and is resynchronizing", item.vm));
+      return Unavailable(
+          fmt::format("the recovery site has seq {} of {} after {} s{}; is "
+                      "replication running? (osr item show {})",
+                      durable, want, wait_ms / 1000,
+                      StoreConsistentAt(st, durable) ? "" : " and is resynchronizing", item.vm));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
@@ -855,6 +871,30 @@ void Vault::RunJob(JobRow& job) {
     steps.Fail(NotFound("VM " + job.vm + " is no longer protected"));
     return;
   }
+  // The item may have moved on since the job was queued (or a resumed job finished its
+  // part): a job runs only from a state it was made for, else it changes nothing.
+  {
+    const std::string& st = item->state;
+    bool resumed_epoch =
+        job.args.contains("epoch") && job.args["epoch"].get<uint64_t>() == item->epoch;
+    bool ok =
+        job.type == "failover" ? st == "Protected" || st == "FailoverFailed" ||
+                                     ((st == "FailingOver" || st == "FailedOver") && resumed_epoch)
+        : job.type == "change-point" ? st == "FailedOver"
+        : job.type == "commit"       ? st == "FailedOver" || st == "Committing"
+        : job.type == "reprotect"    ? st == "FailoverCommitted" || st == "Reprotecting" ||
+                                        (st == "Protected" && job.args.value("swapped", false))
+        : job.type == "test-failover"         ? st == "Protected"
+        : job.type == "test-failover-cleanup" ? st == "TestFailoverCompleted"
+        : job.type == "enable-protection"     ? st == "EnablingProtection"
+                                              : true;
+    if (!ok) {
+      steps.Fail(InvalidArgument(
+          fmt::format("VM {} is {} now: a {} job cannot run from there; nothing was changed",
+                      job.vm, st, job.type)));
+      return;
+    }
+  }
   if (job.type == "failover") return RunFailover(job, *item);
   if (job.type == "change-point") return RunChangePoint(job, *item);
   if (job.type == "commit") return RunCommit(job, *item);
@@ -873,7 +913,9 @@ void Vault::RunJob(JobRow& job) {
   if (job.type == "enable-protection") {
     auto v = catalog_->Vm(job.vm);
     steps.Begin(fmt::format("Create the recovery store at {}", item->target));
-    auto r = SiteClient(*dst).Call("PUT", "/stores/" + job.vm, json{{"disks", v->disks}});
+    // "full": the disks may hold data already; their allocated regions go first.
+    auto r = SiteClient(*dst).Call("PUT", "/stores/" + job.vm,
+                                   json{{"disks", v->disks}, {"start", "full"}});
     if (!r.ok() && r.status().code() == Code::kAlreadyExists && job.args.contains("resumed")) {
       r = json::object();  // made before the vault restarted
     }
@@ -899,9 +941,7 @@ void Vault::RunJob(JobRow& job) {
       if (stopping_) return fail(Unavailable("the vault stopped"));
       auto st = SiteClient(*dst).Call("GET", "/stores/" + job.vm);
       uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
-      bool consistent = st.ok() && !(*st).value("resyncing", false) &&
-                        (*st).value("consistent_from", uint64_t{0}) <= durable;
-      if (durable >= want && consistent) break;
+      if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) break;
       if (std::chrono::steady_clock::now() > deadline) {
         (void)SiteClient(*src).Call("DELETE", "/groups/" + job.vm + "/replication");
         (void)SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);
@@ -1033,10 +1073,7 @@ void Vault::PointLoop() {
       int64_t t = (*st).value("durable_time_ns", int64_t{0});
       if (!points.empty() && durable <= points.back().seq) continue;  // nothing new
       // Points pause while a resynchronization runs: no state there is consistent.
-      if ((*st).value("resyncing", false) ||
-          durable < (*st).value("consistent_from", uint64_t{0})) {
-        continue;
-      }
+      if (!StoreConsistentAt(*st, durable)) continue;
       (void)catalog_->AddPoint({0, item.vm, durable, t ? t : now, "crash"});
       // Retention: drop what is older than the window — but only once a newer point
       // exists, so points never all expire while no new points can be made. Then the

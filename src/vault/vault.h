@@ -133,6 +133,7 @@ class Vault {
   std::vector<std::thread> job_threads_;
   std::thread point_thread_;
 
+  std::mutex submit_mu_;  // a VM's check for jobs in flight and the new job's row
   std::mutex mu_;
   std::condition_variable cv_;
   struct QueuedJob {
@@ -145,6 +146,11 @@ class Vault {
   bool jobs_started_ = false;       // guarded by mu_
   std::atomic<bool> stopping_{false};
 };
+
+// Whether a recovery store's status (GET /stores/{vm}) says the store holds a consistent
+// state at `seq`: no resync or first copy under way, not waiting for a differential
+// resync, and seq within what is usable (consistent_from..durable_seq).
+bool StoreConsistentAt(const nlohmann::json& store_status, uint64_t seq);
 
 // A site's HTTP API. Every call has a timeout; an unreachable site is kUnavailable with
 // a message naming the site.

@@ -85,8 +85,7 @@ Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
   if (!dst) return NotFound("site " + item.target + " is not registered");
   OSR_ASSIGN_OR_RETURN(json st, SiteClient(*dst).Call("GET", "/stores/" + item.vm));
   uint64_t durable = st.value("durable_seq", uint64_t{0});
-  if (st.value("resyncing", false) || st.value("initial_sync", false) ||
-      durable < st.value("consistent_from", uint64_t{0})) {
+  if (!StoreConsistentAt(st, durable)) {
     // The newest consistent state there is the last point.
     auto points = catalog_->Points(item.vm);
     if (points.empty()) return Unavailable("the recovery site holds no consistent state yet");
@@ -113,10 +112,7 @@ Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const Si
     if (stopping_) return Unavailable("the vault stopped");
     auto st = SiteClient(dst).Call("GET", "/stores/" + vm);
     uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
-    bool consistent = st.ok() && !(*st).value("resyncing", false) &&
-                      !(*st).value("initial_sync", false) &&
-                      (*st).value("consistent_from", uint64_t{0}) <= durable;
-    if (durable >= want && consistent) return Status::Ok();
+    if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) return Status::Ok();
     auto gs = SiteClient(src).Call("GET", "/groups/" + vm);
     json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
     uint64_t total = repl.value("resync_bytes_total", uint64_t{0});
@@ -328,21 +324,29 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item) {
     steps.Done(10);
   }
   uint64_t epoch = item.epoch;
-  if (Driver(*vm) != "none") {
+  // Resumed after the new disks were opened: the VM may have run (and written) on them
+  // since; they are kept — only what is left is done.
+  bool opened = job.args.value("failover_done", false);
+  if (!opened && Driver(*vm) != "none") {
     steps.Begin(fmt::format("Stop the VM at {}", item.target));
     auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/stop",
                                    json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
     if (!r.ok() && r.status().code() != Code::kNotFound) return steps.Fail(r.status());
     steps.Done(20);
   }
-  steps.Begin("Discard the writes made since failover");
-  auto d = SiteClient(*dst).Call("DELETE", "/groups/" + job.vm);
-  if (!d.ok() && d.status().code() != Code::kNotFound) return steps.Fail(d.status());
-  steps.Done(40);
+  if (!opened) {
+    steps.Begin("Discard the writes made since failover");
+    auto d = SiteClient(*dst).Call("DELETE", "/groups/" + job.vm);
+    if (!d.ok() && d.status().code() != Code::kNotFound) return steps.Fail(d.status());
+    steps.Done(40);
+  }
   steps.Begin(fmt::format("Open the disks on point {} (no copy)", point.id));
+  // (Done already when resumed: the site answers with the same disks.)
   auto fo = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/failover",
                                   json{{"seq", point.seq}, {"epoch", epoch}});
   if (!fo.ok()) return steps.Fail(fo.status());
+  job.args["failover_done"] = true;
+  steps.Save();
   steps.Done(70);
   item.failover["point"] = job.args["resolved"];
   (void)catalog_->PutItem(item);
@@ -430,6 +434,15 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
     item.state = "FailoverCommitted";  // reprotect again: it goes on from where it stopped
     (void)catalog_->PutItem(item);
   };
+  if (job.args.value("swapped", false)) {
+    // Resumed after the item was reversed: only the first point is left to make.
+    steps.Begin("First recovery point");
+    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
+    if (!p.ok()) return steps.Fail(p.status());
+    steps.Done(100);
+    job.state = "Succeeded";
+    return;
+  }
   steps.Begin(fmt::format("Check that {} answers", item.source));
   if (auto s = SiteClient(*old).Call("GET", "/site"); !s.ok()) {
     return back(
@@ -530,6 +543,8 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   uint64_t shipped = repl.value("resync_bytes_total", uint64_t{0});
   steps.Progress(95, fmt::format("{} bytes shipped", shipped));
   steps.Done(95);
+  job.args["swapped"] = true;  // before the item says so: a resumed job knows
+  steps.Save();
   item.source = cur->name;
   item.target = old->name;
   item.state = "Protected";
