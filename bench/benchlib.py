@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 
 
@@ -42,3 +44,25 @@ def parse_fio_json(text):
     if not m:
         raise BenchError("fio printed no JSON")
     return json.loads(text[m.start():])
+
+
+def stop_process(proc, term_timeout_s, kill_timeout_s):
+    """SIGTERM, wait, then SIGKILL, wait. Returns (exit code or None, how)."""
+    if proc.poll() is not None:
+        return proc.returncode, "already exited"
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(timeout=term_timeout_s), "SIGTERM"
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(timeout=kill_timeout_s), "SIGKILL"
+    except subprocess.TimeoutExpired:
+        return None, f"still running after SIGKILL (pid {proc.pid})"

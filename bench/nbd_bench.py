@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 
+import benchlib  # noqa: E402
 from benchlib import (BenchError, free_bytes, log, parse_fio_json,  # noqa: E402
                       raise_interrupt, read_file_text, tail)
 
@@ -132,25 +133,7 @@ def human_bytes(n):
 # Bounded process handling.
 
 def stop_process(proc, term_timeout_s=SERVER_STOP_TERM_TIMEOUT_S):
-    """SIGTERM, wait, then SIGKILL, wait. Returns (exit code or None, how)."""
-    if proc.poll() is not None:
-        return proc.returncode, "already exited"
-    try:
-        proc.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        return proc.wait(timeout=term_timeout_s), "SIGTERM"
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-    try:
-        return proc.wait(timeout=SERVER_STOP_KILL_TIMEOUT_S), "SIGKILL"
-    except subprocess.TimeoutExpired:
-        return None, f"still running after SIGKILL (pid {proc.pid})"
+    return benchlib.stop_process(proc, term_timeout_s, SERVER_STOP_KILL_TIMEOUT_S)
 
 
 def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None):

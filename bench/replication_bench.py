@@ -72,6 +72,7 @@ import tempfile
 import threading
 import time
 
+import benchlib  # noqa: E402
 from benchlib import (BenchError, free_bytes, log, parse_fio_json,  # noqa: E402
                       raise_interrupt, read_file_text, tail)
 
@@ -184,25 +185,7 @@ def process_cpu_s(pid):
 # Bounded process handling.
 
 def stop_process(proc, term_timeout_s=SITE_STOP_TERM_TIMEOUT_S):
-    """SIGTERM, wait, then SIGKILL, wait. Returns (exit code or None, how)."""
-    if proc.poll() is not None:
-        return proc.returncode, "already exited"
-    try:
-        proc.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        return proc.wait(timeout=term_timeout_s), "SIGTERM"
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-    try:
-        return proc.wait(timeout=SITE_STOP_KILL_TIMEOUT_S), "SIGKILL"
-    except subprocess.TimeoutExpired:
-        return None, f"still running after SIGKILL (pid {proc.pid})"
+    return benchlib.stop_process(proc, term_timeout_s, SITE_STOP_KILL_TIMEOUT_S)
 
 
 def run_bounded(cmd, timeout_s):

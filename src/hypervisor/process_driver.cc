@@ -10,6 +10,8 @@
 #include <chrono>
 #include <thread>
 
+#include "hypervisor/child.h"
+
 namespace osr::hypervisor {
 
 std::string DiskEnvName(const std::string& disk) {
@@ -54,17 +56,7 @@ Status ProcessDriver::Start(const VmSpec& spec) {
     return Status::FromErrno(errno, "fork");
   }
   if (pid == 0) {
-    ::setpgid(0, 0);  // its own process group: Stop() signals the whole VM
-    int null_fd = ::open("/dev/null", O_RDONLY);
-    if (null_fd >= 0) ::dup2(null_fd, 0);
-    if (log_fd >= 0) {
-      ::dup2(log_fd, 1);
-      ::dup2(log_fd, 2);
-    }
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the daemon blocks signals; the VM not
-    ::signal(SIGPIPE, SIG_DFL);
+    PrepareVmChild(log_fd);
     ::execve("/bin/sh", const_cast<char* const*>(argv), envp.data());
     ::_exit(127);
   }

@@ -24,7 +24,7 @@
 #include <thread>
 
 #include "common/socket.h"
-
+#include "hypervisor/child.h"
 namespace osr::hypervisor {
 namespace {
 
@@ -374,15 +374,7 @@ Status QemuDriver::Start(const QemuSpec& spec) {
     return Status::FromErrno(errno, "fork");
   }
   if (pid == 0) {
-    ::setpgid(0, 0);  // its own process group: Stop() signals the whole VM
-    int null_fd = ::open("/dev/null", O_RDONLY);
-    if (null_fd >= 0) ::dup2(null_fd, 0);
-    ::dup2(log_fd, 1);
-    ::dup2(log_fd, 2);
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the daemon blocks signals; the VM not
-    ::signal(SIGPIPE, SIG_DFL);
+    PrepareVmChild(log_fd);
     ::execv(argv[0], argv.data());
     static const char kExecFailed[] = "osr: exec of the qemu binary failed\n";
     (void)!::write(2, kExecFailed, sizeof kExecFailed - 1);
