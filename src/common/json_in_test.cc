@@ -1,0 +1,74 @@
+#include "common/json_in.h"
+
+#include <gtest/gtest.h>
+
+namespace osr::json_in {
+namespace {
+
+using nlohmann::json;
+
+TEST(JsonIn, RefusesDeepNestingBeforeParsing) {
+  std::string deep(100000, '[');
+  auto r = Parse(deep, "body");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("nested deeper than 64"), std::string::npos);
+  std::string ok = std::string(64, '[') + std::string(64, ']');
+  EXPECT_TRUE(Parse(ok, "body").ok());
+  // Brackets inside strings do not count.
+  EXPECT_TRUE(
+      Parse(R"({"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"]]"})",
+            "body", kBytesMax, 4)
+          .ok());
+}
+
+TEST(JsonIn, RefusesLargeAndMalformedBodies) {
+  EXPECT_FALSE(Parse(std::string(100, ' ') + "1", "body", 50).ok());
+  EXPECT_FALSE(Parse("{", "body").ok());
+  EXPECT_FALSE(Parse("\"\xff\"", "body").ok());  // not UTF-8
+  auto r = ParseObject("[1]", "HELLO");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().message(), "HELLO: must be a JSON object, not an array");
+}
+
+TEST(JsonIn, WrongTypesNameTheField) {
+  json j = json::parse(R"({"version":"1","n":-3,"big":18446744073709551615,"b":1})");
+  Fields f(j, "HELLO.");
+  EXPECT_EQ(f.U64("version", 7), 7u);
+  EXPECT_FALSE(f.ok());
+  EXPECT_EQ(f.status().message(), "HELLO.version: must be a whole number ≥ 0, not a string");
+  // Later reads give their defaults and keep the first error.
+  EXPECT_EQ(f.I64("n", 5), 5);
+  EXPECT_EQ(f.status().message(), "HELLO.version: must be a whole number ≥ 0, not a string");
+
+  Fields g(j);
+  EXPECT_EQ(g.I64("n", 0), -3);
+  EXPECT_EQ(g.I64("big", 0), 0);
+  EXPECT_NE(g.status().message().find("big: must be a whole number"), std::string::npos);
+
+  Fields h(j);
+  EXPECT_FALSE(h.Bool("b", false));
+  EXPECT_EQ(h.status().message(), "b: must be true or false, not a number");
+}
+
+TEST(JsonIn, RangesMissingAndRequired) {
+  json j = json::parse(R"({"retention_seconds":17446744074,"name":"x"})");
+  Fields f(j);
+  EXPECT_EQ(f.U64("retention_seconds", 86400, {.min = 60, .max = 10ull * 366 * 86400}), 86400u);
+  EXPECT_EQ(f.status().message(), "retention_seconds: 17446744074 is out of range (60..316224000)");
+  Fields g(j);
+  EXPECT_EQ(g.String("name"), "x");
+  EXPECT_EQ(g.String("missing", "d"), "d");
+  EXPECT_TRUE(g.ok());
+  EXPECT_EQ(g.String("site"), "");
+  EXPECT_EQ(g.status().message(), "site: is missing");
+  Fields n(json(nullptr), "spec.");
+  EXPECT_EQ(n.status().message(), "spec must be a JSON object, not null");
+}
+
+TEST(JsonIn, DumpReplacesBadUtf8) {
+  json j = std::string("a\xff");
+  EXPECT_EQ(Dump(j), "\"a\xEF\xBF\xBD\"");
+}
+
+}  // namespace
+}  // namespace osr::json_in
