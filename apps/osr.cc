@@ -1,18 +1,25 @@
 // osr: the command line of Open Site Recovery. It speaks only to the vault's REST API.
 // Every command has --output json; --wait follows a job with a progress bar and exits
 // non-zero if the job fails.
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <httplib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 
+#include "common/https.h"
+#include "common/json_in.h"
 #include "common/units.h"
 
 namespace {
@@ -22,8 +29,78 @@ using nlohmann::json;
 struct Ctx {
   std::string vault = "http://127.0.0.1:7480";
   std::string output = "table";
+  std::string token;  // the credential (see FindToken)
+  std::string ca;     // the CA that signed an https:// vault's certificate
   bool json_out() const { return output == "json"; }
 };
+
+// The CLI's own file: the vault and token `osr login` saved ($OSR_CONFIG, else
+// $XDG_CONFIG_HOME/osr/config.json, else ~/.config/osr/config.json), 0600.
+std::string ConfigPath() {
+  if (const char* p = std::getenv("OSR_CONFIG")) return p;
+  if (const char* x = std::getenv("XDG_CONFIG_HOME"); x && *x) {
+    return std::string(x) + "/osr/config.json";
+  }
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : ".") + "/.config/osr/config.json";
+}
+
+nlohmann::json ReadConfig() {
+  std::ifstream in(ConfigPath());
+  if (!in) return json::object();
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto j = osr::json_in::ParseObject(text, ConfigPath(), 1 << 20);
+  return j.ok() ? *j : json::object();
+}
+
+std::string ReadFirstLine(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (in) std::getline(in, line);
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+  return line;
+}
+
+bool LoopbackVault(const std::string& url) {
+  std::string rest = url.substr(url.find("://") == std::string::npos ? 0 : url.find("://") + 3);
+  rest = rest.substr(0, rest.find('/'));
+  auto a = osr::ParseHostPort(rest, 7480);
+  return a.ok() && osr::IsLoopbackHost(a->host);
+}
+
+// The token, from the first of: --token, $OSR_TOKEN, $OSR_TOKEN_FILE, the config file
+// (when it names this vault), and for a vault on this machine the quickstart's
+// admin.token in $OSR_DATA or ./osr-data.
+std::string FindToken(const Ctx& c, const json& config) {
+  if (!c.token.empty()) return c.token;
+  if (const char* t = std::getenv("OSR_TOKEN"); t && *t) return t;
+  if (const char* f = std::getenv("OSR_TOKEN_FILE"); f && *f) return ReadFirstLine(f);
+  osr::json_in::Fields f(config);
+  if (f.String("vault", "") == c.vault) {
+    std::string t = f.String("token", "");
+    if (!t.empty()) return t;
+  }
+  if (LoopbackVault(c.vault)) {
+    const char* data = std::getenv("OSR_DATA");
+    std::string t = ReadFirstLine(std::string(data && *data ? data : "osr-data") + "/admin.token");
+    if (!t.empty()) return t;
+  }
+  return {};
+}
+
+std::string ErrorMessage(int status, const std::string& body) {
+  auto j = osr::json_in::ParseObject(body, "the vault's answer", 16 << 20);
+  std::string msg;
+  if (j.ok()) {
+    osr::json_in::Fields f(*j);
+    if (const json* e = f.Object("error")) msg = osr::json_in::Fields(*e).String("message", "");
+  }
+  if (msg.empty()) msg = fmt::format("HTTP {}", status);
+  if (status == 401) {
+    msg += " — sign in: osr login (or --token, $OSR_TOKEN, $OSR_TOKEN_FILE)";
+  }
+  return msg;
+}
 
 struct Answer {
   int status = 0;  // 0: unreachable
@@ -34,6 +111,11 @@ struct Answer {
 Answer Call(const Ctx& c, const std::string& method, const std::string& path,
             const json& body = nullptr) {
   httplib::Client cli(c.vault);
+  if (c.vault.rfind("https://", 0) == 0) {
+    if (!c.ca.empty()) cli.set_ca_cert_path(c.ca.c_str());
+    cli.enable_server_certificate_verification(true);
+  }
+  if (!c.token.empty()) cli.set_bearer_token_auth(c.token.c_str());
   cli.set_connection_timeout(3);
   cli.set_read_timeout(60);
   std::string url = "/api/v1" + path;
@@ -49,11 +131,15 @@ Answer Call(const Ctx& c, const std::string& method, const std::string& path,
     return a;
   }
   a.status = r->status;
-  a.body = json::parse(r->body, nullptr, false);
   if (r->status >= 300) {
-    a.error = a.body.is_object() && a.body.contains("error")
-                  ? a.body["error"].value("message", r->body)
-                  : r->body;
+    a.error = ErrorMessage(r->status, r->body);
+    return a;
+  }
+  auto j = osr::json_in::Parse(r->body, "the vault's answer", 256 << 20);
+  if (!j.ok()) {
+    a.error = j.status().message();
+  } else {
+    a.body = std::move(*j);
   }
   return a;
 }
@@ -152,6 +238,63 @@ int Wait(const Ctx& c, int64_t id, const std::function<void(const json&)>& done_
   }
 }
 
+// Writes the CLI's config file: private (0600 in a 0700 folder), replaced atomically.
+int WriteConfig(const json& config) {
+  std::string path = ConfigPath();
+  std::error_code ec;
+  auto dir = std::filesystem::path(path).parent_path();
+  if (!dir.empty()) {
+    std::filesystem::create_directories(dir, ec);
+    ::chmod(dir.c_str(), 0700);
+  }
+  std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Fail(fmt::format("cannot write {}: {}", tmp, std::strerror(errno)));
+  std::string text = config.dump(2) + "\n";
+  bool ok = ::fchmod(fd, 0600) == 0 &&
+            ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  ::close(fd);
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    return Fail(fmt::format("cannot write {}: {}", path, std::strerror(errno)));
+  }
+  return 0;
+}
+
+int Login(Ctx& c, std::string token) {
+  if (token.empty()) {
+    if (isatty(STDIN_FILENO)) std::fprintf(stderr, "token: ");
+    std::getline(std::cin, token);
+  }
+  while (!token.empty() && (token.back() == '\n' || token.back() == '\r' || token.back() == ' ')) {
+    token.pop_back();
+  }
+  if (token.empty()) return Fail("no token given (osr login --with-token TOKEN, or on stdin)");
+  c.token = token;
+  Answer a = Call(c, "GET", "/whoami");
+  if (!a.error.empty()) return Fail(a.error);
+  json config = ReadConfig();
+  config["vault"] = c.vault;
+  config["token"] = token;
+  if (!c.ca.empty()) config["ca"] = c.ca;
+  if (int rc = WriteConfig(config); rc != 0) return rc;
+  osr::json_in::Fields f(a.body);
+  std::printf("signed in to %s as %s (%s); token kept in %s\n", c.vault.c_str(),
+              f.String("name", "?").c_str(), f.String("role", "?").c_str(), ConfigPath().c_str());
+  return 0;
+}
+
+int Logout(const Ctx&) {
+  json config = ReadConfig();
+  if (!config.contains("token")) {
+    std::printf("no token kept in %s\n", ConfigPath().c_str());
+    return 0;
+  }
+  config.erase("token");
+  if (int rc = WriteConfig(config); rc != 0) return rc;
+  std::printf("token removed from %s\n", ConfigPath().c_str());
+  return 0;
+}
+
 osr::Result<int64_t> ParseDuration(const std::string& s) {
   if (s.empty()) return osr::InvalidArgument("empty duration");
   char unit = s.back();
@@ -161,7 +304,9 @@ osr::Result<int64_t> ParseDuration(const std::string& s) {
   try {
     size_t used = 0;
     long long v = std::stoll(num, &used);
-    if (used != num.size() || v <= 0) throw std::invalid_argument(s);
+    if (used != num.size() || v <= 0 || v > INT64_MAX / mult / 1000000000) {
+      throw std::invalid_argument(s);
+    }
     return v * mult;
   } catch (...) {
     return osr::InvalidArgument("'" + s + "' is not a duration (examples: 5s, 30m, 24h, 7d)");
@@ -175,8 +320,42 @@ int main(int argc, char** argv) {
   if (const char* v = std::getenv("OSR_VAULT")) c.vault = v;
   CLI::App app{"osr: Open Site Recovery"};
   app.require_subcommand(1);
-  app.add_option("--vault", c.vault, "vault URL (default $OSR_VAULT or http://127.0.0.1:7480)");
+  auto* vault_opt =
+      app.add_option("--vault", c.vault,
+                     "vault URL (default $OSR_VAULT, osr login's vault, or http://127.0.0.1:7480)");
   app.add_option("--output", c.output, "table or json")->check(CLI::IsMember({"table", "json"}));
+  app.add_option("--token", c.token,
+                 "API token (default: $OSR_TOKEN, $OSR_TOKEN_FILE, osr login's config, or a "
+                 "local quickstart's osr-data/admin.token)");
+  app.add_option("--ca", c.ca, "CA certificate of an https:// vault (default $OSR_CA)");
+
+  auto* login = app.add_subcommand(
+      "login", "check a token and keep it (with --vault) in the CLI's config file (0600)");
+  std::string login_token;
+  login->add_option("--with-token", login_token,
+                    "the token (default: read from standard input, so it stays out of shell "
+                    "history)");
+  auto* logout = app.add_subcommand("logout", "forget the token kept by osr login");
+  auto* whoami = app.add_subcommand("whoami", "who the vault takes you for, and your role");
+
+  auto* token = app.add_subcommand("token", "API tokens (admin)");
+  token->require_subcommand(1);
+  std::string tname, trole = "reader", texpires = "90d";
+  int64_t tid = 0;
+  auto* tcreate = token->add_subcommand("create", "make a token; it is shown once");
+  tcreate->add_option("name", tname, "who or what holds it")->required();
+  tcreate->add_option("--role", trole, "reader, operator or admin (default reader)")
+      ->check(CLI::IsMember({"reader", "operator", "admin"}));
+  tcreate->add_option("--expires", texpires, "lifetime, e.g. 12h, 30d (default 90d)");
+  auto* tlist = token->add_subcommand("list", "tokens (never their secrets)");
+  auto* trevoke = token->add_subcommand("revoke", "revoke a token and end its sessions");
+  trevoke->add_option("id", tid)->required();
+
+  auto* audit = app.add_subcommand("audit", "the audit log: who changed what, when (admin)");
+  int64_t alimit = 50;
+  std::string asince;
+  audit->add_option("--limit", alimit, "the newest N entries (default 50)");
+  audit->add_option("--since", asince, "only the last DURATION, e.g. 1h");
 
   auto* site = app.add_subcommand("site", "sites");
   site->require_subcommand(1);
@@ -184,8 +363,11 @@ int main(int argc, char** argv) {
   std::string sname, sapi, srepl;
   auto* site_add = site->add_subcommand("add", "register a site (osrd site) with the vault");
   site_add->add_option("name", sname)->required();
-  site_add->add_option("--api", sapi, "its API, http://HOST:PORT/api/v1")->required();
+  site_add->add_option("--api", sapi, "its API, https://HOST:PORT/api/v1")->required();
   site_add->add_option("--replication", srepl, "its replication listener, HOST:PORT")->required();
+  bool sreplace = false;
+  site_add->add_flag("--replace", sreplace,
+                     "move a registered site that VMs use to this address (audited)");
 
   auto* policy = app.add_subcommand("policy", "replication policies");
   policy->require_subcommand(1);
@@ -317,6 +499,16 @@ int main(int argc, char** argv) {
   jwait->add_option("id", jid)->required();
 
   CLI11_PARSE(app, argc, argv);
+  json config = ReadConfig();
+  osr::json_in::Fields saved(config);
+  if (vault_opt->count() == 0 && std::getenv("OSR_VAULT") == nullptr) {
+    c.vault = saved.String("vault", c.vault);
+  }
+  if (c.ca.empty()) {
+    const char* ca = std::getenv("OSR_CA");
+    c.ca = ca ? ca : saved.String("vault", "") == c.vault ? saved.String("ca", "") : "";
+  }
+  if (!login->parsed()) c.token = FindToken(c, config);
 
   auto job_table = [](const json& j) {
     std::printf("job %s: %s %s (%s%%)\n", Str(j["id"]).c_str(), Str(j["type"]).c_str(),
@@ -354,8 +546,50 @@ int main(int argc, char** argv) {
   }
   if (site_add->parsed()) {
     return Print(
-        c, Call(c, "POST", "/sites", json{{"name", sname}, {"api", sapi}, {"replication", srepl}}),
+        c,
+        Call(c, "POST", "/sites",
+             json{{"name", sname}, {"api", sapi}, {"replication", srepl}, {"replace", sreplace}}),
         Show);
+  }
+  if (login->parsed()) return Login(c, login_token);
+  if (logout->parsed()) return Logout(c);
+  if (whoami->parsed()) return Print(c, Call(c, "GET", "/whoami"), Show);
+  if (tcreate->parsed()) {
+    auto ttl = ParseDuration(texpires);
+    if (!ttl.ok()) return Fail("--expires: " + ttl.status().message());
+    Answer a = Call(c, "POST", "/tokens",
+                    json{{"name", tname}, {"role", trole}, {"expires_in_seconds", *ttl}});
+    return Print(c, a, [](const json& b) {
+      Show(b);
+      std::fprintf(stderr, "Keep the token now: the vault shows it only this once.\n");
+    });
+  }
+  if (tlist->parsed()) {
+    return Print(c, Call(c, "GET", "/tokens"), [](const json& b) {
+      Table(b, {{"id", "ID"},
+                {"name", "NAME"},
+                {"role", "ROLE"},
+                {"expires", "EXPIRES"},
+                {"revoked", "REVOKED"},
+                {"last_used", "LAST USED"}});
+    });
+  }
+  if (trevoke->parsed()) return Print(c, Call(c, "DELETE", fmt::format("/tokens/{}", tid)), Show);
+  if (audit->parsed()) {
+    std::string q = fmt::format("/audit?limit={}", alimit);
+    if (!asince.empty()) {
+      auto s = ParseDuration(asince);
+      if (!s.ok()) return Fail("--since: " + s.status().message());
+      q += fmt::format("&seconds={}", *s);
+    }
+    return Print(c, Call(c, "GET", q), [](const json& b) {
+      Table(b, {{"time", "TIME"},
+                {"principal", "WHO"},
+                {"method", "METHOD"},
+                {"path", "PATH"},
+                {"status", "STATUS"},
+                {"message", "MESSAGE"}});
+    });
   }
   if (pcreate->parsed()) {
     auto r = ParseDuration(retention);

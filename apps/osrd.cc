@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -227,7 +228,8 @@ int SiteMain(const std::string& config_path) {
   auto nbd = (*s)->nbd_address();
   auto repl = (*s)->replication_address();
   std::printf("osrd: site %s\n", cfg->name.c_str());
-  std::printf("osrd: api on http://%s:%u/api/v1\n", api_addr->host.c_str(), api_addr->port);
+  std::printf("osrd: api on %s://%s:%u/api/v1\n", cfg->api_insecure ? "http" : "https",
+              api_addr->host.c_str(), api_addr->port);
   std::printf("osrd: nbd on %s:%u\n", nbd.host.c_str(), nbd.port);
   std::printf("osrd: replication on %s:%u\n", repl.host.c_str(), repl.port);
   std::printf("osrd: ready\n");
@@ -253,18 +255,44 @@ std::string WebDir(const std::string& given) {
   return "/usr/share/osr/web";
 }
 
-int VaultMain(const std::string& db, const std::string& listen, const std::string& web) {
+struct VaultArgs {
+  std::string db = "vault.db";
+  std::string listen = "127.0.0.1:7480";
+  std::string web;
+  std::string tls_cert, tls_key;  // HTTPS for the REST API and web UI
+  bool insecure_http = false;
+  std::vector<std::string> public_hosts;
+  std::string site_ca, site_cert, site_key;  // mutual TLS to the sites' APIs
+  std::string admin_token_file;              // default: admin.token beside the catalog
+};
+
+// Where a first admin token is written: beside the catalog.
+std::string AdminTokenPath(const VaultArgs& a) {
+  if (!a.admin_token_file.empty()) return a.admin_token_file;
+  auto dir = std::filesystem::absolute(a.db).parent_path();
+  return (dir / "admin.token").string();
+}
+
+int VaultMain(const VaultArgs& a) {
   sigset_t sigs = BlockStopSignals();
-  auto addr = ParseHostPort(listen, 7480);
+  auto addr = ParseHostPort(a.listen, 7480);
   if (!addr.ok()) return Fail(addr.status());
   vault::VaultConfig vcfg;
-  vcfg.db_path = db;
-  vcfg.api_listen = *addr;
-  vcfg.web_dir = WebDir(web);
+  vcfg.db_path = a.db;
+  vcfg.api.listen = *addr;
+  vcfg.api.web_dir = WebDir(a.web);
+  vcfg.api.tls = {"", a.tls_cert, a.tls_key};
+  vcfg.api.insecure_http = a.insecure_http;
+  vcfg.api.public_hosts = a.public_hosts;
+  vcfg.site_tls = {a.site_ca, a.site_cert, a.site_key};
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
-  std::printf("osrd: vault on http://%s:%u/api/v1\n", (*v)->address().host.c_str(),
-              (*v)->address().port);
+  std::string token_path = AdminTokenPath(a);
+  auto made = vault::EnsureAdminToken((*v)->catalog(), token_path);
+  if (!made.ok()) return Fail(made.status());
+  if (*made) std::printf("osrd: first admin token written to %s (0600)\n", token_path.c_str());
+  std::printf("osrd: vault on %s://%s:%u/api/v1\n", (*v)->https() ? "https" : "http",
+              (*v)->address().host.c_str(), (*v)->address().port);
   std::printf("osrd: ready\n");
   std::fflush(stdout);
   int sig = 0;
@@ -282,13 +310,21 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   std::string abs = std::filesystem::absolute(dir).string();
   auto vaddr = ParseHostPort(vault_listen, 7480);
   if (!vaddr.ok()) return Fail(vaddr.status());
+  // A private CA on first start: each site authenticates to the other (replication) and
+  // to the vault (site API) with its certificate, the vault to the sites with its own.
+  auto vault_tls = EnsureQuickstartCertificates(abs + "/tls", "vault");
+  if (!vault_tls.ok()) return Fail(vault_tls.status());
   vault::VaultConfig vcfg;
   vcfg.db_path = abs + "/vault.db";
-  vcfg.api_listen = *vaddr;
+  vcfg.api.listen = *vaddr;
+  vcfg.api.web_dir = WebDir(web);
+  vcfg.site_tls = *vault_tls;
   vcfg.jobs_paused = true;  // until the sites (new ports after a restart) are registered
-  vcfg.web_dir = WebDir(web);
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
+  std::string token_path = abs + "/admin.token";
+  auto made = vault::EnsureAdminToken((*v)->catalog(), token_path);
+  if (!made.ok()) return Fail(made.status());
   std::vector<std::unique_ptr<site::Site>> sites;
   std::vector<std::unique_ptr<site::SiteApi>> apis;
   for (std::string name : {"primary", "recovery"}) {
@@ -296,7 +332,6 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
     cfg.name = name;
     cfg.data_dir = abs + "/" + name;
     cfg.nbd_listen.host = cfg.replication_listen.host = cfg.api_listen.host = "127.0.0.1";
-    // A private CA on first start; each site authenticates to the other with its cert.
     auto tls = EnsureQuickstartCertificates(abs + "/tls", name);
     if (!tls.ok()) return Fail(tls.status());
     cfg.tls = *tls;
@@ -307,8 +342,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
     if (!a.ok()) return Fail(a.status());
     api->Start();
     auto repl = (*s)->replication_address();
-    auto r = (*v)->RegisterSite(name, fmt::format("http://{}:{}/api/v1", a->host, a->port),
-                                fmt::format("{}:{}", repl.host, repl.port));
+    // The quickstart's sites move to new ports when it restarts: replace is its own.
+    auto r = (*v)->RegisterSite(name, fmt::format("https://{}:{}/api/v1", a->host, a->port),
+                                fmt::format("{}:{}", repl.host, repl.port), /*replace=*/true);
     if (!r.ok()) return Fail(r.status());
     sites.push_back(std::move(*s));
     apis.push_back(std::move(api));
@@ -320,7 +356,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
       "state in %s\n",
       abs.c_str());
   std::printf("  vault: %s/api/v1\n", vurl.c_str());
-  std::printf("  web UI: %s/\n", vurl.c_str());
+  std::printf("  web UI: %s/ (sign in with the token in %s)\n", vurl.c_str(), token_path.c_str());
+  std::printf("  admin token: %s (0600; the CLI finds it when run from here)\n",
+              token_path.c_str());
   std::printf("Try (build/osr, or osr on your PATH):\n");
   std::printf("  osr site list\n");
   std::printf("  osr vm create vm1 --site primary --disk os:1G --disk data:256M\n");
@@ -345,6 +383,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
 }  // namespace
 
 int main(int argc, char** argv) {
+  // State is private (docs/security.md): folders 0700, files 0600, whatever the caller's
+  // umask; certificates are made 0644 on purpose (tls.cc).
+  ::umask(077);
   auto logger = spdlog::stderr_color_mt("osrd");
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
@@ -373,18 +414,39 @@ int main(int argc, char** argv) {
                  "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen")
       ->required();
 
-  std::string vault_db = "vault.db", vault_listen = "127.0.0.1:7480", qs_dir = "./osr-data";
+  VaultArgs va;
+  std::string vault_listen = "127.0.0.1:7480", qs_dir = "./osr-data";
   auto* vp = app.add_subcommand("vault", "run the vault (catalog, REST API, jobs)");
-  vp->add_option("--db", vault_db, "SQLite catalog path (default vault.db)");
-  vp->add_option("--listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
-  std::string web_dir;
-  vp->add_option("--web", web_dir,
+  vp->add_option("--db", va.db, "SQLite catalog path (default vault.db)");
+  vp->add_option("--listen", va.listen, "HOST:PORT (default 127.0.0.1:7480)");
+  vp->add_option("--web", va.web,
                  "the web UI's built assets (default: web/dist of the source tree)");
+  vp->add_option("--tls-cert", va.tls_cert, "PEM certificate: serve HTTPS");
+  vp->add_option("--tls-key", va.tls_key, "PEM key of --tls-cert");
+  vp->add_flag("--insecure-http", va.insecure_http,
+               "serve plain HTTP on a non-loopback address (trusted networks only)");
+  vp->add_option("--public-host", va.public_hosts,
+                 "a host name clients use for this vault (repeatable)");
+  vp->add_option("--site-ca", va.site_ca, "PEM CA that signed the sites' certificates");
+  vp->add_option("--site-cert", va.site_cert, "PEM client certificate for the sites (CN vault)");
+  vp->add_option("--site-key", va.site_key, "PEM key of --site-cert");
+  vp->add_option("--admin-token-file", va.admin_token_file,
+                 "where the first admin token is written (default: admin.token beside --db)");
+  std::string web_dir;
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--vault-listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
   qs->add_option("--web", web_dir,
                  "the web UI's built assets (default: web/dist of the source tree)");
+
+  std::string certs_dir;
+  std::vector<std::string> cert_names;
+  auto* certs = app.add_subcommand(
+      "certs",
+      "make a private CA in DIR (once) and a certificate for each NAME signed by it (sites by "
+      "their site name, the vault as 'vault'): DIR/ca.pem, DIR/NAME.pem, DIR/NAME.key");
+  certs->add_option("--dir", certs_dir, "where the CA and the certificates live")->required();
+  certs->add_option("--name", cert_names, "a certificate's CN (repeat)")->required();
 
   auto* cap = app.add_subcommand("capture", "inspect and replay capture logs");
   cap->require_subcommand(1);
@@ -410,8 +472,16 @@ int main(int argc, char** argv) {
 
   if (ns->parsed()) return NbdServe(serve);
   if (sp->parsed()) return SiteMain(site_config);
-  if (vp->parsed()) return VaultMain(vault_db, vault_listen, web_dir);
+  if (vp->parsed()) return VaultMain(va);
   if (qs->parsed()) return Quickstart(qs_dir, vault_listen, web_dir);
+  if (certs->parsed()) {
+    for (auto& n : cert_names) {
+      auto f = EnsureQuickstartCertificates(certs_dir, n);
+      if (!f.ok()) return Fail(f.status());
+      std::printf("%s: %s %s (CA %s)\n", n.c_str(), f->cert.c_str(), f->key.c_str(), f->ca.c_str());
+    }
+    return 0;
+  }
   if (rp->parsed()) return CaptureReplay(log, base, out, upto, disk);
   if (dp->parsed()) return CaptureDump(log, output == "json");
   if (dr->parsed()) return CaptureDirty(log, disk, output == "json");

@@ -100,6 +100,8 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   if (any && (c.tls.ca.empty() || c.tls.cert.empty() || c.tls.key.empty())) {
     return InvalidArgument(path + ": give all of tls_ca, tls_cert and tls_key, or none");
   }
+  c.api_vault_name = t["api_vault_name"].value_or(c.api_vault_name);
+  c.api_insecure = t["api_insecure"].value_or(false);
   return c;
 }
 

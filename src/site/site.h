@@ -52,6 +52,10 @@ struct SiteConfig {
   size_t disks_per_vm_max = 64;
   uint64_t capture_log_bytes_max = 8ull << 30;  // per VM; past it: bitmap, then resync
   TlsFiles tls;  // replication between sites: mutual TLS when set (tls_ca, tls_cert, tls_key)
+  // The site API uses the same certificate and answers only a client certificate with
+  // this CN (api_vault_name), unless api_insecure: plain HTTP, loopback only (a lab).
+  std::string api_vault_name = "vault";
+  bool api_insecure = false;
   // Commit copies a failed-over VM's point into its disks while it runs: at most this
   // many bytes a second (materialise_rate; 0: no limit).
   uint64_t materialise_bytes_per_second = 0;

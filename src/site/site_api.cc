@@ -4,6 +4,9 @@
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
+#include "common/https.h"
+#include "common/json_in.h"
+
 namespace osr::site {
 
 using nlohmann::json;
@@ -15,7 +18,7 @@ constexpr size_t kBodyBytesMax = 64 << 20;
 
 void Reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(body.dump(), "application/json");
+  res.set_content(json_in::Dump(body), "application/json");
 }
 
 void Error(httplib::Response& res, const Status& st) {
@@ -41,9 +44,8 @@ void ReplyStatus(httplib::Response& res, const Status& st, int ok_status = 204) 
 }
 
 Result<json> Body(const httplib::Request& req) {
-  json j = json::parse(req.body, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return InvalidArgument("the body must be a JSON object");
-  return j;
+  if (req.body.empty()) return json::object();
+  return json_in::ParseObject(req.body, "the body", kBodyBytesMax);
 }
 
 Result<std::vector<DiskSpec>> Disks(const json& j) {
@@ -61,198 +63,249 @@ Result<std::vector<DiskSpec>> Disks(const json& j) {
 
 }  // namespace
 
-SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Server>()) {
+SiteApi::SiteApi(Site* site) : site_(site) {
+  const SiteConfig& cfg = site_->config();
+  if (cfg.tls.enabled() && !cfg.api_insecure) {
+    // Mutual TLS: only a certificate from the sites' CA that names the vault gets in.
+    auto server = std::make_unique<httplib::SSLServer>([&](SSL_CTX& ctx) {
+      setup_ = ConfigureServerTls(&ctx, cfg.tls, {cfg.api_vault_name});
+      return setup_.ok();
+    });
+    if (setup_.ok() && !server->is_valid()) setup_ = InvalidArgument("the API's TLS setup failed");
+    http_ = std::move(server);
+  } else {
+    http_ = std::make_unique<httplib::Server>();
+    if (!cfg.api_insecure) {
+      setup_ = InvalidArgument(
+          "the site API needs tls_ca, tls_cert and tls_key (it answers only the vault's "
+          "certificate), or api_insecure = true for a lab on loopback");
+    }
+  }
   auto& h = *http_;
   h.set_socket_options(ExclusiveListenerOptions);
+  h.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    // Defence in depth: the handshake already refused other certificates.
+    const SiteConfig& c = site_->config();
+    if (req.ssl != nullptr && PeerCommonName(req.ssl) != c.api_vault_name) {
+      Error(res, Status(Code::kPermissionDenied, "this API answers only the vault"));
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
+  h.set_exception_handler(
+      [](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
+        std::string what = "unknown";
+        try {
+          if (ep) std::rethrow_exception(ep);
+        } catch (const std::exception& e) {
+          what = e.what();
+        } catch (...) {
+        }
+        spdlog::error("site api: {} {}: {}", req.method, req.path, what);
+        Error(res, Internal("the site failed to handle this call: " + what));
+      });
   h.set_payload_max_length(kBodyBytesMax);
-  h.Get("/api/v1/site", [this](const httplib::Request&, httplib::Response& res) {
+  Add("GET", "/api/v1/site", [this](const httplib::Request&, httplib::Response& res) {
     Reply(res, 200, site_->Describe());
   });
-  h.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+  Add("GET", "/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(site_->Metrics(), "text/plain; version=0.0.4");
   });
-  h.Put(R"(/api/v1/groups/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    auto body = Body(req);
-    if (!body.ok()) return Error(res, body.status());
-    auto disks = Disks(*body);
-    if (!disks.ok()) return Error(res, disks.status());
-    ReplyResult(res, site_->CreateGroup(req.matches[1], *disks), 201);
-  });
-  h.Get(R"(/api/v1/groups/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    ReplyResult(res, site_->GroupStatus(req.matches[1]));
-  });
-  h.Delete(R"(/api/v1/groups/([^/]+))",
-           [this](const httplib::Request& req, httplib::Response& res) {
-             ReplyStatus(res, site_->DeleteGroup(req.matches[1]));
-           });
-  h.Put(R"(/api/v1/groups/([^/]+)/replication)",
-        [this](const httplib::Request& req, httplib::Response& res) {
-          auto body = Body(req);
-          if (!body.ok()) return Error(res, body.status());
-          if (!body->contains("target") || !(*body)["target"].is_string()) {
-            return Error(res, InvalidArgument("'target' (HOST:PORT) is missing"));
+  Add("PUT", R"(/api/v1/groups/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        auto disks = Disks(*body);
+        if (!disks.ok()) return Error(res, disks.status());
+        ReplyResult(res, site_->CreateGroup(req.matches[1], *disks), 201);
+      });
+  Add("GET", R"(/api/v1/groups/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyResult(res, site_->GroupStatus(req.matches[1]));
+      });
+  Add("DELETE", R"(/api/v1/groups/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyStatus(res, site_->DeleteGroup(req.matches[1]));
+      });
+  Add("PUT", R"(/api/v1/groups/([^/]+)/replication)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        if (!body->contains("target") || !(*body)["target"].is_string()) {
+          return Error(res, InvalidArgument("'target' (HOST:PORT) is missing"));
+        }
+        ReplyStatus(res, site_->StartReplication(
+                             req.matches[1], (*body)["target"], body->value("epoch", uint64_t{1}),
+                             body->value("compression", std::string("lz4")) == "lz4",
+                             body->value("bandwidth_bytes_per_second", uint64_t{0})));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/fence)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        if (!body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
+          return Error(res, InvalidArgument("'epoch' is missing"));
+        }
+        ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>(),
+                                           body->value("keep_shipping", false)));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/failover)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned() ||
+            !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
+          return Error(res, InvalidArgument("'seq' and 'epoch' are needed"));
+        }
+        ReplyResult(res,
+                    site_->FailoverGroup(req.matches[1], (*body)["seq"].get<uint64_t>(),
+                                         (*body)["epoch"].get<uint64_t>()),
+                    201);
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/materialise)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyStatus(res, site_->MaterialiseGroup(req.matches[1]), 202);
+      });
+  Add("GET", R"(/api/v1/groups/([^/]+)/unreplicated)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        uint64_t after = 0;
+        if (req.has_param("after")) {
+          after = std::strtoull(req.get_param_value("after").c_str(), nullptr, 10);
+        }
+        ReplyResult(res, site_->UnreplicatedRegions(req.matches[1], after));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/regions)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        std::vector<capture::CaptureGroup::DiskRange> regions;
+        if (!body->contains("regions") || !(*body)["regions"].is_array()) {
+          return Error(res,
+                       InvalidArgument("'regions' ([[disk, offset, length], ...]) is missing"));
+        }
+        for (auto& r : (*body)["regions"]) {
+          if (!r.is_array() || r.size() != 3 || !r[0].is_number_unsigned() ||
+              !r[1].is_number_unsigned() || !r[2].is_number_unsigned()) {
+            return Error(res, InvalidArgument("each region is [disk, offset, length]"));
           }
-          ReplyStatus(res, site_->StartReplication(
-                               req.matches[1], (*body)["target"], body->value("epoch", uint64_t{1}),
-                               body->value("compression", std::string("lz4")) == "lz4",
-                               body->value("bandwidth_bytes_per_second", uint64_t{0})));
-        });
-  h.Post(R"(/api/v1/groups/([^/]+)/fence)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'epoch' is missing"));
-           }
-           ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>(),
-                                              body->value("keep_shipping", false)));
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/failover)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned() ||
-               !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'seq' and 'epoch' are needed"));
-           }
-           ReplyResult(res,
-                       site_->FailoverGroup(req.matches[1], (*body)["seq"].get<uint64_t>(),
-                                            (*body)["epoch"].get<uint64_t>()),
-                       201);
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/materialise)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           ReplyStatus(res, site_->MaterialiseGroup(req.matches[1]), 202);
-         });
-  h.Get(R"(/api/v1/groups/([^/]+)/unreplicated)",
-        [this](const httplib::Request& req, httplib::Response& res) {
-          uint64_t after = 0;
-          if (req.has_param("after")) {
-            after = std::strtoull(req.get_param_value("after").c_str(), nullptr, 10);
-          }
-          ReplyResult(res, site_->UnreplicatedRegions(req.matches[1], after));
-        });
-  h.Post(R"(/api/v1/groups/([^/]+)/regions)", [this](const httplib::Request& req,
-                                                     httplib::Response& res) {
-    auto body = Body(req);
-    if (!body.ok()) return Error(res, body.status());
-    std::vector<capture::CaptureGroup::DiskRange> regions;
-    if (!body->contains("regions") || !(*body)["regions"].is_array()) {
-      return Error(res, InvalidArgument("'regions' ([[disk, offset, length], ...]) is missing"));
-    }
-    for (auto& r : (*body)["regions"]) {
-      if (!r.is_array() || r.size() != 3 || !r[0].is_number_unsigned() ||
-          !r[1].is_number_unsigned() || !r[2].is_number_unsigned()) {
-        return Error(res, InvalidArgument("each region is [disk, offset, length]"));
-      }
-      regions.push_back({r[0].get<uint32_t>(), {r[1].get<uint64_t>(), r[2].get<uint64_t>()}});
-    }
-    ReplyStatus(res, site_->MarkRegions(regions, req.matches[1]));
-  });
-  h.Get(R"(/api/v1/groups/([^/]+)/hashes)",
-        [this](const httplib::Request& req, httplib::Response& res) {
-          uint64_t region = 64 * 1024;
-          if (req.has_param("region_bytes")) {
-            region = std::strtoull(req.get_param_value("region_bytes").c_str(), nullptr, 10);
-          }
-          auto h = site_->GroupHashes(req.matches[1], region);
-          if (!h.ok()) return Error(res, h.status());
-          res.set_content(*h, "application/octet-stream");
-        });
-  h.Post(R"(/api/v1/groups/([^/]+)/compare)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           uint64_t region = 64 * 1024;
-           if (req.has_param("region_bytes")) {
-             region = std::strtoull(req.get_param_value("region_bytes").c_str(), nullptr, 10);
-           }
-           ReplyResult(res, site_->CompareHashes(req.matches[1], region, req.body));
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/to-store)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("base_seq") || !(*body)["base_seq"].is_number_unsigned() ||
-               !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'base_seq' and 'epoch' are needed"));
-           }
-           ReplyResult(res,
-                       site_->GroupToStore(req.matches[1], (*body)["base_seq"].get<uint64_t>(),
-                                           (*body)["epoch"].get<uint64_t>()),
-                       201);
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/vm/start)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           ReplyStatus(res, site_->StartVm(req.matches[1], *body));
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/vm/freeze)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           ReplyStatus(res, site_->FreezeVm(req.matches[1], body->value("timeout_ms", 10000)));
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/vm/thaw)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           ReplyStatus(res, site_->ThawVm(req.matches[1]));
-         });
-  h.Post(R"(/api/v1/groups/([^/]+)/vm/stop)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           auto r = site_->StopVm(req.matches[1], body->value("timeout_ms", 30000));
-           if (!r.ok()) return Error(res, r.status());
-           Reply(res, 200, json{{"clean", *r}});
-         });
-  h.Delete(R"(/api/v1/groups/([^/]+)/replication)",
-           [this](const httplib::Request& req, httplib::Response& res) {
-             ReplyStatus(res, site_->StopReplication(req.matches[1]));
-           });
-  h.Put(R"(/api/v1/stores/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    auto body = Body(req);
-    if (!body.ok()) return Error(res, body.status());
-    auto disks = Disks(*body);
-    if (!disks.ok()) return Error(res, disks.status());
-    std::string start = body->value("start", std::string("empty"));
-    if (start != "empty" && start != "full") {
-      return Error(res, InvalidArgument("'start' is empty or full"));
-    }
-    ReplyStatus(res,
-                site_->CreateStore(req.matches[1], *disks,
-                                   start == "full" ? store::RecoveryStore::Start::kFullCopy
-                                                   : store::RecoveryStore::Start::kEmpty),
-                201);
-  });
-  h.Get(R"(/api/v1/stores/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    ReplyResult(res, site_->StoreStatus(req.matches[1]));
-  });
-  h.Delete(R"(/api/v1/stores/([^/]+))",
-           [this](const httplib::Request& req, httplib::Response& res) {
-             ReplyStatus(res, site_->DeleteStore(req.matches[1]));
-           });
-  h.Post(R"(/api/v1/stores/([^/]+)/fold)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'seq' is missing"));
-           }
-           ReplyResult(res, site_->FoldStore(req.matches[1], (*body)["seq"].get<uint64_t>()));
-         });
-  h.Post(R"(/api/v1/stores/([^/]+)/views)",
-         [this](const httplib::Request& req, httplib::Response& res) {
-           auto body = Body(req);
-           if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'seq' is missing"));
-           }
-           ReplyResult(res,
-                       site_->OpenView(req.matches[1], (*body)["seq"].get<uint64_t>(),
-                                       body->value("writable", false)),
-                       201);
-         });
-  h.Delete(R"(/api/v1/views/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    ReplyStatus(res, site_->CloseView(req.matches[1]));
+          regions.push_back({r[0].get<uint32_t>(), {r[1].get<uint64_t>(), r[2].get<uint64_t>()}});
+        }
+        ReplyStatus(res, site_->MarkRegions(regions, req.matches[1]));
+      });
+  Add("GET", R"(/api/v1/groups/([^/]+)/hashes)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        uint64_t region = 64 * 1024;
+        if (req.has_param("region_bytes")) {
+          region = std::strtoull(req.get_param_value("region_bytes").c_str(), nullptr, 10);
+        }
+        auto h = site_->GroupHashes(req.matches[1], region);
+        if (!h.ok()) return Error(res, h.status());
+        res.set_content(*h, "application/octet-stream");
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/compare)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        uint64_t region = 64 * 1024;
+        if (req.has_param("region_bytes")) {
+          region = std::strtoull(req.get_param_value("region_bytes").c_str(), nullptr, 10);
+        }
+        ReplyResult(res, site_->CompareHashes(req.matches[1], region, req.body));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/to-store)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        if (!body->contains("base_seq") || !(*body)["base_seq"].is_number_unsigned() ||
+            !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
+          return Error(res, InvalidArgument("'base_seq' and 'epoch' are needed"));
+        }
+        ReplyResult(res,
+                    site_->GroupToStore(req.matches[1], (*body)["base_seq"].get<uint64_t>(),
+                                        (*body)["epoch"].get<uint64_t>()),
+                    201);
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/vm/start)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        ReplyStatus(res, site_->StartVm(req.matches[1], *body));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/vm/freeze)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        ReplyStatus(res, site_->FreezeVm(req.matches[1], body->value("timeout_ms", 10000)));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/vm/thaw)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyStatus(res, site_->ThawVm(req.matches[1]));
+      });
+  Add("POST", R"(/api/v1/groups/([^/]+)/vm/stop)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        auto r = site_->StopVm(req.matches[1], body->value("timeout_ms", 30000));
+        if (!r.ok()) return Error(res, r.status());
+        Reply(res, 200, json{{"clean", *r}});
+      });
+  Add("DELETE", R"(/api/v1/groups/([^/]+)/replication)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyStatus(res, site_->StopReplication(req.matches[1]));
+      });
+  Add("PUT", R"(/api/v1/stores/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        auto disks = Disks(*body);
+        if (!disks.ok()) return Error(res, disks.status());
+        std::string start = body->value("start", std::string("empty"));
+        if (start != "empty" && start != "full") {
+          return Error(res, InvalidArgument("'start' is empty or full"));
+        }
+        ReplyStatus(res,
+                    site_->CreateStore(req.matches[1], *disks,
+                                       start == "full" ? store::RecoveryStore::Start::kFullCopy
+                                                       : store::RecoveryStore::Start::kEmpty),
+                    201);
+      });
+  Add("GET", R"(/api/v1/stores/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyResult(res, site_->StoreStatus(req.matches[1]));
+      });
+  Add("DELETE", R"(/api/v1/stores/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyStatus(res, site_->DeleteStore(req.matches[1]));
+      });
+  Add("POST", R"(/api/v1/stores/([^/]+)/fold)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
+          return Error(res, InvalidArgument("'seq' is missing"));
+        }
+        ReplyResult(res, site_->FoldStore(req.matches[1], (*body)["seq"].get<uint64_t>()));
+      });
+  Add("POST", R"(/api/v1/stores/([^/]+)/views)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
+          return Error(res, InvalidArgument("'seq' is missing"));
+        }
+        ReplyResult(res,
+                    site_->OpenView(req.matches[1], (*body)["seq"].get<uint64_t>(),
+                                    body->value("writable", false)),
+                    201);
+      });
+  Add("DELETE", R"(/api/v1/views/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyStatus(res, site_->CloseView(req.matches[1]));
+      });
+  // The route table as registered, for the vault's and the tests' eyes.
+  Add("GET", "/api/v1/routes", [this](const httplib::Request&, httplib::Response& res) {
+    json out = json::array();
+    for (auto& [method, pattern] : routes_)
+      out.push_back({{"method", method}, {"pattern", pattern}});
+    Reply(res, 200, out);
   });
   h.set_error_handler([](const httplib::Request&, httplib::Response& res) {
     if (res.body.empty()) {
@@ -262,11 +315,31 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
   });
 }
 
+void SiteApi::Add(const std::string& method, const std::string& pattern,
+                  std::function<void(const httplib::Request&, httplib::Response&)> handler) {
+  routes_.emplace_back(method, pattern);
+  if (method == "GET") {
+    http_->Get(pattern, std::move(handler));
+  } else if (method == "PUT") {
+    http_->Put(pattern, std::move(handler));
+  } else if (method == "POST") {
+    http_->Post(pattern, std::move(handler));
+  } else {
+    OSR_CHECK(method == "DELETE");
+    http_->Delete(pattern, std::move(handler));
+  }
+}
+
 SiteApi::~SiteApi() {
   Stop();
 }
 
 Result<ListenAddress> SiteApi::Listen(const ListenAddress& addr) {
+  OSR_RETURN_IF_ERROR(setup_);
+  if (site_->config().api_insecure && !IsLoopbackHost(addr.host)) {
+    return InvalidArgument(fmt::format(
+        "api_insecure serves the site API without TLS: only on loopback, not {}", addr.host));
+  }
   bound_ = addr;
   if (addr.port == 0) {
     int port = http_->bind_to_any_port(addr.host);

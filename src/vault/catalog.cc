@@ -17,7 +17,7 @@ int64_t NowNs() {
 
 namespace {
 
-constexpr int kSchemaVersion = 3;
+constexpr int kSchemaVersion = 4;
 
 const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,6 +41,15 @@ CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT 
   vm TEXT NOT NULL, state TEXT NOT NULL, progress INTEGER NOT NULL, steps TEXT NOT NULL,
   error TEXT NOT NULL, result TEXT NOT NULL, args TEXT NOT NULL, created_ns INTEGER NOT NULL,
   updated_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+  role TEXT NOT NULL, secret_sha256 TEXT NOT NULL, created_ns INTEGER NOT NULL,
+  expires_ns INTEGER NOT NULL, revoked_ns INTEGER NOT NULL DEFAULT 0,
+  last_used_ns INTEGER NOT NULL DEFAULT 0, created_by TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS sessions(id_sha256 TEXT PRIMARY KEY, token_id INTEGER NOT NULL,
+  csrf TEXT NOT NULL, created_ns INTEGER NOT NULL, expires_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit(id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL,
+  principal TEXT NOT NULL, role TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
+  status INTEGER NOT NULL, message TEXT NOT NULL, remote TEXT NOT NULL);
 )sql";
 
 // A prepared statement with positional binds; finalised on scope exit.
@@ -127,6 +136,10 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
     OSR_RETURN_IF_ERROR(c->Exec(sql));
     version = 3;
   }
+  if (version == 3) {  // v4 added tokens, sessions and the audit log (new tables only)
+    OSR_RETURN_IF_ERROR(c->Exec("UPDATE meta SET value='4' WHERE key='schema_version'"));
+    version = 4;
+  }
   if (version != 0 && version != kSchemaVersion) {
     return Corruption(
         fmt::format("catalog {} has schema {}, this osrd knows {}", path, version, kSchemaVersion));
@@ -148,6 +161,142 @@ Status Catalog::Exec(const std::string& sql) {
     return IoError("sqlite: " + m);
   }
   return Status::Ok();
+}
+
+// ---- Tokens, sessions, audit ----------------------------------------------------------
+
+namespace {
+TokenRow TokenFrom(Stmt& s) {
+  TokenRow t;
+  t.id = s.Int(0);
+  t.name = s.Text(1);
+  t.role = s.Text(2);
+  t.secret_sha256 = s.Text(3);
+  t.created_ns = s.Int(4);
+  t.expires_ns = s.Int(5);
+  t.revoked_ns = s.Int(6);
+  t.last_used_ns = s.Int(7);
+  t.created_by = s.Text(8);
+  return t;
+}
+constexpr const char* kTokenColumns =
+    "id, name, role, secret_sha256, created_ns, expires_ns, revoked_ns, last_used_ns, "
+    "created_by";
+}  // namespace
+
+Result<int64_t> Catalog::AddToken(const TokenRow& t) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(Stmt(db_,
+                           "INSERT INTO tokens(name, role, secret_sha256, created_ns, "
+                           "expires_ns, created_by) VALUES(?,?,?,?,?,?)")
+                          .Bind(t.name)
+                          .Bind(t.role)
+                          .Bind(t.secret_sha256)
+                          .Bind(t.created_ns)
+                          .Bind(t.expires_ns)
+                          .Bind(t.created_by)
+                          .Run());
+  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+}
+
+std::optional<TokenRow> Catalog::Token(int64_t id) {
+  std::lock_guard lock(mu_);
+  std::string q = fmt::format("SELECT {} FROM tokens WHERE id=?", kTokenColumns);
+  Stmt s(db_, q.c_str());
+  s.Bind(id);
+  if (s.Step() != SQLITE_ROW) return std::nullopt;
+  return TokenFrom(s);
+}
+
+std::vector<TokenRow> Catalog::Tokens() {
+  std::lock_guard lock(mu_);
+  std::string q = fmt::format("SELECT {} FROM tokens ORDER BY id", kTokenColumns);
+  Stmt s(db_, q.c_str());
+  std::vector<TokenRow> out;
+  while (s.Step() == SQLITE_ROW) out.push_back(TokenFrom(s));
+  return out;
+}
+
+Status Catalog::RevokeToken(int64_t id, int64_t now_ns) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(Stmt(db_, "UPDATE tokens SET revoked_ns=? WHERE id=? AND revoked_ns=0")
+                          .Bind(now_ns)
+                          .Bind(id)
+                          .Run());
+  // Its sessions end with it.
+  return Stmt(db_, "DELETE FROM sessions WHERE token_id=?").Bind(id).Run();
+}
+
+Status Catalog::TouchToken(int64_t id, int64_t now_ns) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "UPDATE tokens SET last_used_ns=? WHERE id=?").Bind(now_ns).Bind(id).Run();
+}
+
+Status Catalog::AddSession(const SessionRow& r) {
+  std::lock_guard lock(mu_);
+  // Expired sessions go whenever a new one is made: the table stays small.
+  OSR_RETURN_IF_ERROR(
+      Stmt(db_, "DELETE FROM sessions WHERE expires_ns < ?").Bind(r.created_ns).Run());
+  return Stmt(db_,
+              "INSERT INTO sessions(id_sha256, token_id, csrf, created_ns, expires_ns) "
+              "VALUES(?,?,?,?,?)")
+      .Bind(r.id_sha256)
+      .Bind(r.token_id)
+      .Bind(r.csrf)
+      .Bind(r.created_ns)
+      .Bind(r.expires_ns)
+      .Run();
+}
+
+std::optional<SessionRow> Catalog::Session(const std::string& id_sha256) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_,
+         "SELECT id_sha256, token_id, csrf, created_ns, expires_ns FROM sessions "
+         "WHERE id_sha256=?");
+  s.Bind(id_sha256);
+  if (s.Step() != SQLITE_ROW) return std::nullopt;
+  return SessionRow{s.Text(0), s.Int(1), s.Text(2), s.Int(3), s.Int(4)};
+}
+
+Status Catalog::DeleteSession(const std::string& id_sha256) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "DELETE FROM sessions WHERE id_sha256=?").Bind(id_sha256).Run();
+}
+
+Status Catalog::AddAudit(const AuditRow& a) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(Stmt(db_,
+                           "INSERT INTO audit(time_ns, principal, role, method, path, status, "
+                           "message, remote) VALUES(?,?,?,?,?,?,?,?)")
+                          .Bind(a.time_ns)
+                          .Bind(a.principal)
+                          .Bind(a.role)
+                          .Bind(a.method)
+                          .Bind(a.path)
+                          .Bind(int64_t{a.status})
+                          .Bind(a.message)
+                          .Bind(a.remote)
+                          .Run());
+  // Bounded: the newest kAuditRowsMax entries stay.
+  int64_t id = static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+  if (id % 1024 == 0) {
+    return Stmt(db_, "DELETE FROM audit WHERE id <= ?").Bind(id - kAuditRowsMax).Run();
+  }
+  return Status::Ok();
+}
+
+std::vector<AuditRow> Catalog::Audit(int64_t since_ns, size_t limit) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_,
+         "SELECT id, time_ns, principal, role, method, path, status, message, remote FROM "
+         "(SELECT * FROM audit WHERE time_ns >= ? ORDER BY id DESC LIMIT ?) ORDER BY id");
+  s.Bind(since_ns).Bind(static_cast<int64_t>(limit));
+  std::vector<AuditRow> out;
+  while (s.Step() == SQLITE_ROW) {
+    out.push_back({s.Int(0), s.Int(1), s.Text(2), s.Text(3), s.Text(4), s.Text(5),
+                   static_cast<int>(s.Int(6)), s.Text(7), s.Text(8)});
+  }
+  return out;
 }
 
 Status Catalog::PutSite(const SiteRow& s) {

@@ -76,6 +76,43 @@ struct JobRow {
   int64_t updated_ns = 0;
 };
 
+// An API token (vault/auth.h). Only the SHA-256 of its secret is kept.
+struct TokenRow {
+  int64_t id = 0;
+  std::string name;  // who or what holds it ("alice", "ci", "quickstart-admin")
+  std::string role;  // reader | operator | admin
+  std::string secret_sha256;
+  int64_t created_ns = 0;
+  int64_t expires_ns = 0;
+  int64_t revoked_ns = 0;  // 0: not revoked
+  int64_t last_used_ns = 0;
+  std::string created_by;
+};
+
+// A web UI session, made from a token at login; it ends with the token.
+struct SessionRow {
+  std::string id_sha256;
+  int64_t token_id = 0;
+  std::string csrf;  // the CSRF token the page sends back in X-CSRF-Token
+  int64_t created_ns = 0;
+  int64_t expires_ns = 0;
+};
+
+// One mutating call (or refused attempt): who, what, when, result.
+struct AuditRow {
+  int64_t id = 0;
+  int64_t time_ns = 0;
+  std::string principal;  // "token:3 (alice)", or "anonymous"
+  std::string role;
+  std::string method;
+  std::string path;
+  int status = 0;  // the HTTP status answered
+  std::string message;
+  std::string remote;  // the client's address
+};
+
+inline constexpr int64_t kAuditRowsMax = 100000;
+
 class Catalog {
  public:
   static Result<std::unique_ptr<Catalog>> Open(const std::string& path);
@@ -108,6 +145,19 @@ class Catalog {
   std::vector<PointRow> Points(const std::string& vm);
   Status DeletePoints(const std::string& vm, int64_t older_than_ns);  // all when 0
   Status DeletePoint(int64_t id);
+
+  Result<int64_t> AddToken(const TokenRow& t);
+  std::optional<TokenRow> Token(int64_t id);
+  std::vector<TokenRow> Tokens();
+  Status RevokeToken(int64_t id, int64_t now_ns);  // and ends its sessions
+  Status TouchToken(int64_t id, int64_t now_ns);
+  Status AddSession(const SessionRow& s);  // also drops expired sessions
+  std::optional<SessionRow> Session(const std::string& id_sha256);
+  Status DeleteSession(const std::string& id_sha256);
+  // Keeps the newest kAuditRowsMax entries.
+  Status AddAudit(const AuditRow& a);
+  // At most `limit` entries from since_ns on, the newest ones, oldest first.
+  std::vector<AuditRow> Audit(int64_t since_ns, size_t limit);
 
   Result<int64_t> AddJob(const JobRow& j);
   Status UpdateJob(const JobRow& j);

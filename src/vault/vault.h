@@ -28,23 +28,23 @@
 #include <vector>
 
 #include "common/socket.h"
+#include "common/tls.h"
 #include "vault/catalog.h"
-
-namespace httplib {
-class Server;
-}
+#include "vault/vault_api.h"
 
 namespace osr::vault {
 
 struct VaultConfig {
   std::string db_path;
-  ListenAddress api_listen;
+  ApiConfig api;  // the REST API's address, TLS, host names, web UI
+  // The vault's client certificate for the sites' APIs (mutual TLS; its CN is what the
+  // sites accept, "vault" by default) and the CA that signed the sites' certificates.
+  TlsFiles site_tls;
   int point_tick_ms = 1000;
   int job_wait_ms_max = 120000;  // a job step waiting for replication gives up after this
   int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
   bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
   int job_workers = 4;           // jobs of different VMs run at the same time, this many
-  std::string web_dir;           // the web UI's built assets, served at / ("" or missing: none)
 };
 
 class Vault {
@@ -52,14 +52,18 @@ class Vault {
   static Result<std::unique_ptr<Vault>> Start(const VaultConfig& cfg);
   ~Vault();
   void Stop();
-  const ListenAddress& address() const { return bound_; }
+  const ListenAddress& address() const { return api_->address(); }
+  bool https() const { return api_->https(); }
   // Lets queued (and resumed) jobs run, when the config paused them.
   void StartJobs();
   Catalog& catalog() { return *catalog_; }
 
   // The operations behind the REST API (also used by quickstart).
+  // Registers a site (or, with `replace`, moves one: a site that VMs or items use keeps
+  // its address unless replace is set). The API must be https:// (http:// only on
+  // loopback); the vault checks that the site's certificate names it.
   Result<nlohmann::json> RegisterSite(const std::string& name, const std::string& api,
-                                      const std::string& replication);
+                                      const std::string& replication, bool replace = false);
   nlohmann::json ListSites();
   Result<nlohmann::json> CreatePolicy(const PolicyRow& p);
   nlohmann::json ListPolicies();
@@ -89,7 +93,7 @@ class Vault {
 
  private:
   explicit Vault(VaultConfig cfg);
-  void SetupRoutes();
+  class SiteClient Client(const SiteRow& site) const;
   Result<nlohmann::json> Submit(const std::string& type, const std::string& vm,
                                 const nlohmann::json& args);
   void JobLoop();
@@ -111,6 +115,8 @@ class Vault {
   // Runs the VM's hook `name` (spec.hooks) on this host with a timeout; Ok when none.
   Status RunHook(const VmRow& vm, const std::string& name, const nlohmann::json& env);
   void PointLoop();
+  // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.
+  void PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo);
   Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job);
   // Waits (at most wait_ms, less if the vault stops) until the recovery site has every
   // write made so far, then records a point there.
@@ -127,9 +133,7 @@ class Vault {
 
   const VaultConfig cfg_;
   std::unique_ptr<Catalog> catalog_;
-  std::unique_ptr<httplib::Server> http_;
-  ListenAddress bound_;
-  std::thread http_thread_;
+  std::unique_ptr<VaultApi> api_;
   std::vector<std::thread> job_threads_;
   std::thread point_thread_;
 
@@ -150,13 +154,18 @@ class Vault {
 // Whether a recovery store's status (GET /stores/{vm}) says the store holds a consistent
 // state at `seq`: no resync or first copy under way, not waiting for a differential
 // resync, and seq within what is usable (consistent_from..durable_seq).
+// A status of the wrong shape is not consistent.
 bool StoreConsistentAt(const nlohmann::json& store_status, uint64_t seq);
+
+// Logs a failed best-effort step (a sample, a fold the next tick repeats) with `what`.
+void LogIfFailed(const Status& st, const std::string& what);
 
 // A site's HTTP API. Every call has a timeout; an unreachable site is kUnavailable with
 // a message naming the site.
 class SiteClient {
  public:
-  explicit SiteClient(SiteRow site) : site_(std::move(site)) {}
+  // `tls`: the vault's client certificate and the sites' CA, for https:// site APIs.
+  SiteClient(SiteRow site, TlsFiles tls) : site_(std::move(site)), tls_(std::move(tls)) {}
   Result<nlohmann::json> Call(const std::string& method, const std::string& path,
                               const nlohmann::json& body = nullptr);
   // The same with an octet-stream body and answer (disk hashes).
@@ -169,6 +178,7 @@ class SiteClient {
                                                const std::string& body, const char* content_type,
                                                int read_timeout_s);
   SiteRow site_;
+  TlsFiles tls_;
 };
 
 }  // namespace osr::vault

@@ -83,7 +83,7 @@ Status Vault::RunHook(const VmRow& vm, const std::string& name, const json& env)
 Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
   auto dst = catalog_->Site(item.target);
   if (!dst) return NotFound("site " + item.target + " is not registered");
-  OSR_ASSIGN_OR_RETURN(json st, SiteClient(*dst).Call("GET", "/stores/" + item.vm));
+  OSR_ASSIGN_OR_RETURN(json st, Client(*dst).Call("GET", "/stores/" + item.vm));
   uint64_t durable = st.value("durable_seq", uint64_t{0});
   if (!StoreConsistentAt(st, durable)) {
     // The newest consistent state there is the last point.
@@ -101,7 +101,7 @@ Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
 
 Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst,
                              Steps& steps, int p0, int p1) {
-  auto g = SiteClient(src).Call("GET", "/groups/" + vm);
+  auto g = Client(src).Call("GET", "/groups/" + vm);
   if (!g.ok()) return g.status();
   uint64_t want = (*g).value("last_seq", uint64_t{0});
   // No deadline while it moves: a big copy takes its time. It fails when nothing moved
@@ -110,10 +110,10 @@ Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const Si
   uint64_t last_progress = UINT64_MAX;
   for (;;) {
     if (stopping_) return Unavailable("the vault stopped");
-    auto st = SiteClient(dst).Call("GET", "/stores/" + vm);
+    auto st = Client(dst).Call("GET", "/stores/" + vm);
     uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
     if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) return Status::Ok();
-    auto gs = SiteClient(src).Call("GET", "/groups/" + vm);
+    auto gs = Client(src).Call("GET", "/groups/" + vm);
     json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
     uint64_t total = repl.value("resync_bytes_total", uint64_t{0});
     uint64_t done = repl.value("resync_bytes_done", uint64_t{0});
@@ -163,7 +163,7 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
 
   if (planned && !job.args.contains("epoch")) {
     steps.Begin(fmt::format("Check that {} answers (a planned failover needs it)", item.source));
-    auto g = SiteClient(*src).Call("GET", "/groups/" + job.vm);
+    auto g = Client(*src).Call("GET", "/groups/" + job.vm);
     if (!g.ok()) {
       return fail(Unavailable(fmt::format("a planned failover needs the source site: {}; nothing "
                                           "was changed (an unplanned failover does not need it)",
@@ -186,8 +186,8 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
       steps.Progress(10, "the VM has no driver: nothing to shut down");
       steps.Done(10);
     } else {
-      auto r = SiteClient(*src).Call("POST", "/groups/" + job.vm + "/vm/stop",
-                                     json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+      auto r = Client(*src).Call("POST", "/groups/" + job.vm + "/vm/stop",
+                                 json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
       if (!r.ok()) {
         steps.Warn(10, "could not shut it down (" + r.status().message() +
                            "); the failover goes on and fencing stops its writes");
@@ -221,8 +221,8 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
     point.type = job.args["point"].value("type", std::string("crash"));
   } else if (planned) {
     steps.Begin(fmt::format("Fence {} and send it all to {}", item.source, item.target));
-    auto f = SiteClient(*src).Call("POST", "/groups/" + job.vm + "/fence",
-                                   json{{"epoch", epoch}, {"keep_shipping", true}});
+    auto f = Client(*src).Call("POST", "/groups/" + job.vm + "/fence",
+                               json{{"epoch", epoch}, {"keep_shipping", true}});
     if (!f.ok()) return fail(f.status(), before);
     mark_failing();
     auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
@@ -250,7 +250,7 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
     steps.Done(30);
     steps.Begin(fmt::format("Fence {} (epoch {})", item.source, epoch));
     mark_failing();
-    auto f = SiteClient(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
+    auto f = Client(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
     if (!f.ok()) {
       steps.Warn(40, f.status().message() +
                          "; it will be fenced when it answers, and the recovery site refuses "
@@ -265,13 +265,13 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
   steps.Save();
 
   steps.Begin(fmt::format("Open the disks at {} on point {} (no copy)", item.target, point.id));
-  auto fo = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/failover",
-                                  json{{"seq", point.seq}, {"epoch", epoch}});
+  auto fo = Client(*dst).Call("POST", "/groups/" + job.vm + "/failover",
+                              json{{"seq", point.seq}, {"epoch", epoch}});
   if (!fo.ok()) return fail(fo.status(), "FailoverFailed");
   steps.Done(70);
   if (planned) {
     // Drained: the old primary stops shipping now (fencing again at the same epoch).
-    (void)SiteClient(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
+    (void)Client(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
   }
   vm->site = item.target;
   (void)catalog_->UpdateVm(*vm);
@@ -287,7 +287,7 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
   job.result = {{"point", PointJsonOf(point)}, {"epoch", epoch}, {"disks", (*fo)["disks"]}};
   if (start && Driver(*vm) != "none") {
     steps.Begin(fmt::format("Start the VM at {}", item.target));
-    auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
+    auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
     if (!r.ok()) {
       return steps.Fail(Status(r.status().code(),
                                "the VM failed over but did not start: " + r.status().message() +
@@ -329,21 +329,21 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item) {
   bool opened = job.args.value("failover_done", false);
   if (!opened && Driver(*vm) != "none") {
     steps.Begin(fmt::format("Stop the VM at {}", item.target));
-    auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/stop",
-                                   json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+    auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/stop",
+                               json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
     if (!r.ok() && r.status().code() != Code::kNotFound) return steps.Fail(r.status());
     steps.Done(20);
   }
   if (!opened) {
     steps.Begin("Discard the writes made since failover");
-    auto d = SiteClient(*dst).Call("DELETE", "/groups/" + job.vm);
+    auto d = Client(*dst).Call("DELETE", "/groups/" + job.vm);
     if (!d.ok() && d.status().code() != Code::kNotFound) return steps.Fail(d.status());
     steps.Done(40);
   }
   steps.Begin(fmt::format("Open the disks on point {} (no copy)", point.id));
   // (Done already when resumed: the site answers with the same disks.)
-  auto fo = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/failover",
-                                  json{{"seq", point.seq}, {"epoch", epoch}});
+  auto fo = Client(*dst).Call("POST", "/groups/" + job.vm + "/failover",
+                              json{{"seq", point.seq}, {"epoch", epoch}});
   if (!fo.ok()) return steps.Fail(fo.status());
   job.args["failover_done"] = true;
   steps.Save();
@@ -353,7 +353,7 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item) {
   job.result = {{"point", job.args["resolved"]}, {"disks", (*fo)["disks"]}};
   if (Driver(*vm) != "none" && job.args.value("start", true)) {
     steps.Begin(fmt::format("Start the VM at {}", item.target));
-    auto r = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
+    auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
     if (!r.ok()) return steps.Fail(r.status());
     steps.Done(95);
   }
@@ -376,13 +376,13 @@ void Vault::RunCommit(JobRow& job, ItemRow item) {
   };
   steps.Begin(
       fmt::format("Copy the rest of the point into the disks at {} (the VM runs on)", item.target));
-  auto m = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/materialise");
+  auto m = Client(*dst).Call("POST", "/groups/" + job.vm + "/materialise");
   if (!m.ok()) return back(m.status());
   auto stalled_since = std::chrono::steady_clock::now();
   uint64_t last_done = UINT64_MAX;
   for (;;) {
     if (stopping_) return back(Unavailable("the vault stopped"));
-    auto g = SiteClient(*dst).Call("GET", "/groups/" + job.vm);
+    auto g = Client(*dst).Call("GET", "/groups/" + job.vm);
     if (!g.ok()) return back(g.status());
     json mj = (*g).value("materialise", json::object());
     std::string state = mj.value("state", std::string());
@@ -393,7 +393,7 @@ void Vault::RunCommit(JobRow& job, ItemRow item) {
       return back(Internal("materialising failed: " + mj.value("error", std::string())));
     }
     if (state.empty()) {  // the site restarted: start it again (it resumes)
-      m = SiteClient(*dst).Call("POST", "/groups/" + job.vm + "/materialise");
+      m = Client(*dst).Call("POST", "/groups/" + job.vm + "/materialise");
       if (!m.ok()) return back(m.status());
     }
     if (done != last_done) {
@@ -411,7 +411,7 @@ void Vault::RunCommit(JobRow& job, ItemRow item) {
   }
   steps.Done(80);
   steps.Begin("Delete the recovery points and the recovery store");
-  auto d = SiteClient(*dst).Call("DELETE", "/stores/" + job.vm);
+  auto d = Client(*dst).Call("DELETE", "/stores/" + job.vm);
   if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
   (void)catalog_->DeletePoints(job.vm, 0);
   steps.Done(100);
@@ -444,7 +444,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
     return;
   }
   steps.Begin(fmt::format("Check that {} answers", item.source));
-  if (auto s = SiteClient(*old).Call("GET", "/site"); !s.ok()) {
+  if (auto s = Client(*old).Call("GET", "/site"); !s.ok()) {
     return back(
         Unavailable(fmt::format("reprotect needs site {}: {}", item.source, s.status().message())));
   }
@@ -455,30 +455,30 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   steps.Begin(fmt::format("Find what differs between {} and {}", item.target, item.source));
   std::string mode = job.args.value("mode", std::string());
   json found = job.args.value("found", json::object());
-  auto have_store = SiteClient(*old).Call("GET", "/stores/" + job.vm);
+  auto have_store = Client(*old).Call("GET", "/stores/" + job.vm);
   if (have_store.ok()) {
     // Done already (a resumed job): the old primary's disks are a store now.
     if (mode.empty()) mode = "exact";
   } else {
-    auto g = SiteClient(*old).Call("GET", "/groups/" + job.vm);
+    auto g = Client(*old).Call("GET", "/groups/" + job.vm);
     if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
     if (!g.ok()) {
       mode = "full";
       job.args["mode"] = mode;
       steps.Save();
-      auto r = SiteClient(*old).Call("PUT", "/stores/" + job.vm,
-                                     json{{"disks", vm->disks}, {"start", "full"}});
+      auto r = Client(*old).Call("PUT", "/stores/" + job.vm,
+                                 json{{"disks", vm->disks}, {"start", "full"}});
       if (!r.ok() && r.status().code() != Code::kAlreadyExists) return back(r.status());
       found = {{"why", "the old primary has no disk of this VM: a full (sparse) copy"}};
     } else {
       // Fenced, and its VM stopped, before its disks change role.
       if ((*g).value("fenced_epoch", uint64_t{0}) < item.epoch) {
-        auto f = SiteClient(*old).Call("POST", "/groups/" + job.vm + "/fence",
-                                       json{{"epoch", item.epoch}});
+        auto f =
+            Client(*old).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", item.epoch}});
         if (!f.ok()) return back(f.status());
       }
-      auto s = SiteClient(*old).Call("POST", "/groups/" + job.vm + "/vm/stop",
-                                     json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+      auto s = Client(*old).Call("POST", "/groups/" + job.vm + "/vm/stop",
+                                 json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
       if (!s.ok()) return back(s.status());
       bool compare = job.args.value("compare", false) || (*g).value("history_lost", false);
       if (compare) {
@@ -489,10 +489,10 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
         for (auto& d : vm->disks) total += d.value("size_bytes", uint64_t{0});
         uint64_t region = 64 * 1024;
         while (total / region > (4u << 20)) region *= 2;
-        auto h = SiteClient(*old).CallRaw(
+        auto h = Client(*old).CallRaw(
             "GET", fmt::format("/groups/{}/hashes?region_bytes={}", job.vm, region));
         if (!h.ok()) return back(h.status());
-        auto c = SiteClient(*cur).CallRaw(
+        auto c = Client(*cur).CallRaw(
             "POST", fmt::format("/groups/{}/compare?region_bytes={}", job.vm, region), *h);
         if (!c.ok()) return back(c.status());
         found = json::parse(*c, nullptr, false);
@@ -504,11 +504,11 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
         // Records up to what the store had when it was fenced are there already.
         uint64_t after =
             item.failover.is_object() ? item.failover.value("store_seq", uint64_t{0}) : 0;
-        auto u = SiteClient(*old).Call(
-            "GET", fmt::format("/groups/{}/unreplicated?after={}", job.vm, after));
+        auto u = Client(*old).Call("GET",
+                                   fmt::format("/groups/{}/unreplicated?after={}", job.vm, after));
         if (!u.ok()) return back(u.status());
-        auto r = SiteClient(*cur).Call("POST", "/groups/" + job.vm + "/regions",
-                                       json{{"regions", (*u)["regions"]}});
+        auto r = Client(*cur).Call("POST", "/groups/" + job.vm + "/regions",
+                                   json{{"regions", (*u)["regions"]}});
         if (!r.ok()) return back(r.status());
         found = {{"unreplicated_bytes", (*u).value("bytes", uint64_t{0})},
                  {"known_at_recovery_site_upto", after},
@@ -520,9 +520,9 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
       job.args["mode"] = mode;  // kept before the old disks change role (a resumed job)
       job.args["found"] = found;
       steps.Save();
-      auto cg = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
+      auto cg = Client(*cur).Call("GET", "/groups/" + job.vm);
       if (!cg.ok()) return back(cg.status());
-      auto t = SiteClient(*old).Call(
+      auto t = Client(*old).Call(
           "POST", "/groups/" + job.vm + "/to-store",
           json{{"base_seq", (*cg).value("last_seq", uint64_t{0})}, {"epoch", item.epoch}});
       if (!t.ok()) return back(t.status());
@@ -538,7 +538,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   auto r = StartReplication(item, *cur, *old);
   if (!r.ok()) return back(r.status());
   if (Status w = WaitForReplica(job.vm, *cur, *old, steps, 20, 95); !w.ok()) return back(w);
-  auto gs = SiteClient(*cur).Call("GET", "/groups/" + job.vm);
+  auto gs = Client(*cur).Call("GET", "/groups/" + job.vm);
   json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
   uint64_t shipped = repl.value("resync_bytes_total", uint64_t{0});
   steps.Progress(95, fmt::format("{} bytes shipped", shipped));
@@ -569,18 +569,18 @@ void Vault::ReconcileFencing(const ItemRow& item) {
   if (item.failover.is_null() || !item.failover.contains("from")) return;
   auto old = catalog_->Site(item.failover.value("from", std::string()));
   if (!old) return;
-  auto g = SiteClient(*old).Call("GET", "/groups/" + item.vm);
+  auto g = Client(*old).Call("GET", "/groups/" + item.vm);
   if (!g.ok()) return;  // away, or its disks are a store already
   uint64_t epoch = item.failover.value("epoch", item.epoch);
   bool running = (*g).value("vm", json::object()).value("running", false);
   if ((*g).value("fenced_epoch", uint64_t{0}) >= epoch && !running) return;
   spdlog::warn("vault: {}: site {} answers again with the VM's old disks: fencing them (epoch {})",
                item.vm, old->name, epoch);
-  auto f = SiteClient(*old).Call("POST", "/groups/" + item.vm + "/fence", json{{"epoch", epoch}});
+  auto f = Client(*old).Call("POST", "/groups/" + item.vm + "/fence", json{{"epoch", epoch}});
   if (!f.ok()) spdlog::warn("vault: fence {} at {}: {}", item.vm, old->name, f.status().ToString());
   if (running) {
-    auto s = SiteClient(*old).Call("POST", "/groups/" + item.vm + "/vm/stop",
-                                   json{{"timeout_ms", 10000}});
+    auto s =
+        Client(*old).Call("POST", "/groups/" + item.vm + "/vm/stop", json{{"timeout_ms", 10000}});
     if (!s.ok())
       spdlog::warn("vault: stop {} at {}: {}", item.vm, old->name, s.status().ToString());
   }

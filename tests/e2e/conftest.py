@@ -40,6 +40,7 @@ pytest.register_assert_rewrite("osrtest")
 from osrtest import (KIB, MIB, OsrdProcess, apply_model, apply_op,  # noqa: E402,F401
                      assert_same_bytes, close_handle, free_port, random_op,
                      read_handle, require_libnbd, require_osr, seed_from_env, stop_all_clean)
+from osrtest import make_certs, tls_client_context, token_env  # noqa: E402,F401
 import osrtest  # noqa: E402
 
 CLI_TIMEOUT_S = 60          # one osr call (a --wait job included)
@@ -90,7 +91,8 @@ class Osr:
                *[str(a) for a in args]]
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL,
+                                  env=token_env(self.qs.data_dir / "admin.token"))
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstdout: {e.stdout}\n"
                         f"stderr: {e.stderr}\nquickstart stderr: {self.qs.stderr()[-3000:]}")

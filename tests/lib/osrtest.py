@@ -416,3 +416,45 @@ def apply_model(disk_bytes, kind, offset, length, data):
         disk_bytes[offset:offset + length] = data
     else:
         disk_bytes[offset:offset + length] = bytes(length)
+
+
+# -- Certificates and credentials (docs/security.md) --------------------------------------
+
+
+def make_certs(directory, *names):
+    """A private CA in `directory` (once) and a certificate per name, made by `osrd certs`.
+    Returns {name: (cert, key)} plus "ca": path."""
+    directory = Path(directory)
+    args = [str(require_osrd()), "certs", "--dir", str(directory)]
+    for n in names:
+        args += ["--name", n]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"osrd certs: {proc.returncode}: {proc.stderr}"
+    out = {"ca": str(directory / "ca.pem")}
+    for n in names:
+        out[n] = (str(directory / f"{n}.pem"), str(directory / f"{n}.key"))
+    return out
+
+
+def tls_client_context(ca, cert=None, key=None):
+    """An ssl.SSLContext that trusts `ca` and presents cert/key. osr checks the peer's
+    certificate names (CN) itself, not host names, so the host name check is off here and
+    tests that care read the peer's CN."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(ca)
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def token_env(token_file):
+    """The environment for `osr` with the token in token_file (OSR_TOKEN_FILE)."""
+    env = dict(os.environ)
+    env.pop("OSR_TOKEN", None)
+    env["OSR_TOKEN_FILE"] = str(token_file)
+    env["OSR_CONFIG"] = str(Path(token_file).parent / "osr-cli-config.json")
+    return env

@@ -37,6 +37,7 @@ pytest.register_assert_rewrite("osrtest")
 from osrtest import (KIB, MIB, OsrdProcess, apply_model,  # noqa: E402,F401
                      apply_op, assert_same_bytes, close_handle, first_difference,
                      require_libnbd, seed_from_env, stop_all_clean, wait_for)
+from osrtest import make_certs, tls_client_context, token_env  # noqa: E402,F401
 import osrtest  # noqa: E402
 
 HTTP_TIMEOUT_S = 10
@@ -56,7 +57,7 @@ class SiteProcess(OsrdProcess):
         self.name = name
         self.config_path = Path(config_path)
         self.data_dir = Path(data_dir)
-        self.api_url = None       # http://127.0.0.1:PORT/api/v1
+        self.api_url = None       # https://127.0.0.1:PORT/api/v1
         self.nbd = None           # 127.0.0.1:PORT
         self.replication = None   # 127.0.0.1:PORT
 
@@ -72,7 +73,7 @@ class SiteProcess(OsrdProcess):
         return super().start()
 
     def on_stdout_line(self, text):
-        m = re.match(r"^osrd: api on (http://127\.0\.0\.1:(\d+)/api/v1)$", text)
+        m = re.match(r"^osrd: api on (https?://127\.0\.0\.1:(\d+)/api/v1)$", text)
         if m:
             self.api_url = m.group(1)
         m = re.match(r"^osrd: nbd on (127\.0\.0\.1:\d+)$", text)
@@ -99,15 +100,26 @@ class SiteProcess(OsrdProcess):
         return super().stop(sig)
 
 
-def write_config(tmp_path, name):
+def site_certs(tmp_path, name):
+    """The test's CA (tmp_path/tls) with certificates for `name` and the vault."""
+    return make_certs(tmp_path / "tls", name, "vault")
+
+
+def write_config(tmp_path, name, extra=""):
+    """A site config with mutual TLS (replication and the API) from the test's CA."""
     data_dir = tmp_path / f"{name}-data"
     config = tmp_path / f"{name}.toml"
+    certs = site_certs(tmp_path, name)
+    cert, key = certs[name]
     config.write_text(
         f'name = "{name}"\n'
         f'data_dir = "{data_dir}"\n'
         'nbd_listen = "127.0.0.1:0"\n'
         'replication_listen = "127.0.0.1:0"\n'
-        'api_listen = "127.0.0.1:0"\n')
+        'api_listen = "127.0.0.1:0"\n'
+        f'tls_ca = "{certs["ca"]}"\n'
+        f'tls_cert = "{cert}"\n'
+        f'tls_key = "{key}"\n' + extra)
     return config, data_dir
 
 
@@ -147,8 +159,13 @@ def api(site, method, path, body=None, raw=None, timeout=HTTP_TIMEOUT_S):
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    ctx = None
+    if url.startswith("https://"):
+        # The vault's client certificate: the only one a site's API answers.
+        certs = site_certs(site.config_path.parent, site.name)
+        ctx = tls_client_context(certs["ca"], *certs["vault"])
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
             status, text = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         status, text = e.code, e.read()

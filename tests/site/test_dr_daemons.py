@@ -10,6 +10,7 @@
 """
 
 import json
+from pathlib import Path
 import os
 import random
 import re
@@ -19,7 +20,7 @@ import subprocess
 
 import pytest
 
-from conftest import (KIB, MIB, OsrdProcess, api_ok, require_libnbd,
+from conftest import (KIB, MIB, OsrdProcess, api_ok, make_certs, require_libnbd,
                       seed_for, wait_for, write_config, SiteProcess)
 import osrtest
 
@@ -39,7 +40,10 @@ class VaultProcess(OsrdProcess):
         return f"http://127.0.0.1:{self.port}"
 
     def osrd_args(self):
-        return ["vault", "--db", self.db, "--listen", f"127.0.0.1:{self.port}"]
+        certs = make_certs(Path(self.db).parent / "tls", "vault")
+        cert, key = certs["vault"]
+        return ["vault", "--db", self.db, "--listen", f"127.0.0.1:{self.port}",
+                "--site-ca", certs["ca"], "--site-cert", cert, "--site-key", key]
 
 
 class Osr:
@@ -51,7 +55,9 @@ class Osr:
                *[str(a) for a in args]]
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL,
+                                  env=osrtest.token_env(Path(self.vault.db).parent /
+                                                        "admin.token"))
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"timed out: {' '.join(cmd)}: {e.stderr}\nvault: "
                         f"{self.vault.stderr()[-3000:]}")
@@ -97,7 +103,9 @@ def dr(tmp_path):
 
 
 def register(osr, s):
-    osr.ok("site", "add", s.name, "--api", s.api_url, "--replication", s.replication)
+    # A restarted site listens on new ports: moving it is explicit (--replace).
+    osr.ok("site", "add", s.name, "--api", s.api_url, "--replication", s.replication,
+           "--replace")
 
 
 def disk_uri(osr, vm):
@@ -337,12 +345,10 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
     p = subprocess.run(["bash", os.path.join(root, "tests/vm/build_guest.sh"), guest],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    data = tmp_path / "site-data"
-    config = tmp_path / "site.toml"
     nbd_port = osrtest.free_port()
-    config.write_text(f'name = "primary"\ndata_dir = "{data}"\n'
-                      f'nbd_listen = "127.0.0.1:{nbd_port}"\n'
-                      'replication_listen = "127.0.0.1:0"\napi_listen = "127.0.0.1:0"\n')
+    config, data = write_config(tmp_path, "primary")
+    config.write_text(config.read_text().replace('nbd_listen = "127.0.0.1:0"',
+                                                  f'nbd_listen = "127.0.0.1:{nbd_port}"'))
     site = SiteProcess("primary", config, data, tmp_path / "site.stderr")
     site.start()
     try:

@@ -16,7 +16,7 @@
 // Exit status 0 when every check passed, 1 otherwise.
 
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, createWriteStream } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, createWriteStream } from 'node:fs';
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -132,8 +132,14 @@ async function stopQuickstart() {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// The quickstart's first admin token (DIR/admin.token, 0600), for the CLI and direct calls.
+let tokenFile = '';
+const adminToken = () => readFileSync(tokenFile, 'utf8').trim();
+
 async function osr(base, ...args) {
-  const { stdout } = await execFileP(OSR, ['--vault', base, '--output', 'json', ...args], { timeout: 30_000 });
+  const env = { ...process.env, OSR_TOKEN_FILE: tokenFile, OSR_CONFIG: tokenFile + '.cli.json' };
+  delete env.OSR_TOKEN;
+  const { stdout } = await execFileP(OSR, ['--vault', base, '--output', 'json', ...args], { timeout: 30_000, env });
   return stdout.trim() ? JSON.parse(stdout) : null;
 }
 
@@ -145,7 +151,10 @@ async function apiCall(base, method, path, body) {
   const res = await fetch(`${base}/api/v1${path}`, {
     method,
     body: body === undefined ? undefined : JSON.stringify(body),
-    headers: body === undefined ? {} : { 'Content-Type': 'application/json' },
+    headers: {
+      Authorization: `Bearer ${adminToken()}`,
+      ...(body === undefined ? {} : { 'Content-Type': 'application/json' }),
+    },
   });
   const data = await res.json();
   if (!res.ok) throw new Error(`${method} ${path}: HTTP ${res.status} ${JSON.stringify(data)}`);
@@ -282,6 +291,7 @@ async function run() {
   try {
     log(`quickstart on ${base}, state in ${dir}`);
     await startQuickstart(dir, port);
+    tokenFile = join(dir, "data", "admin.token");
 
     log('VM vm1 with the CLI, written with qemu-io');
     await osr(base, 'vm', 'create', 'vm1', '--site', 'primary', '--disk', 'os:64M', '--disk', 'data:16M');
@@ -301,9 +311,30 @@ async function run() {
       if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) pageErrors.push('console: ' + m.text());
     });
 
+    // -- sign in ----------------------------------------------------------------------
+    log('sign in through the login page');
+    await page.goto(`${base}/#/vms`);
+    const form = page.locator('[data-testid=login-form]');
+    await form.waitFor();
+    check((await page.locator('[data-testid=vm-row]').count()) === 0, 'nothing is shown before signing in');
+    await shot(page, 'login');
+    await page.fill('[data-testid=login-token]', 'osr_1_' + 'x'.repeat(43));
+    await page.click('[data-testid=login-submit]');
+    const loginError = await page.locator('[data-testid=login-error]').innerText();
+    check(/unknown token/.test(loginError), `a wrong token is refused in words (${loginError})`);
+    await page.fill('[data-testid=login-token]', adminToken());
+    await page.click('[data-testid=login-submit]');
+    await page.locator('[data-testid=whoami]').waitFor();
+    const who = await page.locator('[data-testid=whoami]').innerText();
+    check(/first-admin/.test(who) && /admin/.test(who), `the top bar says who is signed in (${who})`);
+    const cookies = await page.context().cookies();
+    const sessionCookie = cookies.find((c) => c.name === 'osr_session');
+    check(sessionCookie && sessionCookie.httpOnly && sessionCookie.sameSite === 'Strict', 'the session cookie is HttpOnly and SameSite=Strict');
+    const noCsrf = await page.evaluate(async () => (await fetch('./api/v1/items/vm1/points', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}' })).status);
+    check(noCsrf === 403, `a call without the CSRF token is refused (HTTP ${noCsrf})`);
+
     // -- VMs page: protect ------------------------------------------------------------
     log('VMs page: protect vm1');
-    await page.goto(`${base}/#/vms`);
     const vmRow = page.locator('[data-testid=vm-row][data-name=vm1]');
     await vmRow.waitFor();
     check((await vmRow.getAttribute('data-state')) === 'Unprotected', 'vm1 is listed Unprotected');

@@ -30,6 +30,22 @@ function statusWords(status) {
   return `HTTP ${status}`;
 }
 
+// The session (docs/security.md): the vault keeps it in an HttpOnly cookie this code
+// never sees; calls that change something also send the session's CSRF token, which
+// only a page of this origin can read (from /login or /whoami).
+let csrfToken = '';
+export function setCsrfToken(t) {
+  csrfToken = t || '';
+}
+
+// Listeners told when the vault asks for a credential (401): the app shows the sign-in
+// page.
+const authListeners = new Set();
+export function onSignedOut(fn) {
+  authListeners.add(fn);
+  return () => authListeners.delete(fn);
+}
+
 // Listeners told about every call's outcome: the app shows a banner while the vault
 // does not answer and removes it at the next answer.
 const listeners = new Set();
@@ -50,8 +66,9 @@ export async function request(method, path, body) {
       method,
       // The vault wants a body (with its length) on every POST, even an empty object.
       body: method === 'GET' ? undefined : JSON.stringify(body ?? {}),
-      headers: method === 'GET' ? {} : { 'Content-Type': 'application/json' },
+      headers: method === 'GET' ? {} : { 'Content-Type': 'application/json', 'X-CSRF-Token': csrfToken },
       cache: 'no-store',
+      credentials: 'same-origin',
       signal: controller.signal,
     });
   } catch (e) {
@@ -87,6 +104,7 @@ export async function request(method, path, body) {
     const err = new ApiError(message, { status: res.status, code: e ? e.code : '', path });
     // An answer, even an error, means the vault is there.
     tell(true, null);
+    if (res.status === 401 && path !== '/login') for (const fn of authListeners) fn(err);
     throw err;
   }
   if (data === undefined) {
@@ -104,6 +122,9 @@ export async function request(method, path, body) {
 const enc = encodeURIComponent;
 
 export const api = {
+  login: (token) => request('POST', '/login', { token }),
+  logout: () => request('POST', '/logout', {}),
+  whoami: () => request('GET', '/whoami'),
   sites: () => request('GET', '/sites'),
   policies: () => request('GET', '/policies'),
   vms: () => request('GET', '/vms'),

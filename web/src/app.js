@@ -1,7 +1,7 @@
 // The shell: navigation, the vault-unreachable banner, the jobs started here, the
 // action dialogs, and the page of the current hash route.
 import { useEffect, useErrorBoundary, useMemo, useState } from 'preact/hooks';
-import { onConnectivity } from './api.js';
+import { api, onConnectivity, onSignedOut, setCsrfToken } from './api.js';
 import { Actions, DialogHost, JobTracker } from './actions.js';
 import { ActiveJobs, useActiveJobs } from './pages/items.js';
 import { html } from './html.js';
@@ -10,6 +10,7 @@ import { useRoute } from './hooks.js';
 import { ItemPage } from './pages/item.js';
 import { ItemsPage } from './pages/items.js';
 import { JobsPage } from './pages/jobs.js';
+import { LoginPage } from './pages/login.js';
 import { SitesPage } from './pages/sites.js';
 import { VmsPage } from './pages/vms.js';
 
@@ -29,6 +30,44 @@ function useConnectivity() {
     [],
   );
   return state;
+}
+
+// Who is signed in: null while asking, {signedIn: false, reason} or {signedIn: true, who}.
+function useSession() {
+  const [session, setSession] = useState(null);
+  useEffect(() => {
+    let live = true;
+    api
+      .whoami()
+      .then((who) => {
+        setCsrfToken(who.csrf_token);
+        if (live) setSession({ signedIn: true, who });
+      })
+      .catch((e) => {
+        if (live) setSession({ signedIn: false, reason: e.status === 401 ? '' : e.message });
+      });
+    const off = onSignedOut((e) => {
+      setCsrfToken('');
+      setSession({ signedIn: false, reason: e.message });
+    });
+    return () => {
+      live = false;
+      off();
+    };
+  }, []);
+  const signedIn = (who) => {
+    setCsrfToken(who.csrf_token);
+    setSession({ signedIn: true, who });
+  };
+  const signOut = async () => {
+    try {
+      await api.logout();
+    } finally {
+      setCsrfToken('');
+      setSession({ signedIn: false, reason: 'Signed out.' });
+    }
+  };
+  return { session, signedIn, signOut };
 }
 
 function useVisible() {
@@ -79,6 +118,16 @@ function Page({ route }) {
 }
 
 export function App() {
+  const { session, signedIn, signOut } = useSession();
+  if (session === null) return html`<div class="loading">Connecting to the vault…</div>`;
+  if (!session.signedIn) {
+    return html`<header class="topbar"><span class="brand">osr</span></header>
+      <main><${LoginPage} onSignedIn=${signedIn} reason=${session.reason} /></main>`;
+  }
+  return html`<${Console} who=${session.who} signOut=${signOut} />`;
+}
+
+function Console({ who, signOut }) {
   const route = useRoute();
   const conn = useConnectivity();
   const visible = useVisible();
@@ -108,6 +157,8 @@ export function App() {
         ${conn.down ? '● vault not answering' : visible ? '● live' : '○ paused (tab hidden)'}
         ${conn.lastOk ? html` · ${fmtClock(new Date(conn.lastOk))}` : null}
       </span>
+      <span class="live small who" data-testid="whoami" title=${who.name}>${who.name} · ${who.role}</span>
+      <button class="small-btn" onClick=${signOut} data-testid="sign-out">Sign out</button>
     </header>
     ${conn.down
       ? html`<div class="banner" role="alert" data-testid="banner">

@@ -1,0 +1,327 @@
+"""The vault's trust boundary (issue 9, docs/security.md), tried the way an attacker would
+against a real quickstart: every route without a credential (401), with a role too low
+(403) and with the right one (its documented answer); the route table here must equal the
+routes the vault serves; CSRF and DNS rebinding; tokens (hashed, revoked, expired);
+sessions; the audit log; bodies that used to crash the vault; private state files."""
+
+import http.client
+import json
+import os
+import sqlite3
+import stat
+import time
+
+import pytest
+
+from conftest import create_vm
+
+# (method, pattern as the vault registers it, an example path, the role it needs,
+#  a body, the status the right role gets). None as role: no credential needed.
+# Examples name things that do not exist where a real one would change state, so the
+# documented answer is 404 (or 400 for a refused body); the status codes are docs/api.md's.
+ROUTES = [
+    ("POST", "/api/v1/login", "/api/v1/login", None, {"token": "osr_1_" + "x" * 43}, 401),
+    ("POST", "/api/v1/logout", "/api/v1/logout", "reader", {}, 200),
+    ("GET", "/api/v1/whoami", "/api/v1/whoami", "reader", None, 200),
+    ("GET", "/api/v1/routes", "/api/v1/routes", "reader", None, 200),
+    ("GET", "/api/v1/tokens", "/api/v1/tokens", "admin", None, 200),
+    ("POST", "/api/v1/tokens", "/api/v1/tokens", "admin", {"name": "x", "role": "superuser"}, 400),
+    ("DELETE", "/api/v1/tokens/([^/]+)", "/api/v1/tokens/999", "admin", None, 404),
+    ("GET", "/api/v1/audit", "/api/v1/audit", "admin", None, 200),
+    ("GET", "/api/v1/sites", "/api/v1/sites", "reader", None, 200),
+    ("POST", "/api/v1/sites", "/api/v1/sites", "admin",
+     {"name": "evil", "api": "http://10.9.9.9:1/api/v1", "replication": "10.9.9.9:1"}, 400),
+    ("GET", "/api/v1/policies", "/api/v1/policies", "reader", None, 200),
+    ("POST", "/api/v1/policies", "/api/v1/policies", "admin",
+     {"name": "p", "retention_seconds": 17446744074}, 400),
+    ("GET", "/api/v1/vms", "/api/v1/vms", "reader", None, 200),
+    ("POST", "/api/v1/vms", "/api/v1/vms", "admin",
+     {"name": "v", "site": "nowhere", "disks": [{"name": "os", "size_bytes": 1048576}]}, 404),
+    ("GET", "/api/v1/vms/([^/]+)", "/api/v1/vms/nope", "reader", None, 404),
+    ("POST", "/api/v1/vms/([^/]+)/start", "/api/v1/vms/nope/start", "operator", {}, 404),
+    ("POST", "/api/v1/vms/([^/]+)/stop", "/api/v1/vms/nope/stop", "operator", {}, 404),
+    ("POST", "/api/v1/vms/([^/]+)/protect", "/api/v1/vms/nope/protect", "admin",
+     {"target": "recovery"}, 404),
+    ("GET", "/api/v1/items", "/api/v1/items", "reader", None, 200),
+    ("GET", "/api/v1/items/([^/]+)", "/api/v1/items/nope", "reader", None, 404),
+    ("DELETE", "/api/v1/items/([^/]+)", "/api/v1/items/nope", "admin", None, 404),
+    ("GET", "/api/v1/items/([^/]+)/rpo", "/api/v1/items/nope/rpo", "reader", None, 404),
+    ("GET", "/api/v1/items/([^/]+)/points", "/api/v1/items/nope/points", "reader", None, 404),
+    ("POST", "/api/v1/items/([^/]+)/points", "/api/v1/items/nope/points", "operator", {}, 404),
+    ("POST", "/api/v1/items/([^/]+)/test-failover", "/api/v1/items/nope/test-failover",
+     "operator", {}, 404),
+    ("POST", "/api/v1/items/([^/]+)/test-failover-cleanup",
+     "/api/v1/items/nope/test-failover-cleanup", "operator", {}, 404),
+    ("POST", "/api/v1/items/([^/]+)/failover", "/api/v1/items/nope/failover", "operator", {},
+     404),
+    ("POST", "/api/v1/items/([^/]+)/change-point", "/api/v1/items/nope/change-point",
+     "operator", {"point": "1"}, 404),
+    ("POST", "/api/v1/items/([^/]+)/commit", "/api/v1/items/nope/commit", "operator", {}, 404),
+    ("POST", "/api/v1/items/([^/]+)/reprotect", "/api/v1/items/nope/reprotect", "operator", {},
+     404),
+    ("GET", "/api/v1/jobs", "/api/v1/jobs", "reader", None, 200),
+    ("GET", "/api/v1/jobs/([^/]+)", "/api/v1/jobs/999999", "reader", None, 404),
+]
+
+ROLES = ["reader", "operator", "admin"]
+
+
+class Vault:
+    """Raw HTTP to the quickstart's vault, so every header is the test's choice."""
+
+    def __init__(self, qs):
+        self.port = qs.port
+        self.admin = (qs.data_dir / "admin.token").read_text().strip()
+
+    def call(self, method, path, body=None, token=None, headers=None, raw=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        h = {"Host": f"127.0.0.1:{self.port}"}
+        data = raw
+        if body is not None and raw is None:
+            data = json.dumps(body).encode()
+            h["Content-Type"] = "application/json"
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        h.update(headers or {})
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        text = resp.read()
+        conn.close()
+        try:
+            doc = json.loads(text) if text else None
+        except json.JSONDecodeError:
+            doc = text
+        return resp.status, doc, resp
+
+    def token(self, name, role, ttl=3600):
+        status, doc, _ = self.call("POST", "/api/v1/tokens",
+                                   {"name": name, "role": role, "expires_in_seconds": ttl},
+                                   token=self.admin)
+        assert status == 201, doc
+        return doc["token"]
+
+    def alive(self):
+        status, _, _ = self.call("GET", "/api/v1/whoami", token=self.admin)
+        return status == 200
+
+
+def error_message(doc):
+    assert isinstance(doc, dict) and isinstance(doc.get("error"), dict), doc
+    return doc["error"]["message"]
+
+
+@pytest.fixture
+def vault(env):
+    return Vault(env.qs)
+
+
+def test_route_table_equals_what_the_vault_serves(vault):
+    status, served, _ = vault.call("GET", "/api/v1/routes", token=vault.admin)
+    assert status == 200
+    got = sorted((r["method"], r["pattern"], r["role"]) for r in served)
+    want = sorted((m, p, role) for m, p, _, role, _, _ in ROUTES)
+    assert got == want, ("the vault serves routes this table does not cover (or the other way "
+                         f"round):\nonly served: {sorted(set(got) - set(want))}\n"
+                         f"only here: {sorted(set(want) - set(got))}")
+
+
+def test_every_route_needs_its_role(vault):
+    tokens = {role: vault.token(f"t-{role}", role) for role in ROLES}
+    for method, _, path, need, body, answer in ROUTES:
+        what = f"{method} {path}"
+        if need is None:
+            status, doc, _ = vault.call(method, path, body)
+            assert status == answer, f"{what} (public): {status} {doc}"
+            continue
+        status, doc, resp = vault.call(method, path, body)
+        assert status == 401, f"{what} without a credential: {status} {doc}"
+        assert "Bearer" in resp.getheader("WWW-Authenticate", ""), what
+        status, doc, _ = vault.call(method, path, body, token="osr_1_" + "A" * 43)
+        assert status == 401, f"{what} with a forged token: {status} {doc}"
+        status, doc, _ = vault.call(method, path, body, headers={"Authorization": "Basic eDp5"})
+        assert status == 401, f"{what} with Basic auth: {status} {doc}"
+        for role in ROLES[:ROLES.index(need)]:
+            status, doc, _ = vault.call(method, path, body, token=tokens[role])
+            assert status == 403, f"{what} as {role} (needs {need}): {status} {doc}"
+            assert need in error_message(doc), doc
+        for role in ROLES[ROLES.index(need):]:
+            status, doc, _ = vault.call(method, path, body, token=tokens[role])
+            assert status == answer, f"{what} as {role}: {status} {doc} (documented: {answer})"
+
+
+def test_csrf_and_dns_rebinding_are_refused(env, vault):
+    create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
+    before = env.osr.ok("vm", "list")
+    body = json.dumps({"name": "vm2", "site": "primary",
+                       "disks": [{"name": "os", "size_bytes": 1048576}]}).encode()
+    # A form or fetch() from another page can send text/plain without a preflight.
+    status, doc, _ = vault.call("POST", "/api/v1/vms", raw=body, token=vault.admin,
+                                headers={"Content-Type": "text/plain"})
+    assert status == 415, doc
+    status, doc, _ = vault.call("POST", "/api/v1/vms", raw=body, token=vault.admin,
+                                headers={"Content-Type": "application/json",
+                                         "Origin": "http://evil.example"})
+    assert status == 403 and "cross-origin" in error_message(doc), doc
+    # DNS rebinding: evil.example resolves to 127.0.0.1; the browser sends its own Host.
+    status, doc, _ = vault.call("GET", "/api/v1/vms", token=vault.admin,
+                                headers={"Host": "evil.example:80"})
+    assert status == 403 and "evil.example" in error_message(doc), doc
+    status, doc, _ = vault.call("POST", "/api/v1/vms", raw=body, token=vault.admin,
+                                headers={"Content-Type": "application/json",
+                                         "Sec-Fetch-Site": "cross-site"})
+    assert status == 403, doc
+    assert env.osr.ok("vm", "list") == before, "a refused call changed the VMs"
+    # The same-origin page is fine.
+    status, doc, _ = vault.call("GET", "/api/v1/vms", token=vault.admin,
+                                headers={"Origin": f"http://127.0.0.1:{vault.port}"})
+    assert status == 200, doc
+
+
+def test_a_session_needs_its_csrf_token(vault):
+    status, doc, resp = vault.call("POST", "/api/v1/login", {"token": vault.admin})
+    assert status == 200, doc
+    cookie = resp.getheader("Set-Cookie")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
+    session = cookie.split(";")[0]
+    csrf = doc["csrf_token"]
+    status, doc, _ = vault.call("GET", "/api/v1/whoami", headers={"Cookie": session})
+    assert status == 200 and doc["via"] == "session", doc
+    status, doc, _ = vault.call("POST", "/api/v1/policies", {"name": "p1"},
+                                headers={"Cookie": session})
+    assert status == 403 and "CSRF" in error_message(doc), doc
+    status, doc, _ = vault.call("POST", "/api/v1/policies", {"name": "p1"},
+                                headers={"Cookie": session, "X-CSRF-Token": "x" * 43})
+    assert status == 403, doc
+    status, doc, _ = vault.call("POST", "/api/v1/policies", {"name": "p1"},
+                                headers={"Cookie": session, "X-CSRF-Token": csrf})
+    assert status == 201, doc
+    status, doc, _ = vault.call("POST", "/api/v1/logout", {},
+                                headers={"Cookie": session, "X-CSRF-Token": csrf})
+    assert status == 200, doc
+    status, doc, _ = vault.call("GET", "/api/v1/whoami", headers={"Cookie": session})
+    assert status == 401, f"a session still works after logout: {doc}"
+
+
+def test_tokens_are_hashed_revocable_and_expire(env, vault):
+    t = vault.token("alice", "operator")
+    tid = int(t.split("_")[1])
+    db = sqlite3.connect(env.qs.data_dir / "vault.db")
+    try:
+        dump = "\n".join(db.iterdump())
+        secret = t.split("_", 2)[2]
+        assert secret not in dump, "the catalog holds a token's secret"
+        assert vault.call("GET", "/api/v1/items", token=t)[0] == 200
+        # A wrong secret for a real id: refused the same way as an unknown id.
+        status, doc, _ = vault.call("GET", "/api/v1/items", token=f"osr_{tid}_{'B' * 43}")
+        assert status == 401 and "unknown token" in error_message(doc), doc
+        status, doc, _ = vault.call("DELETE", f"/api/v1/tokens/{tid}", token=vault.admin)
+        assert status == 200 and doc["revoked"], doc
+        status, doc, _ = vault.call("GET", "/api/v1/items", token=t)
+        assert status == 401 and "revoked" in error_message(doc), doc
+        t2 = vault.token("bob", "reader")
+        tid2 = int(t2.split("_")[1])
+        db.execute("UPDATE tokens SET expires_ns = ? WHERE id = ?", (time.time_ns() - 1, tid2))
+        db.commit()
+        status, doc, _ = vault.call("GET", "/api/v1/items", token=t2)
+        assert status == 401 and "expired" in error_message(doc), doc
+    finally:
+        db.close()
+    # An operator cannot mint tokens, not even for itself.
+    op = vault.token("carol", "operator")
+    status, doc, _ = vault.call("POST", "/api/v1/tokens", {"name": "x", "role": "admin"},
+                                token=op)
+    assert status == 403, doc
+
+
+def test_mutating_calls_are_audited(env, vault):
+    op = vault.token("auditee", "operator")
+    vault.call("POST", "/api/v1/policies", {"name": "nope"}, token=op)  # 403
+    vault.call("POST", "/api/v1/policies", {"name": "audited"}, token=vault.admin)  # 201
+    status, log, _ = vault.call("GET", "/api/v1/audit?limit=50", token=vault.admin)
+    assert status == 200
+    rows = [(e["principal"], e["method"], e["path"], e["status"]) for e in log]
+    assert any("auditee" in p and m == "POST" and pa == "/api/v1/policies" and s == 403
+               for p, m, pa, s in rows), rows
+    assert any("first-admin" in p and pa == "/api/v1/policies" and s == 201
+               for p, m, pa, s in rows), rows
+    for e in log:
+        assert e["time"] and e["remote"] == "127.0.0.1", e
+    # The CLI shows the same.
+    shown = env.osr.ok("audit", "--limit", "5")
+    assert shown and shown[-1]["path"] == "/api/v1/policies", shown
+    # Readers do not read the audit log.
+    reader = vault.token("r", "reader")
+    assert vault.call("GET", "/api/v1/audit", token=reader)[0] == 403
+
+
+def test_bodies_that_used_to_crash_the_vault(vault):
+    deep = b'{"name":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    status, doc, _ = vault.call("POST", "/api/v1/policies", raw=deep, token=vault.admin,
+                                headers={"Content-Type": "application/json"})
+    assert status == 400 and "nested deeper" in error_message(doc), doc
+    cases = [
+        ("/api/v1/policies", {"name": 7}, "name: must be a string"),
+        ("/api/v1/policies", {"name": "p", "retention_seconds": "1d"}, "retention_seconds"),
+        ("/api/v1/policies", {"name": "p", "retention_seconds": 17446744074},
+         "retention_seconds: 17446744074 is out of range"),
+        ("/api/v1/policies", {"name": "p", "crash_interval_seconds": -1},
+         "crash_interval_seconds"),
+        ("/api/v1/vms", {"name": "v", "site": "primary", "disks": "os:1G"}, "disks"),
+        ("/api/v1/vms", {"name": "v", "site": "primary", "disks": [{"name": "os"}],
+                         "spec": "x"}, "spec"),
+        ("/api/v1/vms/x/stop", {"timeout_ms": "soon"}, "timeout_ms"),
+        ("/api/v1/items/x/failover", {"planned": "yes"}, "planned"),
+        ("/api/v1/tokens", {"name": "n", "expires_in_seconds": 1.5}, "expires_in_seconds"),
+    ]
+    for path, body, says in cases:
+        status, doc, _ = vault.call("POST", path, body, token=vault.admin)
+        assert status == 400 and says in error_message(doc), f"{path} {body}: {status} {doc}"
+    for raw in (b"[]", b"nul", b'"x"', b"\xff\xfe", b"{" * 10):
+        status, doc, _ = vault.call("POST", "/api/v1/policies", raw=raw, token=vault.admin,
+                                    headers={"Content-Type": "application/json"})
+        assert status == 400, f"{raw!r}: {status} {doc}"
+    for q in ("limit=-1", "limit=abc", "limit=99999999999999999999"):
+        status, doc, _ = vault.call("GET", f"/api/v1/jobs?{q}", token=vault.admin)
+        assert status == 400, f"{q}: {status} {doc}"
+    status, doc, _ = vault.call("GET", "/api/v1/jobs/99999999999999999999999", token=vault.admin)
+    assert status == 400, doc
+    assert vault.alive()
+
+
+def test_a_site_in_use_is_not_moved_silently(env, vault):
+    create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
+    sites = {s["name"]: s for s in env.osr.ok("site", "list")}
+    body = {"name": "primary", "api": "http://127.0.0.1:9/api/v1", "replication": "127.0.0.1:9"}
+    status, doc, _ = vault.call("POST", "/api/v1/sites", body, token=vault.admin)
+    assert status == 409 and "replace" in error_message(doc), doc
+    assert {s["name"]: s["api"] for s in env.osr.ok("site", "list")}["primary"] == \
+        sites["primary"]["api"]
+    # Not to another host without TLS, replace or not.
+    body2 = dict(body, api="http://192.0.2.1:7482/api/v1", replace=True)
+    status, doc, _ = vault.call("POST", "/api/v1/sites", body2, token=vault.admin)
+    assert status == 400 and "https" in error_message(doc), doc
+    # With replace it moves, and the audit log says who did it.
+    status, doc, _ = vault.call("POST", "/api/v1/sites", dict(body, replace=True),
+                                token=vault.admin)
+    assert status == 201, doc
+    _, log, _ = vault.call("GET", "/api/v1/audit?limit=5", token=vault.admin)
+    assert log[-1]["path"] == "/api/v1/sites" and log[-1]["status"] == 201
+    # What the "site" at the new address says is not echoed raw (nothing listens there).
+    listed = {s["name"]: s for s in env.osr.ok("site", "list")}["primary"]
+    assert listed["reachable"] is False and "unreachable" in listed["error"], listed
+
+
+def test_state_files_are_private(env):
+    create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
+    bad = []
+    for root, dirs, files in os.walk(env.qs.data_dir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                continue
+            public_ok = name.endswith(".pem") and not name.endswith("key.pem")
+            if st.st_mode & 0o077 and not public_ok:
+                bad.append(f"{path} {stat.filemode(st.st_mode)}")
+    assert not bad, "state readable by others:\n" + "\n".join(bad)
+    assert stat.S_IMODE(os.stat(env.qs.data_dir / "admin.token").st_mode) == 0o600
