@@ -253,7 +253,8 @@ std::string WebDir(const std::string& given) {
   return "/usr/share/osr/web";
 }
 
-int VaultMain(const std::string& db, const std::string& listen, const std::string& web) {
+int VaultMain(const std::string& db, const std::string& listen, const std::string& web,
+              const std::string& hooks_file, bool allow_api_hooks) {
   sigset_t sigs = BlockStopSignals();
   auto addr = ParseHostPort(listen, 7480);
   if (!addr.ok()) return Fail(addr.status());
@@ -261,6 +262,12 @@ int VaultMain(const std::string& db, const std::string& listen, const std::strin
   vcfg.db_path = db;
   vcfg.api_listen = *addr;
   vcfg.web_dir = WebDir(web);
+  auto hooks = vault::LoadHookConfig(hooks_file, allow_api_hooks);
+  if (!hooks.ok()) return Fail(hooks.status());
+  vcfg.hooks = *hooks;
+  if (allow_api_hooks) {
+    spdlog::warn("vault: --allow-api-hooks: hook commands given through the API run here");
+  }
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::printf("osrd: vault on http://%s:%u/api/v1\n", (*v)->address().host.c_str(),
@@ -287,6 +294,8 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   vcfg.api_listen = *vaddr;
   vcfg.jobs_paused = true;  // until the sites (new ports after a restart) are registered
   vcfg.web_dir = WebDir(web);
+  // A lab on one machine: commands, qemu arguments and hooks may come from the API.
+  vcfg.hooks.allow_api_hooks = true;
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::vector<std::unique_ptr<site::Site>> sites;
@@ -300,6 +309,7 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
     auto tls = EnsureQuickstartCertificates(abs + "/tls", name);
     if (!tls.ok()) return Fail(tls.status());
     cfg.tls = *tls;
+    cfg.commands.allow_api_commands = true;
     auto s = site::Site::Start(cfg);
     if (!s.ok()) return Fail(s.status());
     auto api = std::make_unique<site::SiteApi>(s->get());
@@ -321,6 +331,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
       abs.c_str());
   std::printf("  vault: %s/api/v1\n", vurl.c_str());
   std::printf("  web UI: %s/\n", vurl.c_str());
+  std::printf(
+      "  a lab: VM commands, qemu arguments and hooks may be given through the API "
+      "(allow_api_commands, --allow-api-hooks)\n");
   std::printf("Try (build/osr, or osr on your PATH):\n");
   std::printf("  osr site list\n");
   std::printf("  osr vm create vm1 --site primary --disk os:1G --disk data:256M\n");
@@ -370,16 +383,22 @@ int main(int argc, char** argv) {
   auto* sp = app.add_subcommand("site",
                                 "run a site daemon (disks, capture, replication, recovery stores)");
   sp->add_option("--config", site_config,
-                 "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen")
+                 "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen, "
+                 "commands_file, ... (docs/api.md)")
       ->required();
 
   std::string vault_db = "vault.db", vault_listen = "127.0.0.1:7480", qs_dir = "./osr-data";
   auto* vp = app.add_subcommand("vault", "run the vault (catalog, REST API, jobs)");
   vp->add_option("--db", vault_db, "SQLite catalog path (default vault.db)");
   vp->add_option("--listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
-  std::string web_dir;
+  std::string web_dir, hooks_file;
+  bool allow_api_hooks = false;
   vp->add_option("--web", web_dir,
                  "the web UI's built assets (default: web/dist of the source tree)");
+  vp->add_option("--hooks", hooks_file,
+                 "allow-list of hook commands ([hooks.NAME] command = \"...\"; docs/formats.md)");
+  vp->add_flag("--allow-api-hooks", allow_api_hooks,
+               "also run hook commands given as strings through the API (a lab)");
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--vault-listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
@@ -410,7 +429,7 @@ int main(int argc, char** argv) {
 
   if (ns->parsed()) return NbdServe(serve);
   if (sp->parsed()) return SiteMain(site_config);
-  if (vp->parsed()) return VaultMain(vault_db, vault_listen, web_dir);
+  if (vp->parsed()) return VaultMain(vault_db, vault_listen, web_dir, hooks_file, allow_api_hooks);
   if (qs->parsed()) return Quickstart(qs_dir, vault_listen, web_dir);
   if (rp->parsed()) return CaptureReplay(log, base, out, upto, disk);
   if (dp->parsed()) return CaptureDump(log, output == "json");

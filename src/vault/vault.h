@@ -29,6 +29,7 @@
 
 #include "common/socket.h"
 #include "vault/catalog.h"
+#include "vault/hooks.h"
 
 namespace httplib {
 class Server;
@@ -45,6 +46,7 @@ struct VaultConfig {
   bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
   int job_workers = 4;           // jobs of different VMs run at the same time, this many
   std::string web_dir;           // the web UI's built assets, served at / ("" or missing: none)
+  HookConfig hooks;              // what VMs' hooks may run here (--hooks, --allow-api-hooks)
 };
 
 class Vault {
@@ -109,6 +111,8 @@ class Vault {
   // stopped) as soon as it answers.
   void ReconcileFencing(const ItemRow& item);
   // Runs the VM's hook `name` (spec.hooks) on this host with a timeout; Ok when none.
+  // The stored spec is parsed again first: a bad one (or a hook this vault does not run)
+  // is kInvalidArgument naming the field, never a throw.
   Status RunHook(const VmRow& vm, const std::string& name, const nlohmann::json& env);
   void PointLoop();
   Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job);
