@@ -340,19 +340,26 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
     data = tmp_path / "site-data"
     config = tmp_path / "site.toml"
     nbd_port = osrtest.free_port()
+    # A strict site (the default): the guest's qemu arguments are an entry of its
+    # commands file, named by the spec.
+    append = "console=ttyS0 quiet panic=-1 osr.mode=count"
+    commands = tmp_path / "commands.toml"
+    commands.write_text("[qemu_args.count-guest]\n"
+                        f"args = \"-kernel {guest}/vmlinuz -initrd {guest}/initramfs.cpio.gz "
+                        f"-append '{append}' -no-reboot\"\n")
+    commands.chmod(0o600)
     config.write_text(f'name = "primary"\ndata_dir = "{data}"\n'
                       f'nbd_listen = "127.0.0.1:{nbd_port}"\n'
-                      'replication_listen = "127.0.0.1:0"\napi_listen = "127.0.0.1:0"\n')
+                      'replication_listen = "127.0.0.1:0"\napi_listen = "127.0.0.1:0"\n'
+                      f'commands_file = "{commands}"\n')
     site = SiteProcess("primary", config, data, tmp_path / "site.stderr")
     site.start()
     try:
         api_ok(site, "PUT", "/groups/vm1", {"disks": [{"name": "os", "size_bytes": 16 * MIB}]},
                status=201)
-        append = "console=ttyS0 quiet panic=-1 osr.mode=count"
-        args = (f"-kernel {guest}/vmlinuz -initrd {guest}/initramfs.cpio.gz "
-                f"-append '{append}' -no-reboot")
         api_ok(site, "POST", "/groups/vm1/vm/start",
-               {"driver": "qemu", "memory_bytes": 256 * MIB, "cpus": 1, "qemu_args": args},
+               {"driver": "qemu", "memory_bytes": 256 * MIB, "cpus": 1,
+                "qemu_args_name": "count-guest"},
                status=204)
         console = data / "groups" / "vm1" / "run" / "console.log"
 
