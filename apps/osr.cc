@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "common/https.h"
 #include "common/json_in.h"
@@ -392,15 +393,23 @@ int main(int argc, char** argv) {
   vcreate->add_option("name", vname)->required();
   vcreate->add_option("--site", vsite)->required();
   vcreate->add_option("--disk", vdisks, "NAME:SIZE, e.g. os:10G (repeat for more)")->required();
-  std::string vdriver = "none", vcommand, vqemu_args, vmemory = "512M";
+  std::string vdriver = "none", vcommand, vcommand_name, vqemu_args, vqemu_args_name,
+              vmemory = "512M";
   int vcpus = 1, vstop_timeout = 30;
-  std::vector<std::string> vhooks;
+  std::vector<std::string> vhooks, vhook_commands;
   vcreate->add_option("--driver", vdriver, "how the VM runs: qemu, process or none")
       ->check(CLI::IsMember({"qemu", "process", "none"}));
+  vcreate->add_option("--command-name", vcommand_name,
+                      "process driver: an entry of the site's commands file (its disks' NBD "
+                      "URIs are in $OSR_DISKS and $OSR_DISK_<NAME>)");
   vcreate->add_option("--command", vcommand,
-                      "process driver: the command (its disks' NBD URIs are in $OSR_DISKS and "
-                      "$OSR_DISK_<NAME>)");
-  vcreate->add_option("--qemu-args", vqemu_args, "qemu driver: more qemu-system arguments");
+                      "process driver: a command string (only sites with allow_api_commands, "
+                      "e.g. the quickstart)");
+  vcreate->add_option("--qemu-args-name", vqemu_args_name,
+                      "qemu driver: an entry of the site's commands file ([qemu_args.NAME])");
+  vcreate->add_option("--qemu-args", vqemu_args,
+                      "qemu driver: more qemu-system arguments as a string (only sites with "
+                      "allow_api_commands; only the options docs/api.md lists)");
   vcreate->add_option("--memory", vmemory, "qemu driver: memory (default 512M)");
   vcreate->add_option("--cpus", vcpus, "qemu driver: CPUs (default 1)");
   vcreate->add_option("--shutdown-timeout", vstop_timeout,
@@ -409,7 +418,11 @@ int main(int argc, char** argv) {
   vcreate->add_option("--hook-timeout", vhook_timeout,
                       "seconds a hook may run before it is killed (default 60)");
   vcreate->add_option("--hook", vhooks,
-                      "NAME=COMMAND: freeze, thaw, pre_failover or post_failover (repeat)");
+                      "HOOK=ENTRY: freeze, thaw, pre_failover or post_failover runs ENTRY of "
+                      "the vault's hooks file (repeat)");
+  vcreate->add_option("--hook-command", vhook_commands,
+                      "HOOK=COMMAND: the hook runs a command string (only a vault started with "
+                      "--allow-api-hooks, e.g. the quickstart; repeat)");
   auto* vlist = vm->add_subcommand("list", "list VMs");
   auto* vshow = vm->add_subcommand("show", "a VM: disks, where it runs, running, epoch");
   vshow->add_option("name", vname)->required();
@@ -632,18 +645,25 @@ int main(int argc, char** argv) {
     json vspec = {{"driver", vdriver},
                   {"shutdown_timeout_ms", vstop_timeout * 1000},
                   {"hook_timeout_ms", vhook_timeout * 1000}};
+    // Sent as given: the vault checks the spec (and names the field it refuses).
     if (!vcommand.empty()) vspec["command"] = vcommand;
+    if (!vcommand_name.empty()) vspec["command_name"] = vcommand_name;
+    if (!vqemu_args.empty()) vspec["qemu_args"] = vqemu_args;
+    if (!vqemu_args_name.empty()) vspec["qemu_args_name"] = vqemu_args_name;
     if (vdriver == "qemu") {
       auto mem = osr::ParseSize(vmemory);
       if (!mem.ok()) return Fail(mem.status().message());
       vspec["memory_bytes"] = *mem;
       vspec["cpus"] = vcpus;
-      vspec["qemu_args"] = vqemu_args;
     }
-    for (auto& h : vhooks) {
-      auto eq = h.find('=');
-      if (eq == std::string::npos) return Fail("--hook takes NAME=COMMAND");
-      vspec["hooks"][h.substr(0, eq)] = h.substr(eq + 1);
+    for (auto [list, key, form] :
+         {std::tuple{&vhooks, "name", "--hook takes HOOK=ENTRY"},
+          std::tuple{&vhook_commands, "command", "--hook-command takes HOOK=COMMAND"}}) {
+      for (auto& h : *list) {
+        auto eq = h.find('=');
+        if (eq == std::string::npos) return Fail(form);
+        vspec["hooks"][h.substr(0, eq)] = json{{key, h.substr(eq + 1)}};
+      }
     }
     return Print(c,
                  Call(c, "POST", "/vms",

@@ -264,6 +264,8 @@ struct VaultArgs {
   std::vector<std::string> public_hosts;
   std::string site_ca, site_cert, site_key;  // mutual TLS to the sites' APIs
   std::string admin_token_file;              // default: admin.token beside the catalog
+  std::string hooks_file;                    // the hooks allow-list (--hooks)
+  bool allow_api_hooks = false;              // a lab: hook strings from the API run
 };
 
 // Where a first admin token is written: beside the catalog.
@@ -285,6 +287,12 @@ int VaultMain(const VaultArgs& a) {
   vcfg.api.insecure_http = a.insecure_http;
   vcfg.api.public_hosts = a.public_hosts;
   vcfg.site_tls = {a.site_ca, a.site_cert, a.site_key};
+  auto hooks = vault::LoadHookConfig(a.hooks_file, a.allow_api_hooks);
+  if (!hooks.ok()) return Fail(hooks.status());
+  vcfg.hooks = *hooks;
+  if (a.allow_api_hooks) {
+    spdlog::warn("vault: --allow-api-hooks: hook commands given through the API run here");
+  }
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::string token_path = AdminTokenPath(a);
@@ -320,6 +328,8 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   vcfg.api.web_dir = WebDir(web);
   vcfg.site_tls = *vault_tls;
   vcfg.jobs_paused = true;  // until the sites (new ports after a restart) are registered
+  // A lab on one machine: commands, qemu arguments and hooks may come from the API.
+  vcfg.hooks.allow_api_hooks = true;
   auto v = vault::Vault::Start(vcfg);
   if (!v.ok()) return Fail(v.status());
   std::string token_path = abs + "/admin.token";
@@ -335,6 +345,7 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
     auto tls = EnsureQuickstartCertificates(abs + "/tls", name);
     if (!tls.ok()) return Fail(tls.status());
     cfg.tls = *tls;
+    cfg.commands.allow_api_commands = true;
     auto s = site::Site::Start(cfg);
     if (!s.ok()) return Fail(s.status());
     auto api = std::make_unique<site::SiteApi>(s->get());
@@ -359,6 +370,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   std::printf("  web UI: %s/ (sign in with the token in %s)\n", vurl.c_str(), token_path.c_str());
   std::printf("  admin token: %s (0600; the CLI finds it when run from here)\n",
               token_path.c_str());
+  std::printf(
+      "  a lab: VM commands, qemu arguments and hooks may be given through the API "
+      "(allow_api_commands, --allow-api-hooks)\n");
   std::printf("Try (build/osr, or osr on your PATH):\n");
   std::printf("  osr site list\n");
   std::printf("  osr vm create vm1 --site primary --disk os:1G --disk data:256M\n");
@@ -411,7 +425,8 @@ int main(int argc, char** argv) {
   auto* sp = app.add_subcommand("site",
                                 "run a site daemon (disks, capture, replication, recovery stores)");
   sp->add_option("--config", site_config,
-                 "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen")
+                 "TOML config: name, data_dir, nbd_listen, replication_listen, api_listen, "
+                 "commands_file, ... (docs/api.md)")
       ->required();
 
   VaultArgs va;
@@ -433,6 +448,10 @@ int main(int argc, char** argv) {
   vp->add_option("--admin-token-file", va.admin_token_file,
                  "where the first admin token is written (default: admin.token beside --db)");
   std::string web_dir;
+  vp->add_option("--hooks", va.hooks_file,
+                 "allow-list of hook commands ([hooks.NAME] command = \"...\"; docs/formats.md)");
+  vp->add_flag("--allow-api-hooks", va.allow_api_hooks,
+               "also run hook commands given as strings through the API (a lab)");
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--vault-listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");

@@ -27,7 +27,7 @@ ProcessDriver::~ProcessDriver() {
   if (pid_ > 0) (void)Stop(5000);
 }
 
-Status ProcessDriver::Start(const VmSpec& spec) {
+Status ProcessDriver::Start(const ProcessSpec& spec) {
   if (running()) return Status(Code::kAlreadyExists, "VM " + spec.name + " is running");
   if (spec.command.empty()) return InvalidArgument("VM " + spec.name + " has no command");
   // Everything the child needs is prepared before fork (no allocation after it).

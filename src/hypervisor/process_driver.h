@@ -16,9 +16,9 @@
 
 namespace osr::hypervisor {
 
-struct VmSpec {
+struct ProcessSpec {
   std::string name;
-  std::string command;                                     // run with /bin/sh -c
+  std::string command;  // run with /bin/sh -c (from the site's allow-list, or a lab's API)
   std::vector<std::pair<std::string, std::string>> disks;  // (disk name, NBD URI)
   std::string log_path;                                    // the command's stdout and stderr
 };
@@ -31,7 +31,7 @@ class ProcessDriver {
   ~ProcessDriver();
 
   // kAlreadyExists if it runs already.
-  Status Start(const VmSpec& spec);
+  Status Start(const ProcessSpec& spec);
   // SIGTERM, then SIGKILL once `timeout_ms` passed. Returns whether it stopped by itself
   // (true) or had to be killed (false).
   Result<bool> Stop(int timeout_ms);

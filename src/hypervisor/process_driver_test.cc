@@ -29,7 +29,7 @@ TEST(ProcessDriver, TheVmSeesItsDisksAndStopsOnSigterm) {
   std::string out = TempPath("env"), log = TempPath("log");
   fs::remove(out);
   ProcessDriver vm;
-  VmSpec spec{
+  ProcessSpec spec{
       "vm1",
       "echo \"$OSR_VM|$OSR_DISK_OS|$OSR_DISK_DATA_1|$OSR_DISKS\" > " + out + "; exec sleep 60",
       {{"os", "nbd://127.0.0.1:1/vm1/os"}, {"data-1", "nbd://127.0.0.1:1/vm1/data-1"}},

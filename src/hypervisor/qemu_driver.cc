@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 #include <linux/kvm.h>
 #include <poll.h>
 #include <signal.h>
@@ -183,35 +182,6 @@ std::string DescribeExit(int status) {
 
 }  // namespace
 
-Result<std::vector<std::string>> SplitArgs(std::string_view text) {
-  std::vector<std::string> words;
-  std::string word;
-  bool in_word = false;
-  char quote = 0;
-  for (char c : text) {
-    if (quote != 0) {
-      if (c == quote) {
-        quote = 0;
-      } else {
-        word += c;
-      }
-    } else if (c == '\'' || c == '"') {
-      quote = c;
-      in_word = true;
-    } else if (std::isspace(static_cast<unsigned char>(c))) {
-      if (in_word) words.push_back(std::move(word));
-      word.clear();
-      in_word = false;
-    } else {
-      word += c;
-      in_word = true;
-    }
-  }
-  if (quote != 0) return InvalidArgument(fmt::format("unterminated {} in: {}", quote, text));
-  if (in_word) words.push_back(std::move(word));
-  return words;
-}
-
 bool CpuHasHardwareVirtualization() {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::string line;
@@ -319,7 +289,13 @@ Status QemuDriver::Start(const QemuSpec& spec) {
     return InvalidArgument(fmt::format("run_dir {} is too long for a unix socket path ({} bytes)",
                                        spec.run_dir, sizeof(sockaddr_un::sun_path) - 1));
   }
-  OSR_ASSIGN_OR_RETURN(std::vector<std::string> extra, SplitArgs(spec.extra_args));
+  // Extra arguments pass the deny-by-default filter here too, whoever checked them
+  // before (qemu_args.h): this is the last place before exec.
+  auto extra = SplitArgs(spec.extra_args);
+  Status allowed = extra.ok() ? CheckQemuArgs(*extra) : extra.status();
+  if (!allowed.ok()) {
+    return InvalidArgument(fmt::format("VM {}: qemu_args: {}", spec.name, allowed.message()));
+  }
   OSR_ASSIGN_OR_RETURN(std::string binary, FindExecutable(spec.qemu_binary));
   std::error_code ec;
   fs::create_directories(spec.run_dir, ec);
@@ -358,8 +334,10 @@ Status QemuDriver::Start(const QemuSpec& spec) {
                  "-device", "virtio-serial-pci,id=osr-vser0", "-device",
                  "virtserialport,bus=osr-vser0.0,chardev=osr-qga0,name=org.qemu.guest_agent.0"});
   }
-  args.insert(args.end(), extra.begin(), extra.end());
-  spdlog::info("VM {}: starting ({}): {}", spec.name, accel_, fmt::join(args, " "));
+  args.insert(args.end(), extra->begin(), extra->end());
+  // Not the command line: a kernel command line or a path may be a secret.
+  spdlog::info("VM {}: starting qemu ({}, {} disk(s), {} extra argument(s))", spec.name, accel_,
+               spec.disks.size(), extra->size());
 
   // Everything the child needs is prepared before fork (no allocation after it).
   std::vector<char*> argv;

@@ -30,6 +30,7 @@
 
 #include "common/file.h"
 #include "common/status.h"
+#include "hypervisor/qemu_args.h"
 
 namespace osr::hypervisor {
 
@@ -118,10 +119,6 @@ class QemuDriver {
   std::string qmp_buf_;   // bytes read after the last complete line
   uint64_t next_id_ = 1;  // QMP and guest-sync ids: late answers are told apart
 };
-
-// Splits qemu arguments on whitespace; '...' or "..." keep spaces inside a word
-// (-append "console=ttyS0 quiet"). No escapes. kInvalidArgument on an open quote.
-Result<std::vector<std::string>> SplitArgs(std::string_view text);
 
 // Whether KVM is worth using: the CPU has VT-x or AMD-V (/proc/cpuinfo flags vmx or
 // svm), and /dev/kvm opens read-write, speaks API 12 and creates a VM.

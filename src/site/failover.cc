@@ -392,26 +392,33 @@ bool Site::VmRunningLocked(Group& g) {
 }
 
 hypervisor::QemuSpec Site::QemuSpecFor(
-    const std::string& vm, const json& spec,
+    const std::string& vm, const hypervisor::VmSpec& spec, const std::string& extra_args,
     const std::vector<std::pair<std::string, std::string>>& disks) const {
   hypervisor::QemuSpec qs;
   qs.name = vm;
   qs.disks = disks;
-  qs.memory_bytes = spec.value("memory_bytes", uint64_t{512} << 20);
-  qs.cpus = spec.value("cpus", 1);
-  qs.extra_args = spec.value("qemu_args", std::string());
+  qs.memory_bytes = spec.memory_bytes;
+  qs.cpus = static_cast<int>(spec.cpus);
+  qs.extra_args = extra_args;
   qs.run_dir = cfg_.data_dir + "/groups/" + vm + "/run";
-  qs.guest_agent = spec.value("guest_agent", true);
-  qs.accel = spec.value("accel", std::string());
+  qs.guest_agent = spec.guest_agent;
+  qs.accel = spec.accel;
   return qs;
 }
 
-Status Site::StartVm(const std::string& vm, const json& spec) {
-  std::string driver = spec.value("driver", std::string("none"));
-  if (driver == "none") return InvalidArgument("VM " + vm + " has no driver to start it");
-  if (driver != "process" && driver != "qemu") {
-    return InvalidArgument("unknown VM driver '" + driver + "'");
+Status Site::StartVm(const std::string& vm, const json& spec_json) {
+  // The spec comes from the vault's catalog: checked in full, and what it runs is checked
+  // against this site's own rules, also for a spec stored before those rules existed.
+  auto parsed = hypervisor::ParseVmSpec(spec_json, hypervisor::SpecSource::kStored);
+  if (!parsed.ok()) return InvalidArgument("VM " + vm + ": " + parsed.status().message());
+  const hypervisor::VmSpec& spec = *parsed;
+  if (spec.driver == hypervisor::Driver::kNone) {
+    return InvalidArgument("VM " + vm + " has no driver to start it");
   }
+  Result<std::string> what = spec.driver == hypervisor::Driver::kProcess
+                                 ? cfg_.commands.ProcessCommand(spec)
+                                 : cfg_.commands.QemuArgs(spec);
+  if (!what.ok()) return Status(what.status().code(), "VM " + vm + ": " + what.status().message());
   std::vector<std::pair<std::string, std::string>> disks;
   std::string run = cfg_.data_dir + "/groups/" + vm + "/run";
   {
@@ -434,17 +441,17 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
   std::unique_ptr<hypervisor::ProcessDriver> process;
   std::shared_ptr<hypervisor::QemuDriver> qemu;
   Status started;
-  if (driver == "process") {
-    hypervisor::VmSpec vs;
-    vs.name = vm;
-    vs.command = spec.value("command", std::string());
-    vs.disks = disks;
-    vs.log_path = run + "/vm.log";
+  if (spec.driver == hypervisor::Driver::kProcess) {
+    hypervisor::ProcessSpec ps;
+    ps.name = vm;
+    ps.command = *what;
+    ps.disks = disks;
+    ps.log_path = run + "/vm.log";
     process = std::make_unique<hypervisor::ProcessDriver>();
-    started = process->Start(vs);
+    started = process->Start(ps);
   } else {
     qemu = std::make_shared<hypervisor::QemuDriver>();
-    started = qemu->Start(QemuSpecFor(vm, spec, disks));
+    started = qemu->Start(QemuSpecFor(vm, spec, *what, disks));
   }
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
@@ -458,8 +465,15 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
   if (!started.ok()) return started;
   g.process = std::move(process);
   g.qemu = std::move(qemu);
-  g.vm_spec = spec;
-  spdlog::info("site {}: VM {} started ({}, pid {})", cfg_.name, vm, driver,
+  g.vm_spec = hypervisor::VmSpecJson(spec);
+  // Not the command or the arguments (they may hold secrets): the entry's name at most.
+  const hypervisor::CommandRef& ran =
+      spec.driver == hypervisor::Driver::kProcess ? spec.command : spec.qemu_args;
+  std::string source = !ran.name.empty()      ? "entry " + ran.name
+                       : !ran.literal.empty() ? "given through the API"
+                                              : "no extra arguments";
+  spdlog::info("site {}: VM {} started ({}, {}, pid {})", cfg_.name, vm,
+               hypervisor::DriverName(spec.driver), source,
                g.process ? g.process->pid() : g.qemu->pid());
   return SaveLocked();
 }

@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 
 #include "common/units.h"
@@ -73,6 +74,24 @@ Status SizeKey(const toml::table& t, const std::string& path, const char* key, u
       fmt::format("{}: '{}' must be a size such as \"8G\" or a number of bytes", path, key));
 }
 
+// commands_file and allow_api_commands: what the site's VMs may run.
+Status CommandsKeys(const toml::table& t, const std::string& path, hypervisor::SiteCommands* out) {
+  auto allow = t["allow_api_commands"];
+  if (allow && !allow.is_boolean()) {
+    return InvalidArgument(path + ": 'allow_api_commands' must be true or false");
+  }
+  auto file_node = t["commands_file"];
+  if (file_node && !file_node.is_string()) {
+    return InvalidArgument(path + ": 'commands_file' must be a path");
+  }
+  std::string file = file_node.value_or(std::string());
+  if (!file.empty() && fs::path(file).is_relative()) {
+    file = (fs::absolute(path).parent_path() / file).string();
+  }
+  OSR_ASSIGN_OR_RETURN(*out, hypervisor::LoadSiteCommands(file, allow.value_or(false)));
+  return Status::Ok();
+}
+
 }  // namespace
 
 Result<SiteConfig> SiteConfig::Load(const std::string& path) {
@@ -102,6 +121,7 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   }
   c.api_vault_name = t["api_vault_name"].value_or(c.api_vault_name);
   c.api_insecure = t["api_insecure"].value_or(false);
+  OSR_RETURN_IF_ERROR(CommandsKeys(t, path, &c.commands));
   return c;
 }
 
@@ -129,6 +149,15 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
         "unauthenticated",
         cfg.name);
   }
+  if (cfg.commands.allow_api_commands) {
+    spdlog::warn(
+        "site {}: allow_api_commands: commands and qemu arguments given through the API run "
+        "here with this daemon's rights (a lab setting)",
+        cfg.name);
+  }
+  spdlog::info("site {}: {} command(s) and {} qemu argument set(s) in the commands file{}",
+               cfg.name, cfg.commands.commands.size(), cfg.commands.qemu_args.size(),
+               cfg.commands.file.empty() ? " (none configured)" : " " + cfg.commands.file);
   s->receiver_ = std::make_unique<replication::Receiver>(
       [sp](const std::string& vm) -> std::shared_ptr<store::RecoveryStore> {
         std::lock_guard lock(sp->mu_);
@@ -211,6 +240,19 @@ Status Site::Load() {
     g->tracking = gj.value("tracking", false);
     g->history_lost = gj.value("history_lost", false);
     g->vm_spec = gj.value("vm", json());
+    std::optional<hypervisor::VmSpec> vm_spec;
+    if (!g->vm_spec.is_null()) {
+      auto parsed =
+          hypervisor::ParseVmSpec(g->vm_spec, hypervisor::SpecSource::kStored, "site.json vm.");
+      if (parsed.ok()) {
+        vm_spec = *parsed;
+        g->vm_spec = hypervisor::VmSpecJson(*parsed);
+      } else {
+        spdlog::warn("site {}: VM {}: its stored spec is dropped: {}", cfg_.name, vm,
+                     parsed.status().message());
+        g->vm_spec = json();
+      }
+    }
     std::string dir = cfg_.data_dir + "/groups/" + vm;
     std::error_code ec;
     std::string sdir = cfg_.data_dir + "/stores/" + vm;
@@ -256,11 +298,11 @@ Status Site::Load() {
     }
     if (pid_t pid = gj.value("vm_pid", 0); pid > 0 && ::kill(pid, 0) == 0) {
       // The VM outlived the daemon (kill -9): take charge of it again.
-      if (g->vm_spec.is_object() && g->vm_spec.value("driver", "") == "qemu") {
+      if (vm_spec && vm_spec->driver == hypervisor::Driver::kQemu) {
         std::vector<std::pair<std::string, std::string>> uris;
         for (auto& d : g->disks) uris.emplace_back(d.name, Uri(vm + "/" + d.name));
         auto q = std::make_shared<hypervisor::QemuDriver>();
-        if (Status a = q->Adopt(pid, QemuSpecFor(vm, g->vm_spec, uris)); a.ok()) {
+        if (Status a = q->Adopt(pid, QemuSpecFor(vm, *vm_spec, "", uris)); a.ok()) {
           g->qemu = std::move(q);
         } else {
           spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, a.ToString());
@@ -737,7 +779,18 @@ json Site::Describe() {
               {"disks_served", disks_served + views.size()},
               {"store_bytes", store_bytes},
               {"store_bytes_total", stores_total},
-              {"filesystem", fs_json}};
+              {"filesystem", fs_json},
+              {"vm_commands", VmCommandsJson()}};
+}
+
+json Site::VmCommandsJson() const {
+  // Names only: what an entry runs stays on this host.
+  json commands = json::array(), qemu_args = json::array();
+  for (auto& [name, unused] : cfg_.commands.commands) commands.push_back(name);
+  for (auto& [name, unused] : cfg_.commands.qemu_args) qemu_args.push_back(name);
+  return json{{"allow_api_commands", cfg_.commands.allow_api_commands},
+              {"commands", commands},
+              {"qemu_args", qemu_args}};
 }
 
 std::string Site::Metrics() {

@@ -27,6 +27,7 @@
 #include "capture/capture_group.h"
 #include "common/socket.h"
 #include "common/tls.h"
+#include "hypervisor/allow_list.h"
 #include "hypervisor/process_driver.h"
 #include "hypervisor/qemu_driver.h"
 #include "nbd/export_table.h"
@@ -59,9 +60,14 @@ struct SiteConfig {
   // Commit copies a failed-over VM's point into its disks while it runs: at most this
   // many bytes a second (materialise_rate; 0: no limit).
   uint64_t materialise_bytes_per_second = 0;
+  // What this site's VMs may run (commands_file, allow_api_commands): named entries of
+  // its allow-list file; literal commands from the API only when allow_api_commands.
+  hypervisor::SiteCommands commands;
 
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and
-  // optionally tls_ca, tls_cert, tls_key (PEM files).
+  // optionally tls_ca, tls_cert, tls_key (PEM files), commands_file (read here: a bad
+  // file is an error of the config; a relative path is relative to the config's folder)
+  // and allow_api_commands (default false).
   static Result<SiteConfig> Load(const std::string& path);
 };
 
@@ -120,7 +126,10 @@ class Site {
   // store at `base_seq` of the new primary's order; its images are its base (moved).
   Result<nlohmann::json> GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch);
 
-  // The VM of a group: runs at this site on the group's disks.
+  // The VM of a group: runs at this site on the group's disks. `spec` is the VM's spec
+  // (hypervisor/vm_spec.h), checked in full and against this site's commands rules:
+  // kInvalidArgument naming the field (a literal command where allow_api_commands is
+  // off, a name that is not an entry of the commands file, a refused qemu argument).
   Status StartVm(const std::string& vm, const nlohmann::json& spec);
   // Returns whether it stopped by itself (true) or had to be killed.
   Result<bool> StopVm(const std::string& vm, int timeout_ms);
@@ -139,6 +148,9 @@ class Site {
   Status CloseView(const std::string& id);
 
   nlohmann::json Describe();
+  // {allow_api_commands, commands: [NAME], qemu_args: [NAME]}: what the vault may name in
+  // a VM's spec for this site (GET /api/v1/site, "vm_commands").
+  nlohmann::json VmCommandsJson() const;
   std::string Metrics();
 
  private:
@@ -163,7 +175,8 @@ class Site {
     std::string materialise_error;
     uint64_t materialise_done = 0;
     uint64_t materialise_total = 0;
-    // The VM (guarded by the site's mu_).
+    // The VM (guarded by the site's mu_). vm_spec: null, or a spec in normal form
+    // (hypervisor::VmSpecJson) that ParseVmSpec accepted.
     nlohmann::json vm_spec;
     std::unique_ptr<hypervisor::ProcessDriver> process;
     std::shared_ptr<hypervisor::QemuDriver> qemu;  // shared: a freeze runs outside mu_
@@ -188,7 +201,7 @@ class Site {
   void MaterialiseThread(const std::string& vm, Group* g);
   bool VmRunningLocked(Group& g);
   hypervisor::QemuSpec QemuSpecFor(
-      const std::string& vm, const nlohmann::json& spec,
+      const std::string& vm, const hypervisor::VmSpec& spec, const std::string& extra_args,
       const std::vector<std::pair<std::string, std::string>>& disks) const;
   std::string Uri(const std::string& export_name) const;
 

@@ -14,6 +14,7 @@
 #include "common/https.h"
 #include "common/json_in.h"
 #include "common/units.h"
+#include "hypervisor/vm_spec.h"
 #include "vault/job_steps.h"
 
 namespace osr::vault {
@@ -369,38 +370,32 @@ json Vault::ListPolicies() {
 
 namespace {
 
-// Checks a VM's driver spec and fills in defaults.
-Result<json> CheckVmSpec(json spec) {
-  if (!spec.is_object()) return InvalidArgument("the VM spec must be an object");
-  std::string driver = spec.value("driver", std::string("none"));
-  spec["driver"] = driver;
-  if (driver == "process") {
-    if (spec.value("command", std::string()).empty()) {
-      return InvalidArgument("a process VM needs --command");
-    }
-  } else if (driver == "qemu") {
-    uint64_t mem = spec.value("memory_bytes", uint64_t{512} << 20);
-    int cpus = spec.value("cpus", 1);
-    if (mem < (16u << 20) || mem > (1ull << 40)) return InvalidArgument("memory: 16M..1T");
-    if (cpus < 1 || cpus > 64) return InvalidArgument("cpus: 1..64");
-    spec["memory_bytes"] = mem;
-    spec["cpus"] = cpus;
-  } else if (driver != "none") {
-    return InvalidArgument("unknown driver '" + driver + "' (qemu, process or none)");
-  }
-  if (spec.contains("hooks") && !spec["hooks"].is_object()) {
-    return InvalidArgument("hooks must be an object of hook name -> command");
-  }
-  json hooks = spec.value("hooks", json::object());
-  for (auto& [k, v] : hooks.items()) {
-    static const std::set<std::string> kHooks = {"freeze", "thaw", "pre_failover", "post_failover"};
-    if (!kHooks.count(k) || !v.is_string()) {
-      return InvalidArgument("hook '" + k +
-                             "': the hooks are freeze, thaw, pre_failover and post_failover, "
-                             "each a command");
+// What the site lets a VM's spec name (GET /site "vm_commands"); a site that does not
+// say takes no literal and has no entries.
+Result<hypervisor::CommandPolicy> SitePolicy(SiteClient client, const SiteRow& site) {
+  OSR_ASSIGN_OR_RETURN(json described, client.Call("GET", "/site"));
+  hypervisor::CommandPolicy p;
+  json_in::Fields f(described, "site " + site.name + ": ");
+  const json* vc = f.Object("vm_commands");
+  if (!f.ok()) return f.status();
+  if (vc == nullptr) return p;
+  json_in::Fields c(*vc, "site " + site.name + ": vm_commands.");
+  p.allow_literal = c.Bool("allow_api_commands", false);
+  using Names = std::pair<const char*, std::set<std::string>*>;
+  for (Names names_of : {Names{"commands", &p.commands}, Names{"qemu_args", &p.qemu_args}}) {
+    auto [key, out] = names_of;
+    const json* names = c.Array(key);
+    if (names == nullptr) continue;
+    for (auto& n : *names) {
+      if (!n.is_string()) {
+        c.Fail(key, "must be a list of names");
+        break;
+      }
+      out->insert(n.get<std::string>());
     }
   }
-  return spec;
+  if (!c.ok()) return c.status();
+  return p;
 }
 
 }  // namespace
@@ -408,10 +403,20 @@ Result<json> CheckVmSpec(json spec) {
 Result<json> Vault::CreateVm(const std::string& name, const std::string& site, const json& disks,
                              const json& spec_in) {
   if (!ValidName(name)) return InvalidArgument("'" + name + "' is not a valid VM name");
-  OSR_ASSIGN_OR_RETURN(json spec, CheckVmSpec(spec_in.is_null() ? json::object() : spec_in));
+  // The whole spec, typed and in range; then what it runs, against the rules of the hosts
+  // that would run it (this vault's hooks, the site's commands). Each is checked again
+  // where it runs.
+  OSR_ASSIGN_OR_RETURN(hypervisor::VmSpec parsed,
+                       hypervisor::ParseVmSpec(spec_in, hypervisor::SpecSource::kNew));
+  OSR_RETURN_IF_ERROR(CheckHooks(cfg_.hooks, parsed));
+  json spec = hypervisor::VmSpecJson(parsed);
   if (catalog_->Vm(name)) return Status(Code::kAlreadyExists, "VM " + name + " exists");
   auto s = catalog_->Site(site);
   if (!s) return NotFound("no site named '" + site + "' (osr site list)");
+  if (parsed.driver != hypervisor::Driver::kNone) {
+    OSR_ASSIGN_OR_RETURN(hypervisor::CommandPolicy policy, SitePolicy(Client(*s), *s));
+    OSR_RETURN_IF_ERROR(hypervisor::CheckCommands(parsed, policy));
+  }
   OSR_ASSIGN_OR_RETURN(json created,
                        Client(*s).Call("PUT", "/groups/" + name, json{{"disks", disks}}));
   json stored = json::array();

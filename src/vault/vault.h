@@ -31,6 +31,7 @@
 #include "common/tls.h"
 #include "vault/catalog.h"
 #include "vault/vault_api.h"
+#include "vault/hooks.h"
 
 namespace osr::vault {
 
@@ -45,6 +46,7 @@ struct VaultConfig {
   int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
   bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
   int job_workers = 4;           // jobs of different VMs run at the same time, this many
+  HookConfig hooks;              // what VMs' hooks may run here (--hooks, --allow-api-hooks)
 };
 
 class Vault {
@@ -113,6 +115,8 @@ class Vault {
   // stopped) as soon as it answers.
   void ReconcileFencing(const ItemRow& item);
   // Runs the VM's hook `name` (spec.hooks) on this host with a timeout; Ok when none.
+  // The stored spec is parsed again first: a bad one (or a hook this vault does not run)
+  // is kInvalidArgument naming the field, never a throw.
   Status RunHook(const VmRow& vm, const std::string& name, const nlohmann::json& env);
   void PointLoop();
   // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.

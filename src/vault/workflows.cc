@@ -11,7 +11,9 @@
 #include <chrono>
 #include <thread>
 
+#include "common/json_in.h"
 #include "common/units.h"
+#include "hypervisor/vm_spec.h"
 #include "vault/job_steps.h"
 #include "vault/vault.h"
 
@@ -25,59 +27,38 @@ json PointJsonOf(const PointRow& p) {
   return json{{"id", p.id}, {"time", FormatTimeNs(p.time_ns)}, {"seq", p.seq}, {"type", p.type}};
 }
 
+// The stored spec, read back through the one checked parser (a row is a peer's input).
+Result<hypervisor::VmSpec> StoredSpec(const VmRow& vm) {
+  return hypervisor::ParseVmSpec(vm.spec, hypervisor::SpecSource::kStored);
+}
+
+// "none", "process" or "qemu"; "invalid" for a spec that does not parse: the site is then
+// asked to start it and refuses it with a message naming the field.
 std::string Driver(const VmRow& vm) {
-  return vm.spec.is_object() ? vm.spec.value("driver", std::string("none")) : "none";
+  auto spec = StoredSpec(vm);
+  return spec.ok() ? std::string(hypervisor::DriverName(spec->driver)) : "invalid";
 }
 
 int ShutdownTimeoutMs(const VmRow& vm) {
-  return vm.spec.is_object() ? vm.spec.value("shutdown_timeout_ms", 30000) : 30000;
+  auto spec = StoredSpec(vm);
+  return spec.ok() ? static_cast<int>(spec->shutdown_timeout_ms) : 30000;
 }
 
 }  // namespace
 
 Status Vault::RunHook(const VmRow& vm, const std::string& name, const json& env) {
-  if (!vm.spec.is_object() || !vm.spec.contains("hooks")) return Status::Ok();
-  std::string cmd = vm.spec["hooks"].value(name, std::string());
-  if (cmd.empty()) return Status::Ok();
-  int timeout_ms = vm.spec.value("hook_timeout_ms", 60000);
-  std::vector<std::string> env_strings;
-  for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
-  env_strings.push_back("OSR_VM=" + vm.name);
-  env_strings.push_back("OSR_HOOK=" + name);
-  for (auto& [k, v] : env.items()) {
-    env_strings.push_back(k + "=" + (v.is_string() ? v.get<std::string>() : v.dump()));
+  auto spec = StoredSpec(vm);
+  if (!spec.ok()) {
+    return Status(spec.status().code(),
+                  fmt::format("the stored spec of VM {}: {}", vm.name, spec.status().message()));
   }
-  std::vector<char*> envp;
-  for (auto& e : env_strings) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  pid_t pid = ::fork();
-  if (pid < 0) return Status::FromErrno(errno, "fork for hook " + name);
-  if (pid == 0) {
-    ::setpgid(0, 0);
-    int null = ::open("/dev/null", O_RDONLY);
-    if (null >= 0) ::dup2(null, 0);
-    ::execle("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr), envp.data());
-    ::_exit(127);
-  }
-  ::setpgid(pid, pid);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  int status = 0;
-  for (;;) {
-    pid_t r = ::waitpid(pid, &status, WNOHANG);
-    if (r == pid) break;
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(-pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      return Unavailable(fmt::format("hook {} of VM {} did not finish in {} ms (killed)", name,
-                                     vm.name, timeout_ms));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    return Internal(fmt::format("hook {} of VM {} failed (exit status {})", name, vm.name,
-                                WIFEXITED(status) ? WEXITSTATUS(status) : -1));
-  }
-  return Status::Ok();
+  OSR_ASSIGN_OR_RETURN(std::string command, HookCommand(cfg_.hooks, *spec, name));
+  if (command.empty()) return Status::Ok();
+  std::vector<std::string> env_strings = {"OSR_VM=" + vm.name, "OSR_HOOK=" + name};
+  json_in::Fields f(env);
+  for (auto& [k, v] : env.items()) env_strings.push_back(k + "=" + f.String(k, ""));
+  OSR_RETURN_IF_ERROR(f.status());
+  return RunHookCommand(vm.name, name, command, env_strings, spec->hook_timeout_ms);
 }
 
 Result<PointRow> Vault::PointAtStore(const ItemRow& item) {

@@ -77,3 +77,8 @@ def test_qemu_guest_file_survives_failover(env):
     recovery_console = env.qs.data_dir / "recovery" / "groups" / "guest" / "run" / "console.log"
     text = wait_console(recovery_console, "OSR-READ:", BOOT_TIMEOUT_S)
     assert "OSR-READ:written-at-primary" in text, text[-2000:]
+    # The log says which VM started, not its command line (a kernel command line or a
+    # path may be a secret).
+    log = env.qs.log_path.read_text(errors="replace")
+    assert "VM guest: starting qemu" in log, log[-3000:]
+    assert "osr.text=written-at-primary" not in log and str(kernel) not in log, log[-3000:]

@@ -346,7 +346,15 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     nbd_port = osrtest.free_port()
-    config, data = write_config(tmp_path, "primary")
+    # A strict site (the default): the guest's qemu arguments are an entry of its
+    # commands file, named by the spec.
+    append = "console=ttyS0 quiet panic=-1 osr.mode=count"
+    commands = tmp_path / "commands.toml"
+    commands.write_text("[qemu_args.count-guest]\n"
+                        f"args = \"-kernel {guest}/vmlinuz -initrd {guest}/initramfs.cpio.gz "
+                        f"-append '{append}' -no-reboot\"\n")
+    commands.chmod(0o600)
+    config, data = write_config(tmp_path, "primary", f'commands_file = "{commands}"\n')
     config.write_text(config.read_text().replace('nbd_listen = "127.0.0.1:0"',
                                                   f'nbd_listen = "127.0.0.1:{nbd_port}"'))
     site = SiteProcess("primary", config, data, tmp_path / "site.stderr")
@@ -354,11 +362,9 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
     try:
         api_ok(site, "PUT", "/groups/vm1", {"disks": [{"name": "os", "size_bytes": 16 * MIB}]},
                status=201)
-        append = "console=ttyS0 quiet panic=-1 osr.mode=count"
-        args = (f"-kernel {guest}/vmlinuz -initrd {guest}/initramfs.cpio.gz "
-                f"-append '{append}' -no-reboot")
         api_ok(site, "POST", "/groups/vm1/vm/start",
-               {"driver": "qemu", "memory_bytes": 256 * MIB, "cpus": 1, "qemu_args": args},
+               {"driver": "qemu", "memory_bytes": 256 * MIB, "cpus": 1,
+                "qemu_args_name": "count-guest"},
                status=204)
         console = data / "groups" / "vm1" / "run" / "console.log"
 
