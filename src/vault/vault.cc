@@ -454,8 +454,10 @@ Result<json> Vault::ShowVm(const std::string& name) {
     disks.push_back(d);
   }
   out["disks"] = disks;
-  out["driver"] = v->spec.value("driver", std::string("none"));
+  auto spec = hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored);
+  out["driver"] = spec.ok() ? std::string(hypervisor::DriverName(spec->driver)) : "invalid";
   out["spec"] = v->spec;
+  if (!spec.ok()) out["spec_error"] = spec.status().message();
   out["running"] = g.ok() ? (*g).value("vm", json::object()).value("running", false) : false;
   out["running_site"] = v->site;
   auto item = catalog_->Item(name);
@@ -468,7 +470,8 @@ Result<json> Vault::ShowVm(const std::string& name) {
 Result<json> Vault::StartVm(const std::string& name) {
   auto v = catalog_->Vm(name);
   if (!v) return NotFound("no VM named '" + name + "'");
-  if (v->spec.value("driver", std::string("none")) == "none") {
+  OSR_ASSIGN_OR_RETURN(auto spec, hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
+  if (spec.driver == hypervisor::Driver::kNone) {
     return InvalidArgument("VM " + name + " has no driver (osr vm create --driver)");
   }
   auto s = catalog_->Site(v->site);
@@ -579,6 +582,18 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
   if (!catalog_->Site(target)) return NotFound("no site named '" + target + "' (osr site list)");
   if (target == v->site) return InvalidArgument("the target site must differ from the VM's site");
   if (!catalog_->Policy(policy)) return NotFound("no policy named '" + policy + "'");
+  // The VM must be able to run at its recovery site too: the entries its spec names
+  // must be in that site's allow-list (or that site must take literals).
+  OSR_ASSIGN_OR_RETURN(auto spec, hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
+  if (spec.driver != hypervisor::Driver::kNone) {
+    auto t = *catalog_->Site(target);
+    OSR_ASSIGN_OR_RETURN(hypervisor::CommandPolicy at_target, SitePolicy(Client(t), t));
+    Status st = hypervisor::CheckCommands(spec, at_target);
+    if (!st.ok()) {
+      return InvalidArgument(fmt::format("VM {} could not run at {} after a failover: {}", vm,
+                                         target, st.message()));
+    }
+  }
   OSR_RETURN_IF_ERROR(
       catalog_->PutItem({vm, v->site, target, policy, "EnablingProtection", 1, nullptr, nullptr}));
   return Submit("enable-protection", vm, json::object());
@@ -637,7 +652,11 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
   // and the thaw runs whatever happened. Without either, the point only marks the
   // position (quiesced_by: none).
   std::string quiesced_by = "none";
-  if (app && v && site && v->spec.value("driver", std::string()) == "qemu") {
+  hypervisor::VmSpec spec;
+  if (app && v) {
+    OSR_ASSIGN_OR_RETURN(spec, hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
+  }
+  if (app && v && site && spec.driver == hypervisor::Driver::kQemu) {
     auto f =
         Client(*site).Call("POST", "/groups/" + vm + "/vm/freeze", json{{"timeout_ms", 10000}});
     if (f.ok()) {
@@ -646,8 +665,7 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
       spdlog::info("vault: {}: guest agent freeze: {}", vm, f.status().message());
     }
   }
-  if (app && v && quiesced_by == "none" && v->spec.contains("hooks") &&
-      v->spec["hooks"].contains("freeze")) {
+  if (app && v && quiesced_by == "none" && spec.hooks.count("freeze")) {
     Status f = RunHook(*v, "freeze", json::object());
     if (!f.ok()) {
       (void)RunHook(*v, "thaw", json::object());
