@@ -4,6 +4,8 @@
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
+#include "common/json_in.h"
+
 namespace osr::site {
 
 using nlohmann::json;
@@ -12,6 +14,9 @@ namespace {
 
 // Region lists and disk hashes of reprotect can be large (8 bytes per 64 KiB region).
 constexpr size_t kBodyBytesMax = 64 << 20;
+
+// Epochs the vault gives: from 1 (a new item) up to the store's limit.
+constexpr json_in::U64Range kEpochRange{1, store::kEpochMax};
 
 void Reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
@@ -89,36 +94,41 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
         [this](const httplib::Request& req, httplib::Response& res) {
           auto body = Body(req);
           if (!body.ok()) return Error(res, body.status());
-          if (!body->contains("target") || !(*body)["target"].is_string()) {
-            return Error(res, InvalidArgument("'target' (HOST:PORT) is missing"));
-          }
-          ReplyStatus(res, site_->StartReplication(
-                               req.matches[1], (*body)["target"], body->value("epoch", uint64_t{1}),
-                               body->value("compression", std::string("lz4")) == "lz4",
-                               body->value("bandwidth_bytes_per_second", uint64_t{0})));
+          json_in::Fields f(*body);
+          std::string target = f.String("target");
+          uint64_t epoch = f.U64("epoch", 1, kEpochRange);
+          std::string compression = f.String("compression", "lz4");
+          uint64_t bandwidth = f.U64("bandwidth_bytes_per_second", 0);
+          std::string target_site = f.String("target_site", "");
+          if (!f.ok()) return Error(res, f.status());
+          ReplyStatus(res, site_->StartReplication(req.matches[1], target, epoch,
+                                                   compression == "lz4", bandwidth, target_site));
         });
   h.Post(R"(/api/v1/groups/([^/]+)/fence)",
          [this](const httplib::Request& req, httplib::Response& res) {
            auto body = Body(req);
            if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'epoch' is missing"));
+           json_in::Fields f(*body);
+           uint64_t epoch = f.U64("epoch");
+           bool keep_shipping = f.Bool("keep_shipping", false);
+           if (f.ok() && (epoch < kEpochRange.min || epoch > kEpochRange.max)) {
+             f.Fail("epoch", fmt::format("{} is out of range (1..{})", epoch, kEpochRange.max));
            }
-           ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>(),
-                                              body->value("keep_shipping", false)));
+           if (!f.ok()) return Error(res, f.status());
+           ReplyStatus(res, site_->FenceGroup(req.matches[1], epoch, keep_shipping));
          });
   h.Post(R"(/api/v1/groups/([^/]+)/failover)",
          [this](const httplib::Request& req, httplib::Response& res) {
            auto body = Body(req);
            if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned() ||
-               !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'seq' and 'epoch' are needed"));
+           json_in::Fields f(*body);
+           uint64_t seq = f.U64("seq");
+           uint64_t epoch = f.U64("epoch");
+           if (f.ok() && (epoch < kEpochRange.min || epoch > kEpochRange.max)) {
+             f.Fail("epoch", fmt::format("{} is out of range (1..{})", epoch, kEpochRange.max));
            }
-           ReplyResult(res,
-                       site_->FailoverGroup(req.matches[1], (*body)["seq"].get<uint64_t>(),
-                                            (*body)["epoch"].get<uint64_t>()),
-                       201);
+           if (!f.ok()) return Error(res, f.status());
+           ReplyResult(res, site_->FailoverGroup(req.matches[1], seq, epoch), 201);
          });
   h.Post(R"(/api/v1/groups/([^/]+)/materialise)",
          [this](const httplib::Request& req, httplib::Response& res) {
@@ -171,14 +181,15 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
          [this](const httplib::Request& req, httplib::Response& res) {
            auto body = Body(req);
            if (!body.ok()) return Error(res, body.status());
-           if (!body->contains("base_seq") || !(*body)["base_seq"].is_number_unsigned() ||
-               !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-             return Error(res, InvalidArgument("'base_seq' and 'epoch' are needed"));
+           json_in::Fields f(*body);
+           uint64_t base_seq = f.U64("base_seq");
+           uint64_t epoch = f.U64("epoch");
+           std::string source = f.String("source", "");
+           if (f.ok() && (epoch < kEpochRange.min || epoch > kEpochRange.max)) {
+             f.Fail("epoch", fmt::format("{} is out of range (1..{})", epoch, kEpochRange.max));
            }
-           ReplyResult(res,
-                       site_->GroupToStore(req.matches[1], (*body)["base_seq"].get<uint64_t>(),
-                                           (*body)["epoch"].get<uint64_t>()),
-                       201);
+           if (!f.ok()) return Error(res, f.status());
+           ReplyResult(res, site_->GroupToStore(req.matches[1], base_seq, epoch, source), 201);
          });
   h.Post(R"(/api/v1/groups/([^/]+)/vm/start)",
          [this](const httplib::Request& req, httplib::Response& res) {
@@ -213,14 +224,19 @@ SiteApi::SiteApi(Site* site) : site_(site), http_(std::make_unique<httplib::Serv
     if (!body.ok()) return Error(res, body.status());
     auto disks = Disks(*body);
     if (!disks.ok()) return Error(res, disks.status());
-    std::string start = body->value("start", std::string("empty"));
-    if (start != "empty" && start != "full") {
-      return Error(res, InvalidArgument("'start' is empty or full"));
-    }
+    json_in::Fields f(*body);
+    std::string start = f.String("start", "empty");
+    // Who may write the store is the vault's word: the item's epoch and source site.
+    store::StoreOrigin origin;
+    origin.epoch = f.U64("epoch", 1, kEpochRange);
+    origin.source = f.String("source", "");
+    if (f.ok() && start != "empty" && start != "full") f.Fail("start", "is empty or full");
+    if (!f.ok()) return Error(res, f.status());
     ReplyStatus(res,
                 site_->CreateStore(req.matches[1], *disks,
                                    start == "full" ? store::RecoveryStore::Start::kFullCopy
-                                                   : store::RecoveryStore::Start::kEmpty),
+                                                   : store::RecoveryStore::Start::kEmpty,
+                                   origin),
                 201);
   });
   h.Get(R"(/api/v1/stores/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
