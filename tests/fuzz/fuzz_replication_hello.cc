@@ -45,7 +45,7 @@ void Check(bool ok) {
   if (!ok) __builtin_trap();
 }
 
-void Hello(std::span<const uint8_t> p) {
+void FuzzHello(std::span<const uint8_t> p) {
   auto h = ParseHello(p);
   if (!h.ok()) {
     Check(h.status().code() == Code::kInvalidArgument && !h.status().message().empty());
@@ -62,7 +62,7 @@ void Hello(std::span<const uint8_t> p) {
   }
 }
 
-void HelloOkPayload(std::span<const uint8_t> p) {
+void FuzzHelloOk(std::span<const uint8_t> p) {
   auto h = ParseHelloOk(p);
   if (!h.ok()) return;
   auto again = ParseHelloOk(Bytes(EncodeHelloOk(*h)));
@@ -71,7 +71,7 @@ void HelloOkPayload(std::span<const uint8_t> p) {
         again->differential == h->differential);
 }
 
-void Resync(std::span<const uint8_t> p) {
+void FuzzResync(std::span<const uint8_t> p) {
   if (auto b = ParseResyncBegin(p); b.ok()) {
     auto again = ParseResyncBegin(Bytes(EncodeResyncBegin(*b)));
     Check(again.ok() && again->from == b->from && again->initial == b->initial);
@@ -85,7 +85,7 @@ void Resync(std::span<const uint8_t> p) {
   if (auto d = ParseResyncData(p); d.ok()) Check(d->bytes.size() + 12 == p.size());
 }
 
-void Error(std::span<const uint8_t> p) {
+void FuzzError(std::span<const uint8_t> p) {
   PeerError e = ParseError(p);
   Check(ErrorCodeFromNumber(static_cast<uint16_t>(e.code)).has_value());
   Check(e.message.size() <= kErrorMessageBytesMax + 16);
@@ -93,26 +93,26 @@ void Error(std::span<const uint8_t> p) {
   Check(again.code == e.code);
 }
 
-void Frames(const uint8_t* data, size_t size) {
+void FuzzFrames(const uint8_t* data, size_t size) {
   FuzzStream s(data, size);
   for (int i = 0; i < 64; ++i) {
     auto f = ReadFrame(s);
     if (!f.ok()) return;
     switch (f->type) {
       case FrameType::kHello:
-        Hello(f->payload);
+        FuzzHello(f->payload);
         break;
       case FrameType::kHelloOk:
-        HelloOkPayload(f->payload);
+        FuzzHelloOk(f->payload);
         break;
       case FrameType::kAck:
         (void)DecodeU64(f->payload);  // any value, or an error for a wrong length
         break;
       case FrameType::kError:
-        Error(f->payload);
+        FuzzError(f->payload);
         break;
       default:
-        Resync(f->payload);
+        FuzzResync(f->payload);
         break;
     }
   }
@@ -125,26 +125,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::span<const uint8_t> p(data + 1, size - 1);
   switch (data[0] % 6) {
     case 0:
-      Hello(p);
+      FuzzHello(p);
       break;
     case 1:
-      HelloOkPayload(p);
+      FuzzHelloOk(p);
       break;
     case 2:
-      Resync(p);
+      FuzzResync(p);
       break;
     case 3:
-      Error(p);
+      FuzzError(p);
       break;
     case 4:
-      Frames(data + 1, size - 1);
+      FuzzFrames(data + 1, size - 1);
       break;
     default:
       // The same payload through every parser.
-      Hello(p);
-      HelloOkPayload(p);
-      Resync(p);
-      Error(p);
+      FuzzHello(p);
+      FuzzHelloOk(p);
+      FuzzResync(p);
+      FuzzError(p);
       break;
   }
   return 0;
