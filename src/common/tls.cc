@@ -44,8 +44,14 @@ bool PeerIdentity::Names(std::string_view name) const {
 }
 
 std::string PeerIdentity::Describe() const {
-  std::string out = "CN=" + common_name;
-  for (auto& d : dns_names) out += ", DNS:" + d;
+  // Printable ASCII only: the text goes into logs and JSON answers.
+  auto printable = [](const std::string& s) {
+    std::string out;
+    for (char c : s.substr(0, 256)) out.push_back(c >= 0x20 && c < 0x7f ? c : '?');
+    return out;
+  };
+  std::string out = "CN=" + printable(common_name);
+  for (size_t i = 0; i < dns_names.size() && i < 16; ++i) out += ", DNS:" + printable(dns_names[i]);
   return out;
 }
 

@@ -38,7 +38,7 @@ struct PeerIdentity {
   // names of its subjectAltName when it has any, else its CN. Exact comparison (site
   // names are [A-Za-z0-9._-]); no wildcards.
   bool Names(std::string_view name) const;
-  // "CN=primary, DNS:primary", for messages.
+  // "CN=primary, DNS:primary", for messages (printable ASCII; other bytes as '?').
   std::string Describe() const;
 };
 
