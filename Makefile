@@ -56,7 +56,7 @@ test-asan: asan
 	    ctest --test-dir $(BUILD_ASAN) --output-on-failure --timeout 1200
 
 fuzz: fuzz-build
-	@passed=0; for t in fuzz_nbd_session fuzz_capture_log fuzz_json_bodies; do \
+	@passed=0; for t in fuzz_nbd_session fuzz_capture_log fuzz_replication_hello fuzz_json_bodies; do \
 	  mkdir -p $(BUILD_FUZZ)/corpus/$$t; \
 	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
 	  $(BUILD_FUZZ)/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=0 -rss_limit_mb=2048 \

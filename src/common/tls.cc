@@ -1,5 +1,6 @@
 #include "common/tls.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <openssl/err.h>
@@ -30,6 +31,48 @@ std::string SslError(const std::string& what) {
 }
 
 }  // namespace
+
+bool PeerIdentity::Names(std::string_view name) const {
+  if (name.empty()) return false;
+  if (!dns_names.empty()) {
+    for (auto& d : dns_names) {
+      if (d == name) return true;
+    }
+    return false;
+  }
+  return common_name == name;
+}
+
+std::string PeerIdentity::Describe() const {
+  // Printable ASCII only: the text goes into logs and JSON answers.
+  auto printable = [](const std::string& s) {
+    std::string out;
+    for (char c : s.substr(0, 256)) out.push_back(c >= 0x20 && c < 0x7f ? c : '?');
+    return out;
+  };
+  std::string out = "CN=" + printable(common_name);
+  for (size_t i = 0; i < dns_names.size() && i < 16; ++i) out += ", DNS:" + printable(dns_names[i]);
+  return out;
+}
+
+bool IsLoopback(const ListenAddress& addr) {
+  if (addr.kind == ListenAddress::Kind::kUnix) return true;
+  std::string host = addr.host;
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host == "localhost" || host == "localhost.") return true;
+  in_addr v4;
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) {
+    return (ntohl(v4.s_addr) >> 24) == 127;
+  }
+  in6_addr v6;
+  if (::inet_pton(AF_INET6, host.c_str(), &v6) == 1) {
+    if (IN6_IS_ADDR_LOOPBACK(&v6)) return true;
+    return IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127;
+  }
+  return false;
+}
 
 Result<std::shared_ptr<TlsContext>> TlsContext::Create(const TlsFiles& files, bool server) {
   // OpenSSL writes to the socket with write(): a peer that went away would raise SIGPIPE
@@ -96,6 +139,40 @@ Status TlsStream::Handshake(int timeout_ms) {
     if (p.revents & (POLLHUP | POLLERR))
       return Unavailable("connection closed during TLS handshake");
   }
+}
+
+Result<PeerIdentity> TlsStream::Peer() {
+  std::lock_guard lock(ssl_mu_);
+  X509* x = SSL_get0_peer_certificate(ssl_);
+  if (x == nullptr || SSL_get_verify_result(ssl_) != X509_V_OK) {
+    return Status(Code::kPermissionDenied, "the peer has no verified certificate");
+  }
+  PeerIdentity id;
+  X509_NAME* subject = X509_get_subject_name(x);
+  // The last CN is the most specific one.
+  for (int i = -1; (i = X509_NAME_get_index_by_NID(subject, NID_commonName, i)) >= 0;) {
+    ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, i));
+    unsigned char* utf8 = nullptr;
+    int n = ASN1_STRING_to_UTF8(&utf8, data);
+    if (n < 0) continue;
+    std::string cn(reinterpret_cast<const char*>(utf8), static_cast<size_t>(n));
+    OPENSSL_free(utf8);
+    // A NUL inside a name would make it read as another, shorter one.
+    id.common_name = cn.find('\0') == std::string::npos ? cn : std::string();
+  }
+  auto* names =
+      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(x, NID_subject_alt_name, nullptr, nullptr));
+  if (names != nullptr) {
+    for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
+      const GENERAL_NAME* g = sk_GENERAL_NAME_value(names, i);
+      if (g->type != GEN_DNS) continue;
+      std::string dns(reinterpret_cast<const char*>(ASN1_STRING_get0_data(g->d.dNSName)),
+                      static_cast<size_t>(ASN1_STRING_length(g->d.dNSName)));
+      if (dns.find('\0') == std::string::npos) id.dns_names.push_back(std::move(dns));
+    }
+    GENERAL_NAMES_free(names);
+  }
+  return id;
 }
 
 TlsStream::~TlsStream() {
@@ -210,6 +287,13 @@ Result<X509*> MakeCert(EVP_PKEY* key, const std::string& cn, X509* issuer, EVP_P
   }
   if (!ca) {
     ext = X509V3_EXT_conf_nid(nullptr, &v3, NID_ext_key_usage, "serverAuth,clientAuth");
+    if (ext) {
+      X509_add_ext(x, ext, -1);
+      X509_EXTENSION_free(ext);
+    }
+    // The site's name, where peers look for it (PeerIdentity::Names).
+    std::string san = "DNS:" + cn;
+    ext = X509V3_EXT_conf_nid(nullptr, &v3, NID_subject_alt_name, san.c_str());
     if (ext) {
       X509_add_ext(x, ext, -1);
       X509_EXTENSION_free(ext);

@@ -4,19 +4,56 @@
 #include <poll.h>
 #include <spdlog/spdlog.h>
 
-#include <cstring>
-#include <nlohmann/json.hpp>
+#include <exception>
 
 #include "common/threads.h"
-#include "replication/wire.h"
 
 namespace osr::replication {
+
+namespace {
+
+// Invariant 5, with epochs from the vault only: a session's epoch must be the store's.
+// Below it the item failed over elsewhere (the sender fences itself); above it the
+// vault has not raised the store (yet): the sender waits, and the store keeps its epoch.
+Status CheckEpoch(const store::RecoveryStore& st, uint64_t epoch, ErrorCode* code) {
+  uint64_t have = st.epoch();
+  if (epoch < have) {
+    *code = ErrorCode::kStaleEpoch;
+    return Status(Code::kPermissionDenied,
+                  fmt::format("stale epoch {}: the item is at epoch {} (failed over); this "
+                              "source is fenced",
+                              epoch, have));
+  }
+  if (epoch > have) {
+    *code = ErrorCode::kEpochAhead;
+    return Unavailable(
+        fmt::format("epoch {} is ahead of the store's {}: only the vault raises a store's "
+                    "epoch (failover, reprotect); retry later",
+                    epoch, have));
+  }
+  return Status::Ok();
+}
+
+// A store that refuses what a sender sent: damaged bytes, or anything else it could
+// not take (out of order, no resync under way, I/O).
+ErrorCode StoreCode(const Status& st) {
+  return st.code() == Code::kCorruption ? ErrorCode::kCorruptFrame : ErrorCode::kStoreFailed;
+}
+
+}  // namespace
 
 Receiver::~Receiver() {
   Stop();
 }
 
 Result<ListenAddress> Receiver::Listen(const ListenAddress& addr) {
+  if (tls_ == nullptr && !plaintext_beyond_loopback_ && !IsLoopback(addr)) {
+    return Status(Code::kPermissionDenied,
+                  fmt::format("replication on '{}' would be plain TCP beyond this host: give "
+                              "the site tls_ca, tls_cert and tls_key, or set "
+                              "replication_insecure = true",
+                              addr.host));
+  }
   OSR_ASSIGN_OR_RETURN(Listener l, Listener::Listen(addr));
   listener_ = std::make_unique<Listener>(std::move(l));
   return listener_->address();
@@ -53,85 +90,153 @@ void Receiver::EndGroup(const std::string& group) {
 
 void Receiver::AcceptLoop() {
   while (!stopping_) {
-    struct pollfd p = {listener_->fd(), POLLIN, 0};
-    int rc = ::poll(&p, 1, 200);
-    {
-      std::lock_guard lock(mu_);
-      JoinFinished(conns_);
+    // The acceptor's entry point: nothing that goes wrong with one connection stops it.
+    try {
+      AcceptOne();
+    } catch (const std::exception& e) {
+      spdlog::error("replication receiver: accepting a connection: {}", e.what());
+    } catch (...) {
+      spdlog::error("replication receiver: accepting a connection: unknown exception");
     }
-    if (rc <= 0 || stopping_) continue;
-    auto fd = listener_->Accept();
-    if (!fd.ok()) continue;
-    auto c = std::make_unique<Conn>();
-    if (tls_) {
-      auto t = tls_->NewStream(std::move(*fd));
-      if (!t.ok()) {
-        spdlog::warn("replication receiver: {}", t.status().ToString());
-        continue;
-      }
-      c->tls = t->get();
-      c->stream = std::move(*t);
-    } else {
-      c->stream = std::make_unique<SocketStream>(std::move(*fd));
-    }
-    Conn* cp = c.get();
+  }
+}
+
+void Receiver::AcceptOne() {
+  struct pollfd p = {listener_->fd(), POLLIN, 0};
+  int rc = ::poll(&p, 1, 200);
+  {
     std::lock_guard lock(mu_);
-    conns_.push_back(std::move(c));
+    JoinFinished(conns_);
+  }
+  if (rc <= 0 || stopping_) return;
+  auto fd = listener_->Accept();
+  if (!fd.ok()) return;
+  auto c = std::make_unique<Conn>();
+  if (tls_) {
+    auto t = tls_->NewStream(std::move(*fd));
+    if (!t.ok()) {
+      spdlog::warn("replication receiver: {}", t.status().ToString());
+      return;
+    }
+    c->tls = t->get();
+    c->stream = std::move(*t);
+  } else {
+    c->stream = std::make_unique<SocketStream>(std::move(*fd));
+  }
+  Conn* cp = c.get();
+  std::lock_guard lock(mu_);
+  conns_.push_back(std::move(c));
+  try {
     cp->thread = std::thread([this, cp] { Serve(cp); });
+  } catch (...) {
+    conns_.pop_back();  // no thread: nothing would ever mark it done
+    throw;
   }
 }
 
 void Receiver::Serve(Conn* c) {
-  Status st = c->tls ? c->tls->Handshake(10000) : Status::Ok();
-  if (!st.ok()) {
-    spdlog::warn("replication receiver: {}", st.ToString());
-    c->stream->Shutdown();
-    c->done = true;
-    return;
-  }
-  st = ServeSession(*c->stream);
-  if (!st.ok()) {
-    spdlog::info("replication receiver: session ended: {}", st.ToString());
-    (void)WriteFrame(
-        *c->stream, FrameType::kError,
-        nlohmann::json{{"code", std::string(CodeName(st.code()))}, {"message", st.message()}}
-            .dump());
+  // A connection thread's entry point: a peer's bytes never end the daemon.
+  try {
+    End end = ServeConnection(c);
+    if (!end.status.ok()) {
+      spdlog::info("replication receiver: session ended ({}): {}", ErrorCodeName(end.code),
+                   end.status.ToString());
+      // Best effort: the connection ends either way, and a sender that misses the ERROR
+      // sees the connection close and reconnects.
+      (void)WriteFrame(*c->stream, FrameType::kError,
+                       EncodeError({end.code, end.status.message()}));
+    }
+  } catch (const std::exception& e) {
+    spdlog::error("replication receiver: a session failed: {}", e.what());
+  } catch (...) {
+    spdlog::error("replication receiver: a session failed: unknown exception");
   }
   c->stream->Shutdown();
   c->done = true;
 }
 
-Status Receiver::ServeSession(Stream& s) {
-  s.SetReadTimeoutMs(30000);  // the HELLO must come soon
-  OSR_ASSIGN_OR_RETURN(Frame hello, ReadFrame(s));
-  if (hello.type != FrameType::kHello) return InvalidArgument("expected HELLO");
-  auto j = nlohmann::json::parse(hello.payload, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || j.value("version", 0u) != kProtocolVersion ||
-      !j.contains("group") || !j["group"].is_string() || !j.contains("disks") ||
-      !j["disks"].is_array()) {
-    return InvalidArgument("malformed HELLO");
-  }
-  std::string group = j["group"].get<std::string>();
-  std::shared_ptr<store::RecoveryStore> store = lookup_(group);
-  if (store == nullptr) return NotFound(fmt::format("no recovery store for group '{}'", group));
-  const auto& disks = store->disks();
-  if (j["disks"].size() != disks.size()) {
-    return InvalidArgument(fmt::format("group '{}' has {} disks here, the sender has {}", group,
-                                       disks.size(), j["disks"].size()));
-  }
-  for (size_t i = 0; i < disks.size(); ++i) {
-    const auto& d = j["disks"][i];
-    if (!d.is_object() || d.value("size_bytes", uint64_t{0}) != disks[i].size_bytes) {
-      return InvalidArgument(fmt::format("disk {} of group '{}' differs in size", i, group));
+Receiver::End Receiver::ServeConnection(Conn* c) {
+  std::optional<PeerIdentity> peer;
+  if (c->tls != nullptr) {
+    Status st = c->tls->Handshake(10000);
+    if (st.ok()) {
+      auto p = c->tls->Peer();
+      if (p.ok()) peer = std::move(*p);
+      st = p.status();
+    }
+    if (!st.ok()) {
+      // No channel to answer on: the refusal is the closed connection.
+      spdlog::warn("replication receiver: {}", st.ToString());
+      return {};
     }
   }
-  const uint64_t epoch = j.value("epoch", uint64_t{1});
-  OSR_RETURN_IF_ERROR(store->AcceptEpoch(epoch));
+  ErrorCode code = ErrorCode::kInternal;
+  auto admitted = Admit(*c->stream, peer ? &*peer : nullptr, &code);
+  if (!admitted.ok()) return {code, admitted.status()};
+  return ServeSession(*c->stream, *admitted);
+}
+
+Result<Receiver::Admitted> Receiver::Admit(Stream& s, const PeerIdentity* peer, ErrorCode* code) {
+  s.SetReadTimeoutMs(30000);  // the HELLO must come soon
+  auto frame = ReadFrame(s);
+  if (!frame.ok()) {
+    *code = ErrorCodeFor(frame.status());
+    return frame.status();
+  }
+  if (frame->type != FrameType::kHello) {
+    *code = ErrorCode::kBadFrame;
+    return InvalidArgument(
+        fmt::format("expected HELLO, got frame type {}", static_cast<int>(frame->type)));
+  }
+  auto hello = ParseHello(frame->payload);
+  if (!hello.ok()) {
+    *code = ErrorCode::kBadFrame;
+    return hello.status();
+  }
+  if (hello->version != kProtocolVersion) {
+    *code = ErrorCode::kUnsupportedVersion;
+    return NotSupported(fmt::format("HELLO.version {}: this receiver speaks version {}",
+                                    hello->version, kProtocolVersion));
+  }
+  const std::string& group = hello->group;
+  std::shared_ptr<store::RecoveryStore> store = lookup_(group);
+  if (store == nullptr) {
+    *code = ErrorCode::kUnknownGroup;
+    return NotFound(fmt::format("no recovery store for group '{}'", group));
+  }
+  // The CA says the peer is a site; its certificate must say it is the store's source.
+  if (peer != nullptr && !store->source().empty() && !peer->Names(store->source())) {
+    *code = ErrorCode::kNotAuthorized;
+    return Status(Code::kPermissionDenied,
+                  fmt::format("the sender's certificate ({}) does not name site '{}', the "
+                              "source of group '{}'",
+                              peer->Describe(), store->source(), group));
+  }
+  const auto& disks = store->disks();
+  if (hello->disks.size() != disks.size()) {
+    *code = ErrorCode::kBadDisks;
+    return InvalidArgument(fmt::format("group '{}' has {} disks here, the sender has {}", group,
+                                       disks.size(), hello->disks.size()));
+  }
+  for (size_t i = 0; i < disks.size(); ++i) {
+    const HelloDisk& d = hello->disks[i];
+    if (d.name != disks[i].name || d.size_bytes != disks[i].size_bytes) {
+      *code = ErrorCode::kBadDisks;
+      return InvalidArgument(fmt::format(
+          "disk {} of group '{}' differs: {} of {} bytes here, {} of {} bytes at the sender", i,
+          group, disks[i].name, disks[i].size_bytes, d.name, d.size_bytes));
+    }
+  }
+  OSR_RETURN_IF_ERROR(CheckEpoch(*store, hello->epoch, code));
+  return Admitted{group, std::move(store), hello->epoch, hello->lz4};
+}
+
+Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
   // One connection per group: end the older one and wait for it.
   Group* g;
   {
     std::lock_guard lock(mu_);
-    auto& slot = groups_[group];
+    auto& slot = groups_[a.group];
     if (!slot) slot = std::make_unique<Group>();
     g = slot.get();
     if (g->current != nullptr) g->current->Shutdown();
@@ -139,17 +244,8 @@ Status Receiver::ServeSession(Stream& s) {
   std::unique_lock serving(g->serving);
   // Again, now that this session is the group's only one: a failover may have raised the
   // epoch while it waited (and cut the sessions that were there then).
-  OSR_RETURN_IF_ERROR(store->AcceptEpoch(epoch));
-  // And before each change: a failover during the session ends it (invariant 5).
-  auto current = [&]() -> Status {
-    if (uint64_t e = store->epoch(); e > epoch) {
-      return Status(Code::kPermissionDenied,
-                    fmt::format("stale epoch {}: the item is at epoch {} (failed over); this "
-                                "source is fenced",
-                                epoch, e));
-    }
-    return Status::Ok();
-  };
+  ErrorCode code = ErrorCode::kInternal;
+  if (Status st = CheckEpoch(*a.store, a.epoch, &code); !st.ok()) return {code, st};
   {
     std::lock_guard lock(mu_);
     g->current = &s;
@@ -164,73 +260,86 @@ Status Receiver::ServeSession(Stream& s) {
     }
   } release{this, g, &s};
 
-  bool lz4 = false;
-  if (j.contains("compress") && j["compress"].is_array()) {
-    for (auto& c : j["compress"]) lz4 = lz4 || c == "lz4";
+  HelloOk ok;
+  ok.durable_seq = a.store->durable_seq();
+  ok.base_seq = a.store->base_seq();
+  ok.lz4 = a.lz4;
+  ok.initial_sync = a.store->initial_sync_pending();
+  ok.differential = a.store->differential();
+  if (Status st = WriteFrame(s, FrameType::kHelloOk, EncodeHelloOk(ok)); !st.ok()) {
+    return {ErrorCode::kInternal, st};
   }
-  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHelloOk,
-                                 nlohmann::json{{"durable_seq", store->durable_seq()},
-                                                {"base_seq", store->base_seq()},
-                                                {"compress", lz4 ? "lz4" : "none"},
-                                                {"initial_sync", store->initial_sync_pending()},
-                                                {"differential", store->differential()}}
-                                     .dump()));
   s.SetReadTimeoutMs(0);
-  spdlog::info("replication receiver: group '{}' connected, durable seq {}", group,
-               store->durable_seq());
+  spdlog::info("replication receiver: group '{}' connected at epoch {}, durable seq {}", a.group,
+               a.epoch, ok.durable_seq);
   for (;;) {
     auto f = ReadFrame(s);
     if (!f.ok()) {
-      if (f.status().code() == Code::kUnavailable) return Status::Ok();  // sender left
-      return f.status();
+      if (f.status().code() == Code::kUnavailable) return {};  // sender left
+      return {ErrorCodeFor(f.status()), f.status()};
     }
-    switch (f->type) {
-      case FrameType::kRecords: {
-        OSR_RETURN_IF_ERROR(current());
-        OSR_ASSIGN_OR_RETURN(uint64_t durable, store->Append(f->payload));
-        OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kAck, EncodeU64(durable)));
-        break;
+    if (auto end = HandleFrame(s, a, *f)) return *end;
+  }
+}
+
+std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a, const Frame& f) {
+  store::RecoveryStore& store = *a.store;
+  ErrorCode code = ErrorCode::kInternal;
+  // Before each change: a failover during the session ends it (invariant 5). (Resync
+  // data is staged only; its commit, RESYNC_END, is checked.)
+  bool changes = f.type == FrameType::kRecords || f.type == FrameType::kResyncBegin ||
+                 f.type == FrameType::kResyncEnd;
+  if (changes) {
+    if (Status st = CheckEpoch(store, a.epoch, &code); !st.ok()) return End{code, st};
+  }
+  switch (f.type) {
+    case FrameType::kRecords: {
+      auto durable = store.Append(f.payload);
+      if (!durable.ok()) return End{StoreCode(durable.status()), durable.status()};
+      if (Status st = WriteFrame(s, FrameType::kAck, EncodeU64(*durable)); !st.ok()) {
+        return End{ErrorCode::kInternal, st};
       }
-      case FrameType::kResyncBegin: {
-        auto b = nlohmann::json::parse(f->payload, nullptr, false);
-        if (b.is_discarded() || !b.contains("from")) return InvalidArgument("bad RESYNC_BEGIN");
-        OSR_RETURN_IF_ERROR(current());
-        if (b.value("initial", false)) {
-          OSR_RETURN_IF_ERROR(store->BeginInitialSync(b["from"].get<uint64_t>()));
-        } else {
-          OSR_RETURN_IF_ERROR(store->BeginResync(b["from"].get<uint64_t>()));
-        }
-        spdlog::info("replication receiver: group '{}' resynchronizing after seq {}", group,
-                     b["from"].get<uint64_t>());
-        break;
-      }
-      case FrameType::kResyncData: {
-        if (f->payload.size() < 12) return InvalidArgument("bad RESYNC_DATA");
-        uint32_t disk;
-        uint64_t offset;
-        std::memcpy(&disk, f->payload.data(), 4);
-        std::memcpy(&offset, f->payload.data() + 4, 8);
-        OSR_RETURN_IF_ERROR(
-            store->ResyncWrite(disk, offset, std::span<const uint8_t>(f->payload).subspan(12)));
-        break;
-      }
-      case FrameType::kResyncEnd: {
-        auto b = nlohmann::json::parse(f->payload, nullptr, false);
-        if (b.is_discarded() || !b.contains("consistent_seq")) {
-          return InvalidArgument("bad RESYNC_END");
-        }
-        uint64_t consistent = b["consistent_seq"].get<uint64_t>();
-        OSR_RETURN_IF_ERROR(current());
-        OSR_RETURN_IF_ERROR(store->CommitResync(consistent));
-        spdlog::info("replication receiver: group '{}' resynchronized; consistent from seq {}",
-                     group, consistent);
-        OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncDone,
-                                       nlohmann::json{{"consistent_seq", consistent}}.dump()));
-        break;
-      }
-      default:
-        return InvalidArgument(fmt::format("unexpected frame type {}", static_cast<int>(f->type)));
+      return std::nullopt;
     }
+    case FrameType::kResyncBegin: {
+      auto b = ParseResyncBegin(f.payload);
+      if (!b.ok()) return End{ErrorCode::kBadFrame, b.status()};
+      Status st = b->initial ? store.BeginInitialSync(b->from) : store.BeginResync(b->from);
+      if (!st.ok()) return End{StoreCode(st), st};
+      spdlog::info("replication receiver: group '{}' resynchronizing after seq {}", a.group,
+                   b->from);
+      return std::nullopt;
+    }
+    case FrameType::kResyncData: {
+      auto d = ParseResyncData(f.payload);
+      if (!d.ok()) return End{ErrorCode::kBadFrame, d.status()};
+      Status st = store.ResyncWrite(d->disk, d->offset, d->bytes);
+      if (!st.ok()) return End{StoreCode(st), st};
+      return std::nullopt;
+    }
+    case FrameType::kResyncEnd: {
+      auto e = ParseResyncEnd(f.payload, "RESYNC_END");
+      if (!e.ok()) return End{ErrorCode::kBadFrame, e.status()};
+      if (Status st = store.CommitResync(e->consistent_seq); !st.ok()) {
+        return End{StoreCode(st), st};
+      }
+      spdlog::info("replication receiver: group '{}' resynchronized; consistent from seq {}",
+                   a.group, e->consistent_seq);
+      if (Status st = WriteFrame(s, FrameType::kResyncDone, EncodeResyncEnd(*e)); !st.ok()) {
+        return End{ErrorCode::kInternal, st};
+      }
+      return std::nullopt;
+    }
+    case FrameType::kError: {
+      PeerError pe = ParseError(f.payload);
+      spdlog::info("replication receiver: group '{}': the sender ended the session ({}): {}",
+                   a.group, ErrorCodeName(pe.code), pe.message);
+      return End{};
+    }
+    default:
+      return End{ErrorCode::kBadFrame,
+                 InvalidArgument(fmt::format("unexpected frame type {} from a sender",
+                                             static_cast<int>(f.type)))};
   }
 }
 

@@ -3,8 +3,15 @@
 // (durable before the ACK leaves), and refuses damaged or out-of-order records with an
 // ERROR (the sender reconnects and resends from the durable point).
 //
-// Thread model: an acceptor thread and one thread per connection. A group has at most
-// one live connection: a new HELLO for it ends the older one first (a sender that
+// Trust (DESIGN.md invariant 8): with TLS, the sender's certificate must come from the
+// CA and, when the store names its source site, name that site (kNotAuthorized). The
+// sender's epoch must equal the store's: below it is stale (the sender fences itself),
+// above it is refused too (only the vault raises a store's epoch). Every frame is parsed
+// without throwing (messages.h); a refusal is an ERROR frame with a typed code.
+//
+// Thread model: an acceptor thread and one thread per connection; each thread's entry
+// point catches whatever escapes, logs it and keeps the daemon running. A group has at
+// most one live connection: a new HELLO for it ends the older one first (a sender that
 // reconnected after a cut must not race its own ghost). Stores are borrowed.
 #pragma once
 
@@ -14,10 +21,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "common/socket.h"
 #include "common/tls.h"
+#include "replication/messages.h"
+#include "replication/wire.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -29,11 +39,17 @@ class Receiver {
   using StoreLookup =
       std::function<std::shared_ptr<store::RecoveryStore>(const std::string& group)>;
 
-  // With `tls`, every sender must authenticate with a certificate of the CA.
-  explicit Receiver(StoreLookup lookup, std::shared_ptr<TlsContext> tls = nullptr)
-      : lookup_(std::move(lookup)), tls_(std::move(tls)) {}
+  // With `tls`, every sender must authenticate with a certificate of the CA. Without,
+  // Listen takes only loopback addresses unless `plaintext_beyond_loopback`.
+  explicit Receiver(StoreLookup lookup, std::shared_ptr<TlsContext> tls = nullptr,
+                    bool plaintext_beyond_loopback = false)
+      : lookup_(std::move(lookup)),
+        tls_(std::move(tls)),
+        plaintext_beyond_loopback_(plaintext_beyond_loopback) {}
   ~Receiver();
 
+  // kPermissionDenied for an address that is not loopback (IsLoopback) when there is
+  // no TLS and plain TCP beyond loopback was not allowed; the socket's errors.
   Result<ListenAddress> Listen(const ListenAddress& addr);
   void Start();
   void Stop();
@@ -51,12 +67,32 @@ class Receiver {
     std::mutex serving;         // held by the connection serving the group
     Stream* current = nullptr;  // guarded by Receiver::mu_
   };
+  // A session's end: ok when the sender left; else the code its ERROR frame carries.
+  struct End {
+    ErrorCode code = ErrorCode::kInternal;
+    Status status;
+  };
+  // What a HELLO admitted: the store, and the session's epoch and compression.
+  struct Admitted {
+    std::string group;
+    std::shared_ptr<store::RecoveryStore> store;
+    uint64_t epoch = 0;
+    bool lz4 = false;
+  };
+
   void AcceptLoop();
-  void Serve(Conn* c);
-  Status ServeSession(Stream& s);
+  void AcceptOne();
+  void Serve(Conn* c);  // a connection thread's entry point: never throws
+  End ServeConnection(Conn* c);
+  // Reads and checks the HELLO; `peer` is null without TLS.
+  Result<Admitted> Admit(Stream& s, const PeerIdentity* peer, ErrorCode* code);
+  End ServeSession(Stream& s, const Admitted& a);
+  // nullopt: the session goes on.
+  std::optional<End> HandleFrame(Stream& s, const Admitted& a, const Frame& f);
 
   StoreLookup lookup_;
   std::shared_ptr<TlsContext> tls_;
+  const bool plaintext_beyond_loopback_;
   std::unique_ptr<Listener> listener_;
   std::thread acceptor_;
   std::atomic<bool> stopping_{false};

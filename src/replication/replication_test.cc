@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
@@ -16,8 +18,10 @@
 #include "capture/log_reader.h"
 #include "common/tls.h"
 #include "nbd/file_disk.h"
+#include "replication/messages.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
+#include "replication/wire.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -155,16 +159,26 @@ class ReplicationTest : public ::testing::Test {
         TlsContext::Create(EnsureQuickstartCertificates(dir_ + "/tls", "primary").value(), false)
             .value();
   }
-  void StartSender(ListenAddress target, uint64_t bandwidth = 0) {
+  SenderOptions Options(ListenAddress target) {
     SenderOptions o;
     o.tls = client_tls_;
-    o.bandwidth_bytes_per_second = bandwidth;
     o.group = "vm1";
     o.target = target;
+    o.target_site = target_site_;
     o.disks = {{"d0", kSize}};
     o.frame_bytes_max = 256 << 10;  // many frames
     o.capture_group = group_.get();
     o.reconnect_delay_ms_max = 200;
+    return o;
+  }
+  // Until the sender reports its first failure (bounded: 5 s).
+  static void WaitForError(const Sender& s) {
+    for (int i = 0; i < 250 && s.stats().last_error.empty(); ++i) ::usleep(20000);
+    ASSERT_FALSE(s.stats().last_error.empty()) << "the sender reported no error";
+  }
+  void StartSender(ListenAddress target, uint64_t bandwidth = 0) {
+    SenderOptions o = Options(target);
+    o.bandwidth_bytes_per_second = bandwidth;
     sender_ = std::make_unique<Sender>(o, &group_->log());
     sender_->Start();
     // Connected before the test writes, so that writes go as records (an empty store
@@ -213,6 +227,7 @@ class ReplicationTest : public ::testing::Test {
   ListenAddress recv_addr_;
   std::unique_ptr<Sender> sender_;
   std::shared_ptr<TlsContext> client_tls_;
+  std::string target_site_;  // for Options()
 };
 
 TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
@@ -385,26 +400,29 @@ TEST_F(OverflowTest, ResyncsAfterTheCaptureLogOverflows) {
 }
 
 // Invariant 5: once the item moved to a higher epoch, a source at the old epoch is
-// refused, also after the recovery site restarts.
+// refused with the code kStaleEpoch and fences itself, also after the recovery site
+// restarts.
 TEST_F(ReplicationTest, AStaleEpochIsFenced) {
-  ASSERT_TRUE(store_->AcceptEpoch(2).ok());
-  SenderOptions o;
-  o.group = "vm1";
-  o.target = recv_addr_;
-  o.disks = {{"d0", kSize}};
+  ASSERT_TRUE(store_->RaiseEpoch(2).ok());
+  std::atomic<int> fenced{0};
+  SenderOptions o = Options(recv_addr_);
   o.epoch = 1;
+  o.on_stale_epoch = [&] { ++fenced; };
   Sender old_primary(o, &group_->log());
   old_primary.Start();
   std::mt19937 rng(8);
   Write(rng, 5);
-  for (int i = 0; i < 100 && old_primary.stats().last_error.empty(); ++i) ::usleep(20000);
+  WaitForError(old_primary);
+  EXPECT_EQ(old_primary.stats().last_error_code, "stale_epoch") << old_primary.stats().last_error;
   EXPECT_NE(old_primary.stats().last_error.find("stale epoch 1"), std::string::npos)
       << old_primary.stats().last_error;
+  EXPECT_GE(fenced.load(), 1);
   EXPECT_FALSE(old_primary.stats().connected);
   old_primary.Stop();
   EXPECT_EQ(store_->durable_seq(), 0u);  // nothing of the old primary got in
-  EXPECT_EQ(store_->AcceptEpoch(1).code(), Code::kPermissionDenied);
-  EXPECT_TRUE(store_->AcceptEpoch(3).ok());
+  EXPECT_EQ(store_->epoch(), 2u);
+  EXPECT_EQ(store_->RaiseEpoch(1).code(), Code::kPermissionDenied);
+  EXPECT_TRUE(store_->RaiseEpoch(3).ok());
   EXPECT_EQ(store_->epoch(), 3u);
   // The epoch is kept across a restart of the store.
   auto dir = store_->dir();
@@ -412,6 +430,320 @@ TEST_F(ReplicationTest, AStaleEpochIsFenced) {
   store_.reset();
   store_ = store::RecoveryStore::Open(dir).value();
   EXPECT_EQ(store_->epoch(), 3u);
+}
+
+// A failover during a session (the vault raised the store's epoch): the next RECORDS
+// frame is refused with kStaleEpoch, and the sender fences itself from its ACK reader.
+TEST_F(ReplicationTest, AFailoverDuringASessionFencesTheSource) {
+  std::atomic<int> fenced{0};
+  SenderOptions o = Options(recv_addr_);
+  o.on_stale_epoch = [&] { ++fenced; };
+  sender_ = std::make_unique<Sender>(o, &group_->log());
+  sender_->Start();
+  for (int i = 0; i < 250 && !sender_->stats().connected; ++i) ::usleep(20000);
+  ASSERT_TRUE(sender_->stats().connected) << sender_->stats().last_error;
+  std::mt19937 rng(9);
+  Write(rng, 5);
+  ExpectReplicaEqualsSource();
+  uint64_t durable = store_->durable_seq();
+  ASSERT_TRUE(store_->RaiseEpoch(2).ok());  // no EndGroup: the session learns it by a frame
+  Write(rng, 5);
+  ASSERT_TRUE(disk_->Flush().ok());
+  for (int i = 0; i < 250 && fenced.load() == 0; ++i) ::usleep(20000);
+  EXPECT_GE(fenced.load(), 1) << sender_->stats().last_error;
+  EXPECT_EQ(store_->durable_seq(), durable);
+}
+
+// Epochs come from the vault: a HELLO above the store's epoch is refused (kEpochAhead),
+// the store keeps its epoch (on disk too), the sender does not fence itself, and the
+// real primary at the store's epoch goes on.
+TEST_F(ReplicationTest, AHelloFromAFutureEpochChangesNothing) {
+  std::atomic<int> fenced{0};
+  SenderOptions o = Options(recv_addr_);
+  o.epoch = (uint64_t{1} << 63) - 1;
+  o.on_stale_epoch = [&] { ++fenced; };
+  {
+    Sender rogue(o, &group_->log());
+    rogue.Start();
+    WaitForError(rogue);
+    EXPECT_EQ(rogue.stats().last_error_code, "epoch_ahead") << rogue.stats().last_error;
+    EXPECT_FALSE(rogue.stats().connected);
+  }
+  EXPECT_EQ(fenced.load(), 0);
+  EXPECT_EQ(store_->epoch(), 1u);
+  {
+    std::ifstream in(dir_ + "/store/store.json");
+    auto meta = nlohmann::json::parse(in, nullptr, false);
+    EXPECT_EQ(meta.value("epoch", uint64_t{0}), 1u) << meta.dump();
+  }
+  // The real primary, at the store's epoch, replicates as before.
+  StartSender(recv_addr_);
+  ASSERT_TRUE(sender_->stats().connected) << sender_->stats().last_error;
+  std::mt19937 rng(10);
+  Write(rng, 50);
+  ExpectReplicaEqualsSource();
+  EXPECT_EQ(store_->epoch(), 1u);
+  auto dir = store_->dir();
+  sender_.reset();
+  receiver_.reset();
+  store_.reset();
+  EXPECT_EQ(store::RecoveryStore::Open(dir).value()->epoch(), 1u);
+}
+
+// A HELLO whose fields have the wrong types (or is no JSON at all) is refused with an
+// ERROR naming the field; the receiver keeps serving (it used to std::terminate).
+TEST_F(ReplicationTest, AMalformedHelloIsRefusedAndTheReceiverGoesOn) {
+  struct Case {
+    std::string payload;
+    std::string field;  // expected in the message
+  };
+  const Case cases[] = {
+      {R"({"version":"1"})", "HELLO.version"},
+      {R"({"version":1,"group":5,"epoch":1,"disks":[]})", "HELLO.group"},
+      {R"({"version":1,"group":"vm1","epoch":"x","disks":[]})", "HELLO.epoch"},
+      {R"({"version":1,"group":"vm1","epoch":1,"disks":{}})", "HELLO.disks"},
+      {R"({"version":1,"group":"vm1","epoch":1,"disks":[{"name":"d0","size_bytes":"x"}]})",
+       "HELLO.disks[0].size_bytes"},
+      {R"({"version":1,"group":"vm1","epoch":1,"disks":[7]})", "HELLO.disks[0]"},
+      {R"({"version":1,"group":"../x","epoch":1,"disks":[]})", "HELLO.group"},
+      {R"({"version":1,"group":"vm1","epoch":-1,"disks":[]})", "HELLO.epoch"},
+      {"[1,2]", "HELLO"},
+      {"not json", "HELLO"},
+      {std::string(100000, '['), "HELLO"},
+  };
+  for (const Case& c : cases) {
+    auto fd = Connect(recv_addr_);
+    ASSERT_TRUE(fd.ok());
+    SocketStream s(std::move(*fd));
+    ASSERT_TRUE(WriteFrame(s, FrameType::kHello, c.payload).ok());
+    s.SetReadTimeoutMs(10000);
+    auto f = ReadFrame(s);
+    ASSERT_TRUE(f.ok()) << c.payload.substr(0, 80) << ": " << f.status().ToString();
+    ASSERT_EQ(f->type, FrameType::kError) << c.payload.substr(0, 80);
+    PeerError e = ParseError(f->payload);
+    EXPECT_EQ(e.code, ErrorCode::kBadFrame) << c.payload.substr(0, 80) << ": " << e.message;
+    EXPECT_NE(e.message.find(c.field), std::string::npos) << e.message;
+  }
+  // A version this receiver does not speak has its own code.
+  {
+    auto fd = Connect(recv_addr_);
+    ASSERT_TRUE(fd.ok());
+    SocketStream s(std::move(*fd));
+    ASSERT_TRUE(
+        WriteFrame(s, FrameType::kHello, R"({"version":2,"group":"vm1","epoch":1,"disks":[]})")
+            .ok());
+    s.SetReadTimeoutMs(10000);
+    auto f = ReadFrame(s);
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(ParseError(f->payload).code, ErrorCode::kUnsupportedVersion);
+  }
+  // Still serving.
+  StartSender(recv_addr_);
+  std::mt19937 rng(11);
+  Write(rng, 20);
+  ExpectReplicaEqualsSource();
+}
+
+// A stand-in receiver: accepts one connection, reads the HELLO, answers `reply`, and
+// keeps what the sender sends after it.
+class FakeReceiver {
+ public:
+  FakeReceiver(FrameType type, std::string reply) : type_(type), reply_(std::move(reply)) {
+    ListenAddress a;
+    a.host = "127.0.0.1";
+    listener_ = std::make_unique<Listener>(Listener::Listen(a).value());
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeReceiver() {
+    stop_ = true;
+    thread_.join();
+  }
+  ListenAddress address() const { return listener_->address(); }
+  // The frames the sender sent after the reply (its ERROR, if any).
+  std::vector<Frame> after() {
+    std::lock_guard lock(mu_);
+    return after_;
+  }
+
+ private:
+  void Serve() {
+    while (!stop_) {
+      struct pollfd p = {listener_->fd(), POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      auto fd = listener_->Accept();
+      if (!fd.ok()) continue;
+      SocketStream s(std::move(*fd));
+      s.SetReadTimeoutMs(5000);
+      auto hello = ReadFrame(s);
+      if (!hello.ok() || !WriteFrame(s, type_, reply_).ok()) continue;
+      for (;;) {
+        auto f = ReadFrame(s);
+        if (!f.ok()) break;
+        std::lock_guard lock(mu_);
+        after_.push_back(std::move(*f));
+      }
+    }
+  }
+  FrameType type_;
+  std::string reply_;
+  std::unique_ptr<Listener> listener_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::vector<Frame> after_;
+};
+
+// A HELLO_OK of the wrong type ends the session with an error naming the field, sent
+// back as ERROR kBadFrame; the sender lives on (it used to std::terminate the daemon).
+TEST_F(ReplicationTest, AMalformedHelloOkIsReportedNotFatal) {
+  for (std::string reply : {R"({"durable_seq":"x"})", R"({"durable_seq":1,"initial_sync":3})",
+                            R"({"base_seq":1})", "[]", "{"}) {
+    FakeReceiver fake(FrameType::kHelloOk, reply);
+    Sender s(Options(fake.address()), &group_->log());
+    s.Start();
+    WaitForError(s);
+    auto st = s.stats();
+    EXPECT_FALSE(st.connected);
+    EXPECT_EQ(st.last_error_code, "bad_frame") << reply << ": " << st.last_error;
+    EXPECT_NE(st.last_error.find("HELLO_OK"), std::string::npos) << st.last_error;
+    s.Stop();
+    auto frames = fake.after();
+    ASSERT_FALSE(frames.empty()) << reply;
+    ASSERT_EQ(frames.front().type, FrameType::kError);
+    EXPECT_EQ(ParseError(frames.front().payload).code, ErrorCode::kBadFrame);
+  }
+  FakeReceiver fake(FrameType::kHelloOk, R"({"durable_seq":"x"})");
+  Sender s(Options(fake.address()), &group_->log());
+  s.Start();
+  WaitForError(s);
+  EXPECT_NE(s.stats().last_error.find("HELLO_OK.durable_seq"), std::string::npos)
+      << s.stats().last_error;
+}
+
+// The sender fences itself on the code kStaleEpoch, whatever the words; the words
+// "stale epoch" under another code fence nothing.
+TEST_F(ReplicationTest, TheSenderFencesOnTheCodeNotTheWords) {
+  struct Case {
+    PeerError error;
+    bool fences;
+    std::string code;
+  };
+  const Case cases[] = {
+      {{ErrorCode::kStaleEpoch, "failed over elsewhere"}, true, "stale_epoch"},
+      {{ErrorCode::kInternal, "stale epoch 1: fenced"}, false, "internal"},
+      {{ErrorCode::kEpochAhead, "stale epoch"}, false, "epoch_ahead"},
+  };
+  for (const Case& c : cases) {
+    FakeReceiver fake(FrameType::kError, EncodeError(c.error));
+    std::atomic<int> fenced{0};
+    SenderOptions o = Options(fake.address());
+    o.on_stale_epoch = [&] { ++fenced; };
+    Sender s(o, &group_->log());
+    s.Start();
+    WaitForError(s);
+    s.Stop();
+    EXPECT_EQ(fenced.load() > 0, c.fences) << c.error.message;
+    EXPECT_EQ(s.stats().last_error_code, c.code);
+  }
+  // An older receiver's ERROR ({"code": "permission denied", ...}) has no typed code.
+  FakeReceiver fake(FrameType::kError,
+                    R"({"code":"permission denied","message":"stale epoch 1: fenced"})");
+  std::atomic<int> fenced{0};
+  SenderOptions o = Options(fake.address());
+  o.on_stale_epoch = [&] { ++fenced; };
+  Sender s(o, &group_->log());
+  s.Start();
+  WaitForError(s);
+  s.Stop();
+  EXPECT_EQ(fenced.load(), 0);
+  EXPECT_EQ(s.stats().last_error_code, "internal");
+}
+
+// Certificates name sites: the receiver takes a group only from the site its store
+// names as source; the sender ships only to a receiver whose certificate names the
+// target site.
+TEST_F(ReplicationTest, CertificatesMustNameTheExpectedSites) {
+  store_.reset();
+  fs::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kEmpty, {},
+                                        {.epoch = 1, .source = "primary"})
+               .value();
+  UseTls();
+  auto ca_signed = [&](const std::string& name) {
+    return TlsContext::Create(EnsureQuickstartCertificates(dir_ + "/tls", name).value(), false)
+        .value();
+  };
+  // Another site of the same CA, sending as if it were the source: refused.
+  SenderOptions o = Options(recv_addr_);
+  o.tls = ca_signed("intruder");
+  {
+    Sender intruder(o, &group_->log());
+    intruder.Start();
+    WaitForError(intruder);
+    EXPECT_EQ(intruder.stats().last_error_code, "not_authorized") << intruder.stats().last_error;
+    EXPECT_NE(intruder.stats().last_error.find("'primary'"), std::string::npos)
+        << intruder.stats().last_error;
+    EXPECT_FALSE(intruder.stats().connected);
+  }
+  // The source, sending to a receiver that is not the target it was given: it refuses.
+  o.tls = client_tls_;  // "primary"
+  o.target_site = "elsewhere";
+  {
+    Sender misdirected(o, &group_->log());
+    misdirected.Start();
+    WaitForError(misdirected);
+    EXPECT_EQ(misdirected.stats().last_error_code, "not_authorized")
+        << misdirected.stats().last_error;
+    EXPECT_NE(misdirected.stats().last_error.find("'elsewhere'"), std::string::npos)
+        << misdirected.stats().last_error;
+  }
+  EXPECT_EQ(store_->durable_seq(), 0u);
+  // The right names on both ends: it replicates.
+  target_site_ = "recovery";
+  StartSender(recv_addr_);
+  ASSERT_TRUE(sender_->stats().connected) << sender_->stats().last_error;
+  std::mt19937 rng(12);
+  Write(rng, 30);
+  ExpectReplicaEqualsSource();
+}
+
+// Replication without TLS stays on this host unless the config says otherwise.
+TEST_F(ReplicationTest, PlainTcpOnlyOnLoopback) {
+  for (auto [host, loopback] :
+       std::vector<std::pair<std::string, bool>>{{"127.0.0.1", true},
+                                                 {"127.1.2.3", true},
+                                                 {"::1", true},
+                                                 {"[::1]", true},
+                                                 {"::ffff:127.0.0.1", true},
+                                                 {"localhost", true},
+                                                 {"0.0.0.0", false},
+                                                 {"", false},
+                                                 {"::", false},
+                                                 {"10.0.0.1", false},
+                                                 {"128.0.0.1", false},
+                                                 {"recovery.example", false},
+                                                 {"localhost.example", false}}) {
+    ListenAddress a;
+    a.host = host;
+    EXPECT_EQ(IsLoopback(a), loopback) << "'" << host << "'";
+  }
+  Receiver r([](const std::string&) { return nullptr; });
+  ListenAddress any;
+  any.host = "0.0.0.0";
+  auto l = r.Listen(any);
+  ASSERT_FALSE(l.ok());
+  EXPECT_EQ(l.status().code(), Code::kPermissionDenied);
+  EXPECT_NE(l.status().message().find("replication_insecure"), std::string::npos);
+  // The sender refuses before it connects (192.0.2.0/24 is documentation-only).
+  ListenAddress far;
+  far.host = "192.0.2.1";
+  far.port = 7481;
+  Sender s(Options(far), &group_->log());
+  s.Start();
+  WaitForError(s);
+  EXPECT_NE(s.stats().last_error.find("plain TCP beyond this host"), std::string::npos)
+      << s.stats().last_error;
 }
 
 TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {
@@ -424,14 +756,15 @@ TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {
   for (int i = 0; i < 100 && s.stats().last_error.empty(); ++i) ::usleep(20000);
   EXPECT_NE(s.stats().last_error.find("no recovery store"), std::string::npos)
       << s.stats().last_error;
+  EXPECT_EQ(s.stats().last_error_code, "unknown_group");
   s.Stop();
   o.group = "vm1";
   o.disks = {{"d0", kSize * 2}};
   Sender s2(o, &group_->log());
   s2.Start();
   for (int i = 0; i < 100 && s2.stats().last_error.empty(); ++i) ::usleep(20000);
-  EXPECT_NE(s2.stats().last_error.find("differs in size"), std::string::npos)
-      << s2.stats().last_error;
+  EXPECT_NE(s2.stats().last_error.find("differs"), std::string::npos) << s2.stats().last_error;
+  EXPECT_EQ(s2.stats().last_error_code, "bad_disks");
 }
 
 }  // namespace

@@ -5,7 +5,7 @@
 
 #include <chrono>
 #include <cstring>
-#include <nlohmann/json.hpp>
+#include <exception>
 
 #include "capture/log_tailer.h"
 #include "replication/wire.h"
@@ -53,7 +53,16 @@ bool Sender::WaitAcked(uint64_t seq, int timeout_ms) {
 void Sender::Run() {
   int delay = opts_.reconnect_delay_ms_min;
   while (!stop_) {
-    Status st = Session();
+    // The connection thread's entry point: whatever escapes a session is reported and
+    // the sender reconnects; the daemon goes on.
+    Status st;
+    try {
+      st = Session();
+    } catch (const std::exception& e) {
+      st = Internal(fmt::format("replication session failed: {}", e.what()));
+    } catch (...) {
+      st = Internal("replication session failed: unknown exception");
+    }
     if (stop_) break;
     bool was_connected;
     {
@@ -61,6 +70,9 @@ void Sender::Run() {
       was_connected = stats_.connected;
       stats_.connected = false;
       stats_.last_error = st.ToString();
+      stats_.last_error_code =
+          session_code_ ? std::string(ErrorCodeName(*session_code_)) : std::string();
+      session_code_.reset();
       ++stats_.reconnects;
     }
     spdlog::info("replication sender '{}': {}; reconnecting in {} ms", opts_.group, st.ToString(),
@@ -74,62 +86,142 @@ void Sender::Run() {
 }
 
 void Sender::AckLoop(Stream* s) {
+  Status st;
+  try {
+    st = ReadAcks(s);
+  } catch (const std::exception& e) {
+    st = Internal(fmt::format("reading acknowledgements failed: {}", e.what()));
+  } catch (...) {
+    st = Internal("reading acknowledgements failed: unknown exception");
+  }
+  std::lock_guard lock(mu_);
+  session_broken_ = true;
+  stats_.last_error = st.ToString();
+  cv_.notify_all();
+}
+
+Status Sender::ReadAcks(Stream* s) {
+  // Only reads: the connection thread is the only writer (frames must not interleave).
   for (;;) {
-    auto f = ReadFrame(*s);
-    Status st = f.status();
-    if (f.ok() && f->type == FrameType::kAck) {
-      auto d = DecodeU64(f->payload);
-      if (d.ok()) {
+    OSR_ASSIGN_OR_RETURN(Frame f, ReadFrame(*s));
+    switch (f.type) {
+      case FrameType::kAck: {
+        OSR_ASSIGN_OR_RETURN(uint64_t durable, DecodeU64(f.payload));
         std::lock_guard lock(mu_);
-        stats_.acked_seq = std::max(stats_.acked_seq, *d);
-        while (!in_flight_.empty() && in_flight_.front().last_seq <= *d) {
+        stats_.acked_seq = std::max(stats_.acked_seq, durable);
+        while (!in_flight_.empty() && in_flight_.front().last_seq <= durable) {
           in_flight_bytes_ -= in_flight_.front().bytes;
           in_flight_.pop_front();
         }
         cv_.notify_all();
-        continue;
+        break;
       }
-      st = d.status();
-    } else if (f.ok() && f->type == FrameType::kResyncDone) {
-      auto j = nlohmann::json::parse(f->payload, nullptr, false);
-      std::lock_guard lock(mu_);
-      if (pending_resync_ && !j.is_discarded() &&
-          j.value("consistent_seq", uint64_t{0}) == pending_resync_->consistent_seq) {
-        // The recovery site has the regions: unmark them, unless the log overflowed
-        // again meanwhile (then they may hold changes the copy missed).
-        if (log_->overflow_generation() == pending_resync_->generation) {
-          opts_.capture_group->CleanRegions(pending_resync_->regions);
+      case FrameType::kResyncDone: {
+        auto done = ParseResyncEnd(f.payload, "RESYNC_DONE");
+        std::lock_guard lock(mu_);
+        if (!done.ok()) {
+          session_code_ = ErrorCode::kBadFrame;
+          return done.status();
         }
-        pending_resync_.reset();
-        stats_.resyncing = false;
-        ++stats_.resyncs_completed;
-        spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
+        if (pending_resync_ && done->consistent_seq == pending_resync_->consistent_seq) {
+          // The recovery site has the regions: unmark them, unless the log overflowed
+          // again meanwhile (then they may hold changes the copy missed).
+          if (log_->overflow_generation() == pending_resync_->generation) {
+            opts_.capture_group->CleanRegions(pending_resync_->regions);
+          }
+          pending_resync_.reset();
+          stats_.resyncing = false;
+          ++stats_.resyncs_completed;
+          spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
+        }
+        break;
       }
-      continue;
-    } else if (f.ok() && f->type == FrameType::kError) {
-      st = Unavailable("receiver refused: " + std::string(f->payload.begin(), f->payload.end()));
-    } else if (f.ok()) {
-      st = Corruption("unexpected frame from the receiver");
+      case FrameType::kError:
+        return Refused(ParseError(f.payload));
+      default: {
+        std::lock_guard lock(mu_);
+        session_code_ = ErrorCode::kBadFrame;
+        return Corruption(
+            fmt::format("unexpected frame type {} from the receiver", static_cast<int>(f.type)));
+      }
     }
-    std::lock_guard lock(mu_);
-    session_broken_ = true;
-    stats_.last_error = st.ToString();
-    cv_.notify_all();
-    return;
   }
 }
 
-Status Sender::Session() {
-  OSR_ASSIGN_OR_RETURN(Fd fd, Connect(opts_.target));
-  std::unique_ptr<Stream> owned;
-  TlsStream* tls = nullptr;
-  if (opts_.tls) {
-    OSR_ASSIGN_OR_RETURN(auto t, opts_.tls->NewStream(std::move(fd)));
-    tls = t.get();
-    owned = std::move(t);
-  } else {
-    owned = std::make_unique<SocketStream>(std::move(fd));
+Status Sender::Refused(const PeerError& e) {
+  if (e.code == ErrorCode::kStaleEpoch && opts_.on_stale_epoch) opts_.on_stale_epoch();
+  {
+    std::lock_guard lock(mu_);
+    session_code_ = e.code;
   }
+  // Stale and unauthorized need the vault or an operator; the rest may pass by itself.
+  Code code = e.code == ErrorCode::kStaleEpoch || e.code == ErrorCode::kNotAuthorized
+                  ? Code::kPermissionDenied
+                  : Code::kUnavailable;
+  return Status(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+}
+
+Status Sender::Refuse(Stream& s, ErrorCode code, Status st) {
+  // Best effort: the connection ends either way.
+  (void)WriteFrame(s, FrameType::kError, EncodeError({code, st.message()}));
+  std::lock_guard lock(mu_);
+  session_code_ = code;
+  return st;
+}
+
+Result<std::unique_ptr<Stream>> Sender::Dial(TlsStream** tls) {
+  if (!opts_.tls && !opts_.plaintext_beyond_loopback && !IsLoopback(opts_.target)) {
+    return Status(Code::kPermissionDenied,
+                  fmt::format("replication to '{}' would be plain TCP beyond this host: give "
+                              "the site tls_ca, tls_cert and tls_key, or set "
+                              "replication_insecure = true",
+                              opts_.target.host));
+  }
+  OSR_ASSIGN_OR_RETURN(Fd fd, osr::Connect(opts_.target));
+  if (!opts_.tls) return std::unique_ptr<Stream>(std::make_unique<SocketStream>(std::move(fd)));
+  OSR_ASSIGN_OR_RETURN(auto t, opts_.tls->NewStream(std::move(fd)));
+  *tls = t.get();
+  return std::unique_ptr<Stream>(std::move(t));
+}
+
+Status Sender::Authenticate(Stream& s, TlsStream& tls) {
+  OSR_RETURN_IF_ERROR(tls.Handshake(10000));
+  if (opts_.target_site.empty()) return Status::Ok();
+  OSR_ASSIGN_OR_RETURN(PeerIdentity peer, tls.Peer());
+  if (!peer.Names(opts_.target_site)) {
+    return Refuse(s, ErrorCode::kNotAuthorized,
+                  Status(Code::kPermissionDenied,
+                         fmt::format("the receiver's certificate ({}) does not name site '{}', "
+                                     "the target of group '{}'",
+                                     peer.Describe(), opts_.target_site, opts_.group)));
+  }
+  return Status::Ok();
+}
+
+Result<HelloOk> Sender::Greet(Stream& s) {
+  Hello hello;
+  hello.version = kProtocolVersion;
+  hello.group = opts_.group;
+  hello.epoch = opts_.epoch;
+  hello.lz4 = opts_.compress;
+  for (auto& d : opts_.disks) hello.disks.push_back({d.name, d.size_bytes});
+  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHello, EncodeHello(hello)));
+  s.SetReadTimeoutMs(30000);
+  OSR_ASSIGN_OR_RETURN(Frame f, ReadFrame(s));
+  if (f.type == FrameType::kError) return Refused(ParseError(f.payload));
+  if (f.type != FrameType::kHelloOk) {
+    return Refuse(
+        s, ErrorCode::kBadFrame,
+        Corruption(fmt::format("expected HELLO_OK, got frame type {}", static_cast<int>(f.type))));
+  }
+  auto ok = ParseHelloOk(f.payload);
+  if (!ok.ok()) return Refuse(s, ErrorCode::kBadFrame, ok.status());
+  return *ok;
+}
+
+Status Sender::Session() {
+  TlsStream* tls = nullptr;
+  OSR_ASSIGN_OR_RETURN(std::unique_ptr<Stream> owned, Dial(&tls));
   Stream& s = *owned;
   {
     std::lock_guard lock(mu_);
@@ -147,38 +239,15 @@ Status Sender::Session() {
     }
   } detach{this};
   if (stop_) return Status::Ok();
-  if (tls != nullptr) OSR_RETURN_IF_ERROR(tls->Handshake(10000));
-
-  nlohmann::json disks = nlohmann::json::array();
-  for (auto& d : opts_.disks) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  OSR_RETURN_IF_ERROR(WriteFrame(
-      s, FrameType::kHello,
-      nlohmann::json{
-          {"version", kProtocolVersion},
-          {"group", opts_.group},
-          {"epoch", opts_.epoch},
-          {"compress", opts_.compress ? nlohmann::json::array({"lz4"}) : nlohmann::json::array()},
-          {"disks", disks}}
-          .dump()));
-  s.SetReadTimeoutMs(30000);
-  OSR_ASSIGN_OR_RETURN(Frame ok, ReadFrame(s));
-  if (ok.type == FrameType::kError) {
-    std::string why(ok.payload.begin(), ok.payload.end());
-    if (why.find("stale epoch") != std::string::npos && opts_.on_stale_epoch) {
-      opts_.on_stale_epoch();
-    }
-    return Unavailable("receiver refused: " + why);
-  }
-  if (ok.type != FrameType::kHelloOk) return Corruption("expected HELLO_OK");
-  auto j = nlohmann::json::parse(ok.payload, nullptr, false);
-  if (j.is_discarded() || !j.contains("durable_seq")) return Corruption("malformed HELLO_OK");
-  uint64_t durable = j["durable_seq"].get<uint64_t>();
-  bool compress = opts_.compress && j.value("compress", std::string()) == "lz4";
+  if (tls != nullptr) OSR_RETURN_IF_ERROR(Authenticate(s, *tls));
+  OSR_ASSIGN_OR_RETURN(HelloOk hello_ok, Greet(s));
+  uint64_t durable = hello_ok.durable_seq;
+  bool compress = opts_.compress && hello_ok.lz4;
   s.SetReadTimeoutMs(0);
   // A store made to receive a first copy (or one whose first copy was cut short) gets the
   // disks' allocated regions, not the whole history of writes. Only when it says so: a
   // store that holds a consistent copy, even at seq 0, is never copied over.
-  bool initial = opts_.capture_group != nullptr && j.value("initial_sync", false);
+  bool initial = opts_.capture_group != nullptr && hello_ok.initial_sync;
   std::optional<std::pair<uint64_t, uint64_t>> initial_from;
   if (initial) {
     initial_from = log_->ResumeAfterOverflow();
@@ -322,8 +391,8 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
     stats_.resync_bytes_total = total;
     stats_.resync_bytes_done = 0;
   }
-  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncBegin,
-                                 nlohmann::json{{"from", from}, {"initial", is_initial}}.dump()));
+  OSR_RETURN_IF_ERROR(
+      WriteFrame(s, FrameType::kResyncBegin, EncodeResyncBegin({from, is_initial})));
   std::vector<uint8_t> buf;
   // The policy's bandwidth limit holds for copies too (initial, resync, reprotect).
   auto pace_until = std::chrono::steady_clock::now();
@@ -369,8 +438,7 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
     std::lock_guard lock(mu_);
     pending_resync_ = PendingResync{std::move(regions), generation, consistent};
   }
-  return WriteFrame(s, FrameType::kResyncEnd,
-                    nlohmann::json{{"consistent_seq", consistent}}.dump());
+  return WriteFrame(s, FrameType::kResyncEnd, EncodeResyncEnd({consistent}));
 }
 
 }  // namespace osr::replication

@@ -4,8 +4,15 @@
 // there, and reconnects (with backoff) after any failure, resuming from the receiver's
 // durable sequence number: nothing acknowledged is resent, nothing is skipped.
 //
+// Trust (DESIGN.md invariant 8): with TLS, the receiver's certificate must come from
+// the CA and name the target site (when the vault gave its name). A refusal comes back
+// as an ERROR frame with a typed code (messages.h): on kStaleEpoch the sender fences its
+// disks (on_stale_epoch); on kEpochAhead it only retries later. Without TLS it connects
+// only to loopback addresses unless plaintext_beyond_loopback.
+//
 // Thread model: Start() runs a connection thread; while connected an ACK-reader thread
-// too. mu_ guards the stats and the window.
+// too. Both entry points catch whatever escapes, report it in the stats and go on (the
+// connection thread reconnects). mu_ guards the stats and the window.
 #pragma once
 
 #include <atomic>
@@ -22,6 +29,7 @@
 #include "capture/capture_log.h"
 #include "common/socket.h"
 #include "common/tls.h"
+#include "replication/messages.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -29,6 +37,12 @@ namespace osr::replication {
 struct SenderOptions {
   std::string group;
   ListenAddress target;
+  // The recovery site's name: with TLS, its certificate must name it ("": not checked,
+  // only the CA is).
+  std::string target_site;
+  // Plain TCP (no tls) to an address that is not loopback (IsLoopback): refused unless
+  // the site's config allows it (replication_insecure).
+  bool plaintext_beyond_loopback = false;
   uint64_t epoch = 1;
   std::vector<store::StoreDisk> disks;
   size_t frame_bytes_max = 4 << 20;    // records per RECORDS frame
@@ -41,9 +55,9 @@ struct SenderOptions {
   // The group whose bitmaps and disks a resynchronization reads (borrowed; nullptr: no
   // resync, the sender only reports that one is required).
   capture::CaptureGroup* capture_group = nullptr;
-  // Called (on the sender's thread) when the recovery site refuses this source's epoch:
-  // the item failed over elsewhere. The site fences the group's disks at once, even
-  // before the vault reaches it (invariant 5).
+  // Called (on one of the sender's threads) when the recovery site refuses this source's
+  // epoch as stale (ERROR code kStaleEpoch): the item failed over elsewhere. The site fences the
+  // group's disks at once, even before the vault reaches it (invariant 5).
   std::function<void()> on_stale_epoch;
   size_t resync_chunk_bytes = 1 << 20;
   uint64_t bandwidth_bytes_per_second = 0;  // on the wire; 0: no limit
@@ -66,6 +80,9 @@ class Sender {
     uint64_t unacked_bytes = 0;  // shipped, not yet durable there
     double rpo_seconds = 0;      // age of the oldest write shipped but not yet durable there
     std::string last_error;
+    // The typed code of the last session's end ("stale_epoch", "epoch_ahead", ...: an
+    // ERROR of the receiver, or a refusal of this sender); "" for other failures.
+    std::string last_error_code;
   };
 
   // `log` is borrowed and must outlive the Sender.
@@ -79,7 +96,21 @@ class Sender {
 
  private:
   void Run();
+  // One connection: connect, HELLO, ship until it breaks. Throws nothing that Run does
+  // not catch.
   Status Session();
+  // Connects: TLS when configured (*tls then points into the stream; handshake not yet
+  // done), else plain TCP, to loopback only unless plaintext_beyond_loopback.
+  Result<std::unique_ptr<Stream>> Dial(TlsStream** tls);
+  // The TLS handshake; then the receiver's certificate must name target_site.
+  Status Authenticate(Stream& s, TlsStream& tls);
+  // HELLO, and the receiver's HELLO_OK (or its refusal).
+  Result<HelloOk> Greet(Stream& s);
+  // Acts on a receiver's ERROR (fences on kStaleEpoch) and returns the status to end
+  // the session with. Takes mu_.
+  Status Refused(const PeerError& e);
+  // Ends the session from this side: an ERROR to the receiver, the code in the stats.
+  Status Refuse(Stream& s, ErrorCode code, Status st);
   // Copies the regions marked in the group's bitmaps to the recovery site while records
   // keep flowing; `ship` sends the records up to a seq.
   // With `initial` (from, overflow generation): the first copy into an empty store, of
@@ -92,7 +123,8 @@ class Sender {
     uint64_t generation = 0;
     uint64_t consistent_seq = 0;
   };
-  void AckLoop(Stream* s);
+  void AckLoop(Stream* s);  // the ACK reader's entry point: never throws
+  Status ReadAcks(Stream* s);
 
   const SenderOptions opts_;
   capture::CaptureLog* log_;
@@ -112,6 +144,7 @@ class Sender {
   bool session_broken_ = false;                  // guarded by mu_
   Stream* stream_ = nullptr;                     // guarded by mu_
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
+  std::optional<ErrorCode> session_code_;        // guarded by mu_: how the session ended
 };
 
 }  // namespace osr::replication

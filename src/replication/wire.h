@@ -26,12 +26,13 @@ inline constexpr size_t kFrameHeaderBytes = 16;
 // both ends said so in HELLO / HELLO_OK).
 inline constexpr uint16_t kFlagLz4 = 1;
 
+// The JSON payloads are read and written by messages.h.
 enum class FrameType : uint16_t {
-  kHello = 1,        // sender -> receiver: JSON {version, group, epoch, disks[{name,size_bytes}]}
-  kHelloOk = 2,      // receiver -> sender: JSON {durable_seq, base_seq}
+  kHello = 1,        // sender -> receiver: JSON {version, group, epoch, compress, disks}
+  kHelloOk = 2,      // receiver -> sender: JSON {durable_seq, base_seq, compress, ...}
   kRecords = 3,      // sender -> receiver: encoded records, consecutive seqs
   kAck = 4,          // receiver -> sender: u64 durable seq
-  kError = 5,        // either way: JSON {code, message}; the connection ends after it
+  kError = 5,        // either way: JSON {code (ErrorCode), name, message}; the connection ends
   kResyncBegin = 6,  // sender -> receiver: JSON {from}: records up to `from` are all sent
   kResyncData = 7,   // sender -> receiver: disk u32, offset u64, then the region's bytes
   kResyncEnd = 8,    // sender -> receiver: JSON {consistent_seq}

@@ -66,7 +66,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   // Fence the old primary at the store first: its records are refused from now on, and
   // the session it may still have is cut. (A resync under way ends with it: points
   // before it stay readable.)
-  OSR_RETURN_IF_ERROR(st->AcceptEpoch(epoch));
+  OSR_RETURN_IF_ERROR(st->RaiseEpoch(epoch));
   receiver_->EndGroup(vm);
   std::lock_guard lock(mu_);
   if (groups_.count(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " was just created");
@@ -306,7 +306,17 @@ Result<json> Site::CompareHashes(const std::string& vm, uint64_t region_bytes,
   return json{{"regions", count}, {"bytes", bytes}, {"compared", mine.size() / 8}};
 }
 
-Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch) {
+Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch,
+                                const std::string& source) {
+  // The store's origin is checked before the group changes role: nothing half-done.
+  store::StoreOrigin origin{epoch, source};
+  if (epoch < 1 || epoch > store::kEpochMax) {
+    return InvalidArgument(
+        fmt::format("epoch {} is out of range (1..{})", epoch, store::kEpochMax));
+  }
+  if (!source.empty() && !ValidName(source)) {
+    return InvalidArgument("'" + source + "' is not a site name");
+  }
   std::unique_ptr<Group> g;
   struct {
     uint64_t epoch = 1, fenced_epoch = 0, bandwidth_bytes_per_second = 0;
@@ -350,8 +360,8 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     images.push_back(gdir + "/" + d.name + ".img");
     sd.push_back({d.name, d.size_bytes});
   }
-  auto st = store::RecoveryStore::Create(sdir, sd, base_seq,
-                                         store::RecoveryStore::Start::kDifferential, images);
+  auto st = store::RecoveryStore::Create(
+      sdir, sd, base_seq, store::RecoveryStore::Start::kDifferential, images, origin);
   std::lock_guard lock(mu_);
   if (!st.ok()) {
     // Create put the images back where they were: so does the group go back.
@@ -377,7 +387,6 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     }
     return st.status();
   }
-  OSR_RETURN_IF_ERROR((*st)->AcceptEpoch(epoch));
   stores_[vm] = std::move(*st);
   OSR_RETURN_IF_ERROR(SaveLocked());
   std::error_code ec;

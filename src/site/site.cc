@@ -122,6 +122,13 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   c.api_vault_name = t["api_vault_name"].value_or(c.api_vault_name);
   c.api_insecure = t["api_insecure"].value_or(false);
   OSR_RETURN_IF_ERROR(CommandsKeys(t, path, &c.commands));
+  if (auto node = t["replication_insecure"]; node) {
+    auto b = node.value<bool>();
+    if (!b || !node.is_boolean()) {
+      return InvalidArgument(path + ": 'replication_insecure' must be true or false");
+    }
+    c.replication_insecure = *b;
+  }
   return c;
 }
 
@@ -146,8 +153,10 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   } else {
     spdlog::warn(
         "site {}: no tls_ca/tls_cert/tls_key: replication runs unencrypted and "
-        "unauthenticated",
-        cfg.name);
+        "unauthenticated{}",
+        cfg.name,
+        cfg.replication_insecure ? " (replication_insecure: also beyond this host)"
+                                 : " (on loopback addresses only)");
   }
   if (cfg.commands.allow_api_commands) {
     spdlog::warn(
@@ -164,7 +173,7 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
         auto it = sp->stores_.find(vm);
         return it == sp->stores_.end() ? nullptr : it->second;
       },
-      tls_server);
+      tls_server, cfg.replication_insecure);
   OSR_ASSIGN_OR_RETURN(s->repl_bound_, s->receiver_->Listen(cfg.replication_listen));
   OSR_RETURN_IF_ERROR(s->Load());
   OSR_RETURN_IF_ERROR(s->nbd_->Start());
@@ -231,6 +240,7 @@ Status Site::Load() {
     auto g = std::make_unique<Group>();
     OSR_ASSIGN_OR_RETURN(g->disks, DisksFromJson(gj["disks"]));
     g->replicate_to = gj.value("replicate_to", std::string());
+    g->target_site = gj.value("target_site", std::string());
     g->epoch = gj.value("epoch", uint64_t{1});
     g->compress = gj.value("compress", true);
     g->bandwidth_bytes_per_second = gj.value("bandwidth_bytes_per_second", uint64_t{0});
@@ -324,6 +334,7 @@ Status Site::SaveLocked() {
   for (auto& [vm, g] : groups_) {
     groups[vm] = {{"disks", DisksJson(g->disks)},
                   {"replicate_to", g->replicate_to},
+                  {"target_site", g->target_site},
                   {"epoch", g->epoch},
                   {"compress", g->compress},
                   {"bandwidth_bytes_per_second", g->bandwidth_bytes_per_second},
@@ -399,6 +410,8 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   replication::SenderOptions o;
   o.group = vm;
   o.target = target;
+  o.target_site = g.target_site;
+  o.plaintext_beyond_loopback = cfg_.replication_insecure;
   o.epoch = g.epoch;
   o.disks = StoreDisks(g.disks);
   o.tls = tls_client_;
@@ -494,14 +507,30 @@ Status Site::DeleteGroup(const std::string& vm) {
 }
 
 Status Site::StartReplication(const std::string& vm, const std::string& target, uint64_t epoch,
-                              bool compress, uint64_t bandwidth_bytes_per_second) {
-  OSR_RETURN_IF_ERROR(ParseHostPort(target, 7481).status());
+                              bool compress, uint64_t bandwidth_bytes_per_second,
+                              const std::string& target_site) {
+  OSR_ASSIGN_OR_RETURN(ListenAddress addr, ParseHostPort(target, 7481));
+  if (!tls_client_ && !cfg_.replication_insecure && !IsLoopback(addr)) {
+    return Status(Code::kPermissionDenied,
+                  fmt::format("site {} has no TLS: it replicates to loopback addresses only, "
+                              "not to '{}' (give it tls_ca, tls_cert and tls_key, or set "
+                              "replication_insecure = true)",
+                              cfg_.name, target));
+  }
+  if (epoch < 1 || epoch > store::kEpochMax) {
+    return InvalidArgument(
+        fmt::format("epoch {} is out of range (1..{})", epoch, store::kEpochMax));
+  }
+  if (!target_site.empty() && !ValidName(target_site)) {
+    return InvalidArgument("'" + target_site + "' is not a site name");
+  }
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   Group& g = *it->second;
   g.sender.reset();
   g.replicate_to = target;
+  g.target_site = target_site;
   g.epoch = epoch;
   // A failed-over VM's tracking ends here: the sender resyncs what the bitmaps hold and
   // then ships records (after a restart too: the marks are sticky).
@@ -562,6 +591,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"capture_fenced_epoch", g.capture->fenced_epoch()},  // in force now
               {"capture_log_bytes", g.capture->log().held_bytes()},
               {"replicate_to", g.replicate_to},
+              {"target_site", g.target_site},
               {"epoch", g.epoch},
               {"failover", g.failover},
               {"failover_seq", g.failover_seq},
@@ -592,18 +622,19 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"resync_bytes_total", st.resync_bytes_total},
                           {"resync_bytes_done", st.resync_bytes_done},
                           {"resyncs_completed", st.resyncs_completed},
-                          {"last_error", st.last_error}};
+                          {"last_error", st.last_error},
+                          {"last_error_code", st.last_error_code}};
   }
   return out;
 }
 
 Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks,
-                         store::RecoveryStore::Start start) {
+                         store::RecoveryStore::Start start, const store::StoreOrigin& origin) {
   OSR_RETURN_IF_ERROR(CheckDisks(vm, disks));
   std::lock_guard lock(mu_);
   if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
   std::string dir = cfg_.data_dir + "/stores/" + vm;
-  auto st = store::RecoveryStore::Create(dir, StoreDisks(disks), 0, start);
+  auto st = store::RecoveryStore::Create(dir, StoreDisks(disks), 0, start, {}, origin);
   if (!st.ok()) {
     std::error_code ec;
     if (st.status().code() != Code::kAlreadyExists) fs::remove_all(dir, ec);
@@ -667,6 +698,7 @@ Result<json> Site::StoreStatus(const std::string& vm) {
               {"initial_sync", s.initial_sync_pending()},
               {"differential", s.differential()},
               {"epoch", s.epoch()},
+              {"source", s.source()},
               {"base_seq", s.base_seq()}};
 }
 

@@ -57,6 +57,9 @@ struct SiteConfig {
   // this CN (api_vault_name), unless api_insecure: plain HTTP, loopback only (a lab).
   std::string api_vault_name = "vault";
   bool api_insecure = false;
+  // Without tls: replication listens and connects on loopback addresses only, unless
+  // this is set (replication_insecure = true: a lab on a trusted network).
+  bool replication_insecure = false;
   // Commit copies a failed-over VM's point into its disks while it runs: at most this
   // many bytes a second (materialise_rate; 0: no limit).
   uint64_t materialise_bytes_per_second = 0;
@@ -67,7 +70,7 @@ struct SiteConfig {
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and
   // optionally tls_ca, tls_cert, tls_key (PEM files), commands_file (read here: a bad
   // file is an error of the config; a relative path is relative to the config's folder)
-  // and allow_api_commands (default false).
+  // allow_api_commands (default false) and replication_insecure (a boolean).
   static Result<SiteConfig> Load(const std::string& path);
 };
 
@@ -89,8 +92,13 @@ class Site {
   // Source role: a VM's disks, captured as one group.
   Result<nlohmann::json> CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks);
   Status DeleteGroup(const std::string& vm);
+  // Ships the group to `target` (HOST:PORT) at `epoch`. `target_site`: the recovery
+  // site's name, which its certificate must name ("": only the CA is checked).
+  // kPermissionDenied for plain TCP to an address that is not loopback (no TLS, and no
+  // replication_insecure); kInvalidArgument for a bad address, epoch or name.
   Status StartReplication(const std::string& vm, const std::string& target, uint64_t epoch,
-                          bool compress = true, uint64_t bandwidth_bytes_per_second = 0);
+                          bool compress = true, uint64_t bandwidth_bytes_per_second = 0,
+                          const std::string& target_site = "");
   Status StopReplication(const std::string& vm);
   // Fencing: the VM now runs elsewhere at `epoch`; this site refuses writes to its disks
   // and (unless keep_shipping: a planned failover drains first) stops shipping them. Kept
@@ -123,8 +131,10 @@ class Site {
   Result<nlohmann::json> CompareHashes(const std::string& vm, uint64_t region_bytes,
                                        const std::string& other);
   // Reprotect, at the old primary: its (fenced, stopped) group becomes a differential
-  // store at `base_seq` of the new primary's order; its images are its base (moved).
-  Result<nlohmann::json> GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch);
+  // store at `base_seq` of the new primary's order; its images are its base (moved). The
+  // store is at `epoch` and receives from `source` (the new primary; "": any site).
+  Result<nlohmann::json> GroupToStore(const std::string& vm, uint64_t base_seq, uint64_t epoch,
+                                      const std::string& source = "");
 
   // The VM of a group: runs at this site on the group's disks. `spec` is the VM's spec
   // (hypervisor/vm_spec.h), checked in full and against this site's commands rules:
@@ -137,9 +147,11 @@ class Site {
   Status FreezeVm(const std::string& vm, int timeout_ms);
   Status ThawVm(const std::string& vm);
 
-  // Recovery role: a store for another site's group.
+  // Recovery role: a store for another site's group, at the epoch and from the source
+  // site the vault gives (origin: epoch 1 and any source by default).
   Status CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks,
-                     store::RecoveryStore::Start start = store::RecoveryStore::Start::kEmpty);
+                     store::RecoveryStore::Start start = store::RecoveryStore::Start::kEmpty,
+                     const store::StoreOrigin& origin = {});
   Status DeleteStore(const std::string& vm);
   // Folds the store's history up to `seq` (not past an open view); returns the new base.
   Result<nlohmann::json> FoldStore(const std::string& vm, uint64_t seq);
@@ -158,6 +170,7 @@ class Site {
     std::vector<DiskSpec> disks;
     std::unique_ptr<capture::CaptureGroup> capture;
     std::string replicate_to;  // "" when not protected
+    std::string target_site;   // the recovery site's name ("": not checked)
     uint64_t epoch = 1;
     bool compress = true;
     uint64_t bandwidth_bytes_per_second = 0;  // 0: no limit

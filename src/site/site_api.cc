@@ -16,9 +16,12 @@ namespace {
 // Region lists and disk hashes of reprotect can be large (8 bytes per 64 KiB region).
 constexpr size_t kBodyBytesMax = 64 << 20;
 
+// Epochs the vault gives: from 1 (a new item) up to the store's limit.
+constexpr json_in::U64Range kEpochRange{1, store::kEpochMax};
+
 void Reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(json_in::Dump(body), "application/json");
+  res.set_content(body.dump(), "application/json");
 }
 
 void Error(httplib::Response& res, const Status& st) {
@@ -131,36 +134,41 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        if (!body->contains("target") || !(*body)["target"].is_string()) {
-          return Error(res, InvalidArgument("'target' (HOST:PORT) is missing"));
-        }
-        ReplyStatus(res, site_->StartReplication(
-                             req.matches[1], (*body)["target"], body->value("epoch", uint64_t{1}),
-                             body->value("compression", std::string("lz4")) == "lz4",
-                             body->value("bandwidth_bytes_per_second", uint64_t{0})));
+        json_in::Fields f(*body);
+        std::string target = f.String("target");
+        uint64_t epoch = f.U64("epoch", 1, kEpochRange);
+        std::string compression = f.String("compression", "lz4");
+        uint64_t bandwidth = f.U64("bandwidth_bytes_per_second", 0);
+        std::string target_site = f.String("target_site", "");
+        if (!f.ok()) return Error(res, f.status());
+        ReplyStatus(res, site_->StartReplication(req.matches[1], target, epoch,
+                                                 compression == "lz4", bandwidth, target_site));
       });
   Add("POST", R"(/api/v1/groups/([^/]+)/fence)",
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        if (!body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-          return Error(res, InvalidArgument("'epoch' is missing"));
+        json_in::Fields f(*body);
+        uint64_t epoch = f.U64("epoch");
+        bool keep_shipping = f.Bool("keep_shipping", false);
+        if (f.ok() && (epoch < kEpochRange.min || epoch > kEpochRange.max)) {
+          f.Fail("epoch", fmt::format("{} is out of range (1..{})", epoch, kEpochRange.max));
         }
-        ReplyStatus(res, site_->FenceGroup(req.matches[1], (*body)["epoch"].get<uint64_t>(),
-                                           body->value("keep_shipping", false)));
+        if (!f.ok()) return Error(res, f.status());
+        ReplyStatus(res, site_->FenceGroup(req.matches[1], epoch, keep_shipping));
       });
   Add("POST", R"(/api/v1/groups/([^/]+)/failover)",
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned() ||
-            !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-          return Error(res, InvalidArgument("'seq' and 'epoch' are needed"));
+        json_in::Fields f(*body);
+        uint64_t seq = f.U64("seq");
+        uint64_t epoch = f.U64("epoch");
+        if (f.ok() && (epoch < kEpochRange.min || epoch > kEpochRange.max)) {
+          f.Fail("epoch", fmt::format("{} is out of range (1..{})", epoch, kEpochRange.max));
         }
-        ReplyResult(res,
-                    site_->FailoverGroup(req.matches[1], (*body)["seq"].get<uint64_t>(),
-                                         (*body)["epoch"].get<uint64_t>()),
-                    201);
+        if (!f.ok()) return Error(res, f.status());
+        ReplyResult(res, site_->FailoverGroup(req.matches[1], seq, epoch), 201);
       });
   Add("POST", R"(/api/v1/groups/([^/]+)/materialise)",
       [this](const httplib::Request& req, httplib::Response& res) {
@@ -185,7 +193,8 @@ SiteApi::SiteApi(Site* site) : site_(site) {
         }
         for (auto& r : (*body)["regions"]) {
           if (!r.is_array() || r.size() != 3 || !r[0].is_number_unsigned() ||
-              !r[1].is_number_unsigned() || !r[2].is_number_unsigned()) {
+              !r[1].is_number_unsigned() || !r[2].is_number_unsigned() ||
+              r[0].get<uint64_t>() > UINT32_MAX) {
             return Error(res, InvalidArgument("each region is [disk, offset, length]"));
           }
           regions.push_back({r[0].get<uint32_t>(), {r[1].get<uint64_t>(), r[2].get<uint64_t>()}});
@@ -214,14 +223,15 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        if (!body->contains("base_seq") || !(*body)["base_seq"].is_number_unsigned() ||
-            !body->contains("epoch") || !(*body)["epoch"].is_number_unsigned()) {
-          return Error(res, InvalidArgument("'base_seq' and 'epoch' are needed"));
+        json_in::Fields f(*body);
+        uint64_t base_seq = f.U64("base_seq");
+        uint64_t epoch = f.U64("epoch");
+        std::string source = f.String("source", "");
+        if (f.ok() && (epoch < kEpochRange.min || epoch > kEpochRange.max)) {
+          f.Fail("epoch", fmt::format("{} is out of range (1..{})", epoch, kEpochRange.max));
         }
-        ReplyResult(res,
-                    site_->GroupToStore(req.matches[1], (*body)["base_seq"].get<uint64_t>(),
-                                        (*body)["epoch"].get<uint64_t>()),
-                    201);
+        if (!f.ok()) return Error(res, f.status());
+        ReplyResult(res, site_->GroupToStore(req.matches[1], base_seq, epoch, source), 201);
       });
   Add("POST", R"(/api/v1/groups/([^/]+)/vm/start)",
       [this](const httplib::Request& req, httplib::Response& res) {
@@ -233,7 +243,10 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        ReplyStatus(res, site_->FreezeVm(req.matches[1], body->value("timeout_ms", 10000)));
+        json_in::Fields f(*body);
+        int64_t timeout_ms = f.I64("timeout_ms", 10000, {0, 3600 * 1000});
+        if (!f.ok()) return Error(res, f.status());
+        ReplyStatus(res, site_->FreezeVm(req.matches[1], static_cast<int>(timeout_ms)));
       });
   Add("POST", R"(/api/v1/groups/([^/]+)/vm/thaw)",
       [this](const httplib::Request& req, httplib::Response& res) {
@@ -243,7 +256,10 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        auto r = site_->StopVm(req.matches[1], body->value("timeout_ms", 30000));
+        json_in::Fields f(*body);
+        int64_t timeout_ms = f.I64("timeout_ms", 30000, {0, 3600 * 1000});
+        if (!f.ok()) return Error(res, f.status());
+        auto r = site_->StopVm(req.matches[1], static_cast<int>(timeout_ms));
         if (!r.ok()) return Error(res, r.status());
         Reply(res, 200, json{{"clean", *r}});
       });
@@ -257,14 +273,19 @@ SiteApi::SiteApi(Site* site) : site_(site) {
         if (!body.ok()) return Error(res, body.status());
         auto disks = Disks(*body);
         if (!disks.ok()) return Error(res, disks.status());
-        std::string start = body->value("start", std::string("empty"));
-        if (start != "empty" && start != "full") {
-          return Error(res, InvalidArgument("'start' is empty or full"));
-        }
+        json_in::Fields f(*body);
+        std::string start = f.String("start", "empty");
+        // Who may write the store is the vault's word: the item's epoch and source site.
+        store::StoreOrigin origin;
+        origin.epoch = f.U64("epoch", 1, kEpochRange);
+        origin.source = f.String("source", "");
+        if (f.ok() && start != "empty" && start != "full") f.Fail("start", "is empty or full");
+        if (!f.ok()) return Error(res, f.status());
         ReplyStatus(res,
                     site_->CreateStore(req.matches[1], *disks,
                                        start == "full" ? store::RecoveryStore::Start::kFullCopy
-                                                       : store::RecoveryStore::Start::kEmpty),
+                                                       : store::RecoveryStore::Start::kEmpty,
+                                       origin),
                     201);
       });
   Add("GET", R"(/api/v1/stores/([^/]+))",
@@ -288,13 +309,11 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);
         if (!body.ok()) return Error(res, body.status());
-        if (!body->contains("seq") || !(*body)["seq"].is_number_unsigned()) {
-          return Error(res, InvalidArgument("'seq' is missing"));
-        }
-        ReplyResult(res,
-                    site_->OpenView(req.matches[1], (*body)["seq"].get<uint64_t>(),
-                                    body->value("writable", false)),
-                    201);
+        json_in::Fields f(*body);
+        uint64_t seq = f.U64("seq");
+        bool writable = f.Bool("writable", false);
+        if (!f.ok()) return Error(res, f.status());
+        ReplyResult(res, site_->OpenView(req.matches[1], seq, writable), 201);
       });
   Add("DELETE", R"(/api/v1/views/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {

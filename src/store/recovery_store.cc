@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "capture/log_reader.h"
+#include "common/json_in.h"
 
 namespace osr::store {
 
@@ -27,10 +28,19 @@ std::string BasePath(const std::string& dir, size_t i) {
 
 }  // namespace
 
-Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(
-    const std::string& dir, const std::vector<StoreDisk>& disks, uint64_t base_seq, Start start,
-    const std::vector<std::string>& images) {
+Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& dir,
+                                                             const std::vector<StoreDisk>& disks,
+                                                             uint64_t base_seq, Start start,
+                                                             const std::vector<std::string>& images,
+                                                             const StoreOrigin& origin) {
   if (disks.empty()) return InvalidArgument("a recovery store needs at least one disk");
+  if (origin.epoch < 1 || origin.epoch > kEpochMax) {
+    return InvalidArgument(
+        fmt::format("epoch {} is out of range (1..{})", origin.epoch, kEpochMax));
+  }
+  if (!origin.source.empty() && !ValidName(origin.source)) {
+    return InvalidArgument("source '" + origin.source + "' is not a site name");
+  }
   std::error_code ec;
   if (fs::exists(dir + "/store.json", ec)) {
     return Status(Code::kAlreadyExists, "a recovery store already exists in " + dir);
@@ -74,6 +84,8 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(
   s->dir_ = dir;
   s->disks_ = disks;
   s->base_seq_ = base_seq;
+  s->epoch_ = origin.epoch;
+  s->source_ = origin.source;
   s->initial_sync_ = start == Start::kFullCopy;
   if (start == Start::kDifferential) {
     s->differential_ = true;
@@ -97,29 +109,45 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(
 Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& dir) {
   std::ifstream in(dir + "/store.json");
   if (!in) return NotFound("no recovery store in " + dir);
-  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object() || j.value("version", 0) != kMetaVersion ||
-      !j.contains("disks") || !j["disks"].is_array() || !j.contains("base_seq")) {
-    return Corruption(dir + "/store.json is not a version-1 store description");
-  }
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Read back through the typed layer: a damaged file is reported, never thrown.
+  auto j = json_in::ParseObject(text, dir + "/store.json");
+  if (!j.ok()) return Corruption(j.status().message());
+  json_in::Fields f(*j, dir + "/store.json: ");
+  uint64_t version = f.U64("version");
+  const nlohmann::json* disks = f.Array("disks", /*optional=*/false);
   std::unique_ptr<RecoveryStore> s(new RecoveryStore());
   s->dir_ = dir;
-  for (auto& d : j["disks"]) {
-    if (!d.is_object() || !d.contains("name") || !d.contains("size_bytes")) {
-      return Corruption(dir + "/store.json: bad disk entry");
-    }
-    s->disks_.push_back({d["name"].get<std::string>(), d["size_bytes"].get<uint64_t>()});
-  }
-  s->base_seq_ = j["base_seq"].get<uint64_t>();
-  s->consistent_from_ = j.value("consistent_from", uint64_t{0});
-  s->epoch_ = j.value("epoch", uint64_t{0});
-  s->initial_sync_ = j.value("initial_sync", false);
-  s->differential_ = j.value("differential", false);
+  s->base_seq_ = f.U64("base_seq");
+  s->consistent_from_ = f.U64("consistent_from", 0);
+  // Stores made before epochs came from the vault may say 0 (never raised): the first
+  // epoch an item has is 1.
+  s->epoch_ = std::max<uint64_t>(f.U64("epoch", 1), 1);
+  s->source_ = f.String("source", "");
+  s->initial_sync_ = f.Bool("initial_sync", false);
+  s->differential_ = f.Bool("differential", false);
   // A resync that was under way when the store closed must start again (its staged
   // regions are gone); until it ends, seqs after its start stay unusable.
-  if (j.contains("resync_from") && j["resync_from"].is_number_unsigned()) {
+  if (f.Has("resync_from")) {
     s->resyncing_ = true;
-    s->resync_from_ = j["resync_from"].get<uint64_t>();
+    s->resync_from_ = f.U64("resync_from");
+  }
+  if (f.ok() && version != kMetaVersion) f.Fail("version", "is not 1");
+  if (f.ok() && !s->source_.empty() && !ValidName(s->source_)) f.Fail("source", "is not a name");
+  if (!f.ok()) return Corruption(f.status().message());
+  for (size_t i = 0; i < disks->size(); ++i) {
+    json_in::Fields d((*disks)[i], fmt::format("{}/store.json: disks[{}].", dir, i));
+    StoreDisk disk{d.String("name"), d.U64("size_bytes")};
+    if (!d.ok()) return Corruption(d.status().message());
+    s->disks_.push_back(std::move(disk));
+  }
+  if (s->disks_.empty()) return Corruption(dir + "/store.json: no disks");
+  if (s->epoch_ > kEpochMax) {
+    // Only an older osr, which took epochs from senders, can have written this.
+    spdlog::warn(
+        "{}: epoch {} is beyond any a vault gives ({}): it came from a sender; "
+        "every source is refused as stale until the store is made again",
+        dir, s->epoch_, kEpochMax);
   }
   OSR_RETURN_IF_ERROR(s->OpenParts());
   return s;
@@ -145,7 +173,8 @@ Status RecoveryStore::WriteMeta() {
   std::string text = nlohmann::json{{"version", kMetaVersion}, {"disks", disks},
                                     {"base_seq", base},        {"consistent_from", consistent},
                                     {"resync_from", resync},   {"initial_sync", initial},
-                                    {"epoch", epoch},          {"differential", differential}}
+                                    {"epoch", epoch},          {"differential", differential},
+                                    {"source", source_}}
                          .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
@@ -456,14 +485,15 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
   return Status::Ok();
 }
 
-Status RecoveryStore::AcceptEpoch(uint64_t epoch) {
+Status RecoveryStore::RaiseEpoch(uint64_t epoch) {
+  if (epoch > kEpochMax) {
+    return InvalidArgument(fmt::format("epoch {} is out of range (1..{})", epoch, kEpochMax));
+  }
   {
     std::lock_guard lock(mu_);
     if (epoch < epoch_) {
       return Status(Code::kPermissionDenied,
-                    fmt::format("stale epoch {}: the item is at epoch {} (failed over); this "
-                                "source is fenced",
-                                epoch, epoch_));
+                    fmt::format("the store is at epoch {} already, above {}", epoch_, epoch));
     }
     if (epoch == epoch_) return Status::Ok();
     epoch_ = epoch;

@@ -1,7 +1,7 @@
 // RecoveryStore: a consistency group's disks at the recovery site, readable as they were
 // at any sequence number the store still holds (continuous data protection).
 //
-//   dir/store.json        the group's disks (name, size) and base_seq
+//   dir/store.json        the group's disks (name, size), base_seq, epoch and source
 //   dir/base/<i>.img      disk i as of base_seq (sparse)
 //   dir/journal/          received records with seq > base_seq, in the capture-log format
 //                         (one order for all the group's disks; records carry their disk)
@@ -34,6 +34,18 @@ struct StoreDisk {
   uint64_t size_bytes = 0;
 };
 
+// The largest epoch a store takes: 2^53 - 1, exact in any JSON reader's numbers, and
+// far from the wrap of a u64 (a vault raises it by one per failover).
+inline constexpr uint64_t kEpochMax = (uint64_t{1} << 53) - 1;
+
+// Who may write a store, as the vault said when it made it (invariant 8: epochs and
+// sources come from the vault, never from a sender).
+struct StoreOrigin {
+  uint64_t epoch = 1;  // 1..kEpochMax: a sender must present exactly this epoch
+  std::string source;  // the sending site's name (its certificate must name it); "": any
+                       // site the CA certified
+};
+
 class RecoveryStore {
  public:
   // How a new store begins.
@@ -45,12 +57,15 @@ class RecoveryStore {
                     // reprotect); the source resyncs the regions that differ; nothing is
                     // readable until that resync commits
   };
-  // Creates a store at base_seq (= durable_seq; the next record is base_seq + 1).
+  // Creates a store at base_seq (= durable_seq; the next record is base_seq + 1), at
+  // origin.epoch, receiving from origin.source. kInvalidArgument for an epoch outside
+  // 1..kEpochMax or a source that is not a valid name.
   static Result<std::unique_ptr<RecoveryStore>> Create(const std::string& dir,
                                                        const std::vector<StoreDisk>& disks,
                                                        uint64_t base_seq,
                                                        Start start = Start::kEmpty,
-                                                       const std::vector<std::string>& images = {});
+                                                       const std::vector<std::string>& images = {},
+                                                       const StoreOrigin& origin = {});
   // Opens an existing store and rebuilds its index from the journal.
   static Result<std::unique_ptr<RecoveryStore>> Open(const std::string& dir);
   ~RecoveryStore();
@@ -97,10 +112,15 @@ class RecoveryStore {
   Status Pin(uint64_t seq);
   void Unpin(uint64_t seq);
 
-  // Fencing (invariant 5): a sender must hold the item's current epoch. A higher epoch
-  // is taken (and kept across restarts); a lower one is refused (kPermissionDenied).
-  Status AcceptEpoch(uint64_t epoch);
+  // Fencing (invariant 5): a sender must present exactly the store's epoch (the
+  // receiver compares; a sender never changes it). Only the vault raises it, through
+  // the site (failover, reprotect): RaiseEpoch keeps the higher epoch across restarts;
+  // the same epoch again changes nothing; a lower one is kPermissionDenied, one above
+  // kEpochMax kInvalidArgument.
+  Status RaiseEpoch(uint64_t epoch);
   uint64_t epoch() const;
+  // The site that sends to this store ("" when the vault did not say).
+  const std::string& source() const { return source_; }
 
   uint64_t base_seq() const;
   uint64_t durable_seq() const;
@@ -120,6 +140,7 @@ class RecoveryStore {
   Status BeginResyncLocked(uint64_t from);  // takes mu_
 
   std::string dir_;
+  std::string source_;  // persisted in store.json; set at creation only
   std::vector<StoreDisk> disks_;
   std::vector<File> base_;  // one per disk; positional I/O only
   std::unique_ptr<capture::CaptureLog> journal_;

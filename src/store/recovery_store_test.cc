@@ -232,5 +232,67 @@ TEST_F(RecoveryStoreTest, ADifferentialStoreThatCannotBeMadeGivesItsImagesBack) 
   std::filesystem::remove(img);
 }
 
+// Epochs and sources come from the vault: set at creation, kept in store.json, raised
+// only by RaiseEpoch (never lowered); an older store.json without them opens at epoch 1.
+TEST_F(RecoveryStoreTest, KeepsTheEpochAndSourceTheVaultGave) {
+  {
+    auto store = RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0, RecoveryStore::Start::kEmpty, {},
+                                       {.epoch = 4, .source = "primary"})
+                     .value();
+    EXPECT_EQ(store->epoch(), 4u);
+    EXPECT_EQ(store->source(), "primary");
+    EXPECT_EQ(store->RaiseEpoch(3).code(), Code::kPermissionDenied);
+    EXPECT_TRUE(store->RaiseEpoch(4).ok());
+    EXPECT_EQ(store->RaiseEpoch(kEpochMax + 1).code(), Code::kInvalidArgument);
+    EXPECT_TRUE(store->RaiseEpoch(5).ok());
+  }
+  auto store = RecoveryStore::Open(dir_).value();
+  EXPECT_EQ(store->epoch(), 5u);
+  EXPECT_EQ(store->source(), "primary");
+  store.reset();
+  // Out of range or not a name: refused before anything is made.
+  fs::remove_all(dir_);
+  EXPECT_EQ(RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0, RecoveryStore::Start::kEmpty, {},
+                                  {.epoch = 0, .source = ""})
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0, RecoveryStore::Start::kEmpty, {},
+                                  {.epoch = 1, .source = "../x"})
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_FALSE(fs::exists(dir_));
+  // A store.json of before: no source, epoch 0 (never raised) -> epoch 1.
+  ASSERT_TRUE(RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0).ok());
+  std::string old = R"({"version":1,"disks":[{"name":"a","size_bytes":1048576}],"base_seq":0,)"
+                    R"("consistent_from":0,"resync_from":null,"initial_sync":false,"epoch":0})";
+  ASSERT_TRUE(WriteFileAtomic(dir_ + "/store.json",
+                              {reinterpret_cast<const uint8_t*>(old.data()), old.size()})
+                  .ok());
+  store = RecoveryStore::Open(dir_).value();
+  EXPECT_EQ(store->epoch(), 1u);
+  EXPECT_EQ(store->source(), "");
+}
+
+// store.json is read back through the typed layer: a field of the wrong type is
+// reported (kCorruption, naming the field), never thrown.
+TEST_F(RecoveryStoreTest, ADamagedStoreJsonIsReportedNotThrown) {
+  ASSERT_TRUE(RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0).ok());
+  for (std::string text :
+       {R"({"version":1,"disks":[{"name":"a","size_bytes":"x"}],"base_seq":0})",
+        R"({"version":1,"disks":[{"name":"a","size_bytes":1048576}],"base_seq":"0"})",
+        R"({"version":1,"disks":[{"name":"a","size_bytes":1048576}],"base_seq":0,"epoch":"2"})",
+        R"({"version":"1","disks":[],"base_seq":0})", R"({"version":2,"disks":[],"base_seq":0})",
+        R"([1])", "{"}) {
+    ASSERT_TRUE(WriteFileAtomic(dir_ + "/store.json",
+                                {reinterpret_cast<const uint8_t*>(text.data()), text.size()})
+                    .ok());
+    auto r = RecoveryStore::Open(dir_);
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_EQ(r.status().code(), Code::kCorruption) << text << ": " << r.status().ToString();
+  }
+}
+
 }  // namespace
 }  // namespace osr::store

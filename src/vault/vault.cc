@@ -470,7 +470,8 @@ Result<json> Vault::ShowVm(const std::string& name) {
 Result<json> Vault::StartVm(const std::string& name) {
   auto v = catalog_->Vm(name);
   if (!v) return NotFound("no VM named '" + name + "'");
-  OSR_ASSIGN_OR_RETURN(auto spec, hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
+  OSR_ASSIGN_OR_RETURN(auto spec,
+                       hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
   if (spec.driver == hypervisor::Driver::kNone) {
     return InvalidArgument("VM " + name + " has no driver (osr vm create --driver)");
   }
@@ -584,14 +585,15 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
   if (!catalog_->Policy(policy)) return NotFound("no policy named '" + policy + "'");
   // The VM must be able to run at its recovery site too: the entries its spec names
   // must be in that site's allow-list (or that site must take literals).
-  OSR_ASSIGN_OR_RETURN(auto spec, hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
+  OSR_ASSIGN_OR_RETURN(auto spec,
+                       hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
   if (spec.driver != hypervisor::Driver::kNone) {
     auto t = *catalog_->Site(target);
     OSR_ASSIGN_OR_RETURN(hypervisor::CommandPolicy at_target, SitePolicy(Client(t), t));
     Status st = hypervisor::CheckCommands(spec, at_target);
     if (!st.ok()) {
-      return InvalidArgument(fmt::format("VM {} could not run at {} after a failover: {}", vm,
-                                         target, st.message()));
+      return InvalidArgument(
+          fmt::format("VM {} could not run at {} after a failover: {}", vm, target, st.message()));
     }
   }
   OSR_RETURN_IF_ERROR(
@@ -1008,8 +1010,11 @@ void Vault::RunJob(JobRow& job) {
     auto v = catalog_->Vm(job.vm);
     steps.Begin(fmt::format("Create the recovery store at {}", item->target));
     // "full": the disks may hold data already; their allocated regions go first.
-    auto r =
-        Client(*dst).Call("PUT", "/stores/" + job.vm, json{{"disks", v->disks}, {"start", "full"}});
+    auto r = Client(*dst).Call("PUT", "/stores/" + job.vm,
+                               json{{"disks", v->disks},
+                                    {"start", "full"},
+                                    {"epoch", item->epoch},
+                                    {"source", item->source}});
     if (!r.ok() && r.status().code() == Code::kAlreadyExists && job.args.contains("resumed")) {
       r = json::object();  // made before the vault restarted
     }
@@ -1109,6 +1114,7 @@ Result<json> Vault::StartReplication(const ItemRow& item, const SiteRow& from, c
   auto policy = catalog_->Policy(item.policy).value_or(PolicyRow{"default"});
   return Client(from).Call("PUT", "/groups/" + item.vm + "/replication",
                            json{{"target", to.replication},
+                                {"target_site", to.name},
                                 {"epoch", item.epoch},
                                 {"compression", policy.compression},
                                 {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});

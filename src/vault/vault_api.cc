@@ -285,7 +285,7 @@ Result<std::unique_ptr<VaultApi>> VaultApi::Create(Vault* vault, const ApiConfig
     res.set_header("X-Content-Type-Options", "nosniff");
     res.set_header("Referrer-Policy", "no-referrer");
     res.set_header("Content-Security-Policy",
-                   "default-src 'self'; frame-ancestors 'none'; base-uri 'none'");
+                   "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'");
     if (res.get_header_value("Content-Type").rfind("application/json", 0) == 0) {
       res.set_header("Cache-Control", "no-store");
     }

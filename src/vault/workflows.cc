@@ -448,7 +448,10 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
       job.args["mode"] = mode;
       steps.Save();
       auto r = Client(*old).Call("PUT", "/stores/" + job.vm,
-                                 json{{"disks", vm->disks}, {"start", "full"}});
+                                 json{{"disks", vm->disks},
+                                      {"start", "full"},
+                                      {"epoch", item.epoch},
+                                      {"source", cur->name}});
       if (!r.ok() && r.status().code() != Code::kAlreadyExists) return back(r.status());
       found = {{"why", "the old primary has no disk of this VM: a full (sparse) copy"}};
     } else {
@@ -503,9 +506,10 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
       steps.Save();
       auto cg = Client(*cur).Call("GET", "/groups/" + job.vm);
       if (!cg.ok()) return back(cg.status());
-      auto t = Client(*old).Call(
-          "POST", "/groups/" + job.vm + "/to-store",
-          json{{"base_seq", (*cg).value("last_seq", uint64_t{0})}, {"epoch", item.epoch}});
+      auto t = Client(*old).Call("POST", "/groups/" + job.vm + "/to-store",
+                                 json{{"base_seq", (*cg).value("last_seq", uint64_t{0})},
+                                      {"epoch", item.epoch},
+                                      {"source", cur->name}});
       if (!t.ok()) return back(t.status());
     }
     job.args["mode"] = mode;

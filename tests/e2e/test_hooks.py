@@ -71,10 +71,11 @@ def test_a_hook_past_its_timeout_fails_the_failover_before_any_change(env, tmp_p
     assert osr.ok("vm", "show", "vm1")["site"] == "primary"
 
 
-def post(url, body):
+def post(url, body, token):
     """(HTTP status, JSON answer) of a POST to the vault."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"null")
@@ -92,7 +93,8 @@ def test_a_spec_of_the_wrong_type_is_refused_at_creation(env):
                         ({"driver": "process", "command": ["sh"]}, "spec.command")]:
         status, answer = post(url, {"name": "vm1", "site": "primary",
                                     "disks": [{"name": "os", "size_bytes": 16 << 20}],
-                                    "spec": spec})
+                                    "spec": spec},
+                              (env.qs.data_dir / "admin.token").read_text().strip())
         assert status == 400, (spec, status, answer)
         assert answer["error"]["message"].startswith(field + ":"), (spec, answer)
     assert env.osr.ok("vm", "list") == [], "a refused VM was created"

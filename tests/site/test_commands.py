@@ -15,6 +15,7 @@ import json
 import sqlite3
 import subprocess
 import urllib.error
+from pathlib import Path
 import urllib.request
 
 import pytest
@@ -52,8 +53,10 @@ def post_vm(vault, name, spec, site="primary"):
     """POST /api/v1/vms: (status, answer)."""
     body = {"name": name, "site": site, "disks": [{"name": "os", "size_bytes": 16 * MIB}],
             "spec": spec}
+    token = (Path(vault.db).parent / "admin.token").read_text().strip()
     req = urllib.request.Request(vault.url + "/api/v1/vms", data=json.dumps(body).encode(),
-                                 method="POST", headers={"Content-Type": "application/json"})
+                                 method="POST", headers={"Content-Type": "application/json",
+                                                         "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
