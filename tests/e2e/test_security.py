@@ -325,3 +325,105 @@ def test_state_files_are_private(env):
                 bad.append(f"{path} {stat.filemode(st.st_mode)}")
     assert not bad, "state readable by others:\n" + "\n".join(bad)
     assert stat.S_IMODE(os.stat(env.qs.data_dir / "admin.token").st_mode) == 0o600
+
+
+class FakeSite:
+    """A plain-HTTP "site" on 127.0.0.1 (the vault allows http:// to loopback) that
+    answers every call with `status` and `body`: a misconfigured or hostile endpoint."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+        self.calls = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                fake.calls.append((self.command, self.path))
+                status, body = answer(self.command, self.path)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_sites_raw_error_body_is_not_echoed(env, vault):
+    secret = b"<html>internal admin page: db password hunter2</html>"
+    fake = FakeSite(lambda method, path: (500, secret))
+    try:
+        body = {"name": "fake", "api": f"http://127.0.0.1:{fake.port}/api/v1",
+                "replication": "127.0.0.1:9"}
+        status, doc, _ = vault.call("POST", "/api/v1/sites", body, token=vault.admin)
+        assert status == 201, doc
+        status, sites, _ = vault.call("GET", "/api/v1/sites", token=vault.admin)
+        assert status == 200
+        row = {s["name"]: s for s in sites}["fake"]
+        assert row["reachable"] is False and row["error"] == "site fake: HTTP 500", row
+        assert b"hunter2" not in json.dumps(sites).encode()
+    finally:
+        fake.close()
+
+
+def test_a_site_answering_the_wrong_types_does_not_stop_the_vault(env, vault):
+    """A site whose store status says {"durable_seq": "x"} used to end the vault's point
+    loop (std::terminate). Now that item gets no point, the vault and the others go on."""
+    from conftest import protect
+    create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
+    protect(env.osr, "vm1")
+    create_vm(env.osr, "vm2", [("os", "1M", 1 << 20)])
+    protect(env.osr, "vm2")
+    before = len(env.osr.ok("point", "list", "vm2"))
+
+    def answer(method, path):
+        if path.startswith("/api/v1/stores/"):
+            return 200, b'{"durable_seq":"x","durable_time_ns":[1],"base_seq":{"a":1}}'
+        return 200, b'{"disks":"nope","groups":7}'
+    fake = FakeSite(answer)
+    try:
+        sites = {s["name"]: s for s in env.osr.ok("site", "list")}
+        rec = sites["recovery"]
+        # The recovery site "moves" to the fake (an admin's mistake, audited).
+        status, doc, _ = vault.call(
+            "POST", "/api/v1/sites",
+            {"name": "recovery", "api": f"http://127.0.0.1:{fake.port}/api/v1",
+             "replication": "127.0.0.1:9", "replace": True}, token=vault.admin)
+        assert status == 201, doc
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(p.startswith("/api/v1/stores/")
+                                                      for _, p in fake.calls):
+            time.sleep(0.2)
+        assert any(p.startswith("/api/v1/stores/") for _, p in fake.calls), fake.calls
+        time.sleep(2)  # more ticks of the point loop against the fake
+        assert vault.alive(), "the vault stopped answering"
+        assert env.qs.alive(), "the quickstart process ended"
+        assert "durable_seq: must be a whole number" in env.qs.stderr(), env.qs.stderr()[-2000:]
+        # Back to the real site: points resume.
+        status, doc, _ = vault.call(
+            "POST", "/api/v1/sites",
+            {"name": "recovery", "api": rec["api"], "replication": rec["replication"],
+             "replace": True}, token=vault.admin)
+        assert status == 201, doc
+    finally:
+        fake.close()
+    assert vault.alive()
+    # The vault works with the real site again: a point of vm2 is made there.
+    env.osr.ok("point", "create", "vm2")
+    assert len(env.osr.ok("point", "list", "vm2")) > before

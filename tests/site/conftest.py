@@ -105,21 +105,24 @@ def site_certs(tmp_path, name):
     return make_certs(tmp_path / "tls", name, "vault")
 
 
-def write_config(tmp_path, name, extra=""):
-    """A site config with mutual TLS (replication and the API) from the test's CA."""
+def write_config(tmp_path, name, extra="", tls=True):
+    """A site config with mutual TLS (replication and the API) from the test's CA; with
+    tls=False a lab on loopback: plain replication and `api_insecure = true` (the tests
+    that speak raw replication frames need that)."""
     data_dir = tmp_path / f"{name}-data"
     config = tmp_path / f"{name}.toml"
-    certs = site_certs(tmp_path, name)
-    cert, key = certs[name]
-    config.write_text(
-        f'name = "{name}"\n'
-        f'data_dir = "{data_dir}"\n'
-        'nbd_listen = "127.0.0.1:0"\n'
-        'replication_listen = "127.0.0.1:0"\n'
-        'api_listen = "127.0.0.1:0"\n'
-        f'tls_ca = "{certs["ca"]}"\n'
-        f'tls_cert = "{cert}"\n'
-        f'tls_key = "{key}"\n' + extra)
+    text = (f'name = "{name}"\n'
+            f'data_dir = "{data_dir}"\n'
+            'nbd_listen = "127.0.0.1:0"\n'
+            'replication_listen = "127.0.0.1:0"\n'
+            'api_listen = "127.0.0.1:0"\n')
+    if tls:
+        certs = site_certs(tmp_path, name)
+        cert, key = certs[name]
+        text += f'tls_ca = "{certs["ca"]}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    else:
+        text += "api_insecure = true\n"
+    config.write_text(text + extra)
     return config, data_dir
 
 
@@ -129,8 +132,8 @@ def site_factory(tmp_path):
     exit 0."""
     sites = []
 
-    def start(name):
-        config, data_dir = write_config(tmp_path, name)
+    def start(name, tls=True):
+        config, data_dir = write_config(tmp_path, name, tls=tls)
         s = SiteProcess(name, config, data_dir, tmp_path / f"{name}.stderr")
         sites.append(s)
         return s.start()
@@ -145,6 +148,13 @@ def sites(site_factory):
     """(primary, recovery): two running sites."""
     require_libnbd()
     return site_factory("primary"), site_factory("recovery")
+
+
+@pytest.fixture
+def plain_sites(site_factory):
+    """(primary, recovery) without TLS, on loopback (a lab): for raw replication frames."""
+    require_libnbd()
+    return site_factory("primary", tls=False), site_factory("recovery", tls=False)
 
 
 # -- HTTP API -----------------------------------------------------------------------

@@ -142,7 +142,8 @@ def protect(primary, recovery, store_body=None, replication=None):
 # -- parsing that cannot crash ------------------------------------------------------------
 
 
-def test_a_malformed_hello_is_refused_and_the_site_lives(sites):
+def test_a_malformed_hello_is_refused_and_the_site_lives(plain_sites):
+    sites = plain_sites
     primary, recovery = sites
     api_ok(recovery, "PUT", f"/stores/{VM}", SPEC, status=201)
     cases = [
@@ -211,7 +212,7 @@ class FakeReceiver:
 @pytest.mark.parametrize("answer", [b'{"durable_seq":"x"}', b'{"durable_seq":1,"base_seq":[]}',
                                     b"not json"])
 def test_a_malformed_hello_ok_is_reported_at_the_source(site_factory, answer):
-    primary = site_factory("primary")
+    primary = site_factory("primary", tls=False)
     fake = FakeReceiver(HELLO_OK, answer)
     try:
         api_ok(primary, "PUT", f"/groups/{VM}", SPEC, status=201)
@@ -234,7 +235,8 @@ def test_a_malformed_hello_ok_is_reported_at_the_source(site_factory, answer):
 # -- epochs come from the vault ------------------------------------------------------------
 
 
-def test_a_hello_above_the_store_epoch_changes_nothing(sites):
+def test_a_hello_above_the_store_epoch_changes_nothing(plain_sites):
+    sites = plain_sites
     primary, recovery = sites
     require_libnbd()
     api_ok(recovery, "PUT", f"/stores/{VM}", SPEC, status=201)
@@ -337,7 +339,8 @@ def tls_sites(tmp_path):
     procs = []
 
     def site(name):
-        config, data_dir = write_config(tmp_path, name)
+        config, data_dir = write_config(tmp_path, name, tls=False)
+        # Replication over TLS with this test's own CA; the API stays a loopback lab.
         config.write_text(config.read_text() + f'tls_ca = "{certs}/ca.pem"\n'
                           f'tls_cert = "{certs}/{name}.pem"\ntls_key = "{certs}/{name}.key"\n')
         s = SiteProcess(name, config, data_dir, tmp_path / f"{name}.stderr")
@@ -383,7 +386,7 @@ def test_certificates_must_name_the_expected_sites(tls_sites):
 def run_site_once(tmp_path, name, extra, listen=None):
     """Runs `osrd site` with the usual test config plus `extra` (and replication_listen =
     `listen`); it must exit, not start. Returns its stderr."""
-    config, _ = write_config(tmp_path, name)
+    config, _ = write_config(tmp_path, name, tls=False)
     text = config.read_text() + extra
     if listen:
         text = text.replace('replication_listen = "127.0.0.1:0"', f'replication_listen = "{listen}"')
@@ -405,7 +408,7 @@ def test_replication_without_tls_only_on_loopback(tmp_path, site_factory):
     err = run_site_once(tmp_path, "typo", 'replication_insecure = "yes"\n')
     assert "replication_insecure" in err, err
     # Shipping to an address beyond loopback without TLS is refused at once (403).
-    primary = site_factory("primary")
+    primary = site_factory("primary", tls=False)
     api_ok(primary, "PUT", f"/groups/{VM}", SPEC, status=201)
     e = assert_error(primary, "PUT", f"/groups/{VM}/replication", {"target": "192.0.2.1:7481"},
                      403)
