@@ -109,7 +109,7 @@ class SessionTest : public ::testing::Test {
   void Start(bool read_only = false) {
     disk_ = std::make_shared<MemDisk>(1 << 20, read_only);
     exports_ = std::make_unique<ExportTable>();
-    ASSERT_TRUE(exports_->Add({"disk0", "", disk_}).ok());
+    ASSERT_TRUE(exports_->Add({"disk0", "", disk_, ""}).ok());
     int sv[2];
     ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
     client_fd_ = sv[0];
