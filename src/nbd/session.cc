@@ -163,17 +163,21 @@ int Session::HandshakeMsLeft() const {
 }
 
 Status Session::ReadHandshake(std::span<uint8_t> buf) {
+  auto late = [&] {
+    return Unavailable(
+        fmt::format("the handshake did not end within {} ms", limits_.handshake_timeout_ms));
+  };
   size_t done = 0;
   while (done < buf.size()) {
     int left = HandshakeMsLeft();
-    if (left <= 0 || stopped_) {
-      return Unavailable(
-          fmt::format("the handshake did not end within {} ms", limits_.handshake_timeout_ms));
-    }
+    if (left <= 0 || stopped_) return late();
     stream_->SetReadTimeoutMs(left);
-    OSR_ASSIGN_OR_RETURN(size_t n, stream_->ReadSome(buf.subspan(done)));
-    if (n == 0) return Unavailable("connection closed by peer during the handshake");
-    done += n;
+    auto n = stream_->ReadSome(buf.subspan(done));
+    if (!n.ok()) return HandshakeMsLeft() <= 0 ? late() : n.status();
+    if (*n == 0) {
+      return stopped_ ? late() : Unavailable("connection closed by peer during the handshake");
+    }
+    done += *n;
   }
   return Status::Ok();
 }
