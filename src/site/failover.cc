@@ -423,7 +423,13 @@ Status Site::StartVm(const std::string& vm, const json& spec) {
     if (VmRunningLocked(g)) return Status::Ok();
     if (g.vm_starting) return Unavailable("VM " + vm + " is starting");
     g.vm_starting = true;
-    for (auto& d : g.disks) disks.emplace_back(d.name, LocalUri(vm, g, d.name));
+    // QEMU uses the VM's own socket. A process VM gets the URIs the API shows (its
+    // command may hand them on), unless TCP takes TLS clients only: then its socket.
+    bool tls_only = cfg_.nbd_tls.enabled() && !cfg_.nbd_tls_optional;
+    for (auto& d : g.disks) {
+      bool local = driver == "qemu" || tls_only;
+      disks.emplace_back(d.name, local ? LocalUri(vm, g, d.name) : Uri(DiskExport(vm, d.name)));
+    }
   }
   std::error_code ec;
   fs::create_directories(run, ec);

@@ -355,6 +355,12 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
                {"driver": "qemu", "memory_bytes": 256 * MIB, "cpus": 1, "qemu_args": args},
                status=204)
         console = data / "groups" / "vm1" / "run" / "console.log"
+        # QEMU reaches its disk over the VM's own socket (0600), not TCP.
+        pid = api_ok(site, "GET", "/groups/vm1")["vm"]["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        sock = data / "groups" / "vm1" / "run" / "nbd.sock"
+        assert f"server.type=unix,server.path={sock},export=vm/vm1/os" in cmdline, cmdline
 
         def count():
             text = console.read_text(errors="replace") if console.exists() else ""
