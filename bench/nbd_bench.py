@@ -77,6 +77,7 @@ FREE_BYTES_MIN_DEFAULT = 4 << 30    # refuse to start a workload below this
 
 ALL_SERVERS = ["qemu-nbd", "nbdkit", "osrd", "osrd-capture", "qemu-nbd-tls", "osrd-tls"]
 TLS_CLIENT = "bench"  # the client certificate's name (CN), in osrd-tls's --tls-authz
+NOBODY_UID = 65534
 
 # name -> (title, fio options or None for qemu-img, rw direction key)
 FIO_WORKLOADS = [
@@ -110,6 +111,9 @@ NOTES = [
     "NBD_CMD_FLUSH (nbd_aio_flush); fdatasync=1 is not supported by that "
     "engine (EINVAL). IOPS counts writes only; each write is followed by a "
     "flush, and fio waits for it before the next write.",
+    "qemu-img bench (qemu 7.2) takes no --object, so it cannot be given TLS "
+    "credentials: its rows are n/a for the -tls servers. fio runs as nobody for them "
+    "(libnbd reads a root's certificates from /etc/pki/libnbd only).",
     "qemu-img bench has no random mode: its 4K rows are strided "
     "(step coprime with the block count), a fixed request count, no ramp.",
     "qemu-img bench against qemu-nbd 7.2 at depth 16 stalls about 40 ms per "
@@ -146,7 +150,7 @@ def stop_process(proc, term_timeout_s=SERVER_STOP_TERM_TIMEOUT_S):
     return benchlib.stop_process(proc, term_timeout_s, SERVER_STOP_KILL_TIMEOUT_S)
 
 
-def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None):
+def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None, env=None):
     """Runs cmd in its own process group; kills that group on timeout.
 
     Returns (returncode, stdout text, stderr text). Raises BenchError on timeout.
@@ -155,7 +159,7 @@ def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None):
     err_f = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()
     with out_f, err_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_f,
-                                stderr=err_f, start_new_session=True)
+                                stderr=err_f, start_new_session=True, env=env)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -355,9 +359,25 @@ def make_tls(paths, root):
                      ("nbd-serve.key", "server-key.pem")):
         shutil.copyfile(os.path.join(ca, src), os.path.join(server, dst))
     os.chmod(os.path.join(server, "server-key.pem"), 0o600)
+    client = os.path.join(ca, "clients", TLS_CLIENT)
+    # fio's nbd engine cannot pass tls-certificates= (libnbd refuses local file access
+    # from URIs it did not allow): it finds them where libnbd looks by default,
+    # $HOME/.pki/libnbd, which libnbd only reads for a user other than root (root's is
+    # /etc/pki/libnbd, not ours to write). So fio runs as nobody with HOME there.
+    fio_home = tempfile.mkdtemp(prefix="osrd-nbd-bench-fio.", dir="/tmp")
+    pki = os.path.join(fio_home, ".pki", "libnbd")
+    os.makedirs(pki, 0o700)
+    for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copyfile(os.path.join(client, f), os.path.join(pki, f))
+    os.chmod(os.path.join(pki, "client-key.pem"), 0o600)
+    if os.geteuid() == 0:
+        for d, _, files in os.walk(fio_home):
+            os.chown(d, NOBODY_UID, NOBODY_UID)
+            for f in files:
+                os.chown(os.path.join(d, f), NOBODY_UID, NOBODY_UID)
     return {"ca": os.path.join(ca, "ca.pem"), "cert": os.path.join(ca, "nbd-serve.pem"),
-            "key": os.path.join(ca, "nbd-serve.key"),
-            "client": os.path.join(ca, "clients", TLS_CLIENT), "server": server}
+            "key": os.path.join(ca, "nbd-serve.key"), "client": client, "server": server,
+            "fio_home": fio_home}
 
 
 def probe_nbd(port):
@@ -491,14 +511,23 @@ class Server:
 
 def run_fio(server, name, options, direction, args, workdir):
     out_path = os.path.join(workdir, f"fio-{server.name}-{name}.json")
-    cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={server.uri}",
-           "--time_based", f"--runtime={args.runtime}", f"--ramp_time={args.ramp_time}",
-           # Same random sequence for every server; no random map to keep
-           # the client's CPU use low on a small machine.
-           "--randrepeat=1", "--norandommap", "--random_generator=tausworthe64",
-           "--output-format=json", f"--output={out_path}"] + options
+    uri, env, prefix, output = server.uri, None, [], [f"--output={out_path}"]
+    if server.tls:  # see make_tls: certificates from $HOME/.pki/libnbd, as nobody
+        uri = f"nbds://127.0.0.1:{server.port}/"
+        env = dict(os.environ, HOME=server.tls["fio_home"])
+        output = []  # JSON on stdout: nobody cannot write into the work dir
+        if os.geteuid() == 0:
+            prefix = ["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}",
+                      "--clear-groups", "--"]
+    cmd = prefix + ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
+                    "--time_based", f"--runtime={args.runtime}",
+                    f"--ramp_time={args.ramp_time}",
+                    # Same random sequence for every server; no random map to keep
+                    # the client's CPU use low on a small machine.
+                    "--randrepeat=1", "--norandommap", "--random_generator=tausworthe64",
+                    "--output-format=json"] + output + options
     timeout_s = args.runtime + args.ramp_time + CLIENT_SLACK_TIMEOUT_S
-    rc, out, err = run_bounded(cmd, timeout_s)
+    rc, out, err = run_bounded(cmd, timeout_s, env=env)
     text = read_file_text(out_path) or out
     if rc != 0:
         before_json = text[:text.find("{")] if "{" in text else text
@@ -578,6 +607,10 @@ def bench_server(name, paths, master, args, root, tls=None):
             results[wname] = run_one(server, wname, args, workdir, lambda: run_fio(
                 server, wname, options, direction, args, workdir))
         for wname, _, write in QEMU_IMG_WORKLOADS:
+            if server.tls:
+                # qemu-img bench (7.2) takes no --object: no TLS credentials to give it.
+                results[wname] = {"skipped": "qemu-img bench cannot use TLS credentials"}
+                continue
             results[wname] = run_one(server, wname, args, workdir, lambda: run_qemu_img(
                 server, wname, write, args))
     except BenchError as e:
@@ -662,7 +695,7 @@ def print_report(results, servers, args):
             if "iops" in r:
                 cell = f"{r['iops']:>9.0f} {r['bytes_per_s'] / (1 << 20):>9.1f}"
             else:
-                cell = "error"
+                cell = "n/a" if "skipped" in r else "error"
             row += cell.rjust(col)
         print(row)
 
@@ -781,13 +814,13 @@ def main():
     # Turn SIGTERM into an exception so the finally blocks stop the servers.
     signal.signal(signal.SIGTERM, raise_interrupt)
     results = {}
+    tls = None
     started = time.time()
     load_start = os.getloadavg()
     try:
         master = os.path.join(root, "master.img")
         log(f"nbd_bench: work dir {root}; creating {human_bytes(args.size)} image")
         create_master_image(master, args.size)
-        tls = None
         if any(s.endswith("-tls") for s in servers):
             tls = make_tls(paths, root)
         for s in servers:
@@ -799,6 +832,8 @@ def main():
         log("nbd_bench: interrupted")
         return 1
     finally:
+        if tls is not None:
+            shutil.rmtree(tls["fio_home"], ignore_errors=True)
         if args.keep:
             log(f"nbd_bench: kept {root}")
         else:
