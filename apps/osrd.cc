@@ -35,13 +35,13 @@ int Fail(const Status& st) {
   return 1;
 }
 
-std::string UriFor(const ListenAddress& a, const std::string& export_name) {
+std::string UriFor(const ListenAddress& a, const std::string& export_name, bool tls_only) {
   if (a.kind == ListenAddress::Kind::kUnix) {
     return fmt::format("nbd+unix:///{}?socket={}", export_name, a.path);
   }
   bool v6 = a.host.find(':') != std::string::npos;
-  return fmt::format("nbd://{}{}{}:{}/{}", v6 ? "[" : "", a.host, v6 ? "]" : "", a.port,
-                     export_name);
+  return fmt::format("{}://{}{}{}:{}/{}", tls_only ? "nbds" : "nbd", v6 ? "[" : "", a.host,
+                     v6 ? "]" : "", a.port, export_name);
 }
 
 sigset_t BlockStopSignals();
@@ -56,7 +56,60 @@ struct ServeArgs {
   std::string region_size = "64K";
   uint64_t epoch = 1;
   bool read_only = false;
+  // NBD TLS (STARTTLS) on the TCP listener.
+  std::string tls_dir;  // a private CA here (made if missing), the server's and clients' certs
+  std::vector<std::string> tls_clients;  // client certificate dirs to write: DIR/clients/NAME
+  std::string tls_ca, tls_cert, tls_key;
+  std::vector<std::string> tls_authz;  // client certificate names allowed in
+  bool tls_optional = false;
+  bool insecure_tcp = false;
+  int handshake_timeout_ms = 10000;
+  size_t connections_max = 128;
+  size_t connections_per_address_max = 16;
 };
+
+// The TCP listener's TLS from the nbd-serve flags; fills `authz` with who may connect.
+Result<nbd::ListenerOptions> ServeTls(const ServeArgs& a, nbd::Authz* authz) {
+  nbd::ListenerOptions o;
+  o.insecure_tcp = a.insecure_tcp;
+  bool files = !a.tls_ca.empty() || !a.tls_cert.empty() || !a.tls_key.empty();
+  if (!a.tls_dir.empty() && files) {
+    return InvalidArgument("--tls-dir and --tls-ca/--tls-cert/--tls-key do not go together");
+  }
+  if (a.tls_dir.empty() && !a.tls_clients.empty())
+    return InvalidArgument("--tls-client needs --tls-dir");
+  if (a.tls_dir.empty() && !files) {
+    if (!a.tls_authz.empty() || a.tls_optional) return InvalidArgument("TLS options without TLS");
+    return o;
+  }
+  TlsFiles tf{a.tls_ca, a.tls_cert, a.tls_key};
+  std::vector<std::string> names = a.tls_authz;
+  if (!a.tls_dir.empty()) {
+    OSR_ASSIGN_OR_RETURN(tf, EnsureQuickstartCertificates(a.tls_dir, "nbd-serve"));
+    for (auto& c : a.tls_clients) {
+      if (!ValidName(c)) return InvalidArgument("--tls-client: '" + c + "' is not a valid name");
+      OSR_ASSIGN_OR_RETURN(
+          std::string dir,
+          WriteCertificateDir(a.tls_dir, c, a.tls_dir + "/clients/" + c, CertDirRole::kClient));
+      std::printf("osrd: client certificate %s in %s\n", c.c_str(), dir.c_str());
+    }
+    if (names.empty()) names = a.tls_clients;
+    if (names.empty()) return InvalidArgument("--tls-dir needs --tls-client or --tls-authz");
+  } else if (tf.ca.empty() || tf.cert.empty() || tf.key.empty()) {
+    return InvalidArgument("give all of --tls-ca, --tls-cert and --tls-key");
+  } else if (names.empty()) {
+    spdlog::warn("no --tls-authz: every client certificate the CA signed may connect");
+  }
+  std::vector<nbd::AuthzRule> rules;
+  for (auto& n : names) rules.push_back({n, {}});
+  *authz = nbd::Authz(rules);
+  TlsOptions to;
+  to.allow_tls12 = true;
+  to.allowed_peer_names = names;
+  OSR_ASSIGN_OR_RETURN(o.tls_context, TlsContext::Create(tf, /*server=*/true, to));
+  o.tls = a.tls_optional ? nbd::TlsMode::kOptional : nbd::TlsMode::kRequired;
+  return o;
+}
 
 int NbdServe(const ServeArgs& a) {
   uint64_t create_size = 0;
@@ -95,8 +148,18 @@ int NbdServe(const ServeArgs& a) {
   }
 
   nbd::ExportTable exports;
-  if (Status st = exports.Add({a.export_name, "osrd " + a.image, disk}); !st.ok()) return Fail(st);
-  nbd::Server server(&exports, nbd::SessionLimits{});
+  if (Status st = exports.Add({a.export_name, "osrd " + a.image, disk, ""}); !st.ok())
+    return Fail(st);
+  nbd::Authz authz;
+  auto tcp_options = ServeTls(a, &authz);
+  if (!tcp_options.ok()) return Fail(tcp_options.status());
+  bool tls_only = tcp_options->tls == nbd::TlsMode::kRequired;
+  nbd::SessionLimits limits;
+  limits.handshake_timeout_ms = a.handshake_timeout_ms;
+  nbd::ServerLimits server_limits;
+  server_limits.tcp_connections_max = a.connections_max;
+  server_limits.connections_per_address_max = a.connections_per_address_max;
+  nbd::Server server(&exports, limits, server_limits, &authz);
   std::vector<ListenAddress> addrs;
   if (!a.listen.empty() || a.socket.empty()) {
     auto hp = ParseHostPort(a.listen.empty() ? "127.0.0.1:10809" : a.listen, 10809);
@@ -111,12 +174,16 @@ int NbdServe(const ServeArgs& a) {
   }
   std::vector<ListenAddress> bound;
   for (auto& addr : addrs) {
-    auto b = server.AddListener(addr);
+    // The unix socket is plain: its 0600 mode is its access control.
+    bool tcp = addr.kind == ListenAddress::Kind::kTcp;
+    auto b = server.AddListener(addr, tcp ? *tcp_options : nbd::ListenerOptions{});
     if (!b.ok()) return Fail(b.status());
     bound.push_back(*b);
   }
   if (Status st = server.Start(); !st.ok()) return Fail(st);
-  for (auto& b : bound) std::printf("osrd: listening on %s\n", UriFor(b, a.export_name).c_str());
+  for (auto& b : bound) {
+    std::printf("osrd: listening on %s\n", UriFor(b, a.export_name, tls_only).c_str());
+  }
   std::printf("osrd: ready\n");
   std::fflush(stdout);
   spdlog::info("serving {} ({} bytes){}{}", a.image, disk->size(), a.read_only ? ", read-only" : "",
@@ -337,6 +404,10 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   if (!made.ok()) return Fail(made.status());
   std::vector<std::unique_ptr<site::Site>> sites;
   std::vector<std::unique_ptr<site::SiteApi>> apis;
+  // NBD clients with TLS use DIR/tls/nbd-client (QEMU's and libnbd's layout).
+  auto nbd_client = WriteCertificateDir(abs + "/tls", "nbd-client", abs + "/tls/nbd-client",
+                                        CertDirRole::kClient);
+  if (!nbd_client.ok()) return Fail(nbd_client.status());
   for (std::string name : {"primary", "recovery"}) {
     site::SiteConfig cfg;
     cfg.name = name;
@@ -346,6 +417,9 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
     if (!tls.ok()) return Fail(tls.status());
     cfg.tls = *tls;
     cfg.commands.allow_api_commands = true;
+    cfg.nbd_tls = *tls;  // TLS offered to NBD clients; plain too (loopback only)
+    cfg.nbd_tls_optional = true;
+    cfg.nbd_tls_authz = {{"nbd-client", {}}};
     auto s = site::Site::Start(cfg);
     if (!s.ok()) return Fail(s.status());
     auto api = std::make_unique<site::SiteApi>(s->get());
@@ -420,6 +494,31 @@ int main(int argc, char** argv) {
   ns->add_option("--region-size", serve.region_size, "dirty-bitmap region size (default 64K)");
   ns->add_option("--epoch", serve.epoch, "epoch recorded with captured writes (default 1)");
   ns->add_flag("--read-only", serve.read_only, "refuse writes");
+  ns->add_option("--tls-dir", serve.tls_dir,
+                 "TLS on TCP with a private CA in this folder (made if missing)");
+  ns->add_option("--tls-client", serve.tls_clients,
+                 "with --tls-dir: write a client certificate folder DIR/clients/NAME (ca-cert.pem, "
+                 "client-cert.pem, client-key.pem: QEMU's tls-creds-x509 dir, libnbd's "
+                 "tls-certificates); repeatable");
+  ns->add_option("--tls-ca", serve.tls_ca, "TLS on TCP: the CA of client certificates (PEM)");
+  ns->add_option("--tls-cert", serve.tls_cert, "TLS on TCP: the server certificate (PEM)");
+  ns->add_option("--tls-key", serve.tls_key, "TLS on TCP: its key (PEM)");
+  ns->add_option("--tls-authz", serve.tls_authz,
+                 "a client certificate name (CN) allowed in; repeatable (default with --tls-dir: "
+                 "the --tls-client names)");
+  ns->add_flag("--tls-optional", serve.tls_optional,
+               "plain clients too (default: TLS required once configured)");
+  ns->add_flag("--insecure-tcp", serve.insecure_tcp,
+               "allow plain TCP on an address that is not loopback");
+  ns->add_option("--handshake-timeout-ms", serve.handshake_timeout_ms,
+                 "the whole handshake, TLS included, must end within this (default 10000)")
+      ->check(CLI::Range(100, 600000));
+  ns->add_option("--connections-max", serve.connections_max,
+                 "TCP connections at once (default 128)")
+      ->check(CLI::Range(1, 65536));
+  ns->add_option("--connections-per-address-max", serve.connections_per_address_max,
+                 "TCP connections at once from one client address (default 16)")
+      ->check(CLI::Range(1, 65536));
 
   std::string site_config;
   auto* sp = app.add_subcommand("site",

@@ -14,9 +14,15 @@ the host page cache (writeback), on 127.0.0.1, and runs the same workloads:
     iodepth 16, strided over the whole image (qemu-img bench has no random
     mode; the stride is coprime with the block count so every block is hit).
 
+With TLS (issue 9): osrd-tls (nbd-serve with TLS required, x509 client
+certificates) against qemu-nbd-tls (qemu-nbd --tls-creds, verify-peer: client
+certificates too), both with certificates from one osr CA made for the run; the
+clients are the same (fio over nbds:// with tls-certificates=DIR, qemu-img bench
+with a tls-creds-x509 object).
+
 It prints IOPS and MiB/s per workload and server, the ratios osrd-capture /
-nbdkit, osrd-capture / qemu-nbd, osrd / qemu-nbd and osrd-capture / osrd, and
-checks the bar for osrd with capture on:
+nbdkit, osrd-capture / qemu-nbd, osrd / qemu-nbd, osrd-capture / osrd and
+osrd-tls / qemu-nbd-tls, and checks the bar for osrd with capture on:
   >= 1.0x nbdkit on rand-write-4K, >= 0.7x nbdkit on seq-write-1M,
   >= 1.0x qemu-nbd on each of the four fio workloads.
 
@@ -34,7 +40,8 @@ DDIR_DATASYNC, so fdatasync=1 would fail every sync with EINVAL. The script
 checks fio's "sync" count against its write count after the run.
 
 Run: /usr/bin/python3 bench/nbd_bench.py --osrd build/osrd [--quick] [--size 1G]
-     [--servers qemu-nbd,nbdkit,osrd,osrd-capture] [--json FILE] [--strict]
+     [--servers qemu-nbd,nbdkit,osrd,osrd-capture,qemu-nbd-tls,osrd-tls] [--json FILE]
+     [--strict]
 """
 
 import argparse
@@ -68,7 +75,9 @@ TOOL_PROBE_TIMEOUT_S = 20.0
 PROBE_IO_TIMEOUT_S = 2.0
 FREE_BYTES_MIN_DEFAULT = 4 << 30    # refuse to start a workload below this
 
-ALL_SERVERS = ["qemu-nbd", "nbdkit", "osrd", "osrd-capture"]
+ALL_SERVERS = ["qemu-nbd", "nbdkit", "osrd", "osrd-capture", "qemu-nbd-tls", "osrd-tls"]
+TLS_CLIENT = "bench"  # the client certificate's name (CN), in osrd-tls's --tls-authz
+NOBODY_UID = 65534
 
 # name -> (title, fio options or None for qemu-img, rw direction key)
 FIO_WORKLOADS = [
@@ -95,19 +104,24 @@ BARS = [("osrd-capture", "nbdkit", "rand-write-4K", 1.0),
 BARS += [("osrd-capture", "qemu-nbd", w[0], 1.0) for w in FIO_WORKLOADS]
 
 RATIO_COLUMNS = [("osrd-capture", "nbdkit"), ("osrd-capture", "qemu-nbd"),
-                 ("osrd", "qemu-nbd"), ("osrd-capture", "osrd")]
+                 ("osrd", "qemu-nbd"), ("osrd-capture", "osrd"), ("osrd-tls", "qemu-nbd-tls")]
 
 NOTES = [
     "flush-write-4K uses fio fsync=1: fio's nbd engine sends DDIR_SYNC as "
     "NBD_CMD_FLUSH (nbd_aio_flush); fdatasync=1 is not supported by that "
     "engine (EINVAL). IOPS counts writes only; each write is followed by a "
     "flush, and fio waits for it before the next write.",
+    "qemu-img bench (qemu 7.2) takes no --object, so it cannot be given TLS "
+    "credentials: its rows are n/a for the -tls servers. fio runs as nobody for them "
+    "(libnbd reads a root's certificates from /etc/pki/libnbd only).",
     "qemu-img bench has no random mode: its 4K rows are strided "
     "(step coprime with the block count), a fixed request count, no ramp.",
     "qemu-img bench against qemu-nbd 7.2 at depth 16 stalls about 40 ms per "
     "batch of requests: qemu-nbd leaves Nagle on for accepted sockets (no "
     "TCP_NODELAY, seen with strace) and meets the client's delayed ACK; fio's "
     "libnbd client does not trigger it. Those rows are real but not about I/O.",
+    "osrd-tls / qemu-nbd-tls: TLS required, client certificates checked on both "
+    "(osrd: OpenSSL; qemu-nbd: GnuTLS); the clients' TLS is GnuTLS (libnbd, qemu).",
     "All servers use the host page cache (qemu-nbd --cache=writeback "
     "--aio=threads, nbdkit file cache=default, osrd default). The image and "
     "capture log are synced between workloads, outside the measured time.",
@@ -136,7 +150,7 @@ def stop_process(proc, term_timeout_s=SERVER_STOP_TERM_TIMEOUT_S):
     return benchlib.stop_process(proc, term_timeout_s, SERVER_STOP_KILL_TIMEOUT_S)
 
 
-def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None):
+def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None, env=None):
     """Runs cmd in its own process group; kills that group on timeout.
 
     Returns (returncode, stdout text, stderr text). Raises BenchError on timeout.
@@ -145,7 +159,7 @@ def run_bounded(cmd, timeout_s, stdout_path=None, stderr_path=None):
     err_f = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()
     with out_f, err_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_f,
-                                stderr=err_f, start_new_session=True)
+                                stderr=err_f, start_new_session=True, env=env)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -188,7 +202,7 @@ def process_cpu_s(pid):
 
 def find_tools(args, servers):
     needed = {"fio": "fio", "qemu-img": "qemu-utils"}
-    if "qemu-nbd" in servers:
+    if "qemu-nbd" in servers or "qemu-nbd-tls" in servers:
         needed["qemu-nbd"] = "qemu-utils"
     if "nbdkit" in servers:
         needed["nbdkit"] = "nbdkit"
@@ -213,7 +227,7 @@ def find_tools(args, servers):
         if rc != 0:
             raise BenchError("nbdkit has no file plugin (nbdkit file --dump-plugin "
                              f"failed: {tail(err, 3)})")
-    if any(s.startswith("osrd") for s in servers):
+    if any(s.startswith("osrd") or s.endswith("-tls") for s in servers):  # -tls: certificates
         osrd = os.path.abspath(args.osrd)
         if not (os.path.isfile(osrd) and os.access(osrd, os.X_OK)):
             raise BenchError(f"osrd binary not found or not executable at {osrd}; "
@@ -317,6 +331,55 @@ def free_port():
         return s.getsockname()[1]
 
 
+def make_tls(paths, root):
+    """Certificates from one osr CA for the TLS servers and their clients: returns
+    {"ca": ..., "cert": ..., "key": ... (osrd's server files), "client": DIR (ca-cert.pem,
+    client-cert.pem, client-key.pem), "server": DIR (qemu-nbd's ca-cert.pem,
+    server-cert.pem, server-key.pem)}. Made by `osrd nbd-serve --tls-dir`, started and
+    stopped at once."""
+    ca = os.path.join(root, "tls")
+    out = os.path.join(root, "mint.stdout")
+    cmd = [paths["osrd"], "nbd-serve", "--image", os.path.join(root, "mint.img"),
+           "--size", "1M", "--listen", "127.0.0.1:0", "--tls-dir", ca,
+           "--tls-client", TLS_CLIENT]
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while "osrd: ready" not in read_file_text(out):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"could not make TLS certificates: {' '.join(cmd)}")
+            time.sleep(0.05)
+    finally:
+        stop_process(proc)
+    server = os.path.join(root, "tls-server")
+    os.mkdir(server, 0o700)
+    for src, dst in (("ca.pem", "ca-cert.pem"), ("nbd-serve.pem", "server-cert.pem"),
+                     ("nbd-serve.key", "server-key.pem")):
+        shutil.copyfile(os.path.join(ca, src), os.path.join(server, dst))
+    os.chmod(os.path.join(server, "server-key.pem"), 0o600)
+    client = os.path.join(ca, "clients", TLS_CLIENT)
+    # fio's nbd engine cannot pass tls-certificates= (libnbd refuses local file access
+    # from URIs it did not allow): it finds them where libnbd looks by default,
+    # $HOME/.pki/libnbd, which libnbd only reads for a user other than root (root's is
+    # /etc/pki/libnbd, not ours to write). So fio runs as nobody with HOME there.
+    fio_home = tempfile.mkdtemp(prefix="osrd-nbd-bench-fio.", dir="/tmp")
+    pki = os.path.join(fio_home, ".pki", "libnbd")
+    os.makedirs(pki, 0o700)
+    for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copyfile(os.path.join(client, f), os.path.join(pki, f))
+    os.chmod(os.path.join(pki, "client-key.pem"), 0o600)
+    if os.geteuid() == 0:
+        for d, _, files in os.walk(fio_home):
+            os.chown(d, NOBODY_UID, NOBODY_UID)
+            for f in files:
+                os.chown(os.path.join(d, f), NOBODY_UID, NOBODY_UID)
+    return {"ca": os.path.join(ca, "ca.pem"), "cert": os.path.join(ca, "nbd-serve.pem"),
+            "key": os.path.join(ca, "nbd-serve.key"), "client": client, "server": server,
+            "fio_home": fio_home}
+
+
 def probe_nbd(port):
     """True when something on 127.0.0.1:port sends the NBD greeting."""
     try:
@@ -335,8 +398,9 @@ def probe_nbd(port):
 
 
 class Server:
-    def __init__(self, name, paths, image, workdir):
+    def __init__(self, name, paths, image, workdir, tls=None):
         self.name = name
+        self.tls = tls if name.endswith("-tls") else None
         self.paths = paths
         self.image = image
         self.workdir = workdir
@@ -348,11 +412,15 @@ class Server:
         self.exit_note = None
 
     def _command(self):
-        if self.name == "qemu-nbd":
+        if self.name in ("qemu-nbd", "qemu-nbd-tls"):
             self.port = free_port()
+            tls = []
+            if self.tls:
+                tls = ["--object", "tls-creds-x509,id=tls0,endpoint=server,"
+                       f"dir={self.tls['server']},verify-peer=on", "--tls-creds=tls0"]
             return [self.paths["qemu-nbd"], "--format=raw", "--cache=writeback",
                     "--aio=threads", "--bind=127.0.0.1", f"--port={self.port}",
-                    "--persistent", "--shared=8", self.image]
+                    "--persistent", "--shared=8", *tls, self.image]
         if self.name == "nbdkit":
             self.port = free_port()
             return [self.paths["nbdkit"], "--foreground", "--exit-with-parent",
@@ -364,6 +432,9 @@ class Server:
             self.capture_dir = os.path.join(self.workdir, "capture")
             os.mkdir(self.capture_dir)
             cmd += ["--capture", self.capture_dir]
+        if self.tls:
+            cmd += ["--tls-ca", self.tls["ca"], "--tls-cert", self.tls["cert"],
+                    "--tls-key", self.tls["key"], "--tls-authz", TLS_CLIENT]
         return cmd
 
     def start(self):
@@ -389,14 +460,26 @@ class Server:
 
     def _osrd_ready(self):
         text = read_file_text(self.stdout_path)
-        m = re.search(r"^osrd: listening on nbd://127\.0\.0\.1:(\d+)/", text, re.M)
+        m = re.search(r"^osrd: listening on nbds?://127\.0\.0\.1:(\d+)/", text, re.M)
         if m:
             self.port = int(m.group(1))
         return self.port is not None and re.search(r"^osrd: ready$", text, re.M)
 
     @property
     def uri(self):
+        if self.tls:
+            return f"nbds://127.0.0.1:{self.port}/?tls-certificates={self.tls['client']}"
         return f"nbd://127.0.0.1:{self.port}/"
+
+    def qemu_img_target(self):
+        """qemu-img arguments that open the export as raw."""
+        if not self.tls:
+            return ["-f", "raw", self.uri]
+        return ["--object", "tls-creds-x509,id=tls0,endpoint=client,"
+                f"dir={self.tls['client']}", "--image-opts",
+                "driver=raw,file.driver=nbd,file.server.type=inet,"
+                f"file.server.host=127.0.0.1,file.server.port={self.port},file.export=,"
+                "file.tls-creds=tls0"]
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -428,14 +511,23 @@ class Server:
 
 def run_fio(server, name, options, direction, args, workdir):
     out_path = os.path.join(workdir, f"fio-{server.name}-{name}.json")
-    cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={server.uri}",
-           "--time_based", f"--runtime={args.runtime}", f"--ramp_time={args.ramp_time}",
-           # Same random sequence for every server; no random map to keep
-           # the client's CPU use low on a small machine.
-           "--randrepeat=1", "--norandommap", "--random_generator=tausworthe64",
-           "--output-format=json", f"--output={out_path}"] + options
+    uri, env, prefix, output = server.uri, None, [], [f"--output={out_path}"]
+    if server.tls:  # see make_tls: certificates from $HOME/.pki/libnbd, as nobody
+        uri = f"nbds://127.0.0.1:{server.port}/"
+        env = dict(os.environ, HOME=server.tls["fio_home"])
+        output = []  # JSON on stdout: nobody cannot write into the work dir
+        if os.geteuid() == 0:
+            prefix = ["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}",
+                      "--clear-groups", "--"]
+    cmd = prefix + ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
+                    "--time_based", f"--runtime={args.runtime}",
+                    f"--ramp_time={args.ramp_time}",
+                    # Same random sequence for every server; no random map to keep
+                    # the client's CPU use low on a small machine.
+                    "--randrepeat=1", "--norandommap", "--random_generator=tausworthe64",
+                    "--output-format=json"] + output + options
     timeout_s = args.runtime + args.ramp_time + CLIENT_SLACK_TIMEOUT_S
-    rc, out, err = run_bounded(cmd, timeout_s)
+    rc, out, err = run_bounded(cmd, timeout_s, env=env)
     text = read_file_text(out_path) or out
     if rc != 0:
         before_json = text[:text.find("{")] if "{" in text else text
@@ -478,11 +570,11 @@ def qemu_img_step_bytes(size_bytes, block_bytes=4096):
 def run_qemu_img(server, name, write, args):
     count = args.qemu_img_count
     step = qemu_img_step_bytes(args.size)
-    cmd = ["qemu-img", "bench", "-f", "raw", "-t", "writeback", "-c", str(count),
+    cmd = ["qemu-img", "bench", "-t", "writeback", "-c", str(count),
            "-d", "16", "-s", "4096", "-S", str(step)]
     if write:
         cmd += ["-w", "--pattern=165"]  # 0xa5: never the all-zero buffer
-    cmd.append(server.uri)
+    cmd += server.qemu_img_target()
     timeout_s = count / QEMU_IMG_MIN_RATE_IOPS + CLIENT_SLACK_TIMEOUT_S
     rc, out, err = run_bounded(cmd, timeout_s)
     if rc != 0:
@@ -498,7 +590,7 @@ def run_qemu_img(server, name, write, args):
             "runtime_ms": seconds * 1000.0, "step_bytes": step}
 
 
-def bench_server(name, paths, master, args, root):
+def bench_server(name, paths, master, args, root, tls=None):
     """Runs every workload against one server on its own copy of the image."""
     workdir = os.path.join(root, name)
     os.mkdir(workdir)
@@ -508,13 +600,17 @@ def bench_server(name, paths, master, args, root):
     try:
         log(f"[{name}] copying image ({human_bytes(args.size)})")
         copy_image(master, image, args.size)
-        server = Server(name, paths, image, workdir)
+        server = Server(name, paths, image, workdir, tls)
         server.start()
         log(f"[{name}] serving {server.uri} (pid {server.proc.pid})")
         for wname, _, options, direction in FIO_WORKLOADS:
             results[wname] = run_one(server, wname, args, workdir, lambda: run_fio(
                 server, wname, options, direction, args, workdir))
         for wname, _, write in QEMU_IMG_WORKLOADS:
+            if server.tls:
+                # qemu-img bench (7.2) takes no --object: no TLS credentials to give it.
+                results[wname] = {"skipped": "qemu-img bench cannot use TLS credentials"}
+                continue
             results[wname] = run_one(server, wname, args, workdir, lambda: run_qemu_img(
                 server, wname, write, args))
     except BenchError as e:
@@ -599,7 +695,7 @@ def print_report(results, servers, args):
             if "iops" in r:
                 cell = f"{r['iops']:>9.0f} {r['bytes_per_s'] / (1 << 20):>9.1f}"
             else:
-                cell = "error"
+                cell = "n/a" if "skipped" in r else "error"
             row += cell.rjust(col)
         print(row)
 
@@ -718,14 +814,17 @@ def main():
     # Turn SIGTERM into an exception so the finally blocks stop the servers.
     signal.signal(signal.SIGTERM, raise_interrupt)
     results = {}
+    tls = None
     started = time.time()
     load_start = os.getloadavg()
     try:
         master = os.path.join(root, "master.img")
         log(f"nbd_bench: work dir {root}; creating {human_bytes(args.size)} image")
         create_master_image(master, args.size)
+        if any(s.endswith("-tls") for s in servers):
+            tls = make_tls(paths, root)
         for s in servers:
-            results[s] = bench_server(s, paths, master, args, root)
+            results[s] = bench_server(s, paths, master, args, root, tls)
     except BenchError as e:
         log(f"nbd_bench: {e}")
         return 1
@@ -733,6 +832,8 @@ def main():
         log("nbd_bench: interrupted")
         return 1
     finally:
+        if tls is not None:
+            shutil.rmtree(tls["fio_home"], ignore_errors=True)
         if args.keep:
             log(f"nbd_bench: kept {root}")
         else:

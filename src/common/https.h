@@ -33,8 +33,4 @@ Status ConfigureClientTls(SSL_CTX* ctx, const TlsFiles& files,
 // The CN of the peer's certificate on an established connection ("" when none).
 std::string PeerCommonName(const SSL* ssl);
 
-// Whether `host` (a name or an address, IPv6 with or without brackets) is this machine's
-// loopback: "localhost", 127.0.0.0/8, ::1.
-bool IsLoopbackHost(std::string_view host);
-
 }  // namespace osr

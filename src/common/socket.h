@@ -11,6 +11,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/file.h"
@@ -70,6 +71,12 @@ struct ListenAddress {
   uint16_t port = 0;  // kTcp; 0 = any free port
   std::string path;   // kUnix
 };
+
+// Whether `host` (an address literal, IPv6 with or without brackets, or "localhost") is
+// this machine's loopback: 127.0.0.0/8, ::1, ::ffff:127.0.0.0/104. Names are not
+// resolved: any name but localhost is not loopback. Plain-text listeners and peers of
+// osr are allowed only there unless a config says otherwise (docs/security.md).
+bool IsLoopbackHost(std::string_view host);
 
 // "HOST:PORT", "[::1]:PORT" or ":PORT".
 Result<ListenAddress> ParseHostPort(const std::string& text, uint16_t default_port);

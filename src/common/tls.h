@@ -1,8 +1,8 @@
-// TLS for the replication channel: mutual authentication against a private CA (the
-// quickstart makes one; operators bring their own), over OpenSSL. The CA proves that a
-// peer is one of the sites; the names in its certificate (PeerIdentity) say which one,
-// and the replication ends check that name against the site they expect (DESIGN.md
-// invariant 8).
+// TLS for the replication channel and NBD (STARTTLS): mutual authentication against a
+// private CA (the quickstart makes one; operators bring their own), over OpenSSL. The CA
+// proves that a peer is one of the sites; the names in its certificate (PeerIdentity) say
+// which one, and the replication ends check that name against the site they expect
+// (DESIGN.md invariant 8).
 //
 // Thread model: a TlsStream may be read by one thread while another writes (the sender
 // reads ACKs while it ships records). OpenSSL allows one call on an SSL at a time, so
@@ -12,6 +12,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,6 +21,7 @@
 
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct ssl_st SSL;
+struct x509_store_ctx_st;
 
 namespace osr {
 
@@ -48,31 +50,48 @@ struct PeerIdentity {
 // config says otherwise (replication_insecure).
 bool IsLoopback(const ListenAddress& addr);
 
+struct TlsOptions {
+  // TLS 1.2 as well as 1.3 (the NBD spec requires 1.2 support; replication speaks 1.3 only).
+  bool allow_tls12 = false;
+  // A server accepts only peers whose certificate's common name (CN) is one of these; the
+  // handshake fails otherwise (like qemu-nbd's --tls-authz). Empty: any certificate the
+  // CA signed.
+  std::vector<std::string> allowed_peer_names;
+};
+
 class TlsContext {
  public:
   // Loads the files; both ends require a certificate from the peer signed by the CA.
-  static Result<std::shared_ptr<TlsContext>> Create(const TlsFiles& files, bool server);
+  // kInvalidArgument when a file cannot be loaded or the key does not match.
+  static Result<std::shared_ptr<TlsContext>> Create(const TlsFiles& files, bool server,
+                                                    TlsOptions options = {});
   ~TlsContext();
   // A TLS stream over a connected socket; call Handshake() before using it.
   Result<std::unique_ptr<class TlsStream>> NewStream(Fd fd);
 
  private:
   TlsContext() = default;
+  static int VerifyPeer(int preverify_ok, struct x509_store_ctx_st* store);
   SSL_CTX* ctx_ = nullptr;
   bool server_ = false;
+  std::vector<std::string> allowed_peer_names_;
 };
 
 class TlsStream final : public Stream {
  public:
   TlsStream(Fd fd, SSL* ssl, bool server) : fd_(std::move(fd)), ssl_(ssl), server_(server) {}
   ~TlsStream() override;
-  // Runs the handshake; the peer must present a certificate signed by the CA.
-  // kPermissionDenied when it does not.
+  // Runs the handshake; the peer must present a certificate signed by the CA (and, on a
+  // server with allowed_peer_names, named by one of them). kPermissionDenied when it does
+  // not; kUnavailable when the peer leaves or `timeout_ms` passes first.
   Status Handshake(int timeout_ms);
   // The peer certificate's names (after Handshake). kPermissionDenied when there is no
   // verified certificate.
   Result<PeerIdentity> Peer();
+  // The common name (CN) of the peer's certificate, after the handshake ("" if none).
+  std::string PeerName() const;
   Result<size_t> ReadSome(std::span<uint8_t> buf) override;
+  Result<std::optional<size_t>> TryReadSome(std::span<uint8_t> buf) override;
   Status WriteAll(std::span<const struct iovec> iov) override;
   using Stream::WriteAll;
   void Shutdown() override;
@@ -81,16 +100,32 @@ class TlsStream final : public Stream {
 
  private:
   Status Wait(bool for_write, int timeout_ms);
+  // One SSL_read; nullopt when it would block (`wait_for` then says for what).
+  Result<std::optional<size_t>> ReadOnce(std::span<uint8_t> buf, bool* wait_for_write);
   Fd fd_;
   SSL* ssl_;
   bool server_;
-  std::mutex ssl_mu_;  // one SSL call at a time
+  mutable std::mutex ssl_mu_;  // one SSL call at a time
   int read_timeout_ms_ = 0;
 };
 
 // Makes a private CA (ca.pem, ca.key) in `dir` if it has none, and a certificate for
-// `name` signed by it (NAME.pem, NAME.key; CN and subjectAltName DNS:name). Returns the
-// files for that name.
+// `name` signed by it (NAME.pem, NAME.key). Returns the files for that name.
+// Certificates carry what GnuTLS peers (QEMU, libnbd) check: key usage, extended key usage
+// serverAuth + clientAuth, and subject alternative names DNS:NAME, DNS:localhost,
+// IP:127.0.0.1 and IP:::1 (a client checks the host it dialled against them); the DNS
+// name is also where replication peers look for the site's name (PeerIdentity::Names).
+// A certificate made by an older osr without them is made again (same CA).
 Result<TlsFiles> EnsureQuickstartCertificates(const std::string& dir, const std::string& name);
+
+// The layout GnuTLS users read from one directory (QEMU's tls-creds-x509 dir=, libnbd's
+// tls-certificates=, qemu-nbd --tls-creds): ca-cert.pem and either client-cert.pem +
+// client-key.pem or server-cert.pem + server-key.pem.
+enum class CertDirRole { kClient, kServer };
+// Writes such a directory at `out_dir` (0700; the key 0600) for `name`, with a certificate
+// from the CA in `ca_dir` (made as EnsureQuickstartCertificates does). Files already in
+// `out_dir` are replaced. Returns out_dir.
+Result<std::string> WriteCertificateDir(const std::string& ca_dir, const std::string& name,
+                                        const std::string& out_dir, CertDirRole role);
 
 }  // namespace osr

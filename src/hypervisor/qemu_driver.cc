@@ -216,11 +216,25 @@ bool KvmUsable() {
   return ok;
 }
 
-// The -drive options of an NBD disk: nbd://HOST:PORT/EXPORT as the nbd driver's own
-// options, so that qemu reconnects when the connection breaks (spec.nbd_reconnect_s);
+// The -drive options of an NBD disk, as the nbd driver's own options so that qemu
+// reconnects when the connection breaks (spec.nbd_reconnect_s; the site daemon restarted):
+//   nbd://HOST:PORT/EXPORT                  server.type=inet
+//   nbd+unix:///EXPORT?socket=PATH          server.type=unix (the VM's own socket)
 // any other URI as file=URI.
 static std::string NbdDriveOptions(const std::string& uri, const QemuSpec& spec) {
   static const std::string kScheme = "nbd://";
+  static const std::string kUnixScheme = "nbd+unix:///";
+  static const std::string kSocket = "?socket=";
+  int reconnect_s = std::max(0, spec.nbd_reconnect_s);
+  if (uri.rfind(kUnixScheme, 0) == 0) {
+    std::string rest = uri.substr(kUnixScheme.size());
+    auto q = rest.find(kSocket);
+    if (q != std::string::npos && rest.find('&', q) == std::string::npos) {
+      return fmt::format("driver=nbd,server.type=unix,server.path={},export={},reconnect-delay={}",
+                         OptEscape(rest.substr(q + kSocket.size())), OptEscape(rest.substr(0, q)),
+                         reconnect_s);
+    }
+  }
   if (uri.rfind(kScheme, 0) == 0) {
     std::string rest = uri.substr(kScheme.size());
     auto slash = rest.find('/');
@@ -232,7 +246,7 @@ static std::string NbdDriveOptions(const std::string& uri, const QemuSpec& spec)
           "driver=nbd,server.type=inet,server.host={},server.port={},export={},"
           "reconnect-delay={}",
           OptEscape(hostport.substr(0, colon)), OptEscape(hostport.substr(colon + 1)),
-          OptEscape(exp), std::max(0, spec.nbd_reconnect_s));
+          OptEscape(exp), reconnect_s);
     }
   }
   return fmt::format("file={},format=raw", OptEscape(uri));

@@ -36,8 +36,9 @@ namespace osr::hypervisor {
 
 struct QemuSpec {
   std::string name;
-  std::vector<std::pair<std::string, std::string>> disks;  // (disk name, nbd://HOST:PORT/EXPORT)
-  uint64_t memory_bytes = 512ull << 20;                    // a whole number of MiB
+  // (disk name, URI): nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH
+  std::vector<std::pair<std::string, std::string>> disks;
+  uint64_t memory_bytes = 512ull << 20;  // a whole number of MiB
   int cpus = 1;
   std::string extra_args;  // appended to the command line, split as SplitArgs() does
   std::string run_dir;     // created if missing

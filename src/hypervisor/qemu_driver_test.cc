@@ -261,6 +261,39 @@ TEST_F(QemuDriverTest, TheDriverRefusesAForbiddenArgumentBeforeItStartsQemu) {
   EXPECT_FALSE(vm.running());
 }
 
+TEST_F(QemuDriverTest, NbdDisksBecomeReconnectingNbdDrivesOverTcpOrTheVmsSocket) {
+  // A "qemu" that writes its arguments down and exits.
+  fs::create_directories(run_dir_);
+  std::string fake = run_dir_ + "/fake-qemu", args = run_dir_ + "/args";
+  {
+    std::FILE* f = std::fopen(fake.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fprintf(f, "#!/bin/sh\nprintf '%%s\\n' \"$@\" > %s\nexit 3\n", args.c_str());
+    std::fclose(f);
+    fs::permissions(fake, fs::perms::owner_all);
+  }
+  QemuDriver vm;
+  QemuSpec spec = Spec("vm1");
+  spec.qemu_binary = fake;
+  spec.guest_agent = false;
+  spec.disks = {{"os", "nbd+unix:///vm/vm1/os?socket=/srv/osr/groups/vm1/run/nbd.sock"},
+                {"data", "nbd://127.0.0.1:10809/vm/vm1/data"}};
+  EXPECT_FALSE(vm.Start(spec).ok());  // it exits at once
+  std::FILE* f = std::fopen(args.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  std::string text(4096, '\0');
+  text.resize(std::fread(text.data(), 1, text.size(), f));
+  std::fclose(f);
+  EXPECT_NE(text.find("driver=nbd,server.type=unix,server.path=/srv/osr/groups/vm1/run/nbd.sock,"
+                      "export=vm/vm1/os,reconnect-delay=60,"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=10809,"
+                      "export=vm/vm1/data,reconnect-delay=60,"),
+            std::string::npos)
+      << text;
+}
+
 TEST(SplitArgs, SplitsOnWhitespaceAndKeepsQuotedSpaces) {
   auto words = SplitArgs("  -kernel /g/vmlinuz\t-append 'console=ttyS0 quiet' -name \"a b\"c '' ");
   ASSERT_TRUE(words.ok());

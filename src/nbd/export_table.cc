@@ -2,6 +2,18 @@
 
 namespace osr::nbd {
 
+bool MayOpen(const Principal& p, const Export& e, const Authz* authz) {
+  switch (p.kind) {
+    case Principal::Kind::kAnonymous:
+      return true;
+    case Principal::Kind::kLocalVm:
+      return !e.vm.empty() && e.vm == p.name;
+    case Principal::Kind::kCertificate:
+      return authz == nullptr || authz->Allows(p.name, e.name);
+  }
+  return false;
+}
+
 Status ExportTable::Add(Export e) {
   OSR_CHECK(e.disk != nullptr);
   std::lock_guard lock(mu_);
@@ -34,6 +46,35 @@ std::vector<std::shared_ptr<const Export>> ExportTable::List() const {
   std::lock_guard lock(mu_);
   std::vector<std::shared_ptr<const Export>> out;
   for (auto& [n, e] : exports_) out.push_back(e);
+  return out;
+}
+
+}  // namespace osr::nbd
+
+namespace osr::nbd {
+
+std::shared_ptr<const Export> ExportTable::FindFor(std::string_view name, const Principal& p,
+                                                   const Authz* authz) const {
+  std::lock_guard lock(mu_);
+  auto it = exports_.find(name);
+  if (it != exports_.end()) return MayOpen(p, *it->second, authz) ? it->second : nullptr;
+  if (!name.empty()) return nullptr;
+  std::shared_ptr<const Export> only;
+  for (auto& [n, e] : exports_) {
+    if (!MayOpen(p, *e, authz)) continue;
+    if (only) return nullptr;  // more than one: no default
+    only = e;
+  }
+  return only;
+}
+
+std::vector<std::shared_ptr<const Export>> ExportTable::ListFor(const Principal& p,
+                                                                const Authz* authz) const {
+  std::lock_guard lock(mu_);
+  std::vector<std::shared_ptr<const Export>> out;
+  for (auto& [n, e] : exports_) {
+    if (MayOpen(p, *e, authz)) out.push_back(e);
+  }
   return out;
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "nbd/access.h"
 #include "nbd/disk.h"
 
 namespace osr::nbd {
@@ -22,7 +23,11 @@ struct Export {
   std::string name;
   std::string description;
   std::shared_ptr<Disk> disk;
+  std::string vm;  // the VM whose own unix socket may open it ("": no VM socket may)
 };
+
+// Whether `p` may see and open `e`. `authz` (for kCertificate) may be nullptr: no limit.
+bool MayOpen(const Principal& p, const Export& e, const Authz* authz);
 
 class ExportTable {
  public:
@@ -33,7 +38,12 @@ class ExportTable {
   // The export of that name. The empty name is the default export: the one named "",
   // or the only export when there is exactly one.
   std::shared_ptr<const Export> Find(std::string_view name) const;
+  // The same, among the exports `p` may open only (the default export is the only one it
+  // may open, when there is exactly one). nullptr when there is none it may open.
+  std::shared_ptr<const Export> FindFor(std::string_view name, const Principal& p,
+                                        const Authz* authz) const;
   std::vector<std::shared_ptr<const Export>> List() const;
+  std::vector<std::shared_ptr<const Export>> ListFor(const Principal& p, const Authz* authz) const;
 
  private:
   mutable std::mutex mu_;

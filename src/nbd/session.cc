@@ -35,8 +35,20 @@ uint8_t* Grow(std::vector<uint8_t>* out, size_t n) {
 }  // namespace
 
 Session::Session(std::unique_ptr<Stream> stream, const ExportTable* exports, SessionLimits limits,
-                 std::string peer)
-    : stream_(std::move(stream)), exports_(exports), limits_(limits), peer_(std::move(peer)) {}
+                 std::string peer, SessionSecurity security)
+    : stream_(std::move(stream)),
+      exports_(exports),
+      limits_(limits),
+      peer_(std::move(peer)),
+      security_(std::move(security)) {
+  OSR_CHECK(security_.tls == TlsMode::kOff || security_.upgrader != nullptr);
+  handshake_deadline_ =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.handshake_timeout_ms);
+}
+
+std::shared_ptr<const Export> Session::FindExport(std::string_view name) const {
+  return exports_->FindFor(name, security_.principal, security_.authz);
+}
 
 void Session::Choose(std::shared_ptr<const Export> e) {
   disk_ = e->disk.get();
@@ -62,7 +74,14 @@ void Session::Stop() {
   // Stop reading; Run() still answers every request it has read (the spec asks a
   // stopping server to finish what is in flight), then closes.
   stopped_ = true;
-  stream_->ShutdownRead();
+  std::lock_guard lock(stream_mu_);
+  if (stream_) stream_->ShutdownRead();
+}
+
+void Session::Abort() {
+  stopped_ = true;
+  std::lock_guard lock(stream_mu_);
+  if (stream_) stream_->Shutdown();
 }
 
 Status Session::Send(std::span<const struct iovec> iov) {
@@ -76,13 +95,14 @@ Status Session::Send(std::span<const struct iovec> iov) {
 Status Session::Run() {
   Status st = RunInner();
   // The client sees the end at once, not when the server reaps this session.
-  stream_->Shutdown();
+  std::lock_guard lock(stream_mu_);
+  if (stream_) stream_->Shutdown();
   return st;
 }
 
 Status Session::RunInner() {
-  stream_->SetReadTimeoutMs(limits_.handshake_timeout_ms);
   auto hs = Handshake();
+  in_handshake_ = false;
   if (!hs.ok()) return hs.status();
   if (*hs == HandshakeResult::kEnd) return Status::Ok();
   stream_->SetReadTimeoutMs(0);
@@ -136,6 +156,32 @@ Status Session::SendExportNameReply() {
   return stream_->WriteAll(std::span<const uint8_t>(buf, no_zeroes_ ? 10 : sizeof buf));
 }
 
+int Session::HandshakeMsLeft() const {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      handshake_deadline_ - std::chrono::steady_clock::now());
+  return static_cast<int>(std::max<int64_t>(0, left.count()));
+}
+
+Status Session::ReadHandshake(std::span<uint8_t> buf) {
+  auto late = [&] {
+    return Unavailable(
+        fmt::format("the handshake did not end within {} ms", limits_.handshake_timeout_ms));
+  };
+  size_t done = 0;
+  while (done < buf.size()) {
+    int left = HandshakeMsLeft();
+    if (left <= 0 || stopped_) return late();
+    stream_->SetReadTimeoutMs(left);
+    auto n = stream_->ReadSome(buf.subspan(done));
+    if (!n.ok()) return HandshakeMsLeft() <= 0 ? late() : n.status();
+    if (*n == 0) {
+      return stopped_ ? late() : Unavailable("connection closed by peer during the handshake");
+    }
+    done += *n;
+  }
+  return Status::Ok();
+}
+
 Result<Session::HandshakeResult> Session::Handshake() {
   uint8_t hello[18];
   Put64(hello, kNbdMagic);
@@ -144,18 +190,23 @@ Result<Session::HandshakeResult> Session::Handshake() {
   OSR_RETURN_IF_ERROR(stream_->WriteAll(std::span<const uint8_t>(hello)));
 
   uint8_t cflags_buf[4];
-  OSR_RETURN_IF_ERROR(stream_->ReadFull(cflags_buf));
+  OSR_RETURN_IF_ERROR(ReadHandshake(cflags_buf));
   uint32_t cflags = Get32(cflags_buf);
   if (cflags & ~(kClientFixedNewstyle | kClientNoZeroes)) {
     return InvalidArgument(fmt::format("unknown client flags {:#x}", cflags));
   }
   bool fixed = cflags & kClientFixedNewstyle;
   no_zeroes_ = cflags & kClientNoZeroes;
+  if (!fixed && security_.tls == TlsMode::kRequired) {
+    // TLS needs fixed newstyle; such a client can only send EXPORT_NAME, which we must
+    // refuse by closing.
+    return Status(Code::kPermissionDenied, "a client without fixed newstyle cannot start TLS");
+  }
 
   std::vector<uint8_t> data;
   for (uint32_t n = 0; n < limits_.options_max; ++n) {
     uint8_t hbuf[OptionHeader::kSize];
-    OSR_RETURN_IF_ERROR(stream_->ReadFull(hbuf));
+    OSR_RETURN_IF_ERROR(ReadHandshake(hbuf));
     OptionHeader h = OptionHeader::Decode(hbuf);
     if (h.magic != kIHaveOpt) return InvalidArgument("bad option magic");
     if (h.length > limits_.option_bytes_max) {
@@ -168,80 +219,121 @@ Result<Session::HandshakeResult> Session::Handshake() {
       uint8_t sink[4096];
       for (uint32_t left = h.length; left > 0;) {
         uint32_t k = std::min<uint32_t>(left, sizeof sink);
-        OSR_RETURN_IF_ERROR(stream_->ReadFull({sink, k}));
+        OSR_RETURN_IF_ERROR(ReadHandshake({sink, k}));
         left -= k;
       }
       OSR_RETURN_IF_ERROR(SendOptionError(h.option, kRepErrTooBig, "option data too large"));
       continue;
     }
     data.resize(h.length);
-    OSR_RETURN_IF_ERROR(stream_->ReadFull(data));
+    OSR_RETURN_IF_ERROR(ReadHandshake(data));
 
     if (!fixed && h.option != kOptExportName) {
       return InvalidArgument("client without fixed newstyle sent an option other than EXPORT_NAME");
     }
-    switch (h.option) {
-      case kOptExportName: {
-        std::string_view name(reinterpret_cast<const char*>(data.data()), data.size());
-        auto e = exports_->Find(name);
-        if (!e) return NotFound(fmt::format("client asked for unknown export '{}'", name));
-        Choose(std::move(e));
-        OSR_RETURN_IF_ERROR(SendExportNameReply());
-        return HandshakeResult::kTransmission;
-      }
-      case kOptAbort:
-        // The client may already have closed; a failed ACK does not matter.
-        (void)SendOptionReply(h.option, kRepAck);
-        return HandshakeResult::kEnd;
-      case kOptList: {
-        if (!data.empty()) {
-          OSR_RETURN_IF_ERROR(SendOptionError(h.option, kRepErrInvalid, "LIST takes no data"));
-          break;
-        }
-        for (const auto& e : exports_->List()) {
-          std::vector<uint8_t> r(4);
-          Put32(r.data(), static_cast<uint32_t>(e->name.size()));
-          AppendBytes(&r, e->name.data(), e->name.size());
-          AppendBytes(&r, e->description.data(), e->description.size());
-          OSR_RETURN_IF_ERROR(SendOptionReply(h.option, kRepServer, r));
-        }
-        OSR_RETURN_IF_ERROR(SendOptionReply(h.option, kRepAck));
-        break;
-      }
-      case kOptStartTls:
-        OSR_RETURN_IF_ERROR(
-            SendOptionError(h.option, kRepErrUnsup, "TLS is not supported by this server yet"));
-        break;
-      case kOptInfo:
-      case kOptGo: {
-        bool go = false;
-        OSR_RETURN_IF_ERROR(HandleInfoOrGo(h.option, data, &go));
-        if (go) return HandshakeResult::kTransmission;
-        break;
-      }
-      case kOptStructuredReply:
-        if (!data.empty()) {
-          OSR_RETURN_IF_ERROR(
-              SendOptionError(h.option, kRepErrInvalid, "STRUCTURED_REPLY takes no data"));
-        } else if (structured_) {
-          OSR_RETURN_IF_ERROR(
-              SendOptionError(h.option, kRepErrInvalid, "structured replies already negotiated"));
-        } else {
-          structured_ = true;
-          OSR_RETURN_IF_ERROR(SendOptionReply(h.option, kRepAck));
-        }
-        break;
-      case kOptListMetaContext:
-      case kOptSetMetaContext:
-        OSR_RETURN_IF_ERROR(HandleMetaContext(h.option, data));
-        break;
-      default:
-        OSR_RETURN_IF_ERROR(SendOptionError(h.option, kRepErrUnsup,
-                                            fmt::format("option {} is not supported", h.option)));
-        break;
-    }
+    OSR_ASSIGN_OR_RETURN(std::optional<HandshakeResult> end, HandleOption(h.option, data));
+    if (end.has_value()) return *end;
   }
   return InvalidArgument(fmt::format("more than {} options in one handshake", limits_.options_max));
+}
+
+Result<std::optional<Session::HandshakeResult>> Session::HandleOption(
+    uint32_t option, std::span<const uint8_t> data) {
+  using R = std::optional<HandshakeResult>;
+  if (security_.tls == TlsMode::kRequired && !tls_active_ && option != kOptStartTls &&
+      option != kOptAbort) {
+    if (option == kOptExportName) {  // cannot be refused with a reply: end the session
+      return Status(Code::kPermissionDenied, "EXPORT_NAME before STARTTLS on a TLS-only listener");
+    }
+    OSR_RETURN_IF_ERROR(SendOptionError(option, kRepErrTlsReqd, "TLS is required: send STARTTLS"));
+    return R();
+  }
+  switch (option) {
+    case kOptExportName: {
+      std::string_view name(reinterpret_cast<const char*>(data.data()), data.size());
+      auto e = FindExport(name);
+      if (!e) return NotFound(fmt::format("client asked for unknown export '{}'", name));
+      Choose(std::move(e));
+      OSR_RETURN_IF_ERROR(SendExportNameReply());
+      return R(HandshakeResult::kTransmission);
+    }
+    case kOptAbort:
+      // The client may already have closed; a failed ACK does not matter.
+      (void)SendOptionReply(option, kRepAck);
+      return R(HandshakeResult::kEnd);
+    case kOptList: {
+      if (!data.empty()) {
+        OSR_RETURN_IF_ERROR(SendOptionError(option, kRepErrInvalid, "LIST takes no data"));
+        return R();
+      }
+      for (const auto& e : exports_->ListFor(security_.principal, security_.authz)) {
+        std::vector<uint8_t> r(4);
+        Put32(r.data(), static_cast<uint32_t>(e->name.size()));
+        AppendBytes(&r, e->name.data(), e->name.size());
+        AppendBytes(&r, e->description.data(), e->description.size());
+        OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepServer, r));
+      }
+      OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepAck));
+      return R();
+    }
+    case kOptStartTls:
+      OSR_RETURN_IF_ERROR(StartTls(data));
+      return R();
+    case kOptInfo:
+    case kOptGo: {
+      bool go = false;
+      OSR_RETURN_IF_ERROR(HandleInfoOrGo(option, data, &go));
+      if (go) return R(HandshakeResult::kTransmission);
+      return R();
+    }
+    case kOptStructuredReply:
+      if (!data.empty()) {
+        OSR_RETURN_IF_ERROR(
+            SendOptionError(option, kRepErrInvalid, "STRUCTURED_REPLY takes no data"));
+      } else if (structured_) {
+        OSR_RETURN_IF_ERROR(
+            SendOptionError(option, kRepErrInvalid, "structured replies already negotiated"));
+      } else {
+        structured_ = true;
+        OSR_RETURN_IF_ERROR(SendOptionReply(option, kRepAck));
+      }
+      return R();
+    case kOptListMetaContext:
+    case kOptSetMetaContext:
+      OSR_RETURN_IF_ERROR(HandleMetaContext(option, data));
+      return R();
+    default:
+      OSR_RETURN_IF_ERROR(
+          SendOptionError(option, kRepErrUnsup, fmt::format("option {} is not supported", option)));
+      return R();
+  }
+}
+
+Status Session::StartTls(std::span<const uint8_t> data) {
+  if (security_.tls == TlsMode::kOff) {
+    return SendOptionError(kOptStartTls, kRepErrUnsup, "TLS is not configured on this listener");
+  }
+  if (tls_active_) return SendOptionError(kOptStartTls, kRepErrInvalid, "TLS is already on");
+  if (!data.empty()) return SendOptionError(kOptStartTls, kRepErrInvalid, "STARTTLS takes no data");
+  OSR_RETURN_IF_ERROR(SendOptionReply(kOptStartTls, kRepAck));
+  // From here on there is no way back to plain text: any failure ends the session.
+  {
+    std::lock_guard lock(stream_mu_);
+    auto wrapped = security_.upgrader->Wrap(std::move(stream_));
+    if (!wrapped.ok()) return wrapped.status();  // stream_ is gone: the connection closed
+    stream_ = std::move(*wrapped);
+  }
+  if (stopped_) return Unavailable("session stopped during STARTTLS");
+  int left = HandshakeMsLeft();
+  if (left <= 0) return Unavailable("the handshake deadline passed before TLS started");
+  OSR_ASSIGN_OR_RETURN(std::string identity, security_.upgrader->Handshake(stream_.get(), left));
+  tls_active_ = true;
+  security_.principal = {Principal::Kind::kCertificate, std::move(identity)};
+  // Nothing negotiated in plain text carries over (it could have been tampered with).
+  structured_ = false;
+  base_allocation_ = false;
+  spdlog::debug("nbd {}: TLS with {}", peer_, security_.principal.Describe());
+  return Status::Ok();
 }
 
 Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool* go) {
@@ -254,7 +346,7 @@ Status Session::HandleInfoOrGo(uint32_t option, std::span<const uint8_t> d, bool
   if (d.size() != 6 + name_len + 2 * size_t{nreq}) {
     return SendOptionError(option, kRepErrInvalid, "option length does not match its requests");
   }
-  auto exp = exports_->Find(name);
+  auto exp = FindExport(name);
   if (!exp) {
     return SendOptionError(option, kRepErrUnknown,
                            fmt::format("no export named '{}'", name.substr(0, 256)));
@@ -320,7 +412,7 @@ Status Session::HandleMetaContext(uint32_t option, std::span<const uint8_t> d) {
     pos += ql;
   }
   if (pos != d.size()) return SendOptionError(option, kRepErrInvalid, "trailing option data");
-  if (!exports_->Find(name)) {
+  if (!FindExport(name)) {
     return SendOptionError(option, kRepErrUnknown,
                            fmt::format("no export named '{}'", name.substr(0, 256)));
   }

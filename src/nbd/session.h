@@ -7,22 +7,36 @@
 // system call. FLUSH and FUA requests go to
 // the session's sync thread, which runs Disk::Flush() (one flush covers every request
 // queued behind it) and replies; so replies may leave out of order, as NBD allows.
-// send_mu_ serialises the two threads' writes to the stream. Stop() may be called from
-// any thread.
+// send_mu_ serialises the two threads' writes to the stream. Stop() and Abort() may be
+// called from any thread.
+//
+// Security (access.h): a session starts with the principal of its listener. With TLS
+// (NBD_OPT_STARTTLS, doc/proto.md "TLS support") the listener is FORCEDTLS (kRequired:
+// before STARTTLS every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, and
+// NBD_OPT_EXPORT_NAME ends the session) or SELECTIVETLS with no TLS-only export
+// (kOptional). After STARTTLS's ACK the stream becomes TLS (TlsUpgrader), the principal
+// is the client certificate's name, and what was negotiated before is forgotten (the
+// client negotiates again under TLS, as nbdkit and qemu-nbd require).
+// The whole handshake, TLS included, must end within handshake_timeout_ms of the
+// session's start; the server also ends it from outside then (Abort), so a client that
+// stops reading cannot hold it either.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/socket.h"
 #include "common/status.h"
+#include "nbd/access.h"
 #include "nbd/disk.h"
 #include "nbd/export_table.h"
 
@@ -37,16 +51,43 @@ struct SessionLimits {
   size_t batch_reply_bytes_max = 4 << 20;         // replies held before a send
   size_t sync_queue_max = 1024;                   // FLUSH/FUA requests waiting
   size_t extents_max = 4096;                      // per BLOCK_STATUS reply
-  int handshake_timeout_ms = 30000;
+  int handshake_timeout_ms = 10000;               // the whole handshake, TLS included (as qemu-nbd)
   uint32_t block_size_min = 1;
   uint32_t block_size_preferred = 4096;
+};
+
+enum class TlsMode {
+  kOff,       // NOTLS: STARTTLS answered NBD_REP_ERR_UNSUP
+  kOptional,  // SELECTIVETLS with no TLS-only export: plain clients may go on
+  kRequired,  // FORCEDTLS
+};
+
+// Turns a session's connection into TLS after NBD_OPT_STARTTLS (the server's side; tests
+// and fuzzing bring their own).
+class TlsUpgrader {
+ public:
+  virtual ~TlsUpgrader() = default;
+  // Takes over the plain stream and returns the TLS stream over the same connection,
+  // before its handshake.
+  virtual Result<std::unique_ptr<Stream>> Wrap(std::unique_ptr<Stream> plain) = 0;
+  // Runs the TLS server handshake on a stream Wrap returned, within `timeout_ms`; returns
+  // the client's identity (its certificate's common name). kPermissionDenied when the
+  // client's certificate is refused, kUnavailable when it left or the time ran out.
+  virtual Result<std::string> Handshake(Stream* tls, int timeout_ms) = 0;
+};
+
+struct SessionSecurity {
+  TlsMode tls = TlsMode::kOff;
+  TlsUpgrader* upgrader = nullptr;  // borrowed; set when tls != kOff; outlives the session
+  const Authz* authz = nullptr;     // borrowed; what certificates may open (nullptr: all)
+  Principal principal;              // before TLS: the listener's
 };
 
 class Session {
  public:
   // `exports` is borrowed and outlives the session.
   Session(std::unique_ptr<Stream> stream, const ExportTable* exports, SessionLimits limits,
-          std::string peer);
+          std::string peer, SessionSecurity security = {});
   ~Session();
 
   // Serves the connection until the client leaves or Stop(). Returns why it ended:
@@ -54,6 +95,14 @@ class Session {
   Status Run();
   // Ends the session from another thread: the stream is shut down, Run() returns.
   void Stop();
+  // Cuts the connection both ways at once (a handshake past its deadline: a client that
+  // neither sends nor reads must not hold its thread).
+  void Abort();
+  // Whether the handshake is still under way (false once transmission started or ended).
+  bool in_handshake() const { return in_handshake_; }
+  // Who the client is (changes once, at STARTTLS; read it from the session's thread or
+  // after Run() returned).
+  const Principal& principal() const { return security_.principal; }
 
   const std::string& peer() const { return peer_; }
   // The export the client chose (empty before the handshake ends).
@@ -68,6 +117,14 @@ class Session {
 
   Status RunInner();
   Result<HandshakeResult> Handshake();
+  // Handles one option; returns a result when the handshake ends with it.
+  Result<std::optional<HandshakeResult>> HandleOption(uint32_t option,
+                                                      std::span<const uint8_t> data);
+  Status StartTls(std::span<const uint8_t> data);
+  // Reads exactly buf.size() bytes before the handshake deadline.
+  Status ReadHandshake(std::span<uint8_t> buf);
+  int HandshakeMsLeft() const;
+  std::shared_ptr<const Export> FindExport(std::string_view name) const;
   Status SendOptionReply(uint32_t option, uint32_t type, std::span<const uint8_t> data = {});
   Status SendOptionError(uint32_t option, uint32_t type, std::string_view message);
   Status HandleInfoOrGo(uint32_t option, std::span<const uint8_t> data, bool* go);
@@ -91,6 +148,7 @@ class Session {
   void SyncLoop();
   Status Send(std::span<const struct iovec> iov);
 
+  std::mutex stream_mu_;  // guards replacing stream_ (STARTTLS) against Stop()/Abort()
   std::unique_ptr<Stream> stream_;
   const ExportTable* exports_;
   mutable std::mutex export_mu_;
@@ -98,6 +156,10 @@ class Session {
   Disk* disk_ = nullptr;                  // export_'s disk; connection thread only
   SessionLimits limits_;
   std::string peer_;
+  SessionSecurity security_;
+  std::chrono::steady_clock::time_point handshake_deadline_;
+  std::atomic<bool> in_handshake_{true};
+  bool tls_active_ = false;
 
   // Negotiated in the handshake.
   bool no_zeroes_ = false;

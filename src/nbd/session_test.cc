@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <set>
 #include <string>
@@ -109,7 +110,7 @@ class SessionTest : public ::testing::Test {
   void Start(bool read_only = false) {
     disk_ = std::make_shared<MemDisk>(1 << 20, read_only);
     exports_ = std::make_unique<ExportTable>();
-    ASSERT_TRUE(exports_->Add({"disk0", "", disk_}).ok());
+    ASSERT_TRUE(exports_->Add({"disk0", "", disk_, ""}).ok());
     int sv[2];
     ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
     client_fd_ = sv[0];
@@ -427,6 +428,174 @@ TEST_F(SessionTest, OversizedWritePayloadIsSkippedThenRefused) {
   client_->Request(kCmdRead, 0, 10, 0, 1);
   EXPECT_EQ(client_->SimpleReply(), std::make_pair(0u, uint64_t{10}));
   EXPECT_EQ(client_->Recv(1), std::vector<uint8_t>{0});
+}
+
+// "TLS" for tests: the stream stays as it is; the client's identity is given.
+class FakeTls final : public TlsUpgrader {
+ public:
+  explicit FakeTls(std::string identity, bool refuse = false)
+      : identity_(std::move(identity)), refuse_(refuse) {}
+  Result<std::unique_ptr<Stream>> Wrap(std::unique_ptr<Stream> plain) override {
+    ++wraps;
+    return plain;
+  }
+  Result<std::string> Handshake(Stream*, int) override {
+    if (refuse_) return Status(Code::kPermissionDenied, "certificate refused");
+    return identity_;
+  }
+  std::atomic<int> wraps{0};
+
+ private:
+  std::string identity_;
+  bool refuse_;
+};
+
+// A session with three exports and the given security, over a socketpair.
+class SecureSessionTest : public ::testing::Test {
+ protected:
+  void Start(SessionSecurity sec, SessionLimits limits = {}) {
+    exports_ = std::make_unique<ExportTable>();
+    ASSERT_TRUE(exports_->Add({"vm/a/os", "", std::make_shared<MemDisk>(1 << 16), "a"}).ok());
+    ASSERT_TRUE(exports_->Add({"vm/b/os", "", std::make_shared<MemDisk>(1 << 16), "b"}).ok());
+    ASSERT_TRUE(exports_->Add({"view/view-1/os", "", std::make_shared<MemDisk>(1 << 16), ""}).ok());
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    client_fd_ = sv[0];
+    session_ = std::make_unique<Session>(std::make_unique<SocketStream>(Fd(sv[1])), exports_.get(),
+                                         limits, "test", std::move(sec));
+    thread_ = std::thread([this] { result_ = session_->Run(); });
+    client_ = std::make_unique<Client>(client_fd_);
+    ASSERT_EQ(client_->Recv(18).size(), 18u);
+    std::vector<uint8_t> b(4);
+    Put32(b.data(), kClientFixedNewstyle | kClientNoZeroes);
+    client_->Send(b);
+  }
+  std::vector<std::string> List() {
+    client_->Option(kOptList, {});
+    std::vector<std::string> names;
+    for (;;) {
+      auto [t, d] = client_->OptionReply();
+      if (t != kRepServer) {
+        EXPECT_EQ(t, kRepAck);
+        return names;
+      }
+      names.emplace_back(d.begin() + 4, d.begin() + 4 + Get32(d.data()));
+    }
+  }
+  uint32_t Go(const std::string& name) {
+    client_->Option(kOptGo, GoData(name));
+    for (;;) {
+      auto [t, d] = client_->OptionReply();
+      if (t != kRepInfo) return t;
+    }
+  }
+  void TearDown() override {
+    if (thread_.joinable()) {
+      ::shutdown(client_fd_, SHUT_WR);
+      thread_.join();
+      ::close(client_fd_);
+    }
+  }
+
+  std::unique_ptr<ExportTable> exports_;
+  int client_fd_ = -1;
+  std::unique_ptr<Session> session_;
+  std::unique_ptr<Client> client_;
+  std::thread thread_;
+  Status result_;
+};
+
+TEST_F(SecureSessionTest, TlsRequiredRefusesEveryOptionButStartTlsAndAbortBeforeTls) {
+  FakeTls tls("alice");
+  Start({TlsMode::kRequired, &tls, nullptr, {}});
+  client_->Option(kOptList, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepErrTlsReqd);
+  client_->Option(kOptStructuredReply, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepErrTlsReqd);
+  client_->Option(kOptGo, GoData("vm/a/os"));
+  EXPECT_EQ(client_->OptionReply().first, kRepErrTlsReqd);
+  client_->Option(kOptStartTls, {1});
+  EXPECT_EQ(client_->OptionReply().first, kRepErrInvalid);  // STARTTLS takes no data
+  EXPECT_EQ(tls.wraps, 0);
+  client_->Option(kOptStartTls, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepAck);
+  client_->Option(kOptStartTls, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepErrInvalid);  // TLS already on
+  EXPECT_EQ(tls.wraps, 1);  // read after a later reply: the session wrapped after its ACK
+  EXPECT_EQ(List(), (std::vector<std::string>{"view/view-1/os", "vm/a/os", "vm/b/os"}));
+  EXPECT_EQ(Go("vm/a/os"), kRepAck);
+  client_->Request(kCmdRead, 0, 1, 0, 4);
+  EXPECT_EQ(client_->SimpleReply(), std::make_pair(0u, uint64_t{1}));
+  EXPECT_EQ(client_->Recv(4).size(), 4u);
+}
+
+TEST_F(SecureSessionTest, ExportNameBeforeTlsEndsTheSessionWithoutData) {
+  FakeTls tls("alice");
+  Start({TlsMode::kRequired, &tls, nullptr, {}});
+  client_->Option(kOptExportName, {'v', 'm', '/', 'a', '/', 'o', 's'});
+  EXPECT_TRUE(client_->AtEof());
+  thread_.join();
+  ::close(client_fd_);
+  EXPECT_EQ(result_.code(), Code::kPermissionDenied) << result_.ToString();
+}
+
+TEST_F(SecureSessionTest, ARefusedCertificateEndsTheSession) {
+  FakeTls tls("mallory", /*refuse=*/true);
+  Start({TlsMode::kRequired, &tls, nullptr, {}});
+  client_->Option(kOptStartTls, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepAck);
+  EXPECT_TRUE(client_->AtEof());
+  thread_.join();
+  ::close(client_fd_);
+  EXPECT_EQ(result_.code(), Code::kPermissionDenied) << result_.ToString();
+}
+
+TEST_F(SecureSessionTest, AuthzLimitsWhatACertificateSeesAndOpens) {
+  FakeTls tls("alice");
+  Authz authz({{"alice", {"vm/a/"}}, {"ops", {}}});
+  Start({TlsMode::kRequired, &tls, &authz, {}});
+  client_->Option(kOptStructuredReply, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepErrTlsReqd);
+  client_->Option(kOptStartTls, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepAck);
+  EXPECT_EQ(List(), (std::vector<std::string>{"vm/a/os"}));
+  // Another export reads as missing: the client does not learn that it exists.
+  EXPECT_EQ(Go("vm/b/os"), kRepErrUnknown);
+  EXPECT_EQ(Go("view/view-1/os"), kRepErrUnknown);
+  EXPECT_EQ(Go(""), kRepAck);  // the only export it may open is its default
+}
+
+TEST_F(SecureSessionTest, StructuredRepliesNegotiatedBeforeTlsAreForgotten) {
+  FakeTls tls("alice");
+  Start({TlsMode::kOptional, &tls, nullptr, {}});
+  client_->Option(kOptStructuredReply, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepAck);  // optional: plain options work
+  client_->Option(kOptStartTls, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepAck);
+  client_->Option(kOptStructuredReply, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepAck);  // not "already negotiated"
+}
+
+TEST_F(SecureSessionTest, AVmSocketSeesOnlyItsVmsDisks) {
+  Start({TlsMode::kOff, nullptr, nullptr, {Principal::Kind::kLocalVm, "a"}});
+  EXPECT_EQ(List(), (std::vector<std::string>{"vm/a/os"}));
+  EXPECT_EQ(Go("vm/b/os"), kRepErrUnknown);
+  EXPECT_EQ(Go("view/view-1/os"), kRepErrUnknown);
+  client_->Option(kOptStartTls, {});
+  EXPECT_EQ(client_->OptionReply().first, kRepErrUnsup);
+  EXPECT_EQ(Go("vm/a/os"), kRepAck);
+}
+
+TEST_F(SecureSessionTest, TheHandshakeDeadlineEndsAClientThatSendsNothing) {
+  SessionLimits limits;
+  limits.handshake_timeout_ms = 200;
+  Start({}, limits);  // sends its flags, then nothing
+  EXPECT_TRUE(client_->AtEof());
+  thread_.join();
+  ::close(client_fd_);
+  EXPECT_EQ(result_.code(), Code::kUnavailable) << result_.ToString();
+  EXPECT_NE(result_.message().find("did not end within 200 ms"), std::string::npos)
+      << result_.ToString();
 }
 
 }  // namespace

@@ -46,7 +46,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
           gr.epoch == epoch) {  // done already (a retried job)
         json disks = json::array();
         for (auto& d : gr.disks)
-          disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
+          disks.push_back({{"name", d.name}, {"uri", Uri(DiskExport(vm, d.name))}});
         return json{{"name", vm},
                     {"seq", seq},
                     {"epoch", epoch},
@@ -101,7 +101,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
         cfg_.name, vm, seq, epoch, bytes, regions.size());
   }
   if (!opened.ok()) {
-    for (auto& d : g->disks) exports_.Remove(vm + "/" + d.name);
+    if (g->capture) CloseGroupExports(vm, *g);  // what OpenGroupLocked added
     g.reset();
     fs::remove_all(dir, ec);  // nothing half-done left behind
     return opened;
@@ -110,7 +110,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   OSR_RETURN_IF_ERROR(SaveLocked());
   json disks = json::array();
   for (auto& d : groups_[vm]->disks) {
-    disks.push_back({{"name", d.name}, {"uri", Uri(vm + "/" + d.name)}});
+    disks.push_back({{"name", d.name}, {"uri", Uri(DiskExport(vm, d.name))}});
   }
   return json{{"name", vm},
               {"seq", seq},
@@ -346,10 +346,7 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
   g->stop_materialise = true;
   if (g->materialiser.joinable()) g->materialiser.join();
   g->sender.reset();
-  for (auto& d : g->disks) {
-    exports_.Remove(vm + "/" + d.name);
-    nbd_->DisconnectExport(vm + "/" + d.name);
-  }
+  CloseGroupExports(vm, *g);
   std::vector<DiskSpec> disks = g->disks;
   g.reset();  // flushes and closes the images
   std::string gdir = cfg_.data_dir + "/groups/" + vm;
@@ -442,7 +439,13 @@ Status Site::StartVm(const std::string& vm, const json& spec_json) {
     if (VmRunningLocked(g)) return Status::Ok();
     if (g.vm_starting) return Unavailable("VM " + vm + " is starting");
     g.vm_starting = true;
-    for (auto& d : g.disks) disks.emplace_back(d.name, Uri(vm + "/" + d.name));
+    // QEMU uses the VM's own socket. A process VM gets the URIs the API shows (its
+    // command may hand them on), unless TCP takes TLS clients only: then its socket.
+    bool tls_only = cfg_.nbd_tls.enabled() && !cfg_.nbd_tls_optional;
+    for (auto& d : g.disks) {
+      bool local = spec.driver == hypervisor::Driver::kQemu || tls_only;
+      disks.emplace_back(d.name, local ? LocalUri(vm, g, d.name) : Uri(DiskExport(vm, d.name)));
+    }
   }
   std::error_code ec;
   fs::create_directories(run, ec);

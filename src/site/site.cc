@@ -92,6 +92,97 @@ Status CommandsKeys(const toml::table& t, const std::string& path, hypervisor::S
   return Status::Ok();
 }
 
+// A whole number key within [min, max]; absent: *out stays.
+template <typename T>
+Status IntKey(const toml::table& t, const std::string& path, const char* key, int64_t min,
+              int64_t max, T* out) {
+  auto node = t[key];
+  if (!node) return Status::Ok();
+  auto v = node.value<int64_t>();
+  if (!node.is_integer() || !v || *v < min || *v > max) {
+    return InvalidArgument(
+        fmt::format("{}: '{}' must be a whole number in {}..{}", path, key, min, max));
+  }
+  *out = static_cast<T>(*v);
+  return Status::Ok();
+}
+
+// nbd_tls_authz: a list whose entries are a certificate name ("ops": every export) or
+// {identity = "NAME", exports = ["PREFIX", ...]} (exports whose names start so).
+Result<std::vector<nbd::AuthzRule>> AuthzKey(const toml::table& t, const std::string& path) {
+  std::vector<nbd::AuthzRule> out;
+  auto node = t["nbd_tls_authz"];
+  if (!node) return out;
+  const toml::array* a = node.as_array();
+  auto bad = [&](size_t i, const std::string& why) {
+    return InvalidArgument(fmt::format("{}: nbd_tls_authz[{}]: {}", path, i, why));
+  };
+  if (a == nullptr) return InvalidArgument(path + ": 'nbd_tls_authz' must be a list");
+  for (size_t i = 0; i < a->size(); ++i) {
+    const toml::node& e = *a->get(i);
+    nbd::AuthzRule r;
+    if (auto name = e.value<std::string>(); name && e.is_string()) {
+      r.identity = *name;
+    } else if (const toml::table* tt = e.as_table()) {
+      r.identity = (*tt)["identity"].value_or(std::string());
+      if (auto ex = (*tt)["exports"]; ex) {
+        const toml::array* ea = ex.as_array();
+        if (ea == nullptr) return bad(i, "'exports' must be a list of export name prefixes");
+        for (const auto& p : *ea) {
+          auto v = p.value<std::string>();
+          if (!v || v->empty()) return bad(i, "'exports' must hold non-empty strings");
+          r.export_prefixes.push_back(*v);
+        }
+        if (r.export_prefixes.empty()) return bad(i, "'exports' is empty: it would allow nothing");
+      }
+    } else {
+      return bad(i, "must be a certificate name or {identity, exports}");
+    }
+    if (r.identity.empty()) return bad(i, "needs a certificate name (identity)");
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+Status LoadNbdKeys(const toml::table& t, const std::string& path, SiteConfig* c) {
+  c->nbd_tls.ca = t["nbd_tls_ca"].value_or(std::string());
+  c->nbd_tls.cert = t["nbd_tls_cert"].value_or(std::string());
+  c->nbd_tls.key = t["nbd_tls_key"].value_or(std::string());
+  bool any = !c->nbd_tls.ca.empty() || !c->nbd_tls.cert.empty() || !c->nbd_tls.key.empty();
+  if (any && (c->nbd_tls.ca.empty() || c->nbd_tls.cert.empty() || c->nbd_tls.key.empty())) {
+    return InvalidArgument(path +
+                           ": give all of nbd_tls_ca, nbd_tls_cert and nbd_tls_key, or none");
+  }
+  OSR_ASSIGN_OR_RETURN(c->nbd_tls_authz, AuthzKey(t, path));
+  if (any && c->nbd_tls_authz.empty()) {
+    return InvalidArgument(
+        path +
+        ": 'nbd_tls_authz' must name the client certificates allowed to open disks "
+        "(without it every certificate of the CA would get in, other sites' included)");
+  }
+  if (!any && !c->nbd_tls_authz.empty()) {
+    return InvalidArgument(path +
+                           ": 'nbd_tls_authz' needs nbd_tls_ca, nbd_tls_cert and nbd_tls_key");
+  }
+  std::string mode = t["nbd_tls_mode"].value_or(std::string("require"));
+  if (mode != "require" && mode != "optional") {
+    return InvalidArgument(path + ": 'nbd_tls_mode' must be \"require\" or \"optional\"");
+  }
+  c->nbd_tls_optional = mode == "optional";
+  if (auto n = t["nbd_insecure_tcp"]; n) {
+    if (!n.is_boolean())
+      return InvalidArgument(path + ": 'nbd_insecure_tcp' must be true or false");
+    c->nbd_insecure_tcp = n.value_or(false);
+  }
+  OSR_RETURN_IF_ERROR(
+      IntKey(t, path, "nbd_connections_max", 1, 65536, &c->nbd_limits.tcp_connections_max));
+  OSR_RETURN_IF_ERROR(IntKey(t, path, "nbd_connections_per_address_max", 1, 65536,
+                             &c->nbd_limits.connections_per_address_max));
+  OSR_RETURN_IF_ERROR(
+      IntKey(t, path, "nbd_handshake_timeout_ms", 100, 600000, &c->nbd_handshake_timeout_ms));
+  return Status::Ok();
+}
+
 }  // namespace
 
 Result<SiteConfig> SiteConfig::Load(const std::string& path) {
@@ -129,8 +220,39 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
     }
     c.replication_insecure = *b;
   }
+  OSR_RETURN_IF_ERROR(LoadNbdKeys(t, path, &c));
   return c;
 }
+
+namespace {
+
+// The NBD listener's options from the config; the error names the keys to set.
+Result<nbd::ListenerOptions> NbdListenerOptions(const SiteConfig& cfg) {
+  nbd::ListenerOptions o;
+  o.insecure_tcp = cfg.nbd_insecure_tcp;
+  if (cfg.nbd_tls.enabled()) {
+    TlsOptions to;
+    to.allow_tls12 = true;  // the NBD spec requires TLS 1.2 support
+    for (auto& r : cfg.nbd_tls_authz) to.allowed_peer_names.push_back(r.identity);
+    OSR_ASSIGN_OR_RETURN(o.tls_context, TlsContext::Create(cfg.nbd_tls, /*server=*/true, to));
+    o.tls = cfg.nbd_tls_optional ? nbd::TlsMode::kOptional : nbd::TlsMode::kRequired;
+  }
+  bool plain = o.tls != nbd::TlsMode::kRequired;
+  if (cfg.nbd_listen.kind == ListenAddress::Kind::kTcp && plain && !cfg.nbd_insecure_tcp &&
+      !IsLoopbackHost(cfg.nbd_listen.host)) {
+    return InvalidArgument(fmt::format(
+        "site {}: nbd_listen {}:{} is not a loopback address, and NBD {}: anyone who reaches it "
+        "could read and write every disk. Set nbd_tls_ca, nbd_tls_cert, nbd_tls_key and "
+        "nbd_tls_authz (with nbd_tls_mode \"require\"), or nbd_insecure_tcp = true to accept "
+        "that",
+        cfg.name, cfg.nbd_listen.host, cfg.nbd_listen.port,
+        cfg.nbd_tls.enabled() ? "TLS is optional (nbd_tls_mode = \"optional\")"
+                              : "has no TLS configured"));
+  }
+  return o;
+}
+
+}  // namespace
 
 Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   std::unique_ptr<Site> s(new Site(cfg));
@@ -143,8 +265,17 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   for (auto& e : fs::directory_iterator(fs::path(cfg.data_dir) / "views", ec)) {
     fs::remove(e.path(), ec);
   }
-  s->nbd_ = std::make_unique<nbd::Server>(&s->exports_, nbd::SessionLimits{});
-  OSR_ASSIGN_OR_RETURN(s->nbd_bound_, s->nbd_->AddListener(cfg.nbd_listen));
+  OSR_ASSIGN_OR_RETURN(nbd::ListenerOptions nbd_options, NbdListenerOptions(cfg));
+  if (cfg.nbd_insecure_tcp && nbd_options.tls != nbd::TlsMode::kRequired) {
+    spdlog::warn(
+        "site {}: nbd_insecure_tcp: disks are served unencrypted and unauthenticated on {}",
+        cfg.name, cfg.nbd_listen.host);
+  }
+  s->nbd_authz_ = nbd::Authz(cfg.nbd_tls_authz);
+  nbd::SessionLimits nbd_limits;
+  nbd_limits.handshake_timeout_ms = cfg.nbd_handshake_timeout_ms;
+  s->nbd_ = std::make_unique<nbd::Server>(&s->exports_, nbd_limits, cfg.nbd_limits, &s->nbd_authz_);
+  OSR_ASSIGN_OR_RETURN(s->nbd_bound_, s->nbd_->AddListener(cfg.nbd_listen, nbd_options));
   Site* sp = s.get();
   std::shared_ptr<TlsContext> tls_server;
   if (cfg.tls.enabled()) {
@@ -209,6 +340,7 @@ void Site::Stop() {
   }
   // Views and disks leave the export table before what they read from goes.
   for (auto& e : exports_.List()) exports_.Remove(e->name);
+  for (auto& [vm, g] : groups_) g->nbd_socket.clear();  // the server removed the sockets
   views_.clear();
   for (auto& [vm, g] : groups_) g->sender.reset();
   for (auto& [vm, g] : groups_) g->capture.reset();
@@ -217,8 +349,67 @@ void Site::Stop() {
   nbd_.reset();
 }
 
+std::string Site::DiskExport(const std::string& vm, const std::string& disk) {
+  return "vm/" + vm + "/" + disk;
+}
+
+std::string Site::ViewExport(const std::string& view_id, const std::string& disk) {
+  return "view/" + view_id + "/" + disk;
+}
+
 std::string Site::Uri(const std::string& export_name) const {
-  return fmt::format("nbd://{}:{}/{}", nbd_bound_.host, nbd_bound_.port, export_name);
+  // nbds: the listener takes TLS clients only (libnbd's scheme for TLS required).
+  bool tls_only = cfg_.nbd_tls.enabled() && !cfg_.nbd_tls_optional;
+  bool v6 = nbd_bound_.host.find(':') != std::string::npos;
+  return fmt::format("{}://{}{}{}:{}/{}", tls_only ? "nbds" : "nbd", v6 ? "[" : "", nbd_bound_.host,
+                     v6 ? "]" : "", nbd_bound_.port, export_name);
+}
+
+std::string Site::LocalUri(const std::string& vm, const Group& g, const std::string& disk) const {
+  if (g.nbd_socket.empty()) return Uri(DiskExport(vm, disk));
+  return fmt::format("nbd+unix:///{}?socket={}", DiskExport(vm, disk), g.nbd_socket);
+}
+
+std::string Site::VmSocketPath(const std::string& vm) const {
+  return cfg_.data_dir + "/groups/" + vm + "/run/nbd.sock";
+}
+
+void Site::OpenVmSocketLocked(const std::string& vm, Group& g) {
+  std::string path = VmSocketPath(vm);
+  std::string run = fs::path(path).parent_path().string();
+  std::error_code ec;
+  fs::create_directories(run, ec);
+  // Only the daemon's user may reach the socket: its folders are 0700 (the socket 0600).
+  if (ec || ::chmod(run.c_str(), 0700) != 0 ||
+      ::chmod(fs::path(run).parent_path().c_str(), 0700) != 0) {
+    spdlog::warn("site {}: VM {}: cannot make {} private ({}): no local NBD socket", cfg_.name, vm,
+                 run, ec ? ec.message() : std::strerror(errno));
+    return;
+  }
+  nbd::ListenerOptions o;
+  o.local_vm = vm;
+  ListenAddress a;
+  a.kind = ListenAddress::Kind::kUnix;
+  a.path = path;
+  auto bound = nbd_->AddListener(a, o);
+  if (!bound.ok()) {
+    spdlog::warn("site {}: VM {}: no local NBD socket, its VM will use TCP: {}", cfg_.name, vm,
+                 bound.status().ToString());
+    return;
+  }
+  g.nbd_socket = path;
+}
+
+void Site::CloseGroupExports(const std::string& vm, Group& g) {
+  if (!g.nbd_socket.empty()) {
+    Status st = nbd_->RemoveUnixListener(g.nbd_socket);
+    if (!st.ok()) spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, st.ToString());
+    g.nbd_socket.clear();
+  }
+  for (auto& d : g.disks) {
+    exports_.Remove(DiskExport(vm, d.name));
+    nbd_->DisconnectExport(DiskExport(vm, d.name));
+  }
 }
 
 Status Site::Load() {
@@ -310,7 +501,7 @@ Status Site::Load() {
       // The VM outlived the daemon (kill -9): take charge of it again.
       if (vm_spec && vm_spec->driver == hypervisor::Driver::kQemu) {
         std::vector<std::pair<std::string, std::string>> uris;
-        for (auto& d : g->disks) uris.emplace_back(d.name, Uri(vm + "/" + d.name));
+        for (auto& d : g->disks) uris.emplace_back(d.name, LocalUri(vm, *g, d.name));
         auto q = std::make_shared<hypervisor::QemuDriver>();
         if (Status a = q->Adopt(pid, QemuSpecFor(vm, *vm_spec, "", uris)); a.ok()) {
           g->qemu = std::move(q);
@@ -396,12 +587,19 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create) {
   co.log_bytes_max = cfg_.capture_log_bytes_max;
   co.tracking_only = g.tracking;
   OSR_ASSIGN_OR_RETURN(g.capture, capture::CaptureGroup::Open(std::move(images), co));
+  std::vector<std::string> added;
   for (size_t i = 0; i < g.disks.size(); ++i) {
-    OSR_RETURN_IF_ERROR(
-        exports_.Add({vm + "/" + g.disks[i].name,
-                      fmt::format("{} disk {} at site {}", vm, g.disks[i].name, cfg_.name),
-                      g.capture->disk(i)}));
+    std::string name = DiskExport(vm, g.disks[i].name);
+    Status st =
+        exports_.Add({name, fmt::format("{} disk {} at site {}", vm, g.disks[i].name, cfg_.name),
+                      g.capture->disk(i), vm});
+    if (!st.ok()) {
+      for (auto& n : added) exports_.Remove(n);  // only what this call added
+      return st;
+    }
+    added.push_back(name);
   }
+  OpenVmSocketLocked(vm, g);
   return Status::Ok();
 }
 
@@ -467,8 +665,7 @@ Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec
   auto g = std::make_unique<Group>();
   g->disks = disks;
   if (Status st = OpenGroupLocked(vm, *g, /*create=*/true); !st.ok()) {
-    for (auto& d : disks) exports_.Remove(vm + "/" + d.name);
-    g.reset();
+    g.reset();                                            // OpenGroupLocked took back what it added
     fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);  // nothing half-done left behind
     return st;
   }
@@ -477,7 +674,7 @@ Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec
   json out = json::array();
   for (auto& d : disks)
     out.push_back(
-        {{"name", d.name}, {"size_bytes", d.size_bytes}, {"uri", Uri(vm + "/" + d.name)}});
+        {{"name", d.name}, {"size_bytes", d.size_bytes}, {"uri", Uri(DiskExport(vm, d.name))}});
   return json{{"name", vm}, {"disks", out}};
 }
 
@@ -496,10 +693,7 @@ Status Site::DeleteGroup(const std::string& vm) {
   if (g->process && g->process->running()) (void)g->process->Stop(5000);
   if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
   g->sender.reset();
-  for (auto& d : g->disks) {
-    exports_.Remove(vm + "/" + d.name);
-    nbd_->DisconnectExport(vm + "/" + d.name);
-  }
+  CloseGroupExports(vm, *g);
   g.reset();
   std::error_code ec;
   fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);
@@ -580,7 +774,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
     for (auto& r : g.capture->bitmap(i).DirtyRanges()) dirty += r.length;
     disks.push_back({{"name", g.disks[i].name},
                      {"size_bytes", g.disks[i].size_bytes},
-                     {"uri", Uri(vm + "/" + g.disks[i].name)},
+                     {"uri", Uri(DiskExport(vm, g.disks[i].name))},
                      {"dirty_bytes", dirty}});
   }
   json out = {{"name", vm},
@@ -731,8 +925,8 @@ Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) 
         disk = *pv;
     }
     if (!failed.ok()) break;
-    std::string name = id + "/" + s->disks()[i].name;
-    failed = exports_.Add({name, fmt::format("{} at seq {}", vm, seq), disk});
+    std::string name = ViewExport(id, s->disks()[i].name);
+    failed = exports_.Add({name, fmt::format("{} at seq {}", vm, seq), disk, /*vm=*/""});
     if (!failed.ok()) break;
     v.exports.push_back(name);
     disks.push_back({{"name", s->disks()[i].name}, {"uri", Uri(name)}});

@@ -9,7 +9,13 @@
 //   data_dir/stores/<vm>/          recovery stores (store.json, base/, journal/)
 //   data_dir/views/<id>-<disk>.overlay   overlays of writable views (removed with them)
 //
-// Exports: "<vm>/<disk>" for disks, "<view id>/<disk>" for views.
+//   data_dir/groups/<vm>/run/nbd.sock   the VM's own NBD socket (0600, run/ is 0700): its
+//                                  disks only, for a QEMU (or process VM) on this host
+//
+// Exports, in separate namespaces (a VM's name can never take a view's export):
+// "vm/<vm>/<disk>" for a VM's disks, "view/<view id>/<disk>" for views (drill disks).
+// Who may open them: nbd/access.h (the VM's socket: its disks; TLS clients: by
+// nbd_tls_authz; plain TCP, loopback only unless nbd_insecure_tcp: all).
 //
 // Thread model: thread-safe; mu_ guards the maps. Parts run their own threads (NBD
 // server, receiver, senders, capture log writers).
@@ -30,6 +36,7 @@
 #include "hypervisor/allow_list.h"
 #include "hypervisor/process_driver.h"
 #include "hypervisor/qemu_driver.h"
+#include "nbd/access.h"
 #include "nbd/export_table.h"
 #include "nbd/file_disk.h"
 #include "nbd/server.h"
@@ -60,6 +67,17 @@ struct SiteConfig {
   // Without tls: replication listens and connects on loopback addresses only, unless
   // this is set (replication_insecure = true: a lab on a trusted network).
   bool replication_insecure = false;
+  // NBD over TCP: STARTTLS with client certificates when set (nbd_tls_ca, nbd_tls_cert,
+  // nbd_tls_key); then nbd_tls_authz must name the client certificates allowed in.
+  TlsFiles nbd_tls;
+  std::vector<nbd::AuthzRule> nbd_tls_authz;
+  // nbd_tls_mode = "optional": plain clients too (SELECTIVETLS; a loopback listener or
+  // nbd_insecure_tcp only). Default "require" (FORCEDTLS).
+  bool nbd_tls_optional = false;
+  // nbd_insecure_tcp = true: plain TCP on an nbd_listen that is not loopback.
+  bool nbd_insecure_tcp = false;
+  nbd::ServerLimits nbd_limits;          // nbd_connections_max, nbd_connections_per_address_max
+  int nbd_handshake_timeout_ms = 10000;  // nbd_handshake_timeout_ms
   // Commit copies a failed-over VM's point into its disks while it runs: at most this
   // many bytes a second (materialise_rate; 0: no limit).
   uint64_t materialise_bytes_per_second = 0;
@@ -70,7 +88,8 @@ struct SiteConfig {
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and
   // optionally tls_ca, tls_cert, tls_key (PEM files), commands_file (read here: a bad
   // file is an error of the config; a relative path is relative to the config's folder)
-  // allow_api_commands (default false) and replication_insecure (a boolean).
+  // allow_api_commands (default false), replication_insecure (a boolean) and the nbd_*
+  // keys above (docs/api.md).
   static Result<SiteConfig> Load(const std::string& path);
 };
 
@@ -87,6 +106,9 @@ class Site {
 
   const SiteConfig& config() const { return cfg_; }
   const ListenAddress& nbd_address() const { return nbd_bound_; }
+  // Export names (see the file comment).
+  static std::string DiskExport(const std::string& vm, const std::string& disk);
+  static std::string ViewExport(const std::string& view_id, const std::string& disk);
   const ListenAddress& replication_address() const { return repl_bound_; }
 
   // Source role: a VM's disks, captured as one group.
@@ -194,6 +216,7 @@ class Site {
     std::unique_ptr<hypervisor::ProcessDriver> process;
     std::shared_ptr<hypervisor::QemuDriver> qemu;  // shared: a freeze runs outside mu_
     bool vm_starting = false;
+    std::string nbd_socket;  // the VM's own NBD socket ("" when it has none)
   };
   struct View {
     std::string vm;
@@ -217,9 +240,17 @@ class Site {
       const std::string& vm, const hypervisor::VmSpec& spec, const std::string& extra_args,
       const std::vector<std::pair<std::string, std::string>>& disks) const;
   std::string Uri(const std::string& export_name) const;
+  // The URI a VM on this host uses for its disk: its own socket when it has one.
+  std::string LocalUri(const std::string& vm, const Group& g, const std::string& disk) const;
+  std::string VmSocketPath(const std::string& vm) const;
+  // Opens the VM's own NBD socket (best effort: without it the VM uses TCP); holds mu_.
+  void OpenVmSocketLocked(const std::string& vm, Group& g);
+  // Takes the group's disks (and its socket) off NBD and ends their sessions.
+  void CloseGroupExports(const std::string& vm, Group& g);
 
   const SiteConfig cfg_;
   nbd::ExportTable exports_;
+  nbd::Authz nbd_authz_;  // before nbd_: the server borrows it
   std::unique_ptr<nbd::Server> nbd_;
   std::unique_ptr<replication::Receiver> receiver_;
   std::shared_ptr<TlsContext> tls_client_;  // for senders; nullptr: plain TCP

@@ -540,25 +540,38 @@ json Vault::ItemJson(const ItemRow& item) {
   if (!g.ok() || !st.ok()) {
     health = "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
   } else {
-    uint64_t last = (*g).value("last_seq", uint64_t{0});
-    uint64_t durable = (*st).value("durable_seq", uint64_t{0});
-    int64_t durable_ns = (*st).value("durable_time_ns", int64_t{0});
+    json_in::Fields gf(*g, "site " + item.source + " group " + item.vm + ".");
+    json_in::Fields sf(*st, "site " + item.target + " store " + item.vm + ".");
+    uint64_t last = gf.U64("last_seq", 0);
+    bool overflowed = gf.Bool("capture_overflowed", false);
+    const json* repl_obj = gf.Object("replication");
+    uint64_t durable = sf.U64("durable_seq", 0);
+    int64_t durable_ns = sf.I64("durable_time_ns", 0);
+    json empty = json::object();
+    json_in::Fields rf(repl_obj ? *repl_obj : empty, "site " + item.source + " replication.");
+    bool resync_required = rf.Bool("resync_required", false);
+    bool resyncing = rf.Bool("resyncing", false);
+    uint64_t resync_done = rf.U64("resync_bytes_done", 0);
+    uint64_t resync_total = rf.U64("resync_bytes_total", 0);
+    bool connected = rf.Bool("connected", false);
+    std::string last_error = rf.String("last_error", "");
     if (last > durable) {
       // The newest write at the recovery site is this old; newer ones are on their way.
       rpo = durable_ns > 0 ? static_cast<double>(NowNs() - durable_ns) / 1e9 : 0;
     }
-    auto repl = (*g).value("replication", json::object());
-    if (repl.value("resync_required", false) || (*g).value("capture_overflowed", false)) {
+    if (!gf.ok() || !sf.ok() || !rf.ok()) {
+      // A site that answers in shapes the vault does not know is not a healthy one.
+      const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
+      health = "Critical: " + bad.message();
+      rpo = 0;
+    } else if (resync_required || overflowed) {
       health =
           "Critical: resynchronization required (the capture log passed its limit; it "
           "starts by itself when the recovery site is reachable)";
-    } else if (repl.value("resyncing", false)) {
-      health = fmt::format("Warning: resynchronizing ({} of {} bytes)",
-                           repl.value("resync_bytes_done", uint64_t{0}),
-                           repl.value("resync_bytes_total", uint64_t{0}));
-    } else if (!repl.value("connected", false) && item.state != "EnablingProtection") {
-      health =
-          "Warning: replication is not connected (" + repl.value("last_error", std::string()) + ")";
+    } else if (resyncing) {
+      health = fmt::format("Warning: resynchronizing ({} of {} bytes)", resync_done, resync_total);
+    } else if (!connected && item.state != "EnablingProtection") {
+      health = "Warning: replication is not connected (" + last_error + ")";
     }
     out["last_seq"] = last;
     out["durable_seq"] = durable;

@@ -414,7 +414,7 @@ def create_vm(osr, name, disks, site="primary"):
         for d in doc["disks"]:
             uri = d.get("uri")
             assert isinstance(uri, str) and re.match(
-                rf"^nbd://127\.0\.0\.1:\d+/{re.escape(name)}/{re.escape(d['name'])}$", uri), \
+                rf"^nbd://127\.0\.0\.1:\d+/vm/{re.escape(name)}/{re.escape(d['name'])}$", uri), \
                 f"{cmd}: disk URI {uri!r}"
     assert created["disks"] == shown["disks"], f"vm create and vm show differ: {created} {shown}"
     return shown

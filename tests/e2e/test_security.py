@@ -415,6 +415,8 @@ def test_a_site_answering_the_wrong_types_does_not_stop_the_vault(env, vault):
         assert vault.alive(), "the vault stopped answering"
         assert env.qs.alive(), "the quickstart process ended"
         assert "durable_seq: must be a whole number" in env.qs.stderr(), env.qs.stderr()[-2000:]
+        shown = env.osr.ok("item", "show", "vm1")
+        assert shown["health"].startswith("Critical: site recovery store vm1.durable_seq"), shown
         # Back to the real site: points resume.
         status, doc, _ = vault.call(
             "POST", "/api/v1/sites",

@@ -97,7 +97,7 @@ class OsrdServer(OsrdProcess):
     @property
     def tcp_uri(self):
         for u in self.uris:
-            if u.startswith("nbd://"):
+            if u.startswith("nbd://") or u.startswith("nbds://"):
                 return u
         pytest.fail(f"no TCP URI printed: {self.uris}")
 
@@ -110,7 +110,7 @@ class OsrdServer(OsrdProcess):
 
     @property
     def tcp_address(self):
-        m = re.match(r"^nbd://([0-9.]+):(\d+)/", self.tcp_uri)
+        m = re.match(r"^nbds?://([0-9.]+):(\d+)/", self.tcp_uri)
         assert m, f"cannot parse TCP URI {self.tcp_uri}"
         return m.group(1), int(m.group(2))
 

@@ -248,7 +248,7 @@ def protect(primary, recovery, vm, disks):
     assert group["name"] == vm
     assert [(d["name"], d["size_bytes"]) for d in group["disks"]] == list(disks), group
     for d in group["disks"]:
-        assert d["uri"] == f"nbd://{primary.nbd}/{vm}/{d['name']}", group
+        assert d["uri"] == f"nbd://{primary.nbd}/vm/{vm}/{d['name']}", group
     got, doc = api(primary, "PUT", f"/groups/{vm}/replication",
                    {"target": recovery.replication})
     assert got == 204, f"PUT /groups/{vm}/replication: {got} {doc}"
@@ -264,7 +264,7 @@ def open_view(recovery, vm, seq, writable=None):
     assert doc["vm"] == vm and doc["seq"] == seq and doc["writable"] == bool(writable), doc
     assert isinstance(doc["id"], str) and doc["id"], doc
     for d in doc["disks"]:
-        assert d["uri"] == f"nbd://{recovery.nbd}/{doc['id']}/{d['name']}", doc
+        assert d["uri"] == f"nbd://{recovery.nbd}/view/{doc['id']}/{d['name']}", doc
     return doc
 
 

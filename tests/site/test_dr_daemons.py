@@ -193,7 +193,7 @@ def test_unplanned_failover_with_the_primary_killed(dr, request):
     wait_for(lambda: api_ok(primary, "GET", "/groups/vm1")["fenced_epoch"] >= 2, 20,
              "the returning primary to be fenced")
     nbd = require_libnbd()
-    h = osrtest.connect(f"nbd://{primary.nbd}/vm1/os", "pytest-dr")
+    h = osrtest.connect(f"nbd://{primary.nbd}/vm/vm1/os", "pytest-dr")
     with pytest.raises(nbd.Error) as e:
         h.pwrite(b"x" * 4096, 0)
     assert e.value.errno in (1, "EPERM"), e.value
@@ -367,6 +367,12 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
                 "qemu_args_name": "count-guest"},
                status=204)
         console = data / "groups" / "vm1" / "run" / "console.log"
+        # QEMU reaches its disk over the VM's own socket (0600), not TCP.
+        pid = api_ok(site, "GET", "/groups/vm1")["vm"]["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        sock = data / "groups" / "vm1" / "run" / "nbd.sock"
+        assert f"server.type=unix,server.path={sock},export=vm/vm1/os" in cmdline, cmdline
 
         def count():
             text = console.read_text(errors="replace") if console.exists() else ""
@@ -387,7 +393,7 @@ def test_a_qemu_vm_survives_a_restart_of_its_site(tmp_path):
         assert stop["clean"] is False, stop  # the test guest ignores ACPI: a hard stop
         assert api_ok(site, "GET", "/groups/vm1")["vm"]["running"] is False
         last = count()
-        raw = read_all(f"nbd://{site.nbd}/vm1/os", 16 * MIB)
+        raw = read_all(f"nbd://{site.nbd}/vm/vm1/os", 16 * MIB)
         with tarfile.open(fileobj=io.BytesIO(raw)) as t:
             value = int(t.extractfile("hello.txt").read())
         assert last <= value <= last + 1, (value, last)

@@ -58,7 +58,7 @@ def primary_disks(primary):
 def connect_group(primary):
     g = group_status(primary, VM)
     for d in g["disks"]:
-        assert d["uri"] == f"nbd://{primary.nbd}/{VM}/{d['name']}", g
+        assert d["uri"] == f"nbd://{primary.nbd}/vm/{VM}/{d['name']}", g
     return [connect(d["uri"]) for d in g["disks"]]
 
 
