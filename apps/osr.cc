@@ -321,6 +321,9 @@ int main(int argc, char** argv) {
   if (const char* v = std::getenv("OSR_VAULT")) c.vault = v;
   CLI::App app{"osr: Open Site Recovery"};
   app.require_subcommand(1);
+  // --output, --vault, --token and --ca also after the subcommand (osr item show vm1
+  // --output json).
+  app.fallthrough();
   auto* vault_opt =
       app.add_option("--vault", c.vault,
                      "vault URL (default $OSR_VAULT, osr login's vault, or http://127.0.0.1:7480)");

@@ -348,6 +348,10 @@ int VaultMain(const VaultArgs& a) {
   if (!addr.ok()) return Fail(addr.status());
   vault::VaultConfig vcfg;
   vcfg.db_path = a.db;
+  if (auto dir = std::filesystem::absolute(a.db).parent_path(); !dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);  // 0700 (umask); a failure shows at open
+  }
   vcfg.api.listen = *addr;
   vcfg.api.web_dir = WebDir(a.web);
   vcfg.api.tls = {"", a.tls_cert, a.tls_key};

@@ -1,6 +1,8 @@
 // What a VM's child process does between fork and exec, for every driver: its own
 // process group (Stop signals the whole VM), stdin from /dev/null, stdout and stderr to
-// its log, no signal blocked (the daemon blocks its stop signals), SIGPIPE default.
+// its log, no other descriptor of the daemon (its listening sockets, images, keys: a
+// descriptor opened without O_CLOEXEC by a library would otherwise reach the VM), no
+// signal blocked (the daemon blocks its stop signals), SIGPIPE default.
 // Only async-signal-safe calls: it runs in the child of a threaded daemon.
 #pragma once
 
@@ -18,6 +20,7 @@ inline void PrepareVmChild(int log_fd) {
     ::dup2(log_fd, 1);
     ::dup2(log_fd, 2);
   }
+  ::close_range(3, ~0U, 0);
   sigset_t none;
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);

@@ -1,8 +1,10 @@
 #include "site/site.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <toml++/toml.h>
@@ -261,6 +263,17 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
     fs::create_directories(fs::path(cfg.data_dir) / sub, ec);
     if (ec) return Status::FromErrno(ec.value(), "create " + cfg.data_dir);
   }
+  // One daemon per data_dir: two would both own site.json, the images and the logs. The
+  // lock is held as long as the process lives (the kernel drops it with the process).
+  std::string lock_path = cfg.data_dir + "/lock";
+  int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock_fd < 0) return Status::FromErrno(errno, "open " + lock_path);
+  s->data_lock_ = Fd(lock_fd);
+  if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    return Status(
+        Code::kAlreadyExists,
+        fmt::format("{} is in use by another osrd (its lock {} is held)", cfg.data_dir, lock_path));
+  }
   // Overlays of views from an earlier run are gone with those views.
   for (auto& e : fs::directory_iterator(fs::path(cfg.data_dir) / "views", ec)) {
     fs::remove(e.path(), ec);
@@ -319,7 +332,7 @@ Site::~Site() {
 void Site::Stop() {
   if (!nbd_) return;
   nbd_->Stop();
-  receiver_->Stop();
+  if (receiver_) receiver_->Stop();
   // The materialisers take mu_: stop and join them before taking it here.
   std::vector<Group*> all;
   {

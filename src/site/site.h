@@ -249,6 +249,7 @@ class Site {
   void CloseGroupExports(const std::string& vm, Group& g);
 
   const SiteConfig cfg_;
+  Fd data_lock_;  // flock on data_dir/lock: one daemon per data_dir
   nbd::ExportTable exports_;
   nbd::Authz nbd_authz_;  // before nbd_: the server borrows it
   std::unique_ptr<nbd::Server> nbd_;

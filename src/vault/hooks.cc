@@ -53,6 +53,7 @@ Status RunHookCommand(const std::string& vm, const std::string& hook, const std:
     ::setpgid(0, 0);
     int null = ::open("/dev/null", O_RDONLY);
     if (null >= 0) ::dup2(null, 0);
+    ::close_range(3, ~0U, 0);  // none of the vault's descriptors (catalog, sockets)
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the vault blocks its stop signals

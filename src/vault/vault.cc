@@ -328,10 +328,8 @@ json Vault::ListSites() {
   json out = json::array();
   for (auto& s : catalog_->Sites()) {
     auto d = Client(s).Call("GET", "/site");
-    json row = {{"name", s.name},
-                {"api", s.api},
-                {"replication", s.replication},
-                {"reachable", d.ok()}};
+    json row = {
+        {"name", s.name}, {"api", s.api}, {"replication", s.replication}, {"reachable", d.ok()}};
     if (d.ok()) {
       // What a site says of itself is shown only in the shapes the vault expects.
       json_in::Fields f(*d, "site " + s.name + ": ");

@@ -30,8 +30,8 @@
 #include "common/socket.h"
 #include "common/tls.h"
 #include "vault/catalog.h"
-#include "vault/vault_api.h"
 #include "vault/hooks.h"
+#include "vault/vault_api.h"
 
 namespace osr::vault {
 

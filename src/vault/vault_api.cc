@@ -108,8 +108,9 @@ json TokenJson(const TokenRow& t) {
 struct VaultApi::Call {
   const httplib::Request& req;
   httplib::Response& res;
-  const Principal* who;  // nullptr on public routes
-  json body;             // an object (empty for GET)
+  const Principal* who;                // nullptr on public routes
+  json body;                           // an object (empty for GET)
+  std::optional<Principal> signed_in;  // set by Login: who the audit log names
   std::string Match(size_t i) const { return req.matches[i]; }
 };
 
@@ -284,8 +285,9 @@ Result<std::unique_ptr<VaultApi>> VaultApi::Create(Vault* vault, const ApiConfig
     res.set_header("X-Frame-Options", "DENY");
     res.set_header("X-Content-Type-Options", "nosniff");
     res.set_header("Referrer-Policy", "no-referrer");
-    res.set_header("Content-Security-Policy",
-                   "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'");
+    res.set_header(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'");
     if (res.get_header_value("Content-Type").rfind("application/json", 0) == 0) {
       res.set_header("Cache-Control", "no-store");
     }
@@ -379,8 +381,12 @@ Status VaultApi::CheckBrowserSafety(const httplib::Request& req) const {
     return forbidden("cross-site request refused");
   }
   if (Mutating(req.method) && !req.body.empty()) {
+    // The media type (RFC 9110 8.3.1: case-insensitive, parameters after ';').
     std::string type = req.get_header_value("Content-Type");
-    if (type.rfind("application/json", 0) != 0) {
+    type = type.substr(0, type.find(';'));
+    while (!type.empty() && type.back() == ' ') type.pop_back();
+    for (char& c : type) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (type != "application/json") {
       return Status(Code::kNotSupported, "the body must be sent as Content-Type: application/json");
     }
   }
@@ -394,9 +400,10 @@ Result<Principal> VaultApi::Authenticate(const httplib::Request& req) {
   TokenRow token;
   std::string auth = req.get_header_value("Authorization");
   if (!auth.empty()) {
-    if (auth.rfind("Bearer ", 0) != 0) {
-      return unauthorized("Authorization must be 'Bearer TOKEN'");
-    }
+    // The scheme is case-insensitive (RFC 9110 11.1).
+    std::string scheme = auth.substr(0, 7);
+    for (char& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (scheme != "bearer ") return unauthorized("Authorization must be 'Bearer TOKEN'");
     auto t = CheckToken(catalog_, auth.substr(7), now);
     if (!t.ok()) return unauthorized(t.status().message());
     token = *t;
@@ -439,14 +446,36 @@ Result<Principal> VaultApi::Authenticate(const httplib::Request& req) {
 
 void VaultApi::Audit(const httplib::Request& req, const Principal* who, int status,
                      const std::string& message) {
+  if (who == nullptr) {
+    // Refusals of callers without a credential could push the real history out of the
+    // bounded log: at most one row per client address a second.
+    std::lock_guard lock(mu_);
+    int64_t now = NowNs();
+    if (anonymous_audit_ns_.size() > 10000) anonymous_audit_ns_.clear();
+    int64_t& last = anonymous_audit_ns_[req.remote_addr];
+    if (now - last < kNsPerS) return;
+    last = now;
+  }
+  // Control bytes (a %00 in a path) would hide the rest of a row: shown escaped.
+  auto printable = [](const std::string& in, size_t max) {
+    std::string out;
+    for (unsigned char c : in.substr(0, max)) {
+      if (c < 0x20 || c == 0x7f) {
+        out += fmt::format("\\x{:02x}", c);
+      } else {
+        out.push_back(static_cast<char>(c));
+      }
+    }
+    return out;
+  };
   AuditRow a;
   a.time_ns = NowNs();
   a.principal = who ? who->name : "anonymous";
   a.role = who ? std::string(RoleName(who->role)) : "";
   a.method = req.method;
-  a.path = req.path;
+  a.path = printable(req.path, 1000);
   a.status = status;
-  a.message = message.substr(0, 1000);
+  a.message = printable(message, 1000);
   a.remote = req.remote_addr;
   if (Status st = catalog_.AddAudit(a); !st.ok()) {
     // The call itself is done; an operator must learn that the audit log missed it.
@@ -483,7 +512,7 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
                                             RoleName(*r.role), who->name, RoleName(who->role))));
     }
   }
-  Call call{req, res, who ? &*who : nullptr, json::object()};
+  Call call{req, res, who ? &*who : nullptr, json::object(), std::nullopt};
   if (mutating && !req.body.empty()) {
     auto b = json_in::ParseObject(req.body, "the body", kBodyBytesMax);
     if (!b.ok()) return refuse(400, b.status());
@@ -501,7 +530,9 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
   }
   if (out.ok()) {
     Send(res, out->status, out->body);
-    if (mutating) Audit(req, call.who, out->status, "");
+    if (mutating) {
+      Audit(req, call.signed_in ? &*call.signed_in : call.who, out->status, "");
+    }
   } else {
     // A public route (login) refusing a credential: 401, like any other missing one.
     int status = !r.role && out.status().code() == Code::kPermissionDenied
@@ -525,6 +556,8 @@ Result<VaultApi::Reply> VaultApi::Login(Call& c) {
   SessionRow s{Sha256Hex(sid), t->id, csrf, NowNs(), NowNs() + kSessionTtlS * kNsPerS};
   s.expires_ns = std::min(s.expires_ns, t->expires_ns);
   OSR_RETURN_IF_ERROR(catalog_.AddSession(s));
+  c.signed_in =
+      Principal{fmt::format("token {} ({})", t->id, t->name), *ParseRole(t->role), t->id, true, ""};
   c.res.set_header(
       "Set-Cookie",
       fmt::format("{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{}", kSessionCookie, sid,

@@ -151,7 +151,8 @@ class VaultApi {
   ListenAddress bound_;
   std::thread thread_;
   std::mutex mu_;
-  std::map<int64_t, int64_t> token_touched_ns_;  // guarded by mu_
+  std::map<int64_t, int64_t> token_touched_ns_;        // guarded by mu_
+  std::map<std::string, int64_t> anonymous_audit_ns_;  // guarded by mu_: by client address
 };
 
 // Makes a token for `name` with `role` that expires after ttl_s seconds; returns the
