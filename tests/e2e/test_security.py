@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import create_vm
+from conftest import create_vm, make_certs
 
 # (method, pattern as the vault registers it, an example path, the role it needs,
 #  a body, the status the right role gets). None as role: no credential needed.
@@ -444,3 +444,45 @@ def test_a_site_answering_the_wrong_types_does_not_stop_the_vault(env, vault):
             break
         time.sleep(0.5)
     assert shown["health"] == "Normal", shown
+
+
+def test_nbd_tls_with_the_quickstarts_client_certificates(env, tmp_path):
+    """The quickstart's NBD listener takes STARTTLS with the client folder it writes
+    (osr-data/tls/nbd-client): nbdinfo and qemu-img read a VM's disk over TLS; a client
+    with a certificate of another CA is refused."""
+    import re
+    import subprocess
+    from osrtest import require_tool
+    vm = create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
+    uri = vm["disks"][0]["uri"]
+    m = re.match(r"^nbd://(127\.0\.0\.1:\d+)/(vm/vm1/os)$", uri)
+    assert m, uri
+    client_dir = env.qs.data_dir / "tls" / "nbd-client"
+    for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        assert (client_dir / f).exists(), f
+    tls_uri = f"nbds://{m.group(1)}/{m.group(2)}?tls-certificates={client_dir}"
+    p = subprocess.run([require_tool("nbdinfo"), "--json", tls_uri], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == 1 << 20, info
+    p = subprocess.run([require_tool("qemu-img"), "info", "--output=json",
+                        "--image-opts",
+                        f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+                        f"server.port={m.group(1).split(':')[1]},export={m.group(2)},"
+                        "tls-creds=tls0",
+                        "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={client_dir}"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["virtual-size"] == 1 << 20
+    # Another CA's client certificate: the handshake fails, no size is shown.
+    other = make_certs(tmp_path / "other-ca", "nbd-client")
+    odir = tmp_path / "other-client"
+    odir.mkdir()
+    (odir / "ca-cert.pem").write_text((client_dir / "ca-cert.pem").read_text())
+    (odir / "client-cert.pem").write_text(open(other["nbd-client"][0]).read())
+    (odir / "client-key.pem").write_text(open(other["nbd-client"][1]).read())
+    p = subprocess.run([require_tool("nbdinfo"), "--json",
+                        f"nbds://{m.group(1)}/{m.group(2)}?tls-certificates={odir}"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "export-size" not in p.stdout, (p.stdout, p.stderr)
