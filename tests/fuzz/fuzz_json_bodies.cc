@@ -16,11 +16,25 @@ using nlohmann::json;
 
 namespace {
 
-constexpr const char* kKeys[] = {"name",        "site",        "disks",      "spec",
-                                 "retention_seconds",          "point",      "planned",
-                                 "timeout_ms",  "token",       "role",       "expires_in_seconds",
-                                 "durable_seq", "base_seq",    "resyncing",  "consistent_from",
-                                 "epoch",       "seq",         "replace",    "api"};
+constexpr const char* kKeys[] = {"name",
+                                 "site",
+                                 "disks",
+                                 "spec",
+                                 "retention_seconds",
+                                 "point",
+                                 "planned",
+                                 "timeout_ms",
+                                 "token",
+                                 "role",
+                                 "expires_in_seconds",
+                                 "durable_seq",
+                                 "base_seq",
+                                 "resyncing",
+                                 "consistent_from",
+                                 "epoch",
+                                 "seq",
+                                 "replace",
+                                 "api"};
 
 void ReadEveryWay(const json& j) {
   json_in::Fields f(j, "body.");
@@ -54,8 +68,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     auto spec = hypervisor::ParseVmSpec(*body, source);
     if (spec.ok()) {
       // The normal form must read back as the same spec.
-      auto again = hypervisor::ParseVmSpec(hypervisor::VmSpecJson(*spec),
-                                           hypervisor::SpecSource::kStored);
+      auto again =
+          hypervisor::ParseVmSpec(hypervisor::VmSpecJson(*spec), hypervisor::SpecSource::kStored);
       if (!again.ok()) __builtin_trap();
     }
   }
