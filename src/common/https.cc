@@ -28,13 +28,6 @@ int NamesIndex() {
   return index;
 }
 
-std::string CommonName(X509* cert) {
-  if (cert == nullptr) return {};
-  char buf[256] = {0};
-  int n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, buf, sizeof buf);
-  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
-}
-
 // At depth 0 (the peer's own certificate), once the chain verified: its CN must be one
 // of the names kept with the context.
 int VerifyPeerName(int preverify_ok, X509_STORE_CTX* store) {
@@ -46,7 +39,7 @@ int VerifyPeerName(int preverify_ok, X509_STORE_CTX* store) {
   auto* names = static_cast<std::vector<std::string>*>(
       SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), NamesIndex()));
   if (names == nullptr || names->empty()) return 1;
-  std::string cn = CommonName(X509_STORE_CTX_get_current_cert(store));
+  std::string cn = CertificateCommonName(X509_STORE_CTX_get_current_cert(store));
   if (std::find(names->begin(), names->end(), cn) != names->end()) return 1;
   X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
   return 0;
@@ -100,7 +93,7 @@ Status ConfigureClientTls(SSL_CTX* ctx, const TlsFiles& files,
 std::string PeerCommonName(const SSL* ssl) {
   if (ssl == nullptr) return {};
   X509* cert = SSL_get1_peer_certificate(ssl);
-  std::string cn = CommonName(cert);
+  std::string cn = CertificateCommonName(cert);
   X509_free(cert);
   return cn;
 }

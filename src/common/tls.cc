@@ -33,8 +33,9 @@ std::string SslError(const std::string& what) {
   return fmt::format("{}: {}", what, buf);
 }
 
-// The common name of a certificate's subject ("" if it has none).
-std::string CommonName(X509* x) {
+}  // namespace
+
+std::string CertificateCommonName(X509* x) {
   if (x == nullptr) return {};
   X509_NAME* name = X509_get_subject_name(x);
   int i = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
@@ -48,8 +49,6 @@ std::string CommonName(X509* x) {
   if (out.find('\0') != std::string::npos) return {};
   return out;
 }
-
-}  // namespace
 
 bool PeerIdentity::Names(std::string_view name) const {
   if (name.empty()) return false;
@@ -85,7 +84,7 @@ int TlsContext::VerifyPeer(int preverify_ok, X509_STORE_CTX* store) {
       static_cast<SSL*>(X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
   auto* self = static_cast<TlsContext*>(SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl)));
   if (self == nullptr || self->allowed_peer_names_.empty()) return 1;
-  std::string cn = CommonName(X509_STORE_CTX_get_current_cert(store));
+  std::string cn = CertificateCommonName(X509_STORE_CTX_get_current_cert(store));
   for (const auto& allowed : self->allowed_peer_names_) {
     if (!cn.empty() && cn == allowed) return 1;
   }
@@ -221,7 +220,7 @@ Status TlsStream::Wait(bool for_write, int timeout_ms) {
 std::string TlsStream::PeerName() const {
   std::lock_guard lock(ssl_mu_);
   X509* peer = SSL_get0_peer_certificate(ssl_);
-  return CommonName(peer);
+  return CertificateCommonName(peer);
 }
 
 Result<std::optional<size_t>> TlsStream::ReadOnce(std::span<uint8_t> buf, bool* wait_for_write) {

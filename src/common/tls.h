@@ -21,6 +21,7 @@
 
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct ssl_st SSL;
+typedef struct x509_st X509;
 struct x509_store_ctx_st;
 
 namespace osr {
@@ -116,6 +117,10 @@ class TlsStream final : public Stream {
 // IP:127.0.0.1 and IP:::1 (a client checks the host it dialled against them); the DNS
 // name is also where replication peers look for the site's name (PeerIdentity::Names).
 // A certificate made by an older osr without them is made again (same CA).
+// The CN of a certificate's subject, as UTF-8; "" when it has none or when it holds a
+// NUL (which would compare equal to a shorter name in C code).
+std::string CertificateCommonName(X509* cert);
+
 Result<TlsFiles> EnsureQuickstartCertificates(const std::string& dir, const std::string& name);
 
 // The layout GnuTLS users read from one directory (QEMU's tls-creds-x509 dir=, libnbd's
