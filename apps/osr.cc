@@ -434,6 +434,17 @@ int main(int argc, char** argv) {
   auto* vstop = vm->add_subcommand("stop", "shut the VM down (hard stop after the timeout)");
   vstop->add_option("name", vname)->required();
   vstop->add_option("--timeout", vstop_timeout, "seconds (default 30)");
+  std::string vrepair_site;
+  bool vrepair_trim = false, vrepair_reset = false;
+  auto* vrepair = vm->add_subcommand(
+      "repair", "open a VM's quarantined disks or store again (see the item's health)");
+  vrepair->add_option("name", vname)->required();
+  vrepair->add_option("--site", vrepair_site, "only at this site (default: every site)");
+  vrepair->add_flag("--trim-image", vrepair_trim,
+                    "cut an image that grew outside osr back to the disk's size, if what it "
+                    "gained is zeros");
+  vrepair->add_flag("--reset-history", vrepair_reset,
+                    "set an unreadable capture history aside and resend the disks whole");
 
   std::string target, ppolicy = "default", spec, notes;
   bool wait = false, appflag = false;
@@ -698,6 +709,14 @@ int main(int argc, char** argv) {
   };
   if (vshow->parsed()) return Print(c, Call(c, "GET", "/vms/" + vname), vm_table);
   if (vstart->parsed()) return Print(c, Call(c, "POST", "/vms/" + vname + "/start"), vm_table);
+  if (vrepair->parsed()) {
+    return Print(c,
+                 Call(c, "POST", "/vms/" + vname + "/repair",
+                      json{{"site", vrepair_site},
+                           {"trim_image", vrepair_trim},
+                           {"reset_history", vrepair_reset}}),
+                 Show);
+  }
   if (vstop->parsed()) {
     return Print(
         c, Call(c, "POST", "/vms/" + vname + "/stop", json{{"timeout_ms", vstop_timeout * 1000}}),

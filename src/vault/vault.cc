@@ -1,6 +1,7 @@
 #include "vault/vault.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
@@ -119,6 +120,20 @@ namespace {
 // What a site said when it refused a call, fit to show to an operator: the message of
 // its JSON error (one line, at most 300 characters), never its raw body, which a
 // misconfigured or hostile endpoint could fill with anything.
+// The code a site's error body names (its "error.code", CodeName), else the HTTP
+// status's: 409 is both "already exists" and "failed precondition" (quarantined).
+Code SiteErrorCode(int status, const std::string& body) {
+  auto j = json_in::ParseObject(body, "answer", 64 << 10, 8);
+  if (j.ok()) {
+    json_in::Fields f(*j);
+    if (const json* e = f.Object("error")) {
+      std::string name = json_in::Fields(*e).String("code", "");
+      if (auto code = CodeFromName(name); code && *code != Code::kOk) return *code;
+    }
+  }
+  return CodeFromHttp(status);
+}
+
 std::string SiteErrorMessage(int status, const std::string& body) {
   auto j = json_in::ParseObject(body, "answer", 64 << 10, 8);
   std::string msg;
@@ -135,6 +150,14 @@ std::string SiteErrorMessage(int status, const std::string& body) {
 }
 
 }  // namespace
+
+std::string QuarantineHealth(const std::string& what, const json& damage) {
+  json_in::Fields f(damage);
+  std::string reason = f.String("reason", "");
+  std::string action = f.String("action", "");
+  return fmt::format("Critical: {} are quarantined: {}. {}", what, reason.substr(0, 400),
+                     action.substr(0, 400));
+}
 
 Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,
                                                          const std::string& path,
@@ -191,7 +214,7 @@ Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& meth
                                    httplib::to_string(r.error())));
   }
   if (r->status >= 300) {
-    return Status(CodeFromHttp(r->status),
+    return Status(SiteErrorCode(r->status, r->body),
                   fmt::format("site {}: {}", site_.name, SiteErrorMessage(r->status, r->body)));
   }
   return std::pair<int, std::string>{r->status, std::move(r->body)};
@@ -475,6 +498,9 @@ Result<json> Vault::ShowVm(const std::string& name) {
   out["epoch"] = item ? item->epoch : 1;
   out["state"] = item ? item->state : "Unprotected";
   if (!g.ok()) out["site_error"] = g.status().message();
+  if (g.ok() && g->is_object() && g->contains("damage")) {
+    out["site_error"] = QuarantineHealth(name + "'s disks at " + v->site, (*g)["damage"]);
+  }
   return out;
 }
 
@@ -490,6 +516,72 @@ Result<json> Vault::StartVm(const std::string& name) {
   if (!s) return NotFound("site " + v->site + " is not registered");
   OSR_RETURN_IF_ERROR(Client(*s).Call("POST", "/groups/" + name + "/vm/start", v->spec).status());
   return ShowVm(name);
+}
+
+// A new capture log at `site` for `vm` starts above what its recovery store holds, so
+// that replication goes on (1 when the VM is not protected from that site).
+Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::string& site) {
+  auto item = catalog_->Item(vm);
+  if (!item || item->source != site) return uint64_t{1};
+  auto dst = catalog_->Site(item->target);
+  if (!dst) return uint64_t{1};
+  auto st = Client(*dst).Call("GET", "/stores/" + vm);
+  if (!st.ok()) {
+    if (st.status().code() == Code::kNotFound) return uint64_t{1};
+    return Status(st.status().code(),
+                  "the recovery store's position is needed to reset the history: " +
+                      st.status().message());
+  }
+  json_in::Fields f(*st, "site " + dst->name + " store " + vm + ".");
+  uint64_t durable = f.U64("durable_seq", 0);
+  if (!f.ok()) return f.status();
+  return durable + 1;
+}
+
+Result<json> Vault::RepairVm(const std::string& name, const std::string& site,
+                             bool trim_image, bool reset_history) {
+  if (!catalog_->Vm(name)) return NotFound("no VM named '" + name + "'");
+  std::vector<SiteRow> sites;
+  if (!site.empty()) {
+    auto s = catalog_->Site(site);
+    if (!s) return NotFound("site " + site + " is not registered");
+    sites.push_back(*s);
+  } else {
+    sites = catalog_->Sites();
+  }
+  json repaired = json::array();
+  std::vector<std::string> still;
+  for (auto& s : sites) {
+    SiteClient client = Client(s);
+    for (const char* what : {"groups", "stores"}) {
+      auto st = client.Call("GET", fmt::format("/{}/{}", what, name));
+      if (!st.ok() || !st->is_object() || !st->contains("damage")) continue;
+      json body = json::object();
+      if (std::string(what) == "groups") {
+        body = {{"trim_image", trim_image}, {"reset_history", reset_history}};
+        if (Result<uint64_t> next = FirstSeqAfterStore(name, s.name); next.ok()) {
+          body["first_seq"] = *next;
+        } else {
+          still.push_back(next.status().message());
+          continue;
+        }
+      }
+      auto r = client.Call("POST", fmt::format("/{}/{}/repair", what, name), body);
+      if (r.ok()) {
+        repaired.push_back({{"site", s.name}, {"what", what}, {"result", *r}});
+      } else {
+        still.push_back(r.status().message());
+      }
+    }
+  }
+  if (!still.empty()) {
+    return Status(Code::kFailedPrecondition, fmt::format("{}", fmt::join(still, "; ")));
+  }
+  if (repaired.empty()) {
+    return InvalidArgument(fmt::format("nothing of VM {} is quarantined{}", name,
+                                       site.empty() ? "" : " at site " + site));
+  }
+  return json{{"vm", name}, {"repaired", repaired}};
 }
 
 Result<json> Vault::StopVm(const std::string& name, int timeout_ms) {
@@ -557,7 +649,15 @@ json Vault::ItemJson(const ItemRow& item) {
       // The newest write at the recovery site is this old; newer ones are on their way.
       rpo = durable_ns > 0 ? static_cast<double>(NowNs() - durable_ns) / 1e9 : 0;
     }
-    if (!gf.ok() || !sf.ok() || !rf.ok()) {
+    const json* group_damage = gf.Object("damage");
+    const json* store_damage = sf.Object("damage");
+    if (group_damage != nullptr || store_damage != nullptr) {
+      health = group_damage != nullptr
+                   ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
+                   : QuarantineHealth(item.vm + "'s recovery store at " + item.target,
+                                      *store_damage);
+      rpo = 0;
+    } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
       // A site that answers in shapes the vault does not know is not a healthy one.
       const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
       health = "Critical: " + bad.message();

@@ -49,6 +49,10 @@ struct VaultConfig {
   HookConfig hooks;              // what VMs' hooks may run here (--hooks, --allow-api-hooks)
 };
 
+// The health line of a quarantined group or store (its site's "damage": kind, reason,
+// action), e.g. "Critical: r1's disks at primary are quarantined: ... . <action>".
+std::string QuarantineHealth(const std::string& what, const nlohmann::json& damage);
+
 class Vault {
  public:
   static Result<std::unique_ptr<Vault>> Start(const VaultConfig& cfg);
@@ -74,6 +78,13 @@ class Vault {
                                   const nlohmann::json& spec = nlohmann::json::object());
   Result<nlohmann::json> StartVm(const std::string& name);
   Result<nlohmann::json> StopVm(const std::string& name, int timeout_ms);
+  // Opens a VM's quarantined disks (group) and recovery store again at `site` ("": every
+  // registered site), doing what the flags allow (site.h RepairOptions). Returns what was
+  // repaired per site; kInvalidArgument when nothing of the VM is quarantined,
+  // kFailedPrecondition (naming why) when something still is.
+  Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site,
+                                  bool trim_image, bool reset_history);
+  Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
   nlohmann::json ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);
   Result<nlohmann::json> Protect(const std::string& vm, const std::string& target,

@@ -202,6 +202,7 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"GET", R"(/api/v1/vms/([^/]+))", R, &VaultApi::ShowVm},
       {"POST", R"(/api/v1/vms/([^/]+)/start)", O, &VaultApi::StartVm},
       {"POST", R"(/api/v1/vms/([^/]+)/stop)", O, &VaultApi::StopVm},
+      {"POST", R"(/api/v1/vms/([^/]+)/repair)", A, &VaultApi::RepairVm},
       {"POST", R"(/api/v1/vms/([^/]+)/protect)", A, &VaultApi::Protect},
       {"GET", "/api/v1/items", R, &VaultApi::ListItems},
       {"GET", R"(/api/v1/items/([^/]+))", R, &VaultApi::ShowItem},
@@ -717,6 +718,17 @@ Result<VaultApi::Reply> VaultApi::StopVm(Call& c) {
   int64_t timeout_ms = f.I64("timeout_ms", 30000, {0, 3600 * 1000});
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->StopVm(c.Match(1), static_cast<int>(timeout_ms)));
+  return Reply{200, out};
+}
+
+Result<VaultApi::Reply> VaultApi::RepairVm(Call& c) {
+  json_in::Fields f(c.body);
+  std::string site = f.String("site", "");
+  bool trim_image = f.Bool("trim_image", false);
+  bool reset_history = f.Bool("reset_history", false);
+  if (!f.ok()) return f.status();
+  if (!site.empty() && !ValidName(site)) return InvalidArgument("'" + site + "' is not a site name");
+  OSR_ASSIGN_OR_RETURN(json out, vault_->RepairVm(c.Match(1), site, trim_image, reset_history));
   return Reply{200, out};
 }
 

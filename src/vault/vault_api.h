@@ -128,6 +128,7 @@ class VaultApi {
   Result<Reply> ShowVm(Call& c);
   Result<Reply> StartVm(Call& c);
   Result<Reply> StopVm(Call& c);
+  Result<Reply> RepairVm(Call& c);
   Result<Reply> Protect(Call& c);
   Result<Reply> ListItems(Call& c);
   Result<Reply> ShowItem(Call& c);

@@ -443,6 +443,23 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   } else {
     auto g = Client(*old).Call("GET", "/groups/" + job.vm);
     if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
+    if (g.ok() && g->is_object() && g->contains("damage")) {
+      // Quarantined at the old primary. Missing disks are no disks: a full copy, as when
+      // they were deleted through the API. Anything else waits for the operator.
+      json_in::Fields df((*g)["damage"]);
+      std::string kind = df.String("kind", "");
+      if (kind != "image_missing") {
+        return back(Status(Code::kFailedPrecondition,
+                           QuarantineHealth(job.vm + "'s disks at " + item.source, (*g)["damage"])
+                               .substr(std::string("Critical: ").size())));
+      }
+      steps.Progress(6, fmt::format("{}: its disks are missing ({}): they are deleted there and "
+                                    "copied in full",
+                                    item.source, df.String("reason", "")));
+      auto d = Client(*old).Call("DELETE", "/groups/" + job.vm);
+      if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
+      g = NotFound("deleted");
+    }
     if (!g.ok()) {
       mode = "full";
       job.args["mode"] = mode;
