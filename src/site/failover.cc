@@ -81,7 +81,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   g->failover = true;
   g->failover_seq = seq;
   g->tracking = true;
-  Status opened = OpenGroupLocked(vm, *g);
+  Status opened = OpenGroupLocked(vm, *g, /*create=*/true);
   if (opened.ok()) {
     // What the store received after the point: the failed-over disks lack it, the old
     // primary has it. Marked now, while the store still knows (invariant 7).

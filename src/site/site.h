@@ -307,7 +307,8 @@ class Site {
   // Names valid and unique, sizes within limits.
   Status CheckDisks(const std::string& vm, const std::vector<DiskSpec>& disks) const;
   Status SaveLocked();  // holds mu_
-  // `create`: make missing images (a new VM); else a missing image is an error, never a
+  // `create`: make missing images (a new VM, new failover disks); else a missing image is
+  // an error (kImageMissing), never a
   // blank disk in its place.
   // `failed_kind` (optional) says which file failed.
   Status OpenGroupLocked(const std::string& vm, Group& g, bool create = false,
