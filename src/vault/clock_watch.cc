@@ -159,7 +159,7 @@ std::string BootId() {
 }
 
 std::string FormatDurationNs(int64_t ns) {
-  int64_t s = ns / 1000000000;
+  int64_t s = (ns + 500000000) / 1000000000;  // to the nearest second
   if (s < 120) return fmt::format("{} s", s);
   if (s < 7200) return fmt::format("{} min {} s", s / 60, s % 60);
   if (s < 2 * 86400) return fmt::format("{} h {} min", s / 3600, (s % 3600) / 60);
