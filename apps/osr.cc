@@ -471,6 +471,11 @@ int main(int argc, char** argv) {
   ptcreate->add_flag("--app", appflag,
                      "app-consistent: quiesced by the guest agent (qemu) or the VM's freeze/thaw "
                      "hooks");
+  auto* ptclock = point->add_subcommand(
+      "clock", "the vault's clock: whether a step of it holds the pruning of points");
+  auto* ptconfirm = point->add_subcommand(
+      "confirm-clock",
+      "the vault's wall clock is right now: pruning held by a clock step resumes on it");
 
   auto* tf = app.add_subcommand(
       "test-failover", "a DR drill: the VM's disks at a point, writable, beside replication");
@@ -752,9 +757,13 @@ int main(int argc, char** argv) {
   if (ishow->parsed()) return Print(c, Call(c, "GET", "/items/" + vname), Show);
   if (ptlist->parsed()) {
     return Print(c, Call(c, "GET", "/items/" + vname + "/points"), [](const json& b) {
-      Table(b, {{"id", "ID"}, {"time", "TIME"}, {"seq", "SEQ"}, {"type", "TYPE"}});
+      Table(
+          b,
+          {{"id", "ID"}, {"time", "TIME"}, {"seq", "SEQ"}, {"type", "TYPE"}, {"in_use", "IN USE"}});
     });
   }
+  if (ptclock->parsed()) return Print(c, Call(c, "GET", "/clock"), Show);
+  if (ptconfirm->parsed()) return Print(c, Call(c, "POST", "/clock/confirm"), Show);
   if (ptcreate->parsed())
     return Print(c, Call(c, "POST", "/items/" + vname + "/points", json{{"app", appflag}}), Show);
   if (tf->parsed())

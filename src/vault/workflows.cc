@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <optional>
 #include <thread>
 
 #include "common/json_in.h"
@@ -195,6 +196,9 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
   };
 
   PointRow point;
+  // Retention keeps the chosen point while the job runs (and the item's failover names
+  // it after that).
+  std::optional<PointPin> pin;
   if (job.args.contains("point_seq")) {
     point.id = job.args["point"].value("id", int64_t{0});
     point.seq = job.args["point_seq"].get<uint64_t>();
@@ -226,6 +230,9 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
     }
     if (!p.ok()) return fail(p.status(), before);
     point = *p;
+    if (Status pinned = PinPoint(job.vm, point.id, "failover", pin); !pinned.ok()) {
+      return fail(pinned, before);
+    }
     steps.Progress(30, fmt::format("point {} (seq {}, {}, {})", point.id, point.seq, point.type,
                                    FormatTimeNs(point.time_ns)));
     steps.Done(30);
