@@ -80,7 +80,8 @@ void Sender::Run() {
       delay = progressed || delay == 0 ? opts_.reconnect_delay_ms_min
                                        : std::min(delay * 2, opts_.reconnect_delay_ms_max);
       stats_.connected = false;
-      stats_.last_error = st.ToString();
+      stats_.last_error = session_refusal_ ? session_refusal_->ToString() : st.ToString();
+      session_refusal_.reset();
       stats_.last_error_code =
           session_code_ ? std::string(ErrorCodeName(*session_code_)) : std::string();
       session_code_.reset();
@@ -169,7 +170,10 @@ Status Sender::Refused(const PeerError& e) {
   Code code = e.code == ErrorCode::kStaleEpoch || e.code == ErrorCode::kNotAuthorized
                   ? Code::kPermissionDenied
                   : Code::kUnavailable;
-  return Status(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  Status st(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  std::lock_guard lock(mu_);
+  session_refusal_ = st;
+  return st;
 }
 
 Status Sender::Refuse(Stream& s, ErrorCode code, Status st) {

@@ -151,6 +151,9 @@ class Sender {
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
   std::optional<ErrorCode> session_code_;        // guarded by mu_: how the session ended
   uint64_t progress_ = 0;  // guarded by mu_: ACKs that moved acked_seq, resyncs committed
+  // guarded by mu_: the receiver's refusal that ended the session (its ERROR's words),
+  // reported rather than what the connection thread then met (a write to a closed socket)
+  std::optional<Status> session_refusal_;
 };
 
 }  // namespace osr::replication
