@@ -21,7 +21,9 @@ namespace {
 constexpr uint64_t kFenceVersion = 1;
 constexpr size_t kFenceBytesMax = 4096;
 
-std::string FencePath(const std::string& capture_dir) { return capture_dir + "/fence"; }
+std::string FencePath(const std::string& capture_dir) {
+  return capture_dir + "/fence";
+}
 
 // The epoch recorded in <dir>/fence; 0 when there is none. kCorruption for a file that
 // is not one (the group is then quarantined: guessing either way could be wrong).
@@ -244,8 +246,8 @@ Status CaptureGroup::Fence(uint64_t epoch) {
   if (epoch == 0 || epoch <= fenced_epoch_) return Status::Ok();
   std::string text =
       nlohmann::json{{"version", kFenceVersion}, {"fenced_epoch", epoch}}.dump() + "\n";
-  Status written = WriteFileAtomic(
-      FencePath(dir_), {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+  Status written = WriteFileAtomic(FencePath(dir_),
+                                   {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
   fenced_epoch_ = epoch;
   if (!written.ok()) {
     spdlog::error("capture {}: fenced at epoch {} in memory only: {}", dir_, epoch,

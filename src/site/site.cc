@@ -9,6 +9,7 @@
 #include <sys/statvfs.h>
 #include <toml++/toml.h>
 
+#include <charconv>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -286,10 +287,6 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
         Code::kAlreadyExists,
         fmt::format("{} is in use by another osrd (its lock {} is held)", cfg.data_dir, lock_path));
   }
-  // Overlays of views from an earlier run are gone with those views.
-  for (auto& e : fs::directory_iterator(fs::path(cfg.data_dir) / "views", ec)) {
-    fs::remove(e.path(), ec);
-  }
   OSR_ASSIGN_OR_RETURN(nbd::ListenerOptions nbd_options, NbdListenerOptions(cfg));
   if (cfg.nbd_insecure_tcp && nbd_options.tls != nbd::TlsMode::kRequired) {
     spdlog::warn(
@@ -492,11 +489,63 @@ Status Site::Load() {
       if (auto g = LoadGroupLocked(vm, entry)) groups_[vm] = std::move(g);
     }
   }
+  next_view_ = std::max<uint64_t>(1, f.U64("next_view", 1));
+  const json* views = f.Object("views");
+  LoadViewsLocked(views != nullptr ? *views : json::object());
   size_t damaged = damaged_stores_.size();
   for (auto& [vm, g] : groups_) damaged += g->damage ? 1 : 0;
   spdlog::info("site {}: {} group(s), {} store(s), {} quarantined", cfg_.name, groups_.size(),
                stores_.size() + damaged_stores_.size(), damaged);
   return SaveLocked();
+}
+
+std::string Site::OverlayPath(const std::string& id, uint32_t disk) const {
+  return fmt::format("{}/views/{}-{}.overlay", cfg_.data_dir, id, disk);
+}
+
+void Site::LoadViewsLocked(const json& views) {
+  std::set<std::string> kept;
+  for (auto& [id, entry] : views.items()) {
+    json_in::Fields f(entry, "site.json view " + id + ".");
+    View v;
+    v.vm = f.String("vm", "");
+    v.seq = f.U64("seq", 0);
+    v.writable = f.Bool("writable", false);
+    if (!f.ok() || !ValidName(id) || !ValidName(v.vm)) {
+      spdlog::error("site {}: view {} in site.json is not one: dropped", cfg_.name, id);
+      continue;
+    }
+    auto st = stores_.find(v.vm);
+    if (st == stores_.end()) {
+      v.lost = "its recovery store " + v.vm + " is " +
+               (damaged_stores_.count(v.vm) ? "quarantined" : "gone");
+    } else {
+      auto opened = OpenViewLocked(id, v, /*reopen=*/v.writable);
+      if (!opened.ok()) v.lost = opened.status().message();
+    }
+    if (!v.lost.empty()) {
+      spdlog::error("site {}: view {} of {} at seq {} is lost: {}", cfg_.name, id, v.vm, v.seq,
+                    v.lost);
+    } else {
+      spdlog::info("site {}: view {} of {} at seq {} is open again", cfg_.name, id, v.vm, v.seq);
+    }
+    kept.insert(id + "-");
+    uint64_t n = 0;
+    if (id.rfind("view-", 0) == 0 &&
+        std::from_chars(id.data() + 5, id.data() + id.size(), n).ec == std::errc() &&
+        n >= next_view_) {
+      next_view_ = n + 1;  // ids are never reused
+    }
+    views_[id] = std::move(v);
+  }
+  // Overlays that no view names (a view closed while the site was going down).
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(fs::path(cfg_.data_dir) / "views", ec)) {
+    std::string name = e.path().filename().string();
+    bool named = false;
+    for (auto& prefix : kept) named = named || name.rfind(prefix, 0) == 0;
+    if (!named) fs::remove(e.path(), ec);
+  }
 }
 
 void Site::LoadStoresLocked(const json& stores) {
@@ -562,7 +611,8 @@ std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& v
                                                             const json& entry, Group& g,
                                                             bool* became_store) {
   auto bad_entry = [&](const std::string& why) {
-    return OpenFailure{DamageKind::kStateEntry, Corruption("site.json entry of " + vm + ": " + why)};
+    return OpenFailure{DamageKind::kStateEntry,
+                       Corruption("site.json entry of " + vm + ": " + why)};
   };
   if (!ValidName(vm)) return bad_entry("not a VM name");
   if (!entry.is_object()) return bad_entry("not an object");
@@ -600,8 +650,8 @@ std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& v
       std::string img = dir + "/" + g.disks[i].name + ".img";
       std::string moved = fmt::format("{}/base/{}.img", sdir, i);
       if (!fs::exists(img, ec) && fs::exists(moved, ec)) {
-        spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name,
-                     vm, g.disks[i].name);
+        spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name, vm,
+                     g.disks[i].name);
         fs::rename(moved, img, ec);
         if (ec) {
           return OpenFailure{DamageKind::kImageMissing,
@@ -649,8 +699,10 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
   Damage d{f.kind, f.status.message(), ""};
   switch (f.kind) {
     case DamageKind::kStateEntry:
-      d.action = "restore site.json from a backup, or remove the VM at this site (osr vm disks "
-                 "delete " + vm + " --site " + cfg_.name + ")";
+      d.action =
+          "restore site.json from a backup, or remove the VM at this site (osr vm disks "
+          "delete " +
+          vm + " --site " + cfg_.name + ")";
       break;
     case DamageKind::kImageMissing:
       d.action = g.fenced_epoch != 0
@@ -660,9 +712,13 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
                            "; or, if it is lost, fail over to the recovery site";
       break;
     case DamageKind::kImageSize:
-      d.action = "the image was resized outside osr, which does not resize disks. If it grew and "
-                 "the added bytes are zeros, " + repair + " --trim-image cuts it back (nothing is "
-                 "lost); otherwise restore its size by hand and run " + repair;
+      d.action =
+          "the image was resized outside osr, which does not resize disks. If it grew and "
+          "the added bytes are zeros, " +
+          repair +
+          " --trim-image cuts it back (nothing is "
+          "lost); otherwise restore its size by hand and run " +
+          repair;
       break;
     case DamageKind::kImage:
       d.action = "fix what the reason names (permissions, the device) and run " + repair;
@@ -674,12 +730,13 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
       break;
     case DamageKind::kRegionMap:
       d.action = "the failed-over disks' map of what they hold is unreadable: restore " + dir +
-                 "/*.img.cow and run " + repair + ", or fail over again (osr failover " + vm +
-                 ")";
+                 "/*.img.cow and run " + repair + ", or fail over again (osr failover " + vm + ")";
       break;
     case DamageKind::kStoreMissing:
-      d.action = "the failed-over disks read their point from this site's recovery store, which "
-                 "is missing or damaged: repair the store first (" + repair + ")";
+      d.action =
+          "the failed-over disks read their point from this site's recovery store, which "
+          "is missing or damaged: repair the store first (" +
+          repair + ")";
       break;
     case DamageKind::kStore:
       d.action = "repair the store (" + repair + ")";
@@ -763,9 +820,10 @@ void Site::WatchOnce() {
       if (g->damage || !g->capture) continue;
       if (uint64_t fenced = g->capture->fenced_epoch(); fenced > g->fenced_epoch) {
         // The sender fenced the disks by itself (the recovery site refused its epoch).
-        spdlog::warn("site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
-                     "recorded, replication stopped",
-                     cfg_.name, vm, fenced);
+        spdlog::warn(
+            "site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
+            "recorded, replication stopped",
+            cfg_.name, vm, fenced);
         g->fenced_epoch = fenced;
         g->sender.reset();
         changed = true;
@@ -774,9 +832,10 @@ void Site::WatchOnce() {
     }
     if (changed) {
       if (Status st = SaveLocked(); !st.ok()) {
-        spdlog::error("site {}: cannot record a fence in site.json (the capture folder's fence "
-                      "record holds it): {}",
-                      cfg_.name, st.ToString());
+        spdlog::error(
+            "site {}: cannot record a fence in site.json (the capture folder's fence "
+            "record holds it): {}",
+            cfg_.name, st.ToString());
       }
     }
   }
@@ -891,9 +950,8 @@ Result<json> Site::RepairStore(const std::string& vm) {
   auto d = damaged_stores_.find(vm);
   if (d == damaged_stores_.end()) {
     if (stores_.count(vm)) {
-      return InvalidArgument(
-          fmt::format("the store of {} at site {} is not quarantined: nothing to repair", vm,
-                      cfg_.name));
+      return InvalidArgument(fmt::format(
+          "the store of {} at site {} is not quarantined: nothing to repair", vm, cfg_.name));
     }
     return NotFound("no store for " + vm + " at this site");
   }
@@ -901,14 +959,14 @@ Result<json> Site::RepairStore(const std::string& vm) {
   if (!st.ok()) {
     d->second = StoreDamage(vm, st.status());
     return Status(Code::kFailedPrecondition,
-                  fmt::format("the store of {} at site {} is still quarantined: {}", vm,
-                              cfg_.name, d->second.reason));
+                  fmt::format("the store of {} at site {} is still quarantined: {}", vm, cfg_.name,
+                              d->second.reason));
   }
   stores_[vm] = std::move(*st);
   damaged_stores_.erase(d);
   // Failover disks over it can open now.
-  if (auto g = groups_.find(vm);
-      g != groups_.end() && g->second->damage && g->second->damage->kind == DamageKind::kStoreMissing) {
+  if (auto g = groups_.find(vm); g != groups_.end() && g->second->damage &&
+                                 g->second->damage->kind == DamageKind::kStoreMissing) {
     if (auto again = LoadGroupLocked(vm, g->second->saved)) g->second = std::move(again);
   }
   OSR_RETURN_IF_ERROR(SaveLocked());
@@ -928,9 +986,8 @@ Status Site::MissingStore(const std::string& vm) const {
 Status Site::Usable(GroupMap::const_iterator it, const std::string& vm) const {
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   if (const auto& d = it->second->damage) {
-    return Status(Code::kFailedPrecondition,
-                  fmt::format("VM {} is quarantined at site {}: {} ({})", vm, cfg_.name,
-                              d->reason, d->action));
+    return Status(Code::kFailedPrecondition, fmt::format("VM {} is quarantined at site {}: {} ({})",
+                                                         vm, cfg_.name, d->reason, d->action));
   }
   return Status::Ok();
 }
@@ -961,11 +1018,14 @@ Status Site::SaveLocked() {
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
   for (auto& [vm, d] : damaged_stores_) stores[vm] = json::object();
-  std::string text = json{
-      {"version", kStateVersion},
-      {"name", cfg_.name},
-      {"groups", groups},
-      {"stores", stores}}.dump(1);
+  json views = json::object();
+  for (auto& [id, v] : views_) {
+    views[id] = {{"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+  }
+  std::string text =
+      json{{"version", kStateVersion}, {"name", cfg_.name}, {"groups", groups},
+           {"stores", stores},         {"views", views},    {"next_view", next_view_}}
+          .dump(1);
   return WriteFileAtomic(cfg_.data_dir + "/site.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
@@ -982,9 +1042,9 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
     auto it = stores_.find(vm);
     if (it == stores_.end()) {
       kind = DamageKind::kStoreMissing;
-      return Corruption(fmt::format(
-          "VM {} runs on failover disks over its recovery store, which is {}", vm,
-          damaged_stores_.count(vm) ? "quarantined" : "gone"));
+      return Corruption(
+          fmt::format("VM {} runs on failover disks over its recovery store, which is {}", vm,
+                      damaged_stores_.count(vm) ? "quarantined" : "gone"));
     }
     st = it->second.get();
   }
@@ -1404,27 +1464,41 @@ Result<json> Site::StoreStatus(const std::string& vm) {
 
 Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) {
   std::lock_guard lock(mu_);
-  auto it = stores_.find(vm);
-  if (it == stores_.end()) return MissingStore(vm);
+  if (!stores_.count(vm)) return MissingStore(vm);
   if (views_.size() >= cfg_.views_max) {
     return Unavailable(fmt::format("{} views are open; close one first", views_.size()));
   }
-  store::RecoveryStore* s = it->second.get();
   std::string id = fmt::format("view-{}", next_view_++);
-  View v{vm, seq, writable, {}};
+  View v{vm, seq, writable, {}, {}, ""};
+  OSR_ASSIGN_OR_RETURN(json out, OpenViewLocked(id, v, /*reopen=*/false));
+  views_[id] = std::move(v);
+  // Kept in site.json: a restarted site opens the view again (a drill outlives a crash).
+  if (Status saved = SaveLocked(); !saved.ok()) {
+    View gone = std::move(views_[id]);
+    views_.erase(id);
+    for (auto& e : gone.exports) exports_.Remove(e);
+    for (auto& o : gone.overlays) o->Discard();
+    return saved;
+  }
+  return out;
+}
+
+Result<json> Site::OpenViewLocked(const std::string& id, View& v, bool reopen) {
+  store::RecoveryStore* s = stores_.at(v.vm).get();
   json disks = json::array();
   Status failed;
   for (uint32_t i = 0; i < s->disks().size() && failed.ok(); ++i) {
     std::shared_ptr<nbd::Disk> disk;
-    if (writable) {
-      auto ov = store::OverlayView::Open(
-          s, i, seq, fmt::format("{}/views/{}-{}.overlay", cfg_.data_dir, id, i));
-      if (!ov.ok())
+    if (v.writable) {
+      auto ov = store::OverlayView::Open(s, i, v.seq, OverlayPath(id, i), reopen);
+      if (!ov.ok()) {
         failed = ov.status();
-      else
+      } else {
+        v.overlays.push_back(*ov);
         disk = *ov;
+      }
     } else {
-      auto pv = store::PointView::Open(s, i, seq);
+      auto pv = store::PointView::Open(s, i, v.seq);
       if (!pv.ok())
         failed = pv.status();
       else
@@ -1432,17 +1506,46 @@ Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) 
     }
     if (!failed.ok()) break;
     std::string name = ViewExport(id, s->disks()[i].name);
-    failed = exports_.Add({name, fmt::format("{} at seq {}", vm, seq), disk, /*vm=*/""});
+    failed = exports_.Add({name, fmt::format("{} at seq {}", v.vm, v.seq), disk, /*vm=*/""});
     if (!failed.ok()) break;
     v.exports.push_back(name);
     disks.push_back({{"name", s->disks()[i].name}, {"uri", Uri(name)}});
   }
   if (!failed.ok()) {
     for (auto& e : v.exports) exports_.Remove(e);  // nothing half-done left behind
+    v.exports.clear();
+    // A new view's overlays go; a reopened one's files stay for the operator to look at
+    // until the view is closed.
+    if (!reopen) {
+      for (auto& o : v.overlays) o->Discard();
+    }
+    v.overlays.clear();
     return failed;
   }
-  views_[id] = v;
-  return json{{"id", id}, {"vm", vm}, {"seq", seq}, {"writable", writable}, {"disks", disks}};
+  return json{{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}, {"disks", disks}};
+}
+
+Result<json> Site::ViewStatus(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto it = views_.find(id);
+  if (it == views_.end()) return NotFound("no view " + id);
+  const View& v = it->second;
+  json out = {{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+  if (!v.lost.empty()) {
+    out["lost"] = v.lost;
+    out["disks"] = json::array();
+    return out;
+  }
+  json disks = json::array();
+  auto st = stores_.find(v.vm);
+  for (size_t i = 0; i < v.exports.size(); ++i) {
+    std::string name = st != stores_.end() && i < st->second->disks().size()
+                           ? st->second->disks()[i].name
+                           : std::to_string(i);
+    disks.push_back({{"name", name}, {"uri", Uri(v.exports[i])}});
+  }
+  out["disks"] = disks;
+  return out;
 }
 
 Status Site::CloseView(const std::string& id) {
@@ -1451,9 +1554,19 @@ Status Site::CloseView(const std::string& id) {
     std::lock_guard lock(mu_);
     auto it = views_.find(id);
     if (it == views_.end()) return NotFound("no view " + id);
-    v = it->second;
+    v = std::move(it->second);
     views_.erase(it);
+    OSR_RETURN_IF_ERROR(SaveLocked());
   }
+  for (auto& o : v.overlays) o->Discard();
+  if (!v.lost.empty()) {
+    // Nothing of it is open: its files (if any) go now.
+    std::error_code ec;
+    for (auto& e : fs::directory_iterator(fs::path(cfg_.data_dir) / "views", ec)) {
+      if (e.path().filename().string().rfind(id + "-", 0) == 0) fs::remove(e.path(), ec);
+    }
+  }
+  v.overlays.clear();
   for (auto& e : v.exports) {
     exports_.Remove(e);
     nbd_->DisconnectExport(e);  // the view (and its overlay) goes with its last holder
@@ -1485,7 +1598,9 @@ json Site::Describe() {
       store_dirs.emplace_back(vm, st->dir());
     }
     for (auto& [id, v] : views_) {
-      views.push_back({{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}});
+      json j = {{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+      if (!v.lost.empty()) j["lost"] = v.lost;
+      views.push_back(j);
     }
   }
   // Capacity: what the recovery stores take on disk (allocated blocks), and the file

@@ -26,8 +26,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -223,6 +223,9 @@ class Site {
   Result<nlohmann::json> StoreStatus(const std::string& vm);
   Result<nlohmann::json> OpenView(const std::string& vm, uint64_t seq, bool writable);
   Status CloseView(const std::string& id);
+  // A view: {id, vm, seq, writable, disks: [{name, uri}]}; a view that could not be
+  // reopened after a restart has "lost": the reason, and no disks. kNotFound: no view.
+  Result<nlohmann::json> ViewStatus(const std::string& id);
 
   nlohmann::json Describe();
   // {allow_api_commands, commands: [NAME], qemu_args: [NAME]}: what the vault may name in
@@ -271,6 +274,8 @@ class Site {
     uint64_t seq;
     bool writable;
     std::vector<std::string> exports;
+    std::vector<std::shared_ptr<store::OverlayView>> overlays;  // writable: to Discard()
+    std::string lost;  // "": open; else why it could not be reopened after a restart
   };
 
   using GroupMap = std::map<std::string, std::unique_ptr<Group>>;
@@ -282,6 +287,13 @@ class Site {
   explicit Site(SiteConfig cfg) : cfg_(std::move(cfg)) {}
   Status Load();
   void LoadStoresLocked(const nlohmann::json& stores);
+  // Views kept in site.json (drills) open again, at the same ids and export names;
+  // one that cannot is kept as lost (with the reason) until it is closed.
+  void LoadViewsLocked(const nlohmann::json& views);
+  // Opens the exports of view `id`; `reopen`: its overlays exist already. Nothing is
+  // left half-done on failure.
+  Result<nlohmann::json> OpenViewLocked(const std::string& id, View& v, bool reopen);
+  std::string OverlayPath(const std::string& id, uint32_t disk) const;
   // A group from its site.json entry: opened, or quarantined with the reason; nullptr
   // when its disks turned out to be a store (an interrupted reprotect, finished here).
   std::unique_ptr<Group> LoadGroupLocked(const std::string& vm, const nlohmann::json& entry,
@@ -343,8 +355,8 @@ class Site {
   std::map<std::string, std::shared_ptr<store::RecoveryStore>> stores_;  // guarded by mu_
   // Stores that could not be opened (site.json keeps them; their files are left alone).
   std::map<std::string, Damage> damaged_stores_;  // guarded by mu_
-  std::map<std::string, View> views_;                                    // guarded by mu_
-  uint64_t next_view_ = 1;                                               // guarded by mu_
+  std::map<std::string, View> views_;             // guarded by mu_
+  uint64_t next_view_ = 1;                        // guarded by mu_
 
   std::thread watcher_;
   std::mutex watch_mu_;

@@ -11,6 +11,7 @@
 // to the store without it).
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -51,9 +52,19 @@ class PointView : public nbd::Disk {
 class OverlayView final : public PointView {
  public:
   static constexpr uint64_t kBlock = 4096;
-  // The overlay lives in `overlay_path` (created; removed with the view).
+  static constexpr uint32_t kMapVersion = 1;
+  // The overlay lives in `overlay_path`, the map of the blocks it holds in
+  // `overlay_path`.map (docs/formats.md, "Drill overlay map"), written by Flush after an
+  // fdatasync of the overlay: a drill survives a restart of its site with every write
+  // it flushed. `reopen`: open an existing overlay and its map (kCorruption when the map
+  // is not one for this seq and size, kNotFound when a file is missing); else create it
+  // (kAlreadyExists when it is there).
   static Result<std::shared_ptr<OverlayView>> Open(RecoveryStore* store, uint32_t disk,
-                                                   uint64_t seq, const std::string& overlay_path);
+                                                   uint64_t seq, const std::string& overlay_path,
+                                                   bool reopen = false);
+  // The view's files go with it (the drill ends); otherwise they stay for a restart.
+  void Discard() { discard_ = true; }
+  // The overlay's files are kept (and its map written) unless Discard() was called.
   ~OverlayView() override;
 
   bool read_only() const override { return false; }
@@ -74,12 +85,17 @@ class OverlayView final : public PointView {
   // Brings the blocks of [offset, offset+length) into the overlay (copying the view's
   // bytes for blocks only partly covered); holds mu_.
   Status Own(uint64_t offset, uint64_t length);
+  std::vector<uint8_t> EncodeMapLocked() const;  // holds mu_
+  Status LoadMap(const std::string& map_path);
 
   File overlay_;
   std::string path_;
   mutable std::mutex mu_;
   std::vector<bool> held_;    // guarded by mu_
   uint64_t held_blocks_ = 0;  // guarded by mu_
+  std::atomic<bool> discard_{false};
+  bool discard_files_ = true;  // false: a reopen failed; the files are left as they are
+  std::mutex flush_mu_;        // one map write at a time
 };
 
 }  // namespace osr::store

@@ -520,9 +520,9 @@ Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::str
   auto st = Client(*dst).Call("GET", "/stores/" + vm);
   if (!st.ok()) {
     if (st.status().code() == Code::kNotFound) return uint64_t{1};
-    return Status(st.status().code(),
-                  "the recovery store's position is needed to reset the history: " +
-                      st.status().message());
+    return Status(
+        st.status().code(),
+        "the recovery store's position is needed to reset the history: " + st.status().message());
   }
   json_in::Fields f(*st, "site " + dst->name + " store " + vm + ".");
   uint64_t durable = f.U64("durable_seq", 0);
@@ -530,8 +530,8 @@ Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::str
   return durable + 1;
 }
 
-Result<json> Vault::RepairVm(const std::string& name, const std::string& site,
-                             bool trim_image, bool reset_history) {
+Result<json> Vault::RepairVm(const std::string& name, const std::string& site, bool trim_image,
+                             bool reset_history) {
   if (!catalog_->Vm(name)) return NotFound("no VM named '" + name + "'");
   std::vector<SiteRow> sites;
   if (!site.empty()) {
@@ -711,10 +711,10 @@ json Vault::ItemJson(const ItemRow& item) {
     const json* group_damage = gf.Object("damage");
     const json* store_damage = sf.Object("damage");
     if (group_damage != nullptr || store_damage != nullptr) {
-      health = group_damage != nullptr
-                   ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
-                   : QuarantineHealth(item.vm + "'s recovery store at " + item.target,
-                                      *store_damage);
+      health =
+          group_damage != nullptr
+              ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
+              : QuarantineHealth(item.vm + "'s recovery store at " + item.target, *store_damage);
       rpo = 0;
     } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
       // A site that answers in shapes the vault does not know is not a healthy one.
@@ -749,8 +749,45 @@ json Vault::ItemJson(const ItemRow& item) {
   if (!warnings.empty()) out["warnings"] = warnings;
   out["health"] = health;
   out["rpo_seconds"] = rpo;
-  if (!item.drill.is_null()) out["drill"] = item.drill;
+  if (!item.drill.is_null()) {
+    out["drill"] = DrillJson(item, &health);
+    out["health"] = health;
+  }
   return out;
+}
+
+// The item's drill as its recovery site has it now: the disks' URIs there (a restarted
+// site serves the drill at new ports), or "lost" with the reason and no disks, and a
+// Critical `health`: drill disks are never both advertised and missing.
+json Vault::DrillJson(const ItemRow& item, std::string* health) {
+  json drill = item.drill;
+  if (!drill.is_object()) return drill;
+  auto dst = catalog_->Site(item.target);
+  json_in::Fields df(drill);
+  std::string view = df.String("view", "");
+  if (!dst || view.empty()) return drill;
+  auto v = Client(*dst).Call("GET", "/views/" + view);
+  std::string lost;
+  if (v.ok()) {
+    json_in::Fields vf(*v, "site " + dst->name + " view " + view + ".");
+    lost = vf.String("lost", "");
+    const json* disks = vf.Array("disks");
+    if (!vf.ok()) return drill;  // an answer it cannot read: keep what the item says
+    if (lost.empty() && disks != nullptr) drill["disks"] = *disks;
+  } else if (v.status().code() == Code::kNotFound) {
+    lost = "site " + dst->name + " has no view " + view;
+  } else {
+    return drill;  // the site is away: the health says so already
+  }
+  if (!lost.empty()) {
+    drill["lost"] = lost;
+    drill["disks"] = json::array();
+    *health = fmt::format(
+        "Critical: the drill disks of {} at {} were lost ({}); end the drill "
+        "(osr test-failover-cleanup {}) and start a new one",
+        item.vm, item.target, lost.substr(0, 300), item.vm);
+  }
+  return drill;
 }
 
 json Vault::ListItems() {
