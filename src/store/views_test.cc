@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "store/test_records.h"
 
@@ -83,8 +84,52 @@ TEST_F(ViewsTest, OverlayTakesWritesWithoutTouchingTheStore) {
   ASSERT_TRUE(plain->Read(0, again).ok());
   EXPECT_EQ(again[4090], 1);
   EXPECT_EQ(again[9000], 2);
+  drill->Discard();
   drill.reset();
-  EXPECT_FALSE(fs::exists(path));  // cleanup removes the overlay
+  EXPECT_FALSE(fs::exists(path));  // cleanup removes the overlay and its map
+  EXPECT_FALSE(fs::exists(path + ".map"));
+}
+
+// Issue 10 case 5: a drill's overlay outlives its site's restart with every flushed write;
+// a map that is not one is refused, never taken as "nothing written".
+TEST_F(ViewsTest, OverlayReopensWithItsFlushedWrites) {
+  std::string path = dir_ + "/overlay.img";
+  std::vector<uint8_t> want(16000);
+  {
+    auto drill = OverlayView::Open(store_.get(), 0, 2, path).value();
+    ASSERT_TRUE(drill->Write(4090, std::vector<uint8_t>(20, 9)).ok());
+    ASSERT_TRUE(drill->Flush().ok());
+    ASSERT_TRUE(drill->Read(0, want).ok());
+  }  // not discarded: kept for a restart
+  ASSERT_TRUE(fs::exists(path) && fs::exists(path + ".map"));
+  {
+    auto drill = OverlayView::Open(store_.get(), 0, 2, path, /*reopen=*/true).value();
+    std::vector<uint8_t> got(16000);
+    ASSERT_TRUE(drill->Read(0, got).ok());
+    EXPECT_EQ(got, want);
+    EXPECT_EQ(drill->overlay_bytes(), 2 * 4096u);
+  }
+  // Another seq's map, or bytes that are not a map: refused.
+  auto other = OverlayView::Open(store_.get(), 0, 1, path, /*reopen=*/true);
+  ASSERT_FALSE(other.ok());
+  EXPECT_EQ(other.status().code(), Code::kCorruption);
+  std::string map = path + ".map";
+  std::vector<char> bytes(fs::file_size(map));
+  {
+    std::ifstream in(map, std::ios::binary);
+    in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  bytes[bytes.size() / 2] ^= 1;
+  {
+    std::ofstream out(map, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  auto damaged = OverlayView::Open(store_.get(), 0, 2, path, /*reopen=*/true);
+  ASSERT_FALSE(damaged.ok());
+  EXPECT_EQ(damaged.status().code(), Code::kCorruption);
+  EXPECT_TRUE(fs::exists(path));  // a failed reopen leaves the files to the operator
+  // The pin of a failed reopen is released: the store folds past it.
+  EXPECT_EQ(store_->Fold(2).value(), 2u);
 }
 
 }  // namespace
