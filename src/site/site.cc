@@ -825,7 +825,6 @@ void Site::WatchOnce() {
             "recorded, replication stopped",
             cfg_.name, vm, fenced);
         g->fenced_epoch = fenced;
-        g->sender.reset();
         changed = true;
       }
       if (g->fenced_epoch != 0 && !g->vm_starting && VmRunningLocked(*g)) to_stop.push_back(vm);
