@@ -49,8 +49,9 @@ class CaptureGroup {
 
   size_t disk_count() const { return disks_.size(); }
   // Disk i as an NBD disk; shared so that an export can hold it. Lives as long as the
-  // group and any holder (it keeps the group alive through no pointer: the group must
-  // outlive the server that serves it).
+  // group and any holder, but borrows the group (its log, bitmaps, flush): the group must
+  // outlive every holder that may still do I/O. The site frees a group only after
+  // Server::DisconnectExport said every export of its disks drained (Site::FreeGroup).
   std::shared_ptr<nbd::Disk> disk(size_t i) const;
 
   // Log write-out + fdatasync, then every image's fdatasync.

@@ -6,12 +6,12 @@
 
 namespace osr::store {
 
-Result<std::shared_ptr<PointView>> PointView::Open(RecoveryStore* store, uint32_t disk,
-                                                   uint64_t seq) {
+Result<std::shared_ptr<PointView>> PointView::Open(std::shared_ptr<RecoveryStore> store,
+                                                   uint32_t disk, uint64_t seq) {
   if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
   OSR_RETURN_IF_ERROR(store->Pin(seq));
-  return std::shared_ptr<PointView>(
-      new PointView(store, disk, seq, store->disks()[disk].size_bytes));
+  uint64_t size = store->disks()[disk].size_bytes;
+  return std::shared_ptr<PointView>(new PointView(std::move(store), disk, seq, size));
 }
 
 PointView::~PointView() {
@@ -38,8 +38,8 @@ Status PointView::BlockStatus(uint64_t offset, uint64_t length, size_t,
   return Status::Ok();
 }
 
-Result<std::shared_ptr<OverlayView>> OverlayView::Open(RecoveryStore* store, uint32_t disk,
-                                                       uint64_t seq,
+Result<std::shared_ptr<OverlayView>> OverlayView::Open(std::shared_ptr<RecoveryStore> store,
+                                                       uint32_t disk, uint64_t seq,
                                                        const std::string& overlay_path) {
   if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
   uint64_t size = store->disks()[disk].size_bytes;
@@ -52,7 +52,7 @@ Result<std::shared_ptr<OverlayView>> OverlayView::Open(RecoveryStore* store, uin
     return st;
   }
   return std::shared_ptr<OverlayView>(
-      new OverlayView(store, disk, seq, size, std::move(f), overlay_path));
+      new OverlayView(std::move(store), disk, seq, size, std::move(f), overlay_path));
 }
 
 OverlayView::~OverlayView() {

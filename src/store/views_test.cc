@@ -33,12 +33,12 @@ class ViewsTest : public ::testing::Test {
   }
   static constexpr uint64_t kSize = 1 << 20;
   std::string dir_;
-  std::unique_ptr<RecoveryStore> store_;
+  std::shared_ptr<RecoveryStore> store_;
 };
 
 TEST_F(ViewsTest, PointViewShowsItsSeqAndRefusesWrites) {
-  auto v1 = PointView::Open(store_.get(), 0, 1).value();
-  auto v2 = PointView::Open(store_.get(), 0, 2).value();
+  auto v1 = PointView::Open(store_, 0, 1).value();
+  auto v2 = PointView::Open(store_, 0, 2).value();
   std::vector<uint8_t> a(16000), b(16000);
   ASSERT_TRUE(v1->Read(0, a).ok());
   ASSERT_TRUE(v2->Read(0, b).ok());
@@ -48,7 +48,7 @@ TEST_F(ViewsTest, PointViewShowsItsSeqAndRefusesWrites) {
   EXPECT_EQ(b[12000], 2);
   EXPECT_TRUE(v1->read_only());
   EXPECT_EQ(v1->Write(0, a).code(), Code::kPermissionDenied);
-  EXPECT_FALSE(PointView::Open(store_.get(), 0, 3).ok());  // not durable yet
+  EXPECT_FALSE(PointView::Open(store_, 0, 3).ok());  // not durable yet
   // The pin holds folding back to seq 1.
   EXPECT_EQ(store_->Fold(2).value(), 1u);
   v1.reset();
@@ -58,7 +58,7 @@ TEST_F(ViewsTest, PointViewShowsItsSeqAndRefusesWrites) {
 
 TEST_F(ViewsTest, OverlayTakesWritesWithoutTouchingTheStore) {
   std::string path = dir_ + "/overlay.img";
-  auto drill = OverlayView::Open(store_.get(), 0, 2, path).value();
+  auto drill = OverlayView::Open(store_, 0, 2, path).value();
   EXPECT_TRUE(fs::exists(path));
   // Unaligned, crossing blocks: the bytes around it keep the point's content.
   ASSERT_TRUE(drill->Write(4090, std::vector<uint8_t>(20, 9)).ok());
@@ -79,7 +79,7 @@ TEST_F(ViewsTest, OverlayTakesWritesWithoutTouchingTheStore) {
   ASSERT_TRUE(drill->Read(0, again).ok());
   EXPECT_EQ(again, got);
   // The store's own point is untouched by the drill's writes.
-  auto plain = PointView::Open(store_.get(), 0, 2).value();
+  auto plain = PointView::Open(store_, 0, 2).value();
   ASSERT_TRUE(plain->Read(0, again).ok());
   EXPECT_EQ(again[4090], 1);
   EXPECT_EQ(again[9000], 2);
