@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "store/test_records.h"
 
@@ -85,6 +87,28 @@ TEST_F(ViewsTest, OverlayTakesWritesWithoutTouchingTheStore) {
   EXPECT_EQ(again[9000], 2);
   drill.reset();
   EXPECT_FALSE(fs::exists(path));  // cleanup removes the overlay
+}
+
+// A view's last holder may be an NBD thread that lets go after the site dropped the store:
+// the view keeps the store (and so its pin's home) until it goes itself; the store's pins
+// are what the site waits on before it deletes the files.
+TEST_F(ViewsTest, AViewKeepsItsStoreUntilItGoes) {
+  std::weak_ptr<RecoveryStore> weak = store_;
+  auto view = PointView::Open(store_, 0, 2).value();
+  auto drill = OverlayView::Open(store_, 0, 1, dir_ + "/late.overlay").value();
+  EXPECT_EQ(store_->pin_count(), 2u);
+  EXPECT_FALSE(store_->WaitUnpinned(std::chrono::milliseconds(1)));
+  std::shared_ptr<RecoveryStore> site_ref = std::move(store_);  // the site's reference
+  std::thread closer([&] { drill.reset(); });                   // a session's thread
+  closer.join();
+  EXPECT_EQ(site_ref->pin_count(), 1u);
+  site_ref.reset();  // the site lets go first
+  ASSERT_FALSE(weak.expired());
+  std::vector<uint8_t> got(16000);
+  ASSERT_TRUE(view->Read(0, got).ok());
+  EXPECT_EQ(got[6000], 2);
+  view.reset();  // the last holder: unpins, then the store goes
+  EXPECT_TRUE(weak.expired());
 }
 
 }  // namespace
