@@ -12,6 +12,10 @@
 //
 // Files in the capture directory: the log's segments, and dirty-<i>.bitmap per disk.
 //
+// Ownership: the site's group owns the capture group (unique_ptr), which owns its log,
+// bitmaps and disks; each disk (GroupDisk) owns its image (a FileDisk, or a FailoverDisk
+// at a failed-over VM) and is shared with the NBD exports that serve it (see disk()).
+//
 // Thread model: thread-safe. Each disk's range_mu_ guards its in-flight ranges; sync_mu_
 // and flush_mu_ make concurrent FLUSHes share one sync (group commit). Log and images are
 // synced one after the other: measured here, two fdatasyncs in parallel threads took no

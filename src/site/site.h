@@ -225,7 +225,8 @@ class Site {
     bool tracking = false;      // changes tracked in the bitmaps only (until reprotect)
     bool history_lost = false;  // the capture history was missing when the site started
     std::unique_ptr<replication::Sender> sender;
-    std::vector<store::FailoverDisk*> failover_disks;  // owned by capture
+    // Owned by capture's disks; valid while capture lives (the materialiser uses them).
+    std::vector<store::FailoverDisk*> failover_disks;
     // Materialising (commit), guarded by the site's mu_.
     std::thread materialiser;
     std::atomic<bool> stop_materialise{false};

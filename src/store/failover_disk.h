@@ -20,10 +20,12 @@
 // copy-on-write, materialising and map writes; base_mu_ keeps the store readable while a
 // read of the point is in flight and Materialise() waits for it before letting go.
 //
-// Ownership: the VM's capture group owns the disk (unique_ptr; its exported GroupDisk
-// reaches it through the group). The disk shares its store (shared_ptr) until it is
-// materialised: it pins its point, and the store must outlive the pin, whichever of the
-// site or the disk lets go last. Materialise() unpins and drops the store.
+// Ownership: the capture group's disk (GroupDisk) that serves it owns it (unique_ptr), so
+// it lives as long as that disk: the capture group and any NBD export still holding it.
+// The site's Group keeps plain pointers to it, valid while its capture group lives. The
+// disk shares its store (shared_ptr) until it is materialised: it pins its point, and the
+// store must outlive the pin, whichever of the site or the disk lets go last.
+// Materialise() unpins and drops the store.
 #pragma once
 
 #include <atomic>
