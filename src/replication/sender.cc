@@ -51,10 +51,15 @@ bool Sender::WaitAcked(uint64_t seq, int timeout_ms) {
 }
 
 void Sender::Run() {
-  int delay = opts_.reconnect_delay_ms_min;
+  int delay = 0;  // none yet
   while (!stop_) {
     // The connection thread's entry point: whatever escapes a session is reported and
     // the sender reconnects; the daemon goes on.
+    uint64_t progress_before;
+    {
+      std::lock_guard lock(mu_);
+      progress_before = progress_;
+    }
     Status st;
     try {
       st = Session();
@@ -64,24 +69,29 @@ void Sender::Run() {
       st = Internal("replication session failed: unknown exception");
     }
     if (stop_) break;
-    bool was_connected;
+    bool progressed;
     {
       std::lock_guard lock(mu_);
-      was_connected = stats_.connected;
+      // A session that connected but had everything refused (a full file system at the
+      // recovery site) counts as a failure: the backoff grows.
+      progressed = progress_ != progress_before;
+      // Back off while the other side keeps failing; start over after a session that
+      // made progress.
+      delay = progressed || delay == 0 ? opts_.reconnect_delay_ms_min
+                                       : std::min(delay * 2, opts_.reconnect_delay_ms_max);
       stats_.connected = false;
-      stats_.last_error = st.ToString();
+      stats_.last_error = session_refusal_ ? session_refusal_->ToString() : st.ToString();
+      session_refusal_.reset();
       stats_.last_error_code =
           session_code_ ? std::string(ErrorCodeName(*session_code_)) : std::string();
       session_code_.reset();
       ++stats_.reconnects;
+      stats_.reconnect_delay_ms = static_cast<uint64_t>(delay);
     }
     spdlog::info("replication sender '{}': {}; reconnecting in {} ms", opts_.group, st.ToString(),
                  delay);
     std::unique_lock lock(mu_);
     cv_.wait_for(lock, std::chrono::milliseconds(delay), [&] { return stop_.load(); });
-    // Back off while the other side keeps failing; start over after a working session.
-    delay = was_connected ? opts_.reconnect_delay_ms_min
-                          : std::min(delay * 2, opts_.reconnect_delay_ms_max);
   }
 }
 
@@ -108,6 +118,7 @@ Status Sender::ReadAcks(Stream* s) {
       case FrameType::kAck: {
         OSR_ASSIGN_OR_RETURN(uint64_t durable, DecodeU64(f.payload));
         std::lock_guard lock(mu_);
+        if (durable > stats_.acked_seq) ++progress_;
         stats_.acked_seq = std::max(stats_.acked_seq, durable);
         while (!in_flight_.empty() && in_flight_.front().last_seq <= durable) {
           in_flight_bytes_ -= in_flight_.front().bytes;
@@ -132,6 +143,7 @@ Status Sender::ReadAcks(Stream* s) {
           pending_resync_.reset();
           stats_.resyncing = false;
           ++stats_.resyncs_completed;
+          ++progress_;
           spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
         }
         break;
@@ -158,7 +170,10 @@ Status Sender::Refused(const PeerError& e) {
   Code code = e.code == ErrorCode::kStaleEpoch || e.code == ErrorCode::kNotAuthorized
                   ? Code::kPermissionDenied
                   : Code::kUnavailable;
-  return Status(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  Status st(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  std::lock_guard lock(mu_);
+  session_refusal_ = st;
+  return st;
 }
 
 Status Sender::Refuse(Stream& s, ErrorCode code, Status st) {

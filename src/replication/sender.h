@@ -78,6 +78,11 @@ class Sender {
     uint64_t bytes_sent = 0;       // record bytes shipped
     uint64_t wire_bytes_sent = 0;  // after compression, with frame headers
     uint64_t reconnects = 0;
+    // The wait before the next reconnect: reconnect_delay_ms_min after a session that made
+    // progress (an ACK that moved acked_seq, a committed resync), else doubled up to
+    // reconnect_delay_ms_max — a receiver that keeps refusing (a full file system) is
+    // asked at most every reconnect_delay_ms_max, not in a tight loop.
+    uint64_t reconnect_delay_ms = 0;
     bool resync_required = false;  // the receiver needs records the log no longer has
     bool resyncing = false;        // regions are being copied
     uint64_t resync_bytes_total = 0;
@@ -151,6 +156,10 @@ class Sender {
   Stream* stream_ = nullptr;                     // guarded by mu_
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
   std::optional<ErrorCode> session_code_;        // guarded by mu_: how the session ended
+  uint64_t progress_ = 0;  // guarded by mu_: ACKs that moved acked_seq, resyncs committed
+  // guarded by mu_: the receiver's refusal that ended the session (its ERROR's words),
+  // reported rather than what the connection thread then met (a write to a closed socket)
+  std::optional<Status> session_refusal_;
 };
 
 }  // namespace osr::replication
