@@ -13,6 +13,12 @@
 // Thread model: Start() runs a connection thread; while connected an ACK-reader thread
 // too. Both entry points catch whatever escapes, report it in the stats and go on (the
 // connection thread reconnects). mu_ guards the stats and the window.
+//
+// Ownership: the site's group owns the sender (unique_ptr). It borrows the capture log and
+// the capture group (and on_stale_epoch captures the group): Stop(), also run by the
+// destructor, joins both threads, so nothing of the sender runs once it is gone, and the
+// site frees a group's sender before its capture group (docs/architecture.md, "Who owns
+// what across threads").
 #pragma once
 
 #include <atomic>

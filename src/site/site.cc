@@ -10,10 +10,12 @@
 #include <toml++/toml.h>
 
 #include <charconv>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <set>
+#include <thread>
 
 #include "common/file.h"
 #include "common/json_in.h"
@@ -374,6 +376,10 @@ void Site::Stop() {
   for (auto& [vm, g] : groups_) g->sender.reset();
   for (auto& [vm, g] : groups_) g->capture.reset();
   groups_.clear();
+  {
+    std::lock_guard retired(retired_mu_);
+    retired_.clear();  // the NBD server has stopped: nothing holds their disks any more
+  }
   stores_.clear();
   nbd_.reset();
 }
@@ -429,16 +435,42 @@ void Site::OpenVmSocketLocked(const std::string& vm, Group& g) {
   g.nbd_socket = path;
 }
 
-void Site::CloseGroupExports(const std::string& vm, Group& g) {
+Status Site::CloseGroupExports(const std::string& vm, Group& g) {
   if (!g.nbd_socket.empty()) {
     Status st = nbd_->RemoveUnixListener(g.nbd_socket);
     if (!st.ok()) spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, st.ToString());
     g.nbd_socket.clear();
   }
+  Status result;
   for (auto& d : g.disks) {
-    exports_.Remove(DiskExport(vm, d.name));
-    nbd_->DisconnectExport(DiskExport(vm, d.name));
+    std::shared_ptr<const nbd::Export> e = exports_.Remove(DiskExport(vm, d.name));
+    Status ended = nbd_->DisconnectExport(e);
+    if (!ended.ok() && result.ok()) result = ended;
   }
+  return result;
+}
+
+void Site::FreeGroup(const std::string& vm, std::unique_ptr<Group> g) {
+  if (g->capture) {
+    if (Status closed = CloseGroupExports(vm, *g); !closed.ok()) {
+      RetireCapture(vm, std::move(g->capture), closed);
+    }
+  }
+  g.reset();
+}
+
+void Site::RetireCapture(const std::string& vm, std::unique_ptr<capture::CaptureGroup> capture,
+                         const Status& why) {
+  // An NBD client still holds one of its disks past every bound (a disk stuck in I/O): the
+  // disk borrows the capture group, so the group must outlive it. It stays, fenced (it
+  // takes no more writes), until the site stops.
+  spdlog::error("site {}: VM {}: its disks stay in memory until the daemon stops: {}", cfg_.name,
+                vm, why.ToString());
+  if (Status fenced = capture->Fence(store::kEpochMax); !fenced.ok()) {
+    spdlog::error("site {}: VM {}: {}", cfg_.name, vm, fenced.ToString());
+  }
+  std::lock_guard lock(retired_mu_);
+  retired_.push_back(std::move(capture));
 }
 
 std::string_view DamageKindName(DamageKind kind) {
@@ -583,7 +615,11 @@ std::unique_ptr<Site::Group> Site::LoadGroupLocked(const std::string& vm, const 
   std::optional<OpenFailure> failed = OpenSavedGroupLocked(vm, entry, *g, &became_store);
   if (became_store) return nullptr;
   if (failed) {
-    CloseGroupExports(vm, *g);
+    if (g->capture) {
+      if (Status closed = CloseGroupExports(vm, *g); !closed.ok()) {
+        RetireCapture(vm, std::move(g->capture), closed);
+      }
+    }
     g->capture.reset();
     g->damage = GroupDamage(vm, *g, *failed);
     g->saved = entry;
@@ -1036,7 +1072,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   std::string dir = cfg_.data_dir + "/groups/" + vm;
   std::vector<std::unique_ptr<nbd::Disk>> images;
   g.failover_disks.clear();
-  store::RecoveryStore* st = nullptr;
+  std::shared_ptr<store::RecoveryStore> st;  // each failover disk shares it
   if (g.failover) {
     auto it = stores_.find(vm);
     if (it == stores_.end()) {
@@ -1045,7 +1081,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
           fmt::format("VM {} runs on failover disks over its recovery store, which is {}", vm,
                       damaged_stores_.count(vm) ? "quarantined" : "gone"));
     }
-    st = it->second.get();
+    st = it->second;
   }
   std::error_code ec;
   for (size_t i = 0; i < g.disks.size(); ++i) {
@@ -1091,6 +1127,10 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   }
   g.capture = std::move(*capture);
   kind = DamageKind::kImage;  // exports: not a damage of the files
+  return AddGroupExportsLocked(vm, g);
+}
+
+Status Site::AddGroupExportsLocked(const std::string& vm, Group& g) {
   std::vector<std::string> added;
   for (size_t i = 0; i < g.disks.size(); ++i) {
     std::string name = DiskExport(vm, g.disks[i].name);
@@ -1201,8 +1241,7 @@ Status Site::DeleteGroup(const std::string& vm) {
   if (g->process && g->process->running()) (void)g->process->Stop(5000);
   if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
   g->sender.reset();
-  CloseGroupExports(vm, *g);
-  g.reset();
+  FreeGroup(vm, std::move(g));
   std::error_code ec;
   fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);
   return Status::Ok();
@@ -1388,6 +1427,18 @@ Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& dis
   return SaveLocked();
 }
 
+Status Site::StoreInUseLocked(const std::string& vm) const {
+  for (auto& [id, v] : views_) {
+    if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
+  }
+  if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover) {
+    return Status(Code::kAlreadyExists, "VM " + vm +
+                                            " runs on failover disks over this store; "
+                                            "commit (materialise) them first");
+  }
+  return Status::Ok();
+}
+
 Status Site::DeleteStore(const std::string& vm) {
   std::shared_ptr<store::RecoveryStore> s;
   {
@@ -1403,19 +1454,41 @@ Status Site::DeleteStore(const std::string& vm) {
     }
     auto it = stores_.find(vm);
     if (it == stores_.end()) return MissingStore(vm);
-    for (auto& [id, v] : views_) {
-      if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
-    }
-    if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover) {
-      return Status(Code::kAlreadyExists, "VM " + vm +
-                                              " runs on failover disks over this store; "
-                                              "commit (materialise) them first");
-    }
+    OSR_RETURN_IF_ERROR(StoreInUseLocked(vm));
     s = it->second;
+  }
+  // A view closed a moment ago (CloseView on another thread) may still be letting go of
+  // its pin: wait for it, bounded, rather than delete what it reads.
+  if (!s->WaitUnpinned(std::chrono::milliseconds(kStorePinsWaitMs))) {
+    return Unavailable(fmt::format(
+        "the recovery store of {} is still pinned at {} point(s) by views or failover disks "
+        "that NBD clients have not let go of after {} ms; try again once they have",
+        vm, s->pin_count(), kStorePinsWaitMs));
+  }
+  {
+    std::lock_guard lock(mu_);
+    auto it = stores_.find(vm);
+    if (it == stores_.end() || it->second != s) return MissingStore(vm);  // deleted meanwhile
+    OSR_RETURN_IF_ERROR(StoreInUseLocked(vm));                            // a view opened meanwhile
+    // Pins are taken under mu_ only (OpenView, OpenGroupLocked): none can come now.
+    if (size_t pins = s->pin_count(); pins != 0) {
+      return Unavailable(
+          fmt::format("the recovery store of {} was pinned again ({} pin(s))", vm, pins));
+    }
     stores_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
   }
   receiver_->EndGroup(vm);
+  // Other holders (the receiver's session just ended, a fold in progress) let go soon.
+  // Memory is safe either way (the last holder frees the store); the files are removed
+  // once they have, unless that takes too long: an open file outlives its name.
+  for (int i = 0; i < kStorePinsWaitMs / 10 && s.use_count() > 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (s.use_count() > 1) {
+    spdlog::warn("site {}: the store of {} is still held by {} user(s); removing its files now",
+                 cfg_.name, vm, s.use_count() - 1);
+  }
   std::string dir = s->dir();
   s.reset();
   std::error_code ec;
@@ -1483,7 +1556,7 @@ Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) 
 }
 
 Result<json> Site::OpenViewLocked(const std::string& id, View& v, bool reopen) {
-  store::RecoveryStore* s = stores_.at(v.vm).get();
+  std::shared_ptr<store::RecoveryStore> s = stores_.at(v.vm);  // each view shares it (views.h)
   json disks = json::array();
   Status failed;
   for (uint32_t i = 0; i < s->disks().size() && failed.ok(); ++i) {
@@ -1555,7 +1628,10 @@ Status Site::CloseView(const std::string& id) {
     if (it == views_.end()) return NotFound("no view " + id);
     v = std::move(it->second);
     views_.erase(it);
-    OSR_RETURN_IF_ERROR(SaveLocked());
+    if (Status saved = SaveLocked(); !saved.ok()) {
+      views_[id] = std::move(v);  // still open, and still named in site.json
+      return saved;
+    }
   }
   for (auto& o : v.overlays) o->Discard();
   if (!v.lost.empty()) {
@@ -1565,10 +1641,18 @@ Status Site::CloseView(const std::string& id) {
       if (e.path().filename().string().rfind(id + "-", 0) == 0) fs::remove(e.path(), ec);
     }
   }
-  v.overlays.clear();
-  for (auto& e : v.exports) {
-    exports_.Remove(e);
-    nbd_->DisconnectExport(e);  // the view (and its overlay) goes with its last holder
+  v.overlays.clear();  // the exports hold the views now
+  for (auto& name : v.exports) {
+    std::shared_ptr<const nbd::Export> e = exports_.Remove(name);
+    Status ended = nbd_->DisconnectExport(e);
+    if (!ended.ok()) {
+      // Not an error of the close: the export is gone, no client can open the view again.
+      // The stuck holder frees the view (and its pin) when it lets go; the view shares its
+      // store, so that is safe, and DeleteStore waits for the pin or refuses, saying so.
+      spdlog::warn("site {}: view {} closed, but its pin stays until an NBD client lets go: {}",
+                   cfg_.name, id, ended.ToString());
+    }
+    e.reset();  // normally the last reference: the view, its overlay and its pin go here
   }
   return Status::Ok();
 }

@@ -642,6 +642,17 @@ void RecoveryStore::Unpin(uint64_t seq) {
   auto it = pins_.find(seq);
   OSR_CHECK(it != pins_.end());
   pins_.erase(it);
+  if (pins_.empty()) unpinned_cv_.notify_all();
+}
+
+size_t RecoveryStore::pin_count() const {
+  std::lock_guard lock(mu_);
+  return pins_.size();
+}
+
+bool RecoveryStore::WaitUnpinned(std::chrono::milliseconds wait_max) {
+  std::unique_lock lock(mu_);
+  return unpinned_cv_.wait_for(lock, wait_max, [this] { return pins_.empty(); });
 }
 
 uint64_t RecoveryStore::base_seq() const {

@@ -13,8 +13,17 @@
 //
 // Thread model: thread-safe. mu_ guards the indexes, seqs and pins; Append runs on the
 // receiver's thread, reads on NBD sessions' threads, Fold on a maintenance thread.
+//
+// Ownership: shared (shared_ptr) by the site's table of stores, the receiver's session
+// for the group, and every view and failover disk opened over it, because each of those
+// lets go of it on its own thread (a view goes with the last NBD session that read it).
+// The store is freed with its last holder, so a pin is never released into freed memory.
+// The site deletes a store's files only once no view or failover disk pins it
+// (WaitUnpinned; docs/architecture.md, "Who owns what across threads").
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -128,9 +137,14 @@ class RecoveryStore {
   // Seqs before consistent_from cannot be read (a resync replaced regions of the base).
   uint64_t consistent_from() const;
 
-  // A view at `seq` keeps Fold from passing it until Unpin.
+  // A view at `seq` keeps Fold from passing it until Unpin. Whoever pins holds the store
+  // (shared_ptr) at least until it unpins. Pin: the errors of a seq the store cannot read.
   Status Pin(uint64_t seq);
   void Unpin(uint64_t seq);
+  // How many pins are held (views and failover disks not yet gone).
+  size_t pin_count() const;
+  // Waits until no pin is held, at most `wait_max`; returns whether none is.
+  bool WaitUnpinned(std::chrono::milliseconds wait_max);
 
   // Fencing (invariant 5): a sender must present exactly the store's epoch (the
   // receiver compares; a sender never changes it). Only the vault raises it, through
@@ -192,6 +206,7 @@ class RecoveryStore {
   std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_
   std::multiset<uint64_t> pins_;                                    // guarded by mu_
+  std::condition_variable unpinned_cv_;        // with mu_: signalled when pins_ becomes empty
   std::map<uint64_t, File> segments_;          // first_seq -> open journal segment; guarded by mu_
   std::optional<WriteFailure> write_failure_;  // guarded by mu_
 };

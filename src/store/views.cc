@@ -11,12 +11,12 @@
 
 namespace osr::store {
 
-Result<std::shared_ptr<PointView>> PointView::Open(RecoveryStore* store, uint32_t disk,
-                                                   uint64_t seq) {
+Result<std::shared_ptr<PointView>> PointView::Open(std::shared_ptr<RecoveryStore> store,
+                                                   uint32_t disk, uint64_t seq) {
   if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
   OSR_RETURN_IF_ERROR(store->Pin(seq));
-  return std::shared_ptr<PointView>(
-      new PointView(store, disk, seq, store->disks()[disk].size_bytes));
+  uint64_t size = store->disks()[disk].size_bytes;
+  return std::shared_ptr<PointView>(new PointView(std::move(store), disk, seq, size));
 }
 
 PointView::~PointView() {
@@ -54,8 +54,8 @@ std::string MapPath(const std::string& overlay_path) {
 
 }  // namespace
 
-Result<std::shared_ptr<OverlayView>> OverlayView::Open(RecoveryStore* store, uint32_t disk,
-                                                       uint64_t seq,
+Result<std::shared_ptr<OverlayView>> OverlayView::Open(std::shared_ptr<RecoveryStore> store,
+                                                       uint32_t disk, uint64_t seq,
                                                        const std::string& overlay_path,
                                                        bool reopen) {
   if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
@@ -86,7 +86,7 @@ Result<std::shared_ptr<OverlayView>> OverlayView::Open(RecoveryStore* store, uin
     return st;
   }
   std::shared_ptr<OverlayView> v(
-      new OverlayView(store, disk, seq, size, std::move(f), overlay_path));
+      new OverlayView(std::move(store), disk, seq, size, std::move(f), overlay_path));
   // The map exists from the start: a restart before the first flush finds an empty one.
   if (Status flushed = v->Flush(); !flushed.ok()) {
     v->Discard();
