@@ -33,6 +33,8 @@ std::string_view CodeName(Code code) {
       return "I/O error";
     case Code::kInternal:
       return "internal error";
+    case Code::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -95,6 +97,8 @@ int Status::ToErrno() const {
       return EOPNOTSUPP;
     case Code::kUnavailable:
       return ESHUTDOWN;
+    case Code::kCancelled:
+      return ECANCELED;
     default:
       return EIO;
   }
@@ -112,6 +116,7 @@ int HttpStatusFor(const Status& st) {
     case Code::kNotFound:
       return 404;
     case Code::kAlreadyExists:
+    case Code::kCancelled:
       return 409;
     case Code::kNotSupported:
       return 501;

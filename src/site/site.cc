@@ -824,6 +824,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"bytes_sent", st.bytes_sent},
                           {"wire_bytes_sent", st.wire_bytes_sent},
                           {"reconnects", st.reconnects},
+                          {"stopped", st.stopped},
                           {"resync_required", st.resync_required},
                           {"resyncing", st.resyncing},
                           {"resync_bytes_total", st.resync_bytes_total},
