@@ -1102,6 +1102,10 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, c
   // store removed, the item deleted — the VM is unprotected again and can be protected
   // anew. The job says so, or names what could not be removed.
   auto undo = [&](const Status& st, bool replication_started, bool store_made) {
+    if (steps.cancel() && steps.cancel()->reason() == JobCancel::Reason::kVaultStopping) {
+      // Not the operator's wish: everything stays as it is (unprotect, or protect again).
+      return steps.Fail(st);
+    }
     std::vector<std::string> left;
     if (replication_started) {
       auto r = Client(src).Call("DELETE", "/groups/" + job.vm + "/replication");
