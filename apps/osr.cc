@@ -437,6 +437,17 @@ int main(int argc, char** argv) {
   auto* vstop = vm->add_subcommand("stop", "shut the VM down (hard stop after the timeout)");
   vstop->add_option("name", vname)->required();
   vstop->add_option("--timeout", vstop_timeout, "seconds (default 30)");
+  std::string vrepair_site;
+  bool vrepair_trim = false, vrepair_reset = false;
+  auto* vrepair = vm->add_subcommand(
+      "repair", "open a VM's quarantined disks or store again (see the item's health)");
+  vrepair->add_option("name", vname)->required();
+  vrepair->add_option("--site", vrepair_site, "only at this site (default: every site)");
+  vrepair->add_flag("--trim-image", vrepair_trim,
+                    "cut an image that grew outside osr back to the disk's size, if what it "
+                    "gained is zeros");
+  vrepair->add_flag("--reset-history", vrepair_reset,
+                    "set an unreadable capture history aside and resend the disks whole");
 
   std::string target, ppolicy = "default", spec, notes;
   bool wait = false, appflag = false;
@@ -463,6 +474,11 @@ int main(int argc, char** argv) {
   ptcreate->add_flag("--app", appflag,
                      "app-consistent: quiesced by the guest agent (qemu) or the VM's freeze/thaw "
                      "hooks");
+  auto* ptclock = point->add_subcommand(
+      "clock", "the vault's clock: whether a step of it holds the pruning of points");
+  auto* ptconfirm = point->add_subcommand(
+      "confirm-clock",
+      "the vault's wall clock is right now: pruning held by a clock step resumes on it");
 
   auto* tf = app.add_subcommand(
       "test-failover", "a DR drill: the VM's disks at a point, writable, beside replication");
@@ -704,6 +720,14 @@ int main(int argc, char** argv) {
   };
   if (vshow->parsed()) return Print(c, Call(c, "GET", "/vms/" + vname), vm_table);
   if (vstart->parsed()) return Print(c, Call(c, "POST", "/vms/" + vname + "/start"), vm_table);
+  if (vrepair->parsed()) {
+    return Print(c,
+                 Call(c, "POST", "/vms/" + vname + "/repair",
+                      json{{"site", vrepair_site},
+                           {"trim_image", vrepair_trim},
+                           {"reset_history", vrepair_reset}}),
+                 Show);
+  }
   if (vstop->parsed()) {
     return Print(
         c, Call(c, "POST", "/vms/" + vname + "/stop", json{{"timeout_ms", vstop_timeout * 1000}}),
@@ -739,9 +763,13 @@ int main(int argc, char** argv) {
   if (ishow->parsed()) return Print(c, Call(c, "GET", "/items/" + vname), Show);
   if (ptlist->parsed()) {
     return Print(c, Call(c, "GET", "/items/" + vname + "/points"), [](const json& b) {
-      Table(b, {{"id", "ID"}, {"time", "TIME"}, {"seq", "SEQ"}, {"type", "TYPE"}});
+      Table(
+          b,
+          {{"id", "ID"}, {"time", "TIME"}, {"seq", "SEQ"}, {"type", "TYPE"}, {"in_use", "IN USE"}});
     });
   }
+  if (ptclock->parsed()) return Print(c, Call(c, "GET", "/clock"), Show);
+  if (ptconfirm->parsed()) return Print(c, Call(c, "POST", "/clock/confirm"), Show);
   if (ptcreate->parsed())
     return Print(c, Call(c, "POST", "/items/" + vname + "/points", json{{"app", appflag}}), Show);
   if (tf->parsed())

@@ -6,6 +6,8 @@
 #include <filesystem>
 
 #include "common/crc32c.h"
+#include "common/file.h"
+#include "common/json_in.h"
 #include "nbd/protocol.h"
 
 namespace osr::capture {
@@ -13,6 +15,38 @@ namespace osr::capture {
 std::string BitmapPath(const std::string& capture_dir, size_t disk) {
   return fmt::format("{}/dirty-{}.bitmap", capture_dir, disk);
 }
+
+namespace {
+
+constexpr uint64_t kFenceVersion = 1;
+constexpr size_t kFenceBytesMax = 4096;
+
+std::string FencePath(const std::string& capture_dir) { return capture_dir + "/fence"; }
+
+// The epoch recorded in <dir>/fence; 0 when there is none. kCorruption for a file that
+// is not one (the group is then quarantined: guessing either way could be wrong).
+Result<uint64_t> ReadFence(const std::string& dir) {
+  std::string path = FencePath(dir);
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return uint64_t{0};
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
+  OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
+  if (size > kFenceBytesMax) return Corruption(path + " is too large to be a fence record");
+  std::string text(size, '\0');
+  OSR_RETURN_IF_ERROR(f.PRead(0, {reinterpret_cast<uint8_t*>(text.data()), text.size()}));
+  auto j = json_in::ParseObject(text, path);
+  if (!j.ok()) return Corruption(j.status().message());
+  json_in::Fields fields(*j, path + ": ");
+  uint64_t version = fields.U64("version");
+  uint64_t epoch = fields.U64("fenced_epoch");
+  if (!fields.ok()) return Corruption(fields.status().message());
+  if (version != kFenceVersion) {
+    return Corruption(fmt::format("{}: version {} is not {}", path, version, kFenceVersion));
+  }
+  return epoch;
+}
+
+}  // namespace
 
 // Disk i of the group: an NBD disk whose changes are sequenced and logged.
 class CaptureGroup::GroupDisk final : public nbd::Disk {
@@ -60,6 +94,9 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   std::error_code ec;
   std::filesystem::create_directories(opts.dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
+  g->dir_ = opts.dir;
+  OSR_ASSIGN_OR_RETURN(uint64_t fenced, ReadFence(opts.dir));
+  g->fenced_epoch_ = fenced;
   for (size_t i = 0; i < images.size(); ++i) {
     if (images[i]->read_only()) return InvalidArgument("a read-only disk has nothing to capture");
     OSR_ASSIGN_OR_RETURN(
@@ -73,6 +110,7 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   lo.epoch = opts.epoch;
   lo.segment_bytes_target = opts.segment_bytes_target;
   lo.log_bytes_max = opts.log_bytes_max;
+  lo.first_seq = opts.first_seq;
   CaptureGroup* gp = g.get();
   OSR_ASSIGN_OR_RETURN(
       g->log_, CaptureLog::Open(lo, [gp](std::span<const CaptureLog::Written> records, bool ok) {
@@ -201,9 +239,21 @@ void CaptureGroup::GroupDisk::Record(RecordKind kind, uint64_t offset, uint64_t 
   }
 }
 
-void CaptureGroup::Fence(uint64_t epoch) {
+Status CaptureGroup::Fence(uint64_t epoch) {
+  std::lock_guard lock(fence_mu_);
+  if (epoch == 0 || epoch <= fenced_epoch_) return Status::Ok();
+  std::string text =
+      nlohmann::json{{"version", kFenceVersion}, {"fenced_epoch", epoch}}.dump() + "\n";
+  Status written = WriteFileAtomic(
+      FencePath(dir_), {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
   fenced_epoch_ = epoch;
-  spdlog::warn("capture: disks fenced at epoch {}: writes are refused", epoch);
+  if (!written.ok()) {
+    spdlog::error("capture {}: fenced at epoch {} in memory only: {}", dir_, epoch,
+                  written.ToString());
+    return written;
+  }
+  spdlog::warn("capture {}: disks fenced at epoch {}: writes are refused", dir_, epoch);
+  return Status::Ok();
 }
 
 Status CaptureGroup::GroupDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
@@ -269,6 +319,9 @@ Status CaptureGroup::Flush() {
 
 Status CaptureGroup::Close() {
   closed_ = true;
+  // An Open() that failed half-way: nothing was served, nothing is to be recorded (the
+  // bitmaps keep their marks as they were).
+  if (!log_) return Status::Ok();
   Status ls = log_->Sync();
   if (!ls.ok() && !log_->failed()) return ls;
   for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());

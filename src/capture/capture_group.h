@@ -39,6 +39,7 @@ struct CaptureOptions {
   // Track changes in the bitmaps only, from the start (the log takes no record until
   // ResumeAfterOverflow): a failed-over VM before reprotect.
   bool tracking_only = false;
+  uint64_t first_seq = 1;  // of a new, empty log (a history reset continues above the store's)
 };
 
 class CaptureGroup {
@@ -57,7 +58,13 @@ class CaptureGroup {
   Status Flush();
   // Fencing (invariant 5): from now on writes and trims to the group's disks fail with
   // kPermissionDenied (the VM runs elsewhere at a higher epoch); reads still work.
-  void Fence(uint64_t epoch);
+  // Durable: the epoch is written to <dir>/fence (docs/formats.md, "Capture fence") and
+  // synced before the first write is refused, and Open() reads it back, so a fence holds
+  // across restarts whoever applied it (the vault, or the sender on `stale_epoch`).
+  // Only raises: an epoch at or below the one in force changes nothing. When the file
+  // cannot be written the fence still holds in memory (refusing writes is the safe side)
+  // and the error (kIoError, kNoSpace...) is returned for the caller to report.
+  Status Fence(uint64_t epoch);
   uint64_t fenced_epoch() const { return fenced_epoch_; }  // 0: not fenced
 
   // Flushes everything and records a clean shutdown. No write may be in progress.
@@ -95,6 +102,8 @@ class CaptureGroup {
   uint64_t flush_requested_ = 0;  // guarded by flush_mu_
   uint64_t flush_done_ = 0;       // guarded by flush_mu_
   bool closed_ = false;
+  std::string dir_;
+  std::mutex fence_mu_;  // one fence file write at a time
   std::atomic<uint64_t> fenced_epoch_{0};
 };
 

@@ -148,7 +148,7 @@ TEST_F(CaptureGroupTest, FencedDisksRefuseWritesButRead) {
   auto group = Open(1 << 20);
   auto disk = group->disk(0);
   ASSERT_TRUE(disk->Write(0, std::vector<uint8_t>(10, 1)).ok());
-  group->Fence(2);
+  ASSERT_TRUE(group->Fence(2).ok());
   EXPECT_EQ(group->fenced_epoch(), 2u);
   EXPECT_EQ(disk->Write(0, std::vector<uint8_t>(10, 2)).code(), Code::kPermissionDenied);
   EXPECT_EQ(disk->Zero(0, 10, nbd::ZeroMode::kTrim, false).code(), Code::kPermissionDenied);
@@ -156,6 +156,39 @@ TEST_F(CaptureGroupTest, FencedDisksRefuseWritesButRead) {
   ASSERT_TRUE(disk->Read(0, got).ok());
   EXPECT_EQ(got, std::vector<uint8_t>(10, 1));
   EXPECT_EQ(group->log().last_seq(), 1u);  // the refused writes are not captured
+}
+
+// Issue 10 case 9: a fence, whoever applies it, holds across a restart; it only rises.
+TEST_F(CaptureGroupTest, FenceIsDurableAcrossReopen) {
+  {
+    auto group = Open(1 << 20);
+    ASSERT_TRUE(group->Fence(3).ok());
+    ASSERT_TRUE(group->Fence(2).ok());  // lower: changes nothing
+    EXPECT_EQ(group->fenced_epoch(), 3u);
+  }
+  auto group = Open(1 << 20);
+  EXPECT_EQ(group->fenced_epoch(), 3u);
+  EXPECT_EQ(group->disk(0)->Write(0, std::vector<uint8_t>(10, 2)).code(),
+            Code::kPermissionDenied);
+}
+
+// A fence record that is not one stops the group from opening (it is quarantined by the
+// site): neither "fenced" nor "not fenced" can be assumed.
+TEST_F(CaptureGroupTest, DamagedFenceRecordIsRefused) {
+  { auto group = Open(1 << 20); }
+  for (const char* text : {"{\"version\": 1}", "garbage", "{\"version\": 9, \"fenced_epoch\": 2}",
+                           "{\"version\": 1, \"fenced_epoch\": \"2\"}"}) {
+    std::ofstream(dir_ + "/cap/fence") << text;
+    std::vector<std::unique_ptr<nbd::Disk>> images;
+    auto img = nbd::FileDisk::Open(dir_ + "/disk.img", false, 0);
+    ASSERT_TRUE(img.ok());
+    images.push_back(std::move(*img));
+    CaptureOptions o;
+    o.dir = dir_ + "/cap";
+    auto g = CaptureGroup::Open(std::move(images), o);
+    ASSERT_FALSE(g.ok()) << text;
+    EXPECT_EQ(g.status().code(), Code::kCorruption) << text;
+  }
 }
 
 // One order for all the disks of a group; each disk replays from its own records.

@@ -19,6 +19,8 @@ std::string_view CodeName(Code code) {
       return "not found";
     case Code::kAlreadyExists:
       return "already exists";
+    case Code::kFailedPrecondition:
+      return "failed precondition";
     case Code::kPermissionDenied:
       return "permission denied";
     case Code::kNoSpace:
@@ -37,6 +39,13 @@ std::string_view CodeName(Code code) {
       return "cancelled";
   }
   return "unknown";
+}
+
+std::optional<Code> CodeFromName(std::string_view name) {
+  for (int c = static_cast<int>(Code::kOk); c <= static_cast<int>(Code::kInternal); ++c) {
+    if (CodeName(static_cast<Code>(c)) == name) return static_cast<Code>(c);
+  }
+  return std::nullopt;
 }
 
 Status Status::FromErrno(int err, std::string_view what) {
@@ -117,6 +126,7 @@ int HttpStatusFor(const Status& st) {
       return 404;
     case Code::kAlreadyExists:
     case Code::kCancelled:
+    case Code::kFailedPrecondition:
       return 409;
     case Code::kNotSupported:
       return 501;

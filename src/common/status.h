@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cerrno>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -22,6 +23,9 @@ enum class Code {
   kOutOfRange,
   kNotFound,
   kAlreadyExists,
+  // The thing is there but not in a state for this (a quarantined group, a store in use):
+  // an operator acts first (Abseil's FAILED_PRECONDITION). HTTP 409.
+  kFailedPrecondition,
   kPermissionDenied,
   kNoSpace,
   kNotSupported,
@@ -33,6 +37,8 @@ enum class Code {
 };
 
 std::string_view CodeName(Code code);
+// The inverse of CodeName; nullopt for a name that is not one.
+std::optional<Code> CodeFromName(std::string_view name);
 
 class [[nodiscard]] Status {
  public:

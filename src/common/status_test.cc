@@ -58,9 +58,18 @@ TEST(Status, HttpStatusTellsTheCallerWhatToDo) {
   EXPECT_EQ(HttpStatusFor(InvalidArgument("x")), 400);
   EXPECT_EQ(HttpStatusFor(NotFound("x")), 404);
   EXPECT_EQ(HttpStatusFor(Status(Code::kAlreadyExists, "x")), 409);
+  EXPECT_EQ(HttpStatusFor(Status(Code::kFailedPrecondition, "x")), 409);
   EXPECT_EQ(HttpStatusFor(Unavailable("x")), 503);
   EXPECT_EQ(HttpStatusFor(Corruption("x")), 500);
 }
 
 }  // namespace
+TEST(Status, CodeNamesRoundTrip) {
+  for (int c = static_cast<int>(Code::kOk); c <= static_cast<int>(Code::kInternal); ++c) {
+    auto code = static_cast<Code>(c);
+    EXPECT_EQ(CodeFromName(CodeName(code)), code);
+  }
+  EXPECT_EQ(CodeFromName("no such code"), std::nullopt);
+}
+
 }  // namespace osr

@@ -38,7 +38,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   {
     std::lock_guard lock(mu_);
     auto it = stores_.find(vm);
-    if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+    if (it == stores_.end()) return MissingStore(vm);
     st = it->second;
     if (auto g = groups_.find(vm); g != groups_.end()) {
       Group& gr = *g->second;
@@ -81,7 +81,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   g->failover = true;
   g->failover_seq = seq;
   g->tracking = true;
-  Status opened = OpenGroupLocked(vm, *g);
+  Status opened = OpenGroupLocked(vm, *g, /*create=*/true);
   if (opened.ok()) {
     // What the store received after the point: the failed-over disks lack it, the old
     // primary has it. Marked now, while the store still knows (invariant 7).
@@ -122,7 +122,7 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
 Status Site::MaterialiseGroup(const std::string& vm) {
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  if (Status u = Usable(it, vm); !u.ok()) return u;
   Group& g = *it->second;
   if (!g.failover) {
     g.materialise_state = "done";  // plain disks already
@@ -203,7 +203,7 @@ Result<json> Site::UnreplicatedRegions(const std::string& vm, uint64_t after) {
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     Group& g = *it->second;
     if (g.history_lost) return json{{"history", "lost"}, {"regions", json::array()}};
     OSR_RETURN_IF_ERROR(g.capture->log().Sync());
@@ -241,7 +241,7 @@ Result<json> Site::UnreplicatedRegions(const std::string& vm, uint64_t after) {
 Status Site::MarkRegions(const std::vector<DiskRange>& regions, const std::string& vm) {
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  if (Status u = Usable(it, vm); !u.ok()) return u;
   return it->second->capture->MarkRegions(regions);
 }
 
@@ -253,7 +253,7 @@ Result<std::string> Site::GroupHashes(const std::string& vm, uint64_t region_byt
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     for (size_t i = 0; i < it->second->disks.size(); ++i) {
       disks.push_back(it->second->capture->disk(i));
     }
@@ -284,7 +284,7 @@ Result<json> Site::CompareHashes(const std::string& vm, uint64_t region_bytes,
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     size_t h = 0;
     for (uint32_t d = 0; d < it->second->disks.size(); ++d) {
       uint64_t size = it->second->disks[d].size_bytes;
@@ -325,7 +325,7 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
     Group& gr = *it->second;
     if (gr.fenced_epoch == 0 && gr.capture->fenced_epoch() == 0) {
@@ -376,7 +376,9 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     back->compress = saved.compress;
     back->bandwidth_bytes_per_second = saved.bandwidth_bytes_per_second;
     if (Status reopened = OpenGroupLocked(vm, *back); reopened.ok()) {
-      back->capture->Fence(std::max<uint64_t>(back->fenced_epoch, 1));
+      if (Status f = back->capture->Fence(std::max<uint64_t>(back->fenced_epoch, 1)); !f.ok()) {
+        spdlog::error("site {}: VM {}: {}", cfg_.name, vm, f.ToString());
+      }
       groups_[vm] = std::move(back);
     } else {
       spdlog::error("site {}: VM {}: cannot reopen its disks: {}", cfg_.name, vm,
@@ -430,7 +432,7 @@ Status Site::StartVm(const std::string& vm, const json& spec_json) {
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     Group& g = *it->second;
     if (uint64_t e = std::max(g.fenced_epoch, g.capture->fenced_epoch()); e != 0) {
       return Status(Code::kPermissionDenied,
@@ -496,7 +498,7 @@ Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     p = std::move(it->second->process);
     q = std::move(it->second->qemu);
   }
@@ -520,7 +522,7 @@ Status Site::FreezeVm(const std::string& vm, int timeout_ms) {
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     q = it->second->qemu;
   }
   // The guest agent may take its time: not under mu_.
@@ -535,7 +537,7 @@ Status Site::ThawVm(const std::string& vm) {
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+    if (Status u = Usable(it, vm); !u.ok()) return u;
     q = it->second->qemu;
   }
   if (!q || !q->running()) return Status::Ok();

@@ -14,6 +14,8 @@
 #include <optional>
 #include <set>
 
+#include "common/file.h"
+#include "common/json_in.h"
 #include "common/units.h"
 
 namespace osr::site {
@@ -24,6 +26,16 @@ using nlohmann::json;
 namespace {
 
 constexpr int kStateVersion = 1;
+
+// A whole file that osr wrote itself, of at most `bytes_max` bytes.
+Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max) {
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
+  OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
+  if (size > bytes_max) return Corruption(fmt::format("{} has {} bytes: too large", path, size));
+  std::string text(size, '\0');
+  OSR_RETURN_IF_ERROR(f.PRead(0, {reinterpret_cast<uint8_t*>(text.data()), text.size()}));
+  return text;
+}
 
 json DisksJson(const std::vector<DiskSpec>& disks) {
   json a = json::array();
@@ -322,6 +334,7 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   OSR_RETURN_IF_ERROR(s->Load());
   OSR_RETURN_IF_ERROR(s->nbd_->Start());
   s->receiver_->Start();
+  s->watcher_ = std::thread([sp] { sp->WatchLoop(); });
   return s;
 }
 
@@ -331,6 +344,12 @@ Site::~Site() {
 
 void Site::Stop() {
   if (!nbd_) return;
+  {
+    std::lock_guard lock(watch_mu_);
+    watch_stop_ = true;
+  }
+  watch_cv_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
   nbd_->Stop();
   if (receiver_) receiver_->Stop();
   // The materialisers take mu_: stop and join them before taking it here.
@@ -425,117 +444,504 @@ void Site::CloseGroupExports(const std::string& vm, Group& g) {
   }
 }
 
+std::string_view DamageKindName(DamageKind kind) {
+  switch (kind) {
+    case DamageKind::kStateEntry:
+      return "state_entry";
+    case DamageKind::kImageMissing:
+      return "image_missing";
+    case DamageKind::kImageSize:
+      return "image_size";
+    case DamageKind::kImage:
+      return "image";
+    case DamageKind::kCaptureHistory:
+      return "capture_history";
+    case DamageKind::kRegionMap:
+      return "region_map";
+    case DamageKind::kStoreMissing:
+      return "store_missing";
+    case DamageKind::kStore:
+      return "store";
+  }
+  return "unknown";
+}
+
+json Damage::Json() const {
+  return json{{"kind", std::string(DamageKindName(kind))}, {"reason", reason}, {"action", action}};
+}
+
 Status Site::Load() {
   std::string path = cfg_.data_dir + "/site.json";
-  std::ifstream in(path);
-  if (!in) return Status::Ok();  // a new site
-  json j = json::parse(in, nullptr, false);
-  if (j.is_discarded() || j.value("version", 0) != kStateVersion) {
-    return Corruption(path + " is not a version-1 site state");
-  }
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Status::Ok();  // a new site
+  OSR_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, 256u << 20));
+  // site.json itself is the one file a site cannot start without: it names the groups
+  // and stores. It is only ever replaced whole (WriteFileAtomic).
+  auto j = json_in::ParseObject(text, path);
+  if (!j.ok()) return Corruption(path + " is not a site state: " + j.status().message());
+  json_in::Fields f(*j, path + ": ");
+  uint64_t version = f.U64("version", 0);
+  const json* groups = f.Object("groups");
+  const json* stores = f.Object("stores");
+  if (!f.ok()) return Corruption(f.status().message());
+  if (version != kStateVersion) return Corruption(path + " is not a version-1 site state");
   std::lock_guard lock(mu_);
-  json groups = j.value("groups", json::object());
-  json stores = j.value("stores", json::object());
-  for (auto& [vm, sj] : stores.items()) {
-    OSR_ASSIGN_OR_RETURN(auto st, store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm));
-    stores_[vm] = std::move(st);
+  if (stores != nullptr) LoadStoresLocked(*stores);
+  if (groups != nullptr) {
+    for (auto& [vm, entry] : groups->items()) {
+      if (auto g = LoadGroupLocked(vm, entry)) groups_[vm] = std::move(g);
+    }
   }
-  for (auto& [vm, gj] : groups.items()) {
-    auto g = std::make_unique<Group>();
-    OSR_ASSIGN_OR_RETURN(g->disks, DisksFromJson(gj["disks"]));
-    g->replicate_to = gj.value("replicate_to", std::string());
-    g->target_site = gj.value("target_site", std::string());
-    g->epoch = gj.value("epoch", uint64_t{1});
-    g->compress = gj.value("compress", true);
-    g->bandwidth_bytes_per_second = gj.value("bandwidth_bytes_per_second", uint64_t{0});
-    g->fenced_epoch = gj.value("fenced_epoch", uint64_t{0});
-    g->failover = gj.value("failover", false);
-    g->failover_seq = gj.value("failover_seq", uint64_t{0});
-    g->tracking = gj.value("tracking", false);
-    g->history_lost = gj.value("history_lost", false);
-    g->vm_spec = gj.value("vm", json());
-    std::optional<hypervisor::VmSpec> vm_spec;
-    if (!g->vm_spec.is_null()) {
-      auto parsed =
-          hypervisor::ParseVmSpec(g->vm_spec, hypervisor::SpecSource::kStored, "site.json vm.");
-      if (parsed.ok()) {
-        vm_spec = *parsed;
-        g->vm_spec = hypervisor::VmSpecJson(*parsed);
-      } else {
-        spdlog::warn("site {}: VM {}: its stored spec is dropped: {}", cfg_.name, vm,
-                     parsed.status().message());
-        g->vm_spec = json();
-      }
-    }
-    std::string dir = cfg_.data_dir + "/groups/" + vm;
-    std::error_code ec;
-    std::string sdir = cfg_.data_dir + "/stores/" + vm;
-    if (!g->failover && !fs::exists(sdir + "/store.json", ec)) {
-      // A reprotect stopped while it moved the disks into a store: move them back.
-      for (size_t i = 0; i < g->disks.size(); ++i) {
-        std::string img = dir + "/" + g->disks[i].name + ".img";
-        std::string moved = fmt::format("{}/base/{}.img", sdir, i);
-        if (!fs::exists(img, ec) && fs::exists(moved, ec)) {
-          spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name,
-                       vm, g->disks[i].name);
-          fs::rename(moved, img, ec);
-          if (ec) return Status::FromErrno(ec.value(), "move " + moved + " back to " + img);
-        }
-      }
-    }
-    if (!g->failover) {
-      // Region maps of failover disks that were materialised before the last save.
-      for (auto& d : g->disks) fs::remove(dir + "/" + d.name + ".img.cow", ec);
-    }
-    if (!g->failover && !fs::exists(dir + "/" + g->disks[0].name + ".img", ec) &&
-        fs::exists(sdir + "/store.json", ec) && !stores_.count(vm)) {
-      // A reprotect moved the disks into a store and stopped before saying so here.
-      spdlog::warn("site {}: VM {}: its disks became a recovery store; finishing that", cfg_.name,
-                   vm);
-      OSR_ASSIGN_OR_RETURN(auto st, store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm));
-      stores_[vm] = std::move(st);
-      fs::remove_all(dir, ec);
+  size_t damaged = damaged_stores_.size();
+  for (auto& [vm, g] : groups_) damaged += g->damage ? 1 : 0;
+  spdlog::info("site {}: {} group(s), {} store(s), {} quarantined", cfg_.name, groups_.size(),
+               stores_.size() + damaged_stores_.size(), damaged);
+  return SaveLocked();
+}
+
+void Site::LoadStoresLocked(const json& stores) {
+  for (auto& [vm, entry] : stores.items()) {
+    if (!ValidName(vm)) {
+      spdlog::error("site {}: site.json names a store '{}', which is not a VM name: ignored",
+                    cfg_.name, vm);
       continue;
     }
-    if (!fs::exists(dir + "/capture", ec) && !g->history_lost) {
-      // Its changes since the last replication cannot be known any more: reprotect must
-      // compare the disks instead of trusting an empty log.
-      spdlog::warn("site {}: VM {}: the capture history is missing; it counts as lost", cfg_.name,
-                   vm);
-      g->history_lost = true;
+    auto st = store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm);
+    if (st.ok()) {
+      stores_[vm] = std::move(*st);
+      continue;
     }
-    OSR_RETURN_IF_ERROR(OpenGroupLocked(vm, *g));
-    if (g->fenced_epoch != 0) {
-      g->capture->Fence(g->fenced_epoch);
-    } else if (!g->replicate_to.empty()) {
+    Damage d = StoreDamage(vm, st.status());
+    spdlog::error("site {}: the store of {} is quarantined: {}", cfg_.name, vm, d.reason);
+    damaged_stores_[vm] = std::move(d);
+  }
+}
+
+Damage Site::StoreDamage(const std::string& vm, const Status& st) const {
+  return Damage{DamageKind::kStore, st.message(),
+                fmt::format("this site keeps no recovery points of {} while its store is "
+                            "damaged. Restore the files under {}/stores/{} and run osr vm repair "
+                            "{} --site {}; or remove the store (osr unprotect {}) and protect {} "
+                            "again (a new initial copy)",
+                            vm, cfg_.data_dir, vm, vm, cfg_.name, vm, vm)};
+}
+
+std::unique_ptr<Site::Group> Site::LoadGroupLocked(const std::string& vm, const json& entry,
+                                                   uint64_t first_seq) {
+  auto g = std::make_unique<Group>();
+  g->first_seq = first_seq;
+  bool became_store = false;
+  std::optional<OpenFailure> failed = OpenSavedGroupLocked(vm, entry, *g, &became_store);
+  if (became_store) return nullptr;
+  if (failed) {
+    CloseGroupExports(vm, *g);
+    g->capture.reset();
+    g->damage = GroupDamage(vm, *g, *failed);
+    g->saved = entry;
+    spdlog::error("site {}: VM {} is quarantined ({}): {}", cfg_.name, vm,
+                  DamageKindName(g->damage->kind), g->damage->reason);
+    return g;
+  }
+  if (g->fenced_epoch != 0) {
+    if (Status f = g->capture->Fence(g->fenced_epoch); !f.ok()) {
+      spdlog::error("site {}: VM {}: {}", cfg_.name, vm, f.ToString());
+    }
+  } else if (!g->replicate_to.empty()) {
+    if (Status s = StartSenderLocked(vm, *g); !s.ok()) {
+      spdlog::error("site {}: VM {}: replication does not start: {}", cfg_.name, vm, s.ToString());
+    }
+  }
+  if (pid_t pid = static_cast<pid_t>(json_in::Fields(entry).I64("vm_pid", 0));
+      pid > 0 && ::kill(pid, 0) == 0) {
+    AdoptVmLocked(vm, *g, pid);
+  }
+  return g;
+}
+
+std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& vm,
+                                                            const json& entry, Group& g,
+                                                            bool* became_store) {
+  auto bad_entry = [&](const std::string& why) {
+    return OpenFailure{DamageKind::kStateEntry, Corruption("site.json entry of " + vm + ": " + why)};
+  };
+  if (!ValidName(vm)) return bad_entry("not a VM name");
+  if (!entry.is_object()) return bad_entry("not an object");
+  json_in::Fields f(entry, "");
+  const json* disks = f.Array("disks", /*optional=*/false);
+  g.replicate_to = f.String("replicate_to", "");
+  g.target_site = f.String("target_site", "");
+  g.epoch = f.U64("epoch", 1);
+  g.compress = f.Bool("compress", true);
+  g.bandwidth_bytes_per_second = f.U64("bandwidth_bytes_per_second", 0);
+  g.fenced_epoch = f.U64("fenced_epoch", 0);
+  g.failover = f.Bool("failover", false);
+  g.failover_seq = f.U64("failover_seq", 0);
+  g.tracking = f.Bool("tracking", false);
+  g.history_lost = f.Bool("history_lost", false);
+  if (!f.ok()) return bad_entry(f.status().message());
+  auto parsed_disks = DisksFromJson(*disks);
+  if (!parsed_disks.ok()) return bad_entry(parsed_disks.status().message());
+  g.disks = std::move(*parsed_disks);
+  if (auto it = entry.find("vm"); it != entry.end() && !it->is_null()) {
+    auto parsed = hypervisor::ParseVmSpec(*it, hypervisor::SpecSource::kStored, "site.json vm.");
+    if (parsed.ok()) {
+      g.vm_spec = hypervisor::VmSpecJson(*parsed);
+    } else {
+      spdlog::warn("site {}: VM {}: its stored spec is dropped: {}", cfg_.name, vm,
+                   parsed.status().message());
+    }
+  }
+  std::string dir = cfg_.data_dir + "/groups/" + vm;
+  std::error_code ec;
+  std::string sdir = cfg_.data_dir + "/stores/" + vm;
+  if (!g.failover && !fs::exists(sdir + "/store.json", ec)) {
+    // A reprotect stopped while it moved the disks into a store: move them back.
+    for (size_t i = 0; i < g.disks.size(); ++i) {
+      std::string img = dir + "/" + g.disks[i].name + ".img";
+      std::string moved = fmt::format("{}/base/{}.img", sdir, i);
+      if (!fs::exists(img, ec) && fs::exists(moved, ec)) {
+        spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name,
+                     vm, g.disks[i].name);
+        fs::rename(moved, img, ec);
+        if (ec) {
+          return OpenFailure{DamageKind::kImageMissing,
+                             Status::FromErrno(ec.value(), "move " + moved + " back to " + img)};
+        }
+      }
+    }
+  }
+  if (!g.failover) {
+    // Region maps of failover disks that were materialised before the last save.
+    for (auto& d : g.disks) fs::remove(dir + "/" + d.name + ".img.cow", ec);
+  }
+  if (!g.failover && !fs::exists(dir + "/" + g.disks[0].name + ".img", ec) &&
+      fs::exists(sdir + "/store.json", ec) && !stores_.count(vm)) {
+    // A reprotect moved the disks into a store and stopped before saying so here.
+    spdlog::warn("site {}: VM {}: its disks became a recovery store; finishing that", cfg_.name,
+                 vm);
+    auto st = store::RecoveryStore::Open(sdir);
+    if (!st.ok()) return OpenFailure{DamageKind::kStore, st.status()};
+    stores_[vm] = std::move(*st);
+    damaged_stores_.erase(vm);
+    fs::remove_all(dir, ec);
+    *became_store = true;
+    return std::nullopt;
+  }
+  if (!fs::exists(dir + "/capture", ec) && !g.history_lost && fs::exists(dir, ec)) {
+    // Its changes since the last replication cannot be known any more: reprotect must
+    // compare the disks instead of trusting an empty log.
+    spdlog::warn("site {}: VM {}: the capture history is missing; it counts as lost", cfg_.name,
+                 vm);
+    g.history_lost = true;
+  }
+  DamageKind kind = DamageKind::kImage;
+  if (Status st = OpenGroupLocked(vm, g, /*create=*/false, &kind); !st.ok()) {
+    return OpenFailure{kind, st};
+  }
+  // A fence the sender applied by itself is in the capture's fence record only.
+  g.fenced_epoch = std::max(g.fenced_epoch, g.capture->fenced_epoch());
+  return std::nullopt;
+}
+
+Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailure& f) const {
+  std::string dir = cfg_.data_dir + "/groups/" + vm;
+  std::string repair = fmt::format("osr vm repair {} --site {}", vm, cfg_.name);
+  Damage d{f.kind, f.status.message(), ""};
+  switch (f.kind) {
+    case DamageKind::kStateEntry:
+      d.action = "restore site.json from a backup, or remove the VM at this site (osr vm disks "
+                 "delete " + vm + " --site " + cfg_.name + ")";
+      break;
+    case DamageKind::kImageMissing:
+      d.action = g.fenced_epoch != 0
+                     ? "nothing to keep here: the VM runs elsewhere. osr reprotect " + vm +
+                           " copies its disks here in full"
+                     : "put the image back where it was and run " + repair +
+                           "; or, if it is lost, fail over to the recovery site";
+      break;
+    case DamageKind::kImageSize:
+      d.action = "the image was resized outside osr, which does not resize disks. If it grew and "
+                 "the added bytes are zeros, " + repair + " --trim-image cuts it back (nothing is "
+                 "lost); otherwise restore its size by hand and run " + repair;
+      break;
+    case DamageKind::kImage:
+      d.action = "fix what the reason names (permissions, the device) and run " + repair;
+      break;
+    case DamageKind::kCaptureHistory:
+      d.action = repair + " --reset-history sets the history aside (" + dir +
+                 "/damaged-TIME) and resends the disks whole to the recovery site; until then "
+                 "the disks are not served";
+      break;
+    case DamageKind::kRegionMap:
+      d.action = "the failed-over disks' map of what they hold is unreadable: restore " + dir +
+                 "/*.img.cow and run " + repair + ", or fail over again (osr failover " + vm +
+                 ")";
+      break;
+    case DamageKind::kStoreMissing:
+      d.action = "the failed-over disks read their point from this site's recovery store, which "
+                 "is missing or damaged: repair the store first (" + repair + ")";
+      break;
+    case DamageKind::kStore:
+      d.action = "repair the store (" + repair + ")";
+      break;
+  }
+  return d;
+}
+
+void Site::AdoptVmLocked(const std::string& vm, Group& g, pid_t pid) {
+  // The VM outlived the daemon (kill -9): take charge of it again.
+  std::optional<hypervisor::VmSpec> spec;
+  if (g.vm_spec.is_object()) {
+    auto parsed = hypervisor::ParseVmSpec(g.vm_spec, hypervisor::SpecSource::kStored, "vm.");
+    if (parsed.ok()) spec = *parsed;
+  }
+  if (spec && spec->driver == hypervisor::Driver::kQemu) {
+    std::vector<std::pair<std::string, std::string>> uris;
+    for (auto& d : g.disks) uris.emplace_back(d.name, LocalUri(vm, g, d.name));
+    auto q = std::make_shared<hypervisor::QemuDriver>();
+    if (Status a = q->Adopt(pid, QemuSpecFor(vm, *spec, "", uris)); a.ok()) {
+      g.qemu = std::move(q);
+    } else {
+      spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, a.ToString());
+    }
+  } else {
+    g.process = std::make_unique<hypervisor::ProcessDriver>();
+    g.process->Adopt(pid);
+  }
+  spdlog::info("site {}: VM {} still runs (pid {})", cfg_.name, vm, pid);
+}
+
+json Site::DamagedGroupJson(const std::string& vm, const Group& g) const {
+  json disks = json::array();
+  for (auto& d : g.disks) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  return json{{"name", vm},
+              {"disks", disks},
+              {"damage", g.damage->Json()},
+              {"fenced_epoch", g.fenced_epoch},
+              {"replicate_to", g.replicate_to},
+              {"target_site", g.target_site},
+              {"epoch", g.epoch},
+              {"failover", g.failover},
+              {"failover_seq", g.failover_seq},
+              {"tracking", g.tracking},
+              {"history_lost", g.history_lost},
+              {"vm", {{"running", false}, {"driver", "none"}, {"pid", 0}}}};
+}
+
+void Site::WakeWatcher() {
+  {
+    std::lock_guard lock(watch_mu_);
+    watch_wake_ = true;
+  }
+  watch_cv_.notify_all();
+}
+
+void Site::WatchLoop() {
+  constexpr auto kPeriod = std::chrono::seconds(1);
+  for (;;) {
+    {
+      std::unique_lock lock(watch_mu_);
+      watch_cv_.wait_for(lock, kPeriod, [&] { return watch_stop_ || watch_wake_; });
+      if (watch_stop_) return;
+      watch_wake_ = false;
+    }
+    try {
+      WatchOnce();
+    } catch (const std::exception& e) {  // a bug must not end the daemon
+      spdlog::error("site {}: watcher: {}", cfg_.name, e.what());
+    }
+  }
+}
+
+void Site::WatchOnce() {
+  constexpr int kStopTimeoutMs = 10000;
+  std::vector<std::string> to_stop;
+  {
+    std::lock_guard lock(mu_);
+    bool changed = false;
+    for (auto& [vm, g] : groups_) {
+      if (g->damage || !g->capture) continue;
+      if (uint64_t fenced = g->capture->fenced_epoch(); fenced > g->fenced_epoch) {
+        // The sender fenced the disks by itself (the recovery site refused its epoch).
+        spdlog::warn("site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
+                     "recorded, replication stopped",
+                     cfg_.name, vm, fenced);
+        g->fenced_epoch = fenced;
+        g->sender.reset();
+        changed = true;
+      }
+      if (g->fenced_epoch != 0 && !g->vm_starting && VmRunningLocked(*g)) to_stop.push_back(vm);
+    }
+    if (changed) {
+      if (Status st = SaveLocked(); !st.ok()) {
+        spdlog::error("site {}: cannot record a fence in site.json (the capture folder's fence "
+                      "record holds it): {}",
+                      cfg_.name, st.ToString());
+      }
+    }
+  }
+  for (auto& vm : to_stop) {
+    spdlog::warn("site {}: VM {} runs on fenced disks (it runs elsewhere now): stopping it",
+                 cfg_.name, vm);
+    auto stopped = StopVm(vm, kStopTimeoutMs);
+    if (!stopped.ok()) {
+      spdlog::error("site {}: VM {}: stop: {}", cfg_.name, vm, stopped.status().ToString());
+    }
+  }
+}
+
+// Cuts images that grew outside osr back to their disk's size when what they gained is
+// all zeros (truncate -s bigger adds a hole). kFailedPrecondition when an image holds
+// data past the disk's size, or is smaller than the disk.
+Status Site::TrimGrownImagesLocked(const std::string& vm, const Group& g) {
+  constexpr uint64_t kChunk = 1 << 20;
+  std::vector<uint8_t> buf(kChunk);
+  for (auto& d : g.disks) {
+    std::string path = cfg_.data_dir + "/groups/" + vm + "/" + d.name + ".img";
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadWrite));
+    OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
+    if (size == d.size_bytes) continue;
+    if (size < d.size_bytes) {
+      return Status(Code::kFailedPrecondition,
+                    fmt::format("{} has {} bytes, fewer than the disk's {}: restore it by hand",
+                                path, size, d.size_bytes));
+    }
+    for (uint64_t pos = d.size_bytes; pos < size;) {
+      OSR_ASSIGN_OR_RETURN(uint64_t data, f.SeekData(pos, size));
+      if (data >= size) break;
+      uint64_t n = std::min<uint64_t>(kChunk, size - data);
+      OSR_RETURN_IF_ERROR(f.PRead(data, {buf.data(), n}));
+      for (uint64_t i = 0; i < n; ++i) {
+        if (buf[i] != 0) {
+          return Status(Code::kFailedPrecondition,
+                        fmt::format("{} holds data at byte {}, past the disk's {} bytes: osr does "
+                                    "not resize disks; nothing was changed",
+                                    path, data + i, d.size_bytes));
+        }
+      }
+      pos = data + n;
+    }
+    OSR_RETURN_IF_ERROR(f.Truncate(d.size_bytes));
+    OSR_RETURN_IF_ERROR(f.Sync());
+    spdlog::warn("site {}: VM {}: {} cut back from {} to the disk's {} bytes (zeros only)",
+                 cfg_.name, vm, path, size, d.size_bytes);
+  }
+  return Status::Ok();
+}
+
+Result<json> Site::RepairGroup(const std::string& vm, const RepairOptions& opts) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& old = *it->second;
+  if (!old.damage) {
+    return InvalidArgument(
+        fmt::format("VM {} at site {} is not quarantined: nothing to repair", vm, cfg_.name));
+  }
+  json entry = old.saved;
+  std::string dir = cfg_.data_dir + "/groups/" + vm;
+  bool resend_all = false;
+  if (opts.trim_image && old.damage->kind == DamageKind::kImageSize) {
+    OSR_RETURN_IF_ERROR(TrimGrownImagesLocked(vm, old));
+  }
+  if (opts.reset_history && old.damage->kind == DamageKind::kCaptureHistory) {
+    // Never deleted: the operator may want to look at it.
+    std::string aside = fmt::format("{}/damaged-{}", dir, ::time(nullptr));
+    std::error_code ec;
+    fs::rename(dir + "/capture", aside, ec);
+    if (ec) return Status::FromErrno(ec.value(), "move " + dir + "/capture aside");
+    OSR_RETURN_IF_ERROR(SyncDir(dir));
+    spdlog::warn("site {}: VM {}: its capture history is set aside in {}", cfg_.name, vm, aside);
+    entry["history_lost"] = true;
+    old.saved = entry;
+    resend_all = true;
+  }
+  std::unique_ptr<Group> g = LoadGroupLocked(vm, entry, resend_all ? opts.first_seq : 1);
+  if (!g) {  // its disks were a store all along
+    groups_.erase(it);
+    OSR_RETURN_IF_ERROR(SaveLocked());
+    return json{{"name", vm}, {"repaired", true}, {"became_store", true}};
+  }
+  if (g->damage) {
+    Damage d = *g->damage;
+    it->second = std::move(g);
+    OSR_RETURN_IF_ERROR(SaveLocked());
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("VM {} at site {} is still quarantined: {} ({})", vm, cfg_.name,
+                              d.reason, d.action));
+  }
+  if (resend_all) {
+    // What the lost history held is unknown: every byte goes to the recovery site again.
+    g->sender.reset();
+    std::vector<capture::CaptureGroup::DiskRange> all;
+    for (uint32_t i = 0; i < g->disks.size(); ++i) all.push_back({i, {0, g->disks[i].size_bytes}});
+    OSR_RETURN_IF_ERROR(g->capture->MarkRegions(all));
+    if (g->fenced_epoch == 0 && !g->replicate_to.empty()) {
       OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
     }
-    if (pid_t pid = gj.value("vm_pid", 0); pid > 0 && ::kill(pid, 0) == 0) {
-      // The VM outlived the daemon (kill -9): take charge of it again.
-      if (vm_spec && vm_spec->driver == hypervisor::Driver::kQemu) {
-        std::vector<std::pair<std::string, std::string>> uris;
-        for (auto& d : g->disks) uris.emplace_back(d.name, LocalUri(vm, *g, d.name));
-        auto q = std::make_shared<hypervisor::QemuDriver>();
-        if (Status a = q->Adopt(pid, QemuSpecFor(vm, *vm_spec, "", uris)); a.ok()) {
-          g->qemu = std::move(q);
-        } else {
-          spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, a.ToString());
-        }
-      } else {
-        g->process = std::make_unique<hypervisor::ProcessDriver>();
-        g->process->Adopt(pid);
-      }
-      spdlog::info("site {}: VM {} still runs (pid {})", cfg_.name, vm, pid);
-    }
-    groups_[vm] = std::move(g);
   }
-  spdlog::info("site {}: {} group(s), {} store(s)", cfg_.name, groups_.size(), stores_.size());
-  return SaveLocked();
+  it->second = std::move(g);
+  OSR_RETURN_IF_ERROR(SaveLocked());
+  spdlog::info("site {}: VM {} is repaired and served again", cfg_.name, vm);
+  return json{{"name", vm}, {"repaired", true}, {"history_lost", it->second->history_lost}};
+}
+
+Result<json> Site::RepairStore(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  auto d = damaged_stores_.find(vm);
+  if (d == damaged_stores_.end()) {
+    if (stores_.count(vm)) {
+      return InvalidArgument(
+          fmt::format("the store of {} at site {} is not quarantined: nothing to repair", vm,
+                      cfg_.name));
+    }
+    return NotFound("no store for " + vm + " at this site");
+  }
+  auto st = store::RecoveryStore::Open(cfg_.data_dir + "/stores/" + vm);
+  if (!st.ok()) {
+    d->second = StoreDamage(vm, st.status());
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("the store of {} at site {} is still quarantined: {}", vm,
+                              cfg_.name, d->second.reason));
+  }
+  stores_[vm] = std::move(*st);
+  damaged_stores_.erase(d);
+  // Failover disks over it can open now.
+  if (auto g = groups_.find(vm);
+      g != groups_.end() && g->second->damage && g->second->damage->kind == DamageKind::kStoreMissing) {
+    if (auto again = LoadGroupLocked(vm, g->second->saved)) g->second = std::move(again);
+  }
+  OSR_RETURN_IF_ERROR(SaveLocked());
+  spdlog::info("site {}: the store of {} is repaired", cfg_.name, vm);
+  return json{{"name", vm}, {"repaired", true}};
+}
+
+Status Site::MissingStore(const std::string& vm) const {
+  if (auto d = damaged_stores_.find(vm); d != damaged_stores_.end()) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("the store of {} at site {} is quarantined: {} ({})", vm, cfg_.name,
+                              d->second.reason, d->second.action));
+  }
+  return NotFound("no store for " + vm + " at this site");
+}
+
+Status Site::Usable(GroupMap::const_iterator it, const std::string& vm) const {
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  if (const auto& d = it->second->damage) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("VM {} is quarantined at site {}: {} ({})", vm, cfg_.name,
+                              d->reason, d->action));
+  }
+  return Status::Ok();
 }
 
 Status Site::SaveLocked() {
   json groups = json::object();
   for (auto& [vm, g] : groups_) {
+    if (g->damage) {
+      groups[vm] = g->saved;  // as it was, until a repair or a delete
+      continue;
+    }
     groups[vm] = {{"disks", DisksJson(g->disks)},
                   {"replicate_to", g->replicate_to},
                   {"target_site", g->target_site},
@@ -554,6 +960,7 @@ Status Site::SaveLocked() {
   }
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
+  for (auto& [vm, d] : damaged_stores_) stores[vm] = json::object();
   std::string text = json{
       {"version", kStateVersion},
       {"name", cfg_.name},
@@ -563,7 +970,10 @@ Status Site::SaveLocked() {
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
 
-Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create) {
+Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
+                             DamageKind* failed_kind) {
+  DamageKind unused;
+  DamageKind& kind = failed_kind ? *failed_kind : unused;
   std::string dir = cfg_.data_dir + "/groups/" + vm;
   std::vector<std::unique_ptr<nbd::Disk>> images;
   g.failover_disks.clear();
@@ -571,27 +981,42 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create) {
   if (g.failover) {
     auto it = stores_.find(vm);
     if (it == stores_.end()) {
-      return Corruption(
-          fmt::format("VM {} runs on failover disks over its recovery store, which is gone", vm));
+      kind = DamageKind::kStoreMissing;
+      return Corruption(fmt::format(
+          "VM {} runs on failover disks over its recovery store, which is {}", vm,
+          damaged_stores_.count(vm) ? "quarantined" : "gone"));
     }
     st = it->second.get();
   }
+  std::error_code ec;
   for (size_t i = 0; i < g.disks.size(); ++i) {
     std::string path = dir + "/" + g.disks[i].name + ".img";
+    if (!create && !fs::exists(path, ec)) {
+      kind = DamageKind::kImageMissing;
+      return NotFound(fmt::format("the image of disk {} ({}) is missing", g.disks[i].name, path));
+    }
     if (st != nullptr) {
-      OSR_ASSIGN_OR_RETURN(auto fd, store::FailoverDisk::Open(path, st, static_cast<uint32_t>(i),
-                                                              g.failover_seq, cfg_.region_bytes));
-      g.failover_disks.push_back(fd.get());
-      images.push_back(std::move(fd));
+      auto fd = store::FailoverDisk::Open(path, st, static_cast<uint32_t>(i), g.failover_seq,
+                                          cfg_.region_bytes);
+      if (!fd.ok()) {
+        kind = DamageKind::kRegionMap;
+        return fd.status();
+      }
+      g.failover_disks.push_back(fd->get());
+      images.push_back(std::move(*fd));
       continue;
     }
-    OSR_ASSIGN_OR_RETURN(auto img,
-                         nbd::FileDisk::Open(path, false, create ? g.disks[i].size_bytes : 0));
-    if (img->size() != g.disks[i].size_bytes) {
-      return Corruption(fmt::format("{} has {} bytes, not the disk's {}", path, img->size(),
+    auto img = nbd::FileDisk::Open(path, false, create ? g.disks[i].size_bytes : 0);
+    if (!img.ok()) {
+      kind = DamageKind::kImage;
+      return img.status();
+    }
+    if ((*img)->size() != g.disks[i].size_bytes) {
+      kind = DamageKind::kImageSize;
+      return Corruption(fmt::format("{} has {} bytes, not the disk's {}", path, (*img)->size(),
                                     g.disks[i].size_bytes));
     }
-    images.push_back(std::move(img));
+    images.push_back(std::move(*img));
   }
   capture::CaptureOptions co;
   co.dir = dir + "/capture";
@@ -599,7 +1024,14 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create) {
   co.epoch = g.epoch;
   co.log_bytes_max = cfg_.capture_log_bytes_max;
   co.tracking_only = g.tracking;
-  OSR_ASSIGN_OR_RETURN(g.capture, capture::CaptureGroup::Open(std::move(images), co));
+  co.first_seq = g.first_seq;
+  auto capture = capture::CaptureGroup::Open(std::move(images), co);
+  if (!capture.ok()) {
+    kind = DamageKind::kCaptureHistory;
+    return capture.status();
+  }
+  g.capture = std::move(*capture);
+  kind = DamageKind::kImage;  // exports: not a damage of the files
   std::vector<std::string> added;
   for (size_t i = 0; i < g.disks.size(); ++i) {
     std::string name = DiskExport(vm, g.disks[i].name);
@@ -632,13 +1064,17 @@ Status Site::StartSenderLocked(const std::string& vm, Group& g) {
   capture::CaptureGroup* cg = g.capture.get();
   uint64_t stale = g.epoch + 1;
   std::string name = cfg_.name;
-  o.on_stale_epoch = [cg, stale, name, vm] {
-    // Only the capture group's atomic fence here (no site lock on the sender's thread);
-    // GroupStatus shows it, and the vault's fence makes it permanent.
+  o.on_stale_epoch = [this, cg, stale, name, vm] {
+    // Only the capture group here (no site lock on the sender's thread): its fence is
+    // durable (the capture folder's fence record) before a write is refused. The site's
+    // watcher records it in site.json and stops the VM.
     if (cg->fenced_epoch() == 0) {
       spdlog::warn("site {}: VM {}: the recovery site says it failed over: fencing its disks", name,
                    vm);
-      cg->Fence(stale);
+      if (Status f = cg->Fence(stale); !f.ok()) {
+        spdlog::error("site {}: VM {}: {}", name, vm, f.ToString());
+      }
+      WakeWatcher();
     }
   };
   g.sender = std::make_unique<replication::Sender>(o, &g.capture->log());
@@ -733,7 +1169,7 @@ Status Site::StartReplication(const std::string& vm, const std::string& target, 
   }
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  if (Status u = Usable(it, vm); !u.ok()) return u;
   Group& g = *it->second;
   g.sender.reset();
   g.replicate_to = target;
@@ -761,16 +1197,23 @@ Status Site::FenceGroup(const std::string& vm, uint64_t epoch, bool keep_shippin
     return InvalidArgument(
         fmt::format("fencing needs an epoch above the VM's {}", std::max(g.epoch, g.fenced_epoch)));
   }
+  if (g.damage) {
+    // Nothing of it is served; the fence is recorded for when it is repaired.
+    g.saved["fenced_epoch"] = epoch;
+    g.fenced_epoch = epoch;
+    return SaveLocked();
+  }
   if (!keep_shipping) g.sender.reset();
-  g.capture->Fence(epoch);
+  Status fenced = g.capture->Fence(epoch);  // durable in the capture folder
   g.fenced_epoch = epoch;
-  return SaveLocked();
+  Status saved = SaveLocked();
+  return fenced.ok() ? saved : fenced;
 }
 
 Status Site::StopReplication(const std::string& vm) {
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
-  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  if (Status u = Usable(it, vm); !u.ok()) return u;
   it->second->sender.reset();
   it->second->replicate_to.clear();
   return SaveLocked();
@@ -781,6 +1224,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
   auto it = groups_.find(vm);
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   Group& g = *it->second;
+  if (g.damage) return DamagedGroupJson(vm, g);
   json disks = json::array();
   for (size_t i = 0; i < g.disks.size(); ++i) {
     uint64_t dirty = 0;
@@ -841,6 +1285,11 @@ Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& dis
   OSR_RETURN_IF_ERROR(CheckDisks(vm, disks));
   std::lock_guard lock(mu_);
   if (stores_.count(vm)) return Status(Code::kAlreadyExists, "a store for " + vm + " exists");
+  if (auto d = damaged_stores_.find(vm); d != damaged_stores_.end()) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("the store of {} at site {} is quarantined: {} ({})", vm, cfg_.name,
+                              d->second.reason, d->second.action));
+  }
   std::string dir = cfg_.data_dir + "/stores/" + vm;
   auto st = store::RecoveryStore::Create(dir, StoreDisks(disks), 0, start, {}, origin);
   if (!st.ok()) {
@@ -856,8 +1305,17 @@ Status Site::DeleteStore(const std::string& vm) {
   std::shared_ptr<store::RecoveryStore> s;
   {
     std::lock_guard lock(mu_);
+    if (damaged_stores_.count(vm)) {
+      // Nothing of it is open: its files go (after site.json stops naming it).
+      damaged_stores_.erase(vm);
+      OSR_RETURN_IF_ERROR(SaveLocked());
+      std::error_code ec;
+      fs::remove_all(cfg_.data_dir + "/stores/" + vm, ec);
+      if (ec) return Status::FromErrno(ec.value(), "remove the store of " + vm);
+      return Status::Ok();
+    }
     auto it = stores_.find(vm);
-    if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+    if (it == stores_.end()) return MissingStore(vm);
     for (auto& [id, v] : views_) {
       if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
     }
@@ -883,7 +1341,7 @@ Result<json> Site::FoldStore(const std::string& vm, uint64_t seq) {
   {
     std::lock_guard lock(mu_);
     auto it = stores_.find(vm);
-    if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+    if (it == stores_.end()) return MissingStore(vm);
     s = it->second;
   }
   OSR_ASSIGN_OR_RETURN(uint64_t base, s->Fold(seq));
@@ -892,8 +1350,11 @@ Result<json> Site::FoldStore(const std::string& vm, uint64_t seq) {
 
 Result<json> Site::StoreStatus(const std::string& vm) {
   std::lock_guard lock(mu_);
+  if (auto d = damaged_stores_.find(vm); d != damaged_stores_.end()) {
+    return json{{"name", vm}, {"damage", d->second.Json()}};
+  }
   auto it = stores_.find(vm);
-  if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+  if (it == stores_.end()) return MissingStore(vm);
   auto& s = *it->second;
   json disks = json::array();
   for (auto& d : s.disks()) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
@@ -913,7 +1374,7 @@ Result<json> Site::StoreStatus(const std::string& vm) {
 Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) {
   std::lock_guard lock(mu_);
   auto it = stores_.find(vm);
-  if (it == stores_.end()) return NotFound("no store for " + vm + " at this site");
+  if (it == stores_.end()) return MissingStore(vm);
   if (views_.size() >= cfg_.views_max) {
     return Unavailable(fmt::format("{} views are open; close one first", views_.size()));
   }
@@ -971,13 +1432,22 @@ Status Site::CloseView(const std::string& id) {
 
 json Site::Describe() {
   json groups = json::array(), stores = json::array(), views = json::array();
+  json quarantined = json::array();
   std::vector<std::pair<std::string, std::string>> store_dirs;
   size_t disks_served = 0;
   {
     std::lock_guard lock(mu_);
     for (auto& [vm, g] : groups_) {
       groups.push_back(vm);
-      disks_served += g->disks.size();
+      if (g->damage) {
+        quarantined.push_back({{"group", vm}, {"damage", g->damage->Json()}});
+      } else {
+        disks_served += g->disks.size();
+      }
+    }
+    for (auto& [vm, d] : damaged_stores_) {
+      stores.push_back(vm);
+      quarantined.push_back({{"store", vm}, {"damage", d.Json()}});
     }
     for (auto& [vm, st] : stores_) {
       stores.push_back(vm);
@@ -1016,6 +1486,7 @@ json Site::Describe() {
               {"groups", groups},
               {"stores", stores},
               {"views", views},
+              {"quarantined", quarantined},
               {"disks_served", disks_served + views.size()},
               {"store_bytes", store_bytes},
               {"store_bytes_total", stores_total},

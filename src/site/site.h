@@ -22,9 +22,11 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -98,6 +100,41 @@ struct DiskSpec {
   uint64_t size_bytes;
 };
 
+// Why a group or a store is quarantined: a file it needs could not be opened as it is
+// (at start, or when a repair tried again). Typed; printed only at the edge
+// (DamageKindName). What the operator can do about each: docs/operations.md.
+enum class DamageKind {
+  kStateEntry,      // its entry in site.json is not one osr wrote
+  kImageMissing,    // a disk image is not there
+  kImageSize,       // a disk image has another size than the disk (changed outside osr)
+  kImage,           // a disk image cannot be opened (permissions, I/O error)
+  kCaptureHistory,  // the capture log, a dirty bitmap or the fence record is unreadable
+  kRegionMap,       // a failover disk's region map (.cow) is unreadable
+  kStoreMissing,    // the failover disks' recovery store is gone or quarantined
+  kStore,           // a recovery store (store.json, base, journal) cannot be opened
+};
+std::string_view DamageKindName(DamageKind kind);
+
+struct Damage {
+  DamageKind kind;
+  std::string reason;  // what is wrong, with the file and the numbers
+  std::string action;  // what the operator can do
+  nlohmann::json Json() const;
+};
+
+// What POST /groups/{vm}/repair may do besides opening the files again.
+struct RepairOptions {
+  // A grown image whose bytes past the disk's size are all zeros is cut back to the
+  // disk's size (nothing is lost); an image with data there is left alone.
+  bool trim_image = false;
+  // An unreadable capture history is moved aside (groups/<vm>/damaged-<time>/) and the
+  // disks are resent whole: the history counts as lost.
+  bool reset_history = false;
+  // With reset_history: the new log's first seq. Above what the recovery store holds
+  // (the vault gives its durable_seq + 1), so that replication goes on from there.
+  uint64_t first_seq = 1;
+};
+
 class Site {
  public:
   static Result<std::unique_ptr<Site>> Start(const SiteConfig& cfg);
@@ -114,6 +151,12 @@ class Site {
   // Source role: a VM's disks, captured as one group.
   Result<nlohmann::json> CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks);
   Status DeleteGroup(const std::string& vm);
+  // Opens a quarantined group's files again (after the operator fixed them, or doing
+  // what `opts` allows); returns its status. kFailedPrecondition (with the new reason)
+  // when it is still damaged, kInvalidArgument when it is not quarantined.
+  Result<nlohmann::json> RepairGroup(const std::string& vm, const RepairOptions& opts);
+  // Opens a quarantined store again. Same errors.
+  Result<nlohmann::json> RepairStore(const std::string& vm);
   // Ships the group to `target` (HOST:PORT) at `epoch`. `target_site`: the recovery
   // site's name, which its certificate must name ("": only the CA is checked).
   // kPermissionDenied for plain TCP to an address that is not loopback (no TLS, and no
@@ -201,6 +244,11 @@ class Site {
     uint64_t failover_seq = 0;  // ... at this seq (0 is a seq too: a store's beginning)
     bool tracking = false;      // changes tracked in the bitmaps only (until reprotect)
     bool history_lost = false;  // the capture history was missing when the site started
+    // Quarantined (its files could not be opened): nothing of it is open (capture is
+    // null), nothing runs, and site.json keeps `saved`, its entry as it was.
+    std::optional<Damage> damage;
+    nlohmann::json saved;
+    uint64_t first_seq = 1;  // of a new capture log (not kept: only a fresh log uses it)
     std::unique_ptr<replication::Sender> sender;
     std::vector<store::FailoverDisk*> failover_disks;  // owned by capture
     // Materialising (commit), guarded by the site's mu_.
@@ -225,14 +273,46 @@ class Site {
     std::vector<std::string> exports;
   };
 
+  using GroupMap = std::map<std::string, std::unique_ptr<Group>>;
+  struct OpenFailure {
+    DamageKind kind;
+    Status status;
+  };
+
   explicit Site(SiteConfig cfg) : cfg_(std::move(cfg)) {}
   Status Load();
+  void LoadStoresLocked(const nlohmann::json& stores);
+  // A group from its site.json entry: opened, or quarantined with the reason; nullptr
+  // when its disks turned out to be a store (an interrupted reprotect, finished here).
+  std::unique_ptr<Group> LoadGroupLocked(const std::string& vm, const nlohmann::json& entry,
+                                         uint64_t first_seq = 1);
+  // Parses the entry into `g` and opens it; the failure says which file and why.
+  std::optional<OpenFailure> OpenSavedGroupLocked(const std::string& vm,
+                                                  const nlohmann::json& entry, Group& g,
+                                                  bool* became_store);
+  Damage GroupDamage(const std::string& vm, const Group& g, const OpenFailure& f) const;
+  Damage StoreDamage(const std::string& vm, const Status& st) const;
+  void AdoptVmLocked(const std::string& vm, Group& g, pid_t pid);
+  nlohmann::json DamagedGroupJson(const std::string& vm, const Group& g) const;
+  // The watcher thread: records fences the senders applied by themselves (site.json) and
+  // stops the VMs of fenced groups. Wakes every second, or when woken.
+  void WatchLoop();
+  void WatchOnce();
+  void WakeWatcher();
+  Status TrimGrownImagesLocked(const std::string& vm, const Group& g);
+  // For a store that is not open: kFailedPrecondition naming its damage, else NotFound.
+  Status MissingStore(const std::string& vm) const;
+  // NotFound, or kFailedPrecondition naming the damage, unless `it` is a live group.
+  Status Usable(GroupMap::const_iterator it, const std::string& vm) const;
   // Names valid and unique, sizes within limits.
   Status CheckDisks(const std::string& vm, const std::vector<DiskSpec>& disks) const;
   Status SaveLocked();  // holds mu_
-  // `create`: make missing images (a new VM); else a missing image is an error, never a
+  // `create`: make missing images (a new VM, new failover disks); else a missing image is
+  // an error (kImageMissing), never a
   // blank disk in its place.
-  Status OpenGroupLocked(const std::string& vm, Group& g, bool create = false);
+  // `failed_kind` (optional) says which file failed.
+  Status OpenGroupLocked(const std::string& vm, Group& g, bool create = false,
+                         DamageKind* failed_kind = nullptr);
   Status StartSenderLocked(const std::string& vm, Group& g);
   void MaterialiseThread(const std::string& vm, Group* g);
   bool VmRunningLocked(Group& g);
@@ -259,10 +339,18 @@ class Site {
   ListenAddress repl_bound_;
 
   std::mutex mu_;
-  std::map<std::string, std::unique_ptr<Group>> groups_;                 // guarded by mu_
+  GroupMap groups_;                                                      // guarded by mu_
   std::map<std::string, std::shared_ptr<store::RecoveryStore>> stores_;  // guarded by mu_
+  // Stores that could not be opened (site.json keeps them; their files are left alone).
+  std::map<std::string, Damage> damaged_stores_;  // guarded by mu_
   std::map<std::string, View> views_;                                    // guarded by mu_
   uint64_t next_view_ = 1;                                               // guarded by mu_
+
+  std::thread watcher_;
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  bool watch_stop_ = false;  // guarded by watch_mu_
+  bool watch_wake_ = false;  // guarded by watch_mu_
 };
 
 }  // namespace osr::site

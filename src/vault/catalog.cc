@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include <chrono>
-#include <map>
 
 namespace osr::vault {
 
@@ -493,6 +492,50 @@ Status Catalog::DeletePoints(const std::string& vm, int64_t older_than_ns) {
       .Run();
 }
 
+Result<int64_t> Catalog::AddPointAndPrune(const PointRow& p, const std::vector<int64_t>& prune) {
+  std::lock_guard lock(mu_);
+  OSR_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto body = [&]() -> Result<int64_t> {
+    for (int64_t id : prune) {
+      OSR_RETURN_IF_ERROR(
+          Stmt(db_, "DELETE FROM points WHERE id=? AND vm=?").Bind(id).Bind(p.vm).Run());
+    }
+    OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO points(vm, seq, time_ns, type) VALUES(?,?,?,?)")
+                            .Bind(p.vm)
+                            .Bind(static_cast<int64_t>(p.seq))
+                            .Bind(p.time_ns)
+                            .Bind(p.type)
+                            .Run());
+    return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+  };
+  Result<int64_t> id = body();
+  if (!id.ok()) {
+    // The transaction's first error is what the caller hears; a failed rollback leaves
+    // SQLite rolling back by itself when the connection's next statement begins.
+    Status rolled_back = Exec("ROLLBACK");
+    if (!rolled_back.ok()) return IoError(id.status().message() + "; " + rolled_back.message());
+    return id.status();
+  }
+  OSR_RETURN_IF_ERROR(Exec("COMMIT"));
+  return id;
+}
+
+std::optional<std::string> Catalog::Meta(const std::string& key) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "SELECT value FROM meta WHERE key=?");
+  s.Bind(key);
+  if (s.Step() != SQLITE_ROW) return std::nullopt;
+  return s.Text(0);
+}
+
+Status Catalog::PutMeta(const std::string& key, const std::string& value) {
+  std::lock_guard lock(mu_);
+  return Stmt(db_, "INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)")
+      .Bind(key)
+      .Bind(value)
+      .Run();
+}
+
 Status Catalog::DeletePoint(int64_t id) {
   std::lock_guard lock(mu_);
   return Stmt(db_, "DELETE FROM points WHERE id=?").Bind(id).Run();
@@ -569,26 +612,6 @@ std::optional<JobRow> Catalog::Job(int64_t id) {
     if (j.id == id) return j;
   }
   return std::nullopt;
-}
-
-Status ThinPoints(Catalog* c, const std::string& vm, int64_t now_ns) {
-  constexpr int64_t kHourNs = 3600ll * 1000000000;
-  std::map<int64_t, int64_t> newest;  // hour -> id of the newest crash point in it
-  std::map<int64_t, int64_t> newest_time;
-  auto points = c->Points(vm);
-  for (auto& p : points) {
-    if (p.type != "crash" || p.time_ns >= now_ns - kHourNs) continue;
-    int64_t hour = p.time_ns / kHourNs;
-    if (!newest.count(hour) || p.time_ns > newest_time[hour]) {
-      newest[hour] = p.id;
-      newest_time[hour] = p.time_ns;
-    }
-  }
-  for (auto& p : points) {
-    if (p.type != "crash" || p.time_ns >= now_ns - kHourNs) continue;
-    if (newest[p.time_ns / kHourNs] != p.id) OSR_RETURN_IF_ERROR(c->DeletePoint(p.id));
-  }
-  return Status::Ok();
 }
 
 }  // namespace osr::vault

@@ -146,6 +146,13 @@ class Catalog {
   std::vector<PointRow> Points(const std::string& vm);
   Status DeletePoints(const std::string& vm, int64_t older_than_ns);  // all when 0
   Status DeletePoint(int64_t id);
+  // One transaction: deletes the VM's points `prune` (ids; retention's choice) and adds
+  // `p`; the new point's id. Either both happen or neither (kIoError).
+  Result<int64_t> AddPointAndPrune(const PointRow& p, const std::vector<int64_t>& prune);
+  // The meta table's other keys ("clock": the vault's ClockWatch state): the value, or
+  // none when the key is not there.
+  std::optional<std::string> Meta(const std::string& key);
+  Status PutMeta(const std::string& key, const std::string& value);
 
   Result<int64_t> AddToken(const TokenRow& t);
   std::optional<TokenRow> Token(int64_t id);
@@ -177,9 +184,5 @@ class Catalog {
 };
 
 int64_t NowNs();
-
-// Thins a VM's points: every point of the last hour stays; before that, per hour, the
-// newest crash-consistent point and every app-consistent one.
-Status ThinPoints(Catalog* c, const std::string& vm, int64_t now_ns);
 
 }  // namespace osr::vault

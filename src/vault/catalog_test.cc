@@ -83,32 +83,31 @@ TEST_F(CatalogTest, RefusesANewerSchema) {
   EXPECT_EQ(c.status().code(), Code::kCorruption);
 }
 
-TEST_F(CatalogTest, ThinningKeepsTheLastHourAndOnePointPerOlderHour) {
+TEST_F(CatalogTest, ANewPointAndWhatItPrunesAreOneTransaction) {
   auto c = Catalog::Open(path_).value();
-  constexpr int64_t kMin = 60ll * 1000000000;
-  int64_t now = 1000 * 60 * kMin;  // a whole number of hours
-  uint64_t seq = 0;
-  // Three hours of points every 5 minutes, and one app point two hours ago.
-  for (int64_t t = now - 180 * kMin; t < now; t += 5 * kMin) {
-    ASSERT_TRUE(c->AddPoint({0, "vm1", ++seq, t, "crash"}).ok());
-  }
-  ASSERT_TRUE(c->AddPoint({0, "vm1", ++seq, now - 121 * kMin, "app"}).ok());
-  ASSERT_TRUE(ThinPoints(c.get(), "vm1", now).ok());
+  int64_t a = c->AddPoint({0, "vm1", 1, 100, "crash"}).value();
+  int64_t b = c->AddPoint({0, "vm1", 2, 200, "crash"}).value();
+  int64_t other = c->AddPoint({0, "vm2", 1, 100, "crash"}).value();
+  // Another VM's id is not deleted through this VM's prune.
+  int64_t d = c->AddPointAndPrune({0, "vm1", 3, 300, "crash"}, {a, other}).value();
   auto points = c->Points("vm1");
-  int recent = 0, old_crash = 0, app = 0;
-  for (auto& p : points) {
-    if (p.type == "app") {
-      ++app;
-    } else if (p.time_ns >= now - 60 * kMin) {
-      ++recent;
-    } else {
-      ++old_crash;
-      EXPECT_EQ((p.time_ns + 5 * kMin) % (60 * kMin), 0) << "not the newest of its hour";
-    }
+  ASSERT_EQ(points.size(), 2u);
+  EXPECT_EQ(points[0].id, b);
+  EXPECT_EQ(points[1].id, d);
+  EXPECT_EQ(c->Points("vm2").size(), 1u);
+  // The transaction ended: the catalog takes the next write.
+  EXPECT_TRUE(c->AddPoint({0, "vm1", 4, 400, "crash"}).ok());
+}
+
+TEST_F(CatalogTest, MetaKeysSurviveReopen) {
+  {
+    auto c = Catalog::Open(path_).value();
+    EXPECT_FALSE(c->Meta("clock").has_value());
+    ASSERT_TRUE(c->PutMeta("clock", R"({"version":1})").ok());
+    ASSERT_TRUE(c->PutMeta("clock", R"({"version":2})").ok());
   }
-  EXPECT_EQ(recent, 12);    // every point of the last hour
-  EXPECT_EQ(old_crash, 2);  // one per older hour
-  EXPECT_EQ(app, 1);        // app points stay
+  auto c = Catalog::Open(path_).value();
+  EXPECT_EQ(c->Meta("clock").value_or(""), R"({"version":2})");
 }
 
 }  // namespace

@@ -1,9 +1,11 @@
 #include "vault/vault.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <ctime>
@@ -16,6 +18,7 @@
 #include "common/units.h"
 #include "hypervisor/vm_spec.h"
 #include "vault/job_steps.h"
+#include "vault/retention.h"
 
 namespace osr::vault {
 
@@ -71,32 +74,6 @@ json JobJson(const JobRow& j) {
   return out;
 }
 
-// RFC 3339 ("2026-11-26T06:01:38Z", fractions and offsets allowed) to ns since the epoch.
-std::optional<int64_t> ParseTime(const std::string& s) {
-  struct tm tm {};
-  const char* p = strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
-  if (p == nullptr) return std::nullopt;
-  int64_t ns = 0;
-  if (*p == '.') {
-    int64_t scale = 100000000;
-    for (++p; *p >= '0' && *p <= '9'; ++p, scale /= 10) ns += (*p - '0') * scale;
-  }
-  int64_t offset_s = 0;
-  if (*p == 'Z' || *p == 'z') {
-    ++p;
-  } else if (*p == '+' || *p == '-') {
-    int sign = *p == '-' ? -1 : 1;
-    int hh = 0, mm = 0;
-    if (std::sscanf(p + 1, "%2d:%2d", &hh, &mm) != 2) return std::nullopt;
-    offset_s = sign * (hh * 3600 + mm * 60);
-    p += 6;
-  } else {
-    return std::nullopt;
-  }
-  if (*p != 0) return std::nullopt;
-  return (static_cast<int64_t>(timegm(&tm)) - offset_s) * 1000000000 + ns;
-}
-
 }  // namespace
 
 bool StoreConsistentAt(const json& st, uint64_t seq) {
@@ -119,6 +96,20 @@ namespace {
 // What a site said when it refused a call, fit to show to an operator: the message of
 // its JSON error (one line, at most 300 characters), never its raw body, which a
 // misconfigured or hostile endpoint could fill with anything.
+// The code a site's error body names (its "error.code", CodeName), else the HTTP
+// status's: 409 is both "already exists" and "failed precondition" (quarantined).
+Code SiteErrorCode(int status, const std::string& body) {
+  auto j = json_in::ParseObject(body, "answer", 64 << 10, 8);
+  if (j.ok()) {
+    json_in::Fields f(*j);
+    if (const json* e = f.Object("error")) {
+      std::string name = json_in::Fields(*e).String("code", "");
+      if (auto code = CodeFromName(name); code && *code != Code::kOk) return *code;
+    }
+  }
+  return CodeFromHttp(status);
+}
+
 std::string SiteErrorMessage(int status, const std::string& body) {
   auto j = json_in::ParseObject(body, "answer", 64 << 10, 8);
   std::string msg;
@@ -135,6 +126,14 @@ std::string SiteErrorMessage(int status, const std::string& body) {
 }
 
 }  // namespace
+
+std::string QuarantineHealth(const std::string& what, const json& damage) {
+  json_in::Fields f(damage);
+  std::string reason = f.String("reason", "");
+  std::string action = f.String("action", "");
+  return fmt::format("Critical: {} are quarantined: {}. {}", what, reason.substr(0, 400),
+                     action.substr(0, 400));
+}
 
 Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,
                                                          const std::string& path,
@@ -191,7 +190,7 @@ Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& meth
                                    httplib::to_string(r.error())));
   }
   if (r->status >= 300) {
-    return Status(CodeFromHttp(r->status),
+    return Status(SiteErrorCode(r->status, r->body),
                   fmt::format("site {}: {}", site_.name, SiteErrorMessage(r->status, r->body)));
   }
   return std::pair<int, std::string>{r->status, std::move(r->body)};
@@ -219,6 +218,18 @@ Result<std::string> SiteClient::CallRaw(const std::string& method, const std::st
 Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   std::unique_ptr<Vault> v(new Vault(cfg));
   OSR_ASSIGN_OR_RETURN(v->catalog_, Catalog::Open(cfg.db_path));
+  // The clock watch as it was saved: a step made while the vault was down is noticed at
+  // its first tick (same boot), and a hold in force stays.
+  v->boot_id_ = BootId();
+  if (auto saved = v->catalog_->Meta("clock")) {
+    auto j = json_in::ParseObject(*saved, "the catalog's clock state");
+    std::lock_guard lock(v->clock_mu_);
+    if (j.ok() && v->clock_watch_.Restore(*j, v->boot_id_, v->clock_.WallNs(),
+                                          v->clock_.MonoNs()) == ClockWatch::Change::kStepped) {
+      spdlog::warn("vault: {}", v->clock_watch_.HealthWarning());
+    }
+  }
+  v->ObserveClock();
   if (!v->catalog_->Policy("default")) {
     OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
   }
@@ -255,7 +266,11 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   return v;
 }
 
-Vault::Vault(VaultConfig cfg) : cfg_(std::move(cfg)), jobs_started_(!cfg_.jobs_paused) {}
+Vault::Vault(VaultConfig cfg)
+    : cfg_(std::move(cfg)),
+      clock_(cfg_.clock != nullptr ? *cfg_.clock : RealClock()),
+      jobs_started_(!cfg_.jobs_paused),
+      clock_watch_(std::max<int64_t>(1, cfg_.clock_settle_ms) * 1000000) {}
 
 void Vault::StartJobs() {
   {
@@ -478,6 +493,9 @@ Result<json> Vault::ShowVm(const std::string& name) {
   out["epoch"] = item ? item->epoch : 1;
   out["state"] = item ? item->state : "Unprotected";
   if (!g.ok()) out["site_error"] = g.status().message();
+  if (g.ok() && g->is_object() && g->contains("damage")) {
+    out["site_error"] = QuarantineHealth(name + "'s disks at " + v->site, (*g)["damage"]);
+  }
   return out;
 }
 
@@ -493,6 +511,72 @@ Result<json> Vault::StartVm(const std::string& name) {
   if (!s) return NotFound("site " + v->site + " is not registered");
   OSR_RETURN_IF_ERROR(Client(*s).Call("POST", "/groups/" + name + "/vm/start", v->spec).status());
   return ShowVm(name);
+}
+
+// A new capture log at `site` for `vm` starts above what its recovery store holds, so
+// that replication goes on (1 when the VM is not protected from that site).
+Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::string& site) {
+  auto item = catalog_->Item(vm);
+  if (!item || item->source != site) return uint64_t{1};
+  auto dst = catalog_->Site(item->target);
+  if (!dst) return uint64_t{1};
+  auto st = Client(*dst).Call("GET", "/stores/" + vm);
+  if (!st.ok()) {
+    if (st.status().code() == Code::kNotFound) return uint64_t{1};
+    return Status(st.status().code(),
+                  "the recovery store's position is needed to reset the history: " +
+                      st.status().message());
+  }
+  json_in::Fields f(*st, "site " + dst->name + " store " + vm + ".");
+  uint64_t durable = f.U64("durable_seq", 0);
+  if (!f.ok()) return f.status();
+  return durable + 1;
+}
+
+Result<json> Vault::RepairVm(const std::string& name, const std::string& site,
+                             bool trim_image, bool reset_history) {
+  if (!catalog_->Vm(name)) return NotFound("no VM named '" + name + "'");
+  std::vector<SiteRow> sites;
+  if (!site.empty()) {
+    auto s = catalog_->Site(site);
+    if (!s) return NotFound("site " + site + " is not registered");
+    sites.push_back(*s);
+  } else {
+    sites = catalog_->Sites();
+  }
+  json repaired = json::array();
+  std::vector<std::string> still;
+  for (auto& s : sites) {
+    SiteClient client = Client(s);
+    for (const char* what : {"groups", "stores"}) {
+      auto st = client.Call("GET", fmt::format("/{}/{}", what, name));
+      if (!st.ok() || !st->is_object() || !st->contains("damage")) continue;
+      json body = json::object();
+      if (std::string(what) == "groups") {
+        body = {{"trim_image", trim_image}, {"reset_history", reset_history}};
+        if (Result<uint64_t> next = FirstSeqAfterStore(name, s.name); next.ok()) {
+          body["first_seq"] = *next;
+        } else {
+          still.push_back(next.status().message());
+          continue;
+        }
+      }
+      auto r = client.Call("POST", fmt::format("/{}/{}/repair", what, name), body);
+      if (r.ok()) {
+        repaired.push_back({{"site", s.name}, {"what", what}, {"result", *r}});
+      } else {
+        still.push_back(r.status().message());
+      }
+    }
+  }
+  if (!still.empty()) {
+    return Status(Code::kFailedPrecondition, fmt::format("{}", fmt::join(still, "; ")));
+  }
+  if (repaired.empty()) {
+    return InvalidArgument(fmt::format("nothing of VM {} is quarantined{}", name,
+                                       site.empty() ? "" : " at site " + site));
+  }
+  return json{{"vm", name}, {"repaired", repaired}};
 }
 
 Result<json> Vault::StopVm(const std::string& name, int timeout_ms) {
@@ -533,6 +617,7 @@ json Vault::ItemJson(const ItemRow& item) {
   }
   // Health and RPO from both sites.
   std::string health = "Normal";
+  std::vector<std::string> warnings;
   double rpo = 0;
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
@@ -558,9 +643,18 @@ json Vault::ItemJson(const ItemRow& item) {
     std::string last_error = rf.String("last_error", "");
     if (last > durable) {
       // The newest write at the recovery site is this old; newer ones are on their way.
-      rpo = durable_ns > 0 ? static_cast<double>(NowNs() - durable_ns) / 1e9 : 0;
+      // (Two hosts' wall clocks: one that stepped must not show a negative RPO.)
+      rpo = durable_ns > 0 ? std::max(0.0, static_cast<double>(NowNs() - durable_ns) / 1e9) : 0;
     }
-    if (!gf.ok() || !sf.ok() || !rf.ok()) {
+    const json* group_damage = gf.Object("damage");
+    const json* store_damage = sf.Object("damage");
+    if (group_damage != nullptr || store_damage != nullptr) {
+      health = group_damage != nullptr
+                   ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
+                   : QuarantineHealth(item.vm + "'s recovery store at " + item.target,
+                                      *store_damage);
+      rpo = 0;
+    } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
       // A site that answers in shapes the vault does not know is not a healthy one.
       const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
       health = "Critical: " + bad.message();
@@ -576,7 +670,17 @@ json Vault::ItemJson(const ItemRow& item) {
     }
     out["last_seq"] = last;
     out["durable_seq"] = durable;
+    if (gf.ok() && sf.ok() && !resyncing && !resync_required && !overflowed) {
+      if (auto w = PointOverdueWarning(item, points, durable); !w.empty()) warnings.push_back(w);
+    }
   }
+  {
+    std::lock_guard lock(clock_mu_);
+    if (clock_watch_.held()) warnings.push_back(clock_watch_.HealthWarning());
+  }
+  // The most severe first: the replication's own state, then these warnings.
+  if (health == "Normal" && !warnings.empty()) health = warnings.front();
+  if (!warnings.empty()) out["warnings"] = warnings;
   out["health"] = health;
   out["rpo_seconds"] = rpo;
   if (!item.drill.is_null()) out["drill"] = item.drill;
@@ -596,9 +700,36 @@ Result<json> Vault::ShowItem(const std::string& vm) {
 }
 
 Result<json> Vault::ListPoints(const std::string& vm) {
-  if (!catalog_->Item(vm)) return NotFound("VM " + vm + " is not protected");
+  auto item = catalog_->Item(vm);
+  if (!item) return NotFound("VM " + vm + " is not protected");
+  std::map<int64_t, std::string> in_use;
+  {
+    std::lock_guard lock(points_mu_);
+    in_use = PointsInUseLocked(*item);
+  }
   json out = json::array();
-  for (auto& p : catalog_->Points(vm)) out.push_back(PointJson(p));
+  for (auto& p : catalog_->Points(vm)) out.push_back(PointJsonFor(p, in_use));
+  return out;
+}
+
+json Vault::ClockStatus() {
+  std::lock_guard lock(clock_mu_);
+  json out = clock_watch_.StatusJson();
+  out["time"] = FormatTimeNs(clock_.WallNs());
+  return out;
+}
+
+Result<json> Vault::ConfirmClock(const std::string& who) {
+  std::lock_guard lock(clock_mu_);
+  bool was_held = clock_watch_.held();
+  std::string was = clock_watch_.HealthWarning();
+  clock_watch_.Confirm(clock_.WallNs(), clock_.MonoNs());
+  OSR_RETURN_IF_ERROR(catalog_->PutMeta("clock", clock_watch_.ToJson(boot_id_).dump()));
+  spdlog::info("vault: {} confirmed the clock at {}{}", who, FormatTimeNs(clock_.WallNs()),
+               was_held ? "; pruning resumes (was: " + was + ")" : "");
+  json out = clock_watch_.StatusJson();
+  out["time"] = FormatTimeNs(clock_.WallNs());
+  out["was_held"] = was_held;
   return out;
 }
 
@@ -1081,10 +1212,12 @@ Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spe
     return NotFound(
         fmt::format("VM {} has no recovery point {} (osr point list {})", item.vm, id, item.vm));
   }
-  if (auto t = ParseTime(spec)) {
+  if (LooksLikeTime(spec)) {
+    OSR_ASSIGN_OR_RETURN(int64_t t, ParseTimeNs(spec));
+    // The newest point (by seq) whose time is at or before t.
     const PointRow* best = nullptr;
     for (auto& pt : points) {
-      if (pt.time_ns <= *t) best = &pt;
+      if (pt.time_ns <= t) best = &pt;
     }
     if (best == nullptr) {
       return NotFound(fmt::format("VM {} has no recovery point at or before {}", item.vm, spec));
@@ -1234,6 +1367,12 @@ void Vault::RunJob(JobRow& job, JobCancel& cancel) {
       return fail(steps.Cancelled("no drill disk was opened; the item stays Protected"));
     }
     if (!p.ok()) return fail(p.status());
+    // Retention keeps the point from now on: until the item records the drill, by this
+    // pin; then because the drill stands on it.
+    std::optional<PointPin> pin;
+    if (Status pinned = PinPoint(job.vm, p->id, "test-failover", pin); !pinned.ok()) {
+      return fail(pinned);
+    }
     steps.Progress(30,
                    fmt::format("point {} (seq {}, {})", p->id, p->seq, FormatTimeNs(p->time_ns)));
     steps.Done(40);
@@ -1291,7 +1430,7 @@ void Vault::ReconcileReplication(const ItemRow& item) {
 
 void Vault::PointLoop() {
   constexpr int64_t kRpoSampleNs = 5'000'000'000;  // the chart's resolution
-  int64_t last_rpo_sample_ns = 0;
+  int64_t last_rpo_sample_mono_ns = INT64_MIN / 2;
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -1300,9 +1439,11 @@ void Vault::PointLoop() {
         return;
       }
     }
-    int64_t tick_ns = NowNs();
-    bool sample_rpo = tick_ns - last_rpo_sample_ns >= kRpoSampleNs;
-    if (sample_rpo) last_rpo_sample_ns = tick_ns;
+    ObserveClock();
+    int64_t mono_ns = clock_.MonoNs();
+    bool sample_rpo = mono_ns - last_rpo_sample_mono_ns >= kRpoSampleNs;
+    if (sample_rpo) last_rpo_sample_mono_ns = mono_ns;
+    int64_t tick_ns = clock_.WallNs();
     for (auto& item : catalog_->Items()) {
       // One item's trouble (a site answering nonsense, a bug) must not stop the points
       // and the RPO of the others.
@@ -1332,39 +1473,209 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
   auto dst = catalog_->Site(item.target);
   if (!policy || !dst) return;
   auto points = catalog_->Points(item.vm);
-  int64_t now = NowNs();
-  if (!points.empty() && now - points.back().time_ns < policy->crash_interval_s * 1000000000) {
+  if (!PointDue(item.vm, points, policy->crash_interval_s)) return;
+  auto st = Client(*dst).Call("GET", "/stores/" + item.vm);
+  if (!st.ok()) {  // no new point while the recovery site is away
+    NotePointTrouble(item.vm, st.status().message());
     return;
   }
-  auto st = Client(*dst).Call("GET", "/stores/" + item.vm);
-  if (!st.ok()) return;  // no new point while the recovery site is away
   json_in::Fields f(*st, "site " + dst->name + " store " + item.vm + ".");
   uint64_t durable = f.U64("durable_seq", 0);
   int64_t t = f.I64("durable_time_ns", 0);
   uint64_t base_seq = f.U64("base_seq", 0);
   if (!f.ok()) {
     spdlog::warn("vault: no point for {}: {}", item.vm, f.status().message());
+    NotePointTrouble(item.vm, f.status().message());
     return;
   }
-  if (!points.empty() && durable <= points.back().seq) return;  // nothing new
+  if (!points.empty() && durable <= points.back().seq) {  // nothing new: nothing to cover
+    std::lock_guard lock(points_mu_);
+    schedules_[item.vm].covered_mono_ns = clock_.MonoNs();
+    return;
+  }
   // Points pause while a resynchronization runs: no state there is consistent.
-  if (!StoreConsistentAt(*st, durable)) return;
-  if (auto added = catalog_->AddPoint({0, item.vm, durable, t ? t : now, "crash"}); !added.ok()) {
-    spdlog::error("vault: point of {} at seq {}: {}", item.vm, durable, added.status().ToString());
+  if (!StoreConsistentAt(*st, durable)) {
+    NotePointTrouble(item.vm, "the recovery site holds no consistent state (resynchronizing)");
     return;
   }
-  // Retention: drop what is older than the window — but only once a newer point exists,
-  // so points never all expire while no new points can be made. Then the store may
-  // forget the history before the oldest point left.
-  LogIfFailed(catalog_->DeletePoints(item.vm, now - policy->retention_s * 1000000000),
-              "retention of " + item.vm);
-  LogIfFailed(ThinPoints(catalog_.get(), item.vm, now), "thinning the points of " + item.vm);
+  // The point's time is when its newest write was captured (the source's clock).
+  PointRow p{0, item.vm, durable, t ? t : clock_.WallNs(), "crash"};
+  auto pruned = AddPointWithRetention(item.vm, *policy, p);
+  if (!pruned.ok()) {
+    spdlog::error("vault: point of {} at seq {}: {}", item.vm, durable, pruned.status().ToString());
+    NotePointTrouble(item.vm, pruned.status().message());
+    return;
+  }
+  // The store may forget the history before the oldest point left (none while a clock
+  // step holds pruning: the fold is what cannot be undone).
+  if (PruningHeld()) return;
   auto left = catalog_->Points(item.vm);
   if (!left.empty() && left.front().seq > base_seq) {
     auto fold =
         Client(*dst).Call("POST", "/stores/" + item.vm + "/fold", json{{"seq", left.front().seq}});
     LogIfFailed(fold.status(), "fold of " + item.vm);
   }
+}
+
+bool Vault::PointDue(const std::string& vm, const std::vector<PointRow>& points,
+                     int64_t interval_s) {
+  const int64_t interval_ns = interval_s * 1000000000;
+  const int64_t mono_ns = clock_.MonoNs();
+  std::lock_guard lock(points_mu_);
+  PointSchedule& s = schedules_[vm];
+  if (s.covered_mono_ns == 0) s.covered_mono_ns = mono_ns;  // first sight: a grace period
+  if (points.empty()) return true;
+  if (points.back().id != s.last_point_id) {
+    // A newer point (made here, by a job or on request) starts the interval again. At
+    // the first sight after a start, the wall clock says how old it is — clamped to
+    // [0, interval], so a stepped clock moves the next point by at most one interval.
+    int64_t age_ns = 0;
+    if (s.last_point_id == 0) {
+      age_ns = std::clamp<int64_t>(clock_.WallNs() - points.back().time_ns, 0, interval_ns);
+    }
+    s.last_point_id = points.back().id;
+    s.last_point_mono_ns = mono_ns - age_ns;
+  }
+  return mono_ns - s.last_point_mono_ns >= interval_ns;
+}
+
+void Vault::NotePointTrouble(const std::string& vm, const std::string& why) {
+  std::lock_guard lock(points_mu_);
+  schedules_[vm].last_error = why;
+}
+
+Result<bool> Vault::AddPointWithRetention(const std::string& vm, const PolicyRow& policy,
+                                          const PointRow& p) {
+  // Under points_mu_: a job pins its point under it too, and the item (its drill, its
+  // failover) is read fresh here, so a point is pinned, or recorded as in use, or seen
+  // deleted by the job — never deleted under a job that holds it.
+  std::lock_guard lock(points_mu_);
+  std::vector<int64_t> prune;
+  if (!PruningHeld()) {
+    auto item = catalog_->Item(vm);
+    if (!item) return NotFound("VM " + vm + " is no longer protected");
+    std::set<int64_t> keep;
+    for (auto& [id, use] : PointsInUseLocked(*item)) keep.insert(id);
+    auto points = catalog_->Points(vm);
+    points.push_back(p);  // the new point is the newest: never pruned
+    prune = PointsToPrune(points, keep, clock_.WallNs(), policy.retention_s * 1000000000);
+  }
+  OSR_ASSIGN_OR_RETURN(int64_t id, catalog_->AddPointAndPrune(p, prune));
+  PointSchedule& s = schedules_[vm];
+  s.last_point_id = id;
+  s.last_point_mono_ns = s.covered_mono_ns = clock_.MonoNs();
+  s.last_error.clear();
+  return !prune.empty();
+}
+
+std::string Vault::PointOverdueWarning(const ItemRow& item, const std::vector<PointRow>& points,
+                                       uint64_t durable_seq) {
+  // Room for a slow site call or a busy point thread beyond two intervals.
+  constexpr int64_t kSlackNs = 10'000'000'000;
+  if (points.empty() || durable_seq <= points.back().seq)
+    return "";  // nothing new, or no point yet
+  if (item.state != "Protected" && item.state != "TestFailoverCompleted") return "";
+  auto policy = catalog_->Policy(item.policy);
+  if (!policy) return "";
+  int64_t uncovered_ns = 0;
+  std::string last_error;
+  {
+    std::lock_guard lock(points_mu_);
+    auto it = schedules_.find(item.vm);
+    if (it == schedules_.end() || it->second.covered_mono_ns == 0) return "";
+    uncovered_ns = clock_.MonoNs() - it->second.covered_mono_ns;
+    last_error = it->second.last_error;
+  }
+  return PointOverdueText(uncovered_ns, durable_seq, points.back(), policy->crash_interval_s,
+                          kSlackNs, last_error);
+}
+
+void Vault::ObserveClock() {
+  std::lock_guard lock(clock_mu_);
+  auto change = clock_watch_.Observe(clock_.WallNs(), clock_.MonoNs());
+  switch (change) {
+    case ClockWatch::Change::kNone:
+      return;
+    case ClockWatch::Change::kStepped:
+      spdlog::warn("vault: {}", clock_watch_.HealthWarning());
+      break;
+    case ClockWatch::Change::kReturned:
+      spdlog::info(
+          "vault: the wall clock is back in step with the monotonic clock: pruning "
+          "of recovery points resumes");
+      break;
+    case ClockWatch::Change::kSettled:
+      spdlog::info(
+          "vault: the wall clock kept time since its last step: pruning of recovery "
+          "points resumes on the time it shows ({})",
+          FormatTimeNs(clock_.WallNs()));
+      break;
+    case ClockWatch::Change::kAnchored:
+    case ClockWatch::Change::kConfirmed:
+      break;
+  }
+  // The state is saved so that a restarted vault keeps its hold and its anchor.
+  LogIfFailed(catalog_->PutMeta("clock", clock_watch_.ToJson(boot_id_).dump()),
+              "saving the clock's state");
+}
+
+bool Vault::PruningHeld() {
+  std::lock_guard lock(clock_mu_);
+  return clock_watch_.held();
+}
+
+Status Vault::PinPoint(const std::string& vm, int64_t id, const std::string& use,
+                       std::optional<PointPin>& pin) {
+  std::lock_guard lock(points_mu_);
+  bool exists = false;
+  for (auto& p : catalog_->Points(vm)) exists = exists || p.id == id;
+  if (!exists) {
+    return NotFound(
+        fmt::format("recovery point {} of VM {} was deleted by retention as it was chosen; choose "
+                    "another (osr point list {})",
+                    id, vm, vm));
+  }
+  pins_[vm][id] = use;
+  pin.emplace(this, vm, id);
+  return Status::Ok();
+}
+
+Vault::PointPin::~PointPin() {
+  std::lock_guard lock(v_->points_mu_);
+  auto it = v_->pins_.find(vm_);
+  if (it == v_->pins_.end()) return;
+  it->second.erase(id_);
+  if (it->second.empty()) v_->pins_.erase(it);
+}
+
+std::map<int64_t, std::string> Vault::PointsInUseLocked(const ItemRow& item) {
+  std::map<int64_t, std::string> out;
+  // The item's JSON columns are read back through the checked layer (a row is input).
+  auto point_id = [](const json& holder) -> int64_t {
+    if (!holder.is_object()) return 0;
+    json_in::Fields f(holder);
+    const json* point = f.Object("point");
+    if (point == nullptr || !f.ok()) return 0;
+    json_in::Fields pf(*point);
+    int64_t id = pf.I64("id", 0);
+    return pf.ok() ? id : 0;
+  };
+  static const std::set<std::string> kFailedOverStates = {"FailingOver", "FailoverFailed",
+                                                          "FailedOver", "Committing"};
+  if (int64_t id = point_id(item.drill); id != 0) out[id] = "test-failover";
+  if (kFailedOverStates.count(item.state)) {
+    if (int64_t id = point_id(item.failover); id != 0) out[id] = "failover";
+  }
+  if (auto it = pins_.find(item.vm); it != pins_.end()) {
+    for (auto& [id, use] : it->second) out.emplace(id, use);
+  }
+  return out;
+}
+
+json Vault::PointJsonFor(const PointRow& p, const std::map<int64_t, std::string>& in_use) {
+  json out = PointJson(p);
+  if (auto it = in_use.find(p.id); it != in_use.end()) out["in_use"] = it->second;
+  return out;
 }
 
 }  // namespace osr::vault

@@ -12,10 +12,17 @@
 // (epoch, point, reprotect mode) is kept in the job's args; a job that was running when
 // the vault stopped is resumed when it starts again.
 //
+// Recovery points are scheduled on the monotonic clock and ordered by seq; their times
+// (wall clock, RFC 3339 in the API) are for people and for retention, which a step of the
+// vault's wall clock holds (vault/clock_watch.h) and which never deletes the newest point
+// or a point in use by a drill or an uncommitted failover (vault/retention.h).
+//
 // Thread model: HTTP handlers run on cpp-httplib's pool; jobs run on job_workers threads,
 // one job per VM at a time, each VM's in submission order; the point thread makes crash-consistent
 // points and applies retention. mu_ guards the job queue and the running jobs' cancellation
-// tokens; the catalog is thread-safe.
+// tokens; points_mu_ the point schedules and the points jobs have chosen (and is held while
+// retention decides and deletes); clock_mu_ the clock watch (taken after points_mu_ when
+// both are); the catalog is thread-safe.
 //
 // Cancelling (CancelJob, and Unprotect for the item's jobs): a queued job ends Cancelled at
 // once; a running one is asked through its JobCancel and stops at its next wait, its last
@@ -30,13 +37,17 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/socket.h"
 #include "common/tls.h"
 #include "vault/catalog.h"
+#include "vault/clock_watch.h"
 #include "vault/hooks.h"
 #include "vault/job_steps.h"
 #include "vault/vault_api.h"
@@ -55,10 +66,18 @@ struct VaultConfig {
   // How long cancel and unprotect wait for a running job to stop (it stops at its next
   // poll, ~100 ms, unless a site call is under way: those end within 30 s).
   int job_cancel_wait_ms_max = 35000;
-  bool jobs_paused = false;  // jobs wait for StartJobs() (quickstart registers sites first)
-  int job_workers = 4;       // jobs of different VMs run at the same time, this many
-  HookConfig hooks;          // what VMs' hooks may run here (--hooks, --allow-api-hooks)
+  bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
+  int job_workers = 4;           // jobs of different VMs run at the same time, this many
+  HookConfig hooks;              // what VMs' hooks may run here (--hooks, --allow-api-hooks)
+  // After a step of the wall clock, pruning resumes by itself once the clock has kept
+  // time for this long (vault/clock_watch.h).
+  int64_t clock_settle_ms = ClockWatch::kSettleNsDefault / 1000000;
+  Clock* clock = nullptr;  // the clock seam (tests); nullptr: the real clock
 };
+
+// The health line of a quarantined group or store (its site's "damage": kind, reason,
+// action), e.g. "Critical: r1's disks at primary are quarantined: ... . <action>".
+std::string QuarantineHealth(const std::string& what, const nlohmann::json& damage);
 
 class Vault {
  public:
@@ -85,6 +104,13 @@ class Vault {
                                   const nlohmann::json& spec = nlohmann::json::object());
   Result<nlohmann::json> StartVm(const std::string& name);
   Result<nlohmann::json> StopVm(const std::string& name, int timeout_ms);
+  // Opens a VM's quarantined disks (group) and recovery store again at `site` ("": every
+  // registered site), doing what the flags allow (site.h RepairOptions). Returns what was
+  // repaired per site; kInvalidArgument when nothing of the VM is quarantined,
+  // kFailedPrecondition (naming why) when something still is.
+  Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site,
+                                  bool trim_image, bool reset_history);
+  Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
   nlohmann::json ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);
   Result<nlohmann::json> Protect(const std::string& vm, const std::string& target,
@@ -109,6 +135,11 @@ class Vault {
   // site call keeps it longer). kNotFound: no such job; kAlreadyExists: it has ended
   // (its state in the message).
   Result<nlohmann::json> CancelJob(int64_t id);
+  // The clock watch's state: {held, step_seconds, stepped_at, settles_at, message}.
+  nlohmann::json ClockStatus();
+  // The operator says the vault's wall clock is right: pruning held by a clock step
+  // resumes. `who` is logged. An error only when the state cannot be saved (kIoError).
+  Result<nlohmann::json> ConfirmClock(const std::string& who);
 
  private:
   explicit Vault(VaultConfig cfg);
@@ -167,7 +198,47 @@ class Vault {
                                           const SiteRow& to);
   nlohmann::json ItemJson(const ItemRow& item);
 
+  // ---- points: schedule, retention, points in use (vault.cc) ----
+  // A job's hold on the point it chose, from choosing it until the item records it
+  // (drill, failover): made by PinPoint, released when it goes out of scope.
+  class PointPin {
+   public:
+    PointPin(Vault* v, std::string vm, int64_t id) : v_(v), vm_(std::move(vm)), id_(id) {}
+    PointPin(const PointPin&) = delete;
+    PointPin& operator=(const PointPin&) = delete;
+    ~PointPin();
+
+   private:
+    Vault* v_;  // borrowed: the vault outlives its jobs
+    std::string vm_;
+    int64_t id_;
+  };
+  // Pins point `id` of `vm` for `use` ("test-failover", "failover"): retention keeps it
+  // until `pin` (emplaced here) goes. kNotFound when retention deleted it before the pin
+  // (choose another point).
+  Status PinPoint(const std::string& vm, int64_t id, const std::string& use,
+                  std::optional<PointPin>& pin);
+  // id -> what uses it: the item's drill, its failover before commit, and jobs' pins.
+  std::map<int64_t, std::string> PointsInUseLocked(const ItemRow& item);  // points_mu_ held
+  nlohmann::json PointJsonFor(const PointRow& p, const std::map<int64_t, std::string>& in_use);
+  // Whether a crash point is due for `vm` (policy interval on the monotonic clock).
+  bool PointDue(const std::string& vm, const std::vector<PointRow>& points, int64_t interval_s);
+  // Adds a crash point and, unless a clock step holds pruning, deletes what retention
+  // lets go, in one catalog transaction. Returns whether anything was deleted.
+  Result<bool> AddPointWithRetention(const std::string& vm, const PolicyRow& policy,
+                                     const PointRow& p);
+  // Records why the point thread could not make a due point (for the health warning).
+  void NotePointTrouble(const std::string& vm, const std::string& why);
+  // The health warning when the recovery site holds data newer than the newest point for
+  // longer than the policy allows ("" otherwise).
+  std::string PointOverdueWarning(const ItemRow& item, const std::vector<PointRow>& points,
+                                  uint64_t durable_seq);
+  // One reading of the clocks (the point thread's tick); saves and logs a change.
+  void ObserveClock();
+  bool PruningHeld();
+
   const VaultConfig cfg_;
+  Clock& clock_;
   std::unique_ptr<Catalog> catalog_;
   std::unique_ptr<VaultApi> api_;
   std::vector<std::thread> job_threads_;
@@ -188,6 +259,21 @@ class Vault {
   bool stop_ = false;          // guarded by mu_
   bool jobs_started_ = false;  // guarded by mu_
   std::atomic<bool> stopping_{false};
+
+  struct PointSchedule {
+    int64_t last_point_id = 0;       // the newest point seen (0: none yet)
+    int64_t last_point_mono_ns = 0;  // when it was seen (monotonic)
+    // When the newest point last covered everything the recovery site held (monotonic).
+    int64_t covered_mono_ns = 0;
+    std::string last_error;  // why the last due point was not made
+  };
+  std::mutex points_mu_;
+  std::map<std::string, PointSchedule> schedules_;              // guarded by points_mu_
+  std::map<std::string, std::map<int64_t, std::string>> pins_;  // guarded by points_mu_
+
+  std::mutex clock_mu_;
+  ClockWatch clock_watch_;  // guarded by clock_mu_
+  std::string boot_id_;     // set before the point thread starts
 };
 
 // Whether a recovery store's status (GET /stores/{vm}) says the store holds a consistent

@@ -202,6 +202,7 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"GET", R"(/api/v1/vms/([^/]+))", R, &VaultApi::ShowVm},
       {"POST", R"(/api/v1/vms/([^/]+)/start)", O, &VaultApi::StartVm},
       {"POST", R"(/api/v1/vms/([^/]+)/stop)", O, &VaultApi::StopVm},
+      {"POST", R"(/api/v1/vms/([^/]+)/repair)", A, &VaultApi::RepairVm},
       {"POST", R"(/api/v1/vms/([^/]+)/protect)", A, &VaultApi::Protect},
       {"GET", "/api/v1/items", R, &VaultApi::ListItems},
       {"GET", R"(/api/v1/items/([^/]+))", R, &VaultApi::ShowItem},
@@ -215,6 +216,8 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"POST", R"(/api/v1/items/([^/]+)/change-point)", O, &VaultApi::ChangePoint},
       {"POST", R"(/api/v1/items/([^/]+)/commit)", O, &VaultApi::Commit},
       {"POST", R"(/api/v1/items/([^/]+)/reprotect)", O, &VaultApi::Reprotect},
+      {"GET", "/api/v1/clock", R, &VaultApi::ShowClock},
+      {"POST", "/api/v1/clock/confirm", O, &VaultApi::ConfirmClock},
       {"GET", "/api/v1/jobs", R, &VaultApi::ListJobs},
       {"GET", R"(/api/v1/jobs/([^/]+))", R, &VaultApi::ShowJob},
       {"POST", R"(/api/v1/jobs/([^/]+)/cancel)", O, &VaultApi::CancelJob},
@@ -721,6 +724,17 @@ Result<VaultApi::Reply> VaultApi::StopVm(Call& c) {
   return Reply{200, out};
 }
 
+Result<VaultApi::Reply> VaultApi::RepairVm(Call& c) {
+  json_in::Fields f(c.body);
+  std::string site = f.String("site", "");
+  bool trim_image = f.Bool("trim_image", false);
+  bool reset_history = f.Bool("reset_history", false);
+  if (!f.ok()) return f.status();
+  if (!site.empty() && !ValidName(site)) return InvalidArgument("'" + site + "' is not a site name");
+  OSR_ASSIGN_OR_RETURN(json out, vault_->RepairVm(c.Match(1), site, trim_image, reset_history));
+  return Reply{200, out};
+}
+
 Result<VaultApi::Reply> VaultApi::Protect(Call& c) {
   json_in::Fields f(c.body);
   std::string target = f.String("target");
@@ -818,6 +832,15 @@ Result<VaultApi::Reply> VaultApi::Reprotect(Call& c) {
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->Reprotect(c.Match(1), compare));
   return Reply{202, out};
+}
+
+Result<VaultApi::Reply> VaultApi::ShowClock(Call&) {
+  return Reply{200, vault_->ClockStatus()};
+}
+
+Result<VaultApi::Reply> VaultApi::ConfirmClock(Call& c) {
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ConfirmClock(c.who->name));
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::ListJobs(Call& c) {

@@ -128,6 +128,7 @@ class VaultApi {
   Result<Reply> ShowVm(Call& c);
   Result<Reply> StartVm(Call& c);
   Result<Reply> StopVm(Call& c);
+  Result<Reply> RepairVm(Call& c);
   Result<Reply> Protect(Call& c);
   Result<Reply> ListItems(Call& c);
   Result<Reply> ShowItem(Call& c);
@@ -141,6 +142,8 @@ class VaultApi {
   Result<Reply> ChangePoint(Call& c);
   Result<Reply> Commit(Call& c);
   Result<Reply> Reprotect(Call& c);
+  Result<Reply> ShowClock(Call& c);
+  Result<Reply> ConfirmClock(Call& c);
   Result<Reply> ListJobs(Call& c);
   Result<Reply> ShowJob(Call& c);
   Result<Reply> CancelJob(Call& c);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <optional>
 #include <thread>
 
 #include "common/json_in.h"
@@ -240,6 +241,9 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   };
 
   PointRow point;
+  // Retention keeps the chosen point while the job runs (and the item's failover names
+  // it after that).
+  std::optional<PointPin> pin;
   if (job.args.contains("point_seq")) {
     point.id = job.args["point"].value("id", int64_t{0});
     point.seq = job.args["point_seq"].get<uint64_t>();
@@ -283,6 +287,9 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
     }
     if (!p.ok()) return fail(p.status(), before);
     point = *p;
+    if (Status pinned = PinPoint(job.vm, point.id, "failover", pin); !pinned.ok()) {
+      return fail(pinned, before);
+    }
     steps.Progress(30, fmt::format("point {} (seq {}, {}, {})", point.id, point.seq, point.type,
                                    FormatTimeNs(point.time_ns)));
     steps.Done(30);
@@ -514,6 +521,23 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   } else {
     auto g = Client(*old).Call("GET", "/groups/" + job.vm);
     if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
+    if (g.ok() && g->is_object() && g->contains("damage")) {
+      // Quarantined at the old primary. Missing disks are no disks: a full copy, as when
+      // they were deleted through the API. Anything else waits for the operator.
+      json_in::Fields df((*g)["damage"]);
+      std::string kind = df.String("kind", "");
+      if (kind != "image_missing") {
+        return back(Status(Code::kFailedPrecondition,
+                           QuarantineHealth(job.vm + "'s disks at " + item.source, (*g)["damage"])
+                               .substr(std::string("Critical: ").size())));
+      }
+      steps.Progress(6, fmt::format("{}: its disks are missing ({}): they are deleted there and "
+                                    "copied in full",
+                                    item.source, df.String("reason", "")));
+      auto d = Client(*old).Call("DELETE", "/groups/" + job.vm);
+      if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
+      g = NotFound("deleted");
+    }
     if (!g.ok()) {
       mode = "full";
       job.args["mode"] = mode;

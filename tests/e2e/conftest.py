@@ -24,6 +24,7 @@ bytes) live in tests/lib/osrtest.py; this file re-exports what the tests use.
 import calendar
 import contextlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -57,10 +58,16 @@ class Quickstart(OsrdProcess):
     label = "quickstart"
     ready_timeout = 15
 
-    def __init__(self, data_dir, port, log_path):
+    def __init__(self, data_dir, port, log_path, extra_env=None):
         super().__init__(log_path)
         self.data_dir = Path(data_dir)
         self.port = port
+        self.extra_env = extra_env
+
+    def osrd_env(self):
+        if not self.extra_env:
+            return None
+        return {**os.environ, **self.extra_env}
 
     @property
     def vault_url(self):
@@ -159,12 +166,47 @@ def rng(seed):
     return random.Random(seed)
 
 
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+class FakeTime:
+    """The wall clock of a quickstart run under libfaketime (Debian's libfaketime): the
+    daemon reads its offset from a file at most once a second
+    (FAKETIME_CACHE_DURATION=1); the monotonic clock is left alone
+    (FAKETIME_DONT_FAKE_MONOTONIC=1). step(seconds) moves the wall clock as NTP or
+    `date -s` would; the host's clock is never touched."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.offset_s = 0
+        self._write()
+
+    def _write(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(f"{self.offset_s:+d}\n")
+        os.replace(tmp, self.path)
+
+    def step(self, seconds):
+        self.offset_s += seconds
+        self._write()
+
+    def env(self):
+        if not FAKETIME_LIB.exists():
+            pytest.fail(f"{FAKETIME_LIB} is missing (Debian package libfaketime; "
+                        "scripts/bootstrap installs it)", pytrace=False)
+        return {"LD_PRELOAD": str(FAKETIME_LIB),
+                "FAKETIME_TIMESTAMP_FILE": str(self.path),
+                "FAKETIME_CACHE_DURATION": "1",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
 class Env:
     """What a test gets: the quickstart, the CLI, and the NBD handles to close."""
 
-    def __init__(self, qs, osr):
+    def __init__(self, qs, osr, clock=None):
         self.qs = qs
         self.osr = osr
+        self.clock = clock  # a FakeTime when the test is marked faketime
         self.closers = []
 
     def track(self, obj):
@@ -181,6 +223,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "deadline(seconds): the watchdog deadline of one test (default "
         f"TEST_DEADLINE_S = {TEST_DEADLINE_S})")
+    config.addinivalue_line(
+        "markers", "faketime: the quickstart runs under libfaketime; env.clock steps its "
+        "wall clock")
 
 
 @pytest.fixture
@@ -193,9 +238,13 @@ def env(tmp_path, request):
     marker = request.node.get_closest_marker("deadline")
     deadline_s = marker.args[0] if marker is not None else TEST_DEADLINE_S
     require_libnbd()
-    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr")
+    clock = None
+    if request.node.get_closest_marker("faketime") is not None:
+        clock = FakeTime(tmp_path / "faketime.rc")
+    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr",
+                    extra_env=clock.env() if clock else None)
     qs.start()
-    e = Env(qs, Osr(qs))
+    e = Env(qs, Osr(qs), clock)
     expired = threading.Event()
 
     def watchdog():

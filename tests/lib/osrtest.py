@@ -145,6 +145,10 @@ class OsrdProcess:
     def check_ready(self):
         return None
 
+    def osrd_env(self):
+        """The environment of osrd (None: the test's own)."""
+        return None
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self):
@@ -158,7 +162,7 @@ class OsrdProcess:
         cmd = [str(binary), *[str(a) for a in self.osrd_args()]]
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=self._log)
+                                         stderr=self._log, env=self.osrd_env())
         except OSError as e:
             self._log.close()
             pytest.fail(f"cannot run {binary}: {e} (is it being rebuilt? set OSRD)",

@@ -81,7 +81,7 @@ const kRanges = [
   ['all', 'All', Infinity],
 ];
 
-// points: [{id, time, seq, type}] oldest first. Crash points are blue dots, app points
+// points: [{id, time, seq, type, in_use?}] oldest first. Crash points are blue dots, app points
 // green diamonds; a click selects one. Points too close to tell apart are stacked.
 export function PointTimeline({ points, selectedId, onSelect, markId, markLabel, now = Date.now() }) {
   const [chosen, setChosen] = useState(null);
@@ -146,7 +146,7 @@ export function PointTimeline({ points, selectedId, onSelect, markId, markLabel,
         ({ p, left, lane }) => html`<button
           class=${'point-mk mk-' + p.type + (p.id === selectedId ? ' selected' : '') + (p.id === markId ? ' marked' : '')}
           style=${{ left: `calc(${left}% - 7px)`, top: 4 + lane * 22 + 'px' }}
-          title=${`Point ${p.id}: ${p.type === 'app' ? 'app-consistent' : 'crash-consistent'}, ${fmtTime(p.time)} (seq ${p.seq})`}
+          title=${`Point ${p.id}: ${p.type === 'app' ? 'app-consistent' : 'crash-consistent'}, ${fmtTime(p.time)} (seq ${p.seq})${p.in_use ? `, in use (${p.in_use})` : ''}`}
           aria-label=${`Point ${p.id}, ${p.type}, ${fmtTime(p.time)}`}
           aria-pressed=${p.id === selectedId}
           data-testid="point"

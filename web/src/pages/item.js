@@ -63,7 +63,7 @@ function SelectedPoint({ name, state, point, current }) {
   if (!point) return html`<p class="small muted">Click a point to select it.</p>`;
   const allowed = actionsFor(state);
   return html`<div class="selected-point" data-testid="selected-point" data-point-id=${point.id}>
-    <span>Selected: <strong>${pointLabel(point)}</strong>, seq ${point.seq}${current && current.id === point.id ? ' (the current point)' : ''}</span>
+    <span>Selected: <strong>${pointLabel(point)}</strong>, seq ${point.seq}${current && current.id === point.id ? ' (the current point)' : ''}${point.in_use ? ` — in use (${point.in_use}): kept until released` : ''}</span>
     ${allowed.includes('test-failover')
       ? html`<button class="small-btn" data-testid="point-test-failover" onClick=${() => open('test-failover', name, { pointId: point.id })}>Test failover to this point</button>`
       : null}

@@ -1,0 +1,140 @@
+"""Issue 10, case 9: a fence the old primary puts on itself survives restarts.
+
+An unplanned failover with the primary down and no vault to tell it: the restarted
+primary learns from the recovery site that it failed over (stale_epoch) and fences its
+disks by itself. That fence must be durable before the first write is refused, hold
+across a restart that cannot reach the recovery site or a vault, show in the site's API
+(`fenced_epoch`), and stop the VM the primary runs on those disks.
+"""
+
+import os
+import signal
+
+import pytest
+
+from conftest import (MIB, SiteProcess, api, api_ok, group_status, protect, require_libnbd,
+                      wait_durable, wait_for, write_config)
+import osrtest
+
+VM = "vm1"
+SIZE = 8 * MIB
+
+
+def connect(uri):
+    return osrtest.connect(uri, "pytest-self-fence")
+
+
+def write_refused(uri):
+    """Whether a write to the disk at uri is refused with EPERM (a fenced disk)."""
+    import nbd
+    h = connect(uri)
+    try:
+        h.pwrite(b"\x55" * 4096, 0)
+        h.flush()
+        return False
+    except nbd.Error as e:
+        assert e.errno == 1 or "EPERM" in str(e) or "not permitted" in str(e), e
+        return True
+    finally:
+        osrtest.close_handle(h)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_self_fence_is_durable_and_stops_the_vm(tmp_path):
+    require_libnbd()
+    pconfig, pdata = write_config(tmp_path, "primary", "allow_api_commands = true\n")
+    rconfig, rdata = write_config(tmp_path, "recovery")
+    primary = SiteProcess("primary", pconfig, pdata, tmp_path / "primary.stderr")
+    recovery = SiteProcess("recovery", rconfig, rdata, tmp_path / "recovery.stderr")
+    vm_pid = None
+    try:
+        recovery.start()
+        primary.start()
+        group = protect(primary, recovery, VM, [("d", SIZE)])
+        h = connect(group["disks"][0]["uri"])
+        for i in range(5):
+            h.pwrite(bytes([i + 1]) * 65536, i * 65536)
+        h.flush()
+        osrtest.close_handle(h)
+        wait_durable(recovery, VM, 5, primary=primary)
+        api_ok(primary, "POST", f"/groups/{VM}/vm/start",
+               {"driver": "process", "command": "exec sleep 600"}, status=204)
+        vm_pid = group_status(primary, VM)["vm"]["pid"]
+        assert vm_pid > 0 and alive(vm_pid)
+
+        # The primary dies; the recovery site fails the VM over (epoch 2) with no vault
+        # left to fence the primary.
+        primary.kill9()
+        assert alive(vm_pid), "the VM should outlive its site daemon"
+        api_ok(recovery, "POST", f"/groups/{VM}/failover", {"seq": 5, "epoch": 2}, status=201)
+
+        # The primary comes back: the recovery site refuses its epoch, it fences itself,
+        # records it, and stops the VM it still runs on those disks.
+        primary.start()
+        wait_for(lambda: group_status(primary, VM)["fenced_epoch"] == 2, 30,
+                 "the primary to record its own fence",
+                 detail=lambda: group_status(primary, VM))
+        uri = group_status(primary, VM)["disks"][0]["uri"]
+        assert write_refused(uri), "a write to the self-fenced disk was taken"
+        wait_for(lambda: not alive(vm_pid), 30, "the VM on the fenced disks to stop")
+        assert group_status(primary, VM)["vm"]["running"] is False
+
+        # Restarted again, with neither the recovery site nor a vault to ask: still fenced.
+        recovery.stop()
+        primary.kill9()
+        primary.start()
+        g = group_status(primary, VM)
+        assert g["fenced_epoch"] == 2 and g["capture_fenced_epoch"] == 2, g
+        assert write_refused(g["disks"][0]["uri"]), "the fence did not survive the restart"
+        # And the VM does not start on fenced disks.
+        got, doc = api(primary, "POST", f"/groups/{VM}/vm/start",
+                       {"driver": "process", "command": "exec sleep 600"})
+        assert got >= 400, (got, doc)
+    finally:
+        if vm_pid is not None and alive(vm_pid):
+            os.kill(vm_pid, signal.SIGKILL)
+        for s in (primary, recovery):
+            if s.proc is not None and s.proc.poll() is None:
+                s.stop()
+
+
+@pytest.mark.parametrize("text", ["garbage", '{"version": 1}'])
+def test_damaged_fence_record_quarantines_only_that_vm(tmp_path, text):
+    """A fence record that is not one: that VM is quarantined (its disks are not served:
+    neither 'fenced' nor 'not fenced' can be assumed); the site starts and serves others."""
+    require_libnbd()
+    config, data = write_config(tmp_path, "primary")
+    site = SiteProcess("primary", config, data, tmp_path / "primary.stderr")
+    try:
+        site.start()
+        for vm in ("a", "b"):
+            api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
+                   status=201)
+        api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+        site.stop()
+        (data / "groups" / "a" / "capture" / "fence").write_text(text)
+        site.start()
+        a = group_status(site, "a")
+        assert a["damage"]["kind"] == "capture_history", a
+        assert "fence" in a["damage"]["reason"], a
+        assert a["fenced_epoch"] == 2, a
+        b = group_status(site, "b")
+        assert "damage" not in b and b["fenced_epoch"] == 0, b
+        h = connect(b["disks"][0]["uri"])
+        h.pwrite(b"\x01" * 512, 0)
+        h.flush()
+        osrtest.close_handle(h)
+        listed = api_ok(site, "GET", "/site")["quarantined"]
+        assert [q.get("group") for q in listed] == ["a"], listed
+    finally:
+        if site.proc is not None and site.proc.poll() is None:
+            site.stop()
