@@ -518,8 +518,16 @@ TEST(ReconnectDelayTest, RefusalsBackOffFurtherThanAbsences) {
   EXPECT_EQ(refused, 60000);
   EXPECT_EQ(steps[0], 100);
   for (size_t i = 1; i < steps.size(); ++i) EXPECT_GE(steps[i], steps[i - 1]);
-  // A session that worked starts over.
+  // A session that made progress starts over.
   EXPECT_EQ(ReconnectDelayMs(60000, true, true, o), 50);
+  // What waits for someone, and what passes by itself (a full disk freed: main's ENOSPC
+  // case keeps its 5 s bound).
+  EXPECT_TRUE(WaitsForSomeone(ErrorCode::kEpochAhead));
+  EXPECT_TRUE(WaitsForSomeone(ErrorCode::kNotAuthorized));
+  EXPECT_TRUE(WaitsForSomeone(ErrorCode::kBadDisks));
+  EXPECT_FALSE(WaitsForSomeone(ErrorCode::kNoSpace));
+  EXPECT_FALSE(WaitsForSomeone(ErrorCode::kUnknownGroup));
+  EXPECT_FALSE(WaitsForSomeone(ErrorCode::kCorruptFrame));
 }
 
 // A failover during a session (the vault raised the store's epoch): the next RECORDS

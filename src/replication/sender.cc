@@ -31,8 +31,21 @@ size_t FrameBytesAt(uint64_t rate_bytes_per_s, size_t frame_bytes_max) {
 
 }  // namespace
 
-int ReconnectDelayMs(int delay_ms, bool was_connected, bool refused, const SenderOptions& o) {
-  if (was_connected) return o.reconnect_delay_ms_min;
+bool WaitsForSomeone(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kBadFrame:
+    case ErrorCode::kUnsupportedVersion:
+    case ErrorCode::kBadDisks:
+    case ErrorCode::kEpochAhead:
+    case ErrorCode::kNotAuthorized:
+      return true;
+    default:  // passes by itself (a cut, a store that is not there yet, a full disk freed)
+      return false;
+  }
+}
+
+int ReconnectDelayMs(int delay_ms, bool progressed, bool refused, const SenderOptions& o) {
+  if (progressed) return o.reconnect_delay_ms_min;
   int max = refused ? o.refused_delay_ms_max : o.reconnect_delay_ms_max;
   return std::min(std::max(delay_ms, o.reconnect_delay_ms_min) * 2, std::max(max, 1));
 }
@@ -76,13 +89,18 @@ bool Sender::WaitAcked(uint64_t seq, int timeout_ms) {
 }
 
 void Sender::Run() {
-  int delay = opts_.reconnect_delay_ms_min;
+  int delay = 0;         // none yet
   std::string logged;    // the last failure logged, and when: a repeat is logged once per
   int logged_delay = 0;  // backoff step or once a minute
   auto logged_at = std::chrono::steady_clock::now();
   while (!stop_) {
     // The connection thread's entry point: whatever escapes a session is reported and
     // the sender reconnects; the daemon goes on.
+    uint64_t progress_before;
+    {
+      std::lock_guard lock(mu_);
+      progress_before = progress_;
+    }
     Status st;
     try {
       st = Session();
@@ -92,16 +110,21 @@ void Sender::Run() {
       st = Internal("replication session failed: unknown exception");
     }
     if (stop_) break;
-    bool was_connected;
+    bool progressed;
     std::optional<ErrorCode> code;
+    std::string message;
     {
       std::lock_guard lock(mu_);
-      was_connected = stats_.connected;
+      // A session that connected but had everything refused (a full file system at the
+      // recovery site) counts as a failure: the backoff grows.
+      progressed = progress_ != progress_before;
       code = session_code_;
       stats_.connected = false;
-      stats_.last_error = st.ToString();
+      stats_.last_error = session_refusal_ ? session_refusal_->ToString() : st.ToString();
+      session_refusal_.reset();
       stats_.last_error_code = code ? std::string(ErrorCodeName(*code)) : std::string();
       session_code_.reset();
+      message = stats_.last_error;
     }
     if (code == ErrorCode::kStaleEpoch) {
       // The item failed over elsewhere: no reconnect can succeed at this epoch. Stopped
@@ -111,20 +134,21 @@ void Sender::Run() {
       stats_.last_error = fmt::format(
           "{}; stopped: the recovery site refuses epoch {} as stale (the item failed over); "
           "replication starts again only when the vault restarts it at a new epoch",
-          st.ToString(), opts_.epoch);
+          message, opts_.epoch);
       spdlog::warn("replication sender '{}': {}", opts_.group, stats_.last_error);
       cv_.wait(lock, [&] { return stop_.load(); });
       break;
     }
+    // Back off while the other side keeps failing (longer while it refuses what only the
+    // vault or an operator can change); start over after a session that made progress.
+    delay = delay == 0 ? opts_.reconnect_delay_ms_min
+                       : ReconnectDelayMs(delay, progressed, code && WaitsForSomeone(*code), opts_);
     {
       std::lock_guard lock(mu_);
       ++stats_.reconnects;
+      stats_.reconnect_delay_ms = static_cast<uint64_t>(delay);
     }
-    // Back off while the other side keeps failing (a refusal longer than a connection
-    // failure); start over after a working session.
-    delay = ReconnectDelayMs(delay, was_connected, code.has_value(), opts_);
     auto now = std::chrono::steady_clock::now();
-    std::string message = st.ToString();
     if (message != logged || delay != logged_delay || now - logged_at >= std::chrono::minutes(1)) {
       spdlog::info("replication sender '{}': {}; reconnecting in {} ms", opts_.group, message,
                    delay);
@@ -173,6 +197,7 @@ Status Sender::ReadAcks(Stream* s) {
       case FrameType::kAck: {
         OSR_ASSIGN_OR_RETURN(uint64_t durable, DecodeU64(f.payload));
         std::lock_guard lock(mu_);
+        if (durable > stats_.acked_seq) ++progress_;
         stats_.acked_seq = std::max(stats_.acked_seq, durable);
         while (!in_flight_.empty() && in_flight_.front().last_seq <= durable) {
           in_flight_bytes_ -= in_flight_.front().bytes;
@@ -197,6 +222,7 @@ Status Sender::ReadAcks(Stream* s) {
           pending_resync_.reset();
           stats_.resyncing = false;
           ++stats_.resyncs_completed;
+          ++progress_;
           spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
         }
         break;
@@ -223,7 +249,10 @@ Status Sender::Refused(const PeerError& e) {
   Code code = e.code == ErrorCode::kStaleEpoch || e.code == ErrorCode::kNotAuthorized
                   ? Code::kPermissionDenied
                   : Code::kUnavailable;
-  return Status(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  Status st(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  std::lock_guard lock(mu_);
+  session_refusal_ = st;
+  return st;
 }
 
 Status Sender::Refuse(Stream& s, ErrorCode code, Status st) {

@@ -8,8 +8,9 @@
 // the CA and name the target site (when the vault gave its name). A refusal comes back
 // as an ERROR frame with a typed code (messages.h): on kStaleEpoch the sender fences its
 // disks (on_stale_epoch) and stops — no reconnect can succeed at its epoch; the vault
-// starts a new Sender at a new epoch. Any other refusal (kEpochAhead, ...) is retried
-// with a backoff up to refused_delay_ms_max; a failure to connect up to
+// starts a new Sender at a new epoch. A refusal only the vault or an operator can end
+// (WaitsForSomeone: kEpochAhead, kNotAuthorized, kBadDisks, ...) is retried with a backoff
+// up to refused_delay_ms_max; anything else (a cut, an absent site, a full disk) up to
 // reconnect_delay_ms_max. A repeated identical failure is logged once per backoff step
 // or once a minute. Without TLS it connects only to loopback addresses unless
 // plaintext_beyond_loopback.
@@ -57,8 +58,8 @@ struct SenderOptions {
   size_t frame_bytes_max = 4 << 20;    // records per RECORDS frame
   size_t window_bytes_max = 32 << 20;  // sent but not acknowledged
   int reconnect_delay_ms_min = 50;
-  int reconnect_delay_ms_max = 5000;  // after a failure to connect (the site is away)
-  int refused_delay_ms_max = 60000;   // after the receiver refused (an ERROR frame)
+  int reconnect_delay_ms_max = 5000;  // after a failure that passes by itself
+  int refused_delay_ms_max = 60000;   // after a refusal that waits for someone
   int idle_poll_ms = 2;               // how often to look for new records when idle
   std::shared_ptr<TlsContext> tls;    // client side; nullptr: plain TCP
   bool compress = true;               // LZ4 when the receiver agrees and it pays
@@ -73,10 +74,14 @@ struct SenderOptions {
   uint64_t bandwidth_bytes_per_second = 0;  // on the wire; 0: no limit
 };
 
+// Whether a refusal with this code needs the vault or an operator to change something
+// (not_authorized, bad_disks, unsupported_version, epoch_ahead, bad_frame): then the
+// sender backs off to refused_delay_ms_max instead of reconnect_delay_ms_max.
+bool WaitsForSomeone(ErrorCode code);
 // The wait before the next connection after one that ended: back to the minimum after a
-// session that worked, else doubled up to reconnect_delay_ms_max, or refused_delay_ms_max
-// when the receiver refused (`refused`).
-int ReconnectDelayMs(int delay_ms, bool was_connected, bool refused, const SenderOptions& o);
+// session that made progress, else doubled up to reconnect_delay_ms_max, or
+// refused_delay_ms_max when `refused` (WaitsForSomeone).
+int ReconnectDelayMs(int delay_ms, bool progressed, bool refused, const SenderOptions& o);
 
 class Sender {
  public:
@@ -90,6 +95,11 @@ class Sender {
     // The receiver refused this sender's epoch as stale (the item failed over): it stopped
     // and does not reconnect (last_error says so).
     bool stopped = false;
+    // The wait before the next reconnect: reconnect_delay_ms_min after a session that made
+    // progress (an ACK that moved acked_seq, a committed resync), else doubled up to
+    // reconnect_delay_ms_max — a receiver that keeps refusing (a full file system) is
+    // asked at most every reconnect_delay_ms_max, not in a tight loop.
+    uint64_t reconnect_delay_ms = 0;
     bool resync_required = false;  // the receiver needs records the log no longer has
     bool resyncing = false;        // regions are being copied
     uint64_t resync_bytes_total = 0;
@@ -168,6 +178,10 @@ class Sender {
   Stream* stream_ = nullptr;                     // guarded by mu_
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
   std::optional<ErrorCode> session_code_;        // guarded by mu_: how the session ended
+  uint64_t progress_ = 0;  // guarded by mu_: ACKs that moved acked_seq, resyncs committed
+  // guarded by mu_: the receiver's refusal that ended the session (its ERROR's words),
+  // reported rather than what the connection thread then met (a write to a closed socket)
+  std::optional<Status> session_refusal_;
 };
 
 }  // namespace osr::replication

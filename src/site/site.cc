@@ -1219,6 +1219,26 @@ Status Site::StopReplication(const std::string& vm) {
   return SaveLocked();
 }
 
+namespace {
+
+// The file system under `dir`: {"free_bytes", "total_bytes"}, or null when statvfs fails.
+json SpaceJson(const std::string& dir) {
+  auto space = FileSystemSpace(dir);
+  if (!space.ok()) return nullptr;
+  return {{"free_bytes", space->free_bytes}, {"total_bytes", space->total_bytes}};
+}
+
+json WriteFailureJson(const store::RecoveryStore::WriteFailure& f) {
+  return {{"what", f.what},
+          {"code", f.status.code() == Code::kNoSpace ? "no_space" : "io_error"},
+          {"message", f.status.message()},
+          {"bytes_needed", f.bytes_needed},
+          {"since_ns", f.since_ns},
+          {"count", f.count}};
+}
+
+}  // namespace
+
 Result<json> Site::GroupStatus(const std::string& vm) {
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
@@ -1254,6 +1274,14 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"total_bytes", g.materialise_total},
                           {"error", g.materialise_error}};
   }
+  if (Status we = g.capture->log().write_error(); !we.ok()) {
+    // The capture log dropped records (a full file system): the bitmap keeps their regions.
+    out["capture_write_error"] = {{"code", we.code() == Code::kNoSpace ? "no_space" : "io_error"},
+                                  {"message", we.message()}};
+    if (json space = SpaceJson(g.capture->log().dir()); !space.is_null()) {
+      out["capture_write_error"]["space"] = space;
+    }
+  }
   bool running = VmRunningLocked(g);
   out["vm"] = {{"running", running},
                {"driver", g.vm_spec.is_object() ? g.vm_spec.value("driver", "none") : "none"},
@@ -1269,6 +1297,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"wire_bytes_sent", st.wire_bytes_sent},
                           {"reconnects", st.reconnects},
                           {"stopped", st.stopped},
+                          {"reconnect_delay_ms", st.reconnect_delay_ms},
                           {"resync_required", st.resync_required},
                           {"resyncing", st.resyncing},
                           {"resync_bytes_total", st.resync_bytes_total},
@@ -1358,17 +1387,20 @@ Result<json> Site::StoreStatus(const std::string& vm) {
   auto& s = *it->second;
   json disks = json::array();
   for (auto& d : s.disks()) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  return json{{"name", vm},
-              {"disks", disks},
-              {"durable_seq", s.durable_seq()},
-              {"durable_time_ns", s.durable_time_ns()},
-              {"resyncing", s.resyncing()},
-              {"consistent_from", s.consistent_from()},
-              {"initial_sync", s.initial_sync_pending()},
-              {"differential", s.differential()},
-              {"epoch", s.epoch()},
-              {"source", s.source()},
-              {"base_seq", s.base_seq()}};
+  json out{{"name", vm},
+           {"disks", disks},
+           {"durable_seq", s.durable_seq()},
+           {"durable_time_ns", s.durable_time_ns()},
+           {"resyncing", s.resyncing()},
+           {"consistent_from", s.consistent_from()},
+           {"initial_sync", s.initial_sync_pending()},
+           {"differential", s.differential()},
+           {"epoch", s.epoch()},
+           {"source", s.source()},
+           {"base_seq", s.base_seq()}};
+  if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
+  if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
+  return out;
 }
 
 Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) {

@@ -591,6 +591,69 @@ Result<json> Vault::StopVm(const std::string& name, int timeout_ms) {
   return out;
 }
 
+namespace {
+
+// " (1.2 MiB free of 24 MiB)" from a site's {"free_bytes", "total_bytes"}; "" without.
+std::string SpaceText(const json* space, const std::string& what) {
+  if (space == nullptr) return "";
+  json_in::Fields f(*space, what + ".space.");
+  uint64_t free_bytes = f.U64("free_bytes", 0);
+  uint64_t total_bytes = f.U64("total_bytes", 0);
+  if (!f.ok() || total_bytes == 0) return "";
+  return fmt::format("{} free of {}", FormatSize(free_bytes), FormatSize(total_bytes));
+}
+
+// The health of a recovery store that could not write what it was sent ("" when it
+// could): its `write_error` (GET /stores/{vm}), with the file system's space.
+std::string StoreWriteHealth(const json& store, const ItemRow& item) {
+  json_in::Fields sf(store, "site " + item.target + " store " + item.vm + ".");
+  const json* err = sf.Object("write_error");
+  if (err == nullptr || !sf.ok()) return "";
+  json_in::Fields ef(*err, "site " + item.target + " store " + item.vm + ".write_error.");
+  std::string code = ef.String("code", "io_error");
+  std::string what = ef.String("what", "write");
+  std::string message = ef.String("message", "");
+  uint64_t needed = ef.U64("bytes_needed", 0);
+  uint64_t count = ef.U64("count", 0);
+  int64_t since_ns = ef.I64("since_ns", 0);
+  std::string space = SpaceText(sf.Object("space"), "store");
+  if (!ef.ok()) return "Critical: " + ef.status().message();
+  std::string since = since_ns > 0 ? ", since " + FormatTimeNs(since_ns) : "";
+  if (code == "no_space") {
+    return fmt::format(
+        "Critical: the recovery site {} is out of space for {}: {}{} needed ({} failed {} "
+        "time(s){}); free space or grow the file system of its data_dir: replication resumes "
+        "by itself. Meanwhile the source site keeps the changes (its capture log, then the "
+        "dirty-region bitmap) and the RPO grows",
+        item.target, item.vm, space.empty() ? "" : space + ", ", FormatSize(needed), what, count,
+        since);
+  }
+  return fmt::format(
+      "Critical: the recovery site {} cannot write the store of {}: {} ({} failed {} time(s){}); "
+      "look at that site's disk and log: replication retries by itself",
+      item.target, item.vm, message, what, count, since);
+}
+
+// The health of a source whose capture log could not be written ("" when it could).
+std::string CaptureWriteHealth(const json& group, const ItemRow& item) {
+  json_in::Fields gf(group, "site " + item.source + " group " + item.vm + ".");
+  const json* err = gf.Object("capture_write_error");
+  if (err == nullptr || !gf.ok()) return "";
+  json_in::Fields ef(*err, "site " + item.source + " group " + item.vm + ".capture_write_error.");
+  std::string code = ef.String("code", "io_error");
+  std::string message = ef.String("message", "");
+  std::string space = SpaceText(ef.Object("space"), "capture");
+  if (!ef.ok()) return "Critical: " + ef.status().message();
+  return fmt::format(
+      "Critical: the source site {} {} for the capture log of {}{}: changes are tracked in the "
+      "dirty-region bitmap and sent whole by a resync that starts by itself once it can write "
+      "again; free space there ({})",
+      item.source, code == "no_space" ? "is out of space" : "cannot write", item.vm,
+      space.empty() ? "" : " (" + space + ")", message);
+}
+
+}  // namespace
+
 json Vault::ItemJson(const ItemRow& item) {
   json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
@@ -646,6 +709,8 @@ json Vault::ItemJson(const ItemRow& item) {
       // (Two hosts' wall clocks: one that stepped must not show a negative RPO.)
       rpo = durable_ns > 0 ? std::max(0.0, static_cast<double>(NowNs() - durable_ns) / 1e9) : 0;
     }
+    std::string store_full = StoreWriteHealth(*st, item);
+    std::string capture_full = CaptureWriteHealth(*g, item);
     const json* group_damage = gf.Object("damage");
     const json* store_damage = sf.Object("damage");
     if (group_damage != nullptr || store_damage != nullptr) {
@@ -659,6 +724,10 @@ json Vault::ItemJson(const ItemRow& item) {
       const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
       health = "Critical: " + bad.message();
       rpo = 0;
+    } else if (!store_full.empty()) {
+      health = store_full;
+    } else if (!capture_full.empty()) {
+      health = capture_full;
     } else if (resync_required || overflowed) {
       health =
           "Critical: resynchronization required (the capture log passed its limit; it "
