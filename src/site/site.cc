@@ -767,7 +767,8 @@ void Site::WatchOnce() {
                      "recorded, replication stopped",
                      cfg_.name, vm, fenced);
         g->fenced_epoch = fenced;
-        g->sender.reset();
+        // The sender stopped by itself on the stale_epoch refusal (it never reconnects at
+        // this epoch); it stays, so that GET /groups/{vm} shows why (stopped, last_error).
         changed = true;
       }
       if (g->fenced_epoch != 0 && !g->vm_starting && VmRunningLocked(*g)) to_stop.push_back(vm);
