@@ -858,9 +858,11 @@ void Site::WatchOnce() {
         // The sender fenced the disks by itself (the recovery site refused its epoch).
         spdlog::warn(
             "site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
-            "recorded, replication stopped",
+            "recorded",
             cfg_.name, vm, fenced);
         g->fenced_epoch = fenced;
+        // The sender stopped by itself on the stale_epoch refusal (it never reconnects at
+        // this epoch); it stays, so that GET /groups/{vm} shows why (stopped, last_error).
         changed = true;
       }
       if (g->fenced_epoch != 0 && !g->vm_starting && VmRunningLocked(*g)) to_stop.push_back(vm);
@@ -1394,6 +1396,7 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"bytes_sent", st.bytes_sent},
                           {"wire_bytes_sent", st.wire_bytes_sent},
                           {"reconnects", st.reconnects},
+                          {"stopped", st.stopped},
                           {"reconnect_delay_ms", st.reconnect_delay_ms},
                           {"resync_required", st.resync_required},
                           {"resyncing", st.resyncing},
