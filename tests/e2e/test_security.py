@@ -40,6 +40,7 @@ ROUTES = [
     ("GET", "/api/v1/vms/([^/]+)", "/api/v1/vms/nope", "reader", None, 404),
     ("POST", "/api/v1/vms/([^/]+)/start", "/api/v1/vms/nope/start", "operator", {}, 404),
     ("POST", "/api/v1/vms/([^/]+)/stop", "/api/v1/vms/nope/stop", "operator", {}, 404),
+    ("POST", "/api/v1/vms/([^/]+)/repair", "/api/v1/vms/nope/repair", "admin", {}, 404),
     ("POST", "/api/v1/vms/([^/]+)/protect", "/api/v1/vms/nope/protect", "admin",
      {"target": "recovery"}, 404),
     ("GET", "/api/v1/items", "/api/v1/items", "reader", None, 200),
