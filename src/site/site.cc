@@ -499,21 +499,62 @@ json Damage::Json() const {
   return json{{"kind", std::string(DamageKindName(kind))}, {"reason", reason}, {"action", action}};
 }
 
-Status Site::Load() {
-  std::string path = cfg_.data_dir + "/site.json";
-  std::error_code ec;
-  if (!fs::exists(path, ec)) return Status::Ok();  // a new site
-  OSR_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, 256u << 20));
-  // site.json itself is the one file a site cannot start without: it names the groups
-  // and stores. It is only ever replaced whole (WriteFileAtomic).
+// A site state's parts, or kCorruption naming what is wrong.
+struct SiteState {
+  json doc;
+  const json* groups = nullptr;
+  const json* stores = nullptr;
+};
+Result<SiteState> ParseSiteState(const std::string& text, const std::string& path) {
+  SiteState out;
   auto j = json_in::ParseObject(text, path);
   if (!j.ok()) return Corruption(path + " is not a site state: " + j.status().message());
-  json_in::Fields f(*j, path + ": ");
+  out.doc = std::move(*j);
+  json_in::Fields f(out.doc, path + ": ");
   uint64_t version = f.U64("version", 0);
-  const json* groups = f.Object("groups");
-  const json* stores = f.Object("stores");
+  out.groups = f.Object("groups");
+  out.stores = f.Object("stores");
   if (!f.ok()) return Corruption(f.status().message());
   if (version != kStateVersion) return Corruption(path + " is not a version-1 site state");
+  return out;
+}
+
+Status Site::Load() {
+  std::string path = cfg_.data_dir + "/site.json";
+  std::string prev = path + ".prev";
+  std::error_code ec;
+  if (!fs::exists(path, ec) && !fs::exists(prev, ec)) return Status::Ok();  // a new site
+  // site.json names the groups and stores: it is only ever replaced whole
+  // (WriteFileAtomic), and the state before the last change is kept in site.json.prev.
+  // A damaged site.json is set aside and the site starts from the previous state (a
+  // change made just before may be missing from it: the log says so).
+  auto text = ReadSmallFile(path, 256u << 20);
+  Result<SiteState> state =
+      text.ok() ? ParseSiteState(*text, path) : Result<SiteState>(text.status());
+  std::string loaded = text.ok() ? *text : std::string();
+  if (!state.ok()) {
+    auto prev_text = ReadSmallFile(prev, 256u << 20);
+    Result<SiteState> older =
+        prev_text.ok() ? ParseSiteState(*prev_text, prev) : Result<SiteState>(prev_text.status());
+    if (!older.ok()) {
+      return Corruption(fmt::format(
+          "{} (and {}: {}); restore site.json from a backup: the VMs' files under {}/groups and "
+          "{}/stores are untouched",
+          state.status().message(), prev, older.status().message(), cfg_.data_dir, cfg_.data_dir));
+    }
+    std::string aside = fmt::format("{}.damaged-{}", path, ::time(nullptr));
+    fs::rename(path, aside, ec);
+    spdlog::error(
+        "site {}: {}; it is kept as {} and the site starts from {} (the state before "
+        "the last change: check the VMs and stores this site lists)",
+        cfg_.name, state.status().message(), aside, prev);
+    state = std::move(older);
+    loaded = *prev_text;
+  }
+  last_saved_ = loaded;
+  json_in::Fields f(state->doc, path + ": ");
+  const json* groups = state->groups;
+  const json* stores = state->stores;
   std::lock_guard lock(mu_);
   if (stores != nullptr) LoadStoresLocked(*stores);
   if (groups != nullptr) {
@@ -736,16 +777,18 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
   switch (f.kind) {
     case DamageKind::kStateEntry:
       d.action =
-          "restore site.json from a backup, or remove the VM at this site (osr vm disks "
-          "delete " +
-          vm + " --site " + cfg_.name + ")";
+          "restore its entry in site.json from a backup (site.json.prev holds the state "
+          "before the last change), then restart the site";
       break;
     case DamageKind::kImageMissing:
-      d.action = g.fenced_epoch != 0
-                     ? "nothing to keep here: the VM runs elsewhere. osr reprotect " + vm +
-                           " copies its disks here in full"
-                     : "put the image back where it was and run " + repair +
-                           "; or, if it is lost, fail over to the recovery site";
+      d.action =
+          g.fenced_epoch != 0 ? "nothing to keep here: the VM runs elsewhere. osr reprotect " + vm +
+                                    " copies its disks here in full"
+          : !g.replicate_to.empty()
+              ? "put the image back where it was and run " + repair +
+                    "; or, if it is lost, fail over to the recovery site (osr failover " + vm + ")"
+              : "put the image back where it was and run " + repair +
+                    " (the VM is not protected: no other site has its disks)";
       break;
     case DamageKind::kImageSize:
       d.action =
@@ -1063,8 +1106,17 @@ Status Site::SaveLocked() {
       json{{"version", kStateVersion}, {"name", cfg_.name}, {"groups", groups},
            {"stores", stores},         {"views", views},    {"next_view", next_view_}}
           .dump(1);
-  return WriteFileAtomic(cfg_.data_dir + "/site.json",
-                         {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+  if (text == last_saved_) return Status::Ok();
+  // The state before this change: what a damaged site.json falls back to.
+  if (!last_saved_.empty()) {
+    OSR_RETURN_IF_ERROR(WriteFileAtomic(
+        cfg_.data_dir + "/site.json.prev",
+        {reinterpret_cast<const uint8_t*>(last_saved_.data()), last_saved_.size()}));
+  }
+  OSR_RETURN_IF_ERROR(WriteFileAtomic(
+      cfg_.data_dir + "/site.json", {reinterpret_cast<const uint8_t*>(text.data()), text.size()}));
+  last_saved_ = std::move(text);
+  return Status::Ok();
 }
 
 Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,

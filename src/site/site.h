@@ -392,6 +392,7 @@ class Site {
   std::map<std::string, Damage> damaged_stores_;  // guarded by mu_
   std::map<std::string, View> views_;             // guarded by mu_
   uint64_t next_view_ = 1;                        // guarded by mu_
+  std::string last_saved_;                        // site.json as last written; guarded by mu_
 
   std::mutex retired_mu_;  // taken after mu_ when both are held
   // Capture groups of groups deleted while an NBD client still held one of their disks

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <chrono>
 #include <ctime>
@@ -121,7 +122,8 @@ std::string SiteErrorMessage(int status, const std::string& body) {
   for (char& c : msg) {
     if (static_cast<unsigned char>(c) < 0x20) c = ' ';
   }
-  if (msg.size() > 300) msg = msg.substr(0, 300) + "...";
+  // Long enough for a quarantine's reason and action (docs/operations.md), bounded.
+  if (msg.size() > 1000) msg = msg.substr(0, 1000) + "...";
   return msg;
 }
 
@@ -131,8 +133,10 @@ std::string QuarantineHealth(const std::string& what, const json& damage) {
   json_in::Fields f(damage);
   std::string reason = f.String("reason", "");
   std::string action = f.String("action", "");
-  return fmt::format("Critical: {} are quarantined: {}. {}", what, reason.substr(0, 400),
-                     action.substr(0, 400));
+  if (!action.empty()) action[0] = static_cast<char>(std::toupper(action[0]));
+  bool one = what.find("'s recovery store") != std::string::npos;
+  return fmt::format("Critical: {} {} quarantined: {}. {}", what, one ? "is" : "are",
+                     reason.substr(0, 400), action.substr(0, 400));
 }
 
 Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,

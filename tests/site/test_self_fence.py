@@ -9,6 +9,7 @@ across a restart that cannot reach the recovery site or a vault, show in the sit
 
 import os
 import signal
+import subprocess
 
 import pytest
 
@@ -135,6 +136,44 @@ def test_damaged_fence_record_quarantines_only_that_vm(tmp_path, text):
         osrtest.close_handle(h)
         listed = api_ok(site, "GET", "/site")["quarantined"]
         assert [q.get("group") for q in listed] == ["a"], listed
+    finally:
+        if site.proc is not None and site.proc.poll() is None:
+            site.stop()
+
+
+def test_damaged_site_json_starts_from_the_previous_state(tmp_path):
+    """site.json replaced by garbage: the site starts from site.json.prev (the state before
+    the last change), sets the damaged file aside, and every VM is served; a fence made in
+    that last change still holds (the capture's fence record). Both damaged: it refuses to
+    start, saying what to restore."""
+    require_libnbd()
+    config, data = write_config(tmp_path, "primary")
+    site = SiteProcess("primary", config, data, tmp_path / "primary.stderr")
+    try:
+        site.start()
+        for vm in ("a", "b"):
+            api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
+                   status=201)
+        api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+        site.stop()
+        (data / "site.json").write_text('{"groups": ')
+        site.start()
+        assert list(data.glob("site.json.damaged-*")), list(data.iterdir())
+        a, b = group_status(site, "a"), group_status(site, "b")
+        assert a["fenced_epoch"] == 2 and "damage" not in a, a
+        assert "damage" not in b, b
+        h = connect(b["disks"][0]["uri"])
+        h.pwrite(b"\x02" * 512, 0)
+        h.flush()
+        osrtest.close_handle(h)
+        site.stop()
+        (data / "site.json").write_text("garbage")
+        (data / "site.json.prev").write_text("garbage")
+        proc = subprocess.run([str(osrtest.require_osrd()), "site", "--config", str(config)],
+                              capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode != 0
+        assert "restore site.json from a backup" in proc.stderr, proc.stderr[-2000:]
     finally:
         if site.proc is not None and site.proc.poll() is None:
             site.stop()
