@@ -24,7 +24,9 @@ namespace {
 constexpr uint64_t kFenceVersion = 1;
 constexpr size_t kFenceBytesMax = 4096;
 
-std::string FencePath(const std::string& capture_dir) { return capture_dir + "/fence"; }
+std::string FencePath(const std::string& capture_dir) {
+  return capture_dir + "/fence";
+}
 
 // The epoch recorded in <dir>/fence; 0 when there is none. kCorruption for a file that
 // is not one (the group is then quarantined: guessing either way could be wrong).
@@ -251,8 +253,8 @@ Status CaptureGroup::Fence(uint64_t epoch, bool record_fingerprint) {
   if (epoch == 0 || epoch <= fenced_epoch_) return Status::Ok();
   std::string text =
       nlohmann::json{{"version", kFenceVersion}, {"fenced_epoch", epoch}}.dump() + "\n";
-  Status written = WriteFileAtomic(
-      FencePath(dir_), {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+  Status written = WriteFileAtomic(FencePath(dir_),
+                                   {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
   fenced_epoch_ = epoch;
   if (!written.ok()) {
     spdlog::error("capture {}: fenced at epoch {} in memory only: {}", dir_, epoch,
@@ -305,8 +307,7 @@ Status CaptureGroup::RecordFingerprintLocked() {
     uint64_t epoch = fenced_epoch_;
     if (epoch == 0) return Status(Code::kFailedPrecondition, "the disks are not fenced");
     if (image_paths_.empty()) {
-      return Status(Code::kFailedPrecondition,
-                    "failover disks: their images are not the whole disks");
+      return Status(Code::kFailedPrecondition, "the disks' image files are not known");
     }
     // What the log holds is final once written out (a failed log: the bitmaps hold it).
     Status synced = log_->Sync();
@@ -353,7 +354,7 @@ std::vector<FenceMismatch> CaptureGroup::CheckFenceFingerprint(
                "they were fenced");
   }
   if (image_paths_.empty()) {
-    return one(FenceCheck::kNotRecorded, "disks are failover disks: no fingerprint applies");
+    return one(FenceCheck::kNotRecorded, "disks' image files are not known: no fingerprint");
   }
   const FenceFingerprint& then = **recorded;
   auto now = TakeFingerprint(FingerprintSourcesNow(), epoch, then.sample_seed, then.time_ns);

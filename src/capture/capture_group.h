@@ -43,8 +43,8 @@ struct CaptureOptions {
   bool tracking_only = false;
   uint64_t first_seq = 1;  // of a new, empty log (a history reset continues above the store's)
   // The image files of the disks, in disk order: a fence records their fingerprint
-  // (fence_fingerprint.h). Empty: no fingerprint is recorded (failover disks, whose image
-  // is not the whole disk), and reprotect cannot trust the history.
+  // (fence_fingerprint.h). Empty: no fingerprint is recorded, and reprotect cannot trust
+  // the history.
   std::vector<std::string> image_paths;
 };
 

@@ -168,8 +168,7 @@ TEST_F(CaptureGroupTest, FenceIsDurableAcrossReopen) {
   }
   auto group = Open(1 << 20);
   EXPECT_EQ(group->fenced_epoch(), 3u);
-  EXPECT_EQ(group->disk(0)->Write(0, std::vector<uint8_t>(10, 2)).code(),
-            Code::kPermissionDenied);
+  EXPECT_EQ(group->disk(0)->Write(0, std::vector<uint8_t>(10, 2)).code(), Code::kPermissionDenied);
 }
 
 // A fence record that is not one stops the group from opening (it is quarantined by the

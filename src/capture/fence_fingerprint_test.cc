@@ -292,7 +292,7 @@ TEST_F(FenceFingerprintTest, NoDamagedOrForeignFingerprintVouches) {
   EXPECT_TRUE(g->CheckFenceFingerprint(0, kNames).empty());
 }
 
-TEST_F(FenceFingerprintTest, FailoverDisksRecordNone) {
+TEST_F(FenceFingerprintTest, DisksWithoutImagePathsRecordNone) {
   auto g = Open(1, /*paths=*/false);
   ASSERT_TRUE(g->Fence(2).ok());
   EXPECT_FALSE(fs::exists(FingerprintPath(Cap())));

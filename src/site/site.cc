@@ -563,7 +563,8 @@ std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& v
                                                             const json& entry, Group& g,
                                                             bool* became_store) {
   auto bad_entry = [&](const std::string& why) {
-    return OpenFailure{DamageKind::kStateEntry, Corruption("site.json entry of " + vm + ": " + why)};
+    return OpenFailure{DamageKind::kStateEntry,
+                       Corruption("site.json entry of " + vm + ": " + why)};
   };
   if (!ValidName(vm)) return bad_entry("not a VM name");
   if (!entry.is_object()) return bad_entry("not an object");
@@ -601,8 +602,8 @@ std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& v
       std::string img = dir + "/" + g.disks[i].name + ".img";
       std::string moved = fmt::format("{}/base/{}.img", sdir, i);
       if (!fs::exists(img, ec) && fs::exists(moved, ec)) {
-        spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name,
-                     vm, g.disks[i].name);
+        spdlog::warn("site {}: VM {}: moving disk {} back from an unfinished store", cfg_.name, vm,
+                     g.disks[i].name);
         fs::rename(moved, img, ec);
         if (ec) {
           return OpenFailure{DamageKind::kImageMissing,
@@ -650,8 +651,10 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
   Damage d{f.kind, f.status.message(), ""};
   switch (f.kind) {
     case DamageKind::kStateEntry:
-      d.action = "restore site.json from a backup, or remove the VM at this site (osr vm disks "
-                 "delete " + vm + " --site " + cfg_.name + ")";
+      d.action =
+          "restore site.json from a backup, or remove the VM at this site (osr vm disks "
+          "delete " +
+          vm + " --site " + cfg_.name + ")";
       break;
     case DamageKind::kImageMissing:
       d.action = g.fenced_epoch != 0
@@ -661,9 +664,13 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
                            "; or, if it is lost, fail over to the recovery site";
       break;
     case DamageKind::kImageSize:
-      d.action = "the image was resized outside osr, which does not resize disks. If it grew and "
-                 "the added bytes are zeros, " + repair + " --trim-image cuts it back (nothing is "
-                 "lost); otherwise restore its size by hand and run " + repair;
+      d.action =
+          "the image was resized outside osr, which does not resize disks. If it grew and "
+          "the added bytes are zeros, " +
+          repair +
+          " --trim-image cuts it back (nothing is "
+          "lost); otherwise restore its size by hand and run " +
+          repair;
       break;
     case DamageKind::kImage:
       d.action = "fix what the reason names (permissions, the device) and run " + repair;
@@ -675,12 +682,13 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
       break;
     case DamageKind::kRegionMap:
       d.action = "the failed-over disks' map of what they hold is unreadable: restore " + dir +
-                 "/*.img.cow and run " + repair + ", or fail over again (osr failover " + vm +
-                 ")";
+                 "/*.img.cow and run " + repair + ", or fail over again (osr failover " + vm + ")";
       break;
     case DamageKind::kStoreMissing:
-      d.action = "the failed-over disks read their point from this site's recovery store, which "
-                 "is missing or damaged: repair the store first (" + repair + ")";
+      d.action =
+          "the failed-over disks read their point from this site's recovery store, which "
+          "is missing or damaged: repair the store first (" +
+          repair + ")";
       break;
     case DamageKind::kStore:
       d.action = "repair the store (" + repair + ")";
@@ -764,9 +772,10 @@ void Site::WatchOnce() {
       if (g->damage || !g->capture) continue;
       if (uint64_t fenced = g->capture->fenced_epoch(); fenced > g->fenced_epoch) {
         // The sender fenced the disks by itself (the recovery site refused its epoch).
-        spdlog::warn("site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
-                     "recorded, replication stopped",
-                     cfg_.name, vm, fenced);
+        spdlog::warn(
+            "site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
+            "recorded, replication stopped",
+            cfg_.name, vm, fenced);
         g->fenced_epoch = fenced;
         g->sender.reset();
         changed = true;
@@ -775,9 +784,10 @@ void Site::WatchOnce() {
     }
     if (changed) {
       if (Status st = SaveLocked(); !st.ok()) {
-        spdlog::error("site {}: cannot record a fence in site.json (the capture folder's fence "
-                      "record holds it): {}",
-                      cfg_.name, st.ToString());
+        spdlog::error(
+            "site {}: cannot record a fence in site.json (the capture folder's fence "
+            "record holds it): {}",
+            cfg_.name, st.ToString());
       }
     }
   }
@@ -892,9 +902,8 @@ Result<json> Site::RepairStore(const std::string& vm) {
   auto d = damaged_stores_.find(vm);
   if (d == damaged_stores_.end()) {
     if (stores_.count(vm)) {
-      return InvalidArgument(
-          fmt::format("the store of {} at site {} is not quarantined: nothing to repair", vm,
-                      cfg_.name));
+      return InvalidArgument(fmt::format(
+          "the store of {} at site {} is not quarantined: nothing to repair", vm, cfg_.name));
     }
     return NotFound("no store for " + vm + " at this site");
   }
@@ -902,14 +911,14 @@ Result<json> Site::RepairStore(const std::string& vm) {
   if (!st.ok()) {
     d->second = StoreDamage(vm, st.status());
     return Status(Code::kFailedPrecondition,
-                  fmt::format("the store of {} at site {} is still quarantined: {}", vm,
-                              cfg_.name, d->second.reason));
+                  fmt::format("the store of {} at site {} is still quarantined: {}", vm, cfg_.name,
+                              d->second.reason));
   }
   stores_[vm] = std::move(*st);
   damaged_stores_.erase(d);
   // Failover disks over it can open now.
-  if (auto g = groups_.find(vm);
-      g != groups_.end() && g->second->damage && g->second->damage->kind == DamageKind::kStoreMissing) {
+  if (auto g = groups_.find(vm); g != groups_.end() && g->second->damage &&
+                                 g->second->damage->kind == DamageKind::kStoreMissing) {
     if (auto again = LoadGroupLocked(vm, g->second->saved)) g->second = std::move(again);
   }
   OSR_RETURN_IF_ERROR(SaveLocked());
@@ -929,9 +938,8 @@ Status Site::MissingStore(const std::string& vm) const {
 Status Site::Usable(GroupMap::const_iterator it, const std::string& vm) const {
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   if (const auto& d = it->second->damage) {
-    return Status(Code::kFailedPrecondition,
-                  fmt::format("VM {} is quarantined at site {}: {} ({})", vm, cfg_.name,
-                              d->reason, d->action));
+    return Status(Code::kFailedPrecondition, fmt::format("VM {} is quarantined at site {}: {} ({})",
+                                                         vm, cfg_.name, d->reason, d->action));
   }
   return Status::Ok();
 }
@@ -983,9 +991,9 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
     auto it = stores_.find(vm);
     if (it == stores_.end()) {
       kind = DamageKind::kStoreMissing;
-      return Corruption(fmt::format(
-          "VM {} runs on failover disks over its recovery store, which is {}", vm,
-          damaged_stores_.count(vm) ? "quarantined" : "gone"));
+      return Corruption(
+          fmt::format("VM {} runs on failover disks over its recovery store, which is {}", vm,
+                      damaged_stores_.count(vm) ? "quarantined" : "gone"));
     }
     st = it->second.get();
   }
@@ -1026,9 +1034,10 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   co.log_bytes_max = cfg_.capture_log_bytes_max;
   co.tracking_only = g.tracking;
   co.first_seq = g.first_seq;
-  if (st == nullptr) {  // plain images: a fence records their fingerprint
-    for (auto& d : g.disks) co.image_paths.push_back(dir + "/" + d.name + ".img");
-  }
+  // A fence records their fingerprint. Failover disks too: fenced only after commit made
+  // their images whole (a failback), and a copy still under way changes the image's times,
+  // which then only sends reprotect to compare hashes.
+  for (auto& d : g.disks) co.image_paths.push_back(dir + "/" + d.name + ".img");
   auto capture = capture::CaptureGroup::Open(std::move(images), co);
   if (!capture.ok()) {
     kind = DamageKind::kCaptureHistory;

@@ -26,8 +26,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -346,8 +346,8 @@ class Site {
   std::map<std::string, std::shared_ptr<store::RecoveryStore>> stores_;  // guarded by mu_
   // Stores that could not be opened (site.json keeps them; their files are left alone).
   std::map<std::string, Damage> damaged_stores_;  // guarded by mu_
-  std::map<std::string, View> views_;                                    // guarded by mu_
-  uint64_t next_view_ = 1;                                               // guarded by mu_
+  std::map<std::string, View> views_;             // guarded by mu_
+  uint64_t next_view_ = 1;                        // guarded by mu_
 
   std::thread watcher_;
   std::mutex watch_mu_;

@@ -520,9 +520,9 @@ Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::str
   auto st = Client(*dst).Call("GET", "/stores/" + vm);
   if (!st.ok()) {
     if (st.status().code() == Code::kNotFound) return uint64_t{1};
-    return Status(st.status().code(),
-                  "the recovery store's position is needed to reset the history: " +
-                      st.status().message());
+    return Status(
+        st.status().code(),
+        "the recovery store's position is needed to reset the history: " + st.status().message());
   }
   json_in::Fields f(*st, "site " + dst->name + " store " + vm + ".");
   uint64_t durable = f.U64("durable_seq", 0);
@@ -530,8 +530,8 @@ Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::str
   return durable + 1;
 }
 
-Result<json> Vault::RepairVm(const std::string& name, const std::string& site,
-                             bool trim_image, bool reset_history) {
+Result<json> Vault::RepairVm(const std::string& name, const std::string& site, bool trim_image,
+                             bool reset_history) {
   if (!catalog_->Vm(name)) return NotFound("no VM named '" + name + "'");
   std::vector<SiteRow> sites;
   if (!site.empty()) {
@@ -646,10 +646,10 @@ json Vault::ItemJson(const ItemRow& item) {
     const json* group_damage = gf.Object("damage");
     const json* store_damage = sf.Object("damage");
     if (group_damage != nullptr || store_damage != nullptr) {
-      health = group_damage != nullptr
-                   ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
-                   : QuarantineHealth(item.vm + "'s recovery store at " + item.target,
-                                      *store_damage);
+      health =
+          group_damage != nullptr
+              ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
+              : QuarantineHealth(item.vm + "'s recovery store at " + item.target, *store_damage);
       rpo = 0;
     } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
       // A site that answers in shapes the vault does not know is not a healthy one.

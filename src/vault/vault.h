@@ -99,8 +99,8 @@ class Vault {
   // registered site), doing what the flags allow (site.h RepairOptions). Returns what was
   // repaired per site; kInvalidArgument when nothing of the VM is quarantined,
   // kFailedPrecondition (naming why) when something still is.
-  Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site,
-                                  bool trim_image, bool reset_history);
+  Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site, bool trim_image,
+                                  bool reset_history);
   Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
   nlohmann::json ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);

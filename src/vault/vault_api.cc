@@ -729,7 +729,8 @@ Result<VaultApi::Reply> VaultApi::RepairVm(Call& c) {
   bool trim_image = f.Bool("trim_image", false);
   bool reset_history = f.Bool("reset_history", false);
   if (!f.ok()) return f.status();
-  if (!site.empty() && !ValidName(site)) return InvalidArgument("'" + site + "' is not a site name");
+  if (!site.empty() && !ValidName(site))
+    return InvalidArgument("'" + site + "' is not a site name");
   OSR_ASSIGN_OR_RETURN(json out, vault_->RepairVm(c.Match(1), site, trim_image, reset_history));
   return Reply{200, out};
 }

@@ -5,15 +5,18 @@ the recovery site never got, the regions its bitmaps mark). That is right only w
 old primary's images and history are what they were when it was fenced. Here the old
 primary's files are changed outside osr while the quickstart is stopped, after failover
 and commit: an image written (with and without its mtime set back), the capture log's
-segment cut short, the segments removed. Reprotect must notice (its fence fingerprint
+segment cut short, the segments removed, the image put back from a backup taken before
+the failover. Reprotect must notice (its fence fingerprint
 disagrees), compare block hashes instead, say so in the job, and leave the old primary's
-store byte for byte equal to the new primary's disk. Untouched, it stays exact.
+store byte for byte equal to the new primary's disk. Untouched, it stays exact, also
+after a kill -9 of the quickstart (the files are then reopened without a clean close).
 
 The VM's own writes stay below WRITE_LIMIT; the outside writes land at POKE_AT, a block
 the VM never wrote (so exact mode would never ship it back).
 """
 
 import os
+import shutil
 
 import pytest
 
@@ -69,7 +72,7 @@ def step_message(job, name_start):
     pytest.fail(f"no step starting {name_start!r} in {job}")
 
 
-def change_old_primary(capture, image, fault):
+def change_old_primary(capture, image, backup, fault):
     """Changes the old primary's files as `fault` says (the quickstart is stopped)."""
     segments = sorted(p for p in capture.iterdir() if p.suffix == ".log")
     assert segments, f"no capture log segment in {capture}: {list(capture.iterdir())}"
@@ -95,13 +98,21 @@ def change_old_primary(capture, image, fault):
     elif fault == "log-removed":
         for s in segments:
             s.unlink()
+    elif fault == "image-restored":
+        # Put back as a restore would: a new file in its place, its times as they were.
+        st = os.stat(image)
+        os.utime(backup, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(backup, image)
     else:
-        assert fault == "none", fault
+        assert fault in ("none", "none-kill9"), fault
 
 
 # fault -> (reprotect mode, the checks the old primary reports, words of found.why)
 CASES = {
     "none": ("exact", set(), ["what the old primary never sent"]),
+    "none-kill9": ("exact", set(), ["what the old primary never sent"]),
+    "image-restored": ("hash", {"image_replaced"},
+                       ["the old primary's disk os is another file than at the fence"]),
     "image": ("hash", {"image_modified"},
               ["the old primary's disk os was changed after the fence (mtime"]),
     "image-mtime-kept": ("hash", {"image_changed"},
@@ -124,6 +135,11 @@ def test_reprotect_checks_the_old_primary(env, rng, fault):
     create_vm(osr, "rv", [("os", "16M", DISK)])
     disk = Disk(osr, rng)
     disk.write(10)
+    group = qs.data_dir / "primary" / "groups" / "rv"
+    image, capture = group / "os.img", group / "capture"
+    backup = qs.data_dir.parent / "os.img.backup"
+    if fault == "image-restored":
+        shutil.copyfile(image, backup)  # every write so far was answered: it is in the file
     protect(osr, "rv", policy="slow")
     disk.write(5)
     p1 = assert_point(osr.ok("point", "create", "rv"))
@@ -142,16 +158,17 @@ def test_reprotect_checks_the_old_primary(env, rng, fault):
     osr.job_ok("commit", "rv", job_type="commit")
 
     # The old primary's files, changed while nothing runs.
-    qs.stop_clean()
-    group = qs.data_dir / "primary" / "groups" / "rv"
-    image, capture = group / "os.img", group / "capture"
+    if fault == "none-kill9":
+        qs.kill9()
+    else:
+        qs.stop_clean()
     assert image.exists() and capture.is_dir(), list(group.iterdir())
     assert (capture / "fence").exists() and (capture / "fence-fingerprint").exists(), \
         f"the fence left no fingerprint: {list(capture.iterdir())}"
     with open(image, "rb") as f:
         f.seek(POKE_AT)
         assert f.read(len(POKE)) == bytes(len(POKE)), "the VM wrote where the test pokes"
-    change_old_primary(capture, image, fault)
+    change_old_primary(capture, image, backup, fault)
     qs.restart()
     disk.refresh()
 
@@ -163,6 +180,7 @@ def test_reprotect_checks_the_old_primary(env, rng, fault):
     for words in want_why:
         assert words in why, f"{fault}: found.why does not say {words!r}: {why!r}"
     message = step_message(job, "Find what differs")
+    print(f"{fault}: step message: {message}")
     assert message == f"{want_mode}: {why}", f"{fault}: step message {message!r}"
     checks = found.get("checks", [])
     got = {c.get("check") for c in checks}
