@@ -224,7 +224,7 @@ int Wait(const Ctx& c, int64_t id, const std::function<void(const json&)>& done_
       std::fprintf(stderr, "job %lld: %s %d%% %s\n", static_cast<long long>(id), state.c_str(),
                    progress, step.c_str());
     }
-    if (state == "Succeeded" || state == "Failed") {
+    if (state == "Succeeded" || state == "Failed" || state == "Cancelled") {
       if (tty) std::fprintf(stderr, "\n");
       if (c.json_out()) {
         std::cout << j.dump(2) << "\n";
@@ -232,6 +232,9 @@ int Wait(const Ctx& c, int64_t id, const std::function<void(const json&)>& done_
         done_table(j);
       }
       if (state == "Failed") return Fail(fmt::format("job {} failed: {}", id, Str(j["error"])));
+      if (state == "Cancelled") {
+        return Fail(fmt::format("job {} was cancelled: {}", id, Str(j["error"])));
+      }
       return 0;
     }
     // Quick jobs (a failover is O(1)) end within the first polls.
@@ -524,11 +527,14 @@ int main(int argc, char** argv) {
   int64_t jid = 0;
   auto* jlist = job->add_subcommand("list", "jobs, newest last");
   jlist->add_option("--vm", jvm);
-  jlist->add_option("--state", jstate);
+  jlist->add_option("--state", jstate, "Queued | Running | Succeeded | Failed | Cancelled");
   auto* jshow = job->add_subcommand("show", "one job with its steps");
   jshow->add_option("id", jid)->required();
   auto* jwait = job->add_subcommand("wait", "follow a job until it ends");
   jwait->add_option("id", jid)->required();
+  auto* jcancel = job->add_subcommand(
+      "cancel", "stop a job at its next wait; its last step says what it leaves behind");
+  jcancel->add_option("id", jid)->required();
 
   CLI11_PARSE(app, argc, argv);
   json config = ReadConfig();
@@ -784,5 +790,14 @@ int main(int argc, char** argv) {
   }
   if (jshow->parsed()) return Print(c, Call(c, "GET", fmt::format("/jobs/{}", jid)), job_table);
   if (jwait->parsed()) return Wait(c, jid, job_table);
+  if (jcancel->parsed()) {
+    return Print(c, Call(c, "POST", fmt::format("/jobs/{}/cancel", jid)), [&](const json& j) {
+      job_table(j);
+      if (j.value("cancel_requested", false)) {
+        std::printf("  still stopping (a site call is under way): osr job wait %lld\n",
+                    static_cast<long long>(jid));
+      }
+    });
+  }
   return 2;
 }

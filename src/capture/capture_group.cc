@@ -430,8 +430,13 @@ Status CaptureGroup::Flush() {
   if (flush_done_ >= mine) return Status::Ok();
   uint64_t covering = flush_requested_;
   lock.unlock();
+  uint64_t generation = log_->overflow_generation();
   Status ls = log_->Sync();
-  if (!ls.ok() && !log_->failed()) return ls;  // a failed log is covered by the bitmaps
+  // A failed log, or records it dropped (a full file system; the generation moves then),
+  // are covered by the bitmaps: the VM's FLUSH does not fail for replication's sake.
+  bool covered =
+      log_->failed() || !log_->write_error().ok() || log_->overflow_generation() != generation;
+  if (!ls.ok() && !covered) return ls;
   for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
   // The bitmaps need no msync here: they survive a process crash through the shared
   // mapping, and after a host crash every region counts as dirty (dirty_bitmap.h).
@@ -446,7 +451,7 @@ Status CaptureGroup::Close() {
   // bitmaps keep their marks as they were).
   if (!log_) return Status::Ok();
   Status ls = log_->Sync();
-  if (!ls.ok() && !log_->failed()) return ls;
+  if (!ls.ok() && !log_->failed() && log_->write_error().ok()) return ls;
   for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
   for (auto& b : bitmaps_) OSR_RETURN_IF_ERROR(b->CloseClean());
   return Status::Ok();

@@ -13,6 +13,10 @@
 // Files in the capture directory: the log's segments, dirty-<i>.bitmap per disk, and once
 // fenced: fence (the epoch) and fence-fingerprint (what the disks were then).
 //
+// Ownership: the site's group owns the capture group (unique_ptr), which owns its log,
+// bitmaps and disks; each disk (GroupDisk) owns its image (a FileDisk, or a FailoverDisk
+// at a failed-over VM) and is shared with the NBD exports that serve it (see disk()).
+//
 // Thread model: thread-safe. Each disk's range_mu_ guards its in-flight ranges; sync_mu_
 // and flush_mu_ make concurrent FLUSHes share one sync (group commit). Log and images are
 // synced one after the other: measured here, two fdatasyncs in parallel threads took no
@@ -57,15 +61,16 @@ class CaptureGroup {
 
   size_t disk_count() const { return disks_.size(); }
   // Disk i as an NBD disk; shared so that an export can hold it. Lives as long as the
-  // group and any holder (it keeps the group alive through no pointer: the group must
-  // outlive the server that serves it).
+  // group and any holder, but borrows the group (its log, bitmaps, flush): the group must
+  // outlive every holder that may still do I/O. The site frees a group only after
+  // Server::DisconnectExport said every export of its disks drained (Site::FreeGroup).
   std::shared_ptr<nbd::Disk> disk(size_t i) const;
 
   // Log write-out + fdatasync, then every image's fdatasync.
   Status Flush();
   // Fencing (invariant 5): from now on writes and trims to the group's disks fail with
   // kPermissionDenied (the VM runs elsewhere at a higher epoch); reads still work.
-  // Durable: the epoch is written to <dir>/fence (docs/formats.md, "Capture fence") and
+  // Durable: the epoch is written to <dir>/fence (docs/formats.md, "Capture fence record") and
   // synced before the first write is refused, and Open() reads it back, so a fence holds
   // across restarts whoever applied it (the vault, or the sender on `stale_epoch`).
   // Only raises: an epoch at or below the one in force changes nothing. When the file

@@ -11,6 +11,7 @@
 #include "capture/log_reader.h"
 #include "capture/replay.h"
 #include "nbd/file_disk.h"
+#include "nbd/protocol.h"
 
 namespace osr::capture {
 namespace {
@@ -217,6 +218,56 @@ TEST_F(CaptureGroupTest, DisksOfAGroupShareOneSequence) {
     EXPECT_EQ(r->records, 300u);
     EXPECT_TRUE(ReadAll(out) == ReadAll(dir_ + (d == 0 ? std::string("/disk.img") : "/disk1.img")));
   }
+}
+
+// The source on a full file system. An image write that fails with ENOSPC fails the
+// WRITE (kNoSpace: NBD_ENOSPC) and takes no seq; its region stays dirty (it may be
+// half-written). A capture log that cannot be written drops its unwritten records, keeps
+// their regions in the bitmap, and neither WRITE nor FLUSH fails for it; once a resync
+// begins, records are taken again after the last one written.
+TEST_F(CaptureGroupTest, AFullFileSystemFailsTheWriteOrFallsBackToTheBitmap) {
+  constexpr uint64_t kSize = 1 << 20;
+  auto group = Open(kSize);
+  auto disk = group->disk(0);
+  ASSERT_TRUE(disk->Write(0, std::vector<uint8_t>(4096, 1)).ok());
+  ASSERT_TRUE(group->Flush().ok());
+  EXPECT_EQ(group->log().last_seq(), 1u);
+
+  SetFileFaultForTest({.path_part = dir_ + "/disk.img", .err = ENOSPC, .write_bytes_left = 0});
+  Status st = disk->Write(128 << 10, std::vector<uint8_t>(8192, 2));
+  ClearFileFaultForTest();
+  EXPECT_EQ(st.code(), Code::kNoSpace) << st.ToString();
+  EXPECT_EQ(nbd::ErrnoToNbd(st.ToErrno()), nbd::kENoSpc);
+  EXPECT_EQ(group->log().last_seq(), 1u);  // no seq for a write that did not happen
+  auto dirty = group->DirtyRegions();
+  ASSERT_EQ(dirty.size(), 1u);
+  EXPECT_EQ(dirty[0].range.offset, 128u << 10);
+
+  SetFileFaultForTest({.path_part = dir_ + "/cap", .err = ENOSPC, .write_bytes_left = 0});
+  EXPECT_TRUE(disk->Write(256 << 10, std::vector<uint8_t>(4096, 3)).ok());
+  EXPECT_TRUE(group->Flush().ok());  // the bitmap covers what the log dropped
+  EXPECT_TRUE(disk->Write(512 << 10, std::vector<uint8_t>(4096, 4)).ok());  // tracked only
+  ClearFileFaultForTest();
+  EXPECT_EQ(group->log().write_error().code(), Code::kNoSpace);
+  EXPECT_TRUE(group->log().overflowed());
+  EXPECT_EQ(group->log().last_seq(), 1u);
+  uint64_t dirty_bytes = 0;
+  for (auto& r : group->DirtyRegions()) dirty_bytes += r.range.length;
+  EXPECT_EQ(group->DirtyRegions().size(), 3u);
+  EXPECT_GE(dirty_bytes, 3 * 4096u);
+
+  auto [from, generation] = group->log().ResumeAfterOverflow();  // a resync begins
+  EXPECT_EQ(from, 1u);
+  ASSERT_TRUE(disk->Write(0, std::vector<uint8_t>(4096, 5)).ok());
+  ASSERT_TRUE(group->Flush().ok());
+  EXPECT_EQ(group->log().last_seq(), 2u);
+  group.reset();
+  std::vector<uint64_t> seqs;
+  ASSERT_TRUE(LogReader::Scan(dir_ + "/cap", [&](const RecordHeader& h, auto) {
+                seqs.push_back(h.seq);
+                return true;
+              }).ok());
+  EXPECT_EQ(seqs, (std::vector<uint64_t>{1, 2}));
 }
 
 }  // namespace

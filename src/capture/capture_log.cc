@@ -48,7 +48,7 @@ CaptureLog::~CaptureLog() {
     st = segment_.Truncate(segment_bytes_);  // cut the zero padding of the last block
     if (st.ok()) st = segment_.DataSync();
   }
-  if (!st.ok() && !failed()) {
+  if (!st.ok() && !failed() && write_error().ok()) {
     spdlog::error("capture log {}: final sync failed: {}", opts_.dir, st.ToString());
   }
 }
@@ -155,9 +155,15 @@ Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
   block.resize(AlignedBuffer::kAlign);
   std::memset(block.data(), 0, block.size());
   std::memcpy(block.data(), header, SegmentHeader::kSize);
-  OSR_RETURN_IF_ERROR(f.PWrite(0, {block.data(), block.size()}));
-  OSR_RETURN_IF_ERROR(f.DataSync());
-  OSR_RETURN_IF_ERROR(SyncDir(opts_.dir));
+  Status st = f.PWrite(0, {block.data(), block.size()});
+  if (st.ok()) st = f.DataSync();
+  if (st.ok()) st = SyncDir(opts_.dir);
+  if (!st.ok()) {
+    // Nothing half-made stays behind (a full file system: the next try makes it again).
+    std::error_code ec;
+    std::filesystem::remove(path, ec);
+    return st;
+  }
   segment_ = std::move(f);
   segment_bytes_ = SegmentHeader::kSize;
   segment_first_seq_ = first_seq;
@@ -179,7 +185,7 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
   size_t need = RecordHeader::kSize + payload.size();
   std::unique_lock lock(mu_);
   WaitForRoom(lock, need);
-  if (failed_ || overflowed_) return std::nullopt;
+  if (failed_ || overflowed_ || !write_error_.ok()) return std::nullopt;
   if (held_bytes_ + pending_bytes() + need > opts_.log_bytes_max) {
     overflowed_ = true;
     ++overflow_generation_;
@@ -228,7 +234,7 @@ bool CaptureLog::AppendEncoded(std::span<const uint8_t> record) {
   std::memcpy(&seq, record.data() + 8, 8);
   std::unique_lock lock(mu_);
   WaitForRoom(lock, record.size());
-  if (failed_) return false;
+  if (failed_ || !write_error_.ok()) return false;
   OSR_CHECK(seq == next_seq_);  // the caller checked the order
   ++next_seq_;
   bool was_empty = pending_bytes() == 0;
@@ -247,12 +253,12 @@ void CaptureLog::WriterLoop() {
                         [&] { return stop_ || pending_bytes() >= opts_.writeout_bytes_min; });
     uint64_t upto = next_seq_ - 1;
     lock.unlock();
-    (void)WriteOut(upto);  // a failure is logged and turns the log into bitmap mode
+    (void)WriteOut(upto);  // a failure is logged and held (write_error); the bitmap keeps it
     lock.lock();
   }
 }
 
-void CaptureLog::ReportWritten(const AlignedBuffer& buf, size_t from, uint64_t file_pos,
+void CaptureLog::ReportWritten(std::span<const uint8_t> buf, size_t from, uint64_t file_pos,
                                uint64_t segment_first_seq, bool ok) {
   if (!on_written_) return;
   written_.clear();
@@ -317,6 +323,8 @@ Status CaptureLog::WriteOut(uint64_t seq) {
   std::memset(spare_.data() + n, 0, padded - n);
   uint64_t at = segment_bytes_ / kBlock * kBlock;
   uint64_t written_segment = segment_first_seq_;
+  uint64_t segment_bytes_before = segment_bytes_;
+  uint64_t held_before = held_bytes_;
   Status st = segment_.PWrite(at, {spare_.data(), padded});
   if (st.ok()) {
     held_bytes_ += end_after - segment_bytes_;
@@ -327,18 +335,122 @@ Status CaptureLog::WriteOut(uint64_t seq) {
       if (st.ok()) st = OpenSegment(upto + 1, next_header);
     }
   }
-  if (!st.ok()) {
-    spdlog::error("capture log {}: write failed, falling back to the dirty-region bitmap: {}",
-                  opts_.dir, st.ToString());
-    std::lock_guard lock(mu_);
-    failed_ = true;
-    space_cv_.notify_all();
-  }
+  if (!st.ok()) return UndoWriteOut(st, segment_bytes_before, held_before, records_from);
   written_seq_ = upto;
-  ReportWritten(spare_, records_from, at, written_segment, st.ok());
+  ReportWritten({spare_.data(), spare_.size()}, records_from, at, written_segment, true);
   spare_.clear();
   spare_.trim(opts_.buffer_bytes_max);
   return st;
+}
+
+Status CaptureLog::UndoWriteOut(const Status& cause, uint64_t segment_bytes_before,
+                                uint64_t held_before, size_t records_from) {
+  // The segment as it was before the write: what the failed write left past its end (a
+  // short write's bytes, the padding) is cut; its last partial block was rewritten with
+  // the same bytes. A roll that failed half-way removed its new segment itself.
+  // (Not synced here: the next Sync makes the cut durable; a crash before it leaves whole
+  // records that recovery keeps or a torn one it cuts: either way a prefix of the order.)
+  Status cut = segment_.Truncate(segment_bytes_before);
+  segment_bytes_ = segment_bytes_before;
+  held_bytes_ = held_before;
+  std::vector<uint8_t> dropped;
+  {
+    std::lock_guard lock(mu_);
+    // Records appended after the failed batch follow a gap now: they go too.
+    dropped.assign(buffer_.data() + prefix_bytes_, buffer_.data() + buffer_.size());
+    buffer_.clear();
+    buffer_.append(spare_.data(), records_from);  // the old last partial block
+    prefix_bytes_ = records_from;
+    next_seq_ = written_seq_ + 1;
+    write_error_ = cause;
+    overflowed_ = true;  // the source's bitmap keeps the dropped regions: a resync ships them
+    ++overflow_generation_;
+    if (!cut.ok()) failed_ = true;
+  }
+  space_cv_.notify_all();
+  spdlog::error(
+      "capture log {}: write failed: {}; dropped the unwritten records after seq {} (their "
+      "regions stay in the dirty-region bitmap){}",
+      opts_.dir, cause.ToString(), written_seq_,
+      cut.ok() ? ""
+               : "; cutting the segment back failed too, the log has failed: " + cut.ToString());
+  ReportWritten({spare_.data(), spare_.size()}, records_from, 0, segment_first_seq_, false);
+  ReportWritten(dropped, 0, 0, segment_first_seq_, false);
+  spare_.clear();
+  spare_.trim(opts_.buffer_bytes_max);
+  return cause;
+}
+
+Result<CaptureLog::End> CaptureLog::MarkEnd() {
+  OSR_RETURN_IF_ERROR(WriteOut(last_seq()));
+  std::lock_guard wl(write_mu_);
+  std::lock_guard lock(mu_);
+  if (!write_error_.ok()) return write_error_;
+  if (failed_) return IoError("capture log " + opts_.dir + " has failed");
+  return End{written_seq_, segment_first_seq_, segment_bytes_};
+}
+
+Status CaptureLog::RollBack(const End& end) {
+  constexpr uint64_t kBlock = AlignedBuffer::kAlign;
+  std::lock_guard wl(write_mu_);
+  std::vector<uint8_t> dropped;
+  {
+    std::lock_guard lock(mu_);
+    dropped.assign(buffer_.data() + prefix_bytes_, buffer_.data() + buffer_.size());
+    buffer_.resize(prefix_bytes_);
+  }
+  ReportWritten(dropped, 0, 0, segment_first_seq_, false);
+  Status st = [&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+    for (auto& seg : segments) {  // segments begun after the end
+      if (seg.first_seq <= end.segment_first_seq) continue;
+      std::error_code ec;
+      std::filesystem::remove(seg.path, ec);
+      if (ec) return Status::FromErrno(ec.value(), "remove " + seg.path);
+    }
+    std::string path = opts_.dir + "/" + SegmentFileName(end.segment_first_seq);
+    if (segment_first_seq_ != end.segment_first_seq || !segment_.valid()) {
+      OSR_ASSIGN_OR_RETURN(segment_, File::Open(path, File::Mode::kReadWrite, /*direct=*/true));
+      segment_first_seq_ = end.segment_first_seq;
+    }
+    OSR_RETURN_IF_ERROR(segment_.Truncate(end.segment_bytes));  // synced by the next Sync
+    segment_bytes_ = end.segment_bytes;
+    // The next write rewrites the last partial block: it becomes the buffer's prefix.
+    uint64_t block = end.segment_bytes / kBlock * kBlock;
+    OSR_ASSIGN_OR_RETURN(File reader, File::Open(path, File::Mode::kReadOnly));
+    AlignedBuffer prefix;
+    prefix.resize(end.segment_bytes - block);
+    OSR_RETURN_IF_ERROR(reader.PRead(block, {prefix.data(), prefix.size()}));
+    uint64_t held = 0;
+    OSR_ASSIGN_OR_RETURN(segments, ListSegments(opts_.dir));
+    for (auto& seg : segments) {
+      std::error_code ec;
+      held += std::filesystem::file_size(seg.path, ec);
+    }
+    held_bytes_ = held;
+    std::lock_guard lock(mu_);
+    buffer_.clear();
+    buffer_.append(prefix.data(), prefix.size());
+    prefix_bytes_ = prefix.size();
+    next_seq_ = end.seq + 1;
+    written_seq_ = synced_seq_ = end.seq;
+    write_error_ = Status::Ok();
+    overflowed_ = false;
+    return Status::Ok();
+  }();
+  if (!st.ok()) {
+    spdlog::error("capture log {}: rolling back to seq {} failed, the log has failed: {}",
+                  opts_.dir, end.seq, st.ToString());
+    std::lock_guard lock(mu_);
+    failed_ = true;
+  }
+  space_cv_.notify_all();
+  return st;
+}
+
+Status CaptureLog::write_error() const {
+  std::lock_guard lock(mu_);
+  return write_error_;
 }
 
 Status CaptureLog::Sync() {
@@ -348,11 +460,21 @@ Status CaptureLog::Sync() {
     upto = next_seq_ - 1;
     if (failed_) return IoError("capture log " + opts_.dir + " has failed");
   }
-  OSR_RETURN_IF_ERROR(WriteOut(upto));
+  // A failed write-out is held in write_error_ (below); what was written before it is
+  // made durable all the same (the source's bitmap no longer covers it).
+  (void)WriteOut(upto);
   std::lock_guard wl(write_mu_);
-  if (synced_seq_ >= upto) return Status::Ok();
-  OSR_RETURN_IF_ERROR(segment_.DataSync());
-  synced_seq_ = written_seq_;
+  if (synced_seq_ < written_seq_) {
+    OSR_RETURN_IF_ERROR(segment_.DataSync());
+    synced_seq_ = written_seq_;
+  }
+  std::lock_guard lock(mu_);
+  // Records up to `upto` may have been dropped by this write-out or the writer thread's.
+  if (!write_error_.ok()) return write_error_;
+  if (written_seq_ < upto) {
+    return Unavailable(
+        fmt::format("capture log {}: records after seq {} were dropped", opts_.dir, written_seq_));
+  }
   return Status::Ok();
 }
 
@@ -409,6 +531,7 @@ uint64_t CaptureLog::overflow_generation() const {
 std::pair<uint64_t, uint64_t> CaptureLog::ResumeAfterOverflow() {
   std::lock_guard lock(mu_);
   overflowed_ = false;
+  write_error_ = Status::Ok();  // records are taken again; a new failure drops them again
   return {next_seq_ - 1, overflow_generation_};
 }
 

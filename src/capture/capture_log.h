@@ -14,6 +14,17 @@
 // the writer reports them written (RangeCallback), so nothing is silently lost.
 // Appenders wait when buffer_bytes_max are pending: memory stays bounded.
 //
+// A write-out that fails (a full file system: ENOSPC; or any other error) changes nothing
+// in the log: the segment is cut back to where it ended, the records of the failed batch
+// and every record appended after them are dropped and reported not written (their
+// regions stay in the bitmap), and the sequence continues after the last record written
+// (Invariant: next seq = written seq + 1 after a failure; a seq is never skipped in the
+// files). The log then holds the failure (write_error()) and takes no record until
+// ResumeAfterOverflow() (the source: it counts as an overflow, so a resync ships the
+// dropped regions) or RollBack() (the recovery store's journal, whose records come again
+// from the sender). Only when the cut-back itself fails does the log fail for good
+// (failed(), until a restart recovers it).
+//
 // Thread model: every method is thread-safe. mu_ guards the append buffer, sequence
 // counter and writer signalling; write_mu_ serialises writing out and the segment
 // files; write_mu_ is taken before mu_ when both are held.
@@ -81,12 +92,35 @@ class CaptureLog {
                                  std::span<const uint8_t> payload, uint32_t payload_crc,
                                  uint16_t flags = 0, uint32_t disk = 0);
   // Appends a record received from elsewhere (replication), already encoded with its own
-  // sequence number, which must be the next one. Returns false when the log has failed.
+  // sequence number, which must be the next one. Returns false when the log has failed
+  // or holds a write error (then the caller rolls back: RollBack).
   bool AppendEncoded(std::span<const uint8_t> record);
-  // Writes every record with seq <= `seq` to the segment file.
+  // Writes every record with seq <= `seq` to the segment file. The write's error (its
+  // records are dropped, see above).
   Status WriteOut(uint64_t seq);
-  // WriteOut of everything appended, then fdatasync.
+  // WriteOut of everything appended, then fdatasync. The log's write error (kNoSpace for
+  // a full file system) when any record appended before the call was dropped.
   Status Sync();
+
+  // Where the log ends: its last record and the byte after it in its segment.
+  struct End {
+    uint64_t seq = 0;
+    uint64_t segment_first_seq = 0;
+    uint64_t segment_bytes = 0;
+  };
+  // Writes out everything appended and returns where the log ends, for RollBack. The
+  // write's error, if it fails.
+  Result<End> MarkEnd();
+  // Undoes every append after `end` (MarkEnd's answer on this log; what was appended since
+  // may be in memory or in the files, written or not): drops the records still in memory (reported
+  // not written), cuts the segment back to end.segment_bytes, deletes segments begun since, and
+  // takes records again from end.seq + 1; a write error ends. Records already reported written stay
+  // reported: the caller forgets them itself (the recovery store's index). For a log whose
+  // records come from elsewhere and will be sent again (the recovery store's journal).
+  // The file system's error when the cut fails (the log has then failed for good).
+  Status RollBack(const End& end);
+  // The error of the last failed write-out, until ResumeAfterOverflow or RollBack; Ok.
+  Status write_error() const;
 
   // Deletes the segment files whose records all have seq <= `seq` (the recovery site
   // has them durably); never the segment being written. Returns how many it deleted.
@@ -117,8 +151,14 @@ class CaptureLog {
   Status Recover();
   // Creates the next segment with `header` (64 bytes) as its first block; holds write_mu_.
   Status OpenSegment(uint64_t first_seq, const uint8_t* header);
-  void ReportWritten(const AlignedBuffer& buf, size_t from, uint64_t file_pos,
+  // Reports the records in buf[from..] (at file_pos + from in their segment) to on_written_;
+  // holds write_mu_.
+  void ReportWritten(std::span<const uint8_t> buf, size_t from, uint64_t file_pos,
                      uint64_t segment_first_seq, bool ok);
+  // After a write-out of spare_ failed: cuts the segment back to `segment_bytes_before`,
+  // drops the batch and what was appended since, and holds `cause`. Holds write_mu_.
+  Status UndoWriteOut(const Status& cause, uint64_t segment_bytes_before, uint64_t held_before,
+                      size_t records_from);
   void WaitForRoom(std::unique_lock<std::mutex>& lock, size_t need);       // holds mu_
   size_t pending_bytes() const { return buffer_.size() - prefix_bytes_; }  // holds mu_
 
@@ -134,6 +174,7 @@ class CaptureLog {
   size_t prefix_bytes_ = 0;                  // guarded by mu_
   uint64_t next_seq_ = 1;                    // guarded by mu_
   bool failed_ = false;                      // guarded by mu_
+  Status write_error_;                       // guarded by mu_; see write_error()
   bool overflowed_ = false;                  // guarded by mu_
   uint64_t overflow_generation_ = 0;         // guarded by mu_
   std::atomic<uint64_t> held_bytes_{0};      // bytes in segment files

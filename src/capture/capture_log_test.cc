@@ -217,5 +217,91 @@ TEST_F(CaptureLogTest, ConcurrentAppendersGetAGapFreeSequence) {
   EXPECT_EQ(ScanSeqs(), want);
 }
 
+// The source's log on a full file system: the write-out fails, the unwritten records are
+// dropped and reported not written (the bitmap keeps their regions), the sequence goes
+// on after the last record written (no gap in the files), and the log takes no record
+// until ResumeAfterOverflow (a resync ships the dropped regions).
+TEST_F(CaptureLogTest, AFailedWriteOutDropsTheUnwrittenRecordsAndKeepsTheSequence) {
+  auto log = OpenLog();
+  for (int i = 0; i < 3; ++i) AppendWrite(*log, i * 4096, std::vector<uint8_t>(4096, 1 + i));
+  ASSERT_TRUE(log->Sync().ok());
+  uint64_t generation = log->overflow_generation();
+
+  SetFileFaultForTest({.path_part = dir_, .err = ENOSPC, .write_bytes_left = 6000});
+  size_t taken = 0;  // the writer thread may fail on the first before the others come
+  for (int i = 0; i < 4; ++i) {
+    std::vector<uint8_t> d(8192, 0x10 + i);
+    taken += log->Append(RecordKind::kWrite, i * 8192, d.size(), d, Crc32c(d)).has_value();
+  }
+  ASSERT_GE(taken, 1u);
+  Status st = log->Sync();
+  ClearFileFaultForTest();
+  EXPECT_EQ(st.code(), Code::kNoSpace) << st.ToString();
+  EXPECT_EQ(log->write_error().code(), Code::kNoSpace);
+  EXPECT_TRUE(log->overflowed());
+  EXPECT_NE(log->overflow_generation(), generation);
+  EXPECT_EQ(log->last_seq(), 3u);  // the next record is seq 4 again
+  EXPECT_EQ(log->written_seq(), 3u);
+  {
+    std::lock_guard lock(mu_);
+    ASSERT_EQ(written_.size(), 3 + taken);
+    for (size_t i = 3; i < written_.size(); ++i) EXPECT_FALSE(written_[i].ok) << i;
+  }
+  // Refused while the failure holds; taken again after a resync begins.
+  std::vector<uint8_t> data(512, 9);
+  EXPECT_FALSE(log->Append(RecordKind::kWrite, 0, data.size(), data, Crc32c(data)).has_value());
+  log->ResumeAfterOverflow();
+  EXPECT_TRUE(log->write_error().ok());
+  EXPECT_EQ(AppendWrite(*log, 0, std::vector<uint8_t>(512, 7)), 4u);
+  ASSERT_TRUE(log->Sync().ok());
+  log.reset();
+  std::vector<uint64_t> seqs = ScanSeqs();
+  EXPECT_EQ(seqs, (std::vector<uint64_t>{1, 2, 3, 4}));
+}
+
+// The recovery store's journal: MarkEnd, appends, a failure half-way through a segment
+// roll, RollBack: the log is as it was, and the same records can be appended again.
+TEST_F(CaptureLogTest, RollBackUndoesAppendsAcrossASegmentRoll) {
+  auto log = OpenLog(/*segment_bytes=*/64 << 10);
+  AppendWrite(*log, 0, std::vector<uint8_t>(1000, 1));
+  ASSERT_TRUE(log->Sync().ok());
+  auto end = log->MarkEnd();
+  ASSERT_TRUE(end.ok());
+  EXPECT_EQ(end->seq, 1u);
+  size_t segments_before = ListSegments(dir_).value().size();
+  // ~100 KiB: crosses the 64 KiB roll; the file system fills in the second segment.
+  std::vector<std::vector<uint8_t>> records;
+  for (int i = 0; i < 25; ++i) {
+    std::vector<uint8_t> payload(4000, 0x40 + i);
+    RecordHeader h;
+    h.seq = 2 + i;
+    h.offset = i * 4096;
+    h.length = payload.size();
+    h.payload_bytes = static_cast<uint32_t>(payload.size());
+    std::vector<uint8_t> r(RecordHeader::kSize + payload.size());
+    h.Encode(r.data(), Crc32c(payload));
+    std::copy(payload.begin(), payload.end(), r.begin() + RecordHeader::kSize);
+    records.push_back(std::move(r));
+  }
+  SetFileFaultForTest({.path_part = dir_, .err = ENOSPC, .write_bytes_left = 80 << 10});
+  bool appended = true;
+  for (auto& r : records) appended = appended && log->AppendEncoded(r);
+  Status st = log->Sync();
+  ClearFileFaultForTest();
+  EXPECT_FALSE(st.ok() && appended);
+  ASSERT_TRUE(log->RollBack(*end).ok());
+  EXPECT_EQ(log->last_seq(), 1u);
+  EXPECT_TRUE(log->write_error().ok());
+  EXPECT_EQ(ListSegments(dir_).value().size(), segments_before);
+  EXPECT_EQ(ScanSeqs(), (std::vector<uint64_t>{1}));
+  // The same records again, with room.
+  for (auto& r : records) ASSERT_TRUE(log->AppendEncoded(r));
+  ASSERT_TRUE(log->Sync().ok());
+  log.reset();
+  std::vector<uint64_t> want(26);
+  std::iota(want.begin(), want.end(), 1);
+  EXPECT_EQ(ScanSeqs(), want);
+}
+
 }  // namespace
 }  // namespace osr::capture

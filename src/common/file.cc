@@ -4,13 +4,69 @@
 #include <fmt/format.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
+#include <mutex>
 #include <vector>
 
 namespace osr {
+
+namespace {
+
+// The test-only fault (SetFileFaultForTest). fault_on is read without the lock on every
+// write: false in production, so the lock is never taken there.
+std::atomic<bool> fault_on{false};
+std::mutex fault_mu;
+FileFault fault;  // guarded by fault_mu
+
+// How many of `bytes` to `path` may be written before the fault's error (all of them:
+// no fault applies). Sets *err when the write must fail after those.
+size_t FaultAllows(const std::string& path, size_t bytes, int* err) {
+  if (!fault_on.load(std::memory_order_relaxed)) return bytes;
+  std::lock_guard lock(fault_mu);
+  if (fault.path_part.empty() || path.find(fault.path_part) == std::string::npos) return bytes;
+  if (bytes <= fault.write_bytes_left) {
+    fault.write_bytes_left -= bytes;
+    return bytes;
+  }
+  size_t allowed = static_cast<size_t>(fault.write_bytes_left);
+  fault.write_bytes_left = 0;
+  *err = fault.err;
+  return allowed;
+}
+
+// The fault's errno for a sync of `path`, or 0.
+int FaultOnSync(const std::string& path) {
+  if (!fault_on.load(std::memory_order_relaxed)) return 0;
+  std::lock_guard lock(fault_mu);
+  if (!fault.fail_sync || path.find(fault.path_part) == std::string::npos) return 0;
+  return fault.err;
+}
+
+}  // namespace
+
+void SetFileFaultForTest(FileFault f) {
+  std::lock_guard lock(fault_mu);
+  fault = std::move(f);
+  fault_on = true;
+}
+
+void ClearFileFaultForTest() {
+  std::lock_guard lock(fault_mu);
+  fault_on = false;
+  fault = FileFault{};
+}
+
+Result<SpaceInfo> FileSystemSpace(const std::string& path) {
+  struct statvfs v {};
+  if (::statvfs(path.c_str(), &v) != 0) return Status::FromErrno(errno, "statvfs " + path);
+  return SpaceInfo{static_cast<uint64_t>(v.f_bavail) * v.f_frsize,
+                   static_cast<uint64_t>(v.f_blocks) * v.f_frsize};
+}
 
 void Fd::Reset() {
   if (fd_ >= 0) ::close(fd_);
@@ -73,21 +129,47 @@ Status File::PRead(uint64_t offset, std::span<uint8_t> buf) const {
   return Status::Ok();
 }
 
-Status File::PWrite(uint64_t offset, std::span<const uint8_t> data) {
+namespace {
+
+Status RawPWrite(int fd, const std::string& path, uint64_t offset, std::span<const uint8_t> data) {
   size_t done = 0;
   while (done < data.size()) {
-    ssize_t n = ::pwrite(fd_.get(), data.data() + done, data.size() - done,
-                         static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return Status::FromErrno(errno, fmt::format("write {} at {}", path_, offset + done));
+      return Status::FromErrno(errno, fmt::format("write {} at {}", path, offset + done));
     }
     done += static_cast<size_t>(n);
   }
   return Status::Ok();
 }
 
+}  // namespace
+
+Status File::PWrite(uint64_t offset, std::span<const uint8_t> data) {
+  int fault_err = 0;
+  size_t allowed = FaultAllows(path_, data.size(), &fault_err);
+  if (fault_err != 0) {
+    // The fault's short write: the bytes before the "full" point do reach the file (in
+    // whole 4 KiB blocks with O_DIRECT, which takes nothing else).
+    if (direct_) allowed = allowed / 4096 * 4096;
+    OSR_RETURN_IF_ERROR(RawPWrite(fd_.get(), path_, offset, data.first(allowed)));
+    return Status::FromErrno(fault_err, fmt::format("write {} at {}", path_, offset + allowed));
+  }
+  return RawPWrite(fd_.get(), path_, offset, data);
+}
+
 Status File::PWriteV(uint64_t offset, struct iovec* iov, int iovcnt) {
+  if (fault_on.load(std::memory_order_relaxed)) {
+    // Under a test fault: one PWrite per iovec, so that the fault cuts where it should.
+    for (int i = 0; i < iovcnt; ++i) {
+      OSR_RETURN_IF_ERROR(
+          PWrite(offset, {static_cast<const uint8_t*>(iov[i].iov_base), iov[i].iov_len}));
+      offset += iov[i].iov_len;
+    }
+    return Status::Ok();
+  }
   while (iovcnt > 0) {
     ssize_t n = ::pwritev(fd_.get(), iov, std::min(iovcnt, IOV_MAX), static_cast<off_t>(offset));
     if (n < 0) {
@@ -117,11 +199,13 @@ Status File::Truncate(uint64_t size) {
 }
 
 Status File::DataSync() {
+  if (int err = FaultOnSync(path_); err != 0) return Status::FromErrno(err, "fdatasync " + path_);
   if (::fdatasync(fd_.get()) != 0) return Status::FromErrno(errno, "fdatasync " + path_);
   return Status::Ok();
 }
 
 Status File::Sync() {
+  if (int err = FaultOnSync(path_); err != 0) return Status::FromErrno(err, "fsync " + path_);
   if (::fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + path_);
   return Status::Ok();
 }

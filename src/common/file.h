@@ -7,6 +7,7 @@
 
 #include <sys/uio.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -87,6 +88,30 @@ class File {
   std::string path_;
   bool direct_ = false;
 };
+
+// Fault injection for tests (FoundationDB's BUGGIFY, as a switch that only tests turn
+// on): while a fault is set, writes (PWrite, PWriteV, WriteZeroes) to files whose path
+// contains `path_part` succeed for `write_bytes_left` more bytes in all, then the write
+// that passes them is cut short there (its first bytes do reach the file, as on a file
+// system that fills up mid-write) and fails with `err`, as does every later one; with
+// `fail_sync`, DataSync and Sync of those files fail with `err` too. Production code
+// never sets one; the check costs one relaxed atomic load per call.
+struct FileFault {
+  std::string path_part;
+  int err = ENOSPC;
+  uint64_t write_bytes_left = 0;
+  bool fail_sync = false;
+};
+void SetFileFaultForTest(FileFault fault);
+void ClearFileFaultForTest();
+
+// The space of the file system that holds `path` (statvfs): bytes an unprivileged
+// writer may still use, and the file system's size. The errno of statvfs as a Status.
+struct SpaceInfo {
+  uint64_t free_bytes = 0;
+  uint64_t total_bytes = 0;
+};
+Result<SpaceInfo> FileSystemSpace(const std::string& path);
 
 // Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
 Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data);

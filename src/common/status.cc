@@ -35,6 +35,8 @@ std::string_view CodeName(Code code) {
       return "I/O error";
     case Code::kInternal:
       return "internal error";
+    case Code::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -104,6 +106,8 @@ int Status::ToErrno() const {
       return EOPNOTSUPP;
     case Code::kUnavailable:
       return ESHUTDOWN;
+    case Code::kCancelled:
+      return ECANCELED;
     default:
       return EIO;
   }
@@ -121,6 +125,7 @@ int HttpStatusFor(const Status& st) {
     case Code::kNotFound:
       return 404;
     case Code::kAlreadyExists:
+    case Code::kCancelled:
     case Code::kFailedPrecondition:
       return 409;
     case Code::kNotSupported:

@@ -2,7 +2,8 @@
 //
 // The code says what the caller should do (Abseil's rule): kInvalidArgument and
 // kOutOfRange — fix the request; kUnavailable — retry later; kCorruption and
-// kDataLoss — an operator must look; kIoError — the medium failed.
+// kDataLoss — an operator must look; kIoError — the medium failed; kCancelled — someone
+// asked for the operation to stop (a cancelled job): nothing to retry.
 #pragma once
 
 #include <cerrno>
@@ -32,6 +33,7 @@ enum class Code {
   kCorruption,
   kIoError,
   kInternal,
+  kCancelled,
 };
 
 std::string_view CodeName(Code code);

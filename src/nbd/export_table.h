@@ -1,9 +1,17 @@
 // ExportTable: the exports a server offers, by name. Disks, and point-in-time views that
 // come and go while the server runs.
 //
-// Thread model: thread-safe. An export is shared (shared_ptr) between the table and the
-// sessions connected to it: a session keeps the export's disk alive until it ends, even
-// after the export was removed (Server::DisconnectExport ends such sessions promptly).
+// Thread model: thread-safe; mu_ guards the map.
+//
+// Ownership (docs/architecture.md, "Who owns what across threads"): an export, and so its
+// disk, is shared (shared_ptr) between the table and the sessions that chose it, because
+// they let go of it on different threads (an NBD connection thread, the remover's). That
+// sharing ends in one known place: whoever removes an export (Remove) holds the removed
+// reference, passes it to Server::DisconnectExport, which ends the sessions that hold it
+// and returns once the remover's reference is the last, and then drops it: the disk is
+// freed there, on the remover's thread, before the remover frees what the disk borrows
+// (a capture group) or reports a view closed. A session releases its export as soon as
+// it ends, not when the server reaps it.
 #pragma once
 
 #include <map>
@@ -33,7 +41,8 @@ class ExportTable {
  public:
   // kAlreadyExists if the name is taken.
   Status Add(Export e);
-  // Returns the removed export (nullptr if there was none).
+  // Returns the removed export (nullptr if there was none); the caller holds it until
+  // Server::DisconnectExport says it is the last holder (see the file comment).
   std::shared_ptr<const Export> Remove(const std::string& name);
   // The export of that name. The empty name is the default export: the one named "",
   // or the only export when there is exactly one.

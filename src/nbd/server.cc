@@ -165,25 +165,37 @@ size_t Server::active_connections() const {
   return n;
 }
 
-void Server::DisconnectExport(const std::string& name) {
-  std::vector<std::shared_ptr<Conn>> ending;  // shared: the watchdog may reap meanwhile
-  {
-    std::lock_guard lock(mu_);
-    for (auto& c : conns_) {
-      if (!c->done && c->session->export_name() == name) {
-        c->session->Stop();
-        ending.push_back(c);
+Status Server::DisconnectExport(const std::shared_ptr<const Export>& removed) {
+  if (removed == nullptr) return Status::Ok();
+  using Clock = std::chrono::steady_clock;
+  const auto began = Clock::now();
+  const auto grace = began + std::chrono::milliseconds(kDisconnectGraceMs);
+  const auto deadline = began + std::chrono::milliseconds(kDisconnectWaitMs);
+  // Sessions are looked for on every round: one still in its handshake may choose the
+  // export after the first look (it found it in the table before the caller removed it).
+  for (;;) {
+    // Only the table could hand out new references, and the export has left it: once the
+    // count is 1, it stays 1.
+    if (removed.use_count() <= 1) return Status::Ok();
+    auto now = Clock::now();
+    if (now >= deadline) break;
+    {
+      std::lock_guard lock(mu_);
+      for (auto& c : conns_) {
+        if (c->done || !c->session->Holds(removed.get())) continue;
+        if (now < grace) {
+          c->session->Stop();
+        } else {
+          c->session->Abort();  // a client that does not read its replies holds the send
+        }
       }
     }
+    ::usleep(2 * 1000);
   }
-  // Wait (bounded) until they are gone: the caller frees the export's disk next.
-  for (int i = 0; i < 1000; ++i) {
-    bool all = true;
-    for (auto& c : ending) all = all && c->done;
-    if (all) return;
-    ::usleep(10 * 1000);
-  }
-  spdlog::error("nbd: sessions of export {} did not end within 10 s", name);
+  return Unavailable(fmt::format(
+      "export {}: still in use {} ms after its sessions were told to end ({} reference(s) "
+      "besides the caller's)",
+      removed->name, kDisconnectWaitMs, removed.use_count() - 1));
 }
 
 void Server::WatchdogLoop() {
@@ -286,12 +298,16 @@ void Server::Admit(ListenerEntry* entry, Fd fd) {
       spdlog::info("nbd {} ({}): session ended: {}", c->session->peer(),
                    c->session->principal().Describe(), st.ToString());
     }
+    // The session let go of its export in Run(). Done is set under mu_ and the watchdog
+    // woken: it joins this thread at once (it checks done under mu_ before it waits, so
+    // the wake-up cannot be missed).
     {
       std::lock_guard l(mu_);
       if (--per_address_[c->address_key] == 0) per_address_.erase(c->address_key);
       if (c->tcp) --tcp_active_;
+      c->done = true;
     }
-    c->done = true;
+    watchdog_cv_.notify_all();
   });
   watchdog_cv_.notify_all();  // a new handshake to watch
 }

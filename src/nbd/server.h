@@ -20,6 +20,14 @@
 // the session's sync thread). All public methods are thread-safe; AddListener and
 // RemoveUnixListener may be called while the server runs. mu_ guards the connections and
 // their counts, listeners_mu_ the listeners.
+//
+// Ownership: the server owns its connections (Conn: the session, its thread, its TLS
+// upgrader). A session shares its export with the ExportTable and lets go of it when it
+// ends, on its own thread; its connection thread then wakes the watchdog, which joins and
+// frees it at once (not on a timer). Whoever removes an export calls DisconnectExport
+// with it, which returns once the caller holds the export's last reference: the export's
+// disk (a view, a failover disk, a VM's disk) is then freed by the caller, at a known
+// point, never by an NBD thread later.
 #pragma once
 
 #include <atomic>
@@ -79,9 +87,16 @@ class Server {
   void Stop();
 
   size_t active_connections() const;
-  // Ends the sessions connected to the export `name` (after it was removed) and waits
-  // for them to finish.
-  void DisconnectExport(const std::string& name);
+  // Ends the sessions that hold `removed` (an export the caller took out of the table,
+  // ExportTable::Remove; nullptr: nothing to do) and waits until `removed` is the only
+  // reference left, so that dropping it frees the export's disk on the caller's thread.
+  // Sessions are stopped (requests in flight are answered), and cut (Abort) after
+  // kDisconnectGraceMs if they have not ended. kUnavailable if something still holds the
+  // export after kDisconnectWaitMs (a disk stuck in I/O): the export then lives on with
+  // that holder, which frees it; the caller must keep alive what the disk borrows.
+  Status DisconnectExport(const std::shared_ptr<const Export>& removed);
+  static constexpr int kDisconnectGraceMs = 2000;
+  static constexpr int kDisconnectWaitMs = 10000;
 
  private:
   struct ListenerEntry {

@@ -11,8 +11,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <iostream>
 #include <thread>
 
 #include "nbd/mem_disk.h"
@@ -206,6 +208,154 @@ TEST(ServerListeners, AUnixSocketIs0600AndGoesWithItsListener) {
   EXPECT_EQ(server.RemoveUnixListener(u.path).code(), Code::kNotFound);
   server.Stop();
   std::filesystem::remove_all(dir);
+}
+
+// A disk that says on which thread it was freed (the export's last holder).
+class TrackedDisk final : public Disk {
+ public:
+  TrackedDisk(uint64_t size, std::atomic<std::thread::id>* freed_on)
+      : mem_(size), freed_on_(freed_on) {}
+  ~TrackedDisk() override { *freed_on_ = std::this_thread::get_id(); }
+  uint64_t size() const override { return mem_.size(); }
+  bool read_only() const override { return false; }
+  Status Read(uint64_t offset, std::span<uint8_t> buf) override { return mem_.Read(offset, buf); }
+  Status Write(uint64_t offset, std::span<const uint8_t> data) override {
+    return mem_.Write(offset, data);
+  }
+  Status Zero(uint64_t offset, uint64_t length, ZeroMode mode, bool fast_only) override {
+    return mem_.Zero(offset, length, mode, fast_only);
+  }
+  Status Flush() override { return Status::Ok(); }
+  Status BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,
+                     std::vector<Extent>* out) override {
+    return mem_.BlockStatus(offset, length, extents_max, out);
+  }
+
+ private:
+  MemDisk mem_;
+  std::atomic<std::thread::id>* freed_on_;
+};
+
+// Opens `name` with NBD_OPT_EXPORT_NAME (no zeroes); the connection, or an invalid Fd when
+// the server closed it.
+Fd OpenExport(uint16_t port, const std::string& name, int rcvbuf = 0) {
+  Fd fd = ConnectFrom("127.0.0.1", port);
+  if (rcvbuf > 0) ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+  if (Greeting(fd.get()) != 18u) return Fd();
+  uint8_t hello[20];
+  Put32(hello, kClientFixedNewstyle | kClientNoZeroes);
+  Put64(hello + 4, kIHaveOpt);
+  Put32(hello + 12, kOptExportName);
+  Put32(hello + 16, static_cast<uint32_t>(name.size()));
+  EXPECT_EQ(::send(fd.get(), hello, sizeof hello, MSG_NOSIGNAL), 20);
+  EXPECT_EQ(::send(fd.get(), name.data(), name.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(name.size()));
+  uint8_t info[10];
+  size_t got = 0;
+  while (got < sizeof info) {
+    struct pollfd p = {fd.get(), POLLIN, 0};
+    if (::poll(&p, 1, 10000) <= 0) return Fd();
+    ssize_t n = ::recv(fd.get(), info + got, sizeof info - got, 0);
+    if (n <= 0) return Fd();
+    got += static_cast<size_t>(n);
+  }
+  return fd;
+}
+
+// Sends a READ request of `length` bytes at `offset` (the reply is not read here).
+void SendRead(int fd, uint64_t cookie, uint64_t offset, uint32_t length) {
+  uint8_t req[28];
+  Put32(req, kRequestMagic);
+  Put16(req + 4, 0);
+  Put16(req + 6, kCmdRead);
+  Put64(req + 8, cookie);
+  Put64(req + 16, offset);
+  Put32(req + 24, length);
+  ASSERT_EQ(::send(fd, req, sizeof req, MSG_NOSIGNAL), 28);
+}
+
+// Reads one simple reply with `length` bytes of data; whether it came whole and ok.
+bool ReadReply(int fd, uint32_t length) {
+  std::vector<uint8_t> buf(16 + length);
+  size_t got = 0;
+  while (got < buf.size()) {
+    struct pollfd p = {fd, POLLIN, 0};
+    if (::poll(&p, 1, 10000) <= 0) return false;
+    ssize_t n = ::recv(fd, buf.data() + got, buf.size() - got, 0);
+    if (n <= 0) return false;
+    got += static_cast<size_t>(n);
+  }
+  return Get32(buf.data()) == kSimpleReplyMagic && Get32(buf.data() + 4) == 0;
+}
+
+// The sequence at the NBD layer: a client reads and leaves, another stays; the
+// export is removed at once. DisconnectExport ends the one that stays, and returns when
+// the remover holds the last reference: the disk is freed on the remover's thread, when
+// it drops it, not later by a session the server has not reaped yet.
+TEST_F(ServerTest, ARemovedExportIsFreedByItsRemoverOnceItsSessionsLetGo) {
+  std::atomic<std::thread::id> freed_on{};
+  ASSERT_TRUE(
+      exports_.Add({"drill", "", std::make_shared<TrackedDisk>(1 << 20, &freed_on), ""}).ok());
+  Start({}, {});
+  for (int round = 0; round < 20; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    if (round > 0) {
+      ASSERT_TRUE(
+          exports_.Add({"drill", "", std::make_shared<TrackedDisk>(1 << 20, &freed_on), ""}).ok());
+    }
+    freed_on = std::thread::id();
+    Fd leaves = OpenExport(port_, "drill");
+    Fd stays = OpenExport(port_, "drill");
+    ASSERT_TRUE(leaves.valid() && stays.valid());
+    SendRead(leaves.get(), 1, 0, 4096);
+    ASSERT_TRUE(ReadReply(leaves.get(), 4096));
+    SendRead(stays.get(), 1, 0, 4096);
+    ASSERT_TRUE(ReadReply(stays.get(), 4096));
+    leaves = Fd();  // gone: its session ends on its own thread
+    std::shared_ptr<const Export> e = exports_.Remove("drill");
+    ASSERT_NE(e, nullptr);
+    Status st = server_->DisconnectExport(e);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    EXPECT_EQ(e.use_count(), 1);
+    EXPECT_EQ(freed_on.load(), std::thread::id()) << "freed before its remover let go";
+    e.reset();
+    EXPECT_EQ(freed_on.load(), std::this_thread::get_id()) << "not freed by its remover";
+    EXPECT_TRUE(ClosedByServer(stays.get()));
+  }
+  // Nothing is left for the watchdog: ended sessions are reaped as they end.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (server_->active_connections() != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(server_->active_connections(), 0u);
+}
+
+// A client that sends reads and never reads the replies holds its session in a send:
+// stopping it is not enough, so DisconnectExport cuts it after the grace period.
+TEST_F(ServerTest, AClientThatDoesNotReadItsRepliesIsCutWhenItsExportGoes) {
+  std::atomic<std::thread::id> freed_on{};
+  ASSERT_TRUE(
+      exports_.Add({"drill", "", std::make_shared<TrackedDisk>(1 << 20, &freed_on), ""}).ok());
+  Start({}, {});
+  Fd stuck = OpenExport(port_, "drill", /*rcvbuf=*/4096);
+  ASSERT_TRUE(stuck.valid());
+  for (uint64_t i = 0; i < 64; ++i) SendRead(stuck.get(), i + 1, 0, 1 << 20);  // 64 MiB
+  // The replies have begun (so the session is sending, soon blocked: nobody reads).
+  struct pollfd p = {stuck.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 10000), 1);
+  // Time for the session to fill the socket's buffers and block in its send (the test
+  // holds either way; only then does it show the cut).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::shared_ptr<const Export> e = exports_.Remove("drill");
+  auto began = std::chrono::steady_clock::now();
+  Status st = server_->DisconnectExport(e);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  auto took = std::chrono::steady_clock::now() - began;
+  EXPECT_LT(took, std::chrono::milliseconds(Server::kDisconnectWaitMs));
+  std::cout << "cut after " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+            << " ms\n";
+  e.reset();
+  EXPECT_EQ(freed_on.load(), std::this_thread::get_id());
 }
 
 }  // namespace

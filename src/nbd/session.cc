@@ -61,6 +61,18 @@ std::string Session::export_name() const {
   return export_ ? export_->name : std::string();
 }
 
+bool Session::Holds(const Export* e) const {
+  std::lock_guard lock(export_mu_);
+  return export_ != nullptr && export_.get() == e;
+}
+
+void Session::ReleaseExport() {
+  std::shared_ptr<const Export> last;  // dropped outside the lock: it may free a view
+  disk_ = nullptr;
+  std::lock_guard lock(export_mu_);
+  last = std::move(export_);
+}
+
 Session::~Session() {
   {
     std::lock_guard lock(sync_mu_);
@@ -95,8 +107,14 @@ Status Session::Send(std::span<const struct iovec> iov) {
 Status Session::Run() {
   Status st = RunInner();
   // The client sees the end at once, not when the server reaps this session.
-  std::lock_guard lock(stream_mu_);
-  if (stream_) stream_->Shutdown();
+  {
+    std::lock_guard lock(stream_mu_);
+    if (stream_) stream_->Shutdown();
+  }
+  // Nothing runs on the export any more (RunInner joined the sync thread): let it go now,
+  // not when the server reaps this session, so that whoever removes the export next
+  // (closing a view, deleting a store) is not left waiting on a session that is over.
+  ReleaseExport();
   return st;
 }
 

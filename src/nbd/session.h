@@ -10,6 +10,11 @@
 // send_mu_ serialises the two threads' writes to the stream. Stop() and Abort() may be
 // called from any thread.
 //
+// Lifetime: the session shares its export (ExportTable, shared_ptr) from NBD_OPT_GO on and
+// lets go of it when Run() returns, on its own thread: a finished session holds no export,
+// no disk, nothing of a view or a store, even before the server reaps it (export_table.h,
+// "Who owns what across threads" in docs/architecture.md).
+//
 // Security (access.h): a session starts with the principal of its listener. With TLS
 // (NBD_OPT_STARTTLS, doc/proto.md "TLS support") the listener is FORCEDTLS (kRequired:
 // before STARTTLS every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, and
@@ -91,7 +96,8 @@ class Session {
   ~Session();
 
   // Serves the connection until the client leaves or Stop(). Returns why it ended:
-  // ok for a clean end (NBD_CMD_DISC, ABORT, or a close between requests).
+  // ok for a clean end (NBD_CMD_DISC, ABORT, or a close between requests). The export is
+  // released before it returns (its sync thread has ended by then too).
   Status Run();
   // Ends the session from another thread: the stream is shut down, Run() returns.
   void Stop();
@@ -105,8 +111,10 @@ class Session {
   const Principal& principal() const { return security_.principal; }
 
   const std::string& peer() const { return peer_; }
-  // The export the client chose (empty before the handshake ends).
+  // The export the client chose (empty before the handshake ends and after Run()).
   std::string export_name() const;
+  // Whether the session holds `e` now (chosen at GO, not yet released by Run()).
+  bool Holds(const Export* e) const;
 
  private:
   enum class HandshakeResult { kTransmission, kEnd };
@@ -132,6 +140,8 @@ class Session {
   Status SendExportNameReply();
   uint16_t TransmissionFlags(const Disk& disk) const;
   void Choose(std::shared_ptr<const Export> e);
+  // Lets go of the export (and its disk): the end of Run().
+  void ReleaseExport();
 
   Status Transmission();
   // Makes at least `n` unread bytes available in rbuf_; ok(false) if the client closed
@@ -152,8 +162,9 @@ class Session {
   std::unique_ptr<Stream> stream_;
   const ExportTable* exports_;
   mutable std::mutex export_mu_;
-  std::shared_ptr<const Export> export_;  // guarded by export_mu_; set once, at GO
-  Disk* disk_ = nullptr;                  // export_'s disk; connection thread only
+  // guarded by export_mu_; set once, at GO; reset when Run() ends
+  std::shared_ptr<const Export> export_;
+  Disk* disk_ = nullptr;  // export_'s disk, borrowed while export_ is held; connection thread only
   SessionLimits limits_;
   std::string peer_;
   SessionSecurity security_;

@@ -25,6 +25,7 @@ constexpr std::string_view kNames[] = {
     "epoch_ahead",          // 8
     "not_authorized",       // 9
     "store_failed",         // 10
+    "no_space",             // 11
 };
 static_assert(std::size(kNames) == kErrorCodeLast + 1);
 
@@ -70,8 +71,9 @@ ErrorCode ErrorCodeFor(const Status& st) {
       return ErrorCode::kUnknownGroup;
     case Code::kPermissionDenied:
       return ErrorCode::kNotAuthorized;
-    case Code::kIoError:
     case Code::kNoSpace:
+      return ErrorCode::kNoSpace;
+    case Code::kIoError:
     case Code::kAlreadyExists:
       return ErrorCode::kStoreFailed;
     default:

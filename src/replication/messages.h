@@ -40,8 +40,11 @@ enum class ErrorCode : uint16_t {
   kNotAuthorized = 9,       // the peer's certificate does not name the site expected
   kStoreFailed = 10,        // the store could not take what was sent (I/O, out of order,
                             // no resync under way): reconnect and resume from durable
+  kNoSpace = 11,            // the recovery site's file system is full: nothing was taken;
+                            // back off (exponentially, bounded) and resend from durable;
+                            // it resumes by itself once an operator frees space
 };
-inline constexpr uint16_t kErrorCodeLast = 10;
+inline constexpr uint16_t kErrorCodeLast = 11;
 
 // "stale_epoch", "epoch_ahead", ...
 std::string_view ErrorCodeName(ErrorCode code);
@@ -49,7 +52,7 @@ std::string_view ErrorCodeName(ErrorCode code);
 std::optional<ErrorCode> ErrorCodeFromNumber(uint64_t n);
 // The code for a local failure that has no more specific one: kCorruption ->
 // kCorruptFrame, kInvalidArgument / kOutOfRange -> kBadFrame, kNotFound -> kUnknownGroup,
-// kPermissionDenied -> kNotAuthorized, kIoError / kNoSpace / kAlreadyExists ->
+// kPermissionDenied -> kNotAuthorized, kNoSpace -> kNoSpace, kIoError / kAlreadyExists ->
 // kStoreFailed, anything else -> kInternal.
 ErrorCode ErrorCodeFor(const Status& st);
 

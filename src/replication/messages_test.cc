@@ -25,6 +25,7 @@ TEST(Messages, ErrorCodesKeepTheirNumbersAndNames) {
       {ErrorCode::kEpochAhead, "epoch_ahead"},
       {ErrorCode::kNotAuthorized, "not_authorized"},
       {ErrorCode::kStoreFailed, "store_failed"},
+      {ErrorCode::kNoSpace, "no_space"},
   };
   uint16_t n = 1;
   for (auto [code, name] : table) {

@@ -7,6 +7,7 @@
 #include <exception>
 
 #include "common/threads.h"
+#include "common/units.h"
 
 namespace osr::replication {
 
@@ -34,10 +35,28 @@ Status CheckEpoch(const store::RecoveryStore& st, uint64_t epoch, ErrorCode* cod
   return Status::Ok();
 }
 
-// A store that refuses what a sender sent: damaged bytes, or anything else it could
-// not take (out of order, no resync under way, I/O).
+// A store that refuses what a sender sent: damaged bytes, a full file system (nothing
+// was taken: the sender backs off), or anything else it could not take (out of order, no
+// resync under way, I/O).
 ErrorCode StoreCode(const Status& st) {
-  return st.code() == Code::kCorruption ? ErrorCode::kCorruptFrame : ErrorCode::kStoreFailed;
+  switch (st.code()) {
+    case Code::kCorruption:
+      return ErrorCode::kCorruptFrame;
+    case Code::kNoSpace:
+      return ErrorCode::kNoSpace;
+    default:
+      return ErrorCode::kStoreFailed;
+  }
+}
+
+// A full file system's refusal says how full it is (for the sender's status and logs).
+Status WithSpace(const store::RecoveryStore& store, const Status& st) {
+  if (st.code() != Code::kNoSpace) return st;
+  auto space = FileSystemSpace(store.dir());
+  if (!space.ok()) return st;
+  return Status(st.code(),
+                fmt::format("{} ({} free of {} on the recovery site's file system)", st.message(),
+                            FormatSize(space->free_bytes), FormatSize(space->total_bytes)));
 }
 
 }  // namespace
@@ -295,7 +314,8 @@ std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a,
   switch (f.type) {
     case FrameType::kRecords: {
       auto durable = store.Append(f.payload);
-      if (!durable.ok()) return End{StoreCode(durable.status()), durable.status()};
+      if (!durable.ok())
+        return End{StoreCode(durable.status()), WithSpace(store, durable.status())};
       if (Status st = WriteFrame(s, FrameType::kAck, EncodeU64(*durable)); !st.ok()) {
         return End{ErrorCode::kInternal, st};
       }
@@ -314,14 +334,14 @@ std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a,
       auto d = ParseResyncData(f.payload);
       if (!d.ok()) return End{ErrorCode::kBadFrame, d.status()};
       Status st = store.ResyncWrite(d->disk, d->offset, d->bytes);
-      if (!st.ok()) return End{StoreCode(st), st};
+      if (!st.ok()) return End{StoreCode(st), WithSpace(store, st)};
       return std::nullopt;
     }
     case FrameType::kResyncEnd: {
       auto e = ParseResyncEnd(f.payload, "RESYNC_END");
       if (!e.ok()) return End{ErrorCode::kBadFrame, e.status()};
       if (Status st = store.CommitResync(e->consistent_seq); !st.ok()) {
-        return End{StoreCode(st), st};
+        return End{StoreCode(st), WithSpace(store, st)};
       }
       spdlog::info("replication receiver: group '{}' resynchronized; consistent from seq {}",
                    a.group, e->consistent_seq);

@@ -8,9 +8,47 @@
 #include <exception>
 
 #include "capture/log_tailer.h"
+#include "replication/pacer.h"
 #include "replication/wire.h"
 
 namespace osr::replication {
+
+namespace {
+
+int64_t SteadyNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Frames small enough that pacing is smooth at a low rate: about 100 ms of the rate, at
+// least 64 KiB, at most the configured frame size.
+size_t FrameBytesAt(uint64_t rate_bytes_per_s, size_t frame_bytes_max) {
+  if (rate_bytes_per_s == 0) return frame_bytes_max;
+  return static_cast<size_t>(
+      std::clamp<uint64_t>(rate_bytes_per_s / 10, 64 << 10, std::max<size_t>(frame_bytes_max, 1)));
+}
+
+}  // namespace
+
+bool WaitsForSomeone(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kBadFrame:
+    case ErrorCode::kUnsupportedVersion:
+    case ErrorCode::kBadDisks:
+    case ErrorCode::kEpochAhead:
+    case ErrorCode::kNotAuthorized:
+      return true;
+    default:  // passes by itself (a cut, a store that is not there yet, a full disk freed)
+      return false;
+  }
+}
+
+int ReconnectDelayMs(int delay_ms, bool progressed, bool refused, const SenderOptions& o) {
+  if (progressed) return o.reconnect_delay_ms_min;
+  int max = refused ? o.refused_delay_ms_max : o.reconnect_delay_ms_max;
+  return std::min(std::max(delay_ms, o.reconnect_delay_ms_min) * 2, std::max(max, 1));
+}
 
 Sender::~Sender() {
   Stop();
@@ -51,10 +89,18 @@ bool Sender::WaitAcked(uint64_t seq, int timeout_ms) {
 }
 
 void Sender::Run() {
-  int delay = opts_.reconnect_delay_ms_min;
+  int delay = 0;         // none yet
+  std::string logged;    // the last failure logged, and when: a repeat is logged once per
+  int logged_delay = 0;  // backoff step or once a minute
+  auto logged_at = std::chrono::steady_clock::now();
   while (!stop_) {
     // The connection thread's entry point: whatever escapes a session is reported and
     // the sender reconnects; the daemon goes on.
+    uint64_t progress_before;
+    {
+      std::lock_guard lock(mu_);
+      progress_before = progress_;
+    }
     Status st;
     try {
       st = Session();
@@ -64,24 +110,67 @@ void Sender::Run() {
       st = Internal("replication session failed: unknown exception");
     }
     if (stop_) break;
-    bool was_connected;
+    bool progressed;
+    std::optional<ErrorCode> code;
+    std::string message;
     {
       std::lock_guard lock(mu_);
-      was_connected = stats_.connected;
+      // A session that connected but had everything refused (a full file system at the
+      // recovery site) counts as a failure: the backoff grows.
+      progressed = progress_ != progress_before;
+      code = session_code_;
       stats_.connected = false;
-      stats_.last_error = st.ToString();
-      stats_.last_error_code =
-          session_code_ ? std::string(ErrorCodeName(*session_code_)) : std::string();
+      stats_.last_error = session_refusal_ ? session_refusal_->ToString() : st.ToString();
+      session_refusal_.reset();
+      stats_.last_error_code = code ? std::string(ErrorCodeName(*code)) : std::string();
       session_code_.reset();
-      ++stats_.reconnects;
+      message = stats_.last_error;
     }
-    spdlog::info("replication sender '{}': {}; reconnecting in {} ms", opts_.group, st.ToString(),
-                 delay);
+    if (code == ErrorCode::kStaleEpoch) {
+      // The item failed over elsewhere: no reconnect can succeed at this epoch. Stopped
+      // until the vault restarts replication at a new epoch (a new Sender).
+      std::unique_lock lock(mu_);
+      stats_.stopped = true;
+      stats_.last_error = fmt::format(
+          "{}; stopped: the recovery site refuses epoch {} as stale (the item failed over); "
+          "replication starts again only when the vault restarts it at a new epoch",
+          message, opts_.epoch);
+      spdlog::warn("replication sender '{}': {}", opts_.group, stats_.last_error);
+      cv_.wait(lock, [&] { return stop_.load(); });
+      break;
+    }
+    // Back off while the other side keeps failing (longer while it refuses what only the
+    // vault or an operator can change); start over after a session that made progress.
+    delay = delay == 0 ? opts_.reconnect_delay_ms_min
+                       : ReconnectDelayMs(delay, progressed, code && WaitsForSomeone(*code), opts_);
+    {
+      std::lock_guard lock(mu_);
+      ++stats_.reconnects;
+      stats_.reconnect_delay_ms = static_cast<uint64_t>(delay);
+    }
+    auto now = std::chrono::steady_clock::now();
+    if (message != logged || delay != logged_delay || now - logged_at >= std::chrono::minutes(1)) {
+      spdlog::info("replication sender '{}': {}; reconnecting in {} ms", opts_.group, message,
+                   delay);
+      logged = message;
+      logged_delay = delay;
+      logged_at = now;
+    }
     std::unique_lock lock(mu_);
     cv_.wait_for(lock, std::chrono::milliseconds(delay), [&] { return stop_.load(); });
-    // Back off while the other side keeps failing; start over after a working session.
-    delay = was_connected ? opts_.reconnect_delay_ms_min
-                          : std::min(delay * 2, opts_.reconnect_delay_ms_max);
+  }
+}
+
+Status Sender::WaitToSend(Pacer& pacer, uint64_t bytes) {
+  for (;;) {
+    int64_t now = SteadyNs();
+    int64_t wait_ns = pacer.Delay(bytes, now);
+    std::unique_lock lock(mu_);
+    if (session_broken_) return Unavailable(stats_.last_error);
+    if (stop_) return Unavailable("the sender is stopping");
+    if (wait_ns == 0) return Status::Ok();
+    cv_.wait_for(lock, std::chrono::nanoseconds(wait_ns),
+                 [&] { return stop_.load() || session_broken_; });
   }
 }
 
@@ -108,6 +197,7 @@ Status Sender::ReadAcks(Stream* s) {
       case FrameType::kAck: {
         OSR_ASSIGN_OR_RETURN(uint64_t durable, DecodeU64(f.payload));
         std::lock_guard lock(mu_);
+        if (durable > stats_.acked_seq) ++progress_;
         stats_.acked_seq = std::max(stats_.acked_seq, durable);
         while (!in_flight_.empty() && in_flight_.front().last_seq <= durable) {
           in_flight_bytes_ -= in_flight_.front().bytes;
@@ -132,6 +222,7 @@ Status Sender::ReadAcks(Stream* s) {
           pending_resync_.reset();
           stats_.resyncing = false;
           ++stats_.resyncs_completed;
+          ++progress_;
           spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
         }
         break;
@@ -158,7 +249,10 @@ Status Sender::Refused(const PeerError& e) {
   Code code = e.code == ErrorCode::kStaleEpoch || e.code == ErrorCode::kNotAuthorized
                   ? Code::kPermissionDenied
                   : Code::kUnavailable;
-  return Status(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  Status st(code, fmt::format("receiver refused ({}): {}", ErrorCodeName(e.code), e.message));
+  std::lock_guard lock(mu_);
+  session_refusal_ = st;
+  return st;
 }
 
 Status Sender::Refuse(Stream& s, ErrorCode code, Status st) {
@@ -289,7 +383,12 @@ Status Sender::Session() {
   std::vector<uint8_t> frame;
   uint64_t trimmed_upto = durable;
   auto last_trim = std::chrono::steady_clock::now();
-  auto pace_until = std::chrono::steady_clock::now();
+  // The policy's bandwidth limit, for every byte of this session (records and copies).
+  const size_t frame_bytes = FrameBytesAt(opts_.bandwidth_bytes_per_second, opts_.frame_bytes_max);
+  Pacer pacer(
+      opts_.bandwidth_bytes_per_second,
+      Pacer::BurstFor(opts_.bandwidth_bytes_per_second, frame_bytes + 12 + kFrameHeaderBytes),
+      SteadyNs());
   // Sends one frame of records if any are written; returns how many records it sent.
   auto ship_once = [&]() -> Result<size_t> {
     {
@@ -313,18 +412,13 @@ Status Sender::Session() {
       }
     }
     frame.clear();
-    OSR_ASSIGN_OR_RETURN(size_t n, tailer.Read(opts_.frame_bytes_max, &frame));
+    OSR_ASSIGN_OR_RETURN(size_t n, tailer.Read(frame_bytes, &frame));
     if (n == 0) return size_t{0};
+    // Paced on the wire: wait for the frame's size as read (compression only makes it
+    // smaller), then pay what went.
+    OSR_RETURN_IF_ERROR(WaitToSend(pacer, frame.size() + kFrameHeaderBytes));
     OSR_ASSIGN_OR_RETURN(size_t wire, WriteRecordsFrame(s, frame, compress));
-    if (opts_.bandwidth_bytes_per_second > 0) {
-      // Pace on the wire: each frame's bytes cost their time at the policy's rate.
-      pace_until +=
-          std::chrono::nanoseconds(wire * 1000000000ull / opts_.bandwidth_bytes_per_second);
-      auto now = std::chrono::steady_clock::now();
-      if (pace_until < now) pace_until = now;  // no credit saved up while idle
-      std::unique_lock lock(mu_);
-      cv_.wait_until(lock, pace_until, [&] { return stop_.load() || session_broken_; });
-    }
+    pacer.Take(wire, SteadyNs());
     std::lock_guard lock(mu_);
     stats_.wire_bytes_sent += wire;
     uint64_t last = tailer.next_seq() - 1;
@@ -350,7 +444,7 @@ Status Sender::Session() {
     }
     return Status::Ok();
   };
-  if (initial_from) OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from));
+  if (initial_from) OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from, pacer, frame_bytes));
   while (!stop_) {
     // Caught up with a log that overflowed, or with regions a crash left marked: copy
     // those regions (one resync at a time; the bitmap keeps them until it is committed).
@@ -361,7 +455,7 @@ Status Sender::Session() {
     }
     if (opts_.capture_group != nullptr && !resync_pending && tailer.next_seq() > log_->last_seq() &&
         (log_->overflowed() || opts_.capture_group->HasStickyRegions())) {
-      OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt));
+      OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt, pacer, frame_bytes));
       continue;
     }
     OSR_ASSIGN_OR_RETURN(size_t n, ship_once());
@@ -371,7 +465,8 @@ Status Sender::Session() {
 }
 
 Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
-                      std::optional<std::pair<uint64_t, uint64_t>> initial) {
+                      std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
+                      size_t frame_bytes) {
   bool is_initial = initial.has_value();
   auto [from, generation] = is_initial ? *initial : log_->ResumeAfterOverflow();
   OSR_RETURN_IF_ERROR(ship_upto(from));  // every record before the resync is sent first
@@ -394,32 +489,28 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   OSR_RETURN_IF_ERROR(
       WriteFrame(s, FrameType::kResyncBegin, EncodeResyncBegin({from, is_initial})));
   std::vector<uint8_t> buf;
-  // The policy's bandwidth limit holds for copies too (initial, resync, reprotect).
-  auto pace_until = std::chrono::steady_clock::now();
+  // The policy's bandwidth limit holds for copies too (initial, resync, reprotect), in
+  // the same bucket as the records that flow meanwhile.
+  const size_t chunk_bytes = std::min(opts_.resync_chunk_bytes, frame_bytes);
   for (auto& r : regions) {
     for (uint64_t off = r.range.offset; off < r.range.offset + r.range.length;) {
       if (stop_) return Status::Ok();
       size_t n = static_cast<size_t>(
-          std::min<uint64_t>(opts_.resync_chunk_bytes, r.range.offset + r.range.length - off));
+          std::min<uint64_t>(chunk_bytes, r.range.offset + r.range.length - off));
       buf.resize(12 + n);
       std::memcpy(buf.data(), &r.disk, 4);
       std::memcpy(buf.data() + 4, &off, 8);
       OSR_RETURN_IF_ERROR(opts_.capture_group->ReadDisk(r.disk, off, {buf.data() + 12, n}));
+      OSR_RETURN_IF_ERROR(WaitToSend(pacer, buf.size() + kFrameHeaderBytes));
       OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncData, buf));
+      pacer.Take(buf.size() + kFrameHeaderBytes, SteadyNs());
       off += n;
       {
         std::unique_lock lock(mu_);
         stats_.resync_bytes_done += n;
+        stats_.bytes_sent += n;
         stats_.wire_bytes_sent += buf.size() + kFrameHeaderBytes;
         if (session_broken_) return Unavailable(stats_.last_error);
-        if (opts_.bandwidth_bytes_per_second > 0) {
-          pace_until += std::chrono::nanoseconds((buf.size() + kFrameHeaderBytes) * 1000000000ull /
-                                                 opts_.bandwidth_bytes_per_second);
-          auto now = std::chrono::steady_clock::now();
-          if (pace_until < now) pace_until = now;
-          cv_.wait_until(lock, pace_until, [&] { return stop_.load() || session_broken_; });
-          if (session_broken_) return Unavailable(stats_.last_error);
-        }
       }
       // New writes keep flowing while the regions are copied.
       OSR_RETURN_IF_ERROR(ship_upto(log_->written_seq()));

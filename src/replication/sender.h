@@ -7,12 +7,27 @@
 // Trust (DESIGN.md invariant 8): with TLS, the receiver's certificate must come from
 // the CA and name the target site (when the vault gave its name). A refusal comes back
 // as an ERROR frame with a typed code (messages.h): on kStaleEpoch the sender fences its
-// disks (on_stale_epoch); on kEpochAhead it only retries later. Without TLS it connects
-// only to loopback addresses unless plaintext_beyond_loopback.
+// disks (on_stale_epoch) and stops — no reconnect can succeed at its epoch; the vault
+// starts a new Sender at a new epoch. A refusal only the vault or an operator can end
+// (WaitsForSomeone: kEpochAhead, kNotAuthorized, kBadDisks, ...) is retried with a backoff
+// up to refused_delay_ms_max; anything else (a cut, an absent site, a full disk) up to
+// reconnect_delay_ms_max. A repeated identical failure is logged once per backoff step
+// or once a minute. Without TLS it connects only to loopback addresses unless
+// plaintext_beyond_loopback.
+//
+// Bandwidth (bandwidth_bytes_per_second): one token bucket (pacer.h) per session for
+// every byte on the wire — records, initial copy and resync — with a burst of one frame
+// or 100 ms of the rate; under a limit, frames are about 100 ms of the rate (≥ 64 KiB).
 //
 // Thread model: Start() runs a connection thread; while connected an ACK-reader thread
 // too. Both entry points catch whatever escapes, report it in the stats and go on (the
 // connection thread reconnects). mu_ guards the stats and the window.
+//
+// Ownership: the site's group owns the sender (unique_ptr). It borrows the capture log and
+// the capture group (and on_stale_epoch captures the group): Stop(), also run by the
+// destructor, joins both threads, so nothing of the sender runs once it is gone, and the
+// site frees a group's sender before its capture group (docs/architecture.md, "Who owns
+// what across threads").
 #pragma once
 
 #include <atomic>
@@ -30,6 +45,7 @@
 #include "common/socket.h"
 #include "common/tls.h"
 #include "replication/messages.h"
+#include "replication/pacer.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -48,10 +64,11 @@ struct SenderOptions {
   size_t frame_bytes_max = 4 << 20;    // records per RECORDS frame
   size_t window_bytes_max = 32 << 20;  // sent but not acknowledged
   int reconnect_delay_ms_min = 50;
-  int reconnect_delay_ms_max = 5000;
-  int idle_poll_ms = 2;             // how often to look for new records when idle
-  std::shared_ptr<TlsContext> tls;  // client side; nullptr: plain TCP
-  bool compress = true;             // LZ4 when the receiver agrees and it pays
+  int reconnect_delay_ms_max = 5000;  // after a failure that passes by itself
+  int refused_delay_ms_max = 60000;   // after a refusal that waits for someone
+  int idle_poll_ms = 2;               // how often to look for new records when idle
+  std::shared_ptr<TlsContext> tls;    // client side; nullptr: plain TCP
+  bool compress = true;               // LZ4 when the receiver agrees and it pays
   // The group whose bitmaps and disks a resynchronization reads (borrowed; nullptr: no
   // resync, the sender only reports that one is required).
   capture::CaptureGroup* capture_group = nullptr;
@@ -63,15 +80,32 @@ struct SenderOptions {
   uint64_t bandwidth_bytes_per_second = 0;  // on the wire; 0: no limit
 };
 
+// Whether a refusal with this code needs the vault or an operator to change something
+// (not_authorized, bad_disks, unsupported_version, epoch_ahead, bad_frame): then the
+// sender backs off to refused_delay_ms_max instead of reconnect_delay_ms_max.
+bool WaitsForSomeone(ErrorCode code);
+// The wait before the next connection after one that ended: back to the minimum after a
+// session that made progress, else doubled up to reconnect_delay_ms_max, or
+// refused_delay_ms_max when `refused` (WaitsForSomeone).
+int ReconnectDelayMs(int delay_ms, bool progressed, bool refused, const SenderOptions& o);
+
 class Sender {
  public:
   struct Stats {
     bool connected = false;
     uint64_t acked_seq = 0;
     uint64_t sent_seq = 0;
-    uint64_t bytes_sent = 0;       // record bytes shipped
+    uint64_t bytes_sent = 0;       // bytes shipped: records and copied regions, before compression
     uint64_t wire_bytes_sent = 0;  // after compression, with frame headers
     uint64_t reconnects = 0;
+    // The receiver refused this sender's epoch as stale (the item failed over): it stopped
+    // and does not reconnect (last_error says so).
+    bool stopped = false;
+    // The wait before the next reconnect: reconnect_delay_ms_min after a session that made
+    // progress (an ACK that moved acked_seq, a committed resync), else doubled up to
+    // reconnect_delay_ms_max — a receiver that keeps refusing (a full file system) is
+    // asked at most every reconnect_delay_ms_max, not in a tight loop.
+    uint64_t reconnect_delay_ms = 0;
     bool resync_required = false;  // the receiver needs records the log no longer has
     bool resyncing = false;        // regions are being copied
     uint64_t resync_bytes_total = 0;
@@ -115,8 +149,13 @@ class Sender {
   // keep flowing; `ship` sends the records up to a seq.
   // With `initial` (from, overflow generation): the first copy into an empty store, of
   // the disks' allocated regions.
+  // `pacer`: the session's bandwidth limit; `frame_bytes`: the most data per frame.
   Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
-                std::optional<std::pair<uint64_t, uint64_t>> initial);
+                std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
+                size_t frame_bytes);
+  // Waits until the pacer lets `bytes` go. kUnavailable when the session broke or the
+  // sender stops.
+  Status WaitToSend(Pacer& pacer, uint64_t bytes);
 
   struct PendingResync {
     std::vector<capture::CaptureGroup::DiskRange> regions;
@@ -145,6 +184,10 @@ class Sender {
   Stream* stream_ = nullptr;                     // guarded by mu_
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
   std::optional<ErrorCode> session_code_;        // guarded by mu_: how the session ended
+  uint64_t progress_ = 0;  // guarded by mu_: ACKs that moved acked_seq, resyncs committed
+  // guarded by mu_: the receiver's refusal that ended the session (its ERROR's words),
+  // reported rather than what the connection thread then met (a write to a closed socket)
+  std::optional<Status> session_refusal_;
 };
 
 }  // namespace osr::replication

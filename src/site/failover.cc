@@ -101,9 +101,8 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
         cfg_.name, vm, seq, epoch, bytes, regions.size());
   }
   if (!opened.ok()) {
-    if (g->capture) CloseGroupExports(vm, *g);  // what OpenGroupLocked added
-    g.reset();
-    fs::remove_all(dir, ec);  // nothing half-done left behind
+    FreeGroup(vm, std::move(g));  // takes back what OpenGroupLocked added
+    fs::remove_all(dir, ec);      // nothing half-done left behind
     return opened;
   }
   groups_[vm] = std::move(g);
@@ -361,7 +360,17 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
   g->stop_materialise = true;
   if (g->materialiser.joinable()) g->materialiser.join();
   g->sender.reset();
-  CloseGroupExports(vm, *g);
+  if (Status closed = CloseGroupExports(vm, *g); !closed.ok()) {
+    // Its images must not move while an NBD client still holds them: the group stays.
+    std::lock_guard lock(mu_);
+    if (Status back = AddGroupExportsLocked(vm, *g); !back.ok()) {
+      spdlog::error("site {}: VM {}: cannot serve its disks again: {}", cfg_.name, vm,
+                    back.ToString());
+    }
+    groups_[vm] = std::move(g);
+    return Unavailable("VM " + vm + ": its disks are still in use by an NBD client; try again: " +
+                       closed.message());
+  }
   std::vector<DiskSpec> disks = g->disks;
   g.reset();  // flushes and closes the images
   std::string gdir = cfg_.data_dir + "/groups/" + vm;

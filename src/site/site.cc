@@ -9,10 +9,13 @@
 #include <sys/statvfs.h>
 #include <toml++/toml.h>
 
+#include <charconv>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <set>
+#include <thread>
 
 #include "common/file.h"
 #include "common/json_in.h"
@@ -286,10 +289,6 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
         Code::kAlreadyExists,
         fmt::format("{} is in use by another osrd (its lock {} is held)", cfg.data_dir, lock_path));
   }
-  // Overlays of views from an earlier run are gone with those views.
-  for (auto& e : fs::directory_iterator(fs::path(cfg.data_dir) / "views", ec)) {
-    fs::remove(e.path(), ec);
-  }
   OSR_ASSIGN_OR_RETURN(nbd::ListenerOptions nbd_options, NbdListenerOptions(cfg));
   if (cfg.nbd_insecure_tcp && nbd_options.tls != nbd::TlsMode::kRequired) {
     spdlog::warn(
@@ -377,6 +376,10 @@ void Site::Stop() {
   for (auto& [vm, g] : groups_) g->sender.reset();
   for (auto& [vm, g] : groups_) g->capture.reset();
   groups_.clear();
+  {
+    std::lock_guard retired(retired_mu_);
+    retired_.clear();  // the NBD server has stopped: nothing holds their disks any more
+  }
   stores_.clear();
   nbd_.reset();
 }
@@ -432,16 +435,42 @@ void Site::OpenVmSocketLocked(const std::string& vm, Group& g) {
   g.nbd_socket = path;
 }
 
-void Site::CloseGroupExports(const std::string& vm, Group& g) {
+Status Site::CloseGroupExports(const std::string& vm, Group& g) {
   if (!g.nbd_socket.empty()) {
     Status st = nbd_->RemoveUnixListener(g.nbd_socket);
     if (!st.ok()) spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, st.ToString());
     g.nbd_socket.clear();
   }
+  Status result;
   for (auto& d : g.disks) {
-    exports_.Remove(DiskExport(vm, d.name));
-    nbd_->DisconnectExport(DiskExport(vm, d.name));
+    std::shared_ptr<const nbd::Export> e = exports_.Remove(DiskExport(vm, d.name));
+    Status ended = nbd_->DisconnectExport(e);
+    if (!ended.ok() && result.ok()) result = ended;
   }
+  return result;
+}
+
+void Site::FreeGroup(const std::string& vm, std::unique_ptr<Group> g) {
+  if (g->capture) {
+    if (Status closed = CloseGroupExports(vm, *g); !closed.ok()) {
+      RetireCapture(vm, std::move(g->capture), closed);
+    }
+  }
+  g.reset();
+}
+
+void Site::RetireCapture(const std::string& vm, std::unique_ptr<capture::CaptureGroup> capture,
+                         const Status& why) {
+  // An NBD client still holds one of its disks past every bound (a disk stuck in I/O): the
+  // disk borrows the capture group, so the group must outlive it. It stays, fenced (it
+  // takes no more writes), until the site stops.
+  spdlog::error("site {}: VM {}: its disks stay in memory until the daemon stops: {}", cfg_.name,
+                vm, why.ToString());
+  if (Status fenced = capture->Fence(store::kEpochMax); !fenced.ok()) {
+    spdlog::error("site {}: VM {}: {}", cfg_.name, vm, fenced.ToString());
+  }
+  std::lock_guard lock(retired_mu_);
+  retired_.push_back(std::move(capture));
 }
 
 std::string_view DamageKindName(DamageKind kind) {
@@ -492,11 +521,63 @@ Status Site::Load() {
       if (auto g = LoadGroupLocked(vm, entry)) groups_[vm] = std::move(g);
     }
   }
+  next_view_ = std::max<uint64_t>(1, f.U64("next_view", 1));
+  const json* views = f.Object("views");
+  LoadViewsLocked(views != nullptr ? *views : json::object());
   size_t damaged = damaged_stores_.size();
   for (auto& [vm, g] : groups_) damaged += g->damage ? 1 : 0;
   spdlog::info("site {}: {} group(s), {} store(s), {} quarantined", cfg_.name, groups_.size(),
                stores_.size() + damaged_stores_.size(), damaged);
   return SaveLocked();
+}
+
+std::string Site::OverlayPath(const std::string& id, uint32_t disk) const {
+  return fmt::format("{}/views/{}-{}.overlay", cfg_.data_dir, id, disk);
+}
+
+void Site::LoadViewsLocked(const json& views) {
+  std::set<std::string> kept;
+  for (auto& [id, entry] : views.items()) {
+    json_in::Fields f(entry, "site.json view " + id + ".");
+    View v;
+    v.vm = f.String("vm", "");
+    v.seq = f.U64("seq", 0);
+    v.writable = f.Bool("writable", false);
+    if (!f.ok() || !ValidName(id) || !ValidName(v.vm)) {
+      spdlog::error("site {}: view {} in site.json is not one: dropped", cfg_.name, id);
+      continue;
+    }
+    auto st = stores_.find(v.vm);
+    if (st == stores_.end()) {
+      v.lost = "its recovery store " + v.vm + " is " +
+               (damaged_stores_.count(v.vm) ? "quarantined" : "gone");
+    } else {
+      auto opened = OpenViewLocked(id, v, /*reopen=*/v.writable);
+      if (!opened.ok()) v.lost = opened.status().message();
+    }
+    if (!v.lost.empty()) {
+      spdlog::error("site {}: view {} of {} at seq {} is lost: {}", cfg_.name, id, v.vm, v.seq,
+                    v.lost);
+    } else {
+      spdlog::info("site {}: view {} of {} at seq {} is open again", cfg_.name, id, v.vm, v.seq);
+    }
+    kept.insert(id + "-");
+    uint64_t n = 0;
+    if (id.rfind("view-", 0) == 0 &&
+        std::from_chars(id.data() + 5, id.data() + id.size(), n).ec == std::errc() &&
+        n >= next_view_) {
+      next_view_ = n + 1;  // ids are never reused
+    }
+    views_[id] = std::move(v);
+  }
+  // Overlays that no view names (a view closed while the site was going down).
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(fs::path(cfg_.data_dir) / "views", ec)) {
+    std::string name = e.path().filename().string();
+    bool named = false;
+    for (auto& prefix : kept) named = named || name.rfind(prefix, 0) == 0;
+    if (!named) fs::remove(e.path(), ec);
+  }
 }
 
 void Site::LoadStoresLocked(const json& stores) {
@@ -534,7 +615,11 @@ std::unique_ptr<Site::Group> Site::LoadGroupLocked(const std::string& vm, const 
   std::optional<OpenFailure> failed = OpenSavedGroupLocked(vm, entry, *g, &became_store);
   if (became_store) return nullptr;
   if (failed) {
-    CloseGroupExports(vm, *g);
+    if (g->capture) {
+      if (Status closed = CloseGroupExports(vm, *g); !closed.ok()) {
+        RetireCapture(vm, std::move(g->capture), closed);
+      }
+    }
     g->capture.reset();
     g->damage = GroupDamage(vm, *g, *failed);
     g->saved = entry;
@@ -774,10 +859,11 @@ void Site::WatchOnce() {
         // The sender fenced the disks by itself (the recovery site refused its epoch).
         spdlog::warn(
             "site {}: VM {}: fenced at epoch {} (the recovery site failed it over); "
-            "recorded, replication stopped",
+            "recorded",
             cfg_.name, vm, fenced);
         g->fenced_epoch = fenced;
-        g->sender.reset();
+        // The sender stopped by itself on the stale_epoch refusal (it never reconnects at
+        // this epoch); it stays, so that GET /groups/{vm} shows why (stopped, last_error).
         changed = true;
       }
       if (g->fenced_epoch != 0 && !g->vm_starting && VmRunningLocked(*g)) to_stop.push_back(vm);
@@ -970,11 +1056,14 @@ Status Site::SaveLocked() {
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
   for (auto& [vm, d] : damaged_stores_) stores[vm] = json::object();
-  std::string text = json{
-      {"version", kStateVersion},
-      {"name", cfg_.name},
-      {"groups", groups},
-      {"stores", stores}}.dump(1);
+  json views = json::object();
+  for (auto& [id, v] : views_) {
+    views[id] = {{"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+  }
+  std::string text =
+      json{{"version", kStateVersion}, {"name", cfg_.name}, {"groups", groups},
+           {"stores", stores},         {"views", views},    {"next_view", next_view_}}
+          .dump(1);
   return WriteFileAtomic(cfg_.data_dir + "/site.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
@@ -986,7 +1075,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   std::string dir = cfg_.data_dir + "/groups/" + vm;
   std::vector<std::unique_ptr<nbd::Disk>> images;
   g.failover_disks.clear();
-  store::RecoveryStore* st = nullptr;
+  std::shared_ptr<store::RecoveryStore> st;  // each failover disk shares it
   if (g.failover) {
     auto it = stores_.find(vm);
     if (it == stores_.end()) {
@@ -995,7 +1084,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
           fmt::format("VM {} runs on failover disks over its recovery store, which is {}", vm,
                       damaged_stores_.count(vm) ? "quarantined" : "gone"));
     }
-    st = it->second.get();
+    st = it->second;
   }
   std::error_code ec;
   for (size_t i = 0; i < g.disks.size(); ++i) {
@@ -1045,6 +1134,10 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   }
   g.capture = std::move(*capture);
   kind = DamageKind::kImage;  // exports: not a damage of the files
+  return AddGroupExportsLocked(vm, g);
+}
+
+Status Site::AddGroupExportsLocked(const std::string& vm, Group& g) {
   std::vector<std::string> added;
   for (size_t i = 0; i < g.disks.size(); ++i) {
     std::string name = DiskExport(vm, g.disks[i].name);
@@ -1155,8 +1248,7 @@ Status Site::DeleteGroup(const std::string& vm) {
   if (g->process && g->process->running()) (void)g->process->Stop(5000);
   if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
   g->sender.reset();
-  CloseGroupExports(vm, *g);
-  g.reset();
+  FreeGroup(vm, std::move(g));
   std::error_code ec;
   fs::remove_all(cfg_.data_dir + "/groups/" + vm, ec);
   return Status::Ok();
@@ -1203,15 +1295,17 @@ Status Site::FenceGroup(const std::string& vm, uint64_t epoch, bool keep_shippin
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   Group& g = *it->second;
   if (epoch == g.fenced_epoch) {
-    if (!keep_shipping && g.sender && !g.damage) {
-      // It shipped on after the fence (a planned failover drains): its log and bitmaps
-      // changed since the fingerprint. Recorded again now that nothing moves; without
-      // one, reprotect compares block hashes.
-      g.sender.reset();
+    if (keep_shipping || !g.sender) return Status::Ok();
+    // A sender still shipping after the fence (a planned failover drains) changed the log
+    // and bitmaps since the fingerprint: it is recorded again now that nothing moves
+    // (without one, reprotect compares block hashes). One that stopped at the fence, on
+    // a stale_epoch refusal, changed nothing: the fingerprint of that fence stands.
+    bool shipped_on = !g.sender->stats().stopped && !g.damage;
+    g.sender.reset();
+    if (shipped_on) {
       if (Status fp = g.capture->RecordFenceFingerprint(); !fp.ok()) {
         spdlog::error(
-            "site {}: VM {}: no fence fingerprint (reprotect will compare block "
-            "hashes): {}",
+            "site {}: VM {}: no fence fingerprint (reprotect will compare block hashes): {}",
             cfg_.name, vm, fp.ToString());
       }
     }
@@ -1242,6 +1336,26 @@ Status Site::StopReplication(const std::string& vm) {
   it->second->replicate_to.clear();
   return SaveLocked();
 }
+
+namespace {
+
+// The file system under `dir`: {"free_bytes", "total_bytes"}, or null when statvfs fails.
+json SpaceJson(const std::string& dir) {
+  auto space = FileSystemSpace(dir);
+  if (!space.ok()) return nullptr;
+  return {{"free_bytes", space->free_bytes}, {"total_bytes", space->total_bytes}};
+}
+
+json WriteFailureJson(const store::RecoveryStore::WriteFailure& f) {
+  return {{"what", f.what},
+          {"code", f.status.code() == Code::kNoSpace ? "no_space" : "io_error"},
+          {"message", f.status.message()},
+          {"bytes_needed", f.bytes_needed},
+          {"since_ns", f.since_ns},
+          {"count", f.count}};
+}
+
+}  // namespace
 
 Result<json> Site::GroupStatus(const std::string& vm) {
   std::lock_guard lock(mu_);
@@ -1278,6 +1392,14 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"total_bytes", g.materialise_total},
                           {"error", g.materialise_error}};
   }
+  if (Status we = g.capture->log().write_error(); !we.ok()) {
+    // The capture log dropped records (a full file system): the bitmap keeps their regions.
+    out["capture_write_error"] = {{"code", we.code() == Code::kNoSpace ? "no_space" : "io_error"},
+                                  {"message", we.message()}};
+    if (json space = SpaceJson(g.capture->log().dir()); !space.is_null()) {
+      out["capture_write_error"]["space"] = space;
+    }
+  }
   bool running = VmRunningLocked(g);
   out["vm"] = {{"running", running},
                {"driver", g.vm_spec.is_object() ? g.vm_spec.value("driver", "none") : "none"},
@@ -1292,6 +1414,8 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"bytes_sent", st.bytes_sent},
                           {"wire_bytes_sent", st.wire_bytes_sent},
                           {"reconnects", st.reconnects},
+                          {"stopped", st.stopped},
+                          {"reconnect_delay_ms", st.reconnect_delay_ms},
                           {"resync_required", st.resync_required},
                           {"resyncing", st.resyncing},
                           {"resync_bytes_total", st.resync_bytes_total},
@@ -1324,6 +1448,18 @@ Status Site::CreateStore(const std::string& vm, const std::vector<DiskSpec>& dis
   return SaveLocked();
 }
 
+Status Site::StoreInUseLocked(const std::string& vm) const {
+  for (auto& [id, v] : views_) {
+    if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
+  }
+  if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover) {
+    return Status(Code::kAlreadyExists, "VM " + vm +
+                                            " runs on failover disks over this store; "
+                                            "commit (materialise) them first");
+  }
+  return Status::Ok();
+}
+
 Status Site::DeleteStore(const std::string& vm) {
   std::shared_ptr<store::RecoveryStore> s;
   {
@@ -1339,19 +1475,41 @@ Status Site::DeleteStore(const std::string& vm) {
     }
     auto it = stores_.find(vm);
     if (it == stores_.end()) return MissingStore(vm);
-    for (auto& [id, v] : views_) {
-      if (v.vm == vm) return Status(Code::kAlreadyExists, "close the views of " + vm + " first");
-    }
-    if (auto g = groups_.find(vm); g != groups_.end() && g->second->failover) {
-      return Status(Code::kAlreadyExists, "VM " + vm +
-                                              " runs on failover disks over this store; "
-                                              "commit (materialise) them first");
-    }
+    OSR_RETURN_IF_ERROR(StoreInUseLocked(vm));
     s = it->second;
+  }
+  // A view closed a moment ago (CloseView on another thread) may still be letting go of
+  // its pin: wait for it, bounded, rather than delete what it reads.
+  if (!s->WaitUnpinned(std::chrono::milliseconds(kStorePinsWaitMs))) {
+    return Unavailable(fmt::format(
+        "the recovery store of {} is still pinned at {} point(s) by views or failover disks "
+        "that NBD clients have not let go of after {} ms; try again once they have",
+        vm, s->pin_count(), kStorePinsWaitMs));
+  }
+  {
+    std::lock_guard lock(mu_);
+    auto it = stores_.find(vm);
+    if (it == stores_.end() || it->second != s) return MissingStore(vm);  // deleted meanwhile
+    OSR_RETURN_IF_ERROR(StoreInUseLocked(vm));                            // a view opened meanwhile
+    // Pins are taken under mu_ only (OpenView, OpenGroupLocked): none can come now.
+    if (size_t pins = s->pin_count(); pins != 0) {
+      return Unavailable(
+          fmt::format("the recovery store of {} was pinned again ({} pin(s))", vm, pins));
+    }
     stores_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
   }
   receiver_->EndGroup(vm);
+  // Other holders (the receiver's session just ended, a fold in progress) let go soon.
+  // Memory is safe either way (the last holder frees the store); the files are removed
+  // once they have, unless that takes too long: an open file outlives its name.
+  for (int i = 0; i < kStorePinsWaitMs / 10 && s.use_count() > 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (s.use_count() > 1) {
+    spdlog::warn("site {}: the store of {} is still held by {} user(s); removing its files now",
+                 cfg_.name, vm, s.use_count() - 1);
+  }
   std::string dir = s->dir();
   s.reset();
   std::error_code ec;
@@ -1381,42 +1539,59 @@ Result<json> Site::StoreStatus(const std::string& vm) {
   auto& s = *it->second;
   json disks = json::array();
   for (auto& d : s.disks()) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  return json{{"name", vm},
-              {"disks", disks},
-              {"durable_seq", s.durable_seq()},
-              {"durable_time_ns", s.durable_time_ns()},
-              {"resyncing", s.resyncing()},
-              {"consistent_from", s.consistent_from()},
-              {"initial_sync", s.initial_sync_pending()},
-              {"differential", s.differential()},
-              {"epoch", s.epoch()},
-              {"source", s.source()},
-              {"base_seq", s.base_seq()}};
+  json out{{"name", vm},
+           {"disks", disks},
+           {"durable_seq", s.durable_seq()},
+           {"durable_time_ns", s.durable_time_ns()},
+           {"resyncing", s.resyncing()},
+           {"consistent_from", s.consistent_from()},
+           {"initial_sync", s.initial_sync_pending()},
+           {"differential", s.differential()},
+           {"epoch", s.epoch()},
+           {"source", s.source()},
+           {"base_seq", s.base_seq()}};
+  if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
+  if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
+  return out;
 }
 
 Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) {
   std::lock_guard lock(mu_);
-  auto it = stores_.find(vm);
-  if (it == stores_.end()) return MissingStore(vm);
+  if (!stores_.count(vm)) return MissingStore(vm);
   if (views_.size() >= cfg_.views_max) {
     return Unavailable(fmt::format("{} views are open; close one first", views_.size()));
   }
-  store::RecoveryStore* s = it->second.get();
   std::string id = fmt::format("view-{}", next_view_++);
-  View v{vm, seq, writable, {}};
+  View v{vm, seq, writable, {}, {}, ""};
+  OSR_ASSIGN_OR_RETURN(json out, OpenViewLocked(id, v, /*reopen=*/false));
+  views_[id] = std::move(v);
+  // Kept in site.json: a restarted site opens the view again (a drill outlives a crash).
+  if (Status saved = SaveLocked(); !saved.ok()) {
+    View gone = std::move(views_[id]);
+    views_.erase(id);
+    for (auto& e : gone.exports) exports_.Remove(e);
+    for (auto& o : gone.overlays) o->Discard();
+    return saved;
+  }
+  return out;
+}
+
+Result<json> Site::OpenViewLocked(const std::string& id, View& v, bool reopen) {
+  std::shared_ptr<store::RecoveryStore> s = stores_.at(v.vm);  // each view shares it (views.h)
   json disks = json::array();
   Status failed;
   for (uint32_t i = 0; i < s->disks().size() && failed.ok(); ++i) {
     std::shared_ptr<nbd::Disk> disk;
-    if (writable) {
-      auto ov = store::OverlayView::Open(
-          s, i, seq, fmt::format("{}/views/{}-{}.overlay", cfg_.data_dir, id, i));
-      if (!ov.ok())
+    if (v.writable) {
+      auto ov = store::OverlayView::Open(s, i, v.seq, OverlayPath(id, i), reopen);
+      if (!ov.ok()) {
         failed = ov.status();
-      else
+      } else {
+        v.overlays.push_back(*ov);
         disk = *ov;
+      }
     } else {
-      auto pv = store::PointView::Open(s, i, seq);
+      auto pv = store::PointView::Open(s, i, v.seq);
       if (!pv.ok())
         failed = pv.status();
       else
@@ -1424,17 +1599,46 @@ Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) 
     }
     if (!failed.ok()) break;
     std::string name = ViewExport(id, s->disks()[i].name);
-    failed = exports_.Add({name, fmt::format("{} at seq {}", vm, seq), disk, /*vm=*/""});
+    failed = exports_.Add({name, fmt::format("{} at seq {}", v.vm, v.seq), disk, /*vm=*/""});
     if (!failed.ok()) break;
     v.exports.push_back(name);
     disks.push_back({{"name", s->disks()[i].name}, {"uri", Uri(name)}});
   }
   if (!failed.ok()) {
     for (auto& e : v.exports) exports_.Remove(e);  // nothing half-done left behind
+    v.exports.clear();
+    // A new view's overlays go; a reopened one's files stay for the operator to look at
+    // until the view is closed.
+    if (!reopen) {
+      for (auto& o : v.overlays) o->Discard();
+    }
+    v.overlays.clear();
     return failed;
   }
-  views_[id] = v;
-  return json{{"id", id}, {"vm", vm}, {"seq", seq}, {"writable", writable}, {"disks", disks}};
+  return json{{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}, {"disks", disks}};
+}
+
+Result<json> Site::ViewStatus(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto it = views_.find(id);
+  if (it == views_.end()) return NotFound("no view " + id);
+  const View& v = it->second;
+  json out = {{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+  if (!v.lost.empty()) {
+    out["lost"] = v.lost;
+    out["disks"] = json::array();
+    return out;
+  }
+  json disks = json::array();
+  auto st = stores_.find(v.vm);
+  for (size_t i = 0; i < v.exports.size(); ++i) {
+    std::string name = st != stores_.end() && i < st->second->disks().size()
+                           ? st->second->disks()[i].name
+                           : std::to_string(i);
+    disks.push_back({{"name", name}, {"uri", Uri(v.exports[i])}});
+  }
+  out["disks"] = disks;
+  return out;
 }
 
 Status Site::CloseView(const std::string& id) {
@@ -1443,12 +1647,33 @@ Status Site::CloseView(const std::string& id) {
     std::lock_guard lock(mu_);
     auto it = views_.find(id);
     if (it == views_.end()) return NotFound("no view " + id);
-    v = it->second;
+    v = std::move(it->second);
     views_.erase(it);
+    if (Status saved = SaveLocked(); !saved.ok()) {
+      views_[id] = std::move(v);  // still open, and still named in site.json
+      return saved;
+    }
   }
-  for (auto& e : v.exports) {
-    exports_.Remove(e);
-    nbd_->DisconnectExport(e);  // the view (and its overlay) goes with its last holder
+  for (auto& o : v.overlays) o->Discard();
+  if (!v.lost.empty()) {
+    // Nothing of it is open: its files (if any) go now.
+    std::error_code ec;
+    for (auto& e : fs::directory_iterator(fs::path(cfg_.data_dir) / "views", ec)) {
+      if (e.path().filename().string().rfind(id + "-", 0) == 0) fs::remove(e.path(), ec);
+    }
+  }
+  v.overlays.clear();  // the exports hold the views now
+  for (auto& name : v.exports) {
+    std::shared_ptr<const nbd::Export> e = exports_.Remove(name);
+    Status ended = nbd_->DisconnectExport(e);
+    if (!ended.ok()) {
+      // Not an error of the close: the export is gone, no client can open the view again.
+      // The stuck holder frees the view (and its pin) when it lets go; the view shares its
+      // store, so that is safe, and DeleteStore waits for the pin or refuses, saying so.
+      spdlog::warn("site {}: view {} closed, but its pin stays until an NBD client lets go: {}",
+                   cfg_.name, id, ended.ToString());
+    }
+    e.reset();  // normally the last reference: the view, its overlay and its pin go here
   }
   return Status::Ok();
 }
@@ -1477,7 +1702,9 @@ json Site::Describe() {
       store_dirs.emplace_back(vm, st->dir());
     }
     for (auto& [id, v] : views_) {
-      views.push_back({{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}});
+      json j = {{"id", id}, {"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+      if (!v.lost.empty()) j["lost"] = v.lost;
+      views.push_back(j);
     }
   }
   // Capacity: what the recovery stores take on disk (allocated blocks), and the file

@@ -19,6 +19,23 @@
 //
 // Thread model: thread-safe; mu_ guards the maps. Parts run their own threads (NBD
 // server, receiver, senders, capture log writers).
+//
+// Who owns what (docs/architecture.md, "Who owns what across threads"):
+//   - groups_ owns each Group, which owns its CaptureGroup (the VM's disks, and so its
+//     failover disks) and its Sender (which borrows the capture log and the group: it is
+//     reset before the capture, member order and every path that frees a group). The
+//     materialiser thread borrows the Group; it is joined before the group goes.
+//   - stores_ shares each RecoveryStore with the receiver's session and with every view
+//     and failover disk over it: the last of them frees it.
+//   - exports_ shares each export (a group's disk, a view) with the NBD sessions that
+//     chose it. Removing one: ExportTable::Remove, Server::DisconnectExport (ends its
+//     sessions; returns when only the remover holds it), then drop it: a view and its pin
+//     go there, before CloseView returns; a capture group is freed only after all its
+//     exports have drained (FreeGroup; the capture group of one whose disk a client holds past the
+//     bound is kept, fenced, in retired_ until Stop).
+//   - views_ holds only names: the views themselves live in their exports.
+//   - DeleteStore deletes files only when no view or failover disk pins the store
+//     (waiting kStorePinsWaitMs for views that are closing, else kUnavailable).
 #pragma once
 
 #include <atomic>
@@ -220,12 +237,21 @@ class Site {
   Status CreateStore(const std::string& vm, const std::vector<DiskSpec>& disks,
                      store::RecoveryStore::Start start = store::RecoveryStore::Start::kEmpty,
                      const store::StoreOrigin& origin = {});
+  // kAlreadyExists while views are open or failover disks run over it; kUnavailable if
+  // pins are still held kStorePinsWaitMs after that (views closing, held by NBD clients).
   Status DeleteStore(const std::string& vm);
+  static constexpr int kStorePinsWaitMs = 10000;
   // Folds the store's history up to `seq` (not past an open view); returns the new base.
   Result<nlohmann::json> FoldStore(const std::string& vm, uint64_t seq);
   Result<nlohmann::json> StoreStatus(const std::string& vm);
   Result<nlohmann::json> OpenView(const std::string& vm, uint64_t seq, bool writable);
+  // Takes the view's exports off NBD, ends their sessions and frees the view (its overlay
+  // and its pin) before it returns; a session stuck past Server::kDisconnectWaitMs keeps the
+  // view (and the pin) until it lets go (logged; the close itself succeeds).
   Status CloseView(const std::string& id);
+  // A view: {id, vm, seq, writable, disks: [{name, uri}]}; a view that could not be
+  // reopened after a restart has "lost": the reason, and no disks. kNotFound: no view.
+  Result<nlohmann::json> ViewStatus(const std::string& id);
 
   nlohmann::json Describe();
   // {allow_api_commands, commands: [NAME], qemu_args: [NAME]}: what the vault may name in
@@ -253,7 +279,8 @@ class Site {
     nlohmann::json saved;
     uint64_t first_seq = 1;  // of a new capture log (not kept: only a fresh log uses it)
     std::unique_ptr<replication::Sender> sender;
-    std::vector<store::FailoverDisk*> failover_disks;  // owned by capture
+    // Owned by capture's disks; valid while capture lives (the materialiser uses them).
+    std::vector<store::FailoverDisk*> failover_disks;
     // Materialising (commit), guarded by the site's mu_.
     std::thread materialiser;
     std::atomic<bool> stop_materialise{false};
@@ -274,6 +301,8 @@ class Site {
     uint64_t seq;
     bool writable;
     std::vector<std::string> exports;
+    std::vector<std::shared_ptr<store::OverlayView>> overlays;  // writable: to Discard()
+    std::string lost;  // "": open; else why it could not be reopened after a restart
   };
 
   using GroupMap = std::map<std::string, std::unique_ptr<Group>>;
@@ -285,6 +314,13 @@ class Site {
   explicit Site(SiteConfig cfg) : cfg_(std::move(cfg)) {}
   Status Load();
   void LoadStoresLocked(const nlohmann::json& stores);
+  // Views kept in site.json (drills) open again, at the same ids and export names;
+  // one that cannot is kept as lost (with the reason) until it is closed.
+  void LoadViewsLocked(const nlohmann::json& views);
+  // Opens the exports of view `id`; `reopen`: its overlays exist already. Nothing is
+  // left half-done on failure.
+  Result<nlohmann::json> OpenViewLocked(const std::string& id, View& v, bool reopen);
+  std::string OverlayPath(const std::string& id, uint32_t disk) const;
   // A group from its site.json entry: opened, or quarantined with the reason; nullptr
   // when its disks turned out to be a store (an interrupted reprotect, finished here).
   std::unique_ptr<Group> LoadGroupLocked(const std::string& vm, const nlohmann::json& entry,
@@ -328,8 +364,19 @@ class Site {
   std::string VmSocketPath(const std::string& vm) const;
   // Opens the VM's own NBD socket (best effort: without it the VM uses TCP); holds mu_.
   void OpenVmSocketLocked(const std::string& vm, Group& g);
-  // Takes the group's disks (and its socket) off NBD and ends their sessions.
-  void CloseGroupExports(const std::string& vm, Group& g);
+  // Takes the group's disks (and its socket) off NBD and ends their sessions; kUnavailable
+  // if a disk is still held afterwards (Server::DisconnectExport).
+  Status CloseGroupExports(const std::string& vm, Group& g);
+  // Serves the group's disks (exports and the VM's socket); holds mu_.
+  Status AddGroupExportsLocked(const std::string& vm, Group& g);
+  // Frees a group taken out of groups_ (its sender and materialiser already stopped)
+  // once its exports have drained; else keeps its capture group, fenced, in retired_.
+  void FreeGroup(const std::string& vm, std::unique_ptr<Group> g);
+  // Keeps a capture group whose disk an NBD client still holds (`why`) until Stop, fenced.
+  void RetireCapture(const std::string& vm, std::unique_ptr<capture::CaptureGroup> capture,
+                     const Status& why);
+  // Why the store of `vm` cannot go now (open views, failover disks); holds mu_.
+  Status StoreInUseLocked(const std::string& vm) const;
 
   const SiteConfig cfg_;
   Fd data_lock_;  // flock on data_dir/lock: one daemon per data_dir
@@ -348,6 +395,11 @@ class Site {
   std::map<std::string, Damage> damaged_stores_;  // guarded by mu_
   std::map<std::string, View> views_;             // guarded by mu_
   uint64_t next_view_ = 1;                        // guarded by mu_
+
+  std::mutex retired_mu_;  // taken after mu_ when both are held
+  // Capture groups of groups deleted while an NBD client still held one of their disks
+  // past every bound; freed by Stop, after the NBD server. Guarded by retired_mu_.
+  std::vector<std::unique_ptr<capture::CaptureGroup>> retired_;
 
   std::thread watcher_;
   std::mutex watch_mu_;

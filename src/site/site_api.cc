@@ -331,6 +331,10 @@ SiteApi::SiteApi(Site* site) : site_(site) {
         if (!f.ok()) return Error(res, f.status());
         ReplyResult(res, site_->OpenView(req.matches[1], seq, writable), 201);
       });
+  Add("GET", R"(/api/v1/views/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        ReplyResult(res, site_->ViewStatus(req.matches[1]));
+      });
   Add("DELETE", R"(/api/v1/views/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {
         ReplyStatus(res, site_->CloseView(req.matches[1]));

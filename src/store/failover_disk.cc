@@ -32,8 +32,8 @@ bool AllZero(std::span<const uint8_t> b) {
 
 }  // namespace
 
-FailoverDisk::FailoverDisk(File image, std::string map_path, RecoveryStore* store, uint32_t disk,
-                           uint64_t seq, uint64_t size, uint64_t region_bytes)
+FailoverDisk::FailoverDisk(File image, std::string map_path, std::shared_ptr<RecoveryStore> store,
+                           uint32_t disk, uint64_t seq, uint64_t size, uint64_t region_bytes)
     : image_(std::move(image)),
       map_path_(std::move(map_path)),
       disk_(disk),
@@ -41,12 +41,13 @@ FailoverDisk::FailoverDisk(File image, std::string map_path, RecoveryStore* stor
       size_(size),
       region_bytes_(region_bytes),
       regions_((size + region_bytes - 1) / region_bytes),
-      store_(store),
+      store_(std::move(store)),
       bits_((regions_ + 63) / 64) {}
 
 Result<std::unique_ptr<FailoverDisk>> FailoverDisk::Open(const std::string& image_path,
-                                                         RecoveryStore* store, uint32_t disk,
-                                                         uint64_t seq, uint64_t region_bytes) {
+                                                         std::shared_ptr<RecoveryStore> store,
+                                                         uint32_t disk, uint64_t seq,
+                                                         uint64_t region_bytes) {
   if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
   if (region_bytes == 0 || region_bytes % 4096 != 0) {
     return InvalidArgument("the region size must be a multiple of 4096");

@@ -18,7 +18,14 @@
 //
 // Thread model: thread-safe. Region bits are atomics (reads take no lock); mu_ serialises
 // copy-on-write, materialising and map writes; base_mu_ keeps the store readable while a
-// read of the point is in flight and Release() waits for it.
+// read of the point is in flight and Materialise() waits for it before letting go.
+//
+// Ownership: the capture group's disk (GroupDisk) that serves it owns it (unique_ptr), so
+// it lives as long as that disk: the capture group and any NBD export still holding it.
+// The site's Group keeps plain pointers to it, valid while its capture group lives. The
+// disk shares its store (shared_ptr) until it is materialised: it pins its point, and the
+// store must outlive the pin, whichever of the site or the disk lets go last.
+// Materialise() unpins and drops the store.
 #pragma once
 
 #include <atomic>
@@ -40,11 +47,13 @@ class FailoverDisk final : public nbd::Disk {
   static constexpr uint32_t kMapVersion = 1;
 
   // Opens (or creates, with an empty map) the disk at `image_path` over `store`'s disk
-  // `disk` at `seq`, which it pins. A map written for another seq, size or region size is
-  // refused.
+  // `disk` at `seq`, which it pins (sharing the store until materialised). A map written for
+  // another seq, size or region size is kCorruption; a disk the store lacks or a bad region
+  // size kInvalidArgument; Pin's errors for a seq the store cannot read.
   static Result<std::unique_ptr<FailoverDisk>> Open(const std::string& image_path,
-                                                    RecoveryStore* store, uint32_t disk,
-                                                    uint64_t seq, uint64_t region_bytes);
+                                                    std::shared_ptr<RecoveryStore> store,
+                                                    uint32_t disk, uint64_t seq,
+                                                    uint64_t region_bytes);
   ~FailoverDisk() override;
 
   uint64_t size() const override { return size_; }
@@ -66,8 +75,8 @@ class FailoverDisk final : public nbd::Disk {
   uint64_t seq() const { return seq_; }
 
  private:
-  FailoverDisk(File image, std::string map_path, RecoveryStore* store, uint32_t disk, uint64_t seq,
-               uint64_t size, uint64_t region_bytes);
+  FailoverDisk(File image, std::string map_path, std::shared_ptr<RecoveryStore> store,
+               uint32_t disk, uint64_t seq, uint64_t size, uint64_t region_bytes);
   bool Held(uint64_t region) const {
     return (bits_[region / 64].load(std::memory_order_acquire) >> (region % 64)) & 1;
   }
@@ -92,8 +101,9 @@ class FailoverDisk final : public nbd::Disk {
   const uint64_t regions_;
 
   std::shared_mutex base_mu_;
-  RecoveryStore* store_;  // guarded by base_mu_; nullptr once materialised
-  bool pinned_ = false;   // the point is pinned (set once by Open)
+  // guarded by base_mu_; nullptr once materialised. Shared: see the file comment.
+  std::shared_ptr<RecoveryStore> store_;
+  bool pinned_ = false;  // the point is pinned (set once by Open)
 
   std::mutex mu_;
   std::vector<std::atomic<uint64_t>> bits_;

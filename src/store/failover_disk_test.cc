@@ -53,14 +53,14 @@ class FailoverDiskTest : public ::testing::Test {
     std::fill(model_.begin() + off, model_.begin() + off + len, v);
   }
   std::string dir_;
-  std::unique_ptr<RecoveryStore> store_;
+  std::shared_ptr<RecoveryStore> store_;
   std::vector<uint8_t> model_;
 };
 
 TEST_F(FailoverDiskTest, ReadsThePointAndKeepsWritesAcrossReopen) {
   std::string img = dir_ + "/d0.img";
   {
-    auto d = FailoverDisk::Open(img, store_.get(), 0, 1, kRegion).value();
+    auto d = FailoverDisk::Open(img, store_, 0, 1, kRegion).value();
     ExpectModel(*d);                     // the point, not seq 2
     Write(*d, 5, 3, 7);                  // partial region: the rest comes from the point
     Write(*d, kRegion, kRegion, 8);      // exactly one region
@@ -74,25 +74,23 @@ TEST_F(FailoverDiskTest, ReadsThePointAndKeepsWritesAcrossReopen) {
     // The point's pin holds folding back.
     EXPECT_EQ(store_->Fold(2).value(), 1u);
   }
-  auto d = FailoverDisk::Open(img, store_.get(), 0, 1, kRegion).value();
+  auto d = FailoverDisk::Open(img, store_, 0, 1, kRegion).value();
   ExpectModel(*d);
   // A map made for another seq is refused.
   d.reset();
-  EXPECT_EQ(FailoverDisk::Open(img, store_.get(), 0, 2, kRegion).status().code(),
-            Code::kCorruption);
+  EXPECT_EQ(FailoverDisk::Open(img, store_, 0, 2, kRegion).status().code(), Code::kCorruption);
 }
 
 TEST_F(FailoverDiskTest, AnImageWithoutItsMapIsRefused) {
   std::string img = dir_ + "/d0.img";
-  { auto d = FailoverDisk::Open(img, store_.get(), 0, 1, kRegion).value(); }
+  { auto d = FailoverDisk::Open(img, store_, 0, 1, kRegion).value(); }
   fs::remove(img + ".cow");
-  EXPECT_EQ(FailoverDisk::Open(img, store_.get(), 0, 1, kRegion).status().code(),
-            Code::kCorruption);
+  EXPECT_EQ(FailoverDisk::Open(img, store_, 0, 1, kRegion).status().code(), Code::kCorruption);
 }
 
 TEST_F(FailoverDiskTest, MaterialiseWhileWritingLosesNothing) {
   std::string img = dir_ + "/d0.img";
-  auto d = FailoverDisk::Open(img, store_.get(), 0, 1, kRegion).value();
+  auto d = FailoverDisk::Open(img, store_, 0, 1, kRegion).value();
   std::atomic<bool> stop{false};
   std::mt19937_64 rng(42);
   std::vector<std::tuple<uint64_t, size_t, uint8_t>> ops;
@@ -127,12 +125,12 @@ TEST_F(FailoverDiskTest, MaterialiseWhileWritingLosesNothing) {
 }
 
 TEST_F(FailoverDiskTest, OutOfRangeIsRefused) {
-  auto d = FailoverDisk::Open(dir_ + "/d0.img", store_.get(), 0, 1, kRegion).value();
+  auto d = FailoverDisk::Open(dir_ + "/d0.img", store_, 0, 1, kRegion).value();
   std::vector<uint8_t> b(10);
   EXPECT_FALSE(d->Read(kSize - 5, b).ok());
   EXPECT_FALSE(d->Write(kSize - 5, b).ok());
   EXPECT_FALSE(d->Zero(kSize, 1, nbd::ZeroMode::kTrim, false).ok());
-  EXPECT_EQ(FailoverDisk::Open(dir_ + "/x.img", store_.get(), 3, 1, kRegion).status().code(),
+  EXPECT_EQ(FailoverDisk::Open(dir_ + "/x.img", store_, 3, 1, kRegion).status().code(),
             Code::kInvalidArgument);
 }
 

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -230,9 +231,8 @@ void RecoveryStore::OnWritten(std::span<const capture::CaptureLog::Written> reco
   }
 }
 
-Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
-  std::lock_guard append(append_mu_);
-  uint64_t expect = journal_->last_seq() + 1;
+Result<int64_t> RecoveryStore::CheckRecords(std::span<const uint8_t> records, uint64_t expect,
+                                            std::vector<std::span<const uint8_t>>* out) const {
   int64_t last_time = 0;
   size_t pos = 0;
   while (pos < records.size()) {
@@ -251,18 +251,76 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
     if (h.disk >= disks_.size() || h.offset + h.length > disks_[h.disk].size_bytes) {
       return InvalidArgument(fmt::format("record seq {} lies outside disk {}", h.seq, h.disk));
     }
-    if (!journal_->AppendEncoded(records.subspan(pos, RecordHeader::kSize + h.payload_bytes))) {
-      return IoError("the journal of " + dir_ + " has failed");
-    }
+    out->push_back(records.subspan(pos, RecordHeader::kSize + h.payload_bytes));
     ++expect;
     last_time = h.time_ns;
     pos += RecordHeader::kSize + h.payload_bytes;
   }
-  OSR_RETURN_IF_ERROR(journal_->Sync());
+  return last_time;
+}
+
+Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
+  std::lock_guard append(append_mu_);
+  // Every record is checked before any is written: a bad one refuses the whole append.
+  std::vector<std::span<const uint8_t>> checked;
+  OSR_ASSIGN_OR_RETURN(int64_t last_time,
+                       CheckRecords(records, journal_->last_seq() + 1, &checked));
+  if (checked.empty()) return durable_seq();
+  auto end = journal_->MarkEnd();  // everything before was synced: a no-op write-out
+  if (!end.ok()) return NoteWriteFailure("journal append", end.status(), records.size());
+  Status st;
+  for (auto r : checked) {
+    if (!journal_->AppendEncoded(r)) {
+      st = journal_->write_error();
+      if (st.ok()) st = IoError("the journal of " + dir_ + " has failed");
+      break;
+    }
+  }
+  if (st.ok()) st = journal_->Sync();
+  if (!st.ok()) {
+    // All or nothing: the journal's end, its next seq and the index as they were.
+    Status undo = RollBackAppend(*end);
+    if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
+    return NoteWriteFailure("journal append", st, records.size());
+  }
   std::lock_guard lock(mu_);
-  durable_seq_ = expect - 1;
+  durable_seq_ = journal_->last_seq();
   if (last_time != 0) durable_time_ns_ = last_time;
+  write_failure_.reset();
   return durable_seq_;
+}
+
+Status RecoveryStore::RollBackAppend(const capture::CaptureLog::End& end) {
+  Status st = journal_->RollBack(end);
+  std::lock_guard lock(mu_);
+  for (auto& ix : index_) ix.DropAfter(end.seq);
+  // Segments begun by the failed append are gone (a later one may take the same name).
+  segments_.erase(segments_.upper_bound(end.segment_first_seq), segments_.end());
+  OSR_CHECK(!st.ok() || journal_->last_seq() == durable_seq_);
+  return st;
+}
+
+Status RecoveryStore::NoteWriteFailure(std::string what, const Status& st, uint64_t bytes_needed) {
+  Status out(st.code(), fmt::format("{} of {} bytes to {} failed: {}", what, bytes_needed, dir_,
+                                    st.message()));
+  spdlog::warn("recovery store: {}", out.ToString());
+  std::lock_guard lock(mu_);
+  if (!write_failure_) {
+    write_failure_ = WriteFailure{};
+    write_failure_->since_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count();
+  }
+  write_failure_->what = std::move(what);
+  write_failure_->status = st;
+  write_failure_->bytes_needed = bytes_needed;
+  ++write_failure_->count;
+  return out;
+}
+
+std::optional<RecoveryStore::WriteFailure> RecoveryStore::write_failure() const {
+  std::lock_guard lock(mu_);
+  return write_failure_;
 }
 
 Status RecoveryStore::WriteBase(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
@@ -425,13 +483,19 @@ Status RecoveryStore::BeginResyncLocked(uint64_t from) {
 }
 
 Status RecoveryStore::ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
-  std::lock_guard lock(mu_);
-  if (!resyncing_) return InvalidArgument("no resynchronization is under way");
-  if (disk >= disks_.size() || offset + data.size() > disks_[disk].size_bytes) {
-    return InvalidArgument(fmt::format("resync data outside disk {}", disk));
+  Status st;
+  {
+    std::lock_guard lock(mu_);
+    if (!resyncing_) return InvalidArgument("no resynchronization is under way");
+    if (disk >= disks_.size() || offset + data.size() > disks_[disk].size_bytes) {
+      return InvalidArgument(fmt::format("resync data outside disk {}", disk));
+    }
+    // On failure nothing is staged: a resync that could not stage every region never
+    // commits (the sender starts it again from its first region).
+    st = staging_[disk].PWrite(offset, data);
+    if (st.ok()) staged_[disk].emplace_back(offset, data.size());
   }
-  OSR_RETURN_IF_ERROR(staging_[disk].PWrite(offset, data));
-  staged_[disk].emplace_back(offset, data.size());
+  if (!st.ok()) return NoteWriteFailure("resync write", st, data.size());
   return Status::Ok();
 }
 
@@ -454,7 +518,22 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
   }
   OSR_ASSIGN_OR_RETURN(uint64_t base, Fold(from));
   if (base != from) return Unavailable("could not fold up to the resync point");
+  uint64_t staged_bytes = 0;
   {
+    std::lock_guard lock(mu_);
+    for (auto& regions : staged_) {
+      for (auto [off, len] : regions) staged_bytes += len;
+    }
+  }
+  // Copying into sparse bases may allocate every staged byte: refuse, changing nothing,
+  // when the file system has not that much room (a full one would stop the copy half-way).
+  if (auto space = FileSystemSpace(dir_); space.ok() && space->free_bytes < staged_bytes) {
+    return NoteWriteFailure("resync commit",
+                            Status(Code::kNoSpace, fmt::format("{} bytes free, {} bytes staged",
+                                                               space->free_bytes, staged_bytes)),
+                            staged_bytes);
+  }
+  Status copied = [&]() -> Status {
     std::unique_lock fold(fold_mu_);
     std::vector<uint8_t> buf(1 << 20);
     std::lock_guard lock(mu_);
@@ -468,8 +547,19 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
         }
       }
     }
+    return SyncBase();
+  }();
+  if (!copied.ok()) {
+    // The base holds some regions as of the resync and others as of `from`: no seq is
+    // readable until a resync commits (resyncing_ stays; consistent_from_ passes them all).
+    {
+      std::lock_guard lock(mu_);
+      consistent_from_ = std::max(consistent_from_, consistent_seq);
+    }
+    Status meta = WriteMeta();
+    if (!meta.ok()) spdlog::error("recovery store {}: {}", dir_, meta.ToString());
+    return NoteWriteFailure("resync commit", copied, staged_bytes);
   }
-  OSR_RETURN_IF_ERROR(SyncBase());
   {
     std::lock_guard lock(mu_);
     consistent_from_ = consistent_seq;
@@ -478,6 +568,7 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
     differential_ = false;
     staging_.clear();
     staged_.clear();
+    write_failure_.reset();
   }
   OSR_RETURN_IF_ERROR(WriteMeta());
   std::error_code ec;
@@ -551,6 +642,17 @@ void RecoveryStore::Unpin(uint64_t seq) {
   auto it = pins_.find(seq);
   OSR_CHECK(it != pins_.end());
   pins_.erase(it);
+  if (pins_.empty()) unpinned_cv_.notify_all();
+}
+
+size_t RecoveryStore::pin_count() const {
+  std::lock_guard lock(mu_);
+  return pins_.size();
+}
+
+bool RecoveryStore::WaitUnpinned(std::chrono::milliseconds wait_max) {
+  std::unique_lock lock(mu_);
+  return unpinned_cv_.wait_for(lock, wait_max, [this] { return pins_.empty(); });
 }
 
 uint64_t RecoveryStore::base_seq() const {
@@ -593,10 +695,20 @@ Result<uint64_t> RecoveryStore::Fold(uint64_t seq) {
     }
     return true;
   };
-  OSR_ASSIGN_OR_RETURN(auto summary, capture::LogReader::Scan(dir_ + "/journal", visit));
-  OSR_RETURN_IF_ERROR(apply);
-  (void)summary;
-  OSR_RETURN_IF_ERROR(SyncBase());
+  auto summary = capture::LogReader::Scan(dir_ + "/journal", visit);
+  if (apply.ok()) apply = summary.status();
+  if (apply.ok()) apply = SyncBase();
+  if (!apply.ok()) {
+    // Some records up to `target` may be in the base now: seqs before `target` cannot be
+    // read from it any more (later ones can: their records are applied again on top).
+    {
+      std::lock_guard lock(mu_);
+      consistent_from_ = std::max(consistent_from_, target);
+    }
+    Status meta = WriteMeta();
+    if (!meta.ok()) spdlog::error("recovery store {}: {}", dir_, meta.ToString());
+    return NoteWriteFailure("fold", apply, 0);
+  }
   {
     std::lock_guard lock(mu_);
     base_seq_ = target;

@@ -13,11 +13,21 @@
 //
 // Thread model: thread-safe. mu_ guards the indexes, seqs and pins; Append runs on the
 // receiver's thread, reads on NBD sessions' threads, Fold on a maintenance thread.
+//
+// Ownership: shared (shared_ptr) by the site's table of stores, the receiver's session
+// for the group, and every view and failover disk opened over it, because each of those
+// lets go of it on its own thread (a view goes with the last NBD session that read it).
+// The store is freed with its last holder, so a pin is never released into freed memory.
+// The site deletes a store's files only once no view or failover disk pins it
+// (WaitUnpinned; docs/architecture.md, "Who owns what across threads").
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
 #include <string>
@@ -72,8 +82,24 @@ class RecoveryStore {
 
   // Appends encoded records (header + payload each, as on the wire and on disk), which
   // must continue the sequence; verifies each CRC and range. Durable when it returns.
-  // Returns the durable sequence number.
+  // Returns the durable sequence number. All or nothing: a refused or failed append
+  // changes nothing (durable_seq, the index, the journal's end and the next seq expected
+  // are as before it; the same records can be sent again). kCorruption for a damaged
+  // record, kInvalidArgument for one out of order or outside its disk (nothing written);
+  // the file system's error for a failed write (kNoSpace: the file system is full),
+  // which write_failure() then reports until an append succeeds.
   Result<uint64_t> Append(std::span<const uint8_t> records);
+
+  // The last write that failed (journal append, resync write or commit, fold), for the
+  // site's status: cleared by the next append or resync commit that succeeds.
+  struct WriteFailure {
+    std::string what;           // "journal append", "resync write", "resync commit", "fold"
+    Status status;              // kNoSpace for a full file system
+    uint64_t bytes_needed = 0;  // the bytes the failed write would have added
+    int64_t since_ns = 0;       // the first failure since the last success (wall clock)
+    uint64_t count = 0;         // failures since the last success
+  };
+  std::optional<WriteFailure> write_failure() const;
 
   // Writes straight into a base image (initial replication and resync of whole regions).
   Status WriteBase(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
@@ -96,7 +122,10 @@ class RecoveryStore {
   // the store starts at `from` (its base all zeros so far) and stages the disks' allocated
   // regions like a resync; records after `from` follow.
   Status BeginInitialSync(uint64_t from);
+  // Stages a region; on failure nothing is staged (the resync is sent again from its start).
   Status ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
+  // kNoSpace, changing nothing, when the file system lacks the staged bytes; a copy that
+  // fails half-way leaves no seq readable until a resync commits (the base is mixed).
   Status CommitResync(uint64_t consistent_seq);
   bool resyncing() const;
   bool initial_sync_pending() const;
@@ -108,9 +137,14 @@ class RecoveryStore {
   // Seqs before consistent_from cannot be read (a resync replaced regions of the base).
   uint64_t consistent_from() const;
 
-  // A view at `seq` keeps Fold from passing it until Unpin.
+  // A view at `seq` keeps Fold from passing it until Unpin. Whoever pins holds the store
+  // (shared_ptr) at least until it unpins. Pin: the errors of a seq the store cannot read.
   Status Pin(uint64_t seq);
   void Unpin(uint64_t seq);
+  // How many pins are held (views and failover disks not yet gone).
+  size_t pin_count() const;
+  // Waits until no pin is held, at most `wait_max`; returns whether none is.
+  bool WaitUnpinned(std::chrono::milliseconds wait_max);
 
   // Fencing (invariant 5): a sender must present exactly the store's epoch (the
   // receiver compares; a sender never changes it). Only the vault raises it, through
@@ -138,6 +172,14 @@ class RecoveryStore {
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
   Status UsableLocked(uint64_t seq) const;  // holds mu_
   Status BeginResyncLocked(uint64_t from);  // takes mu_
+  // Checks an append's records against the sequence (expected first seq `expect`) and the
+  // disks; fills `out` with each record's bytes. Returns the last record's time_ns.
+  Result<int64_t> CheckRecords(std::span<const uint8_t> records, uint64_t expect,
+                               std::vector<std::span<const uint8_t>>* out) const;
+  // Undoes a failed append: the journal back to `end`, the index forgets what follows.
+  Status RollBackAppend(const capture::CaptureLog::End& end);
+  // Remembers a failed write for write_failure(); returns `st` with `what` in front.
+  Status NoteWriteFailure(std::string what, const Status& st, uint64_t bytes_needed);
 
   std::string dir_;
   std::string source_;  // persisted in store.json; set at creation only
@@ -164,7 +206,9 @@ class RecoveryStore {
   std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_
   std::multiset<uint64_t> pins_;                                    // guarded by mu_
-  std::map<uint64_t, File> segments_;  // first_seq -> open journal segment; guarded by mu_
+  std::condition_variable unpinned_cv_;        // with mu_: signalled when pins_ becomes empty
+  std::map<uint64_t, File> segments_;          // first_seq -> open journal segment; guarded by mu_
+  std::optional<WriteFailure> write_failure_;  // guarded by mu_
 };
 
 }  // namespace osr::store

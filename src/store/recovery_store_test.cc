@@ -294,5 +294,111 @@ TEST_F(RecoveryStoreTest, ADamagedStoreJsonIsReportedNotThrown) {
   }
 }
 
+// A full file system: a failed append changes nothing (durable seq, next seq expected,
+// index, journal); the store says why, with the bytes it needed; the same records are
+// taken once there is room, and survive a reopen.
+TEST_F(RecoveryStoreTest, AFailedAppendChangesNothingAndTheSameRecordsGoInLater) {
+  auto store = RecoveryStore::Create(dir_, {{"a", kDisk0}}, 0).value();
+  RecordMaker mk(1);
+  std::vector<uint8_t> first;
+  mk.Write(&first, 0, 0, std::vector<uint8_t>(8192, 0x11));
+  ASSERT_EQ(store->Append(first).value(), 1u);
+  std::vector<uint8_t> before(kDisk0);
+  ASSERT_TRUE(store->ReadAt(0, 1, 0, before).ok());
+
+  // Three records (2 MiB in all), on a file system with 100 KiB left: the first goes
+  // partly to the file, then ENOSPC.
+  std::vector<uint8_t> batch;
+  for (int i = 0; i < 3; ++i) {
+    mk.Write(&batch, 0, (1 + i) * 700000ull, std::vector<uint8_t>(700000, 0x21 + i));
+  }
+  const std::string journal = dir_ + "/journal";
+  auto journal_bytes = [&] {
+    uint64_t n = 0;
+    for (auto& e : fs::directory_iterator(journal)) n += fs::file_size(e.path());
+    return n;
+  };
+  uint64_t journal_before = journal_bytes();
+  SetFileFaultForTest({.path_part = journal, .err = ENOSPC, .write_bytes_left = 100 << 10});
+  auto failed = store->Append(batch);
+  ClearFileFaultForTest();
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), Code::kNoSpace) << failed.status().ToString();
+  EXPECT_EQ(store->durable_seq(), 1u);
+  // The partial bytes were cut back (to the logical end: the block padding goes too).
+  EXPECT_LE(journal_bytes(), journal_before);
+  auto f = store->write_failure();
+  ASSERT_TRUE(f.has_value());
+  EXPECT_EQ(f->status.code(), Code::kNoSpace);
+  EXPECT_EQ(f->bytes_needed, batch.size());
+  EXPECT_EQ(f->what, "journal append");
+  EXPECT_EQ(f->count, 1u);
+  // Nothing of the failed records is readable, and seq 2 does not exist yet.
+  std::vector<uint8_t> now(kDisk0);
+  ASSERT_TRUE(store->ReadAt(0, 1, 0, now).ok());
+  EXPECT_EQ(now, before);
+  EXPECT_FALSE(store->ReadAt(0, 2, 0, now).ok());
+  EXPECT_TRUE(store->ChangedAfter(1)[0].empty());
+
+  // A second failure in the same place: still nothing changes (no "seq 2 where 3").
+  SetFileFaultForTest({.path_part = journal, .err = ENOSPC, .write_bytes_left = 0});
+  EXPECT_EQ(store->Append(batch).status().code(), Code::kNoSpace);
+  ClearFileFaultForTest();
+  EXPECT_EQ(store->write_failure()->count, 2u);
+
+  // Room again: the very same records go in.
+  auto ok = store->Append(batch);
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(*ok, 4u);
+  EXPECT_FALSE(store->write_failure().has_value());
+  std::vector<uint8_t> chunk(700000);
+  ASSERT_TRUE(store->ReadAt(0, 4, 2 * 700000, chunk).ok());
+  EXPECT_EQ(chunk, std::vector<uint8_t>(700000, 0x22));
+
+  // And they are what a reopened store holds.
+  store.reset();
+  auto reopened = RecoveryStore::Open(dir_).value();
+  EXPECT_EQ(reopened->durable_seq(), 4u);
+  ASSERT_TRUE(reopened->ReadAt(0, 4, 3 * 700000, chunk).ok());
+  EXPECT_EQ(chunk, std::vector<uint8_t>(700000, 0x23));
+  ASSERT_TRUE(reopened->ReadAt(0, 4, 0, chunk).ok());
+  EXPECT_EQ(chunk[0], 0x11);
+}
+
+// A sync that fails (some file systems report ENOSPC there) is undone the same way.
+TEST_F(RecoveryStoreTest, AFailedSyncUndoesTheAppend) {
+  auto store = RecoveryStore::Create(dir_, {{"a", kDisk0}}, 0).value();
+  RecordMaker mk(1);
+  std::vector<uint8_t> batch;
+  mk.Write(&batch, 0, 4096, std::vector<uint8_t>(4096, 0x31));
+  mk.Zero(&batch, 0, 0, 4096);
+  SetFileFaultForTest({.path_part = dir_ + "/journal",
+                       .err = ENOSPC,
+                       .write_bytes_left = UINT64_MAX,
+                       .fail_sync = true});
+  EXPECT_EQ(store->Append(batch).status().code(), Code::kNoSpace);
+  ClearFileFaultForTest();
+  EXPECT_EQ(store->durable_seq(), 0u);
+  ASSERT_EQ(store->Append(batch).value(), 2u);
+  std::vector<uint8_t> got(4096);
+  ASSERT_TRUE(store->ReadAt(0, 2, 4096, got).ok());
+  EXPECT_EQ(got, std::vector<uint8_t>(4096, 0x31));
+}
+
+// A damaged record in the middle of a batch: none of the batch is taken.
+TEST_F(RecoveryStoreTest, ABadRecordRefusesTheWholeBatch) {
+  auto store = RecoveryStore::Create(dir_, {{"a", kDisk0}}, 0).value();
+  RecordMaker mk(1);
+  std::vector<uint8_t> batch;
+  mk.Write(&batch, 0, 0, std::vector<uint8_t>(4096, 0x41));
+  size_t second = batch.size();
+  mk.Write(&batch, 0, 4096, std::vector<uint8_t>(4096, 0x42));
+  auto bad = batch;
+  bad[second + RecordHeader::kSize + 10] ^= 1;
+  EXPECT_EQ(store->Append(bad).status().code(), Code::kCorruption);
+  EXPECT_EQ(store->durable_seq(), 0u);
+  EXPECT_EQ(store->Append(batch).value(), 2u);  // not "record seq 1 where 2 was expected"
+}
+
 }  // namespace
 }  // namespace osr::store

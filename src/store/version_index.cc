@@ -69,4 +69,19 @@ void VersionIndex::DropUpTo(uint64_t seq) {
   }
 }
 
+void VersionIndex::DropAfter(uint64_t seq) {
+  for (auto it = chunks_.begin(); it != chunks_.end();) {
+    auto& v = it->second;
+    auto from = std::upper_bound(v.begin(), v.end(), seq,
+                                 [](uint64_t s, const RecordRef& r) { return s < r.seq; });
+    v.erase(from, v.end());
+    if (v.empty()) {
+      it = chunks_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  last_seq_ = std::min(last_seq_, seq);
+}
+
 }  // namespace osr::store

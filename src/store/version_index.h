@@ -45,6 +45,9 @@ class VersionIndex {
   void ChangedAfter(uint64_t from, std::vector<std::pair<uint64_t, uint64_t>>* out) const;
   // Forgets every record with seq <= seq (they were folded into the base).
   void DropUpTo(uint64_t seq);
+  // Forgets every record with seq > seq (an append that failed is undone); records may
+  // then be added again from seq + 1.
+  void DropAfter(uint64_t seq);
   // True when some record with from < seq <= upto overlaps the range.
   bool Touched(uint64_t offset, uint64_t length, uint64_t from, uint64_t upto) const;
 

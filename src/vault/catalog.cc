@@ -549,7 +549,7 @@ Result<int64_t> Catalog::AddJob(const JobRow& j) {
            "created_ns, updated_ns) VALUES(?,?,?,?,?,?,?,?,?,?)")
           .Bind(j.type)
           .Bind(j.vm)
-          .Bind(j.state)
+          .Bind(std::string(JobStateName(j.state)))
           .Bind(int64_t{j.progress})
           .Bind(j.steps.dump())
           .Bind(j.error)
@@ -566,7 +566,7 @@ Status Catalog::UpdateJob(const JobRow& j) {
   return Stmt(db_,
               "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, args=?, "
               "updated_ns=? WHERE id=?")
-      .Bind(j.state)
+      .Bind(std::string(JobStateName(j.state)))
       .Bind(int64_t{j.progress})
       .Bind(j.steps.dump())
       .Bind(j.error)
@@ -577,7 +577,8 @@ Status Catalog::UpdateJob(const JobRow& j) {
       .Run();
 }
 
-std::vector<JobRow> Catalog::Jobs(const std::string& vm, const std::string& state) {
+std::vector<JobRow> Catalog::Jobs(const std::string& vm, std::optional<JobState> state_in) {
+  std::string state = state_in ? std::string(JobStateName(*state_in)) : std::string();
   std::lock_guard lock(mu_);
   std::vector<JobRow> out;
   Stmt s(db_,
@@ -589,7 +590,8 @@ std::vector<JobRow> Catalog::Jobs(const std::string& vm, const std::string& stat
     j.id = s.Int(0);
     j.type = s.Text(1);
     j.vm = s.Text(2);
-    j.state = s.Text(3);
+    std::string state_name = s.Text(3);
+    j.state = JobStateFromName(state_name).value_or(JobState::kFailed);
     j.progress = static_cast<int>(s.Int(4));
     j.steps = s.Json(5);
     j.error = s.Text(6);
@@ -597,6 +599,9 @@ std::vector<JobRow> Catalog::Jobs(const std::string& vm, const std::string& stat
     j.args = s.Json(8);
     j.created_ns = s.Int(9);
     j.updated_ns = s.Int(10);
+    if (!JobStateFromName(state_name)) {
+      j.error = "the catalog holds job state '" + state_name + "', which this vault does not know";
+    }
     out.push_back(std::move(j));
   }
   return out;

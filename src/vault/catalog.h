@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "vault/job_state.h"
 
 namespace osr::vault {
 
@@ -66,7 +67,7 @@ struct JobRow {
   int64_t id = 0;
   std::string type;
   std::string vm;
-  std::string state;                               // Queued | Running | Succeeded | Failed
+  JobState state = JobState::kQueued;
   int progress = 0;                                // percent
   nlohmann::json steps = nlohmann::json::array();  // [{name, state, message}]
   std::string error;
@@ -168,7 +169,10 @@ class Catalog {
 
   Result<int64_t> AddJob(const JobRow& j);
   Status UpdateJob(const JobRow& j);
-  std::vector<JobRow> Jobs(const std::string& vm = "", const std::string& state = "");
+  // The jobs of `vm` ("": every VM) in `state` (nullopt: any), oldest first. A row whose
+  // state this build does not know reads as Failed, saying so in its error.
+  std::vector<JobRow> Jobs(const std::string& vm = "",
+                           std::optional<JobState> state = std::nullopt);
   std::optional<JobRow> Job(int64_t id);
 
  private:

@@ -62,7 +62,7 @@ json JobJson(const JobRow& j) {
   json out = {{"id", j.id},
               {"type", j.type},
               {"vm", j.vm},
-              {"state", j.state},
+              {"state", JobStateName(j.state)},
               {"progress", j.progress},
               {"steps", j.steps},
               {"error", j.error.empty() ? json() : json(j.error)},
@@ -236,17 +236,18 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   // Jobs that were running when the vault stopped: the workflows resume (each step is
   // safe to run again and what they decided is in their args); drills do not (their item
   // is in a state the operator can act on: run the drill or its cleanup again).
-  for (auto& j : v->catalog_->Jobs("", "Running")) {
+  for (auto& j : v->catalog_->Jobs("", JobState::kRunning)) {
     static const std::set<std::string> kResumable = {"enable-protection", "failover",
                                                      "change-point", "commit", "reprotect"};
     j.updated_ns = NowNs();
     if (kResumable.count(j.type)) {
-      j.state = "Queued";
-      j.steps.push_back(
-          {{"name", "The vault restarted: resuming"}, {"state", "Succeeded"}, {"message", ""}});
+      j.state = JobState::kQueued;
+      j.steps.push_back({{"name", "The vault restarted: resuming"},
+                         {"state", JobStateName(JobState::kSucceeded)},
+                         {"message", ""}});
       j.args["resumed"] = j.args.value("resumed", 0) + 1;
     } else {
-      j.state = "Failed";
+      j.state = JobState::kFailed;
       j.error =
           "the vault stopped while this job ran; the item was left as the last finished "
           "step left it — run the operation again";
@@ -255,7 +256,7 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   }
   OSR_ASSIGN_OR_RETURN(v->api_, VaultApi::Create(v.get(), cfg.api));
   OSR_RETURN_IF_ERROR(v->api_->Listen().status());
-  for (auto& j : v->catalog_->Jobs("", "Queued")) v->queue_.push_back({j.id, j.vm});
+  for (auto& j : v->catalog_->Jobs("", JobState::kQueued)) v->queue_.push_back({j.id, j.vm});
   Vault* vp = v.get();
   v->api_->Start();
   for (int i = 0; i < std::max(1, cfg.job_workers); ++i) {
@@ -289,6 +290,8 @@ void Vault::Stop() {
     std::lock_guard lock(mu_);
     if (stop_) return;
     stop_ = true;
+    // Running jobs end their waits now (and are resumed when the vault starts again).
+    for (auto& [id, cancel] : running_) cancel->Cancel(JobCancel::Reason::kVaultStopping);
   }
   cv_.notify_all();
   if (api_) api_->Stop();
@@ -588,6 +591,69 @@ Result<json> Vault::StopVm(const std::string& name, int timeout_ms) {
   return out;
 }
 
+namespace {
+
+// " (1.2 MiB free of 24 MiB)" from a site's {"free_bytes", "total_bytes"}; "" without.
+std::string SpaceText(const json* space, const std::string& what) {
+  if (space == nullptr) return "";
+  json_in::Fields f(*space, what + ".space.");
+  uint64_t free_bytes = f.U64("free_bytes", 0);
+  uint64_t total_bytes = f.U64("total_bytes", 0);
+  if (!f.ok() || total_bytes == 0) return "";
+  return fmt::format("{} free of {}", FormatSize(free_bytes), FormatSize(total_bytes));
+}
+
+// The health of a recovery store that could not write what it was sent ("" when it
+// could): its `write_error` (GET /stores/{vm}), with the file system's space.
+std::string StoreWriteHealth(const json& store, const ItemRow& item) {
+  json_in::Fields sf(store, "site " + item.target + " store " + item.vm + ".");
+  const json* err = sf.Object("write_error");
+  if (err == nullptr || !sf.ok()) return "";
+  json_in::Fields ef(*err, "site " + item.target + " store " + item.vm + ".write_error.");
+  std::string code = ef.String("code", "io_error");
+  std::string what = ef.String("what", "write");
+  std::string message = ef.String("message", "");
+  uint64_t needed = ef.U64("bytes_needed", 0);
+  uint64_t count = ef.U64("count", 0);
+  int64_t since_ns = ef.I64("since_ns", 0);
+  std::string space = SpaceText(sf.Object("space"), "store");
+  if (!ef.ok()) return "Critical: " + ef.status().message();
+  std::string since = since_ns > 0 ? ", since " + FormatTimeNs(since_ns) : "";
+  if (code == "no_space") {
+    return fmt::format(
+        "Critical: the recovery site {} is out of space for {}: {}{} needed ({} failed {} "
+        "time(s){}); free space or grow the file system of its data_dir: replication resumes "
+        "by itself. Meanwhile the source site keeps the changes (its capture log, then the "
+        "dirty-region bitmap) and the RPO grows",
+        item.target, item.vm, space.empty() ? "" : space + ", ", FormatSize(needed), what, count,
+        since);
+  }
+  return fmt::format(
+      "Critical: the recovery site {} cannot write the store of {}: {} ({} failed {} time(s){}); "
+      "look at that site's disk and log: replication retries by itself",
+      item.target, item.vm, message, what, count, since);
+}
+
+// The health of a source whose capture log could not be written ("" when it could).
+std::string CaptureWriteHealth(const json& group, const ItemRow& item) {
+  json_in::Fields gf(group, "site " + item.source + " group " + item.vm + ".");
+  const json* err = gf.Object("capture_write_error");
+  if (err == nullptr || !gf.ok()) return "";
+  json_in::Fields ef(*err, "site " + item.source + " group " + item.vm + ".capture_write_error.");
+  std::string code = ef.String("code", "io_error");
+  std::string message = ef.String("message", "");
+  std::string space = SpaceText(ef.Object("space"), "capture");
+  if (!ef.ok()) return "Critical: " + ef.status().message();
+  return fmt::format(
+      "Critical: the source site {} {} for the capture log of {}{}: changes are tracked in the "
+      "dirty-region bitmap and sent whole by a resync that starts by itself once it can write "
+      "again; free space there ({})",
+      item.source, code == "no_space" ? "is out of space" : "cannot write", item.vm,
+      space.empty() ? "" : " (" + space + ")", message);
+}
+
+}  // namespace
+
 json Vault::ItemJson(const ItemRow& item) {
   json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
@@ -643,6 +709,8 @@ json Vault::ItemJson(const ItemRow& item) {
       // (Two hosts' wall clocks: one that stepped must not show a negative RPO.)
       rpo = durable_ns > 0 ? std::max(0.0, static_cast<double>(NowNs() - durable_ns) / 1e9) : 0;
     }
+    std::string store_full = StoreWriteHealth(*st, item);
+    std::string capture_full = CaptureWriteHealth(*g, item);
     const json* group_damage = gf.Object("damage");
     const json* store_damage = sf.Object("damage");
     if (group_damage != nullptr || store_damage != nullptr) {
@@ -656,6 +724,10 @@ json Vault::ItemJson(const ItemRow& item) {
       const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
       health = "Critical: " + bad.message();
       rpo = 0;
+    } else if (!store_full.empty()) {
+      health = store_full;
+    } else if (!capture_full.empty()) {
+      health = capture_full;
     } else if (resync_required || overflowed) {
       health =
           "Critical: resynchronization required (the capture log passed its limit; it "
@@ -680,8 +752,45 @@ json Vault::ItemJson(const ItemRow& item) {
   if (!warnings.empty()) out["warnings"] = warnings;
   out["health"] = health;
   out["rpo_seconds"] = rpo;
-  if (!item.drill.is_null()) out["drill"] = item.drill;
+  if (!item.drill.is_null()) {
+    out["drill"] = DrillJson(item, &health);
+    out["health"] = health;
+  }
   return out;
+}
+
+// The item's drill as its recovery site has it now: the disks' URIs there (a restarted
+// site serves the drill at new ports), or "lost" with the reason and no disks, and a
+// Critical `health`: drill disks are never both advertised and missing.
+json Vault::DrillJson(const ItemRow& item, std::string* health) {
+  json drill = item.drill;
+  if (!drill.is_object()) return drill;
+  auto dst = catalog_->Site(item.target);
+  json_in::Fields df(drill);
+  std::string view = df.String("view", "");
+  if (!dst || view.empty()) return drill;
+  auto v = Client(*dst).Call("GET", "/views/" + view);
+  std::string lost;
+  if (v.ok()) {
+    json_in::Fields vf(*v, "site " + dst->name + " view " + view + ".");
+    lost = vf.String("lost", "");
+    const json* disks = vf.Array("disks");
+    if (!vf.ok()) return drill;  // an answer it cannot read: keep what the item says
+    if (lost.empty() && disks != nullptr) drill["disks"] = *disks;
+  } else if (v.status().code() == Code::kNotFound) {
+    lost = "site " + dst->name + " has no view " + view;
+  } else {
+    return drill;  // the site is away: the health says so already
+  }
+  if (!lost.empty()) {
+    drill["lost"] = lost;
+    drill["disks"] = json::array();
+    *health = fmt::format(
+        "Critical: the drill disks of {} at {} were lost ({}); end the drill "
+        "(osr test-failover-cleanup {}) and start a new one",
+        item.vm, item.target, lost.substr(0, 300), item.vm);
+  }
+  return drill;
 }
 
 json Vault::ListItems() {
@@ -768,6 +877,18 @@ Result<json> Vault::Unprotect(const std::string& vm) {
                            : "wait for its job to end";
     return InvalidArgument(fmt::format("VM {} is {}: {}", vm, item->state, what));
   }
+  // The item's jobs stop first (an initial copy, a drill waiting for its point): none of
+  // them must go on against a store and an item that are going away, nor hold the VM
+  // against the next protect.
+  std::vector<int64_t> cancelled;
+  for (JobState state : {JobState::kQueued, JobState::kRunning}) {
+    for (auto& j : catalog_->Jobs(vm, state)) cancelled.push_back(j.id);
+  }
+  OSR_RETURN_IF_ERROR(CancelJobsOf(vm));
+  item = catalog_->Item(vm);
+  if (!item) {  // the cancelled enable-protection job removed what it had made
+    return json{{"name", vm}, {"state", "Unprotected"}, {"cancelled_jobs", cancelled}};
+  }
   if (item->state == "FailoverCommitted") {
     // Nothing replicates; the old primary keeps its fenced disks until deleted there.
     OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
@@ -789,7 +910,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   }
   OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
   OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
-  return json{{"name", vm}, {"state", "Unprotected"}};
+  return json{{"name", vm}, {"state", "Unprotected"}, {"cancelled_jobs", cancelled}};
 }
 
 Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
@@ -945,9 +1066,18 @@ Result<json> Vault::Reprotect(const std::string& vm, bool compare) {
   return Submit("reprotect", vm, json{{"compare", compare}});
 }
 
-json Vault::ListJobs(const std::string& vm, const std::string& state) {
+Result<json> Vault::ListJobs(const std::string& vm, const std::string& state) {
+  std::optional<JobState> wanted;
+  if (!state.empty()) {
+    wanted = JobStateFromName(state);
+    if (!wanted) {
+      return InvalidArgument("state: '" + state +
+                             "' is not a job state (Queued, Running, Succeeded, Failed, "
+                             "Cancelled)");
+    }
+  }
   json out = json::array();
-  for (auto& j : catalog_->Jobs(vm, state)) out.push_back(JobJson(j));
+  for (auto& j : catalog_->Jobs(vm, wanted)) out.push_back(JobJson(j));
   return out;
 }
 
@@ -963,17 +1093,19 @@ Result<json> Vault::Submit(const std::string& type, const std::string& vm, const
   // One operation on a VM at a time: a second one would be checked against a state the
   // first is about to change.
   std::lock_guard submitting(submit_mu_);
-  for (const char* state : {"Queued", "Running"}) {
+  for (JobState state : {JobState::kQueued, JobState::kRunning}) {
     for (auto& other : catalog_->Jobs(vm, state)) {
-      return Status(Code::kAlreadyExists,
-                    fmt::format("VM {} has job {} ({}) {}; wait for it (osr job wait {})", vm,
-                                other.id, other.type, other.state, other.id));
+      return Status(
+          Code::kAlreadyExists,
+          fmt::format("VM {} has job {} ({}) {}; wait for it (osr job wait {}) or "
+                      "cancel it (osr job cancel {})",
+                      vm, other.id, other.type, JobStateName(other.state), other.id, other.id));
     }
   }
   JobRow j;
   j.type = type;
   j.vm = vm;
-  j.state = "Queued";
+  j.state = JobState::kQueued;
   j.args = args;
   j.created_ns = j.updated_ns = NowNs();
   OSR_ASSIGN_OR_RETURN(j.id, catalog_->AddJob(j));
@@ -989,6 +1121,7 @@ void Vault::JobLoop() {
   for (;;) {
     int64_t id;
     std::string vm;
+    JobCancel cancel;  // in running_ from the pick until `release` ends
     {
       std::unique_lock lock(mu_);
       // The oldest queued job whose VM has no job running: one VM's jobs run in order,
@@ -1004,41 +1137,120 @@ void Vault::JobLoop() {
       vm = it->vm;
       queue_.erase(it);
       busy_vms_.insert(vm);
+      running_[id] = &cancel;
     }
+    // After the job's last row is written: whoever waits for it to stop (CancelJob,
+    // Unprotect) then reads its final state.
     struct Release {
       Vault* v;
       std::string vm;
+      int64_t id;
       ~Release() {
         {
           std::lock_guard lock(v->mu_);
           v->busy_vms_.erase(vm);
+          v->running_.erase(id);
         }
         v->cv_.notify_all();
       }
-    } release{this, vm};
+    } release{this, vm, id};
     auto j = catalog_->Job(id);
     if (!j) continue;
-    j->state = "Running";
+    j->state = JobState::kRunning;
     j->updated_ns = NowNs();
-    (void)catalog_->UpdateJob(*j);
+    LogIfFailed(catalog_->UpdateJob(*j), fmt::format("job {}: recording that it runs", id));
     try {
-      RunJob(*j);
+      RunJob(*j, cancel);
     } catch (const std::exception& e) {
       // A bug, or a site's answer (or a stored spec) of a shape nobody expected: this
       // job fails with the reason, the vault and the other jobs go on.
       spdlog::error("job {} ({} {}): {}", j->id, j->type, j->vm, e.what());
-      j->state = "Failed";
+      j->state = JobState::kFailed;
       j->error = std::string("the job stopped on unexpected data: ") + e.what();
     }
+    // A job that returns without an end (a bug) must not stay Running for ever.
+    if (!JobEnded(j->state)) {
+      j->state = JobState::kFailed;
+      if (j->error.empty()) j->error = "the job ended without a result";
+    }
     j->updated_ns = NowNs();
-    (void)catalog_->UpdateJob(*j);
-    spdlog::info("job {} ({} {}): {}{}", j->id, j->type, j->vm, j->state,
+    LogIfFailed(catalog_->UpdateJob(*j), fmt::format("job {}: recording its end", id));
+    spdlog::info("job {} ({} {}): {}{}", j->id, j->type, j->vm, JobStateName(j->state),
                  j->error.empty() ? "" : ": " + j->error);
   }
 }
 
+// ---- cancelling jobs ------------------------------------------------------------------
+
+Result<bool> Vault::RequestCancel(int64_t id) {
+  bool was_queued = false;
+  {
+    std::lock_guard lock(mu_);
+    auto q =
+        std::find_if(queue_.begin(), queue_.end(), [&](const QueuedJob& j) { return j.id == id; });
+    if (q != queue_.end()) {
+      queue_.erase(q);
+      was_queued = true;
+    } else if (auto r = running_.find(id); r != running_.end()) {
+      r->second->Cancel(JobCancel::Reason::kCancelled);
+      return true;
+    }
+  }
+  auto j = catalog_->Job(id);
+  if (!j) return NotFound(fmt::format("no job {}", id));
+  if (!was_queued) return false;
+  // Taken off the queue before it ran: nothing was changed.
+  j->state = JobState::kCancelled;
+  j->error = "cancelled before it started: nothing was changed";
+  j->updated_ns = NowNs();
+  OSR_RETURN_IF_ERROR(catalog_->UpdateJob(*j));
+  return true;
+}
+
+bool Vault::WaitJobStopped(int64_t id) {
+  std::unique_lock lock(mu_);
+  return cv_.wait_for(lock, std::chrono::milliseconds(cfg_.job_cancel_wait_ms_max),
+                      [&] { return !running_.count(id); });
+}
+
+Result<json> Vault::CancelJob(int64_t id) {
+  OSR_ASSIGN_OR_RETURN(bool asked, RequestCancel(id));
+  if (!asked) {
+    auto j = catalog_->Job(id);
+    if (!j) return NotFound(fmt::format("no job {}", id));
+    // Not queued and not running here: it ended (or is being picked: say so).
+    if (JobEnded(j->state)) {
+      return Status(Code::kAlreadyExists, fmt::format("job {} is {}: there is nothing to cancel",
+                                                      id, JobStateName(j->state)));
+    }
+    return Unavailable(
+        fmt::format("job {} is {} and not running yet; try again", id, JobStateName(j->state)));
+  }
+  bool stopped = WaitJobStopped(id);
+  OSR_ASSIGN_OR_RETURN(json out, ShowJob(id));
+  if (!stopped) out["cancel_requested"] = true;
+  return out;
+}
+
+Status Vault::CancelJobsOf(const std::string& vm) {
+  std::vector<int64_t> ids;
+  for (JobState state : {JobState::kQueued, JobState::kRunning}) {
+    for (auto& j : catalog_->Jobs(vm, state)) ids.push_back(j.id);
+  }
+  for (int64_t id : ids) {
+    OSR_ASSIGN_OR_RETURN(bool asked, RequestCancel(id));
+    if (asked && !WaitJobStopped(id)) {
+      return Unavailable(fmt::format(
+          "job {} of VM {} was asked to stop but is still running after {} s (a site call "
+          "under way); nothing was removed: try again when it has stopped (osr job show {})",
+          id, vm, cfg_.job_cancel_wait_ms_max / 1000, id));
+    }
+  }
+  return Status::Ok();
+}
+
 Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
-                                      uint64_t want) {
+                                      uint64_t want, JobCancel* cancel) {
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   if (!src || !dst) return NotFound("a site of the item is not registered");
@@ -1050,6 +1262,7 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
   for (;;) {
     if (stopping_) return Unavailable("the vault is stopping");
+    if (cancel) OSR_RETURN_IF_ERROR(cancel->Check());
     OSR_ASSIGN_OR_RETURN(json st, Client(*dst).Call("GET", "/stores/" + item.vm));
     uint64_t durable = st.value("durable_seq", uint64_t{0});
     // A point needs a consistent state: not inside a resynchronization.
@@ -1073,13 +1286,18 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
                       durable, want, wait_ms / 1000,
                       StoreConsistentAt(st, durable) ? "" : " and is resynchronizing", item.vm));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (cancel) {
+      OSR_RETURN_IF_ERROR(cancel->Sleep(std::chrono::milliseconds(100)));
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
   }
 }
 
-Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job) {
+Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spec,
+                                     JobCancel* cancel) {
   auto points = catalog_->Points(item.vm);
-  if (spec == "latest") return PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
+  if (spec == "latest") return PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, cancel);
   if (spec == "latest-processed") {
     if (points.empty()) return NotFound("VM " + item.vm + " has no recovery point yet");
     return points.back();
@@ -1117,8 +1335,91 @@ Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spe
                          "latest-app, a point id, or an RFC 3339 time");
 }
 
-void Vault::RunJob(JobRow& job) {
-  Steps steps(catalog_.get(), &job);
+void Vault::RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, const SiteRow& dst,
+                                Steps& steps) {
+  // A step that fails or is cancelled leaves nothing behind: replication stopped, the
+  // store removed, the item deleted — the VM is unprotected again and can be protected
+  // anew. The job says so, or names what could not be removed.
+  auto undo = [&](const Status& st, bool replication_started, bool store_made) {
+    if (steps.cancel() && steps.cancel()->reason() == JobCancel::Reason::kVaultStopping) {
+      // Not the operator's wish: everything stays as it is (unprotect, or protect again).
+      return steps.Fail(st);
+    }
+    std::vector<std::string> left;
+    if (replication_started) {
+      auto r = Client(src).Call("DELETE", "/groups/" + job.vm + "/replication");
+      if (!r.ok() && r.status().code() != Code::kNotFound) {
+        left.push_back(fmt::format("replication from {} may still run ({}): osr unprotect {}",
+                                   src.name, r.status().message(), job.vm));
+      }
+    }
+    if (store_made) {
+      auto r = Client(dst).Call("DELETE", "/stores/" + job.vm);
+      if (!r.ok() && r.status().code() != Code::kNotFound) {
+        left.push_back(fmt::format("the recovery store at {} was kept ({}): osr unprotect {}",
+                                   dst.name, r.status().message(), job.vm));
+      }
+    }
+    if (Status d = catalog_->DeleteItem(job.vm); !d.ok()) {
+      left.push_back("the item stays in the catalog (" + d.message() + "): osr unprotect " +
+                     job.vm);
+    }
+    std::string what =
+        left.empty()
+            ? fmt::format(
+                  "{}{}the VM is unprotected again (osr protect {} --target {})",
+                  replication_started ? "replication from " + src.name + " was stopped, " : "",
+                  store_made ? "the store at " + dst.name + " was removed; " : "", job.vm, dst.name)
+            : fmt::format("{}", fmt::join(left, "; "));
+    if (st.code() == Code::kCancelled) return steps.Fail(steps.Cancelled(what));
+    steps.Fail(Status(st.code(), st.message() + " (" + what + ")"));
+  };
+  auto v = catalog_->Vm(job.vm);
+  if (!v) return undo(NotFound("VM " + job.vm + " is not registered"), false, false);
+  if (Status c = steps.Check(); !c.ok()) return undo(c, false, false);
+  steps.Begin(fmt::format("Create the recovery store at {}", item.target));
+  // "full": the disks may hold data already; their allocated regions go first.
+  auto r = Client(dst).Call(
+      "PUT", "/stores/" + job.vm,
+      json{{"disks", v->disks}, {"start", "full"}, {"epoch", item.epoch}, {"source", item.source}});
+  if (!r.ok() && r.status().code() == Code::kAlreadyExists && job.args.contains("resumed")) {
+    r = json::object();  // made before the vault restarted
+  }
+  if (!r.ok()) return undo(r.status(), false, false);
+  steps.Done(10);
+  if (Status c = steps.Check(); !c.ok()) return undo(c, false, true);
+  steps.Begin(fmt::format("Start replication from {}", item.source));
+  r = StartReplication(item, src, dst);
+  if (!r.ok()) return undo(r.status(), true, true);
+  steps.Done(20);
+  steps.Begin("Initial replication");
+  // No deadline while it moves (a big disk under a low bandwidth limit takes its time);
+  // it fails when nothing moved for job_wait_ms_max, and stops when cancelled.
+  if (Status w = WaitForReplica(job.vm, src, dst, steps, 20, 95); !w.ok()) {
+    return undo(
+        w.code() == Code::kCancelled ? w : Status(w.code(), "initial replication: " + w.message()),
+        true, true);
+  }
+  steps.Done(95);
+  item.state = "Protected";
+  if (Status p = catalog_->PutItem(item); !p.ok()) return steps.Fail(p);
+  steps.Begin("First recovery point");
+  auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, steps.cancel());
+  if (!p.ok()) {
+    return steps.Fail(
+        p.status().code() == Code::kCancelled
+            ? steps.Cancelled(
+                  fmt::format("the VM is protected; points come by themselves (every {} s "
+                              "under its policy)",
+                              catalog_->Policy(item.policy).value_or(PolicyRow{}).crash_interval_s))
+            : p.status());
+  }
+  steps.Done(100);
+  job.state = JobState::kSucceeded;
+}
+
+void Vault::RunJob(JobRow& job, JobCancel& cancel) {
+  Steps steps(catalog_.get(), &job, &cancel);
   auto item = catalog_->Item(job.vm);
   if (!item) {
     steps.Fail(NotFound("VM " + job.vm + " is no longer protected"));
@@ -1148,10 +1449,10 @@ void Vault::RunJob(JobRow& job) {
       return;
     }
   }
-  if (job.type == "failover") return RunFailover(job, *item);
-  if (job.type == "change-point") return RunChangePoint(job, *item);
-  if (job.type == "commit") return RunCommit(job, *item);
-  if (job.type == "reprotect") return RunReprotect(job, *item);
+  if (job.type == "failover") return RunFailover(job, *item, cancel);
+  if (job.type == "change-point") return RunChangePoint(job, *item, cancel);
+  if (job.type == "commit") return RunCommit(job, *item, cancel);
+  if (job.type == "reprotect") return RunReprotect(job, *item, cancel);
   auto src = catalog_->Site(item->source);
   auto dst = catalog_->Site(item->target);
   if (!src || !dst) {
@@ -1163,76 +1464,14 @@ void Vault::RunJob(JobRow& job) {
     return;
   };
 
-  if (job.type == "enable-protection") {
-    auto v = catalog_->Vm(job.vm);
-    steps.Begin(fmt::format("Create the recovery store at {}", item->target));
-    // "full": the disks may hold data already; their allocated regions go first.
-    auto r = Client(*dst).Call("PUT", "/stores/" + job.vm,
-                               json{{"disks", v->disks},
-                                    {"start", "full"},
-                                    {"epoch", item->epoch},
-                                    {"source", item->source}});
-    if (!r.ok() && r.status().code() == Code::kAlreadyExists && job.args.contains("resumed")) {
-      r = json::object();  // made before the vault restarted
-    }
-    if (!r.ok()) {
-      (void)catalog_->DeleteItem(job.vm);
-      return fail(r.status());
-    }
-    steps.Done(10);
-    steps.Begin(fmt::format("Start replication from {}", item->source));
-    r = StartReplication(*item, *src, *dst);
-    if (!r.ok()) {
-      (void)Client(*dst).Call("DELETE", "/stores/" + job.vm);  // nothing half-done
-      (void)catalog_->DeleteItem(job.vm);
-      return fail(r.status());
-    }
-    steps.Done(20);
-    steps.Begin("Initial replication");
-    auto g = Client(*src).Call("GET", "/groups/" + job.vm);
-    uint64_t want = g.ok() ? (*g).value("last_seq", uint64_t{0}) : 0;
-    auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::milliseconds(cfg_.job_wait_ms_max);
-    for (;;) {
-      if (stopping_) return fail(Unavailable("the vault stopped"));
-      auto st = Client(*dst).Call("GET", "/stores/" + job.vm);
-      uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
-      if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) break;
-      if (std::chrono::steady_clock::now() > deadline) {
-        (void)Client(*src).Call("DELETE", "/groups/" + job.vm + "/replication");
-        (void)Client(*dst).Call("DELETE", "/stores/" + job.vm);
-        (void)catalog_->DeleteItem(job.vm);
-        return fail(Unavailable(fmt::format("initial replication reached seq {} of {} in {} s",
-                                            durable, want, cfg_.job_wait_ms_max / 1000)));
-      }
-      // Bytes copied of the disks' allocated regions, when the initial copy runs.
-      auto gs = Client(*src).Call("GET", "/groups/" + job.vm);
-      json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
-      uint64_t total = repl.value("resync_bytes_total", uint64_t{0});
-      uint64_t done = repl.value("resync_bytes_done", uint64_t{0});
-      if (total > 0) {
-        steps.Progress(20 + static_cast<int>(75 * done / total),
-                       fmt::format("{} of {} bytes copied", done, total));
-      } else {
-        steps.Progress(20 + static_cast<int>(75 * durable / std::max<uint64_t>(want, 1)),
-                       fmt::format("{} of {} writes replicated", durable, want));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    steps.Done(95);
-    item->state = "Protected";
-    (void)catalog_->PutItem(*item);
-    steps.Begin("First recovery point");
-    auto p = PointAtLatest(*item, "crash", cfg_.job_wait_ms_max);
-    if (!p.ok()) return fail(p.status());
-    steps.Done(100);
-    job.state = "Succeeded";
-    return;
-  }
+  if (job.type == "enable-protection") return RunEnableProtection(job, *item, *src, *dst, steps);
 
   if (job.type == "test-failover") {
     steps.Begin("Resolve the recovery point");
-    auto p = ResolvePoint(*item, job.args.value("point", std::string("latest")), &job);
+    auto p = ResolvePoint(*item, job.args.value("point", std::string("latest")), &cancel);
+    if (!p.ok() && p.status().code() == Code::kCancelled) {
+      return fail(steps.Cancelled("no drill disk was opened; the item stays Protected"));
+    }
     if (!p.ok()) return fail(p.status());
     // Retention keeps the point from now on: until the item records the drill, by this
     // pin; then because the drill stands on it.
@@ -1252,7 +1491,7 @@ void Vault::RunJob(JobRow& job) {
     item->drill = {{"view", (*v)["id"]}, {"point", PointJson(*p)}, {"disks", (*v)["disks"]}};
     (void)catalog_->PutItem(*item);
     job.result = {{"disks", (*v)["disks"]}, {"point", PointJson(*p)}};
-    job.state = "Succeeded";
+    job.state = JobState::kSucceeded;
     return;
   }
 
@@ -1265,7 +1504,7 @@ void Vault::RunJob(JobRow& job) {
     item->drill = nullptr;
     (void)catalog_->PutItem(*item);
     job.result = {{"notes", job.args.value("notes", std::string())}};
-    job.state = "Succeeded";
+    job.state = JobState::kSucceeded;
     return;
   }
   fail(InvalidArgument("unknown job type " + job.type));

@@ -19,10 +19,15 @@
 //
 // Thread model: HTTP handlers run on cpp-httplib's pool; jobs run on job_workers threads,
 // one job per VM at a time, each VM's in submission order; the point thread makes crash-consistent
-// points and applies retention. mu_ guards the job queue; points_mu_ the point schedules
-// and the points jobs have chosen (and is held while retention decides and deletes);
-// clock_mu_ the clock watch (taken after points_mu_ when both are); the catalog is
-// thread-safe.
+// points and applies retention. mu_ guards the job queue and the running jobs' cancellation
+// tokens; points_mu_ the point schedules and the points jobs have chosen (and is held while
+// retention decides and deletes); clock_mu_ the clock watch (taken after points_mu_ when
+// both are); the catalog is thread-safe.
+//
+// Cancelling (CancelJob, and Unprotect for the item's jobs): a queued job ends Cancelled at
+// once; a running one is asked through its JobCancel and stops at its next wait, its last
+// step saying what it leaves behind; the caller waits for it, bounded by
+// job_cancel_wait_ms_max.
 #pragma once
 
 #include <atomic>
@@ -44,6 +49,7 @@
 #include "vault/catalog.h"
 #include "vault/clock_watch.h"
 #include "vault/hooks.h"
+#include "vault/job_steps.h"
 #include "vault/vault_api.h"
 
 namespace osr::vault {
@@ -57,6 +63,9 @@ struct VaultConfig {
   int point_tick_ms = 1000;
   int job_wait_ms_max = 120000;  // a job step waiting for replication gives up after this
   int call_wait_ms_max = 30000;  // an API call waiting for replication (below the CLI's 60 s)
+  // How long cancel and unprotect wait for a running job to stop (it stops at its next
+  // poll, ~100 ms, unless a site call is under way: those end within 30 s).
+  int job_cancel_wait_ms_max = 35000;
   bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
   int job_workers = 4;           // jobs of different VMs run at the same time, this many
   HookConfig hooks;              // what VMs' hooks may run here (--hooks, --allow-api-hooks)
@@ -101,6 +110,7 @@ class Vault {
   // kFailedPrecondition (naming why) when something still is.
   Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site, bool trim_image,
                                   bool reset_history);
+  nlohmann::json DrillJson(const ItemRow& item, std::string* health);
   Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
   nlohmann::json ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);
@@ -118,8 +128,14 @@ class Vault {
   Result<nlohmann::json> ChangePoint(const std::string& vm, const std::string& spec);
   Result<nlohmann::json> Commit(const std::string& vm);
   Result<nlohmann::json> Reprotect(const std::string& vm, bool compare);
-  nlohmann::json ListJobs(const std::string& vm, const std::string& state);
+  // `state`: a JobState's name or "" (any); another word is kInvalidArgument.
+  Result<nlohmann::json> ListJobs(const std::string& vm, const std::string& state);
   Result<nlohmann::json> ShowJob(int64_t id);
+  // Cancels job `id` and waits (at most job_cancel_wait_ms_max) for it to stop; returns the
+  // job as it is then (Cancelled, or still Running with "cancel_requested": true when a
+  // site call keeps it longer). kNotFound: no such job; kAlreadyExists: it has ended
+  // (its state in the message).
+  Result<nlohmann::json> CancelJob(int64_t id);
   // The clock watch's state: {held, step_seconds, stepped_at, settles_at, message}.
   nlohmann::json ClockStatus();
   // The operator says the vault's wall clock is right: pruning held by a clock step
@@ -132,12 +148,23 @@ class Vault {
   Result<nlohmann::json> Submit(const std::string& type, const std::string& vm,
                                 const nlohmann::json& args);
   void JobLoop();
-  void RunJob(JobRow& job);
-  // The failover workflows (workflows.cc); each ends the job Succeeded or Failed.
-  void RunFailover(JobRow& job, ItemRow item);
-  void RunChangePoint(JobRow& job, ItemRow item);
-  void RunCommit(JobRow& job, ItemRow item);
-  void RunReprotect(JobRow& job, ItemRow item);
+  void RunJob(JobRow& job, JobCancel& cancel);
+  // Asks job `id` to stop: a queued one ends Cancelled here; a running one through its
+  // token. Ok(true) when it was queued or running, Ok(false) when it had ended.
+  Result<bool> RequestCancel(int64_t id);
+  // Waits until job `id` is not running (at most job_cancel_wait_ms_max); true if so.
+  bool WaitJobStopped(int64_t id);
+  // Cancels the VM's queued and running jobs and waits for them (Unprotect). kUnavailable
+  // naming the job when one did not stop in time (it stops later by itself).
+  Status CancelJobsOf(const std::string& vm);
+  void RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, const SiteRow& dst,
+                           Steps& steps);
+  // The failover workflows (workflows.cc); each ends the job Succeeded, Failed or
+  // Cancelled (then its last step says what it left behind).
+  void RunFailover(JobRow& job, ItemRow item, JobCancel& cancel);
+  void RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel);
+  void RunCommit(JobRow& job, ItemRow item, JobCancel& cancel);
+  void RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel);
   // Reprotect's "find what differs" at a fenced, stopped old primary that has disks:
   // "exact" from its history when it vouches for it (the fence fingerprint matches; the
   // regions are marked at `cur`), else "hash" (CompareBlockHashes). `found` says which
@@ -153,9 +180,10 @@ class Vault {
   Result<nlohmann::json> CompareBlockHashes(const std::string& vm, const VmRow& row,
                                             const SiteRow& cur, const SiteRow& old);
   // Waits until `dst` holds a consistent replica of everything `src` captured when the
-  // wait began; progress from p0 to p1 %.
-  Status WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst,
-                        class Steps& steps, int p0, int p1);
+  // wait began; progress from p0 to p1 %. Fails when nothing moved for job_wait_ms_max;
+  // kCancelled (message "cancelled") when the job is cancelled.
+  Status WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst, Steps& steps,
+                        int p0, int p1);
   // A point at what the recovery store holds (failover while the source is away).
   Result<PointRow> PointAtStore(const ItemRow& item);
   // An old primary that comes back after an unplanned failover is fenced (and its VM
@@ -168,12 +196,15 @@ class Vault {
   void PointLoop();
   // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.
   void PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo);
-  Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobRow* job);
-  // Waits (at most wait_ms, less if the vault stops) until the recovery site has every
-  // write made so far, then records a point there.
-  // `want`: the source's position to wait for (0: its last seq now).
+  // A point by its spec (latest, latest-processed, latest-app, an id, a time); "latest"
+  // waits for the source's last write (`cancel`: the job's token, or nullptr).
+  Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobCancel* cancel);
+  // Waits (at most wait_ms, less if the vault stops or `cancel` is set) until the recovery
+  // site has every write made so far, then records a point there.
+  // `want`: the source's position to wait for (0: its last seq now). `cancel` (borrowed;
+  // nullptr for API calls): the job's token; kCancelled when it is set.
   Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
-                                 uint64_t want = 0);
+                                 uint64_t want = 0, JobCancel* cancel = nullptr);
   // Re-points a source site's replication at its target's current address (a site that
   // restarted may listen elsewhere now).
   void ReconcileReplication(const ItemRow& item);
@@ -237,8 +268,11 @@ class Vault {
   };
   std::deque<QueuedJob> queue_;     // guarded by mu_
   std::set<std::string> busy_vms_;  // guarded by mu_: VMs with a job running
-  bool stop_ = false;               // guarded by mu_
-  bool jobs_started_ = false;       // guarded by mu_
+  // guarded by mu_: the running jobs' tokens (each owned by its JobLoop frame, erased
+  // before that frame ends)
+  std::map<int64_t, JobCancel*> running_;
+  bool stop_ = false;          // guarded by mu_
+  bool jobs_started_ = false;  // guarded by mu_
   std::atomic<bool> stopping_{false};
 
   struct PointSchedule {
@@ -262,6 +296,19 @@ class Vault {
 // resync, and seq within what is usable (consistent_from..durable_seq).
 // A status of the wrong shape is not consistent.
 bool StoreConsistentAt(const nlohmann::json& store_status, uint64_t seq);
+
+// What a step waiting for a replica shows (vault jobs): bytes of a copy when one runs,
+// else writes; "waiting for SITE: ERROR" when a site does not answer (never numbers
+// from a call that failed). `want`: the source's last seq when the wait began.
+struct ReplicaProgress {
+  std::string text;
+  int percent = -1;  // 0..100 of this wait; -1: not known (keep what was shown)
+};
+// `src_group`: GET /groups/{vm} at the source; `dst_store`: GET /stores/{vm} at the target.
+ReplicaProgress DescribeReplicaProgress(const std::string& src_name,
+                                        const Result<nlohmann::json>& src_group,
+                                        const std::string& dst_name,
+                                        const Result<nlohmann::json>& dst_store, uint64_t want);
 
 // Logs a failed best-effort step (a sample, a fold the next tick repeats) with `what`.
 void LogIfFailed(const Status& st, const std::string& what);

@@ -220,6 +220,7 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"POST", "/api/v1/clock/confirm", O, &VaultApi::ConfirmClock},
       {"GET", "/api/v1/jobs", R, &VaultApi::ListJobs},
       {"GET", R"(/api/v1/jobs/([^/]+))", R, &VaultApi::ShowJob},
+      {"POST", R"(/api/v1/jobs/([^/]+)/cancel)", O, &VaultApi::CancelJob},
   };
   return kRoutes;
 }
@@ -845,7 +846,8 @@ Result<VaultApi::Reply> VaultApi::ConfirmClock(Call& c) {
 
 Result<VaultApi::Reply> VaultApi::ListJobs(Call& c) {
   OSR_ASSIGN_OR_RETURN(int64_t limit, QueryInt(c.req, "limit", 0, 0, 100000));
-  json jobs = vault_->ListJobs(c.req.get_param_value("vm"), c.req.get_param_value("state"));
+  OSR_ASSIGN_OR_RETURN(
+      json jobs, vault_->ListJobs(c.req.get_param_value("vm"), c.req.get_param_value("state")));
   if (limit > 0 && jobs.size() > static_cast<size_t>(limit)) {  // the newest, oldest first
     jobs.erase(jobs.begin(), jobs.end() - limit);
   }
@@ -856,6 +858,13 @@ Result<VaultApi::Reply> VaultApi::ShowJob(Call& c) {
   OSR_ASSIGN_OR_RETURN(int64_t id, ParseId(c.Match(1), "job id"));
   OSR_ASSIGN_OR_RETURN(json out, vault_->ShowJob(id));
   return Reply{200, out};
+}
+
+Result<VaultApi::Reply> VaultApi::CancelJob(Call& c) {
+  OSR_ASSIGN_OR_RETURN(int64_t id, ParseId(c.Match(1), "job id"));
+  OSR_ASSIGN_OR_RETURN(json out, vault_->CancelJob(id));
+  // 200: it stopped (Cancelled); 202: asked, still stopping (cancel_requested).
+  return Reply{out.contains("cancel_requested") ? 202 : 200, out};
 }
 
 }  // namespace osr::vault

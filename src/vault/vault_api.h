@@ -146,6 +146,7 @@ class VaultApi {
   Result<Reply> ConfirmClock(Call& c);
   Result<Reply> ListJobs(Call& c);
   Result<Reply> ShowJob(Call& c);
+  Result<Reply> CancelJob(Call& c);
 
   Vault* vault_;
   Catalog& catalog_;

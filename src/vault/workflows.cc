@@ -45,6 +45,12 @@ int ShutdownTimeoutMs(const VmRow& vm) {
   return spec.ok() ? static_cast<int>(spec->shutdown_timeout_ms) : 30000;
 }
 
+// The first point of a reprotected item could not be made: it is protected anyway.
+Status FirstPointFailed(const Steps& steps, const Status& st) {
+  if (st.code() != Code::kCancelled) return st;
+  return steps.Cancelled("the item is protected (reversed); points come by themselves");
+}
+
 }  // namespace
 
 Status Vault::RunHook(const VmRow& vm, const std::string& name, const json& env) {
@@ -81,24 +87,69 @@ Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
   return p;
 }
 
+ReplicaProgress DescribeReplicaProgress(const std::string& src_name, const Result<json>& src_group,
+                                        const std::string& dst_name, const Result<json>& dst_store,
+                                        uint64_t want) {
+  // A call that failed has no numbers: say whom the job waits for, and why.
+  if (!src_group.ok())
+    return {fmt::format("waiting for {}: {}", src_name, src_group.status().message()), -1};
+  if (!dst_store.ok())
+    return {fmt::format("waiting for {}: {}", dst_name, dst_store.status().message()), -1};
+  json_in::Fields sf(dst_store.value(), "site " + dst_name + " store.");
+  uint64_t durable = sf.U64("durable_seq", 0);
+  json_in::Fields gf(src_group.value(), "site " + src_name + " group.");
+  const json* repl = gf.Object("replication");
+  json empty = json::object();
+  json_in::Fields rf(repl ? *repl : empty, "site " + src_name + " replication.");
+  uint64_t total = rf.U64("resync_bytes_total", 0);
+  uint64_t done = rf.U64("resync_bytes_done", 0);
+  std::string last_error = rf.String("last_error", "");
+  bool connected = rf.Bool("connected", false);
+  for (const json_in::Fields* f : {&sf, &gf, &rf}) {
+    if (!f->ok()) return {fmt::format("waiting: {}", f->status().message()), -1};
+  }
+  if (total > 0) {
+    done = std::min(done, total);
+    return {fmt::format("{} of {} bytes copied", done, total),
+            static_cast<int>(100 * done / total)};
+  }
+  if (!connected && !last_error.empty()) {
+    return {fmt::format("waiting for replication to {}: {}", dst_name, last_error), -1};
+  }
+  if (want == 0 || durable >= want) {
+    // Every write is there, but not yet consistent: the copy of whole regions is to come.
+    return {fmt::format("waiting for the copy of what differs to start ({} has seq {})", dst_name,
+                        durable),
+            -1};
+  }
+  return {fmt::format("{} of {} writes replicated", durable, want),
+          static_cast<int>(100 * durable / want)};
+}
+
 Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst,
                              Steps& steps, int p0, int p1) {
   auto g = Client(src).Call("GET", "/groups/" + vm);
   if (!g.ok()) return g.status();
-  uint64_t want = (*g).value("last_seq", uint64_t{0});
+  json_in::Fields gf(*g, "site " + src.name + " group " + vm + ".");
+  uint64_t want = gf.U64("last_seq", 0);
+  if (!gf.ok()) return gf.status();
   // No deadline while it moves: a big copy takes its time. It fails when nothing moved
   // for job_wait_ms_max.
   auto stalled_since = std::chrono::steady_clock::now();
   uint64_t last_progress = UINT64_MAX;
+  int percent = p0;
   for (;;) {
-    if (stopping_) return Unavailable("the vault stopped");
+    OSR_RETURN_IF_ERROR(steps.Check());
     auto st = Client(dst).Call("GET", "/stores/" + vm);
-    uint64_t durable = st.ok() ? (*st).value("durable_seq", uint64_t{0}) : 0;
+    uint64_t durable = st.ok() ? json_in::Fields(*st).U64("durable_seq", 0) : 0;
     if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) return Status::Ok();
     auto gs = Client(src).Call("GET", "/groups/" + vm);
-    json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
-    uint64_t total = repl.value("resync_bytes_total", uint64_t{0});
-    uint64_t done = repl.value("resync_bytes_done", uint64_t{0});
+    ReplicaProgress shown = DescribeReplicaProgress(src.name, gs, dst.name, st, want);
+    uint64_t done = 0;
+    if (gs.ok()) {
+      const json* repl = json_in::Fields(*gs).Object("replication");
+      if (repl != nullptr) done = json_in::Fields(*repl).U64("resync_bytes_done", 0);
+    }
     uint64_t progress = done + durable;
     if (progress != last_progress) {
       last_progress = progress;
@@ -107,24 +158,18 @@ Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const Si
                std::chrono::milliseconds(cfg_.job_wait_ms_max)) {
       return Unavailable(
           fmt::format("replication to {} made no progress for {} s (seq {} of {}; {})", dst.name,
-                      cfg_.job_wait_ms_max / 1000, durable, want,
-                      repl.value("last_error", std::string(st.ok() ? "" : st.status().message()))));
+                      cfg_.job_wait_ms_max / 1000, durable, want, shown.text));
     }
-    if (total > 0) {
-      steps.Progress(p0 + static_cast<int>((p1 - p0) * done / total),
-                     fmt::format("{} of {} bytes copied", done, total));
-    } else {
-      steps.Progress(p0 + static_cast<int>((p1 - p0) * durable / std::max<uint64_t>(want, 1)),
-                     fmt::format("{} of {} writes replicated", durable, want));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (shown.percent >= 0) percent = p0 + (p1 - p0) * shown.percent / 100;
+    steps.Progress(percent, shown.text);
+    OSR_RETURN_IF_ERROR(steps.Sleep(std::chrono::milliseconds(100)));
   }
 }
 
 // ---- failover -----------------------------------------------------------------------
 
-void Vault::RunFailover(JobRow& job, ItemRow item) {
-  Steps steps(catalog_.get(), &job);
+void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
+  Steps steps(catalog_.get(), &job, &cancel);
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   auto vm = catalog_->Vm(job.vm);
@@ -210,7 +255,15 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
                                json{{"epoch", epoch}, {"keep_shipping", true}});
     if (!f.ok()) return fail(f.status(), before);
     mark_failing();
-    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
+    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
+    if (!p.ok() && p.status().code() == Code::kCancelled) {
+      return fail(steps.Cancelled(fmt::format(
+                      "{} is fenced at epoch {} (its disks refuse writes) and nothing was opened "
+                      "at {}; the item is FailoverFailed: run the failover again to finish it "
+                      "(osr failover {})",
+                      item.source, epoch, item.target, job.vm)),
+                  "FailoverFailed");
+    }
     if (!p.ok()) return fail(p.status(), "FailoverFailed");
     point = *p;
     steps.Progress(40, fmt::format("everything is at {}: point {} (seq {})", item.target, point.id,
@@ -220,9 +273,13 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
     steps.Begin("Resolve the recovery point");
     std::string spec = job.args.value("point", std::string("latest"));
     // "latest": everything still pending is processed first, if the source answers.
-    Result<PointRow> p = spec == "latest"
-                             ? PointAtLatest(item, "crash", std::min(cfg_.job_wait_ms_max, 30000))
-                             : ResolvePoint(item, spec, &job);
+    Result<PointRow> p =
+        spec == "latest"
+            ? PointAtLatest(item, "crash", std::min(cfg_.job_wait_ms_max, 30000), 0, &cancel)
+            : ResolvePoint(item, spec, &cancel);
+    if (!p.ok() && p.status().code() == Code::kCancelled) {
+      return fail(steps.Cancelled("nothing was changed: the item is " + before + " again"), before);
+    }
     if (!p.ok() && spec == "latest") {
       steps.Progress(20, "the source cannot send what is pending (" + p.status().message() +
                              "): the latest is what the recovery site holds");
@@ -288,13 +345,13 @@ void Vault::RunFailover(JobRow& job, ItemRow item) {
     steps.Warn(100, h.message());
   }
   job.progress = 100;
-  job.state = "Succeeded";
+  job.state = JobState::kSucceeded;
 }
 
 // ---- change recovery point -----------------------------------------------------------
 
-void Vault::RunChangePoint(JobRow& job, ItemRow item) {
-  Steps steps(catalog_.get(), &job);
+void Vault::RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel) {
+  Steps steps(catalog_.get(), &job, &cancel);
   auto dst = catalog_->Site(item.target);
   auto vm = catalog_->Vm(job.vm);
   if (!dst || !vm) return steps.Fail(NotFound("the VM or its site is not registered"));
@@ -304,7 +361,7 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item) {
     point.id = job.args["resolved"].value("id", int64_t{0});
   } else {
     steps.Begin("Resolve the recovery point");
-    auto p = ResolvePoint(item, job.args.value("point", std::string()), &job);
+    auto p = ResolvePoint(item, job.args.value("point", std::string()), &cancel);
     if (!p.ok()) return steps.Fail(p.status());
     point = *p;
     job.args["point_seq"] = point.seq;
@@ -346,13 +403,13 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item) {
     steps.Done(95);
   }
   job.progress = 100;
-  job.state = "Succeeded";
+  job.state = JobState::kSucceeded;
 }
 
 // ---- commit -------------------------------------------------------------------------
 
-void Vault::RunCommit(JobRow& job, ItemRow item) {
-  Steps steps(catalog_.get(), &job);
+void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
+  Steps steps(catalog_.get(), &job, &cancel);
   auto dst = catalog_->Site(item.target);
   if (!dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   item.state = "Committing";
@@ -369,14 +426,28 @@ void Vault::RunCommit(JobRow& job, ItemRow item) {
   auto stalled_since = std::chrono::steady_clock::now();
   uint64_t last_done = UINT64_MAX;
   for (;;) {
-    if (stopping_) return back(Unavailable("the vault stopped"));
+    if (Status c = steps.Check(); !c.ok()) {
+      return back(c.code() == Code::kCancelled
+                      ? steps.Cancelled(fmt::format(
+                            "the VM runs on at {} on its point and {} may finish the copy by "
+                            "itself; the item is FailedOver again: commit again to go on (it "
+                            "resumes), or change the point",
+                            item.target, item.target))
+                      : c);
+    }
     auto g = Client(*dst).Call("GET", "/groups/" + job.vm);
     if (!g.ok()) return back(g.status());
     json mj = (*g).value("materialise", json::object());
     std::string state = mj.value("state", std::string());
     uint64_t done = mj.value("done_bytes", uint64_t{0});
     uint64_t total = mj.value("total_bytes", uint64_t{0});
-    if (state == "done") break;
+    if (state == "done") {
+      // The numbers of the answer that says it is done: the last ones (not those of the
+      // poll before, which may be far behind).
+      steps.Progress(80, total > 0 ? fmt::format("{} of {} bytes", done, total)
+                                   : std::string("nothing left to copy"));
+      break;
+    }
     if (state == "failed") {
       return back(Internal("materialising failed: " + mj.value("error", std::string())));
     }
@@ -395,7 +466,7 @@ void Vault::RunCommit(JobRow& job, ItemRow item) {
       steps.Progress(static_cast<int>(80 * done / total),
                      fmt::format("{} of {} bytes", done, total));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    (void)steps.Sleep(std::chrono::milliseconds(100));  // a stop is seen at the loop's top
   }
   steps.Done(80);
   steps.Begin("Delete the recovery points and the recovery store");
@@ -405,7 +476,7 @@ void Vault::RunCommit(JobRow& job, ItemRow item) {
   steps.Done(100);
   item.state = "FailoverCommitted";
   (void)catalog_->PutItem(item);
-  job.state = "Succeeded";
+  job.state = JobState::kSucceeded;
 }
 
 // ---- reprotect ----------------------------------------------------------------------
@@ -518,8 +589,8 @@ Result<Vault::Differences> Vault::FindDifferences(const ItemRow& item, const VmR
   return Differences{"hash", found};
 }
 
-void Vault::RunReprotect(JobRow& job, ItemRow item) {
-  Steps steps(catalog_.get(), &job);
+void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
+  Steps steps(catalog_.get(), &job, &cancel);
   // The VM runs at item.target now; the old primary (item.source) becomes its target.
   auto cur = catalog_->Site(item.target);
   auto old = catalog_->Site(item.source);
@@ -541,10 +612,10 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   if (swapped) {
     // Resumed after the item was reversed: only the first point is left to make.
     steps.Begin("First recovery point");
-    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
-    if (!p.ok()) return steps.Fail(p.status());
+    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
+    if (!p.ok()) return steps.Fail(FirstPointFailed(steps, p.status()));
     steps.Done(100);
-    job.state = "Succeeded";
+    job.state = JobState::kSucceeded;
     return;
   }
   steps.Begin(fmt::format("Check that {} answers", item.source));
@@ -636,7 +707,15 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
   steps.Begin(fmt::format("Replicate {} to {} (only what differs)", item.target, item.source));
   auto r = StartReplication(item, *cur, *old);
   if (!r.ok()) return back(r.status());
-  if (Status w = WaitForReplica(job.vm, *cur, *old, steps, 20, 95); !w.ok()) return back(w);
+  if (Status w = WaitForReplica(job.vm, *cur, *old, steps, 20, 95); !w.ok()) {
+    return back(w.code() == Code::kCancelled
+                    ? steps.Cancelled(fmt::format(
+                          "replication {} -> {} keeps running; the item is FailoverCommitted "
+                          "again: reprotect again to go on from where it stopped (osr reprotect "
+                          "{})",
+                          item.target, item.source, job.vm))
+                    : w);
+  }
   auto gs = Client(*cur).Call("GET", "/groups/" + job.vm);
   const json cur_group = gs.ok() ? *gs : json::object();
   json_in::Fields sf(cur_group, "site " + cur->name + " group " + job.vm + ".");
@@ -667,10 +746,10 @@ void Vault::RunReprotect(JobRow& job, ItemRow item) {
                 {"source", item.source},
                 {"target", item.target}};
   steps.Begin("First recovery point");
-  auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max);
-  if (!p.ok()) return steps.Fail(p.status());
+  auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
+  if (!p.ok()) return steps.Fail(FirstPointFailed(steps, p.status()));
   steps.Done(100);
-  job.state = "Succeeded";
+  job.state = JobState::kSucceeded;
 }
 
 // ---- fencing a returning old primary --------------------------------------------------

@@ -11,6 +11,7 @@ marker block at the end of each disk) are in the model too, where they happened.
 
 import errno
 import json
+import re
 import shlex
 import time
 
@@ -570,6 +571,15 @@ def change_one_percent(h, model, rng, what):
     return changed
 
 
+def check_commit_copied_all(job, what):
+    """The commit's copy step reports the final numbers: N of N bytes (issue 10, case 10 b:
+    it said "4194304 of 67108864 bytes" after the site had copied all of it)."""
+    step = job["steps"][0]
+    m = re.fullmatch(r"(\d+) of (\d+) bytes", step.get("message", ""))
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) > 0, \
+        f"{what}: the copy step does not report it all copied: {step}"
+
+
 def check_shipped(job, changed, mode, what):
     assert job.get("mode") == mode, f"{what}: reprotect mode {job.get('mode')!r} != {mode!r}: {job}"
     shipped = job.get("bytes_shipped")
@@ -614,7 +624,7 @@ def test_reprotect_ships_differences(env, rng):
     assert job["point"]["seq"] == nwrites and job.get("epoch") == 2, job
     item = item_show(osr, "big", "FailedOver", "primary", "recovery", 2, running_site="recovery")
     check_failover(item, 2, "primary", job["point"], False, nwrites)
-    osr.job_ok("commit", "big", job_type="commit")
+    check_commit_copied_all(osr.job_ok("commit", "big", job_type="commit"), "commit at recovery")
     item_show(osr, "big", "FailoverCommitted", "primary", "recovery", 2, running_site="recovery")
     uri_r = vm_show(osr, "big", "recovery", 2)["disks"][0]["uri"]
     assert uri_r.startswith(f"nbd://{nbd_of['recovery']}/"), uri_r
@@ -643,7 +653,7 @@ def test_reprotect_ships_differences(env, rng):
     assert job["point"]["seq"] == 0 and job.get("epoch") == 3, job
     item = item_show(osr, "big", "FailedOver", "recovery", "primary", 3, running_site="primary")
     check_failover(item, 3, "recovery", job["point"], True, 0)
-    osr.job_ok("commit", "big", job_type="commit")
+    check_commit_copied_all(osr.job_ok("commit", "big", job_type="commit"), "commit at primary")
     item_show(osr, "big", "FailoverCommitted", "recovery", "primary", 3, running_site="primary")
     uri_p2 = vm_show(osr, "big", "primary", 3)["disks"][0]["uri"]
     assert uri_p2.startswith(f"nbd://{nbd_of['primary']}/"), uri_p2

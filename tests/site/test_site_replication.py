@@ -362,3 +362,47 @@ def test_restart_primary_site(sites, request):
     g = group_status(primary, VM)
     assert g["last_seq"] == 140 and g["replicate_to"] == recovery.replication, g
     assert_same_bytes(primary_disks(primary)[0], disks[0], "primary disk 0 after a clean restart")
+
+
+# -- the bandwidth limit (issue 10, case 10 a) -------------------------------------------
+
+
+def test_the_first_copy_keeps_to_the_bandwidth_limit(sites, request):
+    """Data written before protection, then replication under a 256 KiB/s limit: the
+    first copy is paced like everything else (it went at disk speed, bytes_sent 0). A
+    lower bound on the time taken, which load only makes easier to meet; and the copy
+    counts in bytes_sent."""
+    primary, recovery = sites
+    rng = random.Random(seed_for(request))
+    rate = 256 * KIB
+    size = 16 * MIB
+    spec = {"disks": [{"name": "os", "size_bytes": size}]}
+    api_ok(recovery, "PUT", "/stores/slow", {**spec, "start": "full"}, status=201)
+    group = api_ok(primary, "PUT", "/groups/slow", spec, status=201)
+    h = connect(group["disks"][0]["uri"])
+    try:
+        for i in range(4):  # 1 MiB of random bytes before protection
+            h.pwrite(rng.randbytes(256 * KIB), i * 4 * MIB)
+        h.flush()
+    finally:
+        close(h)
+    t0 = time.monotonic()
+    api_ok(primary, "PUT", "/groups/slow/replication",
+           {"target": recovery.replication, "bandwidth_bytes_per_second": rate}, status=204)
+
+    def copied():
+        st = store_status(recovery, "slow")
+        return st if not st["initial_sync"] and not st["resyncing"] and st["durable_seq"] >= 4 \
+            else None
+
+    wait_for(copied, 30, "the first copy under 256 KiB/s")
+    took = time.monotonic() - t0
+    repl = group_status(primary, "slow")["replication"]
+    assert repl["resync_bytes_total"] >= MIB, repl
+    assert repl["bytes_sent"] >= repl["resync_bytes_total"], repl
+    wire = repl["wire_bytes_sent"]
+    assert wire >= MIB, repl
+    # The bucket holds one frame (64 KiB of data and its headers: more than 100 ms of this
+    # rate), so at most that much goes ahead of the rate.
+    burst = 64 * KIB + 12 + 16
+    assert took >= (wire - burst) / rate, f"{wire} bytes in {took:.2f} s under {rate} B/s"

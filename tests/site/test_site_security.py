@@ -26,6 +26,8 @@ ROUTES = [
     ("DELETE", "/api/v1/groups/([^/]+)/replication", "/api/v1/groups/x/replication", None),
     ("POST", "/api/v1/groups/([^/]+)/fence", "/api/v1/groups/x/fence", {}),
     ("POST", "/api/v1/groups/([^/]+)/failover", "/api/v1/groups/x/failover", {}),
+    ("POST", "/api/v1/groups/([^/]+)/repair", "/api/v1/groups/x/repair", {}),
+    ("POST", "/api/v1/stores/([^/]+)/repair", "/api/v1/stores/x/repair", None),
     ("POST", "/api/v1/groups/([^/]+)/materialise", "/api/v1/groups/x/materialise", {}),
     ("GET", "/api/v1/groups/([^/]+)/unreplicated", "/api/v1/groups/x/unreplicated", None),
     ("POST", "/api/v1/groups/([^/]+)/regions", "/api/v1/groups/x/regions", {}),
@@ -41,6 +43,7 @@ ROUTES = [
     ("DELETE", "/api/v1/stores/([^/]+)", "/api/v1/stores/x", None),
     ("POST", "/api/v1/stores/([^/]+)/fold", "/api/v1/stores/x/fold", {}),
     ("POST", "/api/v1/stores/([^/]+)/views", "/api/v1/stores/x/views", {}),
+    ("GET", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
     ("DELETE", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
 ]
 

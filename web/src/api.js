@@ -142,6 +142,9 @@ export const api = {
     return request('GET', '/jobs' + (s ? '?' + s : ''));
   },
   job: (id) => request('GET', `/jobs/${enc(id)}`),
+  // Stops a queued or running job at its next wait; answers the job (Cancelled, or still
+  // Running with cancel_requested while a site call ends).
+  cancelJob: (id) => request('POST', `/jobs/${enc(id)}/cancel`, {}),
 
   protect: (name, body) => request('POST', `/vms/${enc(name)}/protect`, body),
   unprotect: (name) => request('DELETE', `/items/${enc(name)}`),

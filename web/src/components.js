@@ -1,5 +1,7 @@
 // Small shared pieces: badges, spinner, error boxes, progress bars, job cards, modal.
 import { useEffect, useRef, useState } from 'preact/hooks';
+import { api } from './api.js';
+import { refreshAll } from './hooks.js';
 import { html } from './html.js';
 import {
   fmtAgo,
@@ -8,6 +10,7 @@ import {
   fmtTime,
   healthOf,
   isBusy,
+  isJobActive,
   jobTone,
   pointLabel,
   stateTone,
@@ -85,7 +88,7 @@ export function Progress({ value, tone = 'busy' }) {
   </div>`;
 }
 
-const kStepIcon = { Succeeded: '✓', Failed: '✗', Running: '…', Queued: '·', Skipped: '–' };
+const kStepIcon = { Succeeded: '✓', Failed: '✗', Running: '…', Queued: '·', Skipped: '–', Cancelled: '⊘' };
 
 export function Steps({ steps }) {
   if (!steps || steps.length === 0) return html`<div class="muted small">No steps yet.</div>`;
@@ -125,6 +128,29 @@ export function jobTitle(job) {
   return `Job ${job.id} · ${job.type}${job.vm ? ' · ' + job.vm : ''}`;
 }
 
+// Stops a queued or running job (operator role); the job's last step then says what it
+// left behind.
+function CancelJobButton({ job }) {
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState('');
+  const cancel = async () => {
+    if (!window.confirm(`Cancel job ${job.id} (${job.type} ${job.vm})? It stops at its next wait and says what it leaves behind.`)) return;
+    setBusy(true);
+    setError('');
+    try {
+      await api.cancelJob(job.id);
+      refreshAll();
+    } catch (e) {
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  return html`<button class="small" data-testid="job-cancel" disabled=${busy} onClick=${cancel}
+      title="Stop this job at its next wait">${busy ? 'Cancelling…' : 'Cancel'}</button
+    >${error ? html`<span class="error-text small" role="alert">${error}</span>` : null}`;
+}
+
 // One job: state, progress, steps, error in words, result. `open` shows the steps.
 export function JobCard({ job, open, onDismiss, highlight, now, compact }) {
   const [expanded, setExpanded] = useState(open ?? true);
@@ -160,13 +186,14 @@ export function JobCard({ job, open, onDismiss, highlight, now, compact }) {
       <span class="muted small job-time" title=${`created ${job.created}, updated ${job.updated}`}>
         ${fmtTime(job.created)}${took !== null && !['Queued', 'Running'].includes(job.state) ? ` · took ${took < 1 ? took.toFixed(2) + ' s' : fmtDuration(took)}` : now ? ` · ${fmtAgo(job.created, now)}` : ''}
       </span>
+      ${isJobActive(job) ? html`<${CancelJobButton} job=${job} />` : null}
       ${onDismiss
         ? html`<button class="linkish dismiss" title="Hide this job" aria-label="Hide this job" onClick=${onDismiss}>✕</button>`
         : null}
     </header>
     ${job.error
       ? html`<div class="error-box" role="alert" data-testid="job-error">
-          <strong>The job failed: </strong>${job.error}
+          <strong>${job.state === 'Cancelled' ? 'Cancelled: ' : 'The job failed: '}</strong>${job.error}
         </div>`
       : null}
     ${expanded

@@ -58,6 +58,7 @@ export function jobTone(state) {
   if (state === 'Succeeded') return 'ok';
   if (state === 'Failed') return 'bad';
   if (state === 'Running') return 'busy';
+  if (state === 'Cancelled') return 'warn';
   return 'idle'; // Queued
 }
 

@@ -7,7 +7,7 @@ import { navigate, usePoll, useNow } from '../hooks.js';
 import { html } from '../html.js';
 import { isJobActive } from '../model.js';
 
-const kStates = ['Queued', 'Running', 'Succeeded', 'Failed'];
+const kStates = ['Queued', 'Running', 'Succeeded', 'Failed', 'Cancelled'];
 const kPage = 50;
 
 export function JobsPage({ query }) {
