@@ -2,8 +2,11 @@
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+#include <xxhash.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "common/crc32c.h"
 #include "common/file.h"
@@ -97,6 +100,10 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   std::filesystem::create_directories(opts.dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
   g->dir_ = opts.dir;
+  if (!opts.image_paths.empty() && opts.image_paths.size() != images.size()) {
+    return InvalidArgument("image_paths must name every disk's image, or none");
+  }
+  g->image_paths_ = opts.image_paths;
   OSR_ASSIGN_OR_RETURN(uint64_t fenced, ReadFence(opts.dir));
   g->fenced_epoch_ = fenced;
   for (size_t i = 0; i < images.size(); ++i) {
@@ -241,7 +248,7 @@ void CaptureGroup::GroupDisk::Record(RecordKind kind, uint64_t offset, uint64_t 
   }
 }
 
-Status CaptureGroup::Fence(uint64_t epoch) {
+Status CaptureGroup::Fence(uint64_t epoch, bool record_fingerprint) {
   std::lock_guard lock(fence_mu_);
   if (epoch == 0 || epoch <= fenced_epoch_) return Status::Ok();
   std::string text =
@@ -252,13 +259,126 @@ Status CaptureGroup::Fence(uint64_t epoch) {
   if (!written.ok()) {
     spdlog::error("capture {}: fenced at epoch {} in memory only: {}", dir_, epoch,
                   written.ToString());
-    return written;
+  } else {
+    spdlog::warn("capture {}: disks fenced at epoch {}: writes are refused", dir_, epoch);
   }
-  spdlog::warn("capture {}: disks fenced at epoch {}: writes are refused", dir_, epoch);
+  DrainWrites();
+  if (record_fingerprint) {
+    // Not the fence's failure: without a fingerprint reprotect compares block hashes.
+    if (Status fp = RecordFingerprintLocked(); !fp.ok()) {
+      spdlog::error("capture {}: no fence fingerprint (reprotect will compare block hashes): {}",
+                    dir_, fp.ToString());
+    }
+  }
+  return written;
+}
+
+void CaptureGroup::DrainWrites() {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kFenceDrainMsMax);
+  while (writes_in_progress_.load() != 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      // A write stuck in the image: its change may come after the fingerprint, which then
+      // disagrees (reprotect compares hashes: the safe side).
+      spdlog::warn("capture {}: writes still in flight {} ms after the fence", dir_,
+                   kFenceDrainMsMax);
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+FingerprintSources CaptureGroup::FingerprintSourcesNow() const {
+  FingerprintSources src;
+  src.image_paths = image_paths_;
+  for (auto& d : disks_) src.disks.push_back(&d->image());
+  for (auto& b : bitmaps_) src.bitmaps.push_back(b.get());
+  src.log_dir = log_->dir();
+  src.log_last_seq = log_->last_seq();
+  return src;
+}
+
+Status CaptureGroup::RecordFenceFingerprint() {
+  std::lock_guard lock(fence_mu_);
+  return RecordFingerprintLocked();
+}
+
+Status CaptureGroup::RecordFingerprintLocked() {
+  Status st = [&]() -> Status {
+    uint64_t epoch = fenced_epoch_;
+    if (epoch == 0) return Status(Code::kFailedPrecondition, "the disks are not fenced");
+    if (image_paths_.empty()) {
+      return Status(Code::kFailedPrecondition, "the disks' image files are not known");
+    }
+    // What the log holds is final once written out (a failed log: the bitmaps hold it).
+    Status synced = log_->Sync();
+    if (!synced.ok() && !log_->failed()) return synced;
+    int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::system_clock::now().time_since_epoch())
+                      .count();
+    uint64_t seed_in[2] = {epoch, static_cast<uint64_t>(now)};
+    uint64_t seed = XXH3_64bits(seed_in, sizeof seed_in);
+    OSR_ASSIGN_OR_RETURN(FenceFingerprint fp,
+                         TakeFingerprint(FingerprintSourcesNow(), epoch, seed, now));
+    return WriteFingerprint(dir_, fp);
+  }();
+  if (!st.ok()) {
+    // An older fingerprint must not vouch for this fence.
+    if (Status rm = RemoveFingerprint(dir_); !rm.ok()) {
+      spdlog::error("capture {}: {}", dir_, rm.ToString());
+    }
+    return st;
+  }
+  spdlog::info("capture {}: fence fingerprint recorded (epoch {}, log up to seq {})", dir_,
+               fenced_epoch_.load(), log_->last_seq());
   return Status::Ok();
 }
 
+std::vector<FenceMismatch> CaptureGroup::CheckFenceFingerprint(
+    uint64_t after, const std::vector<std::string>& disk_names) {
+  std::lock_guard lock(fence_mu_);
+  auto one = [](FenceCheck c, std::string reason) {
+    std::vector<FenceMismatch> v;
+    v.push_back(FenceMismatch{c, -1, std::move(reason)});
+    return v;
+  };
+  uint64_t epoch = fenced_epoch_;
+  if (epoch == 0) return one(FenceCheck::kNotRecorded, "disks are not fenced");
+  auto recorded = ReadFingerprint(dir_);
+  if (!recorded.ok()) {
+    return one(FenceCheck::kUnreadable,
+               "fence fingerprint cannot be read (" + recorded.status().message() + ")");
+  }
+  if (!recorded->has_value()) {
+    return one(FenceCheck::kNotRecorded,
+               "fence fingerprint is missing: nothing was recorded of its disks and history when "
+               "they were fenced");
+  }
+  if (image_paths_.empty()) {
+    return one(FenceCheck::kNotRecorded, "disks' image files are not known: no fingerprint");
+  }
+  const FenceFingerprint& then = **recorded;
+  auto now = TakeFingerprint(FingerprintSourcesNow(), epoch, then.sample_seed, then.time_ns);
+  if (!now.ok()) {
+    return one(FenceCheck::kUnreadable,
+               "disks cannot be fingerprinted now (" + now.status().message() + ")");
+  }
+  return CompareFingerprints(then, *now, after, disk_names);
+}
+
+// Counts a write or zero from before its fence check to its end (see writes_in_progress_).
+class CaptureGroup::WriteInProgress {
+ public:
+  explicit WriteInProgress(CaptureGroup* g) : g_(g) { g_->writes_in_progress_.fetch_add(1); }
+  ~WriteInProgress() { g_->writes_in_progress_.fetch_sub(1); }
+  WriteInProgress(const WriteInProgress&) = delete;
+  WriteInProgress& operator=(const WriteInProgress&) = delete;
+
+ private:
+  CaptureGroup* g_;
+};
+
 Status CaptureGroup::GroupDisk::Write(uint64_t offset, std::span<const uint8_t> data) {
+  WriteInProgress busy(group_);
   if (uint64_t e = group_->fenced_epoch_; e != 0) {
     return Status(
         Code::kPermissionDenied,
@@ -279,6 +399,7 @@ Status CaptureGroup::GroupDisk::Write(uint64_t offset, std::span<const uint8_t> 
 
 Status CaptureGroup::GroupDisk::Zero(uint64_t offset, uint64_t length, nbd::ZeroMode mode,
                                      bool fast_only) {
+  WriteInProgress busy(group_);
   if (uint64_t e = group_->fenced_epoch_; e != 0) {
     return Status(
         Code::kPermissionDenied,

@@ -10,7 +10,8 @@
 // its record is in the log's buffer and its regions are marked in the bitmap (which
 // survives a crash of the process) until the log's writer has put it in a segment file.
 //
-// Files in the capture directory: the log's segments, and dirty-<i>.bitmap per disk.
+// Files in the capture directory: the log's segments, dirty-<i>.bitmap per disk, and once
+// fenced: fence (the epoch) and fence-fingerprint (what the disks were then).
 //
 // Ownership: the site's group owns the capture group (unique_ptr), which owns its log,
 // bitmaps and disks; each disk (GroupDisk) owns its image (a FileDisk, or a FailoverDisk
@@ -30,6 +31,7 @@
 
 #include "capture/capture_log.h"
 #include "capture/dirty_bitmap.h"
+#include "capture/fence_fingerprint.h"
 #include "nbd/disk.h"
 
 namespace osr::capture {
@@ -44,10 +46,15 @@ struct CaptureOptions {
   // ResumeAfterOverflow): a failed-over VM before reprotect.
   bool tracking_only = false;
   uint64_t first_seq = 1;  // of a new, empty log (a history reset continues above the store's)
+  // The image files of the disks, in disk order: a fence records their fingerprint
+  // (fence_fingerprint.h). Empty: no fingerprint is recorded, and reprotect cannot trust
+  // the history.
+  std::vector<std::string> image_paths;
 };
 
 class CaptureGroup {
  public:
+  static constexpr int kFenceDrainMsMax = 10000;
   static Result<std::unique_ptr<CaptureGroup>> Open(std::vector<std::unique_ptr<nbd::Disk>> images,
                                                     const CaptureOptions& opts);
   ~CaptureGroup();
@@ -63,14 +70,30 @@ class CaptureGroup {
   Status Flush();
   // Fencing (invariant 5): from now on writes and trims to the group's disks fail with
   // kPermissionDenied (the VM runs elsewhere at a higher epoch); reads still work.
-  // Durable: the epoch is written to <dir>/fence (docs/formats.md, "Capture fence") and
+  // Durable: the epoch is written to <dir>/fence (docs/formats.md, "Capture fence record") and
   // synced before the first write is refused, and Open() reads it back, so a fence holds
   // across restarts whoever applied it (the vault, or the sender on `stale_epoch`).
   // Only raises: an epoch at or below the one in force changes nothing. When the file
   // cannot be written the fence still holds in memory (refusing writes is the safe side)
   // and the error (kIoError, kNoSpace...) is returned for the caller to report.
-  Status Fence(uint64_t epoch);
+  // Then, once the writes in flight have finished (at most kFenceDrainMsMax), and with
+  // record_fingerprint, the disks' and history's fingerprint is recorded
+  // (RecordFenceFingerprint). Re-applying a fence kept elsewhere (site.json, at start)
+  // passes false: that is no witness of what the disks were when they were fenced.
+  Status Fence(uint64_t epoch, bool record_fingerprint = true);
   uint64_t fenced_epoch() const { return fenced_epoch_; }  // 0: not fenced
+  // Records <dir>/fence-fingerprint for the fence in force, from the files as they are
+  // now (the log synced first). Called by Fence, and by the site when it stopped a sender
+  // that shipped on after the fence (a planned failover: it trims the log and cleans
+  // bitmap regions). A failure removes any older fingerprint and is returned: reprotect
+  // then compares block hashes. kFailedPrecondition when not fenced.
+  Status RecordFenceFingerprint();
+  // What differs between the fingerprint recorded at the fence and the files now; empty
+  // when they are the same. Records with seq <= `after` are known to the recovery site.
+  // No fingerprint, a damaged one or one of another fence is a mismatch too (kNotRecorded,
+  // kUnreadable, kOtherFence). disk_names name the disks in the reasons.
+  std::vector<FenceMismatch> CheckFenceFingerprint(uint64_t after,
+                                                   const std::vector<std::string>& disk_names);
 
   // Flushes everything and records a clean shutdown. No write may be in progress.
   Status Close();
@@ -96,7 +119,12 @@ class CaptureGroup {
 
  private:
   class GroupDisk;
+  class WriteInProgress;
   CaptureGroup() = default;
+  // Waits until no write or zero that began before the fence is still running (bounded).
+  void DrainWrites();
+  Status RecordFingerprintLocked();  // holds fence_mu_
+  FingerprintSources FingerprintSourcesNow() const;
 
   std::vector<std::shared_ptr<GroupDisk>> disks_;
   std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
@@ -108,8 +136,12 @@ class CaptureGroup {
   uint64_t flush_done_ = 0;       // guarded by flush_mu_
   bool closed_ = false;
   std::string dir_;
+  std::vector<std::string> image_paths_;
   std::mutex fence_mu_;  // one fence file write at a time
   std::atomic<uint64_t> fenced_epoch_{0};
+  // Writes and zeroes past their fence check and not finished: counted before the check
+  // (seq_cst), so a Fence that reads 0 after raising fenced_epoch_ has none to wait for.
+  std::atomic<uint64_t> writes_in_progress_{0};
 };
 
 std::string BitmapPath(const std::string& capture_dir, size_t disk);

@@ -199,12 +199,25 @@ void Site::MaterialiseThread(const std::string& vm, Group* g) {
 Result<json> Site::UnreplicatedRegions(const std::string& vm, uint64_t after) {
   std::string log_dir;
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ranges;
+  json checks = json::array();
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
     if (Status u = Usable(it, vm); !u.ok()) return u;
     Group& g = *it->second;
-    if (g.history_lost) return json{{"history", "lost"}, {"regions", json::array()}};
+    if (g.history_lost) {
+      return json{
+          {"history", "lost"}, {"verified", false}, {"checks", checks}, {"regions", json::array()}};
+    }
+    // Is the history still what it was when the disks were fenced? (Before the sync: a
+    // fenced log has nothing left to write out, an unfenced one is not vouched for.)
+    std::vector<std::string> names;
+    for (auto& d : g.disks) names.push_back(d.name);
+    for (auto& m : g.capture->CheckFenceFingerprint(after, names)) checks.push_back(m.Json(names));
+    if (!checks.empty()) {
+      spdlog::warn("site {}: VM {}: its history does not match its fence fingerprint: {}",
+                   cfg_.name, vm, checks.front().value("reason", std::string()));
+    }
     OSR_RETURN_IF_ERROR(g.capture->log().Sync());
     log_dir = g.capture->log().dir();
     ranges.resize(g.disks.size());
@@ -234,7 +247,9 @@ Result<json> Site::UnreplicatedRegions(const std::string& vm, uint64_t after) {
       bytes += len;
     }
   }
-  return json{{"history", "exact"}, {"records", records}, {"bytes", bytes}, {"regions", out}};
+  return json{{"history", "exact"}, {"verified", checks.empty()},
+              {"checks", checks},   {"records", records},
+              {"bytes", bytes},     {"regions", out}};
 }
 
 Status Site::MarkRegions(const std::vector<DiskRange>& regions, const std::string& vm) {
@@ -385,7 +400,9 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     back->compress = saved.compress;
     back->bandwidth_bytes_per_second = saved.bandwidth_bytes_per_second;
     if (Status reopened = OpenGroupLocked(vm, *back); reopened.ok()) {
-      if (Status f = back->capture->Fence(std::max<uint64_t>(back->fenced_epoch, 1)); !f.ok()) {
+      if (Status f = back->capture->Fence(std::max<uint64_t>(back->fenced_epoch, 1),
+                                          /*record_fingerprint=*/false);
+          !f.ok()) {
         spdlog::error("site {}: VM {}: {}", cfg_.name, vm, f.ToString());
       }
       groups_[vm] = std::move(back);

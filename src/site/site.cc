@@ -669,7 +669,8 @@ std::unique_ptr<Site::Group> Site::LoadGroupLocked(const std::string& vm, const 
     return g;
   }
   if (g->fenced_epoch != 0) {
-    if (Status f = g->capture->Fence(g->fenced_epoch); !f.ok()) {
+    // Kept in site.json, not witnessed now: no fingerprint (one recorded at the fence stays).
+    if (Status f = g->capture->Fence(g->fenced_epoch, /*record_fingerprint=*/false); !f.ok()) {
       spdlog::error("site {}: VM {}: {}", cfg_.name, vm, f.ToString());
     }
   } else if (!g->replicate_to.empty()) {
@@ -1174,6 +1175,10 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   co.log_bytes_max = cfg_.capture_log_bytes_max;
   co.tracking_only = g.tracking;
   co.first_seq = g.first_seq;
+  // A fence records their fingerprint. Failover disks too: fenced only after commit made
+  // their images whole (a failback), and a copy still under way changes the image's times,
+  // which then only sends reprotect to compare hashes.
+  for (auto& d : g.disks) co.image_paths.push_back(dir + "/" + d.name + ".img");
   auto capture = capture::CaptureGroup::Open(std::move(images), co);
   if (!capture.ok()) {
     kind = DamageKind::kCaptureHistory;
@@ -1342,7 +1347,20 @@ Status Site::FenceGroup(const std::string& vm, uint64_t epoch, bool keep_shippin
   if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
   Group& g = *it->second;
   if (epoch == g.fenced_epoch) {
-    if (!keep_shipping) g.sender.reset();
+    if (keep_shipping || !g.sender) return Status::Ok();
+    // A sender still shipping after the fence (a planned failover drains) changed the log
+    // and bitmaps since the fingerprint: it is recorded again now that nothing moves
+    // (without one, reprotect compares block hashes). One that stopped at the fence, on
+    // a stale_epoch refusal, changed nothing: the fingerprint of that fence stands.
+    bool shipped_on = !g.sender->stats().stopped && !g.damage;
+    g.sender.reset();
+    if (shipped_on) {
+      if (Status fp = g.capture->RecordFenceFingerprint(); !fp.ok()) {
+        spdlog::error(
+            "site {}: VM {}: no fence fingerprint (reprotect will compare block hashes): {}",
+            cfg_.name, vm, fp.ToString());
+      }
+    }
     return Status::Ok();
   }
   if (epoch <= g.epoch || epoch < g.fenced_epoch) {

@@ -200,7 +200,10 @@ class Site {
   // Reprotect, at the old primary: the regions whose changes never reached the recovery
   // site (the capture log's records after `after` and the dirty bitmaps), or history
   // "lost" when this site cannot know them.
-  // Records with seq <= `after` are known to be at the recovery site.
+  // Records with seq <= `after` are known to be at the recovery site. "verified" says
+  // whether the disks and history are still what the fence fingerprint recorded
+  // (capture/fence_fingerprint.h); "checks" lists each difference found ({check, disk?,
+  // reason}). Unverified regions may be too few: the vault compares hashes instead.
   Result<nlohmann::json> UnreplicatedRegions(const std::string& vm, uint64_t after);
   // Reprotect, at the new primary: regions to send whole with the first resync.
   Status MarkRegions(const std::vector<capture::CaptureGroup::DiskRange>& regions,

@@ -165,6 +165,20 @@ class Vault {
   void RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunCommit(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel);
+  // Reprotect's "find what differs" at a fenced, stopped old primary that has disks:
+  // "exact" from its history when it vouches for it (the fence fingerprint matches; the
+  // regions are marked at `cur`), else "hash" (CompareBlockHashes). `found` says which
+  // regions and why. Errors: the sites' (a call that failed, an answer of the wrong shape).
+  struct Differences {
+    std::string mode;  // "exact" or "hash"
+    nlohmann::json found;
+  };
+  Result<Differences> FindDifferences(const ItemRow& item, const VmRow& row, const SiteRow& cur,
+                                      const SiteRow& old, bool compare, bool history_lost);
+  // Marks at `cur` every region whose block hash differs from `old`'s: {regions, bytes,
+  // compared, region_bytes}. Errors: the sites'.
+  Result<nlohmann::json> CompareBlockHashes(const std::string& vm, const VmRow& row,
+                                            const SiteRow& cur, const SiteRow& old);
   // Waits until `dst` holds a consistent replica of everything `src` captured when the
   // wait began; progress from p0 to p1 %. Fails when nothing moved for job_wait_ms_max;
   // kCancelled (message "cancelled") when the job is cancelled.

@@ -481,6 +481,114 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
 
 // ---- reprotect ----------------------------------------------------------------------
 
+namespace {
+
+constexpr size_t kReasonsShownMax = 3;
+constexpr size_t kReasonBytesMax = 300;  // of one reason a site gives
+
+// The "why" of a reprotect that compared block hashes because the old primary could not
+// vouch for its history: the site's reasons ("disk os was changed after the fence (...)").
+std::string UnverifiedWhy(const json& checks) {
+  std::vector<std::string> reasons;
+  for (const json& c : checks) {
+    json_in::Fields f(c);
+    std::string reason = f.String("reason", "");
+    if (f.ok() && !reason.empty()) reasons.push_back(reason.substr(0, kReasonBytesMax));
+  }
+  if (reasons.empty()) {
+    return "the old primary could not vouch for its capture history: block hashes compared";
+  }
+  std::string out;
+  for (size_t i = 0; i < reasons.size() && i < kReasonsShownMax; ++i) {
+    out += (i ? "; the old primary's " : "the old primary's ") + reasons[i];
+  }
+  if (reasons.size() > kReasonsShownMax) {
+    out += fmt::format("; and {} more", reasons.size() - kReasonsShownMax);
+  }
+  return out + ": block hashes compared";
+}
+
+}  // namespace
+
+Result<json> Vault::CompareBlockHashes(const std::string& vm, const VmRow& row, const SiteRow& cur,
+                                       const SiteRow& old) {
+  // 64 KiB regions (the bitmaps'), larger for big disks: at most 4 Mi hashes (32 MiB)
+  // cross the vault.
+  uint64_t total = 0;
+  for (auto& d : row.disks) total += json_in::Fields(d).U64("size_bytes", 0);
+  uint64_t region = 64 * 1024;
+  while (total / region > (4u << 20)) region *= 2;
+  OSR_ASSIGN_OR_RETURN(
+      std::string hashes,
+      Client(old).CallRaw("GET", fmt::format("/groups/{}/hashes?region_bytes={}", vm, region)));
+  OSR_ASSIGN_OR_RETURN(
+      std::string compared,
+      Client(cur).CallRaw("POST", fmt::format("/groups/{}/compare?region_bytes={}", vm, region),
+                          hashes));
+  OSR_ASSIGN_OR_RETURN(json c,
+                       json_in::ParseObject(compared, "site " + cur.name + "'s comparison"));
+  json_in::Fields f(c, "site " + cur.name + " compare.");
+  json found = {{"regions", f.U64("regions", 0)},
+                {"bytes", f.U64("bytes", 0)},
+                {"compared", f.U64("compared", 0)},
+                {"region_bytes", region}};
+  if (!f.ok()) return f.status();
+  return found;
+}
+
+Result<Vault::Differences> Vault::FindDifferences(const ItemRow& item, const VmRow& row,
+                                                  const SiteRow& cur, const SiteRow& old,
+                                                  bool compare, bool history_lost) {
+  const std::string lost = "the old primary's capture history is lost: block hashes compared";
+  std::string why = history_lost ? lost : compare ? "block hashes compared (asked for)" : "";
+  json checks = json::array();
+  if (why.empty()) {
+    // Records up to what the store had when it was fenced are there already.
+    const json failover = item.failover.is_object() ? item.failover : json::object();
+    json_in::Fields ff(failover, "item failover.");
+    uint64_t after = ff.U64("store_seq", 0);
+    if (!ff.ok()) return ff.status();
+    OSR_ASSIGN_OR_RETURN(
+        json u,
+        Client(old).Call("GET", fmt::format("/groups/{}/unreplicated?after={}", item.vm, after)));
+    json_in::Fields uf(u, "site " + old.name + " unreplicated.");
+    std::string history = uf.String("history", "exact");
+    // A site that does not say has not checked.
+    bool verified = uf.Bool("verified", false);
+    const json* found_checks = uf.Array("checks");
+    const json* regions = uf.Array("regions");
+    uint64_t bytes = uf.U64("bytes", 0), records = uf.U64("records", 0);
+    if (!uf.ok()) return uf.status();
+    if (found_checks != nullptr) checks = *found_checks;
+    if (history == "lost") {
+      why = lost;
+    } else if (!verified) {
+      why = UnverifiedWhy(checks);
+    } else {
+      OSR_RETURN_IF_ERROR(Client(cur)
+                              .Call("POST", "/groups/" + item.vm + "/regions",
+                                    json{{"regions", regions ? *regions : json::array()}})
+                              .status());
+      return Differences{
+          "exact",
+          json{
+              {"unreplicated_bytes", bytes},
+              {"known_at_recovery_site_upto", after},
+              {"unreplicated_records", records},
+              {"verified", true},
+              {"why",
+               "what the store held after the point, what the old primary never sent, and what was "
+               "written here since failover (its disks and history are as they were when it was "
+               "fenced)"}}};
+    }
+  }
+  OSR_ASSIGN_OR_RETURN(json found, CompareBlockHashes(item.vm, row, cur, old));
+  found["why"] = why;
+  found["verified"] = false;
+  if (!checks.empty()) found["checks"] = checks;
+  return Differences{"hash", found};
+}
+
 void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
   // The VM runs at item.target now; the old primary (item.source) becomes its target.
@@ -493,7 +601,15 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
     item.state = "FailoverCommitted";  // reprotect again: it goes on from where it stopped
     (void)catalog_->PutItem(item);
   };
-  if (job.args.value("swapped", false)) {
+  const json job_args = job.args.is_object() ? job.args : json::object();
+  json_in::Fields args(job_args, "job args.");
+  bool swapped = args.Bool("swapped", false);
+  bool compare_asked = args.Bool("compare", false);
+  std::string mode = args.String("mode", "");
+  const json* found_arg = args.Object("found");
+  if (!args.ok()) return back(args.status());
+  json found = found_arg != nullptr ? *found_arg : json::object();
+  if (swapped) {
     // Resumed after the item was reversed: only the first point is left to make.
     steps.Begin("First recovery point");
     auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
@@ -512,8 +628,6 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   (void)catalog_->PutItem(item);
 
   steps.Begin(fmt::format("Find what differs between {} and {}", item.target, item.source));
-  std::string mode = job.args.value("mode", std::string());
-  json found = job.args.value("found", json::object());
   auto have_store = Client(*old).Call("GET", "/stores/" + job.vm);
   if (have_store.ok()) {
     // Done already (a resumed job): the old primary's disks are a store now.
@@ -521,14 +635,20 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   } else {
     auto g = Client(*old).Call("GET", "/groups/" + job.vm);
     if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
-    if (g.ok() && g->is_object() && g->contains("damage")) {
+    const json group = g.ok() ? *g : json::object();
+    json_in::Fields gf(group, "site " + old->name + " group " + job.vm + ".");
+    const json* damage = gf.Object("damage");
+    uint64_t fenced_epoch = gf.U64("fenced_epoch", 0);
+    bool history_lost = gf.Bool("history_lost", false);
+    if (!gf.ok()) return back(gf.status());
+    if (g.ok() && damage != nullptr) {
       // Quarantined at the old primary. Missing disks are no disks: a full copy, as when
       // they were deleted through the API. Anything else waits for the operator.
-      json_in::Fields df((*g)["damage"]);
+      json_in::Fields df(*damage);
       std::string kind = df.String("kind", "");
       if (kind != "image_missing") {
         return back(Status(Code::kFailedPrecondition,
-                           QuarantineHealth(job.vm + "'s disks at " + item.source, (*g)["damage"])
+                           QuarantineHealth(job.vm + "'s disks at " + item.source, *damage)
                                .substr(std::string("Critical: ").size())));
       }
       steps.Progress(6, fmt::format("{}: its disks are missing ({}): they are deleted there and "
@@ -551,7 +671,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
       found = {{"why", "the old primary has no disk of this VM: a full (sparse) copy"}};
     } else {
       // Fenced, and its VM stopped, before its disks change role.
-      if ((*g).value("fenced_epoch", uint64_t{0}) < item.epoch) {
+      if (fenced_epoch < item.epoch) {
         auto f =
             Client(*old).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", item.epoch}});
         if (!f.ok()) return back(f.status());
@@ -559,59 +679,29 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
       auto s = Client(*old).Call("POST", "/groups/" + job.vm + "/vm/stop",
                                  json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
       if (!s.ok()) return back(s.status());
-      bool compare = job.args.value("compare", false) || (*g).value("history_lost", false);
-      if (compare) {
-        mode = "hash";
-        // 64 KiB regions (the bitmaps'), larger for big disks: at most 4 Mi hashes
-        // (32 MiB) cross the vault.
-        uint64_t total = 0;
-        for (auto& d : vm->disks) total += d.value("size_bytes", uint64_t{0});
-        uint64_t region = 64 * 1024;
-        while (total / region > (4u << 20)) region *= 2;
-        auto h = Client(*old).CallRaw(
-            "GET", fmt::format("/groups/{}/hashes?region_bytes={}", job.vm, region));
-        if (!h.ok()) return back(h.status());
-        auto c = Client(*cur).CallRaw(
-            "POST", fmt::format("/groups/{}/compare?region_bytes={}", job.vm, region), *h);
-        if (!c.ok()) return back(c.status());
-        found = json::parse(*c, nullptr, false);
-        found["why"] = (*g).value("history_lost", false)
-                           ? "the old primary's capture history is lost: block hashes compared"
-                           : "block hashes compared (asked for)";
-      } else {
-        mode = "exact";
-        // Records up to what the store had when it was fenced are there already.
-        uint64_t after =
-            item.failover.is_object() ? item.failover.value("store_seq", uint64_t{0}) : 0;
-        auto u = Client(*old).Call("GET",
-                                   fmt::format("/groups/{}/unreplicated?after={}", job.vm, after));
-        if (!u.ok()) return back(u.status());
-        auto r = Client(*cur).Call("POST", "/groups/" + job.vm + "/regions",
-                                   json{{"regions", (*u)["regions"]}});
-        if (!r.ok()) return back(r.status());
-        found = {{"unreplicated_bytes", (*u).value("bytes", uint64_t{0})},
-                 {"known_at_recovery_site_upto", after},
-                 {"unreplicated_records", (*u).value("records", uint64_t{0})},
-                 {"why",
-                  "what the store held after the point, what the old primary never sent, and "
-                  "what was written here since failover"}};
-      }
+      auto diff = FindDifferences(item, *vm, *cur, *old, compare_asked, history_lost);
+      if (!diff.ok()) return back(diff.status());
+      mode = diff->mode;
+      found = diff->found;
       job.args["mode"] = mode;  // kept before the old disks change role (a resumed job)
       job.args["found"] = found;
       steps.Save();
       auto cg = Client(*cur).Call("GET", "/groups/" + job.vm);
       if (!cg.ok()) return back(cg.status());
-      auto t = Client(*old).Call("POST", "/groups/" + job.vm + "/to-store",
-                                 json{{"base_seq", (*cg).value("last_seq", uint64_t{0})},
-                                      {"epoch", item.epoch},
-                                      {"source", cur->name}});
+      json_in::Fields cf(*cg, "site " + cur->name + " group " + job.vm + ".");
+      uint64_t base_seq = cf.U64("last_seq", 0);
+      if (!cf.ok()) return back(cf.status());
+      auto t = Client(*old).Call(
+          "POST", "/groups/" + job.vm + "/to-store",
+          json{{"base_seq", base_seq}, {"epoch", item.epoch}, {"source", cur->name}});
       if (!t.ok()) return back(t.status());
     }
     job.args["mode"] = mode;
     job.args["found"] = found;
     steps.Save();
   }
-  steps.Progress(20, fmt::format("{}: {}", mode, found.value("why", std::string())));
+  std::string why = json_in::Fields(found).String("why", "");
+  steps.Progress(20, fmt::format("{}: {}", mode, why));
   steps.Done(20);
 
   steps.Begin(fmt::format("Replicate {} to {} (only what differs)", item.target, item.source));
@@ -627,8 +717,19 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
                     : w);
   }
   auto gs = Client(*cur).Call("GET", "/groups/" + job.vm);
-  json repl = gs.ok() ? (*gs).value("replication", json::object()) : json::object();
-  uint64_t shipped = repl.value("resync_bytes_total", uint64_t{0});
+  const json cur_group = gs.ok() ? *gs : json::object();
+  json_in::Fields sf(cur_group, "site " + cur->name + " group " + job.vm + ".");
+  const json* repl = sf.Object("replication");
+  const json no_repl = json::object();
+  json_in::Fields rf(repl != nullptr ? *repl : no_repl,
+                     "site " + cur->name + " group " + job.vm + ".replication.");
+  uint64_t shipped = rf.U64("resync_bytes_total", 0);
+  uint64_t wire_bytes = rf.U64("wire_bytes_sent", 0);
+  if (!sf.ok() || !rf.ok()) {
+    // Only the job's figures: the replica is there (WaitForReplica said so).
+    spdlog::warn("vault: reprotect {}: {}", job.vm,
+                 (!sf.ok() ? sf.status() : rf.status()).ToString());
+  }
   steps.Progress(95, fmt::format("{} bytes shipped", shipped));
   steps.Done(95);
   job.args["swapped"] = true;  // before the item says so: a resumed job knows
@@ -641,7 +742,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   job.result = {{"mode", mode},
                 {"found", found},
                 {"bytes_shipped", shipped},
-                {"wire_bytes_sent", repl.value("wire_bytes_sent", uint64_t{0})},
+                {"wire_bytes_sent", wire_bytes},
                 {"source", item.source},
                 {"target", item.target}};
   steps.Begin("First recovery point");
