@@ -851,18 +851,21 @@ void Site::AdoptVmLocked(const std::string& vm, Group& g, pid_t pid) {
 json Site::DamagedGroupJson(const std::string& vm, const Group& g) const {
   json disks = json::array();
   for (auto& d : g.disks) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
-  return json{{"name", vm},
+  json out = {{"name", vm},
               {"disks", disks},
               {"damage", g.damage->Json()},
-              {"fenced_epoch", g.fenced_epoch},
-              {"replicate_to", g.replicate_to},
-              {"target_site", g.target_site},
-              {"epoch", g.epoch},
-              {"failover", g.failover},
-              {"failover_seq", g.failover_seq},
-              {"tracking", g.tracking},
-              {"history_lost", g.history_lost},
               {"vm", {{"running", false}, {"driver", "none"}, {"pid", 0}}}};
+  out.update(ReplicationFields(g));
+  return out;
+}
+
+// What a group's status says of its replication and failover role, live or quarantined.
+json Site::ReplicationFields(const Group& g) {
+  return json{
+      {"fenced_epoch", g.fenced_epoch},  // recorded (kept across restarts)
+      {"replicate_to", g.replicate_to}, {"target_site", g.target_site},   {"epoch", g.epoch},
+      {"failover", g.failover},         {"failover_seq", g.failover_seq}, {"tracking", g.tracking},
+      {"history_lost", g.history_lost}};
 }
 
 void Site::WakeWatcher() {
@@ -1428,16 +1431,9 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"disks", disks},
               {"last_seq", g.capture->log().last_seq()},
               {"capture_overflowed", g.capture->log().overflowed()},
-              {"fenced_epoch", g.fenced_epoch},  // recorded (kept across restarts)
               {"capture_fenced_epoch", g.capture->fenced_epoch()},  // in force now
-              {"capture_log_bytes", g.capture->log().held_bytes()},
-              {"replicate_to", g.replicate_to},
-              {"target_site", g.target_site},
-              {"epoch", g.epoch},
-              {"failover", g.failover},
-              {"failover_seq", g.failover_seq},
-              {"tracking", g.tracking},
-              {"history_lost", g.history_lost}};
+              {"capture_log_bytes", g.capture->log().held_bytes()}};
+  out.update(ReplicationFields(g));
   if (!g.materialise_state.empty()) {
     out["materialise"] = {{"state", g.materialise_state},
                           {"done_bytes", g.materialise_done},

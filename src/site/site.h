@@ -333,6 +333,7 @@ class Site {
   Damage StoreDamage(const std::string& vm, const Status& st) const;
   void AdoptVmLocked(const std::string& vm, Group& g, pid_t pid);
   nlohmann::json DamagedGroupJson(const std::string& vm, const Group& g) const;
+  static nlohmann::json ReplicationFields(const Group& g);
   // The watcher thread: records fences the senders applied by themselves (site.json) and
   // stops the VMs of fenced groups. Wakes every second, or when woken.
   void WatchLoop();

@@ -66,9 +66,9 @@ struct VaultConfig {
   // How long cancel and unprotect wait for a running job to stop (it stops at its next
   // poll, ~100 ms, unless a site call is under way: those end within 30 s).
   int job_cancel_wait_ms_max = 35000;
-  bool jobs_paused = false;      // jobs wait for StartJobs() (quickstart registers sites first)
-  int job_workers = 4;           // jobs of different VMs run at the same time, this many
-  HookConfig hooks;              // what VMs' hooks may run here (--hooks, --allow-api-hooks)
+  bool jobs_paused = false;  // jobs wait for StartJobs() (quickstart registers sites first)
+  int job_workers = 4;       // jobs of different VMs run at the same time, this many
+  HookConfig hooks;          // what VMs' hooks may run here (--hooks, --allow-api-hooks)
   // After a step of the wall clock, pruning resumes by itself once the clock has kept
   // time for this long (vault/clock_watch.h).
   int64_t clock_settle_ms = ClockWatch::kSettleNsDefault / 1000000;
