@@ -34,11 +34,7 @@ Result<uint64_t> ReadFence(const std::string& dir) {
   std::string path = FencePath(dir);
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return uint64_t{0};
-  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
-  OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
-  if (size > kFenceBytesMax) return Corruption(path + " is too large to be a fence record");
-  std::string text(size, '\0');
-  OSR_RETURN_IF_ERROR(f.PRead(0, {reinterpret_cast<uint8_t*>(text.data()), text.size()}));
+  OSR_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kFenceBytesMax));
   auto j = json_in::ParseObject(text, path);
   if (!j.ok()) return Corruption(j.status().message());
   json_in::Fields fields(*j, path + ": ");

@@ -363,11 +363,7 @@ Result<std::optional<FenceFingerprint>> ReadFingerprint(const std::string& captu
   std::string path = FingerprintPath(capture_dir);
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return std::optional<FenceFingerprint>();
-  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
-  OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
-  if (size > kFingerprintBytesMax) return Corruption(path + " is too large to be a fingerprint");
-  std::string text(size, '\0');
-  OSR_RETURN_IF_ERROR(f.PRead(0, {reinterpret_cast<uint8_t*>(text.data()), text.size()}));
+  OSR_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kFingerprintBytesMax));
   auto j = json_in::ParseObject(text, path, kFingerprintBytesMax);
   if (!j.ok()) return Corruption(j.status().message());
   auto fp = ParseFingerprint(*j);

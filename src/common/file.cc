@@ -267,6 +267,18 @@ Status SyncDir(const std::string& dir) {
   return Status::Ok();
 }
 
+Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max) {
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
+  OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
+  if (size > bytes_max) {
+    return Corruption(
+        fmt::format("{} has {} bytes, more than such a file may have ({})", path, size, bytes_max));
+  }
+  std::string text(size, '\0');
+  OSR_RETURN_IF_ERROR(f.PRead(0, {reinterpret_cast<uint8_t*>(text.data()), text.size()}));
+  return text;
+}
+
 Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data) {
   std::string tmp = path + ".tmp";
   {

@@ -113,6 +113,10 @@ struct SpaceInfo {
 };
 Result<SpaceInfo> FileSystemSpace(const std::string& path);
 
+// The whole of a small file that osr wrote itself (a state or a record). kCorruption when
+// it has more than `bytes_max` bytes; the errors of File::Open and PRead otherwise.
+Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max);
+
 // Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
 Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data);
 Status SyncDir(const std::string& dir);

@@ -30,16 +30,6 @@ namespace {
 
 constexpr int kStateVersion = 1;
 
-// A whole file that osr wrote itself, of at most `bytes_max` bytes.
-Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max) {
-  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
-  OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
-  if (size > bytes_max) return Corruption(fmt::format("{} has {} bytes: too large", path, size));
-  std::string text(size, '\0');
-  OSR_RETURN_IF_ERROR(f.PRead(0, {reinterpret_cast<uint8_t*>(text.data()), text.size()}));
-  return text;
-}
-
 json DisksJson(const std::vector<DiskSpec>& disks) {
   json a = json::array();
   for (auto& d : disks) a.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});

@@ -461,8 +461,7 @@ Status Catalog::DeleteItem(const std::string& vm) {
   return Stmt(db_, "DELETE FROM items WHERE vm=?").Bind(vm).Run();
 }
 
-Result<int64_t> Catalog::AddPoint(const PointRow& p) {
-  std::lock_guard lock(mu_);
+Result<int64_t> Catalog::InsertPointLocked(const PointRow& p) {
   OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO points(vm, seq, time_ns, type) VALUES(?,?,?,?)")
                           .Bind(p.vm)
                           .Bind(static_cast<int64_t>(p.seq))
@@ -470,6 +469,11 @@ Result<int64_t> Catalog::AddPoint(const PointRow& p) {
                           .Bind(p.type)
                           .Run());
   return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+}
+
+Result<int64_t> Catalog::AddPoint(const PointRow& p) {
+  std::lock_guard lock(mu_);
+  return InsertPointLocked(p);
 }
 
 std::vector<PointRow> Catalog::Points(const std::string& vm) {
@@ -500,13 +504,7 @@ Result<int64_t> Catalog::AddPointAndPrune(const PointRow& p, const std::vector<i
       OSR_RETURN_IF_ERROR(
           Stmt(db_, "DELETE FROM points WHERE id=? AND vm=?").Bind(id).Bind(p.vm).Run());
     }
-    OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO points(vm, seq, time_ns, type) VALUES(?,?,?,?)")
-                            .Bind(p.vm)
-                            .Bind(static_cast<int64_t>(p.seq))
-                            .Bind(p.time_ns)
-                            .Bind(p.type)
-                            .Run());
-    return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+    return InsertPointLocked(p);
   };
   Result<int64_t> id = body();
   if (!id.ok()) {

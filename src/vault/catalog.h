@@ -176,6 +176,7 @@ class Catalog {
   std::optional<JobRow> Job(int64_t id);
 
  private:
+  Result<int64_t> InsertPointLocked(const PointRow& p);  // holds mu_
   Catalog() = default;
   Status Exec(const std::string& sql);
 
