@@ -124,11 +124,19 @@ Result<Hello> ParseHello(std::span<const uint8_t> payload) {
 // ---- HELLO_OK ---------------------------------------------------------------------------
 
 std::string EncodeHelloOk(const HelloOk& h) {
-  return json_in::Dump(json{{"durable_seq", h.durable_seq},
-                            {"base_seq", h.base_seq},
-                            {"compress", h.lz4 ? "lz4" : "none"},
-                            {"initial_sync", h.initial_sync},
-                            {"differential", h.differential}});
+  json j{{"durable_seq", h.durable_seq},
+         {"base_seq", h.base_seq},
+         {"compress", h.lz4 ? "lz4" : "none"},
+         {"initial_sync", h.initial_sync},
+         {"differential", h.differential}};
+  if (h.staged) {
+    j["staged"] = {{"from", h.staged->from},
+                   {"initial", h.staged->initial},
+                   {"bytes", h.staged->bytes},
+                   {"end_disk", h.staged->end_disk},
+                   {"end_offset", h.staged->end_offset}};
+  }
+  return json_in::Dump(j);
 }
 
 Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload) {
@@ -140,14 +148,28 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload) {
   h.lz4 = f.String("compress", "none") == "lz4";
   h.initial_sync = f.Bool("initial_sync", false);
   h.differential = f.Bool("differential", false);
+  const json* staged = f.Object("staged");
   if (!f.ok()) return f.status();
+  if (staged != nullptr) {
+    json_in::Fields sf(*staged, "HELLO_OK.staged.");
+    HelloStaged st;
+    st.from = sf.U64("from");
+    st.initial = sf.Bool("initial", false);
+    st.bytes = sf.U64("bytes");
+    st.end_disk = static_cast<uint32_t>(sf.U64("end_disk", 0, {.max = UINT32_MAX}));
+    st.end_offset = sf.U64("end_offset");
+    if (!sf.ok()) return sf.status();
+    h.staged = st;
+  }
   return h;
 }
 
 // ---- resync -----------------------------------------------------------------------------
 
 std::string EncodeResyncBegin(const ResyncBegin& b) {
-  return json_in::Dump(json{{"from", b.from}, {"initial", b.initial}});
+  json j{{"from", b.from}, {"initial", b.initial}};
+  if (b.resume_bytes > 0) j["resume_bytes"] = b.resume_bytes;
+  return json_in::Dump(j);
 }
 
 Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload) {
@@ -156,6 +178,7 @@ Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload) {
   ResyncBegin b;
   b.from = f.U64("from");
   b.initial = f.Bool("initial", false);
+  b.resume_bytes = f.U64("resume_bytes", 0);
   if (!f.ok()) return f.status();
   return b;
 }

@@ -81,6 +81,16 @@ std::string EncodeHello(const Hello& h);
 // {name: string, size_bytes: number} (at most kHelloDisksMax), `compress` not an array.
 Result<Hello> ParseHello(std::span<const uint8_t> payload);
 
+// HELLO_OK `staged`: how far the store's staged copy of a resync (or initial copy) cut
+// short reaches, so that the sender can go on from there (RESYNC_BEGIN `resume_bytes`).
+struct HelloStaged {
+  uint64_t from = 0;        // the resync's RESYNC_BEGIN.from
+  bool initial = false;     // an initial copy
+  uint64_t bytes = 0;       // bytes durably staged, in the order they were sent (> 0)
+  uint32_t end_disk = 0;    // where the last staged byte's region ends: disk,
+  uint64_t end_offset = 0;  // and the offset after it
+};
+
 // 2 HELLO_OK, receiver -> sender.
 struct HelloOk {
   uint64_t durable_seq = 0;
@@ -88,6 +98,8 @@ struct HelloOk {
   bool lz4 = false;           // `compress` is "lz4"
   bool initial_sync = false;  // missing (an older receiver): false
   bool differential = false;  // missing: false
+  // Missing (an older receiver, or nothing staged): a resync cut short starts over.
+  std::optional<HelloStaged> staged;
 };
 std::string EncodeHelloOk(const HelloOk& h);
 Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload);
@@ -96,6 +108,9 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload);
 struct ResyncBegin {
   uint64_t from = 0;
   bool initial = false;
+  // > 0: go on with the resync the store has staged (HELLO_OK `staged`), whose first
+  // `resume_bytes` bytes it holds; 0 or missing: start it (over) from its first byte.
+  uint64_t resume_bytes = 0;
 };
 std::string EncodeResyncBegin(const ResyncBegin& b);
 Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload);

@@ -90,7 +90,7 @@ TEST(Messages, HelloRoundTripsAndNamesABadField) {
 }
 
 TEST(Messages, HelloOkAndResyncPayloads) {
-  HelloOk ok{5, 2, true, true, false};
+  HelloOk ok{5, 2, true, true, false, std::nullopt};
   auto back = ParseHelloOk(Bytes(EncodeHelloOk(ok)));
   ASSERT_TRUE(back.ok());
   EXPECT_EQ(back->durable_seq, 5u);
@@ -107,10 +107,36 @@ TEST(Messages, HelloOkAndResyncPayloads) {
   EXPECT_NE(r.status().message().find("HELLO_OK.durable_seq"), std::string::npos);
   EXPECT_FALSE(ParseHelloOk(Bytes(R"({"durable_seq":1,"differential":"yes"})")).ok());
 
-  auto b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, true})));
+  EXPECT_FALSE(back->staged.has_value());  // nothing staged: the field is left out
+  // A staged copy (a resync cut short) and how far it reaches.
+  ok.staged = HelloStaged{40, true, 1 << 20, 1, 3 << 20};
+  back = ParseHelloOk(Bytes(EncodeHelloOk(ok)));
+  ASSERT_TRUE(back.ok());
+  ASSERT_TRUE(back->staged.has_value());
+  EXPECT_EQ(back->staged->from, 40u);
+  EXPECT_TRUE(back->staged->initial);
+  EXPECT_EQ(back->staged->bytes, 1u << 20);
+  EXPECT_EQ(back->staged->end_disk, 1u);
+  EXPECT_EQ(back->staged->end_offset, 3u << 20);
+  r = ParseHelloOk(Bytes(R"({"durable_seq":1,"staged":{"from":1,"bytes":"x"}})"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("HELLO_OK.staged.bytes"), std::string::npos);
+  EXPECT_FALSE(ParseHelloOk(Bytes(R"({"durable_seq":1,"staged":[]})")).ok());
+  EXPECT_FALSE(
+      ParseHelloOk(
+          Bytes(
+              R"({"durable_seq":1,"staged":{"from":1,"bytes":1,"end_offset":1,"end_disk":4294967296}})"))
+          .ok());
+
+  auto b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, true, 0})));
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(b->from, 9u);
   EXPECT_TRUE(b->initial);
+  EXPECT_EQ(b->resume_bytes, 0u);  // an older sender's RESYNC_BEGIN: start over
+  b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, false, 12345})));
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->resume_bytes, 12345u);
+  EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":1,"resume_bytes":true})")).ok());
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"initial":true})")).ok());
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":-1})")).ok());
   auto e = ParseResyncEnd(Bytes(EncodeResyncEnd({12})), "RESYNC_END");

@@ -285,20 +285,37 @@ Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
   ok.lz4 = a.lz4;
   ok.initial_sync = a.store->initial_sync_pending();
   ok.differential = a.store->differential();
+  if (auto p = a.store->staged_progress()) {
+    ok.staged = HelloStaged{p->from, p->initial, p->bytes, p->end_disk, p->end_offset};
+  }
   if (Status st = WriteFrame(s, FrameType::kHelloOk, EncodeHelloOk(ok)); !st.ok()) {
     return {ErrorCode::kInternal, st};
   }
   s.SetReadTimeoutMs(0);
-  spdlog::info("replication receiver: group '{}' connected at epoch {}, durable seq {}", a.group,
-               a.epoch, ok.durable_seq);
-  for (;;) {
-    auto f = ReadFrame(s);
-    if (!f.ok()) {
-      if (f.status().code() == Code::kUnavailable) return {};  // sender left
-      return {ErrorCodeFor(f.status()), f.status()};
+  spdlog::info("replication receiver: group '{}' connected at epoch {}, durable seq {}{}", a.group,
+               a.epoch, ok.durable_seq,
+               ok.staged ? fmt::format(", {} bytes staged of the resync after seq {}",
+                                       ok.staged->bytes, ok.staged->from)
+                         : "");
+  End end = [&]() -> End {
+    for (;;) {
+      auto f = ReadFrame(s);
+      if (!f.ok()) {
+        if (f.status().code() == Code::kUnavailable) return {};  // sender left
+        return {ErrorCodeFor(f.status()), f.status()};
+      }
+      if (auto e = HandleFrame(s, a, *f)) return *e;
     }
-    if (auto end = HandleFrame(s, a, *f)) return *end;
+  }();
+  // What this session staged is kept for the next one (before it can say HELLO_OK: this
+  // session still holds the group).
+  if (Status st = a.store->CheckpointResync(); !st.ok()) {
+    spdlog::warn(
+        "replication receiver: group '{}': keeping the regions staged in this session failed "
+        "(the next session sends them again): {}",
+        a.group, st.ToString());
   }
+  return end;
 }
 
 std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a, const Frame& f) {
@@ -324,10 +341,19 @@ std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a,
     case FrameType::kResyncBegin: {
       auto b = ParseResyncBegin(f.payload);
       if (!b.ok()) return End{ErrorCode::kBadFrame, b.status()};
-      Status st = b->initial ? store.BeginInitialSync(b->from) : store.BeginResync(b->from);
+      Status st = b->resume_bytes > 0 ? store.ResumeResync(b->from, b->initial, b->resume_bytes)
+                  : b->initial        ? store.BeginInitialSync(b->from)
+                                      : store.BeginResync(b->from);
       if (!st.ok()) return End{StoreCode(st), st};
-      spdlog::info("replication receiver: group '{}' resynchronizing after seq {}", a.group,
-                   b->from);
+      if (b->resume_bytes > 0) {
+        spdlog::info(
+            "replication receiver: group '{}' resuming the {} after seq {} at byte {} (staged "
+            "before)",
+            a.group, b->initial ? "initial copy" : "resynchronization", b->from, b->resume_bytes);
+      } else {
+        spdlog::info("replication receiver: group '{}' {} after seq {}", a.group,
+                     b->initial ? "starting the initial copy" : "resynchronizing", b->from);
+      }
       return std::nullopt;
     }
     case FrameType::kResyncData: {

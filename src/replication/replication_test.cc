@@ -16,6 +16,7 @@
 
 #include "capture/capture_group.h"
 #include "capture/log_reader.h"
+#include "common/file.h"
 #include "common/tls.h"
 #include "nbd/file_disk.h"
 #include "replication/messages.h"
@@ -389,6 +390,126 @@ TEST_F(ReplicationTest, InitialCopyTakesAllocatedRegionsOnly) {
   EXPECT_LT(st.resync_bytes_total, kSize);  // sparse: not the whole disk
   // The 30 old writes were not shipped as records (bytes_sent counts the copy too).
   EXPECT_LT(st.bytes_sent - st.resync_bytes_total, 30u * 64 * 1024);
+}
+
+// ---- resumable copies (issue 10, case 10 d) ---------------------------------------------
+
+// Random bytes before protection: the first `mib` MiB of the disk.
+void FillSource(nbd::Disk& disk, std::mt19937& rng, int mib) {
+  std::vector<uint8_t> d(1 << 20);
+  for (int i = 0; i < mib; ++i) {
+    for (auto& b : d) b = static_cast<uint8_t>(rng());
+    ASSERT_TRUE(disk.Write(static_cast<uint64_t>(i) * (1 << 20), d).ok());
+  }
+  ASSERT_TRUE(disk.Flush().ok());
+}
+
+// Until the copy has sent `bytes` (bounded: 20 s).
+void WaitCopied(const Sender& s, uint64_t bytes) {
+  for (int i = 0; i < 1000 && s.stats().resync_bytes_done < bytes; ++i) ::usleep(20000);
+  ASSERT_GE(s.stats().resync_bytes_done, bytes) << s.stats().last_error;
+}
+
+// A cut in the middle of the initial copy: the next session goes on where the recovery
+// site's staged copy ends (records written meanwhile included), not from byte 0.
+TEST_F(ReplicationTest, AnInitialCopyCutShortGoesOnWhereItStopped) {
+  std::mt19937 rng(21);
+  FillSource(*disk_, rng, 6);
+  store_.reset();
+  fs::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kFullCopy)
+               .value();
+  Proxy proxy(recv_addr_);
+  StartSender(proxy.address(), 4 << 20);  // 4 MiB/s: the copy takes ~1.5 s
+  WaitCopied(*sender_, 3 << 20);
+  Write(rng, 5);  // records after the copy's start, before and after the cut
+  proxy.DropNow();
+  Write(rng, 5);
+  ExpectReplicaEqualsSource();
+  auto st = sender_->stats();
+  EXPECT_EQ(st.resyncs_completed, 1u);
+  EXPECT_EQ(st.resyncs_resumed, 1u) << st.last_error;
+  EXPECT_GE(st.resync_bytes_resumed, 2u << 20);  // most of what went before the cut
+  EXPECT_EQ(st.resync_bytes_done, st.resync_bytes_total);
+  EXPECT_EQ(st.resync_bytes_total, 6u << 20);
+  // Well below two copies: only what was in flight at the cut went twice.
+  EXPECT_LT(st.bytes_sent, st.resync_bytes_total + (2u << 20)) << st.bytes_sent;
+  EXPECT_FALSE(fs::exists(dir_ + "/cap/resync.json"));  // the plan goes with the commit
+}
+
+// Both sites restart in the middle of an initial copy; meanwhile a region already copied
+// was written without a record (as a crash can lose the log's last writes: the bitmap
+// marks it). The copy goes on from the staged cursor and copies that region again.
+TEST_F(ReplicationTest, AnInitialCopyGoesOnAfterBothSitesRestart) {
+  std::mt19937 rng(22);
+  FillSource(*disk_, rng, 6);
+  store_.reset();
+  fs::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kFullCopy)
+               .value();
+  StartSender(recv_addr_, 4 << 20);
+  WaitCopied(*sender_, 3 << 20);
+  sender_.reset();  // the source site goes
+  EXPECT_TRUE(fs::exists(dir_ + "/cap/resync.json"));
+  receiver_.reset();  // and the recovery site
+  store_.reset();
+  store_ = store::RecoveryStore::Open(dir_ + "/store").value();
+  auto staged = store_->staged_progress();
+  ASSERT_TRUE(staged.has_value());
+  EXPECT_GE(staged->bytes, 2u << 20);
+  // A write to the first MiB (copied before) that no record holds, marked in the bitmap.
+  {
+    auto f = File::Open(dir_ + "/src.img", File::Mode::kReadWrite).value();
+    ASSERT_TRUE(f.PWrite(4096, std::vector<uint8_t>(4096, 0x5a)).ok());
+  }
+  ASSERT_TRUE(group_->MarkRegions({{0, {4096, 4096}}}).ok());
+  receiver_ = std::make_unique<Receiver>([this](const std::string& g) {
+    return g == "vm1" ? store_ : std::shared_ptr<store::RecoveryStore>();
+  });
+  ListenAddress a;
+  a.host = "127.0.0.1";
+  recv_addr_ = receiver_->Listen(a).value();
+  receiver_->Start();
+  StartSender(recv_addr_, 4 << 20);
+  Write(rng, 5);
+  ExpectReplicaEqualsSource();
+  auto st = sender_->stats();
+  EXPECT_EQ(st.resyncs_resumed, 1u) << st.last_error;
+  EXPECT_EQ(st.resync_bytes_resumed, staged->bytes);
+  // The marked region (one bitmap region: 64 KiB) is copied again at the end.
+  EXPECT_EQ(st.resync_bytes_total, (6u << 20) + 65536);
+  EXPECT_EQ(st.resync_bytes_done, st.resync_bytes_total);
+  EXPECT_LE(st.bytes_sent, (6u << 20) - staged->bytes + 65536 + 5 * 100000 + 4096);
+  EXPECT_FALSE(group_->HasStickyRegions());
+}
+
+// A plan on disk that does not fit what the recovery site holds (here: the store was made
+// again) is dropped, and the copy starts over from byte 0.
+TEST_F(ReplicationTest, ACopyWhoseStagedPartIsGoneStartsOver) {
+  std::mt19937 rng(23);
+  FillSource(*disk_, rng, 4);
+  store_.reset();
+  fs::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kFullCopy)
+               .value();
+  StartSender(recv_addr_, 4 << 20);
+  WaitCopied(*sender_, 2 << 20);
+  sender_.reset();
+  receiver_->EndGroup("vm1");
+  store_.reset();
+  fs::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kFullCopy)
+               .value();
+  StartSender(recv_addr_);
+  ExpectReplicaEqualsSource();
+  auto st = sender_->stats();
+  EXPECT_EQ(st.resyncs_resumed, 0u);
+  EXPECT_EQ(st.resync_bytes_total, 4u << 20);
+  EXPECT_GE(st.bytes_sent, 4u << 20);
 }
 
 // Invariant 4: the recovery site is away long enough for the capture log to pass its

@@ -208,12 +208,22 @@ Status Sender::ReadAcks(Stream* s) {
       }
       case FrameType::kResyncDone: {
         auto done = ParseResyncEnd(f.payload, "RESYNC_DONE");
-        std::lock_guard lock(mu_);
-        if (!done.ok()) {
-          session_code_ = ErrorCode::kBadFrame;
-          return done.status();
+        std::optional<uint64_t> committed_from;
+        {
+          std::lock_guard lock(mu_);
+          if (!done.ok()) {
+            session_code_ = ErrorCode::kBadFrame;
+            return done.status();
+          }
+          if (pending_resync_ && done->consistent_seq == pending_resync_->consistent_seq) {
+            committed_from = pending_resync_->from;
+          }
         }
-        if (pending_resync_ && done->consistent_seq == pending_resync_->consistent_seq) {
+        // The plan goes first: no new copy begins (and writes one) while pending_resync_ is set.
+        if (committed_from) ClearPlan(*committed_from);
+        std::lock_guard lock(mu_);
+        if (committed_from && pending_resync_ &&
+            done->consistent_seq == pending_resync_->consistent_seq) {
           // The recovery site has the regions: unmark them, unless the log overflowed
           // again meanwhile (then they may hold changes the copy missed).
           if (log_->overflow_generation() == pending_resync_->generation) {
@@ -321,7 +331,8 @@ Status Sender::Session() {
     std::lock_guard lock(mu_);
     stream_ = &s;
     session_broken_ = false;
-    pending_resync_.reset();  // an unfinished resync starts over in this session
+    // A copy that awaited its RESYNC_DONE is decided anew from the HELLO_OK (PlanResume).
+    pending_resync_.reset();
     in_flight_.clear();
     in_flight_bytes_ = 0;
   }
@@ -342,8 +353,16 @@ Status Sender::Session() {
   // disks' allocated regions, not the whole history of writes. Only when it says so: a
   // store that holds a consistent copy, even at seq 0, is never copied over.
   bool initial = opts_.capture_group != nullptr && hello_ok.initial_sync;
+  // A copy cut short goes on where the recovery site's staged copy ends, when it is
+  // provably the same one; else it starts over.
+  std::optional<uint64_t> resume;
+  if (opts_.capture_group != nullptr) resume = PlanResume(hello_ok, initial);
   std::optional<std::pair<uint64_t, uint64_t>> initial_from;
-  if (initial) {
+  if (initial && resume) {
+    // The store holds the records after the copy's start up to `durable` already.
+    std::lock_guard lock(plan_mu_);
+    initial_from = {plan_->from, plan_->generation};
+  } else if (initial) {
     initial_from = log_->ResumeAfterOverflow();
     durable = initial_from->first;  // the copy stands for every record up to here
   } else if (durable > log_->last_seq()) {
@@ -444,7 +463,10 @@ Status Sender::Session() {
     }
     return Status::Ok();
   };
-  if (initial_from) OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from, pacer, frame_bytes));
+  if (initial_from) {
+    OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from, pacer, frame_bytes,
+                               std::exchange(resume, std::nullopt)));
+  }
   while (!stop_) {
     // Caught up with a log that overflowed, or with regions a crash left marked: copy
     // those regions (one resync at a time; the bitmap keeps them until it is committed).
@@ -455,7 +477,8 @@ Status Sender::Session() {
     }
     if (opts_.capture_group != nullptr && !resync_pending && tailer.next_seq() > log_->last_seq() &&
         (log_->overflowed() || opts_.capture_group->HasStickyRegions())) {
-      OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt, pacer, frame_bytes));
+      OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt, pacer, frame_bytes,
+                                 std::exchange(resume, std::nullopt)));
       continue;
     }
     OSR_ASSIGN_OR_RETURN(size_t n, ship_once());
@@ -466,9 +489,69 @@ Status Sender::Session() {
 
 Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
                       std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                      size_t frame_bytes) {
+                      size_t frame_bytes, std::optional<uint64_t> resume) {
   bool is_initial = initial.has_value();
-  auto [from, generation] = is_initial ? *initial : log_->ResumeAfterOverflow();
+  uint64_t cursor = 0;
+  OSR_ASSIGN_OR_RETURN(ResyncPlan plan, ChoosePlan(ship_upto, initial, resume, &cursor));
+  const uint64_t from = plan.from, generation = plan.generation, total = plan.total_bytes;
+  if (cursor > 0) {
+    spdlog::info(
+        "replication sender '{}': going on with the {} after seq {} at byte {} of {} ({} "
+        "region(s)): the recovery site has the bytes before staged",
+        opts_.group, is_initial ? "initial copy" : "resynchronization", from, cursor, total,
+        plan.regions.size());
+  } else {
+    spdlog::info("replication sender '{}': {} {} bytes in {} region(s) after seq {}", opts_.group,
+                 is_initial ? "initial copy of" : "resynchronizing", total, plan.regions.size(),
+                 from);
+  }
+  {
+    std::lock_guard lock(mu_);
+    stats_.resyncing = true;
+    stats_.resync_bytes_total = total;
+    stats_.resync_bytes_done = cursor;
+    stats_.resync_bytes_resumed = cursor;
+    if (cursor > 0) ++stats_.resyncs_resumed;
+  }
+  OSR_RETURN_IF_ERROR(
+      WriteFrame(s, FrameType::kResyncBegin, EncodeResyncBegin({from, is_initial, cursor})));
+  OSR_RETURN_IF_ERROR(SendRegions(s, ship_upto, plan, cursor, pacer, frame_bytes));
+  if (stop_) return Status::Ok();
+  // Every region now holds at least what it had when it was read; the records up to
+  // `consistent` bring each one to the same moment.
+  uint64_t consistent = log_->last_seq();
+  OSR_RETURN_IF_ERROR(ship_upto(consistent));
+  if (log_->overflow_generation() != generation) {
+    // The log passed its limit again while regions were copied: a copied region may hold
+    // writes that no record up to `consistent` accounts for. Start over.
+    std::lock_guard lock(plan_mu_);
+    DropPlanLocked("the capture log passed its limit again during the copy");
+    return Unavailable("the capture log overflowed again during the resynchronization");
+  }
+  {
+    std::lock_guard lock(mu_);
+    pending_resync_ = PendingResync{std::move(plan.regions), generation, consistent, from};
+  }
+  return WriteFrame(s, FrameType::kResyncEnd, EncodeResyncEnd({consistent}));
+}
+
+Result<ResyncPlan> Sender::ChoosePlan(const std::function<Status(uint64_t)>& ship_upto,
+                                      std::optional<std::pair<uint64_t, uint64_t>> initial,
+                                      std::optional<uint64_t> resume, uint64_t* cursor) {
+  bool is_initial = initial.has_value();
+  *cursor = 0;
+  if (resume) {
+    std::lock_guard lock(plan_mu_);
+    // PlanResume checked the log at the session's start; records shipped since.
+    if (plan_ && plan_->initial == is_initial && !log_->overflowed() &&
+        log_->overflow_generation() == plan_->generation) {
+      *cursor = *resume;
+      return *plan_;
+    }
+    DropPlanLocked("the capture log passed its limit before the copy could go on");
+  }
+  // A new copy (an initial one whose resume fell through starts after the log's end too).
+  auto [from, generation] = is_initial && !resume ? *initial : log_->ResumeAfterOverflow();
   OSR_RETURN_IF_ERROR(ship_upto(from));  // every record before the resync is sent first
   std::vector<capture::CaptureGroup::DiskRange> regions;
   if (is_initial) {
@@ -476,27 +559,32 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   } else {
     regions = opts_.capture_group->DirtyRegions();
   }
-  uint64_t total = 0;
-  for (auto& r : regions) total += r.range.length;
-  spdlog::info("replication sender '{}': {} {} bytes in {} region(s) after seq {}", opts_.group,
-               is_initial ? "initial copy of" : "resynchronizing", total, regions.size(), from);
-  {
-    std::lock_guard lock(mu_);
-    stats_.resyncing = true;
-    stats_.resync_bytes_total = total;
-    stats_.resync_bytes_done = 0;
-  }
-  OSR_RETURN_IF_ERROR(
-      WriteFrame(s, FrameType::kResyncBegin, EncodeResyncBegin({from, is_initial})));
+  ResyncPlan plan =
+      NewResyncPlan(opts_.group, opts_.epoch, from, is_initial, generation, std::move(regions));
+  std::lock_guard lock(plan_mu_);
+  plan_ = plan;
+  SavePlanLocked(/*with_regions=*/true);
+  return plan;
+}
+
+Status Sender::SendRegions(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
+                           const ResyncPlan& plan, uint64_t cursor, Pacer& pacer,
+                           size_t frame_bytes) {
   std::vector<uint8_t> buf;
   // The policy's bandwidth limit holds for copies too (initial, resync, reprotect), in
   // the same bucket as the records that flow meanwhile.
   const size_t chunk_bytes = std::min(opts_.resync_chunk_bytes, frame_bytes);
-  for (auto& r : regions) {
-    for (uint64_t off = r.range.offset; off < r.range.offset + r.range.length;) {
+  uint64_t pos = 0;  // the copy's position at the start of region r
+  for (const auto& r : plan.regions) {
+    const uint64_t end = r.range.offset + r.range.length;
+    if (pos + r.range.length <= cursor) {  // staged there already
+      pos += r.range.length;
+      continue;
+    }
+    for (uint64_t off = r.range.offset + (cursor > pos ? cursor - pos : 0); off < end;) {
       if (stop_) return Status::Ok();
-      size_t n = static_cast<size_t>(
-          std::min<uint64_t>(chunk_bytes, r.range.offset + r.range.length - off));
+      size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_bytes, end - off));
+      RecordSentBound(pos + (off - r.range.offset) + n);
       buf.resize(12 + n);
       std::memcpy(buf.data(), &r.disk, 4);
       std::memcpy(buf.data() + 4, &off, 8);
@@ -515,21 +603,167 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
       // New writes keep flowing while the regions are copied.
       OSR_RETURN_IF_ERROR(ship_upto(log_->written_seq()));
     }
+    pos += r.range.length;
   }
-  // Every region now holds at least what it had when it was read; the records up to
-  // `consistent` bring each one to the same moment.
-  uint64_t consistent = log_->last_seq();
-  OSR_RETURN_IF_ERROR(ship_upto(consistent));
-  if (log_->overflow_generation() != generation) {
-    // The log passed its limit again while regions were copied: a copied region may hold
-    // writes that no record up to `consistent` accounts for. Start over.
-    return Unavailable("the capture log overflowed again during the resynchronization");
+  return Status::Ok();
+}
+
+void Sender::RecordSentBound(uint64_t after) {
+  std::lock_guard lock(plan_mu_);
+  if (!plan_ || after <= plan_->sent_bytes_max) return;
+  plan_->sent_bytes_max = std::min(plan_->total_bytes, after + kResyncSentAheadBytes);
+  SavePlanLocked(/*with_regions=*/false);
+}
+
+void Sender::ReadPlanOnceLocked() {
+  if (plan_read_) return;
+  plan_read_ = true;
+  auto loaded = LoadResyncPlan(log_->dir(), opts_.disks);
+  if (loaded.ok() && (loaded->group != opts_.group || loaded->epoch != opts_.epoch)) {
+    plan_ = std::move(*loaded);
+    DropPlanLocked(fmt::format("it is of group '{}' at epoch {}, not '{}' at epoch {}",
+                               plan_->group, plan_->epoch, opts_.group, opts_.epoch));
+  } else if (loaded.ok()) {
+    plan_ = std::move(*loaded);
+  } else if (loaded.status().code() != Code::kNotFound) {
+    spdlog::warn(
+        "replication sender '{}': the plan of a copy cut short cannot be used ({}): the copy "
+        "starts over from its first byte",
+        opts_.group, loaded.status().ToString());
+    if (Status rm = RemoveResyncPlan(log_->dir()); !rm.ok()) {
+      spdlog::warn("replication sender '{}': {}", opts_.group, rm.ToString());
+    }
   }
-  {
-    std::lock_guard lock(mu_);
-    pending_resync_ = PendingResync{std::move(regions), generation, consistent};
+}
+
+std::optional<uint64_t> Sender::PlanResume(const HelloOk& ok, bool initial) {
+  std::lock_guard lock(plan_mu_);
+  ReadPlanOnceLocked();
+  if (!plan_) {
+    if (ok.staged) {
+      spdlog::info(
+          "replication sender '{}': the recovery site has {} bytes staged of a copy after seq {} "
+          "that this site has no plan of: it starts over",
+          opts_.group, ok.staged->bytes, ok.staged->from);
+    }
+    return std::nullopt;
   }
-  return WriteFrame(s, FrameType::kResyncEnd, EncodeResyncEnd({consistent}));
+  ResyncPlan& p = *plan_;
+  if (!ok.staged) {
+    DropPlanLocked("the recovery site has nothing of it staged");
+    return std::nullopt;
+  }
+  if (Status st = CheckStaged(p, *ok.staged, opts_.disks); !st.ok()) {
+    if (st.code() == Code::kInvalidArgument) {
+      // A peer's claim that cannot be true of this copy: never trusted.
+      spdlog::warn("replication sender '{}': refusing the recovery site's staged copy: {}",
+                   opts_.group, st.message());
+    }
+    DropPlanLocked(st.message());
+    return std::nullopt;
+  }
+  if (p.initial != initial) {
+    DropPlanLocked(initial ? "the recovery site waits for a new initial copy"
+                           : "the recovery site does not wait for an initial copy");
+    return std::nullopt;
+  }
+  if (std::string why = LogBarsResume(p, ok.durable_seq); !why.empty()) {
+    DropPlanLocked(why);
+    return std::nullopt;
+  }
+  const uint64_t cursor = ok.staged->bytes;
+  if (p.from_disk && !RecopyMarkedLocked(cursor)) return std::nullopt;
+  return cursor;
+}
+
+bool Sender::RecopyMarkedLocked(uint64_t cursor) {
+  ResyncPlan& p = *plan_;
+  // Written by another Sender (this site restarted, or replication was restarted): a
+  // region copied before may have been written since without a record (a crash lost the
+  // log's last writes, the log overflowed). Every such write is marked in the
+  // dirty-region bitmap: those parts are copied again, at the end.
+  auto again = DirtyBeforeCursor(p, cursor, opts_.capture_group->DirtyRegions());
+  uint64_t again_bytes = 0;
+  for (auto& r : again) again_bytes += r.range.length;
+  if (again_bytes >= cursor) {
+    DropPlanLocked(
+        fmt::format("{} of the {} bytes copied before are marked in the dirty-region bitmap "
+                    "(written since, maybe without a record)",
+                    again_bytes, cursor));
+    return false;
+  }
+  p.regions.insert(p.regions.end(), again.begin(), again.end());
+  p.total_bytes += again_bytes;
+  p.generation = log_->overflow_generation();
+  p.from_disk = false;
+  SavePlanLocked(/*with_regions=*/true);
+  if (again_bytes > 0) {
+    spdlog::info(
+        "replication sender '{}': {} bytes in {} region(s) copied before were marked in the "
+        "dirty-region bitmap since: they are copied again at the end",
+        opts_.group, again_bytes, again.size());
+  }
+  return true;
+}
+
+std::string Sender::LogBarsResume(const ResyncPlan& plan, uint64_t durable) {
+  if (durable < plan.from) {
+    return fmt::format("the recovery site's durable seq {} lies before the copy's start {}",
+                       durable, plan.from);
+  }
+  if (durable > log_->last_seq()) {
+    return fmt::format("the recovery site has seq {}, beyond this site's log ({})", durable,
+                       log_->last_seq());
+  }
+  auto first_held = log_->first_seq_held();
+  if (!first_held.ok()) return "the capture log cannot be read: " + first_held.status().ToString();
+  if (durable + 1 < *first_held) {
+    return fmt::format("the capture log no longer holds seq {} (it starts at {})", durable + 1,
+                       *first_held);
+  }
+  if (log_->overflowed() || log_->failed()) {
+    return "the capture log is over its limit: writes are tracked in the bitmaps only";
+  }
+  if (!plan.from_disk && log_->overflow_generation() != plan.generation) {
+    return "the capture log passed its limit since the copy began";
+  }
+  return "";
+}
+
+void Sender::DropPlanLocked(std::string_view why) {
+  if (!plan_) return;
+  // A copy still needed starts from its first byte ("initial copy of N bytes ..." follows).
+  spdlog::warn("replication sender '{}': the {} after seq {} cannot go on where it stopped: {}",
+               opts_.group, plan_->initial ? "initial copy" : "resynchronization", plan_->from,
+               why);
+  plan_.reset();
+  if (Status rm = RemoveResyncPlan(log_->dir()); !rm.ok()) {
+    spdlog::warn("replication sender '{}': {}", opts_.group, rm.ToString());
+  }
+}
+
+void Sender::SavePlanLocked(bool with_regions) {
+  Status st = SaveResyncPlan(log_->dir(), *plan_, with_regions);
+  if (st.ok()) return;
+  // Resumable across sessions still (in memory), not across a restart of this site: a
+  // plan on disk that is not this one must not stay.
+  spdlog::warn(
+      "replication sender '{}': the plan of the copy after seq {} could not be kept on disk "
+      "(a restart of this site starts it over): {}",
+      opts_.group, plan_->from, st.ToString());
+  if (Status rm = RemoveResyncPlan(log_->dir()); !rm.ok()) {
+    spdlog::warn("replication sender '{}': {}", opts_.group, rm.ToString());
+  }
+}
+
+void Sender::ClearPlan(uint64_t from) {
+  std::lock_guard lock(plan_mu_);
+  if (!plan_ || plan_->from != from) return;
+  plan_.reset();
+  if (Status rm = RemoveResyncPlan(log_->dir()); !rm.ok()) {
+    // A plan left behind is dropped at the next start: the store has nothing of it staged.
+    spdlog::warn("replication sender '{}': {}", opts_.group, rm.ToString());
+  }
 }
 
 }  // namespace osr::replication

@@ -15,6 +15,12 @@
 // or once a minute. Without TLS it connects only to loopback addresses unless
 // plaintext_beyond_loopback.
 //
+// Resumable copies: a resync or initial copy keeps its plan (resync_plan.h) in memory
+// across sessions and in the capture folder across restarts. After a cut or a restart of
+// either site it goes on where the recovery site's staged copy ends (HELLO_OK `staged`),
+// but only when that is provably the same copy with nothing before the cursor changed
+// unrecorded since (PlanResume); else it starts over from its first byte and logs why.
+//
 // Bandwidth (bandwidth_bytes_per_second): one token bucket (pacer.h) per session for
 // every byte on the wire — records, initial copy and resync — with a burst of one frame
 // or 100 ms of the rate; under a limit, frames are about 100 ms of the rate (≥ 64 KiB).
@@ -46,6 +52,7 @@
 #include "common/tls.h"
 #include "replication/messages.h"
 #include "replication/pacer.h"
+#include "replication/resync_plan.h"
 #include "store/recovery_store.h"
 
 namespace osr::replication {
@@ -110,9 +117,13 @@ class Sender {
     bool resyncing = false;        // regions are being copied
     uint64_t resync_bytes_total = 0;
     uint64_t resync_bytes_done = 0;
+    // Of the copy under way (or the last one): the bytes the recovery site had staged when
+    // this site went on with it (not sent again); 0 for a copy begun from its first byte.
+    uint64_t resync_bytes_resumed = 0;
     uint64_t resyncs_completed = 0;
-    uint64_t unacked_bytes = 0;  // shipped, not yet durable there
-    double rpo_seconds = 0;      // age of the oldest write shipped but not yet durable there
+    uint64_t resyncs_resumed = 0;  // copies that went on from a staged copy
+    uint64_t unacked_bytes = 0;    // shipped, not yet durable there
+    double rpo_seconds = 0;        // age of the oldest write shipped but not yet durable there
     std::string last_error;
     // The typed code of the last session's end ("stale_epoch", "epoch_ahead", ...: an
     // ERROR of the receiver, or a refusal of this sender); "" for other failures.
@@ -150,9 +161,38 @@ class Sender {
   // With `initial` (from, overflow generation): the first copy into an empty store, of
   // the disks' allocated regions.
   // `pacer`: the session's bandwidth limit; `frame_bytes`: the most data per frame.
+  // `resume`: go on with the plan (plan_) from this cursor (PlanResume said so).
   Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
                 std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                size_t frame_bytes);
+                size_t frame_bytes, std::optional<uint64_t> resume);
+  // Whether the copy of plan_ goes on where the recovery site's staged copy ends (HELLO_OK
+  // `staged`): the cursor to go on from, or nullopt to start over (the plan is dropped and
+  // the reason logged). `initial`: the store waits for an initial copy. Reads the plan a
+  // former Sender left in the capture folder first (once). Connection thread.
+  std::optional<uint64_t> PlanResume(const HelloOk& ok, bool initial);
+  // The copy to send: plan_ from *cursor = `resume` on when the log still allows it, else a
+  // new plan (its records up to `from` shipped first; *cursor = 0), kept in plan_.
+  Result<ResyncPlan> ChoosePlan(const std::function<Status(uint64_t)>& ship,
+                                std::optional<std::pair<uint64_t, uint64_t>> initial,
+                                std::optional<uint64_t> resume, uint64_t* cursor);
+  // Sends the plan's regions from byte `cursor` of the copy on, records flowing between.
+  Status SendRegions(Stream& s, const std::function<Status(uint64_t)>& ship, const ResyncPlan& plan,
+                     uint64_t cursor, Pacer& pacer, size_t frame_bytes);
+  // Why the capture log cannot bring a copy of `plan` that goes on after the receiver's
+  // `durable` seq to a consistent end ("" when it can). Holds plan_mu_.
+  std::string LogBarsResume(const ResyncPlan& plan, uint64_t durable);
+  // Reads the plan a former Sender left in the capture folder, the first time only (a plan
+  // of another group or epoch, or a damaged one, is removed). Holds plan_mu_.
+  void ReadPlanOnceLocked();
+  // plan_ was read from disk: its parts before `cursor` marked in the dirty-region bitmap
+  // since are appended to be copied again; false (plan dropped) when that is all of them.
+  // Holds plan_mu_.
+  bool RecopyMarkedLocked(uint64_t cursor);
+  void DropPlanLocked(std::string_view why);  // forgets plan_ and its files; holds plan_mu_
+  void SavePlanLocked(bool with_regions);     // writes plan_ (failure: removes it); holds plan_mu_
+  void ClearPlan(uint64_t from);              // the copy after `from` committed; takes plan_mu_
+  // Records (durably) that the copy may send up to byte `after`, before it does.
+  void RecordSentBound(uint64_t after);
   // Waits until the pacer lets `bytes` go. kUnavailable when the session broke or the
   // sender stops.
   Status WaitToSend(Pacer& pacer, uint64_t bytes);
@@ -161,6 +201,7 @@ class Sender {
     std::vector<capture::CaptureGroup::DiskRange> regions;
     uint64_t generation = 0;
     uint64_t consistent_seq = 0;
+    uint64_t from = 0;
   };
   void AckLoop(Stream* s);  // the ACK reader's entry point: never throws
   Status ReadAcks(Stream* s);
@@ -188,6 +229,10 @@ class Sender {
   // guarded by mu_: the receiver's refusal that ended the session (its ERROR's words),
   // reported rather than what the connection thread then met (a write to a closed socket)
   std::optional<Status> session_refusal_;
+  // The copy under way or cut short (resync_plan.h). plan_mu_ is never taken inside mu_.
+  std::mutex plan_mu_;
+  std::optional<ResyncPlan> plan_;  // guarded by plan_mu_
+  bool plan_read_ = false;          // guarded by plan_mu_: the capture folder was read
 };
 
 }  // namespace osr::replication

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -11,7 +12,9 @@
 #include <nlohmann/json.hpp>
 
 #include "capture/log_reader.h"
+#include "common/crc32c.h"
 #include "common/json_in.h"
+#include "common/le.h"
 
 namespace osr::store {
 
@@ -25,6 +28,44 @@ constexpr int kMetaVersion = 1;
 
 std::string BasePath(const std::string& dir, size_t i) {
   return fmt::format("{}/base/{}.img", dir, i);
+}
+
+// staging/staged.list: which regions of the staging images hold a resync's data, durably
+// (docs/formats.md, "Staged-region list"). A 64-byte header, then 32-byte records.
+constexpr uint8_t kStagedMagic[8] = {'O', 'S', 'R', 'S', 'T', 'A', 'G', 'E'};
+constexpr uint32_t kStagedVersion = 1;
+constexpr size_t kStagedHeaderBytes = 64;
+constexpr size_t kStagedRecordBytes = 32;
+constexpr size_t kStagedReadRecords = 4096;  // records read at a time at open
+
+std::string StagedListPath(const std::string& dir) {
+  return dir + "/staging/staged.list";
+}
+
+std::array<uint8_t, kStagedHeaderBytes> EncodeStagedHeader(uint64_t from, bool initial,
+                                                           uint32_t disks) {
+  std::array<uint8_t, kStagedHeaderBytes> h{};
+  std::memcpy(h.data(), kStagedMagic, 8);
+  Le32(h.data() + 8, kStagedVersion);
+  Le32(h.data() + 12, initial ? 1 : 0);  // flags: bit 0, an initial copy
+  Le64(h.data() + 16, from);
+  Le32(h.data() + 24, disks);
+  Le32(h.data() + 60, Crc32c(h.data(), 60));
+  return h;
+}
+
+void EncodeStagedRecord(uint8_t* p, uint32_t disk, uint64_t offset, uint64_t length) {
+  std::memset(p, 0, kStagedRecordBytes);
+  Le32(p, disk);
+  Le64(p + 8, offset);
+  Le64(p + 16, length);
+  Le32(p + 28, Crc32c(p, 28));
+}
+
+int64_t SteadyNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 }  // namespace
@@ -127,8 +168,9 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   s->source_ = f.String("source", "");
   s->initial_sync_ = f.Bool("initial_sync", false);
   s->differential_ = f.Bool("differential", false);
-  // A resync that was under way when the store closed must start again (its staged
-  // regions are gone); until it ends, seqs after its start stay unusable.
+  // A resync that was under way when the store closed goes on from the regions its staged
+  // list says are there (LoadStaged), or starts over; until it ends, seqs after its start
+  // stay unusable.
   if (f.Has("resync_from")) {
     s->resyncing_ = true;
     s->resync_from_ = f.U64("resync_from");
@@ -151,6 +193,7 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
         dir, s->epoch_, kEpochMax);
   }
   OSR_RETURN_IF_ERROR(s->OpenParts());
+  if (s->resyncing_) s->LoadStaged();
   return s;
 }
 
@@ -413,7 +456,10 @@ Status RecoveryStore::Pin(uint64_t seq) {
 }
 
 Status RecoveryStore::BeginResync(uint64_t from) {
-  OSR_RETURN_IF_ERROR(BeginResyncLocked(from));
+  {
+    std::lock_guard staged(staged_mu_);
+    OSR_RETURN_IF_ERROR(BeginResyncLocked(from));
+  }
   return WriteMeta();  // a restart mid-resync keeps the later seqs unusable
 }
 
@@ -467,39 +513,282 @@ Status RecoveryStore::BeginResyncLocked(uint64_t from) {
   }
   staging_.clear();
   staged_.assign(disks_.size(), {});
+  staged_pending_.clear();
+  staged_pending_bytes_ = 0;
+  staged_durable_.reset();
+  staged_list_ = File();
   std::error_code ec;
   std::filesystem::remove_all(dir_ + "/staging", ec);
   std::filesystem::create_directories(dir_ + "/staging", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir_ + "/staging");
+  std::vector<File> staging;
   for (size_t i = 0; i < disks_.size(); ++i) {
     OSR_ASSIGN_OR_RETURN(
         File f, File::Open(fmt::format("{}/staging/{}.img", dir_, i), File::Mode::kCreate));
     OSR_RETURN_IF_ERROR(f.Truncate(disks_[i].size_bytes));
-    staging_.push_back(std::move(f));
+    staging.push_back(std::move(f));
   }
+  // The staged list names this resync; its regions follow at each checkpoint.
+  OSR_ASSIGN_OR_RETURN(File list, File::Open(StagedListPath(dir_), File::Mode::kCreate));
+  auto header = EncodeStagedHeader(from, initial_sync_, static_cast<uint32_t>(disks_.size()));
+  OSR_RETURN_IF_ERROR(list.PWrite(0, header));
+  OSR_RETURN_IF_ERROR(list.DataSync());
+  OSR_RETURN_IF_ERROR(SyncDir(dir_ + "/staging"));
+  // Invariant: staging_ is not empty exactly when staged_list_ is open.
+  staging_ = std::move(staging);
+  staged_list_ = std::move(list);
+  staged_list_bytes_ = kStagedHeaderBytes;
+  staged_checkpoint_ns_ = SteadyNs();
+  staged_durable_ = StagedProgress{from, initial_sync_, 0, 0, 0};
   resyncing_ = true;
   resync_from_ = from;
   return Status::Ok();
 }
 
-Status RecoveryStore::ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
-  Status st;
+void RecoveryStore::LoadStaged() {
+  std::lock_guard staged(staged_mu_);
+  Status st = LoadStagedList();
+  if (st.ok()) return;
+  uint64_t from;
   {
     std::lock_guard lock(mu_);
-    if (!resyncing_) return InvalidArgument("no resynchronization is under way");
-    if (disk >= disks_.size() || offset + data.size() > disks_[disk].size_bytes) {
+    from = resync_from_;
+    staging_.clear();
+    staged_.clear();
+    staged_durable_.reset();
+  }
+  staged_list_ = File();
+  // Nothing is staged: the sender's next RESYNC_BEGIN starts the resync over (and wipes
+  // staging/). Never a reason not to open the store.
+  spdlog::warn(
+      "recovery store {}: the regions staged by the resynchronization after seq {} cannot be "
+      "used ({}); it starts over from its first byte",
+      dir_, from, st.ToString());
+}
+
+Status RecoveryStore::LoadStagedList() {
+  uint64_t from;
+  bool initial;
+  {
+    std::lock_guard lock(mu_);
+    from = resync_from_;
+    initial = initial_sync_;
+  }
+  const std::string path = StagedListPath(dir_);
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return NotFound(path + " is missing");
+  OSR_ASSIGN_OR_RETURN(File list, File::Open(path, File::Mode::kReadWrite));
+  OSR_ASSIGN_OR_RETURN(uint64_t size, list.Size());
+  if (size < kStagedHeaderBytes) {
+    return Corruption(fmt::format("{}: {} bytes, shorter than its header", path, size));
+  }
+  std::array<uint8_t, kStagedHeaderBytes> h{};
+  OSR_RETURN_IF_ERROR(list.PRead(0, h));
+  if (std::memcmp(h.data(), kStagedMagic, 8) != 0 || Ld32(h.data() + 60) != Crc32c(h.data(), 60)) {
+    return Corruption(path + ": damaged header (magic or CRC)");
+  }
+  if (Ld32(h.data() + 8) != kStagedVersion) {
+    return Corruption(
+        fmt::format("{}: version {}, not {}", path, Ld32(h.data() + 8), kStagedVersion));
+  }
+  if (Ld64(h.data() + 16) != from || (Ld32(h.data() + 12) & 1) != (initial ? 1u : 0u) ||
+      Ld32(h.data() + 24) != disks_.size()) {
+    return Corruption(
+        fmt::format("{}: it lists a resync after seq {} of {} disk(s), not this "
+                    "store's after seq {} of {}",
+                    path, Ld64(h.data() + 16), Ld32(h.data() + 24), from, disks_.size()));
+  }
+  // The records; a torn last one (a crash while it was appended) is cut off.
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged(disks_.size());
+  StagedProgress progress{from, initial, 0, 0, 0};
+  uint64_t records = (size - kStagedHeaderBytes) / kStagedRecordBytes;
+  std::vector<uint8_t> buf(kStagedReadRecords * kStagedRecordBytes);
+  for (uint64_t i = 0; i < records;) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(records - i, kStagedReadRecords));
+    OSR_RETURN_IF_ERROR(list.PRead(kStagedHeaderBytes + i * kStagedRecordBytes,
+                                   {buf.data(), n * kStagedRecordBytes}));
+    for (size_t k = 0; k < n; ++k) {
+      const uint8_t* r = buf.data() + k * kStagedRecordBytes;
+      if (Ld32(r + 28) != Crc32c(r, 28)) {
+        if (i + k + 1 == records) {  // the last one: torn
+          records = i + k;
+          break;
+        }
+        return Corruption(fmt::format("{}: record {} of {} fails its CRC", path, i + k, records));
+      }
+      uint32_t d = Ld32(r);
+      uint64_t off = Ld64(r + 8), len = Ld64(r + 16);
+      if (d >= disks_.size() || len == 0 || off > disks_[d].size_bytes ||
+          len > disks_[d].size_bytes - off) {
+        return Corruption(
+            fmt::format("{}: record {} ({} bytes at {} of disk {}) lies outside "
+                        "the disks",
+                        path, i + k, len, off, d));
+      }
+      staged[d].emplace_back(off, len);
+      progress.bytes += len;
+      progress.end_disk = d;
+      progress.end_offset = off + len;
+    }
+    i += n;
+  }
+  uint64_t list_bytes = kStagedHeaderBytes + records * kStagedRecordBytes;
+  if (list_bytes != size) OSR_RETURN_IF_ERROR(list.Truncate(list_bytes));
+  std::vector<File> staging;
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    OSR_ASSIGN_OR_RETURN(
+        File f, File::Open(fmt::format("{}/staging/{}.img", dir_, i), File::Mode::kReadWrite));
+    OSR_ASSIGN_OR_RETURN(uint64_t got, f.Size());
+    if (got != disks_[i].size_bytes) {
+      return Corruption(fmt::format("{}: staging image of disk {} has {} bytes, not {}", dir_, i,
+                                    got, disks_[i].size_bytes));
+    }
+    staging.push_back(std::move(f));
+  }
+  staged_list_ = std::move(list);
+  staged_list_bytes_ = list_bytes;
+  staged_checkpoint_ns_ = SteadyNs();
+  std::lock_guard lock(mu_);
+  staging_ = std::move(staging);
+  staged_ = std::move(staged);
+  staged_pending_.clear();
+  staged_pending_bytes_ = 0;
+  staged_durable_ = progress;
+  spdlog::info("recovery store {}: the resynchronization after seq {} has {} bytes staged", dir_,
+               from, progress.bytes);
+  return Status::Ok();
+}
+
+Status RecoveryStore::ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
+  std::lock_guard staged(staged_mu_);
+  Status st;
+  bool due;
+  {
+    std::lock_guard lock(mu_);
+    // Not after a restart that could not keep the staged regions: a RESYNC_BEGIN first.
+    if (!resyncing_ || staging_.empty()) {
+      return InvalidArgument("no resynchronization is under way");
+    }
+    if (disk >= disks_.size() || offset > disks_[disk].size_bytes ||
+        data.size() > disks_[disk].size_bytes - offset) {
       return InvalidArgument(fmt::format("resync data outside disk {}", disk));
     }
     // On failure nothing is staged: a resync that could not stage every region never
-    // commits (the sender starts it again from its first region).
+    // commits (the sender goes on from the last checkpoint).
     st = staging_[disk].PWrite(offset, data);
-    if (st.ok()) staged_[disk].emplace_back(offset, data.size());
+    if (st.ok() && !data.empty()) {
+      staged_[disk].emplace_back(offset, data.size());
+      staged_pending_.push_back({disk, offset, data.size()});
+      staged_pending_bytes_ += data.size();
+    }
+    due = staged_pending_bytes_ >= kStagedCheckpointBytes;
   }
   if (!st.ok()) return NoteWriteFailure("resync write", st, data.size());
+  due = due || SteadyNs() - staged_checkpoint_ns_ >= kStagedCheckpointMs * 1000000;
+  if (due) {
+    if (Status c = CheckpointResyncLocked(); !c.ok()) {
+      return NoteWriteFailure("resync checkpoint", c, 0);
+    }
+  }
+  return Status::Ok();
+}
+
+Status RecoveryStore::CheckpointResync() {
+  std::lock_guard staged(staged_mu_);
+  return CheckpointResyncLocked();
+}
+
+Status RecoveryStore::CheckpointResyncLocked() {
+  staged_checkpoint_ns_ = SteadyNs();
+  std::vector<StagedRegion> pending;
+  {
+    std::lock_guard lock(mu_);
+    if (staged_pending_.empty()) return Status::Ok();
+    pending = staged_pending_;
+  }
+  OSR_CHECK(staged_list_.valid());  // pending regions exist only while staging
+  // The data first, then the list that says it is there. (staging_ changes only under
+  // staged_mu_, which this holds.)
+  std::vector<bool> touched(disks_.size(), false);
+  for (auto& r : pending) touched[r.disk] = true;
+  for (size_t d = 0; d < disks_.size(); ++d) {
+    if (touched[d]) OSR_RETURN_IF_ERROR(staging_[d].DataSync());
+  }
+  // One record per run of regions that follow each other on a disk.
+  std::vector<uint8_t> out;
+  uint64_t bytes = 0;
+  StagedRegion run = pending.front();
+  auto put = [&](const StagedRegion& r) {
+    out.resize(out.size() + kStagedRecordBytes);
+    EncodeStagedRecord(out.data() + out.size() - kStagedRecordBytes, r.disk, r.offset, r.length);
+  };
+  for (size_t i = 0; i < pending.size(); ++i) {
+    bytes += pending[i].length;
+    if (i == 0) continue;
+    if (pending[i].disk == run.disk && pending[i].offset == run.offset + run.length) {
+      run.length += pending[i].length;
+    } else {
+      put(run);
+      run = pending[i];
+    }
+  }
+  put(run);
+  Status st = staged_list_.PWrite(staged_list_bytes_, out);
+  if (st.ok()) st = staged_list_.DataSync();
+  if (!st.ok()) {
+    // Whatever reached the file past the durable end goes (a later append writes there).
+    Status cut = staged_list_.Truncate(staged_list_bytes_);
+    if (!cut.ok()) spdlog::error("recovery store {}: {}", dir_, cut.ToString());
+    return st;
+  }
+  staged_list_bytes_ += out.size();
+  std::lock_guard lock(mu_);
+  staged_pending_.clear();
+  staged_pending_bytes_ = 0;
+  staged_durable_->bytes += bytes;
+  staged_durable_->end_disk = run.disk;
+  staged_durable_->end_offset = run.offset + run.length;
+  return Status::Ok();
+}
+
+std::optional<RecoveryStore::StagedProgress> RecoveryStore::staged_progress() const {
+  std::lock_guard lock(mu_);
+  if (!resyncing_ || staging_.empty() || !staged_durable_ || staged_durable_->bytes == 0) {
+    return std::nullopt;
+  }
+  return staged_durable_;
+}
+
+Status RecoveryStore::ResumeResync(uint64_t from, bool initial, uint64_t staged_bytes) {
+  std::lock_guard staged(staged_mu_);
+  std::lock_guard lock(mu_);
+  const auto& have = staged_durable_;
+  if (!resyncing_ || staging_.empty() || !have || have->bytes == 0) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("cannot resume the resync after seq {} at byte {}: nothing is "
+                              "staged here",
+                              from, staged_bytes));
+  }
+  if (have->from != from || have->initial != initial || initial_sync_ != initial ||
+      have->bytes != staged_bytes) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("cannot resume the {} after seq {} at byte {}: this store has "
+                              "{} bytes staged of the {} after seq {}",
+                              initial ? "initial copy" : "resync", from, staged_bytes, have->bytes,
+                              have->initial ? "initial copy" : "resync", have->from));
+  }
+  // What was staged after the last checkpoint comes again (the newest of each disk's).
+  for (auto it = staged_pending_.rbegin(); it != staged_pending_.rend(); ++it) {
+    OSR_CHECK(!staged_[it->disk].empty());
+    staged_[it->disk].pop_back();
+  }
+  staged_pending_.clear();
+  staged_pending_bytes_ = 0;
   return Status::Ok();
 }
 
 Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
+  std::lock_guard staged(staged_mu_);
   uint64_t from;
   {
     std::lock_guard lock(mu_);
@@ -568,8 +857,12 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
     differential_ = false;
     staging_.clear();
     staged_.clear();
+    staged_pending_.clear();
+    staged_pending_bytes_ = 0;
+    staged_durable_.reset();
     write_failure_.reset();
   }
+  staged_list_ = File();
   OSR_RETURN_IF_ERROR(WriteMeta());
   std::error_code ec;
   std::filesystem::remove_all(dir_ + "/staging", ec);

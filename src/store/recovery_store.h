@@ -122,8 +122,37 @@ class RecoveryStore {
   // the store starts at `from` (its base all zeros so far) and stages the disks' allocated
   // regions like a resync; records after `from` follow.
   Status BeginInitialSync(uint64_t from);
-  // Stages a region; on failure nothing is staged (the resync is sent again from its start).
+  // Stages a region; on failure nothing is staged (the sender goes on from the last
+  // checkpoint, below). Every kStagedCheckpointBytes or kStagedCheckpointMs it checkpoints
+  // (CheckpointResync); a failed checkpoint is returned (the region itself is staged).
+  // kInvalidArgument when no resync is under way or the region lies outside its disk.
   Status ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
+
+  // Resumable resynchronization: the staged regions are kept across sessions and restarts
+  // (staging/staged.list, docs/formats.md), so a resync or initial copy cut short (a
+  // restart of either site, a cut, a full file system) goes on where it stopped.
+  static constexpr uint64_t kStagedCheckpointBytes = 16 << 20;
+  static constexpr int64_t kStagedCheckpointMs = 1000;
+  // What the resync under way has staged durably.
+  struct StagedProgress {
+    uint64_t from = 0;        // the seq it started after (RESYNC_BEGIN.from)
+    bool initial = false;     // an initial copy
+    uint64_t bytes = 0;       // bytes staged durably, counted in the order they came
+    uint32_t end_disk = 0;    // where the last of them ends: disk,
+    uint64_t end_offset = 0;  // and byte offset after it
+  };
+  // nullopt when no resync is under way or none of its regions is durably staged (then a
+  // sender can only start it over).
+  std::optional<StagedProgress> staged_progress() const;
+  // Makes every region staged so far durable: syncs the staging images, then appends the
+  // regions to the staged list and syncs it. Ok when nothing is pending. The file system's
+  // error (the regions stay staged in memory; the durable cursor stays where it was).
+  Status CheckpointResync();
+  // Goes on with the resync under way from what is durably staged (RESYNC_BEGIN with
+  // `resume_bytes`): regions staged after the last checkpoint are forgotten (the sender
+  // sends them again). kFailedPrecondition, changing nothing, unless a resync from `from`
+  // of the same kind (`initial`) is under way with exactly `staged_bytes` durably staged.
+  Status ResumeResync(uint64_t from, bool initial, uint64_t staged_bytes);
   // kNoSpace, changing nothing, when the file system lacks the staged bytes; a copy that
   // fails half-way leaves no seq readable until a resync commits (the base is mixed).
   Status CommitResync(uint64_t consistent_seq);
@@ -171,7 +200,12 @@ class RecoveryStore {
   void OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok);
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
   Status UsableLocked(uint64_t seq) const;  // holds mu_
-  Status BeginResyncLocked(uint64_t from);  // takes mu_
+  Status BeginResyncLocked(uint64_t from);  // takes mu_; holds staged_mu_
+  // Reads back staging/staged.list of the resync under way (at Open); a list that is
+  // missing, damaged or of another resync leaves nothing staged (it starts over).
+  void LoadStaged();
+  Status LoadStagedList();          // holds staged_mu_
+  Status CheckpointResyncLocked();  // holds staged_mu_
   // Checks an append's records against the sequence (expected first seq `expect`) and the
   // disks; fills `out` with each record's bytes. Returns the last record's time_ns.
   Result<int64_t> CheckRecords(std::span<const uint8_t> records, uint64_t expect,
@@ -205,8 +239,23 @@ class RecoveryStore {
   uint64_t resync_from_ = 0;         // guarded by mu_
   std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_
-  std::multiset<uint64_t> pins_;                                    // guarded by mu_
-  std::condition_variable unpinned_cv_;        // with mu_: signalled when pins_ becomes empty
+  // The staged list (one writer: the group's receiver session; taken before fold_mu_ and
+  // mu_). staged_ holds the durable regions, then the pending ones (staged since the last
+  // checkpoint, in the order they came: the newest of each disk's entries in staged_).
+  std::mutex staged_mu_;
+  struct StagedRegion {
+    uint32_t disk;
+    uint64_t offset;
+    uint64_t length;
+  };
+  File staged_list_;                              // guarded by staged_mu_; invalid: none
+  uint64_t staged_list_bytes_ = 0;                // guarded by staged_mu_: its length
+  int64_t staged_checkpoint_ns_ = 0;              // guarded by staged_mu_: steady clock
+  std::vector<StagedRegion> staged_pending_;      // guarded by mu_
+  uint64_t staged_pending_bytes_ = 0;             // guarded by mu_
+  std::optional<StagedProgress> staged_durable_;  // guarded by mu_
+  std::multiset<uint64_t> pins_;                  // guarded by mu_
+  std::condition_variable unpinned_cv_;           // with mu_: signalled when pins_ becomes empty
   std::map<uint64_t, File> segments_;          // first_seq -> open journal segment; guarded by mu_
   std::optional<WriteFailure> write_failure_;  // guarded by mu_
 };

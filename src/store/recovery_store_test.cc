@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "common/crc32c.h"
@@ -398,6 +399,197 @@ TEST_F(RecoveryStoreTest, ABadRecordRefusesTheWholeBatch) {
   EXPECT_EQ(store->Append(bad).status().code(), Code::kCorruption);
   EXPECT_EQ(store->durable_seq(), 0u);
   EXPECT_EQ(store->Append(batch).value(), 2u);  // not "record seq 1 where 2 was expected"
+}
+
+// ---- resumable resynchronization: the staged list --------------------------------------
+
+// Bytes `v` repeated over `n`, for one staged region.
+std::vector<uint8_t> Fill(size_t n, uint8_t v) {
+  return std::vector<uint8_t>(n, v);
+}
+
+std::string StagedList(const std::string& dir) {
+  return dir + "/staging/staged.list";
+}
+
+// An initial copy cut by a restart of the recovery site: what was checkpointed is staged
+// still (and said so: bytes and where it ends), what came after is not; the copy goes on
+// from there, records after its start stay, and the commit gives every byte.
+TEST_F(RecoveryStoreTest, StagedRegionsSurviveAReopenAndTheCopyGoesOn) {
+  {
+    auto store = RecoveryStore::Create(dir_, {{"a", kDisk0}, {"b", kDisk1}}, 0,
+                                       RecoveryStore::Start::kFullCopy)
+                     .value();
+    ASSERT_TRUE(store->BeginInitialSync(5).ok());
+    EXPECT_FALSE(store->staged_progress().has_value());  // nothing durable yet
+    ASSERT_TRUE(store->ResyncWrite(0, 0, Fill(65536, 0xa1)).ok());
+    ASSERT_TRUE(store->ResyncWrite(0, 65536, Fill(65536, 0xa2)).ok());
+    ASSERT_TRUE(store->ResyncWrite(1, 4096, Fill(8192, 0xb1)).ok());
+    ASSERT_TRUE(store->CheckpointResync().ok());
+    auto p = store->staged_progress();
+    ASSERT_TRUE(p.has_value());
+    EXPECT_EQ(p->from, 5u);
+    EXPECT_TRUE(p->initial);
+    EXPECT_EQ(p->bytes, 65536u * 2 + 8192);
+    EXPECT_EQ(p->end_disk, 1u);
+    EXPECT_EQ(p->end_offset, 4096u + 8192);
+    // A record after the copy's start, then a region that is never checkpointed.
+    std::vector<uint8_t> wire;
+    RecordMaker(6).Write(&wire, 0, 100, {9, 9, 9});
+    ASSERT_EQ(store->Append(wire).value(), 6u);
+    ASSERT_TRUE(store->ResyncWrite(1, 65536, Fill(4096, 0xb2)).ok());
+  }  // the daemon goes (nothing more is synced)
+  auto store = RecoveryStore::Open(dir_).value();
+  EXPECT_TRUE(store->initial_sync_pending());
+  EXPECT_EQ(store->durable_seq(), 6u);
+  auto p = store->staged_progress();
+  ASSERT_TRUE(p.has_value());
+  EXPECT_EQ(p->bytes, 65536u * 2 + 8192);
+  EXPECT_EQ(p->end_disk, 1u);
+  EXPECT_EQ(p->end_offset, 4096u + 8192);
+  // Another copy's cursor is refused and changes nothing.
+  EXPECT_EQ(store->ResumeResync(4, true, p->bytes).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store->ResumeResync(5, false, p->bytes).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store->ResumeResync(5, true, p->bytes + 1).code(), Code::kFailedPrecondition);
+  ASSERT_TRUE(store->ResumeResync(5, true, p->bytes).ok());
+  ASSERT_TRUE(store->ResyncWrite(1, 65536, Fill(4096, 0xb3)).ok());
+  ASSERT_TRUE(store->CommitResync(6).ok());
+  EXPECT_FALSE(store->initial_sync_pending());
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/staging"));
+  std::vector<uint8_t> got(65536);
+  ASSERT_TRUE(store->ReadAt(0, 6, 0, got).ok());
+  EXPECT_EQ(got[0], 0xa1);
+  EXPECT_EQ(got[99], 0xa1);
+  EXPECT_EQ(got[100], 9);  // the record after the copy's start, on top
+  EXPECT_EQ(got[103], 0xa1);
+  ASSERT_TRUE(store->ReadAt(0, 6, 65536, got).ok());
+  EXPECT_EQ(got, Fill(65536, 0xa2));
+  std::vector<uint8_t> b(4096);
+  ASSERT_TRUE(store->ReadAt(1, 6, 4096, b).ok());
+  EXPECT_EQ(b, Fill(4096, 0xb1));
+  ASSERT_TRUE(store->ReadAt(1, 6, 65536, b).ok());
+  EXPECT_EQ(b, Fill(4096, 0xb3));  // sent again after the resume
+}
+
+// Within one process too (a cut, not a restart): a resume forgets what was not
+// checkpointed, so the sender's cursor and the store agree.
+TEST_F(RecoveryStoreTest, AResumeForgetsWhatWasNotCheckpointed) {
+  auto store =
+      RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0, RecoveryStore::Start::kFullCopy).value();
+  ASSERT_TRUE(store->BeginInitialSync(0).ok());
+  ASSERT_TRUE(store->ResyncWrite(0, 0, Fill(4096, 1)).ok());
+  ASSERT_TRUE(store->CheckpointResync().ok());
+  ASSERT_TRUE(store->ResyncWrite(0, 8192, Fill(4096, 2)).ok());  // not checkpointed
+  ASSERT_TRUE(store->ResumeResync(0, true, 4096).ok());
+  ASSERT_TRUE(store->CheckpointResync().ok());  // nothing pending: the cursor stays
+  EXPECT_EQ(store->staged_progress()->bytes, 4096u);
+  ASSERT_TRUE(store->CommitResync(0).ok());
+  std::vector<uint8_t> got(4096);
+  ASSERT_TRUE(store->ReadAt(0, 0, 8192, got).ok());
+  EXPECT_EQ(got, Fill(4096, 0));  // forgotten: never committed
+}
+
+// A damaged staged list is no reason not to open the store: the copy starts over.
+TEST_F(RecoveryStoreTest, ADamagedStagedListMeansStartingOverNotFailing) {
+  {
+    auto store =
+        RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0, RecoveryStore::Start::kFullCopy).value();
+    ASSERT_TRUE(store->BeginInitialSync(0).ok());
+    for (int i = 0; i < 3; ++i) {
+      // Regions apart from each other: one record each.
+      ASSERT_TRUE(store->ResyncWrite(0, i * 65536, Fill(4096, 7)).ok());
+      ASSERT_TRUE(store->CheckpointResync().ok());
+    }
+    EXPECT_EQ(store->staged_progress()->bytes, 3u * 4096);
+  }
+  auto size = std::filesystem::file_size(StagedList(dir_));
+  ASSERT_EQ(size, 64u + 3 * 32);
+  {
+    // A torn last record (a crash while it was appended): cut off, the rest stands.
+    std::fstream f(StagedList(dir_), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(64 + 2 * 32 + 8);
+    f.put('\x55');
+  }
+  {
+    auto store = RecoveryStore::Open(dir_).value();
+    auto p = store->staged_progress();
+    ASSERT_TRUE(p.has_value());
+    EXPECT_EQ(p->bytes, 2u * 4096);
+    EXPECT_EQ(p->end_offset, 65536u + 4096);
+    EXPECT_EQ(std::filesystem::file_size(StagedList(dir_)), 64u + 2 * 32);
+  }
+  {
+    // Damage before the last record: the list cannot be trusted at all.
+    std::fstream f(StagedList(dir_), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(64 + 0 * 32 + 8);
+    f.put('\x55');
+  }
+  {
+    auto store = RecoveryStore::Open(dir_).value();
+    EXPECT_TRUE(store->initial_sync_pending());
+    EXPECT_FALSE(store->staged_progress().has_value());
+    EXPECT_EQ(store->ResumeResync(0, true, 4096).code(), Code::kFailedPrecondition);
+    // Data without a RESYNC_BEGIN is refused, not written through a missing staging image.
+    EXPECT_EQ(store->ResyncWrite(0, 0, Fill(4096, 1)).code(), Code::kInvalidArgument);
+    ASSERT_TRUE(store->BeginInitialSync(0).ok());  // starts over
+    EXPECT_FALSE(store->staged_progress().has_value());
+    ASSERT_TRUE(store->ResyncWrite(0, 0, Fill(4096, 3)).ok());
+    ASSERT_TRUE(store->CommitResync(0).ok());
+    std::vector<uint8_t> got(4096);
+    ASSERT_TRUE(store->ReadAt(0, 0, 65536, got).ok());
+    EXPECT_EQ(got, Fill(4096, 0));  // the old staged regions are gone
+  }
+  // A list of another resync (its header names another start), or garbage: starts over.
+  for (auto [dir, from] : {std::pair{dir_ + "2", 3}, std::pair{dir_ + "3", 0}}) {
+    auto store =
+        RecoveryStore::Create(dir, {{"a", kDisk1}}, 0, RecoveryStore::Start::kFullCopy).value();
+    ASSERT_TRUE(store->BeginInitialSync(from).ok());
+    ASSERT_TRUE(store->ResyncWrite(0, 0, Fill(4096, 1)).ok());
+    ASSERT_TRUE(store->CheckpointResync().ok());
+  }
+  const std::string other = dir_ + "3";
+  ASSERT_TRUE(RecoveryStore::Open(other).value()->staged_progress().has_value());
+  std::filesystem::copy_file(StagedList(dir_ + "2"), StagedList(other),
+                             std::filesystem::copy_options::overwrite_existing);
+  EXPECT_TRUE(RecoveryStore::Open(other).value()->initial_sync_pending());
+  EXPECT_FALSE(RecoveryStore::Open(other).value()->staged_progress().has_value());
+  std::ofstream(StagedList(other), std::ios::binary | std::ios::trunc) << "garbage";
+  EXPECT_FALSE(RecoveryStore::Open(other).value()->staged_progress().has_value());
+  std::filesystem::remove(StagedList(other));
+  EXPECT_FALSE(RecoveryStore::Open(other).value()->staged_progress().has_value());
+  std::filesystem::remove_all(dir_ + "3");
+  std::filesystem::remove_all(dir_ + "2");
+}
+
+// A peer's offset near 2^64 must not wrap past the disk's end check.
+TEST_F(RecoveryStoreTest, ResyncDataWhoseEndWrapsIsRefused) {
+  auto store =
+      RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0, RecoveryStore::Start::kFullCopy).value();
+  ASSERT_TRUE(store->BeginInitialSync(0).ok());
+  EXPECT_EQ(store->ResyncWrite(0, UINT64_MAX - 10, Fill(4096, 1)).code(), Code::kInvalidArgument);
+  EXPECT_EQ(store->ResyncWrite(0, kDisk1 - 100, Fill(4096, 1)).code(), Code::kInvalidArgument);
+}
+
+// Checkpoints come by themselves every kStagedCheckpointBytes.
+TEST_F(RecoveryStoreTest, RegionsAreCheckpointedAsTheyCome) {
+  constexpr uint64_t kBig = 40 << 20;
+  auto store =
+      RecoveryStore::Create(dir_, {{"a", kBig}}, 0, RecoveryStore::Start::kFullCopy).value();
+  ASSERT_TRUE(store->BeginInitialSync(0).ok());
+  std::vector<uint8_t> chunk(1 << 20, 5);
+  for (uint64_t off = 0; off < RecoveryStore::kStagedCheckpointBytes; off += chunk.size()) {
+    ASSERT_TRUE(store->ResyncWrite(0, off, chunk).ok());
+  }
+  // By bytes at the latest (by time too, on a slow machine): never none.
+  auto p = store->staged_progress();
+  ASSERT_TRUE(p.has_value());
+  EXPECT_GT(p->bytes, 0u);
+  EXPECT_EQ(p->bytes % chunk.size(), 0u);
+  EXPECT_EQ(p->end_offset, p->bytes);
+  // One record per checkpoint: the regions of each follow each other.
+  auto list = std::filesystem::file_size(StagedList(dir_));
+  EXPECT_EQ((list - 64) % 32, 0u);
+  EXPECT_LE((list - 64) / 32, p->bytes / chunk.size());
 }
 
 }  // namespace
