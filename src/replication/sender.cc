@@ -494,6 +494,8 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   uint64_t cursor = 0;
   OSR_ASSIGN_OR_RETURN(ResyncPlan plan, ChoosePlan(ship_upto, initial, resume, &cursor));
   const uint64_t from = plan.from, generation = plan.generation, total = plan.total_bytes;
+  last_resume_.reset();
+  if (cursor > 0) last_resume_ = {from, cursor};
   if (cursor > 0) {
     spdlog::info(
         "replication sender '{}': going on with the {} after seq {} at byte {} of {} ({} "
@@ -660,6 +662,17 @@ std::optional<uint64_t> Sender::PlanResume(const HelloOk& ok, bool initial) {
                    opts_.group, st.message());
     }
     DropPlanLocked(st.message());
+    return std::nullopt;
+  }
+  bool refused_before;
+  {
+    std::lock_guard stats_lock(mu_);
+    refused_before = stats_.last_error_code == ErrorCodeName(ErrorCode::kStoreFailed);
+  }
+  if (refused_before && last_resume_ == std::pair{ok.staged->from, ok.staged->bytes}) {
+    // The last session went on from here and the store refused (a correct store does not:
+    // it offered this very cursor): no loop, start over.
+    DropPlanLocked(fmt::format("the recovery site refused to go on at byte {}", ok.staged->bytes));
     return std::nullopt;
   }
   if (p.initial != initial) {

@@ -233,6 +233,8 @@ class Sender {
   std::mutex plan_mu_;
   std::optional<ResyncPlan> plan_;  // guarded by plan_mu_
   bool plan_read_ = false;          // guarded by plan_mu_: the capture folder was read
+  // Connection thread only: the (from, cursor) the last copy went on from, if it did.
+  std::optional<std::pair<uint64_t, uint64_t>> last_resume_;
 };
 
 }  // namespace osr::replication

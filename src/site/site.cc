@@ -1458,7 +1458,9 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                           {"resyncing", st.resyncing},
                           {"resync_bytes_total", st.resync_bytes_total},
                           {"resync_bytes_done", st.resync_bytes_done},
+                          {"resync_bytes_resumed", st.resync_bytes_resumed},
                           {"resyncs_completed", st.resyncs_completed},
+                          {"resyncs_resumed", st.resyncs_resumed},
                           {"last_error", st.last_error},
                           {"last_error_code", st.last_error_code}};
   }
@@ -1590,6 +1592,9 @@ Result<json> Site::StoreStatus(const std::string& vm) {
            {"base_seq", s.base_seq()}};
   if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
   if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
+  if (auto p = s.staged_progress()) {
+    out["staged"] = {{"from", p->from}, {"initial", p->initial}, {"bytes", p->bytes}};
+  }
   return out;
 }
 

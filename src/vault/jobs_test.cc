@@ -168,5 +168,20 @@ TEST(ReplicaProgressTest, BytesOfACopyAndWritesOtherwise) {
   EXPECT_EQ(shown.percent, -1);
 }
 
+// Issue 10, case 10: the step ended at its last poll ("4194304 of 67108864 bytes"); once the
+// replica is there it says the whole total, whatever the last poll saw.
+TEST(ReplicaProgressTest, TheStepEndsAtItsTotal) {
+  json group = {
+      {"last_seq", 10},
+      {"replication",
+       {{"connected", true}, {"resync_bytes_total", 67108864}, {"resync_bytes_done", 4194304}}}};
+  EXPECT_EQ(DescribeReplicaDone(Result<json>(group), 10, 12), "67108864 of 67108864 bytes copied");
+  group["replication"] = {{"connected", true}};
+  EXPECT_EQ(DescribeReplicaDone(Result<json>(group), 10, 12), "10 of 10 writes replicated");
+  EXPECT_EQ(DescribeReplicaDone(Result<json>(Unavailable("down")), 10, 12),
+            "10 of 10 writes replicated");
+  EXPECT_EQ(DescribeReplicaDone(Result<json>(group), 0, 0), "the replica is consistent at seq 0");
+}
+
 }  // namespace
 }  // namespace osr::vault

@@ -309,6 +309,11 @@ ReplicaProgress DescribeReplicaProgress(const std::string& src_name,
                                         const Result<nlohmann::json>& src_group,
                                         const std::string& dst_name,
                                         const Result<nlohmann::json>& dst_store, uint64_t want);
+// What the step shows once the replica is there: the copy's total as done ("T of T bytes
+// copied"), else every write (`want`) replicated — never the last poll's figure, which
+// stops short of the total. `src_group` as above; a failed call shows the writes.
+std::string DescribeReplicaDone(const Result<nlohmann::json>& src_group, uint64_t want,
+                                uint64_t durable);
 
 // Logs a failed best-effort step (a sample, a fold the next tick repeats) with `what`.
 void LogIfFailed(const Status& st, const std::string& what);

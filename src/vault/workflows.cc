@@ -126,6 +126,18 @@ ReplicaProgress DescribeReplicaProgress(const std::string& src_name, const Resul
           static_cast<int>(100 * durable / want)};
 }
 
+std::string DescribeReplicaDone(const Result<json>& src_group, uint64_t want, uint64_t durable) {
+  uint64_t total = 0;
+  if (src_group.ok()) {
+    json_in::Fields gf(src_group.value());
+    const json* repl = gf.Object("replication");
+    if (repl != nullptr) total = json_in::Fields(*repl).U64("resync_bytes_total", 0);
+  }
+  if (total > 0) return fmt::format("{} of {} bytes copied", total, total);
+  if (want > 0) return fmt::format("{} of {} writes replicated", want, want);
+  return fmt::format("the replica is consistent at seq {}", durable);
+}
+
 Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const SiteRow& dst,
                              Steps& steps, int p0, int p1) {
   auto g = Client(src).Call("GET", "/groups/" + vm);
@@ -142,7 +154,11 @@ Status Vault::WaitForReplica(const std::string& vm, const SiteRow& src, const Si
     OSR_RETURN_IF_ERROR(steps.Check());
     auto st = Client(dst).Call("GET", "/stores/" + vm);
     uint64_t durable = st.ok() ? json_in::Fields(*st).U64("durable_seq", 0) : 0;
-    if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) return Status::Ok();
+    if (st.ok() && durable >= want && StoreConsistentAt(*st, durable)) {
+      steps.Progress(p1,
+                     DescribeReplicaDone(Client(src).Call("GET", "/groups/" + vm), want, durable));
+      return Status::Ok();
+    }
     auto gs = Client(src).Call("GET", "/groups/" + vm);
     ReplicaProgress shown = DescribeReplicaProgress(src.name, gs, dst.name, st, want);
     uint64_t done = 0;
