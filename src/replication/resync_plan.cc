@@ -75,15 +75,17 @@ ResyncPlan NewResyncPlan(std::string group, uint64_t epoch, uint64_t from, bool 
   return p;
 }
 
-Status SaveResyncPlan(const std::string& dir, const ResyncPlan& plan, bool with_regions) {
+Status SaveResyncPlan(const std::string& dir, ResyncPlan* p, bool with_regions) {
+  const ResyncPlan& plan = *p;
   if (plan.regions.size() > kResyncPlanRegionsMax) {
     return OutOfRange(fmt::format("{} regions, more than the {} a plan keeps on disk",
                                   plan.regions.size(), kResyncPlanRegionsMax));
   }
-  std::string regions = EncodeRegions(plan.regions);
   if (with_regions) {
+    std::string regions = EncodeRegions(plan.regions);
     OSR_RETURN_IF_ERROR(WriteFileAtomic(
         RegionsPath(dir), {reinterpret_cast<const uint8_t*>(regions.data()), regions.size()}));
+    p->regions_crc = Crc32c(regions.data(), regions.size());
   }
   std::string text = json_in::Dump(nlohmann::json{
       {"version", kPlanVersion},
@@ -92,7 +94,7 @@ Status SaveResyncPlan(const std::string& dir, const ResyncPlan& plan, bool with_
       {"from", plan.from},
       {"initial", plan.initial},
       {"regions", plan.regions.size()},
-      {"regions_crc", Crc32c(regions.data(), regions.size())},
+      {"regions_crc", plan.regions_crc},
       {"total_bytes", plan.total_bytes},
       {"sent_bytes_max", plan.sent_bytes_max},
   });
@@ -154,6 +156,7 @@ Result<ResyncPlan> LoadResyncPlan(const std::string& dir,
     return Corruption(fmt::format("{}: the regions hold {} bytes, resync.json says {}", rpath, sum,
                                   p.total_bytes));
   }
+  p.regions_crc = static_cast<uint32_t>(crc);
   p.from_disk = true;
   return p;
 }

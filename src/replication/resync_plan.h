@@ -48,6 +48,7 @@ struct ResyncPlan {
   // No byte of the copy past this position was sent: recorded (durably, when the plan is
   // on disk) before one is.
   uint64_t sent_bytes_max = 0;
+  uint32_t regions_crc = 0;  // of resync.regions as last written (SaveResyncPlan)
   // Read back from the capture folder (a restart, or another Sender of the group): the
   // generation above is of another log instance and says nothing.
   bool from_disk = false;
@@ -57,10 +58,10 @@ struct ResyncPlan {
 ResyncPlan NewResyncPlan(std::string group, uint64_t epoch, uint64_t from, bool initial,
                          uint64_t generation, std::vector<DiskRange> regions);
 
-// Writes the plan to `dir` (the capture folder): resync.regions first when `with_regions`,
-// then resync.json, each atomically. kOutOfRange for a plan of more than
-// kResyncPlanRegionsMax regions; the file system's errors.
-Status SaveResyncPlan(const std::string& dir, const ResyncPlan& plan, bool with_regions);
+// Writes the plan to `dir` (the capture folder): resync.regions first when `with_regions`
+// (then plan->regions_crc is its CRC), then resync.json, each atomically. kOutOfRange for a
+// plan of more than kResyncPlanRegionsMax regions; the file system's errors.
+Status SaveResyncPlan(const std::string& dir, ResyncPlan* plan, bool with_regions);
 // Reads the plan back; `disks` are the group's disks (every region must lie inside one).
 // kNotFound when there is none; kCorruption naming the file and field for a damaged or
 // inconsistent one (the caller removes it and starts over).

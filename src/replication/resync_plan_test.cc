@@ -37,7 +37,7 @@ TEST_F(ResyncPlanTest, KeptAndReadBack) {
   EXPECT_EQ(p.total_bytes, 65536u + 131072 + 4096);
   EXPECT_EQ(p.sent_bytes_max, p.total_bytes);  // less than kResyncSentAheadBytes
   EXPECT_EQ(LoadResyncPlan(dir_, kDisks).status().code(), Code::kNotFound);
-  ASSERT_TRUE(SaveResyncPlan(dir_, p, true).ok());
+  ASSERT_TRUE(SaveResyncPlan(dir_, &p, true).ok());
   auto q = LoadResyncPlan(dir_, kDisks);
   ASSERT_TRUE(q.ok()) << q.status().ToString();
   EXPECT_EQ(q->group, "vm1");
@@ -51,7 +51,7 @@ TEST_F(ResyncPlanTest, KeptAndReadBack) {
   EXPECT_EQ(q->total_bytes, p.total_bytes);
   // The bound alone is rewritten as the copy goes on.
   p.sent_bytes_max = 70000;
-  ASSERT_TRUE(SaveResyncPlan(dir_, p, false).ok());
+  ASSERT_TRUE(SaveResyncPlan(dir_, &p, false).ok());
   EXPECT_EQ(LoadResyncPlan(dir_, kDisks)->sent_bytes_max, 70000u);
   ASSERT_TRUE(RemoveResyncPlan(dir_).ok());
   EXPECT_EQ(LoadResyncPlan(dir_, kDisks).status().code(), Code::kNotFound);
@@ -59,7 +59,8 @@ TEST_F(ResyncPlanTest, KeptAndReadBack) {
 }
 
 TEST_F(ResyncPlanTest, DamagedOrForeignPlansAreRefused) {
-  ASSERT_TRUE(SaveResyncPlan(dir_, SomePlan(), true).ok());
+  ResyncPlan p = SomePlan();
+  ASSERT_TRUE(SaveResyncPlan(dir_, &p, true).ok());
   {
     // A flipped byte in the regions: the CRC in resync.json says so.
     std::fstream f(dir_ + "/resync.regions", std::ios::in | std::ios::out | std::ios::binary);
@@ -67,7 +68,7 @@ TEST_F(ResyncPlanTest, DamagedOrForeignPlansAreRefused) {
     f.put('\x01');
   }
   EXPECT_EQ(LoadResyncPlan(dir_, kDisks).status().code(), Code::kCorruption);
-  ASSERT_TRUE(SaveResyncPlan(dir_, SomePlan(), true).ok());
+  ASSERT_TRUE(SaveResyncPlan(dir_, &p, true).ok());
   // Regions outside the disks (another group's plan, say).
   EXPECT_EQ(LoadResyncPlan(dir_, {{"a", 8 << 20}}).status().code(), Code::kCorruption);
   EXPECT_EQ(LoadResyncPlan(dir_, {{"a", 1 << 20}, {"b", 1 << 20}}).status().code(),
@@ -79,7 +80,7 @@ TEST_F(ResyncPlanTest, DamagedOrForeignPlansAreRefused) {
   std::ofstream(dir_ + "/resync.json", std::ios::trunc) << "{{{";
   EXPECT_EQ(LoadResyncPlan(dir_, kDisks).status().code(), Code::kCorruption);
   // A plan whose regions file is gone.
-  ASSERT_TRUE(SaveResyncPlan(dir_, SomePlan(), true).ok());
+  ASSERT_TRUE(SaveResyncPlan(dir_, &p, true).ok());
   fs::remove(dir_ + "/resync.regions");
   EXPECT_EQ(LoadResyncPlan(dir_, kDisks).status().code(), Code::kCorruption);
 }

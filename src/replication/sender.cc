@@ -756,7 +756,7 @@ void Sender::DropPlanLocked(std::string_view why) {
 }
 
 void Sender::SavePlanLocked(bool with_regions) {
-  Status st = SaveResyncPlan(log_->dir(), *plan_, with_regions);
+  Status st = SaveResyncPlan(log_->dir(), &*plan_, with_regions);
   if (st.ok()) return;
   // Resumable across sessions still (in memory), not across a restart of this site: a
   // plan on disk that is not this one must not stay.

@@ -11,6 +11,7 @@ shipped under a 64 KiB/s policy (about two minutes), so the copy is certainly st
 way when the test acts.
 """
 
+import re
 import time
 
 from conftest import KIB, MIB, connect, create_vm, protect, wait_for
@@ -90,6 +91,11 @@ def test_unprotect_cancels_the_initial_copy_and_protect_works_again(env, rng):
     # Protecting again works at once (no limit this time: it completes).
     again = protect(osr, "vmc")
     assert again["id"] != job["id"]
+    # The copy's step ends at its total (it used to stop at the last poll's figure).
+    copy = [st for st in again["steps"] if st["name"] == "Initial replication"]
+    assert len(copy) == 1 and copy[0]["state"] == "Succeeded", again
+    m = re.fullmatch(r"(\d+) of (\d+) bytes copied", copy[0]["message"])
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 8 * MIB, copy[0]
     item = osr.ok("item", "show", "vmc")
     assert item["state"] == "Protected" and item["latest_point"] is not None, item
     assert item["latest_point"]["seq"] == 8, item
