@@ -68,13 +68,21 @@ void FuzzHelloOk(std::span<const uint8_t> p) {
   auto again = ParseHelloOk(Bytes(EncodeHelloOk(*h)));
   Check(again.ok() && again->durable_seq == h->durable_seq && again->base_seq == h->base_seq &&
         again->lz4 == h->lz4 && again->initial_sync == h->initial_sync &&
-        again->differential == h->differential);
+        again->differential == h->differential &&
+        again->staged.has_value() == h->staged.has_value());
+  if (h->staged) {
+    Check(again->staged->from == h->staged->from && again->staged->bytes == h->staged->bytes &&
+          again->staged->initial == h->staged->initial &&
+          again->staged->end_disk == h->staged->end_disk &&
+          again->staged->end_offset == h->staged->end_offset);
+  }
 }
 
 void FuzzResync(std::span<const uint8_t> p) {
   if (auto b = ParseResyncBegin(p); b.ok()) {
     auto again = ParseResyncBegin(Bytes(EncodeResyncBegin(*b)));
-    Check(again.ok() && again->from == b->from && again->initial == b->initial);
+    Check(again.ok() && again->from == b->from && again->initial == b->initial &&
+          again->resume_bytes == b->resume_bytes);
   }
   for (const char* what : {"RESYNC_END", "RESYNC_DONE"}) {
     if (auto e = ParseResyncEnd(p, what); e.ok()) {
