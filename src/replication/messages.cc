@@ -147,7 +147,9 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload) {
 // ---- resync -----------------------------------------------------------------------------
 
 std::string EncodeResyncBegin(const ResyncBegin& b) {
-  return json_in::Dump(json{{"from", b.from}, {"initial", b.initial}});
+  json j{{"from", b.from}, {"initial", b.initial}};
+  if (b.replace_history) j["replace_history"] = true;  // older receivers refuse the resync
+  return json_in::Dump(j);
 }
 
 Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload) {
@@ -156,6 +158,10 @@ Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload) {
   ResyncBegin b;
   b.from = f.U64("from");
   b.initial = f.Bool("initial", false);
+  b.replace_history = f.Bool("replace_history", false);
+  if (f.ok() && b.initial && b.replace_history) {
+    f.Fail("replace_history", "cannot go with initial");
+  }
   if (!f.ok()) return f.status();
   return b;
 }

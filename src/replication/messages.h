@@ -96,6 +96,9 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload);
 struct ResyncBegin {
   uint64_t from = 0;
   bool initial = false;
+  // The store's history after its durable seq is replaced (from > durable: the source no
+  // longer holds the records the store lacks). Not with `initial`.
+  bool replace_history = false;
 };
 std::string EncodeResyncBegin(const ResyncBegin& b);
 Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload);

@@ -113,6 +113,15 @@ TEST(Messages, HelloOkAndResyncPayloads) {
   EXPECT_TRUE(b->initial);
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"initial":true})")).ok());
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":-1})")).ok());
+  auto rb = ParseResyncBegin(Bytes(EncodeResyncBegin({12, false, true})));
+  ASSERT_TRUE(rb.ok());
+  EXPECT_TRUE(rb->replace_history);
+  EXPECT_EQ(rb->from, 12u);
+  EXPECT_FALSE(ParseResyncBegin(Bytes(EncodeResyncBegin({9, true}))).value().replace_history);
+  auto both = ParseResyncBegin(Bytes(R"({"from":3,"initial":true,"replace_history":true})"));
+  ASSERT_FALSE(both.ok());
+  EXPECT_NE(both.status().message().find("replace_history"), std::string::npos);
+  EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":3,"replace_history":1})")).ok());
   auto e = ParseResyncEnd(Bytes(EncodeResyncEnd({12})), "RESYNC_END");
   ASSERT_TRUE(e.ok());
   EXPECT_EQ(e->consistent_seq, 12u);

@@ -324,7 +324,9 @@ std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a,
     case FrameType::kResyncBegin: {
       auto b = ParseResyncBegin(f.payload);
       if (!b.ok()) return End{ErrorCode::kBadFrame, b.status()};
-      Status st = b->initial ? store.BeginInitialSync(b->from) : store.BeginResync(b->from);
+      Status st = b->initial           ? store.BeginInitialSync(b->from)
+                  : b->replace_history ? store.BeginResyncReplacingHistory(b->from)
+                                       : store.BeginResync(b->from);
       if (!st.ok()) return End{StoreCode(st), st};
       spdlog::info("replication receiver: group '{}' resynchronizing after seq {}", a.group,
                    b->from);

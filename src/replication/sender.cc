@@ -343,6 +343,15 @@ Status Sender::Session() {
   // store that holds a consistent copy, even at seq 0, is never copied over.
   bool initial = opts_.capture_group != nullptr && hello_ok.initial_sync;
   std::optional<std::pair<uint64_t, uint64_t>> initial_from;
+  if (auto cut = log_->pending_cut()) {
+    // This log lost its tail after cut->after_seq; the recovery site may hold some of it.
+    // Go on after whatever it holds (never a seq twice); the regions go whole.
+    spdlog::warn(
+        "replication sender '{}': the capture log was cut after seq {}; the recovery site "
+        "holds up to {}: going on after seq {} and resending the disks whole",
+        opts_.group, cut->after_seq, durable, std::max(cut->after_seq, durable));
+    OSR_RETURN_IF_ERROR(log_->ResumeAfterCut(initial ? 0 : durable));
+  }
   if (initial) {
     initial_from = log_->ResumeAfterOverflow();
     durable = initial_from->first;  // the copy stands for every record up to here
@@ -352,7 +361,23 @@ Status Sender::Session() {
         log_->last_seq()));
   }
   OSR_ASSIGN_OR_RETURN(uint64_t first_held, log_->first_seq_held());
-  if (!initial && durable + 1 < first_held) {
+  std::optional<uint64_t> replace_from;
+  if (!initial && durable + 1 < first_held && opts_.capture_group != nullptr) {
+    // The recovery site lacks seqs this log no longer holds: they were acknowledged (so
+    // trimmed here) and lost there since (its journal damaged), or it was put back from an
+    // older copy. Its history after `durable` is replaced: every region goes whole.
+    spdlog::warn(
+        "replication sender '{}': the recovery site holds up to seq {} but this log starts at "
+        "{}: replacing its history with a resynchronization of every region",
+        opts_.group, durable, first_held);
+    std::vector<capture::CaptureGroup::DiskRange> whole;
+    for (uint32_t d = 0; d < opts_.capture_group->disk_count(); ++d) {
+      whole.push_back({d, {0, opts_.capture_group->disk(d)->size()}});
+    }
+    OSR_RETURN_IF_ERROR(opts_.capture_group->MarkRegions(whole));
+    replace_from = first_held - 1;
+    durable = *replace_from;
+  } else if (!initial && durable + 1 < first_held) {
     std::lock_guard lock(mu_);
     stats_.resync_required = true;
     return NotFound(fmt::format("the recovery site needs seq {}, the log starts at {}", durable + 1,
@@ -445,6 +470,9 @@ Status Sender::Session() {
     return Status::Ok();
   };
   if (initial_from) OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from, pacer, frame_bytes));
+  if (replace_from) {
+    OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt, pacer, frame_bytes, replace_from));
+  }
   while (!stop_) {
     // Caught up with a log that overflowed, or with regions a crash left marked: copy
     // those regions (one resync at a time; the bitmap keeps them until it is committed).
@@ -466,10 +494,11 @@ Status Sender::Session() {
 
 Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
                       std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                      size_t frame_bytes) {
+                      size_t frame_bytes, std::optional<uint64_t> replace_from) {
   bool is_initial = initial.has_value();
   auto [from, generation] = is_initial ? *initial : log_->ResumeAfterOverflow();
-  OSR_RETURN_IF_ERROR(ship_upto(from));  // every record before the resync is sent first
+  if (replace_from) from = *replace_from;  // the records after it follow the BEGIN
+  OSR_RETURN_IF_ERROR(ship_upto(from));    // every record before the resync is sent first
   std::vector<capture::CaptureGroup::DiskRange> regions;
   if (is_initial) {
     OSR_ASSIGN_OR_RETURN(regions, opts_.capture_group->AllocatedRegions());
@@ -487,7 +516,8 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
     stats_.resync_bytes_done = 0;
   }
   OSR_RETURN_IF_ERROR(
-      WriteFrame(s, FrameType::kResyncBegin, EncodeResyncBegin({from, is_initial})));
+      WriteFrame(s, FrameType::kResyncBegin,
+                 EncodeResyncBegin({from, is_initial, replace_from.has_value()})));
   std::vector<uint8_t> buf;
   // The policy's bandwidth limit holds for copies too (initial, resync, reprotect), in
   // the same bucket as the records that flow meanwhile.

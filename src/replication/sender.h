@@ -150,9 +150,12 @@ class Sender {
   // With `initial` (from, overflow generation): the first copy into an empty store, of
   // the disks' allocated regions.
   // `pacer`: the session's bandwidth limit; `frame_bytes`: the most data per frame.
+  // `replace_from`: the recovery site lacks records this log no longer holds; its history
+  // after its durable seq is replaced (RESYNC_BEGIN replace_history) and records after
+  // replace_from follow the BEGIN.
   Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
                 std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                size_t frame_bytes);
+                size_t frame_bytes, std::optional<uint64_t> replace_from = std::nullopt);
   // Waits until the pacer lets `bytes` go. kUnavailable when the session broke or the
   // sender stops.
   Status WaitToSend(Pacer& pacer, uint64_t bytes);

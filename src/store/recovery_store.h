@@ -122,6 +122,18 @@ class RecoveryStore {
   // the store starts at `from` (its base all zeros so far) and stages the disks' allocated
   // regions like a resync; records after `from` follow.
   Status BeginInitialSync(uint64_t from);
+  // Replaces the store's history after its durable seq by a resync from `from` (beyond
+  // durable_seq): the source no longer holds the records the store lacks (its journal lost
+  // acknowledged records, or it was put back from an older copy). Folds every record into
+  // the base, starts the journal over at from + 1 and reads no seq until the resync
+  // commits (consistent_from = from + 1 meanwhile). Crash safe: store.json says so first.
+  // kInvalidArgument when from <= durable_seq (nothing is missing: BeginResync);
+  // kUnavailable while a view or failover disk is open on the store; the file system's.
+  Status BeginResyncReplacingHistory(uint64_t from);
+  // The journal's cut at open (capture::CaptureLog::Cut): records after `after_seq` were
+  // lost here and may have been acknowledged; they come again from the source (or a
+  // resync replaces them). Cleared by the first append past it.
+  std::optional<capture::CaptureLog::Cut> journal_cut() const;
   // Stages a region; on failure nothing is staged (the resync is sent again from its start).
   Status ResyncWrite(uint32_t disk, uint64_t offset, std::span<const uint8_t> data);
   // kNoSpace, changing nothing, when the file system lacks the staged bytes; a copy that
@@ -172,6 +184,9 @@ class RecoveryStore {
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
   Status UsableLocked(uint64_t seq) const;  // holds mu_
   Status BeginResyncLocked(uint64_t from);  // takes mu_
+  // Deletes the journal and opens a new, empty one whose first record is `first_seq`.
+  // Holds append_mu_ (or is opening the store).
+  Status StartJournalAt(uint64_t first_seq);
   // Checks an append's records against the sequence (expected first seq `expect`) and the
   // disks; fills `out` with each record's bytes. Returns the last record's time_ns.
   Result<int64_t> CheckRecords(std::span<const uint8_t> records, uint64_t expect,
@@ -200,6 +215,7 @@ class RecoveryStore {
   uint64_t consistent_from_ = 0;     // guarded by mu_; persisted in store.json
   uint64_t epoch_ = 0;               // guarded by mu_; persisted in store.json
   bool resyncing_ = false;           // guarded by mu_
+  std::optional<capture::CaptureLog::Cut> journal_cut_;  // guarded by mu_
   bool initial_sync_ = false;        // guarded by mu_; an initial sync under way
   bool differential_ = false;        // guarded by mu_; persisted
   uint64_t resync_from_ = 0;         // guarded by mu_
