@@ -107,9 +107,9 @@ Status CaptureLog::Recover() {
             "capture log: {} at byte {}: {}; cutting the log after seq {} ({} bytes; every "
             "seq up to the most they could hold is skipped, and the disks are resent whole)",
             e.segment, e.position, e.message, after, fsize - e.position);
-        OSR_RETURN_IF_ERROR(CutTail(e.segment, e.position, after,
-                                    fmt::format("{} at byte {}: {}", e.segment, e.position,
-                                                e.message)));
+        OSR_RETURN_IF_ERROR(
+            CutTail(e.segment, e.position, after,
+                    fmt::format("{} at byte {}: {}", e.segment, e.position, e.message)));
       }
     }
     if (!torn_tail) {

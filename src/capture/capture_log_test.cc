@@ -242,8 +242,9 @@ TEST_F(CaptureLogTest, ADamagedCutRecordIsRefusedNotGuessed) {
     auto log = OpenLog();
     WriteFiveAndDamageTheLast(this, log.get(), dir_);
   }
-  for (const char* text : {"{", R"({"after_seq":"5","seq_bound":6})", R"({"after_seq":7,"seq_bound":6})",
-                           R"({"after_seq":5,"seq_bound":6,"resume_at":3})"}) {
+  for (const char* text :
+       {"{", R"({"after_seq":"5","seq_bound":6})", R"({"after_seq":7,"seq_bound":6})",
+        R"({"after_seq":5,"seq_bound":6,"resume_at":3})"}) {
     {
       std::ofstream f(fs::path(dir_) / "cut.json");
       f << text;

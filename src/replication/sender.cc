@@ -515,9 +515,8 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
     stats_.resync_bytes_total = total;
     stats_.resync_bytes_done = 0;
   }
-  OSR_RETURN_IF_ERROR(
-      WriteFrame(s, FrameType::kResyncBegin,
-                 EncodeResyncBegin({from, is_initial, replace_from.has_value()})));
+  OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncBegin,
+                                 EncodeResyncBegin({from, is_initial, replace_from.has_value()})));
   std::vector<uint8_t> buf;
   // The policy's bandwidth limit holds for copies too (initial, resync, reprotect), in
   // the same bucket as the records that flow meanwhile.

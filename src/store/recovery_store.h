@@ -208,18 +208,18 @@ class RecoveryStore {
   mutable std::shared_mutex fold_mu_;
 
   mutable std::mutex mu_;
-  std::vector<VersionIndex> index_;  // per disk; guarded by mu_
-  uint64_t base_seq_ = 0;            // guarded by mu_
-  uint64_t durable_seq_ = 0;         // guarded by mu_
-  int64_t durable_time_ns_ = 0;      // guarded by mu_
-  uint64_t consistent_from_ = 0;     // guarded by mu_; persisted in store.json
-  uint64_t epoch_ = 0;               // guarded by mu_; persisted in store.json
-  bool resyncing_ = false;           // guarded by mu_
+  std::vector<VersionIndex> index_;                      // per disk; guarded by mu_
+  uint64_t base_seq_ = 0;                                // guarded by mu_
+  uint64_t durable_seq_ = 0;                             // guarded by mu_
+  int64_t durable_time_ns_ = 0;                          // guarded by mu_
+  uint64_t consistent_from_ = 0;                         // guarded by mu_; persisted in store.json
+  uint64_t epoch_ = 0;                                   // guarded by mu_; persisted in store.json
+  bool resyncing_ = false;                               // guarded by mu_
   std::optional<capture::CaptureLog::Cut> journal_cut_;  // guarded by mu_
-  bool initial_sync_ = false;        // guarded by mu_; an initial sync under way
-  bool differential_ = false;        // guarded by mu_; persisted
-  uint64_t resync_from_ = 0;         // guarded by mu_
-  std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
+  bool initial_sync_ = false;  // guarded by mu_; an initial sync under way
+  bool differential_ = false;  // guarded by mu_; persisted
+  uint64_t resync_from_ = 0;   // guarded by mu_
+  std::vector<File> staging_;  // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_
   std::multiset<uint64_t> pins_;                                    // guarded by mu_
   std::condition_variable unpinned_cv_;        // with mu_: signalled when pins_ becomes empty
