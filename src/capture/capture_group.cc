@@ -129,6 +129,13 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
         }
       }));
   if (opts.tracking_only) g->log_->EnterOverflow();
+  if (auto cut = g->log_->pending_cut()) {
+    // What the cut records changed is unknown, and the recovery site may hold some of
+    // them: every region is resent whole (marked until the resync commits).
+    for (size_t i = 0; i < images.size(); ++i) g->bitmaps_[i]->MarkSticky(0, images[i]->size());
+    spdlog::warn("capture {}: the log was cut after seq {}: every region is resent whole", opts.dir,
+                 cut->after_seq);
+  }
   for (size_t i = 0; i < images.size(); ++i) {
     g->disks_.push_back(std::make_shared<GroupDisk>(gp, static_cast<uint32_t>(i),
                                                     std::move(images[i]), g->bitmaps_[i].get()));

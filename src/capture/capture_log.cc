@@ -10,6 +10,7 @@
 
 #include "capture/log_reader.h"
 #include "common/crc32c.h"
+#include "common/json_in.h"
 
 namespace osr::capture {
 
@@ -19,6 +20,19 @@ int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
+}
+
+constexpr uint64_t kCutFileBytesMax = 64u << 10;
+
+std::string CutPath(const std::string& dir) {
+  return dir + "/cut.json";
+}
+
+Status RemoveCutFile(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::remove(CutPath(dir), ec);
+  if (ec) return Status::FromErrno(ec.value(), "remove " + CutPath(dir));
+  return SyncDir(dir);
 }
 
 }  // namespace
@@ -54,6 +68,7 @@ CaptureLog::~CaptureLog() {
 }
 
 Status CaptureLog::Recover() {
+  OSR_RETURN_IF_ERROR(LoadCut());
   {
     // A crash while a segment was being created can leave its first block unwritten:
     // such a file holds no record and is removed.
@@ -83,12 +98,18 @@ Status CaptureLog::Recover() {
       if (e.position < SegmentHeader::kSize || next_valid != 0) {
         torn_tail = false;
       } else {
+        OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+        uint64_t after = summary.records > 0 ? summary.last_seq : segments.back().first_seq - 1;
+        if (summary.records > 0 && summary.last_seq < segments.back().first_seq) {
+          after = segments.back().first_seq - 1;  // the damaged segment holds no good record
+        }
         spdlog::warn(
-            "capture log: {} at byte {}: {}; truncating the unacknowledged tail "
-            "({} bytes; its regions stay marked dirty)",
-            e.segment, e.position, e.message, fsize - e.position);
-        OSR_RETURN_IF_ERROR(f.Truncate(e.position));
-        OSR_RETURN_IF_ERROR(f.Sync());
+            "capture log: {} at byte {}: {}; cutting the log after seq {} ({} bytes; every "
+            "seq up to the most they could hold is skipped, and the disks are resent whole)",
+            e.segment, e.position, e.message, after, fsize - e.position);
+        OSR_RETURN_IF_ERROR(
+            CutTail(e.segment, e.position, after,
+                    fmt::format("{} at byte {}: {}", e.segment, e.position, e.message)));
       }
     }
     if (!torn_tail) {
@@ -115,10 +136,28 @@ Status CaptureLog::Recover() {
     }
   }
   uint64_t last = summary.records > 0 ? summary.last_seq
-                  : segments.empty()  ? opts_.first_seq - 1
+                  : segments.empty()  ? empty_first_seq_ - 1
                                       : segments.back().first_seq - 1;
   next_seq_ = last + 1;
   written_seq_ = synced_seq_ = last;
+  if (cut_ && last > cut_->after_seq) {
+    // Records after the cut were taken (a journal's came again): the cut is over.
+    OSR_RETURN_IF_ERROR(RemoveCutFile(opts_.dir));
+    cut_.reset();
+  } else if (cut_) {
+    if (last < cut_->after_seq) {
+      // Segments went since the cut (removed by hand): the log lost more than it said.
+      cut_->after_seq = last;
+      cut_->seq_bound = std::max(cut_->seq_bound, last);
+      OSR_RETURN_IF_ERROR(WriteCut(*cut_, 0));
+    }
+    overflowed_ = true;
+    ++overflow_generation_;
+    spdlog::warn(
+        "capture log {}: cut after seq {} ({}); no record is taken until the recovery "
+        "site says what it holds",
+        opts_.dir, cut_->after_seq, cut_->reason);
+  }
   std::lock_guard wl(write_mu_);
   if (!segments.empty()) {
     OSR_ASSIGN_OR_RETURN(segment_, File::Open(segments.back().path, File::Mode::kReadWrite,
@@ -145,6 +184,139 @@ Status CaptureLog::Recover() {
   }
   spdlog::info("capture log {}: {} segment(s), next seq {}", opts_.dir,
                std::max<size_t>(segments.size(), 1), next_seq_);
+  return Status::Ok();
+}
+
+Status CaptureLog::LoadCut() {
+  const std::string path = CutPath(opts_.dir);
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return Status::Ok();
+  OSR_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kCutFileBytesMax));
+  auto j = json_in::ParseObject(text, path);
+  if (!j.ok()) return Corruption(j.status().message());
+  json_in::Fields f(*j, path + ": ");
+  Cut cut;
+  cut.after_seq = f.U64("after_seq");
+  cut.seq_bound = f.U64("seq_bound");
+  cut.time_ns = f.I64("time_ns", 0);
+  cut.reason = f.String("reason", "");
+  uint64_t resume_at = f.U64("resume_at", 0);
+  if (f.ok() && cut.seq_bound < cut.after_seq) f.Fail("seq_bound", "is below after_seq");
+  if (f.ok() && resume_at != 0 && resume_at <= cut.after_seq) {
+    f.Fail("resume_at", "is not after after_seq");
+  }
+  if (!f.ok()) return Corruption(f.status().message());
+  if (resume_at == 0) {
+    cut_ = std::move(cut);
+    return Status::Ok();
+  }
+  // ResumeAfterCut was cut short: every segment before resume_at is durable at the
+  // recovery site (it said so); finish it.
+  OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+  for (const auto& seg : segments) {
+    if (seg.first_seq >= resume_at) continue;
+    std::filesystem::remove(seg.path, ec);
+    if (ec) return Status::FromErrno(ec.value(), "remove " + seg.path);
+  }
+  empty_first_seq_ = resume_at;
+  OSR_RETURN_IF_ERROR(SyncDir(opts_.dir));
+  return RemoveCutFile(opts_.dir);
+}
+
+Status CaptureLog::WriteCut(const Cut& cut, uint64_t resume_at) {
+  nlohmann::json j{{"version", 1},
+                   {"after_seq", cut.after_seq},
+                   {"seq_bound", cut.seq_bound},
+                   {"time_ns", cut.time_ns},
+                   {"reason", cut.reason}};
+  if (resume_at != 0) j["resume_at"] = resume_at;
+  std::string text = json_in::Dump(j);
+  return WriteFileAtomic(CutPath(opts_.dir),
+                         {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+}
+
+Status CaptureLog::CutTail(const std::string& segment, uint64_t tail_pos, uint64_t after_seq,
+                           const std::string& reason) {
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(segment, File::Mode::kReadWrite));
+  OSR_ASSIGN_OR_RETURN(uint64_t fsize, f.Size());
+  // Every record is at least a header long: the cut bytes held at most this many.
+  uint64_t most = (fsize - tail_pos + RecordHeader::kSize - 1) / RecordHeader::kSize;
+  Cut cut{after_seq, after_seq + most, NowNs(), reason};
+  if (cut_) {  // an earlier cut, not yet resumed: the union of both
+    cut.after_seq = std::min(cut.after_seq, cut_->after_seq);
+    cut.seq_bound = std::max(cut.seq_bound, cut_->seq_bound);
+  }
+  OSR_RETURN_IF_ERROR(WriteCut(cut, 0));  // durable before a byte is cut
+  OSR_RETURN_IF_ERROR(f.Truncate(tail_pos));
+  OSR_RETURN_IF_ERROR(f.Sync());
+  cut_ = std::move(cut);
+  return Status::Ok();
+}
+
+std::optional<CaptureLog::Cut> CaptureLog::pending_cut() const {
+  std::lock_guard lock(mu_);
+  return cut_;
+}
+
+Status CaptureLog::ResumeAfterCut(uint64_t durable) {
+  std::lock_guard wl(write_mu_);
+  Cut cut;
+  uint64_t last;
+  {
+    std::lock_guard lock(mu_);
+    if (!cut_) return Status::Ok();
+    cut = *cut_;
+    last = next_seq_ - 1;
+    // Overflowed since the cut: nothing is buffered, no record was taken.
+    if (pending_bytes() != 0 || last != cut.after_seq) {
+      return Internal(fmt::format("capture log {}: cut after seq {} but the log ends at {}",
+                                  opts_.dir, cut.after_seq, last));
+    }
+  }
+  if (durable > last) {
+    // The recovery site holds seqs this log lost: go on after them. Every segment here is
+    // durable there. The cut record says where the log resumes before anything goes.
+    OSR_RETURN_IF_ERROR(WriteCut(cut, durable + 1));
+    OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+    segment_ = File();
+    for (const auto& seg : segments) {
+      std::error_code ec;
+      std::filesystem::remove(seg.path, ec);
+      if (ec) return Status::FromErrno(ec.value(), "remove " + seg.path);
+    }
+    held_bytes_ = 0;
+    {
+      std::lock_guard lock(mu_);
+      buffer_.clear();
+      prefix_bytes_ = 0;
+    }
+    SegmentHeader h;
+    h.first_seq = durable + 1;
+    h.disk_bytes = opts_.disk_bytes;
+    h.created_ns = NowNs();
+    uint8_t hb[SegmentHeader::kSize];
+    h.Encode(hb);
+    OSR_RETURN_IF_ERROR(OpenSegment(durable + 1, hb));
+    std::lock_guard lock(mu_);
+    next_seq_ = durable + 1;
+    written_seq_ = synced_seq_ = durable;
+  }
+  OSR_RETURN_IF_ERROR(RemoveCutFile(opts_.dir));
+  spdlog::warn("capture log {}: the cut after seq {} is over; the log goes on after seq {}",
+               opts_.dir, cut.after_seq, std::max(last, durable));
+  std::lock_guard lock(mu_);
+  cut_.reset();
+  return Status::Ok();
+}
+
+Status CaptureLog::ClearCut() {
+  {
+    std::lock_guard lock(mu_);
+    if (!cut_) return Status::Ok();
+  }
+  OSR_RETURN_IF_ERROR(RemoveCutFile(opts_.dir));
+  std::lock_guard lock(mu_);
+  cut_.reset();
   return Status::Ok();
 }
 

@@ -80,7 +80,8 @@ class CaptureLog {
   using RangeCallback = std::function<void(std::span<const Written> records, bool ok)>;
 
   // Opens (or creates) the log in opts.dir and recovers it: verifies every record,
-  // truncates a torn tail left by a crash, refuses a log damaged anywhere else.
+  // truncates a damaged tail (a crash's torn write, or a last record damaged since) and
+  // records that cut durably first (Cut, below), refuses a log damaged anywhere else.
   static Result<std::unique_ptr<CaptureLog>> Open(const CaptureLogOptions& opts,
                                                   RangeCallback on_written);
   ~CaptureLog();
@@ -136,6 +137,31 @@ class CaptureLog {
   // Ends an overflow: records are taken again. Returns the last seq before the gap and
   // a generation number that changes with every overflow.
   std::pair<uint64_t, uint64_t> ResumeAfterOverflow();
+  // A tail cut at start-up (docs/formats.md "Capture log cut record"). Recovery cannot
+  // tell a torn, never-shipped tail from a last record that was shipped and damaged
+  // since, so a cut counts as unknown history: records after `after_seq` were lost here,
+  // and seqs up to `seq_bound` (the most the cut bytes could hold) may have been written
+  // and shipped. Kept in <dir>/cut.json, written and synced before the cut, until
+  // ResumeAfterCut or ClearCut. While a cut is pending the log is overflowed (takes no
+  // record); a source's capture group marks every region dirty (resent whole).
+  struct Cut {
+    uint64_t after_seq = 0;
+    uint64_t seq_bound = 0;
+    int64_t time_ns = 0;  // when it was cut, ns since the Unix epoch
+    std::string reason;   // what recovery found, for people
+  };
+  std::optional<Cut> pending_cut() const;
+  // Ends a cut once the recovery site has said it holds every seq up to `durable`: the log
+  // goes on after max(after_seq, durable), never reusing a seq the recovery site may hold.
+  // When `durable` is beyond what the log kept, every segment (all durable there) goes and
+  // a new one starts at durable + 1. The log stays overflowed (a resync ends it). Crash
+  // safe: the cut record names the seq it resumes at before any segment is deleted.
+  // The file system's error when a step fails (the cut stays pending).
+  Status ResumeAfterCut(uint64_t durable);
+  // Drops the cut record without moving the sequence (the recovery store's journal, once
+  // the records after the cut came again from the source). Ok when none is pending.
+  Status ClearCut();
+
   // Starts an overflow now (tracking only: a failed-over VM's disks until reprotect, whose
   // changes are shipped as whole regions from the bitmap, not as records).
   void EnterOverflow();
@@ -147,8 +173,14 @@ class CaptureLog {
 
  private:
   explicit CaptureLog(CaptureLogOptions opts, RangeCallback cb)
-      : opts_(std::move(opts)), on_written_(std::move(cb)) {}
+      : opts_(std::move(opts)), on_written_(std::move(cb)), empty_first_seq_(opts_.first_seq) {}
   Status Recover();
+  // The cut part of Recover: a cut record left by an earlier start, and the cut of a
+  // damaged tail (`tail_pos` in `segment`, after seq `after_seq`).
+  Status LoadCut();
+  Status CutTail(const std::string& segment, uint64_t tail_pos, uint64_t after_seq,
+                 const std::string& reason);
+  Status WriteCut(const Cut& cut, uint64_t resume_at);
   // Creates the next segment with `header` (64 bytes) as its first block; holds write_mu_.
   Status OpenSegment(uint64_t first_seq, const uint8_t* header);
   // Reports the records in buf[from..] (at file_pos + from in their segment) to on_written_;
@@ -176,6 +208,8 @@ class CaptureLog {
   bool failed_ = false;                      // guarded by mu_
   Status write_error_;                       // guarded by mu_; see write_error()
   bool overflowed_ = false;                  // guarded by mu_
+  std::optional<Cut> cut_;                   // guarded by mu_
+  uint64_t empty_first_seq_ = 0;             // a log with no segment starts here (Recover)
   uint64_t overflow_generation_ = 0;         // guarded by mu_
   std::atomic<uint64_t> held_bytes_{0};      // bytes in segment files
   std::atomic<uint64_t> captured_bytes_{0};  // bytes the records changed (churn)

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -41,6 +42,13 @@ class CaptureLogTest : public ::testing::Test {
     EXPECT_TRUE(log.ok()) << log.status().ToString();
     return log.ok() ? std::move(log).value() : nullptr;
   }
+
+ public:
+  uint64_t AppendWritePublic(CaptureLog& log, uint64_t off, std::vector<uint8_t> data) {
+    return AppendWrite(log, off, std::move(data));
+  }
+
+ protected:
   uint64_t AppendWrite(CaptureLog& log, uint64_t off, std::vector<uint8_t> data) {
     auto seq = log.Append(RecordKind::kWrite, off, data.size(), data, Crc32c(data));
     EXPECT_TRUE(seq.has_value());
@@ -116,28 +124,140 @@ TEST_F(CaptureLogTest, SegmentsRollAtRecordBoundaries) {
   EXPECT_EQ(ScanSeqs(), want);
 }
 
-TEST_F(CaptureLogTest, TornTailIsTruncatedOnOpen) {
+// Five records synced; then the last one is damaged (a torn write, or bit rot since: the
+// log cannot tell which). Returns the segment's path.
+std::string WriteFiveAndDamageTheLast(CaptureLogTest* t, CaptureLog* log, const fs::path& dir) {
+  for (int i = 0; i < 5; ++i) t->AppendWritePublic(*log, 0, std::vector<uint8_t>(512, i));
+  EXPECT_TRUE(log->Sync().ok());
+  auto segs = ListSegments(dir).value();
+  EXPECT_EQ(segs.size(), 1u);
+  return segs[0].path;
+}
+
+TEST_F(CaptureLogTest, ADamagedTailIsCutAndTheCutIsRecordedFirst) {
+  std::string seg;
   {
     auto log = OpenLog();
-    for (int i = 0; i < 5; ++i) AppendWrite(*log, 0, std::vector<uint8_t>(512, i));
-    ASSERT_TRUE(log->Sync().ok());
+    seg = WriteFiveAndDamageTheLast(this, log.get(), dir_);
   }
-  auto segs = ListSegments(dir_).value();
-  ASSERT_EQ(segs.size(), 1u);
-  uint64_t size = fs::file_size(segs[0].path);
-  // A crash in the middle of the last record: cut it short.
-  fs::resize_file(segs[0].path, size - 100);
+  uint64_t size = fs::file_size(seg);
+  fs::resize_file(seg, size - 100);  // a crash in the middle of the last record
   LogReader::Summary s;
   ScanSeqs(&s);
   EXPECT_EQ(s.errors.size(), 1u);
   EXPECT_TRUE(s.tail_damaged);
+  {
+    auto log = OpenLog();
+    ASSERT_NE(log, nullptr);
+    EXPECT_EQ(log->last_seq(), 4u);
+    auto cut = log->pending_cut();
+    ASSERT_TRUE(cut.has_value());
+    EXPECT_EQ(cut->after_seq, 4u);
+    // The cut bytes (a 576-byte record less 100, plus padding) could hold 5..
+    EXPECT_GE(cut->seq_bound, 5u);
+    EXPECT_NE(cut->reason.find("byte"), std::string::npos) << cut->reason;
+    EXPECT_TRUE(fs::exists(fs::path(dir_) / "cut.json"));
+    // No record is taken until the recovery site says what it holds.
+    EXPECT_TRUE(log->overflowed());
+    EXPECT_FALSE(log->Append(RecordKind::kWrite, 0, 1, std::vector<uint8_t>{1},
+                             Crc32c(std::vector<uint8_t>{1}))
+                     .has_value());
+  }
+  // Still pending after another restart: the record says so, not the memory.
+  auto log = OpenLog();
+  ASSERT_TRUE(log->pending_cut().has_value());
+  EXPECT_TRUE(log->overflowed());
+}
+
+TEST_F(CaptureLogTest, AfterACutNoSeqTheRecoverySiteHoldsIsHandedOutAgain) {
+  std::string seg;
+  {
+    auto log = OpenLog();
+    seg = WriteFiveAndDamageTheLast(this, log.get(), dir_);
+  }
+  // Record 5 was shipped and is durable at the recovery site; here it rots.
+  {
+    std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(seg) - 10));
+    f.put('\x5a');
+  }
+  auto log = OpenLog();
+  ASSERT_TRUE(log->pending_cut().has_value());
+  EXPECT_EQ(log->last_seq(), 4u);
+  ASSERT_TRUE(log->ResumeAfterCut(5).ok());
+  EXPECT_FALSE(log->pending_cut().has_value());
+  EXPECT_FALSE(fs::exists(fs::path(dir_) / "cut.json"));
+  EXPECT_EQ(log->last_seq(), 5u);
+  EXPECT_EQ(log->first_seq_held().value(), 6u);  // every record here is durable there
+  EXPECT_TRUE(log->overflowed());                // a resync of every region ends it
+  log->ResumeAfterOverflow();
+  EXPECT_EQ(AppendWrite(*log, 0, {7}), 6u);
+  ASSERT_TRUE(log->Sync().ok());
+  log.reset();
+  LogReader::Summary s;
+  EXPECT_EQ(ScanSeqs(&s), (std::vector<uint64_t>{6}));
+  EXPECT_TRUE(s.errors.empty());
+  log = OpenLog();
+  EXPECT_FALSE(log->pending_cut().has_value());
+  EXPECT_EQ(log->last_seq(), 6u);
+}
+
+TEST_F(CaptureLogTest, ACutBeyondWhatTheRecoverySiteHoldsGoesOnAfterTheCut) {
+  std::string seg;
+  {
+    auto log = OpenLog();
+    seg = WriteFiveAndDamageTheLast(this, log.get(), dir_);
+  }
+  fs::resize_file(seg, fs::file_size(seg) - 100);
+  auto log = OpenLog();
+  ASSERT_TRUE(log->ResumeAfterCut(2).ok());  // the recovery site has 1..2: 3..4 are sent
+  EXPECT_EQ(log->last_seq(), 4u);
+  EXPECT_EQ(log->first_seq_held().value(), 1u);
+  log->ResumeAfterOverflow();
+  EXPECT_EQ(AppendWrite(*log, 0, {7}), 5u);
+  ASSERT_TRUE(log->Sync().ok());
+  EXPECT_EQ(ScanSeqs(), (std::vector<uint64_t>{1, 2, 3, 4, 5}));
+}
+
+TEST_F(CaptureLogTest, AResumeCutShortByACrashIsFinishedOnOpen) {
+  {
+    auto log = OpenLog();
+    WriteFiveAndDamageTheLast(this, log.get(), dir_);
+  }
+  // As ResumeAfterCut(9) leaves it when the process dies after recording where it resumes.
+  {
+    std::ofstream f(fs::path(dir_) / "cut.json");
+    f << R"({"version":1,"after_seq":5,"seq_bound":6,"time_ns":1,"reason":"test","resume_at":10})";
+  }
   auto log = OpenLog();
   ASSERT_NE(log, nullptr);
-  EXPECT_EQ(log->last_seq(), 4u);
-  EXPECT_EQ(AppendWrite(*log, 0, {1}), 5u);
-  ASSERT_TRUE(log->Sync().ok());
-  EXPECT_EQ(ScanSeqs(&s), (std::vector<uint64_t>{1, 2, 3, 4, 5}));
-  EXPECT_TRUE(s.errors.empty());
+  EXPECT_FALSE(log->pending_cut().has_value());
+  EXPECT_FALSE(fs::exists(fs::path(dir_) / "cut.json"));
+  EXPECT_EQ(log->last_seq(), 9u);
+  EXPECT_EQ(AppendWrite(*log, 0, {7}), 10u);
+}
+
+TEST_F(CaptureLogTest, ADamagedCutRecordIsRefusedNotGuessed) {
+  {
+    auto log = OpenLog();
+    WriteFiveAndDamageTheLast(this, log.get(), dir_);
+  }
+  for (const char* text :
+       {"{", R"({"after_seq":"5","seq_bound":6})", R"({"after_seq":7,"seq_bound":6})",
+        R"({"after_seq":5,"seq_bound":6,"resume_at":3})"}) {
+    {
+      std::ofstream f(fs::path(dir_) / "cut.json");
+      f << text;
+    }
+    CaptureLogOptions o;
+    o.dir = dir_;
+    o.disk_bytes = 1 << 20;
+    auto log = CaptureLog::Open(o, nullptr);
+    ASSERT_FALSE(log.ok()) << text;
+    EXPECT_EQ(log.status().code(), Code::kCorruption) << text;
+    EXPECT_NE(log.status().message().find("cut.json"), std::string::npos)
+        << log.status().ToString();
+  }
 }
 
 TEST_F(CaptureLogTest, CorruptionInTheMiddleIsRefusedNotTruncated) {

@@ -168,6 +168,7 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload) {
 
 std::string EncodeResyncBegin(const ResyncBegin& b) {
   json j{{"from", b.from}, {"initial", b.initial}};
+  if (b.replace_history) j["replace_history"] = true;  // older receivers refuse the resync
   if (b.resume_bytes > 0) j["resume_bytes"] = b.resume_bytes;
   return json_in::Dump(j);
 }
@@ -178,7 +179,14 @@ Result<ResyncBegin> ParseResyncBegin(std::span<const uint8_t> payload) {
   ResyncBegin b;
   b.from = f.U64("from");
   b.initial = f.Bool("initial", false);
+  b.replace_history = f.Bool("replace_history", false);
   b.resume_bytes = f.U64("resume_bytes", 0);
+  if (f.ok() && b.initial && b.replace_history) {
+    f.Fail("replace_history", "cannot go with initial");
+  }
+  if (f.ok() && b.replace_history && b.resume_bytes > 0) {
+    f.Fail("resume_bytes", "cannot go with replace_history");
+  }
   if (!f.ok()) return f.status();
   return b;
 }

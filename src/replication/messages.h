@@ -108,6 +108,9 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload);
 struct ResyncBegin {
   uint64_t from = 0;
   bool initial = false;
+  // The store's history after its durable seq is replaced (from > durable: the source no
+  // longer holds the records the store lacks). Not with `initial` or `resume_bytes`.
+  bool replace_history = false;
   // > 0: go on with the resync the store has staged (HELLO_OK `staged`), whose first
   // `resume_bytes` bytes it holds; 0 or missing: start it (over) from its first byte.
   uint64_t resume_bytes = 0;

@@ -128,17 +128,30 @@ TEST(Messages, HelloOkAndResyncPayloads) {
               R"({"durable_seq":1,"staged":{"from":1,"bytes":1,"end_offset":1,"end_disk":4294967296}})"))
           .ok());
 
-  auto b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, true, 0})));
+  auto b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, true, false, 0})));
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(b->from, 9u);
   EXPECT_TRUE(b->initial);
   EXPECT_EQ(b->resume_bytes, 0u);  // an older sender's RESYNC_BEGIN: start over
-  b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, false, 12345})));
+  b = ParseResyncBegin(Bytes(EncodeResyncBegin({9, false, false, 12345})));
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(b->resume_bytes, 12345u);
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":1,"resume_bytes":true})")).ok());
+  // A resume goes on with staged regions; it cannot replace a history too.
+  EXPECT_FALSE(
+      ParseResyncBegin(Bytes(R"({"from":1,"replace_history":true,"resume_bytes":5})")).ok());
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"initial":true})")).ok());
   EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":-1})")).ok());
+  auto rb = ParseResyncBegin(Bytes(EncodeResyncBegin({12, false, true, 0})));
+  ASSERT_TRUE(rb.ok());
+  EXPECT_TRUE(rb->replace_history);
+  EXPECT_EQ(rb->from, 12u);
+  EXPECT_FALSE(
+      ParseResyncBegin(Bytes(EncodeResyncBegin({9, true, false, 0}))).value().replace_history);
+  auto both = ParseResyncBegin(Bytes(R"({"from":3,"initial":true,"replace_history":true})"));
+  ASSERT_FALSE(both.ok());
+  EXPECT_NE(both.status().message().find("replace_history"), std::string::npos);
+  EXPECT_FALSE(ParseResyncBegin(Bytes(R"({"from":3,"replace_history":1})")).ok());
   auto e = ParseResyncEnd(Bytes(EncodeResyncEnd({12})), "RESYNC_END");
   ASSERT_TRUE(e.ok());
   EXPECT_EQ(e->consistent_seq, 12u);

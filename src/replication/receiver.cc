@@ -341,9 +341,10 @@ std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a,
     case FrameType::kResyncBegin: {
       auto b = ParseResyncBegin(f.payload);
       if (!b.ok()) return End{ErrorCode::kBadFrame, b.status()};
-      Status st = b->resume_bytes > 0 ? store.ResumeResync(b->from, b->initial, b->resume_bytes)
-                  : b->initial        ? store.BeginInitialSync(b->from)
-                                      : store.BeginResync(b->from);
+      Status st = b->resume_bytes > 0  ? store.ResumeResync(b->from, b->initial, b->resume_bytes)
+                  : b->initial         ? store.BeginInitialSync(b->from)
+                  : b->replace_history ? store.BeginResyncReplacingHistory(b->from)
+                                       : store.BeginResync(b->from);
       if (!st.ok()) return End{StoreCode(st), st};
       if (b->resume_bytes > 0) {
         spdlog::info(

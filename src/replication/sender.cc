@@ -353,11 +353,20 @@ Status Sender::Session() {
   // disks' allocated regions, not the whole history of writes. Only when it says so: a
   // store that holds a consistent copy, even at seq 0, is never copied over.
   bool initial = opts_.capture_group != nullptr && hello_ok.initial_sync;
+  std::optional<std::pair<uint64_t, uint64_t>> initial_from;
+  if (auto cut = log_->pending_cut()) {
+    // This log lost its tail after cut->after_seq; the recovery site may hold some of it.
+    // Go on after whatever it holds (never a seq twice); the regions go whole.
+    spdlog::warn(
+        "replication sender '{}': the capture log was cut after seq {}; the recovery site "
+        "holds up to {}: going on after seq {} and resending the disks whole",
+        opts_.group, cut->after_seq, durable, std::max(cut->after_seq, durable));
+    OSR_RETURN_IF_ERROR(log_->ResumeAfterCut(initial ? 0 : durable));
+  }
   // A copy cut short goes on where the recovery site's staged copy ends, when it is
   // provably the same one; else it starts over.
   std::optional<uint64_t> resume;
   if (opts_.capture_group != nullptr) resume = PlanResume(hello_ok, initial);
-  std::optional<std::pair<uint64_t, uint64_t>> initial_from;
   if (initial && resume) {
     // The store holds the records after the copy's start up to `durable` already.
     std::lock_guard lock(plan_mu_);
@@ -371,7 +380,23 @@ Status Sender::Session() {
         log_->last_seq()));
   }
   OSR_ASSIGN_OR_RETURN(uint64_t first_held, log_->first_seq_held());
-  if (!initial && durable + 1 < first_held) {
+  std::optional<uint64_t> replace_from;
+  if (!initial && durable + 1 < first_held && opts_.capture_group != nullptr) {
+    // The recovery site lacks seqs this log no longer holds: they were acknowledged (so
+    // trimmed here) and lost there since (its journal damaged), or it was put back from an
+    // older copy. Its history after `durable` is replaced: every region goes whole.
+    spdlog::warn(
+        "replication sender '{}': the recovery site holds up to seq {} but this log starts at "
+        "{}: replacing its history with a resynchronization of every region",
+        opts_.group, durable, first_held);
+    std::vector<capture::CaptureGroup::DiskRange> whole;
+    for (uint32_t d = 0; d < opts_.capture_group->disk_count(); ++d) {
+      whole.push_back({d, {0, opts_.capture_group->disk(d)->size()}});
+    }
+    OSR_RETURN_IF_ERROR(opts_.capture_group->MarkRegions(whole));
+    replace_from = first_held - 1;
+    durable = *replace_from;
+  } else if (!initial && durable + 1 < first_held) {
     std::lock_guard lock(mu_);
     stats_.resync_required = true;
     return NotFound(fmt::format("the recovery site needs seq {}, the log starts at {}", durable + 1,
@@ -467,6 +492,10 @@ Status Sender::Session() {
     OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from, pacer, frame_bytes,
                                std::exchange(resume, std::nullopt)));
   }
+  if (replace_from) {
+    OSR_RETURN_IF_ERROR(
+        Resync(s, ship_upto, std::nullopt, pacer, frame_bytes, std::nullopt, replace_from));
+  }
   while (!stop_) {
     // Caught up with a log that overflowed, or with regions a crash left marked: copy
     // those regions (one resync at a time; the bitmap keeps them until it is committed).
@@ -489,10 +518,12 @@ Status Sender::Session() {
 
 Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
                       std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                      size_t frame_bytes, std::optional<uint64_t> resume) {
+                      size_t frame_bytes, std::optional<uint64_t> resume,
+                      std::optional<uint64_t> replace_from) {
   bool is_initial = initial.has_value();
   uint64_t cursor = 0;
-  OSR_ASSIGN_OR_RETURN(ResyncPlan plan, ChoosePlan(ship_upto, initial, resume, &cursor));
+  OSR_ASSIGN_OR_RETURN(ResyncPlan plan,
+                       ChoosePlan(ship_upto, initial, resume, replace_from, &cursor));
   const uint64_t from = plan.from, generation = plan.generation, total = plan.total_bytes;
   last_resume_.reset();
   if (cursor > 0) last_resume_ = {from, cursor};
@@ -515,8 +546,9 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
     stats_.resync_bytes_resumed = cursor;
     if (cursor > 0) ++stats_.resyncs_resumed;
   }
-  OSR_RETURN_IF_ERROR(
-      WriteFrame(s, FrameType::kResyncBegin, EncodeResyncBegin({from, is_initial, cursor})));
+  OSR_RETURN_IF_ERROR(WriteFrame(
+      s, FrameType::kResyncBegin,
+      EncodeResyncBegin({from, is_initial, cursor == 0 && replace_from.has_value(), cursor})));
   OSR_RETURN_IF_ERROR(SendRegions(s, ship_upto, plan, cursor, pacer, frame_bytes));
   if (stop_) return Status::Ok();
   // Every region now holds at least what it had when it was read; the records up to
@@ -539,7 +571,8 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
 
 Result<ResyncPlan> Sender::ChoosePlan(const std::function<Status(uint64_t)>& ship_upto,
                                       std::optional<std::pair<uint64_t, uint64_t>> initial,
-                                      std::optional<uint64_t> resume, uint64_t* cursor) {
+                                      std::optional<uint64_t> resume,
+                                      std::optional<uint64_t> replace_from, uint64_t* cursor) {
   bool is_initial = initial.has_value();
   *cursor = 0;
   if (resume) {
@@ -554,7 +587,8 @@ Result<ResyncPlan> Sender::ChoosePlan(const std::function<Status(uint64_t)>& shi
   }
   // A new copy (an initial one whose resume fell through starts after the log's end too).
   auto [from, generation] = is_initial && !resume ? *initial : log_->ResumeAfterOverflow();
-  OSR_RETURN_IF_ERROR(ship_upto(from));  // every record before the resync is sent first
+  if (replace_from) from = *replace_from;  // the records after it follow the BEGIN
+  OSR_RETURN_IF_ERROR(ship_upto(from));    // every record before the resync is sent first
   std::vector<capture::CaptureGroup::DiskRange> regions;
   if (is_initial) {
     OSR_ASSIGN_OR_RETURN(regions, opts_.capture_group->AllocatedRegions());

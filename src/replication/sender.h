@@ -162,19 +162,25 @@ class Sender {
   // the disks' allocated regions.
   // `pacer`: the session's bandwidth limit; `frame_bytes`: the most data per frame.
   // `resume`: go on with the plan (plan_) from this cursor (PlanResume said so).
+  // `replace_from`: the recovery site lacks records this log no longer holds; its history
+  // after its durable seq is replaced (RESYNC_BEGIN replace_history) and records after
+  // replace_from follow the BEGIN.
   Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
                 std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                size_t frame_bytes, std::optional<uint64_t> resume);
+                size_t frame_bytes, std::optional<uint64_t> resume,
+                std::optional<uint64_t> replace_from = std::nullopt);
   // Whether the copy of plan_ goes on where the recovery site's staged copy ends (HELLO_OK
   // `staged`): the cursor to go on from, or nullopt to start over (the plan is dropped and
   // the reason logged). `initial`: the store waits for an initial copy. Reads the plan a
   // former Sender left in the capture folder first (once). Connection thread.
   std::optional<uint64_t> PlanResume(const HelloOk& ok, bool initial);
   // The copy to send: plan_ from *cursor = `resume` on when the log still allows it, else a
-  // new plan (its records up to `from` shipped first; *cursor = 0), kept in plan_.
+  // new plan (from `replace_from` when given; its records up to `from` shipped first;
+  // *cursor = 0), kept in plan_.
   Result<ResyncPlan> ChoosePlan(const std::function<Status(uint64_t)>& ship,
                                 std::optional<std::pair<uint64_t, uint64_t>> initial,
-                                std::optional<uint64_t> resume, uint64_t* cursor);
+                                std::optional<uint64_t> resume,
+                                std::optional<uint64_t> replace_from, uint64_t* cursor);
   // Sends the plan's regions from byte `cursor` of the copy on, records flowing between.
   Status SendRegions(Stream& s, const std::function<Status(uint64_t)>& ship, const ResyncPlan& plan,
                      uint64_t cursor, Pacer& pacer, size_t frame_bytes);

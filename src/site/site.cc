@@ -1423,6 +1423,12 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"capture_overflowed", g.capture->log().overflowed()},
               {"capture_fenced_epoch", g.capture->fenced_epoch()},  // in force now
               {"capture_log_bytes", g.capture->log().held_bytes()}};
+  if (auto cut = g.capture->log().pending_cut()) {
+    out["capture_log_cut"] = {{"after_seq", cut->after_seq},
+                              {"seq_bound", cut->seq_bound},
+                              {"time", FormatTimeNs(cut->time_ns)},
+                              {"reason", cut->reason}};
+  }
   out.update(ReplicationFields(g));
   if (!g.materialise_state.empty()) {
     out["materialise"] = {{"state", g.materialise_state},
@@ -1594,6 +1600,12 @@ Result<json> Site::StoreStatus(const std::string& vm) {
   if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
   if (auto p = s.staged_progress()) {
     out["staged"] = {{"from", p->from}, {"initial", p->initial}, {"bytes", p->bytes}};
+  }
+  if (auto cut = s.journal_cut()) {
+    out["journal_cut"] = {{"after_seq", cut->after_seq},
+                          {"seq_bound", cut->seq_bound},
+                          {"time", FormatTimeNs(cut->time_ns)},
+                          {"reason", cut->reason}};
   }
   return out;
 }

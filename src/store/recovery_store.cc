@@ -260,8 +260,20 @@ Status RecoveryStore::OpenParts() {
   OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
                                      lo, [this](std::span<const capture::CaptureLog::Written> w,
                                                 bool ok) { OnWritten(w, ok); }));
+  if (journal_->last_seq() < base_seq_) {
+    // Every record is in the base (a history replaced, BeginResyncReplacingHistory, cut
+    // short before the journal started over): start it over now.
+    OSR_RETURN_IF_ERROR(StartJournalAt(base_seq_ + 1));
+  }
   // A torn tail was cut by the log's recovery; the index stops before it too.
   durable_seq_ = std::max(journal_->last_seq(), base_seq_);
+  journal_cut_ = journal_->pending_cut();
+  if (auto& cut = journal_cut_) {
+    spdlog::warn(
+        "recovery store {}: its journal was cut after seq {} ({}); the records after it "
+        "must come again from the source",
+        dir_, cut->after_seq, cut->reason);
+  }
   if (durable_seq_ < last) return Corruption(dir_ + ": journal shorter than its index");
   return Status::Ok();
 }
@@ -326,7 +338,15 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
     if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
     return NoteWriteFailure("journal append", st, records.size());
   }
+  if (auto cut = journal_->pending_cut(); cut && journal_->last_seq() > cut->after_seq) {
+    // What the journal lost came again: nothing is missing any more.
+    if (Status c = journal_->ClearCut(); !c.ok()) {
+      spdlog::warn("recovery store {}: {} (the cut record is cleared at the next start)", dir_,
+                   c.ToString());
+    }
+  }
   std::lock_guard lock(mu_);
+  journal_cut_ = journal_->pending_cut();
   durable_seq_ = journal_->last_seq();
   if (last_time != 0) durable_time_ns_ = last_time;
   write_failure_.reset();
@@ -479,18 +499,7 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
     }
     // Start the journal over at from + 1: no record up to `from` will come. (Not under
     // mu_: closing the log may call OnWritten.)
-    journal_.reset();
-    std::error_code ec;
-    std::filesystem::remove_all(dir_ + "/journal", ec);
-    std::filesystem::create_directories(dir_ + "/journal", ec);
-    if (ec) return Status::FromErrno(ec.value(), "recreate " + dir_ + "/journal");
-    capture::CaptureLogOptions lo;
-    lo.dir = dir_ + "/journal";
-    lo.disk_bytes = 0;
-    lo.first_seq = from + 1;
-    OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
-                                       lo, [this](std::span<const capture::CaptureLog::Written> w,
-                                                  bool ok) { OnWritten(w, ok); }));
+    OSR_RETURN_IF_ERROR(StartJournalAt(from + 1));
     std::lock_guard lock(mu_);
     base_seq_ = durable_seq_ = from;
     initial_sync_ = true;
@@ -503,6 +512,65 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
   }
   OSR_RETURN_IF_ERROR(WriteMeta());
   return BeginResync(from);
+}
+
+Status RecoveryStore::StartJournalAt(uint64_t first_seq) {
+  journal_.reset();
+  {
+    std::lock_guard lock(mu_);
+    segments_.clear();
+    journal_cut_.reset();
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir_ + "/journal", ec);
+  std::filesystem::create_directories(dir_ + "/journal", ec);
+  if (ec) return Status::FromErrno(ec.value(), "recreate " + dir_ + "/journal");
+  capture::CaptureLogOptions lo;
+  lo.dir = dir_ + "/journal";
+  lo.disk_bytes = 0;
+  lo.first_seq = first_seq;
+  OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
+                                     lo, [this](std::span<const capture::CaptureLog::Written> w,
+                                                bool ok) { OnWritten(w, ok); }));
+  return Status::Ok();
+}
+
+Status RecoveryStore::BeginResyncReplacingHistory(uint64_t from) {
+  uint64_t durable;
+  {
+    std::lock_guard lock(mu_);
+    durable = durable_seq_;
+    if (from <= durable) {
+      return InvalidArgument(fmt::format(
+          "the store holds seq {}: a resync from {} replaces no lost history", durable, from));
+    }
+    if (!pins_.empty()) {
+      return Unavailable(fmt::format(
+          "a view at seq {} is open on a store whose history must be replaced; close it",
+          *pins_.begin()));
+    }
+  }
+  OSR_ASSIGN_OR_RETURN(uint64_t base, Fold(durable));
+  if (base != durable) return Unavailable("could not fold the store before replacing its history");
+  std::lock_guard append(append_mu_);
+  {
+    std::lock_guard lock(mu_);
+    base_seq_ = durable_seq_ = from;
+    consistent_from_ = std::max(consistent_from_, from + 1);
+    for (auto& ix : index_) ix = VersionIndex();
+  }
+  OSR_RETURN_IF_ERROR(WriteMeta());  // a restart from here starts the journal over itself
+  OSR_RETURN_IF_ERROR(StartJournalAt(from + 1));
+  spdlog::warn(
+      "recovery store {}: history after seq {} replaced: seqs up to {} are gone, a resync "
+      "of every region follows",
+      dir_, durable, from);
+  return BeginResync(from);
+}
+
+std::optional<capture::CaptureLog::Cut> RecoveryStore::journal_cut() const {
+  std::lock_guard lock(mu_);
+  return journal_cut_;
 }
 
 Status RecoveryStore::BeginResyncLocked(uint64_t from) {

@@ -122,6 +122,18 @@ class RecoveryStore {
   // the store starts at `from` (its base all zeros so far) and stages the disks' allocated
   // regions like a resync; records after `from` follow.
   Status BeginInitialSync(uint64_t from);
+  // Replaces the store's history after its durable seq by a resync from `from` (beyond
+  // durable_seq): the source no longer holds the records the store lacks (its journal lost
+  // acknowledged records, or it was put back from an older copy). Folds every record into
+  // the base, starts the journal over at from + 1 and reads no seq until the resync
+  // commits (consistent_from = from + 1 meanwhile). Crash safe: store.json says so first.
+  // kInvalidArgument when from <= durable_seq (nothing is missing: BeginResync);
+  // kUnavailable while a view or failover disk is open on the store; the file system's.
+  Status BeginResyncReplacingHistory(uint64_t from);
+  // The journal's cut at open (capture::CaptureLog::Cut): records after `after_seq` were
+  // lost here and may have been acknowledged; they come again from the source (or a
+  // resync replaces them). Cleared by the first append past it.
+  std::optional<capture::CaptureLog::Cut> journal_cut() const;
   // Stages a region; on failure nothing is staged (the sender goes on from the last
   // checkpoint, below). Every kStagedCheckpointBytes or kStagedCheckpointMs it checkpoints
   // (CheckpointResync); a failed checkpoint is returned (the region itself is staged).
@@ -206,6 +218,9 @@ class RecoveryStore {
   void LoadStaged();
   Status LoadStagedList();          // holds staged_mu_
   Status CheckpointResyncLocked();  // holds staged_mu_
+  // Deletes the journal and opens a new, empty one whose first record is `first_seq`.
+  // Holds append_mu_ (or is opening the store).
+  Status StartJournalAt(uint64_t first_seq);
   // Checks an append's records against the sequence (expected first seq `expect`) and the
   // disks; fills `out` with each record's bytes. Returns the last record's time_ns.
   Result<int64_t> CheckRecords(std::span<const uint8_t> records, uint64_t expect,
@@ -227,17 +242,18 @@ class RecoveryStore {
   mutable std::shared_mutex fold_mu_;
 
   mutable std::mutex mu_;
-  std::vector<VersionIndex> index_;  // per disk; guarded by mu_
-  uint64_t base_seq_ = 0;            // guarded by mu_
-  uint64_t durable_seq_ = 0;         // guarded by mu_
-  int64_t durable_time_ns_ = 0;      // guarded by mu_
-  uint64_t consistent_from_ = 0;     // guarded by mu_; persisted in store.json
-  uint64_t epoch_ = 0;               // guarded by mu_; persisted in store.json
-  bool resyncing_ = false;           // guarded by mu_
-  bool initial_sync_ = false;        // guarded by mu_; an initial sync under way
-  bool differential_ = false;        // guarded by mu_; persisted
-  uint64_t resync_from_ = 0;         // guarded by mu_
-  std::vector<File> staging_;        // per disk, while resyncing; guarded by mu_
+  std::vector<VersionIndex> index_;                      // per disk; guarded by mu_
+  uint64_t base_seq_ = 0;                                // guarded by mu_
+  uint64_t durable_seq_ = 0;                             // guarded by mu_
+  int64_t durable_time_ns_ = 0;                          // guarded by mu_
+  uint64_t consistent_from_ = 0;                         // guarded by mu_; persisted in store.json
+  uint64_t epoch_ = 0;                                   // guarded by mu_; persisted in store.json
+  bool resyncing_ = false;                               // guarded by mu_
+  std::optional<capture::CaptureLog::Cut> journal_cut_;  // guarded by mu_
+  bool initial_sync_ = false;  // guarded by mu_; an initial sync under way
+  bool differential_ = false;  // guarded by mu_; persisted
+  uint64_t resync_from_ = 0;   // guarded by mu_
+  std::vector<File> staging_;  // per disk, while resyncing; guarded by mu_
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged_;  // guarded by mu_
   // The staged list (one writer: the group's receiver session; taken before fold_mu_ and
   // mu_). staged_ holds the durable regions, then the pending ones (staged since the last

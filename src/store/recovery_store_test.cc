@@ -191,6 +191,75 @@ TEST_F(RecoveryStoreTest, AConsistentStoreIsNeverWipedForAFirstCopy) {
   EXPECT_EQ(got[0], 0x77);
 }
 
+// The source no longer holds seqs 4..8 that the store lacks (a store put back from an older
+// copy, or a journal that lost acknowledged records): the history is replaced by a resync.
+TEST_F(RecoveryStoreTest, AHistoryIsReplacedOnlyWhenSomethingIsMissingAndCrashSafely) {
+  {
+    auto store = RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0).value();
+    std::vector<uint8_t> wire;
+    RecordMaker rm(1);
+    for (int i = 0; i < 3; ++i) rm.Write(&wire, 0, 4096 * i, std::vector<uint8_t>(4096, 0x30 + i));
+    ASSERT_TRUE(store->Append(wire).ok());
+    EXPECT_EQ(store->BeginResyncReplacingHistory(3).code(), Code::kInvalidArgument);
+    EXPECT_EQ(store->BeginResyncReplacingHistory(2).code(), Code::kInvalidArgument);
+    ASSERT_TRUE(store->Pin(2).ok());
+    EXPECT_EQ(store->BeginResyncReplacingHistory(8).code(), Code::kUnavailable);
+    store->Unpin(2);
+    ASSERT_TRUE(store->BeginResyncReplacingHistory(8).ok());
+    EXPECT_EQ(store->durable_seq(), 8u);
+    std::vector<uint8_t> got(4096);
+    for (uint64_t seq : {0, 3, 8}) EXPECT_FALSE(store->ReadAt(0, seq, 0, got).ok()) << seq;
+  }
+  // A restart in the middle keeps it so: the resync starts again, nothing is readable.
+  auto store = RecoveryStore::Open(dir_).value();
+  EXPECT_EQ(store->durable_seq(), 8u);
+  EXPECT_TRUE(store->resyncing());
+  std::vector<uint8_t> got(4096);
+  EXPECT_FALSE(store->ReadAt(0, 8, 0, got).ok());
+  ASSERT_TRUE(store->BeginResync(8).ok());
+  std::vector<uint8_t> wire;
+  RecordMaker(9).Write(&wire, 0, 0, std::vector<uint8_t>(4096, 0x99));
+  ASSERT_TRUE(store->Append(wire).ok());
+  ASSERT_TRUE(store->ResyncWrite(0, 4096, std::vector<uint8_t>(4096, 0x44)).ok());
+  ASSERT_TRUE(store->CommitResync(9).ok());
+  ASSERT_TRUE(store->ReadAt(0, 9, 0, got).ok());
+  EXPECT_EQ(got[0], 0x99);
+  ASSERT_TRUE(store->ReadAt(0, 9, 4096, got).ok());
+  EXPECT_EQ(got[0], 0x44);
+  ASSERT_TRUE(store->ReadAt(0, 9, 8192, got).ok());
+  EXPECT_EQ(got[0], 0x32);  // not resent: as of the old history (the sender resends all)
+}
+
+// store.json says the history was replaced but the process died before the journal
+// started over: the journal's records are all in the base; it starts over at open.
+TEST_F(RecoveryStoreTest, AJournalBehindItsBaseStartsOverAtOpen) {
+  {
+    auto store = RecoveryStore::Create(dir_, {{"a", kDisk1}}, 0).value();
+    std::vector<uint8_t> wire;
+    RecordMaker(1).Write(&wire, 0, 0, std::vector<uint8_t>(4096, 0x31));
+    ASSERT_TRUE(store->Append(wire).ok());
+    ASSERT_EQ(store->Fold(1).value(), 1u);
+  }
+  std::string text;
+  {
+    std::ifstream in(dir_ + "/store.json");
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  auto at = text.find("\"base_seq\": 1");
+  ASSERT_NE(at, std::string::npos) << text;
+  text.replace(at, std::string("\"base_seq\": 1").size(), "\"base_seq\": 6");
+  {
+    std::ofstream out(dir_ + "/store.json");
+    out << text;
+  }
+  auto store = RecoveryStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  EXPECT_EQ((*store)->durable_seq(), 6u);
+  std::vector<uint8_t> wire;
+  RecordMaker(7).Write(&wire, 0, 0, std::vector<uint8_t>(4096, 0x77));
+  EXPECT_EQ((*store)->Append(wire).value(), 7u);
+}
+
 TEST_F(RecoveryStoreTest, ADifferentialStoreIsUnreadableUntilItsResyncCommits) {
   std::string img = dir_ + "-old.img";
   {

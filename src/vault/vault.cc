@@ -732,6 +732,18 @@ json Vault::ItemJson(const ItemRow& item) {
       health = store_full;
     } else if (!capture_full.empty()) {
       health = capture_full;
+    } else if (const json* jcut = sf.Object("journal_cut"); jcut != nullptr) {
+      json_in::Fields cf(*jcut, "site " + item.target + " journal_cut.");
+      health = fmt::format(
+          "Warning: {}'s recovery store at {} lost the records after seq {} (its journal was "
+          "damaged at its end: {}); they come again from {}, or the disks are resent whole",
+          item.vm, item.target, cf.U64("after_seq", 0), cf.String("reason", "?"), item.source);
+    } else if (const json* cut = gf.Object("capture_log_cut"); cut != nullptr) {
+      json_in::Fields cf(*cut, "site " + item.source + " capture_log_cut.");
+      health = fmt::format(
+          "Critical: {}'s capture log at {} was damaged at its end and cut after seq {} ({}); "
+          "its disks are resent whole once {} is reachable",
+          item.vm, item.source, cf.U64("after_seq", 0), cf.String("reason", "?"), item.target);
     } else if (resync_required || overflowed) {
       health =
           "Critical: resynchronization required (the capture log passed its limit; it "

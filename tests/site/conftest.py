@@ -132,8 +132,8 @@ def site_factory(tmp_path):
     exit 0."""
     sites = []
 
-    def start(name, tls=True):
-        config, data_dir = write_config(tmp_path, name, tls=tls)
+    def start(name, tls=True, extra=""):
+        config, data_dir = write_config(tmp_path, name, extra=extra, tls=tls)
         s = SiteProcess(name, config, data_dir, tmp_path / f"{name}.stderr")
         sites.append(s)
         return s.start()

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from conftest import (MIB, SiteProcess, api, api_ok, group_status, protect, require_libnbd,
-                      wait_durable, wait_for, write_config)
+from conftest import (MIB, api, api_ok, group_status, protect, require_libnbd, wait_durable,
+                      wait_for)
 import osrtest
 
 VM = "vm1"
@@ -50,16 +50,12 @@ def alive(pid):
         return f.read().split(") ", 1)[1][0] != "Z"
 
 
-def test_self_fence_is_durable_and_stops_the_vm(tmp_path):
+def test_self_fence_is_durable_and_stops_the_vm(site_factory):
     require_libnbd()
-    pconfig, pdata = write_config(tmp_path, "primary", "allow_api_commands = true\n")
-    rconfig, rdata = write_config(tmp_path, "recovery")
-    primary = SiteProcess("primary", pconfig, pdata, tmp_path / "primary.stderr")
-    recovery = SiteProcess("recovery", rconfig, rdata, tmp_path / "recovery.stderr")
+    recovery = site_factory("recovery")
+    primary = site_factory("primary", extra="allow_api_commands = true\n")
     vm_pid = None
     try:
-        recovery.start()
-        primary.start()
         group = protect(primary, recovery, VM, [("d", SIZE)])
         h = connect(group["disks"][0]["uri"])
         for i in range(5):
@@ -103,77 +99,64 @@ def test_self_fence_is_durable_and_stops_the_vm(tmp_path):
     finally:
         if vm_pid is not None and alive(vm_pid):
             os.kill(vm_pid, signal.SIGKILL)
-        for s in (primary, recovery):
-            if s.proc is not None and s.proc.poll() is None:
-                s.stop()
 
 
 @pytest.mark.parametrize("text", ["garbage", '{"version": 1}'])
-def test_damaged_fence_record_quarantines_only_that_vm(tmp_path, text):
+def test_damaged_fence_record_quarantines_only_that_vm(site_factory, text):
     """A fence record that is not one: that VM is quarantined (its disks are not served:
     neither 'fenced' nor 'not fenced' can be assumed); the site starts and serves others."""
     require_libnbd()
-    config, data = write_config(tmp_path, "primary")
-    site = SiteProcess("primary", config, data, tmp_path / "primary.stderr")
-    try:
-        site.start()
-        for vm in ("a", "b"):
-            api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
-                   status=201)
-        api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
-        site.stop()
-        (data / "groups" / "a" / "capture" / "fence").write_text(text)
-        site.start()
-        a = group_status(site, "a")
-        assert a["damage"]["kind"] == "capture_history", a
-        assert "fence" in a["damage"]["reason"], a
-        assert a["fenced_epoch"] == 2, a
-        b = group_status(site, "b")
-        assert "damage" not in b and b["fenced_epoch"] == 0, b
-        h = connect(b["disks"][0]["uri"])
-        h.pwrite(b"\x01" * 512, 0)
-        h.flush()
-        osrtest.close_handle(h)
-        listed = api_ok(site, "GET", "/site")["quarantined"]
-        assert [q.get("group") for q in listed] == ["a"], listed
-    finally:
-        if site.proc is not None and site.proc.poll() is None:
-            site.stop()
+    site = site_factory("primary")
+    data = site.data_dir
+    for vm in ("a", "b"):
+        api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
+               status=201)
+    api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+    site.stop()
+    (data / "groups" / "a" / "capture" / "fence").write_text(text)
+    site.start()
+    a = group_status(site, "a")
+    assert a["damage"]["kind"] == "capture_history", a
+    assert "fence" in a["damage"]["reason"], a
+    assert a["fenced_epoch"] == 2, a
+    b = group_status(site, "b")
+    assert "damage" not in b and b["fenced_epoch"] == 0, b
+    h = connect(b["disks"][0]["uri"])
+    h.pwrite(b"\x01" * 512, 0)
+    h.flush()
+    osrtest.close_handle(h)
+    listed = api_ok(site, "GET", "/site")["quarantined"]
+    assert [q.get("group") for q in listed] == ["a"], listed
 
 
-def test_damaged_site_json_starts_from_the_previous_state(tmp_path):
+def test_damaged_site_json_starts_from_the_previous_state(site_factory):
     """site.json replaced by garbage: the site starts from site.json.prev (the state before
     the last change), sets the damaged file aside, and every VM is served; a fence made in
     that last change still holds (the capture's fence record). Both damaged: it refuses to
     start, saying what to restore."""
     require_libnbd()
-    config, data = write_config(tmp_path, "primary")
-    site = SiteProcess("primary", config, data, tmp_path / "primary.stderr")
-    try:
-        site.start()
-        for vm in ("a", "b"):
-            api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
-                   status=201)
-        api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
-        site.stop()
-        (data / "site.json").write_text('{"groups": ')
-        site.start()
-        assert list(data.glob("site.json.damaged-*")), list(data.iterdir())
-        a, b = group_status(site, "a"), group_status(site, "b")
-        assert a["fenced_epoch"] == 2 and "damage" not in a, a
-        assert "damage" not in b, b
-        h = connect(b["disks"][0]["uri"])
-        h.pwrite(b"\x02" * 512, 0)
-        h.flush()
-        osrtest.close_handle(h)
-        site.stop()
-        (data / "site.json").write_text("garbage")
-        (data / "site.json.prev").write_text("garbage")
-        proc = subprocess.run([str(osrtest.require_osrd()), "site", "--config", str(config)],
-                              capture_output=True, text=True, timeout=30,
-                              stdin=subprocess.DEVNULL)
-        assert proc.returncode != 0
-        assert "restore site.json from a backup" in proc.stderr, proc.stderr[-2000:]
-    finally:
-        if site.proc is not None and site.proc.poll() is None:
-            site.stop()
+    site = site_factory("primary")
+    data, config = site.data_dir, site.config_path
+    for vm in ("a", "b"):
+        api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
+               status=201)
+    api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+    site.stop()
+    (data / "site.json").write_text('{"groups": ')
+    site.start()
+    assert list(data.glob("site.json.damaged-*")), list(data.iterdir())
+    a, b = group_status(site, "a"), group_status(site, "b")
+    assert a["fenced_epoch"] == 2 and "damage" not in a, a
+    assert "damage" not in b, b
+    h = connect(b["disks"][0]["uri"])
+    h.pwrite(b"\x02" * 512, 0)
+    h.flush()
+    osrtest.close_handle(h)
+    site.stop()
+    (data / "site.json").write_text("garbage")
+    (data / "site.json.prev").write_text("garbage")
+    proc = subprocess.run([str(osrtest.require_osrd()), "site", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "restore site.json from a backup" in proc.stderr, proc.stderr[-2000:]
