@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "capture/log_reader.h"
 #include "common/crc32c.h"
 #include "common/file.h"
 #include "common/json_in.h"
@@ -102,6 +103,17 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   g->image_paths_ = opts.image_paths;
   OSR_ASSIGN_OR_RETURN(uint64_t fenced, ReadFence(opts.dir));
   g->fenced_epoch_ = fenced;
+  // A log with records and no bitmap (or an empty one): the marks of writes that may not
+  // be in the log are lost; nothing here can say which regions to resend.
+  auto segments = ListSegments(opts.dir);
+  bool had_log = segments.ok() && !segments->empty();
+  for (size_t i = 0; i < images.size(); ++i) {
+    std::error_code ec;
+    if (had_log && !std::filesystem::exists(BitmapPath(opts.dir, i), ec)) {
+      return Corruption(fmt::format("{} is missing (the regions it marked dirty are lost)",
+                                    BitmapPath(opts.dir, i)));
+    }
+  }
   for (size_t i = 0; i < images.size(); ++i) {
     if (images[i]->read_only()) return InvalidArgument("a read-only disk has nothing to capture");
     OSR_ASSIGN_OR_RETURN(
@@ -161,6 +173,14 @@ CaptureGroup::~CaptureGroup() {
 
 std::shared_ptr<nbd::Disk> CaptureGroup::disk(size_t i) const {
   return disks_.at(i);
+}
+
+std::vector<CaptureGroup::DiskRange> CaptureGroup::WholeDisks() const {
+  std::vector<DiskRange> out;
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    out.push_back({static_cast<uint32_t>(i), {0, disks_[i]->size()}});
+  }
+  return out;
 }
 
 std::vector<CaptureGroup::DiskRange> CaptureGroup::DirtyRegions() const {

@@ -105,6 +105,8 @@ class CaptureGroup {
     Range range;
   };
   std::vector<DiskRange> DirtyRegions() const;
+  // Every byte of every disk, as one region per disk (to resend everything).
+  std::vector<DiskRange> WholeDisks() const;
   bool HasStickyRegions() const;
   // Every allocated (non-hole) region of every disk: what an initial sync copies.
   Result<std::vector<DiskRange>> AllocatedRegions() const;

@@ -202,8 +202,8 @@ Status CaptureLog::LoadCut() {
   cut.reason = f.String("reason", "");
   uint64_t resume_at = f.U64("resume_at", 0);
   if (f.ok() && cut.seq_bound < cut.after_seq) f.Fail("seq_bound", "is below after_seq");
-  if (f.ok() && resume_at != 0 && resume_at <= cut.after_seq) {
-    f.Fail("resume_at", "is not after after_seq");
+  if (f.ok() && resume_at != 0 && (resume_at <= cut.after_seq || resume_at > cut.seq_bound + 1)) {
+    f.Fail("resume_at", "is not between after_seq + 1 and seq_bound + 1");
   }
   if (!f.ok()) return Corruption(f.status().message());
   if (resume_at == 0) {
@@ -272,6 +272,14 @@ Status CaptureLog::ResumeAfterCut(uint64_t durable) {
       return Internal(fmt::format("capture log {}: cut after seq {} but the log ends at {}",
                                   opts_.dir, cut.after_seq, last));
     }
+  }
+  if (durable > cut.seq_bound) {
+    // No record past seq_bound was ever written here: a peer that says it holds one is
+    // not this log's recovery site (or its state is not what it says).
+    return Corruption(fmt::format(
+        "capture log {}: the recovery site says it holds seq {}, but this log never wrote past "
+        "seq {} (cut after seq {}): refusing to go on",
+        opts_.dir, durable, cut.seq_bound, cut.after_seq));
   }
   if (durable > last) {
     // The recovery site holds seqs this log lost: go on after them. Every segment here is

@@ -210,6 +210,10 @@ TEST_F(CaptureLogTest, ACutBeyondWhatTheRecoverySiteHoldsGoesOnAfterTheCut) {
   }
   fs::resize_file(seg, fs::file_size(seg) - 100);
   auto log = OpenLog();
+  // A peer that claims seqs this log never wrote is refused, and the cut stays.
+  auto bound = log->pending_cut()->seq_bound;
+  EXPECT_EQ(log->ResumeAfterCut(bound + 1).code(), Code::kCorruption);
+  EXPECT_TRUE(log->pending_cut().has_value());
   ASSERT_TRUE(log->ResumeAfterCut(2).ok());  // the recovery site has 1..2: 3..4 are sent
   EXPECT_EQ(log->last_seq(), 4u);
   EXPECT_EQ(log->first_seq_held().value(), 1u);
@@ -227,7 +231,7 @@ TEST_F(CaptureLogTest, AResumeCutShortByACrashIsFinishedOnOpen) {
   // As ResumeAfterCut(9) leaves it when the process dies after recording where it resumes.
   {
     std::ofstream f(fs::path(dir_) / "cut.json");
-    f << R"({"version":1,"after_seq":5,"seq_bound":6,"time_ns":1,"reason":"test","resume_at":10})";
+    f << R"({"version":1,"after_seq":5,"seq_bound":12,"time_ns":1,"reason":"test","resume_at":10})";
   }
   auto log = OpenLog();
   ASSERT_NE(log, nullptr);
@@ -244,7 +248,8 @@ TEST_F(CaptureLogTest, ADamagedCutRecordIsRefusedNotGuessed) {
   }
   for (const char* text :
        {"{", R"({"after_seq":"5","seq_bound":6})", R"({"after_seq":7,"seq_bound":6})",
-        R"({"after_seq":5,"seq_bound":6,"resume_at":3})"}) {
+        R"({"after_seq":5,"seq_bound":6,"resume_at":3})",
+        R"({"after_seq":5,"seq_bound":6,"resume_at":9223372036854775000})"}) {
     {
       std::ofstream f(fs::path(dir_) / "cut.json");
       f << text;

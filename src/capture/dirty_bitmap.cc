@@ -83,12 +83,17 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path, 
   }
   std::unique_ptr<DirtyBitmap> b(new DirtyBitmap());
   b->path_ = path;
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  // Made here (O_EXCL) or found: a found file with no bytes lost its marks, it is not new.
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  bool fresh = fd >= 0;
+  if (fd < 0 && errno == EEXIST) fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return Status::FromErrno(errno, "open " + path);
   b->fd_ = Fd(fd);
   struct stat st {};
-  ::fstat(fd, &st);
-  bool fresh = st.st_size == 0;
+  if (::fstat(fd, &st) != 0) return Status::FromErrno(errno, "stat " + path);
+  if (!fresh && st.st_size == 0) {
+    return Corruption(path + ": empty (the regions it marked dirty are lost)");
+  }
   Header old{};
   if (!fresh) {
     if (static_cast<uint64_t>(st.st_size) < kHeaderBytes) return Corruption(path + ": truncated");

@@ -124,11 +124,9 @@ Result<Hello> ParseHello(std::span<const uint8_t> payload) {
 // ---- HELLO_OK ---------------------------------------------------------------------------
 
 std::string EncodeHelloOk(const HelloOk& h) {
-  json j{{"durable_seq", h.durable_seq},
-         {"base_seq", h.base_seq},
-         {"compress", h.lz4 ? "lz4" : "none"},
-         {"initial_sync", h.initial_sync},
-         {"differential", h.differential}};
+  json j{{"durable_seq", h.durable_seq},       {"base_seq", h.base_seq},
+         {"compress", h.lz4 ? "lz4" : "none"}, {"initial_sync", h.initial_sync},
+         {"differential", h.differential},     {"resyncing", h.resyncing}};
   if (h.staged) {
     j["staged"] = {{"from", h.staged->from},
                    {"initial", h.staged->initial},
@@ -148,6 +146,7 @@ Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload) {
   h.lz4 = f.String("compress", "none") == "lz4";
   h.initial_sync = f.Bool("initial_sync", false);
   h.differential = f.Bool("differential", false);
+  h.resyncing = f.Bool("resyncing", false);
   const json* staged = f.Object("staged");
   if (!f.ok()) return f.status();
   if (staged != nullptr) {

@@ -100,6 +100,8 @@ struct HelloOk {
   bool differential = false;  // missing: false
   // Missing (an older receiver, or nothing staged): a resync cut short starts over.
   std::optional<HelloStaged> staged;
+  // The store waits for a resync to end (seqs after its start are unreadable); missing: false.
+  bool resyncing = false;
 };
 std::string EncodeHelloOk(const HelloOk& h);
 Result<HelloOk> ParseHelloOk(std::span<const uint8_t> payload);

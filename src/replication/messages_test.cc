@@ -90,9 +90,11 @@ TEST(Messages, HelloRoundTripsAndNamesABadField) {
 }
 
 TEST(Messages, HelloOkAndResyncPayloads) {
-  HelloOk ok{5, 2, true, true, false, std::nullopt};
+  HelloOk ok{5, 2, true, true, false, std::nullopt, true};
   auto back = ParseHelloOk(Bytes(EncodeHelloOk(ok)));
   ASSERT_TRUE(back.ok());
+  EXPECT_TRUE(back->resyncing);
+  EXPECT_FALSE(ParseHelloOk(Bytes(R"({"durable_seq":1,"resyncing":"no"})")).ok());
   EXPECT_EQ(back->durable_seq, 5u);
   EXPECT_EQ(back->base_seq, 2u);
   EXPECT_TRUE(back->lz4);

@@ -285,6 +285,7 @@ Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
   ok.lz4 = a.lz4;
   ok.initial_sync = a.store->initial_sync_pending();
   ok.differential = a.store->differential();
+  ok.resyncing = a.store->resyncing();
   if (auto p = a.store->staged_progress()) {
     ok.staged = HelloStaged{p->from, p->initial, p->bytes, p->end_disk, p->end_offset};
   }

@@ -389,11 +389,7 @@ Status Sender::Session() {
         "replication sender '{}': the recovery site holds up to seq {} but this log starts at "
         "{}: replacing its history with a resynchronization of every region",
         opts_.group, durable, first_held);
-    std::vector<capture::CaptureGroup::DiskRange> whole;
-    for (uint32_t d = 0; d < opts_.capture_group->disk_count(); ++d) {
-      whole.push_back({d, {0, opts_.capture_group->disk(d)->size()}});
-    }
-    OSR_RETURN_IF_ERROR(opts_.capture_group->MarkRegions(whole));
+    OSR_RETURN_IF_ERROR(opts_.capture_group->MarkRegions(opts_.capture_group->WholeDisks()));
     replace_from = first_held - 1;
     durable = *replace_from;
   } else if (!initial && durable + 1 < first_held) {
@@ -401,6 +397,17 @@ Status Sender::Session() {
     stats_.resync_required = true;
     return NotFound(fmt::format("the recovery site needs seq {}, the log starts at {}", durable + 1,
                                 first_held));
+  }
+  if (!initial && !replace_from && !resume && hello_ok.resyncing &&
+      opts_.capture_group != nullptr && !log_->overflowed() &&
+      !opts_.capture_group->HasStickyRegions()) {
+    // The recovery site waits for a resync that this site has no mark of (its dirty-region
+    // marks were lost): only every region, resent, ends it with the right bytes.
+    spdlog::warn(
+        "replication sender '{}': the recovery site waits for a resynchronization this site "
+        "has no marks for: resending every region",
+        opts_.group);
+    OSR_RETURN_IF_ERROR(opts_.capture_group->MarkRegions(opts_.capture_group->WholeDisks()));
   }
   {
     std::lock_guard lock(mu_);
