@@ -907,7 +907,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   }
   if (item->state == "FailoverCommitted") {
     // Nothing replicates; the old primary keeps its fenced disks until deleted there.
-    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
+    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
     OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
     return json{{"name", vm}, {"state", "Unprotected"}};
   }
@@ -924,7 +924,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
     auto r = Client(*dst).Call("DELETE", "/stores/" + vm);
     if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
   }
-  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
+  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
   OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
   return json{{"name", vm}, {"state", "Unprotected"}, {"cancelled_jobs", cancelled}};
 }
