@@ -19,6 +19,7 @@
 #include "common/units.h"
 #include "hypervisor/vm_spec.h"
 #include "vault/job_steps.h"
+#include "vault/point_at_time.h"
 #include "vault/retention.h"
 
 namespace osr::vault {
@@ -1336,15 +1337,8 @@ Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spe
   }
   if (LooksLikeTime(spec)) {
     OSR_ASSIGN_OR_RETURN(int64_t t, ParseTimeNs(spec));
-    // The newest point (by seq) whose time is at or before t.
-    const PointRow* best = nullptr;
-    for (auto& pt : points) {
-      if (pt.time_ns <= t) best = &pt;
-    }
-    if (best == nullptr) {
-      return NotFound(fmt::format("VM {} has no recovery point at or before {}", item.vm, spec));
-    }
-    return *best;
+    // Within one clock era: a time a stepped clock read twice is refused (point_at_time.h).
+    return PointAtTime(points, t, item.vm, spec);
   }
   return InvalidArgument("'" + spec +
                          "' is not a point: latest, latest-processed, "
