@@ -15,9 +15,11 @@
 // or once a minute. Without TLS it connects only to loopback addresses unless
 // plaintext_beyond_loopback.
 //
-// Bandwidth (bandwidth_bytes_per_second): one token bucket (pacer.h) per session for
-// every byte on the wire — records, initial copy and resync — with a burst of one frame
-// or 100 ms of the rate; under a limit, frames are about 100 ms of the rate (≥ 64 KiB).
+// Bandwidth (bandwidth_bytes_per_second): one token bucket (pacer.h) per sender, kept
+// across reconnects, for every byte on the wire after the handshake — records, initial
+// copy and resync — with a burst of one frame or 100 ms of the rate; writes go in pieces
+// of at most the burst (PacedStream), so a record larger than that (one large write)
+// leaves at the rate too. Under a limit, frames are about 100 ms of the rate (≥ 64 KiB).
 //
 // Thread model: Start() runs a connection thread; while connected an ACK-reader thread
 // too. Both entry points catch whatever escapes, report it in the stats and go on (the
@@ -96,7 +98,7 @@ class Sender {
     uint64_t acked_seq = 0;
     uint64_t sent_seq = 0;
     uint64_t bytes_sent = 0;       // bytes shipped: records and copied regions, before compression
-    uint64_t wire_bytes_sent = 0;  // after compression, with frame headers
+    uint64_t wire_bytes_sent = 0;  // after compression, with frame headers; counted as it goes
     uint64_t reconnects = 0;
     // The receiver refused this sender's epoch as stale (the item failed over): it stopped
     // and does not reconnect (last_error says so).
@@ -149,13 +151,13 @@ class Sender {
   // keep flowing; `ship` sends the records up to a seq.
   // With `initial` (from, overflow generation): the first copy into an empty store, of
   // the disks' allocated regions.
-  // `pacer`: the session's bandwidth limit; `frame_bytes`: the most data per frame.
-  // `replace_from`: the recovery site lacks records this log no longer holds; its history
-  // after its durable seq is replaced (RESYNC_BEGIN replace_history) and records after
-  // replace_from follow the BEGIN.
+  // `s`: the session's paced stream (the bandwidth limit); `frame_bytes`: the most data
+  // per frame. `replace_from`: the recovery site lacks records this log no longer holds;
+  // its history after its durable seq is replaced (RESYNC_BEGIN replace_history) and
+  // records after replace_from follow the BEGIN.
   Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
-                std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                size_t frame_bytes, std::optional<uint64_t> replace_from = std::nullopt);
+                std::optional<std::pair<uint64_t, uint64_t>> initial, size_t frame_bytes,
+                std::optional<uint64_t> replace_from = std::nullopt);
   // Waits until the pacer lets `bytes` go. kUnavailable when the session broke or the
   // sender stops.
   Status WaitToSend(Pacer& pacer, uint64_t bytes);
@@ -172,6 +174,9 @@ class Sender {
   capture::CaptureLog* log_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  // The bandwidth limit's bucket: the connection thread's only, made at its first session
+  // and kept across reconnects.
+  std::optional<Pacer> pacer_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
