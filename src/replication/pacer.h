@@ -1,13 +1,13 @@
 // Pacer: the policy's bandwidth limit as a token bucket, for every byte a sender puts
-// on the wire (records, initial copy, resync: one bucket per session, so that a copy and
-// the records that flow beside it share the rate).
+// on the wire (records, initial copy, resync: one bucket per sender, so that a copy and
+// the records that flow beside it share the rate, and a reconnect brings no new burst).
 //
 // The bucket holds at most burst_bytes and starts full: at any moment, the bytes taken
 // since the start are at most burst_bytes + rate × elapsed (for takes of at most
 // burst_bytes each; a single take above it waits for a full bucket and then goes, running
-// the bucket into debt, which later takes repay). BurstFor() picks the burst: one frame,
-// or 100 ms at the rate, whichever is more — so the first writes after protection do not
-// slip through at disk speed.
+// the bucket into debt, which later takes repay; PacedStream never takes above it).
+// BurstFor() picks the burst: one frame, or 100 ms at the rate, whichever is more — so
+// the first writes after protection do not slip through at disk speed.
 //
 // The clock is the caller's (now_ns on a monotonic clock): tests drive it by hand.
 //
