@@ -1,6 +1,9 @@
 #include "common/json_in.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
 
 namespace osr::json_in {
 
@@ -98,6 +101,20 @@ void Fields::Fail(std::string_view key, std::string_view what) {
   if (status_.ok()) status_ = InvalidArgument(fmt::format("{}{}: {}", prefix_, key, what));
 }
 
+void Fields::RefuseOthers() {
+  if (!status_.ok() || !obj_.is_object()) return;
+  for (auto it = obj_.begin(); it != obj_.end(); ++it) {
+    if (std::find(asked_.begin(), asked_.end(), it.key()) != asked_.end()) continue;
+    // A peer's key, shown in a message: cut short.
+    constexpr size_t kKeyShownMax = 64;
+    Fail(it.key().substr(0, kKeyShownMax),
+         asked_.empty()
+             ? std::string("is not a field of this call (it takes none)")
+             : fmt::format("is not a field of this call (it takes {})", fmt::join(asked_, ", ")));
+    return;
+  }
+}
+
 bool Fields::Has(std::string_view key) const {
   if (!obj_.is_object()) return false;
   auto it = obj_.find(key);
@@ -105,6 +122,7 @@ bool Fields::Has(std::string_view key) const {
 }
 
 const json* Fields::Find(std::string_view key, bool required) {
+  if (std::find(asked_.begin(), asked_.end(), key) == asked_.end()) asked_.emplace_back(key);
   if (!status_.ok()) return nullptr;
   auto it = obj_.find(key);
   if (it == obj_.end() || it->is_null()) {

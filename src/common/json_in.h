@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 
@@ -86,12 +87,17 @@ class Fields {
 
   // Records an error of the caller's about `key` (if none was recorded yet).
   void Fail(std::string_view key, std::string_view what);
+  // Records an error for the first field of the object that no read above asked for (a
+  // misspelt or unsupported option is refused, not ignored), naming the fields this call
+  // takes. Call after the reads.
+  void RefuseOthers();
 
  private:
   const nlohmann::json* Find(std::string_view key, bool required);
   const nlohmann::json& obj_;
   std::string prefix_;
   Status status_;
+  std::vector<std::string> asked_;  // the keys the reads asked for, in order
 };
 
 }  // namespace osr::json_in

@@ -50,6 +50,40 @@ TEST(JsonIn, WrongTypesNameTheField) {
   EXPECT_EQ(h.status().message(), "b: must be true or false, not a number");
 }
 
+TEST(JsonIn, RefuseOthersNamesTheFirstUnknownFieldAndTheKnownOnes) {
+  json j = json::parse(R"({"trim_image":true,"resset_history":true})");
+  Fields f(j, "the body.");
+  EXPECT_TRUE(f.Bool("trim_image", false));
+  EXPECT_FALSE(f.Bool("reset_history", false));
+  EXPECT_TRUE(f.ok());
+  f.RefuseOthers();
+  EXPECT_FALSE(f.ok());
+  EXPECT_EQ(f.status().message(),
+            "the body.resset_history: is not a field of this call (it takes trim_image, "
+            "reset_history)");
+
+  // Fields the reads asked for, present or not, pass; nothing else is there.
+  json k = json::parse(R"({"trim_image":false})");
+  Fields g(k);
+  g.Bool("trim_image", true);
+  g.Bool("reset_history", false);
+  g.RefuseOthers();
+  EXPECT_TRUE(g.ok()) << g.status().ToString();
+
+  // A call that takes no field.
+  json e = json::parse(R"({"x":1})");
+  Fields h(e);
+  h.RefuseOthers();
+  EXPECT_EQ(h.status().message(), "x: is not a field of this call (it takes none)");
+
+  // A wrong type is reported first, as it was met first.
+  json w = json::parse(R"({"trim_image":"yes","other":1})");
+  Fields v(w);
+  v.Bool("trim_image", false);
+  v.RefuseOthers();
+  EXPECT_EQ(v.status().message(), "trim_image: must be true or false, not a string");
+}
+
 TEST(JsonIn, RangesMissingAndRequired) {
   json j = json::parse(R"({"retention_seconds":17446744074,"name":"x"})");
   Fields f(j);

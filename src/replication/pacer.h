@@ -1,21 +1,32 @@
 // Pacer: the policy's bandwidth limit as a token bucket, for every byte a sender puts
-// on the wire (records, initial copy, resync: one bucket per session, so that a copy and
-// the records that flow beside it share the rate).
+// on the wire (records, initial copy, resync: one bucket per sender, so that a copy and
+// the records that flow beside it share the rate, and a reconnect brings no new burst).
 //
 // The bucket holds at most burst_bytes and starts full: at any moment, the bytes taken
 // since the start are at most burst_bytes + rate × elapsed (for takes of at most
 // burst_bytes each; a single take above it waits for a full bucket and then goes, running
-// the bucket into debt, which later takes repay). BurstFor() picks the burst: one frame,
-// or 100 ms at the rate, whichever is more — so the first writes after protection do not
-// slip through at disk speed.
+// the bucket into debt, which later takes repay; PacedStream never takes above it).
+// BurstFor() picks the burst: one frame, or 100 ms at the rate, whichever is more — so
+// the first writes after protection do not slip through at disk speed.
 //
 // The clock is the caller's (now_ns on a monotonic clock): tests drive it by hand.
 //
-// Thread model: none; the sender's connection thread owns its Pacer.
+// PacedStream puts the bucket on a stream's writes: a write goes in pieces of at most the
+// burst, each once the bucket holds it, so that even one frame far above the burst (the
+// record of a 16 MiB write) leaves at the rate. Whatever the frames, the bytes a
+// PacedStream wrote by any moment are at most burst_bytes + rate × (that moment − the
+// Pacer's start).
+//
+// Thread model: none; the sender's connection thread owns its Pacer (one per sender, kept
+// across its sessions, so that a reconnect brings no fresh burst) and its PacedStream.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+
+#include "common/socket.h"
+#include "common/status.h"
 
 namespace osr::replication {
 
@@ -67,6 +78,40 @@ class Pacer {
   uint64_t burst_;
   double tokens_;  // may go below 0 after a take above the burst
   int64_t at_ns_;
+};
+
+class PacedStream final : public Stream {
+ public:
+  // wait(bytes): returns Ok once `pacer` lets `bytes` go (Delay 0 at now_ns()), or the
+  // error that ends the write (the session broke, the sender stops). wrote(bytes): called
+  // after each piece went (counting); may be empty. `inner` and `pacer` are borrowed and
+  // must outlive this stream. Reads and shutdowns go to `inner` unpaced.
+  PacedStream(Stream& inner, Pacer& pacer, std::function<Status(uint64_t)> wait,
+              std::function<int64_t()> now_ns, std::function<void(uint64_t)> wrote = {})
+      : inner_(inner),
+        pacer_(pacer),
+        wait_(std::move(wait)),
+        now_ns_(std::move(now_ns)),
+        wrote_(std::move(wrote)) {}
+
+  Result<size_t> ReadSome(std::span<uint8_t> buf) override { return inner_.ReadSome(buf); }
+  Result<std::optional<size_t>> TryReadSome(std::span<uint8_t> buf) override {
+    return inner_.TryReadSome(buf);
+  }
+  // Every byte, in pieces of at most the pacer's burst; wait's error stops it part way
+  // (the stream is then broken: the caller ends the session).
+  Status WriteAll(std::span<const struct iovec> iov) override;
+  using Stream::WriteAll;
+  void Shutdown() override { inner_.Shutdown(); }
+  void ShutdownRead() override { inner_.ShutdownRead(); }
+  void SetReadTimeoutMs(int ms) override { inner_.SetReadTimeoutMs(ms); }
+
+ private:
+  Stream& inner_;
+  Pacer& pacer_;
+  std::function<Status(uint64_t)> wait_;
+  std::function<int64_t()> now_ns_;
+  std::function<void(uint64_t)> wrote_;
 };
 
 }  // namespace osr::replication

@@ -3,8 +3,10 @@
 #include "replication/pacer.h"
 
 #include <gtest/gtest.h>
+#include <sys/uio.h>
 
 #include <random>
+#include <vector>
 
 namespace osr::replication {
 namespace {
@@ -95,6 +97,105 @@ TEST(PacerTest, AClockThatStepsBackAddsNothing) {
   p.Take(1000, 10 * kS);
   EXPECT_GT(p.Delay(1000, 5 * kS), 0);  // earlier than before: no tokens appear
   EXPECT_EQ(p.Delay(1000, 11 * kS), 0);
+}
+
+// A stream that keeps what is written and when (the hand clock), piece by piece.
+class RecordingStream final : public Stream {
+ public:
+  explicit RecordingStream(const int64_t* now) : now_(now) {}
+  Result<size_t> ReadSome(std::span<uint8_t>) override { return size_t{0}; }
+  Status WriteAll(std::span<const struct iovec> iov) override {
+    uint64_t n = 0;
+    for (auto& v : iov) {
+      auto* p = static_cast<const uint8_t*>(v.iov_base);
+      bytes.insert(bytes.end(), p, p + v.iov_len);
+      n += v.iov_len;
+    }
+    pieces.push_back({*now_, n});
+    return Status::Ok();
+  }
+  using Stream::WriteAll;
+  struct Piece {
+    int64_t at_ns;
+    uint64_t bytes;
+  };
+  std::vector<Piece> pieces;
+  std::vector<uint8_t> bytes;
+
+ private:
+  const int64_t* now_;
+};
+
+// Issue 10, case 10: a 16 MiB write's record under 64 KiB/s went at once (the bucket let
+// a frame above the burst through and repaid it later). Through a PacedStream, at every
+// moment the bytes written are within the burst plus the rate since the start, and they
+// arrive whole and in order. A stream that did not cut the frame fails the first check.
+TEST(PacedStreamTest, AFrameFarAboveTheBurstLeavesAtTheRate) {
+  constexpr uint64_t kRate = 64 << 10;
+  const uint64_t burst = Pacer::BurstFor(kRate, (64 << 10) + 28);
+  int64_t now = 0;
+  Pacer p(kRate, burst, now);
+  RecordingStream inner(&now);
+  PacedStream paced(
+      inner, p,
+      [&](uint64_t n) {  // the hand clock jumps to each allowed moment
+        for (int64_t d = p.Delay(n, now); d > 0; d = p.Delay(n, now)) now += d;
+        return Status::Ok();
+      },
+      [&] { return now; });
+  std::vector<uint8_t> header(16, 0xAB), payload(16 << 20);
+  std::mt19937 rng(3);
+  for (auto& b : payload) b = static_cast<uint8_t>(rng());
+  struct iovec iov[2] = {{header.data(), header.size()}, {payload.data(), payload.size()}};
+  ASSERT_TRUE(paced.WriteAll(std::span<const struct iovec>(iov, 2)).ok());
+
+  uint64_t sent = 0;
+  for (auto& piece : inner.pieces) {
+    EXPECT_LE(piece.bytes, burst);
+    sent += piece.bytes;
+    EXPECT_LE(sent, burst + static_cast<uint64_t>(static_cast<double>(kRate) * piece.at_ns / kS))
+        << sent << " bytes at " << piece.at_ns << " ns";
+  }
+  ASSERT_EQ(inner.bytes.size(), header.size() + payload.size());
+  EXPECT_TRUE(std::equal(header.begin(), header.end(), inner.bytes.begin()));
+  EXPECT_TRUE(std::equal(payload.begin(), payload.end(), inner.bytes.begin() + 16));
+  // About 256 s for 16 MiB at 64 KiB/s, less the burst: no idle time added either.
+  double secs = static_cast<double>(now) / kS;
+  EXPECT_NEAR(secs, static_cast<double>(sent - burst) / kRate, 0.01);
+}
+
+TEST(PacedStreamTest, AWaitThatFailsStopsTheWritePartWay) {
+  constexpr uint64_t kRate = 1000;
+  int64_t now = 0;
+  Pacer p(kRate, 100, now);
+  RecordingStream inner(&now);
+  int waits = 0;
+  std::vector<uint64_t> wrote;
+  PacedStream paced(
+      inner, p,
+      [&](uint64_t n) -> Status {
+        if (++waits > 3) return Unavailable("the session broke");
+        for (int64_t d = p.Delay(n, now); d > 0; d = p.Delay(n, now)) now += d;
+        return Status::Ok();
+      },
+      [&] { return now; }, [&](uint64_t n) { wrote.push_back(n); });
+  std::vector<uint8_t> data(1000, 1);
+  Status st = paced.WriteAll(data);
+  EXPECT_EQ(st.code(), Code::kUnavailable);
+  EXPECT_EQ(inner.bytes.size(), 300u);  // three pieces of the burst, then the error
+  EXPECT_EQ(wrote, (std::vector<uint64_t>{100, 100, 100}));
+}
+
+TEST(PacedStreamTest, NoLimitWritesInOnePiece) {
+  int64_t now = 0;
+  Pacer p(0, 0, now);
+  RecordingStream inner(&now);
+  PacedStream paced(
+      inner, p, [](uint64_t) { return Status::Ok(); }, [&] { return now; });
+  std::vector<uint8_t> data(10 << 20, 7);
+  ASSERT_TRUE(paced.WriteAll(data).ok());
+  ASSERT_EQ(inner.pieces.size(), 1u);
+  EXPECT_EQ(inner.pieces[0].bytes, data.size());
 }
 
 }  // namespace

@@ -434,12 +434,22 @@ Status Sender::Session() {
   std::vector<uint8_t> frame;
   uint64_t trimmed_upto = durable;
   auto last_trim = std::chrono::steady_clock::now();
-  // The policy's bandwidth limit, for every byte of this session (records and copies).
+  // The policy's bandwidth limit, for every byte after the handshake (records and
+  // copies), in pieces of at most the burst however large a frame is. One bucket for the
+  // sender's life: a new session starts with what the last one left, not a full burst.
   const size_t frame_bytes = FrameBytesAt(opts_.bandwidth_bytes_per_second, opts_.frame_bytes_max);
-  Pacer pacer(
-      opts_.bandwidth_bytes_per_second,
-      Pacer::BurstFor(opts_.bandwidth_bytes_per_second, frame_bytes + 12 + kFrameHeaderBytes),
-      SteadyNs());
+  if (!pacer_) {
+    pacer_.emplace(
+        opts_.bandwidth_bytes_per_second,
+        Pacer::BurstFor(opts_.bandwidth_bytes_per_second, frame_bytes + 12 + kFrameHeaderBytes),
+        SteadyNs());
+  }
+  PacedStream paced(
+      s, *pacer_, [this](uint64_t bytes) { return WaitToSend(*pacer_, bytes); }, SteadyNs,
+      [this](uint64_t bytes) {
+        std::lock_guard lock(mu_);
+        stats_.wire_bytes_sent += bytes;  // as it goes: a large frame shows its progress
+      });
   // Sends one frame of records if any are written; returns how many records it sent.
   auto ship_once = [&]() -> Result<size_t> {
     {
@@ -465,13 +475,9 @@ Status Sender::Session() {
     frame.clear();
     OSR_ASSIGN_OR_RETURN(size_t n, tailer.Read(frame_bytes, &frame));
     if (n == 0) return size_t{0};
-    // Paced on the wire: wait for the frame's size as read (compression only makes it
-    // smaller), then pay what went.
-    OSR_RETURN_IF_ERROR(WaitToSend(pacer, frame.size() + kFrameHeaderBytes));
-    OSR_ASSIGN_OR_RETURN(size_t wire, WriteRecordsFrame(s, frame, compress));
-    pacer.Take(wire, SteadyNs());
+    // Paced on the wire (what goes after compression; wire_bytes_sent counts it).
+    OSR_RETURN_IF_ERROR(WriteRecordsFrame(paced, frame, compress).status());
     std::lock_guard lock(mu_);
-    stats_.wire_bytes_sent += wire;
     uint64_t last = tailer.next_seq() - 1;
     int64_t first_time;
     std::memcpy(&first_time, frame.data() + 40, 8);  // the first record's time_ns
@@ -496,12 +502,12 @@ Status Sender::Session() {
     return Status::Ok();
   };
   if (initial_from) {
-    OSR_RETURN_IF_ERROR(Resync(s, ship_upto, initial_from, pacer, frame_bytes,
-                               std::exchange(resume, std::nullopt)));
+    OSR_RETURN_IF_ERROR(
+        Resync(paced, ship_upto, initial_from, frame_bytes, std::exchange(resume, std::nullopt)));
   }
   if (replace_from) {
     OSR_RETURN_IF_ERROR(
-        Resync(s, ship_upto, std::nullopt, pacer, frame_bytes, std::nullopt, replace_from));
+        Resync(paced, ship_upto, std::nullopt, frame_bytes, std::nullopt, replace_from));
   }
   while (!stop_) {
     // Caught up with a log that overflowed, or with regions a crash left marked: copy
@@ -513,8 +519,8 @@ Status Sender::Session() {
     }
     if (opts_.capture_group != nullptr && !resync_pending && tailer.next_seq() > log_->last_seq() &&
         (log_->overflowed() || opts_.capture_group->HasStickyRegions())) {
-      OSR_RETURN_IF_ERROR(Resync(s, ship_upto, std::nullopt, pacer, frame_bytes,
-                                 std::exchange(resume, std::nullopt)));
+      OSR_RETURN_IF_ERROR(
+          Resync(paced, ship_upto, std::nullopt, frame_bytes, std::exchange(resume, std::nullopt)));
       continue;
     }
     OSR_ASSIGN_OR_RETURN(size_t n, ship_once());
@@ -524,9 +530,8 @@ Status Sender::Session() {
 }
 
 Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
-                      std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                      size_t frame_bytes, std::optional<uint64_t> resume,
-                      std::optional<uint64_t> replace_from) {
+                      std::optional<std::pair<uint64_t, uint64_t>> initial, size_t frame_bytes,
+                      std::optional<uint64_t> resume, std::optional<uint64_t> replace_from) {
   bool is_initial = initial.has_value();
   uint64_t cursor = 0;
   OSR_ASSIGN_OR_RETURN(ResyncPlan plan,
@@ -556,7 +561,7 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   OSR_RETURN_IF_ERROR(WriteFrame(
       s, FrameType::kResyncBegin,
       EncodeResyncBegin({from, is_initial, cursor == 0 && replace_from.has_value(), cursor})));
-  OSR_RETURN_IF_ERROR(SendRegions(s, ship_upto, plan, cursor, pacer, frame_bytes));
+  OSR_RETURN_IF_ERROR(SendRegions(s, ship_upto, plan, cursor, frame_bytes));
   if (stop_) return Status::Ok();
   // Every region now holds at least what it had when it was read; the records up to
   // `consistent` bring each one to the same moment.
@@ -611,11 +616,10 @@ Result<ResyncPlan> Sender::ChoosePlan(const std::function<Status(uint64_t)>& shi
 }
 
 Status Sender::SendRegions(Stream& s, const std::function<Status(uint64_t)>& ship_upto,
-                           const ResyncPlan& plan, uint64_t cursor, Pacer& pacer,
-                           size_t frame_bytes) {
+                           const ResyncPlan& plan, uint64_t cursor, size_t frame_bytes) {
   std::vector<uint8_t> buf;
-  // The policy's bandwidth limit holds for copies too (initial, resync, reprotect), in
-  // the same bucket as the records that flow meanwhile.
+  // The policy's bandwidth limit holds for copies too (initial, resync, reprotect): `s`
+  // is the session's paced stream, the same bucket as the records that flow meanwhile.
   const size_t chunk_bytes = std::min(opts_.resync_chunk_bytes, frame_bytes);
   uint64_t pos = 0;  // the copy's position at the start of region r
   for (const auto& r : plan.regions) {
@@ -632,15 +636,12 @@ Status Sender::SendRegions(Stream& s, const std::function<Status(uint64_t)>& shi
       std::memcpy(buf.data(), &r.disk, 4);
       std::memcpy(buf.data() + 4, &off, 8);
       OSR_RETURN_IF_ERROR(opts_.capture_group->ReadDisk(r.disk, off, {buf.data() + 12, n}));
-      OSR_RETURN_IF_ERROR(WaitToSend(pacer, buf.size() + kFrameHeaderBytes));
       OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kResyncData, buf));
-      pacer.Take(buf.size() + kFrameHeaderBytes, SteadyNs());
       off += n;
       {
         std::unique_lock lock(mu_);
         stats_.resync_bytes_done += n;
         stats_.bytes_sent += n;
-        stats_.wire_bytes_sent += buf.size() + kFrameHeaderBytes;
         if (session_broken_) return Unavailable(stats_.last_error);
       }
       // New writes keep flowing while the regions are copied.

@@ -21,9 +21,11 @@
 // but only when that is provably the same copy with nothing before the cursor changed
 // unrecorded since (PlanResume); else it starts over from its first byte and logs why.
 //
-// Bandwidth (bandwidth_bytes_per_second): one token bucket (pacer.h) per session for
-// every byte on the wire — records, initial copy and resync — with a burst of one frame
-// or 100 ms of the rate; under a limit, frames are about 100 ms of the rate (≥ 64 KiB).
+// Bandwidth (bandwidth_bytes_per_second): one token bucket (pacer.h) per sender, kept
+// across reconnects, for every byte on the wire after the handshake — records, initial
+// copy and resync — with a burst of one frame or 100 ms of the rate; writes go in pieces
+// of at most the burst (PacedStream), so a record larger than that (one large write)
+// leaves at the rate too. Under a limit, frames are about 100 ms of the rate (≥ 64 KiB).
 //
 // Thread model: Start() runs a connection thread; while connected an ACK-reader thread
 // too. Both entry points catch whatever escapes, report it in the stats and go on (the
@@ -103,7 +105,7 @@ class Sender {
     uint64_t acked_seq = 0;
     uint64_t sent_seq = 0;
     uint64_t bytes_sent = 0;       // bytes shipped: records and copied regions, before compression
-    uint64_t wire_bytes_sent = 0;  // after compression, with frame headers
+    uint64_t wire_bytes_sent = 0;  // after compression, with frame headers; counted as it goes
     uint64_t reconnects = 0;
     // The receiver refused this sender's epoch as stale (the item failed over): it stopped
     // and does not reconnect (last_error says so).
@@ -160,14 +162,15 @@ class Sender {
   // keep flowing; `ship` sends the records up to a seq.
   // With `initial` (from, overflow generation): the first copy into an empty store, of
   // the disks' allocated regions.
-  // `pacer`: the session's bandwidth limit; `frame_bytes`: the most data per frame.
+  // `s`: the session's paced stream (the bandwidth limit); `frame_bytes`: the most data
+  // per frame.
   // `resume`: go on with the plan (plan_) from this cursor (PlanResume said so).
   // `replace_from`: the recovery site lacks records this log no longer holds; its history
   // after its durable seq is replaced (RESYNC_BEGIN replace_history) and records after
   // replace_from follow the BEGIN.
   Status Resync(Stream& s, const std::function<Status(uint64_t)>& ship,
-                std::optional<std::pair<uint64_t, uint64_t>> initial, Pacer& pacer,
-                size_t frame_bytes, std::optional<uint64_t> resume,
+                std::optional<std::pair<uint64_t, uint64_t>> initial, size_t frame_bytes,
+                std::optional<uint64_t> resume,
                 std::optional<uint64_t> replace_from = std::nullopt);
   // Whether the copy of plan_ goes on where the recovery site's staged copy ends (HELLO_OK
   // `staged`): the cursor to go on from, or nullopt to start over (the plan is dropped and
@@ -183,7 +186,7 @@ class Sender {
                                 std::optional<uint64_t> replace_from, uint64_t* cursor);
   // Sends the plan's regions from byte `cursor` of the copy on, records flowing between.
   Status SendRegions(Stream& s, const std::function<Status(uint64_t)>& ship, const ResyncPlan& plan,
-                     uint64_t cursor, Pacer& pacer, size_t frame_bytes);
+                     uint64_t cursor, size_t frame_bytes);
   // Why the capture log cannot bring a copy of `plan` that goes on after the receiver's
   // `durable` seq to a consistent end ("" when it can). Holds plan_mu_.
   std::string LogBarsResume(const ResyncPlan& plan, uint64_t durable);
@@ -216,6 +219,9 @@ class Sender {
   capture::CaptureLog* log_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  // The bandwidth limit's bucket: the connection thread's only, made at its first session
+  // and kept across reconnects.
+  std::optional<Pacer> pacer_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -179,11 +179,17 @@ SiteApi::SiteApi(Site* site) : site_(site) {
         o.trim_image = f.Bool("trim_image", false);
         o.reset_history = f.Bool("reset_history", false);
         o.first_seq = f.U64("first_seq", 1, {1, UINT64_MAX / 2});
+        f.RefuseOthers();
         if (!f.ok()) return Error(res, f.status());
         ReplyResult(res, site_->RepairGroup(req.matches[1], o));
       });
   Add("POST", R"(/api/v1/stores/([^/]+)/repair)",
       [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);  // takes no field: {} or nothing
+        if (!body.ok()) return Error(res, body.status());
+        json_in::Fields f(*body);
+        f.RefuseOthers();
+        if (!f.ok()) return Error(res, f.status());
         ReplyResult(res, site_->RepairStore(req.matches[1]));
       });
   Add("POST", R"(/api/v1/groups/([^/]+)/materialise)",

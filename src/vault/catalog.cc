@@ -487,13 +487,9 @@ std::vector<PointRow> Catalog::Points(const std::string& vm) {
   return out;
 }
 
-Status Catalog::DeletePoints(const std::string& vm, int64_t older_than_ns) {
+Status Catalog::DeletePoints(const std::string& vm) {
   std::lock_guard lock(mu_);
-  if (older_than_ns == 0) return Stmt(db_, "DELETE FROM points WHERE vm=?").Bind(vm).Run();
-  return Stmt(db_, "DELETE FROM points WHERE vm=? AND time_ns<?")
-      .Bind(vm)
-      .Bind(older_than_ns)
-      .Run();
+  return Stmt(db_, "DELETE FROM points WHERE vm=?").Bind(vm).Run();
 }
 
 Result<int64_t> Catalog::AddPointAndPrune(const PointRow& p, const std::vector<int64_t>& prune) {

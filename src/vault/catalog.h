@@ -144,7 +144,7 @@ class Catalog {
 
   Result<int64_t> AddPoint(const PointRow& p);
   std::vector<PointRow> Points(const std::string& vm);
-  Status DeletePoints(const std::string& vm, int64_t older_than_ns);  // all when 0
+  Status DeletePoints(const std::string& vm);  // every point of the VM
   Status DeletePoint(int64_t id);
   // One transaction: deletes the VM's points `prune` (ids; retention's choice) and adds
   // `p`; the new point's id. Either both happen or neither (kIoError).

@@ -19,6 +19,7 @@
 #include "common/units.h"
 #include "hypervisor/vm_spec.h"
 #include "vault/job_steps.h"
+#include "vault/point_at_time.h"
 #include "vault/retention.h"
 
 namespace osr::vault {
@@ -907,7 +908,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   }
   if (item->state == "FailoverCommitted") {
     // Nothing replicates; the old primary keeps its fenced disks until deleted there.
-    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
+    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
     OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
     return json{{"name", vm}, {"state", "Unprotected"}};
   }
@@ -924,7 +925,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
     auto r = Client(*dst).Call("DELETE", "/stores/" + vm);
     if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
   }
-  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm, 0));
+  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
   OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
   return json{{"name", vm}, {"state", "Unprotected"}, {"cancelled_jobs", cancelled}};
 }
@@ -1336,15 +1337,8 @@ Result<PointRow> Vault::ResolvePoint(const ItemRow& item, const std::string& spe
   }
   if (LooksLikeTime(spec)) {
     OSR_ASSIGN_OR_RETURN(int64_t t, ParseTimeNs(spec));
-    // The newest point (by seq) whose time is at or before t.
-    const PointRow* best = nullptr;
-    for (auto& pt : points) {
-      if (pt.time_ns <= t) best = &pt;
-    }
-    if (best == nullptr) {
-      return NotFound(fmt::format("VM {} has no recovery point at or before {}", item.vm, spec));
-    }
-    return *best;
+    // Within one clock era: a time a stepped clock read twice is refused (point_at_time.h).
+    return PointAtTime(points, t, item.vm, spec);
   }
   return InvalidArgument("'" + spec +
                          "' is not a point: latest, latest-processed, "

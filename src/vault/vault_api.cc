@@ -729,6 +729,7 @@ Result<VaultApi::Reply> VaultApi::RepairVm(Call& c) {
   std::string site = f.String("site", "");
   bool trim_image = f.Bool("trim_image", false);
   bool reset_history = f.Bool("reset_history", false);
+  f.RefuseOthers();
   if (!f.ok()) return f.status();
   if (!site.empty() && !ValidName(site))
     return InvalidArgument("'" + site + "' is not a site name");

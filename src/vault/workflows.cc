@@ -488,7 +488,14 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
   steps.Begin("Delete the recovery points and the recovery store");
   auto d = Client(*dst).Call("DELETE", "/stores/" + job.vm);
   if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
-  (void)catalog_->DeletePoints(job.vm, 0);
+  if (Status st = catalog_->DeletePoints(job.vm); !st.ok()) {
+    // The store is gone; the points would name data that is not there. Commit again
+    // deletes them (the store's DELETE then answers 404, which is taken as done).
+    return back(Status(st.code(),
+                       "the recovery store is deleted, but its points stay in the "
+                       "catalog (commit again to delete them): " +
+                           st.message()));
+  }
   steps.Done(100);
   item.state = "FailoverCommitted";
   (void)catalog_->PutItem(item);
@@ -771,14 +778,37 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
 // ---- fencing a returning old primary --------------------------------------------------
 
 void Vault::ReconcileFencing(const ItemRow& item) {
-  if (item.failover.is_null() || !item.failover.contains("from")) return;
-  auto old = catalog_->Site(item.failover.value("from", std::string()));
+  if (item.failover.is_null()) return;
+  json_in::Fields fo(item.failover, "item " + item.vm + " failover.");
+  std::string from = fo.String("from", "");
+  uint64_t epoch = fo.U64("epoch", item.epoch);
+  if (!fo.ok()) {
+    spdlog::warn("vault: cannot check the old primary's fence: {}", fo.status().ToString());
+    return;
+  }
+  if (from.empty()) return;
+  auto old = catalog_->Site(from);
   if (!old) return;
   auto g = Client(*old).Call("GET", "/groups/" + item.vm);
   if (!g.ok()) return;  // away, or its disks are a store already
-  uint64_t epoch = item.failover.value("epoch", item.epoch);
-  bool running = (*g).value("vm", json::object()).value("running", false);
-  if ((*g).value("fenced_epoch", uint64_t{0}) >= epoch && !running) return;
+  // The old primary's answer: read typed; a field of the wrong type is reported and the
+  // fence is sent anyway (fencing twice is harmless, not fencing is not).
+  std::string prefix = "site " + old->name + " group " + item.vm + ".";
+  json_in::Fields gf(*g, prefix);
+  uint64_t fenced_epoch = gf.U64("fenced_epoch", 0);
+  const json* vm = gf.Object("vm");
+  Status answer = gf.status();
+  bool running = false;
+  if (vm != nullptr) {
+    json_in::Fields vf(*vm, prefix + "vm.");
+    running = vf.Bool("running", false);
+    if (answer.ok()) answer = vf.status();
+  }
+  if (!answer.ok()) {
+    spdlog::warn("vault: {}: {}", item.vm, answer.ToString());
+  } else if (fenced_epoch >= epoch && !running) {
+    return;
+  }
   spdlog::warn("vault: {}: site {} answers again with the VM's old disks: fencing them (epoch {})",
                item.vm, old->name, epoch);
   auto f = Client(*old).Call("POST", "/groups/" + item.vm + "/fence", json{{"epoch", epoch}});

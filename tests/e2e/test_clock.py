@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from conftest import (MIB, Drill, VmDisks, assert_point, create_vm, parse_time_ns, protect,
-                      read_uri, assert_disks, wait_for)
+from conftest import (MIB, Drill, VmDisks, assert_point, create_vm, format_time_ns,
+                      parse_time_ns, protect, read_uri, assert_disks, wait_for)
 
 
 def points_of(osr, name):
@@ -93,6 +93,60 @@ def test_a_clock_step_back_does_not_stop_points(env, rng):
     assert "warnings" not in item, item
     n = len(points_of(osr, "cb"))
     write_until(vm, osr, "cb", lambda p: len(p) >= n + 2, 15, "points after the clock came back")
+
+
+@pytest.mark.faketime
+@pytest.mark.deadline(120)
+def test_a_time_the_clock_read_twice_is_refused_naming_the_points(env, rng):
+    """After a step back, `--point TIME` is resolved within one clock era: a time read both
+    before and after the step names no point (it named the newest point by seq, made after
+    the moment the operator may mean); a time only one era read names that era's point."""
+    osr = env.osr
+    osr.ok("policy", "create", "fast", "--crash-interval", "1s", "--retention", "1h")
+    vm = env.track(VmDisks(create_vm(osr, "ct", [("d", "8M", 8 * MIB)]), rng))
+    vm.write(4)
+    protect(osr, "ct", policy="fast")
+    before = write_until(vm, osr, "ct", lambda p: len(p) >= 3, 15, "points before the step")
+
+    env.clock.step(-600)
+    after = write_until(vm, osr, "ct",
+                        lambda p: len([x for x in p if x["seq"] > before[-1]["seq"]]) >= 3,
+                        20, "three new points after the clock stepped back")
+    covered(vm, osr, "ct")
+    points = points_of(osr, "ct")
+    era1 = [p for p in points if p["seq"] <= before[-1]["seq"]]
+    era2 = [p for p in points if p["seq"] > before[-1]["seq"]]
+    assert len(era2) >= 3 and era1, points
+    last1 = era1[-1]
+    assert all(parse_time_ns(p["time"]) < parse_time_ns(last1["time"]) - 500 * 10**9
+               for p in era2), f"the points after the step are not dated 10 minutes back: {after}"
+
+    # The time of the last point before the step: the clock read it again after the step,
+    # and every point made since is dated before it.
+    t = format_time_ns(parse_time_ns(last1["time"]))
+    newest = era2[-1]
+    for cmd in (["test-failover", "ct", "--point", t], ["failover", "ct", "--point", t]):
+        msg = osr.fails(*cmd)
+        assert msg.startswith(f"{t} is ambiguous for VM ct: the clock that dates its recovery "
+                              "points stepped back"), msg
+        assert f"point {last1['id']} ({last1['time']}, seq {last1['seq']})" in msg, msg
+        assert f"point {newest['id']} ({newest['time']}, seq {newest['seq']})" in msg, msg
+        assert "Name the point by its id instead (--point ID; osr point list ct)" in msg, msg
+    # Refused before any job: the item stays as it was.
+    assert osr.ok("item", "show", "ct")["state"] == "Protected"
+    jobs = [j["type"] for j in osr.ok("job", "list", "--vm", "ct")]
+    assert "test-failover" not in jobs and "failover" not in jobs, jobs
+
+    # A time only the era after the step read (before any point of the first era): its
+    # newest point at or before that time, byte for byte in a drill.
+    second = era2[1]
+    t2 = format_time_ns(parse_time_ns(second["time"]) + 1)
+    job = osr.job_ok("test-failover", "ct", "--point", t2, job_type="test-failover")
+    assert assert_point(job.get("point"), "drill point")["id"] == second["id"], job
+    drill = env.track(Drill(job, vm, vm.at(second["seq"]), rng))
+    drill.assert_matches(f"drill at {t2} (point {second['id']})")
+    drill.close()
+    osr.job_ok("test-failover-cleanup", "ct", job_type="test-failover-cleanup")
 
 
 @pytest.mark.faketime

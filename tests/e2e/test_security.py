@@ -292,6 +292,24 @@ def test_bodies_that_used_to_crash_the_vault(vault):
     assert vault.alive()
 
 
+def test_repair_body_is_checked(env, vault):
+    """POST /api/v1/vms/{vm}/repair refuses a wrong type and an unknown field (a misspelt
+    option is not ignored) with a 400 naming the field; a good body reaches the repair."""
+    create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
+    cases = [
+        ({"trim_image": "yes"}, "trim_image: must be true or false, not a string"),
+        ({"site": 7}, "site: must be a string, not a number"),
+        ({"trim-image": True},
+         "trim-image: is not a field of this call (it takes site, trim_image, reset_history)"),
+    ]
+    for body, says in cases:
+        status, doc, _ = vault.call("POST", "/api/v1/vms/vm1/repair", body, token=vault.admin)
+        assert status == 400 and error_message(doc) == says, f"{body}: {status} {doc}"
+    status, doc, _ = vault.call("POST", "/api/v1/vms/vm1/repair", {"trim_image": True},
+                                token=vault.admin)
+    assert status == 400 and "nothing of VM vm1 is quarantined" in error_message(doc), doc
+
+
 def test_a_site_in_use_is_not_moved_silently(env, vault):
     create_vm(env.osr, "vm1", [("os", "1M", 1 << 20)])
     sites = {s["name"]: s for s in env.osr.ok("site", "list")}

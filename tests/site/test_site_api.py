@@ -123,3 +123,32 @@ def test_duplicate_disk_names(sites):
     assert_error(primary, "GET", "/groups/vm1", None, 404)
     assert_error(recovery, "PUT", "/stores/vm1", DUPLICATE_DISKS, 400)
     assert_error(recovery, "GET", "/stores/vm1", None, 404)
+
+
+def test_repair_bodies_are_checked(sites):
+    """POST /groups/{vm}/repair and /stores/{vm}/repair refuse a field of the wrong type and
+    a field they do not know (a misspelt option must not be ignored), with a 400 naming the
+    field; a good body reaches the repair (which then says there is nothing to repair)."""
+    primary, recovery = sites
+    api_ok(primary, "PUT", "/groups/vm1", GOOD_DISKS, status=201)
+    api_ok(recovery, "PUT", "/stores/vm1", GOOD_DISKS, status=201)
+
+    err = assert_error(primary, "POST", "/groups/vm1/repair", {"trim_image": "yes"}, 400)
+    assert err["message"] == "trim_image: must be true or false, not a string", err
+    err = assert_error(primary, "POST", "/groups/vm1/repair", {"first_seq": -1}, 400)
+    assert err["message"].startswith("first_seq: must be a whole number"), err
+    err = assert_error(primary, "POST", "/groups/vm1/repair",
+                       {"trim_image": True, "resset_history": True}, 400)
+    assert err["message"] == ("resset_history: is not a field of this call (it takes "
+                              "trim_image, reset_history, first_seq)"), err
+    assert_error(primary, "POST", "/groups/vm1/repair", None, 400, raw=b"[true]")
+    # A good body reaches the repair: the group is healthy, so there is nothing to repair.
+    err = assert_error(primary, "POST", "/groups/vm1/repair", {"trim_image": True}, 400)
+    assert "not quarantined" in err["message"], err
+
+    err = assert_error(recovery, "POST", "/stores/vm1/repair", {"reset_history": True}, 400)
+    assert err["message"] == "reset_history: is not a field of this call (it takes none)", err
+    assert_error(recovery, "POST", "/stores/vm1/repair", None, 400, raw=b"not json")
+    for body in ({}, None):
+        err = assert_error(recovery, "POST", "/stores/vm1/repair", body, 400)
+        assert "not quarantined" in err["message"], err

@@ -406,3 +406,58 @@ def test_the_first_copy_keeps_to_the_bandwidth_limit(sites, request):
     # rate), so at most that much goes ahead of the rate.
     burst = 64 * KIB + 12 + 16
     assert took >= (wire - burst) / rate, f"{wire} bytes in {took:.2f} s under {rate} B/s"
+
+
+def test_a_first_write_far_above_the_burst_keeps_to_the_bandwidth_limit(sites, request):
+    """Issue 10, case 10: the first writes after protection went at disk speed (16 MiB in
+    under a second under 64 KiB/s). One 2 MiB write right after replication starts, under
+    512 KiB/s: at every poll the bytes on the wire are within one burst plus the rate
+    since the write began (measured before it: only looser under load); without pacing
+    the first poll already sees it all. Then it arrives whole and counts in bytes_sent."""
+    primary, recovery = sites
+    rng = random.Random(seed_for(request))
+    rate = 512 * KIB
+    spec = {"disks": [{"name": "os", "size_bytes": 8 * MIB}]}
+    api_ok(recovery, "PUT", "/stores/burst", spec, status=201)
+    group = api_ok(primary, "PUT", "/groups/burst", spec, status=201)
+    api_ok(primary, "PUT", "/groups/burst/replication",
+           {"target": recovery.replication, "bandwidth_bytes_per_second": rate}, status=204)
+    wait_for(lambda: group_status(primary, "burst").get("replication", {}).get("connected"),
+             10, "replication connected")
+    data = rng.randbytes(2 * MIB)
+    # The bucket holds one frame: 64 KiB of data (more than 100 ms of this rate) and its
+    # headers.
+    burst = 64 * KIB + 12 + 16
+    wire0 = group_status(primary, "burst")["replication"]["wire_bytes_sent"]
+    h = connect(group["disks"][0]["uri"])
+    t0 = time.monotonic()
+    try:
+        h.pwrite(data, 0)  # one request: one record of 2 MiB
+        h.flush()
+    finally:
+        close(h)
+    polls = 0
+    deadline = t0 + 30
+    while True:
+        repl = group_status(primary, "burst")["replication"]
+        took = time.monotonic() - t0  # after the reading: every byte counted went before
+        polls += 1
+        wire = repl["wire_bytes_sent"] - wire0
+        assert wire <= burst + rate * took, \
+            f"{wire} bytes on the wire {took:.3f} s after a 2 MiB write under {rate} B/s"
+        if store_status(recovery, "burst")["durable_seq"] >= 1:
+            break
+        assert time.monotonic() < deadline, f"not replicated in 30 s: {repl}"
+        time.sleep(0.02)
+    assert polls > 5, polls
+    # Counted once the frame is written (the recovery site may have it durable a moment
+    # before the sender notes it).
+    wait_for(lambda: group_status(primary, "burst")["replication"]["bytes_sent"] >= 2 * MIB, 10,
+             "bytes_sent counting the 2 MiB write",
+             detail=lambda: group_status(primary, "burst")["replication"])
+    view = open_view(recovery, "burst", 1)
+    try:
+        assert read_all(view["disks"][0]["uri"], size=8 * MIB)[:2 * MIB] == data, \
+            "the 2 MiB write did not arrive whole"
+    finally:
+        close_view(recovery, view["id"])
