@@ -161,6 +161,7 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
           opts.dir, i, bytes, dirty.size());
     }
   }
+  OSR_RETURN_IF_ERROR(g->CheckCloseFingerprint());
   return g;
 }
 
@@ -174,6 +175,15 @@ CaptureGroup::~CaptureGroup() {
 std::shared_ptr<nbd::Disk> CaptureGroup::disk(size_t i) const {
   return disks_.at(i);
 }
+
+namespace {
+std::string ReplaceAll(std::string s, std::string_view from, std::string_view to) {
+  for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) {
+    s.replace(at, from.size(), to);
+  }
+  return s;
+}
+}  // namespace
 
 std::vector<CaptureGroup::DiskRange> CaptureGroup::WholeDisks() const {
   std::vector<DiskRange> out;
@@ -232,6 +242,10 @@ bool CaptureGroup::HasStickyRegions() const {
 
 void CaptureGroup::CleanRegions(const std::vector<DiskRange>& regions) {
   for (auto& r : regions) bitmaps_[r.disk]->Clean(r.range.offset, r.range.length);
+  if (!HasStickyRegions()) {
+    std::lock_guard lock(changed_mu_);
+    changed_outside_.clear();  // resent: the recovery site has what the images hold now
+  }
 }
 
 Status CaptureGroup::ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf) {
@@ -476,8 +490,68 @@ Status CaptureGroup::Close() {
   Status ls = log_->Sync();
   if (!ls.ok() && !log_->failed() && log_->write_error().ok()) return ls;
   for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
+  if (!image_paths_.empty() && fenced_epoch_ == 0) {
+    // What the images are now, for the next Open to tell a change made outside osr (a
+    // fenced group has its fence fingerprint for that). Best effort: without it the next
+    // Open checks nothing, as after a crash.
+    int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::system_clock::now().time_since_epoch())
+                      .count();
+    auto fp = TakeFingerprint(FingerprintSourcesNow(), 0, static_cast<uint64_t>(now), now);
+    Status w = fp.ok() ? WriteFingerprint(dir_, *fp, kCloseFingerprintName) : fp.status();
+    if (!w.ok()) spdlog::warn("capture {}: no close fingerprint: {}", dir_, w.ToString());
+  }
   for (auto& b : bitmaps_) OSR_RETURN_IF_ERROR(b->CloseClean());
   return Status::Ok();
+}
+
+Status CaptureGroup::CheckCloseFingerprint() {
+  auto recorded = ReadFingerprint(dir_, kCloseFingerprintName);
+  if (recorded.ok() && !recorded->has_value()) return Status::Ok();  // a crash, or new
+  std::vector<std::string> names;
+  for (size_t i = 0; i < disks_.size(); ++i) names.push_back(fmt::format("disk {}", i));
+  std::vector<std::pair<int, std::string>> changed;  // disk (-1: all), why
+  if (!recorded.ok()) {
+    changed.emplace_back(
+        -1, "the close fingerprint cannot be read (" + recorded.status().message() + ")");
+  } else if (!image_paths_.empty()) {
+    const FenceFingerprint& then = **recorded;
+    auto now = TakeFingerprint(FingerprintSourcesNow(), 0, then.sample_seed, then.time_ns);
+    if (!now.ok()) return now.status();
+    for (const auto& m : CompareFingerprints(then, *now, UINT64_MAX, names)) {
+      switch (m.check) {
+        case FenceCheck::kDiskCount:
+        case FenceCheck::kImageReplaced:
+        case FenceCheck::kImageSize:
+        case FenceCheck::kImageModified:
+        case FenceCheck::kImageChanged:
+        case FenceCheck::kImageContent:
+          changed.emplace_back(m.disk, ReplaceAll(ReplaceAll(m.reason, "after the fence",
+                                                             "since the site last stopped"),
+                                                  "at the fence", "when the site last stopped"));
+          break;
+        default:  // the log and bitmaps move at open by design (a cut, a resumed copy)
+          break;
+      }
+    }
+  }
+  for (const auto& [disk, why] : changed) {
+    for (size_t i = 0; i < disks_.size(); ++i) {
+      if (disk >= 0 && static_cast<size_t>(disk) != i) continue;
+      bitmaps_[i]->MarkSticky(0, disks_[i]->size());
+    }
+    spdlog::warn("capture {}: {}: changed outside osr; resent whole", dir_, why);
+    std::lock_guard lock(changed_mu_);
+    changed_outside_.push_back(why);
+  }
+  // It vouches for this start only: osr's own writes change the images from here on.
+  OSR_RETURN_IF_ERROR(RemoveFingerprint(dir_, kCloseFingerprintName));
+  return SyncDir(dir_);
+}
+
+std::vector<std::string> CaptureGroup::changed_outside() const {
+  std::lock_guard lock(changed_mu_);
+  return changed_outside_;
 }
 
 }  // namespace osr::capture

@@ -108,6 +108,10 @@ class CaptureGroup {
   // Every byte of every disk, as one region per disk (to resend everything).
   std::vector<DiskRange> WholeDisks() const;
   bool HasStickyRegions() const;
+  // What Open found changed in the images since the last clean Close (the close
+  // fingerprint: another file, size, mtime, ctime or sampled bytes): those disks are
+  // resent whole. Kept until the next resync commits (CleanRegions). Empty: nothing.
+  std::vector<std::string> changed_outside() const;
   // Every allocated (non-hole) region of every disk: what an initial sync copies.
   Result<std::vector<DiskRange>> AllocatedRegions() const;
   void CleanRegions(const std::vector<DiskRange>& regions);
@@ -126,6 +130,9 @@ class CaptureGroup {
   // Waits until no write or zero that began before the fence is still running (bounded).
   void DrainWrites();
   Status RecordFingerprintLocked();  // holds fence_mu_
+  // Open: compares the images with the close fingerprint, marks the disks that changed
+  // whole, removes the fingerprint (it vouches for one start only).
+  Status CheckCloseFingerprint();
   FingerprintSources FingerprintSourcesNow() const;
 
   std::vector<std::shared_ptr<GroupDisk>> disks_;
@@ -141,6 +148,8 @@ class CaptureGroup {
   std::vector<std::string> image_paths_;
   std::mutex fence_mu_;  // one fence file write at a time
   std::atomic<uint64_t> fenced_epoch_{0};
+  mutable std::mutex changed_mu_;
+  std::vector<std::string> changed_outside_;  // guarded by changed_mu_
   // Writes and zeroes past their fence check and not finished: counted before the check
   // (seq_cst), so a Fence that reads 0 after raising fenced_epoch_ has none to wait for.
   std::atomic<uint64_t> writes_in_progress_{0};

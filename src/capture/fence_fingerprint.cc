@@ -283,8 +283,8 @@ std::vector<FenceMismatch> CompareFingerprints(const FenceFingerprint& at_fence,
   return out;
 }
 
-std::string FingerprintPath(const std::string& capture_dir) {
-  return capture_dir + "/fence-fingerprint";
+std::string FingerprintPath(const std::string& capture_dir, std::string_view name) {
+  return capture_dir + "/" + std::string(name);
 }
 
 json FingerprintJson(const FenceFingerprint& fp) {
@@ -353,14 +353,16 @@ Result<FenceFingerprint> ParseFingerprint(const json& j) {
   return fp;
 }
 
-Status WriteFingerprint(const std::string& capture_dir, const FenceFingerprint& fp) {
+Status WriteFingerprint(const std::string& capture_dir, const FenceFingerprint& fp,
+                        std::string_view name) {
   std::string text = json_in::Dump(FingerprintJson(fp)) + "\n";
-  return WriteFileAtomic(FingerprintPath(capture_dir),
+  return WriteFileAtomic(FingerprintPath(capture_dir, name),
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
 
-Result<std::optional<FenceFingerprint>> ReadFingerprint(const std::string& capture_dir) {
-  std::string path = FingerprintPath(capture_dir);
+Result<std::optional<FenceFingerprint>> ReadFingerprint(const std::string& capture_dir,
+                                                        std::string_view name) {
+  std::string path = FingerprintPath(capture_dir, name);
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return std::optional<FenceFingerprint>();
   OSR_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path, kFingerprintBytesMax));
@@ -371,8 +373,8 @@ Result<std::optional<FenceFingerprint>> ReadFingerprint(const std::string& captu
   return std::optional<FenceFingerprint>(std::move(*fp));
 }
 
-Status RemoveFingerprint(const std::string& capture_dir) {
-  std::string path = FingerprintPath(capture_dir);
+Status RemoveFingerprint(const std::string& capture_dir, std::string_view name) {
+  std::string path = FingerprintPath(capture_dir, name);
   std::error_code ec;
   std::filesystem::remove(path, ec);
   if (ec) return Status::FromErrno(ec.value(), "remove " + path);

@@ -113,17 +113,25 @@ std::vector<FenceMismatch> CompareFingerprints(const FenceFingerprint& at_fence,
                                                const FenceFingerprint& now, uint64_t after,
                                                const std::vector<std::string>& disk_names);
 
-std::string FingerprintPath(const std::string& capture_dir);
+// The file names a fingerprint is kept under in the capture folder: at a fence, and at a
+// clean close (CaptureGroup::Close; checked and removed by the next Open).
+inline constexpr std::string_view kFenceFingerprintName = "fence-fingerprint";
+inline constexpr std::string_view kCloseFingerprintName = "close-fingerprint";
+std::string FingerprintPath(const std::string& capture_dir,
+                            std::string_view name = kFenceFingerprintName);
 nlohmann::json FingerprintJson(const FenceFingerprint& fp);
 // Parses a fingerprint's JSON (a file osr wrote, but read back as a peer's: json_in).
 // kCorruption naming the field.
 Result<FenceFingerprint> ParseFingerprint(const nlohmann::json& j);
 // Writes <capture_dir>/fence-fingerprint atomically and durably.
-Status WriteFingerprint(const std::string& capture_dir, const FenceFingerprint& fp);
+Status WriteFingerprint(const std::string& capture_dir, const FenceFingerprint& fp,
+                        std::string_view name = kFenceFingerprintName);
 // nullopt when there is none; kCorruption when the file is not a fingerprint; the read
 // error otherwise.
-Result<std::optional<FenceFingerprint>> ReadFingerprint(const std::string& capture_dir);
+Result<std::optional<FenceFingerprint>> ReadFingerprint(
+    const std::string& capture_dir, std::string_view name = kFenceFingerprintName);
 // Removes it (a fence that cannot vouch for the disks). Errors: the unlink's.
-Status RemoveFingerprint(const std::string& capture_dir);
+Status RemoveFingerprint(const std::string& capture_dir,
+                         std::string_view name = kFenceFingerprintName);
 
 }  // namespace osr::capture

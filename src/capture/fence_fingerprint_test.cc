@@ -365,5 +365,48 @@ TEST_F(FenceFingerprintTest, ParsesWhatItWritesAndRefusesWrongTypes) {
             std::string::npos);
 }
 
+// A group not fenced: a clean close records the images; the next open finds one written
+// outside osr, marks that disk whole for a resync, and says so until the resync commits.
+TEST_F(FenceFingerprintTest, AnImageWrittenWhileTheSiteWasStoppedIsResentWhole) {
+  {
+    auto g = Open();
+    Write(*g, 10, 1);
+    ASSERT_TRUE(g->Close().ok());
+  }
+  EXPECT_TRUE(fs::exists(FingerprintPath(Cap(), kCloseFingerprintName)));
+  {
+    auto g = Open();  // untouched: nothing to resend
+    EXPECT_TRUE(g->changed_outside().empty());
+    EXPECT_FALSE(g->HasStickyRegions());
+    EXPECT_FALSE(fs::exists(FingerprintPath(Cap(), kCloseFingerprintName)));  // one start only
+    ASSERT_TRUE(g->Close().ok());
+  }
+  Poke(1, 3 << 20, "written outside osr");
+  auto g = Open();
+  auto changed = g->changed_outside();
+  ASSERT_EQ(changed.size(), 1u);
+  EXPECT_NE(changed[0].find("since the site last stopped"), std::string::npos) << changed[0];
+  auto dirty = g->DirtyRegions();
+  ASSERT_EQ(dirty.size(), 1u);  // the disk that changed, whole; the other one not
+  EXPECT_EQ(dirty[0].disk, 1u);
+  EXPECT_EQ(dirty[0].range.offset, 0u);
+  EXPECT_EQ(dirty[0].range.length, g->disk(1)->size());
+  g->CleanRegions(dirty);  // the resync committed
+  EXPECT_TRUE(g->changed_outside().empty());
+}
+
+// A close fingerprint that is not one vouches for nothing: every disk is resent.
+TEST_F(FenceFingerprintTest, AGarbageCloseFingerprintCountsAsEveryDiskChanged) {
+  {
+    auto g = Open();
+    Write(*g, 10, 1);
+    ASSERT_TRUE(g->Close().ok());
+  }
+  std::ofstream(FingerprintPath(Cap(), kCloseFingerprintName)) << "garbage";
+  auto g = Open();
+  EXPECT_EQ(g->changed_outside().size(), 1u);
+  EXPECT_EQ(g->DirtyRegions().size(), 2u);
+}
+
 }  // namespace
 }  // namespace osr::capture

@@ -4,6 +4,7 @@
 
 #include <charconv>
 #include <ctime>
+#include <limits>
 
 namespace osr {
 
@@ -185,7 +186,11 @@ Result<int64_t> ParseTimeNs(std::string_view text) {
   if (pos != text.size()) return bad("something follows the offset");
   int64_t secs =
       DaysFromCivil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset_s;
-  // Years 0000-9999 fit: |secs| < 2.6e11, times 1e9 < 9.2e18.
+  // Nanoseconds since 1970 in 64 bits reach from 1677-09-21 to 2262-04-11.
+  constexpr int64_t kSecsMax = std::numeric_limits<int64_t>::max() / 1000000000 - 1;
+  if (secs > kSecsMax || secs < -kSecsMax) {
+    return bad("it is outside the times osr can hold (1677-09-22 to 2262-04-10)");
+  }
   return secs * 1000000000 + frac_ns;
 }
 

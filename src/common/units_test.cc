@@ -37,6 +37,13 @@ TEST(FormatTimeNs, Rfc3339) {
 
 TEST(ParseTimeNs, AcceptsRfc3339) {
   EXPECT_EQ(ParseTimeNs("1970-01-01T00:00:00Z").value(), 0);
+  // Beyond what 64-bit nanoseconds hold: refused, never wrapped.
+  for (const char* t : {"9999-12-31T23:59:59Z", "2262-04-12T00:00:00Z", "0001-01-01T00:00:00Z"}) {
+    auto r = ParseTimeNs(t);
+    ASSERT_FALSE(r.ok()) << t;
+    EXPECT_NE(r.status().message().find("outside the times"), std::string::npos) << t;
+  }
+  EXPECT_TRUE(ParseTimeNs("2262-04-10T00:00:00Z").ok());
   EXPECT_EQ(ParseTimeNs("2023-11-14T22:13:20.123456789Z").value(), 1'700'000'000'123'456'789);
   // Lowercase separators (RFC 3339 5.6: "T" and "Z" may be lowercase), and a space.
   EXPECT_EQ(ParseTimeNs("2023-11-14t22:13:20z").value(), 1'700'000'000'000'000'000);

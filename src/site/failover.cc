@@ -524,7 +524,9 @@ Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
-    if (Status u = Usable(it, vm); !u.ok()) return u;
+    // Stopping is always safe, a quarantined group's VM too (change-point stops it before
+    // it discards the damaged disks).
+    if (it == groups_.end()) return Usable(it, vm);
     p = std::move(it->second->process);
     q = std::move(it->second->qemu);
   }

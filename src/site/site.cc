@@ -509,29 +509,67 @@ Result<SiteState> ParseSiteState(const std::string& text, const std::string& pat
   return out;
 }
 
+std::vector<std::string> Site::FolderNames(const std::string& under) const {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(fs::path(cfg_.data_dir) / under, ec)) {
+    std::string name = e.path().filename().string();
+    if (e.is_directory(ec) && ValidName(name)) out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 Status Site::Load() {
   std::string path = cfg_.data_dir + "/site.json";
   std::string prev = path + ".prev";
   std::error_code ec;
-  if (!fs::exists(path, ec) && !fs::exists(prev, ec)) return Status::Ok();  // a new site
+  std::optional<std::string> lost;  // why the state is rebuilt from the folders
+  if (!fs::exists(path, ec) && !fs::exists(prev, ec)) {
+    if (FolderNames("groups").empty() && FolderNames("stores").empty()) {
+      return Status::Ok();  // a new site
+    }
+    lost = "site.json and site.json.prev are missing";
+  }
   // site.json names the groups and stores: it is only ever replaced whole
   // (WriteFileAtomic), and the state before the last change is kept in site.json.prev.
   // A damaged site.json is set aside and the site starts from the previous state (a
   // change made just before may be missing from it: the log says so).
-  auto text = ReadSmallFile(path, 256u << 20);
+  auto text = lost ? Result<std::string>(NotFound(*lost)) : ReadSmallFile(path, 256u << 20);
   Result<SiteState> state =
       text.ok() ? ParseSiteState(*text, path) : Result<SiteState>(text.status());
   std::string loaded = text.ok() ? *text : std::string();
-  if (!state.ok()) {
+  if (!state.ok() && !lost) {
     auto prev_text = ReadSmallFile(prev, 256u << 20);
     Result<SiteState> older =
         prev_text.ok() ? ParseSiteState(*prev_text, prev) : Result<SiteState>(prev_text.status());
     if (!older.ok()) {
-      return Corruption(fmt::format(
-          "{} (and {}: {}); restore site.json from a backup: the VMs' files under {}/groups and "
-          "{}/stores are untouched",
-          state.status().message(), prev, older.status().message(), cfg_.data_dir, cfg_.data_dir));
+      // Neither says what this site holds: every VM and store found under data_dir is
+      // quarantined (the files are untouched) until site.json comes back from a backup.
+      lost =
+          fmt::format("{} (and {}: {})", state.status().message(), prev, older.status().message());
+      for (const std::string& f : {path, prev}) {
+        std::string aside = fmt::format("{}.damaged-{}", f, ::time(nullptr));
+        fs::rename(f, aside, ec);
+        spdlog::error("site {}: {} is kept as {}", cfg_.name, f, aside);
+      }
     }
+  }
+  if (lost) {
+    spdlog::error(
+        "site {}: {}: every VM under {}/groups is quarantined until site.json is restored from "
+        "a backup; stores are opened from their own files",
+        cfg_.name, *lost, cfg_.data_dir);
+    json groups = json::object(), stores = json::object();
+    for (const auto& vm : FolderNames("groups")) groups[vm] = json{{"lost_state", *lost}};
+    for (const auto& vm : FolderNames("stores")) stores[vm] = json::object();
+    loaded = json{{"version", kStateVersion}, {"groups", groups}, {"stores", stores}}.dump();
+    state = ParseSiteState(loaded, path);
+    if (!state.ok()) return state.status();
+  } else if (!state.ok()) {
+    auto prev_text = ReadSmallFile(prev, 256u << 20);
+    Result<SiteState> older =
+        prev_text.ok() ? ParseSiteState(*prev_text, prev) : Result<SiteState>(prev_text.status());
     std::string aside = fmt::format("{}.damaged-{}", path, ::time(nullptr));
     fs::rename(path, aside, ec);
     spdlog::error(
@@ -684,6 +722,9 @@ std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& v
   };
   if (!ValidName(vm)) return bad_entry("not a VM name");
   if (!entry.is_object()) return bad_entry("not an object");
+  if (auto it = entry.find("lost_state"); it != entry.end() && it->is_string()) {
+    return OpenFailure{DamageKind::kStateEntry, Corruption(it->get<std::string>())};
+  }
   json_in::Fields f(entry, "");
   const json* disks = f.Array("disks", /*optional=*/false);
   g.replicate_to = f.String("replicate_to", "");
@@ -800,7 +841,9 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
       break;
     case DamageKind::kRegionMap:
       d.action = "the failed-over disks' map of what they hold is unreadable: restore " + dir +
-                 "/*.img.cow and run " + repair + ", or fail over again (osr failover " + vm + ")";
+                 "/*.img.cow and run " + repair +
+                 ", or open the disks again at a recovery point (osr change-point " + vm +
+                 " --point POINT: the writes made since the failover are lost)";
       break;
     case DamageKind::kStoreMissing:
       d.action =
@@ -1423,6 +1466,9 @@ Result<json> Site::GroupStatus(const std::string& vm) {
               {"capture_overflowed", g.capture->log().overflowed()},
               {"capture_fenced_epoch", g.capture->fenced_epoch()},  // in force now
               {"capture_log_bytes", g.capture->log().held_bytes()}};
+  if (auto changed = g.capture->changed_outside(); !changed.empty()) {
+    out["changed_outside"] = changed;
+  }
   if (auto cut = g.capture->log().pending_cut()) {
     out["capture_log_cut"] = {{"after_seq", cut->after_seq},
                               {"seq_bound", cut->seq_bound},

@@ -312,6 +312,8 @@ class Site {
   };
 
   explicit Site(SiteConfig cfg) : cfg_(std::move(cfg)) {}
+  // The VM names of the folders under data_dir/`under` ("groups", "stores"), sorted.
+  std::vector<std::string> FolderNames(const std::string& under) const;
   Status Load();
   void LoadStoresLocked(const nlohmann::json& stores);
   // Views kept in site.json (drills) open again, at the same ids and export names;

@@ -134,7 +134,10 @@ std::string QuarantineHealth(const std::string& what, const json& damage) {
   json_in::Fields f(damage);
   std::string reason = f.String("reason", "");
   std::string action = f.String("action", "");
-  if (!action.empty()) action[0] = static_cast<char>(std::toupper(action[0]));
+  // A sentence starts with a capital, a command ("osr vm repair ...") stays as typed.
+  if (!action.empty() && action.rfind("osr ", 0) != 0) {
+    action[0] = static_cast<char>(std::toupper(action[0]));
+  }
   bool one = what.find("'s recovery store") != std::string::npos;
   return fmt::format("Critical: {} {} quarantined: {}. {}", what, one ? "is" : "are",
                      reason.substr(0, 400), action.substr(0, 400));
@@ -624,6 +627,20 @@ std::string StoreWriteHealth(const json& store, const ItemRow& item) {
   std::string space = SpaceText(sf.Object("space"), "store");
   if (!ef.ok()) return "Critical: " + ef.status().message();
   std::string since = since_ns > 0 ? ", since " + FormatTimeNs(since_ns) : "";
+  if (const json* sp = sf.Object("space"); code == "no_space" && sp != nullptr && !space.empty()) {
+    // Rounded alike ("8.0 MiB free ..., 8.0 MiB needed") would hide the shortfall.
+    uint64_t free_bytes = json_in::Fields(*sp).U64("free_bytes", 0);
+    if (FormatSize(free_bytes) == FormatSize(needed)) {
+      space = fmt::format("{} bytes free of {}", free_bytes,
+                          FormatSize(json_in::Fields(*sp).U64("total_bytes", 0)));
+      return fmt::format(
+          "Critical: the recovery site {} is out of space for {}: {}, {} bytes needed ({} failed "
+          "{} time(s){}); free space or grow the file system of its data_dir: replication "
+          "resumes by itself. Meanwhile the source site keeps the changes (its capture log, then "
+          "the dirty-region bitmap) and the RPO grows",
+          item.target, item.vm, space, needed, what, count, since);
+    }
+  }
   if (code == "no_space") {
     return fmt::format(
         "Critical: the recovery site {} is out of space for {}: {}{} needed ({} failed {} "
@@ -659,6 +676,30 @@ std::string CaptureWriteHealth(const json& group, const ItemRow& item) {
 
 }  // namespace
 
+std::string Vault::FailedOverHealth(const ItemRow& item) {
+  // The VM's disks are the target's failover disks now: what that site says of them.
+  std::string next = item.state == "FailoverCommitted" ? "reprotect" : "commit, then reprotect";
+  auto dst = catalog_->Site(item.target);
+  if (!dst) return "Critical: site " + item.target + " is not registered";
+  auto g = Client(*dst).Call("GET", "/groups/" + item.vm);
+  if (!g.ok()) return "Critical: " + g.status().message();
+  json_in::Fields f(*g, "site " + item.target + " group " + item.vm + ".");
+  if (const json* damage = f.Object("damage"); damage != nullptr) {
+    return QuarantineHealth(item.vm + "'s disks at " + item.target, *damage);
+  }
+  const json* vm = f.Object("vm");
+  bool running = vm != nullptr && json_in::Fields(*vm).Bool("running", false);
+  if (!f.ok()) return "Critical: " + f.status().message();
+  auto row = catalog_->Vm(item.vm);
+  auto spec = row ? hypervisor::ParseVmSpec(row->spec, hypervisor::SpecSource::kStored)
+                  : Result<hypervisor::VmSpec>(NotFound("no VM"));
+  if (!running && spec.ok() && spec->driver != hypervisor::Driver::kNone) {
+    return "Warning: not protected: the VM's disks are at " + item.target +
+           " but it is not running there (" + next + ")";
+  }
+  return "Warning: not protected: the VM runs at " + item.target + " (" + next + ")";
+}
+
 json Vault::ItemJson(const ItemRow& item) {
   json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
@@ -677,8 +718,7 @@ json Vault::ItemJson(const ItemRow& item) {
       out["health"] =
           "Warning: reprotecting " + item.target + " -> " + item.source + " (see its job)";
     } else {
-      out["health"] =
-          "Warning: not protected: the VM runs at " + item.target + " (commit, then reprotect)";
+      out["health"] = FailedOverHealth(item);
     }
     out["rpo_seconds"] = nullptr;
     return out;
@@ -739,6 +779,12 @@ json Vault::ItemJson(const ItemRow& item) {
           "Warning: {}'s recovery store at {} lost the records after seq {} (its journal was "
           "damaged at its end: {}); they come again from {}, or the disks are resent whole",
           item.vm, item.target, cf.U64("after_seq", 0), cf.String("reason", "?"), item.source);
+    } else if (const json* changed = gf.Array("changed_outside");
+               changed != nullptr && !changed->empty() && changed->front().is_string()) {
+      health = fmt::format(
+          "Warning: {}'s disks at {} were changed outside osr while the site was stopped ({}); "
+          "they are resent whole to {}",
+          item.vm, item.source, changed->front().get<std::string>().substr(0, 300), item.target);
     } else if (const json* cut = gf.Object("capture_log_cut"); cut != nullptr) {
       json_in::Fields cf(*cut, "site " + item.source + " capture_log_cut.");
       health = fmt::format(
@@ -1237,8 +1283,9 @@ Result<json> Vault::CancelJob(int64_t id) {
     if (!j) return NotFound(fmt::format("no job {}", id));
     // Not queued and not running here: it ended (or is being picked: say so).
     if (JobEnded(j->state)) {
-      return Status(Code::kAlreadyExists, fmt::format("job {} is {}: there is nothing to cancel",
-                                                      id, JobStateName(j->state)));
+      return Status(
+          Code::kFailedPrecondition,
+          fmt::format("job {} is {}: there is nothing to cancel", id, JobStateName(j->state)));
     }
     return Unavailable(
         fmt::format("job {} is {} and not running yet; try again", id, JobStateName(j->state)));
@@ -1266,6 +1313,26 @@ Status Vault::CancelJobsOf(const std::string& vm) {
   return Status::Ok();
 }
 
+std::string Vault::ReplicationTrouble(const ItemRow& item, const json& store) {
+  // What stops it, as the sites say: the store's last failed write, the sender's error.
+  json_in::Fields sf(store);
+  if (const json* we = sf.Object("write_error"); we != nullptr) {
+    json_in::Fields wf(*we);
+    return fmt::format(": the recovery store cannot write ({}: {})", wf.String("what", "?"),
+                       wf.String("message", "?").substr(0, 300));
+  }
+  auto src = catalog_->Site(item.source);
+  if (!src) return "";
+  auto g = Client(*src).Call("GET", "/groups/" + item.vm);
+  if (!g.ok()) return ": " + g.status().message();
+  json_in::Fields gf(*g);
+  const json* repl = gf.Object("replication");
+  if (repl == nullptr) return ": replication is not running at " + item.source;
+  std::string err = json_in::Fields(*repl).String("last_error", "");
+  if (!err.empty()) return ": replication from " + item.source + ": " + err.substr(0, 300);
+  return "; is replication running?";
+}
+
 Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
                                       uint64_t want, JobCancel* cancel) {
   auto src = catalog_->Site(item.source);
@@ -1273,7 +1340,9 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
   if (!src || !dst) return NotFound("a site of the item is not registered");
   if (want == 0) {
     OSR_ASSIGN_OR_RETURN(json g, Client(*src).Call("GET", "/groups/" + item.vm));
-    want = g.value("last_seq", uint64_t{0});
+    json_in::Fields gf(g, "site " + item.source + " group.");
+    want = gf.U64("last_seq", 0);
+    if (!gf.ok()) return gf.status();
   }
   // Process everything still pending: wait until the recovery site has it.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
@@ -1281,7 +1350,10 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
     if (stopping_) return Unavailable("the vault is stopping");
     if (cancel) OSR_RETURN_IF_ERROR(cancel->Check());
     OSR_ASSIGN_OR_RETURN(json st, Client(*dst).Call("GET", "/stores/" + item.vm));
-    uint64_t durable = st.value("durable_seq", uint64_t{0});
+    json_in::Fields sf(st, "site " + item.target + " store.");
+    uint64_t durable = sf.U64("durable_seq", 0);
+    int64_t durable_ns = sf.I64("durable_time_ns", 0);
+    if (!sf.ok()) return sf.status();
     // A point needs a consistent state: not inside a resynchronization.
     if (durable >= want && StoreConsistentAt(st, want)) {
       // Nothing new since the newest point: that point is the latest (no twin).
@@ -1290,18 +1362,18 @@ Result<PointRow> Vault::PointAtLatest(const ItemRow& item, const std::string& ty
           (type == "crash" || points.back().type == type)) {
         return points.back();
       }
-      PointRow p{0, item.vm, want, durable == want ? st.value("durable_time_ns", NowNs()) : NowNs(),
-                 type};
+      PointRow p{0, item.vm, want, durable == want && durable_ns != 0 ? durable_ns : NowNs(), type};
       if (p.time_ns == 0) p.time_ns = NowNs();
       OSR_ASSIGN_OR_RETURN(p.id, catalog_->AddPoint(p));
       return p;
     }
     if (std::chrono::steady_clock::now() > deadline) {
       return Unavailable(
-          fmt::format("the recovery site has seq {} of {} after {} s{}; is "
-                      "replication running? (osr item show {})",
+          fmt::format("the recovery site has seq {} of {} after {} s{}{} (osr item "
+                      "show {})",
                       durable, want, wait_ms / 1000,
-                      StoreConsistentAt(st, durable) ? "" : " and is resynchronizing", item.vm));
+                      StoreConsistentAt(st, durable) ? "" : " and is resynchronizing",
+                      ReplicationTrouble(item, st), item.vm));
     }
     if (cancel) {
       OSR_RETURN_IF_ERROR(cancel->Sleep(std::chrono::milliseconds(100)));
@@ -1537,11 +1609,23 @@ void Vault::ReconcileReplication(const ItemRow& item) {
   auto dst = catalog_->Site(item.target);
   if (!src || !dst) return;
   auto g = Client(*src).Call("GET", "/groups/" + item.vm);
-  if (!g.ok() || (*g).value("replicate_to", std::string()) == dst->replication) return;
+  if (!g.ok()) return;
+  json_in::Fields gf(*g, "site " + item.source + " group " + item.vm + ".");
+  std::string to = gf.String("replicate_to", "");
+  // A quarantined group replicates nothing until it is repaired (its health says so).
+  if (!gf.ok() || gf.Object("damage") != nullptr || to == dst->replication) return;
   spdlog::info("vault: {}: pointing replication at {} ({})", item.vm, item.target,
                dst->replication);
   auto r = StartReplication(item, *src, *dst);
-  if (!r.ok()) spdlog::warn("vault: {}: {}", item.vm, r.status().ToString());
+  if (!r.ok()) {
+    // Once per cause, not once per tick.
+    std::lock_guard lock(logged_mu_);
+    std::string& last = reconcile_logged_[item.vm];
+    if (last != r.status().ToString()) {
+      last = r.status().ToString();
+      spdlog::warn("vault: {}: {}", item.vm, last);
+    }
+  }
 }
 
 void Vault::PointLoop() {

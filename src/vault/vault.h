@@ -203,6 +203,8 @@ class Vault {
   // site has every write made so far, then records a point there.
   // `want`: the source's position to wait for (0: its last seq now). `cancel` (borrowed;
   // nullptr for API calls): the job's token; kCancelled when it is set.
+  // Why replication does not reach the recovery site, as the sites say ("" or ": ...").
+  std::string ReplicationTrouble(const ItemRow& item, const nlohmann::json& store);
   Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
                                  uint64_t want = 0, JobCancel* cancel = nullptr);
   // Re-points a source site's replication at its target's current address (a site that
@@ -212,6 +214,9 @@ class Vault {
   Result<nlohmann::json> StartReplication(const ItemRow& item, const SiteRow& from,
                                           const SiteRow& to);
   nlohmann::json ItemJson(const ItemRow& item);
+  // The health of an item whose VM failed over (FailedOver, Committing, FailoverCommitted):
+  // the target site's disks quarantined, the VM not running there, or running.
+  std::string FailedOverHealth(const ItemRow& item);
 
   // ---- points: schedule, retention, points in use (vault.cc) ----
   // A job's hold on the point it chose, from choosing it until the item records it
@@ -283,6 +288,8 @@ class Vault {
     std::string last_error;  // why the last due point was not made
   };
   std::mutex points_mu_;
+  std::mutex logged_mu_;
+  std::map<std::string, std::string> reconcile_logged_;         // vm -> last logged; logged_mu_
   std::map<std::string, PointSchedule> schedules_;              // guarded by points_mu_
   std::map<std::string, std::map<int64_t, std::string>> pins_;  // guarded by points_mu_
 

@@ -140,3 +140,35 @@ def test_missing_image_and_damaged_history(env, rng):
     drill.assert_matches("drill after the history was reset")
     drill.close()
     osr.job_ok("test-failover-cleanup", "bad", job_type="test-failover-cleanup")
+
+
+def test_a_failed_over_vm_with_a_damaged_map_says_so_and_change_point_recovers(env, rng):
+    """The failed-over disks' region map (.img.cow) is damaged while the quickstart is
+    stopped: the item's health is the quarantine (not "the VM runs at recovery"), and the
+    action it names — opening the disks again at a point — works."""
+    osr = env.osr
+    v = env.track(VmDisks(create_vm(osr, "fo", [("d", "16M", DISK)]), rng))
+    v.name = "fo"
+    v.write(10)
+    v.flush()
+    protect(osr, "fo")
+    p = osr.ok("point", "create", "fo")
+    assert p["seq"] == v.seq, (p, v.seq)
+    v.close()
+    osr.job_ok("failover", "fo", "--point", p["id"], job_type="failover")
+    env.qs.stop_clean()
+    cows = list(group_dir(env, "recovery", "fo").glob("*.cow"))
+    assert cows, list(group_dir(env, "recovery", "fo").iterdir())
+    with open(cows[0], "r+b") as f:
+        f.seek(40)
+        f.write(b"ZZZZ")
+    env.qs.restart()
+    h = health(env, "fo")
+    assert h.startswith("Critical: fo's disks at recovery are quarantined"), h
+    assert "osr change-point fo --point POINT" in h, h
+    osr.job_ok("change-point", "fo", "--point", p["id"], job_type="change-point")
+    wait_for(lambda: not health(env, "fo").startswith("Critical"), 30,
+             "fo's health after change-point", detail=lambda: health(env, "fo"))
+    assert health(env, "fo").startswith("Warning: not protected"), health(env, "fo")
+    v.set_uris(osr.ok("vm", "show", "fo"))
+    assert_disks(v.read_primary(), v.at(p["seq"]), "fo's disks after change-point")

@@ -1,4 +1,5 @@
-"""A damaged end of a capture log or store journal (issue 10, case 1; the review's F1/F2).
+"""A damaged end of a capture log or store journal, an image written outside osr (issue 10,
+case 1; the reviews).
 
 A log's recovery cannot tell a torn write that never left the host from a last record
 that was synced, shipped and damaged since. Both are cut; what must hold is that nothing
@@ -184,3 +185,34 @@ def test_a_store_behind_what_the_primary_holds_is_resynced_not_stuck(sites):
     # The old points cannot be opened: their bytes are gone, and saying so beats guessing.
     got, doc = api(recovery, "POST", f"/stores/{VM}/views", {"seq": old})
     assert got in (400, 409), (got, doc)
+
+
+def test_an_image_written_outside_osr_while_stopped_is_resent_whole(sites):
+    """A clean stop records the images (capture/close-fingerprint); bytes written into one
+    with dd while the site is stopped are found at the next start and resent, so the
+    recovery site ends equal to the primary (it used to keep the old bytes silently)."""
+    primary, recovery = sites
+    group = protect(primary, recovery, VM, [("d0", DISK)])
+    uri = group["disks"][0]["uri"]
+    write_chunks(uri, [(0, os.urandom(MIB))])
+    wait_durable(recovery, VM, group_status(primary, VM)["last_seq"], primary=primary)
+    primary.stop_clean()
+    assert (primary.data_dir / "groups" / VM / "capture" / "close-fingerprint").exists()
+    with open(primary.data_dir / "groups" / VM / "d0.img", "r+b") as f:
+        f.seek(5 * MIB)
+        f.write(b"written outside osr " * 200)
+    primary.restart()
+    assert "changed outside osr; resent whole" in primary.stderr(), primary.stderr()[-3000:]
+    wait_for(resynced(primary, 1), 30, "the changed disk to be resent whole",
+             detail=lambda: f"{group_status(primary, VM)}\n{primary.stderr()[-3000:]}")
+    g = group_status(primary, VM)
+    assert "changed_outside" not in g, g
+    uri = g["disks"][0]["uri"]
+    write_chunks(uri, [(9 * MIB, os.urandom(4096))])
+    assert_store_equals_primary(primary, recovery, uri, "after a write outside osr")
+
+    # An untouched stop and start resends nothing.
+    primary.stop_clean()
+    primary.restart()
+    g = group_status(primary, VM)
+    assert "changed_outside" not in g and g["disks"][0]["dirty_bytes"] == 0, g
