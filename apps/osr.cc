@@ -438,7 +438,7 @@ int main(int argc, char** argv) {
   vstop->add_option("name", vname)->required();
   vstop->add_option("--timeout", vstop_timeout, "seconds (default 30)");
   std::string vrepair_site;
-  bool vrepair_trim = false, vrepair_reset = false;
+  bool vrepair_trim = false, vrepair_reset = false, vrepair_accept = false;
   auto* vrepair = vm->add_subcommand(
       "repair", "open a VM's quarantined disks or store again (see the item's health)");
   vrepair->add_option("name", vname)->required();
@@ -448,6 +448,8 @@ int main(int argc, char** argv) {
                     "gained is zeros");
   vrepair->add_flag("--reset-history", vrepair_reset,
                     "set an unreadable capture history aside and resend the disks whole");
+  vrepair->add_flag("--accept-changes", vrepair_accept,
+                    "take images changed outside osr as they are and resend them whole");
 
   std::string target, ppolicy = "default", spec, notes;
   bool wait = false, appflag = false;
@@ -725,7 +727,8 @@ int main(int argc, char** argv) {
                  Call(c, "POST", "/vms/" + vname + "/repair",
                       json{{"site", vrepair_site},
                            {"trim_image", vrepair_trim},
-                           {"reset_history", vrepair_reset}}),
+                           {"reset_history", vrepair_reset},
+                           {"accept_changes", vrepair_accept}}),
                  Show);
   }
   if (vstop->parsed()) {

@@ -135,7 +135,10 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
         thread_local std::vector<std::vector<Range>> ranges;
         ranges.resize(gp->bitmaps_.size());
         for (auto& r : ranges) r.clear();
-        for (const auto& w : records) ranges[w.disk].push_back({w.offset, w.length});
+        for (const auto& w : records) {
+          // A mark (a zero record of no length: a resync's end) touched no region.
+          if (w.length > 0) ranges[w.disk].push_back({w.offset, w.length});
+        }
         for (size_t i = 0; i < ranges.size(); ++i) {
           if (!ranges[i].empty()) gp->bitmaps_[i]->ReleaseAll(ranges[i], ok);
         }
@@ -161,7 +164,8 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
           opts.dir, i, bytes, dirty.size());
     }
   }
-  OSR_RETURN_IF_ERROR(g->CheckCloseFingerprint());
+  OSR_RETURN_IF_ERROR(g->CheckCloseFingerprint(opts.accept_outside_changes));
+  g->opened_ = true;
   return g;
 }
 
@@ -490,10 +494,10 @@ Status CaptureGroup::Close() {
   Status ls = log_->Sync();
   if (!ls.ok() && !log_->failed() && log_->write_error().ok()) return ls;
   for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
-  if (!image_paths_.empty() && fenced_epoch_ == 0) {
-    // What the images are now, for the next Open to tell a change made outside osr (a
-    // fenced group has its fence fingerprint for that). Best effort: without it the next
-    // Open checks nothing, as after a crash.
+  if (opened_ && !image_paths_.empty() && fenced_epoch_ == 0) {
+    // (Not after an Open that refused: its record of a change must stay.) What the images are now,
+    // for the next Open to tell a change made outside osr (a fenced group has its fence fingerprint
+    // for that). Best effort: without it the next Open checks nothing, as after a crash.
     int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                       std::chrono::system_clock::now().time_since_epoch())
                       .count();
@@ -505,7 +509,7 @@ Status CaptureGroup::Close() {
   return Status::Ok();
 }
 
-Status CaptureGroup::CheckCloseFingerprint() {
+Status CaptureGroup::CheckCloseFingerprint(bool accept) {
   auto recorded = ReadFingerprint(dir_, kCloseFingerprintName);
   if (recorded.ok() && !recorded->has_value()) return Status::Ok();  // a crash, or new
   std::vector<std::string> names;
@@ -535,12 +539,18 @@ Status CaptureGroup::CheckCloseFingerprint() {
       }
     }
   }
+  if (!changed.empty() && !accept) {
+    std::string why;
+    for (const auto& c : changed) why += (why.empty() ? "" : "; ") + c.second;
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("{}: changed outside osr while the site was stopped: {}", dir_, why));
+  }
   for (const auto& [disk, why] : changed) {
     for (size_t i = 0; i < disks_.size(); ++i) {
       if (disk >= 0 && static_cast<size_t>(disk) != i) continue;
       bitmaps_[i]->MarkSticky(0, disks_[i]->size());
     }
-    spdlog::warn("capture {}: {}: changed outside osr; resent whole", dir_, why);
+    spdlog::warn("capture {}: {}: changed outside osr, taken as it is: resent whole", dir_, why);
     std::lock_guard lock(changed_mu_);
     changed_outside_.push_back(why);
   }

@@ -50,6 +50,10 @@ struct CaptureOptions {
   // (fence_fingerprint.h). Empty: no fingerprint is recorded, and reprotect cannot trust
   // the history.
   std::vector<std::string> image_paths;
+  // Images that differ from the last clean close's fingerprint are taken as they are
+  // (marked dirty whole, resent); without it Open refuses them with kFailedPrecondition
+  // (the operator decides: osr vm repair --accept-changes).
+  bool accept_outside_changes = false;
 };
 
 class CaptureGroup {
@@ -109,8 +113,9 @@ class CaptureGroup {
   std::vector<DiskRange> WholeDisks() const;
   bool HasStickyRegions() const;
   // What Open found changed in the images since the last clean Close (the close
-  // fingerprint: another file, size, mtime, ctime or sampled bytes): those disks are
-  // resent whole. Kept until the next resync commits (CleanRegions). Empty: nothing.
+  // fingerprint: another file, size, mtime, ctime or sampled bytes) and took as they are
+  // (accept_outside_changes): those disks are resent whole. Kept until the next resync
+  // commits (CleanRegions). Empty: nothing.
   std::vector<std::string> changed_outside() const;
   // Every allocated (non-hole) region of every disk: what an initial sync copies.
   Result<std::vector<DiskRange>> AllocatedRegions() const;
@@ -130,9 +135,10 @@ class CaptureGroup {
   // Waits until no write or zero that began before the fence is still running (bounded).
   void DrainWrites();
   Status RecordFingerprintLocked();  // holds fence_mu_
-  // Open: compares the images with the close fingerprint, marks the disks that changed
-  // whole, removes the fingerprint (it vouches for one start only).
-  Status CheckCloseFingerprint();
+  // Open: compares the images with the close fingerprint. A change is refused
+  // (kFailedPrecondition naming it; the fingerprint stays) unless `accept`: then the disks
+  // that changed are marked whole. The fingerprint goes (it vouches for one start only).
+  Status CheckCloseFingerprint(bool accept);
   FingerprintSources FingerprintSourcesNow() const;
 
   std::vector<std::shared_ptr<GroupDisk>> disks_;
@@ -148,6 +154,7 @@ class CaptureGroup {
   std::vector<std::string> image_paths_;
   std::mutex fence_mu_;  // one fence file write at a time
   std::atomic<uint64_t> fenced_epoch_{0};
+  bool opened_ = false;  // Open finished: Close may record the close fingerprint
   mutable std::mutex changed_mu_;
   std::vector<std::string> changed_outside_;  // guarded by changed_mu_
   // Writes and zeroes past their fence check and not finished: counted before the check

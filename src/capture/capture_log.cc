@@ -23,6 +23,11 @@ int64_t NowNs() {
 }
 
 constexpr uint64_t kCutFileBytesMax = 64u << 10;
+// The most records the cut bytes of one segment can hold: a segment grows past its target
+// by at most one record (≤ 64 MiB), and every record is at least 64 bytes.
+constexpr uint64_t kCutSeqsMax = (uint64_t{1} << 30) / RecordHeader::kSize;
+// Seqs stay far below 2^63 (a catalog's signed 64-bit integers).
+constexpr uint64_t kSeqMax = uint64_t{1} << 62;
 
 std::string CutPath(const std::string& dir) {
   return dir + "/cut.json";
@@ -146,10 +151,11 @@ Status CaptureLog::Recover() {
     cut_.reset();
   } else if (cut_) {
     if (last < cut_->after_seq) {
-      // Segments went since the cut (removed by hand): the log lost more than it said.
-      cut_->after_seq = last;
-      cut_->seq_bound = std::max(cut_->seq_bound, last);
-      OSR_RETURN_IF_ERROR(WriteCut(*cut_, 0));
+      // The log ends before the cut it records: records went since (by hand), or the
+      // record is not osr's. Neither is guessed at.
+      return Corruption(fmt::format(
+          "capture log {}: cut.json says the log was cut after seq {}, but it ends at seq {}",
+          opts_.dir, cut_->after_seq, last));
     }
     overflowed_ = true;
     ++overflow_generation_;
@@ -202,6 +208,12 @@ Status CaptureLog::LoadCut() {
   cut.reason = f.String("reason", "");
   uint64_t resume_at = f.U64("resume_at", 0);
   if (f.ok() && cut.seq_bound < cut.after_seq) f.Fail("seq_bound", "is below after_seq");
+  // One segment's cut bytes hold at most this many records (kCutSeqsMax): a bound beyond
+  // it, or a seq no log reaches, was not written by osr.
+  if (f.ok() && cut.seq_bound - cut.after_seq > kCutSeqsMax) {
+    f.Fail("seq_bound", fmt::format("is more than {} after after_seq", kCutSeqsMax));
+  }
+  if (f.ok() && cut.seq_bound > kSeqMax) f.Fail("seq_bound", "is beyond any seq a log reaches");
   if (f.ok() && resume_at != 0 && (resume_at <= cut.after_seq || resume_at > cut.seq_bound + 1)) {
     f.Fail("resume_at", "is not between after_seq + 1 and seq_bound + 1");
   }
@@ -213,6 +225,14 @@ Status CaptureLog::LoadCut() {
   // ResumeAfterCut was cut short: every segment before resume_at is durable at the
   // recovery site (it said so); finish it.
   OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+  for (const auto& seg : segments) {
+    if (seg.first_seq < resume_at && seg.first_seq > cut.after_seq + 1) {
+      return Corruption(
+          fmt::format("{}: segment {} starts after the cut (seq {}) but before "
+                      "resume_at ({}): this record was not written by osr",
+                      path, seg.path, cut.after_seq, resume_at));
+    }
+  }
   for (const auto& seg : segments) {
     if (seg.first_seq >= resume_at) continue;
     std::filesystem::remove(seg.path, ec);

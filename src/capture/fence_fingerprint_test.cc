@@ -50,9 +50,16 @@ class FenceFingerprintTest : public ::testing::Test {
   std::string Image(int i) const { return dir_ + "/d" + std::to_string(i) + ".img"; }
   std::string Cap() const { return dir_ + "/cap"; }
 
-  std::unique_ptr<CaptureGroup> Open(int disks = 2, bool paths = true) {
+  std::unique_ptr<CaptureGroup> Open(int disks = 2, bool paths = true, bool accept = false) {
+    auto g = TryOpen(disks, paths, accept);
+    EXPECT_TRUE(g.ok()) << g.status().ToString();
+    return g.ok() ? std::move(g).value() : nullptr;
+  }
+  Result<std::unique_ptr<CaptureGroup>> TryOpen(int disks = 2, bool paths = true,
+                                                bool accept = false) {
     std::vector<std::unique_ptr<nbd::Disk>> images;
     CaptureOptions o;
+    o.accept_outside_changes = accept;
     for (int i = 0; i < disks; ++i) {
       auto img = nbd::FileDisk::Open(Image(i), false, kSize);
       EXPECT_TRUE(img.ok()) << img.status().ToString();
@@ -61,9 +68,7 @@ class FenceFingerprintTest : public ::testing::Test {
     }
     o.dir = Cap();
     o.segment_bytes_target = 256 << 10;  // several segments
-    auto g = CaptureGroup::Open(std::move(images), o);
-    EXPECT_TRUE(g.ok()) << g.status().ToString();
-    return std::move(g).value();
+    return CaptureGroup::Open(std::move(images), o);
   }
 
   // n writes of 64 KiB with distinct bytes, spread over both disks, each flushed (so the
@@ -230,8 +235,9 @@ TEST_F(FenceFingerprintTest, ATruncatedOrRemovedLogSegmentIsFound) {
         << end->reason;
     ASSERT_TRUE(g->Close().ok());
   }
-  // Every segment removed: an empty log starts again.
+  // Every segment removed (and the cut record with them): an empty log starts again.
   for (auto& s : *segments) fs::remove(s.path);
+  fs::remove(Cap() + "/cut.json");
   auto g = Open();
   auto m = g->CheckFenceFingerprint(0, kNames);
   ASSERT_FALSE(m.empty());
@@ -382,7 +388,15 @@ TEST_F(FenceFingerprintTest, AnImageWrittenWhileTheSiteWasStoppedIsResentWhole) 
     ASSERT_TRUE(g->Close().ok());
   }
   Poke(1, 3 << 20, "written outside osr");
-  auto g = Open();
+  // Refused until the operator says (the fingerprint stays, so it is refused again).
+  for (int i = 0; i < 2; ++i) {
+    auto refused = TryOpen();
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), Code::kFailedPrecondition);
+    EXPECT_NE(refused.status().message().find("changed outside osr"), std::string::npos)
+        << refused.status().ToString();
+  }
+  auto g = Open(2, true, /*accept=*/true);
   auto changed = g->changed_outside();
   ASSERT_EQ(changed.size(), 1u);
   EXPECT_NE(changed[0].find("since the site last stopped"), std::string::npos) << changed[0];
@@ -403,7 +417,8 @@ TEST_F(FenceFingerprintTest, AGarbageCloseFingerprintCountsAsEveryDiskChanged) {
     ASSERT_TRUE(g->Close().ok());
   }
   std::ofstream(FingerprintPath(Cap(), kCloseFingerprintName)) << "garbage";
-  auto g = Open();
+  EXPECT_EQ(TryOpen().status().code(), Code::kFailedPrecondition);
+  auto g = Open(2, true, /*accept=*/true);
   EXPECT_EQ(g->changed_outside().size(), 1u);
   EXPECT_EQ(g->DirtyRegions().size(), 2u);
 }

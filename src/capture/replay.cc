@@ -51,7 +51,9 @@ Result<ReplayResult> Replay(const std::string& log_dir, const std::string& base,
       return false;
     }
     Status st;
-    if (h.kind == RecordKind::kWrite) {
+    if (h.length == 0) {
+      // A mark (a resync's end): nothing to apply.
+    } else if (h.kind == RecordKind::kWrite) {
       st = to.PWrite(h.offset, payload);
     } else {
       st = to.PunchHole(h.offset, h.length);

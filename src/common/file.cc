@@ -281,14 +281,20 @@ Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max) {
 
 Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data) {
   std::string tmp = path + ".tmp";
-  {
+  Status written = [&]() -> Status {
     OSR_ASSIGN_OR_RETURN(File f, File::Open(tmp, File::Mode::kCreate));
     OSR_RETURN_IF_ERROR(f.Truncate(0));
     OSR_RETURN_IF_ERROR(f.PWrite(0, data));
     OSR_RETURN_IF_ERROR(f.Sync());
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    return Status::FromErrno(errno, fmt::format("rename {} to {}", tmp, path));
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      return Status::FromErrno(errno, fmt::format("rename {} to {}", tmp, path));
+    }
+    return Status::Ok();
+  }();
+  if (!written.ok()) {
+    // Nothing half-written stays behind (a full file system: the space comes back too).
+    ::unlink(tmp.c_str());
+    return written;
   }
   std::string dir = std::filesystem::path(path).parent_path().string();
   return SyncDir(dir.empty() ? "." : dir);

@@ -177,6 +177,14 @@ class ReplicationTest : public ::testing::Test {
     for (int i = 0; i < 250 && s.stats().last_error.empty(); ++i) ::usleep(20000);
     ASSERT_FALSE(s.stats().last_error.empty()) << "the sender reported no error";
   }
+  // A store made for a first copy (Start::kFullCopy) in place of the fixture's.
+  void RecreateStoreForFullCopy() {
+    store_.reset();
+    fs::remove_all(dir_ + "/store");
+    store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                          store::RecoveryStore::Start::kFullCopy)
+                 .value();
+  }
   void StartSender(ListenAddress target, uint64_t bandwidth = 0, size_t frame_bytes_max = 0) {
     SenderOptions o = Options(target);
     o.bandwidth_bytes_per_second = bandwidth;
@@ -448,11 +456,7 @@ void WaitCopied(const Sender& s, uint64_t bytes) {
 TEST_F(ReplicationTest, AnInitialCopyCutShortGoesOnWhereItStopped) {
   std::mt19937 rng(21);
   FillSource(*disk_, rng, 6);
-  store_.reset();
-  fs::remove_all(dir_ + "/store");
-  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
-                                        store::RecoveryStore::Start::kFullCopy)
-               .value();
+  RecreateStoreForFullCopy();
   Proxy proxy(recv_addr_);
   StartSender(proxy.address(), 4 << 20);  // 4 MiB/s: the copy takes ~1.5 s
   WaitCopied(*sender_, 3 << 20);
@@ -477,11 +481,7 @@ TEST_F(ReplicationTest, AnInitialCopyCutShortGoesOnWhereItStopped) {
 TEST_F(ReplicationTest, AnInitialCopyGoesOnAfterBothSitesRestart) {
   std::mt19937 rng(22);
   FillSource(*disk_, rng, 6);
-  store_.reset();
-  fs::remove_all(dir_ + "/store");
-  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
-                                        store::RecoveryStore::Start::kFullCopy)
-               .value();
+  RecreateStoreForFullCopy();
   StartSender(recv_addr_, 4 << 20);
   WaitCopied(*sender_, 3 << 20);
   sender_.reset();  // the source site goes
@@ -523,20 +523,12 @@ TEST_F(ReplicationTest, AnInitialCopyGoesOnAfterBothSitesRestart) {
 TEST_F(ReplicationTest, ACopyWhoseStagedPartIsGoneStartsOver) {
   std::mt19937 rng(23);
   FillSource(*disk_, rng, 4);
-  store_.reset();
-  fs::remove_all(dir_ + "/store");
-  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
-                                        store::RecoveryStore::Start::kFullCopy)
-               .value();
+  RecreateStoreForFullCopy();
   StartSender(recv_addr_, 4 << 20);
   WaitCopied(*sender_, 2 << 20);
   sender_.reset();
   receiver_->EndGroup("vm1");
-  store_.reset();
-  fs::remove_all(dir_ + "/store");
-  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
-                                        store::RecoveryStore::Start::kFullCopy)
-               .value();
+  RecreateStoreForFullCopy();
   StartSender(recv_addr_);
   ExpectReplicaEqualsSource();
   auto st = sender_->stats();

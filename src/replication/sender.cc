@@ -8,6 +8,7 @@
 #include <exception>
 
 #include "capture/log_tailer.h"
+#include "common/crc32c.h"
 #include "replication/pacer.h"
 #include "replication/wire.h"
 
@@ -566,6 +567,16 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   // Every region now holds at least what it had when it was read; the records up to
   // `consistent` bring each one to the same moment.
   uint64_t consistent = log_->last_seq();
+  if (consistent == from) {
+    // No write came during the copy. The store's state at `from` changes with the commit,
+    // and a point made at `from` must never show other bytes: the copy ends at a new seq,
+    // a mark (a zero record of no length, changing nothing).
+    static const uint8_t kNone = 0;
+    auto mark = log_->Append(capture::RecordKind::kZero, 0, 0, std::span<const uint8_t>(&kNone, 0),
+                             Crc32c(std::span<const uint8_t>(&kNone, 0)));
+    if (!mark) return Unavailable("the capture log takes no record: the resync cannot end yet");
+    consistent = *mark;
+  }
   OSR_RETURN_IF_ERROR(ship_upto(consistent));
   if (log_->overflow_generation() != generation) {
     // The log passed its limit again while regions were copied: a copied region may hold

@@ -481,6 +481,8 @@ std::string_view DamageKindName(DamageKind kind) {
       return "store_missing";
     case DamageKind::kStore:
       return "store";
+    case DamageKind::kImageChanged:
+      return "image_changed";
   }
   return "unknown";
 }
@@ -677,9 +679,10 @@ Damage Site::StoreDamage(const std::string& vm, const Status& st) const {
 }
 
 std::unique_ptr<Site::Group> Site::LoadGroupLocked(const std::string& vm, const json& entry,
-                                                   uint64_t first_seq) {
+                                                   uint64_t first_seq, bool accept_changes) {
   auto g = std::make_unique<Group>();
   g->first_seq = first_seq;
+  g->accept_changes = accept_changes;
   bool became_store = false;
   std::optional<OpenFailure> failed = OpenSavedGroupLocked(vm, entry, *g, &became_store);
   if (became_store) return nullptr;
@@ -853,6 +856,13 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
       break;
     case DamageKind::kStore:
       d.action = "repair the store (" + repair + ")";
+      break;
+    case DamageKind::kImageChanged:
+      d.action = "the recovery site still holds the points from before. If the change was meant, " +
+                 repair +
+                 " --accept-changes resends the changed disks whole (the older points then go); if "
+                 "not, fail over or drill to a point from before it (osr failover " +
+                 vm + " --point ID)";
       break;
   }
   return d;
@@ -1032,7 +1042,9 @@ Result<json> Site::RepairGroup(const std::string& vm, const RepairOptions& opts)
     old.saved = entry;
     resend_all = true;
   }
-  std::unique_ptr<Group> g = LoadGroupLocked(vm, entry, resend_all ? opts.first_seq : 1);
+  std::unique_ptr<Group> g =
+      LoadGroupLocked(vm, entry, resend_all ? opts.first_seq : 1,
+                      opts.accept_changes && old.damage->kind == DamageKind::kImageChanged);
   if (!g) {  // its disks were a store all along
     groups_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
@@ -1215,9 +1227,11 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   // their images whole (a failback), and a copy still under way changes the image's times,
   // which then only sends reprotect to compare hashes.
   for (auto& d : g.disks) co.image_paths.push_back(dir + "/" + d.name + ".img");
+  co.accept_outside_changes = g.accept_changes;
   auto capture = capture::CaptureGroup::Open(std::move(images), co);
   if (!capture.ok()) {
-    kind = DamageKind::kCaptureHistory;
+    kind = capture.status().code() == Code::kFailedPrecondition ? DamageKind::kImageChanged
+                                                                : DamageKind::kCaptureHistory;
     return capture.status();
   }
   g.capture = std::move(*capture);

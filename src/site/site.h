@@ -129,6 +129,7 @@ enum class DamageKind {
   kRegionMap,       // a failover disk's region map (.cow) is unreadable
   kStoreMissing,    // the failover disks' recovery store is gone or quarantined
   kStore,           // a recovery store (store.json, base, journal) cannot be opened
+  kImageChanged,    // an image differs from what the last clean stop recorded
 };
 std::string_view DamageKindName(DamageKind kind);
 
@@ -147,6 +148,10 @@ struct RepairOptions {
   // An unreadable capture history is moved aside (groups/<vm>/damaged-<time>/) and the
   // disks are resent whole: the history counts as lost.
   bool reset_history = false;
+  // Images changed outside osr while the site was stopped (kImageChanged) are taken as
+  // they are: resent whole to the recovery site (whose older points then go, folded by
+  // that resync).
+  bool accept_changes = false;
   // With reset_history: the new log's first seq. Above what the recovery store holds
   // (the vault gives its durable_seq + 1), so that replication goes on from there.
   uint64_t first_seq = 1;
@@ -277,7 +282,8 @@ class Site {
     // null), nothing runs, and site.json keeps `saved`, its entry as it was.
     std::optional<Damage> damage;
     nlohmann::json saved;
-    uint64_t first_seq = 1;  // of a new capture log (not kept: only a fresh log uses it)
+    uint64_t first_seq = 1;       // of a new capture log (not kept: only a fresh log uses it)
+    bool accept_changes = false;  // this open takes images changed outside osr (repair)
     std::unique_ptr<replication::Sender> sender;
     // Owned by capture's disks; valid while capture lives (the materialiser uses them).
     std::vector<store::FailoverDisk*> failover_disks;
@@ -326,7 +332,7 @@ class Site {
   // A group from its site.json entry: opened, or quarantined with the reason; nullptr
   // when its disks turned out to be a store (an interrupted reprotect, finished here).
   std::unique_ptr<Group> LoadGroupLocked(const std::string& vm, const nlohmann::json& entry,
-                                         uint64_t first_seq = 1);
+                                         uint64_t first_seq = 1, bool accept_changes = false);
   // Parses the entry into `g` and opens it; the failure says which file and why.
   std::optional<OpenFailure> OpenSavedGroupLocked(const std::string& vm,
                                                   const nlohmann::json& entry, Group& g,

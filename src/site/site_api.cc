@@ -178,7 +178,8 @@ SiteApi::SiteApi(Site* site) : site_(site) {
         RepairOptions o;
         o.trim_image = f.Bool("trim_image", false);
         o.reset_history = f.Bool("reset_history", false);
-        o.first_seq = f.U64("first_seq", 1, {1, UINT64_MAX / 2});
+        o.accept_changes = f.Bool("accept_changes", false);
+        o.first_seq = f.U64("first_seq", 1, {1, uint64_t{1} << 53});
         f.RefuseOthers();
         if (!f.ok()) return Error(res, f.status());
         ReplyResult(res, site_->RepairGroup(req.matches[1], o));

@@ -1046,6 +1046,7 @@ Result<uint64_t> RecoveryStore::Fold(uint64_t seq) {
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t> payload) {
     if (h.seq <= from) return true;
     if (h.seq > target) return false;
+    if (h.length == 0) return true;  // a mark (a resync's end): no bytes
     File& f = base_[h.disk];
     Status st = h.kind == RecordKind::kWrite ? f.PWrite(h.offset, payload)
                                              : f.PunchHole(h.offset, h.length);

@@ -542,7 +542,7 @@ Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::str
 }
 
 Result<json> Vault::RepairVm(const std::string& name, const std::string& site, bool trim_image,
-                             bool reset_history) {
+                             bool reset_history, bool accept_changes) {
   if (!catalog_->Vm(name)) return NotFound("no VM named '" + name + "'");
   std::vector<SiteRow> sites;
   if (!site.empty()) {
@@ -561,7 +561,9 @@ Result<json> Vault::RepairVm(const std::string& name, const std::string& site, b
       if (!st.ok() || !st->is_object() || !st->contains("damage")) continue;
       json body = json::object();
       if (std::string(what) == "groups") {
-        body = {{"trim_image", trim_image}, {"reset_history", reset_history}};
+        body = {{"trim_image", trim_image},
+                {"reset_history", reset_history},
+                {"accept_changes", accept_changes}};
         if (Result<uint64_t> next = FirstSeqAfterStore(name, s.name); next.ok()) {
           body["first_seq"] = *next;
         } else {
@@ -782,8 +784,8 @@ json Vault::ItemJson(const ItemRow& item) {
     } else if (const json* changed = gf.Array("changed_outside");
                changed != nullptr && !changed->empty() && changed->front().is_string()) {
       health = fmt::format(
-          "Warning: {}'s disks at {} were changed outside osr while the site was stopped ({}); "
-          "they are resent whole to {}",
+          "Warning: {}'s disks at {} were changed outside osr while the site was stopped ({}) "
+          "and taken as they are; they are resent whole to {}",
           item.vm, item.source, changed->front().get<std::string>().substr(0, 300), item.target);
     } else if (const json* cut = gf.Object("capture_log_cut"); cut != nullptr) {
       json_in::Fields cf(*cut, "site " + item.source + " capture_log_cut.");
@@ -1656,6 +1658,32 @@ void Vault::PointLoop() {
   }
 }
 
+void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site, uint64_t floor) {
+  // A resync (after an overflow, a cut log, a store put back) folds the store's history:
+  // points below its new floor cannot be opened. They go from the catalog, said once,
+  // rather than stay listed and fail when chosen. Points in use stay (their pins keep a
+  // resync from passing them).
+  std::vector<int64_t> gone;
+  {
+    std::lock_guard lock(points_mu_);
+    auto in_use = PointsInUseLocked(item);
+    for (const auto& p : catalog_->Points(item.vm)) {
+      if (p.seq >= floor || in_use.count(p.id)) continue;
+      if (Status st = catalog_->DeletePoint(p.id); !st.ok()) {
+        spdlog::warn("vault: point {} of {}: {}", p.id, item.vm, st.ToString());
+        continue;
+      }
+      gone.push_back(p.id);
+    }
+  }
+  if (!gone.empty()) {
+    spdlog::warn(
+        "vault: {}: point(s) {} can no longer be read at {} (its history before seq {} was "
+        "folded by a resynchronization): removed from the catalog",
+        item.vm, fmt::join(gone, ", "), site, floor);
+  }
+}
+
 void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
   constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // the chart's span
   if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item);
@@ -1683,11 +1711,14 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
   uint64_t durable = f.U64("durable_seq", 0);
   int64_t t = f.I64("durable_time_ns", 0);
   uint64_t base_seq = f.U64("base_seq", 0);
+  uint64_t consistent_from = f.U64("consistent_from", 0);
   if (!f.ok()) {
     spdlog::warn("vault: no point for {}: {}", item.vm, f.status().message());
     NotePointTrouble(item.vm, f.status().message());
     return;
   }
+  ForgetUnreadablePoints(item, dst->name, std::max(base_seq, consistent_from));
+  points = catalog_->Points(item.vm);
   if (!points.empty() && durable <= points.back().seq) {  // nothing new: nothing to cover
     std::lock_guard lock(points_mu_);
     schedules_[item.vm].covered_mono_ns = clock_.MonoNs();

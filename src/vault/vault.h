@@ -109,7 +109,7 @@ class Vault {
   // repaired per site; kInvalidArgument when nothing of the VM is quarantined,
   // kFailedPrecondition (naming why) when something still is.
   Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site, bool trim_image,
-                                  bool reset_history);
+                                  bool reset_history, bool accept_changes = false);
   nlohmann::json DrillJson(const ItemRow& item, std::string* health);
   Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
   nlohmann::json ListVms();
@@ -239,6 +239,9 @@ class Vault {
   Status PinPoint(const std::string& vm, int64_t id, const std::string& use,
                   std::optional<PointPin>& pin);
   // id -> what uses it: the item's drill, its failover before commit, and jobs' pins.
+  // Deletes the catalog's points of `item` below `floor` (the store's max(base_seq,
+  // consistent_from) at `site`), except those in use. Takes points_mu_.
+  void ForgetUnreadablePoints(const ItemRow& item, const std::string& site, uint64_t floor);
   std::map<int64_t, std::string> PointsInUseLocked(const ItemRow& item);  // points_mu_ held
   nlohmann::json PointJsonFor(const PointRow& p, const std::map<int64_t, std::string>& in_use);
   // Whether a crash point is due for `vm` (policy interval on the monotonic clock).

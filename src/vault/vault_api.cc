@@ -729,11 +729,13 @@ Result<VaultApi::Reply> VaultApi::RepairVm(Call& c) {
   std::string site = f.String("site", "");
   bool trim_image = f.Bool("trim_image", false);
   bool reset_history = f.Bool("reset_history", false);
+  bool accept_changes = f.Bool("accept_changes", false);
   f.RefuseOthers();
   if (!f.ok()) return f.status();
   if (!site.empty() && !ValidName(site))
     return InvalidArgument("'" + site + "' is not a site name");
-  OSR_ASSIGN_OR_RETURN(json out, vault_->RepairVm(c.Match(1), site, trim_image, reset_history));
+  OSR_ASSIGN_OR_RETURN(
+      json out, vault_->RepairVm(c.Match(1), site, trim_image, reset_history, accept_changes));
   return Reply{200, out};
 }
 

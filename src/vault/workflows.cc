@@ -452,11 +452,28 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
                       : c);
     }
     auto g = Client(*dst).Call("GET", "/groups/" + job.vm);
+    if (!g.ok() && g.status().code() == Code::kUnavailable) {
+      // The site is away for a moment (a restart): wait for it, as long as any stall.
+      steps.Progress(job.progress,
+                     fmt::format("waiting for {}: {}", item.target, g.status().message()));
+      if (std::chrono::steady_clock::now() - stalled_since >
+          std::chrono::milliseconds(cfg_.job_wait_ms_max)) {
+        return back(g.status());
+      }
+      (void)steps.Sleep(std::chrono::milliseconds(500));
+      continue;
+    }
     if (!g.ok()) return back(g.status());
-    json mj = (*g).value("materialise", json::object());
-    std::string state = mj.value("state", std::string());
-    uint64_t done = mj.value("done_bytes", uint64_t{0});
-    uint64_t total = mj.value("total_bytes", uint64_t{0});
+    json_in::Fields gf(*g, "site " + item.target + " group " + job.vm + ".");
+    const json* mat = gf.Object("materialise");
+    json none = json::object();
+    json_in::Fields mf(mat != nullptr ? *mat : none,
+                       "site " + item.target + " group " + job.vm + ".materialise.");
+    std::string state = mf.String("state", "");
+    uint64_t done = mf.U64("done_bytes", 0);
+    uint64_t total = mf.U64("total_bytes", 0);
+    std::string error = mf.String("error", "");
+    if (!gf.ok() || !mf.ok()) return back(!gf.ok() ? gf.status() : mf.status());
     if (state == "done") {
       // The numbers of the answer that says it is done: the last ones (not those of the
       // poll before, which may be far behind).
@@ -465,7 +482,7 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
       break;
     }
     if (state == "failed") {
-      return back(Internal("materialising failed: " + mj.value("error", std::string())));
+      return back(Internal("materialising failed: " + error));
     }
     if (state.empty()) {  // the site restarted: start it again (it resumes)
       m = Client(*dst).Call("POST", "/groups/" + job.vm + "/materialise");

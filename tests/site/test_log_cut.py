@@ -79,14 +79,22 @@ def assert_store_equals_primary(primary, recovery, uri, what):
                              f"primary at byte {first}")
 
 
-def test_a_damaged_last_capture_record_is_never_reissued(sites):
-    primary, recovery = sites
+def protected_with_data(primary, recovery, chunks):
+    """VM protected, `chunks` [(offset, bytes)] written and durable at the recovery site.
+    Returns (uri, last seq)."""
     group = protect(primary, recovery, VM, [("d0", DISK)])
     uri = group["disks"][0]["uri"]
-    write_chunks(uri, [(i * 256 * 1024, os.urandom(256 * 1024)) for i in range(4)])
-    shipped = group_status(primary, VM)["last_seq"]
+    write_chunks(uri, chunks)
+    last = group_status(primary, VM)["last_seq"]
+    wait_durable(recovery, VM, last, primary=primary)
+    return uri, last
+
+
+def test_a_damaged_last_capture_record_is_never_reissued(sites):
+    primary, recovery = sites
+    uri, shipped = protected_with_data(
+        primary, recovery, [(i * 256 * 1024, os.urandom(256 * 1024)) for i in range(4)])
     assert shipped >= 4
-    wait_durable(recovery, VM, shipped, primary=primary)
 
     primary.stop_clean()
     damage_last_record(primary.data_dir / "groups" / VM / "capture")
@@ -120,11 +128,8 @@ def test_a_damaged_last_capture_record_is_never_reissued(sites):
 
 def test_a_damaged_last_journal_record_comes_again(sites):
     primary, recovery = sites
-    group = protect(primary, recovery, VM, [("d0", DISK)])
-    uri = group["disks"][0]["uri"]
-    write_chunks(uri, [(i * 256 * 1024, os.urandom(256 * 1024)) for i in range(4)])
-    last = group_status(primary, VM)["last_seq"]
-    wait_durable(recovery, VM, last, primary=primary)
+    uri, last = protected_with_data(
+        primary, recovery, [(i * 256 * 1024, os.urandom(256 * 1024)) for i in range(4)])
 
     recovery.stop_clean()
     damage_last_record(recovery.data_dir / "stores" / VM / "journal")
@@ -142,11 +147,8 @@ def test_a_damaged_last_journal_record_comes_again(sites):
 
 def test_a_store_behind_what_the_primary_holds_is_resynced_not_stuck(sites):
     primary, recovery = sites
-    group = protect(primary, recovery, VM, [("d0", DISK)])
-    uri = group["disks"][0]["uri"]
-    write_chunks(uri, [(i * MIB, os.urandom(MIB)) for i in range(4)])
-    old = group_status(primary, VM)["last_seq"]
-    wait_durable(recovery, VM, old, primary=primary)
+    uri, old = protected_with_data(primary, recovery,
+                                   [(i * MIB, os.urandom(MIB)) for i in range(4)])
     store_dir = recovery.data_dir / "stores" / VM
     backup = recovery.data_dir.parent / "store-backup"
     recovery.stop_clean()
@@ -187,26 +189,42 @@ def test_a_store_behind_what_the_primary_holds_is_resynced_not_stuck(sites):
     assert got in (400, 409), (got, doc)
 
 
-def test_an_image_written_outside_osr_while_stopped_is_resent_whole(sites):
-    """A clean stop records the images (capture/close-fingerprint); bytes written into one
-    with dd while the site is stopped are found at the next start and resent, so the
-    recovery site ends equal to the primary (it used to keep the old bytes silently)."""
+def test_an_image_written_outside_osr_while_stopped_is_quarantined_then_taken(sites):
+    """A clean stop records the images (capture/close-fingerprint). Bytes written into one
+    with dd while the site is stopped are found at the next start: the VM is quarantined
+    (image_changed) while the recovery site still holds the bytes from before; repair with
+    accept_changes takes the image as it is and resends it, and the recovery site ends
+    equal to the primary (it used to keep the old bytes silently)."""
     primary, recovery = sites
-    group = protect(primary, recovery, VM, [("d0", DISK)])
-    uri = group["disks"][0]["uri"]
-    write_chunks(uri, [(0, os.urandom(MIB))])
-    wait_durable(recovery, VM, group_status(primary, VM)["last_seq"], primary=primary)
+    before = os.urandom(MIB)
+    uri, old = protected_with_data(primary, recovery, [(0, before)])
     primary.stop_clean()
     assert (primary.data_dir / "groups" / VM / "capture" / "close-fingerprint").exists()
     with open(primary.data_dir / "groups" / VM / "d0.img", "r+b") as f:
         f.seek(5 * MIB)
         f.write(b"written outside osr " * 200)
     primary.restart()
-    assert "changed outside osr; resent whole" in primary.stderr(), primary.stderr()[-3000:]
+    g = group_status(primary, VM)
+    assert g["damage"]["kind"] == "image_changed", g
+    assert "changed outside osr" in g["damage"]["reason"], g
+    assert "--accept-changes" in g["damage"]["action"], g
+    # The recovery site still has the disk as it was.
+    view = open_view(recovery, VM, old)
+    try:
+        assert read_all(view["disks"][0]["uri"], DISK)[:MIB] == before
+    finally:
+        close_view(recovery, view["id"])
+    # Still refused after another restart (the record of the change stays).
+    primary.stop_clean()
+    primary.restart()
+    assert group_status(primary, VM)["damage"]["kind"] == "image_changed"
+
+    api_ok(primary, "POST", f"/groups/{VM}/repair", {"accept_changes": True})
+    assert "taken as it is: resent whole" in primary.stderr(), primary.stderr()[-3000:]
     wait_for(resynced(primary, 1), 30, "the changed disk to be resent whole",
              detail=lambda: f"{group_status(primary, VM)}\n{primary.stderr()[-3000:]}")
     g = group_status(primary, VM)
-    assert "changed_outside" not in g, g
+    assert "changed_outside" not in g and "damage" not in g, g
     uri = g["disks"][0]["uri"]
     write_chunks(uri, [(9 * MIB, os.urandom(4096))])
     assert_store_equals_primary(primary, recovery, uri, "after a write outside osr")
@@ -215,4 +233,26 @@ def test_an_image_written_outside_osr_while_stopped_is_resent_whole(sites):
     primary.stop_clean()
     primary.restart()
     g = group_status(primary, VM)
-    assert "changed_outside" not in g and g["disks"][0]["dirty_bytes"] == 0, g
+    assert "damage" not in g and g["disks"][0]["dirty_bytes"] == 0, g
+
+
+def test_a_resync_with_no_write_during_it_ends_at_a_new_seq(sites):
+    """A point made at the seq a resync starts from must keep its bytes: the resync ends at
+    a seq of its own (a mark), and the store reads nothing below it afterwards."""
+    primary, recovery = sites
+    before = os.urandom(MIB)
+    uri, at = protected_with_data(primary, recovery, [(0, before)])
+    primary.stop_clean()
+    with open(primary.data_dir / "groups" / VM / "d0.img", "r+b") as f:
+        f.write(b"changed" * 1000)
+    primary.restart()
+    api_ok(primary, "POST", f"/groups/{VM}/repair", {"accept_changes": True})
+    wait_for(resynced(primary, 1), 30, "the resync",
+             detail=lambda: f"{group_status(primary, VM)}\n{primary.stderr()[-3000:]}")
+    st = store_status(recovery, VM)
+    assert st["durable_seq"] == at + 1, (st, at)  # the mark
+    assert st["consistent_from"] == at + 1, st
+    got, doc = api(recovery, "POST", f"/stores/{VM}/views", {"seq": at})
+    assert got in (400, 409), (got, doc)  # never the new bytes under the old seq
+    assert_store_equals_primary(primary, recovery, group_status(primary, VM)["disks"][0]["uri"],
+                                "after a resync with no write")

@@ -100,6 +100,14 @@ def test_self_fence_is_durable_and_stops_the_vm(site_factory):
             os.kill(vm_pid, signal.SIGKILL)
 
 
+
+def groups_a_fenced_and_b(site):
+    """Groups a (fenced at epoch 2) and b at `site`."""
+    for vm in ("a", "b"):
+        api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
+               status=201)
+    api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+
 @pytest.mark.parametrize("text", ["garbage", '{"version": 1}'])
 def test_damaged_fence_record_quarantines_only_that_vm(site_factory, text):
     """A fence record that is not one: that VM is quarantined (its disks are not served:
@@ -107,10 +115,7 @@ def test_damaged_fence_record_quarantines_only_that_vm(site_factory, text):
     require_libnbd()
     site = site_factory("primary")
     data = site.data_dir
-    for vm in ("a", "b"):
-        api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
-               status=201)
-    api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+    groups_a_fenced_and_b(site)
     site.stop()
     (data / "groups" / "a" / "capture" / "fence").write_text(text)
     site.start()
@@ -137,10 +142,7 @@ def test_damaged_site_json_starts_from_the_previous_state(site_factory):
     require_libnbd()
     site = site_factory("primary")
     data = site.data_dir
-    for vm in ("a", "b"):
-        api_ok(site, "PUT", f"/groups/{vm}", {"disks": [{"name": "d", "size_bytes": SIZE}]},
-               status=201)
-    api_ok(site, "POST", "/groups/a/fence", {"epoch": 2}, status=204)
+    groups_a_fenced_and_b(site)
     site.stop()
     backup = (data / "site.json").read_bytes()
     (data / "site.json").write_text('{"groups": ')
