@@ -513,7 +513,7 @@ Status CaptureGroup::CheckCloseFingerprint(bool accept) {
   auto recorded = ReadFingerprint(dir_, kCloseFingerprintName);
   if (recorded.ok() && !recorded->has_value()) return Status::Ok();  // a crash, or new
   std::vector<std::string> names;
-  for (size_t i = 0; i < disks_.size(); ++i) names.push_back(fmt::format("disk {}", i));
+  for (size_t i = 0; i < disks_.size(); ++i) names.push_back(std::to_string(i));
   std::vector<std::pair<int, std::string>> changed;  // disk (-1: all), why
   if (!recorded.ok()) {
     changed.emplace_back(
@@ -524,11 +524,15 @@ Status CaptureGroup::CheckCloseFingerprint(bool accept) {
     if (!now.ok()) return now.status();
     for (const auto& m : CompareFingerprints(then, *now, UINT64_MAX, names)) {
       switch (m.check) {
+        case FenceCheck::kImageChanged:
+          // ctime alone: a rename, chmod or chown (an image moved away and back), not its
+          // bytes (a write sets mtime; one whose mtime was set back shows in the samples).
+          spdlog::info("capture {}: {} (metadata only: taken as it is)", dir_, m.reason);
+          break;
         case FenceCheck::kDiskCount:
         case FenceCheck::kImageReplaced:
         case FenceCheck::kImageSize:
         case FenceCheck::kImageModified:
-        case FenceCheck::kImageChanged:
         case FenceCheck::kImageContent:
           changed.emplace_back(m.disk, ReplaceAll(ReplaceAll(m.reason, "after the fence",
                                                              "since the site last stopped"),

@@ -348,6 +348,7 @@ Status Sender::Session() {
   if (tls != nullptr) OSR_RETURN_IF_ERROR(Authenticate(s, *tls));
   OSR_ASSIGN_OR_RETURN(HelloOk hello_ok, Greet(s));
   uint64_t durable = hello_ok.durable_seq;
+  store_differential_ = hello_ok.differential;
   bool compress = opts_.compress && hello_ok.lz4;
   s.SetReadTimeoutMs(0);
   // A store made to receive a first copy (or one whose first copy was cut short) gets the
@@ -567,10 +568,12 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
   // Every region now holds at least what it had when it was read; the records up to
   // `consistent` bring each one to the same moment.
   uint64_t consistent = log_->last_seq();
-  if (consistent == from) {
-    // No write came during the copy. The store's state at `from` changes with the commit,
-    // and a point made at `from` must never show other bytes: the copy ends at a new seq,
-    // a mark (a zero record of no length, changing nothing).
+  if (consistent == from && !is_initial && !replace_from && !store_differential_) {
+    // No write came during the copy (into a store that may have points: not a first copy,
+    // a replaced history or a reprotect's differential store, where nothing was readable). The
+    // store's state at `from` changes with the commit, and a point made at `from` must never show
+    // other bytes: the copy ends at a new seq, a mark (a zero record of no length, changing
+    // nothing).
     static const uint8_t kNone = 0;
     auto mark = log_->Append(capture::RecordKind::kZero, 0, 0, std::span<const uint8_t>(&kNone, 0),
                              Crc32c(std::span<const uint8_t>(&kNone, 0)));

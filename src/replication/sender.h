@@ -236,7 +236,8 @@ class Sender {
   bool session_broken_ = false;                  // guarded by mu_
   Stream* stream_ = nullptr;                     // guarded by mu_
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
-  std::optional<ErrorCode> session_code_;        // guarded by mu_: how the session ended
+  bool store_differential_ = false;        // the session's HELLO_OK said so; connection thread
+  std::optional<ErrorCode> session_code_;  // guarded by mu_: how the session ended
   uint64_t progress_ = 0;  // guarded by mu_: ACKs that moved acked_seq, resyncs committed
   // guarded by mu_: the receiver's refusal that ended the session (its ERROR's words),
   // reported rather than what the connection thread then met (a write to a closed socket)

@@ -830,8 +830,8 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
           "the image was resized outside osr, which does not resize disks. If it grew and "
           "the added bytes are zeros, " +
           repair +
-          " --trim-image cuts it back (nothing is "
-          "lost); otherwise restore its size by hand and run " +
+          " --trim-image cuts it back and takes it as it is (nothing is lost; the disk is "
+          "resent whole); otherwise restore its size by hand and run " +
           repair;
       break;
     case DamageKind::kImage:
@@ -1044,7 +1044,8 @@ Result<json> Site::RepairGroup(const std::string& vm, const RepairOptions& opts)
   }
   std::unique_ptr<Group> g =
       LoadGroupLocked(vm, entry, resend_all ? opts.first_seq : 1,
-                      opts.accept_changes && old.damage->kind == DamageKind::kImageChanged);
+                      (opts.accept_changes && old.damage->kind == DamageKind::kImageChanged) ||
+                          (opts.trim_image && old.damage->kind == DamageKind::kImageSize));
   if (!g) {  // its disks were a store all along
     groups_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());

@@ -333,6 +333,12 @@ class VmDisks:
         for h in self.handles.values():
             h.flush()
 
+    def mark(self):
+        """A seq that changed nothing: the mark a resync with no write during it ends at
+        (docs/formats.md, "Mark record")."""
+        self.ops.append((self.names[0], "zero", 0, 0, None))
+        return self.seq
+
     def at(self, seq=None):
         """{disk name: bytes} as of seq (default: everything written)."""
         seq = self.seq if seq is None else seq
