@@ -511,6 +511,22 @@ Result<SiteState> ParseSiteState(const std::string& text, const std::string& pat
   return out;
 }
 
+json Site::EntryFromFolder(const std::string& vm, const std::string& why) const {
+  // The copy each save keeps beside the VM's files (SaveEntriesLocked).
+  std::string path = cfg_.data_dir + "/groups/" + vm + "/entry.json";
+  std::error_code ec;
+  if (fs::exists(path, ec)) {
+    auto text = ReadSmallFile(path, 16u << 20);
+    auto j = text.ok() ? json_in::ParseObject(*text, path) : Result<json>(text.status());
+    if (j.ok()) {
+      spdlog::warn("site {}: VM {}: {}; its entry is taken from {}", cfg_.name, vm, why, path);
+      return std::move(*j);
+    }
+    return json{{"lost_state", why + "; and " + j.status().message()}};
+  }
+  return json{{"lost_state", why + "; and it has no entry.json of its own"}};
+}
+
 std::vector<std::string> Site::FolderNames(const std::string& under) const {
   std::vector<std::string> out;
   std::error_code ec;
@@ -563,7 +579,7 @@ Status Site::Load() {
         "a backup; stores are opened from their own files",
         cfg_.name, *lost, cfg_.data_dir);
     json groups = json::object(), stores = json::object();
-    for (const auto& vm : FolderNames("groups")) groups[vm] = json{{"lost_state", *lost}};
+    for (const auto& vm : FolderNames("groups")) groups[vm] = EntryFromFolder(vm, *lost);
     for (const auto& vm : FolderNames("stores")) stores[vm] = json::object();
     loaded = json{{"version", kStateVersion}, {"groups", groups}, {"stores", stores}}.dump();
     state = ParseSiteState(loaded, path);
@@ -585,10 +601,26 @@ Status Site::Load() {
   json_in::Fields f(state->doc, path + ": ");
   const json* groups = state->groups;
   const json* stores = state->stores;
+  // Folders the state does not name (site.json put back from an older backup): taken
+  // from their own entry.json, else quarantined; stores open from their own files.
+  json extra_groups = json::object(), extra_stores = json::object();
+  for (const auto& vm : FolderNames("groups")) {
+    if (groups == nullptr || !groups->contains(vm)) {
+      extra_groups[vm] = EntryFromFolder(vm,
+                                         "site.json does not name this VM (was it put back "
+                                         "from an older backup?)");
+    }
+  }
+  for (const auto& vm : FolderNames("stores")) {
+    if (stores == nullptr || !stores->contains(vm)) extra_stores[vm] = json::object();
+  }
   std::lock_guard lock(mu_);
   if (stores != nullptr) LoadStoresLocked(*stores);
-  if (groups != nullptr) {
-    for (auto& [vm, entry] : groups->items()) {
+  LoadStoresLocked(extra_stores);
+  for (const json* set : {groups, static_cast<const json*>(&extra_groups)}) {
+    if (set == nullptr) continue;
+    for (auto& [vm, entry] : set->items()) {
+      if (groups_.count(vm)) continue;
       if (auto g = LoadGroupLocked(vm, entry)) groups_[vm] = std::move(g);
     }
   }
@@ -812,8 +844,7 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
   switch (f.kind) {
     case DamageKind::kStateEntry:
       d.action =
-          "restore its entry in site.json from a backup (site.json.prev holds the state "
-          "before the last change), then restart the site";
+          "put back " + dir + "/entry.json (or restore site.json from a backup) and run " + repair;
       break;
     case DamageKind::kImageMissing:
       d.action =
@@ -1026,6 +1057,9 @@ Result<json> Site::RepairGroup(const std::string& vm, const RepairOptions& opts)
   }
   json entry = old.saved;
   std::string dir = cfg_.data_dir + "/groups/" + vm;
+  if (old.damage->kind == DamageKind::kStateEntry) {
+    entry = EntryFromFolder(vm, old.damage->reason);  // put back by the operator, perhaps
+  }
   bool resend_all = false;
   if (opts.trim_image && old.damage->kind == DamageKind::kImageSize) {
     OSR_RETURN_IF_ERROR(TrimGrownImagesLocked(vm, old));
@@ -1122,6 +1156,31 @@ Status Site::Usable(GroupMap::const_iterator it, const std::string& vm) const {
   return Status::Ok();
 }
 
+void Site::SaveEntriesLocked(const json& groups) {
+  for (auto it = entries_saved_.begin(); it != entries_saved_.end();) {
+    it = groups.contains(it->first) ? std::next(it) : entries_saved_.erase(it);
+  }
+  for (auto& [vm, entry] : groups.items()) {
+    auto g = groups_.find(vm);
+    if (g == groups_.end() || g->second->damage || !entry.is_object()) continue;
+    std::string text = entry.dump(1);
+    if (entries_saved_[vm] == text) continue;
+    std::string dir = cfg_.data_dir + "/groups/" + vm;
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) continue;
+    // A second record only: site.json stays the one read first, so a failure here is
+    // said and the save goes on (the next change writes it again).
+    Status st = WriteFileAtomic(dir + "/entry.json",
+                                {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+    if (!st.ok()) {
+      spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, st.ToString());
+      entries_saved_.erase(vm);
+      continue;
+    }
+    entries_saved_[vm] = std::move(text);
+  }
+}
+
 Status Site::SaveLocked() {
   json groups = json::object();
   for (auto& [vm, g] : groups_) {
@@ -1145,6 +1204,7 @@ Status Site::SaveLocked() {
                              : g->qemu && g->qemu->running()     ? g->qemu->pid()
                                                                  : 0}};
   }
+  SaveEntriesLocked(groups);
   json stores = json::object();
   for (auto& [vm, s] : stores_) stores[vm] = json::object();
   for (auto& [vm, d] : damaged_stores_) stores[vm] = json::object();

@@ -318,6 +318,11 @@ class Site {
   };
 
   explicit Site(SiteConfig cfg) : cfg_(std::move(cfg)) {}
+  // The site.json entry of VM as kept in groups/<vm>/entry.json, or a marker that
+  // quarantines the group (kStateEntry) saying `why` and what is missing.
+  nlohmann::json EntryFromFolder(const std::string& vm, const std::string& why) const;
+  // Writes each group's entry that changed to groups/<vm>/entry.json; a failure is logged.
+  void SaveEntriesLocked(const nlohmann::json& groups);
   // The VM names of the folders under data_dir/`under` ("groups", "stores"), sorted.
   std::vector<std::string> FolderNames(const std::string& under) const;
   Status Load();
@@ -405,6 +410,10 @@ class Site {
   std::map<std::string, View> views_;             // guarded by mu_
   uint64_t next_view_ = 1;                        // guarded by mu_
   std::string last_saved_;                        // site.json as last written; guarded by mu_
+  // Each group's entry as last written to groups/<vm>/entry.json (a copy of its site.json
+  // entry, so that a site whose site.json and site.json.prev are both lost rebuilds its
+  // groups); guarded by mu_.
+  std::map<std::string, std::string> entries_saved_;
 
   std::mutex retired_mu_;  // taken after mu_ when both are held
   // Capture groups of groups deleted while an NBD client still held one of their disks

@@ -300,7 +300,8 @@ def test_repair_body_is_checked(env, vault):
         ({"trim_image": "yes"}, "trim_image: must be true or false, not a string"),
         ({"site": 7}, "site: must be a string, not a number"),
         ({"trim-image": True},
-         "trim-image: is not a field of this call (it takes site, trim_image, reset_history)"),
+         "trim-image: is not a field of this call (it takes site, trim_image, reset_history, "
+         "accept_changes)"),
     ]
     for body, says in cases:
         status, doc, _ = vault.call("POST", "/api/v1/vms/vm1/repair", body, token=vault.admin)

@@ -157,6 +157,7 @@ def test_damaged_site_json_starts_from_the_previous_state(site_factory):
     osrtest.close_handle(h)
 
     for how in ("damaged", "missing"):
+        # Both copies of site.json lost: each VM's own entry.json rebuilds it, fence and all.
         site.stop()
         if how == "damaged":
             (data / "site.json").write_text("garbage")
@@ -165,21 +166,60 @@ def test_damaged_site_json_starts_from_the_previous_state(site_factory):
             (data / "site.json").unlink()
             (data / "site.json.prev").unlink()
         site.start()
-        for vm in ("a", "b"):
-            g = group_status(site, vm)
-            assert g["damage"]["kind"] == "state_entry", g
-            assert "site.json" in g["damage"]["reason"], g
-            assert "backup" in g["damage"]["action"], g
-        listed = api_ok(site, "GET", "/site")["quarantined"]
-        assert sorted(q.get("group") for q in listed) == ["a", "b"], listed
-        if how == "damaged":
-            assert len(list(data.glob("site.json.prev.damaged-*"))) >= 1, list(data.iterdir())
-        site.stop()
-        (data / "site.json").write_bytes(backup)  # the operator's backup
-        site.start()
         a, b = group_status(site, "a"), group_status(site, "b")
         assert "damage" not in a and "damage" not in b, (a, b)
-        assert a["fenced_epoch"] == 2, a
+        assert a["fenced_epoch"] == 2 and b["fenced_epoch"] == 0, (a, b)
         h = connect(b["disks"][0]["uri"])
         assert h.pread(512, 0) == b"\x02" * 512
         osrtest.close_handle(h)
+        if how == "damaged":
+            assert len(list(data.glob("site.json.prev.damaged-*"))) >= 1, list(data.iterdir())
+
+    # And without entry.json too: quarantined, saying what to put back; putting it back
+    # and a repair serve the VM again.
+    entry = (data / "groups" / "b" / "entry.json").read_bytes()
+    site.stop()
+    (data / "site.json").unlink()
+    (data / "site.json.prev").unlink()
+    (data / "groups" / "b" / "entry.json").unlink()
+    site.start()
+    b = group_status(site, "b")
+    assert b["damage"]["kind"] == "state_entry", b
+    assert "no entry.json" in b["damage"]["reason"], b
+    assert "entry.json" in b["damage"]["action"], b
+    assert "damage" not in group_status(site, "a")
+    listed = api_ok(site, "GET", "/site")["quarantined"]
+    assert [q.get("group") for q in listed] == ["b"], listed
+    (data / "groups" / "b" / "entry.json").write_bytes(entry)
+    api_ok(site, "POST", "/groups/b/repair", {})
+    b = group_status(site, "b")
+    assert "damage" not in b, b
+    h = connect(b["disks"][0]["uri"])
+    assert h.pread(512, 0) == b"\x02" * 512
+    osrtest.close_handle(h)
+
+
+def test_a_vm_site_json_does_not_name_is_not_dropped(site_factory):
+    """site.json put back from a backup older than a VM: the VM's folder is not ignored
+    (it was: the VM was simply gone); its own entry.json brings it back."""
+    require_libnbd()
+    site = site_factory("primary")
+    data = site.data_dir
+    groups_a_fenced_and_b(site)
+    site.stop()
+    older = (data / "site.json").read_text()
+    site.start()
+    api_ok(site, "PUT", "/groups/c", {"disks": [{"name": "d", "size_bytes": SIZE}]}, status=201)
+    h = connect(group_status(site, "c")["disks"][0]["uri"])
+    h.pwrite(b"\x07" * 512, 0)
+    h.flush()
+    osrtest.close_handle(h)
+    site.stop()
+    (data / "site.json").write_text(older)  # the older backup
+    site.start()
+    c = group_status(site, "c")
+    assert "damage" not in c, c
+    h = connect(c["disks"][0]["uri"])
+    assert h.pread(512, 0) == b"\x07" * 512
+    osrtest.close_handle(h)
+    assert "site.json does not name this VM" in site.stderr(), site.stderr()[-2000:]

@@ -140,7 +140,7 @@ def test_repair_bodies_are_checked(sites):
     err = assert_error(primary, "POST", "/groups/vm1/repair",
                        {"trim_image": True, "resset_history": True}, 400)
     assert err["message"] == ("resset_history: is not a field of this call (it takes "
-                              "trim_image, reset_history, first_seq)"), err
+                              "trim_image, reset_history, accept_changes, first_seq)"), err
     assert_error(primary, "POST", "/groups/vm1/repair", None, 400, raw=b"[true]")
     # A good body reaches the repair: the group is healthy, so there is nothing to repair.
     err = assert_error(primary, "POST", "/groups/vm1/repair", {"trim_image": True}, 400)
