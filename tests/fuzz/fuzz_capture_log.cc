@@ -1,7 +1,8 @@
 // libFuzzer target: the fuzz input becomes a capture log segment (after a valid segment
 // header, so the record parser is reached). The reader must report damage as errors,
-// and opening the log must either recover (truncating a torn tail) or refuse it —
-// never crash, loop or accept a record whose CRC does not match.
+// and opening the log must either recover (cutting a damaged end, recorded, and going
+// on after it once told what the recovery site holds) or refuse it — never crash, loop
+// or accept a record whose CRC does not match.
 #include <unistd.h>
 
 #include <cstdint>
@@ -41,6 +42,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   o.disk_bytes = 1 << 20;
   auto log = CaptureLog::Open(o, nullptr);
   if (log.ok()) {
+    if (auto cut = (*log)->pending_cut()) {
+      // A damaged end was cut: no record is taken until the recovery site says what it
+      // holds (here: what the log kept), then the log goes on after it.
+      if (!(*log)->overflowed() || cut->after_seq != (*log)->last_seq() ||
+          cut->seq_bound < cut->after_seq) {
+        __builtin_trap();
+      }
+      if ((*log)->Append(RecordKind::kTrim, 0, 4096, {}, 0)) __builtin_trap();
+      if (!(*log)->ResumeAfterCut(cut->after_seq).ok()) __builtin_trap();
+      (*log)->ResumeAfterOverflow();
+    }
     // A recovered log accepts the next record after its last valid one.
     auto seq = (*log)->Append(RecordKind::kTrim, 0, 4096, {}, 0);
     if (!seq || *seq != (scan.ok() ? scan->last_seq + 1 : *seq)) __builtin_trap();
