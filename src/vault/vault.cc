@@ -248,6 +248,16 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
     static const std::set<std::string> kResumable = {"enable-protection", "failover",
                                                      "change-point", "commit", "reprotect"};
     j.updated_ns = NowNs();
+    // The step under way when the vault stopped ends here, saying so (it is done again,
+    // or the job ends, below); no step is left Running beside the ones that follow.
+    for (auto& step : j.steps) {
+      if (!step.is_object()) continue;
+      json_in::Fields sf(step);  // a row read back is input: no throwing accessors
+      std::string state = sf.String("state", ""), was = sf.String("message", "");
+      if (!sf.ok() || state != "Running") continue;
+      step["state"] = JobStateName(JobState::kFailed);
+      step["message"] = "cut short: the vault stopped" + (was.empty() ? "" : " (at: " + was + ")");
+    }
     if (kResumable.count(j.type)) {
       j.state = JobState::kQueued;
       j.steps.push_back({{"name", "The vault restarted: resuming"},
@@ -260,7 +270,7 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
           "the vault stopped while this job ran; the item was left as the last finished "
           "step left it — run the operation again";
     }
-    (void)v->catalog_->UpdateJob(j);
+    LogIfFailed(v->catalog_->UpdateJob(j), fmt::format("job {}: recording its restart", j.id));
   }
   OSR_ASSIGN_OR_RETURN(v->api_, VaultApi::Create(v.get(), cfg.api));
   OSR_RETURN_IF_ERROR(v->api_->Listen().status());

@@ -241,6 +241,10 @@ def test_jobs_resume_after_the_vault_is_killed(dr, request):
         done = wait_job(osr, job)
         names = [s["name"] for s in done["steps"]]
         assert "The vault restarted: resuming" in names, done
+        # The step the kill cut short says so; none is left Running in a finished job.
+        cut = [s for s in done["steps"] if s["message"].startswith("cut short: the vault stopped")]
+        assert len(cut) == 1 and cut[0]["name"].startswith(step_prefix), done
+        assert all(s["state"] != "Running" for s in done["steps"]), done
         return done
 
     # Commit: materialising 256 MiB at 24 MB/s takes ~10 s.
