@@ -126,6 +126,10 @@ class ReplicationTest : public ::testing::Test {
     group_ = capture::CaptureGroup::Open(std::move(images), co).value();
     disk_ = group_->disk(0);
     store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0).value();
+    StartReceiver();
+  }
+  // A receiver (plain TCP on 127.0.0.1) serving store_ as group vm1, at recv_addr_.
+  void StartReceiver() {
     receiver_ = std::make_unique<Receiver>([this](const std::string& g) {
       return g == "vm1" ? store_ : std::shared_ptr<store::RecoveryStore>();
     });
@@ -498,13 +502,7 @@ TEST_F(ReplicationTest, AnInitialCopyGoesOnAfterBothSitesRestart) {
     ASSERT_TRUE(f.PWrite(4096, std::vector<uint8_t>(4096, 0x5a)).ok());
   }
   ASSERT_TRUE(group_->MarkRegions({{0, {4096, 4096}}}).ok());
-  receiver_ = std::make_unique<Receiver>([this](const std::string& g) {
-    return g == "vm1" ? store_ : std::shared_ptr<store::RecoveryStore>();
-  });
-  ListenAddress a;
-  a.host = "127.0.0.1";
-  recv_addr_ = receiver_->Listen(a).value();
-  receiver_->Start();
+  StartReceiver();
   StartSender(recv_addr_, 4 << 20);
   Write(rng, 5);
   ExpectReplicaEqualsSource();
