@@ -1096,9 +1096,7 @@ Result<json> Site::RepairGroup(const std::string& vm, const RepairOptions& opts)
   if (resend_all) {
     // What the lost history held is unknown: every byte goes to the recovery site again.
     g->sender.reset();
-    std::vector<capture::CaptureGroup::DiskRange> all;
-    for (uint32_t i = 0; i < g->disks.size(); ++i) all.push_back({i, {0, g->disks[i].size_bytes}});
-    OSR_RETURN_IF_ERROR(g->capture->MarkRegions(all));
+    OSR_RETURN_IF_ERROR(g->capture->MarkRegions(g->capture->WholeDisks()));
     if (g->fenced_epoch == 0 && !g->replicate_to.empty()) {
       OSR_RETURN_IF_ERROR(StartSenderLocked(vm, *g));
     }

@@ -338,7 +338,12 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
     if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
     return NoteWriteFailure("journal append", st, records.size());
   }
-  if (auto cut = journal_->pending_cut(); cut && journal_->last_seq() > cut->after_seq) {
+  std::optional<uint64_t> cut_after;
+  {
+    std::lock_guard lock(mu_);
+    if (journal_cut_) cut_after = journal_cut_->after_seq;
+  }
+  if (cut_after && journal_->last_seq() > *cut_after) {
     // What the journal lost came again: nothing is missing any more.
     if (Status c = journal_->ClearCut(); !c.ok()) {
       spdlog::warn("recovery store {}: {} (the cut record is cleared at the next start)", dir_,
@@ -346,7 +351,7 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
     }
   }
   std::lock_guard lock(mu_);
-  journal_cut_ = journal_->pending_cut();
+  if (cut_after) journal_cut_ = journal_->pending_cut();
   durable_seq_ = journal_->last_seq();
   if (last_time != 0) durable_time_ns_ = last_time;
   write_failure_.reset();
