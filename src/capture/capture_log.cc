@@ -92,7 +92,13 @@ Status CaptureLog::Recover() {
       }
     }
   }
-  OSR_ASSIGN_OR_RETURN(auto summary, LogReader::Scan(opts_.dir, nullptr));
+  uint64_t scan_from = 0;
+  if (!opts_.verify_all_on_open) {
+    OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
+    if (!segments.empty()) scan_from = segments.back().first_seq;
+  }
+  OSR_ASSIGN_OR_RETURN(auto summary, LogReader::Scan(opts_.dir, nullptr, false, scan_from));
+  recovered_time_ns_ = summary.last_time_ns;
   if (!summary.errors.empty()) {
     const LogError& e = summary.errors.front();
     bool torn_tail = summary.tail_damaged;

@@ -61,6 +61,11 @@ struct CaptureLogOptions {
   // caller's dirty-region bitmap keeps track instead, until ResumeAfterOverflow().
   uint64_t log_bytes_max = UINT64_MAX;
   int writeout_delay_ms = 5;  // ... or this long after a record
+  // At open, read and check every segment (a capture log, bounded by log_bytes_max), or
+  // only the last one, which the log goes on writing (a recovery store's journal, which
+  // holds days: opening it must not cost its history). Damage in an older segment is then
+  // found by whoever reads that record (its CRC), not at open.
+  bool verify_all_on_open = true;
 };
 
 class CaptureLog {
@@ -129,7 +134,9 @@ class CaptureLog {
   // The lowest sequence number still held (last_seq + 1 when the log holds none).
   Result<uint64_t> first_seq_held() const;
 
-  uint64_t last_seq() const;     // highest sequence number handed out (0: none)
+  uint64_t last_seq() const;  // highest sequence number handed out (0: none)
+  // The time_ns of the last record found at open (0 when the log was empty then).
+  int64_t recovered_time_ns() const { return recovered_time_ns_; }
   uint64_t written_seq() const;  // highest written out
   bool failed() const;
   // True while the log is over its limit and records are not being taken.
@@ -210,6 +217,7 @@ class CaptureLog {
   bool overflowed_ = false;                  // guarded by mu_
   std::optional<Cut> cut_;                   // guarded by mu_
   uint64_t empty_first_seq_ = 0;             // a log with no segment starts here (Recover)
+  int64_t recovered_time_ns_ = 0;            // set by Recover
   uint64_t overflow_generation_ = 0;         // guarded by mu_
   std::atomic<uint64_t> held_bytes_{0};      // bytes in segment files
   std::atomic<uint64_t> captured_bytes_{0};  // bytes the records changed (churn)

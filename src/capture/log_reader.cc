@@ -69,19 +69,24 @@ Result<std::vector<SegmentInfo>> ListSegments(const std::string& dir) {
 }
 
 Result<LogReader::Summary> LogReader::Scan(const std::string& dir, const Visitor& visit,
-                                           bool resync) {
+                                           bool resync, uint64_t from_seq) {
   PosVisitor pv;
   if (visit) {
     pv = [&](const RecordHeader& h, std::span<const uint8_t> p, const SegmentInfo&, uint64_t) {
       return visit(h, p);
     };
   }
-  return ScanWithPositions(dir, pv, resync);
+  return ScanWithPositions(dir, pv, resync, from_seq);
 }
 
 Result<LogReader::Summary> LogReader::ScanWithPositions(const std::string& dir,
-                                                        const PosVisitor& visit, bool resync) {
+                                                        const PosVisitor& visit, bool resync,
+                                                        uint64_t from_seq) {
   OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(dir));
+  // Segments wholly before from_seq are skipped (their successor starts at or before it).
+  size_t skip = 0;
+  while (skip + 1 < segments.size() && segments[skip + 1].first_seq <= from_seq) ++skip;
+  segments.erase(segments.begin(), segments.begin() + static_cast<std::ptrdiff_t>(skip));
   Summary s;
   uint64_t expect = 0;  // next sequence number, once known
   std::vector<uint8_t> payload;
@@ -182,6 +187,7 @@ Result<LogReader::Summary> LogReader::ScanWithPositions(const std::string& dir,
       expect = rh->seq + 1;
       if (s.records == 0) s.first_seq = rh->seq;
       s.last_seq = rh->seq;
+      s.last_time_ns = rh->time_ns;
       ++s.records;
       pos += sizeof rb + rh->payload_bytes;
       if (visit && !visit(*rh, payload, seg, pos - rh->payload_bytes)) {

@@ -51,6 +51,7 @@ class LogReader {
     std::string last_segment;
     uint64_t last_segment_valid_bytes = 0;
     bool tail_damaged = false;  // the only error is at the end of the last segment
+    int64_t last_time_ns = 0;   // the last valid record's time_ns (0: none)
   };
 
   // Reads every segment of `dir`. A damaged record ends its segment's reading (its
@@ -59,9 +60,13 @@ class LogReader {
   // the end of a segment are padding, not damage.
   // With resync (for inspection tools), reading goes on after a damaged record from the
   // next record whose CRC checks out; the skipped bytes are reported.
-  static Result<Summary> Scan(const std::string& dir, const Visitor& visit, bool resync = false);
+  // With from_seq, the segments wholly before it are not read (nor checked): reading
+  // starts at the segment that holds from_seq (records before it in that segment are read
+  // and checked, and visited too). The cost is then the log's tail, not its history.
+  static Result<Summary> Scan(const std::string& dir, const Visitor& visit, bool resync = false,
+                              uint64_t from_seq = 0);
   static Result<Summary> ScanWithPositions(const std::string& dir, const PosVisitor& visit,
-                                           bool resync = false);
+                                           bool resync = false, uint64_t from_seq = 0);
 };
 
 }  // namespace osr::capture

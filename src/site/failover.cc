@@ -88,13 +88,14 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
     auto changed = st->ChangedAfter(seq);
     std::vector<DiskRange> regions;
     uint64_t bytes = 0;
-    for (uint32_t d = 0; d < changed.size(); ++d) {
-      for (auto [off, len] : changed[d]) {
+    if (!changed.ok()) opened = changed.status();
+    for (uint32_t d = 0; changed.ok() && d < changed->size(); ++d) {
+      for (auto [off, len] : (*changed)[d]) {
         regions.push_back({d, {off, len}});
         bytes += len;
       }
     }
-    opened = g->capture->MarkRegions(regions);
+    if (opened.ok()) opened = g->capture->MarkRegions(regions);
     spdlog::info(
         "site {}: VM {} failed over to seq {} at epoch {}; {} bytes in {} range(s) "
         "changed after it are marked for reprotect",

@@ -171,6 +171,8 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   // A resync that was under way when the store closed goes on from the regions its staged
   // list says are there (LoadStaged), or starts over; until it ends, seqs after its start
   // stay unusable.
+  // A fold step cut short (FoldStep): finished at open, seqs below it unreadable till then.
+  if (f.Has("folding_to")) s->fold_target_ = f.U64("folding_to");
   if (f.Has("resync_from")) {
     s->resyncing_ = true;
     s->resync_from_ = f.U64("resync_from");
@@ -205,8 +207,10 @@ Status RecoveryStore::WriteMeta() {
   uint64_t base, consistent, epoch;
   nlohmann::json resync;
   bool initial = false, differential = false;
+  nlohmann::json folding;
   {
     std::lock_guard lock(mu_);
+    if (fold_target_ > base_seq_) folding = fold_target_;
     epoch = epoch_;
     base = base_seq_;
     consistent = consistent_from_;
@@ -218,7 +222,7 @@ Status RecoveryStore::WriteMeta() {
                                     {"base_seq", base},        {"consistent_from", consistent},
                                     {"resync_from", resync},   {"initial_sync", initial},
                                     {"epoch", epoch},          {"differential", differential},
-                                    {"source", source_}}
+                                    {"source", source_},       {"folding_to", folding}}
                          .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
@@ -234,32 +238,49 @@ Status RecoveryStore::OpenParts() {
     }
     base_.push_back(std::move(f));
   }
-  index_.resize(disks_.size());
-  // Rebuild the index from the journal: records after base_seq, with their positions.
-  uint64_t last = base_seq_;
+  OSR_RETURN_IF_ERROR(OpenIndex());
+  // The records the index lacks: those after what it says it holds (a power loss keeps a
+  // prefix of its batches), never the whole journal. Reading stops at a damaged tail.
+  const uint64_t index_from = std::max(index_->indexed_through(), base_seq_);
+  std::vector<RecordRef> pending;
+  Status added;
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t>, const capture::SegmentInfo& seg,
                    uint64_t payload_pos) {
-    if (h.seq <= base_seq_) return true;
+    if (h.seq <= index_from) return true;
     if (h.disk >= disks_.size()) return true;  // refused at Append; cannot be here
-    index_[h.disk].Add({h.seq, h.offset, h.length, h.kind, seg.first_seq, payload_pos});
-    last = h.seq;
-    durable_time_ns_ = h.time_ns;
-    return true;
+    pending.push_back({h.seq, h.disk, h.offset, h.length, h.kind, seg.first_seq, payload_pos});
+    if (pending.size() >= kIndexBatchRecords) {
+      added = index_->Add(pending);
+      pending.clear();
+    }
+    return added.ok();
   };
-  OSR_ASSIGN_OR_RETURN(auto summary,
-                       capture::LogReader::ScanWithPositions(dir_ + "/journal", visit));
+  OSR_ASSIGN_OR_RETURN(auto summary, capture::LogReader::ScanWithPositions(dir_ + "/journal", visit,
+                                                                           false, index_from + 1));
+  if (added.ok()) added = index_->Add(pending);
+  OSR_RETURN_IF_ERROR(added);
   if (!summary.errors.empty() && !summary.tail_damaged) {
     const auto& e = summary.errors.front();
     return Corruption(fmt::format("journal of {} is damaged: {} at byte {}: {}", dir_, e.segment,
                                   e.position, e.message));
   }
+  if (summary.records > 0) {
+    spdlog::info("recovery store {}: indexed {} journal record(s) after seq {}", dir_,
+                 summary.last_seq > index_from ? summary.last_seq - index_from : 0, index_from);
+  }
   capture::CaptureLogOptions lo;
   lo.dir = dir_ + "/journal";
   lo.disk_bytes = 0;  // a group journal: records name their disk
   lo.first_seq = base_seq_ + 1;
+  lo.verify_all_on_open = false;  // its tail only: opening costs no history
   OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
                                      lo, [this](std::span<const capture::CaptureLog::Written> w,
                                                 bool ok) { OnWritten(w, ok); }));
+  durable_time_ns_ = journal_->recovered_time_ns();
+  if (index_->indexed_through() > journal_->last_seq()) {
+    // Indexed at write-out, then lost from the journal (a crash before its sync, a cut).
+    OSR_RETURN_IF_ERROR(index_->DropAfter(journal_->last_seq()));
+  }
   if (journal_->last_seq() < base_seq_) {
     // Every record is in the base (a history replaced, BeginResyncReplacingHistory, cut
     // short before the journal started over): start it over now.
@@ -274,15 +295,38 @@ Status RecoveryStore::OpenParts() {
         "must come again from the source",
         dir_, cut->after_seq, cut->reason);
   }
-  if (durable_seq_ < last) return Corruption(dir_ + ": journal shorter than its index");
+  return FinishInterruptedFold();
+}
+
+Status RecoveryStore::OpenIndex() {
+  const std::string dir = dir_ + "/index";
+  auto ix = VersionIndex::Open(dir);
+  if (!ix.ok() && ix.status().code() == Code::kCorruption) {
+    // The index is derived from the journal: a damaged one is made again (from the whole
+    // journal this once).
+    spdlog::warn("recovery store {}: {}; indexing the journal again", dir_, ix.status().ToString());
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    if (ec) return Status::FromErrno(ec.value(), "remove " + dir);
+    ix = VersionIndex::Open(dir);
+  }
+  OSR_RETURN_IF_ERROR(ix.status());
+  index_ = std::move(*ix);
   return Status::Ok();
 }
 
 void RecoveryStore::OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok) {
   if (!ok) return;  // Append reports the failure
-  std::lock_guard lock(mu_);
+  std::vector<RecordRef> refs;
+  refs.reserve(records.size());
   for (const auto& w : records) {
-    index_[w.disk].Add({w.seq, w.offset, w.length, w.kind, w.segment_first_seq, w.payload_pos});
+    refs.push_back({w.seq, w.disk, w.offset, w.length, w.kind, w.segment_first_seq, w.payload_pos});
+  }
+  Status st = index_->Add(refs);
+  if (!st.ok()) {
+    // The append that wrote these fails (Append checks index_error_ after its sync).
+    std::lock_guard lock(mu_);
+    if (index_error_.ok()) index_error_ = st;
   }
 }
 
@@ -332,6 +376,10 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
     }
   }
   if (st.ok()) st = journal_->Sync();
+  if (st.ok()) {
+    std::lock_guard lock(mu_);
+    st = std::exchange(index_error_, Status::Ok());
+  }
   if (!st.ok()) {
     // All or nothing: the journal's end, its next seq and the index as they were.
     Status undo = RollBackAppend(*end);
@@ -360,8 +408,10 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
 
 Status RecoveryStore::RollBackAppend(const capture::CaptureLog::End& end) {
   Status st = journal_->RollBack(end);
+  Status dropped = index_->DropAfter(end.seq);
+  if (st.ok()) st = dropped;
   std::lock_guard lock(mu_);
-  for (auto& ix : index_) ix.DropAfter(end.seq);
+  index_error_ = Status::Ok();
   // Segments begun by the failed append are gone (a later one may take the same name).
   segments_.erase(segments_.upper_bound(end.segment_first_seq), segments_.end());
   OSR_CHECK(!st.ok() || journal_->last_seq() == durable_seq_);
@@ -403,18 +453,23 @@ Status RecoveryStore::SyncBase() {
   return Status::Ok();
 }
 
-Status RecoveryStore::ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out) {
-  const File* seg = nullptr;
+Result<std::shared_ptr<const File>> RecoveryStore::Segment(uint64_t first_seq) {
   {
     std::lock_guard lock(mu_);
-    auto it = segments_.find(r.segment_first_seq);
-    if (it == segments_.end()) {
-      std::string path = dir_ + "/journal/" + capture::SegmentFileName(r.segment_first_seq);
-      OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
-      it = segments_.emplace(r.segment_first_seq, std::move(f)).first;
-    }
-    seg = &it->second;  // std::map nodes stay put; segments_ only grows until Fold
+    if (auto it = segments_.find(first_seq); it != segments_.end()) return it->second;
   }
+  std::string path = dir_ + "/journal/" + capture::SegmentFileName(first_seq);
+  OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
+  auto shared = std::make_shared<const File>(std::move(f));
+  std::lock_guard lock(mu_);
+  // Bounded: the oldest segment goes first (reads of old points open it again); a reader
+  // still holding it keeps its descriptor until done.
+  if (segments_.size() >= kOpenSegmentsMax) segments_.erase(segments_.begin());
+  return segments_.emplace(first_seq, std::move(shared)).first->second;
+}
+
+Status RecoveryStore::ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out) {
+  OSR_ASSIGN_OR_RETURN(std::shared_ptr<const File> seg, Segment(r.segment_first_seq));
   return seg->PRead(r.payload_pos + (offset - r.offset), out);
 }
 
@@ -422,22 +477,24 @@ Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::
   if (disk >= disks_.size() || offset + buf.size() > disks_[disk].size_bytes) {
     return InvalidArgument(fmt::format("read outside disk {}", disk));
   }
+  // Shared: a fold step takes it alone only to change base_seq (never while it copies).
   std::shared_lock fold(fold_mu_);
-  std::vector<std::tuple<RecordRef, uint64_t, uint64_t>> parts;
+  uint64_t base;
   {
     std::lock_guard lock(mu_);
     OSR_RETURN_IF_ERROR(UsableLocked(seq));
-    index_[disk].ForEach(
-        offset, buf.size(), base_seq_, seq,
-        [&](const RecordRef& r, uint64_t o, uint64_t n) { parts.emplace_back(r, o, n); });
+    base = base_seq_;
   }
+  // The index first, then the base: bytes a fold is copying into the base now all lie
+  // under records in (base, seq], so they are overlaid whatever the base shows yet.
+  std::vector<ReadPart> parts;
+  OSR_RETURN_IF_ERROR(index_->Collect(disk, offset, buf.size(), base, seq, &parts));
   OSR_RETURN_IF_ERROR(base_[disk].PRead(offset, buf));
-  // ForEach goes chunk by chunk, each in seq order; chunks do not overlap, so applying
-  // the parts in this order gives every byte its newest version.
-  for (auto& [r, o, n] : parts) {
-    std::span<uint8_t> out = buf.subspan(o - offset, n);
-    if (r.kind == RecordKind::kWrite) {
-      OSR_RETURN_IF_ERROR(ReadPayload(r, o, out));
+  // Each byte comes from its newest record alone: the parts do not overlap.
+  for (const ReadPart& p : parts) {
+    std::span<uint8_t> out = buf.subspan(p.offset - offset, p.length);
+    if (p.record.kind == RecordKind::kWrite) {
+      OSR_RETURN_IF_ERROR(ReadPayload(p.record, p.offset, out));
     } else {
       std::memset(out.data(), 0, out.size());
     }
@@ -455,6 +512,10 @@ Status RecoveryStore::UsableLocked(uint64_t seq) const {
         fmt::format("seq {} lies before the end of a resynchronization; use {} "
                     "or later",
                     seq, consistent_from_));
+  }
+  if (seq < fold_target_) {
+    return OutOfRange(
+        fmt::format("seq {} is being folded into the base (up to {})", seq, fold_target_));
   }
   if (initial_sync_) {
     return OutOfRange("the first copy of the disks is under way; no point is readable yet");
@@ -505,10 +566,10 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
     // Start the journal over at from + 1: no record up to `from` will come. (Not under
     // mu_: closing the log may call OnWritten.)
     OSR_RETURN_IF_ERROR(StartJournalAt(from + 1));
+    OSR_RETURN_IF_ERROR(index_->Clear(from));
     std::lock_guard lock(mu_);
     base_seq_ = durable_seq_ = from;
     initial_sync_ = true;
-    for (auto& ix : index_) ix = VersionIndex();
   }
   // An initial sync cut short starts over from scratch: the base is all zeros again.
   for (size_t i = 0; i < base_.size(); ++i) {
@@ -558,11 +619,11 @@ Status RecoveryStore::BeginResyncReplacingHistory(uint64_t from) {
   OSR_ASSIGN_OR_RETURN(uint64_t base, Fold(durable));
   if (base != durable) return Unavailable("could not fold the store before replacing its history");
   std::lock_guard append(append_mu_);
+  OSR_RETURN_IF_ERROR(index_->Clear(from));
   {
     std::lock_guard lock(mu_);
     base_seq_ = durable_seq_ = from;
     consistent_from_ = std::max(consistent_from_, from + 1);
-    for (auto& ix : index_) ix = VersionIndex();
   }
   OSR_RETURN_IF_ERROR(WriteMeta());  // a restart from here starts the journal over itself
   OSR_RETURN_IF_ERROR(StartJournalAt(from + 1));
@@ -973,22 +1034,25 @@ bool RecoveryStore::differential() const {
   return differential_;
 }
 
-std::vector<std::vector<std::pair<uint64_t, uint64_t>>> RecoveryStore::ChangedAfter(
+Result<std::vector<std::vector<std::pair<uint64_t, uint64_t>>>> RecoveryStore::ChangedAfter(
     uint64_t seq) const {
-  std::lock_guard lock(mu_);
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> out(disks_.size());
-  for (size_t d = 0; d < disks_.size(); ++d) {
-    std::vector<std::pair<uint64_t, uint64_t>> r;
-    index_[d].ChangedAfter(seq, &r);
-    std::sort(r.begin(), r.end());
-    for (auto [off, len] : r) {
-      if (!out[d].empty() && off <= out[d].back().first + out[d].back().second) {
-        auto& last = out[d].back();
+  OSR_RETURN_IF_ERROR(index_->ForEachBySeq(seq, UINT64_MAX, [&](const RecordRef& r) {
+    if (r.disk < out.size()) out[r.disk].emplace_back(r.offset, r.length);
+    return true;
+  }));
+  for (auto& regions : out) {
+    std::sort(regions.begin(), regions.end());
+    std::vector<std::pair<uint64_t, uint64_t>> merged;
+    for (auto [off, len] : regions) {
+      if (!merged.empty() && off <= merged.back().first + merged.back().second) {
+        auto& last = merged.back();
         last.second = std::max(last.first + last.second, off + len) - last.first;
       } else {
-        out[d].emplace_back(off, len);
+        merged.emplace_back(off, len);
       }
     }
+    regions = std::move(merged);
   }
   return out;
 }
@@ -1037,61 +1101,108 @@ uint64_t RecoveryStore::durable_seq() const {
 }
 
 Result<uint64_t> RecoveryStore::Fold(uint64_t seq) {
-  std::unique_lock fold(fold_mu_);
-  uint64_t from, target;
-  {
-    std::lock_guard lock(mu_);
-    from = base_seq_;
-    target = std::min(seq, durable_seq_);
-    if (!pins_.empty()) target = std::min(target, *pins_.begin());
-    if (target <= from) return from;
+  std::lock_guard run(fold_run_mu_);
+  for (;;) {
+    OSR_ASSIGN_OR_RETURN(std::optional<uint64_t> step, PlanFoldStep(seq));
+    if (!step) return base_seq();
+    OSR_RETURN_IF_ERROR(FoldStep(*step));
   }
-  // Apply (from, target] to the base images, in order.
+}
+
+Result<std::optional<uint64_t>> RecoveryStore::PlanFoldStep(uint64_t seq) {
+  // One journal segment at a time: a step's cost is bounded whatever the history.
+  OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
+  std::lock_guard lock(mu_);
+  uint64_t from = base_seq_;
+  uint64_t target = std::min(seq, durable_seq_);
+  if (!pins_.empty()) target = std::min(target, *pins_.begin());
+  if (target <= from) return std::optional<uint64_t>();
+  for (size_t i = 0; i + 1 < segments.size(); ++i) {
+    if (segments[i + 1].first_seq > from + 1) {  // segment i holds from + 1
+      target = std::min(target, segments[i + 1].first_seq - 1);
+      break;
+    }
+  }
+  // From here no seq below the step is readable or pinned (UsableLocked), so the base may
+  // take its records while reads of later seqs go on.
+  fold_target_ = std::max(fold_target_, target);
+  return std::optional<uint64_t>(fold_target_);
+}
+
+Status RecoveryStore::FoldStep(uint64_t target) {
+  // Intent first: a crash from here on finishes this step at the next open, so no read of
+  // a seq below it ever meets a base that holds later records.
+  OSR_RETURN_IF_ERROR(WriteMeta());
+  {
+    // Reads that found their seq usable before the step was planned end first.
+    std::unique_lock drain(fold_mu_);
+  }
+  uint64_t from = base_seq();
   Status apply;
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t> payload) {
     if (h.seq <= from) return true;
     if (h.seq > target) return false;
-    if (h.length == 0) return true;  // a mark (a resync's end): no bytes
-    File& f = base_[h.disk];
-    Status st = h.kind == RecordKind::kWrite ? f.PWrite(h.offset, payload)
-                                             : f.PunchHole(h.offset, h.length);
-    if (!st.ok() && st.code() == Code::kNotSupported) st = f.WriteZeroes(h.offset, h.length);
-    if (!st.ok()) {
-      apply = st;
-      return false;
+    if (h.length != 0 && h.disk < base_.size()) {  // length 0: a mark (a resync's end)
+      File& f = base_[h.disk];
+      Status st = h.kind == RecordKind::kWrite ? f.PWrite(h.offset, payload)
+                                               : f.PunchHole(h.offset, h.length);
+      if (!st.ok() && st.code() == Code::kNotSupported) st = f.WriteZeroes(h.offset, h.length);
+      if (!st.ok()) {
+        apply = st;
+        return false;
+      }
     }
-    return true;
+    return h.seq < target;
   };
-  auto summary = capture::LogReader::Scan(dir_ + "/journal", visit);
+  auto summary = capture::LogReader::Scan(dir_ + "/journal", visit, false, from + 1);
   if (apply.ok()) apply = summary.status();
+  if (apply.ok() && summary->last_seq < target) {
+    apply = Corruption(fmt::format("{}: the journal ends at seq {} before the fold's end {}", dir_,
+                                   summary->last_seq, target));
+  }
   if (apply.ok()) apply = SyncBase();
   if (!apply.ok()) {
-    // Some records up to `target` may be in the base now: seqs before `target` cannot be
-    // read from it any more (later ones can: their records are applied again on top).
-    {
-      std::lock_guard lock(mu_);
-      consistent_from_ = std::max(consistent_from_, target);
-    }
-    Status meta = WriteMeta();
-    if (!meta.ok()) spdlog::error("recovery store {}: {}", dir_, meta.ToString());
+    // Seqs below the step stay unreadable (fold_target_, and folding_to in store.json);
+    // the next fold, or the next open, applies the step again from the start: applying a
+    // record twice gives the same bytes.
     return NoteWriteFailure("fold", apply, 0);
   }
   {
+    std::unique_lock fold(fold_mu_);
     std::lock_guard lock(mu_);
     base_seq_ = target;
-    for (auto& ix : index_) ix.DropUpTo(target);
   }
   OSR_RETURN_IF_ERROR(WriteMeta());
-  // Segments wholly at or below the new base are no longer needed (never the newest).
+  // What the base holds now leaves the index and the journal (never the newest segment).
+  OSR_RETURN_IF_ERROR(index_->DropUpTo(target));
   OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
   for (size_t i = 0; i + 1 < segments.size(); ++i) {
     if (segments[i + 1].first_seq - 1 > target) break;
-    std::lock_guard lock(mu_);
-    segments_.erase(segments[i].first_seq);
+    {
+      std::lock_guard lock(mu_);
+      segments_.erase(segments[i].first_seq);
+    }
     std::error_code ec;
     fs::remove(segments[i].path, ec);
+    if (ec) spdlog::warn("recovery store {}: remove {}: {}", dir_, segments[i].path, ec.message());
   }
-  return target;
+  return Status::Ok();
+}
+
+Status RecoveryStore::FinishInterruptedFold() {
+  uint64_t target;
+  {
+    std::lock_guard lock(mu_);
+    if (fold_target_ <= base_seq_) return Status::Ok();
+    target = fold_target_;
+  }
+  spdlog::info("recovery store {}: finishing a fold up to seq {} cut short", dir_, target);
+  Status st = FoldStep(target);
+  if (!st.ok()) {
+    // The store still opens; seqs below the step stay unreadable until a fold succeeds.
+    spdlog::warn("recovery store {}: {}", dir_, st.ToString());
+  }
+  return Status::Ok();
 }
 
 }  // namespace osr::store

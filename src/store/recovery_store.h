@@ -5,14 +5,17 @@
 //   dir/base/<i>.img      disk i as of base_seq (sparse)
 //   dir/journal/          received records with seq > base_seq, in the capture-log format
 //                         (one order for all the group's disks; records carry their disk)
+//   dir/index/            the version index (RocksDB): which record wrote which bytes
 //
-// Reading disk d as of seq S (base_seq <= S <= durable_seq): the base image, then every
-// journal record of d with base_seq < seq <= S that overlaps the range, oldest first
-// (VersionIndex). Fold(S) applies the records up to S to the base images and forgets
-// them; views opened at an older seq hold Fold back (a view pins its seq).
+// Reading disk d as of seq S (base_seq <= S <= durable_seq): the base image, overlaid
+// with the newest version of each byte among the journal records of d with base_seq <
+// seq <= S (VersionIndex::Collect). Fold(S) applies the records up to S to the base
+// images and forgets them, one journal segment per step, while reads of later seqs go on;
+// views opened at an older seq hold Fold back (a view pins its seq). Opening a store costs
+// its journal's last segment and the records the index lacks, not its history.
 //
-// Thread model: thread-safe. mu_ guards the indexes, seqs and pins; Append runs on the
-// receiver's thread, reads on NBD sessions' threads, Fold on a maintenance thread.
+// Thread model: thread-safe. mu_ guards the seqs and pins; Append runs on the receiver's
+// thread, reads on NBD sessions' threads, Fold on a maintenance thread.
 //
 // Ownership: shared (shared_ptr) by the site's table of stores, the receiver's session
 // for the group, and every view and failover disk opened over it, because each of those
@@ -109,7 +112,12 @@ class RecoveryStore {
   Status ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::span<uint8_t> buf);
 
   // Applies records up to min(seq, oldest pin) to the base images and drops them from
-  // the journal's index; returns the new base_seq.
+  // the index and the journal; returns the new base_seq. Works in steps of one journal
+  // segment; reads of seqs above the step go on meanwhile (a step takes fold_mu_ alone only
+  // to move base_seq). Crash safe: each step is named in store.json (folding_to) before the
+  // base changes and finished at the next open; seqs below it are not readable meanwhile.
+  // The file system's error (kNoSpace...) when a step cannot be applied: seqs below that
+  // step stay unreadable until a later Fold (or open) applies it.
   Result<uint64_t> Fold(uint64_t seq);
 
   // Resynchronization (after the source's capture log overflowed): whole regions read
@@ -174,7 +182,8 @@ class RecoveryStore {
   bool differential() const;
   // Regions changed by records after `seq` (reprotect: what the failed-over disks lack
   // of what this store received after the failover point), merged per disk.
-  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ChangedAfter(uint64_t seq) const;
+  // The index's read error.
+  Result<std::vector<std::vector<std::pair<uint64_t, uint64_t>>>> ChangedAfter(uint64_t seq) const;
   // Seqs before consistent_from cannot be read (a resync replaced regions of the base).
   uint64_t consistent_from() const;
 
@@ -208,7 +217,16 @@ class RecoveryStore {
  private:
   RecoveryStore() = default;
   Status OpenParts();
+  Status OpenIndex();
   Status WriteMeta();
+  // Fold: the next step's end (nullopt: nothing to fold), which it makes unreadable below
+  // (fold_target_); then the step itself; FinishInterruptedFold at open.
+  Result<std::optional<uint64_t>> PlanFoldStep(uint64_t seq);
+  Status FoldStep(uint64_t target);
+  Status FinishInterruptedFold();
+  // The journal segment starting at first_seq, opened for reading (kept open, at most
+  // kOpenSegmentsMax at once).
+  Result<std::shared_ptr<const File>> Segment(uint64_t first_seq);
   void OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok);
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
   Status UsableLocked(uint64_t seq) const;  // holds mu_
@@ -238,11 +256,19 @@ class RecoveryStore {
 
   std::mutex append_mu_;  // one Append at a time
 
-  // Readers hold fold_mu_ shared; Fold holds it exclusively while it rewrites bases.
+  // Readers hold fold_mu_ shared; a fold step holds it alone only to move base_seq_ (and
+  // to let reads that began before it planned end); a resync commit while it copies.
   mutable std::shared_mutex fold_mu_;
+  std::mutex fold_run_mu_;  // one Fold at a time
+
+  static constexpr size_t kIndexBatchRecords = 4096;  // records per index batch at open
+  static constexpr size_t kOpenSegmentsMax = 64;      // journal segments kept open to read
+
+  std::unique_ptr<VersionIndex> index_;  // thread-safe itself
 
   mutable std::mutex mu_;
-  std::vector<VersionIndex> index_;                      // per disk; guarded by mu_
+  Status index_error_;                                   // guarded by mu_: OnWritten's failure
+  uint64_t fold_target_ = 0;                             // guarded by mu_; folding_to
   uint64_t base_seq_ = 0;                                // guarded by mu_
   uint64_t durable_seq_ = 0;                             // guarded by mu_
   int64_t durable_time_ns_ = 0;                          // guarded by mu_
@@ -272,7 +298,8 @@ class RecoveryStore {
   std::optional<StagedProgress> staged_durable_;  // guarded by mu_
   std::multiset<uint64_t> pins_;                  // guarded by mu_
   std::condition_variable unpinned_cv_;           // with mu_: signalled when pins_ becomes empty
-  std::map<uint64_t, File> segments_;          // first_seq -> open journal segment; guarded by mu_
+  // first_seq -> open journal segment; guarded by mu_ (a reader holds its shared_ptr)
+  std::map<uint64_t, std::shared_ptr<const File>> segments_;
   std::optional<WriteFailure> write_failure_;  // guarded by mu_
 };
 

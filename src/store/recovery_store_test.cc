@@ -408,7 +408,7 @@ TEST_F(RecoveryStoreTest, AFailedAppendChangesNothingAndTheSameRecordsGoInLater)
   ASSERT_TRUE(store->ReadAt(0, 1, 0, now).ok());
   EXPECT_EQ(now, before);
   EXPECT_FALSE(store->ReadAt(0, 2, 0, now).ok());
-  EXPECT_TRUE(store->ChangedAfter(1)[0].empty());
+  EXPECT_TRUE(store->ChangedAfter(1).value()[0].empty());
 
   // A second failure in the same place: still nothing changes (no "seq 2 where 3").
   SetFileFaultForTest({.path_part = journal, .err = ENOSPC, .write_bytes_left = 0});

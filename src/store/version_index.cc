@@ -1,87 +1,347 @@
 #include "store/version_index.h"
 
-#include <algorithm>
+#include <fmt/format.h>
+#include <rocksdb/cache.h>
+#include <rocksdb/convenience.h>
+#include <rocksdb/db.h>
+#include <rocksdb/table.h>
+#include <rocksdb/write_buffer_manager.h>
 
-#include "common/check.h"
+#include <algorithm>
+#include <bit>
+#include <mutex>
+
+#include "common/le.h"
 
 namespace osr::store {
 
-void VersionIndex::Add(const RecordRef& r) {
-  OSR_CHECK(r.seq > last_seq_);
-  last_seq_ = r.seq;
-  if (r.length == 0) return;
-  uint64_t first = r.offset / kChunkBytes, last = (r.offset + r.length - 1) / kChunkBytes;
-  for (uint64_t c = first; c <= last; ++c) chunks_[c].push_back(r);
+namespace {
+
+constexpr char kChunkTag = 'C';
+constexpr char kSeqTag = 'S';
+const std::string kThroughKey = "M:indexed_through";
+
+constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8;
+constexpr size_t kSeqKeyBytes = 1 + 8;
+// A record's value, the same under both tags: disk u32, offset u64, length u64, kind u8,
+// segment_first_seq u64, payload_pos u64 (little endian, as osr's other formats).
+constexpr size_t kValueBytes = 4 + 8 + 8 + 1 + 8 + 8;
+// Records deleted per write batch when dropping.
+constexpr size_t kDropBatchRecords = 4096;
+
+void Be32(char* p, uint32_t v) {
+  v = __builtin_bswap32(v);
+  std::memcpy(p, &v, 4);
+}
+void Be64(char* p, uint64_t v) {
+  v = __builtin_bswap64(v);
+  std::memcpy(p, &v, 8);
+}
+uint64_t LdBe64(const char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return __builtin_bswap64(v);
 }
 
-void VersionIndex::ForEach(
-    uint64_t offset, uint64_t length, uint64_t from, uint64_t upto,
-    const std::function<void(const RecordRef&, uint64_t, uint64_t)>& fn) const {
-  if (length == 0) return;
-  uint64_t end = offset + length;
+std::string ChunkKey(uint32_t disk, uint64_t chunk, uint64_t seq) {
+  std::string k(kChunkKeyBytes, '\0');
+  k[0] = kChunkTag;
+  Be32(k.data() + 1, disk);
+  Be64(k.data() + 5, chunk);
+  Be64(k.data() + 13, seq);
+  return k;
+}
+
+std::string SeqKey(uint64_t seq) {
+  std::string k(kSeqKeyBytes, '\0');
+  k[0] = kSeqTag;
+  Be64(k.data() + 1, seq);
+  return k;
+}
+
+std::string EncodeValue(const RecordRef& r) {
+  std::string v(kValueBytes, '\0');
+  auto* p = reinterpret_cast<uint8_t*>(v.data());
+  Le32(p, r.disk);
+  Le64(p + 4, r.offset);
+  Le64(p + 12, r.length);
+  p[20] = static_cast<uint8_t>(r.kind);
+  Le64(p + 21, r.segment_first_seq);
+  Le64(p + 29, r.payload_pos);
+  return v;
+}
+
+Result<RecordRef> DecodeValue(uint64_t seq, const rocksdb::Slice& v) {
+  if (v.size() != kValueBytes) {
+    return Corruption(fmt::format("version index: entry of seq {} has {} bytes, not {}", seq,
+                                  v.size(), kValueBytes));
+  }
+  const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+  RecordRef r;
+  r.seq = seq;
+  r.disk = Ld32(p);
+  r.offset = Ld64(p + 4);
+  r.length = Ld64(p + 12);
+  r.kind = static_cast<capture::RecordKind>(p[20]);
+  r.segment_first_seq = Ld64(p + 21);
+  r.payload_pos = Ld64(p + 29);
+  if (r.length == 0 || r.offset + r.length < r.offset) {
+    return Corruption(fmt::format("version index: entry of seq {} has a bad range", seq));
+  }
+  return r;
+}
+
+Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return Status::Ok();
+  std::string msg = "version index: " + what + ": " + s.ToString();
+  if (s.IsCorruption()) return Corruption(msg);
+  if (s.IsNoSpace()) return Status(Code::kNoSpace, msg);
+  return IoError(msg);
+}
+
+// The process's shared index memory (SetCacheBytes).
+struct SharedMemory {
+  std::mutex mu;
+  uint64_t bytes = VersionIndex::kCacheBytesDefault;
+  std::shared_ptr<rocksdb::Cache> cache;
+  std::shared_ptr<rocksdb::WriteBufferManager> buffers;
+
+  // Memtables may use a quarter of the cache; blocks the rest (they are charged to the
+  // same cache, so the sum stays within it).
+  void Make() {
+    if (cache) return;
+    cache = rocksdb::NewLRUCache(bytes);
+    buffers = std::make_shared<rocksdb::WriteBufferManager>(bytes / 4, cache);
+  }
+};
+
+SharedMemory& Shared() {
+  static auto* m = new SharedMemory();  // never destroyed: indexes may outlive statics
+  return *m;
+}
+
+rocksdb::WriteOptions WriteOpts() {
+  rocksdb::WriteOptions w;
+  w.sync = false;  // the journal is synced; the index follows it (header comment)
+  return w;
+}
+
+}  // namespace
+
+void VersionIndex::SetCacheBytes(uint64_t bytes) {
+  auto& m = Shared();
+  std::lock_guard lock(m.mu);
+  m.bytes = std::max(bytes, kCacheBytesMin);
+  if (m.cache) {
+    m.cache->SetCapacity(m.bytes);
+    m.buffers->SetBufferSize(m.bytes / 4);
+  }
+}
+
+uint64_t VersionIndex::CacheUsageBytes() {
+  auto& m = Shared();
+  std::lock_guard lock(m.mu);
+  return m.cache ? m.cache->GetUsage() : 0;
+}
+
+Result<std::unique_ptr<VersionIndex>> VersionIndex::Open(const std::string& dir) {
+  rocksdb::Options o;
+  {
+    auto& m = Shared();
+    std::lock_guard lock(m.mu);
+    m.Make();
+    rocksdb::BlockBasedTableOptions t;
+    t.block_cache = m.cache;
+    t.cache_index_and_filter_blocks = true;  // table indexes count in the cache too
+    o.table_factory.reset(rocksdb::NewBlockBasedTableFactory(t));
+    o.write_buffer_manager = m.buffers;
+  }
+  o.create_if_missing = true;
+  o.write_buffer_size = 4 << 20;
+  o.max_write_buffer_number = 2;
+  o.max_open_files = 64;
+  o.max_total_wal_size = 32 << 20;
+  o.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
+  o.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
+  o.keep_log_file_num = 2;
+  o.max_log_file_size = 1 << 20;
+  o.stats_dump_period_sec = 0;
+  o.stats_persist_period_sec = 0;
+  o.max_background_jobs = 2;
+  o.level_compaction_dynamic_level_bytes = true;
+  auto supported = rocksdb::GetSupportedCompressions();
+  o.compression =
+      std::find(supported.begin(), supported.end(), rocksdb::kLZ4Compression) != supported.end()
+          ? rocksdb::kLZ4Compression
+          : rocksdb::kNoCompression;
+  rocksdb::DB* raw = nullptr;
+  OSR_RETURN_IF_ERROR(FromRocks(rocksdb::DB::Open(o, dir, &raw), "open " + dir));
+  std::unique_ptr<rocksdb::DB> db(raw);
+  std::string v;
+  uint64_t through = 0;
+  rocksdb::Status s = db->Get(rocksdb::ReadOptions(), kThroughKey, &v);
+  if (s.ok()) {
+    if (v.size() != 8) return Corruption(dir + ": indexed_through is not 8 bytes");
+    through = Ld64(reinterpret_cast<const uint8_t*>(v.data()));
+  } else if (!s.IsNotFound()) {
+    return FromRocks(s, "read indexed_through");
+  }
+  return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), through));
+}
+
+VersionIndex::VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through)
+    : db_(std::move(db)), indexed_through_(indexed_through) {}
+
+VersionIndex::~VersionIndex() {
+  if (db_) {
+    rocksdb::Status s = db_->Close();
+    (void)s;  // nothing to do about it: the WAL and the journal's tail rebuild what is lost
+  }
+}
+
+uint64_t VersionIndex::indexed_through() const {
+  return indexed_through_.load(std::memory_order_acquire);
+}
+
+Status VersionIndex::Add(std::span<const RecordRef> records) {
+  if (records.empty()) return Status::Ok();
+  rocksdb::WriteBatch batch;
+  for (const RecordRef& r : records) {
+    if (r.length == 0) continue;  // a mark: no bytes
+    std::string value = EncodeValue(r);
+    OSR_RETURN_IF_ERROR(FromRocks(batch.Put(SeqKey(r.seq), value), "batch"));
+    uint64_t first = r.offset / kChunkBytes, last = (r.offset + r.length - 1) / kChunkBytes;
+    for (uint64_t c = first; c <= last; ++c) {
+      OSR_RETURN_IF_ERROR(FromRocks(batch.Put(ChunkKey(r.disk, c, r.seq), value), "batch"));
+    }
+  }
+  uint8_t through[8];
+  Le64(through, records.back().seq);
+  OSR_RETURN_IF_ERROR(FromRocks(
+      batch.Put(kThroughKey, rocksdb::Slice(reinterpret_cast<const char*>(through), 8)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "add"));
+  indexed_through_.store(records.back().seq, std::memory_order_release);
+  return Status::Ok();
+}
+
+Status VersionIndex::Collect(uint32_t disk, uint64_t offset, uint64_t length, uint64_t from,
+                             uint64_t upto, std::vector<ReadPart>* out) const {
+  if (length == 0 || upto <= from) return Status::Ok();
+  const uint64_t end = offset + length;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  std::vector<std::pair<uint64_t, uint64_t>> open, next;  // bytes no record covered yet
   for (uint64_t c = offset / kChunkBytes; c * kChunkBytes < end; ++c) {
-    auto it = chunks_.find(c);
-    if (it == chunks_.end()) continue;
-    uint64_t lo = std::max(offset, c * kChunkBytes);
-    uint64_t hi = std::min(end, (c + 1) * kChunkBytes);
-    const auto& v = it->second;
-    // Records are in seq order: skip to the first with seq > from.
-    auto rit = std::upper_bound(v.begin(), v.end(), from,
-                                [](uint64_t s, const RecordRef& r) { return s < r.seq; });
-    for (; rit != v.end() && rit->seq <= upto; ++rit) {
-      uint64_t a = std::max(lo, rit->offset);
-      uint64_t b = std::min(hi, rit->offset + rit->length);
-      if (a < b) fn(*rit, a, b - a);
+    open.assign(1, {std::max(offset, c * kChunkBytes), std::min(end, (c + 1) * kChunkBytes)});
+    const std::string prefix = ChunkKey(disk, c, 0).substr(0, kChunkKeyBytes - 8);
+    for (it->SeekForPrev(ChunkKey(disk, c, upto)); it->Valid() && !open.empty(); it->Prev()) {
+      rocksdb::Slice k = it->key();
+      if (k.size() != kChunkKeyBytes || !k.starts_with(prefix)) break;
+      uint64_t seq = LdBe64(k.data() + kChunkKeyBytes - 8);
+      if (seq <= from) break;
+      OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, it->value()));
+      uint64_t rb = r.offset, re = r.offset + r.length;
+      next.clear();
+      for (auto [a, b] : open) {
+        uint64_t lo = std::max(a, rb), hi = std::min(b, re);
+        if (lo >= hi) {
+          next.emplace_back(a, b);
+          continue;
+        }
+        out->push_back({r, lo, hi - lo});
+        if (a < lo) next.emplace_back(a, lo);
+        if (hi < b) next.emplace_back(hi, b);
+      }
+      open.swap(next);
     }
+    OSR_RETURN_IF_ERROR(FromRocks(it->status(), "read"));
+  }
+  return Status::Ok();
+}
+
+Status VersionIndex::ForEachBySeq(uint64_t from, uint64_t upto,
+                                  const std::function<bool(const RecordRef&)>& fn) const {
+  if (upto <= from) return Status::Ok();
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek(SeqKey(from + 1)); it->Valid(); it->Next()) {
+    rocksdb::Slice k = it->key();
+    if (k.size() != kSeqKeyBytes || k[0] != kSeqTag) break;
+    uint64_t seq = LdBe64(k.data() + 1);
+    if (seq > upto) break;
+    OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, it->value()));
+    if (!fn(r)) return Status::Ok();
+  }
+  return FromRocks(it->status(), "read");
+}
+
+Status VersionIndex::DeleteRecords(const std::vector<RecordRef>& records, uint64_t new_through,
+                                   bool set_through) {
+  rocksdb::WriteBatch batch;
+  for (const RecordRef& r : records) {
+    OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(SeqKey(r.seq)), "batch"));
+    uint64_t first = r.offset / kChunkBytes, last = (r.offset + r.length - 1) / kChunkBytes;
+    for (uint64_t c = first; c <= last; ++c) {
+      OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(ChunkKey(r.disk, c, r.seq)), "batch"));
+    }
+  }
+  if (set_through) {
+    uint8_t through[8];
+    Le64(through, new_through);
+    OSR_RETURN_IF_ERROR(
+        FromRocks(batch.Put(kThroughKey, rocksdb::Slice(reinterpret_cast<const char*>(through), 8)),
+                  "batch"));
+  }
+  return FromRocks(db_->Write(WriteOpts(), &batch), "drop");
+}
+
+Status VersionIndex::DropUpTo(uint64_t seq) {
+  // In batches, oldest first: a crash in between leaves only records the store no longer
+  // reads (seq <= its base), which the next fold drops.
+  std::vector<RecordRef> batch;
+  for (uint64_t after = 0;;) {
+    batch.clear();
+    OSR_RETURN_IF_ERROR(ForEachBySeq(after, seq, [&](const RecordRef& r) {
+      batch.push_back(r);
+      return batch.size() < kDropBatchRecords;
+    }));
+    if (batch.empty()) return Status::Ok();
+    after = batch.back().seq;
+    OSR_RETURN_IF_ERROR(DeleteRecords(batch, 0, false));
   }
 }
 
-bool VersionIndex::Touched(uint64_t offset, uint64_t length, uint64_t from, uint64_t upto) const {
-  bool touched = false;
-  ForEach(offset, length, from, upto,
-          [&](const RecordRef&, uint64_t, uint64_t) { touched = true; });
-  return touched;
-}
-
-void VersionIndex::ChangedAfter(uint64_t from,
-                                std::vector<std::pair<uint64_t, uint64_t>>* out) const {
-  for (const auto& [chunk, records] : chunks_) {
-    uint64_t lo = chunk * kChunkBytes, hi = lo + kChunkBytes;
-    for (const RecordRef& r : records) {
-      if (r.seq <= from) continue;
-      uint64_t b = std::max(lo, r.offset), e = std::min(hi, r.offset + r.length);
-      if (b < e) out->emplace_back(b, e - b);
-    }
+Status VersionIndex::DropAfter(uint64_t seq) {
+  // indexed_through first: a crash in between leaves records past it, which the store's
+  // open drops again (they lie past the journal or are indexed again).
+  uint64_t through = std::min(indexed_through(), seq);
+  OSR_RETURN_IF_ERROR(DeleteRecords({}, through, true));
+  indexed_through_.store(through, std::memory_order_release);
+  std::vector<RecordRef> batch;
+  for (uint64_t after = seq;;) {
+    batch.clear();
+    OSR_RETURN_IF_ERROR(ForEachBySeq(after, UINT64_MAX, [&](const RecordRef& r) {
+      batch.push_back(r);
+      return batch.size() < kDropBatchRecords;
+    }));
+    if (batch.empty()) return Status::Ok();
+    after = batch.back().seq;
+    OSR_RETURN_IF_ERROR(DeleteRecords(batch, 0, false));
   }
 }
 
-void VersionIndex::DropUpTo(uint64_t seq) {
-  for (auto it = chunks_.begin(); it != chunks_.end();) {
-    auto& v = it->second;
-    auto keep = std::upper_bound(v.begin(), v.end(), seq,
-                                 [](uint64_t s, const RecordRef& r) { return s < r.seq; });
-    v.erase(v.begin(), keep);
-    if (v.empty()) {
-      it = chunks_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-}
-
-void VersionIndex::DropAfter(uint64_t seq) {
-  for (auto it = chunks_.begin(); it != chunks_.end();) {
-    auto& v = it->second;
-    auto from = std::upper_bound(v.begin(), v.end(), seq,
-                                 [](uint64_t s, const RecordRef& r) { return s < r.seq; });
-    v.erase(from, v.end());
-    if (v.empty()) {
-      it = chunks_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  last_seq_ = std::min(last_seq_, seq);
+Status VersionIndex::Clear(uint64_t through) {
+  rocksdb::WriteBatch batch;
+  auto* cf = db_->DefaultColumnFamily();
+  OSR_RETURN_IF_ERROR(FromRocks(
+      batch.DeleteRange(cf, std::string(1, kChunkTag), std::string(1, kChunkTag + 1)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(
+      batch.DeleteRange(cf, std::string(1, kSeqTag), std::string(1, kSeqTag + 1)), "batch"));
+  uint8_t t[8];
+  Le64(t, through);
+  OSR_RETURN_IF_ERROR(FromRocks(
+      batch.Put(kThroughKey, rocksdb::Slice(reinterpret_cast<const char*>(t), 8)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "clear"));
+  indexed_through_.store(through, std::memory_order_release);
+  return Status::Ok();
 }
 
 }  // namespace osr::store

@@ -1,59 +1,117 @@
-// VersionIndex: which journal records changed which bytes of one disk, so that the disk
-// can be read as it was at any sequence number the journal still holds.
+// VersionIndex: which journal records changed which bytes of a recovery store's disks, so
+// that a disk can be read as it was at any sequence number the journal still holds. It
+// lives on disk, in RocksDB (dir/index/), so its memory is the process's index cache
+// (SetCacheBytes), not the retained history (invariant 9).
 //
-// The disk is cut into fixed chunks; each chunk lists the records that touch it, in
-// sequence order. Reading [offset, offset+length) as of seq S starts from the base image
-// and applies, chunk by chunk, every listed record with seq <= S, oldest first, clipped
-// to the chunk. The cost of a read is bounded by the records that touched its chunks
-// within the retention window.
+// Keys (docs/formats.md, "Version index"), big-endian so that RocksDB's byte order is
+// the numeric order:
+//   'C' disk:u32 chunk:u64 seq:u64  -> the record's RecordRef (a record is listed under
+//                                     every 64 KiB chunk of the disk it touches)
+//   'S' seq:u64                     -> disk, offset, length (the records in seq order:
+//                                     for dropping, folding and ChangedAfter)
+//   'M' "indexed_through"           -> seq:u64, written in the same batch as the records
 //
-// Thread model: not thread-safe; the recovery store guards it with its own lock.
+// Reading [offset, offset+length) as of seq S walks each chunk's records newest first
+// (from S down) and takes from each only the bytes no newer record covered, until every
+// byte is covered or the walk reaches `from` (the base): the cost is the versions above
+// the answer, not the whole history, so the oldest point reads as fast as the newest.
+//
+// Durability (docs/architecture.md, "The recovery store at scale"): the journal is the
+// store's log; the index follows it. Its write-ahead log is written but not synced:
+// after a power loss RocksDB recovers a prefix of the batches (point-in-time recovery),
+// and `indexed_through()` says how far; the store indexes the journal's records after
+// that again (Rebuild from the tail, never the whole journal). Records beyond the
+// journal's end (indexed at write-out, before the journal's sync, then lost) are dropped
+// with DropAfter.
+//
+// Thread model: thread-safe (RocksDB); the store orders Add/DropAfter/DropUpTo itself.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
-#include <unordered_map>
+#include <memory>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "capture/log_format.h"
+#include "common/status.h"
+
+namespace rocksdb {
+class DB;
+}
 
 namespace osr::store {
 
-// A record as the index knows it: where its bytes are on the disk and in the journal.
+// A record as the index knows it: where its bytes are on its disk and in the journal.
 struct RecordRef {
   uint64_t seq = 0;
-  uint64_t offset = 0;  // on the disk
-  uint64_t length = 0;
+  uint32_t disk = 0;
+  uint64_t offset = 0;  // on the disk, bytes
+  uint64_t length = 0;  // bytes
   capture::RecordKind kind = capture::RecordKind::kWrite;
   uint64_t segment_first_seq = 0;  // the journal segment holding the payload
   uint64_t payload_pos = 0;        // byte offset of the payload in that segment
 };
 
+// The visible part of one record in a read: bytes [offset, offset+length) of the disk
+// come from `record` (its payload, or zeros for a zero/trim record).
+struct ReadPart {
+  RecordRef record;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
 class VersionIndex {
  public:
-  static constexpr uint64_t kChunkBytes = 1 << 20;
+  static constexpr uint64_t kChunkBytes = 64 << 10;
 
-  // Records must be added in increasing seq order.
-  void Add(const RecordRef& r);
-  // Calls fn(record, clip_offset, clip_length) for every record with from < seq <= upto
-  // that overlaps [offset, offset+length), clipped to that range and to one chunk at a
-  // time; within a chunk in seq order.
-  void ForEach(uint64_t offset, uint64_t length, uint64_t from, uint64_t upto,
-               const std::function<void(const RecordRef&, uint64_t, uint64_t)>& fn) const;
-  // Appends [offset, offset+length) of every record with seq > from, clipped to chunks
-  // (unsorted, may overlap): what changed after `from`.
-  void ChangedAfter(uint64_t from, std::vector<std::pair<uint64_t, uint64_t>>* out) const;
-  // Forgets every record with seq <= seq (they were folded into the base).
-  void DropUpTo(uint64_t seq);
-  // Forgets every record with seq > seq (an append that failed is undone); records may
-  // then be added again from seq + 1.
-  void DropAfter(uint64_t seq);
-  // True when some record with from < seq <= upto overlaps the range.
-  bool Touched(uint64_t offset, uint64_t length, uint64_t from, uint64_t upto) const;
+  // The memory every index of this process shares: RocksDB's block cache and, charged to
+  // it, the memtables. Takes effect for indexes opened after the call (the site calls it
+  // once at start, from store_index_cache_bytes). At least kCacheBytesMin.
+  static constexpr uint64_t kCacheBytesMin = 8 << 20;
+  static constexpr uint64_t kCacheBytesDefault = 64 << 20;
+  static void SetCacheBytes(uint64_t bytes);
+  // The bytes the shared cache holds now (blocks and memtables), for /stores and benches.
+  static uint64_t CacheUsageBytes();
+
+  // Opens (creating it if missing) the index in `dir`. kCorruption when RocksDB finds it
+  // damaged (the caller may delete it and index the journal again), kIoError otherwise.
+  static Result<std::unique_ptr<VersionIndex>> Open(const std::string& dir);
+  ~VersionIndex();
+
+  // Adds records (increasing seq; length-0 records only advance indexed_through) in one
+  // batch, with indexed_through = the last one's seq. The write's error.
+  Status Add(std::span<const RecordRef> records);
+  // The seq up to which every record is in the index (0: none yet).
+  uint64_t indexed_through() const;
+
+  // The parts of disk `disk`'s [offset, offset+length) that records with from < seq <=
+  // upto wrote, each byte from the newest such record (so the parts do not overlap and
+  // may be applied in any order); bytes no such record wrote come from the base. Appends
+  // to `out`. The read error (kCorruption for a damaged index entry).
+  Status Collect(uint32_t disk, uint64_t offset, uint64_t length, uint64_t from, uint64_t upto,
+                 std::vector<ReadPart>* out) const;
+  // Calls fn for every record with from < seq <= upto, in seq order (the 'S' keys:
+  // disk, offset, length and seq only). fn returns false to stop.
+  Status ForEachBySeq(uint64_t from, uint64_t upto,
+                      const std::function<bool(const RecordRef&)>& fn) const;
+  // Forgets every record with seq <= seq (folded into the base).
+  Status DropUpTo(uint64_t seq);
+  // Forgets every record with seq > seq (an append undone, a journal cut); indexed_through
+  // becomes min(indexed_through, seq).
+  Status DropAfter(uint64_t seq);
+  // Forgets everything; indexed_through becomes `through` (the journal starts over after it).
+  Status Clear(uint64_t through);
 
  private:
-  std::unordered_map<uint64_t, std::vector<RecordRef>> chunks_;  // chunk index -> records
-  uint64_t last_seq_ = 0;
+  explicit VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through);
+  Status DeleteRecords(const std::vector<RecordRef>& records, uint64_t new_through,
+                       bool set_through);
+
+  std::unique_ptr<rocksdb::DB> db_;
+  std::atomic<uint64_t> indexed_through_{0};
 };
 
 }  // namespace osr::store
