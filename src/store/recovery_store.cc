@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "capture/log_reader.h"
 #include "common/crc32c.h"
@@ -62,6 +63,13 @@ void EncodeStagedRecord(uint8_t* p, uint32_t disk, uint64_t offset, uint64_t len
   Le32(p + 28, Crc32c(p, 28));
 }
 
+// A journal's id (store.json journal_id, the index's journal_id): random, never 0.
+uint64_t NewJournalId() {
+  std::random_device rd;
+  uint64_t id = (uint64_t{rd()} << 32) | rd();
+  return id == 0 ? 1 : id;
+}
+
 int64_t SteadyNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -74,7 +82,8 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
                                                              const std::vector<StoreDisk>& disks,
                                                              uint64_t base_seq, Start start,
                                                              const std::vector<std::string>& images,
-                                                             const StoreOrigin& origin) {
+                                                             const StoreOrigin& origin,
+                                                             const StoreOptions& options) {
   if (disks.empty()) return InvalidArgument("a recovery store needs at least one disk");
   if (origin.epoch < 1 || origin.epoch > kEpochMax) {
     return InvalidArgument(
@@ -124,8 +133,10 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   }
   std::unique_ptr<RecoveryStore> s(new RecoveryStore());
   s->dir_ = dir;
+  s->options_ = options;
   s->disks_ = disks;
   s->base_seq_ = base_seq;
+  s->journal_id_ = NewJournalId();
   s->epoch_ = origin.epoch;
   s->source_ = origin.source;
   s->initial_sync_ = start == Start::kFullCopy;
@@ -148,7 +159,8 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   return s;
 }
 
-Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& dir) {
+Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& dir,
+                                                           const StoreOptions& options) {
   std::ifstream in(dir + "/store.json");
   if (!in) return NotFound("no recovery store in " + dir);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -160,7 +172,9 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   const nlohmann::json* disks = f.Array("disks", /*optional=*/false);
   std::unique_ptr<RecoveryStore> s(new RecoveryStore());
   s->dir_ = dir;
+  s->options_ = options;
   s->base_seq_ = f.U64("base_seq");
+  s->journal_id_ = f.U64("journal_id", 0);
   s->consistent_from_ = f.U64("consistent_from", 0);
   // Stores made before epochs came from the vault may say 0 (never raised): the first
   // epoch an item has is 1.
@@ -208,8 +222,10 @@ Status RecoveryStore::WriteMeta() {
   nlohmann::json resync;
   bool initial = false, differential = false;
   nlohmann::json folding;
+  uint64_t journal_id;
   {
     std::lock_guard lock(mu_);
+    journal_id = journal_id_;
     if (fold_target_ > base_seq_) folding = fold_target_;
     epoch = epoch_;
     base = base_seq_;
@@ -222,7 +238,8 @@ Status RecoveryStore::WriteMeta() {
                                     {"base_seq", base},        {"consistent_from", consistent},
                                     {"resync_from", resync},   {"initial_sync", initial},
                                     {"epoch", epoch},          {"differential", differential},
-                                    {"source", source_},       {"folding_to", folding}}
+                                    {"source", source_},       {"folding_to", folding},
+                                    {"journal_id", journal_id}}
                          .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
@@ -239,6 +256,19 @@ Status RecoveryStore::OpenParts() {
     base_.push_back(std::move(f));
   }
   OSR_RETURN_IF_ERROR(OpenIndex());
+  if (journal_id_ == 0) {  // a store made before journals had ids
+    journal_id_ = NewJournalId();
+    OSR_RETURN_IF_ERROR(WriteMeta());
+  }
+  if (index_->journal_id() != journal_id_) {
+    // An index of another journal (none yet, an older copy, or one left from before the
+    // journal started over): made again from this journal.
+    if (index_->journal_id() != 0) {
+      spdlog::warn("recovery store {}: its index describes another journal; indexing it again",
+                   dir_);
+    }
+    OSR_RETURN_IF_ERROR(index_->Clear(base_seq_, journal_id_));
+  }
   // The records the index lacks: those after what it says it holds (a power loss keeps a
   // prefix of its batches), never the whole journal. Reading stops at a damaged tail.
   const uint64_t index_from = std::max(index_->indexed_through(), base_seq_);
@@ -264,14 +294,15 @@ Status RecoveryStore::OpenParts() {
     return Corruption(fmt::format("journal of {} is damaged: {} at byte {}: {}", dir_, e.segment,
                                   e.position, e.message));
   }
-  if (summary.records > 0) {
-    spdlog::info("recovery store {}: indexed {} journal record(s) after seq {}", dir_,
-                 summary.last_seq > index_from ? summary.last_seq - index_from : 0, index_from);
+  if (summary.records > 0 && summary.last_seq > index_from) {
+    spdlog::info("recovery store {}: indexed the journal's {} record(s) after seq {}", dir_,
+                 summary.last_seq - index_from, index_from);
   }
   capture::CaptureLogOptions lo;
   lo.dir = dir_ + "/journal";
   lo.disk_bytes = 0;  // a group journal: records name their disk
   lo.first_seq = base_seq_ + 1;
+  lo.segment_bytes_target = options_.journal_segment_bytes;
   lo.verify_all_on_open = false;  // its tail only: opening costs no history
   OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
                                      lo, [this](std::span<const capture::CaptureLog::Written> w,
@@ -563,13 +594,14 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
                         base_seq_, durable_seq_));
       }
     }
+    {
+      std::lock_guard lock(mu_);
+      base_seq_ = durable_seq_ = from;
+      initial_sync_ = true;
+    }
     // Start the journal over at from + 1: no record up to `from` will come. (Not under
     // mu_: closing the log may call OnWritten.)
     OSR_RETURN_IF_ERROR(StartJournalAt(from + 1));
-    OSR_RETURN_IF_ERROR(index_->Clear(from));
-    std::lock_guard lock(mu_);
-    base_seq_ = durable_seq_ = from;
-    initial_sync_ = true;
   }
   // An initial sync cut short starts over from scratch: the base is all zeros again.
   for (size_t i = 0; i < base_.size(); ++i) {
@@ -582,11 +614,16 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
 
 Status RecoveryStore::StartJournalAt(uint64_t first_seq) {
   journal_.reset();
+  const uint64_t id = NewJournalId();
   {
     std::lock_guard lock(mu_);
     segments_.clear();
     journal_cut_.reset();
+    journal_id_ = id;
   }
+  // The index first: a crash from here leaves an index of a journal store.json does not
+  // name (cleared at open), never one that looks like this journal's.
+  OSR_RETURN_IF_ERROR(index_->Clear(first_seq - 1, id));
   std::error_code ec;
   std::filesystem::remove_all(dir_ + "/journal", ec);
   std::filesystem::create_directories(dir_ + "/journal", ec);
@@ -595,10 +632,11 @@ Status RecoveryStore::StartJournalAt(uint64_t first_seq) {
   lo.dir = dir_ + "/journal";
   lo.disk_bytes = 0;
   lo.first_seq = first_seq;
+  lo.segment_bytes_target = options_.journal_segment_bytes;
   OSR_ASSIGN_OR_RETURN(journal_, capture::CaptureLog::Open(
                                      lo, [this](std::span<const capture::CaptureLog::Written> w,
                                                 bool ok) { OnWritten(w, ok); }));
-  return Status::Ok();
+  return WriteMeta();  // names the new journal
 }
 
 Status RecoveryStore::BeginResyncReplacingHistory(uint64_t from) {
@@ -619,7 +657,6 @@ Status RecoveryStore::BeginResyncReplacingHistory(uint64_t from) {
   OSR_ASSIGN_OR_RETURN(uint64_t base, Fold(durable));
   if (base != durable) return Unavailable("could not fold the store before replacing its history");
   std::lock_guard append(append_mu_);
-  OSR_RETURN_IF_ERROR(index_->Clear(from));
   {
     std::lock_guard lock(mu_);
     base_seq_ = durable_seq_ = from;
@@ -1161,6 +1198,7 @@ Status RecoveryStore::FoldStep(uint64_t target) {
                                    summary->last_seq, target));
   }
   if (apply.ok()) apply = SyncBase();
+  if (apply.ok() && fold_step_hook_) apply = fold_step_hook_(target);
   if (!apply.ok()) {
     // Seqs below the step stay unreadable (fold_target_, and folding_to in store.json);
     // the next fold, or the next open, applies the step again from the start: applying a

@@ -27,6 +27,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -53,6 +54,12 @@ inline constexpr uint64_t kEpochMax = (uint64_t{1} << 53) - 1;
 
 // Who may write a store, as the vault said when it made it (invariant 8: epochs and
 // sources come from the vault, never from a sender).
+// How a store runs (not persisted: given at every Create and Open).
+struct StoreOptions {
+  // The journal's segment size, bytes: the unit of a fold step and of trimming.
+  uint64_t journal_segment_bytes = 64ull << 20;
+};
+
 struct StoreOrigin {
   uint64_t epoch = 1;  // 1..kEpochMax: a sender must present exactly this epoch
   std::string source;  // the sending site's name (its certificate must name it); "": any
@@ -73,14 +80,13 @@ class RecoveryStore {
   // Creates a store at base_seq (= durable_seq; the next record is base_seq + 1), at
   // origin.epoch, receiving from origin.source. kInvalidArgument for an epoch outside
   // 1..kEpochMax or a source that is not a valid name.
-  static Result<std::unique_ptr<RecoveryStore>> Create(const std::string& dir,
-                                                       const std::vector<StoreDisk>& disks,
-                                                       uint64_t base_seq,
-                                                       Start start = Start::kEmpty,
-                                                       const std::vector<std::string>& images = {},
-                                                       const StoreOrigin& origin = {});
+  static Result<std::unique_ptr<RecoveryStore>> Create(
+      const std::string& dir, const std::vector<StoreDisk>& disks, uint64_t base_seq,
+      Start start = Start::kEmpty, const std::vector<std::string>& images = {},
+      const StoreOrigin& origin = {}, const StoreOptions& options = {});
   // Opens an existing store and rebuilds its index from the journal.
-  static Result<std::unique_ptr<RecoveryStore>> Open(const std::string& dir);
+  static Result<std::unique_ptr<RecoveryStore>> Open(const std::string& dir,
+                                                     const StoreOptions& options = {});
   ~RecoveryStore();
 
   // Appends encoded records (header + payload each, as on the wire and on disk), which
@@ -214,6 +220,13 @@ class RecoveryStore {
   const std::vector<StoreDisk>& disks() const { return disks_; }
   const std::string& dir() const { return dir_; }
 
+  // Tests: called by each fold step after its records are in the base (synced) and before
+  // base_seq moves, on the folding thread; an error ends the step there, as a failed write
+  // would (seqs below the step stay unreadable; the next fold or open finishes it).
+  void SetFoldStepHookForTest(std::function<Status(uint64_t target)> hook) {
+    fold_step_hook_ = std::move(hook);
+  }
+
  private:
   RecoveryStore() = default;
   Status OpenParts();
@@ -249,7 +262,9 @@ class RecoveryStore {
   Status NoteWriteFailure(std::string what, const Status& st, uint64_t bytes_needed);
 
   std::string dir_;
-  std::string source_;  // persisted in store.json; set at creation only
+  StoreOptions options_;
+  std::function<Status(uint64_t)> fold_step_hook_;  // set before use, by tests only
+  std::string source_;                              // persisted in store.json; set at creation only
   std::vector<StoreDisk> disks_;
   std::vector<File> base_;  // one per disk; positional I/O only
   std::unique_ptr<capture::CaptureLog> journal_;
@@ -267,14 +282,15 @@ class RecoveryStore {
   std::unique_ptr<VersionIndex> index_;  // thread-safe itself
 
   mutable std::mutex mu_;
-  Status index_error_;                                   // guarded by mu_: OnWritten's failure
-  uint64_t fold_target_ = 0;                             // guarded by mu_; folding_to
-  uint64_t base_seq_ = 0;                                // guarded by mu_
-  uint64_t durable_seq_ = 0;                             // guarded by mu_
-  int64_t durable_time_ns_ = 0;                          // guarded by mu_
-  uint64_t consistent_from_ = 0;                         // guarded by mu_; persisted in store.json
-  uint64_t epoch_ = 0;                                   // guarded by mu_; persisted in store.json
-  bool resyncing_ = false;                               // guarded by mu_
+  Status index_error_;            // guarded by mu_: OnWritten's failure
+  uint64_t fold_target_ = 0;      // guarded by mu_; folding_to
+  uint64_t journal_id_ = 0;       // guarded by mu_; persisted (journal_id): the journal's identity
+  uint64_t base_seq_ = 0;         // guarded by mu_
+  uint64_t durable_seq_ = 0;      // guarded by mu_
+  int64_t durable_time_ns_ = 0;   // guarded by mu_
+  uint64_t consistent_from_ = 0;  // guarded by mu_; persisted in store.json
+  uint64_t epoch_ = 0;            // guarded by mu_; persisted in store.json
+  bool resyncing_ = false;        // guarded by mu_
   std::optional<capture::CaptureLog::Cut> journal_cut_;  // guarded by mu_
   bool initial_sync_ = false;  // guarded by mu_; an initial sync under way
   bool differential_ = false;  // guarded by mu_; persisted

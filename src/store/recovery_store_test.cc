@@ -6,7 +6,9 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 
+#include "capture/log_reader.h"
 #include "common/crc32c.h"
 
 namespace osr::store {
@@ -662,4 +664,192 @@ TEST_F(RecoveryStoreTest, RegionsAreCheckpointedAsTheyCome) {
 }
 
 }  // namespace
+}  // namespace osr::store
+
+namespace osr::store {
+namespace {
+
+namespace fs = std::filesystem;
+using capture::RecordHeader;
+
+// A history of small records over two small disks, and the model state after each seq.
+struct SmallHistory {
+  static constexpr uint64_t kBytes = 128 << 10;
+  std::vector<std::vector<std::vector<uint8_t>>> states;  // states[seq][disk]
+  std::vector<std::vector<uint8_t>> batches;              // encoded, ~10 records each
+
+  explicit SmallHistory(int records, uint32_t seed = 3) {
+    std::mt19937 rng(seed);
+    std::vector<std::vector<uint8_t>> model(2, std::vector<uint8_t>(kBytes, 0));
+    states.push_back(model);
+    RecordMaker mk(1);
+    std::vector<uint8_t> wire;
+    for (int i = 0; i < records; ++i) {
+      uint32_t d = rng() % 2;
+      uint64_t len = 1 + rng() % 20000;
+      uint64_t off = rng() % (kBytes - len);
+      if (rng() % 6 == 0) {
+        mk.Zero(&wire, d, off, len);
+        std::fill(model[d].begin() + off, model[d].begin() + off + len, 0);
+      } else {
+        std::vector<uint8_t> data(len);
+        for (auto& b : data) b = static_cast<uint8_t>(rng());
+        mk.Write(&wire, d, off, data);
+        std::copy(data.begin(), data.end(), model[d].begin() + off);
+      }
+      states.push_back(model);
+      if (i % 10 == 9 || i + 1 == records) batches.push_back(std::exchange(wire, {}));
+    }
+  }
+  uint64_t last() const { return states.size() - 1; }
+  // "" when disk d at seq reads as the model says, else what differs.
+  std::string Check(RecoveryStore& s, uint64_t seq, uint32_t d) const {
+    std::vector<uint8_t> got(kBytes);
+    Status st = s.ReadAt(d, seq, 0, got);
+    if (!st.ok()) return "seq " + std::to_string(seq) + ": " + st.ToString();
+    if (got != states[seq][d]) {
+      return "seq " + std::to_string(seq) + " disk " + std::to_string(d) + " differs";
+    }
+    return "";
+  }
+};
+
+size_t SegmentCount(const std::string& dir) {
+  size_t n = 0;
+  for (auto& e : fs::directory_iterator(dir + "/journal")) n += e.path().extension() == ".log";
+  return n;
+}
+
+}  // namespace
+
+// A fold goes one journal segment per step; reads of seqs above the step, a view and a
+// failover disk's reads go on while a step is half done (its records in the base, base_seq
+// not moved yet), and read what the model says.
+TEST_F(RecoveryStoreTest, AFoldStepLetsReadsOfLaterSeqsGoOn) {
+  SmallHistory h(300);
+  StoreOptions small;
+  small.journal_segment_bytes = 256 << 10;  // many segments: many steps
+  auto store = std::shared_ptr<RecoveryStore>(
+      RecoveryStore::Create(dir_, {{"a", h.kBytes}, {"b", h.kBytes}}, 0,
+                            RecoveryStore::Start::kEmpty, {}, {}, small)
+          .value());
+  for (auto& b : h.batches) ASSERT_TRUE(store->Append(b).ok());
+  size_t segments_before = SegmentCount(dir_);
+  ASSERT_GT(segments_before, 4u);
+  const uint64_t pin = 220;
+  ASSERT_TRUE(store->Pin(pin).ok());
+  int steps = 0;
+  std::string failures;
+  store->SetFoldStepHookForTest([&](uint64_t target) {
+    ++steps;
+    EXPECT_LT(store->base_seq(), target);
+    // Another thread reads while this step is half done: it must not wait for it.
+    std::thread reader([&] {
+      for (uint64_t seq : {target, (target + h.last()) / 2, pin, h.last()}) {
+        for (uint32_t d = 0; d < 2; ++d) failures += h.Check(*store, seq, d);
+      }
+      // Below the step: refused, never wrong.
+      if (target > 1) {
+        std::vector<uint8_t> got(16);
+        Status st = store->ReadAt(0, target - 1, 0, got);
+        if (st.code() != Code::kOutOfRange) failures += "seq below the step read: " + st.ToString();
+      }
+    });
+    reader.join();
+    return Status::Ok();
+  });
+  EXPECT_EQ(store->Fold(h.last()).value(), pin);  // the pin holds it back
+  EXPECT_GT(steps, 2);
+  EXPECT_EQ(failures, "");
+  EXPECT_LT(SegmentCount(dir_), segments_before);
+  for (uint64_t seq = pin; seq <= h.last(); seq += 9) {
+    for (uint32_t d = 0; d < 2; ++d) EXPECT_EQ(h.Check(*store, seq, d), "");
+  }
+  store->Unpin(pin);
+}
+
+// A fold step cut short after its records reached the base (a crash there, here a failing
+// hook) leaves seqs below the step unreadable, never wrong; the next open finishes it.
+TEST_F(RecoveryStoreTest, AFoldCutShortIsFinishedAtOpen) {
+  SmallHistory h(120);
+  {
+    auto store = RecoveryStore::Create(dir_, {{"a", h.kBytes}, {"b", h.kBytes}}, 0).value();
+    for (auto& b : h.batches) ASSERT_TRUE(store->Append(b).ok());
+    store->SetFoldStepHookForTest([](uint64_t) { return IoError("power lost"); });
+    auto folded = store->Fold(80);
+    ASSERT_FALSE(folded.ok());
+    EXPECT_EQ(store->base_seq(), 0u);
+    std::vector<uint8_t> got(16);
+    EXPECT_EQ(store->ReadAt(1, 40, 0, got).code(), Code::kOutOfRange);
+    EXPECT_EQ(h.Check(*store, 80, 0), "");
+    EXPECT_EQ(h.Check(*store, 100, 1), "");
+  }
+  auto store = RecoveryStore::Open(dir_).value();
+  EXPECT_EQ(store->base_seq(), 80u);
+  for (uint64_t seq = 80; seq <= h.last(); seq += 5) {
+    for (uint32_t d = 0; d < 2; ++d) EXPECT_EQ(h.Check(*store, seq, d), "");
+  }
+}
+
+// The index is derived from the journal: lost, of another journal, or ahead of the
+// journal, it is made right at open and every seq reads as before.
+TEST_F(RecoveryStoreTest, AnIndexLostOrOfAnotherJournalOrAheadIsMadeRightAtOpen) {
+  SmallHistory h(150);
+  {
+    auto store = RecoveryStore::Create(dir_, {{"a", h.kBytes}, {"b", h.kBytes}}, 0).value();
+    for (auto& b : h.batches) ASSERT_TRUE(store->Append(b).ok());
+  }
+  auto check_all = [&](RecoveryStore& s, uint64_t last) {
+    for (uint64_t seq = 0; seq <= last; seq += 3) {
+      for (uint32_t d = 0; d < 2; ++d) ASSERT_EQ(h.Check(s, seq, d), "");
+    }
+  };
+  // Lost.
+  fs::remove_all(dir_ + "/index");
+  check_all(*RecoveryStore::Open(dir_).value(), h.last());
+  // Of another journal (store.json names a different one).
+  {
+    std::ifstream in(dir_ + "/store.json");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto pos = text.find("\"journal_id\"");
+    ASSERT_NE(pos, std::string::npos);
+    auto end = text.find_first_of(",\n}", pos + 13);
+    text.replace(pos, end - pos, "\"journal_id\": 12345");
+    std::ofstream(dir_ + "/store.json", std::ios::trunc) << text;
+  }
+  check_all(*RecoveryStore::Open(dir_).value(), h.last());
+  // Ahead of the journal: its last records are lost (cut at a record boundary), and the
+  // same seqs come again with other bytes.
+  uint64_t keep = 0;
+  {
+    std::string seg;
+    for (auto& e : fs::directory_iterator(dir_ + "/journal")) {
+      if (e.path().extension() == ".log") seg = e.path();
+    }
+    // The record boundaries, from the journal itself.
+    std::vector<std::pair<uint64_t, uint64_t>> ends;  // seq, byte after it
+    auto summary = capture::LogReader::ScanWithPositions(
+        dir_ + "/journal", [&](const RecordHeader& rh, std::span<const uint8_t>,
+                               const capture::SegmentInfo&, uint64_t pos) {
+          ends.emplace_back(rh.seq, pos + rh.payload_bytes);
+          return true;
+        });
+    ASSERT_TRUE(summary.ok());
+    ASSERT_GT(ends.size(), 20u);
+    keep = ends[ends.size() - 11].first;
+    fs::resize_file(seg, ends[ends.size() - 11].second);
+  }
+  auto store = RecoveryStore::Open(dir_).value();
+  EXPECT_EQ(store->durable_seq(), keep);
+  check_all(*store, keep);
+  std::vector<uint8_t> wire;
+  RecordMaker mk(keep + 1);
+  mk.Write(&wire, 0, 0, std::vector<uint8_t>(h.kBytes, 0xEE));
+  ASSERT_EQ(store->Append(wire).value(), keep + 1);
+  std::vector<uint8_t> got(h.kBytes);
+  ASSERT_TRUE(store->ReadAt(0, keep + 1, 0, got).ok());
+  EXPECT_EQ(got, std::vector<uint8_t>(h.kBytes, 0xEE));
+  EXPECT_EQ(h.Check(*store, keep, 1), "");
+}
+
 }  // namespace osr::store

@@ -20,6 +20,7 @@ namespace {
 constexpr char kChunkTag = 'C';
 constexpr char kSeqTag = 'S';
 const std::string kThroughKey = "M:indexed_through";
+const std::string kJournalKey = "M:journal_id";
 
 constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8;
 constexpr size_t kSeqKeyBytes = 1 + 8;
@@ -177,20 +178,28 @@ Result<std::unique_ptr<VersionIndex>> VersionIndex::Open(const std::string& dir)
   rocksdb::DB* raw = nullptr;
   OSR_RETURN_IF_ERROR(FromRocks(rocksdb::DB::Open(o, dir, &raw), "open " + dir));
   std::unique_ptr<rocksdb::DB> db(raw);
-  std::string v;
-  uint64_t through = 0;
-  rocksdb::Status s = db->Get(rocksdb::ReadOptions(), kThroughKey, &v);
-  if (s.ok()) {
-    if (v.size() != 8) return Corruption(dir + ": indexed_through is not 8 bytes");
-    through = Ld64(reinterpret_cast<const uint8_t*>(v.data()));
-  } else if (!s.IsNotFound()) {
-    return FromRocks(s, "read indexed_through");
+  uint64_t meta[2] = {0, 0};  // indexed_through, journal_id
+  const std::string* keys[2] = {&kThroughKey, &kJournalKey};
+  for (int i = 0; i < 2; ++i) {
+    std::string v;
+    rocksdb::Status s = db->Get(rocksdb::ReadOptions(), *keys[i], &v);
+    if (s.ok()) {
+      if (v.size() != 8) return Corruption(dir + ": " + *keys[i] + " is not 8 bytes");
+      meta[i] = Ld64(reinterpret_cast<const uint8_t*>(v.data()));
+    } else if (!s.IsNotFound()) {
+      return FromRocks(s, "read " + *keys[i]);
+    }
   }
-  return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), through));
+  return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), meta[0], meta[1]));
 }
 
-VersionIndex::VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through)
-    : db_(std::move(db)), indexed_through_(indexed_through) {}
+VersionIndex::VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through,
+                           uint64_t journal_id)
+    : db_(std::move(db)), indexed_through_(indexed_through), journal_id_(journal_id) {}
+
+uint64_t VersionIndex::journal_id() const {
+  return journal_id_.load(std::memory_order_acquire);
+}
 
 VersionIndex::~VersionIndex() {
   if (db_) {
@@ -328,7 +337,7 @@ Status VersionIndex::DropAfter(uint64_t seq) {
   }
 }
 
-Status VersionIndex::Clear(uint64_t through) {
+Status VersionIndex::Clear(uint64_t through, uint64_t journal_id) {
   rocksdb::WriteBatch batch;
   auto* cf = db_->DefaultColumnFamily();
   OSR_RETURN_IF_ERROR(FromRocks(
@@ -339,8 +348,13 @@ Status VersionIndex::Clear(uint64_t through) {
   Le64(t, through);
   OSR_RETURN_IF_ERROR(FromRocks(
       batch.Put(kThroughKey, rocksdb::Slice(reinterpret_cast<const char*>(t), 8)), "batch"));
+  uint8_t id[8];
+  Le64(id, journal_id);
+  OSR_RETURN_IF_ERROR(FromRocks(
+      batch.Put(kJournalKey, rocksdb::Slice(reinterpret_cast<const char*>(id), 8)), "batch"));
   OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "clear"));
   indexed_through_.store(through, std::memory_order_release);
+  journal_id_.store(journal_id, std::memory_order_release);
   return Status::Ok();
 }
 

@@ -10,6 +10,8 @@
 //   'S' seq:u64                     -> disk, offset, length (the records in seq order:
 //                                     for dropping, folding and ChangedAfter)
 //   'M' "indexed_through"           -> seq:u64, written in the same batch as the records
+//   'M' "journal_id"                -> u64: the journal this index describes (store.json's
+//                                     journal_id; a journal started over gets a new one)
 //
 // Reading [offset, offset+length) as of seq S walks each chunk's records newest first
 // (from S down) and takes from each only the bytes no newer record covered, until every
@@ -86,6 +88,9 @@ class VersionIndex {
   Status Add(std::span<const RecordRef> records);
   // The seq up to which every record is in the index (0: none yet).
   uint64_t indexed_through() const;
+  // The journal this index describes (0: none yet). An index of another journal (one put
+  // back from an older copy, or left from before the journal started over) is cleared.
+  uint64_t journal_id() const;
 
   // The parts of disk `disk`'s [offset, offset+length) that records with from < seq <=
   // upto wrote, each byte from the newest such record (so the parts do not overlap and
@@ -102,16 +107,18 @@ class VersionIndex {
   // Forgets every record with seq > seq (an append undone, a journal cut); indexed_through
   // becomes min(indexed_through, seq).
   Status DropAfter(uint64_t seq);
-  // Forgets everything; indexed_through becomes `through` (the journal starts over after it).
-  Status Clear(uint64_t through);
+  // Forgets everything: the index now describes journal `journal_id`, whose records come
+  // after `through` (indexed_through = through).
+  Status Clear(uint64_t through, uint64_t journal_id);
 
  private:
-  explicit VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through);
+  VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through, uint64_t journal_id);
   Status DeleteRecords(const std::vector<RecordRef>& records, uint64_t new_through,
                        bool set_through);
 
   std::unique_ptr<rocksdb::DB> db_;
   std::atomic<uint64_t> indexed_through_{0};
+  std::atomic<uint64_t> journal_id_{0};
 };
 
 }  // namespace osr::store
