@@ -46,9 +46,15 @@ Compaction. After the last step: POST /api/v1/stores/vm1/compact {"keep": [fill_
 seq after each step], "through": the newest seq} (drops the versions of blocks that no
 kept seq <= through can see). Before it, 256 random blocks are hashed at every kept seq
 through views; after it, again: every one must be the same. Reported: journal bytes
-before and after, beside the raw churn (fill + fio bytes) and the bound "kept points x
-disk size" (what distinct data per kept point can at most be); goal: after <= 1.1 x that
-bound (4 KiB records carry a 48-byte header; partly covered 1 MiB fill records stay whole).
+before and after, beside the raw churn (fill + fio bytes) and the distinct data per kept
+point, which is what a compacted journal must hold: the fill (the whole disk, visible at
+fill_seq) plus, for every step, the blocks it wrote at least once (the last version of
+each is visible at the step's kept seq). fio's offsets are uniform (tausworthe64,
+norandommap), so a step of n 4 KiB writes over N blocks touches N x (1 - (1 - 1/N)^n)
+distinct blocks (the law of large numbers makes this exact to well under 1% at these
+counts). Goal: after <= 1.1 x that (records carry a 48-byte header: 1.2% at 4 KiB).
+The quick sizes overwrite little, so there the figure is close to the raw churn; at the
+default sizes 18 GiB written come down to about 6.3 GiB of distinct data.
 A site without the route (404) is reported as "compaction: not measured" and fails the
 run: no figure is made up.
 
@@ -78,6 +84,7 @@ Run: /usr/bin/python3 bench/store_scale.py --osrd build/osrd [--quick | --large]
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -499,6 +506,7 @@ def run_step(i, size, prev_size, primary, recovery, uri, state, args, root):
     step["rpo_max_s"] = max(rpos) if rpos else None
     step["drain_s"], step["seq"] = drain(primary, recovery, fio["io_bytes"])
     state["fio_bytes"] += fio["io_bytes"]
+    state["step_fio_bytes"].append(fio["io_bytes"])
     log(f"[{human_bytes(size)}] fio {fio['iops']:.0f} IOPS ({fio['mb_s']:.1f} MB/s), RPO p99 "
         f"{fmt(step['rpo_p99_s'])} s max {fmt(step['rpo_max_s'])} s, drained "
         f"{step['drain_s']:.1f} s after fio; seq {step['seq']}")
@@ -552,6 +560,16 @@ def run_step(i, size, prev_size, primary, recovery, uri, state, args, root):
 # ---------------------------------------------------------------------------
 # Compaction.
 
+def distinct_bytes(disk_bytes, step_bytes):
+    """The fill plus, per step of uniform 4 KiB writes, the expected distinct blocks."""
+    n_blocks = disk_bytes // BLOCK
+    total = disk_bytes
+    for b in step_bytes:
+        n = b // BLOCK
+        total += n_blocks * -math.expm1(n * math.log1p(-1.0 / n_blocks)) * BLOCK
+    return int(total)
+
+
 def has_compact_route(recovery):
     routes = recovery.api.get("/api/v1/routes") or []
     return any("/compact" in r.get("pattern", "") for r in routes if isinstance(r, dict))
@@ -561,7 +579,7 @@ def bench_compaction(recovery, keep, through, state, args):
     out = {"keep": keep, "through": through}
     out["journal_before_bytes"] = journal_bytes(recovery)
     out["raw_churn_bytes"] = state["fill_bytes"] + state["fio_bytes"]
-    out["bound_bytes"] = len(keep) * args.disk
+    out["distinct_bytes"] = distinct_bytes(args.disk, state["step_fio_bytes"])
     body = {"keep": keep, "through": through}
     if not has_compact_route(recovery):
         # Ask all the same, so the report says what the site answered.
@@ -646,16 +664,15 @@ def goals(res, args):
                  f"<= {GOAL_READ_RATIO:.0f}x", "PASS" if ok else "FAIL"))
     c = res.get("compaction", {})
     if "journal_after_bytes" in c:
-        lim = GOAL_COMPACT_SLACK * c["bound_bytes"]
-        ok = c["journal_after_bytes"] <= lim
-        rows.append(("journal after compaction / (kept points x disk)",
+        ok = c["journal_after_bytes"] <= GOAL_COMPACT_SLACK * c["distinct_bytes"]
+        rows.append(("journal after compaction / distinct data per kept point",
                      f"{human_bytes(c['journal_after_bytes'])} / "
-                     f"{human_bytes(c['bound_bytes'])} = "
-                     f"{c['journal_after_bytes'] / c['bound_bytes']:.2f}x",
+                     f"{human_bytes(c['distinct_bytes'])} = "
+                     f"{c['journal_after_bytes'] / c['distinct_bytes']:.2f}x",
                      f"<= {GOAL_COMPACT_SLACK}x", "PASS" if ok else "FAIL"))
     else:
-        rows.append(("journal after compaction / (kept points x disk)", "not measured",
-                     f"<= {GOAL_COMPACT_SLACK}x", "FAIL"))
+        rows.append(("journal after compaction / distinct data per kept point",
+                     "not measured", f"<= {GOAL_COMPACT_SLACK}x", "FAIL"))
     rows.append(("replicated 4 KiB random writes, RPO p99 <= 2 s",
                  "see replication_bench.py --bs 4k", ">= 25000 writes/s", "n/a"))
     return rows
@@ -710,7 +727,8 @@ def print_report(res, args, errors):
                   f"{human_bytes(c['journal_before_bytes'])} -> "
                   f"{human_bytes(c['journal_after_bytes'])} in {c['compact_s']:.1f} s; raw "
                   f"churn {human_bytes(c['raw_churn_bytes'])} (after / raw "
-                  f"{c['journal_after_bytes'] / c['raw_churn_bytes']:.2f}); "
+                  f"{c['journal_after_bytes'] / c['raw_churn_bytes']:.2f}), distinct data "
+                  f"per kept point {human_bytes(c['distinct_bytes'])}; "
                   f"{c['checked_blocks']} block reads at kept points unchanged")
         else:
             print(f"compaction: {c.get('error', 'not measured')}")
@@ -748,7 +766,8 @@ def run(args, osrd, root, res, errors):
         drain_s, fill_seq = drain(primary, recovery, args.disk)
         res["fill"] = {"bytes": args.disk, "write_s": fill_s, "drain_s": drain_s,
                        "seq": fill_seq}
-        state = {"fill_seq": fill_seq, "fill_bytes": args.disk, "fio_bytes": 0}
+        state = {"fill_seq": fill_seq, "fill_bytes": args.disk, "fio_bytes": 0,
+                 "step_fio_bytes": []}
         log(f"[fill] done in {fill_s:.1f} s (+{drain_s:.1f} s drain): fill_seq {fill_seq}")
         res["steps"] = []
         prev = 0
