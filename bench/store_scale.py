@@ -40,7 +40,9 @@ last_seq (drained), then measure, at the recovery site:
       header of block 0. Then a view at fill_seq and one read there (its block checked),
       also timed from exec ("fill_seq s"): the oldest point whose reads need the history.
       RSS and VmHWM right after (the peak of the reopen).
-      The primary's sender then reconnects before the next step.
+      The primary's sender then reconnects before the next step. The recovery site is
+      also restarted once after the fill, so every step's figures come from a process
+      that reopened the store and then took churn only.
 
 Compaction. After the last step: POST /api/v1/stores/vm1/compact {"keep": [fill_seq, the
 seq after each step], "through": the newest seq} (drops the versions of blocks that no
@@ -691,7 +693,11 @@ def print_report(res, args, errors):
     if "fill" in res:
         f = res["fill"]
         print(f"fill: {human_bytes(f['bytes'])} in {f['write_s']:.1f} s, drained "
-              f"{f['drain_s']:.1f} s later; fill_seq {f['seq']}")
+              f"{f['drain_s']:.1f} s later; fill_seq {f['seq']}; recovery RSS "
+              f"{fmt(f.get('memory', {}).get('rss_mb'), 1)} MB; then a restart (so that "
+              f"each step starts from a reopened store): first read "
+              f"{fmt(f.get('restart', {}).get('first_read_s'))} s, RSS after "
+              f"{fmt(f.get('restart', {}).get('after_rss_mb'), 1)} MB")
     steps = res.get("steps", [])
     if steps:
         print()
@@ -769,6 +775,15 @@ def run(args, osrd, root, res, errors):
         state = {"fill_seq": fill_seq, "fill_bytes": args.disk, "fio_bytes": 0,
                  "step_fio_bytes": []}
         log(f"[fill] done in {fill_s:.1f} s (+{drain_s:.1f} s drain): fill_seq {fill_seq}")
+        # Restart once now, so that every step's figures are of a process that reopened
+        # the store and then took only churn (not the fill's transient memory).
+        res["fill"]["memory"] = memory_mb(recovery.proc.pid)
+        res["fill"]["restart"] = restart_to_first_read(
+            recovery, oldest_seq(store_status(recovery)), fill_seq, args.disk, args.disk)
+        wait_connected(primary, CONNECT_TIMEOUT_S)
+        log(f"[fill] RSS {res['fill']['memory']['rss_mb']:.1f} MB; restart to first read "
+            f"{res['fill']['restart']['first_read_s']:.2f} s, RSS after "
+            f"{res['fill']['restart']['after_rss_mb']:.1f} MB")
         res["steps"] = []
         prev = 0
         for i, size in enumerate(args.sizes):
