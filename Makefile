@@ -69,6 +69,7 @@ bench: build
 	$(PYTHON) bench/nbd_bench.py --osrd $(BUILD)/osrd
 	$(PYTHON) bench/replication_bench.py --osrd $(BUILD)/osrd
 	$(PYTHON) bench/failover_bench.py --osrd $(BUILD)/osrd
+	$(PYTHON) bench/store_scale.py --osrd $(BUILD)/osrd
 
 format:
 	clang-format -i $$(git ls-files '*.cc' '*.h')
