@@ -210,6 +210,11 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   OSR_ASSIGN_OR_RETURN(c.api_listen, Address(t, "api_listen", 7482));
   OSR_RETURN_IF_ERROR(SizeKey(t, path, "capture_log_limit", &c.capture_log_bytes_max));
   OSR_RETURN_IF_ERROR(SizeKey(t, path, "materialise_rate", &c.materialise_bytes_per_second));
+  OSR_RETURN_IF_ERROR(SizeKey(t, path, "store_index_cache_bytes", &c.store_index_cache_bytes));
+  if (c.store_index_cache_bytes < store::VersionIndex::kCacheBytesMin) {
+    return InvalidArgument(fmt::format("{}: 'store_index_cache_bytes' must be at least {} bytes",
+                                       path, store::VersionIndex::kCacheBytesMin));
+  }
   c.tls.ca = t["tls_ca"].value_or(std::string());
   c.tls.cert = t["tls_cert"].value_or(std::string());
   c.tls.key = t["tls_key"].value_or(std::string());
@@ -263,6 +268,8 @@ Result<nbd::ListenerOptions> NbdListenerOptions(const SiteConfig& cfg) {
 
 Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   std::unique_ptr<Site> s(new Site(cfg));
+  // Before any store opens: their indexes take this process's cache.
+  store::VersionIndex::SetCacheBytes(cfg.store_index_cache_bytes);
   std::error_code ec;
   for (auto sub : {"groups", "stores", "views"}) {
     fs::create_directories(fs::path(cfg.data_dir) / sub, ec);

@@ -78,6 +78,10 @@ struct SiteConfig {
   size_t views_max = 64;
   size_t disks_per_vm_max = 64;
   uint64_t capture_log_bytes_max = 8ull << 30;  // per VM; past it: bitmap, then resync
+  // The memory every recovery store's version index of this process shares (RocksDB's
+  // block cache and memtables), bytes; store_index_cache_bytes. Retained history costs
+  // disk, not memory.
+  uint64_t store_index_cache_bytes = 64ull << 20;
   TlsFiles tls;  // replication between sites: mutual TLS when set (tls_ca, tls_cert, tls_key)
   // The site API uses the same certificate and answers only a client certificate with
   // this CN (api_vault_name), unless api_insecure: plain HTTP, loopback only (a lab).
