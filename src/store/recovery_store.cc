@@ -27,6 +27,14 @@ namespace {
 
 constexpr int kMetaVersion = 1;
 
+}  // namespace
+
+std::string HistoryPath(const std::string& dir, uint64_t id) {
+  return fmt::format("{}/history/{:020}.hist", dir, id);
+}
+
+namespace {
+
 std::string BasePath(const std::string& dir, size_t i) {
   return fmt::format("{}/base/{}.img", dir, i);
 }
@@ -187,6 +195,32 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   // stay unusable.
   // A fold step cut short (FoldStep): finished at open, seqs below it unreadable till then.
   if (f.Has("folding_to")) s->fold_target_ = f.U64("folding_to");
+  if (const nlohmann::json* c = f.Object("compaction", /*optional=*/true); c && f.ok()) {
+    json_in::Fields cf(*c, dir + "/store.json: compaction.");
+    s->compacted_through_ = cf.U64("through");
+    s->next_history_file_ = cf.U64("next_file");
+    s->history_id_ = cf.U64("history_id");
+    const nlohmann::json* kept = cf.Array("kept", false);
+    const nlohmann::json* files = cf.Array("files", false);
+    for (size_t i = 0; cf.ok() && i < kept->size(); ++i) {
+      if (!(*kept)[i].is_number_unsigned()) {
+        cf.Fail("kept", "holds a value that is not a seq");
+        break;
+      }
+      s->kept_.insert((*kept)[i].get<uint64_t>());
+    }
+    for (size_t i = 0; cf.ok() && i < files->size(); ++i) {
+      const auto& e = (*files)[i];
+      if (!e.is_array() || e.size() != 2 || !e[0].is_number_unsigned() ||
+          !e[1].is_number_unsigned()) {
+        cf.Fail("files", "holds an entry that is not [id, seq]");
+        break;
+      }
+      s->history_[e[0].get<uint64_t>()] = e[1].get<uint64_t>();
+    }
+    if (cf.ok() && s->history_id_ == 0) cf.Fail("history_id", "is 0");
+    if (!cf.ok()) return Corruption(cf.status().message());
+  }
   if (f.Has("resync_from")) {
     s->resyncing_ = true;
     s->resync_from_ = f.U64("resync_from");
@@ -223,9 +257,19 @@ Status RecoveryStore::WriteMeta() {
   bool initial = false, differential = false;
   nlohmann::json folding;
   uint64_t journal_id;
+  nlohmann::json compaction;  // null: no compacted history
   {
     std::lock_guard lock(mu_);
     journal_id = journal_id_;
+    if (history_id_ != 0) {
+      nlohmann::json files = nlohmann::json::array();
+      for (auto [id, seq] : history_) files.push_back({id, seq});
+      compaction = {{"through", compacted_through_},
+                    {"kept", nlohmann::json(std::vector<uint64_t>(kept_.begin(), kept_.end()))},
+                    {"files", files},
+                    {"next_file", next_history_file_},
+                    {"history_id", history_id_}};
+    }
     if (fold_target_ > base_seq_) folding = fold_target_;
     epoch = epoch_;
     base = base_seq_;
@@ -234,12 +278,12 @@ Status RecoveryStore::WriteMeta() {
     initial = initial_sync_;
     differential = differential_;
   }
-  std::string text = nlohmann::json{{"version", kMetaVersion}, {"disks", disks},
-                                    {"base_seq", base},        {"consistent_from", consistent},
-                                    {"resync_from", resync},   {"initial_sync", initial},
-                                    {"epoch", epoch},          {"differential", differential},
-                                    {"source", source_},       {"folding_to", folding},
-                                    {"journal_id", journal_id}}
+  std::string text = nlohmann::json{{"version", kMetaVersion},  {"disks", disks},
+                                    {"base_seq", base},         {"consistent_from", consistent},
+                                    {"resync_from", resync},    {"initial_sync", initial},
+                                    {"epoch", epoch},           {"differential", differential},
+                                    {"source", source_},        {"folding_to", folding},
+                                    {"journal_id", journal_id}, {"compaction", compaction}}
                          .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
@@ -269,6 +313,19 @@ Status RecoveryStore::OpenParts() {
     }
     OSR_RETURN_IF_ERROR(index_->Clear(base_seq_, journal_id_));
   }
+  if (index_->history_id() != history_id_) {
+    // A compaction cut short, or an index of another history: the history files store.json
+    // names, then every journal record after them.
+    if (history_id_ != 0 || index_->history_id() != 0) {
+      spdlog::warn(
+          "recovery store {}: its index does not match its compacted history; "
+          "indexing the history files and the journal again",
+          dir_);
+    }
+    OSR_RETURN_IF_ERROR(index_->Clear(std::max(base_seq_, compacted_through_), journal_id_));
+    OSR_RETURN_IF_ERROR(IndexHistory());
+    OSR_RETURN_IF_ERROR(index_->SetHistoryId(history_id_));
+  }
   // The records the index lacks: those after what it says it holds (a power loss keeps a
   // prefix of its batches), never the whole journal. Reading stops at a damaged tail.
   const uint64_t index_from = std::max(index_->indexed_through(), base_seq_);
@@ -276,7 +333,7 @@ Status RecoveryStore::OpenParts() {
   Status added;
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t>, const capture::SegmentInfo& seg,
                    uint64_t payload_pos) {
-    if (h.seq <= index_from) return true;
+    if (h.seq <= index_from || h.seq <= compacted_through_) return true;  // (history: above)
     if (h.disk >= disks_.size()) return true;  // refused at Append; cannot be here
     pending.push_back({h.seq, h.disk, h.offset, h.length, h.kind, seg.first_seq, payload_pos});
     if (pending.size() >= kIndexBatchRecords) {
@@ -326,6 +383,7 @@ Status RecoveryStore::OpenParts() {
         "must come again from the source",
         dir_, cut->after_seq, cut->reason);
   }
+  RemoveCompactedFiles();
   return FinishInterruptedFold();
 }
 
@@ -484,23 +542,25 @@ Status RecoveryStore::SyncBase() {
   return Status::Ok();
 }
 
-Result<std::shared_ptr<const File>> RecoveryStore::Segment(uint64_t first_seq) {
+Result<std::shared_ptr<const File>> RecoveryStore::Segment(uint64_t first_seq, bool history) {
+  const uint64_t key = history ? (first_seq | kHistoryKeyBit) : first_seq;
   {
     std::lock_guard lock(mu_);
-    if (auto it = segments_.find(first_seq); it != segments_.end()) return it->second;
+    if (auto it = segments_.find(key); it != segments_.end()) return it->second;
   }
-  std::string path = dir_ + "/journal/" + capture::SegmentFileName(first_seq);
+  std::string path = history ? HistoryPath(dir_, first_seq)
+                             : dir_ + "/journal/" + capture::SegmentFileName(first_seq);
   OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
   auto shared = std::make_shared<const File>(std::move(f));
   std::lock_guard lock(mu_);
   // Bounded: the oldest segment goes first (reads of old points open it again); a reader
   // still holding it keeps its descriptor until done.
   if (segments_.size() >= kOpenSegmentsMax) segments_.erase(segments_.begin());
-  return segments_.emplace(first_seq, std::move(shared)).first->second;
+  return segments_.emplace(key, std::move(shared)).first->second;
 }
 
 Status RecoveryStore::ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out) {
-  OSR_ASSIGN_OR_RETURN(std::shared_ptr<const File> seg, Segment(r.segment_first_seq));
+  OSR_ASSIGN_OR_RETURN(std::shared_ptr<const File> seg, Segment(r.segment_first_seq, r.history));
   return seg->PRead(r.payload_pos + (offset - r.offset), out);
 }
 
@@ -543,6 +603,16 @@ Status RecoveryStore::UsableLocked(uint64_t seq) const {
         fmt::format("seq {} lies before the end of a resynchronization; use {} "
                     "or later",
                     seq, consistent_from_));
+  }
+  if (seq > base_seq_ && seq < compacted_through_ && !kept_.contains(seq)) {
+    std::string kept;
+    for (auto it = kept_.upper_bound(base_seq_); it != kept_.end() && kept.size() < 200; ++it) {
+      kept += (kept.empty() ? "" : ", ") + std::to_string(*it);
+    }
+    return OutOfRange(fmt::format(
+        "seq {} lies in compacted history: before seq {} only the kept points ({}) and seq {} "
+        "are readable",
+        seq, compacted_through_, kept.empty() ? "none" : kept, base_seq_));
   }
   if (seq < fold_target_) {
     return OutOfRange(
@@ -1154,6 +1224,14 @@ Result<std::optional<uint64_t>> RecoveryStore::PlanFoldStep(uint64_t seq) {
   uint64_t target = std::min(seq, durable_seq_);
   if (!pins_.empty()) target = std::min(target, *pins_.begin());
   if (target <= from) return std::optional<uint64_t>();
+  if (from < compacted_through_) {
+    // Compacted history folds one kept interval at a time: only kept seqs are states.
+    auto next = kept_.upper_bound(from);
+    uint64_t step = next != kept_.end() && *next < compacted_through_ ? *next : compacted_through_;
+    if (step > target) return std::optional<uint64_t>();
+    fold_target_ = std::max(fold_target_, step);
+    return std::optional<uint64_t>(fold_target_);
+  }
   for (size_t i = 0; i + 1 < segments.size(); ++i) {
     if (segments[i + 1].first_seq > from + 1) {  // segment i holds from + 1
       target = std::min(target, segments[i + 1].first_seq - 1);
@@ -1176,6 +1254,11 @@ Status RecoveryStore::FoldStep(uint64_t target) {
   }
   uint64_t from = base_seq();
   Status apply;
+  bool compacted;
+  {
+    std::lock_guard lock(mu_);
+    compacted = from < compacted_through_;
+  }
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t> payload) {
     if (h.seq <= from) return true;
     if (h.seq > target) return false;
@@ -1191,9 +1274,12 @@ Status RecoveryStore::FoldStep(uint64_t target) {
     }
     return h.seq < target;
   };
-  auto summary = capture::LogReader::Scan(dir_ + "/journal", visit, false, from + 1);
-  if (apply.ok()) apply = summary.status();
-  if (apply.ok() && summary->last_seq < target) {
+  if (compacted) {
+    apply = ApplyFromIndex(from, target);
+  } else if (auto summary = capture::LogReader::Scan(dir_ + "/journal", visit, false, from + 1);
+             !summary.ok()) {
+    apply = summary.status();
+  } else if (apply.ok() && summary->last_seq < target) {
     apply = Corruption(fmt::format("{}: the journal ends at seq {} before the fold's end {}", dir_,
                                    summary->last_seq, target));
   }
@@ -1205,12 +1291,31 @@ Status RecoveryStore::FoldStep(uint64_t target) {
     // record twice gives the same bytes.
     return NoteWriteFailure("fold", apply, 0);
   }
+  std::vector<uint64_t> history_gone;
   {
     std::unique_lock fold(fold_mu_);
     std::lock_guard lock(mu_);
     base_seq_ = target;
+    kept_.erase(kept_.begin(), kept_.upper_bound(target));
+    for (auto it = history_.begin(); it != history_.end();) {
+      if (it->second > target) {
+        ++it;
+        continue;
+      }
+      history_gone.push_back(it->first);
+      segments_.erase(it->first | kHistoryKeyBit);
+      it = history_.erase(it);
+    }
+    if (history_.empty() && target >= compacted_through_) history_id_ = 0;
   }
   OSR_RETURN_IF_ERROR(WriteMeta());
+  if (index_->history_id() != 0 && history_id() == 0) {
+    OSR_RETURN_IF_ERROR(index_->SetHistoryId(0));  // all of it folded
+  }
+  for (uint64_t id : history_gone) {
+    std::error_code ec;
+    fs::remove(HistoryPath(dir_, id), ec);
+  }
   // What the base holds now leaves the index and the journal (never the newest segment).
   OSR_RETURN_IF_ERROR(index_->DropUpTo(target));
   OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));

@@ -66,6 +66,9 @@ struct StoreOrigin {
                        // site the CA certified
 };
 
+// history/<id>.hist: a compacted-history file of the store in `dir`.
+std::string HistoryPath(const std::string& dir, uint64_t id);
+
 class RecoveryStore {
  public:
   // How a new store begins.
@@ -144,6 +147,32 @@ class RecoveryStore {
   // kInvalidArgument when from <= durable_seq (nothing is missing: BeginResync);
   // kUnavailable while a view or failover disk is open on the store; the file system's.
   Status BeginResyncReplacingHistory(uint64_t from);
+  // History compaction between kept points (docs/formats.md, "Compacted history"): once
+  // thinning has removed the points between kept ones, the versions of a block that no kept
+  // point can see are dropped. Every seq in (base_seq, e] except the kept ones and e itself
+  // becomes unreadable (kOutOfRange naming the kept points), where e is the end of the last
+  // journal segment wholly at or below `through`; for each kept interval (k_prev, k], the
+  // bytes its records left visible at k are written once, as extents of seq k, to history
+  // files (history/), and the journal segments up to e go. Reads of kept points, views and
+  // later seqs go on meanwhile and read the same bytes. Crash safe: store.json names the
+  // history files and the kept points (history_id); an index that does not match is made
+  // again at open from the history files and the journal.
+  // kInvalidArgument: through beyond durable_seq, or a kept seq that is gone already;
+  // kFailedPrecondition: a view or failover disk is open at a seq that would go, or a
+  // resync is under way; the file system's errors (nothing changes then).
+  struct CompactResult {
+    uint64_t compacted_through = 0;  // e
+    uint64_t kept_points = 0;        // kept seqs in (base_seq, e), plus e
+    uint64_t bytes_before = 0;       // journal + history files, before
+    uint64_t bytes_after = 0;        // and after
+  };
+  Result<CompactResult> Compact(std::vector<uint64_t> keep, uint64_t through);
+  uint64_t history_id() const;
+  // Seqs up to this one (besides base_seq and the kept ones) were compacted away (0: none).
+  uint64_t compacted_through() const;
+  // Bytes of the journal and history files.
+  uint64_t history_bytes() const;
+
   // The journal's cut at open (capture::CaptureLog::Cut): records after `after_seq` were
   // lost here and may have been acknowledged; they come again from the source (or a
   // resync replaces them). Cleared by the first append past it.
@@ -237,9 +266,24 @@ class RecoveryStore {
   Result<std::optional<uint64_t>> PlanFoldStep(uint64_t seq);
   Status FoldStep(uint64_t target);
   Status FinishInterruptedFold();
+  // Applies the index's entries in (from, target] to the base (compacted history).
+  Status ApplyFromIndex(uint64_t from, uint64_t target);
+  // Compaction's parts: the history files of the bounds in (lo, e], written and indexed.
+  struct HistoryFile {
+    uint64_t id;
+    uint64_t seq;  // the kept point its extents belong to
+  };
+  Status WriteHistory(uint64_t lo, const std::vector<uint64_t>& bounds,
+                      std::vector<HistoryFile>* files);
+  // Indexes the history files named by store.json (at open, when the index does not match).
+  Status IndexHistory();
+  // Removes journal segments wholly at or below compacted_through_ and history files
+  // store.json does not name (after a compaction, or at open after one cut short).
+  void RemoveCompactedFiles();
   // The journal segment starting at first_seq, opened for reading (kept open, at most
   // kOpenSegmentsMax at once).
-  Result<std::shared_ptr<const File>> Segment(uint64_t first_seq);
+  Result<std::shared_ptr<const File>> Segment(uint64_t first_seq, bool history = false);
+  static constexpr uint64_t kHistoryKeyBit = uint64_t{1} << 63;  // segments_ keys of history
   void OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok);
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
   Status UsableLocked(uint64_t seq) const;  // holds mu_
@@ -282,15 +326,22 @@ class RecoveryStore {
   std::unique_ptr<VersionIndex> index_;  // thread-safe itself
 
   mutable std::mutex mu_;
-  Status index_error_;            // guarded by mu_: OnWritten's failure
-  uint64_t fold_target_ = 0;      // guarded by mu_; folding_to
-  uint64_t journal_id_ = 0;       // guarded by mu_; persisted (journal_id): the journal's identity
-  uint64_t base_seq_ = 0;         // guarded by mu_
-  uint64_t durable_seq_ = 0;      // guarded by mu_
-  int64_t durable_time_ns_ = 0;   // guarded by mu_
-  uint64_t consistent_from_ = 0;  // guarded by mu_; persisted in store.json
-  uint64_t epoch_ = 0;            // guarded by mu_; persisted in store.json
-  bool resyncing_ = false;        // guarded by mu_
+  Status index_error_;        // guarded by mu_: OnWritten's failure
+  uint64_t fold_target_ = 0;  // guarded by mu_; folding_to
+  uint64_t journal_id_ = 0;   // guarded by mu_; persisted (journal_id): the journal's identity
+  // Compacted history, all guarded by mu_ and persisted: seqs in (base_seq_,
+  // compacted_through_) other than kept_ are gone; history_ the files (id -> seq).
+  uint64_t compacted_through_ = 0;
+  std::set<uint64_t> kept_;
+  std::map<uint64_t, uint64_t> history_;
+  uint64_t next_history_file_ = 1;
+  uint64_t history_id_ = 0;                              // 0: no compacted history
+  uint64_t base_seq_ = 0;                                // guarded by mu_
+  uint64_t durable_seq_ = 0;                             // guarded by mu_
+  int64_t durable_time_ns_ = 0;                          // guarded by mu_
+  uint64_t consistent_from_ = 0;                         // guarded by mu_; persisted in store.json
+  uint64_t epoch_ = 0;                                   // guarded by mu_; persisted in store.json
+  bool resyncing_ = false;                               // guarded by mu_
   std::optional<capture::CaptureLog::Cut> journal_cut_;  // guarded by mu_
   bool initial_sync_ = false;  // guarded by mu_; an initial sync under way
   bool differential_ = false;  // guarded by mu_; persisted

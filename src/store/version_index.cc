@@ -21,9 +21,12 @@ constexpr char kChunkTag = 'C';
 constexpr char kSeqTag = 'S';
 const std::string kThroughKey = "M:indexed_through";
 const std::string kJournalKey = "M:journal_id";
+const std::string kHistoryKey = "M:history_id";
 
-constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8;
-constexpr size_t kSeqKeyBytes = 1 + 8;
+constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8 + 4;
+constexpr size_t kSeqKeyBytes = 1 + 8 + 4;
+constexpr size_t kChunkSeqAt = 13;      // where a chunk key's seq is
+constexpr uint8_t kHistoryFlag = 0x80;  // in the value's kind byte
 // A record's value, the same under both tags: disk u32, offset u64, length u64, kind u8,
 // segment_first_seq u64, payload_pos u64 (little endian, as osr's other formats).
 constexpr size_t kValueBytes = 4 + 8 + 8 + 1 + 8 + 8;
@@ -44,20 +47,34 @@ uint64_t LdBe64(const char* p) {
   return __builtin_bswap64(v);
 }
 
-std::string ChunkKey(uint32_t disk, uint64_t chunk, uint64_t seq) {
+std::string ChunkKey(uint32_t disk, uint64_t chunk, uint64_t seq, uint32_t sub) {
   std::string k(kChunkKeyBytes, '\0');
   k[0] = kChunkTag;
   Be32(k.data() + 1, disk);
   Be64(k.data() + 5, chunk);
-  Be64(k.data() + 13, seq);
+  Be64(k.data() + kChunkSeqAt, seq);
+  Be32(k.data() + 21, sub);
   return k;
 }
 
-std::string SeqKey(uint64_t seq) {
+std::string SeqKey(uint64_t seq, uint32_t sub) {
   std::string k(kSeqKeyBytes, '\0');
   k[0] = kSeqTag;
   Be64(k.data() + 1, seq);
+  Be32(k.data() + 9, sub);
   return k;
+}
+
+uint32_t LdBe32(const char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return __builtin_bswap32(v);
+}
+
+std::string U64Value(uint64_t v) {
+  std::string out(8, '\0');
+  Le64(reinterpret_cast<uint8_t*>(out.data()), v);
+  return out;
 }
 
 std::string EncodeValue(const RecordRef& r) {
@@ -66,13 +83,13 @@ std::string EncodeValue(const RecordRef& r) {
   Le32(p, r.disk);
   Le64(p + 4, r.offset);
   Le64(p + 12, r.length);
-  p[20] = static_cast<uint8_t>(r.kind);
+  p[20] = static_cast<uint8_t>(static_cast<uint8_t>(r.kind) | (r.history ? kHistoryFlag : 0));
   Le64(p + 21, r.segment_first_seq);
   Le64(p + 29, r.payload_pos);
   return v;
 }
 
-Result<RecordRef> DecodeValue(uint64_t seq, const rocksdb::Slice& v) {
+Result<RecordRef> DecodeValue(uint64_t seq, uint32_t sub, const rocksdb::Slice& v) {
   if (v.size() != kValueBytes) {
     return Corruption(fmt::format("version index: entry of seq {} has {} bytes, not {}", seq,
                                   v.size(), kValueBytes));
@@ -80,10 +97,12 @@ Result<RecordRef> DecodeValue(uint64_t seq, const rocksdb::Slice& v) {
   const auto* p = reinterpret_cast<const uint8_t*>(v.data());
   RecordRef r;
   r.seq = seq;
+  r.sub = sub;
   r.disk = Ld32(p);
   r.offset = Ld64(p + 4);
   r.length = Ld64(p + 12);
-  r.kind = static_cast<capture::RecordKind>(p[20]);
+  r.kind = static_cast<capture::RecordKind>(p[20] & ~kHistoryFlag);
+  r.history = (p[20] & kHistoryFlag) != 0;
   r.segment_first_seq = Ld64(p + 21);
   r.payload_pos = Ld64(p + 29);
   if (r.length == 0 || r.offset + r.length < r.offset) {
@@ -178,9 +197,9 @@ Result<std::unique_ptr<VersionIndex>> VersionIndex::Open(const std::string& dir)
   rocksdb::DB* raw = nullptr;
   OSR_RETURN_IF_ERROR(FromRocks(rocksdb::DB::Open(o, dir, &raw), "open " + dir));
   std::unique_ptr<rocksdb::DB> db(raw);
-  uint64_t meta[2] = {0, 0};  // indexed_through, journal_id
-  const std::string* keys[2] = {&kThroughKey, &kJournalKey};
-  for (int i = 0; i < 2; ++i) {
+  uint64_t meta[3] = {0, 0, 0};  // indexed_through, journal_id, history_id
+  const std::string* keys[3] = {&kThroughKey, &kJournalKey, &kHistoryKey};
+  for (int i = 0; i < 3; ++i) {
     std::string v;
     rocksdb::Status s = db->Get(rocksdb::ReadOptions(), *keys[i], &v);
     if (s.ok()) {
@@ -190,12 +209,27 @@ Result<std::unique_ptr<VersionIndex>> VersionIndex::Open(const std::string& dir)
       return FromRocks(s, "read " + *keys[i]);
     }
   }
-  return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), meta[0], meta[1]));
+  return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), meta[0], meta[1], meta[2]));
 }
 
 VersionIndex::VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through,
-                           uint64_t journal_id)
-    : db_(std::move(db)), indexed_through_(indexed_through), journal_id_(journal_id) {}
+                           uint64_t journal_id, uint64_t history_id)
+    : db_(std::move(db)),
+      indexed_through_(indexed_through),
+      journal_id_(journal_id),
+      history_id_(history_id) {}
+
+uint64_t VersionIndex::history_id() const {
+  return history_id_.load(std::memory_order_acquire);
+}
+
+Status VersionIndex::SetHistoryId(uint64_t id) {
+  rocksdb::WriteOptions w;
+  w.sync = true;
+  OSR_RETURN_IF_ERROR(FromRocks(db_->Put(w, kHistoryKey, U64Value(id)), "set history_id"));
+  history_id_.store(id, std::memory_order_release);
+  return Status::Ok();
+}
 
 uint64_t VersionIndex::journal_id() const {
   return journal_id_.load(std::memory_order_acquire);
@@ -212,24 +246,25 @@ uint64_t VersionIndex::indexed_through() const {
   return indexed_through_.load(std::memory_order_acquire);
 }
 
-Status VersionIndex::Add(std::span<const RecordRef> records) {
+Status VersionIndex::Add(std::span<const RecordRef> records, bool advance, bool sync) {
   if (records.empty()) return Status::Ok();
   rocksdb::WriteBatch batch;
   for (const RecordRef& r : records) {
     if (r.length == 0) continue;  // a mark: no bytes
     std::string value = EncodeValue(r);
-    OSR_RETURN_IF_ERROR(FromRocks(batch.Put(SeqKey(r.seq), value), "batch"));
+    OSR_RETURN_IF_ERROR(FromRocks(batch.Put(SeqKey(r.seq, r.sub), value), "batch"));
     uint64_t first = r.offset / kChunkBytes, last = (r.offset + r.length - 1) / kChunkBytes;
     for (uint64_t c = first; c <= last; ++c) {
-      OSR_RETURN_IF_ERROR(FromRocks(batch.Put(ChunkKey(r.disk, c, r.seq), value), "batch"));
+      OSR_RETURN_IF_ERROR(FromRocks(batch.Put(ChunkKey(r.disk, c, r.seq, r.sub), value), "batch"));
     }
   }
-  uint8_t through[8];
-  Le64(through, records.back().seq);
-  OSR_RETURN_IF_ERROR(FromRocks(
-      batch.Put(kThroughKey, rocksdb::Slice(reinterpret_cast<const char*>(through), 8)), "batch"));
-  OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "add"));
-  indexed_through_.store(records.back().seq, std::memory_order_release);
+  if (advance) {
+    OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kThroughKey, U64Value(records.back().seq)), "batch"));
+  }
+  rocksdb::WriteOptions w = WriteOpts();
+  w.sync = sync;
+  OSR_RETURN_IF_ERROR(FromRocks(db_->Write(w, &batch), "add"));
+  if (advance) indexed_through_.store(records.back().seq, std::memory_order_release);
   return Status::Ok();
 }
 
@@ -241,13 +276,15 @@ Status VersionIndex::Collect(uint32_t disk, uint64_t offset, uint64_t length, ui
   std::vector<std::pair<uint64_t, uint64_t>> open, next;  // bytes no record covered yet
   for (uint64_t c = offset / kChunkBytes; c * kChunkBytes < end; ++c) {
     open.assign(1, {std::max(offset, c * kChunkBytes), std::min(end, (c + 1) * kChunkBytes)});
-    const std::string prefix = ChunkKey(disk, c, 0).substr(0, kChunkKeyBytes - 8);
-    for (it->SeekForPrev(ChunkKey(disk, c, upto)); it->Valid() && !open.empty(); it->Prev()) {
+    const std::string prefix = ChunkKey(disk, c, 0, 0).substr(0, kChunkSeqAt);
+    for (it->SeekForPrev(ChunkKey(disk, c, upto, UINT32_MAX)); it->Valid() && !open.empty();
+         it->Prev()) {
       rocksdb::Slice k = it->key();
       if (k.size() != kChunkKeyBytes || !k.starts_with(prefix)) break;
-      uint64_t seq = LdBe64(k.data() + kChunkKeyBytes - 8);
+      uint64_t seq = LdBe64(k.data() + kChunkSeqAt);
       if (seq <= from) break;
-      OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, it->value()));
+      OSR_ASSIGN_OR_RETURN(RecordRef r,
+                           DecodeValue(seq, LdBe32(k.data() + kChunkSeqAt + 8), it->value()));
       uint64_t rb = r.offset, re = r.offset + r.length;
       next.clear();
       for (auto [a, b] : open) {
@@ -271,12 +308,12 @@ Status VersionIndex::ForEachBySeq(uint64_t from, uint64_t upto,
                                   const std::function<bool(const RecordRef&)>& fn) const {
   if (upto <= from) return Status::Ok();
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
-  for (it->Seek(SeqKey(from + 1)); it->Valid(); it->Next()) {
+  for (it->Seek(SeqKey(from + 1, 0)); it->Valid(); it->Next()) {
     rocksdb::Slice k = it->key();
     if (k.size() != kSeqKeyBytes || k[0] != kSeqTag) break;
     uint64_t seq = LdBe64(k.data() + 1);
     if (seq > upto) break;
-    OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, it->value()));
+    OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, LdBe32(k.data() + 9), it->value()));
     if (!fn(r)) return Status::Ok();
   }
   return FromRocks(it->status(), "read");
@@ -286,10 +323,10 @@ Status VersionIndex::DeleteRecords(const std::vector<RecordRef>& records, uint64
                                    bool set_through) {
   rocksdb::WriteBatch batch;
   for (const RecordRef& r : records) {
-    OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(SeqKey(r.seq)), "batch"));
+    OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(SeqKey(r.seq, r.sub)), "batch"));
     uint64_t first = r.offset / kChunkBytes, last = (r.offset + r.length - 1) / kChunkBytes;
     for (uint64_t c = first; c <= last; ++c) {
-      OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(ChunkKey(r.disk, c, r.seq)), "batch"));
+      OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(ChunkKey(r.disk, c, r.seq, r.sub)), "batch"));
     }
   }
   if (set_through) {
@@ -302,20 +339,28 @@ Status VersionIndex::DeleteRecords(const std::vector<RecordRef>& records, uint64
   return FromRocks(db_->Write(WriteOpts(), &batch), "drop");
 }
 
-Status VersionIndex::DropUpTo(uint64_t seq) {
-  // In batches, oldest first: a crash in between leaves only records the store no longer
-  // reads (seq <= its base), which the next fold drops.
+Status VersionIndex::DropIf(uint64_t from, uint64_t upto,
+                            const std::function<bool(const RecordRef&)>& drop) {
+  // One iterator (a snapshot) over the range; deletes go in batches meanwhile.
   std::vector<RecordRef> batch;
-  for (uint64_t after = 0;;) {
+  Status st;
+  OSR_RETURN_IF_ERROR(ForEachBySeq(from, upto, [&](const RecordRef& r) {
+    if (!drop(r)) return true;
+    batch.push_back(r);
+    if (batch.size() < kDropBatchRecords) return true;
+    st = DeleteRecords(batch, 0, false);
     batch.clear();
-    OSR_RETURN_IF_ERROR(ForEachBySeq(after, seq, [&](const RecordRef& r) {
-      batch.push_back(r);
-      return batch.size() < kDropBatchRecords;
-    }));
-    if (batch.empty()) return Status::Ok();
-    after = batch.back().seq;
-    OSR_RETURN_IF_ERROR(DeleteRecords(batch, 0, false));
-  }
+    return st.ok();
+  }));
+  OSR_RETURN_IF_ERROR(st);
+  if (batch.empty()) return Status::Ok();
+  return DeleteRecords(batch, 0, false);
+}
+
+Status VersionIndex::DropUpTo(uint64_t seq) {
+  // Oldest first: a crash in between leaves only records the store no longer reads (seq
+  // <= its base), which the next fold drops.
+  return DropIf(0, seq, [](const RecordRef&) { return true; });
 }
 
 Status VersionIndex::DropAfter(uint64_t seq) {
@@ -324,17 +369,7 @@ Status VersionIndex::DropAfter(uint64_t seq) {
   uint64_t through = std::min(indexed_through(), seq);
   OSR_RETURN_IF_ERROR(DeleteRecords({}, through, true));
   indexed_through_.store(through, std::memory_order_release);
-  std::vector<RecordRef> batch;
-  for (uint64_t after = seq;;) {
-    batch.clear();
-    OSR_RETURN_IF_ERROR(ForEachBySeq(after, UINT64_MAX, [&](const RecordRef& r) {
-      batch.push_back(r);
-      return batch.size() < kDropBatchRecords;
-    }));
-    if (batch.empty()) return Status::Ok();
-    after = batch.back().seq;
-    OSR_RETURN_IF_ERROR(DeleteRecords(batch, 0, false));
-  }
+  return DropIf(seq, UINT64_MAX, [](const RecordRef&) { return true; });
 }
 
 Status VersionIndex::Clear(uint64_t through, uint64_t journal_id) {
@@ -344,17 +379,13 @@ Status VersionIndex::Clear(uint64_t through, uint64_t journal_id) {
       batch.DeleteRange(cf, std::string(1, kChunkTag), std::string(1, kChunkTag + 1)), "batch"));
   OSR_RETURN_IF_ERROR(FromRocks(
       batch.DeleteRange(cf, std::string(1, kSeqTag), std::string(1, kSeqTag + 1)), "batch"));
-  uint8_t t[8];
-  Le64(t, through);
-  OSR_RETURN_IF_ERROR(FromRocks(
-      batch.Put(kThroughKey, rocksdb::Slice(reinterpret_cast<const char*>(t), 8)), "batch"));
-  uint8_t id[8];
-  Le64(id, journal_id);
-  OSR_RETURN_IF_ERROR(FromRocks(
-      batch.Put(kJournalKey, rocksdb::Slice(reinterpret_cast<const char*>(id), 8)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kThroughKey, U64Value(through)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kJournalKey, U64Value(journal_id)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kHistoryKey, U64Value(0)), "batch"));
   OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "clear"));
   indexed_through_.store(through, std::memory_order_release);
   journal_id_.store(journal_id, std::memory_order_release);
+  history_id_.store(0, std::memory_order_release);
   return Status::Ok();
 }
 

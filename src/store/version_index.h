@@ -5,13 +5,17 @@
 //
 // Keys (docs/formats.md, "Version index"), big-endian so that RocksDB's byte order is
 // the numeric order:
-//   'C' disk:u32 chunk:u64 seq:u64  -> the record's RecordRef (a record is listed under
-//                                     every 64 KiB chunk of the disk it touches)
-//   'S' seq:u64                     -> disk, offset, length (the records in seq order:
-//                                     for dropping, folding and ChangedAfter)
+//   'C' disk:u32 chunk:u64 seq:u64 sub:u32 -> the record's RecordRef (a record is listed
+//                                     under every 64 KiB chunk of the disk it touches)
+//   'S' seq:u64 sub:u32             -> the same RecordRef (the records in seq order: for
+//                                     dropping, folding and ChangedAfter)
+// `sub` is 0 for a journal record; compacted history (RecoveryStore::Compact) keeps several
+// extents under one seq (a kept point), told apart by sub.
 //   'M' "indexed_through"           -> seq:u64, written in the same batch as the records
 //   'M' "journal_id"                -> u64: the journal this index describes (store.json's
 //                                     journal_id; a journal started over gets a new one)
+//   'M' "history_id"                -> u64: the compacted history it describes (store.json's
+//                                     history_id; 0 while a compaction rewrites it)
 //
 // Reading [offset, offset+length) as of seq S walks each chunk's records newest first
 // (from S down) and takes from each only the bytes no newer record covered, until every
@@ -53,8 +57,11 @@ struct RecordRef {
   uint64_t offset = 0;  // on the disk, bytes
   uint64_t length = 0;  // bytes
   capture::RecordKind kind = capture::RecordKind::kWrite;
-  uint64_t segment_first_seq = 0;  // the journal segment holding the payload
+  uint64_t segment_first_seq = 0;  // the journal segment holding the payload (history: the
+                                   // history file's id)
   uint64_t payload_pos = 0;        // byte offset of the payload in that segment
+  uint32_t sub = 0;                // 0: a journal record; else one extent of compacted history
+  bool history = false;            // the payload is in a history file, not the journal
 };
 
 // The visible part of one record in a read: bytes [offset, offset+length) of the disk
@@ -84,8 +91,10 @@ class VersionIndex {
   ~VersionIndex();
 
   // Adds records (increasing seq; length-0 records only advance indexed_through) in one
-  // batch, with indexed_through = the last one's seq. The write's error.
-  Status Add(std::span<const RecordRef> records);
+  // batch, with indexed_through = the last one's seq (unless !advance: compacted history,
+  // whose seqs lie below it). sync: the batch survives a power loss when this returns.
+  // The write's error.
+  Status Add(std::span<const RecordRef> records, bool advance = true, bool sync = false);
   // The seq up to which every record is in the index (0: none yet).
   uint64_t indexed_through() const;
   // The journal this index describes (0: none yet). An index of another journal (one put
@@ -104,6 +113,13 @@ class VersionIndex {
                       const std::function<bool(const RecordRef&)>& fn) const;
   // Forgets every record with seq <= seq (folded into the base).
   Status DropUpTo(uint64_t seq);
+  // Forgets every record with from < seq <= upto for which drop(record) says so, in
+  // batches (one pass).
+  Status DropIf(uint64_t from, uint64_t upto, const std::function<bool(const RecordRef&)>& drop);
+  // The compacted history this index describes (0: none, or being rewritten); Set is
+  // synced (survives a power loss).
+  uint64_t history_id() const;
+  Status SetHistoryId(uint64_t id);
   // Forgets every record with seq > seq (an append undone, a journal cut); indexed_through
   // becomes min(indexed_through, seq).
   Status DropAfter(uint64_t seq);
@@ -112,13 +128,15 @@ class VersionIndex {
   Status Clear(uint64_t through, uint64_t journal_id);
 
  private:
-  VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through, uint64_t journal_id);
+  VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through, uint64_t journal_id,
+               uint64_t history_id);
   Status DeleteRecords(const std::vector<RecordRef>& records, uint64_t new_through,
                        bool set_through);
 
   std::unique_ptr<rocksdb::DB> db_;
   std::atomic<uint64_t> indexed_through_{0};
   std::atomic<uint64_t> journal_id_{0};
+  std::atomic<uint64_t> history_id_{0};
 };
 
 }  // namespace osr::store

@@ -1,0 +1,474 @@
+// RecoveryStore's history compaction (recovery_store.h, Compact; docs/formats.md,
+// "Compacted history").
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <charconv>
+#include <filesystem>
+#include <random>
+#include <set>
+
+#include "capture/log_reader.h"
+#include "common/crc32c.h"
+#include "store/recovery_store.h"
+
+namespace osr::store {
+
+namespace fs = std::filesystem;
+using capture::RecordHeader;
+using capture::RecordKind;
+
+namespace {
+
+constexpr uint64_t kHistoryFileBytes = 64ull << 20;  // a history file rolls past this
+constexpr uint32_t kHistoryRecordsMax = 0xFFFF;      // records per file (sub's low half)
+constexpr uint64_t kPartBytesMax = 1 << 20;          // contiguous parts merge up to this
+constexpr size_t kWriteBufferBytes = 4 << 20;
+
+// The index's sub of the n-th record (from 1) of history file `id`.
+uint32_t HistorySub(uint64_t id, uint32_t n) {
+  return static_cast<uint32_t>((id & 0xFFFF) << 16) | n;
+}
+
+uint64_t FilesBytes(const std::string& dir, const char* ext) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().extension() != ext) continue;
+    std::error_code size_ec;
+    auto n = e.file_size(size_ec);
+    if (!size_ec) total += n;
+  }
+  return total;
+}
+
+// Writes one kept point's extents, as capture-log records of seq `seq`, into history
+// files of at most kHistoryFileBytes (docs/formats.md, "Compacted history").
+class HistoryWriter {
+ public:
+  HistoryWriter(std::string dir, uint64_t seq, uint64_t epoch, uint64_t* next_id)
+      : dir_(std::move(dir)), seq_(seq), epoch_(epoch), next_id_(next_id) {}
+
+  // Adds an extent; its index entry goes to `refs`.
+  Status Put(uint32_t disk, uint64_t offset, uint64_t length, RecordKind kind,
+             std::span<const uint8_t> payload, std::vector<RecordRef>* refs) {
+    if (!file_.valid() || pos_ + buf_.size() >= kHistoryFileBytes || n_ >= kHistoryRecordsMax) {
+      OSR_RETURN_IF_ERROR(Roll());
+    }
+    RecordHeader h;
+    h.seq = seq_;
+    h.epoch = epoch_;
+    h.offset = offset;
+    h.length = length;
+    h.payload_bytes = static_cast<uint32_t>(payload.size());
+    h.disk = disk;
+    h.kind = kind;
+    size_t at = buf_.size();
+    buf_.resize(at + RecordHeader::kSize + payload.size());
+    h.Encode(buf_.data() + at, Crc32c(payload));
+    std::copy(payload.begin(), payload.end(), buf_.begin() + at + RecordHeader::kSize);
+    RecordRef r;
+    r.seq = seq_;
+    r.disk = disk;
+    r.offset = offset;
+    r.length = length;
+    r.kind = kind;
+    r.segment_first_seq = id_;
+    r.payload_pos = pos_ + at + RecordHeader::kSize;
+    r.sub = HistorySub(id_, ++n_);
+    r.history = true;
+    refs->push_back(r);
+    if (buf_.size() >= kWriteBufferBytes) OSR_RETURN_IF_ERROR(Flush());
+    return Status::Ok();
+  }
+
+  // Writes out and syncs the open file; the ids of every file written.
+  Status Finish() { return Close(); }
+  const std::vector<uint64_t>& ids() const { return ids_; }
+
+ private:
+  Status Roll() {
+    OSR_RETURN_IF_ERROR(Close());
+    id_ = (*next_id_)++;
+    OSR_ASSIGN_OR_RETURN(file_, File::Open(HistoryPath(dir_, id_), File::Mode::kCreate));
+    ids_.push_back(id_);
+    capture::SegmentHeader sh;
+    sh.first_seq = seq_;
+    sh.disk_bytes = 0;
+    buf_.assign(capture::SegmentHeader::kSize, 0);
+    sh.Encode(buf_.data());
+    pos_ = 0;
+    n_ = 0;
+    return Status::Ok();
+  }
+  Status Flush() {
+    OSR_RETURN_IF_ERROR(file_.PWrite(pos_, buf_));
+    pos_ += buf_.size();
+    buf_.clear();
+    return Status::Ok();
+  }
+  Status Close() {
+    if (!file_.valid()) return Status::Ok();
+    OSR_RETURN_IF_ERROR(Flush());
+    OSR_RETURN_IF_ERROR(file_.DataSync());
+    file_ = File();
+    return Status::Ok();
+  }
+
+  std::string dir_;
+  uint64_t seq_, epoch_;
+  uint64_t* next_id_;
+  File file_;
+  uint64_t id_ = 0;
+  uint64_t pos_ = 0;
+  uint32_t n_ = 0;
+  std::vector<uint8_t> buf_;
+  std::vector<uint64_t> ids_;
+};
+
+}  // namespace
+
+uint64_t RecoveryStore::compacted_through() const {
+  std::lock_guard lock(mu_);
+  return compacted_through_;
+}
+
+uint64_t RecoveryStore::history_id() const {
+  std::lock_guard lock(mu_);
+  return history_id_;
+}
+
+uint64_t RecoveryStore::history_bytes() const {
+  return FilesBytes(dir_ + "/journal", ".log") + FilesBytes(dir_ + "/history", ".hist");
+}
+
+Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t> keep,
+                                                            uint64_t through) {
+  std::lock_guard run(fold_run_mu_);  // no fold meanwhile
+  CompactResult out;
+  out.bytes_before = history_bytes();
+  OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
+  uint64_t lo, e, old_history_id;
+  std::vector<uint64_t> bounds;  // the kept seqs in (lo, e), then e
+  {
+    std::lock_guard lock(mu_);
+    old_history_id = history_id_;
+    if (resyncing_ || initial_sync_ || differential_) {
+      return Status(Code::kFailedPrecondition,
+                    "a resynchronization is under way: history is compacted after it ends");
+    }
+    if (through > durable_seq_) {
+      return InvalidArgument(
+          fmt::format("through {} is beyond the store's durable seq {}", through, durable_seq_));
+    }
+    // Whole journal segments only: the last one wholly at or below `through`.
+    e = std::max(compacted_through_, base_seq_);
+    for (size_t i = 0; i + 1 < segments.size(); ++i) {
+      uint64_t end = segments[i + 1].first_seq - 1;
+      if (end > through) break;
+      e = std::max(e, end);
+    }
+    out.compacted_through = std::max(compacted_through_, base_seq_);
+    if (e <= base_seq_) return out;  // nothing is held below a segment end
+    std::set<uint64_t> kept;
+    for (uint64_t k : keep) {
+      if (k > base_seq_ && k < e && k >= consistent_from_) kept.insert(k);
+    }
+    for (uint64_t k : kept) {
+      if (k < compacted_through_ && !kept_.contains(k)) {
+        return InvalidArgument(fmt::format("seq {} was compacted away already", k));
+      }
+    }
+    for (uint64_t p : pins_) {
+      if (p > base_seq_ && p < e && !kept.contains(p)) {
+        return Status(Code::kFailedPrecondition,
+                      fmt::format("a view or failover disk at seq {} is open; compacting up to "
+                                  "seq {} would take it away (close it, or keep its point)",
+                                  p, e));
+      }
+    }
+    // Intervals whose bounds all stay (from the oldest on) are left as they are.
+    std::set<uint64_t> old_bounds(kept_.upper_bound(base_seq_), kept_.end());
+    if (compacted_through_ > base_seq_) old_bounds.insert(compacted_through_);
+    lo = base_seq_;
+    for (uint64_t b : old_bounds) {
+      if (b != e && !kept.contains(b)) break;
+      lo = b;
+    }
+    for (uint64_t k : kept) {
+      if (k > lo) bounds.push_back(k);
+    }
+    if (lo < e) bounds.push_back(e);
+    // From here the seqs that go are neither readable nor pinnable.
+    kept_ = std::move(kept);
+    compacted_through_ = e;
+    out.compacted_through = e;
+    out.kept_points = kept_.size() + 1;
+  }
+  if (bounds.empty()) {  // nothing changed
+    OSR_RETURN_IF_ERROR(WriteMeta());
+    out.bytes_after = history_bytes();
+    return out;
+  }
+  {
+    std::unique_lock drain(fold_mu_);  // reads that began before end first
+  }
+  // The index stops matching any history store.json names: a crash from here makes it
+  // again at open (IndexHistory).
+  OSR_RETURN_IF_ERROR(index_->SetHistoryId(0));
+  std::vector<HistoryFile> files;
+  Status st = WriteHistory(lo, bounds, &files);
+  if (st.ok()) st = SyncDir(dir_ + "/history");
+  if (!st.ok()) {
+    // Nothing of it stays: the new entries and files go; the old history is whole.
+    std::set<uint64_t> fresh;
+    for (auto& f : files) fresh.insert(f.id);
+    Status undo = index_->DropIf(lo, e, [&](const RecordRef& r) {
+      return r.history && fresh.contains(r.segment_first_seq);
+    });
+    for (auto& f : files) {
+      std::error_code ec;
+      fs::remove(HistoryPath(dir_, f.id), ec);
+    }
+    if (undo.ok()) undo = index_->SetHistoryId(old_history_id);
+    if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
+    return NoteWriteFailure("compaction", st, 0);
+  }
+  // The commit: store.json names the new files (and no old file of a changed interval).
+  const uint64_t new_id = [] {
+    std::random_device rd;
+    uint64_t id = (uint64_t{rd()} << 32) | rd();
+    return id == 0 ? 1 : id;
+  }();
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = history_.begin(); it != history_.end();) {
+      it = it->second > lo ? history_.erase(it) : std::next(it);
+    }
+    for (auto& f : files) history_[f.id] = f.seq;
+    history_id_ = new_id;
+  }
+  OSR_RETURN_IF_ERROR(WriteMeta());
+  // The entries the new files replace go: journal records and old history of (lo, e].
+  std::set<uint64_t> fresh;
+  for (auto& f : files) fresh.insert(f.id);
+  OSR_RETURN_IF_ERROR(index_->DropIf(lo, e, [&](const RecordRef& r) {
+    return !(r.history && fresh.contains(r.segment_first_seq));
+  }));
+  OSR_RETURN_IF_ERROR(index_->SetHistoryId(new_id));
+  {
+    std::unique_lock drain(fold_mu_);  // no read still holds an entry of a file that goes
+  }
+  RemoveCompactedFiles();
+  out.bytes_after = history_bytes();
+  spdlog::info(
+      "recovery store {}: history compacted up to seq {} ({} kept point(s)): {} -> {} bytes", dir_,
+      e, out.kept_points, out.bytes_before, out.bytes_after);
+  return out;
+}
+
+Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bounds,
+                                   std::vector<HistoryFile>* files) {
+  std::error_code ec;
+  fs::create_directories(dir_ + "/history", ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + dir_ + "/history");
+  uint64_t next_id, epoch;
+  {
+    std::lock_guard lock(mu_);
+    next_id = next_history_file_;
+    epoch = epoch_;
+  }
+  Status st;
+  uint64_t prev = lo;
+  std::vector<uint8_t> payload, piece;
+  std::vector<RecordRef> refs;
+  for (uint64_t k : bounds) {
+    // The chunks the interval's records touched, per disk.
+    std::vector<std::vector<uint64_t>> chunks(disks_.size());
+    OSR_RETURN_IF_ERROR(index_->ForEachBySeq(prev, k, [&](const RecordRef& r) {
+      if (r.disk >= chunks.size() || r.length == 0) return true;
+      for (uint64_t c = r.offset / VersionIndex::kChunkBytes;
+           c <= (r.offset + r.length - 1) / VersionIndex::kChunkBytes; ++c) {
+        chunks[r.disk].push_back(c);
+      }
+      return true;
+    }));
+    HistoryWriter w(dir_, k, epoch, &next_id);
+    for (uint32_t d = 0; d < disks_.size() && st.ok(); ++d) {
+      auto& cs = chunks[d];
+      std::sort(cs.begin(), cs.end());
+      cs.erase(std::unique(cs.begin(), cs.end()), cs.end());
+      // Pending extent: contiguous parts of one kind merge (up to kPartBytesMax).
+      uint64_t p_off = 0, p_len = 0;
+      RecordKind p_kind = RecordKind::kWrite;
+      auto put = [&]() -> Status {
+        if (p_len == 0) return Status::Ok();
+        Status s = w.Put(d, p_off, p_len, p_kind,
+                         p_kind == RecordKind::kWrite ? std::span<const uint8_t>(payload)
+                                                      : std::span<const uint8_t>(),
+                         &refs);
+        p_len = 0;
+        payload.clear();
+        return s;
+      };
+      for (uint64_t c : cs) {
+        uint64_t off = c * VersionIndex::kChunkBytes;
+        uint64_t len = std::min(VersionIndex::kChunkBytes, disks_[d].size_bytes - off);
+        std::vector<ReadPart> parts;
+        st = index_->Collect(d, off, len, prev, k, &parts);
+        if (!st.ok()) break;
+        std::sort(parts.begin(), parts.end(),
+                  [](const ReadPart& a, const ReadPart& b) { return a.offset < b.offset; });
+        for (const ReadPart& part : parts) {
+          RecordKind kind =
+              part.record.kind == RecordKind::kWrite ? RecordKind::kWrite : RecordKind::kZero;
+          bool joins = p_len != 0 && kind == p_kind && part.offset == p_off + p_len &&
+                       p_len + part.length <= kPartBytesMax;
+          if (!joins) {
+            st = put();
+            if (!st.ok()) break;
+            p_off = part.offset;
+            p_kind = kind;
+          }
+          if (kind == RecordKind::kWrite) {
+            piece.resize(part.length);
+            st = ReadPayload(part.record, part.offset, piece);
+            if (!st.ok()) break;
+            payload.insert(payload.end(), piece.begin(), piece.end());
+          }
+          p_len += part.length;
+        }
+        if (!st.ok()) break;
+        // The entries of this chunk's extents go in now: they lie in chunks already done,
+        // at seq k, which no later Collect of this interval (other chunks) or of a later
+        // one (from k) reads.
+        if (refs.size() >= 4096) {
+          st = index_->Add(refs, /*advance=*/false);
+          refs.clear();
+          if (!st.ok()) break;
+        }
+      }
+      if (st.ok()) st = put();
+      if (st.ok()) {
+        st = index_->Add(refs, /*advance=*/false);
+        refs.clear();
+      }
+    }
+    if (st.ok()) st = w.Finish();
+    for (uint64_t id : w.ids()) files->push_back({id, k});
+    if (!st.ok()) break;
+    prev = k;
+  }
+  std::lock_guard lock(mu_);
+  next_history_file_ = next_id;
+  return st;
+}
+
+Status RecoveryStore::IndexHistory() {
+  std::map<uint64_t, uint64_t> files;
+  {
+    std::lock_guard lock(mu_);
+    files = history_;
+  }
+  std::vector<RecordRef> refs;
+  std::vector<uint8_t> hb(RecordHeader::kSize);
+  for (auto [id, seq] : files) {
+    const std::string path = HistoryPath(dir_, id);
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(path, File::Mode::kReadOnly));
+    OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
+    uint8_t sh[capture::SegmentHeader::kSize];
+    if (size < sizeof sh) return Corruption(path + ": shorter than its header");
+    OSR_RETURN_IF_ERROR(f.PRead(0, sh));
+    auto header = capture::SegmentHeader::Decode(sh);
+    if (!header.ok() || header->first_seq != seq) {
+      return Corruption(fmt::format("{}: not the history file of seq {}", path, seq));
+    }
+    uint64_t pos = sizeof sh;
+    uint32_t n = 0;
+    std::vector<uint8_t> payload;
+    while (pos < size) {
+      auto damaged = [&](const std::string& what) {
+        return Corruption(
+            fmt::format("history file {} is damaged at byte {}: {}", path, pos, what));
+      };
+      if (size - pos < RecordHeader::kSize) return damaged("truncated record header");
+      OSR_RETURN_IF_ERROR(f.PRead(pos, hb));
+      auto h = RecordHeader::Decode(hb);
+      if (!h.ok()) return damaged(h.status().message());
+      if (size - pos - RecordHeader::kSize < h->payload_bytes) return damaged("truncated record");
+      payload.resize(h->payload_bytes);
+      OSR_RETURN_IF_ERROR(f.PRead(pos + RecordHeader::kSize, payload));
+      if (!RecordHeader::Verify(hb.data(), payload)) return damaged("CRC mismatch");
+      if (h->seq != seq || h->disk >= disks_.size() ||
+          h->offset + h->length > disks_[h->disk].size_bytes) {
+        return damaged(
+            fmt::format("record of seq {}, disk {} does not belong here", h->seq, h->disk));
+      }
+      refs.push_back({seq, h->disk, h->offset, h->length, h->kind, id, pos + RecordHeader::kSize,
+                      HistorySub(id, ++n), true});
+      pos += RecordHeader::kSize + h->payload_bytes;
+      if (refs.size() >= 4096) {
+        OSR_RETURN_IF_ERROR(index_->Add(refs, /*advance=*/false));
+        refs.clear();
+      }
+    }
+  }
+  return index_->Add(refs, /*advance=*/false);
+}
+
+void RecoveryStore::RemoveCompactedFiles() {
+  uint64_t through;
+  std::set<uint64_t> named;
+  {
+    std::lock_guard lock(mu_);
+    through = compacted_through_;
+    for (auto& [id, seq] : history_) named.insert(id);
+  }
+  std::error_code ec;
+  auto segments = capture::ListSegments(dir_ + "/journal");
+  if (segments.ok() && history_id() != 0) {
+    for (size_t i = 0; i + 1 < segments->size(); ++i) {
+      if ((*segments)[i + 1].first_seq - 1 > through) break;
+      {
+        std::lock_guard lock(mu_);
+        segments_.erase((*segments)[i].first_seq);
+      }
+      fs::remove((*segments)[i].path, ec);
+    }
+  }
+  for (auto& e : fs::directory_iterator(dir_ + "/history", ec)) {
+    if (e.path().extension() != ".hist") continue;
+    uint64_t id = 0;
+    std::string stem = e.path().stem().string();
+    auto [p, err] = std::from_chars(stem.data(), stem.data() + stem.size(), id);
+    if (err == std::errc() && p == stem.data() + stem.size() && named.contains(id)) continue;
+    {
+      std::lock_guard lock(mu_);
+      segments_.erase(id | kHistoryKeyBit);
+    }
+    std::error_code rm;
+    fs::remove(e.path(), rm);
+  }
+}
+
+Status RecoveryStore::ApplyFromIndex(uint64_t from, uint64_t target) {
+  std::vector<uint8_t> buf;
+  Status st;
+  OSR_RETURN_IF_ERROR(index_->ForEachBySeq(from, target, [&](const RecordRef& r) {
+    if (r.disk >= base_.size() || r.length == 0) return true;
+    File& f = base_[r.disk];
+    if (r.kind == RecordKind::kWrite) {
+      buf.resize(r.length);
+      st = ReadPayload(r, r.offset, buf);
+      if (st.ok()) st = f.PWrite(r.offset, buf);
+    } else {
+      st = f.PunchHole(r.offset, r.length);
+      if (!st.ok() && st.code() == Code::kNotSupported) st = f.WriteZeroes(r.offset, r.length);
+    }
+    return st.ok();
+  }));
+  return st;
+}
+
+}  // namespace osr::store
