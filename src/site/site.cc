@@ -1701,6 +1701,23 @@ Result<json> Site::FoldStore(const std::string& vm, uint64_t seq) {
   return json{{"name", vm}, {"base_seq", base}};
 }
 
+Result<json> Site::CompactStore(const std::string& vm, std::vector<uint64_t> keep,
+                                uint64_t through) {
+  std::shared_ptr<store::RecoveryStore> s;
+  {
+    std::lock_guard lock(mu_);
+    auto it = stores_.find(vm);
+    if (it == stores_.end()) return MissingStore(vm);
+    s = it->second;
+  }
+  OSR_ASSIGN_OR_RETURN(auto r, s->Compact(std::move(keep), through));
+  return json{{"name", vm},
+              {"compacted_through", r.compacted_through},
+              {"kept_points", r.kept_points},
+              {"bytes_before", r.bytes_before},
+              {"bytes_after", r.bytes_after}};
+}
+
 Result<json> Site::StoreStatus(const std::string& vm) {
   std::lock_guard lock(mu_);
   if (auto d = damaged_stores_.find(vm); d != damaged_stores_.end()) {
@@ -1721,7 +1738,10 @@ Result<json> Site::StoreStatus(const std::string& vm) {
            {"differential", s.differential()},
            {"epoch", s.epoch()},
            {"source", s.source()},
-           {"base_seq", s.base_seq()}};
+           {"base_seq", s.base_seq()},
+           {"compacted_through", s.compacted_through()},
+           {"history_bytes", s.history_bytes()},
+           {"index_cache_bytes", store::VersionIndex::CacheUsageBytes()}};
   if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
   if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
   if (auto p = s.staged_progress()) {

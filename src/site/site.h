@@ -252,6 +252,11 @@ class Site {
   static constexpr int kStorePinsWaitMs = 10000;
   // Folds the store's history up to `seq` (not past an open view); returns the new base.
   Result<nlohmann::json> FoldStore(const std::string& vm, uint64_t seq);
+  // History compaction of vm's store (RecoveryStore::Compact): keep = the seqs of the points
+  // the vault keeps; returns {name, compacted_through, kept_points, bytes_before,
+  // bytes_after}. RecoveryStore::Compact's errors; kNotFound for no such store.
+  Result<nlohmann::json> CompactStore(const std::string& vm, std::vector<uint64_t> keep,
+                                      uint64_t through);
   Result<nlohmann::json> StoreStatus(const std::string& vm);
   Result<nlohmann::json> OpenView(const std::string& vm, uint64_t seq, bool writable);
   // Takes the view's exports off NBD, ends their sessions and frees the view (its overlay

@@ -15,6 +15,8 @@ namespace {
 
 // Region lists and disk hashes of reprotect can be large (8 bytes per 64 KiB region).
 constexpr size_t kBodyBytesMax = 64 << 20;
+// The most kept points one compaction takes (15 days of points every 5 minutes: 4320).
+constexpr size_t kCompactKeepMax = 100000;
 
 // Epochs the vault gives: from 1 (a new item) up to the store's limit.
 constexpr json_in::U64Range kEpochRange{1, store::kEpochMax};
@@ -327,6 +329,28 @@ SiteApi::SiteApi(Site* site) : site_(site) {
           return Error(res, InvalidArgument("'seq' is missing"));
         }
         ReplyResult(res, site_->FoldStore(req.matches[1], (*body)["seq"].get<uint64_t>()));
+      });
+  Add("POST", R"(/api/v1/stores/([^/]+)/compact)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        json_in::Fields f(*body);
+        uint64_t through = f.U64("through");
+        const json* keep = f.Array("keep", /*optional=*/false);
+        f.RefuseOthers();
+        std::vector<uint64_t> seqs;
+        if (f.ok() && keep->size() > kCompactKeepMax) {
+          f.Fail("keep", fmt::format("has more than {} seqs", kCompactKeepMax));
+        }
+        for (size_t i = 0; f.ok() && i < keep->size(); ++i) {
+          if (!(*keep)[i].is_number_unsigned()) {
+            f.Fail("keep", fmt::format("[{}] is not a seq", i));
+            break;
+          }
+          seqs.push_back((*keep)[i].get<uint64_t>());
+        }
+        if (!f.ok()) return Error(res, f.status());
+        ReplyResult(res, site_->CompactStore(req.matches[1], std::move(seqs), through));
       });
   Add("POST", R"(/api/v1/stores/([^/]+)/views)",
       [this](const httplib::Request& req, httplib::Response& res) {

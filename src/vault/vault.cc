@@ -1756,6 +1756,27 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
         Client(*dst).Call("POST", "/stores/" + item.vm + "/fold", json{{"seq", left.front().seq}});
     LogIfFailed(fold.status(), "fold of " + item.vm);
   }
+  // Thinning removed points: the versions no kept point sees go too (history compaction,
+  // RecoveryStore::Compact), up to the newest point that thinning has reached.
+  if (*pruned) CompactThinnedHistory(item.vm, *dst, left);
+}
+
+void Vault::CompactThinnedHistory(const std::string& vm, const SiteRow& site,
+                                  const std::vector<PointRow>& points) {
+  if (points.empty()) return;
+  int64_t newest_ns = 0;
+  for (auto& p : points) newest_ns = std::max(newest_ns, p.time_ns);
+  uint64_t through = 0;
+  std::vector<uint64_t> keep;
+  for (auto& p : points) {
+    if (p.time_ns > newest_ns - kThinAfterNs) break;  // the last hour is not thinned
+    through = p.seq;
+    keep.push_back(p.seq);
+  }
+  if (through == 0 || through <= points.front().seq) return;
+  auto r = Client(site).Call("POST", "/stores/" + vm + "/compact",
+                             json{{"keep", keep}, {"through", through}});
+  LogIfFailed(r.status(), "history compaction of " + vm);
 }
 
 bool Vault::PointDue(const std::string& vm, const std::vector<PointRow>& points,

@@ -248,6 +248,11 @@ class Vault {
   bool PointDue(const std::string& vm, const std::vector<PointRow>& points, int64_t interval_s);
   // Adds a crash point and, unless a clock step holds pruning, deletes what retention
   // lets go, in one catalog transaction. Returns whether anything was deleted.
+  // After thinning: asks the recovery site to compact vm's history up to the newest point
+  // that thinning reached (an hour before the newest), keeping every point left there.
+  // Failures are logged (the next thinning asks again).
+  void CompactThinnedHistory(const std::string& vm, const SiteRow& site,
+                             const std::vector<PointRow>& points);
   Result<bool> AddPointWithRetention(const std::string& vm, const PolicyRow& policy,
                                      const PointRow& p);
   // Records why the point thread could not make a due point (for the health warning).

@@ -42,6 +42,7 @@ ROUTES = [
     ("GET", "/api/v1/stores/([^/]+)", "/api/v1/stores/x", None),
     ("DELETE", "/api/v1/stores/([^/]+)", "/api/v1/stores/x", None),
     ("POST", "/api/v1/stores/([^/]+)/fold", "/api/v1/stores/x/fold", {}),
+    ("POST", "/api/v1/stores/([^/]+)/compact", "/api/v1/stores/x/compact", {}),
     ("POST", "/api/v1/stores/([^/]+)/views", "/api/v1/stores/x/views", {}),
     ("GET", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
     ("DELETE", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
