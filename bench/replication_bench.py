@@ -49,9 +49,12 @@ Disk space: a protected run keeps everything fio wrote in the recovery journal
 and, while replication lags, in the primary's capture log; an unprotected
 group's capture log is never trimmed. Both are deleted after each run, so the
 peak is about 2 x one run's bytes + the disk; the start checks free space for
-that. --max-written (default 40G) bounds the sum over all runs of what fio
-writes: rate-limited runs write rate x (runtime + ramp); what is left is split
-among the `max` runs as their --io_size cap.
+that. --max-written bounds the sum over all runs of what fio writes: rate-limited
+runs write rate x (runtime + ramp); a `max` run of a small block size is capped at
+100 000 writes/s x (runtime + ramp) (4.9 GB at 4k, 12 s: never reached here); what is
+left is split among the other `max` runs as their --io_size cap. Default: 40G plus
+what the small block sizes' runs write (so adding --bs 4k leaves the 1M runs as they
+were).
 
 Replication runs over plain TCP unless --tls (then a throwaway CA and one
 certificate per site are made with the openssl CLI, as the quickstart does).
@@ -123,6 +126,8 @@ BAR_VIEW_RATIO = 1.5
 BAR_VIEW_SLACK_MS = 2.0
 BAR_SMALL_WRITES_S = 25000.0        # replicated 4 KiB random writes per disk
 SMALL_BS_LIMIT = 64 << 10           # below it, rates are writes/s (--iops)
+SMALL_MAX_WRITES_S = 100000         # a small-block max run's io_size cap, per second
+MAX_WRITTEN_DEFAULT_BYTES = 40 * 10**9
 
 NOTES = [
     "fio --rate=NNm is MiB/s (200m = 209.7 MB/s); MB/s columns are 10^6 bytes/s "
@@ -754,7 +759,7 @@ def bench_churn(primary, recovery, series, args, plan, workdir):
     results = []
     for rate in series.rates:
         label, rate_bytes, rate_iops = rate
-        io_cap = plan["max_cap_bytes"] if rate_bytes is None else None
+        io_cap = plan["max_cap_bytes_by_bs"].get(series.label) if rate_bytes is None else None
         row = {"rate": label, "bs": series.bs, "rate_bytes_per_s": rate_bytes,
                "rate_iops": rate_iops,
                "target_mb_s": rate_bytes / MB if rate_bytes else None}
@@ -1048,7 +1053,7 @@ def print_churn(series, rows, res, args, errors):
         if "runtime_s" in p and row["rate_bytes_per_s"] is None and \
                 p["runtime_s"] < series.runtime - 0.5:
             print(f"{'':<20}(the max run stopped at its --io_size cap "
-                  f"{human_bytes(res['plan']['max_cap_bytes'])} after "
+                  f"{human_bytes(res['plan']['max_cap_bytes_by_bs'][series.label])} after "
                   f"{p['runtime_s']:.1f} s)")
     extra = [(r["rate"], r["protected"]) for r in rows
              if r.get("protected", {}).get("reconnects")]
@@ -1157,29 +1162,44 @@ def print_report(res, args):
 # ---------------------------------------------------------------------------
 
 def plan_bytes(args):
-    """Bytes fio writes in all rate-limited runs, and the io_size cap of each max run."""
-    limited, n_max = 0, 0
+    """Bytes fio writes in all rate-limited runs, and the io_size cap of each max run
+    (per block size: max_cap_bytes_by_bs; max_cap_bytes is the 1M series')."""
+    limited, small, n_max = 0, 0, 0
+    caps = {}
     for series in args.series:
         per_run = series.runtime + series.ramp_time
         for label, r, _ in series.rates:
             copies = 2 if label in series.unprotected else 1
-            if r is None:
-                n_max += copies
-            else:
+            if r is not None:
                 limited += r * per_run * copies
+                small += r * per_run * copies if series.small else 0
+            elif series.small:
+                caps[series.label] = -(-SMALL_MAX_WRITES_S * series.bs * per_run // MIB) * MIB
+                small += caps[series.label] * copies
+            else:
+                n_max += copies
+    if args.max_written is None:
+        big = any(not se.small for se in args.series)
+        args.max_written = (MAX_WRITTEN_DEFAULT_BYTES if big else 0) + small
     plan = {"limited_bytes": limited, "max_runs": n_max, "max_cap_bytes": None,
-            "budget_bytes": args.max_written}
+            "max_cap_bytes_by_bs": caps, "budget_bytes": args.max_written}
     if "churn" not in args.parts:
         return plan
-    if limited > args.max_written:
-        raise BenchError(f"the rate-limited runs alone write {human_bytes(limited)}, over "
-                         f"--max-written {human_bytes(args.max_written)}: lower --rates or "
+    fixed = limited + sum(caps[se.label] * (2 if "max" in se.unprotected else 1)
+                          for se in args.series if se.label in caps)
+    if fixed > args.max_written:
+        raise BenchError(f"the rate-limited and small-block runs alone write up to "
+                         f"{human_bytes(fixed)}, over --max-written "
+                         f"{human_bytes(args.max_written)}: lower --rates, --iops or "
                          "--runtime, or raise --max-written")
     if n_max:
-        cap = (args.max_written - limited) // n_max // MIB * MIB
+        cap = (args.max_written - fixed) // n_max // MIB * MIB
         if cap < 256 * MIB:
             raise BenchError(f"only {human_bytes(max(cap, 0))} left per max run under "
                              f"--max-written {human_bytes(args.max_written)}")
+        for se in args.series:
+            if not se.small:
+                caps[se.label] = cap
         plan["max_cap_bytes"] = cap
     return plan
 
@@ -1222,9 +1242,9 @@ def main():
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_DEFAULT_S,
                    help="seconds to wait for the recovery site to catch up after fio "
                         f"(default {DRAIN_TIMEOUT_DEFAULT_S:.0f})")
-    p.add_argument("--max-written", type=parse_size, default=40 * 10**9,
+    p.add_argument("--max-written", type=parse_size, default=None,
                    help="bound on the sum of bytes fio writes over all runs "
-                        "(default 40 GB)")
+                        "(default 40 GB + what the small block sizes' runs write)")
     p.add_argument("--view-sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
                    default=[1 << 30, 100 << 30],
                    help="disk sizes for the view timing (default 1G,100G)")
@@ -1292,7 +1312,7 @@ def main():
         plan = plan_bytes(args)
         os.makedirs(args.dir, exist_ok=True)
         if "churn" in args.parts:
-            biggest = max([run_bytes(se, r, plan["max_cap_bytes"] or 0)
+            biggest = max([run_bytes(se, r, plan["max_cap_bytes_by_bs"].get(se.label, 0))
                            for se in args.series for r in se.rates])
             need = 2 * biggest + args.size + FREE_MARGIN_BYTES
             if free_bytes(args.dir) < need:
@@ -1312,7 +1332,7 @@ def main():
     load_start = os.getloadavg()
     try:
         log(f"replication_bench: work dir {root}; fio writes at most "
-            f"{human_bytes(plan['limited_bytes'] + (plan['max_cap_bytes'] or 0) * plan['max_runs'])}"
+            f"{human_bytes(plan['budget_bytes'])}"
             f" in all")
         tls = make_certs(os.path.join(root, "tls")) if args.tls else {}
         primary = Site(osrd, "primary", root, tls.get("primary"))

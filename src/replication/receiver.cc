@@ -298,6 +298,7 @@ Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
                ok.staged ? fmt::format(", {} bytes staged of the resync after seq {}",
                                        ok.staged->bytes, ok.staged->from)
                          : "");
+  Tally tally;
   End end = [&]() -> End {
     FrameReader reader(s);
     std::vector<uint8_t> batch;
@@ -315,11 +316,17 @@ Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
         f = std::move(*r);
       }
       auto e = f.type == FrameType::kRecords
-                   ? AppendRecords(s, reader, a, std::move(f), batch, &next)
+                   ? AppendRecords(s, reader, a, std::move(f), batch, &next, &tally)
                    : HandleFrame(s, a, f);
       if (e) return *e;
     }
   }();
+  if (tally.records_frames > 0) {
+    spdlog::info(
+        "replication receiver: group '{}' session ended: {} RECORDS frame(s) taken in {} "
+        "store append(s) (one journal sync each)",
+        a.group, tally.records_frames, tally.appends);
+  }
   // What this session staged is kept for the next one (before it can say HELLO_OK: this
   // session still holds the group).
   if (Status st = a.store->CheckpointResync(); !st.ok()) {
@@ -334,7 +341,7 @@ Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
 std::optional<Receiver::End> Receiver::AppendRecords(Stream& s, FrameReader& reader,
                                                      const Admitted& a, Frame first,
                                                      std::vector<uint8_t>& batch,
-                                                     std::optional<Frame>* next) {
+                                                     std::optional<Frame>* next, Tally* tally) {
   store::RecoveryStore& store = *a.store;
   // What has arrived behind `first`, without waiting for more.
   std::vector<Frame> more;
@@ -357,6 +364,7 @@ std::optional<Receiver::End> Receiver::AppendRecords(Stream& s, FrameReader& rea
     more.push_back(std::move(**f));
   }
   records_frames_ += 1 + more.size();
+  tally->records_frames += 1 + more.size();
   // Before each change: a failover during the session ends it (invariant 5).
   ErrorCode code = ErrorCode::kInternal;
   if (Status st = CheckEpoch(store, a.epoch, &code); !st.ok()) return End{code, st};
@@ -376,6 +384,7 @@ std::optional<Receiver::End> Receiver::AppendRecords(Stream& s, FrameReader& rea
   // All or nothing: a refused batch is acknowledged in no part.
   if (!durable.ok()) return End{StoreCode(durable.status()), WithSpace(store, durable.status())};
   ++appends_;
+  ++tally->appends;
   if (Status st = WriteFrame(s, FrameType::kAck, EncodeU64(*durable)); !st.ok()) {
     return End{ErrorCode::kInternal, st};
   }

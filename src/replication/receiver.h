@@ -15,6 +15,8 @@
 // them all (ACKs are cumulative, docs/formats.md). The batch is the store's: all of it is
 // durable and acknowledged, or none of it (the session ends; the sender resends from the
 // durable seq). Waiting is never added: a batch is what came while the last one synced.
+// Memory per session: the read-ahead (FrameReader: 256 KiB, or one frame), the batch's
+// frames and their concatenation — at most 2 x (kBatchBytesMax + one frame's records).
 //
 // Thread model: an acceptor thread and one thread per connection; each thread's entry
 // point catches whatever escapes, logs it and keeps the daemon running. A group has at
@@ -108,11 +110,17 @@ class Receiver {
   End ServeSession(Stream& s, const Admitted& a);
   // nullopt: the session goes on.
   std::optional<End> HandleFrame(Stream& s, const Admitted& a, const Frame& f);
+  // A session's batching, for its end's log line.
+  struct Tally {
+    uint64_t records_frames = 0;
+    uint64_t appends = 0;
+  };
   // Appends `first` and the RECORDS frames that have arrived behind it (kBatchBytesMax,
   // kBatchFramesMax) as one batch, then ACKs the durable seq. A frame of another type
   // that came behind them is left in *next. `batch`: the session's buffer (reused).
   std::optional<End> AppendRecords(Stream& s, FrameReader& reader, const Admitted& a, Frame first,
-                                   std::vector<uint8_t>& batch, std::optional<Frame>* next);
+                                   std::vector<uint8_t>& batch, std::optional<Frame>* next,
+                                   Tally* tally);
 
   StoreLookup lookup_;
   std::shared_ptr<TlsContext> tls_;
