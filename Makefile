@@ -67,7 +67,7 @@ fuzz: fuzz-build
 
 bench: build
 	$(PYTHON) bench/nbd_bench.py --osrd $(BUILD)/osrd
-	$(PYTHON) bench/replication_bench.py --osrd $(BUILD)/osrd
+	$(PYTHON) bench/replication_bench.py --osrd $(BUILD)/osrd --bs 1M,4k
 	$(PYTHON) bench/failover_bench.py --osrd $(BUILD)/osrd
 	$(PYTHON) bench/store_scale.py --osrd $(BUILD)/osrd
 

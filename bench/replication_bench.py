@@ -23,6 +23,17 @@ Part 1, sustained replicated churn. Two sites on 127.0.0.1, `primary` and
   Bar: the highest rate where fio achieved >= 200 MB/s (10^6 bytes) with RPO
   p99 <= 2 s; PASS when there is one.
 
+Part 1 at small block sizes (--bs 4k, or --bs 1M,4k for both in one run). For every
+fio write rate (--iops, default 5000,10000,25000,40000,max: fio --rate_iops, writes/s)
+the same protected run as above with bs=4k, iodepth=16 (--small-iodepth), 10 s runs
+(--small-runtime) + the ramp; the unprotected baseline runs once, at max (what capture
+alone takes: the ceiling of every protected rate). Reported: fio's writes/s and MB/s,
+RPO p50/p99/max, the drain time, and the write rate that became durable at the
+recovery site while fio ran. Bar: the highest write rate with RPO p99 <= 2 s; PASS when
+it is >= 25 000 writes/s (ten times Azure Site Recovery's high-churn limit at small
+IOs). A rate-limited run counts at its target when fio reached 99% of it (fio's rate
+limiting lands a hair under: 24 997/s for 25 000/s); max counts at what fio reached.
+
 Part 2, time to open a view. Stores (and replicated groups) with one 1 GiB and
 one 100 GiB sparse disk; a little data is written at the primary (4 KiB at
 offset 0, 1 MiB at the end) and replicated (durable_seq >= 1). Then, 5 times,
@@ -38,9 +49,12 @@ Disk space: a protected run keeps everything fio wrote in the recovery journal
 and, while replication lags, in the primary's capture log; an unprotected
 group's capture log is never trimmed. Both are deleted after each run, so the
 peak is about 2 x one run's bytes + the disk; the start checks free space for
-that. --max-written (default 40G) bounds the sum over all runs of what fio
-writes: rate-limited runs write rate x (runtime + ramp); what is left is split
-among the `max` runs as their --io_size cap.
+that. --max-written bounds the sum over all runs of what fio writes: rate-limited
+runs write rate x (runtime + ramp); a `max` run of a small block size is capped at
+100 000 writes/s x (runtime + ramp) (4.9 GB at 4k, 12 s: never reached here); what is
+left is split among the other `max` runs as their --io_size cap. Default: 40G plus
+what the small block sizes' runs write (so adding --bs 4k leaves the 1M runs as they
+were).
 
 Replication runs over plain TCP unless --tls (then a throwaway CA and one
 certificate per site are made with the openssl CLI, as the quickstart does).
@@ -53,7 +67,8 @@ the run unless --strict), 1 when a measurement failed (or a bar failed with
 --strict), 2 on bad usage, a missing tool or too little disk space.
 
 Run: /usr/bin/python3 bench/replication_bench.py --osrd build/osrd [--quick]
-     [--rates 50m,100m,200m,300m,max] [--size 4G] [--dir /var/tmp] [--tls]
+     [--rates 50m,100m,200m,300m,max] [--bs 1M,4k] [--iops 5000,10000,25000,40000,max]
+     [--small-iodepth 16] [--small-runtime 10] [--size 4G] [--dir /var/tmp] [--tls]
      [--compression lz4|none] [--compress-pct N] [--parts churn,views]
      [--json FILE] [--strict] [--keep]
 """
@@ -109,6 +124,10 @@ BAR_MB_S = 200.0
 BAR_RPO_P99_S = 2.0
 BAR_VIEW_RATIO = 1.5
 BAR_VIEW_SLACK_MS = 2.0
+BAR_SMALL_WRITES_S = 25000.0        # replicated 4 KiB random writes per disk
+SMALL_BS_LIMIT = 64 << 10           # below it, rates are writes/s (--iops)
+SMALL_MAX_WRITES_S = 100000         # a small-block max run's io_size cap, per second
+MAX_WRITTEN_DEFAULT_BYTES = 40 * 10**9
 
 NOTES = [
     "fio --rate=NNm is MiB/s (200m = 209.7 MB/s); MB/s columns are 10^6 bytes/s "
@@ -119,9 +138,13 @@ NOTES = [
     "reads of primary and recovery are not atomic (last_seq is read first). While the "
     "store has no write yet (durable_time_ns 0) a lagging sample counts from fio's start.",
     "Each run starts on fresh sparse disks: fio's writes also allocate image blocks.",
-    "repl MB/s 'in fio': durable at the recovery site by fio's end (records x 1 MiB) / "
-    "fio's time; 'all': bytes shipped / (fio's time + drain). CPU p+r: primary + "
-    "recovery daemon CPU seconds over the protected run and its drain.",
+    "repl MB/s 'in fio': durable at the recovery site by fio's end (records x bs) / "
+    "fio's time; 'all': bytes shipped / (fio's time + drain); repl writes/s likewise in "
+    "records. CPU p+r: primary + recovery daemon CPU seconds over the protected run and "
+    "its drain.",
+    "fio reuses its iodepth buffers: at 4k, records close together repeat and LZ4 finds "
+    "them (see the wire/record ratio); --compress-pct 0 refills every buffer with random "
+    "bytes (incompressible, and more fio CPU).",
 ]
 
 
@@ -134,26 +157,101 @@ def parse_size(text):
 
 
 def parse_rates(text):
-    """'50m,100m,max' -> [(label, bytes per s or None)], in the given order."""
+    """'50m,100m,max' -> [(label, bytes per s or None, None)], in the given order."""
     rates = []
     for part in text.split(","):
         part = part.strip().lower()
         if not part:
             continue
         if part in ("max", "unlimited", "0"):
-            rates.append(("max", None))
+            rates.append(("max", None, None))
             continue
         m = re.fullmatch(r"(\d+)m?", part)
         if not m or int(m.group(1)) <= 0:
             raise argparse.ArgumentTypeError(
                 f"bad rate {part!r}: give NNm (fio MiB/s) or max")
-        rates.append((f"{int(m.group(1))}m", int(m.group(1)) * MIB))
+        rates.append((f"{int(m.group(1))}m", int(m.group(1)) * MIB, None))
+    return check_rates(rates)
+
+
+def parse_iops(text):
+    """'5000,10k,max' -> [(label, None, writes per s or None)] (bytes/s follow from
+    the block size: with_bs)."""
+    rates = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part in ("max", "unlimited", "0"):
+            rates.append(("max", None, None))
+            continue
+        m = re.fullmatch(r"(\d+)(k?)", part)
+        if not m or int(m.group(1)) <= 0:
+            raise argparse.ArgumentTypeError(
+                f"bad rate {part!r}: give writes/s (5000, 25k) or max")
+        n = int(m.group(1)) * (1000 if m.group(2) else 1)
+        rates.append((f"{n}/s", None, n))
+    return check_rates(rates)
+
+
+def check_rates(rates):
     if not rates:
         raise argparse.ArgumentTypeError("no rates")
     labels = [r[0] for r in rates]
     if len(set(labels)) != len(labels):
         raise argparse.ArgumentTypeError("a rate is given twice")
     return rates
+
+
+def parse_bs_list(text):
+    """'1M,4k' -> [bytes, ...] (each a multiple of 512, 512 B .. 16 MiB, once)."""
+    out = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        n = parse_size(part)
+        if n < 512 or n > 16 * MIB or n % 512:
+            raise argparse.ArgumentTypeError(
+                f"bad block size {part!r}: a multiple of 512 from 512 to 16M")
+        if n in out:
+            raise argparse.ArgumentTypeError(f"block size {part!r} is given twice")
+        out.append(n)
+    if not out:
+        raise argparse.ArgumentTypeError("no block size")
+    return out
+
+
+def bs_label(bs):
+    """4096 -> '4k', 1 MiB -> '1M' (fio's spelling)."""
+    for unit, shift in (("G", 30), ("M", 20), ("k", 10)):
+        if bs % (1 << shift) == 0:
+            return f"{bs >> shift}{unit}"
+    return str(bs)
+
+
+def is_small(bs):
+    """Block sizes whose rates are writes/s (--iops) and whose bar is a write rate."""
+    return bs < SMALL_BS_LIMIT
+
+
+def make_series(args):
+    """One series of churn runs per block size: its rates, queue depth and times."""
+    out = []
+    for bs in args.bs:
+        small = is_small(bs)
+        rates = ([(label, iops * bs if iops else None, iops) for label, _, iops in args.iops]
+                 if small else args.rates)
+        out.append(argparse.Namespace(
+            bs=bs, label=bs_label(bs), small=small, rates=rates,
+            iodepth=args.small_iodepth if small else args.iodepth,
+            runtime=args.small_runtime if small else args.runtime,
+            ramp_time=args.small_ramp_time if small else args.ramp_time,
+            # The unprotected baseline of a small block size runs at max only: what
+            # capture alone can take, the ceiling of every protected rate.
+            unprotected={r[0] for r in rates if args.unprotected and
+                         (not small or r[2] is None)},
+            key="churn" if bs == MIB else f"churn_{bs_label(bs)}"))
+    return out
 
 
 def human_bytes(n):
@@ -319,7 +417,10 @@ class Site:
                  f"data_dir = {toml_str(os.path.join(self.dir, 'data'))}",
                  'nbd_listen = "127.0.0.1:0"',
                  'replication_listen = "127.0.0.1:0"',
-                 'api_listen = "127.0.0.1:0"']
+                 'api_listen = "127.0.0.1:0"',
+                 # The bench speaks plain HTTP to the site API (on loopback), also
+                 # with --tls (which is for replication).
+                 'api_insecure = true']
         for k, v in (tls_files or {}).items():
             lines.append(f"{k} = {toml_str(v)}")
         with open(self.config, "w") as f:
@@ -444,16 +545,19 @@ def unprotect(primary, recovery, vm):
 # ---------------------------------------------------------------------------
 # fio.
 
-def fio_command(uri, rate_bytes, io_cap_bytes, args, out_path):
+def fio_command(uri, series, rate, io_cap_bytes, args, out_path):
+    _, rate_bytes, rate_iops = rate
     cmd = ["fio", "--name=churn", "--ioengine=nbd", f"--uri={uri}",
-           f"--rw={args.rw}", "--bs=1M", f"--iodepth={args.iodepth}",
-           f"--runtime={args.runtime}", f"--ramp_time={args.ramp_time}",
+           f"--rw={args.rw}", f"--bs={series.bs}", f"--iodepth={series.iodepth}",
+           f"--runtime={series.runtime}", f"--ramp_time={series.ramp_time}",
            "--randrepeat=1", "--norandommap", "--random_generator=tausworthe64",
            "--output-format=json", f"--output={out_path}"]
     if args.compress_pct is not None:
         # fio's default buffers are random (incompressible) and reused.
         cmd += [f"--buffer_compress_percentage={args.compress_pct}", "--refill_buffers"]
-    if rate_bytes is not None:
+    if rate_iops is not None:
+        cmd += ["--time_based", f"--rate_iops={rate_iops}"]
+    elif rate_bytes is not None:
         cmd += ["--time_based", f"--rate={rate_bytes // MIB}m"]
     else:
         # Unlimited: ends at the runtime or after io_cap_bytes (ramp included).
@@ -461,9 +565,9 @@ def fio_command(uri, rate_bytes, io_cap_bytes, args, out_path):
     return cmd
 
 
-def run_fio(uri, rate_bytes, io_cap_bytes, args, out_path):
-    cmd = fio_command(uri, rate_bytes, io_cap_bytes, args, out_path)
-    timeout_s = args.runtime + args.ramp_time + CLIENT_SLACK_TIMEOUT_S
+def run_fio(uri, series, rate, io_cap_bytes, args, out_path):
+    cmd = fio_command(uri, series, rate, io_cap_bytes, args, out_path)
+    timeout_s = series.runtime + series.ramp_time + CLIENT_SLACK_TIMEOUT_S
     rc, out, err = run_bounded(cmd, timeout_s)
     text = read_file_text(out_path) or out
     if rc != 0:
@@ -544,31 +648,37 @@ def check_space(workdir, need, what):
                          "--rates, or another --dir)")
 
 
-def run_unprotected(primary, rate, io_cap, args, workdir):
-    label, rate_bytes = rate
-    need = 2 * (io_cap if rate_bytes is None else rate_bytes * (args.runtime + args.ramp_time))
-    check_space(workdir, need + args.size + FREE_MARGIN_BYTES, f"rate {label} unprotected")
+def run_bytes(series, rate, io_cap):
+    """What fio may write in one run of this rate (the io_size cap for max)."""
+    _, rate_bytes, _ = rate
+    return io_cap if rate_bytes is None else rate_bytes * (series.runtime + series.ramp_time)
+
+
+def run_unprotected(primary, series, rate, io_cap, args, workdir):
+    label = f"{series.label} {rate[0]}"
+    need = 2 * run_bytes(series, rate, io_cap)
+    check_space(workdir, need + args.size + FREE_MARGIN_BYTES, f"{label} unprotected")
     sync_fs(workdir)
     uri = create_group(primary, "vm0", args.size)
     try:
         cpu0 = primary.cpu_s()
         log(f"[{label}] unprotected vm0: fio ...")
-        res = run_fio(uri, rate_bytes, io_cap, args,
-                      os.path.join(workdir, f"fio-{label}-vm0.json"))
+        res = run_fio(uri, series, rate, io_cap, args,
+                      os.path.join(workdir, f"fio-{series.label}-{rate[0].replace('/', '')}-vm0.json"))
         cpu1 = primary.cpu_s()
         if cpu0 is not None and cpu1 is not None:
             res["primary_cpu_s"] = cpu1 - cpu0
         primary.check_alive("after the unprotected run")
     finally:
         delete_group(primary, "vm0")
-    log(f"[{label}] unprotected: {res['mb_s']:.1f} MB/s")
+    log(f"[{label}] unprotected: {res['mb_s']:.1f} MB/s, {res['iops']:.0f} writes/s")
     return res
 
 
-def run_protected(primary, recovery, rate, io_cap, args, workdir):
-    label, rate_bytes = rate
-    need = 2 * (io_cap if rate_bytes is None else rate_bytes * (args.runtime + args.ramp_time))
-    check_space(workdir, need + args.size + FREE_MARGIN_BYTES, f"rate {label} protected")
+def run_protected(primary, recovery, series, rate, io_cap, args, workdir):
+    label = f"{series.label} {rate[0]}"
+    need = 2 * run_bytes(series, rate, io_cap)
+    check_space(workdir, need + args.size + FREE_MARGIN_BYTES, f"{label} protected")
     sync_fs(workdir)
     res = {}
     try:
@@ -580,8 +690,8 @@ def run_protected(primary, recovery, rate, io_cap, args, workdir):
         sampler.start()
         log(f"[{label}] protected vm1: fio ...")
         try:
-            res.update(run_fio(uri, rate_bytes, io_cap, args,
-                               os.path.join(workdir, f"fio-{label}-vm1.json")))
+            res.update(run_fio(uri, series, rate, io_cap, args,
+                               os.path.join(workdir, f"fio-{series.label}-{rate[0].replace('/', '')}-vm1.json")))
         finally:
             sampler.stop_event.set()
             sampler.join(timeout=HTTP_TIMEOUT_S * 2 + 1)
@@ -593,6 +703,7 @@ def run_protected(primary, recovery, rate, io_cap, args, workdir):
         g = primary.api.get("/api/v1/groups/vm1")
         rep = g.get("replication") or {}
         rpos = [s[3] for s in sampler.samples]
+        last = sampler.samples[-1] if sampler.samples else None
         res.update({
             "samples": len(rpos), "sampler_errors": sampler.errors,
             # [s since fio start, last_seq, durable_seq, rpo s] every 100 ms
@@ -608,11 +719,10 @@ def run_protected(primary, recovery, rate, io_cap, args, workdir):
             # Shipping rate from fio's start until everything was durable.
             "repl_mb_s": (rep.get("bytes_sent", 0) / MB / (done - fio_start))
                          if drain_s is not None and rep.get("bytes_sent") else None,
-            # What became durable while fio ran (one record per 1 MiB write).
-            "repl_during_fio_mb_s": (sampler.samples[-1][2] * MIB / MB /
-                                     sampler.samples[-1][0])
-                                    if sampler.samples and sampler.samples[-1][0] > 0
-                                    else None,
+            # What became durable while fio ran (one record per write of bs bytes).
+            "repl_during_fio_mb_s": (last[2] * series.bs / MB / last[0])
+                                    if last and last[0] > 0 else None,
+            "repl_during_fio_writes_s": (last[2] / last[0]) if last and last[0] > 0 else None,
         })
         if cpu0[0] is not None and cpu1[0] is not None:
             res["primary_cpu_s"] = cpu1[0] - cpu0[0]
@@ -624,9 +734,9 @@ def run_protected(primary, recovery, rate, io_cap, args, workdir):
                             f"(durable_seq behind last_seq {last_seq}; {rep})")
     finally:
         unprotect(primary, recovery, "vm1")
-    log(f"[{label}] protected: {res['mb_s']:.1f} MB/s, RPO p50 {fmt_s(res['rpo_p50_s'])} "
-        f"p99 {fmt_s(res['rpo_p99_s'])} max {fmt_s(res['rpo_max_s'])}, drain "
-        f"{fmt_s(res['drain_s'])}, {res['samples']} samples")
+    log(f"[{label}] protected: {res['mb_s']:.1f} MB/s, {res['iops']:.0f} writes/s, RPO p50 "
+        f"{fmt_s(res['rpo_p50_s'])} p99 {fmt_s(res['rpo_p99_s'])} max "
+        f"{fmt_s(res['rpo_max_s'])}, drain {fmt_s(res['drain_s'])}, {res['samples']} samples")
     return res
 
 
@@ -645,23 +755,26 @@ def fmt_s(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def bench_churn(primary, recovery, args, plan, workdir):
+def bench_churn(primary, recovery, series, args, plan, workdir):
     results = []
-    for rate in args.rates:
-        label, rate_bytes = rate
-        io_cap = plan["max_cap_bytes"] if rate_bytes is None else None
-        row = {"rate": label, "rate_bytes_per_s": rate_bytes,
+    for rate in series.rates:
+        label, rate_bytes, rate_iops = rate
+        io_cap = plan["max_cap_bytes_by_bs"].get(series.label) if rate_bytes is None else None
+        row = {"rate": label, "bs": series.bs, "rate_bytes_per_s": rate_bytes,
+               "rate_iops": rate_iops,
                "target_mb_s": rate_bytes / MB if rate_bytes else None}
-        if args.unprotected:
+        if label in series.unprotected:
             try:
-                row["unprotected"] = run_unprotected(primary, rate, io_cap, args, workdir)
+                row["unprotected"] = run_unprotected(primary, series, rate, io_cap, args,
+                                                     workdir)
             except BenchError as e:
-                log(f"[{label}] unprotected failed: {e}")
+                log(f"[{series.label} {label}] unprotected failed: {e}")
                 row["unprotected"] = {"error": str(e)}
         try:
-            row["protected"] = run_protected(primary, recovery, rate, io_cap, args, workdir)
+            row["protected"] = run_protected(primary, recovery, series, rate, io_cap, args,
+                                             workdir)
         except BenchError as e:
-            log(f"[{label}] protected failed: {e}")
+            log(f"[{series.label} {label}] protected failed: {e}")
             row["protected"] = {"error": str(e)}
         results.append(row)
         if not (primary.alive() and recovery.alive()):
@@ -867,61 +980,106 @@ def view_bar(views, sizes):
     return ratio, b - a, "PASS" if ok else "FAIL"
 
 
+def credited_writes_s(row):
+    """A run's write rate for the bar: its target when fio reached 99% of it (fio's rate
+    limit lands a hair under), else what fio reached."""
+    p = row["protected"]
+    target = row.get("rate_iops")
+    return float(target) if target and p["iops"] >= 0.99 * target else p["iops"]
+
+
+def small_bar(rows):
+    """(row, credited writes/s) of the highest rate with RPO p99 <= BAR_RPO_P99_S, or None."""
+    best = None
+    for row in rows:
+        p = row.get("protected", {})
+        if "iops" not in p or p.get("rpo_p99_s") is None or "error" in p:
+            continue
+        if p["rpo_p99_s"] <= BAR_RPO_P99_S:
+            w = credited_writes_s(row)
+            if best is None or w > best[1]:
+                best = (row, w)
+    return best
+
+
+def print_churn(series, rows, res, args, errors):
+    """The table of one block size's runs (MB/s for 1M-class sizes, writes/s for small)."""
+    print()
+    print(f"fio {args.rw} bs={series.label} iodepth={series.iodepth}, {series.runtime} s "
+          f"(+{series.ramp_time} s ramp) per run"
+          + (", unprotected baseline at max only" if series.small else ""))
+    unit = "writes/s" if series.small else "MB/s"
+    print(f"{'':<20}{'fio ' + unit:^30}{'RPO s (every 100 ms)':^24}{'':>8}"
+          f"{'repl ' + unit:^14}{'fio p99 ms':^14}")
+    print(f"{'fio --rate' + ('_iops' if series.small else ''):<20}{'prot':>8}{'unprot':>8}"
+          f"{'prot/unprot':>14}{'p50':>8}{'p99':>8}{'max':>8}{'drain s':>8}"
+          f"{'in fio':>7}{'all':>7}{'prot':>7}{'unprot':>7}{'CPU p+r s':>11}"
+          f"{'samples':>8}")
+    key = "iops" if series.small else "mb_s"
+    for row in rows:
+        if row["rate_bytes_per_s"] is None:
+            label = row["rate"]
+        elif series.small:
+            label = f"{row['rate']} ({row['target_mb_s']:.0f} MB/s)"
+        else:
+            label = f"{row['rate']} ({row['target_mb_s']:.1f} MB/s)"
+        p, u = row.get("protected", {}), row.get("unprotected", {})
+        ratio = (p[key] / u[key]) if key in p and u.get(key) else None
+        cpu = (f"{p['primary_cpu_s']:.1f}+{p['recovery_cpu_s']:.1f}"
+               if "primary_cpu_s" in p and "recovery_cpu_s" in p else "-")
+        digits = 0 if series.small else 1
+        if series.small:
+            during = p.get("repl_during_fio_writes_s")
+            repl_all = (p["repl_mb_s"] * MB / series.bs) if p.get("repl_mb_s") else None
+        else:
+            during, repl_all = p.get("repl_during_fio_mb_s"), p.get("repl_mb_s")
+        print(f"{label:<20}"
+              f"{fmt_s(p.get(key), digits):>8}{fmt_s(u.get(key), digits):>8}"
+              f"{(f'{ratio:.2f}x' if ratio else '-'):>14}"
+              f"{fmt_s(p.get('rpo_p50_s')):>8}{fmt_s(p.get('rpo_p99_s')):>8}"
+              f"{fmt_s(p.get('rpo_max_s')):>8}{fmt_s(p.get('drain_s')):>8}"
+              f"{fmt_s(during, 0):>7}{fmt_s(repl_all, 0):>7}"
+              f"{fmt_s(p.get('clat_p99_ms'), 1):>7}{fmt_s(u.get('clat_p99_ms'), 1):>7}"
+              f"{cpu:>11}{p.get('samples', '-'):>8}")
+        if series.small and "mb_s" in p:
+            print(f"{'':<20}{p['mb_s']:>8.1f} MB/s protected"
+                  + (f", {u['mb_s']:.1f} MB/s unprotected" if u.get("mb_s") else ""))
+        for side in ("protected", "unprotected"):
+            if "error" in row.get(side, {}):
+                errors.append(f"{series.label} {row['rate']} {side}: {row[side]['error']}")
+        if p.get("sampler_errors"):
+            errors.append(f"{series.label} {row['rate']} sampler: "
+                          f"{'; '.join(p['sampler_errors'])}")
+        if "runtime_s" in p and row["rate_bytes_per_s"] is None and \
+                p["runtime_s"] < series.runtime - 0.5:
+            print(f"{'':<20}(the max run stopped at its --io_size cap "
+                  f"{human_bytes(res['plan']['max_cap_bytes_by_bs'][series.label])} after "
+                  f"{p['runtime_s']:.1f} s)")
+    extra = [(r["rate"], r["protected"]) for r in rows
+             if r.get("protected", {}).get("reconnects")]
+    for label, p in extra:
+        print(f"{label}: replication reconnected {p['reconnects']} time(s); last error: "
+              f"{p.get('last_error')}")
+    wire = [f"{r['rate']} {r['protected']['wire_bytes_sent'] / r['protected']['bytes_sent']:.2f}"
+            for r in rows if r.get("protected", {}).get("wire_bytes_sent")
+            and r["protected"].get("bytes_sent")]
+    if wire:
+        print("wire bytes / record bytes shipped (compression): " + ", ".join(wire))
+
+
 def print_report(res, args):
     bars, errors = [], []
     print()
-    print(f"osrd replication benchmark: disk {human_bytes(args.size)}, fio {args.rw} bs=1M "
-          f"iodepth={args.iodepth}, {args.runtime} s (+{args.ramp_time} s ramp) per run, "
+    print(f"osrd replication benchmark: disk {human_bytes(args.size)}, fio {args.rw} bs="
+          f"{','.join(bs_label(b) for b in args.bs)}, "
           f"{'' if args.compress_pct is None else f'{args.compress_pct}% compressible data, '}"
           f"replication over {'TLS' if args.tls else 'plain TCP'}"
           f"{'' if args.compression == 'default' else f' compression {args.compression}'}, "
           "127.0.0.1, "
           f"{os.cpu_count()} CPUs")
-    if "churn" in res:
-        rows = res["churn"]
-        print()
-        print(f"{'':<20}{'fio MB/s':^30}{'RPO s (every 100 ms)':^24}{'':>8}"
-              f"{'repl MB/s':^14}{'fio p99 ms':^14}")
-        print(f"{'fio --rate':<20}{'prot':>8}{'unprot':>8}{'prot/unprot':>14}"
-              f"{'p50':>8}{'p99':>8}{'max':>8}{'drain s':>8}"
-              f"{'in fio':>7}{'all':>7}{'prot':>7}{'unprot':>7}{'CPU p+r s':>11}"
-              f"{'samples':>8}")
-        for row in rows:
-            label = row["rate"] if row["rate_bytes_per_s"] is None else \
-                f"{row['rate']} ({row['target_mb_s']:.1f} MB/s)"
-            p, u = row.get("protected", {}), row.get("unprotected", {})
-            ratio = (p["mb_s"] / u["mb_s"]) if "mb_s" in p and u.get("mb_s") else None
-            cpu = (f"{p['primary_cpu_s']:.1f}+{p['recovery_cpu_s']:.1f}"
-                   if "primary_cpu_s" in p and "recovery_cpu_s" in p else "-")
-            print(f"{label:<20}"
-                  f"{fmt_s(p.get('mb_s'), 1):>8}{fmt_s(u.get('mb_s'), 1):>8}"
-                  f"{(f'{ratio:.2f}x' if ratio else '-'):>14}"
-                  f"{fmt_s(p.get('rpo_p50_s')):>8}{fmt_s(p.get('rpo_p99_s')):>8}"
-                  f"{fmt_s(p.get('rpo_max_s')):>8}{fmt_s(p.get('drain_s')):>8}"
-                  f"{fmt_s(p.get('repl_during_fio_mb_s'), 0):>7}"
-                  f"{fmt_s(p.get('repl_mb_s'), 0):>7}"
-                  f"{fmt_s(p.get('clat_p99_ms'), 1):>7}{fmt_s(u.get('clat_p99_ms'), 1):>7}"
-                  f"{cpu:>11}{p.get('samples', '-'):>8}")
-            for side in ("protected", "unprotected"):
-                if "error" in row.get(side, {}):
-                    errors.append(f"{row['rate']} {side}: {row[side]['error']}")
-            if p.get("sampler_errors"):
-                errors.append(f"{row['rate']} sampler: {'; '.join(p['sampler_errors'])}")
-            if "runtime_s" in p and row["rate_bytes_per_s"] is None and \
-                    p["runtime_s"] < args.runtime - 0.5:
-                print(f"{'':<20}(the max run stopped at its --io_size cap "
-                      f"{human_bytes(res['plan']['max_cap_bytes'])} after "
-                      f"{p['runtime_s']:.1f} s)")
-        extra = [(r["rate"], r["protected"]) for r in rows
-                 if r.get("protected", {}).get("reconnects")]
-        for label, p in extra:
-            print(f"{label}: replication reconnected {p['reconnects']} time(s); last error: "
-                  f"{p.get('last_error')}")
-        wire = [f"{r['rate']} {r['protected']['wire_bytes_sent'] / r['protected']['bytes_sent']:.2f}"
-                for r in rows if r.get("protected", {}).get("wire_bytes_sent")
-                and r["protected"].get("bytes_sent")]
-        if wire:
-            print("wire bytes / record bytes shipped (compression): " + ", ".join(wire))
+    for series in args.series:
+        if series.key in res:
+            print_churn(series, res[series.key], res, args, errors)
     if "views" in res:
         v = res["views"]
         print()
@@ -944,6 +1102,27 @@ def print_report(res, args):
 
     print()
     print(f"{'bar':<58}{'measured':>32}{'need':>22}  result")
+    for series in args.series:
+        if not series.small or series.key not in res:
+            continue
+        found = small_bar(res[series.key])
+        best, writes_s = found if found else (None, None)
+        if best:
+            p = best["protected"]
+            got = f"{best['rate']}: fio {p['iops']:.0f}/s, p99 {p['rpo_p99_s']:.2f} s"
+            verdict = "PASS" if writes_s >= BAR_SMALL_WRITES_S else "FAIL"
+        else:
+            got, verdict = "no rate", "FAIL"
+        what = f"replicated {series.label} writes, 1 disk: highest rate, p99<=2 s"
+        print(f"{what:<58}{got:>32}{f'>={BAR_SMALL_WRITES_S:.0f}/s':>22}  {verdict}")
+        bars.append({"bar": f"replicated {series.label} random writes",
+                     "need_writes_s": BAR_SMALL_WRITES_S, "need_rpo_p99_s": BAR_RPO_P99_S,
+                     "measured": best and {"rate": best["rate"],
+                                           "writes_s": writes_s,
+                                           "fio_writes_s": best["protected"]["iops"],
+                                           "mb_s": best["protected"]["mb_s"],
+                                           "rpo_p99_s": best["protected"]["rpo_p99_s"]},
+                     "result": verdict})
     if "churn" in res:
         best = churn_bar(res["churn"])
         if best:
@@ -983,24 +1162,44 @@ def print_report(res, args):
 # ---------------------------------------------------------------------------
 
 def plan_bytes(args):
-    """Bytes fio writes in all rate-limited runs, and the io_size cap of each max run."""
-    per_run = args.runtime + args.ramp_time
-    copies = 2 if args.unprotected else 1
-    limited = sum(r * per_run for _, r in args.rates if r is not None) * copies
-    n_max = sum(1 for _, r in args.rates if r is None) * copies
+    """Bytes fio writes in all rate-limited runs, and the io_size cap of each max run
+    (per block size: max_cap_bytes_by_bs; max_cap_bytes is the 1M series')."""
+    limited, small, n_max = 0, 0, 0
+    caps = {}
+    for series in args.series:
+        per_run = series.runtime + series.ramp_time
+        for label, r, _ in series.rates:
+            copies = 2 if label in series.unprotected else 1
+            if r is not None:
+                limited += r * per_run * copies
+                small += r * per_run * copies if series.small else 0
+            elif series.small:
+                caps[series.label] = -(-SMALL_MAX_WRITES_S * series.bs * per_run // MIB) * MIB
+                small += caps[series.label] * copies
+            else:
+                n_max += copies
+    if args.max_written is None:
+        big = any(not se.small for se in args.series)
+        args.max_written = (MAX_WRITTEN_DEFAULT_BYTES if big else 0) + small
     plan = {"limited_bytes": limited, "max_runs": n_max, "max_cap_bytes": None,
-            "budget_bytes": args.max_written}
+            "max_cap_bytes_by_bs": caps, "budget_bytes": args.max_written}
     if "churn" not in args.parts:
         return plan
-    if limited > args.max_written:
-        raise BenchError(f"the rate-limited runs alone write {human_bytes(limited)}, over "
-                         f"--max-written {human_bytes(args.max_written)}: lower --rates or "
+    fixed = limited + sum(caps[se.label] * (2 if "max" in se.unprotected else 1)
+                          for se in args.series if se.label in caps)
+    if fixed > args.max_written:
+        raise BenchError(f"the rate-limited and small-block runs alone write up to "
+                         f"{human_bytes(fixed)}, over --max-written "
+                         f"{human_bytes(args.max_written)}: lower --rates, --iops or "
                          "--runtime, or raise --max-written")
     if n_max:
-        cap = (args.max_written - limited) // n_max // MIB * MIB
+        cap = (args.max_written - fixed) // n_max // MIB * MIB
         if cap < 256 * MIB:
             raise BenchError(f"only {human_bytes(max(cap, 0))} left per max run under "
                              f"--max-written {human_bytes(args.max_written)}")
+        for se in args.series:
+            if not se.small:
+                caps[se.label] = cap
         plan["max_cap_bytes"] = cap
     return plan
 
@@ -1024,6 +1223,18 @@ def main():
     p.add_argument("--ramp-time", dest="ramp_time", type=int, default=None,
                    help="fio ramp seconds (default 2, 1 with --quick)")
     p.add_argument("--iodepth", type=int, default=8, help="fio iodepth (default 8)")
+    p.add_argument("--bs", type=parse_bs_list, default=[MIB],
+                   help="fio block sizes, one series of runs each (default 1M; e.g. 4k or "
+                        "1M,4k). Sizes under 64k use --iops, --small-iodepth and "
+                        "--small-runtime")
+    p.add_argument("--iops", type=parse_iops, default=None,
+                   help="fio --rate_iops targets (writes/s) for block sizes under 64k "
+                        "(default 5000,10000,25000,40000,max; --quick 10000,25000,max)")
+    p.add_argument("--small-iodepth", dest="small_iodepth", type=int, default=16,
+                   help="fio iodepth for block sizes under 64k (default 16)")
+    p.add_argument("--small-runtime", dest="small_runtime", type=int, default=None,
+                   help="seconds per fio run for block sizes under 64k (default 10, 5 with "
+                        "--quick; ramp: --ramp-time)")
     p.add_argument("--rw", choices=("randwrite", "write"), default="randwrite",
                    help="fio rw (default randwrite)")
     p.add_argument("--no-unprotected", dest="unprotected", action="store_false",
@@ -1031,9 +1242,9 @@ def main():
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_DEFAULT_S,
                    help="seconds to wait for the recovery site to catch up after fio "
                         f"(default {DRAIN_TIMEOUT_DEFAULT_S:.0f})")
-    p.add_argument("--max-written", type=parse_size, default=40 * 10**9,
+    p.add_argument("--max-written", type=parse_size, default=None,
                    help="bound on the sum of bytes fio writes over all runs "
-                        "(default 40 GB)")
+                        "(default 40 GB + what the small block sizes' runs write)")
     p.add_argument("--view-sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
                    default=[1 << 30, 100 << 30],
                    help="disk sizes for the view timing (default 1G,100G)")
@@ -1061,14 +1272,23 @@ def main():
     if args.rates is None:
         args.rates = parse_rates("100m,200m,max" if args.quick else
                                  "50m,100m,200m,300m,max")
+    if args.iops is None:
+        args.iops = parse_iops("10000,25000,max" if args.quick else
+                               "5000,10000,25000,40000,max")
     if args.runtime is None:
         args.runtime = 5 if args.quick else 15
+    if args.small_runtime is None:
+        args.small_runtime = 5 if args.quick else 10
     if args.ramp_time is None:
         args.ramp_time = 1 if args.quick else 2
     if args.compress_pct is not None and not 0 <= args.compress_pct <= 99:
         p.error("--compress-pct must be 0..99")
-    if args.runtime < 1 or args.ramp_time < 0 or not 1 <= args.iodepth <= 256:
-        p.error("--runtime must be >= 1, --ramp-time >= 0, --iodepth 1..256")
+    if args.runtime < 1 or args.small_runtime < 1 or args.ramp_time < 0 or \
+            not 1 <= args.iodepth <= 256 or not 1 <= args.small_iodepth <= 256:
+        p.error("--runtime and --small-runtime must be >= 1, --ramp-time >= 0, --iodepth "
+                "and --small-iodepth 1..256")
+    args.small_ramp_time = args.ramp_time
+    args.series = make_series(args)
     if args.size < (64 << 20) or args.size % MIB:
         p.error("--size must be a multiple of 1 MiB and at least 64M")
     if args.view_reps < 1 or any(s < 2 * MIB or s % MIB for s in args.view_sizes):
@@ -1092,9 +1312,8 @@ def main():
         plan = plan_bytes(args)
         os.makedirs(args.dir, exist_ok=True)
         if "churn" in args.parts:
-            per_run = args.runtime + args.ramp_time
-            biggest = max([r * per_run for _, r in args.rates if r is not None] +
-                          [plan["max_cap_bytes"] or 0])
+            biggest = max([run_bytes(se, r, plan["max_cap_bytes_by_bs"].get(se.label, 0))
+                           for se in args.series for r in se.rates])
             need = 2 * biggest + args.size + FREE_MARGIN_BYTES
             if free_bytes(args.dir) < need:
                 raise BenchError(f"{args.dir} has {human_bytes(free_bytes(args.dir))} free; "
@@ -1113,7 +1332,7 @@ def main():
     load_start = os.getloadavg()
     try:
         log(f"replication_bench: work dir {root}; fio writes at most "
-            f"{human_bytes(plan['limited_bytes'] + (plan['max_cap_bytes'] or 0) * plan['max_runs'])}"
+            f"{human_bytes(plan['budget_bytes'])}"
             f" in all")
         tls = make_certs(os.path.join(root, "tls")) if args.tls else {}
         primary = Site(osrd, "primary", root, tls.get("primary"))
@@ -1128,7 +1347,8 @@ def main():
                 raise BenchError(f"site {s.name} says its replication is unencrypted "
                                  f"although --tls gave it certificates\n{s.log_tail()}")
         if "churn" in args.parts:
-            res["churn"] = bench_churn(primary, recovery, args, plan, root)
+            for series in args.series:
+                res[series.key] = bench_churn(primary, recovery, series, args, plan, root)
         if "views" in args.parts:
             res["views"] = bench_views(primary, recovery, args)
     except BenchError as e:
@@ -1158,6 +1378,9 @@ def main():
                "tls": args.tls, "compression": args.compression,
                "compress_pct": args.compress_pct,
                "rates": [r[0] for r in args.rates], "osrd": osrd,
+               "block_sizes": [bs_label(b) for b in args.bs],
+               "iops_rates": [r[0] for r in args.iops],
+               "small_iodepth": args.small_iodepth, "small_runtime_s": args.small_runtime,
                "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                "results": res, "bars": bars, "errors": errors, "notes": NOTES}
         with open(args.json, "w") as f:

@@ -9,6 +9,15 @@
 // above it is refused too (only the vault raises a store's epoch). Every frame is parsed
 // without throwing (messages.h); a refusal is an ERROR frame with a typed code.
 //
+// Small writes (batching): the RECORDS frames that have arrived behind the one read go
+// into one RecoveryStore::Append — one journal sync — up to kBatchBytesMax (plus the
+// frame that passes it) and kBatchFramesMax frames, and one ACK of the durable seq answers
+// them all (ACKs are cumulative, docs/formats.md). The batch is the store's: all of it is
+// durable and acknowledged, or none of it (the session ends; the sender resends from the
+// durable seq). Waiting is never added: a batch is what came while the last one synced.
+// Memory per session: the read-ahead (FrameReader: 256 KiB, or one frame), the batch's
+// frames and their concatenation — at most 2 x (kBatchBytesMax + one frame's records).
+//
 // Thread model: an acceptor thread and one thread per connection; each thread's entry
 // point catches whatever escapes, logs it and keeps the daemon running. A group has at
 // most one live connection: a new HELLO for it ends the older one first (a sender that
@@ -56,6 +65,18 @@ class Receiver {
   // Ends the group's connection, if any, and waits for it (before its store goes).
   void EndGroup(const std::string& group);
 
+  // Bounds of one batch of RECORDS frames taken into one store append.
+  static constexpr size_t kBatchBytesMax = 16 << 20;  // records' bytes, before the last frame
+  static constexpr size_t kBatchFramesMax = 4096;
+
+  // Counters since the receiver started, over all sessions.
+  struct Stats {
+    uint64_t records_frames = 0;  // RECORDS frames taken
+    uint64_t appends = 0;         // store appends that succeeded (one journal sync each)
+    uint64_t acks = 0;            // ACK frames sent
+  };
+  Stats stats() const;
+
  private:
   struct Conn {
     std::unique_ptr<Stream> stream;
@@ -89,6 +110,17 @@ class Receiver {
   End ServeSession(Stream& s, const Admitted& a);
   // nullopt: the session goes on.
   std::optional<End> HandleFrame(Stream& s, const Admitted& a, const Frame& f);
+  // A session's batching, for its end's log line.
+  struct Tally {
+    uint64_t records_frames = 0;
+    uint64_t appends = 0;
+  };
+  // Appends `first` and the RECORDS frames that have arrived behind it (kBatchBytesMax,
+  // kBatchFramesMax) as one batch, then ACKs the durable seq. A frame of another type
+  // that came behind them is left in *next. `batch`: the session's buffer (reused).
+  std::optional<End> AppendRecords(Stream& s, FrameReader& reader, const Admitted& a, Frame first,
+                                   std::vector<uint8_t>& batch, std::optional<Frame>* next,
+                                   Tally* tally);
 
   StoreLookup lookup_;
   std::shared_ptr<TlsContext> tls_;
@@ -99,6 +131,9 @@ class Receiver {
   std::mutex mu_;
   std::list<std::unique_ptr<Conn>> conns_;                // guarded by mu_
   std::map<std::string, std::unique_ptr<Group>> groups_;  // guarded by mu_
+  std::atomic<uint64_t> records_frames_{0};
+  std::atomic<uint64_t> appends_{0};
+  std::atomic<uint64_t> acks_{0};
 };
 
 }  // namespace osr::replication

@@ -349,7 +349,8 @@ Status Sender::Session() {
   OSR_ASSIGN_OR_RETURN(HelloOk hello_ok, Greet(s));
   uint64_t durable = hello_ok.durable_seq;
   store_differential_ = hello_ok.differential;
-  bool compress = opts_.compress && hello_ok.lz4;
+  // LZ4 when both ends agree, tried only while it pays (wire.h).
+  RecordsCompression compression(opts_.compress && hello_ok.lz4);
   s.SetReadTimeoutMs(0);
   // A store made to receive a first copy (or one whose first copy was cut short) gets the
   // disks' allocated regions, not the whole history of writes. Only when it says so: a
@@ -478,7 +479,7 @@ Status Sender::Session() {
     OSR_ASSIGN_OR_RETURN(size_t n, tailer.Read(frame_bytes, &frame));
     if (n == 0) return size_t{0};
     // Paced on the wire (what goes after compression; wire_bytes_sent counts it).
-    OSR_RETURN_IF_ERROR(WriteRecordsFrame(paced, frame, compress).status());
+    OSR_RETURN_IF_ERROR(WriteRecordsFrame(paced, frame, compression).status());
     std::lock_guard lock(mu_);
     uint64_t last = tailer.next_seq() - 1;
     int64_t first_time;

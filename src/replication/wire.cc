@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <lz4.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/crc32c.h"
@@ -52,28 +53,42 @@ Status WriteFrame(Stream& s, FrameType type, const std::string& payload) {
   return WriteFrame(s, type, {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()});
 }
 
-Result<Frame> ReadFrame(Stream& s) {
-  uint8_t h[kHeaderBytes];
-  OSR_RETURN_IF_ERROR(s.ReadFull(h));
-  uint32_t magic, length, crc;
-  uint16_t type, flags;
+namespace {
+
+struct Header {
+  uint16_t type = 0;
+  uint16_t flags = 0;
+  uint32_t length = 0;  // payload bytes
+  uint32_t crc = 0;
+};
+
+// The header's fields; kCorruption on a bad magic or a length over kFramePayloadMax.
+Result<Header> ParseHeader(const uint8_t* h) {
+  Header out;
+  uint32_t magic;
   std::memcpy(&magic, h, 4);
-  std::memcpy(&type, h + 4, 2);
-  std::memcpy(&flags, h + 6, 2);
-  std::memcpy(&length, h + 8, 4);
-  std::memcpy(&crc, h + 12, 4);
+  std::memcpy(&out.type, h + 4, 2);
+  std::memcpy(&out.flags, h + 6, 2);
+  std::memcpy(&out.length, h + 8, 4);
+  std::memcpy(&out.crc, h + 12, 4);
   if (magic != kFrameMagic) return Corruption(fmt::format("bad frame magic {:#x}", magic));
-  if (length > kFramePayloadMax) return Corruption(fmt::format("frame of {} bytes", length));
-  Frame f;
-  f.type = static_cast<FrameType>(type);
-  f.payload.resize(length);
-  OSR_RETURN_IF_ERROR(s.ReadFull(f.payload));
-  if (Crc32cExtend(Crc32c(h, 12), f.payload) != crc) {
-    return Corruption(fmt::format("frame (type {}, {} bytes) fails its CRC", type, length));
+  if (out.length > kFramePayloadMax)
+    return Corruption(fmt::format("frame of {} bytes", out.length));
+  return out;
+}
+
+// Checks the CRC, type and flags of a frame whose payload has been read (`h`: its header
+// bytes) and decompresses an LZ4 payload.
+Result<Frame> FinishFrame(const uint8_t* h, const Header& hd, std::vector<uint8_t> payload) {
+  if (Crc32cExtend(Crc32c(h, 12), payload) != hd.crc) {
+    return Corruption(fmt::format("frame (type {}, {} bytes) fails its CRC", hd.type, hd.length));
   }
-  bool lz4 = flags == kFlagLz4 && f.type == FrameType::kRecords;
-  if (type < 1 || type > 9 || (flags != 0 && !lz4)) {
-    return Corruption(fmt::format("unknown frame type {} / flags {:#x}", type, flags));
+  Frame f;
+  f.type = static_cast<FrameType>(hd.type);
+  f.payload = std::move(payload);
+  bool lz4 = hd.flags == kFlagLz4 && f.type == FrameType::kRecords;
+  if (hd.type < 1 || hd.type > 9 || (hd.flags != 0 && !lz4)) {
+    return Corruption(fmt::format("unknown frame type {} / flags {:#x}", hd.type, hd.flags));
   }
   if (lz4) {
     uint32_t raw = 0;
@@ -89,6 +104,122 @@ Result<Frame> ReadFrame(Stream& s) {
     f.payload = std::move(out);
   }
   return f;
+}
+
+}  // namespace
+
+Result<Frame> ReadFrame(Stream& s) {
+  uint8_t h[kHeaderBytes];
+  OSR_RETURN_IF_ERROR(s.ReadFull(h));
+  OSR_ASSIGN_OR_RETURN(Header hd, ParseHeader(h));
+  std::vector<uint8_t> payload(hd.length);
+  OSR_RETURN_IF_ERROR(s.ReadFull(payload));
+  return FinishFrame(h, hd, std::move(payload));
+}
+
+bool RecordsCompression::ShouldTry(size_t bytes) {
+  if (!enabled_) return false;
+  if (skip_left_bytes_ == 0) return true;
+  skip_left_bytes_ -= std::min<uint64_t>(skip_left_bytes_, bytes);
+  return false;
+}
+
+void RecordsCompression::Tried(bool paid) {
+  ++frames_tried_;
+  if (paid) {
+    skip_left_bytes_ = 0;
+    skip_next_bytes_ = kSkipBytesMin;
+    return;
+  }
+  skip_left_bytes_ = skip_next_bytes_;
+  skip_next_bytes_ = std::min(skip_next_bytes_ * 2, kSkipBytesMax);
+}
+
+Result<size_t> WriteRecordsFrame(Stream& s, std::span<const uint8_t> payload,
+                                 RecordsCompression& compression) {
+  // A frame too small to try (WriteRecordsFrame's 512 bytes) teaches nothing.
+  if (payload.size() <= 512 || !compression.ShouldTry(payload.size())) {
+    return WriteRecordsFrame(s, payload, false);
+  }
+  OSR_ASSIGN_OR_RETURN(size_t wire, WriteRecordsFrame(s, payload, true));
+  compression.Tried(wire < payload.size() + kHeaderBytes);
+  return wire;
+}
+
+void FrameReader::Reserve(size_t bytes) {
+  if (capacity_ - begin_ >= bytes) return;
+  if (capacity_ >= bytes) {  // room enough once the buffered bytes move to the front
+    std::memmove(buf_.get(), buf_.get() + begin_, buffered());
+  } else {
+    size_t cap = std::max(bytes, kReadAheadBytes);
+    auto grown = std::make_unique_for_overwrite<uint8_t[]>(cap);
+    if (buffered() > 0) std::memcpy(grown.get(), buf_.get() + begin_, buffered());
+    buf_ = std::move(grown);
+    capacity_ = cap;
+  }
+  end_ -= begin_;
+  begin_ = 0;
+}
+
+Result<bool> FrameReader::Fill(bool wait) {
+  OSR_CHECK(end_ < capacity_);  // callers Reserve what they wait for first
+  std::span<uint8_t> room(buf_.get() + end_, capacity_ - end_);
+  if (wait) {
+    OSR_ASSIGN_OR_RETURN(size_t n, s_.ReadSome(room));
+    if (n == 0) return Unavailable("connection closed by peer");
+    end_ += n;
+    return true;
+  }
+  OSR_ASSIGN_OR_RETURN(std::optional<size_t> n, s_.TryReadSome(room));
+  if (!n || *n == 0) return false;  // nothing yet, or the peer left (Read reports it)
+  end_ += *n;
+  return true;
+}
+
+Result<Frame> FrameReader::Take(size_t total) {
+  uint8_t h[kHeaderBytes];
+  std::memcpy(h, buf_.get() + begin_, kHeaderBytes);
+  OSR_ASSIGN_OR_RETURN(Header hd, ParseHeader(h));
+  std::vector<uint8_t> payload(buf_.get() + begin_ + kHeaderBytes, buf_.get() + begin_ + total);
+  begin_ += total;
+  if (begin_ == end_) begin_ = end_ = 0;
+  if (capacity_ > kReadAheadBytes && buffered() <= kReadAheadBytes) {
+    // A large frame passed: back to the read-ahead size.
+    auto small = std::make_unique_for_overwrite<uint8_t[]>(kReadAheadBytes);
+    if (buffered() > 0) std::memcpy(small.get(), buf_.get() + begin_, buffered());
+    buf_ = std::move(small);
+    capacity_ = kReadAheadBytes;
+    end_ -= begin_;
+    begin_ = 0;
+  }
+  return FinishFrame(h, hd, std::move(payload));
+}
+
+Result<Frame> FrameReader::Read() {
+  Reserve(kHeaderBytes);
+  while (buffered() < kHeaderBytes) OSR_RETURN_IF_ERROR(Fill(/*wait=*/true).status());
+  OSR_ASSIGN_OR_RETURN(Header hd, ParseHeader(buf_.get() + begin_));
+  const size_t total = kHeaderBytes + hd.length;
+  Reserve(total);
+  while (buffered() < total) OSR_RETURN_IF_ERROR(Fill(/*wait=*/true).status());
+  return Take(total);
+}
+
+Result<std::optional<Frame>> FrameReader::TryRead() {
+  if (buffered() < kHeaderBytes) {
+    Reserve(kHeaderBytes);
+    OSR_RETURN_IF_ERROR(Fill(/*wait=*/false).status());
+    if (buffered() < kHeaderBytes) return std::optional<Frame>();
+  }
+  OSR_ASSIGN_OR_RETURN(Header hd, ParseHeader(buf_.get() + begin_));
+  const size_t total = kHeaderBytes + hd.length;
+  Reserve(total);
+  while (buffered() < total) {
+    OSR_ASSIGN_OR_RETURN(bool more, Fill(/*wait=*/false));
+    if (!more) return std::optional<Frame>();
+  }
+  OSR_ASSIGN_OR_RETURN(Frame f, Take(total));
+  return std::optional<Frame>(std::move(f));
 }
 
 std::vector<uint8_t> EncodeU64(uint64_t v) {
