@@ -40,6 +40,9 @@ Status RemoveCutFile(const std::string& dir) {
   return SyncDir(dir);
 }
 
+// The smallest segment CaptureLog::Open makes to keep segments below a quarter of the limit.
+constexpr uint64_t kSegmentBytesMin = 256 << 10;
+
 }  // namespace
 
 Result<std::unique_ptr<CaptureLog>> CaptureLog::Open(const CaptureLogOptions& opts,
@@ -47,7 +50,15 @@ Result<std::unique_ptr<CaptureLog>> CaptureLog::Open(const CaptureLogOptions& op
   std::error_code ec;
   std::filesystem::create_directories(opts.dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
-  std::unique_ptr<CaptureLog> log(new CaptureLog(opts, std::move(on_written)));
+  CaptureLogOptions o = opts;
+  if (o.log_bytes_max != UINT64_MAX) {
+    // Segments well below the limit: only whole segments are trimmed, and the one being
+    // written never is; a segment near the limit would keep the log over it with records
+    // the recovery site already has (then not even a resync's end mark fits).
+    o.segment_bytes_target =
+        std::min(o.segment_bytes_target, std::max<uint64_t>(kSegmentBytesMin, o.log_bytes_max / 4));
+  }
+  std::unique_ptr<CaptureLog> log(new CaptureLog(o, std::move(on_written)));
   OSR_RETURN_IF_ERROR(log->Recover());
   log->writer_ = std::thread([p = log.get()] { p->WriterLoop(); });
   return log;

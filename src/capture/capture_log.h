@@ -53,10 +53,12 @@ struct CaptureLogOptions {
   std::string dir;
   uint64_t disk_bytes = 0;
   uint64_t epoch = 1;
-  uint64_t segment_bytes_target = 64ull << 20;  // roll to a new segment past this
-  size_t buffer_bytes_max = 16ull << 20;        // appenders wait beyond this
-  size_t writeout_bytes_min = 1ull << 20;       // the writer wakes at this much
-  uint64_t first_seq = 1;                       // of a new, empty log
+  // Roll to a new segment past this (at most a quarter of log_bytes_max, at least 256 KiB:
+  // Open clamps it).
+  uint64_t segment_bytes_target = 64ull << 20;
+  size_t buffer_bytes_max = 16ull << 20;   // appenders wait beyond this
+  size_t writeout_bytes_min = 1ull << 20;  // the writer wakes at this much
+  uint64_t first_seq = 1;                  // of a new, empty log
   // The capture-log limit: past it the log stops taking records ("overflow") and the
   // caller's dirty-region bitmap keeps track instead, until ResumeAfterOverflow().
   uint64_t log_bytes_max = UINT64_MAX;

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "capture/log_reader.h"
+#include "store/failover_disk.h"
 #include "common/crc32c.h"
 
 namespace osr::store {
@@ -738,6 +739,13 @@ TEST_F(RecoveryStoreTest, AFoldStepLetsReadsOfLaterSeqsGoOn) {
   ASSERT_GT(segments_before, 4u);
   const uint64_t pin = 220;
   ASSERT_TRUE(store->Pin(pin).ok());
+  // A failed-over VM's disk at a later point, written in one region, read in all.
+  const uint64_t failover_seq = 260;
+  auto disk = FailoverDisk::Open(dir_ + "-failover.img", store, 1, failover_seq, 4096).value();
+  std::vector<uint8_t> own(4096, 0x5A);
+  ASSERT_TRUE(disk->Write(8192, own).ok());
+  std::vector<uint8_t> failover_model = h.states[failover_seq][1];
+  std::copy(own.begin(), own.end(), failover_model.begin() + 8192);
   int steps = 0;
   std::string failures;
   store->SetFoldStepHookForTest([&](uint64_t target) {
@@ -748,6 +756,9 @@ TEST_F(RecoveryStoreTest, AFoldStepLetsReadsOfLaterSeqsGoOn) {
       for (uint64_t seq : {target, (target + h.last()) / 2, pin, h.last()}) {
         for (uint32_t d = 0; d < 2; ++d) failures += h.Check(*store, seq, d);
       }
+      std::vector<uint8_t> got(h.kBytes);
+      Status st = disk->Read(0, got);
+      if (!st.ok() || got != failover_model) failures += "the failover disk reads wrong; ";
       // Below the step: refused, never wrong.
       if (target > 1) {
         std::vector<uint8_t> got(16);
@@ -766,6 +777,9 @@ TEST_F(RecoveryStoreTest, AFoldStepLetsReadsOfLaterSeqsGoOn) {
     for (uint32_t d = 0; d < 2; ++d) EXPECT_EQ(h.Check(*store, seq, d), "");
   }
   store->Unpin(pin);
+  disk.reset();
+  fs::remove(dir_ + "-failover.img");
+  fs::remove(dir_ + "-failover.img.cow");
 }
 
 // A fold step cut short after its records reached the base (a crash there, here a failing
