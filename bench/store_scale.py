@@ -65,7 +65,8 @@ writes/s per disk) are measured by bench/replication_bench.py's 4 KiB part (--bs
 here; the report's fio IOPS and RPO columns are at an unlimited rate, for orientation.
 
 Goals (PASS/FAIL; they do not fail the run unless --strict):
-  RSS (VmRSS) after the largest churn <= 1.2 x RSS after the smallest, both in MB
+  RSS (VmRSS) after the largest churn <= 1.2 x RSS after the smallest, both in MB (the
+  recovery site runs with store_index_cache_bytes = --index-cache, default 16M)
   (default run: 16 GiB vs 1 GiB); restart to first read <= 2 s at every size; at every
   size, the oldest point's read p50 and p99 <= 2 x the newest point's; the journal after
   compaction <= 1.1 x the distinct data per kept point.
@@ -141,7 +142,8 @@ VM = "vm1"
 
 NOTES = [
     "churn is cumulative: each row holds all churn so far plus the fill; 'written' = fill + "
-    "fio bytes; journal = allocated bytes of the store's journal/ folder.",
+    "fio bytes; journal = allocated bytes of the store's journal/ and history/ folders (its "
+    "version index, index/, not counted).",
     "RSS/anon/HWM: the recovery osrd's /proc/PID/status after the drain (MB = 10^6 bytes); "
     "the restart table's RSS/HWM are the new process's, right after its first reads.",
     "restart times count from the exec of the new process: 'ready' its 'osrd: ready' line, "
@@ -215,9 +217,11 @@ class BenchSite(rb.Site):
     site without TLS now needs) and, with fixed_ports, its ports chosen once so the
     primary's sender finds it again after a restart."""
 
-    def __init__(self, osrd, name, root, fixed_ports=False):
+    def __init__(self, osrd, name, root, fixed_ports=False, index_cache=None):
         super().__init__(osrd, name, root)
         text = read_file_text(self.config)
+        if index_cache:
+            text += f"store_index_cache_bytes = {index_cache}\n"
         if fixed_ports:
             for key, port in zip(("nbd_listen", "replication_listen", "api_listen"),
                                  free_ports(3)):
@@ -382,10 +386,18 @@ def journal_dir(recovery):
 
 
 def journal_bytes(recovery):
+    """The store's history on disk: its journal and its compacted history files
+    (history/, made by compaction); the index is counted apart (index_bytes)."""
     path = journal_dir(recovery)
     if not os.path.isdir(path):
         raise BenchError(f"the store's journal is not at {path}")
-    return rb.dir_bytes(path)
+    history = os.path.join(os.path.dirname(path), "history")
+    return rb.dir_bytes(path) + (rb.dir_bytes(history) if os.path.isdir(history) else 0)
+
+
+def index_bytes(recovery):
+    path = os.path.join(os.path.dirname(journal_dir(recovery)), "index")
+    return rb.dir_bytes(path) if os.path.isdir(path) else 0
 
 
 def wait_connected(primary, timeout_s):
@@ -760,7 +772,9 @@ def print_report(res, args, errors):
 
 def run(args, osrd, root, res, errors):
     primary = BenchSite(osrd, "primary", root)
-    recovery = BenchSite(osrd, "recovery", root, fixed_ports=True)
+    recovery = BenchSite(osrd, "recovery", root, fixed_ports=True,
+                         index_cache=args.index_cache)
+    log(f"recovery site: store_index_cache_bytes = {human_bytes(args.index_cache)}")
     sites = [primary, recovery]
     try:
         primary.start()
@@ -827,6 +841,10 @@ def main():
     p.add_argument("--disk", type=parse_size, default=2 << 30,
                    help="size of the primary's disk (default 2G: the churn overwrites)")
     p.add_argument("--iodepth", type=int, default=16, help="fio iodepth (default 16)")
+    p.add_argument("--index-cache", type=parse_size, default=16 << 20,
+                   help="the recovery site's store_index_cache_bytes (default 16M: full "
+                        "already at the smallest churn, so the RSS ratio compares like with "
+                        "like)")
     p.add_argument("--reads", type=int, default=2000,
                    help="4 KiB reads per point for the latency figures (default 2000)")
     p.add_argument("--json", help="write the results to this file")
