@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "capture/log_reader.h"
 #include "common/crc32c.h"
@@ -25,6 +26,7 @@ constexpr uint64_t kHistoryFileBytes = 64ull << 20;  // a history file rolls pas
 constexpr uint32_t kHistoryRecordsMax = 0xFFFF;      // records per file (sub's low half)
 constexpr uint64_t kPartBytesMax = 1 << 20;          // contiguous parts merge up to this
 constexpr size_t kWriteBufferBytes = 4 << 20;
+constexpr size_t kWindowParts = 1 << 18;  // parts sorted by their source at a time
 
 // The index's sub of the n-th record (from 1) of history file `id`.
 uint32_t HistorySub(uint64_t id, uint32_t n) {
@@ -281,7 +283,7 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
   }
   Status st;
   uint64_t prev = lo;
-  std::vector<uint8_t> payload, piece;
+  std::vector<uint8_t> payload;
   std::vector<RecordRef> refs;
   for (uint64_t k : bounds) {
     // The chunks the interval's records touched, per disk.
@@ -299,61 +301,67 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
       auto& cs = chunks[d];
       std::sort(cs.begin(), cs.end());
       cs.erase(std::unique(cs.begin(), cs.end()), cs.end());
-      // Pending extent: contiguous parts of one kind merge (up to kPartBytesMax).
-      uint64_t p_off = 0, p_len = 0;
-      RecordKind p_kind = RecordKind::kWrite;
-      auto put = [&]() -> Status {
-        if (p_len == 0) return Status::Ok();
-        Status s = w.Put(d, p_off, p_len, p_kind,
-                         p_kind == RecordKind::kWrite ? std::span<const uint8_t>(payload)
-                                                      : std::span<const uint8_t>(),
-                         &refs);
-        p_len = 0;
-        payload.clear();
-        return s;
+      std::vector<ReadPart> parts;
+      // A window of parts at a time, taken in the order of their bytes in the journal (and
+      // older history files): the sources are read nearly sequentially, not at random.
+      // Their entries go in after the window: they lie in its chunks, at seq k, which no
+      // later Collect (other chunks, or from k on) reads.
+      auto flush = [&]() -> Status {
+        auto source = [](const ReadPart& p) {
+          bool zero = p.record.kind != RecordKind::kWrite;
+          return std::tuple(zero, !zero && p.record.history, zero ? 0 : p.record.segment_first_seq,
+                            zero ? p.offset : p.record.payload_pos + (p.offset - p.record.offset));
+        };
+        std::sort(parts.begin(), parts.end(),
+                  [&](const ReadPart& a, const ReadPart& b) { return source(a) < source(b); });
+        // A pending extent: parts that follow each other on the disk and in one record's
+        // payload (a record split at chunk bounds), or zeros, merge up to kPartBytesMax.
+        const ReadPart* first = nullptr;
+        uint64_t p_len = 0;
+        auto put = [&]() -> Status {
+          if (first == nullptr) return Status::Ok();
+          bool zero = first->record.kind != RecordKind::kWrite;
+          payload.resize(zero ? 0 : p_len);
+          if (!zero) OSR_RETURN_IF_ERROR(ReadPayload(first->record, first->offset, payload));
+          OSR_RETURN_IF_ERROR(w.Put(d, first->offset, p_len,
+                                    zero ? RecordKind::kZero : RecordKind::kWrite, payload, &refs));
+          first = nullptr;
+          p_len = 0;
+          return Status::Ok();
+        };
+        for (const ReadPart& part : parts) {
+          bool joins =
+              first != nullptr && part.offset == first->offset + p_len &&
+              p_len + part.length <= kPartBytesMax &&
+              (first->record.kind != RecordKind::kWrite
+                   ? part.record.kind != RecordKind::kWrite
+                   : part.record.kind == RecordKind::kWrite &&
+                         part.record.history == first->record.history &&
+                         part.record.segment_first_seq == first->record.segment_first_seq &&
+                         part.record.payload_pos == first->record.payload_pos);
+          if (!joins) {
+            OSR_RETURN_IF_ERROR(put());
+            first = &part;
+          }
+          p_len += part.length;
+        }
+        OSR_RETURN_IF_ERROR(put());
+        parts.clear();
+        Status added = index_->Add(refs, /*advance=*/false);
+        refs.clear();
+        return added;
       };
       for (uint64_t c : cs) {
         uint64_t off = c * VersionIndex::kChunkBytes;
         uint64_t len = std::min(VersionIndex::kChunkBytes, disks_[d].size_bytes - off);
-        std::vector<ReadPart> parts;
         st = index_->Collect(d, off, len, prev, k, &parts);
         if (!st.ok()) break;
-        std::sort(parts.begin(), parts.end(),
-                  [](const ReadPart& a, const ReadPart& b) { return a.offset < b.offset; });
-        for (const ReadPart& part : parts) {
-          RecordKind kind =
-              part.record.kind == RecordKind::kWrite ? RecordKind::kWrite : RecordKind::kZero;
-          bool joins = p_len != 0 && kind == p_kind && part.offset == p_off + p_len &&
-                       p_len + part.length <= kPartBytesMax;
-          if (!joins) {
-            st = put();
-            if (!st.ok()) break;
-            p_off = part.offset;
-            p_kind = kind;
-          }
-          if (kind == RecordKind::kWrite) {
-            piece.resize(part.length);
-            st = ReadPayload(part.record, part.offset, piece);
-            if (!st.ok()) break;
-            payload.insert(payload.end(), piece.begin(), piece.end());
-          }
-          p_len += part.length;
-        }
-        if (!st.ok()) break;
-        // The entries of this chunk's extents go in now: they lie in chunks already done,
-        // at seq k, which no later Collect of this interval (other chunks) or of a later
-        // one (from k) reads.
-        if (refs.size() >= 4096) {
-          st = index_->Add(refs, /*advance=*/false);
-          refs.clear();
+        if (parts.size() >= kWindowParts) {
+          st = flush();
           if (!st.ok()) break;
         }
       }
-      if (st.ok()) st = put();
-      if (st.ok()) {
-        st = index_->Add(refs, /*advance=*/false);
-        refs.clear();
-      }
+      if (st.ok()) st = flush();
     }
     if (st.ok()) st = w.Finish();
     for (uint64_t id : w.ids()) files->push_back({id, k});
