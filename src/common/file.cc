@@ -14,6 +14,8 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
+#include <shared_mutex>
 #include <vector>
 
 namespace osr {
@@ -149,6 +151,15 @@ void PowerLossSyncPoint(const std::string& path) {
   if (cb) cb(k, path);
 }
 
+// Writes under a recorder wait while an image reads the files as they are now
+// (WritePowerLossImageForTest with writeback); they hold this shared.
+std::shared_mutex power_write_mu;
+
+std::shared_lock<std::shared_mutex> HoldWrites() {
+  if (!PowerLossOn()) return {};
+  return std::shared_lock(power_write_mu);
+}
+
 // After a file's sync: its content is durable.
 void PowerLossFileSynced(const std::string& path, int fd) {
   if (!PowerLossOn()) return;
@@ -260,9 +271,40 @@ uint64_t PowerLossSyncPointsForTest() {
   return recorder ? recorder->points : 0;
 }
 
-Status WritePowerLossImageForTest(const std::string& to) {
+namespace {
+
+// Writeback (WritePowerLossImageForTest): `synced` with each kWritebackBlockBytes block of
+// `now` that differs from it taken or not by a coin; the size grows to the end of the last
+// block taken past it, or is now's when it shrank and a coin says the truncation arrived.
+std::shared_ptr<const std::string> MixWriteback(const std::string& synced, const std::string& now,
+                                                std::mt19937_64& rng) {
+  constexpr size_t kWritebackBlockBytes = 4096;
+  std::string out = synced;
+  size_t end = synced.size();
+  for (size_t at = 0; at < now.size(); at += kWritebackBlockBytes) {
+    size_t n = std::min(kWritebackBlockBytes, now.size() - at);
+    bool differs = at + n > synced.size() || synced.compare(at, n, now, at, n) != 0;
+    if (!differs || rng() % 2 == 0) continue;
+    if (out.size() < at + n) out.resize(at + n, '\0');
+    out.replace(at, n, now, at, n);
+    end = std::max(end, at + n);
+  }
+  if (now.size() < synced.size() && rng() % 2 == 0) end = now.size();
+  out.resize(end);
+  return std::make_shared<const std::string>(std::move(out));
+}
+
+}  // namespace
+
+Status WritePowerLossImageForTest(
+    const std::string& to, uint64_t writeback_seed,
+    const std::function<bool(const std::string& path)>& writeback_if) {
   // A copy of the durable tree, taken under the lock (contents are shared, immutable);
-  // written out without it (the writes pass through the seam).
+  // written out without it (the writes pass through the seam). With writeback, writers
+  // wait while the files are read as they are now.
+  std::unique_lock<std::shared_mutex> writes_wait;
+  if (writeback_seed != 0) writes_wait = std::unique_lock(power_write_mu);
+  std::mt19937_64 rng(writeback_seed);
   struct Item {
     std::string path;  // relative
     bool dir;
@@ -280,10 +322,24 @@ Status WritePowerLossImageForTest(const std::string& to) {
             if (!ModelledLocked(root + path)) continue;
             items.push_back({path, child->dir, child->content});
             if (child->dir) walk(*child, path);
+            if (child->dir || writeback_seed == 0) continue;
+            if (writeback_if && !writeback_if(path)) continue;
+            // The file as it is now, when its durable name still names its inode.
+            auto key = KeyOfPath(root + path);
+            auto live = key ? recorder->live.find(key->first) : recorder->live.end();
+            if (live == recorder->live.end() || live->second != child) continue;
+            int fd = ::open((root + path).c_str(), O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            Fd owner(fd);
+            auto now = ReadAll(fd);
+            static const std::string kEmpty;
+            items.back().content =
+                MixWriteback(child->content ? *child->content : kEmpty, *now, rng);
           }
         };
     walk(*recorder->root, "");
   }
+  if (writes_wait.owns_lock()) writes_wait.unlock();  // the image's own writes go on
   std::error_code ec;
   if (!std::filesystem::create_directory(to, ec)) {
     return Status::FromErrno(ec ? ec.value() : EEXIST, "create image " + to);
@@ -397,6 +453,10 @@ Status RawPWrite(int fd, const std::string& path, uint64_t offset, std::span<con
 }  // namespace
 
 Status File::PWrite(uint64_t offset, std::span<const uint8_t> data) {
+  if (test_hooks.load(std::memory_order_relaxed) == 0) {
+    return RawPWrite(fd_.get(), path_, offset, data);
+  }
+  auto held = HoldWrites();
   int fault_err = 0;
   size_t allowed = FaultAllows(path_, data.size(), &fault_err);
   if (fault_err != 0) {
@@ -410,8 +470,8 @@ Status File::PWrite(uint64_t offset, std::span<const uint8_t> data) {
 }
 
 Status File::PWriteV(uint64_t offset, struct iovec* iov, int iovcnt) {
-  if (test_hooks.load(std::memory_order_relaxed) & kHookFault) {
-    // Under a test fault: one PWrite per iovec, so that the fault cuts where it should.
+  if (test_hooks.load(std::memory_order_relaxed) != 0) {
+    // Under a test hook: one PWrite per iovec, so that a fault cuts where it should.
     for (int i = 0; i < iovcnt; ++i) {
       OSR_RETURN_IF_ERROR(
           PWrite(offset, {static_cast<const uint8_t*>(iov[i].iov_base), iov[i].iov_len}));
@@ -441,6 +501,7 @@ Status File::PWriteV(uint64_t offset, struct iovec* iov, int iovcnt) {
 }
 
 Status File::Truncate(uint64_t size) {
+  auto held = HoldWrites();
   if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) {
     return Status::FromErrno(errno, "truncate " + path_);
   }
@@ -470,6 +531,7 @@ Status File::Sync() {
 }
 
 Status File::PunchHole(uint64_t offset, uint64_t length) {
+  auto held = HoldWrites();
   if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                   static_cast<off_t>(length)) != 0) {
     return Status::FromErrno(errno, fmt::format("punch hole {} at {}+{}", path_, offset, length));
@@ -478,6 +540,7 @@ Status File::PunchHole(uint64_t offset, uint64_t length) {
 }
 
 Status File::ZeroRange(uint64_t offset, uint64_t length) {
+  auto held = HoldWrites();
   if (::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                   static_cast<off_t>(length)) != 0) {
     return Status::FromErrno(errno, fmt::format("zero range {} at {}+{}", path_, offset, length));

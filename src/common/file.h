@@ -160,9 +160,16 @@ struct PowerLossOptions {
 void StartPowerLossRecorderForTest(PowerLossOptions options);
 void StopPowerLossRecorderForTest();
 // Writes the tree a power loss now would leave under the recorder's root to `to` (created;
-// it must not exist), excluded trees left out. kFailedPrecondition without a recorder; the
-// file system's errors.
-Status WritePowerLossImageForTest(const std::string& to);
+// it must not exist), excluded trees left out. With writeback_seed != 0, the other face
+// of a power loss: besides what was synced, each 4 KiB block of a file that differs now
+// from its synced content did or did not reach the disk (a seeded coin per block: a page
+// cache writing back, a drive's cache reordering), so a file may hold a later block without
+// an earlier one; names stay as synced. Writers under the root wait meanwhile.
+// `writeback_if` (path relative to the root, as "/journal/x.log"), when given, picks the
+// files this applies to. kFailedPrecondition without a recorder; the file system's errors.
+Status WritePowerLossImageForTest(
+    const std::string& to, uint64_t writeback_seed = 0,
+    const std::function<bool(const std::string& path)>& writeback_if = {});
 // The sync points the recorder has seen so far.
 uint64_t PowerLossSyncPointsForTest();
 

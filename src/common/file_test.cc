@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 
 namespace osr {
@@ -142,6 +143,28 @@ TEST_F(PowerLossModel, ExcludedTreesAreLeftOutAndPathsOutsideTheRootAreNotSyncPo
   auto image = Image();
   EXPECT_EQ(image.count("index"), 0u);
   EXPECT_EQ(image["old"], "old");
+}
+
+TEST_F(PowerLossModel, WritebackImagesTakeAnySubsetOfTheUnsyncedBlocks) {
+  StartPowerLossRecorderForTest({.root = root_.string(), .excluded = {}, .on_sync_point = {}});
+  File f = Put("log", std::string(4096, 'a'));
+  ASSERT_TRUE(f.DataSync().ok());
+  ASSERT_TRUE(SyncDir(root_.string()).ok());
+  std::string more = std::string(4096, 'b') + std::string(4096, 'c');
+  ASSERT_TRUE(f.PWrite(4096, {reinterpret_cast<const uint8_t*>(more.data()), more.size()}).ok());
+  std::set<std::string> seen;
+  for (uint64_t seed = 1; seed <= 64; ++seed) {
+    fs::path to = top_ / ("writeback-" + std::to_string(seed));
+    ASSERT_TRUE(WritePowerLossImageForTest(to.string(), seed).ok());
+    std::string text = ReadSmallFile((to / "log").string(), 1 << 20).value();
+    ASSERT_EQ(text.substr(0, 4096), std::string(4096, 'a'));  // synced: always there
+    std::string shape;
+    for (size_t at = 4096; at < text.size(); at += 4096) shape += text[at] == 0 ? '0' : text[at];
+    seen.insert(shape);
+  }
+  // Nothing, b, b then c, and c after a hole.
+  EXPECT_EQ(seen, (std::set<std::string>{"", "b", "bc", "0c"}));
+  EXPECT_EQ(Image()["log"], std::string(4096, 'a'));  // without writeback: the synced only
 }
 
 }  // namespace

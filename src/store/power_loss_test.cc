@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <set>
@@ -32,7 +33,7 @@ using capture::RecordKind;
 
 // Two small disks (several 64 KiB index chunks each), so that a full read of every held
 // seq of every image stays cheap.
-const std::vector<StoreDisk> kDisks = {{"a", 192 << 10}, {"b", 128 << 10}};
+const std::vector<StoreDisk> kDisks = {{"a", 160 << 10}, {"b", 96 << 10}};
 // Records the run never appends, for the appends after each recovery.
 constexpr uint64_t kSpareRecords = 3;
 
@@ -93,7 +94,7 @@ Script MakeScript(uint32_t seed, int appends) {
     r.disk = static_cast<uint32_t>(pick(0, 1));
     uint64_t size = kDisks[r.disk].size_bytes;
     r.kind = pick(0, 5) == 0 ? RecordKind::kZero : RecordKind::kWrite;
-    r.length = pick(1, 40 << 10);
+    r.length = pick(1, 24 << 10);
     r.offset = pick(0, size - r.length);
     if (r.kind == RecordKind::kWrite) {
       r.payload.resize(r.length);
@@ -292,7 +293,8 @@ class PowerLossTest : public ::testing::Test {
     if (failures_ >= kFailuresMax) return;
     Promised p = Snapshot();
     const std::string image = fmt::format("{}/image-{}", top_, k);
-    Status st = WritePowerLossImageForTest(image);
+    Status st = WritePowerLossImageForTest(image, writeback_ == 0 ? 0 : writeback_ * 100003 + k,
+                                           writeback_if_);
     if (!st.ok()) {
       Fail(k, p, "image: " + st.ToString());
       return;
@@ -374,6 +376,8 @@ class PowerLossTest : public ::testing::Test {
   Promised promised_;  // guarded by mu_
   std::vector<std::string> saved_;
   int failures_ = 0;
+  uint64_t writeback_ = 0;  // not 0: unsynced blocks may arrive too (seeded)
+  std::function<bool(const std::string&)> writeback_if_;  // of these files (all: empty)
   uint64_t checked_ = 0;
 };
 
@@ -391,6 +395,30 @@ TEST_F(PowerLossTest, EverySyncPointOfAShortHistoryRecovers) {
               secs);
 }
 
+// The same with the other face of a power loss: blocks written but not synced may have
+// reached the disk, any of them (a base half folded, a store.json.tmp half written).
+TEST_F(PowerLossTest, EverySyncPointRecoversWhenUnsyncedBlocksArrivePartly) {
+  writeback_ = 1;
+  writeback_if_ = [](const std::string& path) { return !path.starts_with("/journal/"); };
+  Script s = MakeScript(13, 48);
+  uint64_t n = Run(s, {}, /*check_all=*/true);
+  EXPECT_GT(n, 60u);
+  EXPECT_EQ(checked_, n);
+}
+
+// ... and of the journal: a write-out's blocks reach the disk in any order (O_DIRECT, a
+// drive's volatile cache), so a torn record can have whole records after it.
+// DISABLED: CaptureLog::Recover takes a damaged record followed by a valid one for damage
+// in the middle of the log (kCorruption: the store does not open), not for a torn tail,
+// though everything from the damage on was never synced (never acknowledged).
+TEST_F(PowerLossTest, DISABLED_EverySyncPointRecoversWhenUnsyncedJournalBlocksArrivePartly) {
+  writeback_ = 2;
+  Script s = MakeScript(13, 48);
+  uint64_t n = Run(s, {}, /*check_all=*/true);
+  EXPECT_GT(n, 60u);
+  EXPECT_EQ(checked_, n);
+}
+
 // A longer history (more folds, the index past several batches): a seeded sample of its
 // sync points, counted on a first run, checked on a second, identical one.
 TEST_F(PowerLossTest, ASampleOfSyncPointsOfALongHistoryRecovers) {
@@ -403,7 +431,7 @@ TEST_F(PowerLossTest, ASampleOfSyncPointsOfALongHistoryRecovers) {
   promised_ = Promised{};
   std::set<uint64_t> points;
   std::mt19937_64 rng(5);
-  while (points.size() < 60) points.insert(1 + rng() % n);
+  while (points.size() < 40) points.insert(1 + rng() % n);
   auto start = std::chrono::steady_clock::now();
   uint64_t again = Run(s, points, /*check_all=*/false);
   auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
