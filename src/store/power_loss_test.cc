@@ -165,6 +165,8 @@ class PowerLossTest : public ::testing::Test {
     }
     StartPowerLossRecorderForTest(
         {.root = dir_, .excluded = {"index"}, .on_sync_point = [&](uint64_t k, const std::string&) {
+           // One at a time: a journal segment's roll syncs on the log's writer thread.
+           std::lock_guard one(sync_point_mu_);
            SaveIndex(k);
            if (check_all || points.count(k) != 0) CheckImage(s, k);
          }});
@@ -373,7 +375,8 @@ class PowerLossTest : public ::testing::Test {
   std::string top_;
   std::string dir_;
   std::mutex mu_;
-  Promised promised_;  // guarded by mu_
+  Promised promised_;         // guarded by mu_
+  std::mutex sync_point_mu_;  // held by the sync-point hook, which guards what follows
   std::vector<std::string> saved_;
   int failures_ = 0;
   uint64_t writeback_ = 0;  // not 0: unsynced blocks may arrive too (seeded)
