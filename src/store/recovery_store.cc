@@ -1314,7 +1314,7 @@ Status RecoveryStore::FoldStep(uint64_t target) {
   }
   for (uint64_t id : history_gone) {
     std::error_code ec;
-    fs::remove(HistoryPath(dir_, id), ec);
+    RemovePath(HistoryPath(dir_, id), ec);
   }
   // What the base holds now leaves the index and the journal (never the newest segment).
   OSR_RETURN_IF_ERROR(index_->DropUpTo(target));
