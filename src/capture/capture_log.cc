@@ -35,7 +35,7 @@ std::string CutPath(const std::string& dir) {
 
 Status RemoveCutFile(const std::string& dir) {
   std::error_code ec;
-  std::filesystem::remove(CutPath(dir), ec);
+  RemovePath(CutPath(dir), ec);
   if (ec) return Status::FromErrno(ec.value(), "remove " + CutPath(dir));
   return SyncDir(dir);
 }
@@ -48,7 +48,7 @@ constexpr uint64_t kSegmentBytesMin = 256 << 10;
 Result<std::unique_ptr<CaptureLog>> CaptureLog::Open(const CaptureLogOptions& opts,
                                                      RangeCallback on_written) {
   std::error_code ec;
-  std::filesystem::create_directories(opts.dir, ec);
+  CreateDirectories(opts.dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
   CaptureLogOptions o = opts;
   if (o.log_bytes_max != UINT64_MAX) {
@@ -98,7 +98,7 @@ Status CaptureLog::Recover() {
         spdlog::warn("capture log: removing {}, a segment whose creation did not finish",
                      segments.back().path);
         std::error_code ec;
-        std::filesystem::remove(segments.back().path, ec);
+        RemovePath(segments.back().path, ec);
         if (ec) return Status::FromErrno(ec.value(), "remove " + segments.back().path);
       }
     }
@@ -252,7 +252,7 @@ Status CaptureLog::LoadCut() {
   }
   for (const auto& seg : segments) {
     if (seg.first_seq >= resume_at) continue;
-    std::filesystem::remove(seg.path, ec);
+    RemovePath(seg.path, ec);
     if (ec) return Status::FromErrno(ec.value(), "remove " + seg.path);
   }
   empty_first_seq_ = resume_at;
@@ -326,7 +326,7 @@ Status CaptureLog::ResumeAfterCut(uint64_t durable) {
     segment_ = File();
     for (const auto& seg : segments) {
       std::error_code ec;
-      std::filesystem::remove(seg.path, ec);
+      RemovePath(seg.path, ec);
       if (ec) return Status::FromErrno(ec.value(), "remove " + seg.path);
     }
     held_bytes_ = 0;
@@ -378,7 +378,7 @@ Status CaptureLog::OpenSegment(uint64_t first_seq, const uint8_t* header) {
   if (!st.ok()) {
     // Nothing half-made stays behind (a full file system: the next try makes it again).
     std::error_code ec;
-    std::filesystem::remove(path, ec);
+    RemovePath(path, ec);
     return st;
   }
   segment_ = std::move(f);
@@ -622,7 +622,7 @@ Status CaptureLog::RollBack(const End& end) {
     for (auto& seg : segments) {  // segments begun after the end
       if (seg.first_seq <= end.segment_first_seq) continue;
       std::error_code ec;
-      std::filesystem::remove(seg.path, ec);
+      RemovePath(seg.path, ec);
       if (ec) return Status::FromErrno(ec.value(), "remove " + seg.path);
     }
     std::string path = opts_.dir + "/" + SegmentFileName(end.segment_first_seq);
@@ -704,7 +704,7 @@ Result<size_t> CaptureLog::TrimUpTo(uint64_t seq) {
     if (segments[i + 1].first_seq - 1 > seq) break;
     std::error_code ec;
     uint64_t bytes = std::filesystem::file_size(segments[i].path, ec);
-    std::filesystem::remove(segments[i].path, ec);
+    RemovePath(segments[i].path, ec);
     if (ec) return Status::FromErrno(ec.value(), "remove " + segments[i].path);
     held_bytes_ -= std::min<uint64_t>(bytes, held_bytes_);
     ++n;

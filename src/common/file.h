@@ -9,9 +9,12 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
+#include <system_error>
 #include <utility>
+#include <vector>
 
 #include "common/status.h"
 
@@ -119,6 +122,55 @@ Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max);
 
 // Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
 Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data);
+// fsync of a directory: its entries (files created, renamed or removed in it) are durable.
 Status SyncDir(const std::string& dir);
+
+// Changes to directories, through the seam so that the power-loss model below sees them.
+// Each does what the std::filesystem function of the same job does with an error_code
+// (same results, same errors in `ec`), so a caller keeps its error handling.
+void RenamePath(const std::string& from, const std::string& to, std::error_code& ec);
+bool RemovePath(const std::string& path, std::error_code& ec);
+uint64_t RemoveAllPaths(const std::string& path, std::error_code& ec);
+bool CreateDirectories(const std::string& path, std::error_code& ec);
+
+// Power loss, for tests (leveldb's FaultInjectionTestEnv, FoundationDB's
+// AsyncFileNonDurable): while a recorder is on for `root`, the seam keeps, for every file
+// and directory under it, what a power loss would leave of it, and can write that out as
+// an image of the tree (WritePowerLossImageForTest). The model:
+//   - a file's content is what it held at its last DataSync/Sync; writes, truncations and
+//     hole punches since then are lost; a file never synced since it was created is empty;
+//   - a directory's entries are what it listed at its last SyncDir: a file created, renamed
+//     or removed in it since then is absent, under its old name, or back (with the content
+//     its inode had at its last sync); a directory never synced since it was created is
+//     empty; what existed when the recorder started counts as synced;
+//   - renames and removes take effect on the real files at once (reads see them); only
+//     their durability waits for SyncDir, as on ext4 and XFS.
+// Everything is tracked by inode, so a durable name keeps the content its inode last
+// synced. Trees under `excluded` (relative to root; e.g. a RocksDB index, whose I/O does
+// not come through the seam) are neither modelled nor written to images.
+// Every DataSync, Sync and SyncDir under root is a "sync point": on_sync_point(k, path) is
+// called (k = 1, 2, ... in order) before the sync takes effect, with no seam lock held, so
+// it may write an image (power lost just before sync k) or do any other I/O. Production
+// code never starts a recorder; the check costs the same relaxed atomic load as FileFault.
+struct PowerLossOptions {
+  std::string root;
+  std::vector<std::string> excluded;
+  std::function<void(uint64_t point, const std::string& path)> on_sync_point;
+};
+void StartPowerLossRecorderForTest(PowerLossOptions options);
+void StopPowerLossRecorderForTest();
+// Writes the tree a power loss now would leave under the recorder's root to `to` (created;
+// it must not exist), excluded trees left out. With writeback_seed != 0, the other face
+// of a power loss: besides what was synced, each 4 KiB block of a file that differs now
+// from its synced content did or did not reach the disk (a seeded coin per block: a page
+// cache writing back, a drive's cache reordering), so a file may hold a later block without
+// an earlier one; names stay as synced. Writers under the root wait meanwhile.
+// `writeback_if` (path relative to the root, as "/journal/x.log"), when given, picks the
+// files this applies to. kFailedPrecondition without a recorder; the file system's errors.
+Status WritePowerLossImageForTest(
+    const std::string& to, uint64_t writeback_seed = 0,
+    const std::function<bool(const std::string& path)>& writeback_if = {});
+// The sync points the recorder has seen so far.
+uint64_t PowerLossSyncPointsForTest();
 
 }  // namespace osr

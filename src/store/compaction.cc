@@ -231,7 +231,7 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
     });
     for (auto& f : files) {
       std::error_code ec;
-      fs::remove(HistoryPath(dir_, f.id), ec);
+      RemovePath(HistoryPath(dir_, f.id), ec);
     }
     if (undo.ok()) undo = index_->SetHistoryId(old_history_id);
     if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
@@ -273,7 +273,7 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
 Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bounds,
                                    std::vector<HistoryFile>* files) {
   std::error_code ec;
-  fs::create_directories(dir_ + "/history", ec);
+  CreateDirectories(dir_ + "/history", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir_ + "/history");
   uint64_t next_id, epoch;
   {
@@ -442,7 +442,7 @@ void RecoveryStore::RemoveCompactedFiles() {
         std::lock_guard lock(mu_);
         segments_.erase((*segments)[i].first_seq);
       }
-      fs::remove((*segments)[i].path, ec);
+      RemovePath((*segments)[i].path, ec);
     }
   }
   for (auto& e : fs::directory_iterator(dir_ + "/history", ec)) {
@@ -456,7 +456,7 @@ void RecoveryStore::RemoveCompactedFiles() {
       segments_.erase(id | kHistoryKeyBit);
     }
     std::error_code rm;
-    fs::remove(e.path(), rm);
+    RemovePath(e.path(), rm);
   }
 }
 

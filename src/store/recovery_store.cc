@@ -114,9 +114,9 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
       }
     }
   }
-  fs::create_directories(dir + "/base", ec);
+  CreateDirectories(dir + "/base", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir);
-  fs::create_directories(dir + "/journal", ec);
+  CreateDirectories(dir + "/journal", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir + "/journal");
   for (size_t i = 0; i < disks.size(); ++i) {
     if (disks[i].size_bytes == 0) return InvalidArgument("disk " + disks[i].name + " has size 0");
@@ -124,12 +124,12 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
       // Same file system: a rename, O(1) in the disk's size. (Before store.json exists:
       // a crash in between leaves images in base/ without a store, which the site moves
       // back to its group when it starts.)
-      fs::rename(images[i], BasePath(dir, i), ec);
+      RenamePath(images[i], BasePath(dir, i), ec);
       if (ec) {
         Status st = Status::FromErrno(ec.value(), "move " + images[i] + " into the store");
         for (size_t k = 0; k < i; ++k) {  // put back what moved: nothing half-done
           std::error_code back;
-          fs::rename(BasePath(dir, k), images[k], back);
+          RenamePath(BasePath(dir, k), images[k], back);
         }
         return st;
       }
@@ -157,10 +157,10 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   if (!st.ok() && start == Start::kDifferential) {
     // Nothing half-done: the images go back where they were, and no store is left.
     s.reset();
-    fs::remove(dir + "/store.json", ec);
+    RemovePath(dir + "/store.json", ec);
     for (size_t k = 0; k < images.size(); ++k) {
       std::error_code back;
-      fs::rename(BasePath(dir, k), images[k], back);
+      RenamePath(BasePath(dir, k), images[k], back);
     }
   }
   OSR_RETURN_IF_ERROR(st);
@@ -395,7 +395,7 @@ Status RecoveryStore::OpenIndex() {
     // journal this once).
     spdlog::warn("recovery store {}: {}; indexing the journal again", dir_, ix.status().ToString());
     std::error_code ec;
-    fs::remove_all(dir, ec);
+    RemoveAllPaths(dir, ec);
     if (ec) return Status::FromErrno(ec.value(), "remove " + dir);
     ix = VersionIndex::Open(dir);
   }
@@ -695,8 +695,8 @@ Status RecoveryStore::StartJournalAt(uint64_t first_seq) {
   // name (cleared at open), never one that looks like this journal's.
   OSR_RETURN_IF_ERROR(index_->Clear(first_seq - 1, id));
   std::error_code ec;
-  std::filesystem::remove_all(dir_ + "/journal", ec);
-  std::filesystem::create_directories(dir_ + "/journal", ec);
+  RemoveAllPaths(dir_ + "/journal", ec);
+  CreateDirectories(dir_ + "/journal", ec);
   if (ec) return Status::FromErrno(ec.value(), "recreate " + dir_ + "/journal");
   capture::CaptureLogOptions lo;
   lo.dir = dir_ + "/journal";
@@ -759,8 +759,8 @@ Status RecoveryStore::BeginResyncLocked(uint64_t from) {
   staged_durable_.reset();
   staged_list_ = File();
   std::error_code ec;
-  std::filesystem::remove_all(dir_ + "/staging", ec);
-  std::filesystem::create_directories(dir_ + "/staging", ec);
+  RemoveAllPaths(dir_ + "/staging", ec);
+  CreateDirectories(dir_ + "/staging", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir_ + "/staging");
   std::vector<File> staging;
   for (size_t i = 0; i < disks_.size(); ++i) {
@@ -1106,7 +1106,7 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
   staged_list_ = File();
   OSR_RETURN_IF_ERROR(WriteMeta());
   std::error_code ec;
-  std::filesystem::remove_all(dir_ + "/staging", ec);
+  RemoveAllPaths(dir_ + "/staging", ec);
   return Status::Ok();
 }
 
@@ -1314,7 +1314,7 @@ Status RecoveryStore::FoldStep(uint64_t target) {
   }
   for (uint64_t id : history_gone) {
     std::error_code ec;
-    fs::remove(HistoryPath(dir_, id), ec);
+    RemovePath(HistoryPath(dir_, id), ec);
   }
   // What the base holds now leaves the index and the journal (never the newest segment).
   OSR_RETURN_IF_ERROR(index_->DropUpTo(target));
@@ -1326,7 +1326,7 @@ Status RecoveryStore::FoldStep(uint64_t target) {
       segments_.erase(segments[i].first_seq);
     }
     std::error_code ec;
-    fs::remove(segments[i].path, ec);
+    RemovePath(segments[i].path, ec);
     if (ec) spdlog::warn("recovery store {}: remove {}: {}", dir_, segments[i].path, ec.message());
   }
   return Status::Ok();

@@ -5,10 +5,13 @@
 #include <rocksdb/convenience.h>
 #include <rocksdb/db.h>
 #include <rocksdb/table.h>
+#include <rocksdb/utilities/checkpoint.h>
 #include <rocksdb/write_buffer_manager.h>
 
 #include <algorithm>
 #include <bit>
+#include <filesystem>
+#include <map>
 #include <mutex>
 
 #include "common/le.h"
@@ -140,6 +143,22 @@ SharedMemory& Shared() {
   return *m;
 }
 
+// The indexes open in this process, by their directory (CheckpointOpen). An index leaves
+// it before it closes.
+struct OpenIndexes {
+  std::mutex mu;
+  std::map<std::string, rocksdb::DB*> by_dir;  // guarded by mu
+};
+
+OpenIndexes& Opened() {
+  static auto* o = new OpenIndexes();  // never destroyed: indexes may outlive statics
+  return *o;
+}
+
+std::string NormalDir(const std::string& dir) {
+  return std::filesystem::path(dir).lexically_normal().string();
+}
+
 rocksdb::WriteOptions WriteOpts() {
   rocksdb::WriteOptions w;
   w.sync = false;  // the journal is synced; the index follows it (header comment)
@@ -209,7 +228,25 @@ Result<std::unique_ptr<VersionIndex>> VersionIndex::Open(const std::string& dir)
       return FromRocks(s, "read " + *keys[i]);
     }
   }
+  {
+    auto& o = Opened();
+    std::lock_guard lock(o.mu);
+    o.by_dir[NormalDir(dir)] = db.get();
+  }
   return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), meta[0], meta[1], meta[2]));
+}
+
+Status VersionIndex::CheckpointOpen(const std::string& dir, const std::string& to) {
+  auto& o = Opened();
+  std::lock_guard lock(o.mu);  // the index stays open meanwhile (~VersionIndex waits)
+  auto it = o.by_dir.find(NormalDir(dir));
+  if (it == o.by_dir.end()) return NotFound("no version index is open in " + dir);
+  rocksdb::Checkpoint* raw = nullptr;
+  OSR_RETURN_IF_ERROR(FromRocks(rocksdb::Checkpoint::Create(it->second, &raw), "checkpoint"));
+  std::unique_ptr<rocksdb::Checkpoint> checkpoint(raw);
+  // A log size no index reaches: its logs are copied, never flushed into tables first (a
+  // flush would change the index under test).
+  return FromRocks(checkpoint->CreateCheckpoint(to, UINT64_MAX), "checkpoint to " + to);
 }
 
 VersionIndex::VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through,
@@ -236,6 +273,11 @@ uint64_t VersionIndex::journal_id() const {
 }
 
 VersionIndex::~VersionIndex() {
+  {
+    auto& o = Opened();
+    std::lock_guard lock(o.mu);
+    std::erase_if(o.by_dir, [&](const auto& e) { return e.second == db_.get(); });
+  }
   if (db_) {
     rocksdb::Status s = db_->Close();
     (void)s;  // nothing to do about it: the WAL and the journal's tail rebuild what is lost

@@ -127,6 +127,13 @@ class VersionIndex {
   // after `through` (indexed_through = through).
   Status Clear(uint64_t through, uint64_t journal_id);
 
+  // Copies the index open in `dir` (by this process) to `to`, which must not exist, as it
+  // is at this instant: a consistent state, the one a power loss now could leave at best
+  // (RocksDB's Checkpoint: tables hard-linked, logs copied, nothing flushed). For the
+  // power-loss tests (store/power_loss_test.cc) and backups. kNotFound when no index is
+  // open in `dir`; RocksDB's error otherwise.
+  static Status CheckpointOpen(const std::string& dir, const std::string& to);
+
  private:
   VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through, uint64_t journal_id,
                uint64_t history_id);
