@@ -117,9 +117,19 @@ Status CaptureLog::Recover() {
       OSR_ASSIGN_OR_RETURN(File f, File::Open(e.segment, File::Mode::kReadWrite));
       OSR_ASSIGN_OR_RETURN(uint64_t fsize, f.Size());
       OSR_ASSIGN_OR_RETURN(uint64_t next_valid, FindNextRecord(f, e.position, fsize));
-      if (e.position < SegmentHeader::kSize || next_valid != 0) {
+      // Valid records after the damage do not make it damage among written records: a
+      // write-out's blocks may reach the disk in any order (O_DIRECT, a drive's volatile
+      // cache), so a power loss can leave a torn record with later ones whole after it.
+      // Everything from the damage on is cut (the cut record makes it safe either way).
+      if (e.position < SegmentHeader::kSize) {
         torn_tail = false;
       } else {
+        if (next_valid != 0) {
+          spdlog::warn(
+              "capture log: {}: valid records follow the damage at byte {} (from byte {}); "
+              "they are cut with it",
+              e.segment, e.position, next_valid);
+        }
         OSR_ASSIGN_OR_RETURN(auto segments, ListSegments(opts_.dir));
         uint64_t after = summary.records > 0 ? summary.last_seq : segments.back().first_seq - 1;
         if (summary.records > 0 && summary.last_seq < segments.back().first_seq) {

@@ -26,11 +26,17 @@ constexpr uint64_t kHistoryFileBytes = 64ull << 20;  // a history file rolls pas
 constexpr uint32_t kHistoryRecordsMax = 0xFFFF;      // records per file (sub's low half)
 constexpr uint64_t kPartBytesMax = 1 << 20;          // contiguous parts merge up to this
 constexpr size_t kWriteBufferBytes = 4 << 20;
-constexpr size_t kWindowParts = 1 << 18;  // parts sorted by their source at a time
+constexpr size_t kWindowParts = 1 << 18;   // parts sorted by their source at a time
+constexpr size_t kChunkListMax = 1 << 20;  // chunk numbers gathered before a sort+unique
 
-// The index's sub of the n-th record (from 1) of history file `id`.
-uint32_t HistorySub(uint64_t id, uint32_t n) {
-  return static_cast<uint32_t>((id & 0xFFFF) << 16) | n;
+// The index's history_id while a compaction rewrites it: no store.json ever names it (0
+// is "no history", which store.json does name).
+constexpr uint64_t kHistoryInFlux = UINT64_MAX;
+
+// The index's sub of the n-th record (from 1) of history file `id`: unique per extent
+// (file ids are never reused within 2^48).
+uint64_t HistorySub(uint64_t id, uint32_t n) {
+  return (id << 16) | n;
 }
 
 uint64_t FilesBytes(const std::string& dir, const char* ext) {
@@ -151,14 +157,24 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
   CompactResult out;
   out.bytes_before = history_bytes();
   OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
-  uint64_t lo, e, old_history_id;
+  uint64_t lo, e, old_history_id, old_through;
+  std::set<uint64_t> old_kept;
   std::vector<uint64_t> bounds;  // the kept seqs in (lo, e), then e
   {
     std::lock_guard lock(mu_);
     old_history_id = history_id_;
+    old_through = compacted_through_;
+    old_kept = kept_;
     if (resyncing_ || initial_sync_ || differential_) {
       return Status(Code::kFailedPrecondition,
                     "a resynchronization is under way: history is compacted after it ends");
+    }
+    if (fold_target_ > base_seq_) {
+      // Its step may end between points that would go: it is finished first.
+      return Status(Code::kFailedPrecondition,
+                    fmt::format("a fold up to seq {} did not finish; history is compacted "
+                                "after the next fold (or start) finishes it",
+                                fold_target_));
     }
     if (through > durable_seq_) {
       return InvalidArgument(
@@ -172,7 +188,10 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
       e = std::max(e, end);
     }
     out.compacted_through = std::max(compacted_through_, base_seq_);
-    if (e <= base_seq_) return out;  // nothing is held below a segment end
+    if (e <= base_seq_) {  // nothing is held below a segment end
+      out.bytes_after = out.bytes_before;
+      return out;
+    }
     std::set<uint64_t> kept;
     for (uint64_t k : keep) {
       if (k > base_seq_ && k < e && k >= consistent_from_) kept.insert(k);
@@ -216,14 +235,20 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
   {
     std::unique_lock drain(fold_mu_);  // reads that began before end first
   }
-  // The index stops matching any history store.json names: a crash from here makes it
-  // again at open (IndexHistory).
-  OSR_RETURN_IF_ERROR(index_->SetHistoryId(0));
+  // The index stops matching any history store.json names (none, too): a crash from here
+  // makes it again at open (IndexHistory).
+  OSR_RETURN_IF_ERROR(index_->SetHistoryId(kHistoryInFlux));
   std::vector<HistoryFile> files;
   Status st = WriteHistory(lo, bounds, &files);
   if (st.ok()) st = SyncDir(dir_ + "/history");
   if (!st.ok()) {
-    // Nothing of it stays: the new entries and files go; the old history is whole.
+    // Nothing of it stays: the new entries and files go; the old history is whole, and
+    // so are the seqs it could read.
+    {
+      std::lock_guard lock(mu_);
+      kept_ = old_kept;
+      compacted_through_ = old_through;
+    }
     std::set<uint64_t> fresh;
     for (auto& f : files) fresh.insert(f.id);
     Status undo = index_->DropIf(lo, e, [&](const RecordRef& r) {
@@ -241,7 +266,7 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
   const uint64_t new_id = [] {
     std::random_device rd;
     uint64_t id = (uint64_t{rd()} << 32) | rd();
-    return id == 0 ? 1 : id;
+    return id == 0 || id == kHistoryInFlux ? 1 : id;
   }();
   {
     std::lock_guard lock(mu_);
@@ -288,11 +313,19 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
   for (uint64_t k : bounds) {
     // The chunks the interval's records touched, per disk.
     std::vector<std::vector<uint64_t>> chunks(disks_.size());
+    std::vector<size_t> limits(disks_.size(), kChunkListMax);
     OSR_RETURN_IF_ERROR(index_->ForEachBySeq(prev, k, [&](const RecordRef& r) {
       if (r.disk >= chunks.size() || r.length == 0) return true;
       for (uint64_t c = r.offset / VersionIndex::kChunkBytes;
            c <= (r.offset + r.length - 1) / VersionIndex::kChunkBytes; ++c) {
         chunks[r.disk].push_back(c);
+      }
+      // Bounded by the disks' chunks, not the interval's records.
+      if (chunks[r.disk].size() >= limits[r.disk]) {
+        auto& cs = chunks[r.disk];
+        std::sort(cs.begin(), cs.end());
+        cs.erase(std::unique(cs.begin(), cs.end()), cs.end());
+        limits[r.disk] = std::max(kChunkListMax, 2 * cs.size());
       }
       return true;
     }));

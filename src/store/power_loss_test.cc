@@ -447,10 +447,7 @@ TEST_F(PowerLossTest, EverySyncPointRecoversWhenUnsyncedBlocksArrivePartly) {
 
 // ... and of the journal: a write-out's blocks reach the disk in any order (O_DIRECT, a
 // drive's volatile cache), so a torn record can have whole records after it.
-// DISABLED: CaptureLog::Recover takes a damaged record followed by a valid one for damage
-// in the middle of the log (kCorruption: the store does not open), not for a torn tail,
-// though everything from the damage on was never synced (never acknowledged).
-TEST_F(PowerLossTest, DISABLED_EverySyncPointRecoversWhenUnsyncedJournalBlocksArrivePartly) {
+TEST_F(PowerLossTest, EverySyncPointRecoversWhenUnsyncedJournalBlocksArrivePartly) {
   writeback_ = 2;
   Script s = MakeScript(13, 48);
   uint64_t n = Run(s, {}, /*check_all=*/true);
@@ -460,13 +457,7 @@ TEST_F(PowerLossTest, DISABLED_EverySyncPointRecoversWhenUnsyncedJournalBlocksAr
 
 // With history compaction (through random seqs, keeping random points and every point kept
 // before) among the steps.
-// DISABLED: the first compaction of a store marks its index "in flux" with history_id 0,
-// which is also what store.json says when there is no history: a power loss after the
-// index took the new history's entries but before store.json names the files leaves an
-// index that looks right, whose entries point at history files that are not there (a kept
-// point reads "open history/<id>.hist: No such file or directory"). The fix: a marker no
-// store.json holds (SetHistoryId(UINT64_MAX) in Compact, never drawn as a new id).
-TEST_F(PowerLossTest, DISABLED_EverySyncPointOfACompactingHistoryRecovers) {
+TEST_F(PowerLossTest, EverySyncPointOfACompactingHistoryRecovers) {
   Script s = MakeScript(11, 48, /*compact=*/true);
   uint64_t n = Run(s, {}, /*check_all=*/true);
   EXPECT_GT(n, 100u);
@@ -498,11 +489,7 @@ TEST_F(PowerLossTest, ASampleOfSyncPointsOfALongHistoryRecovers) {
 
 // A store is there once Create returns, whatever a power loss takes after that; before,
 // there is none or one that opens.
-// DISABLED: Create never syncs base/ (the images' names) nor the directory holding the
-// store (its own name), so a power loss after Create returned loses base/0.img, or the
-// whole store (the fix: SyncDir(dir + "/base") before WriteMeta, SyncDir of dir's parent
-// after it). Enable with that fix.
-TEST_F(PowerLossTest, DISABLED_AStoreIsThereOnceCreateReturns) {
+TEST_F(PowerLossTest, AStoreIsThereOnceCreateReturns) {
   bool created = false;
   int checked = 0;
   StartPowerLossRecorderForTest(

@@ -139,6 +139,14 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
     OSR_RETURN_IF_ERROR(f.Truncate(disks[i].size_bytes));
     OSR_RETURN_IF_ERROR(f.Sync());
   }
+  // The images' names are durable before store.json says there is a store (and, for a
+  // differential store, their old folders no longer name them).
+  OSR_RETURN_IF_ERROR(SyncDir(dir + "/base"));
+  if (start == Start::kDifferential) {
+    std::set<std::string> from;
+    for (const auto& img : images) from.insert(fs::path(img).parent_path().string());
+    for (const auto& d : from) OSR_RETURN_IF_ERROR(SyncDir(d.empty() ? "." : d));
+  }
   std::unique_ptr<RecoveryStore> s(new RecoveryStore());
   s->dir_ = dir;
   s->options_ = options;
@@ -153,6 +161,12 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
     s->consistent_from_ = base_seq + 1;
   }
   Status st = s->WriteMeta();
+  if (st.ok()) {
+    // The store's own folder is named durably in its parent once Create returns.
+    fs::path p = fs::path(dir).lexically_normal();
+    if (!p.has_filename()) p = p.parent_path();
+    st = SyncDir(p.has_parent_path() ? p.parent_path().string() : ".");
+  }
   if (st.ok()) st = s->OpenParts();
   if (!st.ok() && start == Start::kDifferential) {
     // Nothing half-done: the images go back where they were, and no store is left.
@@ -383,8 +397,58 @@ Status RecoveryStore::OpenParts() {
         "must come again from the source",
         dir_, cut->after_seq, cut->reason);
   }
+  OSR_RETURN_IF_ERROR(CheckHistoryState());
   RemoveCompactedFiles();
   return FinishInterruptedFold();
+}
+
+Status RecoveryStore::CheckHistoryState() {
+  // store.json decides which files stay: what it says must hold before anything goes.
+  std::lock_guard lock(mu_);
+  const std::string meta = dir_ + "/store.json";
+  if (fold_target_ > durable_seq_) {
+    return Corruption(fmt::format("{}: folding_to {} is beyond the journal's end (seq {})", meta,
+                                  fold_target_, durable_seq_));
+  }
+  if (fold_target_ > base_seq_ && fold_target_ < compacted_through_ &&
+      !kept_.contains(fold_target_)) {
+    return Corruption(fmt::format("{}: folding_to {} lies between kept points of compacted history",
+                                  meta, fold_target_));
+  }
+  if (history_id_ == 0) return Status::Ok();
+  if (compacted_through_ > durable_seq_) {
+    return Corruption(fmt::format("{}: compaction.through {} is beyond the journal's end (seq {})",
+                                  meta, compacted_through_, durable_seq_));
+  }
+  if (!kept_.empty() && *kept_.rbegin() >= compacted_through_) {
+    return Corruption(fmt::format("{}: compaction.kept holds seq {}, not below its through {}",
+                                  meta, *kept_.rbegin(), compacted_through_));
+  }
+  for (auto [id, seq] : history_) {
+    std::error_code ec;
+    if (!fs::exists(HistoryPath(dir_, id), ec)) {
+      return Corruption(
+          fmt::format("{} names history file {}, which is missing", meta, HistoryPath(dir_, id)));
+    }
+    if (seq > compacted_through_ ||
+        (seq != compacted_through_ && !kept_.contains(seq) && seq > base_seq_)) {
+      return Corruption(
+          fmt::format("{}: history file {} is of seq {}, not a kept point", meta, id, seq));
+    }
+  }
+  if (compacted_through_ > base_seq_) {
+    // The compacted end is a journal segment's end: the next segment starts right after it.
+    auto segments = capture::ListSegments(dir_ + "/journal");
+    if (!segments.ok()) return segments.status();
+    bool at_bound = durable_seq_ == compacted_through_;
+    for (const auto& seg : *segments)
+      at_bound = at_bound || seg.first_seq == compacted_through_ + 1;
+    if (!at_bound) {
+      return Corruption(fmt::format("{}: compaction.through {} is not where a journal segment ends",
+                                    meta, compacted_through_));
+    }
+  }
+  return Status::Ok();
 }
 
 Status RecoveryStore::OpenIndex() {

@@ -260,6 +260,9 @@ class RecoveryStore {
   RecoveryStore() = default;
   Status OpenParts();
   Status OpenIndex();
+  // kCorruption when store.json's fold or compaction state cannot be true of this journal
+  // and these history files (checked before any file is removed on its word).
+  Status CheckHistoryState();
   Status WriteMeta();
   // Fold: the next step's end (nullopt: nothing to fold), which it makes unreadable below
   // (fold_target_); then the step itself; FinishInterruptedFold at open.

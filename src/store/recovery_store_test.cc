@@ -9,8 +9,8 @@
 #include <thread>
 
 #include "capture/log_reader.h"
-#include "store/failover_disk.h"
 #include "common/crc32c.h"
+#include "store/failover_disk.h"
 
 namespace osr::store {
 namespace {

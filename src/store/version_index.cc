@@ -26,8 +26,8 @@ const std::string kThroughKey = "M:indexed_through";
 const std::string kJournalKey = "M:journal_id";
 const std::string kHistoryKey = "M:history_id";
 
-constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8 + 4;
-constexpr size_t kSeqKeyBytes = 1 + 8 + 4;
+constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8 + 8;
+constexpr size_t kSeqKeyBytes = 1 + 8 + 8;
 constexpr size_t kChunkSeqAt = 13;      // where a chunk key's seq is
 constexpr uint8_t kHistoryFlag = 0x80;  // in the value's kind byte
 // A record's value, the same under both tags: disk u32, offset u64, length u64, kind u8,
@@ -50,28 +50,22 @@ uint64_t LdBe64(const char* p) {
   return __builtin_bswap64(v);
 }
 
-std::string ChunkKey(uint32_t disk, uint64_t chunk, uint64_t seq, uint32_t sub) {
+std::string ChunkKey(uint32_t disk, uint64_t chunk, uint64_t seq, uint64_t sub) {
   std::string k(kChunkKeyBytes, '\0');
   k[0] = kChunkTag;
   Be32(k.data() + 1, disk);
   Be64(k.data() + 5, chunk);
   Be64(k.data() + kChunkSeqAt, seq);
-  Be32(k.data() + 21, sub);
+  Be64(k.data() + 21, sub);
   return k;
 }
 
-std::string SeqKey(uint64_t seq, uint32_t sub) {
+std::string SeqKey(uint64_t seq, uint64_t sub) {
   std::string k(kSeqKeyBytes, '\0');
   k[0] = kSeqTag;
   Be64(k.data() + 1, seq);
-  Be32(k.data() + 9, sub);
+  Be64(k.data() + 9, sub);
   return k;
-}
-
-uint32_t LdBe32(const char* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return __builtin_bswap32(v);
 }
 
 std::string U64Value(uint64_t v) {
@@ -92,7 +86,7 @@ std::string EncodeValue(const RecordRef& r) {
   return v;
 }
 
-Result<RecordRef> DecodeValue(uint64_t seq, uint32_t sub, const rocksdb::Slice& v) {
+Result<RecordRef> DecodeValue(uint64_t seq, uint64_t sub, const rocksdb::Slice& v) {
   if (v.size() != kValueBytes) {
     return Corruption(fmt::format("version index: entry of seq {} has {} bytes, not {}", seq,
                                   v.size(), kValueBytes));
@@ -319,14 +313,14 @@ Status VersionIndex::Collect(uint32_t disk, uint64_t offset, uint64_t length, ui
   for (uint64_t c = offset / kChunkBytes; c * kChunkBytes < end; ++c) {
     open.assign(1, {std::max(offset, c * kChunkBytes), std::min(end, (c + 1) * kChunkBytes)});
     const std::string prefix = ChunkKey(disk, c, 0, 0).substr(0, kChunkSeqAt);
-    for (it->SeekForPrev(ChunkKey(disk, c, upto, UINT32_MAX)); it->Valid() && !open.empty();
+    for (it->SeekForPrev(ChunkKey(disk, c, upto, UINT64_MAX)); it->Valid() && !open.empty();
          it->Prev()) {
       rocksdb::Slice k = it->key();
       if (k.size() != kChunkKeyBytes || !k.starts_with(prefix)) break;
       uint64_t seq = LdBe64(k.data() + kChunkSeqAt);
       if (seq <= from) break;
       OSR_ASSIGN_OR_RETURN(RecordRef r,
-                           DecodeValue(seq, LdBe32(k.data() + kChunkSeqAt + 8), it->value()));
+                           DecodeValue(seq, LdBe64(k.data() + kChunkSeqAt + 8), it->value()));
       uint64_t rb = r.offset, re = r.offset + r.length;
       next.clear();
       for (auto [a, b] : open) {
@@ -355,7 +349,7 @@ Status VersionIndex::ForEachBySeq(uint64_t from, uint64_t upto,
     if (k.size() != kSeqKeyBytes || k[0] != kSeqTag) break;
     uint64_t seq = LdBe64(k.data() + 1);
     if (seq > upto) break;
-    OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, LdBe32(k.data() + 9), it->value()));
+    OSR_ASSIGN_OR_RETURN(RecordRef r, DecodeValue(seq, LdBe64(k.data() + 9), it->value()));
     if (!fn(r)) return Status::Ok();
   }
   return FromRocks(it->status(), "read");

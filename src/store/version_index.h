@@ -5,9 +5,9 @@
 //
 // Keys (docs/formats.md, "Version index"), big-endian so that RocksDB's byte order is
 // the numeric order:
-//   'C' disk:u32 chunk:u64 seq:u64 sub:u32 -> the record's RecordRef (a record is listed
+//   'C' disk:u32 chunk:u64 seq:u64 sub:u64 -> the record's RecordRef (a record is listed
 //                                     under every 64 KiB chunk of the disk it touches)
-//   'S' seq:u64 sub:u32             -> the same RecordRef (the records in seq order: for
+//   'S' seq:u64 sub:u64             -> the same RecordRef (the records in seq order: for
 //                                     dropping, folding and ChangedAfter)
 // `sub` is 0 for a journal record; compacted history (RecoveryStore::Compact) keeps several
 // extents under one seq (a kept point), told apart by sub.
@@ -60,8 +60,8 @@ struct RecordRef {
   uint64_t segment_first_seq = 0;  // the journal segment holding the payload (history: the
                                    // history file's id)
   uint64_t payload_pos = 0;        // byte offset of the payload in that segment
-  uint32_t sub = 0;                // 0: a journal record; else one extent of compacted history
-  bool history = false;            // the payload is in a history file, not the journal
+  uint64_t sub = 0;      // 0: a journal record; else one extent of compacted history (file, n)
+  bool history = false;  // the payload is in a history file, not the journal
 };
 
 // The visible part of one record in a read: bytes [offset, offset+length) of the disk
