@@ -188,3 +188,42 @@ def test_kill9_during_compaction(site_factory, delay):
                {"keep": [10, 200, 380], "through": durable})
     print("compact again ->", r)
     check(recovery, model, [10, 200, 380, durable], "the compaction after the kill")
+
+
+@pytest.mark.parametrize("what", ["second-compaction", "fold"])
+def test_kill9_during_second_compaction_or_fold(site_factory, what):
+    primary, recovery, model = start_pair(site_factory, 400, seed=7)
+    durable = store_status(recovery, VM)["durable_seq"]
+    r = api_ok(recovery, "POST", f"/stores/{VM}/compact",
+               {"keep": list(range(10, 390, 10)), "through": 200})
+    print("first compaction ->", r)
+    if what == "fold":
+        call = ("/fold", {"seq": 380})
+    else:
+        call = ("/compact", {"keep": [10, 200, 380], "through": durable})
+
+    def run():
+        api(recovery, "POST", f"/stores/{VM}" + call[0], call[1], timeout=120)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(0.15)
+    recovery.kill9()
+    t.join(30)
+    recovery.restart()
+    st = store_status(recovery, VM)
+    print("after restart:", {k: st.get(k) for k in ("compacted_through", "history_bytes",
+                                                     "base_seq", "durable_seq")})
+    base = st["base_seq"]
+    for s in [10, 200, 380, durable]:
+        got, doc = api(recovery, "POST", f"/stores/{VM}/views", {"seq": s})
+        if got != 201:
+            print(f"seq {s}: refused: {doc}")
+            assert s < max(base, st["compacted_through"]) or s < 380, doc
+            continue
+        try:
+            b = read_all(doc["disks"][0]["uri"], size=DISK)
+        finally:
+            close_view(recovery, doc["id"])
+        assert b == model.at(s), f"{what}: seq {s} differs after kill -9"
+        print(f"seq {s}: exact")
