@@ -31,7 +31,7 @@ constexpr size_t kChunkListMax = 1 << 20;  // chunk numbers gathered before a so
 
 // The index's history_id while a compaction rewrites it: no store.json ever names it (0
 // is "no history", which store.json does name).
-constexpr uint64_t kHistoryInFlux = UINT64_MAX;
+constexpr uint64_t kHistoryInFlux = UINT64_MAX;  // never drawn by NewStoreId
 
 // The index's sub of the n-th record (from 1) of history file `id`: unique per extent
 // (file ids are never reused within 2^48).
@@ -263,11 +263,7 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
     return NoteWriteFailure("compaction", st, 0);
   }
   // The commit: store.json names the new files (and no old file of a changed interval).
-  const uint64_t new_id = [] {
-    std::random_device rd;
-    uint64_t id = (uint64_t{rd()} << 32) | rd();
-    return id == 0 || id == kHistoryInFlux ? 1 : id;
-  }();
+  const uint64_t new_id = NewStoreId();
   {
     std::lock_guard lock(mu_);
     for (auto it = history_.begin(); it != history_.end();) {

@@ -29,6 +29,12 @@ constexpr int kMetaVersion = 1;
 
 }  // namespace
 
+uint64_t NewStoreId() {
+  std::random_device rd;
+  uint64_t id = (uint64_t{rd()} << 32) | rd();
+  return id == 0 || id == UINT64_MAX ? 1 : id;
+}
+
 std::string HistoryPath(const std::string& dir, uint64_t id) {
   return fmt::format("{}/history/{:020}.hist", dir, id);
 }
@@ -69,13 +75,6 @@ void EncodeStagedRecord(uint8_t* p, uint32_t disk, uint64_t offset, uint64_t len
   Le64(p + 8, offset);
   Le64(p + 16, length);
   Le32(p + 28, Crc32c(p, 28));
-}
-
-// A journal's id (store.json journal_id, the index's journal_id): random, never 0.
-uint64_t NewJournalId() {
-  std::random_device rd;
-  uint64_t id = (uint64_t{rd()} << 32) | rd();
-  return id == 0 ? 1 : id;
 }
 
 int64_t SteadyNs() {
@@ -152,7 +151,7 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   s->options_ = options;
   s->disks_ = disks;
   s->base_seq_ = base_seq;
-  s->journal_id_ = NewJournalId();
+  s->journal_id_ = NewStoreId();
   s->epoch_ = origin.epoch;
   s->source_ = origin.source;
   s->initial_sync_ = start == Start::kFullCopy;
@@ -315,7 +314,7 @@ Status RecoveryStore::OpenParts() {
   }
   OSR_RETURN_IF_ERROR(OpenIndex());
   if (journal_id_ == 0) {  // a store made before journals had ids
-    journal_id_ = NewJournalId();
+    journal_id_ = NewStoreId();
     OSR_RETURN_IF_ERROR(WriteMeta());
   }
   if (index_->journal_id() != journal_id_) {
@@ -748,7 +747,7 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
 
 Status RecoveryStore::StartJournalAt(uint64_t first_seq) {
   journal_.reset();
-  const uint64_t id = NewJournalId();
+  const uint64_t id = NewStoreId();
   {
     std::lock_guard lock(mu_);
     segments_.clear();

@@ -66,6 +66,10 @@ struct StoreOrigin {
                        // site the CA certified
 };
 
+// A random id for a journal or a compacted history (store.json journal_id, history_id):
+// never 0 (none) nor UINT64_MAX (an index whose history is being rewritten).
+uint64_t NewStoreId();
+
 // history/<id>.hist: a compacted-history file of the store in `dir`.
 std::string HistoryPath(const std::string& dir, uint64_t id);
 
