@@ -470,6 +470,7 @@ void RecoveryStore::RemoveCompactedFiles() {
       {
         std::lock_guard lock(mu_);
         segments_.erase((*segments)[i].first_seq);
+        ForgetVerified();
       }
       RemovePath((*segments)[i].path, ec);
     }
@@ -483,6 +484,7 @@ void RecoveryStore::RemoveCompactedFiles() {
     {
       std::lock_guard lock(mu_);
       segments_.erase(id | kHistoryKeyBit);
+      ForgetVerified();
     }
     std::error_code rm;
     RemovePath(e.path(), rm);

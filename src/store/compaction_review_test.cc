@@ -289,20 +289,78 @@ TEST(Review11, HandEditedStoreJsonDamagedHistoryOrIndex) {
 
 // DISABLED, still missing: reads do not check a payload's CRC (history files, like the
 // journal), so damaged bytes in a history file are served as data.
-TEST(Review11, DISABLED_DamagedHistoryIsNotServedAsData) {
-  {
-    Compacted c("damaged-hist");
-    for (auto& f : fs::directory_iterator(c.dir + "/history")) {
-      std::fstream io(f.path(), std::ios::in | std::ios::out | std::ios::binary);
-      io.seekp(200);
-      io.write("garbage!garbage!", 16);
-    }
-    std::string got = c.OpenAndCheck();
-    std::printf("history files damaged (index intact): %s\n", got.c_str());
-    EXPECT_EQ(got.find("WRONG"), std::string::npos) << "damaged history served as data";
-    fs::remove_all(c.dir + "/index");
-    std::printf("history files damaged and index lost: %s\n", c.OpenAndCheck().c_str());
+// Damaged bytes in a history file or in an older journal segment (neither is read whole at
+// open) are refused when read, naming the file; never served as data, and a compaction
+// that would copy them fails and changes nothing.
+TEST(Review11, DamagedHistoryIsNotServedAsData) {
+  Compacted c("damaged-hist");
+  for (auto& f : fs::directory_iterator(c.dir + "/history")) {
+    std::fstream io(f.path(), std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(200);
+    io.write("garbage!garbage!", 16);
   }
+  std::string got = c.OpenAndCheck();
+  EXPECT_EQ(got.find("WRONG"), std::string::npos) << "damaged history served as data: " << got;
+  EXPECT_NE(got.find("history file"), std::string::npos) << got;
+  EXPECT_NE(got.find("CRC"), std::string::npos) << got;
+  // The index made again from the history files: open reads them whole and refuses.
+  fs::remove_all(c.dir + "/index");
+  got = c.OpenAndCheck();
+  EXPECT_EQ(got.find("WRONG"), std::string::npos) << got;
+}
+
+TEST(Review11, ADamagedOlderJournalSegmentIsRefusedAndNotCompacted) {
+  const std::string dir = TempDir("damaged-journal");
+  fs::remove_all(dir);
+  StoreOptions small;
+  small.journal_segment_bytes = 256 << 10;
+  Churn h{1 << 20, 1200, {100, 300, 1000}};
+  {
+    auto s = RecoveryStore::Create(dir, {{"a", h.disk_bytes}}, 0, RecoveryStore::Start::kEmpty,
+                                   {}, {}, small)
+                 .value();
+    for (auto& b : h.batches) ASSERT_TRUE(s->Append(b).ok());
+  }
+  // One payload byte of the first segment's 10th record (seq 10): headers stay valid.
+  std::vector<fs::path> segs;
+  for (auto& f : fs::directory_iterator(dir + "/journal")) segs.push_back(f.path());
+  std::sort(segs.begin(), segs.end());
+  ASSERT_GE(segs.size(), 3u);
+  {
+    std::fstream io(segs[0], std::ios::in | std::ios::out | std::ios::binary);
+    const std::streamoff pos = 64 + 9 * (64 + kBlock) + 64 + 100;
+    io.seekg(pos);
+    char b = 0;
+    io.read(&b, 1);
+    b = static_cast<char>(b ^ 0x5a);
+    io.seekp(pos);
+    io.write(&b, 1);
+  }
+  auto s = RecoveryStore::Open(dir, small);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();  // open reads the last segment only
+  // Seq 10's record is visible at seq 10..(its block's next write): refused there.
+  std::string got = h.Check(**s, 100);
+  std::vector<uint8_t> one(h.disk_bytes);
+  Status st = (*s)->ReadAt(0, 10, 0, one);
+  EXPECT_EQ(st.code(), Code::kCorruption) << st.ToString();
+  EXPECT_NE(st.message().find("seq 10 in journal segment 1"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("CRC"), std::string::npos) << st.ToString();
+  // Asked again (the record is not taken as checked): still refused.
+  EXPECT_EQ((*s)->ReadAt(0, 10, 0, one).code(), Code::kCorruption);
+  // The newest state reads right wherever that record is overwritten; every read either
+  // is right or is refused, never wrong bytes.
+  for (uint64_t k : {uint64_t{100}, uint64_t{300}, uint64_t{1000}, uint64_t{1200}}) {
+    got = h.Check(**s, k);
+    EXPECT_EQ(got.find("WRONG"), std::string::npos) << got;
+  }
+  // A compaction reading the damaged record fails and changes nothing.
+  auto r = (*s)->Compact({100, 300}, 900);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kCorruption) << r.status().ToString();
+  EXPECT_EQ((*s)->compacted_through(), 0u);
+  EXPECT_EQ(h.Check(**s, 1200), "");
+  s->reset();
+  fs::remove_all(dir);
 }
 
 }  // namespace

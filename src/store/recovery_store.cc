@@ -566,6 +566,7 @@ Status RecoveryStore::RollBackAppend(const capture::CaptureLog::End& end) {
   index_error_ = Status::Ok();
   // Segments begun by the failed append are gone (a later one may take the same name).
   segments_.erase(segments_.upper_bound(end.segment_first_seq), segments_.end());
+  ForgetVerified();
   OSR_CHECK(!st.ok() || journal_->last_seq() == durable_seq_);
   return st;
 }
@@ -624,7 +625,69 @@ Result<std::shared_ptr<const File>> RecoveryStore::Segment(uint64_t first_seq, b
 
 Status RecoveryStore::ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out) {
   OSR_ASSIGN_OR_RETURN(std::shared_ptr<const File> seg, Segment(r.segment_first_seq, r.history));
+  const std::pair<uint64_t, uint64_t> key{
+      r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
+  bool checked;
+  {
+    std::lock_guard lock(verified_mu_);
+    checked = verified_.contains(key);
+  }
+  if (!checked) return VerifyRecord(*seg, r, offset, &out);
   return seg->PRead(r.payload_pos + (offset - r.offset), out);
+}
+
+Status RecoveryStore::VerifyRecord(const File& seg, const RecordRef& r, uint64_t offset,
+                                   std::span<uint8_t>* part) {
+  using capture::RecordHeader;
+  const std::string where =
+      fmt::format("recovery store {}: the record of seq {} in {} {} at byte {}", dir_, r.seq,
+                  r.history ? "history file" : "journal segment", r.segment_first_seq,
+                  r.payload_pos < RecordHeader::kSize ? 0 : r.payload_pos - RecordHeader::kSize);
+  if (r.payload_pos < RecordHeader::kSize || r.length == 0 ||
+      r.length > capture::kPayloadBytesMax) {
+    return Status(Code::kCorruption, where + ": the index names no record there");
+  }
+  std::vector<uint8_t> buf(RecordHeader::kSize + r.length);
+  OSR_RETURN_IF_ERROR(seg.PRead(r.payload_pos - RecordHeader::kSize, buf));
+  std::span<const uint8_t> payload(buf.data() + RecordHeader::kSize, r.length);
+  auto h = RecordHeader::Decode({buf.data(), RecordHeader::kSize});
+  std::string wrong;
+  if (!h.ok()) {
+    wrong = h.status().message();
+  } else if (h->disk != r.disk || h->offset != r.offset || h->length != r.length ||
+             h->payload_bytes != r.length || h->kind != capture::RecordKind::kWrite) {
+    wrong = fmt::format("its header says disk {} bytes {}+{}, the index disk {} bytes {}+{}",
+                        h->disk, h->offset, h->length, r.disk, r.offset, r.length);
+  } else if (!r.history && h->seq != r.seq) {
+    wrong = fmt::format("its header says seq {}", h->seq);
+  } else if (!RecordHeader::Verify(buf.data(), payload)) {
+    wrong = "its CRC does not match its bytes";
+  }
+  const std::pair<uint64_t, uint64_t> key{
+      r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
+  std::lock_guard lock(verified_mu_);
+  if (!wrong.empty()) {
+    if (++damaged_records_ <= 16) spdlog::error("{} is damaged: {}", where, wrong);
+    return Status(Code::kCorruption,
+                  fmt::format("{} is damaged ({}): its bytes are not served", where, wrong));
+  }
+  if (verified_.insert(key).second) {
+    verified_order_.push_back(key);
+    if (verified_order_.size() > kVerifiedMax) {
+      verified_.erase(verified_order_.front());
+      verified_order_.pop_front();
+    }
+  }
+  if (part != nullptr) {
+    std::memcpy(part->data(), payload.data() + (offset - r.offset), part->size());
+  }
+  return Status::Ok();
+}
+
+void RecoveryStore::ForgetVerified() {
+  std::lock_guard lock(verified_mu_);
+  verified_.clear();
+  verified_order_.clear();
 }
 
 Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::span<uint8_t> buf) {
@@ -751,6 +814,7 @@ Status RecoveryStore::StartJournalAt(uint64_t first_seq) {
   {
     std::lock_guard lock(mu_);
     segments_.clear();
+    ForgetVerified();
     journal_cut_.reset();
     journal_id_ = id;
   }
@@ -1367,6 +1431,7 @@ Status RecoveryStore::FoldStep(uint64_t target) {
       }
       history_gone.push_back(it->first);
       segments_.erase(it->first | kHistoryKeyBit);
+      ForgetVerified();
       it = history_.erase(it);
     }
     if (history_.empty() && target >= compacted_through_) history_id_ = 0;
@@ -1387,6 +1452,7 @@ Status RecoveryStore::FoldStep(uint64_t target) {
     {
       std::lock_guard lock(mu_);
       segments_.erase(segments[i].first_seq);
+      ForgetVerified();
     }
     std::error_code ec;
     RemovePath(segments[i].path, ec);

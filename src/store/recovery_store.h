@@ -27,6 +27,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -292,7 +293,18 @@ class RecoveryStore {
   Result<std::shared_ptr<const File>> Segment(uint64_t first_seq, bool history = false);
   static constexpr uint64_t kHistoryKeyBit = uint64_t{1} << 63;  // segments_ keys of history
   void OnWritten(std::span<const capture::CaptureLog::Written> records, bool ok);
+  // Bytes [offset, offset + out.size()) of r's payload. The first read of a record reads it
+  // whole and checks its header (magic, seq, disk, range) and CRC (docs/formats.md, "Capture
+  // log"); later reads of it read only their part (verified_, bounded). kCorruption naming
+  // the file and record when the check fails (the bytes are never served); the file's
+  // errors.
   Status ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out);
+  // Checks the record r whole, reading it from `seg`; when Ok and `part` is set, copies
+  // bytes [offset, offset + part->size()) of its payload there.
+  Status VerifyRecord(const File& seg, const RecordRef& r, uint64_t offset,
+                      std::span<uint8_t>* part);
+  // Forgets which records were checked (their files went or may be written anew).
+  void ForgetVerified();
   Status UsableLocked(uint64_t seq) const;  // holds mu_
   Status BeginResyncLocked(uint64_t from);  // takes mu_; holds staged_mu_
   // Reads back staging/staged.list of the resync under way (at Open); a list that is
@@ -374,6 +386,14 @@ class RecoveryStore {
   std::condition_variable unpinned_cv_;           // with mu_: signalled when pins_ becomes empty
   // first_seq -> open journal segment; guarded by mu_ (a reader holds its shared_ptr)
   std::map<uint64_t, std::shared_ptr<const File>> segments_;
+  // Records whose CRC was checked, as (segments_ key, payload_pos): at most kVerifiedMax,
+  // the oldest checked forgotten first (a 4 KiB-record churn's random reads hit it little;
+  // what it saves is re-reading a large record whole for each of its 4 KiB parts).
+  static constexpr size_t kVerifiedMax = 32768;
+  std::mutex verified_mu_;
+  std::set<std::pair<uint64_t, uint64_t>> verified_;
+  std::deque<std::pair<uint64_t, uint64_t>> verified_order_;
+  uint64_t damaged_records_ = 0;  // records that failed the check (guarded by verified_mu_)
   std::optional<WriteFailure> write_failure_;  // guarded by mu_
 };
 
