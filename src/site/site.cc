@@ -331,6 +331,7 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   OSR_RETURN_IF_ERROR(s->nbd_->Start());
   s->receiver_->Start();
   s->watcher_ = std::thread([sp] { sp->WatchLoop(); });
+  s->maintainer_ = std::thread([sp] { sp->MaintenanceLoop(); });
   return s;
 }
 
@@ -346,6 +347,17 @@ void Site::Stop() {
   }
   watch_cv_.notify_all();
   if (watcher_.joinable()) watcher_.join();
+  // A compaction under way stops at its next chunk (nothing of it stays).
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, st] : stores_) st->StopMaintenance();
+  }
+  {
+    std::lock_guard lock(maint_mu_);
+    maint_stop_ = true;
+  }
+  maint_cv_.notify_all();
+  if (maintainer_.joinable()) maintainer_.join();
   nbd_->Stop();
   if (receiver_) receiver_->Stop();
   // The materialisers take mu_: stop and join them before taking it here.
@@ -1670,6 +1682,10 @@ Status Site::DeleteStore(const std::string& vm) {
     }
     stores_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
+    // A compaction under way stops at its next chunk; one queued never starts.
+    s->StopMaintenance();
+    std::lock_guard maint(maint_mu_);
+    compactions_.erase(vm);
   }
   receiver_->EndGroup(vm);
   // Other holders (the receiver's session just ended, a fold in progress) let go soon.
@@ -1701,21 +1717,109 @@ Result<json> Site::FoldStore(const std::string& vm, uint64_t seq) {
   return json{{"name", vm}, {"base_seq", base}};
 }
 
+namespace {
+int64_t WallNowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
 Result<json> Site::CompactStore(const std::string& vm, std::vector<uint64_t> keep,
                                 uint64_t through) {
-  std::shared_ptr<store::RecoveryStore> s;
-  {
-    std::lock_guard lock(mu_);
-    auto it = stores_.find(vm);
-    if (it == stores_.end()) return MissingStore(vm);
-    s = it->second;
+  std::lock_guard lock(mu_);
+  auto it = stores_.find(vm);
+  if (it == stores_.end()) return MissingStore(vm);
+  // What is wrong now is answered now (the run checks again: views may open meanwhile).
+  OSR_RETURN_IF_ERROR(it->second->CheckCompaction(keep, through));
+  std::lock_guard maint(maint_mu_);
+  if (maint_stop_) return Unavailable("site " + cfg_.name + " is stopping");
+  auto c = compactions_.find(vm);
+  if (c != compactions_.end() && c->second.state == Compaction::State::kRunning) {
+    c->second.next = std::pair(std::move(keep), through);
+  } else if (c != compactions_.end() && c->second.state == Compaction::State::kQueued) {
+    c->second.keep = std::move(keep);
+    c->second.through = through;
+    c->second.asked_ns = WallNowNs();
+  } else {
+    Compaction fresh;
+    fresh.keep = std::move(keep);
+    fresh.through = through;
+    fresh.asked_ns = WallNowNs();
+    c = compactions_.insert_or_assign(vm, std::move(fresh)).first;
+    maint_queue_.push_back(vm);
+    maint_cv_.notify_all();
   }
-  OSR_ASSIGN_OR_RETURN(auto r, s->Compact(std::move(keep), through));
-  return json{{"name", vm},
-              {"compacted_through", r.compacted_through},
-              {"kept_points", r.kept_points},
-              {"bytes_before", r.bytes_before},
-              {"bytes_after", r.bytes_after}};
+  return json{{"name", vm}, {"compaction", CompactionJson(c->second)}};
+}
+
+json Site::CompactionJson(const Compaction& c) {
+  static constexpr const char* kStates[] = {"queued", "running", "done", "failed"};
+  json out{{"state", kStates[static_cast<int>(c.state)]},
+           {"through", c.through},
+           {"kept_points_asked", c.keep.size()},
+           {"asked", FormatTimeNs(c.asked_ns)}};
+  if (c.started_ns) out["started"] = FormatTimeNs(c.started_ns);
+  if (c.finished_ns) {
+    out["finished"] = FormatTimeNs(c.finished_ns);
+    out["seconds"] = static_cast<double>(c.finished_ns - c.started_ns) / 1e9;
+  }
+  if (c.state == Compaction::State::kDone) out["result"] = c.result;
+  if (c.state == Compaction::State::kFailed) out["error"] = c.error;
+  if (c.next) out["next_through"] = c.next->second;
+  return out;
+}
+
+void Site::MaintenanceLoop() {
+  std::unique_lock lock(maint_mu_);
+  for (;;) {
+    maint_cv_.wait(lock, [&] { return maint_stop_ || !maint_queue_.empty(); });
+    if (maint_stop_) return;
+    std::string vm = maint_queue_.front();
+    maint_queue_.pop_front();
+    auto c = compactions_.find(vm);
+    if (c == compactions_.end() || c->second.state != Compaction::State::kQueued) continue;
+    std::vector<uint64_t> keep = c->second.keep;
+    uint64_t through = c->second.through;
+    c->second.state = Compaction::State::kRunning;
+    c->second.started_ns = WallNowNs();
+    lock.unlock();
+    std::shared_ptr<store::RecoveryStore> s;
+    {
+      std::lock_guard sites(mu_);
+      if (auto it = stores_.find(vm); it != stores_.end()) s = it->second;
+    }
+    Result<store::RecoveryStore::CompactResult> r =
+        s ? s->Compact(std::move(keep), through)
+          : Result<store::RecoveryStore::CompactResult>(MissingStore(vm));
+    s.reset();
+    if (!r.ok()) {
+      spdlog::error("site {}: history compaction of {}: {}", cfg_.name, vm, r.status().ToString());
+    }
+    lock.lock();
+    c = compactions_.find(vm);
+    if (c == compactions_.end()) continue;  // the store was deleted meanwhile
+    Compaction& done = c->second;
+    done.finished_ns = WallNowNs();
+    if (r.ok()) {
+      done.state = Compaction::State::kDone;
+      done.result = {{"compacted_through", r->compacted_through},
+                     {"kept_points", r->kept_points},
+                     {"bytes_before", r->bytes_before},
+                     {"bytes_after", r->bytes_after}};
+    } else {
+      done.state = Compaction::State::kFailed;
+      done.error = r.status().ToString();
+    }
+    if (done.next) {  // asked for while it ran: next in line
+      Compaction again;
+      again.keep = std::move(done.next->first);
+      again.through = done.next->second;
+      again.asked_ns = WallNowNs();
+      done = std::move(again);
+      maint_queue_.push_back(vm);
+    }
+  }
 }
 
 Result<json> Site::StoreStatus(const std::string& vm) {
@@ -1741,9 +1845,16 @@ Result<json> Site::StoreStatus(const std::string& vm) {
            {"base_seq", s.base_seq()},
            {"compacted_through", s.compacted_through()},
            {"history_bytes", s.history_bytes()},
+           {"damaged_records", s.damaged_records()},
            {"index_cache_bytes", store::VersionIndex::CacheUsageBytes()}};
   if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
   if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
+  {
+    std::lock_guard maint(maint_mu_);
+    if (auto c = compactions_.find(vm); c != compactions_.end()) {
+      out["compaction"] = CompactionJson(c->second);
+    }
+  }
   if (auto p = s.staged_progress()) {
     out["staged"] = {{"from", p->from}, {"initial", p->initial}, {"bytes", p->bytes}};
   }

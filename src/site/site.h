@@ -40,6 +40,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -252,9 +253,14 @@ class Site {
   static constexpr int kStorePinsWaitMs = 10000;
   // Folds the store's history up to `seq` (not past an open view); returns the new base.
   Result<nlohmann::json> FoldStore(const std::string& vm, uint64_t seq);
-  // History compaction of vm's store (RecoveryStore::Compact): keep = the seqs of the points
-  // the vault keeps; returns {name, compacted_through, kept_points, bytes_before,
-  // bytes_after}. RecoveryStore::Compact's errors; kNotFound for no such store.
+  // Asks for a history compaction of vm's store (RecoveryStore::Compact; keep = the seqs of
+  // the points the vault keeps) and returns at once: compactions run on the site's
+  // maintenance thread, one store at a time (each reads and writes that store's history:
+  // two at once would only slow both). A request for a store whose compaction is queued
+  // replaces it; one made while it runs is queued after it. Returns {name, compaction:
+  // CompactionJson}; GET /stores/VM shows the same until the next request.
+  // kNotFound for no such store; kInvalidArgument for `through` beyond the store's durable
+  // seq; RecoveryStore::Compact's own errors appear in the compaction's state ("failed").
   Result<nlohmann::json> CompactStore(const std::string& vm, std::vector<uint64_t> keep,
                                       uint64_t through);
   Result<nlohmann::json> StoreStatus(const std::string& vm);
@@ -428,6 +434,28 @@ class Site {
   // Capture groups of groups deleted while an NBD client still held one of their disks
   // past every bound; freed by Stop, after the NBD server. Guarded by retired_mu_.
   std::vector<std::unique_ptr<capture::CaptureGroup>> retired_;
+
+  // History compactions (CompactStore): one per store at most, run by maintainer_ in the
+  // order asked. All guarded by maint_mu_ (taken after mu_ when both are held).
+  struct Compaction {
+    enum class State { kQueued, kRunning, kDone, kFailed };
+    State state = State::kQueued;
+    std::vector<uint64_t> keep;
+    uint64_t through = 0;
+    int64_t asked_ns = 0, started_ns = 0, finished_ns = 0;  // wall clock, ns
+    nlohmann::json result;  // kDone: RecoveryStore::CompactResult's fields
+    std::string error;      // kFailed
+    // Asked for while this one runs: started after it.
+    std::optional<std::pair<std::vector<uint64_t>, uint64_t>> next;
+  };
+  static nlohmann::json CompactionJson(const Compaction& c);
+  void MaintenanceLoop();
+  std::mutex maint_mu_;
+  std::condition_variable maint_cv_;
+  std::map<std::string, Compaction> compactions_;
+  std::deque<std::string> maint_queue_;
+  bool maint_stop_ = false;
+  std::thread maintainer_;
 
   std::thread watcher_;
   std::mutex watch_mu_;

@@ -350,7 +350,7 @@ SiteApi::SiteApi(Site* site) : site_(site) {
           seqs.push_back((*keep)[i].get<uint64_t>());
         }
         if (!f.ok()) return Error(res, f.status());
-        ReplyResult(res, site_->CompactStore(req.matches[1], std::move(seqs), through));
+        ReplyResult(res, site_->CompactStore(req.matches[1], std::move(seqs), through), 202);
       });
   Add("POST", R"(/api/v1/stores/([^/]+)/views)",
       [this](const httplib::Request& req, httplib::Response& res) {

@@ -151,12 +151,90 @@ uint64_t RecoveryStore::history_bytes() const {
   return FilesBytes(dir_ + "/journal", ".log") + FilesBytes(dir_ + "/history", ".hist");
 }
 
+Result<std::optional<RecoveryStore::CompactionPlan>> RecoveryStore::PlanCompactionLocked(
+    const std::vector<uint64_t>& keep, uint64_t through,
+    const std::vector<uint64_t>& segment_ends) const {
+  if (resyncing_ || initial_sync_ || differential_) {
+    return Status(Code::kFailedPrecondition,
+                  "a resynchronization is under way: history is compacted after it ends");
+  }
+  if (fold_target_ > base_seq_) {
+    // Its step may end between points that would go: it is finished first.
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("a fold up to seq {} did not finish; history is compacted "
+                              "after the next fold (or start) finishes it",
+                              fold_target_));
+  }
+  if (through > durable_seq_) {
+    return InvalidArgument(
+        fmt::format("through {} is beyond the store's durable seq {}", through, durable_seq_));
+  }
+  CompactionPlan plan;
+  // Whole journal segments only: the last one wholly at or below `through`.
+  plan.e = std::max(compacted_through_, base_seq_);
+  for (uint64_t end : segment_ends) {
+    if (end > through) break;
+    plan.e = std::max(plan.e, end);
+  }
+  if (plan.e <= base_seq_) {  // nothing is held below a segment end
+    return std::optional<CompactionPlan>();
+  }
+  for (uint64_t k : keep) {
+    if (k > base_seq_ && k < plan.e && k >= consistent_from_) plan.kept.insert(k);
+  }
+  for (uint64_t k : plan.kept) {
+    if (k < compacted_through_ && !kept_.contains(k)) {
+      return InvalidArgument(fmt::format("seq {} was compacted away already", k));
+    }
+  }
+  for (uint64_t p : pins_) {
+    if (p > base_seq_ && p < plan.e && !plan.kept.contains(p)) {
+      return Status(Code::kFailedPrecondition,
+                    fmt::format("a view or failover disk at seq {} is open; compacting up to "
+                                "seq {} would take it away (close it, or keep its point)",
+                                p, plan.e));
+    }
+  }
+  // Intervals whose bounds all stay (from the oldest on) are left as they are.
+  std::set<uint64_t> old_bounds(kept_.upper_bound(base_seq_), kept_.end());
+  if (compacted_through_ > base_seq_) old_bounds.insert(compacted_through_);
+  plan.lo = base_seq_;
+  for (uint64_t b : old_bounds) {
+    if (b != plan.e && !plan.kept.contains(b)) break;
+    plan.lo = b;
+  }
+  for (uint64_t k : plan.kept) {
+    if (k > plan.lo) plan.bounds.push_back(k);
+  }
+  if (plan.lo < plan.e) plan.bounds.push_back(plan.e);
+  return std::optional(std::move(plan));
+}
+
+Result<std::vector<uint64_t>> RecoveryStore::SegmentEnds() const {
+  OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
+  std::vector<uint64_t> ends;
+  for (size_t i = 0; i + 1 < segments.size(); ++i) ends.push_back(segments[i + 1].first_seq - 1);
+  return ends;
+}
+
+Status RecoveryStore::CheckCompaction(const std::vector<uint64_t>& keep, uint64_t through) const {
+  if (maintenance_stopped_.load()) {
+    return Status(Code::kCancelled, dir_ + ": the store is closing; no compaction starts");
+  }
+  OSR_ASSIGN_OR_RETURN(std::vector<uint64_t> ends, SegmentEnds());
+  std::lock_guard lock(mu_);
+  return PlanCompactionLocked(keep, through, ends).status();
+}
+
 Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t> keep,
                                                             uint64_t through) {
   std::lock_guard run(fold_run_mu_);  // no fold meanwhile
+  if (maintenance_stopped_.load()) {
+    return Status(Code::kCancelled, dir_ + ": the store is closing; no compaction starts");
+  }
   CompactResult out;
   out.bytes_before = history_bytes();
-  OSR_ASSIGN_OR_RETURN(auto segments, capture::ListSegments(dir_ + "/journal"));
+  OSR_ASSIGN_OR_RETURN(std::vector<uint64_t> ends, SegmentEnds());
   uint64_t lo, e, old_history_id, old_through;
   std::set<uint64_t> old_kept;
   std::vector<uint64_t> bounds;  // the kept seqs in (lo, e), then e
@@ -165,64 +243,18 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
     old_history_id = history_id_;
     old_through = compacted_through_;
     old_kept = kept_;
-    if (resyncing_ || initial_sync_ || differential_) {
-      return Status(Code::kFailedPrecondition,
-                    "a resynchronization is under way: history is compacted after it ends");
-    }
-    if (fold_target_ > base_seq_) {
-      // Its step may end between points that would go: it is finished first.
-      return Status(Code::kFailedPrecondition,
-                    fmt::format("a fold up to seq {} did not finish; history is compacted "
-                                "after the next fold (or start) finishes it",
-                                fold_target_));
-    }
-    if (through > durable_seq_) {
-      return InvalidArgument(
-          fmt::format("through {} is beyond the store's durable seq {}", through, durable_seq_));
-    }
-    // Whole journal segments only: the last one wholly at or below `through`.
-    e = std::max(compacted_through_, base_seq_);
-    for (size_t i = 0; i + 1 < segments.size(); ++i) {
-      uint64_t end = segments[i + 1].first_seq - 1;
-      if (end > through) break;
-      e = std::max(e, end);
-    }
-    out.compacted_through = std::max(compacted_through_, base_seq_);
-    if (e <= base_seq_) {  // nothing is held below a segment end
+    OSR_ASSIGN_OR_RETURN(std::optional<CompactionPlan> plan,
+                         PlanCompactionLocked(keep, through, ends));
+    if (!plan) {
+      out.compacted_through = std::max(compacted_through_, base_seq_);
       out.bytes_after = out.bytes_before;
       return out;
     }
-    std::set<uint64_t> kept;
-    for (uint64_t k : keep) {
-      if (k > base_seq_ && k < e && k >= consistent_from_) kept.insert(k);
-    }
-    for (uint64_t k : kept) {
-      if (k < compacted_through_ && !kept_.contains(k)) {
-        return InvalidArgument(fmt::format("seq {} was compacted away already", k));
-      }
-    }
-    for (uint64_t p : pins_) {
-      if (p > base_seq_ && p < e && !kept.contains(p)) {
-        return Status(Code::kFailedPrecondition,
-                      fmt::format("a view or failover disk at seq {} is open; compacting up to "
-                                  "seq {} would take it away (close it, or keep its point)",
-                                  p, e));
-      }
-    }
-    // Intervals whose bounds all stay (from the oldest on) are left as they are.
-    std::set<uint64_t> old_bounds(kept_.upper_bound(base_seq_), kept_.end());
-    if (compacted_through_ > base_seq_) old_bounds.insert(compacted_through_);
-    lo = base_seq_;
-    for (uint64_t b : old_bounds) {
-      if (b != e && !kept.contains(b)) break;
-      lo = b;
-    }
-    for (uint64_t k : kept) {
-      if (k > lo) bounds.push_back(k);
-    }
-    if (lo < e) bounds.push_back(e);
+    lo = plan->lo;
+    e = plan->e;
+    bounds = std::move(plan->bounds);
     // From here the seqs that go are neither readable nor pinnable.
-    kept_ = std::move(kept);
+    kept_ = std::move(plan->kept);
     compacted_through_ = e;
     out.compacted_through = e;
     out.kept_points = kept_.size() + 1;
@@ -260,6 +292,10 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
     }
     if (undo.ok()) undo = index_->SetHistoryId(old_history_id);
     if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
+    // Damage found in a source, or a stop, is no failure to write (health shows those).
+    if (st.code() == Code::kCorruption || st.code() == Code::kCancelled) {
+      return Status(st.code(), fmt::format("compaction of {} undone: {}", dir_, st.message()));
+    }
     return NoteWriteFailure("compaction", st, 0);
   }
   // The commit: store.json names the new files (and no old file of a changed interval).
@@ -381,6 +417,10 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
         return added;
       };
       for (uint64_t c : cs) {
+        if (maintenance_stopped_.load()) {
+          st = Status(Code::kCancelled, "the store is closing");
+          break;
+        }
         uint64_t off = c * VersionIndex::kChunkBytes;
         uint64_t len = std::min(VersionIndex::kChunkBytes, disks_[d].size_bytes - off);
         st = index_->Collect(d, off, len, prev, k, &parts);

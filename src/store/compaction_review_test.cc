@@ -316,8 +316,8 @@ TEST(Review11, ADamagedOlderJournalSegmentIsRefusedAndNotCompacted) {
   small.journal_segment_bytes = 256 << 10;
   Churn h{1 << 20, 1200, {100, 300, 1000}};
   {
-    auto s = RecoveryStore::Create(dir, {{"a", h.disk_bytes}}, 0, RecoveryStore::Start::kEmpty,
-                                   {}, {}, small)
+    auto s = RecoveryStore::Create(dir, {{"a", h.disk_bytes}}, 0, RecoveryStore::Start::kEmpty, {},
+                                   {}, small)
                  .value();
     for (auto& b : h.batches) ASSERT_TRUE(s->Append(b).ok());
   }
@@ -345,8 +345,9 @@ TEST(Review11, ADamagedOlderJournalSegmentIsRefusedAndNotCompacted) {
   EXPECT_EQ(st.code(), Code::kCorruption) << st.ToString();
   EXPECT_NE(st.message().find("seq 10 in journal segment 1"), std::string::npos) << st.ToString();
   EXPECT_NE(st.message().find("CRC"), std::string::npos) << st.ToString();
-  // Asked again (the record is not taken as checked): still refused.
+  // Asked again (the record is not taken as checked): still refused, counted once.
   EXPECT_EQ((*s)->ReadAt(0, 10, 0, one).code(), Code::kCorruption);
+  EXPECT_EQ((*s)->damaged_records(), 1u);
   // The newest state reads right wherever that record is overwritten; every read either
   // is right or is refused, never wrong bytes.
   for (uint64_t k : {uint64_t{100}, uint64_t{300}, uint64_t{1000}, uint64_t{1200}}) {

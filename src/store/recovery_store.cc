@@ -667,7 +667,11 @@ Status RecoveryStore::VerifyRecord(const File& seg, const RecordRef& r, uint64_t
       r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
   std::lock_guard lock(verified_mu_);
   if (!wrong.empty()) {
-    if (++damaged_records_ <= 16) spdlog::error("{} is damaged: {}", where, wrong);
+    // Counted (and logged) once per record; past kDamagedKeptMax, every failure counts.
+    if (damaged_.size() >= kDamagedKeptMax || damaged_.insert(key).second) {
+      ++damaged_records_;
+      spdlog::error("{} is damaged: {}", where, wrong);
+    }
     return Status(Code::kCorruption,
                   fmt::format("{} is damaged ({}): its bytes are not served", where, wrong));
   }

@@ -25,6 +25,7 @@
 // (WaitUnpinned; docs/architecture.md, "Who owns what across threads").
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -172,11 +173,22 @@ class RecoveryStore {
     uint64_t bytes_after = 0;        // and after
   };
   Result<CompactResult> Compact(std::vector<uint64_t> keep, uint64_t through);
+  // Compact's checks alone (its kInvalidArgument and kFailedPrecondition), changing
+  // nothing: a caller that runs Compact later answers bad requests at once.
+  Status CheckCompaction(const std::vector<uint64_t>& keep, uint64_t through) const;
+  // Makes a compaction under way stop at its next chunk (kCancelled; nothing of it stays)
+  // and every later one refuse at once: the store is being closed or deleted.
+  void StopMaintenance() { maintenance_stopped_.store(true); }
   uint64_t history_id() const;
   // Seqs up to this one (besides base_seq and the kept ones) were compacted away (0: none).
   uint64_t compacted_through() const;
   // Bytes of the journal and history files.
   uint64_t history_bytes() const;
+  // Records that failed their check when read (ReadPayload) since the store opened.
+  uint64_t damaged_records() {
+    std::lock_guard lock(verified_mu_);
+    return damaged_records_;
+  }
 
   // The journal's cut at open (capture::CaptureLog::Cut): records after `after_seq` were
   // lost here and may have been acknowledged; they come again from the source (or a
@@ -276,6 +288,19 @@ class RecoveryStore {
   Status FinishInterruptedFold();
   // Applies the index's entries in (from, target] to the base (compacted history).
   Status ApplyFromIndex(uint64_t from, uint64_t target);
+  // Compaction's plan, made under mu_ from the journal's segment ends (SegmentEnds).
+  struct CompactionPlan {
+    uint64_t e = 0;                // compacted_through after it
+    uint64_t lo = 0;               // intervals up to lo stay as they are
+    std::set<uint64_t> kept;       // kept seqs in (base_seq, e)
+    std::vector<uint64_t> bounds;  // kept seqs in (lo, e), then e
+  };
+  // nullopt: nothing is held below a segment end.
+  Result<std::optional<CompactionPlan>> PlanCompactionLocked(
+      const std::vector<uint64_t>& keep, uint64_t through,
+      const std::vector<uint64_t>& segment_ends) const;
+  // The last seq of each journal segment but the last.
+  Result<std::vector<uint64_t>> SegmentEnds() const;
   // Compaction's parts: the history files of the bounds in (lo, e], written and indexed.
   struct HistoryFile {
     uint64_t id;
@@ -337,7 +362,8 @@ class RecoveryStore {
   // Readers hold fold_mu_ shared; a fold step holds it alone only to move base_seq_ (and
   // to let reads that began before it planned end); a resync commit while it copies.
   mutable std::shared_mutex fold_mu_;
-  std::mutex fold_run_mu_;  // one Fold at a time
+  std::atomic<bool> maintenance_stopped_{false};  // StopMaintenance
+  std::mutex fold_run_mu_;                        // one Fold at a time
 
   static constexpr size_t kIndexBatchRecords = 4096;  // records per index batch at open
   static constexpr size_t kOpenSegmentsMax = 64;      // journal segments kept open to read
@@ -393,7 +419,11 @@ class RecoveryStore {
   std::mutex verified_mu_;
   std::set<std::pair<uint64_t, uint64_t>> verified_;
   std::deque<std::pair<uint64_t, uint64_t>> verified_order_;
-  uint64_t damaged_records_ = 0;  // records that failed the check (guarded by verified_mu_)
+  // Records that failed the check (guarded by verified_mu_): the first kDamagedKeptMax by
+  // key, so that one read again and again counts once.
+  static constexpr size_t kDamagedKeptMax = 4096;
+  std::set<std::pair<uint64_t, uint64_t>> damaged_;
+  uint64_t damaged_records_ = 0;
   std::optional<WriteFailure> write_failure_;  // guarded by mu_
 };
 

@@ -817,6 +817,9 @@ json Vault::ItemJson(const ItemRow& item) {
     if (gf.ok() && sf.ok() && !resyncing && !resync_required && !overflowed) {
       if (auto w = PointOverdueWarning(item, points, durable); !w.empty()) warnings.push_back(w);
     }
+    if (sf.ok()) {
+      if (auto w = StoreHistoryWarning(item, *st); !w.empty()) warnings.push_back(w);
+    }
   }
   {
     std::lock_guard lock(clock_mu_);
@@ -1323,6 +1326,28 @@ Status Vault::CancelJobsOf(const std::string& vm) {
     }
   }
   return Status::Ok();
+}
+
+std::string Vault::StoreHistoryWarning(const ItemRow& item, const json& store) {
+  json_in::Fields sf(store, "site " + item.target + " store " + item.vm + ".");
+  uint64_t damaged = sf.U64("damaged_records", 0);
+  if (damaged > 0) {
+    return fmt::format(
+        "Critical: {} record(s) of {}'s recovery store at {} failed their check when read "
+        "(see that site's log): points that need them cannot be read, and the store does not "
+        "fold or compact past them",
+        damaged, item.vm, item.target);
+  }
+  if (const json* c = sf.Object("compaction"); c != nullptr) {
+    json_in::Fields cf(*c, "site " + item.target + " store " + item.vm + ".compaction.");
+    if (cf.String("state", "") == "failed") {
+      return fmt::format(
+          "Warning: history compaction of {}'s recovery store at {} failed ({}); the journal "
+          "keeps versions no kept point needs until the next one, after the next thinning",
+          item.vm, item.target, cf.String("error", "?").substr(0, 300));
+    }
+  }
+  return "";
 }
 
 std::string Vault::ReplicationTrouble(const ItemRow& item, const json& store) {

@@ -204,6 +204,9 @@ class Vault {
   // `want`: the source's position to wait for (0: its last seq now). `cancel` (borrowed;
   // nullptr for API calls): the job's token; kCancelled when it is set.
   // Why replication does not reach the recovery site, as the sites say ("" or ": ...").
+  // What the recovery store says of its history (GET /stores/VM): records that failed their
+  // check when read (Critical), a history compaction that failed (Warning); "" when neither.
+  std::string StoreHistoryWarning(const ItemRow& item, const nlohmann::json& store);
   std::string ReplicationTrouble(const ItemRow& item, const nlohmann::json& store);
   Result<PointRow> PointAtLatest(const ItemRow& item, const std::string& type, int wait_ms,
                                  uint64_t want = 0, JobCancel* cancel = nullptr);

@@ -215,6 +215,30 @@ def store_status(site, vm):
     return api_ok(site, "GET", f"/stores/{vm}")
 
 
+def compact(site, vm, body, timeout=120):
+    """POST /stores/VM/compact (answered 202 at once: it runs on the site's maintenance
+    thread), then waits until the store's compaction is done or failed; returns it."""
+    asked = api_ok(site, "POST", f"/stores/{vm}/compact", body, status=202)
+    assert asked["compaction"]["state"] in ("queued", "running"), asked
+    assert asked["compaction"]["through"] == body["through"], asked
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c = store_status(site, vm).get("compaction")
+        assert isinstance(c, dict), f"store {vm}: no compaction shown after one was asked for"
+        if c["state"] in ("done", "failed"):
+            return c
+        time.sleep(0.05)
+    pytest.fail(f"store {vm}: the compaction did not end within {timeout}s: {c}")
+
+
+def compact_ok(site, vm, body, timeout=120):
+    """compact(), which must succeed; returns its result (compacted_through, kept_points,
+    bytes_before, bytes_after)."""
+    c = compact(site, vm, body, timeout)
+    assert c["state"] == "done", f"store {vm}: compaction {body}: {c}"
+    return c["result"]
+
+
 def group_status(site, vm):
     return api_ok(site, "GET", f"/groups/{vm}")
 
