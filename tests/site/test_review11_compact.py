@@ -280,3 +280,48 @@ def test_a_request_while_one_runs_is_queued_after_it(site_factory):
     # A store deleted while nothing runs: its compaction state goes with it.
     api_ok(recovery, "DELETE", f"/stores/{VM}", status=204)
     assert_error(recovery, "GET", f"/stores/{VM}", None, 404)
+
+
+def test_a_damaged_journal_record_is_refused_counted_and_never_compacted(site_factory):
+    """A byte of an older journal segment changes on disk (the medium, or a hand): open
+    does not read that segment, so the first read of the record finds it. The read is
+    refused (an NBD error), the store counts it, the site's log names the file and seq,
+    and a compaction that would copy it fails and changes nothing."""
+    primary, recovery, model = start_pair(site_factory, 400, seed=5)
+    durable = store_status(recovery, VM)["durable_seq"]
+    recovery.stop()
+    journal = recovery.data_dir / "stores" / VM / "journal"
+    segments = sorted(journal.iterdir())
+    assert len(segments) >= 3, segments
+    with open(segments[0], "r+b") as f:  # seq 1's payload: segment header, record header
+        f.seek(64 + 64 + 1000)
+        b = f.read(1)
+        f.seek(64 + 64 + 1000)
+        f.write(bytes([b[0] ^ 0x5A]))
+    recovery.restart()
+    assert store_status(recovery, VM)["damaged_records"] == 0
+    v = open_view(recovery, VM, 1)
+    try:
+        h = connect(v["disks"][0]["uri"])
+        try:
+            slot = model.slot_of[1]
+            with pytest.raises(Exception) as e:
+                h.pread(MIB, slot * MIB)
+            print("read of the damaged record ->", e.value)
+            # The other slots read right at seq 1 (zeros: nothing else was written yet).
+            other = (slot + 1) % SLOTS
+            assert h.pread(MIB, other * MIB) == model.at(1)[other * MIB:(other + 1) * MIB]
+        finally:
+            close(h)
+    finally:
+        close_view(recovery, v["id"])
+    st = store_status(recovery, VM)
+    assert st["damaged_records"] == 1, st
+    log = recovery.stderr()
+    assert "the record of seq 1 in journal segment 1 at byte 64 is damaged" in log, log[-2000:]
+    c = compact(recovery, VM, {"keep": [1, 200], "through": durable})  # (0, 1] reads seq 1
+    print("compaction over the damaged record ->", c)
+    assert c["state"] == "failed" and "CRC" in c["error"], c
+    st = store_status(recovery, VM)
+    assert st["compacted_through"] == 0 and "write_error" not in st, st
+    check(recovery, model, [durable], "the newest state after a refused compaction")
