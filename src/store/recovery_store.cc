@@ -1390,9 +1390,21 @@ Status RecoveryStore::FoldStep(uint64_t target) {
     std::lock_guard lock(mu_);
     compacted = from < compacted_through_;
   }
+  // Every record of (from, target] in order, each one checked: the scan's reader ends a
+  // segment at a damaged record (or takes zeros where records were as its clean end) and
+  // goes on with the next one, so a gap is damage that the fold must not step over.
+  uint64_t next_seq = from + 1;
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t> payload) {
-    if (h.seq <= from) return true;
+    if (h.seq < next_seq) return true;
     if (h.seq > target) return false;
+    if (h.seq != next_seq) {
+      apply = Corruption(fmt::format(
+          "{}: the journal lacks the records of seqs {}..{} (damaged or zeroed): the fold up "
+          "to seq {} stops before them",
+          dir_, next_seq, h.seq - 1, target));
+      return false;
+    }
+    ++next_seq;
     if (h.length != 0 && h.disk < base_.size()) {  // length 0: a mark (a resync's end)
       File& f = base_[h.disk];
       Status st = h.kind == RecordKind::kWrite ? f.PWrite(h.offset, payload)
@@ -1410,6 +1422,11 @@ Status RecoveryStore::FoldStep(uint64_t target) {
   } else if (auto summary = capture::LogReader::Scan(dir_ + "/journal", visit, false, from + 1);
              !summary.ok()) {
     apply = summary.status();
+  } else if (apply.ok() && !summary->errors.empty()) {
+    const capture::LogError& e = summary->errors.front();
+    apply = Corruption(fmt::format("{}: the journal is damaged in {} at byte {} ({}): the fold up "
+                                   "to seq {} stops there",
+                                   dir_, e.segment, e.position, e.message, target));
   } else if (apply.ok() && summary->last_seq < target) {
     apply = Corruption(fmt::format("{}: the journal ends at seq {} before the fold's end {}", dir_,
                                    summary->last_seq, target));
@@ -1419,7 +1436,16 @@ Status RecoveryStore::FoldStep(uint64_t target) {
   if (!apply.ok()) {
     // Seqs below the step stay unreadable (fold_target_, and folding_to in store.json);
     // the next fold, or the next open, applies the step again from the start: applying a
-    // record twice gives the same bytes.
+    // record twice gives the same bytes. Bytes the step wrote into the base all lie under
+    // records of (base_seq, target], which reads of later seqs overlay (and check).
+    if (apply.code() == Code::kCorruption) {  // damage, not a failed write: counted once
+      std::lock_guard lock(verified_mu_);
+      if (damaged_.size() >= kDamagedKeptMax || damaged_.insert({UINT64_MAX, target}).second) {
+        ++damaged_records_;
+        spdlog::error("recovery store {}: {}", dir_, apply.message());
+      }
+      return apply;
+    }
     return NoteWriteFailure("fold", apply, 0);
   }
   std::vector<uint64_t> history_gone;
