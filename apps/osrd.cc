@@ -12,8 +12,6 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
-#include <thread>
-#include <chrono>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -475,20 +473,6 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   return 0;
 }
 
-// Hands the heap's free pages back to the kernel every 10 s: glibc keeps what is freed in
-// the middle of its arenas (RocksDB's flushes and compactions free in bursts), and the
-// recovery site's RSS then followed the history taken in (bench/store_scale.py).
-// malloc_trim(0) walks the arenas' free lists; a few ms for osrd's heap. The thread only
-// sleeps and trims: it ends with the process.
-void StartHeapTrimmer() {
-  std::thread([] {
-    for (;;) {
-      std::this_thread::sleep_for(std::chrono::seconds(10));
-      malloc_trim(0);
-    }
-  }).detach();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -503,7 +487,10 @@ int main(int argc, char** argv) {
   // Unless the operator set them (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_).
   if (std::getenv("MALLOC_ARENA_MAX") == nullptr) mallopt(M_ARENA_MAX, 2);
   if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
-  StartHeapTrimmer();
+  // Many stores' open segments and index tables (docs/operations.md, "Descriptors").
+  if (osr::Status st = osr::RaiseOpenFileLimit(); !st.ok()) {
+    std::fprintf(stderr, "osrd: %s\n", st.ToString().c_str());
+  }
   auto logger = spdlog::stderr_color_mt("osrd");
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <linux/falloc.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -653,6 +654,19 @@ Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data) {
   }
   std::string dir = std::filesystem::path(path).parent_path().string();
   return SyncDir(dir.empty() ? "." : dir);
+}
+
+Status RaiseOpenFileLimit() {
+  struct rlimit r {};
+  if (::getrlimit(RLIMIT_NOFILE, &r) != 0) return Status::FromErrno(errno, "getrlimit(NOFILE)");
+  if (r.rlim_cur >= r.rlim_max) return Status::Ok();
+  const rlim_t before = r.rlim_cur;
+  r.rlim_cur = r.rlim_max;
+  if (::setrlimit(RLIMIT_NOFILE, &r) != 0) {
+    return Status::FromErrno(
+        errno, fmt::format("raise the open-file limit from {} to {}", before, r.rlim_max));
+  }
+  return Status::Ok();
 }
 
 }  // namespace osr

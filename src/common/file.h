@@ -173,4 +173,10 @@ Status WritePowerLossImageForTest(
 // The sync points the recorder has seen so far.
 uint64_t PowerLossSyncPointsForTest();
 
+// Raises this process's soft limit of open files (RLIMIT_NOFILE) to its hard limit: every
+// recovery store keeps up to 64 journal or history files and 64 index tables open for
+// reads, more than the 1024 a service gets by default (systemd on Debian 12 gives 1024
+// soft, 524288 hard). Ok when it is there already; the errno of setrlimit otherwise.
+Status RaiseOpenFileLimit();
+
 }  // namespace osr

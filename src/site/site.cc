@@ -1682,10 +1682,20 @@ Status Site::DeleteStore(const std::string& vm) {
     }
     stores_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
-    // A compaction under way stops at its next chunk; one queued never starts.
+    // A compaction under way stops at its next extent; one queued never starts.
     s->StopMaintenance();
     std::lock_guard maint(maint_mu_);
     compactions_.erase(vm);
+  }
+  {
+    // Its files go only once the maintenance thread has left it (it stops within one
+    // extent's read and write; a slow disk is waited for, not deleted under).
+    std::unique_lock maint(maint_mu_);
+    while (!maint_cv_.wait_for(maint, std::chrono::seconds(10),
+                               [&] { return maint_running_ != s.get(); })) {
+      spdlog::warn("site {}: waiting for the compaction of {} to stop before its files go",
+                   cfg_.name, vm);
+    }
   }
   receiver_->EndGroup(vm);
   // Other holders (the receiver's session just ended, a fold in progress) let go soon.
@@ -1713,7 +1723,7 @@ Result<json> Site::FoldStore(const std::string& vm, uint64_t seq) {
     if (it == stores_.end()) return MissingStore(vm);
     s = it->second;
   }
-  OSR_ASSIGN_OR_RETURN(uint64_t base, s->Fold(seq));
+  OSR_ASSIGN_OR_RETURN(uint64_t base, s->TryFold(seq));  // never waits minutes for a compaction
   return json{{"name", vm}, {"base_seq", base}};
 }
 
@@ -1743,6 +1753,7 @@ Result<json> Site::CompactStore(const std::string& vm, std::vector<uint64_t> kee
     c->second.asked_ns = WallNowNs();
   } else {
     Compaction fresh;
+    fresh.store = it->second;
     fresh.keep = std::move(keep);
     fresh.through = through;
     fresh.asked_ns = WallNowNs();
@@ -1779,26 +1790,37 @@ void Site::MaintenanceLoop() {
     maint_queue_.pop_front();
     auto c = compactions_.find(vm);
     if (c == compactions_.end() || c->second.state != Compaction::State::kQueued) continue;
+    std::shared_ptr<store::RecoveryStore> s = c->second.store.lock();
+    if (!s) {  // its store was deleted
+      compactions_.erase(c);
+      continue;
+    }
+    const std::weak_ptr<store::RecoveryStore> asked = c->second.store;
     std::vector<uint64_t> keep = c->second.keep;
     uint64_t through = c->second.through;
     c->second.state = Compaction::State::kRunning;
     c->second.started_ns = WallNowNs();
+    maint_running_ = s.get();
     lock.unlock();
-    std::shared_ptr<store::RecoveryStore> s;
-    {
-      std::lock_guard sites(mu_);
-      if (auto it = stores_.find(vm); it != stores_.end()) s = it->second;
+    Result<store::RecoveryStore::CompactResult> r{Status(Code::kInternal, "not run")};
+    try {
+      r = s->Compact(std::move(keep), through);
+    } catch (const std::exception& e) {  // a bug must not end the daemon
+      r = Status(Code::kInternal, std::string("the compaction threw: ") + e.what());
     }
-    Result<store::RecoveryStore::CompactResult> r =
-        s ? s->Compact(std::move(keep), through)
-          : Result<store::RecoveryStore::CompactResult>(MissingStore(vm));
     s.reset();
     if (!r.ok()) {
       spdlog::error("site {}: history compaction of {}: {}", cfg_.name, vm, r.status().ToString());
     }
     lock.lock();
+    maint_running_ = nullptr;
+    maint_cv_.notify_all();
     c = compactions_.find(vm);
-    if (c == compactions_.end()) continue;  // the store was deleted meanwhile
+    // The store was deleted meanwhile, or deleted and made again (another instance).
+    if (c == compactions_.end() || c->second.store.owner_before(asked) ||
+        asked.owner_before(c->second.store)) {
+      continue;
+    }
     Compaction& done = c->second;
     done.finished_ns = WallNowNs();
     if (r.ok()) {
@@ -1813,6 +1835,7 @@ void Site::MaintenanceLoop() {
     }
     if (done.next) {  // asked for while it ran: next in line
       Compaction again;
+      again.store = asked;
       again.keep = std::move(done.next->first);
       again.through = done.next->second;
       again.asked_ns = WallNowNs();

@@ -440,6 +440,9 @@ class Site {
   struct Compaction {
     enum class State { kQueued, kRunning, kDone, kFailed };
     State state = State::kQueued;
+    // The store instance asked for (a store deleted and made again under the same name is
+    // another one: its entry is not this run's to finish).
+    std::weak_ptr<store::RecoveryStore> store;
     std::vector<uint64_t> keep;
     uint64_t through = 0;
     int64_t asked_ns = 0, started_ns = 0, finished_ns = 0;  // wall clock, ns
@@ -455,6 +458,9 @@ class Site {
   std::map<std::string, Compaction> compactions_;
   std::deque<std::string> maint_queue_;
   bool maint_stop_ = false;
+  // The store the maintenance thread works on now (nullptr: none); DeleteStore waits until
+  // it has left the store before removing its files.
+  const store::RecoveryStore* maint_running_ = nullptr;
   std::thread maintainer_;
 
   std::thread watcher_;

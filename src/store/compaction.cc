@@ -35,6 +35,8 @@ constexpr uint64_t kHistoryInFlux = UINT64_MAX;  // never drawn by NewStoreId
 
 // The index's sub of the n-th record (from 1) of history file `id`: unique per extent
 // (file ids are never reused within 2^48).
+constexpr const char* kStopped = "stopped: the store is closing, or a fold waits for it";
+
 uint64_t HistorySub(uint64_t id, uint32_t n) {
   return (id << 16) | n;
 }
@@ -229,8 +231,9 @@ Status RecoveryStore::CheckCompaction(const std::vector<uint64_t>& keep, uint64_
 Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t> keep,
                                                             uint64_t through) {
   std::lock_guard run(fold_run_mu_);  // no fold meanwhile
-  if (maintenance_stopped_.load()) {
-    return Status(Code::kCancelled, dir_ + ": the store is closing; no compaction starts");
+  if (CompactionMustStop()) {
+    return Status(Code::kCancelled,
+                  dir_ + ": the store is closing, or a fold waits for it; no compaction starts");
   }
   CompactResult out;
   out.bytes_before = history_bytes();
@@ -273,6 +276,8 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
   std::vector<HistoryFile> files;
   Status st = WriteHistory(lo, bounds, &files);
   if (st.ok()) st = SyncDir(dir_ + "/history");
+  // The last moment to stop: after it the commit is a few small writes.
+  if (st.ok() && CompactionMustStop()) st = Status(Code::kCancelled, kStopped);
   if (!st.ok()) {
     // Nothing of it stays: the new entries and files go; the old history is whole, and
     // so are the seqs it could read.
@@ -385,6 +390,7 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
         uint64_t p_len = 0;
         auto put = [&]() -> Status {
           if (first == nullptr) return Status::Ok();
+          if (CompactionMustStop()) return Status(Code::kCancelled, kStopped);
           bool zero = first->record.kind != RecordKind::kWrite;
           payload.resize(zero ? 0 : p_len);
           if (!zero) OSR_RETURN_IF_ERROR(ReadPayload(first->record, first->offset, payload));
@@ -417,8 +423,8 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
         return added;
       };
       for (uint64_t c : cs) {
-        if (maintenance_stopped_.load()) {
-          st = Status(Code::kCancelled, "the store is closing");
+        if (CompactionMustStop()) {
+          st = Status(Code::kCancelled, kStopped);
           break;
         }
         uint64_t off = c * VersionIndex::kChunkBytes;

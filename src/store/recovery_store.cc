@@ -647,10 +647,9 @@ Status RecoveryStore::VerifyRecord(const File& seg, const RecordRef& r, uint64_t
       r.length > capture::kPayloadBytesMax) {
     return Status(Code::kCorruption, where + ": the index names no record there");
   }
-  std::vector<uint8_t> buf(RecordHeader::kSize + r.length);
-  OSR_RETURN_IF_ERROR(seg.PRead(r.payload_pos - RecordHeader::kSize, buf));
-  std::span<const uint8_t> payload(buf.data() + RecordHeader::kSize, r.length);
-  auto h = RecordHeader::Decode({buf.data(), RecordHeader::kSize});
+  std::array<uint8_t, RecordHeader::kSize> header;
+  OSR_RETURN_IF_ERROR(seg.PRead(r.payload_pos - RecordHeader::kSize, header));
+  auto h = RecordHeader::Decode(header);
   std::string wrong;
   if (!h.ok()) {
     wrong = h.status().message();
@@ -660,8 +659,27 @@ Status RecoveryStore::VerifyRecord(const File& seg, const RecordRef& r, uint64_t
                         h->disk, h->offset, h->length, r.disk, r.offset, r.length);
   } else if (!r.history && h->seq != r.seq) {
     wrong = fmt::format("its header says seq {}", h->seq);
-  } else if (!RecordHeader::Verify(buf.data(), payload)) {
-    wrong = "its CRC does not match its bytes";
+  }
+  if (wrong.empty()) {
+    // The payload in pieces of at most kVerifyPieceBytes (memory per check is bounded,
+    // whatever the record's size); the part asked for is copied out on the way.
+    std::vector<uint8_t> piece(std::min<uint64_t>(r.length, kVerifyPieceBytes));
+    uint32_t crc = 0;
+    for (uint64_t at = 0; at < r.length; at += piece.size()) {
+      std::span<uint8_t> got(piece.data(), std::min<uint64_t>(piece.size(), r.length - at));
+      OSR_RETURN_IF_ERROR(seg.PRead(r.payload_pos + at, got));
+      crc = Crc32cExtend(crc, got);
+      if (part != nullptr) {
+        // Overlap of [r.offset + at, + got) with [offset, offset + part->size()).
+        const uint64_t lo = std::max(r.offset + at, offset);
+        const uint64_t hi = std::min(r.offset + at + got.size(), offset + part->size());
+        if (lo < hi) {
+          std::memcpy(part->data() + (lo - offset), got.data() + (lo - r.offset - at), hi - lo);
+        }
+      }
+    }
+    crc = Crc32cExtend(crc, {header.data() + 4, RecordHeader::kSize - 4});
+    if (crc != h->crc) wrong = "its CRC does not match its bytes";
   }
   const std::pair<uint64_t, uint64_t> key{
       r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
@@ -681,9 +699,6 @@ Status RecoveryStore::VerifyRecord(const File& seg, const RecordRef& r, uint64_t
       verified_.erase(verified_order_.front());
       verified_order_.pop_front();
     }
-  }
-  if (part != nullptr) {
-    std::memcpy(part->data(), payload.data() + (offset - r.offset), part->size());
   }
   return Status::Ok();
 }
@@ -1339,7 +1354,22 @@ uint64_t RecoveryStore::durable_seq() const {
 }
 
 Result<uint64_t> RecoveryStore::Fold(uint64_t seq) {
-  std::lock_guard run(fold_run_mu_);
+  fold_waiters_.fetch_add(1);  // a compaction under way gives way
+  std::unique_lock run(fold_run_mu_);
+  fold_waiters_.fetch_sub(1);
+  for (;;) {
+    OSR_ASSIGN_OR_RETURN(std::optional<uint64_t> step, PlanFoldStep(seq));
+    if (!step) return base_seq();
+    OSR_RETURN_IF_ERROR(FoldStep(*step));
+  }
+}
+
+Result<uint64_t> RecoveryStore::TryFold(uint64_t seq) {
+  std::unique_lock run(fold_run_mu_, std::try_to_lock);
+  if (!run.owns_lock()) {
+    return Unavailable(
+        fmt::format("{}: a history compaction or another fold is under way; fold after it", dir_));
+  }
   for (;;) {
     OSR_ASSIGN_OR_RETURN(std::optional<uint64_t> step, PlanFoldStep(seq));
     if (!step) return base_seq();
@@ -1424,9 +1454,10 @@ Status RecoveryStore::FoldStep(uint64_t target) {
     apply = summary.status();
   } else if (apply.ok() && !summary->errors.empty()) {
     const capture::LogError& e = summary->errors.front();
-    apply = Corruption(fmt::format("{}: the journal is damaged in {} at byte {} ({}): the fold up "
-                                   "to seq {} stops there",
-                                   dir_, e.segment, e.position, e.message, target));
+    apply =
+        Corruption(fmt::format("{}: the journal is damaged in {} at byte {} ({}): the fold up "
+                               "to seq {} stops there",
+                               dir_, e.segment, e.position, e.message, target));
   } else if (apply.ok() && summary->last_seq < target) {
     apply = Corruption(fmt::format("{}: the journal ends at seq {} before the fold's end {}", dir_,
                                    summary->last_seq, target));

@@ -176,6 +176,10 @@ class RecoveryStore {
   // Compact's checks alone (its kInvalidArgument and kFailedPrecondition), changing
   // nothing: a caller that runs Compact later answers bad requests at once.
   Status CheckCompaction(const std::vector<uint64_t>& keep, uint64_t through) const;
+  // Fold, but kUnavailable at once while a compaction (or another fold) runs on the store:
+  // for callers that must not wait minutes for one (the site's fold route; the vault asks
+  // again at its next point). Fold itself makes a compaction under way stop and waits.
+  Result<uint64_t> TryFold(uint64_t seq);
   // Makes a compaction under way stop at its next chunk (kCancelled; nothing of it stays)
   // and every later one refuse at once: the store is being closed or deleted.
   void StopMaintenance() { maintenance_stopped_.store(true); }
@@ -363,7 +367,13 @@ class RecoveryStore {
   // to let reads that began before it planned end); a resync commit while it copies.
   mutable std::shared_mutex fold_mu_;
   std::atomic<bool> maintenance_stopped_{false};  // StopMaintenance
-  std::mutex fold_run_mu_;                        // one Fold at a time
+  std::atomic<int> fold_waiters_{0};              // Folds waiting for fold_run_mu_
+  // A compaction stops (kCancelled, nothing of it stays) when the store closes or a fold
+  // (a resync's commit, retention) waits for it.
+  bool CompactionMustStop() const {
+    return maintenance_stopped_.load() || fold_waiters_.load() > 0;
+  }
+  std::mutex fold_run_mu_;  // one Fold at a time
 
   static constexpr size_t kIndexBatchRecords = 4096;  // records per index batch at open
   static constexpr size_t kOpenSegmentsMax = 64;      // journal segments kept open to read
@@ -416,6 +426,7 @@ class RecoveryStore {
   // the oldest checked forgotten first (a 4 KiB-record churn's random reads hit it little;
   // what it saves is re-reading a large record whole for each of its 4 KiB parts).
   static constexpr size_t kVerifiedMax = 32768;
+  static constexpr uint64_t kVerifyPieceBytes = 1 << 20;  // read and checked at a time
   std::mutex verified_mu_;
   std::set<std::pair<uint64_t, uint64_t>> verified_;
   std::deque<std::pair<uint64_t, uint64_t>> verified_order_;

@@ -285,6 +285,16 @@ uint64_t VersionIndex::indexed_through() const {
 Status VersionIndex::Add(std::span<const RecordRef> records, bool advance, bool sync) {
   if (records.empty()) return Status::Ok();
   rocksdb::WriteBatch batch;
+  // A record over a large range (a trim of a whole disk) has a key per 64 KiB chunk: the
+  // batch is written out every kBatchPutsMax keys, so its memory is bounded whatever the
+  // record's length. Keys written before a crash and past indexed_through are written
+  // again at open (the same keys and values).
+  auto spill = [&]() -> Status {
+    if (batch.Count() < kBatchPutsMax) return Status::Ok();
+    OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "add"));
+    batch.Clear();
+    return Status::Ok();
+  };
   for (const RecordRef& r : records) {
     if (r.length == 0) continue;  // a mark: no bytes
     std::string value = EncodeValue(r);
@@ -292,6 +302,7 @@ Status VersionIndex::Add(std::span<const RecordRef> records, bool advance, bool 
     uint64_t first = r.offset / kChunkBytes, last = (r.offset + r.length - 1) / kChunkBytes;
     for (uint64_t c = first; c <= last; ++c) {
       OSR_RETURN_IF_ERROR(FromRocks(batch.Put(ChunkKey(r.disk, c, r.seq, r.sub), value), "batch"));
+      OSR_RETURN_IF_ERROR(spill());
     }
   }
   if (advance) {

@@ -75,6 +75,7 @@ struct ReadPart {
 class VersionIndex {
  public:
   static constexpr uint64_t kChunkBytes = 64 << 10;
+  static constexpr uint32_t kBatchPutsMax = 65536;  // keys per RocksDB write (Add)
 
   // The memory every index of this process shares: RocksDB's block cache and, charged to
   // it, the memtables. Takes effect for indexes opened after the call (the site calls it

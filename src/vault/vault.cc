@@ -825,7 +825,14 @@ json Vault::ItemJson(const ItemRow& item) {
     std::lock_guard lock(clock_mu_);
     if (clock_watch_.held()) warnings.push_back(clock_watch_.HealthWarning());
   }
-  // The most severe first: the replication's own state, then these warnings.
+  // The most severe first: a Critical warning (damaged records at the recovery site) over
+  // a Warning of the replication's own state; else that state, then these warnings.
+  for (const std::string& w : warnings) {
+    if (w.starts_with("Critical") && !health.starts_with("Critical")) {
+      health = w;
+      break;
+    }
+  }
   if (health == "Normal" && !warnings.empty()) health = warnings.front();
   if (!warnings.empty()) out["warnings"] = warnings;
   out["health"] = health;

@@ -248,7 +248,7 @@ def test_a_stop_ends_a_compaction_under_way_and_loses_nothing(site_factory):
     print(f"stopped {time.monotonic() - t0:.2f}s after SIGTERM; log tail:", log[-600:])
     # 400 MiB of history take seconds to compact: the stop came first and undid it.
     assert "history compacted up to" not in log, "the compaction ran to its end: stop too late"
-    assert "undone: the store is closing" in log, log[-2000:]
+    assert "undone: stopped: the store is closing" in log, log[-2000:]
     recovery.restart()
     st = store_status(recovery, VM)
     assert "compaction" not in st, st  # the request went with the process
