@@ -81,7 +81,7 @@ TEST_P(JobsCatalogTest, ACancelledStepSaysWhatItLeftAndTheJobIsCancelled) {
   Status st = steps.Sleep(std::chrono::minutes(10));
   ASSERT_EQ(st.code(), Code::kCancelled);
   steps.Fail(steps.Cancelled("the store at recovery was removed"));
-  steps.Save();
+  ASSERT_TRUE(steps.Save().ok());
   auto back = catalog_->Job(j.id).value();
   EXPECT_EQ(back.state, JobState::kCancelled);
   EXPECT_EQ(back.error,

@@ -226,6 +226,7 @@ Result<std::string> SiteClient::CallRaw(const std::string& method, const std::st
 Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   std::unique_ptr<Vault> v(new Vault(cfg));
   OSR_ASSIGN_OR_RETURN(v->catalog_, Catalog::Open(cfg.db_path));
+  spdlog::info("vault: catalog in {}", v->catalog_->name());  // never with a password
   // The clock watch as it was saved: a step made while the vault was down is noticed at
   // its first tick (same boot), and a hold in force stays.
   v->boot_id_ = BootId();
@@ -969,8 +970,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   }
   if (item->state == "FailoverCommitted") {
     // Nothing replicates; the old primary keeps its fenced disks until deleted there.
-    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
-    OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
+    OSR_RETURN_IF_ERROR(catalog_->DeleteItemAndPoints(vm));
     return json{{"name", vm}, {"state", "Unprotected"}};
   }
   auto src = catalog_->Site(item->source);
@@ -986,8 +986,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
     auto r = Client(*dst).Call("DELETE", "/stores/" + vm);
     if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
   }
-  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
-  OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
+  OSR_RETURN_IF_ERROR(catalog_->DeleteItemAndPoints(vm));
   return json{{"name", vm}, {"state", "Unprotected"}, {"cancelled_jobs", cancelled}};
 }
 
@@ -1539,7 +1538,9 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, c
 
 void Vault::RunJob(JobRow& job, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
-  auto item = catalog_->Item(job.vm);
+  auto found = catalog_->FindItem(job.vm);
+  if (!found.ok()) return steps.Fail(found.status());  // a catalog that cannot be read
+  std::optional<ItemRow>& item = *found;
   if (!item) {
     steps.Fail(NotFound("VM " + job.vm + " is no longer protected"));
     return;
@@ -1608,7 +1609,16 @@ void Vault::RunJob(JobRow& job, JobCancel& cancel) {
     steps.Done(100);
     item->state = "TestFailoverCompleted";
     item->drill = {{"view", (*v)["id"]}, {"point", PointJson(*p)}, {"disks", (*v)["disks"]}};
-    (void)catalog_->PutItem(*item);
+    if (Status st = catalog_->PutItem(*item); !st.ok()) {
+      // Unrecorded, nothing would name the drill disks: they are closed again.
+      auto closed =
+          Client(*dst).Call("DELETE", "/views/" + item->drill.value("view", std::string()));
+      return fail(AlsoFailed(Status(st.code(),
+                                    "the drill disks were opened but could not be "
+                                    "recorded, so they are closed again: " +
+                                        st.message()),
+                             "closing them", closed.status()));
+    }
     job.result = {{"disks", (*v)["disks"]}, {"point", PointJson(*p)}};
     job.state = JobState::kSucceeded;
     return;
@@ -1621,7 +1631,12 @@ void Vault::RunJob(JobRow& job, JobCancel& cancel) {
     steps.Done(100);
     item->state = "Protected";
     item->drill = nullptr;
-    (void)catalog_->PutItem(*item);
+    if (Status st = catalog_->PutItem(*item); !st.ok()) {
+      return fail(Status(st.code(),
+                         "the drill disks are removed, but the item still says "
+                         "TestFailoverCompleted (clean up again to record it): " +
+                             st.message()));
+    }
     job.result = {{"notes", job.args.value("notes", std::string())}};
     job.state = JobState::kSucceeded;
     return;
