@@ -239,13 +239,15 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
     }
   }
   v->ObserveClock();
-  if (!v->catalog_->Policy("default")) {
-    OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
-  }
+  // The start reads the catalog through the Result forms: a catalog that cannot be read
+  // fails the start instead of reading as empty.
+  OSR_ASSIGN_OR_RETURN(std::optional<PolicyRow> default_policy, v->catalog_->FindPolicy("default"));
+  if (!default_policy) OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
   // Jobs that were running when the vault stopped: the workflows resume (each step is
   // safe to run again and what they decided is in their args); drills do not (their item
   // is in a state the operator can act on: run the drill or its cleanup again).
-  for (auto& j : v->catalog_->Jobs("", JobState::kRunning)) {
+  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> running, v->catalog_->ListJobs("", JobState::kRunning));
+  for (auto& j : running) {
     static const std::set<std::string> kResumable = {"enable-protection", "failover",
                                                      "change-point", "commit", "reprotect"};
     j.updated_ns = NowNs();
@@ -271,11 +273,16 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
           "the vault stopped while this job ran; the item was left as the last finished "
           "step left it — run the operation again";
     }
-    LogIfFailed(v->catalog_->UpdateJob(j), fmt::format("job {}: recording its restart", j.id));
+    // Unrecorded, the job would stay Running and never be queued again: the start fails.
+    if (Status st = v->catalog_->UpdateJob(j); !st.ok()) {
+      return Status(st.code(),
+                    fmt::format("job {}: recording its restart: {}", j.id, st.message()));
+    }
   }
   OSR_ASSIGN_OR_RETURN(v->api_, VaultApi::Create(v.get(), cfg.api));
   OSR_RETURN_IF_ERROR(v->api_->Listen().status());
-  for (auto& j : v->catalog_->Jobs("", JobState::kQueued)) v->queue_.push_back({j.id, j.vm});
+  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> queued, v->catalog_->ListJobs("", JobState::kQueued));
+  for (auto& j : queued) v->queue_.push_back({j.id, j.vm});
   Vault* vp = v.get();
   v->api_->Start();
   for (int i = 0; i < std::max(1, cfg.job_workers); ++i) {
