@@ -25,6 +25,7 @@
 #include "nbd/server.h"
 #include "site/site.h"
 #include "site/site_api.h"
+#include "vault/sql.h"
 #include "vault/vault.h"
 
 namespace {
@@ -336,9 +337,11 @@ struct VaultArgs {
   bool allow_api_hooks = false;              // a lab: hook strings from the API run
 };
 
-// Where a first admin token is written: beside the catalog.
+// Where a first admin token is written: beside a SQLite catalog; in the working
+// directory when the catalog is a PostgreSQL server.
 std::string AdminTokenPath(const VaultArgs& a) {
   if (!a.admin_token_file.empty()) return a.admin_token_file;
+  if (vault::IsPostgresUrl(a.db)) return (std::filesystem::current_path() / "admin.token").string();
   auto dir = std::filesystem::absolute(a.db).parent_path();
   return (dir / "admin.token").string();
 }
@@ -349,7 +352,9 @@ int VaultMain(const VaultArgs& a) {
   if (!addr.ok()) return Fail(addr.status());
   vault::VaultConfig vcfg;
   vcfg.db_path = a.db;
-  if (auto dir = std::filesystem::absolute(a.db).parent_path(); !dir.empty()) {
+  if (auto dir = vault::IsPostgresUrl(a.db) ? std::filesystem::path()
+                                            : std::filesystem::absolute(a.db).parent_path();
+      !dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);  // 0700 (umask); a failure shows at open
   }
@@ -382,7 +387,9 @@ int VaultMain(const VaultArgs& a) {
 }
 
 // A vault and two sites, "primary" and "recovery", in one process on 127.0.0.1.
-int Quickstart(const std::string& dir, const std::string& vault_listen, const std::string& web) {
+// `db`: the catalog (a SQLite path or a postgresql:// URL); "": DIR/vault.db.
+int Quickstart(const std::string& dir, const std::string& vault_listen, const std::string& web,
+               const std::string& db) {
   sigset_t sigs = BlockStopSignals();
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -395,7 +402,7 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
   auto vault_tls = EnsureQuickstartCertificates(abs + "/tls", "vault");
   if (!vault_tls.ok()) return Fail(vault_tls.status());
   vault::VaultConfig vcfg;
-  vcfg.db_path = abs + "/vault.db";
+  vcfg.db_path = db.empty() ? abs + "/vault.db" : db;
   vcfg.api.listen = *vaddr;
   vcfg.api.web_dir = WebDir(web);
   vcfg.site_tls = *vault_tls;
@@ -546,9 +553,11 @@ int main(int argc, char** argv) {
       ->required();
 
   VaultArgs va;
-  std::string vault_listen = "127.0.0.1:7480", qs_dir = "./osr-data";
+  std::string vault_listen = "127.0.0.1:7480", qs_dir = "./osr-data", qs_db;
   auto* vp = app.add_subcommand("vault", "run the vault (catalog, REST API, jobs)");
-  vp->add_option("--db", va.db, "SQLite catalog path (default vault.db)");
+  vp->add_option("--db", va.db,
+                 "the catalog: a SQLite file (default vault.db) or a PostgreSQL server, "
+                 "postgresql://USER@HOST:PORT/DB (password in a passfile: docs/operations.md)");
   vp->add_option("--listen", va.listen, "HOST:PORT (default 127.0.0.1:7480)");
   vp->add_option("--web", va.web,
                  "the web UI's built assets (default: web/dist of the source tree)");
@@ -570,6 +579,9 @@ int main(int argc, char** argv) {
                "also run hook commands given as strings through the API (a lab)");
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
+  qs->add_option("--db", qs_db,
+                 "the vault's catalog: a SQLite file (default DIR/vault.db) or "
+                 "postgresql://USER@HOST:PORT/DB");
   qs->add_option("--vault-listen", vault_listen, "HOST:PORT (default 127.0.0.1:7480)");
   qs->add_option("--web", web_dir,
                  "the web UI's built assets (default: web/dist of the source tree)");
@@ -608,7 +620,7 @@ int main(int argc, char** argv) {
   if (ns->parsed()) return NbdServe(serve);
   if (sp->parsed()) return SiteMain(site_config);
   if (vp->parsed()) return VaultMain(va);
-  if (qs->parsed()) return Quickstart(qs_dir, vault_listen, web_dir);
+  if (qs->parsed()) return Quickstart(qs_dir, vault_listen, web_dir, qs_db);
   if (certs->parsed()) {
     for (auto& n : cert_names) {
       auto f = EnsureQuickstartCertificates(certs_dir, n);

@@ -1,7 +1,9 @@
 #include "vault/catalog.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
+#include <charconv>
 #include <chrono>
 
 namespace osr::vault {
@@ -18,457 +20,515 @@ namespace {
 
 constexpr int kSchemaVersion = 4;
 
+// The newest schema, in both dialects: {id} a key numbered by the database, {int} a
+// 64-bit integer, {real} a double (see SchemaFor).
 const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sites(name TEXT PRIMARY KEY, api TEXT NOT NULL,
   replication TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS policies(name TEXT PRIMARY KEY, retention_s INTEGER NOT NULL,
-  crash_interval_s INTEGER NOT NULL, app_interval_s INTEGER NOT NULL,
-  compression TEXT NOT NULL DEFAULT 'lz4', bandwidth_bytes_per_second INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS policies(name TEXT PRIMARY KEY, retention_s {int} NOT NULL,
+  crash_interval_s {int} NOT NULL, app_interval_s {int} NOT NULL,
+  compression TEXT NOT NULL DEFAULT 'lz4', bandwidth_bytes_per_second {int} NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS vms(name TEXT PRIMARY KEY, site TEXT NOT NULL, disks TEXT NOT NULL,
   spec TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS items(vm TEXT PRIMARY KEY, source TEXT NOT NULL,
-  target TEXT NOT NULL, policy TEXT NOT NULL, state TEXT NOT NULL, epoch INTEGER NOT NULL,
+  target TEXT NOT NULL, policy TEXT NOT NULL, state TEXT NOT NULL, epoch {int} NOT NULL,
   drill TEXT NOT NULL, failover TEXT NOT NULL DEFAULT 'null');
-CREATE TABLE IF NOT EXISTS points(id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL,
-  seq INTEGER NOT NULL, time_ns INTEGER NOT NULL, type TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS points(id {id}, vm TEXT NOT NULL,
+  seq {int} NOT NULL, time_ns {int} NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS points_vm ON points(vm, seq);
-CREATE TABLE IF NOT EXISTS rpo_samples(vm TEXT NOT NULL, time_ns INTEGER NOT NULL,
-  rpo_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rpo_samples(vm TEXT NOT NULL, time_ns {int} NOT NULL,
+  rpo_s {real} NOT NULL);
 CREATE INDEX IF NOT EXISTS rpo_samples_vm ON rpo_samples(vm, time_ns);
-CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL,
-  vm TEXT NOT NULL, state TEXT NOT NULL, progress INTEGER NOT NULL, steps TEXT NOT NULL,
-  error TEXT NOT NULL, result TEXT NOT NULL, args TEXT NOT NULL, created_ns INTEGER NOT NULL,
-  updated_ns INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS tokens(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
-  role TEXT NOT NULL, secret_sha256 TEXT NOT NULL, created_ns INTEGER NOT NULL,
-  expires_ns INTEGER NOT NULL, revoked_ns INTEGER NOT NULL DEFAULT 0,
-  last_used_ns INTEGER NOT NULL DEFAULT 0, created_by TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS sessions(id_sha256 TEXT PRIMARY KEY, token_id INTEGER NOT NULL,
-  csrf TEXT NOT NULL, created_ns INTEGER NOT NULL, expires_ns INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS audit(id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS jobs(id {id}, type TEXT NOT NULL,
+  vm TEXT NOT NULL, state TEXT NOT NULL, progress {int} NOT NULL, steps TEXT NOT NULL,
+  error TEXT NOT NULL, result TEXT NOT NULL, args TEXT NOT NULL, created_ns {int} NOT NULL,
+  updated_ns {int} NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens(id {id}, name TEXT NOT NULL,
+  role TEXT NOT NULL, secret_sha256 TEXT NOT NULL, created_ns {int} NOT NULL,
+  expires_ns {int} NOT NULL, revoked_ns {int} NOT NULL DEFAULT 0,
+  last_used_ns {int} NOT NULL DEFAULT 0, created_by TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS sessions(id_sha256 TEXT PRIMARY KEY, token_id {int} NOT NULL,
+  csrf TEXT NOT NULL, created_ns {int} NOT NULL, expires_ns {int} NOT NULL);
+CREATE TABLE IF NOT EXISTS audit(id {id}, time_ns {int} NOT NULL,
   principal TEXT NOT NULL, role TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
-  status INTEGER NOT NULL, message TEXT NOT NULL, remote TEXT NOT NULL);
+  status {int} NOT NULL, message TEXT NOT NULL, remote TEXT NOT NULL);
 )sql";
 
-// A prepared statement with positional binds; finalised on scope exit.
-class Stmt {
- public:
-  Stmt(sqlite3* db, const char* sql) : db_(db) {
-    rc_ = sqlite3_prepare_v2(db, sql, -1, &s_, nullptr);
+void ReplaceAll(std::string& s, std::string_view from, std::string_view to) {
+  for (size_t p = s.find(from); p != std::string::npos; p = s.find(from, p + to.size())) {
+    s.replace(p, from.size(), to);
   }
-  ~Stmt() { sqlite3_finalize(s_); }
-  Stmt& Bind(const std::string& v) {
-    sqlite3_bind_text(s_, ++n_, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
-    return *this;
-  }
-  Stmt& Bind(int64_t v) {
-    sqlite3_bind_int64(s_, ++n_, v);
-    return *this;
-  }
-  Stmt& Bind(double v) {
-    sqlite3_bind_double(s_, ++n_, v);
-    return *this;
-  }
-  // SQLITE_ROW, SQLITE_DONE or an error code.
-  int Step() { return rc_ == SQLITE_OK ? sqlite3_step(s_) : rc_; }
-  Status Run() {
-    int rc = Step();
-    if (rc == SQLITE_DONE || rc == SQLITE_ROW) return Status::Ok();
-    if (rc == SQLITE_CONSTRAINT) return Status(Code::kAlreadyExists, sqlite3_errmsg(db_));
-    return IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
-  }
-  std::string Text(int i) {
-    auto* p = sqlite3_column_text(s_, i);
-    return p ? reinterpret_cast<const char*>(p) : "";
-  }
-  int64_t Int(int i) { return sqlite3_column_int64(s_, i); }
-  double Double(int i) { return sqlite3_column_double(s_, i); }
-  json Json(int i) {
-    json j = json::parse(Text(i), nullptr, false);
-    return j.is_discarded() ? json() : j;
-  }
+}
 
- private:
-  sqlite3* db_;
-  sqlite3_stmt* s_ = nullptr;
-  int rc_;
-  int n_ = 0;
-};
+// `sql` (the schema, an upgrade step) in `dialect`'s types. SQLite's text is the one of every
+// catalog file since v1 (its file format is unchanged); PostgreSQL's has the same tables, columns,
+// defaults and indexes, with 64-bit integers and identity keys (docs/formats.md).
+std::string InDialect(std::string s, SqlDialect dialect) {
+  bool pg = dialect == SqlDialect::kPostgres;
+  ReplaceAll(s, "{id}",
+             pg ? "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+                : "INTEGER PRIMARY KEY AUTOINCREMENT");
+  ReplaceAll(s, "{int}", pg ? "BIGINT" : "INTEGER");
+  ReplaceAll(s, "{real}", pg ? "DOUBLE PRECISION" : "REAL");
+  return s;
+}
+
+// Held by the transaction that creates or upgrades a PostgreSQL catalog, so that vaults
+// starting together on one database do it one at a time ("osr" in ASCII).
+constexpr int64_t kSchemaLockKey = 0x6f7372;
 
 }  // namespace
 
-Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
-  std::unique_ptr<Catalog> c(new Catalog());
-  if (sqlite3_open(path.c_str(), &c->db_) != SQLITE_OK) {
-    return IoError(fmt::format("open catalog {}: {}", path, sqlite3_errmsg(c->db_)));
+Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& db, const PostgresOptions& pg) {
+  std::unique_ptr<SqlConnection> conn;
+  if (IsPostgresUrl(db)) {
+    OSR_ASSIGN_OR_RETURN(conn, OpenPostgres(db, pg));
+  } else {
+    OSR_ASSIGN_OR_RETURN(conn, OpenSqlite(db));
   }
-  sqlite3_busy_timeout(c->db_, 5000);
-  OSR_RETURN_IF_ERROR(c->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
-  OSR_RETURN_IF_ERROR(c->Exec(kSchema));
-  int64_t version = 0;  // 0: a new catalog
-  {
-    Stmt s(c->db_, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='schema_version'");
-    if (s.Step() == SQLITE_ROW) version = s.Int(0);
-  }
-  if (version == 1) {  // v2 added the policy's compression and bandwidth limit
-    OSR_RETURN_IF_ERROR(c->Exec(
-        "BEGIN; ALTER TABLE policies ADD COLUMN compression TEXT NOT NULL DEFAULT 'lz4'; "
-        "ALTER TABLE policies ADD COLUMN bandwidth_bytes_per_second INTEGER NOT NULL DEFAULT 0; "
-        "UPDATE meta SET value='2' WHERE key='schema_version'; COMMIT;"));
-    version = 2;
-  }
-  if (version == 2) {  // v3 added the VM's driver spec and the item's failover record
-    // (Tables that did not exist yet were just made with them.)
-    auto has = [&](const char* table, const char* column) {
-      std::string q =
-          fmt::format("SELECT 1 FROM pragma_table_info('{}') WHERE name='{}'", table, column);
-      Stmt st(c->db_, q.c_str());
-      return st.Step() == SQLITE_ROW;
-    };
-    std::string sql = "BEGIN; ";
-    if (!has("vms", "spec")) sql += "ALTER TABLE vms ADD COLUMN spec TEXT NOT NULL DEFAULT '{}'; ";
-    if (!has("items", "failover")) {
-      sql += "ALTER TABLE items ADD COLUMN failover TEXT NOT NULL DEFAULT 'null'; ";
-    }
-    sql += "UPDATE meta SET value='3' WHERE key='schema_version'; COMMIT;";
-    OSR_RETURN_IF_ERROR(c->Exec(sql));
-    version = 3;
-  }
-  if (version == 3) {  // v4 added tokens, sessions and the audit log (new tables only)
-    OSR_RETURN_IF_ERROR(c->Exec("UPDATE meta SET value='4' WHERE key='schema_version'"));
-    version = 4;
-  }
-  if (version != 0 && version != kSchemaVersion) {
-    return Corruption(
-        fmt::format("catalog {} has schema {}, this osrd knows {}", path, version, kSchemaVersion));
-  }
-  OSR_RETURN_IF_ERROR(c->Exec(fmt::format(
-      "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', '{}')", kSchemaVersion)));
+  return Open(std::move(conn));
+}
+
+Result<std::unique_ptr<Catalog>> Catalog::Open(std::unique_ptr<SqlConnection> conn) {
+  std::unique_ptr<Catalog> c(new Catalog(std::move(conn)));
+  OSR_RETURN_IF_ERROR(c->CreateOrUpgradeSchema());
   return c;
 }
 
-Catalog::~Catalog() {
-  sqlite3_close(db_);
+Catalog::~Catalog() = default;
+
+Status Catalog::CreateOrUpgradeSchema() {
+  std::lock_guard lock(mu_);
+  return TransactLocked([&]() -> Status {
+    if (conn_->dialect() == SqlDialect::kPostgres) {
+      OSR_RETURN_IF_ERROR(conn_->Exec("SELECT pg_advisory_xact_lock(?)", {kSchemaLockKey}));
+    }
+    OSR_RETURN_IF_ERROR(conn_->Script(InDialect(kSchema, conn_->dialect())));
+    int64_t version = 0;  // 0: a new catalog
+    OSR_ASSIGN_OR_RETURN(SqlResult r, Query("SELECT value FROM meta WHERE key='schema_version'"));
+    if (!r.rows.empty()) {
+      SqlRow row(r, 0, "meta row 'schema_version'");
+      std::string text = row.Text(0);
+      OSR_RETURN_IF_ERROR(row.status());
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), version);
+      if (ec != std::errc() || end != text.data() + text.size() || version < 1) {
+        return Corruption(fmt::format("{} has schema version '{}'", conn_->name(), text));
+      }
+    }
+    if (version == 1) {  // v2 added the policy's compression and bandwidth limit
+      OSR_RETURN_IF_ERROR(conn_->Script(InDialect(
+          "ALTER TABLE policies ADD COLUMN compression TEXT NOT NULL DEFAULT 'lz4'; "
+          "ALTER TABLE policies ADD COLUMN bandwidth_bytes_per_second {int} NOT NULL DEFAULT 0; "
+          "UPDATE meta SET value='2' WHERE key='schema_version'",
+          conn_->dialect())));
+      version = 2;
+    }
+    if (version == 2) {  // v3 added the VM's driver spec and the item's failover record
+      // (Tables that did not exist yet were just made with them.)
+      OSR_ASSIGN_OR_RETURN(bool has_spec, conn_->HasColumn("vms", "spec"));
+      OSR_ASSIGN_OR_RETURN(bool has_failover, conn_->HasColumn("items", "failover"));
+      if (!has_spec) {
+        OSR_RETURN_IF_ERROR(
+            conn_->Script("ALTER TABLE vms ADD COLUMN spec TEXT NOT NULL DEFAULT '{}'"));
+      }
+      if (!has_failover) {
+        OSR_RETURN_IF_ERROR(
+            conn_->Script("ALTER TABLE items ADD COLUMN failover TEXT NOT NULL DEFAULT 'null'"));
+      }
+      OSR_RETURN_IF_ERROR(conn_->Script("UPDATE meta SET value='3' WHERE key='schema_version'"));
+      version = 3;
+    }
+    if (version == 3) {  // v4 added tokens, sessions and the audit log (new tables only)
+      OSR_RETURN_IF_ERROR(conn_->Script("UPDATE meta SET value='4' WHERE key='schema_version'"));
+      version = 4;
+    }
+    if (version != 0 && version != kSchemaVersion) {
+      return Corruption(fmt::format("{} has schema {}, this osrd knows {}", conn_->name(), version,
+                                    kSchemaVersion));
+    }
+    return conn_->Exec(
+        "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT(key) DO NOTHING",
+        {std::to_string(kSchemaVersion)});
+  });
 }
 
-Status Catalog::Exec(const std::string& sql) {
-  char* err = nullptr;
-  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string m = err ? err : "unknown";
-    sqlite3_free(err);
-    return IoError("sqlite: " + m);
-  }
-  return Status::Ok();
+Result<SqlResult> Catalog::Query(std::string_view sql, const std::vector<SqlValue>& params) {
+  return conn_->Query(sql, params);
 }
+
+Status Catalog::Transact(const std::function<Status()>& body) {
+  std::lock_guard lock(mu_);
+  return TransactLocked(body);
+}
+
+Status Catalog::TransactLocked(const std::function<Status()>& body) {
+  if (transaction_depth_ > 0) return body();  // joins the transaction under way
+  OSR_RETURN_IF_ERROR(conn_->Begin());
+  ++transaction_depth_;
+  Status st = body();
+  --transaction_depth_;
+  if (st.ok()) {
+    st = conn_->Commit();
+    if (st.ok()) return st;
+  }
+  // The body's (or the commit's) error is what the caller hears.
+  if (Status rolled_back = conn_->Rollback(); !rolled_back.ok()) {
+    return Status(st.code(), st.message() + "; and the rollback failed: " + rolled_back.message());
+  }
+  return st;
+}
+
+namespace {
+
+// The short read forms: a failure logged, read as no rows.
+template <typename T>
+T OrEmpty(Result<T> r, const char* what) {
+  if (r.ok()) return std::move(r).value();
+  spdlog::error("catalog: reading {}: {}", what, r.status().ToString());
+  return T{};
+}
+
+}  // namespace
 
 // ---- Tokens, sessions, audit ----------------------------------------------------------
 
 namespace {
-TokenRow TokenFrom(Stmt& s) {
-  TokenRow t;
-  t.id = s.Int(0);
-  t.name = s.Text(1);
-  t.role = s.Text(2);
-  t.secret_sha256 = s.Text(3);
-  t.created_ns = s.Int(4);
-  t.expires_ns = s.Int(5);
-  t.revoked_ns = s.Int(6);
-  t.last_used_ns = s.Int(7);
-  t.created_by = s.Text(8);
-  return t;
-}
 constexpr const char* kTokenColumns =
     "id, name, role, secret_sha256, created_ns, expires_ns, revoked_ns, last_used_ns, "
     "created_by";
+
+Result<std::vector<TokenRow>> TokensFrom(const SqlResult& r) {
+  std::vector<TokenRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "tokens row");
+    TokenRow t;
+    t.id = s.Int(0);
+    t.name = s.Text(1);
+    t.role = s.Text(2);
+    t.secret_sha256 = s.Text(3);
+    t.created_ns = s.Int(4);
+    t.expires_ns = s.Int(5);
+    t.revoked_ns = s.Int(6);
+    t.last_used_ns = s.Int(7);
+    t.created_by = s.Text(8);
+    OSR_RETURN_IF_ERROR(s.status());
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+template <typename T>
+Result<std::optional<T>> First(Result<std::vector<T>> rows) {
+  if (!rows.ok()) return rows.status();
+  if (rows->empty()) return std::optional<T>();
+  return std::optional<T>(std::move(rows->front()));
+}
 }  // namespace
 
 Result<int64_t> Catalog::AddToken(const TokenRow& t) {
   std::lock_guard lock(mu_);
-  OSR_RETURN_IF_ERROR(Stmt(db_,
-                           "INSERT INTO tokens(name, role, secret_sha256, created_ns, "
-                           "expires_ns, created_by) VALUES(?,?,?,?,?,?)")
-                          .Bind(t.name)
-                          .Bind(t.role)
-                          .Bind(t.secret_sha256)
-                          .Bind(t.created_ns)
-                          .Bind(t.expires_ns)
-                          .Bind(t.created_by)
-                          .Run());
-  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+  return conn_->Insert(
+      "INSERT INTO tokens(name, role, secret_sha256, created_ns, expires_ns, created_by) "
+      "VALUES(?,?,?,?,?,?)",
+      {t.name, t.role, t.secret_sha256, t.created_ns, t.expires_ns, t.created_by});
 }
 
-std::optional<TokenRow> Catalog::Token(int64_t id) {
+Result<std::optional<TokenRow>> Catalog::FindToken(int64_t id) {
   std::lock_guard lock(mu_);
-  std::string q = fmt::format("SELECT {} FROM tokens WHERE id=?", kTokenColumns);
-  Stmt s(db_, q.c_str());
-  s.Bind(id);
-  if (s.Step() != SQLITE_ROW) return std::nullopt;
-  return TokenFrom(s);
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query(fmt::format("SELECT {} FROM tokens WHERE id=?", kTokenColumns), {id}));
+  return First(TokensFrom(r));
 }
 
-std::vector<TokenRow> Catalog::Tokens() {
+Result<std::vector<TokenRow>> Catalog::ListTokens() {
   std::lock_guard lock(mu_);
-  std::string q = fmt::format("SELECT {} FROM tokens ORDER BY id", kTokenColumns);
-  Stmt s(db_, q.c_str());
-  std::vector<TokenRow> out;
-  while (s.Step() == SQLITE_ROW) out.push_back(TokenFrom(s));
-  return out;
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query(fmt::format("SELECT {} FROM tokens ORDER BY id", kTokenColumns)));
+  return TokensFrom(r);
 }
 
 Status Catalog::RevokeToken(int64_t id, int64_t now_ns) {
-  std::lock_guard lock(mu_);
-  OSR_RETURN_IF_ERROR(Stmt(db_, "UPDATE tokens SET revoked_ns=? WHERE id=? AND revoked_ns=0")
-                          .Bind(now_ns)
-                          .Bind(id)
-                          .Run());
-  // Its sessions end with it.
-  return Stmt(db_, "DELETE FROM sessions WHERE token_id=?").Bind(id).Run();
+  return Transact([&]() -> Status {
+    OSR_RETURN_IF_ERROR(
+        conn_->Exec("UPDATE tokens SET revoked_ns=? WHERE id=? AND revoked_ns=0", {now_ns, id}));
+    // Its sessions end with it.
+    return conn_->Exec("DELETE FROM sessions WHERE token_id=?", {id});
+  });
 }
 
 Status Catalog::TouchToken(int64_t id, int64_t now_ns) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "UPDATE tokens SET last_used_ns=? WHERE id=?").Bind(now_ns).Bind(id).Run();
+  return conn_->Exec("UPDATE tokens SET last_used_ns=? WHERE id=?", {now_ns, id});
 }
 
 Status Catalog::AddSession(const SessionRow& r) {
-  std::lock_guard lock(mu_);
-  // Expired sessions go whenever a new one is made: the table stays small.
-  OSR_RETURN_IF_ERROR(
-      Stmt(db_, "DELETE FROM sessions WHERE expires_ns < ?").Bind(r.created_ns).Run());
-  return Stmt(db_,
-              "INSERT INTO sessions(id_sha256, token_id, csrf, created_ns, expires_ns) "
-              "VALUES(?,?,?,?,?)")
-      .Bind(r.id_sha256)
-      .Bind(r.token_id)
-      .Bind(r.csrf)
-      .Bind(r.created_ns)
-      .Bind(r.expires_ns)
-      .Run();
+  return Transact([&]() -> Status {
+    // Expired sessions go whenever a new one is made: the table stays small.
+    OSR_RETURN_IF_ERROR(conn_->Exec("DELETE FROM sessions WHERE expires_ns < ?", {r.created_ns}));
+    return conn_->Exec(
+        "INSERT INTO sessions(id_sha256, token_id, csrf, created_ns, expires_ns) "
+        "VALUES(?,?,?,?,?)",
+        {r.id_sha256, r.token_id, r.csrf, r.created_ns, r.expires_ns});
+  });
 }
 
-std::optional<SessionRow> Catalog::Session(const std::string& id_sha256) {
+Result<std::optional<SessionRow>> Catalog::FindSession(const std::string& id_sha256) {
   std::lock_guard lock(mu_);
-  Stmt s(db_,
-         "SELECT id_sha256, token_id, csrf, created_ns, expires_ns FROM sessions "
-         "WHERE id_sha256=?");
-  s.Bind(id_sha256);
-  if (s.Step() != SQLITE_ROW) return std::nullopt;
-  return SessionRow{s.Text(0), s.Int(1), s.Text(2), s.Int(3), s.Int(4)};
+  OSR_ASSIGN_OR_RETURN(SqlResult r, Query("SELECT id_sha256, token_id, csrf, created_ns, "
+                                          "expires_ns FROM sessions WHERE id_sha256=?",
+                                          {id_sha256}));
+  if (r.rows.empty()) return std::optional<SessionRow>();
+  SqlRow s(r, 0, "sessions row");
+  SessionRow out{s.Text(0), s.Int(1), s.Text(2), s.Int(3), s.Int(4)};
+  OSR_RETURN_IF_ERROR(s.status());
+  return std::optional<SessionRow>(std::move(out));
 }
 
 Status Catalog::DeleteSession(const std::string& id_sha256) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "DELETE FROM sessions WHERE id_sha256=?").Bind(id_sha256).Run();
+  return conn_->Exec("DELETE FROM sessions WHERE id_sha256=?", {id_sha256});
 }
 
 Status Catalog::AddAudit(const AuditRow& a) {
-  std::lock_guard lock(mu_);
-  OSR_RETURN_IF_ERROR(Stmt(db_,
-                           "INSERT INTO audit(time_ns, principal, role, method, path, status, "
-                           "message, remote) VALUES(?,?,?,?,?,?,?,?)")
-                          .Bind(a.time_ns)
-                          .Bind(a.principal)
-                          .Bind(a.role)
-                          .Bind(a.method)
-                          .Bind(a.path)
-                          .Bind(int64_t{a.status})
-                          .Bind(a.message)
-                          .Bind(a.remote)
-                          .Run());
-  // Bounded: the newest kAuditRowsMax entries stay.
-  int64_t id = static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
-  if (id % 1024 == 0) {
-    return Stmt(db_, "DELETE FROM audit WHERE id <= ?").Bind(id - kAuditRowsMax).Run();
-  }
-  return Status::Ok();
+  return Transact([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(int64_t id,
+                         conn_->Insert("INSERT INTO audit(time_ns, principal, role, method, path, "
+                                       "status, message, remote) VALUES(?,?,?,?,?,?,?,?)",
+                                       {a.time_ns, a.principal, a.role, a.method, a.path,
+                                        int64_t{a.status}, a.message, a.remote}));
+    // Bounded: the newest kAuditRowsMax entries stay.
+    if (id % 1024 == 0) {
+      return conn_->Exec("DELETE FROM audit WHERE id <= ?", {id - kAuditRowsMax});
+    }
+    return Status::Ok();
+  });
 }
 
-std::vector<AuditRow> Catalog::Audit(int64_t since_ns, size_t limit) {
+Result<std::vector<AuditRow>> Catalog::ListAudit(int64_t since_ns, size_t limit) {
   std::lock_guard lock(mu_);
-  Stmt s(db_,
-         "SELECT id, time_ns, principal, role, method, path, status, message, remote FROM "
-         "(SELECT * FROM audit WHERE time_ns >= ? ORDER BY id DESC LIMIT ?) ORDER BY id");
-  s.Bind(since_ns).Bind(static_cast<int64_t>(limit));
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      Query("SELECT id, time_ns, principal, role, method, path, status, message, remote FROM "
+            "(SELECT * FROM audit WHERE time_ns >= ? ORDER BY id DESC LIMIT ?) AS newest "
+            "ORDER BY id",
+            {since_ns, static_cast<int64_t>(limit)}));
   std::vector<AuditRow> out;
-  while (s.Step() == SQLITE_ROW) {
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "audit row");
     out.push_back({s.Int(0), s.Int(1), s.Text(2), s.Text(3), s.Text(4), s.Text(5),
                    static_cast<int>(s.Int(6)), s.Text(7), s.Text(8)});
+    OSR_RETURN_IF_ERROR(s.status());
   }
   return out;
 }
+
+// ---- Sites, policies, VMs ---------------------------------------------------------------
 
 Status Catalog::PutSite(const SiteRow& s) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "INSERT OR REPLACE INTO sites(name, api, replication) VALUES(?,?,?)")
-      .Bind(s.name)
-      .Bind(s.api)
-      .Bind(s.replication)
-      .Run();
+  return conn_->Exec(
+      "INSERT INTO sites(name, api, replication) VALUES(?,?,?) ON CONFLICT(name) DO UPDATE "
+      "SET api=excluded.api, replication=excluded.replication",
+      {s.name, s.api, s.replication});
 }
 
-std::vector<SiteRow> Catalog::Sites() {
-  std::lock_guard lock(mu_);
+namespace {
+Result<std::vector<SiteRow>> SitesFrom(const SqlResult& r) {
   std::vector<SiteRow> out;
-  Stmt s(db_, "SELECT name, api, replication FROM sites ORDER BY name");
-  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Text(2)});
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "sites row");
+    out.push_back({s.Text(0), s.Text(1), s.Text(2)});
+    OSR_RETURN_IF_ERROR(s.status());
+  }
   return out;
 }
 
-std::optional<SiteRow> Catalog::Site(const std::string& name) {
-  for (auto& s : Sites()) {
-    if (s.name == name) return s;
+Result<std::vector<PolicyRow>> PoliciesFrom(const SqlResult& r) {
+  std::vector<PolicyRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "policies row");
+    out.push_back({s.Text(0), s.Int(1), s.Int(2), s.Int(3), s.Text(4), s.Int(5)});
+    OSR_RETURN_IF_ERROR(s.status());
   }
-  return std::nullopt;
+  return out;
+}
+
+Result<std::vector<VmRow>> VmsFrom(const SqlResult& r) {
+  std::vector<VmRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "vms row");
+    out.push_back({s.Text(0), s.Text(1), s.Json(2), s.Json(3)});
+    OSR_RETURN_IF_ERROR(s.status());
+  }
+  return out;
+}
+
+Result<std::vector<ItemRow>> ItemsFrom(const SqlResult& r) {
+  std::vector<ItemRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "items row");
+    ItemRow item{s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4), 0, s.Json(6), s.Json(7)};
+    int64_t epoch = s.Int(5);
+    OSR_RETURN_IF_ERROR(s.status());
+    if (epoch < 0) {
+      return Corruption(
+          fmt::format("catalog items row '{}': epoch {} is negative", item.vm, epoch));
+    }
+    item.epoch = static_cast<uint64_t>(epoch);
+    out.push_back(std::move(item));
+  }
+  return out;
+}
+
+constexpr const char* kItemColumns = "vm, source, target, policy, state, epoch, drill, failover";
+}  // namespace
+
+Result<std::vector<SiteRow>> Catalog::ListSites() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query("SELECT name, api, replication FROM sites ORDER BY name"));
+  return SitesFrom(r);
+}
+
+Result<std::optional<SiteRow>> Catalog::FindSite(const std::string& name) {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query("SELECT name, api, replication FROM sites WHERE name=?", {name}));
+  return First(SitesFrom(r));
 }
 
 Status Catalog::PutPolicy(const PolicyRow& p) {
   std::lock_guard lock(mu_);
-  return Stmt(db_,
-              "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s, "
-              "compression, bandwidth_bytes_per_second) VALUES(?,?,?,?,?,?)")
-      .Bind(p.name)
-      .Bind(p.retention_s)
-      .Bind(p.crash_interval_s)
-      .Bind(p.app_interval_s)
-      .Bind(p.compression)
-      .Bind(p.bandwidth_bytes_per_second)
-      .Run();
+  return conn_->Exec(
+      "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s, compression, "
+      "bandwidth_bytes_per_second) VALUES(?,?,?,?,?,?)",
+      {p.name, p.retention_s, p.crash_interval_s, p.app_interval_s, p.compression,
+       p.bandwidth_bytes_per_second});
 }
 
-std::vector<PolicyRow> Catalog::Policies() {
+namespace {
+constexpr const char* kPolicyColumns =
+    "name, retention_s, crash_interval_s, app_interval_s, compression, "
+    "bandwidth_bytes_per_second";
+}  // namespace
+
+Result<std::vector<PolicyRow>> Catalog::ListPolicies() {
   std::lock_guard lock(mu_);
-  std::vector<PolicyRow> out;
-  Stmt s(db_,
-         "SELECT name, retention_s, crash_interval_s, app_interval_s, compression, "
-         "bandwidth_bytes_per_second FROM policies ORDER BY name");
-  while (s.Step() == SQLITE_ROW) {
-    out.push_back({s.Text(0), s.Int(1), s.Int(2), s.Int(3), s.Text(4), s.Int(5)});
-  }
-  return out;
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query(fmt::format("SELECT {} FROM policies ORDER BY name", kPolicyColumns)));
+  return PoliciesFrom(r);
 }
 
-std::optional<PolicyRow> Catalog::Policy(const std::string& name) {
-  for (auto& p : Policies()) {
-    if (p.name == name) return p;
-  }
-  return std::nullopt;
+Result<std::optional<PolicyRow>> Catalog::FindPolicy(const std::string& name) {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      Query(fmt::format("SELECT {} FROM policies WHERE name=?", kPolicyColumns), {name}));
+  return First(PoliciesFrom(r));
 }
 
 Status Catalog::PutVm(const VmRow& v) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "INSERT INTO vms(name, site, disks, spec) VALUES(?,?,?,?)")
-      .Bind(v.name)
-      .Bind(v.site)
-      .Bind(v.disks.dump())
-      .Bind(v.spec.is_object() ? v.spec.dump() : std::string("{}"))
-      .Run();
+  return conn_->Exec(
+      "INSERT INTO vms(name, site, disks, spec) VALUES(?,?,?,?)",
+      {v.name, v.site, v.disks.dump(), v.spec.is_object() ? v.spec.dump() : std::string("{}")});
 }
 
 Status Catalog::UpdateVm(const VmRow& v) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "UPDATE vms SET site=?, disks=?, spec=? WHERE name=?")
-      .Bind(v.site)
-      .Bind(v.disks.dump())
-      .Bind(v.spec.is_object() ? v.spec.dump() : std::string("{}"))
-      .Bind(v.name)
-      .Run();
+  return conn_->Exec(
+      "UPDATE vms SET site=?, disks=?, spec=? WHERE name=?",
+      {v.site, v.disks.dump(), v.spec.is_object() ? v.spec.dump() : std::string("{}"), v.name});
 }
 
-std::vector<VmRow> Catalog::Vms() {
+Result<std::vector<VmRow>> Catalog::ListVms() {
   std::lock_guard lock(mu_);
-  std::vector<VmRow> out;
-  Stmt s(db_, "SELECT name, site, disks, spec FROM vms ORDER BY name");
-  while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Json(2), s.Json(3)});
-  return out;
+  OSR_ASSIGN_OR_RETURN(SqlResult r, Query("SELECT name, site, disks, spec FROM vms ORDER BY name"));
+  return VmsFrom(r);
 }
 
-std::optional<VmRow> Catalog::Vm(const std::string& name) {
+Result<std::optional<VmRow>> Catalog::FindVm(const std::string& name) {
   std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT name, site, disks, spec FROM vms WHERE name=?");
-  s.Bind(name);
-  if (s.Step() != SQLITE_ROW) return std::nullopt;
-  return VmRow{s.Text(0), s.Text(1), s.Json(2), s.Json(3)};
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query("SELECT name, site, disks, spec FROM vms WHERE name=?", {name}));
+  return First(VmsFrom(r));
 }
 
 Status Catalog::DeleteVm(const std::string& name) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "DELETE FROM vms WHERE name=?").Bind(name).Run();
+  return conn_->Exec("DELETE FROM vms WHERE name=?", {name});
 }
+
+// ---- Items and their RPO ----------------------------------------------------------------
 
 Status Catalog::PutItem(const ItemRow& i) {
   std::lock_guard lock(mu_);
-  return Stmt(db_,
-              "INSERT OR REPLACE INTO items(vm, source, target, policy, state, epoch, "
-              "drill, failover) VALUES(?,?,?,?,?,?,?,?)")
-      .Bind(i.vm)
-      .Bind(i.source)
-      .Bind(i.target)
-      .Bind(i.policy)
-      .Bind(i.state)
-      .Bind(static_cast<int64_t>(i.epoch))
-      .Bind(i.drill.dump())
-      .Bind(i.failover.dump())
-      .Run();
+  return conn_->Exec(
+      "INSERT INTO items(vm, source, target, policy, state, epoch, drill, failover) "
+      "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(vm) DO UPDATE SET source=excluded.source, "
+      "target=excluded.target, policy=excluded.policy, state=excluded.state, "
+      "epoch=excluded.epoch, drill=excluded.drill, failover=excluded.failover",
+      {i.vm, i.source, i.target, i.policy, i.state, static_cast<int64_t>(i.epoch), i.drill.dump(),
+       i.failover.dump()});
 }
 
-std::vector<ItemRow> Catalog::Items() {
+Result<std::vector<ItemRow>> Catalog::ListItems() {
   std::lock_guard lock(mu_);
-  std::vector<ItemRow> out;
-  Stmt s(db_,
-         "SELECT vm, source, target, policy, state, epoch, drill, failover FROM items ORDER BY "
-         "vm");
-  while (s.Step() == SQLITE_ROW) {
-    out.push_back({s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4),
-                   static_cast<uint64_t>(s.Int(5)), s.Json(6), s.Json(7)});
-  }
-  return out;
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query(fmt::format("SELECT {} FROM items ORDER BY vm", kItemColumns)));
+  return ItemsFrom(r);
 }
 
-std::optional<ItemRow> Catalog::Item(const std::string& vm) {
-  for (auto& i : Items()) {
-    if (i.vm == vm) return i;
-  }
-  return std::nullopt;
-}
-
-Status Catalog::AddRpoSample(const std::string& vm, int64_t time_ns, double rpo_s,
-                             int64_t keep_after_ns) {
+Result<std::optional<ItemRow>> Catalog::FindItem(const std::string& vm) {
   std::lock_guard lock(mu_);
-  OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO rpo_samples(vm, time_ns, rpo_s) VALUES(?,?,?)")
-                          .Bind(vm)
-                          .Bind(time_ns)
-                          .Bind(rpo_s)
-                          .Run());
-  return Stmt(db_, "DELETE FROM rpo_samples WHERE vm=? AND time_ns<?")
-      .Bind(vm)
-      .Bind(keep_after_ns)
-      .Run();
-}
-
-std::vector<std::pair<int64_t, double>> Catalog::RpoSamples(const std::string& vm,
-                                                            int64_t since_ns) {
-  std::lock_guard lock(mu_);
-  std::vector<std::pair<int64_t, double>> out;
-  Stmt s(db_, "SELECT time_ns, rpo_s FROM rpo_samples WHERE vm=? AND time_ns>=? ORDER BY time_ns");
-  s.Bind(vm).Bind(since_ns);
-  while (s.Step() == SQLITE_ROW) out.emplace_back(s.Int(0), s.Double(1));
-  return out;
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query(fmt::format("SELECT {} FROM items WHERE vm=?", kItemColumns), {vm}));
+  return First(ItemsFrom(r));
 }
 
 Status Catalog::DeleteItem(const std::string& vm) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "DELETE FROM items WHERE vm=?").Bind(vm).Run();
+  return conn_->Exec("DELETE FROM items WHERE vm=?", {vm});
 }
 
+Status Catalog::DeleteItemAndPoints(const std::string& vm) {
+  return Transact([&]() -> Status {
+    OSR_RETURN_IF_ERROR(conn_->Exec("DELETE FROM points WHERE vm=?", {vm}));
+    return conn_->Exec("DELETE FROM items WHERE vm=?", {vm});
+  });
+}
+
+Status Catalog::AddRpoSample(const std::string& vm, int64_t time_ns, double rpo_s,
+                             int64_t keep_after_ns) {
+  return Transact([&]() -> Status {
+    OSR_RETURN_IF_ERROR(conn_->Exec("INSERT INTO rpo_samples(vm, time_ns, rpo_s) VALUES(?,?,?)",
+                                    {vm, time_ns, rpo_s}));
+    return conn_->Exec("DELETE FROM rpo_samples WHERE vm=? AND time_ns<?", {vm, keep_after_ns});
+  });
+}
+
+Result<std::vector<std::pair<int64_t, double>>> Catalog::ListRpoSamples(const std::string& vm,
+                                                                        int64_t since_ns) {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      Query("SELECT time_ns, rpo_s FROM rpo_samples WHERE vm=? AND time_ns>=? ORDER BY time_ns",
+            {vm, since_ns}));
+  std::vector<std::pair<int64_t, double>> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "rpo_samples row");
+    out.emplace_back(s.Int(0), s.Double(1));
+    OSR_RETURN_IF_ERROR(s.status());
+  }
+  return out;
+}
+
+// ---- Points -----------------------------------------------------------------------------
+
 Result<int64_t> Catalog::InsertPointLocked(const PointRow& p) {
-  OSR_RETURN_IF_ERROR(Stmt(db_, "INSERT INTO points(vm, seq, time_ns, type) VALUES(?,?,?,?)")
-                          .Bind(p.vm)
-                          .Bind(static_cast<int64_t>(p.seq))
-                          .Bind(p.time_ns)
-                          .Bind(p.type)
-                          .Run());
-  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+  return conn_->Insert("INSERT INTO points(vm, seq, time_ns, type) VALUES(?,?,?,?)",
+                       {p.vm, static_cast<int64_t>(p.seq), p.time_ns, p.type});
 }
 
 Result<int64_t> Catalog::AddPoint(const PointRow& p) {
@@ -476,116 +536,100 @@ Result<int64_t> Catalog::AddPoint(const PointRow& p) {
   return InsertPointLocked(p);
 }
 
-std::vector<PointRow> Catalog::Points(const std::string& vm) {
+Result<std::vector<PointRow>> Catalog::ListPoints(const std::string& vm) {
   std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      Query("SELECT id, vm, seq, time_ns, type FROM points WHERE vm=? ORDER BY seq, id", {vm}));
   std::vector<PointRow> out;
-  Stmt s(db_, "SELECT id, vm, seq, time_ns, type FROM points WHERE vm=? ORDER BY seq, id");
-  s.Bind(vm);
-  while (s.Step() == SQLITE_ROW) {
-    out.push_back({s.Int(0), s.Text(1), static_cast<uint64_t>(s.Int(2)), s.Int(3), s.Text(4)});
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "points row");
+    PointRow p{s.Int(0), s.Text(1), 0, s.Int(3), s.Text(4)};
+    int64_t seq = s.Int(2);
+    OSR_RETURN_IF_ERROR(s.status());
+    if (seq < 0)
+      return Corruption(fmt::format("catalog points row {}: seq {} is negative", p.id, seq));
+    p.seq = static_cast<uint64_t>(seq);
+    out.push_back(std::move(p));
   }
   return out;
 }
 
 Status Catalog::DeletePoints(const std::string& vm) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "DELETE FROM points WHERE vm=?").Bind(vm).Run();
-}
-
-Result<int64_t> Catalog::AddPointAndPrune(const PointRow& p, const std::vector<int64_t>& prune) {
-  std::lock_guard lock(mu_);
-  OSR_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-  auto body = [&]() -> Result<int64_t> {
-    for (int64_t id : prune) {
-      OSR_RETURN_IF_ERROR(
-          Stmt(db_, "DELETE FROM points WHERE id=? AND vm=?").Bind(id).Bind(p.vm).Run());
-    }
-    return InsertPointLocked(p);
-  };
-  Result<int64_t> id = body();
-  if (!id.ok()) {
-    // The transaction's first error is what the caller hears; a failed rollback leaves
-    // SQLite rolling back by itself when the connection's next statement begins.
-    Status rolled_back = Exec("ROLLBACK");
-    if (!rolled_back.ok()) return IoError(id.status().message() + "; " + rolled_back.message());
-    return id.status();
-  }
-  OSR_RETURN_IF_ERROR(Exec("COMMIT"));
-  return id;
-}
-
-std::optional<std::string> Catalog::Meta(const std::string& key) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT value FROM meta WHERE key=?");
-  s.Bind(key);
-  if (s.Step() != SQLITE_ROW) return std::nullopt;
-  return s.Text(0);
-}
-
-Status Catalog::PutMeta(const std::string& key, const std::string& value) {
-  std::lock_guard lock(mu_);
-  return Stmt(db_, "INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)")
-      .Bind(key)
-      .Bind(value)
-      .Run();
+  return conn_->Exec("DELETE FROM points WHERE vm=?", {vm});
 }
 
 Status Catalog::DeletePoint(int64_t id) {
   std::lock_guard lock(mu_);
-  return Stmt(db_, "DELETE FROM points WHERE id=?").Bind(id).Run();
+  return conn_->Exec("DELETE FROM points WHERE id=?", {id});
 }
+
+Result<int64_t> Catalog::AddPointAndPrune(const PointRow& p, const std::vector<int64_t>& prune) {
+  int64_t id = 0;
+  OSR_RETURN_IF_ERROR(Transact([&]() -> Status {
+    for (int64_t old : prune) {
+      OSR_RETURN_IF_ERROR(conn_->Exec("DELETE FROM points WHERE id=? AND vm=?", {old, p.vm}));
+    }
+    OSR_ASSIGN_OR_RETURN(id, InsertPointLocked(p));
+    return Status::Ok();
+  }));
+  return id;
+}
+
+// ---- Meta -------------------------------------------------------------------------------
+
+Result<std::optional<std::string>> Catalog::FindMeta(const std::string& key) {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r, Query("SELECT value FROM meta WHERE key=?", {key}));
+  if (r.rows.empty()) return std::optional<std::string>();
+  SqlRow s(r, 0, "meta row '" + key + "'");
+  std::string value = s.Text(0);
+  OSR_RETURN_IF_ERROR(s.status());
+  return std::optional<std::string>(std::move(value));
+}
+
+Status Catalog::PutMeta(const std::string& key, const std::string& value) {
+  std::lock_guard lock(mu_);
+  return conn_->Exec(
+      "INSERT INTO meta(key, value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET "
+      "value=excluded.value",
+      {key, value});
+}
+
+// ---- Jobs -------------------------------------------------------------------------------
 
 Result<int64_t> Catalog::AddJob(const JobRow& j) {
   std::lock_guard lock(mu_);
-  OSR_RETURN_IF_ERROR(
-      Stmt(db_,
-           "INSERT INTO jobs(type, vm, state, progress, steps, error, result, args, "
-           "created_ns, updated_ns) VALUES(?,?,?,?,?,?,?,?,?,?)")
-          .Bind(j.type)
-          .Bind(j.vm)
-          .Bind(std::string(JobStateName(j.state)))
-          .Bind(int64_t{j.progress})
-          .Bind(j.steps.dump())
-          .Bind(j.error)
-          .Bind(j.result.dump())
-          .Bind(j.args.dump())
-          .Bind(j.created_ns)
-          .Bind(j.updated_ns)
-          .Run());
-  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+  return conn_->Insert(
+      "INSERT INTO jobs(type, vm, state, progress, steps, error, result, args, created_ns, "
+      "updated_ns) VALUES(?,?,?,?,?,?,?,?,?,?)",
+      {j.type, j.vm, std::string(JobStateName(j.state)), int64_t{j.progress}, j.steps.dump(),
+       j.error, j.result.dump(), j.args.dump(), j.created_ns, j.updated_ns});
 }
 
 Status Catalog::UpdateJob(const JobRow& j) {
   std::lock_guard lock(mu_);
-  return Stmt(db_,
-              "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, args=?, "
-              "updated_ns=? WHERE id=?")
-      .Bind(std::string(JobStateName(j.state)))
-      .Bind(int64_t{j.progress})
-      .Bind(j.steps.dump())
-      .Bind(j.error)
-      .Bind(j.result.dump())
-      .Bind(j.args.dump())
-      .Bind(j.updated_ns)
-      .Bind(j.id)
-      .Run();
+  return conn_->Exec(
+      "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, args=?, updated_ns=? "
+      "WHERE id=?",
+      {std::string(JobStateName(j.state)), int64_t{j.progress}, j.steps.dump(), j.error,
+       j.result.dump(), j.args.dump(), j.updated_ns, j.id});
 }
 
-std::vector<JobRow> Catalog::Jobs(const std::string& vm, std::optional<JobState> state_in) {
-  std::string state = state_in ? std::string(JobStateName(*state_in)) : std::string();
-  std::lock_guard lock(mu_);
+namespace {
+constexpr const char* kJobColumns =
+    "id, type, vm, state, progress, steps, error, result, args, created_ns, updated_ns";
+
+Result<std::vector<JobRow>> JobsFrom(const SqlResult& r) {
   std::vector<JobRow> out;
-  Stmt s(db_,
-         "SELECT id, type, vm, state, progress, steps, error, result, args, created_ns, "
-         "updated_ns FROM jobs WHERE (?='' OR vm=?) AND (?='' OR state=?) ORDER BY id");
-  s.Bind(vm).Bind(vm).Bind(state).Bind(state);
-  while (s.Step() == SQLITE_ROW) {
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "jobs row");
     JobRow j;
     j.id = s.Int(0);
     j.type = s.Text(1);
     j.vm = s.Text(2);
     std::string state_name = s.Text(3);
-    j.state = JobStateFromName(state_name).value_or(JobState::kFailed);
     j.progress = static_cast<int>(s.Int(4));
     j.steps = s.Json(5);
     j.error = s.Text(6);
@@ -593,19 +637,91 @@ std::vector<JobRow> Catalog::Jobs(const std::string& vm, std::optional<JobState>
     j.args = s.Json(8);
     j.created_ns = s.Int(9);
     j.updated_ns = s.Int(10);
-    if (!JobStateFromName(state_name)) {
+    OSR_RETURN_IF_ERROR(s.status());
+    std::optional<JobState> state = JobStateFromName(state_name);
+    j.state = state.value_or(JobState::kFailed);
+    if (!state) {
       j.error = "the catalog holds job state '" + state_name + "', which this vault does not know";
     }
     out.push_back(std::move(j));
   }
   return out;
 }
+}  // namespace
 
+Result<std::vector<JobRow>> Catalog::ListJobs(const std::string& vm,
+                                              std::optional<JobState> state_in) {
+  std::string state = state_in ? std::string(JobStateName(*state_in)) : std::string();
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      Query(fmt::format("SELECT {} FROM jobs WHERE (?='' OR vm=?) AND (?='' OR state=?) "
+                        "ORDER BY id",
+                        kJobColumns),
+            {vm, vm, state, state}));
+  return JobsFrom(r);
+}
+
+Result<std::optional<JobRow>> Catalog::FindJob(int64_t id) {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query(fmt::format("SELECT {} FROM jobs WHERE id=?", kJobColumns), {id}));
+  return First(JobsFrom(r));
+}
+
+// ---- The short read forms -----------------------------------------------------------------
+
+std::vector<SiteRow> Catalog::Sites() {
+  return OrEmpty(ListSites(), "sites");
+}
+std::optional<SiteRow> Catalog::Site(const std::string& name) {
+  return OrEmpty(FindSite(name), "a site");
+}
+std::vector<PolicyRow> Catalog::Policies() {
+  return OrEmpty(ListPolicies(), "policies");
+}
+std::optional<PolicyRow> Catalog::Policy(const std::string& name) {
+  return OrEmpty(FindPolicy(name), "a policy");
+}
+std::vector<VmRow> Catalog::Vms() {
+  return OrEmpty(ListVms(), "VMs");
+}
+std::optional<VmRow> Catalog::Vm(const std::string& name) {
+  return OrEmpty(FindVm(name), "a VM");
+}
+std::vector<ItemRow> Catalog::Items() {
+  return OrEmpty(ListItems(), "items");
+}
+std::optional<ItemRow> Catalog::Item(const std::string& vm) {
+  return OrEmpty(FindItem(vm), "an item");
+}
+std::vector<std::pair<int64_t, double>> Catalog::RpoSamples(const std::string& vm,
+                                                            int64_t since_ns) {
+  return OrEmpty(ListRpoSamples(vm, since_ns), "RPO samples");
+}
+std::vector<PointRow> Catalog::Points(const std::string& vm) {
+  return OrEmpty(ListPoints(vm), "points");
+}
+std::optional<std::string> Catalog::Meta(const std::string& key) {
+  return OrEmpty(FindMeta(key), "a meta key");
+}
+std::optional<TokenRow> Catalog::Token(int64_t id) {
+  return OrEmpty(FindToken(id), "a token");
+}
+std::vector<TokenRow> Catalog::Tokens() {
+  return OrEmpty(ListTokens(), "tokens");
+}
+std::optional<SessionRow> Catalog::Session(const std::string& id_sha256) {
+  return OrEmpty(FindSession(id_sha256), "a session");
+}
+std::vector<AuditRow> Catalog::Audit(int64_t since_ns, size_t limit) {
+  return OrEmpty(ListAudit(since_ns, limit), "the audit log");
+}
+std::vector<JobRow> Catalog::Jobs(const std::string& vm, std::optional<JobState> state) {
+  return OrEmpty(ListJobs(vm, state), "jobs");
+}
 std::optional<JobRow> Catalog::Job(int64_t id) {
-  for (auto& j : Jobs()) {
-    if (j.id == id) return j;
-  }
-  return std::nullopt;
+  return OrEmpty(FindJob(id), "a job");
 }
 
 }  // namespace osr::vault

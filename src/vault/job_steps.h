@@ -13,6 +13,9 @@
 // thread.
 #pragma once
 
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -69,6 +72,13 @@ class JobCancel {
   Reason why_ = Reason::kNone;  // guarded by mu_
 };
 
+// `st`, saying that recording its outcome in the catalog failed too.
+inline Status AlsoFailed(const Status& st, const std::string& what, const Status& also) {
+  if (also.ok()) return st;
+  return Status(st.code(),
+                fmt::format("{}; and {} failed: {}", st.message(), what, also.message()));
+}
+
 class Steps {
  public:
   // `cancel` is borrowed and outlives the Steps (nullptr: the job cannot be cancelled).
@@ -76,24 +86,24 @@ class Steps {
   void Begin(const std::string& name) {
     j_->steps.push_back(
         {{"name", name}, {"state", JobStateName(JobState::kRunning)}, {"message", ""}});
-    Save();
+    SaveProgress();
   }
   void Done(int progress) {
     j_->steps.back()["state"] = JobStateName(JobState::kSucceeded);
     j_->progress = progress;
-    Save();
+    SaveProgress();
   }
   void Progress(int progress, const std::string& message) {
     j_->progress = progress;
     j_->steps.back()["message"] = message;
-    Save();
+    SaveProgress();
   }
   // The step failed but the job goes on (e.g. the source did not shut down in time).
   void Warn(int progress, const std::string& message) {
     j_->steps.back()["state"] = JobStateName(JobState::kFailed);
     j_->steps.back()["message"] = message;
     j_->progress = progress;
-    Save();
+    SaveProgress();
   }
   // Ends the job Failed with `st` — or Cancelled when st is kCancelled: then `st`'s
   // message says what the job leaves behind (see Cancelled()).
@@ -124,12 +134,23 @@ class Steps {
                                          : j_->steps.back().value("name", std::string("a step"));
     return Status(Code::kCancelled, "cancelled during \"" + step + "\": " + left_behind);
   }
-  void Save() {
+  // Records the job row now: a decision a resumed job must find (its args) is saved
+  // before the step that acts on it, so the caller fails the job when this fails.
+  [[nodiscard]] Status Save() {
     j_->updated_ns = NowNs();
-    (void)c_->UpdateJob(*j_);
+    return c_->UpdateJob(*j_);
   }
 
  private:
+  // A progress record (a step begun, done, its message). Losing one is harmless: the
+  // next save writes the whole row again, decisions are saved through Save(), and the
+  // job's end is recorded by the job loop, which logs when it cannot. Logged here.
+  void SaveProgress() {
+    if (Status st = Save(); !st.ok()) {
+      spdlog::warn("vault: job {}: recording its progress: {}", j_->id, st.ToString());
+    }
+  }
+
   Catalog* c_;
   JobRow* j_;
   JobCancel* cancel_;

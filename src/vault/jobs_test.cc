@@ -1,13 +1,11 @@
 // Jobs: the state table, cancellation tokens, the step that records a cancel, and what a
 // step waiting for a replica shows.
 #include <gtest/gtest.h>
-#include <sqlite3.h>
-#include <unistd.h>
 
-#include <filesystem>
 #include <thread>
 
 #include "vault/catalog.h"
+#include "vault/catalog_backends_test.h"
 #include "vault/job_state.h"
 #include "vault/job_steps.h"
 #include "vault/vault.h"
@@ -16,7 +14,6 @@ namespace osr::vault {
 namespace {
 
 using nlohmann::json;
-namespace fs = std::filesystem;
 
 TEST(JobStateTest, OneTableNamesEveryStateOnce) {
   for (const auto& row : kJobStates) {
@@ -53,24 +50,24 @@ TEST(JobCancelTest, AStoppingVaultIsNotACancel) {
   EXPECT_EQ(cancel.Sleep(std::chrono::minutes(10)).code(), Code::kUnavailable);
 }
 
-class JobsCatalogTest : public ::testing::Test {
+// On both backends (catalog_backends_test.h).
+class JobsCatalogTest : public CatalogBackendTest {
  protected:
   void SetUp() override {
-    path_ = fs::temp_directory_path() /
-            ("osr-jobs-" + std::to_string(::getpid()) + "-" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".db");
-    fs::remove(path_);
-    catalog_ = Catalog::Open(path_).value();
+    CatalogBackendTest::SetUp();
+    if (HasFatalFailure()) return;
+    auto c = Catalog::Open(db_);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    catalog_ = std::move(c).value();
   }
   void TearDown() override {
     catalog_.reset();
-    for (const char* ext : {"", "-wal", "-shm"}) fs::remove(path_ + ext);
+    CatalogBackendTest::TearDown();
   }
-  std::string path_;
   std::unique_ptr<Catalog> catalog_;
 };
 
-TEST_F(JobsCatalogTest, ACancelledStepSaysWhatItLeftAndTheJobIsCancelled) {
+TEST_P(JobsCatalogTest, ACancelledStepSaysWhatItLeftAndTheJobIsCancelled) {
   JobRow j;
   j.type = "enable-protection";
   j.vm = "vm1";
@@ -84,7 +81,7 @@ TEST_F(JobsCatalogTest, ACancelledStepSaysWhatItLeftAndTheJobIsCancelled) {
   Status st = steps.Sleep(std::chrono::minutes(10));
   ASSERT_EQ(st.code(), Code::kCancelled);
   steps.Fail(steps.Cancelled("the store at recovery was removed"));
-  steps.Save();
+  ASSERT_TRUE(steps.Save().ok());
   auto back = catalog_->Job(j.id).value();
   EXPECT_EQ(back.state, JobState::kCancelled);
   EXPECT_EQ(back.error,
@@ -96,22 +93,45 @@ TEST_F(JobsCatalogTest, ACancelledStepSaysWhatItLeftAndTheJobIsCancelled) {
   EXPECT_TRUE(catalog_->Jobs("vm1", JobState::kRunning).empty());
 }
 
-TEST_F(JobsCatalogTest, AnUnknownStateReadsAsFailedSayingSo) {
+TEST_P(JobsCatalogTest, AnUnknownStateReadsAsFailedSayingSo) {
   JobRow j;
   j.type = "commit";
   j.vm = "vm1";
   j.id = catalog_->AddJob(j).value();
   catalog_.reset();
-  sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db, "UPDATE jobs SET state='Paused'", nullptr, nullptr, nullptr),
-            SQLITE_OK);
-  sqlite3_close(db);
-  catalog_ = Catalog::Open(path_).value();
+  ASSERT_TRUE(RawSql("UPDATE jobs SET state='Paused'").ok());
+  catalog_ = Catalog::Open(db_).value();
   auto back = catalog_->Job(j.id).value();
   EXPECT_EQ(back.state, JobState::kFailed);
   EXPECT_NE(back.error.find("'Paused'"), std::string::npos) << back.error;
 }
+
+// A job step that changes the item and the job records both or neither.
+TEST_P(JobsCatalogTest, AStepThatChangesTheItemAndTheJobIsOneTransaction) {
+  ASSERT_TRUE(
+      catalog_->PutItem({"vm1", "primary", "recovery", "gold", "Protected", 1, nullptr, nullptr})
+          .ok());
+  JobRow j;
+  j.type = "failover";
+  j.vm = "vm1";
+  j.state = JobState::kRunning;
+  j.id = catalog_->AddJob(j).value();
+  // The step's writes land, then it fails before its end: neither stays.
+  ItemRow item = catalog_->FindItem("vm1").value().value();
+  item.state = "FailedOver";
+  j.progress = 100;
+  Status st = catalog_->Transact([&]() -> Status {
+    OSR_RETURN_IF_ERROR(catalog_->PutItem(item));
+    OSR_RETURN_IF_ERROR(catalog_->UpdateJob(j));
+    return Status(Code::kUnavailable, "the step's last write failed");
+  });
+  EXPECT_EQ(st.code(), Code::kUnavailable);
+  EXPECT_EQ(catalog_->FindItem("vm1").value()->state, "Protected");
+  EXPECT_EQ(catalog_->FindJob(j.id).value()->progress, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, JobsCatalogTest,
+                         ::testing::Values(Backend::kSqlite, Backend::kPostgres), BackendName);
 
 // Issue 10, case 10 (c): a reprotect whose source is down showed "707 of 0 writes
 // replicated" — numbers from a call that failed.

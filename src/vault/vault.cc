@@ -226,6 +226,7 @@ Result<std::string> SiteClient::CallRaw(const std::string& method, const std::st
 Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   std::unique_ptr<Vault> v(new Vault(cfg));
   OSR_ASSIGN_OR_RETURN(v->catalog_, Catalog::Open(cfg.db_path));
+  spdlog::info("vault: catalog in {}", v->catalog_->name());  // never with a password
   // The clock watch as it was saved: a step made while the vault was down is noticed at
   // its first tick (same boot), and a hold in force stays.
   v->boot_id_ = BootId();
@@ -238,13 +239,15 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
     }
   }
   v->ObserveClock();
-  if (!v->catalog_->Policy("default")) {
-    OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
-  }
+  // The start reads the catalog through the Result forms: a catalog that cannot be read
+  // fails the start instead of reading as empty.
+  OSR_ASSIGN_OR_RETURN(std::optional<PolicyRow> default_policy, v->catalog_->FindPolicy("default"));
+  if (!default_policy) OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
   // Jobs that were running when the vault stopped: the workflows resume (each step is
   // safe to run again and what they decided is in their args); drills do not (their item
   // is in a state the operator can act on: run the drill or its cleanup again).
-  for (auto& j : v->catalog_->Jobs("", JobState::kRunning)) {
+  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> running, v->catalog_->ListJobs("", JobState::kRunning));
+  for (auto& j : running) {
     static const std::set<std::string> kResumable = {"enable-protection", "failover",
                                                      "change-point", "commit", "reprotect"};
     j.updated_ns = NowNs();
@@ -270,11 +273,16 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
           "the vault stopped while this job ran; the item was left as the last finished "
           "step left it — run the operation again";
     }
-    LogIfFailed(v->catalog_->UpdateJob(j), fmt::format("job {}: recording its restart", j.id));
+    // Unrecorded, the job would stay Running and never be queued again: the start fails.
+    if (Status st = v->catalog_->UpdateJob(j); !st.ok()) {
+      return Status(st.code(),
+                    fmt::format("job {}: recording its restart: {}", j.id, st.message()));
+    }
   }
   OSR_ASSIGN_OR_RETURN(v->api_, VaultApi::Create(v.get(), cfg.api));
   OSR_RETURN_IF_ERROR(v->api_->Listen().status());
-  for (auto& j : v->catalog_->Jobs("", JobState::kQueued)) v->queue_.push_back({j.id, j.vm});
+  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> queued, v->catalog_->ListJobs("", JobState::kQueued));
+  for (auto& j : queued) v->queue_.push_back({j.id, j.vm});
   Vault* vp = v.get();
   v->api_->Start();
   for (int i = 0; i < std::max(1, cfg.job_workers); ++i) {
@@ -976,8 +984,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   }
   if (item->state == "FailoverCommitted") {
     // Nothing replicates; the old primary keeps its fenced disks until deleted there.
-    OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
-    OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
+    OSR_RETURN_IF_ERROR(catalog_->DeleteItemAndPoints(vm));
     return json{{"name", vm}, {"state", "Unprotected"}};
   }
   auto src = catalog_->Site(item->source);
@@ -993,8 +1000,7 @@ Result<json> Vault::Unprotect(const std::string& vm) {
     auto r = Client(*dst).Call("DELETE", "/stores/" + vm);
     if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
   }
-  OSR_RETURN_IF_ERROR(catalog_->DeletePoints(vm));
-  OSR_RETURN_IF_ERROR(catalog_->DeleteItem(vm));
+  OSR_RETURN_IF_ERROR(catalog_->DeleteItemAndPoints(vm));
   return json{{"name", vm}, {"state", "Unprotected"}, {"cancelled_jobs", cancelled}};
 }
 
@@ -1546,7 +1552,9 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, c
 
 void Vault::RunJob(JobRow& job, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
-  auto item = catalog_->Item(job.vm);
+  auto found = catalog_->FindItem(job.vm);
+  if (!found.ok()) return steps.Fail(found.status());  // a catalog that cannot be read
+  std::optional<ItemRow>& item = *found;
   if (!item) {
     steps.Fail(NotFound("VM " + job.vm + " is no longer protected"));
     return;
@@ -1615,7 +1623,16 @@ void Vault::RunJob(JobRow& job, JobCancel& cancel) {
     steps.Done(100);
     item->state = "TestFailoverCompleted";
     item->drill = {{"view", (*v)["id"]}, {"point", PointJson(*p)}, {"disks", (*v)["disks"]}};
-    (void)catalog_->PutItem(*item);
+    if (Status st = catalog_->PutItem(*item); !st.ok()) {
+      // Unrecorded, nothing would name the drill disks: they are closed again.
+      auto closed =
+          Client(*dst).Call("DELETE", "/views/" + item->drill.value("view", std::string()));
+      return fail(AlsoFailed(Status(st.code(),
+                                    "the drill disks were opened but could not be "
+                                    "recorded, so they are closed again: " +
+                                        st.message()),
+                             "closing them", closed.status()));
+    }
     job.result = {{"disks", (*v)["disks"]}, {"point", PointJson(*p)}};
     job.state = JobState::kSucceeded;
     return;
@@ -1628,7 +1645,12 @@ void Vault::RunJob(JobRow& job, JobCancel& cancel) {
     steps.Done(100);
     item->state = "Protected";
     item->drill = nullptr;
-    (void)catalog_->PutItem(*item);
+    if (Status st = catalog_->PutItem(*item); !st.ok()) {
+      return fail(Status(st.code(),
+                         "the drill disks are removed, but the item still says "
+                         "TestFailoverCompleted (clean up again to record it): " +
+                             st.message()));
+    }
     job.result = {{"notes", job.args.value("notes", std::string())}};
     job.state = JobState::kSucceeded;
     return;

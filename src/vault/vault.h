@@ -55,6 +55,7 @@
 namespace osr::vault {
 
 struct VaultConfig {
+  // The catalog: a SQLite file path, or a postgresql:// (postgres://) URL (vault/catalog.h).
   std::string db_path;
   ApiConfig api;  // the REST API's address, TLS, host names, web UI
   // The vault's client certificate for the sites' APIs (mutual TLS; its CN is what the

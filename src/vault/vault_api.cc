@@ -136,10 +136,20 @@ Result<std::string> IssueToken(Catalog& catalog, const std::string& name, Role r
   return FormatToken(id, secret);
 }
 
+namespace {
+// A credential that cannot be checked because the catalog cannot be read: neither 401 nor
+// 403 (the caller did nothing wrong) but 503, try again (see the route table's refuse).
+Status CatalogUnreadable(const Status& st) {
+  return Status(Code::kIoError, "the vault cannot check credentials now: " + st.message());
+}
+}  // namespace
+
 Result<TokenRow> CheckToken(Catalog& catalog, const std::string& token, int64_t now_ns) {
   auto parts = ParseToken(token);
   if (!parts.ok()) return Status(Code::kPermissionDenied, parts.status().message());
-  auto row = catalog.Token(parts->id);
+  auto found = catalog.FindToken(parts->id);
+  if (!found.ok()) return CatalogUnreadable(found.status());
+  const std::optional<TokenRow>& row = *found;
   // The same answer for an unknown id and a wrong secret: nothing to learn from it.
   if (!row || !DigestEquals(row->secret_sha256, Sha256Hex(parts->secret))) {
     return Status(Code::kPermissionDenied, "unknown token");
@@ -156,9 +166,12 @@ Result<bool> EnsureAdminToken(Catalog& catalog, const std::string& path) {
     std::ifstream in(path);
     std::string text;
     std::getline(in, text);
-    if (CheckToken(catalog, text, NowNs()).ok()) return false;
+    auto checked = CheckToken(catalog, text, NowNs());
+    if (checked.ok()) return false;
+    if (checked.status().code() == Code::kIoError) return checked.status();
   }
-  for (auto& t : catalog.Tokens()) {
+  OSR_ASSIGN_OR_RETURN(std::vector<TokenRow> tokens, catalog.ListTokens());
+  for (auto& t : tokens) {
     // Someone already administers this vault: do not mint another admin on the side.
     if (t.role == "admin" && t.revoked_ns == 0 && t.expires_ns > NowNs()) return false;
   }
@@ -409,12 +422,17 @@ Result<Principal> VaultApi::Authenticate(const httplib::Request& req) {
     for (char& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     if (scheme != "bearer ") return unauthorized("Authorization must be 'Bearer TOKEN'");
     auto t = CheckToken(catalog_, auth.substr(7), now);
+    if (!t.ok() && t.status().code() == Code::kIoError) return t.status();
     if (!t.ok()) return unauthorized(t.status().message());
     token = *t;
   } else if (std::string sid = CookieValue(req, kSessionCookie); !sid.empty()) {
-    auto s = catalog_.Session(Sha256Hex(sid));
+    auto found = catalog_.FindSession(Sha256Hex(sid));
+    if (!found.ok()) return CatalogUnreadable(found.status());
+    const std::optional<SessionRow>& s = *found;
     if (!s || s->expires_ns <= now) return unauthorized("the session ended: sign in again");
-    auto t = catalog_.Token(s->token_id);
+    auto found_token = catalog_.FindToken(s->token_id);
+    if (!found_token.ok()) return CatalogUnreadable(found_token.status());
+    const std::optional<TokenRow>& t = *found_token;
     if (!t || t->revoked_ns != 0 || t->expires_ns <= now) {
       return unauthorized("the session's token is no longer valid: sign in again");
     }
@@ -507,6 +525,7 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
         res.set_header("WWW-Authenticate", "Bearer realm=\"osr\"");
         return refuse(401, Status(Code::kPermissionDenied, p.status().message()));
       }
+      if (p.status().code() == Code::kIoError) return refuse(503, p.status());
       return refuse(403, p.status());
     }
     who = *p;

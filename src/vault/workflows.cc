@@ -197,11 +197,13 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   std::string before = job.args.value("state_before", item.state);
   job.args["state_before"] = before;
   auto fail = [&](const Status& st, const std::string& item_state) {
-    steps.Fail(st);
-    if (auto cur = catalog_->Item(job.vm)) {
-      cur->state = item_state;
-      (void)catalog_->PutItem(*cur);
+    auto cur = catalog_->FindItem(job.vm);
+    Status recorded = cur.status();
+    if (cur.ok() && cur->has_value()) {
+      (*cur)->state = item_state;
+      recorded = catalog_->PutItem(**cur);
     }
+    steps.Fail(AlsoFailed(st, "recording the item as " + item_state, recorded));
   };
 
   if (planned && !job.args.contains("epoch")) {
@@ -221,7 +223,7 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
       return fail(h, before);
     }
     job.args["pre_hook_done"] = true;
-    steps.Save();
+    if (Status saved = steps.Save(); !saved.ok()) return fail(saved, before);
   }
   if (shutdown && !job.args.value("shutdown_done", false)) {
     steps.Begin(fmt::format("Shut down the VM at {}", item.source));
@@ -241,19 +243,19 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
       }
     }
     job.args["shutdown_done"] = true;
-    steps.Save();
+    if (Status saved = steps.Save(); !saved.ok()) return fail(saved, before);
   }
   // The new epoch: decided once, kept in the job (a resumed job uses the same).
   if (!job.args.contains("epoch")) {
     job.args["epoch"] = item.state == "FailoverFailed" ? item.epoch : item.epoch + 1;
-    steps.Save();
+    if (Status saved = steps.Save(); !saved.ok()) return fail(saved, before);
   }
   uint64_t epoch = job.args["epoch"].get<uint64_t>();
   auto mark_failing = [&] {
     item.state = "FailingOver";
     item.epoch = epoch;
     item.failover = {{"epoch", epoch}, {"from", item.source}, {"planned", planned}};
-    (void)catalog_->PutItem(item);
+    return catalog_->PutItem(item);
   };
 
   PointRow point;
@@ -270,7 +272,8 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
     auto f = Client(*src).Call("POST", "/groups/" + job.vm + "/fence",
                                json{{"epoch", epoch}, {"keep_shipping", true}});
     if (!f.ok()) return fail(f.status(), before);
-    mark_failing();
+    // Fenced already: a failed record leaves the item FailoverFailed (run it again).
+    if (Status marked = mark_failing(); !marked.ok()) return fail(marked, "FailoverFailed");
     auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
     if (!p.ok() && p.status().code() == Code::kCancelled) {
       return fail(steps.Cancelled(fmt::format(
@@ -310,7 +313,8 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
                                    FormatTimeNs(point.time_ns)));
     steps.Done(30);
     steps.Begin(fmt::format("Fence {} (epoch {})", item.source, epoch));
-    mark_failing();
+    // Before the fence: the item says FailingOver before anything refuses writes.
+    if (Status marked = mark_failing(); !marked.ok()) return fail(marked, before);
     auto f = Client(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
     if (!f.ok()) {
       steps.Warn(40, f.status().message() +
@@ -323,7 +327,7 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   job.args["point_seq"] = point.seq;
   job.args["point_time_ns"] = point.time_ns;
   job.args["point"] = PointJsonOf(point);
-  steps.Save();
+  if (Status saved = steps.Save(); !saved.ok()) return fail(saved, "FailoverFailed");
 
   steps.Begin(fmt::format("Open the disks at {} on point {} (no copy)", item.target, point.id));
   auto fo = Client(*dst).Call("POST", "/groups/" + job.vm + "/failover",
@@ -335,7 +339,6 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
     (void)Client(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
   }
   vm->site = item.target;
-  (void)catalog_->UpdateVm(*vm);
   item.state = "FailedOver";
   item.epoch = epoch;
   item.failover = {{"epoch", epoch},
@@ -344,7 +347,17 @@ void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
                    {"point", PointJsonOf(point)},
                    {"store_seq", (*fo).value("store_durable_seq", uint64_t{0})},
                    {"time", FormatTimeNs(NowNs())}};
-  (void)catalog_->PutItem(item);
+  // The VM's site and the item's state move together.
+  if (Status st = catalog_->Transact([&]() -> Status {
+        OSR_RETURN_IF_ERROR(catalog_->UpdateVm(*vm));
+        return catalog_->PutItem(item);
+      });
+      !st.ok()) {
+    return fail(Status(st.code(), fmt::format("the disks are open at {}, but the catalog did not "
+                                              "record the failover (run the failover again): {}",
+                                              item.target, st.message())),
+                "FailoverFailed");
+  }
   job.result = {{"point", PointJsonOf(point)}, {"epoch", epoch}, {"disks", (*fo)["disks"]}};
   if (start && Driver(*vm) != "none") {
     steps.Begin(fmt::format("Start the VM at {}", item.target));
@@ -407,10 +420,14 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel) {
                               json{{"seq", point.seq}, {"epoch", epoch}});
   if (!fo.ok()) return steps.Fail(fo.status());
   job.args["failover_done"] = true;
-  steps.Save();
+  if (Status saved = steps.Save(); !saved.ok()) return steps.Fail(saved);
   steps.Done(70);
   item.failover["point"] = job.args["resolved"];
-  (void)catalog_->PutItem(item);
+  if (Status st = catalog_->PutItem(item); !st.ok()) {
+    return steps.Fail(Status(st.code(), fmt::format("the disks are open on point {}, but the "
+                                                    "item does not say so yet: {}",
+                                                    point.id, st.message())));
+  }
   job.result = {{"point", job.args["resolved"]}, {"disks", (*fo)["disks"]}};
   if (Driver(*vm) != "none" && job.args.value("start", true)) {
     steps.Begin(fmt::format("Start the VM at {}", item.target));
@@ -429,11 +446,10 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
   auto dst = catalog_->Site(item.target);
   if (!dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   item.state = "Committing";
-  (void)catalog_->PutItem(item);
+  if (Status st = catalog_->PutItem(item); !st.ok()) return steps.Fail(st);  // nothing done yet
   auto back = [&](const Status& st) {
-    steps.Fail(st);
     item.state = "FailedOver";  // commit again to go on from where it stopped
-    (void)catalog_->PutItem(item);
+    steps.Fail(AlsoFailed(st, "recording the item as FailedOver", catalog_->PutItem(item)));
   };
   steps.Begin(
       fmt::format("Copy the rest of the point into the disks at {} (the VM runs on)", item.target));
@@ -515,7 +531,12 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
   }
   steps.Done(100);
   item.state = "FailoverCommitted";
-  (void)catalog_->PutItem(item);
+  if (Status st = catalog_->PutItem(item); !st.ok()) {
+    return steps.Fail(Status(st.code(),
+                             "committed, but the item's state could not be recorded "
+                             "(commit again to record it): " +
+                                 st.message()));
+  }
   job.state = JobState::kSucceeded;
 }
 
@@ -637,9 +658,8 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   auto vm = catalog_->Vm(job.vm);
   if (!cur || !old || !vm) return steps.Fail(NotFound("the VM or a site of it is not registered"));
   auto back = [&](const Status& st) {
-    steps.Fail(st);
     item.state = "FailoverCommitted";  // reprotect again: it goes on from where it stopped
-    (void)catalog_->PutItem(item);
+    steps.Fail(AlsoFailed(st, "recording the item as FailoverCommitted", catalog_->PutItem(item)));
   };
   const json job_args = job.args.is_object() ? job.args : json::object();
   json_in::Fields args(job_args, "job args.");
@@ -665,7 +685,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   }
   steps.Done(5);
   item.state = "Reprotecting";
-  (void)catalog_->PutItem(item);
+  if (Status st = catalog_->PutItem(item); !st.ok()) return back(st);
 
   steps.Begin(fmt::format("Find what differs between {} and {}", item.target, item.source));
   auto have_store = Client(*old).Call("GET", "/stores/" + job.vm);
@@ -701,7 +721,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
     if (!g.ok()) {
       mode = "full";
       job.args["mode"] = mode;
-      steps.Save();
+      if (Status saved = steps.Save(); !saved.ok()) return back(saved);
       auto r = Client(*old).Call("PUT", "/stores/" + job.vm,
                                  json{{"disks", vm->disks},
                                       {"start", "full"},
@@ -725,7 +745,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
       found = diff->found;
       job.args["mode"] = mode;  // kept before the old disks change role (a resumed job)
       job.args["found"] = found;
-      steps.Save();
+      if (Status saved = steps.Save(); !saved.ok()) return back(saved);
       auto cg = Client(*cur).Call("GET", "/groups/" + job.vm);
       if (!cg.ok()) return back(cg.status());
       json_in::Fields cf(*cg, "site " + cur->name + " group " + job.vm + ".");
@@ -738,7 +758,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
     }
     job.args["mode"] = mode;
     job.args["found"] = found;
-    steps.Save();
+    if (Status saved = steps.Save(); !saved.ok()) return back(saved);
   }
   std::string why = json_in::Fields(found).String("why", "");
   steps.Progress(20, fmt::format("{}: {}", mode, why));
@@ -773,12 +793,17 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
   steps.Progress(95, fmt::format("{} bytes shipped", shipped));
   steps.Done(95);
   job.args["swapped"] = true;  // before the item says so: a resumed job knows
-  steps.Save();
+  if (Status saved = steps.Save(); !saved.ok()) return back(saved);
   item.source = cur->name;
   item.target = old->name;
   item.state = "Protected";
   item.failover = nullptr;
-  (void)catalog_->PutItem(item);
+  if (Status st = catalog_->PutItem(item); !st.ok()) {
+    return steps.Fail(Status(st.code(),
+                             "the replica is in place, but the item's new direction "
+                             "could not be recorded (reprotect again to record it): " +
+                                 st.message()));
+  }
   job.result = {{"mode", mode},
                 {"found", found},
                 {"bytes_shipped", shipped},

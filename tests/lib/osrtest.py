@@ -21,6 +21,11 @@ Daemons:
                                   kill9(), restart(), alive(), stderr() (the log tail).
     stop_all_clean(procs)         teardown: SIGTERM what still runs; each must exit 0.
     free_port()                   a TCP port on 127.0.0.1 that was free a moment ago.
+    PgServer                      a real PostgreSQL 15 server (initdb into a temp dir, run as
+                                  the postgres user when the test runs as root, on a free
+                                  port of 127.0.0.1, its socket in the temp dir): start(),
+                                  stop(), restart(), create_database() -> URL, sql(db, text),
+                                  close() (stops and removes it). Missing binaries FAIL.
 
 Waiting and seeds:
     wait_for(pred, timeout, what, interval, detail)   bounded polling
@@ -108,6 +113,116 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- a real PostgreSQL server ---------------------------------------------------------------
+
+PG_BIN_DEFAULT = "/usr/lib/postgresql/15/bin"
+PG_START_ATTEMPTS = 5  # a port taken between choosing it and the server binding it
+
+
+class PgServer:
+    """A PostgreSQL server of Debian's postgresql package for one test (or a session).
+
+    The binaries come from OSR_PG_BIN, else /usr/lib/postgresql/15/bin; a missing one
+    fails the test. PostgreSQL refuses to run as root: as root, the server and its tools
+    run as the `postgres` user, which owns the temp dir. Use as a context manager or call
+    close(); the vault reaches it at url(db) (trust authentication on 127.0.0.1).
+    """
+
+    def __init__(self):
+        import tempfile
+
+        self.bin = Path(os.environ.get("OSR_PG_BIN", PG_BIN_DEFAULT))
+        for tool in ("initdb", "pg_ctl", "postgres", "psql"):
+            if not os.access(self.bin / tool, os.X_OK):
+                pytest.fail(
+                    f"PostgreSQL's {tool} is not in {self.bin} (install Debian's postgresql: "
+                    "scripts/bootstrap, or set OSR_PG_BIN)",
+                    pytrace=False,
+                )
+        self.as_user = []
+        if os.geteuid() == 0:
+            require_tool("runuser")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.dir = Path(tempfile.mkdtemp(prefix="osr-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.port = 0
+        self.running = False
+        self._databases = 0
+        self._run([str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A", "trust",
+                   "-U", "postgres", "-E", "UTF8", "--no-sync", "--no-instructions"], "initdb")
+
+    def _run(self, argv, what, check=True, timeout=90):
+        r = subprocess.run(self.as_user + argv, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            pytest.fail(f"{what} exited {r.returncode}: {r.stdout}{r.stderr}\n{self.log_tail()}",
+                        pytrace=False)
+        return r
+
+    def log_tail(self, chars=2000):
+        log = self.dir / "server.log"
+        return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+    def start(self):
+        """Starts the server on a free port of 127.0.0.1 (the same port again after stop())."""
+        if self.running:
+            return self
+        for attempt in range(PG_START_ATTEMPTS):
+            port = self.port or free_port()
+            options = (f"-p {port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+            r = self._run([str(self.bin / "pg_ctl"), "start", "-w", "-t", "60", "-D",
+                           str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-o",
+                           options], "pg_ctl start", check=False)
+            if r.returncode == 0:
+                self.port = port
+                self.running = True
+                return self
+            if self.port or attempt + 1 == PG_START_ATTEMPTS:
+                pytest.fail(f"PostgreSQL did not start on 127.0.0.1:{port}: {r.stdout}{r.stderr}"
+                            f"\n{self.log_tail()}", pytrace=False)
+        return self
+
+    def stop(self, mode="fast"):
+        """Stops the server (fast: connections are cut); its data stays."""
+        if self.running:
+            self._run([str(self.bin / "pg_ctl"), "stop", "-w", "-t", "60", "-m", mode, "-D",
+                       str(self.dir / "data")], "pg_ctl stop")
+            self.running = False
+
+    def restart(self):
+        return self.start()
+
+    def url(self, db="postgres"):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+    def sql(self, db, text):
+        """Runs SQL in database db as the superuser; its output (psql -At)."""
+        r = self._run([str(self.bin / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h",
+                       str(self.dir), "-p", str(self.port), "-U", "postgres", "-d", db, "-c",
+                       text], f"psql ({text[:60]})")
+        return r.stdout
+
+    def create_database(self, prefix="osr_test"):
+        """A new empty database; its URL."""
+        self._databases += 1
+        name = f"{prefix}_{os.getpid()}_{self._databases}"
+        self.sql("postgres", f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def close(self):
+        try:
+            self.stop(mode="immediate")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # -- one osrd process ---------------------------------------------------------------------
