@@ -441,8 +441,13 @@ TEST(Review11b, AZeroRecordOverAWholeLargeDiskCostsBoundedMemory) {
   const uint64_t grew = most > before ? most - before : 0;
   std::printf("one 64-byte kZero record over 64 GiB: append %lld ms, RSS +%llu MiB\n",
               static_cast<long long>(ms), static_cast<unsigned long long>(grew >> 20));
+#if defined(__SANITIZE_ADDRESS__)
+  // ASan's allocator keeps what is freed in its quarantine (256 MiB by default): RSS says
+  // nothing about the batches' bound there. The release run checks it.
+#else
   EXPECT_LE(grew, uint64_t{32} << 20)
       << "one 64-byte record took " << (grew >> 20) << " MiB of memory to index (" << ms << " ms)";
+#endif
   // It reads as zeros (the index did its job).
   std::vector<uint8_t> buf(4096, 0xff);
   ASSERT_TRUE(s->ReadAt(0, 1, kDisk - 4096, buf).ok());
