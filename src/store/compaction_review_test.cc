@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "store/recovery_store.h"
+#include "store/test_churn.h"
 #include "store/test_records.h"
 #include "store/version_index.h"
 
@@ -25,39 +26,7 @@ namespace fs = std::filesystem;
 
 constexpr uint64_t kBlock = 4096;
 
-// A history of 4 KiB writes at 4 KiB-aligned offsets on one disk of `disk_bytes`, with
-// the model's state kept at the seqs asked for (and the last).
-struct Churn {
-  uint64_t disk_bytes;
-  std::vector<std::vector<uint8_t>> batches;
-  std::map<uint64_t, std::vector<uint8_t>> states;  // seq -> disk
-  uint64_t last = 0;
-
-  Churn(uint64_t disk, uint64_t records, const std::set<uint64_t>& snap, uint32_t seed = 5)
-      : disk_bytes(disk) {
-    std::mt19937 rng(seed);
-    std::vector<uint8_t> model(disk, 0), wire;
-    for (uint64_t seq = 1; seq <= records; ++seq) {
-      uint64_t off = (rng() % (disk / kBlock)) * kBlock;
-      std::vector<uint8_t> data(kBlock);
-      for (auto& b : data) b = static_cast<uint8_t>(rng());
-      auto r = testing::WriteRecord(seq, off, data);
-      wire.insert(wire.end(), r.begin(), r.end());
-      std::copy(data.begin(), data.end(), model.begin() + off);
-      if (snap.contains(seq) || seq == records) states[seq] = model;
-      if (seq % 64 == 0 || seq == records) batches.push_back(std::exchange(wire, {}));
-    }
-    last = records;
-  }
-  // "" when the store reads disk 0 at seq as the model says.
-  std::string Check(RecoveryStore& s, uint64_t seq) const {
-    std::vector<uint8_t> got(disk_bytes);
-    Status st = s.ReadAt(0, seq, 0, got);
-    if (!st.ok()) return "seq " + std::to_string(seq) + ": " + st.ToString();
-    if (got != states.at(seq)) return "seq " + std::to_string(seq) + ": WRONG BYTES";
-    return "";
-  }
-};
+using testing::Churn;
 
 std::string TempDir(const char* name) {
   return fs::temp_directory_path() /

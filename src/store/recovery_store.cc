@@ -623,10 +623,13 @@ Result<std::shared_ptr<const File>> RecoveryStore::Segment(uint64_t first_seq, b
   return segments_.emplace(key, std::move(shared)).first->second;
 }
 
+std::pair<uint64_t, uint64_t> RecoveryStore::VerifiedKey(const RecordRef& r) {
+  return {r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
+}
+
 Status RecoveryStore::ReadPayload(const RecordRef& r, uint64_t offset, std::span<uint8_t> out) {
   OSR_ASSIGN_OR_RETURN(std::shared_ptr<const File> seg, Segment(r.segment_first_seq, r.history));
-  const std::pair<uint64_t, uint64_t> key{
-      r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
+  const std::pair<uint64_t, uint64_t> key = VerifiedKey(r);
   bool checked;
   {
     std::lock_guard lock(verified_mu_);
@@ -681,8 +684,7 @@ Status RecoveryStore::VerifyRecord(const File& seg, const RecordRef& r, uint64_t
     crc = Crc32cExtend(crc, {header.data() + 4, RecordHeader::kSize - 4});
     if (crc != h->crc) wrong = "its CRC does not match its bytes";
   }
-  const std::pair<uint64_t, uint64_t> key{
-      r.history ? (r.segment_first_seq | kHistoryKeyBit) : r.segment_first_seq, r.payload_pos};
+  const std::pair<uint64_t, uint64_t> key = VerifiedKey(r);
   std::lock_guard lock(verified_mu_);
   if (!wrong.empty()) {
     // Counted (and logged) once per record; past kDamagedKeptMax, every failure counts.

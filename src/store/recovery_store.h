@@ -332,6 +332,8 @@ class RecoveryStore {
   // bytes [offset, offset + part->size()) of its payload there.
   Status VerifyRecord(const File& seg, const RecordRef& r, uint64_t offset,
                       std::span<uint8_t>* part);
+  // A record's key in verified_ and damaged_: (segments_ key, payload_pos).
+  static std::pair<uint64_t, uint64_t> VerifiedKey(const RecordRef& r);
   // Forgets which records were checked (their files went or may be written anew).
   void ForgetVerified();
   Status UsableLocked(uint64_t seq) const;  // holds mu_
