@@ -54,6 +54,8 @@ class Proxy {
   void DropNow() { drop_now_ = true; }
   // While set, connections are accepted and closed at once (the far site is down).
   void Refuse(bool on) { refuse_ = on; }
+  // While set, what the receiver sends (its acknowledgements) is read and dropped.
+  void DropReplies(bool on) { drop_replies_ = on; }
   int connections() const { return connections_; }
 
  private:
@@ -91,6 +93,7 @@ class Proxy {
       if (p[1].revents) {
         ssize_t n = ::recv(b, buf, sizeof buf, 0);
         if (n <= 0) break;
+        if (drop_replies_) continue;
         if (::send(a, buf, n, MSG_NOSIGNAL) != n) break;
       }
     }
@@ -107,6 +110,7 @@ class Proxy {
   std::atomic<int> connections_{0};
   std::atomic<bool> drop_now_{false};
   std::atomic<bool> refuse_{false};
+  std::atomic<bool> drop_replies_{false};
 };
 
 class ReplicationTest : public ::testing::Test {
@@ -257,6 +261,31 @@ TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
   auto first = group_->log().first_seq_held().value();
   EXPECT_GT(first, 1u) << "acknowledged segments were not trimmed (" << segs.size() << ")";
   EXPECT_EQ(sender_->stats().reconnects, 0u);
+}
+
+// The recovery site made records durable, but their acknowledgements were lost with the
+// connection (or the session ended before it acted on them). The next session learns from
+// HELLO_OK that the site holds them, and their segments go, with no further write: before,
+// they stayed until a later acknowledgement, and a resync's closing mark found the log full
+// and started the copy over for ever (CI, stop 17: OverflowTest).
+TEST_F(ReplicationTest, RecordsWhoseAcknowledgementsWereLostAreTrimmedByTheNextSession) {
+  Proxy proxy(recv_addr_);
+  StartSender(proxy.address());
+  proxy.DropReplies(true);
+  std::mt19937 rng(31);
+  Write(rng, 60);  // ~3 MB: three 1 MiB segments
+  const uint64_t last = group_->log().last_seq();
+  for (int i = 0; i < 500 && store_->durable_seq() < last; ++i) ::usleep(20000);
+  ASSERT_EQ(store_->durable_seq(), last);
+  EXPECT_LT(sender_->stats().acked_seq, last);
+  ASSERT_EQ(group_->log().first_seq_held().value(), 1u);  // nothing acknowledged: all held
+  proxy.DropReplies(false);
+  proxy.DropNow();
+  for (int i = 0; i < 250 && group_->log().first_seq_held().value() == 1u; ++i) ::usleep(20000);
+  EXPECT_GT(group_->log().first_seq_held().value(), 1u);
+  EXPECT_LT(group_->log().held_bytes(), 3u << 20) << "the acknowledged segments are still held";
+  EXPECT_EQ(sender_->stats().acked_seq, last);
+  ExpectReplicaEqualsSource();
 }
 
 TEST_F(ReplicationTest, ResumesAfterCutsAndRefusesAFlippedBit) {

@@ -433,6 +433,12 @@ Status Sender::Session() {
     }
   } join_acks{s, acks};
 
+  // The recovery site holds every record up to `durable`: the segments that hold only
+  // those go now. A session that ended before its acknowledgements were acted on (or whose
+  // last ones the connection lost) left them, and no later acknowledgement would trim them.
+  if (auto t = log_->TrimUpTo(durable); !t.ok()) {
+    spdlog::warn("replication sender '{}': trim: {}", opts_.group, t.status().ToString());
+  }
   capture::LogTailer tailer(log_, durable + 1);
   std::vector<uint8_t> frame;
   uint64_t trimmed_upto = durable;
@@ -575,6 +581,9 @@ Status Sender::Resync(Stream& s, const std::function<Status(uint64_t)>& ship_upt
     // store's state at `from` changes with the commit, and a point made at `from` must never show
     // other bytes: the copy ends at a new seq, a mark (a zero record of no length, changing
     // nothing).
+    // The mark needs room in the log: what the recovery site holds goes first.
+    OSR_RETURN_IF_ERROR(TrimAcknowledged(from));
+    if (stop_) return Status::Ok();
     static const uint8_t kNone = 0;
     auto mark = log_->Append(capture::RecordKind::kZero, 0, 0, std::span<const uint8_t>(&kNone, 0),
                              Crc32c(std::span<const uint8_t>(&kNone, 0)));
@@ -774,6 +783,19 @@ bool Sender::RecopyMarkedLocked(uint64_t cursor) {
         opts_.group, again_bytes, again.size());
   }
   return true;
+}
+
+Status Sender::TrimAcknowledged(uint64_t seq) {
+  {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return stop_ || session_broken_ || stats_.acked_seq >= seq; });
+    if (session_broken_) return Unavailable(stats_.last_error);
+    if (stop_) return Status::Ok();
+  }
+  auto t = log_->TrimUpTo(seq);
+  if (!t.ok())
+    spdlog::warn("replication sender '{}': trim: {}", opts_.group, t.status().ToString());
+  return Status::Ok();
 }
 
 std::string Sender::LogBarsResume(const ResyncPlan& plan, uint64_t durable) {

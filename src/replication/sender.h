@@ -198,8 +198,12 @@ class Sender {
   // Holds plan_mu_.
   bool RecopyMarkedLocked(uint64_t cursor);
   void DropPlanLocked(std::string_view why);  // forgets plan_ and its files; holds plan_mu_
-  void SavePlanLocked(bool with_regions);     // writes plan_ (failure: removes it); holds plan_mu_
-  void ClearPlan(uint64_t from);              // the copy after `from` committed; takes plan_mu_
+  // Waits (bounded by the session: a broken one or Stop returns) until the recovery site
+  // acknowledged every record up to `seq`, then removes the log segments it holds durably:
+  // what an append that needs room (the resync's closing mark) waits for. Connection thread.
+  Status TrimAcknowledged(uint64_t seq);
+  void SavePlanLocked(bool with_regions);  // writes plan_ (failure: removes it); holds plan_mu_
+  void ClearPlan(uint64_t from);           // the copy after `from` committed; takes plan_mu_
   // Records (durably) that the copy may send up to byte `after`, before it does.
   void RecordSentBound(uint64_t after);
   // Waits until the pacer lets `bytes` go. kUnavailable when the session broke or the
