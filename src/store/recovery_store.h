@@ -41,6 +41,7 @@
 
 #include "capture/capture_log.h"
 #include "common/file.h"
+#include "common/rw_lock.h"
 #include "store/version_index.h"
 
 namespace osr::store {
@@ -361,7 +362,9 @@ class RecoveryStore {
 
   // Readers hold fold_mu_ shared; a fold step holds it alone only to move base_seq_ (and
   // to let reads that began before it planned end); a resync commit while it copies.
-  mutable std::shared_mutex fold_mu_;
+  // Writer first, so that reads without pause cannot hold a fold or compaction off. Never
+  // nested: ReadAt alone takes it shared, and calls nothing that takes it again.
+  mutable WriterFirstSharedMutex fold_mu_;
   std::atomic<bool> maintenance_stopped_{false};  // StopMaintenance
   std::mutex fold_run_mu_;                        // one Fold at a time
 
