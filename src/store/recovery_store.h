@@ -273,6 +273,19 @@ class RecoveryStore {
   void SetFoldStepHookForTest(std::function<Status(uint64_t target)> hook) {
     fold_step_hook_ = std::move(hook);
   }
+  // Tests: called by Compact on its thread after each of these steps (a copy of the store
+  // made in the hook is what a kill at that instant leaves; with the power-loss recorder
+  // on, its image is what a power loss leaves).
+  enum class CompactionStep {
+    kMarked,     // the index holds the compaction under way; no file is written yet
+    kWritten,    // its files are written and synced, their entries in the index (synced)
+    kCommitted,  // store.json names the new history
+    kDropped,    // the index no longer holds the entries the new files replace
+    kIndexed,    // the index describes the new history; old files not yet removed
+  };
+  void SetCompactionStepHookForTest(std::function<void(CompactionStep)> hook) {
+    compaction_step_hook_ = std::move(hook);
+  }
 
  private:
   RecoveryStore() = default;
@@ -311,6 +324,11 @@ class RecoveryStore {
                       std::vector<HistoryFile>* files);
   // Indexes the history files named by store.json (at open, when the index does not match).
   Status IndexHistory();
+  // At open, a compaction the index says was under way: undone (store.json names the
+  // history it started from) or finished (store.json names the one it made), touching
+  // only the index entries of its range. false when `p` fits neither: the caller indexes
+  // the history again. The index's error.
+  Result<bool> EndInterruptedCompaction(const VersionIndex::PendingCompaction& p);
   // Removes journal segments wholly at or below compacted_through_ and history files
   // store.json does not name (after a compaction, or at open after one cut short).
   void RemoveCompactedFiles();
@@ -354,6 +372,8 @@ class RecoveryStore {
   StoreOptions options_;
   std::function<Status(uint64_t)> fold_step_hook_;  // set before use, by tests only
   std::string source_;                              // persisted in store.json; set at creation only
+  // Set before use, by tests only.
+  std::function<void(CompactionStep)> compaction_step_hook_;
   std::vector<StoreDisk> disks_;
   std::vector<File> base_;  // one per disk; positional I/O only
   std::unique_ptr<capture::CaptureLog> journal_;
