@@ -29,10 +29,6 @@ constexpr size_t kWriteBufferBytes = 4 << 20;
 constexpr size_t kWindowParts = 1 << 18;   // parts sorted by their source at a time
 constexpr size_t kChunkListMax = 1 << 20;  // chunk numbers gathered before a sort+unique
 
-// The index's history_id while a compaction rewrites it: no store.json ever names it (0
-// is "no history", which store.json does name).
-constexpr uint64_t kHistoryInFlux = UINT64_MAX;  // never drawn by NewStoreId
-
 // The index's sub of the n-th record (from 1) of history file `id`: unique per extent
 // (file ids are never reused within 2^48).
 constexpr const char* kStopped = "stopped: the store is closing, or a fold waits for it";
@@ -270,14 +266,31 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
   {
     std::unique_lock drain(fold_mu_);  // reads that began before end first
   }
-  // The index stops matching any history store.json names (none, too): a crash from here
-  // makes it again at open (IndexHistory).
-  OSR_RETURN_IF_ERROR(index_->SetHistoryId(kHistoryInFlux));
+  auto step = [&](CompactionStep s) {
+    if (compaction_step_hook_) compaction_step_hook_(s);
+  };
+  // The index names the compaction under way before anything is written: a crash from
+  // here is undone or finished at open in (lo, e] alone (EndInterruptedCompaction). Its
+  // files take ids from first_file on; the commit's history id is chosen now.
+  VersionIndex::PendingCompaction pending{
+      .old_history_id = old_history_id, .new_history_id = NewStoreId(), .lo = lo, .e = e};
+  {
+    std::lock_guard lock(mu_);
+    pending.first_file = next_history_file_;
+  }
   std::vector<HistoryFile> files;
-  Status st = WriteHistory(lo, bounds, &files);
+  Status st = index_->SetPendingCompaction(pending);
+  if (st.ok()) step(CompactionStep::kMarked);
+  if (st.ok()) st = WriteHistory(lo, bounds, &files);
   if (st.ok()) st = SyncDir(dir_ + "/history");
   // The last moment to stop: after it the commit is a few small writes.
   if (st.ok() && CompactionMustStop()) st = Status(Code::kCancelled, kStopped);
+  if (st.ok()) {
+    // Synced with every entry of the new files: a commit found at open can be finished.
+    pending.written = true;
+    st = index_->SetPendingCompaction(pending);
+  }
+  if (st.ok()) step(CompactionStep::kWritten);
   if (!st.ok()) {
     // Nothing of it stays: the new entries and files go; the old history is whole, and
     // so are the seqs it could read.
@@ -295,7 +308,8 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
       std::error_code ec;
       RemovePath(HistoryPath(dir_, f.id), ec);
     }
-    if (undo.ok()) undo = index_->SetHistoryId(old_history_id);
+    // (Left in the index when the undo fails: the next open undoes it.)
+    if (undo.ok()) undo = index_->EndPendingCompaction(old_history_id);
     if (!undo.ok()) spdlog::error("recovery store {}: {}", dir_, undo.ToString());
     // Damage found in a source, or a stop, is no failure to write (health shows those).
     if (st.code() == Code::kCorruption || st.code() == Code::kCancelled) {
@@ -304,7 +318,7 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
     return NoteWriteFailure("compaction", st, 0);
   }
   // The commit: store.json names the new files (and no old file of a changed interval).
-  const uint64_t new_id = NewStoreId();
+  const uint64_t new_id = pending.new_history_id;
   {
     std::lock_guard lock(mu_);
     for (auto it = history_.begin(); it != history_.end();) {
@@ -314,13 +328,16 @@ Result<RecoveryStore::CompactResult> RecoveryStore::Compact(std::vector<uint64_t
     history_id_ = new_id;
   }
   OSR_RETURN_IF_ERROR(WriteMeta());
+  step(CompactionStep::kCommitted);
   // The entries the new files replace go: journal records and old history of (lo, e].
   std::set<uint64_t> fresh;
   for (auto& f : files) fresh.insert(f.id);
   OSR_RETURN_IF_ERROR(index_->DropIf(lo, e, [&](const RecordRef& r) {
     return !(r.history && fresh.contains(r.segment_first_seq));
   }));
-  OSR_RETURN_IF_ERROR(index_->SetHistoryId(new_id));
+  step(CompactionStep::kDropped);
+  OSR_RETURN_IF_ERROR(index_->EndPendingCompaction(new_id));
+  step(CompactionStep::kIndexed);
   {
     std::unique_lock drain(fold_mu_);  // no read still holds an entry of a file that goes
   }
@@ -446,6 +463,40 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
   std::lock_guard lock(mu_);
   next_history_file_ = next_id;
   return st;
+}
+
+Result<bool> RecoveryStore::EndInterruptedCompaction(const VersionIndex::PendingCompaction& p) {
+  if (index_->history_id() != p.old_history_id) return false;
+  // The compaction's own entries: extents of its files (ids from first_file on), all in
+  // (lo, e]; every older file has a smaller id.
+  auto fresh = [&](const RecordRef& r) { return r.history && r.segment_first_seq >= p.first_file; };
+  uint64_t history_id;
+  {
+    std::lock_guard lock(mu_);
+    history_id = history_id_;
+  }
+  if (history_id == p.old_history_id) {
+    // Not committed: what it added goes (its files, which store.json does not name, go
+    // with RemoveCompactedFiles).
+    spdlog::warn(
+        "recovery store {}: a compaction of seqs {}..{} was cut short before its commit; "
+        "undoing it",
+        dir_, p.lo + 1, p.e);
+    OSR_RETURN_IF_ERROR(index_->DropIf(p.lo, p.e, fresh));
+    OSR_RETURN_IF_ERROR(index_->EndPendingCompaction(p.old_history_id));
+    return true;
+  }
+  if (history_id == p.new_history_id && p.written) {
+    // Committed: the entries its files replace go, as Compact would have done.
+    spdlog::warn(
+        "recovery store {}: a compaction of seqs {}..{} was cut short after its commit; "
+        "finishing it",
+        dir_, p.lo + 1, p.e);
+    OSR_RETURN_IF_ERROR(index_->DropIf(p.lo, p.e, [&](const RecordRef& r) { return !fresh(r); }));
+    OSR_RETURN_IF_ERROR(index_->EndPendingCompaction(p.new_history_id));
+    return true;
+  }
+  return false;
 }
 
 Status RecoveryStore::IndexHistory() {

@@ -326,9 +326,14 @@ Status RecoveryStore::OpenParts() {
     }
     OSR_RETURN_IF_ERROR(index_->Clear(base_seq_, journal_id_));
   }
-  if (index_->history_id() != history_id_) {
-    // A compaction cut short, or an index of another history: the history files store.json
-    // names, then every journal record after them.
+  bool history_matches = index_->history_id() == history_id_;
+  if (auto pending = index_->pending_compaction()) {
+    // A compaction cut short: undone or finished in its own range.
+    OSR_ASSIGN_OR_RETURN(history_matches, EndInterruptedCompaction(*pending));
+  }
+  if (!history_matches) {
+    // An index of another history (or of a compaction cut short that does not fit it): the
+    // history files store.json names, then every journal record after them.
     if (history_id_ != 0 || index_->history_id() != 0) {
       spdlog::warn(
           "recovery store {}: its index does not match its compacted history; "

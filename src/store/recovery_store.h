@@ -41,6 +41,7 @@
 
 #include "capture/capture_log.h"
 #include "common/file.h"
+#include "common/rw_lock.h"
 #include "store/version_index.h"
 
 namespace osr::store {
@@ -276,6 +277,19 @@ class RecoveryStore {
   void SetFoldStepHookForTest(std::function<Status(uint64_t target)> hook) {
     fold_step_hook_ = std::move(hook);
   }
+  // Tests: called by Compact on its thread after each of these steps (a copy of the store
+  // made in the hook is what a kill at that instant leaves; with the power-loss recorder
+  // on, its image is what a power loss leaves).
+  enum class CompactionStep {
+    kMarked,     // the index holds the compaction under way; no file is written yet
+    kWritten,    // its files are written and synced, their entries in the index (synced)
+    kCommitted,  // store.json names the new history
+    kDropped,    // the index no longer holds the entries the new files replace
+    kIndexed,    // the index describes the new history; old files not yet removed
+  };
+  void SetCompactionStepHookForTest(std::function<void(CompactionStep)> hook) {
+    compaction_step_hook_ = std::move(hook);
+  }
 
  private:
   RecoveryStore() = default;
@@ -314,6 +328,11 @@ class RecoveryStore {
                       std::vector<HistoryFile>* files);
   // Indexes the history files named by store.json (at open, when the index does not match).
   Status IndexHistory();
+  // At open, a compaction the index says was under way: undone (store.json names the
+  // history it started from) or finished (store.json names the one it made), touching
+  // only the index entries of its range. false when `p` fits neither: the caller indexes
+  // the history again. The index's error.
+  Result<bool> EndInterruptedCompaction(const VersionIndex::PendingCompaction& p);
   // Removes journal segments wholly at or below compacted_through_ and history files
   // store.json does not name (after a compaction, or at open after one cut short).
   void RemoveCompactedFiles();
@@ -359,6 +378,8 @@ class RecoveryStore {
   StoreOptions options_;
   std::function<Status(uint64_t)> fold_step_hook_;  // set before use, by tests only
   std::string source_;                              // persisted in store.json; set at creation only
+  // Set before use, by tests only.
+  std::function<void(CompactionStep)> compaction_step_hook_;
   std::vector<StoreDisk> disks_;
   std::vector<File> base_;  // one per disk; positional I/O only
   std::unique_ptr<capture::CaptureLog> journal_;
@@ -367,7 +388,9 @@ class RecoveryStore {
 
   // Readers hold fold_mu_ shared; a fold step holds it alone only to move base_seq_ (and
   // to let reads that began before it planned end); a resync commit while it copies.
-  mutable std::shared_mutex fold_mu_;
+  // Writer first, so that reads without pause cannot hold a fold or compaction off. Never
+  // nested: ReadAt alone takes it shared, and calls nothing that takes it again.
+  mutable WriterFirstSharedMutex fold_mu_;
   std::atomic<bool> maintenance_stopped_{false};  // StopMaintenance
   std::atomic<int> fold_waiters_{0};              // Folds waiting for fold_run_mu_
   // A compaction stops (kCancelled, nothing of it stays) when the store closes or a fold

@@ -25,6 +25,8 @@ constexpr char kSeqTag = 'S';
 const std::string kThroughKey = "M:indexed_through";
 const std::string kJournalKey = "M:journal_id";
 const std::string kHistoryKey = "M:history_id";
+const std::string kCompactionKey = "M:compaction";
+constexpr size_t kCompactionBytes = 6 * 8;  // PendingCompaction, 6 u64 LE
 
 constexpr size_t kChunkKeyBytes = 1 + 4 + 8 + 8 + 8;
 constexpr size_t kSeqKeyBytes = 1 + 8 + 8;
@@ -72,6 +74,18 @@ std::string U64Value(uint64_t v) {
   std::string out(8, '\0');
   Le64(reinterpret_cast<uint8_t*>(out.data()), v);
   return out;
+}
+
+std::string EncodeCompaction(const VersionIndex::PendingCompaction& p) {
+  std::string v(kCompactionBytes, '\0');
+  auto* b = reinterpret_cast<uint8_t*>(v.data());
+  Le64(b, p.old_history_id);
+  Le64(b + 8, p.new_history_id);
+  Le64(b + 16, p.lo);
+  Le64(b + 24, p.e);
+  Le64(b + 32, p.first_file);
+  Le64(b + 40, p.written ? 1 : 0);
+  return v;
 }
 
 std::string EncodeValue(const RecordRef& r) {
@@ -222,12 +236,28 @@ Result<std::unique_ptr<VersionIndex>> VersionIndex::Open(const std::string& dir)
       return FromRocks(s, "read " + *keys[i]);
     }
   }
+  std::optional<PendingCompaction> pending;
+  {
+    std::string v;
+    rocksdb::Status s = db->Get(rocksdb::ReadOptions(), kCompactionKey, &v);
+    if (s.ok()) {
+      const auto* b = reinterpret_cast<const uint8_t*>(v.data());
+      if (v.size() != kCompactionBytes || Ld64(b + 40) > 1) {
+        return Corruption(dir + ": " + kCompactionKey + " is not a compaction under way");
+      }
+      pending = PendingCompaction{Ld64(b),      Ld64(b + 8),  Ld64(b + 16),
+                                  Ld64(b + 24), Ld64(b + 32), Ld64(b + 40) == 1};
+    } else if (!s.IsNotFound()) {
+      return FromRocks(s, "read " + kCompactionKey);
+    }
+  }
   {
     auto& o = Opened();
     std::lock_guard lock(o.mu);
     o.by_dir[NormalDir(dir)] = db.get();
   }
-  return std::unique_ptr<VersionIndex>(new VersionIndex(std::move(db), meta[0], meta[1], meta[2]));
+  return std::unique_ptr<VersionIndex>(
+      new VersionIndex(std::move(db), meta[0], meta[1], meta[2], pending));
 }
 
 Status VersionIndex::CheckpointOpen(const std::string& dir, const std::string& to) {
@@ -244,11 +274,13 @@ Status VersionIndex::CheckpointOpen(const std::string& dir, const std::string& t
 }
 
 VersionIndex::VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through,
-                           uint64_t journal_id, uint64_t history_id)
+                           uint64_t journal_id, uint64_t history_id,
+                           std::optional<PendingCompaction> pending)
     : db_(std::move(db)),
       indexed_through_(indexed_through),
       journal_id_(journal_id),
-      history_id_(history_id) {}
+      history_id_(history_id),
+      pending_(pending) {}
 
 uint64_t VersionIndex::history_id() const {
   return history_id_.load(std::memory_order_acquire);
@@ -259,6 +291,34 @@ Status VersionIndex::SetHistoryId(uint64_t id) {
   w.sync = true;
   OSR_RETURN_IF_ERROR(FromRocks(db_->Put(w, kHistoryKey, U64Value(id)), "set history_id"));
   history_id_.store(id, std::memory_order_release);
+  return Status::Ok();
+}
+
+std::optional<VersionIndex::PendingCompaction> VersionIndex::pending_compaction() const {
+  std::lock_guard lock(pending_mu_);
+  return pending_;
+}
+
+Status VersionIndex::SetPendingCompaction(const PendingCompaction& p) {
+  rocksdb::WriteOptions w;
+  w.sync = true;
+  OSR_RETURN_IF_ERROR(
+      FromRocks(db_->Put(w, kCompactionKey, EncodeCompaction(p)), "set the compaction under way"));
+  std::lock_guard lock(pending_mu_);
+  pending_ = p;
+  return Status::Ok();
+}
+
+Status VersionIndex::EndPendingCompaction(uint64_t history_id) {
+  rocksdb::WriteBatch batch;
+  OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(kCompactionKey), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kHistoryKey, U64Value(history_id)), "batch"));
+  rocksdb::WriteOptions w;
+  w.sync = true;
+  OSR_RETURN_IF_ERROR(FromRocks(db_->Write(w, &batch), "end the compaction under way"));
+  history_id_.store(history_id, std::memory_order_release);
+  std::lock_guard lock(pending_mu_);
+  pending_.reset();
   return Status::Ok();
 }
 
@@ -429,10 +489,15 @@ Status VersionIndex::Clear(uint64_t through, uint64_t journal_id) {
   OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kThroughKey, U64Value(through)), "batch"));
   OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kJournalKey, U64Value(journal_id)), "batch"));
   OSR_RETURN_IF_ERROR(FromRocks(batch.Put(kHistoryKey, U64Value(0)), "batch"));
+  OSR_RETURN_IF_ERROR(FromRocks(batch.Delete(kCompactionKey), "batch"));
   OSR_RETURN_IF_ERROR(FromRocks(db_->Write(WriteOpts(), &batch), "clear"));
   indexed_through_.store(through, std::memory_order_release);
   journal_id_.store(journal_id, std::memory_order_release);
   history_id_.store(0, std::memory_order_release);
+  {
+    std::lock_guard lock(pending_mu_);
+    pending_.reset();
+  }
   return Status::Ok();
 }
 

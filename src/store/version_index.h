@@ -15,7 +15,9 @@
 //   'M' "journal_id"                -> u64: the journal this index describes (store.json's
 //                                     journal_id; a journal started over gets a new one)
 //   'M' "history_id"                -> u64: the compacted history it describes (store.json's
-//                                     history_id; 0 while a compaction rewrites it)
+//                                     history_id; 0: none)
+//   'M' "compaction"                -> PendingCompaction: a compaction under way, which
+//                                     open undoes or finishes in its own range
 //
 // Reading [offset, offset+length) as of seq S walks each chunk's records newest first
 // (from S down) and takes from each only the bytes no newer record covered, until every
@@ -37,6 +39,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -117,15 +121,35 @@ class VersionIndex {
   // Forgets every record with from < seq <= upto for which drop(record) says so, in
   // batches (one pass).
   Status DropIf(uint64_t from, uint64_t upto, const std::function<bool(const RecordRef&)>& drop);
-  // The compacted history this index describes (0: none, or being rewritten); Set is
-  // synced (survives a power loss).
+  // The compacted history this index describes (0: none); Set is synced (survives a
+  // power loss).
   uint64_t history_id() const;
   Status SetHistoryId(uint64_t id);
+
+  // A compaction under way (RecoveryStore::Compact): set before it writes anything and
+  // cleared when its index work is done, so that a store opened after it was cut short
+  // undoes or finishes it in its own range of seqs instead of indexing all history again
+  // (docs/formats.md, "Compacted history").
+  struct PendingCompaction {
+    uint64_t old_history_id = 0;  // store.json's history_id before it (0: none)
+    uint64_t new_history_id = 0;  // the one its commit writes to store.json
+    uint64_t lo = 0;              // it rewrites the entries of seqs (lo, e]
+    uint64_t e = 0;
+    uint64_t first_file = 0;  // its history files have ids >= first_file; older ones less
+    bool written = false;     // every entry of its files is in the index (synced with it)
+  };
+  // The compaction under way, none when nullopt.
+  std::optional<PendingCompaction> pending_compaction() const;
+  // Records `p` (synced, together with every batch before it). The write's error.
+  Status SetPendingCompaction(const PendingCompaction& p);
+  // Forgets the compaction under way and sets history_id (one synced batch). The write's
+  // error.
+  Status EndPendingCompaction(uint64_t history_id);
   // Forgets every record with seq > seq (an append undone, a journal cut); indexed_through
   // becomes min(indexed_through, seq).
   Status DropAfter(uint64_t seq);
-  // Forgets everything: the index now describes journal `journal_id`, whose records come
-  // after `through` (indexed_through = through).
+  // Forgets everything (a compaction under way too): the index now describes journal
+  // `journal_id`, whose records come after `through` (indexed_through = through).
   Status Clear(uint64_t through, uint64_t journal_id);
 
   // Copies the index open in `dir` (by this process) to `to`, which must not exist, as it
@@ -137,7 +161,7 @@ class VersionIndex {
 
  private:
   VersionIndex(std::unique_ptr<rocksdb::DB> db, uint64_t indexed_through, uint64_t journal_id,
-               uint64_t history_id);
+               uint64_t history_id, std::optional<PendingCompaction> pending);
   Status DeleteRecords(const std::vector<RecordRef>& records, uint64_t new_through,
                        bool set_through);
 
@@ -145,6 +169,8 @@ class VersionIndex {
   std::atomic<uint64_t> indexed_through_{0};
   std::atomic<uint64_t> journal_id_{0};
   std::atomic<uint64_t> history_id_{0};
+  mutable std::mutex pending_mu_;
+  std::optional<PendingCompaction> pending_;  // guarded by pending_mu_
 };
 
 }  // namespace osr::store

@@ -147,6 +147,49 @@ TEST_F(VersionIndexTest, EachByteGetsItsNewestVersionLikeTheModel) {
 }
 
 // The process's index memory is the cache it was given, whatever the index holds.
+// The compaction under way survives a reopen as written, ends with the history id it
+// sets (one batch), and goes with a Clear.
+TEST_F(VersionIndexTest, TheCompactionUnderWayIsKeptUntilItEnds) {
+  const VersionIndex::PendingCompaction p{.old_history_id = 7,
+                                          .new_history_id = 0xfedcba9876543210,
+                                          .lo = 100,
+                                          .e = 2000,
+                                          .first_file = 42,
+                                          .written = true};
+  {
+    auto ix = VersionIndex::Open(dir_).value();
+    EXPECT_FALSE(ix->pending_compaction().has_value());
+    ASSERT_TRUE(ix->SetHistoryId(7).ok());
+    ASSERT_TRUE(ix->SetPendingCompaction(p).ok());
+  }
+  {
+    auto ix = VersionIndex::Open(dir_).value();
+    auto got = ix->pending_compaction();
+    ASSERT_TRUE(got.has_value());
+    EXPECT_EQ(got->old_history_id, 7u);
+    EXPECT_EQ(got->new_history_id, 0xfedcba9876543210u);
+    EXPECT_EQ(got->lo, 100u);
+    EXPECT_EQ(got->e, 2000u);
+    EXPECT_EQ(got->first_file, 42u);
+    EXPECT_TRUE(got->written);
+    EXPECT_EQ(ix->history_id(), 7u);
+    ASSERT_TRUE(ix->EndPendingCompaction(p.new_history_id).ok());
+    EXPECT_FALSE(ix->pending_compaction().has_value());
+    EXPECT_EQ(ix->history_id(), p.new_history_id);
+    ASSERT_TRUE(ix->SetPendingCompaction(p).ok());
+  }
+  {
+    auto ix = VersionIndex::Open(dir_).value();
+    EXPECT_TRUE(ix->pending_compaction().has_value());
+    EXPECT_EQ(ix->history_id(), p.new_history_id);
+    ASSERT_TRUE(ix->Clear(0, 5).ok());
+    EXPECT_FALSE(ix->pending_compaction().has_value());
+  }
+  auto ix = VersionIndex::Open(dir_).value();
+  EXPECT_FALSE(ix->pending_compaction().has_value());
+  EXPECT_EQ(ix->history_id(), 0u);
+}
+
 TEST_F(VersionIndexTest, MemoryIsTheConfiguredCache) {
   VersionIndex::SetCacheBytes(16 << 20);
   auto ix = VersionIndex::Open(dir_).value();
