@@ -385,10 +385,11 @@ std::optional<Receiver::End> Receiver::AppendRecords(Stream& s, FrameReader& rea
   if (!durable.ok()) return End{StoreCode(durable.status()), WithSpace(store, durable.status())};
   ++appends_;
   ++tally->appends;
+  // Counted before it goes: whoever reads the ACK then sees it in the stats.
+  ++acks_;
   if (Status st = WriteFrame(s, FrameType::kAck, EncodeU64(*durable)); !st.ok()) {
     return End{ErrorCode::kInternal, st};
   }
-  ++acks_;
   if (read_error) return End{ErrorCodeFor(*read_error), *read_error};
   return std::nullopt;
 }

@@ -73,7 +73,7 @@ class Receiver {
   struct Stats {
     uint64_t records_frames = 0;  // RECORDS frames taken
     uint64_t appends = 0;         // store appends that succeeded (one journal sync each)
-    uint64_t acks = 0;            // ACK frames sent
+    uint64_t acks = 0;            // ACK frames sent (counted as each goes)
   };
   Stats stats() const;
 
