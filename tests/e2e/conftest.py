@@ -90,7 +90,7 @@ class Quickstart(OsrdProcess):
         want = f"  vault: {self.vault_url}/api/v1"
         if want not in self.stdout_lines:
             return f"quickstart did not announce {want.strip()!r}: {self.stdout_lines}"
-        return None
+        return self.catalog.check_in_use(self.data_dir / "vault.db")
 
 
 # -- the CLI ----------------------------------------------------------------------------

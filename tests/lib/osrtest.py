@@ -353,6 +353,20 @@ class Catalog:
             f"psql printed {out!r} for {sql}"
         return int(out[-1])
 
+    def check_in_use(self, stray_sqlite_path):
+        """None if the vault made its schema in this catalog (and, on PostgreSQL, no SQLite
+        file at stray_sqlite_path: a vault that ignored --db); else what is wrong. Called
+        once a vault is ready, so that a PostgreSQL pass never runs on SQLite unseen."""
+        if self.pg is None:
+            if not self.sqlite_path.exists():
+                return f"the vault made no catalog at {self.sqlite_path}"
+        elif stray_sqlite_path is not None and Path(stray_sqlite_path).exists():
+            return f"the vault made {stray_sqlite_path} although its catalog is {self.url}"
+        rows = self.query("SELECT value FROM meta WHERE key = ?", "schema_version")
+        if len(rows) != 1:
+            return f"{self}: no schema_version in table meta: {rows}"
+        return None
+
     def dump(self):
         """Every row of every table as text (sqlite3's iterdump, or pg_dump --data-only):
         to check that a secret is stored nowhere."""

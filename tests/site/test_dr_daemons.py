@@ -50,12 +50,15 @@ class VaultProcess(OsrdProcess):
         certs = make_certs(self.state_dir / "tls", "vault")
         cert, key = certs["vault"]
         args = ["vault", "--db", self.catalog.db_arg, "--listen", f"127.0.0.1:{self.port}",
-                "--site-ca", certs["ca"], "--site-cert", cert, "--site-key", key]
+               "--site-ca", certs["ca"], "--site-cert", cert, "--site-key", key]
         if self.catalog.backend != "sqlite":
             args += ["--admin-token-file", self.token_file]
         else:  # the default: admin.token beside the catalog
             assert self.catalog.sqlite_path.parent == self.state_dir, self.catalog
         return args
+
+    def check_ready(self):
+        return self.catalog.check_in_use(self.state_dir / "vault.db")
 
 
 class Osr:
