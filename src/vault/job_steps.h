@@ -32,6 +32,8 @@ class JobCancel {
     kNone,
     kCancelled,      // an operator asked (osr job cancel, osr unprotect)
     kVaultStopping,  // the vault stops: the job fails, saying so (as before cancelling existed)
+    kLeaseLost,      // this vault no longer leads: it stops without writing (vault/lease.h);
+                     // the vault that leads now resumes the job
   };
   // Sets the reason (the first one wins) and wakes every wait.
   void Cancel(Reason why) {
@@ -48,6 +50,12 @@ class JobCancel {
   // Ok while nobody asked the job to stop; else kCancelled or kUnavailable (the vault
   // stops), saying so.
   Status Check() const { return StatusOf(reason()); }
+  // Whether the vault stops the job (it stops, or lost the lease), not an operator: the
+  // job leaves everything as it is, to be resumed.
+  bool ByVault() const {
+    Reason why = reason();
+    return why == Reason::kVaultStopping || why == Reason::kLeaseLost;
+  }
   // Waits `d`, or less when the job is asked to stop; then Check().
   Status Sleep(std::chrono::milliseconds d) {
     std::unique_lock lock(mu_);
@@ -64,6 +72,8 @@ class JobCancel {
         return Status(Code::kCancelled, "cancelled");
       case Reason::kVaultStopping:
         return Unavailable("the vault stopped");
+      case Reason::kLeaseLost:
+        return Unavailable("this vault no longer leads: the vault that leads resumes the job");
     }
     return Status::Ok();
   }
