@@ -193,6 +193,10 @@ FenceScope::~FenceScope() {
   t_fence = outer_;
 }
 
+LeaseFence* FenceScope::Current() {
+  return t_fence;
+}
+
 Status Catalog::Fenced(const LeaseFence& fence) {
   fenced_writes_.fetch_add(1);
   return Status(Code::kFailedPrecondition,

@@ -187,6 +187,8 @@ class FenceScope {
  public:
   explicit FenceScope(LeaseFence* fence);
   ~FenceScope();
+  // The calling thread's fence (nullptr: its writes are not fenced).
+  static LeaseFence* Current();
   FenceScope(const FenceScope&) = delete;
   FenceScope& operator=(const FenceScope&) = delete;
 

@@ -10,6 +10,7 @@
 
 #include "vault/catalog.h"
 #include "vault/catalog_backends_test.h"
+#include "vault/job_steps.h"
 
 namespace osr::vault {
 namespace {
@@ -190,6 +191,18 @@ TEST_P(LeaseTest, KeepersHandOverWhenTheLeaderStops) {
   EXPECT_TRUE((*b)->leading());
   EXPECT_EQ(gained_b.load(), 1);
   (*b)->Stop();
+}
+
+TEST(LeaseFenceTest, AJobOfALostTermStopsWithoutBeingCancelled) {
+  LeaseFence fence("a", 1, 6000);
+  FenceScope scope(&fence);
+  JobCancel cancel;  // made on a fenced thread: a job worker's
+  EXPECT_TRUE(cancel.Check().ok());
+  EXPECT_FALSE(cancel.ByVault());
+  fence.Lose();
+  EXPECT_EQ(cancel.reason(), JobCancel::Reason::kLeaseLost);
+  EXPECT_TRUE(cancel.ByVault());  // nothing is undone
+  EXPECT_EQ(cancel.Sleep(std::chrono::milliseconds(1)).code(), Code::kUnavailable);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, LeaseTest,

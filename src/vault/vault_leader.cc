@@ -236,6 +236,8 @@ Result<json> Vault::ShowVault() {
                     {"api", i.api},
                     {"started", TimeOfMs(i.started_ms)},
                     {"renewed", TimeOfMs(i.renewed_ms)},
+                    // Renewed within two TTLs (of this instance's setting): it runs.
+                    {"alive", i.renewed_ms >= lease.now_ms - 2 * int64_t{lease_->ttl_ms()}},
                     {"leader", held && i.id == lease.holder}});
   }
   json leader = nullptr;
