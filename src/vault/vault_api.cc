@@ -229,6 +229,7 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"POST", R"(/api/v1/items/([^/]+)/change-point)", O, &VaultApi::ChangePoint},
       {"POST", R"(/api/v1/items/([^/]+)/commit)", O, &VaultApi::Commit},
       {"POST", R"(/api/v1/items/([^/]+)/reprotect)", O, &VaultApi::Reprotect},
+      {"GET", "/api/v1/vault", R, &VaultApi::ShowVault},
       {"GET", "/api/v1/clock", R, &VaultApi::ShowClock},
       {"POST", "/api/v1/clock/confirm", O, &VaultApi::ConfirmClock},
       {"GET", "/api/v1/jobs", R, &VaultApi::ListJobs},
@@ -855,6 +856,11 @@ Result<VaultApi::Reply> VaultApi::Reprotect(Call& c) {
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->Reprotect(c.Match(1), compare));
   return Reply{202, out};
+}
+
+Result<VaultApi::Reply> VaultApi::ShowVault(Call&) {
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ShowVault());
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::ShowClock(Call&) {

@@ -142,6 +142,7 @@ class VaultApi {
   Result<Reply> ChangePoint(Call& c);
   Result<Reply> Commit(Call& c);
   Result<Reply> Reprotect(Call& c);
+  Result<Reply> ShowVault(Call& c);
   Result<Reply> ShowClock(Call& c);
   Result<Reply> ConfirmClock(Call& c);
   Result<Reply> ListJobs(Call& c);
