@@ -90,6 +90,9 @@ class LeaderVault(OsrdProcess):
     def role(self):
         return self.ok("GET", "/vault")["this"]["role"]
 
+    def role_id(self):
+        return self.ok("GET", "/vault")["this"]["id"]
+
 
 @pytest.fixture
 def cluster(tmp_path):
@@ -242,6 +245,15 @@ def test_jobs_finish_when_the_leader_is_killed(cluster, request):
                               "the old primary after the resumed reprotect")
     b.osr("test-failover-cleanup", "vm1", "--wait")
     assert b.ok("GET", "/vault")["leader"]["token"] == 4
+    # The CLI shows the same: `osr vault` as JSON, and as the table an operator reads.
+    shown = b.osr("vault")
+    assert shown["leader"]["token"] == 4 and shown["leader"]["id"] == b.role_id(), shown
+    table = subprocess.run([str(osrtest.require_osr()), "--vault", b.url, "vault"],
+                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL, env=osrtest.token_env(b.token_file))
+    assert table.returncode == 0, table.stderr
+    assert "LEADS" in table.stdout and f'"token":4' in table.stdout, table.stdout
+    assert b.role_id() in table.stdout, table.stdout
 
 
 def job_row(pg, db, job):
