@@ -608,6 +608,24 @@ Result<std::vector<std::pair<int64_t, double>>> Catalog::ListRpoSamples(const st
   return out;
 }
 
+Result<std::vector<RpoSampleRow>> Catalog::ListLatestRpoSamples() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r, Query("SELECT s.vm, s.time_ns, s.rpo_s FROM rpo_samples s JOIN (SELECT vm, "
+                         "MAX(time_ns) AS newest FROM rpo_samples GROUP BY vm) n ON s.vm = n.vm "
+                         "AND s.time_ns = n.newest ORDER BY s.vm"));
+  std::vector<RpoSampleRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "rpo_samples row");
+    RpoSampleRow row{s.Text(0), s.Int(1), s.Double(2)};
+    OSR_RETURN_IF_ERROR(s.status());
+    // Two samples of one VM at the same nanosecond: one is enough.
+    if (!out.empty() && out.back().vm == row.vm) continue;
+    out.push_back(std::move(row));
+  }
+  return out;
+}
+
 // ---- Points -----------------------------------------------------------------------------
 
 Result<int64_t> Catalog::InsertPointLocked(const PointRow& p) {

@@ -196,6 +196,13 @@ class FenceScope {
   LeaseFence* outer_;
 };
 
+// An item's RPO as the point loop sampled it (rpo_samples).
+struct RpoSampleRow {
+  std::string vm;
+  int64_t time_ns = 0;  // when it was sampled (the vault's wall clock)
+  double rpo_s = 0;
+};
+
 class Catalog {
  public:
   // `db`: a SQLite file path, or a postgresql:// (postgres://) URL. Creates the schema
@@ -290,6 +297,8 @@ class Catalog {
   // The item's RPO samples since since_ns, oldest first: (time_ns, rpo_s).
   Result<std::vector<std::pair<int64_t, double>>> ListRpoSamples(const std::string& vm,
                                                                  int64_t since_ns);
+  // The newest RPO sample of every VM that has one, by VM (one query: /metrics).
+  Result<std::vector<RpoSampleRow>> ListLatestRpoSamples();
   Result<std::vector<PointRow>> ListPoints(const std::string& vm);  // by seq, then id
   Result<std::optional<std::string>> FindMeta(const std::string& key);
   Result<std::optional<TokenRow>> FindToken(int64_t id);

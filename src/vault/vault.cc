@@ -1721,6 +1721,7 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
   if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item);
   if (sample_rpo && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
     json shown = ItemJson(item);
+    if (shown["health"].is_string()) health_board_.Note(item.vm, shown["health"], tick_ns);
     if (shown["rpo_seconds"].is_number()) {
       LogIfFailed(catalog_->AddRpoSample(item.vm, tick_ns, shown["rpo_seconds"].get<double>(),
                                          tick_ns - kRpoKeepNs),

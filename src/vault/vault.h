@@ -57,6 +57,7 @@
 #include "vault/hooks.h"
 #include "vault/job_steps.h"
 #include "vault/lease.h"
+#include "vault/metrics.h"
 #include "vault/vault_api.h"
 
 namespace osr::vault {
@@ -101,6 +102,11 @@ class Vault {
   // Lets queued (and resumed) jobs run, when the config paused them.
   void StartJobs();
   Catalog& catalog() { return *catalog_; }
+  // GET /metrics (vault/metrics.h); the catalog's error when it cannot be read.
+  Result<std::string> MetricsText();
+  // Whether this instance holds the lease: it runs jobs, points, retention and
+  // reconciliation (vault_leader.cc).
+  bool leader();
 
   // The operations behind the REST API (also used by quickstart).
   // Registers a site (or, with `replace`, moves one: a site that VMs or items use keeps
@@ -333,6 +339,7 @@ class Vault {
   bool leading_ = false;       // guarded by mu_: this vault runs jobs and points
   bool leader_stop_ = false;   // guarded by mu_: the leader's threads end (lease lost)
   std::atomic<bool> stopping_{false};
+  HealthBoard health_board_;  // the items' health as the point loop last saw it
 
   struct PointSchedule {
     int64_t last_point_id = 0;       // the newest point seen (0: none yet)

@@ -235,6 +235,7 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"GET", "/api/v1/jobs", R, &VaultApi::ListJobs},
       {"GET", R"(/api/v1/jobs/([^/]+))", R, &VaultApi::ShowJob},
       {"POST", R"(/api/v1/jobs/([^/]+)/cancel)", O, &VaultApi::CancelJob},
+      {"GET", "/metrics", R, &VaultApi::Metrics},
   };
   return kRoutes;
 }
@@ -552,7 +553,10 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
   } catch (...) {
     out = Internal("the vault failed to handle this call");
   }
-  if (out.ok()) {
+  if (out.ok() && !out->content_type.empty()) {
+    res.status = out->status;
+    res.set_content(out->text, out->content_type);
+  } else if (out.ok()) {
     Send(res, out->status, out->body);
     if (mutating) {
       Audit(req, call.signed_in ? &*call.signed_in : call.who, out->status, "");
@@ -793,6 +797,16 @@ Result<VaultApi::Reply> VaultApi::ItemRpo(Call& c) {
     out.push_back({{"time", FormatTimeNs(t)}, {"rpo_seconds", r}});
   }
   return Reply{200, out};
+}
+
+Result<VaultApi::Reply> VaultApi::Metrics(Call&) {
+  auto text = vault_->MetricsText();
+  if (!text.ok()) {
+    // Whatever the catalog's trouble, the scraper should try again later: 503.
+    return Status(Code::kUnavailable, "no metrics: the catalog cannot be read: " +
+                                          text.status().message());
+  }
+  return Reply::Text(200, kMetricsContentType, std::move(*text));
 }
 
 Result<VaultApi::Reply> VaultApi::ListPoints(Call& c) {
