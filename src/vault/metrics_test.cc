@@ -131,6 +131,17 @@ TEST_P(MetricsCatalogTest, TheScrapeCountsWhatTheCatalogHolds) {
   EXPECT_NE(follower.find("osr_vault_items_health{level=\"Unknown\"} 2\n"), std::string::npos);
 }
 
+TEST_P(MetricsCatalogTest, AnUnreadableCatalogGivesAnErrorNotPartialNumbers) {
+  auto c = Catalog::Open(db_).value();
+  ASSERT_TRUE(
+      c->PutItem({"vm1", "primary", "recovery", "gold", "Protected", 1, nullptr, nullptr}).ok());
+  ASSERT_TRUE(RawSql("DROP TABLE rpo_samples").ok());
+  auto text = VaultMetricsText(*c, {true, nullptr, 0});
+  ASSERT_FALSE(text.ok());
+  EXPECT_NE(text.status().message().find("rpo_samples"), std::string::npos)
+      << text.status().ToString();
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, MetricsCatalogTest,
                          ::testing::Values(Backend::kSqlite, Backend::kPostgres), BackendName);
 

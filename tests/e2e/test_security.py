@@ -65,6 +65,7 @@ ROUTES = [
     ("GET", "/api/v1/jobs", "/api/v1/jobs", "reader", None, 200),
     ("GET", "/api/v1/jobs/([^/]+)", "/api/v1/jobs/999999", "reader", None, 404),
     ("POST", "/api/v1/jobs/([^/]+)/cancel", "/api/v1/jobs/999999/cancel", "operator", {}, 404),
+    ("GET", "/metrics", "/metrics", "reader", None, 200),
 ]
 
 ROLES = ["reader", "operator", "admin"]
