@@ -611,16 +611,17 @@ Result<std::vector<std::pair<int64_t, double>>> Catalog::ListRpoSamples(const st
 Result<std::vector<RpoSampleRow>> Catalog::ListLatestRpoSamples() {
   std::lock_guard lock(mu_);
   OSR_ASSIGN_OR_RETURN(
-      SqlResult r, Query("SELECT s.vm, s.time_ns, s.rpo_s FROM rpo_samples s JOIN (SELECT vm, "
-                         "MAX(time_ns) AS newest FROM rpo_samples GROUP BY vm) n ON s.vm = n.vm "
-                         "AND s.time_ns = n.newest ORDER BY s.vm"));
+      SqlResult r,
+      // One index seek per item (rpo_samples_vm), not a scan of every sample.
+      Query("SELECT vm, t, r FROM (SELECT i.vm AS vm, (SELECT time_ns FROM rpo_samples s WHERE "
+            "s.vm = i.vm ORDER BY time_ns DESC LIMIT 1) AS t, (SELECT rpo_s FROM rpo_samples s "
+            "WHERE s.vm = i.vm ORDER BY time_ns DESC LIMIT 1) AS r FROM items i) latest WHERE t "
+            "IS NOT NULL ORDER BY vm"));
   std::vector<RpoSampleRow> out;
   for (size_t i = 0; i < r.rows.size(); ++i) {
     SqlRow s(r, i, "rpo_samples row");
     RpoSampleRow row{s.Text(0), s.Int(1), s.Double(2)};
     OSR_RETURN_IF_ERROR(s.status());
-    // Two samples of one VM at the same nanosecond: one is enough.
-    if (!out.empty() && out.back().vm == row.vm) continue;
     out.push_back(std::move(row));
   }
   return out;
@@ -774,6 +775,28 @@ Result<std::vector<JobRow>> Catalog::ListJobs(const std::string& vm,
                         kJobColumns),
             {vm, vm, state, state}));
   return JobsFrom(r);
+}
+
+Result<std::vector<JobRow>> Catalog::ListJobTimes() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r, Query("SELECT id, type, state, created_ns, updated_ns FROM jobs ORDER BY id"));
+  std::vector<JobRow> out;
+  out.reserve(r.rows.size());
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "jobs row");
+    JobRow j;
+    j.id = s.Int(0);
+    j.type = s.Text(1);
+    std::string state_name = s.Text(2);
+    j.created_ns = s.Int(3);
+    j.updated_ns = s.Int(4);
+    OSR_RETURN_IF_ERROR(s.status());
+    // As ListJobs: a state this build does not know reads as Failed.
+    j.state = JobStateFromName(state_name).value_or(JobState::kFailed);
+    out.push_back(std::move(j));
+  }
+  return out;
 }
 
 Result<std::optional<JobRow>> Catalog::FindJob(int64_t id) {

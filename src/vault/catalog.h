@@ -297,7 +297,7 @@ class Catalog {
   // The item's RPO samples since since_ns, oldest first: (time_ns, rpo_s).
   Result<std::vector<std::pair<int64_t, double>>> ListRpoSamples(const std::string& vm,
                                                                  int64_t since_ns);
-  // The newest RPO sample of every VM that has one, by VM (one query: /metrics).
+  // The newest RPO sample of every item that has one, by VM (one query: /metrics).
   Result<std::vector<RpoSampleRow>> ListLatestRpoSamples();
   Result<std::vector<PointRow>> ListPoints(const std::string& vm);  // by seq, then id
   Result<std::optional<std::string>> FindMeta(const std::string& key);
@@ -311,6 +311,9 @@ class Catalog {
   Result<std::vector<JobRow>> ListJobs(const std::string& vm = "",
                                        std::optional<JobState> state = std::nullopt);
   Result<std::optional<JobRow>> FindJob(int64_t id);
+  // Every job, oldest first, with only id, type, state, created_ns and updated_ns read
+  // (the rest left empty): /metrics, without parsing every job's steps.
+  Result<std::vector<JobRow>> ListJobTimes();
 
   // The short forms of the reads above, for the callers that do not handle a failed
   // read yet: a failure is logged (naming the database) and reads as no rows. New code

@@ -227,7 +227,7 @@ Result<std::string> VaultMetricsText(Catalog& catalog, const VaultMetricsState& 
   // Every read first: a failed one answers nothing rather than part of the numbers.
   OSR_ASSIGN_OR_RETURN(std::vector<ItemRow> items, catalog.ListItems());
   OSR_ASSIGN_OR_RETURN(std::vector<RpoSampleRow> samples, catalog.ListLatestRpoSamples());
-  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, catalog.ListJobs());
+  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, catalog.ListJobTimes());
 
   TextWriter w;
   w.Family("osr_vault_catalog_up", "gauge",

@@ -803,8 +803,8 @@ Result<VaultApi::Reply> VaultApi::Metrics(Call&) {
   auto text = vault_->MetricsText();
   if (!text.ok()) {
     // Whatever the catalog's trouble, the scraper should try again later: 503.
-    return Status(Code::kUnavailable, "no metrics: the catalog cannot be read: " +
-                                          text.status().message());
+    return Status(Code::kUnavailable,
+                  "no metrics: the catalog cannot be read: " + text.status().message());
   }
   return Reply::Text(200, kMetricsContentType, std::move(*text));
 }
