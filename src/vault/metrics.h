@@ -5,8 +5,9 @@
 // scrape costs the same whether the sites answer or not. Items by state and the jobs come
 // from the catalog; the RPO per item is the newest sample the point loop wrote to the
 // catalog (rpo_samples, every 5 s while an item is Protected or TestFailoverCompleted);
-// the health per item is what the point loop last saw (HealthBoard, in memory: a vault
-// that does not run the point loop reports its items' health as Unknown).
+// the health per item is what the point loop last saw (HealthBoard, in memory: a follower,
+// which does not run the point loop, reports its items' health as Unknown). The leader
+// gauge is Vault::leader(), the lease keeper's state.
 //
 // Thread model: TextWriter and JobDurations are values (one thread); HealthBoard is
 // thread-safe (mu_ guards its map); VaultMetricsText reads the catalog (thread-safe).

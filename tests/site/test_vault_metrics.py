@@ -1,7 +1,8 @@
 """The vault's `GET /metrics` (Prometheus text, version 0.0.4) with a real vault and two
 site daemons: the numbers a scrape shows before anything is protected and after one VM
 is protected (its enable-protection job, its state, health and RPO), read by a parser of
-the format written here; no credential is 401.
+the format written here; no credential is 401; 503 while the PostgreSQL server is away;
+with two vaults on one catalog, osr_vault_leader follows the lease.
 """
 
 from datetime import datetime, timezone
@@ -13,6 +14,7 @@ import pytest
 
 from conftest import require_libnbd, wait_for, write_config, SiteProcess
 from test_dr_daemons import Osr, VaultProcess, register
+from test_vault_leader import TAKEOVER_S, LeaderVault
 from test_vault_postgres import PgVault
 import osrtest
 
@@ -43,7 +45,7 @@ def scrape(vault, token=True):
     """(status, content type, body text) of GET /metrics."""
     headers = {}
     if token:
-        token_file = vault.state_dir / "admin.token"
+        token_file = getattr(vault, "token_file", None) or vault.state_dir / "admin.token"
         headers["Authorization"] = "Bearer " + token_file.read_text().strip()
     req = urllib.request.Request(vault.url + "/metrics", headers=headers)
     try:
@@ -214,3 +216,26 @@ def test_metrics_answer_503_while_the_catalog_server_is_away(tmp_path):
             parse(body)
         finally:
             vault.stop_clean()
+
+
+def test_the_leader_gauge_follows_the_lease(tmp_path):
+    osrtest.require_osrd()
+    with osrtest.PgServer() as pg:
+        url = pg.create_database("osr_metrics_leader")
+        a, b = LeaderVault("A", url, tmp_path), LeaderVault("B", url, tmp_path)
+        a.start()
+        b.start()
+        try:
+            def leader_gauge(vault):
+                status, _, text = scrape(vault)
+                assert status == 200, text
+                return value(parse(text), "osr_vault_leader")
+
+            assert a.role() == "leader" and b.role() == "follower"
+            assert leader_gauge(a) == 1 and leader_gauge(b) == 0
+            a.kill9()
+            wait_for(lambda: leader_gauge(b) == 1, TAKEOVER_S, "vault B to lead",
+                     detail=lambda: b.stderr()[-2000:])
+            assert b.role() == "leader"
+        finally:
+            osrtest.stop_all_clean([a, b])
