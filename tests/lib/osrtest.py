@@ -659,6 +659,22 @@ def read_handle(h, size=None, what="export"):
     return bytes(out)
 
 
+def write_random(uri, model, rng, n, max_len, handle_name="pytest"):
+    """n writes of 1..max_len random bytes at random offsets through libnbd, flushed, each
+    applied to the model (a bytearray of the export)."""
+    h = connect(uri, handle_name)
+    try:
+        for _ in range(n):
+            length = rng.randrange(1, max_len)
+            off = rng.randrange(0, len(model) - length)
+            data = rng.randbytes(length)
+            h.pwrite(data, off)
+            model[off:off + length] = data
+        h.flush()
+    finally:
+        close_handle(h)
+
+
 def read_uri(uri, size=None, handle_name="pytest"):
     """The whole export at uri, over a fresh connection."""
     h = connect(uri, handle_name)

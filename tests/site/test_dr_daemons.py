@@ -128,26 +128,11 @@ def disk_uri(osr, vm):
 
 
 def write_random(uri, model, rng, n, max_len=128 * KIB):
-    """n writes through libnbd, flushed; applied to the model (a bytearray)."""
-    h = osrtest.connect(uri, "pytest-dr")
-    try:
-        for _ in range(n):
-            length = rng.randrange(1, max_len)
-            off = rng.randrange(0, len(model) - length)
-            data = rng.randbytes(length)
-            h.pwrite(data, off)
-            model[off:off + length] = data
-        h.flush()
-    finally:
-        osrtest.close_handle(h)
+    osrtest.write_random(uri, model, rng, n, max_len, "pytest-dr")
 
 
 def read_all(uri, size):
-    h = osrtest.connect(uri, "pytest-dr")
-    try:
-        return osrtest.read_handle(h, size)
-    finally:
-        osrtest.close_handle(h)
+    return osrtest.read_uri(uri, size, "pytest-dr")
 
 
 def wait_job(osr, job_id, timeout=CLI_TIMEOUT_S):

@@ -132,25 +132,11 @@ def cluster(tmp_path):
 
 
 def write_random(uri, model, rng, n, max_len=512 * KIB):
-    h = osrtest.connect(uri, "pytest-leader")
-    try:
-        for _ in range(n):
-            length = rng.randrange(1, max_len)
-            off = rng.randrange(0, len(model) - length)
-            data = rng.randbytes(length)
-            h.pwrite(data, off)
-            model[off:off + length] = data
-        h.flush()
-    finally:
-        osrtest.close_handle(h)
+    osrtest.write_random(uri, model, rng, n, max_len, "pytest-leader")
 
 
 def read_all(uri, size):
-    h = osrtest.connect(uri, "pytest-leader")
-    try:
-        return osrtest.read_handle(h, size)
-    finally:
-        osrtest.close_handle(h)
+    return osrtest.read_uri(uri, size, "pytest-leader")
 
 
 def wait_in_step(vault, job, step_prefix, need_progress=False):
