@@ -294,6 +294,12 @@ void Vault::Stop() {
   if (point_thread_.joinable()) point_thread_.join();
 }
 
+SiteStatusBoard Vault::StatusBoard(SiteStatusBoard::Mode mode) const {
+  return SiteStatusBoard([this](const SiteRow& site,
+                                const std::string& path) { return Client(site).Call("GET", path); },
+                         mode);
+}
+
 SiteClient Vault::Client(const SiteRow& site) const {
   return SiteClient(site, cfg_.site_tls);
 }
@@ -663,12 +669,12 @@ std::string CaptureWriteHealth(const json& group, const ItemRow& item) {
 
 }  // namespace
 
-std::string Vault::FailedOverHealth(const ItemRow& item) {
+std::string Vault::FailedOverHealth(const ItemRow& item, SiteStatusBoard& board) {
   // The VM's disks are the target's failover disks now: what that site says of them.
   std::string next = item.state == "FailoverCommitted" ? "reprotect" : "commit, then reprotect";
   auto dst = catalog_->Site(item.target);
   if (!dst) return "Critical: site " + item.target + " is not registered";
-  auto g = Client(*dst).Call("GET", "/groups/" + item.vm);
+  auto g = board.Group(*dst, item.vm);
   if (!g.ok()) return "Critical: " + g.status().message();
   json_in::Fields f(*g, "site " + item.target + " group " + item.vm + ".");
   if (const json* damage = f.Object("damage"); damage != nullptr) {
@@ -687,7 +693,7 @@ std::string Vault::FailedOverHealth(const ItemRow& item) {
   return "Warning: not protected: the VM runs at " + item.target + " (" + next + ")";
 }
 
-json Vault::ItemJson(const ItemRow& item) {
+json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
   json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
   auto points = catalog_->Points(item.vm);
@@ -705,7 +711,7 @@ json Vault::ItemJson(const ItemRow& item) {
       out["health"] =
           "Warning: reprotecting " + item.target + " -> " + item.source + " (see its job)";
     } else {
-      out["health"] = FailedOverHealth(item);
+      out["health"] = FailedOverHealth(item, board);
     }
     out["rpo_seconds"] = nullptr;
     return out;
@@ -716,8 +722,8 @@ json Vault::ItemJson(const ItemRow& item) {
   double rpo = 0;
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
-  auto g = src ? Client(*src).Call("GET", "/groups/" + item.vm) : Result<json>(NotFound("x"));
-  auto st = dst ? Client(*dst).Call("GET", "/stores/" + item.vm) : Result<json>(NotFound("x"));
+  auto g = src ? board.Group(*src, item.vm) : Result<json>(NotFound("x"));
+  auto st = dst ? board.Store(*dst, item.vm) : Result<json>(NotFound("x"));
   if (!g.ok() || !st.ok()) {
     health = "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
   } else {
@@ -855,14 +861,16 @@ json Vault::DrillJson(const ItemRow& item, std::string* health) {
 
 json Vault::ListItems() {
   json out = json::array();
-  for (auto& i : catalog_->Items()) out.push_back(ItemJson(i));
+  SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kBulk);
+  for (auto& i : catalog_->Items()) out.push_back(ItemJson(i, board));
   return out;
 }
 
 Result<json> Vault::ShowItem(const std::string& vm) {
   auto i = catalog_->Item(vm);
   if (!i) return NotFound("VM " + vm + " is not protected (osr protect " + vm + " --target SITE)");
-  return ItemJson(*i);
+  SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kPerVm);
+  return ItemJson(*i, board);
 }
 
 Result<json> Vault::ListPoints(const std::string& vm) {
@@ -1638,11 +1646,11 @@ Result<json> Vault::StartReplication(const ItemRow& item, const SiteRow& from, c
                                 {"bandwidth_bytes_per_second", policy.bandwidth_bytes_per_second}});
 }
 
-void Vault::ReconcileReplication(const ItemRow& item) {
+void Vault::ReconcileReplication(const ItemRow& item, SiteStatusBoard& board) {
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   if (!src || !dst) return;
-  auto g = Client(*src).Call("GET", "/groups/" + item.vm);
+  auto g = board.Group(*src, item.vm);
   if (!g.ok()) return;
   json_in::Fields gf(*g, "site " + item.source + " group " + item.vm + ".");
   std::string to = gf.String("replicate_to", "");
@@ -1678,11 +1686,13 @@ void Vault::PointLoop() {
     bool sample_rpo = mono_ns - last_rpo_sample_mono_ns >= kRpoSampleNs;
     if (sample_rpo) last_rpo_sample_mono_ns = mono_ns;
     int64_t tick_ns = clock_.WallNs();
+    // Each site is asked once for all its groups and stores, not once per item.
+    SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kBulk);
     for (auto& item : catalog_->Items()) {
       // One item's trouble (a site answering nonsense, a bug) must not stop the points
       // and the RPO of the others.
       try {
-        PointTick(item, tick_ns, sample_rpo);
+        PointTick(item, tick_ns, sample_rpo, board);
       } catch (const std::exception& e) {
         spdlog::error("vault: points of {}: {}", item.vm, e.what());
       }
@@ -1716,11 +1726,12 @@ void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site,
   }
 }
 
-void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
+void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo,
+                      SiteStatusBoard& board) {
   constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // the chart's span
-  if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item);
+  if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item, board);
   if (sample_rpo && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
-    json shown = ItemJson(item);
+    json shown = ItemJson(item, board);
     if (shown["health"].is_string()) health_board_.Note(item.vm, shown["health"], tick_ns);
     if (shown["rpo_seconds"].is_number()) {
       LogIfFailed(catalog_->AddRpoSample(item.vm, tick_ns, shown["rpo_seconds"].get<double>(),
@@ -1729,13 +1740,13 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
     }
   }
   if (item.state != "Protected" && item.state != "TestFailoverCompleted") return;
-  ReconcileReplication(item);
+  ReconcileReplication(item, board);
   auto policy = catalog_->Policy(item.policy);
   auto dst = catalog_->Site(item.target);
   if (!policy || !dst) return;
   auto points = catalog_->Points(item.vm);
   if (!PointDue(item.vm, points, policy->crash_interval_s)) return;
-  auto st = Client(*dst).Call("GET", "/stores/" + item.vm);
+  auto st = board.Store(*dst, item.vm);
   if (!st.ok()) {  // no new point while the recovery site is away
     NotePointTrouble(item.vm, st.status().message());
     return;

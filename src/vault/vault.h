@@ -58,6 +58,7 @@
 #include "vault/job_steps.h"
 #include "vault/lease.h"
 #include "vault/metrics.h"
+#include "vault/site_status.h"
 #include "vault/vault_api.h"
 
 namespace osr::vault {
@@ -209,8 +210,8 @@ class Vault {
   // A point at what the recovery store holds (failover while the source is away).
   Result<PointRow> PointAtStore(const ItemRow& item);
   // An old primary that comes back after an unplanned failover is fenced (and its VM
-  // stopped) as soon as it answers.
-  void ReconcileFencing(const ItemRow& item);
+  // stopped) as soon as it answers (`board`: what the sites said in this pass).
+  void ReconcileFencing(const ItemRow& item, SiteStatusBoard& board);
   // Runs the VM's hook `name` (spec.hooks) on this host with a timeout; Ok when none.
   // The stored spec is parsed again first: a bad one (or a hook this vault does not run)
   // is kInvalidArgument naming the field, never a throw.
@@ -239,7 +240,8 @@ class Vault {
   // Waits (at most job_cancel_wait_ms_max) until the catalog says job `id` ended.
   bool WaitJobEndedInCatalog(int64_t id);
   // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.
-  void PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo);
+  // `board`: the sites' groups and stores, asked once per site for the whole tick.
+  void PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo, SiteStatusBoard& board);
   // A point by its spec (latest, latest-processed, latest-app, an id, a time); "latest"
   // waits for the source's last write (`cancel`: the job's token, or nullptr).
   Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobCancel* cancel);
@@ -256,14 +258,18 @@ class Vault {
                                  uint64_t want = 0, JobCancel* cancel = nullptr);
   // Re-points a source site's replication at its target's current address (a site that
   // restarted may listen elsewhere now).
-  void ReconcileReplication(const ItemRow& item);
+  void ReconcileReplication(const ItemRow& item, SiteStatusBoard& board);
   // PUT .../replication at `from`: ship the item's group to `to` under the item's policy.
   Result<nlohmann::json> StartReplication(const ItemRow& item, const SiteRow& from,
                                           const SiteRow& to);
-  nlohmann::json ItemJson(const ItemRow& item);
+  // An item as GET /items shows it, with health and RPO from what `board` reads at its
+  // sites (one pass over many items shares one board: two calls per site, not per item).
+  nlohmann::json ItemJson(const ItemRow& item, SiteStatusBoard& board);
   // The health of an item whose VM failed over (FailedOver, Committing, FailoverCommitted):
   // the target site's disks quarantined, the VM not running there, or running.
-  std::string FailedOverHealth(const ItemRow& item);
+  std::string FailedOverHealth(const ItemRow& item, SiteStatusBoard& board);
+  // A board that asks the sites through this vault's clients (site_status.h).
+  SiteStatusBoard StatusBoard(SiteStatusBoard::Mode mode) const;
 
   // ---- points: schedule, retention, points in use (vault.cc) ----
   // A job's hold on the point it chose, from choosing it until the item records it

@@ -819,7 +819,7 @@ void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
 
 // ---- fencing a returning old primary --------------------------------------------------
 
-void Vault::ReconcileFencing(const ItemRow& item) {
+void Vault::ReconcileFencing(const ItemRow& item, SiteStatusBoard& board) {
   if (item.failover.is_null()) return;
   json_in::Fields fo(item.failover, "item " + item.vm + " failover.");
   std::string from = fo.String("from", "");
@@ -831,7 +831,7 @@ void Vault::ReconcileFencing(const ItemRow& item) {
   if (from.empty()) return;
   auto old = catalog_->Site(from);
   if (!old) return;
-  auto g = Client(*old).Call("GET", "/groups/" + item.vm);
+  auto g = board.Group(*old, item.vm);
   if (!g.ok()) return;  // away, or its disks are a store already
   // The old primary's answer: read typed; a field of the wrong type is reported and the
   // fence is sent anyway (fencing twice is harmless, not fencing is not).

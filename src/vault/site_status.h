@@ -1,0 +1,77 @@
+// SiteStatusBoard: what the sites say of their groups and stores, for one pass of the vault
+// over many items (a point-loop tick, a GET /items), asked once per site and kind
+// (GET /api/v1/groups, GET /api/v1/stores: docs/api.md) instead of once per item.
+//
+// Why: per item, a tick over 500 idle VMs was 1000 HTTP(S) exchanges a second, each a new
+// connection, and a site that does not answer cost each item its own connect timeout. Here
+// a pass costs two exchanges per site, and a site that does not answer costs one failure,
+// which every item of that site then reads.
+//
+// Each lookup answers as the per-VM GET would: the group's or store's status object, a
+// kNotFound naming the VM when the site listed none of that name, or the site's own
+// failure (unreachable, refused, an answer of the wrong shape: kCorruption). A site whose
+// API lacks the bulk routes (an older osrd answering 404) is asked per VM instead.
+//
+// The answers are as of the first lookup at that site in this pass: a change the pass
+// makes at a site (starting replication there) is not seen until Forget() or a new board.
+//
+// Thread model: not thread-safe; one board belongs to one pass on one thread.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "common/status.h"
+#include "vault/catalog.h"
+
+namespace osr::vault {
+
+class SiteStatusBoard {
+ public:
+  // Asks `site` for `path` (relative to its API root: "/groups", "/stores/vm1") and
+  // answers its JSON or the call's failure (SiteClient::Call).
+  using Fetch = std::function<Result<nlohmann::json>(const SiteRow& site, const std::string& path)>;
+
+  enum class Mode {
+    kBulk,   // one GET /groups and one GET /stores per site, on first need
+    kPerVm,  // one GET per lookup (a single item: ShowItem)
+  };
+
+  SiteStatusBoard(Fetch fetch, Mode mode) : fetch_(std::move(fetch)), mode_(mode) {}
+
+  // The group `vm` at `site`, as GET /api/v1/groups/{vm} answers it. Errors: kNotFound
+  // ("site S: no VM V at this site") when the site has no such group; the site's failure.
+  Result<nlohmann::json> Group(const SiteRow& site, const std::string& vm);
+  // The store `vm` at `site`, as GET /api/v1/stores/{vm} answers it. Errors: kNotFound
+  // ("site S: no store for V at this site"); the site's failure.
+  Result<nlohmann::json> Store(const SiteRow& site, const std::string& vm);
+
+  // Forgets what was read at `site`: the next lookup there asks again.
+  void Forget(const std::string& site);
+
+  // Exchanges made so far (for tests and the bench: the cost of a pass).
+  int calls() const { return calls_; }
+
+ private:
+  enum class Kind { kGroups, kStores };
+  // One site's answer to GET /groups or /stores: by name, or the failure every lookup gets.
+  struct Listing {
+    Status status;
+    bool per_vm = false;  // the site lacks the bulk route: ask per VM
+    std::map<std::string, nlohmann::json> by_name;
+  };
+
+  Result<nlohmann::json> Lookup(Kind kind, const SiteRow& site, const std::string& vm);
+  Result<nlohmann::json> FetchOne(Kind kind, const SiteRow& site, const std::string& vm);
+  Listing Read(Kind kind, const SiteRow& site);
+
+  Fetch fetch_;
+  Mode mode_;
+  int calls_ = 0;
+  std::map<std::pair<std::string, Kind>, Listing> listings_;  // by (site, kind)
+};
+
+}  // namespace osr::vault
