@@ -693,6 +693,18 @@ std::string Vault::FailedOverHealth(const ItemRow& item, SiteStatusBoard& board)
   return "Warning: not protected: the VM runs at " + item.target + " (" + next + ")";
 }
 
+// The RPO of an item while one of its sites does not answer: at most the age of the newest
+// write known to be at the recovery site (its store's answer, else the newest point), and
+// growing until the site answers; null when nothing is known to be there. Never 0: that
+// would say nothing is at risk while nobody can tell.
+json Vault::RpoWithoutAnAnswer(const Result<json>& store, const std::vector<PointRow>& points) {
+  int64_t known_ns = points.empty() ? 0 : points.back().time_ns;
+  if (store.ok())
+    known_ns = std::max(known_ns, json_in::Fields(store.value()).I64("durable_time_ns", 0));
+  if (known_ns <= 0) return nullptr;
+  return std::max(0.0, static_cast<double>(NowNs() - known_ns) / 1e9);
+}
+
 json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
   json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
@@ -719,13 +731,14 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
   // Health and RPO from both sites.
   std::string health = "Normal";
   std::vector<std::string> warnings;
-  double rpo = 0;
+  json rpo = 0.0;
   auto src = catalog_->Site(item.source);
   auto dst = catalog_->Site(item.target);
   auto g = src ? board.Group(*src, item.vm) : Result<json>(NotFound("x"));
   auto st = dst ? board.Store(*dst, item.vm) : Result<json>(NotFound("x"));
   if (!g.ok() || !st.ok()) {
     health = "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
+    rpo = RpoWithoutAnAnswer(st, points);
   } else {
     json_in::Fields gf(*g, "site " + item.source + " group " + item.vm + ".");
     json_in::Fields sf(*st, "site " + item.target + " store " + item.vm + ".");
@@ -756,12 +769,12 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
           group_damage != nullptr
               ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
               : QuarantineHealth(item.vm + "'s recovery store at " + item.target, *store_damage);
-      rpo = 0;
+      rpo = RpoWithoutAnAnswer(st, points);
     } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
       // A site that answers in shapes the vault does not know is not a healthy one.
       const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
       health = "Critical: " + bad.message();
-      rpo = 0;
+      rpo = RpoWithoutAnAnswer(st, points);
     } else if (!store_full.empty()) {
       health = store_full;
     } else if (!capture_full.empty()) {

@@ -265,6 +265,9 @@ class Vault {
   // An item as GET /items shows it, with health and RPO from what `board` reads at its
   // sites (one pass over many items shares one board: two calls per site, not per item).
   nlohmann::json ItemJson(const ItemRow& item, SiteStatusBoard& board);
+  // An item's rpo_seconds while a site does not answer (seconds, or null when unknown).
+  static nlohmann::json RpoWithoutAnAnswer(const Result<nlohmann::json>& store,
+                                           const std::vector<PointRow>& points);
   // The health of an item whose VM failed over (FailedOver, Committing, FailoverCommitted):
   // the target site's disks quarantined, the VM not running there, or running.
   std::string FailedOverHealth(const ItemRow& item, SiteStatusBoard& board);

@@ -168,6 +168,22 @@ def test_unplanned_failover_with_the_primary_killed(dr, request):
     h.flush()
     osrtest.close_handle(h)
     old_primary = bytes(model)
+    # While the recovery site does not answer, the item says so, and its RPO is the age of
+    # what is known to be there: a number that grows, never 0 (nothing at risk) meanwhile.
+    seen = {}
+
+    def shown():
+        seen["item"] = osr.ok("item", "show", "vm1")
+        return seen["item"]
+
+    item = wait_for(lambda: shown()["health"].startswith("Critical") and seen["item"], 30,
+                    "the item to say its recovery site does not answer",
+                    detail=lambda: seen.get("item"))
+    assert "unreachable" in item["health"], item
+    first = item["rpo_seconds"]
+    assert isinstance(first, (int, float)) and first > 0, item
+    wait_for(lambda: shown()["rpo_seconds"] > first, 10, "the RPO to grow",
+             detail=lambda: seen.get("item"))
     primary.kill9()
     recovery.start()
     register(osr, recovery)
