@@ -16,23 +16,31 @@ does not name, the vault's among them, show as "osrd"), to see who spins.
 
 Nothing polls the vault during a window (GET /items costs the vault site calls).
 
+--mode sites: the site side alone, without a vault: two `osrd site` daemons (primary,
+recovery; plain HTTP and replication on loopback, `api_insecure`), each VM a group at the
+primary, a store at the recovery site and replication between them, made through the site
+API as the vault would; each daemon measured on its own (rows "primary", "recovery").
+
 Printed: one row per N, and per VM beyond N = 0 (the figure minus the one at 0, divided
 by N). --json FILE writes every figure.
 
-Run: /usr/bin/python3 bench/idle_cost.py --osrd build/osrd [--counts 0,10,50,100,500]
-     [--window 20] [--settle 10] [--disk 1M] [--dir /var/tmp] [--json FILE] [--keep]
+Run: /usr/bin/python3 bench/idle_cost.py --osrd build/osrd [--mode quickstart|sites]
+     [--counts 0,10,50,100,500] [--window 20] [--settle 10] [--disk 1M] [--dir /var/tmp]
+     [--json FILE] [--keep]
 Exit status 0 when every count was measured, 1 when one failed (what ran is printed).
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -138,8 +146,10 @@ def measure(pid, window_s):
     a = snapshot(pid)
     t0 = time.monotonic()
     time.sleep(window_s)
-    b = snapshot(pid)
-    elapsed = time.monotonic() - t0
+    return measure_between(a, snapshot(pid), time.monotonic() - t0)
+
+
+def measure_between(a, b, elapsed):
     cpu_pct = (b["ticks"] - a["ticks"]) / CLK_TCK / elapsed * 100
     by_name, count_by_name = {}, {}
     for tid, (name, ticks) in b["tasks"].items():
@@ -194,6 +204,109 @@ def add_protected_vms(vault, first, last, disk_bytes):
         time.sleep(2)
 
 
+# -- the site side alone -------------------------------------------------------------------
+
+
+class SiteDaemon:
+    """One `osrd site` (plain HTTP API and replication on loopback: a lab)."""
+
+    def __init__(self, osrd, work, name):
+        self.name = name
+        data = work / f"{name}-data"
+        config = work / f"{name}.toml"
+        config.write_text(f'name = "{name}"\ndata_dir = "{data}"\n'
+                          'nbd_listen = "127.0.0.1:0"\nreplication_listen = "127.0.0.1:0"\n'
+                          'api_listen = "127.0.0.1:0"\napi_insecure = true\n')
+        self.log = open(work / f"{name}.log", "w")
+        self.proc = subprocess.Popen([osrd, "site", "--config", str(config)],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.api = self.replication = None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.api is None or self.replication is None:
+            line = self.proc.stdout.readline()  # the daemon prints its addresses at start
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError(f"site {name} did not start: "
+                                   + (work / f"{name}.log").read_text()[-2000:])
+            if m := re.match(r"^osrd: api on (http://127\.0\.0\.1:\d+/api/v1)$", line.strip()):
+                self.api = m.group(1)
+            if m := re.match(r"^osrd: replication on (127\.0\.0\.1:\d+)$", line.strip()):
+                self.replication = m.group(1)
+        # The rest of its stdout is read and dropped, so that it never blocks on a full pipe.
+        threading.Thread(target=lambda: self.proc.stdout.read(), daemon=True).start()
+
+    def call(self, method, path, body=None, ok=(200, 201, 204)):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.api + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+                status, text = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read()
+        if status not in ok:
+            raise RuntimeError(f"site {self.name}: {method} {path}: {status} {text[:300]!r}")
+        return json.loads(text) if text else None
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+def add_replicated_groups(primary, recovery, first, last, disk_bytes):
+    """Groups idle-FIRST .. at the primary, stores at the recovery site, replication on;
+    returns once every sender is connected."""
+    names = [f"idle-{i:04d}" for i in range(first, last)]
+    disks = {"disks": [{"name": "d0", "size_bytes": disk_bytes}]}
+    for n in names:
+        recovery.call("PUT", f"/stores/{n}", disks)
+        primary.call("PUT", f"/groups/{n}", disks)
+        primary.call("PUT", f"/groups/{n}/replication", {"target": recovery.replication})
+    deadline = time.monotonic() + PROTECT_TIMEOUT_BASE_S + PROTECT_TIMEOUT_PER_VM_S * len(names)
+    for n in names:
+        while not (primary.call("GET", f"/groups/{n}").get("replication") or {}).get("connected"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n}: replication did not connect in time")
+            time.sleep(0.1)
+
+
+def run_sites(osrd, work, counts, disk_bytes, settle_s, window_s):
+    rows = {"primary": [], "recovery": []}
+    primary = recovery = None
+    try:
+        primary = SiteDaemon(osrd, work, "primary")
+        recovery = SiteDaemon(osrd, work, "recovery")
+        have = 0
+        for n in counts:
+            if n > have:
+                t0 = time.monotonic()
+                add_replicated_groups(primary, recovery, have, n, disk_bytes)
+                log(f"{n} VMs replicating ({n - have} new in {time.monotonic() - t0:.0f} s)")
+                have = n
+            time.sleep(settle_s)
+            # Both at once, over the same window.
+            a = {d.name: snapshot(d.proc.pid) for d in (primary, recovery)}
+            t0 = time.monotonic()
+            time.sleep(window_s)
+            for d in (primary, recovery):
+                r = measure_between(a[d.name], snapshot(d.proc.pid), time.monotonic() - t0)
+                r["vms"] = n
+                rows[d.name].append(r)
+                log(f"{n} VMs, site {d.name}: {r['cpu_pct']:.2f}% of a core, {r['threads']} "
+                    f"threads, {r['fds']} fds, {r['rss_mib']} MiB")
+    finally:
+        for d in (primary, recovery):
+            if d is not None:
+                d.stop()
+    return rows
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -233,8 +346,8 @@ def stop_quickstart(qs, qs_log):
     qs_log.close()
 
 
-def print_table(rows):
-    print("\n== idle protected VMs: one osrd quickstart (vault + primary + recovery) ==")
+def print_table(rows, title):
+    print(f"\n== idle protected VMs: {title} ==")
     print(f"{'VMs':>5} {'CPU % core':>10} {'threads':>8} {'fds':>6} {'RSS MiB':>8}   "
           f"{'per VM: CPU %':>13} {'threads':>8} {'fds':>6} {'RSS KiB':>8}")
     base = rows[0] if rows and rows[0]["vms"] == 0 else None
@@ -258,6 +371,7 @@ def print_table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--osrd", default="build/osrd")
+    ap.add_argument("--mode", choices=("quickstart", "sites"), default="quickstart")
     ap.add_argument("--counts", default="0,10,50,100")
     ap.add_argument("--window", type=float, default=20)
     ap.add_argument("--settle", type=float, default=10)
@@ -273,6 +387,17 @@ def main():
     counts = sorted({int(c) for c in args.counts.split(",")})
     disk_bytes = parse_size(args.disk)
     work = Path(tempfile.mkdtemp(prefix="osr-idle-cost-", dir=args.dir))
+    if args.mode == "sites":
+        status, rows = 0, {}
+        try:
+            rows = run_sites(osrd, work, counts, disk_bytes, args.settle, args.window)
+        except Exception as e:  # report what ran, then fail
+            log(f"FAILED: {e}")
+            status = 1
+        for name, site_rows in rows.items():
+            print_table(site_rows, f"osrd site {name} (no vault)")
+        finish(args, work, disk_bytes, rows)
+        return status
     rows, status = [], 0
     qs = qs_log = None
     try:
@@ -296,14 +421,19 @@ def main():
     finally:
         if qs is not None:
             stop_quickstart(qs, qs_log)
-    print_table(rows)
+    print_table(rows, "one osrd quickstart (vault + primary + recovery)")
+    finish(args, work, disk_bytes, rows)
+    return status
+
+
+def finish(args, work, disk_bytes, rows):
     if args.json:
-        Path(args.json).write_text(json.dumps({"disk_bytes": disk_bytes, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"mode": args.mode, "disk_bytes": disk_bytes,
+                                               "rows": rows}, indent=1))
     if args.keep:
         log(f"kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return status
 
 
 if __name__ == "__main__":
