@@ -8,8 +8,14 @@ JOBS       ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
 RUN_DIR    ?= osr-data
 PYTHON     := /usr/bin/python3
+# The catalog of the vaults the e2e and site suites start: sqlite (a file) or postgresql
+# (one PostgreSQL 15 server per suite, a fresh database per vault). `make test` on SQLite
+# also runs every workflow once on PostgreSQL; `make test VAULT_DB=postgresql` runs every
+# suite on PostgreSQL; `make test-postgres` the whole e2e suite and the site tests that
+# start a vault, on PostgreSQL, on the release build.
+VAULT_DB   ?= sqlite
 
-.PHONY: all bootstrap build web asan fuzz-build run test test-unit test-release test-asan fuzz bench format clean
+.PHONY: all bootstrap build web asan fuzz-build run test test-unit test-release test-asan test-postgres fuzz bench format clean
 
 all: build web
 
@@ -49,11 +55,21 @@ run: build web
 test: test-release test-asan fuzz
 
 test-release: build web
-	ctest --test-dir $(BUILD) --output-on-failure --timeout 900
+	OSR_TEST_VAULT_DB=$(VAULT_DB) ctest --test-dir $(BUILD) --output-on-failure --timeout 900
 
 test-asan: asan
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	    ctest --test-dir $(BUILD_ASAN) --output-on-failure --timeout 1200
+	    OSR_TEST_VAULT_DB=$(VAULT_DB) ctest --test-dir $(BUILD_ASAN) --output-on-failure --timeout 1200
+
+# The vaults' catalog on PostgreSQL: the whole e2e suite, and the site tests that start a
+# vault (the other site tests never open a catalog), on the release build.
+PG_SITE_TESTS := tests/site/test_dr_daemons.py tests/site/test_commands.py tests/site/test_vault_postgres.py
+
+test-postgres: build
+	OSRD=$(CURDIR)/$(BUILD)/osrd OSR=$(CURDIR)/$(BUILD)/osr \
+	    $(PYTHON) -m pytest -q -p no:cacheprovider --vault-db=postgresql tests/e2e
+	OSRD=$(CURDIR)/$(BUILD)/osrd OSR=$(CURDIR)/$(BUILD)/osr \
+	    $(PYTHON) -m pytest -q -p no:cacheprovider --vault-db=postgresql $(PG_SITE_TESTS)
 
 fuzz: fuzz-build
 	@passed=0; for t in fuzz_nbd_session fuzz_capture_log fuzz_replication_hello fuzz_json_bodies; do \

@@ -344,6 +344,9 @@ int main(int argc, char** argv) {
                     "history)");
   auto* logout = app.add_subcommand("logout", "forget the token kept by osr login");
   auto* whoami = app.add_subcommand("whoami", "who the vault takes you for, and your role");
+  auto* vaults = app.add_subcommand(
+      "vault",
+      "the vault processes on this catalog: which one leads (holds the lease), since when");
 
   auto* token = app.add_subcommand("token", "API tokens (admin)");
   token->require_subcommand(1);
@@ -594,6 +597,26 @@ int main(int argc, char** argv) {
   if (login->parsed()) return Login(c, login_token);
   if (logout->parsed()) return Logout(c);
   if (whoami->parsed()) return Print(c, Call(c, "GET", "/whoami"), Show);
+  if (vaults->parsed()) {
+    return Print(c, Call(c, "GET", "/vault"), [](const json& b) {
+      static const json kNone;
+      auto field = [&](const char* k) -> const json& {
+        return b.is_object() && b.contains(k) ? b.at(k) : kNone;
+      };
+      const json& instances = field("instances");
+      Table(instances.is_array() ? instances : json::array(), {{"id", "INSTANCE"},
+                                                               {"host", "HOST"},
+                                                               {"api", "API"},
+                                                               {"leader", "LEADS"},
+                                                               {"alive", "ALIVE"},
+                                                               {"renewed", "RENEWED"}});
+      const json& leader = field("leader");
+      std::printf("\nleader:        %s\n", leader.is_object()
+                                               ? leader.dump().c_str()
+                                               : "none now (no vault holds the lease)");
+      std::printf("answered by:   %s\n", field("this").dump().c_str());
+    });
+  }
   if (tcreate->parsed()) {
     auto ttl = ParseDuration(texpires);
     if (!ttl.ok()) return Fail("--expires: " + ttl.status().message());

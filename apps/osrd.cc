@@ -331,10 +331,11 @@ struct VaultArgs {
   std::string tls_cert, tls_key;  // HTTPS for the REST API and web UI
   bool insecure_http = false;
   std::vector<std::string> public_hosts;
-  std::string site_ca, site_cert, site_key;  // mutual TLS to the sites' APIs
-  std::string admin_token_file;              // default: admin.token beside the catalog
-  std::string hooks_file;                    // the hooks allow-list (--hooks)
-  bool allow_api_hooks = false;              // a lab: hook strings from the API run
+  std::string site_ca, site_cert, site_key;      // mutual TLS to the sites' APIs
+  std::string admin_token_file;                  // default: admin.token beside the catalog
+  std::string hooks_file;                        // the hooks allow-list (--hooks)
+  bool allow_api_hooks = false;                  // a lab: hook strings from the API run
+  int lease_ttl_ms = vault::kLeaseTtlMsDefault;  // several vaults: the leader's lease
 };
 
 // Where a first admin token is written: beside a SQLite catalog; in the working
@@ -364,6 +365,7 @@ int VaultMain(const VaultArgs& a) {
   vcfg.api.insecure_http = a.insecure_http;
   vcfg.api.public_hosts = a.public_hosts;
   vcfg.site_tls = {a.site_ca, a.site_cert, a.site_key};
+  vcfg.lease_ttl_ms = a.lease_ttl_ms;
   auto hooks = vault::LoadHookConfig(a.hooks_file, a.allow_api_hooks);
   if (!hooks.ok()) return Fail(hooks.status());
   vcfg.hooks = *hooks;
@@ -577,6 +579,10 @@ int main(int argc, char** argv) {
                  "allow-list of hook commands ([hooks.NAME] command = \"...\"; docs/formats.md)");
   vp->add_flag("--allow-api-hooks", va.allow_api_hooks,
                "also run hook commands given as strings through the API (a lab)");
+  vp->add_option("--lease-ttl-ms", va.lease_ttl_ms,
+                 "several vaults on one PostgreSQL catalog: the leader's lease lasts this long "
+                 "after its last renewal (default 6000; docs/operations.md)")
+      ->check(CLI::Range(vault::kLeaseTtlMsMin, 3600000));
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--db", qs_db,

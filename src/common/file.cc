@@ -49,6 +49,17 @@ size_t FaultAllows(const std::string& path, size_t bytes, int* err) {
   return allowed;
 }
 
+// The free bytes an ENOSPC fault leaves on the file system of `path` (file.h), if any.
+std::optional<uint64_t> FaultSpaceLeft(const std::string& path) {
+  if (!(test_hooks.load(std::memory_order_relaxed) & kHookFault)) return std::nullopt;
+  std::lock_guard lock(fault_mu);
+  if (fault.err != ENOSPC || fault.path_part.empty()) return std::nullopt;
+  if (path.find(fault.path_part) == std::string::npos && !fault.path_part.starts_with(path)) {
+    return std::nullopt;
+  }
+  return fault.write_bytes_left;
+}
+
 // The fault's errno for a sync of `path`, or 0.
 int FaultOnSync(const std::string& path) {
   if (!(test_hooks.load(std::memory_order_relaxed) & kHookFault)) return 0;
@@ -364,8 +375,10 @@ Status WritePowerLossImageForTest(
 Result<SpaceInfo> FileSystemSpace(const std::string& path) {
   struct statvfs v {};
   if (::statvfs(path.c_str(), &v) != 0) return Status::FromErrno(errno, "statvfs " + path);
-  return SpaceInfo{static_cast<uint64_t>(v.f_bavail) * v.f_frsize,
-                   static_cast<uint64_t>(v.f_blocks) * v.f_frsize};
+  SpaceInfo space{static_cast<uint64_t>(v.f_bavail) * v.f_frsize,
+                  static_cast<uint64_t>(v.f_blocks) * v.f_frsize};
+  if (auto left = FaultSpaceLeft(path)) space.free_bytes = std::min(space.free_bytes, *left);
+  return space;
 }
 
 void Fd::Reset() {

@@ -97,8 +97,10 @@ class File {
 // contains `path_part` succeed for `write_bytes_left` more bytes in all, then the write
 // that passes them is cut short there (its first bytes do reach the file, as on a file
 // system that fills up mid-write) and fails with `err`, as does every later one; with
-// `fail_sync`, DataSync and Sync of those files fail with `err` too. Production code
-// never sets one; the check costs one relaxed atomic load per call.
+// `fail_sync`, DataSync and Sync of those files fail with `err` too. An ENOSPC fault is a
+// full file system to FileSystemSpace as well: for a path that contains `path_part` or
+// lies above it, free_bytes is `write_bytes_left`. Production code never sets one; the
+// check costs one relaxed atomic load per call.
 struct FileFault {
   std::string path_part;
   int err = ENOSPC;

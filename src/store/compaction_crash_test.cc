@@ -17,6 +17,7 @@
 
 #include "common/file.h"
 #include "store/recovery_store.h"
+#include "store/test_churn.h"
 #include "store/test_records.h"
 #include "store/version_index.h"
 
@@ -61,29 +62,6 @@ struct Churn {
   }
 };
 
-// Bytes this thread has read (read(2), pread(2)...) so far: what opening a store costs,
-// whatever other threads of the process do meanwhile.
-uint64_t ThreadReadBytes() {
-  std::ifstream in("/proc/thread-self/io");
-  std::string key;
-  uint64_t v = 0;
-  while (in >> key >> v) {
-    if (key == "rchar:") return v;
-  }
-  return 0;
-}
-
-uint64_t HistoryBytes(const std::string& dir) {
-  uint64_t n = 0;
-  std::error_code ec;
-  for (auto& f : fs::directory_iterator(dir + "/history", ec)) {
-    std::error_code size_ec;
-    auto b = fs::file_size(f.path(), size_ec);
-    if (!size_ec) n += b;
-  }
-  return n;
-}
-
 const char* StepName(Step s) {
   switch (s) {
     case Step::kMarked:
@@ -125,12 +103,12 @@ class CompactionCrashTest : public ::testing::Test {
   // The store in `image` (its index copied in already), opened and checked; then compacted
   // again as the second compaction asked.
   void Verify(const std::string& image, const std::string& what) {
-    const uint64_t before = ThreadReadBytes();
+    const uint64_t before = testing::ReadCharBytes("/proc/thread-self/io");
     auto opened = RecoveryStore::Open(image, options_);
-    const uint64_t read = ThreadReadBytes() - before;
+    const uint64_t read = testing::ReadCharBytes("/proc/thread-self/io") - before;
     ASSERT_TRUE(opened.ok()) << what << ": " << opened.status().ToString();
     auto& s = *opened;
-    Seen seen{what, s->compacted_through(), HistoryBytes(image), read};
+    Seen seen{what, s->compacted_through(), testing::HistoryFilesBytes(image), read};
     seen_.push_back(seen);
     EXPECT_LT(read, clean_read_ + old_history_ / 4)
         << what << ": opening read " << read << " bytes, the history before the compaction is "
@@ -213,13 +191,13 @@ TEST_F(CompactionCrashTest, ACompactionCutShortAtAnyStepOpensInItsOwnRangeAndRea
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     first_through_ = r->compacted_through;
   }
-  old_history_ = HistoryBytes(dir_);
+  old_history_ = testing::HistoryFilesBytes(dir_);
   ASSERT_GT(old_history_, uint64_t{16} << 20);
   {
-    const uint64_t before = ThreadReadBytes();
+    const uint64_t before = testing::ReadCharBytes("/proc/thread-self/io");
     auto s = RecoveryStore::Open(dir_, options_);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
-    clean_read_ = ThreadReadBytes() - before;
+    clean_read_ = testing::ReadCharBytes("/proc/thread-self/io") - before;
   }
   // The second compaction: what the first kept stays, its end too; (E1, E2] is its range.
   second_keep_ = kept_;

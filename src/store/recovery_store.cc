@@ -559,7 +559,7 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
   if (cut_after) journal_cut_ = journal_->pending_cut();
   durable_seq_ = journal_->last_seq();
   if (last_time != 0) durable_time_ns_ = last_time;
-  write_failure_.reset();
+  ClearWriteFailureIfOver();
   return durable_seq_;
 }
 
@@ -592,6 +592,18 @@ Status RecoveryStore::NoteWriteFailure(std::string what, const Status& st, uint6
   write_failure_->bytes_needed = bytes_needed;
   ++write_failure_->count;
   return out;
+}
+
+void RecoveryStore::ClearWriteFailureIfOver() {
+  if (!write_failure_) return;
+  if (write_failure_->status.code() == Code::kNoSpace) {
+    // A smaller write that fits between bigger ones that do not is no recovery: the
+    // failure stays until what failed would fit now (else the site's status would flap
+    // between healthy and full while the file system stays full).
+    auto space = FileSystemSpace(dir_);
+    if (space.ok() && space->free_bytes < write_failure_->bytes_needed) return;
+  }
+  write_failure_.reset();
 }
 
 std::optional<RecoveryStore::WriteFailure> RecoveryStore::write_failure() const {
@@ -1254,7 +1266,7 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
     staged_pending_.clear();
     staged_pending_bytes_ = 0;
     staged_durable_.reset();
-    write_failure_.reset();
+    ClearWriteFailureIfOver();
   }
   staged_list_ = File();
   OSR_RETURN_IF_ERROR(WriteMeta());

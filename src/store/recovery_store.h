@@ -106,11 +106,14 @@ class RecoveryStore {
   // are as before it; the same records can be sent again). kCorruption for a damaged
   // record, kInvalidArgument for one out of order or outside its disk (nothing written);
   // the file system's error for a failed write (kNoSpace: the file system is full),
-  // which write_failure() then reports until an append succeeds.
+  // which write_failure() then reports until an append succeeds (after kNoSpace: one that
+  // leaves the file system room for what failed).
   Result<uint64_t> Append(std::span<const uint8_t> records);
 
   // The last write that failed (journal append, resync write or commit, fold), for the
-  // site's status: cleared by the next append or resync commit that succeeds.
+  // site's status: cleared by the next append or resync commit that succeeds, and for
+  // kNoSpace only by one after which the file system has `bytes_needed` free: a smaller
+  // write that fits while the file system stays full does not make the store look healthy.
   struct WriteFailure {
     std::string what;           // "journal append", "resync write", "resync commit", "fold"
     Status status;              // kNoSpace for a full file system
@@ -373,6 +376,9 @@ class RecoveryStore {
   Status RollBackAppend(const capture::CaptureLog::End& end);
   // Remembers a failed write for write_failure(); returns `st` with `what` in front.
   Status NoteWriteFailure(std::string what, const Status& st, uint64_t bytes_needed);
+  // After a write that succeeded: forgets write_failure_ unless it was kNoSpace and the file
+  // system still has less free than it needed (statvfs). Requires mu_.
+  void ClearWriteFailureIfOver();
 
   std::string dir_;
   StoreOptions options_;

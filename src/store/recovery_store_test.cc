@@ -367,6 +367,58 @@ TEST_F(RecoveryStoreTest, ADamagedStoreJsonIsReportedNotThrown) {
   }
 }
 
+// A nearly full file system: after a big append failed for space, a small one that still
+// fits does not make the store look healthy (the site's status would flap between full
+// and Normal at each batch the receiver happens to make); the failure is over once what
+// failed fits again.
+TEST_F(RecoveryStoreTest, ASmallAppendThatFitsDoesNotEndANoSpaceFailure) {
+  auto store = RecoveryStore::Create(dir_, {{"a", kDisk0}}, 0).value();
+  std::vector<uint8_t> big;
+  RecordMaker big_maker(1);
+  for (int i = 0; i < 3; ++i) {
+    big_maker.Write(&big, 0, i * 700000ull, std::vector<uint8_t>(700000, 0x31 + i));
+  }
+  SetFileFaultForTest({.path_part = dir_, .err = ENOSPC, .write_bytes_left = 256 << 10});
+  ASSERT_EQ(store->Append(big).status().code(), Code::kNoSpace);
+  ASSERT_TRUE(store->write_failure().has_value());
+  EXPECT_EQ(FileSystemSpace(dir_).value().free_bytes, 0u);  // the big append used it all
+
+  // 64 KiB of room, and a record of 8 KiB: it goes in; the store is still short of space.
+  SetFileFaultForTest({.path_part = dir_, .err = ENOSPC, .write_bytes_left = 64 << 10});
+  std::vector<uint8_t> small;
+  RecordMaker small_maker(1);
+  small_maker.Write(&small, 0, 0, std::vector<uint8_t>(8192, 0x41));
+  auto fits = store->Append(small);
+  ASSERT_TRUE(fits.ok()) << fits.status().ToString();
+  EXPECT_EQ(*fits, 1u);
+  auto f = store->write_failure();
+  ASSERT_TRUE(f.has_value()) << "a small append that fits ended the no-space failure";
+  EXPECT_EQ(f->status.code(), Code::kNoSpace);
+  EXPECT_EQ(f->bytes_needed, big.size());
+  EXPECT_EQ(f->count, 1u);
+
+  // Room for what failed: the next append that succeeds ends it.
+  ClearFileFaultForTest();
+  std::vector<uint8_t> rest;
+  RecordMaker rest_maker(2);
+  for (int i = 0; i < 3; ++i) {
+    rest_maker.Write(&rest, 0, i * 700000ull, std::vector<uint8_t>(700000, 0x51 + i));
+  }
+  ASSERT_EQ(store->Append(rest).value(), 4u);
+  EXPECT_FALSE(store->write_failure().has_value());
+
+  // A failure that is not for space (EIO) ends at the next success, small or not.
+  SetFileFaultForTest({.path_part = dir_, .err = EIO, .write_bytes_left = 0});
+  std::vector<uint8_t> more;
+  RecordMaker more_maker(5);
+  more_maker.Write(&more, 0, 0, std::vector<uint8_t>(8192, 0x61));
+  ASSERT_EQ(store->Append(more).status().code(), Code::kIoError);
+  ClearFileFaultForTest();
+  ASSERT_TRUE(store->write_failure().has_value());
+  ASSERT_EQ(store->Append(more).value(), 5u);
+  EXPECT_FALSE(store->write_failure().has_value());
+}
+
 // A full file system: a failed append changes nothing (durable seq, next seq expected,
 // index, journal); the store says why, with the bytes it needed; the same records are
 // taken once there is room, and survive a reopen.

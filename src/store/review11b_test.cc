@@ -197,23 +197,12 @@ std::unique_ptr<RecoveryStore> BigStore(const std::string& dir, uint64_t disk, u
   return s;
 }
 
-uint64_t HistoryFilesBytes(const std::string& dir) {
-  uint64_t n = 0;
-  std::error_code ec;
-  for (auto& f : fs::directory_iterator(dir + "/history", ec)) {
-    std::error_code size_ec;
-    auto b = fs::file_size(f.path(), size_ec);
-    if (!size_ec) n += b;
-  }
-  return n;
-}
-
 // Waits (bounded) until the compaction running on another thread has written a history
 // file; false when it ended first.
 bool WaitForHistoryFile(const std::string& dir, const std::atomic<bool>& done) {
   auto deadline = Clock::now() + std::chrono::seconds(60);
   while (Clock::now() < deadline && !done.load()) {
-    if (HistoryFilesBytes(dir) > 0) return true;
+    if (testing::HistoryFilesBytes(dir) > 0) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   return false;
@@ -242,10 +231,10 @@ TEST(Review11b, AStoppedCompactionStopsAtItsNextChunk) {
   });
   ASSERT_TRUE(WaitForHistoryFile(dir, done)) << "the compaction ended before it wrote history";
   s->StopMaintenance();
-  const uint64_t at_stop = HistoryFilesBytes(dir);
+  const uint64_t at_stop = testing::HistoryFilesBytes(dir);
   uint64_t most = at_stop;
   while (!done.load()) {
-    most = std::max(most, HistoryFilesBytes(dir));
+    most = std::max(most, testing::HistoryFilesBytes(dir));
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   t.join();
@@ -256,7 +245,7 @@ TEST(Review11b, AStoppedCompactionStopsAtItsNextChunk) {
   // One 64 KiB chunk's worth (and the 4 MiB write buffer then flushed) at most after the stop.
   EXPECT_LE(most - at_stop, uint64_t{8} << 20)
       << "the compaction wrote " << (most - at_stop) << " bytes of history after it was stopped";
-  EXPECT_EQ(HistoryFilesBytes(dir), 0u) << "history of a stopped compaction stayed";
+  EXPECT_EQ(testing::HistoryFilesBytes(dir), 0u) << "history of a stopped compaction stayed";
   s.reset();
   fs::remove_all(dir);
 }
@@ -294,7 +283,7 @@ TEST(Review11b, AFoldAskedDuringACompactionDoesNotWaitForIt) {
   ASSERT_FALSE(r.ok()) << "the compaction ran to its end under a waiting fold (" << fold_ms
                        << " ms)";
   EXPECT_EQ(r.status().code(), Code::kCancelled) << r.status().ToString();
-  EXPECT_EQ(HistoryFilesBytes(dir), 0u) << "history of a stopped compaction stayed";
+  EXPECT_EQ(testing::HistoryFilesBytes(dir), 0u) << "history of a stopped compaction stayed";
   EXPECT_EQ(s->compacted_through(), 0u);
   s.reset();
   fs::remove_all(dir);
@@ -519,17 +508,6 @@ TEST(Review11b, ASiteOfSixteenStoresReadsAllHistoryWithin1024Descriptors) {
 namespace osr::store {
 namespace {
 
-// Bytes this process has read through read(2)/pread(2) so far (/proc/self/io rchar).
-uint64_t ReadCharBytes() {
-  std::ifstream in("/proc/self/io");
-  std::string key;
-  uint64_t v = 0;
-  while (in >> key >> v) {
-    if (key == "rchar:") return v;
-  }
-  return 0;
-}
-
 // F8. Issue 11: "Restart in O(1) of retained history". A compaction first marks the index
 // "in flux" (history_id = UINT64_MAX, synced); any stop that is not clean while it runs (kill
 // -9, power loss, OOM) leaves that mark, and the next open clears the index and reads EVERY
@@ -555,7 +533,7 @@ TEST(Review11b, OpeningAfterACompactionCutShortDoesNotReadAllHistory) {
     for (uint64_t k = 1000; k < 20000; k += 1000) keep.push_back(k);
     auto r = s->Compact(keep, h.last);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
-    history = HistoryFilesBytes(dir);
+    history = testing::HistoryFilesBytes(dir);
     first_through = r->compacted_through;
     std::printf("compacted through %llu: %llu bytes of history files\n",
                 static_cast<unsigned long long>(r->compacted_through),
@@ -564,10 +542,10 @@ TEST(Review11b, OpeningAfterACompactionCutShortDoesNotReadAllHistory) {
   }
   uint64_t clean_read;
   {
-    uint64_t before = ReadCharBytes();
+    uint64_t before = testing::ReadCharBytes();
     auto s = RecoveryStore::Open(dir, opts);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
-    clean_read = ReadCharBytes() - before;
+    clean_read = testing::ReadCharBytes() - before;
   }
   // What a compaction leaves when the process dies before its commit: a second one (of
   // fewer kept points, so all of it again) copied, files and index, as they are once its
@@ -595,12 +573,12 @@ TEST(Review11b, OpeningAfterACompactionCutShortDoesNotReadAllHistory) {
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     ASSERT_TRUE(copied);
   }
-  uint64_t before = ReadCharBytes();
+  uint64_t before = testing::ReadCharBytes();
   auto t0 = Clock::now();
   auto s = RecoveryStore::Open(cut, opts);
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
   ASSERT_TRUE(s.ok()) << s.status().ToString();
-  const uint64_t read = ReadCharBytes() - before;
+  const uint64_t read = testing::ReadCharBytes() - before;
   std::printf(
       "open after a clean stop read %llu bytes; after a compaction cut short %llu bytes "
       "(%lld ms); history files: %llu bytes\n",

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <set>
@@ -51,5 +53,29 @@ struct Churn {
     return "";
   }
 };
+
+// Bytes read through read(2)/pread(2) so far (the `rchar:` line of a /proc io file):
+// "/proc/self/io" for the process, "/proc/thread-self/io" for the calling thread only.
+inline uint64_t ReadCharBytes(const char* io_file = "/proc/self/io") {
+  std::ifstream in(io_file);
+  std::string key;
+  uint64_t v = 0;
+  while (in >> key >> v) {
+    if (key == "rchar:") return v;
+  }
+  return 0;
+}
+
+// The bytes of a store's history files (a missing folder: 0).
+inline uint64_t HistoryFilesBytes(const std::string& store_dir) {
+  uint64_t n = 0;
+  std::error_code ec;
+  for (auto& f : std::filesystem::directory_iterator(store_dir + "/history", ec)) {
+    std::error_code size_ec;
+    auto b = std::filesystem::file_size(f.path(), size_ec);
+    if (!size_ec) n += b;
+  }
+  return n;
+}
 
 }  // namespace osr::store::testing

@@ -18,7 +18,7 @@ int64_t NowNs() {
 
 namespace {
 
-constexpr int kSchemaVersion = 4;
+constexpr int kSchemaVersion = 5;
 
 // The newest schema, in both dialects: {id} a key numbered by the database, {int} a
 // 64-bit integer, {real} a double (see SchemaFor).
@@ -43,7 +43,7 @@ CREATE INDEX IF NOT EXISTS rpo_samples_vm ON rpo_samples(vm, time_ns);
 CREATE TABLE IF NOT EXISTS jobs(id {id}, type TEXT NOT NULL,
   vm TEXT NOT NULL, state TEXT NOT NULL, progress {int} NOT NULL, steps TEXT NOT NULL,
   error TEXT NOT NULL, result TEXT NOT NULL, args TEXT NOT NULL, created_ns {int} NOT NULL,
-  updated_ns {int} NOT NULL);
+  updated_ns {int} NOT NULL, cancel_requested {int} NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens(id {id}, name TEXT NOT NULL,
   role TEXT NOT NULL, secret_sha256 TEXT NOT NULL, created_ns {int} NOT NULL,
   expires_ns {int} NOT NULL, revoked_ns {int} NOT NULL DEFAULT 0,
@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS sessions(id_sha256 TEXT PRIMARY KEY, token_id {int} N
 CREATE TABLE IF NOT EXISTS audit(id {id}, time_ns {int} NOT NULL,
   principal TEXT NOT NULL, role TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
   status {int} NOT NULL, message TEXT NOT NULL, remote TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS lease(name TEXT PRIMARY KEY, holder TEXT NOT NULL,
+  token {int} NOT NULL, since_ms {int} NOT NULL, expires_ms {int} NOT NULL);
+CREATE TABLE IF NOT EXISTS instances(id TEXT PRIMARY KEY, host TEXT NOT NULL,
+  api TEXT NOT NULL, started_ms {int} NOT NULL, renewed_ms {int} NOT NULL);
 )sql";
 
 void ReplaceAll(std::string& s, std::string_view from, std::string_view to) {
@@ -143,10 +147,24 @@ Status Catalog::CreateOrUpgradeSchema() {
       OSR_RETURN_IF_ERROR(conn_->Script("UPDATE meta SET value='4' WHERE key='schema_version'"));
       version = 4;
     }
+    if (version == 4) {  // v5 added the lease, the instances and jobs.cancel_requested
+      OSR_ASSIGN_OR_RETURN(bool has_cancel, conn_->HasColumn("jobs", "cancel_requested"));
+      if (!has_cancel) {
+        OSR_RETURN_IF_ERROR(conn_->Script(
+            InDialect("ALTER TABLE jobs ADD COLUMN cancel_requested {int} NOT NULL DEFAULT 0",
+                      conn_->dialect())));
+      }
+      OSR_RETURN_IF_ERROR(conn_->Script("UPDATE meta SET value='5' WHERE key='schema_version'"));
+      version = 5;
+    }
     if (version != 0 && version != kSchemaVersion) {
       return Corruption(fmt::format("{} has schema {}, this osrd knows {}", conn_->name(), version,
                                     kSchemaVersion));
     }
+    // The one lease row, never held yet (token 0).
+    OSR_RETURN_IF_ERROR(
+        conn_->Exec("INSERT INTO lease(name, holder, token, since_ms, expires_ms) "
+                    "VALUES('leader', '', 0, 0, 0) ON CONFLICT(name) DO NOTHING"));
     return conn_->Exec(
         "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT(key) DO NOTHING",
         {std::to_string(kSchemaVersion)});
@@ -162,11 +180,69 @@ Status Catalog::Transact(const std::function<Status()>& body) {
   return TransactLocked(body);
 }
 
+namespace {
+// The fence of the calling thread's writes (FenceScope); nullptr: unfenced.
+thread_local LeaseFence* t_fence = nullptr;
+}  // namespace
+
+FenceScope::FenceScope(LeaseFence* fence) : outer_(t_fence) {
+  t_fence = fence;
+}
+
+FenceScope::~FenceScope() {
+  t_fence = outer_;
+}
+
+LeaseFence* FenceScope::Current() {
+  return t_fence;
+}
+
+Status Catalog::Fenced(const LeaseFence& fence) {
+  fenced_writes_.fetch_add(1);
+  return Status(Code::kFailedPrecondition,
+                fmt::format("fenced: vault instance {} no longer holds the lease (its token {} is "
+                            "not current): another vault leads; nothing was written",
+                            fence.holder(), fence.token()));
+}
+
+Status Catalog::CheckFenceLocked(LeaseFence& fence) {
+  bool pg = conn_->dialect() == SqlDialect::kPostgres;
+  if (pg) {
+    // A paused holder must not keep the row locked (and a takeover waiting) for long: the
+    // server ends this transaction when it idles longer than the lease's TTL.
+    OSR_RETURN_IF_ERROR(conn_->Script(fmt::format(
+        "SET LOCAL idle_in_transaction_session_timeout = {}", std::max(1000, fence.ttl_ms()))));
+  }
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      conn_->Query(std::string("SELECT token FROM lease WHERE name='leader' AND holder=? AND "
+                               "token=?") +
+                       (pg ? " FOR SHARE" : ""),
+                   {fence.holder(), fence.token()}));
+  if (!r.rows.empty()) return Status::Ok();
+  if (fence.Lose()) {
+    spdlog::error(
+        "vault: lease lost: instance {} (token {}) no longer holds the lease; its leader "
+        "work writes nothing from now on",
+        fence.holder(), fence.token());
+  }
+  return Fenced(fence);
+}
+
+Status Catalog::Write(const std::function<Status()>& body) {
+  std::lock_guard lock(mu_);
+  if (t_fence == nullptr || transaction_depth_ > 0) return body();
+  return TransactLocked(body);
+}
+
 Status Catalog::TransactLocked(const std::function<Status()>& body) {
   if (transaction_depth_ > 0) return body();  // joins the transaction under way
+  LeaseFence* fence = t_fence;
+  if (fence != nullptr && fence->lost()) return Fenced(*fence);  // nothing is sent
   OSR_RETURN_IF_ERROR(conn_->Begin());
   ++transaction_depth_;
-  Status st = body();
+  Status st = fence != nullptr ? CheckFenceLocked(*fence) : Status::Ok();
+  if (st.ok()) st = body();
   --transaction_depth_;
   if (st.ok()) {
     st = conn_->Commit();
@@ -227,11 +303,16 @@ Result<std::optional<T>> First(Result<std::vector<T>> rows) {
 }  // namespace
 
 Result<int64_t> Catalog::AddToken(const TokenRow& t) {
-  std::lock_guard lock(mu_);
-  return conn_->Insert(
-      "INSERT INTO tokens(name, role, secret_sha256, created_ns, expires_ns, created_by) "
-      "VALUES(?,?,?,?,?,?)",
-      {t.name, t.role, t.secret_sha256, t.created_ns, t.expires_ns, t.created_by});
+  int64_t id = 0;
+  OSR_RETURN_IF_ERROR(Write([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(
+        id, conn_->Insert(
+                "INSERT INTO tokens(name, role, secret_sha256, created_ns, expires_ns, created_by) "
+                "VALUES(?,?,?,?,?,?)",
+                {t.name, t.role, t.secret_sha256, t.created_ns, t.expires_ns, t.created_by}));
+    return Status::Ok();
+  }));
+  return id;
 }
 
 Result<std::optional<TokenRow>> Catalog::FindToken(int64_t id) {
@@ -258,8 +339,9 @@ Status Catalog::RevokeToken(int64_t id, int64_t now_ns) {
 }
 
 Status Catalog::TouchToken(int64_t id, int64_t now_ns) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec("UPDATE tokens SET last_used_ns=? WHERE id=?", {now_ns, id});
+  return Write([&] {
+    return conn_->Exec("UPDATE tokens SET last_used_ns=? WHERE id=?", {now_ns, id});
+  });
 }
 
 Status Catalog::AddSession(const SessionRow& r) {
@@ -286,8 +368,7 @@ Result<std::optional<SessionRow>> Catalog::FindSession(const std::string& id_sha
 }
 
 Status Catalog::DeleteSession(const std::string& id_sha256) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec("DELETE FROM sessions WHERE id_sha256=?", {id_sha256});
+  return Write([&] { return conn_->Exec("DELETE FROM sessions WHERE id_sha256=?", {id_sha256}); });
 }
 
 Status Catalog::AddAudit(const AuditRow& a) {
@@ -326,11 +407,12 @@ Result<std::vector<AuditRow>> Catalog::ListAudit(int64_t since_ns, size_t limit)
 // ---- Sites, policies, VMs ---------------------------------------------------------------
 
 Status Catalog::PutSite(const SiteRow& s) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "INSERT INTO sites(name, api, replication) VALUES(?,?,?) ON CONFLICT(name) DO UPDATE "
-      "SET api=excluded.api, replication=excluded.replication",
-      {s.name, s.api, s.replication});
+  return Write([&] {
+    return conn_->Exec(
+        "INSERT INTO sites(name, api, replication) VALUES(?,?,?) ON CONFLICT(name) DO UPDATE "
+        "SET api=excluded.api, replication=excluded.replication",
+        {s.name, s.api, s.replication});
+  });
 }
 
 namespace {
@@ -399,12 +481,13 @@ Result<std::optional<SiteRow>> Catalog::FindSite(const std::string& name) {
 }
 
 Status Catalog::PutPolicy(const PolicyRow& p) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s, compression, "
-      "bandwidth_bytes_per_second) VALUES(?,?,?,?,?,?)",
-      {p.name, p.retention_s, p.crash_interval_s, p.app_interval_s, p.compression,
-       p.bandwidth_bytes_per_second});
+  return Write([&] {
+    return conn_->Exec(
+        "INSERT INTO policies(name, retention_s, crash_interval_s, app_interval_s, compression, "
+        "bandwidth_bytes_per_second) VALUES(?,?,?,?,?,?)",
+        {p.name, p.retention_s, p.crash_interval_s, p.app_interval_s, p.compression,
+         p.bandwidth_bytes_per_second});
+  });
 }
 
 namespace {
@@ -429,17 +512,19 @@ Result<std::optional<PolicyRow>> Catalog::FindPolicy(const std::string& name) {
 }
 
 Status Catalog::PutVm(const VmRow& v) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "INSERT INTO vms(name, site, disks, spec) VALUES(?,?,?,?)",
-      {v.name, v.site, v.disks.dump(), v.spec.is_object() ? v.spec.dump() : std::string("{}")});
+  return Write([&] {
+    return conn_->Exec(
+        "INSERT INTO vms(name, site, disks, spec) VALUES(?,?,?,?)",
+        {v.name, v.site, v.disks.dump(), v.spec.is_object() ? v.spec.dump() : std::string("{}")});
+  });
 }
 
 Status Catalog::UpdateVm(const VmRow& v) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "UPDATE vms SET site=?, disks=?, spec=? WHERE name=?",
-      {v.site, v.disks.dump(), v.spec.is_object() ? v.spec.dump() : std::string("{}"), v.name});
+  return Write([&] {
+    return conn_->Exec(
+        "UPDATE vms SET site=?, disks=?, spec=? WHERE name=?",
+        {v.site, v.disks.dump(), v.spec.is_object() ? v.spec.dump() : std::string("{}"), v.name});
+  });
 }
 
 Result<std::vector<VmRow>> Catalog::ListVms() {
@@ -456,21 +541,21 @@ Result<std::optional<VmRow>> Catalog::FindVm(const std::string& name) {
 }
 
 Status Catalog::DeleteVm(const std::string& name) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec("DELETE FROM vms WHERE name=?", {name});
+  return Write([&] { return conn_->Exec("DELETE FROM vms WHERE name=?", {name}); });
 }
 
 // ---- Items and their RPO ----------------------------------------------------------------
 
 Status Catalog::PutItem(const ItemRow& i) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "INSERT INTO items(vm, source, target, policy, state, epoch, drill, failover) "
-      "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(vm) DO UPDATE SET source=excluded.source, "
-      "target=excluded.target, policy=excluded.policy, state=excluded.state, "
-      "epoch=excluded.epoch, drill=excluded.drill, failover=excluded.failover",
-      {i.vm, i.source, i.target, i.policy, i.state, static_cast<int64_t>(i.epoch), i.drill.dump(),
-       i.failover.dump()});
+  return Write([&] {
+    return conn_->Exec(
+        "INSERT INTO items(vm, source, target, policy, state, epoch, drill, failover) "
+        "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(vm) DO UPDATE SET source=excluded.source, "
+        "target=excluded.target, policy=excluded.policy, state=excluded.state, "
+        "epoch=excluded.epoch, drill=excluded.drill, failover=excluded.failover",
+        {i.vm, i.source, i.target, i.policy, i.state, static_cast<int64_t>(i.epoch), i.drill.dump(),
+         i.failover.dump()});
+  });
 }
 
 Result<std::vector<ItemRow>> Catalog::ListItems() {
@@ -488,8 +573,7 @@ Result<std::optional<ItemRow>> Catalog::FindItem(const std::string& vm) {
 }
 
 Status Catalog::DeleteItem(const std::string& vm) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec("DELETE FROM items WHERE vm=?", {vm});
+  return Write([&] { return conn_->Exec("DELETE FROM items WHERE vm=?", {vm}); });
 }
 
 Status Catalog::DeleteItemAndPoints(const std::string& vm) {
@@ -524,6 +608,25 @@ Result<std::vector<std::pair<int64_t, double>>> Catalog::ListRpoSamples(const st
   return out;
 }
 
+Result<std::vector<RpoSampleRow>> Catalog::ListLatestRpoSamples() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      // One index seek per item (rpo_samples_vm), not a scan of every sample.
+      Query("SELECT vm, t, r FROM (SELECT i.vm AS vm, (SELECT time_ns FROM rpo_samples s WHERE "
+            "s.vm = i.vm ORDER BY time_ns DESC LIMIT 1) AS t, (SELECT rpo_s FROM rpo_samples s "
+            "WHERE s.vm = i.vm ORDER BY time_ns DESC LIMIT 1) AS r FROM items i) latest WHERE t "
+            "IS NOT NULL ORDER BY vm"));
+  std::vector<RpoSampleRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "rpo_samples row");
+    RpoSampleRow row{s.Text(0), s.Int(1), s.Double(2)};
+    OSR_RETURN_IF_ERROR(s.status());
+    out.push_back(std::move(row));
+  }
+  return out;
+}
+
 // ---- Points -----------------------------------------------------------------------------
 
 Result<int64_t> Catalog::InsertPointLocked(const PointRow& p) {
@@ -532,8 +635,12 @@ Result<int64_t> Catalog::InsertPointLocked(const PointRow& p) {
 }
 
 Result<int64_t> Catalog::AddPoint(const PointRow& p) {
-  std::lock_guard lock(mu_);
-  return InsertPointLocked(p);
+  int64_t id = 0;
+  OSR_RETURN_IF_ERROR(Write([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(id, InsertPointLocked(p));
+    return Status::Ok();
+  }));
+  return id;
 }
 
 Result<std::vector<PointRow>> Catalog::ListPoints(const std::string& vm) {
@@ -556,13 +663,11 @@ Result<std::vector<PointRow>> Catalog::ListPoints(const std::string& vm) {
 }
 
 Status Catalog::DeletePoints(const std::string& vm) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec("DELETE FROM points WHERE vm=?", {vm});
+  return Write([&] { return conn_->Exec("DELETE FROM points WHERE vm=?", {vm}); });
 }
 
 Status Catalog::DeletePoint(int64_t id) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec("DELETE FROM points WHERE id=?", {id});
+  return Write([&] { return conn_->Exec("DELETE FROM points WHERE id=?", {id}); });
 }
 
 Result<int64_t> Catalog::AddPointAndPrune(const PointRow& p, const std::vector<int64_t>& prune) {
@@ -590,36 +695,45 @@ Result<std::optional<std::string>> Catalog::FindMeta(const std::string& key) {
 }
 
 Status Catalog::PutMeta(const std::string& key, const std::string& value) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "INSERT INTO meta(key, value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET "
-      "value=excluded.value",
-      {key, value});
+  return Write([&] {
+    return conn_->Exec(
+        "INSERT INTO meta(key, value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET "
+        "value=excluded.value",
+        {key, value});
+  });
 }
 
 // ---- Jobs -------------------------------------------------------------------------------
 
 Result<int64_t> Catalog::AddJob(const JobRow& j) {
-  std::lock_guard lock(mu_);
-  return conn_->Insert(
-      "INSERT INTO jobs(type, vm, state, progress, steps, error, result, args, created_ns, "
-      "updated_ns) VALUES(?,?,?,?,?,?,?,?,?,?)",
-      {j.type, j.vm, std::string(JobStateName(j.state)), int64_t{j.progress}, j.steps.dump(),
-       j.error, j.result.dump(), j.args.dump(), j.created_ns, j.updated_ns});
+  int64_t id = 0;
+  OSR_RETURN_IF_ERROR(Write([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(
+        id,
+        conn_->Insert(
+            "INSERT INTO jobs(type, vm, state, progress, steps, error, result, args, created_ns, "
+            "updated_ns) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            {j.type, j.vm, std::string(JobStateName(j.state)), int64_t{j.progress}, j.steps.dump(),
+             j.error, j.result.dump(), j.args.dump(), j.created_ns, j.updated_ns}));
+    return Status::Ok();
+  }));
+  return id;
 }
 
 Status Catalog::UpdateJob(const JobRow& j) {
-  std::lock_guard lock(mu_);
-  return conn_->Exec(
-      "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, args=?, updated_ns=? "
-      "WHERE id=?",
-      {std::string(JobStateName(j.state)), int64_t{j.progress}, j.steps.dump(), j.error,
-       j.result.dump(), j.args.dump(), j.updated_ns, j.id});
+  return Write([&] {
+    return conn_->Exec(
+        "UPDATE jobs SET state=?, progress=?, steps=?, error=?, result=?, args=?, updated_ns=? "
+        "WHERE id=?",
+        {std::string(JobStateName(j.state)), int64_t{j.progress}, j.steps.dump(), j.error,
+         j.result.dump(), j.args.dump(), j.updated_ns, j.id});
+  });
 }
 
 namespace {
 constexpr const char* kJobColumns =
-    "id, type, vm, state, progress, steps, error, result, args, created_ns, updated_ns";
+    "id, type, vm, state, progress, steps, error, result, args, created_ns, updated_ns, "
+    "cancel_requested";
 
 Result<std::vector<JobRow>> JobsFrom(const SqlResult& r) {
   std::vector<JobRow> out;
@@ -637,6 +751,7 @@ Result<std::vector<JobRow>> JobsFrom(const SqlResult& r) {
     j.args = s.Json(8);
     j.created_ns = s.Int(9);
     j.updated_ns = s.Int(10);
+    j.cancel_requested = s.Int(11) != 0;
     OSR_RETURN_IF_ERROR(s.status());
     std::optional<JobState> state = JobStateFromName(state_name);
     j.state = state.value_or(JobState::kFailed);
@@ -662,11 +777,172 @@ Result<std::vector<JobRow>> Catalog::ListJobs(const std::string& vm,
   return JobsFrom(r);
 }
 
+Result<std::vector<JobRow>> Catalog::ListJobTimes() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r, Query("SELECT id, type, state, created_ns, updated_ns FROM jobs ORDER BY id"));
+  std::vector<JobRow> out;
+  out.reserve(r.rows.size());
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "jobs row");
+    JobRow j;
+    j.id = s.Int(0);
+    j.type = s.Text(1);
+    std::string state_name = s.Text(2);
+    j.created_ns = s.Int(3);
+    j.updated_ns = s.Int(4);
+    OSR_RETURN_IF_ERROR(s.status());
+    // As ListJobs: a state this build does not know reads as Failed.
+    j.state = JobStateFromName(state_name).value_or(JobState::kFailed);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
 Result<std::optional<JobRow>> Catalog::FindJob(int64_t id) {
   std::lock_guard lock(mu_);
   OSR_ASSIGN_OR_RETURN(SqlResult r,
                        Query(fmt::format("SELECT {} FROM jobs WHERE id=?", kJobColumns), {id}));
   return First(JobsFrom(r));
+}
+
+Result<bool> Catalog::Changed(std::string_view sql, const std::vector<SqlValue>& params) {
+  bool changed = false;
+  OSR_RETURN_IF_ERROR(Write([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(SqlResult r, conn_->Query(sql, params));
+    changed = !r.rows.empty();
+    return Status::Ok();
+  }));
+  return changed;
+}
+
+Result<bool> Catalog::ClaimJob(int64_t id, int64_t now_ns) {
+  return Changed(
+      "UPDATE jobs SET state='Running', updated_ns=? WHERE id=? AND state='Queued' AND "
+      "cancel_requested=0 RETURNING id",
+      {now_ns, id});
+}
+
+Result<bool> Catalog::CancelQueuedJob(int64_t id, const std::string& error, int64_t now_ns) {
+  return Changed(
+      "UPDATE jobs SET state='Cancelled', error=?, updated_ns=? WHERE id=? AND state='Queued' "
+      "RETURNING id",
+      {error, now_ns, id});
+}
+
+Result<bool> Catalog::RequestJobCancel(int64_t id) {
+  return Changed(
+      "UPDATE jobs SET cancel_requested=1 WHERE id=? AND state IN ('Queued', 'Running') "
+      "RETURNING id",
+      {id});
+}
+
+// ---- The lease --------------------------------------------------------------------------
+
+std::string Catalog::NowMs() const {
+  return conn_->dialect() == SqlDialect::kPostgres
+             ? "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+             : "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+}
+
+Status Catalog::PutInstance(const InstanceRow& i) {
+  constexpr int64_t kInstanceForgottenMs = 24 * 3600 * 1000;
+  return Transact([&]() -> Status {
+    OSR_RETURN_IF_ERROR(conn_->Exec(
+        fmt::format("DELETE FROM instances WHERE renewed_ms < {} - ? AND id <> ?", NowMs()),
+        {kInstanceForgottenMs, i.id}));
+    return conn_->Exec(fmt::format("INSERT INTO instances(id, host, api, started_ms, renewed_ms) "
+                                   "VALUES(?, ?, ?, {0}, {0}) ON CONFLICT(id) DO UPDATE SET "
+                                   "host=excluded.host, api=excluded.api, renewed_ms={0}",
+                                   NowMs()),
+                       {i.id, i.host, i.api});
+  });
+}
+
+Status Catalog::DeleteInstance(const std::string& id) {
+  return Write([&] { return conn_->Exec("DELETE FROM instances WHERE id=?", {id}); });
+}
+
+namespace {
+Result<LeaseRow> LeaseFrom(const SqlResult& r) {
+  if (r.rows.size() != 1) return Corruption("catalog lease: the row 'leader' is missing");
+  SqlRow s(r, 0, "lease row 'leader'");
+  LeaseRow l{s.Text(0), s.Int(1), s.Int(2), s.Int(3), s.Int(4)};
+  OSR_RETURN_IF_ERROR(s.status());
+  return l;
+}
+}  // namespace
+
+Result<std::optional<LeaseRow>> Catalog::AcquireLease(const InstanceRow& holder, int64_t ttl_ms) {
+  std::optional<LeaseRow> got;
+  OSR_RETURN_IF_ERROR(Transact([&]() -> Status {
+    if (conn_->dialect() == SqlDialect::kPostgres) {
+      // A fenced write of the old holder under way (or paused) locks the row: do not wait
+      // long for it, try again at the next turn.
+      OSR_RETURN_IF_ERROR(conn_->Script("SET LOCAL lock_timeout = 1000"));
+    }
+    OSR_ASSIGN_OR_RETURN(
+        SqlResult r,
+        conn_->Query(fmt::format("UPDATE lease SET holder=?, token=token+1, since_ms={0}, "
+                                 "expires_ms={0}+? WHERE name='leader' AND (holder='' OR "
+                                 "expires_ms <= {0} OR holder IN (SELECT id FROM instances "
+                                 "WHERE host=? AND api=? AND id <> ?)) "
+                                 "RETURNING holder, token, since_ms, expires_ms, {0}",
+                                 NowMs()),
+                     {holder.id, ttl_ms, holder.host, holder.api, holder.id}));
+    if (r.rows.empty()) return Status::Ok();
+    OSR_ASSIGN_OR_RETURN(LeaseRow l, LeaseFrom(r));
+    got = l;
+    return Status::Ok();
+  }));
+  return got;
+}
+
+Result<bool> Catalog::RenewLease(const std::string& holder, int64_t token, int64_t ttl_ms) {
+  bool renewed = false;
+  OSR_RETURN_IF_ERROR(Transact([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(
+        SqlResult r,
+        conn_->Query(fmt::format("UPDATE lease SET expires_ms={0}+? WHERE name='leader' AND "
+                                 "holder=? AND token=? RETURNING token",
+                                 NowMs()),
+                     {ttl_ms, holder, token}));
+    renewed = !r.rows.empty();
+    return conn_->Exec(fmt::format("UPDATE instances SET renewed_ms={} WHERE id=?", NowMs()),
+                       {holder});
+  }));
+  return renewed;
+}
+
+Status Catalog::ReleaseLease(const std::string& holder, int64_t token) {
+  return Write([&] {
+    return conn_->Exec(
+        "UPDATE lease SET holder='', expires_ms=0 WHERE name='leader' AND holder=? AND token=?",
+        {holder, token});
+  });
+}
+
+Result<LeaseRow> Catalog::ReadLease() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(
+      SqlResult r,
+      Query(fmt::format(
+          "SELECT holder, token, since_ms, expires_ms, {} FROM lease WHERE name='leader'",
+          NowMs())));
+  return LeaseFrom(r);
+}
+
+Result<std::vector<InstanceRow>> Catalog::ListInstances() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r, Query("SELECT id, host, api, started_ms, renewed_ms FROM "
+                                          "instances ORDER BY started_ms, id"));
+  std::vector<InstanceRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow s(r, i, "instances row");
+    out.push_back({s.Text(0), s.Text(1), s.Text(2), s.Int(3), s.Int(4)});
+    OSR_RETURN_IF_ERROR(s.status());
+  }
+  return out;
 }
 
 // ---- The short read forms -----------------------------------------------------------------

@@ -12,6 +12,7 @@
 // low: jobs and points, not data). A Transact() body holds mu_ for its whole run.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -83,6 +84,9 @@ struct JobRow {
   nlohmann::json args;
   int64_t created_ns = 0;
   int64_t updated_ns = 0;
+  // An operator asked a vault that does not run the job to cancel it: the leader acts on
+  // it (jobs.cancel_requested; never written by UpdateJob).
+  bool cancel_requested = false;
 };
 
 // An API token (vault/auth.h). Only the SHA-256 of its secret is kept.
@@ -121,6 +125,83 @@ struct AuditRow {
 };
 
 inline constexpr int64_t kAuditRowsMax = 100000;
+
+// ---- The lease: which vault instance leads (docs/formats.md, "lease", "instances") ------
+//
+// One row says which instance holds the lease, under which fencing token, until when.
+// Every time is the database's clock in ms since 1970 (PostgreSQL's clock_timestamp(),
+// SQLite's julianday('now')): expiry is judged by one clock, never by comparing hosts'.
+
+struct LeaseRow {
+  std::string holder;      // the instance id; "" when nobody holds it
+  int64_t token = 0;       // grows by one with every new holder (0: never held)
+  int64_t since_ms = 0;    // when the holder took it
+  int64_t expires_ms = 0;  // when it lapses unless renewed
+  int64_t now_ms = 0;      // the database's clock when this was read
+};
+
+// One `osrd vault` process on this catalog.
+struct InstanceRow {
+  std::string id;  // random, new at each start
+  std::string host;
+  std::string api;  // HOST:PORT it serves the REST API on
+  int64_t started_ms = 0;
+  int64_t renewed_ms = 0;  // the last time it said it lives (its lease thread)
+};
+
+// The fence of one leadership term: the holder and token the lease was taken with.
+//
+// The mechanism: a thread that does leader work (the job workers, the point loop, the job
+// poll, the lease thread while it resumes jobs) runs under a FenceScope naming the term's
+// fence. Every catalog write made on such a thread runs in a transaction whose first
+// statement checks that the lease row still names this holder and token (PostgreSQL:
+// SELECT ... FOR SHARE, so a takeover's UPDATE waits for the write to end; SQLite: its
+// write lock, taken at BEGIN). A lease taken over since (a paused old leader) fails the
+// write with kFailedPrecondition ("fenced: ..."), writes nothing and marks the fence lost:
+// every later write of the term fails at once without asking the database. Writes of
+// threads without a scope (API handlers: a queued job, a site, a token) are not fenced.
+//
+// Thread model: thread-safe (atomics); owned by the lease keeper (vault/lease.h), borrowed
+// by the term's threads, which end before it goes.
+class LeaseFence {
+ public:
+  LeaseFence(std::string holder, int64_t token, int ttl_ms)
+      : holder_(std::move(holder)), token_(token), ttl_ms_(ttl_ms) {}
+  const std::string& holder() const { return holder_; }
+  int64_t token() const { return token_; }
+  int ttl_ms() const { return ttl_ms_; }
+  bool lost() const { return lost_.load(); }
+  // Marks the term over; true for the call that did (the first).
+  bool Lose() { return !lost_.exchange(true); }
+
+ private:
+  const std::string holder_;
+  const int64_t token_;
+  const int ttl_ms_;  // a fenced PostgreSQL transaction left open is ended after this
+  std::atomic<bool> lost_{false};
+};
+
+// Fences the calling thread's catalog writes with `fence` (borrowed; nullptr: unfenced)
+// while it lives. Scopes nest; the innermost one counts.
+class FenceScope {
+ public:
+  explicit FenceScope(LeaseFence* fence);
+  ~FenceScope();
+  // The calling thread's fence (nullptr: its writes are not fenced).
+  static LeaseFence* Current();
+  FenceScope(const FenceScope&) = delete;
+  FenceScope& operator=(const FenceScope&) = delete;
+
+ private:
+  LeaseFence* outer_;
+};
+
+// An item's RPO as the point loop sampled it (rpo_samples).
+struct RpoSampleRow {
+  std::string vm;
+  int64_t time_ns = 0;  // when it was sampled (the vault's wall clock)
+  double rpo_s = 0;
+};
 
 class Catalog {
  public:
@@ -173,6 +254,35 @@ class Catalog {
   Status AddAudit(const AuditRow& a);
   Result<int64_t> AddJob(const JobRow& j);
   Status UpdateJob(const JobRow& j);
+  // Queued -> Running, only if it is still Queued and nobody asked to cancel it: whether it
+  // was (false: another vault took it, it ended or a cancel is asked).
+  Result<bool> ClaimJob(int64_t id, int64_t now_ns);
+  // Queued -> Cancelled with `error`, only if it is still Queued: whether it was.
+  Result<bool> CancelQueuedJob(int64_t id, const std::string& error, int64_t now_ns);
+  // Sets the job's cancel_requested (for the vault that runs it): whether the job was
+  // Queued or Running (false: it had ended, or there is no such job).
+  Result<bool> RequestJobCancel(int64_t id);
+
+  // ---- the lease (see LeaseRow) -------------------------------------------------------
+  // Says that instance `i` lives: inserts it (started now) or renews it (renewed now), and
+  // drops instances not renewed for a day.
+  Status PutInstance(const InstanceRow& i);
+  Status DeleteInstance(const std::string& id);
+  // Takes the lease for `holder` for ttl_ms, in one statement, when nobody holds it, it
+  // lapsed, or its holder is an earlier life of this one (an instance of the same host and
+  // API address: that address is ours now, so that process is gone). The new lease, with
+  // a token one above the last; nullopt when another instance holds it. kUnavailable when
+  // the database cannot be reached or the lease row is locked by a write under way.
+  Result<std::optional<LeaseRow>> AcquireLease(const InstanceRow& holder, int64_t ttl_ms);
+  // Extends the lease by ttl_ms from now if `holder` still holds it under `token` (and
+  // renews the instance), in one transaction: whether it did (false: lost).
+  Result<bool> RenewLease(const std::string& holder, int64_t token, int64_t ttl_ms);
+  // Gives the lease up (holder ""), if `holder` holds it under `token`.
+  Status ReleaseLease(const std::string& holder, int64_t token);
+  Result<LeaseRow> ReadLease();
+  Result<std::vector<InstanceRow>> ListInstances();  // by start, oldest first
+  // Catalog writes this process refused because its fence was lost (see LeaseFence).
+  int64_t fenced_writes() const { return fenced_writes_.load(); }
 
   // ---- reads --------------------------------------------------------------------------
   // Find*: std::nullopt when there is no such row; List*: every row, in the order said.
@@ -187,6 +297,8 @@ class Catalog {
   // The item's RPO samples since since_ns, oldest first: (time_ns, rpo_s).
   Result<std::vector<std::pair<int64_t, double>>> ListRpoSamples(const std::string& vm,
                                                                  int64_t since_ns);
+  // The newest RPO sample of every item that has one, by VM (one query: /metrics).
+  Result<std::vector<RpoSampleRow>> ListLatestRpoSamples();
   Result<std::vector<PointRow>> ListPoints(const std::string& vm);  // by seq, then id
   Result<std::optional<std::string>> FindMeta(const std::string& key);
   Result<std::optional<TokenRow>> FindToken(int64_t id);
@@ -199,6 +311,9 @@ class Catalog {
   Result<std::vector<JobRow>> ListJobs(const std::string& vm = "",
                                        std::optional<JobState> state = std::nullopt);
   Result<std::optional<JobRow>> FindJob(int64_t id);
+  // Every job, oldest first, with only id, type, state, created_ns and updated_ns read
+  // (the rest left empty): /metrics, without parsing every job's steps.
+  Result<std::vector<JobRow>> ListJobTimes();
 
   // The short forms of the reads above, for the callers that do not handle a failed
   // read yet: a failure is logged (naming the database) and reads as no rows. New code
@@ -228,11 +343,20 @@ class Catalog {
   Result<int64_t> InsertPointLocked(const PointRow& p);  // holds mu_
   Result<SqlResult> Query(std::string_view sql, const std::vector<SqlValue>& params = {});
   Status TransactLocked(const std::function<Status()>& body);  // holds mu_
+  // A write: joins a transaction under way; on a fenced thread, in its own transaction
+  // that checks the fence first; else as one statement.
+  Status Write(const std::function<Status()>& body);
+  Status CheckFenceLocked(LeaseFence& fence);  // holds mu_, in a transaction
+  Status Fenced(const LeaseFence& fence);
+  // The query's rows: whether it returned any (UPDATE ... RETURNING).
+  Result<bool> Changed(std::string_view sql, const std::vector<SqlValue>& params);
+  std::string NowMs() const;  // SQL for the database's clock in ms since 1970
 
   // Recursive: a Transact() body calls the public methods, which lock it again.
   std::recursive_mutex mu_;
   std::unique_ptr<SqlConnection> conn_;  // guarded by mu_
   int transaction_depth_ = 0;            // guarded by mu_
+  std::atomic<int64_t> fenced_writes_{0};
 };
 
 int64_t NowNs();

@@ -128,6 +128,36 @@ CREATE TABLE jobs(id {id}, type TEXT NOT NULL, vm TEXT NOT NULL, state TEXT NOT 
   progress {int} NOT NULL, steps TEXT NOT NULL, error TEXT NOT NULL, result TEXT NOT NULL,
   args TEXT NOT NULL, created_ns {int} NOT NULL, updated_ns {int} NOT NULL);
 )sql"},
+    {4, R"sql(
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES('schema_version','4');
+CREATE TABLE sites(name TEXT PRIMARY KEY, api TEXT NOT NULL, replication TEXT NOT NULL);
+CREATE TABLE policies(name TEXT PRIMARY KEY, retention_s {int} NOT NULL,
+  crash_interval_s {int} NOT NULL, app_interval_s {int} NOT NULL,
+  compression TEXT NOT NULL DEFAULT 'lz4', bandwidth_bytes_per_second {int} NOT NULL DEFAULT 0);
+CREATE TABLE vms(name TEXT PRIMARY KEY, site TEXT NOT NULL, disks TEXT NOT NULL,
+  spec TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE items(vm TEXT PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL,
+  policy TEXT NOT NULL, state TEXT NOT NULL, epoch {int} NOT NULL, drill TEXT NOT NULL,
+  failover TEXT NOT NULL DEFAULT 'null');
+CREATE TABLE points(id {id}, vm TEXT NOT NULL, seq {int} NOT NULL, time_ns {int} NOT NULL,
+  type TEXT NOT NULL);
+CREATE INDEX points_vm ON points(vm, seq);
+CREATE TABLE rpo_samples(vm TEXT NOT NULL, time_ns {int} NOT NULL, rpo_s {real} NOT NULL);
+CREATE INDEX rpo_samples_vm ON rpo_samples(vm, time_ns);
+CREATE TABLE jobs(id {id}, type TEXT NOT NULL, vm TEXT NOT NULL, state TEXT NOT NULL,
+  progress {int} NOT NULL, steps TEXT NOT NULL, error TEXT NOT NULL, result TEXT NOT NULL,
+  args TEXT NOT NULL, created_ns {int} NOT NULL, updated_ns {int} NOT NULL);
+CREATE TABLE tokens(id {id}, name TEXT NOT NULL, role TEXT NOT NULL,
+  secret_sha256 TEXT NOT NULL, created_ns {int} NOT NULL, expires_ns {int} NOT NULL,
+  revoked_ns {int} NOT NULL DEFAULT 0, last_used_ns {int} NOT NULL DEFAULT 0,
+  created_by TEXT NOT NULL DEFAULT '');
+CREATE TABLE sessions(id_sha256 TEXT PRIMARY KEY, token_id {int} NOT NULL, csrf TEXT NOT NULL,
+  created_ns {int} NOT NULL, expires_ns {int} NOT NULL);
+CREATE TABLE audit(id {id}, time_ns {int} NOT NULL, principal TEXT NOT NULL,
+  role TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL, status {int} NOT NULL,
+  message TEXT NOT NULL, remote TEXT NOT NULL);
+)sql"},
 };
 
 constexpr const char* kOldRows = R"sql(
@@ -146,7 +176,7 @@ TEST_P(CatalogTest, UpgradesEveryOlderSchema) {
   for (const auto& old : kOldSchemas) {
     SCOPED_TRACE(::testing::Message() << "from schema " << old.version);
     for (const char* t : {"meta", "sites", "policies", "vms", "items", "points", "jobs",
-                          "rpo_samples", "tokens", "sessions", "audit"}) {
+                          "rpo_samples", "tokens", "sessions", "audit", "lease", "instances"}) {
       ASSERT_TRUE(RawSql(std::string("DROP TABLE IF EXISTS ") + t).ok());
     }
     ASSERT_TRUE(RawSql(InBackend(old.sql)).ok());
@@ -174,7 +204,10 @@ TEST_P(CatalogTest, UpgradesEveryOlderSchema) {
       // New ids follow the old ones.
       EXPECT_GT((*c)->AddPoint({0, "vm1", 10, 200, "crash"}).value(),
                 (*c)->ListPoints("vm1").value().at(0).id);
-      EXPECT_EQ((*c)->FindMeta("schema_version").value().value_or(""), "4");
+      EXPECT_EQ((*c)->FindMeta("schema_version").value().value_or(""), "5");
+      // v5: the lease row (never held) and the jobs' cancel flag.
+      EXPECT_EQ((*c)->ReadLease().value().token, 0);
+      EXPECT_FALSE((*c)->ListJobs().value().at(0).cancel_requested);
     }
     // And it opens again as it is.
     EXPECT_TRUE(Catalog::Open(db_).ok());

@@ -9,7 +9,8 @@
 // timeout (SiteClient: 30 s at most), and the job stops at its next wait or step.
 //
 // Thread model: a JobCancel is shared by the job's thread (waits) and the threads that
-// cancel (an HTTP handler, Stop); its mutex guards the reason. Steps belongs to the job's
+// cancel (an HTTP handler, Stop, the lease keeper); its mutex guards the reason. Made on a
+// job worker, it also reads that worker's lease fence. Steps belongs to the job's
 // thread.
 #pragma once
 
@@ -32,6 +33,8 @@ class JobCancel {
     kNone,
     kCancelled,      // an operator asked (osr job cancel, osr unprotect)
     kVaultStopping,  // the vault stops: the job fails, saying so (as before cancelling existed)
+    kLeaseLost,      // this vault no longer leads: it stops without writing (vault/lease.h);
+                     // the vault that leads now resumes the job
   };
   // Sets the reason (the first one wins) and wakes every wait.
   void Cancel(Reason why) {
@@ -41,18 +44,30 @@ class JobCancel {
     }
     cv_.notify_all();
   }
+  // A job of a leader whose fence is lost (a write of it was refused, or the lease thread
+  // saw the lease gone) reads as kLeaseLost at once, before anyone cancels it: it must
+  // not go on, nor undo anything, with what it knew before.
   Reason reason() const {
     std::lock_guard lock(mu_);
+    if (why_ == Reason::kNone && fence_ != nullptr && fence_->lost()) return Reason::kLeaseLost;
     return why_;
   }
   // Ok while nobody asked the job to stop; else kCancelled or kUnavailable (the vault
   // stops), saying so.
   Status Check() const { return StatusOf(reason()); }
+  // Whether the vault stops the job (it stops, or lost the lease), not an operator: the
+  // job leaves everything as it is, to be resumed.
+  bool ByVault() const {
+    Reason why = reason();
+    return why == Reason::kVaultStopping || why == Reason::kLeaseLost;
+  }
   // Waits `d`, or less when the job is asked to stop; then Check().
   Status Sleep(std::chrono::milliseconds d) {
-    std::unique_lock lock(mu_);
-    cv_.wait_for(lock, d, [&] { return why_ != Reason::kNone; });
-    return StatusOf(why_);
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait_for(lock, d, [&] { return why_ != Reason::kNone; });
+    }
+    return Check();
   }
 
  private:
@@ -64,12 +79,17 @@ class JobCancel {
         return Status(Code::kCancelled, "cancelled");
       case Reason::kVaultStopping:
         return Unavailable("the vault stopped");
+      case Reason::kLeaseLost:
+        return Unavailable("this vault no longer leads: the vault that leads resumes the job");
     }
     return Status::Ok();
   }
   mutable std::mutex mu_;
   std::condition_variable cv_;
   Reason why_ = Reason::kNone;  // guarded by mu_
+  // The fence of the thread that made the token (a job worker's term; nullptr elsewhere),
+  // borrowed: the term outlives its jobs.
+  const LeaseFence* const fence_ = FenceScope::Current();
 };
 
 // `st`, saying that recording its outcome in the catalog failed too.

@@ -242,53 +242,17 @@ Result<std::unique_ptr<Vault>> Vault::Start(const VaultConfig& cfg) {
   // The start reads the catalog through the Result forms: a catalog that cannot be read
   // fails the start instead of reading as empty.
   OSR_ASSIGN_OR_RETURN(std::optional<PolicyRow> default_policy, v->catalog_->FindPolicy("default"));
-  if (!default_policy) OSR_RETURN_IF_ERROR(v->catalog_->PutPolicy(PolicyRow{"default"}));
-  // Jobs that were running when the vault stopped: the workflows resume (each step is
-  // safe to run again and what they decided is in their args); drills do not (their item
-  // is in a state the operator can act on: run the drill or its cleanup again).
-  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> running, v->catalog_->ListJobs("", JobState::kRunning));
-  for (auto& j : running) {
-    static const std::set<std::string> kResumable = {"enable-protection", "failover",
-                                                     "change-point", "commit", "reprotect"};
-    j.updated_ns = NowNs();
-    // The step under way when the vault stopped ends here, saying so (it is done again,
-    // or the job ends, below); no step is left Running beside the ones that follow.
-    for (auto& step : j.steps) {
-      if (!step.is_object()) continue;
-      json_in::Fields sf(step);  // a row read back is input: no throwing accessors
-      std::string state = sf.String("state", ""), was = sf.String("message", "");
-      if (!sf.ok() || state != "Running") continue;
-      step["state"] = JobStateName(JobState::kFailed);
-      step["message"] = "cut short: the vault stopped" + (was.empty() ? "" : " (at: " + was + ")");
-    }
-    if (kResumable.count(j.type)) {
-      j.state = JobState::kQueued;
-      j.steps.push_back({{"name", "The vault restarted: resuming"},
-                         {"state", JobStateName(JobState::kSucceeded)},
-                         {"message", ""}});
-      j.args["resumed"] = j.args.value("resumed", 0) + 1;
-    } else {
-      j.state = JobState::kFailed;
-      j.error =
-          "the vault stopped while this job ran; the item was left as the last finished "
-          "step left it — run the operation again";
-    }
-    // Unrecorded, the job would stay Running and never be queued again: the start fails.
-    if (Status st = v->catalog_->UpdateJob(j); !st.ok()) {
-      return Status(st.code(),
-                    fmt::format("job {}: recording its restart: {}", j.id, st.message()));
-    }
+  if (!default_policy) {
+    Status made = v->catalog_->PutPolicy(PolicyRow{"default"});
+    // Another vault starting on the same catalog may have made it first.
+    if (!made.ok() && made.code() != Code::kAlreadyExists) return made;
   }
   OSR_ASSIGN_OR_RETURN(v->api_, VaultApi::Create(v.get(), cfg.api));
   OSR_RETURN_IF_ERROR(v->api_->Listen().status());
-  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> queued, v->catalog_->ListJobs("", JobState::kQueued));
-  for (auto& j : queued) v->queue_.push_back({j.id, j.vm});
-  Vault* vp = v.get();
+  // Leads (resuming the jobs left running, starting jobs and points) when it holds the
+  // lease; follows otherwise (vault_leader.cc).
+  OSR_RETURN_IF_ERROR(v->StartLease());
   v->api_->Start();
-  for (int i = 0; i < std::max(1, cfg.job_workers); ++i) {
-    v->job_threads_.emplace_back([vp] { vp->JobLoop(); });
-  }
-  v->point_thread_ = std::thread([vp] { vp->PointLoop(); });
   return v;
 }
 
@@ -312,6 +276,9 @@ Vault::~Vault() {
 
 void Vault::Stop() {
   stopping_ = true;
+  // A leader hands over first: its jobs stop unwritten and stay Running in the catalog,
+  // for the next leader (another vault, or this one restarted) to resume.
+  StopLease();
   {
     std::lock_guard lock(mu_);
     if (stop_) return;
@@ -1202,7 +1169,7 @@ Result<json> Vault::Submit(const std::string& type, const std::string& vm, const
   OSR_ASSIGN_OR_RETURN(j.id, catalog_->AddJob(j));
   {
     std::lock_guard lock(mu_);
-    queue_.push_back({j.id, j.vm});
+    if (leading_) queue_.push_back({j.id, j.vm});  // else the leader's poll takes it
   }
   cv_.notify_all();
   return JobJson(j);
@@ -1221,8 +1188,9 @@ void Vault::JobLoop() {
         return std::find_if(queue_.begin(), queue_.end(),
                             [&](const QueuedJob& q) { return !busy_vms_.count(q.vm); });
       };
-      cv_.wait(lock, [&] { return stop_ || (jobs_started_ && pick() != queue_.end()); });
-      if (stop_) return;
+      cv_.wait(lock,
+               [&] { return stop_ || leader_stop_ || (jobs_started_ && pick() != queue_.end()); });
+      if (stop_ || leader_stop_) return;
       auto it = pick();
       id = it->id;
       vm = it->vm;
@@ -1247,9 +1215,12 @@ void Vault::JobLoop() {
     } release{this, vm, id};
     auto j = catalog_->Job(id);
     if (!j) continue;
-    j->state = JobState::kRunning;
+    // Taken in the catalog first: a job cancelled (or taken) meanwhile does not run.
     j->updated_ns = NowNs();
-    LogIfFailed(catalog_->UpdateJob(*j), fmt::format("job {}: recording that it runs", id));
+    Result<bool> claimed = catalog_->ClaimJob(id, j->updated_ns);
+    LogIfFailed(claimed.status(), fmt::format("job {}: recording that it runs", id));
+    if (!claimed.ok() || !*claimed) continue;
+    j->state = JobState::kRunning;
     try {
       RunJob(*j, cancel);
     } catch (const std::exception& e) {
@@ -1274,14 +1245,12 @@ void Vault::JobLoop() {
 // ---- cancelling jobs ------------------------------------------------------------------
 
 Result<bool> Vault::RequestCancel(int64_t id) {
-  bool was_queued = false;
   {
     std::lock_guard lock(mu_);
     auto q =
         std::find_if(queue_.begin(), queue_.end(), [&](const QueuedJob& j) { return j.id == id; });
     if (q != queue_.end()) {
       queue_.erase(q);
-      was_queued = true;
     } else if (auto r = running_.find(id); r != running_.end()) {
       r->second->Cancel(JobCancel::Reason::kCancelled);
       return true;
@@ -1289,17 +1258,16 @@ Result<bool> Vault::RequestCancel(int64_t id) {
   }
   auto j = catalog_->Job(id);
   if (!j) return NotFound(fmt::format("no job {}", id));
-  if (!was_queued) return false;
-  // Taken off the queue before it ran: nothing was changed.
-  j->state = JobState::kCancelled;
-  j->error = "cancelled before it started: nothing was changed";
-  j->updated_ns = NowNs();
-  OSR_RETURN_IF_ERROR(catalog_->UpdateJob(*j));
-  return true;
+  // Taken off the queue before it ran (or queued or run by another vault).
+  return RequestCancelElsewhere(*j);
 }
 
 bool Vault::WaitJobStopped(int64_t id) {
   std::unique_lock lock(mu_);
+  if (!leading_ && !running_.count(id)) {
+    lock.unlock();
+    return WaitJobEndedInCatalog(id);  // the leader runs it
+  }
   return cv_.wait_for(lock, std::chrono::milliseconds(cfg_.job_cancel_wait_ms_max),
                       [&] { return !running_.count(id); });
 }
@@ -1473,7 +1441,7 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, c
   // store removed, the item deleted — the VM is unprotected again and can be protected
   // anew. The job says so, or names what could not be removed.
   auto undo = [&](const Status& st, bool replication_started, bool store_made) {
-    if (steps.cancel() && steps.cancel()->reason() == JobCancel::Reason::kVaultStopping) {
+    if (steps.cancel() && steps.cancel()->ByVault()) {
       // Not the operator's wish: everything stays as it is (unprotect, or protect again).
       return steps.Fail(st);
     }
@@ -1701,7 +1669,7 @@ void Vault::PointLoop() {
     {
       std::unique_lock lock(mu_);
       if (cv_.wait_for(lock, std::chrono::milliseconds(cfg_.point_tick_ms),
-                       [&] { return stop_; })) {
+                       [&] { return stop_ || leader_stop_; })) {
         return;
       }
     }
@@ -1753,6 +1721,7 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo) {
   if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item);
   if (sample_rpo && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
     json shown = ItemJson(item);
+    if (shown["health"].is_string()) health_board_.Note(item.vm, shown["health"], tick_ns);
     if (shown["rpo_seconds"].is_number()) {
       LogIfFailed(catalog_->AddRpoSample(item.vm, tick_ns, shown["rpo_seconds"].get<double>(),
                                          tick_ns - kRpoKeepNs),

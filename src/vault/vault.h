@@ -24,6 +24,12 @@
 // retention decides and deletes); clock_mu_ the clock watch (taken after points_mu_ when
 // both are); the catalog is thread-safe.
 //
+// Several vaults (vault/lease.h): every instance serves the API; the job workers, the point
+// thread and the job poll run only while this instance holds the lease, each under the
+// term's fence (vault/catalog.h, LeaseFence), and are joined when it is lost. A job
+// submitted through a follower waits Queued in the catalog until the leader's poll takes
+// it; a cancel asked through a follower is a flag in the job's row.
+//
 // Cancelling (CancelJob, and Unprotect for the item's jobs): a queued job ends Cancelled at
 // once; a running one is asked through its JobCancel and stops at its next wait, its last
 // step saying what it leaves behind; the caller waits for it, bounded by
@@ -50,6 +56,8 @@
 #include "vault/clock_watch.h"
 #include "vault/hooks.h"
 #include "vault/job_steps.h"
+#include "vault/lease.h"
+#include "vault/metrics.h"
 #include "vault/vault_api.h"
 
 namespace osr::vault {
@@ -74,6 +82,10 @@ struct VaultConfig {
   // time for this long (vault/clock_watch.h).
   int64_t clock_settle_ms = ClockWatch::kSettleNsDefault / 1000000;
   Clock* clock = nullptr;  // the clock seam (tests); nullptr: the real clock
+  // Several vaults on one catalog: the lease's time to live (vault/lease.h); the leader
+  // renews it every third of it, another instance takes over this long after its last
+  // renewal. A restarted vault (same host and API address) takes its own lease back at once.
+  int lease_ttl_ms = kLeaseTtlMsDefault;
 };
 
 // The health line of a quarantined group or store (its site's "damage": kind, reason,
@@ -90,6 +102,11 @@ class Vault {
   // Lets queued (and resumed) jobs run, when the config paused them.
   void StartJobs();
   Catalog& catalog() { return *catalog_; }
+  // GET /metrics (vault/metrics.h); the catalog's error when it cannot be read.
+  Result<std::string> MetricsText();
+  // Whether this instance holds the lease: it runs jobs, points, retention and
+  // reconciliation (vault_leader.cc).
+  bool leader();
 
   // The operations behind the REST API (also used by quickstart).
   // Registers a site (or, with `replace`, moves one: a site that VMs or items use keeps
@@ -142,6 +159,10 @@ class Vault {
   // The operator says the vault's wall clock is right: pruning held by a clock step
   // resumes. `who` is logged. An error only when the state cannot be saved (kIoError).
   Result<nlohmann::json> ConfirmClock(const std::string& who);
+  // The vault instances on this catalog and which one leads (GET /vault): {instances:
+  // [{id, host, api, started, renewed, leader}], leader: {id, token, since, expires} or
+  // null, this: {id, role, lease_ttl_ms, fenced_writes}}. Errors: the catalog's.
+  Result<nlohmann::json> ShowVault();
 
  private:
   explicit Vault(VaultConfig cfg);
@@ -195,6 +216,28 @@ class Vault {
   // is kInvalidArgument naming the field, never a throw.
   Status RunHook(const VmRow& vm, const std::string& name, const nlohmann::json& env);
   void PointLoop();
+  // ---- leading (vault_leader.cc): only the lease holder runs jobs and the point loop ----
+  // Opens the lease keeper, tries once to lead (resuming as a restarted vault did), starts
+  // its thread. Errors: the catalog's; a failed resumption at the first attempt.
+  Status StartLease();
+  void StopLease();  // hands over: leader work stops unwritten, the lease is given up
+  // The keeper's callbacks: starts (resuming the jobs left Running, loading the queued
+  // ones) or stops the leader's threads. `at_start`: this is the vault's start.
+  Status BecomeLeader(LeaseFence& fence, bool at_start);
+  void StopLeaderWork();
+  // Jobs that were running when their vault stopped: the workflows resume (each step is
+  // safe to run again and what they decided is in their args); drills do not. Errors: a
+  // job whose new state cannot be recorded.
+  Status ResumeRunningJobs(bool at_start);
+  // The leader's poll of the catalog: queued jobs another vault took in, cancels asked
+  // through another vault.
+  void JobPollLoop();
+  void PollJobs();
+  // Cancel of a job this vault neither queues nor runs: a queued one ends Cancelled in the
+  // catalog, a running one is asked through its row. Ok(false) when it had ended.
+  Result<bool> RequestCancelElsewhere(const JobRow& job);
+  // Waits (at most job_cancel_wait_ms_max) until the catalog says job `id` ended.
+  bool WaitJobEndedInCatalog(int64_t id);
   // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.
   void PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo);
   // A point by its spec (latest, latest-processed, latest-app, an id, a time); "latest"
@@ -275,6 +318,9 @@ class Vault {
   std::unique_ptr<VaultApi> api_;
   std::vector<std::thread> job_threads_;
   std::thread point_thread_;
+  std::thread job_poll_thread_;         // the leader's (PollJobs)
+  std::unique_ptr<LeaseKeeper> lease_;  // set at Start
+  bool lease_thread_started_ = false;   // set before the keeper's thread starts
 
   std::mutex submit_mu_;  // a VM's check for jobs in flight and the new job's row
   std::mutex mu_;
@@ -290,7 +336,10 @@ class Vault {
   std::map<int64_t, JobCancel*> running_;
   bool stop_ = false;          // guarded by mu_
   bool jobs_started_ = false;  // guarded by mu_
+  bool leading_ = false;       // guarded by mu_: this vault runs jobs and points
+  bool leader_stop_ = false;   // guarded by mu_: the leader's threads end (lease lost)
   std::atomic<bool> stopping_{false};
+  HealthBoard health_board_;  // the items' health as the point loop last saw it
 
   struct PointSchedule {
     int64_t last_point_id = 0;       // the newest point seen (0: none yet)

@@ -229,11 +229,13 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"POST", R"(/api/v1/items/([^/]+)/change-point)", O, &VaultApi::ChangePoint},
       {"POST", R"(/api/v1/items/([^/]+)/commit)", O, &VaultApi::Commit},
       {"POST", R"(/api/v1/items/([^/]+)/reprotect)", O, &VaultApi::Reprotect},
+      {"GET", "/api/v1/vault", R, &VaultApi::ShowVault},
       {"GET", "/api/v1/clock", R, &VaultApi::ShowClock},
       {"POST", "/api/v1/clock/confirm", O, &VaultApi::ConfirmClock},
       {"GET", "/api/v1/jobs", R, &VaultApi::ListJobs},
       {"GET", R"(/api/v1/jobs/([^/]+))", R, &VaultApi::ShowJob},
       {"POST", R"(/api/v1/jobs/([^/]+)/cancel)", O, &VaultApi::CancelJob},
+      {"GET", "/metrics", R, &VaultApi::Metrics},
   };
   return kRoutes;
 }
@@ -551,7 +553,10 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
   } catch (...) {
     out = Internal("the vault failed to handle this call");
   }
-  if (out.ok()) {
+  if (out.ok() && !out->content_type.empty()) {
+    res.status = out->status;
+    res.set_content(out->text, out->content_type);
+  } else if (out.ok()) {
     Send(res, out->status, out->body);
     if (mutating) {
       Audit(req, call.signed_in ? &*call.signed_in : call.who, out->status, "");
@@ -794,6 +799,16 @@ Result<VaultApi::Reply> VaultApi::ItemRpo(Call& c) {
   return Reply{200, out};
 }
 
+Result<VaultApi::Reply> VaultApi::Metrics(Call&) {
+  auto text = vault_->MetricsText();
+  if (!text.ok()) {
+    // Whatever the catalog's trouble, the scraper should try again later: 503.
+    return Status(Code::kUnavailable,
+                  "no metrics: the catalog cannot be read: " + text.status().message());
+  }
+  return Reply::Text(200, kMetricsContentType, std::move(*text));
+}
+
 Result<VaultApi::Reply> VaultApi::ListPoints(Call& c) {
   OSR_ASSIGN_OR_RETURN(json out, vault_->ListPoints(c.Match(1)));
   return Reply{200, out};
@@ -855,6 +870,11 @@ Result<VaultApi::Reply> VaultApi::Reprotect(Call& c) {
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->Reprotect(c.Match(1), compare));
   return Reply{202, out};
+}
+
+Result<VaultApi::Reply> VaultApi::ShowVault(Call&) {
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ShowVault());
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::ShowClock(Call&) {

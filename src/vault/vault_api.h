@@ -88,8 +88,18 @@ class VaultApi {
  private:
   struct Call;
   struct Reply {
+    Reply(int status_in, nlohmann::json body_in) : status(status_in), body(std::move(body_in)) {}
+    // A body that is not JSON (GET /metrics), sent as is.
+    static Reply Text(int status, std::string content_type, std::string text) {
+      Reply r(status, nullptr);
+      r.content_type = std::move(content_type);
+      r.text = std::move(text);
+      return r;
+    }
     int status = 200;
     nlohmann::json body;
+    std::string content_type;  // "": the body is JSON
+    std::string text;
   };
   using Handler = Result<Reply> (VaultApi::*)(Call&);
   struct Route {
@@ -142,11 +152,13 @@ class VaultApi {
   Result<Reply> ChangePoint(Call& c);
   Result<Reply> Commit(Call& c);
   Result<Reply> Reprotect(Call& c);
+  Result<Reply> ShowVault(Call& c);
   Result<Reply> ShowClock(Call& c);
   Result<Reply> ConfirmClock(Call& c);
   Result<Reply> ListJobs(Call& c);
   Result<Reply> ShowJob(Call& c);
   Result<Reply> CancelJob(Call& c);
+  Result<Reply> Metrics(Call& c);
 
   Vault* vault_;
   Catalog& catalog_;

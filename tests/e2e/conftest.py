@@ -12,6 +12,9 @@ Environment:
     OSRD           path of the osrd binary (default: <repo>/build/osrd)
     OSR            path of the osr binary (default: <repo>/build/osr)
     OSR_TEST_SEED  the seed of the random data (default: random; failures name it)
+    OSR_TEST_VAULT_DB  the vault's catalog, as --vault-db: sqlite (the default,
+                   <dir>/vault.db) or postgresql (one PostgreSQL 15 server for the session,
+                   a fresh database per quickstart: `osrd quickstart --db postgresql://...`)
 
 A missing binary or tool makes a test FAIL with a message, never skip. Every wait is
 bounded: CLI calls have a timeout, and a watchdog SIGKILLs the quickstart of a test
@@ -42,6 +45,7 @@ from osrtest import (KIB, MIB, OsrdProcess, apply_model, apply_op,  # noqa: E402
                      assert_same_bytes, close_handle, free_port, random_op,
                      read_handle, require_libnbd, require_osr, seed_from_env, stop_all_clean)
 from osrtest import make_certs, tls_client_context, token_env  # noqa: E402,F401
+from osrtest import new_catalog, vault_pg_server  # noqa: E402,F401 (fixtures)
 import osrtest  # noqa: E402
 
 CLI_TIMEOUT_S = 60          # one osr call (a --wait job included)
@@ -58,10 +62,11 @@ class Quickstart(OsrdProcess):
     label = "quickstart"
     ready_timeout = 15
 
-    def __init__(self, data_dir, port, log_path, extra_env=None):
+    def __init__(self, data_dir, port, log_path, catalog, extra_env=None):
         super().__init__(log_path)
         self.data_dir = Path(data_dir)
         self.port = port
+        self.catalog = catalog  # an osrtest.Catalog: <data_dir>/vault.db or a PostgreSQL db
         self.extra_env = extra_env
 
     def osrd_env(self):
@@ -74,13 +79,18 @@ class Quickstart(OsrdProcess):
         return f"http://127.0.0.1:{self.port}"
 
     def osrd_args(self):
-        return ["quickstart", "--dir", self.data_dir, "--vault-listen", f"127.0.0.1:{self.port}"]
+        args = ["quickstart", "--dir", self.data_dir, "--vault-listen", f"127.0.0.1:{self.port}"]
+        if self.catalog.backend != "sqlite":
+            args += ["--db", self.catalog.db_arg]
+        else:  # the default path, as a user gets it
+            assert self.catalog.sqlite_path == self.data_dir / "vault.db", self.catalog
+        return args
 
     def check_ready(self):
         want = f"  vault: {self.vault_url}/api/v1"
         if want not in self.stdout_lines:
             return f"quickstart did not announce {want.strip()!r}: {self.stdout_lines}"
-        return None
+        return self.catalog.check_in_use(self.data_dir / "vault.db")
 
 
 # -- the CLI ----------------------------------------------------------------------------
@@ -225,7 +235,22 @@ class Env:
                 self.closers.pop().close()
 
 
+def pytest_addoption(parser):
+    osrtest.add_vault_db_option(parser)
+
+
+def pytest_report_header(config):
+    return osrtest.vault_db_report_header(config)
+
+
+def quickstart_catalog(new_catalog, data_dir):
+    """The catalog of a quickstart on data_dir: its default <data_dir>/vault.db, or a fresh
+    PostgreSQL database (--vault-db)."""
+    return new_catalog(Path(data_dir) / "vault.db")
+
+
 def pytest_configure(config):
+    osrtest.vault_db_backend(config)  # a wrong OSR_TEST_VAULT_DB stops the run at once
     config.addinivalue_line(
         "markers", "deadline(seconds): the watchdog deadline of one test (default "
         f"TEST_DEADLINE_S = {TEST_DEADLINE_S})")
@@ -235,7 +260,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture
-def env(tmp_path, request):
+def env(tmp_path, request, new_catalog):
     """A running quickstart (state in tmp_path/qs) and its CLI.
 
     At teardown the NBD handles are closed and the quickstart must exit 0 on SIGTERM.
@@ -248,6 +273,7 @@ def env(tmp_path, request):
     if request.node.get_closest_marker("faketime") is not None:
         clock = FakeTime(tmp_path / "faketime.rc")
     qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr",
+                    quickstart_catalog(new_catalog, tmp_path / "qs"),
                     extra_env=clock.env() if clock else None)
     qs.start()
     e = Env(qs, Osr(qs), clock)

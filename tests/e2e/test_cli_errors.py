@@ -119,14 +119,16 @@ def test_cli_errors(env, rng):
     assert [v["name"] for v in osr.ok("vm", "list")] == ["vm1", "vm2"]
 
 
-def test_a_second_quickstart_on_the_vault_port_is_refused(env, tmp_path):
+def test_a_second_quickstart_on_the_vault_port_is_refused(env, tmp_path, new_catalog):
     """Two vaults must never share a port (the kernel would split requests between two
     catalogs): the second one exits with a clear error; the first goes on."""
     import subprocess
     import osrtest
-    proc = subprocess.run([str(osrtest.require_osrd()), "quickstart", "--dir",
-                           str(tmp_path / "second"), "--vault-listen",
-                           f"127.0.0.1:{env.qs.port}"],
+    second = tmp_path / "second"
+    catalog = new_catalog(second / "vault.db")
+    db = ["--db", catalog.db_arg] if catalog.backend != "sqlite" else []
+    proc = subprocess.run([str(osrtest.require_osrd()), "quickstart", "--dir", str(second),
+                           "--vault-listen", f"127.0.0.1:{env.qs.port}", *db],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0, proc.stdout
     assert "cannot bind the vault API" in proc.stderr, proc.stderr

@@ -106,7 +106,9 @@ def test_thinning_then_compaction_keeps_every_kept_point_exact(env, rng):
     c = wait_for(compacted, 60, "the recovery store's history compacted",
                  detail=lambda: f"store.json: {store_json(env)}\n"
                                 f"item: {osr.ok('item', 'show', NAME)}")
-    assert era0_last["seq"] < c["through"] < era1_last["seq"], c
+    # Through a point of era 1: an intermediate one when the vault asked while era 1 was
+    # still partly within the hour, or its last one when it asked after (a slow machine).
+    assert era0_last["seq"] < c["through"] <= era1_last["seq"], c
     after = journal_bytes(env)
     print(f"journal and history: {raw} bytes after era 1, {after} after compaction; {c}")
     assert after < raw / 2, f"the compaction left {after} of {raw} bytes"

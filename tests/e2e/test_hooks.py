@@ -9,7 +9,6 @@ planted in the catalog fails the job that reads it, with a message naming the fi
 vault stays up, also across a restart."""
 
 import json
-import sqlite3
 import urllib.error
 import urllib.request
 
@@ -100,13 +99,15 @@ def test_a_spec_of_the_wrong_type_is_refused_at_creation(env):
     assert env.osr.ok("vm", "list") == [], "a refused VM was created"
 
 
-def plant_spec(db, vm, change):
-    """Changes the stored spec of `vm` in the catalog (a row the vault did not check)."""
-    with sqlite3.connect(db, timeout=30) as c:
-        (text,) = c.execute("SELECT spec FROM vms WHERE name = ?", (vm,)).fetchone()
-        spec = json.loads(text)
-        spec.update(change)
-        c.execute("UPDATE vms SET spec = ? WHERE name = ?", (json.dumps(spec), vm))
+def plant_spec(catalog, vm, change):
+    """Changes the stored spec of `vm` in the catalog (a row the vault did not check), on
+    SQLite or PostgreSQL alike; reads it back."""
+    rows = catalog.query("SELECT spec FROM vms WHERE name = ?", vm)
+    assert len(rows) == 1, f"{catalog}: vm {vm}: {rows}"
+    spec = json.loads(rows[0][0])
+    spec.update(change)
+    assert catalog.execute("UPDATE vms SET spec = ? WHERE name = ?", json.dumps(spec), vm) == 1
+    assert json.loads(catalog.query("SELECT spec FROM vms WHERE name = ?", vm)[0][0]) == spec
 
 
 def test_a_stored_spec_of_the_wrong_type_fails_the_job_and_the_vault_stays_up(env, tmp_path):
@@ -119,7 +120,7 @@ def test_a_stored_spec_of_the_wrong_type_fails_the_job_and_the_vault_stays_up(en
            "--hook-command", f"freeze=echo freeze >> {log}")
     protect(osr, "vm1")
     item = osr.ok("item", "show", "vm1")
-    plant_spec(qs.data_dir / "vault.db", "vm1", {"hook_timeout_ms": "soon"})
+    plant_spec(qs.catalog, "vm1", {"hook_timeout_ms": "soon"})
 
     def fails_cleanly():
         proc = osr.run("failover", "vm1", "--point", "latest", "--wait")
@@ -140,6 +141,6 @@ def test_a_stored_spec_of_the_wrong_type_fails_the_job_and_the_vault_stays_up(en
     assert osr.ok("item", "show", "vm1")["state"] == "Protected"
     fails_cleanly()
     # Fixed in the catalog, the same failover goes through.
-    plant_spec(qs.data_dir / "vault.db", "vm1", {"hook_timeout_ms": 60000})
+    plant_spec(qs.catalog, "vm1", {"hook_timeout_ms": 60000})
     osr.job_ok("failover", "vm1", "--point", "latest", job_type="failover")
     assert log.read_text().splitlines() == ["pre"], log.read_text()

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import (MIB, Env, Osr, Quickstart, close_handle, connect, create_vm, free_port,
-                      protect, require_libnbd, stop_all_clean, wait_for)
+                      protect, quickstart_catalog, require_libnbd, stop_all_clean, wait_for)
 
 CHUNK = 1 * MIB
 
@@ -23,14 +23,15 @@ def run(*cmd):
 
 
 @pytest.fixture
-def small_env(tmp_path):
+def small_env(tmp_path, new_catalog):
     """A quickstart whose recovery site's data_dir is a 24 MiB tmpfs; (env, mount point).
     The quickstart stops (and must exit 0) before the file system is unmounted."""
     require_libnbd()
     mnt = tmp_path / "qs" / "recovery"
     mnt.mkdir(parents=True)
     run("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt))
-    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr")
+    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr",
+                    quickstart_catalog(new_catalog, tmp_path / "qs"))
     e = None
     try:
         qs.start()

@@ -26,6 +26,15 @@ Daemons:
                                   port of 127.0.0.1, its socket in the temp dir): start(),
                                   stop(), restart(), create_database() -> URL, sql(db, text),
                                   close() (stops and removes it). Missing binaries FAIL.
+    Catalog                       the vault's catalog as a test reaches it behind the
+                                  vault's back, SQLite file or PostgreSQL database alike:
+                                  query(sql, *params) -> rows, execute(sql, *params) ->
+                                  row count, dump() -> every row as text, db_arg.
+    --vault-db / OSR_TEST_VAULT_DB  which catalog the suites' vaults use (sqlite, the
+                                  default, or postgresql): add_vault_db_option(parser) in a
+                                  conftest's pytest_addoption; the fixtures vault_pg_server
+                                  (one PgServer per session) and new_catalog (a new catalog
+                                  per vault, a fresh database on PostgreSQL).
 
 Waiting and seeds:
     wait_for(pred, timeout, what, interval, detail)   bounded polling
@@ -205,6 +214,15 @@ class PgServer:
                        text], f"psql ({text[:60]})")
         return r.stdout
 
+    def dump(self, db):
+        """Every row of database db as text (pg_dump --data-only)."""
+        tool = self.bin / "pg_dump"
+        if not os.access(tool, os.X_OK):
+            pytest.fail(f"PostgreSQL's pg_dump is not in {self.bin}", pytrace=False)
+        r = self._run([str(tool), "--data-only", "-h", str(self.dir), "-p", str(self.port),
+                       "-U", "postgres", "-d", db], f"pg_dump {db}")
+        return r.stdout
+
     def create_database(self, prefix="osr_test"):
         """A new empty database; its URL."""
         self._databases += 1
@@ -223,6 +241,176 @@ class PgServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -- the vault's catalog: SQLite or PostgreSQL -----------------------------------------------
+
+VAULT_DB_ENV = "OSR_TEST_VAULT_DB"
+VAULT_DB_BACKENDS = ("sqlite", "postgresql")
+
+
+def add_vault_db_option(parser):
+    """--vault-db=sqlite|postgresql (default: $OSR_TEST_VAULT_DB, else sqlite): the catalog
+    of every vault the suite's fixtures start. Call from a conftest's pytest_addoption."""
+    parser.addoption(
+        "--vault-db", choices=VAULT_DB_BACKENDS, default=None,
+        help=f"the vaults' catalog: sqlite (a file, the default) or postgresql (a database "
+             f"of one PostgreSQL 15 server per session); default ${VAULT_DB_ENV}, else sqlite")
+
+
+def vault_db_backend(config):
+    """The backend chosen by --vault-db or OSR_TEST_VAULT_DB; anything else is a usage
+    error (never a silent fallback to SQLite)."""
+    chosen = config.getoption("--vault-db", default=None)
+    if chosen is None:
+        chosen = os.environ.get(VAULT_DB_ENV) or "sqlite"
+    if chosen not in VAULT_DB_BACKENDS:
+        raise pytest.UsageError(f"{VAULT_DB_ENV}={chosen!r}: expected one of "
+                                f"{', '.join(VAULT_DB_BACKENDS)}")
+    return chosen
+
+
+def vault_db_report_header(config):
+    return f"vault catalog: {vault_db_backend(config)} (--vault-db / {VAULT_DB_ENV})"
+
+
+def _sql_literal(value):
+    """value as a PostgreSQL literal (standard_conforming_strings, the default since 9.1)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        assert "\0" not in value, "PostgreSQL text cannot hold NUL"
+        return "'" + value.replace("'", "''") + "'"
+    raise AssertionError(f"no SQL literal for {type(value).__name__} {value!r}")
+
+
+def _bind(sql, params):
+    """sql with each '?' replaced by the literal of the next parameter (the tests' SQL has
+    no '?' of its own)."""
+    pieces = sql.split("?")
+    assert len(pieces) == len(params) + 1, \
+        f"{len(pieces) - 1} placeholders for {len(params)} parameters: {sql}"
+    out = [pieces[0]]
+    for value, piece in zip(params, pieces[1:]):
+        out += [_sql_literal(value), piece]
+    return "".join(out)
+
+
+class Catalog:
+    """The catalog of one vault, reached behind the vault's back (to plant a row the vault
+    would refuse, or to read what it stored): a SQLite file, or a database of a PgServer.
+
+    SQL uses '?' placeholders on both backends (bound by sqlite3, or quoted as literals for
+    psql) and the schema's own names (docs/formats.md). Rows come back as tuples of Python
+    values (int, str, None) on both."""
+
+    def __init__(self, sqlite_path=None, pg=None, url=None):
+        assert (sqlite_path is None) != (pg is None), "a SQLite path or a PgServer"
+        self.sqlite_path = Path(sqlite_path) if sqlite_path is not None else None
+        self.pg = pg
+        self.url = url
+        self.db_name = url.rsplit("/", 1)[1] if url else None
+
+    @property
+    def backend(self):
+        return "sqlite" if self.pg is None else "postgresql"
+
+    @property
+    def db_arg(self):
+        """What `osrd vault --db` / `osrd quickstart --db` takes."""
+        return str(self.sqlite_path) if self.pg is None else self.url
+
+    def __repr__(self):
+        return f"Catalog({self.backend}: {self.db_arg})"
+
+    def query(self, sql, *params):
+        """The rows of one SELECT, a list of tuples."""
+        if self.pg is None:
+            import sqlite3
+            with contextlib.closing(sqlite3.connect(self.sqlite_path, timeout=30)) as c:
+                return [tuple(r) for r in c.execute(sql, params).fetchall()]
+        import json
+        # row_to_json keeps the columns' order and types (numbers, strings, null).
+        text = self.pg.sql(self.db_name, "SELECT coalesce(json_agg(row_to_json(q)), '[]') "
+                                         f"FROM ({_bind(sql, params)}) AS q")
+        return [tuple(v for _, v in pairs)
+                for pairs in json.loads(text, object_pairs_hook=list)]
+
+    def execute(self, sql, *params):
+        """Runs one INSERT, UPDATE or DELETE (committed); the number of rows it changed."""
+        if self.pg is None:
+            import sqlite3
+            with contextlib.closing(sqlite3.connect(self.sqlite_path, timeout=30)) as c:
+                with c:
+                    return c.execute(sql, params).rowcount
+        out = self.pg.sql(self.db_name, _bind(sql, params)).split()
+        # psql prints the command tag: "UPDATE n", "DELETE n", "INSERT oid n".
+        assert out and out[0] in ("INSERT", "UPDATE", "DELETE") and out[-1].isdigit(), \
+            f"psql printed {out!r} for {sql}"
+        return int(out[-1])
+
+    def check_in_use(self, stray_sqlite_path):
+        """None if the vault made its schema in this catalog (and, on PostgreSQL, no SQLite
+        file at stray_sqlite_path: a vault that ignored --db); else what is wrong. Called
+        once a vault is ready, so that a PostgreSQL pass never runs on SQLite unseen."""
+        if self.pg is None:
+            if not self.sqlite_path.exists():
+                return f"the vault made no catalog at {self.sqlite_path}"
+        elif stray_sqlite_path is not None and Path(stray_sqlite_path).exists():
+            return f"the vault made {stray_sqlite_path} although its catalog is {self.url}"
+        rows = self.query("SELECT value FROM meta WHERE key = ?", "schema_version")
+        if len(rows) != 1:
+            return f"{self}: no schema_version in table meta: {rows}"
+        return None
+
+    def dump(self):
+        """Every row of every table as text (sqlite3's iterdump, or pg_dump --data-only):
+        to check that a secret is stored nowhere."""
+        if self.pg is None:
+            import sqlite3
+            with contextlib.closing(sqlite3.connect(self.sqlite_path, timeout=30)) as c:
+                return "\n".join(c.iterdump())
+        return self.pg.dump(self.db_name)
+
+
+@pytest.fixture(scope="session")
+def vault_pg_server(request):
+    """The session's PostgreSQL server when the vaults' catalog is postgresql (else None).
+    A server that cannot start fails the tests that need it; nothing skips."""
+    if vault_db_backend(request.config) != "postgresql":
+        yield None
+        return
+    pg = PgServer()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.fixture
+def new_catalog(request):
+    """new_catalog(sqlite_path) -> Catalog: the catalog of one new vault. On SQLite the file
+    at sqlite_path (made by the vault); on PostgreSQL a fresh database of the session's
+    server, dropped at teardown."""
+    made = []
+
+    def make(sqlite_path):
+        if vault_db_backend(request.config) == "sqlite":
+            return Catalog(sqlite_path=sqlite_path)
+        pg = request.getfixturevalue("vault_pg_server")
+        catalog = Catalog(pg=pg, url=pg.create_database("osr_vault"))
+        made.append(catalog)
+        return catalog
+
+    yield make
+    for catalog in made:
+        # The test's vaults have stopped; FORCE ends a connection one left behind.
+        catalog.pg.sql("postgres", f"DROP DATABASE IF EXISTS {catalog.db_name} WITH (FORCE)")
 
 
 # -- one osrd process ---------------------------------------------------------------------
@@ -469,6 +657,22 @@ def read_handle(h, size=None, what="export"):
     for off in range(0, total, READ_CHUNK):
         out += h.pread(min(READ_CHUNK, total - off), off)
     return bytes(out)
+
+
+def write_random(uri, model, rng, n, max_len, handle_name="pytest"):
+    """n writes of 1..max_len random bytes at random offsets through libnbd, flushed, each
+    applied to the model (a bytearray of the export)."""
+    h = connect(uri, handle_name)
+    try:
+        for _ in range(n):
+            length = rng.randrange(1, max_len)
+            off = rng.randrange(0, len(model) - length)
+            data = rng.randbytes(length)
+            h.pwrite(data, off)
+            model[off:off + length] = data
+        h.flush()
+    finally:
+        close_handle(h)
 
 
 def read_uri(uri, size=None, handle_name="pytest"):

@@ -10,6 +10,9 @@ vault and the VMs would. Run with Debian's interpreter, which has python3-libnbd
 Environment:
     OSRD           path of the osrd binary (default: <repo>/build/osrd)
     OSR_TEST_SEED  the seed of the random data (default: random; failures name it)
+    OSR_TEST_VAULT_DB  the catalog of the vaults the tests start, as --vault-db: sqlite
+                   (the default) or postgresql (one PostgreSQL 15 server for the session,
+                   a fresh database per vault)
 
 A missing binary or tool makes a test FAIL with a message, never skip. Every wait
 is bounded in time.
@@ -38,11 +41,24 @@ from osrtest import (KIB, MIB, OsrdProcess, apply_model,  # noqa: E402,F401
                      apply_op, assert_same_bytes, close_handle, first_difference,
                      require_libnbd, seed_from_env, stop_all_clean, wait_for)
 from osrtest import make_certs, tls_client_context, token_env  # noqa: E402,F401
+from osrtest import new_catalog, vault_pg_server  # noqa: E402,F401 (fixtures)
 import osrtest  # noqa: E402
 
 HTTP_TIMEOUT_S = 10
 CATCH_UP_TIMEOUT_S = 20
 NBD_HANDLE_NAME = "pytest-site"
+
+
+def pytest_addoption(parser):
+    osrtest.add_vault_db_option(parser)
+
+
+def pytest_configure(config):
+    osrtest.vault_db_backend(config)  # a wrong OSR_TEST_VAULT_DB stops the run at once
+
+
+def pytest_report_header(config):
+    return osrtest.vault_db_report_header(config)
 
 
 # -- one site process -------------------------------------------------------------

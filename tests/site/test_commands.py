@@ -12,10 +12,8 @@ separate daemons (`osrd vault`, `osrd site`) driven through the `osr` CLI and ra
 """
 
 import json
-import sqlite3
 import subprocess
 import urllib.error
-from pathlib import Path
 import urllib.request
 
 import pytest
@@ -41,8 +39,8 @@ FORBIDDEN_QEMU_ARGS = [
 
 
 class Vault(VaultProcess):
-    def __init__(self, db, port, log_path, extra):
-        super().__init__(db, port, log_path)
+    def __init__(self, catalog, state_dir, port, log_path, extra):
+        super().__init__(catalog, state_dir, port, log_path)
         self.extra = extra
 
     def osrd_args(self):
@@ -53,7 +51,7 @@ def post_vm(vault, name, spec, site="primary"):
     """POST /api/v1/vms: (status, answer)."""
     body = {"name": name, "site": site, "disks": [{"name": "os", "size_bytes": 16 * MIB}],
             "spec": spec}
-    token = (Path(vault.db).parent / "admin.token").read_text().strip()
+    token = vault.token_file.read_text().strip()
     req = urllib.request.Request(vault.url + "/api/v1/vms", data=json.dumps(body).encode(),
                                  method="POST", headers={"Content-Type": "application/json",
                                                          "Authorization": f"Bearer {token}"})
@@ -79,16 +77,15 @@ def fails(osr, *args):
     return p.stderr
 
 
-def plant_spec(db, vm, spec):
+def plant_spec(catalog, vm, spec):
     """A spec written into the catalog behind the vault's back (as one stored before the
-    allow-lists existed)."""
-    with sqlite3.connect(db, timeout=30) as c:
-        assert c.execute("UPDATE vms SET spec = ? WHERE name = ?",
-                         (json.dumps(spec), vm)).rowcount == 1
+    allow-lists existed), on SQLite or PostgreSQL alike."""
+    assert catalog.execute("UPDATE vms SET spec = ? WHERE name = ?", json.dumps(spec), vm) == 1
+    assert catalog.query("SELECT spec FROM vms WHERE name = ?", vm) == [(json.dumps(spec),)]
 
 
 @pytest.fixture
-def daemons(tmp_path):
+def daemons(tmp_path, new_catalog):
     """start(sites={name: extra config}, vault_args=[...]) -> (vault, {name: site}, osr)."""
     procs = []
 
@@ -100,8 +97,8 @@ def daemons(tmp_path):
             s = SiteProcess(name, config, data_dir, tmp_path / f"{name}.stderr")
             procs.append(s)
             started[name] = s.start()
-        vault = Vault(tmp_path / "vault.db", osrtest.free_port(), tmp_path / "vault.stderr",
-                      list(vault_args))
+        vault = Vault(new_catalog(tmp_path / "vault.db"), tmp_path, osrtest.free_port(),
+                      tmp_path / "vault.stderr", list(vault_args))
         procs.append(vault)
         vault.start()
         osr = Osr(vault)
@@ -171,7 +168,7 @@ args = "-no-reboot -display none"
                        {"driver": "process", "command": f"touch {evil}"}, 400)
     assert "spec.command:" in err["message"], err
     osr.ok("vm", "stop", "vm2", "--timeout", "5")
-    plant_spec(vault.db, "vm2", {"driver": "process", "command": f"touch {evil}"})
+    plant_spec(vault.catalog, "vm2", {"driver": "process", "command": f"touch {evil}"})
     assert "spec.command:" in fails(osr, "vm", "start", "vm2")
     assert not evil.exists(), "a command string ran on a strict site"
     assert api_ok(primary, "GET", "/groups/vm2")["vm"]["running"] is False
@@ -225,7 +222,7 @@ description = "writes a line"
     assert log.read_text().splitlines() == ["freeze vm1", "thaw vm1"], log.read_text()
 
     # A spec stored before the allow-list (a bare command string) does not run either.
-    plant_spec(vault.db, "vm1", {"driver": "none", "hooks": {"freeze": f"touch {evil}"}})
+    plant_spec(vault.catalog, "vm1", {"driver": "none", "hooks": {"freeze": f"touch {evil}"}})
     msg = fails(osr, "point", "create", "vm1", "--app")
     assert "spec.hooks.freeze.command" in msg, msg
     assert not evil.exists(), "a hook command string ran on a strict vault"

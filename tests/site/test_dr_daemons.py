@@ -29,21 +29,36 @@ CLI_TIMEOUT_S = 90
 
 
 class VaultProcess(OsrdProcess):
+    """`osrd vault` on `catalog` (an osrtest.Catalog: a SQLite file or a PostgreSQL
+    database), its TLS files and admin token in state_dir."""
+
     label = "vault: osrd"
 
-    def __init__(self, db, port, log_path):
+    def __init__(self, catalog, state_dir, port, log_path):
         super().__init__(log_path)
-        self.db, self.port = db, port
+        self.catalog, self.state_dir, self.port = catalog, Path(state_dir), port
 
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def token_file(self):
+        return self.state_dir / "admin.token"
+
     def osrd_args(self):
-        certs = make_certs(Path(self.db).parent / "tls", "vault")
+        certs = make_certs(self.state_dir / "tls", "vault")
         cert, key = certs["vault"]
-        return ["vault", "--db", self.db, "--listen", f"127.0.0.1:{self.port}",
-                "--site-ca", certs["ca"], "--site-cert", cert, "--site-key", key]
+        args = ["vault", "--db", self.catalog.db_arg, "--listen", f"127.0.0.1:{self.port}",
+               "--site-ca", certs["ca"], "--site-cert", cert, "--site-key", key]
+        if self.catalog.backend != "sqlite":
+            args += ["--admin-token-file", self.token_file]
+        else:  # the default: admin.token beside the catalog
+            assert self.catalog.sqlite_path.parent == self.state_dir, self.catalog
+        return args
+
+    def check_ready(self):
+        return self.catalog.check_in_use(self.state_dir / "vault.db")
 
 
 class Osr:
@@ -56,8 +71,7 @@ class Osr:
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   stdin=subprocess.DEVNULL,
-                                  env=osrtest.token_env(Path(self.vault.db).parent /
-                                                        "admin.token"))
+                                  env=osrtest.token_env(self.vault.token_file))
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"timed out: {' '.join(cmd)}: {e.stderr}\nvault: "
                         f"{self.vault.stderr()[-3000:]}")
@@ -71,7 +85,7 @@ class Osr:
 
 
 @pytest.fixture
-def dr(tmp_path):
+def dr(tmp_path, new_catalog):
     """(vault, primary, recovery, osr) as separate processes; all stopped at the end."""
     require_libnbd()
     procs = []
@@ -86,7 +100,8 @@ def dr(tmp_path):
 
     primary = site("primary")
     recovery = site("recovery", 'materialise_rate = "24M"\n')
-    vault = VaultProcess(tmp_path / "vault.db", osrtest.free_port(), tmp_path / "vault.stderr")
+    vault = VaultProcess(new_catalog(tmp_path / "vault.db"), tmp_path, osrtest.free_port(),
+                         tmp_path / "vault.stderr")
     procs.append(vault)
     vault.start()
     osr = Osr(vault)
@@ -113,26 +128,11 @@ def disk_uri(osr, vm):
 
 
 def write_random(uri, model, rng, n, max_len=128 * KIB):
-    """n writes through libnbd, flushed; applied to the model (a bytearray)."""
-    h = osrtest.connect(uri, "pytest-dr")
-    try:
-        for _ in range(n):
-            length = rng.randrange(1, max_len)
-            off = rng.randrange(0, len(model) - length)
-            data = rng.randbytes(length)
-            h.pwrite(data, off)
-            model[off:off + length] = data
-        h.flush()
-    finally:
-        osrtest.close_handle(h)
+    osrtest.write_random(uri, model, rng, n, max_len, "pytest-dr")
 
 
 def read_all(uri, size):
-    h = osrtest.connect(uri, "pytest-dr")
-    try:
-        return osrtest.read_handle(h, size)
-    finally:
-        osrtest.close_handle(h)
+    return osrtest.read_uri(uri, size, "pytest-dr")
 
 
 def wait_job(osr, job_id, timeout=CLI_TIMEOUT_S):

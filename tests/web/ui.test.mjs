@@ -327,6 +327,9 @@ async function run() {
     await page.locator('[data-testid=whoami]').waitFor();
     const who = await page.locator('[data-testid=whoami]').innerText();
     check(/first-admin/.test(who) && /admin/.test(who), `the top bar says who is signed in (${who})`);
+    await page.locator('[data-testid=leader]').waitFor();
+    const leader = await page.locator('[data-testid=leader]').innerText();
+    check(/leader: this vault/.test(leader), `the top bar says which vault leads (${leader})`);
     const cookies = await page.context().cookies();
     const sessionCookie = cookies.find((c) => c.name === 'osr_session');
     check(sessionCookie && sessionCookie.httpOnly && sessionCookie.sameSite === 'Strict', 'the session cookie is HttpOnly and SameSite=Strict');

@@ -125,6 +125,7 @@ export const api = {
   login: (token) => request('POST', '/login', { token }),
   logout: () => request('POST', '/logout', {}),
   whoami: () => request('GET', '/whoami'),
+  vault: () => request('GET', '/vault'),
   sites: () => request('GET', '/sites'),
   policies: () => request('GET', '/policies'),
   vms: () => request('GET', '/vms'),

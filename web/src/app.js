@@ -6,7 +6,7 @@ import { Actions, DialogHost, JobTracker } from './actions.js';
 import { ActiveJobs, useActiveJobs } from './pages/items.js';
 import { html } from './html.js';
 import { fmtClock } from './model.js';
-import { useRoute } from './hooks.js';
+import { usePoll, useRoute } from './hooks.js';
 import { ItemPage } from './pages/item.js';
 import { ItemsPage } from './pages/items.js';
 import { JobsPage } from './pages/jobs.js';
@@ -78,6 +78,29 @@ function useVisible() {
     return () => document.removeEventListener('visibilitychange', on);
   }, []);
   return visible;
+}
+
+// Which vault process leads (holds the lease: runs jobs, points, retention) and whether
+// it is the one this page talks to; several vaults can serve one catalog.
+export function leaderText(v) {
+  if (!v || !v.this) return null;
+  const leader = v.leader;
+  if (!leader) return { text: 'no vault leads now', title: 'No vault holds the lease: jobs wait until one does', warn: true };
+  const inst = (v.instances || []).find((i) => i.id === leader.id);
+  const where = inst ? inst.host + ' ' + inst.api : leader.id;
+  const self = v.this.role === 'leader';
+  return {
+    text: self ? 'leader: this vault' : 'leader: ' + where,
+    title: `Lease token ${leader.token}, leading since ${leader.since}${self ? '' : '; this vault (' + v.this.id + ') follows'}`,
+    warn: false,
+  };
+}
+
+function LeaderBadge() {
+  const vault = usePoll(() => api.vault(), 'vault', { interval: 5000 });
+  const shown = leaderText(vault.data);
+  if (!shown) return null;
+  return html`<span class=${'live small' + (shown.warn ? ' down' : '')} data-testid="leader" title=${shown.title}>${shown.text}</span>`;
 }
 
 function Nav({ page, activeJobs }) {
@@ -157,6 +180,7 @@ function Console({ who, signOut }) {
         ${conn.down ? '● vault not answering' : visible ? '● live' : '○ paused (tab hidden)'}
         ${conn.lastOk ? html` · ${fmtClock(new Date(conn.lastOk))}` : null}
       </span>
+      <${LeaderBadge} />
       <span class="live small who" data-testid="whoami" title=${who.name}>${who.name} · ${who.role}</span>
       <button class="small-btn" onClick=${signOut} data-testid="sign-out">Sign out</button>
     </header>
