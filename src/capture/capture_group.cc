@@ -234,6 +234,7 @@ Status CaptureGroup::MarkRegions(const std::vector<DiskRange>& regions) {
   for (auto& r : regions) {
     if (r.range.length > 0) bitmaps_[r.disk]->MarkSticky(r.range.offset, r.range.length);
   }
+  if (!regions.empty()) log_->RingDoorbells();  // a sender that sleeps resynchronizes them
   return Status::Ok();
 }
 

@@ -11,6 +11,7 @@
 #include "capture/log_reader.h"
 #include "common/crc32c.h"
 #include "common/json_in.h"
+#include "common/threads.h"
 
 namespace osr::capture {
 
@@ -60,7 +61,10 @@ Result<std::unique_ptr<CaptureLog>> CaptureLog::Open(const CaptureLogOptions& op
   }
   std::unique_ptr<CaptureLog> log(new CaptureLog(o, std::move(on_written)));
   OSR_RETURN_IF_ERROR(log->Recover());
-  log->writer_ = std::thread([p = log.get()] { p->WriterLoop(); });
+  log->writer_ = std::thread([p = log.get()] {
+    NameThisThread("osr-log-writer");
+    p->WriterLoop();
+  });
   return log;
 }
 
@@ -420,6 +424,7 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
         "capture log {}: over its limit of {} bytes: tracking changes in the dirty "
         "bitmap until a resynchronization",
         opts_.dir, opts_.log_bytes_max);
+    RingDoorbells();  // the sender resynchronizes once it has caught up
     return std::nullopt;
   }
   RecordHeader h;
@@ -565,6 +570,7 @@ Status CaptureLog::WriteOut(uint64_t seq) {
   if (!st.ok()) return UndoWriteOut(st, segment_bytes_before, held_before, records_from);
   written_seq_ = upto;
   ReportWritten({spare_.data(), spare_.size()}, records_from, at, written_segment, true);
+  RingDoorbells();  // readers tail only what is written out
   spare_.clear();
   spare_.trim(opts_.buffer_bytes_max);
   return st;
@@ -603,6 +609,7 @@ Status CaptureLog::UndoWriteOut(const Status& cause, uint64_t segment_bytes_befo
                : "; cutting the segment back failed too, the log has failed: " + cut.ToString());
   ReportWritten({spare_.data(), spare_.size()}, records_from, 0, segment_first_seq_, false);
   ReportWritten(dropped, 0, 0, segment_first_seq_, false);
+  RingDoorbells();  // overflowed: the sender resynchronizes the dropped regions
   spare_.clear();
   spare_.trim(opts_.buffer_bytes_max);
   return cause;
@@ -672,6 +679,7 @@ Status CaptureLog::RollBack(const End& end) {
     failed_ = true;
   }
   space_cv_.notify_all();
+  RingDoorbells();
   return st;
 }
 
@@ -744,10 +752,13 @@ bool CaptureLog::overflowed() const {
 }
 
 void CaptureLog::EnterOverflow() {
-  std::lock_guard lock(mu_);
-  if (overflowed_) return;
-  overflowed_ = true;
-  ++overflow_generation_;
+  {
+    std::lock_guard lock(mu_);
+    if (overflowed_) return;
+    overflowed_ = true;
+    ++overflow_generation_;
+  }
+  RingDoorbells();
 }
 
 uint64_t CaptureLog::overflow_generation() const {
@@ -756,10 +767,30 @@ uint64_t CaptureLog::overflow_generation() const {
 }
 
 std::pair<uint64_t, uint64_t> CaptureLog::ResumeAfterOverflow() {
-  std::lock_guard lock(mu_);
-  overflowed_ = false;
-  write_error_ = Status::Ok();  // records are taken again; a new failure drops them again
-  return {next_seq_ - 1, overflow_generation_};
+  std::pair<uint64_t, uint64_t> resumed;
+  {
+    std::lock_guard lock(mu_);
+    overflowed_ = false;
+    write_error_ = Status::Ok();  // records are taken again; a new failure drops them again
+    resumed = {next_seq_ - 1, overflow_generation_};
+  }
+  RingDoorbells();
+  return resumed;
+}
+
+void CaptureLog::AddDoorbell(Doorbell* bell) {
+  std::lock_guard lock(bells_mu_);
+  bells_.push_back(bell);
+}
+
+void CaptureLog::RemoveDoorbell(Doorbell* bell) {
+  std::lock_guard lock(bells_mu_);
+  std::erase(bells_, bell);
+}
+
+void CaptureLog::RingDoorbells() {
+  std::lock_guard lock(bells_mu_);
+  for (Doorbell* b : bells_) b->Ring();
 }
 
 bool CaptureLog::failed() const {

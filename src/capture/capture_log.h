@@ -25,9 +25,15 @@
 // from the sender). Only when the cut-back itself fails does the log fail for good
 // (failed(), until a restart recovers it).
 //
+// Readers that wait for records (a replication sender) do not poll: they give the log a
+// Doorbell (AddDoorbell), which it rings whenever what they look at changes — records
+// written out, an overflow or a write error begun, an overflow ended, a roll back — so an
+// idle protected VM costs no CPU.
+//
 // Thread model: every method is thread-safe. mu_ guards the append buffer, sequence
 // counter and writer signalling; write_mu_ serialises writing out and the segment
-// files; write_mu_ is taken before mu_ when both are held.
+// files; write_mu_ is taken before mu_ when both are held; bells_mu_ after either (the
+// doorbells' own locks are leaves).
 #pragma once
 
 #include <atomic>
@@ -45,6 +51,7 @@
 #include "capture/log_format.h"
 #include "capture/range.h"
 #include "common/aligned_buffer.h"
+#include "common/doorbell.h"
 #include "common/file.h"
 
 namespace osr::capture {
@@ -175,6 +182,14 @@ class CaptureLog {
   // changes are shipped as whole regions from the bitmap, not as records).
   void EnterOverflow();
   uint64_t overflow_generation() const;
+  // Readers' doorbells (see the file comment). `bell` is borrowed: RemoveDoorbell before it
+  // goes; after RemoveDoorbell returns, the log does not touch it.
+  void AddDoorbell(Doorbell* bell);
+  void RemoveDoorbell(Doorbell* bell);
+  // Rings every doorbell: for a change outside the log that its readers act on too (the
+  // capture group's regions marked for a resync).
+  void RingDoorbells();
+
   uint64_t held_bytes() const { return held_bytes_; }
   uint64_t captured_bytes_total() const { return captured_bytes_; }  // payload, since start
   uint64_t log_bytes_max() const { return opts_.log_bytes_max; }
@@ -225,6 +240,9 @@ class CaptureLog {
   std::atomic<uint64_t> captured_bytes_{0};  // bytes the records changed (churn)
   bool stop_ = false;                        // guarded by mu_
   std::thread writer_;
+
+  std::mutex bells_mu_;
+  std::vector<Doorbell*> bells_;  // guarded by bells_mu_
 
   mutable std::mutex write_mu_;
   AlignedBuffer spare_;             // guarded by write_mu_

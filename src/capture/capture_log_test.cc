@@ -437,3 +437,40 @@ TEST_F(CaptureLogTest, RollBackUndoesAppendsAcrossASegmentRoll) {
 
 }  // namespace
 }  // namespace osr::capture
+
+namespace osr::capture {
+namespace {
+
+// A reader that waits for records sleeps on a doorbell instead of polling: the log rings
+// it when records are written out (by its writer thread or WriteOut) and when it
+// overflows, and not once it is removed.
+TEST_F(CaptureLogTest, RingsItsDoorbellsWhenRecordsAreWrittenOrItOverflows) {
+  using namespace std::chrono_literals;
+  auto log = OpenLog();
+  ASSERT_NE(log, nullptr);
+  Doorbell bell;
+  log->AddDoorbell(&bell);
+  EXPECT_FALSE(bell.Wait(0ns));  // nothing happened yet
+  uint64_t seq = AppendWrite(*log, 0, std::vector<uint8_t>(4096, 1));
+  // The writer thread writes it out by itself (writeout_delay_ms): the ring wakes us. The
+  // bound only ends a test whose ring was lost.
+  ASSERT_TRUE(bell.Wait(30s));
+  EXPECT_GE(log->written_seq(), seq);
+  // An explicit write-out rings too.
+  uint64_t seq2 = AppendWrite(*log, 4096, std::vector<uint8_t>(4096, 2));
+  ASSERT_TRUE(log->WriteOut(seq2).ok());
+  EXPECT_TRUE(bell.Wait(30s));
+  // Nothing new: no ring.
+  EXPECT_FALSE(bell.Wait(0ns));
+  log->EnterOverflow();
+  EXPECT_TRUE(bell.Wait(0ns));
+  log->ResumeAfterOverflow();
+  EXPECT_TRUE(bell.Wait(0ns));
+  log->RemoveDoorbell(&bell);
+  uint64_t seq3 = AppendWrite(*log, 8192, std::vector<uint8_t>(4096, 3));
+  ASSERT_TRUE(log->WriteOut(seq3).ok());
+  EXPECT_FALSE(bell.Wait(0ns)) << "a removed doorbell was rung";
+}
+
+}  // namespace
+}  // namespace osr::capture

@@ -57,8 +57,9 @@ class DirtyBitmap {
 
  private:
   DirtyBitmap() = default;
-  void SetBit(uint64_t r, bool v);  // holds mu_
-  bool GetBit(uint64_t r) const;    // holds mu_
+  void SetBit(uint64_t r, bool v);           // holds mu_
+  void SetStickyLocked(uint64_t r, bool v);  // sticky_[r] = v, counted; holds mu_
+  bool GetBit(uint64_t r) const;             // holds mu_
   void WriteHeader(uint32_t state);
 
   std::string path_;
@@ -73,6 +74,7 @@ class DirtyBitmap {
   mutable std::mutex mu_;
   std::vector<uint32_t> pending_;  // writes in progress per region; guarded by mu_
   std::vector<bool> sticky_;       // guarded by mu_
+  uint64_t sticky_count_ = 0;      // guarded by mu_: how many of sticky_ are set
 };
 
 }  // namespace osr::capture

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <vector>
 
 #include "common/threads.h"
 
@@ -115,17 +116,28 @@ Result<ListenAddress> Server::AddListener(const ListenAddress& addr, ListenerOpt
   }
   entry->listener = std::make_unique<Listener>(std::move(l));
   entry->options = std::move(options);
-  entry->stop_event = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  OSR_CHECK(entry->stop_event.valid());
+  // Non-blocking: the one acceptor thread must never wait in accept() on one listener
+  // while the others have clients (accepted sockets do not inherit the flag).
+  int flags = ::fcntl(entry->listener->fd(), F_GETFL);
+  if (flags < 0 || ::fcntl(entry->listener->fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    return Status::FromErrno(errno, "making the NBD listener non-blocking");
+  }
   ListenAddress bound = entry->listener->address();
-  std::lock_guard lock(listeners_mu_);
-  if (started_) StartAcceptorLocked(entry.get());
+  std::unique_lock lock(listeners_mu_);
   listeners_.push_back(std::move(entry));
+  // Not waited for: a connection that comes before the acceptor polls it waits in the
+  // backlog.
+  ChangedListenersLocked(lock, /*wait=*/false);
   return bound;
 }
 
-void Server::StartAcceptorLocked(ListenerEntry* entry) {
-  entry->acceptor = std::thread([this, entry] { AcceptLoop(entry); });
+void Server::ChangedListenersLocked(std::unique_lock<std::mutex>& lock, bool wait) {
+  uint64_t generation = ++listeners_generation_;
+  if (!started_) return;
+  uint64_t one = 1;
+  (void)!::write(wake_event_.get(), &one, sizeof one);  // cannot fail short of a full counter
+  if (!wait) return;
+  acceptor_cv_.wait(lock, [&] { return acceptor_generation_ >= generation || acceptor_done_; });
 }
 
 Status Server::RemoveUnixListener(const std::string& path) {
@@ -142,9 +154,10 @@ Status Server::RemoveUnixListener(const std::string& path) {
     }
   }
   if (!entry) return NotFound("no NBD listener on " + path);
-  uint64_t one = 1;
-  (void)!::write(entry->stop_event.get(), &one, sizeof one);
-  if (entry->acceptor.joinable()) entry->acceptor.join();
+  {
+    std::unique_lock lock(listeners_mu_);
+    ChangedListenersLocked(lock, /*wait=*/true);  // the acceptor has let go of it
+  }
   return Status::Ok();  // the Listener's destructor removes the socket file
 }
 
@@ -153,8 +166,16 @@ Status Server::Start() {
   if (listeners_.empty()) return InvalidArgument("no listener configured");
   if (started_) return Status::Ok();
   started_ = true;
-  for (auto& l : listeners_) StartAcceptorLocked(l.get());
-  watchdog_ = std::thread([this] { WatchdogLoop(); });
+  wake_event_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  OSR_CHECK(wake_event_.valid());
+  acceptor_ = std::thread([this] {
+    NameThisThread("osr-nbd-accept");
+    AcceptLoop();
+  });
+  watchdog_ = std::thread([this] {
+    NameThisThread("osr-nbd-watch");
+    WatchdogLoop();
+  });
   return Status::Ok();
 }
 
@@ -226,26 +247,58 @@ bool Server::FitsLocked(const std::string& key, bool tcp) const {
          from_key < server_limits_.connections_per_address_max;
 }
 
-void Server::AcceptLoop(ListenerEntry* entry) {
+void Server::AcceptLoop() {
+  std::vector<struct pollfd> fds;
+  std::vector<ListenerEntry*> entries;  // entries[i] listens on fds[i + 1]
+  auto done = [this] {
+    std::lock_guard lock(listeners_mu_);
+    acceptor_done_ = true;
+    acceptor_cv_.notify_all();
+  };
   for (;;) {
-    struct pollfd fds[2] = {{entry->listener->fd(), POLLIN, 0},
-                            {entry->stop_event.get(), POLLIN, 0}};
-    int rc = ::poll(fds, 2, -1);
-    if (stopping_ || (fds[1].revents & POLLIN)) return;
+    {
+      // A new set only here, between polls: a listener taken out of the set is not touched
+      // once its remover saw acceptor_generation_ reach its change.
+      std::lock_guard lock(listeners_mu_);
+      fds.assign(1, pollfd{wake_event_.get(), POLLIN, 0});
+      entries.clear();
+      for (auto& l : listeners_) {
+        fds.push_back(pollfd{l->listener->fd(), POLLIN, 0});
+        entries.push_back(l.get());
+      }
+      acceptor_generation_ = listeners_generation_;
+      acceptor_cv_.notify_all();
+    }
+    if (stopping_) return done();
+    int rc = ::poll(fds.data(), fds.size(), -1);
+    if (stopping_) return done();
     if (rc < 0) {
       if (errno == EINTR) continue;
-      spdlog::error("nbd: poll on listener failed: {}", std::strerror(errno));
-      return;
+      spdlog::error("nbd: poll on the listeners failed: {}", std::strerror(errno));
+      return done();
     }
-    if (!(fds[0].revents & POLLIN)) continue;
-    auto fd = entry->listener->Accept();
-    if (!fd.ok()) {
-      spdlog::warn("nbd: accept: {}", fd.status().ToString());
-      if (errno == EMFILE || errno == ENFILE) ::usleep(100 * 1000);
+    if (fds[0].revents & POLLIN) {
+      uint64_t n;
+      (void)!::read(wake_event_.get(), &n, sizeof n);  // only clears it: the set is read again
       continue;
     }
-    Admit(entry, std::move(*fd));
+    for (size_t i = 1; i < fds.size(); ++i) {
+      if (fds[i].revents & POLLIN) AcceptOn(entries[i - 1]);
+    }
   }
+}
+
+void Server::AcceptOn(ListenerEntry* entry) {
+  auto fd = entry->listener->Accept();
+  // The listener is non-blocking (one thread accepts for all): a client that left
+  // between poll and accept leaves nothing to take.
+  if (!fd.ok() && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+  if (!fd.ok()) {
+    spdlog::warn("nbd: accept: {}", fd.status().ToString());
+    if (errno == EMFILE || errno == ENFILE) ::usleep(100 * 1000);
+    return;
+  }
+  Admit(entry, std::move(*fd));
 }
 
 void Server::Admit(ListenerEntry* entry, Fd fd) {
@@ -290,6 +343,7 @@ void Server::Admit(ListenerEntry* entry, Fd fd) {
   conns_.push_back(conn);
   Conn* c = conn.get();
   c->thread = std::thread([this, c] {
+    NameThisThread("osr-nbd");
     spdlog::debug("nbd {}: connected", c->session->peer());
     Status st = c->session->Run();
     if (st.ok()) {
@@ -318,14 +372,12 @@ void Server::Stop() {
   {
     std::lock_guard lock(listeners_mu_);
     listeners.swap(listeners_);
+    if (started_) {
+      uint64_t one = 1;
+      (void)!::write(wake_event_.get(), &one, sizeof one);  // stopping_ is set: it returns
+    }
   }
-  for (auto& l : listeners) {
-    uint64_t one = 1;
-    (void)!::write(l->stop_event.get(), &one, sizeof one);
-  }
-  for (auto& l : listeners) {
-    if (l->acceptor.joinable()) l->acceptor.join();
-  }
+  if (acceptor_.joinable()) acceptor_.join();
   watchdog_cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
   std::list<std::shared_ptr<Conn>> conns;

@@ -15,11 +15,13 @@
 //   - Unix sockets are reached only by who the file system lets in (0600 sockets in
 //     0700 directories); each unix listener has its own cap.
 //
-// Thread model: one acceptor thread per listener (blocked in poll), one watchdog thread
-// (reaps ended sessions, enforces handshake deadlines), one thread per connection (plus
-// the session's sync thread). All public methods are thread-safe; AddListener and
-// RemoveUnixListener may be called while the server runs. mu_ guards the connections and
-// their counts, listeners_mu_ the listeners.
+// Thread model: one acceptor thread for every listener (blocked in poll on all of them and
+// an eventfd that says the set changed: a site has a unix listener per VM, and a thread
+// each would only wait), one watchdog thread (reaps ended sessions, enforces handshake
+// deadlines), one thread per connection (plus the session's sync thread). All public
+// methods are thread-safe; AddListener and RemoveUnixListener may be called while the
+// server runs. mu_ guards the connections and their counts, listeners_mu_ the listeners
+// and the acceptor's generations.
 //
 // Ownership: the server owns its connections (Conn: the session, its thread, its TLS
 // upgrader). A session shares its export with the ExportTable and lets go of it when it
@@ -103,8 +105,6 @@ class Server {
     std::unique_ptr<Listener> listener;
     ListenerOptions options;
     std::string key;  // per-address count key of a unix listener ("unix:PATH"), else ""
-    Fd stop_event;    // eventfd: readable once this acceptor must end
-    std::thread acceptor;
   };
   struct Conn {
     std::unique_ptr<TlsUpgrader> upgrader;  // before session: the session borrows it
@@ -117,12 +117,16 @@ class Server {
     std::atomic<bool> done{false};
   };
 
-  void AcceptLoop(ListenerEntry* entry);
+  void AcceptLoop();
+  // Accepts one connection on a listener that poll() found readable.
+  void AcceptOn(ListenerEntry* entry);
+  // Tells the acceptor that the listeners changed and, with `wait`, waits until it polls
+  // the new set (it no longer touches a listener taken out before). Holds listeners_mu_.
+  void ChangedListenersLocked(std::unique_lock<std::mutex>& lock, bool wait);
   void Admit(ListenerEntry* entry, Fd fd);
   // Whether one more connection under `key` fits; holds mu_.
   bool FitsLocked(const std::string& key, bool tcp) const;
   void WatchdogLoop();
-  void StartAcceptorLocked(ListenerEntry* entry);  // holds listeners_mu_
 
   const ExportTable* exports_;
   const Authz* authz_;
@@ -133,6 +137,14 @@ class Server {
   std::mutex listeners_mu_;
   std::list<std::unique_ptr<ListenerEntry>> listeners_;  // guarded by listeners_mu_
   bool started_ = false;                                 // guarded by listeners_mu_
+  // The listener set's version, and the one the acceptor polls now (it takes a new set
+  // only between polls, after it is done with the connections the last poll found).
+  uint64_t listeners_generation_ = 0;    // guarded by listeners_mu_
+  uint64_t acceptor_generation_ = 0;     // guarded by listeners_mu_
+  std::condition_variable acceptor_cv_;  // with listeners_mu_: the acceptor took a new set
+  bool acceptor_done_ = false;           // guarded by listeners_mu_: it returned
+  Fd wake_event_;  // eventfd: readable when the set changed or the server stops
+  std::thread acceptor_;
 
   mutable std::mutex mu_;
   std::condition_variable watchdog_cv_;                   // with mu_: wakes the watchdog

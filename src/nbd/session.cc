@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/threads.h"
 #include "nbd/protocol.h"
 
 namespace osr::nbd {
@@ -124,7 +125,10 @@ Status Session::RunInner() {
   if (!hs.ok()) return hs.status();
   if (*hs == HandshakeResult::kEnd) return Status::Ok();
   stream_->SetReadTimeoutMs(0);
-  sync_thread_ = std::thread([this] { SyncLoop(); });
+  sync_thread_ = std::thread([this] {
+    NameThisThread("osr-nbd-sync");
+    SyncLoop();
+  });
   Status st = Transmission();
   // Answer everything already accepted before the session ends (also when stopping).
   if (st.ok() || stopped_) {

@@ -80,7 +80,10 @@ Result<ListenAddress> Receiver::Listen(const ListenAddress& addr) {
 
 void Receiver::Start() {
   OSR_CHECK(listener_ != nullptr);
-  acceptor_ = std::thread([this] { AcceptLoop(); });
+  acceptor_ = std::thread([this] {
+    NameThisThread("osr-recv-accept");
+    AcceptLoop();
+  });
 }
 
 void Receiver::Stop() {
@@ -146,7 +149,10 @@ void Receiver::AcceptOne() {
   std::lock_guard lock(mu_);
   conns_.push_back(std::move(c));
   try {
-    cp->thread = std::thread([this, cp] { Serve(cp); });
+    cp->thread = std::thread([this, cp] {
+      NameThisThread("osr-recv");
+      Serve(cp);
+    });
   } catch (...) {
     conns_.pop_back();  // no thread: nothing would ever mark it done
     throw;

@@ -180,6 +180,7 @@ class ReplicationTest : public ::testing::Test {
     o.frame_bytes_max = 256 << 10;  // many frames
     o.capture_group = group_.get();
     o.reconnect_delay_ms_max = 200;
+    o.idle_wait_ms_max = idle_wait_ms_max_;
     return o;
   }
   // Until the sender reports its first failure (bounded: 5 s).
@@ -247,7 +248,8 @@ class ReplicationTest : public ::testing::Test {
   ListenAddress recv_addr_;
   std::unique_ptr<Sender> sender_;
   std::shared_ptr<TlsContext> client_tls_;
-  std::string target_site_;  // for Options()
+  std::string target_site_;                                  // for Options()
+  int idle_wait_ms_max_ = SenderOptions{}.idle_wait_ms_max;  // for Options()
 };
 
 TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
@@ -268,6 +270,40 @@ TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
 // HELLO_OK that the site holds them, and their segments go, with no further write: before,
 // they stayed until a later acknowledgement, and a resync's closing mark found the log full
 // and started the copy over for ever (CI, stop 17: OverflowTest).
+// Issue 12: an idle sender does not poll its log; it sleeps until something rings it.
+// With its safety bound at ten minutes, everything it must do comes from a ring: records
+// written after it fell asleep are shipped, the segments they filled are trimmed once
+// acknowledged (no later write needed), regions marked for a resync are copied, and Stop
+// ends it at once. A lost ring fails the test at its (much shorter) deadline.
+TEST_F(ReplicationTest, AnIdleSenderSleepsUntilThereIsWorkAndMissesNone) {
+  idle_wait_ms_max_ = 600000;
+  StartSender(recv_addr_);
+  ASSERT_TRUE(sender_->stats().connected) << sender_->stats().last_error;
+  std::mt19937 rng(41);
+  for (int round = 0; round < 3; ++round) {
+    ::usleep(50000);  // asleep again (not needed to pass: only to test the sleeping path)
+    Write(rng, 60);   // ~3 MB: three 1 MiB segments
+    ExpectReplicaEqualsSource();
+  }
+  // The last acknowledgements came after the last write: the trim that follows them is
+  // the sender's own timer, not a write's wake-up.
+  // Every segment but the one being written goes.
+  auto segments = [&] { return capture::ListSegments(dir_ + "/cap").value().size(); };
+  for (int i = 0; i < 500 && segments() > 1; ++i) ::usleep(20000);
+  EXPECT_EQ(segments(), 1u) << "acknowledged segments are still held";
+  // Regions marked while it sleeps (reprotect's differences) are resent whole.
+  uint64_t resyncs = sender_->stats().resyncs_completed;
+  ASSERT_TRUE(group_->MarkRegions({{0, {1 << 20, 64 << 10}}}).ok());
+  for (int i = 0; i < 500 && sender_->stats().resyncs_completed == resyncs; ++i) ::usleep(20000);
+  EXPECT_GT(sender_->stats().resyncs_completed, resyncs) << sender_->stats().last_error;
+  EXPECT_FALSE(group_->HasStickyRegions());
+  ExpectReplicaEqualsSource();
+  auto t0 = std::chrono::steady_clock::now();
+  sender_->Stop();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(30));
+  EXPECT_EQ(sender_->stats().reconnects, 0u);
+}
+
 TEST_F(ReplicationTest, RecordsWhoseAcknowledgementsWereLostAreTrimmedByTheNextSession) {
   Proxy proxy(recv_addr_);
   StartSender(proxy.address());

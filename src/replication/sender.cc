@@ -3,18 +3,24 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <exception>
 
 #include "capture/log_tailer.h"
 #include "common/crc32c.h"
+#include "common/threads.h"
 #include "replication/pacer.h"
 #include "replication/wire.h"
 
 namespace osr::replication {
 
 namespace {
+
+// How often acknowledged log segments are trimmed while records flow (at once when the log
+// nears its limit).
+constexpr auto kTrimInterval = std::chrono::milliseconds(100);
 
 int64_t SteadyNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -53,10 +59,15 @@ int ReconnectDelayMs(int delay_ms, bool progressed, bool refused, const SenderOp
 
 Sender::~Sender() {
   Stop();
+  log_->RemoveDoorbell(&bell_);  // also when Stop ran before (it removes it too: no-op then)
 }
 
 void Sender::Start() {
-  thread_ = std::thread([this] { Run(); });
+  log_->AddDoorbell(&bell_);
+  thread_ = std::thread([this] {
+    NameThisThread("osr-send");
+    Run();
+  });
 }
 
 void Sender::Stop() {
@@ -66,7 +77,9 @@ void Sender::Stop() {
     if (stream_ != nullptr) stream_->Shutdown();
   }
   cv_.notify_all();
+  bell_.Ring();
   if (thread_.joinable()) thread_.join();
+  log_->RemoveDoorbell(&bell_);
 }
 
 Sender::Stats Sender::stats() const {
@@ -188,6 +201,7 @@ void Sender::AckLoop(Stream* s) {
   session_broken_ = true;
   stats_.last_error = st.ToString();
   cv_.notify_all();
+  bell_.Ring();
 }
 
 Status Sender::ReadAcks(Stream* s) {
@@ -205,6 +219,7 @@ Status Sender::ReadAcks(Stream* s) {
           in_flight_.pop_front();
         }
         cv_.notify_all();
+        bell_.Ring();  // an idle connection thread trims what is durable there now
         break;
       }
       case FrameType::kResyncDone: {
@@ -236,6 +251,7 @@ Status Sender::ReadAcks(Stream* s) {
           ++progress_;
           spdlog::info("replication sender '{}': resynchronization committed", opts_.group);
         }
+        bell_.Ring();  // the next resync (regions marked since) may begin
         break;
       }
       case FrameType::kError:
@@ -423,7 +439,10 @@ Status Sender::Session() {
   }
   spdlog::info("replication sender '{}': connected, resuming after seq {}", opts_.group, durable);
 
-  std::thread acks([&] { AckLoop(&s); });
+  std::thread acks([&] {
+    NameThisThread("osr-send-acks");
+    AckLoop(&s);
+  });
   struct JoinAcks {
     Stream& s;
     std::thread& t;
@@ -469,10 +488,9 @@ Status Sender::Session() {
       if (session_broken_) return Unavailable(stats_.last_error);
       if (stop_) return size_t{0};
       auto now = std::chrono::steady_clock::now();
-      // Trim every 100 ms, or at once when the log nears its limit.
+      // Trim every kTrimInterval, or at once when the log nears its limit.
       bool pressed = log_->held_bytes() > log_->log_bytes_max() / 2;
-      if (stats_.acked_seq > trimmed_upto &&
-          (pressed || now - last_trim >= std::chrono::milliseconds(100))) {
+      if (stats_.acked_seq > trimmed_upto && (pressed || now - last_trim >= kTrimInterval)) {
         // Segments whose records are all durable at the recovery site go.
         trimmed_upto = stats_.acked_seq;
         last_trim = now;
@@ -496,10 +514,21 @@ Status Sender::Session() {
     stats_.bytes_sent += frame.size();
     return n;
   };
+  // Nothing to send: sleeps until the doorbell rings (records written out, an overflow,
+  // regions marked, an ACK, the session's end, Stop), or until a trim of what was
+  // acknowledged is due, at most idle_wait_ms_max. A ring since the last sleep returns at
+  // once, so one that came while we looked is not lost.
   auto idle = [&] {
-    std::unique_lock lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(opts_.idle_poll_ms),
-                 [&] { return stop_ || session_broken_; });
+    auto wait = std::chrono::nanoseconds(std::chrono::milliseconds(opts_.idle_wait_ms_max));
+    {
+      std::lock_guard lock(mu_);
+      if (stop_ || session_broken_) return;
+      if (stats_.acked_seq > trimmed_upto) {
+        auto due = last_trim + kTrimInterval - std::chrono::steady_clock::now();
+        wait = std::clamp<std::chrono::nanoseconds>(due, std::chrono::nanoseconds(0), wait);
+      }
+    }
+    bell_.Wait(wait);
   };
   // Sends every record up to `seq` (bounded by the session: a broken one returns).
   auto ship_upto = [&](uint64_t seq) -> Status {

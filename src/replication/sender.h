@@ -29,7 +29,11 @@
 //
 // Thread model: Start() runs a connection thread; while connected an ACK-reader thread
 // too. Both entry points catch whatever escapes, report it in the stats and go on (the
-// connection thread reconnects). mu_ guards the stats and the window.
+// connection thread reconnects). mu_ guards the stats and the window. With nothing to
+// send the connection thread sleeps on bell_ (no polling: an idle VM costs no CPU), which
+// the capture log rings when records are written out or an overflow begins
+// (CaptureLog::AddDoorbell), the ACK reader when an ACK or RESYNC_DONE comes or the
+// session breaks, and Stop().
 //
 // Ownership: the site's group owns the sender (unique_ptr). It borrows the capture log and
 // the capture group (and on_stale_epoch captures the group): Stop(), also run by the
@@ -50,6 +54,7 @@
 
 #include "capture/capture_group.h"
 #include "capture/capture_log.h"
+#include "common/doorbell.h"
 #include "common/socket.h"
 #include "common/tls.h"
 #include "replication/messages.h"
@@ -75,9 +80,12 @@ struct SenderOptions {
   int reconnect_delay_ms_min = 50;
   int reconnect_delay_ms_max = 5000;  // after a failure that passes by itself
   int refused_delay_ms_max = 60000;   // after a refusal that waits for someone
-  int idle_poll_ms = 2;               // how often to look for new records when idle
-  std::shared_ptr<TlsContext> tls;    // client side; nullptr: plain TCP
-  bool compress = true;               // LZ4 when the receiver agrees and it pays
+  // An idle sender sleeps until the capture log rings its doorbell (records written out, an
+  // overflow, regions marked), an ACK comes or the session ends; this bounds the sleep,
+  // should a wake-up ever be missed (it costs one look at the log per bound).
+  int idle_wait_ms_max = 1000;
+  std::shared_ptr<TlsContext> tls;  // client side; nullptr: plain TCP
+  bool compress = true;             // LZ4 when the receiver agrees and it pays
   // The group whose bitmaps and disks a resynchronization reads (borrowed; nullptr: no
   // resync, the sender only reports that one is required).
   capture::CaptureGroup* capture_group = nullptr;
@@ -223,6 +231,9 @@ class Sender {
   capture::CaptureLog* log_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  // Wakes the idle connection thread (see the thread model). Registered with the log from
+  // Start() until Stop() has joined the thread.
+  Doorbell bell_;
   // The bandwidth limit's bucket: the connection thread's only, made at its first session
   // and kept across reconnects.
   std::optional<Pacer> pacer_;

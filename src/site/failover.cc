@@ -11,6 +11,7 @@
 
 #include "capture/log_reader.h"
 #include "common/le.h"
+#include "common/threads.h"
 #include "site/site.h"
 
 namespace osr::site {
@@ -137,7 +138,10 @@ Status Site::MaterialiseGroup(const std::string& vm) {
   for (auto& d : g.disks) g.materialise_total += d.size_bytes;
   g.stop_materialise = false;
   Group* gp = &g;
-  g.materialiser = std::thread([this, vm, gp] { MaterialiseThread(vm, gp); });
+  g.materialiser = std::thread([this, vm, gp] {
+    NameThisThread("osr-materialise");
+    MaterialiseThread(vm, gp);
+  });
   return Status::Ok();
 }
 

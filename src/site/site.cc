@@ -9,6 +9,7 @@
 #include <sys/statvfs.h>
 #include <toml++/toml.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <filesystem>
@@ -19,6 +20,7 @@
 
 #include "common/file.h"
 #include "common/json_in.h"
+#include "common/threads.h"
 #include "common/units.h"
 
 namespace osr::site {
@@ -330,8 +332,14 @@ Result<std::unique_ptr<Site>> Site::Start(const SiteConfig& cfg) {
   OSR_RETURN_IF_ERROR(s->Load());
   OSR_RETURN_IF_ERROR(s->nbd_->Start());
   s->receiver_->Start();
-  s->watcher_ = std::thread([sp] { sp->WatchLoop(); });
-  s->maintainer_ = std::thread([sp] { sp->MaintenanceLoop(); });
+  s->watcher_ = std::thread([sp] {
+    NameThisThread("osr-site-watch");
+    sp->WatchLoop();
+  });
+  s->maintainer_ = std::thread([sp] {
+    NameThisThread("osr-site-maint");
+    sp->MaintenanceLoop();
+  });
   return s;
 }
 
@@ -1843,6 +1851,35 @@ void Site::MaintenanceLoop() {
       maint_queue_.push_back(vm);
     }
   }
+}
+
+json Site::AllGroupsStatus() {
+  std::vector<std::string> names;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, g] : groups_) names.push_back(vm);
+  }
+  json out = json::array();
+  for (auto& vm : names) {
+    if (auto st = GroupStatus(vm); st.ok()) out.push_back(std::move(*st));  // else: deleted since
+  }
+  return out;
+}
+
+json Site::AllStoresStatus() {
+  std::vector<std::string> names;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, d] : damaged_stores_) names.push_back(vm);
+    for (auto& [vm, s] : stores_) names.push_back(vm);
+  }
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  json out = json::array();
+  for (auto& vm : names) {
+    if (auto st = StoreStatus(vm); st.ok()) out.push_back(std::move(*st));  // else: deleted since
+  }
+  return out;
 }
 
 Result<json> Site::StoreStatus(const std::string& vm) {

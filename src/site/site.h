@@ -197,6 +197,10 @@ class Site {
   // across restarts. Fencing again at the same epoch changes nothing.
   Status FenceGroup(const std::string& vm, uint64_t epoch, bool keep_shipping = false);
   Result<nlohmann::json> GroupStatus(const std::string& vm);
+  // Every group's GroupStatus (a quarantined one as GroupStatus shows it), in name order:
+  // one call for what the vault would otherwise ask once per VM. Each group is read under
+  // mu_ on its own (not one snapshot of all); one deleted meanwhile is left out.
+  nlohmann::json AllGroupsStatus();
 
   // Failover (this site holds the store): raises the store's epoch (the old primary's
   // records are refused from now on), then makes a group of failover disks over the
@@ -264,6 +268,9 @@ class Site {
   Result<nlohmann::json> CompactStore(const std::string& vm, std::vector<uint64_t> keep,
                                       uint64_t through);
   Result<nlohmann::json> StoreStatus(const std::string& vm);
+  // Every store's StoreStatus (a quarantined one as {name, damage}), in name order; as
+  // AllGroupsStatus.
+  nlohmann::json AllStoresStatus();
   Result<nlohmann::json> OpenView(const std::string& vm, uint64_t seq, bool writable);
   // Takes the view's exports off NBD, ends their sessions and frees the view (its overlay
   // and its pin) before it returns; a session stuck past Server::kDisconnectWaitMs keeps the

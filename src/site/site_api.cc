@@ -116,6 +116,14 @@ SiteApi::SiteApi(Site* site) : site_(site) {
   Add("GET", "/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(site_->Metrics(), "text/plain; version=0.0.4");
   });
+  // Every group's and every store's status in one answer (what the per-VM GETs below say,
+  // as an array): the vault asks once per tick, not once per VM.
+  Add("GET", "/api/v1/groups", [this](const httplib::Request&, httplib::Response& res) {
+    Reply(res, 200, site_->AllGroupsStatus());
+  });
+  Add("GET", "/api/v1/stores", [this](const httplib::Request&, httplib::Response& res) {
+    Reply(res, 200, site_->AllStoresStatus());
+  });
   Add("PUT", R"(/api/v1/groups/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {
         auto body = Body(req);

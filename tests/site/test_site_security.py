@@ -19,6 +19,8 @@ ROUTES = [
     ("GET", "/api/v1/site", "/api/v1/site", None),
     ("GET", "/metrics", "/metrics", None),
     ("GET", "/api/v1/routes", "/api/v1/routes", None),
+    ("GET", "/api/v1/groups", "/api/v1/groups", None),
+    ("GET", "/api/v1/stores", "/api/v1/stores", None),
     ("PUT", "/api/v1/groups/([^/]+)", "/api/v1/groups/x", {"disks": []}),
     ("GET", "/api/v1/groups/([^/]+)", "/api/v1/groups/x", None),
     ("DELETE", "/api/v1/groups/([^/]+)", "/api/v1/groups/x", None),
