@@ -415,9 +415,13 @@ def test_a_site_answering_the_wrong_types_does_not_stop_the_vault(env, vault):
     protect(env.osr, "vm2")
     before = env.osr.ok("point", "list", "vm2")
 
+    bad_store = {"durable_seq": "x", "durable_time_ns": [1], "base_seq": {"a": 1}}
+
     def answer(method, path):
         if path.startswith("/api/v1/stores/"):
-            return 200, b'{"durable_seq":"x","durable_time_ns":[1],"base_seq":{"a":1}}'
+            return 200, json.dumps(bad_store).encode()
+        if path == "/api/v1/stores":  # the point loop's one call for all stores
+            return 200, json.dumps([dict(bad_store, name=vm) for vm in ("vm1", "vm2")]).encode()
         return 200, b'{"disks":"nope","groups":7}'
     fake = FakeSite(answer)
     try:
@@ -430,10 +434,10 @@ def test_a_site_answering_the_wrong_types_does_not_stop_the_vault(env, vault):
              "replication": "127.0.0.1:9", "replace": True}, token=vault.admin)
         assert status == 201, doc
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(p.startswith("/api/v1/stores/")
+        while time.monotonic() < deadline and not any(p.startswith("/api/v1/stores")
                                                       for _, p in fake.calls):
             time.sleep(0.2)
-        assert any(p.startswith("/api/v1/stores/") for _, p in fake.calls), fake.calls
+        assert any(p.startswith("/api/v1/stores") for _, p in fake.calls), fake.calls
         time.sleep(2)  # more ticks of the point loop against the fake
         assert vault.alive(), "the vault stopped answering"
         assert env.qs.alive(), "the quickstart process ended"
@@ -447,6 +451,11 @@ def test_a_site_answering_the_wrong_types_does_not_stop_the_vault(env, vault):
             time.sleep(0.5)
         assert shown["health"].startswith("Critical: site recovery store vm1.durable_seq: must "
                                           "be a whole number"), shown
+        # The list (one call per site for all items) says the same of each.
+        listed = {i["name"]: i for i in env.osr.ok("item", "list")}
+        for vm in ("vm1", "vm2"):
+            assert listed[vm]["health"].startswith(
+                f"Critical: site recovery store {vm}.durable_seq: must be a whole number"), listed
         assert vault.alive() and env.qs.alive()
         # Back to the real site: points resume.
         status, doc, _ = vault.call(
