@@ -803,8 +803,15 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
           "starts by itself when the recovery site is reachable)";
     } else if (resyncing) {
       health = fmt::format("Warning: resynchronizing ({} of {} bytes)", resync_done, resync_total);
+    } else if (uint64_t fenced = gf.U64("fenced_epoch", 0); fenced > item.epoch) {
+      health = fmt::format(
+          "Critical: {}'s disks at {} are fenced at epoch {}, after the catalog's epoch {}: the "
+          "catalog is older than the sites (restored from a backup?) and the VM failed over "
+          "since; see docs/operations.md, \"The catalog: backup, restore and a standby\"",
+          item.vm, item.source, fenced, item.epoch);
     } else if (!connected && item.state != "EnablingProtection") {
-      health = "Warning: replication is not connected (" + last_error + ")";
+      health = "Warning: replication is not connected" +
+               (last_error.empty() ? std::string() : " (" + last_error + ")");
     }
     out["last_seq"] = last;
     out["durable_seq"] = durable;
@@ -1669,6 +1676,12 @@ void Vault::ReconcileReplication(const ItemRow& item, SiteStatusBoard& board) {
   std::string to = gf.String("replicate_to", "");
   // A quarantined group replicates nothing until it is repaired (its health says so).
   if (!gf.ok() || gf.Object("damage") != nullptr || to == dst->replication) return;
+  if (to.empty() && board.Store(*dst, item.vm).status().code() == Code::kNotFound) {
+    // Replication off and no store at the target: the catalog says more than the sites
+    // (one restored from a backup after an unprotect). Its health says so; restarting
+    // replication to a site that will refuse it helps nobody.
+    return;
+  }
   spdlog::info("vault: {}: pointing replication at {} ({})", item.vm, item.target,
                dst->replication);
   auto r = StartReplication(item, *src, *dst);

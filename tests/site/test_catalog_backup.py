@@ -327,8 +327,8 @@ def test_a_catalog_older_than_the_sites(sites, vaults, tmp_path, request):
                               vm4_at_failover, "vm4 at recovery after the resumed failover")
 
     # vm2, unprotected since the backup: listed Protected, its health names what is gone.
-    # (The vault points the primary's replication at recovery again, which refuses it for
-    # want of a store: nothing is lost, and unprotecting it again ends it.)
+    # The vault does not restart the primary's replication of it (a recovery site without
+    # its store would refuse it); unprotecting it again ends the item.
     def vm2_critical():
         h = vault.ok("GET", "/items/vm2")["health"]
         return h == "Critical: site recovery: no store for vm2 at this site" and h
@@ -358,6 +358,8 @@ def test_a_catalog_older_than_the_sites(sites, vaults, tmp_path, request):
         assert now[0]["replicate_to"] == group["replicate_to"], (vm, now[0], group)
         assert now[0]["fenced_epoch"] == group["fenced_epoch"], (vm, now[0], group)
     assert vault.alive(), vault.stderr()
+    # Many point-loop ticks later, vm2's replication is still off at the primary.
+    assert api_ok(primary, "GET", "/groups/vm2")["replicate_to"] == ""
 
     # What the operator does: unprotect vm2 again; its replication stops at the primary.
     vault.osr("unprotect", "vm2")
@@ -453,3 +455,43 @@ def test_a_promoted_standby_of_the_catalog_carries_on(sites, vaults, tmp_path, r
             b.stop_clean()
         finally:
             standby.close()
+
+
+def test_a_catalog_from_before_a_failover_says_so(sites, tmp_path):
+    """A catalog restored from a backup taken before a failover: the item reads Protected at
+    the old epoch while its disks at the primary are fenced at the new one. Its health says
+    so (before: "replication is not connected ()", no cause), and nothing at the sites moves."""
+    require_libnbd()
+    primary, recovery = sites
+    rng = random.Random(seed_for("old catalog failover"))
+    catalog = SqliteCatalog(tmp_path)
+    vs = []
+    try:
+        vault = start_vault(vs, tmp_path, catalog.db_arg())
+        register_sites(vault, primary, recovery)
+        model = bytearray(SIZE)
+        uri = protect_new_vm(vault, "vm1", model, rng)
+        write_random(uri, model, rng, 8)
+        point = make_point(vault, "vm1")
+        backup = catalog.backup(tmp_path / "old.db")
+        job = vault.osr("failover", "vm1", "--point", point, "--wait")
+        assert job["state"] == "Succeeded", job
+        fenced = api_ok(primary, "GET", "/groups/vm1")["fenced_epoch"]
+        assert fenced == 2, fenced
+        vault.stop_clean()
+        catalog.restore(backup)
+        vault.start()
+        seen = {}
+
+        def says_older():
+            seen["item"] = vault.ok("GET", "/items/vm1")
+            return seen["item"]["health"].startswith(
+                "Critical: vm1's disks at primary are fenced at epoch 2, after the catalog's "
+                "epoch 1: the catalog is older than the sites")
+        wait_for(says_older, 30, "the item to say the catalog is older than the sites",
+                 detail=lambda: seen.get("item"))
+        listed = {i["name"]: i for i in vault.ok("GET", "/items")}
+        assert listed["vm1"]["health"] == seen["item"]["health"], listed
+        assert api_ok(primary, "GET", "/groups/vm1")["fenced_epoch"] == 2
+    finally:
+        osrtest.stop_all_clean(vs)
