@@ -592,6 +592,17 @@ Status Catalog::AddRpoSample(const std::string& vm, int64_t time_ns, double rpo_
   });
 }
 
+Status Catalog::AddRpoSamples(const std::vector<RpoSampleRow>& samples, int64_t keep_after_ns) {
+  if (samples.empty()) return Status::Ok();
+  return Transact([&]() -> Status {
+    for (const RpoSampleRow& r : samples) {
+      OSR_RETURN_IF_ERROR(conn_->Exec("INSERT INTO rpo_samples(vm, time_ns, rpo_s) VALUES(?,?,?)",
+                                      {r.vm, r.time_ns, r.rpo_s}));
+    }
+    return conn_->Exec("DELETE FROM rpo_samples WHERE time_ns<?", {keep_after_ns});
+  });
+}
+
 Result<std::vector<std::pair<int64_t, double>>> Catalog::ListRpoSamples(const std::string& vm,
                                                                         int64_t since_ns) {
   std::lock_guard lock(mu_);

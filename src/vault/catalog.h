@@ -237,6 +237,10 @@ class Catalog {
   // The RPO over time (the web UI's chart): a sample, dropping the item's samples older
   // than keep_after_ns (one transaction).
   Status AddRpoSample(const std::string& vm, int64_t time_ns, double rpo_s, int64_t keep_after_ns);
+  // A tick's samples of every item in one transaction (one sync, not one per item), and
+  // every item's samples older than `keep_after_ns` (ns, wall clock) go. Errors: the
+  // database's (nothing is written then).
+  Status AddRpoSamples(const std::vector<RpoSampleRow>& samples, int64_t keep_after_ns);
   Result<int64_t> AddPoint(const PointRow& p);
   Status DeletePoints(const std::string& vm);  // every point of the VM
   Status DeletePoint(int64_t id);

@@ -214,6 +214,25 @@ TEST_P(CatalogTest, UpgradesEveryOlderSchema) {
   }
 }
 
+// A tick's RPO samples of every item go in at once, and the old ones of every item go.
+// The same query many times with different values reads each time's values (the SQLite
+// connection keeps its prepared statements).
+TEST_P(CatalogTest, ATicksRpoSamplesGoInTogether) {
+  auto c = Catalog::Open(db_).value();
+  ASSERT_TRUE(c->AddRpoSample("vm1", 10, 1.0, 0).ok());
+  ASSERT_TRUE(c->AddRpoSample("vm2", 10, 2.0, 0).ok());
+  std::vector<RpoSampleRow> tick;
+  for (int i = 0; i < 50; ++i) tick.push_back({"vm" + std::to_string(i), 20, 0.5 * i});
+  ASSERT_TRUE(c->AddRpoSamples(tick, 15).ok());
+  ASSERT_TRUE(c->AddRpoSamples({}, 1000).ok());  // nothing sampled: nothing pruned
+  for (int i = 0; i < 50; ++i) {
+    auto got = c->ListRpoSamples("vm" + std::to_string(i), 0).value();
+    ASSERT_EQ(got.size(), 1u) << i;  // the ones at 10 went
+    EXPECT_EQ(got[0].first, 20);
+    EXPECT_EQ(got[0].second, 0.5 * i);
+  }
+}
+
 TEST_P(CatalogTest, RefusesANewerSchema) {
   ASSERT_TRUE(RawSql("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
                      "INSERT INTO meta VALUES('schema_version','99');")

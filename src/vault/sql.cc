@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 
 namespace osr::vault {
 
@@ -188,18 +189,21 @@ class SqliteConnection final : public SqlConnection {
  public:
   SqliteConnection(sqlite3* db, std::string path)
       : db_(db), name_("SQLite catalog " + std::move(path)) {}
-  ~SqliteConnection() override { sqlite3_close(db_); }
+  ~SqliteConnection() override {
+    ForgetStatements();
+    sqlite3_close(db_);
+  }
 
   SqlDialect dialect() const override { return SqlDialect::kSqlite; }
   const std::string& name() const override { return name_; }
 
   Result<SqlResult> Query(std::string_view sql, const std::vector<SqlValue>& params) override {
-    sqlite3_stmt* raw = nullptr;
-    if (sqlite3_prepare_v2(db_, sql.data(), static_cast<int>(sql.size()), &raw, nullptr) !=
-        SQLITE_OK) {
-      return Error(sqlite3_extended_errcode(db_));
-    }
-    std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> s(raw, sqlite3_finalize);
+    OSR_ASSIGN_OR_RETURN(sqlite3_stmt * stmt, Prepared(sql));
+    // Reset for the next use however this one ends (its read lock goes with the reset).
+    std::unique_ptr<sqlite3_stmt, void (*)(sqlite3_stmt*)> s(stmt, [](sqlite3_stmt* st) {
+      sqlite3_reset(st);
+      sqlite3_clear_bindings(st);
+    });
     for (size_t i = 0; i < params.size(); ++i) Bind(s.get(), static_cast<int>(i + 1), params[i]);
     SqlResult out;
     int n = sqlite3_column_count(s.get());
@@ -272,6 +276,29 @@ class SqliteConnection final : public SqlConnection {
     }
   }
 
+  // The statement for `sql`, prepared once and kept (the catalog asks the same few dozen
+  // queries over and over: each tick reads every item's site, policy and points). SQLite
+  // prepares a kept statement again by itself after a schema change. Callers serialize
+  // their use of the connection (Catalog's mutex), so one statement is never used twice
+  // at once.
+  Result<sqlite3_stmt*> Prepared(std::string_view sql) {
+    auto it = statements_.find(sql);
+    if (it != statements_.end()) return it->second;
+    if (statements_.size() >= kStatementsMax) ForgetStatements();
+    sqlite3_stmt* raw = nullptr;
+    if (sqlite3_prepare_v3(db_, sql.data(), static_cast<int>(sql.size()), SQLITE_PREPARE_PERSISTENT,
+                           &raw, nullptr) != SQLITE_OK) {
+      return Error(sqlite3_extended_errcode(db_));
+    }
+    statements_.emplace(std::string(sql), raw);
+    return raw;
+  }
+
+  void ForgetStatements() {
+    for (auto& [sql, st] : statements_) sqlite3_finalize(st);
+    statements_.clear();
+  }
+
   Status Error(int rc) const {
     std::string m = fmt::format("{}: {}", name_, sqlite3_errmsg(db_));
     if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE) {
@@ -281,8 +308,13 @@ class SqliteConnection final : public SqlConnection {
     return IoError(m);
   }
 
+  // Queries are literals of the catalog's code, so this bounds nothing an input chooses;
+  // it is a guard should that change.
+  static constexpr size_t kStatementsMax = 512;
+
   sqlite3* db_;
   std::string name_;
+  std::map<std::string, sqlite3_stmt*, std::less<>> statements_;
 };
 
 }  // namespace

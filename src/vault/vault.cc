@@ -1714,15 +1714,18 @@ void Vault::PointLoop() {
     int64_t tick_ns = clock_.WallNs();
     // Each site is asked once for all its groups and stores, not once per item.
     SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kBulk);
+    std::vector<RpoSampleRow> rpo_samples;  // written in one transaction, after the items
     for (auto& item : catalog_->Items()) {
       // One item's trouble (a site answering nonsense, a bug) must not stop the points
       // and the RPO of the others.
       try {
-        PointTick(item, tick_ns, sample_rpo, board);
+        PointTick(item, tick_ns, sample_rpo ? &rpo_samples : nullptr, board);
       } catch (const std::exception& e) {
         spdlog::error("vault: points of {}: {}", item.vm, e.what());
       }
     }
+    constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // the chart's span
+    LogIfFailed(catalog_->AddRpoSamples(rpo_samples, tick_ns - kRpoKeepNs), "RPO samples");
   }
 }
 
@@ -1752,17 +1755,15 @@ void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site,
   }
 }
 
-void Vault::PointTick(const ItemRow& item, int64_t tick_ns, bool sample_rpo,
+void Vault::PointTick(const ItemRow& item, int64_t tick_ns, std::vector<RpoSampleRow>* rpo_samples,
                       SiteStatusBoard& board) {
-  constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // the chart's span
   if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item, board);
-  if (sample_rpo && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
+  if (rpo_samples != nullptr &&
+      (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
     json shown = ItemJson(item, board);
     if (shown["health"].is_string()) health_board_.Note(item.vm, shown["health"], tick_ns);
     if (shown["rpo_seconds"].is_number()) {
-      LogIfFailed(catalog_->AddRpoSample(item.vm, tick_ns, shown["rpo_seconds"].get<double>(),
-                                         tick_ns - kRpoKeepNs),
-                  "RPO sample of " + item.vm);
+      rpo_samples->push_back({item.vm, tick_ns, shown["rpo_seconds"].get<double>()});
     }
   }
   if (item.state != "Protected" && item.state != "TestFailoverCompleted") return;
