@@ -1723,6 +1723,9 @@ void Vault::PointLoop() {
         spdlog::error("vault: points of {}: {}", item.vm, e.what());
       }
     }
+    point_tick_times_.Note(
+        sample_rpo ? PointTickTimes::Kind::kPointsAndRpo : PointTickTimes::Kind::kPoints,
+        clock_.MonoNs() - mono_ns);
   }
 }
 
