@@ -30,7 +30,8 @@ PgServer does for the tests). Each time, from nothing:
            the writers go on:
            - GET /api/v1/items, one call at a time, a new one every --items-interval s
              (default 0.5; right after the last when it took longer): calls, p50/p99/max.
-             Each answer must list N items.
+             Each answer must list N items; the last one's rpo_seconds give the RPO
+             (p50 and max over the items).
            - GET /metrics every second: osr_vault_point_tick_seconds (histogram) and
              osr_vault_point_tick_last_seconds (gauge) by kind: `points` (a tick that only
              makes points) and `points_and_rpo` (every 5 s: it also samples each item's
@@ -40,7 +41,11 @@ PgServer does for the tests). Each time, from nothing:
              mean = histogram sum / count over the window.
            - every second, from /proc: each daemon's threads, RSS (VmRSS), open
              descriptors; CPU % of one core over the window (utime + stime). On
-             PostgreSQL also the server's processes' CPU (postmaster and its children).
+             PostgreSQL also the server's processes' CPU (postmaster and its children);
+             and this script's own CPU (writers, probes), which shares the cores.
+           - at its end: the crash points the point loop made in the window for 5 VMs
+             spread over the list (GET /items/NAME/points), per item and minute: the
+             default policy asks for one every 5 s (12 a minute).
   failover after the window, with the writers still writing to the other VMs: for
            --failovers VMs (default 3), one at a time, the VM's writer stops and closes its
            connection, POST /items/NAME/failover {point: --failover-point, default
@@ -117,6 +122,7 @@ PROC_INTERVAL_S = 1.0
 WRITER_JOIN_TIMEOUT_S = 30        # a writer thread ends after its current write
 MISSED_AFTER_S = 1.0              # a write this late is missed, not sent
 TOKEN_WAIT_S = 10
+POINT_SAMPLE_VMS = 5              # VMs whose points made in the window are counted
 
 MIB = 1 << 20
 DISK_BYTES = MIB
@@ -537,6 +543,7 @@ class ItemsProbe(threading.Thread):
         self.vault, self.n_items, self.interval, self.stop_event = vault, n_items, interval, stop
         self.latencies_s = []
         self.errors = []
+        self.last = None  # the newest good answer
 
     def run(self):
         while not self.stop_event.is_set():
@@ -545,6 +552,7 @@ class ItemsProbe(threading.Thread):
             took = time.monotonic() - t0
             if status == 200 and isinstance(doc, list) and len(doc) == self.n_items:
                 self.latencies_s.append(took)
+                self.last = doc
             else:
                 got = len(doc) if isinstance(doc, list) else str(doc)[:200]
                 self.errors.append(f"GET /items: {status} ({got})")
@@ -712,6 +720,29 @@ def protect_vms(vault, names, timeout_s):
             "step_job_seconds": dict(sorted(step_seen_s.items(), key=lambda kv: -kv[1]))}
 
 
+def rpo_summary(items):
+    """{p50, max, n} of the items' rpo_seconds in one GET /items answer."""
+    rpo = [i["rpo_seconds"] for i in items or [] if isinstance(i.get("rpo_seconds"), (int, float))]
+    s = summary(rpo)
+    return {"n": s["n"], "p50": s["p50"], "max": s["max"]}
+
+
+
+def points_made(vault, names, t0_ns, t1_ns):
+    """Crash points the point loop made in [t0, t1] for a few VMs spread over the list, per
+    item and minute (the default policy asks for one every 5 s: 12 a minute)."""
+    step = max(1, len(names) // POINT_SAMPLE_VMS)
+    chosen = names[::step][:POINT_SAMPLE_VMS]
+    counts = []
+    for vm in chosen:
+        pts = vault.ok("GET", f"/items/{vm}/points")
+        times = [parse_time_ns(p.get("time")) for p in pts]
+        counts.append(sum(1 for t in times if t is not None and t0_ns <= t <= t1_ns))
+    minutes = (t1_ns - t0_ns) / 60e9
+    return {"vms": chosen, "in_window": counts,
+            "per_item_per_min": statistics.fmean(counts) / minutes if counts else None}
+
+
 def failover_one(vault, writers, vm, point):
     writers.retire(vm)
     t0 = time.monotonic()
@@ -773,7 +804,8 @@ def run_backend(backend, args, root, certs):
         res["nbd_connect_s"] = writers.connect_all()
         writers.start()
         stop.wait(args.warmup)
-        pids = {"primary": primary.pid, "recovery": recovery.pid, "vault": vault.pid}
+        pids = {"primary": primary.pid, "recovery": recovery.pid, "vault": vault.pid,
+                "bench": os.getpid()}
         pg_root = None
         if pg is not None:
             pid_file = pg.dir / "data" / "postmaster.pid"
@@ -785,6 +817,7 @@ def run_backend(backend, args, root, certs):
         log(f"[{backend}] measuring for {args.seconds} s")
         writers.begin_window()
         t0 = time.monotonic()
+        wall0_ns = time.time_ns()
         for p in probes:
             p.start()
         stop.wait(args.seconds)
@@ -806,6 +839,8 @@ def run_backend(backend, args, root, certs):
         res["tick_metric_exposed"] = ticks.exposed
         res["tick_errors"] = ticks.errors[:5]
         res["procs"] = sampler.result()
+        res["rpo_s"] = rpo_summary(items.last)
+        res["points"] = points_made(vault, names, wall0_ns, time.time_ns())
 
         chosen = names[-args.failovers:] if args.failovers else []
         fo = []
@@ -872,6 +907,9 @@ ROWS = [
     ("failover job p50 s (submit->Succeeded)", ("failover", "client_s", "p50"),
      lambda v: num(v, "{:.2f}")),
     ("failover job max s", ("failover", "client_s", "max"), lambda v: num(v, "{:.2f}")),
+    ("crash points per item a minute (policy: 12)", ("points", "per_item_per_min"), num),
+    ("RPO p50 s (last GET /items)", ("rpo_s", "p50"), lambda v: num(v, "{:.2f}")),
+    ("RPO max s (last GET /items)", ("rpo_s", "max"), lambda v: num(v, "{:.2f}")),
     ("writes/s done (target = VMs)", ("writes", "per_s"), num),
     ("writes missed (>1 s late)", ("writes", "missed"), lambda v: num(v, "{:.0f}")),
     ("NBD write p99 ms", ("writes", "latency_s", "p99"), ms),
@@ -887,11 +925,14 @@ ROWS = [
     ("vault: threads", ("procs", "vault", "threads_max"), lambda v: num(v, "{:.0f}")),
     ("vault: RSS MB (max)", ("procs", "vault", "rss_mb_max"), num),
     ("PostgreSQL server: CPU % of a core", ("procs", "postgresql", "cpu_pct"), num),
+    ("this bench (writers, probes): CPU %", ("procs", "bench", "cpu_pct"), num),
     ("create VMs: all, s", ("create", "total_s"), num),
     ("create VMs: per call p99 ms", ("create", "call_s", "p99"), ms),
     ("protect VMs: until all Protected, s", ("protect", "total_s"), num),
-    ("protect: one job p50 s", ("protect", "job_s", "p50"), lambda v: num(v, "{:.2f}")),
-    ("protect: one job max s", ("protect", "job_s", "max"), lambda v: num(v, "{:.2f}")),
+    ("protect: one job p50 s (queue incl.)", ("protect", "job_s", "p50"),
+     lambda v: num(v, "{:.2f}")),
+    ("protect: one job max s (queue incl.)", ("protect", "job_s", "max"),
+     lambda v: num(v, "{:.2f}")),
 ]
 
 
@@ -919,7 +960,11 @@ def print_report(results, args):
         if steps:
             top = ", ".join(f"{k} {v:.0f}" for k, v in list(steps.items())[:4])
             print(f"{b}: protect jobs were seen Running in (job-seconds): {top}")
-        for kind, k in (r.get("ticks") or {}).items():
+        ticks = r.get("ticks") or {}
+        if get(ticks, "points_and_rpo", "ticks") and not get(ticks, "points", "ticks"):
+            print(f"{b}: every tick of the point loop took longer than the 5 s between RPO "
+                  "samples, so each one sampled the RPO too (no points-only tick)")
+        for kind, k in ticks.items():
             if k["ticks"] and k["seen"] < k["ticks"]:
                 print(f"{b}: point tick {kind}: {k['seen']} of {k['ticks']} ticks read one by "
                       "one (p50/p99/max from those; mean from all)")
