@@ -86,6 +86,7 @@ bench: build
 	$(PYTHON) bench/replication_bench.py --osrd $(BUILD)/osrd --bs 1M,4k
 	$(PYTHON) bench/failover_bench.py --osrd $(BUILD)/osrd
 	$(PYTHON) bench/store_scale.py --osrd $(BUILD)/osrd
+	$(PYTHON) bench/vault_scale.py --osrd $(BUILD)/osrd
 
 format:
 	clang-format -i $$(git ls-files '*.cc' '*.h')

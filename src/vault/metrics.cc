@@ -134,6 +134,41 @@ const std::vector<double>& JobDurationBounds() {
   return kBounds;
 }
 
+const std::vector<double>& PointTickBounds() {
+  static const std::vector<double> kBounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                              0.5,   1,      2.5,   5,    10,    30,   60,  120};
+  return kBounds;
+}
+
+PointTickTimes::Times::Times() : histogram(PointTickBounds()) {}
+
+void PointTickTimes::Note(Kind kind, int64_t duration_ns) {
+  double s = static_cast<double>(std::max<int64_t>(0, duration_ns)) / 1e9;
+  std::lock_guard lock(mu_);
+  Times& t = by_kind_[kind];
+  t.histogram.Observe(s);
+  t.last_s = s;
+}
+
+void PointTickTimes::Write(TextWriter& w) const {
+  auto label = [](Kind k) -> MetricLabels {
+    return {{"kind", k == Kind::kPoints ? "points" : "points_and_rpo"}};
+  };
+  std::lock_guard lock(mu_);
+  w.Family("osr_vault_point_tick_seconds", "histogram",
+           "How long the leader's point loop takes for one turn over every item; kind "
+           "points_and_rpo: the ticks (every 5 s) that also sample each item's RPO and "
+           "health from the sites.");
+  for (const auto& [kind, t] : by_kind_) {
+    t.histogram.Write(w, "osr_vault_point_tick_seconds", label(kind));
+  }
+  w.Family("osr_vault_point_tick_last_seconds", "gauge",
+           "How long the point loop's last tick of each kind took.");
+  for (const auto& [kind, t] : by_kind_) {
+    w.Sample("osr_vault_point_tick_last_seconds", label(kind), t.last_s);
+  }
+}
+
 void HealthBoard::Note(const std::string& vm, const std::string& health, int64_t time_ns) {
   std::lock_guard lock(mu_);
   seen_[vm] = Seen{LevelOf(health), time_ns};
@@ -241,6 +276,7 @@ Result<std::string> VaultMetricsText(Catalog& catalog, const VaultMetricsState& 
   WriteItems(w, items, state);
   WriteRpo(w, items, samples);
   WriteJobs(w, jobs);
+  if (state.point_ticks != nullptr) state.point_ticks->Write(w);
   return w.text();
 }
 
@@ -250,7 +286,8 @@ bool Vault::leader() {
 }
 
 Result<std::string> Vault::MetricsText() {
-  return VaultMetricsText(*catalog_, VaultMetricsState{leader(), &health_board_, clock_.WallNs()});
+  return VaultMetricsText(
+      *catalog_, VaultMetricsState{leader(), &health_board_, clock_.WallNs(), &point_tick_times_});
 }
 
 }  // namespace osr::vault

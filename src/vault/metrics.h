@@ -88,14 +88,40 @@ class HealthBoard {
   std::map<std::string, Seen> seen_;  // guarded by mu_; by VM
 };
 
+// How long the point loop's ticks take (one turn over every item: fencing, RPO sample,
+// points, retention), split by whether the tick sampled the RPO (every 5 s: it asks the
+// sites about every item). Thread-safe: the point thread notes, a scrape writes.
+class PointTickTimes {
+ public:
+  enum class Kind { kPoints, kPointsAndRpo };
+  // `duration_ns`: the tick's time on the monotonic clock (negative counts as 0).
+  void Note(Kind kind, int64_t duration_ns);
+  // osr_vault_point_tick_seconds (histogram) and osr_vault_point_tick_last_seconds (gauge),
+  // each by label kind="points" | "points_and_rpo"; only the kinds seen so far.
+  void Write(TextWriter& w) const;
+
+ private:
+  struct Times {
+    Times();
+    Histogram histogram;
+    double last_s = 0;
+  };
+  mutable std::mutex mu_;
+  std::map<Kind, Times> by_kind_;  // guarded by mu_
+};
+
+// The bounds of osr_vault_point_tick_seconds, in seconds.
+const std::vector<double>& PointTickBounds();
+
 // A health older than this reads as Unknown (the point loop samples every 5 s).
 inline constexpr int64_t kHealthStaleNs = 60'000'000'000;
 
 // What the vault knows besides its catalog.
 struct VaultMetricsState {
-  bool leader = true;                   // this instance runs jobs, points, retention
-  const HealthBoard* health = nullptr;  // borrowed; must outlive the call
-  int64_t now_ns = 0;                   // the wall clock, for staleness
+  bool leader = true;                           // this instance runs jobs, points, retention
+  const HealthBoard* health = nullptr;          // borrowed; must outlive the call
+  int64_t now_ns = 0;                           // the wall clock, for staleness
+  const PointTickTimes* point_ticks = nullptr;  // borrowed, or nullptr: not written
 };
 
 // The whole exposition. An error (the catalog's: kUnavailable, kIoError, kCorruption)

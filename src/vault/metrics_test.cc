@@ -60,6 +60,34 @@ TEST(MetricsFormat, HealthBoardKeepsTheLevelWordAndForgetsStaleOnes) {
   EXPECT_EQ(b.Level("zz", 0), "Unknown");
 }
 
+TEST(MetricsFormat, PointTickTimesWriteAHistogramAndTheLastTickPerKind) {
+  PointTickTimes t;
+  TextWriter empty;
+  t.Write(empty);  // nothing noted yet: the families, no samples
+  EXPECT_EQ(empty.text().find("osr_vault_point_tick_seconds_count"), std::string::npos);
+
+  t.Note(PointTickTimes::Kind::kPoints, 3'000'000);          // 3 ms
+  t.Note(PointTickTimes::Kind::kPoints, 40'000'000);         // 40 ms
+  t.Note(PointTickTimes::Kind::kPointsAndRpo, 700'000'000);  // 0.7 s
+  t.Note(PointTickTimes::Kind::kPoints, -5);                 // a clock oddity counts as 0
+  TextWriter w;
+  t.Write(w);
+  const std::string& text = w.text();
+  for (const char* line : {
+           "osr_vault_point_tick_seconds_bucket{kind=\"points\",le=\"0.001\"} 1\n",
+           "osr_vault_point_tick_seconds_bucket{kind=\"points\",le=\"0.005\"} 2\n",
+           "osr_vault_point_tick_seconds_bucket{kind=\"points\",le=\"0.05\"} 3\n",
+           "osr_vault_point_tick_seconds_count{kind=\"points\"} 3\n",
+           "osr_vault_point_tick_seconds_sum{kind=\"points\"} 0.043000000000000003\n",
+           "osr_vault_point_tick_seconds_bucket{kind=\"points_and_rpo\",le=\"0.5\"} 0\n",
+           "osr_vault_point_tick_seconds_bucket{kind=\"points_and_rpo\",le=\"1\"} 1\n",
+           "osr_vault_point_tick_last_seconds{kind=\"points\"} 0\n",
+           "osr_vault_point_tick_last_seconds{kind=\"points_and_rpo\"} 0.7\n",
+       }) {
+    EXPECT_NE(text.find(line), std::string::npos) << line << " not in\n" << text;
+  }
+}
+
 using MetricsCatalogTest = CatalogBackendTest;
 
 JobRow EndedJob(const std::string& type, JobState state, int64_t created_s, int64_t updated_s) {

@@ -1726,6 +1726,9 @@ void Vault::PointLoop() {
     }
     constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // the chart's span
     LogIfFailed(catalog_->AddRpoSamples(rpo_samples, tick_ns - kRpoKeepNs), "RPO samples");
+    point_tick_times_.Note(
+        sample_rpo ? PointTickTimes::Kind::kPointsAndRpo : PointTickTimes::Kind::kPoints,
+        clock_.MonoNs() - mono_ns);
   }
 }
 

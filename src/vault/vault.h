@@ -352,6 +352,8 @@ class Vault {
   std::atomic<bool> stopping_{false};
   HealthBoard health_board_;  // the items' health as the point loop last saw it
 
+  PointTickTimes point_tick_times_;  // how long the point loop's ticks take (/metrics)
+
   struct PointSchedule {
     int64_t last_point_id = 0;       // the newest point seen (0: none yet)
     int64_t last_point_mono_ns = 0;  // when it was seen (monotonic)

@@ -428,6 +428,7 @@ class OsrdProcess:
 
     label = "osrd"
     ready_timeout = READY_TIMEOUT_S
+    stop_timeout = STOP_TIMEOUT_S  # after SIGTERM, before SIGKILL (then a failure)
 
     def __init__(self, log_path):
         self.log_path = Path(log_path)
@@ -530,19 +531,20 @@ class OsrdProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, sig=signal.SIGTERM):
-        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure)."""
+        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after stop_timeout
+        seconds (a failure)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
+                self.proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=STOP_TIMEOUT_S)
                 self.exit_code = self.proc.returncode
                 self._close()
-                pytest.fail(f"{self.label} did not stop within {STOP_TIMEOUT_S}s of {sig!r}; "
+                pytest.fail(f"{self.label} did not stop within {self.stop_timeout}s of {sig!r}; "
                             f"killed with SIGKILL\nstderr: {self.stderr()}")
         self.exit_code = self.proc.returncode
         self._close()
