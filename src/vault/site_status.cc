@@ -16,6 +16,18 @@ Result<json> SiteStatusBoard::Store(const SiteRow& site, const std::string& vm) 
   return Lookup(Kind::kStores, site, vm);
 }
 
+std::optional<SiteRow> SiteStatusBoard::Site(const std::string& name) {
+  if (!sites_) {
+    sites_.emplace();
+    if (list_sites_) {
+      for (SiteRow& r : list_sites_()) sites_->emplace(r.name, std::move(r));
+    }
+  }
+  auto it = sites_->find(name);
+  if (it == sites_->end()) return std::nullopt;
+  return it->second;
+}
+
 void SiteStatusBoard::Forget(const std::string& site) {
   listings_.erase({site, Kind::kGroups});
   listings_.erase({site, Kind::kStores});

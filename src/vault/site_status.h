@@ -22,7 +22,9 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "vault/catalog.h"
@@ -40,7 +42,15 @@ class SiteStatusBoard {
     kPerVm,  // one GET per lookup (a single item: ShowItem)
   };
 
-  SiteStatusBoard(Fetch fetch, Mode mode) : fetch_(std::move(fetch)), mode_(mode) {}
+  // The registered sites (the catalog's), read once per board.
+  using ListSites = std::function<std::vector<SiteRow>()>;
+
+  SiteStatusBoard(Fetch fetch, Mode mode, ListSites list_sites = {})
+      : fetch_(std::move(fetch)), mode_(mode), list_sites_(std::move(list_sites)) {}
+
+  // The registered site `name` as the catalog had it at this board's first Site() call
+  // (one read for the whole pass, not one per item); nullopt when none is.
+  std::optional<SiteRow> Site(const std::string& name);
 
   // The group `vm` at `site`, as GET /api/v1/groups/{vm} answers it. Errors: kNotFound
   // ("site S: no VM V at this site") when the site has no such group; the site's failure.
@@ -70,6 +80,8 @@ class SiteStatusBoard {
 
   Fetch fetch_;
   Mode mode_;
+  ListSites list_sites_;
+  std::optional<std::map<std::string, SiteRow>> sites_;  // read at the first Site()
   int calls_ = 0;
   std::map<std::pair<std::string, Kind>, Listing> listings_;  // by (site, kind)
 };

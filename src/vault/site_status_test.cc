@@ -129,3 +129,29 @@ TEST(SiteStatusBoard, PerVmModeAsksForTheOneVm) {
 
 }  // namespace
 }  // namespace osr::vault
+
+namespace osr::vault {
+namespace {
+
+// The registered sites are read once per board, whatever the number of lookups.
+TEST(SiteStatusBoard, SitesAreReadOncePerPass) {
+  int reads = 0;
+  SiteStatusBoard board(
+      [](const SiteRow&, const std::string&) -> Result<nlohmann::json> {
+        return NotFound("unused");
+      },
+      SiteStatusBoard::Mode::kBulk,
+      [&] {
+        ++reads;
+        return std::vector<SiteRow>{kPrimary, kRecovery};
+      });
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_EQ(board.Site("primary")->api, kPrimary.api);
+    ASSERT_EQ(board.Site("recovery")->replication, kRecovery.replication);
+    ASSERT_FALSE(board.Site("elsewhere").has_value());
+  }
+  EXPECT_EQ(reads, 1);
+}
+
+}  // namespace
+}  // namespace osr::vault

@@ -297,7 +297,7 @@ void Vault::Stop() {
 SiteStatusBoard Vault::StatusBoard(SiteStatusBoard::Mode mode) const {
   return SiteStatusBoard([this](const SiteRow& site,
                                 const std::string& path) { return Client(site).Call("GET", path); },
-                         mode);
+                         mode, [this] { return catalog_->Sites(); });
 }
 
 SiteClient Vault::Client(const SiteRow& site) const {
@@ -672,7 +672,7 @@ std::string CaptureWriteHealth(const json& group, const ItemRow& item) {
 std::string Vault::FailedOverHealth(const ItemRow& item, SiteStatusBoard& board) {
   // The VM's disks are the target's failover disks now: what that site says of them.
   std::string next = item.state == "FailoverCommitted" ? "reprotect" : "commit, then reprotect";
-  auto dst = catalog_->Site(item.target);
+  auto dst = board.Site(item.target);
   if (!dst) return "Critical: site " + item.target + " is not registered";
   auto g = board.Group(*dst, item.vm);
   if (!g.ok()) return "Critical: " + g.status().message();
@@ -732,8 +732,8 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
   std::string health = "Normal";
   std::vector<std::string> warnings;
   json rpo = 0.0;
-  auto src = catalog_->Site(item.source);
-  auto dst = catalog_->Site(item.target);
+  auto src = board.Site(item.source);
+  auto dst = board.Site(item.target);
   auto g = src ? board.Group(*src, item.vm) : Result<json>(NotFound("x"));
   auto st = dst ? board.Store(*dst, item.vm) : Result<json>(NotFound("x"));
   if (!g.ok() || !st.ok()) {
@@ -1667,8 +1667,8 @@ Result<json> Vault::StartReplication(const ItemRow& item, const SiteRow& from, c
 }
 
 void Vault::ReconcileReplication(const ItemRow& item, SiteStatusBoard& board) {
-  auto src = catalog_->Site(item.source);
-  auto dst = catalog_->Site(item.target);
+  auto src = board.Site(item.source);
+  auto dst = board.Site(item.target);
   if (!src || !dst) return;
   auto g = board.Group(*src, item.vm);
   if (!g.ok()) return;
@@ -1760,9 +1760,15 @@ void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site,
 
 void Vault::PointTick(const ItemRow& item, int64_t tick_ns, std::vector<RpoSampleRow>* rpo_samples,
                       SiteStatusBoard& board) {
-  if (!item.failover.is_null() && item.state != "FailingOver") ReconcileFencing(item, board);
-  if (rpo_samples != nullptr &&
-      (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
+  // What asks the sources (fencing a returning old primary, re-pointing replication, the
+  // health and RPO) runs on the sampling ticks, every 5 s: the other ticks only make the
+  // points that are due, from the recovery sites' stores. (A returning old primary's
+  // records are refused by epoch meanwhile, invariant 5.)
+  bool full = rpo_samples != nullptr;
+  if (full && !item.failover.is_null() && item.state != "FailingOver") {
+    ReconcileFencing(item, board);
+  }
+  if (full && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
     json shown = ItemJson(item, board);
     if (shown["health"].is_string()) health_board_.Note(item.vm, shown["health"], tick_ns);
     if (shown["rpo_seconds"].is_number()) {
@@ -1770,9 +1776,9 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, std::vector<RpoSampl
     }
   }
   if (item.state != "Protected" && item.state != "TestFailoverCompleted") return;
-  ReconcileReplication(item, board);
+  if (full) ReconcileReplication(item, board);
   auto policy = catalog_->Policy(item.policy);
-  auto dst = catalog_->Site(item.target);
+  auto dst = board.Site(item.target);
   if (!policy || !dst) return;
   auto points = catalog_->Points(item.vm);
   if (!PointDue(item.vm, points, policy->crash_interval_s)) return;

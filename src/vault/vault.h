@@ -241,7 +241,8 @@ class Vault {
   bool WaitJobEndedInCatalog(int64_t id);
   // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.
   // `board`: the sites' groups and stores, asked once per site for the whole tick.
-  // `rpo_samples`: where this tick's RPO sample goes (nullptr: no sample this tick).
+  // `rpo_samples`: where this tick's RPO sample goes (nullptr: no sample this tick, and no
+  // reconciliation: those ticks only make due points).
   void PointTick(const ItemRow& item, int64_t tick_ns, std::vector<RpoSampleRow>* rpo_samples,
                  SiteStatusBoard& board);
   // A point by its spec (latest, latest-processed, latest-app, an id, a time); "latest"

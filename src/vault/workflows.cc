@@ -829,7 +829,7 @@ void Vault::ReconcileFencing(const ItemRow& item, SiteStatusBoard& board) {
     return;
   }
   if (from.empty()) return;
-  auto old = catalog_->Site(from);
+  auto old = board.Site(from);
   if (!old) return;
   auto g = board.Group(*old, item.vm);
   if (!g.ok()) return;  // away, or its disks are a store already
