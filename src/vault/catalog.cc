@@ -18,7 +18,7 @@ int64_t NowNs() {
 
 namespace {
 
-constexpr int kSchemaVersion = 5;
+constexpr int kSchemaVersion = 6;
 
 // The newest schema, in both dialects: {id} a key numbered by the database, {int} a
 // 64-bit integer, {real} a double (see SchemaFor).
@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS lease(name TEXT PRIMARY KEY, holder TEXT NOT NULL,
   token {int} NOT NULL, since_ms {int} NOT NULL, expires_ms {int} NOT NULL);
 CREATE TABLE IF NOT EXISTS instances(id TEXT PRIMARY KEY, host TEXT NOT NULL,
   api TEXT NOT NULL, started_ms {int} NOT NULL, renewed_ms {int} NOT NULL);
+CREATE TABLE IF NOT EXISTS item_health(vm TEXT PRIMARY KEY, health TEXT NOT NULL,
+  time_ns {int} NOT NULL);
 )sql";
 
 void ReplaceAll(std::string& s, std::string_view from, std::string_view to) {
@@ -156,6 +158,10 @@ Status Catalog::CreateOrUpgradeSchema() {
       }
       OSR_RETURN_IF_ERROR(conn_->Script("UPDATE meta SET value='5' WHERE key='schema_version'"));
       version = 5;
+    }
+    if (version == 5) {  // v6 added item_health (a new table only)
+      OSR_RETURN_IF_ERROR(conn_->Script("UPDATE meta SET value='6' WHERE key='schema_version'"));
+      version = 6;
     }
     if (version != 0 && version != kSchemaVersion) {
       return Corruption(fmt::format("{} has schema {}, this osrd knows {}", conn_->name(), version,
@@ -601,6 +607,34 @@ Status Catalog::AddRpoSamples(const std::vector<RpoSampleRow>& samples, int64_t 
     }
     return conn_->Exec("DELETE FROM rpo_samples WHERE time_ns<?", {keep_after_ns});
   });
+}
+
+Status Catalog::PutItemHealth(const std::vector<ItemHealthRow>& rows) {
+  if (rows.empty()) return Status::Ok();
+  return Transact([&]() -> Status {
+    for (const ItemHealthRow& r : rows) {
+      OSR_RETURN_IF_ERROR(conn_->Exec(
+          "INSERT INTO item_health(vm, health, time_ns) VALUES(?,?,?) ON CONFLICT(vm) DO UPDATE "
+          "SET health=excluded.health, time_ns=excluded.time_ns",
+          {r.vm, r.health, r.time_ns}));
+    }
+    // Rows of items that are gone go with the next write.
+    return conn_->Exec("DELETE FROM item_health WHERE vm NOT IN (SELECT vm FROM items)");
+  });
+}
+
+Result<std::vector<ItemHealthRow>> Catalog::ListItemHealth() {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r,
+                       Query("SELECT vm, health, time_ns FROM item_health ORDER BY vm"));
+  std::vector<ItemHealthRow> out;
+  for (size_t i = 0; i < r.rows.size(); ++i) {
+    SqlRow row(r, i, "item_health row");
+    ItemHealthRow h{row.Text(0), row.Text(1), row.Int(2)};
+    OSR_RETURN_IF_ERROR(row.status());
+    out.push_back(std::move(h));
+  }
+  return out;
 }
 
 Result<std::vector<std::pair<int64_t, double>>> Catalog::ListRpoSamples(const std::string& vm,

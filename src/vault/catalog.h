@@ -203,6 +203,14 @@ struct RpoSampleRow {
   double rpo_s = 0;
 };
 
+// An item's health as the leader's point loop last saw it (every 5 s), for every vault's
+// /metrics: followers do not ask the sites.
+struct ItemHealthRow {
+  std::string vm;
+  std::string health;   // "Normal", "Warning: ...", "Critical: ..."
+  int64_t time_ns = 0;  // when it was seen (the leader's wall clock)
+};
+
 class Catalog {
  public:
   // `db`: a SQLite file path, or a postgresql:// (postgres://) URL. Creates the schema
@@ -241,6 +249,12 @@ class Catalog {
   // every item's samples older than `keep_after_ns` (ns, wall clock) go. Errors: the
   // database's (nothing is written then).
   Status AddRpoSamples(const std::vector<RpoSampleRow>& samples, int64_t keep_after_ns);
+  // A tick's health of every item it saw, in one transaction (rows of items no longer in
+  // the catalog go too). Errors: the database's (nothing is written then).
+  Status PutItemHealth(const std::vector<ItemHealthRow>& rows);
+  // Every item's last health, by VM name. Errors: the database's, kCorruption for a row
+  // of the wrong type.
+  Result<std::vector<ItemHealthRow>> ListItemHealth();
   Result<int64_t> AddPoint(const PointRow& p);
   Status DeletePoints(const std::string& vm);  // every point of the VM
   Status DeletePoint(int64_t id);

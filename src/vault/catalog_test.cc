@@ -175,8 +175,9 @@ INSERT INTO jobs(type, vm, state, progress, steps, error, result, args, created_
 TEST_P(CatalogTest, UpgradesEveryOlderSchema) {
   for (const auto& old : kOldSchemas) {
     SCOPED_TRACE(::testing::Message() << "from schema " << old.version);
-    for (const char* t : {"meta", "sites", "policies", "vms", "items", "points", "jobs",
-                          "rpo_samples", "tokens", "sessions", "audit", "lease", "instances"}) {
+    for (const char* t :
+         {"meta", "sites", "policies", "vms", "items", "points", "jobs", "rpo_samples", "tokens",
+          "sessions", "audit", "lease", "instances", "item_health"}) {
       ASSERT_TRUE(RawSql(std::string("DROP TABLE IF EXISTS ") + t).ok());
     }
     ASSERT_TRUE(RawSql(InBackend(old.sql)).ok());
@@ -204,10 +205,13 @@ TEST_P(CatalogTest, UpgradesEveryOlderSchema) {
       // New ids follow the old ones.
       EXPECT_GT((*c)->AddPoint({0, "vm1", 10, 200, "crash"}).value(),
                 (*c)->ListPoints("vm1").value().at(0).id);
-      EXPECT_EQ((*c)->FindMeta("schema_version").value().value_or(""), "5");
+      EXPECT_EQ((*c)->FindMeta("schema_version").value().value_or(""), "6");
       // v5: the lease row (never held) and the jobs' cancel flag.
       EXPECT_EQ((*c)->ReadLease().value().token, 0);
       EXPECT_FALSE((*c)->ListJobs().value().at(0).cancel_requested);
+      // v6: the items' health.
+      EXPECT_TRUE((*c)->PutItemHealth({{"vm1", "Normal", 1}}).ok());
+      EXPECT_EQ((*c)->ListItemHealth().value().at(0).health, "Normal");
     }
     // And it opens again as it is.
     EXPECT_TRUE(Catalog::Open(db_).ok());

@@ -183,14 +183,14 @@ std::string HealthBoard::Level(const std::string& vm, int64_t stale_ns) const {
 
 namespace {
 
-void WriteItems(TextWriter& w, const std::vector<ItemRow>& items, const VaultMetricsState& state) {
+void WriteItems(TextWriter& w, const std::vector<ItemRow>& items, const HealthBoard& health,
+                const VaultMetricsState& state) {
   std::map<std::string, int> by_state;
   std::map<std::string, int> by_health = {
       {"Normal", 0}, {"Warning", 0}, {"Critical", 0}, {"Unknown", 0}};
   for (const auto& item : items) {
     ++by_state[item.state];
-    std::string level = state.health ? state.health->Level(item.vm, state.now_ns - kHealthStaleNs)
-                                     : std::string("Unknown");
+    std::string level = health.Level(item.vm, state.now_ns - kHealthStaleNs);
     ++by_health[level];
   }
   w.Family("osr_vault_items", "gauge", "Replicated items (protected VMs) in each state.");
@@ -263,6 +263,10 @@ Result<std::string> VaultMetricsText(Catalog& catalog, const VaultMetricsState& 
   OSR_ASSIGN_OR_RETURN(std::vector<ItemRow> items, catalog.ListItems());
   OSR_ASSIGN_OR_RETURN(std::vector<RpoSampleRow> samples, catalog.ListLatestRpoSamples());
   OSR_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, catalog.ListJobTimes());
+  // Health as the leader last wrote it: the same on every vault instance.
+  OSR_ASSIGN_OR_RETURN(std::vector<ItemHealthRow> seen, catalog.ListItemHealth());
+  HealthBoard health;
+  for (const ItemHealthRow& h : seen) health.Note(h.vm, h.health, h.time_ns);
 
   TextWriter w;
   w.Family("osr_vault_catalog_up", "gauge",
@@ -273,7 +277,7 @@ Result<std::string> VaultMetricsText(Catalog& catalog, const VaultMetricsState& 
   w.Family("osr_vault_leader", "gauge",
            "1 when this vault instance runs jobs, points, retention and reconciliation.");
   w.Sample("osr_vault_leader", {}, state.leader ? 1 : 0);
-  WriteItems(w, items, state);
+  WriteItems(w, items, health, state);
   WriteRpo(w, items, samples);
   WriteJobs(w, jobs);
   if (state.point_ticks != nullptr) state.point_ticks->Write(w);
@@ -286,8 +290,8 @@ bool Vault::leader() {
 }
 
 Result<std::string> Vault::MetricsText() {
-  return VaultMetricsText(
-      *catalog_, VaultMetricsState{leader(), &health_board_, clock_.WallNs(), &point_tick_times_});
+  return VaultMetricsText(*catalog_,
+                          VaultMetricsState{leader(), clock_.WallNs(), &point_tick_times_});
 }
 
 }  // namespace osr::vault

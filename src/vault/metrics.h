@@ -119,7 +119,6 @@ inline constexpr int64_t kHealthStaleNs = 60'000'000'000;
 // What the vault knows besides its catalog.
 struct VaultMetricsState {
   bool leader = true;                           // this instance runs jobs, points, retention
-  const HealthBoard* health = nullptr;          // borrowed; must outlive the call
   int64_t now_ns = 0;                           // the wall clock, for staleness
   const PointTickTimes* point_ticks = nullptr;  // borrowed, or nullptr: not written
 };

@@ -122,9 +122,10 @@ TEST_P(MetricsCatalogTest, TheScrapeCountsWhatTheCatalogHolds) {
   ASSERT_TRUE(c->AddJob(EndedJob("commit", JobState::kSucceeded, 100, 100)).ok());
   ASSERT_TRUE(c->AddJob(EndedJob("reprotect", JobState::kRunning, 100, 150)).ok());
 
-  HealthBoard health;
-  health.Note("vm1", "Warning: resynchronizing (1 of 2 bytes)", 29'000'000'000);
-  auto text = VaultMetricsText(*c, {true, &health, 30'000'000'000}).value();
+  // Health as the leader wrote it: any vault instance reads the same.
+  ASSERT_TRUE(
+      c->PutItemHealth({{"vm1", "Warning: resynchronizing (1 of 2 bytes)", 29'000'000'000}}).ok());
+  auto text = VaultMetricsText(*c, {true, 30'000'000'000}).value();
   std::string backend = GetParam() == Backend::kSqlite ? "sqlite" : "postgresql";
   for (const std::string& line : {
            "osr_vault_catalog_up{backend=\"" + backend + "\"} 1",
@@ -155,9 +156,21 @@ TEST_P(MetricsCatalogTest, TheScrapeCountsWhatTheCatalogHolds) {
   EXPECT_EQ(text.find("rpo_seconds{vm=\"gone\"}"), std::string::npos) << text;
   EXPECT_EQ(text.find("duration_seconds_count{type=\"reprotect\"}"), std::string::npos) << text;
 
-  auto follower = VaultMetricsText(*c, {false, nullptr, 30'000'000'000}).value();
+  // A follower reads the same health (the leader's, from the catalog), until it is 60 s old.
+  auto follower = VaultMetricsText(*c, {false, 30'000'000'000}).value();
   EXPECT_NE(follower.find("osr_vault_leader 0\n"), std::string::npos);
-  EXPECT_NE(follower.find("osr_vault_items_health{level=\"Unknown\"} 2\n"), std::string::npos);
+  EXPECT_NE(follower.find("osr_vault_items_health{level=\"Warning\"} 1\n"), std::string::npos)
+      << follower;
+  auto stale = VaultMetricsText(*c, {false, 90'000'000'000}).value();
+  EXPECT_NE(stale.find("osr_vault_items_health{level=\"Unknown\"} 2\n"), std::string::npos)
+      << stale;
+  // The health of an item that is gone goes with the next write.
+  ASSERT_TRUE(c->DeleteItem("vm2").ok());
+  ASSERT_TRUE(c->PutItemHealth({{"vm2", "Normal", 1}, {"vm1", "Normal", 2}}).ok());
+  auto rows = c->ListItemHealth().value();
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0].vm, "vm1");
+  EXPECT_EQ(rows[0].health, "Normal");
 }
 
 TEST_P(MetricsCatalogTest, AnUnreadableCatalogGivesAnErrorNotPartialNumbers) {
@@ -165,7 +178,7 @@ TEST_P(MetricsCatalogTest, AnUnreadableCatalogGivesAnErrorNotPartialNumbers) {
   ASSERT_TRUE(
       c->PutItem({"vm1", "primary", "recovery", "gold", "Protected", 1, nullptr, nullptr}).ok());
   ASSERT_TRUE(RawSql("DROP TABLE rpo_samples").ok());
-  auto text = VaultMetricsText(*c, {true, nullptr, 0});
+  auto text = VaultMetricsText(*c, {true, 0});
   ASSERT_FALSE(text.ok());
   EXPECT_NE(text.status().message().find("rpo_samples"), std::string::npos)
       << text.status().ToString();

@@ -1714,18 +1714,19 @@ void Vault::PointLoop() {
     int64_t tick_ns = clock_.WallNs();
     // Each site is asked once for all its groups and stores, not once per item.
     SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kBulk);
-    std::vector<RpoSampleRow> rpo_samples;  // written in one transaction, after the items
+    TickSamples samples;  // written after the items, one transaction each
     for (auto& item : catalog_->Items()) {
       // One item's trouble (a site answering nonsense, a bug) must not stop the points
       // and the RPO of the others.
       try {
-        PointTick(item, tick_ns, sample_rpo ? &rpo_samples : nullptr, board);
+        PointTick(item, tick_ns, sample_rpo ? &samples : nullptr, board);
       } catch (const std::exception& e) {
         spdlog::error("vault: points of {}: {}", item.vm, e.what());
       }
     }
     constexpr int64_t kRpoKeepNs = 3600'000'000'000;  // the chart's span
-    LogIfFailed(catalog_->AddRpoSamples(rpo_samples, tick_ns - kRpoKeepNs), "RPO samples");
+    LogIfFailed(catalog_->AddRpoSamples(samples.rpo, tick_ns - kRpoKeepNs), "RPO samples");
+    LogIfFailed(catalog_->PutItemHealth(samples.health), "the items' health");
     point_tick_times_.Note(
         sample_rpo ? PointTickTimes::Kind::kPointsAndRpo : PointTickTimes::Kind::kPoints,
         clock_.MonoNs() - mono_ns);
@@ -1758,21 +1759,23 @@ void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site,
   }
 }
 
-void Vault::PointTick(const ItemRow& item, int64_t tick_ns, std::vector<RpoSampleRow>* rpo_samples,
+void Vault::PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick,
                       SiteStatusBoard& board) {
   // What asks the sources (fencing a returning old primary, re-pointing replication, the
   // health and RPO) runs on the sampling ticks, every 5 s: the other ticks only make the
   // points that are due, from the recovery sites' stores. (A returning old primary's
   // records are refused by epoch meanwhile, invariant 5.)
-  bool full = rpo_samples != nullptr;
+  bool full = tick != nullptr;
   if (full && !item.failover.is_null() && item.state != "FailingOver") {
     ReconcileFencing(item, board);
   }
   if (full && (item.state == "Protected" || item.state == "TestFailoverCompleted")) {
     json shown = ItemJson(item, board);
-    if (shown["health"].is_string()) health_board_.Note(item.vm, shown["health"], tick_ns);
+    if (shown["health"].is_string()) {
+      tick->health.push_back({item.vm, shown["health"].get<std::string>(), tick_ns});
+    }
     if (shown["rpo_seconds"].is_number()) {
-      rpo_samples->push_back({item.vm, tick_ns, shown["rpo_seconds"].get<double>()});
+      tick->rpo.push_back({item.vm, tick_ns, shown["rpo_seconds"].get<double>()});
     }
   }
   if (item.state != "Protected" && item.state != "TestFailoverCompleted") return;

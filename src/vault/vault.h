@@ -241,10 +241,14 @@ class Vault {
   bool WaitJobEndedInCatalog(int64_t id);
   // One item's turn of the point loop: fencing, RPO sample, a new crash point, retention.
   // `board`: the sites' groups and stores, asked once per site for the whole tick.
-  // `rpo_samples`: where this tick's RPO sample goes (nullptr: no sample this tick, and no
+  // A sampling tick's RPO and health of every item, written to the catalog after it.
+  struct TickSamples {
+    std::vector<RpoSampleRow> rpo;
+    std::vector<ItemHealthRow> health;
+  };
+  // `tick`: where this tick's samples go (nullptr: no sample this tick, and no
   // reconciliation: those ticks only make due points).
-  void PointTick(const ItemRow& item, int64_t tick_ns, std::vector<RpoSampleRow>* rpo_samples,
-                 SiteStatusBoard& board);
+  void PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick, SiteStatusBoard& board);
   // A point by its spec (latest, latest-processed, latest-app, an id, a time); "latest"
   // waits for the source's last write (`cancel`: the job's token, or nullptr).
   Result<PointRow> ResolvePoint(const ItemRow& item, const std::string& spec, JobCancel* cancel);
@@ -351,7 +355,6 @@ class Vault {
   bool leading_ = false;       // guarded by mu_: this vault runs jobs and points
   bool leader_stop_ = false;   // guarded by mu_: the leader's threads end (lease lost)
   std::atomic<bool> stopping_{false};
-  HealthBoard health_board_;  // the items' health as the point loop last saw it
 
   PointTickTimes point_tick_times_;  // how long the point loop's ticks take (/metrics)
 

@@ -192,6 +192,16 @@ def test_jobs_finish_when_the_leader_is_killed(cluster, request):
     write_random(uri, model, rng, 20)
     a.osr("protect", "vm1", "--target", "recovery", "--policy", "slow", "--wait")
 
+    # The follower's /metrics says the item's health as the leader saw it (from the
+    # catalog), not Unknown.
+    from test_vault_metrics import parse, scrape, value  # (it imports this module)
+
+    def follower_health_known():
+        status, _, text = scrape(b, token=True)
+        assert status == 200, text
+        return value(parse(text), "osr_vault_items_health", level="Unknown") == 0
+    wait_for(follower_health_known, 30, "the follower to report the item's health")
+
     # Failover through the follower: ~32 MiB still to replicate at 8 MB/s, so "latest"
     # waits in its first step; the leader (A) runs it and dies there.
     write_random(uri, model, rng, 128)
