@@ -688,6 +688,22 @@ Result<int64_t> Catalog::AddPoint(const PointRow& p) {
   return id;
 }
 
+Result<std::optional<PointRow>> Catalog::FindLatestPoint(const std::string& vm) {
+  std::lock_guard lock(mu_);
+  OSR_ASSIGN_OR_RETURN(SqlResult r, Query("SELECT id, vm, seq, time_ns, type FROM points WHERE "
+                                          "vm=? ORDER BY seq DESC, id DESC LIMIT 1",
+                                          {vm}));
+  if (r.rows.empty()) return std::optional<PointRow>();
+  SqlRow s(r, 0, "points row");
+  PointRow p{s.Int(0), s.Text(1), 0, s.Int(3), s.Text(4)};
+  int64_t seq = s.Int(2);
+  OSR_RETURN_IF_ERROR(s.status());
+  if (seq < 0)
+    return Corruption(fmt::format("catalog points row {}: seq {} is negative", p.id, seq));
+  p.seq = static_cast<uint64_t>(seq);
+  return std::optional<PointRow>(p);
+}
+
 Result<std::vector<PointRow>> Catalog::ListPoints(const std::string& vm) {
   std::lock_guard lock(mu_);
   OSR_ASSIGN_OR_RETURN(
@@ -1022,6 +1038,9 @@ std::vector<std::pair<int64_t, double>> Catalog::RpoSamples(const std::string& v
 }
 std::vector<PointRow> Catalog::Points(const std::string& vm) {
   return OrEmpty(ListPoints(vm), "points");
+}
+std::optional<PointRow> Catalog::LatestPoint(const std::string& vm) {
+  return OrEmpty(FindLatestPoint(vm), "the newest point");
 }
 std::optional<std::string> Catalog::Meta(const std::string& key) {
   return OrEmpty(FindMeta(key), "a meta key");

@@ -346,6 +346,10 @@ class Catalog {
   std::optional<ItemRow> Item(const std::string& vm);
   std::vector<std::pair<int64_t, double>> RpoSamples(const std::string& vm, int64_t since_ns);
   std::vector<PointRow> Points(const std::string& vm);
+  // The VM's newest point (highest seq, then id), nullopt when it has none or the catalog
+  // cannot be read (logged, as Points). One row, whatever the number of points.
+  std::optional<PointRow> LatestPoint(const std::string& vm);
+  Result<std::optional<PointRow>> FindLatestPoint(const std::string& vm);
   std::optional<std::string> Meta(const std::string& key);
   std::optional<TokenRow> Token(int64_t id);
   std::vector<TokenRow> Tokens();

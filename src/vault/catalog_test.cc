@@ -237,6 +237,21 @@ TEST_P(CatalogTest, ATicksRpoSamplesGoInTogether) {
   }
 }
 
+// The newest point is the one with the highest seq (then id), as the end of ListPoints.
+TEST_P(CatalogTest, TheLatestPointIsTheLastOfTheList) {
+  auto c = Catalog::Open(db_).value();
+  EXPECT_FALSE(c->FindLatestPoint("vm1").value().has_value());
+  ASSERT_TRUE(c->AddPoint({0, "vm1", 9, 100, "crash"}).ok());
+  ASSERT_TRUE(c->AddPoint({0, "vm1", 30, 300, "app"}).ok());
+  ASSERT_TRUE(c->AddPoint({0, "vm1", 20, 400, "crash"}).ok());  // made later, older seq
+  ASSERT_TRUE(c->AddPoint({0, "vm2", 99, 500, "crash"}).ok());
+  auto latest = c->FindLatestPoint("vm1").value();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->seq, 30u);
+  EXPECT_EQ(latest->type, "app");
+  EXPECT_EQ(latest->id, c->ListPoints("vm1").value().back().id);
+}
+
 TEST_P(CatalogTest, RefusesANewerSchema) {
   ASSERT_TRUE(RawSql("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
                      "INSERT INTO meta VALUES('schema_version','99');")

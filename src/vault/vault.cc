@@ -697,8 +697,8 @@ std::string Vault::FailedOverHealth(const ItemRow& item, SiteStatusBoard& board)
 // write known to be at the recovery site (its store's answer, else the newest point), and
 // growing until the site answers; null when nothing is known to be there. Never 0: that
 // would say nothing is at risk while nobody can tell.
-json Vault::RpoWithoutAnAnswer(const Result<json>& store, const std::vector<PointRow>& points) {
-  int64_t known_ns = points.empty() ? 0 : points.back().time_ns;
+json Vault::RpoWithoutAnAnswer(const Result<json>& store, const std::optional<PointRow>& latest) {
+  int64_t known_ns = latest ? latest->time_ns : 0;
   if (store.ok())
     known_ns = std::max(known_ns, json_in::Fields(store.value()).I64("durable_time_ns", 0));
   if (known_ns <= 0) return nullptr;
@@ -708,8 +708,9 @@ json Vault::RpoWithoutAnAnswer(const Result<json>& store, const std::vector<Poin
 json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
   json out = {{"name", item.vm},       {"state", item.state},   {"source", item.source},
               {"target", item.target}, {"policy", item.policy}, {"epoch", item.epoch}};
-  auto points = catalog_->Points(item.vm);
-  out["latest_point"] = points.empty() ? json() : PointJson(points.back());
+  // The newest point only (an item may keep thousands).
+  std::optional<PointRow> latest = catalog_->LatestPoint(item.vm);
+  out["latest_point"] = latest ? PointJson(*latest) : json();
   out["direction"] = item.source + " -> " + item.target;
   if (auto v = catalog_->Vm(item.vm)) out["running_site"] = v->site;
   if (!item.failover.is_null()) out["failover"] = item.failover;
@@ -738,7 +739,7 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
   auto st = dst ? board.Store(*dst, item.vm) : Result<json>(NotFound("x"));
   if (!g.ok() || !st.ok()) {
     health = "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
-    rpo = RpoWithoutAnAnswer(st, points);
+    rpo = RpoWithoutAnAnswer(st, latest);
   } else {
     json_in::Fields gf(*g, "site " + item.source + " group " + item.vm + ".");
     json_in::Fields sf(*st, "site " + item.target + " store " + item.vm + ".");
@@ -769,12 +770,12 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
           group_damage != nullptr
               ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
               : QuarantineHealth(item.vm + "'s recovery store at " + item.target, *store_damage);
-      rpo = RpoWithoutAnAnswer(st, points);
+      rpo = RpoWithoutAnAnswer(st, latest);
     } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
       // A site that answers in shapes the vault does not know is not a healthy one.
       const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
       health = "Critical: " + bad.message();
-      rpo = RpoWithoutAnAnswer(st, points);
+      rpo = RpoWithoutAnAnswer(st, latest);
     } else if (!store_full.empty()) {
       health = store_full;
     } else if (!capture_full.empty()) {
@@ -816,7 +817,7 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
     out["last_seq"] = last;
     out["durable_seq"] = durable;
     if (gf.ok() && sf.ok() && !resyncing && !resync_required && !overflowed) {
-      if (auto w = PointOverdueWarning(item, points, durable); !w.empty()) warnings.push_back(w);
+      if (auto w = PointOverdueWarning(item, latest, durable); !w.empty()) warnings.push_back(w);
     }
     if (sf.ok()) {
       if (auto w = StoreHistoryWarning(item, *st); !w.empty()) warnings.push_back(w);
@@ -1783,8 +1784,7 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick,
   auto policy = catalog_->Policy(item.policy);
   auto dst = board.Site(item.target);
   if (!policy || !dst) return;
-  auto points = catalog_->Points(item.vm);
-  if (!PointDue(item.vm, points, policy->crash_interval_s)) return;
+  if (!PointDue(item.vm, catalog_->LatestPoint(item.vm), policy->crash_interval_s)) return;
   auto st = board.Store(*dst, item.vm);
   if (!st.ok()) {  // no new point while the recovery site is away
     NotePointTrouble(item.vm, st.status().message());
@@ -1801,7 +1801,7 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick,
     return;
   }
   ForgetUnreadablePoints(item, dst->name, std::max(base_seq, consistent_from));
-  points = catalog_->Points(item.vm);
+  auto points = catalog_->Points(item.vm);
   if (!points.empty() && durable <= points.back().seq) {  // nothing new: nothing to cover
     std::lock_guard lock(points_mu_);
     schedules_[item.vm].covered_mono_ns = clock_.MonoNs();
@@ -1852,23 +1852,23 @@ void Vault::CompactThinnedHistory(const std::string& vm, const SiteRow& site,
   LogIfFailed(r.status(), "history compaction of " + vm);
 }
 
-bool Vault::PointDue(const std::string& vm, const std::vector<PointRow>& points,
+bool Vault::PointDue(const std::string& vm, const std::optional<PointRow>& latest,
                      int64_t interval_s) {
   const int64_t interval_ns = interval_s * 1000000000;
   const int64_t mono_ns = clock_.MonoNs();
   std::lock_guard lock(points_mu_);
   PointSchedule& s = schedules_[vm];
   if (s.covered_mono_ns == 0) s.covered_mono_ns = mono_ns;  // first sight: a grace period
-  if (points.empty()) return true;
-  if (points.back().id != s.last_point_id) {
+  if (!latest) return true;
+  if (latest->id != s.last_point_id) {
     // A newer point (made here, by a job or on request) starts the interval again. At
     // the first sight after a start, the wall clock says how old it is — clamped to
     // [0, interval], so a stepped clock moves the next point by at most one interval.
     int64_t age_ns = 0;
     if (s.last_point_id == 0) {
-      age_ns = std::clamp<int64_t>(clock_.WallNs() - points.back().time_ns, 0, interval_ns);
+      age_ns = std::clamp<int64_t>(clock_.WallNs() - latest->time_ns, 0, interval_ns);
     }
-    s.last_point_id = points.back().id;
+    s.last_point_id = latest->id;
     s.last_point_mono_ns = mono_ns - age_ns;
   }
   return mono_ns - s.last_point_mono_ns >= interval_ns;
@@ -1903,12 +1903,11 @@ Result<bool> Vault::AddPointWithRetention(const std::string& vm, const PolicyRow
   return !prune.empty();
 }
 
-std::string Vault::PointOverdueWarning(const ItemRow& item, const std::vector<PointRow>& points,
+std::string Vault::PointOverdueWarning(const ItemRow& item, const std::optional<PointRow>& latest,
                                        uint64_t durable_seq) {
   // Room for a slow site call or a busy point thread beyond two intervals.
   constexpr int64_t kSlackNs = 10'000'000'000;
-  if (points.empty() || durable_seq <= points.back().seq)
-    return "";  // nothing new, or no point yet
+  if (!latest || durable_seq <= latest->seq) return "";  // nothing new, or no point yet
   if (item.state != "Protected" && item.state != "TestFailoverCompleted") return "";
   auto policy = catalog_->Policy(item.policy);
   if (!policy) return "";
@@ -1921,8 +1920,8 @@ std::string Vault::PointOverdueWarning(const ItemRow& item, const std::vector<Po
     uncovered_ns = clock_.MonoNs() - it->second.covered_mono_ns;
     last_error = it->second.last_error;
   }
-  return PointOverdueText(uncovered_ns, durable_seq, points.back(), policy->crash_interval_s,
-                          kSlackNs, last_error);
+  return PointOverdueText(uncovered_ns, durable_seq, *latest, policy->crash_interval_s, kSlackNs,
+                          last_error);
 }
 
 void Vault::ObserveClock() {

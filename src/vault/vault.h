@@ -274,7 +274,7 @@ class Vault {
   nlohmann::json ItemJson(const ItemRow& item, SiteStatusBoard& board);
   // An item's rpo_seconds while a site does not answer (seconds, or null when unknown).
   static nlohmann::json RpoWithoutAnAnswer(const Result<nlohmann::json>& store,
-                                           const std::vector<PointRow>& points);
+                                           const std::optional<PointRow>& latest);
   // The health of an item whose VM failed over (FailedOver, Committing, FailoverCommitted):
   // the target site's disks quarantined, the VM not running there, or running.
   std::string FailedOverHealth(const ItemRow& item, SiteStatusBoard& board);
@@ -308,7 +308,7 @@ class Vault {
   std::map<int64_t, std::string> PointsInUseLocked(const ItemRow& item);  // points_mu_ held
   nlohmann::json PointJsonFor(const PointRow& p, const std::map<int64_t, std::string>& in_use);
   // Whether a crash point is due for `vm` (policy interval on the monotonic clock).
-  bool PointDue(const std::string& vm, const std::vector<PointRow>& points, int64_t interval_s);
+  bool PointDue(const std::string& vm, const std::optional<PointRow>& latest, int64_t interval_s);
   // Adds a crash point and, unless a clock step holds pruning, deletes what retention
   // lets go, in one catalog transaction. Returns whether anything was deleted.
   // After thinning: asks the recovery site to compact vm's history up to the newest point
@@ -322,7 +322,7 @@ class Vault {
   void NotePointTrouble(const std::string& vm, const std::string& why);
   // The health warning when the recovery site holds data newer than the newest point for
   // longer than the policy allows ("" otherwise).
-  std::string PointOverdueWarning(const ItemRow& item, const std::vector<PointRow>& points,
+  std::string PointOverdueWarning(const ItemRow& item, const std::optional<PointRow>& latest,
                                   uint64_t durable_seq);
   // One reading of the clocks (the point thread's tick); saves and logs a change.
   void ObserveClock();
