@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -26,6 +27,20 @@ def read_file_text(path):
             return f.read()
     except OSError:
         return ""
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_size(text):
+    """Bytes of "64", "4K", "1M", "2G" (binary units)."""
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    t = text.strip().upper()
+    return int(t[:-1]) * units[t[-1]] if t[-1] in units else int(t)
 
 
 def free_bytes(path):

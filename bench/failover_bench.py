@@ -29,13 +29,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from benchlib import free_port, parse_size  # noqa: E402
 
 try:
     import nbd  # python3-libnbd
@@ -51,16 +51,6 @@ def log(msg):
     print(f"[failover_bench] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_size(text):
-    units = {"K": KIB, "M": MIB, "G": GIB}
-    t = text.strip().upper()
-    return int(t[:-1]) * units[t[-1]] if t[-1] in units else int(t)
 
 
 class Cli:

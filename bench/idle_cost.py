@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from benchlib import free_port, parse_size  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -59,16 +59,6 @@ def log(msg):
     print(f"[idle_cost] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_size(text):
-    units = {"K": KIB, "M": MIB, "G": 1024 * MIB}
-    t = text.strip().upper()
-    return int(t[:-1]) * units[t[-1]] if t[-1] in units else int(t)
 
 
 class Vault:
