@@ -70,7 +70,7 @@ def test_vault_on_postgres_serves_and_survives_the_server_going_away(tmp_path):
             assert status in (200, 201), answer
             # The rows are in PostgreSQL, at the newest schema.
             db = url.rsplit("/", 1)[1]
-            assert pg.sql(db, "SELECT value FROM meta WHERE key='schema_version'").strip() == "5"
+            assert pg.sql(db, "SELECT value FROM meta WHERE key='schema_version'").strip() == "6"
             assert pg.sql(db, "SELECT name FROM policies ORDER BY name").split() == [
                 "default", "gold"]
 
