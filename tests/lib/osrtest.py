@@ -532,10 +532,12 @@ class OsrdProcess:
 
     def stop(self, sig=signal.SIGTERM):
         """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after stop_timeout
-        seconds (a failure)."""
+        seconds (a failure). A process a test left stopped (SIGSTOP) gets SIGCONT first."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=self.stop_timeout)

@@ -21,7 +21,6 @@ The helpers shared with the other suites (binaries, the osrd process, libnbd,
 bytes) live in tests/lib/osrtest.py; this file re-exports what the tests use.
 """
 
-import contextlib
 import json
 import os
 import re
@@ -106,14 +105,6 @@ class SiteProcess(OsrdProcess):
             return (f"site {self.name}: the startup lines lack {missing or 'the site name'}: "
                     f"{self.stdout_lines}")
         return None
-
-    def stop(self, sig=signal.SIGTERM):
-        """Stops with SIGTERM (or sig); returns the exit code. SIGKILL after 10 s (a failure).
-        A site a test left stopped (SIGSTOP) gets SIGCONT first."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-        return super().stop(sig)
 
 
 def site_certs(tmp_path, name):

@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 
 import pytest
@@ -108,12 +107,6 @@ def dr(tmp_path, new_catalog):
     for s in (primary, recovery):
         register(osr, s)
     yield vault, primary, recovery, osr
-    for p in procs:
-        if p.proc is not None and p.proc.poll() is None:
-            try:
-                os.kill(p.proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     osrtest.stop_all_clean(procs)
 
 

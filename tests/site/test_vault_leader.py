@@ -122,12 +122,6 @@ def cluster(tmp_path):
                 a.osr("site", "add", s.name, "--api", s.api_url, "--replication", s.replication)
             yield pg, url.rsplit("/", 1)[1], a, b, primary, recovery
         finally:
-            for p in procs:
-                if p.proc is not None and p.proc.poll() is None:
-                    try:
-                        os.kill(p.proc.pid, signal.SIGCONT)
-                    except ProcessLookupError:
-                        pass
             osrtest.stop_all_clean(procs)
 
 
