@@ -456,9 +456,18 @@ Result<std::vector<ItemRow>> ItemsFrom(const SqlResult& r) {
   std::vector<ItemRow> out;
   for (size_t i = 0; i < r.rows.size(); ++i) {
     SqlRow s(r, i, "items row");
-    ItemRow item{s.Text(0), s.Text(1), s.Text(2), s.Text(3), s.Text(4), 0, s.Json(6), s.Json(7)};
+    ItemRow item{s.Text(0), s.Text(1), s.Text(2), s.Text(3), {}, 0, s.Json(6), s.Json(7)};
+    std::string state_name = s.Text(4);
     int64_t epoch = s.Int(5);
     OSR_RETURN_IF_ERROR(s.status());
+    std::optional<ItemState> state = ItemStateFromName(state_name);
+    if (!state || *state == ItemState::kUnprotected) {
+      // All vaults on one catalog run one build (the schema version says which): a state
+      // this one does not know is damage, not a newer vault's.
+      return Corruption(fmt::format("catalog items row '{}': '{}' is not an item state", item.vm,
+                                    state_name.substr(0, 64)));
+    }
+    item.state = *state;
     if (epoch < 0) {
       return Corruption(
           fmt::format("catalog items row '{}': epoch {} is negative", item.vm, epoch));
@@ -559,8 +568,8 @@ Status Catalog::PutItem(const ItemRow& i) {
         "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(vm) DO UPDATE SET source=excluded.source, "
         "target=excluded.target, policy=excluded.policy, state=excluded.state, "
         "epoch=excluded.epoch, drill=excluded.drill, failover=excluded.failover",
-        {i.vm, i.source, i.target, i.policy, i.state, static_cast<int64_t>(i.epoch), i.drill.dump(),
-         i.failover.dump()});
+        {i.vm, i.source, i.target, i.policy, std::string(ItemStateName(i.state)),
+         static_cast<int64_t>(i.epoch), i.drill.dump(), i.failover.dump()});
   });
 }
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "vault/item_state.h"
 #include "vault/job_state.h"
 #include "vault/sql.h"
 
@@ -57,7 +58,7 @@ struct ItemRow {
   std::string source;
   std::string target;
   std::string policy;
-  std::string state;
+  ItemState state = ItemState::kEnablingProtection;  // stored by name (item_state.h)
   uint64_t epoch = 1;
   nlohmann::json drill;  // {view, seq, disks[{name, uri}]} while a drill runs, else null
   // From failover until reprotect: {point, epoch, from (the old primary), planned}.

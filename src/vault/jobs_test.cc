@@ -109,7 +109,7 @@ TEST_P(JobsCatalogTest, AnUnknownStateReadsAsFailedSayingSo) {
 // A job step that changes the item and the job records both or neither.
 TEST_P(JobsCatalogTest, AStepThatChangesTheItemAndTheJobIsOneTransaction) {
   ASSERT_TRUE(
-      catalog_->PutItem({"vm1", "primary", "recovery", "gold", "Protected", 1, nullptr, nullptr})
+      catalog_->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr})
           .ok());
   JobRow j;
   j.type = "failover";
@@ -118,7 +118,7 @@ TEST_P(JobsCatalogTest, AStepThatChangesTheItemAndTheJobIsOneTransaction) {
   j.id = catalog_->AddJob(j).value();
   // The step's writes land, then it fails before its end: neither stays.
   ItemRow item = catalog_->FindItem("vm1").value().value();
-  item.state = "FailedOver";
+  item.state = ItemState::kFailedOver;
   j.progress = 100;
   Status st = catalog_->Transact([&]() -> Status {
     OSR_RETURN_IF_ERROR(catalog_->PutItem(item));
@@ -126,7 +126,7 @@ TEST_P(JobsCatalogTest, AStepThatChangesTheItemAndTheJobIsOneTransaction) {
     return Status(Code::kUnavailable, "the step's last write failed");
   });
   EXPECT_EQ(st.code(), Code::kUnavailable);
-  EXPECT_EQ(catalog_->FindItem("vm1").value()->state, "Protected");
+  EXPECT_EQ(catalog_->FindItem("vm1").value()->state, ItemState::kProtected);
   EXPECT_EQ(catalog_->FindJob(j.id).value()->progress, 0);
 }
 

@@ -89,7 +89,7 @@ TEST_P(LeaseTest, AWriteUnderAnOldTokenFailsAndWritesNothing) {
   ASSERT_TRUE(cb->PutInstance(kB).ok());
   ASSERT_TRUE(ca->AcquireLease(kA, 60000).value().has_value());
   LeaseFence fa("a", 1, 6000);
-  ItemRow item{"vm1", "p", "r", "default", "Protected", 1, nullptr, nullptr};
+  ItemRow item{"vm1", "p", "r", "default", ItemState::kProtected, 1, nullptr, nullptr};
   {
     FenceScope scope(&fa);  // the current holder writes
     ASSERT_TRUE(ca->PutItem(item).ok());
@@ -100,7 +100,7 @@ TEST_P(LeaseTest, AWriteUnderAnOldTokenFailsAndWritesNothing) {
   ASSERT_TRUE(ca->RenewLease("a", 1, -1000).value());
   ASSERT_TRUE(cb->AcquireLease(kB, 60000).value().has_value());
 
-  item.state = "FailedOver";
+  item.state = ItemState::kFailedOver;
   {
     FenceScope scope(&fa);
     Status st = ca->PutItem(item);
@@ -115,7 +115,7 @@ TEST_P(LeaseTest, AWriteUnderAnOldTokenFailsAndWritesNothing) {
               Code::kFailedPrecondition);
   }
   EXPECT_EQ(ca->fenced_writes(), 4);
-  EXPECT_EQ(ca->FindItem("vm1").value()->state, "Protected");
+  EXPECT_EQ(ca->FindItem("vm1").value()->state, ItemState::kProtected);
   auto points = ca->ListPoints("vm1").value();
   ASSERT_EQ(points.size(), 1u);
   EXPECT_EQ(points[0].seq, 5u);
@@ -223,7 +223,7 @@ TEST_P(LeasePostgresTest, ATakeoverWaitsForAFencedWriteUnderWay) {
     FenceScope scope(&fa);
     Status st = ca->Transact([&]() -> Status {
       OSR_RETURN_IF_ERROR(
-          ca->PutItem({"vm1", "p", "r", "default", "Protected", 1, nullptr, nullptr}));
+          ca->PutItem({"vm1", "p", "r", "default", ItemState::kProtected, 1, nullptr, nullptr}));
       inside = true;
       while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(10));
       return Status::Ok();
@@ -239,7 +239,7 @@ TEST_P(LeasePostgresTest, ATakeoverWaitsForAFencedWriteUnderWay) {
   b = cb->AcquireLease(kB, 60000);
   ASSERT_TRUE(b.ok() && b->has_value()) << b.status().ToString();
   EXPECT_EQ((*b)->token, 2);
-  EXPECT_EQ(cb->FindItem("vm1").value()->state, "Protected");
+  EXPECT_EQ(cb->FindItem("vm1").value()->state, ItemState::kProtected);
 }
 
 INSTANTIATE_TEST_SUITE_P(Postgres, LeasePostgresTest, ::testing::Values(Backend::kPostgres),

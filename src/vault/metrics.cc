@@ -37,11 +37,6 @@ std::string LevelOf(const std::string& health) {
   return "Unknown";
 }
 
-// The item states whose RPO the point loop samples (vault.cc, PointTick).
-bool RpoSampled(const std::string& state) {
-  return state == "Protected" || state == "TestFailoverCompleted";
-}
-
 constexpr double kNsPerS = 1e9;
 
 }  // namespace
@@ -185,11 +180,15 @@ namespace {
 
 void WriteItems(TextWriter& w, const std::vector<ItemRow>& items, const HealthBoard& health,
                 const VaultMetricsState& state) {
+  // Every item state, 0 when no item is in it (a gauge that goes away reads as stale).
   std::map<std::string, int> by_state;
+  for (const auto& row : kItemStates) {
+    if (row.state != ItemState::kUnprotected) by_state[std::string(row.name)] = 0;
+  }
   std::map<std::string, int> by_health = {
       {"Normal", 0}, {"Warning", 0}, {"Critical", 0}, {"Unknown", 0}};
   for (const auto& item : items) {
-    ++by_state[item.state];
+    ++by_state[std::string(ItemStateName(item.state))];
     std::string level = health.Level(item.vm, state.now_ns - kHealthStaleNs);
     ++by_health[level];
   }
@@ -207,7 +206,8 @@ void WriteRpo(TextWriter& w, const std::vector<ItemRow>& items,
               const std::vector<RpoSampleRow>& samples) {
   std::set<std::string> sampled;
   for (const auto& item : items) {
-    if (RpoSampled(item.state)) sampled.insert(item.vm);
+    // The point loop samples the RPO of replicating items (points.cc, PointTick).
+    if (Info(item.state).replicating) sampled.insert(item.vm);
   }
   w.Family("osr_vault_item_rpo_seconds", "gauge",
            "The item's RPO at its newest sample (age of the newest write at the recovery site "

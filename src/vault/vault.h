@@ -58,6 +58,7 @@
 #include "vault/job_steps.h"
 #include "vault/lease.h"
 #include "vault/metrics.h"
+#include "vault/site_client.h"
 #include "vault/site_status.h"
 #include "vault/vault_api.h"
 
@@ -167,9 +168,8 @@ class Vault {
 
  private:
   explicit Vault(VaultConfig cfg);
-  class SiteClient Client(const SiteRow& site) const;
-  Result<nlohmann::json> Submit(const std::string& type, const std::string& vm,
-                                const nlohmann::json& args);
+  SiteClient Client(const SiteRow& site) const;
+  Result<nlohmann::json> Submit(JobType type, const std::string& vm, const nlohmann::json& args);
   void JobLoop();
   void RunJob(JobRow& job, JobCancel& cancel);
   // Asks job `id` to stop: a queued one ends Cancelled here; a running one through its
@@ -180,10 +180,12 @@ class Vault {
   // Cancels the VM's queued and running jobs and waits for them (Unprotect). kUnavailable
   // naming the job when one did not stop in time (it stops later by itself).
   Status CancelJobsOf(const std::string& vm);
-  void RunEnableProtection(JobRow& job, ItemRow item, const SiteRow& src, const SiteRow& dst,
-                           Steps& steps);
-  // The failover workflows (workflows.cc); each ends the job Succeeded, Failed or
-  // Cancelled (then its last step says what it left behind).
+  // The workflows, one file each (enable_protection.cc, drill.cc, failover.cc, commit.cc,
+  // reprotect.cc); each ends the job Succeeded, Failed or Cancelled (then its last step
+  // says what it left behind).
+  void RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel);
+  void RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel);
+  void RunTestFailoverCleanup(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunFailover(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunCommit(JobRow& job, ItemRow item, JobCancel& cancel);
@@ -402,26 +404,5 @@ std::string DescribeReplicaDone(const Result<nlohmann::json>& src_group, uint64_
 
 // Logs a failed best-effort step (a sample, a fold the next tick repeats) with `what`.
 void LogIfFailed(const Status& st, const std::string& what);
-
-// A site's HTTP API. Every call has a timeout; an unreachable site is kUnavailable with
-// a message naming the site.
-class SiteClient {
- public:
-  // `tls`: the vault's client certificate and the sites' CA, for https:// site APIs.
-  SiteClient(SiteRow site, TlsFiles tls) : site_(std::move(site)), tls_(std::move(tls)) {}
-  Result<nlohmann::json> Call(const std::string& method, const std::string& path,
-                              const nlohmann::json& body = nullptr);
-  // The same with an octet-stream body and answer (disk hashes).
-  Result<std::string> CallRaw(const std::string& method, const std::string& path,
-                              const std::string& body = std::string());
-
- private:
-  // One request; (status, body) for a 2xx answer, else the site's error as a Status.
-  Result<std::pair<int, std::string>> Exchange(const std::string& method, const std::string& path,
-                                               const std::string& body, const char* content_type,
-                                               int read_timeout_s);
-  SiteRow site_;
-  TlsFiles tls_;
-};
 
 }  // namespace osr::vault

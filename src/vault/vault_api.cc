@@ -15,6 +15,7 @@
 #include "common/json_in.h"
 #include "common/units.h"
 #include "vault/catalog.h"
+#include "vault/item_state.h"
 #include "vault/vault.h"
 
 namespace osr::vault {
@@ -230,6 +231,7 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"POST", R"(/api/v1/items/([^/]+)/commit)", O, &VaultApi::Commit},
       {"POST", R"(/api/v1/items/([^/]+)/reprotect)", O, &VaultApi::Reprotect},
       {"GET", "/api/v1/vault", R, &VaultApi::ShowVault},
+      {"GET", "/api/v1/states", R, &VaultApi::ListStates},
       {"GET", "/api/v1/clock", R, &VaultApi::ShowClock},
       {"POST", "/api/v1/clock/confirm", O, &VaultApi::ConfirmClock},
       {"GET", "/api/v1/jobs", R, &VaultApi::ListJobs},
@@ -875,6 +877,10 @@ Result<VaultApi::Reply> VaultApi::Reprotect(Call& c) {
 Result<VaultApi::Reply> VaultApi::ShowVault(Call&) {
   OSR_ASSIGN_OR_RETURN(json out, vault_->ShowVault());
   return Reply{200, out};
+}
+
+Result<VaultApi::Reply> VaultApi::ListStates(Call&) {
+  return Reply{200, StatesJson()};
 }
 
 Result<VaultApi::Reply> VaultApi::ShowClock(Call&) {

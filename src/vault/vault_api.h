@@ -153,6 +153,7 @@ class VaultApi {
   Result<Reply> Commit(Call& c);
   Result<Reply> Reprotect(Call& c);
   Result<Reply> ShowVault(Call& c);
+  Result<Reply> ListStates(Call& c);
   Result<Reply> ShowClock(Call& c);
   Result<Reply> ConfirmClock(Call& c);
   Result<Reply> ListJobs(Call& c);

@@ -60,6 +60,7 @@ ROUTES = [
     ("POST", "/api/v1/items/([^/]+)/reprotect", "/api/v1/items/nope/reprotect", "operator", {},
      404),
     ("GET", "/api/v1/vault", "/api/v1/vault", "reader", None, 200),
+    ("GET", "/api/v1/states", "/api/v1/states", "reader", None, 200),
     ("GET", "/api/v1/clock", "/api/v1/clock", "reader", None, 200),
     ("POST", "/api/v1/clock/confirm", "/api/v1/clock/confirm", "operator", {}, 200),
     ("GET", "/api/v1/jobs", "/api/v1/jobs", "reader", None, 200),

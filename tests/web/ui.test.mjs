@@ -397,7 +397,7 @@ async function run() {
     await confirmDialog(tf);
     await waitTrackedJob(page, 'test-failover');
     await waitItemState(page, 'TestFailoverCompleted');
-    check(sameSet(await actionsIn(itemHead(page)), ['cleanup']), 'TestFailoverCompleted offers only Cleanup test failover');
+    check(sameSet(await actionsIn(itemHead(page)), ['cleanup', 'unprotect']), 'TestFailoverCompleted offers only Cleanup test failover and Unprotect');
     check(await page.locator('[data-testid=drill]').isVisible(), 'the drill and its disks are shown');
 
     log('cleanup, with notes');
@@ -423,7 +423,7 @@ async function run() {
     await shot(page, 'dialog-refused');
     await stale.locator('[data-testid=cancel]').click();
     await waitItemState(page, 'TestFailoverCompleted');
-    check(sameSet(await actionsIn(itemHead(page)), ['cleanup']), 'the page caught up: only Cleanup is offered');
+    check(sameSet(await actionsIn(itemHead(page)), ['cleanup', 'unprotect']), 'the page caught up: only Cleanup and Unprotect are offered');
     const cl2 = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-cleanup]', 'cleanup-dialog');
     await confirmDialog(cl2);
     await waitTrackedJob(page, 'test-failover-cleanup');
@@ -477,7 +477,7 @@ async function run() {
     await confirmDialog(cm);
     await waitTrackedJob(page, 'commit');
     await waitItemState(page, 'FailoverCommitted');
-    check(sameSet(await actionsIn(itemHead(page)), ['reprotect']), 'FailoverCommitted offers only Reprotect');
+    check(sameSet(await actionsIn(itemHead(page)), ['reprotect', 'unprotect']), 'FailoverCommitted offers only Reprotect and Unprotect');
     await waitUntil(async () => (await markers.count()) === 0, 'the timeline to be empty after commit');
     check(true, 'no recovery points are left');
 

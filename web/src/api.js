@@ -126,6 +126,7 @@ export const api = {
   logout: () => request('POST', '/logout', {}),
   whoami: () => request('GET', '/whoami'),
   vault: () => request('GET', '/vault'),
+  states: () => request('GET', '/states'),
   sites: () => request('GET', '/sites'),
   policies: () => request('GET', '/policies'),
   vms: () => request('GET', '/vms'),

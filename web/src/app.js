@@ -5,7 +5,7 @@ import { api, onConnectivity, onSignedOut, setCsrfToken } from './api.js';
 import { Actions, DialogHost, JobTracker } from './actions.js';
 import { ActiveJobs, useActiveJobs } from './pages/items.js';
 import { html } from './html.js';
-import { fmtClock } from './model.js';
+import { fmtClock, setStates } from './model.js';
 import { usePoll, useRoute } from './hooks.js';
 import { ItemPage } from './pages/item.js';
 import { ItemsPage } from './pages/items.js';
@@ -39,8 +39,9 @@ function useSession() {
     let live = true;
     api
       .whoami()
-      .then((who) => {
+      .then(async (who) => {
         setCsrfToken(who.csrf_token);
+        setStates(await api.states());
         if (live) setSession({ signedIn: true, who });
       })
       .catch((e) => {
@@ -55,9 +56,14 @@ function useSession() {
       off();
     };
   }, []);
-  const signedIn = (who) => {
+  const signedIn = async (who) => {
     setCsrfToken(who.csrf_token);
-    setSession({ signedIn: true, who });
+    try {
+      setStates(await api.states());
+      setSession({ signedIn: true, who });
+    } catch (e) {
+      setSession({ signedIn: false, reason: e.message });
+    }
   };
   const signOut = async () => {
     try {

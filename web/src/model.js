@@ -1,10 +1,12 @@
-// What the operator may do in each item state (DESIGN.md, "Item states"), and how the
-// numbers are written. The pages offer an action only when its state allows it: the
-// vault checks again, and its refusal is shown when a page was stale.
+// What the operator may do in each item state, and how the numbers are written. The
+// states, whether each is busy and the actions each allows come from the vault's one
+// table (GET /api/v1/states, src/vault/item_state.h), loaded once at sign-in: the pages
+// offer an action only when it allows it, and the vault checks again (its refusal is
+// shown when a page was stale).
 
-export const BUSY_STATES = ['EnablingProtection', 'FailingOver', 'Committing', 'Reprotecting'];
-
-// action id -> label
+// action id -> label (the vault's action names; 'failover-retry' is failover from a state
+// that does not replicate: a failover that stopped half-way). Actions without a label
+// here (create-point) have no button.
 export const ACTION_LABELS = {
   protect: 'Protect',
   'test-failover': 'Test failover',
@@ -17,22 +19,26 @@ export const ACTION_LABELS = {
   reprotect: 'Reprotect',
 };
 
-// The only actions offered per state; every other state (busy ones included) offers none.
-const kActions = {
-  Unprotected: ['protect'],
-  Protected: ['test-failover', 'failover', 'unprotect'],
-  TestFailoverCompleted: ['cleanup'],
-  FailedOver: ['change-point', 'commit'],
-  FailoverCommitted: ['reprotect'],
-  FailoverFailed: ['failover-retry'],
-};
+// name -> {name, busy, replicating, failed_over, actions}
+let kStates = new Map();
+
+// The vault's table (GET /api/v1/states). A state it does not name offers nothing.
+export function setStates(table) {
+  const rows = table && Array.isArray(table.item_states) ? table.item_states : [];
+  kStates = new Map(rows.filter((r) => r && typeof r.name === 'string').map((r) => [r.name, r]));
+}
 
 export function actionsFor(state) {
-  return kActions[state] || [];
+  const row = kStates.get(state);
+  if (!row || !Array.isArray(row.actions)) return [];
+  return row.actions
+    .map((a) => (a === 'failover' && !row.replicating ? 'failover-retry' : a))
+    .filter((a) => a in ACTION_LABELS);
 }
 
 export function isBusy(state) {
-  return BUSY_STATES.includes(state);
+  const row = kStates.get(state);
+  return !!(row && row.busy);
 }
 
 // A state's colour class: ok (green), warn (amber), bad (red), busy (blue), idle (grey).

@@ -1,0 +1,24 @@
+// Small steps the vault's workflows share (workflows.cc): reading a VM's stored spec back.
+#pragma once
+
+#include <string>
+
+#include "common/status.h"
+#include "hypervisor/vm_spec.h"
+#include "vault/catalog.h"
+#include "vault/job_steps.h"
+
+namespace osr::vault {
+
+// The stored spec, read back through the one checked parser (a row is a peer's input).
+Result<hypervisor::VmSpec> StoredSpec(const VmRow& vm);
+// "none", "process" or "qemu"; "invalid" for a spec that does not parse: the site is then
+// asked to start it and refuses it with a message naming the field.
+std::string Driver(const VmRow& vm);
+// The VM's shutdown timeout (ms, from its spec; 30000 when the spec does not parse).
+int ShutdownTimeoutMs(const VmRow& vm);
+// The first point of a reprotected item could not be made: it is protected anyway (a
+// cancel then says so); other errors are returned as they are.
+Status FirstPointFailed(const Steps& steps, const Status& st);
+
+}  // namespace osr::vault
