@@ -8,6 +8,7 @@
 #include "vault/api_json.h"
 #include "vault/job_steps.h"
 #include "vault/vault.h"
+#include "vault/workflow_steps.h"
 
 namespace osr::vault {
 
@@ -19,7 +20,7 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   if (!dst.ok()) return steps.Fail(dst.status());
   if (!*dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   steps.Begin("Resolve the recovery point");
-  auto p = ResolvePoint(item, job.args.value("point", std::string("latest")), &cancel);
+  auto p = ResolvePoint(item, json_in::Fields(job.args).String("point", "latest"), &cancel);
   if (!p.ok() && p.status().code() == Code::kCancelled) {
     return steps.Fail(steps.Cancelled("no drill disk was opened; the item stays Protected"));
   }
@@ -46,7 +47,7 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   item.drill = {{"view", view_id}, {"point", PointJson(*p)}, {"disks", disks}};
   if (Status st = catalog_->PutItem(item); !st.ok()) {
     // Unrecorded, nothing would name the drill disks: they are closed again.
-    auto closed = Client(**dst).Call("DELETE", "/views/" + item.drill.value("view", std::string()));
+    auto closed = Client(**dst).Call("DELETE", "/views/" + DrillView(item));
     return steps.Fail(AlsoFailed(Status(st.code(),
                                         "the drill disks were opened but could not be "
                                         "recorded, so they are closed again: " +
@@ -63,7 +64,7 @@ void Vault::RunTestFailoverCleanup(JobRow& job, ItemRow item, JobCancel& cancel)
   if (!dst.ok()) return steps.Fail(dst.status());
   if (!*dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   steps.Begin("Remove the drill disks and their writes");
-  auto r = Client(**dst).Call("DELETE", "/views/" + item.drill.value("view", std::string()));
+  auto r = Client(**dst).Call("DELETE", "/views/" + DrillView(item));
   if (!r.ok() && r.status().code() != Code::kNotFound) return steps.Fail(r.status());
   steps.Done(100);
   item.state = ItemState::kProtected;
@@ -74,7 +75,7 @@ void Vault::RunTestFailoverCleanup(JobRow& job, ItemRow item, JobCancel& cancel)
                              "TestFailoverCompleted (clean up again to record it): " +
                                  st.message()));
   }
-  job.result = {{"notes", job.args.value("notes", std::string())}};
+  job.result = {{"notes", json_in::Fields(job.args).String("notes", "")}};
   job.state = JobState::kSucceeded;
 }
 

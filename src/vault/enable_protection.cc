@@ -64,7 +64,9 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel) {
     if (st.code() == Code::kCancelled) return steps.Fail(steps.Cancelled(what));
     steps.Fail(Status(st.code(), st.message() + " (" + what + ")"));
   };
-  auto v = catalog_->Vm(job.vm);
+  auto v_row = catalog_->FindVm(job.vm);
+  if (!v_row.ok()) return undo(v_row.status(), false, false);
+  const std::optional<VmRow>& v = *v_row;
   if (!v) return undo(NotFound("VM " + job.vm + " is not registered"), false, false);
   if (Status c = steps.Check(); !c.ok()) return undo(c, false, false);
   steps.Begin(fmt::format("Create the recovery store at {}", item.target));
@@ -96,13 +98,12 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel) {
   steps.Begin("First recovery point");
   auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, steps.cancel());
   if (!p.ok()) {
-    return steps.Fail(
-        p.status().code() == Code::kCancelled
-            ? steps.Cancelled(
-                  fmt::format("the VM is protected; points come by themselves (every {} s "
-                              "under its policy)",
-                              catalog_->Policy(item.policy).value_or(PolicyRow{}).crash_interval_s))
-            : p.status());
+    return steps.Fail(p.status().code() == Code::kCancelled
+                          ? steps.Cancelled(fmt::format(
+                                "the VM is protected; points come by themselves (under its "
+                                "policy {})",
+                                item.policy))
+                          : p.status());
   }
   steps.Done(100);
   job.state = JobState::kSucceeded;

@@ -23,218 +23,366 @@ namespace osr::vault {
 
 using nlohmann::json;
 
-void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
-  Steps steps(catalog_.get(), &job, &cancel);
-  auto src = catalog_->Site(item.source);
-  auto dst = catalog_->Site(item.target);
-  auto vm = catalog_->Vm(job.vm);
-  if (!src || !dst || !vm) return steps.Fail(NotFound("the VM or a site of it is not registered"));
-  bool planned = job.args.value("planned", false);
-  bool shutdown = planned || job.args.value("shutdown_source", false);
-  bool start = job.args.value("start", true);
-  // What the item goes back to when the job fails before the source was fenced.
-  // (Its name in the args; a name this vault does not know reads as the state now.)
-  std::optional<ItemState> saved_before =
-      ItemStateFromName(json_in::Fields(job.args).String("state_before", ""));
-  ItemState before = saved_before.value_or(item.state);
-  job.args["state_before"] = ItemStateName(before);
-  auto fail = [&](const Status& st, ItemState item_state) {
-    auto cur = catalog_->FindItem(job.vm);
-    Status recorded = cur.status();
-    if (cur.ok() && cur->has_value()) {
-      (*cur)->state = item_state;
-      recorded = catalog_->PutItem(**cur);
-    }
-    steps.Fail(AlsoFailed(st, "recording the item as " + std::string(ItemStateName(item_state)),
-                          recorded));
-  };
+namespace {
 
-  if (planned && !job.args.contains("epoch")) {
-    steps.Begin(fmt::format("Check that {} answers (a planned failover needs it)", item.source));
-    auto g = Client(*src).Call("GET", "/groups/" + job.vm);
+// What a failover job keeps in its args: what the API asked, and what its steps decided
+// (a resumed job reads them back and goes on from there).
+struct FailoverArgs {
+  bool planned = false;
+  bool shutdown = false;  // shut the source VM down first (always when planned)
+  bool start = true;      // start the VM at the recovery site
+  std::string point_spec = "latest";
+  std::optional<ItemState> state_before;  // what the item was when the job began
+  bool pre_hook_done = false;
+  bool shutdown_done = false;
+  std::optional<uint64_t> epoch;  // the new epoch, once decided
+  std::optional<PointRow> point;  // the point, once chosen (point_seq is kept)
+};
+
+Result<FailoverArgs> ReadFailoverArgs(const json& args) {
+  json_in::Fields f(args, "failover job args.");
+  FailoverArgs a;
+  a.planned = f.Bool("planned", false);
+  a.shutdown = a.planned || f.Bool("shutdown_source", false);
+  a.start = f.Bool("start", true);
+  a.pre_hook_done = f.Bool("pre_hook_done", false);
+  a.shutdown_done = f.Bool("shutdown_done", false);
+  // A state name this vault does not know reads as none (the item's state now).
+  a.state_before = ItemStateFromName(f.String("state_before", ""));
+  if (f.Has("epoch")) a.epoch = f.U64("epoch");
+  if (f.Has("point_seq")) {
+    PointRow p;
+    p.seq = f.U64("point_seq");
+    p.time_ns = f.I64("point_time_ns", 0);
+    if (const json* chosen = f.Object("point")) {
+      json_in::Fields pf(*chosen, "failover job args.point.");
+      p.id = pf.I64("id", 0);
+      p.type = pf.String("type", "crash");
+      if (!pf.ok()) return pf.status();
+    }
+    a.point = p;
+  } else {
+    a.point_spec = f.String("point", "latest");
+  }
+  if (!f.ok()) return f.status();
+  return a;
+}
+
+}  // namespace
+
+// One failover job: its steps in order, each safe to run again (docs/architecture.md,
+// "Failover and reprotect"). A step that fails records the item as `leave_`: the state it
+// had before while nothing was fenced, FailoverFailed once the source may refuse writes.
+class FailoverRun {
+ public:
+  FailoverRun(Vault& v, JobRow& job, ItemRow item, JobCancel& cancel)
+      : v_(v),
+        job_(job),
+        item_(std::move(item)),
+        cancel_(cancel),
+        steps_(v.catalog_.get(), &job, &cancel) {}
+
+  void Run() {
+    if (Status st = ToTheRecoverySite(); !st.ok()) return Fail(st);
+    if (Status st = StartVm(); !st.ok()) return steps_.Fail(st);  // failed over: it stays so
+    PostHook();
+    job_.progress = 100;
+    job_.state = JobState::kSucceeded;
+  }
+
+ private:
+  Status ToTheRecoverySite() {
+    OSR_RETURN_IF_ERROR(Load());
+    OSR_RETURN_IF_ERROR(CheckSource());
+    OSR_RETURN_IF_ERROR(PreHook());
+    OSR_RETURN_IF_ERROR(ShutDownSource());
+    OSR_RETURN_IF_ERROR(DecideEpoch());
+    OSR_RETURN_IF_ERROR(ChoosePoint());
+    leave_ = ItemState::kFailoverFailed;  // fenced from here on
+    OSR_RETURN_IF_ERROR(SaveChosenPoint());
+    OSR_RETURN_IF_ERROR(OpenDisks());
+    return Record();
+  }
+
+  // The sites, the VM and the job's args.
+  Status Load() {
+    leave_ = item_.state;
+    OSR_ASSIGN_OR_RETURN(args_, ReadFailoverArgs(job_.args));
+    before_ = args_.state_before.value_or(item_.state);
+    leave_ = before_;
+    job_.args["state_before"] = ItemStateName(before_);
+    OSR_ASSIGN_OR_RETURN(auto src, v_.catalog_->FindSite(item_.source));
+    OSR_ASSIGN_OR_RETURN(auto dst, v_.catalog_->FindSite(item_.target));
+    OSR_ASSIGN_OR_RETURN(auto vm, v_.catalog_->FindVm(job_.vm));
+    if (!src || !dst || !vm) return NotFound("the VM or a site of it is not registered");
+    src_ = *src;
+    dst_ = *dst;
+    vm_ = *vm;
+    return Status::Ok();
+  }
+
+  Status CheckSource() {
+    if (!args_.planned || args_.epoch) return Status::Ok();
+    steps_.Begin(fmt::format("Check that {} answers (a planned failover needs it)", src_.name));
+    auto g = v_.Client(src_).Call("GET", "/groups/" + job_.vm);
     if (!g.ok()) {
-      return fail(Unavailable(fmt::format("a planned failover needs the source site: {}; nothing "
-                                          "was changed (an unplanned failover does not need it)",
-                                          g.status().message())),
-                  before);
+      return Unavailable(
+          fmt::format("a planned failover needs the source site: {}; nothing "
+                      "was changed (an unplanned failover does not need it)",
+                      g.status().message()));
     }
-    steps.Done(5);
+    steps_.Done(5);
+    return Status::Ok();
   }
-  if (!job.args.value("pre_hook_done", false)) {
-    if (Status h = RunHook(*vm, "pre_failover", {{"OSR_SITE", item.target}}); !h.ok()) {
-      steps.Begin("Pre-failover hook");
-      return fail(h, before);
+
+  Status PreHook() {
+    if (args_.pre_hook_done) return Status::Ok();
+    if (Status h = v_.RunHook(vm_, "pre_failover", {{"OSR_SITE", item_.target}}); !h.ok()) {
+      steps_.Begin("Pre-failover hook");
+      return h;
     }
-    job.args["pre_hook_done"] = true;
-    if (Status saved = steps.Save(); !saved.ok()) return fail(saved, before);
+    job_.args["pre_hook_done"] = true;
+    return steps_.Save();
   }
-  if (shutdown && !job.args.value("shutdown_done", false)) {
-    steps.Begin(fmt::format("Shut down the VM at {}", item.source));
-    if (Driver(*vm) == "none") {
-      steps.Progress(10, "the VM has no driver: nothing to shut down");
-      steps.Done(10);
+
+  Status ShutDownSource() {
+    if (!args_.shutdown || args_.shutdown_done) return Status::Ok();
+    steps_.Begin(fmt::format("Shut down the VM at {}", item_.source));
+    if (Driver(vm_) == "none") {
+      steps_.Progress(10, "the VM has no driver: nothing to shut down");
+      steps_.Done(10);
     } else {
-      auto r = Client(*src).Call("POST", "/groups/" + job.vm + "/vm/stop",
-                                 json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
+      auto r = v_.Client(src_).Call("POST", "/groups/" + job_.vm + "/vm/stop",
+                                    json{{"timeout_ms", ShutdownTimeoutMs(vm_)}});
       if (!r.ok()) {
-        steps.Warn(10, "could not shut it down (" + r.status().message() +
-                           "); the failover goes on and fencing stops its writes");
+        steps_.Warn(10, "could not shut it down (" + r.status().message() +
+                            "); the failover goes on and fencing stops its writes");
       } else {
-        steps.Progress(10, (*r).value("clean", true) ? "it shut down"
-                                                     : "it did not shut down in time: stopped");
-        steps.Done(10);
+        bool clean = json_in::Fields(*r).Bool("clean", true);
+        steps_.Progress(10, clean ? "it shut down" : "it did not shut down in time: stopped");
+        steps_.Done(10);
       }
     }
-    job.args["shutdown_done"] = true;
-    if (Status saved = steps.Save(); !saved.ok()) return fail(saved, before);
+    job_.args["shutdown_done"] = true;
+    return steps_.Save();
   }
+
   // The new epoch: decided once, kept in the job (a resumed job uses the same).
-  if (!job.args.contains("epoch")) {
-    job.args["epoch"] = item.state == ItemState::kFailoverFailed ? item.epoch : item.epoch + 1;
-    if (Status saved = steps.Save(); !saved.ok()) return fail(saved, before);
+  Status DecideEpoch() {
+    if (args_.epoch) {
+      epoch_ = *args_.epoch;
+      return Status::Ok();
+    }
+    epoch_ = item_.state == ItemState::kFailoverFailed ? item_.epoch : item_.epoch + 1;
+    job_.args["epoch"] = epoch_;
+    return steps_.Save();
   }
-  uint64_t epoch = job.args["epoch"].get<uint64_t>();
-  auto mark_failing = [&] {
-    item.state = ItemState::kFailingOver;
-    item.epoch = epoch;
-    item.failover = {{"epoch", epoch}, {"from", item.source}, {"planned", planned}};
-    return catalog_->PutItem(item);
-  };
 
-  PointRow point;
-  // Retention keeps the chosen point while the job runs (and the item's failover names
-  // it after that).
-  std::optional<PointPin> pin;
-  if (job.args.contains("point_seq")) {
-    point.id = job.args["point"].value("id", int64_t{0});
-    point.seq = job.args["point_seq"].get<uint64_t>();
-    point.time_ns = job.args.value("point_time_ns", int64_t{0});
-    point.type = job.args["point"].value("type", std::string("crash"));
-  } else if (planned) {
-    steps.Begin(fmt::format("Fence {} and send it all to {}", item.source, item.target));
-    auto f = Client(*src).Call("POST", "/groups/" + job.vm + "/fence",
-                               json{{"epoch", epoch}, {"keep_shipping", true}});
-    if (!f.ok()) return fail(f.status(), before);
-    // Fenced already: a failed record leaves the item FailoverFailed (run it again).
-    if (Status marked = mark_failing(); !marked.ok())
-      return fail(marked, ItemState::kFailoverFailed);
-    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
+  Status ChoosePoint() {
+    if (args_.point) {  // chosen before the vault stopped
+      point_ = *args_.point;
+      return Status::Ok();
+    }
+    return args_.planned ? DrainToThePoint() : ResolveAndFence();
+  }
+
+  // Planned: fence the source with keep_shipping, wait until the recovery site has every
+  // write, and fail over to that point: nothing is lost.
+  Status DrainToThePoint() {
+    steps_.Begin(fmt::format("Fence {} and send it all to {}", item_.source, item_.target));
+    auto f = v_.Client(src_).Call("POST", "/groups/" + job_.vm + "/fence",
+                                  json{{"epoch", epoch_}, {"keep_shipping", true}});
+    if (!f.ok()) return f.status();
+    leave_ = ItemState::kFailoverFailed;  // fenced already: run the failover again
+    OSR_RETURN_IF_ERROR(MarkFailingOver());
+    auto p = v_.PointAtLatest(item_, "crash", v_.cfg_.job_wait_ms_max, 0, &cancel_);
     if (!p.ok() && p.status().code() == Code::kCancelled) {
-      return fail(steps.Cancelled(fmt::format(
-                      "{} is fenced at epoch {} (its disks refuse writes) and nothing was opened "
-                      "at {}; the item is FailoverFailed: run the failover again to finish it "
-                      "(osr failover {})",
-                      item.source, epoch, item.target, job.vm)),
-                  ItemState::kFailoverFailed);
+      return steps_.Cancelled(fmt::format(
+          "{} is fenced at epoch {} (its disks refuse writes) and nothing was opened at {}; "
+          "the item is FailoverFailed: run the failover again to finish it (osr failover {})",
+          item_.source, epoch_, item_.target, job_.vm));
     }
-    if (!p.ok()) return fail(p.status(), ItemState::kFailoverFailed);
-    point = *p;
-    steps.Progress(40, fmt::format("everything is at {}: point {} (seq {})", item.target, point.id,
-                                   point.seq));
-    steps.Done(40);
-  } else {
-    steps.Begin("Resolve the recovery point");
-    std::string spec = job.args.value("point", std::string("latest"));
-    // "latest": everything still pending is processed first, if the source answers.
-    Result<PointRow> p =
-        spec == "latest"
-            ? PointAtLatest(item, "crash", std::min(cfg_.job_wait_ms_max, 30000), 0, &cancel)
-            : ResolvePoint(item, spec, &cancel);
-    if (!p.ok() && p.status().code() == Code::kCancelled) {
-      return fail(steps.Cancelled("nothing was changed: the item is " +
-                                  std::string(ItemStateName(before)) + " again"),
-                  before);
-    }
-    if (!p.ok() && spec == "latest") {
-      steps.Progress(20, "the source cannot send what is pending (" + p.status().message() +
-                             "): the latest is what the recovery site holds");
-      p = PointAtStore(item);
-    }
-    if (!p.ok()) return fail(p.status(), before);
-    point = *p;
-    if (Status pinned = PinPoint(job.vm, point.id, "failover", pin); !pinned.ok()) {
-      return fail(pinned, before);
-    }
-    steps.Progress(30, fmt::format("point {} (seq {}, {}, {})", point.id, point.seq, point.type,
-                                   FormatTimeNs(point.time_ns)));
-    steps.Done(30);
-    steps.Begin(fmt::format("Fence {} (epoch {})", item.source, epoch));
+    if (!p.ok()) return p.status();
+    point_ = *p;
+    steps_.Progress(40, fmt::format("everything is at {}: point {} (seq {})", item_.target,
+                                    point_.id, point_.seq));
+    steps_.Done(40);
+    return Status::Ok();
+  }
+
+  // Unplanned: the point first (the latest waits for what is pending, if the source
+  // answers), then the item says FailingOver, then the source is fenced if it answers (it
+  // is fenced when it comes back otherwise; the recovery site refuses its records now).
+  Status ResolveAndFence() {
+    steps_.Begin("Resolve the recovery point");
+    OSR_ASSIGN_OR_RETURN(point_, ResolvePoint());
+    // Retention keeps the point while the job runs (the item's failover names it after).
+    OSR_RETURN_IF_ERROR(v_.PinPoint(job_.vm, point_.id, "failover", pin_));
+    steps_.Progress(30, fmt::format("point {} (seq {}, {}, {})", point_.id, point_.seq, point_.type,
+                                    FormatTimeNs(point_.time_ns)));
+    steps_.Done(30);
+    steps_.Begin(fmt::format("Fence {} (epoch {})", item_.source, epoch_));
     // Before the fence: the item says FailingOver before anything refuses writes.
-    if (Status marked = mark_failing(); !marked.ok()) return fail(marked, before);
-    auto f = Client(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
+    OSR_RETURN_IF_ERROR(MarkFailingOver());
+    leave_ = ItemState::kFailoverFailed;
+    auto f = v_.Client(src_).Call("POST", "/groups/" + job_.vm + "/fence", json{{"epoch", epoch_}});
     if (!f.ok()) {
-      steps.Warn(40, f.status().message() +
-                         "; it will be fenced when it answers, and the recovery site refuses "
-                         "its records from now on");
+      steps_.Warn(40, f.status().message() +
+                          "; it will be fenced when it answers, and the recovery site refuses "
+                          "its records from now on");
     } else {
-      steps.Done(40);
+      steps_.Done(40);
     }
+    return Status::Ok();
   }
-  job.args["point_seq"] = point.seq;
-  job.args["point_time_ns"] = point.time_ns;
-  job.args["point"] = PointJson(point);
-  if (Status saved = steps.Save(); !saved.ok()) return fail(saved, ItemState::kFailoverFailed);
 
-  steps.Begin(fmt::format("Open the disks at {} on point {} (no copy)", item.target, point.id));
-  auto fo = Client(*dst).Call("POST", "/groups/" + job.vm + "/failover",
-                              json{{"seq", point.seq}, {"epoch", epoch}});
-  if (!fo.ok()) return fail(fo.status(), ItemState::kFailoverFailed);
-  steps.Done(70);
-  if (planned) {
-    // Drained: the old primary stops shipping now (fencing again at the same epoch).
-    (void)Client(*src).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", epoch}});
-  }
-  vm->site = item.target;
-  item.state = ItemState::kFailedOver;
-  item.epoch = epoch;
-  item.failover = {{"epoch", epoch},
-                   {"from", item.source},
-                   {"planned", planned},
-                   {"point", PointJson(point)},
-                   {"store_seq", (*fo).value("store_durable_seq", uint64_t{0})},
-                   {"time", FormatTimeNs(NowNs())}};
-  // The VM's site and the item's state move together.
-  if (Status st = catalog_->Transact([&]() -> Status {
-        OSR_RETURN_IF_ERROR(catalog_->UpdateVm(*vm));
-        return catalog_->PutItem(item);
-      });
-      !st.ok()) {
-    return fail(Status(st.code(), fmt::format("the disks are open at {}, but the catalog did not "
-                                              "record the failover (run the failover again): {}",
-                                              item.target, st.message())),
-                ItemState::kFailoverFailed);
-  }
-  job.result = {{"point", PointJson(point)}, {"epoch", epoch}, {"disks", (*fo)["disks"]}};
-  if (start && Driver(*vm) != "none") {
-    steps.Begin(fmt::format("Start the VM at {}", item.target));
-    auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
-    if (!r.ok()) {
-      return steps.Fail(Status(r.status().code(),
-                               "the VM failed over but did not start: " + r.status().message() +
-                                   " (osr vm start " + job.vm + ")"));
+  Result<PointRow> ResolvePoint() {
+    bool latest = args_.point_spec == "latest";
+    Result<PointRow> p =
+        latest ? v_.PointAtLatest(item_, "crash", std::min(v_.cfg_.job_wait_ms_max, 30000), 0,
+                                  &cancel_)
+               : v_.ResolvePoint(item_, args_.point_spec, &cancel_);
+    if (!p.ok() && p.status().code() == Code::kCancelled) {
+      return steps_.Cancelled("nothing was changed: the item is " +
+                              std::string(ItemStateName(before_)) + " again");
     }
-    steps.Done(95);
+    if (!p.ok() && latest) {
+      steps_.Progress(20, "the source cannot send what is pending (" + p.status().message() +
+                              "): the latest is what the recovery site holds");
+      p = v_.PointAtStore(item_);
+    }
+    return p;
   }
-  if (Status h = RunHook(*vm, "post_failover", {{"OSR_SITE", item.target}}); !h.ok()) {
-    steps.Begin("Post-failover hook");
-    steps.Warn(100, h.message());
+
+  Status MarkFailingOver() {
+    item_.state = ItemState::kFailingOver;
+    item_.epoch = epoch_;
+    item_.failover = {{"epoch", epoch_}, {"from", item_.source}, {"planned", args_.planned}};
+    return v_.catalog_->PutItem(item_);
   }
-  job.progress = 100;
-  job.state = JobState::kSucceeded;
+
+  Status SaveChosenPoint() {
+    job_.args["point_seq"] = point_.seq;
+    job_.args["point_time_ns"] = point_.time_ns;
+    job_.args["point"] = PointJson(point_);
+    return steps_.Save();
+  }
+
+  Status OpenDisks() {
+    steps_.Begin(
+        fmt::format("Open the disks at {} on point {} (no copy)", item_.target, point_.id));
+    OSR_ASSIGN_OR_RETURN(json fo,
+                         v_.Client(dst_).Call("POST", "/groups/" + job_.vm + "/failover",
+                                              json{{"seq", point_.seq}, {"epoch", epoch_}}));
+    json_in::Fields ff(fo, "site " + dst_.name + " failover.");
+    store_seq_ = ff.U64("store_durable_seq", 0);
+    const json* disks = ff.Array("disks");
+    if (!ff.ok()) return ff.status();
+    disks_ = disks != nullptr ? *disks : json::array();
+    steps_.Done(70);
+    if (args_.planned) {
+      // Drained: the old primary stops shipping now (fencing again at the same epoch).
+      auto again =
+          v_.Client(src_).Call("POST", "/groups/" + job_.vm + "/fence", json{{"epoch", epoch_}});
+      LogIfFailed(again.status(), job_.vm + ": the fence that stops the drained source");
+    }
+    return Status::Ok();
+  }
+
+  // The VM's site and the item's state move together, in one transaction.
+  Status Record() {
+    vm_.site = item_.target;
+    item_.state = ItemState::kFailedOver;
+    item_.epoch = epoch_;
+    item_.failover = {{"epoch", epoch_},          {"from", item_.source},
+                      {"planned", args_.planned}, {"point", PointJson(point_)},
+                      {"store_seq", store_seq_},  {"time", FormatTimeNs(NowNs())}};
+    Status st = v_.catalog_->Transact([&]() -> Status {
+      OSR_RETURN_IF_ERROR(v_.catalog_->UpdateVm(vm_));
+      return v_.catalog_->PutItem(item_);
+    });
+    if (!st.ok()) {
+      return Status(st.code(), fmt::format("the disks are open at {}, but the catalog did not "
+                                           "record the failover (run the failover again): {}",
+                                           item_.target, st.message()));
+    }
+    job_.result = {{"point", PointJson(point_)}, {"epoch", epoch_}, {"disks", disks_}};
+    return Status::Ok();
+  }
+
+  Status StartVm() {
+    if (!args_.start || Driver(vm_) == "none") return Status::Ok();
+    steps_.Begin(fmt::format("Start the VM at {}", item_.target));
+    auto r = v_.Client(dst_).Call("POST", "/groups/" + job_.vm + "/vm/start", vm_.spec);
+    if (!r.ok()) {
+      return Status(r.status().code(),
+                    "the VM failed over but did not start: " + r.status().message() +
+                        " (osr vm start " + job_.vm + ")");
+    }
+    steps_.Done(95);
+    return Status::Ok();
+  }
+
+  void PostHook() {
+    if (Status h = v_.RunHook(vm_, "post_failover", {{"OSR_SITE", item_.target}}); !h.ok()) {
+      steps_.Begin("Post-failover hook");
+      steps_.Warn(100, h.message());
+    }
+  }
+
+  // Records the item as leave_ and ends the job with `st` (and the recording's error).
+  void Fail(const Status& st) {
+    auto cur = v_.catalog_->FindItem(job_.vm);
+    Status recorded = cur.status();
+    if (cur.ok() && cur->has_value()) {
+      (*cur)->state = leave_;
+      recorded = v_.catalog_->PutItem(**cur);
+    }
+    steps_.Fail(
+        AlsoFailed(st, "recording the item as " + std::string(ItemStateName(leave_)), recorded));
+  }
+
+  Vault& v_;
+  JobRow& job_;
+  ItemRow item_;
+  JobCancel& cancel_;
+  Steps steps_;
+  FailoverArgs args_;
+  SiteRow src_, dst_;
+  VmRow vm_;
+  ItemState before_ = ItemState::kProtected;
+  ItemState leave_ = ItemState::kProtected;  // what a failed step records the item as
+  uint64_t epoch_ = 0;
+  PointRow point_;
+  std::optional<Vault::PointPin> pin_;
+  json disks_ = json::array();
+  uint64_t store_seq_ = 0;
+};
+
+void Vault::RunFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
+  FailoverRun(*this, job, std::move(item), cancel).Run();
 }
 
 void Vault::RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
-  auto dst = catalog_->Site(item.target);
-  auto vm = catalog_->Vm(job.vm);
-  if (!dst || !vm) return steps.Fail(NotFound("the VM or its site is not registered"));
+  auto dst_row = catalog_->FindSite(item.target);
+  auto vm_row = catalog_->FindVm(job.vm);
+  if (!dst_row.ok()) return steps.Fail(dst_row.status());
+  if (!vm_row.ok()) return steps.Fail(vm_row.status());
+  if (!*dst_row || !*vm_row) return steps.Fail(NotFound("the VM or its site is not registered"));
+  const std::optional<SiteRow>& dst = *dst_row;
+  const std::optional<VmRow>& vm = *vm_row;
   PointRow point;
-  if (job.args.contains("point_seq")) {
-    point.seq = job.args["point_seq"].get<uint64_t>();
-    point.id = job.args["resolved"].value("id", int64_t{0});
+  json_in::Fields args(job.args, "change-point job args.");
+  if (args.Has("point_seq")) {
+    point.seq = args.U64("point_seq");
+    if (const json* resolved = args.Object("resolved")) {
+      point.id = json_in::Fields(*resolved).I64("id", 0);
+    }
+    if (!args.ok()) return steps.Fail(args.status());
   } else {
     steps.Begin("Resolve the recovery point");
-    auto p = ResolvePoint(item, job.args.value("point", std::string()), &cancel);
+    auto p = ResolvePoint(item, args.String("point", ""), &cancel);
     if (!p.ok()) return steps.Fail(p.status());
     point = *p;
     job.args["point_seq"] = point.seq;
@@ -244,7 +392,9 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel) {
   uint64_t epoch = item.epoch;
   // Resumed after the new disks were opened: the VM may have run (and written) on them
   // since; they are kept — only what is left is done.
-  bool opened = job.args.value("failover_done", false);
+  bool opened = args.Bool("failover_done", false);
+  bool start = args.Bool("start", true);
+  if (!args.ok()) return steps.Fail(args.status());
   if (!opened && Driver(*vm) != "none") {
     steps.Begin(fmt::format("Stop the VM at {}", item.target));
     auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/stop",
@@ -272,8 +422,9 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel) {
                                                     "item does not say so yet: {}",
                                                     point.id, st.message())));
   }
-  job.result = {{"point", job.args["resolved"]}, {"disks", (*fo)["disks"]}};
-  if (Driver(*vm) != "none" && job.args.value("start", true)) {
+  const json* disks = json_in::Fields(*fo).Array("disks");
+  job.result = {{"point", job.args["resolved"]}, {"disks", disks ? *disks : json::array()}};
+  if (Driver(*vm) != "none" && start) {
     steps.Begin(fmt::format("Start the VM at {}", item.target));
     auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);
     if (!r.ok()) return steps.Fail(r.status());

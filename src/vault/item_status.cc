@@ -124,8 +124,10 @@ std::string Vault::FailedOverHealth(const ItemRow& item, SiteStatusBoard& board)
   const json* vm = f.Object("vm");
   bool running = vm != nullptr && json_in::Fields(*vm).Bool("running", false);
   if (!f.ok()) return "Critical: " + f.status().message();
-  auto row = catalog_->Vm(item.vm);
-  auto spec = row ? hypervisor::ParseVmSpec(row->spec, hypervisor::SpecSource::kStored)
+  auto row = catalog_->FindVm(item.vm);
+  if (!row.ok()) return "Warning: " + row.status().message();
+  auto spec = row->has_value()
+                  ? hypervisor::ParseVmSpec((*row)->spec, hypervisor::SpecSource::kStored)
                   : Result<hypervisor::VmSpec>(NotFound("no VM"));
   if (!running && spec.ok() && spec->driver != hypervisor::Driver::kNone) {
     return "Warning: not protected: the VM's disks are at " + item.target +
@@ -146,144 +148,205 @@ json Vault::RpoWithoutAnAnswer(const Result<json>& store, const std::optional<Po
   return std::max(0.0, static_cast<double>(NowNs() - known_ns) / 1e9);
 }
 
-json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
-  json out = {{"name", item.vm},       {"state", ItemStateName(item.state)},
-              {"source", item.source}, {"target", item.target},
-              {"policy", item.policy}, {"epoch", item.epoch}};
-  // The newest point only (an item may keep thousands).
-  std::optional<PointRow> latest = catalog_->LatestPoint(item.vm);
-  out["latest_point"] = latest ? PointJson(*latest) : json();
-  out["direction"] = item.source + " -> " + item.target;
-  if (auto v = catalog_->Vm(item.vm)) out["running_site"] = v->site;
-  if (!item.failover.is_null()) out["failover"] = item.failover;
-  // Nothing replicates from the source while a failover, commit or reprotect moves the
-  // item, or after it: the health comes from the job or the target.
-  if (!Info(item.state).replicating && item.state != ItemState::kEnablingProtection) {
-    if (item.state == ItemState::kFailoverFailed) {
-      out["health"] = "Critical: the failover stopped half-way; run it again (osr failover)";
-    } else if (item.state == ItemState::kReprotecting) {
-      out["health"] =
-          "Warning: reprotecting " + item.target + " -> " + item.source + " (see its job)";
-    } else {
-      out["health"] = FailedOverHealth(item, board);
-    }
-    out["rpo_seconds"] = nullptr;
-    return out;
+namespace {
+
+// What the health of a replicating item reads of its source's group (GET /groups/VM) and
+// its target's store (GET /stores/VM). The pointers are into those answers.
+struct ReplicaFacts {
+  uint64_t last_seq = 0;
+  uint64_t durable_seq = 0;
+  int64_t durable_time_ns = 0;
+  bool overflowed = false;
+  uint64_t fenced_epoch = 0;
+  bool connected = false;
+  bool resync_required = false;
+  bool resyncing = false;
+  uint64_t resync_done = 0;
+  uint64_t resync_total = 0;
+  std::string last_error;
+  const json* group_damage = nullptr;
+  const json* store_damage = nullptr;
+  const json* journal_cut = nullptr;
+  const json* capture_log_cut = nullptr;
+  std::string changed_outside;  // the first thing changed outside osr, "" when none
+  Status shape;                 // a field of a shape the vault does not know
+};
+
+ReplicaFacts ReadReplicaFacts(const ItemRow& item, const json& group, const json& store) {
+  ReplicaFacts f;
+  json_in::Fields gf(group, "site " + item.source + " group " + item.vm + ".");
+  json_in::Fields sf(store, "site " + item.target + " store " + item.vm + ".");
+  f.last_seq = gf.U64("last_seq", 0);
+  f.overflowed = gf.Bool("capture_overflowed", false);
+  f.fenced_epoch = gf.U64("fenced_epoch", 0);
+  f.group_damage = gf.Object("damage");
+  f.capture_log_cut = gf.Object("capture_log_cut");
+  if (const json* changed = gf.Array("changed_outside");
+      changed != nullptr && !changed->empty() && changed->front().is_string()) {
+    f.changed_outside = changed->front().get<std::string>().substr(0, 300);
   }
-  // Health and RPO from both sites.
-  std::string health = "Normal";
-  std::vector<std::string> warnings;
-  json rpo = 0.0;
+  f.durable_seq = sf.U64("durable_seq", 0);
+  f.durable_time_ns = sf.I64("durable_time_ns", 0);
+  f.store_damage = sf.Object("damage");
+  f.journal_cut = sf.Object("journal_cut");
+  json empty = json::object();
+  const json* repl = gf.Object("replication");
+  json_in::Fields rf(repl ? *repl : empty, "site " + item.source + " replication.");
+  f.resync_required = rf.Bool("resync_required", false);
+  f.resyncing = rf.Bool("resyncing", false);
+  f.resync_done = rf.U64("resync_bytes_done", 0);
+  f.resync_total = rf.U64("resync_bytes_total", 0);
+  f.connected = rf.Bool("connected", false);
+  f.last_error = rf.String("last_error", "");
+  f.shape = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
+  return f;
+}
+
+// The health of a replicating item whose sites both answered: the first of quarantine, an
+// answer of an unknown shape, a full file system, a cut journal or log, a resync, a fence
+// newer than the catalog, a replication that is not connected; else "Normal".
+std::string ReplicaHealth(const ItemRow& item, const ReplicaFacts& f, const json& group,
+                          const json& store) {
+  if (f.group_damage != nullptr) {
+    return QuarantineHealth(item.vm + "'s disks at " + item.source, *f.group_damage);
+  }
+  if (f.store_damage != nullptr) {
+    return QuarantineHealth(item.vm + "'s recovery store at " + item.target, *f.store_damage);
+  }
+  // A site that answers in shapes the vault does not know is not a healthy one.
+  if (!f.shape.ok()) return "Critical: " + f.shape.message();
+  if (std::string full = StoreWriteHealth(store, item); !full.empty()) return full;
+  if (std::string full = CaptureWriteHealth(group, item); !full.empty()) return full;
+  if (f.journal_cut != nullptr) {
+    json_in::Fields cf(*f.journal_cut, "site " + item.target + " journal_cut.");
+    return fmt::format(
+        "Warning: {}'s recovery store at {} lost the records after seq {} (its journal was "
+        "damaged at its end: {}); they come again from {}, or the disks are resent whole",
+        item.vm, item.target, cf.U64("after_seq", 0), cf.String("reason", "?"), item.source);
+  }
+  if (!f.changed_outside.empty()) {
+    return fmt::format(
+        "Warning: {}'s disks at {} were changed outside osr while the site was stopped ({}) "
+        "and taken as they are; they are resent whole to {}",
+        item.vm, item.source, f.changed_outside, item.target);
+  }
+  if (f.capture_log_cut != nullptr) {
+    json_in::Fields cf(*f.capture_log_cut, "site " + item.source + " capture_log_cut.");
+    return fmt::format(
+        "Critical: {}'s capture log at {} was damaged at its end and cut after seq {} ({}); "
+        "its disks are resent whole once {} is reachable",
+        item.vm, item.source, cf.U64("after_seq", 0), cf.String("reason", "?"), item.target);
+  }
+  if (f.resync_required || f.overflowed) {
+    return "Critical: resynchronization required (the capture log passed its limit; it "
+           "starts by itself when the recovery site is reachable)";
+  }
+  if (f.resyncing) {
+    return fmt::format("Warning: resynchronizing ({} of {} bytes)", f.resync_done, f.resync_total);
+  }
+  if (f.fenced_epoch > item.epoch) {
+    return fmt::format(
+        "Critical: {}'s disks at {} are fenced at epoch {}, after the catalog's epoch {}: the "
+        "catalog is older than the sites (restored from a backup?) and the VM failed over "
+        "since; see docs/operations.md, \"The catalog: backup, restore and a standby\"",
+        item.vm, item.source, f.fenced_epoch, item.epoch);
+  }
+  if (!f.connected && item.state != ItemState::kEnablingProtection) {
+    return "Warning: replication is not connected" +
+           (f.last_error.empty() ? std::string() : " (" + f.last_error + ")");
+  }
+  return "Normal";
+}
+
+// The most severe of `health` and `warnings`: a Critical warning (damaged records at the
+// recovery site) over a Warning of the replication's own state; else that state, then the
+// first warning.
+std::string MostSevere(const std::string& health, const std::vector<std::string>& warnings) {
+  for (const std::string& w : warnings) {
+    if (w.starts_with("Critical") && !health.starts_with("Critical")) return w;
+  }
+  if (health == "Normal" && !warnings.empty()) return warnings.front();
+  return health;
+}
+
+}  // namespace
+
+std::string Vault::NotReplicatingHealth(const ItemRow& item, SiteStatusBoard& board) {
+  if (item.state == ItemState::kFailoverFailed) {
+    return "Critical: the failover stopped half-way; run it again (osr failover)";
+  }
+  if (item.state == ItemState::kReprotecting) {
+    return "Warning: reprotecting " + item.target + " -> " + item.source + " (see its job)";
+  }
+  return FailedOverHealth(item, board);
+}
+
+std::string Vault::ReplicationHealth(const ItemRow& item, SiteStatusBoard& board,
+                                     const std::optional<PointRow>& latest, json& out,
+                                     std::vector<std::string>& warnings) {
   auto src = board.Site(item.source);
   auto dst = board.Site(item.target);
   auto g = src ? board.Group(*src, item.vm) : Result<json>(NotFound("x"));
   auto st = dst ? board.Store(*dst, item.vm) : Result<json>(NotFound("x"));
   if (!g.ok() || !st.ok()) {
-    health = "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
-    rpo = RpoWithoutAnAnswer(st, latest);
-  } else {
-    json_in::Fields gf(*g, "site " + item.source + " group " + item.vm + ".");
-    json_in::Fields sf(*st, "site " + item.target + " store " + item.vm + ".");
-    uint64_t last = gf.U64("last_seq", 0);
-    bool overflowed = gf.Bool("capture_overflowed", false);
-    const json* repl_obj = gf.Object("replication");
-    uint64_t durable = sf.U64("durable_seq", 0);
-    int64_t durable_ns = sf.I64("durable_time_ns", 0);
-    json empty = json::object();
-    json_in::Fields rf(repl_obj ? *repl_obj : empty, "site " + item.source + " replication.");
-    bool resync_required = rf.Bool("resync_required", false);
-    bool resyncing = rf.Bool("resyncing", false);
-    uint64_t resync_done = rf.U64("resync_bytes_done", 0);
-    uint64_t resync_total = rf.U64("resync_bytes_total", 0);
-    bool connected = rf.Bool("connected", false);
-    std::string last_error = rf.String("last_error", "");
-    if (last > durable) {
-      // The newest write at the recovery site is this old; newer ones are on their way.
-      // (Two hosts' wall clocks: one that stepped must not show a negative RPO.)
-      rpo = durable_ns > 0 ? std::max(0.0, static_cast<double>(NowNs() - durable_ns) / 1e9) : 0;
-    }
-    std::string store_full = StoreWriteHealth(*st, item);
-    std::string capture_full = CaptureWriteHealth(*g, item);
-    const json* group_damage = gf.Object("damage");
-    const json* store_damage = sf.Object("damage");
-    if (group_damage != nullptr || store_damage != nullptr) {
-      health =
-          group_damage != nullptr
-              ? QuarantineHealth(item.vm + "'s disks at " + item.source, *group_damage)
-              : QuarantineHealth(item.vm + "'s recovery store at " + item.target, *store_damage);
-      rpo = RpoWithoutAnAnswer(st, latest);
-    } else if (!gf.ok() || !sf.ok() || !rf.ok()) {
-      // A site that answers in shapes the vault does not know is not a healthy one.
-      const Status& bad = !gf.ok() ? gf.status() : !sf.ok() ? sf.status() : rf.status();
-      health = "Critical: " + bad.message();
-      rpo = RpoWithoutAnAnswer(st, latest);
-    } else if (!store_full.empty()) {
-      health = store_full;
-    } else if (!capture_full.empty()) {
-      health = capture_full;
-    } else if (const json* jcut = sf.Object("journal_cut"); jcut != nullptr) {
-      json_in::Fields cf(*jcut, "site " + item.target + " journal_cut.");
-      health = fmt::format(
-          "Warning: {}'s recovery store at {} lost the records after seq {} (its journal was "
-          "damaged at its end: {}); they come again from {}, or the disks are resent whole",
-          item.vm, item.target, cf.U64("after_seq", 0), cf.String("reason", "?"), item.source);
-    } else if (const json* changed = gf.Array("changed_outside");
-               changed != nullptr && !changed->empty() && changed->front().is_string()) {
-      health = fmt::format(
-          "Warning: {}'s disks at {} were changed outside osr while the site was stopped ({}) "
-          "and taken as they are; they are resent whole to {}",
-          item.vm, item.source, changed->front().get<std::string>().substr(0, 300), item.target);
-    } else if (const json* cut = gf.Object("capture_log_cut"); cut != nullptr) {
-      json_in::Fields cf(*cut, "site " + item.source + " capture_log_cut.");
-      health = fmt::format(
-          "Critical: {}'s capture log at {} was damaged at its end and cut after seq {} ({}); "
-          "its disks are resent whole once {} is reachable",
-          item.vm, item.source, cf.U64("after_seq", 0), cf.String("reason", "?"), item.target);
-    } else if (resync_required || overflowed) {
-      health =
-          "Critical: resynchronization required (the capture log passed its limit; it "
-          "starts by itself when the recovery site is reachable)";
-    } else if (resyncing) {
-      health = fmt::format("Warning: resynchronizing ({} of {} bytes)", resync_done, resync_total);
-    } else if (uint64_t fenced = gf.U64("fenced_epoch", 0); fenced > item.epoch) {
-      health = fmt::format(
-          "Critical: {}'s disks at {} are fenced at epoch {}, after the catalog's epoch {}: the "
-          "catalog is older than the sites (restored from a backup?) and the VM failed over "
-          "since; see docs/operations.md, \"The catalog: backup, restore and a standby\"",
-          item.vm, item.source, fenced, item.epoch);
-    } else if (!connected && item.state != ItemState::kEnablingProtection) {
-      health = "Warning: replication is not connected" +
-               (last_error.empty() ? std::string() : " (" + last_error + ")");
-    }
-    out["last_seq"] = last;
-    out["durable_seq"] = durable;
-    if (gf.ok() && sf.ok() && !resyncing && !resync_required && !overflowed) {
-      if (auto w = PointOverdueWarning(item, latest, durable); !w.empty()) warnings.push_back(w);
-    }
-    if (sf.ok()) {
-      if (auto w = StoreHistoryWarning(item, *st); !w.empty()) warnings.push_back(w);
-    }
+    out["rpo_seconds"] = RpoWithoutAnAnswer(st, latest);
+    return "Critical: " + (!g.ok() ? g.status().message() : st.status().message());
   }
+  ReplicaFacts f = ReadReplicaFacts(item, *g, *st);
+  std::string health = ReplicaHealth(item, f, *g, *st);
+  bool answered = f.shape.ok() && f.group_damage == nullptr && f.store_damage == nullptr;
+  if (!answered) {
+    out["rpo_seconds"] = RpoWithoutAnAnswer(st, latest);
+  } else if (f.last_seq > f.durable_seq && f.durable_time_ns > 0) {
+    // The newest write at the recovery site is this old; newer ones are on their way.
+    // (Two hosts' wall clocks: one that stepped must not show a negative RPO.)
+    out["rpo_seconds"] = std::max(0.0, static_cast<double>(NowNs() - f.durable_time_ns) / 1e9);
+  } else {
+    out["rpo_seconds"] = 0.0;
+  }
+  out["last_seq"] = f.last_seq;
+  out["durable_seq"] = f.durable_seq;
+  if (f.shape.ok() && !f.resyncing && !f.resync_required && !f.overflowed) {
+    if (auto w = PointOverdueWarning(item, latest, f.durable_seq); !w.empty())
+      warnings.push_back(w);
+  }
+  if (f.shape.ok()) {
+    if (auto w = StoreHistoryWarning(item, *st); !w.empty()) warnings.push_back(w);
+  }
+  return health;
+}
+
+json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
+  json out = {{"name", item.vm},       {"state", ItemStateName(item.state)},
+              {"source", item.source}, {"target", item.target},
+              {"policy", item.policy}, {"epoch", item.epoch}};
+  // The newest point only (an item may keep thousands).
+  auto latest_read = catalog_->FindLatestPoint(item.vm);
+  std::optional<PointRow> latest = latest_read.ok() ? *latest_read : std::nullopt;
+  out["latest_point"] = latest ? PointJson(*latest) : json();
+  out["direction"] = item.source + " -> " + item.target;
+  if (auto v = catalog_->FindVm(item.vm); v.ok() && v->has_value()) {
+    out["running_site"] = (*v)->site;
+  }
+  if (!item.failover.is_null()) out["failover"] = item.failover;
+  // Nothing replicates from the source while a failover, commit or reprotect moves the
+  // item, or after it: the health comes from the job or the target.
+  if (!Info(item.state).replicating && item.state != ItemState::kEnablingProtection) {
+    out["health"] = NotReplicatingHealth(item, board);
+    out["rpo_seconds"] = nullptr;
+    return out;
+  }
+  std::vector<std::string> warnings;
+  std::string health = ReplicationHealth(item, board, latest, out, warnings);
+  if (!latest_read.ok()) warnings.push_back("Warning: " + latest_read.status().message());
   {
     std::lock_guard lock(clock_mu_);
     if (clock_watch_.held()) warnings.push_back(clock_watch_.HealthWarning());
   }
-  // The most severe first: a Critical warning (damaged records at the recovery site) over
-  // a Warning of the replication's own state; else that state, then these warnings.
-  for (const std::string& w : warnings) {
-    if (w.starts_with("Critical") && !health.starts_with("Critical")) {
-      health = w;
-      break;
-    }
-  }
-  if (health == "Normal" && !warnings.empty()) health = warnings.front();
+  health = MostSevere(health, warnings);
   if (!warnings.empty()) out["warnings"] = warnings;
+  if (!item.drill.is_null()) out["drill"] = DrillJson(item, &health);
   out["health"] = health;
-  out["rpo_seconds"] = rpo;
-  if (!item.drill.is_null()) {
-    out["drill"] = DrillJson(item, &health);
-    out["health"] = health;
-  }
   return out;
 }
 
@@ -293,10 +356,11 @@ json Vault::ItemJson(const ItemRow& item, SiteStatusBoard& board) {
 json Vault::DrillJson(const ItemRow& item, std::string* health) {
   json drill = item.drill;
   if (!drill.is_object()) return drill;
-  auto dst = catalog_->Site(item.target);
+  auto dst_row = catalog_->FindSite(item.target);
   json_in::Fields df(drill);
   std::string view = df.String("view", "");
-  if (!dst || view.empty()) return drill;
+  if (!dst_row.ok() || !dst_row->has_value() || view.empty()) return drill;
+  const std::optional<SiteRow>& dst = *dst_row;
   auto v = Client(*dst).Call("GET", "/views/" + view);
   std::string lost;
   if (v.ok()) {
@@ -321,22 +385,23 @@ json Vault::DrillJson(const ItemRow& item, std::string* health) {
   return drill;
 }
 
-json Vault::ListItems() {
+Result<json> Vault::ListItems() {
+  OSR_ASSIGN_OR_RETURN(std::vector<ItemRow> items, catalog_->ListItems());
   json out = json::array();
   SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kBulk);
-  for (auto& i : catalog_->Items()) out.push_back(ItemJson(i, board));
+  for (auto& i : items) out.push_back(ItemJson(i, board));
   return out;
 }
 
 Result<json> Vault::ShowItem(const std::string& vm) {
-  auto i = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto i, catalog_->FindItem(vm));
   if (!i) return NotFound("VM " + vm + " is not protected (osr protect " + vm + " --target SITE)");
   SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kPerVm);
   return ItemJson(*i, board);
 }
 
 Result<json> Vault::ListPoints(const std::string& vm) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   std::map<int64_t, std::string> in_use;
   {
@@ -344,7 +409,8 @@ Result<json> Vault::ListPoints(const std::string& vm) {
     in_use = PointsInUseLocked(*item);
   }
   json out = json::array();
-  for (auto& p : catalog_->Points(vm)) out.push_back(PointJsonFor(p, in_use));
+  OSR_ASSIGN_OR_RETURN(std::vector<PointRow> points, catalog_->ListPoints(vm));
+  for (auto& p : points) out.push_back(PointJsonFor(p, in_use));
   return out;
 }
 
@@ -378,8 +444,10 @@ std::string Vault::ReplicationTrouble(const ItemRow& item, const json& store) {
     return fmt::format(": the recovery store cannot write ({}: {})", wf.String("what", "?"),
                        wf.String("message", "?").substr(0, 300));
   }
-  auto src = catalog_->Site(item.source);
-  if (!src) return "";
+  auto src_row = catalog_->FindSite(item.source);
+  if (!src_row.ok()) return ": " + src_row.status().message();
+  if (!src_row->has_value()) return "";
+  const std::optional<SiteRow>& src = *src_row;
   auto g = Client(*src).Call("GET", "/groups/" + item.vm);
   if (!g.ok()) return ": " + g.status().message();
   json_in::Fields gf(*g);

@@ -47,13 +47,14 @@ Result<json> Vault::ListJobs(const std::string& vm, const std::string& state) {
                              "Cancelled)");
     }
   }
+  OSR_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, catalog_->ListJobs(vm, wanted));
   json out = json::array();
-  for (auto& j : catalog_->Jobs(vm, wanted)) out.push_back(JobJson(j));
+  for (auto& j : jobs) out.push_back(JobJson(j));
   return out;
 }
 
 Result<json> Vault::ShowJob(int64_t id) {
-  auto j = catalog_->Job(id);
+  OSR_ASSIGN_OR_RETURN(auto j, catalog_->FindJob(id));
   if (!j) return NotFound(fmt::format("no job {}", id));
   return JobJson(*j);
 }
@@ -127,8 +128,12 @@ void Vault::JobLoop() {
         v->cv_.notify_all();
       }
     } release{this, vm, id};
-    auto j = catalog_->Job(id);
-    if (!j) continue;
+    auto found = catalog_->FindJob(id);
+    // A row that cannot be read stays Queued in the catalog: the leader's poll offers it
+    // again (vault_leader.cc, PollJobs).
+    LogIfFailed(found.status(), fmt::format("job {}: reading it to run it", id));
+    if (!found.ok() || !found->has_value()) continue;
+    std::optional<JobRow>& j = *found;
     // Taken in the catalog first: a job cancelled (or taken) meanwhile does not run.
     j->updated_ns = NowNs();
     Result<bool> claimed = catalog_->ClaimJob(id, j->updated_ns);
@@ -170,7 +175,7 @@ Result<bool> Vault::RequestCancel(int64_t id) {
       return true;
     }
   }
-  auto j = catalog_->Job(id);
+  OSR_ASSIGN_OR_RETURN(auto j, catalog_->FindJob(id));
   if (!j) return NotFound(fmt::format("no job {}", id));
   // Taken off the queue before it ran (or queued or run by another vault).
   return RequestCancelElsewhere(*j);
@@ -189,7 +194,7 @@ bool Vault::WaitJobStopped(int64_t id) {
 Result<json> Vault::CancelJob(int64_t id) {
   OSR_ASSIGN_OR_RETURN(bool asked, RequestCancel(id));
   if (!asked) {
-    auto j = catalog_->Job(id);
+    OSR_ASSIGN_OR_RETURN(auto j, catalog_->FindJob(id));
     if (!j) return NotFound(fmt::format("no job {}", id));
     // Not queued and not running here: it ended (or is being picked: say so).
     if (JobEnded(j->state)) {
@@ -209,7 +214,8 @@ Result<json> Vault::CancelJob(int64_t id) {
 Status Vault::CancelJobsOf(const std::string& vm) {
   std::vector<int64_t> ids;
   for (JobState state : {JobState::kQueued, JobState::kRunning}) {
-    for (auto& j : catalog_->Jobs(vm, state)) ids.push_back(j.id);
+    OSR_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, catalog_->ListJobs(vm, state));
+    for (auto& j : jobs) ids.push_back(j.id);
   }
   for (int64_t id : ids) {
     OSR_ASSIGN_OR_RETURN(bool asked, RequestCancel(id));

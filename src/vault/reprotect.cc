@@ -132,172 +132,245 @@ Result<Vault::Differences> Vault::FindDifferences(const ItemRow& item, const VmR
   return Differences{"hash", found};
 }
 
-void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
-  Steps steps(catalog_.get(), &job, &cancel);
-  // The VM runs at item.target now; the old primary (item.source) becomes its target.
-  auto cur = catalog_->Site(item.target);
-  auto old = catalog_->Site(item.source);
-  auto vm = catalog_->Vm(job.vm);
-  if (!cur || !old || !vm) return steps.Fail(NotFound("the VM or a site of it is not registered"));
-  auto back = [&](const Status& st) {
-    item.state =
-        ItemState::kFailoverCommitted;  // reprotect again: it goes on from where it stopped
-    steps.Fail(AlsoFailed(st, "recording the item as FailoverCommitted", catalog_->PutItem(item)));
-  };
-  const json job_args = job.args.is_object() ? job.args : json::object();
-  json_in::Fields args(job_args, "job args.");
-  bool swapped = args.Bool("swapped", false);
-  bool compare_asked = args.Bool("compare", false);
-  std::string mode = args.String("mode", "");
-  const json* found_arg = args.Object("found");
-  if (!args.ok()) return back(args.status());
-  json found = found_arg != nullptr ? *found_arg : json::object();
-  if (swapped) {
-    // Resumed after the item was reversed: only the first point is left to make.
-    steps.Begin("First recovery point");
-    auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
-    if (!p.ok()) return steps.Fail(FirstPointFailed(steps, p.status()));
-    steps.Done(100);
-    job.state = JobState::kSucceeded;
-    return;
-  }
-  steps.Begin(fmt::format("Check that {} answers", item.source));
-  if (auto s = Client(*old).Call("GET", "/site"); !s.ok()) {
-    return back(
-        Unavailable(fmt::format("reprotect needs site {}: {}", item.source, s.status().message())));
-  }
-  steps.Done(5);
-  item.state = ItemState::kReprotecting;
-  if (Status st = catalog_->PutItem(item); !st.ok()) return back(st);
+// One reprotect job: the VM runs at item.target now and the old primary (item.source)
+// becomes its target. Each step is safe to run again; what it decided (mode, what differs,
+// swapped) is in the job's args. A step that fails leaves the item FailoverCommitted:
+// reprotect again goes on from where it stopped.
+class ReprotectRun {
+ public:
+  ReprotectRun(Vault& v, JobRow& job, ItemRow item, JobCancel& cancel)
+      : v_(v),
+        job_(job),
+        item_(std::move(item)),
+        cancel_(cancel),
+        steps_(v.catalog_.get(), &job, &cancel) {}
 
-  steps.Begin(fmt::format("Find what differs between {} and {}", item.target, item.source));
-  auto have_store = Client(*old).Call("GET", "/stores/" + job.vm);
-  if (have_store.ok()) {
-    // Done already (a resumed job): the old primary's disks are a store now.
-    if (mode.empty()) mode = "exact";
-  } else {
-    auto g = Client(*old).Call("GET", "/groups/" + job.vm);
-    if (!g.ok() && g.status().code() != Code::kNotFound) return back(g.status());
+  void Run() {
+    // (Nothing is recorded when the job cannot even be read: the item stays as it is.)
+    if (Status st = Load(); !st.ok()) return steps_.Fail(st);
+    if (!swapped_) {
+      if (Status st = ReplicateBack(); !st.ok()) return Back(st);
+      if (Status st = Swap(); !st.ok()) return steps_.Fail(st);
+    }
+    // (Resumed after the item was reversed: only the first point is left to make.)
+    steps_.Begin("First recovery point");
+    auto p = v_.PointAtLatest(item_, "crash", v_.cfg_.job_wait_ms_max, 0, &cancel_);
+    if (!p.ok()) return steps_.Fail(FirstPointFailed(steps_, p.status()));
+    steps_.Done(100);
+    job_.state = JobState::kSucceeded;
+  }
+
+ private:
+  Status Load() {
+    OSR_ASSIGN_OR_RETURN(auto cur, v_.catalog_->FindSite(item_.target));
+    OSR_ASSIGN_OR_RETURN(auto old, v_.catalog_->FindSite(item_.source));
+    OSR_ASSIGN_OR_RETURN(auto vm, v_.catalog_->FindVm(job_.vm));
+    if (!cur || !old || !vm) return NotFound("the VM or a site of it is not registered");
+    cur_ = *cur;
+    old_ = *old;
+    vm_ = *vm;
+    const json job_args = job_.args.is_object() ? job_.args : json::object();
+    json_in::Fields args(job_args, "job args.");
+    swapped_ = args.Bool("swapped", false);
+    compare_asked_ = args.Bool("compare", false);
+    mode_ = args.String("mode", "");
+    const json* found = args.Object("found");
+    if (!args.ok()) return args.status();
+    found_ = found != nullptr ? *found : json::object();
+    return Status::Ok();
+  }
+
+  // Everything up to the replica at the old primary.
+  Status ReplicateBack() {
+    OSR_RETURN_IF_ERROR(CheckOldPrimary());
+    item_.state = ItemState::kReprotecting;
+    OSR_RETURN_IF_ERROR(v_.catalog_->PutItem(item_));
+    steps_.Begin(fmt::format("Find what differs between {} and {}", item_.target, item_.source));
+    OSR_RETURN_IF_ERROR(FindWhatDiffers());
+    steps_.Progress(20, fmt::format("{}: {}", mode_, json_in::Fields(found_).String("why", "")));
+    steps_.Done(20);
+    steps_.Begin(fmt::format("Replicate {} to {} (only what differs)", item_.target, item_.source));
+    OSR_RETURN_IF_ERROR(v_.StartReplication(item_, cur_, old_).status());
+    if (Status w = v_.WaitForReplica(job_.vm, cur_, old_, steps_, 20, 95); !w.ok()) {
+      if (w.code() != Code::kCancelled) return w;
+      return steps_.Cancelled(fmt::format(
+          "replication {} -> {} keeps running; the item is FailoverCommitted again: reprotect "
+          "again to go on from where it stopped (osr reprotect {})",
+          item_.target, item_.source, job_.vm));
+    }
+    ReadShippedFigures();
+    steps_.Progress(95, fmt::format("{} bytes shipped", shipped_));
+    steps_.Done(95);
+    job_.args["swapped"] = true;  // before the item says so: a resumed job knows
+    return steps_.Save();
+  }
+
+  Status CheckOldPrimary() {
+    steps_.Begin(fmt::format("Check that {} answers", item_.source));
+    if (auto s = v_.Client(old_).Call("GET", "/site"); !s.ok()) {
+      return Unavailable(
+          fmt::format("reprotect needs site {}: {}", item_.source, s.status().message()));
+    }
+    steps_.Done(5);
+    return Status::Ok();
+  }
+
+  // Makes the old primary's disks a recovery store holding what is the same, and says in
+  // mode_/found_ how what differs was found. Kept in the args before the disks change role.
+  Status FindWhatDiffers() {
+    if (v_.Client(old_).Call("GET", "/stores/" + job_.vm).ok()) {
+      // Done already (a resumed job): the old primary's disks are a store now.
+      if (mode_.empty()) mode_ = "exact";
+      return Status::Ok();
+    }
+    auto g = v_.Client(old_).Call("GET", "/groups/" + job_.vm);
+    if (!g.ok() && g.status().code() != Code::kNotFound) return g.status();
     const json group = g.ok() ? *g : json::object();
-    json_in::Fields gf(group, "site " + old->name + " group " + job.vm + ".");
+    json_in::Fields gf(group, "site " + old_.name + " group " + job_.vm + ".");
     const json* damage = gf.Object("damage");
     uint64_t fenced_epoch = gf.U64("fenced_epoch", 0);
     bool history_lost = gf.Bool("history_lost", false);
-    if (!gf.ok()) return back(gf.status());
-    if (g.ok() && damage != nullptr) {
-      // Quarantined at the old primary. Missing disks are no disks: a full copy, as when
-      // they were deleted through the API. Anything else waits for the operator.
-      json_in::Fields df(*damage);
-      std::string kind = df.String("kind", "");
-      if (kind != "image_missing") {
-        return back(Status(Code::kFailedPrecondition,
-                           QuarantineHealth(job.vm + "'s disks at " + item.source, *damage)
-                               .substr(std::string("Critical: ").size())));
-      }
-      steps.Progress(6, fmt::format("{}: its disks are missing ({}): they are deleted there and "
-                                    "copied in full",
-                                    item.source, df.String("reason", "")));
-      auto d = Client(*old).Call("DELETE", "/groups/" + job.vm);
-      if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
-      g = NotFound("deleted");
+    if (!gf.ok()) return gf.status();
+    bool has_disks = g.ok();
+    if (has_disks && damage != nullptr) {
+      OSR_RETURN_IF_ERROR(DeleteMissingDisks(*damage));
+      has_disks = false;
     }
-    if (!g.ok()) {
-      mode = "full";
-      job.args["mode"] = mode;
-      if (Status saved = steps.Save(); !saved.ok()) return back(saved);
-      auto r = Client(*old).Call("PUT", "/stores/" + job.vm,
-                                 json{{"disks", vm->disks},
-                                      {"start", "full"},
-                                      {"epoch", item.epoch},
-                                      {"source", cur->name}});
-      if (!r.ok() && r.status().code() != Code::kAlreadyExists) return back(r.status());
-      found = {{"why", "the old primary has no disk of this VM: a full (sparse) copy"}};
+    if (has_disks) {
+      OSR_RETURN_IF_ERROR(FromTheOldDisks(fenced_epoch, history_lost));
     } else {
-      // Fenced, and its VM stopped, before its disks change role.
-      if (fenced_epoch < item.epoch) {
-        auto f =
-            Client(*old).Call("POST", "/groups/" + job.vm + "/fence", json{{"epoch", item.epoch}});
-        if (!f.ok()) return back(f.status());
-      }
-      auto s = Client(*old).Call("POST", "/groups/" + job.vm + "/vm/stop",
-                                 json{{"timeout_ms", ShutdownTimeoutMs(*vm)}});
-      if (!s.ok()) return back(s.status());
-      auto diff = FindDifferences(item, *vm, *cur, *old, compare_asked, history_lost);
-      if (!diff.ok()) return back(diff.status());
-      mode = diff->mode;
-      found = diff->found;
-      job.args["mode"] = mode;  // kept before the old disks change role (a resumed job)
-      job.args["found"] = found;
-      if (Status saved = steps.Save(); !saved.ok()) return back(saved);
-      auto cg = Client(*cur).Call("GET", "/groups/" + job.vm);
-      if (!cg.ok()) return back(cg.status());
-      json_in::Fields cf(*cg, "site " + cur->name + " group " + job.vm + ".");
-      uint64_t base_seq = cf.U64("last_seq", 0);
-      if (!cf.ok()) return back(cf.status());
-      auto t = Client(*old).Call(
-          "POST", "/groups/" + job.vm + "/to-store",
-          json{{"base_seq", base_seq}, {"epoch", item.epoch}, {"source", cur->name}});
-      if (!t.ok()) return back(t.status());
+      OSR_RETURN_IF_ERROR(FullCopy());
     }
-    job.args["mode"] = mode;
-    job.args["found"] = found;
-    if (Status saved = steps.Save(); !saved.ok()) return back(saved);
+    job_.args["mode"] = mode_;
+    job_.args["found"] = found_;
+    return steps_.Save();
   }
-  std::string why = json_in::Fields(found).String("why", "");
-  steps.Progress(20, fmt::format("{}: {}", mode, why));
-  steps.Done(20);
 
-  steps.Begin(fmt::format("Replicate {} to {} (only what differs)", item.target, item.source));
-  auto r = StartReplication(item, *cur, *old);
-  if (!r.ok()) return back(r.status());
-  if (Status w = WaitForReplica(job.vm, *cur, *old, steps, 20, 95); !w.ok()) {
-    return back(w.code() == Code::kCancelled
-                    ? steps.Cancelled(fmt::format(
-                          "replication {} -> {} keeps running; the item is FailoverCommitted "
-                          "again: reprotect again to go on from where it stopped (osr reprotect "
-                          "{})",
-                          item.target, item.source, job.vm))
-                    : w);
+  // Quarantined at the old primary. Missing disks are no disks: a full copy, as when they
+  // were deleted through the API. Anything else waits for the operator.
+  Status DeleteMissingDisks(const json& damage) {
+    json_in::Fields df(damage);
+    std::string kind = df.String("kind", "");
+    if (kind != "image_missing") {
+      return Status(Code::kFailedPrecondition,
+                    QuarantineHealth(job_.vm + "'s disks at " + item_.source, damage)
+                        .substr(std::string("Critical: ").size()));
+    }
+    steps_.Progress(6, fmt::format("{}: its disks are missing ({}): they are deleted there and "
+                                   "copied in full",
+                                   item_.source, df.String("reason", "")));
+    auto d = v_.Client(old_).Call("DELETE", "/groups/" + job_.vm);
+    if (!d.ok() && d.status().code() != Code::kNotFound) return d.status();
+    return Status::Ok();
   }
-  auto gs = Client(*cur).Call("GET", "/groups/" + job.vm);
-  const json cur_group = gs.ok() ? *gs : json::object();
-  json_in::Fields sf(cur_group, "site " + cur->name + " group " + job.vm + ".");
-  const json* repl = sf.Object("replication");
-  const json no_repl = json::object();
-  json_in::Fields rf(repl != nullptr ? *repl : no_repl,
-                     "site " + cur->name + " group " + job.vm + ".replication.");
-  uint64_t shipped = rf.U64("resync_bytes_total", 0);
-  uint64_t wire_bytes = rf.U64("wire_bytes_sent", 0);
-  if (!sf.ok() || !rf.ok()) {
-    // Only the job's figures: the replica is there (WaitForReplica said so).
-    spdlog::warn("vault: reprotect {}: {}", job.vm,
-                 (!sf.ok() ? sf.status() : rf.status()).ToString());
+
+  Status FullCopy() {
+    mode_ = "full";
+    job_.args["mode"] = mode_;
+    OSR_RETURN_IF_ERROR(steps_.Save());
+    auto r = v_.Client(old_).Call("PUT", "/stores/" + job_.vm,
+                                  json{{"disks", vm_.disks},
+                                       {"start", "full"},
+                                       {"epoch", item_.epoch},
+                                       {"source", cur_.name}});
+    if (!r.ok() && r.status().code() != Code::kAlreadyExists) return r.status();
+    found_ = {{"why", "the old primary has no disk of this VM: a full (sparse) copy"}};
+    return Status::Ok();
   }
-  steps.Progress(95, fmt::format("{} bytes shipped", shipped));
-  steps.Done(95);
-  job.args["swapped"] = true;  // before the item says so: a resumed job knows
-  if (Status saved = steps.Save(); !saved.ok()) return back(saved);
-  item.source = cur->name;
-  item.target = old->name;
-  item.state = ItemState::kProtected;
-  item.failover = nullptr;
-  if (Status st = catalog_->PutItem(item); !st.ok()) {
-    return steps.Fail(Status(st.code(),
-                             "the replica is in place, but the item's new direction "
-                             "could not be recorded (reprotect again to record it): " +
-                                 st.message()));
+
+  // Fenced, and its VM stopped, before its disks change role; what differs from its
+  // history or by block hashes; then its disks become a store at the current base.
+  Status FromTheOldDisks(uint64_t fenced_epoch, bool history_lost) {
+    if (fenced_epoch < item_.epoch) {
+      OSR_RETURN_IF_ERROR(
+          v_.Client(old_)
+              .Call("POST", "/groups/" + job_.vm + "/fence", json{{"epoch", item_.epoch}})
+              .status());
+    }
+    OSR_RETURN_IF_ERROR(v_.Client(old_)
+                            .Call("POST", "/groups/" + job_.vm + "/vm/stop",
+                                  json{{"timeout_ms", ShutdownTimeoutMs(vm_)}})
+                            .status());
+    OSR_ASSIGN_OR_RETURN(Vault::Differences diff,
+                         v_.FindDifferences(item_, vm_, cur_, old_, compare_asked_, history_lost));
+    mode_ = diff.mode;
+    found_ = diff.found;
+    job_.args["mode"] = mode_;  // kept before the old disks change role (a resumed job)
+    job_.args["found"] = found_;
+    OSR_RETURN_IF_ERROR(steps_.Save());
+    OSR_ASSIGN_OR_RETURN(json cg, v_.Client(cur_).Call("GET", "/groups/" + job_.vm));
+    json_in::Fields cf(cg, "site " + cur_.name + " group " + job_.vm + ".");
+    uint64_t base_seq = cf.U64("last_seq", 0);
+    if (!cf.ok()) return cf.status();
+    return v_.Client(old_)
+        .Call("POST", "/groups/" + job_.vm + "/to-store",
+              json{{"base_seq", base_seq}, {"epoch", item_.epoch}, {"source", cur_.name}})
+        .status();
   }
-  job.result = {{"mode", mode},
-                {"found", found},
-                {"bytes_shipped", shipped},
-                {"wire_bytes_sent", wire_bytes},
-                {"source", item.source},
-                {"target", item.target}};
-  steps.Begin("First recovery point");
-  auto p = PointAtLatest(item, "crash", cfg_.job_wait_ms_max, 0, &cancel);
-  if (!p.ok()) return steps.Fail(FirstPointFailed(steps, p.status()));
-  steps.Done(100);
-  job.state = JobState::kSucceeded;
+
+  // The copy's figures for the job's result (the replica is there: WaitForReplica said so;
+  // an answer of the wrong shape only loses the figures).
+  void ReadShippedFigures() {
+    auto gs = v_.Client(cur_).Call("GET", "/groups/" + job_.vm);
+    const json cur_group = gs.ok() ? *gs : json::object();
+    json_in::Fields sf(cur_group, "site " + cur_.name + " group " + job_.vm + ".");
+    const json* repl = sf.Object("replication");
+    const json no_repl = json::object();
+    json_in::Fields rf(repl != nullptr ? *repl : no_repl,
+                       "site " + cur_.name + " group " + job_.vm + ".replication.");
+    shipped_ = rf.U64("resync_bytes_total", 0);
+    wire_bytes_ = rf.U64("wire_bytes_sent", 0);
+    if (!sf.ok() || !rf.ok()) {
+      spdlog::warn("vault: reprotect {}: {}", job_.vm,
+                   (!sf.ok() ? sf.status() : rf.status()).ToString());
+    }
+  }
+
+  // The item is Protected in the other direction.
+  Status Swap() {
+    item_.source = cur_.name;
+    item_.target = old_.name;
+    item_.state = ItemState::kProtected;
+    item_.failover = nullptr;
+    if (Status st = v_.catalog_->PutItem(item_); !st.ok()) {
+      return Status(st.code(),
+                    "the replica is in place, but the item's new direction could not be "
+                    "recorded (reprotect again to record it): " +
+                        st.message());
+    }
+    job_.result = {{"mode", mode_},
+                   {"found", found_},
+                   {"bytes_shipped", shipped_},
+                   {"wire_bytes_sent", wire_bytes_},
+                   {"source", item_.source},
+                   {"target", item_.target}};
+    return Status::Ok();
+  }
+
+  // Reprotect again goes on from where it stopped.
+  void Back(const Status& st) {
+    item_.state = ItemState::kFailoverCommitted;
+    steps_.Fail(
+        AlsoFailed(st, "recording the item as FailoverCommitted", v_.catalog_->PutItem(item_)));
+  }
+
+  Vault& v_;
+  JobRow& job_;
+  ItemRow item_;
+  JobCancel& cancel_;
+  Steps steps_;
+  SiteRow cur_, old_;  // the VM runs at cur_ (item.target); old_ becomes its target
+  VmRow vm_;
+  bool swapped_ = false;
+  bool compare_asked_ = false;
+  std::string mode_;
+  json found_ = json::object();
+  uint64_t shipped_ = 0;
+  uint64_t wire_bytes_ = 0;
+};
+
+void Vault::RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel) {
+  ReprotectRun(*this, job, std::move(item), cancel).Run();
 }
 
 }  // namespace osr::vault

@@ -22,6 +22,7 @@
 #include "vault/job_steps.h"
 #include "vault/point_at_time.h"
 #include "vault/retention.h"
+#include "vault/workflow_steps.h"
 
 namespace osr::vault {
 
@@ -151,11 +152,13 @@ Result<json> Vault::RegisterSite(const std::string& name, const std::string& api
   if (!ParseHostPort(replication, 7481).ok()) {
     return InvalidArgument("replication: the site's HOST:PORT");
   }
-  if (auto old = catalog_->Site(name);
-      old && (old->api != api || old->replication != replication)) {
+  OSR_ASSIGN_OR_RETURN(auto old, catalog_->FindSite(name));
+  if (old && (old->api != api || old->replication != replication)) {
+    OSR_ASSIGN_OR_RETURN(std::vector<VmRow> vms, catalog_->ListVms());
+    OSR_ASSIGN_OR_RETURN(std::vector<ItemRow> items, catalog_->ListItems());
     bool in_use = false;
-    for (auto& v : catalog_->Vms()) in_use = in_use || v.site == name;
-    for (auto& i : catalog_->Items()) in_use = in_use || i.source == name || i.target == name;
+    for (auto& v : vms) in_use = in_use || v.site == name;
+    for (auto& i : items) in_use = in_use || i.source == name || i.target == name;
     if (in_use && !replace) {
       return Status(Code::kAlreadyExists,
                     fmt::format("site {} is registered at {} and in use; moving it to {} would "
@@ -169,9 +172,10 @@ Result<json> Vault::RegisterSite(const std::string& name, const std::string& api
   return json{{"name", name}, {"api", api}, {"replication", replication}};
 }
 
-json Vault::ListSites() {
+Result<json> Vault::ListSites() {
+  OSR_ASSIGN_OR_RETURN(std::vector<SiteRow> sites, catalog_->ListSites());
   json out = json::array();
-  for (auto& s : catalog_->Sites()) {
+  for (auto& s : sites) {
     auto d = Client(s).Call("GET", "/site");
     json row = {
         {"name", s.name}, {"api", s.api}, {"replication", s.replication}, {"reachable", d.ok()}};
@@ -218,9 +222,10 @@ Result<json> Vault::CreatePolicy(const PolicyRow& p) {
   return PolicyJson(p);
 }
 
-json Vault::ListPolicies() {
+Result<json> Vault::ListPolicies() {
+  OSR_ASSIGN_OR_RETURN(std::vector<PolicyRow> policies, catalog_->ListPolicies());
   json out = json::array();
-  for (auto& p : catalog_->Policies()) out.push_back(PolicyJson(p));
+  for (auto& p : policies) out.push_back(PolicyJson(p));
   return out;
 }
 
@@ -266,8 +271,9 @@ Result<json> Vault::CreateVm(const std::string& name, const std::string& site, c
                        hypervisor::ParseVmSpec(spec_in, hypervisor::SpecSource::kNew));
   OSR_RETURN_IF_ERROR(CheckHooks(cfg_.hooks, parsed));
   json spec = hypervisor::VmSpecJson(parsed);
-  if (catalog_->Vm(name)) return Status(Code::kAlreadyExists, "VM " + name + " exists");
-  auto s = catalog_->Site(site);
+  OSR_ASSIGN_OR_RETURN(auto existing, catalog_->FindVm(name));
+  if (existing) return Status(Code::kAlreadyExists, "VM " + name + " exists");
+  OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(site));
   if (!s) return NotFound("no site named '" + site + "' (osr site list)");
   if (parsed.driver != hypervisor::Driver::kNone) {
     OSR_ASSIGN_OR_RETURN(hypervisor::CommandPolicy policy, SitePolicy(Client(*s), *s));
@@ -281,15 +287,16 @@ Result<json> Vault::CreateVm(const std::string& name, const std::string& site, c
   }
   Status st = catalog_->PutVm({name, site, stored, spec});
   if (!st.ok()) {
-    (void)Client(*s).Call("DELETE", "/groups/" + name);  // nothing half-done
-    return st;
+    auto undone = Client(*s).Call("DELETE", "/groups/" + name);  // nothing half-done
+    return AlsoFailed(st, "removing the disks made at " + site, undone.status());
   }
   return ShowVm(name);
 }
 
-json Vault::ListVms() {
+Result<json> Vault::ListVms() {
+  OSR_ASSIGN_OR_RETURN(std::vector<VmRow> vms, catalog_->ListVms());
   json out = json::array();
-  for (auto& v : catalog_->Vms()) {
+  for (auto& v : vms) {
     auto shown = ShowVm(v.name);
     out.push_back(shown.ok() ? *shown : json{{"name", v.name}, {"site", v.site}});
   }
@@ -297,11 +304,11 @@ json Vault::ListVms() {
 }
 
 Result<json> Vault::ShowVm(const std::string& name) {
-  auto v = catalog_->Vm(name);
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(name));
   if (!v) return NotFound("no VM named '" + name + "'");
   json out = {{"name", v->name}, {"site", v->site}};
   json disks = json::array();
-  auto s = catalog_->Site(v->site);
+  OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(v->site));
   Result<json> g = s ? Client(*s).Call("GET", "/groups/" + name)
                      : Result<json>(NotFound("site " + v->site + " is not registered"));
   for (size_t i = 0; i < v->disks.size(); ++i) {
@@ -314,9 +321,14 @@ Result<json> Vault::ShowVm(const std::string& name) {
   out["driver"] = spec.ok() ? std::string(hypervisor::DriverName(spec->driver)) : "invalid";
   out["spec"] = v->spec;
   if (!spec.ok()) out["spec_error"] = spec.status().message();
-  out["running"] = g.ok() ? (*g).value("vm", json::object()).value("running", false) : false;
+  bool running = false;
+  if (g.ok()) {
+    const json* vm = json_in::Fields(*g).Object("vm");
+    running = vm != nullptr && json_in::Fields(*vm).Bool("running", false);
+  }
+  out["running"] = running;
   out["running_site"] = v->site;
-  auto item = catalog_->Item(name);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(name));
   out["epoch"] = item ? item->epoch : 1;
   out["state"] = ItemStateName(item ? item->state : ItemState::kUnprotected);
   if (!g.ok()) out["site_error"] = g.status().message();
@@ -327,14 +339,14 @@ Result<json> Vault::ShowVm(const std::string& name) {
 }
 
 Result<json> Vault::StartVm(const std::string& name) {
-  auto v = catalog_->Vm(name);
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(name));
   if (!v) return NotFound("no VM named '" + name + "'");
   OSR_ASSIGN_OR_RETURN(auto spec,
                        hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
   if (spec.driver == hypervisor::Driver::kNone) {
     return InvalidArgument("VM " + name + " has no driver (osr vm create --driver)");
   }
-  auto s = catalog_->Site(v->site);
+  OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(v->site));
   if (!s) return NotFound("site " + v->site + " is not registered");
   OSR_RETURN_IF_ERROR(Client(*s).Call("POST", "/groups/" + name + "/vm/start", v->spec).status());
   return ShowVm(name);
@@ -343,9 +355,9 @@ Result<json> Vault::StartVm(const std::string& name) {
 // A new capture log at `site` for `vm` starts above what its recovery store holds, so
 // that replication goes on (1 when the VM is not protected from that site).
 Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::string& site) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item || item->source != site) return uint64_t{1};
-  auto dst = catalog_->Site(item->target);
+  OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item->target));
   if (!dst) return uint64_t{1};
   auto st = Client(*dst).Call("GET", "/stores/" + vm);
   if (!st.ok()) {
@@ -362,14 +374,15 @@ Result<uint64_t> Vault::FirstSeqAfterStore(const std::string& vm, const std::str
 
 Result<json> Vault::RepairVm(const std::string& name, const std::string& site, bool trim_image,
                              bool reset_history, bool accept_changes) {
-  if (!catalog_->Vm(name)) return NotFound("no VM named '" + name + "'");
+  OSR_ASSIGN_OR_RETURN(auto vm, catalog_->FindVm(name));
+  if (!vm) return NotFound("no VM named '" + name + "'");
   std::vector<SiteRow> sites;
   if (!site.empty()) {
-    auto s = catalog_->Site(site);
+    OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(site));
     if (!s) return NotFound("site " + site + " is not registered");
     sites.push_back(*s);
   } else {
-    sites = catalog_->Sites();
+    OSR_ASSIGN_OR_RETURN(sites, catalog_->ListSites());
   }
   json repaired = json::array();
   std::vector<std::string> still;
@@ -409,14 +422,14 @@ Result<json> Vault::RepairVm(const std::string& name, const std::string& site, b
 }
 
 Result<json> Vault::StopVm(const std::string& name, int timeout_ms) {
-  auto v = catalog_->Vm(name);
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(name));
   if (!v) return NotFound("no VM named '" + name + "'");
-  auto s = catalog_->Site(v->site);
+  OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(v->site));
   if (!s) return NotFound("site " + v->site + " is not registered");
   OSR_ASSIGN_OR_RETURN(json r, Client(*s).Call("POST", "/groups/" + name + "/vm/stop",
                                                json{{"timeout_ms", timeout_ms}}));
   OSR_ASSIGN_OR_RETURN(json out, ShowVm(name));
-  out["stopped_cleanly"] = r.value("clean", true);
+  out["stopped_cleanly"] = json_in::Fields(r).Bool("clean", true);
   return out;
 }
 
@@ -443,18 +456,21 @@ Result<json> Vault::ConfirmClock(const std::string& who) {
 
 Result<json> Vault::Protect(const std::string& vm, const std::string& target,
                             const std::string& policy) {
-  auto v = catalog_->Vm(vm);
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
   if (!v) return NotFound("no VM named '" + vm + "' (osr vm list)");
-  if (catalog_->Item(vm)) return Status(Code::kAlreadyExists, "VM " + vm + " is protected already");
-  if (!catalog_->Site(target)) return NotFound("no site named '" + target + "' (osr site list)");
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
+  if (item) return Status(Code::kAlreadyExists, "VM " + vm + " is protected already");
+  OSR_ASSIGN_OR_RETURN(auto target_site, catalog_->FindSite(target));
+  if (!target_site) return NotFound("no site named '" + target + "' (osr site list)");
   if (target == v->site) return InvalidArgument("the target site must differ from the VM's site");
-  if (!catalog_->Policy(policy)) return NotFound("no policy named '" + policy + "'");
+  OSR_ASSIGN_OR_RETURN(auto policy_row, catalog_->FindPolicy(policy));
+  if (!policy_row) return NotFound("no policy named '" + policy + "'");
   // The VM must be able to run at its recovery site too: the entries its spec names
   // must be in that site's allow-list (or that site must take literals).
   OSR_ASSIGN_OR_RETURN(auto spec,
                        hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
   if (spec.driver != hypervisor::Driver::kNone) {
-    auto t = *catalog_->Site(target);
+    const SiteRow& t = *target_site;
     OSR_ASSIGN_OR_RETURN(hypervisor::CommandPolicy at_target, SitePolicy(Client(t), t));
     Status st = hypervisor::CheckCommands(spec, at_target);
     if (!st.ok()) {
@@ -468,7 +484,7 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
 }
 
 Result<json> Vault::Unprotect(const std::string& vm) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kUnprotect));
   // The item's jobs stop first (an initial copy, a drill waiting for its point): none of
@@ -476,10 +492,11 @@ Result<json> Vault::Unprotect(const std::string& vm) {
   // against the next protect.
   std::vector<int64_t> cancelled;
   for (JobState state : {JobState::kQueued, JobState::kRunning}) {
-    for (auto& j : catalog_->Jobs(vm, state)) cancelled.push_back(j.id);
+    OSR_ASSIGN_OR_RETURN(std::vector<JobRow> jobs, catalog_->ListJobs(vm, state));
+    for (auto& j : jobs) cancelled.push_back(j.id);
   }
   OSR_RETURN_IF_ERROR(CancelJobsOf(vm));
-  item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(item, catalog_->FindItem(vm));
   if (!item) {  // the cancelled enable-protection job removed what it had made
     return json{{"name", vm},
                 {"state", ItemStateName(ItemState::kUnprotected)},
@@ -490,15 +507,17 @@ Result<json> Vault::Unprotect(const std::string& vm) {
     OSR_RETURN_IF_ERROR(catalog_->DeleteItemAndPoints(vm));
     return json{{"name", vm}, {"state", ItemStateName(ItemState::kUnprotected)}};
   }
-  auto src = catalog_->Site(item->source);
-  auto dst = catalog_->Site(item->target);
+  OSR_ASSIGN_OR_RETURN(auto src, catalog_->FindSite(item->source));
+  OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item->target));
   if (src) {
     auto r = Client(*src).Call("DELETE", "/groups/" + vm + "/replication");
     if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
   }
   if (dst) {
     if (!item->drill.is_null()) {
-      (void)Client(*dst).Call("DELETE", "/views/" + item->drill.value("view", std::string()));
+      // The store's DELETE below removes its views too; this only closes the drill first.
+      auto closed = Client(*dst).Call("DELETE", "/views/" + DrillView(*item));
+      LogIfFailed(closed.status(), vm + ": closing the drill disks before unprotect");
     }
     auto r = Client(*dst).Call("DELETE", "/stores/" + vm);
     if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
@@ -510,11 +529,14 @@ Result<json> Vault::Unprotect(const std::string& vm) {
 }
 
 Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kCreatePoint));
-  auto v = catalog_->Vm(vm);
-  auto site = v ? catalog_->Site(v->site) : std::nullopt;
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
+  std::optional<SiteRow> site;
+  if (v) {
+    OSR_ASSIGN_OR_RETURN(site, catalog_->FindSite(v->site));
+  }
   // App-consistent: quiesce first — the guest agent's fsfreeze (qemu driver) when it
   // answers, else the VM's freeze hook; the point marks the position taken while frozen,
   // and the thaw runs whatever happened. Without either, the point only marks the
@@ -536,7 +558,8 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
   if (app && v && quiesced_by == "none" && spec.hooks.count("freeze")) {
     Status f = RunHook(*v, "freeze", json::object());
     if (!f.ok()) {
-      (void)RunHook(*v, "thaw", json::object());
+      LogIfFailed(RunHook(*v, "thaw", json::object()),
+                  vm + ": the thaw hook after a failed freeze");
       return Status(f.code(), "no app-consistent point: " + f.message());
     }
     quiesced_by = "hooks";
@@ -544,7 +567,7 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
   uint64_t want = 0;
   if (site) {
     auto g = Client(*site).Call("GET", "/groups/" + vm);
-    if (g.ok()) want = (*g).value("last_seq", uint64_t{0});
+    if (g.ok()) want = json_in::Fields(*g).U64("last_seq", 0);
   }
   if (quiesced_by == "guest-agent") {
     auto t = Client(*site).Call("POST", "/groups/" + vm + "/vm/thaw");
@@ -561,7 +584,7 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
 }
 
 Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected: no drill is possible");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kTestFailover));
   if (spec != "latest") {  // check now, so that a bad SPEC fails before any job
@@ -571,7 +594,7 @@ Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec)
 }
 
 Result<json> Vault::TestFailoverCleanup(const std::string& vm, const std::string& notes) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kTestFailoverCleanup));
   return Submit(JobType::kTestFailoverCleanup, vm, json{{"notes", notes}});
@@ -579,14 +602,14 @@ Result<json> Vault::TestFailoverCleanup(const std::string& vm, const std::string
 
 Result<json> Vault::Failover(const std::string& vm, const std::string& spec, bool shutdown_source,
                              bool planned, bool start) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected: there is nothing to fail over to");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kFailover));
   if (planned && spec != "latest") {
     return InvalidArgument("a planned failover goes to the last write (no --point)");
   }
   if (planned) {
-    auto src = catalog_->Site(item->source);
+    OSR_ASSIGN_OR_RETURN(auto src, catalog_->FindSite(item->source));
     if (!src) return NotFound("site " + item->source + " is not registered");
     auto g = Client(*src).Call("GET", "/groups/" + vm);
     if (!g.ok()) {
@@ -605,7 +628,7 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
 }
 
 Result<json> Vault::ChangePoint(const std::string& vm, const std::string& spec) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kChangePoint));
   if (spec == "latest") {
@@ -618,17 +641,17 @@ Result<json> Vault::ChangePoint(const std::string& vm, const std::string& spec) 
 }
 
 Result<json> Vault::Commit(const std::string& vm) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kCommit));
   return Submit(JobType::kCommit, vm, json::object());
 }
 
 Result<json> Vault::Reprotect(const std::string& vm, bool compare) {
-  auto item = catalog_->Item(vm);
+  OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kReprotect));
-  auto old = catalog_->Site(item->source);
+  OSR_ASSIGN_OR_RETURN(auto old, catalog_->FindSite(item->source));
   if (!old) return NotFound("site " + item->source + " is not registered");
   if (auto s = Client(*old).Call("GET", "/site"); !s.ok()) {
     return Unavailable(

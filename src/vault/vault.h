@@ -116,9 +116,9 @@ class Vault {
   // loopback); the vault checks that the site's certificate names it.
   Result<nlohmann::json> RegisterSite(const std::string& name, const std::string& api,
                                       const std::string& replication, bool replace = false);
-  nlohmann::json ListSites();
+  Result<nlohmann::json> ListSites();
   Result<nlohmann::json> CreatePolicy(const PolicyRow& p);
-  nlohmann::json ListPolicies();
+  Result<nlohmann::json> ListPolicies();
   Result<nlohmann::json> CreateVm(const std::string& name, const std::string& site,
                                   const nlohmann::json& disks,
                                   const nlohmann::json& spec = nlohmann::json::object());
@@ -132,12 +132,12 @@ class Vault {
                                   bool reset_history, bool accept_changes = false);
   nlohmann::json DrillJson(const ItemRow& item, std::string* health);
   Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
-  nlohmann::json ListVms();
+  Result<nlohmann::json> ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);
   Result<nlohmann::json> Protect(const std::string& vm, const std::string& target,
                                  const std::string& policy);
   Result<nlohmann::json> Unprotect(const std::string& vm);
-  nlohmann::json ListItems();
+  Result<nlohmann::json> ListItems();
   Result<nlohmann::json> ShowItem(const std::string& vm);
   Result<nlohmann::json> ListPoints(const std::string& vm);
   Result<nlohmann::json> CreatePoint(const std::string& vm, bool app);
@@ -167,6 +167,8 @@ class Vault {
   Result<nlohmann::json> ShowVault();
 
  private:
+  friend class FailoverRun;   // failover.cc: one failover job's steps
+  friend class ReprotectRun;  // reprotect.cc
   explicit Vault(VaultConfig cfg);
   SiteClient Client(const SiteRow& site) const;
   Result<nlohmann::json> Submit(JobType type, const std::string& vm, const nlohmann::json& args);
@@ -189,6 +191,10 @@ class Vault {
   void RunFailover(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunCommit(JobRow& job, ItemRow item, JobCancel& cancel);
+  // Commit's copy of the rest of the point into the failover disks at `dst`: starts it
+  // (again, after a site restart: it resumes) and waits until the site says done.
+  // Errors: the site's; kUnavailable when nothing moved for job_wait_ms_max; kCancelled.
+  Status Materialise(JobRow& job, const ItemRow& item, const SiteRow& dst, Steps& steps);
   void RunReprotect(JobRow& job, ItemRow item, JobCancel& cancel);
   // Reprotect's "find what differs" at a fenced, stopped old primary that has disks:
   // "exact" from its history when it vouches for it (the fence fingerprint matches; the
@@ -274,6 +280,15 @@ class Vault {
   // An item as GET /items shows it, with health and RPO from what `board` reads at its
   // sites (one pass over many items shares one board: two calls per site, not per item).
   nlohmann::json ItemJson(const ItemRow& item, SiteStatusBoard& board);
+  // The health of an item that does not replicate now (a failover, commit or reprotect
+  // moved it): from its job's state or the target site.
+  std::string NotReplicatingHealth(const ItemRow& item, SiteStatusBoard& board);
+  // The health of a replicating item from what its two sites say; sets out's rpo_seconds,
+  // last_seq and durable_seq, and adds what else it should know to `warnings` (an overdue
+  // point, the store's history).
+  std::string ReplicationHealth(const ItemRow& item, SiteStatusBoard& board,
+                                const std::optional<PointRow>& latest, nlohmann::json& out,
+                                std::vector<std::string>& warnings);
   // An item's rpo_seconds while a site does not answer (seconds, or null when unknown).
   static nlohmann::json RpoWithoutAnAnswer(const Result<nlohmann::json>& store,
                                            const std::optional<PointRow>& latest);

@@ -680,7 +680,8 @@ Result<VaultApi::Reply> VaultApi::ListAudit(Call& c) {
 // ---- Handlers: sites, policies, VMs ---------------------------------------------------
 
 Result<VaultApi::Reply> VaultApi::ListSites(Call&) {
-  return Reply{200, vault_->ListSites()};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ListSites());
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::RegisterSite(Call& c) {
@@ -695,7 +696,8 @@ Result<VaultApi::Reply> VaultApi::RegisterSite(Call& c) {
 }
 
 Result<VaultApi::Reply> VaultApi::ListPolicies(Call&) {
-  return Reply{200, vault_->ListPolicies()};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ListPolicies());
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::CreatePolicy(Call& c) {
@@ -716,7 +718,8 @@ Result<VaultApi::Reply> VaultApi::CreatePolicy(Call& c) {
 }
 
 Result<VaultApi::Reply> VaultApi::ListVms(Call&) {
-  return Reply{200, vault_->ListVms()};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ListVms());
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::CreateVm(Call& c) {
@@ -777,7 +780,8 @@ Result<VaultApi::Reply> VaultApi::Protect(Call& c) {
 // ---- Handlers: replicated items, points, jobs -----------------------------------------
 
 Result<VaultApi::Reply> VaultApi::ListItems(Call&) {
-  return Reply{200, vault_->ListItems()};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ListItems());
+  return Reply{200, out};
 }
 
 Result<VaultApi::Reply> VaultApi::ShowItem(Call& c) {

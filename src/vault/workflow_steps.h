@@ -17,6 +17,9 @@ Result<hypervisor::VmSpec> StoredSpec(const VmRow& vm);
 std::string Driver(const VmRow& vm);
 // The VM's shutdown timeout (ms, from its spec; 30000 when the spec does not parse).
 int ShutdownTimeoutMs(const VmRow& vm);
+// The id of the item's drill view at its recovery site ("" when it has none, or the
+// stored drill is of another shape).
+std::string DrillView(const ItemRow& item);
 // The first point of a reprotected item could not be made: it is protected anyway (a
 // cancel then says so); other errors are returned as they are.
 Status FirstPointFailed(const Steps& steps, const Status& st);

@@ -41,6 +41,13 @@ int ShutdownTimeoutMs(const VmRow& vm) {
   return spec.ok() ? static_cast<int>(spec->shutdown_timeout_ms) : 30000;
 }
 
+std::string DrillView(const ItemRow& item) {
+  if (!item.drill.is_object()) return "";
+  json_in::Fields f(item.drill);
+  std::string view = f.String("view", "");
+  return f.ok() ? view : "";
+}
+
 // The first point of a reprotected item could not be made: it is protected anyway.
 Status FirstPointFailed(const Steps& steps, const Status& st) {
   if (st.code() != Code::kCancelled) return st;
@@ -63,19 +70,20 @@ Status Vault::RunHook(const VmRow& vm, const std::string& name, const json& env)
 }
 
 Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
-  auto dst = catalog_->Site(item.target);
+  OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item.target));
   if (!dst) return NotFound("site " + item.target + " is not registered");
   OSR_ASSIGN_OR_RETURN(json st, Client(*dst).Call("GET", "/stores/" + item.vm));
-  uint64_t durable = st.value("durable_seq", uint64_t{0});
+  json_in::Fields sf(st, "site " + item.target + " store " + item.vm + ".");
+  uint64_t durable = sf.U64("durable_seq", 0);
+  int64_t t = sf.I64("durable_time_ns", 0);
+  if (!sf.ok()) return sf.status();
+  OSR_ASSIGN_OR_RETURN(std::optional<PointRow> newest, catalog_->FindLatestPoint(item.vm));
   if (!StoreConsistentAt(st, durable)) {
     // The newest consistent state there is the last point.
-    auto points = catalog_->Points(item.vm);
-    if (points.empty()) return Unavailable("the recovery site holds no consistent state yet");
-    return points.back();
+    if (!newest) return Unavailable("the recovery site holds no consistent state yet");
+    return *newest;
   }
-  auto points = catalog_->Points(item.vm);
-  if (!points.empty() && points.back().seq == durable) return points.back();
-  int64_t t = st.value("durable_time_ns", int64_t{0});
+  if (newest && newest->seq == durable) return *newest;
   PointRow p{0, item.vm, durable, t ? t : NowNs(), "crash"};
   OSR_ASSIGN_OR_RETURN(p.id, catalog_->AddPoint(p));
   return p;
