@@ -18,6 +18,46 @@ namespace osr::vault {
 
 using nlohmann::json;
 
+// A step that fails or is cancelled leaves nothing behind: replication stopped, the store
+// removed, the item deleted — the VM is unprotected again and can be protected anew. The
+// job says so, or names what could not be removed.
+void Vault::UndoEnableProtection(JobRow& job, Steps& steps, const SiteRow& src, const SiteRow& dst,
+                                 const Status& st, ProtectionMade made) {
+  bool replication_started = made.replication_started;
+  bool store_made = made.store_made;
+  if (steps.cancel() && steps.cancel()->ByVault()) {
+    // Not the operator's wish: everything stays as it is (unprotect, or protect again).
+    return steps.Fail(st);
+  }
+  std::vector<std::string> left;
+  if (replication_started) {
+    auto r = Client(src).Call("DELETE", "/groups/" + job.vm + "/replication");
+    if (!r.ok() && r.status().code() != Code::kNotFound) {
+      left.push_back(fmt::format("replication from {} may still run ({}): osr unprotect {}",
+                                 src.name, r.status().message(), job.vm));
+    }
+  }
+  if (store_made) {
+    auto r = Client(dst).Call("DELETE", "/stores/" + job.vm);
+    if (!r.ok() && r.status().code() != Code::kNotFound) {
+      left.push_back(fmt::format("the recovery store at {} was kept ({}): osr unprotect {}",
+                                 dst.name, r.status().message(), job.vm));
+    }
+  }
+  if (Status d = catalog_->DeleteItem(job.vm); !d.ok()) {
+    left.push_back("the item stays in the catalog (" + d.message() + "): osr unprotect " + job.vm);
+  }
+  std::string what =
+      left.empty()
+          ? fmt::format(
+                "{}{}the VM is unprotected again (osr protect {} --target {})",
+                replication_started ? "replication from " + src.name + " was stopped, " : "",
+                store_made ? "the store at " + dst.name + " was removed; " : "", job.vm, dst.name)
+          : fmt::format("{}", fmt::join(left, "; "));
+  if (st.code() == Code::kCancelled) return steps.Fail(steps.Cancelled(what));
+  steps.Fail(Status(st.code(), st.message() + " (" + what + ")"));
+}
+
 void Vault::RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
   auto src_row = catalog_->FindSite(item.source);
@@ -27,42 +67,8 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel) {
   if (!*src_row || !*dst_row) return steps.Fail(NotFound("a site of the item is not registered"));
   const SiteRow& src = **src_row;
   const SiteRow& dst = **dst_row;
-  // A step that fails or is cancelled leaves nothing behind: replication stopped, the
-  // store removed, the item deleted — the VM is unprotected again and can be protected
-  // anew. The job says so, or names what could not be removed.
   auto undo = [&](const Status& st, bool replication_started, bool store_made) {
-    if (steps.cancel() && steps.cancel()->ByVault()) {
-      // Not the operator's wish: everything stays as it is (unprotect, or protect again).
-      return steps.Fail(st);
-    }
-    std::vector<std::string> left;
-    if (replication_started) {
-      auto r = Client(src).Call("DELETE", "/groups/" + job.vm + "/replication");
-      if (!r.ok() && r.status().code() != Code::kNotFound) {
-        left.push_back(fmt::format("replication from {} may still run ({}): osr unprotect {}",
-                                   src.name, r.status().message(), job.vm));
-      }
-    }
-    if (store_made) {
-      auto r = Client(dst).Call("DELETE", "/stores/" + job.vm);
-      if (!r.ok() && r.status().code() != Code::kNotFound) {
-        left.push_back(fmt::format("the recovery store at {} was kept ({}): osr unprotect {}",
-                                   dst.name, r.status().message(), job.vm));
-      }
-    }
-    if (Status d = catalog_->DeleteItem(job.vm); !d.ok()) {
-      left.push_back("the item stays in the catalog (" + d.message() + "): osr unprotect " +
-                     job.vm);
-    }
-    std::string what =
-        left.empty()
-            ? fmt::format(
-                  "{}{}the VM is unprotected again (osr protect {} --target {})",
-                  replication_started ? "replication from " + src.name + " was stopped, " : "",
-                  store_made ? "the store at " + dst.name + " was removed; " : "", job.vm, dst.name)
-            : fmt::format("{}", fmt::join(left, "; "));
-    if (st.code() == Code::kCancelled) return steps.Fail(steps.Cancelled(what));
-    steps.Fail(Status(st.code(), st.message() + " (" + what + ")"));
+    UndoEnableProtection(job, steps, src, dst, st, {replication_started, store_made});
   };
   auto v_row = catalog_->FindVm(job.vm);
   if (!v_row.ok()) return undo(v_row.status(), false, false);

@@ -186,6 +186,15 @@ class Vault {
   // reprotect.cc); each ends the job Succeeded, Failed or Cancelled (then its last step
   // says what it left behind).
   void RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel);
+  // What an enable-protection job had made when a step failed (UndoEnableProtection).
+  struct ProtectionMade {
+    bool replication_started = false;
+    bool store_made = false;
+  };
+  // Removes what it made (unless the vault itself stopped the job) and fails the job with
+  // `st`, saying what was removed or what was left and how to remove it.
+  void UndoEnableProtection(JobRow& job, Steps& steps, const SiteRow& src, const SiteRow& dst,
+                            const Status& st, ProtectionMade made);
   void RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunTestFailoverCleanup(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunFailover(JobRow& job, ItemRow item, JobCancel& cancel);

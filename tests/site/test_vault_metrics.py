@@ -6,6 +6,7 @@ with two vaults on one catalog, osr_vault_leader follows the lease.
 """
 
 from datetime import datetime, timezone
+import json
 import re
 import urllib.error
 import urllib.request
@@ -53,6 +54,15 @@ def scrape(vault, token=True):
             return r.status, r.headers.get("Content-Type"), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("Content-Type"), e.read().decode()
+
+
+def vault_api(vault, path):
+    """GET path of the vault's REST API with the admin token: the parsed JSON."""
+    token_file = getattr(vault, "token_file", None) or vault.state_dir / "admin.token"
+    req = urllib.request.Request(vault.url + path, headers={
+        "Authorization": "Bearer " + token_file.read_text().strip()})
+    with urllib.request.urlopen(req, timeout=SCRAPE_TIMEOUT_S) as r:
+        return json.loads(r.read().decode())
 
 
 # -- a parser of the text exposition format 0.0.4 (enough to check ours strictly) --------
@@ -155,7 +165,14 @@ def test_metrics_of_an_empty_vault_then_one_protected_vm(dr):
     backend = "sqlite" if vault.catalog.backend == "sqlite" else "postgresql"
     assert value(m, "osr_vault_catalog_up", backend=backend) == 1, body
     assert value(m, "osr_vault_leader") == 1, body
-    assert m["osr_vault_items"]["samples"] == {}, body
+    # Every item state the vault knows (GET /api/v1/states), each 0: a gauge that goes
+    # away would read as stale, not as none.
+    states = [s["name"] for s in vault_api(vault, "/api/v1/states")["item_states"]
+              if s["name"] != "Unprotected"]
+    assert len(states) == 9, states
+    for state in states:
+        assert value(m, "osr_vault_items", state=state) == 0, body
+    assert len(m["osr_vault_items"]["samples"]) == len(states), body
     for level in ("Normal", "Warning", "Critical", "Unknown"):
         assert value(m, "osr_vault_items_health", level=level) == 0, body
     assert m["osr_vault_jobs_total"]["samples"] == {}, body
@@ -179,6 +196,7 @@ def test_metrics_of_an_empty_vault_then_one_protected_vm(dr):
     m = wait_for(sampled, RPO_SAMPLE_TIMEOUT_S, "an RPO sample and a Normal health of vm1",
                  detail=lambda: scrape(vault)[2])
     assert value(m, "osr_vault_items", state="Protected") == 1
+    assert value(m, "osr_vault_items", state="FailedOver") == 0
     assert value(m, "osr_vault_items_health", level="Unknown") == 0
     rpo = value(m, "osr_vault_item_rpo_seconds", vm="vm1")
     assert 0 <= rpo < 60, rpo  # nothing is written: caught up

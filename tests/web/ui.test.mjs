@@ -91,7 +91,9 @@ let vault = null; // {proc, exited: Promise}
 
 async function startQuickstart(dir, port) {
   const out = createWriteStream(join(ARTIFACTS, 'quickstart.log'));
-  const proc = spawn(OSRD, ['quickstart', '--dir', join(dir, 'data'), '--vault-listen', `127.0.0.1:${port}`, '--web', WEB_DIST], {
+  // OSR_WEB_TEST_DB: a postgresql:// catalog (tests/web/on_postgres.py); else SQLite.
+  const db = process.env.OSR_WEB_TEST_DB ? ['--db', process.env.OSR_WEB_TEST_DB] : [];
+  const proc = spawn(OSRD, ['quickstart', '--dir', join(dir, 'data'), '--vault-listen', `127.0.0.1:${port}`, '--web', WEB_DIST, ...db], {
     cwd: dir,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -117,6 +119,7 @@ async function startQuickstart(dir, port) {
     });
   });
   await ready;
+  return text;
 }
 
 async function stopQuickstart() {
@@ -290,8 +293,11 @@ async function run() {
   const pageErrors = [];
   try {
     log(`quickstart on ${base}, state in ${dir}`);
-    await startQuickstart(dir, port);
+    const started = await startQuickstart(dir, port);
     tokenFile = join(dir, "data", "admin.token");
+    if (process.env.OSR_WEB_TEST_DB) {
+      check(/catalog in postgresql:\/\//.test(started), 'the vault keeps its catalog on PostgreSQL');
+    }
 
     log('VM vm1 with the CLI, written with qemu-io');
     await osr(base, 'vm', 'create', 'vm1', '--site', 'primary', '--disk', 'os:64M', '--disk', 'data:16M');
