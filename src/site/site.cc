@@ -1882,7 +1882,31 @@ json Site::AllStoresStatus() {
   return out;
 }
 
-Result<json> Site::StoreStatus(const std::string& vm) {
+Result<json> Site::StoresChangedSince(const std::string& since) {
+  std::vector<std::string> names;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, d] : damaged_stores_) names.push_back(vm);
+    for (auto& [vm, s] : stores_) names.push_back(vm);
+  }
+  // Marks first, answers after: a store that changes in between is sent as it is now and
+  // again next time (never missed).
+  std::map<std::string, std::string> marks;
+  for (auto& vm : names) {
+    if (auto st = StoreStatus(vm, StoreUsage::kLeaveOut); st.ok()) marks[vm] = st->dump();
+  }
+  OSR_ASSIGN_OR_RETURN(StoreChangeLog::Answer changes, store_changes_.Note(since, marks));
+  json stores = json::array();
+  for (auto& vm : changes.changed) {
+    if (auto st = StoreStatus(vm); st.ok()) stores.push_back(std::move(*st));  // else: deleted
+  }
+  return json{{"generation", changes.generation},
+              {"full", changes.full},
+              {"stores", std::move(stores)},
+              {"removed", changes.removed}};
+}
+
+Result<json> Site::StoreStatus(const std::string& vm, StoreUsage usage) {
   std::lock_guard lock(mu_);
   if (auto d = damaged_stores_.find(vm); d != damaged_stores_.end()) {
     return json{{"name", vm}, {"damage", d->second.Json()}};
@@ -1904,10 +1928,12 @@ Result<json> Site::StoreStatus(const std::string& vm) {
            {"source", s.source()},
            {"base_seq", s.base_seq()},
            {"compacted_through", s.compacted_through()},
-           {"history_bytes", s.history_bytes()},
-           {"damaged_records", s.damaged_records()},
-           {"index_cache_bytes", store::VersionIndex::CacheUsageBytes()}};
-  if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
+           {"damaged_records", s.damaged_records()}};
+  if (usage == StoreUsage::kInclude) {
+    out["history_bytes"] = s.history_bytes();
+    out["index_cache_bytes"] = store::VersionIndex::CacheUsageBytes();
+    if (json space = SpaceJson(s.dir()); !space.is_null()) out["space"] = space;
+  }
   if (auto f = s.write_failure()) out["write_error"] = WriteFailureJson(*f);
   {
     std::lock_guard maint(maint_mu_);

@@ -62,6 +62,7 @@
 #include "nbd/server.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
+#include "site/store_changes.h"
 #include "store/failover_disk.h"
 #include "store/recovery_store.h"
 #include "store/views.h"
@@ -267,10 +268,19 @@ class Site {
   // seq; RecoveryStore::Compact's own errors appear in the compaction's state ("failed").
   Result<nlohmann::json> CompactStore(const std::string& vm, std::vector<uint64_t> keep,
                                       uint64_t through);
-  Result<nlohmann::json> StoreStatus(const std::string& vm);
+  // The figures of a store's status that move on their own (the file system's space,
+  // the history's size, the shared index cache's use): left out of a store's mark
+  // (StoreChangeLog), so that an idle store does not read as changed.
+  enum class StoreUsage { kInclude, kLeaveOut };
+  Result<nlohmann::json> StoreStatus(const std::string& vm,
+                                     StoreUsage usage = StoreUsage::kInclude);
   // Every store's StoreStatus (a quarantined one as {name, damage}), in name order; as
   // AllGroupsStatus.
   nlohmann::json AllStoresStatus();
+  // The stores whose status changed since `since` (GET /api/v1/stores?since=, docs/api.md):
+  // {generation, full, stores: [StoreStatus], removed: [name]}. Errors: kInvalidArgument
+  // for a `since` that is not "0" nor a generation this API answered (StoreChangeLog).
+  Result<nlohmann::json> StoresChangedSince(const std::string& since);
   Result<nlohmann::json> OpenView(const std::string& vm, uint64_t seq, bool writable);
   // Takes the view's exports off NBD, ends their sessions and frees the view (its overlay
   // and its pin) before it returns; a session stuck past Server::kDisconnectWaitMs keeps the
@@ -436,6 +446,9 @@ class Site {
   // entry, so that a site whose site.json and site.json.prev are both lost rebuilds its
   // groups); guarded by mu_.
   std::map<std::string, std::string> entries_saved_;
+
+  // Which stores changed, for StoresChangedSince (thread-safe on its own).
+  StoreChangeLog store_changes_{StoreChangeLog::RandomInstance()};
 
   std::mutex retired_mu_;  // taken after mu_ when both are held
   // Capture groups of groups deleted while an NBD client still held one of their disks

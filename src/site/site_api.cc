@@ -121,8 +121,14 @@ SiteApi::SiteApi(Site* site) : site_(site) {
   Add("GET", "/api/v1/groups", [this](const httplib::Request&, httplib::Response& res) {
     Reply(res, 200, site_->AllGroupsStatus());
   });
-  Add("GET", "/api/v1/stores", [this](const httplib::Request&, httplib::Response& res) {
-    Reply(res, 200, site_->AllStoresStatus());
+  // ?since=GENERATION: only the stores that changed since (the point loop asks every
+  // second; an idle site answers almost nothing).
+  Add("GET", "/api/v1/stores", [this](const httplib::Request& req, httplib::Response& res) {
+    if (!req.has_param("since")) return Reply(res, 200, site_->AllStoresStatus());
+    if (req.get_param_value_count("since") != 1) {
+      return Error(res, InvalidArgument("since: given more than once"));
+    }
+    ReplyResult(res, site_->StoresChangedSince(req.get_param_value("since")));
   });
   Add("PUT", R"(/api/v1/groups/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {

@@ -151,6 +151,7 @@ void Vault::ReconcileReplication(const ItemRow& item, SiteStatusBoard& board) {
 void Vault::PointLoop() {
   constexpr int64_t kRpoSampleNs = 5'000'000'000;  // the chart's resolution
   int64_t last_rpo_sample_mono_ns = INT64_MIN / 2;
+  StoreMemory store_memory;  // the recovery sites' stores, from one tick to the next
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -164,8 +165,10 @@ void Vault::PointLoop() {
     bool sample_rpo = mono_ns - last_rpo_sample_mono_ns >= kRpoSampleNs;
     if (sample_rpo) last_rpo_sample_mono_ns = mono_ns;
     int64_t tick_ns = clock_.WallNs();
-    // Each site is asked once for all its groups and stores, not once per item.
+    // Each site is asked once for all its groups and stores, not once per item; for its
+    // stores, only what changed since the last tick (all on a sampling tick, for health).
     SiteStatusBoard board = StatusBoard(SiteStatusBoard::Mode::kBulk);
+    board.Remember(&store_memory, /*refresh=*/sample_rpo);
     TickSamples samples;  // written after the items, one transaction each
     for (auto& item : catalog_->Items()) {
       // One item's trouble (a site answering nonsense, a bug) must not stop the points
@@ -185,19 +188,25 @@ void Vault::PointLoop() {
   }
 }
 
-void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site, uint64_t floor) {
+bool Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site, uint64_t floor) {
   // A resync (after an overflow, a cut log, a store put back) folds the store's history:
   // points below its new floor cannot be opened. They go from the catalog, said once,
   // rather than stay listed and fail when chosen. Points in use stay (their pins keep a
   // resync from passing them).
   std::vector<int64_t> gone;
+  bool cleared = true;
   {
     std::lock_guard lock(points_mu_);
     auto in_use = PointsInUseLocked(item);
     for (const auto& p : catalog_->Points(item.vm)) {
-      if (p.seq >= floor || in_use.count(p.id)) continue;
+      if (p.seq >= floor) continue;
+      if (in_use.count(p.id)) {
+        cleared = false;
+        continue;
+      }
       if (Status st = catalog_->DeletePoint(p.id); !st.ok()) {
         spdlog::warn("vault: point {} of {}: {}", p.id, item.vm, st.ToString());
+        cleared = false;
         continue;
       }
       gone.push_back(p.id);
@@ -209,6 +218,7 @@ void Vault::ForgetUnreadablePoints(const ItemRow& item, const std::string& site,
         "folded by a resynchronization): removed from the catalog",
         item.vm, fmt::join(gone, ", "), site, floor);
   }
+  return cleared;
 }
 
 void Vault::PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick,
@@ -235,7 +245,8 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick,
   auto policy = catalog_->Policy(item.policy);
   auto dst = board.Site(item.target);
   if (!policy || !dst) return;
-  if (!PointDue(item.vm, catalog_->LatestPoint(item.vm), policy->crash_interval_s)) return;
+  std::optional<PointRow> latest = catalog_->LatestPoint(item.vm);
+  if (!PointDue(item.vm, latest, policy->crash_interval_s)) return;
   auto st = board.Store(*dst, item.vm);
   if (!st.ok()) {  // no new point while the recovery site is away
     NotePointTrouble(item.vm, st.status().message());
@@ -251,9 +262,20 @@ void Vault::PointTick(const ItemRow& item, int64_t tick_ns, TickSamples* tick,
     NotePointTrouble(item.vm, f.status().message());
     return;
   }
-  ForgetUnreadablePoints(item, dst->name, std::max(base_seq, consistent_from));
-  auto points = catalog_->Points(item.vm);
-  if (!points.empty() && durable <= points.back().seq) {  // nothing new: nothing to cover
+  // The points are read only when the store's floor moved (an idle item's tick reads none).
+  uint64_t floor = std::max(base_seq, consistent_from);
+  bool floor_moved = false;
+  {
+    std::lock_guard lock(points_mu_);
+    floor_moved = schedules_[item.vm].floor_cleared != floor;
+  }
+  if (floor_moved) {
+    bool cleared = ForgetUnreadablePoints(item, dst->name, floor);
+    latest = catalog_->LatestPoint(item.vm);
+    std::lock_guard lock(points_mu_);
+    if (cleared) schedules_[item.vm].floor_cleared = floor;
+  }
+  if (latest && durable <= latest->seq) {  // nothing new: nothing to cover
     std::lock_guard lock(points_mu_);
     schedules_[item.vm].covered_mono_ns = clock_.MonoNs();
     return;

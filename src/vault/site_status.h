@@ -15,6 +15,12 @@
 // The answers are as of the first lookup at that site in this pass: a change the pass
 // makes at a site (starting replication there) is not seen until Forget() or a new board.
 //
+// A board given a StoreMemory (the point loop's, kept from pass to pass) asks for stores
+// with GET /api/v1/stores?since=GENERATION: the site answers only the stores that changed
+// since the last pass, and the memory holds the rest as last sent. An idle site then costs
+// one small exchange per pass, not its every store's status. A site without that
+// parameter (an older osrd answers the plain array) is read in full each pass.
+//
 // Thread model: not thread-safe; one board belongs to one pass on one thread.
 #pragma once
 
@@ -30,6 +36,22 @@
 #include "vault/catalog.h"
 
 namespace osr::vault {
+
+// The sites' stores as last listed, kept by one owner (the point loop) from one board to
+// the next. Not thread-safe.
+class StoreMemory {
+ public:
+  // Forgets every site: the next board asks each for all its stores again.
+  void Clear() { sites_.clear(); }
+
+ private:
+  friend class SiteStatusBoard;
+  struct Site {
+    std::string generation;  // as the site answered it, for the next ?since=
+    std::map<std::string, nlohmann::json> by_name;
+  };
+  std::map<std::string, Site> sites_;  // by site name
+};
 
 class SiteStatusBoard {
  public:
@@ -62,6 +84,15 @@ class SiteStatusBoard {
   // Forgets what was read at `site`: the next lookup there asks again.
   void Forget(const std::string& site);
 
+  // Stores are read through `memory` (borrowed: it outlives the board): only what changed
+  // since the pass that last filled it; `refresh`: everything again (?since=0), as a
+  // board without memory reads it, the figures that move on their own (space, history
+  // size) included. Call before the first lookup. Only for Mode::kBulk.
+  void Remember(StoreMemory* memory, bool refresh) {
+    memory_ = memory;
+    refresh_ = refresh;
+  }
+
   // Exchanges made so far (for tests and the bench: the cost of a pass).
   int calls() const { return calls_; }
 
@@ -70,17 +101,24 @@ class SiteStatusBoard {
   // One site's answer to GET /groups or /stores: by name, or the failure every lookup gets.
   struct Listing {
     Status status;
-    bool per_vm = false;  // the site lacks the bulk route: ask per VM
+    bool per_vm = false;      // the site lacks the bulk route: ask per VM
+    bool remembered = false;  // the entries are in memory_ (this site's), not by_name
     std::map<std::string, nlohmann::json> by_name;
   };
 
   Result<nlohmann::json> Lookup(Kind kind, const SiteRow& site, const std::string& vm);
   Result<nlohmann::json> FetchOne(Kind kind, const SiteRow& site, const std::string& vm);
   Listing Read(Kind kind, const SiteRow& site);
+  Listing ReadChanges(const SiteRow& site);
+  // The entries of an array answer by name; kCorruption naming the entry that has none.
+  static Status ByName(nlohmann::json& answer, const std::string& prefix,
+                       std::map<std::string, nlohmann::json>& by_name);
 
   Fetch fetch_;
   Mode mode_;
   ListSites list_sites_;
+  StoreMemory* memory_ = nullptr;  // Remember(); nullptr: stores are read in full
+  bool refresh_ = false;
   std::optional<std::map<std::string, SiteRow>> sites_;  // read at the first Site()
   int calls_ = 0;
   std::map<std::pair<std::string, Kind>, Listing> listings_;  // by (site, kind)

@@ -329,8 +329,9 @@ class Vault {
                   std::optional<PointPin>& pin);
   // id -> what uses it: the item's drill, its failover before commit, and jobs' pins.
   // Deletes the catalog's points of `item` below `floor` (the store's max(base_seq,
-  // consistent_from) at `site`), except those in use. Takes points_mu_.
-  void ForgetUnreadablePoints(const ItemRow& item, const std::string& site, uint64_t floor);
+  // consistent_from) at `site`), except those in use. Takes points_mu_. Returns true when
+  // no point is left below `floor` (none in use, no failed delete).
+  bool ForgetUnreadablePoints(const ItemRow& item, const std::string& site, uint64_t floor);
   std::map<int64_t, std::string> PointsInUseLocked(const ItemRow& item);  // points_mu_ held
   nlohmann::json PointJsonFor(const PointRow& p, const std::map<int64_t, std::string>& in_use);
   // Whether a crash point is due for `vm` (policy interval on the monotonic clock).
@@ -390,6 +391,9 @@ class Vault {
     // When the newest point last covered everything the recovery site held (monotonic).
     int64_t covered_mono_ns = 0;
     std::string last_error;  // why the last due point was not made
+    // The store's floor (ForgetUnreadablePoints) below which no point is left: the points
+    // are read again only when the floor moves (a resync folded the history).
+    uint64_t floor_cleared = 0;
   };
   std::mutex points_mu_;
   std::mutex logged_mu_;

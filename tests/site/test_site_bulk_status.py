@@ -6,7 +6,7 @@ test_site_security.py (only the vault's certificate gets in)."""
 
 import time
 
-from conftest import KIB, MIB, api_ok, close, connect, protect, wait_durable
+from conftest import KIB, MIB, api_ok, assert_error, close, connect, protect, wait_durable
 
 BULK_TIMEOUT_S = 20
 
@@ -72,3 +72,101 @@ def test_bulk_status_is_what_the_per_vm_routes_say(sites):
     # A deleted group leaves the list.
     api_ok(primary, "DELETE", "/groups/vm-a", status=204)
     assert [g["name"] for g in api_ok(primary, "GET", "/groups")] == ["vm-b", "vm-c"]
+
+
+# Only the figures that move on their own may differ between a store's answer and its
+# per-VM GET read a moment apart.
+USAGE_FIELDS = ("space", "history_bytes", "index_cache_bytes")
+
+
+def without_usage(store):
+    return {k: v for k, v in store.items() if k not in USAGE_FIELDS}
+
+
+def test_stores_since_a_generation_answers_only_what_changed(sites):
+    """GET /stores?since=GEN (the vault's point loop, every second): everything from 0,
+    then only the stores that changed, and nothing while nothing does."""
+    primary, recovery = sites
+    first = api_ok(recovery, "GET", "/stores?since=0")
+    assert first["full"] is True and first["stores"] == [] and first["removed"] == [], first
+    groups = {}
+    for vm in ("vm-a", "vm-b", "vm-c"):
+        groups[vm] = protect(primary, recovery, vm, [("d0", MIB)])
+    for vm in groups:
+        wait_durable(recovery, vm, 0, primary=primary)
+
+    start = api_ok(recovery, "GET", "/stores?since=0")
+    assert start["full"] is True, start
+    assert [s["name"] for s in start["stores"]] == ["vm-a", "vm-b", "vm-c"], start
+    for s in start["stores"]:
+        assert without_usage(s) == without_usage(api_ok(recovery, "GET", f"/stores/{s['name']}"))
+        assert "space" in s and "history_bytes" in s, s  # the whole status, usage included
+
+    # Idle: nothing changes, nothing is sent (bounded: a store still settling after its
+    # initial copy may show once more).
+    gen = start["generation"]
+    deadline = time.monotonic() + BULK_TIMEOUT_S
+    while True:
+        idle = api_ok(recovery, "GET", f"/stores?since={gen}")
+        assert idle["full"] is False, idle
+        if idle["stores"] == [] and idle["removed"] == []:
+            assert idle["generation"] == gen, idle
+            break
+        assert time.monotonic() < deadline, f"still changing: {idle}"
+        gen = idle["generation"]
+        time.sleep(0.2)
+
+    # A write to vm-b: only vm-b, at its new durable seq.
+    h = connect(groups["vm-b"]["disks"][0]["uri"])
+    try:
+        h.pwrite(b"\xa5" * (64 * KIB), 0)
+        h.flush()
+    finally:
+        close(h)
+    last = api_ok(primary, "GET", "/groups/vm-b")["last_seq"]
+    assert last >= 1
+    wait_durable(recovery, "vm-b", last, primary=primary)
+    changed = api_ok(recovery, "GET", f"/stores?since={gen}")
+    assert changed["full"] is False, changed
+    assert [s["name"] for s in changed["stores"]] == ["vm-b"], changed
+    assert changed["stores"][0]["durable_seq"] == last, changed
+    assert changed["removed"] == [], changed
+    assert changed["generation"] != gen, changed
+    gen = changed["generation"]
+
+    # A deleted store is listed as removed, once.
+    api_ok(primary, "DELETE", "/groups/vm-c/replication", status=204)
+    api_ok(recovery, "DELETE", "/stores/vm-c", status=204)
+    gone = api_ok(recovery, "GET", f"/stores?since={gen}")
+    assert gone["removed"] == ["vm-c"], gone
+    assert "vm-c" not in [s["name"] for s in gone["stores"]], gone
+    again = api_ok(recovery, "GET", f"/stores?since={gone['generation']}")
+    assert again["removed"] == [], again
+
+    # A generation of another run of the site (or one it never gave): everything again.
+    other_run = "f" * 16 + "-1"
+    assert not gen.startswith("f" * 16)
+    full = api_ok(recovery, "GET", f"/stores?since={other_run}")
+    assert full["full"] is True, full
+    assert [s["name"] for s in full["stores"]] == ["vm-a", "vm-b"], full
+    future = gen.split("-")[0] + "-" + str(10**12)
+    assert api_ok(recovery, "GET", f"/stores?since={future}")["full"] is True
+    assert recovery.alive()
+
+
+def test_stores_since_refuses_a_bad_generation(sites):
+    """A `since` that is not 0 nor a generation is a 400 naming it, never a crash; the
+    plain listing is unchanged."""
+    _, recovery = sites
+    gen = api_ok(recovery, "GET", "/stores?since=0")["generation"]
+    instance = gen.split("-")[0]
+    bad = ["", "x", "-1", "00", "1", instance, instance + "-", instance.upper() + "-1",
+           instance + "-1x", instance + "--1", instance + "-+1", instance + "-" + "9" * 20,
+           instance + "-" + "1" * 200, "%00", "0" * 5000]
+    for since in bad:
+        err = assert_error(recovery, "GET", f"/stores?since={since}", None, 400)
+        assert "since" in err["message"], (since, err)
+    err = assert_error(recovery, "GET", "/stores?since=0&since=1", None, 400)
+    assert "since" in err["message"], err
+    assert api_ok(recovery, "GET", "/stores") == []
+    assert recovery.alive()

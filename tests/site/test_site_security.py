@@ -50,6 +50,11 @@ ROUTES = [
     ("DELETE", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
 ]
 
+# Query forms of the routes above, refused and answered alike.
+QUERY_FORMS = [
+    ("GET", "/api/v1/stores?since=0", None),
+]
+
 
 def port_of(site):
     return int(site.api_url.split(":")[2].split("/")[0])
@@ -98,7 +103,7 @@ def test_only_the_vault_gets_in(site, tmp_path):
                                                                     *foreign["vault"]),
     }
     vault = tls_client_context(certs["ca"], *certs["vault"])
-    for method, _, path, body in ROUTES:
+    for method, path, body in [(m, p, b) for m, _, p, b in ROUTES] + QUERY_FORMS:
         for who, ctx in callers.items():
             with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
                 status, text = call(site, method, path, body, ctx=ctx)
