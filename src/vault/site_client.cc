@@ -66,6 +66,19 @@ std::string SiteErrorMessage(int status, const std::string& body) {
 
 }  // namespace
 
+Result<int64_t> SiteClient::LeaseTokenOfCall(const std::string& method,
+                                             const std::string& path) const {
+  const LeaseFence* fence = FenceScope::Current();
+  if (fence == nullptr) return int64_t{0};
+  if (method != "GET" && fence->lost()) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("fenced: this vault's lease term (token {}) has ended: {} {} was "
+                              "not sent to site {} — another vault leads now",
+                              fence->token(), method, path, site_.name));
+  }
+  return fence->token();
+}
+
 Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,
                                                          const std::string& path,
                                                          const std::string& body,
@@ -112,10 +125,16 @@ Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& meth
   cli->set_read_timeout(read_timeout_s);
   cli->set_write_timeout(60);
   std::string url = prefix + path;
-  httplib::Result r = method == "GET"    ? cli->Get(url)
-                      : method == "PUT"  ? cli->Put(url, body, content_type)
-                      : method == "POST" ? cli->Post(url, body, content_type)
-                                         : cli->Delete(url);
+  httplib::Headers headers;
+  if (auto token = LeaseTokenOfCall(method, path); !token.ok()) {
+    return token.status();
+  } else if (*token > 0) {
+    headers.emplace(kLeaseTokenHeader, std::to_string(*token));
+  }
+  httplib::Result r = method == "GET"    ? cli->Get(url, headers)
+                      : method == "PUT"  ? cli->Put(url, headers, body, content_type)
+                      : method == "POST" ? cli->Post(url, headers, body, content_type)
+                                         : cli->Delete(url, headers);
   if (!r) {
     return Unavailable(fmt::format("site {} ({}) is unreachable: {}", site_.name, site_.api,
                                    httplib::to_string(r.error())));
