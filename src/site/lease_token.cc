@@ -84,12 +84,16 @@ Status LeaseTokenFence::Refuse(uint64_t token) const {
                             h, token, h));
 }
 
-Status LeaseTokenFence::Raise(uint64_t token) {
-  std::unique_lock hold(mu_);
+void LeaseTokenFence::RaiseHighest(uint64_t token) {
+  uint64_t seen = highest_.load();
+  while (seen < token && !highest_.compare_exchange_weak(seen, token)) {
+  }
+}
+
+Status LeaseTokenFence::Persist(uint64_t token) {
+  std::lock_guard hold(write_mu_);
   if (token <= durable_.load()) return Status::Ok();
   uint64_t to = std::max(token, highest_.load());
-  // Fence first: from here the lower tokens are refused, written or not.
-  highest_.store(to);
   std::string text = json{{"version", kFileVersion}, {"lease_token", to}}.dump() + "\n";
   Status st =
       WriteFileAtomic(path_, std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()),
@@ -107,9 +111,15 @@ Result<LeaseTokenFence::Admission> LeaseTokenFence::AdmitChange(std::optional<ui
   {
     std::shared_lock hold(mu_);
     if (*token < highest_.load()) return Refuse(*token);
-    if (*token <= durable_.load()) return Admission(std::move(hold));
+    if (*token <= drained_ && *token <= durable_.load()) return Admission(std::move(hold));
   }
-  OSR_RETURN_IF_ERROR(Raise(*token));
+  {
+    // Exclusive: every call admitted before (all of lower or equal tokens) has ended.
+    std::unique_lock hold(mu_);
+    RaiseHighest(*token);  // fence first: lower tokens are refused, written or not
+    OSR_RETURN_IF_ERROR(Persist(*token));
+    drained_ = std::max(drained_, *token);
+  }
   // A higher token may have come between the two holds: it wins.
   std::shared_lock hold(mu_);
   if (*token < highest_.load()) return Refuse(*token);
@@ -117,11 +127,12 @@ Result<LeaseTokenFence::Admission> LeaseTokenFence::AdmitChange(std::optional<ui
 }
 
 void LeaseTokenFence::NoteRead(uint64_t token) {
-  if (token <= durable_.load()) return;
-  if (Status st = Raise(token); !st.ok()) {
+  if (token <= durable_.load() && token <= highest_.load()) return;
+  RaiseHighest(token);  // no wait for the calls under way: a read changes nothing
+  if (Status st = Persist(token); !st.ok()) {
     spdlog::error(
-        "site: {} (the read goes on; lower tokens are refused until this process "
-        "ends, and the next higher token is written again)",
+        "site: {} (the read goes on; lower tokens are refused until this process ends, and "
+        "the write is tried again at the next call with a token above the file's)",
         st.message());
   }
 }

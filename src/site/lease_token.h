@@ -14,17 +14,20 @@
 //     new leader's first look at a site already fences the old one.
 //   - A call without a token (an operator's call through any vault's API, a site-local
 //     tool) is neither refused nor recorded: only the leader's own work is fenced.
-//   - A state-changing call holds the fence shared while it runs; recording a higher
-//     token takes it exclusively, so it waits for the calls of lower tokens still under
-//     way: once a site has seen token T, no call of a lower token runs there any more.
+//   - A state-changing call holds the fence shared while it runs. The first state-changing
+//     call of a higher token takes it exclusively first, so it waits for the calls of lower
+//     tokens still under way: a call of token T runs only once no call of a lower token
+//     runs any more, and none starts after. A read with a higher token does not wait: it
+//     refuses the lower tokens' calls from then on, and the ones under way end.
 //
 // The file (data_dir/lease-token, 0600, docs/formats.md "Site lease token") is replaced
 // atomically (temp file, fsync, rename, fsync of the folder). The token only rises: going
 // back is the vault's side (osrd vault --lease-token-floor), never the site's.
 //
 // Thread model: thread-safe. mu_ (writer first) is held shared by running state-changing
-// calls and exclusively while a higher token is recorded; highest_ and durable_ are
-// atomics written only under the exclusive hold.
+// calls and exclusively by the first state-changing call of a higher token (drained_ is
+// guarded by it); write_mu_ (taken after mu_ when both are) orders the file's writes and
+// durable_'s stores; highest_ only rises (compare-and-swap).
 #pragma once
 
 #include <atomic>
@@ -58,8 +61,8 @@ class LeaseTokenFence {
   // and what to do), the read's error (kIoError, kPermissionDenied) otherwise.
   static Result<std::unique_ptr<LeaseTokenFence>> Open(std::string path);
 
-  // A state-changing call let through; while it lives, no higher token is recorded
-  // (recording waits for it). Movable; the hold ends when it goes.
+  // A state-changing call let through; while it lives, no state-changing call of a higher
+  // token starts (it waits for this). Movable; the hold ends when it goes.
   class Admission {
    public:
     Admission() = default;
@@ -75,8 +78,9 @@ class LeaseTokenFence {
   // is refused, the higher token still fences lower ones from now on).
   // Must not be called by a thread that holds an Admission (the lock is not recursive).
   Result<Admission> AdmitChange(std::optional<uint64_t> token);
-  // A read carrying `token`: never refused; a higher token is recorded (a failure to
-  // write it is logged, and the token still fences lower ones in this process).
+  // A read carrying `token`: never refused, never waits for calls under way; a higher
+  // token is recorded (a failure to write it is logged, and the token still fences lower
+  // ones in this process).
   void NoteRead(uint64_t token);
 
   // The highest token seen (0: none yet).
@@ -88,14 +92,20 @@ class LeaseTokenFence {
  private:
   LeaseTokenFence(std::string path, uint64_t token)
       : path_(std::move(path)), highest_(token), durable_(token) {}
-  // Records `token` if it is above what is on disk (exclusive hold). The write's error.
-  Status Raise(uint64_t token);
+  void RaiseHighest(uint64_t token);  // highest_ = max(highest_, token)
+  // Writes max(token, highest_) if token is above what is on disk. The write's error.
+  Status Persist(uint64_t token);
   Status Refuse(uint64_t token) const;
 
   const std::string path_;
   WriterFirstSharedMutex mu_;
+  std::mutex write_mu_;
   std::atomic<uint64_t> highest_;  // what refuses: raised before the write is tried
   std::atomic<uint64_t> durable_;  // what the file holds
+  // The highest token whose first state-changing call waited for every call admitted
+  // before it (guarded by mu_: written exclusive, read shared). 0 at start: the first
+  // call of a token after a restart drains too (there is nothing to wait for then).
+  uint64_t drained_ = 0;
 };
 
 }  // namespace osr::site

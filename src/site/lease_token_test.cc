@@ -200,5 +200,32 @@ TEST_F(LeaseTokenTest, AHigherTokenWaitsForTheCallsOfALowerOneUnderWay) {
   EXPECT_EQ(f->highest(), 6u);
 }
 
+// A read with a higher token does not wait for the calls under way (the new leader's look
+// at a site is not held up by an old leader's long call), and fences the lower token at
+// once; the new token's first change still waits for them.
+TEST_F(LeaseTokenTest, AReadWithAHigherTokenDoesNotWaitButItsFirstChangeDoes) {
+  auto f = OpenOk();
+  ASSERT_NE(f, nullptr);
+  auto held = f->AdmitChange(5);
+  ASSERT_TRUE(held.ok());
+  f->NoteRead(6);  // returns with the call of token 5 still running
+  EXPECT_EQ(f->highest(), 6u);
+  EXPECT_EQ(f->durable(), 6u);
+  EXPECT_FALSE(f->AdmitChange(5).ok());  // no new call of token 5 starts
+  std::atomic<bool> admitted{false};
+  std::thread newer([&] { admitted = f->AdmitChange(6).ok(); });
+  for (int i = 0; i < 20; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_FALSE(admitted.load());
+  }
+  *held = LeaseTokenFence::Admission();
+  newer.join();
+  EXPECT_TRUE(admitted.load());
+  // Drained once: later calls of token 6 run side by side.
+  auto a = f->AdmitChange(6);
+  auto b = f->AdmitChange(6);
+  EXPECT_TRUE(a.ok() && b.ok());
+}
+
 }  // namespace
 }  // namespace osr::site
