@@ -429,6 +429,9 @@ void SiteApi::Add(const std::string& method, const std::string& pattern,
     }
     auto admitted = lease_tokens_->AdmitChange(*token);
     if (!admitted.ok()) {
+      if (admitted.status().code() == Code::kFailedPrecondition) {
+        res.set_header(kLeaseTokenSeenHeader, std::to_string(lease_tokens_->highest()));
+      }
       spdlog::warn("site {}: {} {} refused: {}", site_->config().name, req.method, req.path,
                    admitted.status().message());
       return Error(res, admitted.status());

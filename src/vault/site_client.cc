@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <httplib.h>
+#include <spdlog/spdlog.h>
 
 #include "common/https.h"
 #include "common/json_in.h"
@@ -140,8 +141,18 @@ Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& meth
                                    httplib::to_string(r.error())));
   }
   if (r->status >= 300) {
-    return Status(SiteErrorCode(r->status, r->body),
-                  fmt::format("site {}: {}", site_.name, SiteErrorMessage(r->status, r->body)));
+    Status refused(SiteErrorCode(r->status, r->body),
+                   fmt::format("site {}: {}", site_.name, SiteErrorMessage(r->status, r->body)));
+    if (r->status == 409 && r->has_header(kLeaseTokenSeenHeader)) {
+      // Never acted on (raising this vault's token would undo the fence): said, loudly.
+      spdlog::error(
+          "vault: site {} refused {} {}: it has seen lease token {}, this call carried "
+          "{}: {}",
+          site_.name, method, path, r->get_header_value(kLeaseTokenSeenHeader).substr(0, 20),
+          headers.count(kLeaseTokenHeader) ? headers.find(kLeaseTokenHeader)->second : "none",
+          refused.message());
+    }
+    return refused;
   }
   return std::pair<int, std::string>{r->status, std::move(r->body)};
 }

@@ -188,6 +188,9 @@ def test_a_restored_catalog_is_refused_until_the_operator_raises_its_token(
         assert (f"site recovery: fenced: this site has seen lease token {newest}; this call "
                 f"carries {restored}") in done["error"], done
         assert f"--lease-token-floor {newest}" in done["error"], done
+        assert (f"vault: site recovery refused POST /groups/vm1/failover: it has seen lease "
+                f"token {newest}, this call carried {restored}") in vault.stderr(), \
+            vault.stderr()[-3000:]
         # Nothing moved at the sites, and the vault did not raise its token by itself.
         group = api_ok(primary, "GET", "/groups/vm1")
         assert group["fenced_epoch"] == 0 and group["replicate_to"] == recovery.replication, group
