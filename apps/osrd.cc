@@ -336,6 +336,7 @@ struct VaultArgs {
   std::string hooks_file;                        // the hooks allow-list (--hooks)
   bool allow_api_hooks = false;                  // a lab: hook strings from the API run
   int lease_ttl_ms = vault::kLeaseTtlMsDefault;  // several vaults: the leader's lease
+  int64_t lease_token_floor = 0;                 // the reset after a catalog restore
 };
 
 // Where a first admin token is written: beside a SQLite catalog; in the working
@@ -366,6 +367,7 @@ int VaultMain(const VaultArgs& a) {
   vcfg.api.public_hosts = a.public_hosts;
   vcfg.site_tls = {a.site_ca, a.site_cert, a.site_key};
   vcfg.lease_ttl_ms = a.lease_ttl_ms;
+  vcfg.lease_token_floor = a.lease_token_floor;
   auto hooks = vault::LoadHookConfig(a.hooks_file, a.allow_api_hooks);
   if (!hooks.ok()) return Fail(hooks.status());
   vcfg.hooks = *hooks;
@@ -583,6 +585,11 @@ int main(int argc, char** argv) {
                  "several vaults on one PostgreSQL catalog: the leader's lease lasts this long "
                  "after its last renewal (default 6000; docs/operations.md)")
       ->check(CLI::Range(vault::kLeaseTtlMsMin, 3600000));
+  vp->add_option("--lease-token-floor", va.lease_token_floor,
+                 "after the catalog was restored from a backup: raise the lease token to N "
+                 "(the highest a site's refusal names) so that the sites accept this vault's "
+                 "leader again (docs/operations.md)")
+      ->check(CLI::Range(int64_t{1}, int64_t{(int64_t{1} << 62)}));
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--db", qs_db,

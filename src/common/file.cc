@@ -647,10 +647,14 @@ Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max) {
   return text;
 }
 
-Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data) {
+Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data, FilePerms perms) {
   std::string tmp = path + ".tmp";
   Status written = [&]() -> Status {
     OSR_ASSIGN_OR_RETURN(File f, File::Open(tmp, File::Mode::kCreate));
+    // Before the data goes in: a temp file left from an older write may have other bits.
+    if (perms == FilePerms::kOwnerOnly && ::fchmod(f.fd(), 0600) != 0) {
+      return Status::FromErrno(errno, "chmod 0600 " + tmp);
+    }
     OSR_RETURN_IF_ERROR(f.Truncate(0));
     OSR_RETURN_IF_ERROR(f.PWrite(0, data));
     OSR_RETURN_IF_ERROR(f.Sync());

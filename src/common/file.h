@@ -122,8 +122,12 @@ Result<SpaceInfo> FileSystemSpace(const std::string& path);
 // it has more than `bytes_max` bytes; the errors of File::Open and PRead otherwise.
 Result<std::string> ReadSmallFile(const std::string& path, uint64_t bytes_max);
 
-// Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
-Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data);
+// Who may read a file osr writes: kDefault 0644 less the umask; kOwnerOnly 0600 (state
+// that only the daemon's user may read or change).
+enum class FilePerms { kDefault, kOwnerOnly };
+// Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir), with `perms`.
+Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> data,
+                       FilePerms perms = FilePerms::kDefault);
 // fsync of a directory: its entries (files created, renamed or removed in it) are durable.
 Status SyncDir(const std::string& dir);
 

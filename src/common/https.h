@@ -23,6 +23,13 @@ typedef struct ssl_st SSL;
 
 namespace osr {
 
+// The HTTP header in which the vault's leader sends its lease term's fencing token to a
+// site (decimal, 1..2^63-1; docs/api.md, "Site API", "Lease tokens"): the site refuses a
+// state-changing call whose token is lower than one it has seen (site/lease_token.h).
+inline constexpr char kLeaseTokenHeader[] = "X-Osr-Lease-Token";
+// On such a refusal (409) the site says the highest token it has seen in this header.
+inline constexpr char kLeaseTokenSeenHeader[] = "X-Osr-Lease-Token-Seen";
+
 // kInvalidArgument naming the file that could not be loaded.
 Status ConfigureServerTls(SSL_CTX* ctx, const TlsFiles& files,
                           const std::vector<std::string>& peer_names = {});

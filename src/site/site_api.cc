@@ -86,6 +86,12 @@ SiteApi::SiteApi(Site* site) : site_(site) {
           "certificate), or api_insecure = true for a lab on loopback");
     }
   }
+  auto tokens = LeaseTokenFence::Open(cfg.data_dir + "/" + LeaseTokenFence::kFileName);
+  if (tokens.ok()) {
+    lease_tokens_ = std::move(*tokens);
+  } else if (setup_.ok()) {
+    setup_ = tokens.status();
+  }
   auto& h = *http_;
   h.set_socket_options(ExclusiveListenerOptions);
   h.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -111,7 +117,9 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       });
   h.set_payload_max_length(kBodyBytesMax);
   Add("GET", "/api/v1/site", [this](const httplib::Request&, httplib::Response& res) {
-    Reply(res, 200, site_->Describe());
+    json d = site_->Describe();
+    d["lease_token"] = lease_tokens_->highest();  // the highest vault lease token seen
+    Reply(res, 200, d);
   });
   Add("GET", "/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(site_->Metrics(), "text/plain; version=0.0.4");
@@ -399,9 +407,43 @@ SiteApi::SiteApi(Site* site) : site_(site) {
   });
 }
 
+namespace {
+
+// The call's lease token: nullopt without the header; kInvalidArgument for a bad value
+// or more than one header.
+Result<std::optional<uint64_t>> LeaseTokenOf(const httplib::Request& req) {
+  size_t n = req.get_header_value_count(kLeaseTokenHeader);
+  if (n == 0) return std::optional<uint64_t>();
+  if (n > 1) return InvalidArgument(fmt::format("more than one {} header", kLeaseTokenHeader));
+  OSR_ASSIGN_OR_RETURN(uint64_t token, ParseLeaseToken(req.get_header_value(kLeaseTokenHeader)));
+  return std::optional<uint64_t>(token);
+}
+
+}  // namespace
+
 void SiteApi::Add(const std::string& method, const std::string& pattern,
-                  std::function<void(const httplib::Request&, httplib::Response&)> handler) {
+                  std::function<void(const httplib::Request&, httplib::Response&)> route) {
   routes_.emplace_back(method, pattern);
+  auto handler = [this, changes = method != "GET", route = std::move(route)](
+                     const httplib::Request& req, httplib::Response& res) {
+    if (!lease_tokens_) return Error(res, Internal("the site's lease token is not loaded"));
+    auto token = LeaseTokenOf(req);
+    if (!token.ok()) return Error(res, token.status());
+    if (!changes) {
+      if (*token) lease_tokens_->NoteRead(**token);
+      return route(req, res);
+    }
+    auto admitted = lease_tokens_->AdmitChange(*token);
+    if (!admitted.ok()) {
+      if (admitted.status().code() == Code::kFailedPrecondition) {
+        res.set_header(kLeaseTokenSeenHeader, std::to_string(lease_tokens_->highest()));
+      }
+      spdlog::warn("site {}: {} {} refused: {}", site_->config().name, req.method, req.path,
+                   admitted.status().message());
+      return Error(res, admitted.status());
+    }
+    route(req, res);  // holding the admission: no higher token is recorded meanwhile
+  };
   if (method == "GET") {
     http_->Get(pattern, std::move(handler));
   } else if (method == "PUT") {

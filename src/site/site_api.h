@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/socket.h"
+#include "site/lease_token.h"
 #include "site/site.h"
 
 namespace httplib {
@@ -37,11 +38,17 @@ class SiteApi {
   void Stop();
 
  private:
-  // Registers a route and keeps it in routes_ (GET /api/v1/routes lists them).
+  // Registers a route and keeps it in routes_ (GET /api/v1/routes lists them). Every
+  // route is behind the lease-token fence (site/lease_token.h): a bad X-Osr-Lease-Token
+  // is a 400; a state-changing route (not GET) with a token below the highest seen is
+  // refused (409) and runs holding the fence; a GET records a higher token.
   void Add(const std::string& method, const std::string& pattern,
            std::function<void(const httplib::Request&, httplib::Response&)> handler);
 
   Site* site_;
+  // The highest vault lease token seen (data_dir/lease-token); null only when it could
+  // not be read, and then setup_ says why and the API does not listen.
+  std::unique_ptr<LeaseTokenFence> lease_tokens_;
   std::vector<std::pair<std::string, std::string>> routes_;  // (method, pattern)
   Status setup_;  // a TLS file that did not load, or no TLS and no api_insecure
   std::unique_ptr<httplib::Server> http_;

@@ -992,6 +992,23 @@ Status Catalog::ReleaseLease(const std::string& holder, int64_t token) {
   });
 }
 
+Result<int64_t> Catalog::RaiseLeaseToken(int64_t floor) {
+  if (floor < 1) return InvalidArgument(fmt::format("a lease token floor of {} (from 1)", floor));
+  int64_t before = 0;
+  OSR_RETURN_IF_ERROR(Transact([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(SqlResult r,
+                         conn_->Query("SELECT token FROM lease WHERE name='leader'", {}));
+    if (r.rows.size() != 1) return Corruption("catalog lease: the row 'leader' is missing");
+    SqlRow s(r, 0, "lease row 'leader'");
+    before = s.Int(0);
+    OSR_RETURN_IF_ERROR(s.status());
+    if (before >= floor) return Status::Ok();
+    return conn_->Exec("UPDATE lease SET token=? WHERE name='leader' AND token < ?",
+                       {floor, floor});
+  }));
+  return before;
+}
+
 Result<LeaseRow> Catalog::ReadLease() {
   std::lock_guard lock(mu_);
   OSR_ASSIGN_OR_RETURN(

@@ -298,6 +298,12 @@ class Catalog {
   Result<bool> RenewLease(const std::string& holder, int64_t token, int64_t ttl_ms);
   // Gives the lease up (holder ""), if `holder` holds it under `token`.
   Status ReleaseLease(const std::string& holder, int64_t token);
+  // The operator's reset after a restore (osrd vault --lease-token-floor): sets the lease's
+  // token to `floor` when it is lower, so that the next term's token is above every token
+  // the sites have seen. A holder under a lower token loses the lease (its next renewal or
+  // fenced write finds another token). Returns the token before (unchanged when it was
+  // at or above floor). kInvalidArgument for a floor below 1; the catalog's errors.
+  Result<int64_t> RaiseLeaseToken(int64_t floor);
   Result<LeaseRow> ReadLease();
   Result<std::vector<InstanceRow>> ListInstances();  // by start, oldest first
   // Catalog writes this process refused because its fence was lost (see LeaseFence).

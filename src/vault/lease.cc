@@ -41,6 +41,18 @@ Result<std::unique_ptr<LeaseKeeper>> LeaseKeeper::Open(const LeaseConfig& cfg_in
   pg.statement_timeout_ms = pg.answer_timeout_ms;
   pg.idle_in_transaction_ms = std::max(1000, cfg.ttl_ms);
   OSR_ASSIGN_OR_RETURN(std::unique_ptr<Catalog> catalog, Catalog::Open(cfg.db, pg));
+  if (cfg.token_floor > 0) {
+    OSR_ASSIGN_OR_RETURN(int64_t before, catalog->RaiseLeaseToken(cfg.token_floor));
+    if (before < cfg.token_floor) {
+      spdlog::warn(
+          "vault: --lease-token-floor {}: the lease token goes from {} to {}; the next "
+          "leader's token is {} (above what the sites have seen)",
+          cfg.token_floor, before, cfg.token_floor, cfg.token_floor + 1);
+    } else {
+      spdlog::info("vault: --lease-token-floor {}: the lease token is {} already; unchanged",
+                   cfg.token_floor, before);
+    }
+  }
   OSR_ASSIGN_OR_RETURN(std::string id, NewInstanceId());
   OSR_RETURN_IF_ERROR(catalog->PutInstance({id, cfg.host, cfg.api, 0, 0}));
   spdlog::info("vault: instance {} ({} {}), lease TTL {} ms", id, cfg.host, cfg.api, cfg.ttl_ms);

@@ -41,6 +41,11 @@ struct LeaseConfig {
   int ttl_ms = kLeaseTtlMsDefault;
   std::string host;  // this host's name (shown; with api, how a restart finds its seat)
   std::string api;   // HOST:PORT of this instance's REST API
+  // 0, or the operator's reset after a catalog restore (--lease-token-floor): at Open the
+  // lease's token is raised to this when lower (Catalog::RaiseLeaseToken), so the next
+  // term's token is above it. Never set by the vault itself: a site's refusal must not
+  // move it, or the sites' fence would fence nothing.
+  int64_t token_floor = 0;
 };
 
 class LeaseKeeper {
@@ -54,8 +59,9 @@ class LeaseKeeper {
     std::function<void()> lost;
   };
 
-  // Opens the keeper's connection and registers this instance (a new random id). Errors:
-  // the catalog's (kUnavailable: the database cannot be reached).
+  // Opens the keeper's connection, raises the lease token to cfg.token_floor if asked,
+  // and registers this instance (a new random id). Errors: the catalog's (kUnavailable:
+  // the database cannot be reached).
   static Result<std::unique_ptr<LeaseKeeper>> Open(const LeaseConfig& cfg, Callbacks callbacks);
   ~LeaseKeeper();
 

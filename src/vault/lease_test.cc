@@ -193,6 +193,52 @@ TEST_P(LeaseTest, KeepersHandOverWhenTheLeaderStops) {
   (*b)->Stop();
 }
 
+// The operator's reset after a catalog restore (osrd vault --lease-token-floor): the token
+// only rises, the next term's token is above the floor, and a holder under the old token
+// has lost the lease.
+TEST_P(LeaseTest, ATokenFloorRaisesTheNextTermsTokenOnlyUpward) {
+  auto c = Catalog::Open(db_).value();
+  ASSERT_TRUE(c->PutInstance(kA).ok());
+  ASSERT_TRUE(c->PutInstance(kB).ok());
+  auto a = c->AcquireLease(kA, 60000);
+  ASSERT_TRUE(a.ok() && a->has_value()) << a.status().ToString();
+  ASSERT_EQ((*a)->token, 1);
+
+  auto before = c->RaiseLeaseToken(7);
+  ASSERT_TRUE(before.ok()) << before.status().ToString();
+  EXPECT_EQ(*before, 1);
+  EXPECT_EQ(c->ReadLease().value().token, 7);
+  EXPECT_FALSE(c->RenewLease("a", 1, 60000).value());  // A's term is over
+  ASSERT_TRUE(c->RenewLease("a", 7, -1000).ok());      // (the row still names A: let it lapse)
+  auto b = c->AcquireLease(kB, 60000);
+  ASSERT_TRUE(b.ok() && b->has_value()) << b.status().ToString();
+  EXPECT_EQ((*b)->token, 8);
+
+  // A floor at or below the token changes nothing: B keeps its term.
+  EXPECT_EQ(c->RaiseLeaseToken(8).value(), 8);
+  EXPECT_EQ(c->RaiseLeaseToken(3).value(), 8);
+  EXPECT_TRUE(c->RenewLease("b", 8, 60000).value());
+  EXPECT_EQ(c->RaiseLeaseToken(0).status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(c->ReadLease().value().token, 8);
+
+  // Through the keeper's config: the instance that starts with it leads above the floor.
+  std::atomic<int64_t> token{0};
+  LeaseKeeper::Callbacks cb;
+  cb.gained = [&token](LeaseFence& f) {
+    token = f.token();
+    return Status::Ok();
+  };
+  cb.lost = [] {};
+  ASSERT_TRUE(c->ReleaseLease("b", 8).ok());
+  LeaseConfig lc{db_, 600, "host", "127.0.0.1:3"};
+  lc.token_floor = 20;
+  auto k = LeaseKeeper::Open(lc, cb);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  EXPECT_TRUE((*k)->TryLead().value());
+  EXPECT_EQ(token.load(), 21);
+  (*k)->Stop();
+}
+
 TEST(LeaseFenceTest, AJobOfALostTermStopsWithoutBeingCancelled) {
   LeaseFence fence("a", 1, 6000);
   FenceScope scope(&fence);

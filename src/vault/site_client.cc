@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <httplib.h>
+#include <spdlog/spdlog.h>
 
 #include "common/https.h"
 #include "common/json_in.h"
@@ -66,6 +67,19 @@ std::string SiteErrorMessage(int status, const std::string& body) {
 
 }  // namespace
 
+Result<int64_t> SiteClient::LeaseTokenOfCall(const std::string& method,
+                                             const std::string& path) const {
+  const LeaseFence* fence = FenceScope::Current();
+  if (fence == nullptr) return int64_t{0};
+  if (method != "GET" && fence->lost()) {
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("fenced: this vault's lease term (token {}) has ended: {} {} was "
+                              "not sent to site {} — another vault leads now",
+                              fence->token(), method, path, site_.name));
+  }
+  return fence->token();
+}
+
 Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& method,
                                                          const std::string& path,
                                                          const std::string& body,
@@ -112,17 +126,33 @@ Result<std::pair<int, std::string>> SiteClient::Exchange(const std::string& meth
   cli->set_read_timeout(read_timeout_s);
   cli->set_write_timeout(60);
   std::string url = prefix + path;
-  httplib::Result r = method == "GET"    ? cli->Get(url)
-                      : method == "PUT"  ? cli->Put(url, body, content_type)
-                      : method == "POST" ? cli->Post(url, body, content_type)
-                                         : cli->Delete(url);
+  httplib::Headers headers;
+  if (auto token = LeaseTokenOfCall(method, path); !token.ok()) {
+    return token.status();
+  } else if (*token > 0) {
+    headers.emplace(kLeaseTokenHeader, std::to_string(*token));
+  }
+  httplib::Result r = method == "GET"    ? cli->Get(url, headers)
+                      : method == "PUT"  ? cli->Put(url, headers, body, content_type)
+                      : method == "POST" ? cli->Post(url, headers, body, content_type)
+                                         : cli->Delete(url, headers);
   if (!r) {
     return Unavailable(fmt::format("site {} ({}) is unreachable: {}", site_.name, site_.api,
                                    httplib::to_string(r.error())));
   }
   if (r->status >= 300) {
-    return Status(SiteErrorCode(r->status, r->body),
-                  fmt::format("site {}: {}", site_.name, SiteErrorMessage(r->status, r->body)));
+    Status refused(SiteErrorCode(r->status, r->body),
+                   fmt::format("site {}: {}", site_.name, SiteErrorMessage(r->status, r->body)));
+    if (r->status == 409 && r->has_header(kLeaseTokenSeenHeader)) {
+      // Never acted on (raising this vault's token would undo the fence): said, loudly.
+      spdlog::error(
+          "vault: site {} refused {} {}: it has seen lease token {}, this call carried "
+          "{}: {}",
+          site_.name, method, path, r->get_header_value(kLeaseTokenSeenHeader).substr(0, 20),
+          headers.count(kLeaseTokenHeader) ? headers.find(kLeaseTokenHeader)->second : "none",
+          refused.message());
+    }
+    return refused;
   }
   return std::pair<int, std::string>{r->status, std::move(r->body)};
 }

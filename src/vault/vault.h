@@ -88,6 +88,9 @@ struct VaultConfig {
   // renews it every third of it, another instance takes over this long after its last
   // renewal. A restarted vault (same host and API address) takes its own lease back at once.
   int lease_ttl_ms = kLeaseTtlMsDefault;
+  // 0, or the operator's reset of the lease token after the catalog was restored from a
+  // backup (osrd vault --lease-token-floor; vault/lease.h LeaseConfig::token_floor).
+  int64_t lease_token_floor = 0;
 };
 
 // The health line of a quarantined group or store (its site's "damage": kind, reason,

@@ -39,6 +39,7 @@ Status Vault::StartLease() {
   LeaseConfig lc;
   lc.db = cfg_.db_path;
   lc.ttl_ms = cfg_.lease_ttl_ms;
+  lc.token_floor = cfg_.lease_token_floor;
   lc.host = HostName();
   lc.api = fmt::format("{}:{}", api_->address().host, api_->address().port);
   LeaseKeeper::Callbacks callbacks;

@@ -167,13 +167,14 @@ def plain_sites(site_factory):
 # -- HTTP API -----------------------------------------------------------------------
 
 
-def api(site, method, path, body=None, raw=None, timeout=HTTP_TIMEOUT_S):
+def api(site, method, path, body=None, raw=None, timeout=HTTP_TIMEOUT_S, headers=None):
     """Calls the site's API; path is relative to /api/v1 ("/groups/vm1") or absolute
-    ("/metrics"). Returns (status, decoded JSON or None for an empty body)."""
+    ("/metrics"); `headers`: more request headers (a vault's X-Osr-Lease-Token). Returns
+    (status, decoded JSON or None for an empty body)."""
     root = site.api_url[:-len("/api/v1")]
     url = root + (path if path.startswith("/api/v1") or path == "/metrics" else "/api/v1" + path)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
     ctx = None
