@@ -19,6 +19,7 @@
 #include "capture/dirty_bitmap.h"
 #include "capture/log_reader.h"
 #include "capture/replay.h"
+#include "common/https.h"
 #include "common/tls.h"
 #include "common/units.h"
 #include "nbd/file_disk.h"
@@ -589,7 +590,7 @@ int main(int argc, char** argv) {
                  "after the catalog was restored from a backup: raise the lease token to N "
                  "(the highest a site's refusal names) so that the sites accept this vault's "
                  "leader again (docs/operations.md)")
-      ->check(CLI::Range(int64_t{1}, int64_t{(int64_t{1} << 62)}));
+      ->check(CLI::Range(int64_t{1}, static_cast<int64_t>(kLeaseTokenMax - 1)));
   auto* qs = app.add_subcommand("quickstart", "a vault and two sites on 127.0.0.1, in one process");
   qs->add_option("--dir", qs_dir, "state directory (default ./osr-data)");
   qs->add_option("--db", qs_db,

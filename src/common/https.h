@@ -24,9 +24,14 @@ typedef struct ssl_st SSL;
 namespace osr {
 
 // The HTTP header in which the vault's leader sends its lease term's fencing token to a
-// site (decimal, 1..2^63-1; docs/api.md, "Site API", "Lease tokens"): the site refuses a
-// state-changing call whose token is lower than one it has seen (site/lease_token.h).
+// site (decimal, 1..kLeaseTokenMax; docs/api.md, "Site API", "Lease tokens"): the site
+// refuses a state-changing call whose token is lower than one it has seen
+// (site/lease_token.h).
 inline constexpr char kLeaseTokenHeader[] = "X-Osr-Lease-Token";
+// The highest lease token a site accepts. `osrd vault --lease-token-floor` goes to one
+// below it, so the next term's token (floor + 1) is still one a site takes: any token a
+// site recorded below this can be passed; this one only by removing the site's record.
+inline constexpr uint64_t kLeaseTokenMax = uint64_t{1} << 62;
 // On such a refusal (409) the site says the highest token it has seen in this header.
 inline constexpr char kLeaseTokenSeenHeader[] = "X-Osr-Lease-Token-Seen";
 

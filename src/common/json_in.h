@@ -42,6 +42,11 @@ Result<nlohmann::json> ParseObject(std::string_view text, std::string_view what,
 // from a peer) are written with U+FFFD in place of the bad bytes.
 std::string Dump(const nlohmann::json& j);
 
+// Whether `text` is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing
+// above U+10FFFF). A peer's path or parameter that is not is refused before it reaches a
+// database that would refuse it less clearly.
+bool IsUtf8(std::string_view text);
+
 // The largest nesting depth of `text` (0 for a scalar), counting only brackets outside
 // strings; stops counting at limit + 1.
 size_t NestingDepth(std::string_view text, size_t limit);

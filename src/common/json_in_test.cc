@@ -99,6 +99,18 @@ TEST(JsonIn, RangesMissingAndRequired) {
   EXPECT_EQ(n.status().message(), "spec must be a JSON object, not null");
 }
 
+TEST(JsonIn, IsUtf8FollowsRfc3629) {
+  EXPECT_TRUE(IsUtf8(""));
+  EXPECT_TRUE(IsUtf8("vm1/ok"));
+  EXPECT_TRUE(IsUtf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"));  // é € U+1F600
+  EXPECT_FALSE(IsUtf8("\xff"));
+  EXPECT_FALSE(IsUtf8("a\xc3"));             // cut short
+  EXPECT_FALSE(IsUtf8("\xc0\xaf"));          // overlong '/'
+  EXPECT_FALSE(IsUtf8("\xed\xa0\x80"));      // a surrogate
+  EXPECT_FALSE(IsUtf8("\xf4\x90\x80\x80"));  // above U+10FFFF
+  EXPECT_FALSE(IsUtf8("\xe2\x28\xa1"));      // a bad continuation
+}
+
 TEST(JsonIn, DumpReplacesBadUtf8) {
   json j = std::string("a\xff");
   EXPECT_EQ(Dump(j), "\"a\xEF\xBF\xBD\"");

@@ -76,6 +76,15 @@ Result<std::unique_ptr<LeaseTokenFence>> LeaseTokenFence::Open(std::string path)
 
 Status LeaseTokenFence::Refuse(uint64_t token) const {
   uint64_t h = highest_.load();
+  if (h >= kLeaseTokenMax) {
+    // No vault's token can pass it (only someone holding the vault's certificate can have
+    // sent it): the site's record is reset by hand.
+    return Status(Code::kFailedPrecondition,
+                  fmt::format("fenced: this site has seen lease token {}, the highest there is; "
+                              "this call carries {}. No vault can lead here again until the "
+                              "site is stopped and its {} removed (docs/operations.md)",
+                              h, token, path_));
+  }
   return Status(Code::kFailedPrecondition,
                 fmt::format("fenced: this site has seen lease token {}; this call carries {} — "
                             "another vault leads now. If this vault's catalog was restored from "

@@ -45,7 +45,6 @@
 namespace osr::site {
 
 // The largest token (the vault's catalog keeps it in a signed 64-bit column).
-inline constexpr uint64_t kLeaseTokenMax = (uint64_t{1} << 63) - 1;
 
 // A header's value: 1-19 decimal digits, 1..kLeaseTokenMax, nothing else (no sign, no
 // space). kInvalidArgument naming the header and the value (cut to 40 characters).

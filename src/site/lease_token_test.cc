@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "common/file.h"
+#include "common/https.h"
 
 namespace osr::site {
 namespace {
@@ -119,11 +120,25 @@ TEST_F(LeaseTokenTest, ReadsAreNeverRefusedButRecordAHigherToken) {
   EXPECT_EQ(OpenOk()->highest(), 4u);
 }
 
+TEST_F(LeaseTokenTest, ASiteAtTheHighestTokenSaysHowToResetIt) {
+  auto f = OpenOk();
+  {
+    auto top = f->AdmitChange(kLeaseTokenMax);
+    ASSERT_TRUE(top.ok()) << top.status().ToString();
+  }
+  auto refused = f->AdmitChange(kLeaseTokenMax - 1);
+  ASSERT_FALSE(refused.ok());
+  const std::string& m = refused.status().message();
+  EXPECT_NE(m.find("the highest there is"), std::string::npos) << m;
+  EXPECT_EQ(m.find("--lease-token-floor"), std::string::npos) << m;
+}
+
 TEST_F(LeaseTokenTest, HeaderValuesOtherThanATokenAreRefused) {
   EXPECT_EQ(ParseLeaseToken("7").value(), 7u);
-  EXPECT_EQ(ParseLeaseToken("9223372036854775807").value(), kLeaseTokenMax);
-  for (const char* bad : {"", "0", "-1", "+5", " 5", "5 ", "5a", "0x10", "1.0",
-                          "9223372036854775808", "99999999999999999999"}) {
+  EXPECT_EQ(ParseLeaseToken("4611686018427387904").value(), kLeaseTokenMax);  // 2^62
+  for (const char* bad :
+       {"", "0", "-1", "+5", " 5", "5 ", "5a", "0x10", "1.0", "4611686018427387905",
+        "9223372036854775807", "9223372036854775808", "99999999999999999999"}) {
     auto r = ParseLeaseToken(bad);
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;

@@ -55,9 +55,8 @@ Result<MaterialiseStatus> ReadMaterialise(const json& group, const std::string& 
 
 void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
-  auto dst = catalog_->FindSite(item.target);
+  auto dst = RegisteredSite(item.target);
   if (!dst.ok()) return steps.Fail(dst.status());
-  if (!*dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   item.state = ItemState::kCommitting;
   if (Status st = catalog_->PutItem(item); !st.ok()) return steps.Fail(st);  // nothing done yet
   auto back = [&](const Status& st) {
@@ -66,10 +65,10 @@ void Vault::RunCommit(JobRow& job, ItemRow item, JobCancel& cancel) {
   };
   steps.Begin(
       fmt::format("Copy the rest of the point into the disks at {} (the VM runs on)", item.target));
-  if (Status m = Materialise(job, item, **dst, steps); !m.ok()) return back(m);
+  if (Status m = Materialise(job, item, *dst, steps); !m.ok()) return back(m);
   steps.Done(80);
   steps.Begin("Delete the recovery points and the recovery store");
-  auto d = Client(**dst).Call("DELETE", "/stores/" + job.vm);
+  auto d = Client(*dst).Call("DELETE", "/stores/" + job.vm);
   if (!d.ok() && d.status().code() != Code::kNotFound) return back(d.status());
   if (Status st = catalog_->DeletePoints(job.vm); !st.ok()) {
     // The store is gone; the points would name data that is not there. Commit again

@@ -16,9 +16,8 @@ using nlohmann::json;
 
 void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
-  auto dst = catalog_->FindSite(item.target);
+  auto dst = RegisteredSite(item.target);
   if (!dst.ok()) return steps.Fail(dst.status());
-  if (!*dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   steps.Begin("Resolve the recovery point");
   auto p = ResolvePoint(item, json_in::Fields(job.args).String("point", "latest"), &cancel);
   if (!p.ok() && p.status().code() == Code::kCancelled) {
@@ -34,8 +33,8 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   steps.Progress(30, fmt::format("point {} (seq {}, {})", p->id, p->seq, FormatTimeNs(p->time_ns)));
   steps.Done(40);
   steps.Begin(fmt::format("Open the drill disks at {}", item.target));
-  auto v = Client(**dst).Call("POST", "/stores/" + job.vm + "/views",
-                              json{{"seq", p->seq}, {"writable", true}});
+  auto v = Client(*dst).Call("POST", "/stores/" + job.vm + "/views",
+                             json{{"seq", p->seq}, {"writable", true}});
   if (!v.ok()) return steps.Fail(v.status());
   json_in::Fields vf(*v, "site " + item.target + " view.");
   std::string view_id = vf.String("id");
@@ -47,7 +46,7 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   item.drill = {{"view", view_id}, {"point", PointJson(*p)}, {"disks", disks}};
   if (Status st = catalog_->PutItem(item); !st.ok()) {
     // Unrecorded, nothing would name the drill disks: they are closed again.
-    auto closed = Client(**dst).Call("DELETE", "/views/" + DrillView(item));
+    auto closed = Client(*dst).Call("DELETE", "/views/" + DrillView(item));
     return steps.Fail(AlsoFailed(Status(st.code(),
                                         "the drill disks were opened but could not be "
                                         "recorded, so they are closed again: " +
@@ -60,11 +59,10 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
 
 void Vault::RunTestFailoverCleanup(JobRow& job, ItemRow item, JobCancel& cancel) {
   Steps steps(catalog_.get(), &job, &cancel);
-  auto dst = catalog_->FindSite(item.target);
+  auto dst = RegisteredSite(item.target);
   if (!dst.ok()) return steps.Fail(dst.status());
-  if (!*dst) return steps.Fail(NotFound("site " + item.target + " is not registered"));
   steps.Begin("Remove the drill disks and their writes");
-  auto r = Client(**dst).Call("DELETE", "/views/" + DrillView(item));
+  auto r = Client(*dst).Call("DELETE", "/views/" + DrillView(item));
   if (!r.ok() && r.status().code() != Code::kNotFound) return steps.Fail(r.status());
   steps.Done(100);
   item.state = ItemState::kProtected;

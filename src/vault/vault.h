@@ -174,6 +174,8 @@ class Vault {
   friend class ReprotectRun;  // reprotect.cc
   explicit Vault(VaultConfig cfg);
   SiteClient Client(const SiteRow& site) const;
+  // The site named `name`; kNotFound ("site NAME is not registered") or the catalog's error.
+  Result<SiteRow> RegisteredSite(const std::string& name);
   Result<nlohmann::json> Submit(JobType type, const std::string& vm, const nlohmann::json& args);
   void JobLoop();
   void RunJob(JobRow& job, JobCancel& cancel);

@@ -486,7 +486,7 @@ void VaultApi::Audit(const httplib::Request& req, const Principal* who, int stat
   auto printable = [](const std::string& in, size_t max) {
     std::string out;
     for (unsigned char c : in.substr(0, max)) {
-      if (c < 0x20 || c == 0x7f) {
+      if (c < 0x20 || c >= 0x7f) {  // (bytes above ASCII: a path that is not UTF-8)
         out += fmt::format("\\x{:02x}", c);
       } else {
         out.push_back(static_cast<char>(c));
@@ -521,6 +521,16 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
   };
   if (Status st = CheckBrowserSafety(req); !st.ok()) {
     return refuse(st.code() == Code::kNotSupported ? 415 : 403, st);
+  }
+  // A path or parameter that is not UTF-8 names nothing here (PostgreSQL would refuse
+  // it with an error of its own, and its audit row).
+  bool utf8 = json_in::IsUtf8(req.path);
+  for (const auto& [key, value] : req.params)
+    utf8 = utf8 && json_in::IsUtf8(key) && json_in::IsUtf8(value);
+  if (!utf8) return refuse(400, InvalidArgument("the path or a query parameter is not UTF-8"));
+  // Two lengths for one body: which one a proxy in front used is unknown (smuggling).
+  if (req.get_header_value_count("Content-Length") > 1) {
+    return refuse(400, InvalidArgument("more than one Content-Length header"));
   }
   if (r.role) {
     auto p = Authenticate(req);
@@ -578,6 +588,7 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
 Result<VaultApi::Reply> VaultApi::Login(Call& c) {
   json_in::Fields f(c.body);
   std::string token = f.String("token");
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   auto t = CheckToken(catalog_, token, NowNs());
   if (!t.ok()) return t.status();
@@ -637,6 +648,7 @@ Result<VaultApi::Reply> VaultApi::CreateToken(Call& c) {
   std::string name = f.String("name");
   std::string role_name = f.String("role", "reader");
   int64_t ttl = f.I64("expires_in_seconds", kTokenTtlSDefault, {60, kTokenTtlSMax});
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   auto role = ParseRole(role_name);
   if (!role) return InvalidArgument("role: reader, operator or admin");
@@ -690,6 +702,7 @@ Result<VaultApi::Reply> VaultApi::RegisterSite(Call& c) {
   std::string api = f.String("api");
   std::string repl = f.String("replication");
   bool replace = f.Bool("replace", false);
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->RegisterSite(name, api, repl, replace));
   return Reply{201, out};
@@ -712,6 +725,7 @@ Result<VaultApi::Reply> VaultApi::CreatePolicy(Call& c) {
   p.compression = f.String("compression", p.compression);
   p.bandwidth_bytes_per_second =
       f.I64("bandwidth_bytes_per_second", p.bandwidth_bytes_per_second, {0, 1LL << 40});
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->CreatePolicy(p));
   return Reply{201, out};
@@ -728,6 +742,7 @@ Result<VaultApi::Reply> VaultApi::CreateVm(Call& c) {
   std::string site = f.String("site");
   const json* disks = f.Array("disks", /*optional=*/false);
   const json* spec = f.Object("spec");
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   if (disks->empty()) return InvalidArgument("a VM needs at least one disk (--disk NAME:SIZE)");
   OSR_ASSIGN_OR_RETURN(json out,
@@ -748,6 +763,7 @@ Result<VaultApi::Reply> VaultApi::StartVm(Call& c) {
 Result<VaultApi::Reply> VaultApi::StopVm(Call& c) {
   json_in::Fields f(c.body);
   int64_t timeout_ms = f.I64("timeout_ms", 30000, {0, 3600 * 1000});
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->StopVm(c.Match(1), static_cast<int>(timeout_ms)));
   return Reply{200, out};
@@ -772,6 +788,7 @@ Result<VaultApi::Reply> VaultApi::Protect(Call& c) {
   json_in::Fields f(c.body);
   std::string target = f.String("target");
   std::string policy = f.String("policy", "default");
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->Protect(c.Match(1), target, policy));
   return Reply{202, out};
@@ -823,6 +840,7 @@ Result<VaultApi::Reply> VaultApi::ListPoints(Call& c) {
 Result<VaultApi::Reply> VaultApi::CreatePoint(Call& c) {
   json_in::Fields f(c.body);
   bool app = f.Bool("app", false);
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->CreatePoint(c.Match(1), app));
   return Reply{201, out};
@@ -831,6 +849,7 @@ Result<VaultApi::Reply> VaultApi::CreatePoint(Call& c) {
 Result<VaultApi::Reply> VaultApi::TestFailover(Call& c) {
   json_in::Fields f(c.body);
   std::string point = f.String("point", "latest");
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->TestFailover(c.Match(1), point));
   return Reply{202, out};
@@ -839,6 +858,7 @@ Result<VaultApi::Reply> VaultApi::TestFailover(Call& c) {
 Result<VaultApi::Reply> VaultApi::TestFailoverCleanup(Call& c) {
   json_in::Fields f(c.body);
   std::string notes = f.String("notes", "");
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   if (notes.size() > 4096) return InvalidArgument("notes: at most 4096 bytes");
   OSR_ASSIGN_OR_RETURN(json out, vault_->TestFailoverCleanup(c.Match(1), notes));
@@ -851,6 +871,7 @@ Result<VaultApi::Reply> VaultApi::Failover(Call& c) {
   bool shutdown_source = f.Bool("shutdown_source", false);
   bool planned = f.Bool("planned", false);
   bool start = f.Bool("start", true);
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out,
                        vault_->Failover(c.Match(1), point, shutdown_source, planned, start));
@@ -860,6 +881,7 @@ Result<VaultApi::Reply> VaultApi::Failover(Call& c) {
 Result<VaultApi::Reply> VaultApi::ChangePoint(Call& c) {
   json_in::Fields f(c.body);
   std::string point = f.String("point");
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->ChangePoint(c.Match(1), point));
   return Reply{202, out};
@@ -873,6 +895,7 @@ Result<VaultApi::Reply> VaultApi::Commit(Call& c) {
 Result<VaultApi::Reply> VaultApi::Reprotect(Call& c) {
   json_in::Fields f(c.body);
   bool compare = f.Bool("compare", false);
+  f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
   OSR_ASSIGN_OR_RETURN(json out, vault_->Reprotect(c.Match(1), compare));
   return Reply{202, out};

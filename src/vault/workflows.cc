@@ -69,10 +69,15 @@ Status Vault::RunHook(const VmRow& vm, const std::string& name, const json& env)
   return RunHookCommand(vm.name, name, command, env_strings, spec->hook_timeout_ms);
 }
 
+Result<SiteRow> Vault::RegisteredSite(const std::string& name) {
+  OSR_ASSIGN_OR_RETURN(std::optional<SiteRow> site, catalog_->FindSite(name));
+  if (!site) return NotFound("site " + name + " is not registered");
+  return *site;
+}
+
 Result<PointRow> Vault::PointAtStore(const ItemRow& item) {
-  OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item.target));
-  if (!dst) return NotFound("site " + item.target + " is not registered");
-  OSR_ASSIGN_OR_RETURN(json st, Client(*dst).Call("GET", "/stores/" + item.vm));
+  OSR_ASSIGN_OR_RETURN(SiteRow dst, RegisteredSite(item.target));
+  OSR_ASSIGN_OR_RETURN(json st, Client(dst).Call("GET", "/stores/" + item.vm));
   json_in::Fields sf(st, "site " + item.target + " store " + item.vm + ".");
   uint64_t durable = sf.U64("durable_seq", 0);
   int64_t t = sf.I64("durable_time_ns", 0);

@@ -6,6 +6,7 @@ sessions; the audit log; bodies that used to crash the vault; private state file
 
 import http.client
 import json
+import socket
 import os
 import stat
 import time
@@ -290,6 +291,45 @@ def test_bodies_that_used_to_crash_the_vault(vault):
         assert status == 400, f"{q}: {status} {doc}"
     status, doc, _ = vault.call("GET", "/api/v1/jobs/99999999999999999999999", token=vault.admin)
     assert status == 400, doc
+    assert vault.alive()
+
+
+def test_a_misspelt_field_or_a_path_that_is_not_utf8_is_refused(vault):
+    # A typo must not run another operation than the one meant ("plannd": an unplanned
+    # failover), nor make a weaker token or a longer retention than asked.
+    for path, body, field in [
+            ("/api/v1/items/x/failover", {"point": "latest", "plannd": True}, "plannd"),
+            ("/api/v1/tokens", {"name": "t9", "rol": "admin"}, "rol"),
+            ("/api/v1/policies", {"name": "p9", "retention": 60}, "retention"),
+            ("/api/v1/sites", {"name": "s", "api": "http://127.0.0.1:1", "replication":
+                               "127.0.0.1:2", "replce": True}, "replce")]:
+        status, doc, _ = vault.call("POST", path, body, token=vault.admin)
+        assert status == 400, f"{path} {body}: {status} {doc}"
+        assert f"{field}: is not a field of this call" in error_message(doc), doc
+    status, doc, _ = vault.call("GET", "/api/v1/policies", token=vault.admin)
+    assert status == 200 and all(p["name"] != "p9" for p in doc), doc
+    # Not UTF-8: refused before any catalog sees it (PostgreSQL would answer 500), and the
+    # refusal is in the audit log with the bad bytes escaped.
+    for path in ("/api/v1/items/%FF", "/api/v1/jobs?vm=%FF", "/api/v1/vms/%C0%AF"):
+        status, doc, _ = vault.call("GET", path, token=vault.admin)
+        assert status == 400 and "not UTF-8" in error_message(doc), f"{path}: {status} {doc}"
+    status, doc, _ = vault.call("DELETE", "/api/v1/items/%FF", token=vault.admin)
+    assert status == 400, doc
+    status, doc, _ = vault.call("GET", "/api/v1/audit", token=vault.admin)
+    assert status == 200 and any(a["path"] == "/api/v1/items/\\xff" and a["status"] == 400
+                                 for a in doc), doc[-5:]
+    # Two lengths for one body (request smuggling behind a proxy).
+    with socket.create_connection(("127.0.0.1", vault.port), timeout=30) as sock:
+        sock.sendall((f"POST /api/v1/policies HTTP/1.1\r\nHost: 127.0.0.1:{vault.port}\r\n"
+                      f"Authorization: Bearer {vault.admin}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 2\r\n"
+                      "Content-Length: 30\r\nConnection: close\r\n\r\n{}").encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"more than one Content-Length" in answer, answer[:300]
     assert vault.alive()
 
 

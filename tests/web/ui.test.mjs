@@ -296,7 +296,7 @@ async function run() {
     const started = await startQuickstart(dir, port);
     tokenFile = join(dir, "data", "admin.token");
     if (process.env.OSR_WEB_TEST_DB) {
-      check(/catalog in postgresql:\/\//.test(started), 'the vault keeps its catalog on PostgreSQL');
+      check(/catalog in PostgreSQL server/.test(started), 'the vault keeps its catalog on PostgreSQL');
     }
 
     log('VM vm1 with the CLI, written with qemu-io');
