@@ -66,7 +66,7 @@ def test_vault_on_postgres_serves_and_survives_the_server_going_away(tmp_path):
             assert status == 200, policies
             assert [p["name"] for p in policies] == ["default"]
             status, answer = call(vault, "POST", "/api/v1/policies",
-                                  {"name": "gold", "retention_s": 3600})
+                                  {"name": "gold", "retention_seconds": 3600})
             assert status in (200, 201), answer
             # The rows are in PostgreSQL, at the newest schema.
             db = url.rsplit("/", 1)[1]
