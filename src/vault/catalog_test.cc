@@ -313,8 +313,8 @@ TEST_P(CatalogTest, ATransactionIsWholeOrNothing) {
   ASSERT_TRUE(c->PutPolicy({"gold"}).ok());
   Status st = c->Transact([&]() -> Status {
     OSR_RETURN_IF_ERROR(c->PutVm({"vm1", "primary", nlohmann::json::array()}));
-    OSR_RETURN_IF_ERROR(
-        c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr}));
+    OSR_RETURN_IF_ERROR(c->PutItem(
+        {"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr}));
     return c->PutPolicy({"gold"});  // taken: the whole transaction fails
   });
   EXPECT_EQ(st.code(), Code::kAlreadyExists);
@@ -324,7 +324,8 @@ TEST_P(CatalogTest, ATransactionIsWholeOrNothing) {
   st = c->Transact([&]() -> Status {
     OSR_RETURN_IF_ERROR(c->PutVm({"vm1", "primary", nlohmann::json::array()}));
     return c->Transact([&] {
-      return c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr});
+      return c->PutItem(
+          {"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr});
     });
   });
   ASSERT_TRUE(st.ok()) << st.ToString();
@@ -341,7 +342,8 @@ TEST_P(CatalogTest, AFieldOfTheWrongTypeIsAClearError) {
   auto c = Catalog::Open(db_).value();
   ASSERT_TRUE(c->PutVm({"vm1", "primary", nlohmann::json::array()}).ok());
   ASSERT_TRUE(
-      c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr}).ok());
+      c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr})
+          .ok());
   // Text that is not JSON where JSON belongs.
   ASSERT_TRUE(RawSql("UPDATE vms SET disks='[{not json' WHERE name='vm1'").ok());
   auto vm = c->FindVm("vm1");
@@ -422,7 +424,8 @@ TEST(CatalogPostgresTest, AServerStoppedMidRunIsUnavailableThenWorksAgain) {
   EXPECT_NE(sites.status().message().find(named), std::string::npos);
   // A transaction: nothing of it lands.
   Status tx = c->Transact([&]() -> Status {
-    return c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr});
+    return c->PutItem(
+        {"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr});
   });
   EXPECT_EQ(tx.code(), Code::kUnavailable);
   EXPECT_TRUE(c->Sites().empty());  // the short form: logged, no rows

@@ -108,9 +108,10 @@ TEST_P(JobsCatalogTest, AnUnknownStateReadsAsFailedSayingSo) {
 
 // A job step that changes the item and the job records both or neither.
 TEST_P(JobsCatalogTest, AStepThatChangesTheItemAndTheJobIsOneTransaction) {
-  ASSERT_TRUE(
-      catalog_->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr})
-          .ok());
+  ASSERT_TRUE(catalog_
+                  ->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1,
+                             nullptr, nullptr})
+                  .ok());
   JobRow j;
   j.type = "failover";
   j.vm = "vm1";

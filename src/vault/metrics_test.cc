@@ -103,9 +103,11 @@ JobRow EndedJob(const std::string& type, JobState state, int64_t created_s, int6
 TEST_P(MetricsCatalogTest, TheScrapeCountsWhatTheCatalogHolds) {
   auto c = Catalog::Open(db_).value();
   ASSERT_TRUE(
-      c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr}).ok());
-  ASSERT_TRUE(
-      c->PutItem({"vm2", "primary", "recovery", "gold", ItemState::kFailedOver, 2, nullptr, nullptr}).ok());
+      c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr})
+          .ok());
+  ASSERT_TRUE(c->PutItem({"vm2", "primary", "recovery", "gold", ItemState::kFailedOver, 2, nullptr,
+                          nullptr})
+                  .ok());
   ASSERT_TRUE(c->AddRpoSample("vm1", 10'000'000'000, 1.5, 0).ok());
   ASSERT_TRUE(c->AddRpoSample("vm1", 20'000'000'000, 2.25, 0).ok());
   ASSERT_TRUE(c->AddRpoSample("vm2", 20'000'000'000, 9, 0).ok());   // from before its failover
@@ -176,7 +178,8 @@ TEST_P(MetricsCatalogTest, TheScrapeCountsWhatTheCatalogHolds) {
 TEST_P(MetricsCatalogTest, AnUnreadableCatalogGivesAnErrorNotPartialNumbers) {
   auto c = Catalog::Open(db_).value();
   ASSERT_TRUE(
-      c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr}).ok());
+      c->PutItem({"vm1", "primary", "recovery", "gold", ItemState::kProtected, 1, nullptr, nullptr})
+          .ok());
   ASSERT_TRUE(RawSql("DROP TABLE rpo_samples").ok());
   auto text = VaultMetricsText(*c, {true, 0});
   ASSERT_FALSE(text.ok());
