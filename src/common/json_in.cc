@@ -37,26 +37,12 @@ std::string_view TypeName(const json& j) {
 }  // namespace
 
 bool IsUtf8(std::string_view text) {
-  size_t i = 0;
-  while (i < text.size()) {
-    auto b = static_cast<unsigned char>(text[i]);
-    size_t n = b < 0x80             ? 0
-               : (b & 0xe0) == 0xc0 ? 1
-               : (b & 0xf0) == 0xe0 ? 2
-               : (b & 0xf8) == 0xf0 ? 3
-                                    : 9;
-    if (n == 9 || i + n >= text.size()) return false;  // not a lead byte, or cut short
-    uint32_t cp = n == 0 ? b : b & (0x3f >> n);
-    for (size_t k = 1; k <= n; ++k) {
-      auto c = static_cast<unsigned char>(text[i + k]);
-      if ((c & 0xc0) != 0x80) return false;
-      cp = (cp << 6) | (c & 0x3f);
-    }
-    static constexpr uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
-    i += n + 1;
-  }
-  return true;
+  // nlohmann's serializer checks UTF-8 (Hoehrmann's decoder: no overlong forms, no
+  // surrogates, nothing above U+10FFFF): a text written the same whether its bad bytes are
+  // dropped or replaced has none.
+  json s = std::string(text);
+  return s.dump(-1, ' ', false, json::error_handler_t::ignore) ==
+         s.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 size_t NestingDepth(std::string_view text, size_t limit) {

@@ -73,14 +73,9 @@ Result<FailoverArgs> ReadFailoverArgs(const json& args) {
 // One failover job: its steps in order, each safe to run again (docs/architecture.md,
 // "Failover and reprotect"). A step that fails records the item as `leave_`: the state it
 // had before while nothing was fenced, FailoverFailed once the source may refuse writes.
-class FailoverRun {
+class FailoverRun : public JobRun {
  public:
-  FailoverRun(Vault& v, JobRow& job, ItemRow item, JobCancel& cancel)
-      : v_(v),
-        job_(job),
-        item_(std::move(item)),
-        cancel_(cancel),
-        steps_(v.catalog_.get(), &job, &cancel) {}
+  using JobRun::JobRun;
 
   void Run() {
     if (Status st = ToTheRecoverySite(); !st.ok()) return Fail(st);
@@ -342,11 +337,6 @@ class FailoverRun {
         AlsoFailed(st, "recording the item as " + std::string(ItemStateName(leave_)), recorded));
   }
 
-  Vault& v_;
-  JobRow& job_;
-  ItemRow item_;
-  JobCancel& cancel_;
-  Steps steps_;
   FailoverArgs args_;
   SiteRow src_, dst_;
   VmRow vm_;

@@ -22,6 +22,8 @@
 #include <string_view>
 #include <vector>
 
+#include "vault/job_state.h"
+
 namespace osr::vault {
 
 enum class ItemState : uint8_t {
@@ -69,10 +71,7 @@ constexpr std::string_view ItemStateName(ItemState s) {
 }
 // The state named `name` (exactly as ItemStateName writes it); nullopt for any other text.
 constexpr std::optional<ItemState> ItemStateFromName(std::string_view name) {
-  for (const auto& row : kItemStates) {
-    if (row.name == name) return row.state;
-  }
-  return std::nullopt;
+  return FromName(kItemStates, &ItemStateInfo::state, name);
 }
 
 // A set of item states.
@@ -206,10 +205,7 @@ constexpr std::string_view JobTypeName(JobType t) {
   return Info(t).name;
 }
 constexpr std::optional<JobType> JobTypeFromName(std::string_view name) {
-  for (const auto& row : kJobTypes) {
-    if (row.name == name) return row.type;
-  }
-  return std::nullopt;
+  return FromName(kJobTypes, &JobTypeInfo::type, name);
 }
 // Whether a job of type `t` may run with the item in state `s` (`proved`: the job's args
 // carry its type's proof). The job gate: a job runs only from a state it was made for.

@@ -7,10 +7,21 @@
 // Thread model: none (values and pure functions).
 #pragma once
 
+#include <cstddef>
 #include <optional>
 #include <string_view>
 
 namespace osr::vault {
+
+// The `key` of the row of `table` named `name` (exactly as written there); nullopt for any
+// other text. The one lookup of a name at the edge for every state table.
+template <typename Row, size_t N, typename Key>
+constexpr std::optional<Key> FromName(const Row (&table)[N], Key Row::*key, std::string_view name) {
+  for (const Row& row : table) {
+    if (row.name == name) return row.*key;
+  }
+  return std::nullopt;
+}
 
 enum class JobState {
   kQueued,
@@ -45,10 +56,7 @@ constexpr bool JobEnded(JobState s) {
 }
 // The state named `name` (exactly as JobStateName writes it); nullopt for any other text.
 constexpr std::optional<JobState> JobStateFromName(std::string_view name) {
-  for (const auto& row : kJobStates) {
-    if (row.name == name) return row.state;
-  }
-  return std::nullopt;
+  return FromName(kJobStates, &JobStateInfo::state, name);
 }
 
 static_assert(Info(JobState::kCancelled).state == JobState::kCancelled,

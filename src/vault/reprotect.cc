@@ -136,14 +136,9 @@ Result<Vault::Differences> Vault::FindDifferences(const ItemRow& item, const VmR
 // becomes its target. Each step is safe to run again; what it decided (mode, what differs,
 // swapped) is in the job's args. A step that fails leaves the item FailoverCommitted:
 // reprotect again goes on from where it stopped.
-class ReprotectRun {
+class ReprotectRun : public JobRun {
  public:
-  ReprotectRun(Vault& v, JobRow& job, ItemRow item, JobCancel& cancel)
-      : v_(v),
-        job_(job),
-        item_(std::move(item)),
-        cancel_(cancel),
-        steps_(v.catalog_.get(), &job, &cancel) {}
+  using JobRun::JobRun;
 
   void Run() {
     // (Nothing is recorded when the job cannot even be read: the item stays as it is.)
@@ -354,11 +349,6 @@ class ReprotectRun {
         AlsoFailed(st, "recording the item as FailoverCommitted", v_.catalog_->PutItem(item_)));
   }
 
-  Vault& v_;
-  JobRow& job_;
-  ItemRow item_;
-  JobCancel& cancel_;
-  Steps steps_;
   SiteRow cur_, old_;  // the VM runs at cur_ (item.target); old_ becomes its target
   VmRow vm_;
   bool swapped_ = false;

@@ -170,6 +170,7 @@ class Vault {
   Result<nlohmann::json> ShowVault();
 
  private:
+  friend class JobRun;        // workflow_steps.h
   friend class FailoverRun;   // failover.cc: one failover job's steps
   friend class ReprotectRun;  // reprotect.cc
   explicit Vault(VaultConfig cfg);

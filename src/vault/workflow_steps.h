@@ -7,6 +7,7 @@
 #include "hypervisor/vm_spec.h"
 #include "vault/catalog.h"
 #include "vault/job_steps.h"
+#include "vault/vault.h"
 
 namespace osr::vault {
 
@@ -23,5 +24,19 @@ std::string DrillView(const ItemRow& item);
 // The first point of a reprotected item could not be made: it is protected anyway (a
 // cancel then says so); other errors are returned as they are.
 Status FirstPointFailed(const Steps& steps, const Status& st);
+
+// What one run of a workflow job holds (FailoverRun, ReprotectRun): its vault, job, the
+// item as the job found it, its cancel token and its steps.
+class JobRun {
+ public:
+  JobRun(Vault& v, JobRow& job, ItemRow item, JobCancel& cancel);
+
+ protected:
+  Vault& v_;
+  JobRow& job_;
+  ItemRow item_;
+  JobCancel& cancel_;
+  Steps steps_;
+};
 
 }  // namespace osr::vault

@@ -41,6 +41,13 @@ int ShutdownTimeoutMs(const VmRow& vm) {
   return spec.ok() ? static_cast<int>(spec->shutdown_timeout_ms) : 30000;
 }
 
+JobRun::JobRun(Vault& v, JobRow& job, ItemRow item, JobCancel& cancel)
+    : v_(v),
+      job_(job),
+      item_(std::move(item)),
+      cancel_(cancel),
+      steps_(v.catalog_.get(), &job, &cancel) {}
+
 std::string DrillView(const ItemRow& item) {
   if (!item.drill.is_object()) return "";
   json_in::Fields f(item.drill);
