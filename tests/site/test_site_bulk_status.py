@@ -30,6 +30,21 @@ def same_as_per_vm(site, bulk_path, per_vm_path):
         time.sleep(0.1)
 
 
+
+def write_and_wait(primary, recovery, vm, uri, byte, offset):
+    """Writes 64 KiB of `byte` at `offset` of the disk at `uri` and waits until the recovery
+    site holds it; the group's last seq."""
+    h = connect(uri)
+    try:
+        h.pwrite(byte * (64 * KIB), offset)
+        h.flush()
+    finally:
+        close(h)
+    last = api_ok(primary, "GET", f"/groups/{vm}")["last_seq"]
+    assert last >= 1
+    wait_durable(recovery, vm, last, primary=primary)
+    return last
+
 def test_bulk_status_is_what_the_per_vm_routes_say(sites):
     primary, recovery = sites
     # Nothing yet: empty arrays, not errors.
@@ -44,15 +59,8 @@ def test_bulk_status_is_what_the_per_vm_routes_say(sites):
     api_ok(primary, "PUT", "/groups/vm-c", {"disks": [{"name": "d0", "size_bytes": MIB},
                                                       {"name": "d1", "size_bytes": 2 * MIB}]},
            status=201)
-    h = connect(group_b["disks"][0]["uri"])
-    try:
-        h.pwrite(b"\x5a" * (64 * KIB), 128 * KIB)
-        h.flush()
-    finally:
-        close(h)
-    last = api_ok(primary, "GET", "/groups/vm-b")["last_seq"]
-    assert last >= 1
-    wait_durable(recovery, "vm-b", last, primary=primary)
+    last = write_and_wait(primary, recovery, "vm-b", group_b["disks"][0]["uri"], b"\x5a",
+                          128 * KIB)
 
     groups = same_as_per_vm(primary, "/groups", "/groups")
     assert [g["name"] for g in groups] == ["vm-a", "vm-b", "vm-c"]
@@ -117,15 +125,8 @@ def test_stores_since_a_generation_answers_only_what_changed(sites):
         time.sleep(0.2)
 
     # A write to vm-b: only vm-b, at its new durable seq.
-    h = connect(groups["vm-b"]["disks"][0]["uri"])
-    try:
-        h.pwrite(b"\xa5" * (64 * KIB), 0)
-        h.flush()
-    finally:
-        close(h)
-    last = api_ok(primary, "GET", "/groups/vm-b")["last_seq"]
-    assert last >= 1
-    wait_durable(recovery, "vm-b", last, primary=primary)
+    last = write_and_wait(primary, recovery, "vm-b", groups["vm-b"]["disks"][0]["uri"],
+                          b"\xa5", 0)
     changed = api_ok(recovery, "GET", f"/stores?since={gen}")
     assert changed["full"] is False, changed
     assert [s["name"] for s in changed["stores"]] == ["vm-b"], changed
