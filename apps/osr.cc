@@ -195,6 +195,25 @@ void Show(const json& obj) {
   }
 }
 
+// A plan (--dry-run): the checks at the site, then what would be created, used, deleted.
+void ShowPlan(const json& body) {
+  const json& plan = body.contains("plan") ? body["plan"] : body;
+  std::printf("%s %s at site %s: %s\n", Str(plan.value("action", json())).c_str(),
+              Str(plan.value("vm", json())).c_str(), Str(plan.value("site", json())).c_str(),
+              plan.value("ok", false) ? "the checks pass" : "REFUSED: a check failed");
+  std::printf("\nchecks:\n");
+  for (auto& ch : plan.value("checks", json::array())) {
+    std::string result = Str(ch.value("result", json()));
+    std::printf("  %-8s %-11s %s\n", result == "passed" ? "ok" : result.c_str(),
+                Str(ch.value("name", json())).c_str(), Str(ch.value("message", json())).c_str());
+  }
+  for (const char* part : {"creates", "uses", "deletes"}) {
+    const json list = plan.value(part, json::array());
+    std::printf("\n%s:%s\n", part, list.empty() ? " nothing" : "");
+    for (auto& item : list) std::printf("  %s\n", Str(item).c_str());
+  }
+}
+
 // Prints the answer (json or table); returns the exit status.
 int Print(const Ctx& c, const Answer& a, const std::function<void(const json&)>& table) {
   if (!a.error.empty()) return Fail(a.error);
@@ -202,6 +221,32 @@ int Print(const Ctx& c, const Answer& a, const std::function<void(const json&)>&
     std::cout << a.body.dump(2) << "\n";
   } else {
     table(a.body);
+  }
+  return 0;
+}
+
+// Prints a VM's console (osr vm console): its last `bytes`, then, with `follow`, what comes,
+// polling once a second (bounded: until Ctrl-C or an error).
+int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_t bytes) {
+  std::string base = "/vms/" + vm + "/console?which=" + (drill ? "drill" : "vm");
+  Answer a = Call(c, "GET", fmt::format("{}&bytes={}", base, bytes));
+  if (!a.error.empty()) return Fail(a.error);
+  if (c.json_out() && !follow) {
+    std::cout << a.body.dump(2) << "\n";
+    return 0;
+  }
+  std::fputs(a.body.value("text", "").c_str(), stdout);
+  std::fflush(stdout);
+  uint64_t next = a.body.value("next", uint64_t{0});
+  while (follow) {
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    a = Call(c, "GET", fmt::format("{}&offset={}&bytes=65536", base, next));
+    if (!a.error.empty()) return Fail(a.error);
+    uint64_t size = a.body.value("size", uint64_t{0});
+    if (size < next) next = 0;  // the log was moved aside: its new file starts at 0
+    std::fputs(a.body.value("text", "").c_str(), stdout);
+    std::fflush(stdout);
+    next = a.body.value("next", next);
   }
   return 0;
 }
@@ -421,6 +466,22 @@ int main(int argc, char** argv) {
                       "allow_api_commands; only the options docs/api.md lists)");
   vcreate->add_option("--memory", vmemory, "qemu driver: memory (default 512M)");
   vcreate->add_option("--cpus", vcpus, "qemu driver: CPUs (default 1)");
+  std::vector<std::string> vnics;
+  std::string vboot_line;
+  int vboot_timeout = 0;
+  bool vno_agent = false;
+  vcreate->add_option("--nic", vnics,
+                      "qemu driver: MAC,NETWORK[,MODEL]: a NIC on a logical network each site "
+                      "maps in its config ([networks.NETWORK]); repeat");
+  vcreate->add_option("--boot-check-line", vboot_line,
+                      "qemu driver: a drill's VM is Healthy once this text is on its console "
+                      "(default: once the guest agent answers)");
+  vcreate
+      ->add_option("--boot-check-timeout", vboot_timeout,
+                   "qemu driver: seconds the boot check waits (default 300)")
+      ->check(CLI::Range(1, 3600));
+  vcreate->add_flag("--no-guest-agent", vno_agent,
+                    "qemu driver: no guest agent channel (app-consistent points then use hooks)");
   vcreate->add_option("--shutdown-timeout", vstop_timeout,
                       "seconds a shutdown may take before a hard stop (default 30)");
   int vhook_timeout = 60;
@@ -437,9 +498,35 @@ int main(int argc, char** argv) {
   vshow->add_option("name", vname)->required();
   auto* vstart = vm->add_subcommand("start", "start the VM where it runs now");
   vstart->add_option("name", vname)->required();
+  bool vconsole_drill = false, vconsole_follow = false;
+  int64_t vconsole_bytes = 16384;
+  auto* vconsole = vm->add_subcommand(
+      "console", "the VM's serial console: where it runs now, or its drill VM (--drill)");
+  vconsole->add_option("name", vname)->required();
+  vconsole->add_flag("--drill", vconsole_drill, "the console of its drill VM");
+  vconsole->add_flag("-f,--follow", vconsole_follow, "keep printing what comes (Ctrl-C ends)");
+  vconsole->add_option("--bytes", vconsole_bytes, "how much of its end to show first")
+      ->check(CLI::Range(1, 65536));
   auto* vstop = vm->add_subcommand("stop", "shut the VM down (hard stop after the timeout)");
   vstop->add_option("name", vname)->required();
   vstop->add_option("--timeout", vstop_timeout, "seconds (default 30)");
+  auto* vdisk = vm->add_subcommand("disk", "add or grow a disk of a VM, protected or not");
+  vdisk->require_subcommand(1);
+  std::string vdisk_spec, vdisk_name, vdisk_size;
+  auto* vdisk_add = vdisk->add_subcommand(
+      "add",
+      "add an empty disk (protected: replicated from now on; a running VM sees it "
+      "after a restart)");
+  vdisk_add->add_option("name", vname)->required();
+  vdisk_add->add_option("disk", vdisk_spec, "NAME:SIZE, e.g. data:10G")->required();
+  auto* vdisk_resize = vdisk->add_subcommand(
+      "resize",
+      "grow a disk (recovery points before it keep the old size; a running VM sees "
+      "it after a restart)");
+  vdisk_resize->add_option("name", vname)->required();
+  vdisk_resize->add_option("disk", vdisk_name, "the disk's name")->required();
+  vdisk_resize->add_option("size", vdisk_size, "its new size, larger than now, e.g. 20G")
+      ->required();
   std::string vrepair_site;
   bool vrepair_trim = false, vrepair_reset = false, vrepair_accept = false;
   auto* vrepair = vm->add_subcommand(
@@ -461,6 +548,8 @@ int main(int argc, char** argv) {
   protect->add_option("--target", target)->required();
   protect->add_option("--policy", ppolicy);
   protect->add_flag("--wait", wait, "follow the job");
+  bool dry_run = false;
+  protect->add_flag("--dry-run", dry_run, "show the checks and the plan; change nothing");
   auto* unprotect = app.add_subcommand("unprotect", "stop protecting a VM (deletes its points)");
   unprotect->add_option("name", vname)->required();
 
@@ -491,6 +580,11 @@ int main(int argc, char** argv) {
   tf->add_option("--point", spec, "latest | latest-processed | latest-app | ID | RFC 3339 time")
       ->required();
   tf->add_flag("--wait", wait, "follow the job");
+  bool tf_no_start = false;
+  tf->add_flag("--no-start", tf_no_start,
+               "open the drill disks only: no VM boots (by default it boots on the drill networks, "
+               "with a boot check)");
+  tf->add_flag("--dry-run", dry_run, "show the checks and the plan; change nothing");
   auto* tfc =
       app.add_subcommand("test-failover-cleanup", "end a drill: its disks and writes are deleted");
   tfc->add_option("name", vname)->required();
@@ -509,6 +603,7 @@ int main(int argc, char** argv) {
                "the source site)");
   fo->add_flag("--no-start", no_start, "open the disks but do not start the VM");
   fo->add_flag("--wait", wait, "follow the job");
+  fo->add_flag("--dry-run", dry_run, "show the checks and the plan; change nothing");
   auto* cp = app.add_subcommand("change-point",
                                 "after failover, before commit: restart the VM on another point "
                                 "(its writes since failover are discarded)");
@@ -525,6 +620,7 @@ int main(int argc, char** argv) {
   reprotect->add_flag("--compare", compare,
                       "compare block hashes instead of trusting the old primary's history");
   reprotect->add_flag("--wait", wait, "follow the job");
+  reprotect->add_flag("--dry-run", dry_run, "show the checks and the plan; change nothing");
 
   auto* job = app.add_subcommand("job", "jobs");
   job->require_subcommand(1);
@@ -705,6 +801,18 @@ int main(int argc, char** argv) {
       if (!mem.ok()) return Fail(mem.status().message());
       vspec["memory_bytes"] = *mem;
       vspec["cpus"] = vcpus;
+      if (vno_agent) vspec["guest_agent"] = false;
+      for (auto& n : vnics) {
+        auto c1 = n.find(',');
+        if (c1 == std::string::npos) return Fail("--nic takes MAC,NETWORK[,MODEL]");
+        auto c2 = n.find(',', c1 + 1);
+        json nic = {{"mac", n.substr(0, c1)},
+                    {"network", n.substr(c1 + 1, c2 == std::string::npos ? c2 : c2 - c1 - 1)}};
+        if (c2 != std::string::npos) nic["model"] = n.substr(c2 + 1);
+        vspec["nics"].push_back(nic);
+      }
+      if (!vboot_line.empty()) vspec["boot_check"]["console_line"] = vboot_line;
+      if (vboot_timeout > 0) vspec["boot_check"]["timeout_ms"] = vboot_timeout * 1000;
     }
     for (auto [list, key, form] :
          {std::tuple{&vhooks, "name", "--hook takes HOOK=ENTRY"},
@@ -745,6 +853,28 @@ int main(int argc, char** argv) {
   };
   if (vshow->parsed()) return Print(c, Call(c, "GET", "/vms/" + vname), vm_table);
   if (vstart->parsed()) return Print(c, Call(c, "POST", "/vms/" + vname + "/start"), vm_table);
+  if (vdisk_add->parsed() || vdisk_resize->parsed()) {
+    std::string disk = vdisk_name, size_text = vdisk_size;
+    if (vdisk_add->parsed()) {
+      auto colon = vdisk_spec.find(':');
+      if (colon == std::string::npos) return Fail("a disk is NAME:SIZE, e.g. data:10G");
+      disk = vdisk_spec.substr(0, colon);
+      size_text = vdisk_spec.substr(colon + 1);
+    }
+    auto size = osr::ParseSize(size_text);
+    if (!size.ok()) return Fail(size.status().message());
+    return Print(
+        c,
+        Call(c, "POST", "/vms/" + vname + "/disks",
+             json{{"name", disk}, {"size_bytes", *size}, {"add", vdisk_add->parsed()}}),
+        [&](const json& b) {
+          vm_table(b["vm"]);
+          fmt::print(
+              "disk {} {} at seq {}{}\n", disk, b.value("added", false) ? "added" : "grown",
+              b.value("seq", uint64_t{0}),
+              b.value("restart_needed", false) ? " (the running VM sees it after a restart)" : "");
+        });
+  }
   if (vrepair->parsed()) {
     return Print(c,
                  Call(c, "POST", "/vms/" + vname + "/repair",
@@ -759,21 +889,29 @@ int main(int argc, char** argv) {
         c, Call(c, "POST", "/vms/" + vname + "/stop", json{{"timeout_ms", vstop_timeout * 1000}}),
         vm_table);
   }
+  // An action with --dry-run prints its plan; without, it starts a job.
+  auto act = [&](const std::string& path, json body) {
+    if (!dry_run) return submitted(Call(c, "POST", path, body));
+    body["dry_run"] = true;
+    Answer a = Call(c, "POST", path, body);
+    int rc = Print(c, a, ShowPlan);
+    if (rc == 0 && !a.body.value("plan", json::object()).value("ok", false)) rc = 1;
+    return rc;
+  };
   if (fo->parsed()) {
-    return submitted(Call(c, "POST", "/items/" + vname + "/failover",
-                          json{{"point", spec},
-                               {"shutdown_source", shutdown_source},
-                               {"planned", planned},
-                               {"start", !no_start}}));
+    return act("/items/" + vname + "/failover", json{{"point", spec},
+                                                     {"shutdown_source", shutdown_source},
+                                                     {"planned", planned},
+                                                     {"start", !no_start}});
   }
+  if (vconsole->parsed()) return Console(c, vname, vconsole_drill, vconsole_follow, vconsole_bytes);
   if (cp->parsed())
     return submitted(Call(c, "POST", "/items/" + vname + "/change-point", json{{"point", spec}}));
   if (commit->parsed()) return submitted(Call(c, "POST", "/items/" + vname + "/commit"));
-  if (reprotect->parsed())
-    return submitted(Call(c, "POST", "/items/" + vname + "/reprotect", json{{"compare", compare}}));
-  if (protect->parsed())
-    return submitted(Call(c, "POST", "/vms/" + vname + "/protect",
-                          json{{"target", target}, {"policy", ppolicy}}));
+  if (reprotect->parsed()) return act("/items/" + vname + "/reprotect", json{{"compare", compare}});
+  if (protect->parsed()) {
+    return act("/vms/" + vname + "/protect", json{{"target", target}, {"policy", ppolicy}});
+  }
   if (unprotect->parsed()) return Print(c, Call(c, "DELETE", "/items/" + vname), Show);
   if (ilist->parsed()) {
     return Print(c, Call(c, "GET", "/items"), [](const json& b) {
@@ -798,8 +936,10 @@ int main(int argc, char** argv) {
   if (ptconfirm->parsed()) return Print(c, Call(c, "POST", "/clock/confirm"), Show);
   if (ptcreate->parsed())
     return Print(c, Call(c, "POST", "/items/" + vname + "/points", json{{"app", appflag}}), Show);
-  if (tf->parsed())
-    return submitted(Call(c, "POST", "/items/" + vname + "/test-failover", json{{"point", spec}}));
+  if (tf->parsed()) {
+    return act("/items/" + vname + "/test-failover",
+               json{{"point", spec}, {"start", !tf_no_start}});
+  }
   if (tfc->parsed())
     return submitted(
         Call(c, "POST", "/items/" + vname + "/test-failover-cleanup", json{{"notes", notes}}));

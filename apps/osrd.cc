@@ -434,6 +434,13 @@ int Quickstart(const std::string& dir, const std::string& vault_listen, const st
     if (!tls.ok()) return Fail(tls.status());
     cfg.tls = *tls;
     cfg.commands.allow_api_commands = true;
+    // A lab's logical network, "lab": QEMU user networking at both sites (a drill's with
+    // restrict=on: it reaches nothing outside), so that `--nic MAC,lab` works here.
+    site::SiteNetwork lab;
+    lab.production.kind = site::NetworkAttach::Kind::kUser;
+    lab.drill.kind = site::NetworkAttach::Kind::kUser;
+    lab.drill.restrict_out = true;
+    cfg.networks["lab"] = lab;
     cfg.nbd_tls = *tls;  // TLS offered to NBD clients; plain too (loopback only)
     cfg.nbd_tls_optional = true;
     cfg.nbd_tls_authz = {{"nbd-client", {}}};

@@ -55,9 +55,15 @@ class CaptureGroup::GroupDisk final : public nbd::Disk {
  public:
   GroupDisk(CaptureGroup* group, uint32_t index, std::unique_ptr<nbd::Disk> image,
             DirtyBitmap* bitmap)
-      : group_(group), index_(index), image_(std::move(image)), bitmap_(bitmap) {}
+      : group_(group),
+        index_(index),
+        image_(std::move(image)),
+        bitmap_(bitmap),
+        size_(image_->size()) {}
 
-  uint64_t size() const override { return image_->size(); }
+  // What clients see: the image's size until a grow's record is in the log (GrowDisk).
+  uint64_t size() const override { return size_.load(); }
+  void Publish(uint64_t size) { size_.store(size); }
   bool read_only() const override { return image_->read_only(); }
   Status Read(uint64_t offset, std::span<uint8_t> buf) override {
     return image_->Read(offset, buf);
@@ -84,6 +90,7 @@ class CaptureGroup::GroupDisk final : public nbd::Disk {
   const uint32_t index_;
   std::unique_ptr<nbd::Disk> image_;
   DirtyBitmap* bitmap_;
+  std::atomic<uint64_t> size_;
   std::mutex range_mu_;
   std::condition_variable range_cv_;
   std::vector<Range> in_flight_;  // guarded by range_mu_
@@ -97,10 +104,15 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   std::filesystem::create_directories(opts.dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create capture dir " + opts.dir);
   g->dir_ = opts.dir;
+  g->region_bytes_ = opts.region_bytes;
   if (!opts.image_paths.empty() && opts.image_paths.size() != images.size()) {
     return InvalidArgument("image_paths must name every disk's image, or none");
   }
   g->image_paths_ = opts.image_paths;
+  g->fingerprints_ = !opts.image_paths.empty();
+  if (images.size() > kDisksMax) {
+    return InvalidArgument(fmt::format("a capture group takes at most {} disks", kDisksMax));
+  }
   OSR_ASSIGN_OR_RETURN(uint64_t fenced, ReadFence(opts.dir));
   g->fenced_epoch_ = fenced;
   // A log with records and no bitmap (or an empty one): the marks of writes that may not
@@ -109,7 +121,8 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
   bool had_log = segments.ok() && !segments->empty();
   for (size_t i = 0; i < images.size(); ++i) {
     std::error_code ec;
-    if (had_log && !std::filesystem::exists(BitmapPath(opts.dir, i), ec)) {
+    if (had_log && opts.disk_being_added != i &&
+        !std::filesystem::exists(BitmapPath(opts.dir, i), ec)) {
       return Corruption(fmt::format("{} is missing (the regions it marked dirty are lost)",
                                     BitmapPath(opts.dir, i)));
     }
@@ -118,7 +131,7 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
     if (images[i]->read_only()) return InvalidArgument("a read-only disk has nothing to capture");
     OSR_ASSIGN_OR_RETURN(
         auto bm, DirtyBitmap::Open(BitmapPath(opts.dir, i), images[i]->size(), opts.region_bytes));
-    g->bitmaps_.push_back(std::move(bm));
+    g->bitmaps_[i] = std::move(bm);
   }
   CaptureLogOptions lo;
   lo.dir = opts.dir;
@@ -133,7 +146,7 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
       g->log_, CaptureLog::Open(lo, [gp](std::span<const CaptureLog::Written> records, bool ok) {
         // One bitmap lock per disk per batch.
         thread_local std::vector<std::vector<Range>> ranges;
-        ranges.resize(gp->bitmaps_.size());
+        ranges.resize(gp->DiskCount());
         for (auto& r : ranges) r.clear();
         for (const auto& w : records) {
           // A mark (a zero record of no length: a resync's end) touched no region.
@@ -152,8 +165,9 @@ Result<std::unique_ptr<CaptureGroup>> CaptureGroup::Open(
                  cut->after_seq);
   }
   for (size_t i = 0; i < images.size(); ++i) {
-    g->disks_.push_back(std::make_shared<GroupDisk>(gp, static_cast<uint32_t>(i),
-                                                    std::move(images[i]), g->bitmaps_[i].get()));
+    g->disks_[i] = std::make_shared<GroupDisk>(gp, static_cast<uint32_t>(i), std::move(images[i]),
+                                               g->bitmaps_[i].get());
+    g->disk_count_.store(static_cast<uint32_t>(i + 1), std::memory_order_release);
     auto dirty = g->bitmaps_[i]->DirtyRanges();
     if (!dirty.empty()) {
       uint64_t bytes = 0;
@@ -177,7 +191,8 @@ CaptureGroup::~CaptureGroup() {
 }
 
 std::shared_ptr<nbd::Disk> CaptureGroup::disk(size_t i) const {
-  return disks_.at(i);
+  OSR_CHECK(i < DiskCount());
+  return disks_[i];
 }
 
 namespace {
@@ -191,7 +206,7 @@ std::string ReplaceAll(std::string s, std::string_view from, std::string_view to
 
 std::vector<CaptureGroup::DiskRange> CaptureGroup::WholeDisks() const {
   std::vector<DiskRange> out;
-  for (size_t i = 0; i < disks_.size(); ++i) {
+  for (size_t i = 0; i < DiskCount(); ++i) {
     out.push_back({static_cast<uint32_t>(i), {0, disks_[i]->size()}});
   }
   return out;
@@ -199,7 +214,7 @@ std::vector<CaptureGroup::DiskRange> CaptureGroup::WholeDisks() const {
 
 std::vector<CaptureGroup::DiskRange> CaptureGroup::DirtyRegions() const {
   std::vector<DiskRange> out;
-  for (size_t i = 0; i < bitmaps_.size(); ++i) {
+  for (size_t i = 0; i < DiskCount(); ++i) {
     for (const Range& r : bitmaps_[i]->DirtyRanges()) out.push_back({static_cast<uint32_t>(i), r});
   }
   return out;
@@ -207,7 +222,7 @@ std::vector<CaptureGroup::DiskRange> CaptureGroup::DirtyRegions() const {
 
 Result<std::vector<CaptureGroup::DiskRange>> CaptureGroup::AllocatedRegions() const {
   std::vector<DiskRange> out;
-  for (size_t i = 0; i < disks_.size(); ++i) {
+  for (size_t i = 0; i < DiskCount(); ++i) {
     uint64_t size = disks_[i]->size(), pos = 0;
     while (pos < size) {
       std::vector<nbd::Extent> ext;
@@ -225,7 +240,7 @@ Result<std::vector<CaptureGroup::DiskRange>> CaptureGroup::AllocatedRegions() co
 
 Status CaptureGroup::MarkRegions(const std::vector<DiskRange>& regions) {
   for (auto& r : regions) {
-    if (r.disk >= bitmaps_.size() || r.range.offset > disks_[r.disk]->size() ||
+    if (r.disk >= DiskCount() || r.range.offset > disks_[r.disk]->size() ||
         r.range.length > disks_[r.disk]->size() - r.range.offset) {
       return InvalidArgument(
           fmt::format("region {}+{} is outside disk {}", r.range.offset, r.range.length, r.disk));
@@ -239,8 +254,8 @@ Status CaptureGroup::MarkRegions(const std::vector<DiskRange>& regions) {
 }
 
 bool CaptureGroup::HasStickyRegions() const {
-  for (auto& b : bitmaps_) {
-    if (b->has_sticky()) return true;
+  for (uint32_t i = 0; i < DiskCount(); ++i) {
+    if (bitmaps_[i]->has_sticky()) return true;
   }
   return false;
 }
@@ -254,8 +269,81 @@ void CaptureGroup::CleanRegions(const std::vector<DiskRange>& regions) {
 }
 
 Status CaptureGroup::ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf) {
-  if (disk >= disks_.size()) return InvalidArgument("no such disk");
+  if (disk >= DiskCount()) return InvalidArgument("no such disk");
   return disks_[disk]->Read(offset, buf);
+}
+
+Result<uint64_t> CaptureGroup::RecordDiskSize(uint32_t disk, const std::string& name,
+                                              uint64_t size_bytes) {
+  if (name.empty() || name.size() > kDiskNameBytesMax) {
+    return InvalidArgument(fmt::format("a disk name has 1..{} bytes", kDiskNameBytesMax));
+  }
+  if (fenced_epoch_.load() != 0) {
+    return Status(Code::kPermissionDenied, "the disks are fenced: they change at the new primary");
+  }
+  std::span<const uint8_t> payload(reinterpret_cast<const uint8_t*>(name.data()), name.size());
+  auto seq = log_->Append(RecordKind::kDiskSize, size_bytes, 0, payload, Crc32c(payload), 0, disk);
+  if (!seq) {
+    // Over its limit (or failed): the recovery site would never learn of the change.
+    return Status(Code::kUnavailable,
+                  "the capture log takes no record now (over its limit, or replication has "
+                  "not resumed after a failover): change the disk after the next resync");
+  }
+  OSR_RETURN_IF_ERROR(log_->Sync());  // durable before any byte of the change is written
+  return *seq;
+}
+
+Result<uint64_t> CaptureGroup::GrowDisk(uint32_t disk, const std::string& name,
+                                        uint64_t size_bytes) {
+  std::lock_guard layout(layout_mu_);
+  if (disk >= DiskCount()) return InvalidArgument(fmt::format("no disk {}", disk));
+  GroupDisk& d = *disks_[disk];
+  uint64_t had = d.size();
+  if (size_bytes <= had) {
+    return InvalidArgument(
+        fmt::format("disk {} has {} bytes: it grows only, not to {}", name, had, size_bytes));
+  }
+  // The image and the bitmap first: no client sees the new bytes until the record is in
+  // the log, so every write to them comes after it in the capture order.
+  OSR_RETURN_IF_ERROR(d.image().Grow(size_bytes));
+  OSR_RETURN_IF_ERROR(bitmaps_[disk]->Grow(size_bytes));
+  OSR_ASSIGN_OR_RETURN(uint64_t seq, RecordDiskSize(disk, name, size_bytes));
+  d.Publish(size_bytes);
+  spdlog::info("capture {}: disk {} ({}) grows from {} to {} bytes at seq {}", dir_, disk, name,
+               had, size_bytes, seq);
+  return seq;
+}
+
+Result<uint64_t> CaptureGroup::AddDisk(std::unique_ptr<nbd::Disk> image,
+                                       const std::string& image_path, const std::string& name) {
+  std::lock_guard layout(layout_mu_);
+  const uint32_t disk = DiskCount();
+  if (disk >= kDisksMax) {
+    return InvalidArgument(fmt::format("a capture group takes at most {} disks", kDisksMax));
+  }
+  if (image->read_only()) return InvalidArgument("a read-only disk has nothing to capture");
+  if (fingerprints_ && image_path.empty()) {
+    return InvalidArgument("the image's path is needed for the group's fingerprints");
+  }
+  OSR_ASSIGN_OR_RETURN(auto bm,
+                       DirtyBitmap::Open(BitmapPath(dir_, disk), image->size(), region_bytes_));
+  const uint64_t size = image->size();
+  // Not published yet: no client reaches the disk before its record is in the log.
+  bitmaps_[disk] = std::move(bm);
+  disks_[disk] = std::make_shared<GroupDisk>(this, disk, std::move(image), bitmaps_[disk].get());
+  auto seq = RecordDiskSize(disk, name, size);
+  if (!seq.ok()) {
+    disks_[disk].reset();
+    bitmaps_[disk].reset();
+    std::error_code ec;
+    std::filesystem::remove(BitmapPath(dir_, disk), ec);
+    return seq.status();
+  }
+  if (fingerprints_) image_paths_.push_back(image_path);
+  disk_count_.store(disk + 1, std::memory_order_release);
+  spdlog::info("capture {}: disk {} ({}) of {} bytes added at seq {}", dir_, disk, name, size,
+               *seq);
+  return *seq;
 }
 
 void CaptureGroup::GroupDisk::LockRange(uint64_t offset, uint64_t length) {
@@ -331,9 +419,14 @@ void CaptureGroup::DrainWrites() {
 
 FingerprintSources CaptureGroup::FingerprintSourcesNow() const {
   FingerprintSources src;
-  src.image_paths = image_paths_;
-  for (auto& d : disks_) src.disks.push_back(&d->image());
-  for (auto& b : bitmaps_) src.bitmaps.push_back(b.get());
+  {
+    std::lock_guard lock(layout_mu_);
+    src.image_paths = image_paths_;
+  }
+  for (uint32_t i = 0; i < DiskCount(); ++i) {
+    src.disks.push_back(&disks_[i]->image());
+    src.bitmaps.push_back(bitmaps_[i].get());
+  }
   src.log_dir = log_->dir();
   src.log_last_seq = log_->last_seq();
   return src;
@@ -348,7 +441,7 @@ Status CaptureGroup::RecordFingerprintLocked() {
   Status st = [&]() -> Status {
     uint64_t epoch = fenced_epoch_;
     if (epoch == 0) return Status(Code::kFailedPrecondition, "the disks are not fenced");
-    if (image_paths_.empty()) {
+    if (!fingerprints_) {
       return Status(Code::kFailedPrecondition, "the disks' image files are not known");
     }
     // What the log holds is final once written out (a failed log: the bitmaps hold it).
@@ -395,7 +488,7 @@ std::vector<FenceMismatch> CaptureGroup::CheckFenceFingerprint(
                "fence fingerprint is missing: nothing was recorded of its disks and history when "
                "they were fenced");
   }
-  if (image_paths_.empty()) {
+  if (!fingerprints_) {
     return one(FenceCheck::kNotRecorded, "disks' image files are not known: no fingerprint");
   }
   const FenceFingerprint& then = **recorded;
@@ -479,7 +572,7 @@ Status CaptureGroup::Flush() {
   bool covered =
       log_->failed() || !log_->write_error().ok() || log_->overflow_generation() != generation;
   if (!ls.ok() && !covered) return ls;
-  for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
+  for (uint32_t i = 0; i < DiskCount(); ++i) OSR_RETURN_IF_ERROR(disks_[i]->image().Flush());
   // The bitmaps need no msync here: they survive a process crash through the shared
   // mapping, and after a host crash every region counts as dirty (dirty_bitmap.h).
   lock.lock();
@@ -494,8 +587,8 @@ Status CaptureGroup::Close() {
   if (!log_) return Status::Ok();
   Status ls = log_->Sync();
   if (!ls.ok() && !log_->failed() && log_->write_error().ok()) return ls;
-  for (auto& d : disks_) OSR_RETURN_IF_ERROR(d->image().Flush());
-  if (opened_ && !image_paths_.empty() && fenced_epoch_ == 0) {
+  for (uint32_t i = 0; i < DiskCount(); ++i) OSR_RETURN_IF_ERROR(disks_[i]->image().Flush());
+  if (opened_ && !!fingerprints_ && fenced_epoch_ == 0) {
     // (Not after an Open that refused: its record of a change must stay.) What the images are now,
     // for the next Open to tell a change made outside osr (a fenced group has its fence fingerprint
     // for that). Best effort: without it the next Open checks nothing, as after a crash.
@@ -506,7 +599,7 @@ Status CaptureGroup::Close() {
     Status w = fp.ok() ? WriteFingerprint(dir_, *fp, kCloseFingerprintName) : fp.status();
     if (!w.ok()) spdlog::warn("capture {}: no close fingerprint: {}", dir_, w.ToString());
   }
-  for (auto& b : bitmaps_) OSR_RETURN_IF_ERROR(b->CloseClean());
+  for (uint32_t i = 0; i < DiskCount(); ++i) OSR_RETURN_IF_ERROR(bitmaps_[i]->CloseClean());
   return Status::Ok();
 }
 
@@ -514,12 +607,12 @@ Status CaptureGroup::CheckCloseFingerprint(bool accept) {
   auto recorded = ReadFingerprint(dir_, kCloseFingerprintName);
   if (recorded.ok() && !recorded->has_value()) return Status::Ok();  // a crash, or new
   std::vector<std::string> names;
-  for (size_t i = 0; i < disks_.size(); ++i) names.push_back(std::to_string(i));
+  for (size_t i = 0; i < DiskCount(); ++i) names.push_back(std::to_string(i));
   std::vector<std::pair<int, std::string>> changed;  // disk (-1: all), why
   if (!recorded.ok()) {
     changed.emplace_back(
         -1, "the close fingerprint cannot be read (" + recorded.status().message() + ")");
-  } else if (!image_paths_.empty()) {
+  } else if (!!fingerprints_) {
     const FenceFingerprint& then = **recorded;
     auto now = TakeFingerprint(FingerprintSourcesNow(), 0, then.sample_seed, then.time_ns);
     if (!now.ok()) return now.status();
@@ -551,7 +644,7 @@ Status CaptureGroup::CheckCloseFingerprint(bool accept) {
                   fmt::format("{}: changed outside osr while the site was stopped: {}", dir_, why));
   }
   for (const auto& [disk, why] : changed) {
-    for (size_t i = 0; i < disks_.size(); ++i) {
+    for (size_t i = 0; i < DiskCount(); ++i) {
       if (disk >= 0 && static_cast<size_t>(disk) != i) continue;
       bitmaps_[i]->MarkSticky(0, disks_[i]->size());
     }

@@ -23,10 +23,12 @@
 // less device time than in sequence, and cost a thread hand-off.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "capture/capture_log.h"
@@ -54,6 +56,9 @@ struct CaptureOptions {
   // (marked dirty whole, resent); without it Open refuses them with kFailedPrecondition
   // (the operator decides: osr vm repair --accept-changes).
   bool accept_outside_changes = false;
+  // A disk whose add (AddDisk) a crash may have cut short: its bitmap may be missing (it is
+  // made before its record, so no write to the disk can have been marked in a lost one).
+  std::optional<uint32_t> disk_being_added;
 };
 
 class CaptureGroup {
@@ -63,7 +68,8 @@ class CaptureGroup {
                                                     const CaptureOptions& opts);
   ~CaptureGroup();
 
-  size_t disk_count() const { return disks_.size(); }
+  static constexpr uint32_t kDisksMax = 64;
+  size_t disk_count() const { return DiskCount(); }
   // Disk i as an NBD disk; shared so that an export can hold it. Lives as long as the
   // group and any holder, but borrows the group (its log, bitmaps, flush): the group must
   // outlive every holder that may still do I/O. The site frees a group only after
@@ -125,6 +131,26 @@ class CaptureGroup {
   Status MarkRegions(const std::vector<DiskRange>& regions);
   Status ReadDisk(uint32_t disk, uint64_t offset, std::span<uint8_t> buf);
 
+  // Disk changes while the group runs (docs/formats.md, "Disk changes"). Each appends a
+  // disk-size record and syncs the log before any client can reach the new bytes, so the
+  // capture order stays one; returns the record's seq. Clients connected before see the
+  // new size on their next connection (NBD fixes a size per connection).
+  // GrowDisk: disk `disk` (named `name`) grows to size_bytes (kInvalidArgument: not
+  // larger; the image's Grow error, e.g. kNotSupported for a failover disk).
+  // AddDisk: `image` becomes the next disk (its path for the fingerprints); its bytes
+  // as they are now are the disk's first content at the recovery site only through a
+  // resync, so add an empty (sparse) image.
+  // Both: kUnavailable while the log takes no record (over its limit, tracking only),
+  // kPermissionDenied once fenced; nothing changes then.
+  Result<uint64_t> GrowDisk(uint32_t disk, const std::string& name, uint64_t size_bytes);
+  Result<uint64_t> AddDisk(std::unique_ptr<nbd::Disk> image, const std::string& image_path,
+                           const std::string& name);
+  // Appends (and syncs) the disk-size record of disk `disk` as it is: a change begun before
+  // a crash is recorded again when the group opens, before any client reaches it (a second
+  // record of one change is nothing to the recovery site). kUnavailable, kPermissionDenied
+  // as above.
+  Result<uint64_t> RecordDiskSize(uint32_t disk, const std::string& name, uint64_t size_bytes);
+
   CaptureLog& log() { return *log_; }
   DirtyBitmap& bitmap(size_t i) { return *bitmaps_[i]; }
 
@@ -141,8 +167,17 @@ class CaptureGroup {
   Status CheckCloseFingerprint(bool accept);
   FingerprintSources FingerprintSourcesNow() const;
 
-  std::vector<std::shared_ptr<GroupDisk>> disks_;
-  std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
+  uint32_t DiskCount() const { return disk_count_.load(std::memory_order_acquire); }
+
+  // Slots [0, disk_count_) are published (stored with release once filled): a published
+  // slot never changes, so readers on any thread index it without a lock. AddDisk (under
+  // layout_mu_) fills the next one.
+  std::array<std::shared_ptr<GroupDisk>, kDisksMax> disks_;
+  std::array<std::unique_ptr<DirtyBitmap>, kDisksMax> bitmaps_;
+  std::atomic<uint32_t> disk_count_{0};
+  mutable std::mutex layout_mu_;  // one disk change at a time; guards image_paths_
+  uint64_t region_bytes_ = 0;
+  bool fingerprints_ = false;  // image_paths were given: fingerprints are recorded
   std::unique_ptr<CaptureLog> log_;
 
   std::mutex sync_mu_;  // held while one flush runs; taken before flush_mu_

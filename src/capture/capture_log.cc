@@ -165,7 +165,11 @@ Status CaptureLog::Recover() {
     uint8_t hb[SegmentHeader::kSize];
     OSR_RETURN_IF_ERROR(f.PRead(0, hb));
     OSR_ASSIGN_OR_RETURN(SegmentHeader sh, SegmentHeader::Decode(hb));
-    if (sh.disk_bytes != opts_.disk_bytes) {
+    // A disk only grows, and a group only gains disks (disk-size records): a log of a
+    // smaller disk, or of one disk where there are now several, is this group's; a log of
+    // a larger disk, or of a group where there is one disk, is not.
+    bool fits = opts_.disk_bytes == 0 || (sh.disk_bytes != 0 && sh.disk_bytes <= opts_.disk_bytes);
+    if (!fits) {
       return InvalidArgument(
           fmt::format("capture log {} belongs to a disk of {} bytes, this image has {}", opts_.dir,
                       sh.disk_bytes, opts_.disk_bytes));
@@ -412,7 +416,9 @@ std::optional<uint64_t> CaptureLog::Append(RecordKind kind, uint64_t offset, uin
                                            std::span<const uint8_t> payload, uint32_t payload_crc,
                                            uint16_t flags, uint32_t disk) {
   OSR_CHECK(payload.size() <= kPayloadBytesMax);
-  OSR_CHECK(kind == RecordKind::kWrite ? payload.size() == length : payload.empty());
+  OSR_CHECK(kind == RecordKind::kWrite      ? payload.size() == length
+            : kind == RecordKind::kDiskSize ? length == 0 && !payload.empty()
+                                            : payload.empty());
   size_t need = RecordHeader::kSize + payload.size();
   std::unique_lock lock(mu_);
   WaitForRoom(lock, need);

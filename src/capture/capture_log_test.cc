@@ -317,12 +317,13 @@ TEST_F(CaptureLogTest, DamageInTheLastSegmentIsCutWithTheRecordsAfterIt) {
 }
 
 TEST_F(CaptureLogTest, WrongDiskSizeIsRefused) {
-  { auto log = OpenLog(); }
+  { auto log = OpenLog(); }  // a disk of 1 MiB
   CaptureLogOptions o;
   o.dir = dir_;
-  o.disk_bytes = 2 << 20;
-  auto log = CaptureLog::Open(o, nullptr);
-  EXPECT_FALSE(log.ok());
+  o.disk_bytes = 512 << 10;  // smaller: another disk's log
+  EXPECT_FALSE(CaptureLog::Open(o, nullptr).ok());
+  o.disk_bytes = 2 << 20;  // grown (a disk-size record): the same disk's
+  EXPECT_TRUE(CaptureLog::Open(o, nullptr).ok());
 }
 
 TEST_F(CaptureLogTest, ConcurrentAppendersGetAGapFreeSequence) {

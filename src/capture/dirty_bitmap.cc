@@ -102,7 +102,9 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path, 
       return Status::FromErrno(errno, "read " + path);
     }
     OSR_ASSIGN_OR_RETURN(old, DecodeHeader(hb, path));
-    if (old.disk_bytes != disk_bytes) {
+    // A disk only grows (a crash between a grow of the image and of its bitmap leaves
+    // the bitmap smaller): the new regions start clean, their writes come after the grow.
+    if (old.disk_bytes > disk_bytes) {
       return InvalidArgument(
           fmt::format("{} tracks a disk of {} bytes, not {}", path, old.disk_bytes, disk_bytes));
     }
@@ -140,6 +142,30 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const std::string& path, 
   if (::msync(b->map_, b->map_bytes_, MS_SYNC) != 0)
     return Status::FromErrno(errno, "msync " + path);
   return b;
+}
+
+Status DirtyBitmap::Grow(uint64_t disk_bytes) {
+  std::lock_guard lock(mu_);
+  if (disk_bytes < disk_bytes_) return InvalidArgument("a bitmap's disk only grows");
+  if (disk_bytes == disk_bytes_) return Status::Ok();
+  uint64_t regions = (disk_bytes + region_bytes_ - 1) / region_bytes_;
+  size_t map_bytes = kHeaderBytes + (regions + 7) / 8;
+  if (map_bytes != map_bytes_) {
+    if (::ftruncate(fd_.get(), static_cast<off_t>(map_bytes)) != 0) {
+      return Status::FromErrno(errno, "size " + path_);
+    }
+    void* m = ::mremap(map_, map_bytes_, map_bytes, MREMAP_MAYMOVE);
+    if (m == MAP_FAILED) return Status::FromErrno(errno, "mremap " + path_);
+    map_ = static_cast<uint8_t*>(m);
+    map_bytes_ = map_bytes;
+  }
+  disk_bytes_ = disk_bytes;
+  regions_ = regions;
+  pending_.resize(regions, 0);
+  sticky_.resize(regions, false);
+  WriteHeader(kStateOpen);
+  if (::msync(map_, map_bytes_, MS_SYNC) != 0) return Status::FromErrno(errno, "msync " + path_);
+  return Status::Ok();
 }
 
 DirtyBitmap::~DirtyBitmap() {
@@ -204,6 +230,7 @@ void DirtyBitmap::Clean(uint64_t offset, uint64_t length) {
 }
 
 Status DirtyBitmap::Sync() {
+  std::lock_guard lock(mu_);  // Grow may move the mapping
   if (::msync(map_, map_bytes_, MS_SYNC) != 0) return Status::FromErrno(errno, "msync " + path_);
   return Status::Ok();
 }

@@ -45,6 +45,9 @@ class DirtyBitmap {
   void MarkSticky(uint64_t offset, uint64_t length);
   // Clears sticky marks (regions with writes in progress stay set).
   void Clean(uint64_t offset, uint64_t length);
+  // The disk grew to disk_bytes: its new regions start clean (durable: msync).
+  // kInvalidArgument for a smaller size.
+  Status Grow(uint64_t disk_bytes);
   // Makes the bitmap durable (msync).
   Status Sync();
   // Records a clean shutdown; call once no write is in progress.

@@ -71,9 +71,32 @@ TEST_F(DirtyBitmapTest, UnloggedWritesStaySticky) {
             (std::vector<Range>{{3 * 65536, 65536}}));
 }
 
+// A disk that grows (issue 13): its marks stay, its new regions start clean, and the file
+// opens again at the new size (and, after a crash between the image's grow and the
+// bitmap's, at a larger size than it names).
+TEST_F(DirtyBitmapTest, GrowsKeepingItsMarks) {
+  {
+    auto b = DirtyBitmap::Open(path_, kDisk, 65536).value();
+    b->MarkSticky(65536, 1);
+    ASSERT_TRUE(b->Grow(kDisk * 4).ok());
+    EXPECT_FALSE(b->Grow(kDisk).ok());
+    b->MarkSticky(kDisk * 3, 4096);
+    auto dirty = b->DirtyRanges();
+    ASSERT_EQ(dirty.size(), 2u);
+    EXPECT_EQ(dirty[0].offset, 65536u);
+    EXPECT_EQ(dirty[1].offset, kDisk * 3 / 65536 * 65536);  // its region
+  }
+  {
+    auto b = DirtyBitmap::Open(path_, kDisk * 4, 65536).value();
+    EXPECT_EQ(b->DirtyRanges().size(), 2u);
+  }
+  auto b = DirtyBitmap::Open(path_, kDisk * 8, 65536).value();
+  EXPECT_EQ(b->DirtyRanges().size(), 2u);
+}
+
 TEST_F(DirtyBitmapTest, RefusesWrongDiskSizeBadRegionSizeAndGarbage) {
   { auto b = DirtyBitmap::Open(path_, kDisk, 65536).value(); }
-  EXPECT_FALSE(DirtyBitmap::Open(path_, kDisk * 2, 65536).ok());
+  EXPECT_FALSE(DirtyBitmap::Open(path_, kDisk / 2, 65536).ok());  // a disk never shrinks
   EXPECT_FALSE(DirtyBitmap::Open(path_ + ".x", kDisk, 1000).ok());
   {
     std::FILE* f = std::fopen(path_.c_str(), "r+b");

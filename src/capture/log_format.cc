@@ -17,6 +17,8 @@ std::string_view KindName(RecordKind kind) {
       return "trim";
     case RecordKind::kZero:
       return "zero";
+    case RecordKind::kDiskSize:
+      return "disk-size";
   }
   return "unknown";
 }
@@ -82,12 +84,17 @@ Result<RecordHeader> RecordHeader::Decode(std::span<const uint8_t> p) {
   h.disk = Ld32(p.data() + 52);
   uint16_t kind = Ld16(p.data() + 56);
   h.flags = Ld16(p.data() + 58);
-  if (kind < 1 || kind > 3) return Corruption(fmt::format("unknown record kind {}", kind));
+  if (kind < 1 || kind > 4) return Corruption(fmt::format("unknown record kind {}", kind));
   h.kind = static_cast<RecordKind>(kind);
   if (h.payload_bytes > kPayloadBytesMax) {
     return Corruption(fmt::format("record payload of {} bytes", h.payload_bytes));
   }
-  if (h.kind == RecordKind::kWrite ? h.payload_bytes != h.length : h.payload_bytes != 0) {
+  if (h.kind == RecordKind::kDiskSize) {
+    if (h.length != 0 || h.payload_bytes == 0 || h.payload_bytes > kDiskNameBytesMax ||
+        h.offset == 0) {
+      return Corruption("a disk-size record needs a new size, no length and a name of 1..64 bytes");
+    }
+  } else if (h.kind == RecordKind::kWrite ? h.payload_bytes != h.length : h.payload_bytes != 0) {
     return Corruption("record payload size does not match its kind and length");
   }
   if (h.offset + h.length < h.offset) return Corruption("record range overflows");

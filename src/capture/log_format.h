@@ -20,7 +20,12 @@ enum class RecordKind : uint16_t {
   kWrite = 1,  // payload = the bytes written
   kTrim = 2,   // no payload; the range reads as zeros afterwards
   kZero = 3,   // no payload; the range reads as zeros afterwards
+  // A disk of the group is added or grows from this seq on (docs/formats.md, "Disk
+  // changes"): `disk` its index (the next one for an added disk), `offset` its new size in
+  // bytes, `length` 0, payload its name (1..kDiskNameBytesMax bytes). Touches no byte.
+  kDiskSize = 4,
 };
+inline constexpr uint32_t kDiskNameBytesMax = 64;
 std::string_view KindName(RecordKind kind);
 
 // 64 bytes at the start of every segment.
@@ -53,7 +58,8 @@ struct RecordHeader {
   // 24  offset u64    byte offset on the disk
   // 32  length u64    bytes affected on the disk
   // 40  time_ns i64   when the write was accepted, ns since the Unix epoch
-  // 48  payload_bytes u32  bytes following this header (= length for kWrite, else 0)
+  // 48  payload_bytes u32  bytes following this header (= length for kWrite, the name's
+  //                   length for kDiskSize, else 0)
   // 52  disk u32      disk index within the consistency group (0 for nbd-serve)
   // 56  kind u16      RecordKind
   // 58  flags u16     bit 0: the client asked for FUA

@@ -45,6 +45,20 @@ Result<ReplayResult> Replay(const std::string& log_dir, const std::string& base,
     if (h.seq > upto) return false;
     last_seen = h.seq;
     if (h.disk != disk) return true;
+    if (h.kind == RecordKind::kDiskSize) {
+      // The disk grew here (or was added, at its size): the base grows with it.
+      if (h.offset > size) {
+        if (Status st = to.Truncate(h.offset); !st.ok()) {
+          apply_status = st;
+          return false;
+        }
+        size = h.offset;
+      }
+      if (r.records == 0) r.first_seq = h.seq;
+      r.last_seq = h.seq;
+      ++r.records;
+      return true;
+    }
     if (h.offset + h.length > size) {
       apply_status = OutOfRange(fmt::format("record seq {} ({}+{}) lies outside the {}-byte base",
                                             h.seq, h.offset, h.length, size));

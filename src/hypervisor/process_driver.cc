@@ -75,7 +75,7 @@ void ProcessDriver::Adopt(pid_t pid) {
 bool ProcessDriver::running() {
   if (pid_ <= 0) return false;
   if (adopted_) {
-    if (::kill(pid_, 0) == 0) return true;
+    if (AdoptedAlive(pid_)) return true;
     pid_ = -1;
     adopted_ = false;
     return false;

@@ -140,7 +140,25 @@ Result<Fd> ConnectUnix(const std::string& path) {
   return fd;
 }
 
-// The binary's path: `name` itself when it has a '/', else the first match in PATH.
+// A value inside a qemu option list: commas are doubled.
+std::string OptEscape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    out += c;
+    if (c == ',') out += ',';
+  }
+  return out;
+}
+
+std::string DescribeExit(int status) {
+  if (status < 0) return "exited";
+  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return fmt::format("was killed by signal {}", WTERMSIG(status));
+  return "stopped";
+}
+
+}  // namespace
+
 Result<std::string> FindExecutable(const std::string& name) {
   auto usable = [](const std::string& p) {
     struct stat st;
@@ -162,25 +180,6 @@ Result<std::string> FindExecutable(const std::string& name) {
   return NotFound(
       fmt::format("qemu binary '{}' is not in PATH ({}); install qemu-system-x86", name, path));
 }
-
-// A value inside a qemu option list: commas are doubled.
-std::string OptEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    out += c;
-    if (c == ',') out += ',';
-  }
-  return out;
-}
-
-std::string DescribeExit(int status) {
-  if (status < 0) return "exited";
-  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return fmt::format("was killed by signal {}", WTERMSIG(status));
-  return "stopped";
-}
-
-}  // namespace
 
 bool CpuHasHardwareVirtualization() {
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -317,6 +316,12 @@ Status QemuDriver::Start(const QemuSpec& spec) {
   fs::remove(qmp_path, ec);
   fs::remove(qga_path, ec);
 
+  // The console log is kept across starts (a drill's boot, the boot before a failover),
+  // bounded: one older generation.
+  std::string console_path = spec.run_dir + "/console.log";
+  if (fs::file_size(console_path, ec) > kConsoleLogBytesMax && !ec) {
+    fs::rename(console_path, console_path + ".1", ec);
+  }
   spec_ = spec;
   accel_ = !spec.accel.empty() ? spec.accel : KvmUsable() ? "kvm" : "tcg";
   // clang-format off
@@ -329,7 +334,8 @@ Status QemuDriver::Start(const QemuSpec& spec) {
       // Only the devices listed here (and in extra_args): no default NIC, VGA, CD-ROM.
       "-nodefaults", "-no-user-config",
       "-display", "none",
-      "-serial", "file:" + spec.run_dir + "/console.log",
+      "-chardev", "file,id=osr-console0,append=on,path=" + console_path,
+      "-serial", "chardev:osr-console0",
       "-qmp", "unix:" + qmp_path + ",server=on,wait=off",
   };
   // clang-format on
@@ -348,6 +354,7 @@ Status QemuDriver::Start(const QemuSpec& spec) {
                  "-device", "virtio-serial-pci,id=osr-vser0", "-device",
                  "virtserialport,bus=osr-vser0.0,chardev=osr-qga0,name=org.qemu.guest_agent.0"});
   }
+  args.insert(args.end(), spec.device_args.begin(), spec.device_args.end());
   args.insert(args.end(), extra->begin(), extra->end());
   // Not the command line: a kernel command line or a path may be a secret.
   spdlog::info("VM {}: starting qemu ({}, {} disk(s), {} extra argument(s))", spec.name, accel_,
@@ -451,7 +458,7 @@ Status QemuDriver::Adopt(pid_t pid, const QemuSpec& spec) {
 bool QemuDriver::running() {
   if (pid_ <= 0) return false;
   if (adopted_) {
-    if (::kill(pid_, 0) == 0) return true;
+    if (AdoptedAlive(pid_)) return true;
     pid_ = -1;
     adopted_ = false;
     exit_status_ = -1;
@@ -580,6 +587,10 @@ Status QemuDriver::Freeze(int timeout_ms) {
         fmt::format("VM {}: {}; thaw after it: {}", spec_.name, st.message(), thawed.ToString()));
   }
   return st;
+}
+
+Status QemuDriver::Ping(int timeout_ms) {
+  return Guest("guest-ping", timeout_ms, nullptr).status();
 }
 
 Status QemuDriver::Thaw(int timeout_ms) {

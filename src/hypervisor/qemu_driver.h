@@ -10,8 +10,9 @@
 // else TCG; QemuSpec::accel can force either. The choice is made before the start, not
 // left to qemu's fallback, so the log says which one runs.
 //
-// Files in run_dir: qmp.sock, qga.sock, console.log (the guest's serial port) and
-// qemu.log (qemu's stdout and stderr, truncated at each start; its tail goes into
+// Files in run_dir: qmp.sock, qga.sock, console.log (the guest's serial port, appended
+// to across starts; moved to console.log.1 at a start once it passed kConsoleLogBytesMax)
+// and qemu.log (qemu's stdout and stderr, truncated at each start; its tail goes into
 // start errors).
 //
 // Thread model: not thread-safe. One owner calls every method, or the caller serialises
@@ -40,6 +41,9 @@ struct QemuSpec {
   std::vector<std::pair<std::string, std::string>> disks;
   uint64_t memory_bytes = 512ull << 20;  // a whole number of MiB
   int cpus = 1;
+  // Arguments the site made (NICs: -netdev, -device, -fw_cfg), taken as they are, before
+  // extra_args.
+  std::vector<std::string> device_args;
   std::string extra_args;  // appended to the command line, split as SplitArgs() does
   std::string run_dir;     // created if missing
   bool guest_agent = true;
@@ -59,6 +63,7 @@ inline constexpr int kStopOnDestroyMs = 5000;
 inline constexpr int kKillWaitMs = 5000;                // SIGKILL until reaped
 inline constexpr size_t kJsonLineBytesMax = 16u << 20;  // query-qmp-schema is ~200 KiB
 inline constexpr size_t kLogTailBytesMax = 2048;
+inline constexpr uint64_t kConsoleLogBytesMax = 16ull << 20;
 
 class QemuDriver {
  public:
@@ -92,6 +97,8 @@ class QemuDriver {
   // answered guest-sync is followed by a thaw attempt, so no guest stays frozen by us.
   Status Freeze(int timeout_ms);
   Status Thaw(int timeout_ms = kThawTimeoutMs);
+  // Guest agent guest-ping (after guest-sync): whether the guest is up. Same errors.
+  Status Ping(int timeout_ms);
 
   // One QMP command; returns its "return" value. QMP errors map to codes:
   // CommandNotFound → kNotSupported, DeviceNotFound → kNotFound, others → kInternal.
@@ -120,6 +127,10 @@ class QemuDriver {
   std::string qmp_buf_;   // bytes read after the last complete line
   uint64_t next_id_ = 1;  // QMP and guest-sync ids: late answers are told apart
 };
+
+// The binary's path: `name` itself when it has a '/' (kNotFound unless it is an executable
+// file), else the first executable match in PATH (kNotFound naming PATH).
+Result<std::string> FindExecutable(const std::string& name);
 
 // Whether KVM is worth using: the CPU has VT-x or AMD-V (/proc/cpuinfo flags vmx or
 // svm), and /dev/kvm opens read-write, speaks API 12 and creates a VM.

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cctype>
 #include <vector>
 
 #include "common/json_in.h"
@@ -19,7 +20,8 @@ const std::vector<std::string_view> kCommonKeys = {"driver", "shutdown_timeout_m
                                                    "hook_timeout_ms"};
 const std::vector<std::string_view> kProcessKeys = {"command", "command_name"};
 const std::vector<std::string_view> kQemuKeys = {"qemu_args", "qemu_args_name", "memory_bytes",
-                                                 "cpus",      "guest_agent",    "accel"};
+                                                 "cpus",      "guest_agent",    "accel",
+                                                 "nics",      "boot_check"};
 
 bool In(const std::vector<std::string_view>& keys, std::string_view k) {
   return std::find(keys.begin(), keys.end(), k) != keys.end();
@@ -84,7 +86,124 @@ Status ReadHooks(const json& hooks, SpecSource source, const std::string& prefix
   return Status::Ok();
 }
 
+// spec.nics: [{mac, model?, network, ip?: {SITE: CIDR}}].
+Status ReadNics(const json& nics, SpecSource source, const std::string& prefix, VmSpec& spec) {
+  if (nics.size() > kNicsMax) {
+    return InvalidArgument(
+        fmt::format("{}nics: {} NICs, at most {}", prefix, nics.size(), kNicsMax));
+  }
+  for (size_t i = 0; i < nics.size(); ++i) {
+    std::string key = fmt::format("{}nics[{}]", prefix, i);
+    if (!nics[i].is_object()) return InvalidArgument(key + ": must be an object");
+    json_in::Fields nf(nics[i], key + ".");
+    Nic nic;
+    nic.mac = nf.String("mac");
+    nic.model = nf.String("model", nic.model);
+    nic.network = nf.String("network");
+    const json* ip = nf.Object("ip");
+    if (source == SpecSource::kNew) nf.RefuseOthers();
+    if (!nf.ok()) return nf.status();
+    if (!ValidMac(nic.mac)) {
+      return InvalidArgument(key + ".mac: must be a unicast MAC address like 52:54:00:12:34:56");
+    }
+    for (auto& c : nic.mac) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (std::find(std::begin(kNicModels), std::end(kNicModels), nic.model) ==
+        std::end(kNicModels)) {
+      return InvalidArgument(key + ".model: must be virtio-net-pci, e1000, e1000e or rtl8139");
+    }
+    if (!ValidName(nic.network)) {
+      return InvalidArgument(key +
+                             ".network: is not a network name (1-64 characters of "
+                             "[A-Za-z0-9._-], not starting with . or -)");
+    }
+    for (size_t j = 0; j < spec.nics.size(); ++j) {
+      if (spec.nics[j].mac == nic.mac) {
+        return InvalidArgument(fmt::format("{}.mac: {} is also nics[{}].mac", key, nic.mac, j));
+      }
+    }
+    if (ip != nullptr) {
+      for (auto& [site, v] : ip->items()) {
+        if (!ValidName(site))
+          return InvalidArgument(key + ".ip: '" + site + "' is not a site name");
+        if (!v.is_string() || !ValidIpv4Cidr(v.get_ref<const std::string&>())) {
+          return InvalidArgument(key + ".ip." + site +
+                                 ": must be an IPv4 address/prefix like 10.0.0.5/24");
+        }
+        nic.ip_by_site[site] = v.get<std::string>();
+      }
+    }
+    spec.nics.push_back(std::move(nic));
+  }
+  return Status::Ok();
+}
+
+Status ReadBootCheck(const json& bc, SpecSource source, const std::string& prefix, VmSpec& spec) {
+  json_in::Fields bf(bc, prefix + "boot_check.");
+  spec.boot_check.console_line = bf.String("console_line", "");
+  spec.boot_check.timeout_ms =
+      bf.U64("timeout_ms", spec.boot_check.timeout_ms,
+             {.min = kBootCheckTimeoutMsMin, .max = kBootCheckTimeoutMsMax});
+  if (source == SpecSource::kNew) bf.RefuseOthers();
+  if (!bf.ok()) return bf.status();
+  const std::string& line = spec.boot_check.console_line;
+  if (line.size() > kConsoleLineBytesMax) {
+    return InvalidArgument(fmt::format("{}boot_check.console_line: {} bytes, at most {}", prefix,
+                                       line.size(), kConsoleLineBytesMax));
+  }
+  if (std::any_of(line.begin(), line.end(),
+                  [](char c) { return c == '\n' || c == '\r' || c == '\0'; })) {
+    return InvalidArgument(prefix + "boot_check.console_line: must be one line");
+  }
+  // Without a console line and without the guest agent nothing can answer: a drill then
+  // reports NotChecked (docs/api.md).
+  return Status::Ok();
+}
+
 }  // namespace
+
+bool ValidMac(std::string_view mac) {
+  if (mac.size() != 17) return false;
+  for (size_t i = 0; i < 17; ++i) {
+    if (i % 3 == 2) {
+      if (mac[i] != ':') return false;
+    } else if (!std::isxdigit(static_cast<unsigned char>(mac[i]))) {
+      return false;
+    }
+  }
+  int first = std::stoi(std::string(mac.substr(0, 2)), nullptr, 16);
+  return (first & 1) == 0 && mac != "00:00:00:00:00:00";
+}
+
+bool ValidIpv4Cidr(std::string_view cidr) {
+  auto slash = cidr.find('/');
+  if (slash == std::string_view::npos || slash + 1 >= cidr.size() || cidr.size() - slash > 3) {
+    return false;
+  }
+  int parts = 0;
+  size_t i = 0;
+  while (i < slash) {
+    size_t j = i;
+    int v = 0;
+    while (j < slash && j - i < 4 && std::isdigit(static_cast<unsigned char>(cidr[j]))) {
+      v = v * 10 + (cidr[j] - '0');
+      ++j;
+    }
+    if (j == i || j - i > 3 || v > 255 || (j - i > 1 && cidr[i] == '0')) return false;
+    ++parts;
+    if (j < slash) {
+      if (cidr[j] != '.') return false;
+      ++j;
+    }
+    i = j;
+  }
+  if (parts != 4 || cidr[slash - 1] == '.') return false;
+  int prefix = 0;
+  for (size_t k = slash + 1; k < cidr.size(); ++k) {
+    if (!std::isdigit(static_cast<unsigned char>(cidr[k]))) return false;
+    prefix = prefix * 10 + (cidr[k] - '0');
+  }
+  return prefix >= 1 && prefix <= 32;
+}
 
 std::string_view DriverName(Driver d) {
   switch (d) {
@@ -132,6 +251,8 @@ Result<VmSpec> ParseVmSpec(const json& j, SpecSource source, std::string_view pr
   spec.hook_timeout_ms = f.U64("hook_timeout_ms", spec.hook_timeout_ms,
                                {.min = kHookTimeoutMsMin, .max = kHookTimeoutMsMax});
   const json* hooks = f.Object("hooks");
+  const json* nics = nullptr;
+  const json* boot_check = nullptr;
   if (spec.driver == Driver::kProcess) {
     spec.command = ReadRef(f, "command_name", "command");
     if (f.ok() && spec.command.empty()) {
@@ -157,9 +278,15 @@ Result<VmSpec> ParseVmSpec(const json& j, SpecSource source, std::string_view pr
     if (f.ok() && !spec.accel.empty() && spec.accel != "kvm" && spec.accel != "tcg") {
       f.Fail("accel", "must be kvm or tcg (or missing: KVM when usable)");
     }
+    nics = f.Array("nics");
+    boot_check = f.Object("boot_check");
   }
   if (!f.ok()) return f.status();
   if (hooks != nullptr) OSR_RETURN_IF_ERROR(ReadHooks(*hooks, source, prefix, spec));
+  if (nics != nullptr) OSR_RETURN_IF_ERROR(ReadNics(*nics, source, prefix, spec));
+  if (boot_check != nullptr) {
+    OSR_RETURN_IF_ERROR(ReadBootCheck(*boot_check, source, prefix, spec));
+  }
   return spec;
 }
 
@@ -184,6 +311,17 @@ json VmSpecJson(const VmSpec& spec) {
     out["cpus"] = spec.cpus;
     out["guest_agent"] = spec.guest_agent;
     if (!spec.accel.empty()) out["accel"] = spec.accel;
+    if (!spec.nics.empty()) {
+      json nics = json::array();
+      for (auto& n : spec.nics) {
+        json nic = {{"mac", n.mac}, {"model", n.model}, {"network", n.network}};
+        if (!n.ip_by_site.empty()) nic["ip"] = n.ip_by_site;
+        nics.push_back(nic);
+      }
+      out["nics"] = nics;
+    }
+    out["boot_check"] = {{"console_line", spec.boot_check.console_line},
+                         {"timeout_ms", spec.boot_check.timeout_ms}};
   }
   if (!spec.hooks.empty()) {
     json hooks = json::object();

@@ -25,6 +25,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 
@@ -54,6 +55,30 @@ inline constexpr size_t kCommandBytesMax = 16384;  // a literal command
 inline constexpr std::string_view kHookNames[] = {"freeze", "thaw", "pre_failover",
                                                   "post_failover"};
 
+// A NIC of a QEMU VM. It names a logical network; each site maps that name to what its
+// hosts have, for production and for drills (site config [networks.NAME]): the VM
+// plugs into the mapping of the site it runs at, so the spec is the same at every site.
+inline constexpr size_t kNicsMax = 8;
+inline constexpr std::string_view kNicModels[] = {"virtio-net-pci", "e1000", "e1000e", "rtl8139"};
+struct Nic {
+  std::string mac;  // "52:54:00:xx:xx:xx": unicast, kept across failover
+  std::string model = "virtio-net-pci";
+  std::string network;  // a logical network name (ValidName)
+  // The guest's address at each site (site name → "A.B.C.D/NN"), handed to the guest in
+  // fw_cfg (opt/org.osr/nicN.ip): for guests that read it; others use DHCP.
+  std::map<std::string, std::string> ip_by_site;
+};
+
+// How a drill knows the VM came up: a line the guest prints on its serial console
+// (console_line), else the guest agent answering guest-ping.
+inline constexpr uint64_t kBootCheckTimeoutMsMin = 1000;
+inline constexpr uint64_t kBootCheckTimeoutMsMax = 3600 * 1000;
+inline constexpr size_t kConsoleLineBytesMax = 256;
+struct BootCheck {
+  std::string console_line;  // "": the guest agent
+  uint64_t timeout_ms = 300000;
+};
+
 struct VmSpec {
   Driver driver = Driver::kNone;
   CommandRef command;    // process: required
@@ -65,7 +90,14 @@ struct VmSpec {
   uint64_t shutdown_timeout_ms = 30000;
   std::map<std::string, CommandRef> hooks;  // by name (kHookNames); none empty
   uint64_t hook_timeout_ms = 60000;
+  std::vector<Nic> nics;  // qemu: in PCI order
+  BootCheck boot_check;   // qemu
 };
+
+// Whether `mac` reads as six hex pairs separated by ':' and is a unicast address.
+bool ValidMac(std::string_view mac);
+// Whether `cidr` reads as an IPv4 address with a prefix length ("10.0.0.5/24").
+bool ValidIpv4Cidr(std::string_view cidr);
 
 // Where a spec comes from decides how strict its reading is.
 enum class SpecSource {

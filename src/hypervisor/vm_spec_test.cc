@@ -1,5 +1,6 @@
 #include "hypervisor/vm_spec.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 namespace osr::hypervisor {
@@ -41,6 +42,85 @@ TEST(VmSpec, DefaultsAndNormalForm) {
   auto again = ParseVmSpec(n, SpecSource::kNew);
   ASSERT_TRUE(again.ok()) << again.status().message();
   EXPECT_EQ(VmSpecJson(*again), n);
+}
+
+TEST(VmSpec, NicsAndBootCheckReadBackToThemselves) {
+  json in = {{"driver", "qemu"},
+             {"nics",
+              {{{"mac", "52:54:00:AB:cd:01"}, {"network", "prod"}},
+               {{"mac", "52:54:00:00:00:02"},
+                {"model", "e1000"},
+                {"network", "backend"},
+                {"ip", {{"recovery", "10.1.2.3/24"}}}}}},
+             {"boot_check", {{"console_line", "login:"}, {"timeout_ms", 60000}}}};
+  auto s = ParseVmSpec(in, SpecSource::kNew);
+  ASSERT_TRUE(s.ok()) << s.status().message();
+  ASSERT_EQ(s->nics.size(), 2u);
+  EXPECT_EQ(s->nics[0].mac, "52:54:00:ab:cd:01");  // kept, in lower case
+  EXPECT_EQ(s->nics[0].model, "virtio-net-pci");
+  EXPECT_EQ(s->nics[1].ip_by_site.at("recovery"), "10.1.2.3/24");
+  EXPECT_EQ(s->boot_check.console_line, "login:");
+  json n = VmSpecJson(*s);
+  auto again = ParseVmSpec(n, SpecSource::kNew);
+  ASSERT_TRUE(again.ok()) << again.status().message();
+  EXPECT_EQ(VmSpecJson(*again), n);
+}
+
+TEST(VmSpec, BadNicsAndBootChecksAreRefusedNamingTheField) {
+  auto nic = [](json n) { return json{{"driver", "qemu"}, {"nics", json::array({n})}}; };
+  json good = {{"mac", "52:54:00:12:34:56"}, {"network", "prod"}};
+  auto with = [&](const char* k, json v) {
+    json n = good;
+    n[k] = v;
+    return nic(n);
+  };
+  EXPECT_NE(Refused(with("mac", "01:00:5e:00:00:01")).find("nics[0].mac"), std::string::npos)
+      << "a multicast MAC";
+  EXPECT_NE(Refused(with("mac", "52:54:00:12:34")).find("nics[0].mac"), std::string::npos);
+  EXPECT_NE(Refused(with("mac", "52-54-00-12-34-56")).find("nics[0].mac"), std::string::npos);
+  EXPECT_NE(Refused(with("mac", "00:00:00:00:00:00")).find("nics[0].mac"), std::string::npos);
+  EXPECT_NE(Refused(with("mac", 5)).find("nics[0].mac"), std::string::npos);
+  EXPECT_NE(Refused(with("model", "virtio-net-pci,netdev=x")).find("nics[0].model"),
+            std::string::npos);
+  EXPECT_NE(Refused(with("network", "../etc")).find("nics[0].network"), std::string::npos);
+  EXPECT_NE(Refused(with("network", "")).find("nics[0].network"), std::string::npos);
+  EXPECT_NE(Refused(with("bridge", "br0")).find("nics[0].bridge"), std::string::npos)
+      << "a site's bridge is its config's, not the spec's";
+  for (const char* ip : {"10.0.0.1", "10.0.0.256/24", "10.0.0.1/33", "10.0.0/24", "1.2.3.4/0",
+                         "01.2.3.4/8", "a.b.c.d/8", "10.0.0.1/24,x"}) {
+    EXPECT_NE(Refused(with("ip", {{"recovery", ip}})).find("nics[0].ip.recovery"),
+              std::string::npos)
+        << ip;
+  }
+  EXPECT_NE(Refused(with("ip", {{"bad site!", "10.0.0.1/24"}})).find("nics[0].ip"),
+            std::string::npos);
+  json two = {{"driver", "qemu"}, {"nics", {good, good}}};
+  EXPECT_NE(Refused(two).find("nics[1].mac"), std::string::npos) << "one MAC twice";
+  json many = {{"driver", "qemu"}, {"nics", json::array()}};
+  for (int i = 0; i < 9; ++i) {
+    json n = good;
+    n["mac"] = fmt::format("52:54:00:00:00:{:02x}", i);
+    many["nics"].push_back(n);
+  }
+  EXPECT_NE(Refused(many).find("at most 8"), std::string::npos);
+  EXPECT_NE(Refused(json{{"driver", "process"}, {"command", "x"}, {"nics", json::array()}})
+                .find("only for driver qemu"),
+            std::string::npos);
+
+  auto boot = [](json b) { return json{{"driver", "qemu"}, {"boot_check", b}}; };
+  EXPECT_NE(Refused(boot({{"console_line", "a\nb"}})).find("boot_check.console_line"),
+            std::string::npos);
+  EXPECT_NE(Refused(boot({{"console_line", std::string(300, 'x')}})).find("boot_check"),
+            std::string::npos);
+  EXPECT_NE(Refused(boot({{"timeout_ms", 10}})).find("boot_check.timeout_ms"), std::string::npos);
+  EXPECT_NE(Refused(boot({{"timeout_ms", "soon"}})).find("boot_check.timeout_ms"),
+            std::string::npos);
+  // Nothing to answer a boot check: taken (a drill reports NotChecked), and its normal form
+  // reads back (it once did not: the VM could never start again).
+  auto quiet = ParseVmSpec(json{{"driver", "qemu"}, {"guest_agent", false}}, SpecSource::kNew);
+  ASSERT_TRUE(quiet.ok()) << quiet.status().message();
+  auto back = ParseVmSpec(VmSpecJson(*quiet), SpecSource::kStored);
+  EXPECT_TRUE(back.ok()) << back.status().message();
 }
 
 TEST(VmSpec, EveryFieldIsTypedAndInRangeAndTheErrorNamesIt) {

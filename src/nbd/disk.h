@@ -41,6 +41,11 @@ class Disk {
 
   // Makes every change acknowledged before the call durable (FLUSH; FUA uses it too).
   virtual Status Flush() = 0;
+  // Makes the disk `size` bytes (larger than now; the new bytes read as zeros) and durable
+  // (capture's GrowDisk). kNotSupported for a disk that cannot grow.
+  virtual Status Grow(uint64_t size) {
+    return Status(Code::kNotSupported, "this disk cannot grow");
+  }
   // Hint that [offset, offset+length) will be read soon (NBD_CMD_CACHE).
   virtual Status Cache(uint64_t offset, uint64_t length) { return Status::Ok(); }
   // base:allocation extents covering [offset, offset+length), at most `extents_max`;

@@ -67,6 +67,15 @@ Status FileDisk::Cache(uint64_t offset, uint64_t length) {
   return Status::Ok();
 }
 
+Status FileDisk::Grow(uint64_t size) {
+  if (read_only_) return Status(Code::kPermissionDenied, "the disk is read-only");
+  if (size < size_.load()) return InvalidArgument("a disk only grows");
+  OSR_RETURN_IF_ERROR(file_.Truncate(size));
+  OSR_RETURN_IF_ERROR(file_.Sync());
+  size_.store(size);
+  return Status::Ok();
+}
+
 Status FileDisk::BlockStatus(uint64_t offset, uint64_t length, size_t extents_max,
                              std::vector<Extent>* out) {
   uint64_t end = offset + length;

@@ -237,15 +237,18 @@ Result<Receiver::Admitted> Receiver::Admit(Stream& s, const PeerIdentity* peer, 
                               "source of group '{}'",
                               peer->Describe(), store->source(), group));
   }
-  const auto& disks = store->disks();
-  if (hello->disks.size() != disks.size()) {
+  // The sender's disks are the store's as of its durable seq, or what disk-size records
+  // after it make of them (docs/formats.md, "Disk changes"): the same disks in the same
+  // order, none smaller, maybe more. Anything else is another group's layout.
+  const std::vector<store::StoreDisk> disks = store->DisksAt(store->durable_seq());
+  if (hello->disks.size() < disks.size()) {
     *code = ErrorCode::kBadDisks;
     return InvalidArgument(fmt::format("group '{}' has {} disks here, the sender has {}", group,
                                        disks.size(), hello->disks.size()));
   }
   for (size_t i = 0; i < disks.size(); ++i) {
     const HelloDisk& d = hello->disks[i];
-    if (d.name != disks[i].name || d.size_bytes != disks[i].size_bytes) {
+    if (d.name != disks[i].name || d.size_bytes < disks[i].size_bytes) {
       *code = ErrorCode::kBadDisks;
       return InvalidArgument(fmt::format(
           "disk {} of group '{}' differs: {} of {} bytes here, {} of {} bytes at the sender", i,
@@ -253,7 +256,9 @@ Result<Receiver::Admitted> Receiver::Admit(Stream& s, const PeerIdentity* peer, 
     }
   }
   OSR_RETURN_IF_ERROR(CheckEpoch(*store, hello->epoch, code));
-  return Admitted{group, std::move(store), hello->epoch, hello->lz4};
+  std::vector<store::StoreDisk> sender_disks;
+  for (const HelloDisk& d : hello->disks) sender_disks.push_back({d.name, d.size_bytes});
+  return Admitted{group, std::move(store), hello->epoch, hello->lz4, std::move(sender_disks)};
 }
 
 Receiver::End Receiver::ServeSession(Stream& s, const Admitted& a) {
@@ -420,10 +425,18 @@ std::optional<Receiver::End> Receiver::HandleFrame(Stream& s, const Admitted& a,
     case FrameType::kResyncBegin: {
       auto b = ParseResyncBegin(f.payload);
       if (!b.ok()) return End{ErrorCode::kBadFrame, b.status()};
-      Status st = b->resume_bytes > 0  ? store.ResumeResync(b->from, b->initial, b->resume_bytes)
-                  : b->initial         ? store.BeginInitialSync(b->from)
-                  : b->replace_history ? store.BeginResyncReplacingHistory(b->from)
-                                       : store.BeginResync(b->from);
+      Status st;
+      if (b->resume_bytes == 0 && (b->initial || b->replace_history)) {
+        // The copy is of the disks as they are at the source now (added or grown since
+        // the store was made, their disk-size records maybe long gone from its log).
+        st = store.AdoptDisks(b->from, a.disks);
+      }
+      if (st.ok()) {
+        st = b->resume_bytes > 0  ? store.ResumeResync(b->from, b->initial, b->resume_bytes)
+             : b->initial         ? store.BeginInitialSync(b->from)
+             : b->replace_history ? store.BeginResyncReplacingHistory(b->from)
+                                  : store.BeginResync(b->from);
+      }
       if (!st.ok()) return End{StoreCode(st), st};
       if (b->resume_bytes > 0) {
         spdlog::info(

@@ -99,6 +99,8 @@ class Receiver {
     std::shared_ptr<store::RecoveryStore> store;
     uint64_t epoch = 0;
     bool lz4 = false;
+    // The sender's disks: a first copy or a history replaced starts from them.
+    std::vector<store::StoreDisk> disks;
   };
 
   void AcceptLoop();

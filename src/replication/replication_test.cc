@@ -265,6 +265,98 @@ TEST_F(ReplicationTest, ShipsEveryRecordInOrderAndTrimsTheLog) {
   EXPECT_EQ(sender_->stats().reconnects, 0u);
 }
 
+// Issue 13: a disk grows and one is added while the group replicates and a writer thread
+// keeps writing. The store takes the disk-size records in the capture order: at the end
+// each disk equals the source, and at the seq before each change the store shows the disk
+// as it was (old size; the added disk absent). A reconnect after the changes (HELLO with
+// the new disks) goes on; a first copy into a store made with the old disks adopts them.
+TEST_F(ReplicationTest, DisksGrowAndAreAddedUnderWrites) {
+  StartSender(recv_addr_);
+  std::mt19937 rng(21);
+  std::atomic<bool> stop{false};
+  std::atomic<int> writes{0};
+  std::thread writer([&] {
+    std::mt19937 wr(22);
+    while (!stop.load() && writes.load() < 20000) {
+      uint64_t len = 4096 * (1 + wr() % 16);
+      uint64_t size = disk_->size();  // what a new client would see
+      uint64_t off = (wr() % ((size - len) / 4096)) * 4096;
+      std::vector<uint8_t> d(len, static_cast<uint8_t>(wr()));
+      ASSERT_TRUE(disk_->Write(off, d).ok());
+      ++writes;
+    }
+  });
+  Write(rng, 20);
+  // Grow: disk 0 to twice its size (the sender's HELLO first, as the site does).
+  sender_->SetDisks({{"d0", 2 * kSize}});
+  const uint64_t grow_seq = group_->GrowDisk(0, "d0", 2 * kSize).value();
+  EXPECT_EQ(disk_->size(), 2 * kSize);
+  EXPECT_FALSE(group_->GrowDisk(0, "d0", kSize).ok());  // disks only grow
+  // Add: disk 1, empty.
+  sender_->SetDisks({{"d0", 2 * kSize}, {"d1", kSize}});
+  auto image = nbd::FileDisk::Open(dir_ + "/d1.img", false, kSize).value();
+  const uint64_t add_seq = group_->AddDisk(std::move(image), dir_ + "/d1.img", "d1").value();
+  ASSERT_GT(add_seq, grow_seq);
+  auto d1 = group_->disk(1);
+  std::vector<uint8_t> tail(65536, 0x5a);
+  ASSERT_TRUE(d1->Write(kSize - tail.size(), tail).ok());
+  ASSERT_TRUE(disk_->Write(2 * kSize - tail.size(), tail).ok());  // the grown bytes
+  for (int i = 0; i < 400 && writes.load() < 200; ++i) ::usleep(10000);
+  stop = true;
+  writer.join();
+  ASSERT_TRUE(disk_->Flush().ok());
+  const uint64_t last = group_->log().last_seq();
+  ASSERT_TRUE(sender_->WaitAcked(last, 30000)) << sender_->stats().last_error;
+  auto same = [&](uint32_t d, const std::shared_ptr<nbd::Disk>& src, uint64_t seq) {
+    std::vector<uint8_t> a(src->size()), b(src->size());
+    ASSERT_TRUE(src->Read(0, a).ok());
+    ASSERT_TRUE(store_->ReadAt(d, seq, 0, b).ok());
+    EXPECT_TRUE(a == b) << "disk " << d << " at seq " << seq;
+  };
+  same(0, disk_, last);
+  same(1, d1, last);
+  auto before_grow = store_->DisksAt(grow_seq - 1);
+  ASSERT_EQ(before_grow.size(), 1u);
+  EXPECT_EQ(before_grow[0].size_bytes, kSize);
+  EXPECT_EQ(store_->DisksAt(grow_seq)[0].size_bytes, 2 * kSize);
+  EXPECT_EQ(store_->DisksAt(add_seq - 1).size(), 1u);
+  EXPECT_EQ(store_->DisksAt(add_seq).size(), 2u);
+  std::vector<uint8_t> one(1);
+  EXPECT_FALSE(store_->ReadAt(0, grow_seq - 1, kSize, one).ok());  // past the old end
+
+  // A new session states the new disks; the store takes it and goes on.
+  sender_.reset();
+  SenderOptions o = Options(recv_addr_);
+  o.disks = {{"d0", 2 * kSize}, {"d1", kSize}};
+  sender_ = std::make_unique<Sender>(o, &group_->log());
+  sender_->Start();
+  ASSERT_TRUE(d1->Write(0, tail).ok());
+  ASSERT_TRUE(disk_->Flush().ok());
+  ASSERT_TRUE(sender_->WaitAcked(group_->log().last_seq(), 30000)) << sender_->stats().last_error;
+  same(1, d1, group_->log().last_seq());
+
+  // A first copy into a store made with the old disks (its records long gone): the store
+  // adopts the sender's disks and the copy lands whole.
+  sender_.reset();
+  store_.reset();
+  fs::remove_all(dir_ + "/store");
+  store_ = store::RecoveryStore::Create(dir_ + "/store", {{"d0", kSize}}, 0,
+                                        store::RecoveryStore::Start::kFullCopy)
+               .value();
+  sender_ = std::make_unique<Sender>(o, &group_->log());
+  sender_->Start();
+  for (int i = 0; i < 600 && (store_->initial_sync_pending() || store_->resyncing() ||
+                              sender_->stats().acked_seq < group_->log().last_seq());
+       ++i) {
+    ::usleep(50000);
+  }
+  ASSERT_FALSE(store_->initial_sync_pending()) << sender_->stats().last_error;
+  ASSERT_TRUE(sender_->WaitAcked(group_->log().last_seq(), 30000)) << sender_->stats().last_error;
+  ASSERT_EQ(store_->disks().size(), 2u);
+  same(0, disk_, store_->durable_seq());
+  same(1, d1, store_->durable_seq());
+}
+
 // The recovery site made records durable, but their acknowledgements were lost with the
 // connection (or the session ended before it acted on them). The next session learns from
 // HELLO_OK that the site holds them, and their segments go, with no further write: before,
@@ -1230,12 +1322,18 @@ TEST_F(ReplicationTest, UnknownGroupAndWrongDisksAreRefused) {
   EXPECT_EQ(s.stats().last_error_code, "unknown_group");
   s.Stop();
   o.group = "vm1";
-  o.disks = {{"d0", kSize * 2}};
-  Sender s2(o, &group_->log());
-  s2.Start();
-  for (int i = 0; i < 100 && s2.stats().last_error.empty(); ++i) ::usleep(20000);
-  EXPECT_NE(s2.stats().last_error.find("differs"), std::string::npos) << s2.stats().last_error;
-  EXPECT_EQ(s2.stats().last_error_code, "bad_disks");
+  // Smaller than the store's disk, or named otherwise (a larger one, or one more disk, is
+  // what disk-size records on their way make of the store's).
+  for (auto disks :
+       std::vector<std::vector<store::StoreDisk>>{{{"d0", kSize / 2}}, {{"d9", kSize}}}) {
+    o.disks = disks;
+    Sender s2(o, &group_->log());
+    s2.Start();
+    for (int i = 0; i < 100 && s2.stats().last_error.empty(); ++i) ::usleep(20000);
+    EXPECT_NE(s2.stats().last_error.find("differs"), std::string::npos) << s2.stats().last_error;
+    EXPECT_EQ(s2.stats().last_error_code, "bad_disks");
+    s2.Stop();
+  }
 }
 
 }  // namespace

@@ -319,13 +319,23 @@ Status Sender::Authenticate(Stream& s, TlsStream& tls) {
   return Status::Ok();
 }
 
+void Sender::SetDisks(std::vector<store::StoreDisk> disks) {
+  std::lock_guard lock(disks_mu_);
+  disks_ = std::move(disks);
+}
+
+std::vector<store::StoreDisk> Sender::Disks() const {
+  std::lock_guard lock(disks_mu_);
+  return disks_.empty() ? opts_.disks : disks_;
+}
+
 Result<HelloOk> Sender::Greet(Stream& s) {
   Hello hello;
   hello.version = kProtocolVersion;
   hello.group = opts_.group;
   hello.epoch = opts_.epoch;
   hello.lz4 = opts_.compress;
-  for (auto& d : opts_.disks) hello.disks.push_back({d.name, d.size_bytes});
+  for (auto& d : Disks()) hello.disks.push_back({d.name, d.size_bytes});
   OSR_RETURN_IF_ERROR(WriteFrame(s, FrameType::kHello, EncodeHello(hello)));
   s.SetReadTimeoutMs(30000);
   OSR_ASSIGN_OR_RETURN(Frame f, ReadFrame(s));
@@ -715,7 +725,7 @@ void Sender::RecordSentBound(uint64_t after) {
 void Sender::ReadPlanOnceLocked() {
   if (plan_read_) return;
   plan_read_ = true;
-  auto loaded = LoadResyncPlan(log_->dir(), opts_.disks);
+  auto loaded = LoadResyncPlan(log_->dir(), Disks());
   if (loaded.ok() && (loaded->group != opts_.group || loaded->epoch != opts_.epoch)) {
     plan_ = std::move(*loaded);
     DropPlanLocked(fmt::format("it is of group '{}' at epoch {}, not '{}' at epoch {}",
@@ -750,7 +760,7 @@ std::optional<uint64_t> Sender::PlanResume(const HelloOk& ok, bool initial) {
     DropPlanLocked("the recovery site has nothing of it staged");
     return std::nullopt;
   }
-  if (Status st = CheckStaged(p, *ok.staged, opts_.disks); !st.ok()) {
+  if (Status st = CheckStaged(p, *ok.staged, Disks()); !st.ok()) {
     if (st.code() == Code::kInvalidArgument) {
       // A peer's claim that cannot be true of this copy: never trusted.
       spdlog::warn("replication sender '{}': refusing the recovery site's staged copy: {}",

@@ -146,6 +146,10 @@ class Sender {
   void Start();
   void Stop();
   Stats stats() const;
+  // The group's disks as the next HELLO states them (a disk added or grown: the site sets
+  // them before it appends the disk-size record, so a HELLO never states fewer or smaller
+  // disks than a record the recovery site may hold).
+  void SetDisks(std::vector<store::StoreDisk> disks);
   // Waits until every record up to `seq` is acknowledged, or the timeout passes.
   bool WaitAcked(uint64_t seq, int timeout_ms);
 
@@ -238,6 +242,9 @@ class Sender {
   // and kept across reconnects.
   std::optional<Pacer> pacer_;
 
+  std::vector<store::StoreDisk> Disks() const;
+  mutable std::mutex disks_mu_;          // a leaf
+  std::vector<store::StoreDisk> disks_;  // guarded by disks_mu_; from opts_.disks, SetDisks
   mutable std::mutex mu_;
   std::condition_variable cv_;
   Stats stats_;  // guarded by mu_

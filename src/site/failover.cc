@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <thread>
@@ -47,7 +48,9 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
           gr.epoch == epoch) {  // done already (a retried job)
         json disks = json::array();
         for (auto& d : gr.disks)
-          disks.push_back({{"name", d.name}, {"uri", Uri(DiskExport(vm, d.name))}});
+          disks.push_back({{"name", d.name},
+                           {"size_bytes", d.size_bytes},
+                           {"uri", Uri(DiskExport(vm, d.name))}});
         return json{{"name", vm},
                     {"seq", seq},
                     {"epoch", epoch},
@@ -77,7 +80,8 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   fs::create_directories(dir, ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir);
   auto g = std::make_unique<Group>();
-  for (auto& d : st->disks()) g->disks.push_back({d.name, d.size_bytes});
+  // The disks as they were at the point (one added after it is not there).
+  for (auto& d : st->DisksAt(seq)) g->disks.push_back({d.name, d.size_bytes});
   g->epoch = epoch;
   g->failover = true;
   g->failover_seq = seq;
@@ -90,8 +94,13 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
     std::vector<DiskRange> regions;
     uint64_t bytes = 0;
     if (!changed.ok()) opened = changed.status();
-    for (uint32_t d = 0; changed.ok() && d < changed->size(); ++d) {
+    // Only what lies inside the disks as they were at the point: a disk added after it
+    // is not here, and bytes a grow added after it are not part of these disks.
+    for (uint32_t d = 0; changed.ok() && d < changed->size() && d < g->disks.size(); ++d) {
+      const uint64_t size = g->disks[d].size_bytes;
       for (auto [off, len] : (*changed)[d]) {
+        if (off >= size) continue;
+        len = std::min(len, size - off);
         regions.push_back({d, {off, len}});
         bytes += len;
       }
@@ -111,7 +120,8 @@ Result<json> Site::FailoverGroup(const std::string& vm, uint64_t seq, uint64_t e
   OSR_RETURN_IF_ERROR(SaveLocked());
   json disks = json::array();
   for (auto& d : groups_[vm]->disks) {
-    disks.push_back({{"name", d.name}, {"uri", Uri(DiskExport(vm, d.name))}});
+    disks.push_back(
+        {{"name", d.name}, {"size_bytes", d.size_bytes}, {"uri", Uri(DiskExport(vm, d.name))}});
   }
   return json{{"name", vm},
               {"seq", seq},
@@ -126,79 +136,37 @@ Status Site::MaterialiseGroup(const std::string& vm) {
   if (Status u = Usable(it, vm); !u.ok()) return u;
   Group& g = *it->second;
   if (!g.failover) {
-    g.materialise_state = "done";  // plain disks already
+    g.materialiser.MarkDone();  // plain disks already
     return Status::Ok();
   }
-  if (g.materialise_state == "running") return Status::Ok();
-  if (g.materialiser.joinable()) g.materialiser.join();
-  g.materialise_state = "running";
-  g.materialise_error.clear();
-  g.materialise_done = 0;
-  g.materialise_total = 0;
-  for (auto& d : g.disks) g.materialise_total += d.size_bytes;
-  g.stop_materialise = false;
+  // The materialiser's thread is done with the group before the group goes (every path
+  // that frees one stops it first), and its `finish` takes mu_ on its own.
   Group* gp = &g;
-  g.materialiser = std::thread([this, vm, gp] {
-    NameThisThread("osr-materialise");
-    MaterialiseThread(vm, gp);
-  });
+  g.materialiser.Start(g.failover_disks, cfg_.materialise_bytes_per_second,
+                       [this, vm, gp](Status copied) { return FinishMaterialise(vm, gp, copied); });
   return Status::Ok();
 }
 
-void Site::MaterialiseThread(const std::string& vm, Group* g) {
-  // The group outlives this thread: DeleteGroup and Stop join it first.
-  uint64_t before = 0;
-  Status st;
-  auto began = std::chrono::steady_clock::now();
-  const uint64_t rate = cfg_.materialise_bytes_per_second;
-  for (auto* fd : g->failover_disks) {
-    st = fd->Materialise(
-        [&](uint64_t done, uint64_t) {
-          {
-            std::lock_guard lock(mu_);
-            g->materialise_done = before + done;
-          }
-          if (rate > 0) {
-            // The VM runs on these disks: the copy may take only its share of the I/O.
-            auto due =
-                began +
-                std::chrono::duration_cast<std::chrono::nanoseconds>(
-                    std::chrono::duration<double>(static_cast<double>(before + done) / rate));
-            while (std::chrono::steady_clock::now() < due && !g->stop_materialise) {
-              std::this_thread::sleep_for(std::min<std::chrono::nanoseconds>(
-                  due - std::chrono::steady_clock::now(), std::chrono::milliseconds(50)));
-            }
-          }
-        },
-        g->stop_materialise);
-    if (!st.ok()) break;
-    before += fd->size();
+Status Site::FinishMaterialise(const std::string& vm, Group* g, Status copied) {
+  if (!copied.ok()) {
+    spdlog::warn("site {}: VM {}: materialising: {}", cfg_.name, vm, copied.ToString());
+    return copied;
   }
   std::lock_guard lock(mu_);
-  if (!st.ok()) {
-    g->materialise_state = "failed";
-    g->materialise_error = st.message();
-    spdlog::warn("site {}: VM {}: materialising: {}", cfg_.name, vm, st.ToString());
-    return;
-  }
   // The disks stand alone: next start opens them as plain images. Their region maps
   // (all held) go once that is recorded.
   g->failover = false;
-  g->materialise_state = "done";
-  g->materialise_done = g->materialise_total;
-  Status saved = SaveLocked();
-  if (!saved.ok()) {
+  if (Status saved = SaveLocked(); !saved.ok()) {
     g->failover = true;  // the maps stay: a restart materialises again (all held: quick)
-    g->materialise_state = "failed";
-    g->materialise_error = saved.message();
     spdlog::error("site {}: {}", cfg_.name, saved.ToString());
-    return;
+    return saved;
   }
   std::error_code ec;
   for (auto& d : g->disks) {
     fs::remove(cfg_.data_dir + "/groups/" + vm + "/" + d.name + ".img.cow", ec);
   }
   spdlog::info("site {}: VM {}: failover disks materialised", cfg_.name, vm);
+  return Status::Ok();
 }
 
 Result<json> Site::UnreplicatedRegions(const std::string& vm, uint64_t after) {
@@ -362,8 +330,7 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
     g = std::move(it->second);
     groups_.erase(it);
   }
-  g->stop_materialise = true;
-  if (g->materialiser.joinable()) g->materialiser.join();
+  g->materialiser.Stop();
   g->sender.reset();
   if (Status closed = CloseGroupExports(vm, *g); !closed.ok()) {
     // Its images must not move while an NBD client still holds them: the group stays.
@@ -427,39 +394,49 @@ Result<json> Site::GroupToStore(const std::string& vm, uint64_t base_seq, uint64
 }
 
 bool Site::VmRunningLocked(Group& g) {
-  return (g.process && g.process->running()) || (g.qemu && g.qemu->running());
+  return g.vm->Refresh().running();
 }
 
-hypervisor::QemuSpec Site::QemuSpecFor(
-    const std::string& vm, const hypervisor::VmSpec& spec, const std::string& extra_args,
-    const std::vector<std::pair<std::string, std::string>>& disks) const {
-  hypervisor::QemuSpec qs;
-  qs.name = vm;
-  qs.disks = disks;
-  qs.memory_bytes = spec.memory_bytes;
-  qs.cpus = static_cast<int>(spec.cpus);
-  qs.extra_args = extra_args;
-  qs.run_dir = cfg_.data_dir + "/groups/" + vm + "/run";
-  qs.guest_agent = spec.guest_agent;
-  qs.accel = spec.accel;
-  return qs;
+Result<VmLaunch> Site::LaunchFor(const std::string& vm, const Group& g,
+                                 const hypervisor::VmSpec& spec, std::string command) const {
+  VmLaunch launch;
+  OSR_ASSIGN_OR_RETURN(launch.network,
+                       PlanNetworks(spec.nics, cfg_.networks, NetRole::kProduction, cfg_.name, vm));
+  launch.name = vm;
+  launch.spec = spec;
+  launch.command = std::move(command);
+  launch.run_dir = cfg_.data_dir + "/groups/" + vm + "/run";
+  launch.qemu_binary = cfg_.qemu_binary;
+  bool tls_only = cfg_.nbd_tls.enabled() && !cfg_.nbd_tls_optional;
+  for (auto& d : g.disks) {
+    bool local = spec.driver == hypervisor::Driver::kQemu || tls_only;
+    launch.disks.emplace_back(d.name,
+                              local ? LocalUri(vm, g, d.name) : Uri(DiskExport(vm, d.name)));
+  }
+  return launch;
 }
 
-Status Site::StartVm(const std::string& vm, const json& spec_json) {
+Result<std::pair<hypervisor::VmSpec, std::string>> Site::CheckedVmSpec(
+    const std::string& who, const json& spec_json) const {
   // The spec comes from the vault's catalog: checked in full, and what it runs is checked
   // against this site's own rules, also for a spec stored before those rules existed.
   auto parsed = hypervisor::ParseVmSpec(spec_json, hypervisor::SpecSource::kStored);
-  if (!parsed.ok()) return InvalidArgument("VM " + vm + ": " + parsed.status().message());
-  const hypervisor::VmSpec& spec = *parsed;
-  if (spec.driver == hypervisor::Driver::kNone) {
-    return InvalidArgument("VM " + vm + " has no driver to start it");
+  if (!parsed.ok()) return InvalidArgument(who + ": " + parsed.status().message());
+  if (parsed->driver == hypervisor::Driver::kNone) {
+    return InvalidArgument(who + ": the VM has no driver to start it");
   }
-  Result<std::string> what = spec.driver == hypervisor::Driver::kProcess
-                                 ? cfg_.commands.ProcessCommand(spec)
-                                 : cfg_.commands.QemuArgs(spec);
-  if (!what.ok()) return Status(what.status().code(), "VM " + vm + ": " + what.status().message());
-  std::vector<std::pair<std::string, std::string>> disks;
-  std::string run = cfg_.data_dir + "/groups/" + vm + "/run";
+  Result<std::string> what = parsed->driver == hypervisor::Driver::kProcess
+                                 ? cfg_.commands.ProcessCommand(*parsed)
+                                 : cfg_.commands.QemuArgs(*parsed);
+  if (!what.ok()) return Status(what.status().code(), who + ": " + what.status().message());
+  return std::pair(std::move(*parsed), std::move(*what));
+}
+
+Status Site::StartVm(const std::string& vm, const json& spec_json) {
+  OSR_ASSIGN_OR_RETURN(auto checked, CheckedVmSpec("VM " + vm, spec_json));
+  const auto& [spec, what] = checked;
+  std::shared_ptr<VmRunner> runner;
+  VmLaunch launch;
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
@@ -469,47 +446,19 @@ Status Site::StartVm(const std::string& vm, const json& spec_json) {
       return Status(Code::kPermissionDenied,
                     fmt::format("VM {} is fenced here (epoch {}): it runs at another site", vm, e));
     }
-    if (VmRunningLocked(g)) return Status::Ok();
-    if (g.vm_starting) return Unavailable("VM " + vm + " is starting");
-    g.vm_starting = true;
-    // QEMU uses the VM's own socket. A process VM gets the URIs the API shows (its
-    // command may hand them on), unless TCP takes TLS clients only: then its socket.
-    bool tls_only = cfg_.nbd_tls.enabled() && !cfg_.nbd_tls_optional;
-    for (auto& d : g.disks) {
-      bool local = spec.driver == hypervisor::Driver::kQemu || tls_only;
-      disks.emplace_back(d.name, local ? LocalUri(vm, g, d.name) : Uri(DiskExport(vm, d.name)));
-    }
+    runner = g.vm;
+    OSR_ASSIGN_OR_RETURN(launch, LaunchFor(vm, g, spec, what));
   }
-  std::error_code ec;
-  fs::create_directories(run, ec);
-  // Started outside mu_: a QEMU takes a while to answer.
-  std::unique_ptr<hypervisor::ProcessDriver> process;
-  std::shared_ptr<hypervisor::QemuDriver> qemu;
-  Status started;
-  if (spec.driver == hypervisor::Driver::kProcess) {
-    hypervisor::ProcessSpec ps;
-    ps.name = vm;
-    ps.command = *what;
-    ps.disks = disks;
-    ps.log_path = run + "/vm.log";
-    process = std::make_unique<hypervisor::ProcessDriver>();
-    started = process->Start(ps);
-  } else {
-    qemu = std::make_shared<hypervisor::QemuDriver>();
-    started = qemu->Start(QemuSpecFor(vm, spec, *what, disks));
-  }
+  // Started outside mu_ (a QEMU takes a while to answer); the runner orders this start
+  // after a stop or freeze under way, and does nothing if the VM runs already.
+  OSR_RETURN_IF_ERROR(runner->Start(launch));
   std::lock_guard lock(mu_);
   auto it = groups_.find(vm);
-  if (it == groups_.end()) {
-    if (process) (void)process->Stop(5000);
-    if (qemu) (void)qemu->Stop(5000);
+  if (it == groups_.end() || it->second->vm != runner) {
+    (void)runner->Stop(kVmStopTimeoutMs);
     return NotFound("VM " + vm + " was deleted while it started");
   }
   Group& g = *it->second;
-  g.vm_starting = false;
-  if (!started.ok()) return started;
-  g.process = std::move(process);
-  g.qemu = std::move(qemu);
   g.vm_spec = hypervisor::VmSpecJson(spec);
   // Not the command or the arguments (they may hold secrets): the entry's name at most.
   const hypervisor::CommandRef& ran =
@@ -517,64 +466,57 @@ Status Site::StartVm(const std::string& vm, const json& spec_json) {
   std::string source = !ran.name.empty()      ? "entry " + ran.name
                        : !ran.literal.empty() ? "given through the API"
                                               : "no extra arguments";
-  spdlog::info("site {}: VM {} started ({}, {}, pid {})", cfg_.name, vm,
-               hypervisor::DriverName(spec.driver), source,
-               g.process ? g.process->pid() : g.qemu->pid());
+  spdlog::info("site {}: VM {} runs ({}, {}, pid {})", cfg_.name, vm,
+               hypervisor::DriverName(spec.driver), source, runner->snapshot().pid);
   return SaveLocked();
 }
 
 Result<bool> Site::StopVm(const std::string& vm, int timeout_ms) {
-  std::unique_ptr<hypervisor::ProcessDriver> p;
-  std::shared_ptr<hypervisor::QemuDriver> q;
+  std::shared_ptr<VmRunner> runner;
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
     // Stopping is always safe, a quarantined group's VM too (change-point stops it before
     // it discards the damaged disks).
     if (it == groups_.end()) return Usable(it, vm);
-    p = std::move(it->second->process);
-    q = std::move(it->second->qemu);
+    runner = it->second->vm;
   }
-  bool clean = true;
-  if (p && p->running()) {
-    OSR_ASSIGN_OR_RETURN(clean, p->Stop(timeout_ms));
-  } else if (q && q->running()) {
-    OSR_ASSIGN_OR_RETURN(clean, q->Stop(timeout_ms));
-  } else {
-    return true;
-  }
+  bool was_running = runner->snapshot().running();
+  OSR_ASSIGN_OR_RETURN(bool clean, runner->Stop(timeout_ms));
+  if (!was_running) return clean;
   spdlog::info("site {}: VM {} stopped{}", cfg_.name, vm, clean ? "" : " (hard stop)");
   std::lock_guard lock(mu_);
-  Status saved = SaveLocked();
-  if (!saved.ok()) return saved;
+  OSR_RETURN_IF_ERROR(SaveLocked());
   return clean;
 }
 
+std::shared_ptr<VmRunner> Site::RunnerOf(const std::string& vm, Status* why) {
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (Status u = Usable(it, vm); !u.ok()) {
+    *why = u;
+    return nullptr;
+  }
+  return it->second->vm;
+}
+
 Status Site::FreezeVm(const std::string& vm, int timeout_ms) {
-  std::shared_ptr<hypervisor::QemuDriver> q;
-  {
-    std::lock_guard lock(mu_);
-    auto it = groups_.find(vm);
-    if (Status u = Usable(it, vm); !u.ok()) return u;
-    q = it->second->qemu;
-  }
+  Status why;
+  auto runner = RunnerOf(vm, &why);
+  if (!runner) return why;
   // The guest agent may take its time: not under mu_.
-  if (!q || !q->running()) {
-    return Status(Code::kNotSupported, "VM " + vm + " is not a running QEMU VM");
+  Status frozen = runner->Freeze(timeout_ms);
+  if (frozen.code() == Code::kNotSupported) {
+    return Status(Code::kNotSupported, "VM " + vm + ": " + frozen.message());
   }
-  return q->Freeze(timeout_ms);
+  return frozen;
 }
 
 Status Site::ThawVm(const std::string& vm) {
-  std::shared_ptr<hypervisor::QemuDriver> q;
-  {
-    std::lock_guard lock(mu_);
-    auto it = groups_.find(vm);
-    if (Status u = Usable(it, vm); !u.ok()) return u;
-    q = it->second->qemu;
-  }
-  if (!q || !q->running()) return Status::Ok();
-  return q->Thaw();
+  Status why;
+  auto runner = RunnerOf(vm, &why);
+  if (!runner) return why;
+  return runner->Thaw();
 }
 
 }  // namespace osr::site

@@ -212,6 +212,11 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
   OSR_ASSIGN_OR_RETURN(c.api_listen, Address(t, "api_listen", 7482));
   OSR_RETURN_IF_ERROR(SizeKey(t, path, "capture_log_limit", &c.capture_log_bytes_max));
   OSR_RETURN_IF_ERROR(SizeKey(t, path, "materialise_rate", &c.materialise_bytes_per_second));
+  OSR_RETURN_IF_ERROR(SizeKey(t, path, "console_log_limit", &c.console_log_bytes_max));
+  if (c.console_log_bytes_max < kConsoleLogBytesMin) {
+    return InvalidArgument(fmt::format("{}: 'console_log_limit' must be at least {} bytes", path,
+                                       kConsoleLogBytesMin));
+  }
   OSR_RETURN_IF_ERROR(SizeKey(t, path, "store_index_cache_bytes", &c.store_index_cache_bytes));
   if (c.store_index_cache_bytes < store::VersionIndex::kCacheBytesMin) {
     return InvalidArgument(fmt::format("{}: 'store_index_cache_bytes' must be at least {} bytes",
@@ -235,6 +240,9 @@ Result<SiteConfig> SiteConfig::Load(const std::string& path) {
     c.replication_insecure = *b;
   }
   OSR_RETURN_IF_ERROR(LoadNbdKeys(t, path, &c));
+  OSR_ASSIGN_OR_RETURN(c.networks, LoadNetworks(t, path));
+  c.qemu_binary = t["qemu_binary"].value_or(c.qemu_binary);
+  if (c.qemu_binary.empty()) return InvalidArgument(path + ": 'qemu_binary' must not be empty");
   return c;
 }
 
@@ -366,26 +374,31 @@ void Site::Stop() {
   }
   maint_cv_.notify_all();
   if (maintainer_.joinable()) maintainer_.join();
+  // The VMs' disks go with the daemon: their VMs (production, failed over, drills) are
+  // shut down first, while the disks still answer, so that a guest's last writes land.
+  // All at once (each bounded by kVmShutdownOnStopMs), outside mu_.
+  std::vector<std::shared_ptr<VmRunner>> runners;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [vm, g] : groups_) runners.push_back(g->vm);
+    for (auto& [id, v] : views_) runners.push_back(v.runner);
+  }
+  std::vector<std::thread> stoppers;
+  for (auto& r : runners) {
+    if (!r->snapshot().running()) continue;
+    stoppers.emplace_back([r] { (void)r->Stop(kVmShutdownOnStopMs); });
+  }
+  for (auto& t : stoppers) t.join();
   nbd_->Stop();
   if (receiver_) receiver_->Stop();
   // The materialisers take mu_: stop and join them before taking it here.
   std::vector<Group*> all;
   {
     std::lock_guard lock(mu_);
-    for (auto& [vm, g] : groups_) {
-      g->stop_materialise = true;
-      all.push_back(g.get());
-    }
+    for (auto& [vm, g] : groups_) all.push_back(g.get());
   }
-  for (Group* g : all) {
-    if (g->materialiser.joinable()) g->materialiser.join();
-  }
+  for (Group* g : all) g->materialiser.Stop();
   std::lock_guard lock(mu_);
-  for (auto& [vm, g] : groups_) {
-    // The VM's disks go with the daemon: stop it rather than leave it without them.
-    if (g->process && g->process->running()) (void)g->process->Stop(5000);
-    if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
-  }
   // Views and disks leave the export table before what they read from goes.
   for (auto& e : exports_.List()) exports_.Remove(e->name);
   for (auto& [vm, g] : groups_) g->nbd_socket.clear();  // the server removed the sockets
@@ -698,6 +711,7 @@ void Site::LoadViewsLocked(const json& views) {
         n >= next_view_) {
       next_view_ = n + 1;  // ids are never reused
     }
+    if (v.lost.empty()) AdoptDrillVmLocked(id, v, entry);
     views_[id] = std::move(v);
   }
   // Overlays that no view names (a view closed while the site was going down).
@@ -768,10 +782,7 @@ std::unique_ptr<Site::Group> Site::LoadGroupLocked(const std::string& vm, const 
       spdlog::error("site {}: VM {}: replication does not start: {}", cfg_.name, vm, s.ToString());
     }
   }
-  if (pid_t pid = static_cast<pid_t>(json_in::Fields(entry).I64("vm_pid", 0));
-      pid > 0 && ::kill(pid, 0) == 0) {
-    AdoptVmLocked(vm, *g, pid);
-  }
+  AdoptVmLocked(vm, *g, static_cast<pid_t>(json_in::Fields(entry).I64("vm_pid", 0)));
   return g;
 }
 
@@ -799,6 +810,13 @@ std::optional<Site::OpenFailure> Site::OpenSavedGroupLocked(const std::string& v
   g.failover_seq = f.U64("failover_seq", 0);
   g.tracking = f.Bool("tracking", false);
   g.history_lost = f.Bool("history_lost", false);
+  if (const json* c = f.Object("disk_change", /*optional=*/true); c != nullptr && f.ok()) {
+    json_in::Fields cf(*c, "disk_change.");
+    DiskSpec d{cf.String("name"), cf.U64("size_bytes")};
+    g.disk_change_adds = cf.Bool("added", false);
+    if (!cf.ok()) return bad_entry(cf.status().message());
+    g.disk_change = d;
+  }
   if (!f.ok()) return bad_entry(f.status().message());
   auto parsed_disks = DisksFromJson(*disks);
   if (!parsed_disks.ok()) return bad_entry(parsed_disks.status().message());
@@ -928,23 +946,23 @@ Damage Site::GroupDamage(const std::string& vm, const Group& g, const OpenFailur
 
 void Site::AdoptVmLocked(const std::string& vm, Group& g, pid_t pid) {
   // The VM outlived the daemon (kill -9): take charge of it again.
-  std::optional<hypervisor::VmSpec> spec;
+  hypervisor::VmSpec spec;  // a process, unless the stored spec says otherwise
+  spec.driver = hypervisor::Driver::kProcess;
   if (g.vm_spec.is_object()) {
     auto parsed = hypervisor::ParseVmSpec(g.vm_spec, hypervisor::SpecSource::kStored, "vm.");
-    if (parsed.ok()) spec = *parsed;
+    if (parsed.ok() && parsed->driver == hypervisor::Driver::kQemu) spec = *parsed;
   }
-  if (spec && spec->driver == hypervisor::Driver::kQemu) {
-    std::vector<std::pair<std::string, std::string>> uris;
-    for (auto& d : g.disks) uris.emplace_back(d.name, LocalUri(vm, g, d.name));
-    auto q = std::make_shared<hypervisor::QemuDriver>();
-    if (Status a = q->Adopt(pid, QemuSpecFor(vm, *spec, "", uris)); a.ok()) {
-      g.qemu = std::move(q);
-    } else {
-      spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, a.ToString());
-    }
-  } else {
-    g.process = std::make_unique<hypervisor::ProcessDriver>();
-    g.process->Adopt(pid);
+  auto launch = LaunchFor(vm, g, spec, "");
+  if (pid <= 0 || ::kill(pid, 0) != 0) {
+    // It ended while the daemon was down: what it was plugged into goes.
+    if (launch.ok()) DeleteTaps(launch->network.taps);
+    return;
+  }
+  Status a = launch.ok() ? g.vm->Adopt(pid, *launch) : launch.status();
+  if (!a.ok()) {
+    spdlog::warn("site {}: VM {}: {}", cfg_.name, vm, a.ToString());
+    if (launch.ok()) DeleteTaps(launch->network.taps);
+    return;
   }
   spdlog::info("site {}: VM {} still runs (pid {})", cfg_.name, vm, pid);
 }
@@ -995,10 +1013,13 @@ void Site::WatchLoop() {
 }
 
 void Site::WatchOnce() {
-  constexpr int kStopTimeoutMs = 10000;
   std::vector<std::string> to_stop;
+  // Every VM's runner and a name for it, whose console is kept bounded below.
+  std::vector<std::pair<std::string, std::shared_ptr<VmRunner>>> runners;
   {
     std::lock_guard lock(mu_);
+    for (auto& [vm, g] : groups_) runners.emplace_back("VM " + vm, g->vm);
+    for (auto& [id, view] : views_) runners.emplace_back("drill VM of view " + id, view.runner);
     bool changed = false;
     for (auto& [vm, g] : groups_) {
       if (g->damage || !g->capture) continue;
@@ -1013,7 +1034,7 @@ void Site::WatchOnce() {
         // this epoch); it stays, so that GET /groups/{vm} shows why (stopped, last_error).
         changed = true;
       }
-      if (g->fenced_epoch != 0 && !g->vm_starting && VmRunningLocked(*g)) to_stop.push_back(vm);
+      if (g->fenced_epoch != 0 && VmRunningLocked(*g)) to_stop.push_back(vm);
     }
     if (changed) {
       if (Status st = SaveLocked(); !st.ok()) {
@@ -1027,9 +1048,18 @@ void Site::WatchOnce() {
   for (auto& vm : to_stop) {
     spdlog::warn("site {}: VM {} runs on fenced disks (it runs elsewhere now): stopping it",
                  cfg_.name, vm);
-    auto stopped = StopVm(vm, kStopTimeoutMs);
+    auto stopped = StopVm(vm, kVmStopTimeoutMs);
     if (!stopped.ok()) {
       spdlog::error("site {}: VM {}: stop: {}", cfg_.name, vm, stopped.status().ToString());
+    }
+  }
+  for (auto& [what, runner] : runners) {
+    auto cut = runner->BoundConsole(cfg_.console_log_bytes_max);
+    if (!cut.ok()) {
+      spdlog::warn("site {}: {}: console log: {}", cfg_.name, what, cut.status().ToString());
+    } else if (*cut) {
+      spdlog::info("site {}: {}: console log passed {} bytes: moved to console.log.1", cfg_.name,
+                   what, cfg_.console_log_bytes_max);
     }
   }
 }
@@ -1225,9 +1255,11 @@ Status Site::SaveLocked() {
                   {"tracking", g->tracking},
                   {"history_lost", g->history_lost},
                   {"vm", g->vm_spec},
-                  {"vm_pid", g->process && g->process->running() ? g->process->pid()
-                             : g->qemu && g->qemu->running()     ? g->qemu->pid()
-                                                                 : 0}};
+                  {"vm_pid", g->vm->snapshot().pid},
+                  {"disk_change", g->disk_change ? json{{"name", g->disk_change->name},
+                                                        {"size_bytes", g->disk_change->size_bytes},
+                                                        {"added", g->disk_change_adds}}
+                                                 : json(nullptr)}};
   }
   SaveEntriesLocked(groups);
   json stores = json::object();
@@ -1236,6 +1268,10 @@ Status Site::SaveLocked() {
   json views = json::object();
   for (auto& [id, v] : views_) {
     views[id] = {{"vm", v.vm}, {"seq", v.seq}, {"writable", v.writable}};
+    if (!v.vm_spec.is_null()) {
+      views[id]["drill_vm"] = v.vm_spec;
+      views[id]["drill_vm_pid"] = v.runner->snapshot().pid;
+    }
   }
   std::string text =
       json{{"version", kStateVersion}, {"name", cfg_.name}, {"groups", groups},
@@ -1273,6 +1309,28 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
     st = it->second;
   }
   std::error_code ec;
+  // A disk change begun before a stop (ChangeGroupDisk): its image is made or grown to
+  // what site.json says, and its record appended again below, before any export.
+  std::optional<uint32_t> change_at;
+  if (g.disk_change && !g.failover) {
+    for (uint32_t i = 0; i < g.disks.size(); ++i) {
+      if (g.disks[i].name == g.disk_change->name) change_at = i;
+    }
+    if (change_at) {
+      std::string path = dir + "/" + g.disk_change->name + ".img";
+      auto f = File::Open(path, File::Mode::kCreate);
+      auto size = f.ok() ? f->Size() : Result<uint64_t>(f.status());
+      Status grown = size.ok() ? Status::Ok() : size.status();
+      if (grown.ok() && *size < g.disk_change->size_bytes) {
+        grown = f->Truncate(g.disk_change->size_bytes);
+        if (grown.ok()) grown = f->Sync();
+      }
+      if (!grown.ok()) {
+        kind = DamageKind::kImage;
+        return grown;
+      }
+    }
+  }
   for (size_t i = 0; i < g.disks.size(); ++i) {
     std::string path = dir + "/" + g.disks[i].name + ".img";
     if (!create && !fs::exists(path, ec)) {
@@ -1314,6 +1372,7 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
   // which then only sends reprotect to compare hashes.
   for (auto& d : g.disks) co.image_paths.push_back(dir + "/" + d.name + ".img");
   co.accept_outside_changes = g.accept_changes;
+  if (change_at && g.disk_change_adds) co.disk_being_added = *change_at;
   auto capture = capture::CaptureGroup::Open(std::move(images), co);
   if (!capture.ok()) {
     kind = capture.status().code() == Code::kFailedPrecondition ? DamageKind::kImageChanged
@@ -1321,6 +1380,21 @@ Status Site::OpenGroupLocked(const std::string& vm, Group& g, bool create,
     return capture.status();
   }
   g.capture = std::move(*capture);
+  if (change_at) {
+    // Again: the recovery site takes a second record of one change as nothing.
+    auto seq =
+        g.capture->RecordDiskSize(*change_at, g.disk_change->name, g.disk_change->size_bytes);
+    if (seq.ok()) {
+      spdlog::info("site {}: VM {}: the change of disk {} to {} bytes is finished (seq {})",
+                   cfg_.name, vm, g.disk_change->name, g.disk_change->size_bytes, *seq);
+      g.disk_change.reset();
+    } else {
+      spdlog::error(
+          "site {}: VM {}: the change of disk {} is not in the capture log: {} (it is "
+          "made again at the next start)",
+          cfg_.name, vm, g.disk_change->name, seq.status().ToString());
+    }
+  }
   kind = DamageKind::kImage;  // exports: not a damage of the files
   return AddGroupExportsLocked(vm, g);
 }
@@ -1398,6 +1472,125 @@ Status Site::CheckDisks(const std::string& vm, const std::vector<DiskSpec>& disk
   return Status::Ok();
 }
 
+Result<json> Site::ChangeGroupDisk(const std::string& vm, const std::string& disk,
+                                   uint64_t size_bytes, std::optional<bool> add) {
+  if (!ValidName(disk)) return InvalidArgument(fmt::format("'{}' is not a valid disk name", disk));
+  if (size_bytes == 0 || size_bytes > cfg_.disk_bytes_max) {
+    return InvalidArgument(
+        fmt::format("disk {}: size must be 1..{} bytes", disk, cfg_.disk_bytes_max));
+  }
+  std::lock_guard lock(mu_);
+  auto it = groups_.find(vm);
+  if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
+  Group& g = *it->second;
+  auto refuse = [&](std::string_view why) {
+    return Status(
+        Code::kFailedPrecondition,
+        fmt::format("the disks of VM {} at site {} cannot change now: {}", vm, cfg_.name, why));
+  };
+  if (g.damage) return refuse("it is quarantined (osr vm repair)");
+  if (g.fenced_epoch != 0) return refuse("it is fenced: it runs at its recovery site");
+  if (g.failover) return refuse("it runs on failover disks: commit first");
+  if (g.tracking) return refuse("its changes are tracked for reprotect: reprotect first");
+  if (!g.failover_disks.empty()) {
+    return refuse(
+        "its disks were copied by commit but are served as failover disks until the "
+        "site restarts (systemctl restart, or stop and start osrd)");
+  }
+  if (g.disk_change) return refuse("a change of disk " + g.disk_change->name + " is unfinished");
+  std::optional<uint32_t> at;
+  for (uint32_t i = 0; i < g.disks.size(); ++i) {
+    if (g.disks[i].name == disk) at = i;
+  }
+  if (add && *add && at) {
+    return Status(Code::kAlreadyExists, fmt::format("VM {} has a disk named {} already", vm, disk));
+  }
+  if (add && !*add && !at) return NotFound(fmt::format("VM {} has no disk named {}", vm, disk));
+  std::vector<DiskSpec> disks = g.disks;
+  if (at) {
+    if (size_bytes <= disks[*at].size_bytes) {
+      return InvalidArgument(
+          fmt::format("disk {} of VM {} has {} bytes: a disk only grows, not to {}", disk, vm,
+                      disks[*at].size_bytes, size_bytes));
+    }
+    disks[*at].size_bytes = size_bytes;
+  } else {
+    if (disks.size() >= cfg_.disks_per_vm_max) {
+      return InvalidArgument(fmt::format("a VM has at most {} disks", cfg_.disks_per_vm_max));
+    }
+    disks.push_back({disk, size_bytes});
+  }
+  const std::vector<DiskSpec> had = g.disks;
+  const std::string dir = cfg_.data_dir + "/groups/" + vm;
+  const std::string path = dir + "/" + disk + ".img";
+  std::error_code ec;
+  if (!at && fs::exists(path, ec)) {
+    return Status(Code::kAlreadyExists,
+                  path + " exists: a new disk starts from an image osr makes");
+  }
+  // site.json names the change first: a stop anywhere below leaves it to the next start.
+  g.disks = disks;
+  g.disk_change = DiskSpec{disk, size_bytes};
+  g.disk_change_adds = !at.has_value();
+  if (Status st = SaveLocked(); !st.ok()) {
+    g.disks = had;
+    g.disk_change.reset();
+    return st;
+  }
+  // The HELLO states the new disks before the record can reach the recovery site.
+  if (g.sender) g.sender->SetDisks(StoreDisks(g.disks));
+  Result<uint64_t> seq = [&]() -> Result<uint64_t> {
+    if (at) return g.capture->GrowDisk(*at, disk, size_bytes);
+    OSR_ASSIGN_OR_RETURN(auto image, nbd::FileDisk::Open(path, false, size_bytes));
+    return g.capture->AddDisk(std::move(image), path, disk);
+  }();
+  if (!seq.ok()) {
+    // Nothing of the change is in the log (GrowDisk and AddDisk change nothing clients
+    // see when they fail): back as it was; a grown image is cut back, a new one goes.
+    g.disks = had;
+    g.disk_change.reset();
+    if (g.sender) g.sender->SetDisks(StoreDisks(g.disks));
+    if (at) {
+      auto f = File::Open(path, File::Mode::kReadWrite);
+      Status cut = f.ok() ? f->Truncate(had[*at].size_bytes) : f.status();
+      if (!cut.ok()) {
+        // The next start finds the image larger than the disk and quarantines it (osr vm
+        // repair --trim-image).
+        spdlog::error("site {}: VM {}: image {} not cut back: {}", cfg_.name, vm, path,
+                      cut.ToString());
+      }
+    } else {
+      fs::remove(path, ec);
+    }
+    if (Status st = SaveLocked(); !st.ok()) {
+      spdlog::error("site {}: VM {}: {}", cfg_.name, vm, st.ToString());
+    }
+    return seq.status();
+  }
+  if (!at) {
+    uint32_t i = static_cast<uint32_t>(g.disks.size() - 1);
+    std::string name = DiskExport(vm, disk);
+    Status st = exports_.Add(
+        {name, fmt::format("{} disk {} at site {}", vm, disk, cfg_.name), g.capture->disk(i), vm});
+    if (!st.ok())
+      spdlog::error("site {}: VM {}: no export for disk {}: {}", cfg_.name, vm, disk,
+                    st.ToString());
+  }
+  g.disk_change.reset();
+  OSR_RETURN_IF_ERROR(SaveLocked());
+  auto vm_state = g.vm->snapshot().state;
+  bool running = vm_state != VmRunner::State::kStopped;
+  spdlog::info("site {}: VM {}: disk {} {} {} bytes at seq {}", cfg_.name, vm, disk,
+               at ? "grows to" : "added with", size_bytes, *seq);
+  json out = json::array();
+  for (auto& d : g.disks) {
+    out.push_back(
+        {{"name", d.name}, {"size_bytes", d.size_bytes}, {"uri", Uri(DiskExport(vm, d.name))}});
+  }
+  return json{{"name", vm},  {"disk", disk}, {"added", !at.has_value()},
+              {"seq", *seq}, {"disks", out}, {"restart_needed", running}};
+}
+
 Result<json> Site::CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks) {
   OSR_RETURN_IF_ERROR(CheckDisks(vm, disks));
   std::lock_guard lock(mu_);
@@ -1431,10 +1624,8 @@ Status Site::DeleteGroup(const std::string& vm) {
     groups_.erase(it);
     OSR_RETURN_IF_ERROR(SaveLocked());
   }
-  g->stop_materialise = true;
-  if (g->materialiser.joinable()) g->materialiser.join();
-  if (g->process && g->process->running()) (void)g->process->Stop(5000);
-  if (g->qemu && g->qemu->running()) (void)g->qemu->Stop(5000);
+  g->materialiser.Stop();
+  (void)g->vm->Stop(5000);
   g->sender.reset();
   FreeGroup(vm, std::move(g));
   std::error_code ec;
@@ -1555,8 +1746,15 @@ Result<json> Site::GroupStatus(const std::string& vm) {
   for (size_t i = 0; i < g.disks.size(); ++i) {
     uint64_t dirty = 0;
     for (auto& r : g.capture->bitmap(i).DirtyRanges()) dirty += r.length;
+    // What the image takes on disk now (a sparse image: its written blocks), for the
+    // recovery site's space check before protection.
+    struct stat st {};
+    std::string img = cfg_.data_dir + "/groups/" + vm + "/" + g.disks[i].name + ".img";
+    uint64_t allocated =
+        ::stat(img.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
     disks.push_back({{"name", g.disks[i].name},
                      {"size_bytes", g.disks[i].size_bytes},
+                     {"allocated_bytes", allocated},
                      {"uri", Uri(DiskExport(vm, g.disks[i].name))},
                      {"dirty_bytes", dirty}});
   }
@@ -1576,11 +1774,11 @@ Result<json> Site::GroupStatus(const std::string& vm) {
                               {"reason", cut->reason}};
   }
   out.update(ReplicationFields(g));
-  if (!g.materialise_state.empty()) {
-    out["materialise"] = {{"state", g.materialise_state},
-                          {"done_bytes", g.materialise_done},
-                          {"total_bytes", g.materialise_total},
-                          {"error", g.materialise_error}};
+  if (auto m = g.materialiser.snapshot(); m.state != Materialiser::State::kIdle) {
+    out["materialise"] = {{"state", Materialiser::StateName(m.state)},
+                          {"done_bytes", m.done_bytes},
+                          {"total_bytes", m.total_bytes},
+                          {"error", m.error}};
   }
   if (Status we = g.capture->log().write_error(); !we.ok()) {
     // The capture log dropped records (a full file system): the bitmap keeps their regions.
@@ -1590,12 +1788,11 @@ Result<json> Site::GroupStatus(const std::string& vm) {
       out["capture_write_error"]["space"] = space;
     }
   }
-  bool running = VmRunningLocked(g);
-  out["vm"] = {{"running", running},
+  VmRunner::Snapshot vm_now = g.vm->Refresh();
+  out["vm"] = {{"running", vm_now.running()},
+               {"state", VmRunner::StateName(vm_now.state)},
                {"driver", g.vm_spec.is_object() ? g.vm_spec.value("driver", "none") : "none"},
-               {"pid", !running    ? 0
-                       : g.process ? g.process->pid()
-                                   : g.qemu->pid()}};
+               {"pid", vm_now.pid}};
   if (g.sender) {
     auto st = g.sender->stats();
     out["replication"] = {{"connected", st.connected},
@@ -1960,7 +2157,10 @@ Result<json> Site::OpenView(const std::string& vm, uint64_t seq, bool writable) 
     return Unavailable(fmt::format("{} views are open; close one first", views_.size()));
   }
   std::string id = fmt::format("view-{}", next_view_++);
-  View v{vm, seq, writable, {}, {}, ""};
+  View v;
+  v.vm = vm;
+  v.seq = seq;
+  v.writable = writable;
   OSR_ASSIGN_OR_RETURN(json out, OpenViewLocked(id, v, /*reopen=*/false));
   views_[id] = std::move(v);
   // Kept in site.json: a restarted site opens the view again (a drill outlives a crash).
@@ -1978,7 +2178,10 @@ Result<json> Site::OpenViewLocked(const std::string& id, View& v, bool reopen) {
   std::shared_ptr<store::RecoveryStore> s = stores_.at(v.vm);  // each view shares it (views.h)
   json disks = json::array();
   Status failed;
-  for (uint32_t i = 0; i < s->disks().size() && failed.ok(); ++i) {
+  // The disks as they were at the point: one added since is not there, one grown since
+  // has its old size.
+  const std::vector<store::StoreDisk> at = s->DisksAt(v.seq);
+  for (uint32_t i = 0; i < at.size() && failed.ok(); ++i) {
     std::shared_ptr<nbd::Disk> disk;
     if (v.writable) {
       auto ov = store::OverlayView::Open(s, i, v.seq, OverlayPath(id, i), reopen);
@@ -1996,11 +2199,12 @@ Result<json> Site::OpenViewLocked(const std::string& id, View& v, bool reopen) {
         disk = *pv;
     }
     if (!failed.ok()) break;
-    std::string name = ViewExport(id, s->disks()[i].name);
-    failed = exports_.Add({name, fmt::format("{} at seq {}", v.vm, v.seq), disk, /*vm=*/""});
+    std::string name = ViewExport(id, at[i].name);
+    failed =
+        exports_.Add({name, fmt::format("{} at seq {}", v.vm, v.seq), disk, DrillPrincipal(id)});
     if (!failed.ok()) break;
     v.exports.push_back(name);
-    disks.push_back({{"name", s->disks()[i].name}, {"uri", Uri(name)}});
+    disks.push_back({{"name", at[i].name}, {"uri", Uri(name)}, {"size_bytes", at[i].size_bytes}});
   }
   if (!failed.ok()) {
     for (auto& e : v.exports) exports_.Remove(e);  // nothing half-done left behind
@@ -2036,6 +2240,7 @@ Result<json> Site::ViewStatus(const std::string& id) {
     disks.push_back({{"name", name}, {"uri", Uri(v.exports[i])}});
   }
   out["disks"] = disks;
+  out["drill_vm"] = DrillVmJson(*v.runner, v.vm_spec);
   return out;
 }
 
@@ -2052,6 +2257,7 @@ Status Site::CloseView(const std::string& id) {
       return saved;
     }
   }
+  EndDrillVm(id, v);  // its VM writes to the view: it stops before the view goes
   for (auto& o : v.overlays) o->Discard();
   if (!v.lost.empty()) {
     // Nothing of it is open: its files (if any) go now.

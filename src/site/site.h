@@ -24,7 +24,9 @@
 //   - groups_ owns each Group, which owns its CaptureGroup (the VM's disks, and so its
 //     failover disks) and its Sender (which borrows the capture log and the group: it is
 //     reset before the capture, member order and every path that frees a group). The
-//     materialiser thread borrows the Group; it is joined before the group goes.
+//     Materialiser's thread borrows the Group's failover disks; it is stopped before the
+//     group goes. The Group shares its VmRunner with calls under way (start, stop,
+//     freeze): a runner whose group went is stopped by whoever notices.
 //   - stores_ shares each RecoveryStore with the receiver's session and with every view
 //     and failover disk over it: the last of them frees it.
 //   - exports_ shares each export (a group's disk, a view) with the NBD sessions that
@@ -62,7 +64,10 @@
 #include "nbd/server.h"
 #include "replication/receiver.h"
 #include "replication/sender.h"
+#include "site/materialiser.h"
+#include "site/networks.h"
 #include "site/store_changes.h"
+#include "site/vm_runner.h"
 #include "store/failover_disk.h"
 #include "store/recovery_store.h"
 #include "store/views.h"
@@ -80,6 +85,11 @@ struct SiteConfig {
   size_t views_max = 64;
   size_t disks_per_vm_max = 64;
   uint64_t capture_log_bytes_max = 8ull << 30;  // per VM; past it: bitmap, then resync
+  // A VM's (and a drill VM's) console log, bytes (console_log_limit): past it, while the
+  // VM runs, it moves to console.log.1 and starts again (VmRunner::BoundConsole), checked
+  // every second. At least kConsoleLogBytesMin.
+  uint64_t console_log_bytes_max = hypervisor::kConsoleLogBytesMax;
+  static constexpr uint64_t kConsoleLogBytesMin = 4096;
   // The memory every recovery store's version index of this process shares (RocksDB's
   // block cache and memtables), bytes; store_index_cache_bytes. Retained history costs
   // disk, not memory.
@@ -109,6 +119,11 @@ struct SiteConfig {
   // What this site's VMs may run (commands_file, allow_api_commands): named entries of
   // its allow-list file; literal commands from the API only when allow_api_commands.
   hypervisor::SiteCommands commands;
+  // The QEMU this site runs VMs with (qemu_binary: a path, or a name looked up in PATH).
+  std::string qemu_binary = "qemu-system-x86_64";
+  // What the logical networks of VM specs plug into here, for production and for drills
+  // ([networks.NAME]: networks.h).
+  SiteNetworks networks;
 
   // Reads a TOML file: name, data_dir, nbd_listen, replication_listen, api_listen, and
   // optionally tls_ca, tls_cert, tls_key (PEM files), commands_file (read here: a bad
@@ -178,6 +193,18 @@ class Site {
 
   // Source role: a VM's disks, captured as one group.
   Result<nlohmann::json> CreateGroup(const std::string& vm, const std::vector<DiskSpec>& disks);
+  // Adds disk `disk` of size_bytes to VM, or grows it to size_bytes, while the VM runs and
+  // replicates (docs/formats.md, "Disk changes"): the capture log records the change
+  // before any client reaches the new bytes; clients (a running QEMU) see the new size or
+  // disk on their next connection. Crash safe: site.json names the change first and a
+  // start finishes it. kNotFound (no VM), kInvalidArgument (a name or size that is not
+  // one, not larger, too many disks), kFailedPrecondition (quarantined, fenced, on
+  // failover disks before commit, tracking only until reprotect), kUnavailable (the
+  // capture log takes no record now: over its limit until the next resync).
+  // `add`: true — the disk must be new (kAlreadyExists otherwise); false — it must exist
+  // (kNotFound); unset — either.
+  Result<nlohmann::json> ChangeGroupDisk(const std::string& vm, const std::string& disk,
+                                         uint64_t size_bytes, std::optional<bool> add = {});
   Status DeleteGroup(const std::string& vm);
   // Opens a quarantined group's files again (after the operator fixed them, or doing
   // what `opts` allows); returns its status. kFailedPrecondition (with the new reason)
@@ -243,6 +270,11 @@ class Site {
   Status StartVm(const std::string& vm, const nlohmann::json& spec);
   // Returns whether it stopped by itself (true) or had to be killed.
   Result<bool> StopVm(const std::string& vm, int timeout_ms);
+  // How long the site gives a VM it stops on its own (fenced disks, a start that lost its
+  // group) before the hard stop.
+  static constexpr int kVmStopTimeoutMs = 10000;
+  // How long Stop gives each VM to shut down (they stop at once, side by side).
+  static constexpr int kVmShutdownOnStopMs = 5000;
   // App-consistent points: the guest agent's fsfreeze/thaw (qemu driver).
   Status FreezeVm(const std::string& vm, int timeout_ms);
   Status ThawVm(const std::string& vm);
@@ -290,6 +322,40 @@ class Site {
   // reopened after a restart has "lost": the reason, and no disks. kNotFound: no view.
   Result<nlohmann::json> ViewStatus(const std::string& id);
 
+  // Drill VMs (drill_vm.cc): a VM on a writable view's disks, plugged into this site's drill
+  // networks (networks.h), never its production ones. Start checks the spec as StartVm
+  // does, and the networks (kFailedPrecondition naming an unmapped network), then starts
+  // the boot check of spec.boot_check; ViewStatus shows it ("vm": {state, boot, ...}).
+  // kInvalidArgument for a read-only view (a drill VM writes), kNotFound for no view.
+  Status StartViewVm(const std::string& id, const nlohmann::json& spec);
+  Result<bool> StopViewVm(const std::string& id, int timeout_ms);
+
+  // A VM's console (its serial port's log, or a process VM's output), from `offset` (its
+  // end: at most max_bytes) or, without one, its last max_bytes: {offset, next, size, text}
+  // with non-printable bytes as '?'. The production or failed-over VM of a group, or a
+  // drill VM. kNotFound for no such group or view.
+  Result<nlohmann::json> GroupConsole(const std::string& vm, std::optional<uint64_t> offset,
+                                      size_t max_bytes);
+  Result<nlohmann::json> ViewConsole(const std::string& id, std::optional<uint64_t> offset,
+                                     size_t max_bytes);
+
+  // Pre-checks (prechecks.cc; docs/api.md "Checks before acting"): whether this site can
+  // take what a workflow is about to put here, before anything changes. Each check is
+  // {name, result: passed|warning|failed, message, and its numbers}; "creates" lists what
+  // the workflow would make here (marked new), "uses" what it would take as it is.
+  struct TargetNeeds {
+    std::string vm;
+    // The VM's spec when the workflow runs it here (failover, a drill that boots), with
+    // the networks of `role`; null when nothing runs here.
+    nlohmann::json spec;
+    NetRole role = NetRole::kProduction;
+    enum class FreeName { kNone, kGroup, kStore };
+    FreeName name_free = FreeName::kNone;  // a group / store named vm must not exist
+    uint64_t bytes_needed = 0;             // free space needed now (failed below it)
+    uint64_t bytes_full = 0;               // free space for the whole (a warning below it)
+  };
+  nlohmann::json CheckTarget(const TargetNeeds& needs);
+
   nlohmann::json Describe();
   // {allow_api_commands, commands: [NAME], qemu_args: [NAME]}: what the vault may name in
   // a VM's spec for this site (GET /api/v1/site, "vm_commands").
@@ -319,20 +385,19 @@ class Site {
     std::unique_ptr<replication::Sender> sender;
     // Owned by capture's disks; valid while capture lives (the materialiser uses them).
     std::vector<store::FailoverDisk*> failover_disks;
-    // Materialising (commit), guarded by the site's mu_.
-    std::thread materialiser;
-    std::atomic<bool> stop_materialise{false};
-    std::string materialise_state;  // "", "running", "done", "failed"
-    std::string materialise_error;
-    uint64_t materialise_done = 0;
-    uint64_t materialise_total = 0;
-    // The VM (guarded by the site's mu_). vm_spec: null, or a spec in normal form
-    // (hypervisor::VmSpecJson) that ParseVmSpec accepted.
+    // Commit's copy (its own lock and thread: materialiser.h). Stopped before the group
+    // (and so its capture and failover disks) goes.
+    Materialiser materialiser;
+    // The VM that runs on the group's disks (its own locks: vm_runner.h). Shared: its
+    // calls run outside mu_, and the group may go meanwhile. vm_spec (guarded by mu_):
+    // null, or the spec it last started with in normal form (hypervisor::VmSpecJson).
+    std::shared_ptr<VmRunner> vm = std::make_shared<VmRunner>();
     nlohmann::json vm_spec;
-    std::unique_ptr<hypervisor::ProcessDriver> process;
-    std::shared_ptr<hypervisor::QemuDriver> qemu;  // shared: a freeze runs outside mu_
-    bool vm_starting = false;
     std::string nbd_socket;  // the VM's own NBD socket ("" when it has none)
+    // A disk change begun (ChangeGroupDisk) and not known to be in the capture log: kept
+    // in site.json ("disk_change"), finished when the group opens.
+    std::optional<DiskSpec> disk_change;
+    bool disk_change_adds = false;  // that change adds the disk (else it grows)
   };
   struct View {
     std::string vm;
@@ -341,6 +406,11 @@ class Site {
     std::vector<std::string> exports;
     std::vector<std::shared_ptr<store::OverlayView>> overlays;  // writable: to Discard()
     std::string lost;  // "": open; else why it could not be reopened after a restart
+    // A drill VM on the view's disks (drill_vm.cc), in the drill networks. Shared as a
+    // group's runner is; vm_spec (guarded by mu_): null, or the spec it started with.
+    std::shared_ptr<VmRunner> runner = std::make_shared<VmRunner>();
+    nlohmann::json vm_spec;
+    std::string nbd_socket;  // the drill VM's own NBD socket ("": none)
   };
 
   using GroupMap = std::map<std::string, std::unique_ptr<Group>>;
@@ -399,11 +469,37 @@ class Site {
   Status OpenGroupLocked(const std::string& vm, Group& g, bool create = false,
                          DamageKind* failed_kind = nullptr);
   Status StartSenderLocked(const std::string& vm, Group& g);
-  void MaterialiseThread(const std::string& vm, Group* g);
+  // Commit's last step, on the materialiser's thread: the disks stand alone (site.json
+  // says so, then their region maps go). Takes mu_.
+  Status FinishMaterialise(const std::string& vm, Group* g, Status copied);
   bool VmRunningLocked(Group& g);
-  hypervisor::QemuSpec QemuSpecFor(
-      const std::string& vm, const hypervisor::VmSpec& spec, const std::string& extra_args,
-      const std::vector<std::pair<std::string, std::string>>& disks) const;
+  // What the VM of group `vm` runs with: the disks' URIs at this site (QEMU: its own
+  // socket; a process: the URIs the API shows, unless TCP takes TLS clients only).
+  // kFailedPrecondition when a NIC's network has no mapping here.
+  Result<VmLaunch> LaunchFor(const std::string& vm, const Group& g, const hypervisor::VmSpec& spec,
+                             std::string command) const;
+  std::string DrillRunDir(const std::string& id) const;
+  // The export owner name of view `id`'s disks ("view:ID": no VM can be named so), which
+  // its drill VM's own socket may open.
+  static std::string DrillPrincipal(const std::string& id) { return "view:" + id; }
+  // Opens the drill VM's own NBD socket (its view's disks only); holds mu_. "" on failure.
+  std::string OpenDrillSocketLocked(const std::string& id);
+  // Takes the runner of a view out of service: stops its VM and closes its socket.
+  void EndDrillVm(const std::string& id, View& v);
+  // A drill VM that outlived the daemon (site.json drill_vm_pid): taken in charge again.
+  void AdoptDrillVmLocked(const std::string& id, View& v, const nlohmann::json& entry);
+  // What the launch of a drill VM on view `id` is (its socket, its drill networks).
+  Result<VmLaunch> DrillLaunchLocked(const std::string& id, View& v, const hypervisor::VmSpec& spec,
+                                     std::string command);
+  // {state, pid, driver, boot: {state, reason, ms}}
+  static nlohmann::json DrillVmJson(VmRunner& runner, const nlohmann::json& spec);
+  // The spec the vault sent, checked in full and against this site's commands rules, and
+  // what it runs (the command, or the extra qemu arguments). kInvalidArgument naming `who`
+  // ("VM vm1", "drill view-3") and the field; driver none is one too.
+  Result<std::pair<hypervisor::VmSpec, std::string>> CheckedVmSpec(
+      const std::string& who, const nlohmann::json& spec_json) const;
+  // The runner of group `vm`, or nullptr with *why (NotFound, quarantined).
+  std::shared_ptr<VmRunner> RunnerOf(const std::string& vm, Status* why);
   std::string Uri(const std::string& export_name) const;
   // The URI a VM on this host uses for its disk: its own socket when it has one.
   std::string LocalUri(const std::string& vm, const Group& g, const std::string& disk) const;

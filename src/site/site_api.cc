@@ -4,6 +4,8 @@
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
+#include <charconv>
+
 #include "common/https.h"
 #include "common/json_in.h"
 
@@ -64,6 +66,43 @@ Result<std::vector<DiskSpec>> Disks(const json& j) {
     out.push_back({d["name"].get<std::string>(), d["size_bytes"].get<uint64_t>()});
   }
   return out;
+}
+
+// One query parameter as a whole number up to `max`: missing (nullopt), or digits only,
+// given once.
+Result<std::optional<uint64_t>> QueryU64(const httplib::Request& req, const char* name,
+                                         uint64_t max) {
+  if (!req.has_param(name)) return std::optional<uint64_t>();
+  if (req.get_param_value_count(name) != 1) {
+    return InvalidArgument(fmt::format("query parameter '{}' is given more than once", name));
+  }
+  const std::string v = req.get_param_value(name);
+  uint64_t n = 0;
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (v.empty() || ec != std::errc() || end != v.data() + v.size() || n > max) {
+    return InvalidArgument(
+        fmt::format("query parameter '{}' must be a whole number up to {}", name, max));
+  }
+  return std::optional<uint64_t>(n);
+}
+
+struct ConsoleRead {
+  std::optional<uint64_t> offset;
+  size_t bytes = 16 * 1024;
+};
+
+Result<ConsoleRead> ConsoleQuery(const httplib::Request& req) {
+  for (auto& [k, unused] : req.params) {
+    if (k != "offset" && k != "bytes") {
+      return InvalidArgument("query parameter '" + k + "' is not one of offset, bytes");
+    }
+  }
+  ConsoleRead q;
+  OSR_ASSIGN_OR_RETURN(q.offset, QueryU64(req, "offset", uint64_t{1} << 62));
+  OSR_ASSIGN_OR_RETURN(auto bytes, QueryU64(req, "bytes", VmRunner::kConsoleTailBytesMax));
+  if (bytes && *bytes == 0) return InvalidArgument("query parameter 'bytes' must be at least 1");
+  if (bytes) q.bytes = static_cast<size_t>(*bytes);
+  return q;
 }
 
 }  // namespace
@@ -149,6 +188,19 @@ SiteApi::SiteApi(Site* site) : site_(site) {
   Add("GET", R"(/api/v1/groups/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {
         ReplyResult(res, site_->GroupStatus(req.matches[1]));
+      });
+  // A disk added (a name the VM has not) or grown while it runs: {"size_bytes": N}.
+  Add("PUT", R"(/api/v1/groups/([^/]+)/disks/([^/]+))",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        json_in::Fields f(*body);
+        uint64_t size = f.U64("size_bytes");
+        std::optional<bool> add;
+        if (f.Has("add")) add = f.Bool("add", false);
+        f.RefuseOthers();
+        if (!f.ok()) return Error(res, f.status());
+        ReplyResult(res, site_->ChangeGroupDisk(req.matches[1], req.matches[2], size, add));
       });
   Add("DELETE", R"(/api/v1/groups/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {
@@ -391,6 +443,63 @@ SiteApi::SiteApi(Site* site) : site_(site) {
   Add("DELETE", R"(/api/v1/views/([^/]+))",
       [this](const httplib::Request& req, httplib::Response& res) {
         ReplyStatus(res, site_->CloseView(req.matches[1]));
+      });
+  Add("POST", R"(/api/v1/views/([^/]+)/vm/start)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        ReplyStatus(res, site_->StartViewVm(req.matches[1], *body));
+      });
+  Add("POST", R"(/api/v1/views/([^/]+)/vm/stop)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto body = Body(req);
+        if (!body.ok()) return Error(res, body.status());
+        json_in::Fields f(*body);
+        int64_t timeout_ms = f.I64("timeout_ms", 30000, {0, 3600 * 1000});
+        f.RefuseOthers();
+        if (!f.ok()) return Error(res, f.status());
+        auto r = site_->StopViewVm(req.matches[1], static_cast<int>(timeout_ms));
+        if (!r.ok()) return Error(res, r.status());
+        Reply(res, 200, json{{"clean", *r}});
+      });
+  Add("POST", "/api/v1/checks", [this](const httplib::Request& req, httplib::Response& res) {
+    auto body = Body(req);
+    if (!body.ok()) return Error(res, body.status());
+    json_in::Fields f(*body);
+    Site::TargetNeeds needs;
+    needs.vm = f.String("vm");
+    std::string role = f.String("role", "production");
+    std::string name_free = f.String("name_free", "none");
+    needs.bytes_needed = f.U64("bytes_needed", 0);
+    needs.bytes_full = f.U64("bytes_full", 0);
+    const json* spec = f.Object("spec");
+    f.RefuseOthers();
+    if (f.ok() && !ValidName(needs.vm)) f.Fail("vm", "is not a VM name");
+    if (f.ok() && role != "production" && role != "drill")
+      f.Fail("role", "must be production or drill");
+    if (f.ok() && name_free != "none" && name_free != "group" && name_free != "store") {
+      f.Fail("name_free", "must be none, group or store");
+    }
+    if (!f.ok()) return Error(res, f.status());
+    needs.role = role == "drill" ? NetRole::kDrill : NetRole::kProduction;
+    needs.name_free = name_free == "group"   ? Site::TargetNeeds::FreeName::kGroup
+                      : name_free == "store" ? Site::TargetNeeds::FreeName::kStore
+                                             : Site::TargetNeeds::FreeName::kNone;
+    if (spec != nullptr) needs.spec = *spec;
+    Reply(res, 200, site_->CheckTarget(needs));
+  });
+  // Consoles: ?offset=N (from there) or the tail; ?bytes=N (at most 64 KiB).
+  Add("GET", R"(/api/v1/views/([^/]+)/console)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto q = ConsoleQuery(req);
+        if (!q.ok()) return Error(res, q.status());
+        ReplyResult(res, site_->ViewConsole(req.matches[1], q->offset, q->bytes));
+      });
+  Add("GET", R"(/api/v1/groups/([^/]+)/console)",
+      [this](const httplib::Request& req, httplib::Response& res) {
+        auto q = ConsoleQuery(req);
+        if (!q.ok()) return Error(res, q.status());
+        ReplyResult(res, site_->GroupConsole(req.matches[1], q->offset, q->bytes));
       });
   // The route table as registered, for the vault's and the tests' eyes.
   Add("GET", "/api/v1/routes", [this](const httplib::Request&, httplib::Response& res) {

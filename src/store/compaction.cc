@@ -366,8 +366,8 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
   std::vector<RecordRef> refs;
   for (uint64_t k : bounds) {
     // The chunks the interval's records touched, per disk.
-    std::vector<std::vector<uint64_t>> chunks(disks_.size());
-    std::vector<size_t> limits(disks_.size(), kChunkListMax);
+    std::vector<std::vector<uint64_t>> chunks(DiskCount());
+    std::vector<size_t> limits(DiskCount(), kChunkListMax);
     OSR_RETURN_IF_ERROR(index_->ForEachBySeq(prev, k, [&](const RecordRef& r) {
       if (r.disk >= chunks.size() || r.length == 0) return true;
       for (uint64_t c = r.offset / VersionIndex::kChunkBytes;
@@ -384,7 +384,7 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
       return true;
     }));
     HistoryWriter w(dir_, k, epoch, &next_id);
-    for (uint32_t d = 0; d < disks_.size() && st.ok(); ++d) {
+    for (uint32_t d = 0; d < DiskCount() && st.ok(); ++d) {
       auto& cs = chunks[d];
       std::sort(cs.begin(), cs.end());
       cs.erase(std::unique(cs.begin(), cs.end()), cs.end());
@@ -445,7 +445,7 @@ Status RecoveryStore::WriteHistory(uint64_t lo, const std::vector<uint64_t>& bou
           break;
         }
         uint64_t off = c * VersionIndex::kChunkBytes;
-        uint64_t len = std::min(VersionIndex::kChunkBytes, disks_[d].size_bytes - off);
+        uint64_t len = std::min(VersionIndex::kChunkBytes, DiskBytes(d) - off);
         st = index_->Collect(d, off, len, prev, k, &parts);
         if (!st.ok()) break;
         if (parts.size() >= kWindowParts) {
@@ -534,8 +534,7 @@ Status RecoveryStore::IndexHistory() {
       payload.resize(h->payload_bytes);
       OSR_RETURN_IF_ERROR(f.PRead(pos + RecordHeader::kSize, payload));
       if (!RecordHeader::Verify(hb.data(), payload)) return damaged("CRC mismatch");
-      if (h->seq != seq || h->disk >= disks_.size() ||
-          h->offset + h->length > disks_[h->disk].size_bytes) {
+      if (h->seq != seq || h->disk >= DiskCount() || h->offset + h->length > DiskBytes(h->disk)) {
         return damaged(
             fmt::format("record of seq {}, disk {} does not belong here", h->seq, h->disk));
       }
@@ -592,8 +591,8 @@ Status RecoveryStore::ApplyFromIndex(uint64_t from, uint64_t target) {
   std::vector<uint8_t> buf;
   Status st;
   OSR_RETURN_IF_ERROR(index_->ForEachBySeq(from, target, [&](const RecordRef& r) {
-    if (r.disk >= base_.size() || r.length == 0) return true;
-    File& f = base_[r.disk];
+    if (r.disk >= DiskCount() || r.length == 0) return true;
+    File& f = slots_[r.disk].base;
     if (r.kind == RecordKind::kWrite) {
       buf.resize(r.length);
       st = ReadPayload(r, r.offset, buf);

@@ -48,11 +48,11 @@ Result<std::unique_ptr<FailoverDisk>> FailoverDisk::Open(const std::string& imag
                                                          std::shared_ptr<RecoveryStore> store,
                                                          uint32_t disk, uint64_t seq,
                                                          uint64_t region_bytes) {
-  if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
+  OSR_ASSIGN_OR_RETURN(StoreDisk at, store->DiskAt(disk, seq));  // as it was at seq
   if (region_bytes == 0 || region_bytes % 4096 != 0) {
     return InvalidArgument("the region size must be a multiple of 4096");
   }
-  uint64_t size = store->disks()[disk].size_bytes;
+  uint64_t size = at.size_bytes;
   std::string map_path = image_path + ".cow";
   std::error_code ec;
   bool fresh = !std::filesystem::exists(map_path, ec);

@@ -57,6 +57,34 @@ std::string StagedListPath(const std::string& dir) {
   return dir + "/staging/staged.list";
 }
 
+// store.json disk_changes, checked against the disks as they are now: by seq, each of a
+// disk that exists, named as it is, growing (was_bytes 0: added) to no more than its size.
+Result<std::vector<RecoveryStore::DiskChange>> ParseDiskChanges(const nlohmann::json& list,
+                                                                const std::vector<StoreDisk>& disks,
+                                                                const std::string& dir) {
+  std::vector<RecoveryStore::DiskChange> out;
+  for (size_t i = 0; i < list.size(); ++i) {
+    std::string where = fmt::format("{}/store.json: disk_changes[{}].", dir, i);
+    json_in::Fields f(list[i], where);
+    RecoveryStore::DiskChange c;
+    c.seq = f.U64("seq");
+    uint64_t disk = f.U64("disk");
+    c.name = f.String("name");
+    c.was_bytes = f.U64("was_bytes");
+    c.size_bytes = f.U64("size_bytes");
+    if (!f.ok()) return Corruption(f.status().message());
+    if (disk >= disks.size() || disks[disk].name != c.name || c.was_bytes >= c.size_bytes ||
+        c.size_bytes > disks[disk].size_bytes ||
+        (!out.empty() &&
+         (c.seq < out.back().seq || (c.seq == out.back().seq && c.disk <= out.back().disk)))) {
+      return Corruption(where + " does not fit the disks or the changes before it");
+    }
+    c.disk = static_cast<uint32_t>(disk);
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
 std::array<uint8_t, kStagedHeaderBytes> EncodeStagedHeader(uint64_t from, bool initial,
                                                            uint32_t disks) {
   std::array<uint8_t, kStagedHeaderBytes> h{};
@@ -92,6 +120,9 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
                                                              const StoreOrigin& origin,
                                                              const StoreOptions& options) {
   if (disks.empty()) return InvalidArgument("a recovery store needs at least one disk");
+  if (disks.size() > kDisksMax) {
+    return InvalidArgument(fmt::format("a recovery store takes at most {} disks", kDisksMax));
+  }
   if (origin.epoch < 1 || origin.epoch > kEpochMax) {
     return InvalidArgument(
         fmt::format("epoch {} is out of range (1..{})", origin.epoch, kEpochMax));
@@ -149,7 +180,7 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Create(const std::string& 
   std::unique_ptr<RecoveryStore> s(new RecoveryStore());
   s->dir_ = dir;
   s->options_ = options;
-  s->disks_ = disks;
+  s->SetDisks(disks);
   s->base_seq_ = base_seq;
   s->journal_id_ = NewStoreId();
   s->epoch_ = origin.epoch;
@@ -241,13 +272,21 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
   if (f.ok() && version != kMetaVersion) f.Fail("version", "is not 1");
   if (f.ok() && !s->source_.empty() && !ValidName(s->source_)) f.Fail("source", "is not a name");
   if (!f.ok()) return Corruption(f.status().message());
+  std::vector<StoreDisk> opened;
   for (size_t i = 0; i < disks->size(); ++i) {
     json_in::Fields d((*disks)[i], fmt::format("{}/store.json: disks[{}].", dir, i));
     StoreDisk disk{d.String("name"), d.U64("size_bytes")};
     if (!d.ok()) return Corruption(d.status().message());
-    s->disks_.push_back(std::move(disk));
+    opened.push_back(std::move(disk));
   }
-  if (s->disks_.empty()) return Corruption(dir + "/store.json: no disks");
+  if (opened.empty() || opened.size() > kDisksMax) {
+    return Corruption(
+        fmt::format("{}/store.json: {} disks (1..{})", dir, opened.size(), kDisksMax));
+  }
+  s->SetDisks(opened);
+  if (const nlohmann::json* changes = f.Array("disk_changes", /*optional=*/true); changes) {
+    OSR_ASSIGN_OR_RETURN(s->disk_changes_, ParseDiskChanges(*changes, opened, dir));
+  }
   if (s->epoch_ > kEpochMax) {
     // Only an older osr, which took epochs from senders, can have written this.
     spdlog::warn(
@@ -262,9 +301,12 @@ Result<std::unique_ptr<RecoveryStore>> RecoveryStore::Open(const std::string& di
 
 RecoveryStore::~RecoveryStore() = default;
 
-Status RecoveryStore::WriteMeta() {
+Status RecoveryStore::WriteMeta(const std::vector<StoreDisk>* layout) {
   nlohmann::json disks = nlohmann::json::array();
-  for (auto& d : disks_) disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  for (const StoreDisk& d : layout ? *layout : this->disks()) {
+    disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+  }
+  nlohmann::json changes = nlohmann::json::array();
   uint64_t base, consistent, epoch;
   nlohmann::json resync;
   bool initial = false, differential = false;
@@ -274,6 +316,13 @@ Status RecoveryStore::WriteMeta() {
   {
     std::lock_guard lock(mu_);
     journal_id = journal_id_;
+    for (const DiskChange& c : disk_changes_) {
+      changes.push_back({{"seq", c.seq},
+                         {"disk", c.disk},
+                         {"name", c.name},
+                         {"was_bytes", c.was_bytes},
+                         {"size_bytes", c.size_bytes}});
+    }
     if (history_id_ != 0) {
       nlohmann::json files = nlohmann::json::array();
       for (auto [id, seq] : history_) files.push_back({id, seq});
@@ -296,21 +345,55 @@ Status RecoveryStore::WriteMeta() {
                                     {"resync_from", resync},    {"initial_sync", initial},
                                     {"epoch", epoch},           {"differential", differential},
                                     {"source", source_},        {"folding_to", folding},
-                                    {"journal_id", journal_id}, {"compaction", compaction}}
+                                    {"journal_id", journal_id}, {"compaction", compaction},
+                                    {"disk_changes", changes}}
                          .dump(1);
   return WriteFileAtomic(dir_ + "/store.json",
                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
 
+void RecoveryStore::SetDisks(const std::vector<StoreDisk>& disks) {
+  OSR_CHECK(disks.size() <= kDisksMax);
+  for (size_t i = 0; i < disks.size(); ++i) {
+    slots_[i].name = disks[i].name;
+    slots_[i].size_bytes.store(disks[i].size_bytes);
+  }
+  disk_count_.store(static_cast<uint32_t>(disks.size()), std::memory_order_release);
+}
+
 Status RecoveryStore::OpenParts() {
-  for (size_t i = 0; i < disks_.size(); ++i) {
-    OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir_, i), File::Mode::kReadWrite));
+  for (uint32_t i = 0; i < DiskCount(); ++i) {
+    // A disk change is recorded in store.json before its base is made or grown
+    // (ApplyDiskChanges): a crash between leaves the base short or missing, and the
+    // change is finished here. Anything else that disagrees is damage.
+    bool changed = false;
+    for (const DiskChange& c : disk_changes_) changed = changed || c.disk == i;
+    auto mode = changed ? File::Mode::kCreate : File::Mode::kReadWrite;
+    OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir_, i), mode));
     OSR_ASSIGN_OR_RETURN(uint64_t size, f.Size());
-    if (size != disks_[i].size_bytes) {
-      return Corruption(fmt::format("{}: base of disk {} has {} bytes, not {}", dir_,
-                                    disks_[i].name, size, disks_[i].size_bytes));
+    if (size > DiskBytes(i) && size - DiskBytes(i) <= kDiskBytesMax) {
+      // A grow undone (ApplyDiskChanges) after store.json said so and before its base was
+      // cut back: nothing past a disk's size is readable at any seq.
+      spdlog::warn(
+          "recovery store {}: the base of disk {} has {} bytes, {} more than the disk: "
+          "cut back (a disk change undone)",
+          dir_, slots_[i].name, size, size - DiskBytes(i));
+      OSR_RETURN_IF_ERROR(f.Truncate(DiskBytes(i)));
+      size = DiskBytes(i);
     }
-    base_.push_back(std::move(f));
+    if (changed && size < DiskBytes(i)) {
+      OSR_RETURN_IF_ERROR(f.Truncate(DiskBytes(i)));
+      OSR_RETURN_IF_ERROR(f.Sync());
+      OSR_RETURN_IF_ERROR(SyncDir(dir_ + "/base"));
+      spdlog::info("recovery store {}: disk {} made {} bytes, as its change says", dir_,
+                   slots_[i].name, DiskBytes(i));
+      size = DiskBytes(i);
+    }
+    if (size != DiskBytes(i)) {
+      return Corruption(fmt::format("{}: base of disk {} has {} bytes, not {}", dir_,
+                                    slots_[i].name, size, DiskBytes(i)));
+    }
+    slots_[i].base = std::move(f);
   }
   OSR_RETURN_IF_ERROR(OpenIndex());
   if (journal_id_ == 0) {  // a store made before journals had ids
@@ -352,7 +435,7 @@ Status RecoveryStore::OpenParts() {
   auto visit = [&](const RecordHeader& h, std::span<const uint8_t>, const capture::SegmentInfo& seg,
                    uint64_t payload_pos) {
     if (h.seq <= index_from || h.seq <= compacted_through_) return true;  // (history: above)
-    if (h.disk >= disks_.size()) return true;  // refused at Append; cannot be here
+    if (h.disk >= DiskCount()) return true;  // refused at Append; cannot be here
     pending.push_back({h.seq, h.disk, h.offset, h.length, h.kind, seg.first_seq, payload_pos});
     if (pending.size() >= kIndexBatchRecords) {
       added = index_->Add(pending);
@@ -487,8 +570,215 @@ void RecoveryStore::OnWritten(std::span<const capture::CaptureLog::Written> reco
   }
 }
 
+std::vector<StoreDisk> RecoveryStore::disks() const {
+  std::vector<StoreDisk> out;
+  for (uint32_t i = 0; i < DiskCount(); ++i) out.push_back({slots_[i].name, DiskBytes(i)});
+  return out;
+}
+
+std::vector<StoreDisk> RecoveryStore::DisksBefore(uint64_t first_seq) const {
+  std::vector<StoreDisk> out;
+  std::lock_guard lock(mu_);
+  for (uint32_t i = 0; i < DiskCount(); ++i) {
+    uint64_t size = DiskBytes(i);
+    for (auto c = disk_changes_.rbegin(); c != disk_changes_.rend() && c->seq >= first_seq; ++c) {
+      if (c->disk == i) size = c->was_bytes;
+    }
+    if (size > 0) out.push_back({slots_[i].name, size});
+  }
+  return out;
+}
+
+std::vector<StoreDisk> RecoveryStore::DisksAt(uint64_t seq) const {
+  std::vector<StoreDisk> out;
+  for (uint32_t i = 0; i < DiskCount(); ++i) {
+    auto d = DiskAt(i, seq);
+    if (d.ok()) out.push_back(std::move(*d));
+  }
+  return out;
+}
+
+uint64_t RecoveryStore::DiskBytesAtLocked(uint32_t disk, uint64_t seq) const {
+  uint64_t size = DiskBytes(disk);
+  // Undo, newest first, every change of the disk after seq.
+  for (auto c = disk_changes_.rbegin(); c != disk_changes_.rend() && c->seq > seq; ++c) {
+    if (c->disk == disk) size = c->was_bytes;
+  }
+  return size;
+}
+
+Result<StoreDisk> RecoveryStore::DiskAt(uint32_t disk, uint64_t seq) const {
+  if (disk >= DiskCount()) return NotFound(fmt::format("no disk {}", disk));
+  std::lock_guard lock(mu_);
+  uint64_t size = DiskBytesAtLocked(disk, seq);
+  if (size == 0) {
+    return NotFound(fmt::format("disk {} was added after seq {}", slots_[disk].name, seq));
+  }
+  return StoreDisk{slots_[disk].name, size};
+}
+
+std::vector<RecoveryStore::DiskChange> RecoveryStore::disk_changes() const {
+  std::lock_guard lock(mu_);
+  return disk_changes_;
+}
+
+Status RecoveryStore::CheckDiskChange(const RecordHeader& h, std::span<const uint8_t> payload,
+                                      std::vector<std::pair<std::string, uint64_t>>* sizes,
+                                      std::vector<DiskChange>* out) const {
+  std::string name(payload.begin(), payload.end());
+  auto refuse = [&](std::string_view why) {
+    return InvalidArgument(fmt::format("record seq {} (disk {} '{}' to {} bytes): {}", h.seq,
+                                       h.disk, name, h.offset, why));
+  };
+  if (!ValidName(name)) return refuse("not a disk name");
+  if (h.offset > kDiskBytesMax) return refuse("larger than a disk may be");
+  DiskChange c{h.seq, h.disk, name, 0, h.offset};
+  if (h.disk < sizes->size()) {
+    auto& [have, size] = (*sizes)[h.disk];
+    if (have != name) return refuse(fmt::format("the disk is named '{}'", have));
+    // The size it has already: a source that recorded the change again after a crash
+    // (it cannot know the first one reached its log). Nothing changes.
+    if (h.offset == size) return Status::Ok();
+    if (h.offset < size) return refuse(fmt::format("it has {} bytes: disks only grow", size));
+    c.was_bytes = size;
+    size = h.offset;
+  } else {
+    if (h.disk != sizes->size()) return refuse(fmt::format("the next disk is {}", sizes->size()));
+    if (h.disk >= kDisksMax) return refuse(fmt::format("a group has at most {} disks", kDisksMax));
+    for (const auto& [have, size] : *sizes) {
+      if (have == name) return refuse("another disk has that name");
+    }
+    sizes->push_back({name, h.offset});
+  }
+  out->push_back(std::move(c));
+  return Status::Ok();
+}
+
+Status RecoveryStore::ApplyDiskChanges(uint64_t first_seq, const std::vector<DiskChange>& changes) {
+  auto same = [](const DiskChange& a, const DiskChange& b) {
+    return a.seq == b.seq && a.disk == b.disk && a.name == b.name && a.was_bytes == b.was_bytes &&
+           a.size_bytes == b.size_bytes;
+  };
+  // The changes from now on: the durable ones, then this append's. Changes taken for seqs
+  // this append sends again but that never became durable are replaced: the same record
+  // again changes nothing; another record at their seq (a source that lost them and went
+  // on) undoes them.
+  std::vector<DiskChange> all, before;
+  {
+    std::lock_guard lock(mu_);
+    // The common append (the data path): no change in it, none pending at its seqs.
+    if (changes.empty() && (disk_changes_.empty() || disk_changes_.back().seq < first_seq)) {
+      return Status::Ok();
+    }
+    before = disk_changes_;
+  }
+  for (const DiskChange& c : before) {
+    if (c.seq < first_seq) all.push_back(c);
+  }
+  all.insert(all.end(), changes.begin(), changes.end());
+  if (std::equal(all.begin(), all.end(), before.begin(), before.end(), same)) return Status::Ok();
+  // The layout they make: the durable one, then this append's changes.
+  std::vector<StoreDisk> layout = DisksBefore(first_seq);
+  for (const DiskChange& c : changes) {
+    if (c.disk < layout.size()) {
+      layout[c.disk].size_bytes = c.size_bytes;
+    } else {
+      layout.push_back({c.name, c.size_bytes});
+    }
+  }
+  // store.json first (OpenParts finishes a change whose base was not made or grown yet),
+  // then the bases, then the sizes readers see.
+  {
+    std::lock_guard lock(mu_);
+    disk_changes_ = all;
+  }
+  if (Status st = WriteMeta(&layout); !st.ok()) {
+    std::lock_guard lock(mu_);
+    disk_changes_ = before;
+    return st;
+  }
+  const uint32_t had = DiskCount();
+  const auto count = static_cast<uint32_t>(layout.size());
+  if (count < had) disk_count_.store(count, std::memory_order_release);  // an add undone
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint64_t want = layout[i].size_bytes;
+    if (i >= had) {
+      OSR_ASSIGN_OR_RETURN(File f, File::Open(BasePath(dir_, i), File::Mode::kCreate));
+      OSR_RETURN_IF_ERROR(f.Truncate(0));  // a disk added, undone and added again: zeros
+      OSR_RETURN_IF_ERROR(f.Truncate(want));
+      OSR_RETURN_IF_ERROR(f.Sync());
+      OSR_RETURN_IF_ERROR(SyncDir(dir_ + "/base"));
+      slots_[i].name = layout[i].name;  // not published yet: no reader looks at it
+      slots_[i].base = std::move(f);
+      slots_[i].size_bytes.store(want);
+    } else if (want != DiskBytes(i)) {
+      // Grown, or a grow undone (nothing past a disk's size is readable at any seq).
+      OSR_RETURN_IF_ERROR(slots_[i].base.Truncate(want));
+      OSR_RETURN_IF_ERROR(slots_[i].base.Sync());
+      std::lock_guard lock(mu_);
+      slots_[i].size_bytes.store(want);
+    }
+    std::lock_guard lock(mu_);
+    if (resyncing_ && !staging_.empty()) {
+      // A resync under way stages the disk's new area too.
+      if (i >= staging_.size()) {
+        OSR_ASSIGN_OR_RETURN(
+            File f, File::Open(fmt::format("{}/staging/{}.img", dir_, i), File::Mode::kCreate));
+        staging_.push_back(std::move(f));
+        staged_.resize(staging_.size());
+      }
+      OSR_RETURN_IF_ERROR(staging_[i].Truncate(want));
+    }
+  }
+  if (count > had) disk_count_.store(count, std::memory_order_release);
+  spdlog::info("recovery store {}: disks now {}", dir_, [&] {
+    std::string out;
+    for (const auto& d : layout)
+      out += fmt::format("{}{}={}", out.empty() ? "" : " ", d.name, d.size_bytes);
+    return out;
+  }());
+  return Status::Ok();
+}
+
+Status RecoveryStore::AdoptDisks(uint64_t from, const std::vector<StoreDisk>& disks) {
+  std::lock_guard append(append_mu_);
+  const std::vector<StoreDisk> had = DisksBefore(from);
+  if (disks.size() < had.size() || disks.size() > kDisksMax) {
+    return InvalidArgument(fmt::format("the sender has {} disks, the store {} (at most {})",
+                                       disks.size(), had.size(), kDisksMax));
+  }
+  std::vector<DiskChange> changes;
+  for (size_t i = 0; i < disks.size(); ++i) {
+    const StoreDisk& d = disks[i];
+    if (!ValidName(d.name) || d.size_bytes == 0 || d.size_bytes > kDiskBytesMax) {
+      return InvalidArgument(fmt::format("the sender's disk {} is not a disk", i));
+    }
+    if (i < had.size()) {
+      if (d.name != had[i].name || d.size_bytes < had[i].size_bytes) {
+        return InvalidArgument(
+            fmt::format("the sender's disk {} is {} of {} bytes, the store's {} of {}", i, d.name,
+                        d.size_bytes, had[i].name, had[i].size_bytes));
+      }
+      if (d.size_bytes == had[i].size_bytes) continue;
+      changes.push_back({from, static_cast<uint32_t>(i), d.name, had[i].size_bytes, d.size_bytes});
+    } else {
+      for (size_t k = 0; k < i; ++k) {
+        if (disks[k].name == d.name) return InvalidArgument("the sender names two disks alike");
+      }
+      changes.push_back({from, static_cast<uint32_t>(i), d.name, 0, d.size_bytes});
+    }
+  }
+  // Changes at one seq: the seq of the first copy's base.
+  return ApplyDiskChanges(from, changes);
+}
+
 Result<int64_t> RecoveryStore::CheckRecords(std::span<const uint8_t> records, uint64_t expect,
+                                            std::vector<DiskChange>* changes,
                                             std::vector<std::span<const uint8_t>>* out) const {
+  // Each record is checked against the disks as they were just before it: the durable
+  // layout, then the disk-size records of this append in their order.
+  std::vector<std::pair<std::string, uint64_t>> sizes;
+  for (const StoreDisk& d : DisksBefore(expect)) sizes.push_back({d.name, d.size_bytes});
   int64_t last_time = 0;
   size_t pos = 0;
   while (pos < records.size()) {
@@ -504,7 +794,9 @@ Result<int64_t> RecoveryStore::CheckRecords(std::span<const uint8_t> records, ui
     if (h.seq != expect) {
       return InvalidArgument(fmt::format("record seq {} where {} was expected", h.seq, expect));
     }
-    if (h.disk >= disks_.size() || h.offset + h.length > disks_[h.disk].size_bytes) {
+    if (h.kind == RecordKind::kDiskSize) {
+      OSR_RETURN_IF_ERROR(CheckDiskChange(h, payload, &sizes, changes));
+    } else if (h.disk >= sizes.size() || h.offset + h.length > sizes[h.disk].second) {
       return InvalidArgument(fmt::format("record seq {} lies outside disk {}", h.seq, h.disk));
     }
     out->push_back(records.subspan(pos, RecordHeader::kSize + h.payload_bytes));
@@ -519,9 +811,14 @@ Result<uint64_t> RecoveryStore::Append(std::span<const uint8_t> records) {
   std::lock_guard append(append_mu_);
   // Every record is checked before any is written: a bad one refuses the whole append.
   std::vector<std::span<const uint8_t>> checked;
-  OSR_ASSIGN_OR_RETURN(int64_t last_time,
-                       CheckRecords(records, journal_->last_seq() + 1, &checked));
+  std::vector<DiskChange> changes;
+  const uint64_t first = journal_->last_seq() + 1;
+  OSR_ASSIGN_OR_RETURN(int64_t last_time, CheckRecords(records, first, &changes, &checked));
   if (checked.empty()) return durable_seq();
+  // Disks added or grown before the records that may write them are in the journal.
+  if (Status st = ApplyDiskChanges(first, changes); !st.ok()) {
+    return NoteWriteFailure("disk change", st, 0);
+  }
   auto end = journal_->MarkEnd();  // everything before was synced: a no-op write-out
   if (!end.ok()) return NoteWriteFailure("journal append", end.status(), records.size());
   Status st;
@@ -612,14 +909,14 @@ std::optional<RecoveryStore::WriteFailure> RecoveryStore::write_failure() const 
 }
 
 Status RecoveryStore::WriteBase(uint32_t disk, uint64_t offset, std::span<const uint8_t> data) {
-  if (disk >= disks_.size() || offset + data.size() > disks_[disk].size_bytes) {
+  if (disk >= DiskCount() || offset + data.size() > DiskBytes(disk)) {
     return InvalidArgument(fmt::format("base write outside disk {}", disk));
   }
-  return base_[disk].PWrite(offset, data);
+  return slots_[disk].base.PWrite(offset, data);
 }
 
 Status RecoveryStore::SyncBase() {
-  for (auto& f : base_) OSR_RETURN_IF_ERROR(f.DataSync());
+  for (uint32_t i = 0; i < DiskCount(); ++i) OSR_RETURN_IF_ERROR(slots_[i].base.DataSync());
   return Status::Ok();
 }
 
@@ -729,7 +1026,7 @@ void RecoveryStore::ForgetVerified() {
 }
 
 Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::span<uint8_t> buf) {
-  if (disk >= disks_.size() || offset + buf.size() > disks_[disk].size_bytes) {
+  if (disk >= DiskCount() || offset + buf.size() > DiskBytes(disk)) {
     return InvalidArgument(fmt::format("read outside disk {}", disk));
   }
   // Shared: a fold step takes it alone only to change base_seq (never while it copies).
@@ -738,13 +1035,17 @@ Status RecoveryStore::ReadAt(uint32_t disk, uint64_t seq, uint64_t offset, std::
   {
     std::lock_guard lock(mu_);
     OSR_RETURN_IF_ERROR(UsableLocked(seq));
+    // The disk as it was at seq: added later, or the bytes a later grow added, are not.
+    if (offset + buf.size() > DiskBytesAtLocked(disk, seq)) {
+      return InvalidArgument(fmt::format("read outside disk {} as it was at seq {}", disk, seq));
+    }
     base = base_seq_;
   }
   // The index first, then the base: bytes a fold is copying into the base now all lie
   // under records in (base, seq], so they are overlaid whatever the base shows yet.
   std::vector<ReadPart> parts;
   OSR_RETURN_IF_ERROR(index_->Collect(disk, offset, buf.size(), base, seq, &parts));
-  OSR_RETURN_IF_ERROR(base_[disk].PRead(offset, buf));
+  OSR_RETURN_IF_ERROR(slots_[disk].base.PRead(offset, buf));
   // Each byte comes from its newest record alone: the parts do not overlap.
   for (const ReadPart& p : parts) {
     std::span<uint8_t> out = buf.subspan(p.offset - offset, p.length);
@@ -838,9 +1139,9 @@ Status RecoveryStore::BeginInitialSync(uint64_t from) {
     OSR_RETURN_IF_ERROR(StartJournalAt(from + 1));
   }
   // An initial sync cut short starts over from scratch: the base is all zeros again.
-  for (size_t i = 0; i < base_.size(); ++i) {
-    OSR_RETURN_IF_ERROR(base_[i].Truncate(0));
-    OSR_RETURN_IF_ERROR(base_[i].Truncate(disks_[i].size_bytes));
+  for (size_t i = 0; i < DiskCount(); ++i) {
+    OSR_RETURN_IF_ERROR(slots_[i].base.Truncate(0));
+    OSR_RETURN_IF_ERROR(slots_[i].base.Truncate(DiskBytes(i)));
   }
   OSR_RETURN_IF_ERROR(WriteMeta());
   return BeginResync(from);
@@ -918,7 +1219,7 @@ Status RecoveryStore::BeginResyncLocked(uint64_t from) {
                                        from, from, durable_seq_));
   }
   staging_.clear();
-  staged_.assign(disks_.size(), {});
+  staged_.assign(DiskCount(), {});
   staged_pending_.clear();
   staged_pending_bytes_ = 0;
   staged_durable_.reset();
@@ -928,15 +1229,15 @@ Status RecoveryStore::BeginResyncLocked(uint64_t from) {
   CreateDirectories(dir_ + "/staging", ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + dir_ + "/staging");
   std::vector<File> staging;
-  for (size_t i = 0; i < disks_.size(); ++i) {
+  for (size_t i = 0; i < DiskCount(); ++i) {
     OSR_ASSIGN_OR_RETURN(
         File f, File::Open(fmt::format("{}/staging/{}.img", dir_, i), File::Mode::kCreate));
-    OSR_RETURN_IF_ERROR(f.Truncate(disks_[i].size_bytes));
+    OSR_RETURN_IF_ERROR(f.Truncate(DiskBytes(i)));
     staging.push_back(std::move(f));
   }
   // The staged list names this resync; its regions follow at each checkpoint.
   OSR_ASSIGN_OR_RETURN(File list, File::Open(StagedListPath(dir_), File::Mode::kCreate));
-  auto header = EncodeStagedHeader(from, initial_sync_, static_cast<uint32_t>(disks_.size()));
+  auto header = EncodeStagedHeader(from, initial_sync_, static_cast<uint32_t>(DiskCount()));
   OSR_RETURN_IF_ERROR(list.PWrite(0, header));
   OSR_RETURN_IF_ERROR(list.DataSync());
   OSR_RETURN_IF_ERROR(SyncDir(dir_ + "/staging"));
@@ -998,14 +1299,14 @@ Status RecoveryStore::LoadStagedList() {
         fmt::format("{}: version {}, not {}", path, Ld32(h.data() + 8), kStagedVersion));
   }
   if (Ld64(h.data() + 16) != from || (Ld32(h.data() + 12) & 1) != (initial ? 1u : 0u) ||
-      Ld32(h.data() + 24) != disks_.size()) {
+      Ld32(h.data() + 24) != DiskCount()) {
     return Corruption(
         fmt::format("{}: it lists a resync after seq {} of {} disk(s), not this "
                     "store's after seq {} of {}",
-                    path, Ld64(h.data() + 16), Ld32(h.data() + 24), from, disks_.size()));
+                    path, Ld64(h.data() + 16), Ld32(h.data() + 24), from, DiskCount()));
   }
   // The records; a torn last one (a crash while it was appended) is cut off.
-  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged(disks_.size());
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> staged(DiskCount());
   StagedProgress progress{from, initial, 0, 0, 0};
   uint64_t records = (size - kStagedHeaderBytes) / kStagedRecordBytes;
   std::vector<uint8_t> buf(kStagedReadRecords * kStagedRecordBytes);
@@ -1024,8 +1325,7 @@ Status RecoveryStore::LoadStagedList() {
       }
       uint32_t d = Ld32(r);
       uint64_t off = Ld64(r + 8), len = Ld64(r + 16);
-      if (d >= disks_.size() || len == 0 || off > disks_[d].size_bytes ||
-          len > disks_[d].size_bytes - off) {
+      if (d >= DiskCount() || len == 0 || off > DiskBytes(d) || len > DiskBytes(d) - off) {
         return Corruption(
             fmt::format("{}: record {} ({} bytes at {} of disk {}) lies outside "
                         "the disks",
@@ -1041,13 +1341,13 @@ Status RecoveryStore::LoadStagedList() {
   uint64_t list_bytes = kStagedHeaderBytes + records * kStagedRecordBytes;
   if (list_bytes != size) OSR_RETURN_IF_ERROR(list.Truncate(list_bytes));
   std::vector<File> staging;
-  for (size_t i = 0; i < disks_.size(); ++i) {
+  for (size_t i = 0; i < DiskCount(); ++i) {
     OSR_ASSIGN_OR_RETURN(
         File f, File::Open(fmt::format("{}/staging/{}.img", dir_, i), File::Mode::kReadWrite));
     OSR_ASSIGN_OR_RETURN(uint64_t got, f.Size());
-    if (got != disks_[i].size_bytes) {
+    if (got != DiskBytes(i)) {
       return Corruption(fmt::format("{}: staging image of disk {} has {} bytes, not {}", dir_, i,
-                                    got, disks_[i].size_bytes));
+                                    got, DiskBytes(i)));
     }
     staging.push_back(std::move(f));
   }
@@ -1075,8 +1375,7 @@ Status RecoveryStore::ResyncWrite(uint32_t disk, uint64_t offset, std::span<cons
     if (!resyncing_ || staging_.empty()) {
       return InvalidArgument("no resynchronization is under way");
     }
-    if (disk >= disks_.size() || offset > disks_[disk].size_bytes ||
-        data.size() > disks_[disk].size_bytes - offset) {
+    if (disk >= DiskCount() || offset > DiskBytes(disk) || data.size() > DiskBytes(disk) - offset) {
       return InvalidArgument(fmt::format("resync data outside disk {}", disk));
     }
     // On failure nothing is staged: a resync that could not stage every region never
@@ -1115,9 +1414,9 @@ Status RecoveryStore::CheckpointResyncLocked() {
   OSR_CHECK(staged_list_.valid());  // pending regions exist only while staging
   // The data first, then the list that says it is there. (staging_ changes only under
   // staged_mu_, which this holds.)
-  std::vector<bool> touched(disks_.size(), false);
+  std::vector<bool> touched(DiskCount(), false);
   for (auto& r : pending) touched[r.disk] = true;
-  for (size_t d = 0; d < disks_.size(); ++d) {
+  for (size_t d = 0; d < DiskCount(); ++d) {
     if (touched[d]) OSR_RETURN_IF_ERROR(staging_[d].DataSync());
   }
   // One record per run of regions that follow each other on a disk.
@@ -1232,12 +1531,12 @@ Status RecoveryStore::CommitResync(uint64_t consistent_seq) {
     std::unique_lock fold(fold_mu_);
     std::vector<uint8_t> buf(1 << 20);
     std::lock_guard lock(mu_);
-    for (size_t d = 0; d < disks_.size(); ++d) {
+    for (size_t d = 0; d < DiskCount(); ++d) {
       for (auto [off, len] : staged_[d]) {
         for (uint64_t p = off; p < off + len;) {
           size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), off + len - p));
           OSR_RETURN_IF_ERROR(staging_[d].PRead(p, {buf.data(), n}));
-          OSR_RETURN_IF_ERROR(base_[d].PWrite(p, {buf.data(), n}));
+          OSR_RETURN_IF_ERROR(slots_[d].base.PWrite(p, {buf.data(), n}));
           p += n;
         }
       }
@@ -1308,7 +1607,7 @@ bool RecoveryStore::differential() const {
 
 Result<std::vector<std::vector<std::pair<uint64_t, uint64_t>>>> RecoveryStore::ChangedAfter(
     uint64_t seq) const {
-  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> out(disks_.size());
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> out(DiskCount());
   OSR_RETURN_IF_ERROR(index_->ForEachBySeq(seq, UINT64_MAX, [&](const RecordRef& r) {
     if (r.disk < out.size()) out[r.disk].emplace_back(r.offset, r.length);
     return true;
@@ -1454,8 +1753,8 @@ Status RecoveryStore::FoldStep(uint64_t target) {
       return false;
     }
     ++next_seq;
-    if (h.length != 0 && h.disk < base_.size()) {  // length 0: a mark (a resync's end)
-      File& f = base_[h.disk];
+    if (h.length != 0 && h.disk < DiskCount()) {  // length 0: a mark (a resync's end)
+      File& f = slots_[h.disk].base;
       Status st = h.kind == RecordKind::kWrite ? f.PWrite(h.offset, payload)
                                                : f.PunchHole(h.offset, h.length);
       if (!st.ok() && st.code() == Code::kNotSupported) st = f.WriteZeroes(h.offset, h.length);

@@ -25,6 +25,7 @@
 // (WaitUnpinned; docs/architecture.md, "Who owns what across threads").
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -271,7 +272,32 @@ class RecoveryStore {
   // When the write at durable_seq was accepted at the source (ns since the epoch; 0 if
   // unknown, e.g. right after opening a store whose journal is empty).
   int64_t durable_time_ns() const;
-  const std::vector<StoreDisk>& disks() const { return disks_; }
+  // The group's disks as they are after every record the store has taken (a disk added
+  // or grown by a disk-size record, docs/formats.md "Disk changes"), in the group's order.
+  std::vector<StoreDisk> disks() const;
+  // The disks as they were at `seq`: a disk added after it is not there, one grown after
+  // it has its old size. A view or failover at `seq` shows exactly these.
+  std::vector<StoreDisk> DisksAt(uint64_t seq) const;
+  // One disk at `seq`; kNotFound when it did not exist then (or at all).
+  Result<StoreDisk> DiskAt(uint32_t disk, uint64_t seq) const;
+  // A disk added or grown at `seq`: `was_bytes` 0 for an added disk. Sizes only grow.
+  struct DiskChange {
+    uint64_t seq = 0;
+    uint32_t disk = 0;
+    std::string name;
+    uint64_t was_bytes = 0;
+    uint64_t size_bytes = 0;
+  };
+  std::vector<DiskChange> disk_changes() const;
+  // A first copy, or a history replaced, after seq `from`: the disks become `disks` (the
+  // sender's, as its HELLO states them), as changes at `from` — the same disks in order,
+  // none smaller, maybe more. Changes recorded after `from` go (the journal starts over
+  // after it). kInvalidArgument for disks that are not such a layout; nothing changes.
+  Status AdoptDisks(uint64_t from, const std::vector<StoreDisk>& disks);
+  static constexpr uint32_t kDisksMax = 64;  // disks of one group, added ones included
+  // The largest disk a change may ask for: 2^50 bytes (1 PiB), far inside every offset
+  // computation's u64.
+  static constexpr uint64_t kDiskBytesMax = uint64_t{1} << 50;
   const std::string& dir() const { return dir_; }
 
   // Tests: called by each fold step after its records are in the base (synced) and before
@@ -301,7 +327,8 @@ class RecoveryStore {
   // kCorruption when store.json's fold or compaction state cannot be true of this journal
   // and these history files (checked before any file is removed on its word).
   Status CheckHistoryState();
-  Status WriteMeta();
+  // store.json from the fields (the disks: `layout`, or the slots when null).
+  Status WriteMeta(const std::vector<StoreDisk>* layout = nullptr);
   // Fold: the next step's end (nullopt: nothing to fold), which it makes unreadable below
   // (fold_target_); then the step itself; FinishInterruptedFold at open.
   Result<std::optional<uint64_t>> PlanFoldStep(uint64_t seq);
@@ -371,6 +398,7 @@ class RecoveryStore {
   // Checks an append's records against the sequence (expected first seq `expect`) and the
   // disks; fills `out` with each record's bytes. Returns the last record's time_ns.
   Result<int64_t> CheckRecords(std::span<const uint8_t> records, uint64_t expect,
+                               std::vector<DiskChange>* changes,
                                std::vector<std::span<const uint8_t>>* out) const;
   // Undoes a failed append: the journal back to `end`, the index forgets what follows.
   Status RollBackAppend(const capture::CaptureLog::End& end);
@@ -386,8 +414,34 @@ class RecoveryStore {
   std::string source_;                              // persisted in store.json; set at creation only
   // Set before use, by tests only.
   std::function<void(CompactionStep)> compaction_step_hook_;
-  std::vector<StoreDisk> disks_;
-  std::vector<File> base_;  // one per disk; positional I/O only
+  // The disks: slots [0, disk_count_) are published (disk_count_ is stored with release
+  // after a slot is filled, loaded with acquire): a published slot's name and base never
+  // change, its size only grows (a disk-size record). Fixed capacity, so that readers on
+  // any thread index it without a lock while Append (holding append_mu_) adds a disk.
+  struct DiskSlot {
+    std::string name;
+    std::atomic<uint64_t> size_bytes{0};
+    File base;  // the disk as of base_seq; positional I/O only
+  };
+  std::array<DiskSlot, kDisksMax> slots_;
+  std::atomic<uint32_t> disk_count_{0};
+  uint32_t DiskCount() const { return disk_count_.load(std::memory_order_acquire); }
+  uint64_t DiskBytes(uint32_t d) const { return slots_[d].size_bytes.load(); }
+  std::vector<DiskChange> disk_changes_;  // guarded by mu_; persisted (disk_changes), by seq
+  // Takes the disk-size records of an append that passed CheckRecords before its journal
+  // write: adds or grows the bases (synced) and records the changes in store.json. Holds
+  // append_mu_. A change already recorded at the same seq (a resend) is taken again only
+  // when identical.
+  Status ApplyDiskChanges(uint64_t first_seq, const std::vector<DiskChange>& changes);
+  void SetDisks(const std::vector<StoreDisk>& disks);             // at Create and Open only
+  uint64_t DiskBytesAtLocked(uint32_t disk, uint64_t seq) const;  // holds mu_; 0: not there
+  // The disks without the changes at first_seq or later (takes mu_).
+  std::vector<StoreDisk> DisksBefore(uint64_t first_seq) const;
+  // The change a disk-size record asks for, checked against `sizes` (the disks' sizes
+  // before it, in order; updated).
+  Status CheckDiskChange(const capture::RecordHeader& h, std::span<const uint8_t> name,
+                         std::vector<std::pair<std::string, uint64_t>>* sizes,
+                         std::vector<DiskChange>* out) const;
   std::unique_ptr<capture::CaptureLog> journal_;
 
   std::mutex append_mu_;  // one Append at a time

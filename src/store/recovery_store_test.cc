@@ -30,6 +30,10 @@ class RecordMaker {
   void Zero(std::vector<uint8_t>* out, uint32_t disk, uint64_t off, uint64_t len) {
     Add(out, disk, off, len, RecordKind::kZero, {});
   }
+  // Disk `disk` is added (the next index) or grows to `size` bytes (docs/formats.md).
+  void DiskSize(std::vector<uint8_t>* out, uint32_t disk, const std::string& name, uint64_t size) {
+    Add(out, disk, size, 0, RecordKind::kDiskSize, std::vector<uint8_t>(name.begin(), name.end()));
+  }
   uint64_t next() const { return next_; }
 
  private:
@@ -66,6 +70,100 @@ class RecoveryStoreTest : public ::testing::Test {
 
 constexpr uint64_t kDisk0 = 3 << 20;  // crosses chunk boundaries
 constexpr uint64_t kDisk1 = 1 << 20;
+
+// A disk grows and one is added in the middle of the order: every seq reads its disks as
+// they were then (a grown disk at its old size before the change, an added one not there),
+// byte for byte against a model, before and after a reopen and a fold past the changes.
+TEST_F(RecoveryStoreTest, DisksAddedAndGrownReadAsTheyWereAtEachSeq) {
+  StoreOptions opts;
+  opts.journal_segment_bytes = 128 << 10;  // many segments: the fold below moves the base
+  auto store = std::shared_ptr<RecoveryStore>(
+      RecoveryStore::Create(dir_, {{"a", kDisk0}}, 0, RecoveryStore::Start::kEmpty, {}, {}, opts)
+          .value()
+          .release());
+  // states[seq]: each disk's bytes then (a missing disk: absent).
+  std::vector<std::vector<std::vector<uint8_t>>> states;
+  std::vector<std::vector<uint8_t>> model = {std::vector<uint8_t>(kDisk0, 0)};
+  std::vector<std::string> names = {"a"};
+  states.push_back(model);
+  std::mt19937 rng(13);
+  RecordMaker mk(1);
+  auto write = [&](std::vector<uint8_t>* wire, uint32_t d) {
+    uint64_t len = 1 + rng() % 70000;
+    uint64_t off = rng() % (model[d].size() - len);
+    std::vector<uint8_t> data(len);
+    for (auto& b : data) b = static_cast<uint8_t>(rng());
+    mk.Write(wire, d, off, data);
+    std::copy(data.begin(), data.end(), model[d].begin() + static_cast<long>(off));
+    states.push_back(model);
+  };
+  for (int batch = 0; batch < 12; ++batch) {
+    std::vector<uint8_t> wire;
+    for (int i = 0; i < 5; ++i) write(&wire, static_cast<uint32_t>(rng() % model.size()));
+    if (batch == 3) {  // disk a grows by 1 MiB, and is written past its old end at once
+      mk.DiskSize(&wire, 0, "a", kDisk0 + (1 << 20));
+      model[0].resize(kDisk0 + (1 << 20), 0);
+      states.push_back(model);
+      std::vector<uint8_t> tail(4096, 0xab);
+      mk.Write(&wire, 0, kDisk0 + 4096, tail);
+      std::copy(tail.begin(), tail.end(), model[0].begin() + kDisk0 + 4096);
+      states.push_back(model);
+    }
+    if (batch == 6) {  // disk b is added
+      mk.DiskSize(&wire, 1, "b", kDisk1);
+      model.push_back(std::vector<uint8_t>(kDisk1, 0));
+      names.push_back("b");
+      states.push_back(model);
+    }
+    ASSERT_EQ(store->Append(wire).value(), mk.next() - 1) << "batch " << batch;
+  }
+  auto check_all = [&](uint64_t from) {
+    for (uint64_t seq = from; seq < states.size(); ++seq) {
+      const auto& want = states[seq];
+      auto at = store->DisksAt(seq);
+      ASSERT_EQ(at.size(), want.size()) << "seq " << seq;
+      for (uint32_t d = 0; d < want.size(); ++d) {
+        ASSERT_EQ(at[d].name, names[d]);
+        ASSERT_EQ(at[d].size_bytes, want[d].size()) << "seq " << seq << " disk " << d;
+        std::vector<uint8_t> got(want[d].size());
+        ASSERT_TRUE(store->ReadAt(d, seq, 0, got).ok()) << "seq " << seq << " disk " << d;
+        ASSERT_TRUE(got == want[d]) << "seq " << seq << " disk " << d;
+        // Past the disk as it was then: refused, even where the disk is larger now.
+        std::vector<uint8_t> one(1);
+        EXPECT_FALSE(store->ReadAt(d, seq, want[d].size(), one).ok()) << "seq " << seq;
+      }
+      if (want.size() < store->disks().size()) {
+        EXPECT_EQ(store->DiskAt(1, seq).status().code(), Code::kNotFound) << "seq " << seq;
+        std::vector<uint8_t> one(1);
+        EXPECT_FALSE(store->ReadAt(1, seq, 0, one).ok());
+      }
+    }
+  };
+  check_all(0);
+  ASSERT_EQ(store->disk_changes().size(), 2u);
+  // A record past a disk's size, or a shrink, or a second disk named alike: refused whole.
+  for (int bad = 0; bad < 4; ++bad) {
+    RecordMaker m2(mk.next());
+    std::vector<uint8_t> wire;
+    if (bad == 0) m2.Write(&wire, 1, kDisk1 - 10, std::vector<uint8_t>(20, 1));
+    if (bad == 1) m2.DiskSize(&wire, 0, "a", kDisk0);  // smaller: disks only grow
+    if (bad == 2) m2.DiskSize(&wire, 2, "b", kDisk1);  // a name twice
+    if (bad == 3) m2.DiskSize(&wire, 3, "c", kDisk1);  // not the next index
+    EXPECT_EQ(store->Append(wire).status().code(), Code::kInvalidArgument) << bad;
+  }
+  // The same batch sent twice after a refusal: the change is taken once.
+  store.reset();
+  store = std::shared_ptr<RecoveryStore>(RecoveryStore::Open(dir_, opts).value().release());
+  check_all(0);
+  ASSERT_EQ(store->disks().size(), 2u);
+  auto folded = store->Fold(states.size() - 3);
+  ASSERT_TRUE(folded.ok()) << folded.status().ToString();
+  check_all(*folded);
+  store.reset();
+  store = std::shared_ptr<RecoveryStore>(RecoveryStore::Open(dir_, opts).value().release());
+  check_all(*folded);
+  EXPECT_GT(*folded, 20u);  // past the grow (seq ~21) at least
+}
 
 // Every position of the order can be read back exactly: the store against a model.
 TEST_F(RecoveryStoreTest, ReadsEverySeqLikeTheModelThenFoldsAndReopens) {

@@ -13,9 +13,10 @@ namespace osr::store {
 
 Result<std::shared_ptr<PointView>> PointView::Open(std::shared_ptr<RecoveryStore> store,
                                                    uint32_t disk, uint64_t seq) {
-  if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
+  // The disk as it was at seq (kNotFound: added after it).
+  OSR_ASSIGN_OR_RETURN(StoreDisk at, store->DiskAt(disk, seq));
   OSR_RETURN_IF_ERROR(store->Pin(seq));
-  uint64_t size = store->disks()[disk].size_bytes;
+  uint64_t size = at.size_bytes;
   return std::shared_ptr<PointView>(new PointView(std::move(store), disk, seq, size));
 }
 
@@ -58,8 +59,8 @@ Result<std::shared_ptr<OverlayView>> OverlayView::Open(std::shared_ptr<RecoveryS
                                                        uint32_t disk, uint64_t seq,
                                                        const std::string& overlay_path,
                                                        bool reopen) {
-  if (disk >= store->disks().size()) return InvalidArgument(fmt::format("no disk {}", disk));
-  uint64_t size = store->disks()[disk].size_bytes;
+  OSR_ASSIGN_OR_RETURN(StoreDisk at, store->DiskAt(disk, seq));  // as it was at seq
+  uint64_t size = at.size_bytes;
   if (reopen) {
     OSR_ASSIGN_OR_RETURN(File f, File::Open(overlay_path, File::Mode::kReadWrite));
     OSR_ASSIGN_OR_RETURN(uint64_t have, f.Size());

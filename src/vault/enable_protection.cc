@@ -70,6 +70,12 @@ void Vault::RunEnableProtection(JobRow& job, ItemRow item, JobCancel& cancel) {
   auto undo = [&](const Status& st, bool replication_started, bool store_made) {
     UndoEnableProtection(job, steps, src, dst, st, {replication_started, store_made});
   };
+  // The source site's disks are the truth (a disk change it finished after a restart the
+  // vault did not hear of): the catalog learns them before the store is made of them.
+  if (auto g = Client(src).Call("GET", "/groups/" + job.vm);
+      g.ok() && g->is_object() && g->contains("disks") && !g->contains("damage")) {
+    if (Status st = RecordVmDisks(job.vm, (*g)["disks"]); !st.ok()) return undo(st, false, false);
+  }
   auto v_row = catalog_->FindVm(job.vm);
   if (!v_row.ok()) return undo(v_row.status(), false, false);
   const std::optional<VmRow>& v = *v_row;

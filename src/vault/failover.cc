@@ -287,6 +287,16 @@ class FailoverRun : public JobRun {
   // The VM's site and the item's state move together, in one transaction.
   Status Record() {
     vm_.site = item_.target;
+    // The disks as they were at the point (a disk added or grown after it is not, or
+    // smaller): what runs now, and what a reprotect replicates back.
+    json at_point = json::array();
+    for (const json& d : disks_) {
+      json_in::Fields df(d, "site " + dst_.name + " failover.disks[].");
+      std::string name = df.String("name");
+      uint64_t size = df.U64("size_bytes", 0);
+      if (df.ok() && size > 0) at_point.push_back({{"name", name}, {"size_bytes", size}});
+    }
+    if (!at_point.empty() && at_point.size() == disks_.size()) vm_.disks = at_point;
     item_.state = ItemState::kFailedOver;
     item_.epoch = epoch_;
     item_.failover = {{"epoch", epoch_},          {"from", item_.source},
@@ -414,6 +424,14 @@ void Vault::RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel) {
   }
   const json* disks = json_in::Fields(*fo).Array("disks");
   job.result = {{"point", job.args["resolved"]}, {"disks", disks ? *disks : json::array()}};
+  if (disks != nullptr) {
+    // The disks as they were at this point (a disk changed between the points differs).
+    if (Status st = RecordVmDisks(job.vm, *disks); !st.ok()) {
+      return steps.Fail(Status(st.code(), fmt::format("the disks are open on point {}, but the "
+                                                      "catalog does not list them: {}",
+                                                      point.id, st.message())));
+    }
+  }
   if (Driver(*vm) != "none" && start) {
     steps.Begin(fmt::format("Start the VM at {}", item.target));
     auto r = Client(*dst).Call("POST", "/groups/" + job.vm + "/vm/start", vm->spec);

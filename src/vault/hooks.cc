@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "hypervisor/allow_list.h"
+#include "hypervisor/child.h"
 
 namespace osr::vault {
 
@@ -50,14 +51,10 @@ Status RunHookCommand(const std::string& vm, const std::string& hook, const std:
   pid_t pid = ::fork();
   if (pid < 0) return Status::FromErrno(errno, "fork for hook " + hook);
   if (pid == 0) {
-    ::setpgid(0, 0);
-    int null = ::open("/dev/null", O_RDONLY);
-    if (null >= 0) ::dup2(null, 0);
-    ::close_range(3, ~0U, 0);  // none of the vault's descriptors (catalog, sockets)
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the vault blocks its stop signals
-    ::signal(SIGPIPE, SIG_DFL);
+    // The drivers' child setup: its own process group (a timeout kills the whole hook),
+    // stdin from /dev/null, none of the vault's descriptors (catalog, sockets, keys), no
+    // signal blocked; stdout and stderr stay the vault's (its log).
+    hypervisor::PrepareVmChild(/*log_fd=*/-1);
     ::execle("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr), envp.data());
     ::_exit(127);
   }

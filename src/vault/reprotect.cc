@@ -232,6 +232,21 @@ class ReprotectRun : public JobRun {
       has_disks = false;
     }
     if (has_disks) {
+      OSR_ASSIGN_OR_RETURN(bool same, GroupHasTheVmsDisks(group, vm_, old_.name));
+      if (!same) {
+        // A disk was added or grown there after the point the VM failed over to: those
+        // disks are not the VM's any more (what they hold beyond it is what failing over
+        // to that point gave up), and a differential copy needs the same disks.
+        steps_.Progress(6, fmt::format("{}: its disks are not the VM's now ({}): a disk was "
+                                       "added or grown after the point it failed over to; they "
+                                       "are deleted there and copied in full",
+                                       item_.source, vm_.disks.dump()));
+        auto d = v_.Client(old_).Call("DELETE", "/groups/" + job_.vm);
+        if (!d.ok() && d.status().code() != Code::kNotFound) return d.status();
+        has_disks = false;
+      }
+    }
+    if (has_disks) {
       OSR_RETURN_IF_ERROR(FromTheOldDisks(fenced_epoch, history_lost));
     } else {
       OSR_RETURN_IF_ERROR(FullCopy());

@@ -311,10 +311,33 @@ Result<json> Vault::ShowVm(const std::string& name) {
   OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(v->site));
   Result<json> g = s ? Client(*s).Call("GET", "/groups/" + name)
                      : Result<json>(NotFound("site " + v->site + " is not registered"));
-  for (size_t i = 0; i < v->disks.size(); ++i) {
-    json d = {{"name", v->disks[i]["name"]}, {"size_bytes", v->disks[i]["size_bytes"]}};
-    d["uri"] = g.ok() && i < (*g)["disks"].size() ? (*g)["disks"][i]["uri"] : json();
-    disks.push_back(d);
+  // The site's disks when it answers (the truth: a change it finished after a restart
+  // the vault did not hear of; the catalog learns them at the next change, failover or
+  // protect), else the catalog's.
+  bool from_site = g.ok() && g->is_object() && !g->contains("damage") && g->contains("disks") &&
+                   (*g)["disks"].is_array() && !(*g)["disks"].empty();
+  for (size_t i = 0; from_site && i < (*g)["disks"].size(); ++i) {
+    const json& sd = (*g)["disks"][i];
+    from_site = sd.is_object() && sd.contains("name") && sd["name"].is_string() &&
+                sd.contains("size_bytes") && sd["size_bytes"].is_number_unsigned();
+  }
+  if (from_site) {
+    for (const json& sd : (*g)["disks"]) {
+      disks.push_back({{"name", sd["name"]},
+                       {"size_bytes", sd["size_bytes"]},
+                       {"uri", sd.contains("uri") ? sd["uri"] : json()}});
+    }
+  } else {
+    for (size_t i = 0; i < v->disks.size(); ++i) {
+      json d = {{"name", v->disks[i]["name"]}, {"size_bytes", v->disks[i]["size_bytes"]}};
+      d["uri"] = json();
+      if (g.ok() && g->is_object() && g->contains("disks") && (*g)["disks"].is_array() &&
+          i < (*g)["disks"].size() && (*g)["disks"][i].is_object() &&
+          (*g)["disks"][i].contains("uri")) {
+        d["uri"] = (*g)["disks"][i]["uri"];
+      }
+      disks.push_back(d);
+    }
   }
   out["disks"] = disks;
   auto spec = hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored);
@@ -336,6 +359,60 @@ Result<json> Vault::ShowVm(const std::string& name) {
     out["site_error"] = QuarantineHealth(name + "'s disks at " + v->site, (*g)["damage"]);
   }
   return out;
+}
+
+Status Vault::RecordVmDisks(const std::string& vm, const json& site_disks) {
+  json disks = json::array();
+  if (!site_disks.is_array() || site_disks.empty()) {
+    return InvalidArgument("a VM's disks are a list of at least one");
+  }
+  for (const json& d : site_disks) {
+    json_in::Fields df(d, "disks[].");
+    std::string n = df.String("name");
+    uint64_t size = df.U64("size_bytes");
+    if (!df.ok()) return df.status();
+    disks.push_back({{"name", n}, {"size_bytes", size}});
+  }
+  return catalog_->Transact([&]() -> Status {
+    OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
+    if (!v) return NotFound("no VM named '" + vm + "'");
+    if (v->disks == disks) return Status::Ok();
+    spdlog::info("vault: VM {}: its disks are now {}", vm, disks.dump());
+    v->disks = disks;
+    return catalog_->UpdateVm(*v);
+  });
+}
+
+Result<json> Vault::ChangeVmDisk(const std::string& name, const std::string& disk,
+                                 uint64_t size_bytes, bool add) {
+  // The name goes into the site's URL path: only a name (no '/', '?', '#', NUL...).
+  if (!ValidName(disk)) return InvalidArgument("'" + disk + "' is not a valid disk name");
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(name));
+  if (!v) return NotFound("no VM named '" + name + "'");
+  OSR_ASSIGN_OR_RETURN(auto s, catalog_->FindSite(v->site));
+  if (!s) return NotFound("site " + v->site + " is not registered");
+  // The site decides whether the disk exists (its disks are the truth, and the check and
+  // the change are one step there, so two callers cannot both add one disk).
+  auto changed = Client(*s).Call("PUT", "/groups/" + name + "/disks/" + disk,
+                                 json{{"size_bytes", size_bytes}, {"add", add}});
+  if (!changed.ok()) {
+    // Whatever happened there, the catalog learns the disks the site has now.
+    if (auto g = Client(*s).Call("GET", "/groups/" + name); g.ok() && g->contains("disks")) {
+      if (Status st = RecordVmDisks(name, (*g)["disks"]); !st.ok()) {
+        spdlog::warn("vault: VM {}: {}", name, st.ToString());
+      }
+    }
+    return changed.status();
+  }
+  json_in::Fields f(*changed, "site " + v->site + ": ");
+  const json* disks = f.Array("disks");
+  uint64_t seq = f.U64("seq");
+  bool added = f.Bool("added", add);
+  bool restart = f.Bool("restart_needed", false);
+  if (!f.ok()) return f.status();
+  OSR_RETURN_IF_ERROR(RecordVmDisks(name, *disks));
+  OSR_ASSIGN_OR_RETURN(json shown, ShowVm(name));
+  return json{{"vm", shown}, {"seq", seq}, {"added", added}, {"restart_needed", restart}};
 }
 
 Result<json> Vault::StartVm(const std::string& name) {
@@ -455,7 +532,7 @@ Result<json> Vault::ConfirmClock(const std::string& who) {
 }
 
 Result<json> Vault::Protect(const std::string& vm, const std::string& target,
-                            const std::string& policy) {
+                            const std::string& policy, bool dry_run) {
   OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
   if (!v) return NotFound("no VM named '" + vm + "' (osr vm list)");
   OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
@@ -478,6 +555,30 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
           fmt::format("VM {} could not run at {} after a failover: {}", vm, target, st.message()));
     }
   }
+  // The recovery site must hold the store: what the disks hold now (allocated), and the
+  // journal the policy implies; and run the VM after a failover (its networks, QEMU).
+  uint64_t full = 0, allocated = 0;
+  for (auto& d : v->disks) full += json_in::Fields(d).U64("size_bytes", 0);
+  if (auto src = catalog_->FindSite(v->site); src.ok() && src->has_value()) {
+    if (auto g = Client(**src).Call("GET", "/groups/" + vm); g.ok()) {
+      json_in::Fields gf(*g, "site " + v->site + " group.");
+      if (const json* ds = gf.Array("disks"); ds != nullptr) {
+        for (auto& d : *ds) allocated += json_in::Fields(d).U64("allocated_bytes", 0);
+      }
+    }
+  }
+  uint64_t headroom = JournalHeadroomBytes(*policy_row, full);
+  json needs = {{"role", "production"},
+                {"name_free", "store"},
+                {"bytes_needed", allocated + headroom},
+                {"bytes_full", full + headroom}};
+  if (spec.driver != hypervisor::Driver::kNone) needs["spec"] = v->spec;
+  json plan = PlanAt(
+      *target_site, "protect", vm, needs,
+      json::array({fmt::format("replication of {} from {} (new; policy {})", vm, v->site, policy)}),
+      json::array());
+  if (dry_run) return json{{"plan", plan}};
+  OSR_RETURN_IF_ERROR(PlanRefusal(plan));
   OSR_RETURN_IF_ERROR(catalog_->PutItem(
       {vm, v->site, target, policy, ItemState::kEnablingProtection, 1, nullptr, nullptr}));
   return Submit(JobType::kEnableProtection, vm, json::object());
@@ -583,14 +684,32 @@ Result<json> Vault::CreatePoint(const std::string& vm, bool app) {
   return out;
 }
 
-Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec) {
+Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec, bool start,
+                                 bool dry_run) {
   OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected: no drill is possible");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kTestFailover));
+  std::string at = "the latest point";
   if (spec != "latest") {  // check now, so that a bad SPEC fails before any job
-    OSR_RETURN_IF_ERROR(ResolvePoint(*item, spec, nullptr).status());
+    OSR_ASSIGN_OR_RETURN(auto p, ResolvePoint(*item, spec, nullptr));
+    at = fmt::format("point {} (seq {})", p.id, p.seq);
   }
-  return Submit(JobType::kTestFailover, vm, json{{"point", spec}});
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
+  if (!v) return NotFound("no VM named '" + vm + "'");
+  start = start && Driver(*v) != "none";
+  OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item->target));
+  if (!dst) return NotFound("site " + item->target + " is not registered");
+  json needs = {{"role", "drill"}};
+  json creates = json::array({fmt::format("drill disks of {} at {} (writable; new)", vm, at)});
+  if (start) {
+    needs["spec"] = v->spec;
+    creates.push_back(
+        fmt::format("drill VM {} on the drill networks, with a boot check (new)", vm));
+  }
+  json plan = PlanAt(*dst, "test-failover", vm, needs, creates, json::array());
+  if (dry_run) return json{{"plan", plan}};
+  OSR_RETURN_IF_ERROR(PlanRefusal(plan));
+  return Submit(JobType::kTestFailover, vm, json{{"point", spec}, {"start", start}});
 }
 
 Result<json> Vault::TestFailoverCleanup(const std::string& vm, const std::string& notes) {
@@ -601,7 +720,7 @@ Result<json> Vault::TestFailoverCleanup(const std::string& vm, const std::string
 }
 
 Result<json> Vault::Failover(const std::string& vm, const std::string& spec, bool shutdown_source,
-                             bool planned, bool start) {
+                             bool planned, bool start, bool dry_run) {
   OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected: there is nothing to fail over to");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kFailover));
@@ -619,7 +738,37 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
           g.status().message()));
     }
   }
-  if (spec != "latest") OSR_RETURN_IF_ERROR(ResolvePoint(*item, spec, nullptr).status());
+  std::string at = planned ? "the last write" : "the latest point";
+  if (spec != "latest") {
+    OSR_ASSIGN_OR_RETURN(auto p, ResolvePoint(*item, spec, nullptr));
+    at = fmt::format("point {} (seq {})", p.id, p.seq);
+  }
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
+  if (!v) return NotFound("no VM named '" + vm + "'");
+  OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item->target));
+  if (!dst) return NotFound("site " + item->target + " is not registered");
+  bool runs = start && Driver(*v) != "none";
+  // A failover run again after FailoverFailed finds the disks its first run made (the
+  // site answers the same seq and epoch again): they are not a name clash then.
+  json needs = {{"role", "production"},
+                {"name_free", item->state == ItemState::kFailoverFailed ? "none" : "group"}};
+  json creates =
+      json::array({fmt::format("disks of {} at {} over {} (new; the recovery "
+                               "points stay until commit)",
+                               vm, item->target, at)});
+  if (runs) {
+    needs["spec"] = v->spec;
+    creates.push_back(
+        fmt::format("VM {} running at {} on its production networks", vm, item->target));
+  }
+  json deletes = json::array();
+  if (shutdown_source || planned) {
+    deletes.push_back(
+        fmt::format("the VM at {} is shut down (its disks stay, fenced)", item->source));
+  }
+  json plan = PlanAt(*dst, "failover", vm, needs, creates, deletes);
+  if (dry_run) return json{{"plan", plan}};
+  OSR_RETURN_IF_ERROR(PlanRefusal(plan));
   return Submit(JobType::kFailover, vm,
                 json{{"point", spec},
                      {"shutdown_source", shutdown_source},
@@ -647,7 +796,57 @@ Result<json> Vault::Commit(const std::string& vm) {
   return Submit(JobType::kCommit, vm, json::object());
 }
 
-Result<json> Vault::Reprotect(const std::string& vm, bool compare) {
+Result<Vault::ReprotectStart> Vault::HowReprotectStarts(const ItemRow& item, const VmRow& vm,
+                                                        const SiteRow& old) {
+  ReprotectStart start;
+  start.store_there = Client(old).Call("GET", "/stores/" + vm.name).ok();
+  if (start.store_there) return start;  // an earlier reprotect's: the job goes on with it
+  auto g = Client(old).Call("GET", "/groups/" + vm.name);
+  if (!g.ok() && g.status().code() != Code::kNotFound) return g.status();
+  if (!g.ok()) {
+    start.full_copy = true;
+    start.why = "the old primary has no disk of this VM";
+  } else {
+    json_in::Fields gf(*g, "site " + old.name + " group " + vm.name + ".");
+    const json* damage = gf.Object("damage");
+    std::string kind = damage != nullptr ? json_in::Fields(*damage).String("kind", "") : "";
+    if (!gf.ok()) return gf.status();
+    OSR_ASSIGN_OR_RETURN(bool same, GroupHasTheVmsDisks(*g, vm, old.name));
+    if (damage != nullptr && kind == "image_missing") {
+      start.full_copy = true;
+      start.why = "its disks at " + old.name + " are missing";
+    } else if (damage == nullptr && !same) {
+      start.full_copy = true;
+      start.why = "its disks at " + old.name +
+                  " are not the VM's now (a disk was added or grown after the point it failed "
+                  "over to)";
+    }
+    if (start.full_copy) {
+      std::string names;
+      if (const json* ds = json_in::Fields(*g).Array("disks"); ds != nullptr) {
+        for (auto& d : *ds) {
+          json_in::Fields df(d);
+          names += fmt::format("{}{} ({})", names.empty() ? "" : ", ", df.String("name", "?"),
+                               FormatSize(df.U64("size_bytes", 0)));
+        }
+      }
+      start.deletes.push_back(fmt::format("disks of {} at {}: {}", vm.name, old.name, names));
+    }
+  }
+  if (start.full_copy) {
+    // What the VM's disks hold now, where it runs (the item's target since failover).
+    if (auto cur = catalog_->FindSite(item.target); cur.ok() && cur->has_value()) {
+      if (auto cg = Client(**cur).Call("GET", "/groups/" + vm.name); cg.ok()) {
+        if (const json* ds = json_in::Fields(*cg).Array("disks"); ds != nullptr) {
+          for (auto& d : *ds) start.allocated += json_in::Fields(d).U64("allocated_bytes", 0);
+        }
+      }
+    }
+  }
+  return start;
+}
+
+Result<json> Vault::Reprotect(const std::string& vm, bool compare, bool dry_run) {
   OSR_ASSIGN_OR_RETURN(auto item, catalog_->FindItem(vm));
   if (!item) return NotFound("VM " + vm + " is not protected");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kReprotect));
@@ -657,6 +856,37 @@ Result<json> Vault::Reprotect(const std::string& vm, bool compare) {
     return Unavailable(
         fmt::format("reprotect needs site {}: {}", item->source, s.status().message()));
   }
+  OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
+  if (!v) return NotFound("no VM named '" + vm + "'");
+  OSR_ASSIGN_OR_RETURN(auto policy_row, catalog_->FindPolicy(item->policy));
+  uint64_t full = 0;
+  for (auto& d : v->disks) full += json_in::Fields(d).U64("size_bytes", 0);
+  uint64_t headroom = policy_row ? JournalHeadroomBytes(*policy_row, full) : 0;
+  OSR_ASSIGN_OR_RETURN(ReprotectStart start, HowReprotectStarts(*item, *v, *old));
+  // The old primary's disks become a recovery store there (no copy): it needs the journal
+  // headroom. A full copy needs what the VM's disks hold now too. Either way it must be
+  // able to run the VM again at failback.
+  json needs = {{"role", "production"},
+                {"name_free", "store"},
+                {"bytes_needed", start.full_copy ? start.allocated + headroom : headroom},
+                {"bytes_full", start.full_copy ? full + headroom : headroom}};
+  // A store of the VM there already is an earlier reprotect's, cut short after the old
+  // disks became it: this one goes on from there (the job finds it), not refused for it.
+  if (start.store_there) needs.erase("name_free");
+  if (Driver(*v) != "none") needs["spec"] = v->spec;
+  std::string how =
+      start.full_copy
+          ? "a full (sparse) copy: " + start.why
+          : fmt::format(
+                "the old disks at {} become its recovery store, only the differences are "
+                "sent",
+                item->source);
+  json plan = PlanAt(*old, "reprotect", vm, needs,
+                     json::array({fmt::format("replication of {} from {} to {} (new; {})", vm,
+                                              item->target, item->source, how)}),
+                     start.deletes);
+  if (dry_run) return json{{"plan", plan}};
+  OSR_RETURN_IF_ERROR(PlanRefusal(plan));
   return Submit(JobType::kReprotect, vm, json{{"compare", compare}});
 }
 

@@ -126,6 +126,13 @@ class Vault {
                                   const nlohmann::json& disks,
                                   const nlohmann::json& spec = nlohmann::json::object());
   Result<nlohmann::json> StartVm(const std::string& name);
+  // Adds (`add`: a disk the VM has not) or grows a disk of VM where it runs now, protected
+  // or not (the site records the change in the capture order; Site::ChangeGroupDisk), and
+  // keeps the catalog's disks. {"vm": ShowVm, "seq", "added", "restart_needed"}.
+  // kNotFound, kInvalidArgument (add of a disk it has, grow of one it has not), and the
+  // site's refusals.
+  Result<nlohmann::json> ChangeVmDisk(const std::string& name, const std::string& disk,
+                                      uint64_t size_bytes, bool add);
   Result<nlohmann::json> StopVm(const std::string& name, int timeout_ms);
   // Opens a VM's quarantined disks (group) and recovery store again at `site` ("": every
   // registered site), doing what the flags allow (site.h RepairOptions). Returns what was
@@ -134,23 +141,47 @@ class Vault {
   Result<nlohmann::json> RepairVm(const std::string& name, const std::string& site, bool trim_image,
                                   bool reset_history, bool accept_changes = false);
   nlohmann::json DrillJson(const ItemRow& item, std::string* health);
+  // The plan of `action` on `vm` at `site` (prechecks.cc): the site's checks of `needs`
+  // (POST /api/v1/checks; an unreachable site is a failed check), what it creates (the
+  // caller's `creates` and the site's), uses and `deletes`.
+  nlohmann::json PlanAt(const SiteRow& site, const std::string& action, const std::string& vm,
+                        nlohmann::json needs, const nlohmann::json& creates,
+                        const nlohmann::json& deletes);
   Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
+  // The VM's disks as a site's answer lists them ([{name, size_bytes, ...}]) become the
+  // catalog's (names and sizes), in one transaction that re-reads the row: a site's disks
+  // are the truth (a change it finished after a restart, a failover or change-point to a
+  // point before a disk changed). kInvalidArgument for a list without names and sizes.
+  Status RecordVmDisks(const std::string& vm, const nlohmann::json& site_disks);
   Result<nlohmann::json> ListVms();
   Result<nlohmann::json> ShowVm(const std::string& name);
+  // The console of VM `name` (GET /api/v1/vms/NAME/console): of the VM where it runs now
+  // (its site, or the recovery site once failed over), or with `drill` of its drill VM.
+  // {site, which, offset, next, size, text}: the site's console read (offset: from there;
+  // none: the last `bytes`). kNotFound for no such VM, or no drill.
+  Result<nlohmann::json> VmConsole(const std::string& name, bool drill,
+                                   std::optional<uint64_t> offset, uint64_t bytes);
+  // Each action below with `dry_run` returns {"plan": ...} (prechecks.cc) and changes
+  // nothing; without it, a failed check of the plan refuses it (kFailedPrecondition naming
+  // the check, the site and its numbers) before anything changed.
   Result<nlohmann::json> Protect(const std::string& vm, const std::string& target,
-                                 const std::string& policy);
+                                 const std::string& policy, bool dry_run = false);
   Result<nlohmann::json> Unprotect(const std::string& vm);
   Result<nlohmann::json> ListItems();
   Result<nlohmann::json> ShowItem(const std::string& vm);
   Result<nlohmann::json> ListPoints(const std::string& vm);
   Result<nlohmann::json> CreatePoint(const std::string& vm, bool app);
-  Result<nlohmann::json> TestFailover(const std::string& vm, const std::string& spec);
+  // `start`: boot the VM on the drill disks in the drill networks, with a boot check
+  // (when its spec has a driver); false: the disks only.
+  Result<nlohmann::json> TestFailover(const std::string& vm, const std::string& spec,
+                                      bool start = true, bool dry_run = false);
   Result<nlohmann::json> TestFailoverCleanup(const std::string& vm, const std::string& notes);
   Result<nlohmann::json> Failover(const std::string& vm, const std::string& spec,
-                                  bool shutdown_source, bool planned, bool start);
+                                  bool shutdown_source, bool planned, bool start,
+                                  bool dry_run = false);
   Result<nlohmann::json> ChangePoint(const std::string& vm, const std::string& spec);
   Result<nlohmann::json> Commit(const std::string& vm);
-  Result<nlohmann::json> Reprotect(const std::string& vm, bool compare);
+  Result<nlohmann::json> Reprotect(const std::string& vm, bool compare, bool dry_run = false);
   // `state`: a JobState's name or "" (any); another word is kInvalidArgument.
   Result<nlohmann::json> ListJobs(const std::string& vm, const std::string& state);
   Result<nlohmann::json> ShowJob(int64_t id);
@@ -203,6 +234,12 @@ class Vault {
                             const Status& st, ProtectionMade made);
   void RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunTestFailoverCleanup(JobRow& job, ItemRow item, JobCancel& cancel);
+  // A drill's VM: started on view `view_id` at `dst`, then its boot check waited for.
+  // Returns {health: Healthy|Unhealthy, reason, boot_ms?, console_tail?}; its steps warn
+  // (the job goes on) when it does not start or does not come up.
+  // *cancelled: the job was asked to stop while it waited (the VM runs on).
+  nlohmann::json BootDrillVm(Steps& steps, const SiteRow& dst, const ItemRow& item,
+                             const std::string& view_id, bool* cancelled);
   void RunFailover(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunChangePoint(JobRow& job, ItemRow item, JobCancel& cancel);
   void RunCommit(JobRow& job, ItemRow item, JobCancel& cancel);
@@ -215,6 +252,19 @@ class Vault {
   // "exact" from its history when it vouches for it (the fence fingerprint matches; the
   // regions are marked at `cur`), else "hash" (CompareBlockHashes). `found` says which
   // regions and why. Errors: the sites' (a call that failed, an answer of the wrong shape).
+  // How a reprotect of `vm` will make its replica at the old primary `old`, as its job will
+  // decide it (ReprotectRun::FindWhatDiffers), for the plan: from the old disks, or a full
+  // copy (no disks there, missing ones, or not the VM's now: those are deleted). Errors: the
+  // old primary's (a call that failed, an answer of the wrong shape).
+  struct ReprotectStart {
+    bool store_there = false;  // an earlier reprotect's store: the job goes on with it
+    bool full_copy = false;
+    std::string why;                                   // of a full copy
+    nlohmann::json deletes = nlohmann::json::array();  // what the job deletes there
+    uint64_t allocated = 0;  // bytes the VM's disks hold where it runs now (full copy only)
+  };
+  Result<ReprotectStart> HowReprotectStarts(const ItemRow& item, const VmRow& vm,
+                                            const SiteRow& old);
   struct Differences {
     std::string mode;  // "exact" or "hash"
     nlohmann::json found;

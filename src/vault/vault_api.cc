@@ -93,6 +93,16 @@ Result<int64_t> QueryInt(const httplib::Request& req, const char* name, int64_t 
   return v;
 }
 
+// Removes every "console_tail" field, at any depth.
+void WithoutConsole(json& j) {
+  if (j.is_object()) {
+    j.erase("console_tail");
+    for (auto& [k, v] : j.items()) WithoutConsole(v);
+  } else if (j.is_array()) {
+    for (auto& v : j) WithoutConsole(v);
+  }
+}
+
 json TokenJson(const TokenRow& t) {
   return json{{"id", t.id},
               {"name", t.name},
@@ -215,7 +225,9 @@ const std::vector<VaultApi::Route>& VaultApi::Table() {
       {"POST", "/api/v1/vms", A, &VaultApi::CreateVm},
       {"GET", R"(/api/v1/vms/([^/]+))", R, &VaultApi::ShowVm},
       {"POST", R"(/api/v1/vms/([^/]+)/start)", O, &VaultApi::StartVm},
+      {"GET", R"(/api/v1/vms/([^/]+)/console)", O, &VaultApi::VmConsole},
       {"POST", R"(/api/v1/vms/([^/]+)/stop)", O, &VaultApi::StopVm},
+      {"POST", R"(/api/v1/vms/([^/]+)/disks)", A, &VaultApi::ChangeVmDisk},
       {"POST", R"(/api/v1/vms/([^/]+)/repair)", A, &VaultApi::RepairVm},
       {"POST", R"(/api/v1/vms/([^/]+)/protect)", A, &VaultApi::Protect},
       {"GET", "/api/v1/items", R, &VaultApi::ListItems},
@@ -470,6 +482,37 @@ Result<Principal> VaultApi::Authenticate(const httplib::Request& req) {
   return p;
 }
 
+namespace {
+
+// Whether a body field holds a credential (a login's token, a password): never in the log.
+bool SecretField(std::string_view key) {
+  for (std::string_view word : {"token", "password", "secret", "key"}) {
+    if (key.find(word) != std::string_view::npos) return true;
+  }
+  return false;
+}
+
+json WithoutSecrets(const json& v) {
+  if (v.is_object()) {
+    json out = json::object();
+    for (auto& [k, x] : v.items())
+      out[k] = SecretField(k) ? json("(not logged)") : WithoutSecrets(x);
+    return out;
+  }
+  if (v.is_array()) {
+    json out = json::array();
+    for (auto& x : v) out.push_back(WithoutSecrets(x));
+    return out;
+  }
+  return v;
+}
+
+}  // namespace
+
+std::string VaultApi::AuditedBody(const json& body) {
+  return WithoutSecrets(body).dump(-1, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace);
+}
+
 void VaultApi::Audit(const httplib::Request& req, const Principal* who, int status,
                      const std::string& message) {
   if (who == nullptr) {
@@ -569,9 +612,16 @@ void VaultApi::Serve(const Route& r, const httplib::Request& req, httplib::Respo
     res.status = out->status;
     res.set_content(out->text, out->content_type);
   } else if (out.ok()) {
+    // A guest's console output (a drill's console tail in a job or an item) is for
+    // operators, as the console route is: a reader gets everything else.
+    if (call.who != nullptr && !RoleAllows(call.who->role, Role::kOperator)) {
+      WithoutConsole(out->body);
+    }
     Send(res, out->status, out->body);
     if (mutating) {
-      Audit(req, call.signed_in ? &*call.signed_in : call.who, out->status, "");
+      // What was asked (a disk's new size, a failover's point), its secrets left out.
+      Audit(req, call.signed_in ? &*call.signed_in : call.who, out->status,
+            call.body.empty() ? std::string() : "body " + AuditedBody(call.body));
     }
   } else {
     // A public route (login) refusing a credential: 401, like any other missing one.
@@ -755,6 +805,42 @@ Result<VaultApi::Reply> VaultApi::ShowVm(Call& c) {
   return Reply{200, out};
 }
 
+Result<VaultApi::Reply> VaultApi::VmConsole(Call& c) {
+  for (auto& [k, unused] : c.req.params) {
+    if (k != "offset" && k != "bytes" && k != "which") {
+      return InvalidArgument("query '" + k + "' is not one of which, offset, bytes");
+    }
+    if (c.req.get_param_value_count(k.c_str()) != 1) {
+      return InvalidArgument("query '" + k + "' is given more than once");
+    }
+  }
+  std::string which = c.req.has_param("which") ? c.req.get_param_value("which") : "vm";
+  if (which != "vm" && which != "drill")
+    return InvalidArgument("query 'which' must be vm or drill");
+  std::optional<uint64_t> offset;
+  if (c.req.has_param("offset")) {
+    OSR_ASSIGN_OR_RETURN(int64_t o, QueryInt(c.req, "offset", 0, 0, int64_t{1} << 62));
+    offset = static_cast<uint64_t>(o);
+  }
+  OSR_ASSIGN_OR_RETURN(int64_t bytes, QueryInt(c.req, "bytes", 16384, 1, 65536));
+  OSR_ASSIGN_OR_RETURN(json out, vault_->VmConsole(c.Match(1), which == "drill", offset,
+                                                   static_cast<uint64_t>(bytes)));
+  return Reply{200, out};
+}
+
+// {"name": DISK, "size_bytes": N, "add": bool}: add (add true: the disk must be new) or
+// grow (add false: it must exist) a disk of the VM where it runs.
+Result<VaultApi::Reply> VaultApi::ChangeVmDisk(Call& c) {
+  json_in::Fields f(c.body);
+  std::string disk = f.String("name");
+  uint64_t size = f.U64("size_bytes");
+  bool add = f.Bool("add", false);
+  f.RefuseOthers();
+  if (!f.ok()) return f.status();
+  OSR_ASSIGN_OR_RETURN(json out, vault_->ChangeVmDisk(c.Match(1), disk, size, add));
+  return Reply{200, out};
+}
+
 Result<VaultApi::Reply> VaultApi::StartVm(Call& c) {
   OSR_ASSIGN_OR_RETURN(json out, vault_->StartVm(c.Match(1)));
   return Reply{200, out};
@@ -788,10 +874,11 @@ Result<VaultApi::Reply> VaultApi::Protect(Call& c) {
   json_in::Fields f(c.body);
   std::string target = f.String("target");
   std::string policy = f.String("policy", "default");
+  bool dry_run = f.Bool("dry_run", false);
   f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
-  OSR_ASSIGN_OR_RETURN(json out, vault_->Protect(c.Match(1), target, policy));
-  return Reply{202, out};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->Protect(c.Match(1), target, policy, dry_run));
+  return Reply{dry_run ? 200 : 202, out};
 }
 
 // ---- Handlers: replicated items, points, jobs -----------------------------------------
@@ -849,10 +936,12 @@ Result<VaultApi::Reply> VaultApi::CreatePoint(Call& c) {
 Result<VaultApi::Reply> VaultApi::TestFailover(Call& c) {
   json_in::Fields f(c.body);
   std::string point = f.String("point", "latest");
+  bool start = f.Bool("start", true);
+  bool dry_run = f.Bool("dry_run", false);
   f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
-  OSR_ASSIGN_OR_RETURN(json out, vault_->TestFailover(c.Match(1), point));
-  return Reply{202, out};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->TestFailover(c.Match(1), point, start, dry_run));
+  return Reply{dry_run ? 200 : 202, out};
 }
 
 Result<VaultApi::Reply> VaultApi::TestFailoverCleanup(Call& c) {
@@ -871,11 +960,12 @@ Result<VaultApi::Reply> VaultApi::Failover(Call& c) {
   bool shutdown_source = f.Bool("shutdown_source", false);
   bool planned = f.Bool("planned", false);
   bool start = f.Bool("start", true);
+  bool dry_run = f.Bool("dry_run", false);
   f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
-  OSR_ASSIGN_OR_RETURN(json out,
-                       vault_->Failover(c.Match(1), point, shutdown_source, planned, start));
-  return Reply{202, out};
+  OSR_ASSIGN_OR_RETURN(
+      json out, vault_->Failover(c.Match(1), point, shutdown_source, planned, start, dry_run));
+  return Reply{dry_run ? 200 : 202, out};
 }
 
 Result<VaultApi::Reply> VaultApi::ChangePoint(Call& c) {
@@ -895,10 +985,11 @@ Result<VaultApi::Reply> VaultApi::Commit(Call& c) {
 Result<VaultApi::Reply> VaultApi::Reprotect(Call& c) {
   json_in::Fields f(c.body);
   bool compare = f.Bool("compare", false);
+  bool dry_run = f.Bool("dry_run", false);
   f.RefuseOthers();  // a misspelt field is refused, never ignored
   if (!f.ok()) return f.status();
-  OSR_ASSIGN_OR_RETURN(json out, vault_->Reprotect(c.Match(1), compare));
-  return Reply{202, out};
+  OSR_ASSIGN_OR_RETURN(json out, vault_->Reprotect(c.Match(1), compare, dry_run));
+  return Reply{dry_run ? 200 : 202, out};
 }
 
 Result<VaultApi::Reply> VaultApi::ShowVault(Call&) {

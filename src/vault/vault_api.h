@@ -119,6 +119,9 @@ class VaultApi {
   Result<Principal> Authenticate(const httplib::Request& req);
   void Audit(const httplib::Request& req, const Principal* who, int status,
              const std::string& message);
+  // A call's JSON body for its audit row: one line, ASCII, every field whose name holds
+  // token, password, secret or key replaced by "(not logged)", at any depth.
+  static std::string AuditedBody(const nlohmann::json& body);
 
   // Handlers (one per route).
   Result<Reply> Login(Call& c);
@@ -137,6 +140,8 @@ class VaultApi {
   Result<Reply> CreateVm(Call& c);
   Result<Reply> ShowVm(Call& c);
   Result<Reply> StartVm(Call& c);
+  Result<Reply> ChangeVmDisk(Call& c);
+  Result<Reply> VmConsole(Call& c);
   Result<Reply> StopVm(Call& c);
   Result<Reply> RepairVm(Call& c);
   Result<Reply> Protect(Call& c);

@@ -24,6 +24,17 @@ std::string DrillView(const ItemRow& item);
 // The first point of a reprotected item could not be made: it is protected anyway (a
 // cancel then says so); other errors are returned as they are.
 Status FirstPointFailed(const Steps& steps, const Status& st);
+// The free space a recovery store's journal should have beyond its base for `policy`,
+// bytes (prechecks.cc; the rule is in docs/api.md, "Checks before acting").
+uint64_t JournalHeadroomBytes(const PolicyRow& policy, uint64_t full_bytes);
+// Ok, or kFailedPrecondition naming the first failed check of `plan` (Vault::PlanAt).
+Status PlanRefusal(const nlohmann::json& plan);
+// Whether a site's group (GET /groups/{vm}, from `site`) has the VM's disks now: the same
+// names and sizes, in order. False when the disks differ (a disk was added or grown there
+// after the point the VM failed over to: reprotect then copies in full); the group's or the
+// row's error (kInvalidArgument naming the field) when either is of the wrong shape.
+Result<bool> GroupHasTheVmsDisks(const nlohmann::json& group, const VmRow& vm,
+                                 const std::string& site);
 
 // What one run of a workflow job holds (FailoverRun, ReprotectRun): its vault, job, the
 // item as the job found it, its cancel token and its steps.

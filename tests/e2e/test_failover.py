@@ -273,10 +273,11 @@ def check_failover(item, epoch, src, point, planned, store_seq):
 
 
 def drill(env, vm, point, expected, nbd_addr, what):
-    """test-failover at point: the drill disks (at the site of nbd_addr) hold expected;
-    then cleanup, back to Protected."""
+    """test-failover at point, disks only (--no-start: a drill VM would write to them): the
+    drill disks (at the site of nbd_addr) hold expected; then cleanup, back to Protected."""
     osr = env.osr
-    job = osr.job_ok("test-failover", vm.name, "--point", point["id"], job_type="test-failover")
+    job = osr.job_ok("test-failover", vm.name, "--point", point["id"], "--no-start",
+                     job_type="test-failover")
     assert job.get("point") == point, f"{what}: drill point {job}"
     assert osr.ok("item", "show", vm.name).get("state") == "TestFailoverCompleted"
     d = env.track(Drill(job, vm, expected, vm.rng))

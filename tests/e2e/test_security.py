@@ -39,7 +39,10 @@ ROUTES = [
      {"name": "v", "site": "nowhere", "disks": [{"name": "os", "size_bytes": 1048576}]}, 404),
     ("GET", "/api/v1/vms/([^/]+)", "/api/v1/vms/nope", "reader", None, 404),
     ("POST", "/api/v1/vms/([^/]+)/start", "/api/v1/vms/nope/start", "operator", {}, 404),
+    ("GET", "/api/v1/vms/([^/]+)/console", "/api/v1/vms/nope/console", "operator", None, 404),
     ("POST", "/api/v1/vms/([^/]+)/stop", "/api/v1/vms/nope/stop", "operator", {}, 404),
+    ("POST", "/api/v1/vms/([^/]+)/disks", "/api/v1/vms/nope/disks", "admin",
+     {"name": "data", "size_bytes": 1048576, "add": True}, 404),
     ("POST", "/api/v1/vms/([^/]+)/repair", "/api/v1/vms/nope/repair", "admin", {}, 404),
     ("POST", "/api/v1/vms/([^/]+)/protect", "/api/v1/vms/nope/protect", "admin",
      {"target": "recovery"}, 404),
@@ -252,9 +255,18 @@ def test_mutating_calls_are_audited(env, vault):
                for p, m, pa, s in rows), rows
     for e in log:
         assert e["time"] and e["remote"] == "127.0.0.1", e
+    # A call that was done says what it asked; a login's token is never logged.
+    done = [e for e in log if e["path"] == "/api/v1/policies" and e["status"] == 201]
+    assert done and '"name":"audited"' in done[-1]["message"], done
+    secret = vault.token("sess", "reader")
+    assert vault.call("POST", "/api/v1/login", {"token": secret})[0] == 200
+    _, log, _ = vault.call("GET", "/api/v1/audit?limit=50", token=vault.admin)
+    logins = [e for e in log if e["path"] == "/api/v1/login"]
+    assert logins and all(secret not in e["message"] for e in logins), logins
+    assert '"token":"(not logged)"' in logins[-1]["message"], logins
     # The CLI shows the same.
     shown = env.osr.ok("audit", "--limit", "5")
-    assert shown and shown[-1]["path"] == "/api/v1/policies", shown
+    assert shown and shown[-1]["path"] == "/api/v1/login", shown
     # Readers do not read the audit log.
     reader = vault.token("r", "reader")
     assert vault.call("GET", "/api/v1/audit", token=reader)[0] == 403

@@ -117,6 +117,12 @@ def require_libnbd():
     return nbd
 
 
+def time_factor():
+    """How much slower this build runs its daemons (OSR_TEST_TIME_FACTOR: 3 under
+    ASan/UBSan): the factor a test's watchdogs are stretched by."""
+    return float(os.environ.get("OSR_TEST_TIME_FACTOR", "1"))
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -24,7 +24,8 @@ from conftest import (KIB, MIB, OsrdProcess, api_ok, make_certs, require_libnbd,
 import osrtest
 
 DISK = 32 * MIB
-CLI_TIMEOUT_S = 90
+# One osr call (a job wait included), stretched by OSR_TEST_TIME_FACTOR (3 on the ASan build).
+CLI_TIMEOUT_S = 90 * float(os.environ.get("OSR_TEST_TIME_FACTOR", "1"))
 
 
 class VaultProcess(OsrdProcess):
@@ -61,8 +62,16 @@ class VaultProcess(OsrdProcess):
 
 
 class Osr:
-    def __init__(self, vault):
+    def __init__(self, vault, sites=()):
         self.vault = vault
+        self.sites = list(sites)
+
+    def logs(self):
+        """The tails of the vault's and the sites' logs, for a failure's message."""
+        out = f"vault: {self.vault.stderr()[-3000:]}"
+        for s in self.sites:
+            out += f"\n{s.name}: {s.stderr()[-3000:]}"
+        return out
 
     def run(self, *args, timeout=CLI_TIMEOUT_S):
         cmd = [str(osrtest.require_osr()), "--vault", self.vault.url, "--output", "json",
@@ -72,14 +81,13 @@ class Osr:
                                   stdin=subprocess.DEVNULL,
                                   env=osrtest.token_env(self.vault.token_file))
         except subprocess.TimeoutExpired as e:
-            pytest.fail(f"timed out: {' '.join(cmd)}: {e.stderr}\nvault: "
-                        f"{self.vault.stderr()[-3000:]}")
+            pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}: {e.stderr}\n"
+                        f"{self.logs()}")
 
     def ok(self, *args, timeout=CLI_TIMEOUT_S):
         p = self.run(*args, timeout=timeout)
         assert p.returncode == 0, (f"osr {' '.join(map(str, args))}: {p.returncode}\n"
-                                   f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}\nvault: "
-                                   f"{self.vault.stderr()[-3000:]}")
+                                   f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}\n{self.logs()}")
         return json.loads(p.stdout) if p.stdout.strip() else None
 
 
@@ -103,7 +111,7 @@ def dr(tmp_path, new_catalog):
                          tmp_path / "vault.stderr")
     procs.append(vault)
     vault.start()
-    osr = Osr(vault)
+    osr = Osr(vault, (primary, recovery))
     for s in (primary, recovery):
         register(osr, s)
     yield vault, primary, recovery, osr

@@ -436,12 +436,10 @@ def test_a_first_write_far_above_the_burst_keeps_to_the_bandwidth_limit(sites, r
         h.flush()
     finally:
         close(h)
-    polls = 0
     deadline = t0 + 30
     while True:
         repl = group_status(primary, "burst")["replication"]
         took = time.monotonic() - t0  # after the reading: every byte counted went before
-        polls += 1
         wire = repl["wire_bytes_sent"] - wire0
         assert wire <= burst + rate * took, \
             f"{wire} bytes on the wire {took:.3f} s after a 2 MiB write under {rate} B/s"
@@ -449,7 +447,13 @@ def test_a_first_write_far_above_the_burst_keeps_to_the_bandwidth_limit(sites, r
             break
         assert time.monotonic() < deadline, f"not replicated in 30 s: {repl}"
         time.sleep(0.02)
-    assert polls > 5, polls
+    # Whatever the load: every byte sent went no faster than the rate (a 2 MiB record takes
+    # about 4 s at 512 KiB/s; unpaced, it took well under one). Read after the wire count:
+    # only looser. (How many polls fit meanwhile depends on the machine: not asserted.)
+    wire = group_status(primary, "burst")["replication"]["wire_bytes_sent"] - wire0
+    took = time.monotonic() - t0
+    assert wire >= 2 * MIB, wire
+    assert took >= (wire - burst) / rate, f"{wire} bytes in {took:.2f} s under {rate} B/s"
     # Counted once the frame is written (the recovery site may have it durable a moment
     # before the sender notes it).
     wait_for(lambda: group_status(primary, "burst")["replication"]["bytes_sent"] >= 2 * MIB, 10,

@@ -24,6 +24,8 @@ ROUTES = [
     ("PUT", "/api/v1/groups/([^/]+)", "/api/v1/groups/x", {"disks": []}),
     ("GET", "/api/v1/groups/([^/]+)", "/api/v1/groups/x", None),
     ("DELETE", "/api/v1/groups/([^/]+)", "/api/v1/groups/x", None),
+    ("PUT", "/api/v1/groups/([^/]+)/disks/([^/]+)", "/api/v1/groups/x/disks/d",
+     {"size_bytes": 1048576}),
     ("PUT", "/api/v1/groups/([^/]+)/replication", "/api/v1/groups/x/replication", {}),
     ("DELETE", "/api/v1/groups/([^/]+)/replication", "/api/v1/groups/x/replication", None),
     ("POST", "/api/v1/groups/([^/]+)/fence", "/api/v1/groups/x/fence", {}),
@@ -48,6 +50,11 @@ ROUTES = [
     ("POST", "/api/v1/stores/([^/]+)/views", "/api/v1/stores/x/views", {}),
     ("GET", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
     ("DELETE", "/api/v1/views/([^/]+)", "/api/v1/views/x", None),
+    ("POST", "/api/v1/views/([^/]+)/vm/start", "/api/v1/views/x/vm/start", {}),
+    ("POST", "/api/v1/views/([^/]+)/vm/stop", "/api/v1/views/x/vm/stop", {}),
+    ("GET", "/api/v1/views/([^/]+)/console", "/api/v1/views/x/console", None),
+    ("GET", "/api/v1/groups/([^/]+)/console", "/api/v1/groups/x/console", None),
+    ("POST", "/api/v1/checks", "/api/v1/checks", {"vm": "x"}),
 ]
 
 # Query forms of the routes above, refused and answered alike.

@@ -30,7 +30,7 @@ import osrtest
 
 LEASE_TTL_MS = 2000
 TAKEOVER_S = 15  # the lease lapses in 2 s, a follower tries every 0.67 s: generous bound
-CLI_TIMEOUT_S = 90
+CLI_TIMEOUT_S = 90 * float(os.environ.get("OSR_TEST_TIME_FACTOR", "1"))
 HTTP_TIMEOUT_S = 10
 
 

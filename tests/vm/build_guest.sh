@@ -8,7 +8,8 @@
 # busybox-static; both are fetched with `apt-get download` (nothing is installed) and
 # unpacked with dpkg-deb; OUT/cache (or $OSR_GUEST_CACHE) keeps the few files used
 # (about 10 MB). The initramfs holds
-# busybox, the virtio modules needed to see a virtio-blk disk (in load order) and /init.
+# busybox, the virtio modules needed to see a virtio-blk disk and a virtio-net NIC (in
+# load order) and /init.
 # Idempotent: packages are fetched and unpacked once; the outputs are rewritten only
 # when their content changes.
 #
@@ -56,8 +57,10 @@ fetch() {
   rm -rf "$dl"
 }
 
-# The modules the guest needs, when the kernel has them as modules (not built in).
-wanted="VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk"
+# The modules the guest needs, when the kernel has them as modules (not built in); their
+# dependencies (e.g. net_failover and failover for virtio_net) come along. This list is
+# the cache's .done marker, so changing it refreshes an old cache.
+wanted="VIRTIO_PCI:virtio_pci VIRTIO_BLK:virtio_blk VIRTIO_NET:virtio_net"
 
 # $cache/$kernel_pkg keeps only what the guest uses (the unpacked package is 400 MB):
 # vmlinuz, config, modules/*.ko and modules.order (dependencies first).
@@ -131,12 +134,18 @@ cp "$kdir/modules.order" "$stage/etc/modules"
 
 cat >"$stage/init" <<'EOF'
 #!/bin/busybox sh
-# The osr test guest. Reads osr.mode (write|read|auto) and osr.text from /proc/cmdline:
+# The osr test guest. Reads osr.mode and its options from /proc/cmdline:
 #   write: stores osr.text as hello.txt in a tar archive on /dev/vda, prints OSR-WROTE
 #   read:  unpacks that archive, prints OSR-READ:<content of hello.txt>
 #   auto:  read if the archive is there, else write
 #   count: write a counter to the archive forever, printing OSR-COUNT:<n> (no power-off)
-# Failures print OSR-ERROR:<what>. Either way the guest powers off.
+#   serve: read the archive if there is one (OSR-READ:<text>, OSR-NODATA, OSR-EMPTY when
+#          there is no disk), then forever (no power-off): with osr.ip=A.B.C.D/NN put
+#          eth0 on it and ping osr.peer every 2 s (OSR-PEER-OK:<peer>/OSR-PEER-FAIL:<peer>),
+#          without it print OSR-ALIVE:<n> every 5 s
+# Every mode first prints OSR-BOOTED; osr.mac_check=1 also prints OSR-MAC:<eth0's MAC>.
+# Failures print OSR-ERROR:<what>. Except in count and serve, the guest then powers off.
+echo "OSR-BOOTED"
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -158,34 +167,71 @@ done </etc/modules
 
 mode=''
 text=''
+ip=''
+peer=''
+mac_check=''
 # shellcheck disable=SC2013 # words, not lines
 for word in $(cat /proc/cmdline); do
   case $word in
     osr.mode=*) mode=${word#osr.mode=} ;;
     osr.text=*) text=${word#osr.text=} ;;
+    osr.ip=*) ip=${word#osr.ip=} ;;
+    osr.peer=*) peer=${word#osr.peer=} ;;
+    osr.mac_check=*) mac_check=${word#osr.mac_check=} ;;
   esac
 done
 
-i=0
-while [ ! -b /dev/vda ]; do
-  i=$((i + 1))
-  [ $i -le 100 ] || fail "no /dev/vda after 10 s"
-  sleep 0.1
-done
+# Waits up to 5 s for eth0 (virtio_net registers it while insmod runs; this is a margin).
+wait_eth0() {
+  local i=0
+  while [ ! -e /sys/class/net/eth0 ]; do
+    i=$((i + 1))
+    [ $i -le 50 ] || return 1
+    sleep 0.1
+  done
+}
+if [ "$mac_check" = 1 ]; then
+  if wait_eth0; then
+    echo "OSR-MAC:$(cat /sys/class/net/eth0/address)"
+  else
+    echo "OSR-MAC:none"
+  fi
+fi
+
+# Waits up to 10 s for /dev/vda.
+wait_disk() {
+  local i=0
+  while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ $i -le 100 ] || return 1
+    sleep 0.1
+  done
+}
+# True when a virtio block device is attached (virtio device id 2).
+has_disk() {
+  local d
+  for d in /sys/bus/virtio/devices/*/device; do
+    [ "$(cat "$d" 2>/dev/null)" = 0x0002 ] && return 0
+  done
+  return 1
+}
 
 case $mode in
   write)
+    wait_disk || fail "no /dev/vda after 10 s"
     printf '%s' "$text" >/data/hello.txt
     tar cf /dev/vda -C /data hello.txt || fail "tar cf /dev/vda"
     sync
     echo "OSR-WROTE"
     ;;
   read)
+    wait_disk || fail "no /dev/vda after 10 s"
     tar xf /dev/vda -C /out || fail "tar xf /dev/vda"
     [ -f /out/hello.txt ] || fail "no hello.txt on /dev/vda"
     echo "OSR-READ:$(cat /out/hello.txt)"
     ;;
   auto)
+    wait_disk || fail "no /dev/vda after 10 s"
     # First boot writes, later boots (e.g. after a failover) read what is there.
     if tar xf /dev/vda -C /out 2>/dev/null && [ -f /out/hello.txt ]; then
       echo "OSR-READ:$(cat /out/hello.txt)"
@@ -197,6 +243,7 @@ case $mode in
     fi
     ;;
   count)
+    wait_disk || fail "no /dev/vda after 10 s"
     # Keeps writing: a counter in the archive, on the console each time it is on the
     # disk (tests that the guest's I/O goes on across a restart of its site daemon).
     # Never powers off by itself.
@@ -212,7 +259,48 @@ case $mode in
       sleep 0.3
     done
     ;;
-  *) fail "osr.mode is '$mode', not write, read, auto or count" ;;
+  serve)
+    # Reports what the disk holds, then stays up (no power-off, even after an error)
+    # for network checks until qemu is stopped.
+    if ! has_disk; then
+      echo "OSR-EMPTY"
+    elif ! wait_disk; then
+      echo "OSR-ERROR:no /dev/vda after 10 s"
+    elif ! dd if=/dev/vda of=/dev/null bs=64k count=1 2>/dev/null; then
+      echo "OSR-ERROR:cannot read /dev/vda"
+    elif tar xf /dev/vda -C /out 2>/dev/null && [ -f /out/hello.txt ]; then
+      echo "OSR-READ:$(cat /out/hello.txt)"
+    else
+      # Zeros (a wiped or new disk) or anything else that is not the write mode's archive.
+      echo "OSR-NODATA"
+    fi
+    if [ -n "$ip" ] && [ -z "$peer" ]; then
+      echo "OSR-ERROR:osr.ip without osr.peer"
+      ip=''
+    fi
+    if [ -n "$ip" ]; then
+      if ! wait_eth0; then
+        echo "OSR-ERROR:no eth0"
+      elif ! ip link set eth0 up || ! ip addr add "$ip" dev eth0; then
+        echo "OSR-ERROR:cannot put eth0 on $ip"
+      fi
+      while :; do
+        if ping -c1 -W1 "$peer" >/dev/null 2>&1; then
+          echo "OSR-PEER-OK:$peer"
+        else
+          echo "OSR-PEER-FAIL:$peer"
+        fi
+        sleep 2
+      done
+    fi
+    i=0
+    while :; do
+      i=$((i + 1))
+      echo "OSR-ALIVE:$i"
+      sleep 5
+    done
+    ;;
+  *) fail "osr.mode is '$mode', not write, read, auto, count or serve" ;;
 esac
 finish
 EOF

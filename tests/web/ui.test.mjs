@@ -1,18 +1,26 @@
 // Browser test of the web UI against a real `osrd quickstart`, driven by clicking in
 // Debian's chromium (playwright-core; never a downloaded browser).
 //
-// It creates a VM with the osr CLI and writes to it with qemu-io, then, all in the page:
-// protects it, waits for recovery points in the timeline, runs a test failover and its
-// cleanup (with notes), meets the vault's refusal through a stale dialog, fails over to a
-// custom point picked in the timeline, changes the point, commits and reprotects. At each
-// state it checks the state shown, the actions offered (and that no other is), the RPO,
-// and the jobs' progress and steps. Last it stops the vault and checks that the page says
-// so. Screenshots of every page go to ARTIFACTS.
+// It creates a VM with the osr CLI (a process VM: a shell loop that prints its disks' URIs,
+// then a numbered line every second, as its console) and writes to it with qemu-io, then,
+// all in the page: protects it, waits for recovery points in the timeline, runs a test
+// failover that boots the drill VM and its cleanup (with notes), reads both consoles,
+// meets the vault's refusal through a stale dialog, fails over to a custom point picked in
+// the timeline, changes the point, commits and reprotects. The dialogs of protect, test
+// failover, failover and reprotect show their plan first (the site's checks, what is
+// created, used, deleted); a failed check (the vault's answer, altered in the browser)
+// keeps the confirm button disabled. At each state it checks the state shown, the actions
+// offered (and that no other is), the RPO, and the jobs' progress and steps. A reader
+// cannot read a console, and is told so. A QEMU VM's drill boots the test guest (built in
+// GUEST_DIR by tests/vm/build_guest.sh when it is missing; without qemu the test fails):
+// its boot check passes (Healthy) and its console shows the guest's lines. Last it stops
+// the vault and checks that the page says so. Screenshots of every page go to ARTIFACTS.
 //
 //   node tests/web/ui.test.mjs
 //
 // Env: OSRD, OSR (default <repo>/build/osrd, osr), WEB_DIST (default <repo>/web/dist),
-// ARTIFACTS (default <repo>/build/web-artifacts), CHROMIUM (default /usr/bin/chromium).
+// ARTIFACTS (default <repo>/build/web-artifacts), CHROMIUM (default /usr/bin/chromium),
+// GUEST_DIR (default guest/ beside OSRD: vmlinuz, initramfs.cpio.gz).
 // Exit status 0 when every check passed, 1 otherwise.
 
 import { execFile, spawn } from 'node:child_process';
@@ -30,10 +38,12 @@ const OSR = process.env.OSR || join(REPO, 'build/osr');
 const WEB_DIST = process.env.WEB_DIST || join(REPO, 'web/dist');
 const ARTIFACTS = process.env.ARTIFACTS || join(REPO, 'build/web-artifacts');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const GUEST_DIR = process.env.GUEST_DIR || join(dirname(OSRD), 'guest');
 
-const kTestTimeoutMs = 170_000; // the whole test, whatever hangs
+const kTestTimeoutMs = 250_000; // the whole test, whatever hangs (CTest gives it 300 s)
 const kStepTimeoutMs = 20_000; // one UI wait
 const kJobTimeoutMs = 45_000; // one job to finish
+const kBootJobTimeoutMs = 120_000; // a drill that boots the QEMU guest (TCG: seconds to a minute)
 const kStartTimeoutMs = 20_000; // the quickstart to say "ready"
 const kStopGraceMs = 10_000; // SIGINT, then SIGKILL
 
@@ -68,11 +78,29 @@ function preflight() {
   if (!existsSync(join(WEB_DIST, 'index.html'))) {
     missing.push(`${WEB_DIST}/index.html is missing: run npm ci --prefix web && npm run build --prefix web (or set WEB_DIST)`);
   }
-  for (const dir of (process.env.PATH || '').split(':')) {
-    if (dir && existsSync(join(dir, 'qemu-io'))) return missing;
-  }
-  missing.push('qemu-io is missing: install qemu-utils');
+  if (!onPath('qemu-io')) missing.push('qemu-io is missing: install qemu-utils');
   return missing;
+}
+
+function onPath(name) {
+  return (process.env.PATH || '').split(':').some((dir) => dir && existsSync(join(dir, name)));
+}
+
+// What the QEMU drill needs: qemu-system-x86_64 (scripts/bootstrap installs it) and the
+// test guest, built here when it is missing (tests/vm/build_guest.sh; the e2e tests keep it
+// in build/guest too). Returns why it cannot run ('' when it can): the test then fails.
+async function prepareGuest() {
+  if (!onPath('qemu-system-x86_64')) return 'qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)';
+  const missing = () => ['vmlinuz', 'initramfs.cpio.gz'].some((f) => !existsSync(join(GUEST_DIR, f)));
+  if (missing()) {
+    log(`building the test guest in ${GUEST_DIR}`);
+    try {
+      await execFileP('bash', [join(REPO, 'tests/vm/build_guest.sh'), GUEST_DIR], { timeout: 600000 });
+    } catch (e) {
+      return `tests/vm/build_guest.sh ${GUEST_DIR} failed: ${String(e.stderr || e.message).slice(-1000)}`;
+    }
+  }
+  return missing() ? `the test guest is not in ${GUEST_DIR} after build_guest.sh` : '';
 }
 
 async function freePort() {
@@ -214,7 +242,7 @@ async function waitItemState(page, state, timeout = kJobTimeoutMs) {
 
 // Waits for the newest tracked job of `type` (the panel of jobs started in this page) to
 // end; checks its progress bar and its steps; returns the job card.
-async function waitTrackedJob(page, type) {
+async function waitTrackedJob(page, type, timeout = kJobTimeoutMs) {
   const card = page.locator(`[data-testid=tracker] [data-testid=job][data-job-type=${type}]`).first();
   await card.waitFor({ timeout: kStepTimeoutMs });
   const id = await card.getAttribute('data-job-id');
@@ -222,7 +250,7 @@ async function waitTrackedJob(page, type) {
   await waitUntil(
     async () => ['Succeeded', 'Failed'].includes(await card.getAttribute('data-job-state')),
     `job ${id} (${type}) to end`,
-    kJobTimeoutMs,
+    timeout,
   );
   const state = await card.getAttribute('data-job-state');
   if (state === 'Failed') {
@@ -255,6 +283,10 @@ async function confirmDialog(dlg) {
 
 const kRpoText = /^\d+(\.\d+)? s\b/;
 
+// What the test's process VM runs (/bin/sh -c at the site): its console says which disks
+// it got, then counts, for 10 minutes at most.
+const kVmCommand = 'echo "osr-web-vm up: disks $OSR_DISKS"; i=0; while [ $i -lt 600 ]; do i=$((i+1)); echo "osr-web-vm tick $i"; sleep 1; done';
+
 // Checks that `locator`'s text matches every regex within a few seconds (dialogs load
 // their data after they open); returns the text.
 async function textMatches(locator, regexes, what, timeout = 5000) {
@@ -263,8 +295,54 @@ async function textMatches(locator, regexes, what, timeout = 5000) {
     text = await locator.innerText();
     return regexes.every((re) => re.test(text));
   }, what, timeout).then(() => true, () => false);
-  check(ok, `${what}: "${text.trim().replace(/\s+/g, ' ')}"`);
+  const flat = text.trim().replace(/\s+/g, ' ');
+  check(ok, `${what}: "${flat.length > 600 ? flat.slice(0, 300) + ' … ' + flat.slice(-300) : flat}"`);
   return text;
+}
+
+// The plan a dialog shows (its dry run), once loaded: {state: ok|refused, site, checks:
+// [{name, result, message}], creates, uses, deletes}.
+async function planIn(dlg) {
+  const plan = dlg.locator('[data-testid=plan]');
+  await waitUntil(async () => ['ok', 'refused'].includes(await plan.getAttribute('data-state')), 'the dialog to show its plan');
+  const list = (testid) => plan.locator(`[data-testid=plan-${testid}-item]`).allInnerTexts();
+  return {
+    state: await plan.getAttribute('data-state'),
+    head: await plan.locator('.plan-head').innerText(),
+    checks: await plan.locator('[data-testid=plan-check]').evaluateAll((els) =>
+      els.map((e) => ({ name: e.dataset.name, result: e.dataset.result, text: e.textContent })),
+    ),
+    creates: await list('creates'),
+    uses: await list('uses'),
+    deletes: await list('deletes'),
+  };
+}
+
+// Checks that a dialog's plan passed at `site` with (at least) the checks `names`, all
+// passed, and creates what each of `creates` matches (each marked new).
+async function checkPlan(dlg, what, { site, names, creates = [], deletes = [] }) {
+  const plan = await planIn(dlg);
+  log(`  ${what} plan: ${plan.checks.map((c) => `${c.name}=${c.result}`).join(', ')}; creates: ${plan.creates.join(' | ')}; deletes: ${plan.deletes.join(' | ') || '-'}`);
+  check(plan.state === 'ok' && new RegExp(`Checks at ${site}`).test(plan.head) && /all passed/.test(plan.head), `${what}: the plan's checks at ${site} all passed`);
+  const shown = plan.checks.map((c) => c.name);
+  check(names.every((n) => shown.includes(n)), `${what}: it lists the checks ${names.join(', ')} (shown: ${shown.join(', ')})`);
+  check(plan.checks.every((c) => c.result === 'passed' && c.text.includes('passed')), `${what}: each check says passed, with its message`);
+  for (const re of creates) {
+    check(plan.creates.some((c) => re.test(c) && /^new\b/.test(c)), `${what}: it will create (marked new) ${re}`);
+  }
+  for (const re of deletes) check(plan.deletes.some((c) => re.test(c)), `${what}: it lists in deletes ${re}`);
+  const confirm = dlg.locator('[data-testid=confirm]');
+  check(await confirm.isEnabled(), `${what}: the confirm button is enabled`);
+  return plan;
+}
+
+// The console panel's text (what the page keeps).
+const consoleOf = (page) => page.locator('[data-testid=console-panel] [data-testid=console-text]');
+
+// The numbered lines of the test VM's shell loop ("osr-web-vm tick N"): the last N.
+function lastTick(text) {
+  const all = [...text.matchAll(/osr-web-vm tick (\d+)/g)];
+  return all.length ? Number(all[all.length - 1][1]) : 0;
 }
 
 // ---- the test -----------------------------------------------------------------------
@@ -299,9 +377,10 @@ async function run() {
       check(/catalog in PostgreSQL server/.test(started), 'the vault keeps its catalog on PostgreSQL');
     }
 
-    log('VM vm1 with the CLI, written with qemu-io');
-    await osr(base, 'vm', 'create', 'vm1', '--site', 'primary', '--disk', 'os:64M', '--disk', 'data:16M');
-    const vm = await osr(base, 'vm', 'show', 'vm1');
+    log('VM vm1 (a process VM) with the CLI, started, written with qemu-io');
+    await osr(base, 'vm', 'create', 'vm1', '--site', 'primary', '--disk', 'os:64M', '--disk', 'data:16M', '--driver', 'process', '--command', kVmCommand);
+    const vm = await osr(base, 'vm', 'start', 'vm1');
+    check(vm.running === true && vm.driver === 'process', 'vm1 runs at primary (process driver)');
     const uri = vm.disks[0].uri;
     await qemuWrite(uri, '0x11', '0');
 
@@ -350,10 +429,33 @@ async function run() {
     check((await vmRow.innerText()).includes('64.0 MiB'), 'its disk size is shown in human units');
     check((await vmRow.locator('button').count()) === 1 && (await vmRow.locator('[data-testid=action-protect]').count()) === 1, 'only Protect is offered to an unprotected VM');
     await shot(page, 'vms');
+
+    log('the page of unprotected vm1: its console (the process VM\'s output at primary)');
+    await vmRow.locator('[data-testid=vm-link]').click();
+    await page.locator('[data-testid=item-page][data-name=vm1] [data-testid=console-panel]').waitFor();
+    check(sameSet(await page.getByRole('tab').allInnerTexts(), ['VM']), 'the console panel offers the VM\'s console only (no drill)');
+    await textMatches(consoleOf(page), [new RegExp(`osr-web-vm up: disks ${uri.replace(/[.?]/g, '\\$&')} `), /osr-web-vm tick \d+/], 'the console shows what vm1 printed at primary: its disks, then its lines', kStepTimeoutMs);
+    check(/at primary/.test(await page.locator('[data-testid=console-status]').innerText()), 'the console says it is read at primary');
+    const tick0 = lastTick(await consoleOf(page).innerText());
+    await waitUntil(async () => lastTick(await consoleOf(page).innerText()) >= tick0 + 2, 'the console to follow (new lines)', 10_000);
+    check(true, `the console follows: from line ${tick0} to ${lastTick(await consoleOf(page).innerText())}`);
+    await page.click('[data-testid=nav-vms]');
+    await vmRow.waitFor();
+
     const protect = await openDialog(page, '[data-testid=vm-row][data-name=vm1] [data-testid=action-protect]', 'protect-dialog');
     const target = await waitUntil(async () => await protect.locator('[data-testid=target]').inputValue(), 'the target sites to load').catch(() => '');
     check(target === 'recovery', `the target offered is the other site (${target})`);
     check((await protect.locator('[data-testid=policy]').inputValue()) === 'default', 'the default policy is chosen');
+    await checkPlan(protect, 'protect', {
+      site: 'recovery',
+      names: ['site', 'names', 'space', 'commands'],
+      creates: [/recovery store vm1/, /replication of vm1 from primary/],
+    });
+    const space = protect.locator('[data-testid=plan-check][data-name=space]');
+    check(/has [\d.]+ \wiB free; this needs [\d.]+ \wiB now, [\d.]+ \wiB at most/.test(await space.innerText()), `the space check says how much is free and needed: "${(await space.innerText()).trim().replace(/\s+/g, ' ')}"`);
+    check(/^free: \d+ bytes, needed now: \d+ bytes, at most: \d+ bytes$/.test(await space.locator('.check-message').getAttribute('title')), 'with the exact numbers in its title');
+    check(/The 4 checks at recovery passed/.test(await protect.locator('[data-testid=plan-verdict-foot]').innerText()), 'beside the confirm button: the checks passed');
+    await shot(page, 'dialog-protect-plan');
     await confirmDialog(protect);
     await waitTrackedJob(page, 'enable-protection');
 
@@ -396,15 +498,52 @@ async function run() {
     await shot(page, 'item', true);
 
     // -- test failover and its cleanup -------------------------------------------------
-    log('test failover (latest processed) from the item page');
+    log('test failover (latest processed) from the item page, booting the drill VM');
     const tf = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-test-failover]', 'test-failover-dialog');
     check(await tf.locator('[data-testid=choice-latest-processed]').isChecked(), 'test failover defaults to Latest processed');
-    await textMatches(tf.locator('[data-testid=summary]'), [/open at recovery on point \d+/], 'its summary names the point it will use');
+    const boot = tf.getByRole('checkbox', { name: /Boot the VM in the drill network/ });
+    check(await boot.isChecked(), 'the dialog boots the VM in the drill network by default');
+    await textMatches(tf.locator('[data-testid=summary]'), [/open at recovery on point \d+/, /boots on them at recovery, in its drill networks/], 'its summary names the point it will use and says the VM boots');
+    await checkPlan(tf, 'test failover', {
+      site: 'recovery',
+      names: ['site', 'commands'],
+      creates: [/drill disks of vm1 at point \d+/, /drill VM vm1 on the drill networks, with a boot check/],
+    });
+    await boot.uncheck();
+    await textMatches(tf.locator('[data-testid=summary]'), [/No VM is started: the disks only/], 'unticked, the summary says only the disks open');
+    const disksOnly = await planIn(tf);
+    check(!disksOnly.creates.some((c) => /drill VM/.test(c)), `and the plan (asked again) creates no drill VM: ${disksOnly.creates.join(' | ')}`);
+    await boot.check();
+    await waitUntil(async () => (await planIn(tf)).creates.some((c) => /drill VM/.test(c)), 'the plan to create the drill VM again');
+    await shot(page, 'dialog-test-failover-plan');
     await confirmDialog(tf);
-    await waitTrackedJob(page, 'test-failover');
+    const tfJob = await waitTrackedJob(page, 'test-failover');
+    await textMatches(tfJob, [/Drill VM\s+NotChecked/], 'the test-failover job shows the drill VM\'s result');
     await waitItemState(page, 'TestFailoverCompleted');
     check(sameSet(await actionsIn(itemHead(page)), ['cleanup', 'unprotect']), 'TestFailoverCompleted offers only Cleanup test failover and Unprotect');
     check(await page.locator('[data-testid=drill]').isVisible(), 'the drill and its disks are shown');
+    // A process VM has no boot check: the drill says so (a QEMU VM's is below).
+    const drillVm = page.locator('[data-testid=drill] [data-testid=drill-vm]');
+    await waitUntil(async () => (await drillVm.getAttribute('data-health')) === 'NotChecked', 'the drill VM\'s result on the item page');
+    await textMatches(drillVm, [/NotChecked/, /started; no boot check/], 'the item shows the drill VM\'s health and reason');
+    const drillUri = await page.locator('[data-testid=drill] [data-testid=drill-disk]').first().innerText();
+    const view = (/\/view\/([^/\s]+)\//.exec(drillUri) || [])[1];
+    check(!!view, `the drill's disks are on view ${view} (${drillUri.trim()})`);
+
+    log('the drill VM\'s console');
+    const drillTab = page.getByRole('tab', { name: 'Drill VM', exact: true });
+    await drillTab.click();
+    check((await drillTab.getAttribute('aria-selected')) === 'true', 'the Drill VM tab is selected');
+    await textMatches(consoleOf(page), [new RegExp(`osr-web-vm up: disks \\S*/view/${view}/os\\b`), /osr-web-vm tick \d+/], 'the drill console shows what the drill VM printed: the drill disks, then its lines', kStepTimeoutMs);
+    check(/The drill VM of vm1 \(at recovery\)/.test(await page.locator('[data-testid=console-status]').innerText()), 'the console says it is the drill VM\'s, at recovery');
+    check(!(await consoleOf(page).innerText()).includes(uri), 'the drill console is not the production VM\'s');
+    const tick1 = lastTick(await consoleOf(page).innerText());
+    await waitUntil(async () => lastTick(await consoleOf(page).innerText()) >= tick1 + 2, 'the drill console to follow', 10_000);
+    check(true, `the drill console follows: from line ${tick1} to ${lastTick(await consoleOf(page).innerText())}`);
+    await shot(page, 'item-drill', true);
+    await page.getByRole('tab', { name: 'VM', exact: true }).click();
+    await textMatches(consoleOf(page), [new RegExp(`osr-web-vm up: disks ${uri.replace(/[.?]/g, '\\$&')} `)], 'the VM tab shows the production VM\'s console again');
+    await drillTab.click();
 
     log('cleanup, with notes');
     const cl = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-cleanup]', 'cleanup-dialog');
@@ -414,6 +553,8 @@ async function run() {
     const clJob = await waitTrackedJob(page, 'test-failover-cleanup');
     check((await clJob.innerText()).includes('drill ok: the disks held the writes'), 'the cleanup job shows the notes');
     await waitItemState(page, 'Protected');
+    await waitUntil(async () => (await page.getByRole('tab').count()) === 1, 'the Drill VM tab to go with the drill');
+    check((await page.locator('[data-testid=console-panel]').getAttribute('data-which')) === 'vm', 'the console panel is back on the VM');
 
     // -- a stale dialog: the vault's refusal is shown ---------------------------------
     log('a stale failover dialog: another operator starts a drill meanwhile');
@@ -442,6 +583,36 @@ async function run() {
     await page.locator(`[data-testid=points-panel] [data-testid=timeline] [data-testid=point][data-point-id="${pick}"]`).click();
     await page.locator(`[data-testid=selected-point][data-point-id="${pick}"]`).waitFor();
     check(true, `point ${pick} selected`);
+
+    // A check that fails: the vault's real plan, with its names check failed in the browser.
+    log('a failover whose plan has a failed check: refused before the click');
+    await page.route(/\/api\/v1\/items\/vm1\/failover$/, async (route) => {
+      const body = JSON.parse(route.request().postData() || '{}');
+      if (!body.dry_run) return route.continue();
+      const res = await route.fetch();
+      const answer = await res.json();
+      for (const c of answer.plan.checks) {
+        if (c.name === 'names') Object.assign(c, { result: 'failed', message: 'site recovery already has VM disks named vm1' });
+      }
+      answer.plan.ok = false;
+      await route.fulfill({ response: res, json: answer });
+    });
+    const bad = await openDialog(page, '[data-testid=selected-point] [data-testid=point-failover]', 'failover-dialog');
+    const refused = await planIn(bad);
+    check(refused.state === 'refused' && /refused/.test(refused.head), 'the plan says the failover is refused');
+    const refusal0 = bad.getByRole('alert').filter({ hasText: 'Check “names”' });
+    await textMatches(refusal0, [/Refused before anything is done/, /Check “names” failed at recovery: site recovery already has VM disks named vm1/, /nothing was changed/], 'the failed check is shown prominently, in an alert');
+    check(await refusal0.isVisible() && (await bad.locator('footer').getByRole('alert').count()) === 1, 'beside the confirm button (in view whatever the dialog\'s length)');
+    check((await bad.locator('[data-testid=plan-check][data-result=failed]').count()) === 1, 'and marked failed in the list of checks');
+    check(await bad.locator('[data-testid=confirm]').isDisabled(), 'the confirm button is disabled while a check fails');
+    await shot(page, 'dialog-failover-refused');
+    await page.unroute(/\/api\/v1\/items\/vm1\/failover$/);
+    await bad.getByRole('button', { name: 'Check again' }).click();
+    await waitUntil(async () => (await bad.locator('[data-testid=plan]').getAttribute('data-state')) === 'ok', 'the plan asked again to pass');
+    check(await bad.locator('[data-testid=confirm]').isEnabled(), 'asked again (the real answer), it passes and the confirm button is enabled');
+    await bad.locator('[data-testid=cancel]').click();
+    await bad.waitFor({ state: 'detached' });
+
     const fo = await openDialog(page, '[data-testid=selected-point] [data-testid=point-failover]', 'failover-dialog');
     check(await fo.locator('[data-testid=choice-custom]').isChecked(), 'the dialog opens on Custom');
     check((await fo.locator(`[data-testid=timeline] [data-testid=point][data-point-id="${pick}"]`).getAttribute('aria-pressed')) === 'true', 'with the picked point selected in its timeline');
@@ -454,6 +625,13 @@ async function run() {
     await textMatches(fo.locator('[data-testid=summary]'), [/last write of primary/], 'and the summary says it fails over to the last write');
     await fo.locator('[data-testid=planned]').uncheck();
     check(await fo.locator('[data-testid=choice-custom]').isEnabled(), 'unticking it gives the point choice back');
+    await waitUntil(async () => (await planIn(fo)).creates.some((c) => new RegExp(`over point ${pick} `).test(c)), `the plan to be the one of point ${pick}`);
+    await checkPlan(fo, 'failover', {
+      site: 'recovery',
+      names: ['site', 'names', 'commands'],
+      creates: [new RegExp(`disks of vm1 at recovery over point ${pick} `), /VM vm1 running at recovery/],
+      deletes: [/the VM at primary is shut down/],
+    });
     await shot(page, 'dialog');
     await confirmDialog(fo);
     await waitTrackedJob(page, 'failover');
@@ -491,6 +669,12 @@ async function run() {
     log('reprotect');
     const rp = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-reprotect]', 'reprotect-dialog');
     await textMatches(rp.locator('[data-testid=summary]'), [/Replication reverses: from recovery to primary/, /Only the differences are shipped/], 'reprotect says replication reverses from recovery to primary, shipping only the differences');
+    await checkPlan(rp, 'reprotect', {
+      site: 'primary',
+      names: ['site', 'names', 'space', 'commands'],
+      creates: [/replication of vm1 from recovery to primary/, /recovery store/],
+    });
+    await shot(page, 'dialog-reprotect-plan');
     await confirmDialog(rp);
     const rpJob = await waitTrackedJob(page, 'reprotect');
     check(/Reprotect mode/.test(await rpJob.innerText()), 'the reprotect job shows its mode');
@@ -499,6 +683,90 @@ async function run() {
     check(sameSet(await actionsIn(itemHead(page)), ['test-failover', 'failover', 'unprotect']), 'Protected (reversed) offers Test failover, Failover, Unprotect');
     await waitUntil(async () => kRpoText.test((await itemHead(page).locator('[data-testid=rpo]').innerText()).trim()), 'a numeric RPO again');
     check(true, 'the RPO is a number again');
+
+    // -- a reader: the console is refused, in words ----------------------------------------
+    log('a reader opens the item: the console says the role cannot read it');
+    const reader = await apiCall(base, 'POST', '/tokens', { name: 'web-reader', role: 'reader' });
+    const readerCtx = await browser.newContext({ viewport: { width: 1366, height: 768 } });
+    try {
+      const rpage = await readerCtx.newPage();
+      rpage.setDefaultTimeout(kStepTimeoutMs);
+      let consoleCalls = 0;
+      rpage.on('request', (r) => {
+        if (/\/console\?/.test(r.url())) consoleCalls++;
+      });
+      await rpage.goto(`${base}/#/items/vm1`);
+      await rpage.fill('[data-testid=login-token]', reader.token);
+      await rpage.click('[data-testid=login-submit]');
+      const cerr = rpage.locator('[data-testid=console-panel] [data-testid=console-error]');
+      await cerr.waitFor();
+      await textMatches(cerr, [/HTTP 403/, /needs the operator role/], 'the reader\'s console panel shows the refusal (403) and why');
+      check((await cerr.getAttribute('role')) === 'alert', 'as an alert');
+      const calls = consoleCalls;
+      await sleep(4500);
+      check(consoleCalls === calls, `and stops asking (${consoleCalls - calls} more calls in 4.5 s)`);
+      await shot(rpage, 'console-reader');
+    } finally {
+      await readerCtx.close();
+    }
+
+    // -- a QEMU VM's drill: the guest boots, its boot check passes ----------------------------
+    const noQemu = await prepareGuest();
+    if (noQemu) {
+      check(false, `the QEMU drill can run: ${noQemu}`);
+    } else {
+      log('a QEMU VM (the test guest) protected; its drill boots by clicking');
+      const append = 'console=ttyS0 panic=-1 osr.mode=serve';
+      await apiCall(base, 'POST', '/vms', {
+        name: 'guest',
+        site: 'primary',
+        disks: [{ name: 'os', size_bytes: 16 * 1024 * 1024 }],
+        spec: {
+          driver: 'qemu',
+          memory_bytes: 256 * 1024 * 1024,
+          accel: 'tcg',
+          guest_agent: false,
+          qemu_args: `-kernel ${join(GUEST_DIR, 'vmlinuz')} -initrd ${join(GUEST_DIR, 'initramfs.cpio.gz')} -append '${append}' -no-reboot`,
+          boot_check: { console_line: 'OSR-BOOTED', timeout_ms: 90_000 },
+          shutdown_timeout_ms: 5000,
+        },
+      });
+      const pj = await apiCall(base, 'POST', '/vms/guest/protect', { target: 'recovery' });
+      await waitUntil(async () => (await apiCall(base, 'GET', `/jobs/${pj.id}`)).state === 'Succeeded', 'guest to be protected', kJobTimeoutMs);
+      await goItem(page, base, 'guest');
+      await waitItemState(page, 'Protected');
+      await page.locator('[data-testid=console-panel] [data-testid=console-empty]').waitFor();
+      check(/nothing on the console yet/i.test(await page.locator('[data-testid=console-empty]').innerText()), 'the guest does not run at primary: its console is empty, and says so');
+      const gtf = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-test-failover]', 'test-failover-dialog');
+      check(await gtf.getByRole('checkbox', { name: /Boot the VM in the drill network/ }).isChecked(), 'the guest\'s drill boots it by default');
+      await checkPlan(gtf, 'QEMU test failover', {
+        site: 'recovery',
+        names: ['site', 'hypervisor', 'commands'],
+        creates: [/drill disks of guest/, /drill VM guest on the drill networks, with a boot check/],
+      });
+      await confirmDialog(gtf);
+      const gVm = page.locator('[data-testid=drill] [data-testid=drill-vm]');
+      await waitUntil(async () => ['booting', 'Healthy'].includes(await gVm.getAttribute('data-health')), 'the drill to show on the item page', kStepTimeoutMs);
+      const seen = await gVm.getAttribute('data-health');
+      check(seen === 'booting' && /starting; job \d+ waits for its boot check/.test(await gVm.innerText()), `while the guest boots (TCG: seconds), the item says the drill VM is starting and the job waits for its boot check (${seen})`);
+      const gJob = await waitTrackedJob(page, 'test-failover', kBootJobTimeoutMs);
+      check(/Boot check: 'OSR-BOOTED' on the console/.test(await gJob.innerText()), 'the job shows its boot check step');
+      await waitUntil(async () => (await gVm.getAttribute('data-health')) === 'Healthy', 'the guest drill VM to show Healthy');
+      await textMatches(gVm, [/Healthy/, /OSR-BOOTED/, /up after \d+\.\d s/], 'the item shows the drill VM Healthy: the reason and the boot time');
+      check((await gVm.locator('.badge.tone-ok').count()) === 1, 'in a green badge');
+      await page.getByRole('tab', { name: 'VM', exact: true }).focus();
+      await page.keyboard.press('ArrowRight');
+      check((await page.getByRole('tab', { name: 'Drill VM', exact: true }).getAttribute('aria-selected')) === 'true', 'the arrow key moves to the Drill VM tab');
+      await textMatches(consoleOf(page), [/Linux version/, /OSR-BOOTED/, /OSR-(EMPTY|READ|NODATA)/], 'the drill console shows the guest\'s boot: the kernel\'s lines, then its init\'s', kStepTimeoutMs);
+      await textMatches(consoleOf(page), [/OSR-ALIVE:\d+/], 'and then what it prints while it runs', kStepTimeoutMs);
+      await shot(page, 'item-qemu-drill', true);
+      const gcl = await openDialog(page, '[data-testid=item-page] .page-head [data-testid=action-cleanup]', 'cleanup-dialog');
+      await confirmDialog(gcl);
+      const gclJob = await waitTrackedJob(page, 'test-failover-cleanup');
+      check(/Stop the drill VM/.test(await gclJob.innerText()), 'the cleanup stops the drill VM first');
+      await waitItemState(page, 'Protected');
+      check((await page.getByRole('tab').count()) === 1, 'the Drill VM tab went with the drill');
+    }
 
     // -- jobs page ----------------------------------------------------------------------------
     log('Jobs page');

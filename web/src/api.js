@@ -24,6 +24,7 @@ function statusWords(status) {
   if (status === 403) return 'not allowed';
   if (status === 404) return 'not found';
   if (status === 409) return 'conflicts with what exists';
+  if (status === 412) return 'a check failed: nothing was changed';
   if (status === 501) return 'not supported';
   if (status === 503) return 'not possible right now, try again later';
   if (status >= 500) return 'the vault failed; an operator must look';
@@ -157,4 +158,27 @@ export const api = {
   changePoint: (name, body) => request('POST', `/items/${enc(name)}/change-point`, body),
   commit: (name) => request('POST', `/items/${enc(name)}/commit`, {}),
   reprotect: (name, body) => request('POST', `/items/${enc(name)}/reprotect`, body),
+
+  // The plans of those actions (docs/api.md, "Checks before acting"): the same call with
+  // dry_run, answered {plan: {action, vm, site, ok, checks, creates, uses, deletes}};
+  // nothing changes.
+  plan: (action, name, body) => {
+    const path = {
+      protect: `/vms/${enc(name)}/protect`,
+      'test-failover': `/items/${enc(name)}/test-failover`,
+      failover: `/items/${enc(name)}/failover`,
+      reprotect: `/items/${enc(name)}/reprotect`,
+    }[action];
+    return request('POST', path, { ...body, dry_run: true });
+  },
+
+  // The serial console of the VM where it runs now (which 'vm') or of its drill VM
+  // ('drill'): {site, which, offset, next, size, text}. Without `offset` its last `bytes`;
+  // with it, from there (follow with offset = next). Operator role.
+  console: (name, { which = 'vm', offset, bytes } = {}) => {
+    const q = new URLSearchParams({ which });
+    if (offset !== undefined && offset !== null) q.set('offset', String(offset));
+    if (bytes) q.set('bytes', String(bytes));
+    return request('GET', `/vms/${enc(name)}/console?${q}`);
+  },
 };

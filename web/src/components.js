@@ -4,6 +4,7 @@ import { api } from './api.js';
 import { refreshAll } from './hooks.js';
 import { html } from './html.js';
 import {
+  bootTone,
   fmtAgo,
   fmtDuration,
   fmtRpo,
@@ -11,7 +12,9 @@ import {
   healthOf,
   isBusy,
   isJobActive,
+  jobDrillVm,
   jobTone,
+  jobVmName,
   pointLabel,
   stateTone,
 } from './model.js';
@@ -106,6 +109,23 @@ export function Steps({ steps }) {
   </ol>`;
 }
 
+// A drill VM's boot check: {health: Healthy|Unhealthy|NotChecked, reason, boot_ms?,
+// console_tail?}. `brief`: the badge and the reason only.
+export function BootResult({ vm, brief }) {
+  if (!vm) return null;
+  return html`<span class="boot-result" data-testid="boot-result" data-health=${vm.health}>
+    <${Badge} tone=${bootTone(vm.health)} testid="boot-health">${vm.health}<//>
+    ${vm.reason ? html` <span data-testid="boot-reason">${vm.reason}</span>` : null}
+    ${vm.boot_ms !== undefined ? html` <span class="muted">(up after ${(vm.boot_ms / 1000).toFixed(1)} s)</span>` : null}
+    ${!brief && vm.console_tail
+      ? html`<details class="more" open=${vm.health === 'Unhealthy'}>
+          <summary>The console's last lines at the check</summary>
+          <pre class="console console-tail" data-testid="boot-console-tail" tabindex="0">${vm.console_tail}</pre>
+        </details>`
+      : null}
+  </span>`;
+}
+
 // What a finished job produced, in words (only the fields a type has).
 function JobResult({ job, brief }) {
   const rows = [];
@@ -115,6 +135,8 @@ function JobResult({ job, brief }) {
   if (job.source && job.target) rows.push(['Replication', `${job.source} → ${job.target}`]);
   if (job.bytes_shipped !== undefined) rows.push(['Shipped', `${job.bytes_shipped} bytes (${job.wire_bytes_sent ?? 0} on the wire)`]);
   if (job.notes) rows.push(['Notes', job.notes]);
+  const drillVm = jobDrillVm(job);
+  if (drillVm) rows.push(['Drill VM', html`<${BootResult} vm=${drillVm} brief=${brief} />`]);
   if (!brief && job.disks && job.disks.length) {
     rows.push(['Disks', html`${job.disks.map((d) => html`<div><code>${d.name}</code> <code class="uri">${d.uri}</code></div>`)}`]);
   }
@@ -125,7 +147,8 @@ function JobResult({ job, brief }) {
 }
 
 export function jobTitle(job) {
-  return `Job ${job.id} · ${job.type}${job.vm ? ' · ' + job.vm : ''}`;
+  const vm = jobVmName(job);
+  return `Job ${job.id} · ${job.type}${vm ? ' · ' + vm : ''}`;
 }
 
 // Stops a queued or running job (operator role); the job's last step then says what it
@@ -134,7 +157,7 @@ function CancelJobButton({ job }) {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState('');
   const cancel = async () => {
-    if (!window.confirm(`Cancel job ${job.id} (${job.type} ${job.vm})? It stops at its next wait and says what it leaves behind.`)) return;
+    if (!window.confirm(`Cancel job ${job.id} (${job.type} ${jobVmName(job)})? It stops at its next wait and says what it leaves behind.`)) return;
     setBusy(true);
     setError('');
     try {
@@ -177,7 +200,7 @@ export function JobCard({ job, open, onDismiss, highlight, now, compact }) {
       <span class="job-title">
         <a href=${'#/jobs?job=' + job.id}>Job ${job.id}</a>
         <strong> ${job.type}</strong>
-        ${job.vm ? html` · <a href=${'#/items/' + encodeURIComponent(job.vm)}>${job.vm}</a>` : null}
+        ${jobVmName(job) ? html` · <a href=${'#/items/' + encodeURIComponent(jobVmName(job))}>${jobVmName(job)}</a>` : null}
       </span>
       <${Badge} tone=${tone} testid="job-state">
         ${job.state === 'Running' ? html`<${Spinner} />` : null}${job.state}

@@ -1,16 +1,129 @@
 // The dialogs of the item actions. Each says what will happen (and what it deletes or
 // reverses) before the confirm click, sends one request, and hands the job it answers
 // with to `onStarted`. A refusal from the vault stays in the dialog, in words.
+// Protect, test failover, failover and reprotect first ask the vault for their plan (the
+// same call with dry_run: the site's checks, what it creates, uses, deletes); a failed
+// check keeps the confirm button disabled.
 import { useState } from 'preact/hooks';
 import { api } from './api.js';
 import { PointList, PointTimeline } from './charts.js';
-import { ErrorBox, Modal, Spinner } from './components.js';
-import { usePoll } from './hooks.js';
+import { Badge, ErrorBox, Modal, Spinner } from './components.js';
+import { useLoad, usePoll } from './hooks.js';
 import { html } from './html.js';
-import { actionsFor, fmtBytes, fmtTime, newestPoint, pointLabel } from './model.js';
+import { actionsFor, checkTone, fmtBytes, fmtTime, newestPoint, pointLabel } from './model.js';
 
-// Shared frame: the confirm button, its busy state and the vault's answer.
-function ActionDialog({ title, testid, onClose, confirmLabel, danger, canConfirm = true, run, onDone, children, wide, summary }) {
+// The plan of `action` for `body` (api.plan), asked again whenever the body changes.
+function usePlan(action, name, body, enabled = true) {
+  return useLoad(() => api.plan(action, name, body), `plan-${action}-${name}-${JSON.stringify(body)}`, { enabled });
+}
+
+// Whether a loaded plan keeps the confirm button disabled: while it is asked for, and
+// when a check failed. A plan the vault could not make does not: the vault checks again
+// at the confirm click, and says why it refuses.
+function planBlocks(plan) {
+  if (!plan) return false;
+  if (plan.loading) return true;
+  return !!(plan.data && plan.data.plan && !plan.data.plan.ok);
+}
+
+const kCheckIcon = { passed: '✓', warning: '!', failed: '✗' };
+
+function PlanList({ title, items, testid, mark, empty }) {
+  const id = 'plan-' + testid;
+  return html`<div class="plan-list">
+    <h4 id=${id}>${title}</h4>
+    ${items.length
+      ? html`<ul aria-labelledby=${id} data-testid=${'plan-' + testid}>
+          ${items.map((t) => html`<li data-testid=${'plan-' + testid + '-item'}>${mark ? html`<${Badge} tone="busy">${mark}<//> ` : null}${t}</li>`)}
+        </ul>`
+      : html`<p class="muted small" data-testid=${'plan-' + testid}>${empty}</p>`}
+  </div>`;
+}
+
+// A check's numbers (the space check's), exact, for a title: its message has them in
+// words already.
+function checkNumbers(check) {
+  const parts = [];
+  if (check.free_bytes !== undefined) parts.push(`free: ${check.free_bytes} bytes`);
+  if (check.needed_bytes !== undefined) parts.push(`needed now: ${check.needed_bytes} bytes`);
+  if (check.full_bytes !== undefined) parts.push(`at most: ${check.full_bytes} bytes`);
+  return parts.length ? parts.join(', ') : undefined;
+}
+
+// The plan's verdict beside the confirm button, where it is seen whatever the dialog's
+// length: the failed checks (why the button is disabled), or that the checks passed.
+function PlanVerdict({ load }) {
+  if (!load || (!load.loading && !(load.data && load.data.plan))) return null;
+  if (load.loading) {
+    return html`<div class="plan-verdict muted small" data-testid="plan-verdict-foot"><${Spinner} label="checking" /> Checking at the site…</div>`;
+  }
+  const plan = load.data.plan;
+  const checks = Array.isArray(plan.checks) ? plan.checks : [];
+  const failed = checks.filter((c) => c.result === 'failed');
+  if (plan.ok) {
+    const warned = checks.filter((c) => c.result === 'warning');
+    return html`<div class="plan-verdict small" data-testid="plan-verdict-foot">
+      <span class="tone-text-ok">✓</span> ${`The ${checks.length} checks at ${plan.site} passed${warned.length ? ` (${warned.length} with a warning)` : ''}; the plan is above.`}
+    </div>
+    ${warned.map((c) => html`<div class="warn-box small" data-testid="plan-warning" data-name=${c.name}>Check “${c.name}”: ${c.message}</div>`)}`;
+  }
+  return html`<div class="error-box" role="alert" data-testid="plan-refusal">
+    <strong>Refused before anything is done. </strong>
+    ${failed.map((c) => html`<div data-testid="plan-failed" data-name=${c.name} title=${checkNumbers(c)}>Check “${c.name}” failed at ${plan.site}: ${c.message}</div>`)}
+    ${failed.length ? null : html`<div>The site refused the plan.</div>`}
+    <div class="small">This cannot be done until the check passes; nothing was changed.</div>
+  </div>`;
+}
+
+// The checks at the site the action acts on, and what it will create, use and delete.
+export function PlanView({ load }) {
+  if (!load) return null;
+  if (load.loading) {
+    return html`<section class="plan" data-testid="plan" data-state="loading" aria-label="Checks and plan">
+      <${Spinner} label="checking" /> Checking at the site what this needs…
+    </section>`;
+  }
+  if (load.error) {
+    return html`<section class="plan" data-testid="plan" data-state="error" aria-label="Checks and plan">
+      <div class="warn-box" data-testid="plan-error">
+        <strong>The checks could not be run: </strong>${load.error.message}
+        ${' The vault checks again when you confirm. '}
+        <button class="small-btn" onClick=${load.refresh}>Check again</button>
+      </div>
+    </section>`;
+  }
+  const plan = load.data && load.data.plan;
+  if (!plan) return null;
+  const checks = Array.isArray(plan.checks) ? plan.checks : [];
+  const warned = checks.filter((c) => c.result === 'warning');
+  return html`<section class="plan" data-testid="plan" data-state=${plan.ok ? 'ok' : 'refused'} aria-label="Checks and plan">
+    <div class="plan-head">
+      <h3>Checks at ${plan.site}</h3>
+      ${plan.ok
+        ? html`<${Badge} tone=${warned.length ? 'warn' : 'ok'} testid="plan-verdict">${warned.length ? `passed, ${warned.length} warning${warned.length > 1 ? 's' : ''}` : 'all passed'}<//>`
+        : html`<${Badge} tone="bad" testid="plan-verdict">refused<//>`}
+      <span class="grow"></span>
+      <button class="small-btn" onClick=${load.refresh} data-testid="plan-recheck">Check again</button>
+    </div>
+    <ul class="checks" aria-label=${`Checks at ${plan.site}`} data-testid="plan-checks">
+      ${checks.map(
+        (c) => html`<li class=${'check check-' + c.result} data-testid="plan-check" data-name=${c.name} data-result=${c.result}>
+          <${Badge} tone=${checkTone(c.result)}><span aria-hidden="true">${kCheckIcon[c.result] || '?'}</span> ${c.result}<//>
+          <strong class="check-name">${c.name}</strong>
+          <span class="check-message" title=${checkNumbers(c)}>${c.message}</span>
+        </li>`,
+      )}
+    </ul>
+    <div class="plan-lists">
+      <${PlanList} title="Will be created" items=${plan.creates || []} testid="creates" mark="new" empty="nothing" />
+      <${PlanList} title="Will be used" items=${plan.uses || []} testid="uses" empty="nothing else" />
+      <${PlanList} title="Will be deleted or stopped" items=${plan.deletes || []} testid="deletes" empty="nothing" />
+    </div>
+  </section>`;
+}
+
+// Shared frame: the plan, the confirm button, its busy state and the vault's answer.
+function ActionDialog({ title, testid, onClose, confirmLabel, danger, canConfirm = true, run, onDone, children, wide, summary, plan }) {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
   const confirm = async () => {
@@ -32,12 +145,14 @@ function ActionDialog({ title, testid, onClose, confirmLabel, danger, canConfirm
     wide=${wide}
     footer=${html`
       ${summary ? html`<${Summary}>${summary}<//>` : null}
+      <${PlanVerdict} load=${plan} />
       ${error ? html`<${ErrorBox} error=${error} title="Not done:" testid="dialog-error" />` : null}
       <div class="buttons">
         <button onClick=${onClose} data-testid="cancel">Cancel</button>
         <button
           class=${'primary' + (danger ? ' danger' : '')}
-          disabled=${busy || !canConfirm}
+          disabled=${busy || !canConfirm || planBlocks(plan)}
+          title=${plan && plan.data && plan.data.plan && !plan.data.plan.ok ? 'A check failed: see the plan' : undefined}
           onClick=${confirm}
           data-testid="confirm"
         >
@@ -47,6 +162,7 @@ function ActionDialog({ title, testid, onClose, confirmLabel, danger, canConfirm
     `}
   >
     ${children}
+    <${PlanView} load=${plan} />
   <//>`;
 }
 
@@ -117,17 +233,21 @@ export function FailoverDialog({ name, test, retry, initialPointId, onClose, onS
 
   const body = () => {
     const p = effective === 'custom' ? String(customId) : effective;
-    if (test) return { point: p };
+    if (test) return { point: p, start };
     return { point: p, shutdown_source: shutdown, planned, start };
   };
   const startsVm = start && driver !== 'none';
   const action = test ? 'test-failover' : retry ? 'failover-retry' : 'failover';
+  const plan = usePlan(test ? 'test-failover' : 'failover', name, body(), !problem && !!it);
   const title = test ? `Test failover of ${name}` : retry ? `Failover of ${name} (retry)` : `Failover of ${name}`;
 
   const at = pointWords || '…';
   let summary;
   if (test) {
-    summary = `Writable copies of the disks of ${name} open at ${target} on ${at}, at once (no copy). ` +
+    const boots = startsVm
+      ? `Then VM ${name} boots on them at ${target}, in its drill networks (isolated from production), and the job waits for its boot check. `
+      : `No VM is started${driver === 'none' ? ' (driver none)' : ''}: the disks only. `;
+    summary = `Writable copies of the disks of ${name} open at ${target} on ${at}, at once (no copy). ${boots}` +
       `Replication ${source} → ${target} goes on; ${source} is not touched. Clean the drill up afterwards.`;
   } else {
     const first = shutdown || planned
@@ -152,6 +272,7 @@ export function FailoverDialog({ name, test, retry, initialPointId, onClose, onS
     run=${() => (test ? api.testFailover(name, body()) : api.failover(name, body()))}
     onDone=${onStarted}
     summary=${html`${summary}`}
+    plan=${plan}
   >
     <${StaleWarning} item=${it} action=${action} />
     ${item.error ? html`<${ErrorBox} error=${item.error} />` : null}
@@ -168,7 +289,16 @@ export function FailoverDialog({ name, test, retry, initialPointId, onClose, onS
       ? html`<${PointPicker} points=${pts} selectedId=${customId} onSelect=${(p) => setCustomId(p.id)} />`
       : null}
     ${test
-      ? null
+      ? html`<fieldset class="options">
+          <legend>Options</legend>
+          <label class="choice">
+            <input type="checkbox" checked=${startsVm} disabled=${driver === 'none'} onChange=${(e) => setStart(e.target.checked)} data-testid="drill-boot" />
+            <span><strong>Boot the VM in the drill network</strong>
+              <span class="muted">${driver === 'none'
+                ? ' — its driver is none: nothing to boot, the drill opens the disks only'
+                : ` — at ${target}, plugged into the drill networks only (isolated from production), with a boot check; unticked, only the disks open`}</span></span>
+          </label>
+        </fieldset>`
       : html`<fieldset class="options">
           <legend>Options</legend>
           <label class="choice">
@@ -248,6 +378,7 @@ export function ReprotectDialog({ name, onClose, onStarted }) {
   const item = usePoll(() => api.item(name), 'dlg-item-' + name);
   const [compare, setCompare] = useState(false);
   const it = item.data;
+  const plan = usePlan('reprotect', name, { compare }, !!it);
   const from = it ? it.running_site : '…';
   const to = it ? (it.failover && it.failover.from) || (it.running_site === it.target ? it.source : it.target) : '…';
   return html`<${ActionDialog}
@@ -258,6 +389,7 @@ export function ReprotectDialog({ name, onClose, onStarted }) {
     confirmLabel="Reprotect"
     run=${() => api.reprotect(name, { compare })}
     onDone=${onStarted}
+    plan=${plan}
     summary=${html`
       <span data-testid="reprotect-direction">Replication reverses: from <strong>${from}</strong> to <strong>${to}</strong>. </span>
       ${`Only the differences are shipped: what ${to} wrote that never reached ${from}, what the recovery store held after the point, and what was written at ${from} since the failover${compare ? ', found by comparing block hashes' : ''}. The old disks at ${to} become the base of the new recovery store; then ${name} is Protected, ${from} → ${to}.`}`}
@@ -331,6 +463,7 @@ export function ProtectDialog({ name, onClose, onStarted }) {
   const t = target || (targets[0] && targets[0].name) || '';
   const pol = (policies.data || []).find((p) => p.name === policy);
   const tSite = targets.find((s) => s.name === t);
+  const plan = usePlan('protect', name, { target: t, policy }, !!t && !!policy);
   return html`<${ActionDialog}
     title=${`Protect ${name}`}
     testid="protect-dialog"
@@ -339,6 +472,7 @@ export function ProtectDialog({ name, onClose, onStarted }) {
     canConfirm=${!!t && !!policy}
     run=${() => api.protect(name, { target: t, policy })}
     onDone=${onStarted}
+    plan=${plan}
     summary=${html`
       ${`A recovery store for ${name} is created at ${t || '…'}; replication ${home || '…'} → ${t || '…'} starts with an initial copy of the written regions of its disks, then the first recovery point. The item is EnablingProtection, then Protected.`}`}
   >

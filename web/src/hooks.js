@@ -75,6 +75,36 @@ export function usePoll(fetcher, key, { interval = POLL_INTERVAL_MS, enabled = t
   };
 }
 
+// useLoad(fetcher, key): {data, error, loading, refresh} — one call per `key` (and per
+// refresh), for answers that cost the vault work and go stale only when their input
+// changes (a plan). With `enabled` false nothing is asked and nothing is known.
+export function useLoad(fetcher, key, { enabled = true } = {}) {
+  const [state, setState] = useState({ data: undefined, error: null, key: null, gen: 0 });
+  const [gen, setGen] = useState(0);
+  const fetcherRef = useRef(fetcher);
+  fetcherRef.current = fetcher;
+  useEffect(() => {
+    if (!enabled) return undefined;
+    let stopped = false;
+    setState({ data: undefined, error: null, key: null, gen });
+    fetcherRef.current().then(
+      (data) => !stopped && setState({ data, error: null, key, gen }),
+      (error) => !stopped && setState({ data: undefined, error, key, gen }),
+    );
+    return () => {
+      stopped = true;
+    };
+  }, [key, enabled, gen]);
+  const refresh = useCallback(() => setGen((g) => g + 1), []);
+  const fresh = enabled && state.key === key && state.gen === gen;
+  return {
+    data: fresh ? state.data : undefined,
+    error: fresh ? state.error : null,
+    loading: enabled && !fresh,
+    refresh,
+  };
+}
+
 // The hash route: "#/items/vm1?x=y" -> {path: ["items", "vm1"], query: URLSearchParams}
 export function parseHash(hash) {
   const h = (hash || '').replace(/^#\/?/, '');

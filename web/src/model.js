@@ -72,6 +72,33 @@ export function isJobActive(job) {
   return job && (job.state === 'Queued' || job.state === 'Running');
 }
 
+// A check of a plan (docs/api.md, "Checks before acting"): passed, warning, failed.
+export function checkTone(result) {
+  if (result === 'passed') return 'ok';
+  if (result === 'warning') return 'warn';
+  return 'bad'; // failed, or a word this page does not know
+}
+
+// The boot check of a drill's VM: Healthy, Unhealthy, NotChecked (no check to run).
+export function bootTone(health) {
+  if (health === 'Healthy') return 'ok';
+  if (health === 'Unhealthy') return 'bad';
+  return 'idle';
+}
+
+// A job's VM name. A job's result fields are merged into it, and a drill's result has its
+// own `vm` (the drill VM's boot result, an object): that one is not a name.
+export function jobVmName(job) {
+  return job && typeof job.vm === 'string' ? job.vm : '';
+}
+
+// The drill VM's boot result a test-failover or its cleanup reports, or null.
+export function jobDrillVm(job) {
+  if (!job) return null;
+  const v = job.drill_vm ?? job.vm;
+  return v && typeof v === 'object' && typeof v.health === 'string' ? v : null;
+}
+
 const kUnits = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
 export function fmtBytes(n) {
   if (n === null || n === undefined || Number.isNaN(Number(n))) return '—';

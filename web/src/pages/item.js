@@ -4,7 +4,8 @@ import { useState } from 'preact/hooks';
 import { api } from '../api.js';
 import { ActionBar, useActions } from '../actions.js';
 import { PointList, PointTimeline, RpoChart } from '../charts.js';
-import { Badge, ErrorBox, HealthBadge, JobCard, Loading, PointText, Rpo, StateBadge } from '../components.js';
+import { Badge, BootResult, ErrorBox, HealthBadge, JobCard, Loading, PointText, Rpo, Spinner, StateBadge } from '../components.js';
+import { ConsolePanel } from '../console.js';
 import { usePoll, useNow } from '../hooks.js';
 import { html } from '../html.js';
 import { actionsFor, fmtBytes, fmtDuration, fmtTime, isJobActive, pointLabel } from '../model.js';
@@ -48,12 +49,24 @@ function FailoverRecord({ fo }) {
   </section>`;
 }
 
-function Drill({ drill }) {
+// The drill: its disks, and its VM's boot check once the test-failover job has it
+// (`job`: that job while it still runs: the VM boots and the job waits for its check).
+function Drill({ drill, job }) {
   if (!drill) return null;
+  const vm = drill.vm && typeof drill.vm === 'object' ? drill.vm : null;
   return html`<section class="panel warn-panel" data-testid="drill">
     <h2>Test failover (drill) running</h2>
     <p>Writable copies on ${pointLabel(drill.point)}; clean them up when the drill is over.</p>
-    ${(drill.disks || []).map((d) => html`<div><code>${d.name}</code> <code class="uri">${d.uri}</code></div>`)}
+    ${drill.lost ? html`<div class="error-box" role="alert" data-testid="drill-lost">The drill disks were lost: ${drill.lost}</div>` : null}
+    ${(drill.disks || []).map((d) => html`<div data-testid="drill-disk"><code>${d.name}</code> <code class="uri">${d.uri}</code></div>`)}
+    <h3 class="drill-vm-title">Drill VM</h3>
+    <div data-testid="drill-vm" data-health=${vm ? vm.health : job ? 'booting' : 'none'}>
+      ${vm
+        ? html`<${BootResult} vm=${vm} />`
+        : job
+          ? html`<span class="busy-note"><${Spinner} label="booting" /> The drill VM is starting; job ${job.id} waits for its boot check.</span>`
+          : html`<span class="muted">No drill VM: the drill opened the disks only.</span>`}
+    </div>
   </section>`;
 }
 
@@ -91,7 +104,8 @@ function NotProtected({ name }) {
           <button class="primary" data-testid="action-protect" onClick=${() => open('protect', name)}>Protect…</button>
           <h2>Disks</h2>
           <${Disks} vm=${vm.data} />
-        </section>`
+        </section>
+        <${ConsolePanel} name=${name} driver=${vm.data.driver} />`
       : null}
   </div>`;
 }
@@ -156,7 +170,7 @@ export function ItemPage({ name }) {
         <${Disks} vm=${v} />
       </section>
     </div>
-    <${Drill} drill=${it.drill} />
+    <${Drill} drill=${it.drill} job=${jobList.find((j) => j.type === 'test-failover' && isJobActive(j))} />
     <${FailoverRecord} fo=${it.failover} />
     <section class="panel" data-testid="points-panel">
       <h2>Recovery points <span class="muted small">(${pts.length})</span></h2>
@@ -180,6 +194,7 @@ export function ItemPage({ name }) {
       ${rpo.error ? html`<${ErrorBox} error=${rpo.error} />` : null}
       <${RpoChart} samples=${rpo.data} now=${now} />
     </section>
+    <${ConsolePanel} name=${name} drill=${it.drill} driver=${v ? v.driver : undefined} />
     <section class="panel" data-testid="item-jobs">
       <h2>Recent jobs <a class="small" href=${'#/jobs?vm=' + encodeURIComponent(name)}>all jobs of ${name}</a></h2>
       ${jobs.error ? html`<${ErrorBox} error=${jobs.error} />` : null}

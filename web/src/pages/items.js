@@ -7,6 +7,7 @@ import { ActionBar, useActions } from '../actions.js';
 import { ErrorBox, HealthBadge, Loading, PointText, Rpo, StateBadge } from '../components.js';
 import { usePoll, useNow } from '../hooks.js';
 import { html } from '../html.js';
+import { jobVmName } from '../model.js';
 
 // The queued and running jobs, polled once by the app (the nav's count) and read by the
 // pages (the spinner's link of an item in a busy state).
@@ -21,7 +22,8 @@ export function useActiveJobs() {
   const byVm = {};
   for (const j of poll.data || []) {
     // Running before Queued: the running one is what the item waits for.
-    if (!byVm[j.vm] || byVm[j.vm].state !== 'Running') byVm[j.vm] = j;
+    const vm = jobVmName(j);
+    if (!byVm[vm] || byVm[vm].state !== 'Running') byVm[vm] = j;
   }
   return { byVm, count: (poll.data || []).length, error: poll.error };
 }

@@ -5,7 +5,7 @@ import { api } from '../api.js';
 import { ErrorBox, JobCard, Loading } from '../components.js';
 import { navigate, usePoll, useNow } from '../hooks.js';
 import { html } from '../html.js';
-import { isJobActive } from '../model.js';
+import { isJobActive, jobVmName } from '../model.js';
 
 const kStates = ['Queued', 'Running', 'Succeeded', 'Failed', 'Cancelled'];
 const kPage = 50;
@@ -35,7 +35,7 @@ export function JobsPage({ query }) {
   }, [highlight, !!jobs.data]);
 
   const list = (jobs.data || []).slice().sort((a, b) => b.id - a.id);
-  const names = [...new Set([...(items.data || []).map((v) => v.name), ...list.map((j) => j.vm), vm].filter(Boolean))].sort();
+  const names = [...new Set([...(items.data || []).map((v) => v.name), ...list.map(jobVmName), vm].filter(Boolean))].sort();
   const running = list.filter(isJobActive).length;
   const failed = list.filter((j) => j.state === 'Failed').length;
   let shown = list.slice(0, limit);

@@ -28,9 +28,7 @@ export function VmsPage() {
               ${list.map(
                 (vm) => html`<tr data-testid="vm-row" data-name=${vm.name} data-state=${vm.state}>
                   <td>
-                    ${vm.state === 'Unprotected'
-                      ? html`<strong>${vm.name}</strong>`
-                      : html`<a class="strong" href=${'#/items/' + encodeURIComponent(vm.name)}>${vm.name}</a>`}
+                    <a class="strong" href=${'#/items/' + encodeURIComponent(vm.name)} data-testid="vm-link">${vm.name}</a>
                   </td>
                   <td>
                     ${vm.running_site || vm.site}
