@@ -225,9 +225,12 @@ int Print(const Ctx& c, const Answer& a, const std::function<void(const json&)>&
   return 0;
 }
 
-// Prints a VM's console (osr vm console): its last `bytes`, then, with `follow`, what comes,
-// polling once a second (bounded: until Ctrl-C or an error).
+// Prints a VM's console (osr vm console): its last `bytes`, then, with `follow`, what comes:
+// at once while full reads come back, else once a second (until Ctrl-C or an error). When
+// the site moved the log aside (its `cuts` changed, or it answered from 0), or the VM runs
+// at another site now, it says so on stderr and goes on from the new log's start.
 int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_t bytes) {
+  constexpr uint64_t kChunk = 65536;  // the most one read returns
   std::string base = "/vms/" + vm + "/console?which=" + (drill ? "drill" : "vm");
   Answer a = Call(c, "GET", fmt::format("{}&bytes={}", base, bytes));
   if (!a.error.empty()) return Fail(a.error);
@@ -238,15 +241,48 @@ int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_
   std::fputs(a.body.value("text", "").c_str(), stdout);
   std::fflush(stdout);
   uint64_t next = a.body.value("next", uint64_t{0});
+  uint64_t cuts = a.body.value("cuts", uint64_t{0});
+  std::string site = a.body.value("site", "");
+  bool full = false;
   while (follow) {
-    std::this_thread::sleep_for(std::chrono::seconds(1));
-    a = Call(c, "GET", fmt::format("{}&offset={}&bytes=65536", base, next));
+    if (!full) std::this_thread::sleep_for(std::chrono::seconds(1));
+    a = Call(c, "GET", fmt::format("{}&offset={}&bytes={}", base, next, kChunk));
     if (!a.error.empty()) return Fail(a.error);
-    uint64_t size = a.body.value("size", uint64_t{0});
-    if (size < next) next = 0;  // the log was moved aside: its new file starts at 0
+    const uint64_t now_cuts = a.body.value("cuts", uint64_t{0});
+    const std::string now_site = a.body.value("site", "");
+    const uint64_t from = a.body.value("offset", next);
+    if (now_site != site) {
+      std::fprintf(stderr, "[osr: %s runs at site %s now: its console there, from the start]\n",
+                   vm.c_str(), now_site.c_str());
+    } else if (now_cuts > cuts) {
+      const uint64_t cut_size = a.body.value("cut_size", uint64_t{0});
+      if (now_cuts == cuts + 1 && cut_size >= next) {
+        std::fprintf(stderr,
+                     "[osr: the site moved the console log aside (console.log.1 there); %llu "
+                     "byte(s) written before that are not shown]\n",
+                     static_cast<unsigned long long>(cut_size - next));
+      } else {
+        std::fprintf(stderr,
+                     "[osr: the site moved the console log aside %llu times since the last "
+                     "read; what was written before the last time is not shown]\n",
+                     static_cast<unsigned long long>(now_cuts - cuts));
+      }
+    } else if (from < next) {
+      std::fprintf(stderr, "[osr: the console log started again (the VM restarted)]\n");
+    }
+    if (now_site != site || now_cuts > cuts) {
+      // What came back was read at an offset of the old log: read the new one from 0.
+      site = now_site;
+      cuts = now_cuts;
+      next = 0;
+      full = true;
+      continue;
+    }
+    cuts = now_cuts;  // fewer: the site's daemon restarted (its count starts again)
     std::fputs(a.body.value("text", "").c_str(), stdout);
     std::fflush(stdout);
     next = a.body.value("next", next);
+    full = next - from >= kChunk;
   }
   return 0;
 }

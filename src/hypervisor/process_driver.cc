@@ -47,7 +47,7 @@ Status ProcessDriver::Start(const ProcessSpec& spec) {
   const char* argv[] = {"/bin/sh", "-c", cmd.c_str(), nullptr};
   int log_fd = -1;
   if (!spec.log_path.empty()) {
-    log_fd = ::open(spec.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    log_fd = ::open(spec.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (log_fd < 0) return Status::FromErrno(errno, "open " + spec.log_path);
   }
   pid_t pid = ::fork();

@@ -18,9 +18,9 @@ using nlohmann::json;
 
 namespace {
 
-// {offset, next, size, text} of the file at `path` (see Site::GroupConsole).
-Result<json> ReadConsoleFile(const std::string& path, std::optional<uint64_t> offset,
-                             size_t max_bytes) {
+// {offset, next, size, text} of the file at `path`.
+Result<json> ReadConsoleBytes(const std::string& path, std::optional<uint64_t> offset,
+                              size_t max_bytes) {
   max_bytes = std::min(max_bytes, VmRunner::kConsoleTailBytesMax);
   auto f = File::Open(path, File::Mode::kReadOnly);
   if (!f.ok()) {
@@ -46,6 +46,18 @@ Result<json> ReadConsoleFile(const std::string& path, std::optional<uint64_t> of
     if (u != '\n' && u != '\t' && (u < 0x20 || u >= 0x7f)) c = '?';
   }
   return json{{"offset", from}, {"next", from + n}, {"size", size}, {"text", text}};
+}
+
+// {offset, next, size, text, cuts, cut_size} of the console log at `path` that `runner`
+// keeps bounded (see Site::GroupConsole).
+Result<json> ReadConsoleFile(const std::string& path, const VmRunner& runner,
+                             std::optional<uint64_t> offset, size_t max_bytes) {
+  // Read before the file: a cut that comes between shows at the next read.
+  const VmRunner::ConsoleCuts cuts = runner.console_cuts();
+  OSR_ASSIGN_OR_RETURN(json out, ReadConsoleBytes(path, offset, max_bytes));
+  out["cuts"] = cuts.count;
+  out["cut_size"] = cuts.last_size;
+  return out;
 }
 
 }  // namespace
@@ -222,6 +234,7 @@ void Site::AdoptDrillVmLocked(const std::string& id, View& v, const json& entry)
 Result<json> Site::GroupConsole(const std::string& vm, std::optional<uint64_t> offset,
                                 size_t max_bytes) {
   std::string path;
+  std::shared_ptr<VmRunner> runner;
   {
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
@@ -229,13 +242,15 @@ Result<json> Site::GroupConsole(const std::string& vm, std::optional<uint64_t> o
     const json& spec = it->second->vm_spec;
     bool process = spec.is_object() && spec.value("driver", "") == "process";
     path = cfg_.data_dir + "/groups/" + vm + "/run/" + (process ? "vm.log" : "console.log");
+    runner = it->second->vm;
   }
-  return ReadConsoleFile(path, offset, max_bytes);
+  return ReadConsoleFile(path, *runner, offset, max_bytes);
 }
 
 Result<json> Site::ViewConsole(const std::string& id, std::optional<uint64_t> offset,
                                size_t max_bytes) {
   std::string path;
+  std::shared_ptr<VmRunner> runner;
   {
     std::lock_guard lock(mu_);
     auto it = views_.find(id);
@@ -243,8 +258,9 @@ Result<json> Site::ViewConsole(const std::string& id, std::optional<uint64_t> of
     const json& spec = it->second.vm_spec;
     bool process = spec.is_object() && spec.value("driver", "") == "process";
     path = DrillRunDir(id) + "/" + (process ? "vm.log" : "console.log");
+    runner = it->second.runner;
   }
-  return ReadConsoleFile(path, offset, max_bytes);
+  return ReadConsoleFile(path, *runner, offset, max_bytes);
 }
 
 }  // namespace osr::site

@@ -311,6 +311,7 @@ Result<NetworkPlan> PlanNetworks(const std::vector<hypervisor::Nic>& nics,
 
 Status MakeTaps(const std::vector<TapPlan>& taps) {
   if (taps.empty()) return Status::Ok();
+  OSR_RETURN_IF_ERROR(CheckNetAdmin());  // the capability named, not the kernel's EPERM
   OSR_ASSIGN_OR_RETURN(Fd sock, IoctlSocket());
   std::vector<TapPlan> made;
   for (auto& tap : taps) {

@@ -1058,8 +1058,8 @@ void Site::WatchOnce() {
     if (!cut.ok()) {
       spdlog::warn("site {}: {}: console log: {}", cfg_.name, what, cut.status().ToString());
     } else if (*cut) {
-      spdlog::info("site {}: {}: console log passed {} bytes: moved to console.log.1", cfg_.name,
-                   what, cfg_.console_log_bytes_max);
+      spdlog::info("site {}: {}: console log passed {} bytes: moved to {}.1", cfg_.name, what,
+                   cfg_.console_log_bytes_max, runner->console_path());
     }
   }
 }

@@ -331,9 +331,11 @@ class Site {
   Result<bool> StopViewVm(const std::string& id, int timeout_ms);
 
   // A VM's console (its serial port's log, or a process VM's output), from `offset` (its
-  // end: at most max_bytes) or, without one, its last max_bytes: {offset, next, size, text}
-  // with non-printable bytes as '?'. The production or failed-over VM of a group, or a
-  // drill VM. kNotFound for no such group or view.
+  // end: at most max_bytes) or, without one, its last max_bytes: {offset, next, size, text,
+  // cuts, cut_size} with non-printable bytes as '?'; cuts counts the times the log was cut
+  // while this daemon ran (VmRunner::console_cuts), cut_size is its size at the last cut.
+  // The production or failed-over VM of a group, or a drill VM. kNotFound for no such group
+  // or view.
   Result<nlohmann::json> GroupConsole(const std::string& vm, std::optional<uint64_t> offset,
                                       size_t max_bytes);
   Result<nlohmann::json> ViewConsole(const std::string& id, std::optional<uint64_t> offset,

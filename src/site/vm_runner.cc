@@ -87,13 +87,16 @@ Status VmRunner::Start(const VmLaunch& launch) {
   std::unique_ptr<hypervisor::QemuDriver> qemu;
   Status started;
   std::string console;
-  // What the console held before this start (QEMU appends to it; a process's log is
-  // truncated): a boot check reads only what came after. Taken before the guest runs.
+  // What the console held before this start (both drivers append to it): a boot check
+  // reads only what came after. Taken before the guest runs.
   uint64_t console_from = 0;
   if (launch.spec.driver == Driver::kQemu) {
     console_from = fs::file_size(launch.run_dir + "/console.log", ec);
     // QemuDriver::Start moves a log past kConsoleLogBytesMax aside: the new one starts at 0.
     if (ec || console_from > hypervisor::kConsoleLogBytesMax) console_from = 0;
+  } else if (launch.spec.driver == Driver::kProcess) {
+    console_from = fs::file_size(launch.run_dir + "/vm.log", ec);
+    if (ec) console_from = 0;
   }
   if (launch.spec.driver == Driver::kProcess) {
     hypervisor::ProcessSpec ps;
@@ -223,8 +226,9 @@ VmRunner::Snapshot VmRunner::snapshot() const {
 }
 
 Result<bool> VmRunner::BoundConsole(uint64_t bytes_max) {
-  std::lock_guard op(op_mu_);  // not while a start moves the log aside
-  if (!RunningLocked()) return false;
+  // Not while a start moves the log aside; not waiting for a stop (the watcher calls this).
+  std::unique_lock op(op_mu_, std::try_to_lock);
+  if (!op.owns_lock() || !RunningLocked()) return false;
   const std::string path = console_path();
   if (path.empty()) return false;
   auto f = File::Open(path, File::Mode::kReadWrite);
@@ -240,7 +244,15 @@ Result<bool> VmRunner::BoundConsole(uint64_t bytes_max) {
   }
   OSR_RETURN_IF_ERROR(f->Truncate(0));
   console_from_ = 0;
+  std::lock_guard lock(state_mu_);
+  ++console_cuts_;
+  console_cut_size_ = size;
   return true;
+}
+
+VmRunner::ConsoleCuts VmRunner::console_cuts() const {
+  std::lock_guard lock(state_mu_);
+  return {console_cuts_, console_cut_size_};
 }
 
 std::string VmRunner::console_path() const {

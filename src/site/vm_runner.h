@@ -6,13 +6,15 @@
 // The site decides what runs (the spec, checked against its commands rules, and the disks'
 // URIs); the runner only runs it.
 //
-// Thread model: thread-safe. Two mutexes:
+// Thread model: thread-safe. Three mutexes:
 //   - op_mu_ serialises every call that talks to the driver (Start, Stop, Freeze, Thaw,
 //     Adopt, and Refresh's waitpid): a stop never runs beside a freeze or a start, and a
 //     start after a stop starts a new VM (the order the calls came in). Each of them is
 //     bounded in time (the drivers' own bounds, the timeouts given).
-//   - state_mu_ guards what readers see (snapshot()). It is a leaf: nothing else is taken
-//     while it is held.
+//   - state_mu_ guards what readers see (snapshot(), console_path(), console_cuts()). It is
+//     a leaf: nothing else is taken while it is held.
+//   - boot_mu_ guards the boot check's thread (CheckBoot, EndBootCheck); taken before
+//     op_mu_, never under it.
 // A caller holding the site's mu_ may call snapshot() and Refresh() only: neither waits for
 // an operation under way (Refresh skips the driver then, and reports the state as it is).
 // The other calls are made without the site's mu_ — but Adopt, at the site's start, before
@@ -98,7 +100,8 @@ class VmRunner {
   // `check.console_line` (in what it printed since that start), or else the guest agent
   // answers guest-ping, within check.timeout_ms. The snapshot shows kChecking, then
   // kHealthy or kUnhealthy (the VM stopped, or the timeout passed: the reason says which).
-  // A check under way is replaced. Stop ends it (kUnhealthy: "stopped").
+  // A check under way is replaced. Stop ends it (kUnhealthy: "stopped before the check
+  // ended").
   void CheckBoot(const hypervisor::BootCheck& check);
   // The most a console read returns at once (Site::GroupConsole).
   static constexpr size_t kConsoleTailBytesMax = 64 * 1024;
@@ -115,8 +118,18 @@ class VmRunner {
   // starts again at 0. Its writer appends (QEMU's chardev append=on, a process's O_APPEND),
   // so it goes on at the new end; what it printed between the copy and the cut is lost.
   // Readers past the new end read from 0 (Site::GroupConsole), as does the boot check.
-  // Returns whether it cut the log; an I/O error leaves the log as it was. Takes op_mu_.
+  // Returns whether it cut the log; an I/O error leaves the log as it was. Never waits: while
+  // an operation holds op_mu_ (a stop may take its whole timeout) it does nothing and
+  // returns false (the site's watcher comes back a second later).
   Result<bool> BoundConsole(uint64_t bytes_max);
+  // How often BoundConsole cut the log since this runner was made, and the log's size at
+  // the last cut (what <log>.1 holds): a follower whose offset is from before a cut knows
+  // to start again at 0, and how much it did not read.
+  struct ConsoleCuts {
+    uint64_t count = 0;
+    uint64_t last_size = 0;  // bytes
+  };
+  ConsoleCuts console_cuts() const;
 
  private:
   void SetState(State s);
@@ -140,8 +153,10 @@ class VmRunner {
   std::atomic<bool> boot_stop_{false};
 
   mutable std::mutex state_mu_;
-  Snapshot snap_;             // guarded by state_mu_
-  std::string console_path_;  // guarded by state_mu_
+  Snapshot snap_;                  // guarded by state_mu_
+  std::string console_path_;       // guarded by state_mu_
+  uint64_t console_cuts_ = 0;      // guarded by state_mu_ (see console_cuts())
+  uint64_t console_cut_size_ = 0;  // guarded by state_mu_
 };
 
 }  // namespace osr::site

@@ -6,6 +6,7 @@
 #include <openssl/rand.h>
 
 #include <charconv>
+#include <regex>
 #include <vector>
 
 namespace osr::vault {
@@ -50,6 +51,12 @@ Result<TokenParts> ParseToken(std::string_view t) {
     if (!ok) return bad();
   }
   return p;
+}
+
+std::string MaskTokens(std::string_view text) {
+  if (text.find("osr_") == std::string_view::npos) return std::string(text);
+  static const std::regex kToken("osr_([0-9]+)_[A-Za-z0-9_-]{16,}");
+  return std::regex_replace(std::string(text), kToken, "osr_$1_(not logged)");
 }
 
 Result<std::string> RandomSecret(size_t bytes) {

@@ -43,6 +43,12 @@ std::string FormatToken(int64_t id, std::string_view secret);
 // kInvalidArgument when `token` does not have that shape.
 Result<TokenParts> ParseToken(std::string_view token);
 
+// `text` with the secret of every token in it ("osr_<id>_<secret>", the secret 16 or more
+// base64url characters) replaced by "(not logged)": what an audit row or a log line may keep
+// of a value a caller sent (a token pasted in a wrong field, a path, an error that echoes
+// it). The id stays, so an operator can tell which token leaked and revoke it.
+std::string MaskTokens(std::string_view text);
+
 // `bytes` random bytes from OpenSSL's CSPRNG as base64url without padding.
 // kInternal when the CSPRNG fails (the caller must not go on with a weak secret).
 Result<std::string> RandomSecret(size_t bytes = 32);

@@ -102,7 +102,9 @@ Result<json> Vault::VmConsole(const std::string& name, bool drill, std::optional
               {"offset", f.U64("offset", 0)},
               {"next", f.U64("next", 0)},
               {"size", f.U64("size", 0)},
-              {"text", f.String("text", "")}};
+              {"text", f.String("text", "")},
+              {"cuts", f.U64("cuts", 0)},
+              {"cut_size", f.U64("cut_size", 0)}};
   if (!f.ok()) return f.status();
   return out;
 }

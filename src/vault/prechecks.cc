@@ -61,6 +61,13 @@ uint64_t JournalHeadroomBytes(const PolicyRow& policy, uint64_t full_bytes) {
   return std::clamp<uint64_t>(bytes, 4ull << 20, std::max<uint64_t>(2 * full_bytes, 4ull << 20));
 }
 
+uint64_t DisksFullBytes(const VmRow& vm) {
+  uint64_t full = 0;
+  if (!vm.disks.is_array()) return 0;
+  for (auto& d : vm.disks) full += json_in::Fields(d).U64("size_bytes", 0);
+  return full;
+}
+
 json Vault::PlanAt(const SiteRow& site, const std::string& action, const std::string& vm,
                    json needs, const json& creates, const json& deletes) {
   needs["vm"] = vm;

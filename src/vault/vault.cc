@@ -140,8 +140,22 @@ Result<json> Vault::RegisterSite(const std::string& name, const std::string& api
   if (!https && api.rfind("http://", 0) != 0) {
     return InvalidArgument("api: the site's https://HOST:PORT/api/v1");
   }
+  // The address is shown (site list, errors, audit rows) and called: no credentials in it,
+  // nothing a client would drop or treat apart (query, fragment), no spaces or control bytes.
+  if (api.size() > 1000) return InvalidArgument("api: longer than 1000 bytes");
+  for (unsigned char c : api) {
+    if (c <= 0x20 || c >= 0x7f || c == '?' || c == '#') {
+      return InvalidArgument(
+          "api: the site's https://HOST:PORT/api/v1, without a query, a fragment, spaces or "
+          "bytes past ASCII");
+    }
+  }
   std::string hostport = api.substr(https ? 8 : 7);
   hostport = hostport.substr(0, hostport.find('/'));
+  if (hostport.find('@') != std::string::npos) {
+    return InvalidArgument(
+        "api: no user or password in the address (sites are authenticated by mutual TLS)");
+  }
   auto api_addr = ParseHostPort(hostport, 7482);
   if (!api_addr.ok()) return InvalidArgument("api: " + api_addr.status().message());
   if (!https && !IsLoopbackHost(api_addr->host)) {
@@ -542,23 +556,13 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
   if (target == v->site) return InvalidArgument("the target site must differ from the VM's site");
   OSR_ASSIGN_OR_RETURN(auto policy_row, catalog_->FindPolicy(policy));
   if (!policy_row) return NotFound("no policy named '" + policy + "'");
-  // The VM must be able to run at its recovery site too: the entries its spec names
-  // must be in that site's allow-list (or that site must take literals).
+  // The VM must be able to run at its recovery site too (the entries its spec names in
+  // that site's allow-list, or literals allowed there): the site's `commands` check below.
   OSR_ASSIGN_OR_RETURN(auto spec,
                        hypervisor::ParseVmSpec(v->spec, hypervisor::SpecSource::kStored));
-  if (spec.driver != hypervisor::Driver::kNone) {
-    const SiteRow& t = *target_site;
-    OSR_ASSIGN_OR_RETURN(hypervisor::CommandPolicy at_target, SitePolicy(Client(t), t));
-    Status st = hypervisor::CheckCommands(spec, at_target);
-    if (!st.ok()) {
-      return InvalidArgument(
-          fmt::format("VM {} could not run at {} after a failover: {}", vm, target, st.message()));
-    }
-  }
   // The recovery site must hold the store: what the disks hold now (allocated), and the
   // journal the policy implies; and run the VM after a failover (its networks, QEMU).
-  uint64_t full = 0, allocated = 0;
-  for (auto& d : v->disks) full += json_in::Fields(d).U64("size_bytes", 0);
+  uint64_t full = DisksFullBytes(*v), allocated = 0;
   if (auto src = catalog_->FindSite(v->site); src.ok() && src->has_value()) {
     if (auto g = Client(**src).Call("GET", "/groups/" + vm); g.ok()) {
       json_in::Fields gf(*g, "site " + v->site + " group.");
@@ -699,7 +703,9 @@ Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec,
   start = start && Driver(*v) != "none";
   OSR_ASSIGN_OR_RETURN(auto dst, catalog_->FindSite(item->target));
   if (!dst) return NotFound("site " + item->target + " is not registered");
-  json needs = {{"role", "drill"}};
+  // A drill writes into overlays over the store: nothing is needed before it starts, and
+  // its writes may take up to the disks' full size (a warning when that is not free).
+  json needs = {{"role", "drill"}, {"bytes_full", DisksFullBytes(*v)}};
   json creates = json::array({fmt::format("drill disks of {} at {} (writable; new)", vm, at)});
   if (start) {
     needs["spec"] = v->spec;
@@ -750,8 +756,11 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
   bool runs = start && Driver(*v) != "none";
   // A failover run again after FailoverFailed finds the disks its first run made (the
   // site answers the same seq and epoch again): they are not a name clash then.
+  // The failover disks are overlays over the store (nothing needed at once); commit copies
+  // them into images of the disks' full size (a warning when that is not free).
   json needs = {{"role", "production"},
-                {"name_free", item->state == ItemState::kFailoverFailed ? "none" : "group"}};
+                {"name_free", item->state == ItemState::kFailoverFailed ? "none" : "group"},
+                {"bytes_full", DisksFullBytes(*v)}};
   json creates =
       json::array({fmt::format("disks of {} at {} over {} (new; the recovery "
                                "points stay until commit)",

@@ -129,8 +129,8 @@ class Vault {
   // Adds (`add`: a disk the VM has not) or grows a disk of VM where it runs now, protected
   // or not (the site records the change in the capture order; Site::ChangeGroupDisk), and
   // keeps the catalog's disks. {"vm": ShowVm, "seq", "added", "restart_needed"}.
-  // kNotFound, kInvalidArgument (add of a disk it has, grow of one it has not), and the
-  // site's refusals.
+  // kNotFound (no VM; grow of a disk it has not), kAlreadyExists (add of a disk it has),
+  // kInvalidArgument (a size that is not larger, a bad name), and the site's refusals.
   Result<nlohmann::json> ChangeVmDisk(const std::string& name, const std::string& disk,
                                       uint64_t size_bytes, bool add);
   Result<nlohmann::json> StopVm(const std::string& name, int timeout_ms);
@@ -157,8 +157,9 @@ class Vault {
   Result<nlohmann::json> ShowVm(const std::string& name);
   // The console of VM `name` (GET /api/v1/vms/NAME/console): of the VM where it runs now
   // (its site, or the recovery site once failed over), or with `drill` of its drill VM.
-  // {site, which, offset, next, size, text}: the site's console read (offset: from there;
-  // none: the last `bytes`). kNotFound for no such VM, or no drill.
+  // {site, which, offset, next, size, text, cuts, cut_size}: the site's console read
+  // (offset: from there; none: the last `bytes`; cuts, cut_size: Site::GroupConsole).
+  // kNotFound for no such VM, or no drill.
   Result<nlohmann::json> VmConsole(const std::string& name, bool drill,
                                    std::optional<uint64_t> offset, uint64_t bytes);
   // Each action below with `dry_run` returns {"plan": ...} (prechecks.cc) and changes

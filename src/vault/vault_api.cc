@@ -484,8 +484,10 @@ Result<Principal> VaultApi::Authenticate(const httplib::Request& req) {
 
 namespace {
 
-// Whether a body field holds a credential (a login's token, a password): never in the log.
+// Whether a body field holds a credential (a login's token, a password) or a command line
+// (a lab's literal command, QEMU arguments or hook command may carry one): never in the log.
 bool SecretField(std::string_view key) {
+  if (key == "command" || key == "qemu_args") return true;  // (command_name: a name, kept)
   for (std::string_view word : {"token", "password", "secret", "key"}) {
     if (key.find(word) != std::string_view::npos) return true;
   }
@@ -496,7 +498,7 @@ json WithoutSecrets(const json& v) {
   if (v.is_object()) {
     json out = json::object();
     for (auto& [k, x] : v.items())
-      out[k] = SecretField(k) ? json("(not logged)") : WithoutSecrets(x);
+      out[MaskTokens(k)] = SecretField(k) ? json("(not logged)") : WithoutSecrets(x);
     return out;
   }
   if (v.is_array()) {
@@ -504,6 +506,8 @@ json WithoutSecrets(const json& v) {
     for (auto& x : v) out.push_back(WithoutSecrets(x));
     return out;
   }
+  // A token sent in a field not named for one (a name, a point, a note).
+  if (v.is_string()) return MaskTokens(v.get_ref<const std::string&>());
   return v;
 }
 
@@ -542,9 +546,9 @@ void VaultApi::Audit(const httplib::Request& req, const Principal* who, int stat
   a.principal = who ? who->name : "anonymous";
   a.role = who ? std::string(RoleName(who->role)) : "";
   a.method = req.method;
-  a.path = printable(req.path, 1000);
+  a.path = printable(MaskTokens(req.path), 1000);
   a.status = status;
-  a.message = printable(message, 1000);
+  a.message = printable(MaskTokens(message), 1000);
   a.remote = req.remote_addr;
   if (Status st = catalog_.AddAudit(a); !st.ok()) {
     // The call itself is done; an operator must learn that the audit log missed it.

@@ -27,6 +27,8 @@ Status FirstPointFailed(const Steps& steps, const Status& st);
 // The free space a recovery store's journal should have beyond its base for `policy`,
 // bytes (prechecks.cc; the rule is in docs/api.md, "Checks before acting").
 uint64_t JournalHeadroomBytes(const PolicyRow& policy, uint64_t full_bytes);
+// The sum of the VM's disks' sizes in the catalog, bytes (0 for a row without a disk list).
+uint64_t DisksFullBytes(const VmRow& vm);
 // Ok, or kFailedPrecondition naming the first failed check of `plan` (Vault::PlanAt).
 Status PlanRefusal(const nlohmann::json& plan);
 // Whether a site's group (GET /groups/{vm}, from `site`) has the VM's disks now: the same

@@ -198,7 +198,8 @@ def console(osr, vm, drill=False):
     """`osr vm console VM [--drill]` (its last 64 KiB) as JSON."""
     args = ["vm", "console", vm, "--bytes", "65536"] + (["--drill"] if drill else [])
     c = osr.ok(*args)
-    assert set(c) == {"site", "which", "offset", "next", "size", "text"}, c
+    assert set(c) == {"site", "which", "offset", "next", "size", "text", "cuts", "cut_size"}, c
+    assert c["cuts"] == 0, c  # its logs stay far below the 16 MiB bound
     assert c["which"] == ("drill" if drill else "vm"), c
     # next and size count the console file's bytes; the text leaves out each line's CR.
     assert 0 <= c["offset"] <= c["next"] <= c["size"], c
@@ -530,8 +531,14 @@ def test_dry_runs_plan_and_failed_checks_refuse_before_anything_changes(qemu_rea
                 "test-failover --dry-run")
     assert (p["action"], p["vm"], p["site"], p["ok"]) == ("test-failover", vm, "recovery",
                                                          True), p
-    assert [c["name"] for c in p["checks"]] == ["site", "hypervisor", "commands", "networks"], p
+    assert [c["name"] for c in p["checks"]] == ["site", "space", "hypervisor", "commands",
+                                                "networks"], p
     assert check(p, "site")["result"] == "passed"
+    # A drill writes into overlays: nothing needed now, the disks' full size at most.
+    full = sum(d["size_bytes"] for d in osr.ok("vm", "show", vm)["disks"])
+    space = check(p, "space")
+    assert space["result"] == "passed", space
+    assert (space["needed_bytes"], space["full_bytes"]) == (0, full), space
     assert check(p, "hypervisor")["result"] in ("passed", "warning"), p  # warning: TCG
     assert check(p, "commands")["result"] == "passed", p
     net = check(p, "networks")
@@ -546,9 +553,11 @@ def test_dry_runs_plan_and_failed_checks_refuse_before_anything_changes(qemu_rea
     p = plan_of(osr.run("failover", vm, "--point", "latest", "--shutdown-source", "--dry-run"),
                 "failover --dry-run")
     assert (p["action"], p["vm"], p["site"], p["ok"]) == ("failover", vm, "recovery", True), p
-    assert [c["name"] for c in p["checks"]] == ["site", "names", "hypervisor", "commands",
-                                                "networks"], p
+    assert [c["name"] for c in p["checks"]] == ["site", "names", "space", "hypervisor",
+                                                "commands", "networks"], p
     assert check(p, "names")["result"] == "passed", p
+    # Commit copies the failover disks into images: up to their full size.
+    assert (check(p, "space")["needed_bytes"], check(p, "space")["full_bytes"]) == (0, full), p
     assert check(p, "networks")["message"] == "lab → user", p
     assert p["creates"][0].startswith(f"disks of {vm} at recovery over the latest point"), p
     assert f"VM {vm} running at recovery on its production networks" in p["creates"], p
@@ -571,7 +580,7 @@ def test_dry_runs_plan_and_failed_checks_refuse_before_anything_changes(qemu_rea
     # A drill without its VM (--no-start) asks nothing of the hypervisor or the networks.
     p = plan_of(osr.run("test-failover", vm, "--point", "latest", "--no-start", "--dry-run"),
                 "test-failover --no-start --dry-run")
-    assert p["ok"] is True and [c["name"] for c in p["checks"]] == ["site"], p
+    assert p["ok"] is True and [c["name"] for c in p["checks"]] == ["site", "space"], p
     assert len(p["creates"]) == 1, p
     assert_unchanged(osr, vm, jobs, "after the dry runs")
 

@@ -197,6 +197,31 @@ def test_a_lab_site_runs_a_command_string_but_no_forbidden_qemu_argument(daemons
     assert osr.ok("vm", "list")[0]["name"] == "vm1"
 
 
+def test_protect_to_a_site_that_would_not_run_the_vm_fails_its_commands_check(daemons,
+                                                                              tmp_path):
+    """A lab primary takes a command string; a strict recovery site would not run it after
+    a failover: protect's plan shows the failed `commands` check, and protect is refused
+    (409, the check named), nothing changed."""
+    commands = write_private(tmp_path / "commands.toml", 'version = 1\n[commands.marker]\n'
+                             'command = "exec sleep 60"\n')
+    vault, sites, osr = daemons({"primary": "allow_api_commands = true\n",
+                                 "recovery": f'commands_file = "{commands}"\n'})
+    osr.ok("vm", "create", "vm1", "--site", "primary", "--disk", "os:16M", "--driver",
+           "process", "--command", "exec sleep 60")
+    p = osr.run("protect", "vm1", "--target", "recovery", "--dry-run")
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    plan = json.loads(p.stdout)["plan"]
+    assert plan["ok"] is False, plan
+    check = [c for c in plan["checks"] if c["name"] == "commands"]
+    assert check and check[0]["result"] == "failed", plan
+    assert check[0]["message"].startswith("spec.command:"), check
+    msg = fails(osr, "protect", "vm1", "--target", "recovery")
+    assert "protect vm1: check 'commands' failed at site recovery: spec.command:" in msg, msg
+    assert "nothing was changed" in msg, msg
+    assert osr.ok("item", "list") == [], "a refused protect made an item"
+    assert not (sites["recovery"].data_dir / "stores" / "vm1").exists(), "a store was made"
+
+
 def test_a_strict_vault_runs_only_entries_of_its_hooks_file(daemons, tmp_path):
     evil = tmp_path / "evil"
     log = tmp_path / "hooks.log"

@@ -4,14 +4,17 @@ while the VM runs on; the VM's next output lands at the new start (its writer ap
 a reader whose offset lies past the new end reads from 0."""
 
 import os
+import re
 import signal
 import subprocess
+import threading
 
 import pytest
 
-from conftest import MIB, api_ok, group_status, require_libnbd, write_config
+from conftest import MIB, api_ok, group_status, require_libnbd, write_config, SiteProcess
 import osrtest
 from osrtest import wait_for
+from test_dr_daemons import Osr, VaultProcess, register
 
 VM = "vm1"
 LIMIT = 64 * 1024
@@ -51,9 +54,12 @@ def test_a_running_vms_console_log_is_cut_at_its_limit(site_factory, tmp_path):
         assert group_status(site, VM)["vm"]["running"], "the VM stopped"
         os.kill(pid, 0)
 
-        # A reader that followed the old log (its offset past the new end) reads from 0.
+        # A reader that followed the old log (its offset past the new end) reads from 0,
+        # and is told the log was cut: how often, and its size then (what vm.log.1 holds).
         got = api_ok(site, "GET", f"/groups/{VM}/console?offset={10 ** 9}&bytes=65536")
         assert got["offset"] == 0, got
+        assert got["cuts"] >= 1, got
+        assert got["cut_size"] == older.stat().st_size, (got, older.stat().st_size)
 
         # The VM's next line lands at the start of the cut log, no hole before it.
         size_before = log.stat().st_size
@@ -81,3 +87,68 @@ def test_a_console_limit_that_is_not_one_is_refused(tmp_path, value):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0, p.stdout
     assert "console_log_limit" in p.stderr, p.stderr
+
+
+FOLLOW_LINES = 3000   # of 200 bytes: 600 KB, about ten times the limit, at about 100 KB/s
+
+
+def test_a_follower_is_told_what_a_cut_kept_from_it(tmp_path, new_catalog):
+    """`osr vm console VM -f` through a vault, while the VM prints ten times the limit: the
+    lines it shows only ever go forward (never a line twice, never an old line after a new
+    one), each gap in them comes with a notice on stderr that the site moved the log aside,
+    and it shows the VM's last line."""
+    require_libnbd()
+    config, data_dir = write_config(
+        tmp_path, "primary", extra=f'allow_api_commands = true\nconsole_log_limit = "{LIMIT}"\n')
+    site = SiteProcess("primary", config, data_dir, tmp_path / "primary.stderr")
+    vault = VaultProcess(new_catalog(tmp_path / "vault.db"), tmp_path, osrtest.free_port(),
+                         tmp_path / "vault.stderr")
+    procs = [site, vault]
+    follower, pid = None, None
+    try:
+        site.start()
+        vault.start()
+        osr = Osr(vault, (site,))
+        register(osr, site)
+        command = (f'for i in $(seq 1 {FOLLOW_LINES}); do printf "L%06d %0192d\\n" $i 0; '
+                   f'[ $((i % 50)) = 0 ] && sleep 0.1; done; echo OSR-DONE; exec sleep 600')
+        osr.ok("vm", "create", VM, "--site", "primary", "--disk", "os:4M", "--driver", "process",
+               "--command", command)
+        cmd = [str(osrtest.require_osr()), "--vault", vault.url, "vm", "console", VM, "-f"]
+        follower = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=osrtest.token_env(vault.token_file))
+        err = []
+        threading.Thread(target=lambda: err.extend(follower.stderr), daemon=True).start()
+        osr.ok("vm", "start", VM)
+        pid = group_status(site, VM)["vm"]["pid"]
+        # Bounded: a watchdog ends the follower (and so the loop) if OSR-DONE never shows.
+        watchdog = threading.Timer(120 * osrtest.time_factor(), follower.kill)
+        watchdog.start()
+        shown = []
+        for line in follower.stdout:
+            shown.append(line.rstrip("\n"))
+            if line.startswith("OSR-DONE"):
+                break
+        watchdog.cancel()
+        assert shown and shown[-1] == "OSR-DONE", (shown[-3:], err, osr.logs())
+        numbers = [int(m.group(1)) for m in map(re.compile(r"^L(\d{6}) 0{192}$").match, shown)
+                   if m]
+        assert len(numbers) == len(shown) - 1, [s for s in shown if not s.startswith("L")][:5]
+        gaps = sum(1 for a, b in zip(numbers, numbers[1:]) if b != a + 1)
+        backwards = [(a, b) for a, b in zip(numbers, numbers[1:]) if b <= a]
+        assert not backwards, f"lines out of order or twice: {backwards[:5]}"
+        notices = [e for e in err if "moved the console log aside" in e]
+        assert gaps <= len(notices), (gaps, err)
+        assert site.data_dir.joinpath("groups", VM, "run", "vm.log.1").exists(), \
+            "the log was never cut: the test showed nothing"
+        assert numbers[-1] == FOLLOW_LINES, numbers[-3:]
+    finally:
+        if follower:
+            follower.kill()
+            follower.wait(timeout=30)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        osrtest.stop_all_clean(procs)

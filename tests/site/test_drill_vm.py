@@ -274,7 +274,8 @@ class Console:
     def read(self):
         for _ in range(100):
             doc = api_ok(self.site, "GET", f"{self.path}?offset={self.next}&bytes=65536")
-            assert set(doc) == {"offset", "next", "size", "text"}, doc
+            assert set(doc) == {"offset", "next", "size", "text", "cuts", "cut_size"}, doc
+            assert (doc["cuts"], doc["cut_size"]) == (0, 0), doc  # far below the bound
             assert doc["offset"] == self.next, f"{self.path}: read from {self.next}: {doc}"
             # `next` counts the log's bytes: the text lacks the serial console's CRs.
             assert "\r" not in doc["text"], doc

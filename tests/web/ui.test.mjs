@@ -506,7 +506,7 @@ async function run() {
     await textMatches(tf.locator('[data-testid=summary]'), [/open at recovery on point \d+/, /boots on them at recovery, in its drill networks/], 'its summary names the point it will use and says the VM boots');
     await checkPlan(tf, 'test failover', {
       site: 'recovery',
-      names: ['site', 'commands'],
+      names: ['site', 'space', 'commands'],
       creates: [/drill disks of vm1 at point \d+/, /drill VM vm1 on the drill networks, with a boot check/],
     });
     await boot.uncheck();
@@ -628,7 +628,7 @@ async function run() {
     await waitUntil(async () => (await planIn(fo)).creates.some((c) => new RegExp(`over point ${pick} `).test(c)), `the plan to be the one of point ${pick}`);
     await checkPlan(fo, 'failover', {
       site: 'recovery',
-      names: ['site', 'names', 'commands'],
+      names: ['site', 'names', 'space', 'commands'],
       creates: [new RegExp(`disks of vm1 at recovery over point ${pick} `), /VM vm1 running at recovery/],
       deletes: [/the VM at primary is shut down/],
     });
@@ -741,7 +741,7 @@ async function run() {
       check(await gtf.getByRole('checkbox', { name: /Boot the VM in the drill network/ }).isChecked(), 'the guest\'s drill boots it by default');
       await checkPlan(gtf, 'QEMU test failover', {
         site: 'recovery',
-        names: ['site', 'hypervisor', 'commands'],
+        names: ['site', 'space', 'hypervisor', 'commands'],
         creates: [/drill disks of guest/, /drill VM guest on the drill networks, with a boot check/],
       });
       await confirmDialog(gtf);

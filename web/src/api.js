@@ -23,8 +23,9 @@ function statusWords(status) {
   if (status === 400) return 'the vault refused the request';
   if (status === 403) return 'not allowed';
   if (status === 404) return 'not found';
-  if (status === 409) return 'conflicts with what exists';
-  if (status === 412) return 'a check failed: nothing was changed';
+  // 409: the state does not allow it, or a check before acting failed (its message names
+  // the check and its numbers); nothing was changed either way.
+  if (status === 409) return 'not possible in the current state: nothing was changed';
   if (status === 501) return 'not supported';
   if (status === 503) return 'not possible right now, try again later';
   if (status >= 500) return 'the vault failed; an operator must look';

@@ -7,31 +7,10 @@ import { api } from './api.js';
 import { ErrorBox } from './components.js';
 import { usePoll } from './hooks.js';
 import { html } from './html.js';
-import { fmtBytes, fmtClock } from './model.js';
+import { appendConsole, CONSOLE_KEEP_CHARS, fmtBytes, fmtClock } from './model.js';
 
-export const CONSOLE_KEEP_CHARS = 256 * 1024; // what the page keeps of a console
+export { CONSOLE_KEEP_CHARS };
 const kReadBytes = 65536; // one read (the vault's most)
-
-// What the page keeps after one more read: `kept` {text, next, cut} (next: null before the
-// first read), `answer` the vault's {offset, next, size, text}. Pure, for the tests' eyes.
-export function appendConsole(kept, answer, keep = CONSOLE_KEEP_CHARS) {
-  let text = kept.text;
-  let cut = kept.cut;
-  if (kept.next === null) {
-    cut = answer.offset > 0; // the tail: what came before is not shown
-  } else if (answer.offset < kept.next) {
-    // The site read from 0: the log was moved aside and a new one began.
-    text += (text && !text.endsWith('\n') ? '\n' : '') + '[the console log started again]\n';
-  }
-  text += answer.text || '';
-  if (text.length > keep) {
-    const from = text.length - keep;
-    const nl = text.indexOf('\n', from);
-    text = text.slice(nl >= 0 && nl - from < 4096 ? nl + 1 : from);
-    cut = true;
-  }
-  return { text, next: answer.next, cut, size: answer.size, site: answer.site };
-}
 
 // The words for a console read the vault refused.
 function consoleHint(error, which) {
@@ -53,7 +32,7 @@ function useConsole(name, which, follow) {
   const stopped = forbidden === key;
   const poll = usePoll(
     async () => {
-      if (kept.current.key !== key) kept.current = { key, text: '', next: null, cut: false, size: 0, site: '' };
+      if (kept.current.key !== key) kept.current = { key, text: '', next: null, cut: false, size: 0, site: '', cuts: 0 };
       const k = kept.current;
       let answer;
       try {

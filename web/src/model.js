@@ -168,3 +168,47 @@ export function newestPoint(points, type) {
   }
   return null;
 }
+
+// -- consoles -----------------------------------------------------------------------------
+
+export const CONSOLE_KEEP_CHARS = 256 * 1024; // what the page keeps of a console
+
+// What the page keeps after one more read (console.js): `kept` {text, next, cut, site, cuts}
+// (next: null before the first read), `answer` the vault's {site, offset, next, size, text,
+// cuts, cut_size} (docs/api.md, GET /vms/{name}/console). When the site moved the log aside
+// since the last read (`cuts` grew) or the VM runs at another site now, what came back was
+// read at an offset of the old log: it is dropped, a line says what happened (and how many
+// bytes were not shown), and the next read starts the new log at 0. Pure, for the tests.
+export function appendConsole(kept, answer, keep = CONSOLE_KEEP_CHARS) {
+  let text = kept.text;
+  let cut = kept.cut;
+  let next = answer.next;
+  const cuts = Number(answer.cuts) || 0;
+  const line = (words) => (text && !text.endsWith('\n') ? '\n' : '') + `[${words}]\n`;
+  if (kept.next === null) {
+    cut = answer.offset > 0; // the tail: what came before is not shown
+    text += answer.text || '';
+  } else if (answer.site !== kept.site) {
+    text += line(`the VM runs at ${answer.site} now: its console there, from the start`);
+    next = 0;
+  } else if (cuts > (kept.cuts || 0)) {
+    const skipped = cuts === (kept.cuts || 0) + 1 && answer.cut_size >= kept.next ? answer.cut_size - kept.next : null;
+    text += line(
+      skipped === null
+        ? 'the console log was moved aside at the site; some of it is not shown'
+        : `the console log was moved aside at the site; ${fmtBytes(skipped)} of it not shown`,
+    );
+    next = 0;
+  } else {
+    // The site read from 0 (the log was moved aside at a start): a new one began.
+    if (answer.offset < kept.next) text += line('the console log started again');
+    text += answer.text || '';
+  }
+  if (text.length > keep) {
+    const from = text.length - keep;
+    const nl = text.indexOf('\n', from);
+    text = text.slice(nl >= 0 && nl - from < 4096 ? nl + 1 : from);
+    cut = true;
+  }
+  return { text, next, cut, size: answer.size, site: answer.site, cuts };
+}
