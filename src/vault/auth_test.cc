@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+#include <vector>
+
 namespace osr::vault {
 namespace {
 
@@ -16,7 +19,8 @@ TEST(AuthTest, MaskTokensKeepsTheIdAndDropsEverySecret) {
   EXPECT_EQ(masked.find(secret.substr(0, 16)), std::string::npos) << masked;
   EXPECT_EQ(masked, "/api/v1/items/osr_42_(not logged)/failover osr_42_(not logged)");
   // What is not a token stays: too short a secret, no id, no prefix.
-  for (std::string keep : {"osr_1_short", "osr__" + secret, "osr_x_" + secret, "plain text"}) {
+  for (const std::string& keep :
+       std::vector<std::string>{"osr_1_short", "osr__" + secret, "osr_x_" + secret, "plain text"}) {
     EXPECT_EQ(MaskTokens(keep), keep);
   }
   EXPECT_EQ(MaskTokens(""), "");
