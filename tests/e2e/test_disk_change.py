@@ -57,6 +57,16 @@ def assert_exports(disks_json, want, what):
         assert_same_bytes(read_uri(got[name], size), bytes(data), f"{what}: disk {name}")
 
 
+def refused_change(osr, why):
+    """A grow and an add of vm1 are refused (409, naming `why`), its disks unchanged."""
+    before = osr.ok("vm", "show", "vm1")["disks"]
+    for args in (("resize", "vm1", "os", "64M"), ("add", "vm1", "extra:1M")):
+        proc = osr.run("vm", "disk", *args)
+        assert proc.returncode != 0, f"osr vm disk {' '.join(args)} was taken: {proc.stdout}"
+        assert "cannot change now" in proc.stderr and why in proc.stderr, (args, proc.stderr)
+    assert osr.ok("vm", "show", "vm1")["disks"] == before, "a refused change changed the disks"
+
+
 def test_disks_grow_and_are_added_while_protected(env, rng):
     osr = env.osr
     vm_json = create_vm(osr, "vm1", [("os", "8M", 8 * MIB)])
@@ -94,14 +104,20 @@ def test_disks_grow_and_are_added_while_protected(env, rng):
 
     # Refusals, nothing changed: shrink, same size, add of a name it has, grow of one it
     # has not, a size that is not one.
-    for args in (("resize", "vm1", "os", "4M"), ("resize", "vm1", "os", "12M"),
-                 ("add", "vm1", "os:16M"), ("resize", "vm1", "nosuch", "16M"),
-                 ("add", "vm1", "x:12Q"), ("add", "vm1", "b@d:1M"), ("add", "nosuchvm", "d:1M"),
-                 # A name is only a name: it goes into the site's URL path.
-                 ("add", "vm1", "data?:1M"), ("add", "vm1", "os#x:1M"), ("add", "vm1", "a/b:1M"),
-                 ("add", "vm1", "..:1M")):
+    for args, says in ((("resize", "vm1", "os", "4M"), "a disk only grows"),
+                       (("resize", "vm1", "os", "12M"), "a disk only grows"),
+                       (("add", "vm1", "os:16M"), "has a disk named os already"),
+                       (("resize", "vm1", "nosuch", "16M"), "has no disk named nosuch"),
+                       (("add", "vm1", "x:12Q"), None), (("add", "vm1", "b@d:1M"), None),
+                       (("add", "nosuchvm", "d:1M"), "nosuchvm"),
+                       # A name is only a name: it goes into the site's URL path.
+                       (("add", "vm1", "data?:1M"), None), (("add", "vm1", "os#x:1M"), None),
+                       (("add", "vm1", "a/b:1M"), None), (("add", "vm1", "..:1M"), None)):
         proc = osr.run("vm", "disk", *args)
         assert proc.returncode != 0, f"osr vm disk {' '.join(args)} was taken: {proc.stdout}"
+        assert proc.stderr.strip(), f"osr vm disk {' '.join(args)}: no error message"
+        if says:
+            assert says in proc.stderr, (args, proc.stderr)
     assert sizes_of(osr.ok("vm", "show", "vm1")["disks"]) == {"os": 12 * MIB, "data": 4 * MIB}
 
     # Drills at each point: the disks as they were then.
@@ -129,10 +145,14 @@ def test_disks_grow_and_are_added_while_protected(env, rng):
     job = osr.job_ok("change-point", "vm1", "--point", before["id"], job_type="change-point")
     assert_exports(job["disks"], model_before, "change-point back to the point before")
     assert sizes_of(osr.ok("vm", "show", "vm1")["disks"]) == {"os": 8 * MIB}
+    # On failover disks the disks do not change (commit first), nothing changed.
+    refused_change(osr, "commit first")
 
     # Commit, then reprotect: the old primary's disks (grown, one more) are not the VM's
     # now, so they are copied in full; the replica there then holds the VM's disks.
     osr.job_ok("commit", "vm1", job_type="commit")
+    # Committed, its changes tracked for reprotect: no disk change before reprotect.
+    refused_change(osr, "reprotect first")
     # The plan says so first: a full copy, the old disks deleted, space for the disks.
     proc = osr.run("reprotect", "vm1", "--dry-run")
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
@@ -150,6 +170,9 @@ def test_disks_grow_and_are_added_while_protected(env, rng):
     assert item.get("state") == "Protected" and item.get("target") == "primary", item
     running = sizes_of(osr.ok("vm", "show", "vm1")["disks"])
     assert running == {"os": 8 * MIB}, running
+    # Protected again, but the recovery site still serves the disks commit copied through
+    # the failover layer until its daemon restarts (docs/api.md): refused, saying so.
+    refused_change(osr, "until the site restarts")
     point = assert_point(osr.ok("point", "create", "vm1"), "point after reprotect")
     job = osr.job_ok("test-failover", "vm1", "--point", point["id"], "--no-start",
                      job_type="test-failover")
