@@ -18,6 +18,14 @@ using nlohmann::json;
 
 namespace {
 
+// The console log in run folder `run_dir` of a VM last started with `spec` (normal form,
+// hypervisor::VmSpecJson; null before a start): a process VM's output, else the serial port.
+std::string ConsoleLogPath(const std::string& run_dir, const json& spec) {
+  auto driver = spec.is_object() ? spec.find("driver") : spec.end();
+  bool process = driver != spec.end() && *driver == "process";
+  return run_dir + "/" + (process ? "vm.log" : "console.log");
+}
+
 // {offset, next, size, text} of the file at `path`.
 Result<json> ReadConsoleBytes(const std::string& path, std::optional<uint64_t> offset,
                               size_t max_bytes) {
@@ -239,9 +247,7 @@ Result<json> Site::GroupConsole(const std::string& vm, std::optional<uint64_t> o
     std::lock_guard lock(mu_);
     auto it = groups_.find(vm);
     if (it == groups_.end()) return NotFound("no VM " + vm + " at this site");
-    const json& spec = it->second->vm_spec;
-    bool process = spec.is_object() && spec.value("driver", "") == "process";
-    path = cfg_.data_dir + "/groups/" + vm + "/run/" + (process ? "vm.log" : "console.log");
+    path = ConsoleLogPath(cfg_.data_dir + "/groups/" + vm + "/run", it->second->vm_spec);
     runner = it->second->vm;
   }
   return ReadConsoleFile(path, *runner, offset, max_bytes);
@@ -255,9 +261,7 @@ Result<json> Site::ViewConsole(const std::string& id, std::optional<uint64_t> of
     std::lock_guard lock(mu_);
     auto it = views_.find(id);
     if (it == views_.end()) return NotFound("no view " + id);
-    const json& spec = it->second.vm_spec;
-    bool process = spec.is_object() && spec.value("driver", "") == "process";
-    path = DrillRunDir(id) + "/" + (process ? "vm.log" : "console.log");
+    path = ConsoleLogPath(DrillRunDir(id), it->second.vm_spec);
     runner = it->second.runner;
   }
   return ReadConsoleFile(path, *runner, offset, max_bytes);

@@ -264,6 +264,31 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def small_recovery(tmp_path, new_catalog):
+    """A quickstart whose recovery site's data_dir is a 24 MiB tmpfs the test mounts (it
+    needs root): (env, mount point). The quickstart stops (and must exit 0) before the file
+    system is unmounted."""
+    require_libnbd()
+    mnt = tmp_path / "qs" / "recovery"
+    mnt.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"mount tmpfs on {mnt} (needs root): {r.stderr}"
+    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr",
+                    quickstart_catalog(new_catalog, tmp_path / "qs"))
+    try:
+        qs.start()
+        e = Env(qs, Osr(qs))
+        yield e, mnt
+        e.close_nbd()
+        stop_all_clean([qs])
+    finally:
+        if qs.alive():
+            qs.stop()
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
 def env(tmp_path, request, new_catalog):
     """A running quickstart (state in tmp_path/qs) and its CLI.
 

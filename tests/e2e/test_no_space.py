@@ -9,10 +9,7 @@ made bigger, replication resumes by itself and health is Normal again.
 import os
 import subprocess
 
-import pytest
-
-from conftest import (MIB, Env, Osr, Quickstart, close_handle, connect, create_vm, free_port,
-                      protect, quickstart_catalog, require_libnbd, stop_all_clean, wait_for)
+from conftest import MIB, close_handle, connect, create_vm, protect, wait_for
 
 CHUNK = 1 * MIB
 
@@ -22,31 +19,8 @@ def run(*cmd):
     assert r.returncode == 0, f"{' '.join(map(str, cmd))}: {r.returncode} {r.stderr}"
 
 
-@pytest.fixture
-def small_env(tmp_path, new_catalog):
-    """A quickstart whose recovery site's data_dir is a 24 MiB tmpfs; (env, mount point).
-    The quickstart stops (and must exit 0) before the file system is unmounted."""
-    require_libnbd()
-    mnt = tmp_path / "qs" / "recovery"
-    mnt.mkdir(parents=True)
-    run("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt))
-    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr",
-                    quickstart_catalog(new_catalog, tmp_path / "qs"))
-    e = None
-    try:
-        qs.start()
-        e = Env(qs, Osr(qs))
-        yield e, mnt
-        e.close_nbd()
-        stop_all_clean([qs])
-    finally:
-        if qs.alive():
-            qs.stop()
-        run("umount", str(mnt))
-
-
-def test_recovery_site_out_of_space_health(small_env):
-    env, mnt = small_env
+def test_recovery_site_out_of_space_health(small_recovery):
+    env, mnt = small_recovery
     osr = env.osr
     vm = create_vm(osr, "vm1", [("os", "64M", 64 * MIB)])
     protect(osr, "vm1")

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import tarfile
 import time
@@ -43,9 +42,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (KIB, MIB, Env, Osr, OsrdProcess, Quickstart, close_handle, connect,
-                      create_vm, free_port, make_certs, protect, quickstart_catalog,
-                      require_libnbd, stop_all_clean, wait_for)
+from conftest import (KIB, MIB, Osr, OsrdProcess, close_handle, connect, create_vm, free_port,
+                      make_certs, protect, require_libnbd, stop_all_clean, wait_for)
 import osrtest
 
 DISK = 16 * MIB
@@ -60,30 +58,10 @@ SHUTDOWN_MS = 2000    # the test guest ignores ACPI: every stop is a hard stop a
 @pytest.fixture(scope="module")
 def guest():
     """The test guest (tests/vm) beside the osrd binary under test (build/guest)."""
-    osrtest.require_tool("qemu-system-x86_64")
-    out = osrtest.require_osrd().parent / "guest"
-    script = osrtest.REPO_ROOT / "tests" / "vm" / "build_guest.sh"
-    p = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True,
-                       timeout=600, stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, f"{script} {out}: {p.returncode}\n{p.stderr[-2000:]}"
-    for f in ("vmlinuz", "initramfs.cpio.gz"):
-        assert (out / f).is_file(), f"the guest build made no {out / f}"
-    return out
+    return osrtest.build_test_guest()
 
 
-def qemu_pids(marker):
-    """The running qemu processes with `marker` (a path) in an argument."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu" in argv[0] and any(str(marker).encode() in a for a in argv[1:]):
-            out.append(int(d.name))
-    return out
+qemu_pids = osrtest.qemu_pids
 
 
 @pytest.fixture
@@ -93,12 +71,7 @@ def qemu_reaper(tmp_path):
     osrtest.require_tool("qemu-system-x86_64")
     require_libnbd()
     yield
-    stray = qemu_pids(tmp_path)
-    for pid in stray:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stray = osrtest.kill_stray_qemus(tmp_path)
     assert not stray, f"qemu processes of the test outlived its daemons: {stray}"
 
 
@@ -611,30 +584,6 @@ def test_dry_runs_plan_and_failed_checks_refuse_before_anything_changes(qemu_rea
             msg
         assert_unchanged(osr, vm, jobs, f"osr {' '.join(args)} with qemu_binary missing")
     assert qemu_pids(tmp_path) == []
-
-
-@pytest.fixture
-def small_recovery(tmp_path, new_catalog):
-    """A quickstart whose recovery site's data_dir is a 24 MiB tmpfs: (env, mount point).
-    The quickstart stops (and must exit 0) before the file system is unmounted."""
-    require_libnbd()
-    mnt = tmp_path / "qs" / "recovery"
-    mnt.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, f"mount tmpfs on {mnt} (needs root): {r.stderr}"
-    qs = Quickstart(tmp_path / "qs", free_port(), tmp_path / "quickstart.stderr",
-                    quickstart_catalog(new_catalog, tmp_path / "qs"))
-    try:
-        qs.start()
-        e = Env(qs, Osr(qs))
-        yield e, mnt
-        e.close_nbd()
-        stop_all_clean([qs])
-    finally:
-        if qs.alive():
-            qs.stop()
-        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
 
 
 def format_size(n):

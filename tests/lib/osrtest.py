@@ -791,3 +791,48 @@ def token_env(token_file):
     env["OSR_TOKEN_FILE"] = str(token_file)
     env["OSR_CONFIG"] = str(Path(token_file).parent / "osr-cli-config.json")
     return env
+
+
+# -- QEMU guests ----------------------------------------------------------------------------
+
+
+def build_test_guest():
+    """The test guest (tests/vm), built beside the osrd binary under test (build/guest):
+    idempotent, and under a second once its cache is there. Returns its folder."""
+    require_tool("qemu-system-x86_64")
+    out = require_osrd().parent / "guest"
+    script = REPO_ROOT / "tests" / "vm" / "build_guest.sh"
+    p = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True,
+                       timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"{script} {out}: {p.returncode}\n{p.stderr[-2000:]}"
+    for f in ("vmlinuz", "initramfs.cpio.gz"):
+        assert (out / f).is_file(), f"the guest build made no {out / f}"
+    return out
+
+
+def qemu_pids(marker):
+    """The running qemu processes with `marker` (a path: a test's folder, a VM's run folder)
+    in an argument."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu" in argv[0] and any(str(marker).encode() in a for a in argv[1:]):
+            out.append(int(d.name))
+    return out
+
+
+def kill_stray_qemus(marker):
+    """SIGKILLs every qemu with `marker` in an argument; returns their pids (a test's
+    teardown fails when there were any)."""
+    stray = qemu_pids(marker)
+    for pid in stray:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return stray

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import subprocess
 import tarfile
 import time
@@ -69,18 +68,9 @@ def ports_of(bridge):
 
 @pytest.fixture(scope="module")
 def guest():
-    """The test guest (tests/vm), built beside the osrd binary under test (build/guest):
-    idempotent, and under a second once its cache is there."""
+    """The test guest (tests/vm), built beside the osrd binary under test (build/guest)."""
     osrtest.require_tool("ip")
-    osrtest.require_tool("qemu-system-x86_64")
-    out = osrtest.require_osrd().parent / "guest"
-    script = osrtest.REPO_ROOT / "tests" / "vm" / "build_guest.sh"
-    p = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True,
-                       timeout=600, stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, f"{script} {out}: {p.returncode}\n{p.stderr[-2000:]}"
-    for f in ("vmlinuz", "initramfs.cpio.gz"):
-        assert (out / f).is_file(), f"the guest build made no {out / f}"
-    return out
+    return osrtest.build_test_guest()
 
 
 def write_commands(tmp_path, guest_dir, entries):
@@ -180,19 +170,7 @@ class NetLab:
         assert not left, f"the test's interfaces or namespaces are still there: {left}"
 
 
-def qemu_pids(tmp_path):
-    """Every running process whose command line names the test's directory and qemu."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu" in argv[0] and any(str(tmp_path).encode() in a for a in argv):
-            out.append(int(d.name))
-    return out
+qemu_pids = osrtest.qemu_pids
 
 
 @pytest.fixture
@@ -204,12 +182,7 @@ def lab(tmp_path):
     require_libnbd()
     net = NetLab()
     yield net
-    stray = qemu_pids(tmp_path)
-    for pid in stray:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stray = osrtest.kill_stray_qemus(tmp_path)
     net.cleanup()
     assert not stray, f"qemu processes of the test outlived its sites: {stray}"
 
