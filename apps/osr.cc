@@ -238,8 +238,16 @@ int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_
     std::cout << a.body.dump(2) << "\n";
     return 0;
   }
-  std::fputs(a.body.value("text", "").c_str(), stdout);
+  std::string text = a.body.value("text", "");
+  std::fputs(text.c_str(), stdout);
   std::fflush(stdout);
+  // Whether the console text printed so far ends a line: a notice starts on a line of its own
+  // (stdout and stderr are often the same terminal).
+  bool line_start = text.empty() || text.back() == '\n';
+  auto notice = [&](const std::string& words) {
+    std::fprintf(stderr, "%s[osr: %s]\n", line_start ? "" : "\n", words.c_str());
+    line_start = true;
+  };
   uint64_t next = a.body.value("next", uint64_t{0});
   uint64_t cuts = a.body.value("cuts", uint64_t{0});
   std::string site = a.body.value("site", "");
@@ -252,23 +260,21 @@ int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_
     const std::string now_site = a.body.value("site", "");
     const uint64_t from = a.body.value("offset", next);
     if (now_site != site) {
-      std::fprintf(stderr, "[osr: %s runs at site %s now: its console there, from the start]\n",
-                   vm.c_str(), now_site.c_str());
+      notice(fmt::format("{} runs at site {} now: its console there, from the start", vm,
+                         now_site));
     } else if (now_cuts > cuts) {
       const uint64_t cut_size = a.body.value("cut_size", uint64_t{0});
       if (now_cuts == cuts + 1 && cut_size >= next) {
-        std::fprintf(stderr,
-                     "[osr: the site moved the console log aside (console.log.1 there); %llu "
-                     "byte(s) written before that are not shown]\n",
-                     static_cast<unsigned long long>(cut_size - next));
+        notice(fmt::format("the site moved the console log aside (console.log.1 there); {} "
+                           "byte(s) written before that are not shown",
+                           cut_size - next));
       } else {
-        std::fprintf(stderr,
-                     "[osr: the site moved the console log aside %llu times since the last "
-                     "read; what was written before the last time is not shown]\n",
-                     static_cast<unsigned long long>(now_cuts - cuts));
+        notice(fmt::format("the site moved the console log aside {} times since the last read; "
+                           "what was written before the last time is not shown",
+                           now_cuts - cuts));
       }
     } else if (from < next) {
-      std::fprintf(stderr, "[osr: the console log started again (the VM restarted)]\n");
+      notice("the console log started again at the site (the VM restarted, or the site did)");
     }
     if (now_site != site || now_cuts > cuts) {
       // What came back was read at an offset of the old log: read the new one from 0.
@@ -279,8 +285,10 @@ int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_
       continue;
     }
     cuts = now_cuts;  // fewer: the site's daemon restarted (its count starts again)
-    std::fputs(a.body.value("text", "").c_str(), stdout);
+    text = a.body.value("text", "");
+    std::fputs(text.c_str(), stdout);
     std::fflush(stdout);
+    if (!text.empty()) line_start = text.back() == '\n';
     next = a.body.value("next", next);
     full = next - from >= kChunk;
   }

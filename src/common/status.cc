@@ -139,6 +139,12 @@ int HttpStatusFor(const Status& st) {
 
 bool ValidName(std::string_view s) {
   if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-') return false;
+  // Not shaped like an osr token ("osr_<digits>_…"): a name is shown everywhere (audit rows,
+  // lists, logs); a token must not be.
+  if (s.starts_with("osr_")) {
+    size_t digits = s.find_first_not_of("0123456789", 4);
+    if (digits != 4 && digits != std::string_view::npos && s[digits] == '_') return false;
+  }
   for (char c : s) {
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
       return false;

@@ -52,6 +52,12 @@ TEST(Names, ValidNames) {
   EXPECT_FALSE(ValidName("a/b"));
   EXPECT_FALSE(ValidName("a b"));
   EXPECT_FALSE(ValidName("\xc3\xa9"));
+  // Shaped like a token (osr_<id>_...): a name is shown everywhere, a token must not be.
+  EXPECT_FALSE(ValidName("osr_2_r18sdUxXiXneegnfIURCfMW7RDU2bx"));
+  EXPECT_FALSE(ValidName("osr_12_x"));
+  EXPECT_TRUE(ValidName("osr_vm"));
+  EXPECT_TRUE(ValidName("osr_12"));
+  EXPECT_TRUE(ValidName("osr__x"));
 }
 
 TEST(Status, HttpStatusTellsTheCallerWhatToDo) {

@@ -60,9 +60,11 @@ Result<json> ReadConsoleBytes(const std::string& path, std::optional<uint64_t> o
 // keeps bounded (see Site::GroupConsole).
 Result<json> ReadConsoleFile(const std::string& path, const VmRunner& runner,
                              std::optional<uint64_t> offset, size_t max_bytes) {
-  // Read before the file: a cut that comes between shows at the next read.
-  const VmRunner::ConsoleCuts cuts = runner.console_cuts();
+  // The count after the bytes: BoundConsole counts a cut before it cuts, so bytes of a cut
+  // log never come with the count from before the cut (the follower would take them for
+  // the old log's).
   OSR_ASSIGN_OR_RETURN(json out, ReadConsoleBytes(path, offset, max_bytes));
+  const VmRunner::ConsoleCuts cuts = runner.console_cuts();
   out["cuts"] = cuts.count;
   out["cut_size"] = cuts.last_size;
   return out;

@@ -242,11 +242,15 @@ Result<bool> VmRunner::BoundConsole(uint64_t bytes_max) {
     fs::remove(path + ".1.tmp", ec);
     return IoError(fmt::format("copy {} to {}.1: {}", path, path, ec.message()));
   }
+  // Counted before the cut: a reader reads the log, then the count (Site::GroupConsole), so
+  // a read of the cut log always comes with the new count.
+  {
+    std::lock_guard lock(state_mu_);
+    ++console_cuts_;
+    console_cut_size_ = size;
+  }
   OSR_RETURN_IF_ERROR(f->Truncate(0));
   console_from_ = 0;
-  std::lock_guard lock(state_mu_);
-  ++console_cuts_;
-  console_cut_size_ = size;
   return true;
 }
 

@@ -47,7 +47,9 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
   json disks = *disks_in;
   steps.Done(100);
   item.state = ItemState::kTestFailoverCompleted;
-  item.drill = {{"view", view_id}, {"point", PointJson(*p)}, {"disks", disks}};
+  const bool start = json_in::Fields(job.args).Bool("start", false);
+  item.drill = {
+      {"view", view_id}, {"point", PointJson(*p)}, {"disks", disks}, {"vm_started", start}};
   if (Status st = catalog_->PutItem(item); !st.ok()) {
     // Unrecorded, nothing would name the drill disks: they are closed again.
     auto closed = Client(*dst).Call("DELETE", "/views/" + DrillView(item));
@@ -58,7 +60,7 @@ void Vault::RunTestFailover(JobRow& job, ItemRow item, JobCancel& cancel) {
                                  "closing them", closed.status()));
   }
   job.result = {{"disks", disks}, {"point", PointJson(*p)}};
-  if (json_in::Fields(job.args).Bool("start", false)) {
+  if (start) {
     bool cancelled = false;
     json vm = BootDrillVm(steps, *dst, item, view_id, &cancelled);
     job.result["drill_vm"] = vm;
@@ -87,6 +89,12 @@ Result<json> Vault::VmConsole(const std::string& name, bool drill, std::optional
   if (drill) {
     std::string view = item ? DrillView(*item) : "";
     if (view.empty()) return NotFound("VM " + name + " has no drill (osr test-failover)");
+    // (A drill recorded before vm_started existed: its view is asked.)
+    if (item->drill.is_object() && item->drill.value("vm_started", json(true)) == json(false)) {
+      return NotFound("the drill of VM " + name +
+                      " runs no VM (osr test-failover --no-start, or driver none): it has disks "
+                      "only");
+    }
     site = item->target;
     path = "/views/" + view + "/console?" + query;
   } else {
@@ -111,8 +119,11 @@ Result<json> Vault::VmConsole(const std::string& name, bool drill, std::optional
 
 json Vault::BootDrillVm(Steps& steps, const SiteRow& dst, const ItemRow& item,
                         const std::string& view_id, bool* cancelled) {
-  steps.Begin(fmt::format("Start the drill VM at {} on the drill networks", dst.name));
   auto vm = catalog_->FindVm(item.vm);
+  bool process = vm.ok() && vm->has_value() && Driver(**vm) == "process";
+  steps.Begin(process ? fmt::format("Start the drill VM at {} (a process: no drill network)",
+                                    dst.name)
+                      : fmt::format("Start the drill VM at {} on the drill networks", dst.name));
   if (!vm.ok() || !vm->has_value()) {
     std::string why = vm.ok() ? "the VM is not in the catalog" : vm.status().message();
     steps.Warn(100, why);

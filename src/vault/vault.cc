@@ -133,39 +133,100 @@ SiteClient Vault::Client(const SiteRow& site) const {
   return SiteClient(site, cfg_.site_tls);
 }
 
-Result<json> Vault::RegisterSite(const std::string& name, const std::string& api,
+namespace {
+
+// Whether `host` is a host name (labels of letters, digits and '-', not at a label's ends;
+// RFC 1123) or an IPv4 literal. IPv6 goes in brackets (CheckPeerHostPort).
+bool HostNameOk(std::string_view host) {
+  if (host.empty() || host.size() > 253) return false;
+  size_t start = 0;
+  while (start <= host.size()) {
+    size_t dot = host.find('.', start);
+    std::string_view label = host.substr(start, dot == std::string_view::npos ? host.npos
+                                                                              : dot - start);
+    if (label.empty() || label.size() > 63 || label.front() == '-' || label.back() == '-') {
+      return false;
+    }
+    for (char c : label) {
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-') return false;
+    }
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  return true;
+}
+
+// A peer's "HOST:PORT" as the vault keeps and calls it: a host name, an IPv4 literal or a
+// bracketed IPv6 literal, and a port 1..65535 (no default, no user, no scheme, no path).
+Result<ListenAddress> CheckPeerHostPort(std::string_view what, const std::string& text) {
+  auto bad = [&](std::string_view why) {
+    return InvalidArgument(fmt::format(
+        "{}: the site's HOST:PORT ([IPv6]:PORT), a port 1..65535, nothing else ({})", what,
+        why));
+  };
+  if (text.size() > 300) return bad("longer than 300 bytes");
+  for (unsigned char c : text) {
+    if (!std::isalnum(c) && c != '.' && c != '-' && c != ':' && c != '[' && c != ']') {
+      return bad(c == '@' ? "no user or password in it" : "a character that is not one");
+    }
+  }
+  auto a = ParseHostPort(text, 0);
+  if (!a.ok()) return bad(a.status().message());
+  bool bracketed = !text.empty() && text[0] == '[';
+  if (a->port == 0) return bad("no port, or port 0");
+  if (bracketed ? a->host.find(':') == std::string::npos || a->host.find_first_not_of(
+                                                               "0123456789abcdefABCDEF:.") !=
+                                                               std::string::npos
+                : !HostNameOk(a->host)) {
+    return bad("'" + a->host + "' is not a host name or address");
+  }
+  return *a;
+}
+
+}  // namespace
+
+Result<json> Vault::RegisterSite(const std::string& name, const std::string& api_in,
                                  const std::string& replication, bool replace) {
   if (!ValidName(name)) return InvalidArgument("'" + name + "' is not a valid site name");
-  bool https = api.rfind("https://", 0) == 0;
-  if (!https && api.rfind("http://", 0) != 0) {
+  if (name == "vault") {
+    return InvalidArgument(
+        "'vault' is the name the sites know the vault by (its certificate's CN, site config "
+        "api_vault_name): a site needs another name");
+  }
+  bool https = api_in.rfind("https://", 0) == 0;
+  if (!https && api_in.rfind("http://", 0) != 0) {
     return InvalidArgument("api: the site's https://HOST:PORT/api/v1");
   }
   // The address is shown (site list, errors, audit rows) and called: no credentials in it,
   // nothing a client would drop or treat apart (query, fragment), no spaces or control bytes.
-  if (api.size() > 1000) return InvalidArgument("api: longer than 1000 bytes");
-  for (unsigned char c : api) {
+  if (api_in.size() > 1000) return InvalidArgument("api: longer than 1000 bytes");
+  for (unsigned char c : api_in) {
     if (c <= 0x20 || c >= 0x7f || c == '?' || c == '#') {
       return InvalidArgument(
           "api: the site's https://HOST:PORT/api/v1, without a query, a fragment, spaces or "
           "bytes past ASCII");
     }
   }
-  std::string hostport = api.substr(https ? 8 : 7);
-  hostport = hostport.substr(0, hostport.find('/'));
+  std::string rest = api_in.substr(https ? 8 : 7);
+  std::string hostport = rest.substr(0, rest.find('/'));
+  std::string path = rest.substr(hostport.size());
   if (hostport.find('@') != std::string::npos) {
     return InvalidArgument(
         "api: no user or password in the address (sites are authenticated by mutual TLS)");
   }
-  auto api_addr = ParseHostPort(hostport, 7482);
-  if (!api_addr.ok()) return InvalidArgument("api: " + api_addr.status().message());
-  if (!https && !IsLoopbackHost(api_addr->host)) {
+  // The vault calls PATH/groups/..., so the path is the site API's own (a trailing '/' goes).
+  if (path != "/api/v1" && path != "/api/v1/") {
+    return InvalidArgument("api: the site's https://HOST:PORT/api/v1 (the path is /api/v1, not '" +
+                           path + "')");
+  }
+  const std::string api = (https ? "https://" : "http://") + hostport + "/api/v1";
+  OSR_ASSIGN_OR_RETURN(auto api_addr, CheckPeerHostPort("api", hostport));
+  if (!https && !IsLoopbackHost(api_addr.host)) {
     return InvalidArgument(
         "api: a site on another host is reached over https:// (mutual TLS); http:// only on "
         "loopback");
   }
-  if (!ParseHostPort(replication, 7481).ok()) {
-    return InvalidArgument("replication: the site's HOST:PORT");
-  }
+  OSR_RETURN_IF_ERROR(CheckPeerHostPort("replication", replication).status());
   OSR_ASSIGN_OR_RETURN(auto old, catalog_->FindSite(name));
   if (old && (old->api != api || old->replication != replication)) {
     OSR_ASSIGN_OR_RETURN(std::vector<VmRow> vms, catalog_->ListVms());
@@ -709,8 +770,14 @@ Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec,
   json creates = json::array({fmt::format("drill disks of {} at {} (writable; new)", vm, at)});
   if (start) {
     needs["spec"] = v->spec;
+    // A process VM is a command on the site's host: no network of its own to isolate, no
+    // console line or guest agent to check.
     creates.push_back(
-        fmt::format("drill VM {} on the drill networks, with a boot check (new)", vm));
+        Driver(*v) == "process"
+            ? fmt::format("drill VM {}: its command, on the recovery site's host (a process "
+                          "VM: not in a drill network, no boot check) (new)",
+                          vm)
+            : fmt::format("drill VM {} on the drill networks, with a boot check (new)", vm));
   }
   json plan = PlanAt(*dst, "test-failover", vm, needs, creates, json::array());
   if (dry_run) return json{{"plan", plan}};
@@ -774,6 +841,11 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
   if (shutdown_source || planned) {
     deletes.push_back(
         fmt::format("the VM at {} is shut down (its disks stay, fenced)", item->source));
+  } else {
+    deletes.push_back(fmt::format(
+        "writes to the VM's disks at {} are refused from then on (fenced); a VM running there "
+        "is not shut down (--shutdown-source does)",
+        item->source));
   }
   json plan = PlanAt(*dst, "failover", vm, needs, creates, deletes);
   if (dry_run) return json{{"plan", plan}};

@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <filesystem>
 #include <fstream>
@@ -486,24 +488,37 @@ namespace {
 
 // Whether a body field holds a credential (a login's token, a password) or a command line
 // (a lab's literal command, QEMU arguments or hook command may carry one): never in the log.
-bool SecretField(std::string_view key) {
+// Names are compared in lower case.
+bool SecretField(std::string key) {
+  std::transform(key.begin(), key.end(), key.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   if (key == "command" || key == "qemu_args") return true;  // (command_name: a name, kept)
   for (std::string_view word : {"token", "password", "secret", "key"}) {
-    if (key.find(word) != std::string_view::npos) return true;
+    if (key.find(word) != std::string::npos) return true;
   }
   return false;
 }
 
-json WithoutSecrets(const json& v) {
+// `v` as an audit row may keep it: secret fields "(not logged)", tokens masked. Under a
+// spec's "hooks" every string is a command (a hook given as a bare string) but a hook's
+// "name" (an entry of the vault's hooks file).
+json WithoutSecrets(const json& v, bool in_hooks = false) {
   if (v.is_object()) {
     json out = json::object();
-    for (auto& [k, x] : v.items())
-      out[MaskTokens(k)] = SecretField(k) ? json("(not logged)") : WithoutSecrets(x);
+    for (auto& [k, x] : v.items()) {
+      if (SecretField(k)) {
+        out[MaskTokens(k)] = "(not logged)";
+      } else if (in_hooks && x.is_string() && k != "name") {
+        out[MaskTokens(k)] = "(not logged)";
+      } else {
+        out[MaskTokens(k)] = WithoutSecrets(x, in_hooks || k == "hooks");
+      }
+    }
     return out;
   }
   if (v.is_array()) {
     json out = json::array();
-    for (auto& x : v) out.push_back(WithoutSecrets(x));
+    for (auto& x : v) out.push_back(WithoutSecrets(x, in_hooks));
     return out;
   }
   // A token sent in a field not named for one (a name, a point, a note).
@@ -543,7 +558,7 @@ void VaultApi::Audit(const httplib::Request& req, const Principal* who, int stat
   };
   AuditRow a;
   a.time_ns = NowNs();
-  a.principal = who ? who->name : "anonymous";
+  a.principal = who ? MaskTokens(who->name) : "anonymous";  // a token named like a token
   a.role = who ? std::string(RoleName(who->role)) : "";
   a.method = req.method;
   a.path = printable(MaskTokens(req.path), 1000);
@@ -706,6 +721,10 @@ Result<VaultApi::Reply> VaultApi::CreateToken(Call& c) {
   if (!f.ok()) return f.status();
   auto role = ParseRole(role_name);
   if (!role) return InvalidArgument("role: reader, operator or admin");
+  // A name is shown wherever the token acts (audit rows, whoami): never a token itself.
+  if (MaskTokens(name) != name) {
+    return InvalidArgument("name: it holds an osr token (osr_<id>_<secret>): revoke that token");
+  }
   OSR_ASSIGN_OR_RETURN(std::string token, IssueToken(catalog_, name, *role, ttl, c.who->name));
   auto parts = ParseToken(token);
   OSR_CHECK(parts.ok());

@@ -125,6 +125,9 @@ def test_disks_grow_and_are_added_while_protected(env, rng):
         job = osr.job_ok("test-failover", "vm1", "--point", point["id"], "--no-start",
                          job_type="test-failover")
         assert_exports(job["disks"], vm.at(point["seq"]), f"drill at the point {what}")
+        # Its console is refused: a drill of disks only runs no VM.
+        proc = osr.run("vm", "console", "vm1", "--drill")
+        assert proc.returncode != 0 and "runs no VM" in proc.stderr, (proc.stdout, proc.stderr)
         osr.job_ok("test-failover-cleanup", "vm1", job_type="test-failover-cleanup")
 
     # The primary kept everything.

@@ -277,13 +277,29 @@ def test_mutating_calls_are_audited(env, vault):
     assert not leaked, leaked
     masked = [e for e in log if f"osr_{token_id}_(not logged)" in e["message"] + e["path"]]
     assert len(masked) >= 3, [(e["path"], e["message"]) for e in log[-6:]]
-    # A literal command line (a lab's) may carry a password: not in the audit log either.
+    # A literal command line (a lab's) may carry a password: not in the audit log either,
+    # nor a hook given as a bare command string (its entry's name stays).
     env.osr.ok("vm", "create", "cmdvm", "--site", "primary", "--disk", "os:1M", "--driver",
                "process", "--command", "run-it --password=sekrit-4711")
+    status, doc, _ = vault.call("POST", "/api/v1/vms", {
+        "name": "hookvm", "site": "primary", "disks": [{"name": "os", "size_bytes": 1 << 20}],
+        "spec": {"driver": "none", "hooks": {"pre_failover": "MYSQL_PWD=sekrit-4712 mysql"}}},
+        token=vault.admin)
+    assert status == 201, doc
     _, log, _ = vault.call("GET", "/api/v1/audit?limit=5", token=vault.admin)
     created = [e for e in log if e["path"] == "/api/v1/vms" and e["status"] == 201]
-    assert created and '"command":"(not logged)"' in created[-1]["message"], log
-    assert all("sekrit-4711" not in e["message"] for e in log), log
+    assert len(created) == 2 and '"command":"(not logged)"' in created[0]["message"], log
+    assert '"pre_failover":"(not logged)"' in created[1]["message"], log
+    assert all("sekrit-471" not in e["message"] for e in log), log
+    # A token named like a token is refused; a name shaped like one is no VM's name either.
+    status, doc, _ = vault.call("POST", "/api/v1/tokens", {"name": pasted, "role": "reader"},
+                                token=vault.admin)
+    assert status == 400 and "holds an osr token" in error_message(doc), doc
+    assert secret_part not in error_message(doc), doc
+    status, doc, _ = vault.call("POST", "/api/v1/vms", {
+        "name": pasted[:40], "site": "primary", "disks": [{"name": "os", "size_bytes": 1 << 20}]},
+        token=vault.admin)
+    assert status == 400, doc
     # The CLI shows the same.
     env.osr.ok("policy", "create", "after-pasted")
     shown = env.osr.ok("audit", "--limit", "5")
@@ -403,16 +419,41 @@ def test_a_site_in_use_is_not_moved_silently(env, vault):
                      ("https://127.0.0.1:9/api/v1?x=1", "query"),
                      ("https://127.0.0.1:9/api/v1#top", "fragment"),
                      ("https://127.0.0.1:9/api /v1", "spaces"),
-                     ("https://127.0.0.1:9/" + "a" * 1000, "1000")]:
+                     ("https://127.0.0.1:9/" + "a" * 1000, "1000"),
+                     # The vault calls PATH/groups/...: the site API's own path, nothing else.
+                     ("https://127.0.0.1:9/", "the path is /api/v1"),
+                     ("https://127.0.0.1:9/api/v2", "the path is /api/v1"),
+                     ("https://127.0.0.1:9/api/v1/../../etc", "the path is /api/v1"),
+                     ("https://127.0.0.1:9", "the path is /api/v1"),
+                     ("https://127.0.0.1:0/api/v1", "port 0"),
+                     ("https://127.0.0.1/api/v1", "no port"),
+                     ("https://10.9.9.9:7482:7483/api/v1", "not a host name"),
+                     ("https://::1:7482/api/v1", "not a host name"),
+                     ("https://a_b.example:7482/api/v1", "not one"),
+                     ("https://-bad-.example:7482/api/v1", "not a host name")]:
         status, doc, _ = vault.call("POST", "/api/v1/sites", dict(body, api=api, replace=True),
                                     token=vault.admin)
         assert status == 400 and why in error_message(doc), (api, doc)
+    for replication, why in [("user:pw@10.9.9.9:7481", "no user or password"),
+                             ("10.9.9.9", "no port"), ("10.9.9.9:0", "port 0"),
+                             ("::1:7481", "not a host name"), (" 10.9.9.9:7481", "not one"),
+                             ("https://10.9.9.9:7481", "not one"),
+                             ("10.9.9.9:7481:7482", "not a host name")]:
+        status, doc, _ = vault.call("POST", "/api/v1/sites",
+                                    dict(body, replication=replication, replace=True),
+                                    token=vault.admin)
+        assert status == 400 and why in error_message(doc), (replication, doc)
+        assert "pw" not in error_message(doc) or "password" in error_message(doc), doc
+    status, doc, _ = vault.call("POST", "/api/v1/sites", dict(body, name="vault"),
+                                token=vault.admin)
+    assert status == 400 and "the sites know the vault by" in error_message(doc), doc
     assert {s["name"]: s["api"] for s in env.osr.ok("site", "list")}["primary"] == \
         sites["primary"]["api"]
-    # With replace it moves, and the audit log says who did it.
-    status, doc, _ = vault.call("POST", "/api/v1/sites", dict(body, replace=True),
+    # With replace it moves, and the audit log says who did it. A trailing '/' goes.
+    status, doc, _ = vault.call("POST", "/api/v1/sites",
+                                dict(body, api=body["api"] + "/", replace=True),
                                 token=vault.admin)
-    assert status == 201, doc
+    assert status == 201 and doc["api"] == body["api"], doc
     _, log, _ = vault.call("GET", "/api/v1/audit?limit=5", token=vault.admin)
     assert log[-1]["path"] == "/api/v1/sites" and log[-1]["status"] == 201
     # What the "site" at the new address says is not echoed raw (nothing listens there).

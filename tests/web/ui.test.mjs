@@ -503,11 +503,11 @@ async function run() {
     check(await tf.locator('[data-testid=choice-latest-processed]').isChecked(), 'test failover defaults to Latest processed');
     const boot = tf.getByRole('checkbox', { name: /Boot the VM in the drill network/ });
     check(await boot.isChecked(), 'the dialog boots the VM in the drill network by default');
-    await textMatches(tf.locator('[data-testid=summary]'), [/open at recovery on point \d+/, /boots on them at recovery, in its drill networks/], 'its summary names the point it will use and says the VM boots');
+    await textMatches(tf.locator('[data-testid=summary]'), [/open at recovery on point \d+/, /starts on them at recovery: its command runs on the site's host \(a process VM is not in a drill network and has no boot check\)/], 'its summary names the point it will use and says the (process) VM starts, not isolated');
     await checkPlan(tf, 'test failover', {
       site: 'recovery',
       names: ['site', 'space', 'commands'],
-      creates: [/drill disks of vm1 at point \d+/, /drill VM vm1 on the drill networks, with a boot check/],
+      creates: [/drill disks of vm1 at point \d+/, /drill VM vm1: its command, on the recovery site's host \(a process VM: not in a drill network, no boot check\)/],
     });
     await boot.uncheck();
     await textMatches(tf.locator('[data-testid=summary]'), [/No VM is started: the disks only/], 'unticked, the summary says only the disks open');

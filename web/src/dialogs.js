@@ -244,9 +244,11 @@ export function FailoverDialog({ name, test, retry, initialPointId, onClose, onS
   const at = pointWords || '…';
   let summary;
   if (test) {
-    const boots = startsVm
-      ? `Then VM ${name} boots on them at ${target}, in its drill networks (isolated from production), and the job waits for its boot check. `
-      : `No VM is started${driver === 'none' ? ' (driver none)' : ''}: the disks only. `;
+    const boots = !startsVm
+      ? `No VM is started${driver === 'none' ? ' (driver none)' : ''}: the disks only. `
+      : driver === 'process'
+        ? `Then VM ${name} starts on them at ${target}: its command runs on the site's host (a process VM is not in a drill network and has no boot check). `
+        : `Then VM ${name} boots on them at ${target}, in its drill networks (isolated from production), and the job waits for its boot check. `;
     summary = `Writable copies of the disks of ${name} open at ${target} on ${at}, at once (no copy). ${boots}` +
       `Replication ${source} → ${target} goes on; ${source} is not touched. Clean the drill up afterwards.`;
   } else {
@@ -296,7 +298,9 @@ export function FailoverDialog({ name, test, retry, initialPointId, onClose, onS
             <span><strong>Boot the VM in the drill network</strong>
               <span class="muted">${driver === 'none'
                 ? ' — its driver is none: nothing to boot, the drill opens the disks only'
-                : ` — at ${target}, plugged into the drill networks only (isolated from production), with a boot check; unticked, only the disks open`}</span></span>
+                : driver === 'process'
+                  ? ` — at ${target}, its command on the site's host (a process VM: no drill network, no boot check); unticked, only the disks open`
+                  : ` — at ${target}, plugged into the drill networks only (isolated from production), with a boot check; unticked, only the disks open`}</span></span>
           </label>
         </fieldset>`
       : html`<fieldset class="options">
