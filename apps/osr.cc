@@ -260,18 +260,20 @@ int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_
     const std::string now_site = a.body.value("site", "");
     const uint64_t from = a.body.value("offset", next);
     if (now_site != site) {
-      notice(fmt::format("{} runs at site {} now: its console there, from the start", vm,
-                         now_site));
+      notice(
+          fmt::format("{} runs at site {} now: its console there, from the start", vm, now_site));
     } else if (now_cuts > cuts) {
       const uint64_t cut_size = a.body.value("cut_size", uint64_t{0});
       if (now_cuts == cuts + 1 && cut_size >= next) {
-        notice(fmt::format("the site moved the console log aside (console.log.1 there); {} "
-                           "byte(s) written before that are not shown",
-                           cut_size - next));
+        notice(
+            fmt::format("the site moved the console log aside (console.log.1 there); {} "
+                        "byte(s) written before that are not shown",
+                        cut_size - next));
       } else {
-        notice(fmt::format("the site moved the console log aside {} times since the last read; "
-                           "what was written before the last time is not shown",
-                           now_cuts - cuts));
+        notice(
+            fmt::format("the site moved the console log aside {} times since the last read; "
+                        "what was written before the last time is not shown",
+                        now_cuts - cuts));
       }
     } else if (from < next) {
       notice("the console log started again at the site (the VM restarted, or the site did)");

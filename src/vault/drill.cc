@@ -121,9 +121,9 @@ json Vault::BootDrillVm(Steps& steps, const SiteRow& dst, const ItemRow& item,
                         const std::string& view_id, bool* cancelled) {
   auto vm = catalog_->FindVm(item.vm);
   bool process = vm.ok() && vm->has_value() && Driver(**vm) == "process";
-  steps.Begin(process ? fmt::format("Start the drill VM at {} (a process: no drill network)",
-                                    dst.name)
-                      : fmt::format("Start the drill VM at {} on the drill networks", dst.name));
+  steps.Begin(process
+                  ? fmt::format("Start the drill VM at {} (a process: no drill network)", dst.name)
+                  : fmt::format("Start the drill VM at {} on the drill networks", dst.name));
   if (!vm.ok() || !vm->has_value()) {
     std::string why = vm.ok() ? "the VM is not in the catalog" : vm.status().message();
     steps.Warn(100, why);

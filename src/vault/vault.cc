@@ -142,8 +142,8 @@ bool HostNameOk(std::string_view host) {
   size_t start = 0;
   while (start <= host.size()) {
     size_t dot = host.find('.', start);
-    std::string_view label = host.substr(start, dot == std::string_view::npos ? host.npos
-                                                                              : dot - start);
+    std::string_view label =
+        host.substr(start, dot == std::string_view::npos ? host.npos : dot - start);
     if (label.empty() || label.size() > 63 || label.front() == '-' || label.back() == '-') {
       return false;
     }
@@ -161,8 +161,7 @@ bool HostNameOk(std::string_view host) {
 Result<ListenAddress> CheckPeerHostPort(std::string_view what, const std::string& text) {
   auto bad = [&](std::string_view why) {
     return InvalidArgument(fmt::format(
-        "{}: the site's HOST:PORT ([IPv6]:PORT), a port 1..65535, nothing else ({})", what,
-        why));
+        "{}: the site's HOST:PORT ([IPv6]:PORT), a port 1..65535, nothing else ({})", what, why));
   };
   if (text.size() > 300) return bad("longer than 300 bytes");
   for (unsigned char c : text) {
@@ -174,9 +173,8 @@ Result<ListenAddress> CheckPeerHostPort(std::string_view what, const std::string
   if (!a.ok()) return bad(a.status().message());
   bool bracketed = !text.empty() && text[0] == '[';
   if (a->port == 0) return bad("no port, or port 0");
-  if (bracketed ? a->host.find(':') == std::string::npos || a->host.find_first_not_of(
-                                                               "0123456789abcdefABCDEF:.") !=
-                                                               std::string::npos
+  if (bracketed ? a->host.find(':') == std::string::npos ||
+                      a->host.find_first_not_of("0123456789abcdefABCDEF:.") != std::string::npos
                 : !HostNameOk(a->host)) {
     return bad("'" + a->host + "' is not a host name or address");
   }
