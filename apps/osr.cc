@@ -241,12 +241,18 @@ int Console(const Ctx& c, const std::string& vm, bool drill, bool follow, int64_
   std::string text = a.body.value("text", "");
   std::fputs(text.c_str(), stdout);
   std::fflush(stdout);
-  // Whether the console text printed so far ends a line: a notice starts on a line of its own
-  // (stdout and stderr are often the same terminal).
+  // Whether the console text printed so far ends a line. A line cut short (a read ends
+  // within a line, and the rest went with a cut) is ended on stdout before the notice: the
+  // next line of the new log starts a line of its own, and the notice (on stderr, often the
+  // same terminal) too.
   bool line_start = text.empty() || text.back() == '\n';
   auto notice = [&](const std::string& words) {
-    std::fprintf(stderr, "%s[osr: %s]\n", line_start ? "" : "\n", words.c_str());
-    line_start = true;
+    if (!line_start) {
+      std::fputc('\n', stdout);
+      std::fflush(stdout);
+      line_start = true;
+    }
+    std::fprintf(stderr, "[osr: %s]\n", words.c_str());
   };
   uint64_t next = a.body.value("next", uint64_t{0});
   uint64_t cuts = a.body.value("cuts", uint64_t{0});
