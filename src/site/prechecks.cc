@@ -45,44 +45,75 @@ json Site::CheckTarget(const TargetNeeds& needs) {
     if (!taken) creates.push_back(fmt::format("{} {} (new)", what, needs.vm));
   }
 
+  // The point's disks, from the store (a drill or failover there gets them, not today's).
+  json point_disks;
+  uint64_t bytes_full = needs.bytes_full;
+  if (needs.seq) {
+    std::shared_ptr<store::RecoveryStore> store;
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = stores_.find(needs.vm); it != stores_.end()) store = it->second;
+    }
+    if (store) {
+      point_disks = json::array();
+      bytes_full = 0;
+      for (const store::StoreDisk& d : store->DisksAt(*needs.seq)) {
+        point_disks.push_back({{"name", d.name}, {"size_bytes", d.size_bytes}});
+        bytes_full += d.size_bytes;
+      }
+    }
+  }
+
   // Space: what the workflow writes now, and the whole it may grow to.
-  if (needs.bytes_needed > 0 || needs.bytes_full > 0) {
+  if (needs.bytes_needed > 0 || bytes_full > 0) {
     auto space = FileSystemSpace(cfg_.data_dir);
     if (!space.ok()) {
       checks.push_back(Failed("space", "cannot read the free space of " + cfg_.data_dir + ": " +
                                            space.status().message()));
     } else {
       uint64_t free = space->free_bytes;
+      // What "now" is made of, when part of it is the journal's headroom (a rule of thumb).
+      std::string parts = needs.bytes_headroom == 0
+                              ? std::string()
+                              : fmt::format(" ({} the disks hold + {} journal headroom)",
+                                            FormatSize(needs.bytes_needed - needs.bytes_headroom),
+                                            FormatSize(needs.bytes_headroom));
       json c;
       if (free < needs.bytes_needed) {
-        c = Failed("space", fmt::format("{} has {} free; this needs {} now", cfg_.data_dir,
-                                        FormatSize(free), FormatSize(needs.bytes_needed)));
-      } else if (free < needs.bytes_full) {
+        c = Failed("space", fmt::format("{} has {} free; this needs {} now{}", cfg_.data_dir,
+                                        FormatSize(free), FormatSize(needs.bytes_needed), parts));
+      } else if (free < bytes_full) {
         c = Warning("space",
-                    fmt::format("{} has {} free: enough for the {} needed now, not for "
+                    fmt::format("{} has {} free: enough for the {} needed now{}, not for "
                                 "the disks' full size ({})",
                                 cfg_.data_dir, FormatSize(free), FormatSize(needs.bytes_needed),
-                                FormatSize(needs.bytes_full)));
+                                parts, FormatSize(bytes_full)));
       } else {
         c = Passed("space",
-                   fmt::format("{} has {} free; this needs {} now, {} at most", cfg_.data_dir,
-                               FormatSize(free), FormatSize(needs.bytes_needed),
-                               FormatSize(needs.bytes_full)));
+                   fmt::format("{} has {} free; this needs {} now{}, {} at most", cfg_.data_dir,
+                               FormatSize(free), FormatSize(needs.bytes_needed), parts,
+                               FormatSize(bytes_full)));
       }
       c["free_bytes"] = free;
       c["needed_bytes"] = needs.bytes_needed;
-      c["full_bytes"] = needs.bytes_full;
+      c["full_bytes"] = bytes_full;
       checks.push_back(c);
     }
   }
 
-  if (needs.spec.is_null()) {
-    return {{"site", cfg_.name}, {"checks", checks}, {"creates", creates}, {"uses", uses}};
-  }
+  json out = {{"site", cfg_.name}};
+  if (!point_disks.is_null()) out["point_disks"] = point_disks;
+  auto answer = [&] {
+    out["checks"] = checks;
+    out["creates"] = creates;
+    out["uses"] = uses;
+    return out;
+  };
+  if (needs.spec.is_null()) return answer();
   auto parsed = hypervisor::ParseVmSpec(needs.spec, hypervisor::SpecSource::kStored);
   if (!parsed.ok()) {
     checks.push_back(Failed("spec", parsed.status().message()));
-    return {{"site", cfg_.name}, {"checks", checks}, {"creates", creates}, {"uses", uses}};
+    return answer();
   }
   const hypervisor::VmSpec& spec = *parsed;
 
@@ -145,7 +176,7 @@ json Site::CheckTarget(const TargetNeeds& needs) {
       checks.push_back(failed.empty() ? Passed("networks", attached) : Failed("networks", failed));
     }
   }
-  return {{"site", cfg_.name}, {"checks", checks}, {"creates", creates}, {"uses", uses}};
+  return answer();
 }
 
 }  // namespace osr::site

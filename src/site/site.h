@@ -354,7 +354,11 @@ class Site {
     enum class FreeName { kNone, kGroup, kStore };
     FreeName name_free = FreeName::kNone;  // a group / store named vm must not exist
     uint64_t bytes_needed = 0;             // free space needed now (failed below it)
+    uint64_t bytes_headroom = 0;           // of bytes_needed: the journal's (said apart)
     uint64_t bytes_full = 0;               // free space for the whole (a warning below it)
+    // The point a failover or drill opens here (its seq in the VM's store): its disks, as
+    // they were then, are the whole (bytes_full) and are listed ("point_disks").
+    std::optional<uint64_t> seq;
   };
   nlohmann::json CheckTarget(const TargetNeeds& needs);
 

@@ -471,7 +471,9 @@ SiteApi::SiteApi(Site* site) : site_(site) {
     std::string role = f.String("role", "production");
     std::string name_free = f.String("name_free", "none");
     needs.bytes_needed = f.U64("bytes_needed", 0);
+    needs.bytes_headroom = f.U64("bytes_headroom", 0);
     needs.bytes_full = f.U64("bytes_full", 0);
+    if (f.Has("seq")) needs.seq = f.U64("seq");
     const json* spec = f.Object("spec");
     f.RefuseOthers();
     if (f.ok() && !ValidName(needs.vm)) f.Fail("vm", "is not a VM name");
@@ -479,6 +481,9 @@ SiteApi::SiteApi(Site* site) : site_(site) {
       f.Fail("role", "must be production or drill");
     if (f.ok() && name_free != "none" && name_free != "group" && name_free != "store") {
       f.Fail("name_free", "must be none, group or store");
+    }
+    if (f.ok() && needs.bytes_headroom > needs.bytes_needed) {
+      f.Fail("bytes_headroom", "must not be more than bytes_needed");
     }
     if (!f.ok()) return Error(res, f.status());
     needs.role = role == "drill" ? NetRole::kDrill : NetRole::kProduction;

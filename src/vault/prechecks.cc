@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 
 #include "common/json_in.h"
 #include "common/units.h"
@@ -50,6 +51,41 @@ json ReadStrings(const json& in, const char* key) {
   return out;
 }
 
+// What the VM loses by running on the disks of the point the site sized ("point_disks", read
+// as an untrusted peer's; none: nothing): each disk it has now that the point lacks (added
+// after it) or has smaller (grown after it).
+json DisksThePointLacks(const json& answer, const VmRow& vm, const std::string& site) {
+  json out = json::array();
+  auto it = answer.find("point_disks");
+  if (it == answer.end() || !it->is_array() || !vm.disks.is_array()) return out;
+  std::map<std::string, uint64_t> at_point;
+  for (auto& d : *it) {
+    json_in::Fields f(d, "site " + site + " point_disks[].");
+    std::string name = f.String("name");
+    uint64_t size = f.U64("size_bytes");
+    if (f.ok() && at_point.size() < 256) at_point[name] = size;
+  }
+  for (auto& d : vm.disks) {
+    json_in::Fields f(d);
+    std::string name = f.String("name");
+    uint64_t size = f.U64("size_bytes");
+    if (!f.ok()) continue;
+    auto p = at_point.find(name);
+    if (p == at_point.end()) {
+      out.push_back(
+          fmt::format("disk {} ({}): not at that point (added after it); the VM runs "
+                      "without it there",
+                      name, FormatSize(size)));
+    } else if (p->second < size) {
+      out.push_back(
+          fmt::format("disk {}: {} at that point, {} now (grown after it); the VM "
+                      "runs on the smaller one there",
+                      name, FormatSize(p->second), FormatSize(size)));
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 uint64_t JournalHeadroomBytes(const PolicyRow& policy, uint64_t full_bytes) {
@@ -69,9 +105,9 @@ uint64_t DisksFullBytes(const VmRow& vm) {
 }
 
 json Vault::PlanAt(const SiteRow& site, const std::string& action, const std::string& vm,
-                   json needs, const json& creates, const json& deletes) {
+                   json needs, const json& creates, const json& deletes, const VmRow* vm_now) {
   needs["vm"] = vm;
-  json checks = json::array(), made = creates, uses = json::array();
+  json checks = json::array(), made = creates, uses = json::array(), dropped = deletes;
   auto r = Client(site).Call("POST", "/checks", needs);
   if (!r.ok()) {
     checks.push_back(
@@ -87,11 +123,14 @@ json Vault::PlanAt(const SiteRow& site, const std::string& action, const std::st
       checks.push_back(ReadCheck((*c)[i], site.name, i));
     for (auto& s : ReadStrings(*r, "creates")) made.push_back(s);
     uses = ReadStrings(*r, "uses");
+    if (vm_now != nullptr) {
+      for (auto& s : DisksThePointLacks(*r, *vm_now, site.name)) dropped.push_back(s);
+    }
   }
   bool ok = std::none_of(checks.begin(), checks.end(),
                          [](const json& c) { return c.value("result", "") == "failed"; });
   return {{"action", action}, {"vm", vm},        {"site", site.name}, {"ok", ok},
-          {"checks", checks}, {"creates", made}, {"uses", uses},      {"deletes", deletes}};
+          {"checks", checks}, {"creates", made}, {"uses", uses},      {"deletes", dropped}};
 }
 
 Status PlanRefusal(const json& plan) {

@@ -634,6 +634,7 @@ Result<json> Vault::Protect(const std::string& vm, const std::string& target,
   json needs = {{"role", "production"},
                 {"name_free", "store"},
                 {"bytes_needed", allocated + headroom},
+                {"bytes_headroom", headroom},
                 {"bytes_full", full + headroom}};
   if (spec.driver != hypervisor::Driver::kNone) needs["spec"] = v->spec;
   json plan = PlanAt(
@@ -753,9 +754,11 @@ Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec,
   if (!item) return NotFound("VM " + vm + " is not protected: no drill is possible");
   OSR_RETURN_IF_ERROR(CheckAllows(*item, Action::kTestFailover));
   std::string at = "the latest point";
-  if (spec != "latest") {  // check now, so that a bad SPEC fails before any job
+  std::optional<uint64_t> seq;  // of a point picked now: the site sizes its disks
+  if (spec != "latest") {       // check now, so that a bad SPEC fails before any job
     OSR_ASSIGN_OR_RETURN(auto p, ResolvePoint(*item, spec, nullptr));
     at = fmt::format("point {} (seq {})", p.id, p.seq);
+    seq = p.seq;
   }
   OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
   if (!v) return NotFound("no VM named '" + vm + "'");
@@ -765,6 +768,7 @@ Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec,
   // A drill writes into overlays over the store: nothing is needed before it starts, and
   // its writes may take up to the disks' full size (a warning when that is not free).
   json needs = {{"role", "drill"}, {"bytes_full", DisksFullBytes(*v)}};
+  if (seq) needs["seq"] = *seq;
   json creates = json::array({fmt::format("drill disks of {} at {} (writable; new)", vm, at)});
   if (start) {
     needs["spec"] = v->spec;
@@ -777,7 +781,7 @@ Result<json> Vault::TestFailover(const std::string& vm, const std::string& spec,
                           vm)
             : fmt::format("drill VM {} on the drill networks, with a boot check (new)", vm));
   }
-  json plan = PlanAt(*dst, "test-failover", vm, needs, creates, json::array());
+  json plan = PlanAt(*dst, "test-failover", vm, needs, creates, json::array(), &*v);
   if (dry_run) return json{{"plan", plan}};
   OSR_RETURN_IF_ERROR(PlanRefusal(plan));
   return Submit(JobType::kTestFailover, vm, json{{"point", spec}, {"start", start}});
@@ -810,9 +814,11 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
     }
   }
   std::string at = planned ? "the last write" : "the latest point";
+  std::optional<uint64_t> seq;  // of a point picked now: the site sizes its disks
   if (spec != "latest") {
     OSR_ASSIGN_OR_RETURN(auto p, ResolvePoint(*item, spec, nullptr));
     at = fmt::format("point {} (seq {})", p.id, p.seq);
+    seq = p.seq;
   }
   OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
   if (!v) return NotFound("no VM named '" + vm + "'");
@@ -826,6 +832,7 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
   json needs = {{"role", "production"},
                 {"name_free", item->state == ItemState::kFailoverFailed ? "none" : "group"},
                 {"bytes_full", DisksFullBytes(*v)}};
+  if (seq) needs["seq"] = *seq;
   json creates =
       json::array({fmt::format("disks of {} at {} over {} (new; the recovery "
                                "points stay until commit)",
@@ -845,7 +852,7 @@ Result<json> Vault::Failover(const std::string& vm, const std::string& spec, boo
         "is not shut down (--shutdown-source does)",
         item->source));
   }
-  json plan = PlanAt(*dst, "failover", vm, needs, creates, deletes);
+  json plan = PlanAt(*dst, "failover", vm, needs, creates, deletes, &*v);
   if (dry_run) return json{{"plan", plan}};
   OSR_RETURN_IF_ERROR(PlanRefusal(plan));
   return Submit(JobType::kFailover, vm,
@@ -938,8 +945,7 @@ Result<json> Vault::Reprotect(const std::string& vm, bool compare, bool dry_run)
   OSR_ASSIGN_OR_RETURN(auto v, catalog_->FindVm(vm));
   if (!v) return NotFound("no VM named '" + vm + "'");
   OSR_ASSIGN_OR_RETURN(auto policy_row, catalog_->FindPolicy(item->policy));
-  uint64_t full = 0;
-  for (auto& d : v->disks) full += json_in::Fields(d).U64("size_bytes", 0);
+  uint64_t full = DisksFullBytes(*v);
   uint64_t headroom = policy_row ? JournalHeadroomBytes(*policy_row, full) : 0;
   OSR_ASSIGN_OR_RETURN(ReprotectStart start, HowReprotectStarts(*item, *v, *old));
   // The old primary's disks become a recovery store there (no copy): it needs the journal
@@ -948,6 +954,7 @@ Result<json> Vault::Reprotect(const std::string& vm, bool compare, bool dry_run)
   json needs = {{"role", "production"},
                 {"name_free", "store"},
                 {"bytes_needed", start.full_copy ? start.allocated + headroom : headroom},
+                {"bytes_headroom", headroom},
                 {"bytes_full", start.full_copy ? full + headroom : headroom}};
   // A store of the VM there already is an earlier reprotect's, cut short after the old
   // disks became it: this one goes on from there (the job finds it), not refused for it.

@@ -143,10 +143,12 @@ class Vault {
   nlohmann::json DrillJson(const ItemRow& item, std::string* health);
   // The plan of `action` on `vm` at `site` (prechecks.cc): the site's checks of `needs`
   // (POST /api/v1/checks; an unreachable site is a failed check), what it creates (the
-  // caller's `creates` and the site's), uses and `deletes`.
+  // caller's `creates` and the site's), uses and `deletes`. With `vm_now` and a site that
+  // answered the disks at the point (`needs.seq`), `deletes` also names each disk of the
+  // VM now that the point lacks or has smaller: the VM runs without it, or smaller.
   nlohmann::json PlanAt(const SiteRow& site, const std::string& action, const std::string& vm,
                         nlohmann::json needs, const nlohmann::json& creates,
-                        const nlohmann::json& deletes);
+                        const nlohmann::json& deletes, const VmRow* vm_now = nullptr);
   Result<uint64_t> FirstSeqAfterStore(const std::string& vm, const std::string& site);
   // The VM's disks as a site's answer lists them ([{name, size_bytes, ...}]) become the
   // catalog's (names and sizes), in one transaction that re-reads the row: a site's disks

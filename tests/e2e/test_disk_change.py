@@ -135,6 +135,21 @@ def test_disks_grow_and_are_added_while_protected(env, rng):
         assert_same_bytes(read_uri(vm.uris[name], len(data)), bytes(data), f"primary {name}")
     vm.close()
 
+    # Its plan says so first: the disks of that point are the whole the space check sizes,
+    # and what the VM has now and the point lacks is listed.
+    proc = osr.run("failover", "vm1", "--point", before["id"], "--dry-run")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    plan = json.loads(proc.stdout)["plan"]
+    space = [c for c in plan["checks"] if c["name"] == "space"]
+    assert space and space[0]["full_bytes"] == 8 * MIB, plan
+    assert "disk data (4.0 MiB): not at that point (added after it); the VM runs without it " \
+           "there" in plan["deletes"], plan
+    assert "disk os: 8.0 MiB at that point, 12.0 MiB now (grown after it); the VM runs on the " \
+           "smaller one there" in plan["deletes"], plan
+    # At the point after them: nothing lost.
+    plan = json.loads(osr.run("failover", "vm1", "--point", after["id"], "--dry-run").stdout)
+    assert not [d for d in plan["plan"]["deletes"] if d.startswith("disk ")], plan
+
     # Failover to the point before the changes: the VM runs on its old disks. Change-point
     # to the one after them and back: the VM's disks follow the point each time.
     job = osr.job_ok("failover", "vm1", "--point", before["id"], job_type="failover")

@@ -613,9 +613,12 @@ def test_protect_is_refused_when_the_recovery_site_lacks_space(small_recovery):
     assert space["full_bytes"] == size + headroom, space
     assert headroom <= space["needed_bytes"] < headroom + MIB, space
     assert space["needed_bytes"] <= space["free_bytes"] <= 24 * MIB, space
+    # "Now" is what the disks hold plus the journal's headroom, said apart.
     assert space["message"] == (
         f"{mnt} has {format_size(space['free_bytes'])} free: enough for the "
-        f"{format_size(space['needed_bytes'])} needed now, not for the disks' full size "
+        f"{format_size(space['needed_bytes'])} needed now "
+        f"({format_size(space['needed_bytes'] - headroom)} the disks hold + "
+        f"{format_size(headroom)} journal headroom), not for the disks' full size "
         f"({format_size(space['full_bytes'])})"), space
 
     # 32 MiB written: what the disk holds plus the journal's headroom does not fit.
@@ -634,11 +637,14 @@ def test_protect_is_refused_when_the_recovery_site_lacks_space(small_recovery):
     assert 32 * MIB + headroom <= space["needed_bytes"] < 33 * MIB + headroom, space
     assert space["free_bytes"] < space["needed_bytes"], space
     assert space["message"] == (f"{mnt} has {format_size(space['free_bytes'])} free; this "
-                                f"needs {format_size(space['needed_bytes'])} now"), space
+                                f"needs {format_size(space['needed_bytes'])} now "
+                                f"({format_size(space['needed_bytes'] - headroom)} the disks "
+                                f"hold + {format_size(headroom)} journal headroom)"), space
 
     msg = osr.fails("protect", "vm1", "--target", "recovery")
     m = re.match(r"^protect vm1: check 'space' failed at site recovery: (.+) has (.+) free; "
-                 r"this needs (.+) now \(nothing was changed; --dry-run shows every check\)$",
+                 r"this needs (.+) now \((.+) the disks hold \+ (.+) journal headroom\) "
+                 r"\(nothing was changed; --dry-run shows every check\)$",
                  msg)
     assert m, msg
     assert m.group(1) == str(mnt) and m.group(3) == format_size(space["needed_bytes"]), msg

@@ -452,7 +452,7 @@ async function run() {
       creates: [/recovery store vm1/, /replication of vm1 from primary/],
     });
     const space = protect.locator('[data-testid=plan-check][data-name=space]');
-    check(/has [\d.]+ \wiB free; this needs [\d.]+ \wiB now, [\d.]+ \wiB at most/.test(await space.innerText()), `the space check says how much is free and needed: "${(await space.innerText()).trim().replace(/\s+/g, ' ')}"`);
+    check(/has [\d.]+ \wiB free; this needs [\d.]+ \wiB now \([\d.]+ \w*B the disks hold \+ [\d.]+ \wiB journal headroom\), [\d.]+ \wiB at most/.test(await space.innerText()), `the space check says how much is free and needed, the disks' part and the journal's apart: "${(await space.innerText()).trim().replace(/\s+/g, ' ')}"`);
     check(/^free: \d+ bytes, needed now: \d+ bytes, at most: \d+ bytes$/.test(await space.locator('.check-message').getAttribute('title')), 'with the exact numbers in its title');
     check(/The 4 checks at recovery passed/.test(await protect.locator('[data-testid=plan-verdict-foot]').innerText()), 'beside the confirm button: the checks passed');
     await shot(page, 'dialog-protect-plan');
