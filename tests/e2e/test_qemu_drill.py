@@ -28,13 +28,11 @@ About 70 s on a 2-core host without KVM (three TCG boots, a 15 s boot-check time
 10 s guest-sync wait of an app point).
 """
 
-import io
 import json
 import os
 import random
 import re
 import subprocess
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -127,16 +125,7 @@ def create_qemu_vm(vault_url, token_file, name, spec, size=DISK):
 # -- disks ----------------------------------------------------------------------------------
 
 
-def archive(text):
-    """The guest's disk format: a tar archive holding hello.txt with `text`."""
-    data = text.encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(data)
-        info.mode = 0o644
-        t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+archive = osrtest.guest_archive  # the guest's disk: a tar with hello.txt
 
 
 def nbd_write(uri, data, offset=0):

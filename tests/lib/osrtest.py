@@ -48,6 +48,7 @@ NBD clients (python3-libnbd) and bytes:
 """
 
 import contextlib
+import io
 import os
 import random
 import selectors
@@ -55,6 +56,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -808,6 +810,18 @@ def build_test_guest():
     for f in ("vmlinuz", "initramfs.cpio.gz"):
         assert (out / f).is_file(), f"the guest build made no {out / f}"
     return out
+
+
+def guest_archive(text):
+    """The test guest's disk format (tests/vm): a tar archive holding hello.txt with `text`."""
+    data = text.encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(data)
+        info.mode = 0o644
+        t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def qemu_pids(marker):

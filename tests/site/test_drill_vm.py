@@ -19,14 +19,12 @@ Needs root (TAP devices, bridges, namespaces), `ip`, qemu-system-x86_64: a missi
 FAILS the test. Run with Debian's /usr/bin/python3 (python3-libnbd).
 """
 
-import io
 import json
 import os
 import random
 import re
 import secrets
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -190,16 +188,7 @@ def lab(tmp_path):
 # -- disks, VMs, consoles -------------------------------------------------------------------
 
 
-def archive(text):
-    """The write mode's disk: a tar archive holding hello.txt with `text`."""
-    data = text.encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(data)
-        info.mode = 0o644
-        t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+archive = osrtest.guest_archive  # the guest's disk: a tar with hello.txt
 
 
 def write_at_primary(primary, vm, data, offset=0):
