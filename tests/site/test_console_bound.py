@@ -96,7 +96,7 @@ def test_a_follower_is_told_what_a_cut_kept_from_it(tmp_path, new_catalog):
     """`osr vm console VM -f` through a vault, while the VM prints ten times the limit: the
     lines it shows only ever go forward (never a line twice, never an old line after a new
     one), each gap in them comes with a notice on stderr that the site moved the log aside,
-    and it shows the VM's last line."""
+    and it reaches the live end (what the VM prints after the burst)."""
     require_libnbd()
     config, data_dir = write_config(
         tmp_path, "primary", extra=f'allow_api_commands = true\nconsole_log_limit = "{LIMIT}"\n')
@@ -110,8 +110,13 @@ def test_a_follower_is_told_what_a_cut_kept_from_it(tmp_path, new_catalog):
         vault.start()
         osr = Osr(vault, (site,))
         register(osr, site)
+        # After the burst, OSR-DONE once a second (bounded): a cut may take what the follower
+        # had not read yet, the burst's last lines included (announced), but the live end
+        # reaches it.
         command = (f'for i in $(seq 1 {FOLLOW_LINES}); do printf "L%06d %0192d\\n" $i 0; '
-                   f'[ $((i % 50)) = 0 ] && sleep 0.1; done; echo OSR-DONE; exec sleep 600')
+                   f'[ $((i % 50)) = 0 ] && sleep 0.1; done; n=0; '
+                   f'while [ $n -lt 600 ]; do echo OSR-DONE; sleep 1; n=$((n+1)); done; '
+                   f'exec sleep 600')
         osr.ok("vm", "create", VM, "--site", "primary", "--disk", "os:4M", "--driver", "process",
                "--command", command)
         cmd = [str(osrtest.require_osr()), "--vault", vault.url, "vm", "console", VM, "-f"]
@@ -146,7 +151,9 @@ def test_a_follower_is_told_what_a_cut_kept_from_it(tmp_path, new_catalog):
         assert not [e for e in err if "started again" in e], err
         assert site.data_dir.joinpath("groups", VM, "run", "vm.log.1").exists(), \
             "the log was never cut: the test showed nothing"
-        assert numbers[-1] == FOLLOW_LINES, numbers[-3:]
+        # The burst's last line, unless a cut took it before the follower read it (a gap at
+        # the end, announced like any other).
+        assert numbers[-1] == FOLLOW_LINES or notices, (numbers[-3:], err)
     finally:
         if follower:
             follower.kill()
