@@ -7,9 +7,8 @@ import { api } from './api.js';
 import { ErrorBox } from './components.js';
 import { usePoll } from './hooks.js';
 import { html } from './html.js';
-import { appendConsole, CONSOLE_KEEP_CHARS, fmtBytes, fmtClock } from './model.js';
+import { appendConsole, fmtBytes, fmtClock } from './model.js';
 
-export { CONSOLE_KEEP_CHARS };
 const kReadBytes = 65536; // one read (the vault's most)
 
 // The words for a console read the vault refused.
